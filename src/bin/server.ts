@@ -1,0 +1,19 @@
+// node dist/server.js — the HTTP API.
+import { createContext } from '../context.js';
+import { createApp } from '../http/app.js';
+import { startHttpServer } from '../http/server.js';
+import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
+
+const config = configOrExit({ needDatabase: true });
+try {
+  const ctx = await createContext(config, { applicationName: 'meterbox-api' });
+  await ctx.boss.start();
+  const server = await startHttpServer(createApp(ctx), { port: config.PORT, host: config.HOST });
+  ctx.log.info({ url: server.url }, 'meterbox API listening');
+  onShutdownSignal(async () => {
+    await server.stop(config.SHUTDOWN_TIMEOUT_MS);
+    await ctx.close();
+  }, config.SHUTDOWN_TIMEOUT_MS);
+} catch (err) {
+  exitOnFatal(err);
+}

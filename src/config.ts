@@ -1,0 +1,85 @@
+// Settings: read once from the environment, validated with zod, frozen. The only module that knows
+// variable names; entry points in src/bin call loadConfig(process.env) and nothing else reads env.
+import { z } from 'zod';
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const optionalString = z
+  .string()
+  .optional()
+  .transform((v) => (v === undefined || v.trim() === '' ? undefined : v));
+
+const cronExpression = z
+  .string()
+  .trim()
+  .regex(/^(\S+\s+){4}\S+$/, 'must be a 5-field cron expression, e.g. "0 * * * *"');
+
+/** Each key is the environment variable's name; defaults are the documented ones (.env.example). */
+export const configSchema = z.object({
+  DATABASE_URL: optionalString.pipe(
+    z
+      .string()
+      .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// connection string')
+      .optional(),
+  ),
+  PORT: int(0, 65535).default(3000),
+  HOST: z.string().min(1).default('127.0.0.1'),
+  STRIPE_SECRET_KEY: optionalString,
+  STRIPE_WEBHOOK_SECRET: optionalString,
+  STRIPE_API_BASE: optionalString.pipe(z.url().optional()),
+  STRIPE_METER_ID_TEMPERATURE_READINGS: optionalString,
+  STRIPE_METER_ID_ACTIVE_SENSORS: optionalString,
+  ADMIN_TOKEN: optionalString.pipe(z.string().min(16, 'must be at least 16 characters').optional()),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  METER_CRON: cronExpression.default('0 * * * *'),
+  BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
+  READINGS_MAX_BATCH: int(1, 100_000).default(1000),
+  DB_POOL_MAX: int(1, 200).default(10),
+  DELIVERY_CONCURRENCY: int(1, 100).default(5),
+  DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
+  DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
+  DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
+  DELIVERY_MAX_ROWS_PER_EVENT: int(1, 1_000_000).default(10_000),
+  SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
+  SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
+  SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
+});
+
+export type Config = Readonly<z.output<typeof configSchema>>;
+
+export class ConfigError extends Error {
+  constructor(readonly issues: readonly { variable: string; message: string }[]) {
+    super(`invalid configuration: ${issues.map((i) => `${i.variable}: ${i.message}`).join('; ')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+/** Validates the given environment; throws ConfigError naming each offending variable. */
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const known: Record<string, string | undefined> = {};
+  for (const key of Object.keys(configSchema.shape)) known[key] = env[key];
+  const parsed = configSchema.safeParse(known);
+  if (!parsed.success) {
+    throw new ConfigError(
+      parsed.error.issues.map((issue) => ({
+        variable: String(issue.path[0] ?? 'environment'),
+        message: issue.message,
+      })),
+    );
+  }
+  if (parsed.data.DELIVERY_RETRY_DELAY_MAX_SECONDS < parsed.data.DELIVERY_RETRY_DELAY_SECONDS) {
+    throw new ConfigError([
+      { variable: 'DELIVERY_RETRY_DELAY_MAX_SECONDS', message: 'must be >= DELIVERY_RETRY_DELAY_SECONDS' },
+    ]);
+  }
+  return Object.freeze(parsed.data);
+}
+
+/** For production entry points, which never fall back to an embedded database. */
+export function requireDatabaseUrl(config: Config): string {
+  if (!config.DATABASE_URL) {
+    throw new ConfigError([
+      { variable: 'DATABASE_URL', message: 'is required (e.g. postgres://user:pass@host:5432/meterbox)' },
+    ]);
+  }
+  return config.DATABASE_URL;
+}

@@ -1,0 +1,94 @@
+// The composition root: builds the database, pg-boss and the Stripe client once from a Config.
+// Every other module receives what it uses as an argument; tests pass overrides here.
+import { PgBoss } from 'pg-boss';
+import Stripe from 'stripe';
+import type { Config } from './config.js';
+import { requireDatabaseUrl } from './config.js';
+import { createDatabase, type Database } from './db/database.js';
+import { listMigrations, type MigrationFile } from './db/migrate.js';
+import { createLogger, type Logger } from './log.js';
+
+export interface Clock {
+  now(): Date;
+}
+export const systemClock: Clock = { now: () => new Date() };
+
+export interface Context extends Database {
+  readonly config: Config;
+  readonly log: Logger;
+  readonly boss: PgBoss;
+  /** undefined when STRIPE_SECRET_KEY is not configured: delivery cannot run. */
+  readonly stripe: Stripe | undefined;
+  readonly clock: Clock;
+  /** The migrations this build ships, for readiness checks. */
+  readonly migrations: readonly MigrationFile[];
+  close(): Promise<void>;
+}
+
+export interface ContextOverrides {
+  log?: Logger;
+  clock?: Clock;
+  stripe?: Stripe;
+  applicationName?: string;
+  /** pg-boss maintenance and cron timekeeping: on for workers, off for the API. */
+  bossSupervise?: boolean;
+}
+
+export function createStripeClient(config: Config): Stripe | undefined {
+  if (!config.STRIPE_SECRET_KEY) return undefined;
+  const options: Stripe.StripeConfig = {
+    // meterbox owns retries (pg-boss backoff); the SDK's own would hide attempts from the outbox.
+    maxNetworkRetries: 0,
+    timeout: 15_000,
+    appInfo: { name: 'meterbox' },
+  };
+  if (config.STRIPE_API_BASE) {
+    const base = new URL(config.STRIPE_API_BASE);
+    options.host = base.hostname;
+    options.protocol = base.protocol === 'http:' ? 'http' : 'https';
+    options.port = Number(base.port || (base.protocol === 'http:' ? 80 : 443));
+  }
+  return new Stripe(config.STRIPE_SECRET_KEY, options);
+}
+
+export async function createContext(config: Config, overrides: ContextOverrides = {}): Promise<Context> {
+  const connectionString = requireDatabaseUrl(config);
+  const log = overrides.log ?? createLogger(config.LOG_LEVEL);
+  const applicationName = overrides.applicationName ?? 'meterbox';
+  const database = createDatabase({ connectionString, max: config.DB_POOL_MAX, log, applicationName });
+  const supervise = overrides.bossSupervise ?? false;
+  const boss = new PgBoss({
+    connectionString,
+    application_name: `${applicationName}-pgboss`,
+    max: Math.max(2, Math.ceil(config.DB_POOL_MAX / 2)),
+    supervise,
+    schedule: supervise,
+    migrate: false,
+    createSchema: false,
+    useListenNotify: true,
+  });
+  boss.on('error', (err) => log.error({ err }, 'pg-boss error'));
+  boss.on('warning', (warning) => log.warn({ warning }, 'pg-boss warning'));
+
+  let closed: Promise<void> | undefined;
+  const context: Context = {
+    ...database,
+    config,
+    log,
+    boss,
+    stripe: overrides.stripe ?? createStripeClient(config),
+    clock: overrides.clock ?? systemClock,
+    migrations: await listMigrations(),
+    close() {
+      // Reverse order of acquisition; safe to call twice.
+      closed ??= (async () => {
+        await boss.stop({ graceful: false, close: true, timeout: 5_000 }).catch((err: unknown) => {
+          log.warn({ err }, 'pg-boss stop failed');
+        });
+        await database.db.destroy();
+      })();
+      return closed;
+    },
+  };
+  return context;
+}

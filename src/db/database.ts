@@ -1,0 +1,33 @@
+// Builds the Kysely instance over one pg Pool. Callers own its lifetime (context.close()).
+import { Kysely, PostgresDialect } from 'kysely';
+import pg from 'pg';
+import type { Logger } from '../log.js';
+import type { DB } from './schema.js';
+
+// timestamptz arrives as Date by default; bigint (int8, OID 20) stays a string so no precision is
+// lost; numeric sums are cast to bigint/int in SQL where numbers are needed.
+
+export interface Database {
+  db: Kysely<DB>;
+  pool: pg.Pool;
+}
+
+export function createDatabase(options: {
+  connectionString: string;
+  max: number;
+  log: Logger;
+  applicationName: string;
+}): Database {
+  const pool = new pg.Pool({
+    connectionString: options.connectionString,
+    max: options.max,
+    application_name: options.applicationName,
+    connectionTimeoutMillis: 5_000,
+    idleTimeoutMillis: 30_000,
+  });
+  // An idle client's error (e.g. Postgres restarted) is emitted on the pool; unhandled, it would
+  // kill the process. The pool discards that client and the next query reconnects.
+  pool.on('error', (err) => options.log.warn({ err }, 'idle database connection failed'));
+  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  return { db, pool };
+}

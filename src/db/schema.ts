@@ -1,0 +1,118 @@
+// Kysely table types for the tables in migrations/. Keep in step with the SQL.
+import type { ColumnType, Generated, Insertable, Selectable, Updateable } from 'kysely';
+
+type Timestamp = ColumnType<Date, Date | string, Date | string>;
+type DefaultTimestamp = ColumnType<Date, Date | string | undefined, Date | string>;
+/** bigint columns come back from pg as strings; we write numbers. */
+type BigIntColumn = ColumnType<string, number | bigint | string, number | bigint | string>;
+
+export type SubscriptionStatus =
+  | 'incomplete'
+  | 'incomplete_expired'
+  | 'trial'
+  | 'active'
+  | 'past_due'
+  | 'canceled'
+  | 'unpaid'
+  | 'paused';
+export const BILLABLE_STATUSES = ['active', 'trial'] as const satisfies readonly SubscriptionStatus[];
+
+export type MeterEventName = 'temperature_readings' | 'active_sensors';
+export const METER_EVENT_NAMES = ['temperature_readings', 'active_sensors'] as const satisfies readonly MeterEventName[];
+export type OutboxStatus = 'pending' | 'delivered' | 'failed' | 'expired';
+export const OUTBOX_STATUSES = ['pending', 'delivered', 'failed', 'expired'] as const satisfies readonly OutboxStatus[];
+
+export interface OrganizationsTable {
+  id: Generated<string>;
+  name: string;
+  created_at: DefaultTimestamp;
+}
+
+export interface ApiKeysTable {
+  id: Generated<string>;
+  organization_id: string;
+  name: ColumnType<string, string | undefined, string>;
+  prefix: string;
+  key_hash: string;
+  created_at: DefaultTimestamp;
+  last_used_at: Timestamp | null;
+  revoked_at: Timestamp | null;
+}
+
+export interface SubscriptionsTable {
+  organization_id: string;
+  stripe_customer_id: string | null;
+  stripe_subscription_id: string | null;
+  status: ColumnType<SubscriptionStatus, SubscriptionStatus | undefined, SubscriptionStatus>;
+  current_period_end: Timestamp | null;
+  stripe_event_created: Timestamp | null;
+  created_at: DefaultTimestamp;
+  updated_at: DefaultTimestamp;
+}
+
+export interface SensorsTable {
+  id: Generated<string>;
+  organization_id: string;
+  name: string;
+  active: ColumnType<boolean, boolean | undefined, boolean>;
+  created_at: DefaultTimestamp;
+  updated_at: DefaultTimestamp;
+}
+
+export interface TemperatureReadingsTable {
+  sensor_id: string;
+  recorded_at: Timestamp;
+  organization_id: string;
+  temperature_c: number;
+  ingested_at: DefaultTimestamp;
+}
+
+export interface MeterOutboxTable {
+  id: ColumnType<string, never, never>;
+  organization_id: string;
+  event_name: MeterEventName;
+  stripe_customer_id: string;
+  value: BigIntColumn;
+  occurred_at: Timestamp;
+  dedupe_key: string | null;
+  status: ColumnType<OutboxStatus, OutboxStatus | undefined, OutboxStatus>;
+  identifier: string | null;
+  attempts: ColumnType<number, number | undefined, number>;
+  last_error: string | null;
+  created_at: DefaultTimestamp;
+  updated_at: DefaultTimestamp;
+  delivered_at: Timestamp | null;
+}
+
+export interface StripeEventsTable {
+  event_id: string;
+  event_type: string;
+  stripe_created: Timestamp;
+  livemode: ColumnType<boolean, boolean | undefined, boolean>;
+  payload: ColumnType<unknown, string, string>;
+  received_at: DefaultTimestamp;
+}
+
+export interface SchemaMigrationsTable {
+  version: number;
+  name: string;
+  applied_at: DefaultTimestamp;
+}
+
+export interface DB {
+  organizations: OrganizationsTable;
+  api_keys: ApiKeysTable;
+  subscriptions: SubscriptionsTable;
+  sensors: SensorsTable;
+  temperature_readings: TemperatureReadingsTable;
+  meter_outbox: MeterOutboxTable;
+  stripe_events: StripeEventsTable;
+  schema_migrations: SchemaMigrationsTable;
+}
+
+export type Organization = Selectable<OrganizationsTable>;
+export type Sensor = Selectable<SensorsTable>;
+export type Subscription = Selectable<SubscriptionsTable>;
+export type OutboxRow = Selectable<MeterOutboxTable>;
+export type NewOutboxRow = Insertable<MeterOutboxTable>;
+export type SubscriptionUpdate = Updateable<SubscriptionsTable>;

@@ -1,0 +1,90 @@
+// The Hono app factory: middleware, one sub-app per resource, error mapping, the OpenAPI document.
+import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { HTTPException } from 'hono/http-exception';
+import type { Context } from '../context.js';
+import { isDatabaseUnavailable } from '../db/errors.js';
+import { AppError, databaseUnavailable, errorBody } from './errors.js';
+import { healthRoutes } from './health.js';
+import { buildOpenApi } from './openapi.js';
+import type { AppEnv, HttpModule } from './types.js';
+
+export type AppDeps = Context;
+
+export const API_VERSION = '0.1.0';
+
+function toAppError(err: unknown): AppError | undefined {
+  if (err instanceof AppError) return err;
+  if (err instanceof HTTPException) {
+    if (err.status === 413) return new AppError(413, 'payload_too_large', 'the request body is too large');
+    if (err.status === 400) return new AppError(400, 'bad_request', err.message || 'bad request');
+    if (err.status === 401) return new AppError(401, 'unauthorized', 'missing or invalid credentials');
+  }
+  if (isDatabaseUnavailable(err)) return databaseUnavailable();
+  return undefined;
+}
+
+export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []): Hono<AppEnv> {
+  const log = ctx.log.child({ component: 'http' });
+  const app = new Hono<AppEnv>();
+
+  app.use('*', async (c, next) => {
+    const requestId = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
+    c.set('requestId', requestId);
+    const started = performance.now();
+    await next();
+    c.header('x-request-id', requestId);
+    const status = c.res.status;
+    const entry = {
+      requestId,
+      req: { method: c.req.method, path: c.req.path, headers: Object.fromEntries(c.req.raw.headers) },
+      status,
+      durationMs: Math.round((performance.now() - started) * 10) / 10,
+    };
+    // Quiet by default: successes at debug, client errors at info, server errors at error.
+    if (status >= 500) log.error(entry, 'request failed');
+    else if (status >= 400) log.info(entry, 'request rejected');
+    else log.debug(entry, 'request');
+  });
+
+  app.use(
+    '*',
+    bodyLimit({
+      maxSize: ctx.config.BODY_LIMIT_BYTES,
+      onError: (c) =>
+        c.json(
+          errorBody(
+            new AppError(413, 'payload_too_large', `the request body exceeds ${ctx.config.BODY_LIMIT_BYTES} bytes`),
+          ),
+          413,
+        ),
+    }),
+  );
+
+  app.onError((err, c) => {
+    const known = toAppError(err);
+    if (known) {
+      for (const [name, value] of Object.entries(known.headers)) c.header(name, value);
+      if (known.status >= 500) log.warn({ err, path: c.req.path }, known.message);
+      return c.json(errorBody(known), known.status);
+    }
+    // Never leak internals: the client gets a generic message and the request id to quote.
+    log.error({ err, path: c.req.path, requestId: c.get('requestId') }, 'unhandled error');
+    return c.json(
+      errorBody(new AppError(500, 'internal', `internal error (request id ${c.get('requestId') ?? 'unknown'})`)),
+      500,
+    );
+  });
+
+  app.notFound((c) => c.json(errorBody(new AppError(404, 'not_found', 'no such route')), 404));
+
+  const modules: HttpModule[] = [healthRoutes(ctx), ...extraModules];
+  for (const module of modules) app.route(module.prefix, module.app);
+
+  const document = buildOpenApi(
+    modules.flatMap((m) => m.docs),
+    API_VERSION,
+  );
+  app.get('/openapi.json', (c) => c.json(document));
+  return app;
+}

@@ -1,0 +1,90 @@
+// The OpenAPI document is generated from the same zod schemas that validate requests: every route
+// module exports RouteDoc entries next to its handlers.
+import { z } from 'zod';
+
+export type Security = 'apiKey' | 'admin' | 'stripeSignature' | 'none';
+
+export interface RouteDoc {
+  method: 'get' | 'post' | 'patch' | 'put' | 'delete';
+  /** OpenAPI path, e.g. /v1/sensors/{id} */
+  path: string;
+  summary: string;
+  tag: string;
+  security: Security;
+  body?: z.ZodType;
+  query?: z.ZodObject;
+  /** Success responses: status → schema (or description only). */
+  responses: Record<number, { description: string; schema?: z.ZodType; contentType?: string }>;
+}
+
+export const errorSchema = z.object({
+  error: z.object({
+    code: z.string(),
+    message: z.string(),
+    details: z.array(z.object({ index: z.number().int().optional(), field: z.string().optional(), message: z.string() })),
+  }),
+});
+
+function jsonSchema(schema: z.ZodType, io: 'input' | 'output'): Record<string, unknown> {
+  return z.toJSONSchema(schema, { io, unrepresentable: 'any', target: 'openapi-3.0' }) as Record<string, unknown>;
+}
+
+const SECURITY_SCHEMES = {
+  apiKey: { type: 'http', scheme: 'bearer', description: 'Organization API key' },
+  admin: { type: 'http', scheme: 'bearer', description: 'ADMIN_TOKEN' },
+  stripeSignature: { type: 'apiKey', in: 'header', name: 'Stripe-Signature' },
+} as const;
+
+export function buildOpenApi(routes: readonly RouteDoc[], version: string): Record<string, unknown> {
+  const paths: Record<string, Record<string, unknown>> = {};
+  for (const route of routes) {
+    const responses: Record<string, unknown> = {};
+    for (const [status, response] of Object.entries(route.responses)) {
+      responses[status] = {
+        description: response.description,
+        ...(response.schema
+          ? { content: { [response.contentType ?? 'application/json']: { schema: jsonSchema(response.schema, 'output') } } }
+          : {}),
+      };
+    }
+    responses.default = {
+      description: 'Error',
+      content: { 'application/json': { schema: jsonSchema(errorSchema, 'output') } },
+    };
+    const parameters: unknown[] = [];
+    for (const match of route.path.matchAll(/\{(\w+)\}/g)) {
+      parameters.push({ name: match[1], in: 'path', required: true, schema: { type: 'string' } });
+    }
+    if (route.query) {
+      for (const [name, schema] of Object.entries(route.query.shape)) {
+        parameters.push({
+          name,
+          in: 'query',
+          required: !(schema as z.ZodType).safeParse(undefined).success,
+          schema: jsonSchema(schema as z.ZodType, 'input'),
+        });
+      }
+    }
+    paths[route.path] ??= {};
+    paths[route.path]![route.method] = {
+      summary: route.summary,
+      tags: [route.tag],
+      ...(route.security === 'none' ? { security: [] } : { security: [{ [route.security]: [] }] }),
+      ...(parameters.length ? { parameters } : {}),
+      ...(route.body
+        ? { requestBody: { required: true, content: { 'application/json': { schema: jsonSchema(route.body, 'input') } } } }
+        : {}),
+      responses,
+    };
+  }
+  return {
+    openapi: '3.0.3',
+    info: {
+      title: 'meterbox',
+      version,
+      description: 'Sensor readings ingestion billed through Stripe Billing Meters via a transactional outbox.',
+    },
+    components: { securitySchemes: SECURITY_SCHEMES },
+    paths,
+  };
+}

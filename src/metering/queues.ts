@@ -1,0 +1,73 @@
+// The one typed registry of pg-boss queues: each name maps to its payload schema and options.
+// Senders (ingestion, cron, sweep) and workers (boss.work) both go through it.
+import type { PgBoss, Queue, SendOptions } from 'pg-boss';
+import { z } from 'zod';
+import type { Config } from '../config.js';
+import { METER_EVENT_NAMES } from '../db/schema.js';
+
+export const deliveryPayload = z.object({
+  customerId: z.string().min(1),
+  eventName: z.enum(METER_EVENT_NAMES),
+});
+
+export const queues = {
+  /** Drain the pending outbox rows of one Stripe customer and meter. */
+  'meter-delivery': {
+    payload: deliveryPayload,
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      // Exponential backoff with jitter from 5 s, capped, over a retry limit that spans hours.
+      retryLimit: config.DELIVERY_RETRY_LIMIT,
+      retryDelay: config.DELIVERY_RETRY_DELAY_SECONDS,
+      retryBackoff: true,
+      retryDelayMax: config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
+      expireInSeconds: 5 * 60,
+      deadLetter: 'meter-delivery-dead',
+    }),
+  },
+  /** Permanently failed deliveries, kept for the operator to inspect and redrive. */
+  'meter-delivery-dead': {
+    payload: deliveryPayload,
+    options: (): Omit<Queue, 'name'> => ({ retentionSeconds: 14 * 24 * 3600 }),
+  },
+  /** Hourly (METER_CRON) active-sensor report for every billable organization. */
+  'active-sensors-report': {
+    payload: z.object({}).passthrough(),
+    options: (): Omit<Queue, 'name'> => ({ retryLimit: 5, retryDelay: 30, retryBackoff: true, policy: 'singleton' }),
+  },
+  /** Finds pending outbox rows no live job covers and enqueues their delivery. */
+  'outbox-sweep': {
+    payload: z.object({}).passthrough(),
+    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'singleton' }),
+  },
+} as const;
+
+export type QueueName = keyof typeof queues;
+export type QueuePayload<N extends QueueName> = z.input<(typeof queues)[N]['payload']>;
+export const QUEUE_NAMES = Object.keys(queues) as QueueName[];
+
+/** Creates every queue (idempotent) and brings its options up to date with the configuration. */
+export async function ensureQueues(boss: PgBoss, config: Config): Promise<void> {
+  // Dead-letter queues must exist before the queues that point at them.
+  const ordered = [...QUEUE_NAMES].sort((a, b) => Number(b.endsWith('-dead')) - Number(a.endsWith('-dead')));
+  for (const name of ordered) {
+    const options = queues[name].options(config);
+    const existing = await boss.getQueue(name);
+    if (!existing) {
+      await boss.createQueue(name, options);
+    } else {
+      const { policy: _policy, partition: _partition, ...updatable } = options as Queue;
+      await boss.updateQueue(name, updatable);
+    }
+  }
+}
+
+/** Typed send: validates the payload against the registry before it reaches the queue. */
+export async function sendJob<N extends QueueName>(
+  boss: PgBoss,
+  name: N,
+  data: QueuePayload<N>,
+  options: SendOptions = {},
+): Promise<string | null> {
+  const parsed = queues[name].payload.parse(data);
+  return boss.send(name, parsed as object, options);
+}

@@ -1,0 +1,30 @@
+// The worker runtime: starts pg-boss with maintenance and cron, makes sure the queues exist, and
+// registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
+import type { Context } from '../context.js';
+import { ensureQueues } from './queues.js';
+
+export interface WorkerRuntime {
+  stop(): Promise<void>;
+}
+
+export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
+  const log = ctx.log.child({ component: 'worker' });
+  await ctx.boss.start();
+  await ensureQueues(ctx.boss, ctx.config);
+  log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
+
+  let stopping: Promise<void> | undefined;
+  return {
+    stop() {
+      stopping ??= (async () => {
+        log.info({ deadlineMs: ctx.config.SHUTDOWN_TIMEOUT_MS }, 'worker draining');
+        // graceful: stop fetching, wait for active handlers up to the deadline; jobs still running
+        // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
+        // the same identifier, so nothing is lost or billed twice).
+        await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
+        log.info('worker stopped');
+      })();
+      return stopping;
+    },
+  };
+}

@@ -1,0 +1,64 @@
+// Per-file test databases cloned from the migrated template, and contexts built on them.
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import { afterAll, inject } from 'vitest';
+import { type Config, loadConfig } from '../../src/config.js';
+import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
+import { createLogger } from '../../src/log.js';
+
+export function databaseUrl(database: string): string {
+  const u = new URL(inject('pgAdminUrl'));
+  u.pathname = `/${database}`;
+  return u.toString();
+}
+
+async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: inject('pgAdminUrl') });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+/** Creates a fresh database cloned from the migrated template; dropped after the file. */
+export async function createTestDatabase(options: { migrated?: boolean } = {}): Promise<string> {
+  const template = inject('pgTemplate');
+  const name = `${template.replace(/_template$/, '')}_${randomBytes(5).toString('hex')}`;
+  await admin(async (client) => {
+    // CREATE DATABASE ... TEMPLATE fails if another session is cloning the same template at that
+    // instant (55006); parallel files retry.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await client.query(
+          options.migrated === false ? `CREATE DATABASE ${name}` : `CREATE DATABASE ${name} TEMPLATE ${template}`,
+        );
+        return;
+      } catch (err) {
+        if ((err as { code?: string }).code !== '55006' || attempt > 50) throw err;
+        await new Promise((r) => setTimeout(r, 50 + Math.random() * 100));
+      }
+    }
+  });
+  afterAll(async () => {
+    await admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
+  });
+  return databaseUrl(name);
+}
+
+export function testConfig(env: Record<string, string | undefined> = {}): Config {
+  return loadConfig({ LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'silent', ...env });
+}
+
+/** A context on its own fresh database, closed after the file. */
+export async function createTestContext(
+  env: Record<string, string | undefined> = {},
+  overrides: ContextOverrides = {},
+): Promise<Context> {
+  const url = env.DATABASE_URL ?? (await createTestDatabase());
+  const config = testConfig({ ...env, DATABASE_URL: url });
+  const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides });
+  afterAll(() => ctx.close());
+  return ctx;
+}
