@@ -14,19 +14,31 @@ const recentEnough = major > 22 || (major === 22 && minor >= 12);
 
 function cachedNodeBin() {
   const platformPackage = `node-${process.platform}-${process.arch}`;
-  const cacheRoot = process.env.MANAGED_NODE_DIR
-    ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'meterbox', `node-${NODE_PACKAGE_VERSION}`);
+  const cacheRoot =
+    process.env.MANAGED_NODE_DIR ??
+    join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'meterbox', `node-${NODE_PACKAGE_VERSION}`);
   const bin = join(cacheRoot, 'node_modules', platformPackage, 'bin');
   if (!existsSync(join(bin, 'node'))) {
     mkdirSync(cacheRoot, { recursive: true });
     const npm = spawnSync(
       'npm',
-      ['install', '--prefix', cacheRoot, '--no-save', '--no-package-lock', '--no-audit', '--no-fund', '--loglevel=error',
-        `${platformPackage}@${NODE_PACKAGE_VERSION}`],
+      [
+        'install',
+        '--prefix',
+        cacheRoot,
+        '--no-save',
+        '--no-package-lock',
+        '--no-audit',
+        '--no-fund',
+        '--loglevel=error',
+        `${platformPackage}@${NODE_PACKAGE_VERSION}`,
+      ],
       { stdio: ['ignore', 'ignore', 'inherit'] },
     );
     if (npm.status !== 0 || !existsSync(join(bin, 'node'))) {
-      console.error(`meterbox needs Node >= 22.12; could not install ${platformPackage}@${NODE_PACKAGE_VERSION} from the npm registry`);
+      console.error(
+        `meterbox needs Node >= 22.12; could not install ${platformPackage}@${NODE_PACKAGE_VERSION} from the npm registry`,
+      );
       process.exit(1);
     }
   }
@@ -44,7 +56,9 @@ if (!recentEnough) {
   const bin = cachedNodeBin();
   env.PATH = `${bin}${delimiter}${env.PATH ?? ''}`;
   const version = spawnSync(join(bin, 'node'), ['-v'], { encoding: 'utf8' }).stdout.trim();
-  console.error(`meterbox: Node ${process.version} is older than 22.12; running under Node ${version} from ${bin}`);
+  console.error(
+    `meterbox: Node ${process.version} is older than 22.12; running under Node ${version} from ${bin}`,
+  );
 }
 
 const child = spawn(command, args, { stdio: 'inherit', env });

@@ -1,5 +1,5 @@
 // Process plumbing shared by the entry points: configuration errors, signals and exit codes.
-import { ConfigError, type Config, loadConfig, requireDatabaseUrl } from '../config.js';
+import { type Config, ConfigError, loadConfig, requireDatabaseUrl } from '../config.js';
 
 export function configOrExit(options: { needDatabase: boolean }): Config {
   try {
@@ -8,7 +8,8 @@ export function configOrExit(options: { needDatabase: boolean }): Config {
     return config;
   } catch (err) {
     if (err instanceof ConfigError) {
-      for (const issue of err.issues) console.error(`meterbox: configuration error: ${issue.variable} ${issue.message}`);
+      for (const issue of err.issues)
+        console.error(`meterbox: configuration error: ${issue.variable} ${issue.message}`);
       process.exit(1);
     }
     throw err;

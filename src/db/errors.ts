@@ -11,7 +11,14 @@ const RETRYABLE_SQLSTATES = new Set([
   '53000', // insufficient_resources
 ]);
 
-const CONNECTION_ERROR_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
+const CONNECTION_ERROR_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ETIMEDOUT',
+  'EPIPE',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+]);
 
 function fieldOf(err: unknown, field: string): unknown {
   return typeof err === 'object' && err !== null ? (err as Record<string, unknown>)[field] : undefined;

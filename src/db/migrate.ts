@@ -87,9 +87,12 @@ export async function applySqlMigrations(
           await client.query('COMMIT');
         } catch (err) {
           await client.query('ROLLBACK');
-          throw new Error(`migration ${migration.version}_${migration.name} failed: ${(err as Error).message}`, {
-            cause: err,
-          });
+          throw new Error(
+            `migration ${migration.version}_${migration.name} failed: ${(err as Error).message}`,
+            {
+              cause: err,
+            },
+          );
         }
         log.info({ version: migration.version, name: migration.name }, 'migration applied');
         applied.push(migration);
@@ -123,7 +126,11 @@ export async function installJobQueue(connectionString: string, config: Config, 
   }
 }
 
-export async function migrate(connectionString: string, config: Config, log: Logger): Promise<MigrationResult> {
+export async function migrate(
+  connectionString: string,
+  config: Config,
+  log: Logger,
+): Promise<MigrationResult> {
   const result = await applySqlMigrations(connectionString, log);
   await installJobQueue(connectionString, config, log);
   return result;

@@ -18,9 +18,17 @@ export type SubscriptionStatus =
 export const BILLABLE_STATUSES = ['active', 'trial'] as const satisfies readonly SubscriptionStatus[];
 
 export type MeterEventName = 'temperature_readings' | 'active_sensors';
-export const METER_EVENT_NAMES = ['temperature_readings', 'active_sensors'] as const satisfies readonly MeterEventName[];
+export const METER_EVENT_NAMES = [
+  'temperature_readings',
+  'active_sensors',
+] as const satisfies readonly MeterEventName[];
 export type OutboxStatus = 'pending' | 'delivered' | 'failed' | 'expired';
-export const OUTBOX_STATUSES = ['pending', 'delivered', 'failed', 'expired'] as const satisfies readonly OutboxStatus[];
+export const OUTBOX_STATUSES = [
+  'pending',
+  'delivered',
+  'failed',
+  'expired',
+] as const satisfies readonly OutboxStatus[];
 
 export interface OrganizationsTable {
   id: Generated<string>;

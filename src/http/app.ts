@@ -54,7 +54,11 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
       onError: (c) =>
         c.json(
           errorBody(
-            new AppError(413, 'payload_too_large', `the request body exceeds ${ctx.config.BODY_LIMIT_BYTES} bytes`),
+            new AppError(
+              413,
+              'payload_too_large',
+              `the request body exceeds ${ctx.config.BODY_LIMIT_BYTES} bytes`,
+            ),
           ),
           413,
         ),
@@ -71,7 +75,9 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     // Never leak internals: the client gets a generic message and the request id to quote.
     log.error({ err, path: c.req.path, requestId: c.get('requestId') }, 'unhandled error');
     return c.json(
-      errorBody(new AppError(500, 'internal', `internal error (request id ${c.get('requestId') ?? 'unknown'})`)),
+      errorBody(
+        new AppError(500, 'internal', `internal error (request id ${c.get('requestId') ?? 'unknown'})`),
+      ),
       500,
     );
   });

@@ -1,6 +1,7 @@
 // Liveness, readiness and the API documents.
-import { sql } from 'kysely';
+
 import { Hono } from 'hono';
+import { sql } from 'kysely';
 import { z } from 'zod';
 import type { Context } from '../context.js';
 import { migrationStatus } from '../db/migrate.js';

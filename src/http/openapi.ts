@@ -21,12 +21,17 @@ export const errorSchema = z.object({
   error: z.object({
     code: z.string(),
     message: z.string(),
-    details: z.array(z.object({ index: z.number().int().optional(), field: z.string().optional(), message: z.string() })),
+    details: z.array(
+      z.object({ index: z.number().int().optional(), field: z.string().optional(), message: z.string() }),
+    ),
   }),
 });
 
 function jsonSchema(schema: z.ZodType, io: 'input' | 'output'): Record<string, unknown> {
-  return z.toJSONSchema(schema, { io, unrepresentable: 'any', target: 'openapi-3.0' }) as Record<string, unknown>;
+  return z.toJSONSchema(schema, { io, unrepresentable: 'any', target: 'openapi-3.0' }) as Record<
+    string,
+    unknown
+  >;
 }
 
 const SECURITY_SCHEMES = {
@@ -43,7 +48,13 @@ export function buildOpenApi(routes: readonly RouteDoc[], version: string): Reco
       responses[status] = {
         description: response.description,
         ...(response.schema
-          ? { content: { [response.contentType ?? 'application/json']: { schema: jsonSchema(response.schema, 'output') } } }
+          ? {
+              content: {
+                [response.contentType ?? 'application/json']: {
+                  schema: jsonSchema(response.schema, 'output'),
+                },
+              },
+            }
           : {}),
       };
     }
@@ -72,7 +83,12 @@ export function buildOpenApi(routes: readonly RouteDoc[], version: string): Reco
       ...(route.security === 'none' ? { security: [] } : { security: [{ [route.security]: [] }] }),
       ...(parameters.length ? { parameters } : {}),
       ...(route.body
-        ? { requestBody: { required: true, content: { 'application/json': { schema: jsonSchema(route.body, 'input') } } } }
+        ? {
+            requestBody: {
+              required: true,
+              content: { 'application/json': { schema: jsonSchema(route.body, 'input') } },
+            },
+          }
         : {}),
       responses,
     };
@@ -82,7 +98,8 @@ export function buildOpenApi(routes: readonly RouteDoc[], version: string): Reco
     info: {
       title: 'meterbox',
       version,
-      description: 'Sensor readings ingestion billed through Stripe Billing Meters via a transactional outbox.',
+      description:
+        'Sensor readings ingestion billed through Stripe Billing Meters via a transactional outbox.',
     },
     components: { securitySchemes: SECURITY_SCHEMES },
     paths,

@@ -10,31 +10,37 @@ export interface HttpServer {
   stop(deadlineMs: number): Promise<void>;
 }
 
-export function startHttpServer(app: Hono<AppEnv>, options: { port: number; host: string }): Promise<HttpServer> {
+export function startHttpServer(
+  app: Hono<AppEnv>,
+  options: { port: number; host: string },
+): Promise<HttpServer> {
   return new Promise((resolve, reject) => {
-    const server = serve({ fetch: app.fetch, port: options.port, hostname: options.host }, (info: AddressInfo) => {
-      const host = info.address.includes(':') ? `[${info.address}]` : info.address;
-      let stopping: Promise<void> | undefined;
-      resolve({
-        url: `http://${host}:${info.port}`,
-        port: info.port,
-        stop(deadlineMs) {
-          stopping ??= new Promise<void>((done) => {
-            const force = setTimeout(() => {
-              if ('closeAllConnections' in server) server.closeAllConnections();
-              done();
-            }, deadlineMs);
-            force.unref();
-            server.close(() => {
-              clearTimeout(force);
-              done();
+    const server = serve(
+      { fetch: app.fetch, port: options.port, hostname: options.host },
+      (info: AddressInfo) => {
+        const host = info.address.includes(':') ? `[${info.address}]` : info.address;
+        let stopping: Promise<void> | undefined;
+        resolve({
+          url: `http://${host}:${info.port}`,
+          port: info.port,
+          stop(deadlineMs) {
+            stopping ??= new Promise<void>((done) => {
+              const force = setTimeout(() => {
+                if ('closeAllConnections' in server) server.closeAllConnections();
+                done();
+              }, deadlineMs);
+              force.unref();
+              server.close(() => {
+                clearTimeout(force);
+                done();
+              });
+              if ('closeIdleConnections' in server) server.closeIdleConnections();
             });
-            if ('closeIdleConnections' in server) server.closeIdleConnections();
-          });
-          return stopping;
-        },
-      });
-    });
+            return stopping;
+          },
+        });
+      },
+    );
     server.once('error', reject);
   });
 }

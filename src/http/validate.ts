@@ -51,7 +51,12 @@ export async function parseBody<S extends z.ZodType>(
 export function parseQuery<S extends z.ZodType>(c: HonoContext, schema: S): z.output<S> {
   const result = schema.safeParse(c.req.query());
   if (!result.success) {
-    throw new AppError(422, 'validation_failed', 'the query string is invalid', issuesToDetails(result.error.issues));
+    throw new AppError(
+      422,
+      'validation_failed',
+      'the query string is invalid',
+      issuesToDetails(result.error.issues),
+    );
   }
   return result.data;
 }

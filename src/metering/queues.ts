@@ -32,7 +32,12 @@ export const queues = {
   /** Hourly (METER_CRON) active-sensor report for every billable organization. */
   'active-sensors-report': {
     payload: z.object({}).passthrough(),
-    options: (): Omit<Queue, 'name'> => ({ retryLimit: 5, retryDelay: 30, retryBackoff: true, policy: 'singleton' }),
+    options: (): Omit<Queue, 'name'> => ({
+      retryLimit: 5,
+      retryDelay: 30,
+      retryBackoff: true,
+      policy: 'singleton',
+    }),
   },
   /** Finds pending outbox rows no live job covers and enqueues their delivery. */
   'outbox-sweep': {

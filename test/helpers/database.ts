@@ -32,7 +32,9 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
     for (let attempt = 0; ; attempt++) {
       try {
         await client.query(
-          options.migrated === false ? `CREATE DATABASE ${name}` : `CREATE DATABASE ${name} TEMPLATE ${template}`,
+          options.migrated === false
+            ? `CREATE DATABASE ${name}`
+            : `CREATE DATABASE ${name} TEMPLATE ${template}`,
         );
         return;
       } catch (err) {

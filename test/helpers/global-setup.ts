@@ -69,8 +69,8 @@ export default async function setup(project: TestProject): Promise<() => Promise
 
   const admin = new pg.Client({ connectionString: adminUrl });
   await admin.connect();
-  const { rows } = await admin.query<{ version: string }>('SHOW server_version');
-  console.log(`[meterbox tests] Postgres ${rows[0]?.version} via ${provider}`);
+  const { rows } = await admin.query<{ server_version: string }>('SHOW server_version');
+  console.log(`[meterbox tests] Postgres ${rows[0]?.server_version} via ${provider}`);
 
   const runId = `${Date.now().toString(36)}${process.pid.toString(36)}`;
   const template = `mbt_${runId}_template`;

@@ -1,0 +1,63 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig, requireDatabaseUrl } from '../src/config.js';
+import { runEntryPoint } from './helpers/processes.js';
+
+describe('loadConfig', () => {
+  it('applies the documented defaults and freezes the result', () => {
+    const config = loadConfig({});
+    expect(config.PORT).toBe(3000);
+    expect(config.HOST).toBe('127.0.0.1');
+    expect(config.LOG_LEVEL).toBe('info');
+    expect(config.METER_CRON).toBe('0 * * * *');
+    expect(config.READINGS_MAX_BATCH).toBe(1000);
+    expect(config.DELIVERY_CONCURRENCY).toBe(5);
+    expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it('treats empty strings as unset', () => {
+    const config = loadConfig({ STRIPE_SECRET_KEY: '', ADMIN_TOKEN: '  ' });
+    expect(config.STRIPE_SECRET_KEY).toBeUndefined();
+    expect(config.ADMIN_TOKEN).toBeUndefined();
+  });
+
+  it.each([
+    ['PORT', 'eighty'],
+    ['PORT', '70000'],
+    ['LOG_LEVEL', 'loud'],
+    ['METER_CRON', 'every hour'],
+    ['DATABASE_URL', 'mysql://x'],
+    ['STRIPE_API_BASE', 'not a url'],
+    ['ADMIN_TOKEN', 'short'],
+    ['DELIVERY_CONCURRENCY', '0'],
+  ])('rejects a bad %s naming the variable', (variable, value) => {
+    expect(() => loadConfig({ [variable]: value })).toThrow(ConfigError);
+    try {
+      loadConfig({ [variable]: value });
+    } catch (err) {
+      expect((err as ConfigError).issues.map((i) => i.variable)).toContain(variable);
+      expect((err as Error).message).toContain(variable);
+    }
+  });
+
+  it('requires DATABASE_URL for production entry points', () => {
+    expect(() => requireDatabaseUrl(loadConfig({}))).toThrow(/DATABASE_URL/);
+    expect(requireDatabaseUrl(loadConfig({ DATABASE_URL: 'postgres://a@b/c' }))).toBe('postgres://a@b/c');
+  });
+});
+
+describe('entry points', () => {
+  it.each(['server', 'worker', 'migrate'])(
+    '%s exits 1 naming DATABASE_URL when it is unset',
+    async (name) => {
+      const result = await runEntryPoint(name, { DATABASE_URL: '' });
+      expect(result.code).toBe(1);
+      expect(result.stderr).toContain('DATABASE_URL');
+    },
+  );
+
+  it('exits 1 naming the variable on a bad value', async () => {
+    const result = await runEntryPoint('server', { DATABASE_URL: 'postgres://x@127.0.0.1:1/x', PORT: 'abc' });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('PORT');
+  });
+});
