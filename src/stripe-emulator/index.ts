@@ -1,0 +1,62 @@
+// Public API of the Stripe emulator: start one in-process, inspect it, inject faults, and build,
+// sign and send Stripe-shaped webhook events.
+export { StripeApiError, type StripeErrorBody } from './errors.js';
+export {
+  FAULT_KINDS,
+  type FaultKind,
+  type Faults,
+  type FaultsInput,
+  faultsSchema,
+  type ScriptStep,
+} from './faults.js';
+export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
+export {
+  type CreateCustomerInput,
+  DEFAULT_PORT,
+  type EmulatorLogEntry,
+  type EventFilter,
+  LIVE_RATE_PER_SECOND,
+  MAX_STREAM_EVENTS,
+  SANDBOX_RATE_PER_SECOND,
+  SESSION_TTL_MS,
+  STREAM_RATE_PER_SECOND,
+  type StripeEmulator,
+  type StripeEmulatorOptions,
+  startStripeEmulator,
+} from './server.js';
+export {
+  type AsyncError,
+  type ConcurrencyPeak,
+  type Counters,
+  type Customer,
+  DEFAULT_METERS,
+  type Formula,
+  type MeterDefinition,
+  type RecordedEvent,
+  type Totals,
+  type Via,
+} from './state.js';
+export type { MeterEventSummary } from './summaries.js';
+export {
+  type BuildEventOptions,
+  buildEvent,
+  type CheckoutSessionInput,
+  checkoutSession,
+  type ExampleEventInput,
+  exampleEvent,
+  type InvoiceInput,
+  invoice,
+  type MeterErrorReportInput,
+  meterErrorReportData,
+  meterErrorReportNotification,
+  type StripeEvent,
+  type SubscriptionInput,
+  type SubscriptionStatus,
+  sendWebhook,
+  signPayload,
+  subscription,
+  WEBHOOK_API_VERSION,
+  WEBHOOK_TYPES,
+  type WebhookResponse,
+  type WebhookType,
+} from './webhooks.js';

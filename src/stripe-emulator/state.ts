@@ -1,0 +1,243 @@
+// The emulator's memory: meters, customers, accepted meter events with their identifier index,
+// per customer+meter totals, call counters and concurrency peaks. Plain data, serialisable to JSON
+// for the optional persistence file.
+import { randomBytes } from 'node:crypto';
+
+export type Formula = 'sum' | 'last' | 'count';
+export type Via = 'v1' | 'v2';
+
+export interface MeterDefinition {
+  id: string;
+  event_name: string;
+  display_name: string;
+  formula: Formula;
+}
+
+export interface Customer {
+  id: string;
+  object: 'customer';
+  created: number;
+  email: string | null;
+  name: string | null;
+  description: string | null;
+  metadata: Record<string, string>;
+  livemode: boolean;
+}
+
+export interface RecordedEvent {
+  identifier: string;
+  event_name: string;
+  customer: string;
+  value: number;
+  /** Seconds since the epoch (v2 milliseconds are kept in timestampMs). */
+  timestamp: number;
+  timestampMs: number;
+  /** Milliseconds since the epoch, by the emulator's clock. */
+  receivedAt: number;
+  via: Via;
+  payload: Record<string, string>;
+}
+
+export interface Totals {
+  customer: string;
+  event_name: string;
+  meter: string | null;
+  count: number;
+  sum: number;
+  /** Value of the event with the latest timestamp (ties: the one received last). */
+  last: number;
+  lastTimestampMs: number;
+}
+
+/** A meter event the v2 stream accepted on the wire and then rejected asynchronously, as Stripe does. */
+export interface AsyncError {
+  code: string;
+  message: string;
+  identifier: string | null;
+  event_name: string | null;
+  receivedAt: number;
+}
+
+export interface Counters {
+  /** Calls to the meter-event endpoints (v1 create, v2 stream). */
+  calls: number;
+  accepted: number;
+  duplicate: number;
+  rejected: number;
+  unauthorized: number;
+  rateLimited: number;
+  serverError: number;
+  reset: number;
+  timeout: number;
+  acceptedThen500: number;
+  acceptedThenReset: number;
+  idempotentReplays: number;
+  /** v2 stream: events inside accepted calls, by their asynchronous outcome. */
+  streamEventsAccepted: number;
+  streamEventsDuplicate: number;
+  streamEventsRejected: number;
+}
+
+export interface ConcurrencyPeak {
+  customer: string;
+  event_name: string;
+  max: number;
+}
+
+export const zeroCounters = (): Counters => ({
+  calls: 0,
+  accepted: 0,
+  duplicate: 0,
+  rejected: 0,
+  unauthorized: 0,
+  rateLimited: 0,
+  serverError: 0,
+  reset: 0,
+  timeout: 0,
+  acceptedThen500: 0,
+  acceptedThenReset: 0,
+  idempotentReplays: 0,
+  streamEventsAccepted: 0,
+  streamEventsDuplicate: 0,
+  streamEventsRejected: 0,
+});
+
+export const DEFAULT_METERS: readonly MeterDefinition[] = Object.freeze([
+  {
+    id: 'mtr_emu_temperature_readings',
+    event_name: 'temperature_readings',
+    display_name: 'Temperature readings',
+    formula: 'sum',
+  },
+  {
+    id: 'mtr_emu_active_sensors',
+    event_name: 'active_sensors',
+    display_name: 'Active sensors',
+    formula: 'last',
+  },
+]);
+
+const ALPHANUM = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+/** Stripe-looking ids: a prefix and 14–24 random alphanumerics. */
+export function stripeId(prefix: string, length = 14): string {
+  const bytes = randomBytes(length);
+  let out = '';
+  for (const b of bytes) out += ALPHANUM[b % ALPHANUM.length];
+  return `${prefix}_${out}`;
+}
+
+const key = (customer: string, eventName: string) => `${customer}\u0000${eventName}`;
+
+export interface PersistedState {
+  version: 1;
+  customers: Customer[];
+  events: RecordedEvent[];
+  counters: Counters;
+}
+
+export class EmulatorState {
+  readonly meters: Map<string, MeterDefinition>;
+  readonly customers = new Map<string, Customer>();
+  events: RecordedEvent[] = [];
+  /** identifier → when it was accepted (ms); Stripe rejects a repeat within a rolling 24 h. */
+  readonly identifiers = new Map<string, number>();
+  readonly totals = new Map<string, Totals>();
+  asyncErrors: AsyncError[] = [];
+  counters: Counters = zeroCounters();
+  readonly peaks = new Map<string, ConcurrencyPeak>();
+  private readonly inFlight = new Map<string, number>();
+
+  constructor(meters: readonly MeterDefinition[]) {
+    this.meters = new Map(meters.map((m) => [m.id, { ...m }]));
+  }
+
+  meterByEventName(eventName: string): MeterDefinition | undefined {
+    for (const meter of this.meters.values()) if (meter.event_name === eventName) return meter;
+    return undefined;
+  }
+
+  record(event: RecordedEvent): void {
+    this.events.push(event);
+    this.identifiers.set(event.identifier, event.receivedAt);
+    this.addToTotals(event);
+  }
+
+  private addToTotals(event: RecordedEvent): void {
+    const k = key(event.customer, event.event_name);
+    let t = this.totals.get(k);
+    if (!t) {
+      t = {
+        customer: event.customer,
+        event_name: event.event_name,
+        meter: this.meterByEventName(event.event_name)?.id ?? null,
+        count: 0,
+        sum: 0,
+        last: event.value,
+        lastTimestampMs: event.timestampMs,
+      };
+      this.totals.set(k, t);
+    }
+    t.count += 1;
+    t.sum += event.value;
+    // >= : of two events with the same timestamp, the one received later wins.
+    if (event.timestampMs >= t.lastTimestampMs) {
+      t.last = event.value;
+      t.lastTimestampMs = event.timestampMs;
+    }
+  }
+
+  isDuplicate(identifier: string, now: number, windowMs: number): boolean {
+    const at = this.identifiers.get(identifier);
+    if (at === undefined) return false;
+    if (now - at < windowMs) return true;
+    this.identifiers.delete(identifier);
+    return false;
+  }
+
+  /** Tracks calls in flight per customer+meter; returns false when one is already running. */
+  tryEnter(customer: string, eventName: string, limit: number): boolean {
+    const k = key(customer, eventName);
+    const running = this.inFlight.get(k) ?? 0;
+    // The peak records what was attempted, so a test can see that a client kept to one at a time.
+    const peak = this.peaks.get(k) ?? { customer, event_name: eventName, max: 0 };
+    peak.max = Math.max(peak.max, running + 1);
+    this.peaks.set(k, peak);
+    if (running >= limit) return false;
+    this.inFlight.set(k, running + 1);
+    return true;
+  }
+
+  leave(customer: string, eventName: string): void {
+    const k = key(customer, eventName);
+    const running = (this.inFlight.get(k) ?? 1) - 1;
+    if (running <= 0) this.inFlight.delete(k);
+    else this.inFlight.set(k, running);
+  }
+
+  /** Forgets events, identifiers, counters and peaks; meters and (unless asked) customers stay. */
+  reset(options: { customers?: boolean } = {}): void {
+    this.events = [];
+    this.identifiers.clear();
+    this.totals.clear();
+    this.asyncErrors = [];
+    this.counters = zeroCounters();
+    this.peaks.clear();
+    if (options.customers) this.customers.clear();
+  }
+
+  toJSON(): PersistedState {
+    return {
+      version: 1,
+      customers: [...this.customers.values()],
+      events: this.events,
+      counters: this.counters,
+    };
+  }
+
+  load(data: PersistedState): void {
+    this.reset({ customers: true });
+    for (const c of data.customers) this.customers.set(c.id, c);
+    for (const e of data.events) this.record(e);
+    this.counters = { ...zeroCounters(), ...data.counters };
+  }
+}
