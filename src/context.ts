@@ -7,6 +7,7 @@ import { requireDatabaseUrl } from './config.js';
 import { createDatabase, type Database } from './db/database.js';
 import { listMigrations, type MigrationFile } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
+import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
 
 export interface Clock {
   now(): Date;
@@ -20,6 +21,8 @@ export interface Context extends Database {
   /** undefined when STRIPE_SECRET_KEY is not configured: delivery cannot run. */
   readonly stripe: Stripe | undefined;
   readonly clock: Clock;
+  /** This process's Prometheus registry and instruments (src/observability/metrics.ts). */
+  readonly metrics: Metrics;
   /** The migrations this build ships, for readiness checks. */
   readonly migrations: readonly MigrationFile[];
   close(): Promise<void>;
@@ -29,6 +32,7 @@ export interface ContextOverrides {
   log?: Logger;
   clock?: Clock;
   stripe?: Stripe;
+  metrics?: Metrics;
   applicationName?: string;
   /** pg-boss maintenance and cron timekeeping: on for workers, off for the API. */
   bossSupervise?: boolean;
@@ -70,14 +74,19 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   boss.on('error', (err) => log.error({ err }, 'pg-boss error'));
   boss.on('warning', (warning) => log.warn({ warning }, 'pg-boss warning'));
 
+  const metrics = overrides.metrics ?? createMetrics();
+  const stripe = overrides.stripe ?? createStripeClient(config);
+  if (stripe) instrumentStripe(stripe, metrics);
+
   let closed: Promise<void> | undefined;
   const context: Context = {
     ...database,
     config,
     log,
     boss,
-    stripe: overrides.stripe ?? createStripeClient(config),
+    stripe,
     clock: overrides.clock ?? systemClock,
+    metrics,
     migrations: await listMigrations(),
     close() {
       // Reverse order of acquisition; safe to call twice.

@@ -6,6 +6,7 @@ import type { Context } from '../context.js';
 import { isDatabaseUnavailable } from '../db/errors.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';
 import { healthRoutes } from './health.js';
+import { httpMetrics, metricsRoutes } from './metrics.js';
 import { buildOpenApi } from './openapi.js';
 import type { AppEnv, HttpModule } from './types.js';
 
@@ -28,6 +29,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
   const log = ctx.log.child({ component: 'http' });
   const app = new Hono<AppEnv>();
 
+  app.use('*', httpMetrics(ctx.metrics));
   app.use('*', async (c, next) => {
     const requestId = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
     c.set('requestId', requestId);
@@ -84,7 +86,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
 
   app.notFound((c) => c.json(errorBody(new AppError(404, 'not_found', 'no such route')), 404));
 
-  const modules: HttpModule[] = [healthRoutes(ctx), ...extraModules];
+  const modules: HttpModule[] = [healthRoutes(ctx), metricsRoutes(ctx), ...extraModules];
   for (const module of modules) app.route(module.prefix, module.app);
 
   const document = buildOpenApi(

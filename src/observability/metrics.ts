@@ -1,0 +1,248 @@
+// Prometheus metrics: one registry per process, built in the composition root (no prom-client
+// default registry). Counters are incremented where things happen; pipeline gauges are read from
+// Postgres at scrape time, so every process (API or worker) reports the same delivery state.
+
+import type { Kysely } from 'kysely';
+import { sql } from 'kysely';
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+import type { DB } from '../db/schema.js';
+import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
+
+export type StripeCallOutcome =
+  | 'success'
+  | 'duplicate'
+  | 'client_error'
+  | 'rate_limited'
+  | 'server_error'
+  | 'network_error';
+export type WebhookOutcome = 'processed' | 'duplicate' | 'ignored' | 'invalid_signature' | 'failed';
+
+export interface Metrics {
+  readonly registry: Registry;
+  /** Readings stored by ingestion (duplicates excluded). */
+  readonly readingsIngested: Counter;
+  /** Meter events Stripe accepted (or answered as an existing identifier), by meter. */
+  readonly meterEventsDelivered: Counter<'meter'>;
+  /** Outbox rows those events covered, by meter (coalescing makes this >= events). */
+  readonly outboxRowsDelivered: Counter<'meter'>;
+  readonly stripeCalls: Counter<'operation' | 'outcome'>;
+  readonly stripeCallDuration: Histogram<'operation' | 'outcome'>;
+  /** Delivery attempts that failed and were scheduled again. */
+  readonly deliveryRetries: Counter<'meter'>;
+  /** Delivery jobs that exhausted their retries and went to the dead-letter queue. */
+  readonly deadLettered: Counter<'meter'>;
+  readonly webhookEvents: Counter<'type' | 'outcome'>;
+  readonly httpRequestDuration: Histogram<'method' | 'route' | 'status'>;
+  // Gauges read from Postgres by refreshPipelineGauges().
+  readonly outboxRows: Gauge<'status' | 'meter'>;
+  readonly outboxOldestPendingSeconds: Gauge;
+  readonly outboxDeliveredLastHour: Gauge<'meter'>;
+  readonly deadLetterQueued: Gauge;
+}
+
+export interface MetricsOptions {
+  /** Process-level metrics (CPU, memory, event loop) from prom-client. */
+  processMetrics?: boolean;
+  /** A constant label on every series, e.g. { component: 'worker' }. */
+  defaultLabels?: Record<string, string>;
+}
+
+export function createMetrics(options: MetricsOptions = {}): Metrics {
+  const registry = new Registry();
+  if (options.defaultLabels) registry.setDefaultLabels(options.defaultLabels);
+  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'meterbox_' });
+  const registers = [registry];
+  const metrics: Metrics = {
+    registry,
+    readingsIngested: new Counter({
+      name: 'meterbox_readings_ingested_total',
+      help: 'Temperature readings stored by ingestion (duplicates excluded)',
+      registers,
+    }),
+    meterEventsDelivered: new Counter({
+      name: 'meterbox_meter_events_delivered_total',
+      help: 'Meter events accepted by Stripe (including identifiers Stripe already had), by meter',
+      labelNames: ['meter'],
+      registers,
+    }),
+    outboxRowsDelivered: new Counter({
+      name: 'meterbox_outbox_rows_delivered_total',
+      help: 'Outbox rows marked delivered, by meter',
+      labelNames: ['meter'],
+      registers,
+    }),
+    stripeCalls: new Counter({
+      name: 'meterbox_stripe_calls_total',
+      help: 'Stripe API calls by operation and outcome',
+      labelNames: ['operation', 'outcome'],
+      registers,
+    }),
+    stripeCallDuration: new Histogram({
+      name: 'meterbox_stripe_call_duration_seconds',
+      help: 'Stripe API call latency',
+      labelNames: ['operation', 'outcome'],
+      buckets: [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15],
+      registers,
+    }),
+    deliveryRetries: new Counter({
+      name: 'meterbox_delivery_retries_total',
+      help: 'Delivery attempts that failed and were scheduled for a retry, by meter',
+      labelNames: ['meter'],
+      registers,
+    }),
+    deadLettered: new Counter({
+      name: 'meterbox_delivery_dead_lettered_total',
+      help: 'Delivery jobs that exhausted their retries and were dead-lettered, by meter',
+      labelNames: ['meter'],
+      registers,
+    }),
+    webhookEvents: new Counter({
+      name: 'meterbox_webhook_events_total',
+      help: 'Stripe webhook events received, by event type and outcome',
+      labelNames: ['type', 'outcome'],
+      registers,
+    }),
+    httpRequestDuration: new Histogram({
+      name: 'meterbox_http_request_duration_seconds',
+      help: 'HTTP request duration by method, route pattern and status',
+      labelNames: ['method', 'route', 'status'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers,
+    }),
+    outboxRows: new Gauge({
+      name: 'meterbox_outbox_rows',
+      help: 'Unfinished outbox rows (pending, failed, expired) by status and meter, read at scrape',
+      labelNames: ['status', 'meter'],
+      registers,
+    }),
+    outboxOldestPendingSeconds: new Gauge({
+      name: 'meterbox_outbox_oldest_pending_age_seconds',
+      help: 'Age of the oldest pending outbox row (0 when none), read at scrape',
+      registers,
+    }),
+    outboxDeliveredLastHour: new Gauge({
+      name: 'meterbox_outbox_delivered_last_hour',
+      help: 'Outbox rows delivered in the last hour by meter, read at scrape',
+      labelNames: ['meter'],
+      registers,
+    }),
+    deadLetterQueued: new Gauge({
+      name: 'meterbox_dead_letter_jobs',
+      help: 'Jobs waiting in the meter-delivery dead-letter queue (pg-boss cached count), read at scrape',
+      registers,
+    }),
+  };
+  return metrics;
+}
+
+export interface PipelineSnapshot {
+  /** Unfinished rows by status and meter. */
+  rows: { status: string; meter: string; count: number }[];
+  oldestPendingSeconds: number;
+  deliveredLastHour: { meter: string; count: number }[];
+  deadLetterQueued: number;
+}
+
+/**
+ * The pipeline state in ONE statement, whatever the number of organizations. Only unfinished rows
+ * are counted (the meter_outbox_unfinished partial index): delivered rows grow without bound, so
+ * they are reported as a one-hour window and as worker counters, never as a full count per scrape.
+ */
+export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<PipelineSnapshot> {
+  const since = new Date(now.getTime() - 3_600_000);
+  const result = await sql<{
+    kind: 'unfinished' | 'delivered' | 'dead';
+    status: string | null;
+    meter: string | null;
+    n: string;
+    oldest: Date | null;
+  }>`
+    SELECT 'unfinished' AS kind, status, event_name AS meter, count(*)::bigint AS n,
+           min(created_at) FILTER (WHERE status = 'pending') AS oldest
+      FROM meter_outbox WHERE status <> 'delivered' GROUP BY status, event_name
+    UNION ALL
+    SELECT 'delivered', 'delivered', event_name, count(*)::bigint, NULL
+      FROM meter_outbox WHERE status = 'delivered' AND delivered_at >= ${since} GROUP BY event_name
+    UNION ALL
+    SELECT 'dead', NULL, NULL,
+           coalesce((SELECT queued_count FROM pgboss.queue WHERE name = 'meter-delivery-dead'), 0)::bigint, NULL
+  `.execute(db);
+  const snapshot: PipelineSnapshot = {
+    rows: [],
+    oldestPendingSeconds: 0,
+    deliveredLastHour: [],
+    deadLetterQueued: 0,
+  };
+  let oldest: Date | undefined;
+  for (const row of result.rows) {
+    const count = Number(row.n);
+    if (row.kind === 'unfinished') {
+      snapshot.rows.push({ status: row.status ?? '', meter: row.meter ?? '', count });
+      if (row.oldest && (!oldest || row.oldest < oldest)) oldest = row.oldest;
+    } else if (row.kind === 'delivered') {
+      snapshot.deliveredLastHour.push({ meter: row.meter ?? '', count });
+    } else {
+      snapshot.deadLetterQueued = count;
+    }
+  }
+  if (oldest) snapshot.oldestPendingSeconds = Math.max(0, (now.getTime() - oldest.getTime()) / 1000);
+  return snapshot;
+}
+
+/** Sets the DB-derived gauges from one snapshot; every status/meter pair is present (0 when empty). */
+export function applyPipelineSnapshot(metrics: Metrics, snapshot: PipelineSnapshot): void {
+  for (const status of OUTBOX_STATUSES) {
+    if (status === 'delivered') continue;
+    for (const meter of METER_EVENT_NAMES) {
+      const found = snapshot.rows.find((r) => r.status === status && r.meter === meter);
+      metrics.outboxRows.set({ status, meter }, found?.count ?? 0);
+    }
+  }
+  for (const meter of METER_EVENT_NAMES) {
+    const found = snapshot.deliveredLastHour.find((r) => r.meter === meter);
+    metrics.outboxDeliveredLastHour.set({ meter }, found?.count ?? 0);
+  }
+  metrics.outboxOldestPendingSeconds.set(snapshot.oldestPendingSeconds);
+  metrics.deadLetterQueued.set(snapshot.deadLetterQueued);
+}
+
+/** What the Stripe SDK emits on 'response' (stripe-node's ResponseEvent, the fields used here). */
+interface StripeResponseEvent {
+  method: string;
+  path: string;
+  status: number;
+  elapsed: number;
+}
+
+interface StripeEmitterLike {
+  on(event: 'response', listener: (event: StripeResponseEvent) => void): unknown;
+}
+
+/** Stable, low-cardinality operation names: ids in paths are replaced, e.g. /v1/billing/meters/:id. */
+export function stripeOperation(method: string, path: string): string {
+  const clean = path.split('?')[0]!.replace(/\/[a-z]{2,8}_(?=[A-Za-z0-9]*[0-9A-Z])[A-Za-z0-9]{6,}/g, '/:id');
+  return `${method.toUpperCase()} ${clean}`;
+}
+
+export function stripeOutcome(status: number): StripeCallOutcome {
+  if (status >= 200 && status < 300) return 'success';
+  if (status === 429) return 'rate_limited';
+  if (status >= 500) return 'server_error';
+  return 'client_error';
+}
+
+/**
+ * Counts every call the SDK completes with an HTTP answer, whoever made it. Calls that never got an
+ * answer (reset, timeout) emit no 'response': the delivery code reports those itself as
+ * `network_error` through the same counter.
+ */
+export function instrumentStripe(stripe: StripeEmitterLike, metrics: Metrics): void {
+  stripe.on('response', (event) => {
+    const labels = {
+      operation: stripeOperation(event.method, event.path),
+      outcome: stripeOutcome(event.status),
+    };
+    metrics.stripeCalls.inc(labels);
+    metrics.stripeCallDuration.observe(labels, event.elapsed / 1000);
+  });
+}

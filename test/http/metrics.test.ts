@@ -1,0 +1,176 @@
+import { beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { createMetrics, readPipelineSnapshot, stripeOperation } from '../../src/observability/metrics.js';
+import { createTestContext } from '../helpers/database.js';
+
+let ctx: Context;
+let orgId: string;
+
+function sample(text: string, name: string, labels: Record<string, string> = {}): number | undefined {
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    const ok = Object.entries(labels).every(([k, v]) => line.includes(`${k}="${v}"`));
+    if (ok) return Number(line.slice(line.lastIndexOf(' ') + 1));
+  }
+  return undefined;
+}
+
+async function outboxRow(status: string, minutesAgo: number, meter = 'temperature_readings'): Promise<void> {
+  const at = new Date(Date.now() - minutesAgo * 60_000);
+  await ctx.db
+    .insertInto('meter_outbox')
+    .values({
+      organization_id: orgId,
+      event_name: meter as 'temperature_readings',
+      stripe_customer_id: 'cus_metrics',
+      value: 3,
+      occurred_at: at,
+      created_at: at,
+      status: status as 'pending',
+      identifier: status === 'delivered' ? `id-${Math.random()}` : null,
+      delivered_at: status === 'delivered' ? at : null,
+    })
+    .execute();
+}
+
+beforeAll(async () => {
+  ctx = await createTestContext();
+  const org = await ctx.db
+    .insertInto('organizations')
+    .values({ name: 'metrics org' })
+    .returning('id')
+    .executeTakeFirstOrThrow();
+  orgId = org.id;
+  await outboxRow('pending', 30);
+  await outboxRow('pending', 5);
+  await outboxRow('failed', 10);
+  await outboxRow('expired', 10, 'active_sensors');
+  await outboxRow('delivered', 20);
+  await outboxRow('delivered', 200); // outside the one-hour window
+});
+
+describe('GET /metrics', () => {
+  it('serves Prometheus text with outbox gauges read from the database', async () => {
+    const app = createApp(ctx);
+    const res = await app.request('/metrics');
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toContain('text/plain');
+    const text = await res.text();
+    expect(sample(text, 'meterbox_outbox_rows', { status: 'pending', meter: 'temperature_readings' })).toBe(
+      2,
+    );
+    expect(sample(text, 'meterbox_outbox_rows', { status: 'failed', meter: 'temperature_readings' })).toBe(1);
+    expect(sample(text, 'meterbox_outbox_rows', { status: 'expired', meter: 'active_sensors' })).toBe(1);
+    expect(sample(text, 'meterbox_outbox_rows', { status: 'pending', meter: 'active_sensors' })).toBe(0);
+    expect(sample(text, 'meterbox_outbox_delivered_last_hour', { meter: 'temperature_readings' })).toBe(1);
+    const oldest = sample(text, 'meterbox_outbox_oldest_pending_age_seconds');
+    expect(oldest).toBeGreaterThanOrEqual(30 * 60 - 5);
+    expect(oldest).toBeLessThan(31 * 60);
+    expect(sample(text, 'meterbox_dead_letter_jobs')).toBe(0);
+    for (const name of [
+      'meterbox_readings_ingested_total',
+      'meterbox_meter_events_delivered_total',
+      'meterbox_stripe_calls_total',
+      'meterbox_stripe_call_duration_seconds',
+      'meterbox_delivery_retries_total',
+      'meterbox_delivery_dead_lettered_total',
+      'meterbox_webhook_events_total',
+      'meterbox_http_request_duration_seconds',
+    ]) {
+      expect(text).toContain(`# TYPE ${name} `);
+    }
+  });
+
+  it('reads the pipeline gauges with a single statement whatever the number of organizations', async () => {
+    for (let i = 0; i < 5; i++) {
+      const org = await ctx.db
+        .insertInto('organizations')
+        .values({ name: `extra ${i}` })
+        .returning('id')
+        .executeTakeFirstOrThrow();
+      await ctx.db
+        .insertInto('meter_outbox')
+        .values({
+          organization_id: org.id,
+          event_name: 'temperature_readings',
+          stripe_customer_id: `cus_${i}`,
+          value: 1,
+          occurred_at: new Date(),
+        })
+        .execute();
+    }
+    let statements = 0;
+    const counting = ctx.db.withPlugin({
+      transformQuery: (args) => {
+        statements++;
+        return args.node;
+      },
+      transformResult: async (args) => args.result,
+    });
+    const snapshot = await readPipelineSnapshot(counting, new Date());
+    expect(statements).toBe(1);
+    expect(
+      snapshot.rows.find((r) => r.status === 'pending' && r.meter === 'temperature_readings')?.count,
+    ).toBe(7);
+  });
+
+  it('times requests by route pattern and status, not by raw path', async () => {
+    const metrics = createMetrics({ processMetrics: false });
+    const app = createApp({ ...ctx, metrics });
+    await app.request('/healthz');
+    await app.request('/healthz');
+    await app.request('/no/such/thing/123');
+    const text = await metrics.registry.metrics();
+    expect(
+      sample(text, 'meterbox_http_request_duration_seconds_count', {
+        method: 'GET',
+        route: '/healthz',
+        status: '200',
+      }),
+    ).toBe(2);
+    expect(
+      sample(text, 'meterbox_http_request_duration_seconds_count', { route: 'unmatched', status: '404' }),
+    ).toBe(1);
+    expect(text).not.toContain('/no/such/thing/123');
+  });
+
+  it('still answers with process metrics when the database is unreachable', async () => {
+    const metrics = createMetrics();
+    const broken = {
+      ...ctx,
+      metrics,
+      db: ctx.db.withPlugin({
+        transformQuery: () => {
+          throw Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
+        },
+        transformResult: async (args) => args.result,
+      }),
+    };
+    const res = await createApp(broken).request('/metrics');
+    expect(res.status).toBe(200);
+    expect(await res.text()).toContain('meterbox_process_cpu_user_seconds_total');
+  });
+
+  it('names Stripe operations without ids so series stay bounded', () => {
+    expect(stripeOperation('get', '/v1/billing/meters/mtr_61Sx9Abc1/event_summaries?customer=cus_X')).toBe(
+      'GET /v1/billing/meters/:id/event_summaries',
+    );
+    expect(stripeOperation('post', '/v1/billing/meter_events')).toBe('POST /v1/billing/meter_events');
+  });
+
+  it('counts Stripe SDK responses by outcome with latency', async () => {
+    const metrics = createMetrics({ processMetrics: false });
+    const { instrumentStripe } = await import('../../src/observability/metrics.js');
+    const listeners: ((e: { method: string; path: string; status: number; elapsed: number }) => void)[] = [];
+    instrumentStripe({ on: (_event, listener) => listeners.push(listener) }, metrics);
+    for (const l of listeners)
+      l({ method: 'POST', path: '/v1/billing/meter_events', status: 200, elapsed: 40 });
+    for (const l of listeners)
+      l({ method: 'POST', path: '/v1/billing/meter_events', status: 429, elapsed: 10 });
+    const text = await metrics.registry.metrics();
+    expect(sample(text, 'meterbox_stripe_calls_total', { outcome: 'success' })).toBe(1);
+    expect(sample(text, 'meterbox_stripe_calls_total', { outcome: 'rate_limited' })).toBe(1);
+    expect(sample(text, 'meterbox_stripe_call_duration_seconds_count', { outcome: 'success' })).toBe(1);
+  });
+});
