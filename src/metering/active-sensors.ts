@@ -1,11 +1,11 @@
-// The active_sensors meter (formula `last`): the count of an organization's active sensors,
-// written to the outbox at a given instant.
+// The active_sensors meter (formula `last`): the count of an organization's active sensors, written
+// to the outbox at a change (one organization) or for an hour (every billable organization at once).
 
-import type { Transaction } from 'kysely';
+import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { billableCustomerId } from '../billing/billable.js';
 import type { DB } from '../db/schema.js';
-import { writeOutbox } from './outbox.js';
+import { enqueueDelivery, writeOutbox } from './outbox.js';
 
 export async function countActiveSensors(trx: Transaction<DB>, organizationId: string): Promise<number> {
   const row = await trx
@@ -40,4 +40,70 @@ export async function reportActiveSensorsWithTimestamp(
     occurredAt: at,
     ...(dedupeKey ? { dedupeKey } : {}),
   });
+}
+
+/** The UTC hour containing `at` (minute 0): the unit the hourly report is identified by. */
+export function utcHourOf(at: Date): Date {
+  const hour = new Date(at.getTime());
+  hour.setUTCMinutes(0, 0, 0);
+  return hour;
+}
+
+/**
+ * The natural key of one organization's hourly report: `active_sensors:<orgId>:<YYYY-MM-DDTHH>`.
+ * meter_outbox.dedupe_key is UNIQUE, so an hour can be reported at most once per organization,
+ * however many times or from however many processes the report runs.
+ */
+export function hourlyReportKey(organizationId: string, hour: Date): string {
+  return `active_sensors:${organizationId}:${hourKey(hour)}`;
+}
+
+function hourKey(hour: Date): string {
+  return utcHourOf(hour).toISOString().slice(0, 13);
+}
+
+export interface HourlyReportResult {
+  /** The hour reported (UTC, minute 0): every row's occurred_at. */
+  hour: Date;
+  /** Outbox rows written by this run; organizations already reported for the hour are not counted. */
+  reported: number;
+}
+
+/**
+ * Writes the hourly active_sensors report of every billable organization that has none for `hour`
+ * yet, and queues their delivery, inside the caller's transaction. An organization whose sensors
+ * are all inactive reports 0: the meter's formula is `last`, so staying silent would keep billing
+ * the previous count.
+ *
+ * One statement for all organizations: the billable subscriptions (partial index
+ * subscriptions_billable) each joined to a count over sensors_active_by_organization.
+ */
+export async function reportActiveSensorsForHour(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  at: Date,
+): Promise<HourlyReportResult> {
+  const hour = utcHourOf(at);
+  const key = hourKey(hour);
+  // Two runs for the same hour (two workers, a retry racing the start-up run) would otherwise
+  // insert the same keys in whatever order their plans produce and could deadlock on each other's
+  // uncommitted rows; serialized, the second one finds every key taken and writes nothing.
+  await sql`SELECT pg_advisory_xact_lock(hashtextextended(${`meterbox:active_sensors:${key}`}, 0))`.execute(
+    trx,
+  );
+  const inserted = await sql<{ stripe_customer_id: string }>`
+    INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, dedupe_key)
+    SELECT s.organization_id, 'active_sensors', s.stripe_customer_id, active.n, ${hour}::timestamptz,
+           'active_sensors:' || s.organization_id || ':' || ${key}::text
+      FROM subscriptions s
+      CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM sensors WHERE sensors.organization_id = s.organization_id AND sensors.active
+      ) active
+     WHERE s.status IN ('active', 'trial') AND s.stripe_customer_id IS NOT NULL
+     ORDER BY s.organization_id
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING stripe_customer_id`.execute(trx);
+  const customers = new Set(inserted.rows.map((row) => row.stripe_customer_id));
+  for (const customerId of customers) await enqueueDelivery(trx, boss, customerId, 'active_sensors');
+  return { hour, reported: inserted.rows.length };
 }

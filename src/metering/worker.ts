@@ -1,6 +1,7 @@
 // The worker runtime: starts pg-boss with maintenance and cron, makes sure the queues exist, and
 // registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
 import type { Context } from '../context.js';
+import { startActiveSensorReporting } from './active-sensors-job.js';
 import { ensureQueues } from './queues.js';
 
 export interface WorkerRuntime {
@@ -11,6 +12,7 @@ export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
   const log = ctx.log.child({ component: 'worker' });
   await ctx.boss.start();
   await ensureQueues(ctx.boss, ctx.config);
+  await startActiveSensorReporting(ctx);
   log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
   let stopping: Promise<void> | undefined;

@@ -1,0 +1,85 @@
+// The hourly active_sensors report: a pg-boss cron (METER_CRON, UTC) plus a run at worker start-up,
+// each reporting every billable organization once for one UTC hour (see reportActiveSensorsForHour).
+import type { Kysely } from 'kysely';
+import type { JobWithMetadata, PgBoss } from 'pg-boss';
+import type { Context } from '../context.js';
+import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import { type HourlyReportResult, reportActiveSensorsForHour, utcHourOf } from './active-sensors.js';
+import { queues, sendJob } from './queues.js';
+
+export const ACTIVE_SENSORS_QUEUE = 'active-sensors-report';
+
+/**
+ * How early a cron job may be created before the occurrence it stands for. pg-boss judges an
+ * occurrence due against its cached reading of the database clock, so a host clock that stepped
+ * forward since the last reading can create the 01:00 job at 00:59:59; without this margin that job
+ * would be read as hour 00's and hour 01 would go unreported. Small enough that a report is never
+ * timestamped more than this ahead of its creation (Stripe accepts up to 5 minutes).
+ */
+export const CRON_EARLY_TOLERANCE_MS = 30_000;
+
+/**
+ * The hour a job reports. pg-boss cron jobs carry only the schedule's static data, not the
+ * occurrence they were created for; their createdOn is set from the database clock when the
+ * occurrence is forwarded (within about a minute of it) and is kept across retries, so a retry or a
+ * backlog drained later still reports the hour the job was created for, not the hour it ran in.
+ */
+export function scheduledHourOf(createdOn: Date): Date {
+  return utcHourOf(new Date(createdOn.getTime() + CRON_EARLY_TOLERANCE_MS));
+}
+
+/** One run for one hour; owns the transaction, so rows and delivery jobs commit together. */
+export async function runHourlyReport(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  hour: Date,
+  log: Logger,
+): Promise<HourlyReportResult> {
+  const result = await db.transaction().execute((trx) => reportActiveSensorsForHour(trx, boss, hour));
+  log.info({ hour: result.hour.toISOString(), reported: result.reported }, 'active-sensor report written');
+  return result;
+}
+
+/**
+ * Registers the report's job handler and schedule, then reports the current hour for every
+ * billable organization that has no report for it yet. Safe to run in every worker process.
+ */
+export async function startActiveSensorReporting(ctx: Context): Promise<void> {
+  const log = ctx.log.child({ component: 'active-sensors', queue: ACTIVE_SENSORS_QUEUE });
+
+  await ctx.boss.work(
+    ACTIVE_SENSORS_QUEUE,
+    { includeMetadata: true, batchSize: 1 },
+    async (jobs: JobWithMetadata<object>[]) => {
+      for (const job of jobs) {
+        queues[ACTIVE_SENSORS_QUEUE].payload.parse(job.data);
+        await runHourlyReport(ctx.db, ctx.boss, scheduledHourOf(job.createdOn), log.child({ jobId: job.id }));
+      }
+    },
+  );
+
+  await registerSchedule(ctx.boss, ctx.config.METER_CRON, log);
+
+  const now = ctx.clock.now();
+  try {
+    await runHourlyReport(ctx.db, ctx.boss, now, log.child({ trigger: 'start-up' }));
+  } catch (err) {
+    // Not worth failing the worker over: the same report queued as a job gets the queue's retries.
+    log.warn({ err }, 'start-up active-sensor report failed; queued for retry');
+    await sendJob(ctx.boss, ACTIVE_SENSORS_QUEUE, {});
+  }
+}
+
+/**
+ * Upserts the one schedule of the queue (pg-boss keys schedules by queue name and key, so calling
+ * this on every start rewrites the same row and a changed METER_CRON replaces the old expression),
+ * and removes schedules under any other key, which would fire the report a second time.
+ */
+export async function registerSchedule(boss: PgBoss, cron: string, log: Logger): Promise<void> {
+  await boss.schedule(ACTIVE_SENSORS_QUEUE, cron, {}, { tz: 'UTC' });
+  for (const stale of await boss.getSchedules(ACTIVE_SENSORS_QUEUE)) {
+    if (stale.key !== '') await boss.unschedule(ACTIVE_SENSORS_QUEUE, stale.key);
+  }
+  log.info({ cron, tz: 'UTC' }, 'active-sensor report scheduled');
+}

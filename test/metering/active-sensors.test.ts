@@ -1,0 +1,259 @@
+// The active_sensors data functions against real Postgres: the set-based hourly report and the
+// on-change report.
+import { Kysely, PostgresDialect } from 'kysely';
+import { describe, expect, it } from 'vitest';
+import type { DB } from '../../src/db/schema.js';
+import {
+  hourlyReportKey,
+  reportActiveSensorsForHour,
+  reportActiveSensorsWithTimestamp,
+  utcHourOf,
+} from '../../src/metering/active-sensors.js';
+import { createTestContext } from '../helpers/database.js';
+import {
+  activeSensorRows,
+  bulkActiveSensors,
+  createBulkOrganizations,
+  createOrganizations,
+  deliveryJobsByCustomer,
+} from './active-sensors-fixtures.js';
+
+const ctx = await createTestContext();
+await ctx.boss.start();
+
+async function clear() {
+  await ctx.db.deleteFrom('meter_outbox').execute();
+  await ctx.db.deleteFrom('sensors').execute();
+  await ctx.db.deleteFrom('subscriptions').execute();
+  await ctx.db.deleteFrom('organizations').execute();
+  await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
+}
+
+const report = (at: Date) =>
+  ctx.db.transaction().execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, at));
+
+describe('hourly active-sensor report', () => {
+  it('writes one row per billable organization with its active count, keyed and timestamped by the hour', async () => {
+    await clear();
+    const [active, trial, noSensors, allDeactivated] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_active', activeSensors: 3, inactiveSensors: 2 },
+      { status: 'trial', customer: 'cus_trial', activeSensors: 1 },
+      { status: 'active', customer: 'cus_none', activeSensors: 0 },
+      { status: 'active', customer: 'cus_off', activeSensors: 0, inactiveSensors: 4 },
+    ]);
+    const result = await report(new Date('2026-03-10T14:37:12.345Z'));
+
+    expect(result).toEqual({ hour: new Date('2026-03-10T14:00:00Z'), reported: 4 });
+    const rows = await activeSensorRows(ctx.db);
+    const byOrg = new Map(rows.map((r) => [r.organization_id, r]));
+    expect(rows).toHaveLength(4);
+    expect(Number(byOrg.get(active as string)?.value)).toBe(3);
+    expect(Number(byOrg.get(trial as string)?.value)).toBe(1);
+    // `last` meter: a count of 0 must be reported, or Stripe keeps billing the previous value.
+    expect(Number(byOrg.get(noSensors as string)?.value)).toBe(0);
+    expect(Number(byOrg.get(allDeactivated as string)?.value)).toBe(0);
+    for (const row of rows) {
+      expect(row.occurred_at).toEqual(new Date('2026-03-10T14:00:00Z'));
+      expect(row.dedupe_key).toBe(`active_sensors:${row.organization_id}:2026-03-10T14`);
+      expect(row.status).toBe('pending');
+    }
+    expect(byOrg.get(active as string)?.stripe_customer_id).toBe('cus_active');
+    expect(await deliveryJobsByCustomer(ctx.db)).toEqual(
+      new Map([
+        ['cus_active', 1],
+        ['cus_trial', 1],
+        ['cus_none', 1],
+        ['cus_off', 1],
+      ]),
+    );
+  });
+
+  it('reports nothing for organizations that are not billable', async () => {
+    await clear();
+    await createOrganizations(ctx.db, [
+      { status: 'active', customer: null, activeSensors: 2 },
+      { status: 'trial', customer: null, activeSensors: 2 },
+      { status: 'past_due', customer: 'cus_past_due', activeSensors: 2 },
+      { status: 'canceled', customer: 'cus_canceled', activeSensors: 2 },
+      { status: 'incomplete', customer: 'cus_incomplete', activeSensors: 2 },
+      { status: 'incomplete_expired', customer: 'cus_incomplete_expired', activeSensors: 2 },
+      { status: 'unpaid', customer: 'cus_unpaid', activeSensors: 2 },
+      { status: 'paused', customer: 'cus_paused', activeSensors: 2 },
+    ]);
+    await ctx.db.insertInto('organizations').values({ name: 'no subscription at all' }).execute();
+
+    expect((await report(new Date('2026-03-10T14:00:00Z'))).reported).toBe(0);
+    expect(await activeSensorRows(ctx.db)).toHaveLength(0);
+    expect((await deliveryJobsByCustomer(ctx.db)).size).toBe(0);
+  });
+
+  it('reports an hour once: a second run for the same hour writes no row and queues no delivery', async () => {
+    await clear();
+    const [org] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_once', activeSensors: 2 },
+    ]);
+    expect((await report(new Date('2026-03-10T14:00:00Z'))).reported).toBe(1);
+    // A sensor added later in the hour does not produce a second report for that hour ...
+    await ctx.db
+      .insertInto('sensors')
+      .values({ organization_id: org as string, name: 'late' })
+      .execute();
+    expect((await report(new Date('2026-03-10T14:59:59.999Z'))).reported).toBe(0);
+    const rows = await activeSensorRows(ctx.db);
+    expect(rows.map((r) => Number(r.value))).toEqual([2]);
+    expect(await deliveryJobsByCustomer(ctx.db)).toEqual(new Map([['cus_once', 1]]));
+    // ... the next hour reports the new count.
+    expect((await report(new Date('2026-03-10T15:00:00Z'))).reported).toBe(1);
+    expect((await activeSensorRows(ctx.db)).map((r) => [r.dedupe_key, Number(r.value)])).toEqual([
+      [hourlyReportKey(org as string, new Date('2026-03-10T14:00:00Z')), 2],
+      [hourlyReportKey(org as string, new Date('2026-03-10T15:00:00Z')), 3],
+    ]);
+  });
+
+  it('skips organizations already reported for the hour and reports the rest', async () => {
+    await clear();
+    const [reported, missing] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_done', activeSensors: 5 },
+      { status: 'active', customer: 'cus_missing', activeSensors: 1 },
+    ]);
+    const hour = new Date('2026-03-10T14:00:00Z');
+    await ctx.db
+      .transaction()
+      .execute((trx) =>
+        reportActiveSensorsWithTimestamp(
+          trx,
+          ctx.boss,
+          reported as string,
+          hour,
+          hourlyReportKey(reported as string, hour),
+        ),
+      );
+    await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
+
+    expect((await report(hour)).reported).toBe(1);
+    const rows = await activeSensorRows(ctx.db);
+    expect(rows.map((r) => r.organization_id)).toEqual([reported, missing]);
+    expect(await deliveryJobsByCustomer(ctx.db)).toEqual(new Map([['cus_missing', 1]]));
+  });
+
+  it('writes nothing and queues nothing when the caller rolls the transaction back', async () => {
+    await clear();
+    await createOrganizations(ctx.db, [{ status: 'active', customer: 'cus_rollback', activeSensors: 1 }]);
+    await expect(
+      ctx.db.transaction().execute(async (trx) => {
+        const result = await reportActiveSensorsForHour(trx, ctx.boss, new Date('2026-03-10T14:00:00Z'));
+        expect(result.reported).toBe(1);
+        throw new Error('crash after the insert');
+      }),
+    ).rejects.toThrow('crash after the insert');
+    expect(await activeSensorRows(ctx.db)).toHaveLength(0);
+    expect((await deliveryJobsByCustomer(ctx.db)).size).toBe(0);
+  });
+
+  it('reports 2,000 organizations in one run with the right counts, once even when runs race', async () => {
+    await clear();
+    await createBulkOrganizations(ctx.db, 2000);
+    await createOrganizations(ctx.db, [
+      { status: 'canceled', customer: 'cus_bulk_canceled', activeSensors: 3 },
+    ]);
+    const hour = new Date('2026-03-10T16:00:00Z');
+
+    const started = Date.now();
+    // Four concurrent runs for the same hour, as from several workers firing at once.
+    const results = await Promise.all([report(hour), report(hour), report(hour), report(hour)]);
+    const elapsed = Date.now() - started;
+
+    expect(results.map((r) => r.reported).sort((a, b) => a - b)).toEqual([0, 0, 0, 2000]);
+    const rows = await activeSensorRows(ctx.db);
+    expect(rows).toHaveLength(2000);
+    const expected = new Map<string, number>(
+      Array.from({ length: 2000 }, (_, i) => [`cus_bulk_${i + 1}`, bulkActiveSensors(i + 1)] as const),
+    );
+    for (const row of rows) {
+      expect(Number(row.value)).toBe(expected.get(row.stripe_customer_id));
+      expect(row.occurred_at).toEqual(hour);
+    }
+    const jobs = await deliveryJobsByCustomer(ctx.db);
+    expect(jobs.size).toBe(2000);
+    expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+    expect(elapsed).toBeLessThan(15_000);
+  });
+
+  it('counts every organization in one statement, planned over the billable and active-sensor indexes', async () => {
+    // Kysely's query log sees every statement the run sends, pg-boss's included (fromKysely). Only the
+    // sensors side is pinned to an index: with most subscriptions billable, scanning them is right.
+    const statements: { sql: string; parameters: readonly unknown[] }[] = [];
+    const logged = new Kysely<DB>({
+      dialect: new PostgresDialect({ pool: ctx.pool }),
+      log: (event) => {
+        if (event.level === 'query')
+          statements.push({ sql: event.query.sql, parameters: event.query.parameters });
+      },
+    });
+    await clear();
+    await createBulkOrganizations(ctx.db, 300);
+    await ctx.pool.query('ANALYZE');
+    const result = await logged
+      .transaction()
+      .execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, new Date('2026-03-10T17:00:00Z')));
+    expect(result.reported).toBe(300);
+
+    const counting = statements.filter((s) => /\bsensors\b/.test(s.sql));
+    expect(counting).toHaveLength(1);
+    const { rows } = await ctx.pool.query<{ 'QUERY PLAN': string }>(
+      `EXPLAIN ${counting[0]?.sql}`,
+      counting[0]?.parameters as unknown[],
+    );
+    const plan = rows.map((r) => r['QUERY PLAN']).join('\n');
+    expect(plan).toContain('sensors_active_by_organization');
+    expect(plan).not.toMatch(/Seq Scan on sensors/);
+  });
+});
+
+describe('on-change active-sensor report', () => {
+  it('queues a report timestamped at the change, without a dedupe key, in the transaction of the change', async () => {
+    await clear();
+    const [org] = await createOrganizations(ctx.db, [
+      { status: 'trial', customer: 'cus_change', activeSensors: 2, inactiveSensors: 0 },
+    ]);
+    const changedAt = new Date('2026-03-10T14:21:05.123Z');
+    const id = await ctx.db.transaction().execute(async (trx) => {
+      await trx
+        .updateTable('sensors')
+        .set({ active: false })
+        .where('organization_id', '=', org as string)
+        .execute();
+      return reportActiveSensorsWithTimestamp(trx, ctx.boss, org as string, changedAt);
+    });
+    expect(id).not.toBeNull();
+    const rows = await activeSensorRows(ctx.db);
+    expect(rows.map((r) => [Number(r.value), r.occurred_at, r.dedupe_key])).toEqual([[0, changedAt, null]]);
+    expect(await deliveryJobsByCustomer(ctx.db)).toEqual(new Map([['cus_change', 1]]));
+    // Two changes in the same hour are two reports: only the hourly report is deduplicated.
+    await ctx.db
+      .transaction()
+      .execute((trx) =>
+        reportActiveSensorsWithTimestamp(trx, ctx.boss, org as string, new Date(changedAt.getTime() + 1000)),
+      );
+    expect(await activeSensorRows(ctx.db)).toHaveLength(2);
+  });
+
+  it('writes nothing for an organization that is not billable', async () => {
+    await clear();
+    const [org] = await createOrganizations(ctx.db, [
+      { status: 'past_due', customer: 'cus_pd', activeSensors: 2 },
+    ]);
+    const id = await ctx.db
+      .transaction()
+      .execute((trx) => reportActiveSensorsWithTimestamp(trx, ctx.boss, org as string, new Date()));
+    expect(id).toBeNull();
+    expect(await activeSensorRows(ctx.db)).toHaveLength(0);
+  });
+});
+
+describe('utcHourOf', () => {
+  it('truncates to minute 0 of the UTC hour', () => {
+    expect(utcHourOf(new Date('2026-03-10T23:59:59.999Z'))).toEqual(new Date('2026-03-10T23:00:00Z'));
+    expect(utcHourOf(new Date('2026-03-10T00:00:00Z'))).toEqual(new Date('2026-03-10T00:00:00Z'));
+  });
+});
