@@ -1,0 +1,151 @@
+// npm run stripe:emulator — runs the local Stripe emulator, or with `webhook <type>` builds, signs and
+// posts one Stripe-shaped event to a webhook endpoint and prints the answer.
+import { parseArgs } from 'node:util';
+import {
+  DEFAULT_PORT,
+  exampleEvent,
+  type FaultsInput,
+  faultsSchema,
+  type SubscriptionStatus,
+  sendWebhook,
+  startStripeEmulator,
+  WEBHOOK_TYPES,
+  type WebhookType,
+} from '../stripe-emulator/index.js';
+
+const USAGE = `usage:
+  stripe-emulator [--port 12111] [--host 127.0.0.1] [--sandbox] [--rate N] [--stream-rate N]
+                  [--strict-customers] [--persist state.json] [--seed N] [--verbose]
+                  [--error-rate P] [--rate-limit-rate P] [--reset-rate P] [--timeout-rate P]
+                  [--accepted-then-500-rate P] [--accepted-then-reset-rate P]
+                  [--latency-ms MS] [--jitter-ms MS] [--hang-ms MS]
+  stripe-emulator webhook <type> --url URL --secret whsec_... [--customer cus_..] [--subscription sub_..]
+                  [--organization UUID] [--status active] [--meter mtr_..]
+  webhook types: ${WEBHOOK_TYPES.join(', ')}`;
+
+function fail(message: string): never {
+  console.error(`stripe-emulator: ${message}\n${USAGE}`);
+  process.exit(2);
+}
+
+function num(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n)) fail(`--${name} must be a number, got ${value}`);
+  return n;
+}
+
+async function webhook(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      url: { type: 'string' },
+      secret: { type: 'string' },
+      customer: { type: 'string' },
+      subscription: { type: 'string' },
+      organization: { type: 'string' },
+      status: { type: 'string' },
+      meter: { type: 'string' },
+    },
+  });
+  const type = positionals[0];
+  if (!type || !(WEBHOOK_TYPES as readonly string[]).includes(type))
+    fail(`unknown webhook type ${type ?? '(none)'}`);
+  if (!values.url) fail('--url is required');
+  if (!values.secret) fail('--secret is required');
+  const event = exampleEvent(type as WebhookType, {
+    customer: values.customer,
+    subscription: values.subscription,
+    organizationId: values.organization,
+    status: values.status as SubscriptionStatus | undefined,
+    meter: values.meter,
+  });
+  const response = await sendWebhook(values.url, event, values.secret);
+  console.log(
+    JSON.stringify({ sent: event, response: { status: response.status, body: response.body } }, null, 2),
+  );
+  process.exit(response.status >= 200 && response.status < 300 ? 0 : 1);
+}
+
+async function serveEmulator(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      port: { type: 'string' },
+      host: { type: 'string' },
+      sandbox: { type: 'boolean' },
+      rate: { type: 'string' },
+      'stream-rate': { type: 'string' },
+      'strict-customers': { type: 'boolean' },
+      persist: { type: 'string' },
+      seed: { type: 'string' },
+      verbose: { type: 'boolean' },
+      'error-rate': { type: 'string' },
+      'rate-limit-rate': { type: 'string' },
+      'reset-rate': { type: 'string' },
+      'timeout-rate': { type: 'string' },
+      'accepted-then-500-rate': { type: 'string' },
+      'accepted-then-reset-rate': { type: 'string' },
+      'latency-ms': { type: 'string' },
+      'jitter-ms': { type: 'string' },
+      'hang-ms': { type: 'string' },
+    },
+  });
+  const faultInput: FaultsInput = {
+    errorRate: num('error-rate', values['error-rate']),
+    rateLimitRate: num('rate-limit-rate', values['rate-limit-rate']),
+    resetRate: num('reset-rate', values['reset-rate']),
+    timeoutRate: num('timeout-rate', values['timeout-rate']),
+    acceptedThen500Rate: num('accepted-then-500-rate', values['accepted-then-500-rate']),
+    acceptedThenResetRate: num('accepted-then-reset-rate', values['accepted-then-reset-rate']),
+    latencyMs: num('latency-ms', values['latency-ms']),
+    jitterMs: num('jitter-ms', values['jitter-ms']),
+    hangMs: num('hang-ms', values['hang-ms']),
+  };
+  const faults = faultsSchema.safeParse(faultInput);
+  if (!faults.success) fail(faults.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; '));
+
+  const emulator = await startStripeEmulator({
+    port: num('port', values.port) ?? DEFAULT_PORT,
+    host: values.host ?? '127.0.0.1',
+    sandbox: values.sandbox ?? false,
+    ratePerSecond: num('rate', values.rate),
+    streamRatePerSecond: num('stream-rate', values['stream-rate']),
+    strictCustomers: values['strict-customers'] ?? false,
+    persistPath: values.persist,
+    seed: num('seed', values.seed),
+    faults: faults.data,
+    onLog: values.verbose ? (entry) => console.error(JSON.stringify(entry)) : undefined,
+  });
+  console.log(
+    `stripe emulator listening on ${emulator.url} (STRIPE_API_BASE=${emulator.url}; control: ${emulator.url}/_emulator/state)`,
+  );
+  let stopping = false;
+  const shutdown = (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    emulator.stop().then(
+      () => {
+        console.error(`stripe emulator stopped (${signal})`);
+        process.exit(0);
+      },
+      (err: unknown) => {
+        console.error('stripe emulator: shutdown failed', err);
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', shutdown);
+  process.on('SIGTERM', shutdown);
+}
+
+const [first, ...rest] = process.argv.slice(2);
+try {
+  if (first === 'webhook') await webhook(rest);
+  else if (first === 'help' || first === '--help' || first === '-h') console.log(USAGE);
+  else await serveEmulator(first === 'serve' ? rest : process.argv.slice(2));
+} catch (err) {
+  console.error('stripe-emulator: fatal:', err instanceof Error ? err.message : err);
+  process.exit(1);
+}
