@@ -101,6 +101,31 @@ export interface StripeEventsTable {
   received_at: DefaultTimestamp;
 }
 
+/** migrations/0004: Stripe meter error reports, for the operator. */
+export interface MeterErrorReportsTable {
+  id: ColumnType<string, never, never>;
+  event_id: string;
+  meter_id: string | null;
+  livemode: ColumnType<boolean, boolean | undefined, boolean>;
+  stripe_created: Timestamp;
+  summary: string | null;
+  error_count: number | null;
+  error_types: ColumnType<unknown, string | null | undefined, string | null>;
+  validation_start: Timestamp | null;
+  validation_end: Timestamp | null;
+  received_at: DefaultTimestamp;
+}
+
+/** migrations/0002: the stored first answer to an Idempotency-Key of POST /v1/readings. */
+export interface IdempotencyKeysTable {
+  organization_id: string;
+  key: string;
+  request_hash: string;
+  response_status: number;
+  response_body: ColumnType<unknown, string, string>;
+  created_at: DefaultTimestamp;
+}
+
 export interface SchemaMigrationsTable {
   version: number;
   name: string;
@@ -115,6 +140,8 @@ export interface DB {
   temperature_readings: TemperatureReadingsTable;
   meter_outbox: MeterOutboxTable;
   stripe_events: StripeEventsTable;
+  idempotency_keys: IdempotencyKeysTable;
+  meter_error_reports: MeterErrorReportsTable;
   schema_migrations: SchemaMigrationsTable;
 }
 

@@ -2,13 +2,18 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
+import { organizationAdminRoutes } from '../admin/organizations-routes.js';
 import type { Context } from '../context.js';
 import { isDatabaseUnavailable } from '../db/errors.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';
 import { healthRoutes } from './health.js';
 import { httpMetrics, metricsRoutes } from './metrics.js';
 import { buildOpenApi } from './openapi.js';
+import { readingsRoutes } from './readings.js';
+import { sensorsRoutes } from './sensors.js';
 import type { AppEnv, HttpModule } from './types.js';
+import { usageRoutes } from './usage.js';
+import { webhookRoutes } from './webhooks.js';
 
 export type AppDeps = Context;
 
@@ -86,7 +91,16 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
 
   app.notFound((c) => c.json(errorBody(new AppError(404, 'not_found', 'no such route')), 404));
 
-  const modules: HttpModule[] = [healthRoutes(ctx), metricsRoutes(ctx), ...extraModules];
+  const modules: HttpModule[] = [
+    healthRoutes(ctx),
+    metricsRoutes(ctx),
+    webhookRoutes(ctx),
+    readingsRoutes(ctx),
+    sensorsRoutes(ctx),
+    usageRoutes(ctx),
+    organizationAdminRoutes(ctx),
+    ...extraModules,
+  ];
   for (const module of modules) app.route(module.prefix, module.app);
 
   const document = buildOpenApi(

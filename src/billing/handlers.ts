@@ -1,0 +1,220 @@
+// The effect of each Stripe event type on meterbox's state. Handlers run inside the transaction that
+// records the event id, so an effect exists exactly when its stripe_events row does.
+import { sql, type Transaction } from 'kysely';
+import { z } from 'zod';
+import type { DB, Subscription } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import { recordMeterErrorReport } from './meter-error-reports.js';
+import {
+  checkoutSessionSchema,
+  invoiceSchema,
+  invoiceSubscriptionId,
+  mapSubscriptionStatus,
+  subscriptionPeriodEnd,
+  subscriptionSchema,
+} from './stripe-objects.js';
+import {
+  applySubscriptionChange,
+  type ChangeSource,
+  linkCheckoutSession,
+  lockRowByStripeIds,
+  lockSubscriptionRow,
+  type SubscriptionChange,
+} from './subscriptions.js';
+import type { VerifiedEvent } from './verify.js';
+
+export interface HandlerResult {
+  /** applied: state changed; ignored: recorded and acknowledged without an effect. */
+  outcome: 'applied' | 'ignored';
+  organizationId?: string;
+  reason?: string;
+}
+
+export type EventHandler = (
+  trx: Transaction<DB>,
+  event: VerifiedEvent,
+  log: Logger,
+) => Promise<HandlerResult>;
+export type EventHandlers = Readonly<Record<string, EventHandler>>;
+
+const SUBSCRIPTION_EVENTS = [
+  'customer.subscription.created',
+  'customer.subscription.updated',
+  'customer.subscription.deleted',
+] as const;
+const INVOICE_EVENTS = ['invoice.paid', 'invoice.payment_failed'] as const;
+
+/**
+ * Subscription and invoice events that arrive before checkout.session.completed cannot be matched
+ * to an organization yet; they are recorded, and replayed from stripe_events when checkout links the
+ * subscription. Stripe retries for three days, so a week covers any checkout that can still arrive.
+ */
+const REPLAY_WINDOW = '7 days';
+
+const uuid = z.uuid();
+
+function ignored(reason: string, organizationId?: string): HandlerResult {
+  return { outcome: 'ignored', reason, ...(organizationId ? { organizationId } : {}) };
+}
+
+async function existingOrganization(
+  trx: Transaction<DB>,
+  candidate: string | null | undefined,
+): Promise<string | null> {
+  if (!candidate || !uuid.safeParse(candidate).success) return null;
+  const row = await trx
+    .selectFrom('organizations')
+    .select('id')
+    .where('id', '=', candidate)
+    .executeTakeFirst();
+  return row?.id ?? null;
+}
+
+type Parsed<T> = { change: T; metadataOrganizationId?: string | null } | { ignore: string };
+
+/** What a subscription or invoice event (live or stored) says about its subscription. */
+export function subscriptionChangeOf(
+  type: string,
+  created: Date,
+  object: Record<string, unknown>,
+): Parsed<SubscriptionChange> {
+  if ((SUBSCRIPTION_EVENTS as readonly string[]).includes(type)) {
+    const subscription = subscriptionSchema.parse(object);
+    const status = mapSubscriptionStatus(subscription.status);
+    if (!status && type !== 'customer.subscription.deleted') {
+      return { ignore: `unknown subscription status ${subscription.status}` };
+    }
+    return {
+      change: {
+        source: type as ChangeSource,
+        created,
+        subscriptionId: subscription.id,
+        customerId: subscription.customer,
+        status: type === 'customer.subscription.deleted' ? 'canceled' : (status ?? undefined),
+        currentPeriodEnd: subscriptionPeriodEnd(subscription),
+      },
+      metadataOrganizationId: subscription.metadata?.organization_id ?? null,
+    };
+  }
+  const invoice = invoiceSchema.parse(object);
+  const subscriptionId = invoiceSubscriptionId(invoice);
+  if (!subscriptionId) return { ignore: 'invoice of no subscription' };
+  return {
+    change: { source: type as ChangeSource, created, subscriptionId, customerId: invoice.customer ?? null },
+  };
+}
+
+async function handleSubscriptionOrInvoice(
+  trx: Transaction<DB>,
+  event: VerifiedEvent,
+  log: Logger,
+): Promise<HandlerResult> {
+  const parsed = subscriptionChangeOf(event.type, event.created, event.object);
+  if ('ignore' in parsed) return ignored(parsed.ignore);
+  const { change } = parsed;
+  let row = await lockRowByStripeIds(trx, change.subscriptionId, change.customerId);
+  if (!row && change.source.startsWith('customer.subscription.')) {
+    // Integrations may put the organization on the subscription (subscription_data.metadata).
+    const organizationId = await existingOrganization(trx, parsed.metadataOrganizationId);
+    if (organizationId) row = await lockSubscriptionRow(trx, organizationId);
+  }
+  if (!row) return ignored('no organization linked to this subscription yet');
+  const { decision } = await applySubscriptionChange(trx, row, change);
+  if (!decision.apply) {
+    log.debug(
+      { eventId: event.id, organizationId: row.organization_id, reason: decision.reason },
+      'not applied',
+    );
+    return ignored(decision.reason, row.organization_id);
+  }
+  return { outcome: 'applied', organizationId: row.organization_id };
+}
+
+/** Re-applies, oldest first, the stored events of a subscription that checkout has just linked. */
+async function replayStoredEvents(
+  trx: Transaction<DB>,
+  row: Subscription,
+  subscriptionId: string,
+  currentEventId: string,
+): Promise<Subscription> {
+  const stored = await trx
+    .selectFrom('stripe_events')
+    .select(['event_id', 'event_type', 'stripe_created', 'payload'])
+    .where('event_type', 'in', [...SUBSCRIPTION_EVENTS, ...INVOICE_EVENTS])
+    .where('received_at', '>', sql<Date>`now() - ${REPLAY_WINDOW}::interval`)
+    .where('event_id', '!=', currentEventId)
+    .where((eb) =>
+      eb.or([
+        eb(sql`payload #>> '{data,object,id}'`, '=', subscriptionId),
+        eb(sql`payload #>> '{data,object,subscription}'`, '=', subscriptionId),
+        eb(sql`payload #>> '{data,object,parent,subscription_details,subscription}'`, '=', subscriptionId),
+      ]),
+    )
+    .orderBy('stripe_created')
+    .orderBy('received_at')
+    .execute();
+  let current = row;
+  for (const event of stored) {
+    const object = (event.payload as { data?: { object?: Record<string, unknown> } }).data?.object;
+    if (!object) continue;
+    const parsed = subscriptionChangeOf(event.event_type, event.stripe_created, object);
+    if ('ignore' in parsed || parsed.change.subscriptionId !== subscriptionId) continue;
+    current = (await applySubscriptionChange(trx, current, parsed.change)).row;
+  }
+  return current;
+}
+
+async function handleCheckoutCompleted(
+  trx: Transaction<DB>,
+  event: VerifiedEvent,
+  log: Logger,
+): Promise<HandlerResult> {
+  const session = checkoutSessionSchema.parse(event.object);
+  if (!session.subscription) return ignored('checkout without a subscription');
+  const candidate = session.client_reference_id ?? session.metadata?.organization_id;
+  const organizationId = await existingOrganization(trx, candidate);
+  if (!organizationId) {
+    // Retrying cannot fix a bad reference: acknowledge, keep the payload, tell the operator.
+    log.warn(
+      {
+        eventId: event.id,
+        type: event.type,
+        checkoutSession: session.id,
+        clientReferenceId: candidate ?? null,
+      },
+      'checkout names no known organization; recorded without effect',
+    );
+    return ignored('unknown organization');
+  }
+  const result = await linkCheckoutSession(trx, organizationId, {
+    customerId: session.customer ?? null,
+    subscriptionId: session.subscription,
+    created: event.created,
+  });
+  if (!result.linked) {
+    log.warn(
+      { eventId: event.id, type: event.type, organizationId, reason: result.reason },
+      'checkout not linked',
+    );
+    return ignored(result.reason, organizationId);
+  }
+  if (result.switched) await replayStoredEvents(trx, result.row, session.subscription, event.id);
+  return { outcome: 'applied', organizationId };
+}
+
+async function handleMeterErrorReport(trx: Transaction<DB>, event: VerifiedEvent, log: Logger) {
+  await recordMeterErrorReport(trx, event);
+  // The operator's signal that Stripe rejected usage after accepting it.
+  log.warn({ eventId: event.id, type: event.type }, 'Stripe reported meter event errors');
+  return { outcome: 'applied' } as const;
+}
+
+export const defaultHandlers: EventHandlers = {
+  'checkout.session.completed': handleCheckoutCompleted,
+  'customer.subscription.created': handleSubscriptionOrInvoice,
+  'customer.subscription.updated': handleSubscriptionOrInvoice,
+  'customer.subscription.deleted': handleSubscriptionOrInvoice,
+  'invoice.paid': handleSubscriptionOrInvoice,
+  'invoice.payment_failed': handleSubscriptionOrInvoice,
+  'v1.billing.meter.error_report_triggered': handleMeterErrorReport,
+};
