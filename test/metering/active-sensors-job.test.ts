@@ -1,0 +1,222 @@
+// The hourly job as the worker runs it: the start-up run, the pg-boss schedule, and cron firings
+// driven by pg-boss's TestClock across two worker instances, against real Postgres.
+import { PgBoss, TestClock } from 'pg-boss';
+import { afterAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import {
+  ACTIVE_SENSORS_QUEUE,
+  registerSchedule,
+  scheduledHourOf,
+  startActiveSensorReporting,
+} from '../../src/metering/active-sensors-job.js';
+import { sendJob } from '../../src/metering/queues.js';
+import { startWorker } from '../../src/metering/worker.js';
+import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';
+
+const fixedClock = (iso: string) => ({ now: () => new Date(iso) });
+
+async function untilTrue(condition: () => Promise<boolean>, step: () => Promise<void>, deadlineMs = 20_000) {
+  const started = Date.now();
+  while (!(await condition())) {
+    if (Date.now() - started > deadlineMs) throw new Error('condition not met before the deadline');
+    await step();
+  }
+}
+
+/** Worker contexts whose pg-boss (polling, cron passes, job timestamps) and ctx.clock run on `clock`. */
+function clockedWorkers(base: Context, url: string, clock: TestClock, count: number): Context[] {
+  const workers: Context[] = [];
+  for (let i = 0; i < count; i++) {
+    const boss = new PgBoss({
+      connectionString: url,
+      application_name: `active-sensors-test-${i}`,
+      clock,
+      supervise: true,
+      schedule: true,
+      migrate: false,
+      createSchema: false,
+      cronMonitorIntervalSeconds: 5,
+      cronWorkerIntervalSeconds: 1,
+    });
+    boss.on('error', (err) => base.log.error({ err }, 'pg-boss error'));
+    workers.push({ ...base, boss, clock: { now: () => new Date(clock.now()) } });
+  }
+  afterAll(async () => {
+    for (const w of workers) await w.boss.stop({ graceful: false, close: true, timeout: 5_000 });
+  });
+  return workers;
+}
+
+async function openJobs(ctx: Context): Promise<number> {
+  const { rows } = await ctx.pool.query<{ open: number }>(
+    `SELECT count(*)::int AS open FROM pgboss.job WHERE name = $1 AND state < 'completed'`,
+    [ACTIVE_SENSORS_QUEUE],
+  );
+  return rows[0]?.open ?? 0;
+}
+
+const orgSpecs = [
+  { status: 'active', customer: 'cus_a', activeSensors: 2, inactiveSensors: 1 },
+  { status: 'trial', customer: 'cus_t', activeSensors: 0, inactiveSensors: 3 },
+  { status: 'canceled', customer: 'cus_c', activeSensors: 4 },
+  { status: 'active', customer: null, activeSensors: 1 },
+] as const;
+
+describe('scheduledHourOf', () => {
+  it('reads a cron job as the hour it was created for, tolerating a job created just before the hour', () => {
+    expect(scheduledHourOf(new Date('2026-03-10T15:00:00.004Z'))).toEqual(new Date('2026-03-10T15:00:00Z'));
+    expect(scheduledHourOf(new Date('2026-03-10T15:01:30Z'))).toEqual(new Date('2026-03-10T15:00:00Z'));
+    expect(scheduledHourOf(new Date('2026-03-10T14:59:50Z'))).toEqual(new Date('2026-03-10T15:00:00Z'));
+    expect(scheduledHourOf(new Date('2026-03-10T14:58:00Z'))).toEqual(new Date('2026-03-10T14:00:00Z'));
+  });
+});
+
+describe('worker start-up', () => {
+  it('reports the current hour for every billable organization, and a restart within the hour adds nothing', async () => {
+    const url = await createTestDatabase();
+    const first = await createTestContext(
+      { DATABASE_URL: url },
+      { bossSupervise: false, clock: fixedClock('2026-03-10T14:37:00Z') },
+    );
+    const [active, trial] = await createOrganizations(first.db, [...orgSpecs]);
+    const worker = await startWorker(first);
+
+    const rows = await activeSensorRows(first.db);
+    expect(rows.map((r) => [r.organization_id, Number(r.value), r.occurred_at])).toEqual(
+      expect.arrayContaining([
+        [active, 2, new Date('2026-03-10T14:00:00Z')],
+        [trial, 0, new Date('2026-03-10T14:00:00Z')],
+      ]),
+    );
+    expect(rows).toHaveLength(2);
+    await worker.stop();
+
+    // A restart later in the same hour (a second process, as after a crash or a deploy).
+    const second = await createTestContext(
+      { DATABASE_URL: url },
+      { bossSupervise: false, clock: fixedClock('2026-03-10T14:59:00Z') },
+    );
+    const restarted = await startWorker(second);
+    expect(await activeSensorRows(second.db)).toHaveLength(2);
+    expect(await deliveryJobsByCustomer(second.db)).toEqual(
+      new Map([
+        ['cus_a', 1],
+        ['cus_t', 1],
+      ]),
+    );
+    await restarted.stop();
+  });
+});
+
+describe('schedule registration', () => {
+  it('keeps one schedule across restarts, replaces it when METER_CRON changes, and drops stray keys', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    await ctx.boss.schedule(ACTIVE_SENSORS_QUEUE, '30 * * * *', {}, { tz: 'UTC', key: 'legacy' });
+
+    for (let start = 0; start < 3; start++) await registerSchedule(ctx.boss, '0 * * * *', ctx.log);
+    let schedules = await ctx.boss.getSchedules(ACTIVE_SENSORS_QUEUE);
+    expect(schedules.map((s) => [s.key, s.cron, s.timezone])).toEqual([['', '0 * * * *', 'UTC']]);
+
+    await registerSchedule(ctx.boss, '5 */2 * * *', ctx.log);
+    schedules = await ctx.boss.getSchedules(ACTIVE_SENSORS_QUEUE);
+    expect(schedules.map((s) => [s.key, s.cron, s.timezone])).toEqual([['', '5 */2 * * *', 'UTC']]);
+    // Straight from pg-boss's table, in case getSchedules ever filtered anything.
+    const { rows } = await ctx.pool.query(`SELECT cron FROM pgboss.schedule WHERE name = $1`, [
+      ACTIVE_SENSORS_QUEUE,
+    ]);
+    expect(rows).toEqual([{ cron: '5 */2 * * *' }]);
+  });
+
+  it('registers METER_CRON in UTC when the worker starts', async () => {
+    const ctx = await createTestContext({ METER_CRON: '15 * * * *' }, { bossSupervise: false });
+    const worker = await startWorker(ctx);
+    const schedules = await ctx.boss.getSchedules(ACTIVE_SENSORS_QUEUE);
+    expect(schedules.map((s) => [s.cron, s.timezone])).toEqual([['15 * * * *', 'UTC']]);
+    await worker.stop();
+  });
+});
+
+describe('cron firing (TestClock, two worker instances)', () => {
+  it('reports each hour once per billable organization, however many instances fire or are triggered', async () => {
+    const url = await createTestDatabase();
+    const base = await createTestContext({ DATABASE_URL: url });
+    const [active, trial] = await createOrganizations(base.db, [...orgSpecs]);
+
+    const clock = new TestClock(new Date('2026-03-10T14:59:20Z'));
+    const workers = clockedWorkers(base, url, clock, 2);
+    for (const w of workers) {
+      await w.boss.start();
+      await startActiveSensorReporting(w);
+    }
+
+    const reportsFor = async (hour: string) =>
+      (await activeSensorRows(base.db)).filter((r) => r.occurred_at.getTime() === new Date(hour).getTime());
+
+    // Both instances ran the start-up report for 14:00; one row per organization.
+    expect((await reportsFor('2026-03-10T14:00:00Z')).map((r) => r.organization_id).sort()).toEqual(
+      [active, trial].sort(),
+    );
+
+    // Across the top of the hour: both instances run cron passes; the 15:00 occurrence fires.
+    await untilTrue(
+      async () => (await reportsFor('2026-03-10T15:00:00Z')).length === 2,
+      () => clock.tick(1_000),
+    );
+    // Every cron job pg-boss created for the occurrence has finished, and no second report appeared.
+    await untilTrue(
+      async () => (await openJobs(base)) === 0,
+      () => clock.tick(1_000),
+    );
+    // Duplicate firings within the hour: a re-registered schedule and direct triggers from both.
+    for (const w of workers) {
+      await registerSchedule(w.boss, '0 * * * *', w.log);
+      await sendJob(w.boss, ACTIVE_SENSORS_QUEUE, {});
+    }
+    await clock.tick(3 * 60_000);
+    await untilTrue(
+      async () => (await openJobs(base)) === 0,
+      () => clock.tick(1_000),
+    );
+
+    const hour15 = await reportsFor('2026-03-10T15:00:00Z');
+    expect(hour15.map((r) => [r.organization_id, Number(r.value), r.dedupe_key]).sort()).toEqual(
+      [
+        [active, 2, `active_sensors:${active}:2026-03-10T15`],
+        [trial, 0, `active_sensors:${trial}:2026-03-10T15`],
+      ].sort(),
+    );
+    expect(await activeSensorRows(base.db)).toHaveLength(4);
+    const { rows: completed } = await base.pool.query(
+      `SELECT count(*)::int AS n FROM pgboss.job WHERE name = $1 AND state = 'completed'`,
+      [ACTIVE_SENSORS_QUEUE],
+    );
+    // At least the cron job and the two direct triggers really ran the handler.
+    expect(completed[0].n).toBeGreaterThanOrEqual(3);
+  });
+
+  it('reports the hour a job was created for, not the hour it runs in (a retry or a backlog after an outage)', async () => {
+    const url = await createTestDatabase();
+    const base = await createTestContext({ DATABASE_URL: url });
+    const [active] = await createOrganizations(base.db, [orgSpecs[0]]);
+    const clock = new TestClock(new Date('2026-03-10T16:10:00Z'));
+    const [worker] = clockedWorkers(base, url, clock, 1) as [Context];
+    await worker.boss.start();
+    // The 16:xx job is queued, then no worker runs until 17:20.
+    await sendJob(worker.boss, ACTIVE_SENSORS_QUEUE, {});
+    await clock.setTime(new Date('2026-03-10T17:20:00Z'));
+    await startActiveSensorReporting(worker);
+    await untilTrue(
+      async () => (await openJobs(base)) === 0,
+      () => clock.tick(1_000),
+    );
+    const rows = await activeSensorRows(base.db);
+    expect(rows.map((r) => [r.organization_id, r.occurred_at]).sort()).toEqual(
+      [
+        [active, new Date('2026-03-10T16:00:00Z')],
+        [active, new Date('2026-03-10T17:00:00Z')],
+      ].sort(),
+    );
+  });
+});
