@@ -33,6 +33,7 @@ export const configSchema = z.object({
   METER_CRON: cronExpression.default('0 * * * *'),
   BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
+  IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
   DELIVERY_CONCURRENCY: int(1, 100).default(5),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),

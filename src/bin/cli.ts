@@ -1,6 +1,7 @@
 // meterbox CLI: `meterbox <command> [--flags]`. Commands are registered in COMMANDS below; each
 // lives next to the code it drives and receives a Context.
 import { parseArgs } from 'node:util';
+import { organizationCommands } from '../admin/organizations-cli.js';
 import { type Context, createContext } from '../context.js';
 import { configOrExit, exitOnFatal } from './process.js';
 
@@ -15,7 +16,9 @@ export interface CliCommand {
   options?: Record<string, { type: 'string' | 'boolean'; short?: string }>;
 }
 
-const COMMANDS: Record<string, CliCommand> = {};
+const COMMANDS: Record<string, CliCommand> = {
+  ...organizationCommands,
+};
 
 function help(): string {
   const lines = ['usage: meterbox <command> [options]', '', 'commands:'];

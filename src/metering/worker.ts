@@ -1,6 +1,7 @@
 // The worker runtime: starts pg-boss with maintenance and cron, makes sure the queues exist, and
 // registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
 import type { Context } from '../context.js';
+import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from './active-sensors-job.js';
 import { ensureQueues } from './queues.js';
 
@@ -13,6 +14,7 @@ export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
   await ctx.boss.start();
   await ensureQueues(ctx.boss, ctx.config);
   await startActiveSensorReporting(ctx);
+  const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
   log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
   let stopping: Promise<void> | undefined;
@@ -24,6 +26,7 @@ export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
         // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
         // the same identifier, so nothing is lost or billed twice).
         await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
+        await idempotencyPruner.stop();
         log.info('worker stopped');
       })();
       return stopping;

@@ -1,0 +1,150 @@
+// `meterbox org create|link` and `meterbox key create|list|revoke`: the admin organization
+// functions from the command line. Output is for people; --json prints one JSON document instead.
+import type { CliCommand } from '../bin/cli.js';
+import type { Context } from '../context.js';
+import {
+  AlreadyLinkedError,
+  type ApiKeyView,
+  createApiKey,
+  createOrganization,
+  linkSubscription,
+  listApiKeys,
+  revokeApiKey,
+  SUBSCRIPTION_STATUSES,
+} from './organizations.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+type Values = Record<string, string | boolean | undefined>;
+
+function stringFlag(values: Values, name: string): string | undefined {
+  const value = values[name];
+  return typeof value === 'string' && value.trim() !== '' ? value.trim() : undefined;
+}
+
+function fail(message: string, usage: string): number {
+  console.error(`meterbox: ${message}\nusage: meterbox ${usage}`);
+  return 2;
+}
+
+function print(values: Values, json: unknown, lines: string[]): void {
+  console.log(values.json ? JSON.stringify(json, null, 2) : lines.join('\n'));
+}
+
+function describeKey(key: ApiKeyView): string {
+  const state = key.revokedAt ? `revoked ${key.revokedAt.toISOString()}` : 'active';
+  const used = key.lastUsedAt ? `last used ${key.lastUsedAt.toISOString()}` : 'never used';
+  return `${key.id}  ${key.prefix}…  ${key.name}  ${state}  ${used}`;
+}
+
+const ONCE = 'Store this key now: it is shown only once.';
+
+const orgCreateUsage = 'org create --name <name> [--key-name <name>] [--json]';
+const orgCreate: CliCommand = {
+  summary: 'create an organization and print its first API key',
+  usage: orgCreateUsage,
+  options: { name: { type: 'string' }, 'key-name': { type: 'string' }, json: { type: 'boolean' } },
+  async run(ctx: Context, { values }) {
+    const name = stringFlag(values, 'name');
+    if (!name || name.length > 200) return fail('--name (1-200 characters) is required', orgCreateUsage);
+    const keyName = stringFlag(values, 'key-name');
+    const created = await ctx.db
+      .transaction()
+      .execute((trx) => createOrganization(trx, { name, ...(keyName ? { keyName } : {}) }));
+    print(values, created, [
+      `organization ${created.organization.id} (${created.organization.name})`,
+      `api key      ${created.apiKey.key}`,
+      ONCE,
+    ]);
+    return 0;
+  },
+};
+
+const orgLinkUsage = `org link --org <organization id> --customer <cus_…> [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
+const orgLink: CliCommand = {
+  summary: "link an organization's subscription to a Stripe customer",
+  usage: orgLinkUsage,
+  options: {
+    org: { type: 'string' },
+    customer: { type: 'string' },
+    status: { type: 'string' },
+    json: { type: 'boolean' },
+  },
+  async run(ctx, { values }) {
+    const org = stringFlag(values, 'org');
+    const customer = stringFlag(values, 'customer');
+    const status = stringFlag(values, 'status') ?? 'active';
+    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', orgLinkUsage);
+    if (!customer || !/^cus_\w+$/.test(customer)) return fail('--customer <cus_…> is required', orgLinkUsage);
+    const known = SUBSCRIPTION_STATUSES.find((s) => s === status);
+    if (!known) return fail(`--status must be one of ${SUBSCRIPTION_STATUSES.join(', ')}`, orgLinkUsage);
+    try {
+      const linked = await linkSubscription(
+        ctx.db,
+        org,
+        { stripeCustomerId: customer, status: known },
+        ctx.clock.now(),
+      );
+      if (!linked) return fail(`no organization ${org}`, orgLinkUsage);
+      print(values, linked, [`organization ${org} linked to ${customer} (${known})`]);
+      return 0;
+    } catch (err) {
+      if (err instanceof AlreadyLinkedError) return fail(err.message, orgLinkUsage);
+      throw err;
+    }
+  },
+};
+
+const keyCreateUsage = 'key create --org <organization id> [--name <name>] [--json]';
+const keyCreate: CliCommand = {
+  summary: 'create another API key for an organization',
+  usage: keyCreateUsage,
+  options: { org: { type: 'string' }, name: { type: 'string' }, json: { type: 'boolean' } },
+  async run(ctx, { values }) {
+    const org = stringFlag(values, 'org');
+    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyCreateUsage);
+    const name = stringFlag(values, 'name');
+    const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, org, name));
+    if (!key) return fail(`no organization ${org}`, keyCreateUsage);
+    print(values, key, [`key     ${key.id} (${key.name})`, `api key ${key.key}`, ONCE]);
+    return 0;
+  },
+};
+
+const keyListUsage = 'key list --org <organization id> [--json]';
+const keyList: CliCommand = {
+  summary: "list an organization's API keys (prefix only)",
+  usage: keyListUsage,
+  options: { org: { type: 'string' }, json: { type: 'boolean' } },
+  async run(ctx, { values }) {
+    const org = stringFlag(values, 'org');
+    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyListUsage);
+    const keys = await listApiKeys(ctx.db, org);
+    print(values, keys, keys.length ? keys.map(describeKey) : [`no keys for organization ${org}`]);
+    return 0;
+  },
+};
+
+const keyRevokeUsage = 'key revoke <key id> [--json]';
+const keyRevoke: CliCommand = {
+  summary: 'revoke an API key; requests with it are then refused',
+  usage: keyRevokeUsage,
+  options: { json: { type: 'boolean' } },
+  async run(ctx, { values, positionals }) {
+    const id = positionals[0];
+    if (!id || positionals.length !== 1 || !UUID.test(id))
+      return fail('one key id is required', keyRevokeUsage);
+    const key = await revokeApiKey(ctx.db, id, ctx.clock.now());
+    if (!key) return fail(`no API key ${id}`, keyRevokeUsage);
+    print(values, key, [describeKey(key)]);
+    return 0;
+  },
+};
+
+export const organizationCommands: Record<string, CliCommand> = {
+  'org create': orgCreate,
+  'org link': orgLink,
+  'key create': keyCreate,
+  'key list': keyList,
+  'key revoke': keyRevoke,
+};

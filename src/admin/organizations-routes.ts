@@ -1,0 +1,199 @@
+// Admin API for organizations (ADMIN_TOKEN): create one with its first API key, manage keys, and
+// link its subscription to a Stripe customer. Keys are returned whole only when created.
+import { Hono } from 'hono';
+import { z } from 'zod';
+import type { Context } from '../context.js';
+import { adminAuth } from '../http/auth.js';
+import { AppError, notFound } from '../http/errors.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { parseBody } from '../http/validate.js';
+import {
+  AlreadyLinkedError,
+  createApiKey,
+  createOrganization,
+  getOrganization,
+  getSubscription,
+  linkSubscription,
+  listApiKeys,
+  revokeApiKey,
+  SUBSCRIPTION_STATUSES,
+} from './organizations.js';
+
+const PREFIX = '/admin/organizations';
+
+const uuid = z.uuid();
+const name = z.string().trim().min(1).max(200);
+
+export const createOrganizationSchema = z.object({
+  name,
+  /** Name of the first API key. */
+  keyName: name.optional(),
+});
+export const createKeySchema = z.object({ name: name.optional() });
+export const linkSubscriptionSchema = z.object({
+  stripeCustomerId: z
+    .string()
+    .regex(/^cus_\w+$/, { error: 'stripeCustomerId must be a Stripe customer id (cus_…)' }),
+  status: z.enum(SUBSCRIPTION_STATUSES),
+  stripeSubscriptionId: z
+    .string()
+    .regex(/^sub_\w+$/, { error: 'stripeSubscriptionId must be a Stripe subscription id (sub_…)' })
+    .nullable()
+    .optional(),
+});
+
+const date = z.iso.datetime();
+const organizationSchema = z.object({ id: z.uuid(), name: z.string(), createdAt: date });
+const apiKeySchema = z.object({
+  id: z.uuid(),
+  organizationId: z.uuid(),
+  name: z.string(),
+  prefix: z.string(),
+  createdAt: date,
+  lastUsedAt: date.nullable(),
+  revokedAt: date.nullable(),
+});
+const createdKeySchema = apiKeySchema.extend({
+  key: z.string().describe('the API key; shown only in this response'),
+});
+const subscriptionSchema = z.object({
+  organizationId: z.uuid(),
+  stripeCustomerId: z.string().nullable(),
+  stripeSubscriptionId: z.string().nullable(),
+  status: z.enum(SUBSCRIPTION_STATUSES),
+  updatedAt: date,
+});
+
+/** Path ids that are not UUIDs name nothing: 404 rather than a database cast error. */
+function idParam(value: string, what: string): string {
+  if (!uuid.safeParse(value).success) throw notFound(what);
+  return value;
+}
+
+export function organizationAdminRoutes(ctx: Context): HttpModule {
+  const app = new Hono<AppEnv>();
+  app.use('*', adminAuth(ctx));
+
+  app.post('/', async (c) => {
+    const input = await parseBody(c, createOrganizationSchema);
+    const created = await ctx.db
+      .transaction()
+      .execute((trx) => createOrganization(trx, { name: input.name, keyName: input.keyName }));
+    return c.json(created, 201);
+  });
+
+  app.get('/:id', async (c) => {
+    const id = idParam(c.req.param('id'), 'organization');
+    const organization = await getOrganization(ctx.db, id);
+    if (!organization) throw notFound('organization');
+    return c.json({ organization, subscription: await getSubscription(ctx.db, id) });
+  });
+
+  app.post('/:id/keys', async (c) => {
+    const id = idParam(c.req.param('id'), 'organization');
+    // The body is optional here: an empty one means a key named "default".
+    const input = (await c.req.text()).trim() === '' ? {} : await parseBody(c, createKeySchema);
+    const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, id, input.name));
+    if (!key) throw notFound('organization');
+    return c.json(key, 201);
+  });
+
+  app.get('/:id/keys', async (c) => {
+    const id = idParam(c.req.param('id'), 'organization');
+    if (!(await getOrganization(ctx.db, id))) throw notFound('organization');
+    return c.json({ keys: await listApiKeys(ctx.db, id) });
+  });
+
+  app.delete('/:id/keys/:keyId', async (c) => {
+    const id = idParam(c.req.param('id'), 'organization');
+    const keyId = idParam(c.req.param('keyId'), 'API key');
+    const key = await revokeApiKey(ctx.db, keyId, ctx.clock.now(), id);
+    if (!key) throw notFound('API key');
+    return c.json(key);
+  });
+
+  app.put('/:id/subscription', async (c) => {
+    const id = idParam(c.req.param('id'), 'organization');
+    const input = await parseBody(c, linkSubscriptionSchema);
+    try {
+      const subscription = await linkSubscription(ctx.db, id, input, ctx.clock.now());
+      if (!subscription) throw notFound('organization');
+      return c.json(subscription);
+    } catch (err) {
+      if (err instanceof AlreadyLinkedError) throw new AppError(409, 'conflict', err.message);
+      throw err;
+    }
+  });
+
+  const path = (suffix = '') => `${PREFIX}${suffix}`;
+  return {
+    prefix: PREFIX,
+    app,
+    docs: [
+      {
+        method: 'post',
+        path: path(),
+        summary: 'Create an organization and its first API key (the key is shown only here)',
+        tag: 'admin',
+        security: 'admin',
+        body: createOrganizationSchema,
+        responses: {
+          201: {
+            description: 'the organization and its first key',
+            schema: z.object({ organization: organizationSchema, apiKey: createdKeySchema }),
+          },
+        },
+      },
+      {
+        method: 'get',
+        path: path('/{id}'),
+        summary: 'An organization and its subscription',
+        tag: 'admin',
+        security: 'admin',
+        responses: {
+          200: {
+            description: 'the organization',
+            schema: z.object({
+              organization: organizationSchema,
+              subscription: subscriptionSchema.nullable(),
+            }),
+          },
+        },
+      },
+      {
+        method: 'post',
+        path: path('/{id}/keys'),
+        summary: 'Create another API key (shown only in this response)',
+        tag: 'admin',
+        security: 'admin',
+        body: createKeySchema,
+        responses: { 201: { description: 'the new key', schema: createdKeySchema } },
+      },
+      {
+        method: 'get',
+        path: path('/{id}/keys'),
+        summary: "List an organization's API keys (display prefix only), revoked ones included",
+        tag: 'admin',
+        security: 'admin',
+        responses: { 200: { description: 'the keys', schema: z.object({ keys: z.array(apiKeySchema) }) } },
+      },
+      {
+        method: 'delete',
+        path: path('/{id}/keys/{keyId}'),
+        summary: 'Revoke an API key (idempotent); requests with it are then 401',
+        tag: 'admin',
+        security: 'admin',
+        responses: { 200: { description: 'the revoked key', schema: apiKeySchema } },
+      },
+      {
+        method: 'put',
+        path: path('/{id}/subscription'),
+        summary: "Link the organization's subscription to a Stripe customer and set its status",
+        tag: 'admin',
+        security: 'admin',
+        body: linkSubscriptionSchema,
+        responses: { 200: { description: 'the subscription', schema: subscriptionSchema } },
+      },
+    ],
+  };
+}

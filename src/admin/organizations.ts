@@ -1,0 +1,234 @@
+// Organizations, their API keys and the link of their subscription to a Stripe customer: the data
+// functions behind the admin routes and the `meterbox org|key` commands.
+import type { Kysely, Transaction } from 'kysely';
+import { isUniqueViolation } from '../db/errors.js';
+import type { DB, SubscriptionStatus } from '../db/schema.js';
+import { generateApiKey } from '../ingest/api-keys.js';
+
+type Db = Kysely<DB> | Transaction<DB>;
+
+export const SUBSCRIPTION_STATUSES = [
+  'incomplete',
+  'incomplete_expired',
+  'trial',
+  'active',
+  'past_due',
+  'canceled',
+  'unpaid',
+  'paused',
+] as const satisfies readonly SubscriptionStatus[];
+
+export interface OrganizationView {
+  id: string;
+  name: string;
+  createdAt: Date;
+}
+
+export interface ApiKeyView {
+  id: string;
+  organizationId: string;
+  name: string;
+  /** Display prefix only; the key itself is never stored. */
+  prefix: string;
+  createdAt: Date;
+  lastUsedAt: Date | null;
+  revokedAt: Date | null;
+}
+
+/** A freshly created key: the only time the whole key is available. */
+export interface CreatedApiKey extends ApiKeyView {
+  key: string;
+}
+
+export interface SubscriptionView {
+  organizationId: string;
+  stripeCustomerId: string | null;
+  stripeSubscriptionId: string | null;
+  status: SubscriptionStatus;
+  updatedAt: Date;
+}
+
+/** The Stripe customer or subscription id is already linked to another organization. */
+export class AlreadyLinkedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'AlreadyLinkedError';
+  }
+}
+
+const keyColumns = [
+  'id',
+  'organization_id',
+  'name',
+  'prefix',
+  'created_at',
+  'last_used_at',
+  'revoked_at',
+] as const;
+
+function toKeyView(row: {
+  id: string;
+  organization_id: string;
+  name: string;
+  prefix: string;
+  created_at: Date;
+  last_used_at: Date | null;
+  revoked_at: Date | null;
+}): ApiKeyView {
+  return {
+    id: row.id,
+    organizationId: row.organization_id,
+    name: row.name,
+    prefix: row.prefix,
+    createdAt: row.created_at,
+    lastUsedAt: row.last_used_at,
+    revokedAt: row.revoked_at,
+  };
+}
+
+/** Creates a key for an existing organization. Returns null when the organization does not exist. */
+export async function createApiKey(
+  trx: Transaction<DB>,
+  organizationId: string,
+  name = 'default',
+): Promise<CreatedApiKey | null> {
+  const organization = await trx
+    .selectFrom('organizations')
+    .select('id')
+    .where('id', '=', organizationId)
+    .executeTakeFirst();
+  if (!organization) return null;
+  // The display prefix is UNIQUE and carries 48 random bits: a clash is astronomically rare, but a
+  // fresh key is cheaper than explaining a 500. DO NOTHING keeps the caller's transaction usable.
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const generated = generateApiKey();
+    const row = await trx
+      .insertInto('api_keys')
+      .values({ organization_id: organizationId, name, prefix: generated.prefix, key_hash: generated.hash })
+      .onConflict((oc) => oc.doNothing())
+      .returning(keyColumns)
+      .executeTakeFirst();
+    if (row) return { ...toKeyView(row), key: generated.key };
+  }
+  throw new Error('could not generate a unique API key prefix');
+}
+
+/** Creates an organization and its first API key, in the caller's transaction. */
+export async function createOrganization(
+  trx: Transaction<DB>,
+  input: { name: string; keyName?: string },
+): Promise<{ organization: OrganizationView; apiKey: CreatedApiKey }> {
+  const row = await trx
+    .insertInto('organizations')
+    .values({ name: input.name })
+    .returning(['id', 'name', 'created_at'])
+    .executeTakeFirstOrThrow();
+  const apiKey = await createApiKey(trx, row.id, input.keyName);
+  if (!apiKey) throw new Error('organization vanished while creating its first key');
+  return { organization: { id: row.id, name: row.name, createdAt: row.created_at }, apiKey };
+}
+
+export async function getOrganization(db: Db, organizationId: string): Promise<OrganizationView | null> {
+  const row = await db
+    .selectFrom('organizations')
+    .select(['id', 'name', 'created_at'])
+    .where('id', '=', organizationId)
+    .executeTakeFirst();
+  return row ? { id: row.id, name: row.name, createdAt: row.created_at } : null;
+}
+
+/** All keys of an organization, newest first, revoked ones included (with revokedAt). */
+export async function listApiKeys(db: Db, organizationId: string): Promise<ApiKeyView[]> {
+  const rows = await db
+    .selectFrom('api_keys')
+    .select(keyColumns)
+    .where('organization_id', '=', organizationId)
+    .orderBy('created_at', 'desc')
+    .orderBy('id')
+    .execute();
+  return rows.map(toKeyView);
+}
+
+/**
+ * Revokes a key at `now` (idempotent: an already revoked key keeps its first revocation time).
+ * When organizationId is given the key must belong to it. Returns null when there is no such key.
+ */
+export async function revokeApiKey(
+  db: Db,
+  keyId: string,
+  now: Date,
+  organizationId?: string,
+): Promise<ApiKeyView | null> {
+  let query = db
+    .updateTable('api_keys')
+    .set((eb) => ({ revoked_at: eb.fn.coalesce('revoked_at', eb.val(now)) }))
+    .where('id', '=', keyId);
+  if (organizationId !== undefined) query = query.where('organization_id', '=', organizationId);
+  const row = await query.returning(keyColumns).executeTakeFirst();
+  return row ? toKeyView(row) : null;
+}
+
+/**
+ * Links the organization's subscription to a Stripe customer (creating the row if needed) and sets
+ * its status; the webhook handlers later keep it current. Returns null for an unknown organization;
+ * throws AlreadyLinkedError when another organization already has that customer or subscription.
+ */
+export async function linkSubscription(
+  db: Db,
+  organizationId: string,
+  input: { stripeCustomerId: string; status: SubscriptionStatus; stripeSubscriptionId?: string | null },
+  now: Date,
+): Promise<SubscriptionView | null> {
+  const organization = await getOrganization(db, organizationId);
+  if (!organization) return null;
+  const values = {
+    stripe_customer_id: input.stripeCustomerId,
+    status: input.status,
+    updated_at: now,
+    ...(input.stripeSubscriptionId !== undefined
+      ? { stripe_subscription_id: input.stripeSubscriptionId }
+      : {}),
+  };
+  try {
+    const row = await db
+      .insertInto('subscriptions')
+      .values({ organization_id: organizationId, ...values })
+      .onConflict((oc) => oc.column('organization_id').doUpdateSet(values))
+      .returning(['organization_id', 'stripe_customer_id', 'stripe_subscription_id', 'status', 'updated_at'])
+      .executeTakeFirstOrThrow();
+    return {
+      organizationId: row.organization_id,
+      stripeCustomerId: row.stripe_customer_id,
+      stripeSubscriptionId: row.stripe_subscription_id,
+      status: row.status,
+      updatedAt: row.updated_at,
+    };
+  } catch (err) {
+    if (isUniqueViolation(err, 'subscriptions_stripe_customer_id_key')) {
+      throw new AlreadyLinkedError(
+        `Stripe customer ${input.stripeCustomerId} is already linked to another organization`,
+      );
+    }
+    if (isUniqueViolation(err, 'subscriptions_stripe_subscription_id_key')) {
+      throw new AlreadyLinkedError('that Stripe subscription is already linked to another organization');
+    }
+    throw err;
+  }
+}
+
+export async function getSubscription(db: Db, organizationId: string): Promise<SubscriptionView | null> {
+  const row = await db
+    .selectFrom('subscriptions')
+    .select(['organization_id', 'stripe_customer_id', 'stripe_subscription_id', 'status', 'updated_at'])
+    .where('organization_id', '=', organizationId)
+    .executeTakeFirst();
+  return row
+    ? {
+        organizationId: row.organization_id,
+        stripeCustomerId: row.stripe_customer_id,
+        stripeSubscriptionId: row.stripe_subscription_id,
+        status: row.status,
+        updatedAt: row.updated_at,
+      }
+    : null;
+}

@@ -1,0 +1,46 @@
+// Bearer authentication: organization API keys for /v1 (sets c.var.organizationId) and ADMIN_TOKEN
+// for /admin. Without ADMIN_TOKEN the admin surface is off and answers 404 like an unknown route.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { MiddlewareHandler } from 'hono';
+import type { Context } from '../context.js';
+import { authenticateApiKey, looksLikeApiKey } from '../ingest/api-keys.js';
+import { AppError, unauthorized } from './errors.js';
+import type { AppEnv } from './types.js';
+
+export function bearerToken(header: string | undefined): string | undefined {
+  const match = /^Bearer[ \t]+(\S+)[ \t]*$/i.exec(header ?? '');
+  return match?.[1];
+}
+
+/** API-key auth: one indexed query per request; missing, unknown and revoked keys are all 401. */
+export function apiKeyAuth(ctx: Pick<Context, 'db' | 'clock'>): MiddlewareHandler<AppEnv> {
+  return async (c, next) => {
+    const token = bearerToken(c.req.header('authorization'));
+    if (!token) throw unauthorized('missing API key: send Authorization: Bearer <api key>');
+    const found = looksLikeApiKey(token) ? await authenticateApiKey(ctx.db, token, ctx.clock.now()) : null;
+    if (!found) throw unauthorized('invalid or revoked API key');
+    c.set('organizationId', found.organizationId);
+    await next();
+  };
+}
+
+function digest(value: string): Buffer {
+  return createHash('sha256').update(value).digest();
+}
+
+/**
+ * ADMIN_TOKEN auth, compared in constant time (both sides hashed first so lengths never differ).
+ * When ADMIN_TOKEN is unset the admin surface is off: 404, the same answer as a route that does
+ * not exist, so an unconfigured deployment does not advertise it.
+ */
+export function adminAuth(ctx: Pick<Context, 'config'>): MiddlewareHandler<AppEnv> {
+  const expected = ctx.config.ADMIN_TOKEN === undefined ? undefined : digest(ctx.config.ADMIN_TOKEN);
+  return async (c, next) => {
+    if (!expected) throw new AppError(404, 'not_found', 'no such route');
+    const token = bearerToken(c.req.header('authorization'));
+    if (!token || !timingSafeEqual(digest(token), expected)) {
+      throw unauthorized('missing or invalid admin token');
+    }
+    await next();
+  };
+}

@@ -1,0 +1,144 @@
+// POST /v1/readings: validate the whole batch, then store it and its meter outbox row (and the
+// Idempotency-Key answer, when one is sent) in one transaction.
+import type { Context as HonoContext } from 'hono';
+import { Hono } from 'hono';
+import type { z } from 'zod';
+import type { Context } from '../context.js';
+import {
+  findStoredResponse,
+  isValidIdempotencyKey,
+  requestHash,
+  type StoredResponse,
+  storeResponse,
+} from '../ingest/idempotency.js';
+import { checkSensors, storeReadings } from '../ingest/readings.js';
+import { readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
+import { apiKeyAuth } from './auth.js';
+import { AppError, type ErrorDetail } from './errors.js';
+import type { AppEnv, HttpModule } from './types.js';
+import { readJson } from './validate.js';
+
+const PATH = '/v1/readings';
+
+function invalidBatch(details: ErrorDetail[]): AppError {
+  return new AppError(422, 'validation_failed', 'the batch was rejected; nothing was stored', details);
+}
+
+/** One detail per offending reading (its index and every reason), plus any batch-level problems. */
+export function readingIssueDetails(issues: readonly z.core.$ZodIssue[]): ErrorDetail[] {
+  const byIndex = new Map<number, { fields: Set<string>; messages: string[] }>();
+  const batch: ErrorDetail[] = [];
+  for (const issue of issues) {
+    const [top, index, ...rest] = issue.path;
+    if (top === 'readings' && typeof index === 'number') {
+      const entry = byIndex.get(index) ?? { fields: new Set<string>(), messages: [] };
+      entry.fields.add(rest.map(String).join('.'));
+      entry.messages.push(issue.message);
+      byIndex.set(index, entry);
+    } else {
+      const field = issue.path.map(String).join('.');
+      batch.push(field ? { field, message: issue.message } : { message: issue.message });
+    }
+  }
+  const perReading = [...byIndex.entries()]
+    .sort(([a], [b]) => a - b)
+    .map(([index, { fields, messages }]): ErrorDetail => {
+      const [field] = fields;
+      return fields.size === 1 && field
+        ? { index, field, message: messages.join('; ') }
+        : { index, message: messages.join('; ') };
+    });
+  return [...batch, ...perReading];
+}
+
+/** Thrown inside the transaction when a concurrent request with the same key committed first. */
+class IdempotencyKeyTaken extends Error {}
+
+function replay(c: HonoContext<AppEnv>, stored: StoredResponse, hash: string): Response {
+  if (stored.requestHash !== hash) {
+    throw new AppError(
+      409,
+      'idempotency_conflict',
+      'this Idempotency-Key was already used with a different request body',
+    );
+  }
+  c.header('Idempotent-Replayed', 'true');
+  return c.json(stored.body as object, stored.status as 201);
+}
+
+export function readingsRoutes(ctx: Context): HttpModule {
+  const schema = readingsRequestSchema({
+    maxBatch: ctx.config.READINGS_MAX_BATCH,
+    now: () => ctx.clock.now(),
+  });
+  const retentionMs = ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS * 3600 * 1000;
+  const app = new Hono<AppEnv>();
+  app.use('*', apiKeyAuth(ctx));
+
+  app.post('/', async (c) => {
+    const organizationId = c.get('organizationId');
+    const key = c.req.header('idempotency-key');
+    if (key !== undefined && !isValidIdempotencyKey(key)) {
+      throw new AppError(400, 'bad_request', 'Idempotency-Key must be 1 to 255 printable ASCII characters');
+    }
+    const body = await readJson(c);
+    const now = ctx.clock.now();
+    const notBefore = new Date(now.getTime() - retentionMs);
+    // Hono caches the body text readJson read, so hashing it costs no second read.
+    const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
+    if (key !== undefined && hash !== undefined) {
+      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+      if (stored) return replay(c, stored, hash);
+    }
+
+    const parsed = schema.safeParse(body);
+    if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
+    const { readings } = parsed.data;
+    try {
+      const result = await ctx.db.transaction().execute(async (trx) => {
+        const problems = await checkSensors(trx, organizationId, readings);
+        if (problems.length > 0) throw invalidBatch(problems);
+        const stored = await storeReadings(trx, ctx.boss, organizationId, readings, now);
+        if (key !== undefined && hash !== undefined) {
+          const saved = await storeResponse(
+            trx,
+            organizationId,
+            key,
+            { requestHash: hash, status: 201, body: stored },
+            now,
+            notBefore,
+          );
+          if (!saved) throw new IdempotencyKeyTaken();
+        }
+        return stored;
+      });
+      return c.json(result, 201);
+    } catch (err) {
+      if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
+      // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
+      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+      if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
+      return replay(c, stored, hash);
+    }
+  });
+
+  return {
+    prefix: PATH,
+    app,
+    docs: [
+      {
+        method: 'post',
+        path: PATH,
+        summary:
+          'Store a batch of readings (all or nothing) and bill the readings actually stored. Optional ' +
+          'Idempotency-Key header: the same key and body replay the first answer; another body is 409.',
+        tag: 'ingestion',
+        security: 'apiKey',
+        body: schema,
+        responses: {
+          201: { description: 'stored; duplicates were already stored', schema: readingsResponseSchema },
+        },
+      },
+    ],
+  };
+}

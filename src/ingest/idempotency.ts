@@ -1,0 +1,108 @@
+// Idempotency-Key support for POST /v1/readings: the first successful answer to a key is stored in
+// the same transaction as the write it reports, and replayed for the retention period.
+import { createHash } from 'node:crypto';
+import { type Kysely, sql, type Transaction } from 'kysely';
+import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
+
+/** Printable ASCII, as Stripe and the IETF Idempotency-Key draft use. */
+const KEY_PATTERN = /^[\x21-\x7e]{1,255}$/;
+
+export interface StoredResponse {
+  requestHash: string;
+  status: number;
+  body: unknown;
+}
+
+export function isValidIdempotencyKey(key: string): boolean {
+  return KEY_PATTERN.test(key);
+}
+
+/** SHA-256 of the request line and the exact body bytes: a different body is a different request. */
+export function requestHash(method: string, path: string, body: string): string {
+  return createHash('sha256').update(`${method} ${path}\n`).update(body).digest('hex');
+}
+
+/** The stored answer for a key, unless it is older than `notBefore` (expired keys are free again). */
+export async function findStoredResponse(
+  db: Kysely<DB> | Transaction<DB>,
+  organizationId: string,
+  key: string,
+  notBefore: Date,
+): Promise<StoredResponse | null> {
+  const row = await db
+    .selectFrom('idempotency_keys')
+    .select(['request_hash', 'response_status', 'response_body'])
+    .where('organization_id', '=', organizationId)
+    .where('key', '=', key)
+    .where('created_at', '>=', notBefore)
+    .executeTakeFirst();
+  return row ? { requestHash: row.request_hash, status: row.response_status, body: row.response_body } : null;
+}
+
+/**
+ * Stores the answer inside the write's transaction. Returns false when a live answer for the key
+ * already exists (a concurrent request with the same key committed first): the caller must roll
+ * back and replay that answer instead. An expired row for the key is replaced.
+ */
+export async function storeResponse(
+  trx: Transaction<DB>,
+  organizationId: string,
+  key: string,
+  response: StoredResponse,
+  now: Date,
+  notBefore: Date,
+): Promise<boolean> {
+  const result = await sql<{ stored: number }>`
+    INSERT INTO idempotency_keys
+      (organization_id, key, request_hash, response_status, response_body, created_at)
+    VALUES (${organizationId}, ${key}, ${response.requestHash}, ${response.status},
+            ${JSON.stringify(response.body)}::jsonb, ${now})
+    ON CONFLICT (organization_id, key) DO UPDATE SET
+      request_hash = excluded.request_hash,
+      response_status = excluded.response_status,
+      response_body = excluded.response_body,
+      created_at = excluded.created_at
+    WHERE idempotency_keys.created_at < ${notBefore}
+    RETURNING 1 AS stored`.execute(trx);
+  return result.rows.length > 0;
+}
+
+/** Deletes keys created before `before`; returns how many. */
+export async function pruneIdempotencyKeys(db: Kysely<DB>, before: Date): Promise<number> {
+  const result = await db.deleteFrom('idempotency_keys').where('created_at', '<', before).executeTakeFirst();
+  return Number(result.numDeletedRows);
+}
+
+/**
+ * Runs pruneIdempotencyKeys every `intervalMs` in the worker. Expired keys are already ignored by
+ * lookups, so this only bounds the table's size; several workers running it at once is harmless.
+ */
+export function startIdempotencyPruner(
+  deps: { db: Kysely<DB>; log: Logger; clock: { now(): Date } },
+  retentionHours: number,
+  intervalMs = 60 * 60 * 1000,
+): { stop(): Promise<void> } {
+  let running: Promise<void> = Promise.resolve();
+  const run = () => {
+    running = (async () => {
+      try {
+        const before = new Date(deps.clock.now().getTime() - retentionHours * 3600 * 1000);
+        const deleted = await pruneIdempotencyKeys(deps.db, before);
+        if (deleted > 0) deps.log.info({ deleted }, 'pruned expired idempotency keys');
+      } catch (err) {
+        deps.log.warn({ err }, 'pruning idempotency keys failed; will retry');
+      }
+    })();
+  };
+  const timer = setInterval(run, intervalMs);
+  timer.unref();
+  run();
+  return {
+    // Waits for a prune in flight so the caller can close the database after it.
+    async stop() {
+      clearInterval(timer);
+      await running;
+    },
+  };
+}

@@ -1,0 +1,126 @@
+// The zod schemas of the ingestion API (readings, sensors, usage): they validate requests and
+// generate the OpenAPI document, so the two cannot disagree.
+import { z } from 'zod';
+import { OUTBOX_STATUSES } from '../db/schema.js';
+
+/**
+ * Plausible range for a cold-chain sensor, in °C. Anything outside is a broken sensor or a unit
+ * mix-up (Fahrenheit, Kelvin) and is rejected rather than billed.
+ */
+export const TEMPERATURE_MIN_C = -100;
+export const TEMPERATURE_MAX_C = 150;
+/** Stripe accepts meter timestamps at most 5 minutes ahead; a reading from the future is a clock bug. */
+export const MAX_FUTURE_SKEW_MS = 5 * 60 * 1000;
+/** Older timestamps are clock resets (1970, year 0), not readings. */
+export const EARLIEST_RECORDED_AT = '2000-01-01T00:00:00Z';
+const EARLIEST_RECORDED_AT_MS = Date.parse(EARLIEST_RECORDED_AT);
+
+const isoInstant = (what: string) =>
+  z.iso.datetime({
+    offset: true,
+    error: `${what} must be an ISO-8601 date-time with Z or a ±hh:mm offset, e.g. 2026-11-21T10:00:00Z`,
+  });
+
+export function readingSchema(now: () => Date) {
+  return z.object({
+    sensorId: z.uuid({ error: 'sensorId must be a sensor id (UUID)' }),
+    recordedAt: isoInstant('recordedAt')
+      .refine((value) => Date.parse(value) >= EARLIEST_RECORDED_AT_MS, {
+        error: `recordedAt must not be before ${EARLIEST_RECORDED_AT}`,
+      })
+      .refine((value) => Date.parse(value) <= now().getTime() + MAX_FUTURE_SKEW_MS, {
+        error: 'recordedAt must not be more than 5 minutes in the future',
+      }),
+    temperatureC: z
+      .number({ error: 'temperatureC must be a finite number' })
+      .min(TEMPERATURE_MIN_C, { error: `temperatureC must be at least ${TEMPERATURE_MIN_C}` })
+      .max(TEMPERATURE_MAX_C, { error: `temperatureC must be at most ${TEMPERATURE_MAX_C}` }),
+  });
+}
+
+export type Reading = z.output<ReturnType<typeof readingSchema>>;
+
+/** The body of POST /v1/readings; `now` is the context's clock (tests move it). */
+export function readingsRequestSchema(options: { maxBatch: number; now: () => Date }) {
+  return z.object({
+    readings: z
+      .array(readingSchema(options.now))
+      .min(1, { error: 'readings must contain at least one reading' })
+      .max(options.maxBatch, { error: `readings must contain at most ${options.maxBatch} readings` }),
+  });
+}
+
+export const readingsResponseSchema = z.object({
+  /** Readings stored by this request (and billed, for a billable organization). */
+  inserted: z.number().int(),
+  /** Readings already stored (same sensorId and recordedAt), including repeats inside the batch. */
+  duplicates: z.number().int(),
+});
+export type ReadingsResult = z.output<typeof readingsResponseSchema>;
+
+export const sensorSchema = z.object({
+  id: z.uuid(),
+  name: z.string(),
+  active: z.boolean(),
+  createdAt: z.iso.datetime(),
+  updatedAt: z.iso.datetime(),
+});
+export type SensorView = z.output<typeof sensorSchema>;
+
+const sensorName = z
+  .string()
+  .trim()
+  .min(1, { error: 'name must not be empty' })
+  .max(200, { error: 'name must be at most 200 characters' });
+
+export const createSensorSchema = z.object({
+  name: sensorName,
+  active: z.boolean().default(true),
+});
+
+export const updateSensorSchema = z
+  .object({ name: sensorName.optional(), active: z.boolean().optional() })
+  .refine((patch) => patch.name !== undefined || patch.active !== undefined, {
+    error: 'give at least one of active, name',
+  });
+
+export const listSensorsQuerySchema = z.object({
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  /** nextCursor of the previous page. */
+  cursor: z.uuid({ error: 'cursor must be a nextCursor from a previous page' }).optional(),
+  active: z.enum(['true', 'false']).optional(),
+});
+
+export const sensorListSchema = z.object({
+  sensors: z.array(sensorSchema),
+  /** Pass as `cursor` for the next page; null on the last page. */
+  nextCursor: z.string().nullable(),
+});
+
+export const usageQuerySchema = z
+  .object({
+    from: isoInstant('from').optional(),
+    to: isoInstant('to').optional(),
+  })
+  .refine((q) => !q.from || !q.to || Date.parse(q.from) < Date.parse(q.to), {
+    error: 'from must be before to',
+  });
+
+const usageByStatus = z.object(
+  Object.fromEntries(OUTBOX_STATUSES.map((status) => [status, z.number().int()])) as Record<
+    (typeof OUTBOX_STATUSES)[number],
+    z.ZodNumber
+  >,
+);
+
+export const usageResponseSchema = z.object({
+  from: z.iso.datetime(),
+  to: z.iso.datetime(),
+  /** Whether the organization is billed now (subscription active or trial, with a customer). */
+  billable: z.boolean(),
+  /** Readings stored (by ingestion time) in [from, to). */
+  readingsStored: z.number().int(),
+  /** temperature_readings meter usage by outbox status, by usage time in [from, to). */
+  meteredReadings: usageByStatus,
+});
+export type UsageView = z.output<typeof usageResponseSchema>;
