@@ -1,0 +1,518 @@
+// What each Stripe event does to meterbox's state, and that it does so whatever order Stripe
+// delivers the events in. Events are built with the Stripe emulator's builders and signed with the SDK.
+import { describe, expect, it } from 'vitest';
+import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
+import { createApp } from '../../src/http/app.js';
+import {
+  buildEvent,
+  checkoutSession,
+  invoice,
+  meterErrorReportData,
+  meterErrorReportNotification,
+  type SubscriptionStatus,
+  subscription,
+} from '../../src/stripe-emulator/webhooks.js';
+import { createTestContext } from '../helpers/database.js';
+import {
+  countRows,
+  createOrganization,
+  deliver,
+  subscriptionOf,
+  uniqueId,
+  WEBHOOK_SECRET,
+} from './webhook-fixtures.js';
+
+const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET });
+const app = createApp(ctx);
+const T0 = 1_780_000_000; // seconds; event `created` values are T0 + n
+
+async function send(event: object): Promise<void> {
+  const res = await deliver(app, event);
+  expect(res.status).toBe(200);
+}
+
+function ids() {
+  return { customer: uniqueId('cus'), sub: uniqueId('sub') };
+}
+
+function subscriptionEvent(
+  type: 'customer.subscription.created' | 'customer.subscription.updated' | 'customer.subscription.deleted',
+  input: { customer: string; sub: string; status: SubscriptionStatus; created: number; periodEnd?: number },
+) {
+  return buildEvent(
+    type,
+    subscription({
+      id: input.sub,
+      customer: input.customer,
+      status: input.status,
+      currentPeriodStart: T0,
+      currentPeriodEnd: input.periodEnd ?? T0 + 30 * 86_400,
+    }),
+    { id: uniqueId('evt'), created: input.created },
+  );
+}
+
+function invoiceEvent(
+  type: 'invoice.paid' | 'invoice.payment_failed',
+  input: { customer: string; sub: string; created: number },
+) {
+  const object = invoice({
+    customer: input.customer,
+    subscription: input.sub,
+    status: type === 'invoice.paid' ? 'paid' : 'open',
+  });
+  return buildEvent(type, object, { id: uniqueId('evt'), created: input.created });
+}
+
+function checkoutEvent(input: {
+  customer: string;
+  sub: string;
+  created: number;
+  organizationId?: string;
+  clientReferenceId?: string | null;
+  metadata?: Record<string, string>;
+}) {
+  return buildEvent(
+    'checkout.session.completed',
+    checkoutSession({
+      customer: input.customer,
+      subscription: input.sub,
+      ...(input.organizationId ? { organizationId: input.organizationId } : {}),
+      ...(input.clientReferenceId !== undefined ? { clientReferenceId: input.clientReferenceId } : {}),
+      ...(input.metadata ? { metadata: input.metadata } : {}),
+    }),
+    { id: uniqueId('evt'), created: input.created },
+  );
+}
+
+/** An organization that completed checkout at T0 (linked, status from a created event at T0). */
+async function subscribedOrganization(status: SubscriptionStatus = 'active') {
+  const organizationId = await createOrganization(ctx.db);
+  const { customer, sub } = ids();
+  await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+  await send(subscriptionEvent('customer.subscription.created', { customer, sub, status, created: T0 }));
+  return { organizationId, customer, sub };
+}
+
+/** Deterministic shuffle (mulberry32) so a failing order can be reproduced from its seed. */
+function shuffled<T>(items: readonly T[], seed: number): T[] {
+  let a = seed >>> 0;
+  const random = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const out = [...items];
+  for (let i = out.length - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [out[i], out[j]] = [out[j] as T, out[i] as T];
+  }
+  return out;
+}
+
+describe('checkout.session.completed', () => {
+  it('links the organization in client_reference_id to the customer and subscription', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    await send(checkoutEvent({ customer, sub, clientReferenceId: organizationId, created: T0 }));
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
+      stripe_customer_id: customer,
+      stripe_subscription_id: sub,
+      status: 'incomplete',
+    });
+  });
+
+  it('falls back to metadata.organization_id', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    await send(
+      checkoutEvent({
+        customer,
+        sub,
+        clientReferenceId: null,
+        metadata: { organization_id: organizationId },
+        created: T0,
+      }),
+    );
+    expect((await subscriptionOf(ctx.db, organizationId))?.stripe_customer_id).toBe(customer);
+  });
+
+  it.each([
+    ['an unknown organization id', '6f1c1f8e-8d0c-4a43-9b7e-1f2a3b4c5d6e'],
+    ['a reference that is not a uuid', 'org_42; DROP TABLE organizations'],
+  ])('records and acknowledges (200) a checkout naming %s, without effect', async (_name, reference) => {
+    const { customer, sub } = ids();
+    const before = await countRows(ctx.db, 'subscriptions');
+    const event = checkoutEvent({ customer, sub, clientReferenceId: reference, created: T0 });
+    await send(event);
+    expect(await countRows(ctx.db, 'subscriptions')).toBe(before);
+    const recorded = await ctx.db
+      .selectFrom('stripe_events')
+      .select('event_id')
+      .where('event_id', '=', event.id)
+      .execute();
+    expect(recorded).toHaveLength(1);
+  });
+
+  it('applies subscription and invoice events that arrived before the checkout once it links them', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    // Stripe often sends these before checkout.session.completed: nothing can be matched yet.
+    await send(
+      subscriptionEvent('customer.subscription.created', {
+        customer,
+        sub,
+        status: 'incomplete',
+        created: T0,
+      }),
+    );
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'trialing',
+        created: T0 + 1,
+      }),
+    );
+    expect(await subscriptionOf(ctx.db, organizationId)).toBeUndefined();
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
+      status: 'trial',
+      stripe_subscription_id: sub,
+    });
+  });
+
+  it('never relinks to an older subscription when a late checkout arrives', async () => {
+    const { organizationId, customer } = await subscribedOrganization();
+    const newer = uniqueId('sub');
+    await send(checkoutEvent({ customer, sub: newer, organizationId, created: T0 + 100 }));
+    await send(
+      subscriptionEvent('customer.subscription.created', {
+        customer,
+        sub: newer,
+        status: 'active',
+        created: T0 + 100,
+      }),
+    );
+    await send(checkoutEvent({ customer, sub: uniqueId('sub'), organizationId, created: T0 + 50 }));
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
+      stripe_subscription_id: newer,
+      status: 'active',
+    });
+  });
+});
+
+describe('customer.subscription.*', () => {
+  it('maps trialing to trial and takes the period end from the subscription items', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    const periodEnd = T0 + 14 * 86_400;
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'trialing',
+        created: T0 + 1,
+        periodEnd,
+      }),
+    );
+    const row = await subscriptionOf(ctx.db, organizationId);
+    expect(row?.status).toBe('trial');
+    expect(row?.current_period_end?.getTime()).toBe(periodEnd * 1000);
+    expect(row?.stripe_event_created?.getTime()).toBe((T0 + 1) * 1000);
+  });
+
+  it('reads current_period_end from the subscription on API versions before 2025-03-31', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    const legacyEnd = T0 + 7 * 86_400;
+    const object = {
+      id: sub,
+      object: 'subscription',
+      customer,
+      status: 'active',
+      current_period_end: legacyEnd,
+    };
+    await send(buildEvent('customer.subscription.updated', object, { id: uniqueId('evt'), created: T0 + 1 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.current_period_end?.getTime()).toBe(
+      legacyEnd * 1000,
+    );
+  });
+
+  it('marks a deleted subscription canceled, and a late "updated" leaves it canceled', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(
+      subscriptionEvent('customer.subscription.deleted', {
+        customer,
+        sub,
+        status: 'canceled',
+        created: T0 + 20,
+      }),
+    );
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'active',
+        created: T0 + 10,
+      }),
+    );
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
+  });
+
+  it('keeps canceled terminal even against a same-second or newer update of that subscription', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(
+      subscriptionEvent('customer.subscription.deleted', {
+        customer,
+        sub,
+        status: 'canceled',
+        created: T0 + 20,
+      }),
+    );
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'active',
+        created: T0 + 20,
+      }),
+    );
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
+  });
+
+  it('lets a same-second "updated" win over a "created" delivered after it', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'active',
+        created: T0 + 1,
+      }),
+    );
+    await send(
+      subscriptionEvent('customer.subscription.created', {
+        customer,
+        sub,
+        status: 'incomplete',
+        created: T0 + 1,
+      }),
+    );
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
+  });
+
+  it('applies a same-second event delivered later (ties go to the later delivery)', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'past_due',
+        created: T0 + 5,
+      }),
+    );
+    await send(
+      subscriptionEvent('customer.subscription.updated', {
+        customer,
+        sub,
+        status: 'active',
+        created: T0 + 5,
+      }),
+    );
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
+  });
+
+  it("ends in the newest event's state whatever order a series is delivered in", async () => {
+    const states: SubscriptionStatus[] = [
+      'incomplete',
+      'trialing',
+      'active',
+      'past_due',
+      'active',
+      'past_due',
+      'unpaid',
+    ];
+    for (const seed of [1, 2, 3, 4, 5, 6]) {
+      const organizationId = await createOrganization(ctx.db);
+      const { customer, sub } = ids();
+      const series = [
+        checkoutEvent({ customer, sub, organizationId, created: T0 }),
+        ...states.map((status, i) =>
+          subscriptionEvent(i === 0 ? 'customer.subscription.created' : 'customer.subscription.updated', {
+            customer,
+            sub,
+            status,
+            created: T0 + 10 * (i + 1),
+            periodEnd: T0 + 1000 * (i + 1),
+          }),
+        ),
+      ];
+      for (const event of shuffled(series, seed)) await send(event);
+      const row = await subscriptionOf(ctx.db, organizationId);
+      expect({ seed, status: row?.status }).toEqual({ seed, status: 'unpaid' });
+      expect(row?.current_period_end?.getTime()).toBe((T0 + 1000 * states.length) * 1000);
+      expect(row?.stripe_event_created?.getTime()).toBe((T0 + 10 * states.length) * 1000);
+    }
+  });
+
+  it('ends canceled whatever order a series ending in "deleted" is delivered in', async () => {
+    for (const seed of [11, 12, 13, 14]) {
+      const organizationId = await createOrganization(ctx.db);
+      const { customer, sub } = ids();
+      const series = [
+        checkoutEvent({ customer, sub, organizationId, created: T0 }),
+        subscriptionEvent('customer.subscription.created', {
+          customer,
+          sub,
+          status: 'active',
+          created: T0 + 1,
+        }),
+        invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 2 }),
+        invoiceEvent('invoice.paid', { customer, sub, created: T0 + 3 }),
+        subscriptionEvent('customer.subscription.updated', {
+          customer,
+          sub,
+          status: 'active',
+          created: T0 + 3,
+        }),
+        subscriptionEvent('customer.subscription.deleted', {
+          customer,
+          sub,
+          status: 'canceled',
+          created: T0 + 4,
+        }),
+      ];
+      for (const event of shuffled(series, seed)) await send(event);
+      expect({ seed, status: (await subscriptionOf(ctx.db, organizationId))?.status }).toEqual({
+        seed,
+        status: 'canceled',
+      });
+    }
+  });
+
+  it('ends in the newest state when a whole series is delivered concurrently', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    const statuses: SubscriptionStatus[] = ['active', 'past_due', 'active', 'past_due', 'active', 'trialing'];
+    const series = statuses.map((status, i) =>
+      subscriptionEvent('customer.subscription.updated', { customer, sub, status, created: T0 + 10 + i }),
+    );
+    const responses = await Promise.all(
+      shuffled([...series, ...series], 7).map((event) => deliver(app, event)),
+    );
+    expect(responses.map((r) => r.status)).toEqual(Array(series.length * 2).fill(200));
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({ status: 'trial' });
+  });
+
+  it('follows a customer to a new subscription after the old one was canceled', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(
+      subscriptionEvent('customer.subscription.deleted', {
+        customer,
+        sub,
+        status: 'canceled',
+        created: T0 + 10,
+      }),
+    );
+    const next = uniqueId('sub');
+    await send(
+      subscriptionEvent('customer.subscription.created', {
+        customer,
+        sub: next,
+        status: 'active',
+        created: T0 + 20,
+      }),
+    );
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
+      stripe_subscription_id: next,
+      status: 'active',
+    });
+  });
+
+  it('creates the subscription row from metadata.organization_id on the subscription', async () => {
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    const object = subscription({
+      id: sub,
+      customer,
+      status: 'active',
+      metadata: { organization_id: organizationId },
+    });
+    await send(buildEvent('customer.subscription.created', object, { id: uniqueId('evt'), created: T0 }));
+    expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
+      stripe_subscription_id: sub,
+      status: 'active',
+    });
+  });
+});
+
+describe('invoice.payment_failed and invoice.paid', () => {
+  it('moves an active subscription to past_due and back to active', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
+  });
+
+  it('ignores a failed payment older than the payment that followed it', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 15 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
+  });
+
+  it('finds the subscription at invoice.subscription on API versions before 2025-03-31', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    const legacy = { id: uniqueId('in'), object: 'invoice', customer, subscription: sub, status: 'open' };
+    await send(buildEvent('invoice.payment_failed', legacy, { id: uniqueId('evt'), created: T0 + 10 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
+  });
+
+  it('keeps a trial a trial when its (zero) invoice is paid', async () => {
+    const { organizationId, customer, sub } = await subscribedOrganization('trialing');
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 1 }));
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('trial');
+  });
+});
+
+describe('v1.billing.meter.error_report_triggered', () => {
+  it('records the thin event for the operator and lists reports newest first, page by page', async () => {
+    const first = meterErrorReportNotification({ meter: 'mtr_readings', created: T0 });
+    const secondNotification = meterErrorReportNotification({ meter: 'mtr_sensors', created: T0 + 60 });
+    const second = {
+      ...secondNotification,
+      // Present when the event was fetched from /v2/core/events (or a future delivery includes it).
+      data: meterErrorReportData({ created: T0 + 60 }),
+    };
+    await send(first);
+    await send(second);
+    await send(second); // a duplicate adds nothing
+
+    const page1 = await listMeterErrorReports(ctx.db, { limit: 1 });
+    expect(page1.reports).toHaveLength(1);
+    expect(page1.reports[0]).toMatchObject({
+      eventId: secondNotification.id,
+      meterId: 'mtr_sensors',
+      errorCount: 1,
+      summary: 'There is 1 invalid event',
+    });
+    expect(page1.reports[0]?.stripeCreated.getTime()).toBe((T0 + 60) * 1000);
+    expect(page1.nextBefore).not.toBeNull();
+    const page2 = await listMeterErrorReports(ctx.db, { limit: 1, before: page1.nextBefore ?? undefined });
+    expect(page2.reports.map((r) => [r.eventId, r.meterId, r.summary])).toEqual([
+      [first.id, 'mtr_readings', null],
+    ]);
+    expect(page2.nextBefore).toBeNull();
+  });
+
+  it('refuses a malformed page cursor instead of failing in SQL', async () => {
+    await expect(listMeterErrorReports(ctx.db, { limit: 10, before: '1; --' })).rejects.toThrow(RangeError);
+  });
+});
