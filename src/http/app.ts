@@ -2,9 +2,11 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
+import { adminModules } from '../admin/index.js';
 import { organizationAdminRoutes } from '../admin/organizations-routes.js';
 import type { Context } from '../context.js';
 import { isDatabaseUnavailable } from '../db/errors.js';
+import { docsRoutes } from './docs.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';
 import { healthRoutes } from './health.js';
 import { httpMetrics, metricsRoutes } from './metrics.js';
@@ -99,11 +101,14 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     sensorsRoutes(ctx),
     usageRoutes(ctx),
     organizationAdminRoutes(ctx),
+    ...adminModules(ctx),
+    docsRoutes(() => document),
     ...extraModules,
   ];
   for (const module of modules) app.route(module.prefix, module.app);
 
-  const document = buildOpenApi(
+  // Declared after the modules on purpose: docsRoutes reads it per request, once it is built.
+  const document: Record<string, unknown> = buildOpenApi(
     modules.flatMap((m) => m.docs),
     API_VERSION,
   );

@@ -8,13 +8,7 @@ import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom
 import type { DB } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
 
-export type StripeCallOutcome =
-  | 'success'
-  | 'duplicate'
-  | 'client_error'
-  | 'rate_limited'
-  | 'server_error'
-  | 'network_error';
+export type StripeCallOutcome = 'success' | 'client_error' | 'rate_limited' | 'server_error';
 export type WebhookOutcome = 'processed' | 'duplicate' | 'ignored' | 'invalid_signature' | 'failed';
 
 export interface Metrics {
@@ -25,7 +19,10 @@ export interface Metrics {
   readonly meterEventsDelivered: Counter<'meter'>;
   /** Outbox rows those events covered, by meter (coalescing makes this >= events). */
   readonly outboxRowsDelivered: Counter<'meter'>;
+  /** Every Stripe HTTP answer, whoever asked (delivery, reconciliation), by operation and outcome. */
   readonly stripeCalls: Counter<'operation' | 'outcome'>;
+  /** Meter event sends as delivery saw them (accepted, duplicate, expired, retryable, permanent). */
+  readonly meterEventSends: Counter<'meter' | 'outcome'>;
   readonly stripeCallDuration: Histogram<'operation' | 'outcome'>;
   /** Delivery attempts that failed and were scheduled again. */
   readonly deliveryRetries: Counter<'meter'>;
@@ -75,6 +72,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_stripe_calls_total',
       help: 'Stripe API calls by operation and outcome',
       labelNames: ['operation', 'outcome'],
+      registers,
+    }),
+    meterEventSends: new Counter({
+      name: 'meterbox_meter_event_sends_total',
+      help: 'Meter event sends by meter and delivery outcome (accepted, duplicate, expired, retryable, permanent)',
+      labelNames: ['meter', 'outcome'],
       registers,
     }),
     stripeCallDuration: new Histogram({
@@ -233,8 +236,8 @@ export function stripeOutcome(status: number): StripeCallOutcome {
 
 /**
  * Counts every call the SDK completes with an HTTP answer, whoever made it. Calls that never got an
- * answer (reset, timeout) emit no 'response': the delivery code reports those itself as
- * `network_error` through the same counter.
+ * answer (reset, timeout) emit no 'response'; for meter events they appear as `retryable` in
+ * meterbox_meter_event_sends_total (delivery's own view).
  */
 export function instrumentStripe(stripe: StripeEmitterLike, metrics: Metrics): void {
   stripe.on('response', (event) => {

@@ -1,0 +1,274 @@
+// Outbox inspection for operators: filtered, keyset-paginated listing, pipeline counts, the delivery
+// rate chart's data, and redriving pg-boss's dead-letter queue.
+import { type Kysely, sql } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import { z } from 'zod';
+import type { DB, MeterEventName, OutboxStatus } from '../db/schema.js';
+import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
+import { enqueueDelivery } from '../metering/outbox.js';
+
+const isoDate = z.iso
+  .datetime({ offset: true })
+  .or(z.iso.date())
+  .transform((v) => new Date(v));
+
+export const outboxListQuery = z.object({
+  status: z.enum(OUTBOX_STATUSES).optional(),
+  organizationId: z.uuid().optional(),
+  meter: z.enum(METER_EVENT_NAMES).optional(),
+  /** created_at >= from */
+  from: isoDate.optional(),
+  /** created_at < to */
+  to: isoDate.optional(),
+  limit: z.coerce.number().int().min(1).max(500).default(50),
+  /** nextCursor of the previous page. */
+  cursor: z
+    .string()
+    .regex(/^\d{1,19}$/, 'must be the nextCursor of a previous page')
+    .optional(),
+});
+export type OutboxListQuery = z.output<typeof outboxListQuery>;
+
+export const outboxRowView = z.object({
+  id: z.string(),
+  organizationId: z.string(),
+  meter: z.enum(METER_EVENT_NAMES),
+  customerId: z.string(),
+  value: z.string().describe('whole number, as a decimal string'),
+  occurredAt: z.string(),
+  status: z.enum(OUTBOX_STATUSES),
+  identifier: z.string().nullable(),
+  attempts: z.number().int(),
+  lastError: z.string().nullable(),
+  createdAt: z.string(),
+  updatedAt: z.string(),
+  deliveredAt: z.string().nullable(),
+});
+export type OutboxRowView = z.output<typeof outboxRowView>;
+
+export const outboxPage = z.object({
+  rows: z.array(outboxRowView),
+  nextCursor: z.string().nullable().describe('pass as `cursor` for the next (older) page; null on the last'),
+});
+export type OutboxPage = z.output<typeof outboxPage>;
+
+/** Newest first (by id); the cursor is the last id of the page, so pages never shift under inserts. */
+export async function listOutbox(db: Kysely<DB>, query: OutboxListQuery): Promise<OutboxPage> {
+  let q = db
+    .selectFrom('meter_outbox')
+    .selectAll()
+    .orderBy('id', 'desc')
+    .limit(query.limit + 1);
+  if (query.status) q = q.where('status', '=', query.status);
+  if (query.organizationId) q = q.where('organization_id', '=', query.organizationId);
+  if (query.meter) q = q.where('event_name', '=', query.meter);
+  if (query.from) q = q.where('created_at', '>=', query.from);
+  if (query.to) q = q.where('created_at', '<', query.to);
+  if (query.cursor) q = q.where('id', '<', query.cursor);
+  const rows = await q.execute();
+  const page = rows.slice(0, query.limit);
+  return {
+    rows: page.map((r) => ({
+      id: String(r.id),
+      organizationId: r.organization_id,
+      meter: r.event_name,
+      customerId: r.stripe_customer_id,
+      value: String(r.value),
+      occurredAt: r.occurred_at.toISOString(),
+      status: r.status,
+      identifier: r.identifier,
+      attempts: r.attempts,
+      lastError: r.last_error,
+      createdAt: r.created_at.toISOString(),
+      updatedAt: r.updated_at.toISOString(),
+      deliveredAt: r.delivered_at?.toISOString() ?? null,
+    })),
+    nextCursor: rows.length > query.limit ? String(page.at(-1)!.id) : null,
+  };
+}
+
+export interface PipelineOverview {
+  /** Unfinished rows by status (delivered rows: see deliveredLastHour). */
+  counts: Record<Exclude<OutboxStatus, 'delivered'>, number>;
+  /** Delivered rows are counted over the last hour only: the full count grows without bound. */
+  deliveredLastHour: number;
+  oldestPendingAt: Date | null;
+  oldestPendingSeconds: number | null;
+  /** Rows delivered per minute over the last hour, oldest bucket first (60 buckets). */
+  deliveredPerMinute: { minute: Date; rows: number; value: number }[];
+  deadLetterJobs: number;
+}
+
+/** The dashboard's overview: unfinished counts, the last hour's deliveries by minute. Two queries. */
+export async function pipelineOverview(db: Kysely<DB>, boss: PgBoss, now: Date): Promise<PipelineOverview> {
+  const end = new Date(Math.ceil(now.getTime() / 60_000) * 60_000);
+  const start = new Date(end.getTime() - 3_600_000);
+  const [unfinished, perMinute, dead] = await Promise.all([
+    db
+      .selectFrom('meter_outbox')
+      .select([
+        'status',
+        (eb) => eb.fn.countAll<string>().as('n'),
+        (eb) => eb.fn.min('created_at').as('oldest'),
+      ])
+      .where('status', '<>', 'delivered')
+      .groupBy('status')
+      .execute(),
+    sql<{ minute: Date; rows: string; value: string }>`
+      SELECT date_trunc('minute', delivered_at) AS minute, count(*)::bigint AS rows, sum(value)::bigint AS value
+        FROM meter_outbox
+       WHERE status = 'delivered' AND delivered_at >= ${start} AND delivered_at < ${end}
+       GROUP BY 1`.execute(db),
+    deadLetterPreview(boss).then((p) => p.total),
+  ]);
+  const counts: PipelineOverview['counts'] = { pending: 0, failed: 0, expired: 0 };
+  let oldestPendingAt: Date | null = null;
+  for (const row of unfinished) {
+    if (row.status !== 'delivered') counts[row.status] = Number(row.n);
+    if (row.status === 'pending') oldestPendingAt = row.oldest as Date | null;
+  }
+  const byMinute = new Map(perMinute.rows.map((r) => [r.minute.getTime(), r]));
+  const deliveredPerMinute = [];
+  for (let t = start.getTime(); t < end.getTime(); t += 60_000) {
+    const hit = byMinute.get(t);
+    deliveredPerMinute.push({
+      minute: new Date(t),
+      rows: Number(hit?.rows ?? 0),
+      value: Number(hit?.value ?? 0),
+    });
+  }
+  const deliveredLastHour = deliveredPerMinute.reduce((sum, b) => sum + b.rows, 0);
+  return {
+    counts,
+    deliveredLastHour,
+    oldestPendingAt,
+    oldestPendingSeconds: oldestPendingAt
+      ? Math.max(0, (now.getTime() - oldestPendingAt.getTime()) / 1000)
+      : null,
+    deliveredPerMinute,
+    deadLetterJobs: dead,
+  };
+}
+
+export const DEAD_LETTER_QUEUE = 'meter-delivery-dead';
+
+export interface DeadLetterPreview {
+  total: number;
+  destinations: { name: string; count: number }[];
+  unroutable: number;
+}
+
+/** What a redrive would move; an absent queue (workers never started) holds nothing. */
+export async function deadLetterPreview(boss: PgBoss): Promise<DeadLetterPreview> {
+  if (!(await boss.getQueue(DEAD_LETTER_QUEUE))) return { total: 0, destinations: [], unroutable: 0 };
+  return boss.previewRedrive(DEAD_LETTER_QUEUE);
+}
+
+/**
+ * Moves dead-lettered delivery jobs back to meter-delivery, oldest first. Safe to repeat: a delivery
+ * job only drains the pending rows of its customer and meter, with their stable identifiers.
+ */
+export async function redriveDeadLetters(boss: PgBoss, options: { limit: number }): Promise<number> {
+  if (!(await boss.getQueue(DEAD_LETTER_QUEUE))) return 0;
+  return boss.redrive(DEAD_LETTER_QUEUE, { limit: options.limit });
+}
+
+export const retrySelection = z
+  .object({
+    ids: z
+      .array(z.string().regex(/^\d{1,19}$/))
+      .min(1)
+      .max(1000)
+      .optional(),
+    organizationId: z.uuid().optional(),
+    meter: z.enum(METER_EVENT_NAMES).optional(),
+    /** Required to retry every failed row when neither ids nor organizationId narrow it. */
+    all: z.boolean().optional(),
+  })
+  .refine((s) => s.ids !== undefined || s.organizationId !== undefined || s.all === true, {
+    message: 'give ids, organizationId, or all: true',
+  });
+export type RetrySelection = z.output<typeof retrySelection>;
+
+const RETRY_BATCH = 500;
+
+/**
+ * Puts failed rows back to pending and queues one delivery job per customer and meter, batch by
+ * batch, each batch in one transaction (rows and jobs commit together, as on ingestion). Rows keep
+ * their identifier: if Stripe did record an earlier attempt, the resend is deduplicated.
+ */
+export async function retryFailed(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  selection: RetrySelection,
+  onProgress?: (done: number, total: number) => void,
+): Promise<{ retried: number; jobs: number }> {
+  const filtered = () => {
+    let q = db.selectFrom('meter_outbox').where('status', '=', 'failed');
+    if (selection.ids) q = q.where('id', 'in', selection.ids);
+    if (selection.organizationId) q = q.where('organization_id', '=', selection.organizationId);
+    if (selection.meter) q = q.where('event_name', '=', selection.meter);
+    return q;
+  };
+  const { n } = await filtered()
+    .select((eb) => eb.fn.countAll<string>().as('n'))
+    .executeTakeFirstOrThrow();
+  const total = Number(n);
+  let retried = 0;
+  let jobs = 0;
+  onProgress?.(0, total);
+  for (;;) {
+    const batch = await db.transaction().execute(async (trx) => {
+      const rows = await trx
+        .updateTable('meter_outbox')
+        .set({ status: 'pending', updated_at: sql`now()` })
+        .where('id', 'in', filtered().select('id').orderBy('id').limit(RETRY_BATCH).forUpdate().skipLocked())
+        .where('status', '=', 'failed')
+        .returning(['stripe_customer_id', 'event_name'])
+        .execute();
+      const pairs = new Map(rows.map((r) => [`${r.stripe_customer_id}\u0000${r.event_name}`, r]));
+      for (const r of pairs.values()) await enqueueDelivery(trx, boss, r.stripe_customer_id, r.event_name);
+      return { rows: rows.length, jobs: pairs.size };
+    });
+    retried += batch.rows;
+    jobs += batch.jobs;
+    onProgress?.(Math.min(retried, total), total);
+    if (batch.rows < RETRY_BATCH) break;
+  }
+  return { retried, jobs };
+}
+
+/** Redrive = move the jobs and reopen their failed rows: delivery marks a dead-lettered group failed. */
+export async function redriveAndReopen(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  limit: number,
+): Promise<{ moved: number; retried: number }> {
+  if (!(await boss.getQueue(DEAD_LETTER_QUEUE))) return { moved: 0, retried: 0 };
+  const dead = await boss.findJobs<{ customerId?: string; eventName?: string }>(DEAD_LETTER_QUEUE, {
+    queued: true,
+  });
+  const keys = new Map<string, { customerId: string; eventName: MeterEventName }>();
+  for (const job of dead.slice(0, limit)) {
+    const { customerId, eventName } = job.data ?? {};
+    if (customerId && (eventName === 'temperature_readings' || eventName === 'active_sensors')) {
+      keys.set(`${eventName}:${customerId}`, { customerId, eventName });
+    }
+  }
+  const moved = await redriveDeadLetters(boss, { limit });
+  let retried = 0;
+  for (const { customerId, eventName } of keys.values()) {
+    const customerRows = await db
+      .selectFrom('meter_outbox')
+      .select('id')
+      .where('stripe_customer_id', '=', customerId)
+      .where('event_name', '=', eventName)
+      .where('status', '=', 'failed')
+      .limit(1000)
+      .execute();
+    if (customerRows.length === 0) continue;
+    const result = await retryFailed(db, boss, { ids: customerRows.map((r) => String(r.id)) });
+    retried += result.retried;
+  }
+  return { moved, retried };
+}
