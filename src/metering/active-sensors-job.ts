@@ -2,6 +2,7 @@
 // each reporting every billable organization once for one UTC hour (see reportActiveSensorsForHour).
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
+import { ConfigError } from '../config.js';
 import type { Context } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
@@ -47,6 +48,7 @@ export async function runHourlyReport(
  */
 export async function startActiveSensorReporting(ctx: Context): Promise<void> {
   const log = ctx.log.child({ component: 'active-sensors', queue: ACTIVE_SENSORS_QUEUE });
+  await registerSchedule(ctx.boss, ctx.config.METER_CRON, log);
 
   await ctx.boss.work(
     ACTIVE_SENSORS_QUEUE,
@@ -58,8 +60,6 @@ export async function startActiveSensorReporting(ctx: Context): Promise<void> {
       }
     },
   );
-
-  await registerSchedule(ctx.boss, ctx.config.METER_CRON, log);
 
   const now = ctx.clock.now();
   try {
@@ -77,6 +77,16 @@ export async function startActiveSensorReporting(ctx: Context): Promise<void> {
  * and removes schedules under any other key, which would fire the report a second time.
  */
 export async function registerSchedule(boss: PgBoss, cron: string, log: Logger): Promise<void> {
+  try {
+    // The config schema checks only the shape; pg-boss's own parser, the one schedule() and the
+    // cron pass use, judges a value like "99 * * * *". Fail start-up naming the variable.
+    boss.previewSchedule(cron, { tz: 'UTC', count: 1 });
+  } catch (err) {
+    const reason = err instanceof Error ? err.message : String(err);
+    throw new ConfigError([
+      { variable: 'METER_CRON', message: `is not a valid cron expression (${reason})` },
+    ]);
+  }
   await boss.schedule(ACTIVE_SENSORS_QUEUE, cron, {}, { tz: 'UTC' });
   for (const stale of await boss.getSchedules(ACTIVE_SENSORS_QUEUE)) {
     if (stale.key !== '') await boss.unschedule(ACTIVE_SENSORS_QUEUE, stale.key);

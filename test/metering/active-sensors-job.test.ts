@@ -1,8 +1,12 @@
 // The hourly job as the worker runs it: the start-up run, the pg-boss schedule, and cron firings
 // driven by pg-boss's TestClock across two worker instances, against real Postgres.
+import { Kysely, PostgresDialect } from 'kysely';
+import pg from 'pg';
 import { PgBoss, TestClock } from 'pg-boss';
 import { afterAll, describe, expect, it } from 'vitest';
+import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
+import type { DB } from '../../src/db/schema.js';
 import {
   ACTIVE_SENSORS_QUEUE,
   registerSchedule,
@@ -109,6 +113,30 @@ describe('worker start-up', () => {
   });
 });
 
+describe('start-up run failure', () => {
+  it("queues the start-up report as a job, with the queue's retries, when the direct run fails", async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    // A database handle that cannot connect: the report fails, pg-boss (its own pool) still works.
+    const unreachable = new Kysely<DB>({
+      dialect: new PostgresDialect({
+        pool: new pg.Pool({
+          connectionString: 'postgres://postgres@127.0.0.1:1/none',
+          connectionTimeoutMillis: 2_000,
+        }),
+      }),
+    });
+    afterAll(() => unreachable.destroy());
+    await expect(startActiveSensorReporting({ ...ctx, db: unreachable })).resolves.toBeUndefined();
+    const { rows } = await ctx.pool.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM pgboss.job WHERE name = $1`,
+      [ACTIVE_SENSORS_QUEUE],
+    );
+    expect(rows[0]?.n).toBe(1);
+    await ctx.boss.offWork(ACTIVE_SENSORS_QUEUE);
+  });
+});
+
 describe('schedule registration', () => {
   it('keeps one schedule across restarts, replaces it when METER_CRON changes, and drops stray keys', async () => {
     const ctx = await createTestContext({}, { bossSupervise: false });
@@ -127,6 +155,17 @@ describe('schedule registration', () => {
       ACTIVE_SENSORS_QUEUE,
     ]);
     expect(rows).toEqual([{ cron: '5 */2 * * *' }]);
+  });
+
+  it('refuses a METER_CRON pg-boss cannot parse, naming the variable, and keeps the previous schedule', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    await registerSchedule(ctx.boss, '0 * * * *', ctx.log);
+    const failure = registerSchedule(ctx.boss, '99 * * * *', ctx.log);
+    await expect(failure).rejects.toBeInstanceOf(ConfigError);
+    await expect(failure).rejects.toThrow(/METER_CRON/);
+    const schedules = await ctx.boss.getSchedules(ACTIVE_SENSORS_QUEUE);
+    expect(schedules.map((s) => s.cron)).toEqual(['0 * * * *']);
   });
 
   it('registers METER_CRON in UTC when the worker starts', async () => {

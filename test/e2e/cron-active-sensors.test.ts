@@ -1,0 +1,97 @@
+// Two real worker processes (src/bin/worker.ts) on one database with METER_CRON every minute: the
+// start-up runs, direct triggers and a real cron firing still give one report per organization and hour.
+import { afterAll, describe, expect, it } from 'vitest';
+import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
+import { sendJob } from '../../src/metering/queues.js';
+import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { activeSensorRows, createOrganizations } from '../metering/active-sensors-fixtures.js';
+
+async function waitFor(condition: () => Promise<boolean>, deadlineMs: number, what: string): Promise<void> {
+  const started = Date.now();
+  while (!(await condition())) {
+    if (Date.now() - started > deadlineMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+describe('hourly report with two worker processes', () => {
+  it('reports each billable organization once per hour across start-ups, triggers and a real cron firing', {
+    timeout: 150_000,
+  }, async () => {
+    const url = await createTestDatabase();
+    const ctx = await createTestContext({ DATABASE_URL: url });
+    const billable = await createOrganizations(
+      ctx.db,
+      Array.from({ length: 25 }, (_, i) => ({
+        status: i % 2 ? 'active' : 'trial',
+        customer: `cus_e2e_${i}`,
+        activeSensors: i % 4,
+      })),
+    );
+    await createOrganizations(ctx.db, [
+      { status: 'past_due', customer: 'cus_e2e_past_due', activeSensors: 3 },
+    ]);
+
+    const env = { DATABASE_URL: url, METER_CRON: '* * * * *', SHUTDOWN_TIMEOUT_MS: '5000' };
+    const workers: RunningProcess[] = [startEntryPoint('worker', env), startEntryPoint('worker', env)];
+    afterAll(async () => {
+      for (const w of workers) w.kill('SIGTERM');
+      await Promise.all(workers.map((w) => w.exited));
+    });
+    await Promise.all(workers.map((w) => w.waitForOutput('worker started', 60_000)));
+
+    /** Every (organization, hour) at most once, and every billable organization in every hour seen. */
+    const expectOneReportPerOrganizationAndHour = async (organizations: string[]) => {
+      const rows = await activeSensorRows(ctx.db);
+      const byHour = new Map<number, string[]>();
+      for (const row of rows) {
+        const hour = row.occurred_at.getTime();
+        expect(hour % 3_600_000).toBe(0);
+        byHour.set(hour, [...(byHour.get(hour) ?? []), row.organization_id]);
+      }
+      expect(byHour.size).toBeGreaterThan(0);
+      for (const orgs of byHour.values()) expect(orgs.sort()).toEqual([...organizations].sort());
+    };
+
+    // Both start-up runs are done: one report per organization for the current hour.
+    await expectOneReportPerOrganizationAndHour(billable);
+    const schedules = await ctx.pool.query(`SELECT cron, timezone FROM pgboss.schedule WHERE name = $1`, [
+      ACTIVE_SENSORS_QUEUE,
+    ]);
+    expect(schedules.rows).toEqual([{ cron: '* * * * *', timezone: 'UTC' }]);
+
+    // Direct triggers, picked up by whichever process fetches first.
+    await ctx.boss.start();
+    for (let i = 0; i < 6; i++) await sendJob(ctx.boss, ACTIVE_SENSORS_QUEUE, {});
+    const openJobs = async () => {
+      const { rows } = await ctx.pool.query<{ open: number }>(
+        `SELECT count(*)::int AS open FROM pgboss.job WHERE name = $1 AND state < 'completed'`,
+        [ACTIVE_SENSORS_QUEUE],
+      );
+      return rows[0]?.open ?? 0;
+    };
+    await waitFor(async () => (await openJobs()) === 0, 30_000, 'the triggered jobs to finish');
+    await expectOneReportPerOrganizationAndHour(billable);
+
+    // An organization that becomes billable now has no report for this hour; the next real cron
+    // firing (within about a minute) is what reports it.
+    const [late] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_e2e_late', activeSensors: 2 },
+    ]);
+    await waitFor(
+      async () => (await activeSensorRows(ctx.db)).some((r) => r.organization_id === late),
+      120_000,
+      'a cron firing to report the new organization',
+    );
+    await waitFor(async () => (await openJobs()) === 0, 30_000, 'the cron jobs to finish');
+    const rows = await activeSensorRows(ctx.db);
+    const lateRows = rows.filter((r) => r.organization_id === late);
+    expect(lateRows).toHaveLength(1);
+    expect(Number(lateRows[0]?.value)).toBe(2);
+    // Every hour seen since the late organization's first report includes it exactly once.
+    const lateHour = lateRows[0]?.occurred_at.getTime() as number;
+    const inLateHour = rows.filter((r) => r.occurred_at.getTime() === lateHour).map((r) => r.organization_id);
+    expect(inLateHour.sort()).toEqual([...billable, late].sort());
+  });
+});
