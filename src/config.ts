@@ -40,6 +40,8 @@ export const configSchema = z.object({
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
   DELIVERY_MAX_ROWS_PER_EVENT: int(1, 1_000_000).default(10_000),
+  /** Backstop poll of the delivery queue (NOTIFY wakes workers on commit; polls pick up retries). */
+  DELIVERY_POLL_INTERVAL_SECONDS: z.coerce.number().min(0.5).max(60).default(1),
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),

@@ -2,7 +2,7 @@
 // business change being billed: the row and its delivery job commit or roll back with it.
 
 import type { Transaction } from 'kysely';
-import type { PgBoss } from 'pg-boss';
+import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, MeterEventName } from '../db/schema.js';
 import { sendJob } from './queues.js';
@@ -45,6 +45,21 @@ export async function writeOutbox(
   return inserted.id;
 }
 
+/** The delivery key: one Stripe customer and meter, the unit Stripe allows one call in flight for. */
+export function deliveryKey(customerId: string, eventName: MeterEventName): string {
+  return `${eventName}:${customerId}`;
+}
+
+/**
+ * Send options of a delivery job. The queue's `short` policy keeps at most one *queued* job per
+ * singletonKey (a job drains every pending row of its key, so one waiting job covers any number of
+ * commits); `group` lets each process keep at most one of a key's jobs active (localGroupConcurrency).
+ */
+export function deliveryJobOptions(customerId: string, eventName: MeterEventName): SendOptions {
+  const key = deliveryKey(customerId, eventName);
+  return { singletonKey: key, group: { id: key } };
+}
+
 /** Queues a delivery of one customer's pending rows of one meter, inside the given transaction. */
 export async function enqueueDelivery(
   trx: Transaction<DB>,
@@ -52,5 +67,28 @@ export async function enqueueDelivery(
   customerId: string,
   eventName: MeterEventName,
 ): Promise<void> {
-  await sendJob(boss, 'meter-delivery', { customerId, eventName }, { db: fromKysely(trx) });
+  await sendJob(
+    boss,
+    'meter-delivery',
+    { customerId, eventName },
+    { ...deliveryJobOptions(customerId, eventName), db: fromKysely(trx) },
+  );
+}
+
+/** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */
+export async function queueDelivery(
+  boss: PgBoss,
+  customerId: string,
+  eventName: MeterEventName,
+  startAfterSeconds?: number,
+): Promise<string | null> {
+  return sendJob(
+    boss,
+    'meter-delivery',
+    { customerId, eventName },
+    {
+      ...deliveryJobOptions(customerId, eventName),
+      ...(startAfterSeconds ? { startAfter: startAfterSeconds } : {}),
+    },
+  );
 }

@@ -15,6 +15,13 @@ export const queues = {
   'meter-delivery': {
     payload: deliveryPayload,
     options: (config: Config): Omit<Queue, 'name'> => ({
+      // At most one queued job per customer+meter (singletonKey): every commit sends one, and the
+      // one waiting job drains them all. Unlimited active: the Stripe-call exclusivity is an
+      // advisory lock in delivery.ts, which a crashed process releases at once (an `active` job row
+      // would block its key until pg-boss expires it).
+      policy: 'short',
+      // Wake workers on commit (LISTEN/NOTIFY) instead of waiting for the next poll.
+      notify: true,
       // Exponential backoff with jitter from 5 s, capped, over a retry limit that spans hours.
       retryLimit: config.DELIVERY_RETRY_LIMIT,
       retryDelay: config.DELIVERY_RETRY_DELAY_SECONDS,
@@ -42,7 +49,9 @@ export const queues = {
   /** Finds pending outbox rows no live job covers and enqueues their delivery. */
   'outbox-sweep': {
     payload: z.object({}).passthrough(),
-    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'singleton' }),
+    // stately: every worker process asks for a sweep each interval; one queued + one running is
+    // enough, the rest are dropped on insert.
+    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'stately', expireInSeconds: 5 * 60 }),
   },
 } as const;
 

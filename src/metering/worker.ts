@@ -3,17 +3,22 @@
 import type { Context } from '../context.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from './active-sensors-job.js';
+import { type DeliveryWorkerOptions, startDelivery } from './delivery.js';
 import { ensureQueues } from './queues.js';
 
 export interface WorkerRuntime {
   stop(): Promise<void>;
 }
 
-export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
+/** observer: delivery metrics hooks; meter: a replacement Stripe meter client (tests). */
+export type WorkerOptions = DeliveryWorkerOptions;
+
+export async function startWorker(ctx: Context, options: WorkerOptions = {}): Promise<WorkerRuntime> {
   const log = ctx.log.child({ component: 'worker' });
   await ctx.boss.start();
   await ensureQueues(ctx.boss, ctx.config);
   await startActiveSensorReporting(ctx);
+  const delivery = await startDelivery(ctx, options);
   const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
   log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
@@ -22,6 +27,7 @@ export async function startWorker(ctx: Context): Promise<WorkerRuntime> {
     stop() {
       stopping ??= (async () => {
         log.info({ deadlineMs: ctx.config.SHUTDOWN_TIMEOUT_MS }, 'worker draining');
+        delivery.stop();
         // graceful: stop fetching, wait for active handlers up to the deadline; jobs still running
         // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
         // the same identifier, so nothing is lost or billed twice).

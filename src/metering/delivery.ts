@@ -1,0 +1,533 @@
+// Outbox delivery: a meter-delivery job drains the pending rows of one Stripe customer and meter.
+// Each round groups rows under an identifier committed before the Stripe call, sends one meter
+// event, and settles the rows from the answer; a crash anywhere resends the same identifier and value.
+import { randomBytes } from 'node:crypto';
+import { type Kysely, sql } from 'kysely';
+import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
+import type Stripe from 'stripe';
+import type { Config } from '../config.js';
+import type { Clock } from '../context.js';
+import type { DB, MeterEventName } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import { deliveryKey, enqueueDelivery, queueDelivery } from './outbox.js';
+import type { QueuePayload } from './queues.js';
+import {
+  createStripeMeterClient,
+  MAX_IDENTIFIER_LENGTH,
+  type SendOutcome,
+  STRIPE_PAST_WINDOW_MS,
+  type StripeMeterClient,
+} from './stripe-meter.js';
+import { startOutboxSweep } from './sweep.js';
+
+/** Hooks for metrics (the ops engineer plugs prom-client in); every method is optional. */
+export interface DeliveryObserver {
+  /** One Stripe call finished with this outcome after `ms` milliseconds. */
+  onCall?(outcome: SendOutcome['kind'], ms: number, eventName: MeterEventName): void;
+  /** Rows settled as delivered (accepted now or found already accepted); lagMs = now - oldest row's created_at. */
+  onDelivered?(eventName: MeterEventName, rows: number, lagMs: number): void;
+  /** A job will be retried by pg-boss with backoff. */
+  onRetry?(eventName: MeterEventName, reason: string): void;
+  /** A job went to the dead-letter queue and its group's rows became `failed`. */
+  onDeadLetter?(eventName: MeterEventName, reason: string): void;
+  /** Rows became `expired` (outside Stripe's 35-day window). */
+  onExpired?(eventName: MeterEventName, rows: number): void;
+}
+
+export interface DeliveryDeps {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  meter: StripeMeterClient;
+  config: Config;
+  clock: Clock;
+  log: Logger;
+  observer?: DeliveryObserver;
+}
+
+/**
+ * Rows this much younger than Stripe's 35-day limit are already treated as expired: the send, its
+ * retries and clock skew must all fit before Stripe's cutoff.
+ */
+export const EXPIRY_SAFETY_MARGIN_MS = 60 * 60 * 1000;
+/** A job hands its key over to a fresh job after this many events or this long (fairness, expiry). */
+const MAX_GROUPS_PER_JOB = 200;
+const MAX_JOB_MS = 60_000;
+/** When another worker holds the key, look again after this long. */
+const BUSY_RETRY_SECONDS = 1;
+/** pg_advisory_lock namespace (first int4 key): "mbdl". */
+const LOCK_NAMESPACE = 0x6d62_646c;
+const MAX_ERROR_LENGTH = 1000;
+
+export interface DeliveryGroup {
+  identifier: string;
+  value: string;
+  timestamp: Date;
+  rows: number;
+  oldestCreatedAt: Date;
+  /** Calls made for this group, this one included. */
+  attempts: number;
+}
+
+export type DrainResult =
+  | { kind: 'drained'; events: number }
+  /** Another worker holds the key's lock; a follow-up job was queued. */
+  | { kind: 'busy' }
+  /** A job in backoff (retry state) owns this key; it will drain everything when it runs. */
+  | { kind: 'backing_off' }
+  /** Budget used up with rows left; a follow-up job was queued. */
+  | { kind: 'continued'; events: number }
+  | { kind: 'retry'; reason: string; message: string; identifier: string }
+  | { kind: 'failed'; reason: string; message: string; identifier: string };
+
+const ABBREVIATION: Record<MeterEventName, string> = { temperature_readings: 'tr', active_sensors: 'as' };
+
+/** `mb_<meter>_<first row id>_<random>`: readable in Stripe, unique across databases sharing an account. */
+export function makeIdentifier(eventName: MeterEventName, firstRowId: string): string {
+  const id = `mb_${ABBREVIATION[eventName]}_${firstRowId}_${randomBytes(8).toString('hex')}`;
+  if (id.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
+  return id;
+}
+
+function truncate(message: string): string {
+  return message.length > MAX_ERROR_LENGTH ? `${message.slice(0, MAX_ERROR_LENGTH - 1)}…` : message;
+}
+
+function utcHourEnd(at: Date): Date {
+  const end = new Date(at.getTime());
+  end.setUTCMinutes(0, 0, 0);
+  end.setUTCHours(end.getUTCHours() + 1);
+  return end;
+}
+
+/**
+ * Picks the group to send next for one customer and meter and counts the attempt, in one committed
+ * transaction, before any Stripe call. An undelivered group that already has an identifier (a crash
+ * or a retryable error interrupted it) always comes first and is resent unchanged; otherwise rows
+ * too old for Stripe become `expired` and the oldest pending rows get a new identifier:
+ * temperature_readings rows of one UTC hour of occurred_at (at most maxRows), active_sensors rows
+ * one by one (formula `last`: each count is a reading at its own instant).
+ */
+export async function claimGroup(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+  options: { now: Date; maxRows: number },
+): Promise<{ group: DeliveryGroup | null; expired: number }> {
+  return db.transaction().execute(async (trx) => {
+    const pending = () =>
+      trx
+        .selectFrom('meter_outbox')
+        .where('stripe_customer_id', '=', customerId)
+        .where('event_name', '=', eventName)
+        .where('status', '=', 'pending');
+
+    let expired = 0;
+    const inflight = await pending()
+      .select('identifier')
+      .where('identifier', 'is not', null)
+      .orderBy('occurred_at')
+      .orderBy('id')
+      .limit(1)
+      .executeTakeFirst();
+    let identifier = inflight?.identifier ?? null;
+
+    if (!identifier) {
+      const cutoff = new Date(options.now.getTime() - STRIPE_PAST_WINDOW_MS + EXPIRY_SAFETY_MARGIN_MS);
+      const result = await trx
+        .updateTable('meter_outbox')
+        .set({
+          status: 'expired',
+          last_error: `occurred_at before ${cutoff.toISOString()}: outside Stripe's 35-day meter event window (less a safety margin)`,
+          updated_at: sql`now()`,
+        })
+        .where('stripe_customer_id', '=', customerId)
+        .where('event_name', '=', eventName)
+        .where('status', '=', 'pending')
+        .where('identifier', 'is', null)
+        .where('occurred_at', '<', cutoff)
+        .executeTakeFirst();
+      expired = Number(result.numUpdatedRows);
+
+      const first = await pending()
+        .select(['id', 'occurred_at'])
+        .where('identifier', 'is', null)
+        .orderBy('occurred_at')
+        .orderBy('id')
+        .limit(1)
+        .executeTakeFirst();
+      if (!first) return { group: null, expired };
+
+      identifier = makeIdentifier(eventName, first.id);
+      const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
+      // Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
+      const hourEnd = utcHourEnd(first.occurred_at);
+      await trx
+        .updateTable('meter_outbox')
+        .set({ identifier })
+        .where(
+          'id',
+          'in',
+          pending()
+            .select('id')
+            .where('identifier', 'is', null)
+            .where('occurred_at', '<', hourEnd)
+            .orderBy('occurred_at')
+            .orderBy('id')
+            .limit(limit),
+        )
+        .execute();
+    }
+
+    await trx
+      .updateTable('meter_outbox')
+      .set({ attempts: sql`attempts + 1`, updated_at: sql`now()` })
+      .where('identifier', '=', identifier)
+      .where('status', '=', 'pending')
+      .execute();
+    // Value and timestamp derive from the group's rows, which never change once grouped: every
+    // resend of this identifier carries the same value and timestamp.
+    const group = await trx
+      .selectFrom('meter_outbox')
+      .select((eb) => [
+        sql<string>`coalesce(sum(value), 0)::text`.as('value'),
+        eb.fn.max('occurred_at').as('timestamp'),
+        eb.fn.min('created_at').as('oldest'),
+        sql<number>`count(*)::int`.as('rows'),
+        sql<number>`max(attempts)::int`.as('attempts'),
+      ])
+      .where('identifier', '=', identifier)
+      .executeTakeFirstOrThrow();
+    return {
+      group: {
+        identifier,
+        value: group.value,
+        timestamp: new Date(group.timestamp),
+        rows: group.rows,
+        oldestCreatedAt: new Date(group.oldest),
+        attempts: group.attempts,
+      },
+      expired,
+    };
+  });
+}
+
+/** Settles every still-pending row of a group. */
+export async function settleGroup(
+  db: Kysely<DB>,
+  identifier: string,
+  status: 'delivered' | 'failed' | 'expired',
+  error?: string,
+): Promise<number> {
+  const result = await db
+    .updateTable('meter_outbox')
+    .set({
+      status,
+      last_error: error === undefined ? null : truncate(error),
+      updated_at: sql`now()`,
+      ...(status === 'delivered' ? { delivered_at: sql<Date>`now()` } : {}),
+    })
+    .where('identifier', '=', identifier)
+    .where('status', '=', 'pending')
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows);
+}
+
+async function recordError(db: Kysely<DB>, identifier: string, error: string): Promise<void> {
+  await db
+    .updateTable('meter_outbox')
+    .set({ last_error: truncate(error), updated_at: sql`now()` })
+    .where('identifier', '=', identifier)
+    .where('status', '=', 'pending')
+    .execute();
+}
+
+async function hasPending(db: Kysely<DB>, customerId: string, eventName: MeterEventName): Promise<boolean> {
+  const row = await db
+    .selectFrom('meter_outbox')
+    .select('id')
+    .where('stripe_customer_id', '=', customerId)
+    .where('event_name', '=', eventName)
+    .where('status', '=', 'pending')
+    .limit(1)
+    .executeTakeFirst();
+  return row !== undefined;
+}
+
+/**
+ * Drains one customer+meter. Holds a session advisory lock on one connection for the whole drain,
+ * so at most one Stripe call per customer and meter is in flight across every worker process (the
+ * limit Stripe enforces); a crashed process's connection drops and the lock goes with it.
+ * `lastAttempt`: pg-boss will not retry this job again, so a retryable error fails the group.
+ */
+export async function drainKey(
+  deps: DeliveryDeps,
+  customerId: string,
+  eventName: MeterEventName,
+  options: { lastAttempt: boolean; log?: Logger },
+): Promise<DrainResult> {
+  const log = options.log ?? deps.log;
+  const observer = deps.observer ?? {};
+  const key = deliveryKey(customerId, eventName);
+  const started = Date.now();
+
+  const result = await deps.db.connection().execute(async (conn): Promise<DrainResult> => {
+    const locked = await sql<{ locked: boolean }>`
+      SELECT pg_try_advisory_lock(${LOCK_NAMESPACE}::int, hashtext(${key})) AS locked`.execute(conn);
+    if (!locked.rows[0]?.locked) return { kind: 'busy' };
+    try {
+      let events = 0;
+      for (;;) {
+        if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS) {
+          return { kind: 'continued', events };
+        }
+        const claim = await claimGroup(conn, customerId, eventName, {
+          now: deps.clock.now(),
+          maxRows: deps.config.DELIVERY_MAX_ROWS_PER_EVENT,
+        });
+        if (claim.expired > 0) {
+          log.warn({ rows: claim.expired }, "outbox rows expired: older than Stripe's 35-day window");
+          observer.onExpired?.(eventName, claim.expired);
+        }
+        const group = claim.group;
+        if (!group) return { kind: 'drained', events };
+
+        const callStarted = performance.now();
+        const outcome = await deps.meter.send({
+          eventName,
+          customerId,
+          value: group.value,
+          timestamp: group.timestamp,
+          identifier: group.identifier,
+        });
+        observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
+        const glog = log.child({ identifier: group.identifier });
+
+        switch (outcome.kind) {
+          case 'accepted':
+          case 'duplicate': {
+            // A duplicate answer means an earlier call with this identifier (and this value) landed.
+            await settleGroup(conn, group.identifier, 'delivered');
+            const lagMs = deps.clock.now().getTime() - group.oldestCreatedAt.getTime();
+            glog.debug(
+              {
+                rows: group.rows,
+                value: group.value,
+                attempts: group.attempts,
+                duplicate: outcome.kind === 'duplicate',
+                lagMs,
+              },
+              'meter event delivered',
+            );
+            observer.onDelivered?.(eventName, group.rows, lagMs);
+            events++;
+            break;
+          }
+          case 'expired': {
+            const rows = await settleGroup(conn, group.identifier, 'expired', outcome.message);
+            glog.warn({ rows, value: group.value, error: outcome.message }, 'meter event expired at Stripe');
+            observer.onExpired?.(eventName, rows);
+            break;
+          }
+          case 'retryable': {
+            const message = `${outcome.reason}: ${outcome.message}`;
+            if (options.lastAttempt) {
+              const error = `gave up after ${group.attempts} attempts: ${message}`;
+              await settleGroup(conn, group.identifier, 'failed', error);
+              return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
+            }
+            await recordError(conn, group.identifier, message);
+            return { kind: 'retry', reason: outcome.reason, message, identifier: group.identifier };
+          }
+          case 'permanent': {
+            const error = `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`;
+            await settleGroup(conn, group.identifier, 'failed', error);
+            return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
+          }
+        }
+      }
+    } finally {
+      await sql`SELECT pg_advisory_unlock(${LOCK_NAMESPACE}::int, hashtext(${key}))`
+        .execute(conn)
+        .catch((err: unknown) => log.warn({ err }, 'advisory unlock failed (the connection is dropped)'));
+    }
+  });
+
+  // Follow-ups are queued after the lock is released so the next job can take it at once.
+  if (result.kind === 'busy') {
+    await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
+  } else if (result.kind === 'continued') {
+    await queueDelivery(deps.boss, customerId, eventName);
+  } else if (result.kind === 'failed' && (await hasPending(deps.db, customerId, eventName))) {
+    // Only this group failed; the key's other rows get their own attempt.
+    await queueDelivery(deps.boss, customerId, eventName);
+  }
+  return result;
+}
+
+/** True when another job of this key sits in pg-boss's retry state, i.e. the key is backing off. */
+async function keyIsBackingOff(boss: PgBoss, key: string, jobId: string): Promise<boolean> {
+  const queued = await boss.findJobs('meter-delivery', { key, queued: true });
+  return queued.some((j) => j.state === 'retry' && j.id !== jobId);
+}
+
+/** Runs one meter-delivery job and turns its outcome into the job's pg-boss result. */
+export async function handleDeliveryJob(
+  deps: DeliveryDeps,
+  job: JobWithMetadata<QueuePayload<'meter-delivery'>>,
+): Promise<JobResult> {
+  const { customerId, eventName } = job.data;
+  const log = deps.log.child({
+    jobId: job.id,
+    queue: job.name,
+    customerId,
+    eventName,
+    attempt: job.retryCount,
+  });
+  const observer = deps.observer ?? {};
+  // A newer job must not overtake a key's backoff: the retry job drains every pending row when due.
+  if (
+    job.retryCount === 0 &&
+    (await keyIsBackingOff(deps.boss, deliveryKey(customerId, eventName), job.id))
+  ) {
+    log.debug('key is backing off; the retry job will deliver');
+    return { id: job.id, status: 'completed', output: { kind: 'backing_off' } };
+  }
+  const result = await drainKey(deps, customerId, eventName, {
+    lastAttempt: job.retryCount >= job.retryLimit,
+    log,
+  });
+  switch (result.kind) {
+    case 'retry':
+      log.warn(
+        { reason: result.reason, error: result.message, identifier: result.identifier },
+        'meter event will be retried',
+      );
+      observer.onRetry?.(eventName, result.reason);
+      return { id: job.id, status: 'failed', output: result };
+    case 'failed':
+      log.error(
+        { reason: result.reason, error: result.message, identifier: result.identifier },
+        'meter event failed; job dead-lettered',
+      );
+      observer.onDeadLetter?.(eventName, result.reason);
+      return { id: job.id, status: 'deadletter', output: result };
+    default:
+      return { id: job.id, status: 'completed', output: result };
+  }
+}
+
+export interface DeliveryWorkerOptions {
+  observer?: DeliveryObserver;
+  /** Replaces the Stripe client (tests). */
+  meter?: StripeMeterClient;
+}
+
+/** Subscribes this process to meter-delivery with DELIVERY_CONCURRENCY parallel jobs. */
+export async function workDeliveries(deps: DeliveryDeps): Promise<void> {
+  const poll = deps.config.DELIVERY_POLL_INTERVAL_SECONDS;
+  await deps.boss.work(
+    'meter-delivery',
+    {
+      batchSize: 1,
+      localConcurrency: deps.config.DELIVERY_CONCURRENCY,
+      // A process runs at most one job per key; the advisory lock covers other processes.
+      localGroupConcurrency: 1,
+      includeMetadata: true,
+      perJobResults: true,
+      pollingIntervalSeconds: poll,
+      // Retries and deferred jobs come due without a NOTIFY, so the backstop poll stays short.
+      notifyPollingIntervalSeconds: poll,
+    },
+    async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) =>
+      Promise.all(jobs.map((job) => handleDeliveryJob(deps, job))),
+  );
+}
+
+/** Which failed rows to put back in the queue; fields combine with AND, none means every failed row. */
+export interface FailedRowsFilter {
+  organizationId?: string;
+  customerId?: string;
+  eventName?: MeterEventName;
+  /** Outbox row ids: each brings its whole group (rows sharing its identifier) along. */
+  ids?: readonly string[];
+}
+
+/**
+ * Operator redrive: failed rows become pending again and their keys get a delivery job, in one
+ * transaction. Rows keep their identifier, so the resend carries the same identifier and value and
+ * cannot bill twice (a group Stripe had in fact recorded answers "duplicate" and becomes delivered).
+ * The matching jobs in meter-delivery-dead stay there as the record of the failure; pg-boss's
+ * redrive() alone would not help, since a delivery job only drains `pending` rows.
+ */
+export async function retryFailedRows(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  filter: FailedRowsFilter = {},
+): Promise<{ rows: number; keys: number }> {
+  return db.transaction().execute(async (trx) => {
+    let groups = trx.selectFrom('meter_outbox').select('identifier').where('status', '=', 'failed');
+    if (filter.organizationId) groups = groups.where('organization_id', '=', filter.organizationId);
+    if (filter.customerId) groups = groups.where('stripe_customer_id', '=', filter.customerId);
+    if (filter.eventName) groups = groups.where('event_name', '=', filter.eventName);
+    if (filter.ids) groups = groups.where('id', 'in', filter.ids.length ? [...filter.ids] : ['-1']);
+    const reset = await trx
+      .updateTable('meter_outbox')
+      .set({
+        status: 'pending',
+        last_error: sql`'retry requested after: ' || coalesce(last_error, '')`,
+        updated_at: sql`now()`,
+      })
+      .where('status', '=', 'failed')
+      .where('identifier', 'in', groups)
+      .returning(['stripe_customer_id', 'event_name'])
+      .execute();
+    const keys = new Map<string, { customerId: string; eventName: MeterEventName }>();
+    for (const r of reset) {
+      keys.set(deliveryKey(r.stripe_customer_id, r.event_name), {
+        customerId: r.stripe_customer_id,
+        eventName: r.event_name,
+      });
+    }
+    for (const { customerId, eventName } of keys.values())
+      await enqueueDelivery(trx, boss, customerId, eventName);
+    return { rows: reset.length, keys: keys.size };
+  });
+}
+
+export interface DeliveryRuntime {
+  stop(): void;
+}
+
+/**
+ * Starts outbox delivery and the stranded-row sweep in this process. Without a Stripe client
+ * (no STRIPE_SECRET_KEY) nothing is delivered: rows stay pending, which the log says once.
+ */
+export async function startDelivery(
+  ctx: {
+    db: Kysely<DB>;
+    boss: PgBoss;
+    stripe: Stripe | undefined;
+    config: Config;
+    clock: Clock;
+    log: Logger;
+  },
+  options: DeliveryWorkerOptions = {},
+): Promise<DeliveryRuntime> {
+  const log = ctx.log.child({ component: 'delivery' });
+  const meter = options.meter ?? (ctx.stripe ? createStripeMeterClient(ctx.stripe) : undefined);
+  if (!meter) {
+    log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
+    return { stop() {} };
+  }
+  await workDeliveries({
+    db: ctx.db,
+    boss: ctx.boss,
+    meter,
+    config: ctx.config,
+    clock: ctx.clock,
+    log,
+    ...(options.observer ? { observer: options.observer } : {}),
+  });
+  const sweep = await startOutboxSweep({ db: ctx.db, boss: ctx.boss, config: ctx.config, log });
+  return { stop: () => sweep.stop() };
+}

@@ -1,0 +1,140 @@
+// The Stripe meter client: sends one billing meter event (v1, synchronous) with a caller-chosen
+// identifier and turns every answer into one of five outcomes the delivery loop acts on.
+import type Stripe from 'stripe';
+import type { MeterEventName } from '../db/schema.js';
+
+export interface MeterEventInput {
+  eventName: MeterEventName;
+  customerId: string;
+  /** Whole number, as a decimal string (sums can exceed 2^53 in theory; Stripe takes a string). */
+  value: string;
+  /** The usage time; sent in whole seconds. */
+  timestamp: Date;
+  /** Stable across retries and crashes: Stripe's dedupe key (at most 100 characters). */
+  identifier: string;
+}
+
+/**
+ * - accepted: Stripe recorded the event now.
+ * - duplicate: Stripe already holds an event with this identifier; the usage is billed.
+ * - expired: the timestamp fell outside Stripe's 35-day window; it can never be sent.
+ * - retryable: transient (network, timeout, 409, 429, 5xx); the same call may succeed later.
+ * - permanent: Stripe refuses this call for good (400s, 401, 403, 404); resending is pointless.
+ */
+export type SendOutcome =
+  | { kind: 'accepted' }
+  | { kind: 'duplicate'; message: string }
+  | { kind: 'expired'; message: string }
+  | { kind: 'retryable'; message: string; status?: number; reason: string }
+  | { kind: 'permanent'; message: string; status?: number; reason: string };
+
+export interface StripeMeterClient {
+  /** Sends one meter event. Never throws for an answer from Stripe or the network. */
+  send(event: MeterEventInput): Promise<SendOutcome>;
+  /** The `temperature_readings` meter (formula sum): `count` readings stored. */
+  reportReadingVolume(
+    customerId: string,
+    count: number | string,
+    options: { identifier: string; timestamp: Date },
+  ): Promise<SendOutcome>;
+  /** The `active_sensors` meter (formula last): the organization's active-sensor count. */
+  reportActiveSensors(
+    customerId: string,
+    count: number | string,
+    options: { identifier: string; timestamp: Date },
+  ): Promise<SendOutcome>;
+}
+
+export const MAX_IDENTIFIER_LENGTH = 100;
+/** Stripe accepts meter event timestamps from the past 35 calendar days. */
+export const STRIPE_PAST_WINDOW_MS = 35 * 24 * 3600 * 1000;
+
+/** Stripe's wording for a repeated identifier (answered 400, `Stripe-Should-Retry: false`). */
+const DUPLICATE_IDENTIFIER = /an event already exists with identifier/i;
+const TOO_FAR_IN_PAST = /too far in the past/i;
+const IN_FUTURE = /too far in the future/i;
+
+interface ErrorShape {
+  type?: unknown;
+  statusCode?: unknown;
+  code?: unknown;
+  message?: unknown;
+  headers?: unknown;
+}
+
+function header(headers: unknown, name: string): string | undefined {
+  if (!headers || typeof headers !== 'object') return undefined;
+  for (const [k, v] of Object.entries(headers as Record<string, unknown>)) {
+    if (k.toLowerCase() === name) return Array.isArray(v) ? String(v[0]) : String(v);
+  }
+  return undefined;
+}
+
+/** Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling. */
+export function classifyStripeError(err: unknown): Exclude<SendOutcome, { kind: 'accepted' }> {
+  const e = (typeof err === 'object' && err !== null ? err : {}) as ErrorShape;
+  const message = typeof e.message === 'string' && e.message ? e.message : String(err);
+  const status = typeof e.statusCode === 'number' ? e.statusCode : undefined;
+  const code = typeof e.code === 'string' ? e.code : undefined;
+  const type = typeof e.type === 'string' ? e.type : undefined;
+
+  if (status === undefined) {
+    // No HTTP answer: connection refused/reset, timeout, DNS. The event may or may not have been
+    // recorded; resending the same identifier settles it either way.
+    const reason = /timeout/i.test(message) ? 'timeout' : 'network';
+    return { kind: 'retryable', message, reason };
+  }
+  if (status === 400 && DUPLICATE_IDENTIFIER.test(message)) return { kind: 'duplicate', message };
+  if (status === 400 && (code === 'timestamp_too_far_in_past' || TOO_FAR_IN_PAST.test(message))) {
+    return { kind: 'expired', message };
+  }
+  // A timestamp ahead of Stripe's clock (skew) becomes acceptable as time passes.
+  if (status === 400 && (code === 'timestamp_in_future' || IN_FUTURE.test(message))) {
+    return { kind: 'retryable', message, status, reason: 'timestamp_in_future' };
+  }
+  if (status === 429 || type === 'StripeRateLimitError' || code === 'rate_limit') {
+    return { kind: 'retryable', message, status, reason: 'rate_limited' };
+  }
+  if (status === 409) return { kind: 'retryable', message, status, reason: 'conflict' };
+  if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error' };
+  if (header(e.headers, 'stripe-should-retry') === 'true') {
+    return { kind: 'retryable', message, status, reason: 'should_retry' };
+  }
+  const reason =
+    status === 401
+      ? 'unauthorized'
+      : status === 403
+        ? 'forbidden'
+        : status === 404 || code === 'resource_missing'
+          ? 'not_found'
+          : 'invalid_request';
+  return { kind: 'permanent', message, status, reason };
+}
+
+export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
+  const send = async (event: MeterEventInput): Promise<SendOutcome> => {
+    if (event.identifier.length > MAX_IDENTIFIER_LENGTH) {
+      throw new Error(`meter event identifier longer than ${MAX_IDENTIFIER_LENGTH} characters`);
+    }
+    try {
+      await stripe.billing.meterEvents.create({
+        event_name: event.eventName,
+        identifier: event.identifier,
+        timestamp: Math.floor(event.timestamp.getTime() / 1000),
+        payload: { stripe_customer_id: event.customerId, value: event.value },
+      });
+      return { kind: 'accepted' };
+    } catch (err) {
+      return classifyStripeError(err);
+    }
+  };
+  const report =
+    (eventName: MeterEventName) =>
+    (customerId: string, count: number | string, options: { identifier: string; timestamp: Date }) =>
+      send({ eventName, customerId, value: String(count), ...options });
+  return {
+    send,
+    reportReadingVolume: report('temperature_readings'),
+    reportActiveSensors: report('active_sensors'),
+  };
+}

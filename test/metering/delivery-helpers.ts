@@ -1,0 +1,114 @@
+// Shared by the delivery, sweep and e2e tests: outbox rows written the way ingestion writes them,
+// condition waits with a deadline, and the billing comparison against the emulator.
+import type { Kysely } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { DB, MeterEventName } from '../../src/db/schema.js';
+import { writeOutbox } from '../../src/metering/outbox.js';
+import type { StripeEmulator } from '../../src/stripe-emulator/index.js';
+
+export interface RowSpec {
+  value: number;
+  occurredAt: Date;
+}
+
+/** Writes outbox rows (and their delivery jobs) for one organization in ONE transaction. */
+export async function writeRows(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  org: { organizationId: string; customerId: string },
+  eventName: MeterEventName,
+  rows: readonly RowSpec[],
+): Promise<string[]> {
+  return db.transaction().execute(async (trx) => {
+    const ids: string[] = [];
+    for (const row of rows) {
+      const id = await writeOutbox(trx, boss, {
+        organizationId: org.organizationId,
+        customerId: org.customerId,
+        eventName,
+        value: row.value,
+        occurredAt: row.occurredAt,
+      });
+      if (id) ids.push(id);
+    }
+    return ids;
+  });
+}
+
+/** Polls `check` until it returns a truthy value, or fails with `what` after the deadline. */
+export async function waitFor<T>(what: string, check: () => Promise<T> | T, deadlineMs = 20_000): Promise<T> {
+  const started = Date.now();
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() - started > deadlineMs)
+      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+export async function statusCounts(db: Kysely<DB>, customerId?: string): Promise<Record<string, number>> {
+  let q = db
+    .selectFrom('meter_outbox')
+    .select(['status', (eb) => eb.fn.countAll<string>().as('n')])
+    .groupBy('status');
+  if (customerId) q = q.where('stripe_customer_id', '=', customerId);
+  const rows = await q.execute();
+  return Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
+}
+
+export async function allSettled(db: Kysely<DB>, customerId?: string): Promise<boolean> {
+  const counts = await statusCounts(db, customerId);
+  return (counts.pending ?? 0) === 0;
+}
+
+/**
+ * The exactly-once check: every identifier Stripe accepted once, with the value of its rows; per
+ * customer and meter, Stripe's accepted sum equals the sum of the outbox rows marked delivered,
+ * and every row is delivered.
+ */
+export async function compareWithEmulator(
+  db: Kysely<DB>,
+  emulator: StripeEmulator,
+): Promise<{
+  duplicatesAccepted: string[];
+  valueMismatches: string[];
+  perKey: { key: string; stripe: number; outbox: number }[];
+  undelivered: number;
+}> {
+  const events = emulator.events();
+  const seen = new Map<string, number>();
+  const duplicatesAccepted: string[] = [];
+  for (const e of events) {
+    if (seen.has(e.identifier)) duplicatesAccepted.push(e.identifier);
+    seen.set(e.identifier, (seen.get(e.identifier) ?? 0) + e.value);
+  }
+  const groups = await db
+    .selectFrom('meter_outbox')
+    .select(['identifier', (eb) => eb.fn.sum<string>('value').as('value')])
+    .where('status', '=', 'delivered')
+    .groupBy('identifier')
+    .execute();
+  const valueMismatches: string[] = [];
+  for (const g of groups) {
+    if (seen.get(g.identifier ?? '') !== Number(g.value)) {
+      valueMismatches.push(`${g.identifier}: stripe ${seen.get(g.identifier ?? '')} outbox ${g.value}`);
+    }
+  }
+  const outbox = await db
+    .selectFrom('meter_outbox')
+    .select(['stripe_customer_id', 'event_name', (eb) => eb.fn.sum<string>('value').as('value')])
+    .groupBy(['stripe_customer_id', 'event_name'])
+    .execute();
+  const stripeTotals = new Map(emulator.totals().map((t) => [`${t.event_name}:${t.customer}`, t.sum]));
+  const perKey = outbox.map((o) => {
+    const key = `${o.event_name}:${o.stripe_customer_id}`;
+    return { key, stripe: stripeTotals.get(key) ?? 0, outbox: Number(o.value) };
+  });
+  const undelivered = await db
+    .selectFrom('meter_outbox')
+    .select((eb) => eb.fn.countAll<string>().as('n'))
+    .where('status', '<>', 'delivered')
+    .executeTakeFirstOrThrow();
+  return { duplicatesAccepted, valueMismatches, perKey, undelivered: Number(undelivered.n) };
+}

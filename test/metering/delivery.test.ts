@@ -1,0 +1,288 @@
+// Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
+// survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { createStripeClient } from '../../src/context.js';
+import { claimGroup, type DeliveryObserver, retryFailedRows } from '../../src/metering/delivery.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
+import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { createTestContext } from '../helpers/database.js';
+import { createOrganization } from '../helpers/fixtures.js';
+import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
+
+const HOUR = 3600_000;
+
+let emulator: StripeEmulator;
+let ctx: Context;
+let worker: WorkerRuntime;
+const observed: { delivered: number; retries: string[]; deadLetters: string[]; calls: string[] } = {
+  delivered: 0,
+  retries: [],
+  deadLetters: [],
+  calls: [],
+};
+const observer: DeliveryObserver = {
+  onCall: (outcome) => observed.calls.push(outcome),
+  onDelivered: (_event, rows) => {
+    observed.delivered += rows;
+  },
+  onRetry: (_event, reason) => observed.retries.push(reason),
+  onDeadLetter: (_event, reason) => observed.deadLetters.push(reason),
+};
+
+beforeAll(async () => {
+  emulator = await startStripeEmulator({ strictCustomers: true });
+  ctx = await createTestContext(
+    {
+      STRIPE_SECRET_KEY: 'sk_test_delivery',
+      STRIPE_API_BASE: emulator.url,
+      DELIVERY_RETRY_DELAY_SECONDS: '1',
+      DELIVERY_RETRY_DELAY_MAX_SECONDS: '1',
+      DELIVERY_RETRY_LIMIT: '3',
+      DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+      SWEEP_INTERVAL_SECONDS: '3600',
+    },
+    { bossSupervise: true },
+  );
+  worker = await startWorker(ctx, { observer });
+});
+
+afterAll(async () => {
+  await worker?.stop();
+  await emulator?.stop();
+});
+
+beforeEach(() => {
+  emulator.setFaults({});
+});
+
+async function billableCustomer() {
+  const customer = emulator.createCustomer();
+  return createOrganization(ctx.db, { customerId: customer.id });
+}
+
+function hourStart(offsetHours: number): Date {
+  const d = new Date(Date.now() + offsetHours * HOUR);
+  d.setUTCMinutes(0, 0, 0);
+  return d;
+}
+
+async function rowsOf(customerId: string) {
+  return ctx.db
+    .selectFrom('meter_outbox')
+    .selectAll()
+    .where('stripe_customer_id', '=', customerId)
+    .orderBy('id')
+    .execute();
+}
+
+describe('meter-delivery worker', () => {
+  it("sums a customer's pending readings into one meter event per UTC hour and marks them delivered", async () => {
+    const org = await billableCustomer();
+    const h = hourStart(-3);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 3, occurredAt: new Date(h.getTime() + 10 * 60_000) },
+      { value: 4, occurredAt: new Date(h.getTime() + 20 * 60_000) },
+      { value: 5, occurredAt: new Date(h.getTime() + 59 * 60_000) },
+      { value: 7, occurredAt: new Date(h.getTime() + 60 * 60_000) },
+      { value: 11, occurredAt: new Date(h.getTime() + 90 * 60_000) },
+    ]);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 5);
+
+    const events = emulator.events({ customer: org.customerId });
+    expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([12, 18]);
+    const rows = await rowsOf(org.customerId);
+    const identifiers = new Set(rows.map((r) => r.identifier));
+    expect(identifiers.size).toBe(2);
+    expect(new Set(events.map((e) => e.identifier))).toEqual(identifiers);
+    for (const r of rows) {
+      expect(r.attempts).toBe(1);
+      expect(r.delivered_at).not.toBeNull();
+      expect(r.identifier!.length).toBeLessThanOrEqual(100);
+    }
+    // The event carries the hour it belongs to: the latest occurred_at of its rows.
+    const first = events.find((e) => e.value === 12)!;
+    expect(first.timestamp).toBe(Math.floor((h.getTime() + 59 * 60_000) / 1000));
+  });
+
+  it('sends every active_sensors row as its own event', async () => {
+    const org = await billableCustomer();
+    const h = hourStart(-1);
+    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
+      { value: 3, occurredAt: new Date(h.getTime() + 60_000) },
+      { value: 4, occurredAt: new Date(h.getTime() + 120_000) },
+    ]);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 2);
+    const events = emulator.events({ customer: org.customerId, event_name: 'active_sensors' });
+    expect(events.map((e) => e.value)).toEqual([3, 4]);
+    expect(emulator.totals({ customer: org.customerId })[0]?.last).toBe(4);
+  });
+
+  it('resends the committed identifier and value after a crash between the call and the commit, and counts the duplicate answer as delivered', async () => {
+    const org = await billableCustomer();
+    const occurredAt = new Date(Date.now() - 60_000);
+    // No job: the rows alone, as after a crash.
+    await ctx.db
+      .insertInto('meter_outbox')
+      .values([
+        {
+          organization_id: org.organizationId,
+          event_name: 'temperature_readings',
+          stripe_customer_id: org.customerId,
+          value: 2,
+          occurred_at: occurredAt,
+        },
+        {
+          organization_id: org.organizationId,
+          event_name: 'temperature_readings',
+          stripe_customer_id: org.customerId,
+          value: 5,
+          occurred_at: occurredAt,
+        },
+      ])
+      .execute();
+    // The first worker grouped the rows, sent the event and died before recording the answer.
+    const { group } = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+      maxRows: 100,
+    });
+    const meter = createStripeMeterClient(createStripeClient(ctx.config)!);
+    const first = await meter.reportReadingVolume(org.customerId, group!.value, group!);
+    expect(first.kind).toBe('accepted');
+    // A row committed later is not added to the interrupted group.
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 100, occurredAt }]);
+
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 3);
+    const events = emulator.events({ customer: org.customerId });
+    expect(events.filter((e) => e.identifier === group!.identifier)).toHaveLength(1);
+    expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([7, 100]);
+    const rows = await rowsOf(org.customerId);
+    expect(rows.filter((r) => r.identifier === group!.identifier).map((r) => r.attempts)).toEqual([2, 2]);
+  });
+
+  it('bills once when Stripe records the event and then answers 500, retrying with the same identifier', async () => {
+    const org = await billableCustomer();
+    const before = emulator.counters();
+    emulator.setFaults({ script: ['accepted_then_500'] });
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 9, occurredAt: new Date() }]);
+    await waitFor(
+      'row delivered',
+      async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1,
+      30_000,
+    );
+    expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([9]);
+    const after = emulator.counters();
+    expect(after.acceptedThen500 - before.acceptedThen500).toBe(1);
+    expect(after.duplicate - before.duplicate).toBe(1);
+    const [row] = await rowsOf(org.customerId);
+    expect(row!.attempts).toBe(2);
+  });
+
+  it('retries 500s, 429s and connection resets with backoff, then delivers', async () => {
+    const org = await billableCustomer();
+    const retriesBefore = observed.retries.length;
+    // The SDK itself retries a closed connection once (same idempotency key): two resets in a row
+    // reach meterbox as one network error.
+    emulator.setFaults({ script: ['error_500', 'rate_limit_429', 'reset', 'reset'] });
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 4, occurredAt: new Date() }]);
+    await waitFor(
+      'row delivered',
+      async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1,
+      30_000,
+    );
+    const [row] = await rowsOf(org.customerId);
+    expect(row!.attempts).toBe(4);
+    expect(row!.last_error).toBeNull();
+    expect(observed.retries.slice(retriesBefore)).toEqual(['server_error', 'rate_limited', 'network']);
+    expect(emulator.totals({ customer: org.customerId })[0]?.sum).toBe(4);
+  });
+
+  it('marks rows failed with the error, dead-letters the job without retrying, and a redrive delivers them with the same identifier', async () => {
+    // Not an emulator customer: Stripe answers 400 resource_missing.
+    const org = await createOrganization(ctx.db, { customerId: 'cus_unknown_to_stripe' });
+    const callsBefore = emulator.counters().rejected;
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 6, occurredAt: new Date() }]);
+    await waitFor('row failed', async () => (await statusCounts(ctx.db, org.customerId)).failed === 1);
+    const [failed] = await rowsOf(org.customerId);
+    expect(failed!.last_error).toMatch(/No such customer/);
+    expect(failed!.attempts).toBe(1);
+    const dead = await waitFor('dead-letter job', async () => {
+      const jobs = await ctx.boss.findJobs('meter-delivery-dead', { data: { customerId: org.customerId } });
+      return jobs.length > 0 ? jobs : null;
+    });
+    expect(dead[0]!.data).toEqual({ customerId: org.customerId, eventName: 'temperature_readings' });
+    expect(emulator.counters().rejected - callsBefore).toBe(1);
+    expect(observed.deadLetters).toContain('not_found');
+
+    // The operator fixes the customer at Stripe and redrives.
+    emulator.createCustomer({ id: org.customerId });
+    const redriven = await retryFailedRows(ctx.db, ctx.boss, { customerId: org.customerId });
+    expect(redriven).toEqual({ rows: 1, keys: 1 });
+    await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
+    const [row] = await rowsOf(org.customerId);
+    expect(row!.identifier).toBe(failed!.identifier);
+    expect(emulator.events({ customer: org.customerId }).map((e) => e.identifier)).toEqual([
+      failed!.identifier,
+    ]);
+  });
+
+  it('gives up after the retry limit: rows failed with the last error, job dead-lettered', async () => {
+    const org = await billableCustomer();
+    emulator.setFaults({ script: ['error_500', 'error_500', 'error_500', 'error_500'] });
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    await waitFor(
+      'row failed',
+      async () => (await statusCounts(ctx.db, org.customerId)).failed === 1,
+      30_000,
+    );
+    const [row] = await rowsOf(org.customerId);
+    // DELIVERY_RETRY_LIMIT=3: the first call and three retries.
+    expect(row!.attempts).toBe(4);
+    expect(row!.last_error).toMatch(/gave up after 4 attempts: server_error/);
+    await waitFor('dead-letter job', async () => {
+      const jobs = await ctx.boss.findJobs('meter-delivery-dead', { data: { customerId: org.customerId } });
+      return jobs.length > 0;
+    });
+  });
+
+  it("expires rows older than Stripe's 35-day window with a reason and never sends them", async () => {
+    const org = await billableCustomer();
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 5, occurredAt: new Date(Date.now() - 36 * 24 * HOUR) },
+      // Inside Stripe's window but within the safety margin of its edge.
+      { value: 6, occurredAt: new Date(Date.now() - 35 * 24 * HOUR + 10 * 60_000) },
+      { value: 7, occurredAt: new Date(Date.now() - 34 * 24 * HOUR) },
+    ]);
+    await waitFor('rows settled', async () => {
+      const c = await statusCounts(ctx.db, org.customerId);
+      return c.expired === 2 && c.delivered === 1;
+    });
+    const rows = await rowsOf(org.customerId);
+    for (const r of rows.filter((x) => x.status === 'expired')) {
+      expect(r.last_error).toMatch(/35-day/);
+      expect(r.attempts).toBe(0);
+    }
+    expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([7]);
+  });
+
+  it('delivers a newly committed row on an idle worker (latency logged)', async () => {
+    const org = await billableCustomer();
+    const started = performance.now();
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    await waitFor(
+      'row delivered',
+      async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1,
+      10_000,
+    );
+    const ms = performance.now() - started;
+    console.log(`[delivery latency] commit -> delivered on an idle worker: ${ms.toFixed(0)} ms`);
+    expect(emulator.events({ customer: org.customerId })).toHaveLength(1);
+  });
+
+  it('leaves billing exact: every delivered identifier accepted once with the outbox value', async () => {
+    const result = await compareWithEmulator(ctx.db, emulator);
+    expect(result.duplicatesAccepted).toEqual([]);
+    expect(result.valueMismatches).toEqual([]);
+  });
+});

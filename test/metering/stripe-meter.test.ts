@@ -1,0 +1,137 @@
+// The Stripe meter client against the emulator through the real SDK: what each Stripe answer
+// becomes (accepted, duplicate, expired, retryable, permanent).
+import Stripe from 'stripe';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createStripeClient } from '../../src/context.js';
+import {
+  classifyStripeError,
+  createStripeMeterClient,
+  type StripeMeterClient,
+} from '../../src/metering/stripe-meter.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { testConfig } from '../helpers/database.js';
+
+let emulator: StripeEmulator;
+let meter: StripeMeterClient;
+let customer: string;
+let n = 0;
+const id = () => `test_${Date.now()}_${n++}`;
+
+function clientFor(key: string, timeoutMs?: number): StripeMeterClient {
+  if (timeoutMs) {
+    const base = new URL(emulator.url);
+    const stripe = new Stripe(key, {
+      host: base.hostname,
+      port: Number(base.port),
+      protocol: 'http',
+      maxNetworkRetries: 0,
+      timeout: timeoutMs,
+    });
+    return createStripeMeterClient(stripe);
+  }
+  return createStripeMeterClient(
+    createStripeClient(testConfig({ STRIPE_SECRET_KEY: key, STRIPE_API_BASE: emulator.url }))!,
+  );
+}
+
+beforeAll(async () => {
+  emulator = await startStripeEmulator({ strictCustomers: true });
+  meter = clientFor('sk_test_meter');
+  customer = emulator.createCustomer().id;
+});
+afterAll(() => emulator?.stop());
+beforeEach(() => {
+  emulator.setFaults({});
+});
+
+describe('Stripe meter client', () => {
+  it('sends one meter event with identifier, timestamp, customer and value', async () => {
+    const identifier = id();
+    const at = new Date(Date.now() - 3600_000);
+    expect(await meter.reportReadingVolume(customer, 42, { identifier, timestamp: at })).toEqual({
+      kind: 'accepted',
+    });
+    expect(await meter.reportActiveSensors(customer, 3, { identifier: id(), timestamp: at })).toEqual({
+      kind: 'accepted',
+    });
+    const [event] = emulator
+      .events({ customer, event_name: 'temperature_readings' })
+      .filter((e) => e.identifier === identifier);
+    expect(event).toMatchObject({ value: 42, timestamp: Math.floor(at.getTime() / 1000), customer });
+  });
+
+  it('reports a repeated identifier as duplicate (already billed), not as an error', async () => {
+    const identifier = id();
+    await meter.reportReadingVolume(customer, 1, { identifier, timestamp: new Date() });
+    const again = await meter.reportReadingVolume(customer, 1, { identifier, timestamp: new Date() });
+    expect(again.kind).toBe('duplicate');
+  });
+
+  it('reports a timestamp outside the 35-day window as expired', async () => {
+    const outcome = await meter.reportReadingVolume(customer, 1, {
+      identifier: id(),
+      timestamp: new Date(Date.now() - 36 * 24 * 3600_000),
+    });
+    expect(outcome.kind).toBe('expired');
+  });
+
+  it('treats an unknown customer, a bad request and a bad API key as permanent', async () => {
+    const unknown = await meter.reportReadingVolume('cus_nobody', 1, {
+      identifier: id(),
+      timestamp: new Date(),
+    });
+    expect(unknown).toMatchObject({ kind: 'permanent', status: 400, reason: 'not_found' });
+    const badValue = await meter.send({
+      eventName: 'temperature_readings',
+      customerId: customer,
+      value: '1.5',
+      identifier: id(),
+      timestamp: new Date(),
+    });
+    expect(badValue).toMatchObject({ kind: 'permanent', status: 400, reason: 'invalid_request' });
+    const badKey = await clientFor('not_a_key').reportReadingVolume(customer, 1, {
+      identifier: id(),
+      timestamp: new Date(),
+    });
+    expect(badKey).toMatchObject({ kind: 'permanent', status: 401, reason: 'unauthorized' });
+  });
+
+  it('treats 500, 429, connection resets, timeouts and accepted-then-500 as retryable', async () => {
+    const send = (client = meter) =>
+      client.reportReadingVolume(customer, 1, { identifier: id(), timestamp: new Date() });
+    emulator.setFaults({ script: ['error_500'] });
+    expect(await send()).toMatchObject({ kind: 'retryable', status: 500, reason: 'server_error' });
+    emulator.setFaults({ script: ['rate_limit_429'] });
+    expect(await send()).toMatchObject({ kind: 'retryable', status: 429, reason: 'rate_limited' });
+    emulator.setFaults({ script: ['reset', 'reset'] });
+    expect(await send()).toMatchObject({ kind: 'retryable', reason: 'network' });
+    emulator.setFaults({ script: ['timeout', 'timeout'], hangMs: 2_000 });
+    expect(await send(clientFor('sk_test_meter', 300))).toMatchObject({
+      kind: 'retryable',
+      reason: 'timeout',
+    });
+    emulator.setFaults({ script: ['accepted_then_500'] });
+    expect(await send()).toMatchObject({ kind: 'retryable', status: 500 });
+  });
+
+  it('classifies 409, 403, 404 and Stripe-Should-Retry without a server', () => {
+    const raw = (statusCode: number, extra: Record<string, unknown> = {}) =>
+      Stripe.errors.StripeError.generate({
+        statusCode,
+        message: 'x',
+        type: 'invalid_request_error',
+        ...extra,
+      });
+    expect(classifyStripeError(raw(409))).toMatchObject({ kind: 'retryable', reason: 'conflict' });
+    expect(classifyStripeError(raw(403))).toMatchObject({ kind: 'permanent', reason: 'forbidden' });
+    expect(classifyStripeError(raw(404))).toMatchObject({ kind: 'permanent', reason: 'not_found' });
+    expect(classifyStripeError(raw(400, { headers: { 'stripe-should-retry': 'true' } }))).toMatchObject({
+      kind: 'retryable',
+      reason: 'should_retry',
+    });
+    expect(classifyStripeError(new Error('socket hang up'))).toMatchObject({
+      kind: 'retryable',
+      reason: 'network',
+    });
+  });
+});
