@@ -1,6 +1,7 @@
 // meterbox CLI: `meterbox <command> [--flags]`. Commands are registered in COMMANDS below; each
 // lives next to the code it drives and receives a Context.
 import { parseArgs } from 'node:util';
+import { adminCommands } from '../admin/cli.js';
 import { organizationCommands } from '../admin/organizations-cli.js';
 import { type Context, createContext } from '../context.js';
 import { configOrExit, exitOnFatal } from './process.js';
@@ -18,6 +19,7 @@ export interface CliCommand {
 
 const COMMANDS: Record<string, CliCommand> = {
   ...organizationCommands,
+  ...adminCommands,
 };
 
 function help(): string {

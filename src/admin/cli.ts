@@ -1,0 +1,229 @@
+// `meterbox outbox list|retry` and `meterbox reconcile`: the admin outbox and reconciliation functions
+// from the command line. Tables on stdout (--json for one JSON document), progress on stderr.
+import type { CliCommand } from '../bin/cli.js';
+import type { Context } from '../context.js';
+import { listOutbox, outboxListQuery, retryFailed, retrySelection } from './outbox.js';
+import { createProgressBar, type ProgressStream } from './progress.js';
+import { type ReconciliationReport, reconcile, reconcileQuery } from './reconcile.js';
+
+type Values = Record<string, string | boolean | undefined>;
+
+export interface CliIo {
+  out: (text: string) => void;
+  err: ProgressStream;
+}
+
+const processIo = (): CliIo => ({
+  out: (text) => process.stdout.write(`${text}\n`),
+  err: process.stderr,
+});
+
+const str = (values: Values, name: string): string | undefined => {
+  const v = values[name];
+  return typeof v === 'string' && v.trim() !== '' ? v.trim() : undefined;
+};
+
+function usageError(io: CliIo, message: string, usage: string): number {
+  io.err.write(`meterbox: ${message}\nusage: meterbox ${usage}\n`);
+  return 2;
+}
+
+function zodMessage(error: { issues: readonly { path: readonly PropertyKey[]; message: string }[] }): string {
+  return error.issues.map((i) => `${i.path.map(String).join('.') || 'input'}: ${i.message}`).join('; ');
+}
+
+/** Plain text table; columns listed in `right` are right-aligned (numbers). */
+export function formatTable(
+  headers: string[],
+  rows: string[][],
+  right: ReadonlySet<number> = new Set(),
+): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) =>
+    cells
+      .map((c, i) => (right.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!)))
+      .join('  ')
+      .trimEnd();
+  return [line(headers), line(widths.map((w) => '-'.repeat(w))), ...rows.map(line)].join('\n');
+}
+
+const LIST_USAGE =
+  'outbox list [--status pending|delivered|failed|expired] [--org <id>] [--meter <name>] [--from <iso>] [--to <iso>] [--limit n] [--cursor c] [--json]';
+
+export async function outboxListCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const parsed = outboxListQuery.safeParse({
+    status: str(values, 'status'),
+    organizationId: str(values, 'org'),
+    meter: str(values, 'meter'),
+    from: str(values, 'from'),
+    to: str(values, 'to'),
+    limit: str(values, 'limit'),
+    cursor: str(values, 'cursor'),
+  });
+  if (!parsed.success) return usageError(io, zodMessage(parsed.error), LIST_USAGE);
+  const page = await listOutbox(ctx.db, parsed.data);
+  if (values.json) {
+    io.out(JSON.stringify(page, null, 2));
+    return 0;
+  }
+  io.out(
+    formatTable(
+      ['ID', 'STATUS', 'METER', 'VALUE', 'ATTEMPTS', 'ORGANIZATION', 'CREATED', 'LAST ERROR'],
+      page.rows.map((r) => [
+        r.id,
+        r.status,
+        r.meter,
+        r.value,
+        String(r.attempts),
+        r.organizationId,
+        r.createdAt.slice(0, 19).replace('T', ' '),
+        (r.lastError ?? '').slice(0, 60),
+      ]),
+      new Set([0, 3, 4]),
+    ),
+  );
+  io.out(page.nextCursor ? `more: --cursor ${page.nextCursor}` : `${page.rows.length} row(s)`);
+  return 0;
+}
+
+const RETRY_USAGE = 'outbox retry (--id <id>[,<id>…] | --org <id> | --all) [--meter <name>] [--json]';
+
+export async function outboxRetryCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const ids = str(values, 'id')
+    ?.split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  const parsed = retrySelection.safeParse({
+    ids,
+    organizationId: str(values, 'org'),
+    meter: str(values, 'meter'),
+    all: values.all === true ? true : undefined,
+  });
+  if (!parsed.success) return usageError(io, zodMessage(parsed.error), RETRY_USAGE);
+  const bar = createProgressBar(io.err, 'retrying failed rows');
+  const result = await retryFailed(ctx.db, ctx.boss, parsed.data, (done, total) => bar.update(done, total));
+  bar.finish();
+  io.out(
+    values.json
+      ? JSON.stringify(result)
+      : `retried ${result.retried} failed row(s); queued ${result.jobs} delivery job(s)`,
+  );
+  return 0;
+}
+
+const RECONCILE_USAGE = 'reconcile --from <iso> --to <iso> [--org <id>] [--skip-stripe] [--json]';
+
+const n = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : String(v));
+
+export function formatReconciliation(report: ReconciliationReport): string {
+  const stripe = report.stripe === 'compared';
+  const headers = ['ORGANIZATION', 'STORED', 'DELIVERED', 'PENDING', 'FAILED', 'EXPIRED', 'DRIFT'];
+  if (stripe) headers.push('STRIPE', 'STRIPE DRIFT', 'SENSORS DRIFT');
+  const rows = report.organizations.map((o) => {
+    const row = [
+      `${o.hasDrift ? '! ' : '  '}${o.organizationName} (${o.organizationId.slice(0, 8)})`,
+      n(o.readingsStored),
+      n(o.usage.delivered),
+      n(o.usage.pending),
+      n(o.usage.failed),
+      n(o.usage.expired),
+      o.drift === null ? 'not metered' : n(o.drift),
+    ];
+    if (stripe) {
+      row.push(
+        o.stripe?.error ? 'error' : n(o.stripe?.readings),
+        n(o.stripe?.drift),
+        n(o.stripe?.activeSensorsDrift),
+      );
+    }
+    return row;
+  });
+  const right = new Set(headers.map((_, i) => i).filter((i) => i > 0));
+  const lines = [`period ${report.from} – ${report.to}`, formatTable(headers, rows, right)];
+  if (report.stripe === 'not_configured') {
+    lines.push('Stripe totals not compared: set STRIPE_SECRET_KEY and STRIPE_METER_ID_* to compare.');
+  }
+  const errors = report.organizations.filter((o) => o.stripe?.error);
+  for (const o of errors) lines.push(`Stripe error for ${o.organizationId}: ${o.stripe?.error}`);
+  lines.push(
+    report.hasDrift
+      ? `DRIFT FOUND in ${report.organizations.filter((o) => o.hasDrift).length} organization(s) (marked !)`
+      : 'no drift',
+  );
+  return lines.join('\n');
+}
+
+export async function reconcileCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const parsed = reconcileQuery.safeParse({
+    from: str(values, 'from'),
+    to: str(values, 'to'),
+    organizationId: str(values, 'org'),
+  });
+  if (!parsed.success) return usageError(io, zodMessage(parsed.error), RECONCILE_USAGE);
+  const bar = createProgressBar(io.err, 'reconciling organizations');
+  const report = await reconcile(ctx, parsed.data, {
+    organizationId: parsed.data.organizationId,
+    // Stripe's own totals are compared whenever the meter ids are configured (one call per
+    // organization and meter, hence the progress bar); --skip-stripe keeps it to the database.
+    withStripe: values['skip-stripe'] !== true,
+    onProgress: (done, total) => bar.update(done, total),
+  });
+  bar.finish();
+  io.out(values.json ? JSON.stringify(report, null, 2) : formatReconciliation(report));
+  // Exit 1 on drift so cron jobs and CI alert on it.
+  return report.hasDrift ? 1 : 0;
+}
+
+export const adminCommands: Record<string, CliCommand> = {
+  'outbox list': {
+    summary: 'list outbox rows (filters, cursor pagination)',
+    usage: LIST_USAGE,
+    options: {
+      status: { type: 'string' },
+      org: { type: 'string' },
+      meter: { type: 'string' },
+      from: { type: 'string' },
+      to: { type: 'string' },
+      limit: { type: 'string' },
+      cursor: { type: 'string' },
+      json: { type: 'boolean' },
+    },
+    run: (ctx, { values }) => outboxListCommand(ctx, values),
+  },
+  'outbox retry': {
+    summary: 'put failed outbox rows back to pending and queue their delivery',
+    usage: RETRY_USAGE,
+    options: {
+      id: { type: 'string' },
+      org: { type: 'string' },
+      meter: { type: 'string' },
+      all: { type: 'boolean' },
+      json: { type: 'boolean' },
+    },
+    run: (ctx, { values }) => outboxRetryCommand(ctx, values),
+  },
+  reconcile: {
+    summary: 'readings stored vs usage delivered per organization; exit 1 on drift',
+    usage: RECONCILE_USAGE,
+    options: {
+      from: { type: 'string' },
+      to: { type: 'string' },
+      org: { type: 'string' },
+      'skip-stripe': { type: 'boolean' },
+      json: { type: 'boolean' },
+    },
+    run: (ctx, { values }) => reconcileCommand(ctx, values),
+  },
+};
