@@ -2,7 +2,10 @@
 // same data functions the admin API uses, plus small request helpers.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
-import { createOrganization as createOrganizationRow, linkSubscription } from '../../src/admin/organizations.js';
+import {
+  createOrganization as createOrganizationRow,
+  linkSubscription,
+} from '../../src/admin/organizations.js';
 import type { DB, SubscriptionStatus } from '../../src/db/schema.js';
 
 export interface OrganizationFixture {

@@ -3,7 +3,12 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors, type OrganizationFixture } from '../helpers/fixtures.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  type OrganizationFixture,
+} from '../helpers/fixtures.js';
 
 const NOW = new Date('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(NOW) };
@@ -90,7 +95,9 @@ describe('POST /v1/readings: storing and billing', () => {
   it('bills a re-sent batch only once: duplicates are counted and add no outbox value', async () => {
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    const batch = { readings: [0, 1, 2].map((i) => ({ sensorId: s, recordedAt: at(100 + i), temperatureC: 3 })) };
+    const batch = {
+      readings: [0, 1, 2].map((i) => ({ sensorId: s, recordedAt: at(100 + i), temperatureC: 3 })),
+    };
     expect(await (await post(org.apiKey, batch)).json()).toEqual({ inserted: 3, duplicates: 0 });
     const again = await post(org.apiKey, batch);
     expect(again.status).toBe(201);
@@ -157,7 +164,11 @@ describe('POST /v1/readings: storing and billing', () => {
   it('accepts a reading up to 5 minutes in the future and readings older than Stripe’s 35 days', async () => {
     const res = await post(billable.apiKey, {
       readings: [
-        { sensorId: sensors[0], recordedAt: new Date(NOW.getTime() + 300_000).toISOString(), temperatureC: 1 },
+        {
+          sensorId: sensors[0],
+          recordedAt: new Date(NOW.getTime() + 300_000).toISOString(),
+          temperatureC: 1,
+        },
         { sensorId: sensors[0], recordedAt: at(90 * 24 * 3600), temperatureC: 1 },
       ],
     });
@@ -173,7 +184,9 @@ describe('POST /v1/readings: rejecting a batch', () => {
     const before = await readingCount(billable.organizationId);
     const outboxBefore = (await outboxRows(billable.organizationId)).length;
     const res = await post(apiKey, body);
-    const json = (await res.json()) as { error: { code: string; details: { index?: number; message: string }[] } };
+    const json = (await res.json()) as {
+      error: { code: string; details: { index?: number; message: string }[] };
+    };
     expect(await readingCount(billable.organizationId)).toBe(before);
     expect((await outboxRows(billable.organizationId)).length).toBe(outboxBefore);
     return { status: res.status, error: json.error };
@@ -193,7 +206,11 @@ describe('POST /v1/readings: rejecting a batch', () => {
     expect(status).toBe(422);
     expect(error.code).toBe('validation_failed');
     expect(error.details.map((d) => d.index)).toEqual([1, 2]);
-    expect(error.details[0]).toMatchObject({ index: 1, field: 'temperatureC', message: expect.stringMatching(/at most 150/) });
+    expect(error.details[0]).toMatchObject({
+      index: 1,
+      field: 'temperatureC',
+      message: expect.stringMatching(/at most 150/),
+    });
     expect(error.details[1]!.message).toMatch(/sensorId.*UUID.*recordedAt.*ISO-8601/);
   });
 
@@ -208,7 +225,9 @@ describe('POST /v1/readings: rejecting a batch', () => {
     const body = `{"readings":[{"sensorId":"${sensors[0]}","recordedAt":"${at(3)}","temperatureC":${literal}}]}`;
     const { status, error } = await rejected(body);
     expect(status).toBe(422);
-    expect(error.details).toEqual([{ index: 0, field: 'temperatureC', message: expect.stringMatching(message) }]);
+    expect(error.details).toEqual([
+      { index: 0, field: 'temperatureC', message: expect.stringMatching(message) },
+    ]);
   });
 
   it.each([
@@ -220,9 +239,13 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ['before 2000', '1970-01-01T00:00:00Z', /before 2000/],
     ['year zero', '0000-01-01T00:00:00Z', /before 2000/],
   ])('rejects a timestamp that is %s', async (_what, recordedAt, message) => {
-    const { status, error } = await rejected({ readings: [good(), { sensorId: sensors[0], recordedAt, temperatureC: 1 }] });
+    const { status, error } = await rejected({
+      readings: [good(), { sensorId: sensors[0], recordedAt, temperatureC: 1 }],
+    });
     expect(status).toBe(422);
-    expect(error.details).toEqual([{ index: 1, field: 'recordedAt', message: expect.stringMatching(message) }]);
+    expect(error.details).toEqual([
+      { index: 1, field: 'recordedAt', message: expect.stringMatching(message) },
+    ]);
   });
 
   it('rejects unknown, foreign and inactive sensors without revealing which is foreign', async () => {
@@ -248,10 +271,16 @@ describe('POST /v1/readings: rejecting a batch', () => {
   it('rejects an empty batch and one over READINGS_MAX_BATCH with 422', async () => {
     const empty = await rejected({ readings: [] });
     expect(empty.status).toBe(422);
-    expect(empty.error.details).toEqual([{ field: 'readings', message: expect.stringMatching(/at least one/) }]);
-    const tooMany = await rejected({ readings: Array.from({ length: 6 }, (_, i) => ({ ...good(), recordedAt: at(i) })) });
+    expect(empty.error.details).toEqual([
+      { field: 'readings', message: expect.stringMatching(/at least one/) },
+    ]);
+    const tooMany = await rejected({
+      readings: Array.from({ length: 6 }, (_, i) => ({ ...good(), recordedAt: at(i) })),
+    });
     expect(tooMany.status).toBe(422);
-    expect(tooMany.error.details).toEqual([{ field: 'readings', message: expect.stringMatching(/at most 5/) }]);
+    expect(tooMany.error.details).toEqual([
+      { field: 'readings', message: expect.stringMatching(/at most 5/) },
+    ]);
   });
 
   it('rejects a body without a readings array with 422', async () => {
@@ -271,7 +300,11 @@ describe('POST /v1/readings: rejecting a batch', () => {
   });
 
   it('answers 413 for a body over BODY_LIMIT_BYTES and stores nothing', async () => {
-    const readings = Array.from({ length: 5 }, (_, i) => ({ ...good(), recordedAt: at(i), pad: 'x'.repeat(1000) }));
+    const readings = Array.from({ length: 5 }, (_, i) => ({
+      ...good(),
+      recordedAt: at(i),
+      pad: 'x'.repeat(1000),
+    }));
     const { status, error } = await rejected({ readings });
     expect(status).toBe(413);
     expect(error.code).toBe('payload_too_large');

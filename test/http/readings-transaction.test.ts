@@ -1,0 +1,191 @@
+// The readings, the meter_outbox row and the pg-boss job commit together or not at all, under
+// injected failures, concurrency and an unreachable database.
+import { createServer } from 'node:net';
+import { sql } from 'kysely';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { createTestContext } from '../helpers/database.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  type OrganizationFixture,
+} from '../helpers/fixtures.js';
+
+let ctx: Context;
+let app: ReturnType<typeof createApp>;
+
+beforeAll(async () => {
+  ctx = await createTestContext();
+  await ctx.boss.start();
+  app = createApp(ctx);
+});
+
+function post(apiKey: string, body: unknown, headers: Record<string, string> = {}) {
+  return app.request('/v1/readings', {
+    method: 'POST',
+    headers: authHeaders(apiKey, headers),
+    body: JSON.stringify(body),
+  });
+}
+
+async function state(org: OrganizationFixture) {
+  const { rows } = await sql<{ readings: number; outbox: number; outbox_value: number; jobs: number }>`
+    SELECT
+      (SELECT count(*)::int FROM temperature_readings WHERE organization_id = ${org.organizationId}) AS readings,
+      (SELECT count(*)::int FROM meter_outbox WHERE organization_id = ${org.organizationId}) AS outbox,
+      (SELECT coalesce(sum(value), 0)::int FROM meter_outbox WHERE organization_id = ${org.organizationId}) AS outbox_value,
+      (SELECT count(*)::int FROM pgboss.job
+        WHERE name = 'meter-delivery' AND data->>'customerId' = ${org.customerId}) AS jobs`.execute(ctx.db);
+  return rows[0]!;
+}
+
+function batch(sensorId: string, count: number, offsetSeconds = 0) {
+  const now = Date.now();
+  return {
+    readings: Array.from({ length: count }, (_, i) => ({
+      sensorId,
+      recordedAt: new Date(now - (offsetSeconds + i + 1) * 1000).toISOString(),
+      temperatureC: 2 + i / 10,
+    })),
+  };
+}
+
+describe('a failure injected after the readings insert', () => {
+  const cleanups: string[] = [];
+  afterEach(async () => {
+    for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
+  });
+
+  /** A trigger that fails inserts for one organization (or customer) only. */
+  async function failInserts(table: string, condition: string) {
+    const name = `fail_${Math.random().toString(36).slice(2, 10)}`;
+    await sql
+      .raw(`
+      CREATE FUNCTION ${name}() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF ${condition} THEN RAISE EXCEPTION 'injected failure in ${table}'; END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER ${name} BEFORE INSERT ON ${table} FOR EACH ROW EXECUTE FUNCTION ${name}();`)
+      .execute(ctx.db);
+    cleanups.push(`DROP TRIGGER ${name} ON ${table}; DROP FUNCTION ${name}();`);
+  }
+
+  async function expectNothingStoredThenRecovery(org: OrganizationFixture, sensorId: string, headers = {}) {
+    const body = batch(sensorId, 4);
+    const res = await post(org.apiKey, body, headers);
+    expect(res.status).toBe(500);
+    const json = (await res.json()) as { error: { code: string; message: string } };
+    expect(json.error.code).toBe('internal');
+    expect(json.error.message).not.toMatch(/injected/);
+    expect(await state(org)).toEqual({ readings: 0, outbox: 0, outbox_value: 0, jobs: 0 });
+    // Nothing half-written is left behind: once the fault is gone the same batch is all new.
+    for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
+    const retry = await post(org.apiKey, body, headers);
+    expect(await retry.json()).toEqual({ inserted: 4, duplicates: 0 });
+    expect(await state(org)).toEqual({ readings: 4, outbox: 1, outbox_value: 4, jobs: 1 });
+  }
+
+  it('in the outbox insert leaves no reading, no outbox row and no job', async () => {
+    const org = await createOrganization(ctx.db);
+    const [s] = await createSensors(ctx.db, org.organizationId, 1);
+    await failInserts('meter_outbox', `NEW.organization_id = '${org.organizationId}'`);
+    await expectNothingStoredThenRecovery(org, s!);
+  });
+
+  it('in the pg-boss job insert leaves no reading, no outbox row and no job', async () => {
+    const org = await createOrganization(ctx.db);
+    const [s] = await createSensors(ctx.db, org.organizationId, 1);
+    await failInserts('pgboss.job_common', `NEW.data->>'customerId' = '${org.customerId}'`);
+    await expectNothingStoredThenRecovery(org, s!);
+  });
+
+  it('in the Idempotency-Key insert leaves no reading, no outbox row and no job', async () => {
+    const org = await createOrganization(ctx.db);
+    const [s] = await createSensors(ctx.db, org.organizationId, 1);
+    await failInserts('idempotency_keys', `NEW.organization_id = '${org.organizationId}'`);
+    await expectNothingStoredThenRecovery(org, s!, { 'idempotency-key': 'failing-key' });
+  });
+});
+
+describe('concurrent ingestion', () => {
+  it('never counts a reading twice across overlapping batches: outbox sum equals rows stored', async () => {
+    const org = await createOrganization(ctx.db);
+    const sensors = await createSensors(ctx.db, org.organizationId, 4);
+    const base = Date.now() - 3_600_000;
+    // 4 sensors x 100 instants; 12 requests of 150 readings each, in shuffled orders, overlapping.
+    const pool = sensors.flatMap((sensorId) =>
+      Array.from({ length: 100 }, (_, i) => ({
+        sensorId,
+        recordedAt: new Date(base + i * 1000).toISOString(),
+      })),
+    );
+    let seed = 7;
+    const random = () => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed / 2 ** 31;
+    };
+    const batches = Array.from({ length: 12 }, () =>
+      [...pool]
+        .sort(() => random() - 0.5)
+        .slice(0, 150)
+        .map((key) => ({ ...key, temperatureC: 5 })),
+    );
+    const distinct = new Set(batches.flat().map((r) => `${r.sensorId}|${r.recordedAt}`)).size;
+    const responses = await Promise.all(batches.map((readings) => post(org.apiKey, { readings })));
+    expect(responses.map((r) => r.status)).toEqual(batches.map(() => 201));
+    const results = (await Promise.all(responses.map((r) => r.json()))) as {
+      inserted: number;
+      duplicates: number;
+    }[];
+    const inserted = results.reduce((n, r) => n + r.inserted, 0);
+    expect(results.every((r) => r.inserted + r.duplicates === 150)).toBe(true);
+    expect(inserted).toBe(distinct);
+    const after = await state(org);
+    expect(after.readings).toBe(distinct);
+    expect(after.outbox_value).toBe(distinct);
+    expect(after.outbox).toBe(results.filter((r) => r.inserted > 0).length);
+  });
+
+  it('stores identical concurrent batches once', async () => {
+    const org = await createOrganization(ctx.db);
+    const [s] = await createSensors(ctx.db, org.organizationId, 1);
+    const body = batch(s!, 50);
+    const results = (await Promise.all(
+      Array.from({ length: 8 }, async () => (await post(org.apiKey, body)).json()),
+    )) as { inserted: number; duplicates: number }[];
+    expect(results.reduce((n, r) => n + r.inserted, 0)).toBe(50);
+    expect(await state(org)).toMatchObject({ readings: 50, outbox_value: 50 });
+  });
+});
+
+describe('an unreachable database', () => {
+  async function closedPort(): Promise<number> {
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const address = server.address();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    if (address === null || typeof address === 'string') throw new Error('no port');
+    return address.port;
+  }
+
+  it('answers 503 with Retry-After and never an internal message', async () => {
+    const port = await closedPort();
+    const down = await createTestContext({ DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/meterbox` });
+    const downApp = createApp(down);
+    const res = await downApp.request('/v1/readings', {
+      method: 'POST',
+      headers: authHeaders(`mbx_${'a'.repeat(43)}`),
+      body: JSON.stringify(batch('00000000-0000-4000-8000-000000000000', 1)),
+    });
+    expect(res.status).toBe(503);
+    expect(res.headers.get('retry-after')).toMatch(/^\d+$/);
+    const json = (await res.json()) as { error: { code: string; message: string } };
+    expect(json.error.code).toBe('unavailable');
+    expect(json.error.message).not.toMatch(/ECONNREFUSED|127\.0\.0\.1/);
+    const sensors = await downApp.request('/v1/sensors', { headers: authHeaders(`mbx_${'a'.repeat(43)}`) });
+    expect(sensors.status).toBe(503);
+  });
+});

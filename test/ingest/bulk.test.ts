@@ -1,0 +1,78 @@
+// A batch is written with a constant number of statements, whatever its size.
+import { Kysely, PostgresDialect } from 'kysely';
+import { beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import type { DB } from '../../src/db/schema.js';
+import { createApp } from '../../src/http/app.js';
+import { checkSensors, storeReadings } from '../../src/ingest/readings.js';
+import { createTestContext } from '../helpers/database.js';
+import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
+
+let ctx: Context;
+let statements: string[];
+let counting: Kysely<DB>;
+
+beforeAll(async () => {
+  ctx = await createTestContext();
+  await ctx.boss.start();
+  statements = [];
+  // Same pool, with a log hook that records every statement sent (pg-boss's send goes through
+  // the transaction via fromKysely, so it is counted too).
+  counting = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool: ctx.pool }),
+    log: (event) => {
+      if (event.level === 'query') statements.push(event.query.sql);
+    },
+  });
+});
+
+function readings(sensors: string[], count: number, hoursAgo = 24) {
+  const start = Date.now() - hoursAgo * 3_600_000;
+  return Array.from({ length: count }, (_, i) => ({
+    sensorId: sensors[i % sensors.length]!,
+    recordedAt: new Date(start + i * 1000).toISOString(),
+    temperatureC: (i % 50) - 10,
+  }));
+}
+
+describe('bulk efficiency', () => {
+  it('sends the same number of statements for 1 reading and for 1,000 over POST /v1/readings', async () => {
+    const org = await createOrganization(ctx.db);
+    const sensors = await createSensors(ctx.db, org.organizationId, 25);
+    const app = createApp({ ...ctx, db: counting });
+    const counts: number[] = [];
+    for (const batch of [readings(sensors, 1, 48), readings(sensors, 1000)]) {
+      statements.length = 0;
+      const res = await app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({
+          readings: batch.map((r) => ({ ...r, recordedAt: r.recordedAt.replace('Z', '+00:00') })),
+        }),
+      });
+      expect(res.status).toBe(201);
+      expect(((await res.json()) as { inserted: number }).inserted).toBe(batch.length);
+      counts.push(statements.length);
+    }
+    expect(counts[0]).toBe(counts[1]);
+    // auth, begin, sensor check, insert, billable lookup, outbox row, job, commit.
+    expect(counts[1], statements.join('\n')).toBeLessThanOrEqual(8);
+  });
+
+  it('checks sensor ownership in one query and writes a batch with one insert statement', async () => {
+    const org = await createOrganization(ctx.db, { billable: false });
+    const sensors = await createSensors(ctx.db, org.organizationId, 10);
+    const batch = readings(sensors, 500);
+    await counting.transaction().execute(async (trx) => {
+      statements.length = 0;
+      expect(await checkSensors(trx, org.organizationId, batch)).toEqual([]);
+      expect(statements).toHaveLength(1);
+      statements.length = 0;
+      const result = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
+      expect(result).toEqual({ inserted: 500, duplicates: 0 });
+      // Not billable: the insert, then the billable lookup; nothing else.
+      expect(statements).toHaveLength(2);
+      expect(statements[0]).toMatch(/INSERT INTO temperature_readings[\s\S]*unnest/);
+    });
+  });
+});
