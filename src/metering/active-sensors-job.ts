@@ -6,7 +6,12 @@ import { ConfigError } from '../config.js';
 import type { Context } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type HourlyReportResult, reportActiveSensorsForHour, utcHourOf } from './active-sensors.js';
+import {
+  awaitInFlightSensorChanges,
+  type HourlyReportResult,
+  reportActiveSensorsForHour,
+  utcHourOf,
+} from './active-sensors.js';
 import { queues, sendJob } from './queues.js';
 
 export const ACTIVE_SENSORS_QUEUE = 'active-sensors-report';
@@ -37,6 +42,7 @@ export async function runHourlyReport(
   hour: Date,
   log: Logger,
 ): Promise<HourlyReportResult> {
+  await awaitInFlightSensorChanges(db);
   const result = await db.transaction().execute((trx) => reportActiveSensorsForHour(trx, boss, hour));
   log.info({ hour: result.hour.toISOString(), reported: result.reported }, 'active-sensor report written');
   return result;

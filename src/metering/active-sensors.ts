@@ -1,7 +1,7 @@
 // The active_sensors meter (formula `last`): the count of an organization's active sensors, written
 // to the outbox at a change (one organization) or for an hour (every billable organization at once).
 
-import { sql, type Transaction } from 'kysely';
+import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { billableCustomerId } from '../billing/billable.js';
 import type { DB } from '../db/schema.js';
@@ -67,6 +67,22 @@ export interface HourlyReportResult {
   hour: Date;
   /** Outbox rows written by this run; organizations already reported for the hour are not counted. */
   reported: number;
+}
+
+/**
+ * Waits for in-flight sensor activations/deactivations of billable organizations to commit. Those
+ * changes lock their organization row (FOR NO KEY UPDATE, src/ingest/sensors.ts) and stamp their own
+ * report after taking the lock. One that stamped just before the hour but commits after the hourly
+ * snapshot would leave the hourly report (later timestamp, older count) as Stripe's `last` value;
+ * after this wait, every change is either in the count or stamped after the hour began. Runs in its
+ * own short transaction, so the hourly run never holds these locks while it writes.
+ */
+export async function awaitInFlightSensorChanges(db: Kysely<DB>): Promise<void> {
+  await db.transaction().execute((trx) =>
+    sql`SELECT 1 FROM organizations o JOIN subscriptions s ON s.organization_id = o.id
+         WHERE s.status IN ('active', 'trial') AND s.stripe_customer_id IS NOT NULL
+           FOR SHARE OF o`.execute(trx),
+  );
 }
 
 /**

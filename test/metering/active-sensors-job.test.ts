@@ -10,6 +10,7 @@ import type { DB } from '../../src/db/schema.js';
 import {
   ACTIVE_SENSORS_QUEUE,
   registerSchedule,
+  runHourlyReport,
   scheduledHourOf,
   startActiveSensorReporting,
 } from '../../src/metering/active-sensors-job.js';
@@ -110,6 +111,39 @@ describe('worker start-up', () => {
       ]),
     );
     await restarted.stop();
+  });
+});
+
+describe('hourly run racing a sensor change', () => {
+  it('waits for an in-flight deactivation to commit and reports the count after it', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    const [org] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_race', activeSensors: 2 },
+    ]);
+    // A deactivation in flight, as src/ingest/sensors.ts does it: organization row locked, not committed.
+    const change = await ctx.pool.connect();
+    try {
+      await change.query('BEGIN');
+      await change.query('SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE', [org]);
+      await change.query('UPDATE sensors SET active = false WHERE organization_id = $1', [org]);
+
+      const run = runHourlyReport(ctx.db, ctx.boss, new Date('2026-03-10T15:00:00Z'), ctx.log);
+      await untilTrue(
+        async () => {
+          const { rows } = await ctx.pool.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`,
+          );
+          return (rows[0]?.n ?? 0) > 0;
+        },
+        () => new Promise((r) => setTimeout(r, 20)),
+      );
+      await change.query('COMMIT');
+      expect((await run).reported).toBe(1);
+    } finally {
+      change.release();
+    }
+    expect((await activeSensorRows(ctx.db)).map((r) => Number(r.value))).toEqual([0]);
   });
 });
 
