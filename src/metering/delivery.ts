@@ -42,6 +42,8 @@ export interface DeliveryDeps {
   clock: Clock;
   log: Logger;
   observer?: DeliveryObserver;
+  /** True once shutdown began: a drain finishes its current call, then hands its key to a new job. */
+  stopping?: () => boolean;
 }
 
 /**
@@ -277,7 +279,7 @@ export async function drainKey(
     try {
       let events = 0;
       for (;;) {
-        if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS) {
+        if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS || deps.stopping?.()) {
           return { kind: 'continued', events };
         }
         const claim = await claimGroup(conn, customerId, eventName, {
@@ -519,6 +521,7 @@ export async function startDelivery(
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
   }
+  let stopping = false;
   await workDeliveries({
     db: ctx.db,
     boss: ctx.boss,
@@ -526,8 +529,14 @@ export async function startDelivery(
     config: ctx.config,
     clock: ctx.clock,
     log,
+    stopping: () => stopping,
     ...(options.observer ? { observer: options.observer } : {}),
   });
   const sweep = await startOutboxSweep({ db: ctx.db, boss: ctx.boss, config: ctx.config, log });
-  return { stop: () => sweep.stop() };
+  return {
+    stop() {
+      stopping = true;
+      sweep.stop();
+    },
+  };
 }

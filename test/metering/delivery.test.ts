@@ -1,9 +1,15 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
+import { sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createStripeClient } from '../../src/context.js';
-import { claimGroup, type DeliveryObserver, retryFailedRows } from '../../src/metering/delivery.js';
+import {
+  claimGroup,
+  type DeliveryObserver,
+  retryFailedRows,
+  settleGroup,
+} from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
@@ -104,6 +110,41 @@ describe('meter-delivery worker', () => {
     // The event carries the hour it belongs to: the latest occurred_at of its rows.
     const first = events.find((e) => e.value === 12)!;
     expect(first.timestamp).toBe(Math.floor((h.getTime() + 59 * 60_000) / 1000));
+  });
+
+  it('bounds a group by DELIVERY_MAX_ROWS_PER_EVENT and never mixes UTC hours', async () => {
+    const org = await billableCustomer();
+    const h = hourStart(-2);
+    // Rows without a job, so only this test's claims touch them.
+    await ctx.db
+      .insertInto('meter_outbox')
+      .values(
+        [0, 1, 2, 3, 4, 61].map((minute, i) => ({
+          organization_id: org.organizationId,
+          event_name: 'temperature_readings' as const,
+          stripe_customer_id: org.customerId,
+          value: i + 1,
+          occurred_at: new Date(h.getTime() + minute * 60_000),
+        })),
+      )
+      .execute();
+    const sizes: [number, string][] = [];
+    for (;;) {
+      const { group } = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
+        now: new Date(),
+        maxRows: 2,
+      });
+      if (!group) break;
+      sizes.push([group.rows, group.value]);
+      // Never sent: settled as failed so the final billing comparison ignores them.
+      await settleGroup(ctx.db, group.identifier, 'failed', 'test: grouping only');
+    }
+    expect(sizes).toEqual([
+      [2, '3'],
+      [2, '7'],
+      [1, '5'],
+      [1, '6'],
+    ]);
   });
 
   it('sends every active_sensors row as its own event', async () => {
@@ -264,6 +305,33 @@ describe('meter-delivery worker', () => {
       expect(r.attempts).toBe(0);
     }
     expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([7]);
+  });
+
+  it('never calls Stripe for a customer whose lock another worker holds, and delivers once it is free', async () => {
+    const org = await billableCustomer();
+    const key = `temperature_readings:${org.customerId}`;
+    await ctx.db.connection().execute(async (conn) => {
+      // Stand in for another worker mid-call on this customer and meter.
+      await sql`SELECT pg_advisory_lock(${0x6d62_646c}::int, hashtext(${key}))`.execute(conn);
+      try {
+        await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+          { value: 8, occurredAt: new Date() },
+        ]);
+        // The job found the key busy and queued a deferred follow-up instead of calling.
+        await waitFor('a deferred follow-up job', async () => {
+          const { rows } = await sql<{ n: number }>`
+            SELECT count(*)::int AS n FROM pgboss.job
+            WHERE name = 'meter-delivery' AND singleton_key = ${key} AND state = 'completed'`.execute(ctx.db);
+          return rows[0]!.n >= 1;
+        });
+        expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
+        expect((await statusCounts(ctx.db, org.customerId)).pending).toBe(1);
+      } finally {
+        await sql`SELECT pg_advisory_unlock(${0x6d62_646c}::int, hashtext(${key}))`.execute(conn);
+      }
+    });
+    await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
+    expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([8]);
   });
 
   it('delivers a newly committed row on an idle worker (latency logged)', async () => {

@@ -1,0 +1,120 @@
+// Real worker processes SIGKILLed at random moments while readings keep arriving and the emulator
+// injects "accepted, then 500", 500s, 429s and resets. After recovery Stripe's accepted total per
+// customer equals the outbox, and no identifier was accepted twice or with another value.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
+import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
+
+const FAULTS = {
+  acceptedThen500Rate: 0.2,
+  errorRate: 0.05,
+  rateLimitRate: 0.05,
+  resetRate: 0.05,
+  latencyMs: 20,
+  jitterMs: 150,
+};
+
+let emulator: StripeEmulator;
+let ctx: Context;
+let url: string;
+const running = new Set<RunningProcess>();
+
+function startWorkerProcess(): RunningProcess {
+  const worker = startEntryPoint('worker', {
+    DATABASE_URL: url,
+    STRIPE_SECRET_KEY: 'sk_test_crash',
+    STRIPE_API_BASE: emulator.url,
+    LOG_LEVEL: 'warn',
+    DELIVERY_RETRY_DELAY_SECONDS: '1',
+    DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
+    DELIVERY_RETRY_LIMIT: '1000',
+    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+    SWEEP_INTERVAL_SECONDS: '1',
+    SWEEP_STALE_SECONDS: '2',
+  });
+  running.add(worker);
+  void worker.exited.then(() => running.delete(worker));
+  return worker;
+}
+
+const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+beforeAll(async () => {
+  emulator = await startStripeEmulator({ faults: FAULTS, seed: 7 });
+  url = await createTestDatabase();
+  ctx = await createTestContext({ DATABASE_URL: url });
+  await ctx.boss.start();
+});
+
+afterAll(async () => {
+  for (const w of running) w.kill('SIGKILL');
+  await emulator?.stop();
+});
+
+describe('worker crashes', () => {
+  it('loses nothing and bills nothing twice when workers are SIGKILLed at random moments', async () => {
+    const orgs: OrganizationFixture[] = [];
+    for (let i = 0; i < 6; i++) orgs.push(await createOrganization(ctx.db));
+
+    let writing = true;
+    let commits = 0;
+    const writer = (async () => {
+      while (writing) {
+        const org = orgs[commits % orgs.length]!;
+        const eventName = commits % 5 === 4 ? 'active_sensors' : 'temperature_readings';
+        const rows = Array.from({ length: 1 + (commits % 3) }, (_, i) => ({
+          value: 1 + i,
+          occurredAt: new Date(),
+        }));
+        await writeRows(ctx.db, ctx.boss, org, eventName, rows);
+        commits++;
+        await pause(20);
+      }
+    })();
+
+    // Two workers; one at a time is killed at a random moment and replaced.
+    const workers = [startWorkerProcess(), startWorkerProcess()];
+    let kills = 0;
+    const until = Date.now() + 14_000;
+    while (Date.now() < until) {
+      await pause(700 + Math.random() * 1500);
+      const victim = Math.floor(Math.random() * workers.length);
+      workers[victim]!.kill('SIGKILL');
+      await workers[victim]!.exited;
+      kills++;
+      workers[victim] = startWorkerProcess();
+    }
+    writing = false;
+    await writer;
+
+    // Recovery: faults off, the survivors (and the sweep) finish the backlog.
+    emulator.setFaults({});
+    await waitFor('every outbox row delivered', () => allSettled(ctx.db), 40_000);
+
+    const check = await compareWithEmulator(ctx.db, emulator);
+    const counters = emulator.counters();
+    console.log(
+      `[delivery crash] ${kills} SIGKILLs, ${commits} commits, ${counters.calls} calls, ${counters.accepted} accepted, ` +
+        `${counters.acceptedThen500} accepted-then-500, ${counters.duplicate} duplicate answers`,
+    );
+    expect(kills).toBeGreaterThanOrEqual(5);
+    expect(counters.acceptedThen500).toBeGreaterThan(0);
+    expect(check.undelivered).toBe(0);
+    expect(check.duplicatesAccepted).toEqual([]);
+    expect(check.valueMismatches).toEqual([]);
+    for (const key of check.perKey.filter((k) => k.key.startsWith('temperature_readings'))) {
+      expect(key, key.key).toEqual({ key: key.key, stripe: key.outbox, outbox: key.outbox });
+    }
+    // active_sensors (formula last): every report landed exactly once.
+    const activeRows = await ctx.db
+      .selectFrom('meter_outbox')
+      .select((eb) => eb.fn.countAll<string>().as('n'))
+      .where('event_name', '=', 'active_sensors')
+      .executeTakeFirstOrThrow();
+    expect(emulator.events({ event_name: 'active_sensors' })).toHaveLength(Number(activeRows.n));
+  }, 70_000);
+});
