@@ -497,6 +497,7 @@ export async function retryFailedRows(
 }
 
 export interface DeliveryRuntime {
+  /** Stops the sweep timer; running drains finish their current call, then hand their key on. Call before boss.stop(). */
   stop(): void;
 }
 
@@ -520,6 +521,13 @@ export async function startDelivery(
   if (!meter) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
+  }
+  if (ctx.config.DELIVERY_CONCURRENCY >= ctx.config.DB_POOL_MAX) {
+    // Each running drain holds one pooled connection (its advisory lock) for its whole run.
+    log.warn(
+      { DELIVERY_CONCURRENCY: ctx.config.DELIVERY_CONCURRENCY, DB_POOL_MAX: ctx.config.DB_POOL_MAX },
+      'DB_POOL_MAX should exceed DELIVERY_CONCURRENCY: each delivery in flight holds a connection',
+    );
   }
   let stopping = false;
   await workDeliveries({
