@@ -45,6 +45,8 @@ export const configSchema = z.object({
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
+  /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
+  WORKER_METRICS_PORT: int(0, 65535).default(0),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
 });

@@ -57,11 +57,25 @@ form.inline { display: inline; margin: 0; }
 .row label { display: flex; flex-direction: column; font-size: .8rem; color: var(--muted); }
 .flash { padding: .6rem .8rem; border-radius: 6px; background: #dcfae6; color: var(--ok); margin-bottom: 1rem; }
 .flash.error { background: var(--bad-bg); color: var(--bad); }
-svg { display: block; width: 100%; height: auto; }
+.chart { position: relative; }
+.chart svg { display: block; width: 100%; height: 140px; }
+.chart .axis { display: flex; justify-content: space-between; color: var(--muted); font-size: .8rem; }
+.row label.check { flex-direction: row; align-items: center; gap: .35rem; color: inherit; font-size: .9rem; min-height: 2.25rem; }
 .login { max-width: 380px; margin: 12vh auto; }
 .login input { width: 100%; margin: .5rem 0 1rem; }
 @media (max-width: 600px) {
   main { padding: .5rem; }
+  /* Tables become one card per row: every value and the Retry button stay on screen. */
+  table.stack thead { display: none; }
+  table.stack, table.stack tbody, table.stack tr, table.stack td { display: block; width: 100%; }
+  table.stack tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: .6rem; padding: .25rem .5rem; }
+  table.stack td { display: flex; justify-content: space-between; gap: 1rem; border: 0; padding: .2rem 0; white-space: normal; text-align: right; }
+  table.stack td::before { content: attr(data-label); color: var(--muted); text-align: left; flex-shrink: 0; }
+  table.stack td.title { font-weight: 600; justify-content: flex-start; }
+  table.stack td.title::before { content: none; }
+  table.stack td.action { justify-content: flex-end; }
+  table.stack td.wrap { min-width: 0; }
+  tr.drift { border-color: var(--bad) !important; }
   section { padding: .75rem; }
   .card .value { font-size: 1.25rem; }
   th, td { padding: .35rem .4rem; font-size: .9rem; }
@@ -117,38 +131,36 @@ function card(label: string, value: string, testId: string, bad = false): Html {
 
 /** Rows delivered per minute over the last hour as an inline SVG bar chart. */
 function deliveryChart(buckets: PipelineOverview['deliveredPerMinute']): Html {
-  const width = 600;
-  const height = 140;
-  const top = 14;
-  const bottom = 18;
-  const max = Math.max(1, ...buckets.map((b) => b.rows));
-  const barWidth = width / buckets.length;
-  const bars = buckets.map((b, i) => {
-    const h = b.rows === 0 ? 0 : Math.max(2, ((height - top - bottom) * b.rows) / max);
-    const x = (i * barWidth + 0.5).toFixed(1);
-    const y = (height - bottom - h).toFixed(1);
-    return html`<rect x="${x}" y="${y}" width="${(barWidth - 1).toFixed(1)}" height="${h.toFixed(1)}" fill="#2e6bd9"><title>${fmtTime(b.minute)}: ${b.rows} rows, value ${b.value}</title></rect>`;
-  });
+  // Bars only inside the SVG, stretched to the box (preserveAspectRatio none); labels are HTML so
+  // text keeps its size on any screen width.
+  const width = buckets.length * 10;
+  const height = 100;
   const total = buckets.reduce((s, b) => s + b.rows, 0);
-  return html`<svg viewBox="0 0 ${width} ${height}" role="img" aria-label="Outbox rows delivered per minute over the last hour: ${total} in total, peak ${max === 1 && total === 0 ? 0 : max} per minute" data-testid="delivery-chart">
-<line x1="0" y1="${height - bottom}" x2="${width}" y2="${height - bottom}" stroke="#d9dee7"/>
+  const max = Math.max(0, ...buckets.map((b) => b.rows));
+  const bars = buckets.map((b, i) => {
+    const h = b.rows === 0 ? 0 : Math.max(2, (height * b.rows) / max);
+    return html`<rect x="${i * 10 + 1}" y="${(height - h).toFixed(1)}" width="8" height="${h.toFixed(1)}" fill="#2e6bd9"><title>${fmtTime(b.minute)}: ${b.rows} rows, value ${b.value}</title></rect>`;
+  });
+  return html`<div class="chart">
+<div class="axis"><span>${total === 0 ? 'no deliveries in the last hour' : `peak ${max} rows/min`}</span><span>${total} rows</span></div>
+<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img" aria-label="Outbox rows delivered per minute over the last hour: ${total} in total, peak ${max} per minute" data-testid="delivery-chart">
+<line x1="0" y1="${height}" x2="${width}" y2="${height}" stroke="#d9dee7" vector-effect="non-scaling-stroke"/>
 ${bars}
-<text x="2" y="11" font-size="11" fill="#5d6b82">${total === 0 ? 'no deliveries' : `peak ${max}/min`}</text>
-<text x="2" y="${height - 4}" font-size="11" fill="#5d6b82">−60 min</text>
-<text x="${width - 2}" y="${height - 4}" font-size="11" fill="#5d6b82" text-anchor="end">now</text>
-</svg>`;
+</svg>
+<div class="axis"><span>−60 min</span><span>−30 min</span><span>now</span></div>
+</div>`;
 }
 
-function failedTable(rows: OutboxRowView[]): Html {
+function failedTable(rows: OutboxRowView[], names: ReadonlyMap<string, string>): Html {
   if (rows.length === 0) return html`<p class="muted" data-testid="no-failed">No failed rows.</p>`;
   return html`<form method="post" action="/admin/ui/retry" class="row"><input type="hidden" name="all" value="1"><button type="submit" class="secondary">Retry all failed</button></form>
-<div class="scroll"><table data-testid="failed-table">
+<div class="scroll"><table class="stack" data-testid="failed-table">
 <thead><tr><th>Row</th><th>Organization</th><th>Meter</th><th class="num">Value</th><th class="num">Attempts</th><th>Last error</th><th>Updated</th><th></th></tr></thead>
 <tbody>${rows.map(
     (r) => html`<tr data-row-id="${r.id}">
-<td>${r.id}</td><td title="${r.organizationId}">${r.organizationId.slice(0, 8)}…</td><td>${r.meter}</td>
-<td class="num">${r.value}</td><td class="num">${r.attempts}</td><td class="wrap">${r.lastError ?? ''}</td><td>${fmtTime(r.updatedAt)}</td>
-<td><form method="post" action="/admin/ui/retry" class="inline"><input type="hidden" name="id" value="${r.id}"><button type="submit" aria-label="Retry row ${r.id}">Retry</button></form></td>
+<td data-label="Row">${r.id}</td><td data-label="Organization" title="${r.organizationId}">${names.get(r.organizationId) ?? `${r.organizationId.slice(0, 8)}…`}</td><td data-label="Meter">${r.meter}</td>
+<td class="num" data-label="Value">${r.value}</td><td class="num" data-label="Attempts">${r.attempts}</td><td class="wrap" data-label="Last error">${r.lastError ?? ''}</td><td data-label="Updated">${fmtTime(r.updatedAt)}</td>
+<td class="action"><form method="post" action="/admin/ui/retry" class="inline"><input type="hidden" name="id" value="${r.id}"><button type="submit" aria-label="Retry row ${r.id}">Retry</button></form></td>
 </tr>`,
   )}</tbody></table></div>`;
 }
@@ -156,13 +168,13 @@ function failedTable(rows: OutboxRowView[]): Html {
 function meterErrorsTable(reports: MeterErrorReport[]): Html {
   if (reports.length === 0)
     return html`<p class="muted" data-testid="no-meter-errors">No meter error reports.</p>`;
-  return html`<div class="scroll"><table data-testid="meter-errors-table">
+  return html`<div class="scroll"><table class="stack" data-testid="meter-errors-table">
 <thead><tr><th>Received</th><th>Meter</th><th class="num">Errors</th><th>Summary</th><th>Window</th></tr></thead>
 <tbody>${reports.map(
     (
       r,
-    ) => html`<tr><td>${fmtTime(r.receivedAt)}</td><td>${r.meterId ?? '—'}</td><td class="num">${fmtNum(r.errorCount)}</td>
-<td class="wrap">${r.summary ?? 'details not included in the event'}</td><td>${r.validationStart ? `${fmtTime(r.validationStart)} – ${fmtTime(r.validationEnd)}` : '—'}</td></tr>`,
+    ) => html`<tr><td data-label="Received">${fmtTime(r.receivedAt)}</td><td data-label="Meter">${r.meterId ?? '—'}</td><td class="num" data-label="Errors">${fmtNum(r.errorCount)}</td>
+<td class="wrap" data-label="Summary">${r.summary ?? 'details not included in the event'}</td><td data-label="Window">${r.validationStart ? `${fmtTime(r.validationStart)} – ${fmtTime(r.validationEnd)}` : '—'}</td></tr>`,
   )}</tbody></table></div>`;
 }
 
@@ -171,23 +183,23 @@ function reconciliationTable(report: ReconciliationReport): Html {
   if (report.organizations.length === 0) {
     return html`<p class="muted" data-testid="no-reconciliation">No readings or usage in this period.</p>`;
   }
-  return html`<div class="scroll"><table data-testid="reconciliation-table">
+  return html`<div class="scroll"><table class="stack" data-testid="reconciliation-table">
 <thead><tr><th>Organization</th><th class="num">Stored</th><th class="num">Delivered</th><th class="num">Pending</th><th class="num">Failed</th><th class="num">Expired</th><th class="num">Drift</th>${
     withStripe ? html`<th class="num">Stripe</th><th class="num">Stripe drift</th>` : ''
   }</tr></thead>
 <tbody>${report.organizations.map(
     (o) => html`<tr class="${o.hasDrift ? 'drift' : ''}" data-organization-id="${o.organizationId}">
-<td>${o.organizationName}${o.billable ? '' : html` <span class="muted">(not billable)</span>`}</td>
-<td class="num" data-col="stored">${fmtNum(o.readingsStored)}</td>
-<td class="num" data-col="delivered">${fmtNum(o.usage.delivered)}</td>
-<td class="num" data-col="pending">${fmtNum(o.usage.pending)}</td>
-<td class="num" data-col="failed">${fmtNum(o.usage.failed)}</td>
-<td class="num" data-col="expired">${fmtNum(o.usage.expired)}</td>
-<td class="num${o.drift ? ' drift-cell' : ''}" data-col="drift">${o.drift === null ? 'not metered' : fmtNum(o.drift)}</td>
+<td class="title">${o.organizationName}${o.billable ? '' : html` <span class="muted">(not billable)</span>`}</td>
+<td class="num" data-label="Stored" data-col="stored">${fmtNum(o.readingsStored)}</td>
+<td class="num" data-label="Delivered" data-col="delivered">${fmtNum(o.usage.delivered)}</td>
+<td class="num" data-label="Pending" data-col="pending">${fmtNum(o.usage.pending)}</td>
+<td class="num" data-label="Failed" data-col="failed">${fmtNum(o.usage.failed)}</td>
+<td class="num" data-label="Expired" data-col="expired">${fmtNum(o.usage.expired)}</td>
+<td class="num${o.drift ? ' drift-cell' : ''}" data-label="Drift" data-col="drift">${o.drift === null ? 'not metered' : fmtNum(o.drift)}</td>
 ${
   withStripe
-    ? html`<td class="num" data-col="stripe">${o.stripe?.error ? html`<span title="${o.stripe.error}">error</span>` : fmtNum(o.stripe?.readings)}</td>
-<td class="num${o.stripe?.drift ? ' drift-cell' : ''}" data-col="stripe-drift">${fmtNum(o.stripe?.drift)}</td>`
+    ? html`<td class="num" data-label="Stripe" data-col="stripe">${o.stripe?.error ? html`<span title="${o.stripe.error}">error</span>` : fmtNum(o.stripe?.readings)}</td>
+<td class="num${o.stripe?.drift ? ' drift-cell' : ''}" data-label="Stripe drift" data-col="stripe-drift">${fmtNum(o.stripe?.drift)}</td>`
     : ''
 }
 </tr>`,
@@ -233,6 +245,14 @@ async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Promise<Re
     reconcile(ctx, { from, to }, { withStripe: q.stripe === '1' && stripeConfigured }),
   ]);
   const o = overview;
+  const orgIds = [...new Set(failed.rows.map((r) => r.organizationId))];
+  const names = new Map(
+    orgIds.length === 0
+      ? []
+      : (
+          await ctx.db.selectFrom('organizations').select(['id', 'name']).where('id', 'in', orgIds).execute()
+        ).map((r) => [r.id, r.name] as const),
+  );
   const periodLink = (extra: string) =>
     `/admin?from=${encodeURIComponent(report.from)}&to=${encodeURIComponent(report.to)}${extra}`;
   const body = html`<header><h1>meterbox · operations</h1>
@@ -257,13 +277,13 @@ ${
 <h2 style="margin-top:1rem">Delivered per minute, last hour</h2>
 ${deliveryChart(o.deliveredPerMinute)}
 </section>
-<section aria-labelledby="failed"><h2 id="failed">Failed rows</h2>${failedTable(failed.rows)}</section>
+<section aria-labelledby="failed"><h2 id="failed">Failed rows</h2>${failedTable(failed.rows, names)}</section>
 <section aria-labelledby="errors"><h2 id="errors">Stripe meter error reports</h2>${meterErrorsTable(errors.reports)}</section>
 <section aria-labelledby="reconciliation"><h2 id="reconciliation">Reconciliation</h2>
 <form method="get" action="/admin" class="row">
 <label>From (UTC)<input type="datetime-local" name="from" value="${report.from.slice(0, 16)}"></label>
 <label>To (UTC)<input type="datetime-local" name="to" value="${report.to.slice(0, 16)}"></label>
-${stripeConfigured ? html`<label><span>Stripe</span><span><input type="checkbox" name="stripe" value="1"${q.stripe ? raw(' checked') : ''}> compare</span></label>` : ''}
+${stripeConfigured ? html`<label class="check"><input type="checkbox" name="stripe" value="1"${q.stripe ? raw(' checked') : ''}> Compare with Stripe</label>` : ''}
 <button type="submit" class="secondary">Show</button>
 </form>
 <p class="muted">Readings stored (by ingestion time) against the usage written to the outbox in ${fmtTime(report.from)} – ${fmtTime(report.to)}. Drift = stored − (delivered + pending + failed + expired)${report.stripe === 'compared' ? '; Stripe drift = Stripe total − delivered (by event time)' : ''}.

@@ -5,7 +5,7 @@ import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
 import type { DB, MeterEventName, OutboxStatus } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
-import { enqueueDelivery } from '../metering/outbox.js';
+import { retryFailedRows } from '../metering/delivery.js';
 
 const isoDate = z.iso
   .datetime({ offset: true })
@@ -190,12 +190,10 @@ export const retrySelection = z
   });
 export type RetrySelection = z.output<typeof retrySelection>;
 
-const RETRY_BATCH = 500;
-
 /**
- * Puts failed rows back to pending and queues one delivery job per customer and meter, batch by
- * batch, each batch in one transaction (rows and jobs commit together, as on ingestion). Rows keep
- * their identifier: if Stripe did record an earlier attempt, the resend is deduplicated.
+ * Puts failed rows back to pending and queues their delivery, through delivery's retryFailedRows:
+ * it reopens whole identifier groups, so a resend carries the same identifier and value and cannot
+ * bill twice. Without ids, one transaction per customer and meter, which is the progress unit.
  */
 export async function retryFailed(
   db: Kysely<DB>,
@@ -203,37 +201,36 @@ export async function retryFailed(
   selection: RetrySelection,
   onProgress?: (done: number, total: number) => void,
 ): Promise<{ retried: number; jobs: number }> {
-  const filtered = () => {
-    let q = db.selectFrom('meter_outbox').where('status', '=', 'failed');
-    if (selection.ids) q = q.where('id', 'in', selection.ids);
-    if (selection.organizationId) q = q.where('organization_id', '=', selection.organizationId);
-    if (selection.meter) q = q.where('event_name', '=', selection.meter);
-    return q;
+  const base = {
+    ...(selection.organizationId ? { organizationId: selection.organizationId } : {}),
+    ...(selection.meter ? { eventName: selection.meter } : {}),
   };
-  const { n } = await filtered()
-    .select((eb) => eb.fn.countAll<string>().as('n'))
-    .executeTakeFirstOrThrow();
-  const total = Number(n);
+  if (selection.ids) {
+    onProgress?.(0, 1);
+    const result = await retryFailedRows(db, boss, { ...base, ids: selection.ids });
+    onProgress?.(1, 1);
+    return { retried: result.rows, jobs: result.keys };
+  }
+  let keysQuery = db
+    .selectFrom('meter_outbox')
+    .select(['stripe_customer_id', 'event_name'])
+    .distinct()
+    .where('status', '=', 'failed');
+  if (selection.organizationId) keysQuery = keysQuery.where('organization_id', '=', selection.organizationId);
+  if (selection.meter) keysQuery = keysQuery.where('event_name', '=', selection.meter);
+  const keys = await keysQuery.execute();
   let retried = 0;
   let jobs = 0;
-  onProgress?.(0, total);
-  for (;;) {
-    const batch = await db.transaction().execute(async (trx) => {
-      const rows = await trx
-        .updateTable('meter_outbox')
-        .set({ status: 'pending', updated_at: sql`now()` })
-        .where('id', 'in', filtered().select('id').orderBy('id').limit(RETRY_BATCH).forUpdate().skipLocked())
-        .where('status', '=', 'failed')
-        .returning(['stripe_customer_id', 'event_name'])
-        .execute();
-      const pairs = new Map(rows.map((r) => [`${r.stripe_customer_id}\u0000${r.event_name}`, r]));
-      for (const r of pairs.values()) await enqueueDelivery(trx, boss, r.stripe_customer_id, r.event_name);
-      return { rows: rows.length, jobs: pairs.size };
+  onProgress?.(0, keys.length);
+  for (const [i, key] of keys.entries()) {
+    const result = await retryFailedRows(db, boss, {
+      ...base,
+      customerId: key.stripe_customer_id,
+      eventName: key.event_name,
     });
-    retried += batch.rows;
-    jobs += batch.jobs;
-    onProgress?.(Math.min(retried, total), total);
-    if (batch.rows < RETRY_BATCH) break;
+    retried += result.rows;
+    jobs += result.keys;
+    onProgress?.(i + 1, keys.length);
   }
   return { retried, jobs };
 }
@@ -249,26 +246,19 @@ export async function redriveAndReopen(
     queued: true,
   });
   const keys = new Map<string, { customerId: string; eventName: MeterEventName }>();
-  for (const job of dead.slice(0, limit)) {
+  // Oldest first, as pg-boss's redrive; the exact ids are passed so rows reopened match jobs moved.
+  const selected = [...dead].sort((a, b) => a.createdOn.getTime() - b.createdOn.getTime()).slice(0, limit);
+  if (selected.length === 0) return { moved: 0, retried: 0 };
+  for (const job of selected) {
     const { customerId, eventName } = job.data ?? {};
     if (customerId && (eventName === 'temperature_readings' || eventName === 'active_sensors')) {
       keys.set(`${eventName}:${customerId}`, { customerId, eventName });
     }
   }
-  const moved = await redriveDeadLetters(boss, { limit });
+  const moved = await boss.redrive(DEAD_LETTER_QUEUE, { ids: selected.map((j) => j.id), limit });
   let retried = 0;
   for (const { customerId, eventName } of keys.values()) {
-    const customerRows = await db
-      .selectFrom('meter_outbox')
-      .select('id')
-      .where('stripe_customer_id', '=', customerId)
-      .where('event_name', '=', eventName)
-      .where('status', '=', 'failed')
-      .limit(1000)
-      .execute();
-    if (customerRows.length === 0) continue;
-    const result = await retryFailed(db, boss, { ids: customerRows.map((r) => String(r.id)) });
-    retried += result.retried;
+    retried += (await retryFailedRows(db, boss, { customerId, eventName })).rows;
   }
   return { moved, retried };
 }

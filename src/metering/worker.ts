@@ -2,6 +2,8 @@
 // registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
 import type { Context } from '../context.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
+import { metricsDeliveryObserver } from '../observability/delivery-observer.js';
+import { startMetricsServer } from '../observability/metrics-server.js';
 import { startActiveSensorReporting } from './active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from './delivery.js';
 import { ensureQueues } from './queues.js';
@@ -18,8 +20,11 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   await ctx.boss.start();
   await ensureQueues(ctx.boss, ctx.config);
   await startActiveSensorReporting(ctx);
-  const delivery = await startDelivery(ctx, options);
+  const delivery = await startDelivery(ctx, { observer: metricsDeliveryObserver(ctx.metrics), ...options });
   const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
+  const metricsServer = ctx.config.WORKER_METRICS_PORT
+    ? await startMetricsServer(ctx, { port: ctx.config.WORKER_METRICS_PORT, host: ctx.config.HOST })
+    : undefined;
   log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
   let stopping: Promise<void> | undefined;
@@ -33,6 +38,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
         // the same identifier, so nothing is lost or billed twice).
         await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
         await idempotencyPruner.stop();
+        await metricsServer?.stop(1_000);
         log.info('worker stopped');
       })();
       return stopping;

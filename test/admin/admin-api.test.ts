@@ -1,5 +1,7 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { DeadLetterPreview, OutboxPage } from '../../src/admin/outbox.js';
+import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
@@ -19,6 +21,13 @@ let billable: OrganizationFixture;
 let other: OrganizationFixture;
 let unbilled: OrganizationFixture;
 let emulator: StripeEmulator;
+
+const read = async <T = unknown>(res: Response | Promise<Response>): Promise<T> =>
+  (await (await res).json()) as T;
+type MeterErrors = {
+  reports: { eventId: string; summary: string | null; errorCount: number | null }[];
+  nextBefore: string | null;
+};
 
 const admin = (path: string, init: RequestInit = {}) =>
   app.request(path, { ...init, headers: { ...authHeaders(TOKEN), ...(init.headers ?? {}) } });
@@ -72,7 +81,7 @@ describe('admin authentication', () => {
     expect((await app.request('/admin/outbox')).status).toBe(401);
     const wrong = await app.request('/admin/outbox', { headers: authHeaders('not-the-admin-token-at-all') });
     expect(wrong.status).toBe(401);
-    expect((await wrong.json()).error.code).toBe('unauthorized');
+    expect((await read<{ error: { code: string } }>(wrong)).error.code).toBe('unauthorized');
   });
 
   it('hides the admin surface (404) when ADMIN_TOKEN is not configured', async () => {
@@ -88,29 +97,29 @@ describe('GET /admin/outbox', () => {
       `/admin/outbox?organizationId=${billable.organizationId}&status=pending&meter=temperature_readings`,
     );
     expect(res.status).toBe(200);
-    const body = await res.json();
+    const body = await read<OutboxPage>(res);
     expect(body.rows.map((r: { value: string }) => r.value).sort()).toEqual(['2', '3']);
     expect(
       body.rows.every((r: { organizationId: string }) => r.organizationId === billable.organizationId),
     ).toBe(true);
-    const none = await (await admin('/admin/outbox?status=delivered')).json();
+    const none = await read<OutboxPage>(admin('/admin/outbox?status=delivered'));
     expect(none.rows).toEqual([]);
   });
 
   it('filters by created_at range', async () => {
     const future = new Date(Date.now() + 3_600_000).toISOString();
-    const body = await (await admin(`/admin/outbox?from=${encodeURIComponent(future)}`)).json();
+    const body = await read<OutboxPage>(admin(`/admin/outbox?from=${encodeURIComponent(future)}`));
     expect(body.rows).toEqual([]);
   });
 
   it('pages with a cursor, newest first, without overlap or gaps', async () => {
-    const all = await (await admin('/admin/outbox?limit=500')).json();
+    const all = await read<OutboxPage>(admin('/admin/outbox?limit=500'));
     const seen: string[] = [];
     let cursor: string | null = null;
     do {
-      const page: { rows: { id: string }[]; nextCursor: string | null } = await (
-        await admin(`/admin/outbox?limit=2${cursor ? `&cursor=${cursor}` : ''}`)
-      ).json();
+      const page: OutboxPage = await read<OutboxPage>(
+        admin(`/admin/outbox?limit=2${cursor ? `&cursor=${cursor}` : ''}`),
+      );
       expect(page.rows.length).toBeLessThanOrEqual(2);
       seen.push(...page.rows.map((r) => r.id));
       cursor = page.nextCursor;
@@ -129,7 +138,7 @@ describe('POST /admin/outbox/retry', () => {
   it('puts a failed row back to pending and queues its delivery in the same transaction', async () => {
     const row = await ctx.db
       .updateTable('meter_outbox')
-      .set({ status: 'failed', last_error: 'permanent: boom' })
+      .set({ status: 'failed', last_error: 'permanent: boom', identifier: sql`'mb_test_' || id` })
       .where('organization_id', '=', other.organizationId)
       .returning('id')
       .executeTakeFirstOrThrow();
@@ -139,7 +148,7 @@ describe('POST /admin/outbox/retry', () => {
       body: JSON.stringify({ ids: [String(row.id)] }),
     });
     expect(res.status).toBe(200);
-    expect(await res.json()).toEqual({ retried: 1, jobs: 1 });
+    expect(await read(res)).toEqual({ retried: 1, jobs: 1 });
     const after = await ctx.db
       .selectFrom('meter_outbox')
       .select('status')
@@ -156,7 +165,7 @@ describe('POST /admin/outbox/retry', () => {
       method: 'POST',
       body: JSON.stringify({ ids: [String(row.id)] }),
     });
-    expect(await again.json()).toEqual({ retried: 0, jobs: 0 });
+    expect(await read(again)).toEqual({ retried: 0, jobs: 0 });
   });
 
   it('refuses an unscoped retry (neither ids, organization nor all)', async () => {
@@ -169,7 +178,7 @@ describe('dead-letter queue', () => {
   it('previews and redrives dead-lettered delivery jobs, reopening their failed rows', async () => {
     const row = await ctx.db
       .updateTable('meter_outbox')
-      .set({ status: 'failed', last_error: 'gave up' })
+      .set({ status: 'failed', last_error: 'gave up', identifier: sql`'mb_test_' || id` })
       .where('organization_id', '=', billable.organizationId)
       .where('event_name', '=', 'temperature_readings')
       .returning('id')
@@ -184,14 +193,14 @@ describe('dead-letter queue', () => {
     const [job] = await ctx.boss.fetch('meter-delivery');
     await ctx.boss.fail('meter-delivery', job!.id, { error: 'test' });
 
-    const preview = await (await admin('/admin/dead-letter')).json();
+    const preview = await read<DeadLetterPreview>(admin('/admin/dead-letter'));
     expect(preview.total).toBe(1);
     expect(preview.destinations).toEqual([{ name: 'meter-delivery', count: 1 }]);
 
     const res = await admin('/admin/dead-letter/redrive', { method: 'POST', body: '{}' });
     expect(res.status).toBe(200);
-    expect(await res.json()).toEqual({ moved: 1, retried: row.length });
-    expect((await (await admin('/admin/dead-letter')).json()).total).toBe(0);
+    expect(await read(res)).toEqual({ moved: 1, retried: row.length });
+    expect((await read<DeadLetterPreview>(admin('/admin/dead-letter'))).total).toBe(0);
     const statuses = await ctx.db
       .selectFrom('meter_outbox')
       .select('status')
@@ -228,10 +237,10 @@ describe('GET /admin/meter-errors', () => {
         })
         .execute();
     }
-    const body = await (await admin('/admin/meter-errors?limit=1')).json();
+    const body = await read<MeterErrors>(admin('/admin/meter-errors?limit=1'));
     expect(body.reports).toHaveLength(1);
     expect(body.reports[0]).toMatchObject({ eventId: 'evt_err_2', summary: 'bad 1', errorCount: 2 });
-    const next = await (await admin(`/admin/meter-errors?before=${body.nextBefore}`)).json();
+    const next = await read<MeterErrors>(admin(`/admin/meter-errors?before=${body.nextBefore}`));
     expect(next.reports.map((r: { eventId: string }) => r.eventId)).toEqual(['evt_err_1']);
   });
 });
@@ -244,10 +253,10 @@ describe('GET /admin/reconciliation', () => {
   };
 
   it('reports readings stored against outbox usage by status, without drift when they match', async () => {
-    const report = await (await admin(`/admin/reconciliation?${period()}`)).json();
+    const report = await read<ReconciliationReport>(admin(`/admin/reconciliation?${period()}`));
     const alpha = report.organizations.find(
       (o: { organizationId: string }) => o.organizationId === billable.organizationId,
-    );
+    )!;
     expect(alpha.readingsStored).toBe(5);
     expect(alpha.usage.delivered + alpha.usage.pending + alpha.usage.failed + alpha.usage.expired).toBe(5);
     expect(alpha.drift).toBe(0);
@@ -277,9 +286,9 @@ describe('GET /admin/reconciliation', () => {
         },
       ])
       .execute();
-    const report = await (
-      await admin(`/admin/reconciliation?${period()}&organizationId=${other.organizationId}`)
-    ).json();
+    const report = await read<ReconciliationReport>(
+      admin(`/admin/reconciliation?${period()}&organizationId=${other.organizationId}`),
+    );
     expect(report.organizations).toHaveLength(1);
     expect(report.organizations[0]).toMatchObject({ readingsStored: 6, drift: 2, hasDrift: true });
     expect(report.hasDrift).toBe(true);
@@ -294,12 +303,12 @@ describe('GET /admin/reconciliation', () => {
       identifier: 'outside-meterbox-1',
       timestamp: Math.floor(Date.now() / 1000) - 60,
     });
-    const report = await (
-      await admin(`/admin/reconciliation?${period()}&organizationId=${billable.organizationId}&stripe=true`)
-    ).json();
+    const report = await read<ReconciliationReport>(
+      admin(`/admin/reconciliation?${period()}&organizationId=${billable.organizationId}&stripe=true`),
+    );
     expect(report.stripe).toBe('compared');
-    expect(report.organizations[0].stripe).toMatchObject({ readings: 3, deliveredByTimestamp: 0, drift: 3 });
-    expect(report.organizations[0].hasDrift).toBe(true);
+    expect(report.organizations[0]!.stripe).toMatchObject({ readings: 3, deliveredByTimestamp: 0, drift: 3 });
+    expect(report.organizations[0]!.hasDrift).toBe(true);
   });
 
   it('rejects a period whose end is not after its start', async () => {
@@ -310,7 +319,7 @@ describe('GET /admin/reconciliation', () => {
 
 describe('API documents', () => {
   it('documents every admin route in /openapi.json', async () => {
-    const doc = await (await app.request('/openapi.json')).json();
+    const doc = await read<{ paths: Record<string, object> }>(app.request('/openapi.json'));
     const documented = new Set<string>();
     for (const [path, methods] of Object.entries(doc.paths as Record<string, object>)) {
       for (const method of Object.keys(methods)) documented.add(`${method.toUpperCase()} ${path}`);

@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { type CliIo, outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../src/admin/cli.js';
 import { createProgressBar } from '../../src/admin/progress.js';
@@ -97,14 +98,14 @@ describe('meterbox outbox retry', () => {
   it('retries the failed rows of an organization with a progress bar on stderr', async () => {
     await ctx.db
       .updateTable('meter_outbox')
-      .set({ status: 'failed' })
+      .set({ status: 'failed', identifier: sql`'mb_cli_' || id` })
       .where('organization_id', '=', org.organizationId)
       .execute();
     const io = memoryIo(true);
     expect(await outboxRetryCommand(ctx, { org: org.organizationId }, io)).toBe(0);
     expect(io.stdout).toContain('retried 2 failed row(s); queued 1 delivery job(s)');
     expect(io.stderr).toContain('retrying failed rows [');
-    expect(io.stderr).toContain('2/2 100%');
+    expect(io.stderr).toContain('1/1 100%');
     const statuses = await ctx.db
       .selectFrom('meter_outbox')
       .select('status')

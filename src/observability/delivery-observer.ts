@@ -1,0 +1,25 @@
+// Plugs the delivery loop's hooks (src/metering/delivery.ts DeliveryObserver) into this process's
+// Prometheus instruments. These counters live in the worker process: see metrics-server.ts.
+import type { DeliveryObserver } from '../metering/delivery.js';
+import type { Metrics } from './metrics.js';
+
+export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
+  return {
+    onCall(outcome, _ms, eventName) {
+      // HTTP-level calls and latency come from the SDK hook (instrumentStripe); this is the meter
+      // view, where a 400 "identifier already exists" is a delivery, not an error.
+      metrics.meterEventSends.inc({ meter: eventName, outcome });
+      if (outcome === 'accepted' || outcome === 'duplicate')
+        metrics.meterEventsDelivered.inc({ meter: eventName });
+    },
+    onDelivered(eventName, rows) {
+      metrics.outboxRowsDelivered.inc({ meter: eventName }, rows);
+    },
+    onRetry(eventName) {
+      metrics.deliveryRetries.inc({ meter: eventName });
+    },
+    onDeadLetter(eventName) {
+      metrics.deadLettered.inc({ meter: eventName });
+    },
+  };
+}

@@ -1,0 +1,272 @@
+// The dashboard in a real browser (Debian's chromium driven by playwright-core) against a started API
+// process and worker process, the Stripe emulator and a test database: sign in, compare the page's
+// numbers with the database, retry a failed row and watch the worker deliver it.
+import { existsSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { type Browser, chromium, type Locator, type Page } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  type OrganizationFixture,
+  reading,
+} from '../helpers/fixtures.js';
+import { ROOT, type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+
+const CHROMIUM = '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+const TOKEN = 'e2e-dashboard-admin-token-42';
+const RESULTS = join(ROOT, 'test-results');
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
+    });
+  });
+}
+
+async function waitFor(condition: () => Promise<boolean>, deadlineMs: number, what: string): Promise<void> {
+  const started = Date.now();
+  while (!(await condition())) {
+    if (Date.now() - started > deadlineMs)
+      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+let ctx: Context;
+let emulator: StripeEmulator;
+let server: RunningProcess;
+let worker: RunningProcess;
+let browser: Browser | undefined;
+let baseUrl: string;
+let workerMetricsUrl: string;
+let alpha: OrganizationFixture;
+let beta: OrganizationFixture;
+/** Its Stripe customer is unknown to the emulator at first: its meter events fail permanently. */
+let gamma: OrganizationFixture;
+
+async function ingest(org: OrganizationFixture, count: number): Promise<void> {
+  const sensors = await createSensors(ctx.db, org.organizationId, 2);
+  const readings = Array.from({ length: count }, (_, i) => reading(sensors[i % 2]!, 30 + i));
+  const res = await fetch(`${baseUrl}/v1/readings`, {
+    method: 'POST',
+    headers: authHeaders(org.apiKey),
+    body: JSON.stringify({ readings }),
+  });
+  expect(res.status).toBe(201);
+}
+
+async function statusCounts(): Promise<Record<string, number>> {
+  const rows = await ctx.db
+    .selectFrom('meter_outbox')
+    .select(['status', (eb) => eb.fn.countAll<string>().as('n')])
+    .groupBy('status')
+    .execute();
+  return Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
+}
+
+beforeAll(async () => {
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(
+      `Chromium is not installed at ${CHROMIUM}. This end-to-end test drives a real browser: install it with ` +
+        '`apt-get update && apt-get install -y chromium` (CI installs it).',
+    );
+  }
+  await mkdir(RESULTS, { recursive: true });
+  emulator = await startStripeEmulator({ strictCustomers: true });
+  const url = await createTestDatabase();
+  ctx = await createTestContext({ DATABASE_URL: url });
+  alpha = await createOrganization(ctx.db, { name: 'Alpha Cold Storage' });
+  beta = await createOrganization(ctx.db, { name: 'Beta Freezers' });
+  gamma = await createOrganization(ctx.db, { name: 'Gamma Logistics' });
+  emulator.createCustomer({ id: alpha.customerId });
+  emulator.createCustomer({ id: beta.customerId });
+
+  const [port, metricsPort] = [await freePort(), await freePort()];
+  const env = {
+    DATABASE_URL: url,
+    ADMIN_TOKEN: TOKEN,
+    STRIPE_SECRET_KEY: 'sk_test_e2e_dashboard',
+    STRIPE_API_BASE: emulator.url,
+    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
+    STRIPE_METER_ID_ACTIVE_SENSORS: 'mtr_emu_active_sensors',
+    DELIVERY_RETRY_DELAY_SECONDS: '1',
+    SHUTDOWN_TIMEOUT_MS: '5000',
+  };
+  server = startEntryPoint('server', { ...env, PORT: String(port) });
+  worker = startEntryPoint('worker', { ...env, WORKER_METRICS_PORT: String(metricsPort) });
+  baseUrl = `http://127.0.0.1:${port}`;
+  workerMetricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
+  await Promise.all([
+    server.waitForOutput('meterbox API listening', 60_000),
+    worker.waitForOutput('worker started', 60_000),
+  ]);
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+}, 120_000);
+
+afterAll(async () => {
+  await browser?.close();
+  server?.kill('SIGTERM');
+  worker?.kill('SIGTERM');
+  await Promise.all([server?.exited, worker?.exited]);
+  await emulator?.stop();
+});
+
+async function text(locator: Locator): Promise<string> {
+  return ((await locator.textContent()) ?? '').trim();
+}
+
+async function number(page: Page, testId: string): Promise<number> {
+  const value = await text(page.getByTestId(testId));
+  return Number(value.replace(/[^\d.]/g, ''));
+}
+
+describe('admin dashboard in a real browser', () => {
+  it('signs in, shows the database numbers, retries a failed row that the worker then delivers', {
+    timeout: 120_000,
+  }, async () => {
+    await ingest(alpha, 5);
+    await ingest(alpha, 3);
+    await ingest(beta, 4);
+    await ingest(gamma, 2);
+    // Alpha and Beta are delivered; Gamma's customer is unknown to Stripe: a permanent failure.
+    await waitFor(
+      async () => {
+        const rows = await ctx.db
+          .selectFrom('meter_outbox')
+          .select(['status', 'organization_id', 'event_name'])
+          .where('event_name', '=', 'temperature_readings')
+          .execute();
+        return (
+          rows.length === 4 &&
+          rows.every((r) =>
+            r.organization_id === gamma.organizationId ? r.status === 'failed' : r.status === 'delivered',
+          )
+        );
+      },
+      30_000,
+      'Alpha and Beta delivered, Gamma failed',
+    );
+
+    const page = await browser!.newPage({ viewport: { width: 1280, height: 900 } });
+    const response = await page.goto(`${baseUrl}/admin`);
+    expect(response?.status()).toBe(401);
+    await page.getByLabel('Admin token').fill('wrong-token-wrong-token');
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await expect.poll(() => text(page.getByRole('alert'))).toContain('not valid');
+    await page.getByLabel('Admin token').fill(TOKEN);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.getByRole('heading', { name: 'Pipeline' }).waitFor();
+
+    const cookies = await page.context().cookies();
+    const session = cookies.find((c) => c.name === 'meterbox_admin');
+    expect(session).toMatchObject({ httpOnly: true, sameSite: 'Strict', path: '/admin' });
+    expect(session?.value).not.toContain(TOKEN);
+
+    // The overview matches the database.
+    const counts = await statusCounts();
+    expect(await number(page, 'count-pending')).toBe(counts.pending ?? 0);
+    expect(await number(page, 'count-failed')).toBe(counts.failed ?? 0);
+    expect(await number(page, 'count-expired')).toBe(counts.expired ?? 0);
+    expect(await number(page, 'count-delivered-hour')).toBe(counts.delivered ?? 0);
+    expect(await page.getByTestId('delivery-chart').getAttribute('aria-label')).toContain(
+      `${counts.delivered ?? 0} in total`,
+    );
+
+    // The reconciliation table matches the database, and shows no drift.
+    for (const [org, stored] of [
+      [alpha, 8],
+      [beta, 4],
+      [gamma, 2],
+    ] as const) {
+      const row = page.locator(`tr[data-organization-id="${org.organizationId}"]`);
+      expect(await text(row.locator('[data-col="stored"]'))).toBe(String(stored));
+      expect(await text(row.locator('[data-col="drift"]'))).toBe('0');
+    }
+    const gammaRow = page.locator(`tr[data-organization-id="${gamma.organizationId}"]`);
+    expect(await text(gammaRow.locator('[data-col="failed"]'))).toBe('2');
+    expect(await text(gammaRow.locator('[data-col="delivered"]'))).toBe('0');
+    await page.getByTestId('no-drift').waitFor();
+    await page.screenshot({ path: join(RESULTS, 'dashboard-desktop.png'), fullPage: true });
+
+    // Stripe learns the customer; Retry on Gamma's failed readings row delivers it.
+    emulator.createCustomer({ id: gamma.customerId });
+    const failedRow = await ctx.db
+      .selectFrom('meter_outbox')
+      .select('id')
+      .where('organization_id', '=', gamma.organizationId)
+      .where('event_name', '=', 'temperature_readings')
+      .executeTakeFirstOrThrow();
+    await page.getByRole('button', { name: `Retry row ${failedRow.id}` }).click();
+    await expect.poll(() => text(page.getByTestId('flash'))).toContain('Retried 1 row');
+    await waitFor(
+      async () =>
+        (
+          await ctx.db
+            .selectFrom('meter_outbox')
+            .select('status')
+            .where('id', '=', failedRow.id)
+            .executeTakeFirstOrThrow()
+        ).status === 'delivered',
+      30_000,
+      'the retried row to be delivered by the worker',
+    );
+    const totals = emulator.totals({ customer: gamma.customerId, event_name: 'temperature_readings' });
+    expect(totals.map((t) => t.sum)).toEqual([2]);
+
+    await page.goto(`${baseUrl}/admin`);
+    expect(await text(gammaRow.locator('[data-col="delivered"]'))).toBe('2');
+    expect(await page.locator(`tr[data-row-id="${failedRow.id}"]`).count()).toBe(0);
+    const after = await statusCounts();
+    expect(await number(page, 'count-failed')).toBe(after.failed ?? 0);
+    expect(await number(page, 'count-delivered-hour')).toBe(after.delivered ?? 0);
+    await page.screenshot({ path: join(RESULTS, 'dashboard-after-retry.png'), fullPage: true });
+
+    // The worker's own /metrics saw the deliveries (its counters are not in the API's registry).
+    const metrics = await (await fetch(workerMetricsUrl)).text();
+    expect(metrics).toMatch(
+      /meterbox_meter_events_delivered_total\{meter="temperature_readings"[^}]*\} [1-9]/,
+    );
+    await page.close();
+  });
+
+  it('is usable on a phone-sized screen', { timeout: 60_000 }, async () => {
+    const phone = await browser!.newContext({
+      viewport: { width: 390, height: 844 },
+      deviceScaleFactor: 2,
+      isMobile: true,
+      hasTouch: true,
+    });
+    const page = await phone.newPage();
+    await page.goto(`${baseUrl}/admin`);
+    await page.getByLabel('Admin token').fill(TOKEN);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.getByRole('heading', { name: 'Pipeline' }).waitFor();
+    // Nothing wider than the screen except inside the horizontally scrolling table wrappers.
+    // A string expression: the test compiles without the DOM library.
+    const overflow = await page.evaluate<number>('document.documentElement.scrollWidth - window.innerWidth');
+    expect(overflow).toBeLessThanOrEqual(0);
+    await page.screenshot({ path: join(RESULTS, 'dashboard-phone.png'), fullPage: true });
+    await phone.close();
+  });
+});
