@@ -9,7 +9,7 @@ import { isDatabaseUnavailable } from '../db/errors.js';
 import { docsRoutes } from './docs.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';
 import { healthRoutes } from './health.js';
-import { httpMetrics, metricsRoutes } from './metrics.js';
+import { contractMetrics, httpMetrics, metricsRoutes } from './metrics.js';
 import { buildOpenApi } from './openapi.js';
 import { readingsRoutes } from './readings.js';
 import { sensorsRoutes } from './sensors.js';
@@ -37,6 +37,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
   const app = new Hono<AppEnv>();
 
   app.use('*', httpMetrics(ctx.metrics));
+  app.use('*', contractMetrics(ctx.metrics));
   app.use('*', async (c, next) => {
     const requestId = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
     c.set('requestId', requestId);

@@ -2,8 +2,14 @@
 import type { MiddlewareHandler } from 'hono';
 import { Hono } from 'hono';
 import { matchedRoutes } from 'hono/route';
+import { z } from 'zod';
 import type { Context } from '../context.js';
-import { applyPipelineSnapshot, type Metrics, readPipelineSnapshot } from '../observability/metrics.js';
+import {
+  applyPipelineSnapshot,
+  type Metrics,
+  readPipelineSnapshot,
+  type WebhookOutcome,
+} from '../observability/metrics.js';
 import type { AppEnv, HttpModule } from './types.js';
 
 /**
@@ -26,6 +32,56 @@ export function httpMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
         status: String(c.res.status),
       });
     }
+  };
+}
+
+const readingsAnswer = z.object({ inserted: z.number().int().nonnegative() });
+const webhookAnswer = z.object({ duplicate: z.boolean() });
+const webhookEvent = z.object({ type: z.string().max(100) });
+
+/**
+ * Counts ingested readings and webhook events from the fixed HTTP contract (ARCHITECTURE.md), so
+ * the ingestion and webhook modules need no metrics code: `201 {"inserted": n}` from
+ * POST /v1/readings; for POST /webhooks/stripe the answer's status (and `duplicate`) gives the
+ * outcome and the body's `type` the event type. The type is only read once the signature passed
+ * (any answer but 400), so unauthenticated senders cannot mint label values.
+ */
+export function contractMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
+  return async (c, next) => {
+    await next();
+    if (c.req.method !== 'POST') return;
+    const status = c.res.status;
+    if (c.req.path === '/v1/readings') {
+      if (status !== 201) return;
+      const parsed = readingsAnswer.safeParse(
+        await c.res
+          .clone()
+          .json()
+          .catch(() => undefined),
+      );
+      if (parsed.success) metrics.readingsIngested.inc(parsed.data.inserted);
+      return;
+    }
+    if (c.req.path !== '/webhooks/stripe') return;
+    let outcome: WebhookOutcome;
+    let type = 'unverified';
+    if (status === 400) outcome = 'invalid_signature';
+    else if (status === 503 && !c.res.headers.get('retry-after')) outcome = 'not_configured';
+    else {
+      // Hono keeps the request body it read for the handler; this reads that copy.
+      const event = webhookEvent.safeParse(await c.req.json().catch(() => undefined));
+      type = event.success ? event.data.type : 'unknown';
+      if (status === 200) {
+        const answer = webhookAnswer.safeParse(
+          await c.res
+            .clone()
+            .json()
+            .catch(() => undefined),
+        );
+        outcome = answer.success && answer.data.duplicate ? 'duplicate' : 'processed';
+      } else outcome = 'failed';
+    }
+    metrics.webhookEvents.inc({ type, outcome });
   };
 }
 

@@ -9,7 +9,7 @@ import type { DB } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
 
 export type StripeCallOutcome = 'success' | 'client_error' | 'rate_limited' | 'server_error';
-export type WebhookOutcome = 'processed' | 'duplicate' | 'ignored' | 'invalid_signature' | 'failed';
+export type WebhookOutcome = 'processed' | 'duplicate' | 'invalid_signature' | 'not_configured' | 'failed';
 
 export interface Metrics {
   readonly registry: Registry;

@@ -2,7 +2,9 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { createMetrics, readPipelineSnapshot, stripeOperation } from '../../src/observability/metrics.js';
+import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
+import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';
 
 let ctx: Context;
 let orgId: string;
@@ -172,5 +174,52 @@ describe('GET /metrics', () => {
     expect(sample(text, 'meterbox_stripe_calls_total', { outcome: 'success' })).toBe(1);
     expect(sample(text, 'meterbox_stripe_calls_total', { outcome: 'rate_limited' })).toBe(1);
     expect(sample(text, 'meterbox_stripe_call_duration_seconds_count', { outcome: 'success' })).toBe(1);
+  });
+});
+
+describe('contract-level counters', () => {
+  const SECRET = 'whsec_metrics_test_secret';
+
+  it('counts readings stored by POST /v1/readings and webhook events by type and outcome', async () => {
+    const metrics = createMetrics({ processMetrics: false });
+    const webhookCtx = await createTestContext({ STRIPE_WEBHOOK_SECRET: SECRET }, { metrics });
+    await webhookCtx.boss.start();
+    const app = createApp(webhookCtx);
+    const org = await createOrganization(webhookCtx.db);
+    const [sensor] = await createSensors(webhookCtx.db, org.organizationId, 1);
+    const send = (readings: unknown[]) =>
+      app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({ readings }),
+      });
+    const now = new Date();
+    expect((await send([reading(sensor!, 10, 4, now), reading(sensor!, 20, 4, now)])).status).toBe(201);
+    expect((await send([reading(sensor!, 10, 4, now), reading(sensor!, 30, 4, now)])).status).toBe(201); // one duplicate
+
+    const event = JSON.stringify(
+      buildEvent('invoice.paid', { id: 'in_metrics', object: 'invoice', customer: 'cus_unknown_metrics' }),
+    );
+    const post = (body: string, signature: string) =>
+      app.request('/webhooks/stripe', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'stripe-signature': signature },
+        body,
+      });
+    expect((await post(event, signPayload(event, SECRET))).status).toBe(200);
+    expect((await post(event, signPayload(event, SECRET))).status).toBe(200);
+    expect((await post(event, 't=1,v1=forged')).status).toBe(400);
+
+    const text = await metrics.registry.metrics();
+    expect(sample(text, 'meterbox_readings_ingested_total')).toBe(3);
+    expect(
+      sample(text, 'meterbox_webhook_events_total', { type: 'invoice.paid', outcome: 'processed' }),
+    ).toBe(1);
+    expect(
+      sample(text, 'meterbox_webhook_events_total', { type: 'invoice.paid', outcome: 'duplicate' }),
+    ).toBe(1);
+    expect(
+      sample(text, 'meterbox_webhook_events_total', { type: 'unverified', outcome: 'invalid_signature' }),
+    ).toBe(1);
   });
 });
