@@ -118,8 +118,9 @@ async function readPeriod(
 ): Promise<DbRow[]> {
   const { from, to } = period;
   const org = organizationId ?? null;
-  // Outbox rows are matched by created_at: written in the readings' transaction, its default now()
-  // equals the readings' ingested_at, so both sides of the comparison cut the period identically.
+  // Outbox rows are matched by occurred_at: ingestion sets a temperature_readings row's occurred_at
+  // and its readings' ingested_at from the same instant in one transaction, so both sides of the
+  // comparison cut the period identically.
   const result = await sql<DbRow>`
     WITH stored AS (
       SELECT organization_id, count(*)::bigint AS stored
@@ -139,7 +140,7 @@ async function readPeriod(
              count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'failed') AS as_failed,
              count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'expired') AS as_expired
         FROM meter_outbox
-       WHERE created_at >= ${from} AND created_at < ${to}
+       WHERE occurred_at >= ${from} AND occurred_at < ${to}
          AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
        GROUP BY organization_id
     ), by_timestamp AS (
