@@ -28,6 +28,14 @@ export function createDatabase(options: {
   // An idle client's error (e.g. Postgres restarted) is emitted on the pool; unhandled, it would
   // kill the process. The pool discards that client and the next query reconnects.
   pool.on('error', (err) => options.log.warn({ err }, 'idle database connection failed'));
+  // pg-pool removes that idle listener while a client is checked out, so a connection that dies
+  // between statements of a transaction, or while held across a Stripe call (the delivery drain's
+  // advisory-lock session), emitted 'error' with no listener and crashed the process (57P01 when
+  // Postgres shuts down). This listener stays for the client's life: the in-flight or next query
+  // rejects instead, and the pool discards the non-queryable client on release.
+  pool.on('connect', (client) => {
+    client.on('error', (err) => options.log.warn({ err }, 'database connection failed while in use'));
+  });
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   return { db, pool };
 }

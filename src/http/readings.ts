@@ -11,7 +11,7 @@ import {
   type StoredResponse,
   storeResponse,
 } from '../ingest/idempotency.js';
-import { checkSensors, storeReadings } from '../ingest/readings.js';
+import { checkSensors, type StoreReadingsOptions, storeReadings } from '../ingest/readings.js';
 import { readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { apiKeyAuth } from './auth.js';
 import { AppError, type ErrorDetail } from './errors.js';
@@ -66,7 +66,8 @@ function replay(c: HonoContext<AppEnv>, stored: StoredResponse, hash: string): R
   return c.json(stored.body as object, stored.status as 201);
 }
 
-export function readingsRoutes(ctx: Context): HttpModule {
+/** options: only scripts/bench passes any (the outbox-cost benchmark); createApp never does. */
+export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {}): HttpModule {
   const schema = readingsRequestSchema({
     maxBatch: ctx.config.READINGS_MAX_BATCH,
     now: () => ctx.clock.now(),
@@ -98,7 +99,7 @@ export function readingsRoutes(ctx: Context): HttpModule {
       const result = await ctx.db.transaction().execute(async (trx) => {
         const problems = await checkSensors(trx, organizationId, readings);
         if (problems.length > 0) throw invalidBatch(problems);
-        const stored = await storeReadings(trx, ctx.boss, organizationId, readings, now);
+        const stored = await storeReadings(trx, ctx.boss, organizationId, readings, now, options);
         if (key !== undefined && hash !== undefined) {
           const saved = await storeResponse(
             trx,

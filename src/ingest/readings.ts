@@ -63,6 +63,15 @@ export async function insertReadings(
   return result.rows[0]?.inserted ?? 0;
 }
 
+export interface StoreReadingsOptions {
+  /**
+   * Benchmark-only (scripts/bench measures the outbox's cost): false skips the outbox row and job,
+   * so the readings are never billed. No route, header or setting reaches it; production wiring
+   * never passes it.
+   */
+  outbox?: boolean;
+}
+
 /**
  * Stores a validated batch whose sensors were checked, and bills what was actually stored: one
  * temperature_readings outbox row (value = rows inserted, usage time = ingestion time, so it is
@@ -75,9 +84,10 @@ export async function storeReadings(
   organizationId: string,
   readings: readonly Reading[],
   now: Date,
+  options: StoreReadingsOptions = {},
 ): Promise<ReadingsResult> {
   const inserted = await insertReadings(trx, organizationId, readings, now);
-  if (inserted > 0) {
+  if (inserted > 0 && options.outbox !== false) {
     const customerId = await billableCustomerId(trx, organizationId);
     if (customerId) {
       await writeOutbox(trx, boss, {

