@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import { ROOT, RunningProcess } from '../helpers/processes.js';
 
 function alive(pid: number): boolean {
@@ -56,7 +56,7 @@ async function waitFor<T>(fn: () => Promise<T | undefined>, deadlineMs: number):
 describe('npm start (dev mode)', () => {
   it('runs API, worker, embedded Postgres and emulator; bills a curl reading; Ctrl-C leaves no Postgres; restart reuses the data', async () => {
     const dataDir = await mkdtemp(join(tmpdir(), 'meterbox-dev-'));
-    afterAll(() => rm(dataDir, { recursive: true, force: true }));
+    onTestFinished(() => rm(dataDir, { recursive: true, force: true }));
 
     const first = startDev(dataDir);
     await first.waitForOutput('demo API key', 90_000);

@@ -1,6 +1,6 @@
 // Two real worker processes (src/bin/worker.ts) on one database with METER_CRON every minute: the
 // start-up runs, direct triggers and a real cron firing still give one report per organization and hour.
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
@@ -35,7 +35,7 @@ describe('hourly report with two worker processes', () => {
 
     const env = { DATABASE_URL: url, METER_CRON: '* * * * *', SHUTDOWN_TIMEOUT_MS: '5000' };
     const workers: RunningProcess[] = [startEntryPoint('worker', env), startEntryPoint('worker', env)];
-    afterAll(async () => {
+    onTestFinished(async () => {
       for (const w of workers) w.kill('SIGTERM');
       await Promise.all(workers.map((w) => w.exited));
     });

@@ -1,10 +1,19 @@
 // Per-file test databases cloned from the migrated template, and contexts built on them.
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { afterAll, inject } from 'vitest';
+import { afterAll, expect, inject, onTestFinished } from 'vitest';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
+
+/**
+ * Registers clean-up for the current test when called inside one (vitest silently ignores an
+ * afterAll registered there), else for the end of the file.
+ */
+export function cleanUp(fn: () => Promise<unknown> | unknown): void {
+  if (expect.getState().currentTestName !== undefined) onTestFinished(async () => void (await fn()));
+  else afterAll(async () => void (await fn()));
+}
 
 export function databaseUrl(database: string): string {
   const u = new URL(inject('pgAdminUrl'));
@@ -43,9 +52,7 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
       }
     }
   });
-  afterAll(async () => {
-    await admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
-  });
+  cleanUp(() => admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)));
   return databaseUrl(name);
 }
 
@@ -61,6 +68,6 @@ export async function createTestContext(
   const url = env.DATABASE_URL ?? (await createTestDatabase());
   const config = testConfig({ ...env, DATABASE_URL: url });
   const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides });
-  afterAll(() => ctx.close());
+  cleanUp(() => ctx.close());
   return ctx;
 }

@@ -1,8 +1,19 @@
 // Runs the real entry points (src/bin/*.ts through tsx) as child processes for end-to-end tests.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { afterAll } from 'vitest';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+// Every process a test file starts is killed when the file ends, whatever the test did: a leaked
+// worker would keep polling (and billing into) a database nobody watches.
+const live = new Set<ChildProcess>();
+afterAll(() => {
+  for (const child of live) child.kill('SIGKILL');
+});
+process.once('exit', () => {
+  for (const child of live) child.kill('SIGKILL');
+});
 
 export function spawnEntryPoint(name: string, env: Record<string, string | undefined>): ChildProcess {
   const childEnv: Record<string, string> = {};
@@ -28,6 +39,8 @@ export class RunningProcess {
   stderr = '';
   readonly exited: Promise<Finished>;
   constructor(readonly child: ChildProcess) {
+    live.add(child);
+    child.once('exit', () => live.delete(child));
     child.stdout?.on('data', (d: Buffer) => {
       this.stdout += d.toString();
     });

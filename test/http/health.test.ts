@@ -1,12 +1,11 @@
 import { Hono } from 'hono';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import { type Context, createContext } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { freePort } from '../../src/db/embedded.js';
-import { createLogger } from '../../src/log.js';
+import { createApp } from '../../src/http/app.js';
 import type { AppEnv, HttpModule } from '../../src/http/types.js';
+import { createLogger } from '../../src/log.js';
 import { createTestContext, createTestDatabase, testConfig } from '../helpers/database.js';
-import { afterAll } from 'vitest';
 
 function echoModule(): HttpModule {
   const app = new Hono<AppEnv>();
@@ -29,7 +28,11 @@ describe('health and readiness', () => {
     const ctx = await createTestContext();
     const res = await createApp(ctx).request('/readyz');
     expect(res.status).toBe(200);
-    expect(await res.json()).toMatchObject({ status: 'ready', database: 'up', migrations: { current: true } });
+    expect(await res.json()).toMatchObject({
+      status: 'ready',
+      database: 'up',
+      migrations: { current: true },
+    });
   });
 
   it('reports 503 until migrations are applied', async () => {
@@ -43,8 +46,10 @@ describe('health and readiness', () => {
 
   it('reports 503 quickly while the database is unreachable', async () => {
     const port = await freePort();
-    const ctx: Context = await createContext(testConfig({ DATABASE_URL: `postgres://x@127.0.0.1:${port}/x` }));
-    afterAll(() => ctx.close());
+    const ctx: Context = await createContext(
+      testConfig({ DATABASE_URL: `postgres://x@127.0.0.1:${port}/x` }),
+    );
+    onTestFinished(() => ctx.close());
     const started = Date.now();
     const res = await createApp(ctx).request('/readyz');
     expect(res.status).toBe(503);
@@ -101,6 +106,8 @@ describe('HTTP skeleton', () => {
     const all = lines.join('\n');
     expect(all).not.toContain('mbx_supersecret');
     expect(all).not.toContain('v1=abc');
-    expect(entry).toMatchObject({ req: { headers: { authorization: '[redacted]', 'stripe-signature': '[redacted]' } } });
+    expect(entry).toMatchObject({
+      req: { headers: { authorization: '[redacted]', 'stripe-signature': '[redacted]' } },
+    });
   });
 });

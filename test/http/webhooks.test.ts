@@ -3,7 +3,7 @@
 import { Writable } from 'node:stream';
 import { sql } from 'kysely';
 import { pino } from 'pino';
-import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it, onTestFinished } from 'vitest';
 import { defaultHandlers, type EventHandler } from '../../src/billing/handlers.js';
 import { createApp } from '../../src/http/app.js';
 import { startHttpServer } from '../../src/http/server.js';
@@ -253,7 +253,7 @@ describe('POST /webhooks/stripe: exactly once', () => {
 describe('POST /webhooks/stripe: over the network and in the logs', () => {
   it('accepts events sent by the Stripe emulator over HTTP and answers its duplicate', async () => {
     const server = await startHttpServer(app, { port: 0, host: '127.0.0.1' });
-    afterAll(() => server.stop(1_000));
+    onTestFinished(() => server.stop(1_000));
     const { organizationId, customer, sub } = await linkedOrganization();
     const event = pastDueEvent(customer, sub);
     const first = await sendWebhook(`${server.url}/webhooks/stripe`, event, WEBHOOK_SECRET);

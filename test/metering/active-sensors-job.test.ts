@@ -3,7 +3,7 @@
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { PgBoss, TestClock } from 'pg-boss';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, onTestFinished } from 'vitest';
 import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
@@ -160,7 +160,7 @@ describe('start-up run failure', () => {
         }),
       }),
     });
-    afterAll(() => unreachable.destroy());
+    onTestFinished(() => unreachable.destroy());
     await expect(startActiveSensorReporting({ ...ctx, db: unreachable })).resolves.toBeUndefined();
     const { rows } = await ctx.pool.query<{ n: number }>(
       `SELECT count(*)::int AS n FROM pgboss.job WHERE name = $1`,
