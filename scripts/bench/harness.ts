@@ -62,7 +62,7 @@ export async function startCluster(dataDir: string): Promise<Cluster> {
       const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
       await client.connect();
       try {
-        const { rows } = await client.query<{ v: string }>('SHOW server_version');
+        const { rows } = await client.query<{ v: string }>("SELECT current_setting('server_version') AS v");
         return rows[0]?.v ?? 'unknown';
       } finally {
         await client.end();

@@ -1,0 +1,72 @@
+// tsx scripts/bench/profile.ts [batch] [concurrency] [orgs]: where does a POST /v1/readings spend its
+// time? Drives the API and samples Postgres wait events (pg_stat_activity) and the API's CPU use.
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import {
+  closedLoop,
+  createOrgs,
+  freshDatabase,
+  HttpClient,
+  latencySummary,
+  openDatabase,
+  ReadingSource,
+  startApi,
+  startCluster,
+} from './harness.js';
+
+const batch = Number(process.argv[2] ?? 1);
+const concurrency = Number(process.argv[3] ?? 32);
+const orgCount = Number(process.argv[4] ?? 8);
+const dir = join('/tmp', `meterbox-profile-${process.pid}`);
+const cluster = await startCluster(join(dir, 'pg'));
+try {
+  const url = await freshDatabase(cluster, 'profile');
+  const h = openDatabase(url, 2);
+  const orgs = await createOrgs(h.db, orgCount, 50, 'p');
+  const api = await startApi({ DATABASE_URL: url, DB_POOL_MAX: String(concurrency) });
+  const http = new HttpClient(api.url, 256);
+  const source = new ReadingSource();
+  const waits = new Map<string, number>();
+  const ticks = () => {
+    const f = readFileSync(`/proc/${api.proc.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return Number(f[11]) + Number(f[12]);
+  };
+  let samples = 0;
+  const sampler = setInterval(() => {
+    h.pool
+      .query<{ w: string; q: string }>(
+        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') || ' ' || state AS w, left(query, 40) AS q FROM pg_stat_activity WHERE application_name LIKE 'meterbox-api%' AND state <> 'idle'`,
+      )
+      .then((r) => {
+        samples++;
+        for (const row of r.rows)
+          waits.set(`${row.w} | ${row.q}`, (waits.get(`${row.w} | ${row.q}`) ?? 0) + 1);
+      })
+      .catch(() => {});
+  }, 50);
+  const t0 = ticks();
+  const r = await closedLoop(concurrency, 8_000, async (w) => {
+    const org = orgs[w % orgs.length]!;
+    const res = await http.postJson(
+      '/v1/readings',
+      JSON.stringify({ readings: source.batch(org, batch) }),
+      org.apiKey,
+    );
+    return { ok: res.status === 201, units: batch };
+  });
+  clearInterval(sampler);
+  const cpu = (ticks() - t0) / 100 / r.seconds;
+  console.log(
+    `${r.ops / r.seconds} req/s, API CPU ${Math.round(cpu * 100)}% of one core, latency`,
+    latencySummary(r.latencies),
+  );
+  console.log(`active backends per sample (${samples} samples):`);
+  for (const [k, v] of [...waits.entries()].sort((a, b) => b[1] - a[1]).slice(0, 15))
+    console.log(`  ${(v / samples).toFixed(2)}  ${k}`);
+  http.close();
+  await api.proc.stop();
+  await h.db.destroy();
+} finally {
+  await cluster.stop();
+  rmSync(dir, { recursive: true, force: true });
+}
