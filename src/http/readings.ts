@@ -11,7 +11,7 @@ import {
   type StoredResponse,
   storeResponse,
 } from '../ingest/idempotency.js';
-import { checkSensors, type StoreReadingsOptions, storeReadings } from '../ingest/readings.js';
+import { type StoreReadingsOptions, storeReadings } from '../ingest/readings.js';
 import { readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { apiKeyAuth } from './auth.js';
 import { AppError, type ErrorDetail } from './errors.js';
@@ -97,9 +97,9 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
     const { readings } = parsed.data;
     try {
       const result = await ctx.db.transaction().execute(async (trx) => {
-        const problems = await checkSensors(trx, organizationId, readings);
-        if (problems.length > 0) throw invalidBatch(problems);
-        const stored = await storeReadings(trx, ctx.boss, organizationId, readings, now, options);
+        const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now, options);
+        if (!outcome.stored) throw invalidBatch(outcome.problems);
+        const stored = outcome.result;
         if (key !== undefined && hash !== undefined) {
           const saved = await storeResponse(
             trx,
@@ -113,6 +113,8 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
         }
         return stored;
       });
+      // Counted here, after the commit, from the result object (a replay stores nothing).
+      ctx.metrics.readingsIngested.inc(result.inserted);
       return c.json(result, 201);
     } catch (err) {
       if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;

@@ -1,66 +1,14 @@
 // The one-transaction readings write: sensor check, bulk insert and the temperature_readings
-// outbox row with its delivery job, all in the caller's transaction.
+// outbox row in one statement, then its delivery job, all in the caller's transaction.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { billableCustomerId } from '../billing/billable.js';
-import type { DB } from '../db/schema.js';
-import { writeOutbox } from '../metering/outbox.js';
+import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
+import { enqueueDelivery } from '../metering/outbox.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
 export interface SensorProblem {
   index: number;
   message: string;
-}
-
-/**
- * One query for the whole batch: every reading's sensor must belong to the organization and be
- * active. A foreign sensor reads "unknown" so its existence is never revealed.
- */
-export async function checkSensors(
-  trx: Transaction<DB>,
-  organizationId: string,
-  readings: readonly Pick<Reading, 'sensorId'>[],
-): Promise<SensorProblem[]> {
-  const ids = [...new Set(readings.map((r) => r.sensorId.toLowerCase()))];
-  const result = await sql<{ id: string; active: boolean }>`
-    SELECT id, active FROM sensors
-    WHERE organization_id = ${organizationId} AND id = ANY(${ids}::uuid[])`.execute(trx);
-  const active = new Map(result.rows.map((row) => [row.id, row.active]));
-  const problems: SensorProblem[] = [];
-  readings.forEach((reading, index) => {
-    const state = active.get(reading.sensorId.toLowerCase());
-    if (state === undefined) problems.push({ index, message: 'unknown sensor' });
-    else if (!state) problems.push({ index, message: 'sensor is inactive' });
-  });
-  return problems;
-}
-
-/**
- * One statement for the whole batch; returns how many rows were actually stored. Rows are inserted
- * in (sensor, instant) order so concurrent overlapping batches take their row locks in the same
- * order and cannot deadlock; within equal keys the first occurrence in the batch wins.
- */
-export async function insertReadings(
-  trx: Transaction<DB>,
-  organizationId: string,
-  readings: readonly Reading[],
-  ingestedAt: Date,
-): Promise<number> {
-  const sensorIds = readings.map((r) => r.sensorId);
-  const recordedAt = readings.map((r) => r.recordedAt);
-  const temperatures = readings.map((r) => r.temperatureC);
-  const result = await sql<{ inserted: number }>`
-    WITH stored AS (
-      INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
-      SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${ingestedAt}
-      FROM unnest(${sensorIds}::uuid[], ${recordedAt}::timestamptz[], ${temperatures}::float8[])
-        WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
-      ORDER BY r.sensor_id, r.recorded_at, r.n
-      ON CONFLICT (sensor_id, recorded_at) DO NOTHING
-      RETURNING 1
-    )
-    SELECT count(*)::int AS inserted FROM stored`.execute(trx);
-  return result.rows[0]?.inserted ?? 0;
 }
 
 export interface StoreReadingsOptions {
@@ -72,11 +20,33 @@ export interface StoreReadingsOptions {
   outbox?: boolean;
 }
 
+/** Either the batch was stored (and billed), or it was refused because of its sensors. */
+export type StoreReadingsOutcome =
+  | { stored: true; result: ReadingsResult }
+  | { stored: false; problems: SensorProblem[] };
+
+interface StoreRow {
+  inserted: number;
+  customer_id: string | null;
+  problem_index: number[] | null;
+  problem_active: (boolean | null)[] | null;
+}
+
 /**
- * Stores a validated batch whose sensors were checked, and bills what was actually stored: one
- * temperature_readings outbox row (value = rows inserted, usage time = ingestion time, so it is
- * always inside Stripe's 35-day window) and its delivery job, in the same transaction. No outbox
- * row when nothing new was stored or the organization is not billable.
+ * Stores a validated batch and bills what was actually stored, in the caller's transaction, with
+ * one statement plus the delivery job (every round trip costs a write system call and a wake-up of
+ * the backend, the dominant cost of small requests):
+ *
+ * - every reading's sensor must belong to the organization and be active, else nothing is stored
+ *   and the per-index problems are returned (a foreign sensor reads "unknown" so its existence is
+ *   never revealed);
+ * - rows are inserted in (sensor, instant) order so concurrent overlapping batches take their row
+ *   locks in the same order and cannot deadlock; within equal keys the first occurrence wins;
+ * - one temperature_readings outbox row (value = rows actually inserted, usage time = ingestion
+ *   time, so it is always inside Stripe's 35-day window) only when something new was stored and
+ *   the organization is billable; then its delivery job, through the same transaction.
+ *
+ * All parts read one snapshot, as the separate statements did under READ COMMITTED.
  */
 export async function storeReadings(
   trx: Transaction<DB>,
@@ -85,19 +55,59 @@ export async function storeReadings(
   readings: readonly Reading[],
   now: Date,
   options: StoreReadingsOptions = {},
-): Promise<ReadingsResult> {
-  const inserted = await insertReadings(trx, organizationId, readings, now);
-  if (inserted > 0 && options.outbox !== false) {
-    const customerId = await billableCustomerId(trx, organizationId);
-    if (customerId) {
-      await writeOutbox(trx, boss, {
-        organizationId,
-        eventName: 'temperature_readings',
-        customerId,
-        value: inserted,
-        occurredAt: now,
-      });
-    }
+): Promise<StoreReadingsOutcome> {
+  const sensorIds = readings.map((r) => r.sensorId);
+  const recordedAt = readings.map((r) => r.recordedAt);
+  const temperatures = readings.map((r) => r.temperatureC);
+  const billed = options.outbox !== false;
+  const result = await sql<StoreRow>`
+    WITH input AS MATERIALIZED (
+      SELECT r.sensor_id, r.recorded_at, r.temperature_c, r.n
+      FROM unnest(${sensorIds}::uuid[], ${recordedAt}::timestamptz[], ${temperatures}::float8[])
+        WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
+    ), known AS (
+      SELECT s.id, s.active FROM sensors s
+      WHERE s.organization_id = ${organizationId} AND s.id IN (SELECT sensor_id FROM input)
+    ), problems AS (
+      SELECT i.n, k.active FROM input i LEFT JOIN known k ON k.id = i.sensor_id
+      WHERE k.active IS NOT TRUE
+    ), stored AS (
+      INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+      SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now}
+      FROM input r
+      WHERE NOT EXISTS (SELECT 1 FROM problems)
+      ORDER BY r.sensor_id, r.recorded_at, r.n
+      ON CONFLICT (sensor_id, recorded_at) DO NOTHING
+      RETURNING 1
+    ), counted AS (
+      SELECT count(*)::int AS inserted FROM stored
+    ), outbox AS (
+      INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at)
+      SELECT ${organizationId}, 'temperature_readings', s.stripe_customer_id, c.inserted, ${now}
+      FROM counted c
+      JOIN subscriptions s ON s.organization_id = ${organizationId}
+        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+        AND s.stripe_customer_id IS NOT NULL
+      WHERE c.inserted > 0 AND ${billed}::boolean
+      RETURNING stripe_customer_id
+    )
+    SELECT
+      (SELECT inserted FROM counted) AS inserted,
+      (SELECT stripe_customer_id FROM outbox) AS customer_id,
+      (SELECT array_agg(n::int - 1 ORDER BY n) FROM problems) AS problem_index,
+      (SELECT array_agg(active ORDER BY n) FROM problems) AS problem_active`.execute(trx);
+  const row = result.rows[0];
+  if (!row) throw new Error('storeReadings: the statement returned no row');
+  if (row.problem_index && row.problem_index.length > 0) {
+    const active = row.problem_active ?? [];
+    return {
+      stored: false,
+      problems: row.problem_index.map((index, i) => ({
+        index,
+        message: active[i] === false ? 'sensor is inactive' : 'unknown sensor',
+      })),
+    };
   }
-  return { inserted, duplicates: readings.length - inserted };
+  if (row.customer_id) await enqueueDelivery(trx, boss, row.customer_id, 'temperature_readings');
+  return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
 }

@@ -4,7 +4,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { createApp } from '../../src/http/app.js';
-import { checkSensors, storeReadings } from '../../src/ingest/readings.js';
+import { storeReadings } from '../../src/ingest/readings.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
 
@@ -55,24 +55,36 @@ describe('bulk efficiency', () => {
       counts.push(statements.length);
     }
     expect(counts[0]).toBe(counts[1]);
-    // auth, begin, sensor check, insert, billable lookup, outbox row, job, commit.
-    expect(counts[1], statements.join('\n')).toBeLessThanOrEqual(8);
+    // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), job, commit.
+    expect(counts[1], statements.join('\n')).toBe(5);
   });
 
-  it('checks sensor ownership in one query and writes a batch with one insert statement', async () => {
+  it('checks the sensors, inserts the batch and writes the outbox row in one statement, plus the job', async () => {
+    const org = await createOrganization(ctx.db);
+    const sensors = await createSensors(ctx.db, org.organizationId, 10);
+    const batch = readings(sensors, 500);
+    await counting.transaction().execute(async (trx) => {
+      statements.length = 0;
+      const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
+      expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
+      expect(statements).toHaveLength(2);
+      expect(statements[0]).toMatch(
+        /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
+      );
+      expect(statements[0]).toMatch(/INSERT INTO meter_outbox/);
+      expect(statements[1]).toMatch(/pgboss/);
+    });
+  });
+
+  it('sends one statement and no job for an organization that is not billable', async () => {
     const org = await createOrganization(ctx.db, { billable: false });
     const sensors = await createSensors(ctx.db, org.organizationId, 10);
     const batch = readings(sensors, 500);
     await counting.transaction().execute(async (trx) => {
       statements.length = 0;
-      expect(await checkSensors(trx, org.organizationId, batch)).toEqual([]);
+      const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
+      expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
       expect(statements).toHaveLength(1);
-      statements.length = 0;
-      const result = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
-      expect(result).toEqual({ inserted: 500, duplicates: 0 });
-      // Not billable: the insert, then the billable lookup; nothing else.
-      expect(statements).toHaveLength(2);
-      expect(statements[0]).toMatch(/INSERT INTO temperature_readings[\s\S]*unnest/);
     });
   });
 });
