@@ -229,14 +229,49 @@ export class Proc {
   }
 }
 
-/** Starts src/bin/<name>.ts, or a script path relative to the repository, as a real Node process. */
+/**
+ * Bundles the given entry points (paths relative to the repository) exactly as scripts/build.mjs
+ * bundles production's dist/ (esbuild, ESM, dependencies external), into a directory under
+ * bench-results/ so node_modules resolves and the shared dist/ is left alone. Returns the path of
+ * each bundle by entry, to pass to startProcess: measurements then cover the code production runs
+ * (`node dist/server.js`), not tsx's in-memory compiler, which roughly doubles a process's RSS.
+ */
+export async function buildEntries(
+  entries: readonly string[],
+  outdir: string,
+): Promise<Record<string, string>> {
+  const { build } = await import('esbuild');
+  // src/bin/server.ts -> src-bin-server.js: entries of the same file name must not collide.
+  const names = entries.map((e) => ({ in: e, out: e.replace(/\.ts$/, '').replaceAll('/', '-') }));
+  await build({
+    absWorkingDir: ROOT,
+    entryPoints: names,
+    outdir,
+    bundle: true,
+    packages: 'external',
+    platform: 'node',
+    format: 'esm',
+    target: 'node22',
+    sourcemap: true,
+    splitting: true,
+    chunkNames: 'chunks/[name]-[hash]',
+    logLevel: 'warning',
+  });
+  return Object.fromEntries(names.map((n) => [n.in, `${outdir}/${n.out}.js`]));
+}
+
+/**
+ * Starts src/bin/<name>.ts, or a script path relative to the repository, as a real Node process:
+ * a `.ts` file through tsx, a `.js` bundle (buildEntries) with plain node.
+ */
 export function startProcess(entry: string, env: Record<string, string | undefined>, name = entry): Proc {
   const childEnv: Record<string, string> = {};
   for (const [k, v] of Object.entries({ ...process.env, LOG_LEVEL: 'warn', ...env })) {
     if (v !== undefined) childEnv[k] = v;
   }
   const script = entry.includes('/') ? entry : `src/bin/${entry}.ts`;
-  const child = spawn(process.execPath, ['--import', 'tsx', script], {
+  const args = script.endsWith('.js') ? [script] : ['--import', 'tsx', script];
+  const child = spawn(process.execPath, args, {
     cwd: ROOT,
     env: childEnv,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -270,8 +305,9 @@ export async function startApi(
 export async function startWorkerProcess(
   env: Record<string, string | undefined>,
   name = 'worker',
+  entry = 'worker',
 ): Promise<Proc> {
-  const proc = startProcess('worker', { ...env, LOG_LEVEL: 'info' }, name);
+  const proc = startProcess(entry, { ...env, LOG_LEVEL: 'info' }, name);
   await proc.waitForOutput('worker started');
   return proc;
 }

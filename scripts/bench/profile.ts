@@ -3,6 +3,7 @@
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import {
+  buildEntries,
   closedLoop,
   createOrgs,
   freshDatabase,
@@ -10,6 +11,7 @@ import {
   latencySummary,
   openDatabase,
   ReadingSource,
+  ROOT,
   startApi,
   startCluster,
 } from './harness.js';
@@ -23,7 +25,14 @@ try {
   const url = await freshDatabase(cluster, 'profile');
   const h = openDatabase(url, 2);
   const orgs = await createOrgs(h.db, orgCount, 50, 'p');
-  const api = await startApi({ DATABASE_URL: url, DB_POOL_MAX: String(concurrency) });
+  const built = await buildEntries(
+    ['src/bin/server.ts'],
+    join(ROOT, 'bench-results', `.build-${process.pid}`),
+  );
+  const api = await startApi(
+    { DATABASE_URL: url, DB_POOL_MAX: String(concurrency) },
+    built['src/bin/server.ts'],
+  );
   const http = new HttpClient(api.url, 256);
   const source = new ReadingSource();
   const waits = new Map<string, number>();
@@ -44,6 +53,13 @@ try {
       })
       .catch(() => {});
   }, 50);
+  // Whole-machine busy time, to tell "the API is saturated" from "the machine is".
+  const machineTicks = () => {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+    return { busy: f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!, all: f.reduce((a, b) => a + b, 0) };
+  };
+  const m0 = machineTicks();
+  const self0 = process.cpuUsage();
   const t0 = ticks();
   const r = await closedLoop(concurrency, 8_000, async (w) => {
     const org = orgs[w % orgs.length]!;
@@ -56,6 +72,11 @@ try {
   });
   clearInterval(sampler);
   const cpu = (ticks() - t0) / 100 / r.seconds;
+  const m1 = machineTicks();
+  const self = process.cpuUsage(self0);
+  console.log(
+    `machine busy ${Math.round((100 * (m1.busy - m0.busy)) / (m1.all - m0.all))}% of all cores; load generator CPU ${Math.round((self.user + self.system) / 1e4 / r.seconds)}% of one core`,
+  );
   console.log(
     `${r.ops / r.seconds} req/s, API CPU ${Math.round(cpu * 100)}% of one core, latency`,
     latencySummary(r.latencies),
@@ -69,4 +90,5 @@ try {
 } finally {
   await cluster.stop();
   rmSync(dir, { recursive: true, force: true });
+  rmSync(join(ROOT, 'bench-results', `.build-${process.pid}`), { recursive: true, force: true });
 }
