@@ -40,6 +40,8 @@ export const configSchema = z.object({
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
   DELIVERY_MAX_ROWS_PER_EVENT: int(1, 1_000_000).default(10_000),
+  /** Least time between two Stripe calls for one customer and meter, across all worker processes. */
+  DELIVERY_MIN_INTERVAL_MS: int(0, 60_000).default(1000),
   /** Backstop poll of the delivery queue (NOTIFY wakes workers on commit; polls pick up retries). */
   DELIVERY_POLL_INTERVAL_SECONDS: z.coerce.number().min(0.5).max(60).default(1),
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),

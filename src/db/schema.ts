@@ -132,6 +132,13 @@ export interface SchemaMigrationsTable {
   applied_at: DefaultTimestamp;
 }
 
+/** migrations/0006: earliest next Stripe call per customer and meter (delivery pacing). */
+export interface MeterDeliveryPacingTable {
+  stripe_customer_id: string;
+  event_name: MeterEventName;
+  next_call_at: Timestamp;
+}
+
 export interface DB {
   organizations: OrganizationsTable;
   api_keys: ApiKeysTable;
@@ -142,6 +149,7 @@ export interface DB {
   stripe_events: StripeEventsTable;
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;
+  meter_delivery_pacing: MeterDeliveryPacingTable;
   schema_migrations: SchemaMigrationsTable;
 }
 

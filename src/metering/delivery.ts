@@ -78,6 +78,8 @@ export type DrainResult =
   | { kind: 'backing_off' }
   /** Budget used up with rows left; a follow-up job was queued. */
   | { kind: 'continued'; events: number }
+  /** Rows are pending but the key called Stripe less than DELIVERY_MIN_INTERVAL_MS ago; a job was queued for when it may call again. */
+  | { kind: 'paced'; events: number; waitMs: number }
   | { kind: 'retry'; reason: string; message: string; identifier: string }
   | { kind: 'failed'; reason: string; message: string; identifier: string };
 
@@ -113,8 +115,9 @@ export async function claimGroup(
   db: Kysely<DB>,
   customerId: string,
   eventName: MeterEventName,
-  options: { now: Date; maxRows: number },
-): Promise<{ group: DeliveryGroup | null; expired: number }> {
+  options: { now: Date; maxRows: number; minIntervalMs?: number },
+): Promise<{ group: DeliveryGroup | null; expired: number; waitMs?: number }> {
+  const minIntervalMs = options.minIntervalMs ?? 0;
   return db.transaction().execute(async (trx) => {
     const pending = () =>
       trx
@@ -122,6 +125,15 @@ export async function claimGroup(
         .where('stripe_customer_id', '=', customerId)
         .where('event_name', '=', eventName)
         .where('status', '=', 'pending');
+
+    if (minIntervalMs > 0) {
+      // Paced: claim nothing yet, so rows committed until the next call join its group.
+      const waitMs = await paceWaitMs(trx, customerId, eventName);
+      if (waitMs > 0) {
+        const any = await pending().select('id').limit(1).executeTakeFirst();
+        return any ? { group: null, expired: 0, waitMs } : { group: null, expired: 0 };
+      }
+    }
 
     let expired = 0;
     const inflight = await pending()
@@ -186,6 +198,9 @@ export async function claimGroup(
       .where('identifier', '=', identifier)
       .where('status', '=', 'pending')
       .execute();
+    // Committed with the claim, before the call: a process that dies mid-call still spaces the
+    // key's next call (from this instant; the answer would have moved it later).
+    if (minIntervalMs > 0) await setNextCall(trx, customerId, eventName, minIntervalMs);
     // Value and timestamp derive from the group's rows, which never change once grouped: every
     // resend of this identifier carries the same value and timestamp.
     const group = await trx
@@ -243,6 +258,33 @@ async function recordError(db: Kysely<DB>, identifier: string, error: string): P
     .execute();
 }
 
+/** Milliseconds until this key may call Stripe again (0: now); database clock, shared by all workers. */
+export async function paceWaitMs(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+): Promise<number> {
+  const result = await sql<{ wait_ms: number }>`
+    SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int AS wait_ms
+    FROM meter_delivery_pacing
+    WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}`.execute(db);
+  return Math.max(0, result.rows[0]?.wait_ms ?? 0);
+}
+
+/** The key's next call may start minIntervalMs from now (never earlier than already set). */
+async function setNextCall(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+  minIntervalMs: number,
+): Promise<void> {
+  await sql`
+    INSERT INTO meter_delivery_pacing AS p (stripe_customer_id, event_name, next_call_at)
+    VALUES (${customerId}, ${eventName}, clock_timestamp() + make_interval(secs => ${minIntervalMs / 1000}))
+    ON CONFLICT (stripe_customer_id, event_name)
+    DO UPDATE SET next_call_at = greatest(p.next_call_at, excluded.next_call_at)`.execute(db);
+}
+
 async function hasPending(db: Kysely<DB>, customerId: string, eventName: MeterEventName): Promise<boolean> {
   const row = await db
     .selectFrom('meter_outbox')
@@ -271,6 +313,7 @@ export async function drainKey(
   const observer = deps.observer ?? {};
   const key = deliveryKey(customerId, eventName);
   const started = Date.now();
+  const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
 
   const result = await deps.db.connection().execute(async (conn): Promise<DrainResult> => {
     const locked = await sql<{ locked: boolean }>`
@@ -285,11 +328,15 @@ export async function drainKey(
         const claim = await claimGroup(conn, customerId, eventName, {
           now: deps.clock.now(),
           maxRows: deps.config.DELIVERY_MAX_ROWS_PER_EVENT,
+          minIntervalMs,
         });
         if (claim.expired > 0) {
           log.warn({ rows: claim.expired }, "outbox rows expired: older than Stripe's 35-day window");
           observer.onExpired?.(eventName, claim.expired);
         }
+        // Never sleep here holding the lock, a connection and a concurrency slot: the key gets a
+        // job that starts when it may call again, and the rows committed until then join that call.
+        if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
         const group = claim.group;
         if (!group) return { kind: 'drained', events };
 
@@ -302,6 +349,9 @@ export async function drainKey(
           identifier: group.identifier,
         });
         observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
+        // Spacing counts from the answer, which comes after Stripe received the call: two calls
+        // reach Stripe at least minIntervalMs apart whatever the network delays.
+        if (minIntervalMs > 0) await setNextCall(conn, customerId, eventName, minIntervalMs);
         const glog = log.child({ identifier: group.identifier });
 
         switch (outcome.kind) {
@@ -359,6 +409,10 @@ export async function drainKey(
     await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
   } else if (result.kind === 'continued') {
     await queueDelivery(deps.boss, customerId, eventName);
+  } else if (result.kind === 'paced') {
+    // Same singletonKey as every delivery job: if a job is already queued for the key, it covers
+    // these rows (and checks the pace itself when it runs).
+    await queueDelivery(deps.boss, customerId, eventName, result.waitMs / 1000);
   } else if (result.kind === 'failed' && (await hasPending(deps.db, customerId, eventName))) {
     // Only this group failed; the key's other rows get their own attempt.
     await queueDelivery(deps.boss, customerId, eventName);
@@ -393,6 +447,18 @@ export async function handleDeliveryJob(
   ) {
     log.debug('key is backing off; the retry job will deliver');
     return { id: job.id, status: 'completed', output: { kind: 'backing_off' } };
+  }
+  // Cheap pacing check before taking a lock and a connection (drainKey re-checks under the lock).
+  const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
+  const waitMs = minIntervalMs > 0 ? await paceWaitMs(deps.db, customerId, eventName) : 0;
+  if (waitMs > 0) {
+    if (job.retryCount === 0) {
+      await queueDelivery(deps.boss, customerId, eventName, waitMs / 1000);
+      return { id: job.id, status: 'completed', output: { kind: 'paced', events: 0, waitMs } };
+    }
+    // A retry job keeps its place in the backoff (its retry count decides the dead letter): it
+    // waits out the rest of the interval, at most DELIVERY_MIN_INTERVAL_MS, holding no connection.
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
   }
   const result = await drainKey(deps, customerId, eventName, {
     lastAttempt: job.retryCount >= job.retryLimit,

@@ -1,7 +1,7 @@
 // Writing to the meter outbox. Always called inside the caller's transaction, together with the
 // business change being billed: the row and its delivery job commit or roll back with it.
 
-import type { Transaction } from 'kysely';
+import { sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, MeterEventName } from '../db/schema.js';
@@ -60,19 +60,35 @@ export function deliveryJobOptions(customerId: string, eventName: MeterEventName
   return { singletonKey: key, group: { id: key } };
 }
 
-/** Queues a delivery of one customer's pending rows of one meter, inside the given transaction. */
+/** How often a send may find the key's queued job claimed by a worker in between (then it queues anew). */
+const MAX_HANDOFF_ATTEMPTS = 5;
+
+/**
+ * Queues a delivery of one customer's pending rows of one meter, inside the given transaction.
+ * When the key already has a queued job (`short` policy: the send is dropped), that job must not
+ * start before this transaction commits, or it could drain the key without seeing these rows and
+ * leave them to the sweep. So the queued job's row is share-locked until commit: pg-boss fetches
+ * with SKIP LOCKED and passes over it meanwhile. If a worker claimed it in between, send again.
+ */
 export async function enqueueDelivery(
   trx: Transaction<DB>,
   boss: PgBoss,
   customerId: string,
   eventName: MeterEventName,
 ): Promise<void> {
-  await sendJob(
-    boss,
-    'meter-delivery',
-    { customerId, eventName },
-    { ...deliveryJobOptions(customerId, eventName), db: fromKysely(trx) },
-  );
+  const key = deliveryKey(customerId, eventName);
+  const options = { ...deliveryJobOptions(customerId, eventName), db: fromKysely(trx) };
+  for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS; attempt++) {
+    if (await sendJob(boss, 'meter-delivery', { customerId, eventName }, options)) return;
+    const held = await sql`
+      SELECT 1 FROM pgboss.job
+      WHERE name = 'meter-delivery' AND COALESCE(singleton_key, '') = ${key}
+        AND state = 'created' AND policy = 'short'
+      FOR KEY SHARE`.execute(trx);
+    if (held.rows.length > 0) return;
+  }
+  // Only reached if workers keep claiming the key's job between two statements; the stranded-row
+  // sweep still covers these rows.
 }
 
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */
