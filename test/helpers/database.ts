@@ -1,7 +1,7 @@
 // Per-file test databases cloned from the migrated template, and contexts built on them.
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { afterAll, expect, inject, onTestFinished } from 'vitest';
+import { afterAll, inject, onTestFinished } from 'vitest';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
@@ -11,8 +11,12 @@ import { createLogger } from '../../src/log.js';
  * afterAll registered there), else for the end of the file.
  */
 export function cleanUp(fn: () => Promise<unknown> | unknown): void {
-  if (expect.getState().currentTestName !== undefined) onTestFinished(async () => void (await fn()));
-  else afterAll(async () => void (await fn()));
+  try {
+    // Throws outside a running test (e.g. in beforeAll), where afterAll is the right hook.
+    onTestFinished(async () => void (await fn()));
+  } catch {
+    afterAll(async () => void (await fn()));
+  }
 }
 
 export function databaseUrl(database: string): string {
