@@ -44,6 +44,11 @@ export interface DeliveryDeps {
   observer?: DeliveryObserver;
   /** True once shutdown began: a drain finishes its current call, then hands its key to a new job. */
   stopping?: () => boolean;
+  /**
+   * A job was queued to start in `ms`: wake a fetcher of this process then (pg-boss sends no NOTIFY
+   * for a deferred job, so it would otherwise wait for the next poll).
+   */
+  wakeAfter?: (ms: number) => void;
 }
 
 /**
@@ -407,12 +412,14 @@ export async function drainKey(
   // Follow-ups are queued after the lock is released so the next job can take it at once.
   if (result.kind === 'busy') {
     await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
+    deps.wakeAfter?.(BUSY_RETRY_SECONDS * 1000);
   } else if (result.kind === 'continued') {
     await queueDelivery(deps.boss, customerId, eventName);
   } else if (result.kind === 'paced') {
     // Same singletonKey as every delivery job: if a job is already queued for the key, it covers
     // these rows (and checks the pace itself when it runs).
     await queueDelivery(deps.boss, customerId, eventName, result.waitMs / 1000);
+    deps.wakeAfter?.(result.waitMs);
   } else if (result.kind === 'failed' && (await hasPending(deps.db, customerId, eventName))) {
     // Only this group failed; the key's other rows get their own attempt.
     await queueDelivery(deps.boss, customerId, eventName);
@@ -454,6 +461,7 @@ export async function handleDeliveryJob(
   if (waitMs > 0) {
     if (job.retryCount === 0) {
       await queueDelivery(deps.boss, customerId, eventName, waitMs / 1000);
+      deps.wakeAfter?.(waitMs);
       return { id: job.id, status: 'completed', output: { kind: 'paced', events: 0, waitMs } };
     }
     // A retry job keeps its place in the backoff (its retry count decides the dead letter): it
@@ -490,25 +498,76 @@ export interface DeliveryWorkerOptions {
   meter?: StripeMeterClient;
 }
 
-/** Subscribes this process to meter-delivery with DELIVERY_CONCURRENCY parallel jobs. */
-export async function workDeliveries(deps: DeliveryDeps): Promise<void> {
+/** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
+const WAKE_SLACK_MS = 5;
+
+export interface DeliveryWorkers {
+  /** Clears pending wake-up timers. */
+  stop(): void;
+}
+
+/**
+ * Subscribes this process to meter-delivery with DELIVERY_CONCURRENCY parallel fetchers. Each is
+ * its own pg-boss worker so it can be woken on its own: pg-boss sleeps a fetcher for the poll
+ * interval after every job unless a NOTIFY arrives, and sends none for deferred (paced, busy) jobs
+ * or when a commit's send is merged into an already queued job. So a fetcher that just ran a job
+ * fetches again at once (it sleeps only after an empty fetch), and a deferred job wakes an idle
+ * fetcher when it comes due.
+ */
+export async function workDeliveries(deps: DeliveryDeps): Promise<DeliveryWorkers> {
   const poll = deps.config.DELIVERY_POLL_INTERVAL_SECONDS;
-  await deps.boss.work(
-    'meter-delivery',
-    {
-      batchSize: 1,
-      localConcurrency: deps.config.DELIVERY_CONCURRENCY,
-      // A process runs at most one job per key; the advisory lock covers other processes.
-      localGroupConcurrency: 1,
-      includeMetadata: true,
-      perJobResults: true,
-      pollingIntervalSeconds: poll,
-      // Retries and deferred jobs come due without a NOTIFY, so the backstop poll stays short.
-      notifyPollingIntervalSeconds: poll,
+  const fetchers: { id: string; busy: boolean }[] = [];
+  const timers = new Set<NodeJS.Timeout>();
+  let stopped = false;
+  const wakeIdle = () => {
+    const idle = fetchers.find((f) => !f.busy);
+    if (idle) deps.boss.notifyWorker(idle.id);
+  };
+  const wakeAfter = (ms: number) => {
+    if (stopped) return;
+    const timer = setTimeout(() => {
+      timers.delete(timer);
+      if (!stopped) wakeIdle();
+    }, ms + WAKE_SLACK_MS);
+    timer.unref();
+    timers.add(timer);
+  };
+  const jobDeps: DeliveryDeps = { ...deps, wakeAfter };
+  for (let i = 0; i < deps.config.DELIVERY_CONCURRENCY; i++) {
+    const fetcher = { id: '', busy: false };
+    fetchers.push(fetcher);
+    fetcher.id = await deps.boss.work(
+      'meter-delivery',
+      {
+        batchSize: 1,
+        localConcurrency: 1,
+        // A process runs at most one job per key; the advisory lock covers other processes.
+        localGroupConcurrency: 1,
+        includeMetadata: true,
+        perJobResults: true,
+        pollingIntervalSeconds: poll,
+        // Retries come due without a NOTIFY, so the backstop poll stays short.
+        notifyPollingIntervalSeconds: poll,
+      },
+      async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
+        fetcher.busy = true;
+        try {
+          return await Promise.all(jobs.map((job) => handleDeliveryJob(jobDeps, job)));
+        } finally {
+          fetcher.busy = false;
+          // Fetch again without the poll delay; only an empty fetch puts this fetcher to sleep.
+          deps.boss.notifyWorker(fetcher.id);
+        }
+      },
+    );
+  }
+  return {
+    stop() {
+      stopped = true;
+      for (const t of timers) clearTimeout(t);
+      timers.clear();
     },
-    async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) =>
-      Promise.all(jobs.map((job) => handleDeliveryJob(deps, job))),
-  );
+  };
 }
 
 /** Which failed rows to put back in the queue; fields combine with AND, none means every failed row. */
@@ -596,7 +655,7 @@ export async function startDelivery(
     );
   }
   let stopping = false;
-  await workDeliveries({
+  const workers = await workDeliveries({
     db: ctx.db,
     boss: ctx.boss,
     meter,
@@ -610,6 +669,7 @@ export async function startDelivery(
   return {
     stop() {
       stopping = true;
+      workers.stop();
       sweep.stop();
     },
   };
