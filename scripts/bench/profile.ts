@@ -1,7 +1,8 @@
 // tsx scripts/bench/profile.ts [batch] [concurrency] [orgs]: where does a POST /v1/readings spend its
 // time? Drives the API and samples Postgres wait events (pg_stat_activity) and the API's CPU use.
-import { readFileSync, rmSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import pg from 'pg';
 import {
   buildEntries,
   closedLoop,
@@ -22,6 +23,13 @@ const orgCount = Number(process.argv[4] ?? 8);
 const dir = join('/tmp', `meterbox-profile-${process.pid}`);
 const cluster = await startCluster(join(dir, 'pg'));
 try {
+  // pg_stat_statements (shipped with the embedded binaries) tells which statement costs what.
+  const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await admin.connect();
+  await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+  await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+  await admin.end();
+  await cluster.restart();
   const url = await freshDatabase(cluster, 'profile');
   const h = openDatabase(url, 2);
   const orgs = await createOrgs(h.db, orgCount, 50, 'p');
@@ -58,8 +66,29 @@ try {
     const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
     return { busy: f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!, all: f.reduce((a, b) => a + b, 0) };
   };
+  // CPU of this run's cluster: its postmaster and the processes it forked (backends, WAL writer,
+  // checkpointer), not the shared Postgres other engineers' tests use.
+  const postmaster = readFileSync(join(dir, 'pg', 'postmaster.pid'), 'utf8')
+    .split('\n')[0]!
+    .trim();
+  const postgresTicks = () => {
+    let sum = 0;
+    for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+      try {
+        const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+        if (pid !== postmaster && f[1] !== postmaster) continue;
+        sum += Number(f[11]) + Number(f[12]);
+      } catch {
+        // exited
+      }
+    }
+    return sum;
+  };
+  const p0 = postgresTicks();
   const m0 = machineTicks();
   const self0 = process.cpuUsage();
+  await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+  await h.pool.query('SELECT pg_stat_statements_reset()');
   const t0 = ticks();
   const r = await closedLoop(concurrency, 8_000, async (w) => {
     const org = orgs[w % orgs.length]!;
@@ -73,9 +102,10 @@ try {
   clearInterval(sampler);
   const cpu = (ticks() - t0) / 100 / r.seconds;
   const m1 = machineTicks();
+  const pgCpu = Math.round((postgresTicks() - p0) / r.seconds);
   const self = process.cpuUsage(self0);
   console.log(
-    `machine busy ${Math.round((100 * (m1.busy - m0.busy)) / (m1.all - m0.all))}% of all cores; load generator CPU ${Math.round((self.user + self.system) / 1e4 / r.seconds)}% of one core`,
+    `machine busy ${Math.round((100 * (m1.busy - m0.busy)) / (m1.all - m0.all))}% of all cores; postgres processes ${pgCpu}% of one core; load generator CPU ${Math.round((self.user + self.system) / 1e4 / r.seconds)}% of one core`,
   );
   console.log(
     `${r.ops / r.seconds} req/s, API CPU ${Math.round(cpu * 100)}% of one core, latency`,
@@ -84,6 +114,15 @@ try {
   console.log(`active backends per sample (${samples} samples):`);
   for (const [k, v] of [...waits.entries()].sort((a, b) => b[1] - a[1]).slice(0, 15))
     console.log(`  ${(v / samples).toFixed(2)}  ${k}`);
+  const statements = await h.pool.query<{ q: string; calls: string; plan: number; exec: number }>(
+    `SELECT regexp_replace(left(query, 60), '\\s+', ' ', 'g') AS q, calls,
+            total_plan_time / calls AS plan, total_exec_time / calls AS exec
+     FROM pg_stat_statements WHERE calls >= ${Math.max(1, r.ops / 2)}
+     ORDER BY total_plan_time + total_exec_time DESC LIMIT 10`,
+  );
+  console.log('statements (ms per call: plan + execute):');
+  for (const row of statements.rows)
+    console.log(`  ${row.plan.toFixed(3)} + ${row.exec.toFixed(3)}  x${row.calls}  ${row.q}`);
   http.close();
   await api.proc.stop();
   await h.db.destroy();
