@@ -109,12 +109,16 @@ function utcHourEnd(at: Date): Date {
 }
 
 /**
- * Picks the group to send next for one customer and meter and counts the attempt, in one committed
- * transaction, before any Stripe call. An undelivered group that already has an identifier (a crash
- * or a retryable error interrupted it) always comes first and is resent unchanged; otherwise rows
- * too old for Stripe become `expired` and the oldest pending rows get a new identifier:
- * temperature_readings rows of one UTC hour of occurred_at (at most maxRows), active_sensors rows
- * one by one (formula `last`: each count is a reading at its own instant).
+ * Picks the group to send next for one customer and meter and counts the attempt, committed before
+ * any Stripe call (callers hold the key's delivery lock, so no other drain changes these rows). An
+ * undelivered group that already has an identifier (a crash or a retryable error interrupted it)
+ * always comes first and is resent unchanged; otherwise rows too old for Stripe become `expired`
+ * and the oldest pending rows get a new identifier: temperature_readings rows of one UTC hour of
+ * occurred_at (at most maxRows), active_sensors rows one by one (formula `last`: each count is a
+ * reading at its own instant). With minIntervalMs, a key that called Stripe less than that long ago
+ * claims nothing and reports how long to wait (`waitMs`, only when rows are pending); a claimed
+ * group sets the key's next allowed call in the same statement.
+ * Three statements in the common case: this runs once per Stripe call, on a busy database.
  */
 export async function claimGroup(
   db: Kysely<DB>,
@@ -123,36 +127,47 @@ export async function claimGroup(
   options: { now: Date; maxRows: number; minIntervalMs?: number },
 ): Promise<{ group: DeliveryGroup | null; expired: number; waitMs?: number }> {
   const minIntervalMs = options.minIntervalMs ?? 0;
-  return db.transaction().execute(async (trx) => {
-    const pending = () =>
-      trx
-        .selectFrom('meter_outbox')
-        .where('stripe_customer_id', '=', customerId)
-        .where('event_name', '=', eventName)
-        .where('status', '=', 'pending');
+  const head = async () => {
+    const result = await sql<{
+      wait_ms: number | null;
+      inflight: string | null;
+      first_id: string | null;
+      first_occurred_at: Date | null;
+    }>`
+      SELECT
+        (SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int
+           FROM meter_delivery_pacing
+          WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
+        (SELECT identifier FROM meter_outbox
+          WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
+            AND status = 'pending' AND identifier IS NOT NULL
+          ORDER BY occurred_at, id LIMIT 1) AS inflight,
+        f.id AS first_id, f.occurred_at AS first_occurred_at
+      FROM (SELECT 1) AS one
+      LEFT JOIN LATERAL (
+        SELECT id, occurred_at FROM meter_outbox
+         WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
+           AND status = 'pending' AND identifier IS NULL
+         ORDER BY occurred_at, id LIMIT 1) AS f ON true`.execute(db);
+    const row = result.rows[0];
+    if (!row) throw new Error('claimGroup: the head query returned no row');
+    return row;
+  };
 
-    if (minIntervalMs > 0) {
-      // Paced: claim nothing yet, so rows committed until the next call join its group.
-      const waitMs = await paceWaitMs(trx, customerId, eventName);
-      if (waitMs > 0) {
-        const any = await pending().select('id').limit(1).executeTakeFirst();
-        return any ? { group: null, expired: 0, waitMs } : { group: null, expired: 0 };
-      }
-    }
+  let h = await head();
+  const waitMs = minIntervalMs > 0 ? Math.max(0, h.wait_ms ?? 0) : 0;
+  if (waitMs > 0) {
+    // Paced: claim nothing yet, so rows committed until the next call join its group.
+    return h.inflight || h.first_id ? { group: null, expired: 0, waitMs } : { group: null, expired: 0 };
+  }
 
-    let expired = 0;
-    const inflight = await pending()
-      .select('identifier')
-      .where('identifier', 'is not', null)
-      .orderBy('occurred_at')
-      .orderBy('id')
-      .limit(1)
-      .executeTakeFirst();
-    let identifier = inflight?.identifier ?? null;
-
-    if (!identifier) {
-      const cutoff = new Date(options.now.getTime() - STRIPE_PAST_WINDOW_MS + EXPIRY_SAFETY_MARGIN_MS);
-      const result = await trx
+  let expired = 0;
+  let identifier = h.inflight;
+  let assign = sql`identifier = ${identifier}`;
+  if (!identifier) {
+    const cutoff = new Date(options.now.getTime() - STRIPE_PAST_WINDOW_MS + EXPIRY_SAFETY_MARGIN_MS);
+    if (h.first_occurred_at && new Date(h.first_occurred_at) < cutoff) {
+      const result = await db
         .updateTable('meter_outbox')
         .set({
           status: 'expired',
@@ -166,128 +181,110 @@ export async function claimGroup(
         .where('occurred_at', '<', cutoff)
         .executeTakeFirst();
       expired = Number(result.numUpdatedRows);
-
-      const first = await pending()
-        .select(['id', 'occurred_at'])
-        .where('identifier', 'is', null)
-        .orderBy('occurred_at')
-        .orderBy('id')
-        .limit(1)
-        .executeTakeFirst();
-      if (!first) return { group: null, expired };
-
-      identifier = makeIdentifier(eventName, first.id);
-      const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
-      // Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
-      const hourEnd = utcHourEnd(first.occurred_at);
-      await trx
-        .updateTable('meter_outbox')
-        .set({ identifier })
-        .where(
-          'id',
-          'in',
-          pending()
-            .select('id')
-            .where('identifier', 'is', null)
-            .where('occurred_at', '<', hourEnd)
-            .orderBy('occurred_at')
-            .orderBy('id')
-            .limit(limit),
-        )
-        .execute();
+      h = await head();
     }
+    if (!h.first_id || !h.first_occurred_at) return { group: null, expired };
+    identifier = makeIdentifier(eventName, h.first_id);
+    const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
+    // Never across a UTC hour: each event's usage lands in the hour (and billing period) it
+    // happened. The lower bound keeps out a row of the previous hour committed since the head query.
+    const hourEnd = utcHourEnd(new Date(h.first_occurred_at));
+    const hourStart = new Date(hourEnd.getTime() - 3600_000);
+    assign = sql`id IN (
+      SELECT id FROM meter_outbox
+       WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
+         AND status = 'pending' AND identifier IS NULL
+         AND occurred_at >= ${hourStart} AND occurred_at < ${hourEnd}
+       ORDER BY occurred_at, id LIMIT ${limit})`;
+  }
 
-    await trx
-      .updateTable('meter_outbox')
-      .set({ attempts: sql`attempts + 1`, updated_at: sql`now()` })
-      .where('identifier', '=', identifier)
-      .where('status', '=', 'pending')
-      .execute();
-    // Committed with the claim, before the call: a process that dies mid-call still spaces the
-    // key's next call (from this instant; the answer would have moved it later).
-    if (minIntervalMs > 0) await setNextCall(trx, customerId, eventName, minIntervalMs);
-    // Value and timestamp derive from the group's rows, which never change once grouped: every
-    // resend of this identifier carries the same value and timestamp.
-    const group = await trx
-      .selectFrom('meter_outbox')
-      .select((eb) => [
-        sql<string>`coalesce(sum(value), 0)::text`.as('value'),
-        eb.fn.max('occurred_at').as('timestamp'),
-        eb.fn.min('created_at').as('oldest'),
-        sql<number>`count(*)::int`.as('rows'),
-        sql<number>`max(attempts)::int`.as('attempts'),
-      ])
-      .where('identifier', '=', identifier)
-      .executeTakeFirstOrThrow();
-    return {
-      group: {
-        identifier,
-        value: group.value,
-        timestamp: new Date(group.timestamp),
-        rows: group.rows,
-        oldestCreatedAt: new Date(group.oldest),
-        attempts: group.attempts,
-      },
-      expired,
-    };
-  });
+  // One statement: the grouping, the attempt count and (pacing) the key's next allowed call commit
+  // together. Value and timestamp derive from the group's rows, which never change once grouped:
+  // every resend of this identifier carries the same value and timestamp.
+  const pace =
+    minIntervalMs > 0
+      ? sql`, paced AS (
+          INSERT INTO meter_delivery_pacing AS p (stripe_customer_id, event_name, next_call_at)
+          VALUES (${customerId}, ${eventName}, clock_timestamp() + make_interval(secs => ${minIntervalMs / 1000}))
+          ON CONFLICT (stripe_customer_id, event_name)
+          DO UPDATE SET next_call_at = greatest(p.next_call_at, excluded.next_call_at))`
+      : sql``;
+  const claimed = await sql<{
+    value: string;
+    timestamp: Date | null;
+    oldest: Date | null;
+    rows: number;
+    attempts: number | null;
+  }>`
+    WITH grouped AS (
+      UPDATE meter_outbox
+         SET identifier = ${identifier}, attempts = attempts + 1, updated_at = now()
+       WHERE status = 'pending' AND ${assign}
+      RETURNING value, occurred_at, created_at, attempts
+    )${pace}
+    SELECT coalesce(sum(value), 0)::text AS value, max(occurred_at) AS timestamp,
+           min(created_at) AS oldest, count(*)::int AS rows, max(attempts)::int AS attempts
+      FROM grouped`.execute(db);
+  const group = claimed.rows[0];
+  if (!group || group.rows === 0 || !group.timestamp || !group.oldest) return { group: null, expired };
+  return {
+    group: {
+      identifier,
+      value: group.value,
+      timestamp: new Date(group.timestamp),
+      rows: group.rows,
+      oldestCreatedAt: new Date(group.oldest),
+      attempts: group.attempts ?? 1,
+    },
+    expired,
+  };
 }
 
-/** Settles every still-pending row of a group. */
+/** After a call: the key's next call may start minIntervalMs from now (the answer came after Stripe received the call). */
+export interface CallPacing {
+  customerId: string;
+  eventName: MeterEventName;
+  minIntervalMs: number;
+}
+
+function paceAfter(pace: CallPacing | undefined) {
+  return pace && pace.minIntervalMs > 0
+    ? sql`WITH paced AS (
+        INSERT INTO meter_delivery_pacing AS p (stripe_customer_id, event_name, next_call_at)
+        VALUES (${pace.customerId}, ${pace.eventName},
+                clock_timestamp() + make_interval(secs => ${pace.minIntervalMs / 1000}))
+        ON CONFLICT (stripe_customer_id, event_name)
+        DO UPDATE SET next_call_at = greatest(p.next_call_at, excluded.next_call_at))`
+    : sql``;
+}
+
+/** Settles every still-pending row of a group (and, given `pace`, spaces the key's next call, in the same statement). */
 export async function settleGroup(
   db: Kysely<DB>,
   identifier: string,
   status: 'delivered' | 'failed' | 'expired',
   error?: string,
+  pace?: CallPacing,
 ): Promise<number> {
-  const result = await db
-    .updateTable('meter_outbox')
-    .set({
-      status,
-      last_error: error === undefined ? null : truncate(error),
-      updated_at: sql`now()`,
-      ...(status === 'delivered' ? { delivered_at: sql<Date>`now()` } : {}),
-    })
-    .where('identifier', '=', identifier)
-    .where('status', '=', 'pending')
-    .executeTakeFirst();
-  return Number(result.numUpdatedRows);
+  const result = await sql`
+    ${paceAfter(pace)}
+    UPDATE meter_outbox
+       SET status = ${status}, last_error = ${error === undefined ? null : truncate(error)},
+           updated_at = now(), delivered_at = ${status === 'delivered' ? sql`now()` : sql`delivered_at`}
+     WHERE identifier = ${identifier} AND status = 'pending'`.execute(db);
+  return Number(result.numAffectedRows ?? 0n);
 }
 
-async function recordError(db: Kysely<DB>, identifier: string, error: string): Promise<void> {
-  await db
-    .updateTable('meter_outbox')
-    .set({ last_error: truncate(error), updated_at: sql`now()` })
-    .where('identifier', '=', identifier)
-    .where('status', '=', 'pending')
-    .execute();
-}
-
-/** Milliseconds until this key may call Stripe again (0: now); database clock, shared by all workers. */
-export async function paceWaitMs(
+async function recordError(
   db: Kysely<DB>,
-  customerId: string,
-  eventName: MeterEventName,
-): Promise<number> {
-  const result = await sql<{ wait_ms: number }>`
-    SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int AS wait_ms
-    FROM meter_delivery_pacing
-    WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}`.execute(db);
-  return Math.max(0, result.rows[0]?.wait_ms ?? 0);
-}
-
-/** The key's next call may start minIntervalMs from now (never earlier than already set). */
-async function setNextCall(
-  db: Kysely<DB>,
-  customerId: string,
-  eventName: MeterEventName,
-  minIntervalMs: number,
+  identifier: string,
+  error: string,
+  pace?: CallPacing,
 ): Promise<void> {
   await sql`
-    INSERT INTO meter_delivery_pacing AS p (stripe_customer_id, event_name, next_call_at)
-    VALUES (${customerId}, ${eventName}, clock_timestamp() + make_interval(secs => ${minIntervalMs / 1000}))
-    ON CONFLICT (stripe_customer_id, event_name)
-    DO UPDATE SET next_call_at = greatest(p.next_call_at, excluded.next_call_at)`.execute(db);
+    ${paceAfter(pace)}
+    UPDATE meter_outbox SET last_error = ${truncate(error)}, updated_at = now()
+     WHERE identifier = ${identifier} AND status = 'pending'`.execute(db);
 }
 
 async function hasPending(db: Kysely<DB>, customerId: string, eventName: MeterEventName): Promise<boolean> {
@@ -356,14 +353,14 @@ export async function drainKey(
         observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
         // Spacing counts from the answer, which comes after Stripe received the call: two calls
         // reach Stripe at least minIntervalMs apart whatever the network delays.
-        if (minIntervalMs > 0) await setNextCall(conn, customerId, eventName, minIntervalMs);
+        const pace: CallPacing = { customerId, eventName, minIntervalMs };
         const glog = log.child({ identifier: group.identifier });
 
         switch (outcome.kind) {
           case 'accepted':
           case 'duplicate': {
             // A duplicate answer means an earlier call with this identifier (and this value) landed.
-            await settleGroup(conn, group.identifier, 'delivered');
+            await settleGroup(conn, group.identifier, 'delivered', undefined, pace);
             const lagMs = deps.clock.now().getTime() - group.oldestCreatedAt.getTime();
             glog.debug(
               {
@@ -380,7 +377,7 @@ export async function drainKey(
             break;
           }
           case 'expired': {
-            const rows = await settleGroup(conn, group.identifier, 'expired', outcome.message);
+            const rows = await settleGroup(conn, group.identifier, 'expired', outcome.message, pace);
             glog.warn({ rows, value: group.value, error: outcome.message }, 'meter event expired at Stripe');
             observer.onExpired?.(eventName, rows);
             break;
@@ -389,15 +386,15 @@ export async function drainKey(
             const message = `${outcome.reason}: ${outcome.message}`;
             if (options.lastAttempt) {
               const error = `gave up after ${group.attempts} attempts: ${message}`;
-              await settleGroup(conn, group.identifier, 'failed', error);
+              await settleGroup(conn, group.identifier, 'failed', error, pace);
               return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
             }
-            await recordError(conn, group.identifier, message);
+            await recordError(conn, group.identifier, message, pace);
             return { kind: 'retry', reason: outcome.reason, message, identifier: group.identifier };
           }
           case 'permanent': {
             const error = `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`;
-            await settleGroup(conn, group.identifier, 'failed', error);
+            await settleGroup(conn, group.identifier, 'failed', error, pace);
             return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
           }
         }
@@ -427,10 +424,31 @@ export async function drainKey(
   return result;
 }
 
-/** True when another job of this key sits in pg-boss's retry state, i.e. the key is backing off. */
-async function keyIsBackingOff(boss: PgBoss, key: string, jobId: string): Promise<boolean> {
-  const queued = await boss.findJobs('meter-delivery', { key, queued: true });
-  return queued.some((j) => j.state === 'retry' && j.id !== jobId);
+/**
+ * One query before a job takes a lock and a connection: how long until the key may call Stripe
+ * again, and (for a first attempt) whether another job of the key sits in pg-boss's retry state,
+ * i.e. the key is backing off.
+ */
+async function keyStatus(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+  job: { id: string; retryCount: number },
+): Promise<{ waitMs: number; backingOff: boolean }> {
+  const key = deliveryKey(customerId, eventName);
+  const backoff =
+    job.retryCount === 0
+      ? sql`EXISTS (SELECT 1 FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${key}
+                      AND state = 'retry' AND id <> ${job.id}::uuid)`
+      : sql`false`;
+  const result = await sql<{ wait_ms: number | null; backing_off: boolean }>`
+    SELECT
+      (SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int
+         FROM meter_delivery_pacing
+        WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
+      ${backoff} AS backing_off`.execute(db);
+  const row = result.rows[0];
+  return { waitMs: Math.max(0, row?.wait_ms ?? 0), backingOff: row?.backing_off === true };
 }
 
 /** Runs one meter-delivery job and turns its outcome into the job's pg-boss result. */
@@ -447,17 +465,14 @@ export async function handleDeliveryJob(
     attempt: job.retryCount,
   });
   const observer = deps.observer ?? {};
+  const status = await keyStatus(deps.db, customerId, eventName, job);
   // A newer job must not overtake a key's backoff: the retry job drains every pending row when due.
-  if (
-    job.retryCount === 0 &&
-    (await keyIsBackingOff(deps.boss, deliveryKey(customerId, eventName), job.id))
-  ) {
+  if (status.backingOff) {
     log.debug('key is backing off; the retry job will deliver');
     return { id: job.id, status: 'completed', output: { kind: 'backing_off' } };
   }
-  // Cheap pacing check before taking a lock and a connection (drainKey re-checks under the lock).
-  const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
-  const waitMs = minIntervalMs > 0 ? await paceWaitMs(deps.db, customerId, eventName) : 0;
+  // Pacing checked before taking a lock and a connection (drainKey re-checks under the lock).
+  const waitMs = deps.config.DELIVERY_MIN_INTERVAL_MS > 0 ? status.waitMs : 0;
   if (waitMs > 0) {
     if (job.retryCount === 0) {
       await queueDelivery(deps.boss, customerId, eventName, waitMs / 1000);
