@@ -47,6 +47,8 @@ const BATCH = 500;
 const BATCH_CONCURRENCY = 8;
 const SMALL_CONCURRENCY = 32;
 const DELIVERY_ORGS = 100;
+/** Alternating slices per side of a ratio (measurePair). */
+const PAIR_SLICES = quick ? 4 : 6;
 
 const log = (msg: string) =>
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
@@ -155,31 +157,58 @@ async function main(): Promise<void> {
       );
       return { ok: res.status === 201, units: res.status === 201 ? BATCH : 0 };
     };
-    const measure = async (
-      name: string,
-      concurrency: number,
-      op: (w: number) => Promise<{ ok: boolean; units: number }>,
-    ) => {
+    type Op = (w: number) => Promise<{ ok: boolean; units: number }>;
+    /**
+     * The two sides of a ratio, measured in alternating slices (A B B A A B …) of one phase instead
+     * of one after the other: on a shared 2-core machine, load from elsewhere or table growth then
+     * hits both sides alike. Back-to-back 15 s phases gave outbox on/off ratios from 75% to 109% in
+     * two runs of the same code on the same machine.
+     */
+    const measurePair = async (nameA: string, opA: Op, nameB: string, opB: Op, concurrency: number) => {
       await reset(pool);
-      await closedLoop(concurrency, WARMUP_MS, op);
-      const r = await closedLoop(concurrency, PHASE_MS, op);
-      const lat = latencySummary(r.latencies);
-      const result = {
-        unitsPerSecond: round(r.units / r.seconds),
-        opsPerSecond: round(r.ops / r.seconds),
-        errors: r.errors,
-        concurrency,
-        seconds: round(r.seconds, 1),
-        latencyMs: lat,
-      };
-      log(
-        `${name}: ${result.unitsPerSecond}/s (${result.opsPerSecond} ops/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, errors ${r.errors})`,
-      );
-      return result;
+      await closedLoop(concurrency, WARMUP_MS / 2, opA);
+      await closedLoop(concurrency, WARMUP_MS / 2, opB);
+      const tally = () => ({ ops: 0, units: 0, errors: 0, seconds: 0, latencies: [] as number[] });
+      const total = [tally(), tally()];
+      const ops = [opA, opB];
+      for (let slice = 0; slice < PAIR_SLICES; slice++) {
+        for (const side of slice % 2 === 0 ? [0, 1] : [1, 0]) {
+          const r = await closedLoop(concurrency, PHASE_MS / PAIR_SLICES, ops[side]!);
+          const t = total[side]!;
+          t.ops += r.ops;
+          t.units += r.units;
+          t.errors += r.errors;
+          t.seconds += r.seconds;
+          for (const l of r.latencies) t.latencies.push(l);
+        }
+      }
+      const sides = [nameA, nameB].map((name, side) => {
+        const r = total[side]!;
+        const lat = latencySummary(r.latencies);
+        const result = {
+          unitsPerSecond: round(r.units / r.seconds),
+          opsPerSecond: round(r.ops / r.seconds),
+          errors: r.errors,
+          concurrency,
+          seconds: round(r.seconds, 1),
+          slices: PAIR_SLICES,
+          latencyMs: lat,
+        };
+        log(
+          `${name}: ${result.unitsPerSecond}/s (${result.opsPerSecond} ops/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, errors ${r.errors})`,
+        );
+        return result;
+      });
+      return [sides[0]!, sides[1]!] as const;
     };
 
-    const rawBatchResult = await measure('raw batch 500', BATCH_CONCURRENCY, rawBatch);
-    const apiBatchResult = await measure('API batch 500', BATCH_CONCURRENCY, apiBatch('/v1/readings'));
+    const [rawBatchResult, apiBatchResult] = await measurePair(
+      'raw batch 500',
+      rawBatch,
+      'API batch 500',
+      apiBatch('/v1/readings'),
+      BATCH_CONCURRENCY,
+    );
 
     // ---- 2. small requests: one reading per request
     const rawSingle = async (w: number) => {
@@ -203,8 +232,13 @@ async function main(): Promise<void> {
       );
       return { ok: res.status === 201, units: res.status === 201 ? 1 : 0 };
     };
-    const rawSingleResult = await measure('raw single-row transactions', SMALL_CONCURRENCY, rawSingle);
-    const apiSingleResult = await measure('API single-reading requests', SMALL_CONCURRENCY, apiSingle);
+    const [rawSingleResult, apiSingleResult] = await measurePair(
+      'raw single-row transactions',
+      rawSingle,
+      'API single-reading requests',
+      apiSingle,
+      SMALL_CONCURRENCY,
+    );
     const apiRssAfterIngest = api.proc.peakRssMb();
 
     // ---- 3. outbox cost: the same bench server, with and without the outbox row and job
@@ -212,12 +246,13 @@ async function main(): Promise<void> {
     await api.proc.stop();
     api = await startApi(env, entries[BENCH_SERVER]);
     http = new HttpClient(api.url, 256);
-    const noOutbox = await measure(
+    const [noOutbox, withOutbox] = await measurePair(
       'bench server, outbox off',
-      BATCH_CONCURRENCY,
       apiBatch('/bench/readings-without-outbox'),
+      'bench server, outbox on',
+      apiBatch('/v1/readings'),
+      BATCH_CONCURRENCY,
     );
-    const withOutbox = await measure('bench server, outbox on', BATCH_CONCURRENCY, apiBatch('/v1/readings'));
     const outboxRows = Number(
       (await pool.query<{ n: string }>('SELECT count(*) AS n FROM meter_outbox')).rows[0]?.n,
     );
@@ -383,7 +418,8 @@ async function main(): Promise<void> {
       `delivery: p50 ${deliveryLatency.p50} ms, p99 ${deliveryLatency.p99} ms, max calls/s per customer ${maxPerSecond}, backlog max ${maxBacklog}`,
     );
     http.close();
-    const apiRss = Math.max(apiRssAfterIngest, api.proc.peakRssMb());
+    const deliveryApiRss = api.proc.peakRssMb();
+    const apiRss = Math.max(apiRssAfterIngest, deliveryApiRss);
     const workerRss = worker.peakRssMb();
 
     const ratio = (a: number, b: number) => round(a / b, 3);
@@ -452,7 +488,13 @@ async function main(): Promise<void> {
       small: { raw: rawSingleResult, api: apiSingleResult },
       outbox: { without: noOutbox, with: withOutbox, outboxRowsWritten: outboxRows },
       delivery,
-      memory: { apiPeakRssMb: apiRss, workerPeakRssMb: workerRss, benchServerPeakRssMb: benchApiRss },
+      memory: {
+        apiPeakRssMb: apiRss,
+        workerPeakRssMb: workerRss,
+        benchServerPeakRssMb: benchApiRss,
+        apiPeakRssIngestionPhasesMb: apiRssAfterIngest,
+        apiPeakRssDeliveryPhaseMb: deliveryApiRss,
+      },
       goals,
       totalSeconds: 0,
     };
