@@ -65,10 +65,13 @@ const MAX_HANDOFF_ATTEMPTS = 5;
 
 /**
  * Queues a delivery of one customer's pending rows of one meter, inside the given transaction.
- * When the key already has a queued job (`short` policy: the send is dropped), that job must not
- * start before this transaction commits, or it could drain the key without seeing these rows and
- * leave them to the sweep. So the queued job's row is share-locked until commit: pg-boss fetches
- * with SKIP LOCKED and passes over it meanwhile. If a worker claimed it in between, send again.
+ * When the key already has a queued job (`short` policy allows one), that job must not start before
+ * this transaction commits, or it could drain the key without seeing these rows and leave them to
+ * the sweep. So the queued job's row is share-locked until commit: pg-boss fetches with SKIP LOCKED
+ * and passes over it meanwhile. The lock is tried first because under steady ingestion a job is
+ * almost always queued already: one cheap statement instead of a refused pg-boss insert plus the
+ * lock. A job a worker is claiming right now is re-checked after its fetch commits (it is `active`
+ * then, so it no longer matches) and a new job is sent.
  */
 export async function enqueueDelivery(
   trx: Transaction<DB>,
@@ -79,13 +82,15 @@ export async function enqueueDelivery(
   const key = deliveryKey(customerId, eventName);
   const options = { ...deliveryJobOptions(customerId, eventName), db: fromKysely(trx) };
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS; attempt++) {
-    if (await sendJob(boss, 'meter-delivery', { customerId, eventName }, options)) return;
     const held = await sql`
       SELECT 1 FROM pgboss.job
       WHERE name = 'meter-delivery' AND COALESCE(singleton_key, '') = ${key}
         AND state = 'created' AND policy = 'short'
       FOR KEY SHARE`.execute(trx);
     if (held.rows.length > 0) return;
+    // None queued (or a concurrent writer's is not committed yet: the insert waits for it, is then
+    // refused, and the next pass locks that job).
+    if (await sendJob(boss, 'meter-delivery', { customerId, eventName }, options)) return;
   }
   // Only reached if workers keep claiming the key's job between two statements; the stranded-row
   // sweep still covers these rows.

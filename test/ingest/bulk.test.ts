@@ -57,10 +57,11 @@ describe('bulk efficiency', () => {
       expect(((await res.json()) as { inserted: number }).inserted).toBe(batch.length);
       counts.push(statements.length);
     }
-    // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), job, commit.
-    expect(counts[0], statements.join('\n')).toBe(5);
-    // The same, plus the share lock on the already queued job.
-    expect(counts[1]).toBe(6);
+    // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), the look for a
+    // queued job (none yet), the job, commit.
+    expect(counts[0], statements.join('\n')).toBe(6);
+    // Steady state: the look finds the queued job and share-locks it; no job insert.
+    expect(counts[1]).toBe(5);
     expect(counts[2], statements.join('\n')).toBe(counts[1]);
   });
 
@@ -72,12 +73,14 @@ describe('bulk efficiency', () => {
       statements.length = 0;
       const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
       expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
-      expect(statements).toHaveLength(2);
+      // The write, the look for an already queued delivery job (none for a new customer), the job.
+      expect(statements).toHaveLength(3);
       expect(statements[0]).toMatch(
         /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
       );
       expect(statements[0]).toMatch(/INSERT INTO meter_outbox/);
-      expect(statements[1]).toMatch(/pgboss/);
+      expect(statements[1]).toMatch(/FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
+      expect(statements[2]).toMatch(/pgboss/);
     });
   });
 
