@@ -107,8 +107,14 @@ function ingest(
   options: { batch: number; intervalMs: number; timeoutMs?: number },
   stop: { done: boolean },
 ) {
-  const batches: { org: Org; readings: ReturnType<ReadingSource['batch']>; status: number; ms: number }[] =
-    [];
+  const batches: {
+    org: Org;
+    readings: ReturnType<ReadingSource['batch']>;
+    status: number;
+    ms: number;
+    /** The answer's body (or the transport error) when it was not a 201. */
+    error?: string;
+  }[] = [];
   const running = orgs.map(async (org) => {
     while (!stop.done) {
       const readings = source.batch(org, options.batch);
@@ -119,7 +125,13 @@ function ingest(
         {},
         options.timeoutMs,
       );
-      batches.push({ org, readings, status: res.status, ms: res.ms });
+      batches.push({
+        org,
+        readings,
+        status: res.status,
+        ms: res.ms,
+        ...(res.status === 201 ? {} : { error: res.body.slice(0, 200) }),
+      });
       await sleep(options.intervalMs);
     }
   });
@@ -181,6 +193,9 @@ async function scenarioKills({ cluster, emulator }: Env): Promise<Outcome> {
   if (load.batches.some((b) => b.status !== 201)) {
     ok = false;
     lines.push('  ✗ ingestion answered something other than 201 while only workers were failing');
+    for (const b of load.batches.filter((x) => x.status !== 201).slice(0, 5)) {
+      lines.push(`    status ${b.status} after ${Math.round(b.ms)} ms: ${b.error ?? ''}`);
+    }
   }
   await drained(url, 90_000).catch((err: unknown) => {
     ok = false;

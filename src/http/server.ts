@@ -4,6 +4,8 @@ import { serve } from '@hono/node-server';
 import type { Hono } from 'hono';
 import type { AppEnv } from './types.js';
 
+const KEEP_ALIVE_TIMEOUT_MS = 65_000;
+
 export interface HttpServer {
   url: string;
   port: number;
@@ -42,5 +44,12 @@ export function startHttpServer(
       },
     );
     server.once('error', reject);
+    // Node closes idle keep-alive connections after 5 s; a client (or load balancer) that reuses one
+    // at that instant gets a reset instead of an answer. Keep them longer than common client and
+    // proxy idle timeouts (60 s), and let headers wait a little longer still, as Node requires.
+    if ('keepAliveTimeout' in server) {
+      server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS;
+      server.headersTimeout = KEEP_ALIVE_TIMEOUT_MS + 1_000;
+    }
   });
 }
