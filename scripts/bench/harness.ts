@@ -15,6 +15,7 @@ import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../sr
 import { migrate } from '../../src/db/migrate.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
+import { bundle } from '../bundle.mjs';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -240,23 +241,9 @@ export async function buildEntries(
   entries: readonly string[],
   outdir: string,
 ): Promise<Record<string, string>> {
-  const { build } = await import('esbuild');
   // src/bin/server.ts -> src-bin-server.js: entries of the same file name must not collide.
   const names = entries.map((e) => ({ in: e, out: e.replace(/\.ts$/, '').replaceAll('/', '-') }));
-  await build({
-    absWorkingDir: ROOT,
-    entryPoints: names,
-    outdir,
-    bundle: true,
-    packages: 'external',
-    platform: 'node',
-    format: 'esm',
-    target: 'node22',
-    sourcemap: true,
-    splitting: true,
-    chunkNames: 'chunks/[name]-[hash]',
-    logLevel: 'warning',
-  });
+  await bundle(names, outdir, { absWorkingDir: ROOT });
   return Object.fromEntries(names.map((n) => [n.in, `${outdir}/${n.out}.js`]));
 }
 
