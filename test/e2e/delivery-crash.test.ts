@@ -3,6 +3,7 @@
 // customer equals the outbox, and no identifier was accepted twice or with another value.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
+import { ensureQueues } from '../../src/metering/queues.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
@@ -23,18 +24,25 @@ let ctx: Context;
 let url: string;
 const running = new Set<RunningProcess>();
 
+// Retry options are copied from the queue onto each job when it is sent, so the queue must carry
+// them before the first commit: jobs sent earlier would back off for minutes (5 s doubling, the
+// defaults) and their key with them.
+const DELIVERY_ENV = {
+  DELIVERY_RETRY_DELAY_SECONDS: '1',
+  DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
+  DELIVERY_RETRY_LIMIT: '1000',
+  DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+  SWEEP_INTERVAL_SECONDS: '1',
+  SWEEP_STALE_SECONDS: '2',
+};
+
 function startWorkerProcess(): RunningProcess {
   const worker = startEntryPoint('worker', {
     DATABASE_URL: url,
     STRIPE_SECRET_KEY: 'sk_test_crash',
     STRIPE_API_BASE: emulator.url,
     LOG_LEVEL: 'warn',
-    DELIVERY_RETRY_DELAY_SECONDS: '1',
-    DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-    DELIVERY_RETRY_LIMIT: '1000',
-    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-    SWEEP_INTERVAL_SECONDS: '1',
-    SWEEP_STALE_SECONDS: '2',
+    ...DELIVERY_ENV,
   });
   running.add(worker);
   void worker.exited.then(() => running.delete(worker));
@@ -46,8 +54,9 @@ const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 beforeAll(async () => {
   emulator = await startStripeEmulator({ faults: FAULTS, seed: 7 });
   url = await createTestDatabase();
-  ctx = await createTestContext({ DATABASE_URL: url });
+  ctx = await createTestContext({ DATABASE_URL: url, ...DELIVERY_ENV });
   await ctx.boss.start();
+  await ensureQueues(ctx.boss, ctx.config);
 });
 
 afterAll(async () => {
