@@ -73,6 +73,8 @@ export interface TemperatureReadingsTable {
   organization_id: string;
   temperature_c: number;
   ingested_at: DefaultTimestamp;
+  /** The meter_outbox row that billed this reading; null when the organization was not billable. */
+  outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface MeterOutboxTable {

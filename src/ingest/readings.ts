@@ -71,9 +71,19 @@ export async function storeReadings(
     ), problems AS (
       SELECT i.n, k.active FROM input i LEFT JOIN known k ON k.id = i.sensor_id
       WHERE k.active IS NOT TRUE
+    ), billing AS (
+      -- The outbox row's id is drawn before the insert so every stored reading can name the row
+      -- that bills it (temperature_readings.outbox_id); unused when nothing new is stored.
+      SELECT s.stripe_customer_id, nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
+      FROM subscriptions s
+      WHERE s.organization_id = ${organizationId}
+        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+        AND s.stripe_customer_id IS NOT NULL
+        AND ${billed}::boolean
     ), stored AS (
-      INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
-      SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now}
+      INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
+      SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now},
+             (SELECT outbox_id FROM billing)
       FROM input r
       WHERE NOT EXISTS (SELECT 1 FROM problems)
       ORDER BY r.sensor_id, r.recorded_at, r.n
@@ -82,13 +92,11 @@ export async function storeReadings(
     ), counted AS (
       SELECT count(*)::int AS inserted FROM stored
     ), outbox AS (
-      INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at)
-      SELECT ${organizationId}, 'temperature_readings', s.stripe_customer_id, c.inserted, ${now}
-      FROM counted c
-      JOIN subscriptions s ON s.organization_id = ${organizationId}
-        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND s.stripe_customer_id IS NOT NULL
-      WHERE c.inserted > 0 AND ${billed}::boolean
+      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at)
+      OVERRIDING SYSTEM VALUE
+      SELECT b.outbox_id, ${organizationId}, 'temperature_readings', b.stripe_customer_id, c.inserted, ${now}
+      FROM counted c, billing b
+      WHERE c.inserted > 0
       RETURNING stripe_customer_id
     )
     SELECT

@@ -161,6 +161,40 @@ describe('concurrent ingestion', () => {
   });
 });
 
+describe('the reading to outbox link', () => {
+  it('names, on every billed reading, the outbox row that bills it, and nothing on unbilled ones', async () => {
+    const billable = await createOrganization(ctx.db);
+    const free = await createOrganization(ctx.db, { billable: false });
+    const [billableSensor] = await createSensors(ctx.db, billable.organizationId);
+    const [freeSensor] = await createSensors(ctx.db, free.organizationId);
+    const first = batch(billableSensor!, 3);
+    expect((await post(billable.apiKey, first)).status).toBe(201);
+    expect((await post(billable.apiKey, batch(billableSensor!, 5, 100))).status).toBe(201);
+    // A re-sent batch stores nothing new: no outbox row, and the stored readings keep their link.
+    expect((await post(billable.apiKey, first)).status).toBe(201);
+    expect((await post(free.apiKey, batch(freeSensor!, 2))).status).toBe(201);
+
+    const { rows } = await sql<{
+      organization_id: string;
+      outbox_id: string | null;
+      readings: number;
+      value: number | null;
+    }>`
+      SELECT r.organization_id, r.outbox_id, count(*)::int AS readings, max(o.value)::int AS value
+      FROM temperature_readings r LEFT JOIN meter_outbox o ON o.id = r.outbox_id
+      WHERE r.organization_id IN (${billable.organizationId}, ${free.organizationId})
+      GROUP BY 1, 2 ORDER BY 3`.execute(ctx.db);
+    const linked = rows.filter((r) => r.organization_id === billable.organizationId);
+    expect(linked.map((r) => [r.readings, r.value])).toEqual([
+      [3, 3],
+      [5, 5],
+    ]);
+    expect(rows.filter((r) => r.organization_id === free.organizationId)).toEqual([
+      { organization_id: free.organizationId, outbox_id: null, readings: 2, value: null },
+    ]);
+  });
+});
+
 describe('an unreachable database', () => {
   async function closedPort(): Promise<number> {
     const server = createServer();

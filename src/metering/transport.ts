@@ -1,0 +1,30 @@
+// How meter events reach Stripe: one call carries one event (v1 meter events) or up to 100 events of
+// different customers (v2 meter event stream). Delivery claims groups, takes call budget, hands the
+// events of one call to a transport and settles each group from its own outcome.
+import type Stripe from 'stripe';
+import { createStripeMeterClient, type MeterEventInput, type SendOutcome } from './stripe-meter.js';
+
+export type TransportKind = 'v1' | 'v2';
+
+export interface MeterTransport {
+  readonly kind: TransportKind;
+  /** Most events one call may carry, each of a different customer+meter (v1: 1, v2: 100). */
+  readonly maxEventsPerCall: number;
+  /**
+   * One Stripe call carrying these events: one outcome per event, in order. Never throws for an
+   * answer from Stripe or the network (a whole-call failure is that outcome for every event).
+   */
+  send(events: readonly MeterEventInput[]): Promise<SendOutcome[]>;
+  /** Releases what the transport holds (a v2 session); safe to call twice. */
+  close?(): Promise<void>;
+}
+
+/** v1: `POST /v1/billing/meter_events`, one event per call, answered synchronously. */
+export function createV1Transport(stripe: Stripe): MeterTransport {
+  const client = createStripeMeterClient(stripe);
+  return {
+    kind: 'v1',
+    maxEventsPerCall: 1,
+    send: (events) => Promise.all(events.map((event) => client.send(event))),
+  };
+}
