@@ -41,6 +41,8 @@ export interface DeliveryObserver {
   onBudgetWait?(ms: number): void;
   /** Stripe answered 429 (account limit); the key is retried within seconds. */
   onRateLimited?(eventName: MeterEventName): void;
+  /** A key's job started this long after it became due (see meterbox_delivery_pass_seconds). */
+  onPass?(ms: number): void;
 }
 
 export interface DeliveryDeps {
@@ -510,6 +512,7 @@ export async function handleDeliveryJob(
     attempt: job.retryCount,
   });
   const observer = deps.observer ?? {};
+  observer.onPass?.(Math.max(0, Date.now() - new Date(job.startAfter).getTime()));
   const status = await keyStatus(deps.db, customerId, eventName, job);
   // A newer job must not overtake a key's backoff: the retry job drains every pending row when due.
   if (status.backingOff) {
