@@ -126,9 +126,10 @@ function utcHourEnd(at: Date): Date {
  * any Stripe call (callers hold the key's delivery lock, so no other drain changes these rows). An
  * undelivered group that already has an identifier (a crash or a retryable error interrupted it)
  * always comes first and is resent unchanged; otherwise rows too old for Stripe become `expired`
- * and the oldest pending rows get a new identifier: temperature_readings rows of one UTC hour of
- * occurred_at (at most maxRows), active_sensors rows one by one (formula `last`: each count is a
- * reading at its own instant). With minIntervalMs, a key that called Stripe less than that long ago
+ * and the oldest pending rows of one UTC hour of occurred_at (at most maxRows) get a new identifier:
+ * temperature_readings rows sum (formula `sum`); active_sensors rows become one event carrying the
+ * newest count at its own timestamp (formula `last`: the bill is the same as sending every count,
+ * and a burst of sensor changes costs one call, not one per change). With minIntervalMs, a key that called Stripe less than that long ago
  * claims nothing and reports how long to wait (`waitMs`, only when rows are pending); a claimed
  * group sets the key's next allowed call in the same statement.
  * Three statements in the common case: this runs once per Stripe call, on a busy database.
@@ -198,7 +199,7 @@ export async function claimGroup(
     }
     if (!h.first_id || !h.first_occurred_at) return { group: null, expired };
     identifier = makeIdentifier(eventName, h.first_id);
-    const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
+    const limit = options.maxRows;
     // Never across a UTC hour: each event's usage lands in the hour (and billing period) it
     // happened. The lower bound keeps out a row of the previous hour committed since the head query.
     const hourEnd = utcHourEnd(new Date(h.first_occurred_at));
@@ -233,9 +234,14 @@ export async function claimGroup(
       UPDATE meter_outbox
          SET identifier = ${identifier}, attempts = attempts + 1, updated_at = now()
        WHERE status = 'pending' AND ${assign}
-      RETURNING value, occurred_at, created_at, attempts
+      RETURNING id, value, occurred_at, created_at, attempts
     )${pace}
-    SELECT coalesce(sum(value), 0)::text AS value, max(occurred_at) AS timestamp,
+    SELECT ${
+      eventName === 'active_sensors'
+        ? // formula `last`: the newest count of the group stands for all of it, at its own instant.
+          sql`coalesce((array_agg(value ORDER BY occurred_at DESC, id DESC))[1], 0)::text`
+        : sql`coalesce(sum(value), 0)::text`
+    } AS value, max(occurred_at) AS timestamp,
            min(created_at) AS oldest, count(*)::int AS rows, max(attempts)::int AS attempts
       FROM grouped`.execute(db);
   const group = claimed.rows[0];

@@ -159,16 +159,21 @@ describe('meter-delivery worker', () => {
     ]);
   });
 
-  it('sends every active_sensors row as its own event', async () => {
+  it('never coalesces active_sensors rows across a UTC hour: one event per hour, its newest count', async () => {
     const org = await billableCustomer();
     const h = hourStart(-1);
+    const earlier = hourStart(-2);
     await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
+      { value: 7, occurredAt: new Date(earlier.getTime() + 60_000) },
       { value: 3, occurredAt: new Date(h.getTime() + 60_000) },
       { value: 4, occurredAt: new Date(h.getTime() + 120_000) },
     ]);
-    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 2);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 3);
     const events = emulator.events({ customer: org.customerId, event_name: 'active_sensors' });
-    expect(events.map((e) => e.value)).toEqual([3, 4]);
+    expect(events.map((e) => [e.value, e.timestamp])).toEqual([
+      [7, (earlier.getTime() + 60_000) / 1000],
+      [4, (h.getTime() + 120_000) / 1000],
+    ]);
     expect(emulator.totals({ customer: org.customerId })[0]?.last).toBe(4);
   });
 
@@ -381,6 +386,20 @@ describe('meter-delivery worker', () => {
         ctx.db,
       );
     expect(leases).toHaveLength(0);
+  });
+
+  it("coalesces a key's pending active_sensors rows of one hour into one event: the newest count at its own instant", async () => {
+    const org = await billableCustomer();
+    const now = Date.now();
+    const hourStart = now - (now % 3_600_000);
+    const first = Math.max(hourStart, now - 4_000);
+    const rows = [3, 5, 4, 6, 2].map((value, i) => ({ value, occurredAt: new Date(first + i * 700) }));
+    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', rows);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 5);
+    const events = emulator.events({ customer: org.customerId, event_name: 'active_sensors' });
+    expect(events.map((e) => [e.value, e.timestamp])).toEqual([[2, Math.floor((first + 4 * 700) / 1000)]]);
+    const delivered = await rowsOf(org.customerId);
+    expect(new Set(delivered.map((r) => r.identifier))).toEqual(new Set([events[0]!.identifier]));
   });
 
   it('delivers a newly committed row on an idle worker (latency logged)', async () => {
