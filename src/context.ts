@@ -1,11 +1,13 @@
 // The composition root: builds the database, pg-boss and the Stripe client once from a Config.
 // Every other module receives what it uses as an argument; tests pass overrides here.
+
 import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
 import type { Config } from './config.js';
 import { requireDatabaseUrl } from './config.js';
 import { createDatabase, type Database } from './db/database.js';
 import { listMigrations, type MigrationFile } from './db/migrate.js';
+import { ApiKeyCache } from './ingest/api-key-cache.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
 
@@ -25,6 +27,8 @@ export interface Context extends Database {
   readonly metrics: Metrics;
   /** The migrations this build ships, for readiness checks. */
   readonly migrations: readonly MigrationFile[];
+  /** Verified API keys of this process, invalidated by LISTEN/NOTIFY (started on first use). */
+  readonly apiKeys: ApiKeyCache;
   close(): Promise<void>;
 }
 
@@ -78,6 +82,8 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const stripe = overrides.stripe ?? createStripeClient(config);
   if (stripe) instrumentStripe(stripe, metrics);
 
+  const apiKeys = new ApiKeyCache({ connectionString, log: log.child({ component: 'api-keys' }) });
+
   let closed: Promise<void> | undefined;
   const context: Context = {
     ...database,
@@ -88,9 +94,11 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     clock: overrides.clock ?? systemClock,
     metrics,
     migrations: await listMigrations(),
+    apiKeys,
     close() {
       // Reverse order of acquisition; safe to call twice.
       closed ??= (async () => {
+        await apiKeys.close();
         await boss.stop({ graceful: false, close: true, timeout: 5_000 }).catch((err: unknown) => {
           log.warn({ err }, 'pg-boss stop failed');
         });

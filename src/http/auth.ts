@@ -3,7 +3,13 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { MiddlewareHandler } from 'hono';
 import type { Context } from '../context.js';
-import { authenticateApiKey, looksLikeApiKey } from '../ingest/api-keys.js';
+import {
+  authenticateApiKey,
+  hashApiKey,
+  LAST_USED_RESOLUTION_SECONDS,
+  looksLikeApiKey,
+  touchApiKey,
+} from '../ingest/api-keys.js';
 import { AppError, unauthorized } from './errors.js';
 import type { AppEnv } from './types.js';
 
@@ -12,13 +18,36 @@ export function bearerToken(header: string | undefined): string | undefined {
   return match?.[1];
 }
 
-/** API-key auth: one indexed query per request; missing, unknown and revoked keys are all 401. */
-export function apiKeyAuth(ctx: Pick<Context, 'db' | 'clock'>): MiddlewareHandler<AppEnv> {
+/**
+ * API-key auth; missing, unknown and revoked keys are all 401. A key verified before is served from
+ * the process's cache (no round trip; revocation reaches it by NOTIFY, see api-key-cache.ts), with
+ * last_used_at refreshed at most once a minute off the request's path.
+ */
+export function apiKeyAuth(
+  ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log'>,
+): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
     const token = bearerToken(c.req.header('authorization'));
     if (!token) throw unauthorized('missing API key: send Authorization: Bearer <api key>');
-    const found = looksLikeApiKey(token) ? await authenticateApiKey(ctx.db, token, ctx.clock.now()) : null;
+    if (!looksLikeApiKey(token)) throw unauthorized('invalid or revoked API key');
+    const hash = hashApiKey(token);
+    const now = ctx.clock.now();
+    const cached = ctx.apiKeys.get(hash);
+    if (cached) {
+      if (now.getTime() - cached.touchedAt > LAST_USED_RESOLUTION_SECONDS * 1000) {
+        cached.touchedAt = now.getTime();
+        touchApiKey(ctx.db, cached.keyId, now).catch((err: unknown) =>
+          ctx.log.warn({ err }, 'could not refresh last_used_at of an API key'),
+        );
+      }
+      c.set('organizationId', cached.organizationId);
+      await next();
+      return;
+    }
+    const ticket = ctx.apiKeys.ticket();
+    const found = await authenticateApiKey(ctx.db, token, now);
     if (!found) throw unauthorized('invalid or revoked API key');
+    ctx.apiKeys.set(hash, { ...found, touchedAt: now.getTime() }, ticket);
     c.set('organizationId', found.organizationId);
     await next();
   };

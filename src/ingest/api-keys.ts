@@ -12,7 +12,7 @@ const API_KEY_PATTERN = /^mbx_[A-Za-z0-9_-]{43}$/;
 /** Shown in listings: `mbx_` and 8 secret characters (48 bits), enough to tell keys apart. */
 const DISPLAY_PREFIX_LENGTH = API_KEY_PREFIX.length + 8;
 /** last_used_at is a hint for operators, not an audit log: write it at most once a minute per key. */
-const LAST_USED_RESOLUTION_SECONDS = 60;
+export const LAST_USED_RESOLUTION_SECONDS = 60;
 
 export interface GeneratedApiKey {
   /** The whole key, shown to the caller once and never stored. */
@@ -59,4 +59,14 @@ export async function authenticateApiKey(
     SELECT id, organization_id FROM found`.execute(db);
   const row = result.rows[0];
   return row ? { organizationId: row.organization_id, keyId: row.id } : null;
+}
+
+/** Refreshes last_used_at of a cached key (at most once a minute, off the request's path). */
+export async function touchApiKey(db: Kysely<DB>, keyId: string, now: Date): Promise<void> {
+  await db
+    .updateTable('api_keys')
+    .set({ last_used_at: now })
+    .where('id', '=', keyId)
+    .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', now)]))
+    .execute();
 }

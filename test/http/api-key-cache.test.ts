@@ -1,0 +1,89 @@
+// Verified API keys are served from each API process's cache; revoking a key through one process
+// reaches every other process by NOTIFY within a second, and a lost listener never serves a stale key.
+import { createServer } from 'node:net';
+import { sql } from 'kysely';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { authHeaders, createOrganization } from '../helpers/fixtures.js';
+import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+
+const TOKEN = 'admin-token-for-the-api-key-cache-test';
+let url: string;
+let ctx: Context;
+let server: RunningProcess;
+let baseUrl: string;
+
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  const address = srv.address();
+  await new Promise<void>((resolve) => srv.close(() => resolve()));
+  if (address === null || typeof address === 'string') throw new Error('no port');
+  return address.port;
+}
+
+beforeAll(async () => {
+  url = await createTestDatabase();
+  ctx = await createTestContext({ DATABASE_URL: url, ADMIN_TOKEN: TOKEN });
+  const port = await freePort();
+  server = startEntryPoint('server', { DATABASE_URL: url, ADMIN_TOKEN: TOKEN, PORT: String(port) });
+  baseUrl = `http://127.0.0.1:${port}`;
+  await server.waitForOutput('meterbox API listening', 60_000);
+}, 90_000);
+
+afterAll(async () => {
+  server?.kill('SIGKILL');
+});
+
+describe('the API key cache', () => {
+  it('revoking a key through one process answers 401 from another within a second', async () => {
+    const org = await createOrganization(ctx.db);
+    const readSensors = () => fetch(`${baseUrl}/v1/sensors`, { headers: authHeaders(org.apiKey) });
+    // The other process verifies the key once; from then on it serves it from its cache.
+    await vi.waitFor(async () => expect((await readSensors()).status).toBe(200), { timeout: 10_000 });
+    expect((await readSensors()).status).toBe(200);
+
+    const app = createApp(ctx);
+    const revoked = await app.request(`/admin/organizations/${org.organizationId}/keys/${org.apiKeyId}`, {
+      method: 'DELETE',
+      headers: authHeaders(TOKEN),
+    });
+    expect(revoked.status, await revoked.clone().text()).toBe(200);
+    const started = Date.now();
+    await vi.waitFor(async () => expect((await readSensors()).status).toBe(401), {
+      timeout: 1_000,
+      interval: 20,
+    });
+    expect(Date.now() - started).toBeLessThan(1_000);
+  });
+
+  it('serves a verified key without a database round trip, and bypasses the cache while its listener is down', async () => {
+    const org = await createOrganization(ctx.db);
+    const app = createApp(ctx);
+    const get = () => app.request('/v1/sensors', { headers: authHeaders(org.apiKey) });
+    ctx.apiKeys.start();
+    await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(true), { timeout: 5_000 });
+    expect((await get()).status).toBe(200);
+
+    // Revoked behind the cache's back (triggers off: no NOTIFY). The cached key is still served,
+    // which only holds if no request looks it up: the lookup would refuse it.
+    await ctx.db.connection().execute(async (conn) => {
+      await sql`SET session_replication_role = replica`.execute(conn);
+      await sql`UPDATE api_keys SET revoked_at = now() WHERE id = ${org.apiKeyId}`.execute(conn);
+      await sql`SET session_replication_role = DEFAULT`.execute(conn);
+    });
+    expect((await get()).status).toBe(200);
+
+    // The listener's connection is killed: the cache empties and every request looks its key up,
+    // so a key whose NOTIFY was lost is refused at once.
+    await sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'meterbox-api-keys' AND datname = current_database()`.execute(ctx.db);
+    await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(false), { timeout: 5_000 });
+    expect((await get()).status).toBe(401);
+    // And the listener comes back on its own.
+    await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(true), { timeout: 10_000 });
+    expect((await get()).status).toBe(401);
+  });
+});
