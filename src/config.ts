@@ -33,6 +33,11 @@ export const configSchema = z.object({
   METER_CRON: cronExpression.default('0 * * * *'),
   BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
+  /** Group commit: how long the first request of a group waits for concurrent ones (ms); 0 = off. */
+  INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
+  /** Group commit: most requests, and most readings, written in one transaction. */
+  INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
+  INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
   /** Stripe calls in flight per worker process; a call holds no connection, only a lease row. */

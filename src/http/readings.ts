@@ -4,6 +4,7 @@ import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import type { z } from 'zod';
 import type { Context } from '../context.js';
+import { GroupCommitter } from '../ingest/group-commit.js';
 import {
   findStoredResponse,
   isValidIdempotencyKey,
@@ -73,6 +74,16 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
     now: () => ctx.clock.now(),
   });
   const retentionMs = ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS * 3600 * 1000;
+  // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request
+  // keeps its own transaction, where its stored answer commits with its readings.
+  const groups =
+    ctx.config.INGEST_GROUP_WINDOW_MS > 0 && options.outbox !== false
+      ? new GroupCommitter(ctx, {
+          windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
+          maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
+          maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
+        })
+      : undefined;
   const app = new Hono<AppEnv>();
   app.use('*', apiKeyAuth(ctx));
 
@@ -95,6 +106,12 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
     const parsed = schema.safeParse(body);
     if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
     const { readings } = parsed.data;
+    if (groups && key === undefined) {
+      const outcome = await groups.submit({ organizationId, readings });
+      if (!outcome.stored) throw invalidBatch(outcome.problems);
+      ctx.metrics.readingsIngested.inc(outcome.result.inserted);
+      return c.json(outcome.result, 201);
+    }
     try {
       const result = await ctx.db.transaction().execute(async (trx) => {
         const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now, options);

@@ -96,6 +96,33 @@ export async function enqueueDelivery(
   // sweep still covers these rows.
 }
 
+/**
+ * The hand-off of one ingestion transaction: every delivery key it wrote rows for, once, whatever
+ * the number of requests in it. One statement share-locks the keys' queued jobs (in key order, so
+ * concurrent transactions lock in one order); only keys without a queued job go through
+ * enqueueDelivery (a send, with its re-check).
+ */
+export async function enqueueDeliveries(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  keys: readonly { customerId: string; eventName: MeterEventName }[],
+): Promise<void> {
+  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
+  if (unique.size === 0) return;
+  const names = [...unique.keys()].sort();
+  const held = await sql<{ key: string }>`
+    SELECT singleton_key AS key FROM pgboss.job
+    WHERE name = 'meter-delivery' AND singleton_key = ANY(${names}::text[])
+      AND state = 'created' AND policy = 'short'
+    ORDER BY singleton_key
+    FOR KEY SHARE`.execute(trx);
+  for (const { key } of held.rows) unique.delete(key);
+  for (const name of names) {
+    const k = unique.get(name);
+    if (k) await enqueueDelivery(trx, boss, k.customerId, k.eventName);
+  }
+}
+
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */
 export async function queueDelivery(
   boss: PgBoss,

@@ -1,6 +1,6 @@
 // A batch is written with a constant number of statements, whatever its size.
 import { Kysely, PostgresDialect } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { createApp } from '../../src/http/app.js';
@@ -40,6 +40,9 @@ describe('bulk efficiency', () => {
     const org = await createOrganization(ctx.db);
     const sensors = await createSensors(ctx.db, org.organizationId, 25);
     const app = createApp({ ...ctx, db: counting });
+    // The API key cache's listener is up, so a verified key is served without a lookup.
+    ctx.apiKeys.start();
+    await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(true));
     const counts: number[] = [];
     // The first request queues the customer's delivery job; the next two find it queued (the
     // steady state under load) and hold it until commit (src/metering/outbox.ts enqueueDelivery),
@@ -57,11 +60,12 @@ describe('bulk efficiency', () => {
       expect(((await res.json()) as { inserted: number }).inserted).toBe(batch.length);
       counts.push(statements.length);
     }
-    // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), the look for a
-    // queued job (none yet), the job, commit.
-    expect(counts[0], statements.join('\n')).toBe(6);
-    // Steady state: the look finds the queued job and share-locks it; no job insert.
-    expect(counts[1]).toBe(5);
+    // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), the look for
+    // the transaction's queued jobs (none yet), the per-key look and the job, commit.
+    expect(counts[0], statements.join('\n')).toBe(7);
+    // Steady state: the key is cached (no auth statement), the look finds the queued job and
+    // share-locks it; no job insert: begin, statement, look, commit.
+    expect(counts[1], statements.join('\n')).toBe(4);
     expect(counts[2], statements.join('\n')).toBe(counts[1]);
   });
 

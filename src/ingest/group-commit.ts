@@ -1,0 +1,222 @@
+// Group commit for POST /v1/readings: concurrent requests of one API process are written together
+// in ONE transaction and ONE statement, so a single-reading request no longer pays a whole
+// transaction (round trips, commit, WAL flush) of its own. Every request keeps its own answer:
+// inserted/duplicates, or its own 422 problems (one request's unknown sensor never rejects another).
+// The contract holds per transaction: one meter_outbox row per billable organization, its value the
+// rows that organization inserted, each of those readings naming it (outbox_id), and the delivery
+// hand-off once per transaction and delivery key.
+import { sql, type Transaction } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { Database } from '../db/database.js';
+import { isDatabaseUnavailable } from '../db/errors.js';
+import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
+import { enqueueDeliveries } from '../metering/outbox.js';
+import type { SensorProblem, StoreReadingsOutcome } from './readings.js';
+import { storeReadings } from './readings.js';
+import type { Reading } from './schemas.js';
+
+export interface GroupRequest {
+  organizationId: string;
+  readings: readonly Reading[];
+}
+
+interface Pending extends GroupRequest {
+  resolve(outcome: StoreReadingsOutcome): void;
+  reject(err: unknown): void;
+}
+
+interface GroupRow {
+  kind: 'r' | 'p' | 'c';
+  req: number | null;
+  inserted: number | null;
+  n: number | null;
+  active: boolean | null;
+  customer: string | null;
+}
+
+/**
+ * Writes a group of validated requests in the caller's transaction with one statement, then hands
+ * the new outbox rows to delivery (once per delivery key). Rows are inserted in (sensor, instant)
+ * order whatever request they came from, so concurrent groups take row locks in one order and cannot
+ * deadlock; within a group the earliest request wins a reading sent twice.
+ */
+export async function storeGroup(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  requests: readonly GroupRequest[],
+  now: Date,
+): Promise<StoreReadingsOutcome[]> {
+  const req: number[] = [];
+  const org: string[] = [];
+  const sensor: string[] = [];
+  const recordedAt: string[] = [];
+  const temperature: number[] = [];
+  requests.forEach((r, i) => {
+    for (const reading of r.readings) {
+      req.push(i);
+      org.push(r.organizationId);
+      sensor.push(reading.sensorId);
+      recordedAt.push(reading.recordedAt);
+      temperature.push(reading.temperatureC);
+    }
+  });
+  const result = await sql<GroupRow>`
+    WITH input AS MATERIALIZED (
+      SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
+      FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[],
+                  ${temperature}::float8[]) WITH ORDINALITY AS r(req, org, sensor_id, recorded_at, temperature_c, n)
+    ), known AS (
+      SELECT s.id, s.organization_id, s.active FROM sensors s
+      WHERE s.id IN (SELECT sensor_id FROM input)
+    ), problems AS (
+      -- A sensor of another organization reads "unknown": its existence is never revealed.
+      SELECT i.req, i.n, k.active FROM input i
+      LEFT JOIN known k ON k.id = i.sensor_id AND k.organization_id = i.org
+      WHERE k.active IS NOT TRUE
+    ), ok AS (
+      SELECT i.* FROM input i WHERE NOT EXISTS (SELECT 1 FROM problems p WHERE p.req = i.req)
+    ), billing AS (
+      SELECT s.organization_id AS org, s.stripe_customer_id,
+             nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
+      FROM subscriptions s
+      WHERE s.organization_id IN (SELECT org FROM ok)
+        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+        AND s.stripe_customer_id IS NOT NULL
+    ), stored AS (
+      INSERT INTO temperature_readings
+        (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
+      SELECT o.sensor_id, o.recorded_at, o.org, o.temperature_c, ${now}, b.outbox_id
+      FROM ok o LEFT JOIN billing b ON b.org = o.org
+      ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
+      ON CONFLICT (sensor_id, recorded_at) DO NOTHING
+      RETURNING sensor_id, recorded_at, organization_id
+    ), winners AS (
+      SELECT DISTINCT ON (o.sensor_id, o.recorded_at) o.req, o.sensor_id, o.recorded_at
+      FROM ok o ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
+    ), per_request AS (
+      SELECT w.req, count(*)::int AS inserted
+      FROM stored s JOIN winners w ON w.sensor_id = s.sensor_id AND w.recorded_at = s.recorded_at
+      GROUP BY w.req
+    ), per_org AS (
+      SELECT organization_id AS org, count(*)::int AS inserted FROM stored GROUP BY organization_id
+    ), outbox AS (
+      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at)
+      OVERRIDING SYSTEM VALUE
+      SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now}
+      FROM per_org p JOIN billing b ON b.org = p.org
+      RETURNING stripe_customer_id
+    )
+    SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer
+      FROM per_request
+    UNION ALL
+    SELECT 'p', req, NULL, n::int, active, NULL FROM problems
+    UNION ALL
+    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id FROM outbox`.execute(trx);
+
+  const inserted = new Map<number, number>();
+  const problems = new Map<number, SensorProblem[]>();
+  const customers: string[] = [];
+  for (const row of result.rows) {
+    if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
+    else if (row.kind === 'p' && row.req !== null && row.n !== null) {
+      const list = problems.get(row.req) ?? [];
+      const offset = req.indexOf(row.req);
+      list.push({
+        index: row.n - 1 - offset,
+        message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
+      });
+      problems.set(row.req, list);
+    } else if (row.kind === 'c' && row.customer) customers.push(row.customer);
+  }
+  await enqueueDeliveries(
+    trx,
+    boss,
+    customers.map((customerId) => ({ customerId, eventName: 'temperature_readings' as const })),
+  );
+  return requests.map((r, i): StoreReadingsOutcome => {
+    const own = problems.get(i);
+    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
+    const n = inserted.get(i) ?? 0;
+    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
+  });
+}
+
+export interface GroupCommitOptions {
+  /** How long the first request of a group waits for others (ms). */
+  windowMs: number;
+  /** Most requests in one group. */
+  maxRequests: number;
+  /** Most readings in one group (a large batch is written alone rather than delaying others). */
+  maxReadings: number;
+}
+
+/**
+ * Collects concurrent requests of this process into groups and writes each group in one
+ * transaction. Nothing is answered before its group commits. A group that fails because the
+ * database is unavailable fails every one of its requests (the route answers 503 with Retry-After)
+ * and stores none of them; any other failure is retried request by request, so a request that
+ * breaks the statement fails alone.
+ */
+export class GroupCommitter {
+  private queue: Pending[] = [];
+  private queuedReadings = 0;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly ctx: Pick<Database, 'db'> & { boss: PgBoss; clock: { now(): Date } },
+    private readonly options: GroupCommitOptions,
+  ) {}
+
+  submit(request: GroupRequest): Promise<StoreReadingsOutcome> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ ...request, resolve, reject });
+      this.queuedReadings += request.readings.length;
+      if (this.queue.length >= this.options.maxRequests || this.queuedReadings >= this.options.maxReadings) {
+        this.flush();
+      } else if (!this.timer) {
+        this.timer = setTimeout(() => this.flush(), this.options.windowMs);
+      }
+    });
+  }
+
+  private flush(): void {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+    }
+    const group = this.queue;
+    this.queue = [];
+    this.queuedReadings = 0;
+    if (group.length > 0) void this.write(group);
+  }
+
+  private async write(group: Pending[]): Promise<void> {
+    const now = this.ctx.clock.now();
+    try {
+      const outcomes = await this.ctx.db
+        .transaction()
+        .execute((trx) => storeGroup(trx, this.ctx.boss, group, now));
+      group.forEach((p, i) => p.resolve(outcomes[i]!));
+    } catch (err) {
+      if (group.length === 1 || isDatabaseUnavailable(err)) {
+        for (const p of group) p.reject(err);
+        return;
+      }
+      // Something in the group broke the statement: write each request alone so only the request
+      // that causes it fails.
+      await Promise.all(
+        group.map(async (p) => {
+          try {
+            p.resolve(
+              await this.ctx.db
+                .transaction()
+                .execute((trx) => storeReadings(trx, this.ctx.boss, p.organizationId, p.readings, now)),
+            );
+          } catch (single) {
+            p.reject(single);
+          }
+        }),
+      );
+    }
+  }
+}

@@ -1,0 +1,193 @@
+// Group commit: concurrent POST /v1/readings requests of one process share one transaction, yet
+// each keeps its own answer; a failing group answers 503 to exactly its requests and stores none;
+// a request that breaks the statement fails alone.
+import { sql } from 'kysely';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { createTestContext } from '../helpers/database.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  type OrganizationFixture,
+} from '../helpers/fixtures.js';
+
+let ctx: Context;
+let app: ReturnType<typeof createApp>;
+const cleanups: string[] = [];
+
+beforeAll(async () => {
+  // A long window so the concurrent requests of a test certainly land in one group.
+  ctx = await createTestContext({ INGEST_GROUP_WINDOW_MS: '50' });
+  await ctx.boss.start();
+  app = createApp(ctx);
+});
+
+afterEach(async () => {
+  for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
+});
+
+function post(apiKey: string, readings: unknown[], headers: Record<string, string> = {}) {
+  return app.request('/v1/readings', {
+    method: 'POST',
+    headers: authHeaders(apiKey, headers),
+    body: JSON.stringify({ readings }),
+  });
+}
+
+let clock = Date.now() - 3_600_000;
+function reading(sensorId: string, temperatureC = 4) {
+  clock += 1000;
+  return { sensorId, recordedAt: new Date(clock).toISOString(), temperatureC };
+}
+
+async function stored(org: OrganizationFixture) {
+  const { rows } = await sql<{ readings: number; outbox: number; value: number; transactions: number }>`
+    SELECT (SELECT count(*)::int FROM temperature_readings WHERE organization_id = ${org.organizationId}) AS readings,
+           (SELECT count(*)::int FROM meter_outbox WHERE organization_id = ${org.organizationId}) AS outbox,
+           (SELECT coalesce(sum(value), 0)::int FROM meter_outbox WHERE organization_id = ${org.organizationId}) AS value,
+           (SELECT count(DISTINCT ingested_at)::int FROM temperature_readings
+             WHERE organization_id = ${org.organizationId}) AS transactions`.execute(ctx.db);
+  return rows[0]!;
+}
+
+describe('group commit', () => {
+  it('writes concurrent requests in one transaction, each with its own answer and its own 422 details', async () => {
+    const a = await createOrganization(ctx.db);
+    const b = await createOrganization(ctx.db);
+    const free = await createOrganization(ctx.db, { billable: false });
+    const [a1, a2] = await createSensors(ctx.db, a.organizationId, 2);
+    const [b1] = await createSensors(ctx.db, b.organizationId, 1);
+    const [inactive] = await createSensors(ctx.db, a.organizationId, 1, { active: false });
+    const [f1] = await createSensors(ctx.db, free.organizationId, 1);
+    const shared = reading(a1!);
+    const results = await Promise.all([
+      post(a.apiKey, [shared, reading(a2!)]),
+      // The same reading again in the same group: the earlier request stored it.
+      post(a.apiKey, [shared, reading(a1!)]),
+      // b's own sensor and a's sensor (foreign: reads as unknown) and an inactive one of a's.
+      post(b.apiKey, [reading(b1!), reading(a1!)]),
+      post(a.apiKey, [reading(a1!), reading(inactive!)]),
+      post(b.apiKey, [reading(b1!), reading(b1!), reading(b1!)]),
+      post(free.apiKey, [reading(f1!)]),
+    ]);
+    const bodies = await Promise.all(results.map((r) => r.json()));
+    expect(results.map((r) => r.status)).toEqual([201, 201, 422, 422, 201, 201]);
+    expect(bodies[0]).toEqual({ inserted: 2, duplicates: 0 });
+    expect(bodies[1]).toEqual({ inserted: 1, duplicates: 1 });
+    expect(bodies[2]).toMatchObject({
+      error: { code: 'validation_failed', details: [{ index: 1, message: 'unknown sensor' }] },
+    });
+    expect(bodies[3]).toMatchObject({ error: { details: [{ index: 1, message: 'sensor is inactive' }] } });
+    expect(bodies[4]).toEqual({ inserted: 3, duplicates: 0 });
+    expect(bodies[5]).toEqual({ inserted: 1, duplicates: 0 });
+
+    // One transaction: a single ingestion instant per organization, one outbox row per billable
+    // organization with the rows it inserted, and nothing of the refused requests.
+    expect(await stored(a)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
+    expect(await stored(b)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
+    expect(await stored(free)).toEqual({ readings: 1, outbox: 0, value: 0, transactions: 1 });
+    // One hand-off per delivery key for the transaction.
+    const { rows: jobs } = await sql<{ n: number }>`
+      SELECT count(*)::int AS n FROM pgboss.job
+      WHERE name = 'meter-delivery' AND data->>'customerId' IN (${a.customerId}, ${b.customerId})`.execute(
+      ctx.db,
+    );
+    expect(jobs[0]!.n).toBe(2);
+  });
+
+  it('answers 503 with Retry-After to exactly the requests of a group the database could not write, storing none', async () => {
+    const a = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
+    await sql
+      .raw(`
+      CREATE FUNCTION fail_group() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01'; END $$;
+      CREATE TRIGGER fail_group BEFORE INSERT ON temperature_readings FOR EACH ROW
+        WHEN (NEW.organization_id = '${a.organizationId}') EXECUTE FUNCTION fail_group();`)
+      .execute(ctx.db);
+    cleanups.push('DROP TRIGGER fail_group ON temperature_readings; DROP FUNCTION fail_group();');
+    const results = await Promise.all(Array.from({ length: 5 }, () => post(a.apiKey, [reading(sensor!)])));
+    expect(results.map((r) => r.status)).toEqual([503, 503, 503, 503, 503]);
+    for (const r of results) expect(r.headers.get('retry-after')).toMatch(/^\d+$/);
+    expect(await stored(a)).toEqual({ readings: 0, outbox: 0, value: 0, transactions: 0 });
+  });
+
+  it('lets a request that breaks the statement fail alone: the rest of its group is stored', async () => {
+    const a = await createOrganization(ctx.db);
+    const b = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    await sql
+      .raw(`
+      CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+      CREATE TRIGGER fail_one BEFORE INSERT ON temperature_readings FOR EACH ROW
+        WHEN (NEW.temperature_c = 55.5) EXECUTE FUNCTION fail_one();`)
+      .execute(ctx.db);
+    cleanups.push('DROP TRIGGER fail_one ON temperature_readings; DROP FUNCTION fail_one();');
+    const [bad, good, other] = await Promise.all([
+      post(a.apiKey, [reading(sa!, 55.5)]),
+      post(a.apiKey, [reading(sa!)]),
+      post(b.apiKey, [reading(sb!), reading(sb!)]),
+    ]);
+    expect(bad!.status).toBe(500);
+    expect(((await bad!.json()) as { error: { message: string } }).error.message).not.toMatch(/injected/);
+    expect(await good!.json()).toEqual({ inserted: 1, duplicates: 0 });
+    expect(await other!.json()).toEqual({ inserted: 2, duplicates: 0 });
+    expect((await stored(a)).readings).toBe(1);
+    expect((await stored(b)).readings).toBe(2);
+  });
+
+  it('keeps Idempotency-Key replay and conflict among grouped requests', async () => {
+    const a = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
+    const keyed = [reading(sensor!)];
+    const other = [reading(sensor!)];
+    const [first, second, plain] = await Promise.all([
+      post(a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
+      post(a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
+      post(a.apiKey, [reading(sensor!)]),
+    ]);
+    expect(plain!.status).toBe(201);
+    const answers = [await first!.json(), await second!.json()];
+    expect(answers).toEqual([
+      { inserted: 1, duplicates: 0 },
+      { inserted: 1, duplicates: 0 },
+    ]);
+    expect([first!.headers.get('idempotent-replayed'), second!.headers.get('idempotent-replayed')]).toContain(
+      'true',
+    );
+    const conflict = await post(a.apiKey, other, { 'idempotency-key': 'k-1' });
+    expect(conflict.status).toBe(409);
+    expect((await stored(a)).readings).toBe(2);
+  });
+
+  it('many concurrent requests: readings and outbox totals equal what their answers said', async () => {
+    const orgs = await Promise.all(Array.from({ length: 4 }, () => createOrganization(ctx.db)));
+    const sensors = await Promise.all(orgs.map((o) => createSensors(ctx.db, o.organizationId, 3)));
+    const requests = Array.from({ length: 120 }, (_, i) => {
+      const o = i % orgs.length;
+      const own = sensors[o]!;
+      // Every third request re-sends an earlier reading of its organization (below): some duplicates.
+      return { org: orgs[o]!, readings: [reading(own[i % 3]!), reading(own[(i + 1) % 3]!)] };
+    });
+    for (let i = 4; i < requests.length; i += 3) requests[i]!.readings[1] = requests[i - 4]!.readings[0]!;
+    const answers = await Promise.all(
+      requests.map(
+        async (r) =>
+          (await (await post(r.org.apiKey, r.readings)).json()) as { inserted: number; duplicates: number },
+      ),
+    );
+    for (const [i, org] of orgs.entries()) {
+      const said = answers.filter((_, j) => j % orgs.length === i).reduce((n, a) => n + a.inserted, 0);
+      const s = await stored(org);
+      expect(s.readings).toBe(said);
+      expect(s.value).toBe(said);
+      // Grouped: far fewer transactions (and outbox rows) than requests.
+      expect(s.outbox).toBeLessThan(30);
+    }
+    expect(answers.every((a) => a.inserted + a.duplicates === 2)).toBe(true);
+  });
+});
