@@ -196,7 +196,7 @@ export class GroupCommitter {
       const outcomes = await this.ctx.db
         .transaction()
         .execute((trx) => storeGroup(trx, this.ctx.boss, group, now));
-      group.forEach((p, i) => p.resolve(outcomes[i]!));
+      for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       if (group.length === 1 || isDatabaseUnavailable(err)) {
         for (const p of group) p.reject(err);
