@@ -40,15 +40,7 @@ export const configSchema = z.object({
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
-  /** Stripe calls in flight per worker process; a call holds no connection, only a lease row. */
-  DELIVERY_MAX_IN_FLIGHT: int(1, 1000).default(100),
-  /** How long a drain owns its customer+meter without renewing; a dead worker's keys wait this long. */
-  DELIVERY_LEASE_SECONDS: int(5, 3600).default(30),
-  /** Account-wide Stripe call budget for all workers; unset: 25 (test-mode key) or 800 (live key). */
-  STRIPE_MAX_CALLS_PER_SECOND: z.preprocess(
-    (v) => (typeof v === 'string' && v.trim() === '' ? undefined : v),
-    z.coerce.number().positive().max(10_000).optional(),
-  ),
+  DELIVERY_CONCURRENCY: int(1, 100).default(5),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
@@ -94,15 +86,6 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     ]);
   }
   return Object.freeze(parsed.data);
-}
-
-/** The account-wide Stripe call budget in force (calls per second, before 429 throttling). */
-export function stripeCallsPerSecond(config: Config): number {
-  if (config.STRIPE_MAX_CALLS_PER_SECOND !== undefined) return config.STRIPE_MAX_CALLS_PER_SECOND;
-  // Live meter events allow 1,000 calls/s per account; 800 leaves a fifth for the platform's other
-  // traffic on the same account and for Stripe windows that do not align with ours. Sandboxes
-  // (test-mode keys) allow 25 requests/s.
-  return config.STRIPE_SECRET_KEY && /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY) ? 800 : 25;
 }
 
 /** For production entry points, which never fall back to an embedded database. */

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, requireDatabaseUrl, stripeCallsPerSecond } from '../src/config.js';
+import { ConfigError, loadConfig, requireDatabaseUrl } from '../src/config.js';
 import { runEntryPoint } from './helpers/processes.js';
 
 describe('loadConfig', () => {
@@ -10,23 +10,8 @@ describe('loadConfig', () => {
     expect(config.LOG_LEVEL).toBe('info');
     expect(config.METER_CRON).toBe('0 * * * *');
     expect(config.READINGS_MAX_BATCH).toBe(1000);
-    expect(config.DELIVERY_MAX_IN_FLIGHT).toBe(100);
-    expect(config.DELIVERY_LEASE_SECONDS).toBe(30);
-    expect(config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
+    expect(config.DELIVERY_CONCURRENCY).toBe(5);
     expect(Object.isFrozen(config)).toBe(true);
-  });
-
-  it('budgets 25 Stripe calls/s for test-mode keys and 800 for live keys unless told', () => {
-    expect(stripeCallsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toBe(25);
-    expect(stripeCallsPerSecond(loadConfig({}))).toBe(25);
-    expect(stripeCallsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toBe(800);
-    expect(stripeCallsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toBe(800);
-    expect(
-      stripeCallsPerSecond(
-        loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x', STRIPE_MAX_CALLS_PER_SECOND: '100' }),
-      ),
-    ).toBe(100);
-    expect(loadConfig({ STRIPE_MAX_CALLS_PER_SECOND: '' }).STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
   });
 
   it('treats empty strings as unset', () => {
@@ -43,9 +28,7 @@ describe('loadConfig', () => {
     ['DATABASE_URL', 'mysql://x'],
     ['STRIPE_API_BASE', 'not a url'],
     ['ADMIN_TOKEN', 'short'],
-    ['DELIVERY_MAX_IN_FLIGHT', '0'],
-    ['STRIPE_MAX_CALLS_PER_SECOND', '-1'],
-    ['DELIVERY_LEASE_SECONDS', '1'],
+    ['DELIVERY_CONCURRENCY', '0'],
   ])('rejects a bad %s naming the variable', (variable, value) => {
     expect(() => loadConfig({ [variable]: value })).toThrow(ConfigError);
     try {

@@ -141,22 +141,6 @@ export interface MeterDeliveryPacingTable {
   next_call_at: Timestamp;
 }
 
-export interface MeterDeliveryLeasesTable {
-  stripe_customer_id: string;
-  event_name: MeterEventName;
-  owner: string;
-  expires_at: Timestamp;
-}
-
-export interface StripeCallBudgetTable {
-  account: string;
-  next_slot_at: Timestamp;
-  throttle_factor: number;
-  throttled_at: Timestamp | null;
-  calls: ColumnType<string, string | number | undefined, string | number>;
-  rate_limited: ColumnType<string, string | number | undefined, string | number>;
-}
-
 export interface DB {
   organizations: OrganizationsTable;
   api_keys: ApiKeysTable;
@@ -168,8 +152,6 @@ export interface DB {
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;
   meter_delivery_pacing: MeterDeliveryPacingTable;
-  meter_delivery_leases: MeterDeliveryLeasesTable;
-  stripe_call_budget: StripeCallBudgetTable;
   schema_migrations: SchemaMigrationsTable;
 }
 

@@ -5,12 +5,10 @@ import { randomBytes } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
-import { type Config, stripeCallsPerSecond } from '../config.js';
+import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { RATE_LIMIT_PAUSE_MS, recordRateLimited, takeCallSlots } from './budget.js';
-import { acquireLease, type Lease, leaseToken, releaseLease, renewLease } from './lease.js';
 import { deliveryKey, enqueueDelivery, queueDelivery } from './outbox.js';
 import type { QueuePayload } from './queues.js';
 import {
@@ -34,15 +32,6 @@ export interface DeliveryObserver {
   onDeadLetter?(eventName: MeterEventName, reason: string): void;
   /** Rows became `expired` (outside Stripe's 35-day window). */
   onExpired?(eventName: MeterEventName, rows: number): void;
-  /** A Stripe call started / ended (calls in flight). */
-  onCallStart?(): void;
-  onCallEnd?(): void;
-  /** A call waited this long for its slot of the account-wide budget. */
-  onBudgetWait?(ms: number): void;
-  /** Stripe answered 429 (account limit); the key is retried within seconds. */
-  onRateLimited?(eventName: MeterEventName): void;
-  /** A key's job started this long after it became due (see meterbox_delivery_pass_seconds). */
-  onPass?(ms: number): void;
 }
 
 export interface DeliveryDeps {
@@ -72,6 +61,8 @@ const MAX_GROUPS_PER_JOB = 200;
 const MAX_JOB_MS = 60_000;
 /** When another worker holds the key, look again after this long. */
 const BUSY_RETRY_SECONDS = 1;
+/** pg_advisory_lock namespace (first int4 key): "mbdl". */
+const LOCK_NAMESPACE = 0x6d62_646c;
 const MAX_ERROR_LENGTH = 1000;
 
 export interface DeliveryGroup {
@@ -86,12 +77,8 @@ export interface DeliveryGroup {
 
 export type DrainResult =
   | { kind: 'drained'; events: number }
-  /** Another drain holds the key's lease; a follow-up job was queued. */
+  /** Another worker holds the key's lock; a follow-up job was queued. */
   | { kind: 'busy' }
-  /** The lease expired during a long wait and another drain took the key; a follow-up job was queued. */
-  | { kind: 'lease_lost'; events: number }
-  /** Stripe answered 429: the shared budget slowed down and the key was queued again within seconds. */
-  | { kind: 'rate_limited'; events: number; identifier: string }
   /** A job in backoff (retry state) owns this key; it will drain everything when it runs. */
   | { kind: 'backing_off' }
   /** Budget used up with rows left; a follow-up job was queued. */
@@ -126,10 +113,9 @@ function utcHourEnd(at: Date): Date {
  * any Stripe call (callers hold the key's delivery lock, so no other drain changes these rows). An
  * undelivered group that already has an identifier (a crash or a retryable error interrupted it)
  * always comes first and is resent unchanged; otherwise rows too old for Stripe become `expired`
- * and the oldest pending rows of one UTC hour of occurred_at (at most maxRows) get a new identifier:
- * temperature_readings rows sum (formula `sum`); active_sensors rows become one event carrying the
- * newest count at its own timestamp (formula `last`: the bill is the same as sending every count,
- * and a burst of sensor changes costs one call, not one per change). With minIntervalMs, a key that called Stripe less than that long ago
+ * and the oldest pending rows get a new identifier: temperature_readings rows of one UTC hour of
+ * occurred_at (at most maxRows), active_sensors rows one by one (formula `last`: each count is a
+ * reading at its own instant). With minIntervalMs, a key that called Stripe less than that long ago
  * claims nothing and reports how long to wait (`waitMs`, only when rows are pending); a claimed
  * group sets the key's next allowed call in the same statement.
  * Three statements in the common case: this runs once per Stripe call, on a busy database.
@@ -199,7 +185,7 @@ export async function claimGroup(
     }
     if (!h.first_id || !h.first_occurred_at) return { group: null, expired };
     identifier = makeIdentifier(eventName, h.first_id);
-    const limit = options.maxRows;
+    const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
     // Never across a UTC hour: each event's usage lands in the hour (and billing period) it
     // happened. The lower bound keeps out a row of the previous hour committed since the head query.
     const hourEnd = utcHourEnd(new Date(h.first_occurred_at));
@@ -234,14 +220,9 @@ export async function claimGroup(
       UPDATE meter_outbox
          SET identifier = ${identifier}, attempts = attempts + 1, updated_at = now()
        WHERE status = 'pending' AND ${assign}
-      RETURNING id, value, occurred_at, created_at, attempts
+      RETURNING value, occurred_at, created_at, attempts
     )${pace}
-    SELECT ${
-      eventName === 'active_sensors'
-        ? // formula `last`: the newest count of the group stands for all of it, at its own instant.
-          sql`coalesce((array_agg(value ORDER BY occurred_at DESC, id DESC))[1], 0)::text`
-        : sql`coalesce(sum(value), 0)::text`
-    } AS value, max(occurred_at) AS timestamp,
+    SELECT coalesce(sum(value), 0)::text AS value, max(occurred_at) AS timestamp,
            min(created_at) AS oldest, count(*)::int AS rows, max(attempts)::int AS attempts
       FROM grouped`.execute(db);
   const group = claimed.rows[0];
@@ -318,15 +299,10 @@ async function hasPending(db: Kysely<DB>, customerId: string, eventName: MeterEv
   return row !== undefined;
 }
 
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
 /**
- * Drains one customer+meter. The key is owned through a lease row (lease.ts), never a lock or a
- * connection held across a Stripe call: claiming a group and settling it are short statements on
- * any pooled connection, so one process keeps many calls in flight on a small pool. At most one
- * drain holds a key's lease across every worker process (the one call per customer and meter
- * Stripe allows); a crashed process's lease expires and the next owner resends the same group.
- * Every call first takes a slot of the account-wide budget (budget.ts) and starts when it is due.
+ * Drains one customer+meter. Holds a session advisory lock on one connection for the whole drain,
+ * so at most one Stripe call per customer and meter is in flight across every worker process (the
+ * limit Stripe enforces); a crashed process's connection drops and the lock goes with it.
  * `lastAttempt`: pg-boss will not retry this job again, so a retryable error fails the group.
  */
 export async function drainKey(
@@ -337,134 +313,105 @@ export async function drainKey(
 ): Promise<DrainResult> {
   const log = options.log ?? deps.log;
   const observer = deps.observer ?? {};
+  const key = deliveryKey(customerId, eventName);
   const started = Date.now();
   const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
-  const leaseMs = deps.config.DELIVERY_LEASE_SECONDS * 1000;
-  const rate = stripeCallsPerSecond(deps.config);
-  const db = deps.db;
-  const lease: Lease = { customerId, eventName, token: leaseToken() };
 
-  const owned = await acquireLease(db, lease, leaseMs);
-  const result = await (async (): Promise<DrainResult> => {
-    if (!owned) return { kind: 'busy' };
-    let events = 0;
-    for (let round = 0; ; round++) {
-      if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS || deps.stopping?.()) {
-        return { kind: 'continued', events };
-      }
-      if (round > 0 && !(await renewLease(db, lease, leaseMs))) return { kind: 'lease_lost', events };
-      const claim = await claimGroup(db, customerId, eventName, {
-        now: deps.clock.now(),
-        maxRows: deps.config.DELIVERY_MAX_ROWS_PER_EVENT,
-        minIntervalMs,
-      });
-      if (claim.expired > 0) {
-        log.warn({ rows: claim.expired }, "outbox rows expired: older than Stripe's 35-day window");
-        observer.onExpired?.(eventName, claim.expired);
-      }
-      // Never sleep here holding the lease and a concurrency slot: the key gets a job that starts
-      // when it may call again, and the rows committed until then join that call.
-      if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
-      const group = claim.group;
-      if (!group) return { kind: 'drained', events };
+  const result = await deps.db.connection().execute(async (conn): Promise<DrainResult> => {
+    const locked = await sql<{ locked: boolean }>`
+      SELECT pg_try_advisory_lock(${LOCK_NAMESPACE}::int, hashtext(${key})) AS locked`.execute(conn);
+    if (!locked.rows[0]?.locked) return { kind: 'busy' };
+    try {
+      let events = 0;
+      for (;;) {
+        if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS || deps.stopping?.()) {
+          return { kind: 'continued', events };
+        }
+        const claim = await claimGroup(conn, customerId, eventName, {
+          now: deps.clock.now(),
+          maxRows: deps.config.DELIVERY_MAX_ROWS_PER_EVENT,
+          minIntervalMs,
+        });
+        if (claim.expired > 0) {
+          log.warn({ rows: claim.expired }, "outbox rows expired: older than Stripe's 35-day window");
+          observer.onExpired?.(eventName, claim.expired);
+        }
+        // Never sleep here holding the lock, a connection and a concurrency slot: the key gets a
+        // job that starts when it may call again, and the rows committed until then join that call.
+        if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
+        const group = claim.group;
+        if (!group) return { kind: 'drained', events };
 
-      // The account-wide budget: wait for this call's slot (no connection is held meanwhile), then
-      // make sure the lease survived the wait before calling.
-      const slot = await takeCallSlots(db, rate);
-      const waitMs = slot.waitMs[0] ?? 0;
-      observer.onBudgetWait?.(waitMs);
-      if (waitMs > 0) {
-        await sleep(waitMs);
-        if (!(await renewLease(db, lease, leaseMs))) return { kind: 'lease_lost', events };
-      }
-
-      const callStarted = performance.now();
-      observer.onCallStart?.();
-      const outcome = await deps.meter
-        .send({
+        const callStarted = performance.now();
+        const outcome = await deps.meter.send({
           eventName,
           customerId,
           value: group.value,
           timestamp: group.timestamp,
           identifier: group.identifier,
-        })
-        .finally(() => observer.onCallEnd?.());
-      observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
-      // Spacing counts from the answer, which comes after Stripe received the call: two calls
-      // reach Stripe at least minIntervalMs apart whatever the network delays.
-      const pace: CallPacing = { customerId, eventName, minIntervalMs };
-      const glog = log.child({ identifier: group.identifier });
+        });
+        observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
+        // Spacing counts from the answer, which comes after Stripe received the call: two calls
+        // reach Stripe at least minIntervalMs apart whatever the network delays.
+        const pace: CallPacing = { customerId, eventName, minIntervalMs };
+        const glog = log.child({ identifier: group.identifier });
 
-      switch (outcome.kind) {
-        case 'accepted':
-        case 'duplicate': {
-          // A duplicate answer means an earlier call with this identifier (and this value) landed.
-          await settleGroup(db, group.identifier, 'delivered', undefined, pace);
-          const lagMs = deps.clock.now().getTime() - group.oldestCreatedAt.getTime();
-          glog.debug(
-            {
-              rows: group.rows,
-              value: group.value,
-              attempts: group.attempts,
-              duplicate: outcome.kind === 'duplicate',
-              lagMs,
-            },
-            'meter event delivered',
-          );
-          observer.onDelivered?.(eventName, group.rows, lagMs);
-          events++;
-          break;
-        }
-        case 'expired': {
-          const rows = await settleGroup(db, group.identifier, 'expired', outcome.message, pace);
-          glog.warn({ rows, value: group.value, error: outcome.message }, 'meter event expired at Stripe');
-          observer.onExpired?.(eventName, rows);
-          break;
-        }
-        case 'retryable': {
-          const message = `${outcome.reason}: ${outcome.message}`;
-          if (outcome.reason === 'rate_limited') {
-            // Stripe's account limit, not a fault of this key: slow every worker, keep the group
-            // (same identifier and value) and try again within seconds. Never a pg-boss retry, so
-            // it never counts toward DELIVERY_RETRY_LIMIT nor leads to the dead letter.
-            await recordRateLimited(db);
-            await recordError(db, group.identifier, message);
-            observer.onRateLimited?.(eventName);
-            return { kind: 'rate_limited', events, identifier: group.identifier };
+        switch (outcome.kind) {
+          case 'accepted':
+          case 'duplicate': {
+            // A duplicate answer means an earlier call with this identifier (and this value) landed.
+            await settleGroup(conn, group.identifier, 'delivered', undefined, pace);
+            const lagMs = deps.clock.now().getTime() - group.oldestCreatedAt.getTime();
+            glog.debug(
+              {
+                rows: group.rows,
+                value: group.value,
+                attempts: group.attempts,
+                duplicate: outcome.kind === 'duplicate',
+                lagMs,
+              },
+              'meter event delivered',
+            );
+            observer.onDelivered?.(eventName, group.rows, lagMs);
+            events++;
+            break;
           }
-          if (options.lastAttempt) {
-            const error = `gave up after ${group.attempts} attempts: ${message}`;
-            await settleGroup(db, group.identifier, 'failed', error, pace);
+          case 'expired': {
+            const rows = await settleGroup(conn, group.identifier, 'expired', outcome.message, pace);
+            glog.warn({ rows, value: group.value, error: outcome.message }, 'meter event expired at Stripe');
+            observer.onExpired?.(eventName, rows);
+            break;
+          }
+          case 'retryable': {
+            const message = `${outcome.reason}: ${outcome.message}`;
+            if (options.lastAttempt) {
+              const error = `gave up after ${group.attempts} attempts: ${message}`;
+              await settleGroup(conn, group.identifier, 'failed', error, pace);
+              return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
+            }
+            await recordError(conn, group.identifier, message, pace);
+            return { kind: 'retry', reason: outcome.reason, message, identifier: group.identifier };
+          }
+          case 'permanent': {
+            const error = `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`;
+            await settleGroup(conn, group.identifier, 'failed', error, pace);
             return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
           }
-          await recordError(db, group.identifier, message, pace);
-          return { kind: 'retry', reason: outcome.reason, message, identifier: group.identifier };
-        }
-        case 'permanent': {
-          const error = `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`;
-          await settleGroup(db, group.identifier, 'failed', error, pace);
-          return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
         }
       }
+    } finally {
+      await sql`SELECT pg_advisory_unlock(${LOCK_NAMESPACE}::int, hashtext(${key}))`
+        .execute(conn)
+        .catch((err: unknown) => log.warn({ err }, 'advisory unlock failed (the connection is dropped)'));
     }
-  })().finally(async () => {
-    if (!owned) return;
-    await releaseLease(db, lease).catch((err: unknown) =>
-      log.warn({ err }, 'could not release the delivery lease (it expires on its own)'),
-    );
   });
 
-  // Follow-ups are queued after the lease is released so the next job can take it at once.
+  // Follow-ups are queued after the lock is released so the next job can take it at once.
   if (result.kind === 'busy') {
     await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
     deps.wakeAfter?.(BUSY_RETRY_SECONDS * 1000);
-  } else if (result.kind === 'continued' || result.kind === 'lease_lost') {
+  } else if (result.kind === 'continued') {
     await queueDelivery(deps.boss, customerId, eventName);
-  } else if (result.kind === 'rate_limited') {
-    // Within seconds, with jitter so the keys throttled together do not return together.
-    const delayMs = RATE_LIMIT_PAUSE_MS + Math.floor(Math.random() * RATE_LIMIT_PAUSE_MS);
-    await queueDelivery(deps.boss, customerId, eventName, delayMs / 1000);
-    deps.wakeAfter?.(delayMs);
   } else if (result.kind === 'paced') {
     // Same singletonKey as every delivery job: if a job is already queued for the key, it covers
     // these rows (and checks the pace itself when it runs).
@@ -518,7 +465,6 @@ export async function handleDeliveryJob(
     attempt: job.retryCount,
   });
   const observer = deps.observer ?? {};
-  observer.onPass?.(Math.max(0, Date.now() - new Date(job.startAfter).getTime()));
   const status = await keyStatus(deps.db, customerId, eventName, job);
   // A newer job must not overtake a key's backoff: the retry job drains every pending row when due.
   if (status.backingOff) {
@@ -567,9 +513,6 @@ export interface DeliveryWorkerOptions {
   meter?: StripeMeterClient;
 }
 
-/** pg-boss workers per process; each fetches up to DELIVERY_MAX_IN_FLIGHT / MAX_FETCHERS jobs at once. */
-const MAX_FETCHERS = 10;
-
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
 const WAKE_SLACK_MS = 5;
 
@@ -579,8 +522,8 @@ export interface DeliveryWorkers {
 }
 
 /**
- * Subscribes this process to meter-delivery with up to DELIVERY_MAX_IN_FLIGHT jobs running at once,
- * spread over a few fetchers that take jobs in batches. Each fetcher is its own pg-boss worker so it can be woken on its own: pg-boss sleeps a fetcher for the poll
+ * Subscribes this process to meter-delivery with DELIVERY_CONCURRENCY parallel fetchers. Each is
+ * its own pg-boss worker so it can be woken on its own: pg-boss sleeps a fetcher for the poll
  * interval after every job unless a NOTIFY arrives, and sends none for deferred (paced, busy) jobs
  * or when a commit's send is merged into an already queued job. So a fetcher that just ran a job
  * fetches again at once (it sleeps only after an empty fetch), and a deferred job wakes an idle
@@ -605,20 +548,15 @@ export async function workDeliveries(deps: DeliveryDeps): Promise<DeliveryWorker
     timers.add(timer);
   };
   const jobDeps: DeliveryDeps = { ...deps, wakeAfter };
-  // DELIVERY_MAX_IN_FLIGHT jobs (one Stripe call each) spread over a few fetchers that take jobs
-  // in batches: a hundred single-job fetchers would mean a hundred polls per interval.
-  const maxInFlight = deps.config.DELIVERY_MAX_IN_FLIGHT;
-  const fetcherCount = Math.min(MAX_FETCHERS, maxInFlight);
-  const batchSize = Math.ceil(maxInFlight / fetcherCount);
-  for (let i = 0; i < fetcherCount; i++) {
+  for (let i = 0; i < deps.config.DELIVERY_CONCURRENCY; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);
     fetcher.id = await deps.boss.work(
       'meter-delivery',
       {
-        batchSize,
+        batchSize: 1,
         localConcurrency: 1,
-        // A process runs at most one job per key; the key's lease covers other processes.
+        // A process runs at most one job per key; the advisory lock covers other processes.
         localGroupConcurrency: 1,
         includeMetadata: true,
         perJobResults: true,
@@ -723,6 +661,13 @@ export async function startDelivery(
   if (!meter) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
+  }
+  if (ctx.config.DELIVERY_CONCURRENCY >= ctx.config.DB_POOL_MAX) {
+    // Each running drain holds one pooled connection (its advisory lock) for its whole run.
+    log.warn(
+      { DELIVERY_CONCURRENCY: ctx.config.DELIVERY_CONCURRENCY, DB_POOL_MAX: ctx.config.DB_POOL_MAX },
+      'DB_POOL_MAX should exceed DELIVERY_CONCURRENCY: each delivery in flight holds a connection',
+    );
   }
   let stopping = false;
   const workers = await workDeliveries({

@@ -25,7 +25,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   const metricsServer = ctx.config.WORKER_METRICS_PORT
     ? await startMetricsServer(ctx, { port: ctx.config.WORKER_METRICS_PORT, host: ctx.config.HOST })
     : undefined;
-  log.info({ maxInFlight: ctx.config.DELIVERY_MAX_IN_FLIGHT }, 'worker started');
+  log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
   let stopping: Promise<void> | undefined;
   return {

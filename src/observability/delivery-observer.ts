@@ -21,20 +21,5 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onDeadLetter(eventName) {
       metrics.deadLettered.inc({ meter: eventName });
     },
-    onCallStart() {
-      metrics.deliveryCallsInFlight.inc();
-    },
-    onCallEnd() {
-      metrics.deliveryCallsInFlight.dec();
-    },
-    onBudgetWait(ms) {
-      metrics.deliveryBudgetWait.observe(ms / 1000);
-    },
-    onRateLimited(eventName) {
-      metrics.deliveryRateLimited.inc({ meter: eventName });
-    },
-    onPass(ms) {
-      metrics.deliveryPassSeconds.observe(ms / 1000);
-    },
   };
 }

@@ -7,7 +7,6 @@ import { sql } from 'kysely';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { DB } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
-import { RECOVERY_PER_SECOND } from '../metering/budget.js';
 
 export type StripeCallOutcome = 'success' | 'client_error' | 'rate_limited' | 'server_error';
 export type WebhookOutcome = 'processed' | 'duplicate' | 'invalid_signature' | 'not_configured' | 'failed';
@@ -29,18 +28,6 @@ export interface Metrics {
   readonly deliveryRetries: Counter<'meter'>;
   /** Delivery jobs that exhausted their retries and went to the dead-letter queue. */
   readonly deadLettered: Counter<'meter'>;
-  /** Stripe meter-event calls this worker process has in flight right now. */
-  readonly deliveryCallsInFlight: Gauge;
-  /** How long calls waited for their slot of the account-wide budget. */
-  readonly deliveryBudgetWait: Histogram;
-  /** Calls Stripe answered 429 (account limit); retried within seconds, outside the backoff. */
-  readonly deliveryRateLimited: Counter<'meter'>;
-  /**
-   * From a key's delivery job becoming due to its drain starting. Jobs are fetched oldest first, so
-   * every key with pending usage is served within one pass over the pending keys: the largest
-   * observation over a window is the time of a full pass.
-   */
-  readonly deliveryPassSeconds: Histogram;
   readonly webhookEvents: Counter<'type' | 'outcome'>;
   readonly httpRequestDuration: Histogram<'method' | 'route' | 'status'>;
   // Gauges read from Postgres by refreshPipelineGauges().
@@ -48,10 +35,6 @@ export interface Metrics {
   readonly outboxOldestPendingSeconds: Gauge;
   readonly outboxDeliveredLastHour: Gauge<'meter'>;
   readonly deadLetterQueued: Gauge;
-  /** The shared Stripe call budget (stripe_call_budget): calls taken, 429s, throttle factor. */
-  readonly stripeBudgetCalls: Gauge;
-  readonly stripeBudgetRateLimited: Gauge;
-  readonly stripeBudgetFactor: Gauge;
 }
 
 export interface MetricsOptions {
@@ -116,29 +99,6 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       labelNames: ['meter'],
       registers,
     }),
-    deliveryCallsInFlight: new Gauge({
-      name: 'meterbox_delivery_calls_in_flight',
-      help: 'Stripe meter-event calls in flight in this worker process',
-      registers,
-    }),
-    deliveryBudgetWait: new Histogram({
-      name: 'meterbox_delivery_budget_wait_seconds',
-      help: 'Time a call waited for its slot of the account-wide Stripe call budget',
-      buckets: [0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
-      registers,
-    }),
-    deliveryRateLimited: new Counter({
-      name: 'meterbox_delivery_rate_limited_total',
-      help: 'Meter-event calls Stripe answered 429, by meter (retried within seconds, never dead-lettered)',
-      labelNames: ['meter'],
-      registers,
-    }),
-    deliveryPassSeconds: new Histogram({
-      name: 'meterbox_delivery_pass_seconds',
-      help: "From a key's delivery job becoming due to its drain starting (max over a window = full pass time)",
-      buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
-      registers,
-    }),
     webhookEvents: new Counter({
       name: 'meterbox_webhook_events_total',
       help: 'Stripe webhook events received, by event type and outcome',
@@ -174,21 +134,6 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       help: 'Jobs waiting in the meter-delivery dead-letter queue (pg-boss cached count), read at scrape',
       registers,
     }),
-    stripeBudgetCalls: new Gauge({
-      name: 'meterbox_stripe_budget_calls',
-      help: 'Stripe calls taken from the shared budget by all workers since it was created, read at scrape',
-      registers,
-    }),
-    stripeBudgetRateLimited: new Gauge({
-      name: 'meterbox_stripe_budget_rate_limited',
-      help: '429 answers recorded in the shared budget by all workers, read at scrape',
-      registers,
-    }),
-    stripeBudgetFactor: new Gauge({
-      name: 'meterbox_stripe_budget_factor',
-      help: 'Share of STRIPE_MAX_CALLS_PER_SECOND in force after 429 throttling (1 = full rate), read at scrape',
-      registers,
-    }),
   };
   return metrics;
 }
@@ -199,7 +144,6 @@ export interface PipelineSnapshot {
   oldestPendingSeconds: number;
   deliveredLastHour: { meter: string; count: number }[];
   deadLetterQueued: number;
-  budget: { calls: number; rateLimited: number; factor: number };
 }
 
 /**
@@ -210,7 +154,7 @@ export interface PipelineSnapshot {
 export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<PipelineSnapshot> {
   const since = new Date(now.getTime() - 3_600_000);
   const result = await sql<{
-    kind: 'unfinished' | 'delivered' | 'dead' | 'budget';
+    kind: 'unfinished' | 'delivered' | 'dead';
     status: string | null;
     meter: string | null;
     n: string;
@@ -225,19 +169,12 @@ export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<P
     UNION ALL
     SELECT 'dead', NULL, NULL,
            coalesce((SELECT queued_count FROM pgboss.queue WHERE name = 'meter-delivery-dead'), 0)::bigint, NULL
-    UNION ALL
-    SELECT 'budget', rate_limited::text,
-           least(1, throttle_factor + coalesce(extract(epoch FROM clock_timestamp() - throttled_at), 0)
-             * ${RECOVERY_PER_SECOND})::text,
-           calls, NULL
-      FROM stripe_call_budget
   `.execute(db);
   const snapshot: PipelineSnapshot = {
     rows: [],
     oldestPendingSeconds: 0,
     deliveredLastHour: [],
     deadLetterQueued: 0,
-    budget: { calls: 0, rateLimited: 0, factor: 1 },
   };
   let oldest: Date | undefined;
   for (const row of result.rows) {
@@ -247,8 +184,6 @@ export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<P
       if (row.oldest && (!oldest || row.oldest < oldest)) oldest = row.oldest;
     } else if (row.kind === 'delivered') {
       snapshot.deliveredLastHour.push({ meter: row.meter ?? '', count });
-    } else if (row.kind === 'budget') {
-      snapshot.budget = { calls: count, rateLimited: Number(row.status), factor: Number(row.meter) };
     } else {
       snapshot.deadLetterQueued = count;
     }
@@ -272,9 +207,6 @@ export function applyPipelineSnapshot(metrics: Metrics, snapshot: PipelineSnapsh
   }
   metrics.outboxOldestPendingSeconds.set(snapshot.oldestPendingSeconds);
   metrics.deadLetterQueued.set(snapshot.deadLetterQueued);
-  metrics.stripeBudgetCalls.set(snapshot.budget.calls);
-  metrics.stripeBudgetRateLimited.set(snapshot.budget.rateLimited);
-  metrics.stripeBudgetFactor.set(snapshot.budget.factor);
 }
 
 /** What the Stripe SDK emits on 'response' (stripe-node's ResponseEvent, the fields used here). */

@@ -26,7 +26,7 @@ describe('worker shutdown', () => {
       DATABASE_URL: url,
       STRIPE_SECRET_KEY: 'sk_test_shutdown',
       STRIPE_API_BASE: emulator.url,
-      DELIVERY_MAX_IN_FLIGHT: '5',
+      DELIVERY_CONCURRENCY: '5',
       SHUTDOWN_TIMEOUT_MS: '20000',
     });
     try {

@@ -1,7 +1,6 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
-import { recordRateLimited, takeCallSlots } from '../../src/metering/budget.js';
 import { createMetrics, readPipelineSnapshot, stripeOperation } from '../../src/observability/metrics.js';
 import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
@@ -80,25 +79,9 @@ describe('GET /metrics', () => {
       'meterbox_delivery_dead_lettered_total',
       'meterbox_webhook_events_total',
       'meterbox_http_request_duration_seconds',
-      'meterbox_delivery_calls_in_flight',
-      'meterbox_delivery_budget_wait_seconds',
-      'meterbox_delivery_rate_limited_total',
-      'meterbox_delivery_pass_seconds',
     ]) {
       expect(text).toContain(`# TYPE ${name} `);
     }
-  });
-
-  it('reports the shared Stripe call budget: calls taken, 429s and the throttled share', async () => {
-    await takeCallSlots(ctx.db, 1000, 3);
-    await recordRateLimited(ctx.db);
-    const text = await (await createApp(ctx).request('/metrics')).text();
-    expect(sample(text, 'meterbox_stripe_budget_calls')).toBeGreaterThanOrEqual(3);
-    expect(sample(text, 'meterbox_stripe_budget_rate_limited')).toBeGreaterThanOrEqual(1);
-    const factor = sample(text, 'meterbox_stripe_budget_factor');
-    // Halved by the 429, recovering by a tenth per second since.
-    expect(factor).toBeGreaterThanOrEqual(0.5);
-    expect(factor).toBeLessThan(0.9);
   });
 
   it('reads the pipeline gauges with a single statement whatever the number of organizations', async () => {

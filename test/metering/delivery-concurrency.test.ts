@@ -43,7 +43,7 @@ beforeAll(async () => {
         DATABASE_URL: url,
         STRIPE_SECRET_KEY: 'sk_test_concurrency',
         STRIPE_API_BASE: emulator.url,
-        DELIVERY_MAX_IN_FLIGHT: '4',
+        DELIVERY_CONCURRENCY: '4',
         DELIVERY_RETRY_DELAY_SECONDS: '1',
         DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
       },

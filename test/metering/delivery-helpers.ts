@@ -1,6 +1,6 @@
 // Shared by the delivery, sweep and e2e tests: outbox rows written the way ingestion writes them,
 // condition waits with a deadline, and the billing comparison against the emulator.
-import { type Kysely, sql } from 'kysely';
+import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
@@ -87,15 +87,9 @@ export async function compareWithEmulator(
     if (seen.has(e.identifier)) duplicatesAccepted.push(e.identifier);
     seen.set(e.identifier, (seen.get(e.identifier) ?? 0) + e.value);
   }
-  // A group's value: the sum of its rows (formula sum), or its newest row's count (active_sensors,
-  // formula last: a group of them is sent as its newest count).
   const groups = await db
     .selectFrom('meter_outbox')
-    .select([
-      'identifier',
-      sql<string>`CASE WHEN min(event_name) = 'active_sensors'
-        THEN (array_agg(value ORDER BY occurred_at DESC, id DESC))[1] ELSE sum(value) END`.as('value'),
-    ])
+    .select(['identifier', (eb) => eb.fn.sum<string>('value').as('value')])
     .where('status', '=', 'delivered')
     .groupBy('identifier')
     .execute();

@@ -26,7 +26,7 @@ beforeAll(async () => {
         DATABASE_URL: url,
         STRIPE_SECRET_KEY: 'sk_test_pacing',
         STRIPE_API_BASE: emulator.url,
-        DELIVERY_MAX_IN_FLIGHT: '4',
+        DELIVERY_CONCURRENCY: '4',
         DELIVERY_MIN_INTERVAL_MS: String(MIN_INTERVAL_MS),
         DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
         // The sweep must not be what delivers: a stranded row would time the test out.
