@@ -19,6 +19,9 @@ import {
   type StripeMeterClient,
 } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
+import { createV1Transport, type MeterTransport } from './transport.js';
+import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
 
 /** Hooks for metrics (the ops engineer plugs prom-client in); every method is optional. */
 export interface DeliveryObserver {
@@ -30,6 +33,10 @@ export interface DeliveryObserver {
   onRetry?(eventName: MeterEventName, reason: string): void;
   /** A job went to the dead-letter queue and its group's rows became `failed`. */
   onDeadLetter?(eventName: MeterEventName, reason: string): void;
+  /** A call started (+1) or finished (-1). */
+  onInFlight?(delta: number): void;
+  /** Stripe answered 429 (rate limited). */
+  onRateLimited?(eventName: MeterEventName): void;
   /** Rows became `expired` (outside Stripe's 35-day window). */
   onExpired?(eventName: MeterEventName, rows: number): void;
 }
@@ -37,8 +44,10 @@ export interface DeliveryObserver {
 export interface DeliveryDeps {
   db: Kysely<DB>;
   boss: PgBoss;
-  meter: StripeMeterClient;
+  transport: MeterTransport;
   config: Config;
+  /** Lease owner id (default: this process's WORKER_INSTANCE_ID; tests simulate several workers). */
+  owner?: string;
   clock: Clock;
   log: Logger;
   observer?: DeliveryObserver;
@@ -61,8 +70,8 @@ const MAX_GROUPS_PER_JOB = 200;
 const MAX_JOB_MS = 60_000;
 /** When another worker holds the key, look again after this long. */
 const BUSY_RETRY_SECONDS = 1;
-/** pg_advisory_lock namespace (first int4 key): "mbdl". */
-const LOCK_NAMESPACE = 0x6d62_646c;
+/** After a 429, the key's group is resent this soon (the shared budget has slowed down meanwhile). */
+const RATE_LIMITED_RETRY_SECONDS = 2;
 const MAX_ERROR_LENGTH = 1000;
 
 export interface DeliveryGroup {
@@ -85,6 +94,8 @@ export type DrainResult =
   | { kind: 'continued'; events: number }
   /** Rows are pending but the key called Stripe less than DELIVERY_MIN_INTERVAL_MS ago; a job was queued for when it may call again. */
   | { kind: 'paced'; events: number; waitMs: number }
+  /** Stripe answered 429: the shared budget slowed down and a job resends the group shortly. */
+  | { kind: 'rate_limited'; events: number; identifier: string }
   | { kind: 'retry'; reason: string; message: string; identifier: string }
   | { kind: 'failed'; reason: string; message: string; identifier: string };
 
@@ -313,14 +324,19 @@ export async function drainKey(
 ): Promise<DrainResult> {
   const log = options.log ?? deps.log;
   const observer = deps.observer ?? {};
-  const key = deliveryKey(customerId, eventName);
   const started = Date.now();
   const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
 
-  const result = await deps.db.connection().execute(async (conn): Promise<DrainResult> => {
-    const locked = await sql<{ locked: boolean }>`
-      SELECT pg_try_advisory_lock(${LOCK_NAMESPACE}::int, hashtext(${key})) AS locked`.execute(conn);
-    if (!locked.rows[0]?.locked) return { kind: 'busy' };
+  // One owner token per drain (process id + drain): two drains of one key in one process exclude
+  // each other exactly like drains in two processes.
+  const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${randomBytes(6).toString('hex')}`;
+  const leaseSeconds = deps.config.DELIVERY_LEASE_SECONDS;
+  const rate = callsPerSecond(deps.config);
+  const conn = deps.db;
+  const result = await (async (): Promise<DrainResult> => {
+    // The lease, not a connection, owns the key: every statement below is short and pooled, and no
+    // connection, transaction or lock is held while the call waits for its budget slot or Stripe.
+    if (!(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))) return { kind: 'busy' };
     try {
       let events = 0;
       for (;;) {
@@ -341,15 +357,31 @@ export async function drainKey(
         if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
         const group = claim.group;
         if (!group) return { kind: 'drained', events };
+        // Renew the lease for this call (a long drain must never outlive it), then take a slot of
+        // the account-wide budget and wait for it holding nothing.
+        if (events > 0 && !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))) {
+          return { kind: 'busy' };
+        }
+        const slot = await reserveCalls(conn, rate);
+        if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
 
         const callStarted = performance.now();
-        const outcome = await deps.meter.send({
-          eventName,
-          customerId,
-          value: group.value,
-          timestamp: group.timestamp,
-          identifier: group.identifier,
-        });
+        observer.onInFlight?.(1);
+        let outcome: SendOutcome;
+        try {
+          const outcomes = await deps.transport.send([
+            {
+              eventName,
+              customerId,
+              value: group.value,
+              timestamp: group.timestamp,
+              identifier: group.identifier,
+            },
+          ]);
+          outcome = outcomes[0] ?? { kind: 'retryable', reason: 'network', message: 'transport returned no outcome' };
+        } finally {
+          observer.onInFlight?.(-1);
+        }
         observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
         // Spacing counts from the answer, which comes after Stripe received the call: two calls
         // reach Stripe at least minIntervalMs apart whatever the network delays.
@@ -384,6 +416,14 @@ export async function drainKey(
           }
           case 'retryable': {
             const message = `${outcome.reason}: ${outcome.message}`;
+            if (outcome.reason === 'rate_limited') {
+              // Not the key's failure: every worker slows down, and the group (same identifier) is
+              // resent within seconds; it never counts toward DELIVERY_RETRY_LIMIT nor dead-letters.
+              await recordRateLimited(conn, rate);
+              await recordError(conn, group.identifier, message);
+              observer.onRateLimited?.(eventName);
+              return { kind: 'rate_limited', events, identifier: group.identifier };
+            }
             if (options.lastAttempt) {
               const error = `gave up after ${group.attempts} attempts: ${message}`;
               await settleGroup(conn, group.identifier, 'failed', error, pace);
@@ -400,16 +440,19 @@ export async function drainKey(
         }
       }
     } finally {
-      await sql`SELECT pg_advisory_unlock(${LOCK_NAMESPACE}::int, hashtext(${key}))`
-        .execute(conn)
-        .catch((err: unknown) => log.warn({ err }, 'advisory unlock failed (the connection is dropped)'));
+      await releaseLease(conn, customerId, eventName, owner).catch((err: unknown) =>
+        log.warn({ err }, 'lease release failed (it expires on its own)'),
+      );
     }
-  });
+  })();
 
-  // Follow-ups are queued after the lock is released so the next job can take it at once.
+  // Follow-ups are queued after the lease is released so the next job can take it at once.
   if (result.kind === 'busy') {
     await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
     deps.wakeAfter?.(BUSY_RETRY_SECONDS * 1000);
+  } else if (result.kind === 'rate_limited') {
+    await queueDelivery(deps.boss, customerId, eventName, RATE_LIMITED_RETRY_SECONDS);
+    deps.wakeAfter?.(RATE_LIMITED_RETRY_SECONDS * 1000);
   } else if (result.kind === 'continued') {
     await queueDelivery(deps.boss, customerId, eventName);
   } else if (result.kind === 'paced') {
@@ -511,6 +554,21 @@ export interface DeliveryWorkerOptions {
   observer?: DeliveryObserver;
   /** Replaces the Stripe client (tests). */
   meter?: StripeMeterClient;
+  /** Replaces the transport (tests); takes precedence over `meter`. */
+  transport?: MeterTransport;
+}
+
+/** A transport from a replacement meter client (tests): v1 semantics, one event per call. */
+function meterTransport(meter: StripeMeterClient): MeterTransport {
+  return { kind: 'v1', maxEventsPerCall: 1, send: (events) => Promise.all(events.map((e) => meter.send(e))) };
+}
+
+/** DELIVERY_TRANSPORT's transport; v2 is wired by the lead once createV2Transport lands (d12v2). */
+export function chooseTransport(config: Config, stripe: Stripe): MeterTransport {
+  if (config.DELIVERY_TRANSPORT === 'v2') {
+    throw new Error('DELIVERY_TRANSPORT=v2 is not available in this build yet; use DELIVERY_TRANSPORT=v1');
+  }
+  return createV1Transport(stripe);
 }
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
@@ -548,16 +606,18 @@ export async function workDeliveries(deps: DeliveryDeps): Promise<DeliveryWorker
     timers.add(timer);
   };
   const jobDeps: DeliveryDeps = { ...deps, wakeAfter };
-  for (let i = 0; i < deps.config.DELIVERY_CONCURRENCY; i++) {
+  // DELIVERY_CONCURRENCY fetchers, each fetching a batch of jobs run concurrently: together up to
+  // DELIVERY_MAX_IN_FLIGHT calls in flight, none holding a connection while it waits for Stripe.
+  const fetcherCount = Math.min(deps.config.DELIVERY_CONCURRENCY, deps.config.DELIVERY_MAX_IN_FLIGHT);
+  const batchSize = Math.ceil(deps.config.DELIVERY_MAX_IN_FLIGHT / fetcherCount);
+  for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);
     fetcher.id = await deps.boss.work(
       'meter-delivery',
       {
-        batchSize: 1,
+        batchSize,
         localConcurrency: 1,
-        // A process runs at most one job per key; the advisory lock covers other processes.
-        localGroupConcurrency: 1,
         includeMetadata: true,
         perJobResults: true,
         pollingIntervalSeconds: poll,
@@ -657,23 +717,18 @@ export async function startDelivery(
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
   const log = ctx.log.child({ component: 'delivery' });
-  const meter = options.meter ?? (ctx.stripe ? createStripeMeterClient(ctx.stripe) : undefined);
-  if (!meter) {
+  const transport =
+    options.transport ??
+    (options.meter ? meterTransport(options.meter) : ctx.stripe ? chooseTransport(ctx.config, ctx.stripe) : undefined);
+  if (!transport) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
-  }
-  if (ctx.config.DELIVERY_CONCURRENCY >= ctx.config.DB_POOL_MAX) {
-    // Each running drain holds one pooled connection (its advisory lock) for its whole run.
-    log.warn(
-      { DELIVERY_CONCURRENCY: ctx.config.DELIVERY_CONCURRENCY, DB_POOL_MAX: ctx.config.DB_POOL_MAX },
-      'DB_POOL_MAX should exceed DELIVERY_CONCURRENCY: each delivery in flight holds a connection',
-    );
   }
   let stopping = false;
   const workers = await workDeliveries({
     db: ctx.db,
     boss: ctx.boss,
-    meter,
+    transport,
     config: ctx.config,
     clock: ctx.clock,
     log,
