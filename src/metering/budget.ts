@@ -76,5 +76,9 @@ export async function budgetState(
     db,
   );
   const row = result.rows[0];
-  return { rate: Number(row?.rate ?? rate), calls: Number(row?.calls ?? 0), rateLimited: Number(row?.rate_limited ?? 0) };
+  return {
+    rate: Number(row?.rate ?? rate),
+    calls: Number(row?.calls ?? 0),
+    rateLimited: Number(row?.rate_limited ?? 0),
+  };
 }

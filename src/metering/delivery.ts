@@ -9,10 +9,11 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
 import { deliveryKey, enqueueDelivery, queueDelivery } from './outbox.js';
 import type { QueuePayload } from './queues.js';
 import {
-  createStripeMeterClient,
   MAX_IDENTIFIER_LENGTH,
   type SendOutcome,
   STRIPE_PAST_WINDOW_MS,
@@ -20,8 +21,6 @@ import {
 } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport } from './transport.js';
-import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
-import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
 
 /** Hooks for metrics (the ops engineer plugs prom-client in); every method is optional. */
 export interface DeliveryObserver {
@@ -125,8 +124,8 @@ function utcHourEnd(at: Date): Date {
  * undelivered group that already has an identifier (a crash or a retryable error interrupted it)
  * always comes first and is resent unchanged; otherwise rows too old for Stripe become `expired`
  * and the oldest pending rows get a new identifier: temperature_readings rows of one UTC hour of
- * occurred_at (at most maxRows), active_sensors rows one by one (formula `last`: each count is a
- * reading at its own instant). With minIntervalMs, a key that called Stripe less than that long ago
+ * occurred_at (at most maxRows), active_sensors rows of one UTC hour coalesced into one event carrying
+ * the newest count at its own timestamp (formula `last`: the bill is unchanged; see groupRule). With minIntervalMs, a key that called Stripe less than that long ago
  * claims nothing and reports how long to wait (`waitMs`, only when rows are pending); a claimed
  * group sets the key's next allowed call in the same statement.
  * Three statements in the common case: this runs once per Stripe call, on a busy database.
@@ -196,7 +195,7 @@ export async function claimGroup(
     }
     if (!h.first_id || !h.first_occurred_at) return { group: null, expired };
     identifier = makeIdentifier(eventName, h.first_id);
-    const limit = eventName === 'temperature_readings' ? options.maxRows : 1;
+    const limit = options.maxRows;
     // Never across a UTC hour: each event's usage lands in the hour (and billing period) it
     // happened. The lower bound keeps out a row of the previous hour committed since the head query.
     const hourEnd = utcHourEnd(new Date(h.first_occurred_at));
@@ -231,9 +230,9 @@ export async function claimGroup(
       UPDATE meter_outbox
          SET identifier = ${identifier}, attempts = attempts + 1, updated_at = now()
        WHERE status = 'pending' AND ${assign}
-      RETURNING value, occurred_at, created_at, attempts
+      RETURNING id, value, occurred_at, created_at, attempts
     )${pace}
-    SELECT coalesce(sum(value), 0)::text AS value, max(occurred_at) AS timestamp,
+    SELECT ${groupRule(eventName).value} AS value, max(occurred_at) AS timestamp,
            min(created_at) AS oldest, count(*)::int AS rows, max(attempts)::int AS attempts
       FROM grouped`.execute(db);
   const group = claimed.rows[0];
@@ -249,6 +248,19 @@ export async function claimGroup(
     },
     expired,
   };
+}
+
+/**
+ * How one group's rows become one meter event's value (the one place for grouping rules; rows of one
+ * key and one UTC hour form a group, see claimGroup). temperature_readings (formula sum): the sum.
+ * active_sensors (formula last): the newest row's count, sent at its own timestamp (the group's
+ * timestamp is its newest occurred_at), so Stripe's "last value in the period" is unchanged. Over the
+ * same rows the value is the same on every resend.
+ */
+export function groupRule(eventName: MeterEventName) {
+  return eventName === 'active_sensors'
+    ? { value: sql`coalesce((array_agg(value ORDER BY occurred_at DESC, id DESC))[1], 0)::text` }
+    : { value: sql`coalesce(sum(value), 0)::text` };
 }
 
 /** After a call: the key's next call may start minIntervalMs from now (the answer came after Stripe received the call). */
@@ -378,7 +390,11 @@ export async function drainKey(
               identifier: group.identifier,
             },
           ]);
-          outcome = outcomes[0] ?? { kind: 'retryable', reason: 'network', message: 'transport returned no outcome' };
+          outcome = outcomes[0] ?? {
+            kind: 'retryable',
+            reason: 'network',
+            message: 'transport returned no outcome',
+          };
         } finally {
           observer.onInFlight?.(-1);
         }
@@ -719,7 +735,11 @@ export async function startDelivery(
   const log = ctx.log.child({ component: 'delivery' });
   const transport =
     options.transport ??
-    (options.meter ? meterTransport(options.meter) : ctx.stripe ? chooseTransport(ctx.config, ctx.stripe) : undefined);
+    (options.meter
+      ? meterTransport(options.meter)
+      : ctx.stripe
+        ? chooseTransport(ctx.config, ctx.stripe)
+        : undefined);
   if (!transport) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
