@@ -9,6 +9,7 @@ import { createStripeClient } from '../../src/context.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
 import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
+import { readPipelineSnapshot } from '../../src/observability/metrics.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
@@ -145,6 +146,10 @@ describe('delivery at scale across two workers', () => {
     );
     const during = await budgetRow(ctx);
     expect(during.factor).toBeLessThan(1);
+    // Operators see it: the effective budget dropped below the configured rate.
+    const snapshot = await readPipelineSnapshot(ctx.db, new Date(), { maxCallsPerSecond: RATE });
+    expect(snapshot.budget.rate).toBeLessThan(RATE);
+    expect(snapshot.budget.calls).toBeGreaterThan(0);
     emulator.setFaults({ latencyMs: 50 });
     await waitFor('every row delivered after the storm', () => allSettled(ctx.db), 60_000);
     const counts = await statusCounts(ctx.db);

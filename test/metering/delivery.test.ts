@@ -157,19 +157,6 @@ describe('meter-delivery worker', () => {
     ]);
   });
 
-  it('sends every active_sensors row as its own event', async () => {
-    const org = await billableCustomer();
-    const h = hourStart(-1);
-    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
-      { value: 3, occurredAt: new Date(h.getTime() + 60_000) },
-      { value: 4, occurredAt: new Date(h.getTime() + 120_000) },
-    ]);
-    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 2);
-    const events = emulator.events({ customer: org.customerId, event_name: 'active_sensors' });
-    expect(events.map((e) => e.value)).toEqual([3, 4]);
-    expect(emulator.totals({ customer: org.customerId })[0]?.last).toBe(4);
-  });
-
   it('resends the committed identifier and value after a crash between the call and the commit, and counts the duplicate answer as delivered', async () => {
     const org = await billableCustomer();
     const occurredAt = new Date(Date.now() - 60_000);
@@ -354,6 +341,25 @@ describe('meter-delivery worker', () => {
       );
       return rows[0]!.n === 0;
     });
+  });
+
+  it('coalesces pending active_sensors rows of one key into one event with the newest count at its timestamp', async () => {
+    const org = await billableCustomer();
+    const hour = Math.floor(Date.now() / HOUR) * HOUR;
+    const at = (s: number) => new Date(hour + 1000 + s * 1000);
+    // One transaction: all three rows are pending when the job claims them.
+    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
+      { value: 5, occurredAt: at(0) },
+      { value: 7, occurredAt: at(2) },
+      { value: 6, occurredAt: at(1) },
+    ]);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 3);
+    const events = emulator.events({ customer: org.customerId });
+    expect(events).toHaveLength(1);
+    expect(events[0]!.value).toBe(7);
+    expect(events[0]!.timestamp).toBe(Math.floor(at(2).getTime() / 1000));
+    const rows = await rowsOf(org.customerId);
+    expect(new Set(rows.map((r) => r.identifier))).toEqual(new Set([events[0]!.identifier]));
   });
 
   it('delivers a newly committed row on an idle worker (latency logged)', async () => {
