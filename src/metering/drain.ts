@@ -61,6 +61,8 @@ const MAX_JOB_MS = 60_000;
 const BUSY_RETRY_SECONDS = 1;
 /** After a 429, the key's group is resent this soon (the shared budget has slowed down meanwhile). */
 const RATE_LIMITED_RETRY_SECONDS = 2;
+/** A budget wait longer than this renews the lease before the call. */
+const LEASE_RENEW_AFTER_WAIT_MS = 1_000;
 
 export type DrainResult =
   | { kind: 'drained'; events: number }
@@ -131,6 +133,14 @@ export async function drainKey(
         }
         const slot = await reserveCalls(conn, rate);
         if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
+        // A long wait (the budget slowed down after 429s) could outlast the lease: renew it, and if
+        // another drain took the key meanwhile, leave the call to it (the slot goes unused).
+        if (
+          slot.waitMs > LEASE_RENEW_AFTER_WAIT_MS &&
+          !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))
+        ) {
+          return { kind: 'busy' };
+        }
 
         const callStarted = performance.now();
         observer.onInFlight?.(1);
