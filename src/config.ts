@@ -49,6 +49,18 @@ export const configSchema = z.object({
   DELIVERY_MIN_INTERVAL_MS: int(0, 60_000).default(1000),
   /** Backstop poll of the delivery queue (NOTIFY wakes workers on commit; polls pick up retries). */
   DELIVERY_POLL_INTERVAL_SECONDS: z.coerce.number().min(0.5).max(60).default(1),
+  // --- Delivery at scale (issue 12: leases, shared call budget, many calls in flight) ---
+  /** Stripe calls one worker process keeps in flight (each holds no connection while it waits). */
+  DELIVERY_MAX_IN_FLIGHT: int(1, 10_000).default(100),
+  /** A delivery lease's lifetime; must exceed the Stripe client timeout (15 s) plus the budget wait. */
+  DELIVERY_LEASE_SECONDS: int(1, 3600).default(60),
+  /** Account-wide Stripe calls per second shared by all workers; unset: 25 test mode, 800 live. */
+  STRIPE_MAX_CALLS_PER_SECOND: optionalString
+    .transform((v) => (v === undefined ? undefined : Number(v)))
+    .pipe(z.number().int().min(1).max(100_000).optional()),
+  /** v1: POST /v1/billing/meter_events; v2: the meter event stream. */
+  DELIVERY_TRANSPORT: z.enum(['v1', 'v2']).default('v1'),
+  // --- end delivery at scale ---
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),

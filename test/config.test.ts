@@ -1,5 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, requireDatabaseUrl } from '../src/config.js';
+import { createStripeClient } from '../src/context.js';
+import { callsPerSecond } from '../src/metering/budget.js';
+import { chooseTransport } from '../src/metering/delivery.js';
 import { runEntryPoint } from './helpers/processes.js';
 
 describe('loadConfig', () => {
@@ -12,6 +15,29 @@ describe('loadConfig', () => {
     expect(config.READINGS_MAX_BATCH).toBe(1000);
     expect(config.DELIVERY_CONCURRENCY).toBe(5);
     expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it('defaults delivery at scale: 100 in flight, 60 s leases, v1, and a call budget by key mode', () => {
+    const config = loadConfig({});
+    expect(config.DELIVERY_MAX_IN_FLIGHT).toBe(100);
+    expect(config.DELIVERY_LEASE_SECONDS).toBe(60);
+    expect(config.DELIVERY_TRANSPORT).toBe('v1');
+    expect(config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
+    expect(callsPerSecond(config)).toBe(25);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toBe(25);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_test_x' }))).toBe(25);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toBe(800);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toBe(800);
+    expect(
+      callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x', STRIPE_MAX_CALLS_PER_SECOND: '500' })),
+    ).toBe(500);
+  });
+
+  it('refuses DELIVERY_TRANSPORT=v2 at start-up with a clear message until the v2 transport is wired', () => {
+    const config = loadConfig({ DELIVERY_TRANSPORT: 'v2' });
+    expect(() =>
+      chooseTransport(config, createStripeClient(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))!),
+    ).toThrow(/DELIVERY_TRANSPORT=v2 is not available/);
   });
 
   it('treats empty strings as unset', () => {
@@ -29,6 +55,11 @@ describe('loadConfig', () => {
     ['STRIPE_API_BASE', 'not a url'],
     ['ADMIN_TOKEN', 'short'],
     ['DELIVERY_CONCURRENCY', '0'],
+    ['DELIVERY_MAX_IN_FLIGHT', '0'],
+    ['DELIVERY_LEASE_SECONDS', '0'],
+    ['STRIPE_MAX_CALLS_PER_SECOND', 'fast'],
+    ['STRIPE_MAX_CALLS_PER_SECOND', '0'],
+    ['DELIVERY_TRANSPORT', 'v3'],
   ])('rejects a bad %s naming the variable', (variable, value) => {
     expect(() => loadConfig({ [variable]: value })).toThrow(ConfigError);
     try {

@@ -151,6 +151,34 @@ ${bars}
 </div>`;
 }
 
+/** Backlog per minute as bars, the minute's delivery lag (average / max) in each bar's tooltip. */
+function backlogChart(buckets: PipelineOverview['backlogPerMinute']): Html {
+  const width = buckets.length * 10;
+  const height = 100;
+  const max = Math.max(0, ...buckets.map((b) => b.backlog));
+  const lags = buckets.flatMap((b) => (b.maxLagMs === null ? [] : [b.maxLagMs]));
+  const maxLag = lags.length ? Math.max(...lags) : null;
+  const last = buckets.at(-1);
+  const bars = buckets.map((b, i) => {
+    const h = b.backlog === 0 ? 0 : Math.max(2, (height * b.backlog) / max);
+    const lag =
+      b.avgLagMs === null ? 'no deliveries' : `lag avg ${fmtMs(b.avgLagMs)}, max ${fmtMs(b.maxLagMs ?? 0)}`;
+    return html`<rect x="${i * 10 + 1}" y="${(height - h).toFixed(1)}" width="8" height="${h.toFixed(1)}" fill="#b54708"><title>${fmtTime(b.minute)}: backlog ${b.backlog} rows; ${lag}</title></rect>`;
+  });
+  return html`<div class="chart">
+<div class="axis"><span data-testid="backlog-now">backlog now ${last?.backlog ?? 0} rows (peak ${max})</span><span data-testid="lag-max">${maxLag === null ? 'no deliveries in the last hour' : `max delivery lag ${fmtMs(maxLag)}`}</span></div>
+<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img" aria-label="Undelivered outbox rows at each minute of the last hour: peak ${max}" data-testid="backlog-chart">
+<line x1="0" y1="${height}" x2="${width}" y2="${height}" stroke="#d9dee7" vector-effect="non-scaling-stroke"/>
+${bars}
+</svg>
+<div class="axis"><span>−60 min</span><span>−30 min</span><span>now</span></div>
+</div>`;
+}
+
+function fmtMs(ms: number): string {
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
 function failedTable(rows: OutboxRowView[], names: ReadonlyMap<string, string>): Html {
   if (rows.length === 0) return html`<p class="muted" data-testid="no-failed">No failed rows.</p>`;
   return html`<form method="post" action="/admin/ui/retry" class="row"><input type="hidden" name="all" value="1"><button type="submit" class="secondary">Retry all failed</button></form>
@@ -276,6 +304,8 @@ ${
 }
 <h2 style="margin-top:1rem">Delivered per minute, last hour</h2>
 ${deliveryChart(o.deliveredPerMinute)}
+<h2 style="margin-top:1rem">Backlog and delivery lag, last hour</h2>
+${backlogChart(o.backlogPerMinute)}
 </section>
 <section aria-labelledby="failed"><h2 id="failed">Failed rows</h2>${failedTable(failed.rows, names)}</section>
 <section aria-labelledby="errors"><h2 id="errors">Stripe meter error reports</h2>${meterErrorsTable(errors.reports)}</section>

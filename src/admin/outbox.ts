@@ -96,6 +96,12 @@ export interface PipelineOverview {
   oldestPendingSeconds: number | null;
   /** Rows delivered per minute over the last hour, oldest bucket first (60 buckets). */
   deliveredPerMinute: { minute: Date; rows: number; value: number }[];
+  /**
+   * Delivery over the last hour by minute (60 buckets, oldest first): backlog = rows committed and not
+   * yet delivered at the minute's end (pending now, or delivered after it); lag = commit → Stripe
+   * acceptance of the rows delivered in that minute (average and maximum, ms; null without deliveries).
+   */
+  backlogPerMinute: { minute: Date; backlog: number; avgLagMs: number | null; maxLagMs: number | null }[];
   deadLetterJobs: number;
 }
 
@@ -103,7 +109,7 @@ export interface PipelineOverview {
 export async function pipelineOverview(db: Kysely<DB>, boss: PgBoss, now: Date): Promise<PipelineOverview> {
   const end = new Date(Math.ceil(now.getTime() / 60_000) * 60_000);
   const start = new Date(end.getTime() - 3_600_000);
-  const [unfinished, perMinute, dead] = await Promise.all([
+  const [unfinished, perMinute, dead, backlog] = await Promise.all([
     db
       .selectFrom('meter_outbox')
       .select([
@@ -120,6 +126,23 @@ export async function pipelineOverview(db: Kysely<DB>, boss: PgBoss, now: Date):
        WHERE status = 'delivered' AND delivered_at >= ${start} AND delivered_at < ${end}
        GROUP BY 1`.execute(db),
     deadLetterPreview(boss).then((p) => p.total),
+    // Derived from the outbox alone: the rows that can count are those pending now or delivered in
+    // the window (both indexed), so the cost stays bounded by the hour's traffic and the backlog.
+    sql<{ minute: Date; backlog: string; avg_lag_ms: number | null; max_lag_ms: number | null }>`
+      WITH r AS (
+        SELECT created_at, delivered_at FROM meter_outbox WHERE status = 'pending'
+        UNION ALL
+        SELECT created_at, delivered_at FROM meter_outbox
+         WHERE status = 'delivered' AND delivered_at >= ${start} AND delivered_at < ${end})
+      SELECT m.minute,
+             (SELECT count(*) FROM r WHERE r.created_at < m.minute + interval '1 minute'
+                 AND (r.delivered_at IS NULL OR r.delivered_at >= m.minute + interval '1 minute'))::bigint AS backlog,
+             (SELECT avg(extract(epoch FROM r.delivered_at - r.created_at) * 1000) FROM r
+               WHERE r.delivered_at >= m.minute AND r.delivered_at < m.minute + interval '1 minute')::float8 AS avg_lag_ms,
+             (SELECT max(extract(epoch FROM r.delivered_at - r.created_at) * 1000) FROM r
+               WHERE r.delivered_at >= m.minute AND r.delivered_at < m.minute + interval '1 minute')::float8 AS max_lag_ms
+        FROM generate_series(${start}::timestamptz, ${end}::timestamptz - interval '1 minute', interval '1 minute') AS m(minute)
+       ORDER BY m.minute`.execute(db),
   ]);
   const counts: PipelineOverview['counts'] = { pending: 0, failed: 0, expired: 0 };
   let oldestPendingAt: Date | null = null;
@@ -146,6 +169,12 @@ export async function pipelineOverview(db: Kysely<DB>, boss: PgBoss, now: Date):
       ? Math.max(0, (now.getTime() - oldestPendingAt.getTime()) / 1000)
       : null,
     deliveredPerMinute,
+    backlogPerMinute: backlog.rows.map((r) => ({
+      minute: new Date(r.minute),
+      backlog: Number(r.backlog),
+      avgLagMs: r.avg_lag_ms === null ? null : Number(r.avg_lag_ms),
+      maxLagMs: r.max_lag_ms === null ? null : Number(r.max_lag_ms),
+    })),
     deadLetterJobs: dead,
   };
 }

@@ -4,6 +4,7 @@ import { Hono } from 'hono';
 import { matchedRoutes } from 'hono/route';
 import { z } from 'zod';
 import type { Context } from '../context.js';
+import { callsPerSecond } from '../metering/budget.js';
 import {
   applyPipelineSnapshot,
   type Metrics,
@@ -74,9 +75,16 @@ export function contractMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
 }
 
 /** Serializes the registry after refreshing the DB-derived gauges with one query. */
-export async function renderMetrics(ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log'>): Promise<string> {
+export async function renderMetrics(
+  ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>,
+): Promise<string> {
   try {
-    applyPipelineSnapshot(ctx.metrics, await readPipelineSnapshot(ctx.db, ctx.clock.now()));
+    applyPipelineSnapshot(
+      ctx.metrics,
+      await readPipelineSnapshot(ctx.db, ctx.clock.now(), {
+        maxCallsPerSecond: callsPerSecond(ctx.config),
+      }),
+    );
   } catch (err) {
     // A scrape must still answer when Postgres is down: process and HTTP series stay useful and the
     // pipeline gauges keep their last values (Prometheus's `up` and readiness report the outage).
@@ -85,7 +93,7 @@ export async function renderMetrics(ctx: Pick<Context, 'db' | 'metrics' | 'clock
   return ctx.metrics.registry.metrics();
 }
 
-export function metricsRoutes(ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log'>): HttpModule {
+export function metricsRoutes(ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>): HttpModule {
   const app = new Hono<AppEnv>();
   app.get('/metrics', async (c) => {
     const body = await renderMetrics(ctx);

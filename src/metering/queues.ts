@@ -16,9 +16,9 @@ export const queues = {
     payload: deliveryPayload,
     options: (config: Config): Omit<Queue, 'name'> => ({
       // At most one queued job per customer+meter (singletonKey): every commit sends one, and the
-      // one waiting job drains them all. Unlimited active: the Stripe-call exclusivity is an
-      // advisory lock in delivery.ts, which a crashed process releases at once (an `active` job row
-      // would block its key until pg-boss expires it).
+      // one waiting job drains them all. Unlimited active: the Stripe-call exclusivity is a lease
+      // (lease.ts) that expires after DELIVERY_LEASE_SECONDS when its process dies (an `active` job
+      // row would block its key until pg-boss expires it).
       policy: 'short',
       // Wake workers on commit (LISTEN/NOTIFY) instead of waiting for the next poll.
       notify: true,

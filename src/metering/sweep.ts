@@ -22,7 +22,7 @@ const SWEEP_KEY_LIMIT = 1000;
  * One pass. A key counts as covered only by a job that is queued (`created`) or waiting to retry:
  * an `active` job may belong to a process that died, which pg-boss notices only when the job
  * expires. Queuing next to a live active job costs nothing: the queue keeps one queued job per key
- * and the delivery lock keeps one Stripe call in flight.
+ * and the delivery lease keeps one Stripe call in flight.
  */
 export async function sweepStrandedRows(
   db: Kysely<DB>,

@@ -21,5 +21,11 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onDeadLetter(eventName) {
       metrics.deadLettered.inc({ meter: eventName });
     },
+    onInFlight(delta) {
+      metrics.deliveryInFlight.inc(delta);
+    },
+    onRateLimited(eventName) {
+      metrics.deliveryRateLimited.inc({ meter: eventName });
+    },
   };
 }

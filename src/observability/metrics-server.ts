@@ -7,7 +7,7 @@ import { type HttpServer, startHttpServer } from '../http/server.js';
 import type { AppEnv } from '../http/types.js';
 
 export async function startMetricsServer(
-  ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log'>,
+  ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>,
   options: { port: number; host: string },
 ): Promise<HttpServer> {
   const app = new Hono<AppEnv>();

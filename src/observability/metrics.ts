@@ -7,6 +7,7 @@ import { sql } from 'kysely';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { DB } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
+import { BUDGET_RECOVERY_SECONDS } from '../metering/budget.js';
 
 export type StripeCallOutcome = 'success' | 'client_error' | 'rate_limited' | 'server_error';
 export type WebhookOutcome = 'processed' | 'duplicate' | 'invalid_signature' | 'not_configured' | 'failed';
@@ -35,6 +36,17 @@ export interface Metrics {
   readonly outboxOldestPendingSeconds: Gauge;
   readonly outboxDeliveredLastHour: Gauge<'meter'>;
   readonly deadLetterQueued: Gauge;
+  // --- delivery at scale (issue 12) ---
+  /** Stripe calls this worker process has in flight now. */
+  readonly deliveryInFlight: Gauge;
+  /** Stripe 429 answers delivery received, by meter. */
+  readonly deliveryRateLimited: Counter<'meter'>;
+  /** The shared budget's effective calls/s (lower after 429s), read at scrape. */
+  readonly budgetRate: Gauge;
+  /** Calls all workers reserved from the shared budget since it was created, read at scrape. */
+  readonly budgetCalls: Gauge;
+  /** Pass time (see readPipelineSnapshot), read at scrape. */
+  readonly deliveryPassSeconds: Gauge;
 }
 
 export interface MetricsOptions {
@@ -134,6 +146,32 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       help: 'Jobs waiting in the meter-delivery dead-letter queue (pg-boss cached count), read at scrape',
       registers,
     }),
+    deliveryInFlight: new Gauge({
+      name: 'meterbox_delivery_calls_in_flight',
+      help: 'Stripe meter-event calls this worker process has in flight',
+      registers,
+    }),
+    deliveryRateLimited: new Counter({
+      name: 'meterbox_delivery_rate_limited_total',
+      help: 'Stripe 429 answers to meter-event calls (resent within seconds, never a retry)',
+      labelNames: ['meter'],
+      registers,
+    }),
+    budgetRate: new Gauge({
+      name: 'meterbox_delivery_budget_calls_per_second',
+      help: 'Effective account-wide Stripe call budget (STRIPE_MAX_CALLS_PER_SECOND scaled down after 429s), read at scrape',
+      registers,
+    }),
+    budgetCalls: new Gauge({
+      name: 'meterbox_delivery_budget_calls',
+      help: 'Calls reserved from the shared budget by all workers (monotonic; use rate()), read at scrape',
+      registers,
+    }),
+    deliveryPassSeconds: new Gauge({
+      name: 'meterbox_delivery_pass_seconds',
+      help: 'Pass time: longest a customer+meter with pending rows has waited while eligible to call (since the later of its oldest pending row and its pacing), read at scrape',
+      registers,
+    }),
   };
   return metrics;
 }
@@ -144,6 +182,9 @@ export interface PipelineSnapshot {
   oldestPendingSeconds: number;
   deliveredLastHour: { meter: string; count: number }[];
   deadLetterQueued: number;
+  /** The shared budget row (0008): effective calls/s and calls reserved so far. */
+  budget: { rate: number; calls: number };
+  passSeconds: number;
 }
 
 /**
@@ -151,10 +192,14 @@ export interface PipelineSnapshot {
  * are counted (the meter_outbox_unfinished partial index): delivered rows grow without bound, so
  * they are reported as a one-hour window and as worker counters, never as a full count per scrape.
  */
-export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<PipelineSnapshot> {
+export async function readPipelineSnapshot(
+  db: Kysely<DB>,
+  now: Date,
+  options: { maxCallsPerSecond?: number } = {},
+): Promise<PipelineSnapshot> {
   const since = new Date(now.getTime() - 3_600_000);
   const result = await sql<{
-    kind: 'unfinished' | 'delivered' | 'dead';
+    kind: 'unfinished' | 'delivered' | 'dead' | 'pass' | 'budget';
     status: string | null;
     meter: string | null;
     n: string;
@@ -169,19 +214,40 @@ export async function readPipelineSnapshot(db: Kysely<DB>, now: Date): Promise<P
     UNION ALL
     SELECT 'dead', NULL, NULL,
            coalesce((SELECT queued_count FROM pgboss.queue WHERE name = 'meter-delivery-dead'), 0)::bigint, NULL
+    UNION ALL
+    SELECT 'pass', NULL, NULL, coalesce(round(max(extract(epoch FROM clock_timestamp()
+             - greatest(k.oldest, coalesce(p.next_call_at, k.oldest)))) * 1000), 0)::bigint, NULL
+      FROM (SELECT stripe_customer_id, event_name, min(created_at) AS oldest FROM meter_outbox
+             WHERE status = 'pending' GROUP BY 1, 2) k
+      LEFT JOIN meter_delivery_pacing p USING (stripe_customer_id, event_name)
+    UNION ALL
+    SELECT 'budget', (${options.maxCallsPerSecond ?? 0}::float8 * least(1.0, factor + coalesce(
+             extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))::text,
+           NULL, calls, NULL
+      FROM meter_call_budget WHERE id = 1
   `.execute(db);
   const snapshot: PipelineSnapshot = {
     rows: [],
     oldestPendingSeconds: 0,
     deliveredLastHour: [],
     deadLetterQueued: 0,
+    budget: { rate: 0, calls: 0 },
+    passSeconds: 0,
   };
+  // Pass time ('pass' above): for each customer+meter with pending rows, how long it has waited while
+  // eligible, i.e. since the later of its oldest pending row's commit and the moment its pacing let it
+  // call again (meter_delivery_pacing.next_call_at); the longest of these. Every pending key is served
+  // once per pass over the pending keys, so this is how long a full pass takes.
   let oldest: Date | undefined;
   for (const row of result.rows) {
     const count = Number(row.n);
     if (row.kind === 'unfinished') {
       snapshot.rows.push({ status: row.status ?? '', meter: row.meter ?? '', count });
       if (row.oldest && (!oldest || row.oldest < oldest)) oldest = row.oldest;
+    } else if (row.kind === 'pass') {
+      snapshot.passSeconds = Math.max(0, count / 1000);
+    } else if (row.kind === 'budget') {
+      snapshot.budget = { rate: Number(row.status ?? 0), calls: count };
     } else if (row.kind === 'delivered') {
       snapshot.deliveredLastHour.push({ meter: row.meter ?? '', count });
     } else {
@@ -207,6 +273,9 @@ export function applyPipelineSnapshot(metrics: Metrics, snapshot: PipelineSnapsh
   }
   metrics.outboxOldestPendingSeconds.set(snapshot.oldestPendingSeconds);
   metrics.deadLetterQueued.set(snapshot.deadLetterQueued);
+  metrics.deliveryPassSeconds.set(snapshot.passSeconds);
+  metrics.budgetRate.set(snapshot.budget.rate);
+  metrics.budgetCalls.set(snapshot.budget.calls);
 }
 
 /** What the Stripe SDK emits on 'response' (stripe-node's ResponseEvent, the fields used here). */

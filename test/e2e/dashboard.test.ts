@@ -5,6 +5,7 @@ import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { sql } from 'kysely';
 import { type Browser, chromium, type Locator, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -191,6 +192,15 @@ describe('admin dashboard in a real browser', () => {
     expect(await number(page, 'count-delivered-hour')).toBe(counts.delivered ?? 0);
     expect(await page.getByTestId('delivery-chart').getAttribute('aria-label')).toContain(
       `${counts.delivered ?? 0} in total`,
+    );
+    // Backlog and delivery lag over the last hour, derived from the outbox.
+    expect(await text(page.getByTestId('backlog-now'))).toContain(`backlog now ${counts.pending ?? 0} rows`);
+    const { rows: lag } = await sql<{ max_ms: number }>`
+      SELECT max(extract(epoch FROM delivered_at - created_at) * 1000)::float8 AS max_ms
+        FROM meter_outbox WHERE status = 'delivered'`.execute(ctx.db);
+    const maxMs = Number(lag[0]!.max_ms);
+    expect(await text(page.getByTestId('lag-max'))).toBe(
+      `max delivery lag ${maxMs < 1000 ? `${Math.round(maxMs)} ms` : `${(maxMs / 1000).toFixed(1)} s`}`,
     );
 
     // The reconciliation table matches the database, and shows no drift.

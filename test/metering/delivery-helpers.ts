@@ -1,6 +1,6 @@
 // Shared by the delivery, sweep and e2e tests: outbox rows written the way ingestion writes them,
 // condition waits with a deadline, and the billing comparison against the emulator.
-import type { Kysely } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
@@ -87,12 +87,14 @@ export async function compareWithEmulator(
     if (seen.has(e.identifier)) duplicatesAccepted.push(e.identifier);
     seen.set(e.identifier, (seen.get(e.identifier) ?? 0) + e.value);
   }
-  const groups = await db
-    .selectFrom('meter_outbox')
-    .select(['identifier', (eb) => eb.fn.sum<string>('value').as('value')])
-    .where('status', '=', 'delivered')
-    .groupBy('identifier')
-    .execute();
+  // A group's event value: temperature_readings the sum of its rows, active_sensors (formula last)
+  // the newest row's count.
+  const { rows: groups } = await sql<{ identifier: string | null; value: string }>`
+    SELECT identifier,
+           CASE WHEN min(event_name) = 'active_sensors'
+                THEN (array_agg(value ORDER BY occurred_at DESC, id DESC))[1]
+                ELSE sum(value) END::text AS value
+      FROM meter_outbox WHERE status = 'delivered' GROUP BY identifier`.execute(db);
   const valueMismatches: string[] = [];
   for (const g of groups) {
     if (seen.get(g.identifier ?? '') !== Number(g.value)) {

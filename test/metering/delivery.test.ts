@@ -22,7 +22,14 @@ const HOUR = 3600_000;
 let emulator: StripeEmulator;
 let ctx: Context;
 let worker: WorkerRuntime;
-const observed: { delivered: number; retries: string[]; deadLetters: string[]; calls: string[] } = {
+const observed: {
+  delivered: number;
+  retries: string[];
+  deadLetters: string[];
+  calls: string[];
+  rateLimited: number;
+} = {
+  rateLimited: 0,
   delivered: 0,
   retries: [],
   deadLetters: [],
@@ -34,6 +41,9 @@ const observer: DeliveryObserver = {
     observed.delivered += rows;
   },
   onRetry: (_event, reason) => observed.retries.push(reason),
+  onRateLimited: () => {
+    observed.rateLimited++;
+  },
   onDeadLetter: (_event, reason) => observed.deadLetters.push(reason),
 };
 
@@ -147,19 +157,6 @@ describe('meter-delivery worker', () => {
     ]);
   });
 
-  it('sends every active_sensors row as its own event', async () => {
-    const org = await billableCustomer();
-    const h = hourStart(-1);
-    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
-      { value: 3, occurredAt: new Date(h.getTime() + 60_000) },
-      { value: 4, occurredAt: new Date(h.getTime() + 120_000) },
-    ]);
-    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 2);
-    const events = emulator.events({ customer: org.customerId, event_name: 'active_sensors' });
-    expect(events.map((e) => e.value)).toEqual([3, 4]);
-    expect(emulator.totals({ customer: org.customerId })[0]?.last).toBe(4);
-  });
-
   it('resends the committed identifier and value after a crash between the call and the commit, and counts the duplicate answer as delivered', async () => {
     const org = await billableCustomer();
     const occurredAt = new Date(Date.now() - 60_000);
@@ -220,9 +217,10 @@ describe('meter-delivery worker', () => {
     expect(row!.attempts).toBe(2);
   });
 
-  it('retries 500s, 429s and connection resets with backoff, then delivers', async () => {
+  it('retries 500s and connection resets with backoff and a 429 outside it, then delivers', async () => {
     const org = await billableCustomer();
     const retriesBefore = observed.retries.length;
+    const rateLimitedBefore = observed.rateLimited;
     // The SDK itself retries a closed connection once (same idempotency key): two resets in a row
     // reach meterbox as one network error.
     emulator.setFaults({ script: ['error_500', 'rate_limit_429', 'reset', 'reset'] });
@@ -235,7 +233,9 @@ describe('meter-delivery worker', () => {
     const [row] = await rowsOf(org.customerId);
     expect(row!.attempts).toBe(4);
     expect(row!.last_error).toBeNull();
-    expect(observed.retries.slice(retriesBefore)).toEqual(['server_error', 'rate_limited', 'network']);
+    // The 429 is resent by the rate-limit path: it never reaches pg-boss's retry count.
+    expect(observed.retries.slice(retriesBefore)).toEqual(['server_error', 'network']);
+    expect(observed.rateLimited - rateLimitedBefore).toBe(1);
     expect(emulator.totals({ customer: org.customerId })[0]?.sum).toBe(4);
   });
 
@@ -307,31 +307,59 @@ describe('meter-delivery worker', () => {
     expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([7]);
   });
 
-  it('never calls Stripe for a customer whose lock another worker holds, and delivers once it is free', async () => {
+  it('never calls Stripe for a customer whose lease another worker holds, and delivers once the lease expires', async () => {
     const org = await billableCustomer();
     const key = `temperature_readings:${org.customerId}`;
-    await ctx.db.connection().execute(async (conn) => {
-      // Stand in for another worker mid-call on this customer and meter.
-      await sql`SELECT pg_advisory_lock(${0x6d62_646c}::int, hashtext(${key}))`.execute(conn);
-      try {
-        await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
-          { value: 8, occurredAt: new Date() },
-        ]);
-        // The job found the key busy and queued a deferred follow-up instead of calling.
-        await waitFor('a deferred follow-up job', async () => {
-          const { rows } = await sql<{ n: number }>`
-            SELECT count(*)::int AS n FROM pgboss.job
-            WHERE name = 'meter-delivery' AND singleton_key = ${key} AND state = 'completed'`.execute(ctx.db);
-          return rows[0]!.n >= 1;
-        });
-        expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
-        expect((await statusCounts(ctx.db, org.customerId)).pending).toBe(1);
-      } finally {
-        await sql`SELECT pg_advisory_unlock(${0x6d62_646c}::int, hashtext(${key}))`.execute(conn);
-      }
+    // Stand in for another worker mid-call on this customer and meter (a SIGKILLed one: it never
+    // releases its lease, which expires on its own).
+    await sql`
+      INSERT INTO meter_delivery_lease (stripe_customer_id, event_name, owner, expires_at)
+      VALUES (${org.customerId}, 'temperature_readings', 'other-worker', clock_timestamp() + interval '3 seconds')`.execute(
+      ctx.db,
+    );
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 8, occurredAt: new Date() }]);
+    // The job found the key leased and queued a deferred follow-up instead of calling.
+    await waitFor('a deferred follow-up job', async () => {
+      const { rows } = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM pgboss.job
+        WHERE name = 'meter-delivery' AND singleton_key = ${key} AND state = 'completed'`.execute(ctx.db);
+      return rows[0]!.n >= 1;
     });
+    expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
+    expect((await statusCounts(ctx.db, org.customerId)).pending).toBe(1);
+    const leased = await sql<{ live: boolean }>`
+      SELECT expires_at > clock_timestamp() AS live FROM meter_delivery_lease
+       WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
+    if (leased.rows[0]?.live) expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
     await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
     expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([8]);
+    // A finished drain releases its lease.
+    await waitFor('lease released', async () => {
+      const { rows } = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM meter_delivery_lease WHERE stripe_customer_id = ${org.customerId}`.execute(
+        ctx.db,
+      );
+      return rows[0]!.n === 0;
+    });
+  });
+
+  it('coalesces pending active_sensors rows of one key into one event with the newest count at its timestamp', async () => {
+    const org = await billableCustomer();
+    const hour = Math.floor(Date.now() / HOUR) * HOUR;
+    const at = (s: number) => new Date(hour + 1000 + s * 1000);
+    // One transaction: all three rows are pending when the job claims them.
+    await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [
+      { value: 5, occurredAt: at(0) },
+      { value: 7, occurredAt: at(2) },
+      { value: 6, occurredAt: at(1) },
+    ]);
+    await waitFor('rows delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 3);
+    const events = emulator.events({ customer: org.customerId });
+    expect(events).toHaveLength(1);
+    expect(events[0]!.value).toBe(7);
+    expect(events[0]!.timestamp).toBe(Math.floor(at(2).getTime() / 1000));
+    const rows = await rowsOf(org.customerId);
+    expect(new Set(rows.map((r) => r.identifier))).toEqual(new Set([events[0]!.identifier]));
   });
 
   it('delivers a newly committed row on an idle worker (latency logged)', async () => {

@@ -1,0 +1,84 @@
+// The account-wide Stripe call budget (migration 0008), shared by every worker process through one
+// row: a GCRA scheduler. Each call reserves the next free slot with one UPDATE ... RETURNING and waits
+// (holding nothing) until its slot, so calls reach Stripe evenly spaced at most `rate` per second,
+// whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
+// and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
+import { type Kysely, sql } from 'kysely';
+import type { Config } from '../config.js';
+import type { DB } from '../db/schema.js';
+
+/** Time for the shared rate to climb from its floor back to the configured rate after a 429. */
+export const BUDGET_RECOVERY_SECONDS = 30;
+/** Lowest fraction of the configured rate a 429 storm can push the budget to. */
+export const BUDGET_MIN_FACTOR = 0.05;
+
+/**
+ * STRIPE_MAX_CALLS_PER_SECOND, or its default: 25 for test-mode keys (a sandbox's limit), 800 for
+ * live keys (Stripe allows 1,000 v1 meter-event calls/s; 20% headroom for the platform's other
+ * Stripe calls on the same account, clock skew between this scheduler and Stripe's window, and
+ * retries).
+ */
+export function callsPerSecond(config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY'>) {
+  if (config.STRIPE_MAX_CALLS_PER_SECOND !== undefined) return config.STRIPE_MAX_CALLS_PER_SECOND;
+  const key = config.STRIPE_SECRET_KEY ?? '';
+  return /^(sk|rk)_live_/.test(key) ? 800 : 25;
+}
+
+/** The effective rate given the configured one (SQL over meter_call_budget's columns). */
+function effectiveRate(rate: number) {
+  return sql`(${rate}::float8 * least(1.0, factor + coalesce(
+      extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
+}
+
+export interface Reservation {
+  /** Milliseconds from now until the first reserved slot. */
+  waitMs: number;
+  /** Milliseconds between consecutive reserved slots. */
+  spacingMs: number;
+  /** Effective calls/s at reservation time. */
+  rate: number;
+}
+
+/** Reserves `calls` consecutive slots of the shared budget; one statement. */
+export async function reserveCalls(db: Kysely<DB>, rate: number, calls = 1): Promise<Reservation> {
+  const result = await sql<{ wait_ms: number; rate: number }>`
+    UPDATE meter_call_budget b
+       SET tat = greatest(b.tat, clock_timestamp()) + make_interval(secs => ${calls}::float8 / r.rate),
+           calls = b.calls + ${calls}
+      FROM (SELECT ${effectiveRate(rate)} AS rate FROM meter_call_budget WHERE id = 1) r
+     WHERE b.id = 1
+    RETURNING greatest(0, ceil(extract(epoch FROM b.tat - make_interval(secs => ${calls}::float8 / r.rate)
+                                               - clock_timestamp()) * 1000))::int AS wait_ms,
+              r.rate::float8 AS rate`.execute(db);
+  const row = result.rows[0];
+  if (!row) throw new Error('meter_call_budget has no row (migration 0008)');
+  return { waitMs: row.wait_ms, spacingMs: 1000 / row.rate, rate: row.rate };
+}
+
+/** A 429: every worker slows down (multiplicative decrease, at most once a second). One statement. */
+export async function recordRateLimited(db: Kysely<DB>, rate: number): Promise<void> {
+  await sql`
+    UPDATE meter_call_budget
+       SET factor = CASE WHEN last_429_at > clock_timestamp() - interval '1 second' THEN factor
+                         ELSE greatest(${BUDGET_MIN_FACTOR}::float8, ${effectiveRate(rate)} / ${rate} * 0.5) END,
+           last_429_at = clock_timestamp(),
+           rate_limited = rate_limited + 1
+     WHERE id = 1`.execute(db);
+}
+
+/** Current state for metrics and the dashboard. */
+export async function budgetState(
+  db: Kysely<DB>,
+  rate: number,
+): Promise<{ rate: number; calls: number; rateLimited: number }> {
+  const result = await sql<{ rate: number; calls: string; rate_limited: string }>`
+    SELECT ${effectiveRate(rate)} AS rate, calls::text, rate_limited::text FROM meter_call_budget WHERE id = 1`.execute(
+    db,
+  );
+  const row = result.rows[0];
+  return {
+    rate: Number(row?.rate ?? rate),
+    calls: Number(row?.calls ?? 0),
+    rateLimited: Number(row?.rate_limited ?? 0),
+  };
+}

@@ -1,0 +1,332 @@
+// Drain: a meter-delivery job takes its key's lease, claims a group, takes a slot of the shared call
+// budget, sends through the transport and settles from the answer; no connection is held across the
+// call. handleDeliveryJob turns the outcome into the job's pg-boss result.
+import { randomBytes } from 'node:crypto';
+import { type Kysely, sql } from 'kysely';
+import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
+import type { Config } from '../config.js';
+import type { Clock } from '../context.js';
+import type { DB, MeterEventName } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { claimGroup } from './claim.js';
+import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
+import { deliveryKey, queueDelivery } from './outbox.js';
+import type { QueuePayload } from './queues.js';
+import { type CallPacing, hasPending, recordError, settleGroup } from './settle.js';
+import type { SendOutcome } from './stripe-meter.js';
+import type { MeterTransport } from './transport.js';
+
+/** Hooks for metrics (the ops engineer plugs prom-client in); every method is optional. */
+export interface DeliveryObserver {
+  /** One Stripe call finished with this outcome after `ms` milliseconds. */
+  onCall?(outcome: SendOutcome['kind'], ms: number, eventName: MeterEventName): void;
+  /** Rows settled as delivered (accepted now or found already accepted); lagMs = now - oldest row's created_at. */
+  onDelivered?(eventName: MeterEventName, rows: number, lagMs: number): void;
+  /** A job will be retried by pg-boss with backoff. */
+  onRetry?(eventName: MeterEventName, reason: string): void;
+  /** A job went to the dead-letter queue and its group's rows became `failed`. */
+  onDeadLetter?(eventName: MeterEventName, reason: string): void;
+  /** A call started (+1) or finished (-1). */
+  onInFlight?(delta: number): void;
+  /** Stripe answered 429 (rate limited). */
+  onRateLimited?(eventName: MeterEventName): void;
+  /** Rows became `expired` (outside Stripe's 35-day window). */
+  onExpired?(eventName: MeterEventName, rows: number): void;
+}
+
+export interface DeliveryDeps {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  transport: MeterTransport;
+  config: Config;
+  /** Lease owner id (default: this process's WORKER_INSTANCE_ID; tests simulate several workers). */
+  owner?: string;
+  clock: Clock;
+  log: Logger;
+  observer?: DeliveryObserver;
+  /** True once shutdown began: a drain finishes its current call, then hands its key to a new job. */
+  stopping?: () => boolean;
+  /**
+   * A job was queued to start in `ms`: wake a fetcher of this process then (pg-boss sends no NOTIFY
+   * for a deferred job, so it would otherwise wait for the next poll).
+   */
+  wakeAfter?: (ms: number) => void;
+}
+
+/** A job hands its key over to a fresh job after this many events or this long (fairness, expiry). */
+const MAX_GROUPS_PER_JOB = 200;
+const MAX_JOB_MS = 60_000;
+/** When another worker holds the key, look again after this long. */
+const BUSY_RETRY_SECONDS = 1;
+/** After a 429, the key's group is resent this soon (the shared budget has slowed down meanwhile). */
+const RATE_LIMITED_RETRY_SECONDS = 2;
+/** A budget wait longer than this renews the lease before the call. */
+const LEASE_RENEW_AFTER_WAIT_MS = 1_000;
+
+export type DrainResult =
+  | { kind: 'drained'; events: number }
+  /** Another drain holds the key's lease; a follow-up job was queued. */
+  | { kind: 'busy' }
+  /** A job in backoff (retry state) owns this key; it will drain everything when it runs. */
+  | { kind: 'backing_off' }
+  /** Budget used up with rows left; a follow-up job was queued. */
+  | { kind: 'continued'; events: number }
+  /** Rows are pending but the key called Stripe less than DELIVERY_MIN_INTERVAL_MS ago; a job was queued for when it may call again. */
+  | { kind: 'paced'; events: number; waitMs: number }
+  /** Stripe answered 429: the shared budget slowed down and a job resends the group shortly. */
+  | { kind: 'rate_limited'; events: number; identifier: string }
+  | { kind: 'retry'; reason: string; message: string; identifier: string }
+  | { kind: 'failed'; reason: string; message: string; identifier: string };
+
+/**
+ * Drains one customer+meter under its lease (lease.ts): at most one Stripe call per customer and
+ * meter is in flight across every worker process, and no connection is held across a call; a
+ * crashed process's lease expires after DELIVERY_LEASE_SECONDS and the next owner resends.
+ * `lastAttempt`: pg-boss will not retry this job again, so a retryable error fails the group.
+ */
+export async function drainKey(
+  deps: DeliveryDeps,
+  customerId: string,
+  eventName: MeterEventName,
+  options: { lastAttempt: boolean; log?: Logger },
+): Promise<DrainResult> {
+  const log = options.log ?? deps.log;
+  const observer = deps.observer ?? {};
+  const started = Date.now();
+  const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
+
+  // One owner token per drain (process id + drain): two drains of one key in one process exclude
+  // each other exactly like drains in two processes.
+  const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${randomBytes(6).toString('hex')}`;
+  const leaseSeconds = deps.config.DELIVERY_LEASE_SECONDS;
+  const rate = callsPerSecond(deps.config);
+  const conn = deps.db;
+  const result = await (async (): Promise<DrainResult> => {
+    // The lease, not a connection, owns the key: every statement below is short and pooled, and no
+    // connection, transaction or lock is held while the call waits for its budget slot or Stripe.
+    if (!(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))) return { kind: 'busy' };
+    try {
+      let events = 0;
+      for (;;) {
+        if (events >= MAX_GROUPS_PER_JOB || Date.now() - started > MAX_JOB_MS || deps.stopping?.()) {
+          return { kind: 'continued', events };
+        }
+        const claim = await claimGroup(conn, customerId, eventName, {
+          now: deps.clock.now(),
+          maxRows: deps.config.DELIVERY_MAX_ROWS_PER_EVENT,
+          minIntervalMs,
+        });
+        if (claim.expired > 0) {
+          log.warn({ rows: claim.expired }, "outbox rows expired: older than Stripe's 35-day window");
+          observer.onExpired?.(eventName, claim.expired);
+        }
+        // Never sleep here holding the lease and a job slot: the key gets a
+        // job that starts when it may call again, and the rows committed until then join that call.
+        if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
+        const group = claim.group;
+        if (!group) return { kind: 'drained', events };
+        // Renew the lease for this call (a long drain must never outlive it), then take a slot of
+        // the account-wide budget and wait for it holding nothing.
+        if (events > 0 && !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))) {
+          return { kind: 'busy' };
+        }
+        const slot = await reserveCalls(conn, rate);
+        if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
+        // A long wait (the budget slowed down after 429s) could outlast the lease: renew it, and if
+        // another drain took the key meanwhile, leave the call to it (the slot goes unused).
+        if (
+          slot.waitMs > LEASE_RENEW_AFTER_WAIT_MS &&
+          !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))
+        ) {
+          return { kind: 'busy' };
+        }
+
+        const callStarted = performance.now();
+        observer.onInFlight?.(1);
+        let outcome: SendOutcome;
+        try {
+          const outcomes = await deps.transport.send([
+            {
+              eventName,
+              customerId,
+              value: group.value,
+              timestamp: group.timestamp,
+              identifier: group.identifier,
+            },
+          ]);
+          outcome = outcomes[0] ?? {
+            kind: 'retryable',
+            reason: 'network',
+            message: 'transport returned no outcome',
+          };
+        } finally {
+          observer.onInFlight?.(-1);
+        }
+        observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
+        // Spacing counts from the answer, which comes after Stripe received the call: two calls
+        // reach Stripe at least minIntervalMs apart whatever the network delays.
+        const pace: CallPacing = { customerId, eventName, minIntervalMs };
+        const glog = log.child({ identifier: group.identifier });
+
+        switch (outcome.kind) {
+          case 'accepted':
+          case 'duplicate': {
+            // A duplicate answer means an earlier call with this identifier (and this value) landed.
+            await settleGroup(conn, group.identifier, 'delivered', undefined, pace);
+            const lagMs = deps.clock.now().getTime() - group.oldestCreatedAt.getTime();
+            glog.debug(
+              {
+                rows: group.rows,
+                value: group.value,
+                attempts: group.attempts,
+                duplicate: outcome.kind === 'duplicate',
+                lagMs,
+              },
+              'meter event delivered',
+            );
+            observer.onDelivered?.(eventName, group.rows, lagMs);
+            events++;
+            break;
+          }
+          case 'expired': {
+            const rows = await settleGroup(conn, group.identifier, 'expired', outcome.message, pace);
+            glog.warn({ rows, value: group.value, error: outcome.message }, 'meter event expired at Stripe');
+            observer.onExpired?.(eventName, rows);
+            break;
+          }
+          case 'retryable': {
+            const message = `${outcome.reason}: ${outcome.message}`;
+            if (outcome.reason === 'rate_limited') {
+              // Not the key's failure: every worker slows down, and the group (same identifier) is
+              // resent within seconds; it never counts toward DELIVERY_RETRY_LIMIT nor dead-letters.
+              await recordRateLimited(conn, rate);
+              await recordError(conn, group.identifier, message);
+              observer.onRateLimited?.(eventName);
+              return { kind: 'rate_limited', events, identifier: group.identifier };
+            }
+            if (options.lastAttempt) {
+              const error = `gave up after ${group.attempts} attempts: ${message}`;
+              await settleGroup(conn, group.identifier, 'failed', error, pace);
+              return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
+            }
+            await recordError(conn, group.identifier, message, pace);
+            return { kind: 'retry', reason: outcome.reason, message, identifier: group.identifier };
+          }
+          case 'permanent': {
+            const error = `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`;
+            await settleGroup(conn, group.identifier, 'failed', error, pace);
+            return { kind: 'failed', reason: outcome.reason, message: error, identifier: group.identifier };
+          }
+        }
+      }
+    } finally {
+      await releaseLease(conn, customerId, eventName, owner).catch((err: unknown) =>
+        log.warn({ err }, 'lease release failed (it expires on its own)'),
+      );
+    }
+  })();
+
+  // Follow-ups are queued after the lease is released so the next job can take it at once.
+  if (result.kind === 'busy') {
+    await queueDelivery(deps.boss, customerId, eventName, BUSY_RETRY_SECONDS);
+    deps.wakeAfter?.(BUSY_RETRY_SECONDS * 1000);
+  } else if (result.kind === 'rate_limited') {
+    await queueDelivery(deps.boss, customerId, eventName, RATE_LIMITED_RETRY_SECONDS);
+    deps.wakeAfter?.(RATE_LIMITED_RETRY_SECONDS * 1000);
+  } else if (result.kind === 'continued') {
+    await queueDelivery(deps.boss, customerId, eventName);
+  } else if (result.kind === 'paced') {
+    // Same singletonKey as every delivery job: if a job is already queued for the key, it covers
+    // these rows (and checks the pace itself when it runs).
+    await queueDelivery(deps.boss, customerId, eventName, result.waitMs / 1000);
+    deps.wakeAfter?.(result.waitMs);
+  } else if (result.kind === 'failed' && (await hasPending(deps.db, customerId, eventName))) {
+    // Only this group failed; the key's other rows get their own attempt.
+    await queueDelivery(deps.boss, customerId, eventName);
+  }
+  return result;
+}
+
+/**
+ * One query before a job takes the lease: how long until the key may call Stripe
+ * again, and (for a first attempt) whether another job of the key sits in pg-boss's retry state,
+ * i.e. the key is backing off.
+ */
+async function keyStatus(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+  job: { id: string; retryCount: number },
+): Promise<{ waitMs: number; backingOff: boolean }> {
+  const key = deliveryKey(customerId, eventName);
+  const backoff =
+    job.retryCount === 0
+      ? sql`EXISTS (SELECT 1 FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${key}
+                      AND state = 'retry' AND id <> ${job.id}::uuid)`
+      : sql`false`;
+  const result = await sql<{ wait_ms: number | null; backing_off: boolean }>`
+    SELECT
+      (SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int
+         FROM meter_delivery_pacing
+        WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
+      ${backoff} AS backing_off`.execute(db);
+  const row = result.rows[0];
+  return { waitMs: Math.max(0, row?.wait_ms ?? 0), backingOff: row?.backing_off === true };
+}
+
+/** Runs one meter-delivery job and turns its outcome into the job's pg-boss result. */
+export async function handleDeliveryJob(
+  deps: DeliveryDeps,
+  job: JobWithMetadata<QueuePayload<'meter-delivery'>>,
+): Promise<JobResult> {
+  const { customerId, eventName } = job.data;
+  const log = deps.log.child({
+    jobId: job.id,
+    queue: job.name,
+    customerId,
+    eventName,
+    attempt: job.retryCount,
+  });
+  const observer = deps.observer ?? {};
+  const status = await keyStatus(deps.db, customerId, eventName, job);
+  // A newer job must not overtake a key's backoff: the retry job drains every pending row when due.
+  if (status.backingOff) {
+    log.debug('key is backing off; the retry job will deliver');
+    return { id: job.id, status: 'completed', output: { kind: 'backing_off' } };
+  }
+  // Pacing checked before taking the lease (drainKey re-checks under the lease).
+  const waitMs = deps.config.DELIVERY_MIN_INTERVAL_MS > 0 ? status.waitMs : 0;
+  if (waitMs > 0) {
+    if (job.retryCount === 0) {
+      await queueDelivery(deps.boss, customerId, eventName, waitMs / 1000);
+      deps.wakeAfter?.(waitMs);
+      return { id: job.id, status: 'completed', output: { kind: 'paced', events: 0, waitMs } };
+    }
+    // A retry job keeps its place in the backoff (its retry count decides the dead letter): it
+    // waits out the rest of the interval, at most DELIVERY_MIN_INTERVAL_MS, holding no connection.
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
+  }
+  const result = await drainKey(deps, customerId, eventName, {
+    lastAttempt: job.retryCount >= job.retryLimit,
+    log,
+  });
+  switch (result.kind) {
+    case 'retry':
+      log.warn(
+        { reason: result.reason, error: result.message, identifier: result.identifier },
+        'meter event will be retried',
+      );
+      observer.onRetry?.(eventName, result.reason);
+      return { id: job.id, status: 'failed', output: result };
+    case 'failed':
+      log.error(
+        { reason: result.reason, error: result.message, identifier: result.identifier },
+        'meter event failed; job dead-lettered',
+      );
+      observer.onDeadLetter?.(eventName, result.reason);
+      return { id: job.id, status: 'deadletter', output: result };
+    default:
+      return { id: job.id, status: 'completed', output: result };
+  }
+}

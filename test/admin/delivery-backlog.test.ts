@@ -1,0 +1,70 @@
+// The dashboard's backlog and delivery lag over the last hour, derived from the outbox alone.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { pipelineOverview } from '../../src/admin/outbox.js';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { createTestContext } from '../helpers/database.js';
+import { createOrganization } from '../helpers/fixtures.js';
+
+const TOKEN = 'backlog-admin-token-0123456789ab';
+let ctx: Context;
+
+beforeAll(async () => {
+  ctx = await createTestContext({ ADMIN_TOKEN: TOKEN });
+  await ctx.boss.start();
+});
+
+const MIN = 60_000;
+
+describe('backlog and delivery lag, last hour', () => {
+  it('counts rows committed and not yet delivered at each minute, and the lag of the rows delivered in it', async () => {
+    const org = await createOrganization(ctx.db);
+    const now = new Date();
+    const ago = (m: number) => new Date(now.getTime() - m * MIN);
+    let n = 0;
+    const row = (createdAt: Date, status: 'pending' | 'delivered', deliveredAt: Date | null) => ({
+      identifier: deliveredAt ? `mb_tr_backlog_${n++}` : null,
+      organization_id: org.organizationId,
+      event_name: 'temperature_readings' as const,
+      stripe_customer_id: org.customerId,
+      value: 1,
+      occurred_at: createdAt,
+      created_at: createdAt,
+      status,
+      delivered_at: deliveredAt,
+    });
+    await ctx.db
+      .insertInto('meter_outbox')
+      .values([
+        row(ago(30), 'pending', null),
+        row(ago(20), 'delivered', ago(10)), // 10 min lag
+        row(ago(12), 'delivered', ago(10)), // 2 min lag, same minute
+      ])
+      .execute();
+    const o = await pipelineOverview(ctx.db, ctx.boss, now);
+    expect(o.backlogPerMinute).toHaveLength(60);
+    const at = (m: number) => {
+      const t = ago(m).getTime();
+      return o.backlogPerMinute.find((b) => b.minute.getTime() <= t && t < b.minute.getTime() + MIN)!;
+    };
+    expect(at(25).backlog).toBe(1);
+    expect(at(15).backlog).toBe(2);
+    expect(at(11).backlog).toBe(3);
+    expect(at(10).maxLagMs).toBeCloseTo(10 * MIN, -2);
+    expect(at(10).avgLagMs).toBeCloseTo(6 * MIN, -2);
+    expect(at(5).backlog).toBe(1);
+    expect(at(5).maxLagMs).toBeNull();
+    expect(o.backlogPerMinute.at(-1)!.backlog).toBe(1);
+
+    const app = createApp(ctx);
+    const login = await app.request('/admin/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: TOKEN }).toString(),
+    });
+    const cookie = (login.headers.get('set-cookie') ?? '').split(';')[0]!;
+    const page = await (await app.request('/admin', { headers: { cookie } })).text();
+    expect(page).toContain('backlog now 1 rows (peak 3)');
+    expect(page).toContain('max delivery lag 600.0 s');
+  });
+});
