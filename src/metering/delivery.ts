@@ -9,6 +9,13 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import {
+  type CorrectionClient,
+  type CorrectionGroup,
+  claimCorrectionGroup,
+  createCorrectionClient,
+  sendCorrection,
+} from './corrections.js';
 import { deliveryKey, enqueueDelivery, queueDelivery } from './outbox.js';
 import type { QueuePayload } from './queues.js';
 import {
@@ -38,6 +45,8 @@ export interface DeliveryDeps {
   db: Kysely<DB>;
   boss: PgBoss;
   meter: StripeMeterClient;
+  /** Usage corrections' Stripe calls (cancel adjustment, compensating event); without it correction rows wait. */
+  corrections?: CorrectionClient;
   config: Config;
   clock: Clock;
   log: Logger;
@@ -140,14 +149,14 @@ export async function claimGroup(
           WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
         (SELECT identifier FROM meter_outbox
           WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-            AND status = 'pending' AND identifier IS NOT NULL
+            AND status = 'pending' AND identifier IS NOT NULL AND kind = 'usage'
           ORDER BY occurred_at, id LIMIT 1) AS inflight,
         f.id AS first_id, f.occurred_at AS first_occurred_at
       FROM (SELECT 1) AS one
       LEFT JOIN LATERAL (
         SELECT id, occurred_at FROM meter_outbox
          WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-           AND status = 'pending' AND identifier IS NULL
+           AND status = 'pending' AND identifier IS NULL AND kind = 'usage'
          ORDER BY occurred_at, id LIMIT 1) AS f ON true`.execute(db);
     const row = result.rows[0];
     if (!row) throw new Error('claimGroup: the head query returned no row');
@@ -178,6 +187,7 @@ export async function claimGroup(
         .where('event_name', '=', eventName)
         .where('status', '=', 'pending')
         .where('identifier', 'is', null)
+        .where('kind', '=', 'usage')
         .where('occurred_at', '<', cutoff)
         .executeTakeFirst();
       expired = Number(result.numUpdatedRows);
@@ -193,7 +203,7 @@ export async function claimGroup(
     assign = sql`id IN (
       SELECT id FROM meter_outbox
        WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-         AND status = 'pending' AND identifier IS NULL
+         AND status = 'pending' AND identifier IS NULL AND kind = 'usage'
          AND occurred_at >= ${hourStart} AND occurred_at < ${hourEnd}
        ORDER BY occurred_at, id LIMIT ${limit})`;
   }
@@ -339,17 +349,29 @@ export async function drainKey(
         // Never sleep here holding the lock, a connection and a concurrency slot: the key gets a
         // job that starts when it may call again, and the rows committed until then join that call.
         if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
-        const group = claim.group;
+        // Usage corrections (src/metering/corrections.ts): once the key's usage is sent, one group of
+        // correction rows per call, never mixed with usage; settled by identifier like usage.
+        let correction: CorrectionGroup | null = null;
+        if (!claim.group && deps.corrections) {
+          const c = await claimCorrectionGroup(conn, customerId, eventName, { now: deps.clock.now() });
+          if (c.settled.creditNote + c.settled.neverBilled > 0)
+            log.warn(c.settled, 'usage corrections settled without a Stripe call');
+          correction = c.group;
+        }
+        const group: DeliveryGroup | null = claim.group ?? correction;
         if (!group) return { kind: 'drained', events };
 
         const callStarted = performance.now();
-        const outcome = await deps.meter.send({
-          eventName,
-          customerId,
-          value: group.value,
-          timestamp: group.timestamp,
-          identifier: group.identifier,
-        });
+        const outcome =
+          correction && deps.corrections
+            ? await sendCorrection(conn, deps.corrections, customerId, eventName, correction)
+            : await deps.meter.send({
+                eventName,
+                customerId,
+                value: group.value,
+                timestamp: group.timestamp,
+                identifier: group.identifier,
+              });
         observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
         // Spacing counts from the answer, which comes after Stripe received the call: two calls
         // reach Stripe at least minIntervalMs apart whatever the network delays.
@@ -511,6 +533,8 @@ export interface DeliveryWorkerOptions {
   observer?: DeliveryObserver;
   /** Replaces the Stripe client (tests). */
   meter?: StripeMeterClient;
+  /** Replaces the usage corrections' Stripe client (tests). */
+  corrections?: CorrectionClient;
 }
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
@@ -658,6 +682,7 @@ export async function startDelivery(
 ): Promise<DeliveryRuntime> {
   const log = ctx.log.child({ component: 'delivery' });
   const meter = options.meter ?? (ctx.stripe ? createStripeMeterClient(ctx.stripe) : undefined);
+  const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
   if (!meter) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
@@ -678,6 +703,7 @@ export async function startDelivery(
     clock: ctx.clock,
     log,
     stopping: () => stopping,
+    ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
   });
   const sweep = await startOutboxSweep({ db: ctx.db, boss: ctx.boss, config: ctx.config, log });
