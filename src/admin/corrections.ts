@@ -154,7 +154,8 @@ export async function previewCorrection(
  *    counts and the credit come from the same rows, so the credit is exactly the billed voided ones;
  * 3. for each billing outbox row: if it is still unsent (pending, no identifier: no Stripe call can
  *    carry it yet) its value is lowered in place; otherwise (claimed, sent, failed) a correction row
- *    takes the readings back. Rows that expired were never billed: no credit;
+ *    takes the readings back. An original that expired was never billed: its correction row is
+ *    recorded as expired (no credit, nothing sent);
  * 4. a delivery job for each customer that got correction rows (the ingestion hand-off).
  */
 export async function createCorrection(
@@ -204,19 +205,25 @@ export async function createCorrection(
        WHERE o.id = p.outbox_id AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
       RETURNING o.id, p.n
     ), corrections AS (
+      -- An original that expired was never billed: its correction row is recorded as expired too
+      -- (nothing to send), so usage and corrections still add up in reconciliation.
       INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                kind, correction_id, corrects_outbox_id)
+                                kind, correction_id, corrects_outbox_id, status, last_error)
       SELECT o.organization_id, o.event_name, o.stripe_customer_id, p.n, o.occurred_at,
-             'correction', ${correction.id}, o.id
+             'correction', ${correction.id}, o.id,
+             CASE WHEN o.status = 'expired' THEN 'expired' ELSE 'pending' END,
+             CASE WHEN o.status = 'expired' THEN 'the original usage expired before Stripe recorded it: nothing was billed' END
         FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
-       WHERE o.status <> 'expired' AND p.outbox_id NOT IN (SELECT id FROM lowered)
-      RETURNING stripe_customer_id, value
+       WHERE p.outbox_id NOT IN (SELECT id FROM lowered)
+      RETURNING stripe_customer_id, status
     )
     SELECT (SELECT count(*)::int FROM voided) AS voided,
            (SELECT coalesce(sum(p.n), 0)::int FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
              WHERE o.status <> 'expired') AS billed,
            (SELECT coalesce(sum(n), 0)::int FROM lowered) AS lowered,
-           (SELECT array_agg(DISTINCT stripe_customer_id) FROM corrections) AS customers`.execute(trx);
+           (SELECT array_agg(DISTINCT stripe_customer_id) FROM corrections WHERE status = 'pending') AS customers`.execute(
+    trx,
+  );
   const row = result.rows[0];
   if (!row) throw new Error('createCorrection: the statement returned no row');
   await trx
