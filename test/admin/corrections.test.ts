@@ -3,7 +3,9 @@
 // cancel/compensate choice, repeat, race, crash, finalized period and bad input.
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
 import type { CorrectionView } from '../../src/admin/corrections.js';
+import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
@@ -33,6 +35,7 @@ beforeAll(async () => {
     STRIPE_SECRET_KEY: 'sk_test_corrections',
     STRIPE_API_BASE: emulator.url,
     DELIVERY_MIN_INTERVAL_MS: '0',
+    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
   });
   await ctx.boss.start();
   app = createApp(ctx);
@@ -480,5 +483,61 @@ describe('bad input', () => {
     expect(res.status).toBe(401);
     const list = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`);
     expect(list.status).toBe(401);
+  });
+});
+
+describe('everything agrees after corrections', () => {
+  it('usage, reconciliation (with Stripe) and the chaos ledger show drift 0', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    const from = new Date(Date.now() - HOUR).toISOString();
+    // Event 1: sensor 0 only (cancelled later); event 2: both sensors (compensated); then unsent usage.
+    await ingest(org, org.sensors[0]!, 5, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 4, base, 100);
+    await ingest(org, org.sensors[1]!, 6, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 3, base, 200);
+    await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'agree' });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(6);
+
+    const usageRes = await app.request(`/v1/usage?from=${encodeURIComponent(from)}`, {
+      headers: authHeaders(org.apiKey),
+    });
+    const usage = (await usageRes.json()) as {
+      readingsStored: number;
+      readingsVoided: number;
+      meteredReadings: Record<string, number>;
+      correctedReadings: Record<string, number>;
+    };
+    expect(usage).toMatchObject({
+      readingsStored: 6,
+      readingsVoided: 12,
+      correctedReadings: { delivered: 9, pending: 0 },
+    });
+    expect(usage.meteredReadings.delivered! - usage.correctedReadings.delivered!).toBe(6);
+
+    const to = new Date(Date.now() + 60_000).toISOString();
+    const recon = await app.request(
+      `/admin/reconciliation?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}&organizationId=${org.organizationId}&stripe=true`,
+      { headers: authHeaders(TOKEN) },
+    );
+    const report = (await recon.json()) as ReconciliationReport;
+    expect(report.organizations[0]).toMatchObject({
+      readingsStored: 18,
+      readingsVoided: 12,
+      corrections: { delivered: 9 },
+      drift: 0,
+      stripe: { readings: 6, deliveredByTimestamp: 6, drift: 0 },
+      hasDrift: false,
+    });
+
+    const loaded = await loadLedger(ctx.db, [
+      { organizationId: org.organizationId, customerId: org.customerId },
+    ]);
+    const ledger = checkLedger({ ...loaded, events: emulator.events({ customer: org.customerId }) });
+    expect(ledger.violations).toEqual([]);
+    expect(ledger).toMatchObject({ ok: true, readingsStored: 6, readingsAccepted: 6 });
   });
 });
