@@ -4,7 +4,9 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
+import type { CliIo } from '../../src/admin/cli.js';
 import type { CorrectionView } from '../../src/admin/corrections.js';
+import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
@@ -539,5 +541,66 @@ describe('everything agrees after corrections', () => {
     const ledger = checkLedger({ ...loaded, events: emulator.events({ customer: org.customerId }) });
     expect(ledger.violations).toEqual([]);
     expect(ledger).toMatchObject({ ok: true, readingsStored: 6, readingsAccepted: 6 });
+  });
+});
+
+function memoryIo(): CliIo & { stdout: string; stderr: string } {
+  const io = {
+    stdout: '',
+    stderr: '',
+    out: (text: string) => {
+      io.stdout += `${text}\n`;
+    },
+    err: {
+      isTTY: false,
+      columns: 80,
+      write: (chunk: string) => {
+        io.stderr += chunk;
+        return true;
+      },
+    },
+  };
+  return io;
+}
+
+describe('meterbox usage correct', () => {
+  it('--dry-run previews, then the correction voids and lists; bad input exits non-zero with details', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 4, base);
+    await deliver(org.customerId);
+    const args = { org: org.organizationId, sensor: org.sensors[0], ...range(base), reason: 'cli' };
+
+    const dry = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, 'dry-run': true }, dry)).toBe(0);
+    expect(dry.stdout).toContain('would void 4 reading(s), 4 of them billed');
+    expect(
+      await ctx.db
+        .selectFrom('usage_corrections')
+        .select('id')
+        .where('organization_id', '=', org.organizationId)
+        .execute(),
+    ).toHaveLength(0);
+
+    const real = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, json: true }, real)).toBe(0);
+    expect(JSON.parse(real.stdout)).toMatchObject({
+      correction: { readingsVoided: 4, billedReadingsVoided: 4 },
+    });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(0);
+
+    const list = memoryIo();
+    expect(await usageCorrectionsCommand(ctx, { org: org.organizationId }, list)).toBe(0);
+    expect(list.stdout).toContain('cli');
+
+    const reversed = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, from: args.to, to: args.from }, reversed)).toBe(2);
+    expect(reversed.stderr).toContain('reversed');
+    const foreign = memoryIo();
+    expect(
+      await usageCorrectCommand(ctx, { ...args, sensor: '00000000-0000-4000-8000-000000000000' }, foreign),
+    ).toBe(1);
+    expect(foreign.stderr).toContain('sensor not found');
   });
 });
