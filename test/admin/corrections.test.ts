@@ -604,3 +604,74 @@ describe('meterbox usage correct', () => {
     expect(foreign.stderr).toContain('sensor not found');
   });
 });
+
+describe('dashboard action', () => {
+  async function login(): Promise<string> {
+    const res = await app.request('/admin/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: TOKEN }).toString(),
+    });
+    expect(res.status).toBe(303);
+    return (res.headers.get('set-cookie') ?? '').split(';')[0]!;
+  }
+  const post = (cookie: string, path: string, form: Record<string, string>) =>
+    app.request(path, {
+      method: 'POST',
+      headers: { cookie, 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams(form).toString(),
+    });
+
+  it('shows the dry run for confirmation first, then records the correction', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await ingest(org, org.sensors[1]!, 2, base);
+    await deliver(org.customerId);
+    const cookie = await login();
+    const form = {
+      organizationId: org.organizationId,
+      sensorId: org.sensors[0]!,
+      ...range(base),
+      reason: 'dashboard',
+    };
+
+    const formPage = await app.request('/admin/ui/corrections', { headers: { cookie } });
+    expect(formPage.status).toBe(200);
+    expect(await formPage.text()).toContain('action="/admin/ui/corrections/preview"');
+
+    const preview = await post(cookie, '/admin/ui/corrections/preview', form);
+    expect(preview.status).toBe(200);
+    const previewHtml = await preview.text();
+    expect(previewHtml).toMatch(/This will void <strong>3<\/strong> reading\(s\)/);
+    expect(previewHtml).toContain('action="/admin/ui/corrections"');
+    expect(
+      await ctx.db
+        .selectFrom('usage_corrections')
+        .select('id')
+        .where('organization_id', '=', org.organizationId)
+        .execute(),
+    ).toHaveLength(0);
+
+    const done = await post(cookie, '/admin/ui/corrections', form);
+    expect(done.status).toBe(303);
+    expect(decodeURIComponent(done.headers.get('location') ?? '')).toContain('voided 3 reading(s), 3 billed');
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(2);
+
+    const bad = await post(cookie, '/admin/ui/corrections/preview', {
+      ...form,
+      from: form.to,
+      to: form.from,
+    });
+    expect(bad.status).toBe(422);
+    expect(await bad.text()).toContain('reversed');
+    const dashboard = await app.request('/admin', { headers: { cookie } });
+    expect(await dashboard.text()).toContain('href="/admin/ui/corrections"');
+  });
+
+  it('redirects to the sign-in without a session', async () => {
+    const res = await app.request('/admin/ui/corrections');
+    expect(res.status).toBe(303);
+  });
+});
