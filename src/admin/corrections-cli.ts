@@ -3,8 +3,7 @@
 import type { CliCommand } from '../bin/cli.js';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
-import type { CliIo } from './cli.js';
-import { formatTable } from './cli.js';
+import { type CliIo, formatTable, processIo, str } from './cli.js';
 import {
   CORRECTION_RETENTION_DAYS_FALLBACK,
   correctionBody,
@@ -14,16 +13,6 @@ import {
 } from './corrections.js';
 
 type Values = Record<string, string | boolean | undefined>;
-
-const processIo = (): CliIo => ({
-  out: (text) => process.stdout.write(`${text}\n`),
-  err: process.stderr,
-});
-
-const str = (values: Values, name: string): string | undefined => {
-  const v = values[name];
-  return typeof v === 'string' && v.trim() !== '' ? v.trim() : undefined;
-};
 
 export const CORRECT_USAGE =
   'usage correct --org <id> [--sensor <id>] --from <iso> --to <iso> --reason <text> [--dry-run] [--json]';

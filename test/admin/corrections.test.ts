@@ -11,7 +11,7 @@ import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
-import { type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
+import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
@@ -673,5 +673,37 @@ describe('dashboard action', () => {
   it('redirects to the sign-in without a session', async () => {
     const res = await app.request('/admin/ui/corrections');
     expect(res.status).toBe(303);
+  });
+});
+
+describe('grouping rule (the pipeline hook)', () => {
+  it('usage groups never take correction rows; a correction group holds one original event only', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 2, base, 10);
+    await deliver(org.customerId);
+    await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'grouping' });
+    // New usage in the same hour as the corrections' originals.
+    await ingest(org, org.sensors[1]!, 4, base);
+    const usage = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+      maxRows: 1000,
+    });
+    expect(usage.group).toMatchObject({ value: '4', rows: 1 });
+    const first = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+    });
+    expect(first.group).toMatchObject({ rows: 1, action: 'cancel' });
+    await sql`UPDATE meter_outbox SET status = 'delivered', delivered_at = now() WHERE identifier = ${first.group!.identifier}`.execute(
+      ctx.db,
+    );
+    const second = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+    });
+    expect(second.group).toMatchObject({ rows: 1, action: 'cancel' });
+    expect(second.group!.originalIdentifier).not.toBe(first.group!.originalIdentifier);
+    expect(Number(first.group!.value) + Number(second.group!.value)).toBe(5);
   });
 });
