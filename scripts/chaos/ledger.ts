@@ -1,7 +1,9 @@
 // The ledger check every fault scenario ends with: for each organization, the usage the Stripe
 // emulator accepted (deduplicated by identifier) equals the readings stored; no outbox row is left
 // pending, failed or expired; every accepted identifier matches the outbox rows that carry it,
-// and no identifier was accepted with two different values.
+// and no identifier was accepted with two different values. Usage corrections: voided readings are
+// not "stored" here (Stripe must no longer hold them), an event cancelled by an adjustment is not
+// billed, and a compensating event carries minus its correction rows' value.
 
 import type { Kysely } from 'kysely';
 import { sql } from 'kysely';
@@ -10,7 +12,7 @@ import type { DB } from '../../src/db/schema.js';
 export interface LedgerOrganization {
   organizationId: string;
   customerId: string;
-  /** Rows in temperature_readings for the organization. */
+  /** Rows in temperature_readings for the organization, voided ones (usage corrections) excluded. */
   readingsStored: number;
 }
 
@@ -20,6 +22,8 @@ export interface LedgerOutboxRow {
   value: number;
   status: string;
   identifier: string | null;
+  /** 'correction' rows take readings back: their identifier's event carries minus their value. */
+  kind?: string;
 }
 
 export interface LedgerEvent {
@@ -27,6 +31,8 @@ export interface LedgerEvent {
   customer: string;
   event_name: string;
   value: number;
+  /** Set when a meter event adjustment cancelled the event: Stripe no longer bills it. */
+  cancelledAt?: number;
 }
 
 export interface LedgerViolation {
@@ -86,7 +92,7 @@ export function checkLedger(input: {
   for (const row of input.outbox) {
     if (row.eventName !== METER || row.identifier === null) continue;
     const entry = outboxByIdentifier.get(row.identifier) ?? { value: 0, organizationId: row.organizationId };
-    entry.value += row.value;
+    entry.value += row.kind === 'correction' ? -row.value : row.value;
     outboxByIdentifier.set(row.identifier, entry);
   }
   for (const event of accepted.values()) {
@@ -113,7 +119,9 @@ export function checkLedger(input: {
   let readingsAccepted = 0;
   for (const org of input.organizations) {
     let sum = 0;
-    for (const event of accepted.values()) if (event.customer === org.customerId) sum += event.value;
+    for (const event of accepted.values()) {
+      if (event.customer === org.customerId && event.cancelledAt === undefined) sum += event.value;
+    }
     readingsStored += org.readingsStored;
     readingsAccepted += sum;
     const difference = sum - org.readingsStored;
@@ -163,11 +171,11 @@ export async function loadLedger(
   const ids = orgs.map((o) => o.organizationId);
   const counts = await sql<{ organization_id: string; n: string }>`
     SELECT organization_id, count(*) AS n FROM temperature_readings
-    WHERE organization_id = ANY(${ids}::uuid[]) GROUP BY organization_id`.execute(db);
+    WHERE organization_id = ANY(${ids}::uuid[]) AND voided_at IS NULL GROUP BY organization_id`.execute(db);
   const stored = new Map(counts.rows.map((r) => [r.organization_id, Number(r.n)]));
   const rows = await db
     .selectFrom('meter_outbox')
-    .select(['organization_id', 'event_name', 'value', 'status', 'identifier'])
+    .select(['organization_id', 'event_name', 'value', 'status', 'identifier', 'kind'])
     .where('organization_id', 'in', ids.length > 0 ? ids : ['00000000-0000-0000-0000-000000000000'])
     .execute();
   return {
@@ -178,6 +186,7 @@ export async function loadLedger(
       value: Number(r.value),
       status: r.status,
       identifier: r.identifier,
+      kind: r.kind,
     })),
   };
 }

@@ -13,12 +13,12 @@ export interface CliIo {
   err: ProgressStream;
 }
 
-const processIo = (): CliIo => ({
+export const processIo = (): CliIo => ({
   out: (text) => process.stdout.write(`${text}\n`),
   err: process.stderr,
 });
 
-const str = (values: Values, name: string): string | undefined => {
+export const str = (values: Values, name: string): string | undefined => {
   const v = values[name];
   return typeof v === 'string' && v.trim() !== '' ? v.trim() : undefined;
 };

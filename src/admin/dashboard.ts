@@ -82,7 +82,7 @@ form.inline { display: inline; margin: 0; }
 }
 `;
 
-function page(title: string, body: Html): Html {
+export function page(title: string, body: Html): Html {
   return html`<!doctype html>
 <html lang="en">
 <head>
@@ -212,7 +212,7 @@ function reconciliationTable(report: ReconciliationReport): Html {
     return html`<p class="muted" data-testid="no-reconciliation">No readings or usage in this period.</p>`;
   }
   return html`<div class="scroll"><table class="stack" data-testid="reconciliation-table">
-<thead><tr><th>Organization</th><th class="num">Stored</th><th class="num">Delivered</th><th class="num">Pending</th><th class="num">Failed</th><th class="num">Expired</th><th class="num">Drift</th>${
+<thead><tr><th>Organization</th><th class="num">Stored</th><th class="num">Delivered</th><th class="num">Pending</th><th class="num">Failed</th><th class="num">Expired</th><th class="num">Voided</th><th class="num">Corrected</th><th class="num">Drift</th>${
     withStripe ? html`<th class="num">Stripe</th><th class="num">Stripe drift</th>` : ''
   }</tr></thead>
 <tbody>${report.organizations.map(
@@ -223,6 +223,8 @@ function reconciliationTable(report: ReconciliationReport): Html {
 <td class="num" data-label="Pending" data-col="pending">${fmtNum(o.usage.pending)}</td>
 <td class="num" data-label="Failed" data-col="failed">${fmtNum(o.usage.failed)}</td>
 <td class="num" data-label="Expired" data-col="expired">${fmtNum(o.usage.expired)}</td>
+<td class="num" data-label="Voided" data-col="voided">${fmtNum(o.readingsVoided)}</td>
+<td class="num" data-label="Corrected" data-col="corrected">${fmtNum(o.corrections.delivered + o.corrections.pending + o.corrections.failed + o.corrections.expired)}</td>
 <td class="num${o.drift ? ' drift-cell' : ''}" data-label="Drift" data-col="drift">${o.drift === null ? 'not metered' : fmtNum(o.drift)}</td>
 ${
   withStripe
@@ -284,7 +286,7 @@ async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Promise<Re
   const periodLink = (extra: string) =>
     `/admin?from=${encodeURIComponent(report.from)}&to=${encodeURIComponent(report.to)}${extra}`;
   const body = html`<header><h1>meterbox · operations</h1>
-<nav><a href="/docs" style="color:#fff;margin-right:.75rem">API docs</a><form method="post" action="/admin/logout" class="inline"><button type="submit" class="secondary">Sign out</button></form></nav></header>
+<nav><a href="/admin/ui/corrections" style="color:#fff;margin-right:.75rem">Usage corrections</a><a href="/docs" style="color:#fff;margin-right:.75rem">API docs</a><form method="post" action="/admin/logout" class="inline"><button type="submit" class="secondary">Sign out</button></form></nav></header>
 <main>
 ${q.flash ? html`<p class="flash" role="status" data-testid="flash">${q.flash}</p>` : ''}
 ${q.error ? html`<p class="flash error" role="alert">${q.error}</p>` : ''}
@@ -316,7 +318,7 @@ ${backlogChart(o.backlogPerMinute)}
 ${stripeConfigured ? html`<label class="check"><input type="checkbox" name="stripe" value="1"${q.stripe ? raw(' checked') : ''}> Compare with Stripe</label>` : ''}
 <button type="submit" class="secondary">Show</button>
 </form>
-<p class="muted">Readings stored (by ingestion time) against the usage written to the outbox in ${fmtTime(report.from)} – ${fmtTime(report.to)}. Drift = stored − (delivered + pending + failed + expired)${report.stripe === 'compared' ? '; Stripe drift = Stripe total − delivered (by event time)' : ''}.
+<p class="muted">Readings stored (by ingestion time) against the usage written to the outbox in ${fmtTime(report.from)} – ${fmtTime(report.to)}. Drift = (stored − voided) − (delivered + pending + failed + expired − corrected)${report.stripe === 'compared' ? '; Stripe drift = Stripe total − delivered (by event time)' : ''}.
 ${report.hasDrift ? html`<strong class="drift-cell" data-testid="drift-found">Drift found.</strong>` : html`<span data-testid="no-drift">No drift.</span>`}
 ${stripeConfigured && report.stripe !== 'compared' ? html` <a href="${periodLink('&stripe=1')}">Compare with Stripe</a>` : ''}</p>
 ${reconciliationTable(report)}

@@ -56,9 +56,14 @@ export const reconciliationRow = z.object({
   readingsStored: z.number(),
   /** temperature_readings usage written to the outbox in the period, by status (sum of values). */
   usage,
+  /** Usage corrections: readings voided among readingsStored (kept for audit, not billed). */
+  readingsVoided: z.number(),
+  /** Usage corrections: billed readings taken back (correction outbox rows), by status. */
+  corrections: usage,
   /**
-   * readingsStored − all outbox usage: readings with no outbox row (or the reverse). null when the
-   * organization was not metered in the period (never billable, no outbox rows).
+   * (readingsStored − readingsVoided) − (all outbox usage − all corrections): readings with no
+   * outbox row (or the reverse). null when the organization was not metered in the period (never
+   * billable, no outbox rows).
    */
   drift: z.number().nullable(),
   /** active_sensors reports in the period by status (row counts). */
@@ -97,6 +102,11 @@ interface DbRow {
   customer_id: string | null;
   billable: boolean;
   stored: string | null;
+  voided: string | null;
+  cr_delivered: string | null;
+  cr_pending: string | null;
+  cr_failed: string | null;
+  cr_expired: string | null;
   tr_delivered: string | null;
   tr_pending: string | null;
   tr_failed: string | null;
@@ -123,17 +133,22 @@ async function readPeriod(
   // comparison cut the period identically.
   const result = await sql<DbRow>`
     WITH stored AS (
-      SELECT organization_id, count(*)::bigint AS stored
+      SELECT organization_id, count(*)::bigint AS stored, count(voided_at)::bigint AS voided
         FROM temperature_readings
        WHERE ingested_at >= ${from} AND ingested_at < ${to}
          AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
        GROUP BY organization_id
     ), outbox AS (
       SELECT organization_id,
-             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND status = 'delivered') AS tr_delivered,
-             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND status = 'pending') AS tr_pending,
-             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND status = 'failed') AS tr_failed,
-             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND status = 'expired') AS tr_expired,
+             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND kind = 'usage' AND status = 'delivered') AS tr_delivered,
+             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND kind = 'usage' AND status = 'pending') AS tr_pending,
+             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND kind = 'usage' AND status = 'failed') AS tr_failed,
+             sum(value) FILTER (WHERE event_name = 'temperature_readings' AND kind = 'usage' AND status = 'expired') AS tr_expired,
+             -- usage corrections (readings taken back), apart from usage
+             sum(value) FILTER (WHERE kind = 'correction' AND status = 'delivered') AS cr_delivered,
+             sum(value) FILTER (WHERE kind = 'correction' AND status = 'pending') AS cr_pending,
+             sum(value) FILTER (WHERE kind = 'correction' AND status = 'failed') AS cr_failed,
+             sum(value) FILTER (WHERE kind = 'correction' AND status = 'expired') AS cr_expired,
              bool_or(event_name = 'temperature_readings') AS tr_any,
              count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'delivered') AS as_delivered,
              count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'pending') AS as_pending,
@@ -145,7 +160,9 @@ async function readPeriod(
        GROUP BY organization_id
     ), by_timestamp AS (
       SELECT organization_id,
-             sum(value) FILTER (WHERE event_name = 'temperature_readings') AS delivered_by_ts,
+             -- a delivered correction took its readings back from Stripe (cancel or negative event)
+             sum(CASE WHEN kind = 'correction' THEN -value ELSE value END)
+               FILTER (WHERE event_name = 'temperature_readings') AS delivered_by_ts,
              (array_agg(value ORDER BY occurred_at DESC, id DESC)
                 FILTER (WHERE event_name = 'active_sensors'))[1] AS last_active
         FROM meter_outbox
@@ -155,7 +172,8 @@ async function readPeriod(
     )
     SELECT o.id AS organization_id, o.name, s.stripe_customer_id AS customer_id,
            coalesce(s.status IN ('active', 'trial') AND s.stripe_customer_id IS NOT NULL, false) AS billable,
-           stored.stored, outbox.tr_delivered, outbox.tr_pending, outbox.tr_failed, outbox.tr_expired,
+           stored.stored, stored.voided, outbox.cr_delivered, outbox.cr_pending, outbox.cr_failed,
+           outbox.cr_expired, outbox.tr_delivered, outbox.tr_pending, outbox.tr_failed, outbox.tr_expired,
            outbox.tr_any, outbox.as_delivered, outbox.as_pending, outbox.as_failed, outbox.as_expired,
            by_timestamp.delivered_by_ts, by_timestamp.last_active
       FROM organizations o
@@ -233,9 +251,19 @@ export async function reconcile(
       failed: num(row.tr_failed),
       expired: num(row.tr_expired),
     };
+    const corrections = {
+      delivered: num(row.cr_delivered),
+      pending: num(row.cr_pending),
+      failed: num(row.cr_failed),
+      expired: num(row.cr_expired),
+    };
     const stored = num(row.stored);
+    const voided = num(row.voided);
     const metered = row.billable || row.tr_any === true;
-    const drift = metered ? stored - (tr.delivered + tr.pending + tr.failed + tr.expired) : null;
+    const taken = corrections.delivered + corrections.pending + corrections.failed + corrections.expired;
+    const drift = metered
+      ? stored - voided - (tr.delivered + tr.pending + tr.failed + tr.expired - taken)
+      : null;
     let stripeView: ReconciliationRow['stripe'] = null;
     if (compare && row.customer_id && deps.stripe) {
       const deliveredByTimestamp = num(row.delivered_by_ts);
@@ -278,6 +306,8 @@ export async function reconcile(
       billable: row.billable,
       readingsStored: stored,
       usage: tr,
+      readingsVoided: voided,
+      corrections,
       drift,
       activeSensorReports: {
         delivered: num(row.as_delivered),

@@ -2,6 +2,7 @@
 // lives next to the code it drives and receives a Context.
 import { parseArgs } from 'node:util';
 import { adminCommands } from '../admin/cli.js';
+import { correctionCommands } from '../admin/corrections-cli.js';
 import { organizationCommands } from '../admin/organizations-cli.js';
 import { type Context, createContext } from '../context.js';
 import { configOrExit, exitOnFatal } from './process.js';
@@ -20,6 +21,7 @@ export interface CliCommand {
 const COMMANDS: Record<string, CliCommand> = {
   ...organizationCommands,
   ...adminCommands,
+  ...correctionCommands,
 };
 
 function help(): string {

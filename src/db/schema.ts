@@ -75,6 +75,9 @@ export interface TemperatureReadingsTable {
   ingested_at: DefaultTimestamp;
   /** The meter_outbox row that billed this reading; null when the organization was not billable. */
   outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
+  /** migrations/0012: set when a usage correction voided the reading (kept for audit, never billed). */
+  voided_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  correction_id: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface MeterOutboxTable {
@@ -92,6 +95,30 @@ export interface MeterOutboxTable {
   created_at: DefaultTimestamp;
   updated_at: DefaultTimestamp;
   delivered_at: Timestamp | null;
+  /** migrations/0012 (usage corrections). */
+  kind: ColumnType<OutboxKind, OutboxKind | undefined, OutboxKind>;
+  correction_id: ColumnType<string | null, string | null | undefined, string | null>;
+  corrects_outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
+  correction_action: CorrectionAction | null;
+  credit_note_required: ColumnType<boolean, boolean | undefined, boolean>;
+}
+
+/** migrations/0012: usage rows bill readings; correction rows take billed readings back. */
+export type OutboxKind = 'usage' | 'correction';
+export type CorrectionAction = 'cancel' | 'compensate';
+
+/** migrations/0012: one row per usage correction request. */
+export interface UsageCorrectionsTable {
+  id: ColumnType<string, never, never>;
+  organization_id: string;
+  sensor_id: string | null;
+  range_from: Timestamp;
+  range_to: Timestamp;
+  reason: string;
+  readings_voided: number;
+  billed_readings_voided: number;
+  unsent_readings_removed: ColumnType<number, number | undefined, number>;
+  created_at: DefaultTimestamp;
 }
 
 export interface StripeEventsTable {
@@ -148,6 +175,7 @@ export interface DB {
   sensors: SensorsTable;
   temperature_readings: TemperatureReadingsTable;
   meter_outbox: MeterOutboxTable;
+  usage_corrections: UsageCorrectionsTable;
   stripe_events: StripeEventsTable;
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;

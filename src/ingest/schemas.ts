@@ -118,9 +118,13 @@ export const usageResponseSchema = z.object({
   to: z.iso.datetime(),
   /** Whether the organization is billed now (subscription active or trial, with a customer). */
   billable: z.boolean(),
-  /** Readings stored (by ingestion time) in [from, to). */
+  /** Readings stored (by ingestion time) in [from, to), voided ones (usage corrections) excluded. */
   readingsStored: z.number().int(),
   /** temperature_readings meter usage by outbox status, by usage time in [from, to). */
   meteredReadings: usageByStatus,
+  /** Usage corrections: readings voided (kept for audit, not billed), by ingestion time. */
+  readingsVoided: z.number().int(),
+  /** Usage corrections: billed readings taken back from Stripe, by status of the credit. */
+  correctedReadings: usageByStatus,
 });
 export type UsageView = z.output<typeof usageResponseSchema>;

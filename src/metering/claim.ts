@@ -69,14 +69,14 @@ export async function claimGroup(
           WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
         (SELECT identifier FROM meter_outbox
           WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-            AND status = 'pending' AND identifier IS NOT NULL
+            AND status = 'pending' AND identifier IS NOT NULL AND kind = 'usage'
           ORDER BY occurred_at, id LIMIT 1) AS inflight,
         f.id AS first_id, f.occurred_at AS first_occurred_at
       FROM (SELECT 1) AS one
       LEFT JOIN LATERAL (
         SELECT id, occurred_at FROM meter_outbox
          WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-           AND status = 'pending' AND identifier IS NULL
+           AND status = 'pending' AND identifier IS NULL AND kind = 'usage'
          ORDER BY occurred_at, id LIMIT 1) AS f ON true`.execute(db);
     const row = result.rows[0];
     if (!row) throw new Error('claimGroup: the head query returned no row');
@@ -107,6 +107,7 @@ export async function claimGroup(
         .where('event_name', '=', eventName)
         .where('status', '=', 'pending')
         .where('identifier', 'is', null)
+        .where('kind', '=', 'usage')
         .where('occurred_at', '<', cutoff)
         .executeTakeFirst();
       expired = Number(result.numUpdatedRows);
@@ -122,7 +123,7 @@ export async function claimGroup(
     assign = sql`id IN (
       SELECT id FROM meter_outbox
        WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
-         AND status = 'pending' AND identifier IS NULL
+         AND status = 'pending' AND identifier IS NULL AND kind = 'usage'
          AND occurred_at >= ${hourStart} AND occurred_at < ${hourEnd}
        ORDER BY occurred_at, id LIMIT ${limit})`;
   }

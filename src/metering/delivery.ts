@@ -1,6 +1,7 @@
 // Delivery runtime: pg-boss fetchers that keep up to DELIVERY_MAX_IN_FLIGHT meter-delivery jobs running
 // per process (drain.ts), the choice of transport (DELIVERY_TRANSPORT), the sweep and shutdown. The
 // seams: claim.ts (which rows form a group), lease.ts, budget.ts, transport.ts, settle.ts, redrive.ts.
+
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
@@ -8,6 +9,7 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { type DeliveryDeps, type DeliveryObserver, handleDeliveryJob } from './drain.js';
 import type { QueuePayload } from './queues.js';
 import type { StripeMeterClient } from './stripe-meter.js';
@@ -37,6 +39,8 @@ export interface DeliveryWorkerOptions {
   meter?: StripeMeterClient;
   /** Replaces the transport (tests); takes precedence over `meter`. */
   transport?: MeterTransport;
+  /** Replaces the usage corrections' Stripe client (tests). */
+  corrections?: CorrectionClient;
 }
 
 /** A transport from a replacement meter client (tests): v1 semantics, one event per call. */
@@ -158,6 +162,7 @@ export async function startDelivery(
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
   }
+  const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
   let stopping = false;
   const workers = await workDeliveries({
     db: ctx.db,
@@ -167,6 +172,7 @@ export async function startDelivery(
     clock: ctx.clock,
     log,
     stopping: () => stopping,
+    ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
   });
   const sweep = await startOutboxSweep({ db: ctx.db, boss: ctx.boss, config: ctx.config, log });

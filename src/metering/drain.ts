@@ -1,6 +1,7 @@
 // Drain: a meter-delivery job takes its key's lease, claims a group, takes a slot of the shared call
 // budget, sends through the transport and settles from the answer; no connection is held across the
 // call. handleDeliveryJob turns the outcome into the job's pg-boss result.
+
 import { randomBytes } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
@@ -9,7 +10,13 @@ import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
-import { claimGroup } from './claim.js';
+import { claimGroup, type DeliveryGroup } from './claim.js';
+import {
+  type CorrectionClient,
+  type CorrectionGroup,
+  claimCorrectionGroup,
+  sendCorrection,
+} from './corrections.js';
 import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
 import { deliveryKey, queueDelivery } from './outbox.js';
 import type { QueuePayload } from './queues.js';
@@ -39,6 +46,8 @@ export interface DeliveryDeps {
   db: Kysely<DB>;
   boss: PgBoss;
   transport: MeterTransport;
+  /** Usage corrections' Stripe calls (cancel adjustment, compensating event); without it correction rows wait. */
+  corrections?: CorrectionClient;
   config: Config;
   /** Lease owner id (default: this process's WORKER_INSTANCE_ID; tests simulate several workers). */
   owner?: string;
@@ -124,7 +133,16 @@ export async function drainKey(
         // Never sleep here holding the lease and a job slot: the key gets a
         // job that starts when it may call again, and the rows committed until then join that call.
         if (claim.waitMs) return { kind: 'paced', events, waitMs: claim.waitMs };
-        const group = claim.group;
+        // Usage corrections (corrections.ts): once the key's usage is sent, one group of correction
+        // rows per call, never mixed with usage; settled by identifier like usage.
+        let correction: CorrectionGroup | null = null;
+        if (!claim.group && deps.corrections) {
+          const c = await claimCorrectionGroup(conn, customerId, eventName, { now: deps.clock.now() });
+          if (c.settled.creditNote + c.settled.neverBilled > 0)
+            log.warn(c.settled, 'usage corrections settled without a Stripe call');
+          correction = c.group;
+        }
+        const group: DeliveryGroup | null = claim.group ?? correction;
         if (!group) return { kind: 'drained', events };
         // Renew the lease for this call (a long drain must never outlive it), then take a slot of
         // the account-wide budget and wait for it holding nothing.
@@ -146,15 +164,19 @@ export async function drainKey(
         observer.onInFlight?.(1);
         let outcome: SendOutcome;
         try {
-          const outcomes = await deps.transport.send([
-            {
-              eventName,
-              customerId,
-              value: group.value,
-              timestamp: group.timestamp,
-              identifier: group.identifier,
-            },
-          ]);
+          // Corrections always go through the v1 API (adjustments have no stream equivalent here).
+          const outcomes =
+            correction && deps.corrections
+              ? [await sendCorrection(conn, deps.corrections, customerId, eventName, correction)]
+              : await deps.transport.send([
+                  {
+                    eventName,
+                    customerId,
+                    value: group.value,
+                    timestamp: group.timestamp,
+                    identifier: group.identifier,
+                  },
+                ]);
           outcome = outcomes[0] ?? {
             kind: 'retryable',
             reason: 'network',

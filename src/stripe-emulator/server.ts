@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import { type HttpBindings, serve } from '@hono/node-server';
 import { type Context, Hono } from 'hono';
 import { z } from 'zod';
+import { registerAdjustmentRoutes } from './adjustments.js';
 import { internalError, missingParam, rateLimited, StripeApiError, unauthorized } from './errors.js';
 import { type FaultDecision, FaultInjector, type Faults, type FaultsInput, faultsSchema } from './faults.js';
 import { parseForm } from './form.js';
@@ -373,6 +374,8 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
       if (slot) state.leave(slot.customer, slot.eventName);
     }
   });
+
+  registerAdjustmentRoutes(app, { state, clock, idempotency, limiter, requireSecretKey, json, changed });
 
   app.post('/v2/billing/meter_event_session', async (c) => {
     const auth = requireSecretKey(c);

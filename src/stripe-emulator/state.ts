@@ -36,6 +36,8 @@ export interface RecordedEvent {
   receivedAt: number;
   via: Via;
   payload: Record<string, string>;
+  /** Set when a meter event adjustment cancelled the event (ms, emulator clock): out of the totals. */
+  cancelledAt?: number;
 }
 
 export interface Totals {
@@ -163,6 +165,7 @@ export class EmulatorState {
   }
 
   private addToTotals(event: RecordedEvent): void {
+    if (event.cancelledAt !== undefined) return;
     const k = key(event.customer, event.event_name);
     let t = this.totals.get(k);
     if (!t) {
@@ -184,6 +187,14 @@ export class EmulatorState {
       t.last = event.value;
       t.lastTimestampMs = event.timestampMs;
     }
+  }
+
+  /** Cancels an accepted event (adjustments.ts decides whether Stripe allows it): totals recomputed for its key. */
+  cancel(event: RecordedEvent, at: number): void {
+    event.cancelledAt = at;
+    const k = key(event.customer, event.event_name);
+    this.totals.delete(k);
+    for (const e of this.events) if (key(e.customer, e.event_name) === k) this.addToTotals(e);
   }
 
   isDuplicate(identifier: string, now: number, windowMs: number): boolean {

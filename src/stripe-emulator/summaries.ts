@@ -67,6 +67,8 @@ export function summarize(
     (e) =>
       e.customer === customer &&
       e.event_name === meter.event_name &&
+      // A meter event adjustment (cancel) takes the event out of every aggregate.
+      e.cancelledAt === undefined &&
       e.timestampMs >= start * 1000 &&
       e.timestampMs < end * 1000,
   );

@@ -76,6 +76,8 @@ describe('GET /v1/usage', () => {
         billable: true,
         readingsStored: 9,
         meteredReadings: { pending: 4, delivered: 3, failed: 2, expired: 0 },
+        readingsVoided: 0,
+        correctedReadings: { pending: 0, delivered: 0, failed: 0, expired: 0 },
       },
     });
     // [from, to): the 11:00 ingestion only.

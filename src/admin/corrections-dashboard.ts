@@ -1,0 +1,189 @@
+// The dashboard's usage-correction action: a form, then a confirmation page showing the dry run
+// (what would be voided, how much of it was billed), then the correction itself. Plain HTML forms
+// under the dashboard's session, like retry and redrive.
+import type { Context as HonoContext } from 'hono';
+import { Hono } from 'hono';
+import { html } from 'hono/html';
+import type { HtmlEscapedString } from 'hono/utils/html';
+import type { Context } from '../context.js';
+import { AppError } from '../http/errors.js';
+import type { RouteDoc } from '../http/openapi.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { requireAdmin } from './auth.js';
+import {
+  CORRECTION_RETENTION_DAYS_FALLBACK,
+  type CorrectionInput,
+  type CorrectionPreview,
+  correctionBody,
+  createCorrection,
+  previewCorrection,
+} from './corrections.js';
+import { page } from './dashboard.js';
+
+type Deps = Pick<Context, 'db' | 'boss' | 'config' | 'clock' | 'log'>;
+type Html = HtmlEscapedString | Promise<HtmlEscapedString>;
+
+interface FormValues {
+  organizationId: string;
+  sensorId: string;
+  from: string;
+  to: string;
+  reason: string;
+}
+
+const field = (form: Record<string, unknown>, name: string): string =>
+  typeof form[name] === 'string' ? (form[name] as string).trim() : '';
+
+/** datetime-local inputs carry no zone: the dashboard reads UTC throughout. */
+const toIso = (v: string): string => {
+  if (!v) return v;
+  const d = new Date(/[zZ]|[+-]\d\d:?\d\d$/.test(v) ? v : `${v}Z`);
+  return Number.isNaN(d.getTime()) ? v : d.toISOString();
+};
+
+function readForm(form: Record<string, unknown>): FormValues {
+  return {
+    organizationId: field(form, 'organizationId'),
+    sensorId: field(form, 'sensorId'),
+    from: toIso(field(form, 'from')),
+    to: toIso(field(form, 'to')),
+    reason: field(form, 'reason'),
+  };
+}
+
+function shell(body: Html): Html {
+  return page(
+    'meterbox · usage corrections',
+    html`<header><h1>meterbox · usage corrections</h1><nav><a href="/admin" style="color:#fff">Back to the dashboard</a></nav></header><main>${body}</main>`,
+  );
+}
+
+function formSection(values: Partial<FormValues>, error?: AppError | string): Html {
+  const message = typeof error === 'string' ? error : error?.message;
+  const details = typeof error === 'object' ? error.details : [];
+  return html`<section aria-labelledby="correct"><h2 id="correct">Void readings and credit what was billed</h2>
+${message ? html`<div class="flash error" role="alert" data-testid="correction-error">${message}${details.map((d) => html`<br>${d.field ? `${d.field}: ` : ''}${d.message}`)}</div>` : ''}
+<form method="post" action="/admin/ui/corrections/preview" class="row">
+<label>Organization id<input name="organizationId" required value="${values.organizationId ?? ''}"></label>
+<label>Sensor id (empty: all sensors)<input name="sensorId" value="${values.sensorId ?? ''}"></label>
+<label>From (UTC, recorded_at)<input name="from" required value="${values.from ?? ''}" placeholder="2026-11-21T14:00:00Z"></label>
+<label>To (UTC, exclusive)<input name="to" required value="${values.to ?? ''}" placeholder="2026-11-21T18:00:00Z"></label>
+<label>Reason<input name="reason" required maxlength="500" value="${values.reason ?? ''}"></label>
+<button type="submit">Preview (dry run)</button>
+</form>
+<p class="muted">Nothing changes until you confirm on the next page.</p></section>`;
+}
+
+function confirmSection(values: FormValues, preview: CorrectionPreview): Html {
+  const hidden = (name: keyof FormValues) =>
+    html`<input type="hidden" name="${name}" value="${values[name]}">`;
+  return html`<section aria-labelledby="confirm"><h2 id="confirm">Confirm the correction</h2>
+<p data-testid="correction-preview">This will void <strong>${preview.readingsToVoid}</strong> reading(s) recorded in [${preview.from}, ${preview.to})${values.sensorId ? html` of sensor <code>${values.sensorId}</code>` : ' of all sensors'}; <strong>${preview.billedReadingsToVoid}</strong> of them were billed and will be credited in Stripe (cancelled or compensated in their original hour; a finalized period is flagged for a credit note).</p>
+<div class="scroll"><table><thead><tr><th>Sensor</th><th class="num">Readings</th><th class="num">Billed</th></tr></thead><tbody>
+${preview.bySensor.map((s) => html`<tr><td>${s.sensorId}</td><td class="num">${s.readings}</td><td class="num">${s.billed}</td></tr>`)}
+</tbody></table></div>
+<form method="post" action="/admin/ui/corrections" class="row" style="margin-top:.75rem">
+${hidden('organizationId')}${hidden('sensorId')}${hidden('from')}${hidden('to')}${hidden('reason')}
+<button type="submit"${preview.readingsToVoid === 0 ? ' disabled' : ''}>Void ${preview.readingsToVoid} reading(s)</button>
+<a href="/admin/ui/corrections">Cancel</a>
+</form></section>`;
+}
+
+function parse(values: FormValues): { ok: true; input: CorrectionInput } | { ok: false; error: string } {
+  if (!values.organizationId) return { ok: false, error: 'Organization id is required.' };
+  const parsed = correctionBody.safeParse({
+    sensorId: values.sensorId || undefined,
+    from: values.from,
+    to: values.to,
+    reason: values.reason,
+  });
+  if (!parsed.success) {
+    return {
+      ok: false,
+      error: parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; '),
+    };
+  }
+  return { ok: true, input: parsed.data };
+}
+
+const docs: RouteDoc[] = [
+  {
+    method: 'get',
+    path: '/admin/ui/corrections',
+    summary: 'Dashboard (HTML): the usage-correction form',
+    tag: 'admin dashboard',
+    security: 'admin',
+    responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
+  },
+  {
+    method: 'post',
+    path: '/admin/ui/corrections/preview',
+    summary:
+      'Dashboard (HTML form: organizationId, sensorId, from, to, reason): the dry run and a confirmation form; changes nothing',
+    tag: 'admin dashboard',
+    security: 'admin',
+    responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
+  },
+  {
+    method: 'post',
+    path: '/admin/ui/corrections',
+    summary:
+      'Dashboard (HTML form: organizationId, sensorId, from, to, reason): record the confirmed correction; answers 303 to /admin',
+    tag: 'admin dashboard',
+    security: 'admin',
+    responses: { 303: { description: 'redirect to the dashboard' } },
+  },
+];
+
+export function correctionDashboardRoutes(ctx: Deps): HttpModule {
+  const app = new Hono<AppEnv>();
+  const auth = requireAdmin(ctx, (c) => c.redirect('/admin', 303));
+  const options = () => ({ now: ctx.clock.now(), retentionDays: CORRECTION_RETENTION_DAYS_FALLBACK });
+  const render = (c: HonoContext<AppEnv>, body: Html, status: 200 | 404 | 422 = 200) =>
+    c.html(shell(body), status);
+
+  app.get('/ui/corrections', auth, (c) => render(c, formSection({})));
+
+  app.post('/ui/corrections/preview', auth, async (c) => {
+    const values = readForm(await c.req.parseBody());
+    const parsed = parse(values);
+    if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+    try {
+      const preview = await previewCorrection(ctx.db, values.organizationId, parsed.input, options());
+      return render(c, html`${confirmSection(values, preview)}${formSection(values)}`);
+    } catch (err) {
+      if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
+        return render(c, formSection(values, err), err.status);
+      }
+      throw err;
+    }
+  });
+
+  app.post('/ui/corrections', auth, async (c) => {
+    const values = readForm(await c.req.parseBody());
+    const parsed = parse(values);
+    if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+    try {
+      const correction = await ctx.db
+        .transaction()
+        .execute((trx) => createCorrection(trx, ctx.boss, values.organizationId, parsed.input, options()));
+      ctx.log.info(
+        {
+          organizationId: values.organizationId,
+          correctionId: correction.id,
+          readingsVoided: correction.readingsVoided,
+        },
+        'admin: usage correction recorded from the dashboard',
+      );
+      const message = `Correction ${correction.id}: voided ${correction.readingsVoided} reading(s), ${correction.billedReadingsVoided} billed; the credit is queued.`;
+      return c.redirect(`/admin?flash=${encodeURIComponent(message)}`, 303);
+    } catch (err) {
+      if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
+        return render(c, formSection(values, err), err.status);
+      }
+      throw err;
+    }
+  });
+
+  return { prefix: '/admin', app, docs };
+}

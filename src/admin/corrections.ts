@@ -1,0 +1,295 @@
+// Usage corrections: void an organization's readings over [from, to) (one sensor or all) and, in the
+// same transaction, take back from Stripe exactly what had been billed for them (correction rows in
+// the outbox, delivered by src/metering/corrections.ts). Also the dry run and the listing.
+import { type Kysely, sql, type Transaction } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import { z } from 'zod';
+import type { DB } from '../db/schema.js';
+import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
+import { enqueueDelivery } from '../metering/outbox.js';
+
+/**
+ * How far back a correction may reach. READINGS_RETENTION_DAYS (issue 14, another branch) is the
+ * real bound: readings older than it are dropped, so a correction there could not void anything.
+ * Until that setting is on this branch, this named constant stands in for it (the lead swaps it in).
+ */
+export const CORRECTION_RETENTION_DAYS_FALLBACK = 400;
+
+export const correctionBody = z.object({
+  sensorId: z.uuid().optional(),
+  from: z.iso.datetime({ offset: true }),
+  to: z.iso.datetime({ offset: true }),
+  reason: z.string().trim().min(1).max(500),
+});
+export type CorrectionInput = z.infer<typeof correctionBody>;
+
+export const correctionQuery = z.object({
+  dryRun: z.enum(['true', 'false']).optional(),
+});
+
+export const correctionView = z.object({
+  id: z.string(),
+  organizationId: z.string(),
+  sensorId: z.string().nullable(),
+  from: z.string(),
+  to: z.string(),
+  reason: z.string(),
+  readingsVoided: z.number().int().describe('readings marked voided by this correction'),
+  billedReadingsVoided: z
+    .number()
+    .int()
+    .describe('of those, readings that had been billed (or queued for billing): credited'),
+  unsentReadingsRemoved: z
+    .number()
+    .int()
+    .describe('billed readings whose usage had not been sent yet: removed from the unsent usage'),
+  creditNoteReadings: z
+    .number()
+    .int()
+    .describe('billed readings in a period whose invoice is final: flagged for a credit note'),
+  delivery: z.object({
+    pending: z.number().int(),
+    delivered: z.number().int(),
+    failed: z.number().int(),
+    expired: z.number().int(),
+  }),
+  createdAt: z.string(),
+});
+export type CorrectionView = z.infer<typeof correctionView>;
+
+export const correctionPreview = z.object({
+  dryRun: z.literal(true),
+  sensorId: z.string().nullable(),
+  from: z.string(),
+  to: z.string(),
+  readingsToVoid: z.number().int(),
+  billedReadingsToVoid: z.number().int(),
+  bySensor: z.array(z.object({ sensorId: z.string(), readings: z.number().int(), billed: z.number().int() })),
+});
+export type CorrectionPreview = z.infer<typeof correctionPreview>;
+
+interface Range {
+  from: Date;
+  to: Date;
+}
+
+/** 422 for reversed, empty or too old ranges (details name the fields). */
+export function validateRange(input: CorrectionInput, now: Date, retentionDays: number): Range {
+  const from = new Date(input.from);
+  const to = new Date(input.to);
+  const details: ErrorDetail[] = [];
+  if (from.getTime() > to.getTime())
+    details.push({ field: 'to', message: 'to must be after from (reversed range)' });
+  else if (from.getTime() === to.getTime())
+    details.push({ field: 'to', message: 'the range [from, to) is empty' });
+  const oldest = new Date(now.getTime() - retentionDays * 86_400_000);
+  if (from < oldest) {
+    details.push({
+      field: 'from',
+      message: `from is beyond the readings retention (${retentionDays} days): nothing older than ${oldest.toISOString()} is kept`,
+    });
+  }
+  if (details.length > 0)
+    throw new AppError(422, 'validation_failed', 'the correction range is invalid', details);
+  return { from, to };
+}
+
+async function checkTarget(db: Kysely<DB>, organizationId: string, sensorId: string | undefined) {
+  const org = await db
+    .selectFrom('organizations')
+    .select('id')
+    .where('id', '=', organizationId)
+    .executeTakeFirst();
+  if (!org) throw notFound('organization');
+  if (sensorId) {
+    // A sensor of another organization reads "not found": its existence is never revealed.
+    const sensor = await db
+      .selectFrom('sensors')
+      .select('id')
+      .where('id', '=', sensorId)
+      .where('organization_id', '=', organizationId)
+      .executeTakeFirst();
+    if (!sensor) throw notFound('sensor');
+  }
+}
+
+const selection = (organizationId: string, sensorId: string | undefined, range: Range) => sql`
+  organization_id = ${organizationId}
+  ${sensorId ? sql`AND sensor_id = ${sensorId}` : sql``}
+  AND recorded_at >= ${range.from} AND recorded_at < ${range.to}
+  AND voided_at IS NULL`;
+
+/** What a correction would void now, changing nothing. */
+export async function previewCorrection(
+  db: Kysely<DB>,
+  organizationId: string,
+  input: CorrectionInput,
+  options: { now: Date; retentionDays: number },
+): Promise<CorrectionPreview> {
+  const range = validateRange(input, options.now, options.retentionDays);
+  await checkTarget(db, organizationId, input.sensorId);
+  const rows = await sql<{ sensor_id: string; readings: number; billed: number }>`
+    SELECT sensor_id, count(*)::int AS readings, count(outbox_id)::int AS billed
+      FROM temperature_readings
+     WHERE ${selection(organizationId, input.sensorId, range)}
+     GROUP BY sensor_id ORDER BY sensor_id`.execute(db);
+  return {
+    dryRun: true,
+    sensorId: input.sensorId ?? null,
+    from: range.from.toISOString(),
+    to: range.to.toISOString(),
+    readingsToVoid: rows.rows.reduce((n, r) => n + r.readings, 0),
+    billedReadingsToVoid: rows.rows.reduce((n, r) => n + r.billed, 0),
+    bySensor: rows.rows.map((r) => ({ sensorId: r.sensor_id, readings: r.readings, billed: r.billed })),
+  };
+}
+
+/**
+ * The correction, in the caller's transaction:
+ * 1. lock the sensor rows FOR UPDATE (sorted, so two corrections cannot deadlock). Ingestion's
+ *    foreign-key check takes FOR KEY SHARE on the same rows, so a batch for these sensors either
+ *    committed before (and its readings are voided here) or waits until this commits (and its
+ *    readings are new, billed normally; a re-sent voided reading is a duplicate by primary key);
+ * 2. void the selected readings, one statement, RETURNING the outbox row that billed each: the
+ *    counts and the credit come from the same rows, so the credit is exactly the billed voided ones;
+ * 3. for each billing outbox row: if it is still unsent (pending, no identifier: no Stripe call can
+ *    carry it yet) its value is lowered in place; otherwise (claimed, sent, failed) a correction row
+ *    takes the readings back. An original that expired was never billed: its correction row is
+ *    recorded as expired (no credit, nothing sent);
+ * 4. a delivery job for each customer that got correction rows (the ingestion hand-off).
+ */
+export async function createCorrection(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  organizationId: string,
+  input: CorrectionInput,
+  options: { now: Date; retentionDays: number },
+): Promise<CorrectionView> {
+  const range = validateRange(input, options.now, options.retentionDays);
+  await checkTarget(trx, organizationId, input.sensorId);
+  await sql`
+    SELECT id FROM sensors
+     WHERE organization_id = ${organizationId} ${input.sensorId ? sql`AND id = ${input.sensorId}` : sql``}
+     ORDER BY id FOR UPDATE`.execute(trx);
+
+  const correction = await trx
+    .insertInto('usage_corrections')
+    .values({
+      organization_id: organizationId,
+      sensor_id: input.sensorId ?? null,
+      range_from: range.from,
+      range_to: range.to,
+      reason: input.reason,
+      readings_voided: 0,
+      billed_readings_voided: 0,
+    })
+    .returning('id')
+    .executeTakeFirstOrThrow();
+
+  const result = await sql<{
+    voided: number;
+    billed: number;
+    lowered: number;
+    customers: string[] | null;
+  }>`
+    WITH voided AS (
+      UPDATE temperature_readings
+         SET voided_at = ${options.now}, correction_id = ${correction.id}
+       WHERE ${selection(organizationId, input.sensorId, range)}
+      RETURNING outbox_id
+    ), per_row AS (
+      SELECT outbox_id, count(*)::bigint AS n FROM voided WHERE outbox_id IS NOT NULL GROUP BY outbox_id
+    ), lowered AS (
+      UPDATE meter_outbox o SET value = o.value - p.n, updated_at = now()
+        FROM per_row p
+       WHERE o.id = p.outbox_id AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
+      RETURNING o.id, p.n
+    ), corrections AS (
+      -- An original that expired was never billed: its correction row is recorded as expired too
+      -- (nothing to send), so usage and corrections still add up in reconciliation.
+      INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at,
+                                kind, correction_id, corrects_outbox_id, status, last_error)
+      SELECT o.organization_id, o.event_name, o.stripe_customer_id, p.n, o.occurred_at,
+             'correction', ${correction.id}, o.id,
+             CASE WHEN o.status = 'expired' THEN 'expired' ELSE 'pending' END,
+             CASE WHEN o.status = 'expired' THEN 'the original usage expired before Stripe recorded it: nothing was billed' END
+        FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
+       WHERE p.outbox_id NOT IN (SELECT id FROM lowered)
+      RETURNING stripe_customer_id, status
+    )
+    SELECT (SELECT count(*)::int FROM voided) AS voided,
+           (SELECT coalesce(sum(p.n), 0)::int FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
+             WHERE o.status <> 'expired') AS billed,
+           (SELECT coalesce(sum(n), 0)::int FROM lowered) AS lowered,
+           (SELECT array_agg(DISTINCT stripe_customer_id) FROM corrections WHERE status = 'pending') AS customers`.execute(
+    trx,
+  );
+  const row = result.rows[0];
+  if (!row) throw new Error('createCorrection: the statement returned no row');
+  await trx
+    .updateTable('usage_corrections')
+    .set({
+      readings_voided: row.voided,
+      billed_readings_voided: row.billed,
+      unsent_readings_removed: row.lowered,
+    })
+    .where('id', '=', correction.id)
+    .execute();
+  for (const customerId of row.customers ?? []) {
+    await enqueueDelivery(trx, boss, customerId, 'temperature_readings');
+  }
+  const [view] = await listCorrections(trx, organizationId, { id: correction.id });
+  if (!view) throw new Error('createCorrection: the correction vanished');
+  return view;
+}
+
+/** An organization's corrections, newest first, with their delivery state. */
+export async function listCorrections(
+  db: Kysely<DB>,
+  organizationId: string,
+  options: { id?: string; limit?: number } = {},
+): Promise<CorrectionView[]> {
+  const rows = await sql<{
+    id: string;
+    organization_id: string;
+    sensor_id: string | null;
+    range_from: Date;
+    range_to: Date;
+    reason: string;
+    readings_voided: number;
+    billed_readings_voided: number;
+    unsent_readings_removed: number;
+    created_at: Date;
+    pending: number;
+    delivered: number;
+    failed: number;
+    expired: number;
+    credit_note: number;
+  }>`
+    SELECT c.*,
+           coalesce(sum(o.value) FILTER (WHERE o.status = 'pending'), 0)::int AS pending,
+           coalesce(sum(o.value) FILTER (WHERE o.status = 'delivered'), 0)::int AS delivered,
+           coalesce(sum(o.value) FILTER (WHERE o.status = 'failed'), 0)::int AS failed,
+           coalesce(sum(o.value) FILTER (WHERE o.status = 'expired'), 0)::int AS expired,
+           coalesce(sum(o.value) FILTER (WHERE o.credit_note_required), 0)::int AS credit_note
+      FROM usage_corrections c
+      LEFT JOIN meter_outbox o ON o.correction_id = c.id
+     WHERE c.organization_id = ${organizationId} ${options.id ? sql`AND c.id = ${options.id}` : sql``}
+     GROUP BY c.id
+     ORDER BY c.id DESC
+     LIMIT ${options.limit ?? 100}`.execute(db);
+  return rows.rows.map((r) => ({
+    id: String(r.id),
+    organizationId: r.organization_id,
+    sensorId: r.sensor_id,
+    from: new Date(r.range_from).toISOString(),
+    to: new Date(r.range_to).toISOString(),
+    reason: r.reason,
+    readingsVoided: r.readings_voided,
+    billedReadingsVoided: r.billed_readings_voided,
+    unsentReadingsRemoved: r.unsent_readings_removed,
+    creditNoteReadings: r.credit_note,
+    delivery: { pending: r.pending, delivered: r.delivered, failed: r.failed, expired: r.expired },
+    createdAt: new Date(r.created_at).toISOString(),
+  }));
+}

@@ -1,0 +1,299 @@
+// Delivery of usage corrections (outbox rows of kind 'correction'): which rows form one correction
+// group, which Stripe call a group becomes, and that call. The delivery pipeline calls
+// claimCorrectionGroup when a key has no usage left to send, sends the group with sendCorrection and
+// settles it by identifier like any other group (contract 4: the pipeline keeps grouping and the
+// Stripe call at one seam each; this module is what plugs in there).
+//
+// Stripe's rules (docs.stripe.com, "Configure meters" > "Fix incorrect usage data"; API reference
+// "Create a billing meter event adjustment"):
+// - POST /v1/billing/meter_event_adjustments {event_name, type: cancel, cancel[identifier]} cancels
+//   one meter event by identifier, only within 24 hours of Stripe receiving it;
+// - incorrectly recorded usage may also be fixed by recording negative quantities (a cycle total
+//   below zero is invoiced as quantity 0);
+// - cancelling usage that is on a finalized invoice does not update that invoice, and Stripe does
+//   not adjust it: such corrections need a credit note.
+import { randomBytes } from 'node:crypto';
+import { type Kysely, sql } from 'kysely';
+import type Stripe from 'stripe';
+import type { CorrectionAction, DB, MeterEventName } from '../db/schema.js';
+import {
+  classifyStripeError,
+  createStripeMeterClient,
+  MAX_IDENTIFIER_LENGTH,
+  type SendOutcome,
+  STRIPE_PAST_WINDOW_MS,
+} from './stripe-meter.js';
+
+/** Cancel only while Stripe surely still allows it: its 24 hours less an hour for retries and skew. */
+export const CANCEL_WINDOW_MS = 23 * 3600 * 1000;
+/** Compensations this close to Stripe's 35-day limit are not attempted (same margin as usage rows). */
+const COMPENSATE_SAFETY_MARGIN_MS = 3600 * 1000;
+
+export interface CorrectionGroup {
+  identifier: string;
+  /** The correction's own Stripe call: cancel the original event, or a negative (compensating) event. */
+  action: CorrectionAction;
+  /** The Stripe event (usage group identifier) whose readings were voided. */
+  originalIdentifier: string;
+  /** Readings to take back (positive); a compensating event carries minus this. */
+  value: string;
+  /** The original usage hour (its billing period): a compensating event is timestamped there. */
+  timestamp: Date;
+  rows: number;
+  oldestCreatedAt: Date;
+  attempts: number;
+}
+
+export interface CorrectionClaim {
+  group: CorrectionGroup | null;
+  /** Correction rows settled without a call: the original expired (never billed) or its period is invoiced (credit note). */
+  settled: { neverBilled: number; creditNote: number };
+}
+
+interface GroupRow {
+  value: string;
+  timestamp: Date | null;
+  oldest: Date | null;
+  rows: number;
+  attempts: number | null;
+  action: CorrectionAction | null;
+  original: string | null;
+}
+
+function correctionIdentifier(firstRowId: string): string {
+  const id = `mb_trc_${firstRowId}_${randomBytes(8).toString('hex')}`;
+  if (id.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
+  return id;
+}
+
+/**
+ * Start of the organization's current billing period, from what webhooks told us: the newest stored
+ * subscription event's current_period_start (on the subscription before 2025-03-31.basil, on its
+ * items since); otherwise one month before subscriptions.current_period_end. Null: nothing known.
+ */
+async function currentPeriodStart(db: Kysely<DB>, organizationId: string): Promise<Date | null> {
+  const result = await sql<{ start: Date | null }>`
+    SELECT coalesce(
+      (SELECT to_timestamp(coalesce(
+                (e.payload #>> '{data,object,current_period_start}')::bigint,
+                (e.payload #>> '{data,object,items,data,0,current_period_start}')::bigint))
+         FROM stripe_events e
+        WHERE e.event_type LIKE 'customer.subscription.%'
+          AND e.payload #>> '{data,object,id}' = s.stripe_subscription_id
+        ORDER BY e.stripe_created DESC LIMIT 1),
+      s.current_period_end - interval '1 month') AS start
+      FROM subscriptions s WHERE s.organization_id = ${organizationId}`.execute(db);
+  const start = result.rows[0]?.start;
+  return start ? new Date(start) : null;
+}
+
+/**
+ * The grouping rule for corrections: one group = the pending correction rows that take readings
+ * back from ONE Stripe event (the same original identifier, hence one customer, meter and UTC
+ * hour); never mixed with usage rows or with another event's corrections. A group already claimed
+ * (crash, retryable error) is resent unchanged first. Rows wait while their original usage is
+ * unsent (pending) or failed (it may be redriven); rows whose original expired were never billed.
+ * The action is decided here, committed with the identifier before any call:
+ * - the original's billing period is already invoiced (or beyond Stripe's 35 days): no call, the
+ *   rows become `expired` with credit_note_required (never sent into another period);
+ * - cancel: the group takes back ALL of the original event (every reading it billed is voided), no
+ *   other correction touched that event, and Stripe received it less than CANCEL_WINDOW_MS ago;
+ * - compensate otherwise.
+ */
+export async function claimCorrectionGroup(
+  db: Kysely<DB>,
+  customerId: string,
+  eventName: MeterEventName,
+  options: { now: Date },
+): Promise<CorrectionClaim> {
+  const settled = { neverBilled: 0, creditNote: 0 };
+  const groupSql = (identifier: string) => sql<GroupRow>`
+    SELECT coalesce(sum(c.value), 0)::text AS value, max(c.occurred_at) AS timestamp,
+           min(c.created_at) AS oldest, count(*)::int AS rows, max(c.attempts)::int AS attempts,
+           min(c.correction_action) AS action, min(o.identifier) AS original
+      FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id
+     WHERE c.identifier = ${identifier} AND c.status = 'pending'`;
+  const toGroup = (identifier: string, g: GroupRow | undefined): CorrectionGroup | null =>
+    g && g.rows > 0 && g.timestamp && g.oldest && g.action && g.original
+      ? {
+          identifier,
+          action: g.action,
+          originalIdentifier: g.original,
+          value: g.value,
+          timestamp: new Date(g.timestamp),
+          rows: g.rows,
+          oldestCreatedAt: new Date(g.oldest),
+          attempts: g.attempts ?? 1,
+        }
+      : null;
+
+  const inflight = await sql<{ identifier: string }>`
+    SELECT identifier FROM meter_outbox
+     WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
+       AND status = 'pending' AND kind = 'correction' AND identifier IS NOT NULL
+     ORDER BY occurred_at, id LIMIT 1`.execute(db);
+  const resend = inflight.rows[0]?.identifier;
+  if (resend) {
+    await sql`UPDATE meter_outbox SET attempts = attempts + 1, updated_at = now()
+               WHERE identifier = ${resend} AND status = 'pending'`.execute(db);
+    return { group: toGroup(resend, (await groupSql(resend).execute(db)).rows[0]), settled };
+  }
+
+  for (;;) {
+    const head = await sql<{
+      id: string;
+      organization_id: string;
+      original_status: string;
+      original_identifier: string | null;
+      original_delivered_at: Date | null;
+      occurred_at: Date;
+    }>`
+      SELECT c.id, c.organization_id, o.status AS original_status, o.identifier AS original_identifier,
+             o.delivered_at AS original_delivered_at, c.occurred_at
+        FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id
+       WHERE c.stripe_customer_id = ${customerId} AND c.event_name = ${eventName}
+         AND c.status = 'pending' AND c.kind = 'correction' AND c.identifier IS NULL
+         AND o.status IN ('delivered', 'expired')
+       ORDER BY c.occurred_at, c.id LIMIT 1`.execute(db);
+    const h = head.rows[0];
+    if (!h) return { group: null, settled };
+
+    if (h.original_status === 'expired' || !h.original_identifier) {
+      const r = await sql`
+        UPDATE meter_outbox SET status = 'expired', updated_at = now(),
+               last_error = 'the original usage expired before Stripe recorded it: nothing was billed'
+         WHERE id = ${h.id} AND status = 'pending' AND identifier IS NULL`.execute(db);
+      settled.neverBilled += Number(r.numAffectedRows ?? 0n);
+      continue;
+    }
+    const original = h.original_identifier;
+    const sameEvent = sql`corrects_outbox_id IN (
+      SELECT id FROM meter_outbox WHERE identifier = ${original} AND kind = 'usage')`;
+
+    const occurred = new Date(h.occurred_at);
+    const periodStart = await currentPeriodStart(db, h.organization_id);
+    const tooOld =
+      occurred.getTime() < options.now.getTime() - STRIPE_PAST_WINDOW_MS + COMPENSATE_SAFETY_MARGIN_MS;
+    if ((periodStart && occurred < periodStart) || tooOld) {
+      const why = tooOld
+        ? "outside Stripe's 35-day meter event window"
+        : `its billing period ended at ${periodStart?.toISOString()}: the invoice is final`;
+      const r = await sql`
+        UPDATE meter_outbox SET status = 'expired', credit_note_required = true, updated_at = now(),
+               last_error = ${`not sent: the original usage is ${why}; issue a credit note`}
+         WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(
+        db,
+      );
+      settled.creditNote += Number(r.numAffectedRows ?? 0n);
+      continue;
+    }
+
+    const check = await sql<{ original_total: string; pending_total: string; others: number }>`
+      SELECT
+        (SELECT coalesce(sum(value), 0)::text FROM meter_outbox WHERE identifier = ${original} AND kind = 'usage') AS original_total,
+        (SELECT coalesce(sum(value), 0)::text FROM meter_outbox
+          WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}) AS pending_total,
+        (SELECT count(*)::int FROM meter_outbox
+          WHERE kind = 'correction' AND (status <> 'pending' OR identifier IS NOT NULL) AND ${sameEvent}) AS others`.execute(
+      db,
+    );
+    const c = check.rows[0];
+    const deliveredAt = h.original_delivered_at ? new Date(h.original_delivered_at).getTime() : 0;
+    const action: CorrectionAction =
+      c &&
+      c.others === 0 &&
+      c.original_total === c.pending_total &&
+      options.now.getTime() - deliveredAt < CANCEL_WINDOW_MS
+        ? 'cancel'
+        : 'compensate';
+    const identifier = correctionIdentifier(h.id);
+    await sql`
+      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
+             attempts = attempts + 1, updated_at = now()
+       WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
+    const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
+    if (group) return { group, settled };
+  }
+}
+
+/** The Stripe calls a correction group can become. */
+export interface CorrectionClient {
+  /** Meter event adjustment of type cancel; the idempotency key makes a resend a replay. */
+  cancel(eventName: MeterEventName, identifier: string, idempotencyKey: string): Promise<SendOutcome>;
+  /** A meter event (negative value for a compensation). */
+  send(event: {
+    eventName: MeterEventName;
+    customerId: string;
+    value: string;
+    timestamp: Date;
+    identifier: string;
+  }): Promise<SendOutcome>;
+}
+
+/** Stripe refuses to cancel this event (too old, unknown): the usage must be compensated instead. */
+const CANNOT_CANCEL = /24 hours|too old|no (meter )?event|not found|cannot be cancel/i;
+const ALREADY_CANCELLED = /already (been )?cancel/i;
+
+export function createCorrectionClient(stripe: Stripe): CorrectionClient {
+  const meter = createStripeMeterClient(stripe);
+  return {
+    send: (event) => meter.send(event),
+    async cancel(eventName, identifier, idempotencyKey) {
+      try {
+        await stripe.billing.meterEventAdjustments.create(
+          { event_name: eventName, type: 'cancel', cancel: { identifier } },
+          { idempotencyKey },
+        );
+        return { kind: 'accepted' };
+      } catch (err) {
+        const outcome = classifyStripeError(err);
+        if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
+          return { kind: 'duplicate', message: outcome.message };
+        }
+        if (outcome.kind === 'permanent' && CANNOT_CANCEL.test(outcome.message)) {
+          return {
+            kind: 'permanent',
+            message: outcome.message,
+            reason: 'cannot_cancel',
+            ...(outcome.status ? { status: outcome.status } : {}),
+          };
+        }
+        return outcome;
+      }
+    },
+  };
+}
+
+/**
+ * The Stripe call of one correction group. A cancel that Stripe refuses for good (past its
+ * 24 hours, unknown identifier) falls back to the compensating event under the group's identifier:
+ * the cancel did not happen, so the negative event is the only credit; the switch is committed
+ * first, so a resend after a crash sends the same compensating event (Stripe answers "duplicate").
+ * A resend of a cancel carries the same idempotency key (Stripe replays its first answer) and an
+ * "already cancelled" answer counts as done.
+ */
+export async function sendCorrection(
+  db: Kysely<DB>,
+  client: CorrectionClient,
+  customerId: string,
+  eventName: MeterEventName,
+  group: CorrectionGroup,
+): Promise<SendOutcome & { action: CorrectionAction }> {
+  if (group.action === 'cancel') {
+    const outcome = await client.cancel(eventName, group.originalIdentifier, group.identifier);
+    if (!(outcome.kind === 'permanent' && outcome.reason === 'cannot_cancel'))
+      return { ...outcome, action: 'cancel' };
+    // Committed before the negative event: a resend must never try the cancel again (an event Stripe
+    // did not know yet could be cancellable later, and both would credit the same readings).
+    await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
+               WHERE identifier = ${group.identifier} AND status = 'pending'`.execute(db);
+  }
+  const outcome = await client.send({
+    eventName,
+    customerId,
+    value: `-${group.value}`,
+    timestamp: group.timestamp,
+    identifier: group.identifier,
+  });
+  return { ...outcome, action: 'compensate' };
+}

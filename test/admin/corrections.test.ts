@@ -1,0 +1,711 @@
+// Usage corrections end to end against real Postgres and the Stripe emulator (through the SDK):
+// ingest, deliver, correct, and Stripe's total falls by exactly the voided billed readings; the
+// cancel/compensate choice, repeat, race, crash, finalized period and bad input.
+
+import { sql } from 'kysely';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
+import type { CliIo } from '../../src/admin/cli.js';
+import type { CorrectionView } from '../../src/admin/corrections.js';
+import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
+import type { ReconciliationReport } from '../../src/admin/reconcile.js';
+import type { Context } from '../../src/context.js';
+import { createApp } from '../../src/http/app.js';
+import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
+import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
+import { createV1Transport } from '../../src/metering/transport.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { createTestContext } from '../helpers/database.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  type OrganizationFixture,
+} from '../helpers/fixtures.js';
+
+const TOKEN = 'admin-token-for-tests-0123456789';
+const HOUR = 3600_000;
+let emulator: StripeEmulator;
+let emulatorOffsetMs = 0;
+let ctx: Context;
+let app: ReturnType<typeof createApp>;
+let deps: DeliveryDeps;
+
+beforeAll(async () => {
+  emulator = await startStripeEmulator({ strictCustomers: true, clock: () => Date.now() + emulatorOffsetMs });
+  ctx = await createTestContext({
+    ADMIN_TOKEN: TOKEN,
+    STRIPE_SECRET_KEY: 'sk_test_corrections',
+    STRIPE_API_BASE: emulator.url,
+    DELIVERY_MIN_INTERVAL_MS: '0',
+    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
+  });
+  await ctx.boss.start();
+  app = createApp(ctx);
+  const stripe = ctx.stripe;
+  if (!stripe) throw new Error('no Stripe client');
+  deps = {
+    db: ctx.db,
+    boss: ctx.boss,
+    transport: createV1Transport(stripe),
+    corrections: createCorrectionClient(stripe),
+    config: ctx.config,
+    clock: ctx.clock,
+    log: ctx.log,
+  };
+});
+
+afterAll(async () => {
+  await emulator?.stop();
+});
+
+async function billableOrg(): Promise<OrganizationFixture & { sensors: string[] }> {
+  const customer = emulator.createCustomer();
+  const org = await createOrganization(ctx.db, { customerId: customer.id });
+  return { ...org, sensors: await createSensors(ctx.db, org.organizationId, 2) };
+}
+
+/** One POST /v1/readings: readings of `sensorId` recorded at base + i seconds. */
+async function ingest(org: OrganizationFixture, sensorId: string, count: number, base: Date, startAt = 0) {
+  const readings = Array.from({ length: count }, (_, i) => ({
+    sensorId,
+    recordedAt: new Date(base.getTime() + (startAt + i) * 1000).toISOString(),
+    temperatureC: 5,
+  }));
+  const res = await app.request('/v1/readings', {
+    method: 'POST',
+    headers: authHeaders(org.apiKey),
+    body: JSON.stringify({ readings }),
+  });
+  expect(res.status).toBe(201);
+  return (await res.json()) as { inserted: number; duplicates: number };
+}
+
+async function deliver(customerId: string): Promise<void> {
+  for (let i = 0; i < 50; i++) {
+    const r = await drainKey(deps, customerId, 'temperature_readings', { lastAttempt: false });
+    if (r.kind === 'drained') return;
+    if (r.kind === 'retry' || r.kind === 'failed') throw new Error(`delivery ${r.kind}: ${r.message}`);
+  }
+  throw new Error('delivery did not drain');
+}
+
+const stripeSum = (customerId: string) =>
+  emulator.totals({ customer: customerId, event_name: 'temperature_readings' })[0]?.sum ?? 0;
+
+async function correct(
+  org: OrganizationFixture,
+  body: Record<string, unknown>,
+  query = '',
+): Promise<{ status: number; json: { correction: CorrectionView } & Record<string, unknown> }> {
+  const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections${query}`, {
+    method: 'POST',
+    headers: authHeaders(TOKEN),
+    body: JSON.stringify(body),
+  });
+  return { status: res.status, json: (await res.json()) as { correction: CorrectionView } };
+}
+
+const recentBase = () => new Date(Date.now() - 2 * HOUR);
+const range = (base: Date) => ({
+  from: new Date(base.getTime() - 1000).toISOString(),
+  to: new Date(base.getTime() + HOUR).toISOString(),
+});
+
+async function correctionRows(correctionId: string) {
+  return ctx.db.selectFrom('meter_outbox').selectAll().where('correction_id', '=', correctionId).execute();
+}
+
+describe('end to end: ingest, deliver, correct', () => {
+  it('cancels a Stripe event whose readings are all voided: the total falls by exactly those readings', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    // Two Stripe events: sensor 0's readings alone in the first, sensor 1's in the second.
+    await ingest(org, org.sensors[0]!, 7, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[1]!, 4, base);
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(11);
+
+    const { status, json } = await correct(org, {
+      sensorId: org.sensors[0],
+      ...range(base),
+      reason: 'sensor flooded',
+    });
+    expect(status).toBe(201);
+    expect(json.correction).toMatchObject({
+      readingsVoided: 7,
+      billedReadingsVoided: 7,
+      sensorId: org.sensors[0],
+    });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(4);
+    const rows = await correctionRows(json.correction.id);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: 'delivered', correction_action: 'cancel', value: '7' });
+    // The emulator marks the original event cancelled, and no negative event was sent.
+    expect(emulator.events({ customer: org.customerId }).filter((e) => e.value < 0)).toHaveLength(0);
+
+    const list = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
+      headers: authHeaders(TOKEN),
+    });
+    const listed = (await list.json()) as { corrections: CorrectionView[] };
+    expect(listed.corrections[0]).toMatchObject({
+      id: json.correction.id,
+      delivery: { delivered: 7, pending: 0 },
+    });
+  });
+
+  it('compensates with a negative event in the original hour when the event also billed valid readings', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    // One batch, both sensors: one outbox row, one Stripe event of 9.
+    const readings = [
+      ...Array.from({ length: 6 }, (_, i) => ({
+        sensorId: org.sensors[0]!,
+        recordedAt: new Date(base.getTime() + i * 1000).toISOString(),
+        temperatureC: 1,
+      })),
+      ...Array.from({ length: 3 }, (_, i) => ({
+        sensorId: org.sensors[1]!,
+        recordedAt: new Date(base.getTime() + i * 1000).toISOString(),
+        temperatureC: 1,
+      })),
+    ];
+    const res = await app.request('/v1/readings', {
+      method: 'POST',
+      headers: authHeaders(org.apiKey),
+      body: JSON.stringify({ readings }),
+    });
+    expect(res.status).toBe(201);
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(9);
+    const original = await ctx.db
+      .selectFrom('meter_outbox')
+      .select(['occurred_at'])
+      .where('stripe_customer_id', '=', org.customerId)
+      .where('kind', '=', 'usage')
+      .executeTakeFirstOrThrow();
+
+    const { json } = await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'faulty' });
+    expect(json.correction.billedReadingsVoided).toBe(6);
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(3);
+    const negative = emulator.events({ customer: org.customerId }).filter((e) => e.value < 0);
+    expect(negative).toHaveLength(1);
+    expect(negative[0]?.value).toBe(-6);
+    // Timestamped in the hour of the original usage (its billing period), not now.
+    expect(Math.floor(negative[0]!.timestamp / 3600)).toBe(
+      Math.floor(new Date(original.occurred_at).getTime() / 3600_000),
+    );
+    const rows = await correctionRows(json.correction.id);
+    expect(rows[0]).toMatchObject({ status: 'delivered', correction_action: 'compensate' });
+  });
+
+  it('compensates when the original event is older than Stripe allows a cancel (decided at claim)', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 5, base);
+    await deliver(org.customerId);
+    await sql`UPDATE meter_outbox SET delivered_at = now() - interval '25 hours' WHERE stripe_customer_id = ${org.customerId}`.execute(
+      ctx.db,
+    );
+    const { json } = await correct(org, { ...range(base), reason: 'dispute' });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(0);
+    expect((await correctionRows(json.correction.id))[0]).toMatchObject({
+      correction_action: 'compensate',
+      status: 'delivered',
+    });
+  });
+
+  it('falls back to a compensating event when Stripe refuses the cancel (past its 24 hours)', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 5, base);
+    await deliver(org.customerId);
+    const { json } = await correct(org, { ...range(base), reason: 'dispute' });
+    emulatorOffsetMs = 25 * HOUR;
+    try {
+      await deliver(org.customerId);
+    } finally {
+      emulatorOffsetMs = 0;
+    }
+    expect(stripeSum(org.customerId)).toBe(0);
+    expect(emulator.events({ customer: org.customerId }).filter((e) => e.value === -5)).toHaveLength(1);
+    expect((await correctionRows(json.correction.id))[0]).toMatchObject({
+      correction_action: 'compensate',
+      status: 'delivered',
+    });
+  });
+
+  it('takes unsent usage back in place: no Stripe call for readings that were never sent', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 5, base);
+    await ingest(org, org.sensors[1]!, 2, base);
+    const { json } = await correct(org, {
+      sensorId: org.sensors[0],
+      ...range(base),
+      reason: 'before delivery',
+    });
+    expect(json.correction).toMatchObject({ billedReadingsVoided: 5, unsentReadingsRemoved: 5 });
+    expect(await correctionRows(json.correction.id)).toHaveLength(0);
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(2);
+  });
+});
+
+describe('one transaction, safe to repeat', () => {
+  it('a second identical correction voids nothing and queues nothing', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 4, base);
+    await deliver(org.customerId);
+    const body = { sensorId: org.sensors[0], ...range(base), reason: 'twice' };
+    const first = await correct(org, body);
+    const second = await correct(org, body);
+    expect(first.json.correction.readingsVoided).toBe(4);
+    expect(second.status).toBe(201);
+    expect(second.json.correction).toMatchObject({ readingsVoided: 0, billedReadingsVoided: 0 });
+    expect(await correctionRows(second.json.correction.id)).toHaveLength(0);
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(0);
+  });
+
+  it('keeps voided readings and their de-duplication key: re-sending one is a duplicate, never billed', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    await correct(org, { ...range(base), reason: 'resend test' });
+    await deliver(org.customerId);
+    const again = await ingest(org, org.sensors[0]!, 3, base);
+    expect(again).toMatchObject({ inserted: 0, duplicates: 3 });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(0);
+    const kept = await ctx.db
+      .selectFrom('temperature_readings')
+      .select(['voided_at'])
+      .where('organization_id', '=', org.organizationId)
+      .execute();
+    expect(kept).toHaveLength(3);
+    expect(kept.every((r) => r.voided_at !== null)).toBe(true);
+  });
+
+  it('readings stored while the organization was not billable produce no credit', async () => {
+    const customer = emulator.createCustomer();
+    const org = await createOrganization(ctx.db, { customerId: customer.id, billable: false });
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const base = recentBase();
+    await ingest(org, sensor!, 3, base);
+    const { json } = await correct(org, { ...range(base), reason: 'never billed' });
+    expect(json.correction).toMatchObject({ readingsVoided: 3, billedReadingsVoided: 0 });
+    expect(await correctionRows(json.correction.id)).toHaveLength(0);
+  });
+
+  it('a dry run shows what would be voided and changes nothing', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await ingest(org, org.sensors[1]!, 2, base);
+    const { status, json } = await correct(org, { ...range(base), reason: 'preview' }, '?dryRun=true');
+    expect(status).toBe(200);
+    expect(json.preview).toMatchObject({ dryRun: true, readingsToVoid: 5, billedReadingsToVoid: 5 });
+    const voided = await ctx.db
+      .selectFrom('temperature_readings')
+      .select('voided_at')
+      .where('organization_id', '=', org.organizationId)
+      .where('voided_at', 'is not', null)
+      .execute();
+    expect(voided).toHaveLength(0);
+  });
+});
+
+describe('races and crashes', () => {
+  it('a correction while the same sensor ingests stays exact: billed = stored − voided', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    const sensor = org.sensors[0]!;
+    const batches = Array.from({ length: 12 }, (_, b) => ingest(org, sensor, 20, base, b * 20));
+    const corrections = [correct(org, { sensorId: sensor, ...range(base), reason: 'race' })];
+    await Promise.all([...batches, ...corrections]);
+    await deliver(org.customerId);
+    const counts = await sql<{ billed_live: number; voided_billed: number }>`
+      SELECT count(*) FILTER (WHERE voided_at IS NULL AND outbox_id IS NOT NULL)::int AS billed_live,
+             count(*) FILTER (WHERE voided_at IS NOT NULL AND outbox_id IS NOT NULL)::int AS voided_billed
+        FROM temperature_readings WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    const c = counts.rows[0]!;
+    expect(c.billed_live + c.voided_billed).toBe(240);
+    // Stripe holds exactly the readings that are billed and not voided.
+    expect(stripeSum(org.customerId)).toBe(c.billed_live);
+  });
+
+  it('a crash after the claim resends the same correction: billed back exactly once', async () => {
+    for (const partial of [false, true]) {
+      const org = await billableOrg();
+      const base = recentBase();
+      const readings = [
+        ...Array.from({ length: 4 }, (_, i) => ({
+          sensorId: org.sensors[0]!,
+          recordedAt: new Date(base.getTime() + i * 1000).toISOString(),
+          temperatureC: 1,
+        })),
+        ...(partial ? [{ sensorId: org.sensors[1]!, recordedAt: base.toISOString(), temperatureC: 1 }] : []),
+      ];
+      await app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({ readings }),
+      });
+      await deliver(org.customerId);
+      await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'crash' });
+      const claim = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
+        now: new Date(),
+      });
+      const group = claim.group!;
+      expect(group.action).toBe(partial ? 'compensate' : 'cancel');
+      // The call lands at Stripe, then the worker dies before settling.
+      if (group.action === 'cancel')
+        await deps.corrections!.cancel('temperature_readings', group.originalIdentifier, group.identifier);
+      else
+        await deps.corrections!.send({
+          eventName: 'temperature_readings',
+          customerId: org.customerId,
+          value: `-${group.value}`,
+          timestamp: group.timestamp,
+          identifier: group.identifier,
+        });
+      await deliver(org.customerId);
+      expect(stripeSum(org.customerId)).toBe(partial ? 1 : 0);
+      const rows = await ctx.db
+        .selectFrom('meter_outbox')
+        .select(['status', 'identifier'])
+        .where('stripe_customer_id', '=', org.customerId)
+        .where('kind', '=', 'correction')
+        .execute();
+      expect(rows).toEqual([{ status: 'delivered', identifier: group.identifier }]);
+    }
+  });
+});
+
+describe('a finalized billing period', () => {
+  it('flags the correction for a credit note and sends nothing into another period', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    // A webhook told us a new billing period started after that usage (usage time = ingestion time).
+    const subscriptionId = `sub_test${org.organizationId.slice(0, 8)}`;
+    await sql`UPDATE subscriptions SET stripe_subscription_id = ${subscriptionId} WHERE organization_id = ${org.organizationId}`.execute(
+      ctx.db,
+    );
+    const startedAt = Math.floor(Date.now() / 1000) + 1;
+    const event = {
+      id: `evt_${subscriptionId}`,
+      type: 'customer.subscription.updated',
+      data: { object: { id: subscriptionId, items: { data: [{ current_period_start: startedAt }] } } },
+    };
+    await ctx.db
+      .insertInto('stripe_events')
+      .values({
+        event_id: event.id,
+        event_type: event.type,
+        stripe_created: new Date(),
+        payload: JSON.stringify(event),
+      })
+      .execute();
+    const before = emulator.events({ customer: org.customerId }).length;
+    const { json } = await correct(org, { ...range(base), reason: 'late dispute' });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(3);
+    expect(emulator.events({ customer: org.customerId })).toHaveLength(before);
+    const rows = await correctionRows(json.correction.id);
+    expect(rows[0]).toMatchObject({ status: 'expired', credit_note_required: true });
+    const list = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
+      headers: authHeaders(TOKEN),
+    });
+    const listed = (await list.json()) as { corrections: CorrectionView[] };
+    expect(listed.corrections[0]?.creditNoteReadings).toBe(3);
+  });
+});
+
+describe('bad input', () => {
+  it("404 for an unknown organization, an unknown sensor and another organization's sensor", async () => {
+    const org = await billableOrg();
+    const other = await billableOrg();
+    const r = range(recentBase());
+    expect(
+      (
+        await app.request('/admin/organizations/00000000-0000-4000-8000-000000000000/usage-corrections', {
+          method: 'POST',
+          headers: authHeaders(TOKEN),
+          body: JSON.stringify({ ...r, reason: 'x' }),
+        })
+      ).status,
+    ).toBe(404);
+    expect(
+      (await correct(org, { ...r, reason: 'x', sensorId: '00000000-0000-4000-8000-000000000000' })).status,
+    ).toBe(404);
+    expect((await correct(org, { ...r, reason: 'x', sensorId: other.sensors[0] })).status).toBe(404);
+  });
+
+  it('422 with details for reversed, empty and beyond-retention ranges', async () => {
+    const org = await billableOrg();
+    const now = Date.now();
+    const reversed = await correct(org, {
+      from: new Date(now).toISOString(),
+      to: new Date(now - HOUR).toISOString(),
+      reason: 'x',
+    });
+    expect(reversed.status).toBe(422);
+    expect(JSON.stringify(reversed.json)).toContain('reversed');
+    const empty = await correct(org, {
+      from: new Date(now).toISOString(),
+      to: new Date(now).toISOString(),
+      reason: 'x',
+    });
+    expect(empty.status).toBe(422);
+    expect(JSON.stringify(empty.json)).toContain('empty');
+    const old = await correct(org, {
+      from: new Date(now - 5000 * 24 * HOUR).toISOString(),
+      to: new Date(now).toISOString(),
+      reason: 'x',
+    });
+    expect(old.status).toBe(422);
+    expect(JSON.stringify(old.json)).toContain('retention');
+  });
+
+  it('401 without the admin token', async () => {
+    const org = await billableOrg();
+    const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ ...range(recentBase()), reason: 'x' }),
+    });
+    expect(res.status).toBe(401);
+    const list = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`);
+    expect(list.status).toBe(401);
+  });
+});
+
+describe('everything agrees after corrections', () => {
+  it('usage, reconciliation (with Stripe) and the chaos ledger show drift 0', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    const from = new Date(Date.now() - HOUR).toISOString();
+    // Event 1: sensor 0 only (cancelled later); event 2: both sensors (compensated); then unsent usage.
+    await ingest(org, org.sensors[0]!, 5, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 4, base, 100);
+    await ingest(org, org.sensors[1]!, 6, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 3, base, 200);
+    await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'agree' });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(6);
+
+    const usageRes = await app.request(`/v1/usage?from=${encodeURIComponent(from)}`, {
+      headers: authHeaders(org.apiKey),
+    });
+    const usage = (await usageRes.json()) as {
+      readingsStored: number;
+      readingsVoided: number;
+      meteredReadings: Record<string, number>;
+      correctedReadings: Record<string, number>;
+    };
+    expect(usage).toMatchObject({
+      readingsStored: 6,
+      readingsVoided: 12,
+      correctedReadings: { delivered: 9, pending: 0 },
+    });
+    expect(usage.meteredReadings.delivered! - usage.correctedReadings.delivered!).toBe(6);
+
+    const to = new Date(Date.now() + 60_000).toISOString();
+    const recon = await app.request(
+      `/admin/reconciliation?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}&organizationId=${org.organizationId}&stripe=true`,
+      { headers: authHeaders(TOKEN) },
+    );
+    const report = (await recon.json()) as ReconciliationReport;
+    expect(report.organizations[0]).toMatchObject({
+      readingsStored: 18,
+      readingsVoided: 12,
+      corrections: { delivered: 9 },
+      drift: 0,
+      stripe: { readings: 6, deliveredByTimestamp: 6, drift: 0 },
+      hasDrift: false,
+    });
+
+    const loaded = await loadLedger(ctx.db, [
+      { organizationId: org.organizationId, customerId: org.customerId },
+    ]);
+    const ledger = checkLedger({ ...loaded, events: emulator.events({ customer: org.customerId }) });
+    expect(ledger.violations).toEqual([]);
+    expect(ledger).toMatchObject({ ok: true, readingsStored: 6, readingsAccepted: 6 });
+  });
+});
+
+function memoryIo(): CliIo & { stdout: string; stderr: string } {
+  const io = {
+    stdout: '',
+    stderr: '',
+    out: (text: string) => {
+      io.stdout += `${text}\n`;
+    },
+    err: {
+      isTTY: false,
+      columns: 80,
+      write: (chunk: string) => {
+        io.stderr += chunk;
+        return true;
+      },
+    },
+  };
+  return io;
+}
+
+describe('meterbox usage correct', () => {
+  it('--dry-run previews, then the correction voids and lists; bad input exits non-zero with details', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 4, base);
+    await deliver(org.customerId);
+    const args = { org: org.organizationId, sensor: org.sensors[0], ...range(base), reason: 'cli' };
+
+    const dry = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, 'dry-run': true }, dry)).toBe(0);
+    expect(dry.stdout).toContain('would void 4 reading(s), 4 of them billed');
+    expect(
+      await ctx.db
+        .selectFrom('usage_corrections')
+        .select('id')
+        .where('organization_id', '=', org.organizationId)
+        .execute(),
+    ).toHaveLength(0);
+
+    const real = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, json: true }, real)).toBe(0);
+    expect(JSON.parse(real.stdout)).toMatchObject({
+      correction: { readingsVoided: 4, billedReadingsVoided: 4 },
+    });
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(0);
+
+    const list = memoryIo();
+    expect(await usageCorrectionsCommand(ctx, { org: org.organizationId }, list)).toBe(0);
+    expect(list.stdout).toContain('cli');
+
+    const reversed = memoryIo();
+    expect(await usageCorrectCommand(ctx, { ...args, from: args.to, to: args.from }, reversed)).toBe(2);
+    expect(reversed.stderr).toContain('reversed');
+    const foreign = memoryIo();
+    expect(
+      await usageCorrectCommand(ctx, { ...args, sensor: '00000000-0000-4000-8000-000000000000' }, foreign),
+    ).toBe(1);
+    expect(foreign.stderr).toContain('sensor not found');
+  });
+});
+
+describe('dashboard action', () => {
+  async function login(): Promise<string> {
+    const res = await app.request('/admin/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: TOKEN }).toString(),
+    });
+    expect(res.status).toBe(303);
+    return (res.headers.get('set-cookie') ?? '').split(';')[0]!;
+  }
+  const post = (cookie: string, path: string, form: Record<string, string>) =>
+    app.request(path, {
+      method: 'POST',
+      headers: { cookie, 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams(form).toString(),
+    });
+
+  it('shows the dry run for confirmation first, then records the correction', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await ingest(org, org.sensors[1]!, 2, base);
+    await deliver(org.customerId);
+    const cookie = await login();
+    const form = {
+      organizationId: org.organizationId,
+      sensorId: org.sensors[0]!,
+      ...range(base),
+      reason: 'dashboard',
+    };
+
+    const formPage = await app.request('/admin/ui/corrections', { headers: { cookie } });
+    expect(formPage.status).toBe(200);
+    expect(await formPage.text()).toContain('action="/admin/ui/corrections/preview"');
+
+    const preview = await post(cookie, '/admin/ui/corrections/preview', form);
+    expect(preview.status).toBe(200);
+    const previewHtml = await preview.text();
+    expect(previewHtml).toMatch(/This will void <strong>3<\/strong> reading\(s\)/);
+    expect(previewHtml).toContain('action="/admin/ui/corrections"');
+    expect(
+      await ctx.db
+        .selectFrom('usage_corrections')
+        .select('id')
+        .where('organization_id', '=', org.organizationId)
+        .execute(),
+    ).toHaveLength(0);
+
+    const done = await post(cookie, '/admin/ui/corrections', form);
+    expect(done.status).toBe(303);
+    expect(decodeURIComponent(done.headers.get('location') ?? '')).toContain('voided 3 reading(s), 3 billed');
+    await deliver(org.customerId);
+    expect(stripeSum(org.customerId)).toBe(2);
+
+    const bad = await post(cookie, '/admin/ui/corrections/preview', {
+      ...form,
+      from: form.to,
+      to: form.from,
+    });
+    expect(bad.status).toBe(422);
+    expect(await bad.text()).toContain('reversed');
+    const dashboard = await app.request('/admin', { headers: { cookie } });
+    expect(await dashboard.text()).toContain('href="/admin/ui/corrections"');
+  });
+
+  it('redirects to the sign-in without a session', async () => {
+    const res = await app.request('/admin/ui/corrections');
+    expect(res.status).toBe(303);
+  });
+});
+
+describe('grouping rule (the pipeline hook)', () => {
+  it('usage groups never take correction rows; a correction group holds one original event only', async () => {
+    const org = await billableOrg();
+    const base = recentBase();
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    await ingest(org, org.sensors[0]!, 2, base, 10);
+    await deliver(org.customerId);
+    await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'grouping' });
+    // New usage in the same hour as the corrections' originals.
+    await ingest(org, org.sensors[1]!, 4, base);
+    const usage = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+      maxRows: 1000,
+    });
+    expect(usage.group).toMatchObject({ value: '4', rows: 1 });
+    const first = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+    });
+    expect(first.group).toMatchObject({ rows: 1, action: 'cancel' });
+    await sql`UPDATE meter_outbox SET status = 'delivered', delivered_at = now() WHERE identifier = ${first.group!.identifier}`.execute(
+      ctx.db,
+    );
+    const second = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
+      now: new Date(),
+    });
+    expect(second.group).toMatchObject({ rows: 1, action: 'cancel' });
+    expect(second.group!.originalIdentifier).not.toBe(first.group!.originalIdentifier);
+    expect(Number(first.group!.value) + Number(second.group!.value)).toBe(5);
+  });
+});
