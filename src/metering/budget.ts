@@ -30,7 +30,17 @@ function effectiveRate(rate: number) {
       extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
 }
 
+/**
+ * Most time ahead a slot may be reserved. Without this bound, reservations made while the rate was
+ * low (a 429 storm) or by calls that never happened (a killed worker) would push every later call
+ * far into the future; with it, a caller that finds the budget booked further ahead takes nothing
+ * and comes back later (its key's job is deferred), holding nothing meanwhile.
+ */
+export const BUDGET_MAX_WAIT_MS = 2_000;
+
 export interface Reservation {
+  /** False: the budget is booked more than maxWaitMs ahead; nothing was taken, try after waitMs. */
+  granted: boolean;
   /** Milliseconds from now until the first reserved slot. */
   waitMs: number;
   /** Milliseconds between consecutive reserved slots. */
@@ -39,20 +49,25 @@ export interface Reservation {
   rate: number;
 }
 
-/** Reserves `calls` consecutive slots of the shared budget; one statement. */
-export async function reserveCalls(db: Kysely<DB>, rate: number, calls = 1): Promise<Reservation> {
+/** Reserves `calls` consecutive slots of the shared budget, at most maxWaitMs ahead; one statement. */
+export async function reserveCalls(
+  db: Kysely<DB>,
+  rate: number,
+  calls = 1,
+  maxWaitMs = BUDGET_MAX_WAIT_MS,
+): Promise<Reservation> {
   const result = await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
        SET tat = greatest(b.tat, clock_timestamp()) + make_interval(secs => ${calls}::float8 / r.rate),
            calls = b.calls + ${calls}
       FROM (SELECT ${effectiveRate(rate)} AS rate FROM meter_call_budget WHERE id = 1) r
-     WHERE b.id = 1
+     WHERE b.id = 1 AND b.tat <= clock_timestamp() + make_interval(secs => ${maxWaitMs / 1000})
     RETURNING greatest(0, ceil(extract(epoch FROM b.tat - make_interval(secs => ${calls}::float8 / r.rate)
                                                - clock_timestamp()) * 1000))::int AS wait_ms,
               r.rate::float8 AS rate`.execute(db);
   const row = result.rows[0];
-  if (!row) throw new Error('meter_call_budget has no row (migration 0008)');
-  return { waitMs: row.wait_ms, spacingMs: 1000 / row.rate, rate: row.rate };
+  if (!row) return { granted: false, waitMs: maxWaitMs, spacingMs: 1000 / rate, rate };
+  return { granted: true, waitMs: row.wait_ms, spacingMs: 1000 / row.rate, rate: row.rate };
 }
 
 /** A 429: every worker slows down (multiplicative decrease, at most once a second). One statement. */

@@ -150,6 +150,9 @@ export async function drainKey(
           return { kind: 'busy' };
         }
         const slot = await reserveCalls(conn, rate);
+        // Budget booked too far ahead: the claimed group (identifier committed) waits for the key's
+        // next job, deferred by that long; nothing is held meanwhile.
+        if (!slot.granted) return { kind: 'paced', events, waitMs: slot.waitMs };
         if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
         // A long wait (the budget slowed down after 429s) could outlast the lease: renew it, and if
         // another drain took the key meanwhile, leave the call to it (the slot goes unused).
