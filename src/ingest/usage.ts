@@ -1,6 +1,8 @@
 // An organization's usage over a period: readings stored against temperature_readings meter usage
 // pending, delivered, failed and expired. Both sides are keyed by ingestion time, which is also the
-// outbox usage time, so for a billable organization they add up.
+// outbox usage time, so for a billable organization they add up. After storage maintenance, dropped
+// readings and compacted outbox rows are counted from their hourly rollups: totals over periods
+// bounded on whole hours are unchanged (a rollup hour counts when its start is in [from, to)).
 import { type Kysely, sql } from 'kysely';
 import { billableCustomerId } from '../billing/billable.js';
 import { type DB, OUTBOX_STATUSES, type OutboxStatus } from '../db/schema.js';
@@ -13,15 +15,28 @@ export async function usageForPeriod(
   to: Date,
 ): Promise<UsageView> {
   const [stored, metered, customerId] = await Promise.all([
+    // Stored readings plus those counted into readings_hourly_rollup when their partition was
+    // dropped (storage over time); one statement, so a drop is seen wholly or not at all.
     sql<{ n: string }>`
-      SELECT count(*) AS n FROM temperature_readings
-      WHERE organization_id = ${organizationId} AND ingested_at >= ${from} AND ingested_at < ${to}`.execute(
+      SELECT (SELECT count(*) FROM temperature_readings
+               WHERE organization_id = ${organizationId} AND ingested_at >= ${from} AND ingested_at < ${to})
+           + (SELECT coalesce(sum(readings), 0) FROM readings_hourly_rollup
+               WHERE organization_id = ${organizationId} AND hour >= ${from} AND hour < ${to}) AS n`.execute(
       db,
     ),
+    // Outbox usage plus delivered usage compacted into meter_usage_hourly (whole hours).
     sql<{ status: OutboxStatus; total: string }>`
-      SELECT status, sum(value) AS total FROM meter_outbox
-      WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
-        AND occurred_at >= ${from} AND occurred_at < ${to}
+      SELECT status, sum(total) AS total FROM (
+        SELECT status, sum(value) AS total FROM meter_outbox
+         WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+           AND occurred_at >= ${from} AND occurred_at < ${to}
+         GROUP BY status
+        UNION ALL
+        SELECT 'delivered', sum(value) FROM meter_usage_hourly
+         WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+           AND hour >= ${from} AND hour < ${to}
+      ) AS usage_with_compacted
+      WHERE total IS NOT NULL
       GROUP BY status`.execute(db),
     billableCustomerId(db, organizationId),
   ]);
