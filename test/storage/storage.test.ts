@@ -6,6 +6,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { reconcile } from '../../src/admin/reconcile.js';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
+import { ensureQueues } from '../../src/metering/queues.js';
 import {
   compactOutbox,
   dropExpiredPartitions,
@@ -13,6 +14,7 @@ import {
   listReadingsPartitions,
   runStorageMaintenance,
 } from '../../src/metering/storage.js';
+import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/metering/storage-job.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
 
@@ -100,6 +102,22 @@ describe('readings partitions', () => {
       status: 201,
       body: { inserted: 0, duplicates: 1 },
     });
+  });
+});
+
+describe('storage-maintenance in the worker', () => {
+  it('runs at start-up and is scheduled daily through its pg-boss queue', async () => {
+    const own = await createTestContext({}, { clock });
+    await own.boss.start();
+    await ensureQueues(own.boss, own.config);
+    nowMs = Date.parse('2026-11-21T10:00:00.000Z');
+    await startStorageMaintenance(own);
+    const names = (await listReadingsPartitions(own.db)).map((p) => p.name);
+    expect(names).toEqual(
+      expect.arrayContaining(['temperature_readings_p20261116', 'temperature_readings_p20261214']),
+    );
+    const schedules = await own.boss.getSchedules(STORAGE_QUEUE);
+    expect(schedules.map((s) => s.cron)).toEqual(['17 3 * * *']);
   });
 });
 
