@@ -67,9 +67,11 @@ const overlaps = (p: ReadingsPartition, from: Date, to: Date): boolean =>
 
 /**
  * Creates the week partition starting at `start` unless a partition already covers any of it.
- * Rows the DEFAULT partition holds for that week are moved into it in the same transaction: the
- * parent is share-update-exclusive locked first (ingestion keeps going), then the default partition
- * exclusively (readings routed to it wait), then the new table is filled and attached.
+ * Rows the DEFAULT partition holds for that week are moved into it in the same transaction. The
+ * parent is locked SHARE first: ingestion waits for the few milliseconds this takes (an INSERT that
+ * already held the parent could route a row with the old partition bounds to DEFAULT and fail its
+ * partition check after the attach), usage queries do not; then DEFAULT exclusively, then the new
+ * table is filled and attached. Parent before DEFAULT, as inserts lock them, so no deadlock.
  * Returns whether it created the partition and how many rows it moved.
  */
 export async function createWeekPartition(
@@ -82,7 +84,7 @@ export async function createWeekPartition(
     const existing = await listReadingsPartitions(trx);
     if (existing.some((p) => overlaps(p, start, end))) return { created: false, moved: 0 };
     const name = sql.id(partitionName(start));
-    await sql`LOCK TABLE temperature_readings IN SHARE UPDATE EXCLUSIVE MODE`.execute(trx);
+    await sql`LOCK TABLE temperature_readings IN SHARE MODE`.execute(trx);
     await sql`LOCK TABLE temperature_readings_default IN ACCESS EXCLUSIVE MODE`.execute(trx);
     await sql`CREATE TABLE ${name} (LIKE temperature_readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)`.execute(
       trx,

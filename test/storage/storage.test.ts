@@ -82,6 +82,21 @@ describe('readings partitions', () => {
     expect(await partitionOf(s!, '2026-12-01T00:00:00.000Z')).toBe('temperature_readings_p20261130');
   });
 
+  it('is safe when several workers create partitions at once (advisory lock)', async () => {
+    const now = new Date('2027-06-09T12:00:00.000Z');
+    const runs = await Promise.all(
+      [1, 2, 3].map(() => ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 })),
+    );
+    const created = runs.flatMap((r) => r.created).sort();
+    expect(created).toEqual([
+      'temperature_readings_p20270607',
+      'temperature_readings_p20270614',
+      'temperature_readings_p20270621',
+      'temperature_readings_p20270628',
+      'temperature_readings_p20270705',
+    ]);
+  });
+
   it('stores a reading for a week with no partition in the default partition, then moves it when the worker creates it', async () => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
     const org = await createOrganization(ctx.db);
