@@ -66,6 +66,10 @@ export const configSchema = z.object({
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
   /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
   WORKER_METRICS_PORT: int(0, 65535).default(0),
+  /** Readings kept (400 days > 13 months); older readings are refused at ingestion and dropped. */
+  READINGS_RETENTION_DAYS: int(1, 36_500).default(400),
+  /** Delivered outbox rows older than this are compacted into hourly rollups (Stripe: 35 days + margin). */
+  OUTBOX_COMPACTION_DAYS: int(36, 36_500).default(45),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
 });

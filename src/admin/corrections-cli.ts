@@ -4,13 +4,7 @@ import type { CliCommand } from '../bin/cli.js';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
 import { type CliIo, formatTable, processIo, str } from './cli.js';
-import {
-  CORRECTION_RETENTION_DAYS_FALLBACK,
-  correctionBody,
-  createCorrection,
-  listCorrections,
-  previewCorrection,
-} from './corrections.js';
+import { correctionBody, createCorrection, listCorrections, previewCorrection } from './corrections.js';
 
 type Values = Record<string, string | boolean | undefined>;
 
@@ -47,7 +41,7 @@ export async function usageCorrectCommand(
     io.err.write(`meterbox: ${why}\nusage: meterbox ${CORRECT_USAGE}\n`);
     return 2;
   }
-  const options = { now: ctx.clock.now(), retentionDays: CORRECTION_RETENTION_DAYS_FALLBACK };
+  const options = { now: ctx.clock.now(), retentionDays: ctx.config.READINGS_RETENTION_DAYS };
   try {
     if (values['dry-run'] === true) {
       const preview = await previewCorrection(ctx.db, organizationId, parsed.data, options);

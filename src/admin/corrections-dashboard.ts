@@ -11,7 +11,6 @@ import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { requireAdmin } from './auth.js';
 import {
-  CORRECTION_RETENTION_DAYS_FALLBACK,
   type CorrectionInput,
   type CorrectionPreview,
   correctionBody,
@@ -138,7 +137,7 @@ const docs: RouteDoc[] = [
 export function correctionDashboardRoutes(ctx: Deps): HttpModule {
   const app = new Hono<AppEnv>();
   const auth = requireAdmin(ctx, (c) => c.redirect('/admin', 303));
-  const options = () => ({ now: ctx.clock.now(), retentionDays: CORRECTION_RETENTION_DAYS_FALLBACK });
+  const options = () => ({ now: ctx.clock.now(), retentionDays: ctx.config.READINGS_RETENTION_DAYS });
   const render = (c: HonoContext<AppEnv>, body: Html, status: 200 | 404 | 422 = 200) =>
     c.html(shell(body), status);
 

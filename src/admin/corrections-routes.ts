@@ -9,7 +9,6 @@ import type { AppEnv, HttpModule } from '../http/types.js';
 import { parseBody, parseQuery } from '../http/validate.js';
 import { requireAdmin } from './auth.js';
 import {
-  CORRECTION_RETENTION_DAYS_FALLBACK,
   correctionBody,
   correctionPreview,
   correctionQuery,
@@ -59,7 +58,7 @@ function organizationParam(value: string): string {
 export function correctionRoutes(ctx: Deps): HttpModule {
   const app = new Hono<AppEnv>();
   const auth = requireAdmin(ctx);
-  const retentionDays = CORRECTION_RETENTION_DAYS_FALLBACK;
+  const retentionDays = ctx.config.READINGS_RETENTION_DAYS;
 
   app.post('/organizations/:id/usage-corrections', auth, async (c) => {
     const organizationId = organizationParam(c.req.param('id'));

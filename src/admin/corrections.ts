@@ -8,13 +8,6 @@ import type { DB } from '../db/schema.js';
 import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
 import { enqueueDelivery } from '../metering/outbox.js';
 
-/**
- * How far back a correction may reach. READINGS_RETENTION_DAYS (issue 14, another branch) is the
- * real bound: readings older than it are dropped, so a correction there could not void anything.
- * Until that setting is on this branch, this named constant stands in for it (the lead swaps it in).
- */
-export const CORRECTION_RETENTION_DAYS_FALLBACK = 400;
-
 export const correctionBody = z.object({
   sensorId: z.uuid().optional(),
   from: z.iso.datetime({ offset: true }),

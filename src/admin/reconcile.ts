@@ -132,12 +132,41 @@ async function readPeriod(
   // and its readings' ingested_at from the same instant in one transaction, so both sides of the
   // comparison cut the period identically.
   const result = await sql<DbRow>`
-    WITH stored AS (
-      SELECT organization_id, count(*)::bigint AS stored, count(voided_at)::bigint AS voided
+    WITH readings_with_dropped AS (
+      -- stored readings (voided ones counted apart), plus readings counted into
+      -- readings_hourly_rollup before their partition was dropped (storage over time; whole hours;
+      -- voided readings are never rolled up)
+      SELECT organization_id, count(*)::bigint AS n, count(voided_at)::bigint AS v
         FROM temperature_readings
        WHERE ingested_at >= ${from} AND ingested_at < ${to}
          AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
        GROUP BY organization_id
+      UNION ALL
+      SELECT organization_id, sum(readings)::bigint, 0::bigint
+        FROM readings_hourly_rollup
+       WHERE hour >= ${from} AND hour < ${to}
+         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+       GROUP BY organization_id
+    ), stored AS (
+      SELECT organization_id, sum(n)::bigint AS stored, sum(v)::bigint AS voided
+        FROM readings_with_dropped GROUP BY organization_id
+    ), outbox_with_compacted AS (
+      -- live outbox rows, plus delivered rows compacted into meter_usage_hourly (one row per hour:
+      -- value = their sum, events = their count, last_* = the hour's newest row)
+      SELECT organization_id, event_name, kind, status, value, 1::bigint AS events, occurred_at, id
+        FROM meter_outbox
+       WHERE occurred_at >= ${from} AND occurred_at < ${to}
+         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+      UNION ALL
+      SELECT organization_id, event_name, 'usage', 'delivered', value, events, last_occurred_at, NULL
+        FROM meter_usage_hourly
+       WHERE hour >= ${from} AND hour < ${to}
+         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+    ), compacted_last AS (
+      SELECT organization_id, event_name, 'delivered' AS status, last_value AS value, last_occurred_at AS occurred_at
+        FROM meter_usage_hourly
+       WHERE hour >= ${from} AND hour < ${to}
+         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
     ), outbox AS (
       SELECT organization_id,
              sum(value) FILTER (WHERE event_name = 'temperature_readings' AND kind = 'usage' AND status = 'delivered') AS tr_delivered,
@@ -150,37 +179,42 @@ async function readPeriod(
              sum(value) FILTER (WHERE kind = 'correction' AND status = 'failed') AS cr_failed,
              sum(value) FILTER (WHERE kind = 'correction' AND status = 'expired') AS cr_expired,
              bool_or(event_name = 'temperature_readings') AS tr_any,
-             count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'delivered') AS as_delivered,
-             count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'pending') AS as_pending,
-             count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'failed') AS as_failed,
-             count(*) FILTER (WHERE event_name = 'active_sensors' AND status = 'expired') AS as_expired
-        FROM meter_outbox
-       WHERE occurred_at >= ${from} AND occurred_at < ${to}
-         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+             sum(events) FILTER (WHERE event_name = 'active_sensors' AND status = 'delivered') AS as_delivered,
+             sum(events) FILTER (WHERE event_name = 'active_sensors' AND status = 'pending') AS as_pending,
+             sum(events) FILTER (WHERE event_name = 'active_sensors' AND status = 'failed') AS as_failed,
+             sum(events) FILTER (WHERE event_name = 'active_sensors' AND status = 'expired') AS as_expired
+        FROM outbox_with_compacted
        GROUP BY organization_id
     ), by_timestamp AS (
       SELECT organization_id,
              -- a delivered correction took its readings back from Stripe (cancel or negative event)
              sum(CASE WHEN kind = 'correction' THEN -value ELSE value END)
-               FILTER (WHERE event_name = 'temperature_readings') AS delivered_by_ts,
-             (array_agg(value ORDER BY occurred_at DESC, id DESC)
-                FILTER (WHERE event_name = 'active_sensors'))[1] AS last_active
-        FROM meter_outbox
-       WHERE status = 'delivered' AND occurred_at >= ${from} AND occurred_at < ${to}
-         AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+               FILTER (WHERE event_name = 'temperature_readings') AS delivered_by_ts
+        FROM outbox_with_compacted
+       WHERE status = 'delivered'
        GROUP BY organization_id
+    ), last_active AS (
+      SELECT DISTINCT ON (organization_id) organization_id, value AS last_active
+        FROM (SELECT organization_id, event_name, status, value, occurred_at, id FROM meter_outbox
+               WHERE occurred_at >= ${from} AND occurred_at < ${to} AND kind = 'usage'
+                 AND (${org}::uuid IS NULL OR organization_id = ${org}::uuid)
+              UNION ALL
+              SELECT organization_id, event_name, status, value, occurred_at, NULL FROM compacted_last) AS a
+       WHERE event_name = 'active_sensors' AND status = 'delivered'
+       ORDER BY organization_id, occurred_at DESC, id DESC NULLS LAST
     )
     SELECT o.id AS organization_id, o.name, s.stripe_customer_id AS customer_id,
            coalesce(s.status IN ('active', 'trial') AND s.stripe_customer_id IS NOT NULL, false) AS billable,
            stored.stored, stored.voided, outbox.cr_delivered, outbox.cr_pending, outbox.cr_failed,
            outbox.cr_expired, outbox.tr_delivered, outbox.tr_pending, outbox.tr_failed, outbox.tr_expired,
            outbox.tr_any, outbox.as_delivered, outbox.as_pending, outbox.as_failed, outbox.as_expired,
-           by_timestamp.delivered_by_ts, by_timestamp.last_active
+           by_timestamp.delivered_by_ts, last_active.last_active
       FROM organizations o
       LEFT JOIN subscriptions s ON s.organization_id = o.id
       LEFT JOIN stored ON stored.organization_id = o.id
       LEFT JOIN outbox ON outbox.organization_id = o.id
       LEFT JOIN by_timestamp ON by_timestamp.organization_id = o.id
+      LEFT JOIN last_active ON last_active.organization_id = o.id
      WHERE stored.organization_id IS NOT NULL OR outbox.organization_id IS NOT NULL
         OR by_timestamp.organization_id IS NOT NULL OR o.id = ${org}::uuid
      ORDER BY o.name, o.id`.execute(db);

@@ -168,12 +168,33 @@ export interface MeterDeliveryPacingTable {
   next_call_at: Timestamp;
 }
 
+/** Readings counted per organization and hour of ingested_at before their partition was dropped (0011). */
+export interface ReadingsHourlyRollupTable {
+  organization_id: string;
+  hour: Timestamp;
+  readings: BigIntColumn;
+}
+
+/** Delivered meter_outbox rows compacted per organization, meter, customer and hour (0011). */
+export interface MeterUsageHourlyTable {
+  organization_id: string;
+  event_name: MeterEventName;
+  stripe_customer_id: string;
+  hour: Timestamp;
+  value: BigIntColumn;
+  events: BigIntColumn;
+  last_occurred_at: Timestamp;
+  last_value: BigIntColumn;
+}
+
 export interface DB {
   organizations: OrganizationsTable;
   api_keys: ApiKeysTable;
   subscriptions: SubscriptionsTable;
   sensors: SensorsTable;
   temperature_readings: TemperatureReadingsTable;
+  readings_hourly_rollup: ReadingsHourlyRollupTable;
+  meter_usage_hourly: MeterUsageHourlyTable;
   meter_outbox: MeterOutboxTable;
   usage_corrections: UsageCorrectionsTable;
   stripe_events: StripeEventsTable;

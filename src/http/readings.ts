@@ -72,6 +72,7 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
   const schema = readingsRequestSchema({
     maxBatch: ctx.config.READINGS_MAX_BATCH,
     now: () => ctx.clock.now(),
+    retentionDays: ctx.config.READINGS_RETENTION_DAYS,
   });
   const retentionMs = ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS * 3600 * 1000;
   // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request

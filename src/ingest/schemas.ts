@@ -21,7 +21,12 @@ const isoInstant = (what: string) =>
     error: `${what} must be an ISO-8601 date-time with Z or a ±hh:mm offset, e.g. 2026-11-21T10:00:00Z`,
   });
 
-export function readingSchema(now: () => Date) {
+/**
+ * retentionDays (READINGS_RETENTION_DAYS): a reading older than the retention window is refused
+ * here, before any database work — its partition may already be dropped, and storing it again would
+ * bill it again (de-duplication only sees stored readings).
+ */
+export function readingSchema(now: () => Date, retentionDays?: number) {
   return z.object({
     sensorId: z.uuid({ error: 'sensorId must be a sensor id (UUID)' }),
     recordedAt: isoInstant('recordedAt')
@@ -30,7 +35,12 @@ export function readingSchema(now: () => Date) {
       })
       .refine((value) => Date.parse(value) <= now().getTime() + MAX_FUTURE_SKEW_MS, {
         error: 'recordedAt must not be more than 5 minutes in the future',
-      }),
+      })
+      .refine(
+        (value) =>
+          retentionDays === undefined || Date.parse(value) >= now().getTime() - retentionDays * 86_400_000,
+        { error: `recordedAt is older than the retention window (${retentionDays} days)` },
+      ),
     temperatureC: z
       .number({ error: 'temperatureC must be a finite number' })
       .min(TEMPERATURE_MIN_C, { error: `temperatureC must be at least ${TEMPERATURE_MIN_C}` })
@@ -41,10 +51,14 @@ export function readingSchema(now: () => Date) {
 export type Reading = z.output<ReturnType<typeof readingSchema>>;
 
 /** The body of POST /v1/readings; `now` is the context's clock (tests move it). */
-export function readingsRequestSchema(options: { maxBatch: number; now: () => Date }) {
+export function readingsRequestSchema(options: {
+  maxBatch: number;
+  now: () => Date;
+  retentionDays?: number;
+}) {
   return z.object({
     readings: z
-      .array(readingSchema(options.now))
+      .array(readingSchema(options.now, options.retentionDays))
       .min(1, { error: 'readings must contain at least one reading' })
       .max(options.maxBatch, { error: `readings must contain at most ${options.maxBatch} readings` }),
   });

@@ -2,7 +2,9 @@
 // pending, delivered, failed and expired. Both sides are keyed by ingestion time, which is also the
 // outbox usage time, so for a billable organization they add up. Usage corrections: voided readings
 // are left out of readingsStored (counted in readingsVoided) and correction rows are reported apart
-// (correctedReadings), so readingsStored = sum(meteredReadings) - sum(correctedReadings).
+// (correctedReadings), so readingsStored = sum(meteredReadings) - sum(correctedReadings). After
+// storage maintenance, dropped readings (not voided) and compacted usage rows are counted from their
+// hourly rollups: totals over periods bounded on whole hours are unchanged.
 import { type Kysely, sql } from 'kysely';
 import { billableCustomerId } from '../billing/billable.js';
 import { type DB, OUTBOX_STATUSES, type OutboxStatus } from '../db/schema.js';
@@ -15,16 +17,30 @@ export async function usageForPeriod(
   to: Date,
 ): Promise<UsageView> {
   const [stored, metered, customerId] = await Promise.all([
+    // Stored readings not voided, plus those counted into readings_hourly_rollup when their
+    // partition was dropped; one statement, so a drop is seen wholly or not at all.
     sql<{ n: string; voided: string }>`
-      SELECT count(*) FILTER (WHERE voided_at IS NULL) AS n, count(voided_at) AS voided
-      FROM temperature_readings
-      WHERE organization_id = ${organizationId} AND ingested_at >= ${from} AND ingested_at < ${to}`.execute(
+      SELECT (SELECT count(*) FILTER (WHERE voided_at IS NULL) FROM temperature_readings
+               WHERE organization_id = ${organizationId} AND ingested_at >= ${from} AND ingested_at < ${to})
+           + (SELECT coalesce(sum(readings), 0) FROM readings_hourly_rollup
+               WHERE organization_id = ${organizationId} AND hour >= ${from} AND hour < ${to}) AS n,
+             (SELECT count(voided_at) FROM temperature_readings
+               WHERE organization_id = ${organizationId} AND ingested_at >= ${from} AND ingested_at < ${to}) AS voided`.execute(
       db,
     ),
+    // Outbox usage and corrections, plus delivered usage compacted into meter_usage_hourly.
     sql<{ status: OutboxStatus; kind: string; total: string }>`
-      SELECT status, kind, sum(value) AS total FROM meter_outbox
-      WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
-        AND occurred_at >= ${from} AND occurred_at < ${to}
+      SELECT status, kind, sum(total) AS total FROM (
+        SELECT status, kind, sum(value) AS total FROM meter_outbox
+         WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+           AND occurred_at >= ${from} AND occurred_at < ${to}
+         GROUP BY status, kind
+        UNION ALL
+        SELECT 'delivered', 'usage', sum(value) FROM meter_usage_hourly
+         WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+           AND hour >= ${from} AND hour < ${to}
+      ) AS usage_with_compacted
+      WHERE total IS NOT NULL
       GROUP BY status, kind`.execute(db),
     billableCustomerId(db, organizationId),
   ]);

@@ -53,6 +53,20 @@ export const queues = {
     // enough, the rest are dropped on insert.
     options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'stately', expireInSeconds: 5 * 60 }),
   },
+  /**
+   * Storage maintenance (issue 14): readings partitions ahead, retention drop, outbox compaction.
+   * Daily schedule plus one run at worker start-up; singleton: one queued run is enough.
+   */
+  'storage-maintenance': {
+    payload: z.object({}).passthrough(),
+    options: (): Omit<Queue, 'name'> => ({
+      retryLimit: 5,
+      retryDelay: 60,
+      retryBackoff: true,
+      policy: 'singleton',
+      expireInSeconds: 60 * 60,
+    }),
+  },
 } as const;
 
 export type QueueName = keyof typeof queues;

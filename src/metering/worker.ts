@@ -7,6 +7,7 @@ import { startMetricsServer } from '../observability/metrics-server.js';
 import { startActiveSensorReporting } from './active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from './delivery.js';
 import { ensureQueues } from './queues.js';
+import { startStorageMaintenance } from './storage-job.js';
 
 export interface WorkerRuntime {
   stop(): Promise<void>;
@@ -20,6 +21,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   await ctx.boss.start();
   await ensureQueues(ctx.boss, ctx.config);
   await startActiveSensorReporting(ctx);
+  await startStorageMaintenance(ctx);
   const delivery = await startDelivery(ctx, { observer: metricsDeliveryObserver(ctx.metrics), ...options });
   const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
   const metricsServer = ctx.config.WORKER_METRICS_PORT

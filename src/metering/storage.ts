@@ -1,0 +1,267 @@
+// Storage over time (issue 14): weekly partitions of temperature_readings created ahead, partitions
+// past READINGS_RETENTION_DAYS dropped (their per-hour reading counts kept first), and delivered
+// outbox rows older than OUTBOX_COMPACTION_DAYS compacted into hourly usage rollups. The worker runs
+// runStorageMaintenance at start-up and daily (queue 'storage-maintenance'). Every step is
+// idempotent and serialized across worker processes by one advisory lock.
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
+import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
+
+const DAY_MS = 86_400_000;
+const WEEK_MS = 7 * DAY_MS;
+/** Arbitrary constant: "meterbox storage" for pg_advisory_xact_lock. */
+export const STORAGE_LOCK_KEY = 0x6d62_7374;
+/** Partitions created ahead of the current week. */
+export const PARTITION_WEEKS_AHEAD = 4;
+/** A maintenance step waits at most this long for a table lock, so it never queues ingestion behind it. */
+const LOCK_TIMEOUT = '5s';
+const COMPACTION_BATCH = 10_000;
+
+/** Monday 00:00 UTC of the ISO week holding `at`. */
+export function weekStart(at: Date): Date {
+  const day = Date.UTC(at.getUTCFullYear(), at.getUTCMonth(), at.getUTCDate());
+  const weekday = (new Date(day).getUTCDay() + 6) % 7; // Monday = 0
+  return new Date(day - weekday * DAY_MS);
+}
+
+export function partitionName(start: Date): string {
+  return `temperature_readings_p${start.toISOString().slice(0, 10).replaceAll('-', '')}`;
+}
+
+/** The instant before which readings are refused and partitions dropped. */
+export function retentionCutoff(now: Date, retentionDays: number): Date {
+  return new Date(now.getTime() - retentionDays * DAY_MS);
+}
+
+export interface ReadingsPartition {
+  name: string;
+  /** null: MINVALUE (the converted legacy table) */
+  from: Date | null;
+  to: Date | null;
+  isDefault: boolean;
+}
+
+export async function listReadingsPartitions(db: Kysely<DB> | Transaction<DB>): Promise<ReadingsPartition[]> {
+  const result = await sql<{ name: string; bound: string; from_value: Date | null; to_value: Date | null }>`
+    SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
+           (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']*)''\\)'))[1]::timestamptz AS from_value,
+           (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']*)''\\)'))[1]::timestamptz AS to_value
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = 'temperature_readings'::regclass
+     ORDER BY to_value NULLS FIRST`.execute(db);
+  return result.rows.map((r) => ({
+    name: r.name,
+    from: r.from_value,
+    to: r.to_value,
+    isDefault: r.bound === 'DEFAULT',
+  }));
+}
+
+async function lockStorage(trx: Transaction<DB>): Promise<void> {
+  await sql`SELECT pg_advisory_xact_lock(${STORAGE_LOCK_KEY})`.execute(trx);
+  await sql.raw(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`).execute(trx);
+}
+
+const overlaps = (p: ReadingsPartition, from: Date, to: Date): boolean =>
+  !p.isDefault && (p.from === null || p.from < to) && (p.to === null || p.to > from);
+
+/**
+ * Creates the week partition starting at `start` unless a partition already covers any of it.
+ * Rows the DEFAULT partition holds for that week are moved into it in the same transaction. The
+ * parent is locked SHARE first: ingestion waits for the few milliseconds this takes (an INSERT that
+ * already held the parent could route a row with the old partition bounds to DEFAULT and fail its
+ * partition check after the attach), usage queries do not; then DEFAULT exclusively, then the new
+ * table is filled and attached. Parent before DEFAULT, as inserts lock them, so no deadlock.
+ * Returns whether it created the partition and how many rows it moved.
+ */
+export async function createWeekPartition(
+  db: Kysely<DB>,
+  start: Date,
+): Promise<{ created: boolean; moved: number }> {
+  const end = new Date(start.getTime() + WEEK_MS);
+  return db.transaction().execute(async (trx) => {
+    await lockStorage(trx);
+    const existing = await listReadingsPartitions(trx);
+    if (existing.some((p) => overlaps(p, start, end))) return { created: false, moved: 0 };
+    const name = sql.id(partitionName(start));
+    await sql`LOCK TABLE temperature_readings IN SHARE MODE`.execute(trx);
+    await sql`LOCK TABLE temperature_readings_default IN ACCESS EXCLUSIVE MODE`.execute(trx);
+    await sql`CREATE TABLE ${name} (LIKE temperature_readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)`.execute(
+      trx,
+    );
+    const moved = await sql`
+      WITH gone AS (
+        DELETE FROM temperature_readings_default
+         WHERE recorded_at >= ${start} AND recorded_at < ${end}
+        RETURNING sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
+      INSERT INTO ${name} (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
+      SELECT sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id FROM gone`.execute(
+      trx,
+    );
+    await sql`ALTER TABLE temperature_readings ATTACH PARTITION ${name}
+      FOR VALUES FROM (${sql.lit(start.toISOString())}) TO (${sql.lit(end.toISOString())})`.execute(trx);
+    return { created: true, moved: Number(moved.numAffectedRows ?? 0) };
+  });
+}
+
+/**
+ * Makes sure the partitions exist: from the current week to PARTITION_WEEKS_AHEAD weeks ahead, and
+ * every week (within retention) for which the DEFAULT partition holds readings.
+ */
+export async function ensureReadingsPartitions(
+  db: Kysely<DB>,
+  options: { now: Date; retentionDays: number; weeksAhead?: number },
+): Promise<{ created: string[]; moved: number }> {
+  const current = weekStart(options.now);
+  const starts = new Map<number, Date>();
+  for (let i = 0; i <= (options.weeksAhead ?? PARTITION_WEEKS_AHEAD); i++) {
+    const start = new Date(current.getTime() + i * WEEK_MS);
+    starts.set(start.getTime(), start);
+  }
+  const cutoff = retentionCutoff(options.now, options.retentionDays);
+  const stray = await sql<{ week: Date }>`
+    SELECT DISTINCT (date_trunc('week', recorded_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') AS week
+      FROM temperature_readings_default
+     WHERE recorded_at >= ${weekStart(cutoff)}`.execute(db);
+  for (const row of stray.rows) starts.set(row.week.getTime(), row.week);
+  const created: string[] = [];
+  let moved = 0;
+  for (const start of [...starts.values()].sort((a, b) => a.getTime() - b.getTime())) {
+    const result = await createWeekPartition(db, start);
+    if (result.created) created.push(partitionName(start));
+    moved += result.moved;
+  }
+  return { created, moved };
+}
+
+/** Adds per-organization, per-hour (of ingested_at) counts of `source`'s rows to readings_hourly_rollup. */
+function rollUpReadings(source: RawBuilder<unknown>) {
+  return sql`
+    INSERT INTO readings_hourly_rollup (organization_id, hour, readings)
+    SELECT organization_id, date_trunc('hour', ingested_at), count(*) FROM ${source}
+     WHERE voided_at IS NULL
+     GROUP BY 1, 2
+    HAVING count(*) > 0
+    ON CONFLICT (organization_id, hour) DO UPDATE
+      SET readings = readings_hourly_rollup.readings + excluded.readings`;
+}
+
+/**
+ * Drops every partition wholly before the retention cutoff, after adding its readings' hourly
+ * counts to readings_hourly_rollup in the same transaction (usage keeps its totals). Readings of
+ * the DEFAULT partition before the cutoff are counted and deleted the same way.
+ */
+export async function dropExpiredPartitions(
+  db: Kysely<DB>,
+  options: { now: Date; retentionDays: number },
+): Promise<{ dropped: string[]; defaultRowsDeleted: number }> {
+  const cutoff = retentionCutoff(options.now, options.retentionDays);
+  const partitions = await listReadingsPartitions(db);
+  const dropped: string[] = [];
+  for (const p of partitions) {
+    if (p.isDefault || p.to === null || p.to > cutoff) continue;
+    const done = await db.transaction().execute(async (trx) => {
+      await lockStorage(trx);
+      const still = (await listReadingsPartitions(trx)).some((q) => q.name === p.name);
+      if (!still) return false;
+      const name = sql.id(p.name);
+      // No writes into it while it is counted (ingestion refuses these readings anyway).
+      await sql`LOCK TABLE ${name} IN SHARE MODE`.execute(trx);
+      await rollUpReadings(name).execute(trx);
+      await sql`ALTER TABLE temperature_readings DETACH PARTITION ${name}`.execute(trx);
+      await sql`DROP TABLE ${name}`.execute(trx);
+      return true;
+    });
+    if (done) dropped.push(p.name);
+  }
+  const defaultRowsDeleted = await db.transaction().execute(async (trx) => {
+    await lockStorage(trx);
+    const result = await sql`
+      WITH gone AS (
+        DELETE FROM temperature_readings_default WHERE recorded_at < ${cutoff}
+        RETURNING organization_id, ingested_at, voided_at)
+      INSERT INTO readings_hourly_rollup (organization_id, hour, readings)
+      SELECT organization_id, date_trunc('hour', ingested_at), count(*) FROM gone
+       WHERE voided_at IS NULL GROUP BY 1, 2
+      ON CONFLICT (organization_id, hour) DO UPDATE
+        SET readings = readings_hourly_rollup.readings + excluded.readings
+      RETURNING readings`.execute(trx);
+    return result.rows.reduce((sum: number, r) => sum + Number((r as { readings: string }).readings), 0);
+  });
+  return { dropped, defaultRowsDeleted };
+}
+
+/**
+ * Moves delivered outbox rows delivered and occurred before now − compactionDays into
+ * meter_usage_hourly, in batches, each batch one statement (delete + upsert), so a row is counted
+ * exactly once whatever crashes. Returns the rows compacted.
+ */
+export async function compactOutbox(
+  db: Kysely<DB>,
+  options: { now: Date; compactionDays: number },
+): Promise<number> {
+  const cutoff = new Date(options.now.getTime() - options.compactionDays * DAY_MS);
+  let total = 0;
+  for (;;) {
+    const result = await sql<{ n: string }>`
+      WITH batch AS (
+        SELECT id FROM meter_outbox
+         WHERE status = 'delivered' AND delivered_at < ${cutoff} AND occurred_at < ${cutoff}
+           -- Usage only: correction rows stay, for corrections and reconciliation to see them.
+           AND kind = 'usage'
+         ORDER BY id LIMIT ${COMPACTION_BATCH}
+         FOR UPDATE SKIP LOCKED
+      ), gone AS (
+        DELETE FROM meter_outbox o USING batch WHERE o.id = batch.id
+        RETURNING o.id, o.organization_id, o.event_name, o.stripe_customer_id, o.occurred_at, o.value
+      ), hourly AS (
+        INSERT INTO meter_usage_hourly AS h
+          (organization_id, event_name, stripe_customer_id, hour, value, events, last_occurred_at, last_value)
+        SELECT organization_id, event_name, stripe_customer_id, date_trunc('hour', occurred_at),
+               sum(value), count(*), max(occurred_at),
+               (array_agg(value ORDER BY occurred_at DESC, id DESC))[1]
+          FROM gone GROUP BY 1, 2, 3, 4
+        ON CONFLICT (organization_id, event_name, stripe_customer_id, hour) DO UPDATE SET
+          value = h.value + excluded.value,
+          events = h.events + excluded.events,
+          last_occurred_at = greatest(h.last_occurred_at, excluded.last_occurred_at),
+          last_value = CASE WHEN excluded.last_occurred_at >= h.last_occurred_at
+                            THEN excluded.last_value ELSE h.last_value END
+      )
+      SELECT count(*) AS n FROM gone`.execute(db);
+    const n = Number(result.rows[0]?.n ?? 0);
+    total += n;
+    if (n < COMPACTION_BATCH) return total;
+  }
+}
+
+export interface StorageSettings {
+  READINGS_RETENTION_DAYS: number;
+  OUTBOX_COMPACTION_DAYS: number;
+}
+
+/** One maintenance pass: partitions ahead, retention, compaction. */
+export async function runStorageMaintenance(deps: {
+  db: Kysely<DB>;
+  log: Logger;
+  clock: { now(): Date };
+  config: StorageSettings;
+}): Promise<void> {
+  const now = deps.clock.now();
+  const retentionDays = deps.config.READINGS_RETENTION_DAYS;
+  const ensured = await ensureReadingsPartitions(deps.db, { now, retentionDays });
+  const expired = await dropExpiredPartitions(deps.db, { now, retentionDays });
+  const compacted = await compactOutbox(deps.db, { now, compactionDays: deps.config.OUTBOX_COMPACTION_DAYS });
+  if (ensured.created.length || expired.dropped.length || expired.defaultRowsDeleted || compacted) {
+    deps.log.info(
+      {
+        created: ensured.created,
+        movedFromDefault: ensured.moved,
+        dropped: expired.dropped,
+        defaultRowsDeleted: expired.defaultRowsDeleted,
+        compacted,
+      },
+      'storage maintenance',
+    );
+  }
+}
