@@ -109,7 +109,23 @@ describe('worker crashes', () => {
     // Recovery: faults off, the survivors (and the sweep) finish the backlog.
     emulator.setFaults({});
     // Generous: on a loaded 2-core CI machine the backlog of retries takes a while to drain.
-    await waitFor('every outbox row delivered', () => allSettled(ctx.db), 120_000);
+    await waitFor('every outbox row delivered', () => allSettled(ctx.db), 120_000).catch(
+      async (err: unknown) => {
+        // Say what is stuck: the pending rows' keys, their jobs, leases and the shared budget.
+        const dump = async (query: string) => (await ctx.pool.query(query)).rows;
+        console.error('[delivery crash] stuck', {
+          pending:
+            await dump(`SELECT stripe_customer_id, event_name, identifier, attempts, last_error, count(*)
+          FROM meter_outbox WHERE status = 'pending' GROUP BY 1, 2, 3, 4, 5 LIMIT 20`),
+          jobs: await dump(`SELECT singleton_key, state, retry_count, start_after, started_on, output
+          FROM pgboss.job WHERE name = 'meter-delivery' AND state < 'completed' LIMIT 20`),
+          leases: await dump('SELECT *, clock_timestamp() AS now FROM meter_delivery_lease'),
+          budget: await dump('SELECT *, clock_timestamp() AS now FROM meter_call_budget'),
+          workers: workers.map((w) => (w.stdout + w.stderr).slice(-2000)),
+        });
+        throw err;
+      },
+    );
 
     const check = await compareWithEmulator(ctx.db, emulator);
     const counters = emulator.counters();
