@@ -108,7 +108,8 @@ describe('API keys', () => {
     expect(revoked.status).toBe(200);
     const revokedAt = ((await revoked.json()) as KeyJson).revokedAt;
     expect(revokedAt).not.toBeNull();
-    expect((await sensorsWith(first.key)).status).toBe(401);
+    // Revocation reaches every API process's key cache within a second (NOTIFY), this one included.
+    await vi.waitFor(async () => expect((await sensorsWith(first.key)).status).toBe(401), { timeout: 1_000 });
     expect((await sensorsWith(second.key)).status).toBe(200);
     // Idempotent: revoking again keeps the first revocation time.
     const again = await admin('DELETE', `/admin/organizations/${organization.id}/keys/${first.id}`);
@@ -225,7 +226,9 @@ describe('meterbox org|key commands', () => {
     output = [];
     expect(await run('key revoke', {}, [created.apiKey.id])).toBe(0);
     expect(output.join('\n')).toMatch(/revoked/);
-    expect((await sensorsWith(created.apiKey.key)).status).toBe(401);
+    await vi.waitFor(async () => expect((await sensorsWith(created.apiKey.key)).status).toBe(401), {
+      timeout: 1_000,
+    });
   });
 
   it('links a subscription from the command line', async () => {
