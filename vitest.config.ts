@@ -1,14 +1,35 @@
-import { defineConfig } from 'vitest/config';
+import { configDefaults, defineConfig } from 'vitest/config';
+
+/**
+ * Process-killing end-to-end tests measure recovery against deadlines; sharing 2 cores with every
+ * other test file made their drain deadline a matter of luck. They run as a second group, alone,
+ * after the rest of the suite (same `npm test`, same assertions).
+ */
+const ALONE = ['test/e2e/delivery-crash.test.ts'];
 
 export default defineConfig({
   test: {
-    include: ['test/**/*.test.ts'],
     globalSetup: ['test/helpers/global-setup.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
     pool: 'forks',
     // Each file has its own database, so files run in parallel; 2 cores here, more elsewhere.
     fileParallelism: true,
-    reporters: process.env.CI ? ['default'] : ['default'],
+    reporters: ['default'],
+    projects: [
+      {
+        extends: true,
+        test: {
+          name: 'suite',
+          include: ['test/**/*.test.ts'],
+          exclude: [...configDefaults.exclude, ...ALONE],
+          sequence: { groupOrder: 0 },
+        },
+      },
+      {
+        extends: true,
+        test: { name: 'alone', include: ALONE, sequence: { groupOrder: 1 } },
+      },
+    ],
   },
 });
