@@ -64,6 +64,21 @@ function rejectSignature(err: Stripe.errors.StripeSignatureVerificationError): n
 }
 
 /**
+ * The SDK only refuses signatures older than the tolerance; one dated further ahead than the
+ * tolerance is refused the same way (a signing clock that far off, or a forged timestamp, is not a
+ * fresh delivery). The header's `t=` is read here; a header without one fails verification anyway.
+ */
+function rejectFutureSignature(signatureHeader: string, receivedAtMs: number): void {
+  const t = /(?:^|,)\s*t=(\d+)/.exec(signatureHeader)?.[1];
+  if (t !== undefined && Number(t) * 1000 - receivedAtMs > SIGNATURE_TOLERANCE_SECONDS * 1000) {
+    throw new WebhookRejectedError(
+      'stale_signature',
+      `the signature timestamp is more than ${SIGNATURE_TOLERANCE_SECONDS} seconds in the future`,
+    );
+  }
+}
+
+/**
  * Verifies `signatureHeader` over `rawBody` with `secret` and returns the event's envelope.
  * Throws WebhookRejectedError for a missing/bad/stale signature or a body that is not an event.
  * `receivedAtMs` lets a test clock decide staleness.
@@ -77,6 +92,7 @@ export function verifyStripeWebhook(
   if (!signatureHeader) {
     throw new WebhookRejectedError('missing_signature', 'the Stripe-Signature header is missing');
   }
+  rejectFutureSignature(signatureHeader, receivedAtMs);
   try {
     const event = Stripe.webhooks.constructEvent(
       rawBody,

@@ -97,6 +97,8 @@ describe('POST /webhooks/stripe: verification', () => {
     ['a garbage signature header', { signature: 'nonsense' }],
     ['a signature made with another secret', { secret: 'whsec_someone_else' }],
     ['a signature older than 300 s', { timestamp: Math.floor(Date.now() / 1000) - 301 }],
+    // The tolerance holds both ways: a signature dated ahead is no fresher than a replayed one.
+    ['a signature dated a year ahead', { timestamp: Math.floor(Date.now() / 1000) + 365 * 86_400 }],
   ])('answers 400 and writes nothing for %s', async (_name, options) => {
     const { organizationId, customer, sub } = await linkedOrganization();
     const event = pastDueEvent(customer, sub);
@@ -111,6 +113,23 @@ describe('POST /webhooks/stripe: verification', () => {
     const { customer, sub } = await linkedOrganization();
     const res = await deliver(app, pastDueEvent(customer, sub), {
       timestamp: Math.floor(Date.now() / 1000) - 299,
+    });
+    expect(res.status).toBe(200);
+  });
+
+  it('answers 400 and writes nothing for a signature dated 301 s ahead', async () => {
+    const { organizationId, customer, sub } = await linkedOrganization();
+    const event = pastDueEvent(customer, sub);
+    const res = await deliver(app, event, { timestamp: Math.floor(Date.now() / 1000) + 302 });
+    expect(res.status).toBe(400);
+    expect(await eventRows(event.id)).toHaveLength(0);
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
+  });
+
+  it('accepts a signature dated 299 s ahead (clock skew inside the tolerance)', async () => {
+    const { customer, sub } = await linkedOrganization();
+    const res = await deliver(app, pastDueEvent(customer, sub), {
+      timestamp: Math.floor(Date.now() / 1000) + 299,
     });
     expect(res.status).toBe(200);
   });
