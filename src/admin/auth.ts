@@ -68,7 +68,7 @@ export function hasSession(ctx: Pick<Context, 'config' | 'clock'>, c: HonoContex
  * SameSite=Strict already keeps the cookie off cross-site requests; refusing a foreign Origin on
  * state-changing cookie requests is the second lock, for browsers that ignore SameSite.
  */
-function crossSite(c: HonoContext<AppEnv>): boolean {
+export function crossSite(c: HonoContext<AppEnv>): boolean {
   if (c.req.method === 'GET' || c.req.method === 'HEAD') return false;
   const origin = c.req.header('origin');
   if (!origin || origin === 'null') return origin === 'null';

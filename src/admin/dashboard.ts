@@ -10,7 +10,7 @@ import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
-import { endSession, requireAdmin, startSession, tokenMatches } from './auth.js';
+import { crossSite, endSession, requireAdmin, startSession, tokenMatches } from './auth.js';
 import {
   listOutbox,
   type OutboxRowView,
@@ -382,6 +382,8 @@ export function dashboardRoutes(ctx: DashboardDeps): HttpModule {
 
   app.post('/logout', (c) => {
     off();
+    // Like every other admin form: a foreign Origin cannot sign the operator out (logout CSRF).
+    if (crossSite(c)) throw new AppError(403, 'forbidden', 'cross-site request refused');
     endSession(c);
     return c.redirect('/admin', 303);
   });

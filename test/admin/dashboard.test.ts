@@ -115,6 +115,22 @@ describe('dashboard sign-in', () => {
     expect(res.status).toBe(303);
     expect(res.headers.get('set-cookie')).toMatch(/meterbox_admin=;.*Max-Age=0/);
   });
+
+  it('refuses a sign-out posted from another origin, keeping the session', async () => {
+    const cookie = await login();
+    const res = await app.request('/admin/logout', {
+      method: 'POST',
+      headers: { cookie, origin: 'https://evil.example' },
+    });
+    expect(res.status).toBe(403);
+    expect(res.headers.get('set-cookie')).toBeNull();
+    // The same origin still signs out.
+    const same = await app.request('http://localhost/admin/logout', {
+      method: 'POST',
+      headers: { cookie, origin: 'http://localhost', host: 'localhost' },
+    });
+    expect(same.status).toBe(303);
+  });
 });
 
 describe('dashboard content', () => {
