@@ -65,6 +65,8 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     '*',
     bodyLimit({
       maxSize: ctx.config.BODY_LIMIT_BYTES,
+      // The rest of the body is never read, so the connection cannot carry another request: say so
+      // (Node then closes it after the answer) instead of letting the client reuse a dead socket.
       onError: (c) =>
         c.json(
           errorBody(
@@ -75,6 +77,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
             ),
           ),
           413,
+          { Connection: 'close' },
         ),
     }),
   );
@@ -83,6 +86,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     const known = toAppError(err);
     if (known) {
       for (const [name, value] of Object.entries(known.headers)) c.header(name, value);
+      if (known.status === 413) c.header('Connection', 'close');
       if (known.status >= 500) log.warn({ err, path: c.req.path }, known.message);
       return c.json(errorBody(known), known.status);
     }

@@ -73,6 +73,8 @@ describe('HTTP skeleton', () => {
     expect(ok.status).toBe(200);
     const res = await app.request('/test/echo', { method: 'POST', body: 'x'.repeat(5000) });
     expect(res.status).toBe(413);
+    // The unread rest of the body makes the connection unusable: the client is told to close it.
+    expect(res.headers.get('connection')).toBe('close');
     expect(await res.json()).toMatchObject({ error: { code: 'payload_too_large' } });
   });
 

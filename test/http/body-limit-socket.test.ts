@@ -1,0 +1,46 @@
+// A 413 over a real keep-alive socket: the rest of the body is never read, so the answer tells the
+// client to close the connection instead of letting it send its next request into a dead socket.
+import { request } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { expect, it } from 'vitest';
+import { createApp } from '../../src/http/app.js';
+import { createTestContext } from '../helpers/database.js';
+
+it('answers 413 with Connection: close on a kept-alive socket', async () => {
+  const ctx = await createTestContext({ BODY_LIMIT_BYTES: '2048' });
+  const server = serve({ fetch: createApp(ctx).fetch, port: 0, hostname: '127.0.0.1' });
+  try {
+    await new Promise<void>((resolve) => server.once('listening', () => resolve()));
+    const { port } = server.address() as AddressInfo;
+    const answer = await new Promise<{ status: number; connection: string | undefined; body: string }>(
+      (resolve, reject) => {
+        const req = request(
+          {
+            host: '127.0.0.1',
+            port,
+            method: 'POST',
+            path: '/v1/readings',
+            headers: { 'content-type': 'application/json', connection: 'keep-alive' },
+          },
+          (res) => {
+            let body = '';
+            res.on('data', (chunk: Buffer) => {
+              body += chunk.toString();
+            });
+            res.on('end', () =>
+              resolve({ status: res.statusCode ?? 0, connection: res.headers.connection, body }),
+            );
+          },
+        );
+        req.on('error', reject);
+        req.end('x'.repeat(100_000));
+      },
+    );
+    expect(answer.status).toBe(413);
+    expect(answer.connection).toBe('close');
+    expect(JSON.parse(answer.body)).toMatchObject({ error: { code: 'payload_too_large' } });
+  } finally {
+    server.close();
+  }
+});
