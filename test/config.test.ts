@@ -33,11 +33,12 @@ describe('loadConfig', () => {
     ).toBe(500);
   });
 
-  it('refuses DELIVERY_TRANSPORT=v2 at start-up with a clear message until the v2 transport is wired', () => {
-    const config = loadConfig({ DELIVERY_TRANSPORT: 'v2' });
-    expect(() =>
-      chooseTransport(config, createStripeClient(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))!),
-    ).toThrow(/DELIVERY_TRANSPORT=v2 is not available/);
+  it('chooses the transport from DELIVERY_TRANSPORT: v1 one event per call, v2 up to 100', () => {
+    const stripe = createStripeClient(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))!;
+    const v1 = chooseTransport(loadConfig({}), stripe);
+    expect([v1.kind, v1.maxEventsPerCall]).toEqual(['v1', 1]);
+    const v2 = chooseTransport(loadConfig({ DELIVERY_TRANSPORT: 'v2' }), stripe);
+    expect([v2.kind, v2.maxEventsPerCall]).toEqual(['v2', 100]);
   });
 
   it('treats empty strings as unset', () => {

@@ -203,9 +203,9 @@ async function handleCheckoutCompleted(
 }
 
 async function handleMeterErrorReport(trx: Transaction<DB>, event: VerifiedEvent, log: Logger) {
-  await recordMeterErrorReport(trx, event);
+  const failedRows = await recordMeterErrorReport(trx, event);
   // The operator's signal that Stripe rejected usage after accepting it.
-  log.warn({ eventId: event.id, type: event.type }, 'Stripe reported meter event errors');
+  log.warn({ eventId: event.id, type: event.type, failedRows }, 'Stripe reported meter event errors');
   return { outcome: 'applied' } as const;
 }
 

@@ -23,6 +23,57 @@ const errorReportNotification = z.object({
     .nullish(),
 });
 
+const sampledErrors = z.array(
+  z.object({
+    code: z.string(),
+    sample_errors: z
+      .array(
+        z.object({
+          error_message: z.string().nullish(),
+          request: z.object({ identifier: z.string().nullish() }).nullish(),
+        }),
+      )
+      .nullish(),
+  }),
+);
+
+/**
+ * Stripe has not documented a code for a repeated identifier on the stream; meterbox resends an
+ * identifier after an ambiguous answer (a timeout, a 500 after acceptance), so any code naming a
+ * duplicate means "already received" and leaves its rows delivered.
+ */
+const DUPLICATE_CODE = /duplicate/i;
+
+/**
+ * The rows behind the identifiers Stripe sampled in an error report become `failed` with Stripe's
+ * code and message (listed in the dashboard and the admin API, and retryable from there). Only
+ * delivered rows change: the report is about events Stripe had accepted. Returns the rows changed.
+ */
+export async function failReportedEvents(trx: Transaction<DB>, errorTypes: unknown): Promise<number> {
+  const parsed = sampledErrors.safeParse(errorTypes);
+  if (!parsed.success) return 0;
+  let changed = 0;
+  for (const type of parsed.data) {
+    if (DUPLICATE_CODE.test(type.code)) continue;
+    for (const sample of type.sample_errors ?? []) {
+      const identifier = sample.request?.identifier;
+      if (!identifier) continue;
+      const message = (sample.error_message ?? '').slice(0, 500);
+      const result = await trx
+        .updateTable('meter_outbox')
+        .set({
+          status: 'failed',
+          last_error: `stripe error report: ${type.code}${message ? `: ${message}` : ''}`,
+        })
+        .where('identifier', '=', identifier)
+        .where('status', '=', 'delivered')
+        .executeTakeFirst();
+      changed += Number(result.numUpdatedRows);
+    }
+  }
+  return changed;
+}
+
 export interface MeterErrorReport {
   id: string;
   eventId: string;
@@ -37,11 +88,14 @@ export interface MeterErrorReport {
   receivedAt: Date;
 }
 
-/** Records one report; the stripe_events row of `eventId` must exist in the same transaction. */
+/**
+ * Records one report and fails the outbox rows it names (returns how many); the stripe_events row
+ * of `eventId` must exist in the same transaction.
+ */
 export async function recordMeterErrorReport(
   trx: Transaction<DB>,
   event: { id: string; created: Date; livemode: boolean; object: Record<string, unknown> },
-): Promise<void> {
+): Promise<number> {
   const parsed = errorReportNotification.safeParse(event.object);
   const notification = parsed.success ? parsed.data : { related_object: null, data: null };
   const data = notification.data;
@@ -60,6 +114,7 @@ export async function recordMeterErrorReport(
     })
     .onConflict((oc) => oc.column('event_id').doNothing())
     .execute();
+  return failReportedEvents(trx, data?.reason?.error_types ?? null);
 }
 
 export interface MeterErrorReportPage {

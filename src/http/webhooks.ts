@@ -4,6 +4,7 @@ import { Hono } from 'hono';
 import { z } from 'zod';
 import type { EventHandlers } from '../billing/handlers.js';
 import { processStripeEvent } from '../billing/process.js';
+import { completeThinEvent } from '../billing/thin-events.js';
 import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js';
 import type { Context } from '../context.js';
 import { isDatabaseUnavailable } from '../db/errors.js';
@@ -22,7 +23,7 @@ export interface WebhookRouteOptions {
 }
 
 export function webhookRoutes(
-  ctx: Pick<Context, 'config' | 'db' | 'log' | 'clock'>,
+  ctx: Pick<Context, 'config' | 'db' | 'log' | 'clock' | 'stripe'>,
   options: WebhookRouteOptions = {},
 ): HttpModule {
   const log = ctx.log.child({ component: 'webhooks' });
@@ -51,6 +52,8 @@ export function webhookRoutes(
       throw err;
     }
     try {
+      // A thin event's data comes from Stripe, fetched before the event's transaction opens.
+      event = await completeThinEvent(ctx.stripe, event);
       const result = await processStripeEvent(ctx.db, event, {
         log,
         ...(options.handlers ? { handlers: options.handlers } : {}),

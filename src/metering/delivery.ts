@@ -9,12 +9,15 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { createCallBatcher } from './call-batcher.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { type DeliveryDeps, type DeliveryObserver, handleDeliveryJob } from './drain.js';
 import type { QueuePayload } from './queues.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport } from './transport.js';
+import { createV2Transport } from './transport-v2.js';
 
 export {
   claimGroup,
@@ -48,12 +51,44 @@ function meterTransport(meter: StripeMeterClient): MeterTransport {
   return { kind: 'v1', maxEventsPerCall: 1, send: (events) => Promise.all(events.map((e) => meter.send(e))) };
 }
 
-/** DELIVERY_TRANSPORT's transport; v2 is wired by the lead once createV2Transport lands (d12v2). */
+/** DELIVERY_TRANSPORT's transport: v1 meter events (default) or the v2 meter event stream. */
 export function chooseTransport(config: Config, stripe: Stripe): MeterTransport {
-  if (config.DELIVERY_TRANSPORT === 'v2') {
-    throw new Error('DELIVERY_TRANSPORT=v2 is not available in this build yet; use DELIVERY_TRANSPORT=v1');
-  }
-  return createV1Transport(stripe);
+  return config.DELIVERY_TRANSPORT === 'v2' ? createV2Transport(stripe) : createV1Transport(stripe);
+}
+
+/** How long the first event of a v2 call waits for other keys' events when fewer than 100 wait. */
+const STREAM_LINGER_MS = 20;
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * A transport that carries many events per call (v2) is shared by every drain of this process
+ * through a batcher: one budget slot per call of up to 100 keys' events. v1 stays one event per
+ * call, its slot taken by the drain (which can defer its key when the budget is booked far ahead).
+ */
+export function withCallBatching(
+  transport: MeterTransport,
+  deps: { db: Kysely<DB>; config: Config; observer?: DeliveryObserver },
+): MeterTransport {
+  if (transport.maxEventsPerCall <= 1 || transport.budgeted) return transport;
+  const rate = callsPerSecond(deps.config);
+  return createCallBatcher(transport, {
+    lingerMs: STREAM_LINGER_MS,
+    async takeSlot() {
+      for (;;) {
+        const slot = await reserveCalls(deps.db, rate);
+        if (slot.granted) {
+          if (slot.waitMs > 0) await sleep(slot.waitMs);
+          return;
+        }
+        // Booked more than BUDGET_MAX_WAIT_MS ahead (after 429s): the events wait in memory, their
+        // drains holding only their leases, which outlast this by far.
+        await sleep(slot.waitMs);
+      }
+    },
+    onRateLimited: () => recordRateLimited(deps.db, rate),
+    ...(deps.observer?.onInFlight ? { onInFlight: deps.observer.onInFlight } : {}),
+  });
 }
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
@@ -151,17 +186,22 @@ export async function startDelivery(
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
   const log = ctx.log.child({ component: 'delivery' });
-  const transport =
+  const chosen =
     options.transport ??
     (options.meter
       ? meterTransport(options.meter)
       : ctx.stripe
         ? chooseTransport(ctx.config, ctx.stripe)
         : undefined);
-  if (!transport) {
+  if (!chosen) {
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
   }
+  const transport = withCallBatching(chosen, {
+    db: ctx.db,
+    config: ctx.config,
+    ...(options.observer ? { observer: options.observer } : {}),
+  });
   const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
   let stopping = false;
   const workers = await workDeliveries({

@@ -149,22 +149,27 @@ export async function drainKey(
         if (events > 0 && !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))) {
           return { kind: 'busy' };
         }
-        const slot = await reserveCalls(conn, rate);
-        // Budget booked too far ahead: the claimed group (identifier committed) waits for the key's
-        // next job, deferred by that long; nothing is held meanwhile.
-        if (!slot.granted) return { kind: 'paced', events, waitMs: slot.waitMs };
-        if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
-        // A long wait (the budget slowed down after 429s) could outlast the lease: renew it, and if
-        // another drain took the key meanwhile, leave the call to it (the slot goes unused).
-        if (
-          slot.waitMs > LEASE_RENEW_AFTER_WAIT_MS &&
-          !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))
-        ) {
-          return { kind: 'busy' };
+        // A batching transport (v2) takes one slot per call of many keys' events itself;
+        // corrections always go through v1 calls of their own and take their slot here.
+        const batched = deps.transport.budgeted === true && !correction;
+        if (!batched) {
+          const slot = await reserveCalls(conn, rate);
+          // Budget booked too far ahead: the claimed group (identifier committed) waits for the key's
+          // next job, deferred by that long; nothing is held meanwhile.
+          if (!slot.granted) return { kind: 'paced', events, waitMs: slot.waitMs };
+          if (slot.waitMs > 0) await new Promise((r) => setTimeout(r, slot.waitMs));
+          // A long wait (the budget slowed down after 429s) could outlast the lease: renew it, and if
+          // another drain took the key meanwhile, leave the call to it (the slot goes unused).
+          if (
+            slot.waitMs > LEASE_RENEW_AFTER_WAIT_MS &&
+            !(await acquireLease(conn, customerId, eventName, owner, leaseSeconds))
+          ) {
+            return { kind: 'busy' };
+          }
         }
 
         const callStarted = performance.now();
-        observer.onInFlight?.(1);
+        if (!batched) observer.onInFlight?.(1);
         let outcome: SendOutcome;
         try {
           // Corrections always go through the v1 API (adjustments have no stream equivalent here).
@@ -186,7 +191,7 @@ export async function drainKey(
             message: 'transport returned no outcome',
           };
         } finally {
-          observer.onInFlight?.(-1);
+          if (!batched) observer.onInFlight?.(-1);
         }
         observer.onCall?.(outcome.kind, performance.now() - callStarted, eventName);
         // Spacing counts from the answer, which comes after Stripe received the call: two calls
@@ -225,7 +230,8 @@ export async function drainKey(
             if (outcome.reason === 'rate_limited') {
               // Not the key's failure: every worker slows down, and the group (same identifier) is
               // resent within seconds; it never counts toward DELIVERY_RETRY_LIMIT nor dead-letters.
-              await recordRateLimited(conn, rate);
+              // (A batching transport slowed the budget once for the whole call.)
+              if (!batched) await recordRateLimited(conn, rate);
               await recordError(conn, group.identifier, message);
               observer.onRateLimited?.(eventName);
               return { kind: 'rate_limited', events, identifier: group.identifier };

@@ -15,6 +15,11 @@ export interface MeterTransport {
    * answer from Stripe or the network (a whole-call failure is that outcome for every event).
    */
   send(events: readonly MeterEventInput[]): Promise<SendOutcome[]>;
+  /**
+   * True when the transport takes the account-wide call budget itself, one slot per call of many
+   * events (call-batcher.ts); false or absent: the drain takes one slot per event before send.
+   */
+  readonly budgeted?: boolean;
   /** Releases what the transport holds (a v2 session); safe to call twice. */
   close?(): Promise<void>;
 }

@@ -9,6 +9,7 @@ import { type HttpBindings, serve } from '@hono/node-server';
 import { type Context, Hono } from 'hono';
 import { z } from 'zod';
 import { registerAdjustmentRoutes } from './adjustments.js';
+import { createErrorReporter } from './error-reports.js';
 import { internalError, missingParam, rateLimited, StripeApiError, unauthorized } from './errors.js';
 import { type FaultDecision, FaultInjector, type Faults, type FaultsInput, faultsSchema } from './faults.js';
 import { parseForm } from './form.js';
@@ -54,8 +55,17 @@ export interface StripeEmulatorOptions {
   sandbox?: boolean;
   /** Account-wide meter-event calls per second (v1 endpoint). Default 1,000 (25 with sandbox). */
   ratePerSecond?: number;
-  /** Calls per second on the v2 stream. Default 10,000. */
+  /** Calls per second on the v2 stream. Default 10,000 (25 with sandbox, a sandbox's limit). */
   streamRatePerSecond?: number;
+  /**
+   * Where v2 stream events rejected asynchronously are reported (signed thin events
+   * `v1.billing.meter.error_report_triggered`, one per meter per validation window); the full
+   * events are served from GET /v2/core/events/:id either way.
+   */
+  webhookUrl?: string;
+  webhookSecret?: string;
+  /** Length of a validation window before its rejections are reported. Default 10 s (Stripe's examples). */
+  errorReportWindowMs?: number;
   /** Concurrent v1 calls allowed per customer per meter; Stripe allows one. */
   concurrencyPerCustomerMeter?: number;
   /** Seed of the fault PRNG (default 1). */
@@ -100,6 +110,10 @@ export interface StripeEmulator {
   concurrency(): ConcurrencyPeak[];
   /** v2 stream events rejected after the call was accepted (what Stripe reports in error reports). */
   asyncErrors(): AsyncError[];
+  /** Reports the open validation window's rejections now instead of at its end. */
+  flushErrorReports(): Promise<void>;
+  /** Where error reports are sent from now on (the webhookUrl/webhookSecret options, set later). */
+  setWebhookEndpoint(endpoint: { url: string; secret: string } | undefined): void;
   meters(): MeterDefinition[];
   customers(): Customer[];
   createCustomer(input?: CreateCustomerInput): Customer;
@@ -142,13 +156,23 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
   const limiter = new RateLimiter(
     options.ratePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : LIVE_RATE_PER_SECOND),
   );
-  const streamLimiter = new RateLimiter(options.streamRatePerSecond ?? STREAM_RATE_PER_SECOND);
+  const streamLimiter = new RateLimiter(
+    options.streamRatePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : STREAM_RATE_PER_SECOND),
+  );
   const concurrencyLimit = options.concurrencyPerCustomerMeter ?? 1;
   const sessionTtlMs = options.sessionTtlMs ?? SESSION_TTL_MS;
   const sessions = new Map<string, { id: string; expiresAt: number; livemode: boolean }>();
   /** Pending sleeps and hangs, woken early by stop() so it never waits on an injected delay. */
   const wakers = new Set<() => void>();
   let stopped = false;
+  const errorReports = createErrorReporter({
+    clock,
+    meters: () => [...state.meters.values()],
+    windowMs: options.errorReportWindowMs ?? 10_000,
+    ...(options.webhookUrl ? { webhookUrl: options.webhookUrl } : {}),
+    ...(options.webhookSecret ? { webhookSecret: options.webhookSecret } : {}),
+    onLog: (level, msg, fields) => log(level, msg, fields),
+  });
 
   // Persistence: one write at a time, coalescing changes made while a write runs.
   const persistPath = options.persistPath;
@@ -489,13 +513,14 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
         const duplicate = result.error.message.startsWith('An event already exists');
         if (duplicate) state.counters.streamEventsDuplicate += 1;
         else state.counters.streamEventsRejected += 1;
-        state.asyncErrors.push({
+        const rejected = {
           code: duplicate ? 'duplicate_identifier' : (result.error.code ?? 'invalid'),
           message: result.error.message,
           identifier: typeof e.identifier === 'string' ? e.identifier : null,
           event_name: typeof e.event_name === 'string' ? e.event_name : null,
-          receivedAt: now,
-        });
+        };
+        state.asyncErrors.push({ ...rejected, receivedAt: now });
+        errorReports.reject(rejected);
       }
       state.counters.accepted += 1;
       changed();
@@ -504,6 +529,22 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     } finally {
       if (idem.kind === 'new') idem.release();
     }
+  });
+
+  // Thin events' full form (the emulator sends only error reports as thin events).
+  app.get('/v2/core/events/:id', (c) => {
+    requireSecretKey(c);
+    const event = errorReports.event(c.req.param('id'));
+    if (!event) {
+      throw new StripeApiError(
+        404,
+        'invalid_request_error',
+        `No such event: '${c.req.param('id')}'`,
+        'resource_missing',
+        'id',
+      );
+    }
+    return json(c, 200, event);
   });
 
   // ---- meters, summaries, customers -----------------------------------------------------------
@@ -638,6 +679,7 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
       .map((t) => ({ ...t }));
   const reset = (opts: { customers?: boolean } = {}) => {
     state.reset(opts);
+    errorReports.stop();
     idempotency.clear();
     sessions.clear();
     limiter.clear();
@@ -729,6 +771,7 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
   const stop = () => {
     stopping ??= (async () => {
       stopped = true;
+      errorReports.stop();
       for (const wake of [...wakers]) wake();
       await new Promise<void>((done) => {
         server.close(() => done());
@@ -755,6 +798,8 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     counters: () => ({ ...state.counters }),
     concurrency: () => [...state.peaks.values()].map((p) => ({ ...p })),
     asyncErrors: () => state.asyncErrors.map((e) => ({ ...e })),
+    flushErrorReports: () => errorReports.flush(),
+    setWebhookEndpoint: (endpoint) => errorReports.setEndpoint(endpoint),
     meters: () => [...state.meters.values()].map((m) => ({ ...m })),
     customers: () => [...state.customers.values()].map((cu) => ({ ...cu })),
     createCustomer: (input = {}) => createCustomer(input),

@@ -1,5 +1,7 @@
 // The v2 meter event session and stream, through the real SDK: 15-minute session tokens, at most
 // 100 events a call, and the same rules as v1 applied after the call is accepted (as Stripe does).
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
@@ -126,5 +128,73 @@ describe('meter event stream', () => {
       'meter_event_invalid_value',
     ]);
     expect(emu.events()[0]?.via).toBe('v2');
+  });
+});
+
+describe('sandbox limits and error reports', () => {
+  it("holds the stream to a sandbox's 25 requests per second", async () => {
+    const sandboxClock = manualClock();
+    const sandbox = await startStripeEmulator({ clock: sandboxClock, sandbox: true });
+    try {
+      const client = sdk(sandbox);
+      const session = await client.v2.billing.meterEventSession.create();
+      const opts = { apiKey: session.authentication_token };
+      for (let i = 0; i < 25; i++) {
+        await client.v2.billing.meterEventStream.create({ events: [streamEvent(`sb-${i}`)] }, opts);
+      }
+      const err = await rejection(() =>
+        client.v2.billing.meterEventStream.create({ events: [streamEvent('sb-26')] }, opts),
+      );
+      expect(err.statusCode).toBe(429);
+      sandboxClock.advance(1000);
+      await client.v2.billing.meterEventStream.create({ events: [streamEvent('sb-27')] }, opts);
+      expect(sandbox.events()).toHaveLength(26);
+    } finally {
+      await sandbox.stop();
+    }
+  });
+
+  it('reports a rejected stream event as a signed thin webhook whose full event names its identifier', async () => {
+    const received: { body: string; signature: string | undefined }[] = [];
+    const server = createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk: Buffer) => {
+        body += chunk.toString('utf8');
+      });
+      req.on('end', () => {
+        received.push({ body, signature: req.headers['stripe-signature'] as string | undefined });
+        res.end('{}');
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const { port } = server.address() as AddressInfo;
+      emu.setWebhookEndpoint({ url: `http://127.0.0.1:${port}/hook`, secret: 'whsec_reports' });
+      const session = await stripe.v2.billing.meterEventSession.create();
+      await stripe.v2.billing.meterEventStream.create(
+        { events: [streamEvent('good-one'), streamEvent('bad-value', 'not-a-number')] },
+        { apiKey: session.authentication_token },
+      );
+      await emu.flushErrorReports();
+      expect(received).toHaveLength(1);
+      const thin = JSON.parse(received[0]!.body) as { id: string; type: string; data?: unknown };
+      expect(thin.type).toBe('v1.billing.meter.error_report_triggered');
+      expect(thin.data).toBeUndefined();
+      expect(received[0]!.signature).toMatch(/^t=\d+,v1=[0-9a-f]{64}$/);
+      const full = (await stripe.v2.core.events.retrieve(thin.id)) as unknown as {
+        data: {
+          reason: { error_types: { code: string; sample_errors: { request: { identifier: string } }[] }[] };
+        };
+      };
+      const samples = full.data.reason.error_types.flatMap((t) =>
+        t.sample_errors.map((e) => e.request.identifier),
+      );
+      expect(samples).toEqual(['bad-value']);
+      const missing = await rejection(() => stripe.v2.core.events.retrieve('evt_test_missing'));
+      expect(missing.statusCode).toBe(404);
+    } finally {
+      emu.setWebhookEndpoint(undefined);
+      await new Promise((r) => server.close(r));
+    }
   });
 });

@@ -1,0 +1,107 @@
+// The v2 transport: Stripe's meter event stream. One call carries up to 100 events (of different
+// customers), authenticated by a meter event session's token instead of the secret key. The session
+// lasts 15 minutes; it is renewed a minute before it ends, and a 401 "session expired" (clock skew,
+// a long pause) gets a new session and one resend of the same events with the same identifiers.
+// Stripe validates each event asynchronously: a 200 means "received", and an event rejected later
+// comes back in a `v1.billing.meter.error_report_triggered` report (billing/meter-error-reports.ts
+// maps its sampled identifiers back to outbox rows).
+import Stripe from 'stripe';
+import { classifyStripeError, MAX_IDENTIFIER_LENGTH, type SendOutcome } from './stripe-meter.js';
+import type { MeterTransport } from './transport.js';
+
+/** Stripe: "Supports up to 100 events per request." */
+export const MAX_STREAM_EVENTS = 100;
+/** A session is replaced this long before it expires, so no call races its expiry. */
+export const SESSION_RENEW_BEFORE_MS = 60_000;
+
+interface Session {
+  token: string;
+  expiresAt: number;
+}
+
+export interface V2TransportOptions {
+  /** Wall clock in ms (tests move it to expire sessions). */
+  now?: () => number;
+  renewBeforeMs?: number;
+}
+
+function isSessionExpired(err: unknown): boolean {
+  if (err instanceof Stripe.errors.TemporarySessionExpiredError) return true;
+  const e = err as { statusCode?: unknown; code?: unknown } | null;
+  return e?.statusCode === 401 && e.code === 'temporary_session_expired';
+}
+
+export function createV2Transport(stripe: Stripe, options: V2TransportOptions = {}): MeterTransport {
+  const now = options.now ?? Date.now;
+  const renewBeforeMs = options.renewBeforeMs ?? SESSION_RENEW_BEFORE_MS;
+  let session: Session | undefined;
+  // One session request at a time: concurrent calls share the pending one.
+  let creating: Promise<Session> | undefined;
+
+  const newSession = (): Promise<Session> => {
+    creating ??= stripe.v2.billing.meterEventSession
+      .create()
+      .then((s) => {
+        session = { token: s.authentication_token, expiresAt: Date.parse(s.expires_at) };
+        return session;
+      })
+      .finally(() => {
+        creating = undefined;
+      });
+    return creating;
+  };
+  const currentSession = (): Promise<Session> =>
+    session && session.expiresAt - now() > renewBeforeMs ? Promise.resolve(session) : newSession();
+
+  return {
+    kind: 'v2',
+    maxEventsPerCall: MAX_STREAM_EVENTS,
+    async send(events) {
+      if (events.length === 0) return [];
+      if (events.length > MAX_STREAM_EVENTS) {
+        throw new Error(`a meter event stream call carries at most ${MAX_STREAM_EVENTS} events`);
+      }
+      const params = {
+        events: events.map((e) => {
+          if (e.identifier.length > MAX_IDENTIFIER_LENGTH) {
+            throw new Error(`meter event identifier longer than ${MAX_IDENTIFIER_LENGTH} characters`);
+          }
+          return {
+            event_name: e.eventName,
+            identifier: e.identifier,
+            // Whole seconds, as v1 sends them: the same event has the same timestamp on either transport.
+            timestamp: new Date(Math.floor(e.timestamp.getTime() / 1000) * 1000).toISOString(),
+            payload: { stripe_customer_id: e.customerId, value: e.value },
+          };
+        }),
+      };
+      const all = (outcome: SendOutcome) => events.map(() => outcome);
+      for (let attempt = 0; ; attempt++) {
+        let token: string;
+        try {
+          token = (await currentSession()).token;
+        } catch (err) {
+          return all(classifyStripeError(err));
+        }
+        try {
+          await stripe.v2.billing.meterEventStream.create(params, { apiKey: token });
+          return all({ kind: 'accepted' });
+        } catch (err) {
+          if (isSessionExpired(err)) {
+            // Expired earlier than its expires_at said (skew): forget it and resend once; a second
+            // expiry in a row is transient too (the events are resent by their keys' next jobs).
+            if (session?.token === token) session = undefined;
+            if (attempt === 0) continue;
+            return all({ kind: 'retryable', reason: 'session_expired', message: String(err), status: 401 });
+          }
+          // A refused stream call is about the call (limits, auth, shape), never one event: every
+          // event of it gets the same outcome and its key decides what to do, like a v1 answer.
+          return all(classifyStripeError(err));
+        }
+      }
+    },
+    async close() {
+      session = undefined;
+    },
+  };
+}

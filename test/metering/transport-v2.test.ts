@@ -1,0 +1,75 @@
+// The v2 transport against the emulator through the real SDK: one session shared by calls, renewed
+// before its 15-minute expiry, a 401 "session expired" answered by a new session and one resend of
+// the same identifiers, the 100-event limit, and a whole-call refusal given to every event.
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
+import { createV2Transport, MAX_STREAM_EVENTS } from '../../src/metering/transport-v2.js';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { manualClock, sdk } from '../stripe-emulator/helpers.js';
+
+const clock = manualClock();
+let emu: StripeEmulator;
+
+beforeAll(async () => {
+  emu = await startStripeEmulator({ clock });
+});
+afterAll(() => emu.stop());
+beforeEach(() => {
+  emu.reset();
+  emu.setFaults({});
+  clock.set(Date.UTC(2026, 10, 21, 10, 0, 0));
+});
+
+const event = (identifier: string, customerId = 'cus_v2t'): MeterEventInput => ({
+  eventName: 'temperature_readings',
+  customerId,
+  value: '2',
+  timestamp: new Date(clock()),
+  identifier,
+});
+
+describe('v2 transport', () => {
+  it('carries events of many customers in one call and answers each', async () => {
+    const transport = createV2Transport(sdk(emu), { now: clock });
+    const events = Array.from({ length: MAX_STREAM_EVENTS }, (_, i) => event(`many-${i}`, `cus_${i}`));
+    const outcomes = await transport.send(events);
+    expect(outcomes).toHaveLength(100);
+    expect(outcomes.every((o) => o.kind === 'accepted')).toBe(true);
+    expect(emu.events()).toHaveLength(100);
+    // One session and one stream call.
+    expect(emu.counters().calls).toBe(1);
+    await expect(transport.send([...events, event('one-too-many')])).rejects.toThrow(/at most 100/);
+  });
+
+  it('renews the session before it expires, without a 401', async () => {
+    const transport = createV2Transport(sdk(emu), { now: clock });
+    await transport.send([event('before')]);
+    clock.advance(14.5 * 60 * 1000);
+    expect((await transport.send([event('after')]))[0]?.kind).toBe('accepted');
+    expect(emu.counters().unauthorized).toBe(0);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['before', 'after']);
+  });
+
+  it('answers a 401 "session expired" with a new session and one resend of the same identifiers', async () => {
+    // The transport's clock stands still, so it believes its session valid; Stripe's moves on.
+    const frozen = clock();
+    const transport = createV2Transport(sdk(emu), { now: () => frozen });
+    await transport.send([event('first')]);
+    clock.advance(16 * 60 * 1000);
+    const outcomes = await transport.send([event('resent-a'), event('resent-b', 'cus_other')]);
+    expect(outcomes.map((o) => o.kind)).toEqual(['accepted', 'accepted']);
+    expect(emu.counters().unauthorized).toBe(1);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['first', 'resent-a', 'resent-b']);
+  });
+
+  it('gives a refused call (429, 500) to every event of it as a retryable outcome', async () => {
+    const transport = createV2Transport(sdk(emu), { now: clock });
+    await transport.send([event('warm-up')]);
+    emu.setFaults({ script: ['rate_limit_429', 'error_500'] });
+    const limited = await transport.send([event('a'), event('b', 'cus_b')]);
+    expect(limited.map((o) => o.kind === 'retryable' && o.reason)).toEqual(['rate_limited', 'rate_limited']);
+    const failed = await transport.send([event('a'), event('b', 'cus_b')]);
+    expect(failed.map((o) => o.kind === 'retryable' && o.reason)).toEqual(['server_error', 'server_error']);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['warm-up']);
+  });
+});
