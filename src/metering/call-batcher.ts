@@ -69,11 +69,11 @@ export function createCallBatcher(inner: MeterTransport, options: CallBatcherOpt
     if (outcomes.some((o) => o.kind === 'retryable' && o.reason === 'rate_limited')) {
       await options.onRateLimited?.().catch(() => undefined);
     }
-    batch.forEach((w, i) =>
+    for (const [i, w] of batch.entries()) {
       w.resolve(
         outcomes[i] ?? { kind: 'retryable', reason: 'network', message: 'transport returned no outcome' },
-      ),
-    );
+      );
+    }
   };
 
   return {

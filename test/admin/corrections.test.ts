@@ -13,7 +13,6 @@ import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
-import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
