@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [--out bench-results/x.json]
+// npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -26,6 +26,13 @@ import {
   startWorkerProcess,
   waitFor,
 } from './harness.js';
+
+// Delivery at platform scale is its own run (scale.ts): npm run bench -- --scale
+if (process.argv.includes('--scale')) {
+  const { runScaleBench } = await import('./scale.js');
+  await runScaleBench();
+  process.exit(0);
+}
 
 const { values: args } = parseArgs({
   options: {

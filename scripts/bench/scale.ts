@@ -1,0 +1,372 @@
+// npm run bench -- --scale [--quick] [--out bench-results/scale.json]
+// Delivery at platform scale (issue 12): 1,000 and 10,000 billable customers, single-reading
+// requests spread across them at a fixed rate (open loop), one worker process (the production
+// bundle, default settings), the in-process Stripe emulator answering each call in 0-500 ms
+// (uniform) and enforcing the account-wide limit of the scenario. Per scenario: the start-up
+// active_sensors run, backlog every second, commit -> acceptance p50/p99, calls/s against the
+// budget, share of 429s, drain time after the load, and the exactly-once ledger check.
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import type pg from 'pg';
+import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import {
+  buildEntries,
+  createOrgs,
+  freshDatabase,
+  HttpClient,
+  latencySummary,
+  type Org,
+  openDatabase,
+  ReadingSource,
+  ROOT,
+  sleep,
+  startApi,
+  startCluster,
+  startWorkerProcess,
+} from './harness.js';
+
+interface Scenario {
+  name: string;
+  customers: number;
+  transport: 'v1' | 'v2';
+  /** The emulator's account-wide limit: calls/s (v1) or requests/s (v2). */
+  limit: number;
+  /** Live key (budget default 800/s) or test key (default 25/s). */
+  live: boolean;
+}
+
+const { values: args } = parseArgs({
+  options: {
+    scale: { type: 'boolean', default: true },
+    quick: { type: 'boolean', default: false },
+    out: { type: 'string' },
+    rate: { type: 'string' },
+    only: { type: 'string' },
+  },
+});
+const quick = args.quick ?? false;
+const LOAD_MS = quick ? 15_000 : 60_000;
+const REQUESTS_PER_SECOND = Number(args.rate ?? 150);
+/** After the load, how long the ledger may take to level before the scenario gives up. */
+const DRAIN_CAP_MS = quick ? 30_000 : 120_000;
+/** How long the start-up active_sensors run may take before the load starts anyway. */
+const STARTUP_CAP_MS = quick ? 20_000 : 60_000;
+
+const ALL_SCENARIOS: Scenario[] = [
+  {
+    name: '1k customers, v1, live limit 1,000/s',
+    customers: 1_000,
+    transport: 'v1',
+    limit: 1000,
+    live: true,
+  },
+  {
+    name: '10k customers, v1, live limit 1,000/s',
+    customers: 10_000,
+    transport: 'v1',
+    limit: 1000,
+    live: true,
+  },
+  {
+    name: '10k customers, v2, sandbox limit 25/s',
+    customers: 10_000,
+    transport: 'v2',
+    limit: 25,
+    live: false,
+  },
+  {
+    name: '10k customers, v1, sandbox limit 25/s',
+    customers: 10_000,
+    transport: 'v1',
+    limit: 25,
+    live: false,
+  },
+];
+const SCENARIOS = ALL_SCENARIOS.filter((s) => !args.only || s.name.includes(args.only));
+
+const log = (msg: string) => console.error(`[bench:scale ${new Date().toISOString().slice(11, 19)}] ${msg}`);
+const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
+
+interface Sample {
+  t: number;
+  pendingRows: number;
+  oldestPendingAgeMs: number;
+  callsPerSecond: number;
+  rateLimitedPerSecond: number;
+}
+
+async function createManyOrgs(db: Parameters<typeof createOrgs>[0], n: number): Promise<Org[]> {
+  const chunks = 8;
+  const per = Math.ceil(n / chunks);
+  const parts = await Promise.all(
+    Array.from({ length: chunks }, (_, i) => createOrgs(db, Math.min(per, n - i * per), 1, `sc${i}`)),
+  );
+  return parts.flat();
+}
+
+async function pending(pool: pg.Pool): Promise<{ rows: number; oldestMs: number }> {
+  const r = await pool.query<{ n: string; age: number | null }>(
+    `SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) * 1000 AS age
+       FROM meter_outbox WHERE status = 'pending'`,
+  );
+  return { rows: Number(r.rows[0]?.n ?? 0), oldestMs: Math.round(Number(r.rows[0]?.age ?? 0)) };
+}
+
+async function runScenario(
+  s: Scenario,
+  cluster: Awaited<ReturnType<typeof startCluster>>,
+  entries: Record<string, string>,
+) {
+  log(`--- ${s.name}`);
+  const url = await freshDatabase(cluster, 'scale');
+  const harness = openDatabase(url, 8);
+  const cleanup: (() => Promise<unknown> | unknown)[] = [() => harness.db.destroy()];
+  let emulator: StripeEmulator | undefined;
+  try {
+    const t0 = Date.now();
+    const orgs = await createManyOrgs(harness.db, s.customers);
+    log(`${orgs.length} billable customers created in ${round((Date.now() - t0) / 1000, 1)} s`);
+    emulator = await startStripeEmulator({
+      port: 0,
+      faults: { latencyMs: 0, jitterMs: 500 },
+      ratePerSecond: s.limit,
+      streamRatePerSecond: s.limit,
+    });
+    cleanup.push(() => emulator?.stop());
+    const env = {
+      DATABASE_URL: url,
+      LOG_LEVEL: 'warn',
+      STRIPE_SECRET_KEY: s.live ? 'sk_live_bench_scale' : 'sk_test_bench_scale',
+      STRIPE_API_BASE: emulator.url,
+      DELIVERY_TRANSPORT: s.transport,
+    };
+    const api = await startApi(env, entries['src/bin/server.ts']);
+    cleanup.push(() => api.proc.stop());
+    const http = new HttpClient(api.url, 128);
+    cleanup.push(() => http.close());
+
+    // The worker's first act: the hourly active_sensors run for every billable customer.
+    const workerStarted = Date.now();
+    const worker = await startWorkerProcess(env, 'worker', entries['src/bin/worker.ts']);
+    cleanup.push(() => worker.stop());
+    let startupMs: number | null = null;
+    let startupRows = 0;
+    for (;;) {
+      const r = await harness.pool.query<{ total: string; open: string }>(
+        `SELECT count(*) AS total, count(*) FILTER (WHERE status = 'pending') AS open
+           FROM meter_outbox WHERE event_name = 'active_sensors'`,
+      );
+      startupRows = Number(r.rows[0]?.total ?? 0);
+      if (startupRows >= s.customers && Number(r.rows[0]?.open ?? 1) === 0) {
+        startupMs = Date.now() - workerStarted;
+        break;
+      }
+      if (Date.now() - workerStarted > STARTUP_CAP_MS) break;
+      await sleep(250);
+    }
+    const startupCounters = emulator.counters();
+    const startupPending = await pending(harness.pool);
+    log(
+      startupMs === null
+        ? `active_sensors start-up run not delivered within ${STARTUP_CAP_MS / 1000} s (${startupPending.rows} rows pending)`
+        : `active_sensors start-up run: ${startupRows} events delivered in ${round(startupMs / 1000, 1)} s, ${startupCounters.rateLimited} 429s`,
+    );
+
+    // ---- the load: single-reading requests, open loop, spread over every customer
+    const source = new ReadingSource();
+    const samples: Sample[] = [];
+    let last = emulator.counters();
+    const sampler = setInterval(() => {
+      const now = emulator!.counters();
+      void pending(harness.pool).then((p) => {
+        samples.push({
+          t: Date.now(),
+          pendingRows: p.rows,
+          oldestPendingAgeMs: p.oldestMs,
+          callsPerSecond: now.calls - last.calls,
+          rateLimitedPerSecond: now.rateLimited - last.rateLimited,
+        });
+        last = now;
+      });
+    }, 1000);
+    cleanup.push(() => clearInterval(sampler));
+    const before = emulator.counters();
+    const loadStart = Date.now();
+    const intervalMs = 1000 / REQUESTS_PER_SECOND;
+    let sent = 0;
+    let ok = 0;
+    let failed = 0;
+    const requestMs: number[] = [];
+    const inflight = new Set<Promise<void>>();
+    const readingsPerOrg = new Map<string, number>();
+    while (Date.now() - loadStart < LOAD_MS) {
+      const due = Math.floor((Date.now() - loadStart) / intervalMs);
+      while (sent < due) {
+        const org = orgs[Math.floor(Math.random() * orgs.length)]!;
+        sent++;
+        const p = http
+          .postJson('/v1/readings', JSON.stringify({ readings: source.batch(org, 1) }), org.apiKey)
+          .then((res) => {
+            requestMs.push(res.ms);
+            if (res.status === 201) {
+              ok++;
+              readingsPerOrg.set(org.customerId, (readingsPerOrg.get(org.customerId) ?? 0) + 1);
+            } else failed++;
+          });
+        inflight.add(p);
+        void p.finally(() => inflight.delete(p));
+      }
+      await sleep(Math.max(1, intervalMs / 2));
+    }
+    await Promise.all(inflight);
+    const loadEnd = Date.now();
+    const loadCounters = emulator.counters();
+    log(
+      `load: ${ok} readings accepted by the API in ${round((loadEnd - loadStart) / 1000, 1)} s (${failed} failed)`,
+    );
+
+    // ---- drain
+    let drainMs: number | null = null;
+    for (;;) {
+      if ((await pending(harness.pool)).rows === 0) {
+        drainMs = Date.now() - loadEnd;
+        break;
+      }
+      if (Date.now() - loadEnd > DRAIN_CAP_MS) break;
+      await sleep(100);
+    }
+    clearInterval(sampler);
+    const after = emulator.counters();
+    log(
+      drainMs === null
+        ? `not level ${DRAIN_CAP_MS / 1000} s after the load`
+        : `level ${round(drainMs / 1000, 1)} s after the load`,
+    );
+
+    // ---- commit -> acceptance, per reading row (its outbox row's creation to Stripe's receipt)
+    const accepted = new Map(
+      emulator.events({ event_name: 'temperature_readings' }).map((e) => [e.identifier, e.receivedAt]),
+    );
+    const rows = await harness.pool.query<{ identifier: string | null; created: string; status: string }>(
+      `SELECT identifier, (extract(epoch FROM created_at) * 1000)::float8::text AS created, status
+         FROM meter_outbox WHERE event_name = 'temperature_readings'`,
+    );
+    const lag: number[] = [];
+    for (const r of rows.rows) {
+      const at = r.identifier ? accepted.get(r.identifier) : undefined;
+      if (at !== undefined) lag.push(at - Number(r.created));
+    }
+
+    // ---- exactly once: Stripe's per-customer sums equal the readings the API accepted
+    const events = emulator.events({ event_name: 'temperature_readings' });
+    const identifiers = new Set(events.map((e) => e.identifier));
+    const stripeSum = new Map<string, number>();
+    for (const e of events) stripeSum.set(e.customer, (stripeSum.get(e.customer) ?? 0) + e.value);
+    let mismatched = 0;
+    for (const [customer, n] of readingsPerOrg) if ((stripeSum.get(customer) ?? 0) !== n) mismatched++;
+    for (const [customer, sum] of stripeSum) if (!readingsPerOrg.has(customer) && sum !== 0) mismatched++;
+    const undelivered = rows.rows.filter((r) => r.status !== 'delivered').length;
+
+    const loadCalls = loadCounters.calls - before.calls;
+    const totalCalls = after.calls - startupCounters.calls;
+    const rateLimited = after.rateLimited - startupCounters.rateLimited;
+    const maxBacklog = Math.max(0, ...samples.filter((x) => x.t <= loadEnd).map((x) => x.pendingRows));
+    const lastQuarter = samples.filter((x) => x.t > loadStart + (LOAD_MS * 3) / 4 && x.t <= loadEnd);
+    const firstQuarter = samples.filter((x) => x.t > loadStart && x.t <= loadStart + LOAD_MS / 4);
+    const mean = (xs: number[]) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0);
+    const result = {
+      scenario: s,
+      startup: {
+        activeSensorsEvents: startupRows,
+        deliveredMs: startupMs,
+        pendingAtCap: startupMs === null ? startupPending.rows : 0,
+        calls: startupCounters.calls,
+        rateLimited: startupCounters.rateLimited,
+      },
+      load: {
+        seconds: round((loadEnd - loadStart) / 1000, 1),
+        requestsPerSecond: round(sent / ((loadEnd - loadStart) / 1000), 1),
+        readingsAccepted: ok,
+        requestErrors: failed,
+        requestLatencyMs: latencySummary(requestMs),
+        stripeCallsPerSecond: round(loadCalls / ((loadEnd - loadStart) / 1000), 1),
+      },
+      backlog: {
+        max: maxBacklog,
+        meanFirstQuarter: round(mean(firstQuarter.map((x) => x.pendingRows))),
+        meanLastQuarter: round(mean(lastQuarter.map((x) => x.pendingRows))),
+        bounded:
+          mean(lastQuarter.map((x) => x.pendingRows)) <=
+          Math.max(2 * mean(firstQuarter.map((x) => x.pendingRows)), 500),
+      },
+      commitToAcceptanceMs: latencySummary(lag),
+      drainMs,
+      calls: totalCalls,
+      rateLimited,
+      rateLimitedShare: totalCalls ? round((100 * rateLimited) / totalCalls, 2) : 0,
+      ledger: {
+        readingsAccepted: ok,
+        stripeEvents: events.length,
+        stripeSum: [...stripeSum.values()].reduce((a, b) => a + b, 0),
+        identifiersUnique: identifiers.size === events.length,
+        customersMismatched: mismatched,
+        rowsNotDelivered: undelivered,
+      },
+      samples: samples.map((x) => ({ ...x, t: round((x.t - loadStart) / 1000, 1) })),
+    };
+    log(
+      `backlog max ${maxBacklog} (first quarter mean ${result.backlog.meanFirstQuarter}, last ${result.backlog.meanLastQuarter}); ` +
+        `commit->acceptance p50 ${result.commitToAcceptanceMs.p50} ms p99 ${result.commitToAcceptanceMs.p99} ms; ` +
+        `${result.load.stripeCallsPerSecond} calls/s; 429s ${rateLimited}/${totalCalls} (${result.rateLimitedShare}%); ` +
+        `ledger: ${result.ledger.stripeSum} billed of ${ok}, ${mismatched} customers off, ${undelivered} rows undelivered`,
+    );
+    return result;
+  } finally {
+    for (const fn of cleanup.reverse()) await Promise.resolve(fn()).catch(() => undefined);
+  }
+}
+
+export async function runScaleBench(): Promise<void> {
+  const dataDir = join('/tmp', `meterbox-bench-scale-${process.pid}`, 'pg');
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  const buildDir = join(ROOT, 'bench-results', `.build-scale-${process.pid}`);
+  log(
+    `embedded Postgres in ${dataDir}; ${REQUESTS_PER_SECOND} requests/s for ${LOAD_MS / 1000} s per scenario`,
+  );
+  const cluster = await startCluster(dataDir);
+  try {
+    const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
+    const results = [];
+    for (const s of SCENARIOS) results.push(await runScenario(s, cluster, entries));
+    const out = {
+      kind: 'scale',
+      at: new Date().toISOString(),
+      quick,
+      machine: {
+        cpus: cpus().length,
+        cpuModel: cpus()[0]?.model,
+        memoryGiB: round(totalmem() / 2 ** 30, 1),
+        node: process.version,
+        postgres: await cluster.version(),
+        gitCommit: execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim(),
+      },
+      conditions: {
+        requestsPerSecond: REQUESTS_PER_SECOND,
+        loadSeconds: LOAD_MS / 1000,
+        stripeLatencyMs: 'uniform 0-500',
+        worker: 'one process, default settings (DELIVERY_MAX_IN_FLIGHT 100, DB_POOL_MAX 10)',
+      },
+      results,
+    };
+    const file = args.out ?? join('bench-results', `scale-${Date.now()}.json`);
+    writeFileSync(join(ROOT, file), `${JSON.stringify(out, null, 2)}\n`);
+    log(`results written to ${file}`);
+  } finally {
+    await cluster.stop();
+    rmSync(buildDir, { recursive: true, force: true });
+    rmSync(join('/tmp', `meterbox-bench-scale-${process.pid}`), { recursive: true, force: true });
+  }
+}
