@@ -10,7 +10,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import type pg from 'pg';
+import pg from 'pg';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import {
   buildEntries,
@@ -45,6 +45,12 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     rate: { type: 'string' },
     only: { type: 'string' },
+    // pg_stat_statements on: prints each scenario's costliest statements (and stores them in the JSON).
+    profile: { type: 'boolean', default: false },
+    // One line per second during the load: backlog, calls/s, job states.
+    verbose: { type: 'boolean', default: false },
+    // Writes a V8 CPU profile of the worker to bench-results/cpu-prof/ (open in Chrome DevTools).
+    'worker-cpu-prof': { type: 'boolean', default: false },
   },
 });
 const quick = args.quick ?? false;
@@ -96,6 +102,10 @@ interface Sample {
   oldestPendingAgeMs: number;
   callsPerSecond: number;
   rateLimitedPerSecond: number;
+  /** meter-delivery jobs: due and waiting for a fetcher, deferred (start_after ahead), active. */
+  jobsReady: number;
+  jobsDeferred: number;
+  jobsActive: number;
 }
 
 async function createManyOrgs(db: Parameters<typeof createOrgs>[0], n: number): Promise<Org[]> {
@@ -107,12 +117,42 @@ async function createManyOrgs(db: Parameters<typeof createOrgs>[0], n: number): 
   return parts.flat();
 }
 
+async function jobStates(pool: pg.Pool): Promise<{ ready: number; deferred: number; active: number }> {
+  const r = await pool.query<{ ready: string; deferred: string; active: string }>(
+    `SELECT count(*) FILTER (WHERE state IN ('created', 'retry') AND start_after <= now()) AS ready,
+            count(*) FILTER (WHERE state IN ('created', 'retry') AND start_after > now()) AS deferred,
+            count(*) FILTER (WHERE state = 'active') AS active
+       FROM pgboss.job WHERE name = 'meter-delivery'`,
+  );
+  const row = r.rows[0];
+  return {
+    ready: Number(row?.ready ?? 0),
+    deferred: Number(row?.deferred ?? 0),
+    active: Number(row?.active ?? 0),
+  };
+}
+
 async function pending(pool: pg.Pool): Promise<{ rows: number; oldestMs: number }> {
   const r = await pool.query<{ n: string; age: number | null }>(
     `SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) * 1000 AS age
        FROM meter_outbox WHERE status = 'pending'`,
   );
   return { rows: Number(r.rows[0]?.n ?? 0), oldestMs: Math.round(Number(r.rows[0]?.age ?? 0)) };
+}
+
+/** The statements that cost Postgres the most since the last reset (every database of the cluster). */
+async function topStatements(pool: pg.Pool) {
+  const r = await pool.query<{ query: string; calls: string; total: number; mean: number }>(
+    `SELECT regexp_replace(query, '\\s+', ' ', 'g') AS query, calls::text, total_exec_time AS total,
+            mean_exec_time AS mean
+       FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25`,
+  );
+  return r.rows.map((x) => ({
+    query: x.query.slice(0, 140),
+    calls: Number(x.calls),
+    totalMs: round(x.total),
+    meanMs: round(x.mean, 3),
+  }));
 }
 
 async function runScenario(
@@ -123,6 +163,7 @@ async function runScenario(
   log(`--- ${s.name}`);
   const url = await freshDatabase(cluster, 'scale');
   const harness = openDatabase(url, 8);
+  if (args.profile) await harness.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => harness.db.destroy()];
   let emulator: StripeEmulator | undefined;
   try {
@@ -150,7 +191,10 @@ async function runScenario(
 
     // The worker's first act: the hourly active_sensors run for every billable customer.
     const workerStarted = Date.now();
-    const worker = await startWorkerProcess(env, 'worker', entries['src/bin/worker.ts']);
+    const workerEnv = args['worker-cpu-prof']
+      ? { ...env, NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${join(ROOT, 'bench-results', 'cpu-prof')}` }
+      : env;
+    const worker = await startWorkerProcess(workerEnv, 'worker', entries['src/bin/worker.ts']);
     cleanup.push(() => worker.stop());
     let startupMs: number | null = null;
     let startupRows = 0;
@@ -181,18 +225,29 @@ async function runScenario(
     let last = emulator.counters();
     const sampler = setInterval(() => {
       const now = emulator!.counters();
-      void pending(harness.pool).then((p) => {
+      const t = Date.now();
+      const prev = last;
+      last = now;
+      void Promise.all([pending(harness.pool), jobStates(harness.pool)]).then(([p, j]) => {
         samples.push({
-          t: Date.now(),
+          t,
           pendingRows: p.rows,
           oldestPendingAgeMs: p.oldestMs,
-          callsPerSecond: now.calls - last.calls,
-          rateLimitedPerSecond: now.rateLimited - last.rateLimited,
+          callsPerSecond: now.calls - prev.calls,
+          rateLimitedPerSecond: now.rateLimited - prev.rateLimited,
+          jobsReady: j.ready,
+          jobsDeferred: j.deferred,
+          jobsActive: j.active,
         });
-        last = now;
+        if (args.verbose) {
+          log(
+            `  t=${round((t - loadStart) / 1000)}s pending ${p.rows} calls/s ${now.calls - prev.calls} jobs ready ${j.ready} deferred ${j.deferred} active ${j.active}`,
+          );
+        }
       });
     }, 1000);
     cleanup.push(() => clearInterval(sampler));
+    if (args.profile) await harness.pool.query('SELECT pg_stat_statements_reset()');
     const before = emulator.counters();
     const loadStart = Date.now();
     const intervalMs = 1000 / REQUESTS_PER_SECOND;
@@ -240,6 +295,10 @@ async function runScenario(
     }
     clearInterval(sampler);
     const after = emulator.counters();
+    const statements = args.profile ? await topStatements(harness.pool) : [];
+    for (const st of statements.slice(0, 12)) {
+      log(`  ${String(st.totalMs).padStart(8)} ms ${String(st.calls).padStart(7)} calls  ${st.query}`);
+    }
     log(
       drainMs === null
         ? `not level ${DRAIN_CAP_MS / 1000} s after the load`
@@ -315,6 +374,7 @@ async function runScenario(
         customersMismatched: mismatched,
         rowsNotDelivered: undelivered,
       },
+      statements,
       samples: samples.map((x) => ({ ...x, t: round((x.t - loadStart) / 1000, 1) })),
     };
     log(
@@ -338,6 +398,13 @@ export async function runScaleBench(): Promise<void> {
   );
   const cluster = await startCluster(dataDir);
   try {
+    if (args.profile) {
+      const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+      await admin.connect();
+      await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+      await admin.end();
+      await cluster.restart();
+    }
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
     const results = [];
     for (const s of SCENARIOS) results.push(await runScenario(s, cluster, entries));

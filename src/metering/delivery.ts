@@ -9,7 +9,7 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { type CallSlots, callsPerSecond, createSlotDispenser, recordRateLimited } from './budget.js';
 import { createCallBatcher } from './call-batcher.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { type DeliveryDeps, type DeliveryObserver, handleDeliveryJob } from './drain.js';
@@ -68,7 +68,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
  */
 export function withCallBatching(
   transport: MeterTransport,
-  deps: { db: Kysely<DB>; config: Config; observer?: DeliveryObserver },
+  deps: { db: Kysely<DB>; config: Config; slots: CallSlots; observer?: DeliveryObserver },
 ): MeterTransport {
   if (transport.maxEventsPerCall <= 1 || transport.budgeted) return transport;
   const rate = callsPerSecond(deps.config);
@@ -76,7 +76,7 @@ export function withCallBatching(
     lingerMs: STREAM_LINGER_MS,
     async takeSlot() {
       for (;;) {
-        const slot = await reserveCalls(deps.db, rate);
+        const slot = await deps.slots.take();
         if (slot.granted) {
           if (slot.waitMs > 0) await sleep(slot.waitMs);
           return;
@@ -197,9 +197,12 @@ export async function startDelivery(
     log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
     return { stop() {} };
   }
+  // One share of the account-wide budget per process, used by drains and the call batcher alike.
+  const slots = createSlotDispenser(ctx.db, callsPerSecond(ctx.config));
   const transport = withCallBatching(chosen, {
     db: ctx.db,
     config: ctx.config,
+    slots,
     ...(options.observer ? { observer: options.observer } : {}),
   });
   const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
@@ -208,6 +211,7 @@ export async function startDelivery(
     db: ctx.db,
     boss: ctx.boss,
     transport,
+    slots,
     config: ctx.config,
     clock: ctx.clock,
     log,

@@ -9,7 +9,7 @@ import type { Config } from '../config.js';
 import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
+import { type CallSlots, callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';
 import { claimGroup, type DeliveryGroup } from './claim.js';
 import {
   type CorrectionClient,
@@ -18,7 +18,7 @@ import {
   sendCorrection,
 } from './corrections.js';
 import { acquireLease, releaseLease, WORKER_INSTANCE_ID } from './lease.js';
-import { deliveryKey, queueDelivery } from './outbox.js';
+import { queueDelivery } from './outbox.js';
 import type { QueuePayload } from './queues.js';
 import { type CallPacing, hasPending, recordError, settleGroup } from './settle.js';
 import type { SendOutcome } from './stripe-meter.js';
@@ -46,6 +46,8 @@ export interface DeliveryDeps {
   db: Kysely<DB>;
   boss: PgBoss;
   transport: MeterTransport;
+  /** This process's share of the call budget (default: one reservation per call). */
+  slots?: CallSlots;
   /** Usage corrections' Stripe calls (cancel adjustment, compensating event); without it correction rows wait. */
   corrections?: CorrectionClient;
   config: Config;
@@ -153,7 +155,7 @@ export async function drainKey(
         // corrections always go through v1 calls of their own and take their slot here.
         const batched = deps.transport.budgeted === true && !correction;
         if (!batched) {
-          const slot = await reserveCalls(conn, rate);
+          const slot = deps.slots ? await deps.slots.take() : await reserveCalls(conn, rate);
           // Budget booked too far ahead: the claimed group (identifier committed) waits for the key's
           // next job, deferred by that long; nothing is held meanwhile.
           if (!slot.granted) return { kind: 'paced', events, waitMs: slot.waitMs };
@@ -290,20 +292,31 @@ async function keyStatus(
   eventName: MeterEventName,
   job: { id: string; retryCount: number },
 ): Promise<{ waitMs: number; backingOff: boolean }> {
-  const key = deliveryKey(customerId, eventName);
+  // The key's backoff is the job recorded by markRetrying (0014), looked up by primary key.
   const backoff =
     job.retryCount === 0
-      ? sql`EXISTS (SELECT 1 FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${key}
-                      AND state = 'retry' AND id <> ${job.id}::uuid)`
+      ? sql`EXISTS (SELECT 1 FROM pgboss.job j WHERE j.name = 'meter-delivery' AND j.id = p.retry_job_id
+                      AND j.state = 'retry' AND j.id <> ${job.id}::uuid)`
       : sql`false`;
   const result = await sql<{ wait_ms: number | null; backing_off: boolean }>`
-    SELECT
-      (SELECT ceil(extract(epoch FROM next_call_at - clock_timestamp()) * 1000)::int
-         FROM meter_delivery_pacing
-        WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}) AS wait_ms,
-      ${backoff} AS backing_off`.execute(db);
+    SELECT ceil(extract(epoch FROM p.next_call_at - clock_timestamp()) * 1000)::int AS wait_ms,
+           ${backoff} AS backing_off
+      FROM (SELECT 1) one
+      LEFT JOIN meter_delivery_pacing p ON p.stripe_customer_id = ${customerId} AND p.event_name = ${eventName}`.execute(
+    db,
+  );
   const row = result.rows[0];
   return { waitMs: Math.max(0, row?.wait_ms ?? 0), backingOff: row?.backing_off === true };
+}
+
+/** Records that `jobId` holds the key's backoff: newer jobs of the key leave its rows to it. */
+async function markRetrying(db: Kysely<DB>, customerId: string, eventName: MeterEventName, jobId: string) {
+  await sql`
+    INSERT INTO meter_delivery_pacing AS p (stripe_customer_id, event_name, next_call_at, retry_job_id)
+    VALUES (${customerId}, ${eventName}, clock_timestamp(), ${jobId}::uuid)
+    ON CONFLICT (stripe_customer_id, event_name) DO UPDATE SET retry_job_id = excluded.retry_job_id`.execute(
+    db,
+  );
 }
 
 /** Runs one meter-delivery job and turns its outcome into the job's pg-boss result. */
@@ -349,6 +362,7 @@ export async function handleDeliveryJob(
         'meter event will be retried',
       );
       observer.onRetry?.(eventName, result.reason);
+      await markRetrying(deps.db, customerId, eventName, job.id);
       return { id: job.id, status: 'failed', output: result };
     case 'failed':
       log.error(
