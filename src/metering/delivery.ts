@@ -12,7 +12,8 @@ import type { Logger } from '../log.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser, recordRateLimited } from './budget.js';
 import { createCallBatcher } from './call-batcher.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
-import { type DeliveryDeps, type DeliveryObserver, handleDeliveryJob } from './drain.js';
+import { handleDeliveryJob } from './delivery-job.js';
+import type { DeliveryDeps, DeliveryObserver } from './drain.js';
 import type { QueuePayload } from './queues.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
@@ -26,12 +27,12 @@ export {
   groupRule,
   makeIdentifier,
 } from './claim.js';
+export { handleDeliveryJob } from './delivery-job.js';
 export {
   type DeliveryDeps,
   type DeliveryObserver,
   type DrainResult,
   drainKey,
-  handleDeliveryJob,
 } from './drain.js';
 export { type FailedRowsFilter, retryFailedRows } from './redrive.js';
 export { type CallPacing, settleGroup } from './settle.js';
