@@ -32,6 +32,9 @@ export const configSchema = z.object({
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   METER_CRON: cronExpression.default('0 * * * *'),
   BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
+  /** Longest wait for a request's headers, and for a whole request (slow clients are cut off). */
+  HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),
+  HTTP_REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(30_000),
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
   /** Group commit: how long the first request of a group waits for concurrent ones (ms); 0 = off. */
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),

@@ -97,7 +97,12 @@ try {
   releases.push(() => ctx.close());
   const worker = await startWorker(ctx);
   releases.push(() => worker.stop());
-  const server = await startHttpServer(createApp(ctx), { port: config.PORT, host: config.HOST });
+  const server = await startHttpServer(createApp(ctx), {
+    port: config.PORT,
+    host: config.HOST,
+    headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
+    requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
+  });
   releases.push(() => server.stop(config.SHUTDOWN_TIMEOUT_MS));
 
   const demo = emulator

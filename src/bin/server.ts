@@ -8,7 +8,12 @@ const config = configOrExit({ needDatabase: true });
 try {
   const ctx = await createContext(config, { applicationName: 'meterbox-api' });
   await ctx.boss.start();
-  const server = await startHttpServer(createApp(ctx), { port: config.PORT, host: config.HOST });
+  const server = await startHttpServer(createApp(ctx), {
+    port: config.PORT,
+    host: config.HOST,
+    headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
+    requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
+  });
   ctx.log.info({ url: server.url }, 'meterbox API listening');
   onShutdownSignal(async () => {
     await server.stop(config.SHUTDOWN_TIMEOUT_MS);

@@ -9,6 +9,8 @@ export type ErrorCode =
   | 'conflict'
   | 'idempotency_conflict'
   | 'payload_too_large'
+  | 'headers_too_large'
+  | 'request_timeout'
   | 'unsupported_media_type'
   | 'not_configured'
   | 'unavailable'

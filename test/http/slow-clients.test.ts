@@ -1,0 +1,90 @@
+// Protocol edges Node handles before Hono, over real sockets: a body trickled a byte at a time and
+// headers that never end are cut off after HTTP_REQUEST_TIMEOUT_MS / HTTP_HEADERS_TIMEOUT_MS with a
+// 408 in the contract's error shape; oversized headers (431) and a malformed request (400) get the
+// same shape; a kept-alive socket idle longer than the headers timeout still serves its next request.
+import { connect, type Socket } from 'node:net';
+import { Hono } from 'hono';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type HttpServer, startHttpServer } from '../../src/http/server.js';
+import type { AppEnv } from '../../src/http/types.js';
+
+let server: HttpServer;
+
+beforeAll(async () => {
+  const app = new Hono<AppEnv>();
+  app.post('/echo', async (c) => c.json({ length: (await c.req.text()).length }));
+  app.get('/ping', (c) => c.json({ ok: true }));
+  server = await startHttpServer(app, {
+    port: 0,
+    host: '127.0.0.1',
+    headersTimeoutMs: 500,
+    requestTimeoutMs: 1_000,
+  });
+});
+afterAll(() => server.stop(1_000));
+
+/** Opens a socket, runs `drive` on it, and resolves with everything received until it closes. */
+function exchange(drive: (socket: Socket) => void): Promise<{ text: string; ms: number }> {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const socket = connect(server.port, '127.0.0.1');
+    let text = '';
+    socket.on('data', (chunk: Buffer) => {
+      text += chunk.toString('utf8');
+    });
+    socket.on('close', () => resolve({ text, ms: Date.now() - started }));
+    socket.on('error', reject);
+    socket.on('connect', () => drive(socket));
+  });
+}
+
+function parse(raw: string) {
+  const [head, body] = raw.split('\r\n\r\n');
+  const status = Number(/^HTTP\/1\.1 (\d{3})/.exec(head ?? '')?.[1]);
+  return { status, head: (head ?? '').toLowerCase(), body: JSON.parse(body ?? 'null') as unknown };
+}
+
+describe('slow and malformed clients', () => {
+  it('cuts off a body trickled one byte at a time with a 408 in the contract shape', async () => {
+    let timer: NodeJS.Timeout | undefined;
+    const { text, ms } = await exchange((socket) => {
+      socket.write(
+        'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n',
+      );
+      timer = setInterval(() => socket.writable && socket.write('x'), 200);
+    });
+    clearInterval(timer);
+    const answer = parse(text);
+    expect(answer.status).toBe(408);
+    expect(answer.head).toContain('connection: close');
+    expect(answer.body).toEqual({
+      error: { code: 'request_timeout', message: 'the request was not received in time', details: [] },
+    });
+    // Node checks every second: well before its 300 s default, and not before the timeout.
+    expect(ms).toBeGreaterThanOrEqual(900);
+    expect(ms).toBeLessThan(5_000);
+  });
+
+  it('cuts off headers that never end', async () => {
+    const { text } = await exchange((socket) => socket.write('GET /ping HTTP/1.1\r\nHost: x\r\nX-Slow: '));
+    expect(parse(text).status).toBe(408);
+  });
+
+  it('answers oversized headers 431 and a malformed request 400, both in the contract shape', async () => {
+    const big = await exchange((socket) =>
+      socket.write(`GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`),
+    );
+    expect(parse(big.text)).toMatchObject({ status: 431, body: { error: { code: 'headers_too_large' } } });
+    const bad = await exchange((socket) => socket.write('NOT A REQUEST\r\n\r\n'));
+    expect(parse(bad.text)).toMatchObject({ status: 400, body: { error: { code: 'bad_request' } } });
+  });
+
+  it('keeps an idle kept-alive socket usable past the headers timeout', async () => {
+    const { text } = await exchange((socket) => {
+      socket.write('GET /ping HTTP/1.1\r\nHost: x\r\n\r\n');
+      setTimeout(() => socket.write('GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'), 1_500);
+    });
+    const answers = text.split('HTTP/1.1 ').filter(Boolean);
+    expect(answers.map((a) => a.slice(0, 3))).toEqual(['200', '200']);
+  });
+});
