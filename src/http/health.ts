@@ -1,7 +1,7 @@
 // Liveness, readiness and the API documents.
 
 import { Hono } from 'hono';
-import { sql } from 'kysely';
+import pg from 'pg';
 import { z } from 'zod';
 import type { Context } from '../context.js';
 import { migrationStatus } from '../db/migrate.js';
@@ -12,6 +12,8 @@ const READINESS_TIMEOUT_MS = 2_000;
 const readiness = z.object({
   status: z.enum(['ready', 'not_ready']),
   database: z.enum(['up', 'down']),
+  /** `busy`: every pooled connection of this process is in use (requests wait), or Postgres refuses new connections. */
+  pool: z.enum(['ok', 'busy']),
   migrations: z.object({ current: z.boolean(), pending: z.array(z.number().int()) }),
 });
 
@@ -23,31 +25,76 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-export function healthRoutes(ctx: Pick<Context, 'db' | 'migrations' | 'log'>): HttpModule {
+/** Postgres refusing a connection for lack of slots: up and answering, but full. */
+const TOO_MANY_CONNECTIONS = new Set(['53300', '53400']);
+
+type Probe =
+  | { database: 'up'; busy: boolean; status: { current: boolean; pending: number[] } | null }
+  | { database: 'down' };
+
+/**
+ * Readiness on its own short-lived connection, never the request pool: with every pooled connection
+ * busy (a burst, a slow query) the pool would make /readyz wait and call a busy database "down". A
+ * busy but healthy process stays in rotation (requests wait for a connection, or get 503 with
+ * Retry-After); only a database that does not answer takes it out.
+ */
+async function probe(ctx: Pick<Context, 'config' | 'migrations' | 'pool'>): Promise<Probe> {
+  const poolBusy =
+    ctx.pool.waitingCount > 0 ||
+    (ctx.pool.idleCount === 0 && ctx.pool.totalCount >= (ctx.pool.options.max ?? 10));
+  if (!ctx.config.DATABASE_URL) return { database: 'down' };
+  const client = new pg.Client({
+    connectionString: ctx.config.DATABASE_URL,
+    connectionTimeoutMillis: READINESS_TIMEOUT_MS,
+    query_timeout: READINESS_TIMEOUT_MS,
+    application_name: 'meterbox-readyz',
+  });
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    const status = await migrationStatus((text) => client.query<{ version: number }>(text), ctx.migrations);
+    return { database: 'up', busy: poolBusy, status };
+  } catch (err) {
+    if (TOO_MANY_CONNECTIONS.has((err as { code?: string }).code ?? '')) {
+      return { database: 'up', busy: true, status: null };
+    }
+    throw err;
+  } finally {
+    void client.end().catch(() => undefined);
+  }
+}
+
+export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>): HttpModule {
   const app = new Hono<AppEnv>();
   app.get('/healthz', (c) => c.json({ status: 'ok' }));
   app.get('/readyz', async (c) => {
+    let result: Probe;
     try {
-      const status = await withTimeout(
-        migrationStatus(async (text) => {
-          const result = await sql<{ version: number }>`${sql.raw(text)}`.execute(ctx.db);
-          return { rows: result.rows };
-        }, ctx.migrations),
-        READINESS_TIMEOUT_MS,
-      );
-      const body = {
-        status: status.current ? 'ready' : 'not_ready',
-        database: 'up',
-        migrations: { current: status.current, pending: status.pending },
-      } as const;
-      return c.json(body, status.current ? 200 : 503);
+      result = await withTimeout(probe(ctx), READINESS_TIMEOUT_MS + 500);
     } catch (err) {
       ctx.log.warn({ err }, 'readiness check: database unreachable');
+      result = { database: 'down' };
+    }
+    if (result.database === 'down') {
       return c.json(
-        { status: 'not_ready', database: 'down', migrations: { current: false, pending: [] } } as const,
+        {
+          status: 'not_ready',
+          database: 'down',
+          pool: 'ok',
+          migrations: { current: false, pending: [] },
+        } as const,
         503,
       );
     }
+    // Postgres full: the migrations cannot be read now; this process's pool still works.
+    const migrations = result.status ?? { current: true, pending: [] };
+    const body = {
+      status: migrations.current ? 'ready' : 'not_ready',
+      database: 'up',
+      pool: result.busy ? 'busy' : 'ok',
+      migrations: { current: migrations.current, pending: migrations.pending },
+    } as const;
+    return c.json(body, migrations.current ? 200 : 503);
   });
   return {
     prefix: '/',
@@ -64,7 +111,9 @@ export function healthRoutes(ctx: Pick<Context, 'db' | 'migrations' | 'log'>): H
       {
         method: 'get',
         path: '/readyz',
-        summary: 'Readiness: database reachable and migrations current (503 otherwise)',
+        summary:
+          'Readiness, on its own connection: database reachable and migrations current (503 otherwise); ' +
+          '`pool: busy` when every pooled connection is in use (still ready: busy is not down)',
         tag: 'operations',
         security: 'none',
         responses: {

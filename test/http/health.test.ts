@@ -44,6 +44,23 @@ describe('health and readiness', () => {
     expect(body.migrations.pending).toContain(1);
   });
 
+  it('tells busy from down: every pooled connection held, /readyz still answers ready, pool busy', async () => {
+    const ctx = await createTestContext({ DB_POOL_MAX: '2' });
+    const held = await Promise.all([ctx.pool.connect(), ctx.pool.connect()]);
+    const release = () => {
+      for (const client of held.splice(0)) client.release();
+    };
+    onTestFinished(release);
+    const waiting = ctx.pool.query('SELECT 1'); // queued behind the held connections
+    const res = await createApp(ctx).request('/readyz');
+    expect(res.status).toBe(200);
+    expect(await res.json()).toMatchObject({ status: 'ready', database: 'up', pool: 'busy' });
+    release();
+    await waiting;
+    const after = await createApp(ctx).request('/readyz');
+    expect(await after.json()).toMatchObject({ status: 'ready', pool: 'ok' });
+  });
+
   it('reports 503 quickly while the database is unreachable', async () => {
     const port = await freePort();
     const ctx: Context = await createContext(
