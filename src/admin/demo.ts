@@ -1,6 +1,7 @@
 // The demo organization of `npm start`: an active subscription linked to a Stripe (emulator)
 // customer and three sensors, so a reading sent with the printed curl command is billed at once.
 import type { Context } from '../context.js';
+import { authenticateApiKey } from '../ingest/api-keys.js';
 import { createSensor } from '../ingest/sensors.js';
 import { createApiKey, createOrganization, linkSubscription } from './organizations.js';
 
@@ -15,12 +16,15 @@ export interface DemoOrganization {
 }
 
 /**
- * Returns the demo organization, creating it on first run. Keys are shown once, so every run mints
- * a fresh key for it. `createCustomer` makes the Stripe customer (the emulator's, in dev mode).
+ * Returns the demo organization, creating it on first run. `knownKey` is the key a previous run
+ * printed (dev mode keeps it in its data directory): still valid for this organization, it is
+ * returned again, so the printed key stays the same across restarts; otherwise a new key is minted.
+ * `createCustomer` makes the Stripe customer (the emulator's, in dev mode).
  */
 export async function ensureDemoOrganization(
   ctx: Context,
   createCustomer: (organizationId: string) => Promise<string>,
+  knownKey?: string,
 ): Promise<DemoOrganization> {
   const existing = await ctx.db
     .selectFrom('organizations')
@@ -31,9 +35,13 @@ export async function ensureDemoOrganization(
     .executeTakeFirst();
 
   if (existing?.stripe_customer_id) {
-    const key = await ctx.db
-      .transaction()
-      .execute((trx) => createApiKey(trx, existing.id, `dev ${new Date().toISOString()}`));
+    const known = knownKey ? await authenticateApiKey(ctx.db, knownKey, ctx.clock.now()) : null;
+    const key =
+      known?.organizationId === existing.id
+        ? { key: knownKey! }
+        : await ctx.db
+            .transaction()
+            .execute((trx) => createApiKey(trx, existing.id, `dev ${new Date().toISOString()}`));
     const sensors = await ctx.db
       .selectFrom('sensors')
       .select('id')

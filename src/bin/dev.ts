@@ -2,6 +2,8 @@
 // in DEV_DATA_DIR, kept across restarts) when DATABASE_URL is unset; the local Stripe emulator when
 // STRIPE_SECRET_KEY is unset; a demo organization whose API key and a curl example are printed.
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import pg from 'pg';
 import { ensureDemoOrganization } from '../admin/demo.js';
@@ -11,11 +13,13 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js'
 import { migrate } from '../db/migrate.js';
 import { createApp } from '../http/app.js';
 import { startHttpServer } from '../http/server.js';
-import { createLogger } from '../log.js';
+import { createLogger, readableDestination } from '../log.js';
 import { startWorker } from '../metering/worker.js';
 import {
   DEFAULT_METERS,
   DEFAULT_PORT,
+  DEMO_CUSTOMER_ID,
+  DEV_WEBHOOK_SECRET,
   type StripeEmulator,
   startStripeEmulator,
 } from '../stripe-emulator/index.js';
@@ -23,7 +27,8 @@ import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const DEV_DATABASE = 'meterbox';
 const base = configOrExit({ needDatabase: false });
-const log = createLogger(base.LOG_LEVEL, { mode: 'dev' });
+// Readable lines for a person at a terminal; the production entry points log JSON.
+const log = createLogger(base.LOG_LEVEL, { mode: 'dev' }, readableDestination());
 const releases: (() => Promise<void>)[] = [];
 let shuttingDown = false;
 
@@ -46,6 +51,24 @@ async function createDatabaseIfMissing(embedded: EmbeddedDatabase): Promise<void
   }
 }
 
+/** What dev mode keeps across restarts (never committed: the data directory is git-ignored). */
+interface DevSecrets {
+  adminToken: string;
+  demoApiKey?: string;
+}
+
+async function readSecrets(file: string): Promise<DevSecrets> {
+  if (existsSync(file)) {
+    const saved = JSON.parse(await readFile(file, 'utf8')) as Partial<DevSecrets>;
+    if (typeof saved.adminToken === 'string' && saved.adminToken.length >= 16) return saved as DevSecrets;
+  }
+  return { adminToken: `dev-${randomBytes(12).toString('hex')}` };
+}
+
+async function saveSecrets(file: string, secrets: DevSecrets): Promise<void> {
+  await writeFile(file, `${JSON.stringify(secrets, null, 2)}\n`, { mode: 0o600 });
+}
+
 async function startEmulator(dataDir: string): Promise<StripeEmulator> {
   const options = { persistPath: join(dataDir, 'stripe-emulator.json') };
   try {
@@ -63,17 +86,19 @@ onShutdownSignal(async () => {
 
 try {
   const dataDir = resolve(base.DEV_DATA_DIR);
+  await mkdir(dataDir, { recursive: true });
+  const secretsFile = join(dataDir, 'dev-secrets.json');
+  const secrets = await readSecrets(secretsFile);
   const env: Record<string, string | undefined> = { ...process.env };
 
+  let postgresDir: string | undefined;
   if (!base.DATABASE_URL) {
     const embedded = await startEmbeddedPostgres({ dataDir: join(dataDir, 'postgres') });
     releases.push(() => embedded.stop());
     await createDatabaseIfMissing(embedded);
     env.DATABASE_URL = embedded.urlFor(DEV_DATABASE);
-    log.info(
-      { dataDir: join(dataDir, 'postgres'), url: env.DATABASE_URL, pid: embedded.pid },
-      'embedded Postgres started',
-    );
+    log.info({ dataDir: embedded.dataDir, postgresPid: embedded.pid }, 'embedded Postgres started');
+    postgresDir = embedded.dataDir;
   }
 
   let emulator: StripeEmulator | undefined;
@@ -83,13 +108,13 @@ try {
     releases.push(() => running.stop());
     env.STRIPE_SECRET_KEY = 'sk_test_meterbox_dev';
     env.STRIPE_API_BASE = emulator.url;
-    env.STRIPE_WEBHOOK_SECRET ??= 'whsec_meterbox_dev';
+    env.STRIPE_WEBHOOK_SECRET ??= DEV_WEBHOOK_SECRET;
     for (const meter of DEFAULT_METERS) {
       env[`STRIPE_METER_ID_${meter.event_name.toUpperCase()}`] ??= meter.id;
     }
     log.info({ url: emulator.url }, 'Stripe emulator started');
   }
-  env.ADMIN_TOKEN ??= `dev-${randomBytes(12).toString('hex')}`;
+  env.ADMIN_TOKEN ??= secrets.adminToken;
 
   const config = loadConfig(env);
   await migrate(config.DATABASE_URL!, config, log);
@@ -105,21 +130,32 @@ try {
   });
   releases.push(() => server.stop(config.SHUTDOWN_TIMEOUT_MS));
 
+  // The demo customer has a fixed id, the one `npm run stripe:emulator -- webhook` uses by default.
   const demo = emulator
-    ? await ensureDemoOrganization(ctx, async (organizationId) => {
-        return emulator.createCustomer({
-          name: 'Demo Cold Chain',
-          metadata: { organization_id: organizationId },
-        }).id;
-      })
+    ? await ensureDemoOrganization(
+        ctx,
+        async (organizationId) =>
+          (
+            emulator.customers().find((c) => c.id === DEMO_CUSTOMER_ID) ??
+            emulator.createCustomer({
+              id: DEMO_CUSTOMER_ID,
+              name: 'Demo Cold Chain',
+              metadata: { organization_id: organizationId },
+            })
+          ).id,
+        secrets.demoApiKey,
+      )
     : undefined;
+  await saveSecrets(secretsFile, { ...secrets, ...(demo ? { demoApiKey: demo.apiKey } : {}) });
 
   const lines = [
     '',
     `meterbox is running at ${server.url}   (Ctrl-C to stop)`,
-    `  database         ${base.DATABASE_URL ? 'DATABASE_URL' : `embedded Postgres, data in ${join(dataDir, 'postgres')}`}`,
+    `  database         ${base.DATABASE_URL ? 'DATABASE_URL from the environment' : `embedded Postgres, data in ${postgresDir}`}`,
+    `  DATABASE_URL     ${config.DATABASE_URL}   (the CLI needs it: DATABASE_URL=… npm run cli -- --help)`,
     `  stripe           ${emulator ? `local emulator at ${emulator.url} (inspect: ${emulator.url}/_emulator/events)` : (config.STRIPE_API_BASE ?? 'api.stripe.com')}`,
     `  admin dashboard  ${server.url}/admin   token: ${config.ADMIN_TOKEN}`,
+    `  webhooks         ${server.url}/webhooks/stripe   secret: ${config.STRIPE_WEBHOOK_SECRET ?? '(STRIPE_WEBHOOK_SECRET unset: webhooks off)'}`,
     `  API docs         ${server.url}/docs`,
   ];
   if (demo) {

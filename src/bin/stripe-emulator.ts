@@ -3,6 +3,8 @@
 import { parseArgs } from 'node:util';
 import {
   DEFAULT_PORT,
+  DEMO_CUSTOMER_ID,
+  DEV_WEBHOOK_SECRET,
   exampleEvent,
   type FaultsInput,
   faultsSchema,
@@ -19,7 +21,9 @@ const USAGE = `usage:
                   [--error-rate P] [--rate-limit-rate P] [--reset-rate P] [--timeout-rate P]
                   [--accepted-then-500-rate P] [--accepted-then-reset-rate P]
                   [--latency-ms MS] [--jitter-ms MS] [--hang-ms MS]
-  stripe-emulator webhook <type> --url URL --secret whsec_... [--customer cus_..] [--subscription sub_..]
+  stripe-emulator webhook <type> [--url URL] [--secret whsec_...] [--customer cus_..] [--subscription sub_..]
+      defaults: npm start's API (http://127.0.0.1:3000/webhooks/stripe), its webhook secret
+      (whsec_meterbox_dev) and its demo customer (${DEMO_CUSTOMER_ID})
                   [--organization UUID] [--status active] [--meter mtr_..]
   webhook types: ${WEBHOOK_TYPES.join(', ')}`;
 
@@ -52,8 +56,9 @@ async function webhook(argv: string[]): Promise<void> {
   const type = positionals[0];
   if (!type || !(WEBHOOK_TYPES as readonly string[]).includes(type))
     fail(`unknown webhook type ${type ?? '(none)'}`);
-  if (!values.url) fail('--url is required');
-  if (!values.secret) fail('--secret is required');
+  // Defaults: the API of `npm start`, its dev webhook secret and its demo customer.
+  const url = values.url ?? `http://127.0.0.1:${process.env.PORT ?? 3000}/webhooks/stripe`;
+  const secret = values.secret ?? process.env.STRIPE_WEBHOOK_SECRET ?? DEV_WEBHOOK_SECRET;
   const event = exampleEvent(type as WebhookType, {
     customer: values.customer,
     subscription: values.subscription,
@@ -61,7 +66,7 @@ async function webhook(argv: string[]): Promise<void> {
     status: values.status as SubscriptionStatus | undefined,
     meter: values.meter,
   });
-  const response = await sendWebhook(values.url, event, values.secret);
+  const response = await sendWebhook(url, event, secret);
   console.log(
     JSON.stringify({ sent: event, response: { status: response.status, body: response.body } }, null, 2),
   );

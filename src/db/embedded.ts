@@ -4,11 +4,12 @@
 // SIGINT/SIGTERM hooks that kill Postgres (and exit) while our graceful shutdown is still using it,
 // and its child would also receive a terminal's Ctrl-C. Ours runs detached and is stopped last.
 import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
 
@@ -18,7 +19,19 @@ export interface EmbeddedDatabase {
   urlFor(database: string): string;
   port: number;
   pid: number;
+  /** Where the cluster's files are (see clusterLocation). */
+  dataDir: string;
   stop(): Promise<void>;
+}
+
+/** The last lines Postgres wrote to its log: its own reason for a failed start. */
+async function logTail(logPath: string): Promise<string> {
+  try {
+    const lines = (await readFile(logPath, 'utf8')).trim().split('\n');
+    return lines.slice(-5).join('\n') || `(nothing in ${logPath})`;
+  } catch {
+    return `(no log at ${logPath})`;
+  }
 }
 
 const USER = 'meterbox';
@@ -118,13 +131,53 @@ async function initdb(
         '--encoding=UTF8',
         '--locale=C',
       ],
-      { ...(owner ?? {}) },
+      // cwd '/': the postgres user may not be allowed into the invoking user's directory.
+      { ...(owner ?? {}), cwd: '/' },
     );
   } catch (err) {
-    throw new Error(`initdb failed: ${(err as { stderr?: string }).stderr ?? (err as Error).message}`);
+    const e = err as { stderr?: string; stdout?: string; message: string };
+    const reason =
+      [e.stderr, e.stdout]
+        .map((x) => x?.trim())
+        .filter(Boolean)
+        .join('\n') || e.message;
+    throw new Error(`initdb failed: ${reason}`);
   } finally {
     await rm(pwfile, { force: true });
   }
+}
+
+/** Whether `user` can reach `dir` (it and every directory above it searchable). */
+async function canReach(dir: string, user: { uid: number; gid: number }): Promise<boolean> {
+  try {
+    await run('test', ['-x', dir], { ...user, cwd: '/' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Where the cluster lives. Normally `dataDir`. As root, Postgres runs as the `postgres` user, who
+ * cannot enter a private checkout (a home directory such as /root, a `mktemp -d`): then the cluster
+ * is kept in /var/tmp (kept across reboots, unlike /tmp), in a directory named after `dataDir`, so
+ * the same checkout always finds its data again.
+ */
+export async function clusterLocation(
+  dataDir: string,
+  owner: { uid: number; gid: number } | undefined,
+): Promise<string> {
+  const parent = dirname(dataDir);
+  await mkdir(parent, { recursive: true });
+  if (!owner) return dataDir;
+  // The postgres user must be able to reach the data directory and write its log next to it.
+  await chmod(parent, 0o755);
+  if (await canReach(parent, owner)) return dataDir;
+  const hash = createHash('sha256').update(resolve(dataDir)).digest('hex').slice(0, 12);
+  const shared = join('/var/tmp', `meterbox-postgres-${hash}`);
+  await mkdir(shared, { recursive: true, mode: 0o700 });
+  await chown(shared, owner.uid, owner.gid);
+  return join(shared, 'data');
 }
 
 export async function startEmbeddedPostgres(options: {
@@ -135,12 +188,10 @@ export async function startEmbeddedPostgres(options: {
 }): Promise<EmbeddedDatabase> {
   const bin = await binaries();
   const owner = await runAs();
-  const parent = dirname(options.dataDir);
-  await mkdir(parent, { recursive: true });
-  // The postgres user must be able to reach the data directory and write its log next to it.
-  if (owner) await chmod(parent, 0o755);
-  await stopOrphan(options.dataDir);
-  if (!existsSync(join(options.dataDir, 'PG_VERSION'))) await initdb(bin.initdb, options.dataDir, owner);
+  const dataDir = await clusterLocation(options.dataDir, owner);
+  const parent = dirname(dataDir);
+  await stopOrphan(dataDir);
+  if (!existsSync(join(dataDir, 'PG_VERSION'))) await initdb(bin.initdb, dataDir, owner);
 
   const port = options.port ?? (await freePort());
   const flags = [
@@ -156,8 +207,9 @@ export async function startEmbeddedPostgres(options: {
   const logPath = join(parent, 'postgres.log');
   const logFd = openSync(logPath, 'a');
   if (owner) await chown(logPath, owner.uid, owner.gid);
-  const child = spawn(bin.postgres, ['-D', options.dataDir, '-p', String(port), ...flags], {
+  const child = spawn(bin.postgres, ['-D', dataDir, '-p', String(port), ...flags], {
     ...(owner ?? {}),
+    cwd: '/',
     detached: true, // own process group: a terminal's Ctrl-C reaches us, and we stop Postgres last
     stdio: ['ignore', logFd, logFd],
   });
@@ -169,7 +221,9 @@ export async function startEmbeddedPostgres(options: {
   const urlFor = (database: string) => `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/${database}`;
   await waitUntil(
     async () => {
-      if (child.exitCode !== null) throw new Error(`postgres exited with ${child.exitCode}; see ${logPath}`);
+      if (child.exitCode !== null) {
+        throw new Error(`postgres exited with code ${child.exitCode}: ${await logTail(logPath)}`);
+      }
       const client = new pg.Client({ connectionString: urlFor('postgres'), connectionTimeoutMillis: 1_000 });
       client.on('error', () => {});
       try {
@@ -190,6 +244,7 @@ export async function startEmbeddedPostgres(options: {
     urlFor,
     port,
     pid,
+    dataDir,
     stop() {
       stopped ??= (async () => {
         if (!alive(pid)) return;

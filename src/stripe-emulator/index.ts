@@ -42,6 +42,8 @@ export {
   buildEvent,
   type CheckoutSessionInput,
   checkoutSession,
+  DEMO_CUSTOMER_ID,
+  DEV_WEBHOOK_SECRET,
   type ExampleEventInput,
   exampleEvent,
   type InvoiceInput,

@@ -6,6 +6,11 @@ import { createHmac, randomUUID } from 'node:crypto';
 import { stripeId } from './state.js';
 
 /** The API version the stripe SDK installed here pins; events carry the endpoint's version. */
+/** The demo customer `npm start` creates in the emulator; the webhook CLI's default customer. */
+export const DEMO_CUSTOMER_ID = 'cus_emu_demo';
+/** The webhook signing secret `npm start` uses when STRIPE_WEBHOOK_SECRET is unset. */
+export const DEV_WEBHOOK_SECRET = 'whsec_meterbox_dev';
+
 export const WEBHOOK_API_VERSION = '2026-10-28.endive';
 
 export interface StripeEvent<T = Record<string, unknown>> {
@@ -287,7 +292,7 @@ export interface ExampleEventInput {
 
 /** One complete event of a handled type, for the CLI and for tests that need "a valid one". */
 export function exampleEvent(type: WebhookType, input: ExampleEventInput = {}): object {
-  const customer = input.customer ?? 'cus_emu_demo';
+  const customer = input.customer ?? DEMO_CUSTOMER_ID;
   const sub = input.subscription ?? 'sub_emu_demo';
   const options = { id: input.eventId, created: input.created };
   switch (type) {

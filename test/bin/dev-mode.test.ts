@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { alive } from '../../src/db/embedded.js';
 import { ROOT, RunningProcess } from '../helpers/processes.js';
@@ -28,9 +28,8 @@ function startDev(dataDir: string): RunningProcess {
 }
 
 function postgresPid(output: string): number {
-  const url = /"url":"postgres:\/\/[^"]*:(\d+)\/meterbox"/.exec(output);
-  expect(url).not.toBeNull();
-  const match = /"pid":(\d+)[^\n]*embedded Postgres started/.exec(output);
+  // Dev-mode logs are readable lines: `16:12:03 INFO  embedded Postgres started dataDir=… postgresPid=123`.
+  const match = /INFO {2}embedded Postgres started [^\n]*postgresPid=(\d+)/.exec(output);
   expect(match).not.toBeNull();
   return Number(match![1]);
 }
@@ -47,8 +46,12 @@ async function waitFor<T>(fn: () => Promise<T | undefined>, deadlineMs: number):
 
 describe('npm start (dev mode)', () => {
   it('runs API, worker, embedded Postgres and emulator; bills a curl reading; Ctrl-C leaves no Postgres; restart reuses the data', async () => {
-    const dataDir = await mkdtemp(join(tmpdir(), 'meterbox-dev-'));
-    onTestFinished(() => rm(dataDir, { recursive: true, force: true }));
+    // A checkout only its owner may enter (as /root or a mktemp -d is): as root, Postgres runs as the
+    // postgres user, who cannot reach it, so the cluster must live where that user can.
+    const root = await mkdtemp(join(tmpdir(), 'meterbox-dev-'));
+    await mkdir(join(root, 'private'), { mode: 0o700 });
+    const dataDir = join(root, 'private', '.data');
+    onTestFinished(() => rm(root, { recursive: true, force: true }));
 
     const first = startDev(dataDir);
     await first.waitForOutput('demo API key', 90_000);
@@ -59,6 +62,17 @@ describe('npm start (dev mode)', () => {
     const emulatorUrl = /local emulator at (\S+)/.exec(out)![1]!;
     expect(out).toContain('created now');
     const pid = postgresPid(out);
+    const clusterDir = /embedded Postgres, data in (\S+)/.exec(out)![1]!;
+    if (process.getuid?.() === 0) {
+      expect(clusterDir).toMatch(/^\/var\/tmp\/meterbox-postgres-[0-9a-f]{12}\/data$/);
+      onTestFinished(() => rm(dirname(clusterDir), { recursive: true, force: true }));
+    }
+    // What a person needs, as plain lines: the URL the CLI needs, the webhook secret, readable logs.
+    expect(out).toMatch(/DATABASE_URL\s+postgres:\/\/\S+:\d+\/meterbox/);
+    expect(out).toMatch(/webhooks\s+\S+\/webhooks\/stripe\s+secret: whsec_meterbox_dev/);
+    expect(out).toMatch(/^\d\d:\d\d:\d\d INFO {2}worker started/m);
+    expect(out).not.toMatch(/^\{"level"/m);
+    const adminToken = /token: (\S+)/.exec(out)![1]!;
 
     const res = await fetch(`${apiUrl}/v1/readings`, {
       method: 'POST',
@@ -86,6 +100,11 @@ describe('npm start (dev mode)', () => {
     await second.waitForOutput('demo API key', 90_000);
     expect(second.stdout).not.toContain('created now');
     expect(/demo org\s+(\S+)/.exec(second.stdout)![1]).toBe(/demo org\s+(\S+)/.exec(out)![1]);
+    // The same demo key and admin token as the first run, and the same cluster.
+    expect(/demo API key\s+(\S+)/.exec(second.stdout)![1]).toBe(apiKey);
+    expect(/token: (\S+)/.exec(second.stdout)![1]).toBe(adminToken);
+    expect(/embedded Postgres, data in (\S+)/.exec(second.stdout)![1]).toBe(clusterDir);
+    expect(/customer (cus_\w+)/.exec(out)![1]).toBe('cus_emu_demo');
     const secondPid = postgresPid(second.stdout);
     second.kill('SIGTERM');
     expect((await second.exited).code).toBe(0);
