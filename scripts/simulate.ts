@@ -2,6 +2,8 @@
 //   [--duration 60]
 // Streams readings from many virtual sensors to a running meterbox with a live progress line.
 // Sensors are registered through the API on first use (one set per --prefix).
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
 const { values } = parseArgs({
@@ -13,13 +15,38 @@ const { values } = parseArgs({
     batch: { type: 'string', default: '50' },
     duration: { type: 'string', default: '60' },
     prefix: { type: 'string', default: 'sim' },
+    help: { type: 'boolean', short: 'h', default: false },
   },
 });
 
+/** The demo API key `npm start` keeps in its data directory, if there is one. */
+function demoKey(): string | undefined {
+  const file = join(process.env.DEV_DATA_DIR ?? '.data', 'dev-secrets.json');
+  if (!existsSync(file)) return undefined;
+  try {
+    const saved = JSON.parse(readFileSync(file, 'utf8')) as { demoApiKey?: unknown };
+    return typeof saved.demoApiKey === 'string' ? saved.demoApiKey : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const USAGE = `usage: npm run simulate -- [--key <api key>] [--url URL] [--sensors N] [--rate N] [--batch N]
+                            [--duration S] [--prefix NAME]
+  --key       API key (default: METERBOX_API_KEY, else the demo key npm start keeps in .data/)
+  --url       API base URL (default: METERBOX_URL, else http://127.0.0.1:3000)
+  --sensors   virtual sensors, created once under --prefix (default 50)
+  --rate      readings per second (default 200)
+  --batch     readings per request (default 50)
+  --duration  seconds to run (default 60); Ctrl-C stops early and prints the summary
+  --prefix    sensor name prefix (default sim)`;
+if (values.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
+values.key ??= demoKey();
 if (!values.key) {
-  console.error(
-    'usage: npm run simulate -- --key <api key> [--url] [--sensors] [--rate] [--batch] [--duration]',
-  );
+  console.error(USAGE);
   console.error('(npm start prints a demo API key)');
   process.exit(2);
 }
@@ -81,7 +108,13 @@ function progress(final = false): void {
 }
 const ticker = setInterval(progress, 250);
 
-while (Date.now() - started < durationMs) {
+// Ctrl-C ends the run early with the same summary as a run that reached --duration.
+let interrupted = false;
+process.once('SIGINT', () => {
+  interrupted = true;
+});
+
+while (!interrupted && Date.now() - started < durationMs) {
   const due = Math.floor(((Date.now() - started) / 1000) * ratePerSecond) - sent;
   if (due < batchSize) {
     await new Promise((r) => setTimeout(r, 20));
@@ -115,3 +148,15 @@ while (Date.now() - started < durationMs) {
 }
 clearInterval(ticker);
 progress(true);
+const seconds = (Date.now() - started) / 1000;
+console.log(
+  [
+    `simulate ${interrupted ? 'interrupted (Ctrl-C)' : 'finished'} after ${seconds.toFixed(1)} s`,
+    `  requests   ${stats.requests} (${(stats.requests / Math.max(seconds, 0.001)).toFixed(1)}/s)`,
+    `  inserted   ${stats.inserted} readings (${(stats.inserted / Math.max(seconds, 0.001)).toFixed(0)}/s)`,
+    `  duplicates ${stats.duplicates}`,
+    `  errors     ${stats.errors}${stats.lastError ? ` (last: ${stats.lastError})` : ''}`,
+    `  sensors    ${sensors.length} (${values.prefix}-*)`,
+  ].join('\n'),
+);
+process.exit(stats.errors > 0 && stats.inserted === 0 ? 1 : 0);
