@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build on Node 24: compile in `build`, ship only production dependencies and dist/.
+# Multi-stage build on Node 24: compile in `build`, ship only production dependencies and the
+# production entry points (server, worker, migrate, cli). Development tooling (npm start's dev mode,
+# the embedded Postgres, the Stripe emulator) is neither bundled nor installed.
 FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
@@ -8,7 +10,7 @@ COPY tsconfig.json ./
 COPY scripts ./scripts
 COPY src ./src
 COPY migrations ./migrations
-RUN node scripts/build.mjs && npm prune --omit=dev
+RUN node scripts/build.mjs --production && npm prune --omit=dev
 
 FROM node:24-bookworm-slim AS runtime
 # A 16 MB young generation instead of V8's size for a large host keeps RSS near what is used (see

@@ -50,9 +50,9 @@ export default async function setup(project: TestProject): Promise<() => Promise
     provider = `TEST_DATABASE_URL (${new URL(adminUrl).host})`;
   } else if (await dockerReachable()) {
     const { PostgreSqlContainer } = await import('@testcontainers/postgresql');
-    const container = await new PostgreSqlContainer('postgres:17-alpine').start();
+    const container = await new PostgreSqlContainer('postgres:18-alpine').start();
     adminUrl = withDatabase(container.getConnectionUri(), 'postgres');
-    provider = 'testcontainers (postgres:17-alpine)';
+    provider = 'testcontainers (postgres:18-alpine)';
     cleanups.push(async () => {
       await container.stop();
     });
