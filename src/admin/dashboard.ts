@@ -6,6 +6,7 @@ import { html, raw } from 'hono/html';
 import type { HtmlEscapedString } from 'hono/utils/html';
 import { z } from 'zod';
 import { listMeterErrorReports, type MeterErrorReport } from '../billing/meter-error-reports.js';
+import { listPoisonEvents, type PoisonEvent } from '../billing/poison.js';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
@@ -206,6 +207,19 @@ function meterErrorsTable(reports: MeterErrorReport[]): Html {
   )}</tbody></table></div>`;
 }
 
+function poisonTable(events: PoisonEvent[]): Html {
+  if (events.length === 0)
+    return html`<p class="muted" data-testid="no-poison">No webhook events refused.</p>`;
+  return html`<div class="scroll"><table class="stack" data-testid="poison-table">
+<thead><tr><th>Received</th><th>Event</th><th>Type</th><th>Why</th><th class="num">Deliveries</th></tr></thead>
+<tbody>${events.map(
+    (
+      e,
+    ) => html`<tr><td data-label="Received">${fmtTime(e.receivedAt)}</td><td data-label="Event">${e.eventId}</td><td data-label="Type">${e.eventType}</td>
+<td class="wrap" data-label="Why">${e.errorCode ? `${e.errorCode}: ` : ''}${e.error}</td><td class="num" data-label="Deliveries">${fmtNum(e.deliveries)}</td></tr>`,
+  )}</tbody></table></div>`;
+}
+
 function reconciliationTable(report: ReconciliationReport): Html {
   const withStripe = report.stripe === 'compared';
   if (report.organizations.length === 0) {
@@ -268,10 +282,11 @@ async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Promise<Re
     ctx.stripe !== undefined &&
     (ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS ?? ctx.config.STRIPE_METER_ID_ACTIVE_SENSORS) !==
       undefined;
-  const [overview, failed, errors, report] = await Promise.all([
+  const [overview, failed, errors, poison, report] = await Promise.all([
     pipelineOverview(ctx.db, ctx.boss, now),
     listOutbox(ctx.db, { status: 'failed', limit: 50 }),
     listMeterErrorReports(ctx.db, { limit: 20 }),
+    listPoisonEvents(ctx.db, 20),
     reconcile(ctx, { from, to }, { withStripe: q.stripe === '1' && stripeConfigured }),
   ]);
   const o = overview;
@@ -311,6 +326,7 @@ ${backlogChart(o.backlogPerMinute)}
 </section>
 <section aria-labelledby="failed"><h2 id="failed">Failed rows</h2>${failedTable(failed.rows, names)}</section>
 <section aria-labelledby="errors"><h2 id="errors">Stripe meter error reports</h2>${meterErrorsTable(errors.reports)}</section>
+<section aria-labelledby="poison"><h2 id="poison">Webhook events refused (never applied, acknowledged)</h2>${poisonTable(poison)}</section>
 <section aria-labelledby="reconciliation"><h2 id="reconciliation">Reconciliation</h2>
 <form method="get" action="/admin" class="row">
 <label>From (UTC)<input type="datetime-local" name="from" value="${report.from.slice(0, 16)}"></label>

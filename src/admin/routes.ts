@@ -3,6 +3,7 @@
 import { Hono } from 'hono';
 import { z } from 'zod';
 import { listMeterErrorReports } from '../billing/meter-error-reports.js';
+import { listPoisonEvents } from '../billing/poison.js';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
@@ -38,6 +39,20 @@ const redriveResult = z.object({
   retried: z.number().int().describe('failed rows of those customers and meters put back to pending'),
 });
 
+const poisonQuery = z.object({ limit: z.coerce.number().int().min(1).max(500).default(100) });
+const poisonList = z.object({
+  events: z.array(
+    z.object({
+      eventId: z.string(),
+      eventType: z.string(),
+      errorCode: z.string().nullable(),
+      error: z.string(),
+      payload: z.string(),
+      receivedAt: z.string(),
+      deliveries: z.number().int(),
+    }),
+  ),
+});
 const meterErrorsQuery = z.object({
   limit: z.coerce.number().int().min(1).max(500).default(50),
   before: z
@@ -131,6 +146,17 @@ const docs: RouteDoc[] = [
   },
   {
     method: 'get',
+    path: '/admin/webhooks/poison',
+    summary:
+      'Webhook events that can never be applied (data Postgres refuses), recorded and acknowledged so ' +
+      'Stripe stops resending them; newest first',
+    tag: 'admin',
+    security: 'admin',
+    query: poisonQuery,
+    responses: { 200: { description: 'poison events', schema: poisonList } },
+  },
+  {
+    method: 'get',
     path: '/admin/reconciliation',
     summary:
       "Per organization: readings stored vs usage delivered/pending/failed/expired and the drift; Stripe's own totals with stripe=true",
@@ -185,6 +211,12 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
         receivedAt: r.receivedAt.toISOString(),
       })),
     });
+  });
+
+  app.get('/webhooks/poison', auth, async (c) => {
+    const { limit } = parseQuery(c, poisonQuery);
+    const events = await listPoisonEvents(ctx.db, limit);
+    return c.json({ events: events.map((e) => ({ ...e, receivedAt: e.receivedAt.toISOString() })) });
   });
 
   app.get('/reconciliation', auth, async (c) => {

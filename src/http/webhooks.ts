@@ -3,11 +3,12 @@
 import { Hono } from 'hono';
 import { z } from 'zod';
 import type { EventHandlers } from '../billing/handlers.js';
+import { isPoison, recordPoison } from '../billing/poison.js';
 import { processStripeEvent } from '../billing/process.js';
 import { completeThinEvent } from '../billing/thin-events.js';
 import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js';
 import type { Context } from '../context.js';
-import { isDatabaseUnavailable } from '../db/errors.js';
+import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { AppError } from './errors.js';
 import type { AppEnv, HttpModule } from './types.js';
 
@@ -15,6 +16,8 @@ const received = z.object({
   received: z.literal(true),
   /** true when this event id was already applied: nothing changed. */
   duplicate: z.boolean(),
+  /** true when the event can never be applied (data Postgres refuses): recorded for the operator, not retried. */
+  poison: z.boolean().optional(),
 });
 
 export interface WebhookRouteOptions {
@@ -60,6 +63,15 @@ export function webhookRoutes(
       });
       return c.json({ received: true, duplicate: result.duplicate } as const, 200);
     } catch (err) {
+      if (isPoison(err)) {
+        // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
+        await recordPoison(ctx.db, event, err);
+        log.error(
+          { eventId: event.id, type: event.type, sqlState: sqlState(err) },
+          'webhook event can never be applied; recorded as poison and acknowledged',
+        );
+        return c.json({ received: true, duplicate: false, poison: true } as const, 200);
+      }
       log.error({ err, eventId: event.id, type: event.type }, 'webhook event failed; rolled back');
       if (isDatabaseUnavailable(err)) throw err;
       throw new AppError(500, 'internal', 'the event could not be processed; Stripe will retry it');
@@ -78,7 +90,9 @@ export function webhookRoutes(
           'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
           'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
           '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
-          '(Stripe retries). Events meterbox does not act on, and checkouts naming no known ' +
+          '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
+          'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
+          'Events meterbox does not act on, and checkouts naming no known ' +
           'organization, are recorded and acknowledged with 200.',
         tag: 'billing',
         security: 'stripeSignature',

@@ -20,13 +20,19 @@ export function signedHeader(payload: string, options: { secret?: string; timest
 export function deliver(
   app: Hono<AppEnv>,
   event: object | string,
-  options: { secret?: string; timestamp?: number; signature?: string | null; body?: string } = {},
+  options: {
+    secret?: string;
+    timestamp?: number;
+    signature?: string | null;
+    body?: string;
+    path?: string;
+  } = {},
 ): Promise<Response> {
   const payload = typeof event === 'string' ? event : JSON.stringify(event, null, 2);
   const signature =
     options.signature === undefined ? signedHeader(payload, options) : (options.signature ?? undefined);
   return Promise.resolve(
-    app.request('/webhooks/stripe', {
+    app.request(options.path ?? '/webhooks/stripe', {
       method: 'POST',
       headers: {
         'content-type': 'application/json; charset=utf-8',

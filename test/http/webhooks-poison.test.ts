@@ -1,0 +1,108 @@
+// Webhook events that can never be applied (signed, but with data Postgres refuses) are recorded as
+// poison and acknowledged, so Stripe stops resending them; a transient failure still answers 5xx.
+import { sql } from 'kysely';
+import { describe, expect, it } from 'vitest';
+import type { EventHandler } from '../../src/billing/handlers.js';
+import { defaultHandlers } from '../../src/billing/handlers.js';
+import { createApp } from '../../src/http/app.js';
+import { webhookRoutes } from '../../src/http/webhooks.js';
+import { buildEvent, subscription } from '../../src/stripe-emulator/webhooks.js';
+import { countRows, deliver, uniqueId, WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';
+import { createTestContext } from '../helpers/database.js';
+
+const ADMIN_TOKEN = 'admin-token-for-poison-webhooks';
+const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, ADMIN_TOKEN });
+await ctx.boss.start(); // the dashboard reads pg-boss's queues
+const app = createApp(ctx);
+const admin = (path: string) => app.request(path, { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+
+/** The dashboard is a browser page: sign in with the token, then send the session cookie. */
+async function dashboardHtml(): Promise<string> {
+  const login = await app.request('/admin/login', {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ token: ADMIN_TOKEN }).toString(),
+  });
+  const cookie = (login.headers.get('set-cookie') ?? '').split(';')[0]!;
+  return (await app.request('/admin', { headers: { cookie } })).text();
+}
+
+async function poisonRows() {
+  const { rows } = await sql<{
+    event_id: string;
+    error_code: string | null;
+    deliveries: number;
+    payload: string;
+  }>`
+    SELECT event_id, error_code, deliveries, payload FROM stripe_poison_events ORDER BY received_at`.execute(
+    ctx.db,
+  );
+  return rows;
+}
+
+describe('poison webhook events', () => {
+  it('acknowledges an event with a NUL character, records it once, and lists it for the operator', async () => {
+    const event = buildEvent(
+      'customer.subscription.updated',
+      subscription({ id: uniqueId('sub'), customer: 'cus_\u0000nul', status: 'active' }),
+      { id: uniqueId('evt') },
+    );
+    const eventsBefore = await countRows(ctx.db, 'stripe_events');
+    const first = await deliver(app, event);
+    expect(first.status).toBe(200);
+    expect(await first.json()).toEqual({ received: true, duplicate: false, poison: true });
+    // Stripe resends it (it did not know better yet): acknowledged again, counted, never applied.
+    const again = await deliver(app, event);
+    expect(again.status).toBe(200);
+    const rows = (await poisonRows()).filter((r) => r.event_id === event.id);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]!.error_code).toMatch(/^22/);
+    expect(rows[0]!.deliveries).toBe(2);
+    expect(await countRows(ctx.db, 'stripe_events')).toBe(eventsBefore);
+
+    const listed = await admin('/admin/webhooks/poison');
+    expect(listed.status).toBe(200);
+    const body = (await listed.json()) as { events: { eventId: string; eventType: string; error: string }[] };
+    expect(body.events.find((e) => e.eventId === event.id)).toMatchObject({
+      eventType: 'customer.subscription.updated',
+    });
+    const page = await dashboardHtml();
+    expect(page).toContain('data-testid="poison-table"');
+    expect(page).toContain(event.id);
+  });
+
+  it('acknowledges an event whose timestamp is out of range', async () => {
+    const event = buildEvent(
+      'customer.subscription.updated',
+      subscription({ id: uniqueId('sub'), customer: uniqueId('cus'), status: 'active' }),
+      { id: uniqueId('evt'), created: 9_999_999_999_999 },
+    );
+    const res = await deliver(app, event);
+    expect(res.status).toBe(200);
+    expect(await res.json()).toMatchObject({ poison: true });
+    expect((await poisonRows()).map((r) => r.event_id)).toContain(event.id);
+  });
+
+  it('still answers 5xx, recording nothing, when the failure is transient', async () => {
+    const serializationFailure: EventHandler = async () => {
+      throw Object.assign(new Error('could not serialize access due to concurrent update'), {
+        code: '40001',
+      });
+    };
+    const flaky = createApp(ctx, []);
+    flaky.route(
+      '/injected',
+      webhookRoutes(ctx, {
+        handlers: { ...defaultHandlers, 'customer.subscription.updated': serializationFailure },
+      }).app,
+    );
+    const event = buildEvent(
+      'customer.subscription.updated',
+      subscription({ id: uniqueId('sub'), customer: uniqueId('cus'), status: 'active' }),
+      { id: uniqueId('evt') },
+    );
+    const res = await deliver(flaky, event, { path: '/injected/stripe' });
+    expect(res.status).toBeGreaterThanOrEqual(500);
+    expect((await poisonRows()).map((r) => r.event_id)).not.toContain(event.id);
+  });
+});
