@@ -4,15 +4,16 @@
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
+import { pgInstant, pgText } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
 import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
 import { enqueueDelivery } from '../metering/outbox.js';
 
 export const correctionBody = z.object({
   sensorId: z.uuid().optional(),
-  from: z.iso.datetime({ offset: true }),
-  to: z.iso.datetime({ offset: true }),
-  reason: z.string().trim().min(1).max(500),
+  from: pgInstant('from'),
+  to: pgInstant('to'),
+  reason: pgText('reason').trim().min(1).max(500),
 });
 export type CorrectionInput = z.infer<typeof correctionBody>;
 

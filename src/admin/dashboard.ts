@@ -8,6 +8,7 @@ import { z } from 'zod';
 import { listMeterErrorReports, type MeterErrorReport } from '../billing/meter-error-reports.js';
 import { listPoisonEvents, type PoisonEvent } from '../billing/poison.js';
 import type { Context } from '../context.js';
+import { pgInstant } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
@@ -251,12 +252,10 @@ ${
 }
 
 const periodQuery = z.object({
-  from: z.iso
-    .datetime({ offset: true })
+  from: pgInstant('from')
     .or(z.iso.datetime({ local: true }))
     .optional(),
-  to: z.iso
-    .datetime({ offset: true })
+  to: pgInstant('to')
     .or(z.iso.datetime({ local: true }))
     .optional(),
   stripe: z.literal('1').optional(),

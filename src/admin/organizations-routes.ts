@@ -3,6 +3,7 @@
 import { Hono } from 'hono';
 import { z } from 'zod';
 import type { Context } from '../context.js';
+import { pgText } from '../db/input-types.js';
 import { adminAuth } from '../http/auth.js';
 import { AppError, notFound } from '../http/errors.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
@@ -22,7 +23,7 @@ import {
 const PREFIX = '/admin/organizations';
 
 const uuid = z.uuid();
-const name = z.string().trim().min(1).max(200);
+const name = pgText('name').trim().min(1).max(200);
 
 export const createOrganizationSchema = z.object({
   name,

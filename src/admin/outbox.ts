@@ -3,14 +3,12 @@
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
+import { bigintId, pgDateOrInstant } from '../db/input-types.js';
 import type { DB, MeterEventName, OutboxStatus } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
 import { retryFailedRows } from '../metering/delivery.js';
 
-const isoDate = z.iso
-  .datetime({ offset: true })
-  .or(z.iso.date())
-  .transform((v) => new Date(v));
+const isoDate = pgDateOrInstant('date');
 
 export const outboxListQuery = z.object({
   status: z.enum(OUTBOX_STATUSES).optional(),
@@ -22,10 +20,7 @@ export const outboxListQuery = z.object({
   to: isoDate.optional(),
   limit: z.coerce.number().int().min(1).max(500).default(50),
   /** nextCursor of the previous page. */
-  cursor: z
-    .string()
-    .regex(/^\d{1,19}$/, 'must be the nextCursor of a previous page')
-    .optional(),
+  cursor: bigintId('must be the nextCursor of a previous page').optional(),
 });
 export type OutboxListQuery = z.output<typeof outboxListQuery>;
 
@@ -204,11 +199,7 @@ export async function redriveDeadLetters(boss: PgBoss, options: { limit: number 
 
 export const retrySelection = z
   .object({
-    ids: z
-      .array(z.string().regex(/^\d{1,19}$/))
-      .min(1)
-      .max(1000)
-      .optional(),
+    ids: z.array(bigintId('ids must be outbox row ids')).min(1).max(1000).optional(),
     organizationId: z.uuid().optional(),
     meter: z.enum(METER_EVENT_NAMES).optional(),
     /** Required to retry every failed row when neither ids nor organizationId narrow it. */

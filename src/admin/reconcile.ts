@@ -4,15 +4,13 @@ import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import { z } from 'zod';
 import type { Config } from '../config.js';
+import { pgDateOrInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
 
 const MINUTE = 60_000;
 const MAX_PERIOD_DAYS = 400;
 
-const isoDate = z.iso
-  .datetime({ offset: true })
-  .or(z.iso.date())
-  .transform((v) => new Date(v));
+const isoDate = pgDateOrInstant('date');
 
 export const reconcileQuery = z
   .object({

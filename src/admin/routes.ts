@@ -5,6 +5,7 @@ import { z } from 'zod';
 import { listMeterErrorReports } from '../billing/meter-error-reports.js';
 import { listPoisonEvents } from '../billing/poison.js';
 import type { Context } from '../context.js';
+import { bigintId } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
@@ -55,10 +56,7 @@ const poisonList = z.object({
 });
 const meterErrorsQuery = z.object({
   limit: z.coerce.number().int().min(1).max(500).default(50),
-  before: z
-    .string()
-    .regex(/^\d{1,19}$/, 'must be the nextBefore of a previous page')
-    .optional(),
+  before: bigintId('must be the nextBefore of a previous page').optional(),
 });
 const meterErrorsPage = z.object({
   reports: z.array(

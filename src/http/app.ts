@@ -5,7 +5,7 @@ import { HTTPException } from 'hono/http-exception';
 import { adminModules } from '../admin/index.js';
 import { organizationAdminRoutes } from '../admin/organizations-routes.js';
 import type { Context } from '../context.js';
-import { isDatabaseUnavailable } from '../db/errors.js';
+import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from './docs.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';
 import { healthRoutes } from './health.js';
@@ -29,6 +29,12 @@ function toAppError(err: unknown): AppError | undefined {
     if (err.status === 401) return new AppError(401, 'unauthorized', 'missing or invalid credentials');
   }
   if (isDatabaseUnavailable(err)) return databaseUnavailable();
+  // Safety net behind validation (db/input-types.ts): a value Postgres refuses as data (class 22:
+  // NUL, out of range, bad date) is the client's input, never a retryable 500. Postgres's own words
+  // stay in the log.
+  if (sqlState(err)?.startsWith('22')) {
+    return new AppError(422, 'validation_failed', 'a value in the request is outside what can be stored');
+  }
   return undefined;
 }
 
@@ -88,6 +94,9 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
       for (const [name, value] of Object.entries(known.headers)) c.header(name, value);
       if (known.status === 413) c.header('Connection', 'close');
       if (known.status >= 500) log.warn({ err, path: c.req.path }, known.message);
+      else if (!(err instanceof AppError) && !(err instanceof HTTPException)) {
+        log.warn({ err, path: c.req.path, requestId: c.get('requestId') }, 'input refused by the database');
+      }
       return c.json(errorBody(known), known.status);
     }
     // Never leak internals: the client gets a generic message and the request id to quote.

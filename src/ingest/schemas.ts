@@ -1,6 +1,7 @@
 // The zod schemas of the ingestion API (readings, sensors, usage): they validate requests and
 // generate the OpenAPI document, so the two cannot disagree.
 import { z } from 'zod';
+import { pgInstant, pgText } from '../db/input-types.js';
 import { OUTBOX_STATUSES } from '../db/schema.js';
 
 /**
@@ -15,11 +16,7 @@ export const MAX_FUTURE_SKEW_MS = 5 * 60 * 1000;
 export const EARLIEST_RECORDED_AT = '2000-01-01T00:00:00Z';
 const EARLIEST_RECORDED_AT_MS = Date.parse(EARLIEST_RECORDED_AT);
 
-const isoInstant = (what: string) =>
-  z.iso.datetime({
-    offset: true,
-    error: `${what} must be an ISO-8601 date-time with Z or a ±hh:mm offset, e.g. 2026-11-21T10:00:00Z`,
-  });
+const isoInstant = pgInstant;
 
 /**
  * retentionDays (READINGS_RETENTION_DAYS): a reading older than the retention window is refused
@@ -81,8 +78,7 @@ export const sensorSchema = z.object({
 });
 export type SensorView = z.output<typeof sensorSchema>;
 
-const sensorName = z
-  .string()
+const sensorName = pgText('name')
   .trim()
   .min(1, { error: 'name must not be empty' })
   .max(200, { error: 'name must be at most 200 characters' });
