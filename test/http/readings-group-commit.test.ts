@@ -62,6 +62,9 @@ describe('group commit', () => {
     const [inactive] = await createSensors(ctx.db, a.organizationId, 1, { active: false });
     const [f1] = await createSensors(ctx.db, free.organizationId, 1);
     const shared = reading(a1!);
+    // Verify the three keys first (the key cache's first lookup of each is a database round trip):
+    // on a loaded machine that lookup alone can outlast the window and split the group.
+    for (const o of [a, b, free]) await app.request('/v1/sensors', { headers: authHeaders(o.apiKey) });
     const results = await Promise.all([
       post(a.apiKey, [shared, reading(a2!)]),
       // The same reading again in the same group: the earlier request stored it.
