@@ -59,7 +59,7 @@ const REQUESTS_PER_SECOND = Number(args.rate ?? 150);
 /** After the load, how long the ledger may take to level before the scenario gives up. */
 const DRAIN_CAP_MS = quick ? 30_000 : 120_000;
 /** How long the start-up active_sensors run may take before the load starts anyway. */
-const STARTUP_CAP_MS = quick ? 20_000 : 60_000;
+const STARTUP_CAP_MS = quick ? 20_000 : 240_000;
 
 const ALL_SCENARIOS: Scenario[] = [
   {
