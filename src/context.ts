@@ -3,6 +3,7 @@
 
 import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
+import { type Clock, systemClock } from './clock.js';
 import type { Config } from './config.js';
 import { requireDatabaseUrl } from './config.js';
 import { createDatabase, type Database } from './db/database.js';
@@ -10,11 +11,6 @@ import { listMigrations, type MigrationFile } from './db/migrate.js';
 import { ApiKeyCache } from './ingest/api-key-cache.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
-
-export interface Clock {
-  now(): Date;
-}
-export const systemClock: Clock = { now: () => new Date() };
 
 export interface Context extends Database {
   readonly config: Config;

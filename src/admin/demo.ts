@@ -41,7 +41,7 @@ export async function ensureDemoOrganization(
         ? { key: knownKey! }
         : await ctx.db
             .transaction()
-            .execute((trx) => createApiKey(trx, existing.id, `dev ${new Date().toISOString()}`));
+            .execute((trx) => createApiKey(trx, existing.id, `dev ${ctx.clock.now().toISOString()}`));
     const sensors = await ctx.db
       .selectFrom('sensors')
       .select('id')

@@ -2,6 +2,7 @@
 // records the event id, so an effect exists exactly when its stripe_events row does.
 import { sql, type Transaction } from 'kysely';
 import { z } from 'zod';
+import type { Clock } from '../clock.js';
 import type { DB, Subscription } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { recordMeterErrorReport } from './meter-error-reports.js';
@@ -34,6 +35,7 @@ export type EventHandler = (
   trx: Transaction<DB>,
   event: VerifiedEvent,
   log: Logger,
+  clock: Clock,
 ) => Promise<HandlerResult>;
 export type EventHandlers = Readonly<Record<string, EventHandler>>;
 
@@ -108,6 +110,7 @@ async function handleSubscriptionOrInvoice(
   trx: Transaction<DB>,
   event: VerifiedEvent,
   log: Logger,
+  clock: Clock,
 ): Promise<HandlerResult> {
   const parsed = subscriptionChangeOf(event.type, event.created, event.object);
   if ('ignore' in parsed) return ignored(parsed.ignore);
@@ -119,7 +122,7 @@ async function handleSubscriptionOrInvoice(
     if (organizationId) row = await lockSubscriptionRow(trx, organizationId);
   }
   if (!row) return ignored('no organization linked to this subscription yet');
-  const { decision } = await applySubscriptionChange(trx, row, change);
+  const { decision } = await applySubscriptionChange(trx, row, change, clock.now());
   if (!decision.apply) {
     log.debug(
       { eventId: event.id, organizationId: row.organization_id, reason: decision.reason },
@@ -136,12 +139,13 @@ async function replayStoredEvents(
   row: Subscription,
   subscriptionId: string,
   currentEventId: string,
+  now: Date,
 ): Promise<Subscription> {
   const stored = await trx
     .selectFrom('stripe_events')
     .select(['event_id', 'event_type', 'stripe_created', 'payload'])
     .where('event_type', 'in', [...SUBSCRIPTION_EVENTS, ...INVOICE_EVENTS])
-    .where('received_at', '>', sql<Date>`now() - ${REPLAY_WINDOW}::interval`)
+    .where('received_at', '>', sql<Date>`${now}::timestamptz - ${REPLAY_WINDOW}::interval`)
     .where('event_id', '!=', currentEventId)
     .where((eb) =>
       eb.or([
@@ -159,7 +163,7 @@ async function replayStoredEvents(
     if (!object) continue;
     const parsed = subscriptionChangeOf(event.event_type, event.stripe_created, object);
     if ('ignore' in parsed || parsed.change.subscriptionId !== subscriptionId) continue;
-    current = (await applySubscriptionChange(trx, current, parsed.change)).row;
+    current = (await applySubscriptionChange(trx, current, parsed.change, now)).row;
   }
   return current;
 }
@@ -168,6 +172,7 @@ async function handleCheckoutCompleted(
   trx: Transaction<DB>,
   event: VerifiedEvent,
   log: Logger,
+  clock: Clock,
 ): Promise<HandlerResult> {
   const session = checkoutSessionSchema.parse(event.object);
   if (!session.subscription) return ignored('checkout without a subscription');
@@ -186,11 +191,16 @@ async function handleCheckoutCompleted(
     );
     return ignored('unknown organization');
   }
-  const result = await linkCheckoutSession(trx, organizationId, {
-    customerId: session.customer ?? null,
-    subscriptionId: session.subscription,
-    created: event.created,
-  });
+  const result = await linkCheckoutSession(
+    trx,
+    organizationId,
+    {
+      customerId: session.customer ?? null,
+      subscriptionId: session.subscription,
+      created: event.created,
+    },
+    clock.now(),
+  );
   if (!result.linked) {
     log.warn(
       { eventId: event.id, type: event.type, organizationId, reason: result.reason },
@@ -198,7 +208,9 @@ async function handleCheckoutCompleted(
     );
     return ignored(result.reason, organizationId);
   }
-  if (result.switched) await replayStoredEvents(trx, result.row, session.subscription, event.id);
+  if (result.switched) {
+    await replayStoredEvents(trx, result.row, session.subscription, event.id, clock.now());
+  }
   return { outcome: 'applied', organizationId };
 }
 

@@ -141,6 +141,7 @@ export async function applySubscriptionChange(
   trx: Transaction<DB>,
   row: Subscription,
   change: SubscriptionChange,
+  now: Date,
 ): Promise<{ decision: Decision; row: Subscription }> {
   const decision = decideSubscriptionChange(row, change);
   if (!decision.apply) return { decision, row };
@@ -152,7 +153,7 @@ export async function applySubscriptionChange(
       stripe_subscription_id: decision.subscriptionId,
       stripe_customer_id: decision.customerId,
       stripe_event_created: change.created,
-      updated_at: new Date(),
+      updated_at: now,
     })
     .where('organization_id', '=', row.organization_id)
     .returningAll()
@@ -173,6 +174,7 @@ export async function linkCheckoutSession(
   trx: Transaction<DB>,
   organizationId: string,
   link: { customerId: string | null; subscriptionId: string; created: Date },
+  now: Date,
 ): Promise<LinkResult> {
   const taken = await trx
     .selectFrom('subscriptions')
@@ -200,7 +202,7 @@ export async function linkCheckoutSession(
     .updateTable('subscriptions')
     .set({
       stripe_customer_id: link.customerId ?? row.stripe_customer_id,
-      updated_at: new Date(),
+      updated_at: now,
       ...(switched
         ? {
             stripe_subscription_id: link.subscriptionId,

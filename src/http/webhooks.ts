@@ -59,6 +59,7 @@ export function webhookRoutes(
       event = await completeThinEvent(ctx.stripe, event);
       const result = await processStripeEvent(ctx.db, event, {
         log,
+        clock: ctx.clock,
         ...(options.handlers ? { handlers: options.handlers } : {}),
       });
       return c.json({ received: true, duplicate: result.duplicate } as const, 200);

@@ -2,7 +2,7 @@
 // active set reports the new active_sensors count in the same transaction.
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import type { Clock } from '../context.js';
+import type { Clock } from '../clock.js';
 import type { DB } from '../db/schema.js';
 import { reportActiveSensorsWithTimestamp } from '../metering/active-sensors.js';
 import type { SensorView } from './schemas.js';

@@ -5,8 +5,8 @@
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
+import type { Clock } from '../clock.js';
 import type { Config } from '../config.js';
-import type { Clock } from '../context.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser, recordRateLimited } from './budget.js';

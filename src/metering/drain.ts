@@ -5,8 +5,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import type { Clock } from '../clock.js';
 import type { Config } from '../config.js';
-import type { Clock } from '../context.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type CallSlots, callsPerSecond, recordRateLimited, reserveCalls } from './budget.js';

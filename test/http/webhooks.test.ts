@@ -180,11 +180,11 @@ describe('POST /webhooks/stripe: exactly once', () => {
   function countingHandlers(holdMs: number) {
     const counter = { calls: 0 };
     const inner = defaultHandlers['customer.subscription.updated'] as EventHandler;
-    const handler: EventHandler = async (trx, event, log) => {
+    const handler: EventHandler = async (trx, event, log, clock) => {
       counter.calls += 1;
       // Keep the first transaction open so the other deliveries really overlap with it.
       await sql`SELECT pg_sleep(${holdMs / 1000})`.execute(trx);
-      return inner(trx, event, log);
+      return inner(trx, event, log, clock);
     };
     return { counter, handlers: { ...defaultHandlers, 'customer.subscription.updated': handler } };
   }
@@ -228,8 +228,8 @@ describe('POST /webhooks/stripe: exactly once', () => {
     const { organizationId, customer, sub } = await linkedOrganization();
     let failures = 1;
     const inner = defaultHandlers['customer.subscription.updated'] as EventHandler;
-    const failing: EventHandler = async (trx, event, log) => {
-      const result = await inner(trx, event, log);
+    const failing: EventHandler = async (trx, event, log, clock) => {
+      const result = await inner(trx, event, log, clock);
       if (failures-- > 0) throw new Error('injected failure: password=hunter2 at db.internal:5432');
       return result;
     };
