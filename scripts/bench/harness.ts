@@ -12,9 +12,9 @@ import { createOrganization, linkSubscription } from '../../src/admin/organizati
 import { loadConfig } from '../../src/config.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
 import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
-import { migrate } from '../../src/db/migrate.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
+import { migrate } from '../../src/migrations.js';
 import { bundle } from '../bundle.mjs';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));

@@ -10,11 +10,11 @@ import { ensureDemoOrganization } from '../admin/demo.js';
 import { loadConfig } from '../config.js';
 import { createContext } from '../context.js';
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
-import { migrate } from '../db/migrate.js';
 import { createApp } from '../http/app.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
 import { startWorker } from '../metering/worker.js';
+import { migrate } from '../migrations.js';
 import {
   DEFAULT_METERS,
   DEFAULT_PORT,

@@ -1,7 +1,7 @@
 // node dist/migrate.js — applies migrations/ and installs the job queue schema; safe to run twice.
 
-import { migrate } from '../db/migrate.js';
 import { createLogger } from '../log.js';
+import { migrate } from '../migrations.js';
 import { configOrExit, exitOnFatal } from './process.js';
 
 const config = configOrExit({ needDatabase: true });

@@ -5,10 +5,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { PgBoss } from 'pg-boss';
-import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
-import { ensureQueues } from '../metering/queues.js';
 
 export interface MigrationFile {
   version: number;
@@ -104,36 +101,6 @@ export async function applySqlMigrations(
   } finally {
     await client.end();
   }
-}
-
-/** Installs or upgrades pg-boss's own schema and creates meterbox's queues. */
-export async function installJobQueue(connectionString: string, config: Config, log: Logger): Promise<void> {
-  const boss = new PgBoss({
-    connectionString,
-    application_name: 'meterbox-migrate',
-    max: 2,
-    supervise: false,
-    schedule: false,
-    migrate: true,
-    createSchema: true,
-  });
-  boss.on('error', (err) => log.error({ err }, 'pg-boss error during migration'));
-  await boss.start();
-  try {
-    await ensureQueues(boss, config);
-  } finally {
-    await boss.stop({ graceful: false, close: true });
-  }
-}
-
-export async function migrate(
-  connectionString: string,
-  config: Config,
-  log: Logger,
-): Promise<MigrationResult> {
-  const result = await applySqlMigrations(connectionString, log);
-  await installJobQueue(connectionString, config, log);
-  return result;
 }
 
 export interface MigrationStatus {

@@ -1,9 +1,10 @@
 // The one typed registry of pg-boss queues: each name maps to its payload schema and options.
 // Senders (ingestion, cron, sweep) and workers (boss.work) both go through it.
-import type { PgBoss, Queue, SendOptions } from 'pg-boss';
+import { PgBoss, type Queue, type SendOptions } from 'pg-boss';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { METER_EVENT_NAMES } from '../db/schema.js';
+import type { Logger } from '../log.js';
 
 export const deliveryPayload = z.object({
   customerId: z.string().min(1),
@@ -98,4 +99,24 @@ export async function sendJob<N extends QueueName>(
 ): Promise<string | null> {
   const parsed = queues[name].payload.parse(data);
   return boss.send(name, parsed as object, options);
+}
+
+/** Installs or upgrades pg-boss's own schema and creates meterbox's queues. */
+export async function installJobQueue(connectionString: string, config: Config, log: Logger): Promise<void> {
+  const boss = new PgBoss({
+    connectionString,
+    application_name: 'meterbox-migrate',
+    max: 2,
+    supervise: false,
+    schedule: false,
+    migrate: true,
+    createSchema: true,
+  });
+  boss.on('error', (err) => log.error({ err }, 'pg-boss error during migration'));
+  await boss.start();
+  try {
+    await ensureQueues(boss, config);
+  } finally {
+    await boss.stop({ graceful: false, close: true });
+  }
 }

@@ -1,7 +1,8 @@
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
-import { applySqlMigrations, listMigrations, migrate, migrationStatus } from '../../src/db/migrate.js';
+import { applySqlMigrations, listMigrations, migrationStatus } from '../../src/db/migrate.js';
 import { createLogger } from '../../src/log.js';
+import { migrate } from '../../src/migrations.js';
 import { createTestDatabase, testConfig } from '../helpers/database.js';
 
 const log = createLogger('silent');

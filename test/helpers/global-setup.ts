@@ -8,8 +8,8 @@ import pg from 'pg';
 import type { TestProject } from 'vitest/node';
 import { loadConfig } from '../../src/config.js';
 import { startEmbeddedPostgres } from '../../src/db/embedded.js';
-import { migrate } from '../../src/db/migrate.js';
 import { createLogger } from '../../src/log.js';
+import { migrate } from '../../src/migrations.js';
 
 declare module 'vitest' {
   export interface ProvidedContext {
