@@ -113,6 +113,8 @@ export async function createOrgs(
   count: number,
   sensors: number,
   tag: string,
+  /** false: no subscription, so their readings are stored and never billed (no outbox row, no job). */
+  billable = true,
 ): Promise<Org[]> {
   const orgs: Org[] = [];
   for (let i = 0; i < count; i++) {
@@ -120,12 +122,14 @@ export async function createOrgs(
       .transaction()
       .execute((trx) => createOrganization(trx, { name: `${tag} ${i}` }));
     const customerId = `cus_${tag}${i}_${randomBytes(3).toString('hex')}`;
-    await linkSubscription(
-      db,
-      organization.id,
-      { stripeCustomerId: customerId, status: 'active' },
-      new Date(),
-    );
+    if (billable) {
+      await linkSubscription(
+        db,
+        organization.id,
+        { stripeCustomerId: customerId, status: 'active' },
+        new Date(),
+      );
+    }
     const rows = await db
       .insertInto('sensors')
       .values(

@@ -17,6 +17,7 @@ import {
   freshDatabase,
   HttpClient,
   latencySummary,
+  type Org,
   openDatabase,
   ReadingSource,
   ROOT,
@@ -117,10 +118,9 @@ async function main(): Promise<void> {
     // The API and worker run as production runs them: the esbuild bundle under plain node.
     const SERVER = 'src/bin/server.ts';
     const WORKER = 'src/bin/worker.ts';
-    const BENCH_SERVER = 'scripts/bench/server.ts';
     const entries: Record<string, string> = args.tsx
-      ? { [SERVER]: SERVER, [WORKER]: WORKER, [BENCH_SERVER]: BENCH_SERVER }
-      : await buildEntries([SERVER, WORKER, BENCH_SERVER], buildDir);
+      ? { [SERVER]: SERVER, [WORKER]: WORKER }
+      : await buildEntries([SERVER, WORKER], buildDir);
     log(args.tsx ? 'API and worker run through tsx' : `API and worker run from the bundle in ${buildDir}`);
     const url = await freshDatabase(cluster, 'bench');
     const pgVersion = await cluster.version();
@@ -155,15 +155,17 @@ async function main(): Promise<void> {
       ]);
       return { ok: r.rows[0]?.inserted === BATCH, units: r.rows[0]?.inserted ?? 0 };
     };
-    const apiBatch = (path: string) => async (w: number) => {
-      const org = orgs[w % orgs.length]!;
-      const res = await http.postJson(
-        path,
-        JSON.stringify({ readings: source.batch(org, BATCH) }),
-        org.apiKey,
-      );
-      return { ok: res.status === 201, units: res.status === 201 ? BATCH : 0 };
-    };
+    const apiBatch =
+      (path: string, from: readonly Org[] = orgs) =>
+      async (w: number) => {
+        const org = from[w % from.length]!;
+        const res = await http.postJson(
+          path,
+          JSON.stringify({ readings: source.batch(org, BATCH) }),
+          org.apiKey,
+        );
+        return { ok: res.status === 201, units: res.status === 201 ? BATCH : 0 };
+      };
     type Op = (w: number) => Promise<{ ok: boolean; units: number }>;
     /**
      * The two sides of a ratio, measured in alternating slices (A B B A A B …) of one phase instead
@@ -248,15 +250,14 @@ async function main(): Promise<void> {
     );
     const apiRssAfterIngest = api.proc.peakRssMb();
 
-    // ---- 3. outbox cost: the same bench server, with and without the outbox row and job
-    http.close();
-    await api.proc.stop();
-    api = await startApi(env, entries[BENCH_SERVER]);
-    http = new HttpClient(api.url, 256);
+    // ---- 3. outbox cost: the same production route for organizations that are billed (readings +
+    // outbox row + delivery job) and organizations without a subscription (readings only): no
+    // benchmark switch in the production code.
+    const unbilled = await createOrgs(harnessDb.db, BATCH_CONCURRENCY, 100, 'free', false);
     const [noOutbox, withOutbox] = await measurePair(
-      'bench server, outbox off',
-      apiBatch('/bench/readings-without-outbox'),
-      'bench server, outbox on',
+      'not billable: no outbox row',
+      apiBatch('/v1/readings', unbilled),
+      'billable: outbox row and job',
       apiBatch('/v1/readings'),
       BATCH_CONCURRENCY,
     );

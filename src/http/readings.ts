@@ -12,7 +12,7 @@ import {
   type StoredResponse,
   storeResponse,
 } from '../ingest/idempotency.js';
-import { type StoreReadingsOptions, storeReadings } from '../ingest/readings.js';
+import { storeReadings } from '../ingest/readings.js';
 import { readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { apiKeyAuth } from './auth.js';
 import { AppError, type ErrorDetail } from './errors.js';
@@ -67,8 +67,7 @@ function replay(c: HonoContext<AppEnv>, stored: StoredResponse, hash: string): R
   return c.json(stored.body as object, stored.status as 201);
 }
 
-/** options: only scripts/bench passes any (the outbox-cost benchmark); createApp never does. */
-export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {}): HttpModule {
+export function readingsRoutes(ctx: Context): HttpModule {
   const schema = readingsRequestSchema({
     maxBatch: ctx.config.READINGS_MAX_BATCH,
     now: () => ctx.clock.now(),
@@ -78,7 +77,7 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
   // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request
   // keeps its own transaction, where its stored answer commits with its readings.
   const groups =
-    ctx.config.INGEST_GROUP_WINDOW_MS > 0 && options.outbox !== false
+    ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
           windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
           maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
@@ -115,7 +114,7 @@ export function readingsRoutes(ctx: Context, options: StoreReadingsOptions = {})
     }
     try {
       const result = await ctx.db.transaction().execute(async (trx) => {
-        const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now, options);
+        const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now);
         if (!outcome.stored) throw invalidBatch(outcome.problems);
         const stored = outcome.result;
         if (key !== undefined && hash !== undefined) {

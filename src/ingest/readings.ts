@@ -11,15 +11,6 @@ export interface SensorProblem {
   message: string;
 }
 
-export interface StoreReadingsOptions {
-  /**
-   * Benchmark-only (scripts/bench measures the outbox's cost): false skips the outbox row and job,
-   * so the readings are never billed. No route, header or setting reaches it; production wiring
-   * never passes it.
-   */
-  outbox?: boolean;
-}
-
 /** Either the batch was stored (and billed), or it was refused because of its sensors. */
 export type StoreReadingsOutcome =
   | { stored: true; result: ReadingsResult }
@@ -54,12 +45,10 @@ export async function storeReadings(
   organizationId: string,
   readings: readonly Reading[],
   now: Date,
-  options: StoreReadingsOptions = {},
 ): Promise<StoreReadingsOutcome> {
   const sensorIds = readings.map((r) => r.sensorId);
   const recordedAt = readings.map((r) => r.recordedAt);
   const temperatures = readings.map((r) => r.temperatureC);
-  const billed = options.outbox !== false;
   const result = await sql<StoreRow>`
     WITH input AS MATERIALIZED (
       SELECT r.sensor_id, r.recorded_at, r.temperature_c, r.n
@@ -79,7 +68,6 @@ export async function storeReadings(
       WHERE s.organization_id = ${organizationId}
         AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
         AND s.stripe_customer_id IS NOT NULL
-        AND ${billed}::boolean
     ), stored AS (
       INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
       SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now},
