@@ -31,18 +31,6 @@ export type SendOutcome =
 export interface StripeMeterClient {
   /** Sends one meter event. Never throws for an answer from Stripe or the network. */
   send(event: MeterEventInput): Promise<SendOutcome>;
-  /** The `temperature_readings` meter (formula sum): `count` readings stored. */
-  reportReadingVolume(
-    customerId: string,
-    count: number | string,
-    options: { identifier: string; timestamp: Date },
-  ): Promise<SendOutcome>;
-  /** The `active_sensors` meter (formula last): the organization's active-sensor count. */
-  reportActiveSensors(
-    customerId: string,
-    count: number | string,
-    options: { identifier: string; timestamp: Date },
-  ): Promise<SendOutcome>;
 }
 
 export const MAX_IDENTIFIER_LENGTH = 100;
@@ -128,13 +116,5 @@ export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
       return classifyStripeError(err);
     }
   };
-  const report =
-    (eventName: MeterEventName) =>
-    (customerId: string, count: number | string, options: { identifier: string; timestamp: Date }) =>
-      send({ eventName, customerId, value: String(count), ...options });
-  return {
-    send,
-    reportReadingVolume: report('temperature_readings'),
-    reportActiveSensors: report('active_sensors'),
-  };
+  return { send };
 }

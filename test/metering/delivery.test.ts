@@ -186,7 +186,13 @@ describe('meter-delivery worker', () => {
       maxRows: 100,
     });
     const meter = createStripeMeterClient(createStripeClient(ctx.config)!);
-    const first = await meter.reportReadingVolume(org.customerId, group!.value, group!);
+    const first = await meter.send({
+      eventName: 'temperature_readings',
+      customerId: org.customerId,
+      value: group!.value,
+      identifier: group!.identifier,
+      timestamp: group!.timestamp,
+    });
     expect(first.kind).toBe('accepted');
     // A row committed later is not added to the interrupted group.
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 100, occurredAt }]);

@@ -44,14 +44,28 @@ beforeEach(() => {
   emulator.setFaults({});
 });
 
+/** One meter event of each meter, the way delivery sends them. */
+const readings = (
+  client: StripeMeterClient,
+  customerId: string,
+  count: number | string,
+  options: { identifier: string; timestamp: Date },
+) => client.send({ eventName: 'temperature_readings', customerId, value: String(count), ...options });
+const activeSensors = (
+  client: StripeMeterClient,
+  customerId: string,
+  count: number | string,
+  options: { identifier: string; timestamp: Date },
+) => client.send({ eventName: 'active_sensors', customerId, value: String(count), ...options });
+
 describe('Stripe meter client', () => {
   it('sends one meter event with identifier, timestamp, customer and value', async () => {
     const identifier = id();
     const at = new Date(Date.now() - 3600_000);
-    expect(await meter.reportReadingVolume(customer, 42, { identifier, timestamp: at })).toEqual({
+    expect(await readings(meter, customer, 42, { identifier, timestamp: at })).toEqual({
       kind: 'accepted',
     });
-    expect(await meter.reportActiveSensors(customer, 3, { identifier: id(), timestamp: at })).toEqual({
+    expect(await activeSensors(meter, customer, 3, { identifier: id(), timestamp: at })).toEqual({
       kind: 'accepted',
     });
     const [event] = emulator
@@ -62,13 +76,13 @@ describe('Stripe meter client', () => {
 
   it('reports a repeated identifier as duplicate (already billed), not as an error', async () => {
     const identifier = id();
-    await meter.reportReadingVolume(customer, 1, { identifier, timestamp: new Date() });
-    const again = await meter.reportReadingVolume(customer, 1, { identifier, timestamp: new Date() });
+    await readings(meter, customer, 1, { identifier, timestamp: new Date() });
+    const again = await readings(meter, customer, 1, { identifier, timestamp: new Date() });
     expect(again.kind).toBe('duplicate');
   });
 
   it('reports a timestamp outside the 35-day window as expired', async () => {
-    const outcome = await meter.reportReadingVolume(customer, 1, {
+    const outcome = await readings(meter, customer, 1, {
       identifier: id(),
       timestamp: new Date(Date.now() - 36 * 24 * 3600_000),
     });
@@ -76,7 +90,7 @@ describe('Stripe meter client', () => {
   });
 
   it('treats an unknown customer, a bad request and a bad API key as permanent', async () => {
-    const unknown = await meter.reportReadingVolume('cus_nobody', 1, {
+    const unknown = await readings(meter, 'cus_nobody', 1, {
       identifier: id(),
       timestamp: new Date(),
     });
@@ -89,7 +103,7 @@ describe('Stripe meter client', () => {
       timestamp: new Date(),
     });
     expect(badValue).toMatchObject({ kind: 'permanent', status: 400, reason: 'invalid_request' });
-    const badKey = await clientFor('not_a_key').reportReadingVolume(customer, 1, {
+    const badKey = await readings(clientFor('not_a_key'), customer, 1, {
       identifier: id(),
       timestamp: new Date(),
     });
@@ -98,7 +112,7 @@ describe('Stripe meter client', () => {
 
   it('treats 500, 429, connection resets, timeouts and accepted-then-500 as retryable', async () => {
     const send = (client = meter) =>
-      client.reportReadingVolume(customer, 1, { identifier: id(), timestamp: new Date() });
+      readings(client, customer, 1, { identifier: id(), timestamp: new Date() });
     emulator.setFaults({ script: ['error_500'] });
     expect(await send()).toMatchObject({ kind: 'retryable', status: 500, reason: 'server_error' });
     emulator.setFaults({ script: ['rate_limit_429'] });
