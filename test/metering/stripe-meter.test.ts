@@ -3,6 +3,7 @@
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createStripeClient } from '../../src/context.js';
+import type { MeterEventName } from '../../src/db/schema.js';
 import {
   classifyStripeError,
   createStripeMeterClient,
@@ -44,19 +45,18 @@ beforeEach(() => {
   emulator.setFaults({});
 });
 
-/** One meter event of each meter, the way delivery sends them. */
-const readings = (
-  client: StripeMeterClient,
-  customerId: string,
-  count: number | string,
-  options: { identifier: string; timestamp: Date },
-) => client.send({ eventName: 'temperature_readings', customerId, value: String(count), ...options });
-const activeSensors = (
-  client: StripeMeterClient,
-  customerId: string,
-  count: number | string,
-  options: { identifier: string; timestamp: Date },
-) => client.send({ eventName: 'active_sensors', customerId, value: String(count), ...options });
+/** One meter event of the given meter, the way delivery sends it. */
+const sendAs =
+  (eventName: MeterEventName) =>
+  (
+    client: StripeMeterClient,
+    customerId: string,
+    count: number | string,
+    options: { identifier: string; timestamp: Date },
+  ) =>
+    client.send({ eventName, customerId, value: String(count), ...options });
+const readings = sendAs('temperature_readings');
+const activeSensors = sendAs('active_sensors');
 
 describe('Stripe meter client', () => {
   it('sends one meter event with identifier, timestamp, customer and value', async () => {
