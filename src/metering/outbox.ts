@@ -1,11 +1,12 @@
 // Writing to the meter outbox. Always called inside the caller's transaction, together with the
 // business change being billed: the row and its delivery job commit or roll back with it.
 
+import { randomUUID } from 'node:crypto';
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, MeterEventName } from '../db/schema.js';
-import { sendJob } from './queues.js';
+import { insertJobs, sendJob } from './queues.js';
 
 export interface OutboxEntry {
   organizationId: string;
@@ -55,7 +56,10 @@ export function deliveryKey(customerId: string, eventName: MeterEventName): stri
  * singletonKey (a job drains every pending row of its key, so one waiting job covers any number of
  * commits); `group` lets each process keep at most one of a key's jobs active (localGroupConcurrency).
  */
-export function deliveryJobOptions(customerId: string, eventName: MeterEventName): SendOptions {
+export function deliveryJobOptions(
+  customerId: string,
+  eventName: MeterEventName,
+): SendOptions & { singletonKey: string } {
   const key = deliveryKey(customerId, eventName);
   return { singletonKey: key, group: { id: key } };
 }
@@ -98,9 +102,12 @@ export async function enqueueDelivery(
 
 /**
  * The hand-off of one ingestion transaction: every delivery key it wrote rows for, once, whatever
- * the number of requests in it. One statement share-locks the keys' queued jobs (in key order, so
- * concurrent transactions lock in one order); only keys without a queued job go through
- * enqueueDelivery (a send, with its re-check).
+ * the number of requests in it, in two statements however many keys: one share-locks the keys'
+ * queued jobs (in key order, so concurrent transactions lock in one order), one inserts a job for
+ * every key without one (in key order too). A key whose insert was refused because a concurrent
+ * transaction queued its job meanwhile goes round again: that job is locked on the next pass.
+ * With thousands of customers nearly every key of a group is new: a send per key (two statements
+ * each) made the hand-off, not the readings, the cost of a group.
  */
 export async function enqueueDeliveries(
   trx: Transaction<DB>,
@@ -108,19 +115,27 @@ export async function enqueueDeliveries(
   keys: readonly { customerId: string; eventName: MeterEventName }[],
 ): Promise<void> {
   const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
-  if (unique.size === 0) return;
-  const names = [...unique.keys()].sort();
-  const held = await sql<{ key: string }>`
-    SELECT singleton_key AS key FROM pgboss.job
-    WHERE name = 'meter-delivery' AND singleton_key = ANY(${names}::text[])
-      AND state = 'created' AND policy = 'short'
-    ORDER BY singleton_key
-    FOR KEY SHARE`.execute(trx);
-  for (const { key } of held.rows) unique.delete(key);
-  for (const name of names) {
-    const k = unique.get(name);
-    if (k) await enqueueDelivery(trx, boss, k.customerId, k.eventName);
+  let missing = [...unique.keys()].sort();
+  for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS && missing.length > 0; attempt++) {
+    const held = await sql<{ key: string }>`
+      SELECT singleton_key AS key FROM pgboss.job
+      WHERE name = 'meter-delivery' AND singleton_key = ANY(${missing}::text[])
+        AND state = 'created' AND policy = 'short'
+      ORDER BY singleton_key
+      FOR KEY SHARE`.execute(trx);
+    const locked = new Set(held.rows.map((r) => r.key));
+    const jobs = missing
+      .filter((name) => !locked.has(name))
+      .map((name) => {
+        const k = unique.get(name)!;
+        const data = { customerId: k.customerId, eventName: k.eventName };
+        return { id: randomUUID(), data, ...deliveryJobOptions(k.customerId, k.eventName) };
+      });
+    const inserted = await insertJobs(boss, 'meter-delivery', jobs, fromKysely(trx));
+    missing = jobs.filter((job) => !inserted.has(job.id)).map((job) => job.singletonKey);
   }
+  // Only left over if workers keep claiming these keys' jobs between two statements; the
+  // stranded-row sweep still covers their rows.
 }
 
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */

@@ -1,6 +1,6 @@
 // The one typed registry of pg-boss queues: each name maps to its payload schema and options.
 // Senders (ingestion, cron, sweep) and workers (boss.work) both go through it.
-import { PgBoss, type Queue, type SendOptions } from 'pg-boss';
+import { type ConnectionOptions, type JobInsert, PgBoss, type Queue, type SendOptions } from 'pg-boss';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { METER_EVENT_NAMES } from '../db/schema.js';
@@ -88,6 +88,22 @@ export async function ensureQueues(boss: PgBoss, config: Config): Promise<void> 
       await boss.updateQueue(name, updatable);
     }
   }
+}
+
+/**
+ * Typed batch insert (one statement for many jobs, each with its own options): validates every
+ * payload against the registry. Returns the ids of the jobs actually inserted (a job refused by its
+ * queue's singleton rule is left out), so callers give each job an id to tell which.
+ */
+export async function insertJobs<N extends QueueName>(
+  boss: PgBoss,
+  name: N,
+  jobs: readonly (Omit<JobInsert, 'data'> & { id: string; data: QueuePayload<N> })[],
+  db: ConnectionOptions['db'],
+): Promise<Set<string>> {
+  if (jobs.length === 0) return new Set();
+  const payload = jobs.map((job) => ({ ...job, data: queues[name].payload.parse(job.data) as object }));
+  return new Set((await boss.insert(name, payload, { db, returnId: true })) ?? []);
 }
 
 /** Typed send: validates the payload against the registry before it reaches the queue. */

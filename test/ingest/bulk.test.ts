@@ -61,8 +61,8 @@ describe('bulk efficiency', () => {
       counts.push(statements.length);
     }
     // auth, begin, one statement (sensor check, insert, billable lookup, outbox row), the look for
-    // the transaction's queued jobs (none yet), the per-key look and the job, commit.
-    expect(counts[0], statements.join('\n')).toBe(7);
+    // the transaction's queued jobs (none yet), one insert of the jobs of every key without one, commit.
+    expect(counts[0], statements.join('\n')).toBe(6);
     // Steady state: the key is cached (no auth statement), the look finds the queued job and
     // share-locks it; no job insert: begin, statement, look, commit.
     expect(counts[1], statements.join('\n')).toBe(4);

@@ -1,0 +1,78 @@
+// The ingestion -> delivery hand-off of one transaction (enqueueDeliveries): one queued job per
+// customer+meter, in a constant number of statements however many keys the transaction wrote for
+// (a group of a platform's requests names a different customer almost every time), and no deadlock
+// or lost key when concurrent transactions hand off overlapping keys.
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import { beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import type { DB } from '../../src/db/schema.js';
+import { enqueueDeliveries } from '../../src/metering/outbox.js';
+import { createTestContext } from '../helpers/database.js';
+
+let ctx: Context;
+let counting: Kysely<DB>;
+const statements: string[] = [];
+
+beforeAll(async () => {
+  ctx = await createTestContext();
+  await ctx.boss.start();
+  counting = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool: ctx.pool }),
+    log: (event) => {
+      if (event.level === 'query') statements.push(event.query.sql);
+    },
+  });
+});
+
+const keys = (prefix: string, n: number) =>
+  Array.from({ length: n }, (_, i) => ({
+    customerId: `cus_${prefix}${i}`,
+    eventName: 'temperature_readings' as const,
+  }));
+
+async function queued(prefix: string): Promise<Map<string, number>> {
+  const { rows } = await sql<{ key: string; n: number }>`
+    SELECT singleton_key AS key, count(*)::int AS n FROM pgboss.job
+    WHERE name = 'meter-delivery' AND state = 'created' AND singleton_key LIKE ${`temperature_readings:cus_${prefix}%`}
+    GROUP BY singleton_key`.execute(ctx.db);
+  return new Map(rows.map((r) => [r.key, r.n]));
+}
+
+async function handOff(list: ReturnType<typeof keys>): Promise<number> {
+  statements.length = 0;
+  await counting.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, list));
+  return statements.length;
+}
+
+describe('enqueueDeliveries', () => {
+  it('queues one job per key in the same number of statements for 1 key and for 200', async () => {
+    const one = await handOff(keys('one', 1));
+    const many = await handOff(keys('many', 200));
+    expect(many).toBe(one);
+    const jobs = await queued('many');
+    expect(jobs.size).toBe(200);
+    expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+    // Again, with every job queued: the look locks them all and nothing is inserted.
+    const again = await handOff(keys('many', 200));
+    expect(again).toBeLessThan(many);
+    expect((await queued('many')).size).toBe(200);
+  });
+
+  it('hands off overlapping keys from concurrent transactions without deadlock, one job each', async () => {
+    const all = keys('race', 60);
+    // Each transaction takes a different, overlapping slice, in a different order, and holds its
+    // locks a little while so the others really overlap with it.
+    const slices = [all.slice(0, 40), all.slice(20, 60).reverse(), all.slice(10, 50)];
+    await Promise.all(
+      slices.map((slice) =>
+        ctx.db.transaction().execute(async (trx) => {
+          await enqueueDeliveries(trx, ctx.boss, slice);
+          await sql`SELECT pg_sleep(0.2)`.execute(trx);
+        }),
+      ),
+    );
+    const jobs = await queued('race');
+    expect(jobs.size).toBe(60);
+    expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+  });
+});
