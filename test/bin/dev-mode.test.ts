@@ -5,6 +5,7 @@ import { dirname, join } from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { alive } from '../../src/db/embedded.js';
 import { ROOT, RunningProcess } from '../helpers/processes.js';
+import { waitFor as waitUntil } from '../helpers/wait.js';
 
 function startDev(dataDir: string): RunningProcess {
   const env: Record<string, string> = {};
@@ -34,15 +35,8 @@ function postgresPid(output: string): number {
   return Number(match![1]);
 }
 
-async function waitFor<T>(fn: () => Promise<T | undefined>, deadlineMs: number): Promise<T> {
-  const started = Date.now();
-  for (;;) {
-    const value = await fn();
-    if (value !== undefined) return value;
-    if (Date.now() - started > deadlineMs) throw new Error('condition not met before the deadline');
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const waitFor = <T>(fn: () => Promise<T | undefined>, deadlineMs: number) =>
+  waitUntil('the condition', fn, deadlineMs, 200);
 
 describe('npm start (dev mode)', () => {
   it('runs API, worker, embedded Postgres and emulator; bills a curl reading; Ctrl-C leaves no Postgres; restart reuses the data', async () => {

@@ -5,15 +5,11 @@ import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { waitFor as waitUntil } from '../helpers/wait.js';
 import { activeSensorRows, createOrganizations } from '../metering/active-sensors-fixtures.js';
 
-async function waitFor(condition: () => Promise<boolean>, deadlineMs: number, what: string): Promise<void> {
-  const started = Date.now();
-  while (!(await condition())) {
-    if (Date.now() - started > deadlineMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
+  waitUntil(what, condition, deadlineMs, 250);
 
 describe('hourly report with two worker processes', () => {
   it('reports each billable organization once per hour across start-ups, triggers and a real cron firing', {

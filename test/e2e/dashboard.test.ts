@@ -19,6 +19,7 @@ import {
   reading,
 } from '../helpers/fixtures.js';
 import { ROOT, type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { waitFor as waitUntil } from '../helpers/wait.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -45,14 +46,8 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function waitFor(condition: () => Promise<boolean>, deadlineMs: number, what: string): Promise<void> {
-  const started = Date.now();
-  while (!(await condition())) {
-    if (Date.now() - started > deadlineMs)
-      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
+  waitUntil(what, condition, deadlineMs, 200);
 
 let ctx: Context;
 let emulator: StripeEmulator;

@@ -8,19 +8,12 @@ import { sendJob } from '../../src/metering/queues.js';
 import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
+import { waitFor } from '../helpers/wait.js';
 import { activeSensorRows, createOrganizations } from './active-sensors-fixtures.js';
 
 let emulator: StripeEmulator;
 let ctx: Context;
 let worker: WorkerRuntime | undefined;
-
-async function waitFor(what: string, check: () => Promise<boolean>, deadlineMs = 20_000): Promise<void> {
-  const started = Date.now();
-  while (!(await check())) {
-    if (Date.now() - started > deadlineMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 const allDelivered = async () => (await activeSensorRows(ctx.db)).every((r) => r.status === 'delivered');
 

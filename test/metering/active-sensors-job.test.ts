@@ -17,17 +17,23 @@ import {
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker } from '../../src/metering/worker.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { waitFor } from '../helpers/wait.js';
 import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';
 
 const fixedClock = (iso: string) => ({ now: () => new Date(iso) });
 
-async function untilTrue(condition: () => Promise<boolean>, step: () => Promise<void>, deadlineMs = 20_000) {
-  const started = Date.now();
-  while (!(await condition())) {
-    if (Date.now() - started > deadlineMs) throw new Error('condition not met before the deadline');
-    await step();
-  }
-}
+/** Runs `step` (e.g. a clock tick) between checks until `condition` holds. */
+const untilTrue = (condition: () => Promise<boolean>, step: () => Promise<void>, deadlineMs = 20_000) =>
+  waitFor(
+    'the condition',
+    async () => {
+      if (await condition()) return true;
+      await step();
+      return false;
+    },
+    deadlineMs,
+    1,
+  );
 
 /** Worker contexts whose pg-boss (polling, cron passes, job timestamps) and ctx.clock run on `clock`. */
 function clockedWorkers(base: Context, url: string, clock: TestClock, count: number): Context[] {

@@ -35,21 +35,8 @@ export async function writeRows(
   });
 }
 
-/** Polls `check` until it returns a truthy value, or fails with `what` after the deadline. */
-export async function waitFor<T>(
-  what: string,
-  check: () => Promise<T> | T,
-  deadlineMs = 20_000,
-): Promise<NonNullable<T>> {
-  const started = Date.now();
-  for (;;) {
-    const value = await check();
-    if (value) return value as NonNullable<T>;
-    if (Date.now() - started > deadlineMs)
-      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
+/** Waits until `check` returns a truthy value (the testkit's waitFor, re-exported for the delivery tests). */
+export { waitFor } from '../helpers/wait.js';
 
 export async function statusCounts(db: Kysely<DB>, customerId?: string): Promise<Record<string, number>> {
   let q = db

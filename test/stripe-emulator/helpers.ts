@@ -2,6 +2,7 @@
 // condition poller with a deadline (no fixed sleeps).
 import Stripe from 'stripe';
 import type { StripeEmulator } from '../../src/stripe-emulator/index.js';
+import { waitFor as waitUntil } from '../helpers/wait.js';
 
 export const TEST_KEY = 'sk_test_emulator_0123456789';
 
@@ -37,14 +38,21 @@ export async function waitFor<T>(
   ok: (value: T) => boolean,
   { timeoutMs = 5_000, intervalMs = 10 } = {},
 ): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (ok(value)) return value;
-    if (Date.now() > deadline)
-      throw new Error(`condition not met within ${timeoutMs} ms (last: ${JSON.stringify(value)})`);
-    await new Promise((resolve) => setTimeout(resolve, intervalMs));
-  }
+  let last: T | undefined;
+  const found = await waitUntil(
+    'the emulator condition',
+    async () => {
+      last = await probe();
+      return ok(last) ? { value: last } : undefined;
+    },
+    timeoutMs,
+    intervalMs,
+  ).catch((err: unknown) => {
+    throw new Error(`condition not met within ${timeoutMs} ms (last: ${JSON.stringify(last)})`, {
+      cause: err,
+    });
+  });
+  return found.value;
 }
 
 /** Runs `fn` and returns the error it rejects with (fails the test if it resolves). */
