@@ -50,9 +50,13 @@ export const queues = {
   /** Finds pending outbox rows no live job covers and enqueues their delivery. */
   'outbox-sweep': {
     payload: z.object({}).passthrough(),
-    // stately: every worker process asks for a sweep each interval; one queued + one running is
-    // enough, the rest are dropped on insert.
-    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'stately', expireInSeconds: 5 * 60 }),
+    // short: every worker process asks for a sweep each interval and one queued request is enough
+    // (the rest are dropped on insert), but a sweep may start while another is active. Under
+    // `stately` (one active at most), a worker SIGKILLed during a pass left an `active` sweep job that
+    // blocked every later pass until pg-boss expired it (5 min), and keys whose jobs died with that
+    // worker waited as long (seen once in the crash e2e). Two passes at once are harmless: each
+    // queues at most one delivery job per key, and the delivery queue keeps one queued job per key.
+    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'short', expireInSeconds: 5 * 60 }),
   },
   /**
    * Storage maintenance (issue 14): readings partitions ahead, retention drop, outbox compaction.
@@ -74,6 +78,9 @@ export type QueueName = keyof typeof queues;
 export type QueuePayload<N extends QueueName> = z.input<(typeof queues)[N]['payload']>;
 export const QUEUE_NAMES = Object.keys(queues) as QueueName[];
 
+/** Queues holding only transient requests, recreated when their policy changes. */
+const RECREATABLE = new Set<QueueName>(['outbox-sweep']);
+
 /** Creates every queue (idempotent) and brings its options up to date with the configuration. */
 export async function ensureQueues(boss: PgBoss, config: Config): Promise<void> {
   // Dead-letter queues must exist before the queues that point at them.
@@ -81,7 +88,11 @@ export async function ensureQueues(boss: PgBoss, config: Config): Promise<void> 
   for (const name of ordered) {
     const options = queues[name].options(config);
     const existing = await boss.getQueue(name);
-    if (!existing) {
+    if (existing && existing.policy !== options.policy && RECREATABLE.has(name)) {
+      // pg-boss cannot change a queue's policy; a queue of transient requests is simply recreated.
+      await boss.deleteQueue(name);
+      await boss.createQueue(name, options);
+    } else if (!existing) {
       await boss.createQueue(name, options);
     } else {
       const { policy: _policy, partition: _partition, ...updatable } = options as Queue;

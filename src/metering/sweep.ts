@@ -58,7 +58,8 @@ export interface SweepRuntime {
 /**
  * Runs the sweep as the `outbox-sweep` job: each worker process asks for one every
  * SWEEP_INTERVAL_SECONDS (and once at start, so a restart after a crash recovers at once); the
- * queue's stately policy collapses the requests of many processes into one pass at a time.
+ * queue's short policy keeps one queued request of all the processes' requests; a pass may start
+ * while another runs (a pass killed with its worker never blocks the next).
  */
 export async function startOutboxSweep(deps: {
   db: Kysely<DB>;
