@@ -1,7 +1,7 @@
 // `meterbox outbox list|retry` and `meterbox reconcile`: the admin outbox and reconciliation functions
 // from the command line. Tables on stdout (--json for one JSON document), progress on stderr.
 import type { CliCommand } from '../cli/command.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { listOutbox, outboxListQuery, retryFailed, retrySelection } from './outbox.js';
 import { createProgressBar, type ProgressStream } from './progress.js';
 import { type ReconciliationReport, reconcile, reconcileQuery } from './reconcile.js';

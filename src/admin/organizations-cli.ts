@@ -1,7 +1,7 @@
 // `meterbox org create|link` and `meterbox key create|list|revoke`: the admin organization
 // functions from the command line. Output is for people; --json prints one JSON document instead.
 import type { CliCommand } from '../cli/command.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import {
   AlreadyLinkedError,
   type ApiKeyView,

@@ -4,7 +4,7 @@ import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { adminModules } from '../admin/index.js';
 import { organizationAdminRoutes } from '../admin/organizations-routes.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from './docs.js';
 import { AppError, databaseUnavailable, errorBody } from './errors.js';

@@ -3,7 +3,7 @@
 import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import type { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { GroupCommitter } from '../ingest/group-commit.js';
 import {
   findStoredResponse,

@@ -2,7 +2,7 @@
 // organization's sensor is a 404, never visible.
 import { Hono } from 'hono';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import {
   createSensorSchema,
   listSensorsQuerySchema,

@@ -1,7 +1,7 @@
 // GET /v1/usage: the calling organization's readings stored against meter usage pending,
 // delivered, failed and expired over a period.
 import { Hono } from 'hono';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { usageQuerySchema, usageResponseSchema } from '../ingest/schemas.js';
 import { usageForPeriod } from '../ingest/usage.js';
 import { apiKeyAuth } from './auth.js';
