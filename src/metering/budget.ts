@@ -25,7 +25,7 @@ export function callsPerSecond(config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND
 }
 
 /** The effective rate given the configured one (SQL over meter_call_budget's columns). */
-function effectiveRate(rate: number) {
+export function effectiveRate(rate: number) {
   return sql`(${rate}::float8 * least(1.0, factor + coalesce(
       extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
 }

@@ -6,14 +6,14 @@ import { adminModules } from '../admin/index.js';
 import { organizationAdminRoutes } from '../admin/organizations-routes.js';
 import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { docsRoutes } from './docs.js';
-import { AppError, databaseUnavailable, errorBody } from './errors.js';
+import { docsRoutes } from '../http/docs.js';
+import { AppError, databaseUnavailable, errorBody } from '../http/errors.js';
+import { buildOpenApi } from '../http/openapi.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 import { healthRoutes } from './health.js';
 import { contractMetrics, httpMetrics, metricsRoutes } from './metrics.js';
-import { buildOpenApi } from './openapi.js';
 import { readingsRoutes } from './readings.js';
 import { sensorsRoutes } from './sensors.js';
-import type { AppEnv, HttpModule } from './types.js';
 import { usageRoutes } from './usage.js';
 import { webhookRoutes } from './webhooks.js';
 

@@ -5,7 +5,7 @@ import pg from 'pg';
 import { z } from 'zod';
 import type { Context } from '../context-type.js';
 import { migrationStatus } from '../db/migrate.js';
-import type { AppEnv, HttpModule } from './types.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 
 const READINESS_TIMEOUT_MS = 2_000;
 
