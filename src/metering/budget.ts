@@ -116,6 +116,8 @@ const STALE_SLOT_MS = 25;
  * `npm run bench -- --scale --profile`. A process now reserves ~100 ms of the rate in one statement
  * (up to 50 consecutive slots, as GCRA spaces them) and hands the slots to its calls in order. The
  * account-wide rate holds as before; a slot nobody takes in time is dropped, never moved later.
+ * `now` is the host's clock, not the application Clock: slots are waited for with timers and spaced
+ * by the database's clock_timestamp(), so a moved test clock must not shift them.
  */
 export function createSlotDispenser(db: Kysely<DB>, rate: number, now: () => number = Date.now): CallSlots {
   const slots: number[] = [];
