@@ -27,7 +27,7 @@ export interface Metrics {
   readonly deadLettered: Counter<'meter'>;
   readonly webhookEvents: Counter<'type' | 'outcome'>;
   readonly httpRequestDuration: Histogram<'method' | 'route' | 'status'>;
-  // Gauges read from Postgres by refreshPipelineGauges().
+  // Gauges set by applyPipelineSnapshot() from src/metering/pipeline-snapshot.ts.
   readonly outboxRows: Gauge<'status' | 'meter'>;
   readonly outboxOldestPendingSeconds: Gauge;
   readonly outboxDeliveredLastHour: Gauge<'meter'>;
@@ -41,7 +41,7 @@ export interface Metrics {
   readonly budgetRate: Gauge;
   /** Calls all workers reserved from the shared budget since it was created, read at scrape. */
   readonly budgetCalls: Gauge;
-  /** Pass time (see readPipelineSnapshot), read at scrape. */
+  /** Pass time (see src/metering/pipeline-snapshot.ts), read at scrape. */
   readonly deliveryPassSeconds: Gauge;
 }
 
