@@ -1,4 +1,5 @@
-// The Hono app factory: middleware, one sub-app per resource, error mapping, the OpenAPI document.
+// The Hono app factory, composed above the features: middleware, one sub-app per resource (the admin
+// ones from src/admin/), error mapping, the OpenAPI document.
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';

@@ -1,5 +1,6 @@
-// The worker runtime: starts pg-boss with maintenance and cron, makes sure the queues exist, and
-// registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
+// The worker runtime, composed above the features: starts pg-boss with maintenance and cron, makes
+// sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
+// jobs finish within a deadline.
 import type { Context } from '../context-type.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
