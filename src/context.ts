@@ -1,32 +1,21 @@
-// The composition root: builds the database, pg-boss and the Stripe client once from a Config.
-// Every other module receives what it uses as an argument; tests pass overrides here.
+// The composition root: builds the database, pg-boss and the Stripe client once from a Config into
+// the Context (src/context-type.ts). Every other module receives what it uses as an argument; tests pass
+// overrides here.
 
 import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
 import { type Clock, systemClock } from './clock.js';
 import type { Config } from './config.js';
 import { requireDatabaseUrl } from './config.js';
-import { createDatabase, type Database } from './db/database.js';
-import { listMigrations, type MigrationFile } from './db/migrate.js';
-import { ApiKeyCache } from './ingest/api-key-cache.js';
+import type { Context } from './context-type.js';
+import { ApiKeyCache } from './credentials/api-key-cache.js';
+import { createDatabase } from './db/database.js';
+import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
 
-export interface Context extends Database {
-  readonly config: Config;
-  readonly log: Logger;
-  readonly boss: PgBoss;
-  /** undefined when STRIPE_SECRET_KEY is not configured: delivery cannot run. */
-  readonly stripe: Stripe | undefined;
-  readonly clock: Clock;
-  /** This process's Prometheus registry and instruments (src/observability/metrics.ts). */
-  readonly metrics: Metrics;
-  /** The migrations this build ships, for readiness checks. */
-  readonly migrations: readonly MigrationFile[];
-  /** Verified API keys of this process, invalidated by LISTEN/NOTIFY (started on first use). */
-  readonly apiKeys: ApiKeyCache;
-  close(): Promise<void>;
-}
+// The interface lives below the features (src/context-type.ts); entry points and tests take it from here.
+export type { Context };
 
 export interface ContextOverrides {
   log?: Logger;

@@ -13,10 +13,10 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
+import { createApp } from '../../src/api/app.js';
 import { loadConfig } from '../../src/config.js';
 import { createContext } from '../../src/context.js';
 import { listMigrations } from '../../src/db/migrate.js';
-import { createApp } from '../../src/http/app.js';
 import { createLogger } from '../../src/log.js';
 import {
   compactOutbox,

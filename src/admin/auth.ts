@@ -3,7 +3,7 @@
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { Context as HonoContext, MiddlewareHandler } from 'hono';
 import { deleteCookie, getCookie, setCookie } from 'hono/cookie';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { adminAuth } from '../http/auth.js';
 import { AppError } from '../http/errors.js';
 import type { AppEnv } from '../http/types.js';

@@ -1,51 +1,13 @@
 // `meterbox outbox list|retry` and `meterbox reconcile`: the admin outbox and reconciliation functions
 // from the command line. Tables on stdout (--json for one JSON document), progress on stderr.
 import type { CliCommand } from '../cli/command.js';
-import type { Context } from '../context.js';
+import { type CliIo, formatTable, processIo, str, usageError, zodMessage } from '../cli/io.js';
+import { createProgressBar } from '../cli/progress.js';
+import type { Context } from '../context-type.js';
 import { listOutbox, outboxListQuery, retryFailed, retrySelection } from './outbox.js';
-import { createProgressBar, type ProgressStream } from './progress.js';
 import { type ReconciliationReport, reconcile, reconcileQuery } from './reconcile.js';
 
 type Values = Record<string, string | boolean | undefined>;
-
-export interface CliIo {
-  out: (text: string) => void;
-  err: ProgressStream;
-}
-
-export const processIo = (): CliIo => ({
-  out: (text) => process.stdout.write(`${text}\n`),
-  err: process.stderr,
-});
-
-export const str = (values: Values, name: string): string | undefined => {
-  const v = values[name];
-  return typeof v === 'string' && v.trim() !== '' ? v.trim() : undefined;
-};
-
-function usageError(io: CliIo, message: string, usage: string): number {
-  io.err.write(`meterbox: ${message}\nusage: meterbox ${usage}\n`);
-  return 2;
-}
-
-function zodMessage(error: { issues: readonly { path: readonly PropertyKey[]; message: string }[] }): string {
-  return error.issues.map((i) => `${i.path.map(String).join('.') || 'input'}: ${i.message}`).join('; ');
-}
-
-/** Plain text table; columns listed in `right` are right-aligned (numbers). */
-export function formatTable(
-  headers: string[],
-  rows: string[][],
-  right: ReadonlySet<number> = new Set(),
-): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) =>
-    cells
-      .map((c, i) => (right.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!)))
-      .join('  ')
-      .trimEnd();
-  return [line(headers), line(widths.map((w) => '-'.repeat(w))), ...rows.map(line)].join('\n');
-}
 
 const LIST_USAGE =
   'outbox list [--status pending|delivered|failed|expired] [--org <id>] [--meter <name>] [--from <iso>] [--to <iso>] [--limit n] [--cursor c] [--json]';

@@ -1,9 +1,9 @@
 // `meterbox usage correct` and `meterbox usage corrections`: usage corrections from the command line
 // (the same functions as POST/GET /admin/organizations/{id}/usage-corrections).
 import type { CliCommand } from '../cli/command.js';
-import type { Context } from '../context.js';
+import { type CliIo, formatTable, processIo, str } from '../cli/io.js';
+import type { Context } from '../context-type.js';
 import { AppError } from '../http/errors.js';
-import { type CliIo, formatTable, processIo, str } from './cli.js';
 import { correctionBody, createCorrection, listCorrections, previewCorrection } from './corrections.js';
 
 type Values = Record<string, string | boolean | undefined>;

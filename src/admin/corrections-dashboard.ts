@@ -5,7 +5,7 @@ import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import { html } from 'hono/html';
 import type { HtmlEscapedString } from 'hono/utils/html';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';

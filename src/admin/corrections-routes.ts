@@ -2,7 +2,7 @@
 // the credit for what had been billed (?dryRun=true only shows what it would void); GET lists them.
 import { Hono } from 'hono';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { notFound } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';

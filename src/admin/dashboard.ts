@@ -7,7 +7,7 @@ import type { HtmlEscapedString } from 'hono/utils/html';
 import { z } from 'zod';
 import { listMeterErrorReports, type MeterErrorReport } from '../billing/meter-error-reports.js';
 import { listPoisonEvents, type PoisonEvent } from '../billing/poison.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { pgInstant } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';

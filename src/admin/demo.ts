@@ -1,7 +1,7 @@
 // The demo organization of `npm start`: an active subscription linked to a Stripe (emulator)
 // customer and three sensors, so a reading sent with the printed curl command is billed at once.
-import type { Context } from '../context.js';
-import { authenticateApiKey } from '../ingest/api-keys.js';
+import type { Context } from '../context-type.js';
+import { authenticateApiKey } from '../credentials/api-keys.js';
 import { createSensor } from '../ingest/sensors.js';
 import { createApiKey, createOrganization, linkSubscription } from './organizations.js';
 

@@ -1,5 +1,5 @@
 // The admin surface's HTTP modules, mounted under /admin by createApp: the JSON API and the dashboard.
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import type { HttpModule } from '../http/types.js';
 import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';

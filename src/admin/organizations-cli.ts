@@ -1,7 +1,8 @@
 // `meterbox org create|link` and `meterbox key create|list|revoke`: the admin organization
 // functions from the command line. Output is for people; --json prints one JSON document instead.
 import type { CliCommand } from '../cli/command.js';
-import type { Context } from '../context.js';
+import { str } from '../cli/io.js';
+import type { Context } from '../context-type.js';
 import {
   AlreadyLinkedError,
   type ApiKeyView,
@@ -16,11 +17,6 @@ import {
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 type Values = Record<string, string | boolean | undefined>;
-
-function stringFlag(values: Values, name: string): string | undefined {
-  const value = values[name];
-  return typeof value === 'string' && value.trim() !== '' ? value.trim() : undefined;
-}
 
 function fail(message: string, usage: string): number {
   console.error(`meterbox: ${message}\nusage: meterbox ${usage}`);
@@ -45,9 +41,9 @@ const orgCreate: CliCommand = {
   usage: orgCreateUsage,
   options: { name: { type: 'string' }, 'key-name': { type: 'string' }, json: { type: 'boolean' } },
   async run(ctx: Context, { values }) {
-    const name = stringFlag(values, 'name');
+    const name = str(values, 'name');
     if (!name || name.length > 200) return fail('--name (1-200 characters) is required', orgCreateUsage);
-    const keyName = stringFlag(values, 'key-name');
+    const keyName = str(values, 'key-name');
     const created = await ctx.db
       .transaction()
       .execute((trx) => createOrganization(trx, { name, ...(keyName ? { keyName } : {}) }));
@@ -71,9 +67,9 @@ const orgLink: CliCommand = {
     json: { type: 'boolean' },
   },
   async run(ctx, { values }) {
-    const org = stringFlag(values, 'org');
-    const customer = stringFlag(values, 'customer');
-    const status = stringFlag(values, 'status') ?? 'active';
+    const org = str(values, 'org');
+    const customer = str(values, 'customer');
+    const status = str(values, 'status') ?? 'active';
     if (!org || !UUID.test(org)) return fail('--org <organization id> is required', orgLinkUsage);
     if (!customer || !/^cus_\w+$/.test(customer)) return fail('--customer <cus_…> is required', orgLinkUsage);
     const known = SUBSCRIPTION_STATUSES.find((s) => s === status);
@@ -101,9 +97,9 @@ const keyCreate: CliCommand = {
   usage: keyCreateUsage,
   options: { org: { type: 'string' }, name: { type: 'string' }, json: { type: 'boolean' } },
   async run(ctx, { values }) {
-    const org = stringFlag(values, 'org');
+    const org = str(values, 'org');
     if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyCreateUsage);
-    const name = stringFlag(values, 'name');
+    const name = str(values, 'name');
     const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, org, name));
     if (!key) return fail(`no organization ${org}`, keyCreateUsage);
     print(values, key, [`key     ${key.id} (${key.name})`, `api key ${key.key}`, ONCE]);
@@ -117,7 +113,7 @@ const keyList: CliCommand = {
   usage: keyListUsage,
   options: { org: { type: 'string' }, json: { type: 'boolean' } },
   async run(ctx, { values }) {
-    const org = stringFlag(values, 'org');
+    const org = str(values, 'org');
     if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyListUsage);
     const keys = await listApiKeys(ctx.db, org);
     print(values, keys, keys.length ? keys.map(describeKey) : [`no keys for organization ${org}`]);

@@ -2,7 +2,7 @@
 // link its subscription to a Stripe customer. Keys are returned whole only when created.
 import { Hono } from 'hono';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { pgText } from '../db/input-types.js';
 import { adminAuth } from '../http/auth.js';
 import { AppError, notFound } from '../http/errors.js';

@@ -1,9 +1,9 @@
 // Organizations, their API keys and the link of their subscription to a Stripe customer: the data
 // functions behind the admin routes and the `meterbox org|key` commands.
 import type { Kysely, Transaction } from 'kysely';
+import { generateApiKey } from '../credentials/api-keys.js';
 import { isUniqueViolation } from '../db/errors.js';
 import type { DB, SubscriptionStatus } from '../db/schema.js';
-import { generateApiKey } from '../ingest/api-keys.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 

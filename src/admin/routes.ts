@@ -4,7 +4,7 @@ import { Hono } from 'hono';
 import { z } from 'zod';
 import { listMeterErrorReports } from '../billing/meter-error-reports.js';
 import { listPoisonEvents } from '../billing/poison.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { bigintId } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';

@@ -2,7 +2,7 @@
 // The insert itself is the idempotency check — checking first and recording afterwards (the old
 // design) let two concurrent deliveries both pass the check.
 import type { Kysely } from 'kysely';
-import { type Clock, systemClock } from '../clock.js';
+import type { Clock } from '../clock.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { defaultHandlers, type EventHandlers, type HandlerResult } from './handlers.js';
@@ -13,7 +13,7 @@ export type ProcessResult = { duplicate: true } | ({ duplicate: false } & Handle
 export async function processStripeEvent(
   db: Kysely<DB>,
   event: VerifiedEvent,
-  options: { log: Logger; handlers?: EventHandlers; clock?: Clock },
+  options: { log: Logger; handlers?: EventHandlers; clock: Clock },
 ): Promise<ProcessResult> {
   const handlers = options.handlers ?? defaultHandlers;
   const log = options.log.child({ eventId: event.id, type: event.type });
@@ -39,7 +39,7 @@ export async function processStripeEvent(
     }
     const handler = handlers[event.type];
     const result: HandlerResult = handler
-      ? await handler(trx, event, log, options.clock ?? systemClock)
+      ? await handler(trx, event, log, options.clock)
       : { outcome: 'ignored', reason: 'event type not handled' };
     log.debug({ ...result }, 'event handled');
     return { duplicate: false, ...result };

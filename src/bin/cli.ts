@@ -1,6 +1,6 @@
-// meterbox CLI: `meterbox <command> [--flags]`. Commands are registered in cli/registry.ts; each
+// meterbox CLI: `meterbox <command> [--flags]`. Commands are registered in src/commands.ts; each
 // lives next to the code it drives and receives a Context. Help needs no database.
-import { parseCommandLine } from '../cli/registry.js';
+import { parseCommandLine } from '../commands.js';
 import { createContext } from '../context.js';
 import { configOrExit, exitOnFatal } from './process.js';
 

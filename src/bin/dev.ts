@@ -7,13 +7,12 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import pg from 'pg';
 import { ensureDemoOrganization } from '../admin/demo.js';
+import { createApp } from '../api/app.js';
 import { loadConfig } from '../config.js';
 import { createContext } from '../context.js';
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
-import { createApp } from '../http/app.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
-import { startWorker } from '../metering/worker.js';
 import { migrate } from '../migrations.js';
 import {
   DEFAULT_METERS,
@@ -23,6 +22,7 @@ import {
   type StripeEmulator,
   startStripeEmulator,
 } from '../stripe-emulator/index.js';
+import { startWorker } from '../worker/start.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const DEV_DATABASE = 'meterbox';

@@ -1,6 +1,7 @@
 // node dist/server.js — the HTTP API.
+
+import { createApp } from '../api/app.js';
 import { createContext } from '../context.js';
-import { createApp } from '../http/app.js';
 import { startHttpServer } from '../http/server.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 

@@ -1,6 +1,6 @@
 // node dist/worker.js — pg-boss workers (outbox delivery, cron). Scale by running more copies.
 import { createContext } from '../context.js';
-import { startWorker } from '../metering/worker.js';
+import { startWorker } from '../worker/start.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const config = configOrExit({ needDatabase: true });

@@ -1,6 +1,6 @@
 // The CLI's command shape, shared by the feature folders that define commands (admin/*-cli.ts) and
-// the registry (registry.ts) that the entry point (bin/cli.ts) dispatches from.
-import type { Context } from '../context.js';
+// the registry above them (src/commands.ts) that the entry point (bin/cli.ts) dispatches from.
+import type { Context } from '../context-type.js';
 
 export interface CliCommand {
   summary: string;

@@ -1,5 +1,6 @@
 // Applies migrations/NNNN_name.sql in order, each in its own transaction, under an advisory lock so
-// concurrent migrators serialize; then installs pg-boss's schema and the queues. Re-running is a no-op.
+// concurrent migrators serialize. Re-running is a no-op. pg-boss's schema and queues are not db/'s
+// job: src/migrations.ts installs them after these (src/metering/queues.ts).
 import { existsSync } from 'node:fs';
 import { readdir, readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';

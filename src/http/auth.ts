@@ -2,14 +2,14 @@
 // for /admin. Without ADMIN_TOKEN the admin surface is off and answers 404 like an unknown route.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { MiddlewareHandler } from 'hono';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import {
   authenticateApiKey,
   hashApiKey,
   LAST_USED_RESOLUTION_SECONDS,
   looksLikeApiKey,
   touchApiKey,
-} from '../ingest/api-keys.js';
+} from '../credentials/api-keys.js';
 import { AppError, unauthorized } from './errors.js';
 import type { AppEnv } from './types.js';
 

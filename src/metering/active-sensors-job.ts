@@ -3,7 +3,7 @@
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import { ConfigError } from '../config.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import {

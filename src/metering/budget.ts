@@ -25,7 +25,7 @@ export function callsPerSecond(config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND
 }
 
 /** The effective rate given the configured one (SQL over meter_call_budget's columns). */
-function effectiveRate(rate: number) {
+export function effectiveRate(rate: number) {
   return sql`(${rate}::float8 * least(1.0, factor + coalesce(
       extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
 }
@@ -116,6 +116,8 @@ const STALE_SLOT_MS = 25;
  * `npm run bench -- --scale --profile`. A process now reserves ~100 ms of the rate in one statement
  * (up to 50 consecutive slots, as GCRA spaces them) and hands the slots to its calls in order. The
  * account-wide rate holds as before; a slot nobody takes in time is dropped, never moved later.
+ * `now` is the host's clock, not the application Clock: slots are waited for with timers and spaced
+ * by the database's clock_timestamp(), so a moved test clock must not shift them.
  */
 export function createSlotDispenser(db: Kysely<DB>, rate: number, now: () => number = Date.now): CallSlots {
   const slots: number[] = [];

@@ -103,6 +103,8 @@ export async function drainKey(
 ): Promise<DrainResult> {
   const log = options.log ?? deps.log;
   const observer = deps.observer ?? {};
+  // Elapsed time on the host, not the Clock: MAX_JOB_MS bounds how long this job holds the key, and
+  // a test clock that stands still or jumps must not stretch or cut that.
   const started = Date.now();
   const minIntervalMs = deps.config.DELIVERY_MIN_INTERVAL_MS;
 

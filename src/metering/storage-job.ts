@@ -1,7 +1,7 @@
 // Runs storage maintenance (src/metering/storage.ts) in the worker: once at start-up and daily
 // through the 'storage-maintenance' pg-boss schedule. Lowering READINGS_RETENTION_DAYS and
 // restarting the worker applies it at once.
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { queues, sendJob } from './queues.js';
 import { runStorageMaintenance } from './storage.js';
 

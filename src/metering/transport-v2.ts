@@ -20,7 +20,10 @@ interface Session {
 }
 
 export interface V2TransportOptions {
-  /** Wall clock in ms (tests move it to expire sessions). */
+  /**
+   * Wall clock in ms (tests move it to expire sessions). Not the application Clock: a session's
+   * expires_at is Stripe's own time, which a moved test clock says nothing about.
+   */
   now?: () => number;
   renewBeforeMs?: number;
 }

@@ -2,7 +2,7 @@
 // 0, no database needed; unknown flags still exit 2 and point at --help.
 import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
-import { COMMANDS, parseCommandLine } from '../../src/cli/registry.js';
+import { COMMANDS, parseCommandLine } from '../../src/commands.js';
 
 describe('CLI help', () => {
   it.each(Object.keys(COMMANDS))('%s --help prints its usage and every flag', (name) => {

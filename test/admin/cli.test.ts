@@ -1,8 +1,9 @@
 import { spawn } from 'node:child_process';
 import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { type CliIo, outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../src/admin/cli.js';
-import { createProgressBar } from '../../src/admin/progress.js';
+import { outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../src/admin/cli.js';
+import type { CliIo } from '../../src/cli/io.js';
+import { createProgressBar } from '../../src/cli/progress.js';
 import type { Context } from '../../src/context.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization, createSensors, type OrganizationFixture } from '../helpers/fixtures.js';

@@ -5,12 +5,12 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
-import type { CliIo } from '../../src/admin/cli.js';
 import type { CorrectionView } from '../../src/admin/corrections.js';
 import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
+import { createApp } from '../../src/api/app.js';
+import type { CliIo } from '../../src/cli/io.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createV1Transport } from '../../src/metering/transport.js';

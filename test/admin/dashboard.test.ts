@@ -1,7 +1,7 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import { SESSION_TTL_SECONDS } from '../../src/admin/auth.js';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization, createSensors } from '../helpers/fixtures.js';
 

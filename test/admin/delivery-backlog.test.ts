@@ -1,8 +1,8 @@
 // The dashboard's backlog and delivery lag over the last hour, derived from the outbox alone.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { pipelineOverview } from '../../src/admin/outbox.js';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';
 

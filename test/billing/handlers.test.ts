@@ -1,8 +1,8 @@
 // What each Stripe event does to meterbox's state, and that it does so whatever order Stripe
 // delivers the events in. Events are built with the Stripe emulator's builders and signed with the SDK.
 import { describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
-import { createApp } from '../../src/http/app.js';
 import {
   buildEvent,
   checkoutSession,

@@ -2,8 +2,8 @@
 // makes an organization past_due, its readings and its active-sensor reports write no outbox rows,
 // and invoice.paid resumes both.
 import { describe, expect, it } from 'vitest';
-import { createApp } from '../../src/http/app.js';
-import { generateApiKey } from '../../src/ingest/api-keys.js';
+import { createApp } from '../../src/api/app.js';
+import { generateApiKey } from '../../src/credentials/api-keys.js';
 import {
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,

@@ -2,8 +2,8 @@
 // counts match what the database stored, and exit 0; --help lists the defaults.
 import { spawn } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';

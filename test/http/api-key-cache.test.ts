@@ -3,8 +3,8 @@
 import { createServer } from 'node:net';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { authHeaders, createOrganization } from '../helpers/fixtures.js';
 import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { bearerToken } from '../../src/http/auth.js';
 import { createTestContext, testConfig } from '../helpers/database.js';
 import { authHeaders, createOrganization } from '../helpers/fixtures.js';

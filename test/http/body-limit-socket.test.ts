@@ -4,7 +4,7 @@ import { request } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { expect, it } from 'vitest';
-import { createApp } from '../../src/http/app.js';
+import { createApp } from '../../src/api/app.js';
 import { createTestContext } from '../helpers/database.js';
 
 it('answers 413 with Connection: close on a kept-alive socket', async () => {

@@ -6,8 +6,8 @@
 import { Hono } from 'hono';
 import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import type { AppEnv } from '../../src/http/types.js';
 import { createTestContext } from '../helpers/database.js';
 import {

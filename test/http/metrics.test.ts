@@ -1,7 +1,8 @@
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
-import { createMetrics, readPipelineSnapshot, stripeOperation } from '../../src/observability/metrics.js';
+import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
+import { createMetrics, stripeOperation } from '../../src/observability/metrics.js';
 import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';

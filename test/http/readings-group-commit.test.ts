@@ -3,8 +3,8 @@
 // a request that breaks the statement fails alone.
 import { sql } from 'kysely';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,

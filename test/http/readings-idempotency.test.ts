@@ -2,8 +2,8 @@
 // organization, retention and pruning.
 import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { pruneIdempotencyKeys } from '../../src/ingest/idempotency.js';
 import { createTestContext } from '../helpers/database.js';
 import {

@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,

@@ -4,10 +4,10 @@ import { Writable } from 'node:stream';
 import { sql } from 'kysely';
 import { pino } from 'pino';
 import { beforeEach, describe, expect, it, onTestFinished } from 'vitest';
+import { createApp } from '../../src/api/app.js';
+import { webhookRoutes } from '../../src/api/webhooks.js';
 import { defaultHandlers, type EventHandler } from '../../src/billing/handlers.js';
-import { createApp } from '../../src/http/app.js';
 import { startHttpServer } from '../../src/http/server.js';
-import { webhookRoutes } from '../../src/http/webhooks.js';
 import { buildEvent, sendWebhook, subscription } from '../../src/stripe-emulator/webhooks.js';
 import {
   countRows,

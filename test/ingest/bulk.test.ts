@@ -1,9 +1,9 @@
 // A batch is written with a constant number of statements, whatever its size.
 import { Kysely, PostgresDialect } from 'kysely';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
-import { createApp } from '../../src/http/app.js';
 import { storeReadings } from '../../src/ingest/readings.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';

@@ -1,7 +1,7 @@
 // GET /v1/usage: readings stored vs meter usage pending, delivered, failed and expired.
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
 

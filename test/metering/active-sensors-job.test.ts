@@ -15,7 +15,7 @@ import {
   startActiveSensorReporting,
 } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
-import { startWorker } from '../../src/metering/worker.js';
+import { startWorker } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { waitFor } from '../helpers/wait.js';
 import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';

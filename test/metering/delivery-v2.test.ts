@@ -4,11 +4,11 @@
 // its outbox rows `failed` with Stripe's code (admin API), and a retry from there bills it once.
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
-import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { authHeaders, createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
 import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';

@@ -11,8 +11,8 @@ import {
   settleGroup,
 } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';

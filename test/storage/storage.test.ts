@@ -4,8 +4,8 @@
 import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { reconcile } from '../../src/admin/reconcile.js';
+import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createApp } from '../../src/http/app.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import {
   compactOutbox,

@@ -7,10 +7,10 @@ import { isPoison, recordPoison } from '../billing/poison.js';
 import { processStripeEvent } from '../billing/process.js';
 import { completeThinEvent } from '../billing/thin-events.js';
 import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { AppError } from './errors.js';
-import type { AppEnv, HttpModule } from './types.js';
+import { AppError } from '../http/errors.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 
 const received = z.object({
   received: z.literal(true),

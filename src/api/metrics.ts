@@ -3,15 +3,11 @@ import type { MiddlewareHandler } from 'hono';
 import { Hono } from 'hono';
 import { matchedRoutes } from 'hono/route';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 import { callsPerSecond } from '../metering/budget.js';
-import {
-  applyPipelineSnapshot,
-  type Metrics,
-  readPipelineSnapshot,
-  type WebhookOutcome,
-} from '../observability/metrics.js';
-import type { AppEnv, HttpModule } from './types.js';
+import { readPipelineSnapshot } from '../metering/pipeline-snapshot.js';
+import { applyPipelineSnapshot, type Metrics, type WebhookOutcome } from '../observability/metrics.js';
 
 /**
  * The route label is the pattern that answered (`/v1/sensors/:id`), never the raw path, so series

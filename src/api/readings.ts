@@ -3,7 +3,11 @@
 import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import type { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
+import { apiKeyAuth } from '../http/auth.js';
+import { AppError, type ErrorDetail } from '../http/errors.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { readJson } from '../http/validate.js';
 import { GroupCommitter } from '../ingest/group-commit.js';
 import {
   findStoredResponse,
@@ -14,10 +18,6 @@ import {
 } from '../ingest/idempotency.js';
 import { storeReadings } from '../ingest/readings.js';
 import { readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
-import { apiKeyAuth } from './auth.js';
-import { AppError, type ErrorDetail } from './errors.js';
-import type { AppEnv, HttpModule } from './types.js';
-import { readJson } from './validate.js';
 
 const PATH = '/v1/readings';
 

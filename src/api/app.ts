@@ -1,19 +1,20 @@
-// The Hono app factory: middleware, one sub-app per resource, error mapping, the OpenAPI document.
+// The Hono app factory, composed above the features: middleware, one sub-app per resource (the admin
+// ones from src/admin/), error mapping, the OpenAPI document.
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { adminModules } from '../admin/index.js';
 import { organizationAdminRoutes } from '../admin/organizations-routes.js';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { docsRoutes } from './docs.js';
-import { AppError, databaseUnavailable, errorBody } from './errors.js';
+import { docsRoutes } from '../http/docs.js';
+import { AppError, databaseUnavailable, errorBody } from '../http/errors.js';
+import { buildOpenApi } from '../http/openapi.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 import { healthRoutes } from './health.js';
 import { contractMetrics, httpMetrics, metricsRoutes } from './metrics.js';
-import { buildOpenApi } from './openapi.js';
 import { readingsRoutes } from './readings.js';
 import { sensorsRoutes } from './sensors.js';
-import type { AppEnv, HttpModule } from './types.js';
 import { usageRoutes } from './usage.js';
 import { webhookRoutes } from './webhooks.js';
 

@@ -1,8 +1,8 @@
 // A bare /metrics listener for processes without the HTTP API (the worker): delivery counters are
 // incremented in the worker's memory, which the API's registry cannot see.
 import { Hono } from 'hono';
-import type { Context } from '../context.js';
-import { renderMetrics } from '../http/metrics.js';
+import { renderMetrics } from '../api/metrics.js';
+import type { Context } from '../context-type.js';
 import { type HttpServer, startHttpServer } from '../http/server.js';
 import type { AppEnv } from '../http/types.js';
 

@@ -1,7 +1,7 @@
 // Plugs the delivery loop's hooks (src/metering/delivery.ts DeliveryObserver) into this process's
 // Prometheus instruments. These counters live in the worker process: see metrics-server.ts.
 import type { DeliveryObserver } from '../metering/delivery.js';
-import type { Metrics } from './metrics.js';
+import type { Metrics } from '../observability/metrics.js';
 
 export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
   return {

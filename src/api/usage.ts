@@ -1,13 +1,13 @@
 // GET /v1/usage: the calling organization's readings stored against meter usage pending,
 // delivered, failed and expired over a period.
 import { Hono } from 'hono';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
+import { apiKeyAuth } from '../http/auth.js';
+import { AppError } from '../http/errors.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { parseQuery } from '../http/validate.js';
 import { usageQuerySchema, usageResponseSchema } from '../ingest/schemas.js';
 import { usageForPeriod } from '../ingest/usage.js';
-import { apiKeyAuth } from './auth.js';
-import { AppError } from './errors.js';
-import type { AppEnv, HttpModule } from './types.js';
-import { parseQuery } from './validate.js';
 
 function startOfUtcMonth(at: Date): Date {
   return new Date(Date.UTC(at.getUTCFullYear(), at.getUTCMonth(), 1));

@@ -1,10 +1,11 @@
 // Every `meterbox <command>`: the registry, the help texts, and the parse of a command line into
 // "print this and exit" or "run this command with these flags" (no database needed to decide).
+// A composer: it lists the features' commands; the command type and helpers sit below in src/cli/.
 import { parseArgs } from 'node:util';
-import { adminCommands } from '../admin/cli.js';
-import { correctionCommands } from '../admin/corrections-cli.js';
-import { organizationCommands } from '../admin/organizations-cli.js';
-import type { CliCommand } from './command.js';
+import { adminCommands } from './admin/cli.js';
+import { correctionCommands } from './admin/corrections-cli.js';
+import { organizationCommands } from './admin/organizations-cli.js';
+import type { CliCommand } from './cli/command.js';
 
 export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...organizationCommands,

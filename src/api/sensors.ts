@@ -2,7 +2,11 @@
 // organization's sensor is a 404, never visible.
 import { Hono } from 'hono';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
+import { apiKeyAuth } from '../http/auth.js';
+import { AppError, notFound } from '../http/errors.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { parseBody, parseQuery } from '../http/validate.js';
 import {
   createSensorSchema,
   listSensorsQuerySchema,
@@ -11,10 +15,6 @@ import {
   updateSensorSchema,
 } from '../ingest/schemas.js';
 import { createSensor, listSensors, UnknownCursorError, updateSensor } from '../ingest/sensors.js';
-import { apiKeyAuth } from './auth.js';
-import { AppError, notFound } from './errors.js';
-import type { AppEnv, HttpModule } from './types.js';
-import { parseBody, parseQuery } from './validate.js';
 
 const sensorId = z.uuid();
 

@@ -1,13 +1,14 @@
-// The worker runtime: starts pg-boss with maintenance and cron, makes sure the queues exist, and
-// registers the job handlers. stop() stops fetching and lets in-flight jobs finish within a deadline.
-import type { Context } from '../context.js';
+// The worker runtime, composed above the features: starts pg-boss with maintenance and cron, makes
+// sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
+// jobs finish within a deadline.
+import type { Context } from '../context-type.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
-import { metricsDeliveryObserver } from '../observability/delivery-observer.js';
-import { startMetricsServer } from '../observability/metrics-server.js';
-import { startActiveSensorReporting } from './active-sensors-job.js';
-import { type DeliveryWorkerOptions, startDelivery } from './delivery.js';
-import { ensureQueues } from './queues.js';
-import { startStorageMaintenance } from './storage-job.js';
+import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
+import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
+import { ensureQueues } from '../metering/queues.js';
+import { startStorageMaintenance } from '../metering/storage-job.js';
+import { metricsDeliveryObserver } from './delivery-observer.js';
+import { startMetricsServer } from './metrics-server.js';
 
 export interface WorkerRuntime {
   stop(): Promise<void>;

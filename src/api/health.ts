@@ -3,9 +3,9 @@
 import { Hono } from 'hono';
 import pg from 'pg';
 import { z } from 'zod';
-import type { Context } from '../context.js';
+import type { Context } from '../context-type.js';
 import { migrationStatus } from '../db/migrate.js';
-import type { AppEnv, HttpModule } from './types.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
 
 const READINESS_TIMEOUT_MS = 2_000;
 
