@@ -13,9 +13,8 @@ COPY migrations ./migrations
 RUN node scripts/build.mjs --production && npm prune --omit=dev
 
 FROM node:24-bookworm-slim AS runtime
-# A 16 MB young generation instead of V8's size for a large host keeps RSS near what is used (see
-# docs/benchmarks.md, memory); override NODE_OPTIONS to tune.
-ENV NODE_ENV=production HOST=0.0.0.0 PORT=3000 NODE_OPTIONS=--max-semi-space-size=16
+# The heap is bounded by the service itself (HEAP_OLD_SPACE_MB / HEAP_YOUNG_SPACE_MB, src/bin/bounded-heap.ts).
+ENV NODE_ENV=production HOST=0.0.0.0 PORT=3000
 WORKDIR /app
 COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules

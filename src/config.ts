@@ -67,6 +67,15 @@ export const configSchema = z.object({
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
+  /**
+   * V8 heap bounds of node dist/server.js and dist/worker.js (src/bin/bounded-heap.ts): the service
+   * runs in a worker thread with these resource limits. 0 = run on the main thread with Node's own
+   * heap sizing (derived from the host's memory, ~4 GB and 64 MB semi-spaces on a large host).
+   */
+  HEAP_OLD_SPACE_MB: int(0, 65_536)
+    .refine((v) => v === 0 || v >= 64, 'must be 0 (off) or at least 64')
+    .default(384),
+  HEAP_YOUNG_SPACE_MB: int(4, 1024).default(24),
   /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
   WORKER_METRICS_PORT: int(0, 65535).default(0),
   /** Readings kept (400 days > 13 months); older readings are refused at ingestion and dropped. */

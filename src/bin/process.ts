@@ -1,5 +1,7 @@
 // Process plumbing shared by the entry points: configuration errors, signals and exit codes.
+import { isMainThread, parentPort } from 'node:worker_threads';
 import { type Config, ConfigError, loadConfig, requireDatabaseUrl } from '../config.js';
+import { isSignalMessage } from './bounded-heap.js';
 
 export function configOrExit(options: { needDatabase: boolean }): Config {
   try {
@@ -16,7 +18,11 @@ export function configOrExit(options: { needDatabase: boolean }): Config {
   }
 }
 
-/** Runs `shutdown` once on SIGTERM/SIGINT, then exits 0 (1 if it fails or overruns the deadline). */
+/**
+ * Runs `shutdown` once on SIGTERM/SIGINT, then exits 0 (1 if it fails or overruns the deadline). In
+ * the bounded-heap thread (bounded-heap.ts) the main thread forwards the signals as messages, and
+ * `process.exit` ends the thread, whose exit code the main thread then exits with.
+ */
 export function onShutdownSignal(shutdown: () => Promise<void>, deadlineMs: number): void {
   let started = false;
   const handler = (signal: NodeJS.Signals) => {
@@ -35,6 +41,12 @@ export function onShutdownSignal(shutdown: () => Promise<void>, deadlineMs: numb
       },
     );
   };
+  if (!isMainThread && parentPort) {
+    parentPort.on('message', (message: unknown) => {
+      if (isSignalMessage(message)) handler(message.signal);
+    });
+    return;
+  }
   process.on('SIGTERM', handler);
   process.on('SIGINT', handler);
 }

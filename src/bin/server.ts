@@ -3,23 +3,26 @@
 import { createApp } from '../api/app.js';
 import { createContext } from '../context.js';
 import { startHttpServer } from '../http/server.js';
+import { runHere } from './bounded-heap.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const config = configOrExit({ needDatabase: true });
-try {
-  const ctx = await createContext(config, { applicationName: 'meterbox-api' });
-  await ctx.boss.start();
-  const server = await startHttpServer(createApp(ctx), {
-    port: config.PORT,
-    host: config.HOST,
-    headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
-    requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
-  });
-  ctx.log.info({ url: server.url }, 'meterbox API listening');
-  onShutdownSignal(async () => {
-    await server.stop(config.SHUTDOWN_TIMEOUT_MS);
-    await ctx.close();
-  }, config.SHUTDOWN_TIMEOUT_MS);
-} catch (err) {
-  exitOnFatal(err);
+if (runHere(import.meta.url, config, 'meterbox-api')) {
+  try {
+    const ctx = await createContext(config, { applicationName: 'meterbox-api' });
+    await ctx.boss.start();
+    const server = await startHttpServer(createApp(ctx), {
+      port: config.PORT,
+      host: config.HOST,
+      headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
+      requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
+    });
+    ctx.log.info({ url: server.url }, 'meterbox API listening');
+    onShutdownSignal(async () => {
+      await server.stop(config.SHUTDOWN_TIMEOUT_MS);
+      await ctx.close();
+    }, config.SHUTDOWN_TIMEOUT_MS);
+  } catch (err) {
+    exitOnFatal(err);
+  }
 }

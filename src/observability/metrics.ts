@@ -2,6 +2,7 @@
 // default registry). Counters are incremented where things happen; pipeline gauges are read from
 // Postgres at scrape time, so every process (API or worker) reports the same delivery state.
 
+import { getHeapStatistics } from 'node:v8';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
 
@@ -55,8 +56,20 @@ export interface MetricsOptions {
 export function createMetrics(options: MetricsOptions = {}): Metrics {
   const registry = new Registry();
   if (options.defaultLabels) registry.setDefaultLabels(options.defaultLabels);
-  if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'meterbox_' });
   const registers = [registry];
+  if (options.processMetrics ?? true) {
+    collectDefaultMetrics({ register: registry, prefix: 'meterbox_' });
+    // The ceiling the heap grows to before the process fails: HEAP_OLD_SPACE_MB when the service runs
+    // in its bounded-heap thread (src/bin/bounded-heap.ts), else what V8 derived from the host.
+    new Gauge({
+      name: 'meterbox_heap_limit_bytes',
+      help: 'V8 heap size limit of the thread serving this process (old + young generation)',
+      registers,
+      collect() {
+        this.set(getHeapStatistics().heap_size_limit);
+      },
+    });
+  }
   const metrics: Metrics = {
     registry,
     readingsIngested: new Counter({

@@ -37,3 +37,34 @@ describe('API process', () => {
     expect((await api.exited).code).toBe(0);
   });
 });
+
+describe('bounded heap (HEAP_OLD_SPACE_MB / HEAP_YOUNG_SPACE_MB)', () => {
+  const heapLimit = async (env: Record<string, string>) => {
+    const url = await createTestDatabase();
+    const api = startEntryPoint('server', { DATABASE_URL: url, PORT: '0', ...env });
+    await api.waitForOutput('meterbox API listening');
+    const address = /"url":"(http:\/\/[^"]+)"/.exec(api.stdout)?.[1];
+    const text = await (await fetch(`${address}/metrics`)).text();
+    api.kill('SIGTERM');
+    expect((await api.exited).code).toBe(0);
+    const value = /^meterbox_heap_limit_bytes (\d+)/m.exec(text)?.[1];
+    expect(value).toBeDefined();
+    return Number(value) / 2 ** 20;
+  };
+
+  it('serves from a thread whose heap has the configured limits, and still shuts down on SIGTERM', async () => {
+    const bounded = await heapLimit({ HEAP_OLD_SPACE_MB: '200', HEAP_YOUNG_SPACE_MB: '16' });
+    // old generation + young generation (V8 adds its semi-space copy reserve to the young part)
+    expect(bounded).toBeGreaterThanOrEqual(200);
+    expect(bounded).toBeLessThanOrEqual(200 + 3 * 16);
+    const unbounded = await heapLimit({ HEAP_OLD_SPACE_MB: '0' });
+    expect(unbounded).not.toBe(bounded);
+  });
+
+  it('a fatal start-up error inside the thread still exits 1 with the reason', async () => {
+    const worker = startEntryPoint('worker', { DATABASE_URL: 'postgres://nobody@127.0.0.1:1/none' });
+    const result = await worker.exited;
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('meterbox: fatal:');
+  });
+});
