@@ -7,7 +7,12 @@ import { expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { createTestContext } from '../helpers/database.js';
 
-it('answers 413 with Connection: close on a kept-alive socket', async () => {
+// A declared Content-Length is judged from the header alone; a chunked body (no length) is counted as
+// it arrives. Both must end in the same 413.
+it.each([
+  ['with a Content-Length', false],
+  ['chunked, without a length', true],
+])('answers 413 with Connection: close on a kept-alive socket, body %s', async (_, chunked) => {
   const ctx = await createTestContext({ BODY_LIMIT_BYTES: '2048' });
   const server = serve({ fetch: createApp(ctx).fetch, port: 0, hostname: '127.0.0.1' });
   try {
@@ -34,7 +39,10 @@ it('answers 413 with Connection: close on a kept-alive socket', async () => {
           },
         );
         req.on('error', reject);
-        req.end('x'.repeat(100_000));
+        if (chunked) {
+          for (let i = 0; i < 10; i++) req.write('x'.repeat(10_000));
+          req.end();
+        } else req.end('x'.repeat(100_000));
       },
     );
     expect(answer.status).toBe(413);
