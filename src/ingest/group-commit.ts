@@ -10,7 +10,7 @@ import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
-import { enqueueDeliveries } from '../metering/outbox.js';
+import { enqueueDeliveries, lockQueuedDeliveries } from '../metering/outbox.js';
 import type { SensorProblem, StoreReadingsOutcome } from './readings.js';
 import { storeReadings } from './readings.js';
 import type { Reading } from './schemas.js';
@@ -26,7 +26,7 @@ interface Pending extends GroupRequest {
 }
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c';
+  kind: 'r' | 'p' | 'c' | 'h';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -36,7 +36,9 @@ interface GroupRow {
 
 /**
  * Writes a group of validated requests in the caller's transaction with one statement, then hands
- * the new outbox rows to delivery (once per delivery key). Rows are inserted in (sensor, instant)
+ * the new outbox rows to delivery (once per delivery key). The statement also share-locks the keys'
+ * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
+ * one, a group is BEGIN, one statement and COMMIT. Rows are inserted in (sensor, instant)
  * order whatever request they came from, so concurrent groups take row locks in one order and cannot
  * deadlock; within a group the earliest request wins a reading sent twice.
  */
@@ -105,17 +107,22 @@ export async function storeGroup(
       SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now}
       FROM per_org p JOIN billing b ON b.org = p.org
       RETURNING stripe_customer_id
+    ), held AS (
+      ${lockQueuedDeliveries('temperature_readings', sql`SELECT stripe_customer_id FROM billing`)}
     )
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer
       FROM per_request
     UNION ALL
     SELECT 'p', req, NULL, n::int, active, NULL FROM problems
     UNION ALL
-    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id FROM outbox`.execute(trx);
+    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id FROM outbox
+    UNION ALL
+    SELECT 'h', NULL, NULL, NULL, NULL, key FROM held`.execute(trx);
 
   const inserted = new Map<number, number>();
   const problems = new Map<number, SensorProblem[]>();
   const customers: string[] = [];
+  const held = new Set<string>();
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null) {
@@ -127,11 +134,13 @@ export async function storeGroup(
       });
       problems.set(row.req, list);
     } else if (row.kind === 'c' && row.customer) customers.push(row.customer);
+    else if (row.kind === 'h' && row.customer) held.add(row.customer);
   }
   await enqueueDeliveries(
     trx,
     boss,
     customers.map((customerId) => ({ customerId, eventName: 'temperature_readings' as const })),
+    held,
   );
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);

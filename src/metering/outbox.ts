@@ -2,7 +2,7 @@
 // business change being billed: the row and its delivery job commit or roll back with it.
 
 import { randomUUID } from 'node:crypto';
-import { sql, type Transaction } from 'kysely';
+import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, MeterEventName } from '../db/schema.js';
@@ -113,17 +113,25 @@ export async function enqueueDeliveries(
   trx: Transaction<DB>,
   boss: PgBoss,
   keys: readonly { customerId: string; eventName: MeterEventName }[],
+  /** Keys whose queued job the caller's own statement already share-locked (lockQueuedDeliveries). */
+  held: ReadonlySet<string> = new Set(),
 ): Promise<void> {
   const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
-  let missing = [...unique.keys()].sort();
+  let missing = [...unique.keys()].filter((key) => !held.has(key)).sort();
+  // With the caller's lock taken in its own statement, the keys left have no queued job: insert first.
+  let lockFirst = held.size === 0;
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS && missing.length > 0; attempt++) {
-    const held = await sql<{ key: string }>`
-      SELECT singleton_key AS key FROM pgboss.job
-      WHERE name = 'meter-delivery' AND singleton_key = ANY(${missing}::text[])
-        AND state = 'created' AND policy = 'short'
-      ORDER BY singleton_key
-      FOR KEY SHARE`.execute(trx);
-    const locked = new Set(held.rows.map((r) => r.key));
+    const locked = new Set<string>();
+    if (lockFirst) {
+      const rows = await sql<{ key: string }>`
+        SELECT singleton_key AS key FROM pgboss.job
+        WHERE name = 'meter-delivery' AND singleton_key = ANY(${missing}::text[])
+          AND state = 'created' AND policy = 'short'
+        ORDER BY singleton_key
+        FOR KEY SHARE`.execute(trx);
+      for (const r of rows.rows) locked.add(r.key);
+    }
+    lockFirst = true;
     const jobs = missing
       .filter((name) => !locked.has(name))
       .map((name) => {
@@ -136,6 +144,23 @@ export async function enqueueDeliveries(
   }
   // Only left over if workers keep claiming these keys' jobs between two statements; the
   // stranded-row sweep still covers their rows.
+}
+
+/**
+ * The first pass of enqueueDeliveries as a query to embed in the caller's own statement (a CTE), so
+ * a small ingestion transaction saves a round trip: it share-locks the queued delivery jobs of
+ * `eventName` for the customers `customers` yields (one text column), in key order, and returns their
+ * keys. Pass those keys to enqueueDeliveries as `held`.
+ */
+export function lockQueuedDeliveries(eventName: MeterEventName, customers: RawBuilder<unknown>) {
+  return sql<{ key: string }>`
+    SELECT j.singleton_key AS key FROM pgboss.job j
+    WHERE j.name = 'meter-delivery' AND j.state = 'created' AND j.policy = 'short'
+      AND j.singleton_key IN (
+        -- deliveryKey(customer, eventName), in SQL
+        SELECT ${deliveryKey('', eventName)}::text || c.customer FROM (${customers}) AS c(customer))
+    ORDER BY j.singleton_key
+    FOR KEY SHARE OF j`;
 }
 
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */

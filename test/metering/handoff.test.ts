@@ -6,8 +6,10 @@ import { Kysely, PostgresDialect, sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
+import { storeGroup } from '../../src/ingest/group-commit.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
 import { createTestContext } from '../helpers/database.js';
+import { createOrganization, createSensors } from '../helpers/fixtures.js';
 
 let ctx: Context;
 let counting: Kysely<DB>;
@@ -74,5 +76,54 @@ describe('enqueueDeliveries', () => {
     const jobs = await queued('race');
     expect(jobs.size).toBe(60);
     expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+  });
+});
+
+describe('group commit hand-off (storeGroup)', () => {
+  it("share-locks a key's queued job inside the group's own statement: no extra statement, no new job", async () => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    let at = Date.now() - 3_600_000;
+    const group = () => [
+      {
+        organizationId: org.organizationId,
+        readings: [{ sensorId: sensor!, recordedAt: new Date((at += 1000)).toISOString(), temperatureC: 4 }],
+      },
+    ];
+    const key = `temperature_readings:${org.customerId}`;
+    const jobs = async () =>
+      (
+        await sql<{ n: number }>`SELECT count(*)::int AS n FROM pgboss.job
+          WHERE name = 'meter-delivery' AND singleton_key = ${key} AND state = 'created'`.execute(ctx.db)
+      ).rows[0]!.n;
+
+    // First group: no job is queued yet, so the hand-off inserts one after the statement.
+    statements.length = 0;
+    await counting.transaction().execute((trx) => storeGroup(trx, ctx.boss, group(), new Date()));
+    const first = statements.length;
+    expect(await jobs()).toBe(1);
+
+    // Second group: the job is queued; the statement itself locks it and nothing else is sent.
+    statements.length = 0;
+    let lockedMeanwhile = false;
+    await counting.transaction().execute(async (trx) => {
+      const [outcome] = await storeGroup(trx, ctx.boss, group(), new Date());
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+      // Another session cannot take the job for update (a worker's fetch skips it) until commit.
+      lockedMeanwhile = await ctx.db
+        .transaction()
+        .execute(async (other) => {
+          await sql`SELECT 1 FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${key}
+            AND state = 'created' FOR UPDATE NOWAIT`.execute(other);
+          return false;
+        })
+        .catch((err: { code?: string }) => err.code === '55P03');
+    });
+    // begin, the group's one statement, commit
+    expect(statements.length).toBe(3);
+    expect(statements[1]).toContain('FOR KEY SHARE OF j');
+    expect(statements.length).toBeLessThan(first);
+    expect(lockedMeanwhile).toBe(true);
+    expect(await jobs()).toBe(1);
   });
 });
