@@ -75,7 +75,7 @@ export const configSchema = z.object({
   HEAP_OLD_SPACE_MB: int(0, 65_536)
     .refine((v) => v === 0 || v >= 64, 'must be 0 (off) or at least 64')
     .default(384),
-  HEAP_YOUNG_SPACE_MB: int(4, 1024).default(24),
+  HEAP_YOUNG_SPACE_MB: int(4, 1024).default(16),
   /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
   WORKER_METRICS_PORT: int(0, 65535).default(0),
   /** Readings kept (400 days > 13 months); older readings are refused at ingestion and dropped. */
