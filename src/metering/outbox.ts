@@ -114,12 +114,12 @@ export async function enqueueDeliveries(
   boss: PgBoss,
   keys: readonly { customerId: string; eventName: MeterEventName }[],
   /** Keys whose queued job the caller's own statement already share-locked (lockQueuedDeliveries). */
-  held: ReadonlySet<string> = new Set(),
+  held?: ReadonlySet<string>,
 ): Promise<void> {
   const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
-  let missing = [...unique.keys()].filter((key) => !held.has(key)).sort();
-  // With the caller's lock taken in its own statement, the keys left have no queued job: insert first.
-  let lockFirst = held.size === 0;
+  let missing = [...unique.keys()].filter((key) => !held?.has(key)).sort();
+  // With the caller's look done in its own statement, the keys left have no queued job: insert first.
+  let lockFirst = held === undefined;
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS && missing.length > 0; attempt++) {
     const locked = new Set<string>();
     if (lockFirst) {
