@@ -1,10 +1,9 @@
-// Admin API for organizations (ADMIN_TOKEN): create one with its first API key, manage keys, and
+// Admin API for organizations (behind the admin guard): create one with its first API key, manage keys, and
 // link its subscription to a Stripe customer. Keys are returned whole only when created.
 import { Hono } from 'hono';
 import { z } from 'zod';
 import type { Context } from '../context.js';
 import { pgText } from '../db/input-types.js';
-import { adminAuth } from '../http/auth.js';
 import { AppError, notFound } from '../http/errors.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { parseBody } from '../http/validate.js';
@@ -71,9 +70,8 @@ function idParam(value: string, what: string): string {
   return value;
 }
 
-export function organizationAdminRoutes(ctx: Context): HttpModule {
+export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock'>): HttpModule {
   const app = new Hono<AppEnv>();
-  app.use('*', adminAuth(ctx));
 
   app.post('/', async (c) => {
     const input = await parseBody(c, createOrganizationSchema);

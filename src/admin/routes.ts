@@ -1,5 +1,5 @@
 // The admin JSON API under /admin: outbox inspection and retry, dead-letter redrive, meter error
-// reports, reconciliation. Admin token (bearer) or the dashboard's session cookie.
+// reports, reconciliation. Guarded as a whole by adminGuard (index.ts).
 import { Hono } from 'hono';
 import { z } from 'zod';
 import { listMeterErrorReports } from '../billing/meter-error-reports.js';
@@ -10,7 +10,6 @@ import { AppError } from '../http/errors.js';
 import type { RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { parseBody, parseQuery } from '../http/validate.js';
-import { requireAdmin } from './auth.js';
 import {
   deadLetterPreview,
   listOutbox,
@@ -167,9 +166,8 @@ const docs: RouteDoc[] = [
 
 export function adminRoutes(ctx: AdminDeps): HttpModule {
   const app = new Hono<AppEnv>();
-  const auth = requireAdmin(ctx);
 
-  app.get('/overview', auth, async (c) => {
+  app.get('/overview', async (c) => {
     const o = await pipelineOverview(ctx.db, ctx.boss, ctx.clock.now());
     return c.json({
       ...o,
@@ -178,25 +176,25 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
     });
   });
 
-  app.get('/outbox', auth, async (c) => c.json(await listOutbox(ctx.db, parseQuery(c, outboxListQuery))));
+  app.get('/outbox', async (c) => c.json(await listOutbox(ctx.db, parseQuery(c, outboxListQuery))));
 
-  app.post('/outbox/retry', auth, async (c) => {
+  app.post('/outbox/retry', async (c) => {
     const selection = await parseBody(c, retrySelection);
     const result = await retryFailed(ctx.db, ctx.boss, selection);
     ctx.log.info({ ...result, selection }, 'admin: failed outbox rows retried');
     return c.json(result);
   });
 
-  app.get('/dead-letter', auth, async (c) => c.json(await deadLetterPreview(ctx.boss)));
+  app.get('/dead-letter', async (c) => c.json(await deadLetterPreview(ctx.boss)));
 
-  app.post('/dead-letter/redrive', auth, async (c) => {
+  app.post('/dead-letter/redrive', async (c) => {
     const { limit } = await parseBody(c, redriveBody);
     const result = await redriveAndReopen(ctx.db, ctx.boss, limit);
     ctx.log.info(result, 'admin: dead-letter queue redriven');
     return c.json(result);
   });
 
-  app.get('/meter-errors', auth, async (c) => {
+  app.get('/meter-errors', async (c) => {
     const query = parseQuery(c, meterErrorsQuery);
     const page = await listMeterErrorReports(ctx.db, query);
     return c.json({
@@ -211,13 +209,13 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
     });
   });
 
-  app.get('/webhooks/poison', auth, async (c) => {
+  app.get('/webhooks/poison', async (c) => {
     const { limit } = parseQuery(c, poisonQuery);
     const events = await listPoisonEvents(ctx.db, limit);
     return c.json({ events: events.map((e) => ({ ...e, receivedAt: e.receivedAt.toISOString() })) });
   });
 
-  app.get('/reconciliation', auth, async (c) => {
+  app.get('/reconciliation', async (c) => {
     const query = parseQuery(c, reconcileQuery);
     if (query.stripe && !ctx.stripe) {
       throw new AppError(

@@ -2,8 +2,7 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
-import { adminModules } from '../admin/index.js';
-import { organizationAdminRoutes } from '../admin/organizations-routes.js';
+import { adminModule } from '../admin/index.js';
 import type { Context } from '../context.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from './docs.js';
@@ -118,8 +117,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     readingsRoutes(ctx),
     sensorsRoutes(ctx),
     usageRoutes(ctx),
-    organizationAdminRoutes(ctx),
-    ...adminModules(ctx),
+    adminModule(ctx),
     docsRoutes(() => document),
     ...extraModules,
   ];
