@@ -2,12 +2,11 @@
 // (what would be voided, how much of it was billed), then the correction itself. Plain HTML forms
 // under the dashboard's session, like retry and redrive.
 import type { Context as HonoContext } from 'hono';
-import { Hono } from 'hono';
 import { html } from 'hono/html';
 import type { HtmlEscapedString } from 'hono/utils/html';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
-import type { RouteDoc } from '../http/openapi.js';
+import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import {
   type CorrectionInput,
@@ -104,83 +103,86 @@ function parse(values: FormValues): { ok: true; input: CorrectionInput } | { ok:
   return { ok: true, input: parsed.data };
 }
 
-const docs: RouteDoc[] = [
-  {
-    method: 'get',
-    path: '/admin/ui/corrections',
-    summary: 'Dashboard (HTML): the usage-correction form',
-    tag: 'admin dashboard',
-    security: 'admin',
-    responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
-  },
-  {
-    method: 'post',
-    path: '/admin/ui/corrections/preview',
-    summary:
-      'Dashboard (HTML form: organizationId, sensorId, from, to, reason): the dry run and a confirmation form; changes nothing',
-    tag: 'admin dashboard',
-    security: 'admin',
-    responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
-  },
-  {
-    method: 'post',
-    path: '/admin/ui/corrections',
-    summary:
-      'Dashboard (HTML form: organizationId, sensorId, from, to, reason): record the confirmed correction; answers 303 to /admin',
-    tag: 'admin dashboard',
-    security: 'admin',
-    responses: { 303: { description: 'redirect to the dashboard' } },
-  },
-];
-
 export function correctionDashboardRoutes(ctx: Deps): HttpModule {
-  const app = new Hono<AppEnv>();
+  const routes = documentedRoutes('/admin');
   const options = () => ({ now: ctx.clock.now(), retentionDays: ctx.config.READINGS_RETENTION_DAYS });
   const render = (c: HonoContext<AppEnv>, body: Html, status: 200 | 404 | 422 = 200) =>
     c.html(shell(body), status);
 
-  app.get('/ui/corrections', (c) => render(c, formSection({})));
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/ui/corrections',
+      summary: 'Dashboard (HTML): the usage-correction form',
+      tag: 'admin dashboard',
+      security: 'admin',
+      responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
+    },
+    (c) => render(c, formSection({})),
+  );
 
-  app.post('/ui/corrections/preview', async (c) => {
-    const values = readForm(await c.req.parseBody());
-    const parsed = parse(values);
-    if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
-    try {
-      const preview = await previewCorrection(ctx.db, values.organizationId, parsed.input, options());
-      return render(c, html`${confirmSection(values, preview)}${formSection(values)}`);
-    } catch (err) {
-      if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
-        return render(c, formSection(values, err), err.status);
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/ui/corrections/preview',
+      summary:
+        'Dashboard (HTML form: organizationId, sensorId, from, to, reason): the dry run and a confirmation form; changes nothing',
+      tag: 'admin dashboard',
+      security: 'admin',
+      responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
+    },
+    async (c) => {
+      const values = readForm(await c.req.parseBody());
+      const parsed = parse(values);
+      if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+      try {
+        const preview = await previewCorrection(ctx.db, values.organizationId, parsed.input, options());
+        return render(c, html`${confirmSection(values, preview)}${formSection(values)}`);
+      } catch (err) {
+        if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
+          return render(c, formSection(values, err), err.status);
+        }
+        throw err;
       }
-      throw err;
-    }
-  });
+    },
+  );
 
-  app.post('/ui/corrections', async (c) => {
-    const values = readForm(await c.req.parseBody());
-    const parsed = parse(values);
-    if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
-    try {
-      const correction = await ctx.db
-        .transaction()
-        .execute((trx) => createCorrection(trx, ctx.boss, values.organizationId, parsed.input, options()));
-      ctx.log.info(
-        {
-          organizationId: values.organizationId,
-          correctionId: correction.id,
-          readingsVoided: correction.readingsVoided,
-        },
-        'admin: usage correction recorded from the dashboard',
-      );
-      const message = `Correction ${correction.id}: voided ${correction.readingsVoided} reading(s), ${correction.billedReadingsVoided} billed; the credit is queued.`;
-      return c.redirect(`/admin?flash=${encodeURIComponent(message)}`, 303);
-    } catch (err) {
-      if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
-        return render(c, formSection(values, err), err.status);
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/ui/corrections',
+      summary:
+        'Dashboard (HTML form: organizationId, sensorId, from, to, reason): record the confirmed correction; answers 303 to /admin',
+      tag: 'admin dashboard',
+      security: 'admin',
+      responses: { 303: { description: 'redirect to the dashboard' } },
+    },
+    async (c) => {
+      const values = readForm(await c.req.parseBody());
+      const parsed = parse(values);
+      if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+      try {
+        const correction = await ctx.db
+          .transaction()
+          .execute((trx) => createCorrection(trx, ctx.boss, values.organizationId, parsed.input, options()));
+        ctx.log.info(
+          {
+            organizationId: values.organizationId,
+            correctionId: correction.id,
+            readingsVoided: correction.readingsVoided,
+          },
+          'admin: usage correction recorded from the dashboard',
+        );
+        const message = `Correction ${correction.id}: voided ${correction.readingsVoided} reading(s), ${correction.billedReadingsVoided} billed; the credit is queued.`;
+        return c.redirect(`/admin?flash=${encodeURIComponent(message)}`, 303);
+      } catch (err) {
+        if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
+          return render(c, formSection(values, err), err.status);
+        }
+        throw err;
       }
-      throw err;
-    }
-  });
+    },
+  );
 
-  return { prefix: '/admin', app, docs };
+  return routes;
 }

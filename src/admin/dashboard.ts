@@ -1,7 +1,6 @@
 // The operator dashboard at /admin: server-rendered HTML (hono/html, no front-end build, no external
 // assets), plain forms for login, retry and redrive, so it works without JavaScript and on a phone.
 import type { Context as HonoContext } from 'hono';
-import { Hono } from 'hono';
 import { html, raw } from 'hono/html';
 import type { HtmlEscapedString } from 'hono/utils/html';
 import { z } from 'zod';
@@ -10,7 +9,7 @@ import { listPoisonEvents, type PoisonEvent } from '../billing/poison.js';
 import type { Context } from '../context.js';
 import { pgInstant } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
-import type { RouteDoc } from '../http/openapi.js';
+import { documentedRoutes, type RouteDoc } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { crossSite, endSession, startSession, tokenMatches } from './auth.js';
 import {
@@ -351,68 +350,69 @@ const FORM_DOC = (path: string, summary: string, fields: string): RouteDoc => ({
   responses: { 303: { description: 'redirect to the dashboard' } },
 });
 
-const docs: RouteDoc[] = [
-  {
-    method: 'get',
-    path: '/admin',
-    summary:
-      'Operator dashboard (HTML): pipeline overview, delivery chart, failed rows with Retry, meter errors, reconciliation. Shows the sign-in form without a session',
-    tag: 'admin dashboard',
-    security: 'admin',
-    query: periodQuery,
-    responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
-  },
-  FORM_DOC(
-    '/admin/login',
-    'Sign in with the admin token; sets an HttpOnly SameSite=Strict session cookie',
-    'token',
-  ),
-  FORM_DOC('/admin/logout', 'Sign out (clears the session cookie)', 'none'),
-  FORM_DOC('/admin/ui/retry', 'Retry one failed row or all of them', 'id, or all=1'),
-  FORM_DOC('/admin/ui/redrive', 'Redrive the dead-letter queue', 'none'),
-];
-
 export function dashboardRoutes(ctx: DashboardDeps): HttpModule {
-  const app = new Hono<AppEnv>();
+  const routes = documentedRoutes('/admin');
   const back = (c: HonoContext<AppEnv>, message: string, kind: 'flash' | 'error' = 'flash') =>
     c.redirect(`/admin?${kind}=${encodeURIComponent(message)}`, 303);
 
-  app.get('/', (c) => dashboard(ctx, c));
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin',
+      summary:
+        'Operator dashboard (HTML): pipeline overview, delivery chart, failed rows with Retry, meter errors, reconciliation. Shows the sign-in form without a session',
+      tag: 'admin dashboard',
+      security: 'admin',
+      query: periodQuery,
+      responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
+    },
+    (c) => dashboard(ctx, c),
+  );
 
   // adminGuard answers 404 on every admin route while ADMIN_TOKEN is unset: here it is set.
-  app.post('/login', async (c) => {
-    const form = await c.req.parseBody();
-    const token = typeof form.token === 'string' ? form.token : '';
-    if (!token || !tokenMatches(ctx.config.ADMIN_TOKEN!, token)) {
-      ctx.log.info({ ip: c.req.header('x-forwarded-for') }, 'admin: dashboard sign-in refused');
-      return c.html(loginPage('That token is not valid.'), 401);
-    }
-    startSession(c, ctx.config.ADMIN_TOKEN!, ctx.clock.now());
-    return c.redirect('/admin', 303);
-  });
+  routes.route(
+    FORM_DOC(
+      '/admin/login',
+      'Sign in with the admin token; sets an HttpOnly SameSite=Strict session cookie',
+      'token',
+    ),
+    async (c) => {
+      const form = await c.req.parseBody();
+      const token = typeof form.token === 'string' ? form.token : '';
+      if (!token || !tokenMatches(ctx.config.ADMIN_TOKEN!, token)) {
+        ctx.log.info({ ip: c.req.header('x-forwarded-for') }, 'admin: dashboard sign-in refused');
+        return c.html(loginPage('That token is not valid.'), 401);
+      }
+      startSession(c, ctx.config.ADMIN_TOKEN!, ctx.clock.now());
+      return c.redirect('/admin', 303);
+    },
+  );
 
-  app.post('/logout', (c) => {
+  routes.route(FORM_DOC('/admin/logout', 'Sign out (clears the session cookie)', 'none'), (c) => {
     // Like every other admin form: a foreign Origin cannot sign the operator out (logout CSRF).
     if (crossSite(c)) throw new AppError(403, 'forbidden', 'cross-site request refused');
     endSession(c);
     return c.redirect('/admin', 303);
   });
 
-  app.post('/ui/retry', async (c) => {
-    const form = await c.req.parseBody();
-    const id = typeof form.id === 'string' && /^\d{1,19}$/.test(form.id) ? form.id : undefined;
-    if (!id && form.all !== '1') return back(c, 'Nothing to retry.', 'error');
-    const result = await retryFailed(ctx.db, ctx.boss, id ? { ids: [id] } : { all: true });
-    ctx.log.info({ ...result, id: id ?? 'all' }, 'admin: failed outbox rows retried from the dashboard');
-    return back(
-      c,
-      result.retried === 0
-        ? 'No failed row matched (already retried?).'
-        : `Retried ${result.retried} row${result.retried === 1 ? '' : 's'}; delivery queued.`,
-    );
-  });
+  routes.route(
+    FORM_DOC('/admin/ui/retry', 'Retry one failed row or all of them', 'id, or all=1'),
+    async (c) => {
+      const form = await c.req.parseBody();
+      const id = typeof form.id === 'string' && /^\d{1,19}$/.test(form.id) ? form.id : undefined;
+      if (!id && form.all !== '1') return back(c, 'Nothing to retry.', 'error');
+      const result = await retryFailed(ctx.db, ctx.boss, id ? { ids: [id] } : { all: true });
+      ctx.log.info({ ...result, id: id ?? 'all' }, 'admin: failed outbox rows retried from the dashboard');
+      return back(
+        c,
+        result.retried === 0
+          ? 'No failed row matched (already retried?).'
+          : `Retried ${result.retried} row${result.retried === 1 ? '' : 's'}; delivery queued.`,
+      );
+    },
+  );
 
-  app.post('/ui/redrive', async (c) => {
+  routes.route(FORM_DOC('/admin/ui/redrive', 'Redrive the dead-letter queue', 'none'), async (c) => {
     const result = await redriveAndReopen(ctx.db, ctx.boss, 1000);
     ctx.log.info(result, 'admin: dead-letter queue redriven from the dashboard');
     return back(
@@ -421,5 +421,5 @@ export function dashboardRoutes(ctx: DashboardDeps): HttpModule {
     );
   });
 
-  return { prefix: '/admin', app, docs };
+  return routes;
 }

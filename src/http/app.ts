@@ -1,4 +1,5 @@
-// The Hono app factory: middleware, one sub-app per resource, error mapping, the OpenAPI document.
+// The Hono app factory: middleware, one sub-app per resource, error mapping, the OpenAPI document
+// (built from the descriptions each module registers with its routes).
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
@@ -128,6 +129,5 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     modules.flatMap((m) => m.docs),
     API_VERSION,
   );
-  app.get('/openapi.json', (c) => c.json(document));
   return app;
 }
