@@ -7,7 +7,7 @@ import type { AppEnv, HttpModule } from '../http/types.js';
 import { adminGuard } from './auth.js';
 import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';
-import { dashboardRoutes, loginPage } from './dashboard.js';
+import { dashboardRoutes, LoginPage } from './dashboard.js';
 import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
 
@@ -22,7 +22,7 @@ function refuseBrowser(c: HonoContext<AppEnv>): Response | Promise<Response> | u
   if (path === '/admin/ui/corrections' || path.startsWith('/admin/ui/corrections/')) {
     return c.redirect('/admin', 303);
   }
-  if (path === '/admin' || path.startsWith('/admin/ui/')) return c.html(loginPage(), 401);
+  if (path === '/admin' || path.startsWith('/admin/ui/')) return c.html(LoginPage({}), 401);
   return undefined;
 }
 

@@ -2,8 +2,7 @@
 // (what would be voided, how much of it was billed), then the correction itself. Plain HTML forms
 // under the dashboard's session, like retry and redrive.
 import type { Context as HonoContext } from 'hono';
-import { html } from 'hono/html';
-import type { HtmlEscapedString } from 'hono/utils/html';
+import type { Child } from 'hono/jsx';
 import type { Context } from '../context.js';
 import { AppError } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
@@ -15,10 +14,9 @@ import {
   createCorrection,
   previewCorrection,
 } from './corrections.js';
-import { page } from './dashboard.js';
+import { Page } from './dashboard.js';
 
 type Deps = Pick<Context, 'db' | 'boss' | 'config' | 'clock' | 'log'>;
-type Html = HtmlEscapedString | Promise<HtmlEscapedString>;
 
 interface FormValues {
   organizationId: string;
@@ -48,42 +46,137 @@ function readForm(form: Record<string, unknown>): FormValues {
   };
 }
 
-function shell(body: Html): Html {
-  return page(
-    'meterbox · usage corrections',
-    html`<header><h1>meterbox · usage corrections</h1><nav><a href="/admin" style="color:#fff">Back to the dashboard</a></nav></header><main>${body}</main>`,
+function Shell(props: { children: Child }) {
+  return (
+    <Page title="meterbox · usage corrections">
+      <header>
+        <h1>meterbox · usage corrections</h1>
+        <nav>
+          <a href="/admin">Back to the dashboard</a>
+        </nav>
+      </header>
+      <main>{props.children}</main>
+    </Page>
   );
 }
 
-function formSection(values: Partial<FormValues>, error?: AppError | string): Html {
-  const message = typeof error === 'string' ? error : error?.message;
-  const details = typeof error === 'object' ? error.details : [];
-  return html`<section aria-labelledby="correct"><h2 id="correct">Void readings and credit what was billed</h2>
-${message ? html`<div class="flash error" role="alert" data-testid="correction-error">${message}${details.map((d) => html`<br>${d.field ? `${d.field}: ` : ''}${d.message}`)}</div>` : ''}
-<form method="post" action="/admin/ui/corrections/preview" class="row">
-<label>Organization id<input name="organizationId" required value="${values.organizationId ?? ''}"></label>
-<label>Sensor id (empty: all sensors)<input name="sensorId" value="${values.sensorId ?? ''}"></label>
-<label>From (UTC, recorded_at)<input name="from" required value="${values.from ?? ''}" placeholder="2026-11-21T14:00:00Z"></label>
-<label>To (UTC, exclusive)<input name="to" required value="${values.to ?? ''}" placeholder="2026-11-21T18:00:00Z"></label>
-<label>Reason<input name="reason" required maxlength="500" value="${values.reason ?? ''}"></label>
-<button type="submit">Preview (dry run)</button>
-</form>
-<p class="muted">Nothing changes until you confirm on the next page.</p></section>`;
+function Field(props: {
+  label: string;
+  name: keyof FormValues;
+  value?: string;
+  required?: boolean;
+  placeholder?: string;
+  maxlength?: number;
+}) {
+  return (
+    <label>
+      {props.label}
+      <input
+        name={props.name}
+        required={props.required}
+        maxlength={props.maxlength}
+        value={props.value ?? ''}
+        placeholder={props.placeholder}
+      />
+    </label>
+  );
 }
 
-function confirmSection(values: FormValues, preview: CorrectionPreview): Html {
-  const hidden = (name: keyof FormValues) =>
-    html`<input type="hidden" name="${name}" value="${values[name]}">`;
-  return html`<section aria-labelledby="confirm"><h2 id="confirm">Confirm the correction</h2>
-<p data-testid="correction-preview">This will void <strong>${preview.readingsToVoid}</strong> reading(s) recorded in [${preview.from}, ${preview.to})${values.sensorId ? html` of sensor <code>${values.sensorId}</code>` : ' of all sensors'}; <strong>${preview.billedReadingsToVoid}</strong> of them were billed and will be credited in Stripe (cancelled or compensated in their original hour; a finalized period is flagged for a credit note).</p>
-<div class="scroll"><table><thead><tr><th>Sensor</th><th class="num">Readings</th><th class="num">Billed</th></tr></thead><tbody>
-${preview.bySensor.map((s) => html`<tr><td>${s.sensorId}</td><td class="num">${s.readings}</td><td class="num">${s.billed}</td></tr>`)}
-</tbody></table></div>
-<form method="post" action="/admin/ui/corrections" class="row" style="margin-top:.75rem">
-${hidden('organizationId')}${hidden('sensorId')}${hidden('from')}${hidden('to')}${hidden('reason')}
-<button type="submit"${preview.readingsToVoid === 0 ? ' disabled' : ''}>Void ${preview.readingsToVoid} reading(s)</button>
-<a href="/admin/ui/corrections">Cancel</a>
-</form></section>`;
+function FormSection(props: { values: Partial<FormValues>; error?: AppError | string }) {
+  const { values, error } = props;
+  const message = typeof error === 'string' ? error : error?.message;
+  const details = typeof error === 'object' ? error.details : [];
+  return (
+    <section aria-labelledby="correct">
+      <h2 id="correct">Void readings and credit what was billed</h2>
+      {message ? (
+        <div class="flash error" role="alert" data-testid="correction-error">
+          {message}
+          {details.map((d) => (
+            <>
+              <br />
+              {d.field ? `${d.field}: ` : ''}
+              {d.message}
+            </>
+          ))}
+        </div>
+      ) : null}
+      <form method="post" action="/admin/ui/corrections/preview" class="row">
+        <Field label="Organization id" name="organizationId" required value={values.organizationId} />
+        <Field label="Sensor id (empty: all sensors)" name="sensorId" value={values.sensorId} />
+        <Field
+          label="From (UTC, recorded_at)"
+          name="from"
+          required
+          value={values.from}
+          placeholder="2026-11-21T14:00:00Z"
+        />
+        <Field
+          label="To (UTC, exclusive)"
+          name="to"
+          required
+          value={values.to}
+          placeholder="2026-11-21T18:00:00Z"
+        />
+        <Field label="Reason" name="reason" required maxlength={500} value={values.reason} />
+        <button type="submit">Preview (dry run)</button>
+      </form>
+      <p class="muted">Nothing changes until you confirm on the next page.</p>
+    </section>
+  );
+}
+
+function ConfirmSection(props: { values: FormValues; preview: CorrectionPreview }) {
+  const { values, preview } = props;
+  const fields: (keyof FormValues)[] = ['organizationId', 'sensorId', 'from', 'to', 'reason'];
+  return (
+    <section aria-labelledby="confirm">
+      <h2 id="confirm">Confirm the correction</h2>
+      <p data-testid="correction-preview">
+        This will void <strong>{preview.readingsToVoid}</strong> reading(s) recorded in [{preview.from},{' '}
+        {preview.to})
+        {values.sensorId ? (
+          <>
+            {' '}
+            of sensor <code>{values.sensorId}</code>
+          </>
+        ) : (
+          ' of all sensors'
+        )}
+        ; <strong>{preview.billedReadingsToVoid}</strong> of them were billed and will be credited in Stripe
+        (cancelled or compensated in their original hour; a finalized period is flagged for a credit note).
+      </p>
+      <div class="scroll">
+        <table>
+          <thead>
+            <tr>
+              <th>Sensor</th>
+              <th class="num">Readings</th>
+              <th class="num">Billed</th>
+            </tr>
+          </thead>
+          <tbody>
+            {preview.bySensor.map((s) => (
+              <tr>
+                <td>{s.sensorId}</td>
+                <td class="num">{s.readings}</td>
+                <td class="num">{s.billed}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </div>
+      <form method="post" action="/admin/ui/corrections" class="row spaced">
+        {fields.map((name) => (
+          <input type="hidden" name={name} value={values[name]} />
+        ))}
+        <button type="submit" disabled={preview.readingsToVoid === 0}>
+          Void {preview.readingsToVoid} reading(s)
+        </button>
+        <a href="/admin/ui/corrections">Cancel</a>
+      </form>
+    </section>
+  );
 }
 
 function parse(values: FormValues): { ok: true; input: CorrectionInput } | { ok: false; error: string } {
@@ -106,8 +199,8 @@ function parse(values: FormValues): { ok: true; input: CorrectionInput } | { ok:
 export function correctionDashboardRoutes(ctx: Deps): HttpModule {
   const routes = documentedRoutes('/admin');
   const options = () => ({ now: ctx.clock.now(), retentionDays: ctx.config.READINGS_RETENTION_DAYS });
-  const render = (c: HonoContext<AppEnv>, body: Html, status: 200 | 404 | 422 = 200) =>
-    c.html(shell(body), status);
+  const render = (c: HonoContext<AppEnv>, body: Child, status: 200 | 404 | 422 = 200) =>
+    c.html(<Shell>{body}</Shell>, status);
 
   routes.route(
     {
@@ -118,7 +211,7 @@ export function correctionDashboardRoutes(ctx: Deps): HttpModule {
       security: 'admin',
       responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
     },
-    (c) => render(c, formSection({})),
+    (c) => render(c, <FormSection values={{}} />),
   );
 
   routes.route(
@@ -134,13 +227,19 @@ export function correctionDashboardRoutes(ctx: Deps): HttpModule {
     async (c) => {
       const values = readForm(await c.req.parseBody());
       const parsed = parse(values);
-      if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+      if (!parsed.ok) return render(c, <FormSection values={values} error={parsed.error} />, 422);
       try {
         const preview = await previewCorrection(ctx.db, values.organizationId, parsed.input, options());
-        return render(c, html`${confirmSection(values, preview)}${formSection(values)}`);
+        return render(
+          c,
+          <>
+            <ConfirmSection values={values} preview={preview} />
+            <FormSection values={values} />
+          </>,
+        );
       } catch (err) {
         if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
-          return render(c, formSection(values, err), err.status);
+          return render(c, <FormSection values={values} error={err} />, err.status);
         }
         throw err;
       }
@@ -160,7 +259,7 @@ export function correctionDashboardRoutes(ctx: Deps): HttpModule {
     async (c) => {
       const values = readForm(await c.req.parseBody());
       const parsed = parse(values);
-      if (!parsed.ok) return render(c, formSection(values, parsed.error), 422);
+      if (!parsed.ok) return render(c, <FormSection values={values} error={parsed.error} />, 422);
       try {
         const correction = await ctx.db
           .transaction()
@@ -177,7 +276,7 @@ export function correctionDashboardRoutes(ctx: Deps): HttpModule {
         return c.redirect(`/admin?flash=${encodeURIComponent(message)}`, 303);
       } catch (err) {
         if (err instanceof AppError && (err.status === 404 || err.status === 422)) {
-          return render(c, formSection(values, err), err.status);
+          return render(c, <FormSection values={values} error={err} />, err.status);
         }
         throw err;
       }
