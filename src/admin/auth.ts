@@ -1,4 +1,4 @@
-// Admin authentication for the API and the dashboard: the ADMIN_TOKEN bearer header (src/http/auth.ts)
+// Admin authentication, one guard for all of /admin: the ADMIN_TOKEN bearer header (src/http/auth.ts)
 // or, for browsers, which cannot send a bearer header on navigation, a signed session cookie.
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { Context as HonoContext, MiddlewareHandler } from 'hono';
@@ -79,26 +79,35 @@ export function crossSite(c: HonoContext<AppEnv>): boolean {
   }
 }
 
+/** Reachable without credentials while the admin surface is on: signing in, and signing out. */
+const OPEN_ROUTES = new Set(['POST /admin/login', 'POST /admin/logout']);
+
 /**
- * Admin auth accepting either credential. A bearer header, when present, decides alone (the
- * shared adminAuth: 404 when ADMIN_TOKEN is unset, 401 when wrong). `onMissing` lets the dashboard
- * show its login form instead of a JSON 401.
+ * The one guard of the admin surface, mounted once on the /admin sub-app so no route under it can
+ * be registered unguarded. No ADMIN_TOKEN: 404 for everything, sign-in included. Elsewhere a bearer
+ * header, when present, decides alone (the shared adminAuth: 401 when wrong). Otherwise a valid session
+ * cookie passes, except on a cross-site state-changing request (403). Without either, `refuse`
+ * may answer for browser pages (the dashboard's sign-in form); else the JSON 401.
  */
-export function requireAdmin(
+export function adminGuard(
   ctx: Pick<Context, 'config' | 'clock'>,
-  onMissing?: (c: HonoContext<AppEnv>) => Response | Promise<Response>,
+  refuse: (c: HonoContext<AppEnv>) => Response | Promise<Response> | undefined,
 ): MiddlewareHandler<AppEnv> {
   const bearer = adminAuth(ctx);
   return async (c, next) => {
-    if (ctx.config.ADMIN_TOKEN === undefined || c.req.header('authorization') !== undefined) {
-      return bearer(c, next);
+    if (ctx.config.ADMIN_TOKEN === undefined) return bearer(c, next);
+    if (OPEN_ROUTES.has(`${c.req.method} ${c.req.path}`)) {
+      await next();
+      return;
     }
+    if (c.req.header('authorization') !== undefined) return bearer(c, next);
     if (hasSession(ctx, c)) {
       if (crossSite(c)) throw new AppError(403, 'forbidden', 'cross-site request refused');
       await next();
       return;
     }
-    if (onMissing) return onMissing(c);
+    const page = refuse(c);
+    if (page) return page;
     return bearer(c, next);
   };
 }

@@ -1,13 +1,46 @@
-// The admin surface's HTTP modules, mounted under /admin by createApp: the JSON API and the dashboard.
+// The admin surface as one HTTP module under /admin: the JSON API, the organizations API the CLI
+// calls, and the dashboard, all behind one guard mounted once here.
+import type { Context as HonoContext } from 'hono';
+import { Hono } from 'hono';
 import type { Context } from '../context-type.js';
-import type { HttpModule } from '../http/types.js';
+import type { AppEnv, HttpModule } from '../http/types.js';
+import { adminGuard } from './auth.js';
 import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';
-import { dashboardRoutes } from './dashboard.js';
+import { dashboardRoutes, LoginPage } from './dashboard.js';
+import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
 
-export function adminModules(
+export const ADMIN_PREFIX = '/admin';
+
+/**
+ * What a browser gets without credentials: the correction pages send it back to the dashboard,
+ * the dashboard's pages and forms show the sign-in form; the JSON API gets the guard's 401.
+ */
+function refuseBrowser(c: HonoContext<AppEnv>): Response | Promise<Response> | undefined {
+  const path = c.req.path;
+  if (path === '/admin/ui/corrections' || path.startsWith('/admin/ui/corrections/')) {
+    return c.redirect('/admin', 303);
+  }
+  if (path === '/admin' || path.startsWith('/admin/ui/')) return c.html(LoginPage({}), 401);
+  return undefined;
+}
+
+export function adminModule(
   ctx: Pick<Context, 'db' | 'boss' | 'stripe' | 'config' | 'clock' | 'log'>,
-): HttpModule[] {
-  return [adminRoutes(ctx), correctionRoutes(ctx), correctionDashboardRoutes(ctx), dashboardRoutes(ctx)];
+): HttpModule {
+  const app = new Hono<AppEnv>();
+  app.use('*', adminGuard(ctx, refuseBrowser));
+  const parts = [
+    adminRoutes(ctx),
+    correctionRoutes(ctx),
+    correctionDashboardRoutes(ctx),
+    dashboardRoutes(ctx),
+    organizationAdminRoutes(ctx),
+  ];
+  for (const part of parts) {
+    if (!part.prefix.startsWith(ADMIN_PREFIX)) throw new Error(`admin module outside /admin: ${part.prefix}`);
+    app.route(part.prefix.slice(ADMIN_PREFIX.length) || '/', part.app);
+  }
+  return { prefix: ADMIN_PREFIX, app, docs: parts.flatMap((p) => p.docs) };
 }

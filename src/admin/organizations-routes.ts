@@ -1,12 +1,11 @@
-// Admin API for organizations (ADMIN_TOKEN): create one with its first API key, manage keys, and
+// Admin API for organizations (behind the admin guard): create one with its first API key, manage keys, and
 // link its subscription to a Stripe customer. Keys are returned whole only when created.
-import { Hono } from 'hono';
 import { z } from 'zod';
 import type { Context } from '../context-type.js';
 import { pgText } from '../db/input-types.js';
-import { adminAuth } from '../http/auth.js';
 import { AppError, notFound } from '../http/errors.js';
-import type { AppEnv, HttpModule } from '../http/types.js';
+import { documentedRoutes } from '../http/openapi.js';
+import type { HttpModule } from '../http/types.js';
 import { parseBody } from '../http/validate.js';
 import {
   AlreadyLinkedError,
@@ -66,135 +65,141 @@ const subscriptionSchema = z.object({
 });
 
 /** Path ids that are not UUIDs name nothing: 404 rather than a database cast error. */
-function idParam(value: string, what: string): string {
-  if (!uuid.safeParse(value).success) throw notFound(what);
-  return value;
+function idParam(value: string | undefined, what: string): string {
+  const parsed = uuid.safeParse(value);
+  if (!parsed.success) throw notFound(what);
+  return parsed.data;
 }
 
-export function organizationAdminRoutes(ctx: Context): HttpModule {
-  const app = new Hono<AppEnv>();
-  app.use('*', adminAuth(ctx));
+export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock'>): HttpModule {
+  const routes = documentedRoutes(PREFIX);
 
-  app.post('/', async (c) => {
-    const input = await parseBody(c, createOrganizationSchema);
-    const created = await ctx.db
-      .transaction()
-      .execute((trx) => createOrganization(trx, { name: input.name, keyName: input.keyName }));
-    return c.json(created, 201);
-  });
-
-  app.get('/:id', async (c) => {
-    const id = idParam(c.req.param('id'), 'organization');
-    const organization = await getOrganization(ctx.db, id);
-    if (!organization) throw notFound('organization');
-    return c.json({ organization, subscription: await getSubscription(ctx.db, id) });
-  });
-
-  app.post('/:id/keys', async (c) => {
-    const id = idParam(c.req.param('id'), 'organization');
-    // The body is optional here: an empty one means a key named "default".
-    const input = (await c.req.text()).trim() === '' ? {} : await parseBody(c, createKeySchema);
-    const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, id, input.name));
-    if (!key) throw notFound('organization');
-    return c.json(key, 201);
-  });
-
-  app.get('/:id/keys', async (c) => {
-    const id = idParam(c.req.param('id'), 'organization');
-    if (!(await getOrganization(ctx.db, id))) throw notFound('organization');
-    return c.json({ keys: await listApiKeys(ctx.db, id) });
-  });
-
-  app.delete('/:id/keys/:keyId', async (c) => {
-    const id = idParam(c.req.param('id'), 'organization');
-    const keyId = idParam(c.req.param('keyId'), 'API key');
-    const key = await revokeApiKey(ctx.db, keyId, ctx.clock.now(), id);
-    if (!key) throw notFound('API key');
-    return c.json(key);
-  });
-
-  app.put('/:id/subscription', async (c) => {
-    const id = idParam(c.req.param('id'), 'organization');
-    const input = await parseBody(c, linkSubscriptionSchema);
-    try {
-      const subscription = await linkSubscription(ctx.db, id, input, ctx.clock.now());
-      if (!subscription) throw notFound('organization');
-      return c.json(subscription);
-    } catch (err) {
-      if (err instanceof AlreadyLinkedError) throw new AppError(409, 'conflict', err.message);
-      throw err;
-    }
-  });
-
-  const path = (suffix = '') => `${PREFIX}${suffix}`;
-  return {
-    prefix: PREFIX,
-    app,
-    docs: [
-      {
-        method: 'post',
-        path: path(),
-        summary: 'Create an organization and its first API key (the key is shown only here)',
-        tag: 'admin',
-        security: 'admin',
-        body: createOrganizationSchema,
-        responses: {
-          201: {
-            description: 'the organization and its first key',
-            schema: z.object({ organization: organizationSchema, apiKey: createdKeySchema }),
-          },
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/organizations',
+      summary: 'Create an organization and its first API key (the key is shown only here)',
+      tag: 'admin',
+      security: 'admin',
+      body: createOrganizationSchema,
+      responses: {
+        201: {
+          description: 'the organization and its first key',
+          schema: z.object({ organization: organizationSchema, apiKey: createdKeySchema }),
         },
       },
-      {
-        method: 'get',
-        path: path('/{id}'),
-        summary: 'An organization and its subscription',
-        tag: 'admin',
-        security: 'admin',
-        responses: {
-          200: {
-            description: 'the organization',
-            schema: z.object({
-              organization: organizationSchema,
-              subscription: subscriptionSchema.nullable(),
-            }),
-          },
+    },
+    async (c) => {
+      const input = await parseBody(c, createOrganizationSchema);
+      const created = await ctx.db
+        .transaction()
+        .execute((trx) => createOrganization(trx, { name: input.name, keyName: input.keyName }));
+      return c.json(created, 201);
+    },
+  );
+
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/organizations/{id}',
+      summary: 'An organization and its subscription',
+      tag: 'admin',
+      security: 'admin',
+      responses: {
+        200: {
+          description: 'the organization',
+          schema: z.object({
+            organization: organizationSchema,
+            subscription: subscriptionSchema.nullable(),
+          }),
         },
       },
-      {
-        method: 'post',
-        path: path('/{id}/keys'),
-        summary: 'Create another API key (shown only in this response)',
-        tag: 'admin',
-        security: 'admin',
-        body: createKeySchema,
-        responses: { 201: { description: 'the new key', schema: createdKeySchema } },
-      },
-      {
-        method: 'get',
-        path: path('/{id}/keys'),
-        summary: "List an organization's API keys (display prefix only), revoked ones included",
-        tag: 'admin',
-        security: 'admin',
-        responses: { 200: { description: 'the keys', schema: z.object({ keys: z.array(apiKeySchema) }) } },
-      },
-      {
-        method: 'delete',
-        path: path('/{id}/keys/{keyId}'),
-        summary: 'Revoke an API key (idempotent); requests with it are then 401',
-        tag: 'admin',
-        security: 'admin',
-        responses: { 200: { description: 'the revoked key', schema: apiKeySchema } },
-      },
-      {
-        method: 'put',
-        path: path('/{id}/subscription'),
-        summary: "Link the organization's subscription to a Stripe customer and set its status",
-        tag: 'admin',
-        security: 'admin',
-        body: linkSubscriptionSchema,
-        responses: { 200: { description: 'the subscription', schema: subscriptionSchema } },
-      },
-    ],
-  };
+    },
+    async (c) => {
+      const id = idParam(c.req.param('id'), 'organization');
+      const organization = await getOrganization(ctx.db, id);
+      if (!organization) throw notFound('organization');
+      return c.json({ organization, subscription: await getSubscription(ctx.db, id) });
+    },
+  );
+
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/organizations/{id}/keys',
+      summary: 'Create another API key (shown only in this response)',
+      tag: 'admin',
+      security: 'admin',
+      body: createKeySchema,
+      responses: { 201: { description: 'the new key', schema: createdKeySchema } },
+    },
+    async (c) => {
+      const id = idParam(c.req.param('id'), 'organization');
+      // The body is optional here: an empty one means a key named "default".
+      const input = (await c.req.text()).trim() === '' ? {} : await parseBody(c, createKeySchema);
+      const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, id, input.name));
+      if (!key) throw notFound('organization');
+      return c.json(key, 201);
+    },
+  );
+
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/organizations/{id}/keys',
+      summary: "List an organization's API keys (display prefix only), revoked ones included",
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'the keys', schema: z.object({ keys: z.array(apiKeySchema) }) } },
+    },
+    async (c) => {
+      const id = idParam(c.req.param('id'), 'organization');
+      if (!(await getOrganization(ctx.db, id))) throw notFound('organization');
+      return c.json({ keys: await listApiKeys(ctx.db, id) });
+    },
+  );
+
+  routes.route(
+    {
+      method: 'delete',
+      path: '/admin/organizations/{id}/keys/{keyId}',
+      summary: 'Revoke an API key (idempotent); requests with it are then 401',
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'the revoked key', schema: apiKeySchema } },
+    },
+    async (c) => {
+      const id = idParam(c.req.param('id'), 'organization');
+      const keyId = idParam(c.req.param('keyId'), 'API key');
+      const key = await revokeApiKey(ctx.db, keyId, ctx.clock.now(), id);
+      if (!key) throw notFound('API key');
+      return c.json(key);
+    },
+  );
+
+  routes.route(
+    {
+      method: 'put',
+      path: '/admin/organizations/{id}/subscription',
+      summary: "Link the organization's subscription to a Stripe customer and set its status",
+      tag: 'admin',
+      security: 'admin',
+      body: linkSubscriptionSchema,
+      responses: { 200: { description: 'the subscription', schema: subscriptionSchema } },
+    },
+    async (c) => {
+      const id = idParam(c.req.param('id'), 'organization');
+      const input = await parseBody(c, linkSubscriptionSchema);
+      try {
+        const subscription = await linkSubscription(ctx.db, id, input, ctx.clock.now());
+        if (!subscription) throw notFound('organization');
+        return c.json(subscription);
+      } catch (err) {
+        if (err instanceof AlreadyLinkedError) throw new AppError(409, 'conflict', err.message);
+        throw err;
+      }
+    },
+  );
+
+  return routes;
 }

@@ -1,16 +1,14 @@
 // The admin JSON API under /admin: outbox inspection and retry, dead-letter redrive, meter error
-// reports, reconciliation. Admin token (bearer) or the dashboard's session cookie.
-import { Hono } from 'hono';
+// reports, reconciliation. Guarded as a whole by adminGuard (index.ts).
 import { z } from 'zod';
 import { listMeterErrorReports } from '../billing/meter-error-reports.js';
 import { listPoisonEvents } from '../billing/poison.js';
 import type { Context } from '../context-type.js';
 import { bigintId } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
-import type { RouteDoc } from '../http/openapi.js';
-import type { AppEnv, HttpModule } from '../http/types.js';
+import { documentedRoutes } from '../http/openapi.js';
+import type { HttpModule } from '../http/types.js';
 import { parseBody, parseQuery } from '../http/validate.js';
-import { requireAdmin } from './auth.js';
 import {
   deadLetterPreview,
   listOutbox,
@@ -88,150 +86,163 @@ const overview = z.object({
 
 type AdminDeps = Pick<Context, 'db' | 'boss' | 'stripe' | 'config' | 'clock' | 'log'>;
 
-const docs: RouteDoc[] = [
-  {
-    method: 'get',
-    path: '/admin/overview',
-    summary:
-      'Pipeline overview: unfinished rows by status, oldest pending, deliveries per minute (last hour)',
-    tag: 'admin',
-    security: 'admin',
-    responses: { 200: { description: 'overview', schema: overview } },
-  },
-  {
-    method: 'get',
-    path: '/admin/outbox',
-    summary: 'List outbox rows, newest first, filtered by status, organization, meter and created_at range',
-    tag: 'admin',
-    security: 'admin',
-    query: outboxListQuery,
-    responses: { 200: { description: 'one page', schema: outboxPage } },
-  },
-  {
-    method: 'post',
-    path: '/admin/outbox/retry',
-    summary: 'Put failed rows back to pending and queue their delivery (by ids, organization, meter, or all)',
-    tag: 'admin',
-    security: 'admin',
-    body: retrySelection,
-    responses: { 200: { description: 'rows retried', schema: retryResult } },
-  },
-  {
-    method: 'get',
-    path: '/admin/dead-letter',
-    summary: 'Preview the meter-delivery dead-letter queue (what a redrive would move)',
-    tag: 'admin',
-    security: 'admin',
-    responses: { 200: { description: 'preview', schema: deadLetterView } },
-  },
-  {
-    method: 'post',
-    path: '/admin/dead-letter/redrive',
-    summary: 'Move dead-lettered delivery jobs back and put their failed rows back to pending',
-    tag: 'admin',
-    security: 'admin',
-    body: redriveBody,
-    responses: { 200: { description: 'redriven', schema: redriveResult } },
-  },
-  {
-    method: 'get',
-    path: '/admin/meter-errors',
-    summary: "Stripe's meter error reports (events rejected after a 200), newest first",
-    tag: 'admin',
-    security: 'admin',
-    query: meterErrorsQuery,
-    responses: { 200: { description: 'one page', schema: meterErrorsPage } },
-  },
-  {
-    method: 'get',
-    path: '/admin/webhooks/poison',
-    summary:
-      'Webhook events that can never be applied (data Postgres refuses), recorded and acknowledged so ' +
-      'Stripe stops resending them; newest first',
-    tag: 'admin',
-    security: 'admin',
-    query: poisonQuery,
-    responses: { 200: { description: 'poison events', schema: poisonList } },
-  },
-  {
-    method: 'get',
-    path: '/admin/reconciliation',
-    summary:
-      "Per organization: readings stored vs usage delivered/pending/failed/expired and the drift; Stripe's own totals with stripe=true",
-    tag: 'admin',
-    security: 'admin',
-    query: reconcileQuery,
-    responses: { 200: { description: 'report', schema: reconciliationReport } },
-  },
-];
-
 export function adminRoutes(ctx: AdminDeps): HttpModule {
-  const app = new Hono<AppEnv>();
-  const auth = requireAdmin(ctx);
+  const routes = documentedRoutes('/admin');
 
-  app.get('/overview', auth, async (c) => {
-    const o = await pipelineOverview(ctx.db, ctx.boss, ctx.clock.now());
-    return c.json({
-      ...o,
-      oldestPendingAt: o.oldestPendingAt?.toISOString() ?? null,
-      deliveredPerMinute: o.deliveredPerMinute.map((b) => ({ ...b, minute: b.minute.toISOString() })),
-    });
-  });
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/overview',
+      summary:
+        'Pipeline overview: unfinished rows by status, oldest pending, deliveries per minute (last hour)',
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'overview', schema: overview } },
+    },
+    async (c) => {
+      const o = await pipelineOverview(ctx.db, ctx.boss, ctx.clock.now());
+      return c.json({
+        ...o,
+        oldestPendingAt: o.oldestPendingAt?.toISOString() ?? null,
+        deliveredPerMinute: o.deliveredPerMinute.map((b) => ({ ...b, minute: b.minute.toISOString() })),
+      });
+    },
+  );
 
-  app.get('/outbox', auth, async (c) => c.json(await listOutbox(ctx.db, parseQuery(c, outboxListQuery))));
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/outbox',
+      summary: 'List outbox rows, newest first, filtered by status, organization, meter and created_at range',
+      tag: 'admin',
+      security: 'admin',
+      query: outboxListQuery,
+      responses: { 200: { description: 'one page', schema: outboxPage } },
+    },
+    async (c) => c.json(await listOutbox(ctx.db, parseQuery(c, outboxListQuery))),
+  );
 
-  app.post('/outbox/retry', auth, async (c) => {
-    const selection = await parseBody(c, retrySelection);
-    const result = await retryFailed(ctx.db, ctx.boss, selection);
-    ctx.log.info({ ...result, selection }, 'admin: failed outbox rows retried');
-    return c.json(result);
-  });
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/outbox/retry',
+      summary:
+        'Put failed rows back to pending and queue their delivery (by ids, organization, meter, or all)',
+      tag: 'admin',
+      security: 'admin',
+      body: retrySelection,
+      responses: { 200: { description: 'rows retried', schema: retryResult } },
+    },
+    async (c) => {
+      const selection = await parseBody(c, retrySelection);
+      const result = await retryFailed(ctx.db, ctx.boss, selection);
+      ctx.log.info({ ...result, selection }, 'admin: failed outbox rows retried');
+      return c.json(result);
+    },
+  );
 
-  app.get('/dead-letter', auth, async (c) => c.json(await deadLetterPreview(ctx.boss)));
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/dead-letter',
+      summary: 'Preview the meter-delivery dead-letter queue (what a redrive would move)',
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'preview', schema: deadLetterView } },
+    },
+    async (c) => c.json(await deadLetterPreview(ctx.boss)),
+  );
 
-  app.post('/dead-letter/redrive', auth, async (c) => {
-    const { limit } = await parseBody(c, redriveBody);
-    const result = await redriveAndReopen(ctx.db, ctx.boss, limit);
-    ctx.log.info(result, 'admin: dead-letter queue redriven');
-    return c.json(result);
-  });
+  routes.route(
+    {
+      method: 'post',
+      path: '/admin/dead-letter/redrive',
+      summary: 'Move dead-lettered delivery jobs back and put their failed rows back to pending',
+      tag: 'admin',
+      security: 'admin',
+      body: redriveBody,
+      responses: { 200: { description: 'redriven', schema: redriveResult } },
+    },
+    async (c) => {
+      const { limit } = await parseBody(c, redriveBody);
+      const result = await redriveAndReopen(ctx.db, ctx.boss, limit);
+      ctx.log.info(result, 'admin: dead-letter queue redriven');
+      return c.json(result);
+    },
+  );
 
-  app.get('/meter-errors', auth, async (c) => {
-    const query = parseQuery(c, meterErrorsQuery);
-    const page = await listMeterErrorReports(ctx.db, query);
-    return c.json({
-      nextBefore: page.nextBefore,
-      reports: page.reports.map((r) => ({
-        ...r,
-        stripeCreated: r.stripeCreated.toISOString(),
-        validationStart: r.validationStart?.toISOString() ?? null,
-        validationEnd: r.validationEnd?.toISOString() ?? null,
-        receivedAt: r.receivedAt.toISOString(),
-      })),
-    });
-  });
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/meter-errors',
+      summary: "Stripe's meter error reports (events rejected after a 200), newest first",
+      tag: 'admin',
+      security: 'admin',
+      query: meterErrorsQuery,
+      responses: { 200: { description: 'one page', schema: meterErrorsPage } },
+    },
+    async (c) => {
+      const query = parseQuery(c, meterErrorsQuery);
+      const page = await listMeterErrorReports(ctx.db, query);
+      return c.json({
+        nextBefore: page.nextBefore,
+        reports: page.reports.map((r) => ({
+          ...r,
+          stripeCreated: r.stripeCreated.toISOString(),
+          validationStart: r.validationStart?.toISOString() ?? null,
+          validationEnd: r.validationEnd?.toISOString() ?? null,
+          receivedAt: r.receivedAt.toISOString(),
+        })),
+      });
+    },
+  );
 
-  app.get('/webhooks/poison', auth, async (c) => {
-    const { limit } = parseQuery(c, poisonQuery);
-    const events = await listPoisonEvents(ctx.db, limit);
-    return c.json({ events: events.map((e) => ({ ...e, receivedAt: e.receivedAt.toISOString() })) });
-  });
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/webhooks/poison',
+      summary:
+        'Webhook events that can never be applied (data Postgres refuses), recorded and acknowledged so ' +
+        'Stripe stops resending them; newest first',
+      tag: 'admin',
+      security: 'admin',
+      query: poisonQuery,
+      responses: { 200: { description: 'poison events', schema: poisonList } },
+    },
+    async (c) => {
+      const { limit } = parseQuery(c, poisonQuery);
+      const events = await listPoisonEvents(ctx.db, limit);
+      return c.json({ events: events.map((e) => ({ ...e, receivedAt: e.receivedAt.toISOString() })) });
+    },
+  );
 
-  app.get('/reconciliation', auth, async (c) => {
-    const query = parseQuery(c, reconcileQuery);
-    if (query.stripe && !ctx.stripe) {
-      throw new AppError(
-        503,
-        'not_configured',
-        'STRIPE_SECRET_KEY is not configured: Stripe totals unavailable',
-      );
-    }
-    const report = await reconcile(ctx, query, {
-      organizationId: query.organizationId,
-      withStripe: query.stripe,
-    });
-    return c.json(report);
-  });
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/reconciliation',
+      summary:
+        "Per organization: readings stored vs usage delivered/pending/failed/expired and the drift; Stripe's own totals with stripe=true",
+      tag: 'admin',
+      security: 'admin',
+      query: reconcileQuery,
+      responses: { 200: { description: 'report', schema: reconciliationReport } },
+    },
+    async (c) => {
+      const query = parseQuery(c, reconcileQuery);
+      if (query.stripe && !ctx.stripe) {
+        throw new AppError(
+          503,
+          'not_configured',
+          'STRIPE_SECRET_KEY is not configured: Stripe totals unavailable',
+        );
+      }
+      const report = await reconcile(ctx, query, {
+        organizationId: query.organizationId,
+        withStripe: query.stripe,
+      });
+      return c.json(report);
+    },
+  );
 
-  return { prefix: '/admin', app, docs };
+  return routes;
 }

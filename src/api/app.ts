@@ -1,11 +1,11 @@
 // The Hono app factory, composed above the features: middleware, one sub-app per resource (the admin
-// ones from src/admin/), error mapping, the OpenAPI document.
+// one from src/admin/), error mapping, the OpenAPI document (built from the descriptions each module
+// registers with its routes).
 import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
-import { adminModules } from '../admin/index.js';
-import { organizationAdminRoutes } from '../admin/organizations-routes.js';
+import { adminModule } from '../admin/index.js';
 import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from '../http/docs.js';
@@ -125,8 +125,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     readingsRoutes(ctx),
     sensorsRoutes(ctx),
     usageRoutes(ctx),
-    organizationAdminRoutes(ctx),
-    ...adminModules(ctx),
+    adminModule(ctx),
     docsRoutes(() => document),
     ...extraModules,
   ];
@@ -137,6 +136,5 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     modules.flatMap((m) => m.docs),
     API_VERSION,
   );
-  app.get('/openapi.json', (c) => c.json(document));
   return app;
 }

@@ -1,11 +1,11 @@
 // Liveness, readiness and the API documents.
 
-import { Hono } from 'hono';
 import pg from 'pg';
 import { z } from 'zod';
 import type { Context } from '../context-type.js';
 import { migrationStatus } from '../db/migrate.js';
-import type { AppEnv, HttpModule } from '../http/types.js';
+import { documentedRoutes } from '../http/openapi.js';
+import type { HttpModule } from '../http/types.js';
 
 const READINESS_TIMEOUT_MS = 2_000;
 
@@ -65,62 +65,61 @@ async function probe(ctx: Pick<Context, 'config' | 'migrations' | 'pool'>): Prom
 }
 
 export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>): HttpModule {
-  const app = new Hono<AppEnv>();
-  app.get('/healthz', (c) => c.json({ status: 'ok' }));
-  app.get('/readyz', async (c) => {
-    let result: Probe;
-    try {
-      result = await withTimeout(probe(ctx), READINESS_TIMEOUT_MS + 500);
-    } catch (err) {
-      ctx.log.warn({ err }, 'readiness check: database unreachable');
-      result = { database: 'down' };
-    }
-    if (result.database === 'down') {
-      return c.json(
-        {
-          status: 'not_ready',
-          database: 'down',
-          pool: 'ok',
-          migrations: { current: false, pending: [] },
-        } as const,
-        503,
-      );
-    }
-    // Postgres full: the migrations cannot be read now; this process's pool still works.
-    const migrations = result.status ?? { current: true, pending: [] };
-    const body = {
-      status: migrations.current ? 'ready' : 'not_ready',
-      database: 'up',
-      pool: result.busy ? 'busy' : 'ok',
-      migrations: { current: migrations.current, pending: migrations.pending },
-    } as const;
-    return c.json(body, migrations.current ? 200 : 503);
-  });
-  return {
-    prefix: '/',
-    app,
-    docs: [
-      {
-        method: 'get',
-        path: '/healthz',
-        summary: 'Liveness: the process is up',
-        tag: 'operations',
-        security: 'none',
-        responses: { 200: { description: 'alive', schema: z.object({ status: z.literal('ok') }) } },
+  const routes = documentedRoutes('/');
+  routes.route(
+    {
+      method: 'get',
+      path: '/healthz',
+      summary: 'Liveness: the process is up',
+      tag: 'operations',
+      security: 'none',
+      responses: { 200: { description: 'alive', schema: z.object({ status: z.literal('ok') }) } },
+    },
+    (c) => c.json({ status: 'ok' }),
+  );
+  routes.route(
+    {
+      method: 'get',
+      path: '/readyz',
+      summary:
+        'Readiness, on its own connection: database reachable and migrations current (503 otherwise); ' +
+        '`pool: busy` when every pooled connection is in use (still ready: busy is not down)',
+      tag: 'operations',
+      security: 'none',
+      responses: {
+        200: { description: 'ready', schema: readiness },
+        503: { description: 'not ready', schema: readiness },
       },
-      {
-        method: 'get',
-        path: '/readyz',
-        summary:
-          'Readiness, on its own connection: database reachable and migrations current (503 otherwise); ' +
-          '`pool: busy` when every pooled connection is in use (still ready: busy is not down)',
-        tag: 'operations',
-        security: 'none',
-        responses: {
-          200: { description: 'ready', schema: readiness },
-          503: { description: 'not ready', schema: readiness },
-        },
-      },
-    ],
-  };
+    },
+    async (c) => {
+      let result: Probe;
+      try {
+        result = await withTimeout(probe(ctx), READINESS_TIMEOUT_MS + 500);
+      } catch (err) {
+        ctx.log.warn({ err }, 'readiness check: database unreachable');
+        result = { database: 'down' };
+      }
+      if (result.database === 'down') {
+        return c.json(
+          {
+            status: 'not_ready',
+            database: 'down',
+            pool: 'ok',
+            migrations: { current: false, pending: [] },
+          } as const,
+          503,
+        );
+      }
+      // Postgres full: the migrations cannot be read now; this process's pool still works.
+      const migrations = result.status ?? { current: true, pending: [] };
+      const body = {
+        status: migrations.current ? 'ready' : 'not_ready',
+        database: 'up',
+        pool: result.busy ? 'busy' : 'ok',
+        migrations: { current: migrations.current, pending: migrations.pending },
+      } as const;
+      return c.json(body, migrations.current ? 200 : 503);
+    },
+  );
+  return routes;
 }

@@ -1,9 +1,9 @@
 // GET /metrics (Prometheus text) and the middleware timing every request by its route pattern.
 import type { MiddlewareHandler } from 'hono';
-import { Hono } from 'hono';
 import { matchedRoutes } from 'hono/route';
 import { z } from 'zod';
 import type { Context } from '../context-type.js';
+import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { callsPerSecond } from '../metering/budget.js';
 import { readPipelineSnapshot } from '../metering/pipeline-snapshot.js';
@@ -90,23 +90,20 @@ export async function renderMetrics(
 }
 
 export function metricsRoutes(ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>): HttpModule {
-  const app = new Hono<AppEnv>();
-  app.get('/metrics', async (c) => {
-    const body = await renderMetrics(ctx);
-    return c.body(body, 200, { 'Content-Type': ctx.metrics.registry.contentType });
-  });
-  return {
-    prefix: '/',
-    app,
-    docs: [
-      {
-        method: 'get',
-        path: '/metrics',
-        summary: 'Prometheus metrics of this process; pipeline gauges are read from Postgres at scrape',
-        tag: 'operations',
-        security: 'none',
-        responses: { 200: { description: 'Prometheus text exposition format', contentType: 'text/plain' } },
-      },
-    ],
-  };
+  const routes = documentedRoutes('/');
+  routes.route(
+    {
+      method: 'get',
+      path: '/metrics',
+      summary: 'Prometheus metrics of this process; pipeline gauges are read from Postgres at scrape',
+      tag: 'operations',
+      security: 'none',
+      responses: { 200: { description: 'Prometheus text exposition format', contentType: 'text/plain' } },
+    },
+    async (c) => {
+      const body = await renderMetrics(ctx);
+      return c.body(body, 200, { 'Content-Type': ctx.metrics.registry.contentType });
+    },
+  );
+  return routes;
 }

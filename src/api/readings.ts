@@ -1,11 +1,11 @@
 // POST /v1/readings: validate the whole batch, then store it and its meter outbox row (and the
 // Idempotency-Key answer, when one is sent) in one transaction.
 import type { Context as HonoContext } from 'hono';
-import { Hono } from 'hono';
 import type { z } from 'zod';
 import type { Context } from '../context-type.js';
 import { apiKeyAuth } from '../http/auth.js';
 import { AppError, type ErrorDetail } from '../http/errors.js';
+import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { readJson } from '../http/validate.js';
 import { GroupCommitter } from '../ingest/group-commit.js';
@@ -84,81 +84,78 @@ export function readingsRoutes(ctx: Context): HttpModule {
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
         })
       : undefined;
-  const app = new Hono<AppEnv>();
-  app.use('*', apiKeyAuth(ctx));
+  const routes = documentedRoutes(PATH);
+  routes.app.use('*', apiKeyAuth(ctx));
 
-  app.post('/', async (c) => {
-    const organizationId = c.get('organizationId');
-    const key = c.req.header('idempotency-key');
-    if (key !== undefined && !isValidIdempotencyKey(key)) {
-      throw new AppError(400, 'bad_request', 'Idempotency-Key must be 1 to 255 printable ASCII characters');
-    }
-    const body = await readJson(c);
-    const now = ctx.clock.now();
-    const notBefore = new Date(now.getTime() - retentionMs);
-    // Hono caches the body text readJson read, so hashing it costs no second read.
-    const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
-    if (key !== undefined && hash !== undefined) {
-      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-      if (stored) return replay(c, stored, hash);
-    }
-
-    const parsed = schema.safeParse(body);
-    if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
-    const { readings } = parsed.data;
-    if (groups && key === undefined) {
-      const outcome = await groups.submit({ organizationId, readings });
-      if (!outcome.stored) throw invalidBatch(outcome.problems);
-      ctx.metrics.readingsIngested.inc(outcome.result.inserted);
-      return c.json(outcome.result, 201);
-    }
-    try {
-      const result = await ctx.db.transaction().execute(async (trx) => {
-        const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now);
-        if (!outcome.stored) throw invalidBatch(outcome.problems);
-        const stored = outcome.result;
-        if (key !== undefined && hash !== undefined) {
-          const saved = await storeResponse(
-            trx,
-            organizationId,
-            key,
-            { requestHash: hash, status: 201, body: stored },
-            now,
-            notBefore,
-          );
-          if (!saved) throw new IdempotencyKeyTaken();
-        }
-        return stored;
-      });
-      // Counted here, after the commit, from the result object (a replay stores nothing).
-      ctx.metrics.readingsIngested.inc(result.inserted);
-      return c.json(result, 201);
-    } catch (err) {
-      if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
-      // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
-      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-      if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
-      return replay(c, stored, hash);
-    }
-  });
-
-  return {
-    prefix: PATH,
-    app,
-    docs: [
-      {
-        method: 'post',
-        path: PATH,
-        summary:
-          'Store a batch of readings (all or nothing) and bill the readings actually stored. Optional ' +
-          'Idempotency-Key header: the same key and body replay the first answer; another body is 409.',
-        tag: 'ingestion',
-        security: 'apiKey',
-        body: schema,
-        responses: {
-          201: { description: 'stored; duplicates were already stored', schema: readingsResponseSchema },
-        },
+  routes.route(
+    {
+      method: 'post',
+      path: PATH,
+      summary:
+        'Store a batch of readings (all or nothing) and bill the readings actually stored. Optional ' +
+        'Idempotency-Key header: the same key and body replay the first answer; another body is 409.',
+      tag: 'ingestion',
+      security: 'apiKey',
+      body: schema,
+      responses: {
+        201: { description: 'stored; duplicates were already stored', schema: readingsResponseSchema },
       },
-    ],
-  };
+    },
+    async (c) => {
+      const organizationId = c.get('organizationId');
+      const key = c.req.header('idempotency-key');
+      if (key !== undefined && !isValidIdempotencyKey(key)) {
+        throw new AppError(400, 'bad_request', 'Idempotency-Key must be 1 to 255 printable ASCII characters');
+      }
+      const body = await readJson(c);
+      const now = ctx.clock.now();
+      const notBefore = new Date(now.getTime() - retentionMs);
+      // Hono caches the body text readJson read, so hashing it costs no second read.
+      const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
+      if (key !== undefined && hash !== undefined) {
+        const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+        if (stored) return replay(c, stored, hash);
+      }
+
+      const parsed = schema.safeParse(body);
+      if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
+      const { readings } = parsed.data;
+      if (groups && key === undefined) {
+        const outcome = await groups.submit({ organizationId, readings });
+        if (!outcome.stored) throw invalidBatch(outcome.problems);
+        ctx.metrics.readingsIngested.inc(outcome.result.inserted);
+        return c.json(outcome.result, 201);
+      }
+      try {
+        const result = await ctx.db.transaction().execute(async (trx) => {
+          const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now);
+          if (!outcome.stored) throw invalidBatch(outcome.problems);
+          const stored = outcome.result;
+          if (key !== undefined && hash !== undefined) {
+            const saved = await storeResponse(
+              trx,
+              organizationId,
+              key,
+              { requestHash: hash, status: 201, body: stored },
+              now,
+              notBefore,
+            );
+            if (!saved) throw new IdempotencyKeyTaken();
+          }
+          return stored;
+        });
+        // Counted here, after the commit, from the result object (a replay stores nothing).
+        ctx.metrics.readingsIngested.inc(result.inserted);
+        return c.json(result, 201);
+      } catch (err) {
+        if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
+        // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
+        const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+        if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
+        return replay(c, stored, hash);
+      }
+    },
+  );
+
+  return routes;
 }

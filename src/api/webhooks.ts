@@ -1,6 +1,5 @@
 // POST /webhooks/stripe: verifies Stripe's signature on the raw body, then records and applies the
 // event in one transaction. 2xx only once the effect is committed; 5xx makes Stripe retry.
-import { Hono } from 'hono';
 import { z } from 'zod';
 import type { EventHandlers } from '../billing/handlers.js';
 import { isPoison, recordPoison } from '../billing/poison.js';
@@ -10,7 +9,8 @@ import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js'
 import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { AppError } from '../http/errors.js';
-import type { AppEnv, HttpModule } from '../http/types.js';
+import { documentedRoutes } from '../http/openapi.js';
+import type { HttpModule } from '../http/types.js';
 
 const received = z.object({
   received: z.literal(true),
@@ -30,75 +30,76 @@ export function webhookRoutes(
   options: WebhookRouteOptions = {},
 ): HttpModule {
   const log = ctx.log.child({ component: 'webhooks' });
-  const app = new Hono<AppEnv>();
+  const routes = documentedRoutes('/webhooks');
 
-  app.post('/stripe', async (c) => {
-    const secret = ctx.config.STRIPE_WEBHOOK_SECRET;
-    if (!secret) {
-      throw new AppError(503, 'not_configured', 'Stripe webhooks are not configured (STRIPE_WEBHOOK_SECRET)');
-    }
-    // The signature covers the exact bytes Stripe sent: read them once, verify, only then parse.
-    const rawBody = await c.req.text();
-    let event: ReturnType<typeof verifyStripeWebhook>;
-    try {
-      event = verifyStripeWebhook(
-        rawBody,
-        c.req.header('stripe-signature'),
-        secret,
-        ctx.clock.now().getTime(),
-      );
-    } catch (err) {
-      if (err instanceof WebhookRejectedError) {
-        log.info({ reason: err.reason }, 'webhook rejected');
-        throw new AppError(400, 'bad_request', err.message);
-      }
-      throw err;
-    }
-    try {
-      // A thin event's data comes from Stripe, fetched before the event's transaction opens.
-      event = await completeThinEvent(ctx.stripe, event);
-      const result = await processStripeEvent(ctx.db, event, {
-        log,
-        clock: ctx.clock,
-        ...(options.handlers ? { handlers: options.handlers } : {}),
-      });
-      return c.json({ received: true, duplicate: result.duplicate } as const, 200);
-    } catch (err) {
-      if (isPoison(err)) {
-        // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
-        await recordPoison(ctx.db, event, err);
-        log.error(
-          { eventId: event.id, type: event.type, sqlState: sqlState(err) },
-          'webhook event can never be applied; recorded as poison and acknowledged',
+  routes.route(
+    {
+      method: 'post',
+      path: '/webhooks/stripe',
+      summary:
+        'Stripe webhook receiver. The Stripe-Signature header is verified on the raw body (300 s ' +
+        'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
+        'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
+        '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
+        '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
+        'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
+        'Events meterbox does not act on, and checkouts naming no known ' +
+        'organization, are recorded and acknowledged with 200.',
+      tag: 'billing',
+      security: 'stripeSignature',
+      responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
+    },
+    async (c) => {
+      const secret = ctx.config.STRIPE_WEBHOOK_SECRET;
+      if (!secret) {
+        throw new AppError(
+          503,
+          'not_configured',
+          'Stripe webhooks are not configured (STRIPE_WEBHOOK_SECRET)',
         );
-        return c.json({ received: true, duplicate: false, poison: true } as const, 200);
       }
-      log.error({ err, eventId: event.id, type: event.type }, 'webhook event failed; rolled back');
-      if (isDatabaseUnavailable(err)) throw err;
-      throw new AppError(500, 'internal', 'the event could not be processed; Stripe will retry it');
-    }
-  });
+      // The signature covers the exact bytes Stripe sent: read them once, verify, only then parse.
+      const rawBody = await c.req.text();
+      let event: ReturnType<typeof verifyStripeWebhook>;
+      try {
+        event = verifyStripeWebhook(
+          rawBody,
+          c.req.header('stripe-signature'),
+          secret,
+          ctx.clock.now().getTime(),
+        );
+      } catch (err) {
+        if (err instanceof WebhookRejectedError) {
+          log.info({ reason: err.reason }, 'webhook rejected');
+          throw new AppError(400, 'bad_request', err.message);
+        }
+        throw err;
+      }
+      try {
+        // A thin event's data comes from Stripe, fetched before the event's transaction opens.
+        event = await completeThinEvent(ctx.stripe, event);
+        const result = await processStripeEvent(ctx.db, event, {
+          log,
+          clock: ctx.clock,
+          ...(options.handlers ? { handlers: options.handlers } : {}),
+        });
+        return c.json({ received: true, duplicate: result.duplicate } as const, 200);
+      } catch (err) {
+        if (isPoison(err)) {
+          // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
+          await recordPoison(ctx.db, event, err);
+          log.error(
+            { eventId: event.id, type: event.type, sqlState: sqlState(err) },
+            'webhook event can never be applied; recorded as poison and acknowledged',
+          );
+          return c.json({ received: true, duplicate: false, poison: true } as const, 200);
+        }
+        log.error({ err, eventId: event.id, type: event.type }, 'webhook event failed; rolled back');
+        if (isDatabaseUnavailable(err)) throw err;
+        throw new AppError(500, 'internal', 'the event could not be processed; Stripe will retry it');
+      }
+    },
+  );
 
-  return {
-    prefix: '/webhooks',
-    app,
-    docs: [
-      {
-        method: 'post',
-        path: '/webhooks/stripe',
-        summary:
-          'Stripe webhook receiver. The Stripe-Signature header is verified on the raw body (300 s ' +
-          'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
-          'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
-          '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
-          '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
-          'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
-          'Events meterbox does not act on, and checkouts naming no known ' +
-          'organization, are recorded and acknowledged with 200.',
-        tag: 'billing',
-        security: 'stripeSignature',
-        responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
-      },
-    ],
-  };
+  return routes;
 }

@@ -1,10 +1,9 @@
 // GET /docs: the OpenAPI document rendered as one self-contained HTML page (no CDN, no script), so
 // it works on machines without internet access.
-import { Hono } from 'hono';
 import { html, raw } from 'hono/html';
 import type { HtmlEscapedString } from 'hono/utils/html';
-import type { RouteDoc } from './openapi.js';
-import type { AppEnv, HttpModule } from './types.js';
+import { documentedRoutes } from './openapi.js';
+import type { HttpModule } from './types.js';
 
 type Html = HtmlEscapedString | Promise<HtmlEscapedString>;
 
@@ -86,9 +85,8 @@ ${[...byTag.entries()].map(([tag, ops]) => html`<h2>${tag}</h2>${ops}`)}
 
 /** `getDocument` is read per request: the document is built after every module is registered. */
 export function docsRoutes(getDocument: () => Record<string, unknown>): HttpModule {
-  const app = new Hono<AppEnv>();
-  app.get('/docs', (c) => c.html(renderDocsPage(getDocument())));
-  const docs: RouteDoc[] = [
+  const routes = documentedRoutes('/');
+  routes.route(
     {
       method: 'get',
       path: '/openapi.json',
@@ -97,6 +95,9 @@ export function docsRoutes(getDocument: () => Record<string, unknown>): HttpModu
       security: 'none',
       responses: { 200: { description: 'OpenAPI 3.0 document' } },
     },
+    (c) => c.json(getDocument()),
+  );
+  routes.route(
     {
       method: 'get',
       path: '/docs',
@@ -105,6 +106,7 @@ export function docsRoutes(getDocument: () => Record<string, unknown>): HttpModu
       security: 'none',
       responses: { 200: { description: 'HTML page', contentType: 'text/html' } },
     },
-  ];
-  return { prefix: '/', app, docs };
+    (c) => c.html(renderDocsPage(getDocument())),
+  );
+  return routes;
 }

@@ -1,6 +1,9 @@
-// The OpenAPI document is generated from the same zod schemas that validate requests: every route
-// module exports RouteDoc entries next to its handlers.
+// The OpenAPI document is generated from the same zod schemas that validate requests: each route is
+// registered together with its description (documentedRoutes), so its path is written once.
+import type { Context as HonoContext } from 'hono';
+import { Hono } from 'hono';
 import { z } from 'zod';
+import type { AppEnv, HttpModule } from './types.js';
 
 export type Security = 'apiKey' | 'admin' | 'stripeSignature' | 'none';
 
@@ -103,5 +106,39 @@ export function buildOpenApi(routes: readonly RouteDoc[], version: string): Reco
     },
     components: { securitySchemes: SECURITY_SCHEMES },
     paths,
+  };
+}
+
+export type RouteHandler = (c: HonoContext<AppEnv>) => Response | Promise<Response>;
+
+export interface DocumentedRoutes extends HttpModule {
+  /** Registers the handler at doc.path (OpenAPI syntax, full path) and records doc for the document. */
+  route(doc: RouteDoc, handler: RouteHandler): void;
+}
+
+/** Hono's path for an OpenAPI path under `prefix`: `/v1/sensors/{id}` under `/v1/sensors` is `/:id`. */
+export function honoPath(prefix: string, path: string): string {
+  const base = prefix === '/' ? '' : prefix;
+  if (path !== base && !path.startsWith(`${base}/`)) {
+    throw new Error(`route ${path} is outside its module's prefix ${prefix}`);
+  }
+  return path.slice(base.length).replace(/\{(\w+)\}/g, ':$1') || '/';
+}
+
+/**
+ * A module's sub-app whose routes carry their OpenAPI description: the one place a path is written.
+ * Middleware for the whole module goes on `app` with app.use, as before.
+ */
+export function documentedRoutes(prefix: string): DocumentedRoutes {
+  const app = new Hono<AppEnv>();
+  const docs: RouteDoc[] = [];
+  return {
+    prefix,
+    app,
+    docs,
+    route(doc, handler) {
+      app.on(doc.method.toUpperCase(), honoPath(prefix, doc.path), handler);
+      docs.push(doc);
+    },
   };
 }

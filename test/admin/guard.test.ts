@@ -1,0 +1,81 @@
+// Every route registered under /admin sits behind the one admin guard: walked from the app's own
+// route table, so a route added later without protection fails here.
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
+import { createTestContext } from '../helpers/database.js';
+
+const TOKEN = 'guard-admin-token-0123456789abcdef';
+const OPEN = new Set(['POST /admin/login', 'POST /admin/logout']);
+const ID = '00000000-0000-4000-8000-000000000000';
+
+type App = ReturnType<typeof createApp>;
+let guarded: App;
+let off: App;
+
+function adminRoutes(app: App): { method: string; path: string }[] {
+  const seen = new Map<string, { method: string; path: string }>();
+  for (const r of app.routes) {
+    // Middleware is registered as ALL; the handlers are what a request can reach.
+    if (r.method === 'ALL' || !(r.path === '/admin' || r.path.startsWith('/admin/'))) continue;
+    const path = r.path.replace(/:\w+/g, ID);
+    seen.set(`${r.method} ${path}`, { method: r.method, path });
+  }
+  return [...seen.values()];
+}
+
+function send(app: App, route: { method: string; path: string }, headers: Record<string, string> = {}) {
+  const body = route.method === 'GET' || route.method === 'HEAD' ? undefined : '{}';
+  return app.request(route.path, {
+    method: route.method,
+    headers: { 'content-type': 'application/json', ...headers },
+    body,
+  });
+}
+
+beforeAll(async () => {
+  guarded = createApp(await createTestContext({ ADMIN_TOKEN: TOKEN }));
+  off = createApp(await createTestContext({ ADMIN_TOKEN: undefined }));
+});
+
+describe('the admin guard', () => {
+  it('finds the whole admin surface in the route table', () => {
+    const keys = adminRoutes(guarded).map((r) => `${r.method} ${r.path}`);
+    expect(keys).toEqual(
+      expect.arrayContaining([
+        'GET /admin',
+        'GET /admin/outbox',
+        'POST /admin/organizations',
+        `GET /admin/organizations/${ID}/usage-corrections`,
+        'POST /admin/ui/corrections/preview',
+        ...OPEN,
+      ]),
+    );
+  });
+
+  it('refuses every admin route to an unauthenticated request', async () => {
+    for (const route of adminRoutes(guarded)) {
+      const key = `${route.method} ${route.path}`;
+      if (OPEN.has(key)) continue;
+      const res = await send(guarded, route);
+      // 401 (JSON, or the sign-in page) or, for the correction pages, back to the dashboard.
+      const refused = res.status === 401 || (res.status === 303 && res.headers.get('location') === '/admin');
+      expect(refused, `${key} answered ${res.status}`).toBe(true);
+    }
+  });
+
+  it('refuses every admin route to a wrong bearer token', async () => {
+    for (const route of adminRoutes(guarded)) {
+      const key = `${route.method} ${route.path}`;
+      if (OPEN.has(key)) continue;
+      const res = await send(guarded, route, { authorization: 'Bearer not-the-admin-token-at-all' });
+      expect(res.status, key).toBe(401);
+    }
+  });
+
+  it('answers 404 on every admin route, sign-in included, while ADMIN_TOKEN is unset', async () => {
+    for (const route of adminRoutes(off)) {
+      const res = await send(off, route, { authorization: `Bearer ${TOKEN}` });
+      expect(res.status, `${route.method} ${route.path}`).toBe(404);
+    }
+  });
+});
