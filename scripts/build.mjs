@@ -8,7 +8,7 @@ import { parseArgs } from 'node:util';
 import { bundle } from './bundle.mjs';
 
 /** Entry points that exist for development only: never shipped in the production image. */
-export const DEV_ENTRIES = ['dev', 'stripe-emulator'];
+export const DEV_ENTRIES = ['dev'];
 
 const { values } = parseArgs({
   options: { production: { type: 'boolean', default: false }, outdir: { type: 'string', default: 'dist' } },

@@ -1,8 +1,8 @@
+import { buildEvent, signPayload } from '@meterbox/stripe-emulator';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createApp } from '../../src/http/app.js';
 import { createMetrics, readPipelineSnapshot, stripeOperation } from '../../src/observability/metrics.js';
-import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';
 

@@ -1,10 +1,11 @@
 // The stranded-row sweep: a purged or lost delivery job only delays billing.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { startWorker, type WorkerRuntime } from '../../src/metering/worker.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';

@@ -1,5 +1,6 @@
 // Public API of the Stripe emulator: start one in-process, inspect it, inject faults, and build,
 // sign and send Stripe-shaped webhook events.
+
 export { StripeApiError, type StripeErrorBody } from './errors.js';
 export {
   FAULT_KINDS,
@@ -9,6 +10,7 @@ export {
   faultsSchema,
   type ScriptStep,
 } from './faults.js';
+export { createPrng, type Prng } from './prng.js';
 export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
 export {
   type CreateCustomerInput,
