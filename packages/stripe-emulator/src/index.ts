@@ -10,8 +10,6 @@ export {
   faultsSchema,
   type ScriptStep,
 } from './faults.js';
-export { createPrng, type Prng } from './prng.js';
-export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
 export {
   type CreateCustomerInput,
   DEFAULT_PORT,
@@ -22,10 +20,11 @@ export {
   SANDBOX_RATE_PER_SECOND,
   SESSION_TTL_MS,
   STREAM_RATE_PER_SECOND,
-  type StripeEmulator,
   type StripeEmulatorOptions,
-  startStripeEmulator,
-} from './server.js';
+} from './options.js';
+export { createPrng, type Prng } from './prng.js';
+export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
+export { type StripeEmulator, startStripeEmulator } from './server.js';
 export {
   type AsyncError,
   type ConcurrencyPeak,
