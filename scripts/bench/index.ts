@@ -7,8 +7,8 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
-import { startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { renderChart } from './chart.js';
 import {
   buildEntries,

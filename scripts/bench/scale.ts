@@ -10,8 +10,8 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import {
   buildEntries,
   createOrgs,

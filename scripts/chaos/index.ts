@@ -5,18 +5,18 @@
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { loadConfig } from '../../src/config.js';
-import { createContext } from '../../src/context.js';
-import { createLogger } from '../../src/log.js';
-import { sendJob } from '../../src/metering/queues.js';
 import {
   buildEvent,
+  createPrng,
   type StripeEmulator,
   signPayload,
   startStripeEmulator,
   subscription,
-} from '../../src/stripe-emulator/index.js';
-import { createPrng } from '../../src/stripe-emulator/prng.js';
+} from '@meterbox/stripe-emulator';
+import { loadConfig } from '../../src/config.js';
+import { createContext } from '../../src/context.js';
+import { createLogger } from '../../src/log.js';
+import { sendJob } from '../../src/metering/queues.js';
 import {
   type Cluster,
   createOrgs,

@@ -5,6 +5,14 @@ import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import {
+  DEFAULT_METERS,
+  DEFAULT_PORT,
+  DEMO_CUSTOMER_ID,
+  DEV_WEBHOOK_SECRET,
+  type StripeEmulator,
+  startStripeEmulator,
+} from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { ensureDemoOrganization } from '../admin/demo.js';
 import { createApp } from '../api/app.js';
@@ -14,14 +22,6 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js'
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
 import { migrate } from '../migrations.js';
-import {
-  DEFAULT_METERS,
-  DEFAULT_PORT,
-  DEMO_CUSTOMER_ID,
-  DEV_WEBHOOK_SECRET,
-  type StripeEmulator,
-  startStripeEmulator,
-} from '../stripe-emulator/index.js';
 import { startWorker } from '../worker/start.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 

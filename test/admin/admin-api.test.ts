@@ -1,10 +1,10 @@
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { DeadLetterPreview, OutboxPage } from '../../src/admin/outbox.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,

@@ -2,6 +2,7 @@
 // ingest, deliver, correct, and Stripe's total falls by exactly the voided billed readings; the
 // cancel/compensate choice, repeat, race, crash, finalized period and bad input.
 
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
@@ -14,7 +15,6 @@ import type { Context } from '../../src/context.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createV1Transport } from '../../src/metering/transport.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,

@@ -1,8 +1,6 @@
 // What each Stripe event does to meterbox's state, and that it does so whatever order Stripe
 // delivers the events in. Events are built with the Stripe emulator's builders and signed with the SDK.
-import { describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
-import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
+
 import {
   buildEvent,
   checkoutSession,
@@ -11,7 +9,10 @@ import {
   meterErrorReportNotification,
   type SubscriptionStatus,
   subscription,
-} from '../../src/stripe-emulator/webhooks.js';
+} from '@meterbox/stripe-emulator';
+import { describe, expect, it } from 'vitest';
+import { createApp } from '../../src/api/app.js';
+import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
 import { createTestContext } from '../helpers/database.js';
 import {
   countRows,

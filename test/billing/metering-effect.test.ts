@@ -1,6 +1,8 @@
 // A billable-status change from a webhook takes effect for metering: once invoice.payment_failed
 // makes an organization past_due, its readings and its active-sensor reports write no outbox rows,
 // and invoice.paid resumes both.
+
+import { buildEvent, checkoutSession, invoice, subscription } from '@meterbox/stripe-emulator';
 import { describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { generateApiKey } from '../../src/credentials/api-keys.js';
@@ -8,7 +10,6 @@ import {
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,
 } from '../../src/metering/active-sensors.js';
-import { buildEvent, checkoutSession, invoice, subscription } from '../../src/stripe-emulator/webhooks.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization, deliver, uniqueId, WEBHOOK_SECRET } from './webhook-fixtures.js';
 

@@ -5,11 +5,11 @@ import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { type Browser, chromium, type Locator, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import {
   authHeaders,

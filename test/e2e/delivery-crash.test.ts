@@ -1,11 +1,12 @@
 // Real worker processes SIGKILLed at random moments while readings keep arriving and the emulator
 // injects "accepted, then 500", 500s, 429s and resets. After recovery Stripe's accepted total per
 // customer equals the outbox, and no identifier was accepted twice or with another value.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { ensureQueues } from '../../src/metering/queues.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
 import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';

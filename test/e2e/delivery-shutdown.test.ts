@@ -1,8 +1,9 @@
 // A real worker process (src/bin/worker.ts) delivering to the emulator: SIGTERM while Stripe calls
 // are in flight lets them finish and record their answers, then exits 0.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';
 import { startEntryPoint } from '../helpers/processes.js';

@@ -1,9 +1,9 @@
+import { buildEvent, signPayload } from '@meterbox/stripe-emulator';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import { createMetrics, stripeOperation } from '../../src/observability/metrics.js';
-import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../helpers/database.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';
 

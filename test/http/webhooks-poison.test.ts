@@ -1,12 +1,13 @@
 // Webhook events that can never be applied (signed, but with data Postgres refuses) are recorded as
 // poison and acknowledged, so Stripe stops resending them; a transient failure still answers 5xx.
+
+import { buildEvent, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { webhookRoutes } from '../../src/api/webhooks.js';
 import type { EventHandler } from '../../src/billing/handlers.js';
 import { defaultHandlers } from '../../src/billing/handlers.js';
-import { buildEvent, subscription } from '../../src/stripe-emulator/webhooks.js';
 import { countRows, deliver, uniqueId, WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';
 import { createTestContext } from '../helpers/database.js';
 

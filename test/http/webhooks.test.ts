@@ -1,6 +1,7 @@
 // POST /webhooks/stripe: signature verification, exactly-once application (sequential and 50
 // concurrent duplicates), rollback on handler failure, logging, OpenAPI entry.
 import { Writable } from 'node:stream';
+import { buildEvent, sendWebhook, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { pino } from 'pino';
 import { beforeEach, describe, expect, it, onTestFinished } from 'vitest';
@@ -8,7 +9,6 @@ import { createApp } from '../../src/api/app.js';
 import { webhookRoutes } from '../../src/api/webhooks.js';
 import { defaultHandlers, type EventHandler } from '../../src/billing/handlers.js';
 import { startHttpServer } from '../../src/http/server.js';
-import { buildEvent, sendWebhook, subscription } from '../../src/stripe-emulator/webhooks.js';
 import {
   countRows,
   createOrganization,

@@ -1,11 +1,12 @@
 // The hourly and on-change active-sensor reports travel the ordinary delivery path to Stripe (the
 // emulator, through the real SDK): one event per organization and hour, 0 when all sensors are off.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { reportActiveSensorsWithTimestamp, utcHourOf } from '../../src/metering/active-sensors.js';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext } from '../helpers/database.js';
 import { waitFor } from '../helpers/wait.js';

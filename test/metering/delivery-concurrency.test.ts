@@ -1,10 +1,11 @@
 // Two worker instances (two pg-boss instances, as two processes would be) on one database: at most
 // one Stripe call in flight per customer and meter, many customers in parallel, billing exact.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createStripeClient } from '../../src/context.js';
 import { createStripeMeterClient, type StripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';

@@ -1,10 +1,11 @@
 // Shared by the delivery, sweep and e2e tests: outbox rows written the way ingestion writes them,
 // condition waits with a deadline, and the billing comparison against the emulator.
+
+import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
-import type { StripeEmulator } from '../../src/stripe-emulator/index.js';
 
 export interface RowSpec {
   value: number;

@@ -1,11 +1,12 @@
 // Delivery pacing and the commit → job hand-off: at most one Stripe call per customer and meter per
 // DELIVERY_MIN_INTERVAL_MS across worker instances, rows committed meanwhile coalesce into the next
 // call, and a commit whose job send is dropped for an already queued job is never left behind.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { enqueueDelivery } from '../../src/metering/outbox.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';

@@ -2,6 +2,8 @@
 // processes would be) on one database: many calls in flight on the default pool of 10 connections,
 // at most one per customer+meter, one shared call budget, a 429 storm that slows everyone and loses
 // nothing, and one slow customer that delays nobody else.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -9,7 +11,6 @@ import { createStripeClient } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';

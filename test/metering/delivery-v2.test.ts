@@ -2,12 +2,13 @@
 // meter event stream calls of up to 100, one budget slot per call; an event Stripe rejects after
 // accepting the call comes back as a signed error report webhook, whose sampled identifier turns
 // its outbox rows `failed` with Stripe's code (admin API), and a retry from there bills it once.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext, createTestDatabase } from '../helpers/database.js';
 import { authHeaders, createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';

@@ -1,5 +1,7 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -11,7 +13,6 @@ import {
   settleGroup,
 } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';

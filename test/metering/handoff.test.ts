@@ -84,12 +84,11 @@ describe('group commit hand-off (storeGroup)', () => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     let at = Date.now() - 3_600_000;
-    const group = () => [
-      {
-        organizationId: org.organizationId,
-        readings: [{ sensorId: sensor!, recordedAt: new Date((at += 1000)).toISOString(), temperatureC: 4 }],
-      },
-    ];
+    const group = () => {
+      at += 1000;
+      const reading = { sensorId: sensor!, recordedAt: new Date(at).toISOString(), temperatureC: 4 };
+      return [{ organizationId: org.organizationId, readings: [reading] }];
+    };
     const key = `temperature_readings:${org.customerId}`;
     const jobs = async () =>
       (

@@ -1,5 +1,7 @@
 // The Stripe meter client against the emulator through the real SDK: what each Stripe answer
 // becomes (accepted, duplicate, expired, retryable, permanent).
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createStripeClient } from '../../src/context.js';
@@ -9,7 +11,6 @@ import {
   createStripeMeterClient,
   type StripeMeterClient,
 } from '../../src/metering/stripe-meter.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { testConfig } from '../helpers/database.js';
 
 let emulator: StripeEmulator;

@@ -1,9 +1,10 @@
 // The stranded-row sweep: a purged or lost delivery job only delays billing.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { createTestContext } from '../helpers/database.js';
 import { createOrganization } from '../helpers/fixtures.js';

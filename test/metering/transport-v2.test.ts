@@ -1,11 +1,12 @@
 // The v2 transport against the emulator through the real SDK: one session shared by calls, renewed
 // before its 15-minute expiry, a 401 "session expired" answered by a new session and one resend of
 // the same identifiers, the 100-event limit, and a whole-call refusal given to every event.
+
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV2Transport, MAX_STREAM_EVENTS } from '../../src/metering/transport-v2.js';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
-import { manualClock, sdk } from '../stripe-emulator/helpers.js';
 
 const clock = manualClock();
 let emu: StripeEmulator;

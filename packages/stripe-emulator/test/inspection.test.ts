@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk, waitFor } from './helpers.js';
 
 const clock = manualClock(Date.UTC(2026, 10, 21, 10, 30, 0));

@@ -1,5 +1,6 @@
 // Public API of the Stripe emulator: start one in-process, inspect it, inject faults, and build,
 // sign and send Stripe-shaped webhook events.
+
 export { StripeApiError, type StripeErrorBody } from './errors.js';
 export {
   FAULT_KINDS,
@@ -9,7 +10,6 @@ export {
   faultsSchema,
   type ScriptStep,
 } from './faults.js';
-export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
 export {
   type CreateCustomerInput,
   DEFAULT_PORT,
@@ -20,10 +20,11 @@ export {
   SANDBOX_RATE_PER_SECOND,
   SESSION_TTL_MS,
   STREAM_RATE_PER_SECOND,
-  type StripeEmulator,
   type StripeEmulatorOptions,
-  startStripeEmulator,
-} from './server.js';
+} from './options.js';
+export { createPrng, type Prng } from './prng.js';
+export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
+export { type StripeEmulator, startStripeEmulator } from './server.js';
 export {
   type AsyncError,
   type ConcurrencyPeak,
@@ -38,25 +39,27 @@ export {
 } from './state.js';
 export type { MeterEventSummary } from './summaries.js';
 export {
-  type BuildEventOptions,
-  buildEvent,
   type CheckoutSessionInput,
   checkoutSession,
-  DEMO_CUSTOMER_ID,
-  DEV_WEBHOOK_SECRET,
-  type ExampleEventInput,
-  exampleEvent,
   type InvoiceInput,
   invoice,
   type MeterErrorReportInput,
   meterErrorReportData,
   meterErrorReportNotification,
-  type StripeEvent,
   type SubscriptionInput,
   type SubscriptionStatus,
+  subscription,
+} from './webhook-objects.js';
+export {
+  type BuildEventOptions,
+  buildEvent,
+  DEMO_CUSTOMER_ID,
+  DEV_WEBHOOK_SECRET,
+  type ExampleEventInput,
+  exampleEvent,
+  type StripeEvent,
   sendWebhook,
   signPayload,
-  subscription,
   WEBHOOK_API_VERSION,
   WEBHOOK_TYPES,
   type WebhookResponse,

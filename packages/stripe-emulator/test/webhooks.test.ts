@@ -15,7 +15,7 @@ import {
   signPayload,
   subscription,
   WEBHOOK_TYPES,
-} from '../../src/stripe-emulator/index.js';
+} from '../src/index.js';
 
 const SECRET = 'whsec_test_emulator_secret';
 const stripe = new Stripe('sk_test_unused');

@@ -4,7 +4,7 @@ import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk } from './helpers.js';
 
 const clock = manualClock();

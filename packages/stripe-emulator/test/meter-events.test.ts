@@ -1,7 +1,7 @@
 // The v1 meter-event endpoint's rules, driven through the real stripe SDK.
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk } from './helpers.js';
 
 const clock = manualClock();

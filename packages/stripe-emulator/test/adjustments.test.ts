@@ -2,7 +2,7 @@
 // driven through the real stripe SDK.
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk } from './helpers.js';
 
 const clock = manualClock();

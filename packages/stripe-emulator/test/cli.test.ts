@@ -13,8 +13,8 @@ afterEach(() => {
 });
 
 function run(args: string[]) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stripe-emulator.ts', ...args], {
-    cwd: new URL('../../', import.meta.url),
+  const child = spawn(process.execPath, ['bin/stripe-emulator.mjs', ...args], {
+    cwd: new URL('../', import.meta.url),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   children.push(child);

@@ -4,7 +4,8 @@
 // (signed), and its full form — with `data.reason.error_types[].sample_errors[].request.identifier`
 // — is served from GET /v2/core/events/:id, as Stripe serves it for thin events.
 import type { MeterDefinition } from './state.js';
-import { meterErrorReportData, meterErrorReportNotification, sendWebhook } from './webhooks.js';
+import { meterErrorReportData, meterErrorReportNotification } from './webhook-objects.js';
+import { sendWebhook } from './webhooks.js';
 
 export interface RejectedStreamEvent {
   code: string;

@@ -2,7 +2,7 @@
 // concurrent call per customer per meter, both answered with 429 rate_limit.
 import Stripe from 'stripe';
 import { afterEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
+import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk, waitFor } from './helpers.js';
 
 const started: StripeEmulator[] = [];

@@ -13,7 +13,7 @@ import {
   startStripeEmulator,
   WEBHOOK_TYPES,
   type WebhookType,
-} from '../stripe-emulator/index.js';
+} from './index.js';
 
 const USAGE = `usage:
   stripe-emulator [--port 12111] [--host 127.0.0.1] [--sandbox] [--rate N] [--stream-rate N]

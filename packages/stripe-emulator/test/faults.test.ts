@@ -2,11 +2,7 @@
 // endpoint (which, like every /_emulator route and the non-meter endpoints, never faults).
 import Stripe from 'stripe';
 import { afterEach, describe, expect, it } from 'vitest';
-import {
-  type FaultsInput,
-  type StripeEmulator,
-  startStripeEmulator,
-} from '../../src/stripe-emulator/index.js';
+import { type FaultsInput, type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { rejection, sdk } from './helpers.js';
 
 const started: StripeEmulator[] = [];

@@ -1,0 +1,83 @@
+// The emulator's HTTP shell: the Hono app with Stripe's error shape for every failure and unknown
+// path, API-key authentication as Stripe answers it, and the JSON answer every route sends.
+import type { HttpBindings } from '@hono/node-server';
+import { type Context, Hono } from 'hono';
+import { internalError, StripeApiError, unauthorized } from './errors.js';
+import type { SavedResponse } from './idempotency.js';
+import type { EmulatorLogEntry } from './options.js';
+import { stripeId } from './state.js';
+
+export type Env = { Bindings: HttpBindings };
+export type Ctx = Context<Env>;
+export type App = Hono<Env>;
+
+const API_KEY_PATTERN = /^(sk_(test|live)_|rk_)\S+$/;
+
+export const NO_KEY_MESSAGE =
+  "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details, or we can help at https://support.stripe.com/.";
+
+export function maskKey(key: string): string {
+  return key.length <= 12 ? `${key.slice(0, 3)}***` : `${key.slice(0, 8)}${'*'.repeat(8)}${key.slice(-4)}`;
+}
+
+export function bearerToken(header: string | undefined): string | undefined {
+  if (!header) return undefined;
+  const bearer = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  if (bearer) return bearer[1];
+  const basic = /^Basic\s+(\S+)\s*$/i.exec(header);
+  if (basic) return Buffer.from(basic[1]!, 'base64').toString('utf8').split(':')[0] || undefined;
+  return undefined;
+}
+
+export interface Auth {
+  key: string;
+  livemode: boolean;
+}
+
+/** The caller's secret key, or Stripe's 401 for a missing or malformed one. */
+export function requireSecretKey(c: Ctx): Auth {
+  const key = bearerToken(c.req.header('authorization'));
+  if (!key) throw unauthorized(NO_KEY_MESSAGE);
+  if (!API_KEY_PATTERN.test(key)) throw unauthorized(`Invalid API Key provided: ${maskKey(key)}`);
+  return { key, livemode: /^(sk|rk)_live_/.test(key) };
+}
+
+export const iso = (ms: number) => new Date(ms).toISOString();
+
+/** Every Stripe answer carries a Request-Id, as Stripe's does. */
+export function json(c: Ctx, status: number, body: unknown, headers: Record<string, string> = {}) {
+  c.header('Request-Id', stripeId('req', 14));
+  for (const [name, value] of Object.entries(headers)) c.header(name, value);
+  return c.body(JSON.stringify(body), status as 200, { 'Content-Type': 'application/json' });
+}
+
+export const fail = (c: Ctx, err: StripeApiError) => json(c, err.status, err.body(), { ...err.headers });
+
+/** The form an error takes when saved under an idempotency key. */
+export const saved = (err: StripeApiError): SavedResponse => ({
+  status: err.status,
+  body: err.body(),
+  headers: {},
+});
+
+export function createApp(
+  log: (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void,
+): App {
+  const app = new Hono<Env>();
+  app.onError((err, c) => {
+    if (err instanceof StripeApiError) return fail(c, err);
+    log('warn', 'emulator handler failed', { err: String(err), path: c.req.path });
+    return fail(c, internalError());
+  });
+  app.notFound((c) =>
+    fail(
+      c,
+      new StripeApiError(
+        404,
+        'invalid_request_error',
+        `Unrecognized request URL (${c.req.method}: ${c.req.path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.`,
+      ),
+    ),
+  );
+  return app;
+}

@@ -1,0 +1,68 @@
+// What a caller can set on the emulator and the limits it enforces by default (Stripe's own).
+import type { FaultsInput } from './faults.js';
+import type { MeterDefinition, Via } from './state.js';
+
+export const DEFAULT_PORT = 12111;
+/** Stripe: 1,000 meter-event calls per second per account in live mode, 25 in a sandbox. */
+export const LIVE_RATE_PER_SECOND = 1000;
+export const SANDBOX_RATE_PER_SECOND = 25;
+/** Stripe documents up to 10,000 requests per second on the v2 meter event stream. */
+export const STREAM_RATE_PER_SECOND = 10_000;
+export const SESSION_TTL_MS = 15 * 60 * 1000;
+export const MAX_STREAM_EVENTS = 100;
+
+export interface EmulatorLogEntry {
+  level: 'debug' | 'info' | 'warn';
+  msg: string;
+  [field: string]: unknown;
+}
+
+export interface StripeEmulatorOptions {
+  /** 0 (the default for in-process use) picks a free port; the CLI defaults to 12111. */
+  port?: number;
+  host?: string;
+  /** Sandbox profile: the meter-event rate drops to 25 calls/s unless ratePerSecond is given. */
+  sandbox?: boolean;
+  /** Account-wide meter-event calls per second (v1 endpoint). Default 1,000 (25 with sandbox). */
+  ratePerSecond?: number;
+  /** Calls per second on the v2 stream. Default 10,000 (25 with sandbox, a sandbox's limit). */
+  streamRatePerSecond?: number;
+  /**
+   * Where v2 stream events rejected asynchronously are reported (signed thin events
+   * `v1.billing.meter.error_report_triggered`, one per meter per validation window); the full
+   * events are served from GET /v2/core/events/:id either way.
+   */
+  webhookUrl?: string;
+  webhookSecret?: string;
+  /** Length of a validation window before its rejections are reported. Default 10 s (Stripe's examples). */
+  errorReportWindowMs?: number;
+  /** Concurrent v1 calls allowed per customer per meter; Stripe allows one. */
+  concurrencyPerCustomerMeter?: number;
+  /** Seed of the fault PRNG (default 1). */
+  seed?: number;
+  faults?: FaultsInput;
+  /** Now in milliseconds; tests pass a controllable clock for the 24 h / 35 day / 15 min rules. */
+  clock?: () => number;
+  /** When true, a meter event for a customer the emulator does not know is a 400 resource_missing. */
+  strictCustomers?: boolean;
+  /** JSON file holding customers, events and counters: loaded at start, saved on change and at stop. */
+  persistPath?: string;
+  meters?: readonly MeterDefinition[];
+  sessionTtlMs?: number;
+  /** Silent unless given. */
+  onLog?: (entry: EmulatorLogEntry) => void;
+}
+
+export interface EventFilter {
+  customer?: string;
+  event_name?: string;
+  via?: Via;
+}
+
+export interface CreateCustomerInput {
+  id?: string;
+  email?: string;
+  name?: string;
+  description?: string;
+  metadata?: Record<string, string>;
+}

@@ -1,0 +1,87 @@
+// POST /v1/billing/meter_events: Stripe's synchronous meter event, with its rules (identifier
+// dedupe, timestamp window, customer mapping), its account-wide rate, one concurrent call per
+// customer and meter, idempotency keys and the injected faults.
+import { rateLimited } from '../errors.js';
+import { postFault, preFault, replay } from '../fault-answers.js';
+import { parseForm } from '../form.js';
+import { type App, type Auth, fail, requireSecretKey } from '../http.js';
+import type { SavedResponse } from '../idempotency.js';
+import { checkMeterEvent, type RawMeterEvent } from '../rules.js';
+import type { Runtime } from '../runtime.js';
+
+export function registerMeterEventRoutes(app: App, rt: Runtime): void {
+  app.post('/v1/billing/meter_events', async (c) => {
+    rt.state.counters.calls += 1;
+    let auth: Auth;
+    try {
+      auth = requireSecretKey(c);
+    } catch (err) {
+      rt.state.counters.unauthorized += 1;
+      throw err;
+    }
+    if (!rt.limiter.take(rt.clock())) {
+      rt.state.counters.rateLimited += 1;
+      return fail(c, rateLimited('endpoint-rate'));
+    }
+    const raw = await c.req.text();
+    const form = parseForm(raw);
+    const idem = rt.idempotency.begin(
+      auth.key,
+      c.req.header('idempotency-key'),
+      'POST /v1/billing/meter_events',
+      raw,
+      rt.clock(),
+    );
+    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    const save = (r: SavedResponse) => (idem.kind === 'new' ? idem.save(r) : undefined);
+    const customer = typeof form.payload === 'object' ? form.payload.stripe_customer_id : undefined;
+    const eventName = form.event_name;
+    const slot =
+      typeof customer === 'string' && typeof eventName === 'string' ? { customer, eventName } : undefined;
+    if (slot && !rt.state.tryEnter(slot.customer, slot.eventName, rt.concurrencyLimit)) {
+      if (idem.kind === 'new') idem.release();
+      rt.state.counters.rateLimited += 1;
+      return fail(
+        c,
+        rateLimited(
+          'resource-specific',
+          `Only ${rt.concurrencyLimit} concurrent meter event request per customer and meter is allowed (customer ${slot.customer}, event_name ${slot.eventName}). Retry after the previous request completes.`,
+        ),
+      );
+    }
+    try {
+      const decision = rt.faults.decide();
+      const early = await preFault(rt, c, decision);
+      if (early) return early;
+      const result = checkMeterEvent(form as RawMeterEvent, {
+        state: rt.state,
+        now: rt.clock(),
+        via: 'v1',
+        strictCustomers: rt.strictCustomers,
+      });
+      if (!result.ok) {
+        if (result.error.message.startsWith('An event already exists')) rt.state.counters.duplicate += 1;
+        else rt.state.counters.rejected += 1;
+        return fail(c, result.error);
+      }
+      rt.state.record(result.event);
+      rt.state.counters.accepted += 1;
+      rt.changed();
+      rt.log('debug', 'meter event accepted', { identifier: result.event.identifier, via: 'v1' });
+      const e = result.event;
+      const body = {
+        object: 'billing.meter_event',
+        created: Math.floor(e.receivedAt / 1000),
+        event_name: e.event_name,
+        identifier: e.identifier,
+        livemode: auth.livemode,
+        payload: e.payload,
+        timestamp: e.timestamp,
+      };
+      return postFault(rt, c, decision, { status: 200, body, headers: {} }, save);
+    } finally {
+      if (idem.kind === 'new') idem.release();
+      if (slot) rt.state.leave(slot.customer, slot.eventName);
+    }
+  });
+}

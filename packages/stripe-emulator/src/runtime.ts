@@ -1,0 +1,174 @@
+// The emulator's shared state for its route modules: accounts of events and customers, limits,
+// faults, idempotency, v2 sessions, error reports and the persistence file, built once per emulator
+// from its options; the routes receive it instead of closing over one large function.
+import { existsSync } from 'node:fs';
+import { readFile, rename, writeFile } from 'node:fs/promises';
+import { createErrorReporter, type ErrorReporter } from './error-reports.js';
+import { FaultInjector } from './faults.js';
+import { IdempotencyStore } from './idempotency.js';
+import { RateLimiter } from './limits.js';
+import {
+  type CreateCustomerInput,
+  type EmulatorLogEntry,
+  type EventFilter,
+  LIVE_RATE_PER_SECOND,
+  SANDBOX_RATE_PER_SECOND,
+  SESSION_TTL_MS,
+  STREAM_RATE_PER_SECOND,
+  type StripeEmulatorOptions,
+} from './options.js';
+import {
+  type Customer,
+  DEFAULT_METERS,
+  EmulatorState,
+  type PersistedState,
+  type RecordedEvent,
+  stripeId,
+  type Totals,
+} from './state.js';
+
+export type Log = (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void;
+
+export interface Runtime {
+  clock: () => number;
+  log: Log;
+  state: EmulatorState;
+  faults: FaultInjector;
+  idempotency: IdempotencyStore;
+  /** Account-wide limit of v1 meter-event (and adjustment) calls. */
+  limiter: RateLimiter;
+  streamLimiter: RateLimiter;
+  concurrencyLimit: number;
+  strictCustomers: boolean;
+  sessionTtlMs: number;
+  sessions: Map<string, { id: string; expiresAt: number; livemode: boolean }>;
+  errorReports: ErrorReporter;
+  /** Pending sleeps and hangs, woken early by stop() so it never waits on an injected delay. */
+  wakers: Set<() => void>;
+  /** True once stop() began: no more delays, no more saves. */
+  isStopped(): boolean;
+  markStopped(): void;
+  /** Schedules a save of the persistence file (coalesced; no-op without persistPath). */
+  changed(): void;
+  /** Writes the persistence file now. */
+  flush(): Promise<void>;
+  createCustomer(input: CreateCustomerInput, livemode?: boolean): Customer;
+  filterEvents(filter?: EventFilter): RecordedEvent[];
+  filterTotals(filter?: Omit<EventFilter, 'via'>): Totals[];
+  reset(options?: { customers?: boolean }): void;
+}
+
+export async function createRuntime(options: StripeEmulatorOptions): Promise<Runtime> {
+  const clock = options.clock ?? Date.now;
+  const log: Log = (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields });
+  const state = new EmulatorState(options.meters ?? DEFAULT_METERS);
+  const idempotency = new IdempotencyStore();
+  const limiter = new RateLimiter(
+    options.ratePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : LIVE_RATE_PER_SECOND),
+  );
+  const streamLimiter = new RateLimiter(
+    options.streamRatePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : STREAM_RATE_PER_SECOND),
+  );
+  const sessions: Runtime['sessions'] = new Map();
+  let stopped = false;
+  const errorReports = createErrorReporter({
+    clock,
+    meters: () => [...state.meters.values()],
+    windowMs: options.errorReportWindowMs ?? 10_000,
+    ...(options.webhookUrl ? { webhookUrl: options.webhookUrl } : {}),
+    ...(options.webhookSecret ? { webhookSecret: options.webhookSecret } : {}),
+    onLog: (level, msg, fields) => log(level, msg, fields),
+  });
+
+  // Persistence: one write at a time, coalescing changes made while a write runs.
+  const persistPath = options.persistPath;
+  let saveTimer: NodeJS.Timeout | undefined;
+  let saving: Promise<void> = Promise.resolve();
+  const writeNow = async () => {
+    if (!persistPath) return;
+    const tmp = `${persistPath}.${process.pid}.tmp`;
+    await writeFile(tmp, JSON.stringify(state.toJSON()));
+    await rename(tmp, persistPath);
+  };
+  const flush = () => {
+    clearTimeout(saveTimer);
+    saveTimer = undefined;
+    saving = saving.then(writeNow, writeNow);
+    return saving;
+  };
+  const changed = () => {
+    if (!persistPath || stopped || saveTimer) return;
+    saveTimer = setTimeout(() => {
+      saveTimer = undefined;
+      flush().catch((err: unknown) => log('warn', 'persisting state failed', { err: String(err) }));
+    }, 50);
+  };
+  if (persistPath && existsSync(persistPath)) {
+    state.load(JSON.parse(await readFile(persistPath, 'utf8')) as PersistedState);
+    log('info', 'state loaded', { path: persistPath, events: state.events.length });
+  }
+
+  const createCustomer = (input: CreateCustomerInput, livemode = false): Customer => {
+    const id = input.id ?? stripeId('cus');
+    const customer: Customer = {
+      id,
+      object: 'customer',
+      created: Math.floor(clock() / 1000),
+      email: input.email ?? null,
+      name: input.name ?? null,
+      description: input.description ?? null,
+      metadata: { ...(input.metadata ?? {}) },
+      livemode,
+    };
+    state.customers.set(id, customer);
+    changed();
+    return customer;
+  };
+
+  return {
+    clock,
+    log,
+    state,
+    faults: new FaultInjector(options.faults ?? {}, options.seed ?? 1),
+    idempotency,
+    limiter,
+    streamLimiter,
+    concurrencyLimit: options.concurrencyPerCustomerMeter ?? 1,
+    strictCustomers: options.strictCustomers ?? false,
+    sessionTtlMs: options.sessionTtlMs ?? SESSION_TTL_MS,
+    sessions,
+    errorReports,
+    wakers: new Set(),
+    isStopped: () => stopped,
+    markStopped: () => {
+      stopped = true;
+    },
+    changed,
+    flush,
+    createCustomer,
+    filterEvents: (filter = {}) =>
+      state.events.filter(
+        (e) =>
+          (!filter.customer || e.customer === filter.customer) &&
+          (!filter.event_name || e.event_name === filter.event_name) &&
+          (!filter.via || e.via === filter.via),
+      ),
+    filterTotals: (filter = {}) =>
+      [...state.totals.values()]
+        .filter(
+          (t) =>
+            (!filter.customer || t.customer === filter.customer) &&
+            (!filter.event_name || t.event_name === filter.event_name),
+        )
+        .map((t) => ({ ...t })),
+    reset: (opts = {}) => {
+      state.reset(opts);
+      errorReports.stop();
+      idempotency.clear();
+      sessions.clear();
+      limiter.clear();
+      streamLimiter.clear();
+      changed();
+    },
+  };
+}

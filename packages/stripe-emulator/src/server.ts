@@ -1,0 +1,118 @@
+// The emulator's core: builds the shared runtime and the HTTP app, mounts the route modules (the
+// Stripe endpoints meterbox uses, with Stripe's rules, limits and injected faults, plus the control
+// and inspection surface under /_emulator, which never faults and needs no API key), listens, and
+// hands back the in-process handle that tests, dev mode, bench and chaos drive.
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { Hono } from 'hono';
+import type { Faults, FaultsInput } from './faults.js';
+import { createApp } from './http.js';
+import type { CreateCustomerInput, EventFilter, StripeEmulatorOptions } from './options.js';
+import { registerAdjustmentRoutes } from './routes/adjustments.js';
+import { registerFaultControlRoutes } from './routes/faults-control.js';
+import { registerInspectionRoutes } from './routes/inspection.js';
+import { registerMeterEventStreamRoutes } from './routes/meter-event-stream.js';
+import { registerMeterEventRoutes } from './routes/meter-events-v1.js';
+import { registerResourceRoutes } from './routes/resources.js';
+import { registerV2EventRoutes } from './routes/v2-events.js';
+import { createRuntime } from './runtime.js';
+import type {
+  AsyncError,
+  ConcurrencyPeak,
+  Counters,
+  Customer,
+  MeterDefinition,
+  RecordedEvent,
+  Totals,
+} from './state.js';
+
+export interface StripeEmulator {
+  url: string;
+  port: number;
+  stop(): Promise<void>;
+  /** Replaces the fault settings (a seed restarts the PRNG) and returns them. */
+  setFaults(faults: FaultsInput, seed?: number): Faults;
+  faults(): Faults;
+  events(filter?: EventFilter): RecordedEvent[];
+  totals(filter?: Omit<EventFilter, 'via'>): Totals[];
+  counters(): Counters;
+  concurrency(): ConcurrencyPeak[];
+  /** v2 stream events rejected after the call was accepted (what Stripe reports in error reports). */
+  asyncErrors(): AsyncError[];
+  /** Reports the open validation window's rejections now instead of at its end. */
+  flushErrorReports(): Promise<void>;
+  /** Where error reports are sent from now on (the webhookUrl/webhookSecret options, set later). */
+  setWebhookEndpoint(endpoint: { url: string; secret: string } | undefined): void;
+  meters(): MeterDefinition[];
+  customers(): Customer[];
+  createCustomer(input?: CreateCustomerInput): Customer;
+  /** Forgets events, identifiers, idempotency keys, sessions, counters; customers too when asked. */
+  reset(options?: { customers?: boolean }): void;
+  /** Writes the persistence file now (no-op without persistPath). */
+  flush(): Promise<void>;
+}
+
+export async function startStripeEmulator(options: StripeEmulatorOptions = {}): Promise<StripeEmulator> {
+  const rt = await createRuntime(options);
+  const { state, faults, errorReports, log } = rt;
+
+  const app = createApp(log);
+  registerMeterEventRoutes(app, rt);
+  registerAdjustmentRoutes(app, rt);
+  registerMeterEventStreamRoutes(app, rt);
+  registerV2EventRoutes(app, rt);
+  registerResourceRoutes(app, rt);
+  const control = new Hono();
+  registerInspectionRoutes(control, rt);
+  registerFaultControlRoutes(control, rt);
+  app.route('/_emulator', control);
+
+  const host = options.host ?? '127.0.0.1';
+  const server = await new Promise<ReturnType<typeof serve>>((resolve, reject) => {
+    const s = serve({ fetch: app.fetch, port: options.port ?? 0, hostname: host }, () => resolve(s));
+    s.once('error', reject);
+  });
+  const address = server.address() as AddressInfo;
+  const url = `http://${address.address.includes(':') ? `[${address.address}]` : address.address}:${address.port}`;
+  log('info', 'stripe emulator listening', { url });
+
+  let stopping: Promise<void> | undefined;
+  const stop = () => {
+    stopping ??= (async () => {
+      rt.markStopped();
+      errorReports.stop();
+      for (const wake of [...rt.wakers]) wake();
+      await new Promise<void>((done) => {
+        server.close(() => done());
+        if ('closeIdleConnections' in server) server.closeIdleConnections();
+        const force = setTimeout(() => {
+          if ('closeAllConnections' in server) server.closeAllConnections();
+        }, 1000);
+        force.unref();
+      });
+      if (options.persistPath) await rt.flush();
+      log('info', 'stripe emulator stopped');
+    })();
+    return stopping;
+  };
+
+  return {
+    url,
+    port: address.port,
+    stop,
+    setFaults: (f, seed) => faults.set(f, seed),
+    faults: () => faults.current,
+    events: (filter) => rt.filterEvents(filter).map((e) => ({ ...e, payload: { ...e.payload } })),
+    totals: rt.filterTotals,
+    counters: () => ({ ...state.counters }),
+    concurrency: () => [...state.peaks.values()].map((p) => ({ ...p })),
+    asyncErrors: () => state.asyncErrors.map((e) => ({ ...e })),
+    flushErrorReports: () => errorReports.flush(),
+    setWebhookEndpoint: (endpoint) => errorReports.setEndpoint(endpoint),
+    meters: () => [...state.meters.values()].map((m) => ({ ...m })),
+    customers: () => [...state.customers.values()].map((cu) => ({ ...cu })),
+    createCustomer: (input = {}) => rt.createCustomer(input),
+    reset: rt.reset,
+    flush: () => (options.persistPath ? rt.flush() : Promise.resolve()),
+  };
+}
