@@ -2,35 +2,23 @@
 // driven through the real stripe SDK.
 import Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
-import { manualClock, rejection, sdk } from './helpers.js';
+import { manualClock, rejection, useEmulator } from './helpers.js';
 
 const clock = manualClock();
-let emu: StripeEmulator;
-let stripe: Stripe;
-
-beforeAll(async () => {
-  emu = await startStripeEmulator({ clock });
-  stripe = sdk(emu);
-});
-afterAll(() => emu.stop());
-beforeEach(() => {
-  emu.reset();
-  clock.set(Date.UTC(2026, 10, 21, 10, 0, 0));
-});
+const t = useEmulator(clock, Date.UTC(2026, 10, 21, 10, 0, 0));
 
 const send = (identifier: string, value: string) =>
-  stripe.billing.meterEvents.create({
+  t.stripe.billing.meterEvents.create({
     event_name: 'temperature_readings',
     identifier,
     payload: { stripe_customer_id: 'cus_1', value },
   });
 const cancel = (identifier: string, options?: Stripe.RequestOptions) =>
-  stripe.billing.meterEventAdjustments.create(
+  t.stripe.billing.meterEventAdjustments.create(
     { event_name: 'temperature_readings', type: 'cancel', cancel: { identifier } },
     options,
   );
-const sum = () => emu.totals({ customer: 'cus_1', event_name: 'temperature_readings' })[0]?.sum ?? 0;
+const sum = () => t.emu.totals({ customer: 'cus_1', event_name: 'temperature_readings' })[0]?.sum ?? 0;
 
 describe('meter event adjustments', () => {
   it('cancels an event by identifier: totals and event summaries leave it out', async () => {
@@ -43,9 +31,9 @@ describe('meter event adjustments', () => {
       cancel: { identifier: 'ev-1' },
     });
     expect(sum()).toBe(3);
-    expect(emu.totals()[0]?.count).toBe(1);
+    expect(t.emu.totals()[0]?.count).toBe(1);
     const start = Math.floor(clock() / 1000) - 3600;
-    const summaries = await stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    const summaries = await t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_1',
       start_time: start,
       end_time: start + 7200,
@@ -83,13 +71,13 @@ describe('meter event adjustments', () => {
     await cancel('ev-4', { idempotencyKey: 'corr-1' });
     const replay = await cancel('ev-4', { idempotencyKey: 'corr-1' });
     expect(replay.cancel?.identifier).toBe('ev-4');
-    expect(emu.counters().idempotentReplays).toBe(1);
+    expect(t.emu.counters().idempotentReplays).toBe(1);
     expect(sum()).toBe(0);
   });
 
   it('requires type cancel and cancel[identifier]', async () => {
     const err = await rejection(() =>
-      stripe.billing.meterEventAdjustments.create({ event_name: 'temperature_readings', type: 'cancel' }),
+      t.stripe.billing.meterEventAdjustments.create({ event_name: 'temperature_readings', type: 'cancel' }),
     );
     expect(err.statusCode).toBe(400);
     expect(err.param).toBe('cancel[identifier]');

@@ -5,24 +5,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type Stripe from 'stripe';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
-import { manualClock, rejection, sdk, waitFor } from './helpers.js';
+import { startStripeEmulator } from '../src/index.js';
+import { manualClock, rejection, sdk, useEmulator, waitFor } from './helpers.js';
 
 const clock = manualClock(Date.UTC(2026, 10, 21, 10, 30, 0));
 const HOUR = 3600;
 const tenOClock = Date.UTC(2026, 10, 21, 10, 0, 0) / 1000;
-let emu: StripeEmulator;
-let stripe: Stripe;
-
-beforeAll(async () => {
-  emu = await startStripeEmulator({ clock });
-  stripe = sdk(emu);
-});
-afterAll(() => emu.stop());
-beforeEach(() => emu.reset());
+const t = useEmulator(clock);
 
 const send = (event_name: string, customer: string, value: number, timestamp: number, identifier?: string) =>
-  stripe.billing.meterEvents.create({
+  t.stripe.billing.meterEvents.create({
     event_name,
     identifier,
     timestamp,
@@ -37,7 +29,7 @@ describe('totals', () => {
     await send('active_sensors', 'cus_t', 9, tenOClock + 600);
     await send('active_sensors', 'cus_t', 5, tenOClock + 60);
     await send('temperature_readings', 'cus_u', 1, tenOClock);
-    expect(emu.totals({ customer: 'cus_t' })).toEqual([
+    expect(t.emu.totals({ customer: 'cus_t' })).toEqual([
       expect.objectContaining({
         event_name: 'temperature_readings',
         meter: 'mtr_emu_temperature_readings',
@@ -53,7 +45,7 @@ describe('totals', () => {
         last: 9,
       }),
     ]);
-    const events = emu.events({ customer: 'cus_t', event_name: 'active_sensors' });
+    const events = t.emu.events({ customer: 'cus_t', event_name: 'active_sensors' });
     expect(events.map((e) => [e.value, e.timestamp, e.via, e.receivedAt])).toEqual([
       [9, tenOClock + 600, 'v1', clock()],
       [5, tenOClock + 60, 'v1', clock()],
@@ -62,7 +54,7 @@ describe('totals', () => {
 
   it('serves the same inspection over HTTP and resets through /_emulator/reset', async () => {
     await send('temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
-    const get = async <T>(path: string) => (await (await fetch(`${emu.url}/_emulator${path}`)).json()) as T;
+    const get = async <T>(path: string) => (await (await fetch(`${t.emu.url}/_emulator${path}`)).json()) as T;
     expect((await get<{ data: unknown[] }>('/events?customer=cus_h')).data).toMatchObject([
       {
         identifier: 'h-1',
@@ -80,10 +72,10 @@ describe('totals', () => {
     expect((await get<{ data: unknown[] }>('/concurrency')).data).toEqual([
       { customer: 'cus_h', event_name: 'temperature_readings', max: 1 },
     ]);
-    const reset = await fetch(`${emu.url}/_emulator/reset`, { method: 'POST' });
+    const reset = await fetch(`${t.emu.url}/_emulator/reset`, { method: 'POST' });
     expect(reset.status).toBe(200);
-    expect(emu.events()).toHaveLength(0);
-    expect(emu.counters().accepted).toBe(0);
+    expect(t.emu.events()).toHaveLength(0);
+    expect(t.emu.counters().accepted).toBe(0);
     // The identifier is forgotten too.
     await send('temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
   });
@@ -91,12 +83,12 @@ describe('totals', () => {
 
 describe('meters and event summaries', () => {
   it('lists the two default meters with stable ids', async () => {
-    const meters = await stripe.billing.meters.list();
+    const meters = await t.stripe.billing.meters.list();
     expect(meters.data.map((m) => [m.id, m.event_name, m.default_aggregation.formula])).toEqual([
       ['mtr_emu_temperature_readings', 'temperature_readings', 'sum'],
       ['mtr_emu_active_sensors', 'active_sensors', 'last'],
     ]);
-    expect((await stripe.billing.meters.retrieve('mtr_emu_active_sensors')).status).toBe('active');
+    expect((await t.stripe.billing.meters.retrieve('mtr_emu_active_sensors')).status).toBe('active');
   });
 
   it('aggregates with the meter formula through listEventSummaries', async () => {
@@ -107,7 +99,7 @@ describe('meters and event summaries', () => {
     await send('active_sensors', 'cus_s', 7, tenOClock + 20);
     await send('active_sensors', 'cus_s', 2, tenOClock - 20);
 
-    const whole = await stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    const whole = await t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -123,7 +115,7 @@ describe('meters and event summaries', () => {
       }),
     ]);
 
-    const hourly = await stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    const hourly = await t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -134,7 +126,7 @@ describe('meters and event summaries', () => {
       [tenOClock, 9],
     ]);
 
-    const last = await stripe.billing.meters.listEventSummaries('mtr_emu_active_sensors', {
+    const last = await t.stripe.billing.meters.listEventSummaries('mtr_emu_active_sensors', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -145,7 +137,7 @@ describe('meters and event summaries', () => {
   it('pages summaries and rejects unaligned windows', async () => {
     await send('temperature_readings', 'cus_p', 1, tenOClock - 30 * 86_400);
     const all: Stripe.Billing.MeterEventSummary[] = [];
-    for await (const s of stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    for await (const s of t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_p',
       start_time: tenOClock - 31 * 86_400,
       end_time: tenOClock,
@@ -157,7 +149,7 @@ describe('meters and event summaries', () => {
     expect(all).toHaveLength(31 * 24);
     expect(all.reduce((acc, s) => acc + s.aggregated_value, 0)).toBe(1);
     const err = await rejection(() =>
-      stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+      t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
         customer: 'cus_p',
         start_time: tenOClock + 30,
         end_time: tenOClock + HOUR,
@@ -165,7 +157,7 @@ describe('meters and event summaries', () => {
     );
     expect(err.statusCode).toBe(400);
     const missing = await rejection(() =>
-      stripe.billing.meters.listEventSummaries('mtr_nope', {
+      t.stripe.billing.meters.listEventSummaries('mtr_nope', {
         customer: 'cus_p',
         start_time: 0,
         end_time: 60,
@@ -177,21 +169,21 @@ describe('meters and event summaries', () => {
 
 describe('customers', () => {
   it('creates and retrieves a customer with the SDK', async () => {
-    const created = await stripe.customers.create({
+    const created = await t.stripe.customers.create({
       email: 'demo@example.com',
       metadata: { organization_id: 'org-1' },
     });
     expect(created.id).toMatch(/^cus_\w{14}$/);
-    const fetched = await stripe.customers.retrieve(created.id);
+    const fetched = await t.stripe.customers.retrieve(created.id);
     expect(fetched).toMatchObject({
       id: created.id,
       email: 'demo@example.com',
       metadata: { organization_id: 'org-1' },
     });
-    const err = await rejection(() => stripe.customers.retrieve('cus_missing'));
+    const err = await rejection(() => t.stripe.customers.retrieve('cus_missing'));
     expect(err.statusCode).toBe(404);
     expect(err.code).toBe('resource_missing');
-    expect(emu.createCustomer({ id: 'cus_fixed' }).id).toBe('cus_fixed');
+    expect(t.emu.createCustomer({ id: 'cus_fixed' }).id).toBe('cus_fixed');
   });
 });
 
