@@ -9,7 +9,7 @@ const ALONE = ['test/e2e/delivery-crash.test.ts'];
 
 export default defineConfig({
   test: {
-    globalSetup: ['test/helpers/global-setup.ts'],
+    globalSetup: ['test/support/global-setup.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
     pool: 'forks',

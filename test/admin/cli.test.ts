@@ -5,9 +5,9 @@ import { outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../s
 import type { CliIo } from '../../src/cli/io.js';
 import { createProgressBar } from '../../src/cli/progress.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization, createSensors, type OrganizationFixture } from '../helpers/fixtures.js';
-import { ROOT } from '../helpers/processes.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization, createSensors, type OrganizationFixture } from '../support/fixtures.js';
+import { ROOT } from '../support/processes.js';
 
 let ctx: Context;
 let org: OrganizationFixture;

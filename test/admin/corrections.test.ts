@@ -15,13 +15,13 @@ import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
 const HOUR = 3600_000;

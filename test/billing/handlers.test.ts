@@ -12,7 +12,7 @@ import {
   type SubscriptionStatus,
   subscription,
 } from '../../src/stripe-emulator/webhooks.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   countRows,
   createOrganization,

@@ -9,7 +9,7 @@ import {
   reportActiveSensorsWithTimestamp,
 } from '../../src/metering/active-sensors.js';
 import { buildEvent, checkoutSession, invoice, subscription } from '../../src/stripe-emulator/webhooks.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import { createOrganization, deliver, uniqueId, WEBHOOK_SECRET } from './webhook-fixtures.js';
 
 const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET });

@@ -10,16 +10,16 @@ import { type Browser, chromium, type Locator, type Page } from 'playwright-core
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
   reading,
-} from '../helpers/fixtures.js';
-import { ROOT, type RunningProcess, startEntryPoint } from '../helpers/processes.js';
-import { waitFor as waitUntil } from '../helpers/wait.js';
+} from '../support/fixtures.js';
+import { ROOT, type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { waitFor as waitUntil } from '../support/wait.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = [

@@ -6,10 +6,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 
 const FAULTS = {
   acceptedThen500Rate: 0.2,

@@ -5,9 +5,9 @@ import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { authHeaders, createOrganization } from '../helpers/fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { authHeaders, createOrganization } from '../support/fixtures.js';
+import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 
 const TOKEN = 'admin-token-for-the-api-key-cache-test';
 let url: string;

@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 it('answers 413 with Connection: close on a kept-alive socket', async () => {
   const ctx = await createTestContext({ BODY_LIMIT_BYTES: '2048' });

@@ -5,7 +5,7 @@ import { type Context, createContext } from '../../src/context.js';
 import { freePort } from '../../src/db/embedded.js';
 import type { AppEnv, HttpModule } from '../../src/http/types.js';
 import { createLogger } from '../../src/log.js';
-import { createTestContext, createTestDatabase, testConfig } from '../helpers/database.js';
+import { createTestContext, createTestDatabase, testConfig } from '../support/database.js';
 
 function echoModule(): HttpModule {
   const app = new Hono<AppEnv>();

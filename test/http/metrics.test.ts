@@ -4,8 +4,8 @@ import type { Context } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import { createMetrics, stripeOperation } from '../../src/observability/metrics.js';
 import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
 
 let ctx: Context;
 let orgId: string;

@@ -5,13 +5,13 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { pruneIdempotencyKeys } from '../../src/ingest/idempotency.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };

@@ -7,7 +7,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 let ctx: Context;
 let counting: Kysely<DB>;

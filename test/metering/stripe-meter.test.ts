@@ -10,7 +10,7 @@ import {
   type StripeMeterClient,
 } from '../../src/metering/stripe-meter.js';
 import { type StripeEmulator, startStripeEmulator } from '../../src/stripe-emulator/index.js';
-import { testConfig } from '../helpers/database.js';
+import { testConfig } from '../support/database.js';
 
 let emulator: StripeEmulator;
 let meter: StripeMeterClient;

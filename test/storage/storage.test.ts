@@ -15,8 +15,8 @@ import {
   runStorageMaintenance,
 } from '../../src/metering/storage.js';
 import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/metering/storage-job.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };

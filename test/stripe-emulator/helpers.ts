@@ -2,7 +2,7 @@
 // condition poller with a deadline (no fixed sleeps).
 import Stripe from 'stripe';
 import type { StripeEmulator } from '../../src/stripe-emulator/index.js';
-import { waitFor as waitUntil } from '../helpers/wait.js';
+import { waitFor as waitUntil } from '../support/wait.js';
 
 export const TEST_KEY = 'sk_test_emulator_0123456789';
 
