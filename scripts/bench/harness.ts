@@ -11,10 +11,11 @@ import pg from 'pg';
 import { createOrganization, linkSubscription } from '../../src/admin/organizations.js';
 import { loadConfig } from '../../src/config.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
-import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
+import { type EmbeddedDatabase, startEmbeddedPostgres } from '../../src/db/embedded.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
+import { freePort } from '../../test/support/net.js';
 import { bundle } from '../bundle.mjs';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));

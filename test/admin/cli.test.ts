@@ -8,6 +8,9 @@ import type { Context } from '../../src/context.js';
 import { createTestContext } from '../support/database.js';
 import { createOrganization, createSensors, type OrganizationFixture } from '../support/fixtures.js';
 import { ROOT } from '../support/processes.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 let ctx: Context;
 let org: OrganizationFixture;
@@ -44,7 +47,7 @@ async function ingested(
       .values(
         Array.from({ length: count }, (_, i) => ({
           sensor_id: sensorId,
-          recorded_at: new Date(Date.now() - (i + 1) * 1000 - Math.random() * 1e6),
+          recorded_at: new Date(Date.now() - (i + 1) * 1000 - random.next() * 1e6),
           organization_id: organizationId,
           temperature_c: 4,
         })),

@@ -10,6 +10,9 @@ import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering
 import { createTestContext, createTestDatabase } from '../support/database.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 const FAULTS = {
   acceptedThen500Rate: 0.2,
@@ -96,8 +99,8 @@ describe('worker crashes', () => {
     const until = Date.now() + 14_000;
     const cap = Date.now() + 60_000;
     while (Date.now() < until || (emulator.counters().acceptedThen500 === 0 && Date.now() < cap)) {
-      await pause(700 + Math.random() * 1500);
-      const victim = Math.floor(Math.random() * workers.length);
+      await pause(random.between(700, 2_200));
+      const victim = random.int(workers.length);
       workers[victim]!.kill('SIGKILL');
       await workers[victim]!.exited;
       kills++;

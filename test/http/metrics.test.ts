@@ -6,6 +6,9 @@ import { createMetrics, stripeOperation } from '../../src/observability/metrics.
 import { buildEvent, signPayload } from '../../src/stripe-emulator/index.js';
 import { createTestContext } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 let ctx: Context;
 let orgId: string;
@@ -31,7 +34,7 @@ async function outboxRow(status: string, minutesAgo: number, meter = 'temperatur
       occurred_at: at,
       created_at: at,
       status: status as 'pending',
-      identifier: status === 'delivered' ? `id-${Math.random()}` : null,
+      identifier: status === 'delivered' ? `id-${random.next()}` : null,
       delivered_at: status === 'delivered' ? at : null,
     })
     .execute();

@@ -12,6 +12,9 @@ import {
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 let ctx: Context;
 let app: ReturnType<typeof createApp>;
@@ -60,7 +63,7 @@ describe('a failure injected after the readings insert', () => {
 
   /** A trigger that fails inserts for one organization (or customer) only. */
   async function failInserts(table: string, condition: string) {
-    const name = `fail_${Math.random().toString(36).slice(2, 10)}`;
+    const name = `fail_${random.next().toString(36).slice(2, 10)}`;
     await sql
       .raw(`
       CREATE FUNCTION ${name}() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -5,6 +5,9 @@ import { afterAll, inject, onTestFinished } from 'vitest';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
+import { seededRandom } from './random.js';
+
+const random = seededRandom();
 
 /**
  * Registers clean-up for the current test when called inside one (vitest silently ignores an
@@ -52,7 +55,7 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
         return;
       } catch (err) {
         if ((err as { code?: string }).code !== '55006' || attempt > 50) throw err;
-        await new Promise((r) => setTimeout(r, 50 + Math.random() * 100));
+        await new Promise((r) => setTimeout(r, random.between(50, 150)));
       }
     }
   });
