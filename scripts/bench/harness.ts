@@ -1,4 +1,4 @@
-// Shared plumbing of `npm run bench` and `npm run chaos`: an embedded Postgres cluster with fresh
+// Shared plumbing of `npm run bench` and the chaos suite (test/chaos): an embedded Postgres cluster with fresh
 // migrated databases, the real entry points as child processes (with their peak RSS), billable
 // organizations with sensors, a keep-alive HTTP client and latency statistics.
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -290,7 +290,7 @@ export async function startApi(
     },
     60_000,
     'the API to listen',
-  );
+  ).catch(killAndThrow(proc));
   return { proc, url, port };
 }
 
@@ -300,8 +300,16 @@ export async function startWorkerProcess(
   entry = 'worker',
 ): Promise<Proc> {
   const proc = startProcess(entry, { ...env, LOG_LEVEL: 'info' }, name);
-  await proc.waitForOutput('worker started');
+  await proc.waitForOutput('worker started').catch(killAndThrow(proc));
   return proc;
+}
+
+/** A process that never became ready is killed: the caller never got it, so nobody else would. */
+function killAndThrow(proc: Proc): (err: unknown) => Promise<never> {
+  return async (err) => {
+    await proc.stop('SIGKILL', 5_000);
+    throw err;
+  };
 }
 
 // ---------------------------------------------------------------- HTTP

@@ -4,7 +4,6 @@
 
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
 import type { CorrectionView } from '../../src/admin/corrections.js';
 import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
@@ -22,6 +21,7 @@ import {
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { checkLedger, loadLedger } from '../support/ledger.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
 const HOUR = 3600_000;
