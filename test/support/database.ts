@@ -38,8 +38,10 @@ async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
   }
 }
 
-/** Creates a fresh database cloned from the migrated template; dropped after the file. */
-export async function createTestDatabase(options: { migrated?: boolean } = {}): Promise<string> {
+/** A fresh database cloned from the migrated template, and the way to drop it (the caller's job). */
+export async function provisionTestDatabase(
+  options: { migrated?: boolean } = {},
+): Promise<{ url: string; drop: () => Promise<void> }> {
   const template = inject('pgTemplate');
   const name = `${template.replace(/_template$/, '')}_${randomBytes(5).toString('hex')}`;
   await admin(async (client) => {
@@ -59,12 +61,48 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
       }
     }
   });
-  cleanUp(() => admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)));
-  return databaseUrl(name);
+  return {
+    url: databaseUrl(name),
+    drop: async () => {
+      await admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
+    },
+  };
+}
+
+/** Creates a fresh database cloned from the migrated template; dropped after the file. */
+export async function createTestDatabase(options: { migrated?: boolean } = {}): Promise<string> {
+  const { url, drop } = await provisionTestDatabase(options);
+  cleanUp(drop);
+  return url;
 }
 
 export function testConfig(env: Record<string, string | undefined> = {}): Config {
   return loadConfig({ LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'silent', ...env });
+}
+
+/**
+ * A context on its own fresh database (unless env names one), and the way to close it and drop
+ * that database: for fixtures, which own their teardown.
+ */
+export async function openTestContext(
+  env: Record<string, string | undefined> = {},
+  overrides: ContextOverrides = {},
+): Promise<{ ctx: Context; close: () => Promise<void> }> {
+  const database = env.DATABASE_URL === undefined ? await provisionTestDatabase() : undefined;
+  const config = testConfig({ ...env, DATABASE_URL: database?.url ?? env.DATABASE_URL });
+  const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides }).catch(
+    async (err: unknown) => {
+      await database?.drop();
+      throw err;
+    },
+  );
+  return {
+    ctx,
+    close: async () => {
+      await ctx.close();
+      await database?.drop();
+    },
+  };
 }
 
 /** A context on its own fresh database, closed after the file. */
@@ -72,9 +110,7 @@ export async function createTestContext(
   env: Record<string, string | undefined> = {},
   overrides: ContextOverrides = {},
 ): Promise<Context> {
-  const url = env.DATABASE_URL ?? (await createTestDatabase());
-  const config = testConfig({ ...env, DATABASE_URL: url });
-  const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides });
-  cleanUp(() => ctx.close());
+  const { ctx, close } = await openTestContext(env, overrides);
+  cleanUp(close);
   return ctx;
 }
