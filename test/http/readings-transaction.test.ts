@@ -1,6 +1,5 @@
 // The readings, the meter_outbox row and the pg-boss job commit together or not at all, under
 // injected failures, concurrency and an unreachable database.
-import { createServer } from 'node:net';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
@@ -12,6 +11,7 @@ import {
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { freePort } from '../support/net.js';
 import { seededRandom } from '../support/random.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
@@ -215,17 +215,9 @@ describe('the reading to outbox link', () => {
 });
 
 describe('an unreachable database', () => {
-  async function closedPort(): Promise<number> {
-    const server = createServer();
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const address = server.address();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-    if (address === null || typeof address === 'string') throw new Error('no port');
-    return address.port;
-  }
-
   it('answers 503 with Retry-After and never an internal message', async () => {
-    const port = await closedPort();
+    // A port nothing listens on: the kit's freePort closes the one it found.
+    const port = await freePort();
     const down = await createTestContext({ DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/meterbox` });
     const downApp = createApp(down);
     const res = await downApp.request('/v1/readings', {
