@@ -5,7 +5,6 @@ import { randomBytes } from 'node:crypto';
 import { Agent, request } from 'node:http';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
-import { createOrganization, linkSubscription } from '../../src/admin/organizations.js';
 import { loadConfig } from '../../src/config.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../../src/db/embedded.js';
@@ -18,6 +17,7 @@ import {
   ROOT,
   startProcess as startKitProcess,
 } from '../../test/support/child.js';
+import { createOrganization, createSensors } from '../../test/support/fixtures.js';
 import { freePort } from '../../test/support/net.js';
 import { bundle } from '../bundle.mjs';
 
@@ -122,31 +122,12 @@ export async function createOrgs(
 ): Promise<Org[]> {
   const orgs: Org[] = [];
   for (let i = 0; i < count; i++) {
-    const { organization, apiKey } = await db
-      .transaction()
-      .execute((trx) => createOrganization(trx, { name: `${tag} ${i}` }));
-    const customerId = `cus_${tag}${i}_${randomBytes(3).toString('hex')}`;
-    if (billable) {
-      await linkSubscription(
-        db,
-        organization.id,
-        { stripeCustomerId: customerId, status: 'active' },
-        new Date(),
-      );
-    }
-    const rows = await db
-      .insertInto('sensors')
-      .values(
-        Array.from({ length: sensors }, (_, n) => ({ organization_id: organization.id, name: `s${n}` })),
-      )
-      .returning('id')
-      .execute();
-    orgs.push({
-      organizationId: organization.id,
-      apiKey: apiKey.key,
-      customerId,
-      sensors: rows.map((r) => r.id),
+    const org = await createOrganization(db, {
+      name: `${tag} ${i}`,
+      customerId: `cus_${tag}${i}_${randomBytes(3).toString('hex')}`,
+      subscription: billable,
     });
+    orgs.push({ ...org, sensors: await createSensors(db, org.organizationId, sensors) });
   }
   return orgs;
 }
