@@ -35,9 +35,16 @@ export class ChildProc {
     child.stdout?.on('data', keep('stdout'));
     child.stderr?.on('data', keep('stderr'));
     this.exited = new Promise((resolve) => {
-      child.on('exit', (code, signal) => {
+      child.once('exit', (code, signal) => {
         clearInterval(this.sampler);
-        resolve({ code, signal, stdout: this.stdout, stderr: this.stderr });
+        // A process's last lines can still be in its pipes at 'exit'; 'close' says they have been
+        // read. A grandchild holding the pipes open must not hold the caller, hence the grace bound.
+        const finish = () => resolve({ code, signal, stdout: this.stdout, stderr: this.stderr });
+        const grace = setTimeout(finish, 1_000);
+        child.once('close', () => {
+          clearTimeout(grace);
+          finish();
+        });
       });
     });
     // VmHWM is the kernel's own peak RSS; sampled because it is gone once the process exits.
