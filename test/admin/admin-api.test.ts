@@ -5,14 +5,14 @@ import type { DeadLetterPreview, OutboxPage } from '../../src/admin/outbox.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
   reading,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
 let ctx: Context;

@@ -5,9 +5,12 @@ import { outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../s
 import type { CliIo } from '../../src/cli/io.js';
 import { createProgressBar } from '../../src/cli/progress.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization, createSensors, type OrganizationFixture } from '../helpers/fixtures.js';
-import { ROOT } from '../helpers/processes.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization, createSensors, type OrganizationFixture } from '../support/fixtures.js';
+import { ROOT } from '../support/processes.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 let ctx: Context;
 let org: OrganizationFixture;
@@ -44,7 +47,7 @@ async function ingested(
       .values(
         Array.from({ length: count }, (_, i) => ({
           sensor_id: sensorId,
-          recorded_at: new Date(Date.now() - (i + 1) * 1000 - Math.random() * 1e6),
+          recorded_at: new Date(Date.now() - (i + 1) * 1000 - random.next() * 1e6),
           organization_id: organizationId,
           temperature_c: 4,
         })),

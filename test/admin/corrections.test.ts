@@ -5,7 +5,6 @@
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checkLedger, loadLedger } from '../../scripts/chaos/ledger.js';
 import type { CorrectionView } from '../../src/admin/corrections.js';
 import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
@@ -15,13 +14,14 @@ import type { Context } from '../../src/context.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createV1Transport } from '../../src/metering/transport.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
+import { checkLedger, loadLedger } from '../support/ledger.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
 const HOUR = 3600_000;

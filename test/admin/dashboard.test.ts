@@ -2,8 +2,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { SESSION_TTL_SECONDS } from '../../src/admin/auth.js';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization, createSensors } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization, createSensors } from '../support/fixtures.js';
 
 const TOKEN = 'dashboard-admin-token-0123456789';
 let now = new Date();

@@ -3,8 +3,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { pipelineOverview } from '../../src/admin/outbox.js';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization } from '../support/fixtures.js';
 
 const TOKEN = 'backlog-admin-token-0123456789ab';
 let ctx: Context;

@@ -2,7 +2,7 @@
 // route table, so a route added later without protection fails here.
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 const TOKEN = 'guard-admin-token-0123456789abcdef';
 const OPEN = new Set(['POST /admin/login', 'POST /admin/logout']);

@@ -6,9 +6,9 @@ import { organizationCommands } from '../../src/admin/organizations-cli.js';
 import { createApp } from '../../src/api/app.js';
 import { billableCustomerId } from '../../src/billing/billable.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization } from '../helpers/fixtures.js';
-import { ROOT, RunningProcess } from '../helpers/processes.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization } from '../support/fixtures.js';
+import { ROOT, RunningProcess } from '../support/processes.js';
 
 const ADMIN_TOKEN = 'admin-token-for-tests-0123456789';
 let ctx: Context;

@@ -13,7 +13,7 @@ import {
 import { describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   countRows,
   createOrganization,

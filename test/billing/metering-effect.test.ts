@@ -10,7 +10,7 @@ import {
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,
 } from '../../src/metering/active-sensors.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import { createOrganization, deliver, uniqueId, WEBHOOK_SECRET } from './webhook-fixtures.js';
 
 const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET });

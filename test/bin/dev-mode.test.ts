@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { alive } from '../../src/db/embedded.js';
-import { ROOT, RunningProcess } from '../helpers/processes.js';
-import { waitFor as waitUntil } from '../helpers/wait.js';
+import { ROOT, RunningProcess } from '../support/processes.js';
+import { waitFor as waitUntil } from '../support/wait.js';
 
 function startDev(dataDir: string): RunningProcess {
   const env: Record<string, string> = {};

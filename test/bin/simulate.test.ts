@@ -5,9 +5,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
-import { ROOT, RunningProcess } from '../helpers/processes.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { ROOT, RunningProcess } from '../support/processes.js';
 
 let ctx: Context;
 let server: HttpServer;

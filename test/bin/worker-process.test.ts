@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { createTestDatabase } from '../helpers/database.js';
-import { startEntryPoint } from '../helpers/processes.js';
+import { createTestDatabase } from '../support/database.js';
+import { startEntryPoint } from '../support/processes.js';
 
 describe('worker process', () => {
   it('starts pg-boss, then exits 0 on SIGTERM within the shutdown deadline', async () => {

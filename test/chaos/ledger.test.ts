@@ -1,7 +1,7 @@
 // The fault suite's ledger check must be trustworthy: it reports missing, doubled and mismatched
 // usage with the organization and the amount, and accepts a clean ledger.
 import { describe, expect, it } from 'vitest';
-import { checkLedger, type LedgerEvent, type LedgerOutboxRow } from '../../scripts/chaos/ledger.js';
+import { checkLedger, type LedgerEvent, type LedgerOutboxRow } from '../support/ledger.js';
 
 const orgA = { organizationId: 'org-a', customerId: 'cus_a', readingsStored: 30 };
 const orgB = { organizationId: 'org-b', customerId: 'cus_b', readingsStored: 5 };

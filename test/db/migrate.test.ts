@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { applySqlMigrations, listMigrations, migrationStatus } from '../../src/db/migrate.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
-import { createTestDatabase, testConfig } from '../helpers/database.js';
+import { createTestDatabase, testConfig } from '../support/database.js';
 
 const log = createLogger('silent');
 

@@ -3,10 +3,10 @@
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
-import { waitFor as waitUntil } from '../helpers/wait.js';
 import { activeSensorRows, createOrganizations } from '../metering/active-sensors-fixtures.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { waitFor as waitUntil } from '../support/wait.js';
 
 const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
   waitUntil(what, condition, deadlineMs, 250);

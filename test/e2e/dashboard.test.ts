@@ -3,23 +3,23 @@
 // numbers with the database, retry a failed row and watch the worker deliver it.
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { type Browser, chromium, type Locator, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
   reading,
-} from '../helpers/fixtures.js';
-import { ROOT, type RunningProcess, startEntryPoint } from '../helpers/processes.js';
-import { waitFor as waitUntil } from '../helpers/wait.js';
+} from '../support/fixtures.js';
+import { freePort } from '../support/net.js';
+import { ROOT, type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { waitFor as waitUntil } from '../support/wait.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -34,17 +34,6 @@ const CHROMIUM_ARGS = [
 ];
 const TOKEN = 'e2e-dashboard-admin-token-42';
 const RESULTS = join(ROOT, 'test-results');
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
-    });
-  });
-}
 
 const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
   waitUntil(what, condition, deadlineMs, 200);

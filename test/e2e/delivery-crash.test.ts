@@ -7,10 +7,13 @@ import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { ensureQueues } from '../../src/metering/queues.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 const FAULTS = {
   acceptedThen500Rate: 0.2,
@@ -97,8 +100,8 @@ describe('worker crashes', () => {
     const until = Date.now() + 14_000;
     const cap = Date.now() + 60_000;
     while (Date.now() < until || (emulator.counters().acceptedThen500 === 0 && Date.now() < cap)) {
-      await pause(700 + Math.random() * 1500);
-      const victim = Math.floor(Math.random() * workers.length);
+      await pause(random.between(700, 2_200));
+      const victim = random.int(workers.length);
       workers[victim]!.kill('SIGKILL');
       await workers[victim]!.exited;
       kills++;

@@ -4,10 +4,10 @@
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization } from '../helpers/fixtures.js';
-import { startEntryPoint } from '../helpers/processes.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from '../metering/delivery-helpers.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization } from '../support/fixtures.js';
+import { startEntryPoint } from '../support/processes.js';
 
 let emulator: StripeEmulator;
 let ctx: Context;

@@ -1,28 +1,19 @@
 // Verified API keys are served from each API process's cache; revoking a key through one process
 // reaches every other process by NOTIFY within a second, and a lost listener never serves a stale key.
-import { createServer } from 'node:net';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { authHeaders, createOrganization } from '../helpers/fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../helpers/processes.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { authHeaders, createOrganization } from '../support/fixtures.js';
+import { freePort } from '../support/net.js';
+import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 
 const TOKEN = 'admin-token-for-the-api-key-cache-test';
 let url: string;
 let ctx: Context;
 let server: RunningProcess;
 let baseUrl: string;
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const address = srv.address();
-  await new Promise<void>((resolve) => srv.close(() => resolve()));
-  if (address === null || typeof address === 'string') throw new Error('no port');
-  return address.port;
-}
 
 beforeAll(async () => {
   url = await createTestDatabase();

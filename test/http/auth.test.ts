@@ -3,8 +3,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { bearerToken } from '../../src/http/auth.js';
-import { createTestContext, testConfig } from '../helpers/database.js';
-import { authHeaders, createOrganization } from '../helpers/fixtures.js';
+import { createTestContext, testConfig } from '../support/database.js';
+import { authHeaders, createOrganization } from '../support/fixtures.js';
 
 const ADMIN_TOKEN = 'admin-token-for-tests-0123456789';
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');

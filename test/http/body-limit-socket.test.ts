@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 // A declared Content-Length is judged from the header alone; a chunked body (no length) is counted as
 // it arrives. Both must end in the same 413.

@@ -2,10 +2,10 @@ import { Hono } from 'hono';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { type Context, createContext } from '../../src/context.js';
-import { freePort } from '../../src/db/embedded.js';
 import type { AppEnv, HttpModule } from '../../src/http/types.js';
 import { createLogger } from '../../src/log.js';
-import { createTestContext, createTestDatabase, testConfig } from '../helpers/database.js';
+import { createTestContext, createTestDatabase, testConfig } from '../support/database.js';
+import { freePort } from '../support/net.js';
 
 function echoModule(): HttpModule {
   const app = new Hono<AppEnv>();

@@ -4,8 +4,11 @@ import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import { createMetrics, stripeOperation } from '../../src/observability/metrics.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors, reading } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { seededRandom } from '../support/random.js';
+
+const random = seededRandom();
 
 let ctx: Context;
 let orgId: string;
@@ -31,7 +34,7 @@ async function outboxRow(status: string, minutesAgo: number, meter = 'temperatur
       occurred_at: at,
       created_at: at,
       status: status as 'pending',
-      identifier: status === 'delivered' ? `id-${Math.random()}` : null,
+      identifier: status === 'delivered' ? `id-${random.next()}` : null,
       delivered_at: status === 'delivered' ? at : null,
     })
     .execute();

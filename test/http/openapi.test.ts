@@ -3,7 +3,7 @@
 import { describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { honoPath } from '../../src/http/openapi.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 describe('documented routes', () => {
   it("derives the Hono path from the documented path under the module's prefix", () => {

@@ -2,33 +2,26 @@
 // each keeps its own answer; a failing group answers 503 to exactly its requests and stores none;
 // a request that breaks the statement fails alone.
 import { sql } from 'kysely';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
 const cleanups: string[] = [];
 
-beforeAll(async () => {
-  // A long window so the concurrent requests of a test certainly land in one group.
-  ctx = await createTestContext({ INGEST_GROUP_WINDOW_MS: '50' });
-  await ctx.boss.start();
-  app = createApp(ctx);
-});
+// A long window so the concurrent requests of a test certainly land in one group.
+const it = contextTest({ env: { INGEST_GROUP_WINDOW_MS: '50' } });
 
-afterEach(async () => {
+it.afterEach(async ({ ctx }) => {
   for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
 });
 
-function post(apiKey: string, readings: unknown[], headers: Record<string, string> = {}) {
+function post(app: TestApp, apiKey: string, readings: unknown[], headers: Record<string, string> = {}) {
   return app.request('/v1/readings', {
     method: 'POST',
     headers: authHeaders(apiKey, headers),
@@ -42,7 +35,7 @@ function reading(sensorId: string, temperatureC = 4) {
   return { sensorId, recordedAt: new Date(clock).toISOString(), temperatureC };
 }
 
-async function stored(org: OrganizationFixture) {
+async function stored(ctx: Context, org: OrganizationFixture) {
   const { rows } = await sql<{ readings: number; outbox: number; value: number; transactions: number }>`
     SELECT (SELECT count(*)::int FROM temperature_readings WHERE organization_id = ${org.organizationId}) AS readings,
            (SELECT count(*)::int FROM meter_outbox WHERE organization_id = ${org.organizationId}) AS outbox,
@@ -53,7 +46,10 @@ async function stored(org: OrganizationFixture) {
 }
 
 describe('group commit', () => {
-  it('writes concurrent requests in one transaction, each with its own answer and its own 422 details', async () => {
+  it('writes concurrent requests in one transaction, each with its own answer and its own 422 details', async ({
+    ctx,
+    app,
+  }) => {
     const a = await createOrganization(ctx.db);
     const b = await createOrganization(ctx.db);
     const free = await createOrganization(ctx.db, { billable: false });
@@ -66,14 +62,14 @@ describe('group commit', () => {
     // on a loaded machine that lookup alone can outlast the window and split the group.
     for (const o of [a, b, free]) await app.request('/v1/sensors', { headers: authHeaders(o.apiKey) });
     const results = await Promise.all([
-      post(a.apiKey, [shared, reading(a2!)]),
+      post(app, a.apiKey, [shared, reading(a2!)]),
       // The same reading again in the same group: the earlier request stored it.
-      post(a.apiKey, [shared, reading(a1!)]),
+      post(app, a.apiKey, [shared, reading(a1!)]),
       // b's own sensor and a's sensor (foreign: reads as unknown) and an inactive one of a's.
-      post(b.apiKey, [reading(b1!), reading(a1!)]),
-      post(a.apiKey, [reading(a1!), reading(inactive!)]),
-      post(b.apiKey, [reading(b1!), reading(b1!), reading(b1!)]),
-      post(free.apiKey, [reading(f1!)]),
+      post(app, b.apiKey, [reading(b1!), reading(a1!)]),
+      post(app, a.apiKey, [reading(a1!), reading(inactive!)]),
+      post(app, b.apiKey, [reading(b1!), reading(b1!), reading(b1!)]),
+      post(app, free.apiKey, [reading(f1!)]),
     ]);
     const bodies = await Promise.all(results.map((r) => r.json()));
     expect(results.map((r) => r.status)).toEqual([201, 201, 422, 422, 201, 201]);
@@ -88,9 +84,9 @@ describe('group commit', () => {
 
     // One transaction: a single ingestion instant per organization, one outbox row per billable
     // organization with the rows it inserted, and nothing of the refused requests.
-    expect(await stored(a)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
-    expect(await stored(b)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
-    expect(await stored(free)).toEqual({ readings: 1, outbox: 0, value: 0, transactions: 1 });
+    expect(await stored(ctx, a)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
+    expect(await stored(ctx, b)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
+    expect(await stored(ctx, free)).toEqual({ readings: 1, outbox: 0, value: 0, transactions: 1 });
     // One hand-off per delivery key for the transaction.
     const { rows: jobs } = await sql<{ n: number }>`
       SELECT count(*)::int AS n FROM pgboss.job
@@ -100,7 +96,10 @@ describe('group commit', () => {
     expect(jobs[0]!.n).toBe(2);
   });
 
-  it('answers 503 with Retry-After to exactly the requests of a group the database could not write, storing none', async () => {
+  it('answers 503 with Retry-After to exactly the requests of a group the database could not write, storing none', async ({
+    ctx,
+    app,
+  }) => {
     const a = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
     await sql
@@ -111,13 +110,18 @@ describe('group commit', () => {
         WHEN (NEW.organization_id = '${a.organizationId}') EXECUTE FUNCTION fail_group();`)
       .execute(ctx.db);
     cleanups.push('DROP TRIGGER fail_group ON temperature_readings; DROP FUNCTION fail_group();');
-    const results = await Promise.all(Array.from({ length: 5 }, () => post(a.apiKey, [reading(sensor!)])));
+    const results = await Promise.all(
+      Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
+    );
     expect(results.map((r) => r.status)).toEqual([503, 503, 503, 503, 503]);
     for (const r of results) expect(r.headers.get('retry-after')).toMatch(/^\d+$/);
-    expect(await stored(a)).toEqual({ readings: 0, outbox: 0, value: 0, transactions: 0 });
+    expect(await stored(ctx, a)).toEqual({ readings: 0, outbox: 0, value: 0, transactions: 0 });
   });
 
-  it('lets a request that breaks the statement fail alone: the rest of its group is stored', async () => {
+  it('lets a request that breaks the statement fail alone: the rest of its group is stored', async ({
+    ctx,
+    app,
+  }) => {
     const a = await createOrganization(ctx.db);
     const b = await createOrganization(ctx.db);
     const [sa] = await createSensors(ctx.db, a.organizationId, 1);
@@ -131,27 +135,27 @@ describe('group commit', () => {
       .execute(ctx.db);
     cleanups.push('DROP TRIGGER fail_one ON temperature_readings; DROP FUNCTION fail_one();');
     const [bad, good, other] = await Promise.all([
-      post(a.apiKey, [reading(sa!, 55.5)]),
-      post(a.apiKey, [reading(sa!)]),
-      post(b.apiKey, [reading(sb!), reading(sb!)]),
+      post(app, a.apiKey, [reading(sa!, 55.5)]),
+      post(app, a.apiKey, [reading(sa!)]),
+      post(app, b.apiKey, [reading(sb!), reading(sb!)]),
     ]);
     expect(bad!.status).toBe(500);
     expect(((await bad!.json()) as { error: { message: string } }).error.message).not.toMatch(/injected/);
     expect(await good!.json()).toEqual({ inserted: 1, duplicates: 0 });
     expect(await other!.json()).toEqual({ inserted: 2, duplicates: 0 });
-    expect((await stored(a)).readings).toBe(1);
-    expect((await stored(b)).readings).toBe(2);
+    expect((await stored(ctx, a)).readings).toBe(1);
+    expect((await stored(ctx, b)).readings).toBe(2);
   });
 
-  it('keeps Idempotency-Key replay and conflict among grouped requests', async () => {
+  it('keeps Idempotency-Key replay and conflict among grouped requests', async ({ ctx, app }) => {
     const a = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
     const keyed = [reading(sensor!)];
     const other = [reading(sensor!)];
     const [first, second, plain] = await Promise.all([
-      post(a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
-      post(a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
-      post(a.apiKey, [reading(sensor!)]),
+      post(app, a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
+      post(app, a.apiKey, keyed, { 'idempotency-key': 'k-1' }),
+      post(app, a.apiKey, [reading(sensor!)]),
     ]);
     expect(plain!.status).toBe(201);
     const answers = [await first!.json(), await second!.json()];
@@ -162,12 +166,15 @@ describe('group commit', () => {
     expect([first!.headers.get('idempotent-replayed'), second!.headers.get('idempotent-replayed')]).toContain(
       'true',
     );
-    const conflict = await post(a.apiKey, other, { 'idempotency-key': 'k-1' });
+    const conflict = await post(app, a.apiKey, other, { 'idempotency-key': 'k-1' });
     expect(conflict.status).toBe(409);
-    expect((await stored(a)).readings).toBe(2);
+    expect((await stored(ctx, a)).readings).toBe(2);
   });
 
-  it('many concurrent requests: readings and outbox totals equal what their answers said', async () => {
+  it('many concurrent requests: readings and outbox totals equal what their answers said', async ({
+    ctx,
+    app,
+  }) => {
     const orgs = await Promise.all(Array.from({ length: 4 }, () => createOrganization(ctx.db)));
     const sensors = await Promise.all(orgs.map((o) => createSensors(ctx.db, o.organizationId, 3)));
     const requests = Array.from({ length: 120 }, (_, i) => {
@@ -180,12 +187,15 @@ describe('group commit', () => {
     const answers = await Promise.all(
       requests.map(
         async (r) =>
-          (await (await post(r.org.apiKey, r.readings)).json()) as { inserted: number; duplicates: number },
+          (await (await post(app, r.org.apiKey, r.readings)).json()) as {
+            inserted: number;
+            duplicates: number;
+          },
       ),
     );
     for (const [i, org] of orgs.entries()) {
       const said = answers.filter((_, j) => j % orgs.length === i).reduce((n, a) => n + a.inserted, 0);
-      const s = await stored(org);
+      const s = await stored(ctx, org);
       expect(s.readings).toBe(said);
       expect(s.value).toBe(said);
       // Grouped: far fewer transactions (and outbox rows) than requests.

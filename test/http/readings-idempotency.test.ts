@@ -1,31 +1,23 @@
 // Idempotency-Key on POST /v1/readings: replay the first answer, 409 on another body, per
 // organization, retention and pruning.
 import { sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { pruneIdempotencyKeys } from '../../src/ingest/idempotency.js';
-import { createTestContext } from '../helpers/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };
 
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
+const it = contextTest({ env: { IDEMPOTENCY_KEY_RETENTION_HOURS: '24' }, overrides: { clock } });
 
-beforeAll(async () => {
-  ctx = await createTestContext({ IDEMPOTENCY_KEY_RETENTION_HOURS: '24' }, { clock });
-  await ctx.boss.start();
-  app = createApp(ctx);
-});
-
-function post(apiKey: string, body: string, key?: string) {
+function post(app: TestApp, apiKey: string, body: string, key?: string) {
   return app.request('/v1/readings', {
     method: 'POST',
     headers: authHeaders(apiKey, key === undefined ? {} : { 'idempotency-key': key }),
@@ -43,7 +35,7 @@ function body(sensorId: string, temperatureC = 4, count = 2): string {
   });
 }
 
-async function outboxValue(org: OrganizationFixture): Promise<number> {
+async function outboxValue(ctx: Context, org: OrganizationFixture): Promise<number> {
   const { rows } = await sql<{ v: number }>`
     SELECT coalesce(sum(value), 0)::int AS v FROM meter_outbox WHERE organization_id = ${org.organizationId}`.execute(
     ctx.db,
@@ -51,30 +43,36 @@ async function outboxValue(org: OrganizationFixture): Promise<number> {
   return rows[0]!.v;
 }
 
-async function setup() {
+async function setup(ctx: Context) {
   const org = await createOrganization(ctx.db);
   const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
   return { org, sensor: sensor! };
 }
 
 describe('Idempotency-Key', () => {
-  it('replays the first answer, status and body, for the same key and body, billing once', async () => {
-    const { org, sensor } = await setup();
-    const first = await post(org.apiKey, body(sensor), 'batch-0001');
+  it('replays the first answer, status and body, for the same key and body, billing once', async ({
+    ctx,
+    app,
+  }) => {
+    const { org, sensor } = await setup(ctx);
+    const first = await post(app, org.apiKey, body(sensor), 'batch-0001');
     expect(first.status).toBe(201);
     expect(await first.json()).toEqual({ inserted: 2, duplicates: 0 });
-    const again = await post(org.apiKey, body(sensor), 'batch-0001');
+    const again = await post(app, org.apiKey, body(sensor), 'batch-0001');
     expect(again.status).toBe(201);
     expect(again.headers.get('idempotent-replayed')).toBe('true');
     // The first answer, not "0 inserted, 2 duplicates".
     expect(await again.json()).toEqual({ inserted: 2, duplicates: 0 });
-    expect(await outboxValue(org)).toBe(2);
+    expect(await outboxValue(ctx, org)).toBe(2);
   });
 
-  it('answers 409 idempotency_conflict for the same key with another body, storing nothing', async () => {
-    const { org, sensor } = await setup();
-    await post(org.apiKey, body(sensor, 4), 'k-conflict');
-    const res = await post(org.apiKey, body(sensor, 5, 3), 'k-conflict');
+  it('answers 409 idempotency_conflict for the same key with another body, storing nothing', async ({
+    ctx,
+    app,
+  }) => {
+    const { org, sensor } = await setup(ctx);
+    await post(app, org.apiKey, body(sensor, 4), 'k-conflict');
+    const res = await post(app, org.apiKey, body(sensor, 5, 3), 'k-conflict');
     expect(res.status).toBe(409);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('idempotency_conflict');
     const readings = await ctx.db
@@ -83,55 +81,55 @@ describe('Idempotency-Key', () => {
       .where('organization_id', '=', org.organizationId)
       .execute();
     expect(readings.map((r) => r.temperature_c)).toEqual([4, 4]);
-    expect(await outboxValue(org)).toBe(2);
+    expect(await outboxValue(ctx, org)).toBe(2);
   });
 
-  it('scopes keys to the organization', async () => {
-    const a = await setup();
-    const b = await setup();
-    expect(await (await post(a.org.apiKey, body(a.sensor), 'shared-key')).json()).toEqual({
+  it('scopes keys to the organization', async ({ ctx, app }) => {
+    const a = await setup(ctx);
+    const b = await setup(ctx);
+    expect(await (await post(app, a.org.apiKey, body(a.sensor), 'shared-key')).json()).toEqual({
       inserted: 2,
       duplicates: 0,
     });
-    const other = await post(b.org.apiKey, body(b.sensor), 'shared-key');
+    const other = await post(app, b.org.apiKey, body(b.sensor), 'shared-key');
     expect(other.status).toBe(201);
     expect(other.headers.get('idempotent-replayed')).toBeNull();
     expect(await other.json()).toEqual({ inserted: 2, duplicates: 0 });
   });
 
-  it('does not store a rejected request: the key stays usable', async () => {
-    const { org, sensor } = await setup();
-    const invalid = await post(org.apiKey, body(sensor, 1000), 'after-422');
+  it('does not store a rejected request: the key stays usable', async ({ ctx, app }) => {
+    const { org, sensor } = await setup(ctx);
+    const invalid = await post(app, org.apiKey, body(sensor, 1000), 'after-422');
     expect(invalid.status).toBe(422);
-    const ok = await post(org.apiKey, body(sensor), 'after-422');
+    const ok = await post(app, org.apiKey, body(sensor), 'after-422');
     expect(ok.status).toBe(201);
     expect(await ok.json()).toEqual({ inserted: 2, duplicates: 0 });
   });
 
-  it('answers concurrent requests with the same key from one write', async () => {
-    const { org, sensor } = await setup();
+  it('answers concurrent requests with the same key from one write', async ({ ctx, app }) => {
+    const { org, sensor } = await setup(ctx);
     const responses = await Promise.all(
-      Array.from({ length: 6 }, () => post(org.apiKey, body(sensor, 4, 20), 'racy')),
+      Array.from({ length: 6 }, () => post(app, org.apiKey, body(sensor, 4, 20), 'racy')),
     );
     expect(responses.map((r) => r.status)).toEqual(responses.map(() => 201));
     const answers = await Promise.all(responses.map((r) => r.json()));
     expect(answers).toEqual(answers.map(() => ({ inserted: 20, duplicates: 0 })));
-    expect(await outboxValue(org)).toBe(20);
+    expect(await outboxValue(ctx, org)).toBe(20);
   });
 
-  it('rejects a malformed key with 400', async () => {
-    const { org, sensor } = await setup();
-    expect((await post(org.apiKey, body(sensor), 'has space')).status).toBe(400);
-    expect((await post(org.apiKey, body(sensor), 'x'.repeat(256))).status).toBe(400);
+  it('rejects a malformed key with 400', async ({ ctx, app }) => {
+    const { org, sensor } = await setup(ctx);
+    expect((await post(app, org.apiKey, body(sensor), 'has space')).status).toBe(400);
+    expect((await post(app, org.apiKey, body(sensor), 'x'.repeat(256))).status).toBe(400);
   });
 
-  it('forgets a key after IDEMPOTENCY_KEY_RETENTION_HOURS, and pruning deletes it', async () => {
-    const { org, sensor } = await setup();
-    await post(org.apiKey, body(sensor), 'old-key');
+  it('forgets a key after IDEMPOTENCY_KEY_RETENTION_HOURS, and pruning deletes it', async ({ ctx, app }) => {
+    const { org, sensor } = await setup(ctx);
+    await post(app, org.apiKey, body(sensor), 'old-key');
     nowMs += 25 * 3600 * 1000;
     try {
       // Expired: the key is free again and the request is handled as a new one.
-      const reused = await post(org.apiKey, body(sensor, 7, 1), 'old-key');
+      const reused = await post(app, org.apiKey, body(sensor, 7, 1), 'old-key');
       expect(reused.status).toBe(201);
       expect(reused.headers.get('idempotent-replayed')).toBeNull();
       const stored = await ctx.db
@@ -141,7 +139,7 @@ describe('Idempotency-Key', () => {
         .where('key', '=', 'old-key')
         .executeTakeFirstOrThrow();
       expect(stored.created_at).toEqual(new Date(nowMs));
-      await post(org.apiKey, body(sensor), 'soon-pruned');
+      await post(app, org.apiKey, body(sensor), 'soon-pruned');
       const deleted = await pruneIdempotencyKeys(ctx.db, new Date(nowMs + 1));
       expect(deleted).toBeGreaterThanOrEqual(2);
       const left = await ctx.db

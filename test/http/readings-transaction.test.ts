@@ -1,28 +1,25 @@
 // The readings, the meter_outbox row and the pg-boss job commit together or not at all, under
 // injected failures, concurrency and an unreachable database.
-import { createServer } from 'node:net';
 import { sql } from 'kysely';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
+import { freePort } from '../support/net.js';
+import { seededRandom } from '../support/random.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
+const random = seededRandom();
 
-beforeAll(async () => {
-  ctx = await createTestContext();
-  await ctx.boss.start();
-  app = createApp(ctx);
-});
+const it = contextTest();
 
-function post(apiKey: string, body: unknown, headers: Record<string, string> = {}) {
+function post(app: TestApp, apiKey: string, body: unknown, headers: Record<string, string> = {}) {
   return app.request('/v1/readings', {
     method: 'POST',
     headers: authHeaders(apiKey, headers),
@@ -30,7 +27,7 @@ function post(apiKey: string, body: unknown, headers: Record<string, string> = {
   });
 }
 
-async function state(org: OrganizationFixture) {
+async function state(ctx: Context, org: OrganizationFixture) {
   const { rows } = await sql<{ readings: number; outbox: number; outbox_value: number; jobs: number }>`
     SELECT
       (SELECT count(*)::int FROM temperature_readings WHERE organization_id = ${org.organizationId}) AS readings,
@@ -54,13 +51,13 @@ function batch(sensorId: string, count: number, offsetSeconds = 0) {
 
 describe('a failure injected after the readings insert', () => {
   const cleanups: string[] = [];
-  afterEach(async () => {
+  it.afterEach(async ({ ctx }) => {
     for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
   });
 
   /** A trigger that fails inserts for one organization (or customer) only. */
-  async function failInserts(table: string, condition: string) {
-    const name = `fail_${Math.random().toString(36).slice(2, 10)}`;
+  async function failInserts(ctx: Context, table: string, condition: string) {
+    const name = `fail_${random.next().toString(36).slice(2, 10)}`;
     await sql
       .raw(`
       CREATE FUNCTION ${name}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -73,46 +70,56 @@ describe('a failure injected after the readings insert', () => {
     cleanups.push(`DROP TRIGGER ${name} ON ${table}; DROP FUNCTION ${name}();`);
   }
 
-  async function expectNothingStoredThenRecovery(org: OrganizationFixture, sensorId: string, headers = {}) {
+  async function expectNothingStoredThenRecovery(
+    ctx: Context,
+    app: TestApp,
+    org: OrganizationFixture,
+    sensorId: string,
+    headers = {},
+  ) {
     const body = batch(sensorId, 4);
-    const res = await post(org.apiKey, body, headers);
+    const res = await post(app, org.apiKey, body, headers);
     expect(res.status).toBe(500);
     const json = (await res.json()) as { error: { code: string; message: string } };
     expect(json.error.code).toBe('internal');
     expect(json.error.message).not.toMatch(/injected/);
-    expect(await state(org)).toEqual({ readings: 0, outbox: 0, outbox_value: 0, jobs: 0 });
+    expect(await state(ctx, org)).toEqual({ readings: 0, outbox: 0, outbox_value: 0, jobs: 0 });
     // Nothing half-written is left behind: once the fault is gone the same batch is all new.
     for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
-    const retry = await post(org.apiKey, body, headers);
+    const retry = await post(app, org.apiKey, body, headers);
     expect(await retry.json()).toEqual({ inserted: 4, duplicates: 0 });
-    expect(await state(org)).toEqual({ readings: 4, outbox: 1, outbox_value: 4, jobs: 1 });
+    expect(await state(ctx, org)).toEqual({ readings: 4, outbox: 1, outbox_value: 4, jobs: 1 });
   }
 
-  it('in the outbox insert leaves no reading, no outbox row and no job', async () => {
-    const org = await createOrganization(ctx.db);
+  it('in the outbox insert leaves no reading, no outbox row and no job', async ({ ctx, app, org }) => {
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    await failInserts('meter_outbox', `NEW.organization_id = '${org.organizationId}'`);
-    await expectNothingStoredThenRecovery(org, s!);
+    await failInserts(ctx, 'meter_outbox', `NEW.organization_id = '${org.organizationId}'`);
+    await expectNothingStoredThenRecovery(ctx, app, org, s!);
   });
 
-  it('in the pg-boss job insert leaves no reading, no outbox row and no job', async () => {
-    const org = await createOrganization(ctx.db);
+  it('in the pg-boss job insert leaves no reading, no outbox row and no job', async ({ ctx, app, org }) => {
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    await failInserts('pgboss.job_common', `NEW.data->>'customerId' = '${org.customerId}'`);
-    await expectNothingStoredThenRecovery(org, s!);
+    await failInserts(ctx, 'pgboss.job_common', `NEW.data->>'customerId' = '${org.customerId}'`);
+    await expectNothingStoredThenRecovery(ctx, app, org, s!);
   });
 
-  it('in the Idempotency-Key insert leaves no reading, no outbox row and no job', async () => {
-    const org = await createOrganization(ctx.db);
+  it('in the Idempotency-Key insert leaves no reading, no outbox row and no job', async ({
+    ctx,
+    app,
+    org,
+  }) => {
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    await failInserts('idempotency_keys', `NEW.organization_id = '${org.organizationId}'`);
-    await expectNothingStoredThenRecovery(org, s!, { 'idempotency-key': 'failing-key' });
+    await failInserts(ctx, 'idempotency_keys', `NEW.organization_id = '${org.organizationId}'`);
+    await expectNothingStoredThenRecovery(ctx, app, org, s!, { 'idempotency-key': 'failing-key' });
   });
 });
 
 describe('concurrent ingestion', () => {
-  it('never counts a reading twice across overlapping batches: outbox sum equals rows stored', async () => {
-    const org = await createOrganization(ctx.db);
+  it('never counts a reading twice across overlapping batches: outbox sum equals rows stored', async ({
+    ctx,
+    app,
+    org,
+  }) => {
     const sensors = await createSensors(ctx.db, org.organizationId, 4);
     const base = Date.now() - 3_600_000;
     // 4 sensors x 100 instants; 12 requests of 150 readings each, in shuffled orders, overlapping.
@@ -134,7 +141,7 @@ describe('concurrent ingestion', () => {
         .map((key) => ({ ...key, temperatureC: 5 })),
     );
     const distinct = new Set(batches.flat().map((r) => `${r.sensorId}|${r.recordedAt}`)).size;
-    const responses = await Promise.all(batches.map((readings) => post(org.apiKey, { readings })));
+    const responses = await Promise.all(batches.map((readings) => post(app, org.apiKey, { readings })));
     expect(responses.map((r) => r.status)).toEqual(batches.map(() => 201));
     const results = (await Promise.all(responses.map((r) => r.json()))) as {
       inserted: number;
@@ -143,7 +150,7 @@ describe('concurrent ingestion', () => {
     const inserted = results.reduce((n, r) => n + r.inserted, 0);
     expect(results.every((r) => r.inserted + r.duplicates === 150)).toBe(true);
     expect(inserted).toBe(distinct);
-    const after = await state(org);
+    const after = await state(ctx, org);
     expect(after.readings).toBe(distinct);
     expect(after.outbox_value).toBe(distinct);
     // Grouped requests share a transaction: one outbox row per transaction, never more than one
@@ -159,30 +166,32 @@ describe('concurrent ingestion', () => {
     expect(mismatched).toEqual([]);
   });
 
-  it('stores identical concurrent batches once', async () => {
-    const org = await createOrganization(ctx.db);
+  it('stores identical concurrent batches once', async ({ ctx, app, org }) => {
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const body = batch(s!, 50);
     const results = (await Promise.all(
-      Array.from({ length: 8 }, async () => (await post(org.apiKey, body)).json()),
+      Array.from({ length: 8 }, async () => (await post(app, org.apiKey, body)).json()),
     )) as { inserted: number; duplicates: number }[];
     expect(results.reduce((n, r) => n + r.inserted, 0)).toBe(50);
-    expect(await state(org)).toMatchObject({ readings: 50, outbox_value: 50 });
+    expect(await state(ctx, org)).toMatchObject({ readings: 50, outbox_value: 50 });
   });
 });
 
 describe('the reading to outbox link', () => {
-  it('names, on every billed reading, the outbox row that bills it, and nothing on unbilled ones', async () => {
+  it('names, on every billed reading, the outbox row that bills it, and nothing on unbilled ones', async ({
+    ctx,
+    app,
+  }) => {
     const billable = await createOrganization(ctx.db);
     const free = await createOrganization(ctx.db, { billable: false });
     const [billableSensor] = await createSensors(ctx.db, billable.organizationId);
     const [freeSensor] = await createSensors(ctx.db, free.organizationId);
     const first = batch(billableSensor!, 3);
-    expect((await post(billable.apiKey, first)).status).toBe(201);
-    expect((await post(billable.apiKey, batch(billableSensor!, 5, 100))).status).toBe(201);
+    expect((await post(app, billable.apiKey, first)).status).toBe(201);
+    expect((await post(app, billable.apiKey, batch(billableSensor!, 5, 100))).status).toBe(201);
     // A re-sent batch stores nothing new: no outbox row, and the stored readings keep their link.
-    expect((await post(billable.apiKey, first)).status).toBe(201);
-    expect((await post(free.apiKey, batch(freeSensor!, 2))).status).toBe(201);
+    expect((await post(app, billable.apiKey, first)).status).toBe(201);
+    expect((await post(app, free.apiKey, batch(freeSensor!, 2))).status).toBe(201);
 
     const { rows } = await sql<{
       organization_id: string;
@@ -206,17 +215,9 @@ describe('the reading to outbox link', () => {
 });
 
 describe('an unreachable database', () => {
-  async function closedPort(): Promise<number> {
-    const server = createServer();
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const address = server.address();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-    if (address === null || typeof address === 'string') throw new Error('no port');
-    return address.port;
-  }
-
   it('answers 503 with Retry-After and never an internal message', async () => {
-    const port = await closedPort();
+    // A port nothing listens on: the kit's freePort closes the one it found.
+    const port = await freePort();
     const down = await createTestContext({ DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/meterbox` });
     const downApp = createApp(down);
     const res = await downApp.request('/v1/readings', {

@@ -2,13 +2,13 @@ import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
-} from '../helpers/fixtures.js';
+} from '../support/fixtures.js';
 
 const NOW = new Date('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(NOW) };

@@ -9,7 +9,7 @@ import { webhookRoutes } from '../../src/api/webhooks.js';
 import type { EventHandler } from '../../src/billing/handlers.js';
 import { defaultHandlers } from '../../src/billing/handlers.js';
 import { countRows, deliver, uniqueId, WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 const ADMIN_TOKEN = 'admin-token-for-poison-webhooks';
 const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, ADMIN_TOKEN });

@@ -18,7 +18,7 @@ import {
   uniqueId,
   WEBHOOK_SECRET,
 } from '../billing/webhook-fixtures.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
 
 const lines: string[] = [];
 const logSink = new Writable({

@@ -5,8 +5,8 @@ import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { storeReadings } from '../../src/ingest/readings.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
 
 let ctx: Context;
 let statements: string[];

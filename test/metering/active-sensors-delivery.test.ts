@@ -8,8 +8,8 @@ import { reportActiveSensorsWithTimestamp, utcHourOf } from '../../src/metering/
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext } from '../helpers/database.js';
-import { waitFor } from '../helpers/wait.js';
+import { createTestContext } from '../support/database.js';
+import { waitFor } from '../support/wait.js';
 import { activeSensorRows, createOrganizations } from './active-sensors-fixtures.js';
 
 let emulator: StripeEmulator;

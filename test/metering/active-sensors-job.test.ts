@@ -16,8 +16,8 @@ import {
 } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { waitFor } from '../helpers/wait.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { waitFor } from '../support/wait.js';
 import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';
 
 const fixedClock = (iso: string) => ({ now: () => new Date(iso) });

@@ -9,7 +9,7 @@ import {
   reportActiveSensorsWithTimestamp,
   utcHourOf,
 } from '../../src/metering/active-sensors.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 import {
   activeSensorRows,
   bulkActiveSensors,

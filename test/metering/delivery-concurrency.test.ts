@@ -7,8 +7,8 @@ import type { Context } from '../../src/context.js';
 import { createStripeClient } from '../../src/context.js';
 import { createStripeMeterClient, type StripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from './delivery-helpers.js';
 
 let emulator: StripeEmulator;

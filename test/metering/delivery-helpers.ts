@@ -37,7 +37,7 @@ export async function writeRows(
 }
 
 /** Waits until `check` returns a truthy value (the testkit's waitFor, re-exported for the delivery tests). */
-export { waitFor } from '../helpers/wait.js';
+export { waitFor } from '../support/wait.js';
 
 export async function statusCounts(db: Kysely<DB>, customerId?: string): Promise<Record<string, number>> {
   let q = db

@@ -8,8 +8,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { enqueueDelivery } from '../../src/metering/outbox.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from './delivery-helpers.js';
 
 const MIN_INTERVAL_MS = 1000;

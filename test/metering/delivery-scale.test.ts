@@ -12,8 +12,8 @@ import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { allSettled, compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const RATE = 40;

@@ -10,8 +10,8 @@ import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../helpers/database.js';
-import { authHeaders, createOrganization, type OrganizationFixture } from '../helpers/fixtures.js';
+import { createTestContext, createTestDatabase } from '../support/database.js';
+import { authHeaders, createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const WEBHOOK_SECRET = 'whsec_v2_delivery_test';

@@ -14,8 +14,8 @@ import {
 } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization } from '../support/fixtures.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const HOUR = 3600_000;

@@ -8,8 +8,8 @@ import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization, createSensors } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization, createSensors } from '../support/fixtures.js';
 
 let ctx: Context;
 let counting: Kysely<DB>;

@@ -2,7 +2,7 @@
 // (pg-boss cannot change a policy in place), so a sweep killed mid-pass no longer blocks the next.
 import { describe, expect, it } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
-import { createTestContext } from '../helpers/database.js';
+import { createTestContext } from '../support/database.js';
 
 describe('ensureQueues', () => {
   it('recreates the sweep queue with its new policy; other queues keep theirs', async () => {

@@ -11,7 +11,7 @@ import {
   createStripeMeterClient,
   type StripeMeterClient,
 } from '../../src/metering/stripe-meter.js';
-import { testConfig } from '../helpers/database.js';
+import { testConfig } from '../support/database.js';
 
 let emulator: StripeEmulator;
 let meter: StripeMeterClient;

@@ -6,8 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext } from '../helpers/database.js';
-import { createOrganization } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { createOrganization } from '../support/fixtures.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 let emulator: StripeEmulator;

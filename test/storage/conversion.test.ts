@@ -4,7 +4,7 @@ import { readFile } from 'node:fs/promises';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { listMigrations } from '../../src/db/migrate.js';
-import { createTestDatabase } from '../helpers/database.js';
+import { createTestDatabase } from '../support/database.js';
 
 async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
   const client = new pg.Client({ connectionString: url });

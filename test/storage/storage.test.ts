@@ -2,9 +2,8 @@
 // no partition, retention refusal and drop, outbox compaction — and usage/reconciliation totals
 // unchanged by compaction and by dropping readings.
 import { sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { reconcile } from '../../src/admin/reconcile.js';
-import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import {
@@ -15,21 +14,17 @@ import {
   runStorageMaintenance,
 } from '../../src/metering/storage.js';
 import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/metering/storage-job.js';
-import { createTestContext } from '../helpers/database.js';
-import { authHeaders, createOrganization, createSensors } from '../helpers/fixtures.js';
+import { createTestContext } from '../support/database.js';
+import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
 
-beforeAll(async () => {
-  ctx = await createTestContext({}, { clock });
-  await ctx.boss.start();
-  app = createApp(ctx);
-});
+const it = contextTest({ overrides: { clock } });
 
 async function post(
+  app: TestApp,
   apiKey: string,
   readings: { sensorId: string; recordedAt: string; temperatureC: number }[],
 ) {
@@ -41,18 +36,20 @@ async function post(
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
 }
 
-async function partitionOf(sensorId: string, recordedAt: string): Promise<string | undefined> {
+async function partitionOf(ctx: Context, sensorId: string, recordedAt: string): Promise<string | undefined> {
   const result = await sql<{ part: string }>`
     SELECT tableoid::regclass::text AS part FROM temperature_readings
      WHERE sensor_id = ${sensorId} AND recorded_at = ${recordedAt}`.execute(ctx.db);
   return result.rows[0]?.part;
 }
 
-const maintenance = (config: { READINGS_RETENTION_DAYS: number; OUTBOX_COMPACTION_DAYS: number }) =>
-  runStorageMaintenance({ db: ctx.db, log: ctx.log, clock, config });
+const maintenance = (
+  ctx: Context,
+  config: { READINGS_RETENTION_DAYS: number; OUTBOX_COMPACTION_DAYS: number },
+) => runStorageMaintenance({ db: ctx.db, log: ctx.log, clock, config });
 
 describe('readings partitions', () => {
-  it('creates weekly partitions ahead, across a month boundary, idempotently', async () => {
+  it('creates weekly partitions ahead, across a month boundary, idempotently', async ({ ctx, app }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z'); // a Saturday
     const first = await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
     expect(first.created).toEqual([
@@ -73,16 +70,16 @@ describe('readings partitions', () => {
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     nowMs = Date.parse('2026-12-01T12:00:00.000Z');
-    const res = await post(org.apiKey, [
+    const res = await post(app, org.apiKey, [
       { sensorId: s!, recordedAt: '2026-11-30T23:59:59.000Z', temperatureC: 4 },
       { sensorId: s!, recordedAt: '2026-12-01T00:00:00.000Z', temperatureC: 4 },
     ]);
     expect(res).toEqual({ status: 201, body: { inserted: 2, duplicates: 0 } });
-    expect(await partitionOf(s!, '2026-11-30T23:59:59.000Z')).toBe('temperature_readings_p20261130');
-    expect(await partitionOf(s!, '2026-12-01T00:00:00.000Z')).toBe('temperature_readings_p20261130');
+    expect(await partitionOf(ctx, s!, '2026-11-30T23:59:59.000Z')).toBe('temperature_readings_p20261130');
+    expect(await partitionOf(ctx, s!, '2026-12-01T00:00:00.000Z')).toBe('temperature_readings_p20261130');
   });
 
-  it('is safe when several workers create partitions at once (advisory lock)', async () => {
+  it('is safe when several workers create partitions at once (advisory lock)', async ({ ctx }) => {
     const now = new Date('2027-06-09T12:00:00.000Z');
     const runs = await Promise.all(
       [1, 2, 3].map(() => ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 })),
@@ -97,23 +94,28 @@ describe('readings partitions', () => {
     ]);
   });
 
-  it('stores a reading for a week with no partition in the default partition, then moves it when the worker creates it', async () => {
+  it('stores a reading for a week with no partition in the default partition, then moves it when the worker creates it', async ({
+    ctx,
+    app,
+  }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const past = '2026-03-04T05:06:07.000Z'; // within retention, no partition
-    expect((await post(org.apiKey, [{ sensorId: s!, recordedAt: past, temperatureC: 5 }])).status).toBe(201);
-    expect(await partitionOf(s!, past)).toBe('temperature_readings_default');
+    expect((await post(app, org.apiKey, [{ sensorId: s!, recordedAt: past, temperatureC: 5 }])).status).toBe(
+      201,
+    );
+    expect(await partitionOf(ctx, s!, past)).toBe('temperature_readings_default');
 
     const result = await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
     expect(result.created).toContain('temperature_readings_p20260302');
     expect(result.moved).toBe(1);
-    expect(await partitionOf(s!, past)).toBe('temperature_readings_p20260302');
+    expect(await partitionOf(ctx, s!, past)).toBe('temperature_readings_p20260302');
     const outboxId = await sql<{ outbox_id: string | null }>`
       SELECT outbox_id FROM temperature_readings WHERE sensor_id = ${s!}`.execute(ctx.db);
     expect(outboxId.rows[0]!.outbox_id).not.toBeNull();
     // De-duplication holds across the move: the same reading again is a duplicate.
-    expect(await post(org.apiKey, [{ sensorId: s!, recordedAt: past, temperatureC: 5 }])).toEqual({
+    expect(await post(app, org.apiKey, [{ sensorId: s!, recordedAt: past, temperatureC: 5 }])).toEqual({
       status: 201,
       body: { inserted: 0, duplicates: 1 },
     });
@@ -137,12 +139,15 @@ describe('storage-maintenance in the worker', () => {
 });
 
 describe('retention', () => {
-  it('refuses readings older than READINGS_RETENTION_DAYS with 422 and a per-index detail, storing none', async () => {
+  it('refuses readings older than READINGS_RETENTION_DAYS with 422 and a per-index detail, storing none', async ({
+    ctx,
+    app,
+  }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const tooOld = new Date(nowMs - 401 * 86_400_000).toISOString();
-    const res = await post(org.apiKey, [
+    const res = await post(app, org.apiKey, [
       { sensorId: s!, recordedAt: '2026-11-21T09:00:00.000Z', temperatureC: 4 },
       { sensorId: s!, recordedAt: tooOld, temperatureC: 4 },
     ]);
@@ -166,7 +171,10 @@ describe('retention', () => {
 });
 
 describe('compaction and drop keep usage and reconciliation totals', () => {
-  it('gives the same totals before compaction, after compaction and after the readings are dropped', async () => {
+  it('gives the same totals before compaction, after compaction and after the readings are dropped', async ({
+    ctx,
+    app,
+  }) => {
     // Long ago (2025-01), an organization ingests readings over several hours; its usage is delivered.
     nowMs = Date.parse('2025-01-08T09:00:00.000Z');
     await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
@@ -182,13 +190,16 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
         temperatureC: 4,
       }));
       n += readings.length;
-      expect((await post(org.apiKey, readings)).status).toBe(201);
+      expect((await post(app, org.apiKey, readings)).status).toBe(201);
     }
     // One reading for a week with no partition (into the default partition).
     nowMs = Date.parse('2025-01-08T11:30:00.000Z');
     expect(
-      (await post(org.apiKey, [{ sensorId: s1!, recordedAt: '2024-12-24T00:00:00.000Z', temperatureC: 1 }]))
-        .status,
+      (
+        await post(app, org.apiKey, [
+          { sensorId: s1!, recordedAt: '2024-12-24T00:00:00.000Z', temperatureC: 1 },
+        ])
+      ).status,
     ).toBe(201);
     n += 1;
     // Deliver everything but the last temperature_readings row, which stays failed; add hourly
@@ -263,7 +274,7 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
 
     // 2025-02-28: 51 days after delivery, retention not reached — compaction only.
     nowMs = Date.parse('2025-02-28T00:00:00.000Z');
-    await maintenance({ READINGS_RETENTION_DAYS: 400, OUTBOX_COMPACTION_DAYS: 45 });
+    await maintenance(ctx, { READINGS_RETENTION_DAYS: 400, OUTBOX_COMPACTION_DAYS: 45 });
     const live = await sql<{ n: string }>`
       SELECT count(*) AS n FROM meter_outbox WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
     expect(Number(live.rows[0]!.n)).toBe(1); // only the failed row is left
@@ -279,7 +290,7 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
 
     // 2026-11-21: the 2025-01 readings are past 400 days — their partitions are dropped.
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
-    await maintenance({ READINGS_RETENTION_DAYS: 400, OUTBOX_COMPACTION_DAYS: 45 });
+    await maintenance(ctx, { READINGS_RETENTION_DAYS: 400, OUTBOX_COMPACTION_DAYS: 45 });
     const names = (await listReadingsPartitions(ctx.db)).map((p) => p.name);
     expect(names).not.toContain('temperature_readings_p20250106');
     const remaining = await sql<{ n: string }>`
@@ -290,23 +301,29 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
     expect(await totals()).toEqual(before);
   });
 
-  it('lowering READINGS_RETENTION_DAYS and running maintenance again drops the newly expired partitions', async () => {
+  it('lowering READINGS_RETENTION_DAYS and running maintenance again drops the newly expired partitions', async ({
+    ctx,
+    app,
+  }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
     await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     expect(
-      (await post(org.apiKey, [{ sensorId: s!, recordedAt: '2026-11-02T08:00:00.000Z', temperatureC: 4 }]))
-        .status,
+      (
+        await post(app, org.apiKey, [
+          { sensorId: s!, recordedAt: '2026-11-02T08:00:00.000Z', temperatureC: 4 },
+        ])
+      ).status,
     ).toBe(201);
     await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
-    expect(await partitionOf(s!, '2026-11-02T08:00:00.000Z')).toBe('temperature_readings_p20261102');
+    expect(await partitionOf(ctx, s!, '2026-11-02T08:00:00.000Z')).toBe('temperature_readings_p20261102');
     const kept = await dropExpiredPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
     expect(kept.dropped).not.toContain('temperature_readings_p20261102');
     const lowered = await dropExpiredPartitions(ctx.db, { now: clock.now(), retentionDays: 7 });
     expect(lowered.dropped).toContain('temperature_readings_p20261102');
     expect(lowered.dropped).not.toContain('temperature_readings_p20261116'); // still partly inside 7 days
-    expect(await partitionOf(s!, '2026-11-02T08:00:00.000Z')).toBeUndefined();
+    expect(await partitionOf(ctx, s!, '2026-11-02T08:00:00.000Z')).toBeUndefined();
     const rollup = await sql<{ readings: string }>`
       SELECT readings FROM readings_hourly_rollup WHERE organization_id = ${org.organizationId}`.execute(
       ctx.db,

@@ -1,7 +1,7 @@
 // Meter event adjustments (cancel by identifier within 24 hours) and negative values on a sum meter,
 // driven through the real stripe SDK.
 import Stripe from 'stripe';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { manualClock, rejection, useEmulator } from './helpers.js';
 
 const clock = manualClock();

@@ -1,6 +1,6 @@
 // The v1 meter-event endpoint's rules, driven through the real stripe SDK.
 import Stripe from 'stripe';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { startStripeEmulator } from '../src/index.js';
 import { manualClock, rejection, sdk, useEmulator } from './helpers.js';
 

@@ -5,6 +5,9 @@ import { afterAll, inject, onTestFinished } from 'vitest';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
+import { seededRandom } from './random.js';
+
+const random = seededRandom();
 
 /**
  * Registers clean-up for the current test when called inside one (vitest silently ignores an
@@ -35,8 +38,10 @@ async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
   }
 }
 
-/** Creates a fresh database cloned from the migrated template; dropped after the file. */
-export async function createTestDatabase(options: { migrated?: boolean } = {}): Promise<string> {
+/** A fresh database cloned from the migrated template, and the way to drop it (the caller's job). */
+export async function provisionTestDatabase(
+  options: { migrated?: boolean } = {},
+): Promise<{ url: string; drop: () => Promise<void> }> {
   const template = inject('pgTemplate');
   const name = `${template.replace(/_template$/, '')}_${randomBytes(5).toString('hex')}`;
   await admin(async (client) => {
@@ -52,16 +57,52 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
         return;
       } catch (err) {
         if ((err as { code?: string }).code !== '55006' || attempt > 50) throw err;
-        await new Promise((r) => setTimeout(r, 50 + Math.random() * 100));
+        await new Promise((r) => setTimeout(r, random.between(50, 150)));
       }
     }
   });
-  cleanUp(() => admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)));
-  return databaseUrl(name);
+  return {
+    url: databaseUrl(name),
+    drop: async () => {
+      await admin((client) => client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
+    },
+  };
+}
+
+/** Creates a fresh database cloned from the migrated template; dropped after the file. */
+export async function createTestDatabase(options: { migrated?: boolean } = {}): Promise<string> {
+  const { url, drop } = await provisionTestDatabase(options);
+  cleanUp(drop);
+  return url;
 }
 
 export function testConfig(env: Record<string, string | undefined> = {}): Config {
   return loadConfig({ LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'silent', ...env });
+}
+
+/**
+ * A context on its own fresh database (unless env names one), and the way to close it and drop
+ * that database: for fixtures, which own their teardown.
+ */
+export async function openTestContext(
+  env: Record<string, string | undefined> = {},
+  overrides: ContextOverrides = {},
+): Promise<{ ctx: Context; close: () => Promise<void> }> {
+  const database = env.DATABASE_URL === undefined ? await provisionTestDatabase() : undefined;
+  const config = testConfig({ ...env, DATABASE_URL: database?.url ?? env.DATABASE_URL });
+  const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides }).catch(
+    async (err: unknown) => {
+      await database?.drop();
+      throw err;
+    },
+  );
+  return {
+    ctx,
+    close: async () => {
+      await ctx.close();
+      await database?.drop();
+    },
+  };
 }
 
 /** A context on its own fresh database, closed after the file. */
@@ -69,9 +110,7 @@ export async function createTestContext(
   env: Record<string, string | undefined> = {},
   overrides: ContextOverrides = {},
 ): Promise<Context> {
-  const url = env.DATABASE_URL ?? (await createTestDatabase());
-  const config = testConfig({ ...env, DATABASE_URL: url });
-  const ctx = await createContext(config, { log: createLogger(config.LOG_LEVEL), ...overrides });
-  cleanUp(() => ctx.close());
+  const { ctx, close } = await openTestContext(env, overrides);
+  cleanUp(close);
   return ctx;
 }

@@ -1,10 +1,10 @@
-// npm run chaos [-- --short] [--only 1,2] [--seed 7]
-// The fault suite: real API and worker processes, an embedded Postgres we can stop, the Stripe
-// emulator injecting faults. Every scenario ends with the ledger check; any violation exits non-zero
-// with the organization and the amount. --short (CI) shortens the load phases to stay under 3 minutes.
+// The fault suite (npm run chaos [-- --short] [--only 1,2] [--seed 7], or vitest.chaos.config.ts with
+// CHAOS_SHORT=1, CHAOS_SEED): real API and worker processes, an embedded Postgres we can stop, the
+// Stripe emulator injecting faults. One test per scenario, each ending with the ledger check; a
+// violation fails it with the organization and the amount. Every process a scenario starts is killed
+// when that scenario ends, pass or fail. Short mode (CI) shortens the load phases.
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
 import {
   buildEvent,
   createPrng,
@@ -13,39 +13,51 @@ import {
   startStripeEmulator,
   subscription,
 } from '@meterbox/stripe-emulator';
-import { loadConfig } from '../../src/config.js';
-import { createContext } from '../../src/context.js';
-import { createLogger } from '../../src/log.js';
-import { sendJob } from '../../src/metering/queues.js';
+import { expect, onTestFinished, test } from 'vitest';
 import {
   type Cluster,
   createOrgs,
   freshDatabase,
   HttpClient,
+  startApi as harnessStartApi,
+  startWorkerProcess as harnessStartWorkerProcess,
   type Org,
   openDatabase,
   type Proc,
   ReadingSource,
   sleep,
-  startApi,
   startCluster,
-  startWorkerProcess,
   waitFor,
-} from '../bench/harness.js';
-import { checkLedger, formatReport, loadLedger } from './ledger.js';
+} from '../../scripts/bench/harness.js';
+import { loadConfig } from '../../src/config.js';
+import { createContext } from '../../src/context.js';
+import { createLogger } from '../../src/log.js';
+import { sendJob } from '../../src/metering/queues.js';
+import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
 
-const { values: args } = parseArgs({
-  options: {
-    short: { type: 'boolean', default: false },
-    only: { type: 'string' },
-    seed: { type: 'string', default: '1' },
-  },
-});
-const short = args.short ?? false;
-const seed = Number(args.seed);
-const only = args.only ? new Set(args.only.split(',').map(Number)) : undefined;
+const short = process.env.CHAOS_SHORT === '1';
+const seed = Number(process.env.CHAOS_SEED ?? '1');
+if (!Number.isInteger(seed)) throw new Error(`CHAOS_SEED must be an integer, got ${process.env.CHAOS_SEED}`);
 const log = (msg: string) =>
   process.stderr.write(`[chaos ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+
+/** Kills `proc` when the current scenario ends; a scenario that passed has stopped it already. */
+function killAtEnd(proc: Proc): Proc {
+  onTestFinished(() => proc.stop('SIGKILL', 5_000));
+  return proc;
+}
+
+async function startApi(
+  env: Record<string, string | undefined>,
+): Promise<Awaited<ReturnType<typeof harnessStartApi>>> {
+  const api = await harnessStartApi(env);
+  killAtEnd(api.proc);
+  return api;
+}
+
+async function startWorkerProcess(env: Record<string, string | undefined>, name?: string): Promise<Proc> {
+  return killAtEnd(await harnessStartWorkerProcess(env, name));
+}
 
 /** Worker settings that make retries and recovery fast enough to observe within a scenario. */
 const FAST_WORKER = {
@@ -62,7 +74,6 @@ interface Outcome {
   scenario: string;
   ok: boolean;
   lines: string[];
-  seconds: number;
 }
 
 interface Env {
@@ -209,7 +220,7 @@ async function scenarioKills({ cluster, emulator }: Env): Promise<Outcome> {
   lines.push(text);
   http.close();
   await Promise.all([api.proc.stop(), ...workers.map((w) => w.stop())]);
-  return { scenario: name, ok: ok && report.ok, lines, seconds: 0 };
+  return { scenario: name, ok: ok && report.ok, lines };
 }
 
 // ------------------------------------------------------------------ 2. Postgres stopped and restarted
@@ -304,7 +315,7 @@ async function scenarioPostgresRestart({ cluster, emulator }: Env): Promise<Outc
   lines.push(text);
   http.close();
   await Promise.all([api.proc.stop(), worker.stop()]);
-  return { scenario: name, ok: ok && report.ok, lines, seconds: 0 };
+  return { scenario: name, ok: ok && report.ok, lines };
 }
 
 // ------------------------------------------------------------------ 3. two workers, duplicated cron
@@ -379,7 +390,7 @@ async function scenarioDuplicateCron({ cluster, emulator }: Env): Promise<Outcom
     lines.push('  ✗ a worker died');
   }
   await Promise.all(workers.map((w) => w.stop()));
-  return { scenario: name, ok, lines, seconds: 0 };
+  return { scenario: name, ok, lines };
 }
 
 // ------------------------------------------------------------------ 4. webhook storm
@@ -465,7 +476,7 @@ async function scenarioWebhookStorm({ cluster }: Env): Promise<Outcome> {
   http.close();
   await setup.db.destroy();
   await api.proc.stop();
-  return { scenario: name, ok, lines, seconds: 0 };
+  return { scenario: name, ok, lines };
 }
 
 // ------------------------------------------------------------------ 5. bad input
@@ -580,7 +591,7 @@ async function scenarioBadInput({ cluster }: Env): Promise<Outcome> {
   http.close();
   await setup.db.destroy();
   await api.proc.stop();
-  return { scenario: name, ok, lines, seconds: 0 };
+  return { scenario: name, ok, lines };
 }
 
 function countStatuses(statuses: readonly number[]): Record<string, number> {
@@ -589,56 +600,46 @@ function countStatuses(statuses: readonly number[]): Record<string, number> {
   return out;
 }
 
-async function main(): Promise<void> {
-  const started = Date.now();
-  const root = join('/tmp', `meterbox-chaos-${process.pid}`);
-  log(`embedded Postgres in ${root}; ${short ? 'short' : 'full'} mode, seed ${seed}`);
-  const cluster = await startCluster(join(root, 'pg'));
-  const emulator = await startStripeEmulator({ port: 0, seed });
-  const env: Env = { cluster, emulator };
-  const scenarios: [number, (e: Env) => Promise<Outcome>][] = [
-    [1, scenarioKills],
-    [2, scenarioPostgresRestart],
-    [3, scenarioDuplicateCron],
-    [4, scenarioWebhookStorm],
-    [5, scenarioBadInput],
-  ];
-  const outcomes: Outcome[] = [];
-  try {
-    for (const [n, run] of scenarios) {
-      if (only && !only.has(n)) continue;
-      const t = Date.now();
-      log(`scenario ${n}…`);
-      let outcome: Outcome;
+/** One embedded Postgres and one Stripe emulator for the whole suite, stopped after the last scenario. */
+const chaos = test.extend<{ env: Env }>({
+  env: [
+    // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+    async ({}, use) => {
+      const root = join('/tmp', `meterbox-chaos-${process.pid}`);
+      log(`embedded Postgres in ${root}; ${short ? 'short' : 'full'} mode, seed ${seed}`);
+      const cluster = await startCluster(join(root, 'pg'));
+      const emulator = await startStripeEmulator({ port: 0, seed }).catch(async (err: unknown) => {
+        await cluster.stop();
+        throw err;
+      });
       try {
-        outcome = await run(env);
-      } catch (err) {
-        outcome = {
-          scenario: `scenario ${n}`,
-          ok: false,
-          lines: [`  ✗ crashed: ${(err as Error).stack ?? String(err)}`],
-          seconds: 0,
-        };
+        await use({ cluster, emulator });
+      } finally {
+        await emulator.stop().catch(() => {});
+        await cluster.stop().catch(() => {});
+        rmSync(root, { recursive: true, force: true });
       }
-      outcome.seconds = Math.round((Date.now() - t) / 1000);
-      outcomes.push(outcome);
-      console.log(
-        `\n${outcome.ok ? 'PASS' : 'FAIL'} ${outcome.scenario} (${outcome.seconds} s)\n${outcome.lines.map((l) => `  ${l}`).join('\n')}`,
-      );
-    }
-  } finally {
-    await emulator.stop().catch(() => {});
-    await cluster.stop().catch(() => {});
-    rmSync(root, { recursive: true, force: true });
-  }
-  const failed = outcomes.filter((o) => !o.ok);
-  console.log(
-    `\nchaos: ${outcomes.length - failed.length}/${outcomes.length} scenarios passed in ${Math.round((Date.now() - started) / 1000)} s`,
-  );
-  process.exitCode = failed.length > 0 ? 1 : 0;
-}
-
-main().catch((err: unknown) => {
-  console.error('chaos failed:', err);
-  process.exit(1);
+    },
+    { scope: 'file' },
+  ],
 });
+
+const scenarios: [string, (e: Env) => Promise<Outcome>][] = [
+  ['1 worker SIGKILLs under Stripe faults', scenarioKills],
+  ['2 Postgres stopped and restarted', scenarioPostgresRestart],
+  ['3 two workers and a duplicated cron', scenarioDuplicateCron],
+  ['4 webhook storm', scenarioWebhookStorm],
+  ['5 bad input', scenarioBadInput],
+];
+
+for (const [name, run] of scenarios) {
+  chaos(name, async ({ env }) => {
+    const started = Date.now();
+    log(`scenario ${name}…`);
+    const outcome = await run(env);
+    console.log(
+      `\n${outcome.ok ? 'PASS' : 'FAIL'} ${outcome.scenario} (${Math.round((Date.now() - started) / 1000)} s)\n${outcome.lines.map((l) => `  ${l}`).join('\n')}`,
+    );
+    expect(outcome.ok, outcome.lines.join('\n')).toBe(true);
+  });
+}

@@ -1,5 +1,5 @@
-// Test fixtures: organizations with an API key (billable or not) and sensors, written through the
-// same data functions the admin API uses, plus small request helpers.
+// The kit's fixtures for tests, bench and chaos: organizations with an API key (billable or not) and
+// sensors, written through the same data functions the admin API uses, plus small request helpers.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import {
@@ -24,14 +24,23 @@ export interface OrganizationFixture {
  */
 export async function createOrganization(
   db: Kysely<DB>,
-  options: { billable?: boolean; customerId?: string; status?: SubscriptionStatus; name?: string } = {},
+  options: {
+    billable?: boolean;
+    customerId?: string;
+    status?: SubscriptionStatus;
+    name?: string;
+    /** false: no subscription row at all (never a Stripe customer), as the benchmarks' free tier. */
+    subscription?: boolean;
+  } = {},
 ): Promise<OrganizationFixture> {
   const { organization, apiKey } = await db
     .transaction()
     .execute((trx) => createOrganizationRow(trx, { name: options.name ?? 'Test organization' }));
   const customerId = options.customerId ?? `cus_test${randomBytes(6).toString('hex')}`;
   const status = options.status ?? (options.billable === false ? 'canceled' : 'active');
-  await linkSubscription(db, organization.id, { stripeCustomerId: customerId, status }, new Date());
+  if (options.subscription !== false) {
+    await linkSubscription(db, organization.id, { stripeCustomerId: customerId, status }, new Date());
+  }
   return { organizationId: organization.id, apiKey: apiKey.key, apiKeyId: apiKey.id, customerId };
 }
 

@@ -10,6 +10,7 @@ import { loadConfig } from '../../src/config.js';
 import { startEmbeddedPostgres } from '../../src/db/embedded.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
+import { testSeed } from './random.js';
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -42,6 +43,8 @@ async function dockerReachable(): Promise<boolean> {
 
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const cleanups: (() => Promise<void>)[] = [];
+  // One seed for every test file of the run (the forks inherit the environment).
+  process.env.MB_TEST_SEED = String(testSeed());
   let adminUrl: string;
   let provider: string;
 
@@ -70,7 +73,9 @@ export default async function setup(project: TestProject): Promise<() => Promise
   const admin = new pg.Client({ connectionString: adminUrl });
   await admin.connect();
   const { rows } = await admin.query<{ server_version: string }>('SHOW server_version');
-  console.log(`[meterbox tests] Postgres ${rows[0]?.server_version} via ${provider}`);
+  console.log(
+    `[meterbox tests] Postgres ${rows[0]?.server_version} via ${provider}; random seed ${process.env.MB_TEST_SEED}`,
+  );
 
   const runId = `${Date.now().toString(36)}${process.pid.toString(36)}`;
   const template = `mbt_${runId}_template`;
