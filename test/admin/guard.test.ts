@@ -78,4 +78,32 @@ describe('the admin guard', () => {
       expect(res.status, `${route.method} ${route.path}`).toBe(404);
     }
   });
+
+  it('keeps the answers the admin surface gave before the one guard', async () => {
+    // A path no admin route answers is 404, with or without credentials.
+    expect((await guarded.request('/admin/no-such-page')).status).toBe(404);
+    expect(
+      (await guarded.request('/admin/no-such-page', { headers: { authorization: `Bearer ${TOKEN}` } }))
+        .status,
+    ).toBe(404);
+    // The dashboard session opens the admin API, but the organizations API (the CLI's) takes the
+    // bearer token alone, as it always did.
+    const signIn = await guarded.request('/admin/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: TOKEN }).toString(),
+    });
+    expect(signIn.status).toBe(303);
+    const cookie = (signIn.headers.get('set-cookie') ?? '').split(';')[0]!;
+    expect((await guarded.request('/admin/outbox', { headers: { cookie } })).status).toBe(200);
+    const createOrg = (headers: Record<string, string>) =>
+      guarded.request('/admin/organizations', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', ...headers },
+        body: '{}',
+      });
+    expect((await createOrg({ cookie })).status).toBe(401);
+    // With the token the request reaches the route (which refuses the empty body itself).
+    expect((await createOrg({ authorization: `Bearer ${TOKEN}` })).status).toBe(422);
+  });
 });
