@@ -1,23 +1,19 @@
 import { createHash } from 'node:crypto';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
 import { bearerToken } from '../../src/http/auth.js';
-import { createTestContext, testConfig } from '../support/database.js';
-import { authHeaders, createOrganization } from '../support/fixtures.js';
+import { testConfig } from '../support/database.js';
+import { authHeaders } from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 const ADMIN_TOKEN = 'admin-token-for-tests-0123456789';
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
 
-beforeAll(async () => {
-  ctx = await createTestContext({ ADMIN_TOKEN }, { clock });
-  app = createApp(ctx);
-});
+const it = contextTest({ env: { ADMIN_TOKEN }, overrides: { clock }, startBoss: false });
 
-const listSensors = (headers: Record<string, string>) => app.request('/v1/sensors', { headers });
+const listSensors = (app: TestApp, headers: Record<string, string>) =>
+  app.request('/v1/sensors', { headers });
 
 describe('API-key auth', () => {
   it('parses only well-formed Bearer headers', () => {
@@ -28,8 +24,7 @@ describe('API-key auth', () => {
     expect(bearerToken(undefined)).toBeUndefined();
   });
 
-  it('stores only the SHA-256 of a key and a short display prefix', async () => {
-    const org = await createOrganization(ctx.db);
+  it('stores only the SHA-256 of a key and a short display prefix', async ({ ctx, org }) => {
     expect(org.apiKey).toMatch(/^mbx_[A-Za-z0-9_-]{43}$/);
     const row = await ctx.db
       .selectFrom('api_keys')
@@ -41,20 +36,19 @@ describe('API-key auth', () => {
     expect(JSON.stringify(row)).not.toContain(org.apiKey.slice(12));
   });
 
-  it('accepts a live key and scopes the request to its organization', async () => {
-    const org = await createOrganization(ctx.db);
-    const res = await listSensors(authHeaders(org.apiKey));
+  it('accepts a live key and scopes the request to its organization', async ({ app, org }) => {
+    const res = await listSensors(app, authHeaders(org.apiKey));
     expect(res.status).toBe(200);
     expect(await res.json()).toEqual({ sensors: [], nextCursor: null });
   });
 
-  it.each([
+  it.for([
     ['no Authorization header', {}],
     ['another scheme', { authorization: 'Basic dXNlcjpwYXNz' }],
     ['a malformed key', { authorization: 'Bearer not-a-key' }],
     ['an unknown key', { authorization: `Bearer mbx_${'Z'.repeat(43)}` }],
-  ])('answers 401 with the error shape for %s', async (_what, headers) => {
-    const res = await listSensors(headers);
+  ] as const)('answers 401 with the error shape for %s', async ([_what, headers], { app }) => {
+    const res = await listSensors(app, headers);
     expect(res.status).toBe(401);
     expect(res.headers.get('www-authenticate')).toBe('Bearer');
     expect(await res.json()).toEqual({
@@ -62,18 +56,16 @@ describe('API-key auth', () => {
     });
   });
 
-  it('refuses a revoked key', async () => {
-    const org = await createOrganization(ctx.db);
+  it('refuses a revoked key', async ({ ctx, app, org }) => {
     await ctx.db
       .updateTable('api_keys')
       .set({ revoked_at: new Date(nowMs) })
       .where('id', '=', org.apiKeyId)
       .execute();
-    expect((await listSensors(authHeaders(org.apiKey))).status).toBe(401);
+    expect((await listSensors(app, authHeaders(org.apiKey))).status).toBe(401);
   });
 
-  it('records last_used_at, writing it at most once a minute', async () => {
-    const org = await createOrganization(ctx.db);
+  it('records last_used_at, writing it at most once a minute', async ({ ctx, app, org }) => {
     const lastUsed = async () =>
       (
         await ctx.db
@@ -84,13 +76,13 @@ describe('API-key auth', () => {
       ).last_used_at;
     expect(await lastUsed()).toBeNull();
     const first = nowMs;
-    await listSensors(authHeaders(org.apiKey));
+    await listSensors(app, authHeaders(org.apiKey));
     expect(await lastUsed()).toEqual(new Date(first));
     nowMs += 30_000;
-    await listSensors(authHeaders(org.apiKey));
+    await listSensors(app, authHeaders(org.apiKey));
     expect(await lastUsed()).toEqual(new Date(first));
     nowMs += 31_000;
-    await listSensors(authHeaders(org.apiKey));
+    await listSensors(app, authHeaders(org.apiKey));
     expect(await lastUsed()).toEqual(new Date(nowMs));
   });
 });
@@ -103,23 +95,25 @@ describe('admin auth', () => {
       body: JSON.stringify({ name: 'Acme' }),
     });
 
-  it('accepts ADMIN_TOKEN as a bearer token', async () => {
+  it('accepts ADMIN_TOKEN as a bearer token', async ({ app }) => {
     expect((await create(app, { authorization: `Bearer ${ADMIN_TOKEN}` })).status).toBe(201);
   });
 
-  it.each([
+  it.for([
     ['no token', {}],
     ['a wrong token of the same length', { authorization: `Bearer ${ADMIN_TOKEN.replace(/.$/, 'x')}` }],
     ['a short token', { authorization: 'Bearer x' }],
     ['a long token', { authorization: `Bearer ${ADMIN_TOKEN}${ADMIN_TOKEN}` }],
     ['an organization API key', { authorization: `Bearer mbx_${'Q'.repeat(43)}` }],
-  ])('answers 401 for %s', async (_what, headers) => {
+  ] as const)('answers 401 for %s', async ([_what, headers], { app }) => {
     const res = await create(app, headers);
     expect(res.status).toBe(401);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('unauthorized');
   });
 
-  it('turns the admin surface off (404, like an unknown route) when ADMIN_TOKEN is unset', async () => {
+  it('turns the admin surface off (404, like an unknown route) when ADMIN_TOKEN is unset', async ({
+    ctx,
+  }) => {
     const off = createApp({ ...ctx, config: testConfig({ DATABASE_URL: ctx.config.DATABASE_URL }) });
     const res = await create(off, { authorization: `Bearer ${ADMIN_TOKEN}` });
     expect(res.status).toBe(404);
@@ -129,7 +123,7 @@ describe('admin auth', () => {
 });
 
 describe('OpenAPI', () => {
-  it('documents the ingestion and admin routes with their security', async () => {
+  it('documents the ingestion and admin routes with their security', async ({ app }) => {
     const doc = (await (await app.request('/openapi.json')).json()) as {
       paths: Record<string, Record<string, { security: Record<string, unknown>[]; requestBody?: unknown }>>;
     };
