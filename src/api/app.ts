@@ -1,6 +1,7 @@
 // The Hono app factory, composed above the features: middleware, one sub-app per resource (the admin
 // one from src/admin/), error mapping, the OpenAPI document (built from the descriptions each module
 // registers with its routes).
+import type { IncomingMessage } from 'node:http';
 import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
@@ -38,6 +39,25 @@ function toAppError(err: unknown): AppError | undefined {
     return new AppError(422, 'validation_failed', 'a value in the request is outside what can be stored');
   }
   return undefined;
+}
+
+/** The largest refused body that is still read to its end so the client gets its 413. */
+const MAX_DRAINED_BODY_BYTES = 64 * 1024 * 1024;
+
+/** The Node request under @hono/node-server; absent under app.request() in tests. */
+function nodeRequest(c: HonoContext<AppEnv>): IncomingMessage | undefined {
+  const env = c.env as { incoming?: IncomingMessage } | undefined;
+  return env?.incoming;
+}
+
+function drain(incoming: IncomingMessage): Promise<void> {
+  if (incoming.readableEnded || incoming.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    incoming.once('end', resolve);
+    incoming.once('close', resolve);
+    incoming.once('error', () => resolve());
+    incoming.resume();
+  });
 }
 
 export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []): Hono<AppEnv> {
@@ -90,7 +110,14 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
     // single-reading load. Only a chunked body (no length) needs it to count bytes as they come.
     const length = c.req.header('content-length');
     if (length !== undefined && c.req.header('transfer-encoding') === undefined) {
-      return Number(length) > limit ? tooLarge(c) : next();
+      const declared = Number(length);
+      if (declared <= limit) return next();
+      // Read and drop what the client is still uploading before answering: closing the connection
+      // mid-upload made the client see a reset (EPIPE) instead of this 413. Bounded, so an absurd
+      // declared size is answered at once.
+      const incoming = nodeRequest(c);
+      if (incoming && declared <= MAX_DRAINED_BODY_BYTES) await drain(incoming);
+      return tooLarge(c);
     }
     return streamedBodyLimit(c, next);
   });

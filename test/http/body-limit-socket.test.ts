@@ -52,3 +52,38 @@ it.each([
     server.close();
   }
 });
+
+// A declared body far over the limit: the client is still uploading when the answer is ready. The
+// server reads the rest before answering, so the client gets the 413 instead of a reset (EPIPE).
+it('answers 413, not a reset, to a client still uploading tens of megabytes over the limit', async () => {
+  const ctx = await createTestContext({ BODY_LIMIT_BYTES: '2048' });
+  const server = serve({ fetch: createApp(ctx).fetch, port: 0, hostname: '127.0.0.1' });
+  try {
+    await new Promise<void>((resolve) => server.once('listening', () => resolve()));
+    const { port } = server.address() as AddressInfo;
+    const body = Buffer.alloc(48 * 1024 * 1024, 'a');
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const outcome = await new Promise<string>((resolve) => {
+        const req = request(
+          {
+            host: '127.0.0.1',
+            port,
+            method: 'POST',
+            path: '/v1/readings',
+            agent: false,
+            headers: { 'content-type': 'application/json', 'content-length': String(body.length) },
+          },
+          (res) => {
+            res.resume();
+            res.on('end', () => resolve(String(res.statusCode)));
+          },
+        );
+        req.on('error', (err) => resolve(`transport error: ${err.message}`));
+        req.end(body);
+      });
+      expect(outcome).toBe('413');
+    }
+  } finally {
+    server.close();
+  }
+});
