@@ -3,7 +3,7 @@
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -13,6 +13,8 @@ import { renderChart } from './chart.js';
 import {
   buildEntries,
   closedLoop,
+  clusterPids,
+  cpuSeconds,
   createOrgs,
   freshDatabase,
   HttpClient,
@@ -64,32 +66,6 @@ const PAIR_SLICES = quick ? 4 : 6;
 const log = (msg: string) =>
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
-
-/** CPU seconds (user + system) a process has used so far; 0 once it is gone. */
-function cpuSeconds(pid: number): number {
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return (Number(f[11]) + Number(f[12])) / 100;
-  } catch {
-    return 0;
-  }
-}
-
-/** The postmaster and every backend it started (their CPU is the database's side of a request). */
-function clusterPids(dataDir: string): number[] {
-  const postmaster = Number(readFileSync(join(dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
-  const pids = [postmaster];
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const ppid = Number(/PPid:\s+(\d+)/.exec(readFileSync(`/proc/${entry}/status`, 'utf8'))?.[1]);
-      if (ppid === postmaster) pids.push(Number(entry));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return pids;
-}
 
 /** CPU used by the API, the database and this process (load generator and raw clients) over a period. */
 class CpuMeter {

@@ -1,11 +1,13 @@
 // tsx scripts/bench/profile.ts [batch] [concurrency] [orgs]: where does a POST /v1/readings spend its
 // time? Drives the API and samples Postgres wait events (pg_stat_activity) and the API's CPU use.
-import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
 import {
   buildEntries,
   closedLoop,
+  clusterPids,
+  cpuSeconds,
   createOrgs,
   freshDatabase,
   HttpClient,
@@ -44,10 +46,6 @@ try {
   const http = new HttpClient(api.url, 256);
   const source = new ReadingSource();
   const waits = new Map<string, number>();
-  const ticks = () => {
-    const f = readFileSync(`/proc/${api.proc.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return Number(f[11]) + Number(f[12]);
-  };
   let samples = 0;
   const sampler = setInterval(() => {
     h.pool
@@ -66,30 +64,15 @@ try {
     const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
     return { busy: f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!, all: f.reduce((a, b) => a + b, 0) };
   };
-  // CPU of this run's cluster: its postmaster and the processes it forked (backends, WAL writer,
-  // checkpointer), not the shared Postgres other engineers' tests use.
-  const postmaster = readFileSync(join(dir, 'pg', 'postmaster.pid'), 'utf8')
-    .split('\n')[0]!
-    .trim();
-  const postgresTicks = () => {
-    let sum = 0;
-    for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-      try {
-        const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-        if (pid !== postmaster && f[1] !== postmaster) continue;
-        sum += Number(f[11]) + Number(f[12]);
-      } catch {
-        // exited
-      }
-    }
-    return sum;
-  };
-  const p0 = postgresTicks();
+  // CPU of this run's cluster (its postmaster and what it forked), not the shared Postgres other
+  // engineers' tests use.
+  const postgresSeconds = () => clusterPids(join(dir, 'pg')).reduce((sum, pid) => sum + cpuSeconds(pid), 0);
+  const p0 = postgresSeconds();
   const m0 = machineTicks();
   const self0 = process.cpuUsage();
   await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
   await h.pool.query('SELECT pg_stat_statements_reset()');
-  const t0 = ticks();
+  const t0 = cpuSeconds(api.proc.pid);
   const r = await closedLoop(concurrency, 8_000, async (w) => {
     const org = orgs[w % orgs.length]!;
     const res = await http.postJson(
@@ -100,9 +83,9 @@ try {
     return { ok: res.status === 201, units: batch };
   });
   clearInterval(sampler);
-  const cpu = (ticks() - t0) / 100 / r.seconds;
+  const cpu = (cpuSeconds(api.proc.pid) - t0) / r.seconds;
   const m1 = machineTicks();
-  const pgCpu = Math.round((postgresTicks() - p0) / r.seconds);
+  const pgCpu = Math.round((100 * (postgresSeconds() - p0)) / r.seconds);
   const self = process.cpuUsage(self0);
   console.log(
     `machine busy ${Math.round((100 * (m1.busy - m0.busy)) / (m1.all - m0.all))}% of all cores; postgres processes ${pgCpu}% of one core; load generator CPU ${Math.round((self.user + self.system) / 1e4 / r.seconds)}% of one core`,
