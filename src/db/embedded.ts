@@ -6,7 +6,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
-import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -180,14 +180,41 @@ export async function clusterLocation(
   return join(shared, 'data');
 }
 
+/**
+ * The binaries as the postgres user can run them. When the checkout itself is private (a mode-700
+ * directory, a fresh HOME as root), that user cannot reach node_modules: the package's relocatable
+ * tree (bin, lib, share) is then copied once to /var/tmp, named after where it came from, and used
+ * from there.
+ */
+async function reachableBinaries(
+  bin: { initdb: string; postgres: string },
+  owner: { uid: number; gid: number } | undefined,
+): Promise<{ initdb: string; postgres: string }> {
+  if (!owner || (await canReach(dirname(bin.postgres), owner))) return bin;
+  const tree = dirname(dirname(bin.postgres));
+  const hash = createHash('sha256').update(resolve(tree)).digest('hex').slice(0, 12);
+  const copy = join('/var/tmp', `meterbox-postgres-bin-${hash}`);
+  if (!existsSync(join(copy, 'bin', 'postgres'))) {
+    // Copied under a temporary name and renamed, so a concurrent start never sees half a tree.
+    const partial = `${copy}.partial-${process.pid}`;
+    await cp(tree, partial, { recursive: true, verbatimSymlinks: true });
+    await chmod(partial, 0o755);
+    await rename(partial, copy).catch(async () => rm(partial, { recursive: true, force: true }));
+  }
+  return {
+    initdb: join(copy, 'bin', 'initdb'),
+    postgres: join(copy, 'bin', 'postgres'),
+  };
+}
+
 export async function startEmbeddedPostgres(options: {
   dataDir: string;
   port?: number;
   /** Durability off (fsync, synchronous_commit): for throwaway test clusters only. */
   ephemeral?: boolean;
 }): Promise<EmbeddedDatabase> {
-  const bin = await binaries();
   const owner = await runAs();
+  const bin = await reachableBinaries(await binaries(), owner);
   const dataDir = await clusterLocation(options.dataDir, owner);
   const parent = dirname(dataDir);
   await stopOrphan(dataDir);
