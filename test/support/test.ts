@@ -1,17 +1,31 @@
-// The test kit's vitest fixtures, replacing the per-file set-up preamble (a context on a fresh
-// database, pg-boss started, the app): `ctx` and `app` are built once per file on first use and
-// torn down after it; `org` is a fresh billable organization with an API key for each test.
+// The test kit's vitest fixtures, replacing the per-file set-up preambles. Two builders:
+//
+//   contextTest(options)  ctx (a context on a fresh database, pg-boss started), app (createApp on
+//                         it) and org (a fresh billable organization with an API key, per test);
+//   stripeTest(options)   the same on a Stripe emulator: emulator, ctx whose Stripe settings point
+//                         at it, app, org (also a customer the emulator knows), and the file's
+//                         worker(s) when asked for.
+//
+// File-scoped fixtures are built on first use and torn down after the file, in reverse order, even
+// when a test fails. One builder call per file (or per describe when it needs its own context).
+import {
+  type StripeEmulator,
+  type StripeEmulatorOptions,
+  startStripeEmulator,
+} from '@meterbox/stripe-emulator';
 import { test as base } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import type { ContextOverrides } from '../../src/context.js';
-import { openTestContext } from './database.js';
+import type { Context, ContextOverrides } from '../../src/context.js';
+import { startWorker, type WorkerOptions, type WorkerRuntime } from '../../src/worker/start.js';
+import { openTestContext, provisionTestDatabase } from './database.js';
 import { createOrganization } from './fixtures.js';
 
 export type TestApp = ReturnType<typeof createApp>;
+type Env = Record<string, string | undefined>;
 
 export interface ContextOptions {
   /** Settings on top of the test defaults (DATABASE_URL: a fresh database unless given). */
-  env?: Record<string, string | undefined>;
+  env?: Env;
   /** What createContext takes instead of building it (a clock, a Stripe client). */
   overrides?: ContextOverrides;
   /** Start pg-boss, as a request handler that enqueues deliveries needs (default true). */
@@ -20,7 +34,7 @@ export interface ContextOptions {
 
 /**
  * A `test` (use it as `it`) whose fixtures are `ctx`, `app` and `org`, on a context built with
- * `options`. One call per file: the context is the file's.
+ * `options`.
  */
 export function contextTest(options: ContextOptions = {}) {
   return (
@@ -34,5 +48,94 @@ export function contextTest(options: ContextOptions = {}) {
       })
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
       .extend('org', async ({ ctx }) => createOrganization(ctx.db))
+  );
+}
+
+/** The Stripe settings every stripeTest context gets (a file may override any of them in `env`). */
+export const EMULATOR_ENV = {
+  STRIPE_SECRET_KEY: 'sk_test_meterbox',
+  STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
+  STRIPE_METER_ID_ACTIVE_SENSORS: 'mtr_emu_active_sensors',
+} as const;
+
+export interface StripeTestOptions extends ContextOptions {
+  /** How the file's emulator is started (faults, latency, strict customers, a clock). */
+  emulator?: StripeEmulatorOptions;
+  /**
+   * Worker processes on the file's one database: each has its own context (and pg pool, pg-boss),
+   * as separate `node dist/worker.js` processes would; the first supervises pg-boss. Default 1.
+   */
+  processes?: number;
+  /** Options of process `index`'s worker (a recording transport, an observer). */
+  worker?: (ctx: Context, index: number) => WorkerOptions;
+  /** What process `index`'s createContext takes (default: the first one supervises pg-boss). */
+  processOverrides?: (index: number) => ContextOverrides;
+}
+
+/**
+ * A `test` whose fixtures are `emulator`, `ctx`, `app`, `org` and the workers: `worker` (the first
+ * process's), `workers` and `contexts` (every process's, when `processes` > 1). A test that does
+ * not name a worker fixture runs none; `ctx` is process 0's context.
+ */
+export function stripeTest(options: StripeTestOptions = {}) {
+  const processes = options.processes ?? 1;
+  const overridesOf = (index: number): ContextOverrides => ({
+    bossSupervise: index === 0,
+    ...options.overrides,
+    ...options.processOverrides?.(index),
+  });
+  return (
+    base
+      // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+      .extend('emulator', { scope: 'file' }, async ({}, { onCleanup }): Promise<StripeEmulator> => {
+        const emulator = await startStripeEmulator(options.emulator);
+        onCleanup(() => emulator.stop());
+        return emulator;
+      })
+      // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+      .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) => {
+        if (options.env?.DATABASE_URL) return options.env.DATABASE_URL;
+        const { url, drop } = await provisionTestDatabase();
+        onCleanup(drop);
+        return url;
+      })
+      .extend('contexts', { scope: 'file' }, async ({ emulator, databaseUrl }, { onCleanup }) => {
+        const env = {
+          ...EMULATOR_ENV,
+          ...options.env,
+          STRIPE_API_BASE: emulator.url,
+          DATABASE_URL: databaseUrl,
+        };
+        const contexts: Context[] = [];
+        const closers: (() => Promise<void>)[] = [];
+        // Closed in reverse, after every worker on them has stopped (the workers fixture depends on this one).
+        onCleanup(async () => {
+          for (const close of closers.reverse()) await close();
+        });
+        for (let i = 0; i < processes; i++) {
+          const { ctx, close } = await openTestContext(env, overridesOf(i));
+          closers.push(close);
+          contexts.push(ctx);
+        }
+        if (options.startBoss !== false) for (const ctx of contexts) await ctx.boss.start();
+        return contexts;
+      })
+      .extend('ctx', { scope: 'file' }, async ({ contexts }) => contexts[0] as Context)
+      .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
+      .extend('workers', { scope: 'file' }, async ({ contexts }, { onCleanup }) => {
+        const workers: WorkerRuntime[] = [];
+        onCleanup(async () => {
+          for (const worker of workers) await worker.stop();
+        });
+        for (const [i, ctx] of contexts.entries())
+          workers.push(await startWorker(ctx, options.worker?.(ctx, i)));
+        return workers;
+      })
+      .extend('worker', { scope: 'file' }, async ({ workers }) => workers[0] as WorkerRuntime)
+      .extend('org', async ({ ctx, emulator }) => {
+        const org = await createOrganization(ctx.db);
+        emulator.createCustomer({ id: org.customerId });
+        return org;
+      })
   );
 }
