@@ -21,25 +21,10 @@ import {
 } from '../../test/support/child.js';
 import { createOrganization, createSensors } from '../../test/support/fixtures.js';
 import { freePort } from '../../test/support/net.js';
+import { sleep, waitUntil } from '../../test/support/poll.js';
 import { bundle } from '../bundle.mjs';
 
-export { ROOT };
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-export async function waitFor(
-  check: () => boolean | Promise<boolean>,
-  deadlineMs: number,
-  what: string,
-  everyMs = 200,
-): Promise<void> {
-  const started = Date.now();
-  while (!(await check())) {
-    if (Date.now() - started > deadlineMs)
-      throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
-    await sleep(everyMs);
-  }
-}
-
+export { ROOT, sleep };
 // ---------------------------------------------------------------- Postgres
 
 export interface Cluster {
@@ -195,7 +180,7 @@ export async function startApi(
   const port = await freePort();
   const proc = startProcess(entry, { ...env, PORT: String(port), HOST: '127.0.0.1' }, 'api');
   const url = `http://127.0.0.1:${port}`;
-  await waitFor(
+  await waitUntil(
     async () => {
       if (!proc.alive) throw new Error(`the API exited:\n${proc.output.slice(-3000)}`);
       try {

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
+import { waitUntil } from '../../test/support/poll.js';
 import { renderChart } from './chart.js';
 import {
   buildEntries,
@@ -27,7 +28,6 @@ import {
   startApi,
   startCluster,
   startWorkerProcess,
-  waitFor,
 } from './harness.js';
 
 // Delivery at platform scale is its own run (scale.ts): npm run bench -- --scale
@@ -457,7 +457,7 @@ async function main(): Promise<void> {
       `delivery: load done (${round(ingested / loadSeconds)} readings/s achieved); waiting for the outbox to drain`,
     );
     const drainStart = Date.now();
-    await waitFor(
+    await waitUntil(
       async () =>
         Number(
           (

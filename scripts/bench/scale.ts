@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
+import { pollUntil } from '../../test/support/poll.js';
 import { seededRandom } from '../../test/support/random.js';
 import {
   buildEntries,
@@ -202,19 +203,19 @@ async function runScenario(
     cleanup.push(() => worker.stop());
     let startupMs: number | null = null;
     let startupRows = 0;
-    for (;;) {
-      const r = await harness.pool.query<{ total: string; open: string }>(
-        `SELECT count(*) AS total, count(*) FILTER (WHERE status = 'pending') AS open
-           FROM meter_outbox WHERE event_name = 'active_sensors'`,
-      );
-      startupRows = Number(r.rows[0]?.total ?? 0);
-      if (startupRows >= s.customers && Number(r.rows[0]?.open ?? 1) === 0) {
-        startupMs = Date.now() - workerStarted;
-        break;
-      }
-      if (Date.now() - workerStarted > STARTUP_CAP_MS) break;
-      await sleep(250);
-    }
+    const startedUp = await pollUntil(
+      async () => {
+        const r = await harness.pool.query<{ total: string; open: string }>(
+          `SELECT count(*) AS total, count(*) FILTER (WHERE status = 'pending') AS open
+             FROM meter_outbox WHERE event_name = 'active_sensors'`,
+        );
+        startupRows = Number(r.rows[0]?.total ?? 0);
+        return startupRows >= s.customers && Number(r.rows[0]?.open ?? 1) === 0;
+      },
+      STARTUP_CAP_MS,
+      250,
+    );
+    if (startedUp) startupMs = Date.now() - workerStarted;
     const startupCounters = emulator.counters();
     const startupPending = await pending(harness.pool);
     log(
@@ -289,14 +290,8 @@ async function runScenario(
 
     // ---- drain
     let drainMs: number | null = null;
-    for (;;) {
-      if ((await pending(harness.pool)).rows === 0) {
-        drainMs = Date.now() - loadEnd;
-        break;
-      }
-      if (Date.now() - loadEnd > DRAIN_CAP_MS) break;
-      await sleep(100);
-    }
+    if (await pollUntil(async () => (await pending(harness.pool)).rows === 0, DRAIN_CAP_MS, 100))
+      drainMs = Date.now() - loadEnd;
     clearInterval(sampler);
     const after = emulator.counters();
     const statements = args.profile ? await topStatements(harness.pool) : [];

@@ -27,13 +27,13 @@ import {
   ReadingSource,
   sleep,
   startCluster,
-  waitFor,
 } from '../../scripts/bench/harness.js';
 import { loadConfig } from '../../src/config.js';
 import { createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import { waitFor } from '../support/wait.js';
 
 const short = process.env.CHAOS_SHORT === '1';
 const seed = Number(process.env.CHAOS_SEED ?? '1');
@@ -85,13 +85,13 @@ async function drained(url: string, deadlineMs: number): Promise<void> {
   const { db, pool } = openDatabase(url, 1);
   try {
     await waitFor(
+      'every outbox row to leave pending',
       async () =>
         Number(
           (await pool.query<{ n: string }>(`SELECT count(*) AS n FROM meter_outbox WHERE status = 'pending'`))
             .rows[0]?.n,
         ) === 0,
       deadlineMs,
-      'every outbox row to leave pending',
       250,
     );
   } finally {
@@ -261,9 +261,9 @@ async function scenarioPostgresRestart({ cluster, emulator }: Env): Promise<Outc
   // Recovery: both processes, same pids, serve and deliver again without a restart.
   const before = load.batches.length;
   await waitFor(
+    'the API to store a batch again after the restart',
     () => load.batches.slice(before).some((b) => b.status === 201),
     30_000,
-    'the API to store a batch again after the restart',
   ).catch(() => {});
   await sleep(short ? 4_000 : 8_000);
   stop.done = true;

@@ -1,5 +1,6 @@
 // The testkit's one way to wait for a condition: vi.waitFor, which retries until the callback stops
 // throwing. `check` returns the awaited value, or something falsy while it is not there yet.
+// Code that also runs outside vitest (the bench, the harness it shares with chaos) uses poll.ts.
 import { vi } from 'vitest';
 
 export async function waitFor<T>(
