@@ -1,6 +1,6 @@
 // `meterbox outbox list|retry` and `meterbox reconcile`: the admin outbox and reconciliation functions
 // from the command line. Tables on stdout (--json for one JSON document), progress on stderr.
-import type { CliCommand } from '../cli/command.js';
+import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, formatTable, processIo, str, usageError, zodMessage } from '../cli/io.js';
 import { createProgressBar } from '../cli/progress.js';
 import type { Context } from '../context-type.js';
@@ -152,40 +152,19 @@ export const adminCommands: Record<string, CliCommand> = {
   'outbox list': {
     summary: 'list outbox rows (filters, cursor pagination)',
     usage: LIST_USAGE,
-    options: {
-      status: { type: 'string' },
-      org: { type: 'string' },
-      meter: { type: 'string' },
-      from: { type: 'string' },
-      to: { type: 'string' },
-      limit: { type: 'string' },
-      cursor: { type: 'string' },
-      json: { type: 'boolean' },
-    },
+    options: flags(['status', 'org', 'meter', 'from', 'to', 'limit', 'cursor'], ['json']),
     run: (ctx, { values }) => outboxListCommand(ctx, values),
   },
   'outbox retry': {
     summary: 'put failed outbox rows back to pending and queue their delivery',
     usage: RETRY_USAGE,
-    options: {
-      id: { type: 'string' },
-      org: { type: 'string' },
-      meter: { type: 'string' },
-      all: { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
+    options: flags(['id', 'org', 'meter'], ['all', 'json']),
     run: (ctx, { values }) => outboxRetryCommand(ctx, values),
   },
   reconcile: {
     summary: 'readings stored vs usage delivered per organization; exit 1 on drift',
     usage: RECONCILE_USAGE,
-    options: {
-      from: { type: 'string' },
-      to: { type: 'string' },
-      org: { type: 'string' },
-      'skip-stripe': { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
+    options: flags(['from', 'to', 'org'], ['skip-stripe', 'json']),
     run: (ctx, { values }) => reconcileCommand(ctx, values),
   },
 };

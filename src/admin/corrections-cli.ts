@@ -1,6 +1,6 @@
 // `meterbox usage correct` and `meterbox usage corrections`: usage corrections from the command line
 // (the same functions as POST/GET /admin/organizations/{id}/usage-corrections).
-import type { CliCommand } from '../cli/command.js';
+import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, formatTable, processIo, str } from '../cli/io.js';
 import type { Context } from '../context-type.js';
 import { AppError } from '../http/errors.js';
@@ -128,21 +128,13 @@ export const correctionCommands: Record<string, CliCommand> = {
     summary:
       "void an organization's readings in [from, to) and credit what was billed (--dry-run to preview)",
     usage: CORRECT_USAGE,
-    options: {
-      org: { type: 'string' },
-      sensor: { type: 'string' },
-      from: { type: 'string' },
-      to: { type: 'string' },
-      reason: { type: 'string' },
-      'dry-run': { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
+    options: flags(['org', 'sensor', 'from', 'to', 'reason'], ['dry-run', 'json']),
     run: (ctx, { values }) => usageCorrectCommand(ctx, values),
   },
   'usage corrections': {
     summary: "list an organization's usage corrections and their credits",
     usage: LIST_CORRECTIONS_USAGE,
-    options: { org: { type: 'string' }, json: { type: 'boolean' } },
+    options: flags(['org'], ['json']),
     run: (ctx, { values }) => usageCorrectionsCommand(ctx, values),
   },
 };

@@ -1,6 +1,6 @@
 // `meterbox org create|link` and `meterbox key create|list|revoke`: the admin organization
 // functions from the command line. Output is for people; --json prints one JSON document instead.
-import type { CliCommand } from '../cli/command.js';
+import { type CliCommand, flags } from '../cli/command.js';
 import { str } from '../cli/io.js';
 import type { Context } from '../context-type.js';
 import {
@@ -39,7 +39,7 @@ const orgCreateUsage = 'org create --name <name> [--key-name <name>] [--json]';
 const orgCreate: CliCommand = {
   summary: 'create an organization and print its first API key',
   usage: orgCreateUsage,
-  options: { name: { type: 'string' }, 'key-name': { type: 'string' }, json: { type: 'boolean' } },
+  options: flags(['name', 'key-name'], ['json']),
   async run(ctx: Context, { values }) {
     const name = str(values, 'name');
     if (!name || name.length > 200) return fail('--name (1-200 characters) is required', orgCreateUsage);
@@ -60,12 +60,7 @@ const orgLinkUsage = `org link --org <organization id> --customer <cus_…> [--s
 const orgLink: CliCommand = {
   summary: "link an organization's subscription to a Stripe customer",
   usage: orgLinkUsage,
-  options: {
-    org: { type: 'string' },
-    customer: { type: 'string' },
-    status: { type: 'string' },
-    json: { type: 'boolean' },
-  },
+  options: flags(['org', 'customer', 'status'], ['json']),
   async run(ctx, { values }) {
     const org = str(values, 'org');
     const customer = str(values, 'customer');
@@ -95,7 +90,7 @@ const keyCreateUsage = 'key create --org <organization id> [--name <name>] [--js
 const keyCreate: CliCommand = {
   summary: 'create another API key for an organization',
   usage: keyCreateUsage,
-  options: { org: { type: 'string' }, name: { type: 'string' }, json: { type: 'boolean' } },
+  options: flags(['org', 'name'], ['json']),
   async run(ctx, { values }) {
     const org = str(values, 'org');
     if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyCreateUsage);
@@ -111,7 +106,7 @@ const keyListUsage = 'key list --org <organization id> [--json]';
 const keyList: CliCommand = {
   summary: "list an organization's API keys (prefix only)",
   usage: keyListUsage,
-  options: { org: { type: 'string' }, json: { type: 'boolean' } },
+  options: flags(['org'], ['json']),
   async run(ctx, { values }) {
     const org = str(values, 'org');
     if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyListUsage);
@@ -125,7 +120,7 @@ const keyRevokeUsage = 'key revoke <key id> [--json]';
 const keyRevoke: CliCommand = {
   summary: 'revoke an API key; requests with it are then refused',
   usage: keyRevokeUsage,
-  options: { json: { type: 'boolean' } },
+  options: flags([], ['json']),
   async run(ctx, { values, positionals }) {
     const id = positionals[0];
     if (!id || positionals.length !== 1 || !UUID.test(id))

@@ -11,5 +11,15 @@ export interface CliCommand {
     ctx: Context,
     args: { values: Record<string, string | boolean | undefined>; positionals: string[] },
   ): Promise<number>;
-  options?: Record<string, { type: 'string' | 'boolean'; short?: string }>;
+  options?: CliOptions;
+}
+
+export type CliOptions = Record<string, { type: 'string' | 'boolean'; short?: string }>;
+
+/** A command's flags: each of `values` takes a value (`--org <id>`), each of `switches` stands alone (`--json`). */
+export function flags(values: readonly string[], switches: readonly string[] = []): CliOptions {
+  return Object.fromEntries([
+    ...values.map((name) => [name, { type: 'string' as const }]),
+    ...switches.map((name) => [name, { type: 'boolean' as const }]),
+  ]);
 }
