@@ -4,12 +4,10 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { type Browser, chromium, type Locator, type Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
@@ -18,7 +16,8 @@ import {
   reading,
 } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
-import { ROOT, type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { ROOT, startEntryPoint } from '../support/processes.js';
+import { EMULATOR_ENV, stripeTest } from '../support/test.js';
 import { waitFor as waitUntil } from '../support/wait.js';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -38,38 +37,6 @@ const RESULTS = join(ROOT, 'test-results');
 const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
   waitUntil(what, condition, deadlineMs, 200);
 
-let ctx: Context;
-let emulator: StripeEmulator;
-let server: RunningProcess;
-let worker: RunningProcess;
-let browser: Browser | undefined;
-let baseUrl: string;
-let workerMetricsUrl: string;
-let alpha: OrganizationFixture;
-let beta: OrganizationFixture;
-/** Its Stripe customer is unknown to the emulator at first: its meter events fail permanently. */
-let gamma: OrganizationFixture;
-
-async function ingest(org: OrganizationFixture, count: number): Promise<void> {
-  const sensors = await createSensors(ctx.db, org.organizationId, 2);
-  const readings = Array.from({ length: count }, (_, i) => reading(sensors[i % 2]!, 30 + i));
-  const res = await fetch(`${baseUrl}/v1/readings`, {
-    method: 'POST',
-    headers: authHeaders(org.apiKey),
-    body: JSON.stringify({ readings }),
-  });
-  expect(res.status).toBe(201);
-}
-
-async function statusCounts(): Promise<Record<string, number>> {
-  const rows = await ctx.db
-    .selectFrom('meter_outbox')
-    .select(['status', (eb) => eb.fn.countAll<string>().as('n')])
-    .groupBy('status')
-    .execute();
-  return Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
-}
-
 /**
  * Without Chromium the browser test skips with one loud line, except under CI (CI=true, as .ci/run
  * runs, which installs Chromium first): there a missing browser fails the run instead of hiding it.
@@ -83,53 +50,83 @@ if (SKIP_BROWSER) {
   );
 }
 
-beforeAll(async () => {
-  if (SKIP_BROWSER) return;
-  if (!HAS_CHROMIUM) {
-    throw new Error(
-      `Chromium is not installed at ${CHROMIUM} and CI is set: the browser test refuses to skip. Install it with ` +
-        '`apt-get update && apt-get install -y chromium` (.ci/run does).',
-    );
-  }
-  await mkdir(RESULTS, { recursive: true });
-  emulator = await startStripeEmulator({ strictCustomers: true });
-  const url = await createTestDatabase();
-  ctx = await createTestContext({ DATABASE_URL: url });
-  alpha = await createOrganization(ctx.db, { name: 'Alpha Cold Storage' });
-  beta = await createOrganization(ctx.db, { name: 'Beta Freezers' });
-  gamma = await createOrganization(ctx.db, { name: 'Gamma Logistics' });
-  emulator.createCustomer({ id: alpha.customerId });
-  emulator.createCustomer({ id: beta.customerId });
+const it = stripeTest({
+  emulator: { strictCustomers: true },
+  env: { ADMIN_TOKEN: TOKEN, STRIPE_SECRET_KEY: 'sk_test_e2e_dashboard' },
+  // The worker process does the delivering; this process only reads and writes rows.
+  startBoss: false,
+})
+  // Alpha and Beta are customers Stripe knows; Gamma's is unknown at first, so its meter events
+  // fail permanently.
+  .extend('orgs', { scope: 'file' }, async ({ ctx, emulator }) => {
+    const alpha = await createOrganization(ctx.db, { name: 'Alpha Cold Storage' });
+    const beta = await createOrganization(ctx.db, { name: 'Beta Freezers' });
+    const gamma = await createOrganization(ctx.db, { name: 'Gamma Logistics' });
+    emulator.createCustomer({ id: alpha.customerId });
+    emulator.createCustomer({ id: beta.customerId });
+    return { alpha, beta, gamma };
+  })
+  // The API and the worker as started processes on the file's database and emulator.
+  .extend('site', { scope: 'file' }, async ({ databaseUrl, emulator }, { onCleanup }) => {
+    const [port, metricsPort] = [await freePort(), await freePort()];
+    const env = {
+      ...EMULATOR_ENV,
+      DATABASE_URL: databaseUrl,
+      ADMIN_TOKEN: TOKEN,
+      STRIPE_SECRET_KEY: 'sk_test_e2e_dashboard',
+      STRIPE_API_BASE: emulator.url,
+      DELIVERY_RETRY_DELAY_SECONDS: '1',
+      SHUTDOWN_TIMEOUT_MS: '5000',
+    };
+    const server = startEntryPoint('server', { ...env, PORT: String(port) });
+    const worker = startEntryPoint('worker', { ...env, WORKER_METRICS_PORT: String(metricsPort) });
+    onCleanup(async () => {
+      server.kill('SIGTERM');
+      worker.kill('SIGTERM');
+      await Promise.all([server.exited, worker.exited]);
+    });
+    await Promise.all([
+      server.waitForOutput('meterbox API listening', 60_000),
+      worker.waitForOutput('worker started', 60_000),
+    ]);
+    return {
+      baseUrl: `http://127.0.0.1:${port}`,
+      workerMetricsUrl: `http://127.0.0.1:${metricsPort}/metrics`,
+    };
+  })
+  // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+  .extend('browser', { scope: 'file' }, async ({}, { onCleanup }): Promise<Browser> => {
+    if (!HAS_CHROMIUM) {
+      throw new Error(
+        `Chromium is not installed at ${CHROMIUM} and CI is set: the browser test refuses to skip. Install it with ` +
+          '`apt-get update && apt-get install -y chromium` (.ci/run does).',
+      );
+    }
+    await mkdir(RESULTS, { recursive: true });
+    const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+    onCleanup(() => browser.close());
+    return browser;
+  });
 
-  const [port, metricsPort] = [await freePort(), await freePort()];
-  const env = {
-    DATABASE_URL: url,
-    ADMIN_TOKEN: TOKEN,
-    STRIPE_SECRET_KEY: 'sk_test_e2e_dashboard',
-    STRIPE_API_BASE: emulator.url,
-    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
-    STRIPE_METER_ID_ACTIVE_SENSORS: 'mtr_emu_active_sensors',
-    DELIVERY_RETRY_DELAY_SECONDS: '1',
-    SHUTDOWN_TIMEOUT_MS: '5000',
-  };
-  server = startEntryPoint('server', { ...env, PORT: String(port) });
-  worker = startEntryPoint('worker', { ...env, WORKER_METRICS_PORT: String(metricsPort) });
-  baseUrl = `http://127.0.0.1:${port}`;
-  workerMetricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
-  await Promise.all([
-    server.waitForOutput('meterbox API listening', 60_000),
-    worker.waitForOutput('worker started', 60_000),
-  ]);
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
-}, 120_000);
+async function ingest(baseUrl: string, ctx: Context, org: OrganizationFixture, count: number): Promise<void> {
+  const sensors = await createSensors(ctx.db, org.organizationId, 2);
+  const readings = Array.from({ length: count }, (_, i) => reading(sensors[i % 2]!, 30 + i));
+  const res = await fetch(`${baseUrl}/v1/readings`, {
+    method: 'POST',
+    headers: authHeaders(org.apiKey),
+    body: JSON.stringify({ readings }),
+  });
+  expect(res.status).toBe(201);
+}
 
-afterAll(async () => {
-  await browser?.close();
-  server?.kill('SIGTERM');
-  worker?.kill('SIGTERM');
-  await Promise.all([server?.exited, worker?.exited]);
-  await emulator?.stop();
-});
+async function statusCounts(ctx: Context): Promise<Record<string, number>> {
+  const rows = await ctx.db
+    .selectFrom('meter_outbox')
+    .select(['status', (eb) => eb.fn.countAll<string>().as('n')])
+    .groupBy('status')
+    .execute();
+  return Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
+}
 
 async function text(locator: Locator): Promise<string> {
   return ((await locator.textContent()) ?? '').trim();
@@ -143,11 +140,17 @@ async function number(page: Page, testId: string): Promise<number> {
 describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
   it('signs in, shows the database numbers, retries a failed row that the worker then delivers', {
     timeout: 120_000,
-  }, async () => {
-    await ingest(alpha, 5);
-    await ingest(alpha, 3);
-    await ingest(beta, 4);
-    await ingest(gamma, 2);
+  }, async ({
+    ctx,
+    emulator,
+    orgs: { alpha, beta, gamma },
+    site: { baseUrl, workerMetricsUrl },
+    browser,
+  }) => {
+    await ingest(baseUrl, ctx, alpha, 5);
+    await ingest(baseUrl, ctx, alpha, 3);
+    await ingest(baseUrl, ctx, beta, 4);
+    await ingest(baseUrl, ctx, gamma, 2);
     // Alpha and Beta are delivered; Gamma's customer is unknown to Stripe: a permanent failure.
     await waitFor(
       async () => {
@@ -167,7 +170,7 @@ describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
       'Alpha and Beta delivered, Gamma failed',
     );
 
-    const page = await browser!.newPage({ viewport: { width: 1280, height: 900 } });
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
     const response = await page.goto(`${baseUrl}/admin`);
     expect(response?.status()).toBe(401);
     await page.getByLabel('Admin token').fill('wrong-token-wrong-token');
@@ -183,7 +186,7 @@ describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
     expect(session?.value).not.toContain(TOKEN);
 
     // The overview matches the database.
-    const counts = await statusCounts();
+    const counts = await statusCounts(ctx);
     expect(await number(page, 'count-pending')).toBe(counts.pending ?? 0);
     expect(await number(page, 'count-failed')).toBe(counts.failed ?? 0);
     expect(await number(page, 'count-expired')).toBe(counts.expired ?? 0);
@@ -245,7 +248,7 @@ describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
     await page.goto(`${baseUrl}/admin`);
     expect(await text(gammaRow.locator('[data-col="delivered"]'))).toBe('2');
     expect(await page.locator(`tr[data-row-id="${failedRow.id}"]`).count()).toBe(0);
-    const after = await statusCounts();
+    const after = await statusCounts(ctx);
     expect(await number(page, 'count-failed')).toBe(after.failed ?? 0);
     expect(await number(page, 'count-delivered-hour')).toBe(after.delivered ?? 0);
     await page.screenshot({ path: join(RESULTS, 'dashboard-after-retry.png'), fullPage: true });
@@ -258,8 +261,8 @@ describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
     await page.close();
   });
 
-  it('is usable on a phone-sized screen', { timeout: 60_000 }, async () => {
-    const phone = await browser!.newContext({
+  it('is usable on a phone-sized screen', { timeout: 60_000 }, async ({ site: { baseUrl }, browser }) => {
+    const phone = await browser.newContext({
       viewport: { width: 390, height: 844 },
       deviceScaleFactor: 2,
       isMobile: true,
