@@ -4,30 +4,38 @@
 // same shape; a kept-alive socket idle longer than the headers timeout still serves its next request.
 import { connect, type Socket } from 'node:net';
 import { Hono } from 'hono';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { type HttpServer, startHttpServer } from '../../src/http/server.js';
 import type { AppEnv } from '../../src/http/types.js';
 
-let server: HttpServer;
+// A server with the production listener's settings (short timeouts) around a two-route app.
+const it = test
+  // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+  .extend('server', { scope: 'file' }, async ({}, { onCleanup }): Promise<HttpServer> => {
+    const app = new Hono<AppEnv>();
+    app.post('/echo', async (c) => c.json({ length: (await c.req.text()).length }));
+    app.get('/ping', (c) => c.json({ ok: true }));
+    const server = await startHttpServer(app, {
+      port: 0,
+      host: '127.0.0.1',
+      headersTimeoutMs: 500,
+      requestTimeoutMs: 1_000,
+    });
+    onCleanup(() => server.stop(1_000));
+    return server;
+  })
+  // Opens a socket, runs `drive` on it, and resolves with everything received until it closes.
+  .extend(
+    'exchange',
+    async ({ server }) =>
+      (drive: (socket: Socket) => void) =>
+        exchange(server.port, drive),
+  );
 
-beforeAll(async () => {
-  const app = new Hono<AppEnv>();
-  app.post('/echo', async (c) => c.json({ length: (await c.req.text()).length }));
-  app.get('/ping', (c) => c.json({ ok: true }));
-  server = await startHttpServer(app, {
-    port: 0,
-    host: '127.0.0.1',
-    headersTimeoutMs: 500,
-    requestTimeoutMs: 1_000,
-  });
-});
-afterAll(() => server.stop(1_000));
-
-/** Opens a socket, runs `drive` on it, and resolves with everything received until it closes. */
-function exchange(drive: (socket: Socket) => void): Promise<{ text: string; ms: number }> {
+function exchange(port: number, drive: (socket: Socket) => void): Promise<{ text: string; ms: number }> {
   return new Promise((resolve, reject) => {
     const started = Date.now();
-    const socket = connect(server.port, '127.0.0.1');
+    const socket = connect(port, '127.0.0.1');
     let text = '';
     socket.on('data', (chunk: Buffer) => {
       text += chunk.toString('utf8');
@@ -45,7 +53,7 @@ function parse(raw: string) {
 }
 
 describe('slow and malformed clients', () => {
-  it('cuts off a body trickled one byte at a time with a 408 in the contract shape', async () => {
+  it('cuts off a body trickled one byte at a time with a 408 in the contract shape', async ({ exchange }) => {
     let timer: NodeJS.Timeout | undefined;
     const { text, ms } = await exchange((socket) => {
       socket.write(
@@ -65,12 +73,14 @@ describe('slow and malformed clients', () => {
     expect(ms).toBeLessThan(5_000);
   });
 
-  it('cuts off headers that never end', async () => {
+  it('cuts off headers that never end', async ({ exchange }) => {
     const { text } = await exchange((socket) => socket.write('GET /ping HTTP/1.1\r\nHost: x\r\nX-Slow: '));
     expect(parse(text).status).toBe(408);
   });
 
-  it('answers oversized headers 431 and a malformed request 400, both in the contract shape', async () => {
+  it('answers oversized headers 431 and a malformed request 400, both in the contract shape', async ({
+    exchange,
+  }) => {
     const big = await exchange((socket) =>
       socket.write(`GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`),
     );
@@ -79,7 +89,7 @@ describe('slow and malformed clients', () => {
     expect(parse(bad.text)).toMatchObject({ status: 400, body: { error: { code: 'bad_request' } } });
   });
 
-  it('keeps an idle kept-alive socket usable past the headers timeout', async () => {
+  it('keeps an idle kept-alive socket usable past the headers timeout', async ({ exchange }) => {
     const { text } = await exchange((socket) => {
       socket.write('GET /ping HTTP/1.1\r\nHost: x\r\n\r\n');
       setTimeout(() => socket.write('GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'), 1_500);
