@@ -1,30 +1,23 @@
 // A real worker process (src/bin/worker.ts) delivering to the emulator: SIGTERM while Stripe calls
 // are in flight lets them finish and record their answers, then exits 0.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Context } from '../../src/context.js';
+import { describe, expect } from 'vitest';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from '../metering/delivery-helpers.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
 import { startEntryPoint } from '../support/processes.js';
+import { stripeTest } from '../support/test.js';
 
-let emulator: StripeEmulator;
-let ctx: Context;
-let url: string;
-
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ faults: { latencyMs: 1500 } });
-  url = await createTestDatabase();
-  ctx = await createTestContext({ DATABASE_URL: url });
-  await ctx.boss.start();
-});
-afterAll(() => emulator?.stop());
+// Each call is held at the emulator for 1.5 s, so a SIGTERM finds them in flight.
+const it = stripeTest({ emulator: { faults: { latencyMs: 1500 } } });
 
 describe('worker shutdown', () => {
-  it('finishes in-flight Stripe calls on SIGTERM, records their answers and exits 0', async () => {
+  it('finishes in-flight Stripe calls on SIGTERM, records their answers and exits 0', async ({
+    ctx,
+    databaseUrl,
+    emulator,
+  }) => {
     const worker = startEntryPoint('worker', {
-      DATABASE_URL: url,
+      DATABASE_URL: databaseUrl,
       STRIPE_SECRET_KEY: 'sk_test_shutdown',
       STRIPE_API_BASE: emulator.url,
       DELIVERY_CONCURRENCY: '5',

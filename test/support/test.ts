@@ -63,12 +63,17 @@ export interface StripeTestOptions extends ContextOptions {
   emulator?: StripeEmulatorOptions;
   /**
    * Worker processes on the file's one database: each has its own context (and pg pool, pg-boss),
-   * as separate `node dist/worker.js` processes would; the first supervises pg-boss. Default 1.
+   * as separate `node dist/worker.js` processes would. Default 1.
    */
   processes?: number;
   /** Options of process `index`'s worker (a recording transport, an observer). */
   worker?: (ctx: Context, index: number) => WorkerOptions;
-  /** What process `index`'s createContext takes (default: the first one supervises pg-boss). */
+  /**
+   * The first process supervises pg-boss (maintenance, expiry), as a worker deployment's processes
+   * do; default false, like a context of its own.
+   */
+  supervise?: boolean;
+  /** What process `index`'s createContext takes on top of `overrides`. */
   processOverrides?: (index: number) => ContextOverrides;
 }
 
@@ -80,7 +85,7 @@ export interface StripeTestOptions extends ContextOptions {
 export function stripeTest(options: StripeTestOptions = {}) {
   const processes = options.processes ?? 1;
   const overridesOf = (index: number): ContextOverrides => ({
-    bossSupervise: index === 0,
+    bossSupervise: options.supervise === true && index === 0,
     ...options.overrides,
     ...options.processOverrides?.(index),
   });
