@@ -2,16 +2,14 @@
 // injects "accepted, then 500", 500s, 429s and resets. After recovery Stripe's accepted total per
 // customer equals the outbox, and no identifier was accepted twice or with another value.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Context } from '../../src/context.js';
+import { describe, expect } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 import { seededRandom } from '../support/random.js';
+import { EMULATOR_ENV, stripeTest } from '../support/test.js';
 
 const random = seededRandom();
 
@@ -23,11 +21,6 @@ const FAULTS = {
   latencyMs: 20,
   jitterMs: 150,
 };
-
-let emulator: StripeEmulator;
-let ctx: Context;
-let url: string;
-const running = new Set<RunningProcess>();
 
 // Retry options are copied from the queue onto each job when it is sent, so the queue must carry
 // them before the first commit: jobs sent earlier would back off for minutes (5 s doubling, the
@@ -43,36 +36,41 @@ const DELIVERY_ENV = {
   DELIVERY_LEASE_SECONDS: '3',
 };
 
-function startWorkerProcess(): RunningProcess {
-  const worker = startEntryPoint('worker', {
-    DATABASE_URL: url,
-    STRIPE_SECRET_KEY: 'sk_test_crash',
-    STRIPE_API_BASE: emulator.url,
-    LOG_LEVEL: 'warn',
-    ...DELIVERY_ENV,
-  });
-  running.add(worker);
-  void worker.exited.then(() => running.delete(worker));
-  return worker;
-}
-
 const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ faults: FAULTS, seed: 7 });
-  url = await createTestDatabase();
-  ctx = await createTestContext({ DATABASE_URL: url, ...DELIVERY_ENV });
-  await ctx.boss.start();
-  await ensureQueues(ctx.boss, ctx.config);
-});
-
-afterAll(async () => {
-  for (const w of running) w.kill('SIGKILL');
-  await emulator?.stop();
-});
+const it = stripeTest({
+  emulator: { faults: FAULTS, seed: 7 },
+  env: { ...DELIVERY_ENV, STRIPE_SECRET_KEY: 'sk_test_crash' },
+})
+  // Starts a worker process on the file's database and emulator; whatever still runs when the file
+  // ends is SIGKILLed.
+  .extend('startWorkerProcess', { scope: 'file' }, async ({ ctx, databaseUrl, emulator }, { onCleanup }) => {
+    await ensureQueues(ctx.boss, ctx.config);
+    const running = new Set<RunningProcess>();
+    onCleanup(() => {
+      for (const w of running) w.kill('SIGKILL');
+    });
+    return (): RunningProcess => {
+      const worker = startEntryPoint('worker', {
+        ...EMULATOR_ENV,
+        DATABASE_URL: databaseUrl,
+        STRIPE_SECRET_KEY: 'sk_test_crash',
+        STRIPE_API_BASE: emulator.url,
+        LOG_LEVEL: 'warn',
+        ...DELIVERY_ENV,
+      });
+      running.add(worker);
+      void worker.exited.then(() => running.delete(worker));
+      return worker;
+    };
+  });
 
 describe('worker crashes', () => {
-  it('loses nothing and bills nothing twice when workers are SIGKILLed at random moments', async () => {
+  it('loses nothing and bills nothing twice when workers are SIGKILLed at random moments', async ({
+    ctx,
+    emulator,
+    startWorkerProcess,
+  }) => {
     const orgs: OrganizationFixture[] = [];
     for (let i = 0; i < 6; i++) orgs.push(await createOrganization(ctx.db));
 
