@@ -7,7 +7,8 @@
 //                         worker(s) when asked for.
 //
 // File-scoped fixtures are built on first use and torn down after the file, in reverse order, even
-// when a test fails. One builder call per file (or per describe when it needs its own context).
+// when a test fails. Builders are called at a file's top level (vitest refuses file-scoped fixtures
+// defined inside a describe); a file may call one more than once for contexts of its own.
 import {
   type StripeEmulator,
   type StripeEmulatorOptions,
@@ -66,6 +67,8 @@ export interface StripeTestOptions extends ContextOptions {
    * as separate `node dist/worker.js` processes would. Default 1.
    */
   processes?: number;
+  /** Start every process's worker before the file's first test (else when a test names one). */
+  startWorkers?: boolean;
   /** Options of process `index`'s worker (a recording transport, an observer). */
   worker?: (ctx: Context, index: number) => WorkerOptions;
   /**
@@ -79,8 +82,8 @@ export interface StripeTestOptions extends ContextOptions {
 
 /**
  * A `test` whose fixtures are `emulator`, `ctx`, `app`, `org` and the workers: `worker` (the first
- * process's), `workers` and `contexts` (every process's, when `processes` > 1). A test that does
- * not name a worker fixture runs none; `ctx` is process 0's context.
+ * process's), `workers` and `contexts` (every process's, when `processes` > 1). Workers run when a
+ * test names one, or from the start with `startWorkers`; `ctx` is process 0's context.
  */
 export function stripeTest(options: StripeTestOptions = {}) {
   const processes = options.processes ?? 1;
@@ -127,15 +130,19 @@ export function stripeTest(options: StripeTestOptions = {}) {
       })
       .extend('ctx', { scope: 'file' }, async ({ contexts }) => contexts[0] as Context)
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
-      .extend('workers', { scope: 'file' }, async ({ contexts }, { onCleanup }) => {
-        const workers: WorkerRuntime[] = [];
-        onCleanup(async () => {
-          for (const worker of workers) await worker.stop();
-        });
-        for (const [i, ctx] of contexts.entries())
-          workers.push(await startWorker(ctx, options.worker?.(ctx, i)));
-        return workers;
-      })
+      .extend(
+        'workers',
+        { scope: 'file', auto: options.startWorkers === true },
+        async ({ contexts }, { onCleanup }) => {
+          const workers: WorkerRuntime[] = [];
+          onCleanup(async () => {
+            for (const worker of workers) await worker.stop();
+          });
+          for (const [i, ctx] of contexts.entries())
+            workers.push(await startWorker(ctx, options.worker?.(ctx, i)));
+          return workers;
+        },
+      )
       .extend('worker', { scope: 'file' }, async ({ workers }) => workers[0] as WorkerRuntime)
       .extend('org', async ({ ctx, emulator }) => {
         const org = await createOrganization(ctx.db);
