@@ -1,9 +1,8 @@
 // The Stripe meter client against the emulator through the real SDK: what each Stripe answer
 // becomes (accepted, duplicate, expired, retryable, permanent).
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import Stripe from 'stripe';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createStripeClient } from '../../src/context.js';
 import type { MeterEventName } from '../../src/db/schema.js';
 import {
@@ -12,16 +11,14 @@ import {
   type StripeMeterClient,
 } from '../../src/metering/stripe-meter.js';
 import { testConfig } from '../support/database.js';
+import { stripeTest } from '../support/test.js';
 
-let emulator: StripeEmulator;
-let meter: StripeMeterClient;
-let customer: string;
 let n = 0;
 const id = () => `test_${Date.now()}_${n++}`;
 
-function clientFor(key: string, timeoutMs?: number): StripeMeterClient {
+function clientFor(url: string, key: string, timeoutMs?: number): StripeMeterClient {
   if (timeoutMs) {
-    const base = new URL(emulator.url);
+    const base = new URL(url);
     const stripe = new Stripe(key, {
       host: base.hostname,
       port: Number(base.port),
@@ -32,19 +29,15 @@ function clientFor(key: string, timeoutMs?: number): StripeMeterClient {
     return createStripeMeterClient(stripe);
   }
   return createStripeMeterClient(
-    createStripeClient(testConfig({ STRIPE_SECRET_KEY: key, STRIPE_API_BASE: emulator.url }))!,
+    createStripeClient(testConfig({ STRIPE_SECRET_KEY: key, STRIPE_API_BASE: url }))!,
   );
 }
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ strictCustomers: true });
-  meter = clientFor('sk_test_meter');
-  customer = emulator.createCustomer().id;
-});
-afterAll(() => emulator?.stop());
-beforeEach(() => {
-  emulator.setFaults({});
-});
+const it = stripeTest({ emulator: { strictCustomers: true } })
+  .extend('meter', { scope: 'file' }, async ({ emulator }) => clientFor(emulator.url, 'sk_test_meter'))
+  .extend('customer', { scope: 'file' }, async ({ emulator }) => emulator.createCustomer().id)
+  // Every test starts with no faults scripted.
+  .extend('noFaults', { auto: true }, async ({ emulator }) => emulator.setFaults({}));
 
 /** One meter event of the given meter, the way delivery sends it. */
 const sendAs =
@@ -60,7 +53,11 @@ const readings = sendAs('temperature_readings');
 const activeSensors = sendAs('active_sensors');
 
 describe('Stripe meter client', () => {
-  it('sends one meter event with identifier, timestamp, customer and value', async () => {
+  it('sends one meter event with identifier, timestamp, customer and value', async ({
+    emulator,
+    meter,
+    customer,
+  }) => {
     const identifier = id();
     const at = new Date(Date.now() - 3600_000);
     expect(await readings(meter, customer, 42, { identifier, timestamp: at })).toEqual({
@@ -75,14 +72,17 @@ describe('Stripe meter client', () => {
     expect(event).toMatchObject({ value: 42, timestamp: Math.floor(at.getTime() / 1000), customer });
   });
 
-  it('reports a repeated identifier as duplicate (already billed), not as an error', async () => {
+  it('reports a repeated identifier as duplicate (already billed), not as an error', async ({
+    meter,
+    customer,
+  }) => {
     const identifier = id();
     await readings(meter, customer, 1, { identifier, timestamp: new Date() });
     const again = await readings(meter, customer, 1, { identifier, timestamp: new Date() });
     expect(again.kind).toBe('duplicate');
   });
 
-  it('reports a timestamp outside the 35-day window as expired', async () => {
+  it('reports a timestamp outside the 35-day window as expired', async ({ meter, customer }) => {
     const outcome = await readings(meter, customer, 1, {
       identifier: id(),
       timestamp: new Date(Date.now() - 36 * 24 * 3600_000),
@@ -90,7 +90,11 @@ describe('Stripe meter client', () => {
     expect(outcome.kind).toBe('expired');
   });
 
-  it('treats an unknown customer, a bad request and a bad API key as permanent', async () => {
+  it('treats an unknown customer, a bad request and a bad API key as permanent', async ({
+    emulator,
+    meter,
+    customer,
+  }) => {
     const unknown = await readings(meter, 'cus_nobody', 1, {
       identifier: id(),
       timestamp: new Date(),
@@ -104,14 +108,18 @@ describe('Stripe meter client', () => {
       timestamp: new Date(),
     });
     expect(badValue).toMatchObject({ kind: 'permanent', status: 400, reason: 'invalid_request' });
-    const badKey = await readings(clientFor('not_a_key'), customer, 1, {
+    const badKey = await readings(clientFor(emulator.url, 'not_a_key'), customer, 1, {
       identifier: id(),
       timestamp: new Date(),
     });
     expect(badKey).toMatchObject({ kind: 'permanent', status: 401, reason: 'unauthorized' });
   });
 
-  it('treats 500, 429, connection resets, timeouts and accepted-then-500 as retryable', async () => {
+  it('treats 500, 429, connection resets, timeouts and accepted-then-500 as retryable', async ({
+    emulator,
+    meter,
+    customer,
+  }) => {
     const send = (client = meter) =>
       readings(client, customer, 1, { identifier: id(), timestamp: new Date() });
     emulator.setFaults({ script: ['error_500'] });
@@ -121,7 +129,7 @@ describe('Stripe meter client', () => {
     emulator.setFaults({ script: ['reset', 'reset'] });
     expect(await send()).toMatchObject({ kind: 'retryable', reason: 'network' });
     emulator.setFaults({ script: ['timeout', 'timeout'], hangMs: 2_000 });
-    expect(await send(clientFor('sk_test_meter', 300))).toMatchObject({
+    expect(await send(clientFor(emulator.url, 'sk_test_meter', 300))).toMatchObject({
       kind: 'retryable',
       reason: 'timeout',
     });
