@@ -2,24 +2,21 @@
 // before its 15-minute expiry, a 401 "session expired" answered by a new session and one resend of
 // the same identifiers, the 100-event limit, and a whole-call refusal given to every event.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV2Transport, MAX_STREAM_EVENTS } from '../../src/metering/transport-v2.js';
+import { stripeTest } from '../support/test.js';
 
 const clock = manualClock();
-let emu: StripeEmulator;
 
-beforeAll(async () => {
-  emu = await startStripeEmulator({ clock });
-});
-afterAll(() => emu.stop());
-beforeEach(() => {
-  emu.reset();
-  emu.setFaults({});
-  clock.set(Date.UTC(2026, 10, 21, 10, 0, 0));
-});
+const it = stripeTest({ emulator: { clock } })
+  // Every test starts on an empty emulator, without faults, at the same instant.
+  .extend('fresh', { auto: true }, async ({ emulator }) => {
+    emulator.reset();
+    emulator.setFaults({});
+    clock.set(Date.UTC(2026, 10, 21, 10, 0, 0));
+  });
 
 const event = (identifier: string, customerId = 'cus_v2t'): MeterEventInput => ({
   eventName: 'temperature_readings',
@@ -30,7 +27,7 @@ const event = (identifier: string, customerId = 'cus_v2t'): MeterEventInput => (
 });
 
 describe('v2 transport', () => {
-  it('carries events of many customers in one call and answers each', async () => {
+  it('carries events of many customers in one call and answers each', async ({ emulator: emu }) => {
     const transport = createV2Transport(sdk(emu), { now: clock });
     const events = Array.from({ length: MAX_STREAM_EVENTS }, (_, i) => event(`many-${i}`, `cus_${i}`));
     const outcomes = await transport.send(events);
@@ -42,7 +39,7 @@ describe('v2 transport', () => {
     await expect(transport.send([...events, event('one-too-many')])).rejects.toThrow(/at most 100/);
   });
 
-  it('renews the session before it expires, without a 401', async () => {
+  it('renews the session before it expires, without a 401', async ({ emulator: emu }) => {
     const transport = createV2Transport(sdk(emu), { now: clock });
     await transport.send([event('before')]);
     clock.advance(14.5 * 60 * 1000);
@@ -51,7 +48,9 @@ describe('v2 transport', () => {
     expect(emu.events().map((e) => e.identifier)).toEqual(['before', 'after']);
   });
 
-  it('answers a 401 "session expired" with a new session and one resend of the same identifiers', async () => {
+  it('answers a 401 "session expired" with a new session and one resend of the same identifiers', async ({
+    emulator: emu,
+  }) => {
     // The transport's clock stands still, so it believes its session valid; Stripe's moves on.
     const frozen = clock();
     const transport = createV2Transport(sdk(emu), { now: () => frozen });
@@ -63,7 +62,9 @@ describe('v2 transport', () => {
     expect(emu.events().map((e) => e.identifier)).toEqual(['first', 'resent-a', 'resent-b']);
   });
 
-  it('gives a refused call (429, 500) to every event of it as a retryable outcome', async () => {
+  it('gives a refused call (429, 500) to every event of it as a retryable outcome', async ({
+    emulator: emu,
+  }) => {
     const transport = createV2Transport(sdk(emu), { now: clock });
     await transport.send([event('warm-up')]);
     emu.setFaults({ script: ['rate_limit_429', 'error_500'] });
