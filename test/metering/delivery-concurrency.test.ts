@@ -1,19 +1,13 @@
 // Two worker instances (two pg-boss instances, as two processes would be) on one database: at most
 // one Stripe call in flight per customer and meter, many customers in parallel, billing exact.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Context } from '../../src/context.js';
-import { createStripeClient } from '../../src/context.js';
+import { describe, expect } from 'vitest';
+import { type Context, createStripeClient } from '../../src/context.js';
 import { createStripeMeterClient, type StripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from './delivery-helpers.js';
 
-let emulator: StripeEmulator;
-const contexts: Context[] = [];
-const workers: WorkerRuntime[] = [];
 let inFlight = 0;
 let maxInFlight = 0;
 const callsByWorker = [0, 0];
@@ -35,34 +29,25 @@ function counting(inner: StripeMeterClient, worker: number): StripeMeterClient {
   };
 }
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ faults: { latencyMs: 40, jitterMs: 40 } });
-  const url = await createTestDatabase();
-  for (const i of [0, 1]) {
-    const ctx = await createTestContext(
-      {
-        DATABASE_URL: url,
-        STRIPE_SECRET_KEY: 'sk_test_concurrency',
-        STRIPE_API_BASE: emulator.url,
-        DELIVERY_CONCURRENCY: '4',
-        DELIVERY_RETRY_DELAY_SECONDS: '1',
-        DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-      },
-      { bossSupervise: i === 0 },
-    );
-    contexts.push(ctx);
-    const meter = counting(createStripeMeterClient(createStripeClient(ctx.config)!), i);
-    workers.push(await startWorker(ctx, { meter }));
-  }
-});
-
-afterAll(async () => {
-  for (const w of workers) await w.stop();
-  await emulator?.stop();
+const it = stripeTest({
+  emulator: { faults: { latencyMs: 40, jitterMs: 40 } },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_concurrency',
+    DELIVERY_CONCURRENCY: '4',
+    DELIVERY_RETRY_DELAY_SECONDS: '1',
+    DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
+  },
+  processes: 2,
+  supervise: true,
+  startWorkers: true,
+  worker: (ctx, i) => ({ meter: counting(createStripeMeterClient(createStripeClient(ctx.config)!), i) }),
 });
 
 describe('delivery across two worker instances', () => {
-  it('keeps one call in flight per customer and meter while delivering customers in parallel', async () => {
+  it('keeps one call in flight per customer and meter while delivering customers in parallel', async ({
+    contexts,
+    emulator,
+  }) => {
     const [a] = contexts as [Context, Context];
     const orgs: OrganizationFixture[] = [];
     for (let i = 0; i < 8; i++) orgs.push(await createOrganization(a.db));
