@@ -2,52 +2,38 @@
 // DELIVERY_MIN_INTERVAL_MS across worker instances, rows committed meanwhile coalesce into the next
 // call, and a commit whose job send is dropped for an already queued job is never left behind.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { enqueueDelivery } from '../../src/metering/outbox.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
+import { startWorker } from '../../src/worker/start.js';
+import { createTestContext } from '../support/database.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from './delivery-helpers.js';
 
 const MIN_INTERVAL_MS = 1000;
-let emulator: StripeEmulator;
-const contexts: Context[] = [];
-const workers: WorkerRuntime[] = [];
 
-beforeAll(async () => {
+const it = stripeTest({
   // Varying latency, so calls of one customer reach Stripe at uneven delays after they start.
-  emulator = await startStripeEmulator({ faults: { latencyMs: 30, jitterMs: 60 } });
-  const url = await createTestDatabase();
-  for (const i of [0, 1]) {
-    const ctx = await createTestContext(
-      {
-        DATABASE_URL: url,
-        STRIPE_SECRET_KEY: 'sk_test_pacing',
-        STRIPE_API_BASE: emulator.url,
-        DELIVERY_CONCURRENCY: '4',
-        DELIVERY_MIN_INTERVAL_MS: String(MIN_INTERVAL_MS),
-        DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-        // The sweep must not be what delivers: a stranded row would time the test out.
-        SWEEP_INTERVAL_SECONDS: '3600',
-        SWEEP_STALE_SECONDS: '3600',
-      },
-      { bossSupervise: i === 0 },
-    );
-    contexts.push(ctx);
-    workers.push(await startWorker(ctx));
-  }
-});
-
-afterAll(async () => {
-  for (const w of workers) await w.stop();
-  await emulator?.stop();
+  emulator: { faults: { latencyMs: 30, jitterMs: 60 } },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_pacing',
+    DELIVERY_CONCURRENCY: '4',
+    DELIVERY_MIN_INTERVAL_MS: String(MIN_INTERVAL_MS),
+    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+    // The sweep must not be what delivers: a stranded row would time the test out.
+    SWEEP_INTERVAL_SECONDS: '3600',
+    SWEEP_STALE_SECONDS: '3600',
+  },
+  processes: 2,
+  supervise: true,
+  startWorkers: true,
 });
 
 /** Smallest gap between two consecutive accepted events of each customer and meter. */
-function smallestGaps(): Map<string, { calls: number; minGapMs: number }> {
+function smallestGaps(emulator: StripeEmulator): Map<string, { calls: number; minGapMs: number }> {
   const byKey = new Map<string, number[]>();
   for (const e of emulator.events()) {
     const key = `${e.event_name}:${e.customer}`;
@@ -64,7 +50,10 @@ function smallestGaps(): Map<string, { calls: number; minGapMs: number }> {
 }
 
 describe('delivery pacing across two worker instances', () => {
-  it('never accepts two calls of one customer and meter within a second while commits arrive every 200 ms, and bills each row once', async () => {
+  it('never accepts two calls of one customer and meter within a second while commits arrive every 200 ms, and bills each row once', async ({
+    contexts,
+    emulator,
+  }) => {
     const [a] = contexts as [Context, Context];
     const orgs: OrganizationFixture[] = [];
     for (let i = 0; i < 5; i++) orgs.push(await createOrganization(a.db));
@@ -87,7 +76,7 @@ describe('delivery pacing across two worker instances', () => {
     expect(committed).toBe(orgs.length * commits);
     await waitFor('every row delivered', () => allSettled(a.db), 30_000);
 
-    const gaps = smallestGaps();
+    const gaps = smallestGaps(emulator);
     expect(gaps.size).toBe(orgs.length);
     for (const [key, { calls, minGapMs }] of gaps) {
       // "No two accepted calls in any 1-second window" is exactly "consecutive calls >= 1 s apart".
@@ -108,7 +97,9 @@ describe('delivery pacing across two worker instances', () => {
     );
   });
 
-  it('records the next allowed call per customer and meter in meter_delivery_pacing', async () => {
+  it('records the next allowed call per customer and meter in meter_delivery_pacing', async ({
+    contexts,
+  }) => {
     const [a] = contexts as [Context, Context];
     const org = await createOrganization(a.db);
     await writeRows(a.db, a.boss, org, 'active_sensors', [{ value: 3, occurredAt: new Date() }]);
@@ -122,8 +113,10 @@ describe('delivery pacing across two worker instances', () => {
 });
 
 describe('commit → job hand-off', () => {
-  it('keeps the queued job a commit relied on from starting before that commit, then delivers its row', async () => {
-    // Its own database, with no worker yet: this test does the fetching.
+  it('keeps the queued job a commit relied on from starting before that commit, then delivers its row', async ({
+    emulator,
+  }) => {
+    // Its own database (on the file's emulator), with no worker yet: this test does the fetching.
     const ctx = await createTestContext(
       {
         STRIPE_SECRET_KEY: 'sk_test_handoff',
