@@ -3,23 +3,17 @@
 // at most one per customer+meter, one shared call budget, a 429 storm that slows everyone and loses
 // nothing, and one slow customer that delays nobody else.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Context } from '../../src/context.js';
-import { createStripeClient } from '../../src/context.js';
+import { describe, expect } from 'vitest';
+import { type Context, createStripeClient } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 import { allSettled, compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const RATE = 40;
-let emulator: StripeEmulator;
-const contexts: Context[] = [];
-const workers: WorkerRuntime[] = [];
 
 interface CallRecord {
   worker: number;
@@ -63,9 +57,9 @@ function recording(inner: MeterTransport, worker: number): MeterTransport {
   };
 }
 
-async function customers(n: number): Promise<OrganizationFixture[]> {
+async function customers(ctx: Context, n: number): Promise<OrganizationFixture[]> {
   const orgs: OrganizationFixture[] = [];
-  for (let i = 0; i < n; i++) orgs.push(await createOrganization(contexts[0]!.db));
+  for (let i = 0; i < n; i++) orgs.push(await createOrganization(ctx.db));
   return orgs;
 }
 
@@ -75,38 +69,28 @@ async function budgetRow(ctx: Context) {
   return rows[0]!;
 }
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ faults: { latencyMs: 800, jitterMs: 200 } });
-  const url = await createTestDatabase();
-  for (const i of [0, 1]) {
-    const ctx = await createTestContext(
-      {
-        DATABASE_URL: url,
-        STRIPE_SECRET_KEY: 'sk_test_scale',
-        STRIPE_API_BASE: emulator.url,
-        STRIPE_MAX_CALLS_PER_SECOND: String(RATE),
-        DELIVERY_RETRY_DELAY_SECONDS: '1',
-        DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-        DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-      },
-      { bossSupervise: i === 0 },
-    );
-    contexts.push(ctx);
-    const transport = recording(createV1Transport(createStripeClient(ctx.config)!), i);
-    workers.push(await startWorker(ctx, { transport }));
-  }
-});
-
-afterAll(async () => {
-  for (const w of workers) await w.stop();
-  await emulator?.stop();
+const it = stripeTest({
+  emulator: { faults: { latencyMs: 800, jitterMs: 200 } },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_scale',
+    STRIPE_MAX_CALLS_PER_SECOND: String(RATE),
+    DELIVERY_RETRY_DELAY_SECONDS: '1',
+    DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
+    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+  },
+  processes: 2,
+  supervise: true,
+  startWorkers: true,
+  worker: (ctx, i) => ({ transport: recording(createV1Transport(createStripeClient(ctx.config)!), i) }),
 });
 
 describe('delivery at scale across two workers', () => {
-  it('keeps many calls in flight on the default pool, one per customer+meter, within one shared budget', async () => {
-    const ctx = contexts[0]!;
+  it('keeps many calls in flight on the default pool, one per customer+meter, within one shared budget', async ({
+    ctx,
+    emulator,
+  }) => {
     expect(ctx.config.DB_POOL_MAX).toBe(10);
-    const orgs = await customers(60);
+    const orgs = await customers(ctx, 60);
     const start = calls.length;
     for (const org of orgs) {
       await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
@@ -135,9 +119,11 @@ describe('delivery at scale across two workers', () => {
     expect(times.at(-1)! - times[0]!).toBeGreaterThanOrEqual(((mine.length - 1) * 1000) / RATE - 300);
   }, 90_000);
 
-  it('recovers from a 429 storm: everyone slows down, nothing fails, dead-letters or bills twice', async () => {
-    const ctx = contexts[0]!;
-    const orgs = await customers(20);
+  it('recovers from a 429 storm: everyone slows down, nothing fails, dead-letters or bills twice', async ({
+    ctx,
+    emulator,
+  }) => {
+    const orgs = await customers(ctx, 20);
     const before = await budgetRow(ctx);
     emulator.setFaults({ rateLimitRate: 1, latencyMs: 50 });
     for (const org of orgs) {
@@ -169,9 +155,8 @@ describe('delivery at scale across two workers', () => {
     expect(rows[0]!.n).toBe(0);
   }, 90_000);
 
-  it('delivers every other customer while one customer is slow', async () => {
-    const ctx = contexts[0]!;
-    const orgs = await customers(30);
+  it('delivers every other customer while one customer is slow', async ({ ctx, emulator }) => {
+    const orgs = await customers(ctx, 30);
     const slow = orgs[0]!;
     slowCustomer = slow.customerId;
     try {
