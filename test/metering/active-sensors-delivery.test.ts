@@ -1,44 +1,36 @@
 // The hourly and on-change active-sensor reports travel the ordinary delivery path to Stripe (the
 // emulator, through the real SDK): one event per organization and hour, 0 when all sensors are off.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, onTestFinished } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { reportActiveSensorsWithTimestamp, utcHourOf } from '../../src/metering/active-sensors.js';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext } from '../support/database.js';
+import { startWorker } from '../../src/worker/start.js';
+import { stripeTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
 import { activeSensorRows, createOrganizations } from './active-sensors-fixtures.js';
 
-let emulator: StripeEmulator;
-let ctx: Context;
-let worker: WorkerRuntime | undefined;
-
-const allDelivered = async () => (await activeSensorRows(ctx.db)).every((r) => r.status === 'delivered');
-
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ strictCustomers: true });
-  ctx = await createTestContext(
-    {
-      STRIPE_SECRET_KEY: 'sk_test_active_sensors',
-      STRIPE_API_BASE: emulator.url,
-      DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-      SWEEP_INTERVAL_SECONDS: '3600',
-    },
-    // No cron passes: this file drives the report by start-up and direct trigger only.
-    { bossSupervise: false },
-  );
+const it = stripeTest({
+  emulator: { strictCustomers: true },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_active_sensors',
+    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+    SWEEP_INTERVAL_SECONDS: '3600',
+  },
+  // No cron passes (no supervisor): this file drives the report by start-up and direct trigger
+  // only; the worker, started by the test, starts pg-boss.
+  startBoss: false,
 });
 
-afterAll(async () => {
-  await worker?.stop();
-  await emulator?.stop();
-});
+const allDelivered = async (ctx: Context) =>
+  (await activeSensorRows(ctx.db)).every((r) => r.status === 'delivered');
 
 describe('active-sensor reports at Stripe', () => {
-  it('delivers one event per billable organization for the hour, 0 for one whose sensors are all off, and the on-change report after it', async () => {
+  it('delivers one event per billable organization for the hour, 0 for one whose sensors are all off, and the on-change report after it', async ({
+    ctx,
+    emulator,
+  }) => {
     const [a, b, c] = [emulator.createCustomer(), emulator.createCustomer(), emulator.createCustomer()];
     const [orgA] = await createOrganizations(ctx.db, [
       { status: 'active', customer: a.id, activeSensors: 3, inactiveSensors: 1 },
@@ -46,10 +38,11 @@ describe('active-sensor reports at Stripe', () => {
       { status: 'past_due', customer: c.id, activeSensors: 5 },
     ]);
     const before = ctx.clock.now();
-    worker = await startWorker(ctx);
+    const worker = await startWorker(ctx);
+    onTestFinished(() => worker.stop());
     await waitFor('the start-up report to be delivered', async () => {
       const rows = await activeSensorRows(ctx.db);
-      return rows.length === 2 && (await allDelivered());
+      return rows.length === 2 && (await allDelivered(ctx));
     });
     // The hour the worker started in (read back, so a start straddling the hour is not a flake).
     const hour = (await activeSensorRows(ctx.db))[0]?.occurred_at as Date;
@@ -84,7 +77,7 @@ describe('active-sensor reports at Stripe', () => {
     });
     await waitFor('the on-change report to be delivered', async () => {
       const rows = await activeSensorRows(ctx.db);
-      return rows.length === 3 && (await allDelivered());
+      return rows.length === 3 && (await allDelivered(ctx));
     });
     expect(events(a.id)).toEqual([
       [3, hour.getTime() / 1000],
