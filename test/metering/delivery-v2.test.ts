@@ -3,15 +3,14 @@
 // accepting the call comes back as a signed error report webhook, whose sampled identifier turns
 // its outbox rows `failed` with Stripe's code (admin API), and a retry from there bills it once.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
-import { type HttpServer, startHttpServer } from '../../src/http/server.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
+import { startHttpServer } from '../../src/http/server.js';
 import { authHeaders, createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const WEBHOOK_SECRET = 'whsec_v2_delivery_test';
@@ -19,12 +18,12 @@ const ADMIN_TOKEN = 'admin-token-for-the-v2-delivery-test';
 /** Low enough that one call per event could not deliver the test's events in time. */
 const CALLS_PER_SECOND = 4;
 
-let emulator: StripeEmulator;
-let ctx: Context;
-let worker: WorkerRuntime;
-let server: HttpServer;
-
-async function customers(n: number, known = true): Promise<OrganizationFixture[]> {
+async function customers(
+  ctx: Context,
+  emulator: StripeEmulator,
+  n: number,
+  known = true,
+): Promise<OrganizationFixture[]> {
   const orgs: OrganizationFixture[] = [];
   for (let i = 0; i < n; i++) {
     const org = await createOrganization(ctx.db);
@@ -34,37 +33,34 @@ async function customers(n: number, known = true): Promise<OrganizationFixture[]
   return orgs;
 }
 
-beforeAll(async () => {
+const it = stripeTest({
   // Strict customers: an event for a customer Stripe does not know is rejected asynchronously.
-  emulator = await startStripeEmulator({
-    strictCustomers: true,
-    faults: { latencyMs: 100, jitterMs: 300 },
-    errorReportWindowMs: 60_000,
-  });
-  ctx = await createTestContext({
-    DATABASE_URL: await createTestDatabase(),
+  emulator: { strictCustomers: true, faults: { latencyMs: 100, jitterMs: 300 }, errorReportWindowMs: 60_000 },
+  env: {
     STRIPE_SECRET_KEY: 'sk_test_v2',
-    STRIPE_API_BASE: emulator.url,
     STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET,
     ADMIN_TOKEN,
     DELIVERY_TRANSPORT: 'v2',
     STRIPE_MAX_CALLS_PER_SECOND: String(CALLS_PER_SECOND),
     DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-  });
-  server = await startHttpServer(createApp(ctx), { port: 0, host: '127.0.0.1' });
-  emulator.setWebhookEndpoint({ url: `${server.url}/webhooks/stripe`, secret: WEBHOOK_SECRET });
-  worker = await startWorker(ctx);
-});
-
-afterAll(async () => {
-  await worker?.stop();
-  await server?.stop(1_000);
-  await emulator?.stop();
-});
+  },
+})
+  // The API on a port, where the emulator sends its error report webhooks.
+  .extend('server', { scope: 'file' }, async ({ app, emulator }, { onCleanup }) => {
+    const server = await startHttpServer(app, { port: 0, host: '127.0.0.1' });
+    onCleanup(() => server.stop(1_000));
+    emulator.setWebhookEndpoint({ url: `${server.url}/webhooks/stripe`, secret: WEBHOOK_SECRET });
+    return server;
+  })
+  // Then the worker; both for the whole file (stopped after it, worker first).
+  .extend('running', { scope: 'file', auto: true }, async ({ server, worker }) => ({ server, worker }));
 
 describe('v2 meter event stream delivery', () => {
-  it('sends many customers per call, one budget slot per call, each event once', async () => {
-    const orgs = await customers(150);
+  it('sends many customers per call, one budget slot per call, each event once', async ({
+    ctx,
+    emulator,
+  }) => {
+    const orgs = await customers(ctx, emulator, 150);
     const callsBefore = emulator.counters().calls;
     await Promise.all(
       orgs.map((org, i) =>
@@ -95,9 +91,12 @@ describe('v2 meter event stream delivery', () => {
     expect(Number(rows[0]!.calls)).toBeLessThan(30);
   }, 90_000);
 
-  it("maps an error report's sampled identifier back to its rows; a retry after the fix bills it once", async () => {
-    const [bad] = await customers(1, false);
-    const [good] = await customers(1);
+  it("maps an error report's sampled identifier back to its rows; a retry after the fix bills it once", async ({
+    ctx,
+    emulator,
+  }) => {
+    const [bad] = await customers(ctx, emulator, 1, false);
+    const [good] = await customers(ctx, emulator, 1);
     await writeRows(ctx.db, ctx.boss, bad!, 'temperature_readings', [
       { value: 7, occurredAt: new Date() },
       { value: 5, occurredAt: new Date() },
