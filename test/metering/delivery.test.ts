@@ -1,11 +1,10 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import type { Context } from '../../src/context.js';
-import { createStripeClient } from '../../src/context.js';
+import { describe, expect } from 'vitest';
+import { type Context, createStripeClient } from '../../src/context.js';
 import {
   claimGroup,
   type DeliveryObserver,
@@ -13,16 +12,12 @@ import {
   settleGroup,
 } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
-import { createTestContext } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 const HOUR = 3600_000;
 
-let emulator: StripeEmulator;
-let ctx: Context;
-let worker: WorkerRuntime;
 const observed: {
   delivered: number;
   retries: string[];
@@ -48,33 +43,24 @@ const observer: DeliveryObserver = {
   onDeadLetter: (_event, reason) => observed.deadLetters.push(reason),
 };
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ strictCustomers: true });
-  ctx = await createTestContext(
-    {
-      STRIPE_SECRET_KEY: 'sk_test_delivery',
-      STRIPE_API_BASE: emulator.url,
-      DELIVERY_RETRY_DELAY_SECONDS: '1',
-      DELIVERY_RETRY_DELAY_MAX_SECONDS: '1',
-      DELIVERY_RETRY_LIMIT: '3',
-      DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-      SWEEP_INTERVAL_SECONDS: '3600',
-    },
-    { bossSupervise: true },
-  );
-  worker = await startWorker(ctx, { observer });
-});
+const it = stripeTest({
+  emulator: { strictCustomers: true },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_delivery',
+    DELIVERY_RETRY_DELAY_SECONDS: '1',
+    DELIVERY_RETRY_DELAY_MAX_SECONDS: '1',
+    DELIVERY_RETRY_LIMIT: '3',
+    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+    SWEEP_INTERVAL_SECONDS: '3600',
+  },
+  supervise: true,
+  startWorkers: true,
+  worker: () => ({ observer }),
+})
+  // Every test starts with no faults scripted.
+  .extend('noFaults', { auto: true }, async ({ emulator }) => emulator.setFaults({}));
 
-afterAll(async () => {
-  await worker?.stop();
-  await emulator?.stop();
-});
-
-beforeEach(() => {
-  emulator.setFaults({});
-});
-
-async function billableCustomer() {
+async function billableCustomer(ctx: Context, emulator: StripeEmulator) {
   const customer = emulator.createCustomer();
   return createOrganization(ctx.db, { customerId: customer.id });
 }
@@ -85,7 +71,7 @@ function hourStart(offsetHours: number): Date {
   return d;
 }
 
-async function rowsOf(customerId: string) {
+async function rowsOf(ctx: Context, customerId: string) {
   return ctx.db
     .selectFrom('meter_outbox')
     .selectAll()
@@ -95,8 +81,11 @@ async function rowsOf(customerId: string) {
 }
 
 describe('meter-delivery worker', () => {
-  it("sums a customer's pending readings into one meter event per UTC hour and marks them delivered", async () => {
-    const org = await billableCustomer();
+  it("sums a customer's pending readings into one meter event per UTC hour and marks them delivered", async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const h = hourStart(-3);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
       { value: 3, occurredAt: new Date(h.getTime() + 10 * 60_000) },
@@ -109,7 +98,7 @@ describe('meter-delivery worker', () => {
 
     const events = emulator.events({ customer: org.customerId });
     expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([12, 18]);
-    const rows = await rowsOf(org.customerId);
+    const rows = await rowsOf(ctx, org.customerId);
     const identifiers = new Set(rows.map((r) => r.identifier));
     expect(identifiers.size).toBe(2);
     expect(new Set(events.map((e) => e.identifier))).toEqual(identifiers);
@@ -123,8 +112,8 @@ describe('meter-delivery worker', () => {
     expect(first.timestamp).toBe(Math.floor((h.getTime() + 59 * 60_000) / 1000));
   });
 
-  it('bounds a group by DELIVERY_MAX_ROWS_PER_EVENT and never mixes UTC hours', async () => {
-    const org = await billableCustomer();
+  it('bounds a group by DELIVERY_MAX_ROWS_PER_EVENT and never mixes UTC hours', async ({ ctx, emulator }) => {
+    const org = await billableCustomer(ctx, emulator);
     const h = hourStart(-2);
     // Rows without a job, so only this test's claims touch them.
     await ctx.db
@@ -158,8 +147,11 @@ describe('meter-delivery worker', () => {
     ]);
   });
 
-  it('resends the committed identifier and value after a crash between the call and the commit, and counts the duplicate answer as delivered', async () => {
-    const org = await billableCustomer();
+  it('resends the committed identifier and value after a crash between the call and the commit, and counts the duplicate answer as delivered', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const occurredAt = new Date(Date.now() - 60_000);
     // No job: the rows alone, as after a crash.
     await ctx.db
@@ -202,12 +194,15 @@ describe('meter-delivery worker', () => {
     const events = emulator.events({ customer: org.customerId });
     expect(events.filter((e) => e.identifier === group!.identifier)).toHaveLength(1);
     expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([7, 100]);
-    const rows = await rowsOf(org.customerId);
+    const rows = await rowsOf(ctx, org.customerId);
     expect(rows.filter((r) => r.identifier === group!.identifier).map((r) => r.attempts)).toEqual([2, 2]);
   });
 
-  it('bills once when Stripe records the event and then answers 500, retrying with the same identifier', async () => {
-    const org = await billableCustomer();
+  it('bills once when Stripe records the event and then answers 500, retrying with the same identifier', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const before = emulator.counters();
     emulator.setFaults({ script: ['accepted_then_500'] });
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 9, occurredAt: new Date() }]);
@@ -220,12 +215,15 @@ describe('meter-delivery worker', () => {
     const after = emulator.counters();
     expect(after.acceptedThen500 - before.acceptedThen500).toBe(1);
     expect(after.duplicate - before.duplicate).toBe(1);
-    const [row] = await rowsOf(org.customerId);
+    const [row] = await rowsOf(ctx, org.customerId);
     expect(row!.attempts).toBe(2);
   });
 
-  it('retries 500s and connection resets with backoff and a 429 outside it, then delivers', async () => {
-    const org = await billableCustomer();
+  it('retries 500s and connection resets with backoff and a 429 outside it, then delivers', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const retriesBefore = observed.retries.length;
     const rateLimitedBefore = observed.rateLimited;
     // The SDK itself retries a closed connection once (same idempotency key): two resets in a row
@@ -237,7 +235,7 @@ describe('meter-delivery worker', () => {
       async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1,
       30_000,
     );
-    const [row] = await rowsOf(org.customerId);
+    const [row] = await rowsOf(ctx, org.customerId);
     expect(row!.attempts).toBe(4);
     expect(row!.last_error).toBeNull();
     // The 429 is resent by the rate-limit path: it never reaches pg-boss's retry count.
@@ -246,13 +244,16 @@ describe('meter-delivery worker', () => {
     expect(emulator.totals({ customer: org.customerId })[0]?.sum).toBe(4);
   });
 
-  it('marks rows failed with the error, dead-letters the job without retrying, and a redrive delivers them with the same identifier', async () => {
+  it('marks rows failed with the error, dead-letters the job without retrying, and a redrive delivers them with the same identifier', async ({
+    ctx,
+    emulator,
+  }) => {
     // Not an emulator customer: Stripe answers 400 resource_missing.
     const org = await createOrganization(ctx.db, { customerId: 'cus_unknown_to_stripe' });
     const callsBefore = emulator.counters().rejected;
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 6, occurredAt: new Date() }]);
     await waitFor('row failed', async () => (await statusCounts(ctx.db, org.customerId)).failed === 1);
-    const [failed] = await rowsOf(org.customerId);
+    const [failed] = await rowsOf(ctx, org.customerId);
     expect(failed!.last_error).toMatch(/No such customer/);
     expect(failed!.attempts).toBe(1);
     const dead = await waitFor('dead-letter job', async () => {
@@ -268,15 +269,18 @@ describe('meter-delivery worker', () => {
     const redriven = await retryFailedRows(ctx.db, ctx.boss, { customerId: org.customerId });
     expect(redriven).toEqual({ rows: 1, keys: 1 });
     await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
-    const [row] = await rowsOf(org.customerId);
+    const [row] = await rowsOf(ctx, org.customerId);
     expect(row!.identifier).toBe(failed!.identifier);
     expect(emulator.events({ customer: org.customerId }).map((e) => e.identifier)).toEqual([
       failed!.identifier,
     ]);
   });
 
-  it('gives up after the retry limit: rows failed with the last error, job dead-lettered', async () => {
-    const org = await billableCustomer();
+  it('gives up after the retry limit: rows failed with the last error, job dead-lettered', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     emulator.setFaults({ script: ['error_500', 'error_500', 'error_500', 'error_500'] });
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
     await waitFor(
@@ -284,7 +288,7 @@ describe('meter-delivery worker', () => {
       async () => (await statusCounts(ctx.db, org.customerId)).failed === 1,
       30_000,
     );
-    const [row] = await rowsOf(org.customerId);
+    const [row] = await rowsOf(ctx, org.customerId);
     // DELIVERY_RETRY_LIMIT=3: the first call and three retries.
     expect(row!.attempts).toBe(4);
     expect(row!.last_error).toMatch(/gave up after 4 attempts: server_error/);
@@ -294,8 +298,11 @@ describe('meter-delivery worker', () => {
     });
   });
 
-  it("expires rows older than Stripe's 35-day window with a reason and never sends them", async () => {
-    const org = await billableCustomer();
+  it("expires rows older than Stripe's 35-day window with a reason and never sends them", async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
       { value: 5, occurredAt: new Date(Date.now() - 36 * 24 * HOUR) },
       // Inside Stripe's window but within the safety margin of its edge.
@@ -306,7 +313,7 @@ describe('meter-delivery worker', () => {
       const c = await statusCounts(ctx.db, org.customerId);
       return c.expired === 2 && c.delivered === 1;
     });
-    const rows = await rowsOf(org.customerId);
+    const rows = await rowsOf(ctx, org.customerId);
     for (const r of rows.filter((x) => x.status === 'expired')) {
       expect(r.last_error).toMatch(/35-day/);
       expect(r.attempts).toBe(0);
@@ -314,8 +321,11 @@ describe('meter-delivery worker', () => {
     expect(emulator.events({ customer: org.customerId }).map((e) => e.value)).toEqual([7]);
   });
 
-  it('never calls Stripe for a customer whose lease another worker holds, and delivers once the lease expires', async () => {
-    const org = await billableCustomer();
+  it('never calls Stripe for a customer whose lease another worker holds, and delivers once the lease expires', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const key = `temperature_readings:${org.customerId}`;
     // Stand in for another worker mid-call on this customer and meter (a SIGKILLed one: it never
     // releases its lease, which expires on its own).
@@ -350,8 +360,11 @@ describe('meter-delivery worker', () => {
     });
   });
 
-  it('coalesces pending active_sensors rows of one key into one event with the newest count at its timestamp', async () => {
-    const org = await billableCustomer();
+  it('coalesces pending active_sensors rows of one key into one event with the newest count at its timestamp', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await billableCustomer(ctx, emulator);
     const hour = Math.floor(Date.now() / HOUR) * HOUR;
     const at = (s: number) => new Date(hour + 1000 + s * 1000);
     // One transaction: all three rows are pending when the job claims them.
@@ -365,12 +378,12 @@ describe('meter-delivery worker', () => {
     expect(events).toHaveLength(1);
     expect(events[0]!.value).toBe(7);
     expect(events[0]!.timestamp).toBe(Math.floor(at(2).getTime() / 1000));
-    const rows = await rowsOf(org.customerId);
+    const rows = await rowsOf(ctx, org.customerId);
     expect(new Set(rows.map((r) => r.identifier))).toEqual(new Set([events[0]!.identifier]));
   });
 
-  it('delivers a newly committed row on an idle worker (latency logged)', async () => {
-    const org = await billableCustomer();
+  it('delivers a newly committed row on an idle worker (latency logged)', async ({ ctx, emulator }) => {
+    const org = await billableCustomer(ctx, emulator);
     const started = performance.now();
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
     await waitFor(
@@ -383,7 +396,10 @@ describe('meter-delivery worker', () => {
     expect(emulator.events({ customer: org.customerId })).toHaveLength(1);
   });
 
-  it('leaves billing exact: every delivered identifier accepted once with the outbox value', async () => {
+  it('leaves billing exact: every delivered identifier accepted once with the outbox value', async ({
+    ctx,
+    emulator,
+  }) => {
     const result = await compareWithEmulator(ctx.db, emulator);
     expect(result.duplicatesAccepted).toEqual([]);
     expect(result.valueMismatches).toEqual([]);
