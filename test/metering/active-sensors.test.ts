@@ -1,7 +1,8 @@
 // The active_sensors data functions against real Postgres: the set-based hourly report and the
 // on-change report.
 import { Kysely, PostgresDialect } from 'kysely';
-import { describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
+import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import {
   hourlyReportKey,
@@ -9,7 +10,7 @@ import {
   reportActiveSensorsWithTimestamp,
   utcHourOf,
 } from '../../src/metering/active-sensors.js';
-import { createTestContext } from '../support/database.js';
+import { contextTest } from '../support/test.js';
 import {
   activeSensorRows,
   bulkActiveSensors,
@@ -18,10 +19,9 @@ import {
   deliveryJobsByCustomer,
 } from './active-sensors-fixtures.js';
 
-const ctx = await createTestContext();
-await ctx.boss.start();
+const it = contextTest();
 
-async function clear() {
+async function clear(ctx: Context) {
   await ctx.db.deleteFrom('meter_outbox').execute();
   await ctx.db.deleteFrom('sensors').execute();
   await ctx.db.deleteFrom('subscriptions').execute();
@@ -29,19 +29,21 @@ async function clear() {
   await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
 }
 
-const report = (at: Date) =>
+const report = (ctx: Context, at: Date) =>
   ctx.db.transaction().execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, at));
 
 describe('hourly active-sensor report', () => {
-  it('writes one row per billable organization with its active count, keyed and timestamped by the hour', async () => {
-    await clear();
+  it('writes one row per billable organization with its active count, keyed and timestamped by the hour', async ({
+    ctx,
+  }) => {
+    await clear(ctx);
     const [active, trial, noSensors, allDeactivated] = await createOrganizations(ctx.db, [
       { status: 'active', customer: 'cus_active', activeSensors: 3, inactiveSensors: 2 },
       { status: 'trial', customer: 'cus_trial', activeSensors: 1 },
       { status: 'active', customer: 'cus_none', activeSensors: 0 },
       { status: 'active', customer: 'cus_off', activeSensors: 0, inactiveSensors: 4 },
     ]);
-    const result = await report(new Date('2026-03-10T14:37:12.345Z'));
+    const result = await report(ctx, new Date('2026-03-10T14:37:12.345Z'));
 
     expect(result).toEqual({ hour: new Date('2026-03-10T14:00:00Z'), reported: 4 });
     const rows = await activeSensorRows(ctx.db);
@@ -68,8 +70,8 @@ describe('hourly active-sensor report', () => {
     );
   });
 
-  it('reports nothing for organizations that are not billable', async () => {
-    await clear();
+  it('reports nothing for organizations that are not billable', async ({ ctx }) => {
+    await clear(ctx);
     await createOrganizations(ctx.db, [
       { status: 'active', customer: null, activeSensors: 2 },
       { status: 'trial', customer: null, activeSensors: 2 },
@@ -82,36 +84,38 @@ describe('hourly active-sensor report', () => {
     ]);
     await ctx.db.insertInto('organizations').values({ name: 'no subscription at all' }).execute();
 
-    expect((await report(new Date('2026-03-10T14:00:00Z'))).reported).toBe(0);
+    expect((await report(ctx, new Date('2026-03-10T14:00:00Z'))).reported).toBe(0);
     expect(await activeSensorRows(ctx.db)).toHaveLength(0);
     expect((await deliveryJobsByCustomer(ctx.db)).size).toBe(0);
   });
 
-  it('reports an hour once: a second run for the same hour writes no row and queues no delivery', async () => {
-    await clear();
+  it('reports an hour once: a second run for the same hour writes no row and queues no delivery', async ({
+    ctx,
+  }) => {
+    await clear(ctx);
     const [org] = await createOrganizations(ctx.db, [
       { status: 'active', customer: 'cus_once', activeSensors: 2 },
     ]);
-    expect((await report(new Date('2026-03-10T14:00:00Z'))).reported).toBe(1);
+    expect((await report(ctx, new Date('2026-03-10T14:00:00Z'))).reported).toBe(1);
     // A sensor added later in the hour does not produce a second report for that hour ...
     await ctx.db
       .insertInto('sensors')
       .values({ organization_id: org as string, name: 'late' })
       .execute();
-    expect((await report(new Date('2026-03-10T14:59:59.999Z'))).reported).toBe(0);
+    expect((await report(ctx, new Date('2026-03-10T14:59:59.999Z'))).reported).toBe(0);
     const rows = await activeSensorRows(ctx.db);
     expect(rows.map((r) => Number(r.value))).toEqual([2]);
     expect(await deliveryJobsByCustomer(ctx.db)).toEqual(new Map([['cus_once', 1]]));
     // ... the next hour reports the new count.
-    expect((await report(new Date('2026-03-10T15:00:00Z'))).reported).toBe(1);
+    expect((await report(ctx, new Date('2026-03-10T15:00:00Z'))).reported).toBe(1);
     expect((await activeSensorRows(ctx.db)).map((r) => [r.dedupe_key, Number(r.value)])).toEqual([
       [hourlyReportKey(org as string, new Date('2026-03-10T14:00:00Z')), 2],
       [hourlyReportKey(org as string, new Date('2026-03-10T15:00:00Z')), 3],
     ]);
   });
 
-  it('skips organizations already reported for the hour and reports the rest', async () => {
-    await clear();
+  it('skips organizations already reported for the hour and reports the rest', async ({ ctx }) => {
+    await clear(ctx);
     const [reported, missing] = await createOrganizations(ctx.db, [
       { status: 'active', customer: 'cus_done', activeSensors: 5 },
       { status: 'active', customer: 'cus_missing', activeSensors: 1 },
@@ -130,14 +134,14 @@ describe('hourly active-sensor report', () => {
       );
     await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
 
-    expect((await report(hour)).reported).toBe(1);
+    expect((await report(ctx, hour)).reported).toBe(1);
     const rows = await activeSensorRows(ctx.db);
     expect(rows.map((r) => r.organization_id)).toEqual([reported, missing]);
     expect(await deliveryJobsByCustomer(ctx.db)).toEqual(new Map([['cus_missing', 1]]));
   });
 
-  it('writes nothing and queues nothing when the caller rolls the transaction back', async () => {
-    await clear();
+  it('writes nothing and queues nothing when the caller rolls the transaction back', async ({ ctx }) => {
+    await clear(ctx);
     await createOrganizations(ctx.db, [{ status: 'active', customer: 'cus_rollback', activeSensors: 1 }]);
     await expect(
       ctx.db.transaction().execute(async (trx) => {
@@ -150,8 +154,10 @@ describe('hourly active-sensor report', () => {
     expect((await deliveryJobsByCustomer(ctx.db)).size).toBe(0);
   });
 
-  it('reports 2,000 organizations in one run with the right counts, once even when runs race', async () => {
-    await clear();
+  it('reports 2,000 organizations in one run with the right counts, once even when runs race', async ({
+    ctx,
+  }) => {
+    await clear(ctx);
     await createBulkOrganizations(ctx.db, 2000);
     await createOrganizations(ctx.db, [
       { status: 'canceled', customer: 'cus_bulk_canceled', activeSensors: 3 },
@@ -160,7 +166,12 @@ describe('hourly active-sensor report', () => {
 
     const started = Date.now();
     // Four concurrent runs for the same hour, as from several workers firing at once.
-    const results = await Promise.all([report(hour), report(hour), report(hour), report(hour)]);
+    const results = await Promise.all([
+      report(ctx, hour),
+      report(ctx, hour),
+      report(ctx, hour),
+      report(ctx, hour),
+    ]);
     const elapsed = Date.now() - started;
 
     expect(results.map((r) => r.reported).sort((a, b) => a - b)).toEqual([0, 0, 0, 2000]);
@@ -179,7 +190,9 @@ describe('hourly active-sensor report', () => {
     expect(elapsed).toBeLessThan(15_000);
   });
 
-  it('counts every organization in one statement, planned over the billable and active-sensor indexes', async () => {
+  it('counts every organization in one statement, planned over the billable and active-sensor indexes', async ({
+    ctx,
+  }) => {
     // Kysely's query log sees every statement the run sends, pg-boss's included (fromKysely). Only the
     // sensors side is pinned to an index: with most subscriptions billable, scanning them is right.
     const statements: { sql: string; parameters: readonly unknown[] }[] = [];
@@ -190,7 +203,7 @@ describe('hourly active-sensor report', () => {
           statements.push({ sql: event.query.sql, parameters: event.query.parameters });
       },
     });
-    await clear();
+    await clear(ctx);
     await createBulkOrganizations(ctx.db, 300);
     await ctx.pool.query('ANALYZE');
     const result = await logged
@@ -211,8 +224,10 @@ describe('hourly active-sensor report', () => {
 });
 
 describe('on-change active-sensor report', () => {
-  it('queues a report timestamped at the change, without a dedupe key, in the transaction of the change', async () => {
-    await clear();
+  it('queues a report timestamped at the change, without a dedupe key, in the transaction of the change', async ({
+    ctx,
+  }) => {
+    await clear(ctx);
     const [org] = await createOrganizations(ctx.db, [
       { status: 'trial', customer: 'cus_change', activeSensors: 2, inactiveSensors: 0 },
     ]);
@@ -238,8 +253,8 @@ describe('on-change active-sensor report', () => {
     expect(await activeSensorRows(ctx.db)).toHaveLength(2);
   });
 
-  it('writes nothing for an organization that is not billable', async () => {
-    await clear();
+  it('writes nothing for an organization that is not billable', async ({ ctx }) => {
+    await clear(ctx);
     const [org] = await createOrganizations(ctx.db, [
       { status: 'past_due', customer: 'cus_pd', activeSensors: 2 },
     ]);
