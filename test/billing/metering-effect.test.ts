@@ -3,27 +3,25 @@
 // and invoice.paid resumes both.
 
 import { buildEvent, checkoutSession, invoice, subscription } from '@meterbox/stripe-emulator';
-import { describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { describe, expect } from 'vitest';
+import type { Context } from '../../src/context.js';
 import { generateApiKey } from '../../src/credentials/api-keys.js';
 import {
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,
 } from '../../src/metering/active-sensors.js';
-import { createTestContext } from '../support/database.js';
+import { contextTest, type TestApp } from '../support/test.js';
 import { createOrganization, deliver, uniqueId, WEBHOOK_SECRET } from './webhook-fixtures.js';
 
-const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET });
-await ctx.boss.start();
-const app = createApp(ctx);
+const it = contextTest({ env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET } });
 const T0 = Math.floor(Date.now() / 1000) - 3600;
 
-async function send(event: object) {
+async function send(app: TestApp, event: object) {
   const res = await deliver(app, event);
   expect(res.status).toBe(200);
 }
 
-async function outboxRows(organizationId: string) {
+async function outboxRows(ctx: Context, organizationId: string) {
   return ctx.db
     .selectFrom('meter_outbox')
     .select(['event_name', 'value'])
@@ -33,7 +31,7 @@ async function outboxRows(organizationId: string) {
 }
 
 /** An organization with one sensor and an API key, subscribed and active through webhooks. */
-async function subscribedOrganization() {
+async function subscribedOrganization(ctx: Context, app: TestApp) {
   const organizationId = await createOrganization(ctx.db);
   const sensor = await ctx.db
     .insertInto('sensors')
@@ -48,6 +46,7 @@ async function subscribedOrganization() {
   const customer = uniqueId('cus');
   const sub = uniqueId('sub');
   await send(
+    app,
     buildEvent(
       'checkout.session.completed',
       checkoutSession({ customer, subscription: sub, organizationId }),
@@ -58,6 +57,7 @@ async function subscribedOrganization() {
     ),
   );
   await send(
+    app,
     buildEvent('customer.subscription.created', subscription({ id: sub, customer, status: 'active' }), {
       id: uniqueId('evt'),
       created: T0,
@@ -66,7 +66,7 @@ async function subscribedOrganization() {
   return { organizationId, sensorId: sensor.id, apiKey: key.key, customer, sub };
 }
 
-function postReading(apiKey: string, sensorId: string, recordedAt: Date) {
+function postReading(app: TestApp, apiKey: string, sensorId: string, recordedAt: Date) {
   return app.request('/v1/readings', {
     method: 'POST',
     headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
@@ -77,17 +77,21 @@ function postReading(apiKey: string, sensorId: string, recordedAt: Date) {
 }
 
 describe('billable status from webhooks drives metering', () => {
-  it('stops metering readings and sensor counts after invoice.payment_failed, and resumes after invoice.paid', async () => {
-    const org = await subscribedOrganization();
+  it('stops metering readings and sensor counts after invoice.payment_failed, and resumes after invoice.paid', async ({
+    ctx,
+    app,
+  }) => {
+    const org = await subscribedOrganization(ctx, app);
 
     // Active: a reading is billed.
-    const billed = await postReading(org.apiKey, org.sensorId, new Date(Date.now() - 60_000));
+    const billed = await postReading(app, org.apiKey, org.sensorId, new Date(Date.now() - 60_000));
     expect(billed.status).toBe(201);
-    expect(await outboxRows(org.organizationId)).toEqual([
+    expect(await outboxRows(ctx, org.organizationId)).toEqual([
       { event_name: 'temperature_readings', value: '1' },
     ]);
 
     await send(
+      app,
       buildEvent(
         'invoice.payment_failed',
         invoice({ customer: org.customer, subscription: org.sub, status: 'open' }),
@@ -96,7 +100,7 @@ describe('billable status from webhooks drives metering', () => {
     );
 
     // past_due: the reading is stored but not metered.
-    const unbilled = await postReading(org.apiKey, org.sensorId, new Date(Date.now() - 30_000));
+    const unbilled = await postReading(app, org.apiKey, org.sensorId, new Date(Date.now() - 30_000));
     expect(unbilled.status).toBe(201);
     expect(await unbilled.json()).toMatchObject({ inserted: 1 });
     const sensorReport = await ctx.db
@@ -104,20 +108,21 @@ describe('billable status from webhooks drives metering', () => {
       .execute((trx) => reportActiveSensorsWithTimestamp(trx, ctx.boss, org.organizationId, new Date()));
     expect(sensorReport).toBeNull();
     await ctx.db.transaction().execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, new Date()));
-    expect(await outboxRows(org.organizationId)).toEqual([
+    expect(await outboxRows(ctx, org.organizationId)).toEqual([
       { event_name: 'temperature_readings', value: '1' },
     ]);
 
     await send(
+      app,
       buildEvent('invoice.paid', invoice({ customer: org.customer, subscription: org.sub, status: 'paid' }), {
         id: uniqueId('evt'),
         created: T0 + 20,
       }),
     );
-    const resumed = await postReading(org.apiKey, org.sensorId, new Date(Date.now() - 10_000));
+    const resumed = await postReading(app, org.apiKey, org.sensorId, new Date(Date.now() - 10_000));
     expect(resumed.status).toBe(201);
     await ctx.db.transaction().execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, new Date()));
-    expect(await outboxRows(org.organizationId)).toEqual([
+    expect(await outboxRows(ctx, org.organizationId)).toEqual([
       { event_name: 'temperature_readings', value: '1' },
       { event_name: 'temperature_readings', value: '1' },
       { event_name: 'active_sensors', value: '1' },
