@@ -10,10 +10,11 @@ import {
   type SubscriptionStatus,
   subscription,
 } from '@meterbox/stripe-emulator';
-import { describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { describe, expect } from 'vitest';
 import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
-import { createTestContext } from '../support/database.js';
+import type { Context } from '../../src/context.js';
+import { seededRandom } from '../support/random.js';
+import { contextTest, type TestApp } from '../support/test.js';
 import {
   countRows,
   createOrganization,
@@ -23,11 +24,11 @@ import {
   WEBHOOK_SECRET,
 } from './webhook-fixtures.js';
 
-const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET });
-const app = createApp(ctx);
+// The webhook route alone: no pg-boss.
+const it = contextTest({ env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET }, startBoss: false });
 const T0 = 1_780_000_000; // seconds; event `created` values are T0 + n
 
-async function send(event: object): Promise<void> {
+async function send(app: TestApp, event: object): Promise<void> {
   const res = await deliver(app, event);
   expect(res.status).toBe(200);
 }
@@ -87,37 +88,25 @@ function checkoutEvent(input: {
 }
 
 /** An organization that completed checkout at T0 (linked, status from a created event at T0). */
-async function subscribedOrganization(status: SubscriptionStatus = 'active') {
+async function subscribedOrganization(ctx: Context, app: TestApp, status: SubscriptionStatus = 'active') {
   const organizationId = await createOrganization(ctx.db);
   const { customer, sub } = ids();
-  await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
-  await send(subscriptionEvent('customer.subscription.created', { customer, sub, status, created: T0 }));
+  await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
+  await send(app, subscriptionEvent('customer.subscription.created', { customer, sub, status, created: T0 }));
   return { organizationId, customer, sub };
 }
 
-/** Deterministic shuffle (mulberry32) so a failing order can be reproduced from its seed. */
-function shuffled<T>(items: readonly T[], seed: number): T[] {
-  let a = seed >>> 0;
-  const random = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const out = [...items];
-  for (let i = out.length - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
-    [out[i], out[j]] = [out[j] as T, out[i] as T];
-  }
-  return out;
-}
+/** A deterministic order per seed, so a failing order can be reproduced from its seed. */
+const shuffled = <T>(items: readonly T[], seed: number): T[] => seededRandom(seed).shuffled(items);
 
 describe('checkout.session.completed', () => {
-  it('links the organization in client_reference_id to the customer and subscription', async () => {
+  it('links the organization in client_reference_id to the customer and subscription', async ({
+    ctx,
+    app,
+  }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(checkoutEvent({ customer, sub, clientReferenceId: organizationId, created: T0 }));
+    await send(app, checkoutEvent({ customer, sub, clientReferenceId: organizationId, created: T0 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_customer_id: customer,
       stripe_subscription_id: sub,
@@ -125,10 +114,11 @@ describe('checkout.session.completed', () => {
     });
   });
 
-  it('falls back to metadata.organization_id', async () => {
+  it('falls back to metadata.organization_id', async ({ ctx, app }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     await send(
+      app,
       checkoutEvent({
         customer,
         sub,
@@ -140,28 +130,35 @@ describe('checkout.session.completed', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.stripe_customer_id).toBe(customer);
   });
 
-  it.each([
+  it.for([
     ['an unknown organization id', '6f1c1f8e-8d0c-4a43-9b7e-1f2a3b4c5d6e'],
     ['a reference that is not a uuid', 'org_42; DROP TABLE organizations'],
-  ])('records and acknowledges (200) a checkout naming %s, without effect', async (_name, reference) => {
-    const { customer, sub } = ids();
-    const before = await countRows(ctx.db, 'subscriptions');
-    const event = checkoutEvent({ customer, sub, clientReferenceId: reference, created: T0 });
-    await send(event);
-    expect(await countRows(ctx.db, 'subscriptions')).toBe(before);
-    const recorded = await ctx.db
-      .selectFrom('stripe_events')
-      .select('event_id')
-      .where('event_id', '=', event.id)
-      .execute();
-    expect(recorded).toHaveLength(1);
-  });
+  ])(
+    'records and acknowledges (200) a checkout naming %s, without effect',
+    async ([, reference], { ctx, app }) => {
+      const { customer, sub } = ids();
+      const before = await countRows(ctx.db, 'subscriptions');
+      const event = checkoutEvent({ customer, sub, clientReferenceId: reference, created: T0 });
+      await send(app, event);
+      expect(await countRows(ctx.db, 'subscriptions')).toBe(before);
+      const recorded = await ctx.db
+        .selectFrom('stripe_events')
+        .select('event_id')
+        .where('event_id', '=', event.id)
+        .execute();
+      expect(recorded).toHaveLength(1);
+    },
+  );
 
-  it('applies subscription and invoice events that arrived before the checkout once it links them', async () => {
+  it('applies subscription and invoice events that arrived before the checkout once it links them', async ({
+    ctx,
+    app,
+  }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     // Stripe often sends these before checkout.session.completed: nothing can be matched yet.
     await send(
+      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub,
@@ -170,6 +167,7 @@ describe('checkout.session.completed', () => {
       }),
     );
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -178,18 +176,19 @@ describe('checkout.session.completed', () => {
       }),
     );
     expect(await subscriptionOf(ctx.db, organizationId)).toBeUndefined();
-    await send(checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
+    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       status: 'trial',
       stripe_subscription_id: sub,
     });
   });
 
-  it('never relinks to an older subscription when a late checkout arrives', async () => {
-    const { organizationId, customer } = await subscribedOrganization();
+  it('never relinks to an older subscription when a late checkout arrives', async ({ ctx, app }) => {
+    const { organizationId, customer } = await subscribedOrganization(ctx, app);
     const newer = uniqueId('sub');
-    await send(checkoutEvent({ customer, sub: newer, organizationId, created: T0 + 100 }));
+    await send(app, checkoutEvent({ customer, sub: newer, organizationId, created: T0 + 100 }));
     await send(
+      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub: newer,
@@ -197,7 +196,7 @@ describe('checkout.session.completed', () => {
         created: T0 + 100,
       }),
     );
-    await send(checkoutEvent({ customer, sub: uniqueId('sub'), organizationId, created: T0 + 50 }));
+    await send(app, checkoutEvent({ customer, sub: uniqueId('sub'), organizationId, created: T0 + 50 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_subscription_id: newer,
       status: 'active',
@@ -206,10 +205,11 @@ describe('checkout.session.completed', () => {
 });
 
 describe('customer.subscription.*', () => {
-  it('maps trialing to trial and takes the period end from the subscription items', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('maps trialing to trial and takes the period end from the subscription items', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     const periodEnd = T0 + 14 * 86_400;
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -224,8 +224,11 @@ describe('customer.subscription.*', () => {
     expect(row?.stripe_event_created?.getTime()).toBe((T0 + 1) * 1000);
   });
 
-  it('reads current_period_end from the subscription on API versions before 2025-03-31', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('reads current_period_end from the subscription on API versions before 2025-03-31', async ({
+    ctx,
+    app,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     const legacyEnd = T0 + 7 * 86_400;
     const object = {
       id: sub,
@@ -234,15 +237,22 @@ describe('customer.subscription.*', () => {
       status: 'active',
       current_period_end: legacyEnd,
     };
-    await send(buildEvent('customer.subscription.updated', object, { id: uniqueId('evt'), created: T0 + 1 }));
+    await send(
+      app,
+      buildEvent('customer.subscription.updated', object, { id: uniqueId('evt'), created: T0 + 1 }),
+    );
     expect((await subscriptionOf(ctx.db, organizationId))?.current_period_end?.getTime()).toBe(
       legacyEnd * 1000,
     );
   });
 
-  it('marks a deleted subscription canceled, and a late "updated" leaves it canceled', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('marks a deleted subscription canceled, and a late "updated" leaves it canceled', async ({
+    ctx,
+    app,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     await send(
+      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -251,6 +261,7 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -261,9 +272,13 @@ describe('customer.subscription.*', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
   });
 
-  it('keeps canceled terminal even against a same-second or newer update of that subscription', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('keeps canceled terminal even against a same-second or newer update of that subscription', async ({
+    ctx,
+    app,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     await send(
+      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -272,6 +287,7 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -279,15 +295,16 @@ describe('customer.subscription.*', () => {
         created: T0 + 20,
       }),
     );
-    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
+    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
   });
 
-  it('lets a same-second "updated" win over a "created" delivered after it', async () => {
+  it('lets a same-second "updated" win over a "created" delivered after it', async ({ ctx, app }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -296,6 +313,7 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
+      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub,
@@ -306,9 +324,10 @@ describe('customer.subscription.*', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('applies a same-second event delivered later (ties go to the later delivery)', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('applies a same-second event delivered later (ties go to the later delivery)', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -317,6 +336,7 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
+      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -327,7 +347,7 @@ describe('customer.subscription.*', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it("ends in the newest event's state whatever order a series is delivered in", async () => {
+  it("ends in the newest event's state whatever order a series is delivered in", async ({ ctx, app }) => {
     const states: SubscriptionStatus[] = [
       'incomplete',
       'trialing',
@@ -352,7 +372,7 @@ describe('customer.subscription.*', () => {
           }),
         ),
       ];
-      for (const event of shuffled(series, seed)) await send(event);
+      for (const event of shuffled(series, seed)) await send(app, event);
       const row = await subscriptionOf(ctx.db, organizationId);
       expect({ seed, status: row?.status }).toEqual({ seed, status: 'unpaid' });
       expect(row?.current_period_end?.getTime()).toBe((T0 + 1000 * states.length) * 1000);
@@ -360,7 +380,7 @@ describe('customer.subscription.*', () => {
     }
   });
 
-  it('ends canceled whatever order a series ending in "deleted" is delivered in', async () => {
+  it('ends canceled whatever order a series ending in "deleted" is delivered in', async ({ ctx, app }) => {
     for (const seed of [11, 12, 13, 14]) {
       const organizationId = await createOrganization(ctx.db);
       const { customer, sub } = ids();
@@ -387,7 +407,7 @@ describe('customer.subscription.*', () => {
           created: T0 + 4,
         }),
       ];
-      for (const event of shuffled(series, seed)) await send(event);
+      for (const event of shuffled(series, seed)) await send(app, event);
       expect({ seed, status: (await subscriptionOf(ctx.db, organizationId))?.status }).toEqual({
         seed,
         status: 'canceled',
@@ -395,10 +415,10 @@ describe('customer.subscription.*', () => {
     }
   });
 
-  it('ends in the newest state when a whole series is delivered concurrently', async () => {
+  it('ends in the newest state when a whole series is delivered concurrently', async ({ ctx, app }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
     const statuses: SubscriptionStatus[] = ['active', 'past_due', 'active', 'past_due', 'active', 'trialing'];
     const series = statuses.map((status, i) =>
       subscriptionEvent('customer.subscription.updated', { customer, sub, status, created: T0 + 10 + i }),
@@ -410,9 +430,10 @@ describe('customer.subscription.*', () => {
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({ status: 'trial' });
   });
 
-  it('follows a customer to a new subscription after the old one was canceled', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('follows a customer to a new subscription after the old one was canceled', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     await send(
+      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -422,6 +443,7 @@ describe('customer.subscription.*', () => {
     );
     const next = uniqueId('sub');
     await send(
+      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub: next,
@@ -435,7 +457,10 @@ describe('customer.subscription.*', () => {
     });
   });
 
-  it('creates the subscription row from metadata.organization_id on the subscription', async () => {
+  it('creates the subscription row from metadata.organization_id on the subscription', async ({
+    ctx,
+    app,
+  }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     const object = subscription({
@@ -444,7 +469,10 @@ describe('customer.subscription.*', () => {
       status: 'active',
       metadata: { organization_id: organizationId },
     });
-    await send(buildEvent('customer.subscription.created', object, { id: uniqueId('evt'), created: T0 }));
+    await send(
+      app,
+      buildEvent('customer.subscription.created', object, { id: uniqueId('evt'), created: T0 }),
+    );
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_subscription_id: sub,
       status: 'active',
@@ -453,38 +481,44 @@ describe('customer.subscription.*', () => {
 });
 
 describe('invoice.payment_failed and invoice.paid', () => {
-  it('moves an active subscription to past_due and back to active', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+  it('moves an active subscription to past_due and back to active', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
-    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('ignores a failed payment older than the payment that followed it', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
-    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
-    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 15 }));
+  it('ignores a failed payment older than the payment that followed it', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 15 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('finds the subscription at invoice.subscription on API versions before 2025-03-31', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization();
+  it('finds the subscription at invoice.subscription on API versions before 2025-03-31', async ({
+    ctx,
+    app,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
     const legacy = { id: uniqueId('in'), object: 'invoice', customer, subscription: sub, status: 'open' };
-    await send(buildEvent('invoice.payment_failed', legacy, { id: uniqueId('evt'), created: T0 + 10 }));
+    await send(app, buildEvent('invoice.payment_failed', legacy, { id: uniqueId('evt'), created: T0 + 10 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it('keeps a trial a trial when its (zero) invoice is paid', async () => {
-    const { organizationId, customer, sub } = await subscribedOrganization('trialing');
-    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 1 }));
+  it('keeps a trial a trial when its (zero) invoice is paid', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app, 'trialing');
+    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 1 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('trial');
   });
 });
 
 describe('v1.billing.meter.error_report_triggered', () => {
-  it('records the thin event for the operator and lists reports newest first, page by page', async () => {
+  it('records the thin event for the operator and lists reports newest first, page by page', async ({
+    ctx,
+    app,
+  }) => {
     const first = meterErrorReportNotification({ meter: 'mtr_readings', created: T0 });
     const secondNotification = meterErrorReportNotification({ meter: 'mtr_sensors', created: T0 + 60 });
     const second = {
@@ -492,9 +526,9 @@ describe('v1.billing.meter.error_report_triggered', () => {
       // Present when the event was fetched from /v2/core/events (or a future delivery includes it).
       data: meterErrorReportData({ created: T0 + 60 }),
     };
-    await send(first);
-    await send(second);
-    await send(second); // a duplicate adds nothing
+    await send(app, first);
+    await send(app, second);
+    await send(app, second); // a duplicate adds nothing
 
     const page1 = await listMeterErrorReports(ctx.db, { limit: 1 });
     expect(page1.reports).toHaveLength(1);
@@ -513,7 +547,7 @@ describe('v1.billing.meter.error_report_triggered', () => {
     expect(page2.nextBefore).toBeNull();
   });
 
-  it('refuses a malformed page cursor instead of failing in SQL', async () => {
+  it('refuses a malformed page cursor instead of failing in SQL', async ({ ctx }) => {
     await expect(listMeterErrorReports(ctx.db, { limit: 10, before: '1; --' })).rejects.toThrow(RangeError);
   });
 });

@@ -22,6 +22,8 @@ export function seededRandom(seed = testSeed()): Prng & {
   int(n: number): number;
   /** Uniform in [min, max). */
   between(min: number, max: number): number;
+  /** A copy of `items` in an order drawn from this PRNG (Fisher-Yates). */
+  shuffled<T>(items: readonly T[]): T[];
 } {
   const prng = createPrng(seed);
   return {
@@ -29,5 +31,13 @@ export function seededRandom(seed = testSeed()): Prng & {
     next: () => prng.next(),
     int: (n) => Math.floor(prng.next() * n),
     between: (min, max) => min + prng.next() * (max - min),
+    shuffled: <T>(items: readonly T[]) => {
+      const out = [...items];
+      for (let i = out.length - 1; i > 0; i--) {
+        const j = Math.floor(prng.next() * (i + 1));
+        [out[i], out[j]] = [out[j] as T, out[i] as T];
+      }
+      return out;
+    },
   };
 }
