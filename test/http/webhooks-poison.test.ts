@@ -3,22 +3,23 @@
 
 import { buildEvent, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { webhookRoutes } from '../../src/api/webhooks.js';
 import type { EventHandler } from '../../src/billing/handlers.js';
 import { defaultHandlers } from '../../src/billing/handlers.js';
+import type { Context } from '../../src/context.js';
 import { countRows, deliver, uniqueId, WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';
-import { createTestContext } from '../support/database.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 const ADMIN_TOKEN = 'admin-token-for-poison-webhooks';
-const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, ADMIN_TOKEN });
-await ctx.boss.start(); // the dashboard reads pg-boss's queues
-const app = createApp(ctx);
-const admin = (path: string) => app.request(path, { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+// pg-boss started: the dashboard reads its queues.
+const it = contextTest({ env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, ADMIN_TOKEN } });
+const admin = (app: TestApp, path: string) =>
+  app.request(path, { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
 
 /** The dashboard is a browser page: sign in with the token, then send the session cookie. */
-async function dashboardHtml(): Promise<string> {
+async function dashboardHtml(app: TestApp): Promise<string> {
   const login = await app.request('/admin/login', {
     method: 'POST',
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
@@ -28,7 +29,7 @@ async function dashboardHtml(): Promise<string> {
   return (await app.request('/admin', { headers: { cookie } })).text();
 }
 
-async function poisonRows() {
+async function poisonRows(ctx: Context) {
   const { rows } = await sql<{
     event_id: string;
     error_code: string | null;
@@ -42,7 +43,10 @@ async function poisonRows() {
 }
 
 describe('poison webhook events', () => {
-  it('acknowledges an event with a NUL character, records it once, and lists it for the operator', async () => {
+  it('acknowledges an event with a NUL character, records it once, and lists it for the operator', async ({
+    ctx,
+    app,
+  }) => {
     const event = buildEvent(
       'customer.subscription.updated',
       subscription({ id: uniqueId('sub'), customer: 'cus_\u0000nul', status: 'active' }),
@@ -55,24 +59,24 @@ describe('poison webhook events', () => {
     // Stripe resends it (it did not know better yet): acknowledged again, counted, never applied.
     const again = await deliver(app, event);
     expect(again.status).toBe(200);
-    const rows = (await poisonRows()).filter((r) => r.event_id === event.id);
+    const rows = (await poisonRows(ctx)).filter((r) => r.event_id === event.id);
     expect(rows).toHaveLength(1);
     expect(rows[0]!.error_code).toMatch(/^22/);
     expect(rows[0]!.deliveries).toBe(2);
     expect(await countRows(ctx.db, 'stripe_events')).toBe(eventsBefore);
 
-    const listed = await admin('/admin/webhooks/poison');
+    const listed = await admin(app, '/admin/webhooks/poison');
     expect(listed.status).toBe(200);
     const body = (await listed.json()) as { events: { eventId: string; eventType: string; error: string }[] };
     expect(body.events.find((e) => e.eventId === event.id)).toMatchObject({
       eventType: 'customer.subscription.updated',
     });
-    const page = await dashboardHtml();
+    const page = await dashboardHtml(app);
     expect(page).toContain('data-testid="poison-table"');
     expect(page).toContain(event.id);
   });
 
-  it('acknowledges an event whose timestamp is out of range', async () => {
+  it('acknowledges an event whose timestamp is out of range', async ({ ctx, app }) => {
     const event = buildEvent(
       'customer.subscription.updated',
       subscription({ id: uniqueId('sub'), customer: uniqueId('cus'), status: 'active' }),
@@ -81,10 +85,10 @@ describe('poison webhook events', () => {
     const res = await deliver(app, event);
     expect(res.status).toBe(200);
     expect(await res.json()).toMatchObject({ poison: true });
-    expect((await poisonRows()).map((r) => r.event_id)).toContain(event.id);
+    expect((await poisonRows(ctx)).map((r) => r.event_id)).toContain(event.id);
   });
 
-  it('still answers 5xx, recording nothing, when the failure is transient', async () => {
+  it('still answers 5xx, recording nothing, when the failure is transient', async ({ ctx }) => {
     const serializationFailure: EventHandler = async () => {
       throw Object.assign(new Error('could not serialize access due to concurrent update'), {
         code: '40001',
@@ -104,6 +108,6 @@ describe('poison webhook events', () => {
     );
     const res = await deliver(flaky, event, { path: '/injected/stripe' });
     expect(res.status).toBeGreaterThanOrEqual(500);
-    expect((await poisonRows()).map((r) => r.event_id)).not.toContain(event.id);
+    expect((await poisonRows(ctx)).map((r) => r.event_id)).not.toContain(event.id);
   });
 });
