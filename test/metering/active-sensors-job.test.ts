@@ -3,7 +3,7 @@
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { PgBoss, TestClock } from 'pg-boss';
-import { afterAll, describe, expect, it, onTestFinished } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
@@ -16,7 +16,7 @@ import {
 } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker } from '../../src/worker/start.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
+import { cleanUp, createTestContext, createTestDatabase } from '../support/database.js';
 import { waitFor } from '../support/wait.js';
 import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';
 
@@ -53,7 +53,8 @@ function clockedWorkers(base: Context, url: string, clock: TestClock, count: num
     boss.on('error', (err) => base.log.error({ err }, 'pg-boss error'));
     workers.push({ ...base, boss, clock: { now: () => new Date(clock.now()) } });
   }
-  afterAll(async () => {
+  // Called inside a test, where vitest ignores an afterAll: cleanUp stops them when the test ends.
+  cleanUp(async () => {
     for (const w of workers) await w.boss.stop({ graceful: false, close: true, timeout: 5_000 });
   });
   return workers;
