@@ -1,30 +1,13 @@
 // A batch is written with a constant number of statements, whatever its size.
-import { Kysely, PostgresDialect } from 'kysely';
-import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import type { DB } from '../../src/db/schema.js';
 import { storeReadings } from '../../src/ingest/readings.js';
-import { createTestContext } from '../support/database.js';
+import { recordingDb } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
 
-let ctx: Context;
-let statements: string[];
-let counting: Kysely<DB>;
-
-beforeAll(async () => {
-  ctx = await createTestContext();
-  await ctx.boss.start();
-  statements = [];
-  // Same pool, with a log hook that records every statement sent (pg-boss's send goes through
-  // the transaction via fromKysely, so it is counted too).
-  counting = new Kysely<DB>({
-    dialect: new PostgresDialect({ pool: ctx.pool }),
-    log: (event) => {
-      if (event.level === 'query') statements.push(event.query.sql);
-    },
-  });
-});
+// `recorded`: the context's pool behind a Kysely that records each statement it sends.
+const it = contextTest().extend('recorded', { scope: 'file' }, async ({ ctx }) => recordingDb(ctx.pool));
 
 function readings(sensors: string[], count: number, hoursAgo = 24) {
   const start = Date.now() - hoursAgo * 3_600_000;
@@ -36,7 +19,10 @@ function readings(sensors: string[], count: number, hoursAgo = 24) {
 }
 
 describe('bulk efficiency', () => {
-  it('sends the same number of statements for 1 reading and for 1,000 over POST /v1/readings', async () => {
+  it('sends the same number of statements for 1 reading and for 1,000 over POST /v1/readings', async ({
+    ctx,
+    recorded: { db: counting, statements },
+  }) => {
     const org = await createOrganization(ctx.db);
     const sensors = await createSensors(ctx.db, org.organizationId, 25);
     const app = createApp({ ...ctx, db: counting });
@@ -69,7 +55,10 @@ describe('bulk efficiency', () => {
     expect(counts[2], statements.join('\n')).toBe(counts[1]);
   });
 
-  it('checks the sensors, inserts the batch and writes the outbox row in one statement, plus the job', async () => {
+  it('checks the sensors, inserts the batch and writes the outbox row in one statement, plus the job', async ({
+    ctx,
+    recorded: { db: counting, statements },
+  }) => {
     const org = await createOrganization(ctx.db);
     const sensors = await createSensors(ctx.db, org.organizationId, 10);
     const batch = readings(sensors, 500);
@@ -88,7 +77,10 @@ describe('bulk efficiency', () => {
     });
   });
 
-  it('sends one statement and no job for an organization that is not billable', async () => {
+  it('sends one statement and no job for an organization that is not billable', async ({
+    ctx,
+    recorded: { db: counting, statements },
+  }) => {
     const org = await createOrganization(ctx.db, { billable: false });
     const sensors = await createSensors(ctx.db, org.organizationId, 10);
     const batch = readings(sensors, 500);

@@ -2,29 +2,17 @@
 // customer+meter, in a constant number of statements however many keys the transaction wrote for
 // (a group of a platform's requests names a different customer almost every time), and no deadlock
 // or lost key when concurrent transactions hand off overlapping keys.
-import { Kysely, PostgresDialect, sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { sql } from 'kysely';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import type { DB } from '../../src/db/schema.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
-import { createTestContext } from '../support/database.js';
+import { recordingDb } from '../support/database.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
 
-let ctx: Context;
-let counting: Kysely<DB>;
-const statements: string[] = [];
-
-beforeAll(async () => {
-  ctx = await createTestContext();
-  await ctx.boss.start();
-  counting = new Kysely<DB>({
-    dialect: new PostgresDialect({ pool: ctx.pool }),
-    log: (event) => {
-      if (event.level === 'query') statements.push(event.query.sql);
-    },
-  });
-});
+// `recorded`: the context's pool behind a Kysely that records each statement it sends.
+const it = contextTest().extend('recorded', { scope: 'file' }, async ({ ctx }) => recordingDb(ctx.pool));
 
 const keys = (prefix: string, n: number) =>
   Array.from({ length: n }, (_, i) => ({
@@ -32,7 +20,7 @@ const keys = (prefix: string, n: number) =>
     eventName: 'temperature_readings' as const,
   }));
 
-async function queued(prefix: string): Promise<Map<string, number>> {
+async function queued(ctx: Context, prefix: string): Promise<Map<string, number>> {
   const { rows } = await sql<{ key: string; n: number }>`
     SELECT singleton_key AS key, count(*)::int AS n FROM pgboss.job
     WHERE name = 'meter-delivery' AND state = 'created' AND singleton_key LIKE ${`temperature_readings:cus_${prefix}%`}
@@ -40,27 +28,35 @@ async function queued(prefix: string): Promise<Map<string, number>> {
   return new Map(rows.map((r) => [r.key, r.n]));
 }
 
-async function handOff(list: ReturnType<typeof keys>): Promise<number> {
+async function handOff(
+  { ctx, recorded: { db: counting, statements } }: { ctx: Context; recorded: ReturnType<typeof recordingDb> },
+  list: ReturnType<typeof keys>,
+): Promise<number> {
   statements.length = 0;
   await counting.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, list));
   return statements.length;
 }
 
 describe('enqueueDeliveries', () => {
-  it('queues one job per key in the same number of statements for 1 key and for 200', async () => {
-    const one = await handOff(keys('one', 1));
-    const many = await handOff(keys('many', 200));
+  it('queues one job per key in the same number of statements for 1 key and for 200', async ({
+    ctx,
+    recorded,
+  }) => {
+    const one = await handOff({ ctx, recorded }, keys('one', 1));
+    const many = await handOff({ ctx, recorded }, keys('many', 200));
     expect(many).toBe(one);
-    const jobs = await queued('many');
+    const jobs = await queued(ctx, 'many');
     expect(jobs.size).toBe(200);
     expect([...jobs.values()].every((n) => n === 1)).toBe(true);
     // Again, with every job queued: the look locks them all and nothing is inserted.
-    const again = await handOff(keys('many', 200));
+    const again = await handOff({ ctx, recorded }, keys('many', 200));
     expect(again).toBeLessThan(many);
-    expect((await queued('many')).size).toBe(200);
+    expect((await queued(ctx, 'many')).size).toBe(200);
   });
 
-  it('hands off overlapping keys from concurrent transactions without deadlock, one job each', async () => {
+  it('hands off overlapping keys from concurrent transactions without deadlock, one job each', async ({
+    ctx,
+  }) => {
     const all = keys('race', 60);
     // Each transaction takes a different, overlapping slice, in a different order, and holds its
     // locks a little while so the others really overlap with it.
@@ -73,14 +69,17 @@ describe('enqueueDeliveries', () => {
         }),
       ),
     );
-    const jobs = await queued('race');
+    const jobs = await queued(ctx, 'race');
     expect(jobs.size).toBe(60);
     expect([...jobs.values()].every((n) => n === 1)).toBe(true);
   });
 });
 
 describe('group commit hand-off (storeGroup)', () => {
-  it("share-locks a key's queued job inside the group's own statement: no extra statement, no new job", async () => {
+  it("share-locks a key's queued job inside the group's own statement: no extra statement, no new job", async ({
+    ctx,
+    recorded: { db: counting, statements },
+  }) => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     let at = Date.now() - 3_600_000;

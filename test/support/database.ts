@@ -1,9 +1,11 @@
 // Per-file test databases cloned from the migrated template, and contexts built on them.
 import { randomBytes } from 'node:crypto';
+import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { afterAll, inject, onTestFinished } from 'vitest';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type Context, type ContextOverrides, createContext } from '../../src/context.js';
+import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { seededRandom } from './random.js';
 
@@ -113,4 +115,20 @@ export async function createTestContext(
   const { ctx, close } = await openTestContext(env, overrides);
   cleanUp(close);
   return ctx;
+}
+
+/**
+ * A Kysely on `pool` (a context's, so the same database and connections) that records the SQL of
+ * every statement it sends: for tests that count a path's statements. pg-boss's send inside one of
+ * its transactions goes through it too (fromKysely), so it is counted.
+ */
+export function recordingDb(pool: pg.Pool): { db: Kysely<DB>; statements: string[] } {
+  const statements: string[] = [];
+  const db = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool }),
+    log: (event) => {
+      if (event.level === 'query') statements.push(event.query.sql);
+    },
+  });
+  return { db, statements };
 }
