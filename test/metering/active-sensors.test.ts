@@ -1,15 +1,14 @@
 // The active_sensors data functions against real Postgres: the set-based hourly report and the
 // on-change report.
-import { Kysely, PostgresDialect } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import type { DB } from '../../src/db/schema.js';
 import {
   hourlyReportKey,
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,
   utcHourOf,
 } from '../../src/metering/active-sensors.js';
+import { recordingDb } from '../support/database.js';
 import { contextTest } from '../support/test.js';
 import {
   activeSensorRows,
@@ -195,14 +194,7 @@ describe('hourly active-sensor report', () => {
   }) => {
     // Kysely's query log sees every statement the run sends, pg-boss's included (fromKysely). Only the
     // sensors side is pinned to an index: with most subscriptions billable, scanning them is right.
-    const statements: { sql: string; parameters: readonly unknown[] }[] = [];
-    const logged = new Kysely<DB>({
-      dialect: new PostgresDialect({ pool: ctx.pool }),
-      log: (event) => {
-        if (event.level === 'query')
-          statements.push({ sql: event.query.sql, parameters: event.query.parameters });
-      },
-    });
+    const { db: logged, queries: statements } = recordingDb(ctx.pool);
     await clear(ctx);
     await createBulkOrganizations(ctx.db, 300);
     await ctx.pool.query('ANALYZE');

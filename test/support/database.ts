@@ -118,17 +118,25 @@ export async function createTestContext(
 }
 
 /**
- * A Kysely on `pool` (a context's, so the same database and connections) that records the SQL of
- * every statement it sends: for tests that count a path's statements. pg-boss's send inside one of
- * its transactions goes through it too (fromKysely), so it is counted.
+ * A Kysely on `pool` (a context's, so the same database and connections) that records every
+ * statement it sends: `statements` their SQL, `queries` with their parameters too (to EXPLAIN one).
+ * For tests that count a path's statements; pg-boss's send inside one of its transactions goes
+ * through it too (fromKysely), so it is counted.
  */
-export function recordingDb(pool: pg.Pool): { db: Kysely<DB>; statements: string[] } {
+export function recordingDb(pool: pg.Pool): {
+  db: Kysely<DB>;
+  statements: string[];
+  queries: { sql: string; parameters: readonly unknown[] }[];
+} {
   const statements: string[] = [];
+  const queries: { sql: string; parameters: readonly unknown[] }[] = [];
   const db = new Kysely<DB>({
     dialect: new PostgresDialect({ pool }),
     log: (event) => {
-      if (event.level === 'query') statements.push(event.query.sql);
+      if (event.level !== 'query') return;
+      statements.push(event.query.sql);
+      queries.push({ sql: event.query.sql, parameters: event.query.parameters });
     },
   });
-  return { db, statements };
+  return { db, statements, queries };
 }
