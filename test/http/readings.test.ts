@@ -1,33 +1,44 @@
 import { sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 const NOW = new Date('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(NOW) };
 const at = (secondsAgo: number) => new Date(NOW.getTime() - secondsAgo * 1000).toISOString();
 
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
-let billable: OrganizationFixture;
-let sensors: string[];
+// One billable organization with three sensors serves the whole file.
+const it = contextTest({ env: { READINGS_MAX_BATCH: '5', BODY_LIMIT_BYTES: '4096' }, overrides: { clock } })
+  .extend(
+    'billable',
+    { scope: 'file' },
+    async ({ ctx }): Promise<OrganizationFixture> => createOrganization(ctx.db),
+  )
+  .extend('sensors', { scope: 'file' }, async ({ ctx, billable }) =>
+    createSensors(ctx.db, billable.organizationId, 3),
+  )
+  // Posts `body` and checks that the refused batch left no reading and no outbox row behind.
+  .extend('rejected', { scope: 'file' }, async ({ ctx, app, billable }) => {
+    return async (body: unknown, apiKey = billable.apiKey) => {
+      const before = await readingCount(ctx, billable.organizationId);
+      const outboxBefore = (await outboxRows(ctx, billable.organizationId)).length;
+      const res = await post(app, apiKey, body);
+      const json = (await res.json()) as {
+        error: { code: string; details: { index?: number; message: string }[] };
+      };
+      expect(await readingCount(ctx, billable.organizationId)).toBe(before);
+      expect((await outboxRows(ctx, billable.organizationId)).length).toBe(outboxBefore);
+      return { status: res.status, error: json.error };
+    };
+  });
 
-beforeAll(async () => {
-  ctx = await createTestContext({ READINGS_MAX_BATCH: '5', BODY_LIMIT_BYTES: '4096' }, { clock });
-  await ctx.boss.start();
-  app = createApp(ctx);
-  billable = await createOrganization(ctx.db);
-  sensors = await createSensors(ctx.db, billable.organizationId, 3);
-});
-
-function post(apiKey: string, body: unknown, headers: Record<string, string> = {}) {
+function post(app: TestApp, apiKey: string, body: unknown, headers: Record<string, string> = {}) {
   return app.request('/v1/readings', {
     method: 'POST',
     headers: authHeaders(apiKey, headers),
@@ -35,7 +46,7 @@ function post(apiKey: string, body: unknown, headers: Record<string, string> = {
   });
 }
 
-async function outboxRows(organizationId: string) {
+async function outboxRows(ctx: Context, organizationId: string) {
   return ctx.db
     .selectFrom('meter_outbox')
     .selectAll()
@@ -44,14 +55,14 @@ async function outboxRows(organizationId: string) {
     .execute();
 }
 
-async function deliveryJobs(customerId: string): Promise<number> {
+async function deliveryJobs(ctx: Context, customerId: string): Promise<number> {
   const { rows } = await sql<{ n: number }>`
     SELECT count(*)::int AS n FROM pgboss.job
     WHERE name = 'meter-delivery' AND data->>'customerId' = ${customerId}`.execute(ctx.db);
   return rows[0]!.n;
 }
 
-async function readingCount(organizationId: string): Promise<number> {
+async function readingCount(ctx: Context, organizationId: string): Promise<number> {
   const row = await ctx.db
     .selectFrom('temperature_readings')
     .select((eb) => eb.fn.countAll<string>().as('n'))
@@ -61,10 +72,13 @@ async function readingCount(organizationId: string): Promise<number> {
 }
 
 describe('POST /v1/readings: storing and billing', () => {
-  it('stores a batch, answers 201 with the counts, and writes one outbox row and one delivery job', async () => {
+  it('stores a batch, answers 201 with the counts, and writes one outbox row and one delivery job', async ({
+    ctx,
+    app,
+  }) => {
     const org = await createOrganization(ctx.db);
     const [a, b] = await createSensors(ctx.db, org.organizationId, 2);
-    const res = await post(org.apiKey, {
+    const res = await post(app, org.apiKey, {
       readings: [
         { sensorId: a, recordedAt: at(60), temperatureC: 4.2 },
         { sensorId: a, recordedAt: at(30), temperatureC: 4.3 },
@@ -73,8 +87,8 @@ describe('POST /v1/readings: storing and billing', () => {
     });
     expect(res.status).toBe(201);
     expect(await res.json()).toEqual({ inserted: 3, duplicates: 0 });
-    expect(await readingCount(org.organizationId)).toBe(3);
-    const rows = await outboxRows(org.organizationId);
+    expect(await readingCount(ctx, org.organizationId)).toBe(3);
+    const rows = await outboxRows(ctx, org.organizationId);
     expect(rows).toHaveLength(1);
     expect(rows[0]).toMatchObject({
       event_name: 'temperature_readings',
@@ -83,7 +97,7 @@ describe('POST /v1/readings: storing and billing', () => {
       status: 'pending',
       occurred_at: NOW,
     });
-    expect(await deliveryJobs(org.customerId)).toBe(1);
+    expect(await deliveryJobs(ctx, org.customerId)).toBe(1);
     const stored = await ctx.db
       .selectFrom('temperature_readings')
       .select(['temperature_c', 'ingested_at'])
@@ -92,39 +106,45 @@ describe('POST /v1/readings: storing and billing', () => {
     expect(stored).toEqual({ temperature_c: -18.5, ingested_at: NOW });
   });
 
-  it('bills a re-sent batch only once: duplicates are counted and add no outbox value', async () => {
+  it('bills a re-sent batch only once: duplicates are counted and add no outbox value', async ({
+    ctx,
+    app,
+  }) => {
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const batch = {
       readings: [0, 1, 2].map((i) => ({ sensorId: s, recordedAt: at(100 + i), temperatureC: 3 })),
     };
-    expect(await (await post(org.apiKey, batch)).json()).toEqual({ inserted: 3, duplicates: 0 });
-    const again = await post(org.apiKey, batch);
+    expect(await (await post(app, org.apiKey, batch)).json()).toEqual({ inserted: 3, duplicates: 0 });
+    const again = await post(app, org.apiKey, batch);
     expect(again.status).toBe(201);
     expect(await again.json()).toEqual({ inserted: 0, duplicates: 3 });
-    const rows = await outboxRows(org.organizationId);
+    const rows = await outboxRows(ctx, org.organizationId);
     expect(rows.map((r) => Number(r.value))).toEqual([3]);
-    expect(await deliveryJobs(org.customerId)).toBe(1);
+    expect(await deliveryJobs(ctx, org.customerId)).toBe(1);
   });
 
-  it('bills only the new readings of a partly re-sent batch', async () => {
+  it('bills only the new readings of a partly re-sent batch', async ({ ctx, app }) => {
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    await post(org.apiKey, { readings: [{ sensorId: s, recordedAt: at(10), temperatureC: 1 }] });
-    const res = await post(org.apiKey, {
+    await post(app, org.apiKey, { readings: [{ sensorId: s, recordedAt: at(10), temperatureC: 1 }] });
+    const res = await post(app, org.apiKey, {
       readings: [
         { sensorId: s, recordedAt: at(10), temperatureC: 1 },
         { sensorId: s, recordedAt: at(5), temperatureC: 2 },
       ],
     });
     expect(await res.json()).toEqual({ inserted: 1, duplicates: 1 });
-    expect((await outboxRows(org.organizationId)).map((r) => Number(r.value))).toEqual([1, 1]);
+    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([1, 1]);
   });
 
-  it('counts repeats inside one batch once, including the same instant written with another offset', async () => {
+  it('counts repeats inside one batch once, including the same instant written with another offset', async ({
+    ctx,
+    app,
+  }) => {
     const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    const res = await post(org.apiKey, {
+    const res = await post(app, org.apiKey, {
       readings: [
         { sensorId: s, recordedAt: '2026-11-21T09:00:00Z', temperatureC: 5 },
         { sensorId: s, recordedAt: '2026-11-21T10:00:00+01:00', temperatureC: 6 },
@@ -141,28 +161,35 @@ describe('POST /v1/readings: storing and billing', () => {
       .executeTakeFirstOrThrow();
     // The first occurrence in the batch is the one kept.
     expect(first.temperature_c).toBe(5);
-    expect((await outboxRows(org.organizationId)).map((r) => Number(r.value))).toEqual([2]);
+    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([2]);
   });
 
-  it('writes no outbox row and no job for an organization that is not billable', async () => {
+  it('writes no outbox row and no job for an organization that is not billable', async ({ ctx, app }) => {
     const org = await createOrganization(ctx.db, { billable: false });
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    const res = await post(org.apiKey, { readings: [{ sensorId: s, recordedAt: at(1), temperatureC: 4 }] });
+    const res = await post(app, org.apiKey, {
+      readings: [{ sensorId: s, recordedAt: at(1), temperatureC: 4 }],
+    });
     expect(await res.json()).toEqual({ inserted: 1, duplicates: 0 });
-    expect(await readingCount(org.organizationId)).toBe(1);
-    expect(await outboxRows(org.organizationId)).toEqual([]);
-    expect(await deliveryJobs(org.customerId)).toBe(0);
+    expect(await readingCount(ctx, org.organizationId)).toBe(1);
+    expect(await outboxRows(ctx, org.organizationId)).toEqual([]);
+    expect(await deliveryJobs(ctx, org.customerId)).toBe(0);
   });
 
-  it('bills a trialing organization', async () => {
+  it('bills a trialing organization', async ({ ctx, app }) => {
     const org = await createOrganization(ctx.db, { status: 'trial' });
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
-    await post(org.apiKey, { readings: [{ sensorId: s, recordedAt: at(1), temperatureC: 4 }] });
-    expect((await outboxRows(org.organizationId)).map((r) => Number(r.value))).toEqual([1]);
+    await post(app, org.apiKey, { readings: [{ sensorId: s, recordedAt: at(1), temperatureC: 4 }] });
+    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([1]);
   });
 
-  it('accepts a reading up to 5 minutes in the future and readings older than Stripe’s 35 days', async () => {
-    const res = await post(billable.apiKey, {
+  it('accepts a reading up to 5 minutes in the future and readings older than Stripe’s 35 days', async ({
+    ctx,
+    app,
+    billable,
+    sensors,
+  }) => {
+    const res = await post(app, billable.apiKey, {
       readings: [
         {
           sensorId: sensors[0],
@@ -174,33 +201,24 @@ describe('POST /v1/readings: storing and billing', () => {
     });
     expect(res.status).toBe(201);
     // The usage time is the ingestion time, so the old reading is still billable at Stripe.
-    const rows = await outboxRows(billable.organizationId);
+    const rows = await outboxRows(ctx, billable.organizationId);
     expect(rows.at(-1)).toMatchObject({ value: '2', occurred_at: NOW });
   });
 });
 
 describe('POST /v1/readings: rejecting a batch', () => {
-  async function rejected(body: unknown, apiKey = billable.apiKey) {
-    const before = await readingCount(billable.organizationId);
-    const outboxBefore = (await outboxRows(billable.organizationId)).length;
-    const res = await post(apiKey, body);
-    const json = (await res.json()) as {
-      error: { code: string; details: { index?: number; message: string }[] };
-    };
-    expect(await readingCount(billable.organizationId)).toBe(before);
-    expect((await outboxRows(billable.organizationId)).length).toBe(outboxBefore);
-    return { status: res.status, error: json.error };
-  }
+  const good = (sensors: string[]) => ({ sensorId: sensors[0], recordedAt: at(7), temperatureC: 4 });
 
-  const good = () => ({ sensorId: sensors[0], recordedAt: at(7), temperatureC: 4 });
-
-  it('rejects the whole batch with 422 and one detail per offending reading', async () => {
+  it('rejects the whole batch with 422 and one detail per offending reading', async ({
+    sensors,
+    rejected,
+  }) => {
     const { status, error } = await rejected({
       readings: [
-        good(),
+        good(sensors),
         { sensorId: sensors[1], recordedAt: at(8), temperatureC: 999 },
         { sensorId: 'not-a-uuid', recordedAt: 'yesterday', temperatureC: 4 },
-        good(),
+        good(sensors),
       ],
     });
     expect(status).toBe(422);
@@ -214,14 +232,14 @@ describe('POST /v1/readings: rejecting a batch', () => {
     expect(error.details[1]!.message).toMatch(/sensorId.*UUID.*recordedAt.*ISO-8601/);
   });
 
-  it.each([
+  it.for<[string, string, RegExp]>([
     ['Infinity written as 1e999', '1e999', /finite number/],
     ['-1e999', '-1e999', /finite number/],
     ['a string', '"4.2"', /finite number/],
     ['null', 'null', /finite number/],
     ['below the range', '-100.5', /at least -100/],
     ['above the range', '150.01', /at most 150/],
-  ])('rejects a temperature that is %s', async (_what, literal, message) => {
+  ])('rejects a temperature that is %s', async ([, literal, message], { sensors, rejected }) => {
     const body = `{"readings":[{"sensorId":"${sensors[0]}","recordedAt":"${at(3)}","temperatureC":${literal}}]}`;
     const { status, error } = await rejected(body);
     expect(status).toBe(422);
@@ -230,7 +248,7 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ]);
   });
 
-  it.each([
+  it.for<[string, string | number, RegExp]>([
     ['without an offset', '2026-11-21T09:00:00', /ISO-8601/],
     ['a date only', '2026-11-21', /ISO-8601/],
     ['an impossible date', '2026-02-30T09:00:00Z', /ISO-8601/],
@@ -238,9 +256,9 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ['more than 5 minutes in the future', new Date(NOW.getTime() + 300_001).toISOString(), /5 minutes/],
     ['before 2000', '1970-01-01T00:00:00Z', /before 2000/],
     ['year zero', '0000-01-01T00:00:00Z', /before 2000/],
-  ])('rejects a timestamp that is %s', async (_what, recordedAt, message) => {
+  ])('rejects a timestamp that is %s', async ([, recordedAt, message], { sensors, rejected }) => {
     const { status, error } = await rejected({
-      readings: [good(), { sensorId: sensors[0], recordedAt, temperatureC: 1 }],
+      readings: [good(sensors), { sensorId: sensors[0], recordedAt, temperatureC: 1 }],
     });
     expect(status).toBe(422);
     expect(error.details).toEqual([
@@ -248,13 +266,18 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ]);
   });
 
-  it('rejects unknown, foreign and inactive sensors without revealing which is foreign', async () => {
+  it('rejects unknown, foreign and inactive sensors without revealing which is foreign', async ({
+    ctx,
+    billable,
+    sensors,
+    rejected,
+  }) => {
     const other = await createOrganization(ctx.db);
     const [foreign] = await createSensors(ctx.db, other.organizationId, 1);
     const [inactive] = await createSensors(ctx.db, billable.organizationId, 1, { active: false });
     const { status, error } = await rejected({
       readings: [
-        good(),
+        good(sensors),
         { sensorId: '00000000-0000-4000-8000-000000000000', recordedAt: at(1), temperatureC: 1 },
         { sensorId: foreign, recordedAt: at(1), temperatureC: 1 },
         { sensorId: inactive, recordedAt: at(1), temperatureC: 1 },
@@ -268,14 +291,14 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ]);
   });
 
-  it('rejects an empty batch and one over READINGS_MAX_BATCH with 422', async () => {
+  it('rejects an empty batch and one over READINGS_MAX_BATCH with 422', async ({ sensors, rejected }) => {
     const empty = await rejected({ readings: [] });
     expect(empty.status).toBe(422);
     expect(empty.error.details).toEqual([
       { field: 'readings', message: expect.stringMatching(/at least one/) },
     ]);
     const tooMany = await rejected({
-      readings: Array.from({ length: 6 }, (_, i) => ({ ...good(), recordedAt: at(i) })),
+      readings: Array.from({ length: 6 }, (_, i) => ({ ...good(sensors), recordedAt: at(i) })),
     });
     expect(tooMany.status).toBe(422);
     expect(tooMany.error.details).toEqual([
@@ -283,12 +306,16 @@ describe('POST /v1/readings: rejecting a batch', () => {
     ]);
   });
 
-  it('rejects a body without a readings array with 422', async () => {
+  it('rejects a body without a readings array with 422', async ({ sensors, rejected }) => {
     expect((await rejected({ reading: [] })).status).toBe(422);
-    expect((await rejected([good()])).status).toBe(422);
+    expect((await rejected([good(sensors)])).status).toBe(422);
   });
 
-  it('answers 400 for malformed JSON and 415 for another content type', async () => {
+  it('answers 400 for malformed JSON and 415 for another content type', async ({
+    app,
+    billable,
+    rejected,
+  }) => {
     const bad = await rejected('{"readings": [');
     expect(bad).toMatchObject({ status: 400, error: { code: 'invalid_json' } });
     const res = await app.request('/v1/readings', {
@@ -299,9 +326,9 @@ describe('POST /v1/readings: rejecting a batch', () => {
     expect(res.status).toBe(415);
   });
 
-  it('answers 413 for a body over BODY_LIMIT_BYTES and stores nothing', async () => {
+  it('answers 413 for a body over BODY_LIMIT_BYTES and stores nothing', async ({ sensors, rejected }) => {
     const readings = Array.from({ length: 5 }, (_, i) => ({
-      ...good(),
+      ...good(sensors),
       recordedAt: at(i),
       pad: 'x'.repeat(1000),
     }));
@@ -310,17 +337,22 @@ describe('POST /v1/readings: rejecting a batch', () => {
     expect(error.code).toBe('payload_too_large');
   });
 
-  it('answers 401 without a key, with an unknown key and with a revoked key', async () => {
+  it('answers 401 without a key, with an unknown key and with a revoked key', async ({
+    ctx,
+    app,
+    sensors,
+    rejected,
+  }) => {
     const res = await app.request('/v1/readings', {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ readings: [good()] }),
+      body: JSON.stringify({ readings: [good(sensors)] }),
     });
     expect(res.status).toBe(401);
     expect(res.headers.get('www-authenticate')).toBe('Bearer');
-    expect((await rejected({ readings: [good()] }, `mbx_${'A'.repeat(43)}`)).status).toBe(401);
+    expect((await rejected({ readings: [good(sensors)] }, `mbx_${'A'.repeat(43)}`)).status).toBe(401);
     const org = await createOrganization(ctx.db);
     await ctx.db.updateTable('api_keys').set({ revoked_at: NOW }).where('id', '=', org.apiKeyId).execute();
-    expect((await rejected({ readings: [good()] }, org.apiKey)).status).toBe(401);
+    expect((await rejected({ readings: [good(sensors)] }, org.apiKey)).status).toBe(401);
   });
 });
