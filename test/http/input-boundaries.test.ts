@@ -5,23 +5,34 @@
 // boundary itself, not a blanket refusal.
 import { Hono } from 'hono';
 import { sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import type { AppEnv } from '../../src/http/types.js';
-import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { contextTest, type TestApp } from '../support/test.js';
 
 const ADMIN_TOKEN = 'admin-token-for-the-input-sweep';
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
-let org: OrganizationFixture;
-let sensorId: string;
+/** What the cases address: an organization with an API key and one sensor. */
+interface Target {
+  org: OrganizationFixture;
+  sensorId: string;
+}
+
+const it = contextTest({ env: { ADMIN_TOKEN } }).extend(
+  'target',
+  { scope: 'file' },
+  async ({ ctx }): Promise<Target> => {
+    const org = await createOrganization(ctx.db);
+    const [sensorId] = (await createSensors(ctx.db, org.organizationId, 1)) as [string];
+    return { org, sensorId };
+  },
+);
 
 const NUL = 'bad\u0000name';
 const BIGINT_OVER = '9223372036854775808';
@@ -46,7 +57,7 @@ const TABLES = [
   'idempotency_keys',
 ] as const;
 
-async function counts(): Promise<Record<string, number>> {
+async function counts(ctx: Context): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
   for (const table of TABLES) {
     const { rows } = await sql<{ n: string }>`SELECT count(*)::text AS n FROM ${sql.table(table)}`.execute(
@@ -60,16 +71,16 @@ async function counts(): Promise<Record<string, number>> {
 interface Case {
   name: string;
   method: string;
-  path: () => string;
+  path: (t: Target) => string;
   auth: 'key' | 'admin';
-  body?: () => unknown;
+  body?: (t: Target) => unknown;
 }
 
-function request(c: Case): Promise<Response> {
-  const token = c.auth === 'key' ? org.apiKey : ADMIN_TOKEN;
-  const body = c.body?.();
+function request(app: TestApp, target: Target, c: Case): Promise<Response> {
+  const token = c.auth === 'key' ? target.org.apiKey : ADMIN_TOKEN;
+  const body = c.body?.(target);
   return Promise.resolve(
-    app.request(c.path(), {
+    app.request(c.path(target), {
       method: c.method,
       headers: authHeaders(token, body === undefined ? {} : { 'content-type': 'application/json' }),
       ...(body === undefined ? {} : { body: JSON.stringify(body) }),
@@ -77,7 +88,7 @@ function request(c: Case): Promise<Response> {
   );
 }
 
-const reading = (over: Record<string, unknown>) => ({
+const reading = (sensorId: string, over: Record<string, unknown>) => ({
   readings: [
     { sensorId, recordedAt: new Date(Date.now() - 60_000).toISOString(), temperatureC: 4.2, ...over },
   ],
@@ -97,28 +108,28 @@ const refused: Case[] = [
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key' as const,
-    body: () => reading({ recordedAt: recent(offset) }),
+    body: ({ sensorId }: Target) => reading(sensorId, { recordedAt: recent(offset) }),
   })),
   {
     name: 'reading recordedAt year 0000',
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key',
-    body: () => reading({ recordedAt: '0000-01-01T00:00:00Z' }),
+    body: ({ sensorId }) => reading(sensorId, { recordedAt: '0000-01-01T00:00:00Z' }),
   },
   {
     name: 'reading sensorId with NUL',
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key',
-    body: () => reading({ sensorId: `${sensorId.slice(0, 35)}\u0000` }),
+    body: ({ sensorId }) => reading(sensorId, { sensorId: `${sensorId.slice(0, 35)}\u0000` }),
   },
   {
     name: 'reading temperature 1e308',
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key',
-    body: () => reading({ temperatureC: 1e308 }),
+    body: ({ sensorId }) => reading(sensorId, { temperatureC: 1e308 }),
   },
   // sensors
   {
@@ -131,14 +142,14 @@ const refused: Case[] = [
   {
     name: 'sensor rename with NUL',
     method: 'PATCH',
-    path: () => `/v1/sensors/${sensorId}`,
+    path: ({ sensorId }) => `/v1/sensors/${sensorId}`,
     auth: 'key',
     body: () => ({ name: NUL }),
   },
   {
     name: 'sensor id with NUL in the path',
     method: 'PATCH',
-    path: () => `/v1/sensors/${sensorId.slice(0, 35)}%00`,
+    path: ({ sensorId }) => `/v1/sensors/${sensorId.slice(0, 35)}%00`,
     auth: 'key',
     body: () => ({ active: false }),
   },
@@ -180,27 +191,27 @@ const refused: Case[] = [
   {
     name: 'key name with NUL',
     method: 'POST',
-    path: () => `/admin/organizations/${org.organizationId}/keys`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/keys`,
     auth: 'admin',
     body: () => ({ name: NUL }),
   },
   {
     name: 'organization id with NUL',
     method: 'POST',
-    path: () => `/admin/organizations/${org.organizationId.slice(0, 35)}%00/keys`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId.slice(0, 35)}%00/keys`,
     auth: 'admin',
     body: () => ({ name: 'k' }),
   },
   {
     name: 'key id with NUL',
     method: 'DELETE',
-    path: () => `/admin/organizations/${org.organizationId}/keys/%00`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/keys/%00`,
     auth: 'admin',
   },
   {
     name: 'customer id with NUL',
     method: 'PUT',
-    path: () => `/admin/organizations/${org.organizationId}/subscription`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/subscription`,
     auth: 'admin',
     body: () => ({ stripeCustomerId: 'cus_\u0000', status: 'active' }),
   },
@@ -274,21 +285,21 @@ const refused: Case[] = [
   {
     name: 'correction from offset +16:00',
     method: 'POST',
-    path: () => `/admin/organizations/${org.organizationId}/usage-corrections`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/usage-corrections`,
     auth: 'admin',
     body: () => correction({ from: recent('+16:00') }),
   },
   {
     name: 'correction reason with NUL',
     method: 'POST',
-    path: () => `/admin/organizations/${org.organizationId}/usage-corrections`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/usage-corrections`,
     auth: 'admin',
     body: () => correction({ reason: NUL }),
   },
   {
     name: 'correction sensor id with NUL',
     method: 'POST',
-    path: () => `/admin/organizations/${org.organizationId}/usage-corrections`,
+    path: ({ org }) => `/admin/organizations/${org.organizationId}/usage-corrections`,
     auth: 'admin',
     body: () => correction({ sensorId: '\u0000' }),
   },
@@ -301,14 +312,14 @@ const accepted: Case[] = [
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key',
-    body: () => reading({ recordedAt: recent('+15:59') }),
+    body: ({ sensorId }) => reading(sensorId, { recordedAt: recent('+15:59') }),
   },
   {
     name: 'reading recordedAt offset -15:59',
     method: 'POST',
     path: () => '/v1/readings',
     auth: 'key',
-    body: () => reading({ recordedAt: recent('-15:59') }),
+    body: ({ sensorId }) => reading(sensorId, { recordedAt: recent('-15:59') }),
   },
   {
     name: 'sensor name without NUL',
@@ -337,27 +348,24 @@ const accepted: Case[] = [
   },
 ];
 
-beforeAll(async () => {
-  ctx = await createTestContext({ ADMIN_TOKEN });
-  await ctx.boss.start();
-  app = createApp(ctx);
-  org = await createOrganization(ctx.db);
-  [sensorId] = (await createSensors(ctx.db, org.organizationId, 1)) as [string];
-});
-
 describe('input at the edges of its column type', () => {
-  it.each(refused.map((c) => [c.name, c] as const))('refuses %s with 4xx, storing nothing', async (_, c) => {
-    const before = await counts();
-    const res = await request(c);
-    expect(res.status, await res.clone().text()).toBeGreaterThanOrEqual(400);
-    expect(res.status).toBeLessThan(500);
-    const body = (await res.json()) as { error?: { code?: string; message?: string } };
-    expect(body.error?.code).toBeTypeOf('string');
-    expect(body.error?.message ?? '').not.toMatch(/postgres|sql|syntax|invalid input/i);
-    expect(await counts()).toEqual(before);
-  });
+  it.for(refused.map((c) => [c.name, c] as const))(
+    'refuses %s with 4xx, storing nothing',
+    async ([, c], { ctx, app, target }) => {
+      const before = await counts(ctx);
+      const res = await request(app, target, c);
+      expect(res.status, await res.clone().text()).toBeGreaterThanOrEqual(400);
+      expect(res.status).toBeLessThan(500);
+      const body = (await res.json()) as { error?: { code?: string; message?: string } };
+      expect(body.error?.code).toBeTypeOf('string');
+      expect(body.error?.message ?? '').not.toMatch(/postgres|sql|syntax|invalid input/i);
+      expect(await counts(ctx)).toEqual(before);
+    },
+  );
 
-  it('answers a data error that slipped past validation with 422, never 500, and no Postgres words', async () => {
+  it('answers a data error that slipped past validation with 422, never 500, and no Postgres words', async ({
+    ctx,
+  }) => {
     const slipped = new Hono<AppEnv>();
     slipped.get('/boom', () => {
       throw Object.assign(new Error('invalid byte sequence for encoding "UTF8": 0x00'), { code: '22021' });
@@ -371,8 +379,8 @@ describe('input at the edges of its column type', () => {
     expect(body.error.message).not.toMatch(/UTF8|byte sequence/);
   });
 
-  it.each(accepted.map((c) => [c.name, c] as const))('accepts %s', async (_, c) => {
-    const res = await request(c);
+  it.for(accepted.map((c) => [c.name, c] as const))('accepts %s', async ([, c], { app, target }) => {
+    const res = await request(app, target, c);
     expect(res.status, await res.clone().text()).toBeLessThan(300);
   });
 });
