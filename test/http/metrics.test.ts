@@ -1,5 +1,5 @@
 import { buildEvent, signPayload } from '@meterbox/stripe-emulator';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
@@ -7,11 +7,9 @@ import { createMetrics, stripeOperation } from '../../src/observability/metrics.
 import { createTestContext } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
 import { seededRandom } from '../support/random.js';
+import { contextTest } from '../support/test.js';
 
 const random = seededRandom();
-
-let ctx: Context;
-let orgId: string;
 
 function sample(text: string, name: string, labels: Record<string, string> = {}): number | undefined {
   for (const line of text.split('\n')) {
@@ -22,7 +20,13 @@ function sample(text: string, name: string, labels: Record<string, string> = {})
   return undefined;
 }
 
-async function outboxRow(status: string, minutesAgo: number, meter = 'temperature_readings'): Promise<void> {
+async function outboxRow(
+  ctx: Context,
+  orgId: string,
+  status: string,
+  minutesAgo: number,
+  meter = 'temperature_readings',
+): Promise<void> {
   const at = new Date(Date.now() - minutesAgo * 60_000);
   await ctx.db
     .insertInto('meter_outbox')
@@ -40,24 +44,28 @@ async function outboxRow(status: string, minutesAgo: number, meter = 'temperatur
     .execute();
 }
 
-beforeAll(async () => {
-  ctx = await createTestContext();
-  const org = await ctx.db
-    .insertInto('organizations')
-    .values({ name: 'metrics org' })
-    .returning('id')
-    .executeTakeFirstOrThrow();
-  orgId = org.id;
-  await outboxRow('pending', 30);
-  await outboxRow('pending', 5);
-  await outboxRow('failed', 10);
-  await outboxRow('expired', 10, 'active_sensors');
-  await outboxRow('delivered', 20);
-  await outboxRow('delivered', 200); // outside the one-hour window
-});
+// The outbox rows the gauges are checked against, written before the file's first test.
+const it = contextTest({ startBoss: false }).extend(
+  'seeded',
+  { scope: 'file', auto: true },
+  async ({ ctx }) => {
+    const org = await ctx.db
+      .insertInto('organizations')
+      .values({ name: 'metrics org' })
+      .returning('id')
+      .executeTakeFirstOrThrow();
+    await outboxRow(ctx, org.id, 'pending', 30);
+    await outboxRow(ctx, org.id, 'pending', 5);
+    await outboxRow(ctx, org.id, 'failed', 10);
+    await outboxRow(ctx, org.id, 'expired', 10, 'active_sensors');
+    await outboxRow(ctx, org.id, 'delivered', 20);
+    await outboxRow(ctx, org.id, 'delivered', 200); // outside the one-hour window
+    return org.id;
+  },
+);
 
 describe('GET /metrics', () => {
-  it('serves Prometheus text with outbox gauges read from the database', async () => {
+  it('serves Prometheus text with outbox gauges read from the database', async ({ ctx }) => {
     const app = createApp(ctx);
     const res = await app.request('/metrics');
     expect(res.status).toBe(200);
@@ -88,7 +96,9 @@ describe('GET /metrics', () => {
     }
   });
 
-  it('reads the pipeline gauges with a single statement whatever the number of organizations', async () => {
+  it('reads the pipeline gauges with a single statement whatever the number of organizations', async ({
+    ctx,
+  }) => {
     for (let i = 0; i < 5; i++) {
       const org = await ctx.db
         .insertInto('organizations')
@@ -121,7 +131,7 @@ describe('GET /metrics', () => {
     ).toBe(7);
   });
 
-  it('times requests by route pattern and status, not by raw path', async () => {
+  it('times requests by route pattern and status, not by raw path', async ({ ctx }) => {
     const metrics = createMetrics({ processMetrics: false });
     const app = createApp({ ...ctx, metrics });
     await app.request('/healthz');
@@ -141,7 +151,7 @@ describe('GET /metrics', () => {
     expect(text).not.toContain('/no/such/thing/123');
   });
 
-  it('still answers with process metrics when the database is unreachable', async () => {
+  it('still answers with process metrics when the database is unreachable', async ({ ctx }) => {
     const metrics = createMetrics();
     const broken = {
       ...ctx,
