@@ -1,35 +1,35 @@
 // Verified API keys are served from each API process's cache; revoking a key through one process
 // reaches every other process by NOTIFY within a second, and a lost listener never serves a stale key.
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { authHeaders, createOrganization } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
-import { type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { startEntryPoint } from '../support/processes.js';
+import { contextTest } from '../support/test.js';
 
 const TOKEN = 'admin-token-for-the-api-key-cache-test';
-let url: string;
-let ctx: Context;
-let server: RunningProcess;
-let baseUrl: string;
-
-beforeAll(async () => {
-  url = await createTestDatabase();
-  ctx = await createTestContext({ DATABASE_URL: url, ADMIN_TOKEN: TOKEN });
-  const port = await freePort();
-  server = startEntryPoint('server', { DATABASE_URL: url, ADMIN_TOKEN: TOKEN, PORT: String(port) });
-  baseUrl = `http://127.0.0.1:${port}`;
-  await server.waitForOutput('meterbox API listening', 60_000);
-}, 90_000);
-
-afterAll(async () => {
-  server?.kill('SIGKILL');
-});
+// This process's context (no pg-boss needed) and another API process on the same database.
+const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, startBoss: false }).extend(
+  'baseUrl',
+  { scope: 'file' },
+  async ({ databaseUrl }, { onCleanup }) => {
+    const port = await freePort();
+    const server = startEntryPoint('server', {
+      DATABASE_URL: databaseUrl,
+      ADMIN_TOKEN: TOKEN,
+      PORT: String(port),
+    });
+    onCleanup(() => void server.kill('SIGKILL'));
+    await server.waitForOutput('meterbox API listening', 60_000);
+    return `http://127.0.0.1:${port}`;
+  },
+);
 
 describe('the API key cache', () => {
-  it('revoking a key through one process answers 401 from another within a second', async () => {
+  it('revoking a key through one process answers 401 from another within a second', {
+    timeout: 90_000,
+  }, async ({ ctx, baseUrl }) => {
     const org = await createOrganization(ctx.db);
     const readSensors = () => fetch(`${baseUrl}/v1/sensors`, { headers: authHeaders(org.apiKey) });
     // The other process verifies the key once; from then on it serves it from its cache.
@@ -50,7 +50,9 @@ describe('the API key cache', () => {
     expect(Date.now() - started).toBeLessThan(1_000);
   });
 
-  it('serves a verified key without a database round trip, and bypasses the cache while its listener is down', async () => {
+  it('serves a verified key without a database round trip, and bypasses the cache while its listener is down', async ({
+    ctx,
+  }) => {
     const org = await createOrganization(ctx.db);
     const app = createApp(ctx);
     const get = () => app.request('/v1/sensors', { headers: authHeaders(org.apiKey) });

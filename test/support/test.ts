@@ -1,7 +1,8 @@
 // The test kit's vitest fixtures, replacing the per-file set-up preambles. Two builders:
 //
-//   contextTest(options)  ctx (a context on a fresh database, pg-boss started), app (createApp on
-//                         it) and org (a fresh billable organization with an API key, per test);
+//   contextTest(options)  databaseUrl (a fresh database), ctx (a context on it, pg-boss started),
+//                         app (createApp on it) and org (a fresh billable organization with an API
+//                         key, per test);
 //   stripeTest(options)   the same on a Stripe emulator: emulator, ctx whose Stripe settings point
 //                         at it, app, org (also a customer the emulator knows), and the file's
 //                         worker(s) when asked for.
@@ -33,16 +34,31 @@ export interface ContextOptions {
   startBoss?: boolean;
 }
 
+/** The file's database: env's DATABASE_URL when given, else a fresh one dropped after the file. */
+async function fileDatabase(
+  env: Env | undefined,
+  onCleanup: (fn: () => Promise<void>) => void,
+): Promise<string> {
+  if (env?.DATABASE_URL) return env.DATABASE_URL;
+  const { url, drop } = await provisionTestDatabase();
+  onCleanup(drop);
+  return url;
+}
+
 /**
- * A `test` (use it as `it`) whose fixtures are `ctx`, `app` and `org`, on a context built with
+ * A `test` (use it as `it`) whose fixtures are `databaseUrl`, `ctx`, `app` and `org`, on a context built with
  * `options`.
  */
 export function contextTest(options: ContextOptions = {}) {
   return (
     base
       // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
-      .extend('ctx', { scope: 'file' }, async ({}, { onCleanup }) => {
-        const { ctx, close } = await openTestContext(options.env, options.overrides);
+      .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) =>
+        fileDatabase(options.env, onCleanup),
+      )
+      .extend('ctx', { scope: 'file' }, async ({ databaseUrl }, { onCleanup }) => {
+        const env = { ...options.env, DATABASE_URL: databaseUrl };
+        const { ctx, close } = await openTestContext(env, options.overrides);
         onCleanup(close);
         if (options.startBoss !== false) await ctx.boss.start();
         return ctx;
@@ -101,12 +117,9 @@ export function stripeTest(options: StripeTestOptions = {}) {
         return emulator;
       })
       // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
-      .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) => {
-        if (options.env?.DATABASE_URL) return options.env.DATABASE_URL;
-        const { url, drop } = await provisionTestDatabase();
-        onCleanup(drop);
-        return url;
-      })
+      .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) =>
+        fileDatabase(options.env, onCleanup),
+      )
       .extend('contexts', { scope: 'file' }, async ({ emulator, databaseUrl }, { onCleanup }) => {
         const env = {
           ...EMULATOR_ENV,
