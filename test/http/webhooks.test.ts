@@ -4,10 +4,11 @@ import { Writable } from 'node:stream';
 import { buildEvent, sendWebhook, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { pino } from 'pino';
-import { beforeEach, describe, expect, it, onTestFinished } from 'vitest';
+import { beforeEach, describe, expect, onTestFinished } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { webhookRoutes } from '../../src/api/webhooks.js';
 import { defaultHandlers, type EventHandler } from '../../src/billing/handlers.js';
+import type { Context } from '../../src/context.js';
 import { startHttpServer } from '../../src/http/server.js';
 import {
   countRows,
@@ -18,7 +19,8 @@ import {
   uniqueId,
   WEBHOOK_SECRET,
 } from '../billing/webhook-fixtures.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
+import { createTestContext, createTestDatabase, openTestContext } from '../support/database.js';
+import { contextTest } from '../support/test.js';
 
 const lines: string[] = [];
 const logSink = new Writable({
@@ -27,20 +29,28 @@ const logSink = new Writable({
     done();
   },
 });
-const ctx = await createTestContext({ STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, DB_POOL_MAX: '20' });
-// A second context on its own database, logging to `lines`, for the log assertions.
-const loggedCtx = await createTestContext(
-  { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, DATABASE_URL: await createTestDatabase() },
-  { log: pino({ level: 'debug', redact: ['req.headers["stripe-signature"]'] }, logSink) },
-);
-const app = createApp(ctx);
+// The webhook route needs no pg-boss.
+const it = contextTest({
+  env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET, DB_POOL_MAX: '20' },
+  startBoss: false,
+})
+  // A second context on its own database, logging to `lines`, for the log assertions.
+  // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+  .extend('loggedCtx', { scope: 'file' }, async ({}, { onCleanup }) => {
+    const { ctx, close } = await openTestContext(
+      { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET },
+      { log: pino({ level: 'debug', redact: ['req.headers["stripe-signature"]'] }, logSink) },
+    );
+    onCleanup(close);
+    return ctx;
+  });
 
 beforeEach(() => {
   lines.length = 0;
 });
 
 /** An org linked to a customer and subscription, active, last written at `created`. */
-async function linkedOrganization(created = 1_700_000_000) {
+async function linkedOrganization(ctx: Context, created = 1_700_000_000) {
   const organizationId = await createOrganization(ctx.db);
   const customer = uniqueId('cus');
   const sub = uniqueId('sub');
@@ -65,90 +75,93 @@ function pastDueEvent(customer: string, sub: string, created = 1_700_000_100) {
   );
 }
 
-async function eventRows(eventId: string) {
+async function eventRows(ctx: Context, eventId: string) {
   return ctx.db.selectFrom('stripe_events').selectAll().where('event_id', '=', eventId).execute();
 }
 
 describe('POST /webhooks/stripe: verification', () => {
-  it('answers 503 and writes nothing without STRIPE_WEBHOOK_SECRET', async () => {
+  it('answers 503 and writes nothing without STRIPE_WEBHOOK_SECRET', async ({ ctx }) => {
     const unconfigured = await createTestContext({ DATABASE_URL: await createTestDatabase() });
-    const { customer, sub } = await linkedOrganization();
+    const { customer, sub } = await linkedOrganization(ctx);
     const res = await deliver(createApp(unconfigured), pastDueEvent(customer, sub));
     expect(res.status).toBe(503);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('not_configured');
     expect(await countRows(unconfigured.db, 'stripe_events')).toBe(0);
   });
 
-  it('accepts a correctly signed event and records it', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('accepts a correctly signed event and records it', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     const res = await deliver(app, event);
     expect(res.status).toBe(200);
     expect(await res.json()).toEqual({ received: true, duplicate: false });
-    const [row] = await eventRows(event.id);
+    const [row] = await eventRows(ctx, event.id);
     expect(row).toMatchObject({ event_type: 'customer.subscription.updated', livemode: false });
     expect(row?.stripe_created.toISOString()).toBe(new Date(event.created * 1000).toISOString());
     expect(row?.payload).toMatchObject({ id: event.id });
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it.each([
+  it.for<[string, Parameters<typeof deliver>[2]]>([
     ['a missing signature', { signature: null }],
     ['a garbage signature header', { signature: 'nonsense' }],
     ['a signature made with another secret', { secret: 'whsec_someone_else' }],
     ['a signature older than 300 s', { timestamp: Math.floor(Date.now() / 1000) - 301 }],
     // The tolerance holds both ways: a signature dated ahead is no fresher than a replayed one.
     ['a signature dated a year ahead', { timestamp: Math.floor(Date.now() / 1000) + 365 * 86_400 }],
-  ])('answers 400 and writes nothing for %s', async (_name, options) => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  ])('answers 400 and writes nothing for %s', async ([, options], { ctx, app }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     const res = await deliver(app, event, options);
     expect(res.status).toBe(400);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('bad_request');
-    expect(await eventRows(event.id)).toHaveLength(0);
+    expect(await eventRows(ctx, event.id)).toHaveLength(0);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('accepts a signature 299 s old (inside the tolerance)', async () => {
-    const { customer, sub } = await linkedOrganization();
+  it('accepts a signature 299 s old (inside the tolerance)', async ({ ctx, app }) => {
+    const { customer, sub } = await linkedOrganization(ctx);
     const res = await deliver(app, pastDueEvent(customer, sub), {
       timestamp: Math.floor(Date.now() / 1000) - 299,
     });
     expect(res.status).toBe(200);
   });
 
-  it('answers 400 and writes nothing for a signature dated 301 s ahead', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('answers 400 and writes nothing for a signature dated 301 s ahead', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     const res = await deliver(app, event, { timestamp: Math.floor(Date.now() / 1000) + 302 });
     expect(res.status).toBe(400);
-    expect(await eventRows(event.id)).toHaveLength(0);
+    expect(await eventRows(ctx, event.id)).toHaveLength(0);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('accepts a signature dated 299 s ahead (clock skew inside the tolerance)', async () => {
-    const { customer, sub } = await linkedOrganization();
+  it('accepts a signature dated 299 s ahead (clock skew inside the tolerance)', async ({ ctx, app }) => {
+    const { customer, sub } = await linkedOrganization(ctx);
     const res = await deliver(app, pastDueEvent(customer, sub), {
       timestamp: Math.floor(Date.now() / 1000) + 299,
     });
     expect(res.status).toBe(200);
   });
 
-  it('answers 400 for a tampered body (signature of the original) and writes nothing', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('answers 400 for a tampered body (signature of the original) and writes nothing', async ({
+    ctx,
+    app,
+  }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     const original = JSON.stringify(event);
     const tampered = original.replace('"past_due"', '"active"');
     const res = await deliver(app, original, { body: tampered });
     expect(res.status).toBe(400);
-    expect(await eventRows(event.id)).toHaveLength(0);
+    expect(await eventRows(ctx, event.id)).toHaveLength(0);
     // Whitespace is part of the signed bytes too: re-serializing a verified body would break it.
     const reformatted = await deliver(app, original, { body: JSON.stringify(event, null, 4) });
     expect(reformatted.status).toBe(400);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it.each([
+  it.for<[string, string]>([
     ['an unparsable body', '{"id": "evt_broken", '],
     ['JSON that is not an event', JSON.stringify({ hello: 'world' })],
     [
@@ -156,7 +169,7 @@ describe('POST /webhooks/stripe: verification', () => {
       JSON.stringify({ object: 'event', type: 'x', created: 1, data: { object: {} } }),
     ],
     ['an empty body', ''],
-  ])('answers 400 for %s, correctly signed, and writes nothing', async (_name, body) => {
+  ])('answers 400 for %s, correctly signed, and writes nothing', async ([, body], { ctx, app }) => {
     const before = await countRows(ctx.db, 'stripe_events');
     const res = await deliver(app, body);
     expect(res.status).toBe(400);
@@ -189,8 +202,8 @@ describe('POST /webhooks/stripe: exactly once', () => {
     return { counter, handlers: { ...defaultHandlers, 'customer.subscription.updated': handler } };
   }
 
-  it('answers 200 to a sequential duplicate and changes nothing', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('answers 200 to a sequential duplicate and changes nothing', async ({ ctx, app }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     expect((await deliver(app, event)).status).toBe(200);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
@@ -203,12 +216,12 @@ describe('POST /webhooks/stripe: exactly once', () => {
     const again = await deliver(app, event);
     expect(again.status).toBe(200);
     expect(await again.json()).toEqual({ received: true, duplicate: true });
-    expect(await eventRows(event.id)).toHaveLength(1);
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('lets exactly one of 50 simultaneous first deliveries apply the effect', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('lets exactly one of 50 simultaneous first deliveries apply the effect', async ({ ctx }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const { counter, handlers } = countingHandlers(300);
     const module = webhookRoutes(ctx, { handlers });
     const event = pastDueEvent(customer, sub);
@@ -220,12 +233,14 @@ describe('POST /webhooks/stripe: exactly once', () => {
     const bodies = await Promise.all(responses.map((r) => r.json() as Promise<{ duplicate: boolean }>));
     expect(bodies.filter((b) => !b.duplicate)).toHaveLength(1);
     expect(counter.calls).toBe(1);
-    expect(await eventRows(event.id)).toHaveLength(1);
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it('rolls back the event row and its effect when the handler fails, answers 500, and applies the retry', async () => {
-    const { organizationId, customer, sub } = await linkedOrganization();
+  it('rolls back the event row and its effect when the handler fails, answers 500, and applies the retry', async ({
+    ctx,
+  }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     let failures = 1;
     const inner = defaultHandlers['customer.subscription.updated'] as EventHandler;
     const failing: EventHandler = async (trx, event, log, clock) => {
@@ -247,17 +262,17 @@ describe('POST /webhooks/stripe: exactly once', () => {
     expect(text).not.toContain('hunter2');
     expect(text).not.toContain('injected');
     expect(JSON.parse(text)).toMatchObject({ error: { code: 'internal' } });
-    expect(await eventRows(event.id)).toHaveLength(0);
+    expect(await eventRows(ctx, event.id)).toHaveLength(0);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
 
     const retry = await failingApp.request('/injected/stripe', { ...init });
     expect(retry.status).toBe(200);
     expect(await retry.json()).toEqual({ received: true, duplicate: false });
-    expect(await eventRows(event.id)).toHaveLength(1);
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it('acknowledges and records event types it does not act on', async () => {
+  it('acknowledges and records event types it does not act on', async ({ ctx, app }) => {
     const event = buildEvent(
       'customer.created',
       { id: uniqueId('cus'), object: 'customer' },
@@ -265,15 +280,18 @@ describe('POST /webhooks/stripe: exactly once', () => {
     );
     const res = await deliver(app, event);
     expect(res.status).toBe(200);
-    expect(await eventRows(event.id)).toHaveLength(1);
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
   });
 });
 
 describe('POST /webhooks/stripe: over the network and in the logs', () => {
-  it('accepts events sent by the Stripe emulator over HTTP and answers its duplicate', async () => {
+  it('accepts events sent by the Stripe emulator over HTTP and answers its duplicate', async ({
+    ctx,
+    app,
+  }) => {
     const server = await startHttpServer(app, { port: 0, host: '127.0.0.1' });
     onTestFinished(() => server.stop(1_000));
-    const { organizationId, customer, sub } = await linkedOrganization();
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
     const event = pastDueEvent(customer, sub);
     const first = await sendWebhook(`${server.url}/webhooks/stripe`, event, WEBHOOK_SECRET);
     expect(first.status).toBe(200);
@@ -288,7 +306,7 @@ describe('POST /webhooks/stripe: over the network and in the logs', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it('logs the handled event with its id and type and never the signature header', async () => {
+  it('logs the handled event with its id and type and never the signature header', async ({ loggedCtx }) => {
     const event = buildEvent(
       'customer.created',
       { id: 'cus_logged', object: 'customer' },
@@ -309,7 +327,7 @@ describe('POST /webhooks/stripe: over the network and in the logs', () => {
     expect(lines.join('\n')).not.toContain(v1);
   });
 
-  it('documents the route in the OpenAPI document', async () => {
+  it('documents the route in the OpenAPI document', async ({ app }) => {
     const doc = (await (await app.request('/openapi.json')).json()) as {
       paths: Record<string, Record<string, { security: unknown[] }>>;
     };
