@@ -12,9 +12,8 @@ import {
 } from '@meterbox/stripe-emulator';
 import { describe, expect } from 'vitest';
 import { listMeterErrorReports } from '../../src/billing/meter-error-reports.js';
-import type { Context } from '../../src/context.js';
 import { seededRandom } from '../support/random.js';
-import { contextTest, type TestApp } from '../support/test.js';
+import { contextTest } from '../support/test.js';
 import {
   countRows,
   createOrganization,
@@ -24,14 +23,25 @@ import {
   WEBHOOK_SECRET,
 } from './webhook-fixtures.js';
 
-// The webhook route alone: no pg-boss.
-const it = contextTest({ env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET }, startBoss: false });
 const T0 = 1_780_000_000; // seconds; event `created` values are T0 + n
 
-async function send(app: TestApp, event: object): Promise<void> {
-  const res = await deliver(app, event);
-  expect(res.status).toBe(200);
-}
+// The webhook route alone: no pg-boss.
+const it = contextTest({ env: { STRIPE_WEBHOOK_SECRET: WEBHOOK_SECRET }, startBoss: false })
+  // Delivers a signed event and expects it acknowledged.
+  .extend('send', { scope: 'file' }, async ({ app }) => async (event: object): Promise<void> => {
+    const res = await deliver(app, event);
+    expect(res.status).toBe(200);
+  })
+  // An organization that completed checkout at T0 (linked, status from a created event at T0).
+  .extend('subscribedOrganization', { scope: 'file' }, async ({ ctx, send }) => {
+    return async (status: SubscriptionStatus = 'active') => {
+      const organizationId = await createOrganization(ctx.db);
+      const { customer, sub } = ids();
+      await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
+      await send(subscriptionEvent('customer.subscription.created', { customer, sub, status, created: T0 }));
+      return { organizationId, customer, sub };
+    };
+  });
 
 function ids() {
   return { customer: uniqueId('cus'), sub: uniqueId('sub') };
@@ -87,26 +97,17 @@ function checkoutEvent(input: {
   );
 }
 
-/** An organization that completed checkout at T0 (linked, status from a created event at T0). */
-async function subscribedOrganization(ctx: Context, app: TestApp, status: SubscriptionStatus = 'active') {
-  const organizationId = await createOrganization(ctx.db);
-  const { customer, sub } = ids();
-  await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
-  await send(app, subscriptionEvent('customer.subscription.created', { customer, sub, status, created: T0 }));
-  return { organizationId, customer, sub };
-}
-
 /** A deterministic order per seed, so a failing order can be reproduced from its seed. */
 const shuffled = <T>(items: readonly T[], seed: number): T[] => seededRandom(seed).shuffled(items);
 
 describe('checkout.session.completed', () => {
   it('links the organization in client_reference_id to the customer and subscription', async ({
     ctx,
-    app,
+    send,
   }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(app, checkoutEvent({ customer, sub, clientReferenceId: organizationId, created: T0 }));
+    await send(checkoutEvent({ customer, sub, clientReferenceId: organizationId, created: T0 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_customer_id: customer,
       stripe_subscription_id: sub,
@@ -114,11 +115,10 @@ describe('checkout.session.completed', () => {
     });
   });
 
-  it('falls back to metadata.organization_id', async ({ ctx, app }) => {
+  it('falls back to metadata.organization_id', async ({ ctx, send }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     await send(
-      app,
       checkoutEvent({
         customer,
         sub,
@@ -135,11 +135,11 @@ describe('checkout.session.completed', () => {
     ['a reference that is not a uuid', 'org_42; DROP TABLE organizations'],
   ])(
     'records and acknowledges (200) a checkout naming %s, without effect',
-    async ([, reference], { ctx, app }) => {
+    async ([, reference], { ctx, send }) => {
       const { customer, sub } = ids();
       const before = await countRows(ctx.db, 'subscriptions');
       const event = checkoutEvent({ customer, sub, clientReferenceId: reference, created: T0 });
-      await send(app, event);
+      await send(event);
       expect(await countRows(ctx.db, 'subscriptions')).toBe(before);
       const recorded = await ctx.db
         .selectFrom('stripe_events')
@@ -152,13 +152,12 @@ describe('checkout.session.completed', () => {
 
   it('applies subscription and invoice events that arrived before the checkout once it links them', async ({
     ctx,
-    app,
+    send,
   }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     // Stripe often sends these before checkout.session.completed: nothing can be matched yet.
     await send(
-      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub,
@@ -167,7 +166,6 @@ describe('checkout.session.completed', () => {
       }),
     );
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -176,19 +174,22 @@ describe('checkout.session.completed', () => {
       }),
     );
     expect(await subscriptionOf(ctx.db, organizationId)).toBeUndefined();
-    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       status: 'trial',
       stripe_subscription_id: sub,
     });
   });
 
-  it('never relinks to an older subscription when a late checkout arrives', async ({ ctx, app }) => {
-    const { organizationId, customer } = await subscribedOrganization(ctx, app);
+  it('never relinks to an older subscription when a late checkout arrives', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer } = await subscribedOrganization();
     const newer = uniqueId('sub');
-    await send(app, checkoutEvent({ customer, sub: newer, organizationId, created: T0 + 100 }));
+    await send(checkoutEvent({ customer, sub: newer, organizationId, created: T0 + 100 }));
     await send(
-      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub: newer,
@@ -196,7 +197,7 @@ describe('checkout.session.completed', () => {
         created: T0 + 100,
       }),
     );
-    await send(app, checkoutEvent({ customer, sub: uniqueId('sub'), organizationId, created: T0 + 50 }));
+    await send(checkoutEvent({ customer, sub: uniqueId('sub'), organizationId, created: T0 + 50 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_subscription_id: newer,
       status: 'active',
@@ -205,11 +206,14 @@ describe('checkout.session.completed', () => {
 });
 
 describe('customer.subscription.*', () => {
-  it('maps trialing to trial and takes the period end from the subscription items', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+  it('maps trialing to trial and takes the period end from the subscription items', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
     const periodEnd = T0 + 14 * 86_400;
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -226,9 +230,10 @@ describe('customer.subscription.*', () => {
 
   it('reads current_period_end from the subscription on API versions before 2025-03-31', async ({
     ctx,
-    app,
+    send,
+    subscribedOrganization,
   }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    const { organizationId, customer, sub } = await subscribedOrganization();
     const legacyEnd = T0 + 7 * 86_400;
     const object = {
       id: sub,
@@ -237,10 +242,7 @@ describe('customer.subscription.*', () => {
       status: 'active',
       current_period_end: legacyEnd,
     };
-    await send(
-      app,
-      buildEvent('customer.subscription.updated', object, { id: uniqueId('evt'), created: T0 + 1 }),
-    );
+    await send(buildEvent('customer.subscription.updated', object, { id: uniqueId('evt'), created: T0 + 1 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.current_period_end?.getTime()).toBe(
       legacyEnd * 1000,
     );
@@ -248,11 +250,11 @@ describe('customer.subscription.*', () => {
 
   it('marks a deleted subscription canceled, and a late "updated" leaves it canceled', async ({
     ctx,
-    app,
+    send,
+    subscribedOrganization,
   }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    const { organizationId, customer, sub } = await subscribedOrganization();
     await send(
-      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -261,7 +263,6 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -274,11 +275,11 @@ describe('customer.subscription.*', () => {
 
   it('keeps canceled terminal even against a same-second or newer update of that subscription', async ({
     ctx,
-    app,
+    send,
+    subscribedOrganization,
   }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    const { organizationId, customer, sub } = await subscribedOrganization();
     await send(
-      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -287,7 +288,6 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -295,16 +295,15 @@ describe('customer.subscription.*', () => {
         created: T0 + 20,
       }),
     );
-    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
   });
 
-  it('lets a same-second "updated" win over a "created" delivered after it', async ({ ctx, app }) => {
+  it('lets a same-second "updated" win over a "created" delivered after it', async ({ ctx, send }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -313,7 +312,6 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
-      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub,
@@ -324,10 +322,13 @@ describe('customer.subscription.*', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('applies a same-second event delivered later (ties go to the later delivery)', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+  it('applies a same-second event delivered later (ties go to the later delivery)', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -336,7 +337,6 @@ describe('customer.subscription.*', () => {
       }),
     );
     await send(
-      app,
       subscriptionEvent('customer.subscription.updated', {
         customer,
         sub,
@@ -347,7 +347,7 @@ describe('customer.subscription.*', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it("ends in the newest event's state whatever order a series is delivered in", async ({ ctx, app }) => {
+  it("ends in the newest event's state whatever order a series is delivered in", async ({ ctx, send }) => {
     const states: SubscriptionStatus[] = [
       'incomplete',
       'trialing',
@@ -372,7 +372,7 @@ describe('customer.subscription.*', () => {
           }),
         ),
       ];
-      for (const event of shuffled(series, seed)) await send(app, event);
+      for (const event of shuffled(series, seed)) await send(event);
       const row = await subscriptionOf(ctx.db, organizationId);
       expect({ seed, status: row?.status }).toEqual({ seed, status: 'unpaid' });
       expect(row?.current_period_end?.getTime()).toBe((T0 + 1000 * states.length) * 1000);
@@ -380,7 +380,7 @@ describe('customer.subscription.*', () => {
     }
   });
 
-  it('ends canceled whatever order a series ending in "deleted" is delivered in', async ({ ctx, app }) => {
+  it('ends canceled whatever order a series ending in "deleted" is delivered in', async ({ ctx, send }) => {
     for (const seed of [11, 12, 13, 14]) {
       const organizationId = await createOrganization(ctx.db);
       const { customer, sub } = ids();
@@ -407,7 +407,7 @@ describe('customer.subscription.*', () => {
           created: T0 + 4,
         }),
       ];
-      for (const event of shuffled(series, seed)) await send(app, event);
+      for (const event of shuffled(series, seed)) await send(event);
       expect({ seed, status: (await subscriptionOf(ctx.db, organizationId))?.status }).toEqual({
         seed,
         status: 'canceled',
@@ -415,10 +415,10 @@ describe('customer.subscription.*', () => {
     }
   });
 
-  it('ends in the newest state when a whole series is delivered concurrently', async ({ ctx, app }) => {
+  it('ends in the newest state when a whole series is delivered concurrently', async ({ ctx, app, send }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
-    await send(app, checkoutEvent({ customer, sub, organizationId, created: T0 }));
+    await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
     const statuses: SubscriptionStatus[] = ['active', 'past_due', 'active', 'past_due', 'active', 'trialing'];
     const series = statuses.map((status, i) =>
       subscriptionEvent('customer.subscription.updated', { customer, sub, status, created: T0 + 10 + i }),
@@ -430,10 +430,13 @@ describe('customer.subscription.*', () => {
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({ status: 'trial' });
   });
 
-  it('follows a customer to a new subscription after the old one was canceled', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+  it('follows a customer to a new subscription after the old one was canceled', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
     await send(
-      app,
       subscriptionEvent('customer.subscription.deleted', {
         customer,
         sub,
@@ -443,7 +446,6 @@ describe('customer.subscription.*', () => {
     );
     const next = uniqueId('sub');
     await send(
-      app,
       subscriptionEvent('customer.subscription.created', {
         customer,
         sub: next,
@@ -459,7 +461,7 @@ describe('customer.subscription.*', () => {
 
   it('creates the subscription row from metadata.organization_id on the subscription', async ({
     ctx,
-    app,
+    send,
   }) => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
@@ -469,10 +471,7 @@ describe('customer.subscription.*', () => {
       status: 'active',
       metadata: { organization_id: organizationId },
     });
-    await send(
-      app,
-      buildEvent('customer.subscription.created', object, { id: uniqueId('evt'), created: T0 }),
-    );
+    await send(buildEvent('customer.subscription.created', object, { id: uniqueId('evt'), created: T0 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
       stripe_subscription_id: sub,
       status: 'active',
@@ -481,35 +480,48 @@ describe('customer.subscription.*', () => {
 });
 
 describe('invoice.payment_failed and invoice.paid', () => {
-  it('moves an active subscription to past_due and back to active', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
-    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+  it('moves an active subscription to past_due and back to active', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
-    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
-  it('ignores a failed payment older than the payment that followed it', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
-    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
-    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
-    await send(app, invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 15 }));
+  it('ignores a failed payment older than the payment that followed it', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization();
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 10 }));
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 20 }));
+    await send(invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 15 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
   it('finds the subscription at invoice.subscription on API versions before 2025-03-31', async ({
     ctx,
-    app,
+    send,
+    subscribedOrganization,
   }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app);
+    const { organizationId, customer, sub } = await subscribedOrganization();
     const legacy = { id: uniqueId('in'), object: 'invoice', customer, subscription: sub, status: 'open' };
-    await send(app, buildEvent('invoice.payment_failed', legacy, { id: uniqueId('evt'), created: T0 + 10 }));
+    await send(buildEvent('invoice.payment_failed', legacy, { id: uniqueId('evt'), created: T0 + 10 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
-  it('keeps a trial a trial when its (zero) invoice is paid', async ({ ctx, app }) => {
-    const { organizationId, customer, sub } = await subscribedOrganization(ctx, app, 'trialing');
-    await send(app, invoiceEvent('invoice.paid', { customer, sub, created: T0 + 1 }));
+  it('keeps a trial a trial when its (zero) invoice is paid', async ({
+    ctx,
+    send,
+    subscribedOrganization,
+  }) => {
+    const { organizationId, customer, sub } = await subscribedOrganization('trialing');
+    await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 1 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('trial');
   });
 });
@@ -517,7 +529,7 @@ describe('invoice.payment_failed and invoice.paid', () => {
 describe('v1.billing.meter.error_report_triggered', () => {
   it('records the thin event for the operator and lists reports newest first, page by page', async ({
     ctx,
-    app,
+    send,
   }) => {
     const first = meterErrorReportNotification({ meter: 'mtr_readings', created: T0 });
     const secondNotification = meterErrorReportNotification({ meter: 'mtr_sensors', created: T0 + 60 });
@@ -526,9 +538,9 @@ describe('v1.billing.meter.error_report_triggered', () => {
       // Present when the event was fetched from /v2/core/events (or a future delivery includes it).
       data: meterErrorReportData({ created: T0 + 60 }),
     };
-    await send(app, first);
-    await send(app, second);
-    await send(app, second); // a duplicate adds nothing
+    await send(first);
+    await send(second);
+    await send(second); // a duplicate adds nothing
 
     const page1 = await listMeterErrorReports(ctx.db, { limit: 1 });
     expect(page1.reports).toHaveLength(1);

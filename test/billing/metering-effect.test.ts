@@ -10,6 +10,7 @@ import {
   reportActiveSensorsForHour,
   reportActiveSensorsWithTimestamp,
 } from '../../src/metering/active-sensors.js';
+import { outboxRowsOf } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 import { createOrganization, deliver, uniqueId, WEBHOOK_SECRET } from './webhook-fixtures.js';
 
@@ -21,14 +22,9 @@ async function send(app: TestApp, event: object) {
   expect(res.status).toBe(200);
 }
 
-async function outboxRows(ctx: Context, organizationId: string) {
-  return ctx.db
-    .selectFrom('meter_outbox')
-    .select(['event_name', 'value'])
-    .where('organization_id', '=', organizationId)
-    .orderBy('id')
-    .execute();
-}
+/** The outbox rows' meter and value: what billing this organization wrote. */
+const outboxRows = async (ctx: Context, organizationId: string) =>
+  (await outboxRowsOf(ctx.db, { organizationId })).map((r) => ({ event_name: r.event_name, value: r.value }));
 
 /** An organization with one sensor and an API key, subscribed and active through webhooks. */
 async function subscribedOrganization(ctx: Context, app: TestApp) {

@@ -6,6 +6,7 @@ import {
   createOrganization,
   createSensors,
   type OrganizationFixture,
+  outboxRowsOf,
 } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
@@ -27,13 +28,15 @@ const it = contextTest({ env: { READINGS_MAX_BATCH: '5', BODY_LIMIT_BYTES: '4096
   .extend('rejected', { scope: 'file' }, async ({ ctx, app, billable }) => {
     return async (body: unknown, apiKey = billable.apiKey) => {
       const before = await readingCount(ctx, billable.organizationId);
-      const outboxBefore = (await outboxRows(ctx, billable.organizationId)).length;
+      const outboxBefore = (await outboxRowsOf(ctx.db, { organizationId: billable.organizationId })).length;
       const res = await post(app, apiKey, body);
       const json = (await res.json()) as {
         error: { code: string; details: { index?: number; message: string }[] };
       };
       expect(await readingCount(ctx, billable.organizationId)).toBe(before);
-      expect((await outboxRows(ctx, billable.organizationId)).length).toBe(outboxBefore);
+      expect((await outboxRowsOf(ctx.db, { organizationId: billable.organizationId })).length).toBe(
+        outboxBefore,
+      );
       return { status: res.status, error: json.error };
     };
   });
@@ -44,15 +47,6 @@ function post(app: TestApp, apiKey: string, body: unknown, headers: Record<strin
     headers: authHeaders(apiKey, headers),
     body: typeof body === 'string' ? body : JSON.stringify(body),
   });
-}
-
-async function outboxRows(ctx: Context, organizationId: string) {
-  return ctx.db
-    .selectFrom('meter_outbox')
-    .selectAll()
-    .where('organization_id', '=', organizationId)
-    .orderBy('id')
-    .execute();
 }
 
 async function deliveryJobs(ctx: Context, customerId: string): Promise<number> {
@@ -88,7 +82,7 @@ describe('POST /v1/readings: storing and billing', () => {
     expect(res.status).toBe(201);
     expect(await res.json()).toEqual({ inserted: 3, duplicates: 0 });
     expect(await readingCount(ctx, org.organizationId)).toBe(3);
-    const rows = await outboxRows(ctx, org.organizationId);
+    const rows = await outboxRowsOf(ctx.db, { organizationId: org.organizationId });
     expect(rows).toHaveLength(1);
     expect(rows[0]).toMatchObject({
       event_name: 'temperature_readings',
@@ -119,7 +113,7 @@ describe('POST /v1/readings: storing and billing', () => {
     const again = await post(app, org.apiKey, batch);
     expect(again.status).toBe(201);
     expect(await again.json()).toEqual({ inserted: 0, duplicates: 3 });
-    const rows = await outboxRows(ctx, org.organizationId);
+    const rows = await outboxRowsOf(ctx.db, { organizationId: org.organizationId });
     expect(rows.map((r) => Number(r.value))).toEqual([3]);
     expect(await deliveryJobs(ctx, org.customerId)).toBe(1);
   });
@@ -135,7 +129,9 @@ describe('POST /v1/readings: storing and billing', () => {
       ],
     });
     expect(await res.json()).toEqual({ inserted: 1, duplicates: 1 });
-    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([1, 1]);
+    expect(
+      (await outboxRowsOf(ctx.db, { organizationId: org.organizationId })).map((r) => Number(r.value)),
+    ).toEqual([1, 1]);
   });
 
   it('counts repeats inside one batch once, including the same instant written with another offset', async ({
@@ -161,7 +157,9 @@ describe('POST /v1/readings: storing and billing', () => {
       .executeTakeFirstOrThrow();
     // The first occurrence in the batch is the one kept.
     expect(first.temperature_c).toBe(5);
-    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([2]);
+    expect(
+      (await outboxRowsOf(ctx.db, { organizationId: org.organizationId })).map((r) => Number(r.value)),
+    ).toEqual([2]);
   });
 
   it('writes no outbox row and no job for an organization that is not billable', async ({ ctx, app }) => {
@@ -172,7 +170,7 @@ describe('POST /v1/readings: storing and billing', () => {
     });
     expect(await res.json()).toEqual({ inserted: 1, duplicates: 0 });
     expect(await readingCount(ctx, org.organizationId)).toBe(1);
-    expect(await outboxRows(ctx, org.organizationId)).toEqual([]);
+    expect(await outboxRowsOf(ctx.db, { organizationId: org.organizationId })).toEqual([]);
     expect(await deliveryJobs(ctx, org.customerId)).toBe(0);
   });
 
@@ -180,7 +178,9 @@ describe('POST /v1/readings: storing and billing', () => {
     const org = await createOrganization(ctx.db, { status: 'trial' });
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     await post(app, org.apiKey, { readings: [{ sensorId: s, recordedAt: at(1), temperatureC: 4 }] });
-    expect((await outboxRows(ctx, org.organizationId)).map((r) => Number(r.value))).toEqual([1]);
+    expect(
+      (await outboxRowsOf(ctx.db, { organizationId: org.organizationId })).map((r) => Number(r.value)),
+    ).toEqual([1]);
   });
 
   it('accepts a reading up to 5 minutes in the future and readings older than Stripe’s 35 days', async ({
@@ -201,7 +201,7 @@ describe('POST /v1/readings: storing and billing', () => {
     });
     expect(res.status).toBe(201);
     // The usage time is the ingestion time, so the old reading is still billable at Stripe.
-    const rows = await outboxRows(ctx, billable.organizationId);
+    const rows = await outboxRowsOf(ctx.db, { organizationId: billable.organizationId });
     expect(rows.at(-1)).toMatchObject({ value: '2', occurred_at: NOW });
   });
 });

@@ -1,6 +1,7 @@
 // A batch is written with a constant number of statements, whatever its size.
 import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
+import type { Context } from '../../src/context.js';
 import { storeReadings } from '../../src/ingest/readings.js';
 import { recordingDb } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
@@ -8,6 +9,23 @@ import { contextTest } from '../support/test.js';
 
 // `recorded`: the context's pool behind a Kysely that records each statement it sends.
 const it = contextTest().extend('recorded', { scope: 'file' }, async ({ ctx }) => recordingDb(ctx.pool));
+
+/** Stores 500 readings of a new organization through storeReadings; the statements it sent. */
+async function store500(
+  ctx: Context,
+  { db: counting, statements }: ReturnType<typeof recordingDb>,
+  billable: boolean,
+): Promise<string[]> {
+  const org = await createOrganization(ctx.db, { billable });
+  const sensors = await createSensors(ctx.db, org.organizationId, 10);
+  const batch = readings(sensors, 500);
+  return counting.transaction().execute(async (trx) => {
+    statements.length = 0;
+    const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
+    expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
+    return [...statements];
+  });
+}
 
 function readings(sensors: string[], count: number, hoursAgo = 24) {
   const start = Date.now() - hoursAgo * 3_600_000;
@@ -57,38 +75,20 @@ describe('bulk efficiency', () => {
 
   it('checks the sensors, inserts the batch and writes the outbox row in one statement, plus the job', async ({
     ctx,
-    recorded: { db: counting, statements },
+    recorded,
   }) => {
-    const org = await createOrganization(ctx.db);
-    const sensors = await createSensors(ctx.db, org.organizationId, 10);
-    const batch = readings(sensors, 500);
-    await counting.transaction().execute(async (trx) => {
-      statements.length = 0;
-      const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
-      expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
-      // The write, the look for an already queued delivery job (none for a new customer), the job.
-      expect(statements).toHaveLength(3);
-      expect(statements[0]).toMatch(
-        /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
-      );
-      expect(statements[0]).toMatch(/INSERT INTO meter_outbox/);
-      expect(statements[1]).toMatch(/FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
-      expect(statements[2]).toMatch(/pgboss/);
-    });
+    const statements = await store500(ctx, recorded, true);
+    // The write, the look for an already queued delivery job (none for a new customer), the job.
+    expect(statements).toHaveLength(3);
+    expect(statements[0]).toMatch(
+      /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
+    );
+    expect(statements[0]).toMatch(/INSERT INTO meter_outbox/);
+    expect(statements[1]).toMatch(/FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
+    expect(statements[2]).toMatch(/pgboss/);
   });
 
-  it('sends one statement and no job for an organization that is not billable', async ({
-    ctx,
-    recorded: { db: counting, statements },
-  }) => {
-    const org = await createOrganization(ctx.db, { billable: false });
-    const sensors = await createSensors(ctx.db, org.organizationId, 10);
-    const batch = readings(sensors, 500);
-    await counting.transaction().execute(async (trx) => {
-      statements.length = 0;
-      const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
-      expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
-      expect(statements).toHaveLength(1);
-    });
+  it('sends one statement and no job for an organization that is not billable', async ({ ctx, recorded }) => {
+    expect(await store500(ctx, recorded, false)).toHaveLength(1);
   });
 });

@@ -1,6 +1,6 @@
 // GET /v1/usage: readings stored vs meter usage pending, delivered, failed and expired.
 import { describe, expect } from 'vitest';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { authHeaders, createOrganization, createSensors, outboxRowsOf } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
@@ -42,12 +42,7 @@ describe('GET /v1/usage', () => {
     nowMs = Date.parse('2026-11-21T12:00:00.000Z');
     await ingest(app, org.apiKey, s!, 4);
     // Pretend delivery happened for the first row and failed for the second.
-    const rows = await ctx.db
-      .selectFrom('meter_outbox')
-      .select('id')
-      .where('organization_id', '=', org.organizationId)
-      .orderBy('id')
-      .execute();
+    const rows = await outboxRowsOf(ctx.db, { organizationId: org.organizationId });
     await ctx.db
       .updateTable('meter_outbox')
       .set({ status: 'delivered', identifier: 'x1', delivered_at: new Date() })

@@ -12,7 +12,7 @@ import {
   settleGroup,
 } from '../../src/metering/delivery.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
-import { createOrganization } from '../support/fixtures.js';
+import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
@@ -71,15 +71,6 @@ function hourStart(offsetHours: number): Date {
   return d;
 }
 
-async function rowsOf(ctx: Context, customerId: string) {
-  return ctx.db
-    .selectFrom('meter_outbox')
-    .selectAll()
-    .where('stripe_customer_id', '=', customerId)
-    .orderBy('id')
-    .execute();
-}
-
 describe('meter-delivery worker', () => {
   it("sums a customer's pending readings into one meter event per UTC hour and marks them delivered", async ({
     ctx,
@@ -98,7 +89,7 @@ describe('meter-delivery worker', () => {
 
     const events = emulator.events({ customer: org.customerId });
     expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([12, 18]);
-    const rows = await rowsOf(ctx, org.customerId);
+    const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     const identifiers = new Set(rows.map((r) => r.identifier));
     expect(identifiers.size).toBe(2);
     expect(new Set(events.map((e) => e.identifier))).toEqual(identifiers);
@@ -194,7 +185,7 @@ describe('meter-delivery worker', () => {
     const events = emulator.events({ customer: org.customerId });
     expect(events.filter((e) => e.identifier === group!.identifier)).toHaveLength(1);
     expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([7, 100]);
-    const rows = await rowsOf(ctx, org.customerId);
+    const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(rows.filter((r) => r.identifier === group!.identifier).map((r) => r.attempts)).toEqual([2, 2]);
   });
 
@@ -215,7 +206,7 @@ describe('meter-delivery worker', () => {
     const after = emulator.counters();
     expect(after.acceptedThen500 - before.acceptedThen500).toBe(1);
     expect(after.duplicate - before.duplicate).toBe(1);
-    const [row] = await rowsOf(ctx, org.customerId);
+    const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(row!.attempts).toBe(2);
   });
 
@@ -235,7 +226,7 @@ describe('meter-delivery worker', () => {
       async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1,
       30_000,
     );
-    const [row] = await rowsOf(ctx, org.customerId);
+    const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(row!.attempts).toBe(4);
     expect(row!.last_error).toBeNull();
     // The 429 is resent by the rate-limit path: it never reaches pg-boss's retry count.
@@ -253,7 +244,7 @@ describe('meter-delivery worker', () => {
     const callsBefore = emulator.counters().rejected;
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 6, occurredAt: new Date() }]);
     await waitFor('row failed', async () => (await statusCounts(ctx.db, org.customerId)).failed === 1);
-    const [failed] = await rowsOf(ctx, org.customerId);
+    const [failed] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(failed!.last_error).toMatch(/No such customer/);
     expect(failed!.attempts).toBe(1);
     const dead = await waitFor('dead-letter job', async () => {
@@ -269,7 +260,7 @@ describe('meter-delivery worker', () => {
     const redriven = await retryFailedRows(ctx.db, ctx.boss, { customerId: org.customerId });
     expect(redriven).toEqual({ rows: 1, keys: 1 });
     await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
-    const [row] = await rowsOf(ctx, org.customerId);
+    const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(row!.identifier).toBe(failed!.identifier);
     expect(emulator.events({ customer: org.customerId }).map((e) => e.identifier)).toEqual([
       failed!.identifier,
@@ -288,7 +279,7 @@ describe('meter-delivery worker', () => {
       async () => (await statusCounts(ctx.db, org.customerId)).failed === 1,
       30_000,
     );
-    const [row] = await rowsOf(ctx, org.customerId);
+    const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     // DELIVERY_RETRY_LIMIT=3: the first call and three retries.
     expect(row!.attempts).toBe(4);
     expect(row!.last_error).toMatch(/gave up after 4 attempts: server_error/);
@@ -313,7 +304,7 @@ describe('meter-delivery worker', () => {
       const c = await statusCounts(ctx.db, org.customerId);
       return c.expired === 2 && c.delivered === 1;
     });
-    const rows = await rowsOf(ctx, org.customerId);
+    const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     for (const r of rows.filter((x) => x.status === 'expired')) {
       expect(r.last_error).toMatch(/35-day/);
       expect(r.attempts).toBe(0);
@@ -378,7 +369,7 @@ describe('meter-delivery worker', () => {
     expect(events).toHaveLength(1);
     expect(events[0]!.value).toBe(7);
     expect(events[0]!.timestamp).toBe(Math.floor(at(2).getTime() / 1000));
-    const rows = await rowsOf(ctx, org.customerId);
+    const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(new Set(rows.map((r) => r.identifier))).toEqual(new Set([events[0]!.identifier]));
   });
 

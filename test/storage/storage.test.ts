@@ -15,7 +15,7 @@ import {
 } from '../../src/metering/storage.js';
 import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/metering/storage-job.js';
 import { createTestContext } from '../support/database.js';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { authHeaders, createOrganization, createSensors, outboxRowsOf } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
@@ -204,12 +204,7 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
     n += 1;
     // Deliver everything but the last temperature_readings row, which stays failed; add hourly
     // active-sensor reports (delivered).
-    const rows = await ctx.db
-      .selectFrom('meter_outbox')
-      .select('id')
-      .where('organization_id', '=', org.organizationId)
-      .orderBy('id')
-      .execute();
+    const rows = await outboxRowsOf(ctx.db, { organizationId: org.organizationId });
     for (const [i, row] of rows.entries()) {
       await ctx.db
         .updateTable('meter_outbox')

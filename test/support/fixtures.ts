@@ -44,6 +44,15 @@ export async function createOrganization(
   return { organizationId: organization.id, apiKey: apiKey.key, apiKeyId: apiKey.id, customerId };
 }
 
+/** An organization's or a customer's outbox rows, oldest first. */
+export function outboxRowsOf(db: Kysely<DB>, of: { organizationId: string } | { customerId: string }) {
+  const [column, value] =
+    'organizationId' in of
+      ? (['organization_id', of.organizationId] as const)
+      : (['stripe_customer_id', of.customerId] as const);
+  return db.selectFrom('meter_outbox').selectAll().where(column, '=', value).orderBy('id').execute();
+}
+
 /** `count` sensors of the organization (active unless told otherwise); returns their ids in order. */
 export async function createSensors(
   db: Kysely<DB>,
