@@ -3,7 +3,7 @@
 import { sql } from 'kysely';
 import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import { authHeaders, createOrganization } from '../support/fixtures.js';
+import { authHeaders } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
 import { startEntryPoint } from '../support/processes.js';
 import { contextTest } from '../support/test.js';
@@ -29,8 +29,7 @@ const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, startBoss: false }).extend
 describe('the API key cache', () => {
   it('revoking a key through one process answers 401 from another within a second', {
     timeout: 90_000,
-  }, async ({ ctx, baseUrl }) => {
-    const org = await createOrganization(ctx.db);
+  }, async ({ ctx, baseUrl, org }) => {
     const readSensors = () => fetch(`${baseUrl}/v1/sensors`, { headers: authHeaders(org.apiKey) });
     // The other process verifies the key once; from then on it serves it from its cache.
     await vi.waitFor(async () => expect((await readSensors()).status).toBe(200), { timeout: 10_000 });
@@ -52,8 +51,8 @@ describe('the API key cache', () => {
 
   it('serves a verified key without a database round trip, and bypasses the cache while its listener is down', async ({
     ctx,
+    org,
   }) => {
-    const org = await createOrganization(ctx.db);
     const app = createApp(ctx);
     const get = () => app.request('/v1/sensors', { headers: authHeaders(org.apiKey) });
     ctx.apiKeys.start();

@@ -69,8 +69,8 @@ describe('POST /v1/readings: storing and billing', () => {
   it('stores a batch, answers 201 with the counts, and writes one outbox row and one delivery job', async ({
     ctx,
     app,
+    org,
   }) => {
-    const org = await createOrganization(ctx.db);
     const [a, b] = await createSensors(ctx.db, org.organizationId, 2);
     const res = await post(app, org.apiKey, {
       readings: [
@@ -103,8 +103,8 @@ describe('POST /v1/readings: storing and billing', () => {
   it('bills a re-sent batch only once: duplicates are counted and add no outbox value', async ({
     ctx,
     app,
+    org,
   }) => {
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const batch = {
       readings: [0, 1, 2].map((i) => ({ sensorId: s, recordedAt: at(100 + i), temperatureC: 3 })),
@@ -118,8 +118,7 @@ describe('POST /v1/readings: storing and billing', () => {
     expect(await deliveryJobs(ctx, org.customerId)).toBe(1);
   });
 
-  it('bills only the new readings of a partly re-sent batch', async ({ ctx, app }) => {
-    const org = await createOrganization(ctx.db);
+  it('bills only the new readings of a partly re-sent batch', async ({ ctx, app, org }) => {
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     await post(app, org.apiKey, { readings: [{ sensorId: s, recordedAt: at(10), temperatureC: 1 }] });
     const res = await post(app, org.apiKey, {
@@ -137,8 +136,8 @@ describe('POST /v1/readings: storing and billing', () => {
   it('counts repeats inside one batch once, including the same instant written with another offset', async ({
     ctx,
     app,
+    org,
   }) => {
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const res = await post(app, org.apiKey, {
       readings: [

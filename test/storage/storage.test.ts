@@ -49,7 +49,7 @@ const maintenance = (
 ) => runStorageMaintenance({ db: ctx.db, log: ctx.log, clock, config });
 
 describe('readings partitions', () => {
-  it('creates weekly partitions ahead, across a month boundary, idempotently', async ({ ctx, app }) => {
+  it('creates weekly partitions ahead, across a month boundary, idempotently', async ({ ctx, app, org }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z'); // a Saturday
     const first = await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
     expect(first.created).toEqual([
@@ -67,7 +67,6 @@ describe('readings partitions', () => {
     expect(week.to?.toISOString()).toBe('2026-12-07T00:00:00.000Z');
 
     // Readings on either side of the month boundary land in the week's partition.
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     nowMs = Date.parse('2026-12-01T12:00:00.000Z');
     const res = await post(app, org.apiKey, [
@@ -97,9 +96,9 @@ describe('readings partitions', () => {
   it('stores a reading for a week with no partition in the default partition, then moves it when the worker creates it', async ({
     ctx,
     app,
+    org,
   }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const past = '2026-03-04T05:06:07.000Z'; // within retention, no partition
     expect((await post(app, org.apiKey, [{ sensorId: s!, recordedAt: past, temperatureC: 5 }])).status).toBe(
@@ -142,9 +141,9 @@ describe('retention', () => {
   it('refuses readings older than READINGS_RETENTION_DAYS with 422 and a per-index detail, storing none', async ({
     ctx,
     app,
+    org,
   }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     const tooOld = new Date(nowMs - 401 * 86_400_000).toISOString();
     const res = await post(app, org.apiKey, [
@@ -299,10 +298,10 @@ describe('compaction and drop keep usage and reconciliation totals', () => {
   it('lowering READINGS_RETENTION_DAYS and running maintenance again drops the newly expired partitions', async ({
     ctx,
     app,
+    org,
   }) => {
     nowMs = Date.parse('2026-11-21T10:00:00.000Z');
     await ensureReadingsPartitions(ctx.db, { now: clock.now(), retentionDays: 400 });
-    const org = await createOrganization(ctx.db);
     const [s] = await createSensors(ctx.db, org.organizationId, 1);
     expect(
       (
