@@ -64,6 +64,16 @@ function subscriptionEvent(
   );
 }
 
+/** A created/updated/deleted event of a customer's subscription, in `status`, created at `created`. */
+function subscriptionChange(
+  ids: { customer: string; sub: string },
+  change: 'created' | 'updated' | 'deleted',
+  status: SubscriptionStatus,
+  created: number,
+) {
+  return subscriptionEvent(`customer.subscription.${change}`, { ...ids, status, created });
+}
+
 function invoiceEvent(
   type: 'invoice.paid' | 'invoice.payment_failed',
   input: { customer: string; sub: string; created: number },
@@ -157,22 +167,8 @@ describe('checkout.session.completed', () => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     // Stripe often sends these before checkout.session.completed: nothing can be matched yet.
-    await send(
-      subscriptionEvent('customer.subscription.created', {
-        customer,
-        sub,
-        status: 'incomplete',
-        created: T0,
-      }),
-    );
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'trialing',
-        created: T0 + 1,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'created', 'incomplete', T0));
+    await send(subscriptionChange({ customer, sub }, 'updated', 'trialing', T0 + 1));
     expect(await subscriptionOf(ctx.db, organizationId)).toBeUndefined();
     await send(checkoutEvent({ customer, sub, organizationId, created: T0 + 1 }));
     expect(await subscriptionOf(ctx.db, organizationId)).toMatchObject({
@@ -254,22 +250,8 @@ describe('customer.subscription.*', () => {
     subscribedOrganization,
   }) => {
     const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(
-      subscriptionEvent('customer.subscription.deleted', {
-        customer,
-        sub,
-        status: 'canceled',
-        created: T0 + 20,
-      }),
-    );
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'active',
-        created: T0 + 10,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'deleted', 'canceled', T0 + 20));
+    await send(subscriptionChange({ customer, sub }, 'updated', 'active', T0 + 10));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
   });
 
@@ -279,22 +261,8 @@ describe('customer.subscription.*', () => {
     subscribedOrganization,
   }) => {
     const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(
-      subscriptionEvent('customer.subscription.deleted', {
-        customer,
-        sub,
-        status: 'canceled',
-        created: T0 + 20,
-      }),
-    );
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'active',
-        created: T0 + 20,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'deleted', 'canceled', T0 + 20));
+    await send(subscriptionChange({ customer, sub }, 'updated', 'active', T0 + 20));
     await send(invoiceEvent('invoice.paid', { customer, sub, created: T0 + 21 }));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('canceled');
   });
@@ -303,22 +271,8 @@ describe('customer.subscription.*', () => {
     const organizationId = await createOrganization(ctx.db);
     const { customer, sub } = ids();
     await send(checkoutEvent({ customer, sub, organizationId, created: T0 }));
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'active',
-        created: T0 + 1,
-      }),
-    );
-    await send(
-      subscriptionEvent('customer.subscription.created', {
-        customer,
-        sub,
-        status: 'incomplete',
-        created: T0 + 1,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'updated', 'active', T0 + 1));
+    await send(subscriptionChange({ customer, sub }, 'created', 'incomplete', T0 + 1));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
@@ -328,22 +282,8 @@ describe('customer.subscription.*', () => {
     subscribedOrganization,
   }) => {
     const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'past_due',
-        created: T0 + 5,
-      }),
-    );
-    await send(
-      subscriptionEvent('customer.subscription.updated', {
-        customer,
-        sub,
-        status: 'active',
-        created: T0 + 5,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'updated', 'past_due', T0 + 5));
+    await send(subscriptionChange({ customer, sub }, 'updated', 'active', T0 + 5));
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('active');
   });
 
@@ -386,26 +326,11 @@ describe('customer.subscription.*', () => {
       const { customer, sub } = ids();
       const series = [
         checkoutEvent({ customer, sub, organizationId, created: T0 }),
-        subscriptionEvent('customer.subscription.created', {
-          customer,
-          sub,
-          status: 'active',
-          created: T0 + 1,
-        }),
+        subscriptionChange({ customer, sub }, 'created', 'active', T0 + 1),
         invoiceEvent('invoice.payment_failed', { customer, sub, created: T0 + 2 }),
         invoiceEvent('invoice.paid', { customer, sub, created: T0 + 3 }),
-        subscriptionEvent('customer.subscription.updated', {
-          customer,
-          sub,
-          status: 'active',
-          created: T0 + 3,
-        }),
-        subscriptionEvent('customer.subscription.deleted', {
-          customer,
-          sub,
-          status: 'canceled',
-          created: T0 + 4,
-        }),
+        subscriptionChange({ customer, sub }, 'updated', 'active', T0 + 3),
+        subscriptionChange({ customer, sub }, 'deleted', 'canceled', T0 + 4),
       ];
       for (const event of shuffled(series, seed)) await send(event);
       expect({ seed, status: (await subscriptionOf(ctx.db, organizationId))?.status }).toEqual({
@@ -436,14 +361,7 @@ describe('customer.subscription.*', () => {
     subscribedOrganization,
   }) => {
     const { organizationId, customer, sub } = await subscribedOrganization();
-    await send(
-      subscriptionEvent('customer.subscription.deleted', {
-        customer,
-        sub,
-        status: 'canceled',
-        created: T0 + 10,
-      }),
-    );
+    await send(subscriptionChange({ customer, sub }, 'deleted', 'canceled', T0 + 10));
     const next = uniqueId('sub');
     await send(
       subscriptionEvent('customer.subscription.created', {
