@@ -1,24 +1,19 @@
 // The dashboard's backlog and delivery lag over the last hour, derived from the outbox alone.
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { pipelineOverview } from '../../src/admin/outbox.js';
-import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
-import { createOrganization } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
 
 const TOKEN = 'backlog-admin-token-0123456789ab';
-let ctx: Context;
-
-beforeAll(async () => {
-  ctx = await createTestContext({ ADMIN_TOKEN: TOKEN });
-  await ctx.boss.start();
-});
+const it = contextTest({ env: { ADMIN_TOKEN: TOKEN } });
 
 const MIN = 60_000;
 
 describe('backlog and delivery lag, last hour', () => {
-  it('counts rows committed and not yet delivered at each minute, and the lag of the rows delivered in it', async () => {
-    const org = await createOrganization(ctx.db);
+  it('counts rows committed and not yet delivered at each minute, and the lag of the rows delivered in it', async ({
+    ctx,
+    app,
+    org,
+  }) => {
     const now = new Date();
     const ago = (m: number) => new Date(now.getTime() - m * MIN);
     let n = 0;
@@ -56,7 +51,6 @@ describe('backlog and delivery lag, last hour', () => {
     expect(at(5).maxLagMs).toBeNull();
     expect(o.backlogPerMinute.at(-1)!.backlog).toBe(1);
 
-    const app = createApp(ctx);
     const login = await app.request('/admin/login', {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
