@@ -1,18 +1,17 @@
 // Every route registered under /admin sits behind the one admin guard: walked from the app's own
 // route table, so a route added later without protection fails here.
-import { beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
-import { createTestContext } from '../support/database.js';
+import { describe, expect } from 'vitest';
+import { contextTest, type TestApp } from '../support/test.js';
 
 const TOKEN = 'guard-admin-token-0123456789abcdef';
 const OPEN = new Set(['POST /admin/login', 'POST /admin/logout']);
 const ID = '00000000-0000-4000-8000-000000000000';
 
-type App = ReturnType<typeof createApp>;
-let guarded: App;
-let off: App;
+// The admin surface as configured, and with ADMIN_TOKEN unset; no pg-boss needed.
+const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, startBoss: false });
+const withoutToken = contextTest({ env: { ADMIN_TOKEN: undefined }, startBoss: false });
 
-function adminRoutes(app: App): { method: string; path: string }[] {
+function adminRoutes(app: TestApp): { method: string; path: string }[] {
   const seen = new Map<string, { method: string; path: string }>();
   for (const r of app.routes) {
     // Middleware is registered as ALL; the handlers are what a request can reach.
@@ -23,7 +22,7 @@ function adminRoutes(app: App): { method: string; path: string }[] {
   return [...seen.values()];
 }
 
-function send(app: App, route: { method: string; path: string }, headers: Record<string, string> = {}) {
+function send(app: TestApp, route: { method: string; path: string }, headers: Record<string, string> = {}) {
   const body = route.method === 'GET' || route.method === 'HEAD' ? undefined : '{}';
   return app.request(route.path, {
     method: route.method,
@@ -32,13 +31,8 @@ function send(app: App, route: { method: string; path: string }, headers: Record
   });
 }
 
-beforeAll(async () => {
-  guarded = createApp(await createTestContext({ ADMIN_TOKEN: TOKEN }));
-  off = createApp(await createTestContext({ ADMIN_TOKEN: undefined }));
-});
-
 describe('the admin guard', () => {
-  it('finds the whole admin surface in the route table', () => {
+  it('finds the whole admin surface in the route table', ({ app: guarded }) => {
     const keys = adminRoutes(guarded).map((r) => `${r.method} ${r.path}`);
     expect(keys).toEqual(
       expect.arrayContaining([
@@ -52,7 +46,7 @@ describe('the admin guard', () => {
     );
   });
 
-  it('refuses every admin route to an unauthenticated request', async () => {
+  it('refuses every admin route to an unauthenticated request', async ({ app: guarded }) => {
     for (const route of adminRoutes(guarded)) {
       const key = `${route.method} ${route.path}`;
       if (OPEN.has(key)) continue;
@@ -63,7 +57,7 @@ describe('the admin guard', () => {
     }
   });
 
-  it('refuses every admin route to a wrong bearer token', async () => {
+  it('refuses every admin route to a wrong bearer token', async ({ app: guarded }) => {
     for (const route of adminRoutes(guarded)) {
       const key = `${route.method} ${route.path}`;
       if (OPEN.has(key)) continue;
@@ -72,14 +66,17 @@ describe('the admin guard', () => {
     }
   });
 
-  it('answers 404 on every admin route, sign-in included, while ADMIN_TOKEN is unset', async () => {
-    for (const route of adminRoutes(off)) {
-      const res = await send(off, route, { authorization: `Bearer ${TOKEN}` });
-      expect(res.status, `${route.method} ${route.path}`).toBe(404);
-    }
-  });
+  withoutToken(
+    'answers 404 on every admin route, sign-in included, while ADMIN_TOKEN is unset',
+    async ({ app: off }) => {
+      for (const route of adminRoutes(off)) {
+        const res = await send(off, route, { authorization: `Bearer ${TOKEN}` });
+        expect(res.status, `${route.method} ${route.path}`).toBe(404);
+      }
+    },
+  );
 
-  it('keeps the answers the admin surface gave before the one guard', async () => {
+  it('keeps the answers the admin surface gave before the one guard', async ({ app: guarded }) => {
     // A path no admin route answers is 404, with or without credentials.
     expect((await guarded.request('/admin/no-such-page')).status).toBe(404);
     expect(
