@@ -1,35 +1,27 @@
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { SESSION_TTL_SECONDS } from '../../src/admin/auth.js';
-import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
 
 const TOKEN = 'dashboard-admin-token-0123456789';
 let now = new Date();
 const clock = { now: () => new Date(now) };
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
 
-async function login(): Promise<string> {
-  const res = await app.request('/admin/login', {
-    method: 'POST',
-    headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ token: TOKEN }).toString(),
+const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, overrides: { clock } })
+  // Signs in with the token; the session cookie to send.
+  .extend('login', { scope: 'file' }, async ({ app }) => async (): Promise<string> => {
+    const res = await app.request('/admin/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: TOKEN }).toString(),
+    });
+    expect(res.status).toBe(303);
+    const cookie = res.headers.get('set-cookie') ?? '';
+    return cookie.split(';')[0]!;
   });
-  expect(res.status).toBe(303);
-  const cookie = res.headers.get('set-cookie') ?? '';
-  return cookie.split(';')[0]!;
-}
-
-beforeAll(async () => {
-  ctx = await createTestContext({ ADMIN_TOKEN: TOKEN }, { clock });
-  await ctx.boss.start();
-  app = createApp(ctx);
-});
 
 describe('dashboard sign-in', () => {
-  it('shows a sign-in form (with a viewport meta for phones) until signed in', async () => {
+  it('shows a sign-in form (with a viewport meta for phones) until signed in', async ({ app }) => {
     const res = await app.request('/admin');
     expect(res.status).toBe(401);
     const page = await res.text();
@@ -37,7 +29,7 @@ describe('dashboard sign-in', () => {
     expect(page).toContain('name="viewport" content="width=device-width, initial-scale=1"');
   });
 
-  it('refuses a wrong token and sets nothing', async () => {
+  it('refuses a wrong token and sets nothing', async ({ app }) => {
     const res = await app.request('/admin/login', {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
@@ -48,7 +40,7 @@ describe('dashboard sign-in', () => {
     expect(await res.text()).toContain('That token is not valid.');
   });
 
-  it('keeps an HttpOnly SameSite=Strict cookie holding an HMAC, never the token', async () => {
+  it('keeps an HttpOnly SameSite=Strict cookie holding an HMAC, never the token', async ({ app }) => {
     const res = await app.request('/admin/login', {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
@@ -66,12 +58,12 @@ describe('dashboard sign-in', () => {
     expect(await page.text()).toContain('<h2 id="pipeline">Pipeline</h2>');
   });
 
-  it('lets the session cookie call the JSON admin API too', async () => {
+  it('lets the session cookie call the JSON admin API too', async ({ app, login }) => {
     const cookie = await login();
     expect((await app.request('/admin/outbox', { headers: { cookie } })).status).toBe(200);
   });
 
-  it('rejects a tampered or expired session', async () => {
+  it('rejects a tampered or expired session', async ({ app, login }) => {
     const cookie = await login();
     const tampered = `${cookie.slice(0, -2)}xx`;
     expect((await app.request('/admin', { headers: { cookie: tampered } })).status).toBe(401);
@@ -83,7 +75,7 @@ describe('dashboard sign-in', () => {
     }
   });
 
-  it('refuses a cookie-authenticated POST from another origin (CSRF)', async () => {
+  it('refuses a cookie-authenticated POST from another origin (CSRF)', async ({ app, login }) => {
     const cookie = await login();
     const res = await app.request('http://meterbox.local/admin/ui/retry', {
       method: 'POST',
@@ -109,14 +101,14 @@ describe('dashboard sign-in', () => {
     expect(same.status).toBe(303);
   });
 
-  it('signs out by clearing the cookie', async () => {
+  it('signs out by clearing the cookie', async ({ app, login }) => {
     const cookie = await login();
     const res = await app.request('/admin/logout', { method: 'POST', headers: { cookie } });
     expect(res.status).toBe(303);
     expect(res.headers.get('set-cookie')).toMatch(/meterbox_admin=;.*Max-Age=0/);
   });
 
-  it('refuses a sign-out posted from another origin, keeping the session', async () => {
+  it('refuses a sign-out posted from another origin, keeping the session', async ({ app, login }) => {
     const cookie = await login();
     const res = await app.request('/admin/logout', {
       method: 'POST',
@@ -134,7 +126,7 @@ describe('dashboard sign-in', () => {
 });
 
 describe('dashboard content', () => {
-  it('highlights drift and escapes organization names', async () => {
+  it('highlights drift and escapes organization names', async ({ ctx, app, login }) => {
     const org = await createOrganization(ctx.db, { name: '<script>alert(1)</script> Freeze' });
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     // A reading stored with no outbox row: drift of 1 for a billable organization.
