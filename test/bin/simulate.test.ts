@@ -1,25 +1,18 @@
 // `npm run simulate` against a running API: Ctrl-C (SIGINT) ends the run with a summary whose
 // counts match what the database stored, and exit 0; --help lists the defaults.
 import { spawn } from 'node:child_process';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import { type HttpServer, startHttpServer } from '../../src/http/server.js';
-import { createTestContext } from '../support/database.js';
-import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { describe, expect } from 'vitest';
+import { startHttpServer } from '../../src/http/server.js';
 import { ROOT, RunningProcess } from '../support/processes.js';
+import { contextTest } from '../support/test.js';
 
-let ctx: Context;
-let server: HttpServer;
-let org: OrganizationFixture;
-
-beforeAll(async () => {
-  ctx = await createTestContext();
-  await ctx.boss.start(); // sensors activated through the API queue their hourly report
-  server = await startHttpServer(createApp(ctx), { port: 0, host: '127.0.0.1' });
-  org = await createOrganization(ctx.db);
+// pg-boss started: sensors activated through the API queue their hourly report. The API listens
+// on a port for the simulator, for the whole file.
+const it = contextTest().extend('server', { scope: 'file' }, async ({ app }, { onCleanup }) => {
+  const server = await startHttpServer(app, { port: 0, host: '127.0.0.1' });
+  onCleanup(() => server.stop(1_000));
+  return server;
 });
-afterAll(() => server?.stop(1_000));
 
 const simulate = (args: string[]) =>
   new RunningProcess(
@@ -31,7 +24,7 @@ const simulate = (args: string[]) =>
   );
 
 describe('npm run simulate', () => {
-  it('prints a summary on Ctrl-C that matches what was stored', async () => {
+  it('prints a summary on Ctrl-C that matches what was stored', async ({ ctx, server, org }) => {
     const run = simulate(['--url', server.url, '--key', org.apiKey, '--sensors', '3', '--rate', '40']);
     run.child.stdin?.end();
     await run.waitForOutput(/requests [1-9]\d*/, 60_000);
