@@ -1,19 +1,16 @@
 import { spawn } from 'node:child_process';
 import { sql } from 'kysely';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../src/admin/cli.js';
 import type { CliIo } from '../../src/cli/io.js';
 import { createProgressBar } from '../../src/cli/progress.js';
 import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
 import { createOrganization, createSensors, type OrganizationFixture } from '../support/fixtures.js';
-import { ROOT } from '../support/processes.js';
+import { ROOT, RunningProcess } from '../support/processes.js';
 import { seededRandom } from '../support/random.js';
+import { contextTest } from '../support/test.js';
 
 const random = seededRandom();
-
-let ctx: Context;
-let org: OrganizationFixture;
 
 function memoryIo(tty = false): CliIo & { stdout: string; stderr: string } {
   const io = {
@@ -36,6 +33,7 @@ function memoryIo(tty = false): CliIo & { stdout: string; stderr: string } {
 
 /** Readings plus their outbox row, as ingestion writes them (same transaction, same now()). */
 async function ingested(
+  ctx: Context,
   organizationId: string,
   customerId: string,
   sensorId: string,
@@ -66,15 +64,19 @@ async function ingested(
   });
 }
 
-let sensor: string;
-beforeAll(async () => {
-  ctx = await createTestContext();
-  await ctx.boss.start();
-  org = await createOrganization(ctx.db, { name: 'Delta Chill' });
-  [sensor] = (await createSensors(ctx.db, org.organizationId, 1)) as [string];
-  await ingested(org.organizationId, org.customerId, sensor, 4);
-  await ingested(org.organizationId, org.customerId, sensor, 3);
-});
+// One organization with a sensor and two ingested batches (4 and 3 readings), written before the
+// file's first test.
+const it = contextTest().extend(
+  'delta',
+  { scope: 'file', auto: true },
+  async ({ ctx }): Promise<{ org: OrganizationFixture; sensor: string }> => {
+    const org = await createOrganization(ctx.db, { name: 'Delta Chill' });
+    const [sensor] = (await createSensors(ctx.db, org.organizationId, 1)) as [string];
+    await ingested(ctx, org.organizationId, org.customerId, sensor, 4);
+    await ingested(ctx, org.organizationId, org.customerId, sensor, 3);
+    return { org, sensor };
+  },
+);
 
 const period = () => ({
   from: new Date(Date.now() - 3_600_000).toISOString(),
@@ -82,7 +84,7 @@ const period = () => ({
 });
 
 describe('meterbox outbox list', () => {
-  it('prints a table of the filtered rows', async () => {
+  it('prints a table of the filtered rows', async ({ ctx, delta: { org } }) => {
     const io = memoryIo();
     expect(await outboxListCommand(ctx, { org: org.organizationId, status: 'pending' }, io)).toBe(0);
     const lines = io.stdout.trim().split('\n');
@@ -91,7 +93,7 @@ describe('meterbox outbox list', () => {
     expect(io.stdout).toContain('2 row(s)');
   });
 
-  it('rejects a bad filter with exit code 2 and the usage', async () => {
+  it('rejects a bad filter with exit code 2 and the usage', async ({ ctx }) => {
     const io = memoryIo();
     expect(await outboxListCommand(ctx, { status: 'lost' }, io)).toBe(2);
     expect(io.stderr).toContain('usage: meterbox outbox list');
@@ -99,7 +101,10 @@ describe('meterbox outbox list', () => {
 });
 
 describe('meterbox outbox retry', () => {
-  it('retries the failed rows of an organization with a progress bar on stderr', async () => {
+  it('retries the failed rows of an organization with a progress bar on stderr', async ({
+    ctx,
+    delta: { org },
+  }) => {
     await ctx.db
       .updateTable('meter_outbox')
       .set({ status: 'failed', identifier: sql`'mb_cli_' || id` })
@@ -118,7 +123,7 @@ describe('meterbox outbox retry', () => {
     expect(statuses.map((s) => s.status)).toEqual(['pending', 'pending']);
   });
 
-  it('refuses to run without a selection', async () => {
+  it('refuses to run without a selection', async ({ ctx }) => {
     const io = memoryIo();
     expect(await outboxRetryCommand(ctx, {}, io)).toBe(2);
     expect(io.stderr).toContain('give ids, organizationId, or all: true');
@@ -126,7 +131,7 @@ describe('meterbox outbox retry', () => {
 });
 
 describe('meterbox reconcile', () => {
-  it('prints the reconciliation table and exits 0 without drift', async () => {
+  it('prints the reconciliation table and exits 0 without drift', async ({ ctx }) => {
     const io = memoryIo();
     expect(await reconcileCommand(ctx, period(), io)).toBe(0);
     const row = io.stdout.split('\n').find((l) => l.includes('Delta Chill'));
@@ -134,7 +139,10 @@ describe('meterbox reconcile', () => {
     expect(io.stdout).toContain('no drift');
   });
 
-  it('exits 1 and marks the organization when readings lack their outbox row (real CLI process)', async () => {
+  it('exits 1 and marks the organization when readings lack their outbox row (real CLI process)', async ({
+    ctx,
+    delta: { org, sensor },
+  }) => {
     await ctx.db
       .insertInto('temperature_readings')
       .values({
@@ -145,16 +153,16 @@ describe('meterbox reconcile', () => {
       })
       .execute();
     const { from, to } = period();
-    const child = spawn(
-      process.execPath,
-      ['--import', 'tsx', 'src/bin/cli.ts', 'reconcile', '--from', from, '--to', to],
-      { cwd: ROOT, env: { ...process.env, DATABASE_URL: ctx.config.DATABASE_URL, LOG_LEVEL: 'silent' } },
-    );
-    let stdout = '';
-    child.stdout.on('data', (d: Buffer) => {
-      stdout += d.toString();
-    });
-    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    const { code, stdout } = await new RunningProcess(
+      spawn(
+        process.execPath,
+        ['--import', 'tsx', 'src/bin/cli.ts', 'reconcile', '--from', from, '--to', to],
+        {
+          cwd: ROOT,
+          env: { ...process.env, DATABASE_URL: ctx.config.DATABASE_URL, LOG_LEVEL: 'silent' },
+        },
+      ),
+    ).exited;
     expect(code).toBe(1);
     expect(stdout).toMatch(/! Delta Chill .*\s1$/m);
     expect(stdout).toContain('DRIFT FOUND in 1 organization(s)');
