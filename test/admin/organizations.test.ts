@@ -1,32 +1,14 @@
 // Admin organizations API and the `meterbox org|key` commands.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, vi } from 'vitest';
 import { organizationCommands } from '../../src/admin/organizations-cli.js';
-import { createApp } from '../../src/api/app.js';
 import { billableCustomerId } from '../../src/billing/billable.js';
-import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
 import { authHeaders, createOrganization } from '../support/fixtures.js';
 import { ROOT, RunningProcess } from '../support/processes.js';
+import { contextTest } from '../support/test.js';
 
 const ADMIN_TOKEN = 'admin-token-for-tests-0123456789';
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
-
-beforeAll(async () => {
-  ctx = await createTestContext({ ADMIN_TOKEN });
-  app = createApp(ctx);
-});
-
-function admin(method: string, path: string, body?: unknown) {
-  return app.request(path, {
-    method,
-    headers: authHeaders(ADMIN_TOKEN),
-    ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-  });
-}
-
 interface KeyJson {
   id: string;
   organizationId: string;
@@ -36,19 +18,67 @@ interface KeyJson {
   revokedAt: string | null;
 }
 
-async function createOrg(name = 'Acme Cold Chain') {
-  const res = await admin('POST', '/admin/organizations', { name });
-  expect(res.status).toBe(201);
-  return (await res.json()) as {
-    organization: { id: string; name: string };
-    apiKey: KeyJson & { key: string };
-  };
-}
+type Command = keyof typeof organizationCommands;
 
-const sensorsWith = (key: string) => app.request('/v1/sensors', { headers: authHeaders(key) });
+// No pg-boss: these routes and commands only write organizations, keys and subscriptions.
+const it = contextTest({ env: { ADMIN_TOKEN }, startBoss: false })
+  // A request with the admin token.
+  .extend(
+    'admin',
+    { scope: 'file' },
+    async ({ app }) =>
+      (method: string, path: string, body?: unknown) =>
+        app.request(path, {
+          method,
+          headers: authHeaders(ADMIN_TOKEN),
+          ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+        }),
+  )
+  // POST /admin/organizations, expecting 201.
+  .extend('createOrg', { scope: 'file' }, async ({ admin }) => async (name = 'Acme Cold Chain') => {
+    const res = await admin('POST', '/admin/organizations', { name });
+    expect(res.status).toBe(201);
+    return (await res.json()) as {
+      organization: { id: string; name: string };
+      apiKey: KeyJson & { key: string };
+    };
+  })
+  // GET /v1/sensors with an API key: 200 while the key is valid, 401 once revoked.
+  .extend(
+    'sensorsWith',
+    { scope: 'file' },
+    async ({ app }) =>
+      (key: string) =>
+        app.request('/v1/sensors', { headers: authHeaders(key) }),
+  )
+  // A command of `meterbox org|key` run in-process on the file's context.
+  .extend(
+    'run',
+    { scope: 'file' },
+    async ({ ctx }) =>
+      (name: Command, values: Record<string, string | boolean | undefined>, positionals: string[] = []) =>
+        organizationCommands[name]!.run(ctx, { values, positionals }),
+  )
+  // What the commands print (console.log and console.error), captured for one test.
+  // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+  .extend('output', async ({}, { onCleanup }) => {
+    const output: string[] = [];
+    const record = (...args: unknown[]) => void output.push(args.join(' '));
+    vi.spyOn(console, 'log').mockImplementation(record);
+    vi.spyOn(console, 'error').mockImplementation(record);
+    onCleanup(() => {
+      vi.restoreAllMocks();
+    });
+    return output;
+  });
 
 describe('POST /admin/organizations', () => {
-  it('creates an organization and returns its first API key once, stored hashed', async () => {
+  it('creates an organization and returns its first API key once, stored hashed', async ({
+    ctx,
+    admin,
+    createOrg,
+    sensorsWith,
+  }) => {
     const created = await createOrg();
     expect(created.organization.name).toBe('Acme Cold Chain');
     expect(created.apiKey.key).toMatch(/^mbx_/);
@@ -74,12 +104,15 @@ describe('POST /admin/organizations', () => {
     expect(JSON.stringify(list)).not.toContain(created.apiKey.key.slice(12));
   });
 
-  it('rejects a missing name with 422', async () => {
+  it('rejects a missing name with 422', async ({ admin }) => {
     expect((await admin('POST', '/admin/organizations', { name: '' })).status).toBe(422);
     expect((await admin('POST', '/admin/organizations', {})).status).toBe(422);
   });
 
-  it('shows an organization with its subscription, and 404 for an unknown one', async () => {
+  it('shows an organization with its subscription, and 404 for an unknown one', async ({
+    admin,
+    createOrg,
+  }) => {
     const { organization } = await createOrg();
     const res = await admin('GET', `/admin/organizations/${organization.id}`);
     expect(await res.json()).toMatchObject({ organization: { id: organization.id }, subscription: null });
@@ -91,7 +124,12 @@ describe('POST /admin/organizations', () => {
 });
 
 describe('API keys', () => {
-  it('creates more keys, lists them newest first, and revokes one (then 401)', async () => {
+  it('creates more keys, lists them newest first, and revokes one (then 401)', async ({
+    app,
+    admin,
+    createOrg,
+    sensorsWith,
+  }) => {
     const { organization, apiKey: first } = await createOrg();
     const res = await admin('POST', `/admin/organizations/${organization.id}/keys`, { name: 'gateway' });
     expect(res.status).toBe(201);
@@ -122,7 +160,11 @@ describe('API keys', () => {
     expect(list.keys.filter((k) => k.revokedAt !== null).map((k) => k.id)).toEqual([first.id]);
   });
 
-  it("answers 404 for a key of another organization or an unknown organization's keys", async () => {
+  it("answers 404 for a key of another organization or an unknown organization's keys", async ({
+    admin,
+    createOrg,
+    sensorsWith,
+  }) => {
     const a = await createOrg();
     const b = await createOrg();
     const res = await admin('DELETE', `/admin/organizations/${a.organization.id}/keys/${b.apiKey.id}`);
@@ -135,7 +177,11 @@ describe('API keys', () => {
 });
 
 describe('PUT /admin/organizations/:id/subscription', () => {
-  it('links the subscription to a Stripe customer, making the organization billable', async () => {
+  it('links the subscription to a Stripe customer, making the organization billable', async ({
+    ctx,
+    admin,
+    createOrg,
+  }) => {
     const { organization } = await createOrg();
     expect(await billableCustomerId(ctx.db, organization.id)).toBeNull();
     const res = await admin('PUT', `/admin/organizations/${organization.id}/subscription`, {
@@ -159,7 +205,10 @@ describe('PUT /admin/organizations/:id/subscription', () => {
     expect(await billableCustomerId(ctx.db, organization.id)).toBeNull();
   });
 
-  it('answers 409 when the customer is linked to another organization, 422 for bad input, 404 for no organization', async () => {
+  it('answers 409 when the customer is linked to another organization, 422 for bad input, 404 for no organization', async ({
+    admin,
+    createOrg,
+  }) => {
     const a = await createOrg();
     const b = await createOrg();
     const link = (id: string, body: unknown) => admin('PUT', `/admin/organizations/${id}/subscription`, body);
@@ -183,27 +232,11 @@ describe('PUT /admin/organizations/:id/subscription', () => {
 });
 
 describe('meterbox org|key commands', () => {
-  let output: string[] = [];
-  afterEach(() => {
-    vi.restoreAllMocks();
-    output = [];
-  });
-  function capture() {
-    vi.spyOn(console, 'log').mockImplementation((...args: unknown[]) => {
-      output.push(args.join(' '));
-    });
-    vi.spyOn(console, 'error').mockImplementation((...args: unknown[]) => {
-      output.push(args.join(' '));
-    });
-  }
-  const run = (
-    name: string,
-    values: Record<string, string | boolean | undefined>,
-    positionals: string[] = [],
-  ) => organizationCommands[name]!.run(ctx, { values, positionals });
-
-  it('creates an organization, then keys, lists them by prefix and revokes one', async () => {
-    capture();
+  it('creates an organization, then keys, lists them by prefix and revokes one', async ({
+    sensorsWith,
+    run,
+    output,
+  }) => {
     expect(await run('org create', { name: 'CLI Org', json: true })).toBe(0);
     const created = JSON.parse(output.join('\n')) as {
       organization: { id: string };
@@ -212,18 +245,18 @@ describe('meterbox org|key commands', () => {
     expect((await sensorsWith(created.apiKey.key)).status).toBe(200);
     const orgId = created.organization.id;
 
-    output = [];
+    output.length = 0;
     expect(await run('key create', { org: orgId, name: 'second' })).toBe(0);
     expect(output.join('\n')).toMatch(/api key mbx_[A-Za-z0-9_-]{43}\n.*shown only once/);
 
-    output = [];
+    output.length = 0;
     expect(await run('key list', { org: orgId })).toBe(0);
     const listing = output.join('\n');
     expect(listing.split('\n')).toHaveLength(2);
     expect(listing).toContain(`${created.apiKey.key.slice(0, 12)}…`);
     expect(listing).not.toContain(created.apiKey.key.slice(12));
 
-    output = [];
+    output.length = 0;
     expect(await run('key revoke', {}, [created.apiKey.id])).toBe(0);
     expect(output.join('\n')).toMatch(/revoked/);
     await vi.waitFor(async () => expect((await sensorsWith(created.apiKey.key)).status).toBe(401), {
@@ -231,17 +264,16 @@ describe('meterbox org|key commands', () => {
     });
   });
 
-  it('links a subscription from the command line', async () => {
-    capture();
+  it('links a subscription from the command line', async ({ ctx, run, output }) => {
     const org = await createOrganization(ctx.db, { billable: false });
     expect(
       await run('org link', { org: org.organizationId, customer: 'cus_CliLinked', status: 'trial' }),
     ).toBe(0);
     expect(await billableCustomerId(ctx.db, org.organizationId)).toBe('cus_CliLinked');
+    expect(output.join('\n')).toContain(`organization ${org.organizationId} linked to cus_CliLinked (trial)`);
   });
 
-  it('exits 2 with the usage line for missing or bad arguments', async () => {
-    capture();
+  it('exits 2 with the usage line for missing or bad arguments', async ({ run, output }) => {
     expect(await run('org create', {})).toBe(2);
     expect(await run('key create', { org: 'nope' })).toBe(2);
     expect(await run('key revoke', {}, [])).toBe(2);
@@ -249,7 +281,7 @@ describe('meterbox org|key commands', () => {
     expect(output.join('\n')).toMatch(/usage: meterbox key revoke <key id>/);
   });
 
-  it('is registered in the meterbox CLI (real process)', async () => {
+  it('is registered in the meterbox CLI (real process)', async ({ ctx, sensorsWith }) => {
     const child = spawn(
       process.execPath,
       ['--import', 'tsx', 'src/bin/cli.ts', 'org', 'create', '--name', 'Spawned', '--json'],
