@@ -1,11 +1,8 @@
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import type { DeadLetterPreview, OutboxPage } from '../../src/admin/outbox.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
@@ -13,14 +10,9 @@ import {
   type OrganizationFixture,
   reading,
 } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
-let billable: OrganizationFixture;
-let other: OrganizationFixture;
-let unbilled: OrganizationFixture;
-let emulator: StripeEmulator;
 
 const read = async <T = unknown>(res: Response | Promise<Response>): Promise<T> =>
   (await (await res).json()) as T;
@@ -29,62 +21,54 @@ type MeterErrors = {
   nextBefore: string | null;
 };
 
-const admin = (path: string, init: RequestInit = {}) =>
-  app.request(path, { ...init, headers: { ...authHeaders(TOKEN), ...(init.headers ?? {}) } });
-
-async function ingest(
-  org: OrganizationFixture,
-  sensorIds: string[],
-  count: number,
-  offset = 0,
-): Promise<void> {
-  const readings = Array.from({ length: count }, (_, i) =>
-    reading(sensorIds[i % sensorIds.length]!, 10 + offset + i),
-  );
-  const res = await app.request('/v1/readings', {
-    method: 'POST',
-    headers: authHeaders(org.apiKey),
-    body: JSON.stringify({ readings }),
-  });
-  expect(res.status).toBe(201);
-}
-
-beforeAll(async () => {
-  emulator = await startStripeEmulator();
-  ctx = await createTestContext({
-    ADMIN_TOKEN: TOKEN,
-    STRIPE_SECRET_KEY: 'sk_test_admin',
-    STRIPE_API_BASE: emulator.url,
-    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
-    STRIPE_METER_ID_ACTIVE_SENSORS: 'mtr_emu_active_sensors',
-  });
-  await ctx.boss.start();
-  app = createApp(ctx);
-  billable = await createOrganization(ctx.db, { name: 'Alpha Cold' });
-  other = await createOrganization(ctx.db, { name: 'Beta Freeze' });
-  unbilled = await createOrganization(ctx.db, { name: 'Gamma Free', billable: false });
-  const a = await createSensors(ctx.db, billable.organizationId, 2);
-  const b = await createSensors(ctx.db, other.organizationId, 1);
-  const g = await createSensors(ctx.db, unbilled.organizationId, 1);
-  await ingest(billable, a, 3);
-  await ingest(billable, a, 2, 100);
-  await ingest(other, b, 4);
-  await ingest(unbilled, g, 2);
-});
-
-afterAll(async () => {
-  await emulator?.stop();
-});
+const it = stripeTest({ env: { ADMIN_TOKEN: TOKEN, STRIPE_SECRET_KEY: 'sk_test_admin' } })
+  // A request with the admin token.
+  .extend(
+    'admin',
+    { scope: 'file' },
+    async ({ app }) =>
+      (path: string, init: RequestInit = {}) =>
+        app.request(path, { ...init, headers: { ...authHeaders(TOKEN), ...(init.headers ?? {}) } }),
+  )
+  // Three organizations with ingested readings, before the file's first test: two billable (5 and
+  // 4 readings in two and one batches), one not billable (2 readings, no outbox rows).
+  .extend('seeded', { scope: 'file', auto: true }, async ({ ctx, app }) => {
+    const ingest = async (org: OrganizationFixture, sensorIds: string[], count: number, offset = 0) => {
+      const readings = Array.from({ length: count }, (_, i) =>
+        reading(sensorIds[i % sensorIds.length]!, 10 + offset + i),
+      );
+      const res = await app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({ readings }),
+      });
+      expect(res.status).toBe(201);
+    };
+    const billable = await createOrganization(ctx.db, { name: 'Alpha Cold' });
+    const other = await createOrganization(ctx.db, { name: 'Beta Freeze' });
+    const unbilled = await createOrganization(ctx.db, { name: 'Gamma Free', billable: false });
+    const a = await createSensors(ctx.db, billable.organizationId, 2);
+    const b = await createSensors(ctx.db, other.organizationId, 1);
+    const g = await createSensors(ctx.db, unbilled.organizationId, 1);
+    await ingest(billable, a, 3);
+    await ingest(billable, a, 2, 100);
+    await ingest(other, b, 4);
+    await ingest(unbilled, g, 2);
+    return { billable, other, unbilled };
+  })
+  .extend('billable', { scope: 'file' }, async ({ seeded }) => seeded.billable)
+  .extend('other', { scope: 'file' }, async ({ seeded }) => seeded.other)
+  .extend('unbilled', { scope: 'file' }, async ({ seeded }) => seeded.unbilled);
 
 describe('admin authentication', () => {
-  it('answers 401 without the admin token and with a wrong one', async () => {
+  it('answers 401 without the admin token and with a wrong one', async ({ app }) => {
     expect((await app.request('/admin/outbox')).status).toBe(401);
     const wrong = await app.request('/admin/outbox', { headers: authHeaders('not-the-admin-token-at-all') });
     expect(wrong.status).toBe(401);
     expect((await read<{ error: { code: string } }>(wrong)).error.code).toBe('unauthorized');
   });
 
-  it('hides the admin surface (404) when ADMIN_TOKEN is not configured', async () => {
+  it('hides the admin surface (404) when ADMIN_TOKEN is not configured', async ({ ctx }) => {
     const off = createApp({ ...ctx, config: Object.freeze({ ...ctx.config, ADMIN_TOKEN: undefined }) });
     expect((await off.request('/admin/outbox', { headers: authHeaders(TOKEN) })).status).toBe(404);
     expect((await off.request('/admin')).status).toBe(404);
@@ -92,7 +76,7 @@ describe('admin authentication', () => {
 });
 
 describe('GET /admin/outbox', () => {
-  it('filters by organization, status and meter', async () => {
+  it('filters by organization, status and meter', async ({ admin, billable }) => {
     const res = await admin(
       `/admin/outbox?organizationId=${billable.organizationId}&status=pending&meter=temperature_readings`,
     );
@@ -106,13 +90,13 @@ describe('GET /admin/outbox', () => {
     expect(none.rows).toEqual([]);
   });
 
-  it('filters by created_at range', async () => {
+  it('filters by created_at range', async ({ admin }) => {
     const future = new Date(Date.now() + 3_600_000).toISOString();
     const body = await read<OutboxPage>(admin(`/admin/outbox?from=${encodeURIComponent(future)}`));
     expect(body.rows).toEqual([]);
   });
 
-  it('pages with a cursor, newest first, without overlap or gaps', async () => {
+  it('pages with a cursor, newest first, without overlap or gaps', async ({ admin }) => {
     const all = await read<OutboxPage>(admin('/admin/outbox?limit=500'));
     const seen: string[] = [];
     let cursor: string | null = null;
@@ -128,14 +112,18 @@ describe('GET /admin/outbox', () => {
     expect(seen.map(Number)).toEqual([...seen.map(Number)].sort((x, y) => y - x));
   });
 
-  it('rejects a malformed cursor or status with 422', async () => {
+  it('rejects a malformed cursor or status with 422', async ({ admin }) => {
     expect((await admin('/admin/outbox?cursor=abc')).status).toBe(422);
     expect((await admin('/admin/outbox?status=lost')).status).toBe(422);
   });
 });
 
 describe('POST /admin/outbox/retry', () => {
-  it('puts a failed row back to pending and queues its delivery in the same transaction', async () => {
+  it('puts a failed row back to pending and queues its delivery in the same transaction', async ({
+    ctx,
+    admin,
+    other,
+  }) => {
     const row = await ctx.db
       .updateTable('meter_outbox')
       .set({ status: 'failed', last_error: 'permanent: boom', identifier: sql`'mb_test_' || id` })
@@ -168,14 +156,18 @@ describe('POST /admin/outbox/retry', () => {
     expect(await read(again)).toEqual({ retried: 0, jobs: 0 });
   });
 
-  it('refuses an unscoped retry (neither ids, organization nor all)', async () => {
+  it('refuses an unscoped retry (neither ids, organization nor all)', async ({ admin }) => {
     const res = await admin('/admin/outbox/retry', { method: 'POST', body: '{}' });
     expect(res.status).toBe(422);
   });
 });
 
 describe('dead-letter queue', () => {
-  it('previews and redrives dead-lettered delivery jobs, reopening their failed rows', async () => {
+  it('previews and redrives dead-lettered delivery jobs, reopening their failed rows', async ({
+    ctx,
+    admin,
+    billable,
+  }) => {
     const row = await ctx.db
       .updateTable('meter_outbox')
       .set({ status: 'failed', last_error: 'gave up', identifier: sql`'mb_test_' || id` })
@@ -215,7 +207,7 @@ describe('dead-letter queue', () => {
 });
 
 describe('GET /admin/meter-errors', () => {
-  it("lists Stripe's meter error reports newest first", async () => {
+  it("lists Stripe's meter error reports newest first", async ({ ctx, admin }) => {
     for (const [i, id] of ['evt_err_1', 'evt_err_2'].entries()) {
       await ctx.db
         .insertInto('stripe_events')
@@ -252,7 +244,11 @@ describe('GET /admin/reconciliation', () => {
     return `from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`;
   };
 
-  it('reports readings stored against outbox usage by status, without drift when they match', async () => {
+  it('reports readings stored against outbox usage by status, without drift when they match', async ({
+    admin,
+    billable,
+    unbilled,
+  }) => {
     const report = await read<ReconciliationReport>(admin(`/admin/reconciliation?${period()}`));
     const alpha = report.organizations.find(
       (o: { organizationId: string }) => o.organizationId === billable.organizationId,
@@ -267,7 +263,7 @@ describe('GET /admin/reconciliation', () => {
     expect(report.stripe).toBe('not_requested');
   });
 
-  it('finds drift when readings were stored without their outbox row', async () => {
+  it('finds drift when readings were stored without their outbox row', async ({ ctx, admin, other }) => {
     const [sensor] = await createSensors(ctx.db, other.organizationId, 1);
     await ctx.db
       .insertInto('temperature_readings')
@@ -294,7 +290,11 @@ describe('GET /admin/reconciliation', () => {
     expect(report.hasDrift).toBe(true);
   });
 
-  it("compares delivered usage with Stripe's meter event summaries when asked", async () => {
+  it("compares delivered usage with Stripe's meter event summaries when asked", async ({
+    ctx,
+    admin,
+    billable,
+  }) => {
     // Stripe holds 3 readings for Alpha at an instant inside the period, which our outbox never delivered.
     const stripe = ctx.stripe!;
     await stripe.billing.meterEvents.create({
@@ -311,14 +311,14 @@ describe('GET /admin/reconciliation', () => {
     expect(report.organizations[0]!.hasDrift).toBe(true);
   });
 
-  it('rejects a period whose end is not after its start', async () => {
+  it('rejects a period whose end is not after its start', async ({ admin }) => {
     const res = await admin('/admin/reconciliation?from=2026-11-02&to=2026-11-01');
     expect(res.status).toBe(422);
   });
 });
 
 describe('API documents', () => {
-  it('documents every admin route in /openapi.json', async () => {
+  it('documents every admin route in /openapi.json', async ({ app }) => {
     const doc = await read<{ paths: Record<string, object> }>(app.request('/openapi.json'));
     const documented = new Set<string>();
     for (const [path, methods] of Object.entries(doc.paths as Record<string, object>)) {
@@ -331,7 +331,7 @@ describe('API documents', () => {
     expect(missing).toEqual([]);
   });
 
-  it('renders /docs as self-contained HTML listing every path', async () => {
+  it('renders /docs as self-contained HTML listing every path', async ({ app }) => {
     const res = await app.request('/docs');
     expect(res.status).toBe(200);
     expect(res.headers.get('content-type')).toContain('text/html');
