@@ -2,34 +2,19 @@ import { spawn } from 'node:child_process';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { outboxListCommand, outboxRetryCommand, reconcileCommand } from '../../src/admin/cli.js';
-import type { CliIo } from '../../src/cli/io.js';
 import { createProgressBar } from '../../src/cli/progress.js';
 import type { Context } from '../../src/context.js';
-import { createOrganization, createSensors, type OrganizationFixture } from '../support/fixtures.js';
+import {
+  createOrganization,
+  createSensors,
+  memoryIo,
+  type OrganizationFixture,
+} from '../support/fixtures.js';
 import { ROOT, RunningProcess } from '../support/processes.js';
 import { seededRandom } from '../support/random.js';
 import { contextTest } from '../support/test.js';
 
 const random = seededRandom();
-
-function memoryIo(tty = false): CliIo & { stdout: string; stderr: string } {
-  const io = {
-    stdout: '',
-    stderr: '',
-    out: (text: string) => {
-      io.stdout += `${text}\n`;
-    },
-    err: {
-      isTTY: tty,
-      columns: 80,
-      write: (chunk: string) => {
-        io.stderr += chunk;
-        return true;
-      },
-    },
-  };
-  return io;
-}
 
 /** Readings plus their outbox row, as ingestion writes them (same transaction, same now()). */
 async function ingested(

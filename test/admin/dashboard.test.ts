@@ -1,6 +1,6 @@
 import { describe, expect } from 'vitest';
 import { SESSION_TTL_SECONDS } from '../../src/admin/auth.js';
-import { createOrganization, createSensors } from '../support/fixtures.js';
+import { createOrganization, createSensors, signIn } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
 const TOKEN = 'dashboard-admin-token-0123456789';
@@ -9,16 +9,13 @@ const clock = { now: () => new Date(now) };
 
 const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, overrides: { clock } })
   // Signs in with the token; the session cookie to send.
-  .extend('login', { scope: 'file' }, async ({ app }) => async (): Promise<string> => {
-    const res = await app.request('/admin/login', {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ token: TOKEN }).toString(),
-    });
-    expect(res.status).toBe(303);
-    const cookie = res.headers.get('set-cookie') ?? '';
-    return cookie.split(';')[0]!;
-  });
+  .extend(
+    'login',
+    { scope: 'file' },
+    async ({ app }) =>
+      () =>
+        signIn(app, TOKEN),
+  );
 
 describe('dashboard sign-in', () => {
   it('shows a sign-in form (with a viewport meta for phones) until signed in', async ({ app }) => {

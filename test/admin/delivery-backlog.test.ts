@@ -1,6 +1,7 @@
 // The dashboard's backlog and delivery lag over the last hour, derived from the outbox alone.
 import { describe, expect } from 'vitest';
 import { pipelineOverview } from '../../src/admin/outbox.js';
+import { signIn } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
 const TOKEN = 'backlog-admin-token-0123456789ab';
@@ -51,12 +52,7 @@ describe('backlog and delivery lag, last hour', () => {
     expect(at(5).maxLagMs).toBeNull();
     expect(o.backlogPerMinute.at(-1)!.backlog).toBe(1);
 
-    const login = await app.request('/admin/login', {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ token: TOKEN }).toString(),
-    });
-    const cookie = (login.headers.get('set-cookie') ?? '').split(';')[0]!;
+    const cookie = await signIn(app, TOKEN);
     const page = await (await app.request('/admin', { headers: { cookie } })).text();
     expect(page).toContain('backlog now 1 rows (peak 3)');
     expect(page).toContain('max delivery lag 600.0 s');

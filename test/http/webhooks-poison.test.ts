@@ -10,6 +10,7 @@ import type { EventHandler } from '../../src/billing/handlers.js';
 import { defaultHandlers } from '../../src/billing/handlers.js';
 import type { Context } from '../../src/context.js';
 import { countRows, deliver, uniqueId, WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';
+import { signIn } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
 const ADMIN_TOKEN = 'admin-token-for-poison-webhooks';
@@ -20,12 +21,7 @@ const admin = (app: TestApp, path: string) =>
 
 /** The dashboard is a browser page: sign in with the token, then send the session cookie. */
 async function dashboardHtml(app: TestApp): Promise<string> {
-  const login = await app.request('/admin/login', {
-    method: 'POST',
-    headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: new URLSearchParams({ token: ADMIN_TOKEN }).toString(),
-  });
-  const cookie = (login.headers.get('set-cookie') ?? '').split(';')[0]!;
+  const cookie = await signIn(app, ADMIN_TOKEN);
   return (await app.request('/admin', { headers: { cookie } })).text();
 }
 

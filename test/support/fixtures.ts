@@ -6,6 +6,7 @@ import {
   createOrganization as createOrganizationRow,
   linkSubscription,
 } from '../../src/admin/organizations.js';
+import type { CliIo } from '../../src/cli/io.js';
 import type { DB, SubscriptionStatus } from '../../src/db/schema.js';
 
 export interface OrganizationFixture {
@@ -87,4 +88,43 @@ export function reading(
   now = new Date(),
 ): { sensorId: string; recordedAt: string; temperatureC: number } {
   return { sensorId, recordedAt: new Date(now.getTime() - secondsAgo * 1000).toISOString(), temperatureC };
+}
+
+/** Anything with Hono's `request` (an app built by createApp). */
+interface Requester {
+  request(path: string, init?: RequestInit): Response | Promise<Response>;
+}
+
+/**
+ * Signs in to the dashboard with the admin token; the session cookie to send (`name=value`).
+ * Expects the sign-in to succeed (303 to the dashboard).
+ */
+export async function signIn(app: Requester, token: string): Promise<string> {
+  const res = await app.request('/admin/login', {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ token }).toString(),
+  });
+  if (res.status !== 303) throw new Error(`sign-in answered ${res.status}, expected 303`);
+  return (res.headers.get('set-cookie') ?? '').split(';')[0]!;
+}
+
+/** A CLI io that keeps what a command prints: stdout lines and stderr (a terminal when `tty`). */
+export function memoryIo(tty = false): CliIo & { stdout: string; stderr: string } {
+  const io = {
+    stdout: '',
+    stderr: '',
+    out: (text: string) => {
+      io.stdout += `${text}\n`;
+    },
+    err: {
+      isTTY: tty,
+      columns: 80,
+      write: (chunk: string) => {
+        io.stderr += chunk;
+        return true;
+      },
+    },
+  };
+  return io;
 }
