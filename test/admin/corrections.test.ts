@@ -2,109 +2,124 @@
 // ingest, deliver, correct, and Stripe's total falls by exactly the voided billed readings; the
 // cancel/compensate choice, repeat, race, crash, finalized period and bad input.
 
-import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import type { CorrectionView } from '../../src/admin/corrections.js';
 import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
-import { createApp } from '../../src/api/app.js';
-import type { CliIo } from '../../src/cli/io.js';
-import type { Context } from '../../src/context.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
 import { createV1Transport } from '../../src/metering/transport.js';
-import { createTestContext } from '../support/database.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
+  memoryIo,
   type OrganizationFixture,
+  signIn,
 } from '../support/fixtures.js';
 import { checkLedger, loadLedger } from '../support/ledger.js';
+import { stripeTest, type TestApp } from '../support/test.js';
 
 const TOKEN = 'admin-token-for-tests-0123456789';
 const HOUR = 3600_000;
-let emulator: StripeEmulator;
 let emulatorOffsetMs = 0;
-let ctx: Context;
-let app: ReturnType<typeof createApp>;
-let deps: DeliveryDeps;
 
-beforeAll(async () => {
-  emulator = await startStripeEmulator({ strictCustomers: true, clock: () => Date.now() + emulatorOffsetMs });
-  ctx = await createTestContext({
+const it = stripeTest({
+  emulator: { strictCustomers: true, clock: () => Date.now() + emulatorOffsetMs },
+  env: {
     ADMIN_TOKEN: TOKEN,
     STRIPE_SECRET_KEY: 'sk_test_corrections',
-    STRIPE_API_BASE: emulator.url,
     DELIVERY_MIN_INTERVAL_MS: '0',
-    STRIPE_METER_ID_TEMPERATURE_READINGS: 'mtr_emu_temperature_readings',
-  });
-  await ctx.boss.start();
-  app = createApp(ctx);
-  const stripe = ctx.stripe;
-  if (!stripe) throw new Error('no Stripe client');
-  deps = {
-    db: ctx.db,
-    boss: ctx.boss,
-    transport: createV1Transport(stripe),
-    corrections: createCorrectionClient(stripe),
-    config: ctx.config,
-    clock: ctx.clock,
-    log: ctx.log,
-  };
-});
-
-afterAll(async () => {
-  await emulator?.stop();
-});
-
-async function billableOrg(): Promise<OrganizationFixture & { sensors: string[] }> {
-  const customer = emulator.createCustomer();
-  const org = await createOrganization(ctx.db, { customerId: customer.id });
-  return { ...org, sensors: await createSensors(ctx.db, org.organizationId, 2) };
-}
-
-/** One POST /v1/readings: readings of `sensorId` recorded at base + i seconds. */
-async function ingest(org: OrganizationFixture, sensorId: string, count: number, base: Date, startAt = 0) {
-  const readings = Array.from({ length: count }, (_, i) => ({
-    sensorId,
-    recordedAt: new Date(base.getTime() + (startAt + i) * 1000).toISOString(),
-    temperatureC: 5,
-  }));
-  const res = await app.request('/v1/readings', {
-    method: 'POST',
-    headers: authHeaders(org.apiKey),
-    body: JSON.stringify({ readings }),
-  });
-  expect(res.status).toBe(201);
-  return (await res.json()) as { inserted: number; duplicates: number };
-}
-
-async function deliver(customerId: string): Promise<void> {
-  for (let i = 0; i < 50; i++) {
-    const r = await drainKey(deps, customerId, 'temperature_readings', { lastAttempt: false });
-    if (r.kind === 'drained') return;
-    if (r.kind === 'retry' || r.kind === 'failed') throw new Error(`delivery ${r.kind}: ${r.message}`);
-  }
-  throw new Error('delivery did not drain');
-}
-
-const stripeSum = (customerId: string) =>
-  emulator.totals({ customer: customerId, event_name: 'temperature_readings' })[0]?.sum ?? 0;
-
-async function correct(
-  org: OrganizationFixture,
-  body: Record<string, unknown>,
-  query = '',
-): Promise<{ status: number; json: { correction: CorrectionView } & Record<string, unknown> }> {
-  const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections${query}`, {
-    method: 'POST',
-    headers: authHeaders(TOKEN),
-    body: JSON.stringify(body),
-  });
-  return { status: res.status, json: (await res.json()) as { correction: CorrectionView } };
-}
+    // Reconciliation compares the temperature_readings meter with Stripe, and only that one.
+    STRIPE_METER_ID_ACTIVE_SENSORS: undefined,
+  },
+})
+  // What a delivery job drains with; the tests drain by hand, no worker runs.
+  .extend('deps', { scope: 'file' }, async ({ ctx }): Promise<DeliveryDeps> => {
+    const stripe = ctx.stripe;
+    if (!stripe) throw new Error('no Stripe client');
+    return {
+      db: ctx.db,
+      boss: ctx.boss,
+      transport: createV1Transport(stripe),
+      corrections: createCorrectionClient(stripe),
+      config: ctx.config,
+      clock: ctx.clock,
+      log: ctx.log,
+    };
+  })
+  // A billable organization whose customer Stripe knows, with two sensors.
+  .extend('billableOrg', { scope: 'file' }, async ({ ctx, emulator }) => async () => {
+    const customer = emulator.createCustomer();
+    const org = await createOrganization(ctx.db, { customerId: customer.id });
+    return { ...org, sensors: await createSensors(ctx.db, org.organizationId, 2) };
+  })
+  // One POST /v1/readings: readings of `sensorId` recorded at base + i seconds.
+  .extend('ingest', { scope: 'file' }, async ({ app }) => {
+    return async (org: OrganizationFixture, sensorId: string, count: number, base: Date, startAt = 0) => {
+      const readings = Array.from({ length: count }, (_, i) => ({
+        sensorId,
+        recordedAt: new Date(base.getTime() + (startAt + i) * 1000).toISOString(),
+        temperatureC: 5,
+      }));
+      const res = await app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({ readings }),
+      });
+      expect(res.status).toBe(201);
+      return (await res.json()) as { inserted: number; duplicates: number };
+    };
+  })
+  // Drains a customer's temperature_readings key to Stripe, as its delivery job would.
+  .extend('deliver', { scope: 'file' }, async ({ deps }) => async (customerId: string): Promise<void> => {
+    for (let i = 0; i < 50; i++) {
+      const r = await drainKey(deps, customerId, 'temperature_readings', { lastAttempt: false });
+      if (r.kind === 'drained') return;
+      if (r.kind === 'retry' || r.kind === 'failed') throw new Error(`delivery ${r.kind}: ${r.message}`);
+    }
+    throw new Error('delivery did not drain');
+  })
+  // What Stripe totals for a customer's temperature_readings.
+  .extend(
+    'stripeSum',
+    { scope: 'file' },
+    async ({ emulator }) =>
+      (customerId: string) =>
+        emulator.totals({ customer: customerId, event_name: 'temperature_readings' })[0]?.sum ?? 0,
+  )
+  // POST /admin/organizations/:id/usage-corrections with the admin token.
+  .extend('correct', { scope: 'file' }, async ({ app }) => {
+    return async (
+      org: OrganizationFixture,
+      body: Record<string, unknown>,
+      query = '',
+    ): Promise<{ status: number; json: { correction: CorrectionView } & Record<string, unknown> }> => {
+      const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections${query}`, {
+        method: 'POST',
+        headers: authHeaders(TOKEN),
+        body: JSON.stringify(body),
+      });
+      return { status: res.status, json: (await res.json()) as { correction: CorrectionView } };
+    };
+  })
+  // The outbox rows a correction wrote.
+  .extend(
+    'correctionRows',
+    { scope: 'file' },
+    async ({ ctx }) =>
+      (correctionId: string) =>
+        ctx.db.selectFrom('meter_outbox').selectAll().where('correction_id', '=', correctionId).execute(),
+  )
+  // The dashboard's session cookie.
+  .extend(
+    'login',
+    { scope: 'file' },
+    async ({ app }) =>
+      () =>
+        signIn(app, TOKEN),
+  );
 
 const recentBase = () => new Date(Date.now() - 2 * HOUR);
 const range = (base: Date) => ({
@@ -112,12 +127,17 @@ const range = (base: Date) => ({
   to: new Date(base.getTime() + HOUR).toISOString(),
 });
 
-async function correctionRows(correctionId: string) {
-  return ctx.db.selectFrom('meter_outbox').selectAll().where('correction_id', '=', correctionId).execute();
-}
-
 describe('end to end: ingest, deliver, correct', () => {
-  it('cancels a Stripe event whose readings are all voided: the total falls by exactly those readings', async () => {
+  it('cancels a Stripe event whose readings are all voided: the total falls by exactly those readings', async ({
+    app,
+    emulator,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     // Two Stripe events: sensor 0's readings alone in the first, sensor 1's in the second.
@@ -156,7 +176,16 @@ describe('end to end: ingest, deliver, correct', () => {
     });
   });
 
-  it('compensates with a negative event in the original hour when the event also billed valid readings', async () => {
+  it('compensates with a negative event in the original hour when the event also billed valid readings', async ({
+    ctx,
+    app,
+    emulator,
+    billableOrg,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     // One batch, both sensors: one outbox row, one Stripe event of 9.
@@ -202,7 +231,15 @@ describe('end to end: ingest, deliver, correct', () => {
     expect(rows[0]).toMatchObject({ status: 'delivered', correction_action: 'compensate' });
   });
 
-  it('compensates when the original event is older than Stripe allows a cancel (decided at claim)', async () => {
+  it('compensates when the original event is older than Stripe allows a cancel (decided at claim)', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 5, base);
@@ -219,7 +256,15 @@ describe('end to end: ingest, deliver, correct', () => {
     });
   });
 
-  it('falls back to a compensating event when Stripe refuses the cancel (past its 24 hours)', async () => {
+  it('falls back to a compensating event when Stripe refuses the cancel (past its 24 hours)', async ({
+    emulator,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 5, base);
@@ -239,7 +284,14 @@ describe('end to end: ingest, deliver, correct', () => {
     });
   });
 
-  it('takes unsent usage back in place: no Stripe call for readings that were never sent', async () => {
+  it('takes unsent usage back in place: no Stripe call for readings that were never sent', async ({
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 5, base);
@@ -257,7 +309,14 @@ describe('end to end: ingest, deliver, correct', () => {
 });
 
 describe('one transaction, safe to repeat', () => {
-  it('a second identical correction voids nothing and queues nothing', async () => {
+  it('a second identical correction voids nothing and queues nothing', async ({
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 4, base);
@@ -273,7 +332,14 @@ describe('one transaction, safe to repeat', () => {
     expect(stripeSum(org.customerId)).toBe(0);
   });
 
-  it('keeps voided readings and their de-duplication key: re-sending one is a duplicate, never billed', async () => {
+  it('keeps voided readings and their de-duplication key: re-sending one is a duplicate, never billed', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
@@ -293,7 +359,13 @@ describe('one transaction, safe to repeat', () => {
     expect(kept.every((r) => r.voided_at !== null)).toBe(true);
   });
 
-  it('readings stored while the organization was not billable produce no credit', async () => {
+  it('readings stored while the organization was not billable produce no credit', async ({
+    ctx,
+    emulator,
+    ingest,
+    correct,
+    correctionRows,
+  }) => {
     const customer = emulator.createCustomer();
     const org = await createOrganization(ctx.db, { customerId: customer.id, billable: false });
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
@@ -304,7 +376,12 @@ describe('one transaction, safe to repeat', () => {
     expect(await correctionRows(json.correction.id)).toHaveLength(0);
   });
 
-  it('a dry run shows what would be voided and changes nothing', async () => {
+  it('a dry run shows what would be voided and changes nothing', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    correct,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
@@ -323,7 +400,14 @@ describe('one transaction, safe to repeat', () => {
 });
 
 describe('races and crashes', () => {
-  it('a correction while the same sensor ingests stays exact: billed = stored − voided', async () => {
+  it('a correction while the same sensor ingests stays exact: billed = stored − voided', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     const sensor = org.sensors[0]!;
@@ -341,7 +425,15 @@ describe('races and crashes', () => {
     expect(stripeSum(org.customerId)).toBe(c.billed_live);
   });
 
-  it('a crash after the claim resends the same correction: billed back exactly once', async () => {
+  it('a crash after the claim resends the same correction: billed back exactly once', async ({
+    ctx,
+    app,
+    deps,
+    billableOrg,
+    deliver,
+    stripeSum,
+    correct,
+  }) => {
     for (const partial of [false, true]) {
       const org = await billableOrg();
       const base = recentBase();
@@ -390,7 +482,17 @@ describe('races and crashes', () => {
 });
 
 describe('a finalized billing period', () => {
-  it('flags the correction for a credit note and sends nothing into another period', async () => {
+  it('flags the correction for a credit note and sends nothing into another period', async ({
+    ctx,
+    app,
+    emulator,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+    correctionRows,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
@@ -431,7 +533,11 @@ describe('a finalized billing period', () => {
 });
 
 describe('bad input', () => {
-  it("404 for an unknown organization, an unknown sensor and another organization's sensor", async () => {
+  it("404 for an unknown organization, an unknown sensor and another organization's sensor", async ({
+    app,
+    billableOrg,
+    correct,
+  }) => {
     const org = await billableOrg();
     const other = await billableOrg();
     const r = range(recentBase());
@@ -450,7 +556,7 @@ describe('bad input', () => {
     expect((await correct(org, { ...r, reason: 'x', sensorId: other.sensors[0] })).status).toBe(404);
   });
 
-  it('422 with details for reversed, empty and beyond-retention ranges', async () => {
+  it('422 with details for reversed, empty and beyond-retention ranges', async ({ billableOrg, correct }) => {
     const org = await billableOrg();
     const now = Date.now();
     const reversed = await correct(org, {
@@ -476,7 +582,7 @@ describe('bad input', () => {
     expect(JSON.stringify(old.json)).toContain('retention');
   });
 
-  it('401 without the admin token', async () => {
+  it('401 without the admin token', async ({ app, billableOrg }) => {
     const org = await billableOrg();
     const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
       method: 'POST',
@@ -490,7 +596,16 @@ describe('bad input', () => {
 });
 
 describe('everything agrees after corrections', () => {
-  it('usage, reconciliation (with Stripe) and the chaos ledger show drift 0', async () => {
+  it('usage, reconciliation (with Stripe) and the chaos ledger show drift 0', async ({
+    ctx,
+    app,
+    emulator,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    correct,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     const from = new Date(Date.now() - HOUR).toISOString();
@@ -545,27 +660,14 @@ describe('everything agrees after corrections', () => {
   });
 });
 
-function memoryIo(): CliIo & { stdout: string; stderr: string } {
-  const io = {
-    stdout: '',
-    stderr: '',
-    out: (text: string) => {
-      io.stdout += `${text}\n`;
-    },
-    err: {
-      isTTY: false,
-      columns: 80,
-      write: (chunk: string) => {
-        io.stderr += chunk;
-        return true;
-      },
-    },
-  };
-  return io;
-}
-
 describe('meterbox usage correct', () => {
-  it('--dry-run previews, then the correction voids and lists; bad input exits non-zero with details', async () => {
+  it('--dry-run previews, then the correction voids and lists; bad input exits non-zero with details', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 4, base);
@@ -607,23 +709,22 @@ describe('meterbox usage correct', () => {
 });
 
 describe('dashboard action', () => {
-  async function login(): Promise<string> {
-    const res = await app.request('/admin/login', {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ token: TOKEN }).toString(),
-    });
-    expect(res.status).toBe(303);
-    return (res.headers.get('set-cookie') ?? '').split(';')[0]!;
-  }
-  const post = (cookie: string, path: string, form: Record<string, string>) =>
+  const post = (app: TestApp, cookie: string, path: string, form: Record<string, string>) =>
     app.request(path, {
       method: 'POST',
       headers: { cookie, 'content-type': 'application/x-www-form-urlencoded' },
       body: new URLSearchParams(form).toString(),
     });
 
-  it('shows the dry run for confirmation first, then records the correction', async () => {
+  it('shows the dry run for confirmation first, then records the correction', async ({
+    ctx,
+    app,
+    billableOrg,
+    ingest,
+    deliver,
+    stripeSum,
+    login,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
@@ -641,7 +742,7 @@ describe('dashboard action', () => {
     expect(formPage.status).toBe(200);
     expect(await formPage.text()).toContain('action="/admin/ui/corrections/preview"');
 
-    const preview = await post(cookie, '/admin/ui/corrections/preview', form);
+    const preview = await post(app, cookie, '/admin/ui/corrections/preview', form);
     expect(preview.status).toBe(200);
     const previewHtml = await preview.text();
     expect(previewHtml).toMatch(/This will void <strong>3<\/strong> reading\(s\)/);
@@ -654,13 +755,13 @@ describe('dashboard action', () => {
         .execute(),
     ).toHaveLength(0);
 
-    const done = await post(cookie, '/admin/ui/corrections', form);
+    const done = await post(app, cookie, '/admin/ui/corrections', form);
     expect(done.status).toBe(303);
     expect(decodeURIComponent(done.headers.get('location') ?? '')).toContain('voided 3 reading(s), 3 billed');
     await deliver(org.customerId);
     expect(stripeSum(org.customerId)).toBe(2);
 
-    const bad = await post(cookie, '/admin/ui/corrections/preview', {
+    const bad = await post(app, cookie, '/admin/ui/corrections/preview', {
       ...form,
       from: form.to,
       to: form.from,
@@ -671,14 +772,20 @@ describe('dashboard action', () => {
     expect(await dashboard.text()).toContain('href="/admin/ui/corrections"');
   });
 
-  it('redirects to the sign-in without a session', async () => {
+  it('redirects to the sign-in without a session', async ({ app }) => {
     const res = await app.request('/admin/ui/corrections');
     expect(res.status).toBe(303);
   });
 });
 
 describe('grouping rule (the pipeline hook)', () => {
-  it('usage groups never take correction rows; a correction group holds one original event only', async () => {
+  it('usage groups never take correction rows; a correction group holds one original event only', async ({
+    ctx,
+    billableOrg,
+    ingest,
+    deliver,
+    correct,
+  }) => {
     const org = await billableOrg();
     const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
