@@ -2,7 +2,7 @@
 // (src/testing.ts), a condition poller with a deadline (no fixed sleeps). The package's own: it
 // must not reach into meterbox's test kit.
 import type Stripe from 'stripe';
-import { afterAll, beforeAll, beforeEach, vi } from 'vitest';
+import { test, vi } from 'vitest';
 import { type StripeEmulator, startStripeEmulator } from '../src/index.js';
 import { type manualClock, sdk } from '../src/testing.js';
 
@@ -41,35 +41,23 @@ export async function rejection(fn: () => Promise<unknown>): Promise<Stripe.erro
 }
 
 /**
- * One emulator for the test file, driven by `clock`: started before the file's tests, stopped after
- * them, and reset (with the clock moved back to `resetAt`, when given) before each test. Read
- * `emu` and `stripe` (the real SDK pointed at it) from the returned object inside tests.
+ * A `test` (use it as `it`) whose fixtures are the file's emulator driven by `clock` (`emu`) and the
+ * real SDK pointed at it (`stripe`): started on first use, stopped after the file even when a test
+ * fails; every test starts on a reset emulator, with the clock moved back to `resetAt` when given.
  */
-export function useEmulator(
-  clock: ReturnType<typeof manualClock>,
-  resetAt?: number,
-): { readonly emu: StripeEmulator; readonly stripe: Stripe } {
-  let emu: StripeEmulator | undefined;
-  let stripe: Stripe | undefined;
-  beforeAll(async () => {
-    emu = await startStripeEmulator({ clock });
-    stripe = sdk(emu);
-  });
-  afterAll(() => emu?.stop());
-  beforeEach(() => {
-    emu?.reset();
-    if (resetAt !== undefined) clock.set(resetAt);
-  });
-  const started = <T>(value: T | undefined): T => {
-    if (value === undefined) throw new Error('the emulator is not started yet (use it inside a test)');
-    return value;
-  };
-  return {
-    get emu() {
-      return started(emu);
-    },
-    get stripe() {
-      return started(stripe);
-    },
-  };
+export function emulatorTest(clock: ReturnType<typeof manualClock>, resetAt?: number) {
+  return (
+    test
+      // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+      .extend('emu', { scope: 'file' }, async ({}, { onCleanup }): Promise<StripeEmulator> => {
+        const emu = await startStripeEmulator({ clock });
+        onCleanup(() => emu.stop());
+        return emu;
+      })
+      .extend('stripe', { scope: 'file' }, async ({ emu }) => sdk(emu))
+      .extend('fresh', { auto: true }, async ({ emu }) => {
+        emu.reset();
+        if (resetAt !== undefined) clock.set(resetAt);
+      })
+  );
 }

@@ -4,17 +4,24 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type Stripe from 'stripe';
-import { describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { startStripeEmulator } from '../src/index.js';
-import { manualClock, rejection, sdk, useEmulator, waitFor } from './helpers.js';
+import { emulatorTest, manualClock, rejection, sdk, waitFor } from './helpers.js';
 
 const clock = manualClock(Date.UTC(2026, 10, 21, 10, 30, 0));
 const HOUR = 3600;
 const tenOClock = Date.UTC(2026, 10, 21, 10, 0, 0) / 1000;
-const t = useEmulator(clock);
+const it = emulatorTest(clock);
 
-const send = (event_name: string, customer: string, value: number, timestamp: number, identifier?: string) =>
-  t.stripe.billing.meterEvents.create({
+const send = (
+  stripe: Stripe,
+  event_name: string,
+  customer: string,
+  value: number,
+  timestamp: number,
+  identifier?: string,
+) =>
+  stripe.billing.meterEvents.create({
     event_name,
     identifier,
     timestamp,
@@ -22,14 +29,17 @@ const send = (event_name: string, customer: string, value: number, timestamp: nu
   });
 
 describe('totals', () => {
-  it('sums per customer and meter and keeps as last the value with the latest timestamp', async () => {
-    await send('temperature_readings', 'cus_t', 4, tenOClock);
-    await send('temperature_readings', 'cus_t', 6, tenOClock + 60);
+  it('sums per customer and meter and keeps as last the value with the latest timestamp', async ({
+    emu,
+    stripe,
+  }) => {
+    await send(stripe, 'temperature_readings', 'cus_t', 4, tenOClock);
+    await send(stripe, 'temperature_readings', 'cus_t', 6, tenOClock + 60);
     // Sent last but timestamped earlier: it must not become `last`.
-    await send('active_sensors', 'cus_t', 9, tenOClock + 600);
-    await send('active_sensors', 'cus_t', 5, tenOClock + 60);
-    await send('temperature_readings', 'cus_u', 1, tenOClock);
-    expect(t.emu.totals({ customer: 'cus_t' })).toEqual([
+    await send(stripe, 'active_sensors', 'cus_t', 9, tenOClock + 600);
+    await send(stripe, 'active_sensors', 'cus_t', 5, tenOClock + 60);
+    await send(stripe, 'temperature_readings', 'cus_u', 1, tenOClock);
+    expect(emu.totals({ customer: 'cus_t' })).toEqual([
       expect.objectContaining({
         event_name: 'temperature_readings',
         meter: 'mtr_emu_temperature_readings',
@@ -45,16 +55,16 @@ describe('totals', () => {
         last: 9,
       }),
     ]);
-    const events = t.emu.events({ customer: 'cus_t', event_name: 'active_sensors' });
+    const events = emu.events({ customer: 'cus_t', event_name: 'active_sensors' });
     expect(events.map((e) => [e.value, e.timestamp, e.via, e.receivedAt])).toEqual([
       [9, tenOClock + 600, 'v1', clock()],
       [5, tenOClock + 60, 'v1', clock()],
     ]);
   });
 
-  it('serves the same inspection over HTTP and resets through /_emulator/reset', async () => {
-    await send('temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
-    const get = async <T>(path: string) => (await (await fetch(`${t.emu.url}/_emulator${path}`)).json()) as T;
+  it('serves the same inspection over HTTP and resets through /_emulator/reset', async ({ emu, stripe }) => {
+    await send(stripe, 'temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
+    const get = async <T>(path: string) => (await (await fetch(`${emu.url}/_emulator${path}`)).json()) as T;
     expect((await get<{ data: unknown[] }>('/events?customer=cus_h')).data).toMatchObject([
       {
         identifier: 'h-1',
@@ -72,34 +82,34 @@ describe('totals', () => {
     expect((await get<{ data: unknown[] }>('/concurrency')).data).toEqual([
       { customer: 'cus_h', event_name: 'temperature_readings', max: 1 },
     ]);
-    const reset = await fetch(`${t.emu.url}/_emulator/reset`, { method: 'POST' });
+    const reset = await fetch(`${emu.url}/_emulator/reset`, { method: 'POST' });
     expect(reset.status).toBe(200);
-    expect(t.emu.events()).toHaveLength(0);
-    expect(t.emu.counters().accepted).toBe(0);
+    expect(emu.events()).toHaveLength(0);
+    expect(emu.counters().accepted).toBe(0);
     // The identifier is forgotten too.
-    await send('temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
+    await send(stripe, 'temperature_readings', 'cus_h', 2, tenOClock, 'h-1');
   });
 });
 
 describe('meters and event summaries', () => {
-  it('lists the two default meters with stable ids', async () => {
-    const meters = await t.stripe.billing.meters.list();
+  it('lists the two default meters with stable ids', async ({ stripe }) => {
+    const meters = await stripe.billing.meters.list();
     expect(meters.data.map((m) => [m.id, m.event_name, m.default_aggregation.formula])).toEqual([
       ['mtr_emu_temperature_readings', 'temperature_readings', 'sum'],
       ['mtr_emu_active_sensors', 'active_sensors', 'last'],
     ]);
-    expect((await t.stripe.billing.meters.retrieve('mtr_emu_active_sensors')).status).toBe('active');
+    expect((await stripe.billing.meters.retrieve('mtr_emu_active_sensors')).status).toBe('active');
   });
 
-  it('aggregates with the meter formula through listEventSummaries', async () => {
-    await send('temperature_readings', 'cus_s', 3, tenOClock - HOUR + 5);
-    await send('temperature_readings', 'cus_s', 4, tenOClock + 5);
-    await send('temperature_readings', 'cus_s', 5, tenOClock + 10);
-    await send('temperature_readings', 'cus_other', 100, tenOClock + 10);
-    await send('active_sensors', 'cus_s', 7, tenOClock + 20);
-    await send('active_sensors', 'cus_s', 2, tenOClock - 20);
+  it('aggregates with the meter formula through listEventSummaries', async ({ stripe }) => {
+    await send(stripe, 'temperature_readings', 'cus_s', 3, tenOClock - HOUR + 5);
+    await send(stripe, 'temperature_readings', 'cus_s', 4, tenOClock + 5);
+    await send(stripe, 'temperature_readings', 'cus_s', 5, tenOClock + 10);
+    await send(stripe, 'temperature_readings', 'cus_other', 100, tenOClock + 10);
+    await send(stripe, 'active_sensors', 'cus_s', 7, tenOClock + 20);
+    await send(stripe, 'active_sensors', 'cus_s', 2, tenOClock - 20);
 
-    const whole = await t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    const whole = await stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -115,7 +125,7 @@ describe('meters and event summaries', () => {
       }),
     ]);
 
-    const hourly = await t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    const hourly = await stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -126,7 +136,7 @@ describe('meters and event summaries', () => {
       [tenOClock, 9],
     ]);
 
-    const last = await t.stripe.billing.meters.listEventSummaries('mtr_emu_active_sensors', {
+    const last = await stripe.billing.meters.listEventSummaries('mtr_emu_active_sensors', {
       customer: 'cus_s',
       start_time: tenOClock - HOUR,
       end_time: tenOClock + HOUR,
@@ -134,10 +144,10 @@ describe('meters and event summaries', () => {
     expect(last.data[0]?.aggregated_value).toBe(7);
   });
 
-  it('pages summaries and rejects unaligned windows', async () => {
-    await send('temperature_readings', 'cus_p', 1, tenOClock - 30 * 86_400);
+  it('pages summaries and rejects unaligned windows', async ({ stripe }) => {
+    await send(stripe, 'temperature_readings', 'cus_p', 1, tenOClock - 30 * 86_400);
     const all: Stripe.Billing.MeterEventSummary[] = [];
-    for await (const s of t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+    for await (const s of stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
       customer: 'cus_p',
       start_time: tenOClock - 31 * 86_400,
       end_time: tenOClock,
@@ -149,7 +159,7 @@ describe('meters and event summaries', () => {
     expect(all).toHaveLength(31 * 24);
     expect(all.reduce((acc, s) => acc + s.aggregated_value, 0)).toBe(1);
     const err = await rejection(() =>
-      t.stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
+      stripe.billing.meters.listEventSummaries('mtr_emu_temperature_readings', {
         customer: 'cus_p',
         start_time: tenOClock + 30,
         end_time: tenOClock + HOUR,
@@ -157,7 +167,7 @@ describe('meters and event summaries', () => {
     );
     expect(err.statusCode).toBe(400);
     const missing = await rejection(() =>
-      t.stripe.billing.meters.listEventSummaries('mtr_nope', {
+      stripe.billing.meters.listEventSummaries('mtr_nope', {
         customer: 'cus_p',
         start_time: 0,
         end_time: 60,
@@ -168,22 +178,22 @@ describe('meters and event summaries', () => {
 });
 
 describe('customers', () => {
-  it('creates and retrieves a customer with the SDK', async () => {
-    const created = await t.stripe.customers.create({
+  it('creates and retrieves a customer with the SDK', async ({ emu, stripe }) => {
+    const created = await stripe.customers.create({
       email: 'demo@example.com',
       metadata: { organization_id: 'org-1' },
     });
     expect(created.id).toMatch(/^cus_\w{14}$/);
-    const fetched = await t.stripe.customers.retrieve(created.id);
+    const fetched = await stripe.customers.retrieve(created.id);
     expect(fetched).toMatchObject({
       id: created.id,
       email: 'demo@example.com',
       metadata: { organization_id: 'org-1' },
     });
-    const err = await rejection(() => t.stripe.customers.retrieve('cus_missing'));
+    const err = await rejection(() => stripe.customers.retrieve('cus_missing'));
     expect(err.statusCode).toBe(404);
     expect(err.code).toBe('resource_missing');
-    expect(t.emu.createCustomer({ id: 'cus_fixed' }).id).toBe('cus_fixed');
+    expect(emu.createCustomer({ id: 'cus_fixed' }).id).toBe('cus_fixed');
   });
 });
 

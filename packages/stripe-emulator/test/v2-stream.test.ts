@@ -3,12 +3,12 @@
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import Stripe from 'stripe';
-import { describe, expect, it } from 'vitest';
+import { describe, expect } from 'vitest';
 import { startStripeEmulator } from '../src/index.js';
-import { manualClock, rejection, sdk, useEmulator } from './helpers.js';
+import { emulatorTest, manualClock, rejection, sdk } from './helpers.js';
 
 const clock = manualClock();
-const t = useEmulator(clock, Date.UTC(2026, 10, 21, 10, 0, 0));
+const it = emulatorTest(clock, Date.UTC(2026, 10, 21, 10, 0, 0));
 
 const streamEvent = (identifier: string, value = '1', customer = 'cus_v2') => ({
   event_name: 'temperature_readings',
@@ -18,88 +18,91 @@ const streamEvent = (identifier: string, value = '1', customer = 'cus_v2') => ({
 });
 
 describe('meter event session', () => {
-  it('returns an authentication token that expires after 15 minutes', async () => {
-    const session = await t.stripe.v2.billing.meterEventSession.create();
+  it('returns an authentication token that expires after 15 minutes', async ({ emu, stripe }) => {
+    const session = await stripe.v2.billing.meterEventSession.create();
     expect(session.object).toBe('v2.billing.meter_event_session');
     expect(session.authentication_token).toBeTruthy();
     expect(Date.parse(session.expires_at) - Date.parse(session.created)).toBe(15 * 60 * 1000);
-    await t.stripe.v2.billing.meterEventStream.create(
+    await stripe.v2.billing.meterEventStream.create(
       { events: [streamEvent('s-1')] },
       { apiKey: session.authentication_token },
     );
     clock.advance(15 * 60 * 1000);
     const err = await rejection(() =>
-      t.stripe.v2.billing.meterEventStream.create(
+      stripe.v2.billing.meterEventStream.create(
         { events: [streamEvent('s-2')] },
         { apiKey: session.authentication_token },
       ),
     );
     expect(err).toBeInstanceOf(Stripe.errors.TemporarySessionExpiredError);
     expect(err.statusCode).toBe(401);
-    expect(t.emu.events().map((e) => e.identifier)).toEqual(['s-1']);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['s-1']);
   });
 
-  it('rejects the stream without a session token, even with a secret key', async () => {
+  it('rejects the stream without a session token, even with a secret key', async ({ stripe }) => {
     const err = await rejection(() =>
-      t.stripe.v2.billing.meterEventStream.create({ events: [streamEvent('s-3')] }),
+      stripe.v2.billing.meterEventStream.create({ events: [streamEvent('s-3')] }),
     );
     expect(err.statusCode).toBe(401);
   });
 });
 
 describe('meter event stream', () => {
-  it('accepts up to 100 events a call and rejects 101', async () => {
-    const session = await t.stripe.v2.billing.meterEventSession.create();
+  it('accepts up to 100 events a call and rejects 101', async ({ emu, stripe }) => {
+    const session = await stripe.v2.billing.meterEventSession.create();
     const opts = { apiKey: session.authentication_token };
     const hundred = Array.from({ length: 100 }, (_, i) => streamEvent(`batch-${i}`));
-    await t.stripe.v2.billing.meterEventStream.create({ events: hundred }, opts);
-    expect(t.emu.totals({ customer: 'cus_v2' })[0]).toMatchObject({ count: 100, sum: 100 });
+    await stripe.v2.billing.meterEventStream.create({ events: hundred }, opts);
+    expect(emu.totals({ customer: 'cus_v2' })[0]).toMatchObject({ count: 100, sum: 100 });
     const tooMany = Array.from({ length: 101 }, (_, i) => streamEvent(`over-${i}`));
-    const err = await rejection(() => t.stripe.v2.billing.meterEventStream.create({ events: tooMany }, opts));
+    const err = await rejection(() => stripe.v2.billing.meterEventStream.create({ events: tooMany }, opts));
     expect(err).toBeInstanceOf(Stripe.errors.StripeInvalidRequestError);
     expect(err.statusCode).toBe(400);
-    expect(t.emu.events()).toHaveLength(100);
+    expect(emu.events()).toHaveLength(100);
   });
 
-  it('drops a repeated identifier after accepting the call and reports it as an async error', async () => {
-    const session = await t.stripe.v2.billing.meterEventSession.create();
+  it('drops a repeated identifier after accepting the call and reports it as an async error', async ({
+    emu,
+    stripe,
+  }) => {
+    const session = await stripe.v2.billing.meterEventSession.create();
     const opts = { apiKey: session.authentication_token };
-    await t.stripe.v2.billing.meterEventStream.create({ events: [streamEvent('dup-1', '4')] }, opts);
-    await t.stripe.v2.billing.meterEventStream.create(
+    await stripe.v2.billing.meterEventStream.create({ events: [streamEvent('dup-1', '4')] }, opts);
+    await stripe.v2.billing.meterEventStream.create(
       { events: [streamEvent('dup-1', '4'), streamEvent('dup-2', '1')] },
       opts,
     );
-    expect(t.emu.totals({ customer: 'cus_v2' })[0]).toMatchObject({ count: 2, sum: 5 });
-    expect(t.emu.asyncErrors()).toMatchObject([
+    expect(emu.totals({ customer: 'cus_v2' })[0]).toMatchObject({ count: 2, sum: 5 });
+    expect(emu.asyncErrors()).toMatchObject([
       {
         code: 'duplicate_identifier',
         identifier: 'dup-1',
         message: 'An event already exists with identifier dup-1.',
       },
     ]);
-    expect(t.emu.counters()).toMatchObject({ streamEventsAccepted: 2, streamEventsDuplicate: 1 });
+    expect(emu.counters()).toMatchObject({ streamEventsAccepted: 2, streamEventsDuplicate: 1 });
   });
 
-  it('shares the identifier space with v1', async () => {
-    await t.stripe.billing.meterEvents.create({
+  it('shares the identifier space with v1', async ({ emu, stripe }) => {
+    await stripe.billing.meterEvents.create({
       event_name: 'temperature_readings',
       identifier: 'shared-1',
       payload: { stripe_customer_id: 'cus_v2', value: '1' },
     });
-    const session = await t.stripe.v2.billing.meterEventSession.create();
-    await t.stripe.v2.billing.meterEventStream.create(
+    const session = await stripe.v2.billing.meterEventSession.create();
+    await stripe.v2.billing.meterEventStream.create(
       { events: [streamEvent('shared-1')] },
       { apiKey: session.authentication_token },
     );
-    expect(t.emu.events()).toHaveLength(1);
-    expect(t.emu.counters().streamEventsDuplicate).toBe(1);
+    expect(emu.events()).toHaveLength(1);
+    expect(emu.counters().streamEventsDuplicate).toBe(1);
   });
 
-  it('applies the timestamp window and value rules to each event', async () => {
-    const session = await t.stripe.v2.billing.meterEventSession.create();
+  it('applies the timestamp window and value rules to each event', async ({ emu, stripe }) => {
+    const session = await stripe.v2.billing.meterEventSession.create();
     const old = new Date(clock() - 35 * 86_400_000 - 1000).toISOString();
     const future = new Date(clock() + 5 * 60_000 + 1000).toISOString();
-    await t.stripe.v2.billing.meterEventStream.create(
+    await stripe.v2.billing.meterEventStream.create(
       {
         events: [
           { ...streamEvent('w-1'), timestamp: old },
@@ -110,13 +113,13 @@ describe('meter event stream', () => {
       },
       { apiKey: session.authentication_token },
     );
-    expect(t.emu.events().map((e) => e.identifier)).toEqual(['w-4']);
-    expect(t.emu.asyncErrors().map((e) => e.code)).toEqual([
+    expect(emu.events().map((e) => e.identifier)).toEqual(['w-4']);
+    expect(emu.asyncErrors().map((e) => e.code)).toEqual([
       'timestamp_too_far_in_past',
       'timestamp_in_future',
       'meter_event_invalid_value',
     ]);
-    expect(t.emu.events()[0]?.via).toBe('v2');
+    expect(emu.events()[0]?.via).toBe('v2');
   });
 });
 
@@ -143,7 +146,10 @@ describe('sandbox limits and error reports', () => {
     }
   });
 
-  it('reports a rejected stream event as a signed thin webhook whose full event names its identifier', async () => {
+  it('reports a rejected stream event as a signed thin webhook whose full event names its identifier', async ({
+    emu,
+    stripe,
+  }) => {
     const received: { body: string; signature: string | undefined }[] = [];
     const server = createServer((req, res) => {
       let body = '';
@@ -158,19 +164,19 @@ describe('sandbox limits and error reports', () => {
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     try {
       const { port } = server.address() as AddressInfo;
-      t.emu.setWebhookEndpoint({ url: `http://127.0.0.1:${port}/hook`, secret: 'whsec_reports' });
-      const session = await t.stripe.v2.billing.meterEventSession.create();
-      await t.stripe.v2.billing.meterEventStream.create(
+      emu.setWebhookEndpoint({ url: `http://127.0.0.1:${port}/hook`, secret: 'whsec_reports' });
+      const session = await stripe.v2.billing.meterEventSession.create();
+      await stripe.v2.billing.meterEventStream.create(
         { events: [streamEvent('good-one'), streamEvent('bad-value', 'not-a-number')] },
         { apiKey: session.authentication_token },
       );
-      await t.emu.flushErrorReports();
+      await emu.flushErrorReports();
       expect(received).toHaveLength(1);
       const thin = JSON.parse(received[0]!.body) as { id: string; type: string; data?: unknown };
       expect(thin.type).toBe('v1.billing.meter.error_report_triggered');
       expect(thin.data).toBeUndefined();
       expect(received[0]!.signature).toMatch(/^t=\d+,v1=[0-9a-f]{64}$/);
-      const full = (await t.stripe.v2.core.events.retrieve(thin.id)) as unknown as {
+      const full = (await stripe.v2.core.events.retrieve(thin.id)) as unknown as {
         data: {
           reason: { error_types: { code: string; sample_errors: { request: { identifier: string } }[] }[] };
         };
@@ -179,10 +185,10 @@ describe('sandbox limits and error reports', () => {
         t.sample_errors.map((e) => e.request.identifier),
       );
       expect(samples).toEqual(['bad-value']);
-      const missing = await rejection(() => t.stripe.v2.core.events.retrieve('evt_test_missing'));
+      const missing = await rejection(() => stripe.v2.core.events.retrieve('evt_test_missing'));
       expect(missing.statusCode).toBe(404);
     } finally {
-      t.emu.setWebhookEndpoint(undefined);
+      emu.setWebhookEndpoint(undefined);
       await new Promise((r) => server.close(r));
     }
   });

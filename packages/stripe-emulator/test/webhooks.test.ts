@@ -3,7 +3,7 @@
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import Stripe from 'stripe';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it, test } from 'vitest';
 import {
   buildEvent,
   checkoutSession,
@@ -134,37 +134,48 @@ describe('event shapes', () => {
   });
 });
 
-describe('sendWebhook', () => {
-  let url: string;
-  const received: { verified: boolean; type?: string }[] = [];
-  const server = createServer((req, res) => {
-    let body = '';
-    req.on('data', (chunk: Buffer) => {
-      body += chunk.toString('utf8');
+// A local endpoint that verifies what it receives with SECRET: 200 when verified, 400 otherwise.
+const withReceiver = test.extend(
+  'receiver',
+  { scope: 'file' },
+  // biome-ignore lint/correctness/noEmptyPattern: vitest reads a fixture's dependencies from this pattern
+  async ({}, { onCleanup }) => {
+    const received: { verified: boolean; type?: string }[] = [];
+    const server = createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk: Buffer) => {
+        body += chunk.toString('utf8');
+      });
+      req.on('end', () => {
+        try {
+          const event = stripe.webhooks.constructEvent(body, String(req.headers['stripe-signature']), SECRET);
+          received.push({ verified: true, type: event.type });
+          res.writeHead(200, { 'content-type': 'application/json' }).end('{"received":true}');
+        } catch {
+          received.push({ verified: false });
+          res.writeHead(400).end('bad signature');
+        }
+      });
     });
-    req.on('end', () => {
-      try {
-        const event = stripe.webhooks.constructEvent(body, String(req.headers['stripe-signature']), SECRET);
-        received.push({ verified: true, type: event.type });
-        res.writeHead(200, { 'content-type': 'application/json' }).end('{"received":true}');
-      } catch {
-        received.push({ verified: false });
-        res.writeHead(400).end('bad signature');
-      }
-    });
-  });
-  beforeAll(async () => {
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/webhooks/stripe`;
-  });
-  afterAll(() => new Promise<void>((resolve) => server.close(() => resolve())));
+    onCleanup(() => new Promise<void>((resolve) => server.close(() => resolve())));
+    return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/webhooks/stripe`, received };
+  },
+);
 
-  it('posts a signed event and returns the status and body of the answer', async () => {
-    const event = exampleEvent('checkout.session.completed', { customer: 'cus_1', organizationId: 'org-1' });
-    const answer = await sendWebhook(url, event, SECRET);
-    expect(answer).toMatchObject({ status: 200, body: '{"received":true}' });
-    const wrong = await sendWebhook(url, event, 'whsec_wrong');
-    expect(wrong.status).toBe(400);
-    expect(received).toEqual([{ verified: true, type: 'checkout.session.completed' }, { verified: false }]);
-  });
+describe('sendWebhook', () => {
+  withReceiver(
+    'posts a signed event and returns the status and body of the answer',
+    async ({ receiver: { url, received } }) => {
+      const event = exampleEvent('checkout.session.completed', {
+        customer: 'cus_1',
+        organizationId: 'org-1',
+      });
+      const answer = await sendWebhook(url, event, SECRET);
+      expect(answer).toMatchObject({ status: 200, body: '{"received":true}' });
+      const wrong = await sendWebhook(url, event, 'whsec_wrong');
+      expect(wrong.status).toBe(400);
+      expect(received).toEqual([{ verified: true, type: 'checkout.session.completed' }, { verified: false }]);
+    },
+  );
 });
