@@ -16,7 +16,6 @@ import {
   createSensors,
   memoryIo,
   type OrganizationFixture,
-  signIn,
 } from '../support/fixtures.js';
 import { checkLedger, loadLedger } from '../support/ledger.js';
 import { stripeTest, type TestApp } from '../support/test.js';
@@ -111,14 +110,6 @@ const it = stripeTest({
     async ({ ctx }) =>
       (correctionId: string) =>
         ctx.db.selectFrom('meter_outbox').selectAll().where('correction_id', '=', correctionId).execute(),
-  )
-  // The dashboard's session cookie.
-  .extend(
-    'login',
-    { scope: 'file' },
-    async ({ app }) =>
-      () =>
-        signIn(app, TOKEN),
   );
 
 const recentBase = () => new Date(Date.now() - 2 * HOUR);

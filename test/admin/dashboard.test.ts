@@ -1,21 +1,13 @@
 import { describe, expect } from 'vitest';
 import { SESSION_TTL_SECONDS } from '../../src/admin/auth.js';
-import { createOrganization, createSensors, signIn } from '../support/fixtures.js';
+import { createOrganization, createSensors } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
 const TOKEN = 'dashboard-admin-token-0123456789';
 let now = new Date();
 const clock = { now: () => new Date(now) };
 
-const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, overrides: { clock } })
-  // Signs in with the token; the session cookie to send.
-  .extend(
-    'login',
-    { scope: 'file' },
-    async ({ app }) =>
-      () =>
-        signIn(app, TOKEN),
-  );
+const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, overrides: { clock } });
 
 describe('dashboard sign-in', () => {
   it('shows a sign-in form (with a viewport meta for phones) until signed in', async ({ app }) => {

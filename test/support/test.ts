@@ -1,8 +1,8 @@
 // The test kit's vitest fixtures, replacing the per-file set-up preambles. Two builders:
 //
 //   contextTest(options)  databaseUrl (a fresh database), ctx (a context on it, pg-boss started),
-//                         app (createApp on it) and org (a fresh billable organization with an API
-//                         key, per test);
+//                         app (createApp on it), login (signs in to the dashboard, for the session
+//                         cookie) and org (a fresh billable organization with an API key, per test);
 //   stripeTest(options)   the same on a Stripe emulator: emulator, ctx whose Stripe settings point
 //                         at it, app, org (also a customer the emulator knows), and the file's
 //                         worker(s) when asked for.
@@ -20,7 +20,7 @@ import { createApp } from '../../src/api/app.js';
 import type { Context, ContextOverrides } from '../../src/context.js';
 import { startWorker, type WorkerOptions, type WorkerRuntime } from '../../src/worker/start.js';
 import { openTestContext, provisionTestDatabase } from './database.js';
-import { createOrganization } from './fixtures.js';
+import { createOrganization, signIn } from './fixtures.js';
 
 export type TestApp = ReturnType<typeof createApp>;
 type Env = Record<string, string | undefined>;
@@ -32,6 +32,15 @@ export interface ContextOptions {
   overrides?: ContextOverrides;
   /** Start pg-boss, as a request handler that enqueues deliveries needs (default true). */
   startBoss?: boolean;
+}
+
+/** Signs in to the dashboard with the context's ADMIN_TOKEN; resolves to the session cookie. */
+function dashboardLogin(ctx: Context, app: TestApp): () => Promise<string> {
+  return () => {
+    const token = ctx.config.ADMIN_TOKEN;
+    if (!token) throw new Error('login needs ADMIN_TOKEN in the builder options');
+    return signIn(app, token);
+  };
 }
 
 /** The file's database: env's DATABASE_URL when given, else a fresh one dropped after the file. */
@@ -64,6 +73,7 @@ export function contextTest(options: ContextOptions = {}) {
         return ctx;
       })
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
+      .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
       .extend('org', async ({ ctx }) => createOrganization(ctx.db))
   );
 }
@@ -143,6 +153,7 @@ export function stripeTest(options: StripeTestOptions = {}) {
       })
       .extend('ctx', { scope: 'file' }, async ({ contexts }) => contexts[0] as Context)
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
+      .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
       .extend(
         'workers',
         { scope: 'file', auto: options.startWorkers === true },
