@@ -1,11 +1,17 @@
 import { Hono } from 'hono';
-import { describe, expect, it, onTestFinished } from 'vitest';
+import { describe, expect, onTestFinished } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { type Context, createContext } from '../../src/context.js';
 import type { AppEnv, HttpModule } from '../../src/http/types.js';
 import { createLogger } from '../../src/log.js';
 import { createTestContext, createTestDatabase, testConfig } from '../support/database.js';
 import { freePort } from '../support/net.js';
+import { contextTest } from '../support/test.js';
+
+// The file's default context and app (no pg-boss: nothing here enqueues). Tests that need their own
+// configuration (an unmigrated or unreachable database, a small pool or body limit, a log sink)
+// still build their own context in the test.
+const it = contextTest({ startBoss: false });
 
 function echoModule(): HttpModule {
   const app = new Hono<AppEnv>();
@@ -17,16 +23,14 @@ function echoModule(): HttpModule {
 }
 
 describe('health and readiness', () => {
-  it('answers /healthz without touching the database', async () => {
-    const ctx = await createTestContext();
-    const res = await createApp(ctx).request('/healthz');
+  it('answers /healthz without touching the database', async ({ app }) => {
+    const res = await app.request('/healthz');
     expect(res.status).toBe(200);
     expect(await res.json()).toEqual({ status: 'ok' });
   });
 
-  it('is ready when the database is up and migrations are current', async () => {
-    const ctx = await createTestContext();
-    const res = await createApp(ctx).request('/readyz');
+  it('is ready when the database is up and migrations are current', async ({ app }) => {
+    const res = await app.request('/readyz');
     expect(res.status).toBe(200);
     expect(await res.json()).toMatchObject({
       status: 'ready',
@@ -76,9 +80,8 @@ describe('health and readiness', () => {
 });
 
 describe('HTTP skeleton', () => {
-  it('renders unknown routes in the contract error shape', async () => {
-    const ctx = await createTestContext();
-    const res = await createApp(ctx).request('/no/such/route');
+  it('renders unknown routes in the contract error shape', async ({ app }) => {
+    const res = await app.request('/no/such/route');
     expect(res.status).toBe(404);
     expect(await res.json()).toEqual({ error: { code: 'not_found', message: 'no such route', details: [] } });
   });
@@ -95,8 +98,7 @@ describe('HTTP skeleton', () => {
     expect(await res.json()).toMatchObject({ error: { code: 'payload_too_large' } });
   });
 
-  it('never shows internal error messages to clients', async () => {
-    const ctx = await createTestContext();
+  it('never shows internal error messages to clients', async ({ ctx }) => {
     const res = await createApp(ctx, [echoModule()]).request('/test/boom');
     expect(res.status).toBe(500);
     const text = await res.text();
@@ -104,9 +106,8 @@ describe('HTTP skeleton', () => {
     expect(JSON.parse(text)).toMatchObject({ error: { code: 'internal' } });
   });
 
-  it('serves an OpenAPI document listing the routes', async () => {
-    const ctx = await createTestContext();
-    const res = await createApp(ctx).request('/openapi.json');
+  it('serves an OpenAPI document listing the routes', async ({ app }) => {
+    const res = await app.request('/openapi.json');
     expect(res.status).toBe(200);
     const doc = (await res.json()) as { openapi: string; paths: Record<string, unknown> };
     expect(doc.openapi).toMatch(/^3\./);
