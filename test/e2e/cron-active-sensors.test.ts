@@ -1,22 +1,42 @@
 // Two real worker processes (src/bin/worker.ts) on one database with METER_CRON every minute: the
 // start-up runs, direct triggers and a real cron firing still give one report per organization and hour.
-import { describe, expect, it, onTestFinished } from 'vitest';
+import { describe, expect } from 'vitest';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { activeSensorRows, createOrganizations } from '../metering/active-sensors-fixtures.js';
-import { createTestContext, createTestDatabase } from '../support/database.js';
 import { type RunningProcess, startEntryPoint } from '../support/processes.js';
+import { contextTest } from '../support/test.js';
 import { waitFor as waitUntil } from '../support/wait.js';
 
 const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: string) =>
   waitUntil(what, condition, deadlineMs, 250);
 
+// pg-boss of the test's own context starts only for the direct triggers, after the workers are up.
+const it = contextTest({ startBoss: false })
+  // Starts a worker process with the cron every minute on the file's database; whatever still runs
+  // when the file ends gets SIGTERM and is waited for, before the database is dropped.
+  .extend('startWorkerProcess', { scope: 'file' }, async ({ databaseUrl }, { onCleanup }) => {
+    const running = new Set<RunningProcess>();
+    onCleanup(async () => {
+      for (const w of running) w.kill('SIGTERM');
+      await Promise.all([...running].map((w) => w.exited));
+    });
+    return (): RunningProcess => {
+      const worker = startEntryPoint('worker', {
+        DATABASE_URL: databaseUrl,
+        METER_CRON: '* * * * *',
+        SHUTDOWN_TIMEOUT_MS: '5000',
+      });
+      running.add(worker);
+      void worker.exited.then(() => running.delete(worker));
+      return worker;
+    };
+  });
+
 describe('hourly report with two worker processes', () => {
   it('reports each billable organization once per hour across start-ups, triggers and a real cron firing', {
     timeout: 150_000,
-  }, async () => {
-    const url = await createTestDatabase();
-    const ctx = await createTestContext({ DATABASE_URL: url });
+  }, async ({ ctx, startWorkerProcess }) => {
     const billable = await createOrganizations(
       ctx.db,
       Array.from({ length: 25 }, (_, i) => ({
@@ -29,12 +49,7 @@ describe('hourly report with two worker processes', () => {
       { status: 'past_due', customer: 'cus_e2e_past_due', activeSensors: 3 },
     ]);
 
-    const env = { DATABASE_URL: url, METER_CRON: '* * * * *', SHUTDOWN_TIMEOUT_MS: '5000' };
-    const workers: RunningProcess[] = [startEntryPoint('worker', env), startEntryPoint('worker', env)];
-    onTestFinished(async () => {
-      for (const w of workers) w.kill('SIGTERM');
-      await Promise.all(workers.map((w) => w.exited));
-    });
+    const workers = [startWorkerProcess(), startWorkerProcess()];
     await Promise.all(workers.map((w) => w.waitForOutput('worker started', 60_000)));
 
     /** Every (organization, hour) at most once, and every billable organization in every hour seen. */
