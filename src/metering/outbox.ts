@@ -123,12 +123,7 @@ export async function enqueueDeliveries(
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS && missing.length > 0; attempt++) {
     const locked = new Set<string>();
     if (lockFirst) {
-      const rows = await sql<{ key: string }>`
-        SELECT singleton_key AS key FROM pgboss.job
-        WHERE name = 'meter-delivery' AND singleton_key = ANY(${missing}::text[])
-          AND state = 'created' AND policy = 'short'
-        ORDER BY singleton_key
-        FOR KEY SHARE`.execute(trx);
+      const rows = await lockQueuedJobs(sql`SELECT unnest(${missing}::text[])`).execute(trx);
       for (const r of rows.rows) locked.add(r.key);
     }
     lockFirst = true;
@@ -147,20 +142,32 @@ export async function enqueueDeliveries(
 }
 
 /**
- * The first pass of enqueueDeliveries as a query to embed in the caller's own statement (a CTE), so
- * a small ingestion transaction saves a round trip: it share-locks the queued delivery jobs of
- * `eventName` for the customers `customers` yields (one text column), in key order, and returns their
- * keys. Pass those keys to enqueueDeliveries as `held`.
+ * Share-locks the queued (not yet started) delivery jobs whose keys `keys` yields (one text column),
+ * in key order, and returns their keys. Such a job cannot start before the locking transaction
+ * commits, so its drain will see that transaction's rows.
  */
-export function lockQueuedDeliveries(eventName: MeterEventName, customers: RawBuilder<unknown>) {
+function lockQueuedJobs(keys: RawBuilder<unknown>) {
   return sql<{ key: string }>`
     SELECT j.singleton_key AS key FROM pgboss.job j
     WHERE j.name = 'meter-delivery' AND j.state = 'created' AND j.policy = 'short'
-      AND j.singleton_key IN (
-        -- deliveryKey(customer, eventName), in SQL
-        SELECT ${deliveryKey('', eventName)}::text || c.customer FROM (${customers}) AS c(customer))
+      -- COALESCE as pg-boss's index of queued singleton jobs (job_common_i1) has it: a lookup per key,
+      -- not a scan of every queued delivery job (20k queued: 5.6 ms -> 0.07 ms).
+      AND COALESCE(j.singleton_key, '') IN (${keys})
     ORDER BY j.singleton_key
     FOR KEY SHARE OF j`;
+}
+
+/**
+ * The first pass of enqueueDeliveries as a query to embed in the caller's own statement (a CTE), so
+ * a small ingestion transaction saves a round trip: it share-locks the queued delivery jobs of
+ * `eventName` for the customers `customers` yields (one text column) and returns their keys. Pass
+ * those keys to enqueueDeliveries as `held`.
+ */
+export function lockQueuedDeliveries(eventName: MeterEventName, customers: RawBuilder<unknown>) {
+  // deliveryKey(customer, eventName), in SQL.
+  return lockQueuedJobs(
+    sql`SELECT ${deliveryKey('', eventName)}::text || c.customer FROM (${customers}) AS c(customer)`,
+  );
 }
 
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */
