@@ -6,7 +6,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, openSync } from 'node:fs';
-import { chmod, chown, cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, cp, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -183,8 +183,7 @@ export async function clusterLocation(
 /**
  * The binaries as the postgres user can run them. When the checkout itself is private (a mode-700
  * directory, a fresh HOME as root), that user cannot reach node_modules: the package's relocatable
- * tree (bin, lib, share) is then copied once to /var/tmp, named after where it came from, and used
- * from there.
+ * tree (bin, lib, share) is then copied once to /var/tmp and used from there.
  */
 async function reachableBinaries(
   bin: { initdb: string; postgres: string },
@@ -192,7 +191,13 @@ async function reachableBinaries(
 ): Promise<{ initdb: string; postgres: string }> {
   if (!owner || (await canReach(dirname(bin.postgres), owner))) return bin;
   const tree = dirname(dirname(bin.postgres));
-  const hash = createHash('sha256').update(resolve(tree)).digest('hex').slice(0, 12);
+  // Named after the tree and its postgres binary's size and time, so an upgraded package in the same
+  // place gets a fresh copy instead of the old binaries.
+  const { size, mtimeMs } = await stat(bin.postgres);
+  const hash = createHash('sha256')
+    .update(`${resolve(tree)}:${size}:${mtimeMs}`)
+    .digest('hex')
+    .slice(0, 12);
   const copy = join('/var/tmp', `meterbox-postgres-bin-${hash}`);
   if (!existsSync(join(copy, 'bin', 'postgres'))) {
     // Copied under a temporary name and renamed, so a concurrent start never sees half a tree.
