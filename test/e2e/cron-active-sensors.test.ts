@@ -4,7 +4,6 @@ import { describe, expect } from 'vitest';
 import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { activeSensorRows, createOrganizations } from '../metering/active-sensors-fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 import { contextTest } from '../support/test.js';
 import { waitFor as waitUntil } from '../support/wait.js';
 
@@ -12,31 +11,12 @@ const waitFor = (condition: () => Promise<boolean>, deadlineMs: number, what: st
   waitUntil(what, condition, deadlineMs, 250);
 
 // pg-boss of the test's own context starts only for the direct triggers, after the workers are up.
-const it = contextTest({ startBoss: false })
-  // Starts a worker process with the cron every minute on the file's database; whatever still runs
-  // when the file ends gets SIGTERM and is waited for, before the database is dropped.
-  .extend('startWorkerProcess', { scope: 'file' }, async ({ databaseUrl }, { onCleanup }) => {
-    const running = new Set<RunningProcess>();
-    onCleanup(async () => {
-      for (const w of running) w.kill('SIGTERM');
-      await Promise.all([...running].map((w) => w.exited));
-    });
-    return (): RunningProcess => {
-      const worker = startEntryPoint('worker', {
-        DATABASE_URL: databaseUrl,
-        METER_CRON: '* * * * *',
-        SHUTDOWN_TIMEOUT_MS: '5000',
-      });
-      running.add(worker);
-      void worker.exited.then(() => running.delete(worker));
-      return worker;
-    };
-  });
+const it = contextTest({ startBoss: false });
 
 describe('hourly report with two worker processes', () => {
   it('reports each billable organization once per hour across start-ups, triggers and a real cron firing', {
     timeout: 150_000,
-  }, async ({ ctx, startWorkerProcess }) => {
+  }, async ({ ctx, startProcess }) => {
     const billable = await createOrganizations(
       ctx.db,
       Array.from({ length: 25 }, (_, i) => ({
@@ -49,6 +29,9 @@ describe('hourly report with two worker processes', () => {
       { status: 'past_due', customer: 'cus_e2e_past_due', activeSensors: 3 },
     ]);
 
+    // Worker processes on the file's database, the cron every minute.
+    const startWorkerProcess = () =>
+      startProcess('worker', { METER_CRON: '* * * * *', SHUTDOWN_TIMEOUT_MS: '5000' });
     const workers = [startWorkerProcess(), startWorkerProcess()];
     await Promise.all(workers.map((w) => w.waitForOutput('worker started', 60_000)));
 

@@ -16,8 +16,8 @@ import {
   reading,
 } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
-import { ROOT, startEntryPoint } from '../support/processes.js';
-import { EMULATOR_ENV, stripeTest } from '../support/test.js';
+import { ROOT } from '../support/processes.js';
+import { stripeTest } from '../support/test.js';
 import { waitFor as waitUntil } from '../support/wait.js';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -67,24 +67,11 @@ const it = stripeTest({
     return { alpha, beta, gamma };
   })
   // The API and the worker as started processes on the file's database and emulator.
-  .extend('site', { scope: 'file' }, async ({ databaseUrl, emulator }, { onCleanup }) => {
+  .extend('site', { scope: 'file' }, async ({ startProcess }) => {
     const [port, metricsPort] = [await freePort(), await freePort()];
-    const env = {
-      ...EMULATOR_ENV,
-      DATABASE_URL: databaseUrl,
-      ADMIN_TOKEN: TOKEN,
-      STRIPE_SECRET_KEY: 'sk_test_e2e_dashboard',
-      STRIPE_API_BASE: emulator.url,
-      DELIVERY_RETRY_DELAY_SECONDS: '1',
-      SHUTDOWN_TIMEOUT_MS: '5000',
-    };
-    const server = startEntryPoint('server', { ...env, PORT: String(port) });
-    const worker = startEntryPoint('worker', { ...env, WORKER_METRICS_PORT: String(metricsPort) });
-    onCleanup(async () => {
-      server.kill('SIGTERM');
-      worker.kill('SIGTERM');
-      await Promise.all([server.exited, worker.exited]);
-    });
+    const env = { DELIVERY_RETRY_DELAY_SECONDS: '1', SHUTDOWN_TIMEOUT_MS: '5000' };
+    const server = startProcess('server', { ...env, PORT: String(port) });
+    const worker = startProcess('worker', { ...env, WORKER_METRICS_PORT: String(metricsPort) });
     await Promise.all([
       server.waitForOutput('meterbox API listening', 60_000),
       worker.waitForOutput('worker started', 60_000),

@@ -7,9 +7,8 @@ import { describe, expect } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
-import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 import { seededRandom } from '../support/random.js';
-import { EMULATOR_ENV, stripeTest } from '../support/test.js';
+import { stripeTest } from '../support/test.js';
 
 const random = seededRandom();
 
@@ -42,34 +41,14 @@ const it = stripeTest({
   emulator: { faults: FAULTS, seed: 7 },
   env: { ...DELIVERY_ENV, STRIPE_SECRET_KEY: 'sk_test_crash' },
 })
-  // Starts a worker process on the file's database and emulator; whatever still runs when the file
-  // ends is SIGKILLed.
-  .extend('startWorkerProcess', { scope: 'file' }, async ({ ctx, databaseUrl, emulator }, { onCleanup }) => {
-    await ensureQueues(ctx.boss, ctx.config);
-    const running = new Set<RunningProcess>();
-    onCleanup(() => {
-      for (const w of running) w.kill('SIGKILL');
-    });
-    return (): RunningProcess => {
-      const worker = startEntryPoint('worker', {
-        ...EMULATOR_ENV,
-        DATABASE_URL: databaseUrl,
-        STRIPE_SECRET_KEY: 'sk_test_crash',
-        STRIPE_API_BASE: emulator.url,
-        LOG_LEVEL: 'warn',
-        ...DELIVERY_ENV,
-      });
-      running.add(worker);
-      void worker.exited.then(() => running.delete(worker));
-      return worker;
-    };
-  });
+  // The queue carries the retry options before the first commit (see DELIVERY_ENV).
+  .extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
 
 describe('worker crashes', () => {
   it('loses nothing and bills nothing twice when workers are SIGKILLed at random moments', async ({
     ctx,
     emulator,
-    startWorkerProcess,
+    startProcess,
   }) => {
     const orgs: OrganizationFixture[] = [];
     for (let i = 0; i < 6; i++) orgs.push(await createOrganization(ctx.db));
@@ -91,6 +70,8 @@ describe('worker crashes', () => {
     })();
 
     // Two workers; one at a time is killed at a random moment and replaced.
+    // Worker processes configured like the file's context (DELIVERY_ENV, the emulator).
+    const startWorkerProcess = () => startProcess('worker', { LOG_LEVEL: 'warn' });
     const workers = [startWorkerProcess(), startWorkerProcess()];
     let kills = 0;
     // At least 14 s of kills, and on until the "accepted, then 500" fault has actually hit a call

@@ -5,7 +5,6 @@ import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import { authHeaders } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
-import { startEntryPoint } from '../support/processes.js';
 import { contextTest } from '../support/test.js';
 
 const TOKEN = 'admin-token-for-the-api-key-cache-test';
@@ -13,14 +12,9 @@ const TOKEN = 'admin-token-for-the-api-key-cache-test';
 const it = contextTest({ env: { ADMIN_TOKEN: TOKEN }, startBoss: false }).extend(
   'baseUrl',
   { scope: 'file' },
-  async ({ databaseUrl }, { onCleanup }) => {
+  async ({ startProcess }) => {
     const port = await freePort();
-    const server = startEntryPoint('server', {
-      DATABASE_URL: databaseUrl,
-      ADMIN_TOKEN: TOKEN,
-      PORT: String(port),
-    });
-    onCleanup(() => void server.kill('SIGKILL'));
+    const server = startProcess('server', { PORT: String(port) });
     await server.waitForOutput('meterbox API listening', 60_000);
     return `http://127.0.0.1:${port}`;
   },

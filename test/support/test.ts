@@ -7,6 +7,9 @@
 //                         at it, app, org (also a customer the emulator knows), and the file's
 //                         worker(s) when asked for.
 //
+// Both also give env (the settings of the file's contexts) and startProcess, which starts a real
+// entry point with those settings and stops it after the file.
+//
 // File-scoped fixtures are built on first use and torn down after the file, in reverse order, even
 // when a test fails. Builders are called at a file's top level (vitest refuses file-scoped fixtures
 // defined inside a describe); a file may call one more than once for contexts of its own.
@@ -21,6 +24,7 @@ import type { Context, ContextOverrides } from '../../src/context.js';
 import { startWorker, type WorkerOptions, type WorkerRuntime } from '../../src/worker/start.js';
 import { openTestContext, provisionTestDatabase } from './database.js';
 import { createOrganization, signIn } from './fixtures.js';
+import { type RunningProcess, startEntryPoint } from './processes.js';
 
 export type TestApp = ReturnType<typeof createApp>;
 type Env = Record<string, string | undefined>;
@@ -40,6 +44,34 @@ function dashboardLogin(ctx: Context, app: TestApp): () => Promise<string> {
     const token = ctx.config.ADMIN_TOKEN;
     if (!token) throw new Error('login needs ADMIN_TOKEN in the builder options');
     return signIn(app, token);
+  };
+}
+
+/**
+ * Starts an entry point (`server`, `worker`, …) as a real process configured like the file's
+ * contexts, plus `extra`. Whatever still runs when the file ends gets SIGTERM (SIGKILL after 5 s)
+ * and is waited for, before the file's database is dropped.
+ */
+function processStarter(
+  env: Env,
+  onCleanup: (fn: () => Promise<void>) => void,
+): (name: string, extra?: Env) => RunningProcess {
+  const running = new Set<RunningProcess>();
+  onCleanup(async () => {
+    await Promise.all(
+      [...running].map(async (p) => {
+        p.kill('SIGTERM');
+        const kill = setTimeout(() => p.kill('SIGKILL'), 5_000);
+        await p.exited;
+        clearTimeout(kill);
+      }),
+    );
+  });
+  return (name, extra = {}) => {
+    const p = startEntryPoint(name, { ...env, ...extra });
+    running.add(p);
+    void p.exited.then(() => running.delete(p));
+    return p;
   };
 }
 
@@ -65,8 +97,15 @@ export function contextTest(options: ContextOptions = {}) {
       .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) =>
         fileDatabase(options.env, onCleanup),
       )
-      .extend('ctx', { scope: 'file' }, async ({ databaseUrl }, { onCleanup }) => {
-        const env = { ...options.env, DATABASE_URL: databaseUrl };
+      .extend(
+        'env',
+        { scope: 'file' },
+        async ({ databaseUrl }): Promise<Env> => ({
+          ...options.env,
+          DATABASE_URL: databaseUrl,
+        }),
+      )
+      .extend('ctx', { scope: 'file' }, async ({ env }, { onCleanup }) => {
         const { ctx, close } = await openTestContext(env, options.overrides);
         onCleanup(close);
         if (options.startBoss !== false) await ctx.boss.start();
@@ -74,6 +113,9 @@ export function contextTest(options: ContextOptions = {}) {
       })
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
       .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
+      .extend('startProcess', { scope: 'file' }, async ({ env }, { onCleanup }) =>
+        processStarter(env, onCleanup),
+      )
       .extend('org', async ({ ctx }) => createOrganization(ctx.db))
   );
 }
@@ -130,13 +172,17 @@ export function stripeTest(options: StripeTestOptions = {}) {
       .extend('databaseUrl', { scope: 'file' }, async ({}, { onCleanup }) =>
         fileDatabase(options.env, onCleanup),
       )
-      .extend('contexts', { scope: 'file' }, async ({ emulator, databaseUrl }, { onCleanup }) => {
-        const env = {
+      .extend(
+        'env',
+        { scope: 'file' },
+        async ({ emulator, databaseUrl }): Promise<Env> => ({
           ...EMULATOR_ENV,
           ...options.env,
           STRIPE_API_BASE: emulator.url,
           DATABASE_URL: databaseUrl,
-        };
+        }),
+      )
+      .extend('contexts', { scope: 'file' }, async ({ env }, { onCleanup }) => {
         const contexts: Context[] = [];
         const closers: (() => Promise<void>)[] = [];
         // Closed in reverse, after every worker on them has stopped (the workers fixture depends on this one).
@@ -154,6 +200,9 @@ export function stripeTest(options: StripeTestOptions = {}) {
       .extend('ctx', { scope: 'file' }, async ({ contexts }) => contexts[0] as Context)
       .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
       .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
+      .extend('startProcess', { scope: 'file' }, async ({ env }, { onCleanup }) =>
+        processStarter(env, onCleanup),
+      )
       .extend(
         'workers',
         { scope: 'file', auto: options.startWorkers === true },
