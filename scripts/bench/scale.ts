@@ -8,7 +8,7 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
@@ -431,8 +431,9 @@ export async function runScaleBench(): Promise<void> {
       },
       results,
     };
-    const file = args.out ?? join('bench-results', `scale-${Date.now()}.json`);
-    writeFileSync(join(ROOT, file), `${JSON.stringify(out, null, 2)}\n`);
+    // Relative to the checkout, as the default is; an absolute --out is taken as given.
+    const file = resolve(ROOT, args.out ?? join('bench-results', `scale-${Date.now()}.json`));
+    writeFileSync(file, `${JSON.stringify(out, null, 2)}\n`);
     log(`results written to ${file}`);
   } finally {
     await cluster.stop();
