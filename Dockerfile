@@ -15,8 +15,13 @@ COPY migrations ./migrations
 RUN node scripts/build.mjs --production && npm prune --omit=dev
 
 FROM node:24-bookworm-slim AS runtime
-# The heap is bounded by the service itself (HEAP_OLD_SPACE_MB / HEAP_YOUNG_SPACE_MB, src/bin/bounded-heap.ts).
-ENV NODE_ENV=production HOST=0.0.0.0 PORT=3000
+# The V8 heap: without flags V8 sizes it from the host's memory (~4 GB old space, 64 MB semi-spaces on a
+# large host) and the API's RSS grows past 300 MB; with these, API and worker each peak under 200 MB
+# under the benchmark's load (docs/benchmarks.md, "Memory with Node's heap flags"). In NODE_OPTIONS
+# rather than in CMD so they reach every command the image runs (compose's worker, migrate, the CLI,
+# an orchestrator's own command); set NODE_OPTIONS to change them.
+ENV NODE_ENV=production HOST=0.0.0.0 PORT=3000 \
+    NODE_OPTIONS="--max-old-space-size=384 --max-semi-space-size=8"
 WORKDIR /app
 COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules

@@ -31,6 +31,21 @@ export default defineConfig({
         extends: true,
         test: { name: 'alone', include: ALONE, sequence: { groupOrder: 1 } },
       },
+      // The cluster suite: a Citus coordinator and two workers on this machine, one distributed
+      // database shared by its files, which run one after the other, after everything else.
+      {
+        test: {
+          name: 'citus',
+          include: ['test/citus/**/*.citus.ts'],
+          globalSetup: ['test/support/citus-setup.ts'],
+          setupFiles: ['test/support/seed-report.ts'],
+          testTimeout: 60_000,
+          hookTimeout: 120_000,
+          pool: 'forks',
+          fileParallelism: false,
+          sequence: { groupOrder: 2 },
+        },
+      },
       // The emulator package's own tests, with its own config (no database, no global set-up).
       'packages/stripe-emulator',
     ],

@@ -15,7 +15,7 @@ const { values } = parseArgs({
   options: { production: { type: 'boolean', default: false }, outdir: { type: 'string', default: 'dist' } },
 });
 // Modules of src/bin shared by the entry points, not entry points themselves.
-const PLUMBING = new Set(['process.ts', 'bounded-heap.ts']);
+const PLUMBING = new Set(['process.ts']);
 const entryPoints = readdirSync('src/bin')
   .filter((f) => f.endsWith('.ts') && !PLUMBING.has(f))
   .map((f) => ({ in: `src/bin/${f}`, out: f.replace(/\.ts$/, '') }))

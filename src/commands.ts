@@ -2,15 +2,19 @@
 // "print this and exit" or "run this command with these flags" (no database needed to decide).
 // A composer: it lists the features' commands; the command type and helpers sit below in src/cli/.
 import { parseArgs } from 'node:util';
+import { citusCommands } from './admin/citus-cli.js';
 import { adminCommands } from './admin/cli.js';
 import { correctionCommands } from './admin/corrections-cli.js';
 import { organizationCommands } from './admin/organizations-cli.js';
+import { stripeCommands } from './billing/stripe-cli.js';
 import type { CliCommand } from './cli/command.js';
 
 export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...organizationCommands,
   ...adminCommands,
   ...correctionCommands,
+  ...stripeCommands,
+  ...citusCommands,
 };
 
 export function generalHelp(): string {

@@ -13,14 +13,22 @@ const cronExpression = z
   .trim()
   .regex(/^(\S+\s+){4}\S+$/, 'must be a 5-field cron expression, e.g. "0 * * * *"');
 
+const postgresUrl = optionalString.pipe(
+  z
+    .string()
+    .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// connection string')
+    .optional(),
+);
+
 /** Each key is the environment variable's name; defaults are the documented ones (.env.example). */
 export const configSchema = z.object({
-  DATABASE_URL: optionalString.pipe(
-    z
-      .string()
-      .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// connection string')
-      .optional(),
-  ),
+  /** May point at PgBouncer in transaction mode: nothing run on it relies on session state. */
+  DATABASE_URL: postgresUrl,
+  /**
+   * A direct (session) connection for what needs one: the LISTEN connections (API-key revocations,
+   * pg-boss wake-ups) and migrations (session advisory lock). Unset: DATABASE_URL.
+   */
+  DATABASE_DIRECT_URL: postgresUrl,
   PORT: int(0, 65535).default(3000),
   HOST: z.string().min(1).default('127.0.0.1'),
   STRIPE_SECRET_KEY: optionalString,
@@ -43,7 +51,7 @@ export const configSchema = z.object({
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
-  DELIVERY_CONCURRENCY: int(1, 100).default(5),
+  DELIVERY_CONCURRENCY: int(1, 100).default(8),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
@@ -54,34 +62,51 @@ export const configSchema = z.object({
   DELIVERY_POLL_INTERVAL_SECONDS: z.coerce.number().min(0.5).max(60).default(1),
   // --- Delivery at scale (issue 12: leases, shared call budget, many calls in flight) ---
   /** Stripe calls one worker process keeps in flight (each holds no connection while it waits). */
-  DELIVERY_MAX_IN_FLIGHT: int(1, 10_000).default(100),
-  /** A delivery lease's lifetime; must exceed the Stripe client timeout (15 s) plus the budget wait. */
-  DELIVERY_LEASE_SECONDS: int(1, 3600).default(60),
+  DELIVERY_MAX_IN_FLIGHT: int(1, 10_000).default(800),
+  /**
+   * A delivery lease's lifetime. Every Stripe call made under a lease is given at most the time the
+   * lease has left (less a second) as its timeout, and none starts with less than a second: so a lease
+   * never lapses while its call is open. 60 s leaves a slow Stripe its full 15 s; 5 s is the least
+   * that still fits the longest budget wait (2 s) and a call.
+   */
+  DELIVERY_LEASE_SECONDS: int(5, 3600).default(60),
   /** Account-wide Stripe calls per second shared by all workers; unset: 25 test mode, 800 live. */
   STRIPE_MAX_CALLS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))
     .pipe(z.number().int().min(1).max(100_000).optional()),
   /** v1: POST /v1/billing/meter_events; v2: the meter event stream. */
   DELIVERY_TRANSPORT: z.enum(['v1', 'v2']).default('v1'),
+  /**
+   * v2 only: how long a row Stripe accepted stays "validating" before it counts as delivered, unless an
+   * error report names it first. Stripe does not document how late its reports come; 0 = delivered on
+   * the 200, as v1.
+   */
+  DELIVERY_V2_VALIDATION_SECONDS: int(0, 86_400).default(900),
   // --- end delivery at scale ---
+  /**
+   * Finished (completed or failed) jobs of meterbox's queues are deleted this long after they
+   * finish; the outbox row, not the job, records what was delivered. Dead-lettered deliveries are
+   * kept 14 days regardless (meter-delivery-dead).
+   */
+  JOB_RETENTION_SECONDS: int(1, 7 * 86_400).default(900),
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
-  /**
-   * V8 heap bounds of node dist/server.js and dist/worker.js (src/bin/bounded-heap.ts): the service
-   * runs in a worker thread with these resource limits. 0 = run on the main thread with Node's own
-   * heap sizing (derived from the host's memory, ~4 GB and 64 MB semi-spaces on a large host).
-   */
-  HEAP_OLD_SPACE_MB: int(0, 65_536)
-    .refine((v) => v === 0 || v >= 64, 'must be 0 (off) or at least 64')
-    .default(384),
-  HEAP_YOUNG_SPACE_MB: int(4, 1024).default(16),
   /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
   WORKER_METRICS_PORT: int(0, 65535).default(0),
   /** Readings kept (400 days > 13 months); older readings are refused at ingestion and dropped. */
   READINGS_RETENTION_DAYS: int(1, 36_500).default(400),
   /** Delivered outbox rows older than this are compacted into hourly rollups (Stripe: 35 days + margin). */
   OUTBOX_COMPACTION_DAYS: int(36, 36_500).default(45),
+  // --- going live (issue 25) ---
+  /** How often the worker re-reads the account's meters (also at start and on a no_meter report). */
+  METER_CATALOG_REFRESH_SECONDS: int(1, 3600).default(60),
+  /** How often the worker reconciles what it sent with Stripe's meter event summaries; 0 = off. */
+  RECONCILIATION_INTERVAL_SECONDS: int(0, 86_400).default(3600),
+  /** How many whole UTC hours back each scheduled reconciliation compares (the current hour excluded). */
+  RECONCILIATION_LOOKBACK_HOURS: int(1, 24 * 35).default(48),
+  /** A customer-hour is compared only once its last row was delivered this long ago (Stripe aggregates asynchronously). */
+  RECONCILIATION_SETTLE_SECONDS: int(0, 86_400).default(600),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
 });
@@ -116,6 +141,35 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   return Object.freeze(parsed.data);
 }
 
+/**
+ * Settings meterbox no longer reads, each with what replaces it. They were the heap bounds of a worker
+ * thread the server and worker used to serve from; the heap is now sized by Node's own flags
+ * (`--max-old-space-size`, `--max-semi-space-size`, on the command line or in NODE_OPTIONS; the image
+ * sets them). A start with one set goes on and says so (src/bin/process.ts): refusing would turn an
+ * upgrade with an unchanged .env into an outage, and the flags the image sets keep the heap bounded.
+ */
+const RETIRED_SETTINGS: Record<string, (mb: number | undefined) => string> = {
+  HEAP_OLD_SPACE_MB: (mb) =>
+    mb === 0
+      ? "remove it: without --max-old-space-size Node sizes the heap from the host's memory"
+      : `use Node's flag --max-old-space-size=${mb ?? '<MB>'} (command line or NODE_OPTIONS)`,
+  // V8's young generation is three semi-spaces (two for copying, one for new large objects).
+  HEAP_YOUNG_SPACE_MB: (mb) =>
+    `use Node's flag --max-semi-space-size=${mb === undefined ? '<MB>' : Math.max(1, Math.round(mb / 3))} (command line or NODE_OPTIONS)`,
+};
+
+/** One line per retired setting present in `env` (empty strings count as unset, as everywhere). */
+export function retiredSettingWarnings(env: Record<string, string | undefined>): string[] {
+  const lines: string[] = [];
+  for (const [name, replacement] of Object.entries(RETIRED_SETTINGS)) {
+    const value = env[name]?.trim();
+    if (!value) continue;
+    const mb = /^\d+$/.test(value) ? Number(value) : undefined;
+    lines.push(`${name} is no longer read (the heap is sized by Node's flags): ${replacement(mb)}`);
+  }
+  return lines;
+}
+
 /** For production entry points, which never fall back to an embedded database. */
 export function requireDatabaseUrl(config: Config): string {
   if (!config.DATABASE_URL) {
@@ -124,4 +178,12 @@ export function requireDatabaseUrl(config: Config): string {
     ]);
   }
   return config.DATABASE_URL;
+}
+
+/**
+ * The connection for what needs a session of its own (LISTEN, session advisory locks): the direct
+ * URL when one is set, else DATABASE_URL.
+ */
+export function directDatabaseUrl(config: Config): string {
+  return config.DATABASE_DIRECT_URL ?? requireDatabaseUrl(config);
 }

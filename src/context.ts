@@ -6,12 +6,14 @@ import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
 import { type Clock, systemClock } from './clock.js';
 import type { Config } from './config.js';
-import { requireDatabaseUrl } from './config.js';
+import { directDatabaseUrl, requireDatabaseUrl } from './config.js';
 import type { Context } from './context-type.js';
 import { ApiKeyCache } from './credentials/api-key-cache.js';
 import { createDatabase } from './db/database.js';
+import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
+import { jobMaintenanceTiming } from './metering/queues.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
 
 // The interface lives below the features (src/context-type.ts); entry points and tests take it from here.
@@ -33,6 +35,10 @@ export function createStripeClient(config: Config): Stripe | undefined {
     // meterbox owns retries (pg-boss backoff); the SDK's own would hide attempts from the outbox.
     maxNetworkRetries: 0,
     timeout: 15_000,
+    // The SDK sends each call's latency to Stripe on a later call and buffers at most 100; with
+    // hundreds of calls in flight the buffer overflows and every call prints a Node warning to
+    // stderr ("Request metrics buffer is full"): 251 lines in a 10-minute soak (issue 27).
+    telemetry: false,
     appInfo: { name: 'meterbox' },
   };
   if (config.STRIPE_API_BASE) {
@@ -50,11 +56,20 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const applicationName = overrides.applicationName ?? 'meterbox';
   const database = createDatabase({ connectionString, max: config.DB_POOL_MAX, log, applicationName });
   const supervise = overrides.bossSupervise ?? false;
-  const boss = new PgBoss({
+  // LISTEN needs a session: behind a transaction pooler the session-bound connections (pg-boss's
+  // wake-ups, the key cache's revocations) go to DATABASE_DIRECT_URL, everything else to the pool.
+  const directUrl = directDatabaseUrl(config);
+  const bossConnection = {
     connectionString,
     application_name: `${applicationName}-pgboss`,
     max: Math.max(2, Math.ceil(config.DB_POOL_MAX / 2)),
+  };
+  const boss = new PgBoss({
+    ...bossConnection,
+    ...(directUrl === connectionString ? {} : { db: new SplitListenDb(bossConnection, directUrl) }),
     supervise,
+    // Finished jobs are deleted after JOB_RETENTION_SECONDS only if maintenance runs that often.
+    ...jobMaintenanceTiming(config),
     schedule: supervise,
     migrate: false,
     createSchema: false,
@@ -67,7 +82,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const stripe = overrides.stripe ?? createStripeClient(config);
   if (stripe) instrumentStripe(stripe, metrics);
 
-  const apiKeys = new ApiKeyCache({ connectionString, log: log.child({ component: 'api-keys' }) });
+  const apiKeys = new ApiKeyCache({ connectionString: directUrl, log: log.child({ component: 'api-keys' }) });
 
   let closed: Promise<void> | undefined;
   const context: Context = {

@@ -1,5 +1,11 @@
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, requireDatabaseUrl } from '../src/config.js';
+import {
+  ConfigError,
+  directDatabaseUrl,
+  loadConfig,
+  requireDatabaseUrl,
+  retiredSettingWarnings,
+} from '../src/config.js';
 import { createStripeClient } from '../src/context.js';
 import { callsPerSecond } from '../src/metering/budget.js';
 import { chooseTransport } from '../src/metering/delivery.js';
@@ -13,13 +19,13 @@ describe('loadConfig', () => {
     expect(config.LOG_LEVEL).toBe('info');
     expect(config.METER_CRON).toBe('0 * * * *');
     expect(config.READINGS_MAX_BATCH).toBe(1000);
-    expect(config.DELIVERY_CONCURRENCY).toBe(5);
+    expect(config.DELIVERY_CONCURRENCY).toBe(8);
     expect(Object.isFrozen(config)).toBe(true);
   });
 
   it('defaults delivery at scale: 100 in flight, 60 s leases, v1, and a call budget by key mode', () => {
     const config = loadConfig({});
-    expect(config.DELIVERY_MAX_IN_FLIGHT).toBe(100);
+    expect(config.DELIVERY_MAX_IN_FLIGHT).toBe(800);
     expect(config.DELIVERY_LEASE_SECONDS).toBe(60);
     expect(config.DELIVERY_TRANSPORT).toBe('v1');
     expect(config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
@@ -58,6 +64,8 @@ describe('loadConfig', () => {
     ['DELIVERY_CONCURRENCY', '0'],
     ['DELIVERY_MAX_IN_FLIGHT', '0'],
     ['DELIVERY_LEASE_SECONDS', '0'],
+    // Shorter than a budget wait and a call: a call could outlive its lease.
+    ['DELIVERY_LEASE_SECONDS', '4'],
     ['STRIPE_MAX_CALLS_PER_SECOND', 'fast'],
     ['STRIPE_MAX_CALLS_PER_SECOND', '0'],
     ['DELIVERY_TRANSPORT', 'v3'],
@@ -71,9 +79,40 @@ describe('loadConfig', () => {
     }
   });
 
+  it('names each retired HEAP_* setting that is set, with the Node flag that replaces it', () => {
+    expect(retiredSettingWarnings({})).toEqual([]);
+    expect(retiredSettingWarnings({ HEAP_OLD_SPACE_MB: ' ', HEAP_YOUNG_SPACE_MB: '' })).toEqual([]);
+    expect(retiredSettingWarnings({ HEAP_OLD_SPACE_MB: '384', HEAP_YOUNG_SPACE_MB: '16' })).toEqual([
+      "HEAP_OLD_SPACE_MB is no longer read (the heap is sized by Node's flags): use Node's flag --max-old-space-size=384 (command line or NODE_OPTIONS)",
+      "HEAP_YOUNG_SPACE_MB is no longer read (the heap is sized by Node's flags): use Node's flag --max-semi-space-size=5 (command line or NODE_OPTIONS)",
+    ]);
+    expect(retiredSettingWarnings({ HEAP_OLD_SPACE_MB: '0' })).toEqual([
+      "HEAP_OLD_SPACE_MB is no longer read (the heap is sized by Node's flags): remove it: without --max-old-space-size Node sizes the heap from the host's memory",
+    ]);
+    expect(retiredSettingWarnings({ HEAP_YOUNG_SPACE_MB: 'big' })).toEqual([
+      "HEAP_YOUNG_SPACE_MB is no longer read (the heap is sized by Node's flags): use Node's flag --max-semi-space-size=<MB> (command line or NODE_OPTIONS)",
+    ]);
+    // Retired settings are not validated any more: an old value never stops a start.
+    expect(() => loadConfig({ HEAP_OLD_SPACE_MB: '12', HEAP_YOUNG_SPACE_MB: 'x' })).not.toThrow();
+  });
+
   it('requires DATABASE_URL for production entry points', () => {
     expect(() => requireDatabaseUrl(loadConfig({}))).toThrow(/DATABASE_URL/);
     expect(requireDatabaseUrl(loadConfig({ DATABASE_URL: 'postgres://a@b/c' }))).toBe('postgres://a@b/c');
+  });
+
+  it('takes the session connection from DATABASE_DIRECT_URL, else DATABASE_URL, and checks its shape', () => {
+    const pooled = 'postgres://a@pgbouncer:6432/c';
+    expect(directDatabaseUrl(loadConfig({ DATABASE_URL: pooled }))).toBe(pooled);
+    expect(directDatabaseUrl(loadConfig({ DATABASE_URL: pooled, DATABASE_DIRECT_URL: '' }))).toBe(pooled);
+    expect(
+      directDatabaseUrl(
+        loadConfig({ DATABASE_URL: pooled, DATABASE_DIRECT_URL: 'postgresql://a@db:5432/c' }),
+      ),
+    ).toBe('postgresql://a@db:5432/c');
+    expect(() => loadConfig({ DATABASE_URL: pooled, DATABASE_DIRECT_URL: 'mysql://a@db/c' })).toThrow(
+      /DATABASE_DIRECT_URL: must be a postgres:\/\/ connection string/,
+    );
   });
 });
 

@@ -2,13 +2,32 @@
 // every setting reaches the containers, one Postgres major everywhere, and the production build
 // carries no development tooling (dev mode, the Stripe emulator, the embedded Postgres).
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { parse } from 'yaml';
 import { ROOT } from './support/processes.js';
 
 const read = (file: string) => readFileSync(join(ROOT, file), 'utf8');
+
+interface ComposeService {
+  profiles?: string[];
+  build?: string;
+  image?: string;
+  command?: string[];
+  environment?: Record<string, string>;
+  volumes?: string[];
+  depends_on?: unknown;
+}
+
+/** compose.yaml with its anchors and merge keys resolved, as Compose reads it. */
+function composeFile(): { services: Record<string, ComposeService>; volumes: Record<string, unknown> } {
+  return parse(read('compose.yaml'), { merge: true }) as {
+    services: Record<string, ComposeService>;
+    volumes: Record<string, unknown>;
+  };
+}
 
 describe('deployment files', () => {
   it('compose passes every .env setting to the app containers (env_file) and documents it', () => {
@@ -49,6 +68,12 @@ describe('deployment files', () => {
     expect(dockerfile).not.toMatch(/^COPY .*packages/m);
   });
 
+  it("sizes the heap with Node's flags in the image's NODE_OPTIONS, the values the README publishes", () => {
+    const flags = /NODE_OPTIONS="([^"]+)"/.exec(read('Dockerfile'))?.[1];
+    expect(flags).toMatch(/^--max-old-space-size=\d+ --max-semi-space-size=\d+$/);
+    expect(read('README.md')).toContain(`NODE_OPTIONS="${flags}"`);
+  });
+
   it('builds only the production entry points with --production, none reaching dev-only code', () => {
     const out = mkdtempSync(join(tmpdir(), 'meterbox-build-'));
     try {
@@ -65,5 +90,78 @@ describe('deployment files', () => {
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
+  });
+
+  it('app containers get a pooled DATABASE_URL (PgBouncer when DB_HOST says so) and a direct DATABASE_DIRECT_URL', () => {
+    const { services } = composeFile();
+    for (const name of ['migrate', 'api', 'worker']) {
+      const env = services[name]?.environment ?? {};
+      expect(env.DATABASE_URL, name).toMatch(/@\$\{DB_HOST:-postgres\}:\$\{DB_PORT:-5432\}\/meterbox$/);
+      expect(env.DATABASE_DIRECT_URL, name).toMatch(/@postgres:5432\/meterbox$/);
+    }
+    // Prometheus scrapes the worker's own /metrics on the compose network.
+    expect(services.worker?.environment).toMatchObject({ HOST: '0.0.0.0', WORKER_METRICS_PORT: '9464' });
+  });
+
+  it('the ops profile: PgBouncer in transaction mode, Prometheus with the alert rules, Grafana with the dashboard', () => {
+    const { services, volumes } = composeFile();
+    const ops = Object.entries(services)
+      .filter(([, s]) => s.profiles?.includes('ops'))
+      .map(([name]) => name);
+    expect(ops.sort()).toEqual(['grafana', 'pgbouncer', 'prometheus']);
+    // The default profile is unchanged: nothing else has a profile.
+    for (const name of ['postgres', 'migrate', 'api', 'worker'])
+      expect(services[name]?.profiles).toBeUndefined();
+
+    // PgBouncer: Debian's package (what CI tests), transaction pooling in front of the postgres service.
+    expect(services.pgbouncer?.build).toBe('deploy/pgbouncer');
+    const dockerfile = read('deploy/pgbouncer/Dockerfile');
+    expect(dockerfile).toMatch(/apt-get install .*pgbouncer/);
+    for (const copied of dockerfile.matchAll(/^COPY (\S+) /gm))
+      expect(existsSync(join(ROOT, 'deploy/pgbouncer', copied[1]!))).toBe(true);
+    const ini = read('deploy/pgbouncer/pgbouncer.ini');
+    expect(ini).toMatch(/^pool_mode = transaction$/m);
+    expect(ini).toMatch(/^meterbox = host=postgres port=5432 dbname=meterbox$/m);
+    expect(ini).toMatch(/^listen_port = 6432$/m);
+
+    // Every file a container mounts exists, and lands where the service reads it.
+    const mounts = new Map<string, string>();
+    for (const name of ['prometheus', 'grafana']) {
+      for (const volume of services[name]?.volumes ?? []) {
+        const [source, target] = volume.split(':');
+        if (!source?.startsWith('./')) {
+          expect(volumes, `${name}: named volume ${source}`).toHaveProperty(source!);
+          continue;
+        }
+        expect(existsSync(join(ROOT, source)), `${name}: ${source}`).toBe(true);
+        mounts.set(target!, source);
+      }
+    }
+    expect(mounts.get('/etc/prometheus/prometheus.yml')).toBe('./deploy/prometheus/prometheus.yml');
+    expect(mounts.get('/etc/prometheus/alerts.yml')).toBe('./deploy/prometheus/alerts.yml');
+    const prometheus = parse(read('deploy/prometheus/prometheus.yml')) as {
+      rule_files: string[];
+      scrape_configs: { job_name: string; dns_sd_configs: { names: string[]; port: number }[] }[];
+    };
+    expect(prometheus.rule_files).toEqual(['alerts.yml']);
+    const scraped = Object.fromEntries(
+      prometheus.scrape_configs.map((c) => [c.dns_sd_configs[0]?.names[0], c.dns_sd_configs[0]?.port]),
+    );
+    expect(scraped).toEqual({ api: 3000, worker: 9464 });
+    // The alert rules select jobs named meterbox*.
+    for (const c of prometheus.scrape_configs) expect(c.job_name).toMatch(/^meterbox/);
+
+    expect(mounts.get('/etc/grafana/provisioning')).toBe('./deploy/grafana/provisioning');
+    const provider = parse(read('deploy/grafana/provisioning/dashboards/meterbox.yml')) as {
+      providers: { options: { path: string } }[];
+    };
+    const dashboardsDir = provider.providers[0]?.options.path;
+    expect(mounts.get(`${dashboardsDir}/meterbox.json`)).toBe('./deploy/grafana/meterbox.json');
+    const datasource = parse(read('deploy/grafana/provisioning/datasources/prometheus.yml')) as {
+      datasources: { type: string; url: string; isDefault: boolean }[];
+    };
+    expect(datasource.datasources).toEqual([
+      expect.objectContaining({ type: 'prometheus', url: 'http://prometheus:9090', isDefault: true }),
+    ]);
   });
 });

@@ -22,6 +22,9 @@ const LAYERS: readonly (readonly string[])[] = [
   // Features, each calling only the ones below it.
   ['billing'],
   ['metering'],
+  // Storage over time (partitions, retention, compaction): ageing data is not metering; its job is
+  // scheduled through the one queue registry (metering/queues.ts).
+  ['storage'],
   ['ingest'],
   ['admin'],
   // Composers: the composition root, the HTTP API, the worker, the CLI registry, the migrate step.
@@ -214,5 +217,27 @@ describe('layering of src/', () => {
       ...crossUnitImports('billing/d.ts', "import { log } from '../log.js';\n"),
     ];
     expect(cycles(ring)).toEqual(['billing -> ingest -> metering -> billing']);
+  });
+});
+
+describe('scripts/', () => {
+  // Developer tools (bench, chaos launcher, simulate) run outside vitest: what they share with the
+  // tests lives in scripts/lib/, which the test kit re-uses, never the other way round.
+  const SCRIPTS = resolve(import.meta.dirname, '../scripts');
+  const files = readdirSync(SCRIPTS, { recursive: true, encoding: 'utf8' })
+    .filter((name) => /\.(?:tsx?|[cm]?js)$/.test(name) && !name.endsWith('.d.ts'))
+    .map((name) => join(SCRIPTS, name));
+  const imports = files.flatMap((path) =>
+    ts
+      .preProcessFile(readFileSync(path, 'utf8'), true, true)
+      .importedFiles.map((i) => ({ file: relative(SCRIPTS, path), specifier: i.fileName })),
+  );
+
+  it('never import the test tree or vitest', () => {
+    expect(imports.some((i) => i.specifier.includes('/src/'))).toBe(true);
+    const intoTests = imports.filter(
+      (i) => i.specifier === 'vitest' || /^(\.\.\/)+test\//.test(posix.normalize(i.specifier)),
+    );
+    expect(intoTests).toEqual([]);
   });
 });

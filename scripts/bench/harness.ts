@@ -9,20 +9,14 @@ import type { Kysely } from 'kysely';
 import pg from 'pg';
 import { loadConfig } from '../../src/config.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
-import { type EmbeddedDatabase, startEmbeddedPostgres } from '../../src/db/embedded.js';
+import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
-import {
-  ChildProc,
-  type ChildProc as Proc,
-  ROOT,
-  startProcess as startKitProcess,
-} from '../../test/support/child.js';
-import { createOrganization, createSensors } from '../../test/support/fixtures.js';
-import { freePort } from '../../test/support/net.js';
-import { sleep, waitUntil } from '../../test/support/poll.js';
 import { bundle } from '../bundle.mjs';
+import { ChildProc, type ChildProc as Proc, ROOT, startProcess as startKitProcess } from '../lib/child.js';
+import { createOrganization, createSensors } from '../lib/fixtures.js';
+import { sleep, waitUntil } from '../lib/poll.js';
 
 export { ROOT, sleep };
 // ---------------------------------------------------------------- Postgres
@@ -144,7 +138,7 @@ export class ReadingSource {
 
 // ---------------------------------------------------------------- processes
 
-/** The kit's process wrapper (test/support/child.ts), under the name bench and chaos use. */
+/** The shared process wrapper (scripts/lib/child.ts), under the name bench and chaos use. */
 export { ChildProc as Proc };
 
 /**

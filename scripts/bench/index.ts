@@ -1,4 +1,5 @@
-// npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts)
+// npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
+// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -9,7 +10,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
-import { waitUntil } from '../../test/support/poll.js';
+import { waitUntil } from '../lib/poll.js';
 import { renderChart } from './chart.js';
 import {
   buildEntries,
@@ -30,7 +31,19 @@ import {
   startWorkerProcess,
 } from './harness.js';
 
+// Single readings through PgBouncer against direct (pgbouncer.ts): npm run bench -- --pgbouncer
+if (process.argv.includes('--pgbouncer')) {
+  const { runPgBouncerBench } = await import('./pgbouncer.js');
+  await runPgBouncerBench();
+  process.exit(0);
+}
+
 // Delivery at platform scale is its own run (scale.ts): npm run bench -- --scale
+// Endurance, flat curves over an hour (soak.ts): npm run bench -- --soak [--duration 1h]
+if (process.argv.includes('--soak')) {
+  const { runSoakBench } = await import('./soak.js');
+  process.exit(await runSoakBench());
+}
 if (process.argv.includes('--scale')) {
   const { runScaleBench } = await import('./scale.js');
   await runScaleBench();

@@ -12,8 +12,10 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
-import { pollUntil } from '../../test/support/poll.js';
-import { seededRandom } from '../../test/support/random.js';
+import { PgBoss } from 'pg-boss';
+import { queueDeliveries } from '../../src/metering/outbox.js';
+import { pollUntil } from '../lib/poll.js';
+import { seededRandom } from '../lib/random.js';
 import {
   buildEntries,
   createOrgs,
@@ -38,6 +40,8 @@ interface Scenario {
   limit: number;
   /** Live key (budget default 800/s) or test key (default 25/s). */
   live: boolean;
+  /** Single-reading requests per second during the load (default --rate, 150). */
+  rate?: number;
 }
 
 const { values: args } = parseArgs({
@@ -49,6 +53,8 @@ const { values: args } = parseArgs({
     only: { type: 'string' },
     // pg_stat_statements on: prints each scenario's costliest statements (and stores them in the JSON).
     profile: { type: 'boolean', default: false },
+    // Events/s of one worker draining a preloaded backlog, at 0 ms and at 0-500 ms Stripe latency.
+    throughput: { type: 'boolean', default: false },
     // One line per second during the load: backlog, calls/s, job states.
     verbose: { type: 'boolean', default: false },
     // Writes a V8 CPU profile of the worker to bench-results/cpu-prof/ (open in Chrome DevTools).
@@ -65,13 +71,6 @@ const STARTUP_CAP_MS = quick ? 20_000 : 240_000;
 
 const ALL_SCENARIOS: Scenario[] = [
   {
-    name: '1k customers, v1, live limit 1,000/s',
-    customers: 1_000,
-    transport: 'v1',
-    limit: 1000,
-    live: true,
-  },
-  {
     name: '10k customers, v1, live limit 1,000/s',
     customers: 10_000,
     transport: 'v1',
@@ -86,11 +85,26 @@ const ALL_SCENARIOS: Scenario[] = [
     live: false,
   },
   {
-    name: '10k customers, v1, sandbox limit 25/s',
+    name: '10k customers x 600 requests/s, v2, live limit 1,000 requests/s',
     customers: 10_000,
+    transport: 'v2',
+    limit: 1000,
+    live: true,
+    rate: 600,
+  },
+  {
+    name: '100k customers, v2, live limit 1,000 requests/s',
+    customers: 100_000,
+    transport: 'v2',
+    limit: 1000,
+    live: true,
+  },
+  {
+    name: '1k customers, v1, live limit 1,000/s',
+    customers: 1_000,
     transport: 'v1',
-    limit: 25,
-    live: false,
+    limit: 1000,
+    live: true,
   },
 ];
 const SCENARIOS = ALL_SCENARIOS.filter((s) => !args.only || s.name.includes(args.only));
@@ -140,7 +154,7 @@ async function jobStates(pool: pg.Pool): Promise<{ ready: number; deferred: numb
 async function pending(pool: pg.Pool): Promise<{ rows: number; oldestMs: number }> {
   const r = await pool.query<{ n: string; age: number | null }>(
     `SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) * 1000 AS age
-       FROM meter_outbox WHERE status = 'pending'`,
+       FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL`,
   );
   return { rows: Number(r.rows[0]?.n ?? 0), oldestMs: Math.round(Number(r.rows[0]?.age ?? 0)) };
 }
@@ -160,6 +174,147 @@ async function topStatements(pool: pg.Pool) {
   }));
 }
 
+const WORKER_ROLE = 'meterbox_bench_worker';
+
+/** The worker connects as its own role, so pg_stat_statements tells its statements from the API's. */
+async function workerRole(pool: pg.Pool, url: string): Promise<string> {
+  const u = new URL(url);
+  const password = decodeURIComponent(u.password);
+  await pool.query(`DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${WORKER_ROLE}') THEN
+        CREATE ROLE ${WORKER_ROLE} LOGIN SUPERUSER PASSWORD '${password.replace(/'/g, "''")}';
+      END IF; END $$`);
+  u.username = WORKER_ROLE;
+  return u.toString();
+}
+
+/** The worker role's statements since the last reset, per delivered event. */
+async function workerStatements(pool: pg.Pool, events: number) {
+  const r = await pool.query<{ calls: string | null; ms: number | null }>(
+    `SELECT sum(s.calls)::text AS calls, sum(s.total_exec_time)::float8 AS ms
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = $1`,
+    [WORKER_ROLE],
+  );
+  const calls = Number(r.rows[0]?.calls ?? 0);
+  const ms = Number(r.rows[0]?.ms ?? 0);
+  // Where the worker's statements go: the ten it ran most often.
+  const top = await pool.query<{ query: string; calls: string; ms: number }>(
+    `SELECT regexp_replace(s.query, '\\s+', ' ', 'g') AS query, s.calls::text, s.total_exec_time AS ms
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = $1
+      ORDER BY s.calls DESC LIMIT 10`,
+    [WORKER_ROLE],
+  );
+  return {
+    events,
+    statements: calls,
+    statementsPerEvent: events ? round(calls / events, 3) : null,
+    execMs: round(ms),
+    execMsPerEvent: events ? round(ms / events, 4) : null,
+    mostCalled: top.rows.map((x) => ({
+      calls: Number(x.calls),
+      ms: round(x.ms),
+      query: x.query.slice(0, 100),
+    })),
+  };
+}
+
+/**
+ * Events/s of ONE worker: 10,000 billable customers, one pending reading row each (and the worker's
+ * own start-up active_sensors run, 10,000 more events), the emulator answering after 0 ms or 0-500 ms
+ * with no account limit and the worker's budget raised out of the way: how fast the pipeline moves.
+ */
+async function runThroughput(
+  cluster: Awaited<ReturnType<typeof startCluster>>,
+  entries: Record<string, string>,
+  transport: 'v1' | 'v2',
+  jitterMs: number,
+) {
+  const customers = quick ? 2_000 : 10_000;
+  log(`--- throughput: ${transport}, Stripe latency 0-${jitterMs} ms, ${customers} customers`);
+  const url = await freshDatabase(cluster, 'tput');
+  const harness = openDatabase(url, 8);
+  await harness.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+  const workerUrl = await workerRole(harness.pool, url);
+  const cleanup: (() => Promise<unknown> | unknown)[] = [() => harness.db.destroy()];
+  try {
+    const orgs = await createManyOrgs(harness.db, customers);
+    // One pending reading row per customer, and its delivery job, queued before the worker starts.
+    await harness.pool.query(
+      `INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+       SELECT organization_id, 'temperature_readings', stripe_customer_id, 1, now() - interval '1 minute', now() - interval '1 hour'
+         FROM subscriptions WHERE stripe_customer_id IS NOT NULL`,
+    );
+    const boss = new PgBoss({
+      connectionString: url,
+      max: 2,
+      supervise: false,
+      schedule: false,
+      migrate: false,
+    });
+    await boss.start();
+    for (let i = 0; i < orgs.length; i += 1000) {
+      await queueDeliveries(
+        boss,
+        orgs
+          .slice(i, i + 1000)
+          .map((o) => ({ customerId: o.customerId, eventName: 'temperature_readings' as const })),
+      );
+    }
+    await boss.stop({ graceful: false, close: true });
+    const emulator = await startStripeEmulator({
+      port: 0,
+      faults: { latencyMs: 0, jitterMs },
+      ratePerSecond: 1_000_000,
+      streamRatePerSecond: 1_000_000,
+    });
+    cleanup.push(() => emulator.stop());
+    await harness.pool.query('SELECT pg_stat_statements_reset()');
+    const started = Date.now();
+    const worker = await startWorkerProcess(
+      {
+        DATABASE_URL: workerUrl,
+        LOG_LEVEL: 'warn',
+        STRIPE_SECRET_KEY: 'sk_live_bench_throughput',
+        STRIPE_API_BASE: emulator.url,
+        DELIVERY_TRANSPORT: transport,
+        STRIPE_MAX_CALLS_PER_SECOND: '100000',
+      },
+      'worker',
+      entries['src/bin/worker.ts'],
+    );
+    cleanup.push(() => worker.stop());
+    const total = customers * 2;
+    const level = await pollUntil(
+      async () => emulator.events().length >= total,
+      quick ? 60_000 : 240_000,
+      50,
+    );
+    const received = emulator.events().map((e) => e.receivedAt);
+    const events = received.length;
+    // First to last event Stripe received: the pipeline's pace, without the process start.
+    const ms = Math.max(1, Math.max(...received) - Math.min(...received));
+    const startMs = Math.min(...received) - started;
+    const cost = await workerStatements(harness.pool, events);
+    const result = {
+      transport,
+      stripeLatencyMs: `0-${jitterMs}`,
+      events,
+      seconds: round(ms / 1000, 1),
+      firstEventAfterStartMs: startMs,
+      eventsPerSecond: round(events / (ms / 1000)),
+      level,
+      calls: emulator.counters().calls,
+      worker: cost,
+    };
+    log(
+      `${events} events in ${result.seconds} s (start-up included): ${result.eventsPerSecond} events/s, ${result.calls} calls; ${cost.statementsPerEvent} statements/event`,
+    );
+    return result;
+  } finally {
+    for (const fn of cleanup.reverse()) await Promise.resolve(fn()).catch(() => undefined);
+  }
+}
+
 async function runScenario(
   s: Scenario,
   cluster: Awaited<ReturnType<typeof startCluster>>,
@@ -168,7 +323,8 @@ async function runScenario(
   log(`--- ${s.name}`);
   const url = await freshDatabase(cluster, 'scale');
   const harness = openDatabase(url, 8);
-  if (args.profile) await harness.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+  await harness.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+  const workerUrl = await workerRole(harness.pool, url);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => harness.db.destroy()];
   let emulator: StripeEmulator | undefined;
   try {
@@ -199,14 +355,18 @@ async function runScenario(
     const workerEnv = args['worker-cpu-prof']
       ? { ...env, NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${join(ROOT, 'bench-results', 'cpu-prof')}` }
       : env;
-    const worker = await startWorkerProcess(workerEnv, 'worker', entries['src/bin/worker.ts']);
+    const worker = await startWorkerProcess(
+      { ...workerEnv, DATABASE_URL: workerUrl },
+      'worker',
+      entries['src/bin/worker.ts'],
+    );
     cleanup.push(() => worker.stop());
     let startupMs: number | null = null;
     let startupRows = 0;
     const startedUp = await pollUntil(
       async () => {
         const r = await harness.pool.query<{ total: string; open: string }>(
-          `SELECT count(*) AS total, count(*) FILTER (WHERE status = 'pending') AS open
+          `SELECT count(*) AS total, count(*) FILTER (WHERE status = 'pending' AND accepted_at IS NULL) AS open
              FROM meter_outbox WHERE event_name = 'active_sensors'`,
         );
         startupRows = Number(r.rows[0]?.total ?? 0);
@@ -216,12 +376,22 @@ async function runScenario(
       250,
     );
     if (startedUp) startupMs = Date.now() - workerStarted;
+    // The run itself: from its commit (the rows' created_at) to the last of its events at Stripe.
+    const runCommit = await harness.pool.query<{ t: string | null }>(
+      `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
+    );
+    const lastActive = Math.max(
+      0,
+      ...emulator.events({ event_name: 'active_sensors' }).map((e) => e.receivedAt),
+    );
+    const startupRunMs =
+      startedUp && runCommit.rows[0]?.t ? Math.round(lastActive - Number(runCommit.rows[0].t)) : null;
     const startupCounters = emulator.counters();
     const startupPending = await pending(harness.pool);
     log(
       startupMs === null
         ? `active_sensors start-up run not delivered within ${STARTUP_CAP_MS / 1000} s (${startupPending.rows} rows pending)`
-        : `active_sensors start-up run: ${startupRows} events delivered in ${round(startupMs / 1000, 1)} s, ${startupCounters.rateLimited} 429s`,
+        : `active_sensors start-up run: ${startupRows} events delivered ${round(startupMs / 1000, 1)} s after the worker was spawned, ${round((startupRunMs ?? 0) / 1000, 1)} s after the run committed; ${startupCounters.rateLimited} 429s`,
     );
 
     // ---- the load: single-reading requests, open loop, spread over every customer
@@ -252,10 +422,11 @@ async function runScenario(
       });
     }, 1000);
     cleanup.push(() => clearInterval(sampler));
-    if (args.profile) await harness.pool.query('SELECT pg_stat_statements_reset()');
+    await harness.pool.query('SELECT pg_stat_statements_reset()');
+    const eventsBefore = emulator.events().length;
     const before = emulator.counters();
     const loadStart = Date.now();
-    const intervalMs = 1000 / REQUESTS_PER_SECOND;
+    const intervalMs = 1000 / (s.rate ?? REQUESTS_PER_SECOND);
     let sent = 0;
     let ok = 0;
     let failed = 0;
@@ -295,6 +466,10 @@ async function runScenario(
     clearInterval(sampler);
     const after = emulator.counters();
     const statements = args.profile ? await topStatements(harness.pool) : [];
+    const workerCost = await workerStatements(harness.pool, emulator.events().length - eventsBefore);
+    log(
+      `worker: ${workerCost.statementsPerEvent} statements and ${workerCost.execMsPerEvent} ms of Postgres execution per delivered event (${workerCost.events} events)`,
+    );
     for (const st of statements.slice(0, 12)) {
       log(`  ${String(st.totalMs).padStart(8)} ms ${String(st.calls).padStart(7)} calls  ${st.query}`);
     }
@@ -309,7 +484,8 @@ async function runScenario(
       emulator.events({ event_name: 'temperature_readings' }).map((e) => [e.identifier, e.receivedAt]),
     );
     const rows = await harness.pool.query<{ identifier: string | null; created: string; status: string }>(
-      `SELECT identifier, (extract(epoch FROM created_at) * 1000)::float8::text AS created, status
+      `SELECT identifier, (extract(epoch FROM created_at) * 1000)::float8::text AS created,
+              CASE WHEN status = 'pending' AND accepted_at IS NOT NULL THEN 'validating' ELSE status END AS status
          FROM meter_outbox WHERE event_name = 'temperature_readings'`,
     );
     const lag: number[] = [];
@@ -326,7 +502,8 @@ async function runScenario(
     let mismatched = 0;
     for (const [customer, n] of readingsPerOrg) if ((stripeSum.get(customer) ?? 0) !== n) mismatched++;
     for (const [customer, sum] of stripeSum) if (!readingsPerOrg.has(customer) && sum !== 0) mismatched++;
-    const undelivered = rows.rows.filter((r) => r.status !== 'delivered').length;
+    // v2 rows Stripe accepted and is still validating count as billed here (nothing is left to send).
+    const undelivered = rows.rows.filter((r) => r.status !== 'delivered' && r.status !== 'validating').length;
 
     const loadCalls = loadCounters.calls - before.calls;
     const totalCalls = after.calls - startupCounters.calls;
@@ -340,12 +517,14 @@ async function runScenario(
       startup: {
         activeSensorsEvents: startupRows,
         deliveredMs: startupMs,
+        runCommitToLastEventMs: startupRunMs,
         pendingAtCap: startupMs === null ? startupPending.rows : 0,
         calls: startupCounters.calls,
         rateLimited: startupCounters.rateLimited,
       },
       load: {
         seconds: round((loadEnd - loadStart) / 1000, 1),
+        requestsPerSecondAsked: s.rate ?? REQUESTS_PER_SECOND,
         requestsPerSecond: round(sent / ((loadEnd - loadStart) / 1000), 1),
         readingsAccepted: ok,
         requestErrors: failed,
@@ -378,6 +557,7 @@ async function runScenario(
         rowsNotDelivered: undelivered,
       },
       statements,
+      worker: workerCost,
       samples: samples.map((x) => ({ ...x, t: round((x.t - loadStart) / 1000, 1) })),
     };
     log(
@@ -401,16 +581,22 @@ export async function runScaleBench(): Promise<void> {
   );
   const cluster = await startCluster(dataDir);
   try {
-    if (args.profile) {
-      const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
-      await admin.connect();
-      await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
-      await admin.end();
-      await cluster.restart();
-    }
+    // pg_stat_statements counts the worker's statements per delivered event in every scenario.
+    const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+    await admin.connect();
+    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.end();
+    await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
     const results = [];
-    for (const s of SCENARIOS) results.push(await runScenario(s, cluster, entries));
+    const throughput = [];
+    if (args.throughput) {
+      for (const transport of ['v1', 'v2'] as const)
+        for (const jitterMs of [0, 500])
+          throughput.push(await runThroughput(cluster, entries, transport, jitterMs));
+    } else {
+      for (const s of SCENARIOS) results.push(await runScenario(s, cluster, entries));
+    }
     const out = {
       kind: 'scale',
       at: new Date().toISOString(),
@@ -427,9 +613,10 @@ export async function runScaleBench(): Promise<void> {
         requestsPerSecond: REQUESTS_PER_SECOND,
         loadSeconds: LOAD_MS / 1000,
         stripeLatencyMs: 'uniform 0-500',
-        worker: 'one process, default settings (DELIVERY_MAX_IN_FLIGHT 100, DB_POOL_MAX 10)',
+        worker: 'one process, default settings, its own database role (pg_stat_statements per role)',
       },
       results,
+      throughput,
     };
     // Relative to the checkout, as the default is; an absolute --out is taken as given.
     const file = resolve(ROOT, args.out ?? join('bench-results', `scale-${Date.now()}.json`));

@@ -24,7 +24,7 @@ import {
   dropExpiredPartitions,
   listReadingsPartitions,
   weekStart,
-} from '../../src/metering/storage.js';
+} from '../../src/storage/maintenance.js';
 import { createOrgs, freshDatabase, type Org, ReadingSource, ROOT, startCluster } from './harness.js';
 
 const { values: args } = parseArgs({

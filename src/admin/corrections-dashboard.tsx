@@ -14,7 +14,7 @@ import {
   createCorrection,
   previewCorrection,
 } from './corrections.js';
-import { Page } from './dashboard.js';
+import { Page } from './dashboard-page.js';
 
 type Deps = Pick<Context, 'db' | 'boss' | 'config' | 'clock' | 'log'>;
 

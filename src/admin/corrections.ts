@@ -267,9 +267,10 @@ export async function listCorrections(
            coalesce(sum(o.value) FILTER (WHERE o.status = 'expired'), 0)::int AS expired,
            coalesce(sum(o.value) FILTER (WHERE o.credit_note_required), 0)::int AS credit_note
       FROM usage_corrections c
-      LEFT JOIN meter_outbox o ON o.correction_id = c.id
+      -- Joined on the organization too: one shard group on Citus, and (id, organization_id) is the key.
+      LEFT JOIN meter_outbox o ON o.correction_id = c.id AND o.organization_id = c.organization_id
      WHERE c.organization_id = ${organizationId} ${options.id ? sql`AND c.id = ${options.id}` : sql``}
-     GROUP BY c.id
+     GROUP BY c.id, c.organization_id
      ORDER BY c.id DESC
      LIMIT ${options.limit ?? 100}`.execute(db);
   return rows.rows.map((r) => ({

@@ -1,5 +1,5 @@
 // The dashboard's one stylesheet, rendered once into the page head by the Page component
-// (dashboard.tsx): every page of the admin dashboard uses these classes and no inline style.
+// (dashboard-page.tsx): every page of the admin dashboard uses these classes and no inline style.
 export const DASHBOARD_CSS = `
 :root { color-scheme: light; --bad: #b42318; --bad-bg: #fee4e2; --ok: #067647; --muted: #5d6b82; --line: #d9dee7; }
 * { box-sizing: border-box; }

@@ -7,7 +7,8 @@ import type { AppEnv, HttpModule } from '../http/types.js';
 import { adminGuard } from './auth.js';
 import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';
-import { dashboardRoutes, LoginPage } from './dashboard.js';
+import { LoginPage } from './dashboard-page.js';
+import { dashboardRoutes } from './dashboard-routes.js';
 import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
 

@@ -10,6 +10,8 @@ import {
   createOrganization,
   linkSubscription,
   listApiKeys,
+  listOrganizations,
+  type OrganizationListItem,
   revokeApiKey,
   SUBSCRIPTION_STATUSES,
 } from './organizations.js';
@@ -52,6 +54,32 @@ const orgCreate: CliCommand = {
       `api key      ${created.apiKey.key}`,
       ONCE,
     ]);
+    return 0;
+  },
+};
+
+function describeOrganization(org: OrganizationListItem): string {
+  const state = org.billable ? 'billable' : `not billable (${org.subscriptionStatus ?? 'no subscription'})`;
+  return `${org.id}  ${org.createdAt.toISOString()}  ${state}  ${org.stripeCustomerId ?? '-'}  ${org.name}`;
+}
+
+const orgListUsage = 'org list [--json]';
+const orgList: CliCommand = {
+  summary: 'list every organization: id, created, billable state, Stripe customer, name',
+  usage: orgListUsage,
+  options: flags([], ['json']),
+  async run(ctx, { values }) {
+    // Page through all of them (keyset pages of 500), one line each as they come.
+    const all: OrganizationListItem[] = [];
+    let cursor: string | undefined;
+    do {
+      const page = await listOrganizations(ctx.db, { limit: 500, cursor });
+      if (!values.json) for (const org of page.organizations) console.log(describeOrganization(org));
+      all.push(...page.organizations);
+      cursor = page.nextCursor ?? undefined;
+    } while (cursor);
+    if (values.json) console.log(JSON.stringify(all, null, 2));
+    else if (all.length === 0) console.log('no organizations');
     return 0;
   },
 };
@@ -134,6 +162,7 @@ const keyRevoke: CliCommand = {
 
 export const organizationCommands: Record<string, CliCommand> = {
   'org create': orgCreate,
+  'org list': orgList,
   'org link': orgLink,
   'key create': keyCreate,
   'key list': keyList,

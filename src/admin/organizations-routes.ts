@@ -15,8 +15,10 @@ import {
   getSubscription,
   linkSubscription,
   listApiKeys,
+  listOrganizations,
   revokeApiKey,
   SUBSCRIPTION_STATUSES,
+  UnknownCursorError,
 } from './organizations.js';
 
 const PREFIX = '/admin/organizations';
@@ -64,6 +66,21 @@ const subscriptionSchema = z.object({
   updatedAt: date,
 });
 
+export const organizationListQuery = z.object({
+  limit: z.coerce
+    .number({ error: 'limit must be a whole number from 1 to 500' })
+    .int({ error: 'limit must be a whole number from 1 to 500' })
+    .min(1, { error: 'limit must be a whole number from 1 to 500' })
+    .max(500, { error: 'limit must be a whole number from 1 to 500' })
+    .default(100),
+  cursor: z.uuid({ error: 'cursor must be the nextCursor of a previous page' }).optional(),
+});
+const organizationListItemSchema = organizationSchema.extend({
+  billable: z.boolean().describe('billed now: subscription active or trial, with a Stripe customer'),
+  subscriptionStatus: z.enum(SUBSCRIPTION_STATUSES).nullable(),
+  stripeCustomerId: z.string().nullable(),
+});
+
 /** Path ids that are not UUIDs name nothing: 404 rather than a database cast error. */
 function idParam(value: string | undefined, what: string): string {
   const parsed = uuid.safeParse(value);
@@ -95,6 +112,47 @@ export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock'>): Htt
         .transaction()
         .execute((trx) => createOrganization(trx, { name: input.name, keyName: input.keyName }));
       return c.json(created, 201);
+    },
+  );
+
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/organizations',
+      summary: 'List organizations, oldest first (cursor pagination, limit ≤ 500)',
+      tag: 'admin',
+      security: 'admin',
+      query: organizationListQuery,
+      responses: {
+        200: {
+          description: 'a page of organizations',
+          schema: z.object({
+            organizations: z.array(organizationListItemSchema),
+            nextCursor: z
+              .string()
+              .nullable()
+              .describe('pass as `cursor` for the next page; null on the last'),
+          }),
+        },
+      },
+    },
+    async (c) => {
+      const parsed = organizationListQuery.safeParse(c.req.query());
+      if (!parsed.success) {
+        throw new AppError(
+          400,
+          'bad_request',
+          'the query string is invalid',
+          parsed.error.issues.map((i) => ({ field: i.path.map(String).join('.'), message: i.message })),
+        );
+      }
+      try {
+        return c.json(await listOrganizations(ctx.db, parsed.data));
+      } catch (err) {
+        if (err instanceof UnknownCursorError)
+          throw new AppError(400, 'bad_request', err.message, [{ field: 'cursor', message: err.message }]);
+        throw err;
+      }
     },
   );
 

@@ -1,6 +1,6 @@
 // Organizations, their API keys and the link of their subscription to a Stripe customer: the data
 // functions behind the admin routes and the `meterbox org|key` commands.
-import type { Kysely, Transaction } from 'kysely';
+import { type Kysely, sql, type Transaction } from 'kysely';
 import { generateApiKey } from '../credentials/api-keys.js';
 import { isUniqueViolation } from '../db/errors.js';
 import type { DB, SubscriptionStatus } from '../db/schema.js';
@@ -231,4 +231,66 @@ export async function getSubscription(db: Db, organizationId: string): Promise<S
         updatedAt: row.updated_at,
       }
     : null;
+}
+
+export interface OrganizationListItem extends OrganizationView {
+  /** Billed now: subscription active or trial, with a Stripe customer. */
+  billable: boolean;
+  subscriptionStatus: SubscriptionStatus | null;
+  stripeCustomerId: string | null;
+}
+
+export interface OrganizationPage {
+  organizations: OrganizationListItem[];
+  /** Pass as `cursor` for the next page; null on the last page. */
+  nextCursor: string | null;
+}
+
+export class UnknownCursorError extends Error {
+  constructor() {
+    super('cursor must be the nextCursor of a previous page');
+    this.name = 'UnknownCursorError';
+  }
+}
+
+/**
+ * Organizations oldest first, `limit` a page (keyset on created_at, id). The cursor is the last
+ * organization id of the previous page, so a page never shifts when organizations are added.
+ */
+export async function listOrganizations(
+  db: Db,
+  options: { limit: number; cursor?: string | undefined },
+): Promise<OrganizationPage> {
+  let query = db
+    .selectFrom('organizations as o')
+    .leftJoin('subscriptions as s', 's.organization_id', 'o.id')
+    .select(['o.id', 'o.name', 'o.created_at', 's.status', 's.stripe_customer_id'])
+    .orderBy('o.created_at')
+    .orderBy('o.id')
+    .limit(options.limit + 1);
+  if (options.cursor !== undefined) {
+    const after = await db
+      .selectFrom('organizations')
+      .select(['created_at', 'id'])
+      .where('id', '=', options.cursor)
+      .executeTakeFirst();
+    if (!after) throw new UnknownCursorError();
+    // Compared in SQL: created_at keeps microseconds a JavaScript Date would lose.
+    query = query.where(
+      sql<boolean>`(o.created_at, o.id) > (SELECT c.created_at, c.id FROM organizations c WHERE c.id = ${after.id})`,
+    );
+  }
+  const rows = await query.execute();
+  const page = rows.slice(0, options.limit);
+  return {
+    organizations: page.map((r) => ({
+      id: r.id,
+      name: r.name,
+      createdAt: r.created_at,
+      billable: r.stripe_customer_id !== null && (r.status === 'active' || r.status === 'trial'),
+      subscriptionStatus: r.status ?? null,
+      stripeCustomerId: r.stripe_customer_id ?? null,
+    })),
+    nextCursor: rows.length > options.limit ? (page.at(-1)?.id ?? null) : null,
+  };
 }

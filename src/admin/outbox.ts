@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { bigintId, pgDateOrInstant } from '../db/input-types.js';
 import type { DB, MeterEventName, OutboxStatus } from '../db/schema.js';
 import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
-import { retryFailedRows } from '../metering/delivery.js';
+import { retryFailedRows } from '../metering/redrive.js';
 
 const isoDate = pgDateOrInstant('date');
 

@@ -64,6 +64,46 @@ async function probe(ctx: Pick<Context, 'config' | 'migrations' | 'pool'>): Prom
   }
 }
 
+export type Readiness = z.infer<typeof readiness>;
+
+/**
+ * The readiness decision, shared by GET /readyz and the `meterbox_ready` gauge: ready when the
+ * database answers (on its own connection) and the migrations are current. Never throws.
+ */
+export async function checkReadiness(
+  ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>,
+): Promise<{ ready: boolean; body: Readiness }> {
+  let result: Probe;
+  try {
+    result = await withTimeout(probe(ctx), READINESS_TIMEOUT_MS + 500);
+  } catch (err) {
+    ctx.log.warn({ err }, 'readiness check: database unreachable');
+    result = { database: 'down' };
+  }
+  if (result.database === 'down') {
+    return {
+      ready: false,
+      body: {
+        status: 'not_ready',
+        database: 'down',
+        pool: 'ok',
+        migrations: { current: false, pending: [] },
+      },
+    };
+  }
+  // Postgres full: the migrations cannot be read now; this process's pool still works.
+  const migrations = result.status ?? { current: true, pending: [] };
+  return {
+    ready: migrations.current,
+    body: {
+      status: migrations.current ? 'ready' : 'not_ready',
+      database: 'up',
+      pool: result.busy ? 'busy' : 'ok',
+      migrations: { current: migrations.current, pending: migrations.pending },
+    },
+  };
+}
+
 export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>): HttpModule {
   const routes = documentedRoutes('/');
   routes.route(
@@ -92,33 +132,8 @@ export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool'
       },
     },
     async (c) => {
-      let result: Probe;
-      try {
-        result = await withTimeout(probe(ctx), READINESS_TIMEOUT_MS + 500);
-      } catch (err) {
-        ctx.log.warn({ err }, 'readiness check: database unreachable');
-        result = { database: 'down' };
-      }
-      if (result.database === 'down') {
-        return c.json(
-          {
-            status: 'not_ready',
-            database: 'down',
-            pool: 'ok',
-            migrations: { current: false, pending: [] },
-          } as const,
-          503,
-        );
-      }
-      // Postgres full: the migrations cannot be read now; this process's pool still works.
-      const migrations = result.status ?? { current: true, pending: [] };
-      const body = {
-        status: migrations.current ? 'ready' : 'not_ready',
-        database: 'up',
-        pool: result.busy ? 'busy' : 'ok',
-        migrations: { current: migrations.current, pending: migrations.pending },
-      } as const;
-      return c.json(body, migrations.current ? 200 : 503);
+      const { ready, body } = await checkReadiness(ctx);
+      return c.json(body, ready ? 200 : 503);
     },
   );
   return routes;

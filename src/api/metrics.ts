@@ -1,13 +1,16 @@
 // GET /metrics (Prometheus text) and the middleware timing every request by its route pattern.
 import type { MiddlewareHandler } from 'hono';
 import { matchedRoutes } from 'hono/route';
-import { z } from 'zod';
+import { applyGoLiveGauges } from '../admin/go-live-gauges.js';
 import type { Context } from '../context-type.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { callsPerSecond } from '../metering/budget.js';
 import { readPipelineSnapshot } from '../metering/pipeline-snapshot.js';
-import { applyPipelineSnapshot, type Metrics, type WebhookOutcome } from '../observability/metrics.js';
+import { readTaskRuns } from '../metering/task-runs.js';
+import { applyPipelineSnapshot, type Metrics } from '../observability/metrics.js';
+import { databaseSizeBytes } from '../storage/maintenance.js';
+import { checkReadiness } from './health.js';
 
 /**
  * The route label is the pattern that answered (`/v1/sensors/:id`), never the raw path, so series
@@ -32,48 +35,35 @@ export function httpMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
   };
 }
 
-const webhookAnswer = z.object({ duplicate: z.boolean() });
-const webhookEvent = z.object({ type: z.string().max(100) });
-
 /**
- * Counts webhook events from the fixed HTTP contract (ARCHITECTURE.md), so the webhook module needs
- * no metrics code: for POST /webhooks/stripe the answer's status (and `duplicate`) gives the
- * outcome and the body's `type` the event type. The type is only read once the signature passed
- * (any answer but 400), so unauthenticated senders cannot mint label values. Ingested readings are
- * counted by the readings route from its result: cloning and parsing every ingestion answer here
- * was a measurable share of a small request's CPU.
+ * Counts each webhook event by the outcome its handler recorded on the request context where it
+ * decided it (src/api/webhooks.ts), so a change to the handler cannot silently mislabel it. A
+ * webhook refused before the handler ran (the body limit) is counted as failed and unverified.
+ * Ingested readings are counted by the readings route from its result.
  */
 export function contractMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
     await next();
-    if (c.req.method !== 'POST' || c.req.path !== '/webhooks/stripe') return;
-    const status = c.res.status;
-    let outcome: WebhookOutcome;
-    let type = 'unverified';
-    if (status === 400) outcome = 'invalid_signature';
-    else if (status === 503 && !c.res.headers.get('retry-after')) outcome = 'not_configured';
-    else {
-      // Hono keeps the request body it read for the handler; this reads that copy.
-      const event = webhookEvent.safeParse(await c.req.json().catch(() => undefined));
-      type = event.success ? event.data.type : 'unknown';
-      if (status === 200) {
-        const answer = webhookAnswer.safeParse(
-          await c.res
-            .clone()
-            .json()
-            .catch(() => undefined),
-        );
-        outcome = answer.success && answer.data.duplicate ? 'duplicate' : 'processed';
-      } else outcome = 'failed';
-    }
-    metrics.webhookEvents.inc({ type, outcome });
+    const webhook = c.get('webhook');
+    if (webhook) metrics.webhookEvents.inc(webhook);
+    else if (c.req.method === 'POST' && c.req.path === '/webhooks/stripe')
+      metrics.webhookEvents.inc({ type: 'unverified', outcome: 'failed' });
   };
 }
 
-/** Serializes the registry after refreshing the DB-derived gauges with one query. */
-export async function renderMetrics(
-  ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>,
-): Promise<string> {
+/** What a scrape reads: the pipeline, the scheduled tasks' runs, readiness. */
+export type MetricsDeps = Pick<
+  Context,
+  'db' | 'metrics' | 'clock' | 'log' | 'config' | 'migrations' | 'pool'
+>;
+
+/**
+ * Serializes the registry after refreshing the DB-derived gauges (the pipeline in one query, the
+ * scheduled tasks' last runs in another) and the readiness gauge (the /readyz check).
+ */
+export async function renderMetrics(ctx: MetricsDeps): Promise<string> {
+  const [ready] = await Promise.all([checkReadiness(ctx), refreshOperations(ctx)]);
+  ctx.metrics.ready.set(ready.ready ? 1 : 0);
   try {
     applyPipelineSnapshot(
       ctx.metrics,
@@ -81,6 +71,7 @@ export async function renderMetrics(
         maxCallsPerSecond: callsPerSecond(ctx.config),
       }),
     );
+    await applyGoLiveGauges(ctx.db, ctx.metrics);
   } catch (err) {
     // A scrape must still answer when Postgres is down: process and HTTP series stay useful and the
     // pipeline gauges keep their last values (Prometheus's `up` and readiness report the outage).
@@ -89,7 +80,21 @@ export async function renderMetrics(
   return ctx.metrics.registry.metrics();
 }
 
-export function metricsRoutes(ctx: Pick<Context, 'db' | 'metrics' | 'clock' | 'log' | 'config'>): HttpModule {
+/** The scheduled tasks' last runs and the database's size (two short statements). */
+async function refreshOperations(ctx: Pick<Context, 'db' | 'metrics' | 'log'>): Promise<void> {
+  try {
+    const [runs, size] = await Promise.all([readTaskRuns(ctx.db), databaseSizeBytes(ctx.db)]);
+    for (const run of runs) {
+      ctx.metrics.taskLastSuccess.set({ task: run.task }, run.lastSuccess);
+      ctx.metrics.taskLastFailure.set({ task: run.task }, run.lastFailure);
+    }
+    ctx.metrics.databaseSize.set(size);
+  } catch (err) {
+    ctx.log.warn({ err }, 'metrics: task and storage gauges not refreshed');
+  }
+}
+
+export function metricsRoutes(ctx: MetricsDeps): HttpModule {
   const routes = documentedRoutes('/');
   routes.route(
     {

@@ -11,6 +11,7 @@ import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { AppError } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { HttpModule } from '../http/types.js';
+import type { WebhookOutcome } from '../observability/metrics.js';
 
 const received = z.object({
   received: z.literal(true),
@@ -50,8 +51,13 @@ export function webhookRoutes(
       responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
     },
     async (c) => {
+      // Each outcome is recorded here, where it is decided; the metrics middleware counts it.
+      const decided = (outcome: WebhookOutcome, type = 'unverified') => c.set('webhook', { type, outcome });
+      // Until a decision below replaces it: whatever throws unforeseen is a failed delivery.
+      decided('failed');
       const secret = ctx.config.STRIPE_WEBHOOK_SECRET;
       if (!secret) {
+        decided('not_configured');
         throw new AppError(
           503,
           'not_configured',
@@ -70,11 +76,14 @@ export function webhookRoutes(
         );
       } catch (err) {
         if (err instanceof WebhookRejectedError) {
+          decided('invalid_signature');
           log.info({ reason: err.reason }, 'webhook rejected');
           throw new AppError(400, 'bad_request', err.message);
         }
         throw err;
       }
+      // Only a verified event names a label value, and a bounded one.
+      const type = event.type.length <= 100 ? event.type : 'unknown';
       try {
         // A thin event's data comes from Stripe, fetched before the event's transaction opens.
         event = await completeThinEvent(ctx.stripe, event);
@@ -83,8 +92,10 @@ export function webhookRoutes(
           clock: ctx.clock,
           ...(options.handlers ? { handlers: options.handlers } : {}),
         });
+        decided(result.duplicate ? 'duplicate' : 'processed', type);
         return c.json({ received: true, duplicate: result.duplicate } as const, 200);
       } catch (err) {
+        decided('failed', type);
         if (isPoison(err)) {
           // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
           await recordPoison(ctx.db, event, err);
@@ -92,6 +103,7 @@ export function webhookRoutes(
             { eventId: event.id, type: event.type, sqlState: sqlState(err) },
             'webhook event can never be applied; recorded as poison and acknowledged',
           );
+          decided('processed', type);
           return c.json({ received: true, duplicate: false, poison: true } as const, 200);
         }
         log.error({ err, eventId: event.id, type: event.type }, 'webhook event failed; rolled back');

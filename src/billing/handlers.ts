@@ -221,6 +221,16 @@ async function handleMeterErrorReport(trx: Transaction<DB>, event: VerifiedEvent
   return { outcome: 'applied' } as const;
 }
 
+/** Stripe's thin event for async events whose event name has no meter at all. */
+async function handleNoMeterFound(trx: Transaction<DB>, event: VerifiedEvent, log: Logger) {
+  const failedRows = await recordMeterErrorReport(trx, event, { missingMeter: true });
+  log.warn(
+    { eventId: event.id, type: event.type, failedRows, fix: 'meterbox stripe setup' },
+    'Stripe found no meter for meter events; the worker holds that usage until the meter exists',
+  );
+  return { outcome: 'applied' } as const;
+}
+
 export const defaultHandlers: EventHandlers = {
   'checkout.session.completed': handleCheckoutCompleted,
   'customer.subscription.created': handleSubscriptionOrInvoice,
@@ -229,4 +239,5 @@ export const defaultHandlers: EventHandlers = {
   'invoice.paid': handleSubscriptionOrInvoice,
   'invoice.payment_failed': handleSubscriptionOrInvoice,
   'v1.billing.meter.error_report_triggered': handleMeterErrorReport,
+  'v1.billing.meter.no_meter_found': handleNoMeterFound,
 };

@@ -1,6 +1,7 @@
-// Stripe meter error reports (v1.billing.meter.error_report_triggered): meter events Stripe accepted
-// with 200 and rejected later. Stored for the operator and listed by the admin surface.
-import type { Kysely, Transaction } from 'kysely';
+// Stripe meter error reports (v1.billing.meter.error_report_triggered, v1.billing.meter.no_meter_found):
+// meter events Stripe accepted with 200 and rejected later. Stored for the operator and listed by
+// the admin surface; a report of a missing or archived meter also wakes the worker's meter catalog.
+import { type Kysely, sql, type Transaction } from 'kysely';
 import { z } from 'zod';
 import type { DB } from '../db/schema.js';
 
@@ -38,6 +39,19 @@ const sampledErrors = z.array(
 );
 
 /**
+ * NOTIFYed (at commit) when a report says an event name has no active meter: the worker's meter
+ * catalog (src/metering/meter-catalog.ts) reads the account's meters at once and holds the name.
+ */
+export const METER_CATALOG_CHANNEL = 'meterbox_meter_catalog';
+const MISSING_METER_CODES = new Set(['no_meter', 'archived_meter']);
+
+/** The error codes of a report's error types (empty when they are absent or unreadable). */
+function errorCodes(errorTypes: unknown): string[] {
+  const parsed = sampledErrors.safeParse(errorTypes);
+  return parsed.success ? parsed.data.map((t) => t.code) : [];
+}
+
+/**
  * Stripe has not documented a code for a repeated identifier on the stream; meterbox resends an
  * identifier after an ambiguous answer (a timeout, a 500 after acceptance), so any code naming a
  * duplicate means "already received" and leaves its rows delivered.
@@ -46,8 +60,9 @@ const DUPLICATE_CODE = /duplicate/i;
 
 /**
  * The rows behind the identifiers Stripe sampled in an error report become `failed` with Stripe's
- * code and message (listed in the dashboard and the admin API, and retryable from there). Only
- * delivered rows change: the report is about events Stripe had accepted. Returns the rows changed.
+ * code and message (listed in the dashboard and the admin API, and retryable from there). Only rows
+ * Stripe had accepted change: delivered ones, and v2 rows still in their validation window (pending
+ * with accepted_at). Returns the rows changed.
  */
 export async function failReportedEvents(trx: Transaction<DB>, errorTypes: unknown): Promise<number> {
   const parsed = sampledErrors.safeParse(errorTypes);
@@ -66,7 +81,12 @@ export async function failReportedEvents(trx: Transaction<DB>, errorTypes: unkno
           last_error: `stripe error report: ${type.code}${message ? `: ${message}` : ''}`,
         })
         .where('identifier', '=', identifier)
-        .where('status', '=', 'delivered')
+        .where((eb) =>
+          eb.or([
+            eb('status', '=', 'delivered'),
+            eb.and([eb('status', '=', 'pending'), eb('accepted_at', 'is not', null)]),
+          ]),
+        )
         .executeTakeFirst();
       changed += Number(result.numUpdatedRows);
     }
@@ -95,6 +115,8 @@ export interface MeterErrorReport {
 export async function recordMeterErrorReport(
   trx: Transaction<DB>,
   event: { id: string; created: Date; livemode: boolean; object: Record<string, unknown> },
+  /** missingMeter: the event itself says no meter was found (v1.billing.meter.no_meter_found). */
+  options: { missingMeter?: boolean } = {},
 ): Promise<number> {
   const parsed = errorReportNotification.safeParse(event.object);
   const notification = parsed.success ? parsed.data : { related_object: null, data: null };
@@ -114,7 +136,15 @@ export async function recordMeterErrorReport(
     })
     .onConflict((oc) => oc.column('event_id').doNothing())
     .execute();
-  return failReportedEvents(trx, data?.reason?.error_types ?? null);
+  const errorTypes = data?.reason?.error_types ?? null;
+  const codes = errorCodes(errorTypes);
+  const missingMeter = options.missingMeter === true || codes.some((code) => MISSING_METER_CODES.has(code));
+  if (missingMeter) {
+    await sql`SELECT pg_notify(${METER_CATALOG_CHANNEL}, ${notification.related_object?.id ?? ''})`.execute(
+      trx,
+    );
+  }
+  return failReportedEvents(trx, errorTypes);
 }
 
 export interface MeterErrorReportPage {

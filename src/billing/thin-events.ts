@@ -5,7 +5,7 @@ import type Stripe from 'stripe';
 import type { VerifiedEvent } from './verify.js';
 
 /** Thin event types whose data meterbox needs to apply them. */
-const NEEDS_DATA = new Set(['v1.billing.meter.error_report_triggered']);
+const NEEDS_DATA = new Set(['v1.billing.meter.error_report_triggered', 'v1.billing.meter.no_meter_found']);
 
 /**
  * The event with its `data` when it is a thin event that needs it and Stripe is configured;

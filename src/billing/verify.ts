@@ -89,6 +89,30 @@ export function verifyStripeWebhook(
   secret: string,
   receivedAtMs: number,
 ): VerifiedEvent {
+  // Several secrets, comma-separated: Stripe signs snapshot events (a webhook endpoint) and thin
+  // events (an event destination) with one secret each, and a rolled secret overlaps the new one.
+  const secrets = secret
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '');
+  let mismatch: unknown;
+  for (const one of secrets) {
+    try {
+      return verifyWithSecret(rawBody, signatureHeader, one, receivedAtMs);
+    } catch (err) {
+      if (!(err instanceof WebhookRejectedError) || err.reason !== 'invalid_signature') throw err;
+      mismatch = err;
+    }
+  }
+  throw mismatch ?? new WebhookRejectedError('invalid_signature', 'no webhook secret is configured');
+}
+
+function verifyWithSecret(
+  rawBody: string,
+  signatureHeader: string | undefined,
+  secret: string,
+  receivedAtMs: number,
+): VerifiedEvent {
   if (!signatureHeader) {
     throw new WebhookRejectedError('missing_signature', 'the Stripe-Signature header is missing');
   }

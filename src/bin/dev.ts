@@ -6,7 +6,6 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import {
-  DEFAULT_METERS,
   DEFAULT_PORT,
   DEMO_CUSTOMER_ID,
   DEV_WEBHOOK_SECRET,
@@ -16,8 +15,9 @@ import {
 import pg from 'pg';
 import { ensureDemoOrganization } from '../admin/demo.js';
 import { createApp } from '../api/app.js';
-import { loadConfig } from '../config.js';
-import { createContext } from '../context.js';
+import { setupStripeAccount } from '../billing/stripe-account.js';
+import { directDatabaseUrl, loadConfig } from '../config.js';
+import { createContext, createStripeClient } from '../context.js';
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
@@ -109,15 +109,16 @@ try {
     env.STRIPE_SECRET_KEY = 'sk_test_meterbox_dev';
     env.STRIPE_API_BASE = emulator.url;
     env.STRIPE_WEBHOOK_SECRET ??= DEV_WEBHOOK_SECRET;
-    for (const meter of DEFAULT_METERS) {
-      env[`STRIPE_METER_ID_${meter.event_name.toUpperCase()}`] ??= meter.id;
-    }
+    // The same setup an operator runs on a real account (`meterbox stripe setup`): finds the
+    // emulator's meters, or creates (reactivates) them when its saved state lacks them.
+    const setup = await setupStripeAccount(createStripeClient(loadConfig(env))!);
+    for (const { spec, meter } of setup.meters) env[spec.idVariable] ??= meter.id;
     log.info({ url: emulator.url }, 'Stripe emulator started');
   }
   env.ADMIN_TOKEN ??= secrets.adminToken;
 
   const config = loadConfig(env);
-  await migrate(config.DATABASE_URL!, config, log);
+  await migrate(directDatabaseUrl(config), config, log);
   const ctx = await createContext(config, { log, applicationName: 'meterbox-dev', bossSupervise: true });
   releases.push(() => ctx.close());
   const worker = await startWorker(ctx);

@@ -1,9 +1,15 @@
-// Process plumbing shared by the entry points: configuration errors, signals and exit codes.
-import { isMainThread, parentPort } from 'node:worker_threads';
-import { type Config, ConfigError, loadConfig, requireDatabaseUrl } from '../config.js';
-import { isSignalMessage } from './bounded-heap.js';
+// Process plumbing shared by the entry points: configuration errors, retired settings, signals and
+// exit codes.
+import {
+  type Config,
+  ConfigError,
+  loadConfig,
+  requireDatabaseUrl,
+  retiredSettingWarnings,
+} from '../config.js';
 
 export function configOrExit(options: { needDatabase: boolean }): Config {
+  for (const line of retiredSettingWarnings(process.env)) console.error(`meterbox: warning: ${line}`);
   try {
     const config = loadConfig(process.env);
     if (options.needDatabase) requireDatabaseUrl(config);
@@ -18,11 +24,7 @@ export function configOrExit(options: { needDatabase: boolean }): Config {
   }
 }
 
-/**
- * Runs `shutdown` once on SIGTERM/SIGINT, then exits 0 (1 if it fails or overruns the deadline). In
- * the bounded-heap thread (bounded-heap.ts) the main thread forwards the signals as messages, and
- * `process.exit` ends the thread, whose exit code the main thread then exits with.
- */
+/** Runs `shutdown` once on SIGTERM/SIGINT, then exits 0 (1 if it fails or overruns the deadline). */
 export function onShutdownSignal(shutdown: () => Promise<void>, deadlineMs: number): void {
   let started = false;
   const handler = (signal: NodeJS.Signals) => {
@@ -36,22 +38,34 @@ export function onShutdownSignal(shutdown: () => Promise<void>, deadlineMs: numb
     shutdown().then(
       () => process.exit(0),
       (err: unknown) => {
-        console.error('meterbox: shutdown failed', err);
+        console.error(`meterbox: shutdown failed: ${describeError(err)}`);
         process.exit(1);
       },
     );
   };
-  if (!isMainThread && parentPort) {
-    parentPort.on('message', (message: unknown) => {
-      if (isSignalMessage(message)) handler(message.signal);
-    });
-    return;
-  }
   process.on('SIGTERM', handler);
   process.on('SIGINT', handler);
 }
 
+/** Prints the error with its stack (the message alone rarely says where it came from) and exits 1. */
 export function exitOnFatal(err: unknown): never {
-  console.error('meterbox: fatal:', err instanceof Error ? err.message : err);
+  console.error(`meterbox: fatal: ${describeError(err)}`);
   process.exit(1);
+}
+
+/**
+ * An error as an operator needs it: the stack (which starts with the name and message), its `cause`
+ * chain, and the errors inside an AggregateError (a refused connection to `localhost` is one, with
+ * an empty message of its own, one error per address tried).
+ */
+export function describeError(err: unknown, depth = 0): string {
+  if (!(err instanceof Error)) return String(err);
+  let text = err.stack ?? `${err.name}: ${err.message}`;
+  if (depth >= 5) return text;
+  const nested: [string, unknown][] = [];
+  if (err instanceof AggregateError) for (const inner of err.errors) nested.push(['inner', inner]);
+  if (err.cause !== undefined) nested.push(['cause', err.cause]);
+  for (const [label, inner] of nested)
+    text += `\n  [${label}] ${describeError(inner, depth + 1).replaceAll('\n', '\n  ')}`;
+  return text;
 }

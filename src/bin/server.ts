@@ -1,28 +1,26 @@
-// node dist/server.js — the HTTP API.
+// node dist/server.js — the HTTP API. Its heap is sized by Node's own flags (the image sets them in
+// NODE_OPTIONS: see the Dockerfile).
 
 import { createApp } from '../api/app.js';
 import { createContext } from '../context.js';
 import { startHttpServer } from '../http/server.js';
-import { runHere } from './bounded-heap.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const config = configOrExit({ needDatabase: true });
-if (runHere(import.meta.url, config, 'meterbox-api')) {
-  try {
-    const ctx = await createContext(config, { applicationName: 'meterbox-api' });
-    await ctx.boss.start();
-    const server = await startHttpServer(createApp(ctx), {
-      port: config.PORT,
-      host: config.HOST,
-      headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
-      requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
-    });
-    ctx.log.info({ url: server.url }, 'meterbox API listening');
-    onShutdownSignal(async () => {
-      await server.stop(config.SHUTDOWN_TIMEOUT_MS);
-      await ctx.close();
-    }, config.SHUTDOWN_TIMEOUT_MS);
-  } catch (err) {
-    exitOnFatal(err);
-  }
+try {
+  const ctx = await createContext(config, { applicationName: 'meterbox-api' });
+  await ctx.boss.start();
+  const server = await startHttpServer(createApp(ctx), {
+    port: config.PORT,
+    host: config.HOST,
+    headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
+    requestTimeoutMs: config.HTTP_REQUEST_TIMEOUT_MS,
+  });
+  ctx.log.info({ url: server.url }, 'meterbox API listening');
+  onShutdownSignal(async () => {
+    await server.stop(config.SHUTDOWN_TIMEOUT_MS);
+    await ctx.close();
+  }, config.SHUTDOWN_TIMEOUT_MS);
+} catch (err) {
+  exitOnFatal(err);
 }

@@ -2,7 +2,9 @@
 // on invalidation, not on expiry: migration 0010 notifies `meterbox_api_keys` with the key's hash
 // whenever a key is revoked or deleted, and a dedicated connection LISTENs for it. While that
 // connection is not listening (not yet connected, lost, reconnecting) the cache is bypassed and
-// emptied, so a lost notification can never leave a revoked key usable.
+// emptied, so a lost notification can never leave a revoked key usable. A LISTEN through a
+// transaction pooler (PgBouncer) would "succeed" on a borrowed server connection and never hear a
+// NOTIFY: the listener checks it has a session of its own and otherwise stays down (keys looked up).
 import pg from 'pg';
 import type { Logger } from '../log.js';
 
@@ -18,28 +20,25 @@ export interface CachedKey {
 export interface ApiKeyCacheOptions {
   connectionString: string;
   log: Logger;
-  /** Most keys kept; the least recently used go first. */
-  maxEntries?: number;
-  /** Delay before reconnecting a lost listener (doubles up to 30 s). */
-  reconnectMs?: number;
 }
+
+/** Most keys kept; the least recently used go first. */
+const MAX_ENTRIES = 10_000;
+/** First delay before reconnecting a lost listener (doubles up to 30 s). */
+const RECONNECT_MS = 500;
 
 export class ApiKeyCache {
   private readonly entries = new Map<string, CachedKey>();
-  private readonly maxEntries: number;
   private client: pg.Client | undefined;
   private listening = false;
   private starting: Promise<void> | undefined;
   private closed = false;
-  private retryMs: number;
+  private retryMs = RECONNECT_MS;
   private timer: NodeJS.Timeout | undefined;
   /** Bumped by every invalidation: a lookup that raced one is not cached. */
   private generation = 0;
 
-  constructor(private readonly options: ApiKeyCacheOptions) {
-    this.maxEntries = options.maxEntries ?? 10_000;
-    this.retryMs = options.reconnectMs ?? 500;
-  }
+  constructor(private readonly options: ApiKeyCacheOptions) {}
 
   /** True while the listener is connected: only then are entries served. */
   get active(): boolean {
@@ -73,7 +72,7 @@ export class ApiKeyCache {
   set(hash: string, entry: CachedKey, ticket: number): void {
     if (!this.active || ticket !== this.generation) return;
     this.entries.set(hash, entry);
-    if (this.entries.size > this.maxEntries) {
+    if (this.entries.size > MAX_ENTRIES) {
       const oldest = this.entries.keys().next().value;
       if (oldest !== undefined) this.entries.delete(oldest);
     }
@@ -120,8 +119,15 @@ export class ApiKeyCache {
       if (message.channel === API_KEY_CHANNEL) this.invalidate(message.payload || undefined);
     });
     this.client = client;
-    await client.connect();
-    await client.query(`LISTEN ${API_KEY_CHANNEL}`);
+    try {
+      await client.connect();
+      await assertOwnSession(client);
+      await client.query(`LISTEN ${API_KEY_CHANNEL}`);
+    } catch (err) {
+      if (this.client === client) this.client = undefined;
+      await client.end().catch(() => {});
+      throw err;
+    }
     if (this.closed || this.client !== client) {
       await client.end().catch(() => {});
       return;
@@ -129,7 +135,7 @@ export class ApiKeyCache {
     // Anything cached before (there is nothing: entries are only kept while listening) is dropped.
     this.invalidate();
     this.listening = true;
-    this.retryMs = this.options.reconnectMs ?? 500;
+    this.retryMs = RECONNECT_MS;
   }
 
   private scheduleReconnect(): void {
@@ -151,5 +157,21 @@ export class ApiKeyCache {
     this.client = undefined;
     await this.starting;
     await client?.end().catch(() => {});
+  }
+}
+
+/**
+ * A session of its own answers pg_backend_pid() with the process id its server announced at
+ * start-up (BackendKeyData). PgBouncer announces a made-up one and lends a server connection per
+ * transaction, so the two differ there: LISTEN would be lost with the borrowed connection.
+ */
+async function assertOwnSession(client: pg.Client): Promise<void> {
+  const announced = (client as unknown as { processID: number | null }).processID;
+  const { rows } = await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+  if (rows[0]?.pid !== announced) {
+    throw new Error(
+      'the listener connection is not a session of its own (a transaction pooler such as PgBouncer?): ' +
+        'set DATABASE_DIRECT_URL to a direct Postgres connection',
+    );
   }
 }

@@ -2,6 +2,7 @@
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import type { Logger } from '../log.js';
+import { citusDistributed } from './citus.js';
 import type { DB } from './schema.js';
 
 // timestamptz arrives as Date by default; bigint (int8, OID 20) stays a string so no precision is
@@ -10,6 +11,12 @@ import type { DB } from './schema.js';
 export interface Database {
   db: Kysely<DB>;
   pool: pg.Pool;
+  /**
+   * Whether this database is a Citus coordinator on which meterbox's tables are distributed
+   * (`meterbox citus distribute`): the few statements Citus cannot plan take another shape there.
+   * Asked on first use, then remembered.
+   */
+  distributed: () => Promise<boolean>;
 }
 
 export function createDatabase(options: {
@@ -37,5 +44,16 @@ export function createDatabase(options: {
     client.on('error', (err) => options.log.warn({ err }, 'database connection failed while in use'));
   });
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
-  return { db, pool };
+  let distributed: Promise<boolean> | undefined;
+  return {
+    db,
+    pool,
+    distributed: () => {
+      distributed ??= citusDistributed(pool).catch((err: unknown) => {
+        distributed = undefined;
+        throw err;
+      });
+      return distributed;
+    },
+  };
 }

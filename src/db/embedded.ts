@@ -22,6 +22,12 @@ export interface EmbeddedDatabase {
   /** Where the cluster's files are (see clusterLocation). */
   dataDir: string;
   stop(): Promise<void>;
+  /**
+   * Crashes Postgres (immediate shutdown, SIGQUIT: no checkpoint, commits made with
+   * synchronous_commit off that are not on disk yet are lost, and the next start runs crash recovery).
+   * For the fault suite.
+   */
+  crash(): Promise<void>;
 }
 
 /** The last lines Postgres wrote to its log: its own reason for a failed start. */
@@ -281,6 +287,14 @@ export async function startEmbeddedPostgres(options: {
       stopped ??= (async () => {
         if (!alive(pid)) return;
         process.kill(pid, 'SIGINT'); // fast shutdown: disconnects clients, no recovery needed on restart
+        await waitUntil(() => !alive(pid), 30_000, 'Postgres to stop');
+      })();
+      return stopped;
+    },
+    crash() {
+      stopped ??= (async () => {
+        if (!alive(pid)) return;
+        process.kill(pid, 'SIGQUIT'); // immediate shutdown: as a power cut, crash recovery on restart
         await waitUntil(() => !alive(pid), 30_000, 'Postgres to stop');
       })();
       return stopped;

@@ -1,12 +1,14 @@
 // Applies migrations/NNNN_name.sql in order, each in its own transaction, under an advisory lock so
 // concurrent migrators serialize. Re-running is a no-op. pg-boss's schema and queues are not db/'s
-// job: src/migrations.ts installs them after these (src/metering/queues.ts).
+// job: src/migrations.ts installs them after these (src/metering/queues.ts). On a distributed Citus
+// database, the tables a migration creates are distributed in its transaction (src/db/citus.ts).
 import { existsSync } from 'node:fs';
 import { readdir, readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from '../log.js';
+import { citusDistributed, distributeInTransaction, prepareMigration } from './citus.js';
 
 export interface MigrationFile {
   version: number;
@@ -72,12 +74,21 @@ export async function applySqlMigrations(
       const { rows } = await client.query<{ version: number }>('SELECT version FROM schema_migrations');
       const done = new Set(rows.map((r) => r.version));
       const applied: MigrationFile[] = [];
+      // On a Citus cluster that `meterbox citus distribute` has set up, a migration's new tables
+      // are placed as distribute would, in the migration's transaction (src/db/citus.ts).
+      let distributed: boolean | undefined;
       for (const migration of migrations) {
         if (done.has(migration.version)) continue;
         const sql = await readFile(migration.path, 'utf8');
+        distributed ??= await citusDistributed(client);
         await client.query('BEGIN');
         try {
+          if (distributed) await prepareMigration(client);
           await client.query(sql);
+          if (distributed) {
+            for (const { table, placement } of (await distributeInTransaction(client)).distributed)
+              log.info({ table, placement: placement.kind }, 'table distributed by the migration');
+          }
           await client.query('INSERT INTO schema_migrations (version, name) VALUES ($1, $2)', [
             migration.version,
             migration.name,

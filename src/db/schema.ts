@@ -95,6 +95,8 @@ export interface MeterOutboxTable {
   created_at: DefaultTimestamp;
   updated_at: DefaultTimestamp;
   delivered_at: Timestamp | null;
+  /** v2: when Stripe answered 200; the row is delivered once the validation window passes (0016). */
+  accepted_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
   /** migrations/0012 (usage corrections). */
   kind: ColumnType<OutboxKind, OutboxKind | undefined, OutboxKind>;
   correction_id: ColumnType<string | null, string | null | undefined, string | null>;
@@ -162,10 +164,17 @@ export interface SchemaMigrationsTable {
 }
 
 /** migrations/0006: earliest next Stripe call per customer and meter (delivery pacing). */
-export interface MeterDeliveryPacingTable {
+/** Delivery state of one customer+meter: lease, pacing, backoff (0015). */
+export interface MeterDeliveryKeysTable {
   stripe_customer_id: string;
   event_name: MeterEventName;
-  next_call_at: Timestamp;
+  lease_owner: string | null;
+  lease_expires_at: Timestamp | null;
+  /** When the claim last took the lease, on the database clock (0022). */
+  leased_at: Timestamp | null;
+  next_call_at: ColumnType<Date, Date | string | undefined, Date | string>;
+  retry_at: Timestamp | null;
+  retry_job_id: string | null;
 }
 
 /** Readings counted per organization and hour of ingested_at before their partition was dropped (0011). */
@@ -187,7 +196,31 @@ export interface MeterUsageHourlyTable {
   last_value: BigIntColumn;
 }
 
+/** migrations/0017: the Stripe meters as the worker's meter catalog last found them. */
+export interface StripeMeterCatalogTable {
+  event_name: MeterEventName;
+  state: 'active' | 'missing' | 'inactive' | 'mismatch' | 'unknown';
+  meter_id: string | null;
+  detail: ColumnType<string, string | undefined, string>;
+  checked_at: DefaultTimestamp;
+}
+
+/** migrations/0018: per customer, meter and UTC hour, delivered usage that Stripe counted otherwise. */
+export interface ReconciliationDriftTable {
+  stripe_customer_id: string;
+  event_name: MeterEventName;
+  hour: Timestamp;
+  sent: BigIntColumn;
+  counted: BigIntColumn;
+  rows_failed: ColumnType<number, number | undefined, number>;
+  detected_at: DefaultTimestamp;
+  checked_at: DefaultTimestamp;
+  resolved_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+}
+
 export interface DB {
+  stripe_meter_catalog: StripeMeterCatalogTable;
+  reconciliation_drift: ReconciliationDriftTable;
   organizations: OrganizationsTable;
   api_keys: ApiKeysTable;
   subscriptions: SubscriptionsTable;
@@ -200,7 +233,7 @@ export interface DB {
   stripe_events: StripeEventsTable;
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;
-  meter_delivery_pacing: MeterDeliveryPacingTable;
+  meter_delivery_keys: MeterDeliveryKeysTable;
   schema_migrations: SchemaMigrationsTable;
 }
 

@@ -1,11 +1,17 @@
 // Shared Hono typing for meterbox's HTTP layer.
 import type { Hono } from 'hono';
+import type { WebhookOutcome } from '../observability/metrics.js';
 import type { RouteDoc } from './openapi.js';
 
 export interface AppVariables {
   /** Set by API-key auth: the calling organization. */
   organizationId: string;
   requestId: string;
+  /**
+   * Set by the webhook handler where it decides the outcome (src/api/webhooks.ts); the metrics
+   * middleware counts it. `type` is the event's type once the signature passed, else `unverified`.
+   */
+  webhook?: { type: string; outcome: WebhookOutcome };
 }
 
 export interface AppEnv {

@@ -47,6 +47,7 @@ export async function storeGroup(
   boss: PgBoss,
   requests: readonly GroupRequest[],
   now: Date,
+  options: { distributed?: boolean } = {},
 ): Promise<StoreReadingsOutcome[]> {
   const req: number[] = [];
   const org: string[] = [];
@@ -76,13 +77,14 @@ export async function storeGroup(
       LEFT JOIN known k ON k.id = i.sensor_id AND k.organization_id = i.org
       WHERE k.active IS NOT TRUE
     ), ok AS (
-      SELECT i.* FROM input i WHERE NOT EXISTS (SELECT 1 FROM problems p WHERE p.req = i.req)
+      -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
+      SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)
     ), billing AS (
       SELECT s.organization_id AS org, s.stripe_customer_id,
              nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
-      FROM subscriptions s
-      WHERE s.organization_id IN (SELECT org FROM ok)
-        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
+      FROM subscriptions s JOIN (SELECT DISTINCT org FROM ok) o ON o.org = s.organization_id
+      WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
         AND s.stripe_customer_id IS NOT NULL
     ), stored AS (
       INSERT INTO temperature_readings
@@ -90,7 +92,7 @@ export async function storeGroup(
       SELECT o.sensor_id, o.recorded_at, o.org, o.temperature_c, ${now}, b.outbox_id
       FROM ok o LEFT JOIN billing b ON b.org = o.org
       ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
-      ON CONFLICT (sensor_id, recorded_at) DO NOTHING
+      ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
       RETURNING sensor_id, recorded_at, organization_id
     ), winners AS (
       SELECT DISTINCT ON (o.sensor_id, o.recorded_at) o.req, o.sensor_id, o.recorded_at
@@ -108,7 +110,13 @@ export async function storeGroup(
       FROM per_org p JOIN billing b ON b.org = p.org
       RETURNING stripe_customer_id
     ), held AS (
-      ${lockQueuedDeliveries('temperature_readings', sql`SELECT stripe_customer_id FROM billing`)}
+      ${
+        // On Citus a row lock on the local pgboss.job inside a distributed statement comes back as
+        // a corrupt intermediate result; enqueueDeliveries then takes the lock in its own statement.
+        options.distributed
+          ? sql`SELECT NULL::text AS key WHERE false`
+          : lockQueuedDeliveries('temperature_readings', sql`SELECT stripe_customer_id FROM billing`)
+      }
     )
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer
       FROM per_request
@@ -140,7 +148,7 @@ export async function storeGroup(
     trx,
     boss,
     customers.map((customerId) => ({ customerId, eventName: 'temperature_readings' as const })),
-    held,
+    options.distributed ? undefined : held,
   );
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
@@ -172,7 +180,7 @@ export class GroupCommitter {
   private timer: NodeJS.Timeout | undefined;
 
   constructor(
-    private readonly ctx: Pick<Database, 'db'> & { boss: PgBoss; clock: { now(): Date } },
+    private readonly ctx: Pick<Database, 'db' | 'distributed'> & { boss: PgBoss; clock: { now(): Date } },
     private readonly options: GroupCommitOptions,
   ) {}
 
@@ -202,9 +210,10 @@ export class GroupCommitter {
   private async write(group: Pending[]): Promise<void> {
     const now = this.ctx.clock.now();
     try {
+      const distributed = await this.ctx.distributed();
       const outcomes = await this.ctx.db
         .transaction()
-        .execute((trx) => storeGroup(trx, this.ctx.boss, group, now));
+        .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed }));
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       if (group.length === 1 || isDatabaseUnavailable(err)) {

@@ -75,7 +75,7 @@ export async function storeReadings(
       FROM input r
       WHERE NOT EXISTS (SELECT 1 FROM problems)
       ORDER BY r.sensor_id, r.recorded_at, r.n
-      ON CONFLICT (sensor_id, recorded_at) DO NOTHING
+      ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
       RETURNING 1
     ), counted AS (
       SELECT count(*)::int AS inserted FROM stored

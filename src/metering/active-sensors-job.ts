@@ -13,6 +13,7 @@ import {
   utcHourOf,
 } from './active-sensors.js';
 import { queues, sendJob } from './queues.js';
+import { recordTaskFailure, recordTaskSuccess } from './task-runs.js';
 
 export const ACTIVE_SENSORS_QUEUE = 'active-sensors-report';
 
@@ -41,9 +42,23 @@ export async function runHourlyReport(
   boss: PgBoss,
   hour: Date,
   log: Logger,
+  distributed = false,
 ): Promise<HourlyReportResult> {
-  await awaitInFlightSensorChanges(db);
-  const result = await db.transaction().execute((trx) => reportActiveSensorsForHour(trx, boss, hour));
+  let result: HourlyReportResult;
+  try {
+    await awaitInFlightSensorChanges(db);
+    // The success is recorded with the report itself: it counts only if the report committed.
+    result = await db.transaction().execute(async (trx) => {
+      const written = await reportActiveSensorsForHour(trx, boss, hour, { distributed });
+      await recordTaskSuccess(trx, 'active_sensors');
+      return written;
+    });
+  } catch (err) {
+    await recordTaskFailure(db, 'active_sensors', err).catch((recordErr: unknown) =>
+      log.warn({ err: recordErr }, 'active-sensor report failure not recorded'),
+    );
+    throw err;
+  }
   log.info({ hour: result.hour.toISOString(), reported: result.reported }, 'active-sensor report written');
   return result;
 }
@@ -62,14 +77,20 @@ export async function startActiveSensorReporting(ctx: Context): Promise<void> {
     async (jobs: JobWithMetadata<object>[]) => {
       for (const job of jobs) {
         queues[ACTIVE_SENSORS_QUEUE].payload.parse(job.data);
-        await runHourlyReport(ctx.db, ctx.boss, scheduledHourOf(job.createdOn), log.child({ jobId: job.id }));
+        await runHourlyReport(
+          ctx.db,
+          ctx.boss,
+          scheduledHourOf(job.createdOn),
+          log.child({ jobId: job.id }),
+          await ctx.distributed(),
+        );
       }
     },
   );
 
   const now = ctx.clock.now();
   try {
-    await runHourlyReport(ctx.db, ctx.boss, now, log.child({ trigger: 'start-up' }));
+    await runHourlyReport(ctx.db, ctx.boss, now, log.child({ trigger: 'start-up' }), await ctx.distributed());
   } catch (err) {
     // Not worth failing the worker over: the same report queued as a job gets the queue's retries.
     log.warn({ err }, 'start-up active-sensor report failed; queued for retry');

@@ -5,7 +5,7 @@ import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { billableCustomerId } from '../billing/billable.js';
 import type { DB } from '../db/schema.js';
-import { enqueueDelivery, writeOutbox } from './outbox.js';
+import { enqueueDeliveries, writeOutbox } from './outbox.js';
 
 export async function countActiveSensors(trx: Transaction<DB>, organizationId: string): Promise<number> {
   const row = await trx
@@ -98,6 +98,8 @@ export async function reportActiveSensorsForHour(
   trx: Transaction<DB>,
   boss: PgBoss,
   at: Date,
+  /** A distributed Citus database (Database.distributed). */
+  options: { distributed?: boolean } = {},
 ): Promise<HourlyReportResult> {
   const hour = utcHourOf(at);
   const key = hourKey(hour);
@@ -109,17 +111,31 @@ export async function reportActiveSensorsForHour(
   );
   const inserted = await sql<{ stripe_customer_id: string }>`
     INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, dedupe_key)
-    SELECT s.organization_id, 'active_sensors', s.stripe_customer_id, active.n, ${hour}::timestamptz,
+    SELECT s.organization_id, 'active_sensors', s.stripe_customer_id,
+           ${options.distributed ? sql`coalesce(counted.n, 0)` : sql`active.n`}, ${hour}::timestamptz,
            'active_sensors:' || s.organization_id || ':' || ${key}::text
       FROM subscriptions s
-      CROSS JOIN LATERAL (
+      ${
+        options.distributed
+          ? // Citus pushes no lateral subquery from a reference table: one aggregate over the active
+            // sensors of every organization instead, run on every shard at once.
+            sql`LEFT JOIN (
+        SELECT organization_id, count(*) AS n FROM sensors WHERE active GROUP BY organization_id
+      ) counted ON counted.organization_id = s.organization_id`
+          : sql`CROSS JOIN LATERAL (
         SELECT count(*) AS n FROM sensors WHERE sensors.organization_id = s.organization_id AND sensors.active
-      ) active
+      ) active`
+      }
      WHERE s.status IN ('active', 'trial') AND s.stripe_customer_id IS NOT NULL
      ORDER BY s.organization_id
-    ON CONFLICT (dedupe_key) DO NOTHING
+    ON CONFLICT (dedupe_key, organization_id) DO NOTHING
     RETURNING stripe_customer_id`.execute(trx);
+  // One hand-off for every organization of the hour: two statements, not two per organization.
   const customers = new Set(inserted.rows.map((row) => row.stripe_customer_id));
-  for (const customerId of customers) await enqueueDelivery(trx, boss, customerId, 'active_sensors');
+  await enqueueDeliveries(
+    trx,
+    boss,
+    [...customers].map((customerId) => ({ customerId, eventName: 'active_sensors' as const })),
+  );
   return { hour, reported: inserted.rows.length };
 }

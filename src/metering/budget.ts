@@ -3,7 +3,7 @@
 // (holding nothing) until its slot, so calls reach Stripe evenly spaced at most `rate` per second,
 // whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
-import { type Kysely, sql } from 'kysely';
+import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { Config } from '../config.js';
 import type { DB } from '../db/schema.js';
 
@@ -24,10 +24,28 @@ export function callsPerSecond(config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND
   return /^(sk|rk)_live_/.test(key) ? 800 : 25;
 }
 
+/**
+ * The database clock the budget's statements read. On a distributed Citus database, where the row is
+ * a single-shard table, Citus refuses a volatile function in an UPDATE: there the statement's start
+ * time stands in (each budget statement is its own transaction, so it is the same instant but for a
+ * wait on the row's lock).
+ */
+export function budgetClock(distributed: boolean) {
+  return distributed ? sql`statement_timestamp()` : sql`clock_timestamp()`;
+}
+
+/**
+ * `at` + `seconds`, as arithmetic on UTC wall time: the same instant as timestamptz + interval, but
+ * immutable, which Citus requires of expressions over columns in an UPDATE.
+ */
+export function plusSeconds(at: RawBuilder<unknown>, seconds: RawBuilder<unknown>) {
+  return sql`(((${at}) AT TIME ZONE 'UTC') + make_interval(secs => ${seconds})) AT TIME ZONE 'UTC'`;
+}
+
 /** The effective rate given the configured one (SQL over meter_call_budget's columns). */
-export function effectiveRate(rate: number) {
+export function effectiveRate(rate: number, clock = budgetClock(false)) {
   return sql`(${rate}::float8 * least(1.0, factor + coalesce(
-      extract(epoch FROM clock_timestamp() - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
+      extract(epoch FROM ${clock} - last_429_at) / ${BUDGET_RECOVERY_SECONDS}, 1.0)))`;
 }
 
 /**
@@ -55,15 +73,23 @@ export async function reserveCalls(
   rate: number,
   calls = 1,
   maxWaitMs = BUDGET_MAX_WAIT_MS,
+  distributed = false,
 ): Promise<Reservation> {
+  // On Citus the statement's instant is read once, as a column of `r`, so that every expression
+  // of the UPDATE is over columns (see budgetClock and plusSeconds).
+  const clock = distributed ? sql`r.now` : budgetClock(false);
   const result = await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
-       SET tat = greatest(b.tat, clock_timestamp()) + make_interval(secs => ${calls}::float8 / r.rate),
+       SET tat = ${plusSeconds(sql`greatest(b.tat, ${clock})`, sql`${calls}::float8 / r.rate`)},
            calls = b.calls + ${calls}
-      FROM (SELECT ${effectiveRate(rate)} AS rate FROM meter_call_budget WHERE id = 1) r
-     WHERE b.id = 1 AND b.tat <= clock_timestamp() + make_interval(secs => ${maxWaitMs / 1000})
-    RETURNING greatest(0, ceil(extract(epoch FROM b.tat - make_interval(secs => ${calls}::float8 / r.rate)
-                                               - clock_timestamp()) * 1000))::int AS wait_ms,
+      FROM (${
+        distributed
+          ? sql`SELECT c.now, ${effectiveRate(rate, sql`c.now`)} AS rate
+                  FROM meter_call_budget, (SELECT ${budgetClock(true)} AS now) c WHERE id = 1`
+          : sql`SELECT ${effectiveRate(rate, clock)} AS rate FROM meter_call_budget WHERE id = 1`
+      }) r
+     WHERE b.id = 1 AND b.tat <= ${plusSeconds(clock, sql`${maxWaitMs / 1000}::float8`)}
+    RETURNING greatest(0, ceil((extract(epoch FROM b.tat - ${clock}) - ${calls}::float8 / r.rate) * 1000))::int AS wait_ms,
               r.rate::float8 AS rate`.execute(db);
   const row = result.rows[0];
   if (!row) return { granted: false, waitMs: maxWaitMs, spacingMs: 1000 / rate, rate };
@@ -71,12 +97,13 @@ export async function reserveCalls(
 }
 
 /** A 429: every worker slows down (multiplicative decrease, at most once a second). One statement. */
-export async function recordRateLimited(db: Kysely<DB>, rate: number): Promise<void> {
+export async function recordRateLimited(db: Kysely<DB>, rate: number, distributed = false): Promise<void> {
+  const clock = budgetClock(distributed);
   await sql`
     UPDATE meter_call_budget
-       SET factor = CASE WHEN last_429_at > clock_timestamp() - interval '1 second' THEN factor
-                         ELSE greatest(${BUDGET_MIN_FACTOR}::float8, ${effectiveRate(rate)} / ${rate} * 0.5) END,
-           last_429_at = clock_timestamp(),
+       SET factor = CASE WHEN last_429_at > ${clock} - interval '1 second' THEN factor
+                         ELSE greatest(${BUDGET_MIN_FACTOR}::float8, ${effectiveRate(rate, clock)} / ${rate} * 0.5) END,
+           last_429_at = ${clock},
            rate_limited = rate_limited + 1
      WHERE id = 1`.execute(db);
 }
@@ -119,13 +146,18 @@ const STALE_SLOT_MS = 25;
  * `now` is the host's clock, not the application Clock: slots are waited for with timers and spaced
  * by the database's clock_timestamp(), so a moved test clock must not shift them.
  */
-export function createSlotDispenser(db: Kysely<DB>, rate: number, now: () => number = Date.now): CallSlots {
+export function createSlotDispenser(
+  db: Kysely<DB>,
+  rate: number,
+  now: () => number = Date.now,
+  distributed = false,
+): CallSlots {
   const slots: number[] = [];
   let refill: Promise<Pick<Reservation, 'granted' | 'waitMs'>> | undefined;
   const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.round((rate * SLOT_CHUNK_MS) / 1000)));
 
   const reserve = async () => {
-    const r = await reserveCalls(db, rate, chunk);
+    const r = await reserveCalls(db, rate, chunk, BUDGET_MAX_WAIT_MS, distributed);
     if (r.granted) {
       const first = now() + r.waitMs;
       for (let i = 0; i < chunk; i++) slots.push(first + i * r.spacingMs);

@@ -1,8 +1,8 @@
 // Delivery of usage corrections (outbox rows of kind 'correction'): which rows form one correction
 // group, which Stripe call a group becomes, and that call. The delivery pipeline calls
 // claimCorrectionGroup when a key has no usage left to send, sends the group with sendCorrection and
-// settles it by identifier like any other group (contract 4: the pipeline keeps grouping and the
-// Stripe call at one seam each; this module is what plugs in there).
+// settles it by identifier like any other group (batch.ts; `attempts` counts the calls, added by the
+// settle statement).
 //
 // Stripe's rules (docs.stripe.com, "Configure meters" > "Fix incorrect usage data"; API reference
 // "Create a billing meter event adjustment"):
@@ -111,7 +111,7 @@ export async function claimCorrectionGroup(
     SELECT coalesce(sum(c.value), 0)::text AS value, max(c.occurred_at) AS timestamp,
            min(c.created_at) AS oldest, count(*)::int AS rows, max(c.attempts)::int AS attempts,
            min(c.correction_action) AS action, min(o.identifier) AS original
-      FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id
+      FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id AND o.organization_id = c.organization_id
      WHERE c.identifier = ${identifier} AND c.status = 'pending'`;
   const toGroup = (identifier: string, g: GroupRow | undefined): CorrectionGroup | null =>
     g && g.rows > 0 && g.timestamp && g.oldest && g.action && g.original
@@ -123,7 +123,7 @@ export async function claimCorrectionGroup(
           timestamp: new Date(g.timestamp),
           rows: g.rows,
           oldestCreatedAt: new Date(g.oldest),
-          attempts: g.attempts ?? 1,
+          attempts: g.attempts ?? 0,
         }
       : null;
 
@@ -134,8 +134,6 @@ export async function claimCorrectionGroup(
      ORDER BY occurred_at, id LIMIT 1`.execute(db);
   const resend = inflight.rows[0]?.identifier;
   if (resend) {
-    await sql`UPDATE meter_outbox SET attempts = attempts + 1, updated_at = now()
-               WHERE identifier = ${resend} AND status = 'pending'`.execute(db);
     return { group: toGroup(resend, (await groupSql(resend).execute(db)).rows[0]), settled };
   }
 
@@ -150,7 +148,8 @@ export async function claimCorrectionGroup(
     }>`
       SELECT c.id, c.organization_id, o.status AS original_status, o.identifier AS original_identifier,
              o.delivered_at AS original_delivered_at, c.occurred_at
-        FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id
+        -- A correction row and the usage row it corrects belong to one organization (one shard on Citus).
+        FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id AND o.organization_id = c.organization_id
        WHERE c.stripe_customer_id = ${customerId} AND c.event_name = ${eventName}
          AND c.status = 'pending' AND c.kind = 'correction' AND c.identifier IS NULL
          AND o.status IN ('delivered', 'expired')
@@ -208,8 +207,7 @@ export async function claimCorrectionGroup(
         : 'compensate';
     const identifier = correctionIdentifier(h.id);
     await sql`
-      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
-             attempts = attempts + 1, updated_at = now()
+      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action}, updated_at = now()
        WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
     const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
     if (group) return { group, settled };

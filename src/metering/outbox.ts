@@ -38,7 +38,7 @@ export async function writeOutbox(
       occurred_at: entry.occurredAt,
       dedupe_key: entry.dedupeKey ?? null,
     })
-    .onConflict((oc) => oc.column('dedupe_key').doNothing())
+    .onConflict((oc) => oc.columns(['dedupe_key', 'organization_id']).doNothing())
     .returning('id')
     .executeTakeFirst();
   if (!inserted) return null;
@@ -54,14 +54,17 @@ export function deliveryKey(customerId: string, eventName: MeterEventName): stri
 /**
  * Send options of a delivery job. The queue's `short` policy keeps at most one *queued* job per
  * singletonKey (a job drains every pending row of its key, so one waiting job covers any number of
- * commits); `group` lets each process keep at most one of a key's jobs active (localGroupConcurrency).
+ * commits). Readings go first: a worker fetches by priority, so the hourly active_sensors report of
+ * thousands of organizations uses the budget readings leave and never stalls them.
  */
 export function deliveryJobOptions(
   customerId: string,
   eventName: MeterEventName,
 ): SendOptions & { singletonKey: string } {
-  const key = deliveryKey(customerId, eventName);
-  return { singletonKey: key, group: { id: key } };
+  return {
+    singletonKey: deliveryKey(customerId, eventName),
+    priority: eventName === 'temperature_readings' ? 1 : 0,
+  };
 }
 
 /** How often a send may find the key's queued job claimed by a worker in between (then it queues anew). */
@@ -186,4 +189,22 @@ export async function queueDelivery(
       ...(startAfterSeconds ? { startAfter: startAfterSeconds } : {}),
     },
   );
+}
+
+/**
+ * Queues delivery jobs for many keys outside any transaction, each after its own delay, in ONE
+ * statement (a key that already has a queued job keeps that one: the queue's `short` policy).
+ */
+export async function queueDeliveries(
+  boss: PgBoss,
+  keys: readonly { customerId: string; eventName: MeterEventName; afterMs?: number }[],
+): Promise<number> {
+  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
+  const jobs = [...unique.values()].map((k) => ({
+    id: randomUUID(),
+    data: { customerId: k.customerId, eventName: k.eventName },
+    ...deliveryJobOptions(k.customerId, k.eventName),
+    ...(k.afterMs ? { startAfter: new Date(Date.now() + k.afterMs) } : {}),
+  }));
+  return (await insertJobs(boss, 'meter-delivery', jobs)).size;
 }

@@ -23,9 +23,13 @@ export async function readPipelineSnapshot(
     n: string;
     oldest: Date | null;
   }>`
-    SELECT 'unfinished' AS kind, status, event_name AS meter, count(*)::bigint AS n,
-           min(created_at) FILTER (WHERE status = 'pending') AS oldest
-      FROM meter_outbox WHERE status <> 'delivered' GROUP BY status, event_name
+    -- v2 rows Stripe accepted and is still validating are reported as status "validating": not
+    -- delivered yet, but not unbilled backlog either (nothing is left to send).
+    SELECT 'unfinished' AS kind,
+           CASE WHEN status = 'pending' AND accepted_at IS NOT NULL THEN 'validating' ELSE status END AS status,
+           event_name AS meter, count(*)::bigint AS n,
+           min(created_at) FILTER (WHERE status = 'pending' AND accepted_at IS NULL) AS oldest
+      FROM meter_outbox WHERE status <> 'delivered' GROUP BY 2, event_name
     UNION ALL
     SELECT 'delivered', 'delivered', event_name, count(*)::bigint, NULL
       FROM meter_outbox WHERE status = 'delivered' AND delivered_at >= ${since} GROUP BY event_name
@@ -36,8 +40,8 @@ export async function readPipelineSnapshot(
     SELECT 'pass', NULL, NULL, coalesce(round(max(extract(epoch FROM clock_timestamp()
              - greatest(k.oldest, coalesce(p.next_call_at, k.oldest)))) * 1000), 0)::bigint, NULL
       FROM (SELECT stripe_customer_id, event_name, min(created_at) AS oldest FROM meter_outbox
-             WHERE status = 'pending' GROUP BY 1, 2) k
-      LEFT JOIN meter_delivery_pacing p USING (stripe_customer_id, event_name)
+             WHERE status = 'pending' AND accepted_at IS NULL GROUP BY 1, 2) k
+      LEFT JOIN meter_delivery_keys p USING (stripe_customer_id, event_name)
     UNION ALL
     SELECT 'budget', ${effectiveRate(options.maxCallsPerSecond ?? 0)}::text, NULL, calls, NULL
       FROM meter_call_budget WHERE id = 1
@@ -52,7 +56,7 @@ export async function readPipelineSnapshot(
   };
   // Pass time ('pass' above): for each customer+meter with pending rows, how long it has waited while
   // eligible, i.e. since the later of its oldest pending row's commit and the moment its pacing let it
-  // call again (meter_delivery_pacing.next_call_at); the longest of these. Every pending key is served
+  // call again (meter_delivery_keys.next_call_at); the longest of these. Every pending key is served
   // once per pass over the pending keys, so this is how long a full pass takes.
   let oldest: Date | undefined;
   for (const row of result.rows) {

@@ -30,6 +30,7 @@ export const queues = {
       retryDelayMax: config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
       expireInSeconds: 5 * 60,
       deadLetter: 'meter-delivery-dead',
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },
   /** Permanently failed deliveries, kept for the operator to inspect and redrive. */
@@ -40,11 +41,12 @@ export const queues = {
   /** Hourly (METER_CRON) active-sensor report for every billable organization. */
   'active-sensors-report': {
     payload: z.object({}).passthrough(),
-    options: (): Omit<Queue, 'name'> => ({
+    options: (config: Config): Omit<Queue, 'name'> => ({
       retryLimit: 5,
       retryDelay: 30,
       retryBackoff: true,
       policy: 'singleton',
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },
   /** Finds pending outbox rows no live job covers and enqueues their delivery. */
@@ -56,7 +58,12 @@ export const queues = {
     // blocked every later pass until pg-boss expired it (5 min), and keys whose jobs died with that
     // worker waited as long (seen once in the crash e2e). Two passes at once are harmless: each
     // queues at most one delivery job per key, and the delivery queue keeps one queued job per key.
-    options: (): Omit<Queue, 'name'> => ({ retryLimit: 0, policy: 'short', expireInSeconds: 5 * 60 }),
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      retryLimit: 0,
+      policy: 'short',
+      expireInSeconds: 5 * 60,
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
+    }),
   },
   /**
    * Storage maintenance (issue 14): readings partitions ahead, retention drop, outbox compaction.
@@ -64,15 +71,47 @@ export const queues = {
    */
   'storage-maintenance': {
     payload: z.object({}).passthrough(),
-    options: (): Omit<Queue, 'name'> => ({
+    options: (config: Config): Omit<Queue, 'name'> => ({
       retryLimit: 5,
       retryDelay: 60,
       retryBackoff: true,
       policy: 'singleton',
       expireInSeconds: 60 * 60,
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
+    }),
+  },
+  /**
+   * Scheduled reconciliation with Stripe's meter event summaries (issue 25): each run queues the
+   * next one RECONCILIATION_INTERVAL_SECONDS later; stately keeps one queued and one running
+   * across every worker process.
+   */
+  'meter-reconciliation': {
+    payload: z.object({}).passthrough(),
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      retryLimit: 3,
+      retryDelay: 60,
+      retryBackoff: true,
+      policy: 'stately',
+      expireInSeconds: 30 * 60,
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },
 } as const;
+
+/**
+ * pg-boss's maintenance timing for JOB_RETENTION_SECONDS. pg-boss deletes a queue's finished jobs
+ * only when its maintenance claims the queue, by default once a day (maintenanceIntervalSeconds
+ * 86,400): a retention of minutes would still keep a day of jobs. Claiming every quarter of the
+ * retention (at most every 15 min) keeps a finished job at most 1.25x the retention plus one
+ * supervise tick (at most a minute); the delete is one statement per queue.
+ */
+export function jobMaintenanceTiming(config: Pick<Config, 'JOB_RETENTION_SECONDS'>): {
+  maintenanceIntervalSeconds: number;
+  superviseIntervalSeconds: number;
+} {
+  const maintenanceIntervalSeconds = Math.min(900, Math.max(1, Math.ceil(config.JOB_RETENTION_SECONDS / 4)));
+  return { maintenanceIntervalSeconds, superviseIntervalSeconds: Math.min(60, maintenanceIntervalSeconds) };
+}
 
 export type QueueName = keyof typeof queues;
 export type QueuePayload<N extends QueueName> = z.input<(typeof queues)[N]['payload']>;
@@ -110,11 +149,11 @@ export async function insertJobs<N extends QueueName>(
   boss: PgBoss,
   name: N,
   jobs: readonly (Omit<JobInsert, 'data'> & { id: string; data: QueuePayload<N> })[],
-  db: ConnectionOptions['db'],
+  db?: ConnectionOptions['db'],
 ): Promise<Set<string>> {
   if (jobs.length === 0) return new Set();
   const payload = jobs.map((job) => ({ ...job, data: queues[name].payload.parse(job.data) as object }));
-  return new Set((await boss.insert(name, payload, { db, returnId: true })) ?? []);
+  return new Set((await boss.insert(name, payload, { ...(db ? { db } : {}), returnId: true })) ?? []);
 }
 
 /** Typed send: validates the payload against the registry before it reaches the queue. */

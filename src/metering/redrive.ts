@@ -34,6 +34,8 @@ export async function retryFailedRows(
       .updateTable('meter_outbox')
       .set({
         status: 'pending',
+        // A v2 acceptance that a report then failed is void: the group is sent again.
+        accepted_at: null,
         last_error: sql`'retry requested after: ' || coalesce(last_error, '')`,
         updated_at: sql`now()`,
       })

@@ -28,9 +28,14 @@ export type SendOutcome =
   | { kind: 'retryable'; message: string; status?: number; reason: string }
   | { kind: 'permanent'; message: string; status?: number; reason: string };
 
+/** Per call: the call is abandoned (a `timeout` outcome) after this long; bounded by the key's lease. */
+export interface CallOptions {
+  timeoutMs?: number;
+}
+
 export interface StripeMeterClient {
   /** Sends one meter event. Never throws for an answer from Stripe or the network. */
-  send(event: MeterEventInput): Promise<SendOutcome>;
+  send(event: MeterEventInput, options?: CallOptions): Promise<SendOutcome>;
 }
 
 export const MAX_IDENTIFIER_LENGTH = 100;
@@ -100,17 +105,20 @@ export function classifyStripeError(err: unknown): Exclude<SendOutcome, { kind: 
 }
 
 export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
-  const send = async (event: MeterEventInput): Promise<SendOutcome> => {
+  const send = async (event: MeterEventInput, options: CallOptions = {}): Promise<SendOutcome> => {
     if (event.identifier.length > MAX_IDENTIFIER_LENGTH) {
       throw new Error(`meter event identifier longer than ${MAX_IDENTIFIER_LENGTH} characters`);
     }
     try {
-      await stripe.billing.meterEvents.create({
-        event_name: event.eventName,
-        identifier: event.identifier,
-        timestamp: Math.floor(event.timestamp.getTime() / 1000),
-        payload: { stripe_customer_id: event.customerId, value: event.value },
-      });
+      await stripe.billing.meterEvents.create(
+        {
+          event_name: event.eventName,
+          identifier: event.identifier,
+          timestamp: Math.floor(event.timestamp.getTime() / 1000),
+          payload: { stripe_customer_id: event.customerId, value: event.value },
+        },
+        options.timeoutMs ? { timeout: options.timeoutMs } : undefined,
+      );
       return { kind: 'accepted' };
     } catch (err) {
       return classifyStripeError(err);

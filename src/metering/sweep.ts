@@ -1,11 +1,13 @@
 // The stranded-row sweep: pending outbox rows older than SWEEP_STALE_SECONDS whose customer+meter
-// has no queued or retrying delivery job get one, so a lost or purged job only delays billing.
-import { type Kysely, sql } from 'kysely';
+// has no queued or retrying delivery job get one, so a lost or purged job only delays billing. Each
+// pass also marks delivered the v2 rows whose validation window passed without an error report.
+import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
-import type { DB, MeterEventName } from '../db/schema.js';
+import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { deliveryKey, queueDelivery } from './outbox.js';
+import { promoteValidated, staleKeys } from './delivery-sql.js';
+import { queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
 
 export interface SweepResult {
@@ -19,36 +21,21 @@ export interface SweepResult {
 const SWEEP_KEY_LIMIT = 1000;
 
 /**
- * One pass. A key counts as covered only by a job that is queued (`created`) or waiting to retry:
- * an `active` job may belong to a process that died, which pg-boss notices only when the job
- * expires. Queuing next to a live active job costs nothing: the queue keeps one queued job per key
- * and the delivery lease keeps one Stripe call in flight.
+ * One pass, three statements however many keys: the stale keys, the ones a queued or retrying job
+ * covers, and one insert of the others' jobs. Queuing next to a live active job costs nothing: the queue keeps one
+ * queued job per key and the delivery lease keeps one Stripe call in flight.
  */
 export async function sweepStrandedRows(
   db: Kysely<DB>,
   boss: PgBoss,
   options: { staleSeconds: number; limit?: number },
 ): Promise<SweepResult> {
-  const stale = await db
-    .selectFrom('meter_outbox')
-    .select(['stripe_customer_id', 'event_name'])
-    .select((eb) => eb.fn.min('created_at').as('oldest'))
-    .where('status', '=', 'pending')
-    .where('created_at', '<', sql<Date>`now() - make_interval(secs => ${options.staleSeconds})`)
-    .groupBy(['stripe_customer_id', 'event_name'])
-    .orderBy('oldest')
-    .limit(options.limit ?? SWEEP_KEY_LIMIT)
-    .execute();
-
-  let enqueued = 0;
-  for (const row of stale) {
-    const eventName: MeterEventName = row.event_name;
-    const key = deliveryKey(row.stripe_customer_id, eventName);
-    const live = await boss.findJobs('meter-delivery', { key, queued: true });
-    if (live.length > 0) continue;
-    if (await queueDelivery(boss, row.stripe_customer_id, eventName)) enqueued++;
-  }
-  return { keys: stale.length, enqueued };
+  const found = await staleKeys(db, {
+    staleSeconds: options.staleSeconds,
+    limit: options.limit ?? SWEEP_KEY_LIMIT,
+  });
+  const enqueued = found.keys.length > 0 ? await queueDeliveries(boss, found.keys) : 0;
+  return { keys: found.stale, enqueued };
 }
 
 export interface SweepRuntime {
@@ -69,13 +56,15 @@ export async function startOutboxSweep(deps: {
 }): Promise<SweepRuntime> {
   const log = deps.log.child({ queue: 'outbox-sweep' });
   await deps.boss.work('outbox-sweep', { pollingIntervalSeconds: 1 }, async ([job]) => {
+    // v2 rows whose validation window passed with no error report naming them are delivered.
+    const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
     const result = await sweepStrandedRows(deps.db, deps.boss, {
       staleSeconds: deps.config.SWEEP_STALE_SECONDS,
     });
     if (result.enqueued > 0) {
       log.info({ jobId: job?.id, ...result }, 'sweep queued delivery of stranded outbox rows');
     }
-    return result;
+    return { ...result, validated };
   });
   const request = () => {
     sendJob(deps.boss, 'outbox-sweep', {}).catch((err: unknown) =>

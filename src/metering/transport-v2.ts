@@ -6,7 +6,12 @@
 // comes back in a `v1.billing.meter.error_report_triggered` report (billing/meter-error-reports.ts
 // maps its sampled identifiers back to outbox rows).
 import Stripe from 'stripe';
-import { classifyStripeError, MAX_IDENTIFIER_LENGTH, type SendOutcome } from './stripe-meter.js';
+import {
+  type CallOptions,
+  classifyStripeError,
+  MAX_IDENTIFIER_LENGTH,
+  type SendOutcome,
+} from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
 /** Stripe: "Supports up to 100 events per request." */
@@ -59,7 +64,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
   return {
     kind: 'v2',
     maxEventsPerCall: MAX_STREAM_EVENTS,
-    async send(events) {
+    async send(events, options: CallOptions = {}) {
       if (events.length === 0) return [];
       if (events.length > MAX_STREAM_EVENTS) {
         throw new Error(`a meter event stream call carries at most ${MAX_STREAM_EVENTS} events`);
@@ -87,7 +92,10 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
           return all(classifyStripeError(err));
         }
         try {
-          await stripe.v2.billing.meterEventStream.create(params, { apiKey: token });
+          await stripe.v2.billing.meterEventStream.create(params, {
+            apiKey: token,
+            ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
+          });
           return all({ kind: 'accepted' });
         } catch (err) {
           if (isSessionExpired(err)) {
@@ -102,9 +110,6 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
           return all(classifyStripeError(err));
         }
       }
-    },
-    async close() {
-      session = undefined;
     },
   };
 }

@@ -1,8 +1,14 @@
 // How meter events reach Stripe: one call carries one event (v1 meter events) or up to 100 events of
-// different customers (v2 meter event stream). Delivery claims groups, takes call budget, hands the
-// events of one call to a transport and settles each group from its own outcome.
+// different customers (v2 meter event stream). The batch pipeline (batch.ts) claims groups, takes one
+// slot of the call budget per call, hands the events of one call to a transport and settles each group
+// from its own outcome.
 import type Stripe from 'stripe';
-import { createStripeMeterClient, type MeterEventInput, type SendOutcome } from './stripe-meter.js';
+import {
+  type CallOptions,
+  createStripeMeterClient,
+  type MeterEventInput,
+  type SendOutcome,
+} from './stripe-meter.js';
 
 export type TransportKind = 'v1' | 'v2';
 
@@ -14,14 +20,7 @@ export interface MeterTransport {
    * One Stripe call carrying these events: one outcome per event, in order. Never throws for an
    * answer from Stripe or the network (a whole-call failure is that outcome for every event).
    */
-  send(events: readonly MeterEventInput[]): Promise<SendOutcome[]>;
-  /**
-   * True when the transport takes the account-wide call budget itself, one slot per call of many
-   * events (call-batcher.ts); false or absent: the drain takes one slot per event before send.
-   */
-  readonly budgeted?: boolean;
-  /** Releases what the transport holds (a v2 session); safe to call twice. */
-  close?(): Promise<void>;
+  send(events: readonly MeterEventInput[], options?: CallOptions): Promise<SendOutcome[]>;
 }
 
 /** v1: `POST /v1/billing/meter_events`, one event per call, answered synchronously. */
@@ -30,6 +29,6 @@ export function createV1Transport(stripe: Stripe): MeterTransport {
   return {
     kind: 'v1',
     maxEventsPerCall: 1,
-    send: (events) => Promise.all(events.map((event) => client.send(event))),
+    send: (events, options) => Promise.all(events.map((event) => client.send(event, options))),
   };
 }

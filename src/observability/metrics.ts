@@ -44,26 +44,38 @@ export interface Metrics {
   readonly budgetCalls: Gauge;
   /** Pass time (see src/metering/pipeline-snapshot.ts), read at scrape. */
   readonly deliveryPassSeconds: Gauge;
+  // --- operations (issue 26): what the alert rules in deploy/prometheus need ---
+  /** 1 when this process's readiness check (GET /readyz) passes, else 0; checked at scrape. */
+  readonly ready: Gauge;
+  /** When each scheduled task (active_sensors, storage_maintenance) last succeeded / failed, read at scrape. */
+  readonly taskLastSuccess: Gauge<'task'>;
+  readonly taskLastFailure: Gauge<'task'>;
+  /** pg_database_size of meterbox's database, read at scrape. */
+  readonly databaseSize: Gauge;
+  // --- going live (issue 25) ---
+  /** 1 while an event name has no active, fitting Stripe meter (its usage is held), else 0. */
+  readonly stripeMeterMissing: Gauge<'event_name'>;
+  /** Open reconciliation drift: customer-hours where Stripe counted otherwise than delivered. */
+  readonly reconciliationDriftHours: Gauge<'event_name'>;
+  /** Open reconciliation drift: sum over those hours of |delivered − counted|. */
+  readonly reconciliationDriftValue: Gauge<'event_name'>;
 }
 
 export interface MetricsOptions {
   /** Process-level metrics (CPU, memory, event loop) from prom-client. */
   processMetrics?: boolean;
-  /** A constant label on every series, e.g. { component: 'worker' }. */
-  defaultLabels?: Record<string, string>;
 }
 
 export function createMetrics(options: MetricsOptions = {}): Metrics {
   const registry = new Registry();
-  if (options.defaultLabels) registry.setDefaultLabels(options.defaultLabels);
   const registers = [registry];
   if (options.processMetrics ?? true) {
     collectDefaultMetrics({ register: registry, prefix: 'meterbox_' });
-    // The ceiling the heap grows to before the process fails: HEAP_OLD_SPACE_MB when the service runs
-    // in its bounded-heap thread (src/bin/bounded-heap.ts), else what V8 derived from the host.
+    // The ceiling the heap grows to before the process fails: --max-old-space-size plus the young
+    // generation (--max-semi-space-size) when set (the image sets both), else what V8 derived from the host.
     new Gauge({
       name: 'meterbox_heap_limit_bytes',
-      help: 'V8 heap size limit of the thread serving this process (old + young generation)',
+      help: 'V8 heap size limit of this process (old + young generation)',
       registers,
       collect() {
         this.set(getHeapStatistics().heap_size_limit);
@@ -135,7 +147,7 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     }),
     outboxRows: new Gauge({
       name: 'meterbox_outbox_rows',
-      help: 'Unfinished outbox rows (pending, failed, expired) by status and meter, read at scrape',
+      help: 'Unfinished outbox rows (pending, validating: v2 accepted and in its validation window, failed, expired) by status and meter, read at scrape',
       labelNames: ['status', 'meter'],
       registers,
     }),
@@ -181,6 +193,46 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       help: 'Pass time: longest a customer+meter with pending rows has waited while eligible to call (since the later of its oldest pending row and its pacing), read at scrape',
       registers,
     }),
+    ready: new Gauge({
+      name: 'meterbox_ready',
+      help: '1 when the readiness check passes (database reachable, migrations current), else 0; checked at scrape',
+      registers,
+    }),
+    taskLastSuccess: new Gauge({
+      name: 'meterbox_task_last_success_timestamp_seconds',
+      help: 'When a scheduled task (active_sensors, storage_maintenance) last succeeded, any worker (0: never), read at scrape',
+      labelNames: ['task'],
+      registers,
+    }),
+    taskLastFailure: new Gauge({
+      name: 'meterbox_task_last_failure_timestamp_seconds',
+      help: 'When a scheduled task (active_sensors, storage_maintenance) last failed, any worker (0: never), read at scrape',
+      labelNames: ['task'],
+      registers,
+    }),
+    databaseSize: new Gauge({
+      name: 'meterbox_database_size_bytes',
+      help: "Size of meterbox's database on disk (pg_database_size), read at scrape",
+      registers,
+    }),
+    stripeMeterMissing: new Gauge({
+      name: 'meterbox_stripe_meter_missing',
+      help: '1 while a meter event name has no active Stripe meter with the settings meterbox sends (its usage is held pending; fix: meterbox stripe setup), else 0',
+      labelNames: ['event_name'],
+      registers,
+    }),
+    reconciliationDriftHours: new Gauge({
+      name: 'meterbox_reconciliation_drift_hours',
+      help: 'Open reconciliation drift: customer-hours whose Stripe meter event summary differs from what meterbox delivered',
+      labelNames: ['event_name'],
+      registers,
+    }),
+    reconciliationDriftValue: new Gauge({
+      name: 'meterbox_reconciliation_drift_value',
+      help: 'Open reconciliation drift: sum of |delivered - counted by Stripe| over the drifting customer-hours',
+      labelNames: ['event_name'],
+      registers,
+    }),
   };
   return metrics;
 }
@@ -199,7 +251,8 @@ export interface PipelineSnapshot {
 
 /** Sets the DB-derived gauges from one snapshot; every status/meter pair is present (0 when empty). */
 export function applyPipelineSnapshot(metrics: Metrics, snapshot: PipelineSnapshot): void {
-  for (const status of OUTBOX_STATUSES) {
+  // "validating": v2 rows Stripe accepted, waiting out its validation window (pending in the table).
+  for (const status of [...OUTBOX_STATUSES, 'validating'] as const) {
     if (status === 'delivered') continue;
     for (const meter of METER_EVENT_NAMES) {
       const found = snapshot.rows.find((r) => r.status === status && r.meter === meter);

@@ -1,6 +1,6 @@
-// Plugs the delivery loop's hooks (src/metering/delivery.ts DeliveryObserver) into this process's
+// Plugs the delivery loop's hooks (src/metering/observer.ts DeliveryObserver) into this process's
 // Prometheus instruments. These counters live in the worker process: see metrics-server.ts.
-import type { DeliveryObserver } from '../metering/delivery.js';
+import type { DeliveryObserver } from '../metering/observer.js';
 import type { Metrics } from '../observability/metrics.js';
 
 export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {

@@ -1,37 +1,98 @@
 // The worker runtime, composed above the features: starts pg-boss with maintenance and cron, makes
 // sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
 // jobs finish within a deadline.
+import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
 import type { Context } from '../context-type.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
+import { type MeterCatalog, type MeterCatalogRuntime, startMeterCatalog } from '../metering/meter-catalog.js';
 import { ensureQueues } from '../metering/queues.js';
-import { startStorageMaintenance } from '../metering/storage-job.js';
+import { startStorageMaintenance } from '../storage/maintenance-job.js';
 import { metricsDeliveryObserver } from './delivery-observer.js';
 import { startMetricsServer } from './metrics-server.js';
 
 export interface WorkerRuntime {
   stop(): Promise<void>;
+  /** The meter catalog delivery consults (undefined without STRIPE_SECRET_KEY). */
+  readonly catalog: MeterCatalog | undefined;
 }
 
-/** observer: delivery metrics hooks; meter: a replacement Stripe meter client (tests). */
+/**
+ * observer: delivery metrics hooks; meter: a replacement Stripe meter client (tests); catalog: a
+ * replacement meter catalog (tests; by default one is read from the Stripe account).
+ */
 export type WorkerOptions = DeliveryWorkerOptions;
 
 export async function startWorker(ctx: Context, options: WorkerOptions = {}): Promise<WorkerRuntime> {
   const log = ctx.log.child({ component: 'worker' });
-  await ctx.boss.start();
-  await ensureQueues(ctx.boss, ctx.config);
-  await startActiveSensorReporting(ctx);
-  await startStorageMaintenance(ctx);
-  const delivery = await startDelivery(ctx, { observer: metricsDeliveryObserver(ctx.metrics), ...options });
+  // The first read of the account's meters runs while pg-boss starts: it is on the path to
+  // delivery (a held meter must be known before the first job), so it should not add to it.
+  // Without a Stripe client nothing is delivered (startDelivery says so), so there is nothing to hold.
+  const catalogStarting: Promise<MeterCatalogRuntime> | undefined =
+    !options.catalog && ctx.stripe
+      ? startMeterCatalog({
+          stripe: ctx.stripe,
+          db: ctx.db,
+          log: ctx.log,
+          metrics: ctx.metrics,
+          refreshSeconds: ctx.config.METER_CATALOG_REFRESH_SECONDS,
+          // LISTEN needs a session of its own: the direct URL, never a transaction pooler.
+          listenConnectionString: ctx.config.DATABASE_DIRECT_URL ?? ctx.config.DATABASE_URL,
+        })
+      : undefined;
+  try {
+    await ctx.boss.start();
+    await ensureQueues(ctx.boss, ctx.config);
+    await startActiveSensorReporting(ctx);
+    await startStorageMaintenance(ctx);
+  } catch (err) {
+    await (await catalogStarting?.catch(() => undefined))?.stop();
+    throw err;
+  }
+  const ownCatalog = await catalogStarting;
+  const catalog = options.catalog ?? ownCatalog;
+  const delivery = await startDelivery(ctx, {
+    observer: metricsDeliveryObserver(ctx.metrics),
+    ...options,
+    ...(catalog ? { catalog } : {}),
+  });
+  if (ctx.stripe) {
+    const stripe = ctx.stripe;
+    const configured = {
+      temperature_readings: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS,
+      active_sensors: ctx.config.STRIPE_METER_ID_ACTIVE_SENSORS,
+    } as const;
+    await startScheduledReconciliation({
+      db: ctx.db,
+      boss: ctx.boss,
+      stripe,
+      config: ctx.config,
+      log: ctx.log,
+      metrics: ctx.metrics,
+      meterId: (eventName) => configured[eventName] ?? catalog?.meterId(eventName),
+      now: () => ctx.clock.now(),
+    });
+  }
   const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
   const metricsServer = ctx.config.WORKER_METRICS_PORT
-    ? await startMetricsServer(ctx, { port: ctx.config.WORKER_METRICS_PORT, host: ctx.config.HOST })
+    ? await startMetricsServer(ctx, {
+        port: ctx.config.WORKER_METRICS_PORT,
+        host: ctx.config.HOST,
+        readiness: () => {
+          const held = (catalog?.entries() ?? []).filter((e) => e.state !== 'active');
+          return {
+            ready: held.length === 0,
+            heldMeters: held.map((e) => ({ eventName: e.eventName, detail: e.detail })),
+          };
+        },
+      })
     : undefined;
   log.info({ concurrency: ctx.config.DELIVERY_CONCURRENCY }, 'worker started');
 
   let stopping: Promise<void> | undefined;
   return {
+    catalog,
     stop() {
       stopping ??= (async () => {
         log.info({ deadlineMs: ctx.config.SHUTDOWN_TIMEOUT_MS }, 'worker draining');
@@ -41,6 +102,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
         // the same identifier, so nothing is lost or billed twice).
         await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
         await idempotencyPruner.stop();
+        await ownCatalog?.stop();
         await metricsServer?.stop(1_000);
         log.info('worker stopped');
       })();

@@ -2,13 +2,16 @@
 // ingest, deliver, correct, and Stripe's total falls by exactly the voided billed readings; the
 // cancel/compensate choice, repeat, race, crash, finalized period and bad input.
 
+import { randomUUID } from 'node:crypto';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { CorrectionView } from '../../src/admin/corrections.js';
 import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/corrections-cli.js';
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
+import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
+import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
-import { claimGroup, type DeliveryDeps, drainKey } from '../../src/metering/delivery.js';
+import { claimBatch } from '../../src/metering/delivery-sql.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,
@@ -35,13 +38,14 @@ const it = stripeTest({
   },
 })
   // What a delivery job drains with; the tests drain by hand, no worker runs.
-  .extend('deps', { scope: 'file' }, async ({ ctx }): Promise<DeliveryDeps> => {
+  .extend('deps', { scope: 'file' }, async ({ ctx }): Promise<BatchDeps> => {
     const stripe = ctx.stripe;
     if (!stripe) throw new Error('no Stripe client');
     return {
       db: ctx.db,
       boss: ctx.boss,
       transport: createV1Transport(stripe),
+      slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       corrections: createCorrectionClient(stripe),
       config: ctx.config,
       clock: ctx.clock,
@@ -73,10 +77,18 @@ const it = stripeTest({
   })
   // Drains a customer's temperature_readings key to Stripe, as its delivery job would.
   .extend('deliver', { scope: 'file' }, async ({ deps }) => async (customerId: string): Promise<void> => {
+    const data = { customerId, eventName: 'temperature_readings' as const };
     for (let i = 0; i < 50; i++) {
-      const r = await drainKey(deps, customerId, 'temperature_readings', { lastAttempt: false });
-      if (r.kind === 'drained') return;
-      if (r.kind === 'retry' || r.kind === 'failed') throw new Error(`delivery ${r.kind}: ${r.message}`);
+      const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+      if (r?.status !== 'completed') throw new Error(`delivery ${r?.status}: ${JSON.stringify(r?.output)}`);
+      const { rows } = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM meter_outbox c
+         WHERE c.stripe_customer_id = ${customerId} AND c.event_name = 'temperature_readings' AND c.status = 'pending'
+           AND (c.kind = 'usage' OR EXISTS (SELECT 1 FROM meter_outbox o
+                                             WHERE o.id = c.corrects_outbox_id AND o.status IN ('delivered', 'expired')))`.execute(
+        deps.db,
+      );
+      if (rows[0]!.n === 0) return;
     }
     throw new Error('delivery did not drain');
   })
@@ -110,7 +122,10 @@ const it = stripeTest({
     async ({ ctx }) =>
       (correctionId: string) =>
         ctx.db.selectFrom('meter_outbox').selectAll().where('correction_id', '=', correctionId).execute(),
-  );
+  )
+  // Per test: a fresh billable organization with two sensors, and the time its readings start at.
+  .extend('org', async ({ billableOrg }) => billableOrg())
+  .extend('base', async () => recentBase());
 
 const recentBase = () => new Date(Date.now() - 2 * HOUR);
 const range = (base: Date) => ({
@@ -122,15 +137,14 @@ describe('end to end: ingest, deliver, correct', () => {
   it('cancels a Stripe event whose readings are all voided: the total falls by exactly those readings', async ({
     app,
     emulator,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
     correctionRows,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     // Two Stripe events: sensor 0's readings alone in the first, sensor 1's in the second.
     await ingest(org, org.sensors[0]!, 7, base);
     await deliver(org.customerId);
@@ -171,14 +185,13 @@ describe('end to end: ingest, deliver, correct', () => {
     ctx,
     app,
     emulator,
-    billableOrg,
+    org,
+    base,
     deliver,
     stripeSum,
     correct,
     correctionRows,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     // One batch, both sensors: one outbox row, one Stripe event of 9.
     const readings = [
       ...Array.from({ length: 6 }, (_, i) => ({
@@ -222,69 +235,54 @@ describe('end to end: ingest, deliver, correct', () => {
     expect(rows[0]).toMatchObject({ status: 'delivered', correction_action: 'compensate' });
   });
 
-  it('compensates when the original event is older than Stripe allows a cancel (decided at claim)', async ({
-    ctx,
-    billableOrg,
-    ingest,
-    deliver,
-    stripeSum,
-    correct,
-    correctionRows,
-  }) => {
-    const org = await billableOrg();
-    const base = recentBase();
-    await ingest(org, org.sensors[0]!, 5, base);
-    await deliver(org.customerId);
-    await sql`UPDATE meter_outbox SET delivered_at = now() - interval '25 hours' WHERE stripe_customer_id = ${org.customerId}`.execute(
-      ctx.db,
-    );
-    const { json } = await correct(org, { ...range(base), reason: 'dispute' });
-    await deliver(org.customerId);
-    expect(stripeSum(org.customerId)).toBe(0);
-    expect((await correctionRows(json.correction.id))[0]).toMatchObject({
-      correction_action: 'compensate',
-      status: 'delivered',
-    });
-  });
-
-  it('falls back to a compensating event when Stripe refuses the cancel (past its 24 hours)', async ({
-    emulator,
-    billableOrg,
-    ingest,
-    deliver,
-    stripeSum,
-    correct,
-    correctionRows,
-  }) => {
-    const org = await billableOrg();
-    const base = recentBase();
-    await ingest(org, org.sensors[0]!, 5, base);
-    await deliver(org.customerId);
-    const { json } = await correct(org, { ...range(base), reason: 'dispute' });
-    emulatorOffsetMs = 25 * HOUR;
-    try {
+  // The same credit whichever way a cancel comes too late: a compensating event of -5.
+  const cancelTooLate = [
+    {
+      name: 'compensates when the original event is older than Stripe allows a cancel (decided at claim)',
+      // The outbox says the original went out 25 hours ago, so the claim chooses to compensate.
+      deliveredLongAgo: true,
+      stripeAheadMs: 0,
+    },
+    {
+      name: 'falls back to a compensating event when Stripe refuses the cancel (past its 24 hours)',
+      // Stripe's clock is 25 hours on when the cancel reaches it, so it refuses the cancel.
+      deliveredLongAgo: false,
+      stripeAheadMs: 25 * HOUR,
+    },
+  ];
+  for (const c of cancelTooLate) {
+    it(c.name, async ({ ctx, emulator, org, base, ingest, deliver, stripeSum, correct, correctionRows }) => {
+      await ingest(org, org.sensors[0]!, 5, base);
       await deliver(org.customerId);
-    } finally {
-      emulatorOffsetMs = 0;
-    }
-    expect(stripeSum(org.customerId)).toBe(0);
-    expect(emulator.events({ customer: org.customerId }).filter((e) => e.value === -5)).toHaveLength(1);
-    expect((await correctionRows(json.correction.id))[0]).toMatchObject({
-      correction_action: 'compensate',
-      status: 'delivered',
+      if (c.deliveredLongAgo)
+        await sql`UPDATE meter_outbox SET delivered_at = now() - interval '25 hours' WHERE stripe_customer_id = ${org.customerId}`.execute(
+          ctx.db,
+        );
+      const { json } = await correct(org, { ...range(base), reason: 'dispute' });
+      emulatorOffsetMs = c.stripeAheadMs;
+      try {
+        await deliver(org.customerId);
+      } finally {
+        emulatorOffsetMs = 0;
+      }
+      expect(stripeSum(org.customerId)).toBe(0);
+      expect(emulator.events({ customer: org.customerId }).filter((e) => e.value === -5)).toHaveLength(1);
+      expect((await correctionRows(json.correction.id))[0]).toMatchObject({
+        correction_action: 'compensate',
+        status: 'delivered',
+      });
     });
-  });
+  }
 
   it('takes unsent usage back in place: no Stripe call for readings that were never sent', async ({
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
     correctionRows,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 5, base);
     await ingest(org, org.sensors[1]!, 2, base);
     const { json } = await correct(org, {
@@ -301,15 +299,14 @@ describe('end to end: ingest, deliver, correct', () => {
 
 describe('one transaction, safe to repeat', () => {
   it('a second identical correction voids nothing and queues nothing', async ({
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
     correctionRows,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 4, base);
     await deliver(org.customerId);
     const body = { sensorId: org.sensors[0], ...range(base), reason: 'twice' };
@@ -325,14 +322,13 @@ describe('one transaction, safe to repeat', () => {
 
   it('keeps voided readings and their de-duplication key: re-sending one is a duplicate, never billed', async ({
     ctx,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
     await deliver(org.customerId);
     await correct(org, { ...range(base), reason: 'resend test' });
@@ -353,6 +349,7 @@ describe('one transaction, safe to repeat', () => {
   it('readings stored while the organization was not billable produce no credit', async ({
     ctx,
     emulator,
+    base,
     ingest,
     correct,
     correctionRows,
@@ -360,7 +357,6 @@ describe('one transaction, safe to repeat', () => {
     const customer = emulator.createCustomer();
     const org = await createOrganization(ctx.db, { customerId: customer.id, billable: false });
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
-    const base = recentBase();
     await ingest(org, sensor!, 3, base);
     const { json } = await correct(org, { ...range(base), reason: 'never billed' });
     expect(json.correction).toMatchObject({ readingsVoided: 3, billedReadingsVoided: 0 });
@@ -369,12 +365,11 @@ describe('one transaction, safe to repeat', () => {
 
   it('a dry run shows what would be voided and changes nothing', async ({
     ctx,
-    billableOrg,
+    org,
+    base,
     ingest,
     correct,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
     await ingest(org, org.sensors[1]!, 2, base);
     const { status, json } = await correct(org, { ...range(base), reason: 'preview' }, '?dryRun=true');
@@ -393,14 +388,13 @@ describe('one transaction, safe to repeat', () => {
 describe('races and crashes', () => {
   it('a correction while the same sensor ingests stays exact: billed = stored − voided', async ({
     ctx,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     const sensor = org.sensors[0]!;
     const batches = Array.from({ length: 12 }, (_, b) => ingest(org, sensor, 20, base, b * 20));
     const corrections = [correct(org, { sensorId: sensor, ...range(base), reason: 'race' })];
@@ -416,18 +410,13 @@ describe('races and crashes', () => {
     expect(stripeSum(org.customerId)).toBe(c.billed_live);
   });
 
-  it('a crash after the claim resends the same correction: billed back exactly once', async ({
-    ctx,
-    app,
-    deps,
-    billableOrg,
-    deliver,
-    stripeSum,
-    correct,
-  }) => {
-    for (const partial of [false, true]) {
-      const org = await billableOrg();
-      const base = recentBase();
+  it.for([
+    { action: 'cancel', partial: false },
+    // Sensor 1's reading shares the event, so only a compensating event can take sensor 0's back.
+    { action: 'compensate', partial: true },
+  ] as const)(
+    'a crash after the claim resends the same correction ($action): billed back exactly once',
+    async ({ action, partial }, { ctx, app, deps, org, base, deliver, stripeSum, correct }) => {
       const readings = [
         ...Array.from({ length: 4 }, (_, i) => ({
           sensorId: org.sensors[0]!,
@@ -447,7 +436,7 @@ describe('races and crashes', () => {
         now: new Date(),
       });
       const group = claim.group!;
-      expect(group.action).toBe(partial ? 'compensate' : 'cancel');
+      expect(group.action).toBe(action);
       // The call lands at Stripe, then the worker dies before settling.
       if (group.action === 'cancel')
         await deps.corrections!.cancel('temperature_readings', group.originalIdentifier, group.identifier);
@@ -468,8 +457,8 @@ describe('races and crashes', () => {
         .where('kind', '=', 'correction')
         .execute();
       expect(rows).toEqual([{ status: 'delivered', identifier: group.identifier }]);
-    }
-  });
+    },
+  );
 });
 
 describe('a finalized billing period', () => {
@@ -477,15 +466,14 @@ describe('a finalized billing period', () => {
     ctx,
     app,
     emulator,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
     correctionRows,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
     await deliver(org.customerId);
     // A webhook told us a new billing period started after that usage (usage time = ingestion time).
@@ -524,65 +512,47 @@ describe('a finalized billing period', () => {
 });
 
 describe('bad input', () => {
-  it("404 for an unknown organization, an unknown sensor and another organization's sensor", async ({
-    app,
-    billableOrg,
-    correct,
-  }) => {
-    const org = await billableOrg();
-    const other = await billableOrg();
-    const r = range(recentBase());
-    expect(
-      (
-        await app.request('/admin/organizations/00000000-0000-4000-8000-000000000000/usage-corrections', {
-          method: 'POST',
-          headers: authHeaders(TOKEN),
-          body: JSON.stringify({ ...r, reason: 'x' }),
-        })
-      ).status,
-    ).toBe(404);
-    expect(
-      (await correct(org, { ...r, reason: 'x', sensorId: '00000000-0000-4000-8000-000000000000' })).status,
-    ).toBe(404);
-    expect((await correct(org, { ...r, reason: 'x', sensorId: other.sensors[0] })).status).toBe(404);
+  const UNKNOWN = '00000000-0000-4000-8000-000000000000';
+
+  it.for([
+    { what: 'an unknown organization', organizationId: UNKNOWN, sensor: 'none' },
+    { what: 'an unknown sensor', organizationId: undefined, sensor: 'unknown' },
+    { what: "another organization's sensor", organizationId: undefined, sensor: 'foreign' },
+  ] as const)('404 for $what', async (c, { org, billableOrg, correct }) => {
+    const sensorId = { none: undefined, unknown: UNKNOWN, foreign: (await billableOrg()).sensors[0] }[
+      c.sensor
+    ];
+    const target = c.organizationId ? { ...org, organizationId: c.organizationId } : org;
+    const body = { ...range(recentBase()), reason: 'x', ...(sensorId ? { sensorId } : {}) };
+    expect((await correct(target, body)).status).toBe(404);
   });
 
-  it('422 with details for reversed, empty and beyond-retention ranges', async ({ billableOrg, correct }) => {
-    const org = await billableOrg();
+  it.for([
+    { what: 'reversed', detail: 'reversed', from: 0, to: -HOUR },
+    { what: 'empty', detail: 'empty', from: 0, to: 0 },
+    { what: 'beyond retention', detail: 'retention', from: -5000 * 24 * HOUR, to: 0 },
+  ])('422 with details for a range: $what', async (c, { org, correct }) => {
     const now = Date.now();
-    const reversed = await correct(org, {
-      from: new Date(now).toISOString(),
-      to: new Date(now - HOUR).toISOString(),
+    const res = await correct(org, {
+      from: new Date(now + c.from).toISOString(),
+      to: new Date(now + c.to).toISOString(),
       reason: 'x',
     });
-    expect(reversed.status).toBe(422);
-    expect(JSON.stringify(reversed.json)).toContain('reversed');
-    const empty = await correct(org, {
-      from: new Date(now).toISOString(),
-      to: new Date(now).toISOString(),
-      reason: 'x',
-    });
-    expect(empty.status).toBe(422);
-    expect(JSON.stringify(empty.json)).toContain('empty');
-    const old = await correct(org, {
-      from: new Date(now - 5000 * 24 * HOUR).toISOString(),
-      to: new Date(now).toISOString(),
-      reason: 'x',
-    });
-    expect(old.status).toBe(422);
-    expect(JSON.stringify(old.json)).toContain('retention');
+    expect(res.status).toBe(422);
+    expect(JSON.stringify(res.json)).toContain(c.detail);
   });
 
-  it('401 without the admin token', async ({ app, billableOrg }) => {
-    const org = await billableOrg();
+  it.for(['POST', 'GET'])('401 without the admin token (%s)', async (method, { app, org }) => {
     const res = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ ...range(recentBase()), reason: 'x' }),
+      method,
+      ...(method === 'POST'
+        ? {
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ ...range(recentBase()), reason: 'x' }),
+          }
+        : {}),
     });
     expect(res.status).toBe(401);
-    const list = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`);
-    expect(list.status).toBe(401);
   });
 });
 
@@ -591,14 +561,13 @@ describe('everything agrees after corrections', () => {
     ctx,
     app,
     emulator,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     correct,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     const from = new Date(Date.now() - HOUR).toISOString();
     // Event 1: sensor 0 only (cancelled later); event 2: both sensors (compensated); then unsent usage.
     await ingest(org, org.sensors[0]!, 5, base);
@@ -654,13 +623,12 @@ describe('everything agrees after corrections', () => {
 describe('meterbox usage correct', () => {
   it('--dry-run previews, then the correction voids and lists; bad input exits non-zero with details', async ({
     ctx,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 4, base);
     await deliver(org.customerId);
     const args = { org: org.organizationId, sensor: org.sensors[0], ...range(base), reason: 'cli' };
@@ -710,14 +678,13 @@ describe('dashboard action', () => {
   it('shows the dry run for confirmation first, then records the correction', async ({
     ctx,
     app,
-    billableOrg,
+    org,
+    base,
     ingest,
     deliver,
     stripeSum,
     login,
   }) => {
-    const org = await billableOrg();
-    const base = recentBase();
     await ingest(org, org.sensors[0]!, 3, base);
     await ingest(org, org.sensors[1]!, 2, base);
     await deliver(org.customerId);
@@ -786,11 +753,18 @@ describe('grouping rule (the pipeline hook)', () => {
     await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'grouping' });
     // New usage in the same hour as the corrections' originals.
     await ingest(org, org.sensors[1]!, 4, base);
-    const usage = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
-      now: new Date(),
-      maxRows: 1000,
-    });
-    expect(usage.group).toMatchObject({ value: '4', rows: 1 });
+    const [usage] = await claimBatch(
+      ctx.db,
+      [{ customerId: org.customerId, eventName: 'temperature_readings', jobId: randomUUID() }],
+      {
+        owner: 'grouping-test',
+        leaseSeconds: 30,
+        now: new Date(),
+        maxRows: 1000,
+        sendable: ['temperature_readings'],
+      },
+    );
+    expect(usage).toMatchObject({ state: 'leased', group: { value: '4', rows: 1 } });
     const first = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
       now: new Date(),
     });

@@ -38,33 +38,48 @@ describe('API process', () => {
   });
 });
 
-describe('bounded heap (HEAP_OLD_SPACE_MB / HEAP_YOUNG_SPACE_MB)', () => {
-  const heapLimit = async (env: Record<string, string>) => {
+describe("the heap: Node's own flags, no HEAP_* settings", () => {
+  const heapLimitMb = async (env: Record<string, string>) => {
     const url = await createTestDatabase();
     const api = startEntryPoint('server', { DATABASE_URL: url, PORT: '0', ...env });
     await api.waitForOutput('meterbox API listening');
     const address = /"url":"(http:\/\/[^"]+)"/.exec(api.stdout)?.[1];
     const text = await (await fetch(`${address}/metrics`)).text();
     api.kill('SIGTERM');
-    expect((await api.exited).code).toBe(0);
+    const result = await api.exited;
+    expect(result.code).toBe(0);
     const value = /^meterbox_heap_limit_bytes (\d+)/m.exec(text)?.[1];
     expect(value).toBeDefined();
-    return Number(value) / 2 ** 20;
+    return { mb: Number(value) / 2 ** 20, stderr: result.stderr };
   };
 
-  it('serves from a thread whose heap has the configured limits, and still shuts down on SIGTERM', async () => {
-    const bounded = await heapLimit({ HEAP_OLD_SPACE_MB: '200', HEAP_YOUNG_SPACE_MB: '16' });
-    // old generation + young generation (V8 adds its semi-space copy reserve to the young part)
-    expect(bounded).toBeGreaterThanOrEqual(200);
-    expect(bounded).toBeLessThanOrEqual(200 + 3 * 16);
-    const unbounded = await heapLimit({ HEAP_OLD_SPACE_MB: '0' });
-    expect(unbounded).not.toBe(bounded);
+  it('serves with the heap NODE_OPTIONS sets, and still shuts down on SIGTERM', async () => {
+    const { mb } = await heapLimitMb({ NODE_OPTIONS: '--max-old-space-size=200 --max-semi-space-size=4' });
+    // old generation + young generation (three semi-spaces)
+    expect(mb).toBe(200 + 3 * 4);
   });
 
-  it('a fatal start-up error inside the thread still exits 1 with the reason', async () => {
+  it('a start with HEAP_OLD_SPACE_MB / HEAP_YOUNG_SPACE_MB set says they are gone and what replaces them, and serves', async () => {
+    const { mb, stderr } = await heapLimitMb({
+      HEAP_OLD_SPACE_MB: '300',
+      HEAP_YOUNG_SPACE_MB: '24',
+      NODE_OPTIONS: '--max-old-space-size=200 --max-semi-space-size=4',
+    });
+    expect(stderr).toContain(
+      "meterbox: warning: HEAP_OLD_SPACE_MB is no longer read (the heap is sized by Node's flags): use Node's flag --max-old-space-size=300 (command line or NODE_OPTIONS)",
+    );
+    expect(stderr).toContain(
+      "meterbox: warning: HEAP_YOUNG_SPACE_MB is no longer read (the heap is sized by Node's flags): use Node's flag --max-semi-space-size=8 (command line or NODE_OPTIONS)",
+    );
+    // The retired values change nothing: the flags decide.
+    expect(mb).toBe(200 + 3 * 4);
+  });
+
+  it('a fatal start-up error exits 1 and prints the error with its stack', async () => {
     const worker = startEntryPoint('worker', { DATABASE_URL: 'postgres://nobody@127.0.0.1:1/none' });
     const result = await worker.exited;
     expect(result.code).toBe(1);
-    expect(result.stderr).toContain('meterbox: fatal:');
+    const fatal = result.stderr.slice(result.stderr.indexOf('meterbox: fatal:'));
+    expect(fatal).toMatch(/^meterbox: fatal: Error: connect ECONNREFUSED 127\.0\.0\.1:1\n\s+at /);
   });
 });

@@ -223,7 +223,7 @@ async function scenarioKills({ cluster, emulator }: Env): Promise<Outcome> {
   return { scenario: name, ok: ok && report.ok, lines };
 }
 
-// ------------------------------------------------------------------ 2. Postgres stopped and restarted
+// ------------------------------------------------------------------ 2. Postgres stopped (crashed) and restarted
 async function scenarioPostgresRestart({ cluster, emulator }: Env): Promise<Outcome> {
   const name = '2 Postgres stopped and restarted';
   const lines: string[] = [];
@@ -252,8 +252,10 @@ async function scenarioPostgresRestart({ cluster, emulator }: Env): Promise<Outc
   );
   await sleep(short ? 4_000 : 8_000);
   const outageStart = Date.now();
-  log('stopping Postgres');
-  await cluster.embedded.stop();
+  // Crashed, not stopped: an immediate shutdown loses what async commits (delivery's settle,
+  // synchronous_commit off) had not written to disk yet, and the ledger must still come out exact.
+  log('crashing Postgres (immediate shutdown)');
+  await cluster.embedded.crash();
   await sleep(short ? 5_000 : 10_000);
   log('starting Postgres again');
   await cluster.restart();

@@ -32,7 +32,7 @@ const DELIVERY_ENV = {
   SWEEP_INTERVAL_SECONDS: '1',
   SWEEP_STALE_SECONDS: '2',
   // A SIGKILLed worker's leases come free after this; the emulator answers within 200 ms here.
-  DELIVERY_LEASE_SECONDS: '3',
+  DELIVERY_LEASE_SECONDS: '5',
 };
 
 const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -102,7 +102,9 @@ describe('worker crashes', () => {
           FROM meter_outbox WHERE status = 'pending' GROUP BY 1, 2, 3, 4, 5 LIMIT 20`),
           jobs: await dump(`SELECT singleton_key, state, retry_count, start_after, started_on, output
           FROM pgboss.job WHERE name = 'meter-delivery' AND state < 'completed' LIMIT 20`),
-          leases: await dump('SELECT *, clock_timestamp() AS now FROM meter_delivery_lease'),
+          leases: await dump(
+            'SELECT *, clock_timestamp() AS now FROM meter_delivery_keys WHERE lease_owner IS NOT NULL',
+          ),
           budget: await dump('SELECT *, clock_timestamp() AS now FROM meter_call_budget'),
           workers: workers.map((w) => (w.stdout + w.stderr).slice(-2000)),
         });
@@ -134,7 +136,7 @@ describe('worker crashes', () => {
     for (const g of groups) expect(sent.get(g.identifier), g.identifier).toBe(Number(g.value));
     // Every lease of a killed worker expired or was taken over and released.
     const { rows: live } = await sql<{ n: number }>`
-      SELECT count(*)::int AS n FROM meter_delivery_lease WHERE expires_at > clock_timestamp()`.execute(
+      SELECT count(*)::int AS n FROM meter_delivery_keys WHERE lease_expires_at > clock_timestamp()`.execute(
       ctx.db,
     );
     expect(live[0]!.n).toBe(0);

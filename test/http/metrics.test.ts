@@ -1,6 +1,8 @@
-import { buildEvent, signPayload } from '@meterbox/stripe-emulator';
+import { buildEvent, signPayload, subscription } from '@meterbox/stripe-emulator';
 import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
+import { webhookRoutes } from '../../src/api/webhooks.js';
+import { defaultHandlers, type EventHandler } from '../../src/billing/handlers.js';
 import type { Context } from '../../src/context.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import { createMetrics, stripeOperation } from '../../src/observability/metrics.js';
@@ -235,5 +237,63 @@ describe('contract-level counters', () => {
     expect(
       sample(text, 'meterbox_webhook_events_total', { type: 'unverified', outcome: 'invalid_signature' }),
     ).toBe(1);
+  });
+
+  it('labels each webhook outcome as the handler decided it', async () => {
+    const metrics = createMetrics({ processMetrics: false });
+    const webhookCtx = await createTestContext({ STRIPE_WEBHOOK_SECRET: SECRET }, { metrics });
+    const app = createApp(webhookCtx);
+    // The same handler without a secret, and with a handler that fails, mounted beside the real one.
+    const unconfigured = {
+      ...webhookCtx,
+      config: { ...webhookCtx.config, STRIPE_WEBHOOK_SECRET: undefined },
+    };
+    app.route('/unconfigured', webhookRoutes(unconfigured).app);
+    const failing: EventHandler = async () => {
+      throw new Error('injected handler failure');
+    };
+    const handlers = { ...defaultHandlers, 'customer.subscription.updated': failing };
+    app.route('/failing', webhookRoutes(webhookCtx, { handlers }).app);
+    const post = (path: string, body: string, signature = signPayload(body, SECRET)) =>
+      app.request(path, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'stripe-signature': signature },
+        body,
+      });
+
+    const paid = JSON.stringify(
+      buildEvent('invoice.paid', { id: 'in_outcomes', object: 'invoice', customer: 'cus_unknown_outcomes' }),
+    );
+    const updated = (customer: string) =>
+      JSON.stringify(
+        buildEvent('customer.subscription.updated', subscription({ customer, status: 'active' })),
+      );
+    expect((await post('/webhooks/stripe', paid)).status).toBe(200);
+    expect((await post('/webhooks/stripe', paid)).status).toBe(200);
+    expect((await post('/webhooks/stripe', paid, 't=1,v1=forged')).status).toBe(400);
+    expect((await post('/unconfigured/stripe', paid)).status).toBe(503);
+    expect((await post('/failing/stripe', updated('cus_outcomes'))).status).toBe(500);
+    // Data Postgres can never store: recorded as poison and acknowledged, counted as processed.
+    const poison = await post('/webhooks/stripe', updated('cus_\u0000outcomes'));
+    expect(await poison.json()).toEqual({ received: true, duplicate: false, poison: true });
+    // Refused by the body limit before the handler ran.
+    const tooLarge = await post('/webhooks/stripe', 'x'.repeat(webhookCtx.config.BODY_LIMIT_BYTES + 1));
+    expect(tooLarge.status).toBe(413);
+
+    const series = (await metrics.registry.metrics())
+      .split('\n')
+      .filter((line) => line.startsWith('meterbox_webhook_events_total{'))
+      .sort();
+    expect(series).toEqual(
+      [
+        'meterbox_webhook_events_total{type="invoice.paid",outcome="processed"} 1',
+        'meterbox_webhook_events_total{type="invoice.paid",outcome="duplicate"} 1',
+        'meterbox_webhook_events_total{type="unverified",outcome="invalid_signature"} 1',
+        'meterbox_webhook_events_total{type="unverified",outcome="not_configured"} 1',
+        'meterbox_webhook_events_total{type="customer.subscription.updated",outcome="failed"} 1',
+        'meterbox_webhook_events_total{type="customer.subscription.updated",outcome="processed"} 1',
+        'meterbox_webhook_events_total{type="unverified",outcome="failed"} 1',
+      ].sort(),
+    );
   });
 });

@@ -16,12 +16,12 @@ const callsByWorker = [0, 0];
 function counting(inner: StripeMeterClient, worker: number): StripeMeterClient {
   return {
     ...inner,
-    async send(event) {
+    async send(event, options) {
       inFlight++;
       maxInFlight = Math.max(maxInFlight, inFlight);
       callsByWorker[worker]! += 1;
       try {
-        return await inner.send(event);
+        return await inner.send(event, options);
       } finally {
         inFlight--;
       }
@@ -83,5 +83,35 @@ describe('delivery across two worker instances', () => {
     console.log(
       `[delivery concurrency] calls per worker ${callsByWorker.join('/')}, max in flight ${maxInFlight}, per-key peak ${Math.max(...peaks.map((p) => p.max))}`,
     );
+  });
+
+  it('shares a backlog of many customers between both workers: neither idles while the other has work, nothing lost or doubled', async ({
+    contexts,
+    emulator,
+  }) => {
+    const [a, b] = contexts as [Context, Context];
+    const before = [...callsByWorker];
+    const orgs: OrganizationFixture[] = [];
+    for (let i = 0; i < 200; i++) orgs.push(await createOrganization(a.db));
+    // The backlog arrives at once, written through both instances.
+    await Promise.all(
+      orgs.map((org, i) =>
+        writeRows((i % 2 ? b : a).db, (i % 2 ? b : a).boss, org, 'temperature_readings', [
+          { value: i + 1, occurredAt: new Date() },
+        ]),
+      ),
+    );
+    await waitFor('every row delivered', () => allSettled(a.db), 60_000);
+    const share = callsByWorker.map((n, i) => n - before[i]!);
+    console.log(`[delivery concurrency] 200 customers: calls per worker ${share.join('/')}`);
+    // Each worker took a real part of the backlog (an idle one would leave it all to the other).
+    for (const n of share) expect(n).toBeGreaterThanOrEqual(40);
+    const check = await compareWithEmulator(a.db, emulator);
+    expect(check.duplicatesAccepted).toEqual([]);
+    expect(check.valueMismatches).toEqual([]);
+    expect(check.undelivered).toBe(0);
+    for (const k of check.perKey.filter((p) => p.key.startsWith('temperature_readings'))) {
+      expect(k.stripe).toBe(k.outbox);
+    }
   });
 });

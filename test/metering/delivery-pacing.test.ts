@@ -97,15 +97,13 @@ describe('delivery pacing across two worker instances', () => {
     );
   });
 
-  it('records the next allowed call per customer and meter in meter_delivery_pacing', async ({
-    contexts,
-  }) => {
+  it('records the next allowed call per customer and meter in meter_delivery_keys', async ({ contexts }) => {
     const [a] = contexts as [Context, Context];
     const org = await createOrganization(a.db);
     await writeRows(a.db, a.boss, org, 'active_sensors', [{ value: 3, occurredAt: new Date() }]);
     await waitFor('row delivered', () => allSettled(a.db, org.customerId), 10_000);
     const { rows } = await sql<{ ahead_ms: number }>`
-      SELECT extract(epoch FROM next_call_at - now()) * 1000 AS ahead_ms FROM meter_delivery_pacing
+      SELECT extract(epoch FROM next_call_at - now()) * 1000 AS ahead_ms FROM meter_delivery_keys
       WHERE stripe_customer_id = ${org.customerId} AND event_name = 'active_sensors'`.execute(a.db);
     expect(rows).toHaveLength(1);
     expect(Number(rows[0]!.ahead_ms)).toBeLessThanOrEqual(MIN_INTERVAL_MS);

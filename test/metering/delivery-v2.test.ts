@@ -17,6 +17,7 @@ const WEBHOOK_SECRET = 'whsec_v2_delivery_test';
 const ADMIN_TOKEN = 'admin-token-for-the-v2-delivery-test';
 /** Low enough that one call per event could not deliver the test's events in time. */
 const CALLS_PER_SECOND = 4;
+const VALIDATION_SECONDS = 2;
 
 async function customers(
   ctx: Context,
@@ -43,6 +44,10 @@ const it = stripeTest({
     DELIVERY_TRANSPORT: 'v2',
     STRIPE_MAX_CALLS_PER_SECOND: String(CALLS_PER_SECOND),
     DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+    // Rows Stripe accepted count as delivered 2 s later unless a report names them (the sweep, every
+    // second here, promotes them).
+    DELIVERY_V2_VALIDATION_SECONDS: String(VALIDATION_SECONDS),
+    SWEEP_INTERVAL_SECONDS: '1',
   },
 })
   // The API on a port, where the emulator sends its error report webhooks.
@@ -146,4 +151,49 @@ describe('v2 meter event stream delivery', () => {
       expect.objectContaining({ event_name: 'temperature_readings', count: 1, sum: 12 }),
     ]);
   }, 90_000);
+
+  it('keeps an accepted v2 row validating, never resent, until its window passes; a report in the window fails it before it is ever delivered', async ({
+    ctx,
+    emulator,
+  }) => {
+    const [bad] = await customers(ctx, emulator, 1, false);
+    const [good] = await customers(ctx, emulator, 1);
+    await writeRows(ctx.db, ctx.boss, bad!, 'temperature_readings', [{ value: 4, occurredAt: new Date() }]);
+    await writeRows(ctx.db, ctx.boss, good!, 'temperature_readings', [{ value: 6, occurredAt: new Date() }]);
+    const state = async (customerId: string) => {
+      const { rows } = await sql<{
+        status: string;
+        accepted: boolean;
+        delivered_at: Date | null;
+        accepted_at: Date | null;
+      }>`
+        SELECT status, accepted_at IS NOT NULL AS accepted, delivered_at, accepted_at FROM meter_outbox
+         WHERE stripe_customer_id = ${customerId}`.execute(ctx.db);
+      return rows[0]!;
+    };
+    // Stripe answered 200 for both: accepted, still pending (validating), not delivered.
+    await waitFor(
+      'both accepted',
+      async () => (await state(bad!.customerId)).accepted && (await state(good!.customerId)).accepted,
+    );
+    const early = await state(bad!.customerId);
+    expect(early.status).toBe('pending');
+    expect(early.delivered_at).toBeNull();
+    // The report comes within the window: the row fails without ever having counted as delivered.
+    await emulator.flushErrorReports();
+    await waitFor('the rejected row failed', async () => (await state(bad!.customerId)).status === 'failed');
+    expect((await state(bad!.customerId)).delivered_at).toBeNull();
+    // The other row, named by no report, is delivered once the window passed, as of when Stripe took it.
+    await waitFor(
+      'the good row delivered',
+      async () => (await state(good!.customerId)).status === 'delivered',
+    );
+    const done = await state(good!.customerId);
+    expect(new Date(done.delivered_at!).getTime()).toBe(new Date(done.accepted_at!).getTime());
+    expect(Date.now() - new Date(done.accepted_at!).getTime()).toBeGreaterThanOrEqual(
+      VALIDATION_SECONDS * 1000,
+    );
+    // Validating rows are never sent again: one event each reached Stripe.
+    expect(emulator.events({ customer: good!.customerId })).toHaveLength(1);
+  }, 60_000);
 });

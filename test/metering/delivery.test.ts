@@ -1,16 +1,14 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
 
+import { randomUUID } from 'node:crypto';
 import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { type Context, createStripeClient } from '../../src/context.js';
-import {
-  claimGroup,
-  type DeliveryObserver,
-  retryFailedRows,
-  settleGroup,
-} from '../../src/metering/delivery.js';
+import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import type { DeliveryObserver } from '../../src/metering/observer.js';
+import { retryFailedRows } from '../../src/metering/redrive.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
@@ -120,15 +118,28 @@ describe('meter-delivery worker', () => {
       )
       .execute();
     const sizes: [number, string][] = [];
+    const key = { customerId: org.customerId, eventName: 'temperature_readings' as const };
+    const owner = 'grouping-test';
     for (;;) {
-      const { group } = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
+      const [claimed] = await claimBatch(ctx.db, [{ ...key, jobId: randomUUID() }], {
+        owner,
+        leaseSeconds: 30,
         now: new Date(),
         maxRows: 2,
+        sendable: ['temperature_readings', 'active_sensors'],
       });
+      const group = claimed?.state === 'leased' ? claimed.group : null;
+      // Never sent: settled as failed so the final billing comparison ignores them.
+      await settleBatch(
+        ctx.db,
+        group
+          ? [{ identifier: group.identifier, status: 'failed', error: 'test: grouping only', called: false }]
+          : [],
+        [{ ...key, called: false }],
+        { owner, minIntervalMs: 0 },
+      );
       if (!group) break;
       sizes.push([group.rows, group.value]);
-      // Never sent: settled as failed so the final billing comparison ignores them.
-      await settleGroup(ctx.db, group.identifier, 'failed', 'test: grouping only');
     }
     expect(sizes).toEqual([
       [2, '3'],
@@ -164,11 +175,20 @@ describe('meter-delivery worker', () => {
         },
       ])
       .execute();
-    // The first worker grouped the rows, sent the event and died before recording the answer.
-    const { group } = await claimGroup(ctx.db, org.customerId, 'temperature_readings', {
-      now: new Date(),
-      maxRows: 100,
-    });
+    // The first worker grouped the rows, sent the event and died before recording the answer: its
+    // lease (1 s here) expires and the next owner resends.
+    const [claimed] = await claimBatch(
+      ctx.db,
+      [{ customerId: org.customerId, eventName: 'temperature_readings', jobId: randomUUID() }],
+      {
+        owner: 'crashed-worker',
+        leaseSeconds: 1,
+        now: new Date(),
+        maxRows: 100,
+        sendable: ['temperature_readings'],
+      },
+    );
+    const group = claimed?.state === 'leased' ? claimed.group : null;
     const meter = createStripeMeterClient(createStripeClient(ctx.config)!);
     const first = await meter.send({
       eventName: 'temperature_readings',
@@ -186,7 +206,9 @@ describe('meter-delivery worker', () => {
     expect(events.filter((e) => e.identifier === group!.identifier)).toHaveLength(1);
     expect(events.map((e) => e.value).sort((a, b) => a - b)).toEqual([7, 100]);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
-    expect(rows.filter((r) => r.identifier === group!.identifier).map((r) => r.attempts)).toEqual([2, 2]);
+    // `attempts` counts the calls meterbox recorded: the crashed worker's call died with it, the resend
+    // is the one counted (a claim alone never counts).
+    expect(rows.filter((r) => r.identifier === group!.identifier).map((r) => r.attempts)).toEqual([1, 1]);
   });
 
   it('bills once when Stripe records the event and then answers 500, retrying with the same identifier', async ({
@@ -321,7 +343,7 @@ describe('meter-delivery worker', () => {
     // Stand in for another worker mid-call on this customer and meter (a SIGKILLed one: it never
     // releases its lease, which expires on its own).
     await sql`
-      INSERT INTO meter_delivery_lease (stripe_customer_id, event_name, owner, expires_at)
+      INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
       VALUES (${org.customerId}, 'temperature_readings', 'other-worker', clock_timestamp() + interval '3 seconds')`.execute(
       ctx.db,
     );
@@ -336,7 +358,7 @@ describe('meter-delivery worker', () => {
     expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
     expect((await statusCounts(ctx.db, org.customerId)).pending).toBe(1);
     const leased = await sql<{ live: boolean }>`
-      SELECT expires_at > clock_timestamp() AS live FROM meter_delivery_lease
+      SELECT lease_expires_at > clock_timestamp() AS live FROM meter_delivery_keys
        WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
     if (leased.rows[0]?.live) expect(emulator.events({ customer: org.customerId })).toHaveLength(0);
     await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
@@ -344,9 +366,8 @@ describe('meter-delivery worker', () => {
     // A finished drain releases its lease.
     await waitFor('lease released', async () => {
       const { rows } = await sql<{ n: number }>`
-        SELECT count(*)::int AS n FROM meter_delivery_lease WHERE stripe_customer_id = ${org.customerId}`.execute(
-        ctx.db,
-      );
+        SELECT count(*)::int AS n FROM meter_delivery_keys
+         WHERE stripe_customer_id = ${org.customerId} AND lease_owner IS NOT NULL`.execute(ctx.db);
       return rows[0]!.n === 0;
     });
   });

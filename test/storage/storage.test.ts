@@ -12,8 +12,8 @@ import {
   ensureReadingsPartitions,
   listReadingsPartitions,
   runStorageMaintenance,
-} from '../../src/metering/storage.js';
-import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/metering/storage-job.js';
+} from '../../src/storage/maintenance.js';
+import { STORAGE_QUEUE, startStorageMaintenance } from '../../src/storage/maintenance-job.js';
 import { createTestContext } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors, outboxRowsOf } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';

@@ -1,49 +1,10 @@
-// The kit's fixtures for tests, bench and chaos: organizations with an API key (billable or not) and
-// sensors, written through the same data functions the admin API uses, plus small request helpers.
-import { randomBytes } from 'node:crypto';
+// The kit's fixtures for tests and chaos: organizations with an API key and sensors (shared with the
+// benchmarks: scripts/lib/fixtures.ts), outbox rows, plus small request helpers.
 import type { Kysely } from 'kysely';
-import {
-  createOrganization as createOrganizationRow,
-  linkSubscription,
-} from '../../src/admin/organizations.js';
 import type { CliIo } from '../../src/cli/io.js';
-import type { DB, SubscriptionStatus } from '../../src/db/schema.js';
+import type { DB } from '../../src/db/schema.js';
 
-export interface OrganizationFixture {
-  organizationId: string;
-  /** The whole API key, for `Authorization: Bearer`. */
-  apiKey: string;
-  apiKeyId: string;
-  /** The Stripe customer linked to its subscription. */
-  customerId: string;
-}
-
-/**
- * An organization with one API key and a subscription linked to a Stripe customer. Billable by
- * default (status `active`); `billable: false` gives status `canceled` (a customer, not billed);
- * `status` overrides both.
- */
-export async function createOrganization(
-  db: Kysely<DB>,
-  options: {
-    billable?: boolean;
-    customerId?: string;
-    status?: SubscriptionStatus;
-    name?: string;
-    /** false: no subscription row at all (never a Stripe customer), as the benchmarks' free tier. */
-    subscription?: boolean;
-  } = {},
-): Promise<OrganizationFixture> {
-  const { organization, apiKey } = await db
-    .transaction()
-    .execute((trx) => createOrganizationRow(trx, { name: options.name ?? 'Test organization' }));
-  const customerId = options.customerId ?? `cus_test${randomBytes(6).toString('hex')}`;
-  const status = options.status ?? (options.billable === false ? 'canceled' : 'active');
-  if (options.subscription !== false) {
-    await linkSubscription(db, organization.id, { stripeCustomerId: customerId, status }, new Date());
-  }
-  return { organizationId: organization.id, apiKey: apiKey.key, apiKeyId: apiKey.id, customerId };
-}
+export { createOrganization, createSensors, type OrganizationFixture } from '../../scripts/lib/fixtures.js';
 
 /** An organization's or a customer's outbox rows, oldest first. */
 export function outboxRowsOf(db: Kysely<DB>, of: { organizationId: string } | { customerId: string }) {
@@ -52,27 +13,6 @@ export function outboxRowsOf(db: Kysely<DB>, of: { organizationId: string } | { 
       ? (['organization_id', of.organizationId] as const)
       : (['stripe_customer_id', of.customerId] as const);
   return db.selectFrom('meter_outbox').selectAll().where(column, '=', value).orderBy('id').execute();
-}
-
-/** `count` sensors of the organization (active unless told otherwise); returns their ids in order. */
-export async function createSensors(
-  db: Kysely<DB>,
-  organizationId: string,
-  count = 1,
-  options: { active?: boolean } = {},
-): Promise<string[]> {
-  const rows = await db
-    .insertInto('sensors')
-    .values(
-      Array.from({ length: count }, (_, i) => ({
-        organization_id: organizationId,
-        name: `sensor ${i + 1}`,
-        active: options.active ?? true,
-      })),
-    )
-    .returning('id')
-    .execute();
-  return rows.map((r) => r.id);
 }
 
 /** Headers for a JSON request with an API key (or admin token). */

@@ -1,8 +1,8 @@
 // Runs the real entry points (src/bin/*.ts through tsx) as child processes for end-to-end tests:
-// the kit's process wrapper (child.ts), plus killing whatever a test file started when it ends.
+// the process wrapper tests share with bench and chaos (scripts/lib/child.ts), plus killing whatever a test file started when it ends.
 import type { ChildProcess } from 'node:child_process';
 import { afterAll } from 'vitest';
-import { ChildProc, type Finished, ROOT, spawnProcess } from './child.js';
+import { ChildProc, type Finished, ROOT, spawnProcess } from '../../scripts/lib/child.js';
 
 export { type Finished, ROOT };
 

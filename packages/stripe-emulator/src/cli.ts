@@ -18,6 +18,7 @@ import {
 const USAGE = `usage:
   stripe-emulator [--port 12111] [--host 127.0.0.1] [--sandbox] [--rate N] [--stream-rate N]
                   [--strict-customers] [--persist state.json] [--seed N] [--verbose]
+                  [--no-meters]   (start as an account without meters, as a new Stripe account is)
                   [--error-rate P] [--rate-limit-rate P] [--reset-rate P] [--timeout-rate P]
                   [--accepted-then-500-rate P] [--accepted-then-reset-rate P]
                   [--latency-ms MS] [--jitter-ms MS] [--hang-ms MS]
@@ -86,6 +87,7 @@ async function serveEmulator(argv: string[]): Promise<void> {
       persist: { type: 'string' },
       seed: { type: 'string' },
       verbose: { type: 'boolean' },
+      'no-meters': { type: 'boolean' },
       'error-rate': { type: 'string' },
       'rate-limit-rate': { type: 'string' },
       'reset-rate': { type: 'string' },
@@ -119,6 +121,7 @@ async function serveEmulator(argv: string[]): Promise<void> {
     streamRatePerSecond: num('stream-rate', values['stream-rate']),
     strictCustomers: values['strict-customers'] ?? false,
     persistPath: values.persist,
+    ...(values['no-meters'] ? { meters: [] } : {}),
     seed: num('seed', values.seed),
     faults: faults.data,
     onLog: values.verbose ? (entry) => console.error(JSON.stringify(entry)) : undefined,

@@ -7,6 +7,9 @@ import type { MeterDefinition } from './state.js';
 import { meterErrorReportData, meterErrorReportNotification } from './webhook-objects.js';
 import { sendWebhook } from './webhooks.js';
 
+/** The thin event type of an error report, as a webhook endpoint's enabled_events names it. */
+export const ERROR_REPORT_EVENT = 'v1.billing.meter.error_report_triggered';
+
 export interface RejectedStreamEvent {
   code: string;
   message: string;
@@ -20,6 +23,8 @@ export interface ErrorReporterOptions {
   /** Where reports are POSTed; without it reports are only kept (served by /v2/core/events/:id). */
   webhookUrl?: string;
   webhookSecret?: string;
+  /** Endpoints created through POST /v1/webhook_endpoints that subscribe to error reports. */
+  subscribers?: () => readonly { url: string; secret: string }[];
   /** Length of a validation window: the first rejection of a window is reported this much later. */
   windowMs: number;
   onLog?: (level: 'info' | 'warn', msg: string, fields: Record<string, unknown>) => void;
@@ -67,16 +72,21 @@ export function createErrorReporter(options: ErrorReporterOptions): ErrorReporte
       const notification = meterErrorReportNotification(input);
       const id = String(notification.id);
       events.set(id, { ...notification, data: meterErrorReportData(input) });
-      if (!endpoint) continue;
-      try {
-        const answer = await sendWebhook(endpoint.url, notification, endpoint.secret);
-        options.onLog?.(answer.status < 300 ? 'info' : 'warn', 'error report sent', {
-          id,
-          errors: errors.length,
-          status: answer.status,
-        });
-      } catch (err) {
-        options.onLog?.('warn', 'error report not delivered', { id, err: String(err) });
+      const targets = [...(endpoint ? [endpoint] : []), ...(options.subscribers?.() ?? [])];
+      const seen = new Set<string>();
+      for (const target of targets) {
+        if (seen.has(target.url)) continue;
+        seen.add(target.url);
+        try {
+          const answer = await sendWebhook(target.url, notification, target.secret);
+          options.onLog?.(answer.status < 300 ? 'info' : 'warn', 'error report sent', {
+            id,
+            errors: errors.length,
+            status: answer.status,
+          });
+        } catch (err) {
+          options.onLog?.('warn', 'error report not delivered', { id, err: String(err) });
+        }
       }
     }
   };

@@ -21,7 +21,7 @@ export interface StripeErrorBody {
 
 export class StripeApiError extends Error {
   constructor(
-    readonly status: 400 | 401 | 404 | 409 | 429 | 500,
+    readonly status: 400 | 401 | 403 | 404 | 409 | 429 | 500,
     readonly type: StripeErrorType,
     message: string,
     readonly code?: string,

@@ -35,6 +35,11 @@ export const faultsSchema = z
     latencyMs: z.number().int().min(0).max(600_000).default(0),
     jitterMs: z.number().int().min(0).max(600_000).default(0),
     hangMs: z.number().int().min(0).max(3_600_000).default(30_000),
+    /**
+     * The next this many events the v2 stream accepts are then lost: not counted in any total and not
+     * sampled into an error report (what only a reconciliation against the summaries can find).
+     */
+    dropUnsampled: z.number().int().min(0).max(1_000_000).default(0),
     /** Outcomes used in order for the next calls, before the rates apply. */
     script: z.array(z.enum([...FAULT_KINDS, 'none'])).default([]),
   })
@@ -64,15 +69,24 @@ export class FaultInjector {
   private prng: Prng;
   private faults: Faults;
   private script: ScriptStep[];
+  private drops: number;
 
   constructor(faults: FaultsInput, seed: number) {
     this.prng = createPrng(seed);
     this.faults = faultsSchema.parse(faults);
     this.script = [...this.faults.script];
+    this.drops = this.faults.dropUnsampled;
   }
 
   get current(): Faults {
-    return { ...this.faults, script: [...this.script] };
+    return { ...this.faults, script: [...this.script], dropUnsampled: this.drops };
+  }
+
+  /** True (and one fewer left) when the next accepted v2 stream event is to be lost silently. */
+  takeDrop(): boolean {
+    if (this.drops <= 0) return false;
+    this.drops -= 1;
+    return true;
   }
 
   get seed(): number {
@@ -83,6 +97,7 @@ export class FaultInjector {
   set(faults: FaultsInput, seed?: number): Faults {
     this.faults = faultsSchema.parse(faults);
     this.script = [...this.faults.script];
+    this.drops = this.faults.dropUnsampled;
     if (seed !== undefined) this.prng = createPrng(seed);
     return this.current;
   }

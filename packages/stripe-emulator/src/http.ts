@@ -42,6 +42,38 @@ export function requireSecretKey(c: Ctx): Auth {
   return { key, livemode: /^(sk|rk)_live_/.test(key) };
 }
 
+/**
+ * What a restricted key (rk_…) may do, by Stripe's permission names. A restricted key the emulator
+ * was not told about may do everything, so plain tests need no set-up.
+ */
+export type Permission =
+  | 'rak_billing_meter_read'
+  | 'rak_billing_meter_write'
+  | 'rak_billing_meter_event_write'
+  | 'rak_webhook_read'
+  | 'rak_webhook_write'
+  | 'rak_event_read'
+  | 'rak_customer_read'
+  | 'rak_customer_write';
+
+/** The caller's key when it may use `permission`; Stripe's 403 for a restricted key without it. */
+export function requirePermission(
+  c: Ctx,
+  restricted: Readonly<Record<string, readonly Permission[]>>,
+  permission: Permission,
+): Auth {
+  const auth = requireSecretKey(c);
+  const granted = auth.key.startsWith('rk_') ? restricted[auth.key] : undefined;
+  if (granted && !granted.includes(permission)) {
+    throw new StripeApiError(
+      403,
+      'invalid_request_error',
+      `The provided key '${maskKey(auth.key)}' does not have the required permissions for this endpoint. Having the '${permission}' permission would allow this request to continue.`,
+    );
+  }
+  return auth;
+}
+
 export const iso = (ms: number) => new Date(ms).toISOString();
 
 /** Every Stripe answer carries a Request-Id, as Stripe's does. */

@@ -10,6 +10,7 @@ export {
   faultsSchema,
   type ScriptStep,
 } from './faults.js';
+export type { Permission } from './http.js';
 export {
   type CreateCustomerInput,
   DEFAULT_PORT,
@@ -31,11 +32,15 @@ export {
   type Counters,
   type Customer,
   DEFAULT_METERS,
+  type EventDestination,
   type Formula,
+  type Meter,
   type MeterDefinition,
+  type MeterStatus,
   type RecordedEvent,
   type Totals,
   type Via,
+  type WebhookEndpoint,
 } from './state.js';
 export type { MeterEventSummary } from './summaries.js';
 export {

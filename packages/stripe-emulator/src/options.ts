@@ -1,5 +1,6 @@
 // What a caller can set on the emulator and the limits it enforces by default (Stripe's own).
 import type { FaultsInput } from './faults.js';
+import type { Permission } from './http.js';
 import type { MeterDefinition, Via } from './state.js';
 
 export const DEFAULT_PORT = 12111;
@@ -47,7 +48,10 @@ export interface StripeEmulatorOptions {
   strictCustomers?: boolean;
   /** JSON file holding customers, events and counters: loaded at start, saved on change and at stop. */
   persistPath?: string;
+  /** The account's meters at start (default: meterbox's two, active); `[]` starts with none. */
   meters?: readonly MeterDefinition[];
+  /** Restricted keys (rk_…) and the permissions each holds; an rk_ key not listed may do everything. */
+  restrictedKeys?: Readonly<Record<string, readonly Permission[]>>;
   sessionTtlMs?: number;
   /** Silent unless given. */
   onLog?: (entry: EmulatorLogEntry) => void;

@@ -27,7 +27,13 @@ export interface RuleContext {
   paramPrefix?: string;
 }
 
-export type RuleResult = { ok: true; event: RecordedEvent } | { ok: false; error: StripeApiError };
+/**
+ * `asynchronous`: Stripe accepts the call and rejects the event later, in an error report (an event
+ * name with no active meter: `no_meter`, or only a deactivated one: `archived_meter`).
+ */
+export type RuleResult =
+  | { ok: true; event: RecordedEvent }
+  | { ok: false; error: StripeApiError; asynchronous?: true };
 
 const invalid = (message: string, code: string, param?: string) =>
   new StripeApiError(400, 'invalid_request_error', message, code, param);
@@ -108,27 +114,43 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
 
   const meter = ctx.state.meterByEventName(eventName);
   if (!meter) {
-    return fail(invalid('No active meter found with this event name.', 'no_meter', p('event_name')));
+    const archived = ctx.state.anyMeterByEventName(eventName) !== undefined;
+    return {
+      ok: false,
+      asynchronous: true,
+      error: archived
+        ? invalid(
+            `The meter for event name ${eventName} is deactivated; its events are not recorded.`,
+            'archived_meter',
+            p('event_name'),
+          )
+        : invalid(`No active meter found with event name ${eventName}.`, 'no_meter', p('event_name')),
+    };
   }
 
-  // The emulator's meters all use Stripe's default payload keys.
-  const customer = payload.stripe_customer_id;
+  const customerKey = meter.customer_payload_key;
+  const customer = payload[customerKey];
   if (!customer) {
     return fail(
       invalid(
-        'Customer mapping key stripe_customer_id not found in payload.',
+        `Customer mapping key ${customerKey} not found in payload.`,
         'meter_event_no_customer_defined',
-        p('payload[stripe_customer_id]'),
+        p(`payload[${customerKey}]`),
       ),
     );
   }
   if (ctx.strictCustomers && !ctx.state.customers.has(customer)) {
-    return fail(noSuchCustomer(customer, p('payload[stripe_customer_id]')));
+    return fail(noSuchCustomer(customer, p(`payload[${customerKey}]`)));
   }
-  const valueText = payload.value;
+  const valueKey = meter.value_payload_key;
+  const valueText = payload[valueKey];
   if (valueText === undefined || valueText === '') {
     return fail(
-      invalid('Value key value not found in payload.', 'meter_event_value_not_found', p('payload[value]')),
+      invalid(
+        `Value key ${valueKey} not found in payload.`,
+        'meter_event_value_not_found',
+        p(`payload[${valueKey}]`),
+      ),
     );
   }
   if (!/^-?\d+$/.test(valueText.trim()) || !Number.isSafeInteger(Number(valueText))) {
@@ -136,7 +158,7 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
       invalid(
         `Meter event value must be a whole number, got '${valueText}'.`,
         'meter_event_invalid_value',
-        p('payload[value]'),
+        p(`payload[${valueKey}]`),
       ),
     );
   }

@@ -3,8 +3,9 @@
 // from its options; the routes receive it instead of closing over one large function.
 import { existsSync } from 'node:fs';
 import { readFile, rename, writeFile } from 'node:fs/promises';
-import { createErrorReporter, type ErrorReporter } from './error-reports.js';
+import { createErrorReporter, ERROR_REPORT_EVENT, type ErrorReporter } from './error-reports.js';
 import { FaultInjector } from './faults.js';
+import type { Permission } from './http.js';
 import { IdempotencyStore } from './idempotency.js';
 import { RateLimiter } from './limits.js';
 import {
@@ -40,6 +41,7 @@ export interface Runtime {
   streamLimiter: RateLimiter;
   concurrencyLimit: number;
   strictCustomers: boolean;
+  restrictedKeys: Readonly<Record<string, readonly Permission[]>>;
   sessionTtlMs: number;
   sessions: Map<string, { id: string; expiresAt: number; livemode: boolean }>;
   errorReports: ErrorReporter;
@@ -61,7 +63,7 @@ export interface Runtime {
 export async function createRuntime(options: StripeEmulatorOptions): Promise<Runtime> {
   const clock = options.clock ?? Date.now;
   const log: Log = (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields });
-  const state = new EmulatorState(options.meters ?? DEFAULT_METERS);
+  const state = new EmulatorState(options.meters ?? DEFAULT_METERS, Math.floor(clock() / 1000));
   const idempotency = new IdempotencyStore();
   const limiter = new RateLimiter(
     options.ratePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : LIVE_RATE_PER_SECOND),
@@ -74,6 +76,16 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
   const errorReports = createErrorReporter({
     clock,
     meters: () => [...state.meters.values()],
+    // Error reports are thin events: Stripe sends them to event destinations, not webhook endpoints.
+    subscribers: () =>
+      [...state.eventDestinations.values()]
+        .filter(
+          (d) =>
+            d.status === 'enabled' &&
+            d.event_payload === 'thin' &&
+            d.enabled_events.includes(ERROR_REPORT_EVENT),
+        )
+        .map((d) => ({ url: d.url, secret: d.signing_secret })),
     windowMs: options.errorReportWindowMs ?? 10_000,
     ...(options.webhookUrl ? { webhookUrl: options.webhookUrl } : {}),
     ...(options.webhookSecret ? { webhookSecret: options.webhookSecret } : {}),
@@ -135,6 +147,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
     streamLimiter,
     concurrencyLimit: options.concurrencyPerCustomerMeter ?? 1,
     strictCustomers: options.strictCustomers ?? false,
+    restrictedKeys: options.restrictedKeys ?? {},
     sessionTtlMs: options.sessionTtlMs ?? SESSION_TTL_MS,
     sessions,
     errorReports,

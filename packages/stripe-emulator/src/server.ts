@@ -13,17 +13,21 @@ import { registerFaultControlRoutes } from './routes/faults-control.js';
 import { registerInspectionRoutes } from './routes/inspection.js';
 import { registerMeterEventStreamRoutes } from './routes/meter-event-stream.js';
 import { registerMeterEventRoutes } from './routes/meter-events-v1.js';
+import { registerMeterRoutes } from './routes/meters.js';
 import { registerResourceRoutes } from './routes/resources.js';
 import { registerV2EventRoutes } from './routes/v2-events.js';
+import { registerEventDestinationRoutes, registerWebhookEndpointRoutes } from './routes/webhook-endpoints.js';
 import { createRuntime } from './runtime.js';
 import type {
   AsyncError,
   ConcurrencyPeak,
   Counters,
   Customer,
-  MeterDefinition,
+  EventDestination,
+  Meter,
   RecordedEvent,
   Totals,
+  WebhookEndpoint,
 } from './state.js';
 
 export interface StripeEmulator {
@@ -43,7 +47,9 @@ export interface StripeEmulator {
   flushErrorReports(): Promise<void>;
   /** Where error reports are sent from now on (the webhookUrl/webhookSecret options, set later). */
   setWebhookEndpoint(endpoint: { url: string; secret: string } | undefined): void;
-  meters(): MeterDefinition[];
+  meters(): Meter[];
+  webhookEndpoints(): WebhookEndpoint[];
+  eventDestinations(): EventDestination[];
   customers(): Customer[];
   createCustomer(input?: CreateCustomerInput): Customer;
   /** Forgets events, identifiers, idempotency keys, sessions, counters; customers too when asked. */
@@ -57,11 +63,23 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
   const { state, faults, errorReports, log } = rt;
 
   const app = createApp(log);
+  // Every write a client makes to the Stripe API, so a test can prove a command is read-only.
+  app.use('/v1/*', async (c, next) => {
+    if (c.req.method !== 'GET') state.counters.writes += 1;
+    await next();
+  });
+  app.use('/v2/*', async (c, next) => {
+    if (c.req.method !== 'GET') state.counters.writes += 1;
+    await next();
+  });
   registerMeterEventRoutes(app, rt);
   registerAdjustmentRoutes(app, rt);
   registerMeterEventStreamRoutes(app, rt);
   registerV2EventRoutes(app, rt);
   registerResourceRoutes(app, rt);
+  registerMeterRoutes(app, rt);
+  registerWebhookEndpointRoutes(app, rt);
+  registerEventDestinationRoutes(app, rt);
   const control = new Hono();
   registerInspectionRoutes(control, rt);
   registerFaultControlRoutes(control, rt);
@@ -110,6 +128,10 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     flushErrorReports: () => errorReports.flush(),
     setWebhookEndpoint: (endpoint) => errorReports.setEndpoint(endpoint),
     meters: () => [...state.meters.values()].map((m) => ({ ...m })),
+    eventDestinations: () =>
+      [...state.eventDestinations.values()].map((d) => ({ ...d, enabled_events: [...d.enabled_events] })),
+    webhookEndpoints: () =>
+      [...state.webhookEndpoints.values()].map((w) => ({ ...w, enabled_events: [...w.enabled_events] })),
     customers: () => [...state.customers.values()].map((cu) => ({ ...cu })),
     createCustomer: (input = {}) => rt.createCustomer(input),
     reset: rt.reset,

@@ -6,11 +6,44 @@ import { randomBytes } from 'node:crypto';
 export type Formula = 'sum' | 'last' | 'count';
 export type Via = 'v1' | 'v2';
 
+/** What a meter is created from (the emulator's options, the defaults). */
 export interface MeterDefinition {
   id: string;
   event_name: string;
   display_name: string;
   formula: Formula;
+  /** customer_mapping.event_payload_key; Stripe's default `stripe_customer_id`. */
+  customer_payload_key?: string;
+  /** value_settings.event_payload_key; Stripe's default `value`. */
+  value_payload_key?: string;
+  status?: MeterStatus;
+}
+
+export type MeterStatus = 'active' | 'inactive';
+
+/** A meter as the emulator keeps it: every field of Stripe's billing.meter that meterbox reads. */
+export interface Meter extends MeterDefinition {
+  customer_payload_key: string;
+  value_payload_key: string;
+  status: MeterStatus;
+  /** Seconds since the epoch. */
+  created: number;
+  updated: number;
+  deactivated_at: number | null;
+}
+
+export interface WebhookEndpoint {
+  id: string;
+  object: 'webhook_endpoint';
+  url: string;
+  enabled_events: string[];
+  secret: string;
+  status: 'enabled' | 'disabled';
+  description: string | null;
+  metadata: Record<string, string>;
+  api_version: string | null;
+  created: number;
+  livemode: boolean;
 }
 
 export interface Customer {
@@ -78,6 +111,10 @@ export interface Counters {
   streamEventsAccepted: number;
   streamEventsDuplicate: number;
   streamEventsRejected: number;
+  /** v2 stream events dropped by the `dropUnsampled` fault: accepted, never counted, never reported. */
+  streamEventsDropped: number;
+  /** Requests to the Stripe API (not /_emulator) other than GET: what a read-only client never sends. */
+  writes: number;
 }
 
 export interface ConcurrencyPeak {
@@ -102,6 +139,8 @@ export const zeroCounters = (): Counters => ({
   streamEventsAccepted: 0,
   streamEventsDuplicate: 0,
   streamEventsRejected: 0,
+  streamEventsDropped: 0,
+  writes: 0,
 });
 
 export const DEFAULT_METERS: readonly MeterDefinition[] = Object.freeze([
@@ -130,16 +169,51 @@ export function stripeId(prefix: string, length = 14): string {
 
 const key = (customer: string, eventName: string) => `${customer}\u0000${eventName}`;
 
+/** A meter with every field filled (Stripe's default payload keys, active, created at `now`). */
+export function toMeter(definition: MeterDefinition, nowSeconds: number): Meter {
+  return {
+    customer_payload_key: 'stripe_customer_id',
+    value_payload_key: 'value',
+    status: 'active',
+    created: nowSeconds,
+    updated: nowSeconds,
+    deactivated_at: null,
+    ...definition,
+  } as Meter;
+}
+
+/** A v2 event destination of type webhook_endpoint: where Stripe sends thin events. */
+export interface EventDestination {
+  id: string;
+  object: 'v2.core.event_destination';
+  name: string;
+  type: 'webhook_endpoint';
+  event_payload: 'thin' | 'snapshot';
+  enabled_events: string[];
+  status: 'enabled' | 'disabled';
+  url: string;
+  signing_secret: string;
+  /** ISO 8601, as v2 objects carry it. */
+  created: string;
+  livemode: boolean;
+}
+
 export interface PersistedState {
   version: 1;
   customers: Customer[];
+  /** Absent in files written before the meters API: the options' meters are kept then. */
+  meters?: Meter[];
+  webhookEndpoints?: WebhookEndpoint[];
+  eventDestinations?: EventDestination[];
   events: RecordedEvent[];
   counters: Counters;
 }
 
 export class EmulatorState {
-  readonly meters: Map<string, MeterDefinition>;
+  readonly meters: Map<string, Meter>;
   readonly customers = new Map<string, Customer>();
+  readonly webhookEndpoints = new Map<string, WebhookEndpoint>();
+  readonly eventDestinations = new Map<string, EventDestination>();
   events: RecordedEvent[] = [];
   /** identifier → when it was accepted (ms); Stripe rejects a repeat within a rolling 24 h. */
   readonly identifiers = new Map<string, number>();
@@ -149,11 +223,19 @@ export class EmulatorState {
   readonly peaks = new Map<string, ConcurrencyPeak>();
   private readonly inFlight = new Map<string, number>();
 
-  constructor(meters: readonly MeterDefinition[]) {
-    this.meters = new Map(meters.map((m) => [m.id, { ...m }]));
+  constructor(meters: readonly MeterDefinition[], nowSeconds = Math.floor(Date.now() / 1000)) {
+    this.meters = new Map(meters.map((m) => [m.id, toMeter(m, nowSeconds)]));
   }
 
-  meterByEventName(eventName: string): MeterDefinition | undefined {
+  /** The active meter of an event name (Stripe allows one), the only one a meter event can land in. */
+  meterByEventName(eventName: string): Meter | undefined {
+    for (const meter of this.meters.values())
+      if (meter.event_name === eventName && meter.status === 'active') return meter;
+    return undefined;
+  }
+
+  /** Any meter of an event name, an inactive one included (tells `archived_meter` from `no_meter`). */
+  anyMeterByEventName(eventName: string): Meter | undefined {
     for (const meter of this.meters.values()) if (meter.event_name === eventName) return meter;
     return undefined;
   }
@@ -172,7 +254,7 @@ export class EmulatorState {
       t = {
         customer: event.customer,
         event_name: event.event_name,
-        meter: this.meterByEventName(event.event_name)?.id ?? null,
+        meter: this.anyMeterByEventName(event.event_name)?.id ?? null,
         count: 0,
         sum: 0,
         last: event.value,
@@ -240,6 +322,9 @@ export class EmulatorState {
     return {
       version: 1,
       customers: [...this.customers.values()],
+      meters: [...this.meters.values()],
+      webhookEndpoints: [...this.webhookEndpoints.values()],
+      eventDestinations: [...this.eventDestinations.values()],
       events: this.events,
       counters: this.counters,
     };
@@ -248,6 +333,14 @@ export class EmulatorState {
   load(data: PersistedState): void {
     this.reset({ customers: true });
     for (const c of data.customers) this.customers.set(c.id, c);
+    if (data.meters) {
+      this.meters.clear();
+      for (const m of data.meters) this.meters.set(m.id, m);
+    }
+    this.webhookEndpoints.clear();
+    for (const w of data.webhookEndpoints ?? []) this.webhookEndpoints.set(w.id, w);
+    this.eventDestinations.clear();
+    for (const d of data.eventDestinations ?? []) this.eventDestinations.set(d.id, d);
     for (const e of data.events) this.record(e);
     this.counters = { ...zeroCounters(), ...data.counters };
   }

@@ -121,12 +121,16 @@ describe('payload and field validation', () => {
     expect(err.message).toMatch(/at most 100 characters/);
   });
 
-  it('rejects an event name no meter listens to', async ({ stripe }) => {
-    const err = await rejection(() =>
-      stripe.billing.meterEvents.create(event({ event_name: 'temprature_readings' })),
+  it('accepts an event name no meter listens to and reports it as no_meter, as Stripe does', async ({
+    emu,
+    stripe,
+  }) => {
+    const answer = await stripe.billing.meterEvents.create(
+      event({ event_name: 'temprature_readings', identifier: 'typo-1' }),
     );
-    expect(err.statusCode).toBe(400);
-    expect(err.message).toBe('No active meter found with this event name.');
+    expect(answer.identifier).toBe('typo-1');
+    expect(emu.totals()).toEqual([]);
+    expect(emu.asyncErrors()).toMatchObject([{ code: 'no_meter', identifier: 'typo-1' }]);
   });
 });
 

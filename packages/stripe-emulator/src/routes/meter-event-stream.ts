@@ -125,6 +125,11 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
           strictCustomers: rt.strictCustomers,
         });
         if (result.ok) {
+          if (rt.faults.takeDrop()) {
+            rt.state.counters.streamEventsDropped += 1;
+            rt.log('debug', 'meter event dropped (fault)', { identifier: result.event.identifier });
+            continue;
+          }
           rt.state.record(result.event);
           rt.state.counters.streamEventsAccepted += 1;
           continue;

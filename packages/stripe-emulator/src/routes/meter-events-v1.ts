@@ -59,6 +59,30 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
         via: 'v1',
         strictCustomers: rt.strictCustomers,
       });
+      if (!result.ok && result.asynchronous) {
+        // Stripe answers 200 and rejects the event in an error report later (no usage recorded).
+        const rejected = {
+          code: result.error.code ?? 'invalid',
+          message: result.error.message,
+          identifier: typeof form.identifier === 'string' ? form.identifier : null,
+          event_name: typeof eventName === 'string' ? eventName : null,
+        };
+        rt.state.counters.accepted += 1;
+        rt.state.asyncErrors.push({ ...rejected, receivedAt: rt.clock() });
+        rt.errorReports.reject(rejected);
+        const timestamp =
+          typeof form.timestamp === 'string' ? Number(form.timestamp) : Math.floor(rt.clock() / 1000);
+        const body = {
+          object: 'billing.meter_event',
+          created: Math.floor(rt.clock() / 1000),
+          event_name: eventName,
+          identifier: rejected.identifier,
+          livemode: auth.livemode,
+          payload: form.payload,
+          timestamp,
+        };
+        return postFault(rt, c, decision, { status: 200, body, headers: {} }, save);
+      }
       if (!result.ok) {
         if (result.error.message.startsWith('An event already exists')) rt.state.counters.duplicate += 1;
         else rt.state.counters.rejected += 1;

@@ -1,6 +1,6 @@
 // Waiting for a condition where vitest's vi.waitFor cannot run: the bench and `npm run simulate`
 // run outside the test runner, and the harness they share with the chaos suite starts processes
-// for both. Inside a test, use waitFor (wait.ts, on vi.waitFor).
+// for both. Inside a test, use waitFor (test/support/wait.ts, on vi.waitFor).
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 

@@ -4,6 +4,7 @@
 // runStorageMaintenance at start-up and daily (queue 'storage-maintenance'). Every step is
 // idempotent and serialized across worker processes by one advisory lock.
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
+import { sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 
@@ -15,6 +16,13 @@ export const STORAGE_LOCK_KEY = 0x6d62_7374;
 export const PARTITION_WEEKS_AHEAD = 4;
 /** A maintenance step waits at most this long for a table lock, so it never queues ingestion behind it. */
 const LOCK_TIMEOUT = '5s';
+/**
+ * The locks DDL takes on the parent (create: SHARE, drop: ACCESS EXCLUSIVE) are asked for at most
+ * this long per attempt, below Postgres's deadlock_timeout (1 s by default), then given up and asked
+ * again after a pause; see lockForDdl.
+ */
+const DDL_LOCK_TIMEOUT_MS = 300;
+const DDL_LOCK_ATTEMPTS = 40;
 const COMPACTION_BATCH = 10_000;
 
 /** Monday 00:00 UTC of the ISO week holding `at`. */
@@ -62,6 +70,33 @@ async function lockStorage(trx: Transaction<DB>): Promise<void> {
   await sql.raw(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`).execute(trx);
 }
 
+/**
+ * Runs `locks` (LOCK TABLE statements on the parent) waiting at most DDL_LOCK_TIMEOUT_MS per attempt.
+ * A lock request that waits sits in Postgres's queue and every later conflicting request waits behind
+ * it: ingestion stalls for as long as the DDL waits, and a transaction holding a row that another one
+ * needs closes a cycle through the queued request. The soak (issue 27) hit it: a usage correction
+ * holds its sensors FOR UPDATE and then updates temperature_readings (queued behind the drop's
+ * request), an ingestion's foreign-key check waits for those sensors while holding the parent, the
+ * drop waits for the ingestion — Postgres aborted the ingestions ("deadlock detected", HTTP 503) and
+ * single readings stalled 1 s. Giving the place up before deadlock_timeout lets the others finish.
+ */
+async function lockForDdl(trx: Transaction<DB>, locks: readonly RawBuilder<unknown>[]): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    await sql`SAVEPOINT ddl_lock`.execute(trx);
+    await sql.raw(`SET LOCAL lock_timeout = '${DDL_LOCK_TIMEOUT_MS}ms'`).execute(trx);
+    try {
+      for (const lock of locks) await lock.execute(trx);
+      await sql`RELEASE SAVEPOINT ddl_lock`.execute(trx);
+      await sql.raw(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`).execute(trx);
+      return;
+    } catch (err) {
+      if (sqlState(err) !== '55P03' || attempt >= DDL_LOCK_ATTEMPTS) throw err;
+      await sql`ROLLBACK TO SAVEPOINT ddl_lock`.execute(trx);
+      await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 100 * attempt)));
+    }
+  }
+}
+
 const overlaps = (p: ReadingsPartition, from: Date, to: Date): boolean =>
   !p.isDefault && (p.from === null || p.from < to) && (p.to === null || p.to > from);
 
@@ -84,8 +119,13 @@ export async function createWeekPartition(
     const existing = await listReadingsPartitions(trx);
     if (existing.some((p) => overlaps(p, start, end))) return { created: false, moved: 0 };
     const name = sql.id(partitionName(start));
-    await sql`LOCK TABLE temperature_readings IN SHARE MODE`.execute(trx);
-    await sql`LOCK TABLE temperature_readings_default IN ACCESS EXCLUSIVE MODE`.execute(trx);
+    // ATTACH adds the partition's foreign key to sensors (SHARE ROW EXCLUSIVE on sensors). Sensors
+    // first, as ingestion (which reads sensors before it writes readings) and corrections lock them.
+    await lockForDdl(trx, [
+      sql`LOCK TABLE sensors IN SHARE ROW EXCLUSIVE MODE`,
+      sql`LOCK TABLE temperature_readings IN SHARE MODE`,
+      sql`LOCK TABLE temperature_readings_default IN ACCESS EXCLUSIVE MODE`,
+    ]);
     await sql`CREATE TABLE ${name} (LIKE temperature_readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)`.execute(
       trx,
     );
@@ -168,6 +208,13 @@ export async function dropExpiredPartitions(
       // No writes into it while it is counted (ingestion refuses these readings anyway).
       await sql`LOCK TABLE ${name} IN SHARE MODE`.execute(trx);
       await rollUpReadings(name).execute(trx);
+      // What DETACH and DROP take, taken first without queueing anyone behind a long wait. DROP
+      // removes the partition's foreign-key triggers from sensors: ACCESS EXCLUSIVE on sensors, which
+      // every ingestion reads before it locks the parent. Requested only at the DROP, with the parent
+      // already held, it deadlocked with ingestion (the soak: "deadlock detected", 503s, 1 s stalls).
+      await lockForDdl(trx, [
+        sql`LOCK TABLE sensors, ONLY temperature_readings, temperature_readings_default, ${name} IN ACCESS EXCLUSIVE MODE`,
+      ]);
       await sql`ALTER TABLE temperature_readings DETACH PARTITION ${name}`.execute(trx);
       await sql`DROP TABLE ${name}`.execute(trx);
       return true;
@@ -198,21 +245,27 @@ export async function dropExpiredPartitions(
  */
 export async function compactOutbox(
   db: Kysely<DB>,
-  options: { now: Date; compactionDays: number },
+  options: { now: Date; compactionDays: number; distributed?: boolean },
 ): Promise<number> {
   const cutoff = new Date(options.now.getTime() - options.compactionDays * DAY_MS);
   let total = 0;
   for (;;) {
     const result = await sql<{ n: string }>`
       WITH batch AS (
-        SELECT id FROM meter_outbox
+        SELECT id, organization_id FROM meter_outbox
          WHERE status = 'delivered' AND delivered_at < ${cutoff} AND occurred_at < ${cutoff}
            -- Usage only: correction rows stay, for corrections and reconciliation to see them.
            AND kind = 'usage'
          ORDER BY id LIMIT ${COMPACTION_BATCH}
-         FOR UPDATE SKIP LOCKED
+         ${
+           // Citus runs no FOR UPDATE over several shards: there the DELETE waits for a row another
+           // transaction holds instead of skipping it, and re-checks that the row is still final.
+           options.distributed ? sql`` : sql`FOR UPDATE SKIP LOCKED`
+         }
       ), gone AS (
-        DELETE FROM meter_outbox o USING batch WHERE o.id = batch.id
+        DELETE FROM meter_outbox o USING batch
+         WHERE o.id = batch.id AND o.organization_id = batch.organization_id
+           AND o.status = 'delivered' AND o.kind = 'usage'
         RETURNING o.id, o.organization_id, o.event_name, o.stripe_customer_id, o.occurred_at, o.value
       ), hourly AS (
         INSERT INTO meter_usage_hourly AS h
@@ -246,12 +299,18 @@ export async function runStorageMaintenance(deps: {
   log: Logger;
   clock: { now(): Date };
   config: StorageSettings;
+  /** Whether the database is a distributed Citus one (Database.distributed). */
+  distributed?: () => Promise<boolean>;
 }): Promise<void> {
   const now = deps.clock.now();
   const retentionDays = deps.config.READINGS_RETENTION_DAYS;
   const ensured = await ensureReadingsPartitions(deps.db, { now, retentionDays });
   const expired = await dropExpiredPartitions(deps.db, { now, retentionDays });
-  const compacted = await compactOutbox(deps.db, { now, compactionDays: deps.config.OUTBOX_COMPACTION_DAYS });
+  const compacted = await compactOutbox(deps.db, {
+    now,
+    compactionDays: deps.config.OUTBOX_COMPACTION_DAYS,
+    distributed: (await deps.distributed?.()) ?? false,
+  });
   if (ensured.created.length || expired.dropped.length || expired.defaultRowsDeleted || compacted) {
     deps.log.info(
       {
@@ -264,4 +323,12 @@ export async function runStorageMaintenance(deps: {
       'storage maintenance',
     );
   }
+}
+
+/** The database's size on disk (readings, outbox, rollups, indexes, pg-boss), for the storage gauge. */
+export async function databaseSizeBytes(db: Kysely<DB>): Promise<number> {
+  const { rows } = await sql<{
+    bytes: string;
+  }>`SELECT pg_database_size(current_database())::text AS bytes`.execute(db);
+  return Number(rows[0]?.bytes ?? 0);
 }

@@ -1,0 +1,511 @@
+// The Stripe account meterbox bills through: the two meters it needs (one definition, used by setup,
+// check and the worker's meter catalog), the webhook events it handles (the handlers' registry),
+// `setupStripeAccount` (finds or creates what is missing) and `checkStripeAccount` (read-only).
+import type Stripe from 'stripe';
+import type { Config } from '../config.js';
+import type { MeterEventName } from '../db/schema.js';
+import { defaultHandlers } from './handlers.js';
+
+export interface MeterSpec {
+  eventName: MeterEventName;
+  displayName: string;
+  formula: 'sum' | 'last';
+  /** customer_mapping (type by_id) and value_settings payload keys meterbox sends. */
+  customerPayloadKey: 'stripe_customer_id';
+  valuePayloadKey: 'value';
+  /** The setting that names this meter's id (reconciliation against Stripe's totals). */
+  idVariable: 'STRIPE_METER_ID_TEMPERATURE_READINGS' | 'STRIPE_METER_ID_ACTIVE_SENSORS';
+}
+
+export const METER_SPECS: readonly MeterSpec[] = Object.freeze([
+  {
+    eventName: 'temperature_readings',
+    displayName: 'Temperature readings',
+    formula: 'sum',
+    customerPayloadKey: 'stripe_customer_id',
+    valuePayloadKey: 'value',
+    idVariable: 'STRIPE_METER_ID_TEMPERATURE_READINGS',
+  },
+  {
+    eventName: 'active_sensors',
+    displayName: 'Active sensors',
+    formula: 'last',
+    customerPayloadKey: 'stripe_customer_id',
+    valuePayloadKey: 'value',
+    idVariable: 'STRIPE_METER_ID_ACTIVE_SENSORS',
+  },
+]);
+
+/** Every webhook event type meterbox handles: the keys of the handlers' registry, nothing kept apart. */
+export const HANDLED_EVENT_TYPES: readonly string[] = Object.freeze(Object.keys(defaultHandlers));
+
+/**
+ * Thin events (named after their API version, `v1.billing.meter.…`) reach a receiver only through a
+ * v2 event destination; a v1 webhook endpoint takes the snapshot events. Both point at the same URL,
+ * each signs with its own secret (STRIPE_WEBHOOK_SECRET takes both, comma-separated).
+ */
+export const isThinEvent = (type: string): boolean => /^v\d+\./.test(type);
+export const SNAPSHOT_EVENT_TYPES = Object.freeze(HANDLED_EVENT_TYPES.filter((t) => !isThinEvent(t)));
+export const THIN_EVENT_TYPES = Object.freeze(HANDLED_EVENT_TYPES.filter(isThinEvent));
+
+/** The account's event destinations with their URLs (one page of 100: plenty for one account). */
+export async function listEventDestinations(stripe: Stripe): Promise<Stripe.V2.Core.EventDestination[]> {
+  const page = await stripe.v2.core.eventDestinations.list({ include: ['webhook_endpoint.url'], limit: 100 });
+  return page.data;
+}
+
+/** Stripe's account-wide limits on meter-event calls per second: a sandbox (test mode) and live mode. */
+export const STRIPE_CALL_LIMITS = { test: 25, live: 1000 } as const;
+
+/** Every meter of the account, active and inactive (all pages). */
+export async function listAccountMeters(stripe: Stripe): Promise<Stripe.Billing.Meter[]> {
+  return stripe.billing.meters.list({ limit: 100 }).autoPagingToArray({ limit: 10_000 });
+}
+
+/** What makes `meter` unusable for `spec`, in words an operator can act on; empty when it fits. */
+export function meterDifferences(spec: MeterSpec, meter: Stripe.Billing.Meter): string[] {
+  const differences: string[] = [];
+  if (meter.default_aggregation.formula !== spec.formula)
+    differences.push(`aggregation is ${meter.default_aggregation.formula}, meterbox needs ${spec.formula}`);
+  if (meter.customer_mapping.type !== 'by_id')
+    differences.push(`customer mapping is ${meter.customer_mapping.type}, meterbox needs by_id`);
+  if (meter.customer_mapping.event_payload_key !== spec.customerPayloadKey)
+    differences.push(
+      `customer payload key is ${meter.customer_mapping.event_payload_key}, meterbox sends ${spec.customerPayloadKey}`,
+    );
+  const valueKey = meter.value_settings?.event_payload_key ?? 'value';
+  if (valueKey !== spec.valuePayloadKey)
+    differences.push(`value payload key is ${valueKey}, meterbox sends ${spec.valuePayloadKey}`);
+  return differences;
+}
+
+export type MeterState =
+  | { kind: 'ok'; meter: Stripe.Billing.Meter }
+  | { kind: 'mismatch'; meter: Stripe.Billing.Meter; differences: string[] }
+  /** Only deactivated meters carry the event name; `meter` is one that fits, when there is one. */
+  | { kind: 'inactive'; meter: Stripe.Billing.Meter; fits: boolean }
+  | { kind: 'missing' };
+
+/** Where `spec` stands among the account's meters: the active meter of its event name decides. */
+export function meterStateOf(spec: MeterSpec, meters: readonly Stripe.Billing.Meter[]): MeterState {
+  const named = meters.filter((m) => m.event_name === spec.eventName);
+  const active = named.find((m) => m.status === 'active');
+  if (active) {
+    const differences = meterDifferences(spec, active);
+    return differences.length === 0
+      ? { kind: 'ok', meter: active }
+      : { kind: 'mismatch', meter: active, differences };
+  }
+  const fitting = named.find((m) => meterDifferences(spec, m).length === 0);
+  if (fitting) return { kind: 'inactive', meter: fitting, fits: true };
+  const any = named[0];
+  return any ? { kind: 'inactive', meter: any, fits: false } : { kind: 'missing' };
+}
+
+export class SetupRefusedError extends Error {
+  constructor(readonly problems: readonly string[]) {
+    super(problems.join('; '));
+    this.name = 'SetupRefusedError';
+  }
+}
+
+export interface SetupResult {
+  meters: { spec: MeterSpec; meter: Stripe.Billing.Meter; action: 'found' | 'created' | 'reactivated' }[];
+  webhook?: {
+    url: string;
+    /** The webhook endpoint (snapshot events) and event destination (thin events) for the URL. */
+    endpointId: string;
+    destinationId: string | undefined;
+    /** Signing secrets of what this run created (Stripe shows each once); empty when both existed. */
+    createdSecrets: string[];
+    /** True when one of the two existed: its secret must stay in STRIPE_WEBHOOK_SECRET. */
+    keptExisting: boolean;
+    /** Handled events the existing subscriptions for the URL do not cover. */
+    missingEvents: string[];
+  };
+}
+
+/**
+ * Finds or creates the two meters (reactivating a fitting deactivated one) and, with `webhookUrl`,
+ * one webhook endpoint for that URL. Every meter is judged before anything is written: an active
+ * meter with another aggregation or payload key refuses the whole run (its settings cannot be
+ * changed, and a second active meter for one event name is not allowed).
+ */
+export async function setupStripeAccount(
+  stripe: Stripe,
+  options: { webhookUrl?: string | undefined } = {},
+): Promise<SetupResult> {
+  const meters = await listAccountMeters(stripe);
+  const states = METER_SPECS.map((spec) => ({ spec, state: meterStateOf(spec, meters) }));
+  const problems = states.flatMap(({ spec, state }) =>
+    state.kind === 'mismatch'
+      ? [`meter ${state.meter.id} (${spec.eventName}): ${state.differences.join(', ')}`]
+      : [],
+  );
+  if (problems.length > 0) throw new SetupRefusedError(problems);
+
+  const result: SetupResult = { meters: [] };
+  for (const { spec, state } of states) {
+    if (state.kind === 'ok') {
+      result.meters.push({ spec, meter: state.meter, action: 'found' });
+    } else if (state.kind === 'inactive' && state.fits) {
+      const meter = await stripe.billing.meters.reactivate(state.meter.id);
+      result.meters.push({ spec, meter, action: 'reactivated' });
+    } else {
+      const meter = await stripe.billing.meters.create({
+        display_name: spec.displayName,
+        event_name: spec.eventName,
+        default_aggregation: { formula: spec.formula },
+        customer_mapping: { type: 'by_id', event_payload_key: spec.customerPayloadKey },
+        value_settings: { event_payload_key: spec.valuePayloadKey },
+      });
+      result.meters.push({ spec, meter, action: 'created' });
+    }
+  }
+
+  if (options.webhookUrl) {
+    const url = options.webhookUrl;
+    const endpoints = await stripe.webhookEndpoints.list({ limit: 100 }).autoPagingToArray({ limit: 10_000 });
+    const createdSecrets: string[] = [];
+    let endpoint = endpoints.find((e) => e.url === url);
+    const keptEndpoint = endpoint !== undefined;
+    if (!endpoint) {
+      endpoint = await stripe.webhookEndpoints.create({
+        url,
+        enabled_events: [...SNAPSHOT_EVENT_TYPES] as Stripe.WebhookEndpointCreateParams.EnabledEvent[],
+        description: 'meterbox',
+      });
+      if (endpoint.secret) createdSecrets.push(endpoint.secret);
+    }
+    let destinationId: string | undefined;
+    let keptDestination = false;
+    let destinations: Stripe.V2.Core.EventDestination[] = [];
+    if (THIN_EVENT_TYPES.length > 0) {
+      destinations = await listEventDestinations(stripe);
+      const existing = destinations.find(
+        (d) => d.event_payload === 'thin' && d.webhook_endpoint?.url === url,
+      );
+      keptDestination = existing !== undefined;
+      if (existing) destinationId = existing.id;
+      else {
+        const created = await stripe.v2.core.eventDestinations.create({
+          name: 'meterbox',
+          type: 'webhook_endpoint',
+          event_payload: 'thin',
+          enabled_events: [...THIN_EVENT_TYPES],
+          webhook_endpoint: { url },
+          include: ['webhook_endpoint.signing_secret'],
+        });
+        destinationId = created.id;
+        if (created.webhook_endpoint?.signing_secret)
+          createdSecrets.push(created.webhook_endpoint.signing_secret);
+      }
+    }
+    result.webhook = {
+      url,
+      endpointId: endpoint.id,
+      destinationId,
+      createdSecrets,
+      keptExisting: keptEndpoint || keptDestination,
+      missingEvents:
+        keptEndpoint || keptDestination
+          ? missingEvents(
+              [endpoint],
+              destinations.filter((d) => d.webhook_endpoint?.url === url),
+            )
+          : [],
+    };
+  }
+  return result;
+}
+
+/**
+ * Handled event types nothing subscribes to: snapshot events need an enabled webhook endpoint (`*`
+ * counts), thin events an enabled event destination with thin payloads.
+ */
+export function missingEvents(
+  endpoints: readonly Stripe.WebhookEndpoint[],
+  destinations: readonly Stripe.V2.Core.EventDestination[],
+): string[] {
+  const enabled = endpoints.filter((e) => e.status === 'enabled');
+  const best = enabled
+    .map((e) =>
+      SNAPSHOT_EVENT_TYPES.filter((t) => !e.enabled_events.includes('*') && !e.enabled_events.includes(t)),
+    )
+    .sort((a, b) => a.length - b.length)[0];
+  const thin = destinations.filter((d) => d.status !== 'disabled' && d.event_payload === 'thin');
+  const thinMissing = THIN_EVENT_TYPES.filter((t) => !thin.some((d) => d.enabled_events.includes(t)));
+  return [...(best ?? SNAPSHOT_EVENT_TYPES), ...thinMissing];
+}
+
+export type KeyKind = { mode: 'test' | 'live'; restricted: boolean };
+
+/** A key's mode and kind from its prefix (sk_test_, sk_live_, rk_test_, rk_live_); undefined otherwise. */
+export function keyKind(key: string): KeyKind | undefined {
+  const match = /^(sk|rk)_(test|live)_/.exec(key);
+  if (!match) return undefined;
+  return { mode: match[2] === 'live' ? 'live' : 'test', restricted: match[1] === 'rk' };
+}
+
+/** The settings `stripe check` judges. */
+export type StripeCheckConfig = Pick<
+  Config,
+  | 'STRIPE_SECRET_KEY'
+  | 'STRIPE_WEBHOOK_SECRET'
+  | 'STRIPE_MAX_CALLS_PER_SECOND'
+  | 'STRIPE_METER_ID_TEMPERATURE_READINGS'
+  | 'STRIPE_METER_ID_ACTIVE_SENSORS'
+>;
+
+export interface CheckLine {
+  ok: boolean;
+  /** What was checked, e.g. `meter temperature_readings`. */
+  name: string;
+  detail: string;
+  /** What to do when it fails. */
+  fix?: string;
+}
+
+const statusOf = (err: unknown): number | undefined =>
+  typeof err === 'object' && err !== null && 'statusCode' in err && typeof err.statusCode === 'number'
+    ? err.statusCode
+    : undefined;
+const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err)).slice(0, 200);
+
+/**
+ * Read-only probes of what meterbox reads, for a restricted key: each answers 403 when the key lacks
+ * the permission. Writes (meter events, and meters for setup) cannot be probed without writing.
+ */
+const READ_PROBES: readonly { permission: string; probe: (stripe: Stripe) => Promise<unknown> }[] = [
+  { permission: 'Billing meters: read', probe: (s) => s.billing.meters.list({ limit: 1 }) },
+  { permission: 'Webhook endpoints: read', probe: (s) => s.webhookEndpoints.list({ limit: 1 }) },
+  {
+    // A made-up id: 404 means the key may read events (meter error reports are fetched this way).
+    permission: 'Events: read',
+    probe: (s) =>
+      s.v2.core.events.retrieve('evt_meterbox_permission_probe').catch((err: unknown) => {
+        if (statusOf(err) === 404) return undefined;
+        throw err;
+      }),
+  },
+];
+
+/**
+ * Everything `meterbox stripe check` reports, one line per check. Only GET requests: it never
+ * writes to Stripe.
+ */
+export async function checkStripeAccount(
+  stripe: Stripe | undefined,
+  config: StripeCheckConfig,
+): Promise<CheckLine[]> {
+  const key = config.STRIPE_SECRET_KEY;
+  if (!key || !stripe) {
+    return [
+      {
+        ok: false,
+        name: 'key',
+        detail: 'STRIPE_SECRET_KEY is not set',
+        fix: 'set STRIPE_SECRET_KEY to a secret (sk_…) or restricted (rk_…) key from the Stripe Dashboard',
+      },
+    ];
+  }
+  const kind = keyKind(key);
+  if (!kind) {
+    return [
+      {
+        ok: false,
+        name: 'key',
+        detail:
+          'STRIPE_SECRET_KEY is neither a secret (sk_test_/sk_live_) nor a restricted (rk_test_/rk_live_) key',
+        fix: 'copy the key again from Developers → API keys in the Stripe Dashboard',
+      },
+    ];
+  }
+  const lines: CheckLine[] = [];
+  const keyName = `${kind.mode} mode ${kind.restricted ? 'restricted' : 'secret'} key`;
+
+  let meters: Stripe.Billing.Meter[];
+  try {
+    meters = await listAccountMeters(stripe);
+  } catch (err) {
+    const status = statusOf(err);
+    if (status === 401) {
+      return [
+        {
+          ok: false,
+          name: 'key',
+          detail: `Stripe refused the ${keyName}`,
+          fix: 'the key is revoked or mistyped: copy it again from the Stripe Dashboard',
+        },
+      ];
+    }
+    if (status !== 403) {
+      return [
+        {
+          ok: false,
+          name: 'key',
+          detail: `Stripe could not be asked: ${messageOf(err)}`,
+          fix: 'check STRIPE_API_BASE and the network, then run the check again',
+        },
+      ];
+    }
+    meters = [];
+  }
+
+  const missing: string[] = [];
+  for (const { permission, probe } of READ_PROBES) {
+    try {
+      await probe(stripe);
+    } catch (err) {
+      if (statusOf(err) === 403) missing.push(permission);
+      else
+        return [
+          ...lines,
+          {
+            ok: false,
+            name: 'key',
+            detail: `Stripe could not be asked: ${messageOf(err)}`,
+            fix: 'run the check again',
+          },
+        ];
+    }
+  }
+  lines.push(
+    missing.length === 0
+      ? {
+          ok: true,
+          name: 'key',
+          detail: kind.restricted
+            ? `${keyName}; reads meters, webhook endpoints and events (write permissions — Billing meter events: write, and Billing meters: write for setup — cannot be checked without writing)`
+            : `${keyName}; works`,
+        }
+      : {
+          ok: false,
+          name: 'key',
+          detail: `${keyName} lacks: ${missing.join(', ')}`,
+          fix: 'add these permissions to the restricted key (Developers → API keys), or use a secret key',
+        },
+  );
+
+  const goodIds = new Map<MeterEventName, string>();
+  for (const spec of METER_SPECS) {
+    const state = meterStateOf(spec, meters);
+    const name = `meter ${spec.eventName}`;
+    if (state.kind === 'ok') {
+      goodIds.set(spec.eventName, state.meter.id);
+      lines.push({
+        ok: true,
+        name,
+        detail: `${state.meter.id}, active, ${spec.formula}, payload keys ${spec.customerPayloadKey}/${spec.valuePayloadKey}`,
+      });
+    } else if (state.kind === 'mismatch') {
+      lines.push({
+        ok: false,
+        name,
+        detail: `${state.meter.id}: ${state.differences.join(', ')}`,
+        fix: `a meter's settings cannot be changed: deactivate ${state.meter.id}, then run meterbox stripe setup`,
+      });
+    } else if (state.kind === 'inactive') {
+      lines.push({
+        ok: false,
+        name,
+        detail: `${state.meter.id} is deactivated: usage sent to it is dropped by Stripe, so meterbox holds it`,
+        fix: 'run meterbox stripe setup (it reactivates a fitting meter or creates one)',
+      });
+    } else {
+      lines.push({
+        ok: false,
+        name,
+        detail: 'no meter with this event name: usage would be dropped by Stripe, so meterbox holds it',
+        fix: 'run meterbox stripe setup',
+      });
+    }
+  }
+
+  for (const spec of METER_SPECS) {
+    const set = config[spec.idVariable];
+    const good = goodIds.get(spec.eventName);
+    const name = spec.idVariable;
+    if (!set) {
+      lines.push({
+        ok: true,
+        name,
+        detail: 'not set (optional; reconciliation then uses the active meter found)',
+      });
+    } else if (good === set) {
+      lines.push({ ok: true, name, detail: `${set} is the ${spec.eventName} meter` });
+    } else {
+      const named = meters.find((m) => m.id === set);
+      const what = named
+        ? `${set} is the ${named.status} meter of ${named.event_name}${named.event_name === spec.eventName ? ' that does not fit' : ''}`
+        : `${set} names no meter of this account`;
+      lines.push({
+        ok: false,
+        name,
+        detail: what,
+        fix: good ? `set ${name}=${good}` : 'run meterbox stripe setup and use the line it prints',
+      });
+    }
+  }
+
+  try {
+    const endpoints = await stripe.webhookEndpoints.list({ limit: 100 }).autoPagingToArray({ limit: 10_000 });
+    const destinations = THIN_EVENT_TYPES.length > 0 ? await listEventDestinations(stripe) : [];
+    const notCovered = missingEvents(endpoints, destinations);
+    lines.push(
+      notCovered.length === 0
+        ? {
+            ok: true,
+            name: 'webhook endpoint',
+            detail: `subscribes to all ${HANDLED_EVENT_TYPES.length} events meterbox handles`,
+          }
+        : {
+            ok: false,
+            name: 'webhook endpoint',
+            detail: `nothing subscribes to ${notCovered.join(', ')}`,
+            fix: 'run meterbox stripe setup --webhook-url https://<your host>/webhooks/stripe (or add the events to your endpoint)',
+          },
+    );
+  } catch (err) {
+    lines.push({
+      ok: false,
+      name: 'webhook endpoint',
+      detail: `cannot list webhook endpoints and event destinations: ${messageOf(err)}`,
+      fix: 'give the key Webhook endpoints: read',
+    });
+  }
+  lines.push(
+    config.STRIPE_WEBHOOK_SECRET
+      ? { ok: true, name: 'STRIPE_WEBHOOK_SECRET', detail: 'set' }
+      : {
+          ok: false,
+          name: 'STRIPE_WEBHOOK_SECRET',
+          detail: 'not set: the webhook route answers 503 and subscription changes never arrive',
+          fix: "set it to the endpoint's signing secret (whsec_…), printed once by meterbox stripe setup --webhook-url",
+        },
+  );
+
+  const limit = STRIPE_CALL_LIMITS[kind.mode];
+  const rate = config.STRIPE_MAX_CALLS_PER_SECOND;
+  lines.push(
+    rate === undefined
+      ? {
+          ok: true,
+          name: 'STRIPE_MAX_CALLS_PER_SECOND',
+          detail: `not set: the default for a ${kind.mode} mode key applies (Stripe allows ${limit}/s)`,
+        }
+      : rate <= limit
+        ? {
+            ok: true,
+            name: 'STRIPE_MAX_CALLS_PER_SECOND',
+            detail: `${rate}/s fits ${kind.mode} mode (Stripe allows ${limit}/s)`,
+          }
+        : {
+            ok: false,
+            name: 'STRIPE_MAX_CALLS_PER_SECOND',
+            detail: `${rate}/s is above what Stripe allows in ${kind.mode} mode (${limit}/s): calls would be answered 429`,
+            fix: `set it to at most ${limit}, or unset it for the default`,
+          },
+  );
+  return lines;
+}

@@ -1,0 +1,287 @@
+// Distribution of meterbox's tables over a Citus cluster (`meterbox citus distribute`, issue 28):
+// run on the coordinator after the migrations; idempotent; the migration runner runs it again after
+// migrations applied to an already distributed database, so a later migration's new table is
+// distributed too. Never imports application code (the migration runner uses it).
+//
+//   * tenant tables: distributed by organization_id, all co-located with `sensors`, so everything
+//     of one organization (its sensors, readings, outbox rows, corrections, rollups) sits in one
+//     shard group: its statements are single-shard and its foreign keys hold inside the shard;
+//   * the directory, read by what arrives without an organization (an API key's hash, a Stripe
+//     customer id, a webhook's event id), small and rarely written: reference tables, a copy on
+//     every node, joinable with any shard;
+//   * delivery state keyed by Stripe customer (leases, pacing): distributed by stripe_customer_id;
+//     the account-wide call budget (one row): a single-shard table;
+//   * pg-boss: its own schema, local on the coordinator (it is not in public).
+// A table that this plan does not name (a later migration's) is distributed by organization_id when
+// it has that column, else made a reference table.
+import type pg from 'pg';
+
+export type Placement =
+  | { kind: 'reference' }
+  | { kind: 'distributed'; column: string; colocateWith: string | null }
+  | { kind: 'single-shard' };
+
+/** The first table distributed by organization_id; every other tenant table is co-located with it. */
+export const TENANT_ANCHOR = 'sensors';
+
+/** Tables whose placement is decided by name, in the order they are distributed. */
+export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
+  ['organizations', { kind: 'reference' }],
+  ['subscriptions', { kind: 'reference' }],
+  ['api_keys', { kind: 'reference' }],
+  ['stripe_events', { kind: 'reference' }],
+  ['meter_error_reports', { kind: 'reference' }],
+  ['stripe_poison_events', { kind: 'reference' }],
+  [TENANT_ANCHOR, { kind: 'distributed', column: 'organization_id', colocateWith: null }],
+  ['usage_corrections', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['temperature_readings', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['meter_outbox', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['idempotency_keys', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['readings_hourly_rollup', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['meter_usage_hourly', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
+  ['meter_delivery_keys', { kind: 'reference' }],
+  ['meter_call_budget', { kind: 'single-shard' }],
+];
+
+/** Tables that stay local on the coordinator: the migration ledger (the runner's own). */
+export const LOCAL_TABLES: ReadonlySet<string> = new Set(['schema_migrations']);
+
+export class CitusAbsentError extends Error {
+  constructor() {
+    super('Citus is absent: this database has no citus extension (run this on a Citus coordinator)');
+    this.name = 'CitusAbsentError';
+  }
+}
+
+type Query = Pick<pg.ClientBase, 'query'>;
+
+/** Whether the database has the citus extension installed. */
+export async function citusInstalled(db: Query): Promise<boolean> {
+  const { rows } = await db.query(`SELECT 1 FROM pg_extension WHERE extname = 'citus'`);
+  return rows.length > 0;
+}
+
+/** Whether `meterbox citus distribute` has run here (the anchor is distributed). */
+export async function citusDistributed(db: Query): Promise<boolean> {
+  if (!(await citusInstalled(db))) return false;
+  const { rows } = await db.query(
+    `SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass('public.' || $1::text)`,
+    [TENANT_ANCHOR],
+  );
+  return rows.length > 0;
+}
+
+interface TableState {
+  name: string;
+  /** pg_dist_partition.partmethod: 'h' hash, 'n' reference or Citus-managed local, null: local. */
+  method: string | null;
+  /** pg_dist_partition.repmodel 't' with partmethod 'n' is a reference table; 's' a local one. */
+  reference: boolean;
+  singleShard: boolean;
+  hasOrganization: boolean;
+  /** Public tables this one references by foreign key. */
+  references: string[];
+}
+
+async function publicTables(db: Query): Promise<TableState[]> {
+  const { rows } = await db.query<{
+    name: string;
+    method: string | null;
+    repmodel: string | null;
+    single_shard: boolean;
+    has_organization: boolean;
+    references: string[];
+  }>(`
+    SELECT c.relname AS name,
+           p.partmethod AS method,
+           p.repmodel,
+           (p.partmethod = 'n' AND p.repmodel = 's' AND p.colocationid <> 0) AS single_shard,
+           EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = c.oid AND a.attname = 'organization_id' AND NOT a.attisdropped)
+             AS has_organization,
+           ARRAY(SELECT DISTINCT r.relname::text FROM pg_constraint k JOIN pg_class r ON r.oid = k.confrelid
+                  WHERE k.conrelid = c.oid AND k.contype = 'f' AND r.oid <> c.oid) AS references
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid
+     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+     ORDER BY c.relname`);
+  return rows.map((r) => ({
+    name: r.name,
+    method: r.method,
+    reference: r.method === 'n' && r.repmodel === 't',
+    singleShard: r.single_shard === true,
+    hasOrganization: r.has_organization,
+    references: r.references,
+  }));
+}
+
+/** Where a table goes: by name in PLAN, else by whether it has organization_id. */
+export function placementOf(name: string, hasOrganization: boolean): Placement {
+  const planned = PLAN.find(([table]) => table === name);
+  if (planned) return planned[1];
+  return hasOrganization
+    ? { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }
+    : { kind: 'reference' };
+}
+
+function done(table: TableState, placement: Placement): boolean {
+  switch (placement.kind) {
+    case 'reference':
+      return table.reference;
+    case 'single-shard':
+      return table.singleShard;
+    case 'distributed':
+      return table.method === 'h';
+  }
+}
+
+export interface DistributeResult {
+  /** Tables distributed by this run, with where they went. */
+  distributed: { table: string; placement: Placement }[];
+  /** Tables that already were. */
+  alreadyDistributed: string[];
+}
+
+/**
+ * Orders the tables still to distribute: reference tables before what references them, the
+ * anchors first, PLAN's order otherwise, later tables after (Citus checks each foreign key when
+ * its second table is distributed).
+ */
+function order(pending: TableState[]): TableState[] {
+  const rank = (t: TableState) => {
+    const i = PLAN.findIndex(([name]) => name === t.name);
+    return i === -1 ? PLAN.length : i;
+  };
+  const sorted = [...pending].sort((a, b) => rank(a) - rank(b) || a.name.localeCompare(b.name));
+  const result: TableState[] = [];
+  const placed = new Set<string>();
+  const names = new Set(sorted.map((t) => t.name));
+  while (sorted.length > 0) {
+    const index = sorted.findIndex((t) => t.references.every((r) => !names.has(r) || placed.has(r)));
+    const [next] = sorted.splice(index === -1 ? 0 : index, 1);
+    if (!next) break;
+    result.push(next);
+    placed.add(next.name);
+  }
+  return result;
+}
+
+/** A name as an SQL identifier. */
+function ident(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+function statementFor(name: string, placement: Placement): string {
+  const table = `'public.${name}'`;
+  switch (placement.kind) {
+    case 'reference':
+      return `SELECT create_reference_table(${table})`;
+    case 'single-shard':
+      return `SELECT create_distributed_table(${table}, NULL, colocate_with => 'none')`;
+    case 'distributed':
+      return placement.colocateWith === null
+        ? `SELECT create_distributed_table(${table}, '${placement.column}', colocate_with => 'none')`
+        : `SELECT create_distributed_table(${table}, '${placement.column}', colocate_with => 'public.${placement.colocateWith}')`;
+  }
+}
+
+/**
+ * Distributes every public table but the local ones, as planned; tables already placed are left
+ * alone, in one transaction. Throws CitusAbsentError on plain Postgres. `client` is one session.
+ */
+export async function distributeTables(client: Query): Promise<DistributeResult> {
+  if (!(await citusInstalled(client))) throw new CitusAbsentError();
+  // One transaction: a failure leaves every table where it was, foreign keys included.
+  await client.query('BEGIN');
+  try {
+    const result = await distributeInTransaction(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (err) {
+    await client.query('ROLLBACK');
+    throw err;
+  }
+}
+
+/**
+ * The same inside the caller's open transaction (the migration runner's: a migration and the
+ * distribution of the tables it creates commit together).
+ */
+export async function distributeInTransaction(client: Query): Promise<DistributeResult> {
+  // api_keys' revocation trigger (0010) notifies the API processes listening on the coordinator.
+  // Citus creates a reference table's triggers on every placement, the coordinator's included, and
+  // runs a write's coordinator placement in the writing session, so the notification still
+  // reaches them at commit; Citus calls such triggers unsafe because a trigger on a worker's
+  // placement could write elsewhere, which this one does not.
+  await client.query('SET LOCAL citus.enable_unsafe_triggers = on');
+  // Distribution of tables linked by foreign keys, in one session: sequential mode lets each
+  // create_distributed_table see the shards the previous one made.
+  await client.query(`SET LOCAL citus.multi_shard_modify_mode = 'sequential'`);
+  const tables = await publicTables(client);
+  const result: DistributeResult = { distributed: [], alreadyDistributed: [] };
+  const pending: TableState[] = [];
+  for (const table of tables) {
+    if (LOCAL_TABLES.has(table.name)) continue;
+    if (done(table, placementOf(table.name, table.hasOrganization)))
+      result.alreadyDistributed.push(table.name);
+    else pending.push(table);
+  }
+  if (pending.length === 0) return result;
+  // Citus checks a foreign key when its second table is distributed, and turns a local table that
+  // references a reference table into a Citus-managed local one; so the foreign keys that touch a
+  // table still to distribute are dropped first and added back once every table is placed.
+  const names = pending.map((t) => t.name);
+  const { rows: keys } = await client.query<{ table: string; name: string; definition: string }>(
+    `SELECT c.relname AS table, k.conname AS name, pg_get_constraintdef(k.oid) AS definition
+       FROM pg_constraint k
+       JOIN pg_class c ON c.oid = k.conrelid
+       JOIN pg_class r ON r.oid = k.confrelid
+       JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE k.contype = 'f' AND n.nspname = 'public' AND k.conparentid = 0
+        AND (c.relname = ANY($1::text[]) OR r.relname = ANY($1::text[]))
+      ORDER BY c.relname, k.conname`,
+    [names],
+  );
+  for (const key of keys)
+    await client.query(`ALTER TABLE public.${ident(key.table)} DROP CONSTRAINT ${ident(key.name)}`);
+  for (const table of order(pending)) {
+    const placement = placementOf(table.name, table.hasOrganization);
+    // A table Citus already manages as a local one (a new table with a foreign key to a reference
+    // table becomes one automatically) is turned back into a plain table first.
+    if (table.method === 'n' && !table.reference && !table.singleShard) {
+      await client.query(
+        `SELECT undistribute_table('public.${table.name}', cascade_via_foreign_keys => true)`,
+      );
+    }
+    await client.query(statementFor(table.name, placement));
+    result.distributed.push({ table: table.name, placement });
+  }
+  for (const key of keys) {
+    await client.query(
+      `ALTER TABLE public.${ident(key.table)} ADD CONSTRAINT ${ident(key.name)} ${key.definition}`,
+    );
+  }
+  return result;
+}
+
+/**
+ * For a migration about to run on a distributed database (inside its transaction): a new table with
+ * a foreign key to a reference table stays a plain table until distributeInTransaction places it.
+ * Citus would otherwise turn it into a Citus-managed local table at once, which it cannot
+ * distribute afterwards when the table has an identity column.
+ */
+export async function prepareMigration(client: Query): Promise<void> {
+  await client.query('SET LOCAL citus.enable_local_reference_table_foreign_keys = off');
+  // Distributing a table in a transaction needs sequential mode from its start: a migration that
+  // first copies rows between distributed tables in parallel could not distribute afterwards.
+  await client.query(`SET LOCAL citus.multi_shard_modify_mode = 'sequential'`);
+}
+
+/** Public tables still local on the coordinator (Citus-managed local tables included). */
+export async function localTables(db: Query): Promise<string[]> {
+  const tables = await publicTables(db);
+  return tables
+    .filter((t) => t.method === null || (t.method === 'n' && !t.reference && !t.singleShard))
+    .map((t) => t.name);
+}

@@ -1,0 +1,280 @@
+// The worker's meter catalog ("never into the void"): which meter event names have an active meter
+// at Stripe with the settings meterbox sends. Stripe accepts a meter event for a missing or
+// deactivated meter and drops it later, so delivery holds an event name's rows until its meter is
+// there. Learnt at start-up, every METER_CATALOG_REFRESH_SECONDS, and at once when the API records
+// a no_meter/archived_meter error report (it NOTIFYs METER_CATALOG_CHANNEL in the webhook's
+// transaction; a missed notification costs at most one refresh interval).
+import { type Kysely, sql } from 'kysely';
+import pg from 'pg';
+import type Stripe from 'stripe';
+import { METER_CATALOG_CHANNEL } from '../billing/meter-error-reports.js';
+import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
+import type { DB, MeterEventName } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../observability/metrics.js';
+
+export { METER_CATALOG_CHANNEL };
+
+export type CatalogState = 'active' | 'missing' | 'inactive' | 'mismatch' | 'unknown';
+
+export interface CatalogEntry {
+  eventName: MeterEventName;
+  state: CatalogState;
+  meterId: string | null;
+  /** Why the event name is held, in words for the log, the dashboard and readiness. */
+  detail: string;
+}
+
+export interface MeterCatalog {
+  /** True when the event name's meter is active and fits: its rows may be sent. */
+  sendable(eventName: MeterEventName): boolean;
+  /** Event names held now (no active, fitting meter, or the meters could not be read yet). */
+  missing(): readonly MeterEventName[];
+  entries(): readonly CatalogEntry[];
+  /** The active meter's id (for reconciliation against Stripe's summaries), when known. */
+  meterId(eventName: MeterEventName): string | undefined;
+  /** Reads the account's meters now (concurrent calls share one read). */
+  refresh(): Promise<void>;
+  /** Seconds until the next scheduled refresh: a held key is queued to run just after it. */
+  secondsToNextRefresh(): number;
+  /**
+   * Called by a job right after it queued its held key: when the meter turned up meanwhile (the
+   * refresh's own release ran before the job's insert), makes the event name's held jobs due now.
+   */
+  releaseHeld(eventName: MeterEventName): Promise<void>;
+}
+
+export interface MeterCatalogRuntime extends MeterCatalog {
+  stop(): Promise<void>;
+}
+
+const FIX = 'run `meterbox stripe setup` (then `meterbox stripe check`)';
+/** Retry interval while the account's meters have never been read (a Stripe outage at start-up). */
+const UNKNOWN_RETRY_SECONDS = 5;
+
+/**
+ * Held keys' jobs wait for the scheduled refresh; when the meter turns up earlier (a refresh on a
+ * NOTIFY, or by hand) they are made due now. A paced job made due early re-checks its pacing.
+ */
+async function releaseHeldKeys(db: Kysely<DB>, eventName: MeterEventName): Promise<number> {
+  const result = await sql`
+    UPDATE pgboss.job SET start_after = now()
+     WHERE name = 'meter-delivery' AND state = 'created'
+       AND data->>'eventName' = ${eventName} AND start_after > now()`.execute(db);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+/** What one read of the account's meters says about each event name meterbox sends. */
+export function catalogEntries(meters: readonly Stripe.Billing.Meter[]): CatalogEntry[] {
+  return METER_SPECS.map((spec): CatalogEntry => {
+    const state = meterStateOf(spec, meters);
+    switch (state.kind) {
+      case 'ok':
+        return { eventName: spec.eventName, state: 'active', meterId: state.meter.id, detail: '' };
+      case 'mismatch':
+        return {
+          eventName: spec.eventName,
+          state: 'mismatch',
+          meterId: state.meter.id,
+          detail: `meter ${state.meter.id} does not fit: ${state.differences.join(', ')}`,
+        };
+      case 'inactive':
+        return {
+          eventName: spec.eventName,
+          state: 'inactive',
+          meterId: state.meter.id,
+          detail: `meter ${state.meter.id} is deactivated`,
+        };
+      default:
+        return {
+          eventName: spec.eventName,
+          state: 'missing',
+          meterId: null,
+          detail: `no meter with event name ${spec.eventName}`,
+        };
+    }
+  });
+}
+
+/**
+ * Builds the catalog, reads the meters once (a failure leaves every event name `unknown`, i.e. held,
+ * and is retried at the next refresh) and starts the refresh timer and the NOTIFY listener.
+ */
+export async function startMeterCatalog(deps: {
+  stripe: Stripe;
+  db: Kysely<DB>;
+  log: Logger;
+  metrics: Metrics;
+  refreshSeconds: number;
+  /** A direct (session) connection for LISTEN; without it only the timer refreshes. */
+  listenConnectionString?: string | undefined;
+}): Promise<MeterCatalogRuntime> {
+  const log = deps.log.child({ component: 'meter-catalog' });
+  let entries: CatalogEntry[] = METER_SPECS.map((spec) => ({
+    eventName: spec.eventName,
+    state: 'unknown',
+    meterId: null,
+    detail: 'the account’s meters have not been read yet',
+  }));
+  let running: Promise<void> | undefined;
+  let again = false;
+  let nextAt = Date.now();
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+
+  const publish = async (next: CatalogEntry[]) => {
+    // The new state is visible before held jobs are released: a job that re-queues its key after
+    // the release sees its meter sendable and releases the key itself (see releaseHeld).
+    const previous = entries;
+    entries = next;
+    for (const entry of next) {
+      const before = previous.find((e) => e.eventName === entry.eventName);
+      deps.metrics.stripeMeterMissing.set({ event_name: entry.eventName }, entry.state === 'active' ? 0 : 1);
+      if (entry.state !== 'active' && (before?.state !== entry.state || before.detail !== entry.detail)) {
+        log.warn(
+          { eventName: entry.eventName, state: entry.state, meterId: entry.meterId, fix: FIX },
+          `Stripe meter for ${entry.eventName} unusable (${entry.detail}): its usage is held pending; ${FIX}`,
+        );
+      } else if (entry.state === 'active' && before && before.state !== 'active') {
+        const released = await releaseHeldKeys(deps.db, entry.eventName);
+        log.info(
+          { eventName: entry.eventName, meterId: entry.meterId, released },
+          'Stripe meter available: delivery resumes',
+        );
+      }
+    }
+    // For the API process (dashboard, its metrics), which has no catalog of its own.
+    await deps.db
+      .insertInto('stripe_meter_catalog')
+      .values(
+        next.map((e) => ({
+          event_name: e.eventName,
+          state: e.state,
+          meter_id: e.meterId,
+          detail: e.detail,
+          checked_at: new Date(),
+        })),
+      )
+      .onConflict((oc) =>
+        oc.column('event_name').doUpdateSet((eb) => ({
+          state: eb.ref('excluded.state'),
+          meter_id: eb.ref('excluded.meter_id'),
+          detail: eb.ref('excluded.detail'),
+          checked_at: eb.ref('excluded.checked_at'),
+        })),
+      )
+      .execute();
+  };
+
+  const readOnce = async () => {
+    try {
+      const meters = await listAccountMeters(deps.stripe);
+      await publish(catalogEntries(meters));
+    } catch (err) {
+      // Keep what was known; before the first read everything stays `unknown`, i.e. held.
+      log.warn({ err: err instanceof Error ? err.message : String(err) }, 'reading Stripe meters failed');
+      if (entries.every((e) => e.state === 'unknown')) {
+        for (const e of entries) deps.metrics.stripeMeterMissing.set({ event_name: e.eventName }, 1);
+      }
+    }
+  };
+
+  const refresh = (): Promise<void> => {
+    if (running) {
+      // A request during a read (a NOTIFY racing the timer) gets a read that starts after it.
+      again = true;
+      return running;
+    }
+    running = (async () => {
+      do {
+        again = false;
+        await readOnce();
+      } while (again && !stopped);
+    })().finally(() => {
+      running = undefined;
+    });
+    return running;
+  };
+
+  const schedule = () => {
+    if (stopped) return;
+    // Until the meters have been read once, everything is held: try again soon, not in a minute.
+    const seconds = entries.every((e) => e.state === 'unknown')
+      ? Math.min(deps.refreshSeconds, UNKNOWN_RETRY_SECONDS)
+      : deps.refreshSeconds;
+    nextAt = Date.now() + seconds * 1000;
+    timer = setTimeout(() => {
+      void refresh().finally(schedule);
+    }, seconds * 1000);
+    timer.unref();
+  };
+
+  // LISTEN on a dedicated connection, reconnecting after a loss; the timer covers the gap.
+  let client: pg.Client | undefined;
+  let reconnect: NodeJS.Timeout | undefined;
+  const listen = async () => {
+    if (stopped || !deps.listenConnectionString) return;
+    const c = new pg.Client({
+      connectionString: deps.listenConnectionString,
+      application_name: 'meterbox-meter-catalog',
+    });
+    const retry = () => {
+      if (client === c) client = undefined;
+      c.end().catch(() => undefined);
+      if (!stopped) {
+        reconnect = setTimeout(() => void listen(), 5_000);
+        reconnect.unref();
+      }
+    };
+    c.on('error', (err) => {
+      log.warn({ err: err.message }, 'meter catalog listener lost; reconnecting');
+      retry();
+    });
+    c.on('notification', () => {
+      log.info('Stripe reported events for a missing or archived meter: reading the meters again');
+      void refresh();
+    });
+    try {
+      await c.connect();
+      await c.query(`LISTEN ${METER_CATALOG_CHANNEL}`);
+      if (stopped) {
+        await c.end().catch(() => undefined);
+        return;
+      }
+      client = c;
+    } catch (err) {
+      log.warn({ err: err instanceof Error ? err.message : String(err) }, 'meter catalog listener failed');
+      retry();
+    }
+  };
+
+  await refresh();
+  schedule();
+  // Not awaited: the timer covers the time until the listener is up.
+  void listen();
+
+  return {
+    sendable: (eventName) => entries.find((e) => e.eventName === eventName)?.state === 'active',
+    missing: () => entries.filter((e) => e.state !== 'active').map((e) => e.eventName),
+    entries: () => entries.map((e) => ({ ...e })),
+    meterId: (eventName) => {
+      const entry = entries.find((e) => e.eventName === eventName);
+      return entry?.state === 'active' && entry.meterId ? entry.meterId : undefined;
+    },
+    refresh,
+    secondsToNextRefresh: () => Math.max(0, Math.ceil((nextAt - Date.now()) / 1000)),
+    async releaseHeld(eventName) {
+      if (entries.find((e) => e.eventName === eventName)?.state === 'active')
+        await releaseHeldKeys(deps.db, eventName);
+    },
+    async stop() {
+      stopped = true;
+      clearTimeout(timer);
+      clearTimeout(reconnect);
+      const c = client;
+      client = undefined;
+      await c?.end().catch(() => undefined);
+      await running;
+    },
+  };
+}

@@ -1,0 +1,22 @@
+// What delivery tells whoever watches it: the worker plugs its Prometheus instruments in here
+// (src/worker/delivery-observer.ts), tests count with it.
+import type { MeterEventName } from '../db/schema.js';
+import type { SendOutcome } from './stripe-meter.js';
+
+/** Hooks for metrics (the ops engineer plugs prom-client in); every method is optional. */
+export interface DeliveryObserver {
+  /** One Stripe call finished with this outcome after `ms` milliseconds (per event it carried). */
+  onCall?(outcome: SendOutcome['kind'], ms: number, eventName: MeterEventName): void;
+  /** Rows settled as delivered (accepted now or found already accepted); lagMs = now - oldest row's created_at. */
+  onDelivered?(eventName: MeterEventName, rows: number, lagMs: number): void;
+  /** A job will be retried by pg-boss with backoff. */
+  onRetry?(eventName: MeterEventName, reason: string): void;
+  /** A job went to the dead-letter queue and its group's rows became `failed`. */
+  onDeadLetter?(eventName: MeterEventName, reason: string): void;
+  /** A call started (+1) or finished (-1). */
+  onInFlight?(delta: number): void;
+  /** Stripe answered 429 (rate limited). */
+  onRateLimited?(eventName: MeterEventName): void;
+  /** Rows became `expired` (outside Stripe's 35-day window). */
+  onExpired?(eventName: MeterEventName, rows: number): void;
+}

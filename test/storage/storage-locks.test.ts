@@ -1,0 +1,144 @@
+// Storage DDL under concurrent writes (issue 27's soak): a partition drop that waits for the parent's
+// lock must not close a deadlock between an ingestion and a usage correction. The three sessions of
+// the soak's case, one connection each: the correction holds its sensor FOR UPDATE, the ingestion
+// holds the parent and waits in its foreign-key check for that sensor, the drop waits for the
+// ingestion, and the correction's UPDATE queues behind the drop: a cycle through the drop's queued
+// request. Postgres resolves this small one after deadlock_timeout by reordering the queue (in the
+// soak, with more sessions caught, it aborted ingestions: "deadlock detected"); either way everyone
+// behind the drop waited for it. Now the drop gives its place up within 300 ms and retries.
+import pg from 'pg';
+import { describe, expect } from 'vitest';
+import {
+  dropExpiredPartitions,
+  ensureReadingsPartitions,
+  partitionName,
+  weekStart,
+} from '../../src/storage/maintenance.js';
+import { createSensors } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
+import { waitFor } from '../support/wait.js';
+
+const it = contextTest();
+const DAY = 86_400_000;
+
+describe('partition drop under concurrent writes', () => {
+  it('lets an ingestion and a correction that wait on each other through it both commit, then drops', async ({
+    ctx,
+    databaseUrl,
+    org,
+    onTestFinished,
+  }) => {
+    const now = new Date();
+    const old = new Date(now.getTime() - 30 * DAY);
+    await ensureReadingsPartitions(ctx.db, { now: old, retentionDays: 400 });
+    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    const [sensor, otherSensor] = await createSensors(ctx.db, org.organizationId, 2);
+    const insert = `INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+                    VALUES ($1, $2, $3, 4.5, now())`;
+    await ctx.pool.query(insert, [sensor, old, org.organizationId]);
+
+    const open = async () => {
+      const client = new pg.Client({ connectionString: databaseUrl });
+      await client.connect();
+      onTestFinished(() => client.end());
+      return client;
+    };
+    const correction = await open();
+    const ingestion = await open();
+    const waiting = async (pattern: string) =>
+      (
+        await ctx.pool.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ~ $1`,
+          [pattern],
+        )
+      ).rows[0]?.n;
+
+    await correction.query('BEGIN');
+    await correction.query('SELECT id FROM sensors WHERE id = $1 FOR UPDATE', [sensor]);
+    await ingestion.query('BEGIN');
+    const ingested = ingestion.query(insert, [sensor, now, org.organizationId]);
+    await waitFor('the ingestion to wait for the sensor', () => waiting('^INSERT INTO temperature_readings'));
+
+    const drop = dropExpiredPartitions(ctx.db, { now, retentionDays: 14 });
+    await waitFor('the drop to wait for the parent', () => waiting('^(LOCK|ALTER) TABLE'));
+    // Queued behind the drop's request: the correction's UPDATE, and an ingestion of another sensor.
+    const timedQuery = async (client: pg.Client, text: string, values: unknown[]) => {
+      const started = performance.now();
+      const result = await client.query(text, values);
+      return { rowCount: result.rowCount, ms: performance.now() - started };
+    };
+    const bystander = await open();
+    const corrected = timedQuery(
+      correction,
+      'UPDATE temperature_readings SET voided_at = now() WHERE sensor_id = $1 AND recorded_at >= $2',
+      [sensor, new Date(now.getTime() - DAY)],
+    );
+    const other = timedQuery(bystander, insert, [otherSensor, now, org.organizationId]);
+
+    // The drop gives its place up before deadlock_timeout (1 s): both get through well before it.
+    // Waiting in the queue, it held them until Postgres's deadlock check rearranged the queue (1 s),
+    // and with more sessions caught in the cycle (the soak) aborted the ingestion instead.
+    const [c, o] = await Promise.all([corrected, other]);
+    expect(c.ms).toBeLessThan(800);
+    expect(o).toMatchObject({ rowCount: 1 });
+    expect(o.ms).toBeLessThan(800);
+    await correction.query('COMMIT');
+    await expect(ingested).resolves.toMatchObject({ rowCount: 1 });
+    await ingestion.query('COMMIT');
+    const result = await drop;
+    expect(result.dropped).toContain(partitionName(weekStart(old)));
+    const left = await ctx.pool.query<{ n: number }>(
+      'SELECT count(*)::int AS n FROM temperature_readings WHERE organization_id = $1',
+      [org.organizationId],
+    );
+    expect(left.rows[0]?.n).toBe(2);
+    const rolled = await ctx.pool.query<{ n: number }>(
+      'SELECT coalesce(sum(readings), 0)::int AS n FROM readings_hourly_rollup WHERE organization_id = $1',
+      [org.organizationId],
+    );
+    expect(rolled.rows[0]?.n).toBe(1);
+  });
+
+  it('does not deadlock with an ingestion that read sensors before it writes readings', async ({
+    ctx,
+    databaseUrl,
+    org,
+    onTestFinished,
+  }) => {
+    const now = new Date();
+    const old = new Date(now.getTime() - 30 * DAY);
+    await ensureReadingsPartitions(ctx.db, { now: old, retentionDays: 400 });
+    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const insert = `INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+                    VALUES ($1, $2, $3, 4.5, now())`;
+    await ctx.pool.query(insert, [sensor, old, org.organizationId]);
+    const ingestion = new pg.Client({ connectionString: databaseUrl });
+    await ingestion.connect();
+    onTestFinished(() => ingestion.end());
+
+    // Ingestion's order: its statement reads sensors (the sensor check) before it writes readings.
+    await ingestion.query('BEGIN');
+    await ingestion.query('SELECT id FROM sensors WHERE id = $1', [sensor]);
+    const drop = dropExpiredPartitions(ctx.db, { now, retentionDays: 14 });
+    await waitFor(
+      'the drop to wait',
+      async () =>
+        (
+          await ctx.pool.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ~ '^(LOCK|ALTER|DROP) TABLE'`,
+          )
+        ).rows[0]?.n,
+    );
+    // DROP takes ACCESS EXCLUSIVE on sensors (the partition's foreign-key triggers live there): asked
+    // for after the parent, the ingestion's write below waited for the drop and the drop for the
+    // ingestion, and Postgres aborted one ("deadlock detected").
+    await expect(ingestion.query(insert, [sensor, now, org.organizationId])).resolves.toMatchObject({
+      rowCount: 1,
+    });
+    await ingestion.query('COMMIT');
+    expect((await drop).dropped).toContain(partitionName(weekStart(old)));
+  });
+});

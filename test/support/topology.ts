@@ -1,0 +1,167 @@
+// Several real API and worker processes on one database, driven by HTTP load: what the topology
+// tests (PgBouncer, SIGTERM during load) share. The lease queries live here, in one place, so a
+// change of the lease table (the delivery engine's) is one edit.
+import { type Kysely, sql } from 'kysely';
+import type { DB } from '../../src/db/schema.js';
+import { authHeaders, createOrganization, createSensors, type OrganizationFixture } from './fixtures.js';
+import { freePort } from './net.js';
+import type { RunningProcess } from './processes.js';
+
+type Env = Record<string, string | undefined>;
+type StartProcess = (name: string, extra?: Env) => RunningProcess;
+
+/** Settings that make a loaded run settle in seconds (retries, sweep and leases on short clocks). */
+export const FAST_DELIVERY_ENV = {
+  DELIVERY_RETRY_DELAY_SECONDS: '1',
+  DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
+  DELIVERY_RETRY_LIMIT: '1000',
+  DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
+  DELIVERY_LEASE_SECONDS: '5',
+  SWEEP_INTERVAL_SECONDS: '1',
+  SWEEP_STALE_SECONDS: '2',
+} as const;
+
+export interface ApiProcess {
+  process: RunningProcess;
+  url: string;
+}
+
+/** Starts an API process on a free port; resolves once it listens. */
+export async function startApi(startProcess: StartProcess, extra: Env = {}): Promise<ApiProcess> {
+  const port = await freePort();
+  // info: the "listening" line is what says it is up.
+  const server = startProcess('server', { ...extra, PORT: String(port), LOG_LEVEL: 'info' });
+  await server.waitForOutput('meterbox API listening', 90_000);
+  return { process: server, url: `http://127.0.0.1:${port}` };
+}
+
+/** Starts a worker process; resolves once it has started. */
+export async function startWorkerProcess(
+  startProcess: StartProcess,
+  extra: Env = {},
+): Promise<RunningProcess> {
+  const worker = startProcess('worker', { ...extra, LOG_LEVEL: 'info' });
+  await worker.waitForOutput('worker started', 90_000);
+  return worker;
+}
+
+export interface LoadOrganization extends OrganizationFixture {
+  sensorIds: string[];
+}
+
+/** Billable organizations with sensors, each a customer the emulator knows. */
+export async function loadOrganizations(
+  db: Kysely<DB>,
+  emulator: { createCustomer(customer: { id: string }): unknown },
+  count: number,
+  sensors = 3,
+): Promise<LoadOrganization[]> {
+  const orgs: LoadOrganization[] = [];
+  for (let i = 0; i < count; i++) {
+    const org = await createOrganization(db);
+    emulator.createCustomer({ id: org.customerId });
+    orgs.push({ ...org, sensorIds: await createSensors(db, org.organizationId, sensors) });
+  }
+  return orgs;
+}
+
+export interface LoadResult {
+  requests: number;
+  readingsSent: number;
+  /** Answers by HTTP status. */
+  statuses: Record<number, number>;
+  /** Requests that got no HTTP answer (connection refused or reset), by target. */
+  networkErrors: number;
+  /** Each request's latency in ms (answered ones). */
+  latenciesMs: number[];
+}
+
+/**
+ * Posts readings from `concurrency` loops until `until()` says stop, round-robin over the
+ * organizations and over the API URLs `targets()` gives at the time (so a stopped process can be
+ * taken out). Every reading has its own (sensor, recordedAt), so each one is stored and billed.
+ */
+export async function driveLoad(options: {
+  orgs: readonly LoadOrganization[];
+  targets: () => readonly string[];
+  until: () => boolean;
+  concurrency: number;
+  readingsPerRequest: number;
+}): Promise<LoadResult> {
+  const result: LoadResult = {
+    requests: 0,
+    readingsSent: 0,
+    statuses: {},
+    networkErrors: 0,
+    latenciesMs: [],
+  };
+  const base = Date.now();
+  let seq = 0;
+  const loop = async (lane: number) => {
+    for (let i = lane; !options.until(); i += options.concurrency) {
+      const org = options.orgs[i % options.orgs.length]!;
+      const targets = options.targets();
+      const target = targets[i % targets.length]!;
+      const readings = Array.from({ length: options.readingsPerRequest }, (_, r) => ({
+        sensorId: org.sensorIds[r % org.sensorIds.length]!,
+        // Unique per request and reading: milliseconds back from the start.
+        recordedAt: new Date(base - ++seq).toISOString(),
+        temperatureC: 4.2,
+      }));
+      const started = performance.now();
+      try {
+        const res = await fetch(`${target}/v1/readings`, {
+          method: 'POST',
+          headers: authHeaders(org.apiKey),
+          body: JSON.stringify({ readings }),
+        });
+        await res.arrayBuffer();
+        result.latenciesMs.push(performance.now() - started);
+        result.statuses[res.status] = (result.statuses[res.status] ?? 0) + 1;
+        if (res.status === 201) result.readingsSent += readings.length;
+      } catch {
+        result.networkErrors++;
+      }
+      result.requests++;
+    }
+  };
+  await Promise.all(Array.from({ length: options.concurrency }, (_, lane) => loop(lane)));
+  return result;
+}
+
+/** Answers of 500 and above. */
+export function serverErrors(result: LoadResult): number {
+  return Object.entries(result.statuses)
+    .filter(([status]) => Number(status) >= 500)
+    .reduce((sum, [, n]) => sum + n, 0);
+}
+
+/** True once no outbox row is pending or failed. */
+export async function outboxSettled(db: Kysely<DB>): Promise<boolean> {
+  const { rows } = await sql<{ n: number }>`
+    SELECT count(*)::int AS n FROM meter_outbox WHERE status IN ('pending', 'failed')`.execute(db);
+  return rows[0]?.n === 0;
+}
+
+// --- delivery leases (src/metering/delivery-sql.ts, table meter_delivery_keys) ----------------------
+
+/** The lease owner id prefix of a worker process (WORKER_INSTANCE_ID is `<pid>-<hex>`, a batch adds `:<n>`). */
+export const leaseOwnerPrefix = (pid: number) => `${pid}-`;
+
+/**
+ * Leases that are live now (expiry in the future), optionally only those of owners starting with
+ * `ownerPrefix`, and leases whose expiry lies further ahead than `lifetimeSeconds` (a lease longer
+ * than its lifetime).
+ */
+export async function leaseCheck(
+  db: Kysely<DB>,
+  lifetimeSeconds: number,
+  ownerPrefix?: string,
+): Promise<{ live: number; beyondLifetime: number }> {
+  const { rows } = await sql<{ live: number; beyond: number }>`
+    SELECT count(*) FILTER (WHERE lease_expires_at > clock_timestamp()
+                              AND (${ownerPrefix ?? null}::text IS NULL OR starts_with(lease_owner, ${ownerPrefix ?? ''})))::int AS live,
+           count(*) FILTER (WHERE lease_expires_at > clock_timestamp() + make_interval(secs => ${lifetimeSeconds}))::int AS beyond
+      FROM meter_delivery_keys`.execute(db);
+  return { live: rows[0]?.live ?? 0, beyondLifetime: rows[0]?.beyond ?? 0 };
+}
