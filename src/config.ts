@@ -92,6 +92,11 @@ export const configSchema = z.object({
   SWEEP_INTERVAL_SECONDS: int(1, 86_400).default(60),
   SWEEP_STALE_SECONDS: int(1, 86_400).default(120),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(30_000),
+  /**
+   * The API, on SIGTERM: how long it keeps answering (readiness 503, every answer closing its
+   * connection) before it stops accepting; part of SHUTDOWN_TIMEOUT_MS, not added to it.
+   */
+  SHUTDOWN_DRAIN_MS: int(0, 600_000).default(1_000),
   /** The worker's own /metrics listener (its delivery counters live in its memory); 0 = off. */
   WORKER_METRICS_PORT: int(0, 65535).default(0),
   /** Readings kept (400 days > 13 months); older readings are refused at ingestion and dropped. */

@@ -60,7 +60,16 @@ function drain(incoming: IncomingMessage): Promise<void> {
   });
 }
 
-export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []): Hono<AppEnv> {
+export interface AppOptions {
+  /** True once the process is stopping: readiness answers 503 (`draining`) from then on. */
+  draining?: () => boolean;
+}
+
+export function createApp(
+  ctx: AppDeps,
+  extraModules: readonly HttpModule[] = [],
+  options: AppOptions = {},
+): Hono<AppEnv> {
   const log = ctx.log.child({ component: 'http' });
   const app = new Hono<AppEnv>();
 
@@ -146,7 +155,7 @@ export function createApp(ctx: AppDeps, extraModules: readonly HttpModule[] = []
   app.notFound((c) => c.json(errorBody(new AppError(404, 'not_found', 'no such route')), 404));
 
   const modules: HttpModule[] = [
-    healthRoutes(ctx),
+    healthRoutes(ctx, options.draining),
     metricsRoutes(ctx),
     webhookRoutes(ctx),
     readingsRoutes(ctx),

@@ -15,6 +15,8 @@ const readiness = z.object({
   /** `busy`: every pooled connection of this process is in use (requests wait), or Postgres refuses new connections. */
   pool: z.enum(['ok', 'busy']),
   migrations: z.object({ current: z.boolean(), pending: z.array(z.number().int()) }),
+  /** Present and true while the process drains after SIGTERM: not ready, whatever the database says. */
+  draining: z.literal(true).optional(),
 });
 
 function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
@@ -104,7 +106,10 @@ export async function checkReadiness(
   };
 }
 
-export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>): HttpModule {
+export function healthRoutes(
+  ctx: Pick<Context, 'config' | 'migrations' | 'pool' | 'log'>,
+  draining: () => boolean = () => false,
+): HttpModule {
   const routes = documentedRoutes('/');
   routes.route(
     {
@@ -133,6 +138,7 @@ export function healthRoutes(ctx: Pick<Context, 'config' | 'migrations' | 'pool'
     },
     async (c) => {
       const { ready, body } = await checkReadiness(ctx);
+      if (draining()) return c.json({ ...body, status: 'not_ready' as const, draining: true as const }, 503);
       return c.json(body, ready ? 200 : 503);
     },
   );

@@ -10,7 +10,8 @@ const config = configOrExit({ needDatabase: true });
 try {
   const ctx = await createContext(config, { applicationName: 'meterbox-api' });
   await ctx.boss.start();
-  const server = await startHttpServer(createApp(ctx), {
+  let draining = false;
+  const server = await startHttpServer(createApp(ctx, [], { draining: () => draining }), {
     port: config.PORT,
     host: config.HOST,
     headersTimeoutMs: config.HTTP_HEADERS_TIMEOUT_MS,
@@ -18,7 +19,9 @@ try {
   });
   ctx.log.info({ url: server.url }, 'meterbox API listening');
   onShutdownSignal(async () => {
-    await server.stop(config.SHUTDOWN_TIMEOUT_MS);
+    draining = true;
+    ctx.log.info({ drainMs: config.SHUTDOWN_DRAIN_MS }, 'meterbox API draining');
+    await server.stop(config.SHUTDOWN_TIMEOUT_MS, config.SHUTDOWN_DRAIN_MS);
     await ctx.close();
   }, config.SHUTDOWN_TIMEOUT_MS);
 } catch (err) {

@@ -1,5 +1,6 @@
-// Starts the Hono app on a Node HTTP listener; stop() stops accepting and waits for in-flight requests.
-import { STATUS_CODES } from 'node:http';
+// Starts the Hono app on a Node HTTP listener; stop() drains (answers what arrives, each answer
+// closing its connection), then stops accepting and waits for in-flight requests.
+import { type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { serve } from '@hono/node-server';
 import type { Hono } from 'hono';
@@ -11,7 +12,14 @@ const KEEP_ALIVE_TIMEOUT_MS = 65_000;
 export interface HttpServer {
   url: string;
   port: number;
-  stop(deadlineMs: number): Promise<void>;
+  /**
+   * Stops the server: for `drainMs` it keeps answering (every answer with `Connection: close`, so
+   * clients drop their kept-alive connections), then stops accepting, closes connections with no
+   * request and waits for in-flight requests, closing whatever is left after `deadlineMs`.
+   */
+  stop(deadlineMs: number, drainMs?: number): Promise<void>;
+  /** True from the moment stop() is called. */
+  readonly draining: boolean;
 }
 
 export interface HttpServerOptions {
@@ -63,6 +71,9 @@ function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
 export function startHttpServer(app: Hono<AppEnv>, options: HttpServerOptions): Promise<HttpServer> {
   const headersTimeout = options.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS;
   const requestTimeout = Math.max(options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS, headersTimeout);
+  let draining = false;
+  let closed = false;
+  let closeIdle = () => {};
   return new Promise((resolve, reject) => {
     const server = serve(
       {
@@ -88,25 +99,49 @@ export function startHttpServer(app: Hono<AppEnv>, options: HttpServerOptions): 
         resolve({
           url: `http://${host}:${info.port}`,
           port: info.port,
-          stop(deadlineMs) {
+          get draining() {
+            return draining;
+          },
+          stop(deadlineMs, drainMs = 0) {
+            draining = true;
             stopping ??= new Promise<void>((done) => {
               const force = setTimeout(() => {
                 if ('closeAllConnections' in server) server.closeAllConnections();
                 done();
               }, deadlineMs);
               force.unref();
-              server.close(() => {
-                clearTimeout(force);
-                done();
-              });
-              if ('closeIdleConnections' in server) server.closeIdleConnections();
+              // Closing a connection that looks idle races a request already on its way over it
+              // (sent, not yet read: the client gets a reset for a request it cannot safely resend).
+              // The drain reads and answers those first.
+              setTimeout(
+                () => {
+                  closed = true;
+                  server.close(() => {
+                    clearTimeout(force);
+                    done();
+                  });
+                  closeIdle();
+                },
+                Math.min(drainMs, deadlineMs),
+              ).unref();
             });
             return stopping;
           },
         });
       },
     );
+    closeIdle = () => {
+      if ('closeIdleConnections' in server) server.closeIdleConnections();
+    };
     server.once('error', reject);
     server.on('clientError', answerClientError);
+    // Ahead of the app's listener (which may answer synchronously): once draining, every answer
+    // closes its connection.
+    server.prependListener('request', (_req: IncomingMessage, res: ServerResponse) => {
+      if (draining) res.setHeader('Connection', 'close');
+      // An answer that began before the drain kept its connection alive; once the listener is
+      // closed, that connection would hold the stop until the deadline. Close it when it goes idle.
+      else res.once('finish', () => closed && setImmediate(closeIdle));
+    });
   });
 }

@@ -8,7 +8,7 @@
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
-import { isDatabaseUnavailable } from '../db/errors.js';
+import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveries } from '../metering/outbox.js';
 import type { SensorProblem, StoreReadingsOutcome } from './readings.js';
@@ -158,6 +158,28 @@ export async function storeGroup(
   });
 }
 
+/** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
+const ROLLED_BACK_ATTEMPTS = 3;
+
+/**
+ * Runs `write` (one transaction) again when Postgres rolled it back as the victim of a deadlock or a
+ * serialization failure: nothing of it was stored, and Postgres's own advice is to run it again. On
+ * one node ingestion takes its locks in one order and never deadlocks; on Citus, a group can meet a
+ * delivery claim or a correction on the shards (the distributed deadlock detector cancels one).
+ * Without this the requests answered 503, and the sensor resent them seconds later.
+ */
+async function retryRolledBack<T>(write: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await write();
+    } catch (err) {
+      const state = sqlState(err);
+      if (attempt >= ROLLED_BACK_ATTEMPTS || (state !== '40P01' && state !== '40001')) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 10 + Math.floor(Math.random() * 40) * attempt));
+    }
+  }
+}
+
 export interface GroupCommitOptions {
   /** How long the first request of a group waits for others (ms). */
   windowMs: number;
@@ -211,9 +233,11 @@ export class GroupCommitter {
     const now = this.ctx.clock.now();
     try {
       const distributed = await this.ctx.distributed();
-      const outcomes = await this.ctx.db
-        .transaction()
-        .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed }));
+      const outcomes = await retryRolledBack(() =>
+        this.ctx.db
+          .transaction()
+          .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed })),
+      );
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       if (group.length === 1 || isDatabaseUnavailable(err)) {

@@ -12,11 +12,16 @@ export const ungrouped = (k: string) =>
   );
 
 /**
- * On Citus, a claim or settle is run in its own transaction in sequential mode: one connection per
- * worker, the shards in order, so concurrent batches lock shards in one order (in parallel mode
- * each opens a connection per shard and two settles met in a distributed deadlock at almost every
- * batch). A deadlock Citus still detects (40P01, e.g. with an ingestion group or a correction)
- * cancels the statement, which is atomic and runs again. On one node it is the plain statement.
+ * On Citus, a claim or settle is run in its own transaction in sequential mode (one connection per
+ * worker, the shards in order; in parallel mode each opens a connection per shard and two settles
+ * met in a distributed deadlock at almost every batch), and one at a time across the cluster: a
+ * transaction-scoped advisory lock on the coordinator, which every worker process goes through.
+ * Sequential mode alone still deadlocked: a claim writes two tables distributed on different
+ * columns (keys by customer, outbox by organization), so two claims met on each other's shards in
+ * opposite orders: in the cluster ledger test (two workers, test/citus/cluster.citus.ts) 7 batches
+ * failed after 5 attempts each and the drain took ~70 s; with the lock, none failed and it took
+ * 5.6 s. Each statement moves a whole batch, so one at a time still moves a batch per statement. A deadlock Citus still detects (40P01, with an ingestion group or a correction) cancels
+ * the statement, which is atomic and runs again. On one node it is the plain statement.
  */
 export async function runBatchStatement<T>(
   db: Kysely<DB>,
@@ -28,6 +33,7 @@ export async function runBatchStatement<T>(
     try {
       return await db.transaction().execute(async (trx) => {
         await sql`SET LOCAL citus.multi_shard_modify_mode = 'sequential'`.execute(trx);
+        await sql`SELECT pg_advisory_xact_lock(${BATCH_STATEMENT_LOCK_KEY})`.execute(trx);
         return run(trx);
       });
     } catch (err) {
@@ -37,6 +43,8 @@ export async function runBatchStatement<T>(
   }
 }
 const DEADLOCK_ATTEMPTS = 5;
+/** Arbitrary constant: "meterbox delivery batch" for pg_advisory_xact_lock (Citus only). */
+const BATCH_STATEMENT_LOCK_KEY = 7_254_110_391;
 
 /**
  * A new group's identifier, for a key (`l`) with no group in flight (`inflight` null) and a first

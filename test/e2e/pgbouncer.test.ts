@@ -25,6 +25,7 @@ import { stripeTest } from '../support/test.js';
 import {
   driveLoad,
   FAST_DELIVERY_ENV,
+  loadFailures,
   loadOrganizations,
   outboxSettled,
   serverErrors,
@@ -135,8 +136,8 @@ describe.skipIf(!installed)('behind PgBouncer in transaction mode', () => {
     );
     expect(ledger.ok, formatReport('pgbouncer', ledger)).toBe(true);
     expect(ledger.readingsStored).toBe(load.readingsSent);
-    expect(load.networkErrors).toBe(0);
-    expect(serverErrors(load)).toBe(0);
+    expect(load.networkErrors, loadFailures(load, [apiA!, apiB!])).toBe(0);
+    expect(serverErrors(load), loadFailures(load, [apiA!, apiB!])).toBe(0);
     expect(load.statuses[201]).toBe(load.requests);
     expect(peak).toBeGreaterThan(0);
     expect(peak).toBeLessThanOrEqual(POOL);

@@ -12,6 +12,7 @@ import {
   FAST_DELIVERY_ENV,
   leaseCheck,
   leaseOwnerPrefix,
+  loadFailures,
   loadOrganizations,
   outboxSettled,
   serverErrors,
@@ -104,8 +105,8 @@ describe('several API and worker processes', () => {
     expect(workerExit.stdout).toContain('worker stopped');
     expect(ledger.ok, formatReport('several processes', ledger)).toBe(true);
     expect(ledger.readingsStored).toBe(load.readingsSent);
-    expect(load.networkErrors).toBe(0);
-    expect(serverErrors(load)).toBe(0);
+    expect(load.networkErrors, loadFailures(load, [apiA!, apiB!])).toBe(0);
+    expect(serverErrors(load), loadFailures(load, [apiA!, apiB!])).toBe(0);
     expect(beyondLifetime).toBe(0);
     // The survivor kept delivering after the stop.
     expect(workerB!.alive).toBe(true);

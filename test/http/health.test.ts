@@ -39,6 +39,18 @@ describe('health and readiness', () => {
     });
   });
 
+  it('answers 503 with draining: true once the process is stopping, the database still up', async ({
+    ctx,
+  }) => {
+    let draining = false;
+    const app = createApp(ctx, [], { draining: () => draining });
+    expect((await app.request('/readyz')).status).toBe(200);
+    draining = true;
+    const res = await app.request('/readyz');
+    expect(res.status).toBe(503);
+    expect(await res.json()).toMatchObject({ status: 'not_ready', database: 'up', draining: true });
+  });
+
   it('reports 503 until migrations are applied', async () => {
     const url = await createTestDatabase({ migrated: false });
     const ctx = await createTestContext({ DATABASE_URL: url });

@@ -118,6 +118,41 @@ describe('group commit', () => {
     expect(await stored(ctx, a)).toEqual({ readings: 0, outbox: 0, value: 0, transactions: 0 });
   });
 
+  it('runs a group again when Postgres rolled it back as a deadlock victim: every request stored, none 503', async ({
+    ctx,
+    app,
+  }) => {
+    const a = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
+    // The first attempt is the victim (a sequence is not rolled back with it); the second goes through.
+    await sql
+      .raw(`
+      CREATE SEQUENCE deadlock_once;
+      CREATE FUNCTION deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF nextval('deadlock_once') = 1 THEN
+          RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';
+        END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER deadlock_once BEFORE INSERT ON temperature_readings FOR EACH ROW
+        WHEN (NEW.organization_id = '${a.organizationId}') EXECUTE FUNCTION deadlock_once();`)
+      .execute(ctx.db);
+    cleanups.push(
+      'DROP TRIGGER deadlock_once ON temperature_readings; DROP FUNCTION deadlock_once(); DROP SEQUENCE deadlock_once;',
+    );
+    const results = await Promise.all(
+      Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
+    );
+    expect(results.map((r) => r.status)).toEqual([201, 201, 201, 201, 201]);
+    expect(await stored(ctx, a)).toEqual({ readings: 5, outbox: 1, value: 5, transactions: 1 });
+    // One victim attempt (1 row) and one whole group (5 rows).
+    const { rows } = await sql<{ last: string }>`SELECT last_value::text AS last FROM deadlock_once`.execute(
+      ctx.db,
+    );
+    expect(Number(rows[0]?.last)).toBe(6);
+  });
+
   it('lets a request that breaks the statement fail alone: the rest of its group is stored', async ({
     ctx,
     app,

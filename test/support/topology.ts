@@ -74,6 +74,8 @@ export interface LoadResult {
   networkErrors: number;
   /** Each request's latency in ms (answered ones). */
   latenciesMs: number[];
+  /** What went wrong, a line per failed request (network error or 5xx), at most 20: for messages. */
+  failures: string[];
 }
 
 /**
@@ -94,6 +96,10 @@ export async function driveLoad(options: {
     statuses: {},
     networkErrors: 0,
     latenciesMs: [],
+    failures: [],
+  };
+  const failed = (line: string) => {
+    if (result.failures.length < 20) result.failures.push(line);
   };
   const base = Date.now();
   let seq = 0;
@@ -115,18 +121,39 @@ export async function driveLoad(options: {
           headers: authHeaders(org.apiKey),
           body: JSON.stringify({ readings }),
         });
-        await res.arrayBuffer();
+        const text = await res.text();
+        if (res.status >= 500) failed(`${target}: ${res.status} ${text.slice(0, 200)}`);
         result.latenciesMs.push(performance.now() - started);
         result.statuses[res.status] = (result.statuses[res.status] ?? 0) + 1;
         if (res.status === 201) result.readingsSent += readings.length;
-      } catch {
+      } catch (err) {
         result.networkErrors++;
+        const cause = err instanceof Error ? err.cause : undefined;
+        failed(
+          `${target}: no answer after ${Math.round(performance.now() - started)} ms: ${String(err)}` +
+            (cause instanceof Error ? ` (${cause.message})` : ''),
+        );
       }
       result.requests++;
     }
   };
   await Promise.all(Array.from({ length: options.concurrency }, (_, lane) => loop(lane)));
   return result;
+}
+
+/**
+ * A failure message for the load's expectations: what each failed request got, and the warnings
+ * and errors the API processes logged (their reason for a 5xx is there, not in the answer).
+ */
+export function loadFailures(result: LoadResult, apis: readonly ApiProcess[]): string {
+  const logged = apis.flatMap((api) =>
+    api.process.output
+      .split('\n')
+      .filter((line) => /"level":(40|50|60)/.test(line))
+      .slice(-10)
+      .map((line) => `${api.url} logged: ${line.slice(0, 600)}`),
+  );
+  return [...result.failures, ...logged].join('\n');
 }
 
 /** Answers of 500 and above. */
