@@ -10,6 +10,8 @@
 //               together (one statement each)
 //
 // Usage corrections of a key with no usage left take their own path at step 2 (calls.ts, corrections.ts).
+// A batch that fails after its claim gives its keys back at once (releaseLeases), unless Stripe calls
+// may still be open: then the leases run out, so a key never has two calls in flight.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
@@ -26,6 +28,7 @@ import {
   claimBatch,
   type GroupSettlement,
   type KeySettlement,
+  releaseLeases,
   settleBatch,
 } from './delivery-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
@@ -84,7 +87,6 @@ let batchCounter = 0;
 
 /** Moves one batch of meter-delivery jobs through claim, call, settle and follow-up; returns each job's result. */
 export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]): Promise<JobResult[]> {
-  const observer = deps.observer ?? {};
   const config = deps.config;
   const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
   // One job asks for each key: a retry job (the holder of the key's backoff) before a new one.
@@ -109,6 +111,38 @@ export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]
     distributed: deps.distributed === true,
   });
 
+  // Whatever fails from here on gives the keys back (releaseLeases) unless Stripe calls may still be
+  // open: then the leases run out as usual, so no key has two calls in flight.
+  let callsOpen = false;
+  try {
+    return await afterClaim(deps, jobs, asking, claimed, owner, leaseDeadline, (open) => {
+      callsOpen = open;
+    });
+  } catch (err) {
+    if (!callsOpen) {
+      await releaseLeases(deps.db, owner, {
+        nextCallAt: new Date(deps.clock.now().getTime() + config.DELIVERY_MIN_INTERVAL_MS),
+        distributed: deps.distributed === true,
+      }).catch((release: unknown) =>
+        deps.log.warn({ err: release }, 'could not release the leases of a failed batch; they expire'),
+      );
+    }
+    throw err;
+  }
+}
+
+/** Steps 2-5 of a batch whose claim committed; `calling(true)` while Stripe calls may be open. */
+async function afterClaim(
+  deps: BatchDeps,
+  jobs: readonly DeliveryJob[],
+  asking: ReadonlyMap<string, DeliveryJob>,
+  claimed: readonly ClaimedKey[],
+  owner: string,
+  leaseDeadline: number,
+  calling: (open: boolean) => void,
+): Promise<JobResult[]> {
+  const observer = deps.observer ?? {};
+  const config = deps.config;
   const planned: Planned[] = [];
   const followUps: { key: ClaimedKey; afterMs: number }[] = [];
   const leased: Extract<ClaimedKey, { state: 'leased' }>[] = [];
@@ -146,7 +180,9 @@ export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]
   }
 
   // 2. call
+  calling(true);
   const answers = await callStripe(deps, planned, leaseDeadline);
+  calling(false);
 
   // 3. settle
   const groups: GroupSettlement[] = [];

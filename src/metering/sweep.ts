@@ -1,13 +1,13 @@
 // The stranded-row sweep: pending outbox rows older than SWEEP_STALE_SECONDS whose customer+meter
 // has no queued or retrying delivery job get one, so a lost or purged job only delays billing. Each
 // pass also marks delivered the v2 rows whose validation window passed without an error report.
-import type { Kysely } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
-import type { DB } from '../db/schema.js';
+import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { promoteValidated, staleKeys } from './delivery-sql.js';
-import { queueDeliveries } from './outbox.js';
+import type { KeyRef } from './delivery-sql.js';
+import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
 
 export interface SweepResult {
@@ -79,4 +79,58 @@ export async function startOutboxSweep(deps: {
       clearInterval(timer);
     },
   };
+}
+
+/**
+ * Keys with pending rows older than staleSeconds that no queued or retrying delivery job covers (an
+ * `active` job may belong to a dead process, which pg-boss notices only when the job expires), oldest
+ * first: two statements however many keys, one over the outbox and one over pg-boss's jobs (on Citus
+ * the outbox is distributed and pg-boss local to the coordinator, which one statement cannot join).
+ */
+export async function staleKeys(
+  db: Kysely<DB>,
+  options: { staleSeconds: number; limit: number },
+): Promise<{ keys: KeyRef[]; stale: number }> {
+  const stale = await sql<{ customer: string; event_name: MeterEventName }>`
+    SELECT o.stripe_customer_id AS customer, o.event_name
+      FROM meter_outbox o
+     WHERE o.status = 'pending' AND o.accepted_at IS NULL
+       AND o.created_at < ${new Date(Date.now() - options.staleSeconds * 1000)}
+     GROUP BY o.stripe_customer_id, o.event_name
+     ORDER BY min(o.created_at)
+     LIMIT ${options.limit}`.execute(db);
+  if (stale.rows.length === 0) return { keys: [], stale: 0 };
+  const names = stale.rows.map((r) => deliveryKey(r.customer, r.event_name));
+  // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
+  const covered = await sql<{ key: string }>`
+    SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
+     WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
+       AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])`.execute(db);
+  const coveredKeys = new Set(covered.rows.map((r) => r.key));
+  return {
+    stale: stale.rows.length,
+    keys: stale.rows
+      .filter((r) => !coveredKeys.has(deliveryKey(r.customer, r.event_name)))
+      .map((r) => ({ customerId: r.customer, eventName: r.event_name })),
+  };
+}
+
+/**
+ * v2 rows Stripe accepted more than `windowSeconds` ago with no error report naming them become
+ * `delivered` (delivered_at: when Stripe received them): one statement. Returns how many.
+ */
+export async function promoteValidated(db: Kysely<DB>, windowSeconds: number): Promise<number> {
+  // The instants are parameters, not now(): Citus refuses a function over time in an UPDATE of a
+  // distributed table, and a window of minutes does not care for the host's clock against the database's.
+  const now = new Date();
+  const due = sql`status = 'pending' AND accepted_at IS NOT NULL
+       AND accepted_at < ${new Date(now.getTime() - windowSeconds * 1000)}`;
+  // A look first (the meter_outbox_validating index; no lock): the UPDATE, which on Citus is a
+  // write on every shard, runs only when some row is due (never with v1).
+  const any = await sql`SELECT 1 FROM meter_outbox WHERE ${due} LIMIT 1`.execute(db);
+  if (any.rows.length === 0) return 0;
+  const result = await sql`
+    UPDATE meter_outbox SET status = 'delivered', delivered_at = accepted_at, updated_at = ${now}
+     WHERE ${due}`.execute(db);
+  return Number(result.numAffectedRows ?? 0n);
 }

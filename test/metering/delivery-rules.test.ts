@@ -146,6 +146,79 @@ describe('a call never outlives its key lease', () => {
   });
 });
 
+describe('a batch that fails after its claim', () => {
+  it('gives its keys back at once when the settle fails; the next batch resends the same identifier, billed once', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 7, occurredAt: new Date() }]);
+    await takeQueuedJobs(ctx, org.customerId);
+    // The settle's first write of "delivered" fails (a sequence is not rolled back with it).
+    await sql
+      .raw(`
+      CREATE SEQUENCE settle_fails_once;
+      CREATE FUNCTION settle_fails_once() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF nextval('settle_fails_once') = 1 THEN RAISE EXCEPTION 'injected settle failure'; END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER settle_fails_once BEFORE UPDATE ON meter_outbox FOR EACH ROW
+        WHEN (NEW.status = 'delivered' AND NEW.stripe_customer_id = '${org.customerId}')
+        EXECUTE FUNCTION settle_fails_once();`)
+      .execute(ctx.db);
+    try {
+      const calls = emulator.counters().calls;
+      await expect(deliverBatch(depsOf(ctx), [job(org)])).rejects.toThrow(/injected settle failure/);
+      expect(emulator.counters().calls).toBe(calls + 1);
+      // Released now, not when the 5 s lease runs out.
+      expect((await keyRow(ctx, org.customerId))?.lease_owner).toBeNull();
+      const [pending] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+      expect(pending?.status).toBe('pending');
+
+      const [result] = await deliverBatch(depsOf(ctx), [job(org)]);
+      expect(result?.status).toBe('completed');
+      const [delivered] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+      expect([delivered?.status, delivered?.identifier]).toEqual(['delivered', pending?.identifier]);
+      const billed = emulator.events().filter((e) => e.customer === org.customerId);
+      expect(billed.map((e) => e.value)).toEqual([7]);
+    } finally {
+      await sql
+        .raw(
+          `DROP TRIGGER settle_fails_once ON meter_outbox; DROP FUNCTION settle_fails_once(); DROP SEQUENCE settle_fails_once;`,
+        )
+        .execute(ctx.db);
+    }
+  });
+
+  it('keeps its leases when it fails while a Stripe call may still be open (at most one call in flight per key)', async ({
+    ctx,
+    emulator,
+  }) => {
+    const orgs = [await createOrganization(ctx.db), await createOrganization(ctx.db)];
+    for (const org of orgs) {
+      await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+      await takeQueuedJobs(ctx, org.customerId);
+    }
+    emulator.setFaults({ latencyMs: 300 });
+    // The first call gets its slot and goes out; the budget fails for the second while it is open.
+    let taken = 0;
+    const failing: CallSlots = {
+      take: async () => {
+        if (taken++ === 0) return { granted: true, waitMs: 0 };
+        throw new Error('budget statement failed');
+      },
+    };
+    await expect(
+      deliverBatch(
+        depsOf(ctx, { slots: failing }),
+        orgs.map((o) => job(o)),
+      ),
+    ).rejects.toThrow(/budget statement failed/);
+    for (const org of orgs) expect((await keyRow(ctx, org.customerId))?.lease_owner).not.toBeNull();
+  });
+});
+
 describe('backoff lives in the key row', () => {
   it('a new job of a key that is backing off does not call; only the job holding the backoff does', async ({
     ctx,
