@@ -35,6 +35,23 @@ function reading(sensorId: string, temperatureC = 4) {
   return { sensorId, recordedAt: new Date(clock).toISOString(), temperatureC };
 }
 
+/**
+ * A BEFORE INSERT trigger on temperature_readings running `body` (plpgsql) for rows matching `when`,
+ * with a sequence of the same name for bodies that count their calls; dropped after the test.
+ */
+async function injectOnInsert(ctx: Context, name: string, when: string, body: string): Promise<void> {
+  await sql
+    .raw(`
+      CREATE SEQUENCE ${name};
+      CREATE FUNCTION ${name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN ${body} RETURN NEW; END $$;
+      CREATE TRIGGER ${name} BEFORE INSERT ON temperature_readings FOR EACH ROW
+        WHEN (${when}) EXECUTE FUNCTION ${name}();`)
+    .execute(ctx.db);
+  cleanups.push(
+    `DROP TRIGGER ${name} ON temperature_readings; DROP FUNCTION ${name}(); DROP SEQUENCE ${name};`,
+  );
+}
+
 async function stored(ctx: Context, org: OrganizationFixture) {
   const { rows } = await sql<{ readings: number; outbox: number; value: number; transactions: number }>`
     SELECT (SELECT count(*)::int FROM temperature_readings WHERE organization_id = ${org.organizationId}) AS readings,
@@ -102,14 +119,12 @@ describe('group commit', () => {
   }) => {
     const a = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
-    await sql
-      .raw(`
-      CREATE FUNCTION fail_group() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01'; END $$;
-      CREATE TRIGGER fail_group BEFORE INSERT ON temperature_readings FOR EACH ROW
-        WHEN (NEW.organization_id = '${a.organizationId}') EXECUTE FUNCTION fail_group();`)
-      .execute(ctx.db);
-    cleanups.push('DROP TRIGGER fail_group ON temperature_readings; DROP FUNCTION fail_group();');
+    await injectOnInsert(
+      ctx,
+      'fail_group',
+      `NEW.organization_id = '${a.organizationId}'`,
+      `RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';`,
+    );
     const results = await Promise.all(
       Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
     );
@@ -125,21 +140,11 @@ describe('group commit', () => {
     const a = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, a.organizationId, 1);
     // The first attempt is the victim (a sequence is not rolled back with it); the second goes through.
-    await sql
-      .raw(`
-      CREATE SEQUENCE deadlock_once;
-      CREATE FUNCTION deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
-        IF nextval('deadlock_once') = 1 THEN
-          RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';
-        END IF;
-        RETURN NEW;
-      END $$;
-      CREATE TRIGGER deadlock_once BEFORE INSERT ON temperature_readings FOR EACH ROW
-        WHEN (NEW.organization_id = '${a.organizationId}') EXECUTE FUNCTION deadlock_once();`)
-      .execute(ctx.db);
-    cleanups.push(
-      'DROP TRIGGER deadlock_once ON temperature_readings; DROP FUNCTION deadlock_once(); DROP SEQUENCE deadlock_once;',
+    await injectOnInsert(
+      ctx,
+      'deadlock_once',
+      `NEW.organization_id = '${a.organizationId}'`,
+      `IF nextval('deadlock_once') = 1 THEN RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01'; END IF;`,
     );
     const results = await Promise.all(
       Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
@@ -161,14 +166,7 @@ describe('group commit', () => {
     const b = await createOrganization(ctx.db);
     const [sa] = await createSensors(ctx.db, a.organizationId, 1);
     const [sb] = await createSensors(ctx.db, b.organizationId, 1);
-    await sql
-      .raw(`
-      CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN RAISE EXCEPTION 'injected failure'; END $$;
-      CREATE TRIGGER fail_one BEFORE INSERT ON temperature_readings FOR EACH ROW
-        WHEN (NEW.temperature_c = 55.5) EXECUTE FUNCTION fail_one();`)
-      .execute(ctx.db);
-    cleanups.push('DROP TRIGGER fail_one ON temperature_readings; DROP FUNCTION fail_one();');
+    await injectOnInsert(ctx, 'fail_one', 'NEW.temperature_c = 55.5', `RAISE EXCEPTION 'injected failure';`);
     const [bad, good, other] = await Promise.all([
       post(app, a.apiKey, [reading(sa!, 55.5)]),
       post(app, a.apiKey, [reading(sa!)]),
