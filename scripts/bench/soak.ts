@@ -59,8 +59,19 @@ const { values: args } = parseArgs({
     chart: { type: 'string' },
     customers: { type: 'string', default: '300' },
     'sample-seconds': { type: 'string', default: '15' },
+    // NODE_OPTIONS of the API and worker; default: the production image's (the Dockerfile's), so the
+    // memory curves are the ones a deployment sees.
+    'node-options': { type: 'string' },
   },
 });
+
+/** The NODE_OPTIONS the Dockerfile sets for the production image. */
+function imageNodeOptions(): string {
+  const dockerfile = readFileSync(join(ROOT, 'Dockerfile'), 'utf8');
+  const found = /NODE_OPTIONS="([^"]*)"/.exec(dockerfile)?.[1];
+  if (found === undefined) throw new Error('Dockerfile: no NODE_OPTIONS="..." to run the soak with');
+  return found;
+}
 
 /** "1h", "10m", "90s" or plain seconds. */
 export function parseDuration(value: string): number {
@@ -72,6 +83,7 @@ export function parseDuration(value: string): number {
 
 const DAY_MS = 86_400_000;
 const DURATION_S = parseDuration(args.duration ?? '10m');
+const NODE_OPTIONS = args['node-options'] ?? imageNodeOptions();
 const CUSTOMERS = Number(args.customers);
 const SENSORS_PER_CUSTOMER = 5;
 const SAMPLE_MS = Number(args['sample-seconds']) * 1000;
@@ -344,6 +356,7 @@ export async function runSoakBench(): Promise<number> {
       STRIPE_MAX_CALLS_PER_SECOND: '800',
       METER_CRON: '* * * * *',
       JOB_RETENTION_SECONDS: String(JOB_RETENTION_SECONDS),
+      NODE_OPTIONS: NODE_OPTIONS,
     };
     const api = await startApi(env, entries['src/bin/server.ts']);
     cleanup.push(() => api.proc.stop());
@@ -732,6 +745,7 @@ export async function runSoakBench(): Promise<number> {
         batch: BATCH,
         batchEverySeconds: BATCH_EVERY_MS / 1000,
         stripeLatencyMs: 'uniform 0-200',
+        nodeOptions: NODE_OPTIONS,
         stripeLimitPerSecond: 1000,
         stripeBudgetPerSecond: 800,
         meterCron: env.METER_CRON,
