@@ -1,9 +1,11 @@
 // Shared plumbing of `npm run bench` and the chaos suite (test/chaos): an embedded Postgres cluster
 // with fresh migrated databases, the real entry points as child processes (the kit's wrapper), billable
 // organizations with sensors, a keep-alive HTTP client and latency statistics.
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
+import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
@@ -372,4 +374,28 @@ export async function closedLoop(
     }),
   );
   return { ops, units, errors, seconds: (performance.now() - started) / 1000, latencies };
+}
+
+/** The machine a run ran on, for its JSON: cores, CPU, memory, Postgres, Node, kernel, time, commit. */
+export function machine(pgVersion: string) {
+  const sh = (cmd: string, a: string[]) => {
+    try {
+      return execFileSync(cmd, a, { encoding: 'utf8' }).trim();
+    } catch {
+      return 'unknown';
+    }
+  };
+  const gib = (bytes: number) => Math.round((bytes / 2 ** 30) * 10) / 10;
+  return {
+    nproc: Number(sh('nproc', [])),
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memory: sh('free', ['-h']),
+    totalMemGiB: gib(totalmem()),
+    freeMemGiB: gib(freemem()),
+    postgres: pgVersion,
+    node: process.version,
+    kernel: sh('uname', ['-sr']),
+    date: new Date().toISOString(),
+    gitCommit: sh('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']),
+  };
 }

@@ -3,9 +3,7 @@
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
-import { execFileSync } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStripeEmulator } from '@meterbox/stripe-emulator';
@@ -21,6 +19,7 @@ import {
   freshDatabase,
   HttpClient,
   latencySummary,
+  machine,
   type Org,
   openDatabase,
   ReadingSource,
@@ -124,28 +123,6 @@ const RAW_BATCH_SQL = `
 const RAW_SINGLE_SQL = `
   INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at) DO NOTHING`;
-
-function machine(pgVersion: string) {
-  const sh = (cmd: string, a: string[]) => {
-    try {
-      return execFileSync(cmd, a, { encoding: 'utf8' }).trim();
-    } catch {
-      return 'unknown';
-    }
-  };
-  return {
-    nproc: Number(sh('nproc', [])),
-    cpuModel: cpus()[0]?.model ?? 'unknown',
-    memory: sh('free', ['-h']),
-    totalMemGiB: round(totalmem() / 2 ** 30, 1),
-    freeMemGiB: round(freemem() / 2 ** 30, 1),
-    postgres: pgVersion,
-    node: process.version,
-    kernel: sh('uname', ['-sr']),
-    date: new Date().toISOString(),
-    gitCommit: sh('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']),
-  };
-}
 
 async function reset(pool: pg.Pool): Promise<void> {
   await pool.query('TRUNCATE temperature_readings, meter_outbox');
@@ -714,9 +691,9 @@ function printTable(r: PrintResult): void {
   ];
   const w0 = Math.max(...rows.map((x) => x[0].length));
   const w1 = Math.max(...rows.map((x) => x[1].length));
-  console.log('\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2) + 'latency');
+  console.log(`${'\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2)}latency`);
   for (const [a, b, c] of rows) console.log(`${a.padEnd(w0 + 2)}${b.padEnd(w1 + 2)}${c}`);
-  console.log('\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10) + 'met');
+  console.log(`${'\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10)}met`);
   for (const g of r.goals)
     console.log(
       `${g.goal.padEnd(75)}${String(g.value).padEnd(12)}${String(round(g.target, 1)).padEnd(10)}${g.met ? 'yes' : 'NO'}`,

@@ -19,9 +19,8 @@
 //   rows are compacted a minute after delivery (at the next pass) instead of 45 days.
 // - JOB_RETENTION_SECONDS is the documented default (900 s) in runs of an hour or more, a quarter of
 //   the run below that, so pg-boss's tables level within the first half of any run.
-import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, loadavg, totalmem } from 'node:os';
+import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStripeEmulator } from '@meterbox/stripe-emulator';
@@ -39,6 +38,7 @@ import {
   createOrgs,
   freshDatabase,
   HttpClient,
+  machine,
   type Org,
   openDatabase,
   type Proc,
@@ -266,26 +266,6 @@ async function tableFamilies(pool: pg.Pool): Promise<Record<string, TableFamily>
     };
   }
   return out;
-}
-
-function machine(pgVersion: string) {
-  const sh = (cmd: string, a: string[]) => {
-    try {
-      return execFileSync(cmd, a, { encoding: 'utf8' }).trim();
-    } catch {
-      return 'unknown';
-    }
-  };
-  return {
-    nproc: cpus().length,
-    cpuModel: cpus()[0]?.model ?? 'unknown',
-    totalMemGiB: round(totalmem() / 2 ** 30, 1),
-    postgres: pgVersion,
-    node: process.version,
-    kernel: sh('uname', ['-sr']),
-    date: new Date().toISOString(),
-    gitCommit: sh('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']),
-  };
 }
 
 export async function runSoakBench(): Promise<number> {
