@@ -691,9 +691,9 @@ function printTable(r: PrintResult): void {
   ];
   const w0 = Math.max(...rows.map((x) => x[0].length));
   const w1 = Math.max(...rows.map((x) => x[1].length));
-  console.log(`${'\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2)}latency`);
+  console.log('\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2) + 'latency');
   for (const [a, b, c] of rows) console.log(`${a.padEnd(w0 + 2)}${b.padEnd(w1 + 2)}${c}`);
-  console.log(`${'\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10)}met`);
+  console.log('\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10) + 'met');
   for (const g of r.goals)
     console.log(
       `${g.goal.padEnd(75)}${String(g.value).padEnd(12)}${String(round(g.target, 1)).padEnd(10)}${g.met ? 'yes' : 'NO'}`,
