@@ -46,8 +46,9 @@ export default defineConfig({
           sequence: { groupOrder: 2 },
         },
       },
-      // The emulator package's own tests, with its own config (no database, no global set-up).
+      // The emulator packages' own tests, each with its own config (no database, no global set-up).
       'packages/stripe-emulator',
+      'packages/metronome-emulator',
     ],
   },
 });

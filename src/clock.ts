@@ -5,3 +5,34 @@ export interface Clock {
 }
 
 export const systemClock: Clock = { now: () => new Date() };
+
+/**
+ * The host's timers, for what runs on the host's time rather than the application's: a lease's
+ * deadline against the calls it bounds, waits for a budget slot, renewals. Delivery takes them as a
+ * dependency so the simulation (scripts/sim) can run batches on its own virtual time.
+ */
+export interface HostTimers {
+  /** Milliseconds on a monotonic-enough host clock. */
+  now(): number;
+  sleep(ms: number): Promise<void>;
+  /** Calls `tick` every `ms` until the returned stop is called (stop waits for a tick still running). */
+  every(ms: number, tick: () => Promise<void>): () => Promise<void>;
+}
+
+export const hostTimers: HostTimers = {
+  now: () => Date.now(),
+  sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+  every(ms, tick) {
+    let running: Promise<void> | undefined;
+    const timer = setInterval(() => {
+      running ??= tick().finally(() => {
+        running = undefined;
+      });
+    }, ms);
+    timer.unref();
+    return async () => {
+      clearInterval(timer);
+      await running;
+    };
+  },
+};

@@ -5,6 +5,7 @@ import { parseArgs } from 'node:util';
 import { citusCommands } from './admin/citus-cli.js';
 import { adminCommands } from './admin/cli.js';
 import { correctionCommands } from './admin/corrections-cli.js';
+import { destinationCommands } from './admin/destinations-cli.js';
 import { organizationCommands } from './admin/organizations-cli.js';
 import { stripeCommands } from './billing/stripe-cli.js';
 import type { CliCommand } from './cli/command.js';
@@ -14,6 +15,7 @@ export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...adminCommands,
   ...correctionCommands,
   ...stripeCommands,
+  ...destinationCommands,
   ...citusCommands,
 };
 

@@ -36,9 +36,24 @@ export const configSchema = z.object({
   STRIPE_API_BASE: optionalString.pipe(z.url().optional()),
   STRIPE_METER_ID_TEMPERATURE_READINGS: optionalString,
   STRIPE_METER_ID_ACTIVE_SENSORS: optionalString,
+  /** Metronome API token; without it no organization's usage is delivered to Metronome. */
+  METRONOME_BEARER_TOKEN: optionalString,
+  /** Base URL of the Metronome API (its emulator in dev mode and tests); unset: Metronome's own. */
+  METRONOME_API_BASE: optionalString.pipe(z.url().optional()),
+  /**
+   * Metronome ingest calls per second shared by every worker (each carries up to 100 events; Metronome
+   * publishes its limit as 110,000 events/s, so 100 calls/s stays far below it).
+   */
+  METRONOME_MAX_CALLS_PER_SECOND: int(1, 10_000).default(100),
+  /** Destination of an organization created from now on: its usage is billed there. */
+  DEFAULT_DESTINATION: z.enum(['stripe', 'metronome']).default('stripe'),
   ADMIN_TOKEN: optionalString.pipe(z.string().min(16, 'must be at least 16 characters').optional()),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   METER_CRON: cronExpression.default('0 * * * *'),
+  /** The hourly active_sensors report: organizations per chunk (one transaction each). */
+  ACTIVE_SENSORS_CHUNK_SIZE: int(1, 100_000).default(1000),
+  /** The hourly active_sensors report: most organizations written per second; 0 = unpaced. */
+  ACTIVE_SENSORS_PER_SECOND: int(0, 10_000_000).default(5000),
   BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
   /** Longest wait for a request's headers, and for a whole request (slow clients are cut off). */
   HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),
@@ -49,9 +64,13 @@ export const configSchema = z.object({
   /** Group commit: most requests, and most readings, written in one transaction. */
   INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),
+  /** Group commit: most groups one API process writes at once; requests beyond wait for the next. */
+  INGEST_GROUP_MAX_IN_FLIGHT: int(1, 200).default(4),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
   DELIVERY_CONCURRENCY: int(1, 100).default(8),
+  /** Most delivery statements (claims, settles, follow-ups, the sweep) one worker runs at once; 0 = no bound. */
+  DELIVERY_MAX_STATEMENTS: int(0, 100).default(0),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),
@@ -64,12 +83,13 @@ export const configSchema = z.object({
   /** Stripe calls one worker process keeps in flight (each holds no connection while it waits). */
   DELIVERY_MAX_IN_FLIGHT: int(1, 10_000).default(800),
   /**
-   * A delivery lease's lifetime. Every Stripe call made under a lease is given at most the time the
-   * lease has left (less a second) as its timeout, and none starts with less than a second: so a lease
-   * never lapses while its call is open. 60 s leaves a slow Stripe its full 15 s; 5 s is the least
-   * that still fits the longest budget wait (2 s) and a call.
+   * A delivery lease's lifetime. A running batch renews its leases every third of it, and every Stripe
+   * call made under a lease is given at most the time the lease has left (less a second) as its
+   * timeout, and none starts with less than a second: so a lease never lapses while its call is open.
+   * Short, so a killed worker's keys are free (and reaped) within seconds; 5 s is the least that still
+   * fits the longest budget wait (2 s) and a call.
    */
-  DELIVERY_LEASE_SECONDS: int(5, 3600).default(60),
+  DELIVERY_LEASE_SECONDS: int(5, 3600).default(10),
   /** Account-wide Stripe calls per second shared by all workers; unset: 25 test mode, 800 live. */
   STRIPE_MAX_CALLS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))
@@ -112,6 +132,22 @@ export const configSchema = z.object({
   RECONCILIATION_LOOKBACK_HOURS: int(1, 24 * 35).default(48),
   /** A customer-hour is compared only once its last row was delivered this long ago (Stripe aggregates asynchronously). */
   RECONCILIATION_SETTLE_SECONDS: int(0, 86_400).default(600),
+  /**
+   * Most of a destination's call budget the reconciliation's reads may take (its summaries or usage
+   * calls take slots of the same budget as delivery): delivery always keeps the rest.
+   */
+  RECONCILIATION_BUDGET_SHARE: z.coerce.number().gt(0).max(1).default(0.25),
+  /**
+   * Most reconciliation reads per second and destination: Stripe counts its summaries against its
+   * global limit (100/s live, 25 in a sandbox) and a default of 25/s per endpoint, not against the
+   * meter-event limit, so 20 leaves 20% headroom.
+   */
+  RECONCILIATION_MAX_CALLS_PER_SECOND: int(1, 10_000).default(20),
+  /**
+   * Longest run of the scheduled reconciliation: a pass over many customers continues in the next run
+   * from where this one stopped (well below the queue's 30-minute job expiry).
+   */
+  RECONCILIATION_RUN_SECONDS: int(5, 1200).default(300),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
 });
@@ -143,7 +179,42 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       { variable: 'DELIVERY_RETRY_DELAY_MAX_SECONDS', message: 'must be >= DELIVERY_RETRY_DELAY_SECONDS' },
     ]);
   }
+  const span = longestRetrySpanSeconds(parsed.data);
+  if (span > MAX_RETRY_SPAN_HOURS * 3600) {
+    throw new ConfigError([
+      {
+        variable: 'DELIVERY_RETRY_LIMIT',
+        message: `with DELIVERY_RETRY_DELAY_SECONDS and DELIVERY_RETRY_DELAY_MAX_SECONDS, a group's retries could span ${(span / 3600).toFixed(1)} h, past the ${MAX_RETRY_SPAN_HOURS} h in which Stripe surely still deduplicates its identifier; lower one of them`,
+      },
+    ]);
+  }
   return Object.freeze(parsed.data);
+}
+
+/** Most a delivery backoff is stretched by its jitter (src/metering/rules.ts backoffMs). */
+export const BACKOFF_JITTER = 0.5;
+/** Stripe deduplicates an identifier for at least 24 h; a group's retries must end well inside that. */
+const MAX_RETRY_SPAN_HOURS = 20;
+
+/**
+ * The longest a delivery group can spend retrying (seconds): every backoff at its longest. The
+ * backoff itself is in src/metering/rules.ts (backoffMs); this bound is checked at start-up.
+ */
+export function longestRetrySpanSeconds(
+  config: Pick<
+    Config,
+    'DELIVERY_RETRY_LIMIT' | 'DELIVERY_RETRY_DELAY_SECONDS' | 'DELIVERY_RETRY_DELAY_MAX_SECONDS'
+  >,
+): number {
+  let total = 0;
+  for (let n = 1; n <= config.DELIVERY_RETRY_LIMIT; n++) {
+    const base = Math.min(
+      config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
+      Math.max(1, config.DELIVERY_RETRY_DELAY_SECONDS) * 2 ** Math.min(16, n - 1),
+    );
+    total += Math.min(config.DELIVERY_RETRY_DELAY_MAX_SECONDS, base * (1 + BACKOFF_JITTER));
+  }
+  return total;
 }
 
 /**

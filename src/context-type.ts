@@ -1,6 +1,7 @@
 // What every feature may be handed: the process's shared resources, as one interface below the
 // feature folders. The composition root (src/context.ts, createContext) builds it; features and
 // shared plumbing name the fields they use (Pick<Context, ...>) and never import their composer.
+import type Metronome from '@metronome/sdk';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import type { Clock } from './clock.js';
@@ -17,6 +18,8 @@ export interface Context extends Database {
   readonly boss: PgBoss;
   /** undefined when STRIPE_SECRET_KEY is not configured: delivery cannot run. */
   readonly stripe: Stripe | undefined;
+  /** undefined when METRONOME_BEARER_TOKEN is not configured: nothing is delivered to Metronome. */
+  readonly metronome: Metronome | undefined;
   readonly clock: Clock;
   /** This process's Prometheus registry and instruments (src/observability/metrics.ts). */
   readonly metrics: Metrics;

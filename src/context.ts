@@ -2,6 +2,7 @@
 // the Context (src/context-type.ts). Every other module receives what it uses as an argument; tests pass
 // overrides here.
 
+import type Metronome from '@metronome/sdk';
 import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
 import { type Clock, systemClock } from './clock.js';
@@ -9,10 +10,12 @@ import type { Config } from './config.js';
 import { directDatabaseUrl, requireDatabaseUrl } from './config.js';
 import type { Context } from './context-type.js';
 import { ApiKeyCache } from './credentials/api-key-cache.js';
+import { recentApiKeys, recordApiKeysUsed } from './credentials/api-keys.js';
 import { createDatabase } from './db/database.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
+import { createMetronomeClient } from './metering/metronome.js';
 import { jobMaintenanceTiming } from './metering/queues.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
 
@@ -23,6 +26,7 @@ export interface ContextOverrides {
   log?: Logger;
   clock?: Clock;
   stripe?: Stripe;
+  metronome?: Metronome;
   metrics?: Metrics;
   applicationName?: string;
   /** pg-boss maintenance and cron timekeeping: on for workers, off for the API. */
@@ -82,7 +86,14 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const stripe = overrides.stripe ?? createStripeClient(config);
   if (stripe) instrumentStripe(stripe, metrics);
 
-  const apiKeys = new ApiKeyCache({ connectionString: directUrl, log: log.child({ component: 'api-keys' }) });
+  const metronome = overrides.metronome ?? createMetronomeClient(config);
+
+  const apiKeys = new ApiKeyCache({
+    connectionString: directUrl,
+    log: log.child({ component: 'api-keys' }),
+    warm: (limit) => recentApiKeys(database.db, limit),
+    recordUsed: (used) => recordApiKeysUsed(database.db, used),
+  });
 
   let closed: Promise<void> | undefined;
   const context: Context = {
@@ -91,6 +102,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     log,
     boss,
     stripe,
+    metronome,
     clock: overrides.clock ?? systemClock,
     metrics,
     migrations: await listMigrations(),

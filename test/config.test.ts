@@ -3,6 +3,7 @@ import {
   ConfigError,
   directDatabaseUrl,
   loadConfig,
+  longestRetrySpanSeconds,
   requireDatabaseUrl,
   retiredSettingWarnings,
 } from '../src/config.js';
@@ -23,10 +24,10 @@ describe('loadConfig', () => {
     expect(Object.isFrozen(config)).toBe(true);
   });
 
-  it('defaults delivery at scale: 100 in flight, 60 s leases, v1, and a call budget by key mode', () => {
+  it('defaults delivery at scale: 100 in flight, 10 s leases (renewed while a batch runs), v1, and a call budget by key mode', () => {
     const config = loadConfig({});
     expect(config.DELIVERY_MAX_IN_FLIGHT).toBe(800);
-    expect(config.DELIVERY_LEASE_SECONDS).toBe(60);
+    expect(config.DELIVERY_LEASE_SECONDS).toBe(10);
     expect(config.DELIVERY_TRANSPORT).toBe('v1');
     expect(config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
     expect(callsPerSecond(config)).toBe(25);
@@ -130,5 +131,14 @@ describe('entry points', () => {
     const result = await runEntryPoint('server', { DATABASE_URL: 'postgres://x@127.0.0.1:1/x', PORT: 'abc' });
     expect(result.code).toBe(1);
     expect(result.stderr).toContain('PORT');
+  });
+});
+
+describe('the retry settings and the identifier window', () => {
+  it("refuses retry settings whose retries could outlast Stripe's identifier window, naming the variable", () => {
+    // 60 retries capped at an hour: ~90 h of backoff, far past the 24 h Stripe deduplicates for.
+    expect(() => loadConfig({ DELIVERY_RETRY_LIMIT: '60' })).toThrow(/DELIVERY_RETRY_LIMIT.*past the 20 h/);
+    // The defaults (20 retries, 5 s doubling to an hour) span about 12 h.
+    expect(longestRetrySpanSeconds(loadConfig({})) / 3600).toBeLessThan(13);
   });
 });

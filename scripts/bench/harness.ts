@@ -2,14 +2,15 @@
 // with fresh migrated databases, the real entry points as child processes (the kit's wrapper), billable
 // organizations with sensors, a keep-alive HTTP client and latency statistics.
 import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
-import { cpus, freemem, totalmem } from 'node:os';
+import { cpus, freemem, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
 import { loadConfig } from '../../src/config.js';
+import { generateApiKey } from '../../src/credentials/api-keys.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
 import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
 import type { DB } from '../../src/db/schema.js';
@@ -398,4 +399,100 @@ export function machine(pgVersion: string) {
     date: new Date().toISOString(),
     gitCommit: sh('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']),
   };
+}
+
+// ---------------------------------------------------------------- many organizations at once
+
+/**
+ * `count` billable organizations with one API key, an active subscription and `sensors` sensors
+ * each, written in a few set-based statements (100,000 organizations in seconds; createOrgs writes
+ * them one transaction each through the admin functions, minutes at that size). The rows are the
+ * ones the admin functions write: a key's SHA-256 and display prefix, status `active`, a customer.
+ */
+export async function seedOrgs(pool: pg.Pool, count: number, sensors: number, tag: string): Promise<Org[]> {
+  const orgs: Org[] = [];
+  const CHUNK = 5_000;
+  for (let start = 0; start < count; start += CHUNK) {
+    const n = Math.min(CHUNK, count - start);
+    const ids: string[] = [];
+    const keys: string[] = [];
+    const prefixes: string[] = [];
+    const hashes: string[] = [];
+    const customers: string[] = [];
+    const sensorIds: string[] = [];
+    const sensorOrgs: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const id = randomUUID();
+      const key = generateApiKey();
+      const customerId = `cus_${tag}${start + i}_${randomBytes(3).toString('hex')}`;
+      const own = Array.from({ length: sensors }, () => randomUUID());
+      ids.push(id);
+      keys.push(key.key);
+      prefixes.push(key.prefix);
+      hashes.push(key.hash);
+      customers.push(customerId);
+      for (const s of own) {
+        sensorIds.push(s);
+        sensorOrgs.push(id);
+      }
+      orgs.push({ organizationId: id, apiKey: key.key, customerId, sensors: own });
+    }
+    const client = await pool.connect();
+    try {
+      await client.query('BEGIN');
+      await client.query(
+        `INSERT INTO organizations (id, name) SELECT id, $2 || ' ' || ord FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord)`,
+        [ids, tag],
+      );
+      await client.query(
+        `INSERT INTO api_keys (organization_id, prefix, key_hash) SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])`,
+        [ids, prefixes, hashes],
+      );
+      await client.query(
+        `INSERT INTO subscriptions (organization_id, stripe_customer_id, status) SELECT id, c, 'active' FROM unnest($1::uuid[], $2::text[]) AS t(id, c)`,
+        [ids, customers],
+      );
+      await client.query(
+        `INSERT INTO sensors (id, organization_id, name) SELECT id, org, 'sensor' FROM unnest($1::uuid[], $2::uuid[]) AS t(id, org)`,
+        [sensorIds, sensorOrgs],
+      );
+      await client.query('COMMIT');
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw err;
+    } finally {
+      client.release();
+    }
+  }
+  await pool.query('ANALYZE organizations, api_keys, subscriptions, sensors');
+  return orgs;
+}
+
+/**
+ * A connection string for the same database as `url` under its own login role (created if
+ * missing): pg_stat_statements then tells one process's statements from another's.
+ */
+export async function benchRole(pool: pg.Pool, url: string, role: string): Promise<string> {
+  const u = new URL(url);
+  const password = decodeURIComponent(u.password);
+  await pool.query(`DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${role}') THEN
+        CREATE ROLE ${role} LOGIN SUPERUSER PASSWORD '${password.replace(/'/g, "''")}';
+      END IF; END $$`);
+  u.username = role;
+  return u.toString();
+}
+
+/** Outbox rows not yet handed to Stripe (v2 rows Stripe accepted and is validating count as handed). */
+export async function pendingOutbox(pool: pg.Pool): Promise<{ rows: number; oldestMs: number }> {
+  const r = await pool.query<{ n: string; age: number | null }>(
+    `SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) * 1000 AS age
+       FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL`,
+  );
+  return { rows: Number(r.rows[0]?.n ?? 0), oldestMs: Math.round(Number(r.rows[0]?.age ?? 0)) };
+}
+
+/** The 1-, 5- and 15-minute load averages of the machine (every published number carries them). */
+export function loadAverage(): number[] {
+  return loadavg().map((x) => Math.round(x * 100) / 100);
 }

@@ -1,5 +1,5 @@
 // npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
-// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts)
+// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -42,6 +42,23 @@ if (process.argv.includes('--pgbouncer')) {
 if (process.argv.includes('--soak')) {
   const { runSoakBench } = await import('./soak.js');
   process.exit(await runSoakBench());
+}
+// Ingestion under delivery load (ingest.ts, issue 33): npm run bench -- --ingest [--only …]
+if (process.argv.includes('--ingest')) {
+  const { runIngestBench } = await import('./ingest.js');
+  process.exit(await runIngestBench());
+}
+// The scheduled reconciliation over 10,000 customers through the call budget (reconcile.ts):
+// npm run bench -- --reconcile [--rate 25|800] [--customers n] [--limit-seconds s]
+if (process.argv.includes('--reconcile')) {
+  const { runReconcileBench } = await import('./reconcile.js');
+  process.exit(await runReconcileBench());
+}
+
+// Delivery on a Citus cluster against one node, one and two workers (citus.ts): npm run bench -- --citus
+if (process.argv.includes('--citus')) {
+  const { runCitusBench } = await import('./citus.js');
+  process.exit(await runCitusBench());
 }
 if (process.argv.includes('--scale')) {
   const { runScaleBench } = await import('./scale.js');
@@ -691,9 +708,9 @@ function printTable(r: PrintResult): void {
   ];
   const w0 = Math.max(...rows.map((x) => x[0].length));
   const w1 = Math.max(...rows.map((x) => x[1].length));
-  console.log('\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2) + 'latency');
+  console.log(`${'\nmeasurement'.padEnd(w0 + 3) + 'throughput'.padEnd(w1 + 2)}latency`);
   for (const [a, b, c] of rows) console.log(`${a.padEnd(w0 + 2)}${b.padEnd(w1 + 2)}${c}`);
-  console.log('\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10) + 'met');
+  console.log(`${'\ngoal'.padEnd(76) + 'value'.padEnd(12) + 'target'.padEnd(10)}met`);
   for (const g of r.goals)
     console.log(
       `${g.goal.padEnd(75)}${String(g.value).padEnd(12)}${String(round(g.target, 1)).padEnd(10)}${g.met ? 'yes' : 'NO'}`,

@@ -1,22 +1,28 @@
-// npm run bench -- --scale [--quick] [--out bench-results/scale.json]
+// npm run bench -- --scale [--quick] [--destination metronome] [--out bench-results/scale.json]
 // Delivery at platform scale (issue 12): 1,000 and 10,000 billable customers, single-reading
 // requests spread across them at a fixed rate (open loop), one worker process (the production
 // bundle, default settings), the in-process Stripe emulator answering each call in 0-500 ms
 // (uniform) and enforcing the account-wide limit of the scenario. Per scenario: the start-up
 // active_sensors run, backlog every second, commit -> acceptance p50/p99, calls/s against the
 // budget, share of 429s, drain time after the load, and the exactly-once ledger check.
+// --destination metronome: every organization bills to Metronome (organization_destinations), the
+// in-process Metronome emulator answering each ingest call in 0-500 ms; the same measurements, the
+// ledger against Metronome's accepted events per ingest alias.
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { type MetronomeEmulator, startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { PgBoss } from 'pg-boss';
+import { metronomeAlias } from '../../src/metering/metronome.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { pollUntil } from '../lib/poll.js';
 import { seededRandom } from '../lib/random.js';
 import {
+  benchRole,
   buildEntries,
   createOrgs,
   freshDatabase,
@@ -24,6 +30,7 @@ import {
   latencySummary,
   type Org,
   openDatabase,
+  pendingOutbox,
   ReadingSource,
   ROOT,
   sleep,
@@ -42,6 +49,8 @@ interface Scenario {
   live: boolean;
   /** Single-reading requests per second during the load (default --rate, 150). */
   rate?: number;
+  /** Where every organization bills (default Stripe). */
+  destination?: 'stripe' | 'metronome';
 }
 
 const { values: args } = parseArgs({
@@ -59,6 +68,8 @@ const { values: args } = parseArgs({
     verbose: { type: 'boolean', default: false },
     // Writes a V8 CPU profile of the worker to bench-results/cpu-prof/ (open in Chrome DevTools).
     'worker-cpu-prof': { type: 'boolean', default: false },
+    // stripe (the scenarios above) or metronome (10k customers billed to Metronome).
+    destination: { type: 'string', default: 'stripe' },
   },
 });
 const quick = args.quick ?? false;
@@ -107,7 +118,52 @@ const ALL_SCENARIOS: Scenario[] = [
     live: true,
   },
 ];
-const SCENARIOS = ALL_SCENARIOS.filter((s) => !args.only || s.name.includes(args.only));
+const METRONOME_SCENARIOS: Scenario[] = [
+  {
+    name: '10k customers, Metronome, 0-500 ms ingest',
+    customers: 10_000,
+    // The Stripe fields are unused here: no organization bills to Stripe.
+    transport: 'v1',
+    limit: 1000,
+    live: true,
+    destination: 'metronome',
+  },
+];
+const SCENARIOS = (args.destination === 'metronome' ? METRONOME_SCENARIOS : ALL_SCENARIOS).filter(
+  (s) => !args.only || s.name.includes(args.only),
+);
+
+/** What a scenario reads from its destination's emulator: the same view of Stripe's and Metronome's. */
+interface DestinationView {
+  url: string;
+  events(eventName: string): { identifier: string; customer: string; value: number; receivedAt: number }[];
+  counters(): { calls: number; rateLimited: number };
+  stop(): Promise<void>;
+}
+
+function stripeView(e: StripeEmulator): DestinationView {
+  return {
+    url: e.url,
+    events: (eventName) => e.events({ event_name: eventName }),
+    counters: () => ({ calls: e.counters().calls, rateLimited: e.counters().rateLimited }),
+    stop: () => e.stop(),
+  };
+}
+
+function metronomeView(e: MetronomeEmulator): DestinationView {
+  return {
+    url: e.url,
+    events: (eventName) =>
+      e.events({ event_type: eventName }).map((x) => ({
+        identifier: x.transaction_id,
+        customer: x.customer_id,
+        value: Number(x.properties.value),
+        receivedAt: x.receivedAt,
+      })),
+    counters: () => ({ calls: e.counters().calls.ingest, rateLimited: e.counters().rateLimited }),
+    stop: () => e.stop(),
+  };
+}
 
 const log = (msg: string) => console.error(`[bench:scale ${new Date().toISOString().slice(11, 19)}] ${msg}`);
 // Which organization each request comes from: seeded, so a run can be replayed (MB_TEST_SEED).
@@ -151,14 +207,6 @@ async function jobStates(pool: pg.Pool): Promise<{ ready: number; deferred: numb
   };
 }
 
-async function pending(pool: pg.Pool): Promise<{ rows: number; oldestMs: number }> {
-  const r = await pool.query<{ n: string; age: number | null }>(
-    `SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) * 1000 AS age
-       FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL`,
-  );
-  return { rows: Number(r.rows[0]?.n ?? 0), oldestMs: Math.round(Number(r.rows[0]?.age ?? 0)) };
-}
-
 /** The statements that cost Postgres the most since the last reset (every database of the cluster). */
 async function topStatements(pool: pg.Pool) {
   const r = await pool.query<{ query: string; calls: string; total: number; mean: number }>(
@@ -177,16 +225,7 @@ async function topStatements(pool: pg.Pool) {
 const WORKER_ROLE = 'meterbox_bench_worker';
 
 /** The worker connects as its own role, so pg_stat_statements tells its statements from the API's. */
-async function workerRole(pool: pg.Pool, url: string): Promise<string> {
-  const u = new URL(url);
-  const password = decodeURIComponent(u.password);
-  await pool.query(`DO $$ BEGIN
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${WORKER_ROLE}') THEN
-        CREATE ROLE ${WORKER_ROLE} LOGIN SUPERUSER PASSWORD '${password.replace(/'/g, "''")}';
-      END IF; END $$`);
-  u.username = WORKER_ROLE;
-  return u.toString();
-}
+const workerRole = (pool: pg.Pool, url: string) => benchRole(pool, url, WORKER_ROLE);
 
 /** The worker role's statements since the last reset, per delivered event. */
 async function workerStatements(pool: pg.Pool, events: number) {
@@ -255,9 +294,11 @@ async function runThroughput(
     for (let i = 0; i < orgs.length; i += 1000) {
       await queueDeliveries(
         boss,
-        orgs
-          .slice(i, i + 1000)
-          .map((o) => ({ customerId: o.customerId, eventName: 'temperature_readings' as const })),
+        orgs.slice(i, i + 1000).map((o) => ({
+          organizationId: o.organizationId,
+          customerId: o.customerId,
+          eventName: 'temperature_readings' as const,
+        })),
       );
     }
     await boss.stop({ graceful: false, close: true });
@@ -326,25 +367,47 @@ async function runScenario(
   await harness.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
   const workerUrl = await workerRole(harness.pool, url);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => harness.db.destroy()];
-  let emulator: StripeEmulator | undefined;
+  let emulator: DestinationView | undefined;
+  const metronome = s.destination === 'metronome';
+  /** The customer each organization's usage is billed under at the scenario's destination. */
+  const billedAs = (org: Org) => (metronome ? metronomeAlias(org.organizationId) : org.customerId);
   try {
     const t0 = Date.now();
     const orgs = await createManyOrgs(harness.db, s.customers);
     log(`${orgs.length} billable customers created in ${round((Date.now() - t0) / 1000, 1)} s`);
-    emulator = await startStripeEmulator({
-      port: 0,
-      faults: { latencyMs: 0, jitterMs: 500 },
-      ratePerSecond: s.limit,
-      streamRatePerSecond: s.limit,
-    });
+    let env: Record<string, string>;
+    if (metronome) {
+      const m = await startMetronomeEmulator({ port: 0, faults: { latencyMs: 0, jitterMs: 500 } });
+      // Every organization bills to Metronome, under its alias, which a customer has there.
+      await harness.pool.query(
+        `INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+         SELECT id, 'metronome', 'billing', '-infinity' FROM organizations`,
+      );
+      for (const org of orgs) m.createCustomer({ name: org.organizationId, ingest_aliases: [billedAs(org)] });
+      emulator = metronomeView(m);
+      env = {
+        DATABASE_URL: url,
+        LOG_LEVEL: 'warn',
+        METRONOME_BEARER_TOKEN: 'bench-metronome',
+        METRONOME_API_BASE: m.url,
+      };
+    } else {
+      const st = await startStripeEmulator({
+        port: 0,
+        faults: { latencyMs: 0, jitterMs: 500 },
+        ratePerSecond: s.limit,
+        streamRatePerSecond: s.limit,
+      });
+      emulator = stripeView(st);
+      env = {
+        DATABASE_URL: url,
+        LOG_LEVEL: 'warn',
+        STRIPE_SECRET_KEY: s.live ? 'sk_live_bench_scale' : 'sk_test_bench_scale',
+        STRIPE_API_BASE: st.url,
+        DELIVERY_TRANSPORT: s.transport,
+      };
+    }
     cleanup.push(() => emulator?.stop());
-    const env = {
-      DATABASE_URL: url,
-      LOG_LEVEL: 'warn',
-      STRIPE_SECRET_KEY: s.live ? 'sk_live_bench_scale' : 'sk_test_bench_scale',
-      STRIPE_API_BASE: emulator.url,
-      DELIVERY_TRANSPORT: s.transport,
-    };
     const api = await startApi(env, entries['src/bin/server.ts']);
     cleanup.push(() => api.proc.stop());
     const http = new HttpClient(api.url, 128);
@@ -380,14 +443,11 @@ async function runScenario(
     const runCommit = await harness.pool.query<{ t: string | null }>(
       `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
     );
-    const lastActive = Math.max(
-      0,
-      ...emulator.events({ event_name: 'active_sensors' }).map((e) => e.receivedAt),
-    );
+    const lastActive = Math.max(0, ...emulator.events('active_sensors').map((e) => e.receivedAt));
     const startupRunMs =
       startedUp && runCommit.rows[0]?.t ? Math.round(lastActive - Number(runCommit.rows[0].t)) : null;
     const startupCounters = emulator.counters();
-    const startupPending = await pending(harness.pool);
+    const startupPending = await pendingOutbox(harness.pool);
     log(
       startupMs === null
         ? `active_sensors start-up run not delivered within ${STARTUP_CAP_MS / 1000} s (${startupPending.rows} rows pending)`
@@ -403,7 +463,7 @@ async function runScenario(
       const t = Date.now();
       const prev = last;
       last = now;
-      void Promise.all([pending(harness.pool), jobStates(harness.pool)]).then(([p, j]) => {
+      void Promise.all([pendingOutbox(harness.pool), jobStates(harness.pool)]).then(([p, j]) => {
         samples.push({
           t,
           pendingRows: p.rows,
@@ -423,7 +483,8 @@ async function runScenario(
     }, 1000);
     cleanup.push(() => clearInterval(sampler));
     await harness.pool.query('SELECT pg_stat_statements_reset()');
-    const eventsBefore = emulator.events().length;
+    const eventsBefore =
+      emulator.events('temperature_readings').length + emulator.events('active_sensors').length;
     const before = emulator.counters();
     const loadStart = Date.now();
     const intervalMs = 1000 / (s.rate ?? REQUESTS_PER_SECOND);
@@ -444,7 +505,7 @@ async function runScenario(
             requestMs.push(res.ms);
             if (res.status === 201) {
               ok++;
-              readingsPerOrg.set(org.customerId, (readingsPerOrg.get(org.customerId) ?? 0) + 1);
+              readingsPerOrg.set(billedAs(org), (readingsPerOrg.get(billedAs(org)) ?? 0) + 1);
             } else failed++;
           });
         inflight.add(p);
@@ -461,12 +522,17 @@ async function runScenario(
 
     // ---- drain
     let drainMs: number | null = null;
-    if (await pollUntil(async () => (await pending(harness.pool)).rows === 0, DRAIN_CAP_MS, 100))
+    if (await pollUntil(async () => (await pendingOutbox(harness.pool)).rows === 0, DRAIN_CAP_MS, 100))
       drainMs = Date.now() - loadEnd;
     clearInterval(sampler);
     const after = emulator.counters();
     const statements = args.profile ? await topStatements(harness.pool) : [];
-    const workerCost = await workerStatements(harness.pool, emulator.events().length - eventsBefore);
+    const workerCost = await workerStatements(
+      harness.pool,
+      emulator.events('temperature_readings').length +
+        emulator.events('active_sensors').length -
+        eventsBefore,
+    );
     log(
       `worker: ${workerCost.statementsPerEvent} statements and ${workerCost.execMsPerEvent} ms of Postgres execution per delivered event (${workerCost.events} events)`,
     );
@@ -481,7 +547,7 @@ async function runScenario(
 
     // ---- commit -> acceptance, per reading row (its outbox row's creation to Stripe's receipt)
     const accepted = new Map(
-      emulator.events({ event_name: 'temperature_readings' }).map((e) => [e.identifier, e.receivedAt]),
+      emulator.events('temperature_readings').map((e) => [e.identifier, e.receivedAt]),
     );
     const rows = await harness.pool.query<{ identifier: string | null; created: string; status: string }>(
       `SELECT identifier, (extract(epoch FROM created_at) * 1000)::float8::text AS created,
@@ -495,7 +561,7 @@ async function runScenario(
     }
 
     // ---- exactly once: Stripe's per-customer sums equal the readings the API accepted
-    const events = emulator.events({ event_name: 'temperature_readings' });
+    const events = emulator.events('temperature_readings');
     const identifiers = new Set(events.map((e) => e.identifier));
     const stripeSum = new Map<string, number>();
     for (const e of events) stripeSum.set(e.customer, (stripeSum.get(e.customer) ?? 0) + e.value);

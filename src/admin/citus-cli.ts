@@ -29,12 +29,17 @@ export async function citusDistributeCommand(
       io.out(JSON.stringify({ ...result, local }, null, 2));
       return 0;
     }
-    for (const { table, placement } of result.distributed)
-      io.out(`${table.padEnd(24)} ${describe(placement)}`);
+    for (const { table, placement, ms } of result.distributed)
+      io.out(`${table.padEnd(24)} ${describe(placement)} (${ms} ms, rows included)`);
+    for (const table of result.truncated)
+      io.out(
+        `${table.padEnd(24)} local copy of its rows emptied on the coordinator (they are in its shards)`,
+      );
     io.out(
-      result.distributed.length === 0
+      result.distributed.length === 0 && result.truncated.length === 0
         ? `nothing to do: ${result.alreadyDistributed.length} tables already distributed`
-        : `${result.distributed.length} table(s) distributed, ${result.alreadyDistributed.length} already were`,
+        : `${result.distributed.length} table(s) distributed, ${result.alreadyDistributed.length} already were; ` +
+            `tables locked for ${result.lockedMs} ms (lock taken at attempt ${result.lockAttempts})`,
     );
     io.out(`local on the coordinator: ${local.join(', ') || 'none'} (pg-boss keeps its own schema there)`);
     return 0;

@@ -4,7 +4,7 @@ import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, formatTable, processIo, str, usageError, zodMessage } from '../cli/io.js';
 import { createProgressBar } from '../cli/progress.js';
 import type { Context } from '../context-type.js';
-import { listOutbox, outboxListQuery, retryFailed, retrySelection } from './outbox.js';
+import { listOutbox, outboxListQuery, redriveDepsOf, retryFailed, retrySelection } from './outbox.js';
 import { type ReconciliationReport, reconcile, reconcileQuery } from './reconcile.js';
 
 type Values = Record<string, string | boolean | undefined>;
@@ -52,7 +52,8 @@ export async function outboxListCommand(
   return 0;
 }
 
-const RETRY_USAGE = 'outbox retry (--id <id>[,<id>…] | --org <id> | --all) [--meter <name>] [--json]';
+const RETRY_USAGE =
+  'outbox retry (--id <id>[,<id>…] | --org <id> | --all) [--meter <name>] [--reconcile] [--json]';
 
 export async function outboxRetryCommand(
   ctx: Context,
@@ -68,17 +69,60 @@ export async function outboxRetryCommand(
     organizationId: str(values, 'org'),
     meter: str(values, 'meter'),
     all: values.all === true ? true : undefined,
+    reconcile: values.reconcile === true ? true : undefined,
   });
   if (!parsed.success) return usageError(io, zodMessage(parsed.error), RETRY_USAGE);
   const bar = createProgressBar(io.err, 'retrying failed rows');
-  const result = await retryFailed(ctx.db, ctx.boss, parsed.data, (done, total) => bar.update(done, total));
-  bar.finish();
-  io.out(
-    values.json
-      ? JSON.stringify(result)
-      : `retried ${result.retried} failed row(s); queued ${result.jobs} delivery job(s)`,
+  const result = await retryFailed(
+    ctx.db,
+    ctx.boss,
+    parsed.data,
+    (done, total) => bar.update(done, total),
+    parsed.data.reconcile ? await redriveDepsOf(ctx) : undefined,
   );
-  return 0;
+  bar.finish();
+  if (values.json) {
+    io.out(JSON.stringify(result));
+  } else {
+    io.out(`retried ${result.retried} failed row(s); queued ${result.jobs} delivery job(s)`);
+    const r = result.reconciled;
+    if (r) {
+      io.out(
+        `reconciled with the destinations (${r.calls} call(s)): ${r.delivered.length} group(s) found there and marked delivered, ${r.reissued.length} missing and queued under a new identifier, ${r.ambiguous.length} left failed`,
+      );
+      if (r.ambiguous.length > 0) {
+        io.out(
+          formatTable(
+            ['IDENTIFIER', 'DESTINATION', 'CUSTOMER', 'METER', 'WINDOW', 'WHY'],
+            r.ambiguous.map((g) => [g.identifier, g.destination, g.customerId, g.meter, g.window, g.reason]),
+          ),
+        );
+      }
+    }
+    if (result.refused.length > 0) {
+      io.out(
+        `${result.refused.length} group(s) NOT resent: their identifiers are past the destination's dedupe window, so a resend could bill twice`,
+      );
+      io.out(
+        formatTable(
+          ['IDENTIFIER', 'DESTINATION', 'CUSTOMER', 'METER', 'KIND', 'ROWS', 'IDENTIFIED AT'],
+          result.refused.map((g) => [
+            g.identifier,
+            g.destination,
+            g.customerId,
+            g.meter,
+            g.kind,
+            String(g.rows),
+            g.identifiedAt,
+          ]),
+          new Set([5]),
+        ),
+      );
+      if (!r) io.out('run again with --reconcile to compare them with the destination first');
+    }
+  }
+  // Exit 1 while groups are left failed, so a script notices what was not redriven.
+  return result.refused.length > 0 ? 1 : 0;
 }
 
 const RECONCILE_USAGE = 'reconcile --from <iso> --to <iso> [--org <id>] [--skip-stripe] [--json]';
@@ -156,9 +200,10 @@ export const adminCommands: Record<string, CliCommand> = {
     run: (ctx, { values }) => outboxListCommand(ctx, values),
   },
   'outbox retry': {
-    summary: 'put failed outbox rows back to pending and queue their delivery',
+    summary:
+      'put failed outbox rows back to pending and queue their delivery (groups past the identifier window: refused, or reconciled first with --reconcile)',
     usage: RETRY_USAGE,
-    options: flags(['id', 'org', 'meter'], ['all', 'json']),
+    options: flags(['id', 'org', 'meter'], ['all', 'reconcile', 'json']),
     run: (ctx, { values }) => outboxRetryCommand(ctx, values),
   },
   reconcile: {

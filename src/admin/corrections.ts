@@ -5,7 +5,7 @@ import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
 import { pgInstant, pgText } from '../db/input-types.js';
-import type { DB } from '../db/schema.js';
+import type { DB, Destination } from '../db/schema.js';
 import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
 import { enqueueDelivery } from '../metering/outbox.js';
 
@@ -185,6 +185,7 @@ export async function createCorrection(
     billed: number;
     lowered: number;
     customers: string[] | null;
+    destinations: Destination[] | null;
   }>`
     WITH voided AS (
       UPDATE temperature_readings
@@ -193,29 +194,40 @@ export async function createCorrection(
       RETURNING outbox_id
     ), per_row AS (
       SELECT outbox_id, count(*)::bigint AS n FROM voided WHERE outbox_id IS NOT NULL GROUP BY outbox_id
+    ), targets AS (
+      -- The row the readings name and its rows at other destinations (0024, mirrors_outbox_id): each
+      -- billed the same readings, so each destination takes them back.
+      SELECT outbox_id, n FROM per_row
+      UNION ALL
+      SELECT o.id, p.n FROM per_row p JOIN meter_outbox o
+          ON o.mirrors_outbox_id = p.outbox_id AND o.organization_id = ${organizationId}
     ), lowered AS (
       UPDATE meter_outbox o SET value = o.value - p.n, updated_at = now()
-        FROM per_row p
+        FROM targets p
        WHERE o.id = p.outbox_id AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
       RETURNING o.id, p.n
     ), corrections AS (
       -- An original that expired was never billed: its correction row is recorded as expired too
       -- (nothing to send), so usage and corrections still add up in reconciliation.
       INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                kind, correction_id, corrects_outbox_id, status, last_error)
+                                kind, correction_id, corrects_outbox_id, status, last_error, destination)
       SELECT o.organization_id, o.event_name, o.stripe_customer_id, p.n, o.occurred_at,
              'correction', ${correction.id}, o.id,
              CASE WHEN o.status = 'expired' THEN 'expired' ELSE 'pending' END,
-             CASE WHEN o.status = 'expired' THEN 'the original usage expired before Stripe recorded it: nothing was billed' END
-        FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
+             CASE WHEN o.status = 'expired' THEN 'the original usage expired before Stripe recorded it: nothing was billed' END,
+             o.destination
+        FROM targets p JOIN meter_outbox o ON o.id = p.outbox_id
        WHERE p.outbox_id NOT IN (SELECT id FROM lowered)
-      RETURNING stripe_customer_id, status
+      RETURNING stripe_customer_id, status, destination
+    ), pending_keys AS (
+      SELECT DISTINCT stripe_customer_id, destination FROM corrections WHERE status = 'pending'
     )
     SELECT (SELECT count(*)::int FROM voided) AS voided,
            (SELECT coalesce(sum(p.n), 0)::int FROM per_row p JOIN meter_outbox o ON o.id = p.outbox_id
              WHERE o.status <> 'expired') AS billed,
            (SELECT coalesce(sum(n), 0)::int FROM lowered) AS lowered,
-           (SELECT array_agg(DISTINCT stripe_customer_id) FROM corrections WHERE status = 'pending') AS customers`.execute(
+           (SELECT array_agg(stripe_customer_id ORDER BY stripe_customer_id, destination) FROM pending_keys) AS customers,
+           (SELECT array_agg(destination ORDER BY stripe_customer_id, destination) FROM pending_keys) AS destinations`.execute(
     trx,
   );
   const row = result.rows[0];
@@ -229,8 +241,13 @@ export async function createCorrection(
     })
     .where('id', '=', correction.id)
     .execute();
-  for (const customerId of row.customers ?? []) {
-    await enqueueDelivery(trx, boss, customerId, 'temperature_readings');
+  for (const [i, customerId] of (row.customers ?? []).entries()) {
+    await enqueueDelivery(trx, boss, {
+      organizationId,
+      customerId,
+      eventName: 'temperature_readings',
+      destination: row.destinations?.[i] ?? 'stripe',
+    });
   }
   const [view] = await listCorrections(trx, organizationId, { id: correction.id });
   if (!view) throw new Error('createCorrection: the correction vanished');

@@ -7,7 +7,39 @@ import type { AppEnv, HttpModule } from '../http/types.js';
 import { crossSite, endSession, startSession, tokenMatches } from './auth.js';
 import { type DashboardDeps, dashboard, periodQuery } from './dashboard.js';
 import { LoginPage } from './dashboard-page.js';
-import { redriveAndReopen, retryFailed } from './outbox.js';
+import {
+  cutOver,
+  DestinationChangeError,
+  prepareDestination,
+  setDestination,
+  startParallel,
+} from './destinations.js';
+import { redriveAndReopen, redriveDepsOf, retryFailed } from './outbox.js';
+
+/** The flash line of a redrive: what was resent, reconciled, and what was refused and why. */
+function redriveMessage(result: {
+  retried: number;
+  refused: { identifier: string }[];
+  reconciled: { delivered: unknown[]; reissued: unknown[]; ambiguous: { reason: string }[] } | null;
+}): string {
+  const parts = [
+    result.retried === 0
+      ? 'No failed row was resent.'
+      : `Retried ${result.retried} row${result.retried === 1 ? '' : 's'}; delivery queued.`,
+  ];
+  if (result.reconciled) {
+    const r = result.reconciled;
+    parts.push(
+      `Reconciled: ${r.delivered.length} group(s) found at the destination and marked delivered, ${r.reissued.length} missing and resent under a new identifier, ${r.ambiguous.length} left failed${r.ambiguous[0] ? ` (${r.ambiguous[0].reason})` : ''}.`,
+    );
+  }
+  if (result.refused.length > 0) {
+    parts.push(
+      `${result.refused.length} group(s) refused: their identifiers are past the destination's dedupe window and a resend could bill twice. Use "Reconcile old groups, then retry all failed" to compare them with the destination first.`,
+    );
+  }
+  return parts.join(' ');
+}
 
 const FORM_DOC = (path: string, summary: string, fields: string): RouteDoc => ({
   method: 'post',
@@ -64,30 +96,93 @@ export function dashboardRoutes(ctx: DashboardDeps): HttpModule {
   });
 
   routes.route(
-    FORM_DOC('/admin/ui/retry', 'Retry one failed row or all of them', 'id, or all=1'),
+    FORM_DOC(
+      '/admin/ui/retry',
+      'Retry one failed row or all of them; groups past their identifier window are refused and listed, or with reconcile=1 compared with the destination first',
+      'id, or all=1; reconcile=1',
+    ),
     async (c) => {
       const form = await c.req.parseBody();
       const id = typeof form.id === 'string' && /^\d{1,19}$/.test(form.id) ? form.id : undefined;
       if (!id && form.all !== '1') return back(c, 'Nothing to retry.', 'error');
-      const result = await retryFailed(ctx.db, ctx.boss, id ? { ids: [id] } : { all: true });
-      ctx.log.info({ ...result, id: id ?? 'all' }, 'admin: failed outbox rows retried from the dashboard');
+      const reconcile = form.reconcile === '1';
+      const result = await retryFailed(
+        ctx.db,
+        ctx.boss,
+        { ...(id ? { ids: [id] } : { all: true }), reconcile },
+        undefined,
+        reconcile ? await redriveDepsOf(ctx) : undefined,
+      );
+      ctx.log.info(
+        { retried: result.retried, jobs: result.jobs, refused: result.refused.length, id: id ?? 'all' },
+        'admin: failed outbox rows retried from the dashboard',
+      );
+      return back(c, redriveMessage(result), result.refused.length > 0 ? 'error' : 'flash');
+    },
+  );
+
+  routes.route(
+    FORM_DOC('/admin/ui/redrive', 'Redrive the dead-letter queue', 'reconcile=1 (optional)'),
+    async (c) => {
+      const form = await c.req.parseBody();
+      const reconcile = form.reconcile === '1';
+      const result = await redriveAndReopen(ctx.db, ctx.boss, 1000, {
+        reconcile,
+        ...(reconcile ? { deps: await redriveDepsOf(ctx) } : {}),
+      });
+      ctx.log.info(
+        { moved: result.moved, retried: result.retried, refused: result.refused.length },
+        'admin: dead-letter queue redriven from the dashboard',
+      );
       return back(
         c,
-        result.retried === 0
-          ? 'No failed row matched (already retried?).'
-          : `Retried ${result.retried} row${result.retried === 1 ? '' : 's'}; delivery queued.`,
+        `Redrove ${result.moved} job${result.moved === 1 ? '' : 's'}. ${redriveMessage(result)}`,
+        result.refused.length > 0 ? 'error' : 'flash',
       );
     },
   );
 
-  routes.route(FORM_DOC('/admin/ui/redrive', 'Redrive the dead-letter queue', 'none'), async (c) => {
-    const result = await redriveAndReopen(ctx.db, ctx.boss, 1000);
-    ctx.log.info(result, 'admin: dead-letter queue redriven from the dashboard');
-    return back(
-      c,
-      `Redrove ${result.moved} job${result.moved === 1 ? '' : 's'}, reopened ${result.retried} failed row${result.retried === 1 ? '' : 's'}.`,
-    );
-  });
+  routes.route(
+    FORM_DOC(
+      '/admin/ui/destinations',
+      "Change an organization's destinations at the next hour boundary",
+      'organization, action (set, start-parallel or cut-over), destination (stripe or metronome)',
+    ),
+    async (c) => {
+      const form = await c.req.parseBody();
+      const organization = typeof form.organization === 'string' ? form.organization.trim() : '';
+      const action = form.action;
+      const destination =
+        form.destination === 'stripe' || form.destination === 'metronome' ? form.destination : undefined;
+      if (!/^[0-9a-f-]{36}$/i.test(organization)) return back(c, 'An organization id is needed.', 'error');
+      const now = ctx.clock.now();
+      try {
+        let message: string;
+        if (action === 'cut-over') {
+          const cut = await cutOver(ctx.db, organization, { now });
+          message = `Cut-over at ${cut.at.toISOString()}: usage before it bills ${cut.from}, from it ${cut.to}.`;
+        } else if ((action === 'set' || action === 'start-parallel') && destination) {
+          await prepareDestination(ctx, organization, destination);
+          const change =
+            action === 'set'
+              ? await setDestination(ctx.db, organization, destination, { now })
+              : await startParallel(ctx.db, organization, destination, { now });
+          message = change.unchanged
+            ? 'Nothing to change.'
+            : action === 'set'
+              ? `Bills to ${destination} alone from ${change.at.toISOString()}.`
+              : `Also sends its usage to ${destination} (shadow) from ${change.at.toISOString()}.`;
+        } else {
+          return back(c, 'Unknown change.', 'error');
+        }
+        ctx.log.info({ organization, action, destination }, 'admin: destination change from the dashboard');
+        return back(c, message);
+      } catch (err) {
+        if (err instanceof DestinationChangeError) return back(c, err.message, 'error');
+        throw err;
+      }
+    },
+  );
 
   return routes;
 }

@@ -22,6 +22,15 @@ export function FailedTable(props: { rows: OutboxRowView[]; names: ReadonlyMap<s
           Retry all failed
         </button>
       </form>
+      {/* Groups past their destination's identifier window are refused by a plain retry: this one
+          compares them with the destination's own totals first (a few calls through its budget). */}
+      <form method="post" action="/admin/ui/retry" class="row">
+        <input type="hidden" name="all" value="1" />
+        <input type="hidden" name="reconcile" value="1" />
+        <button type="submit" class="secondary" data-testid="reconcile-retry">
+          Reconcile old groups, then retry all failed
+        </button>
+      </form>
       <div class="scroll">
         <table class="stack" data-testid="failed-table">
           <thead>

@@ -13,11 +13,16 @@ import { BacklogChart, Card, DeliveryChart } from './dashboard-charts.js';
 import { fmtAge, fmtNum, fmtTime } from './dashboard-format.js';
 import { Page } from './dashboard-page.js';
 import { FailedTable, MeterErrorsTable, PoisonTable, ReconciliationTable } from './dashboard-tables.js';
+import { DestinationsPanel } from './destinations-panel.js';
 import { listOutbox, pipelineOverview } from './outbox.js';
 import { reconcile } from './reconcile.js';
+import { ReconciliationPanel } from './reconciliation-panel.js';
 import { StripeAccountPanel } from './stripe-account-panel.js';
 
-export type DashboardDeps = Pick<Context, 'db' | 'boss' | 'stripe' | 'config' | 'clock' | 'log'>;
+export type DashboardDeps = Pick<
+  Context,
+  'db' | 'boss' | 'stripe' | 'metronome' | 'config' | 'clock' | 'log' | 'distributed'
+>;
 
 export const periodQuery = z.object({
   from: pgInstant('from')
@@ -93,6 +98,8 @@ export async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Pro
           </p>
         ) : null}
         <StripeAccountPanel db={ctx.db} />
+        <ReconciliationPanel db={ctx.db} />
+        <DestinationsPanel ctx={ctx} />
         <section aria-labelledby="pipeline">
           <h2 id="pipeline">Pipeline</h2>
           <div class="cards">

@@ -58,9 +58,13 @@ export async function ensureDemoOrganization(
     };
   }
 
-  const { organization, apiKey } = await ctx.db
-    .transaction()
-    .execute((trx) => createOrganization(trx, { name: DEMO_ORGANIZATION_NAME, keyName: 'dev' }));
+  const { organization, apiKey } = await ctx.db.transaction().execute((trx) =>
+    createOrganization(trx, {
+      name: DEMO_ORGANIZATION_NAME,
+      keyName: 'dev',
+      destination: ctx.config.DEFAULT_DESTINATION,
+    }),
+  );
   const customerId = await createCustomer(organization.id);
   await linkSubscription(
     ctx.db,

@@ -9,6 +9,7 @@ import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';
 import { LoginPage } from './dashboard-page.js';
 import { dashboardRoutes } from './dashboard-routes.js';
+import { destinationRoutes } from './destinations-routes.js';
 import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
 
@@ -28,7 +29,7 @@ function refuseBrowser(c: HonoContext<AppEnv>): Response | Promise<Response> | u
 }
 
 export function adminModule(
-  ctx: Pick<Context, 'db' | 'boss' | 'stripe' | 'config' | 'clock' | 'log'>,
+  ctx: Pick<Context, 'db' | 'boss' | 'stripe' | 'metronome' | 'config' | 'clock' | 'log' | 'distributed'>,
 ): HttpModule {
   const app = new Hono<AppEnv>();
   app.use('*', adminGuard(ctx, refuseBrowser));
@@ -38,6 +39,7 @@ export function adminModule(
     correctionDashboardRoutes(ctx),
     dashboardRoutes(ctx),
     organizationAdminRoutes(ctx),
+    destinationRoutes(ctx),
   ];
   for (const part of parts) {
     if (!part.prefix.startsWith(ADMIN_PREFIX)) throw new Error(`admin module outside /admin: ${part.prefix}`);

@@ -46,9 +46,13 @@ const orgCreate: CliCommand = {
     const name = str(values, 'name');
     if (!name || name.length > 200) return fail('--name (1-200 characters) is required', orgCreateUsage);
     const keyName = str(values, 'key-name');
-    const created = await ctx.db
-      .transaction()
-      .execute((trx) => createOrganization(trx, { name, ...(keyName ? { keyName } : {}) }));
+    const created = await ctx.db.transaction().execute((trx) =>
+      createOrganization(trx, {
+        name,
+        ...(keyName ? { keyName } : {}),
+        destination: ctx.config.DEFAULT_DESTINATION,
+      }),
+    );
     print(values, created, [
       `organization ${created.organization.id} (${created.organization.name})`,
       `api key      ${created.apiKey.key}`,

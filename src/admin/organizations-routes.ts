@@ -88,7 +88,7 @@ function idParam(value: string | undefined, what: string): string {
   return parsed.data;
 }
 
-export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock'>): HttpModule {
+export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock' | 'config'>): HttpModule {
   const routes = documentedRoutes(PREFIX);
 
   routes.route(
@@ -108,9 +108,13 @@ export function organizationAdminRoutes(ctx: Pick<Context, 'db' | 'clock'>): Htt
     },
     async (c) => {
       const input = await parseBody(c, createOrganizationSchema);
-      const created = await ctx.db
-        .transaction()
-        .execute((trx) => createOrganization(trx, { name: input.name, keyName: input.keyName }));
+      const created = await ctx.db.transaction().execute((trx) =>
+        createOrganization(trx, {
+          name: input.name,
+          keyName: input.keyName,
+          destination: ctx.config.DEFAULT_DESTINATION,
+        }),
+      );
       return c.json(created, 201);
     },
   );

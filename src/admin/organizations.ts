@@ -1,9 +1,11 @@
 // Organizations, their API keys and the link of their subscription to a Stripe customer: the data
 // functions behind the admin routes and the `meterbox org|key` commands.
 import { type Kysely, sql, type Transaction } from 'kysely';
+import { customerPendingElsewhere } from '../billing/subscriptions.js';
 import { generateApiKey } from '../credentials/api-keys.js';
 import { isUniqueViolation } from '../db/errors.js';
-import type { DB, SubscriptionStatus } from '../db/schema.js';
+import type { DB, Destination, SubscriptionStatus } from '../db/schema.js';
+import { assignInitialDestination } from './destinations.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 
@@ -53,6 +55,16 @@ export class AlreadyLinkedError extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'AlreadyLinkedError';
+  }
+}
+
+/** The customer still has usage of another organization to deliver: link it once that is delivered. */
+export class CustomerStillBilledError extends AlreadyLinkedError {
+  constructor(customerId: string, organizationId: string) {
+    super(
+      `Stripe customer ${customerId} still has usage of organization ${organizationId} waiting for delivery; link it once that is delivered`,
+    );
+    this.name = 'CustomerStillBilledError';
   }
 }
 
@@ -116,13 +128,15 @@ export async function createApiKey(
 /** Creates an organization and its first API key, in the caller's transaction. */
 export async function createOrganization(
   trx: Transaction<DB>,
-  input: { name: string; keyName?: string },
+  input: { name: string; keyName?: string; destination?: Destination },
 ): Promise<{ organization: OrganizationView; apiKey: CreatedApiKey }> {
   const row = await trx
     .insertInto('organizations')
     .values({ name: input.name })
     .returning(['id', 'name', 'created_at'])
     .executeTakeFirstOrThrow();
+  // DEFAULT_DESTINATION: where a new organization's usage is billed (Stripe needs no row).
+  await assignInitialDestination(trx, row.id, input.destination ?? 'stripe');
   const apiKey = await createApiKey(trx, row.id, input.keyName);
   if (!apiKey) throw new Error('organization vanished while creating its first key');
   return { organization: { id: row.id, name: row.name, createdAt: row.created_at }, apiKey };
@@ -171,7 +185,8 @@ export async function revokeApiKey(
 /**
  * Links the organization's subscription to a Stripe customer (creating the row if needed) and sets
  * its status; the webhook handlers later keep it current. Returns null for an unknown organization;
- * throws AlreadyLinkedError when another organization already has that customer or subscription.
+ * throws AlreadyLinkedError when another organization already has that customer or subscription, or
+ * still has usage of that customer waiting for delivery (CustomerStillBilledError).
  */
 export async function linkSubscription(
   db: Db,
@@ -181,6 +196,9 @@ export async function linkSubscription(
 ): Promise<SubscriptionView | null> {
   const organization = await getOrganization(db, organizationId);
   if (!organization) return null;
+  // A customer is billed for one organization at a time (customerPendingElsewhere says why).
+  const busy = await customerPendingElsewhere(db, input.stripeCustomerId, organizationId);
+  if (busy) throw new CustomerStillBilledError(input.stripeCustomerId, busy);
   const values = {
     stripe_customer_id: input.stripeCustomerId,
     status: input.status,

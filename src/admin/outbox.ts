@@ -3,10 +3,23 @@
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
+import type { Context } from '../context-type.js';
 import { bigintId, pgDateOrInstant } from '../db/input-types.js';
 import type { DB, MeterEventName, OutboxStatus } from '../db/schema.js';
-import { METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
-import { retryFailedRows } from '../metering/redrive.js';
+import { DESTINATIONS, METER_EVENT_NAMES, OUTBOX_STATUSES } from '../db/schema.js';
+import {
+  type FailedRowsFilter,
+  failedGroups,
+  type RefusedGroup,
+  retryFailedRows,
+} from '../metering/redrive.js';
+import {
+  type ReconcileDeps,
+  type ReconciledGroup,
+  type ReconciledRedrive,
+  reconcileRefused,
+} from '../metering/redrive-reconcile.js';
+import { IDENTIFIER_WINDOW_MS, redriveVerdict } from '../metering/rules.js';
 
 const isoDate = pgDateOrInstant('date');
 
@@ -14,6 +27,7 @@ export const outboxListQuery = z.object({
   status: z.enum(OUTBOX_STATUSES).optional(),
   organizationId: z.uuid().optional(),
   meter: z.enum(METER_EVENT_NAMES).optional(),
+  destination: z.enum(DESTINATIONS).optional(),
   /** created_at >= from */
   from: isoDate.optional(),
   /** created_at < to */
@@ -28,7 +42,8 @@ export const outboxRowView = z.object({
   id: z.string(),
   organizationId: z.string(),
   meter: z.enum(METER_EVENT_NAMES),
-  customerId: z.string(),
+  destination: z.enum(DESTINATIONS).describe('where the row is billed (stripe or metronome)'),
+  customerId: z.string().describe("Stripe's customer id, or the Metronome ingest alias"),
   value: z.string().describe('whole number, as a decimal string'),
   occurredAt: z.string(),
   status: z.enum(OUTBOX_STATUSES),
@@ -57,6 +72,7 @@ export async function listOutbox(db: Kysely<DB>, query: OutboxListQuery): Promis
   if (query.status) q = q.where('status', '=', query.status);
   if (query.organizationId) q = q.where('organization_id', '=', query.organizationId);
   if (query.meter) q = q.where('event_name', '=', query.meter);
+  if (query.destination) q = q.where('destination', '=', query.destination);
   if (query.from) q = q.where('created_at', '>=', query.from);
   if (query.to) q = q.where('created_at', '<', query.to);
   if (query.cursor) q = q.where('id', '<', query.cursor);
@@ -67,6 +83,7 @@ export async function listOutbox(db: Kysely<DB>, query: OutboxListQuery): Promis
       id: String(r.id),
       organizationId: r.organization_id,
       meter: r.event_name,
+      destination: r.destination,
       customerId: r.stripe_customer_id,
       value: String(r.value),
       occurredAt: r.occurred_at.toISOString(),
@@ -204,32 +221,143 @@ export const retrySelection = z
     meter: z.enum(METER_EVENT_NAMES).optional(),
     /** Required to retry every failed row when neither ids nor organizationId narrow it. */
     all: z.boolean().optional(),
+    /**
+     * Groups past their destination's identifier window are compared with the destination's own
+     * totals first (present: delivered; missing: resent under a new identifier; ambiguous: left).
+     */
+    reconcile: z.boolean().optional(),
   })
   .refine((s) => s.ids !== undefined || s.organizationId !== undefined || s.all === true, {
     message: 'give ids, organizationId, or all: true',
   });
 export type RetrySelection = z.output<typeof retrySelection>;
 
+const groupView = {
+  identifier: z.string(),
+  destination: z.enum(DESTINATIONS),
+  customerId: z.string(),
+  meter: z.enum(METER_EVENT_NAMES),
+  kind: z.enum(['usage', 'correction']),
+};
+
+/** What a redrive did with the groups it could not simply resend (part of every redrive's answer). */
+export const redriveReport = {
+  refused: z
+    .array(
+      z.object({
+        ...groupView,
+        rows: z.number().int(),
+        identifiedAt: z.string(),
+        reason: z.string(),
+      }),
+    )
+    .describe(
+      "failed groups left failed because their identifier is past the destination's dedupe window (a resend could bill twice); redrive with reconcile: true to settle them",
+    ),
+  reconciled: z
+    .object({
+      delivered: z.array(z.object({ ...groupView, window: z.string() })),
+      reissued: z.array(z.object({ ...groupView, window: z.string() })),
+      ambiguous: z.array(z.object({ ...groupView, window: z.string(), reason: z.string() })),
+      calls: z.number().int(),
+    })
+    .nullable()
+    .describe('with reconcile: true, what the comparison with the destinations decided; else null'),
+};
+
+type RedriveReport = { refused: RefusedView[]; reconciled: ReconciledView | null };
+type RefusedView = z.output<typeof redriveReport.refused>[number];
+type ReconciledView = NonNullable<z.output<typeof redriveReport.reconciled>>;
+
+const refusedView = (g: RefusedGroup): RefusedView => ({
+  identifier: g.identifier,
+  destination: g.destination,
+  customerId: g.customerId,
+  meter: g.eventName,
+  kind: g.kind,
+  rows: g.rows,
+  identifiedAt: g.identifiedAt.toISOString(),
+  reason: g.reason,
+});
+
+function reconciledView(r: ReconciledRedrive): ReconciledView {
+  const view = (g: ReconciledGroup) => ({
+    identifier: g.identifier,
+    destination: g.destination,
+    customerId: g.customerId,
+    meter: g.eventName,
+    kind: g.kind,
+    window: g.window.toISOString(),
+  });
+  return {
+    delivered: r.delivered.map(view),
+    reissued: r.reissued.map(view),
+    ambiguous: r.ambiguous.map((g) => ({ ...view(g), reason: g.reason ?? 'ambiguous' })),
+    calls: r.calls,
+  };
+}
+
+/** What a reconciled redrive needs beyond the database and pg-boss: the destinations' clients. */
+export type RedriveDeps = Omit<ReconcileDeps, 'db' | 'boss'>;
+
+/** The destinations' clients of a context, for a reconciled redrive. */
+export async function redriveDepsOf(
+  ctx: Pick<Context, 'config' | 'stripe' | 'metronome' | 'distributed'>,
+): Promise<RedriveDeps> {
+  return {
+    config: ctx.config,
+    stripe: ctx.stripe,
+    metronome: ctx.metronome,
+    distributed: await ctx.distributed(),
+  };
+}
+
+/** The failed groups of `filter` past their window, settled against their destinations first. */
+async function reconcileFirst(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  deps: RedriveDeps,
+  filter: FailedRowsFilter,
+): Promise<ReconciledRedrive> {
+  const past = (await failedGroups(db, filter)).filter(
+    (g) =>
+      redriveVerdict(g, g.dbNow, { identifierWindowMs: IDENTIFIER_WINDOW_MS[g.destination] }) !== 'resend',
+  );
+  return reconcileRefused({ ...deps, db, boss }, past);
+}
+
 /**
  * Puts failed rows back to pending and queues their delivery, through delivery's retryFailedRows:
  * it reopens whole identifier groups, so a resend carries the same identifier and value and cannot
- * bill twice. Without ids, one transaction per customer and meter, which is the progress unit.
+ * bill twice; groups past their destination's identifier window are refused and listed, or, with
+ * `reconcile` (and the destinations' clients in `deps`), settled against the destination first.
+ * Without ids, one transaction per customer and meter, which is the progress unit.
  */
 export async function retryFailed(
   db: Kysely<DB>,
   boss: PgBoss,
   selection: RetrySelection,
   onProgress?: (done: number, total: number) => void,
-): Promise<{ retried: number; jobs: number }> {
-  const base = {
+  deps?: RedriveDeps,
+): Promise<{ retried: number; jobs: number } & RedriveReport> {
+  const base: FailedRowsFilter = {
     ...(selection.organizationId ? { organizationId: selection.organizationId } : {}),
     ...(selection.meter ? { eventName: selection.meter } : {}),
   };
+  if (selection.reconcile && !deps) throw new Error("a reconciled redrive needs the destinations' clients");
+  const reconciled =
+    selection.reconcile && deps
+      ? await reconcileFirst(db, boss, deps, selection.ids ? { ...base, ids: selection.ids } : base)
+      : null;
+  const report = (refused: RefusedGroup[]): RedriveReport => ({
+    refused: refused.map(refusedView),
+    reconciled: reconciled ? reconciledView(reconciled) : null,
+  });
   if (selection.ids) {
     onProgress?.(0, 1);
     const result = await retryFailedRows(db, boss, { ...base, ids: selection.ids });
     onProgress?.(1, 1);
-    return { retried: result.rows, jobs: result.keys };
+    return { retried: result.rows, jobs: result.keys, ...report(result.refused) };
   }
   let keysQuery = db
     .selectFrom('meter_outbox')
@@ -241,6 +369,7 @@ export async function retryFailed(
   const keys = await keysQuery.execute();
   let retried = 0;
   let jobs = 0;
+  const refused: RefusedGroup[] = [];
   onProgress?.(0, keys.length);
   for (const [i, key] of keys.entries()) {
     const result = await retryFailedRows(db, boss, {
@@ -250,9 +379,10 @@ export async function retryFailed(
     });
     retried += result.rows;
     jobs += result.keys;
+    refused.push(...result.refused);
     onProgress?.(i + 1, keys.length);
   }
-  return { retried, jobs };
+  return { retried, jobs, ...report(refused) };
 }
 
 /** Redrive = move the jobs and reopen their failed rows: delivery marks a dead-lettered group failed. */
@@ -260,25 +390,48 @@ export async function redriveAndReopen(
   db: Kysely<DB>,
   boss: PgBoss,
   limit: number,
-): Promise<{ moved: number; retried: number }> {
-  if (!(await boss.getQueue(DEAD_LETTER_QUEUE))) return { moved: 0, retried: 0 };
-  const dead = await boss.findJobs<{ customerId?: string; eventName?: string }>(DEAD_LETTER_QUEUE, {
-    queued: true,
-  });
+  options: { reconcile?: boolean; deps?: RedriveDeps } = {},
+): Promise<{ moved: number; retried: number } & RedriveReport> {
+  const none = { moved: 0, retried: 0, refused: [], reconciled: null };
+  if (!(await boss.getQueue(DEAD_LETTER_QUEUE))) return none;
+  const dead = await boss.findJobs<{ customerId?: string; eventName?: string; destination?: string }>(
+    DEAD_LETTER_QUEUE,
+    { queued: true },
+  );
   const keys = new Map<string, { customerId: string; eventName: MeterEventName }>();
   // Oldest first, as pg-boss's redrive; the exact ids are passed so rows reopened match jobs moved.
   const selected = [...dead].sort((a, b) => a.createdOn.getTime() - b.createdOn.getTime()).slice(0, limit);
-  if (selected.length === 0) return { moved: 0, retried: 0 };
+  if (selected.length === 0) return none;
   for (const job of selected) {
     const { customerId, eventName } = job.data ?? {};
     if (customerId && (eventName === 'temperature_readings' || eventName === 'active_sensors')) {
       keys.set(`${eventName}:${customerId}`, { customerId, eventName });
     }
   }
+  if (options.reconcile && !options.deps)
+    throw new Error("a reconciled redrive needs the destinations' clients");
+  const reconciled: ReconciledRedrive = { delivered: [], reissued: [], ambiguous: [], calls: 0 };
+  if (options.reconcile && options.deps) {
+    for (const key of keys.values()) {
+      const r = await reconcileFirst(db, boss, options.deps, key);
+      reconciled.delivered.push(...r.delivered);
+      reconciled.reissued.push(...r.reissued);
+      reconciled.ambiguous.push(...r.ambiguous);
+      reconciled.calls += r.calls;
+    }
+  }
   const moved = await boss.redrive(DEAD_LETTER_QUEUE, { ids: selected.map((j) => j.id), limit });
   let retried = 0;
-  for (const { customerId, eventName } of keys.values()) {
-    retried += (await retryFailedRows(db, boss, { customerId, eventName })).rows;
+  const refused: RefusedGroup[] = [];
+  for (const key of keys.values()) {
+    const result = await retryFailedRows(db, boss, key);
+    retried += result.rows;
+    refused.push(...result.refused);
   }
-  return { moved, retried };
+  return {
+    moved,
+    retried,
+    refused: refused.map(refusedView),
+    reconciled: options.reconcile ? reconciledView(reconciled) : null,
+  };
 }

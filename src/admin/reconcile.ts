@@ -3,9 +3,10 @@
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import { z } from 'zod';
-import type { Config } from '../config.js';
+import type { Context } from '../context-type.js';
 import { pgDateOrInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
+import { BUDGET_ROW, callsPerSecond, createBudgetedCaller } from '../metering/budget.js';
 
 const MINUTE = 60_000;
 const MAX_PERIOD_DAYS = 400;
@@ -226,12 +227,13 @@ export interface StripeTotals {
   activeSensors: number | null;
 }
 
-/** Stripe's meter event summaries for one customer; one call per configured meter. */
+/** Stripe's meter event summaries for one customer; one call per configured meter, each through `call`. */
 export async function stripeTotals(
   stripe: Stripe,
   meters: { readings: string | undefined; activeSensors: string | undefined },
   customerId: string,
   period: { from: Date; to: Date },
+  call: <T>(fn: () => Promise<T>) => Promise<T> = (fn) => fn(),
 ): Promise<StripeTotals> {
   const params = {
     customer: customerId,
@@ -241,7 +243,7 @@ export async function stripeTotals(
   };
   const summarize = async (meterId: string | undefined, formula: 'sum' | 'last'): Promise<number | null> => {
     if (!meterId) return null;
-    const page = await stripe.billing.meters.listEventSummaries(meterId, params);
+    const page = await call(() => stripe.billing.meters.listEventSummaries(meterId, params));
     if (page.data.length === 0) return 0;
     // Without value_grouping_window Stripe answers one summary for the whole period.
     if (formula === 'last') return page.data[0]!.aggregated_value;
@@ -261,7 +263,7 @@ export interface ReconcileOptions {
 }
 
 export async function reconcile(
-  deps: { db: Kysely<DB>; stripe: Stripe | undefined; config: Config },
+  deps: Pick<Context, 'db' | 'stripe' | 'config'> & Partial<Pick<Context, 'distributed'>>,
   requested: { from: Date; to: Date },
   options: ReconcileOptions = {},
 ): Promise<ReconciliationReport> {
@@ -274,6 +276,17 @@ export async function reconcile(
   const stripeConfigured =
     deps.stripe !== undefined && (meters.readings ?? meters.activeSensors) !== undefined;
   const compare = Boolean(options.withStripe) && stripeConfigured;
+  // Stripe's summaries take slots of Stripe's call budget, as the scheduled reconciliation's do: an
+  // operator's report over thousands of organizations never pushes delivery into 429s.
+  const caller = compare
+    ? createBudgetedCaller(deps.db, {
+        rate: callsPerSecond(deps.config),
+        budgetRow: BUDGET_ROW.stripe,
+        share: deps.config.RECONCILIATION_BUDGET_SHARE,
+        maxPerSecond: deps.config.RECONCILIATION_MAX_CALLS_PER_SECOND,
+        distributed: (await deps.distributed?.()) === true,
+      })
+    : undefined;
   const organizations: ReconciliationRow[] = [];
   options.onProgress?.(0, rows.length);
   for (const row of rows) {
@@ -301,7 +314,9 @@ export async function reconcile(
       const deliveredByTimestamp = num(row.delivered_by_ts);
       const lastActive = row.last_active === null ? null : Number(row.last_active);
       try {
-        const totals = await stripeTotals(deps.stripe, meters, row.customer_id, period);
+        const totals = await stripeTotals(deps.stripe, meters, row.customer_id, period, (fn) =>
+          caller ? caller.call(fn) : fn(),
+        );
         stripeView = {
           readings: totals.readings,
           deliveredByTimestamp,

@@ -16,6 +16,8 @@ import {
   outboxPage,
   pipelineOverview,
   redriveAndReopen,
+  redriveDepsOf,
+  redriveReport,
   retryFailed,
   retrySelection,
 } from './outbox.js';
@@ -24,6 +26,7 @@ import { reconcile, reconcileQuery, reconciliationReport } from './reconcile.js'
 const retryResult = z.object({
   retried: z.number().int().describe('failed rows put back to pending'),
   jobs: z.number().int().describe('delivery jobs queued (one per customer and meter)'),
+  ...redriveReport,
 });
 
 const deadLetterView = z.object({
@@ -32,10 +35,15 @@ const deadLetterView = z.object({
   unroutable: z.number().int(),
 });
 
-const redriveBody = z.object({ limit: z.number().int().min(1).max(10_000).default(1000) });
+const redriveBody = z.object({
+  limit: z.number().int().min(1).max(10_000).default(1000),
+  /** Settle groups past their identifier window against the destination's own totals first. */
+  reconcile: z.boolean().default(false),
+});
 const redriveResult = z.object({
   moved: z.number().int().describe('dead-lettered jobs moved back to meter-delivery'),
   retried: z.number().int().describe('failed rows of those customers and meters put back to pending'),
+  ...redriveReport,
 });
 
 const poisonQuery = z.object({ limit: z.coerce.number().int().min(1).max(500).default(100) });
@@ -84,7 +92,10 @@ const overview = z.object({
   deadLetterJobs: z.number(),
 });
 
-type AdminDeps = Pick<Context, 'db' | 'boss' | 'stripe' | 'config' | 'clock' | 'log'>;
+type AdminDeps = Pick<
+  Context,
+  'db' | 'boss' | 'stripe' | 'metronome' | 'config' | 'clock' | 'log' | 'distributed'
+>;
 
 export function adminRoutes(ctx: AdminDeps): HttpModule {
   const routes = documentedRoutes('/admin');
@@ -127,7 +138,7 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
       method: 'post',
       path: '/admin/outbox/retry',
       summary:
-        'Put failed rows back to pending and queue their delivery (by ids, organization, meter, or all)',
+        "Put failed rows back to pending and queue their delivery (by ids, organization, meter, or all). Groups past their destination's identifier window are refused and listed; with reconcile: true they are first compared with the destination's own totals (present: delivered; missing: resent under a new identifier; ambiguous: left failed)",
       tag: 'admin',
       security: 'admin',
       body: retrySelection,
@@ -135,7 +146,8 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
     },
     async (c) => {
       const selection = await parseBody(c, retrySelection);
-      const result = await retryFailed(ctx.db, ctx.boss, selection);
+      const deps = selection.reconcile ? await redriveDepsOf(ctx) : undefined;
+      const result = await retryFailed(ctx.db, ctx.boss, selection, undefined, deps);
       ctx.log.info({ ...result, selection }, 'admin: failed outbox rows retried');
       return c.json(result);
     },
@@ -157,15 +169,19 @@ export function adminRoutes(ctx: AdminDeps): HttpModule {
     {
       method: 'post',
       path: '/admin/dead-letter/redrive',
-      summary: 'Move dead-lettered delivery jobs back and put their failed rows back to pending',
+      summary:
+        'Move dead-lettered delivery jobs back and put their failed rows back to pending (groups past their identifier window: refused and listed, or reconciled first with reconcile: true)',
       tag: 'admin',
       security: 'admin',
       body: redriveBody,
       responses: { 200: { description: 'redriven', schema: redriveResult } },
     },
     async (c) => {
-      const { limit } = await parseBody(c, redriveBody);
-      const result = await redriveAndReopen(ctx.db, ctx.boss, limit);
+      const { limit, reconcile } = await parseBody(c, redriveBody);
+      const result = await redriveAndReopen(ctx.db, ctx.boss, limit, {
+        reconcile,
+        ...(reconcile ? { deps: await redriveDepsOf(ctx) } : {}),
+      });
       ctx.log.info(result, 'admin: dead-letter queue redriven');
       return c.json(result);
     },

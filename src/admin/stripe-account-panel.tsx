@@ -24,6 +24,7 @@ async function readPanel(db: Kysely<DB>) {
     db
       .selectFrom('reconciliation_drift')
       .selectAll()
+      .where('destination', '=', 'stripe')
       .where('resolved_at', 'is', null)
       .orderBy('hour', 'desc')
       .limit(50)

@@ -13,6 +13,7 @@ import { docsRoutes } from '../http/docs.js';
 import { AppError, databaseUnavailable, errorBody } from '../http/errors.js';
 import { buildOpenApi } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
+import type { GroupGate } from '../ingest/group-commit.js';
 import { healthRoutes } from './health.js';
 import { contractMetrics, httpMetrics, metricsRoutes } from './metrics.js';
 import { readingsRoutes } from './readings.js';
@@ -63,6 +64,8 @@ function drain(incoming: IncomingMessage): Promise<void> {
 export interface AppOptions {
   /** True once the process is stopping: readiness answers 503 (`draining`) from then on. */
   draining?: () => boolean;
+  /** A test seam: holds ingestion groups open until a test's requests are all in (group-commit.ts). */
+  ingestGroupGate?: GroupGate;
 }
 
 export function createApp(
@@ -158,7 +161,7 @@ export function createApp(
     healthRoutes(ctx, options.draining),
     metricsRoutes(ctx),
     webhookRoutes(ctx),
-    readingsRoutes(ctx),
+    readingsRoutes(ctx, options.ingestGroupGate),
     sensorsRoutes(ctx),
     usageRoutes(ctx),
     adminModule(ctx),

@@ -202,6 +202,9 @@ async function handleCheckoutCompleted(
     clock.now(),
   );
   if (!result.linked) {
+    // A link that cannot be applied yet fails the event: nothing is recorded, the webhook answers
+    // 500 and Stripe delivers it again later.
+    if (result.retry) throw new LinkDeferredError(result.reason);
     log.warn(
       { eventId: event.id, type: event.type, organizationId, reason: result.reason },
       'checkout not linked',
@@ -241,3 +244,11 @@ export const defaultHandlers: EventHandlers = {
   'v1.billing.meter.error_report_triggered': handleMeterErrorReport,
   'v1.billing.meter.no_meter_found': handleNoMeterFound,
 };
+
+/** A checkout whose link must wait (its customer's usage of another organization is still pending). */
+export class LinkDeferredError extends Error {
+  constructor(message: string) {
+    super(`checkout link deferred: ${message}`);
+    this.name = 'LinkDeferredError';
+  }
+}

@@ -1,6 +1,6 @@
 // Subscription state written from Stripe events, order-safe: Stripe does not order its webhooks, so
 // every write compares the event's `created` with the one that last wrote the row.
-import type { Transaction } from 'kysely';
+import type { Kysely, Transaction } from 'kysely';
 import type { DB, Subscription, SubscriptionStatus } from '../db/schema.js';
 
 export type ChangeSource =
@@ -163,7 +163,31 @@ export async function applySubscriptionChange(
 
 export type LinkResult =
   | { linked: true; row: Subscription; switched: boolean }
-  | { linked: false; reason: string };
+  | { linked: false; reason: string; retry?: true };
+
+/**
+ * The organization, other than `organizationId`, that still has usage of `customerId` waiting for
+ * delivery, if any. A customer is billed for one organization at a time: delivery names a key's job
+ * by customer, meter and destination (one call in flight per Stripe customer and meter, one queued
+ * job), and its key's state lives in the organization's shard group on Citus. So a customer is linked
+ * to a new organization only once the previous one's pending rows are delivered (or have failed).
+ * One read of the outbox by customer (every shard on Citus; linking is rare).
+ */
+export async function customerPendingElsewhere(
+  db: Kysely<DB> | Transaction<DB>,
+  customerId: string,
+  organizationId: string,
+): Promise<string | null> {
+  const row = await db
+    .selectFrom('meter_outbox')
+    .select('organization_id')
+    .where('stripe_customer_id', '=', customerId)
+    .where('status', '=', 'pending')
+    .where('organization_id', '!=', organizationId)
+    .limit(1)
+    .executeTakeFirst();
+  return row?.organization_id ?? null;
+}
 
 /**
  * Links an organization to the customer and subscription of a completed Checkout Session. A new
@@ -188,6 +212,18 @@ export async function linkCheckoutSession(
     )
     .executeTakeFirst();
   if (taken) return { linked: false, reason: 'customer or subscription linked to another organization' };
+  if (link.customerId) {
+    const busy = await customerPendingElsewhere(trx, link.customerId, organizationId);
+    // Not yet: the customer's usage of its previous organization is still being delivered. Stripe
+    // resends the event (for up to three days), by which time that usage is delivered.
+    if (busy) {
+      return {
+        linked: false,
+        retry: true,
+        reason: `customer ${link.customerId} still has usage of organization ${busy} to deliver`,
+      };
+    }
+  }
   const row = await lockSubscriptionRow(trx, organizationId);
   const switched = row.stripe_subscription_id !== link.subscriptionId;
   if (switched && row.stripe_subscription_id !== null && row.stripe_event_created) {

@@ -1,10 +1,12 @@
 // npm start — all-in-one development mode: API + worker in one process; an embedded Postgres (data
 // in DEV_DATA_DIR, kept across restarts) when DATABASE_URL is unset; the local Stripe emulator when
-// STRIPE_SECRET_KEY is unset; a demo organization whose API key and a curl example are printed.
+// STRIPE_SECRET_KEY is unset; the local Metronome emulator when METRONOME_BEARER_TOKEN is unset; a demo
+// organization whose API key, destinations and a curl example are printed.
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { type MetronomeEmulator, startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import {
   DEFAULT_PORT,
   DEMO_CUSTOMER_ID,
@@ -14,6 +16,7 @@ import {
 } from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { ensureDemoOrganization } from '../admin/demo.js';
+import { listIntervals, prepareDestination } from '../admin/destinations.js';
 import { createApp } from '../api/app.js';
 import { setupStripeAccount } from '../billing/stripe-account.js';
 import { directDatabaseUrl, loadConfig } from '../config.js';
@@ -21,6 +24,7 @@ import { createContext, createStripeClient } from '../context.js';
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
+import { ensureBillableMetrics } from '../metering/metronome.js';
 import { migrate } from '../migrations.js';
 import { startWorker } from '../worker/start.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
@@ -78,6 +82,15 @@ async function startEmulator(dataDir: string): Promise<StripeEmulator> {
   }
 }
 
+/** The Metronome emulator's usual port (its CLI's default), or any free one. */
+async function startMetronome(): Promise<MetronomeEmulator> {
+  try {
+    return await startMetronomeEmulator({ port: 12112 });
+  } catch {
+    return startMetronomeEmulator({ port: 0 });
+  }
+}
+
 onShutdownSignal(async () => {
   shuttingDown = true;
   log.info('stopping');
@@ -115,12 +128,24 @@ try {
     for (const { spec, meter } of setup.meters) env[spec.idVariable] ??= meter.id;
     log.info({ url: emulator.url }, 'Stripe emulator started');
   }
+  // The Metronome emulator keeps nothing across restarts: its billable metrics and the demo's customer
+  // are set up anew at every start (as `meterbox metronome setup` would).
+  let metronome: MetronomeEmulator | undefined;
+  if (!base.METRONOME_BEARER_TOKEN) {
+    metronome = await startMetronome();
+    const running = metronome;
+    releases.push(() => running.stop());
+    env.METRONOME_BEARER_TOKEN = 'metronome-dev-token';
+    env.METRONOME_API_BASE = metronome.url;
+    log.info({ url: metronome.url }, 'Metronome emulator started');
+  }
   env.ADMIN_TOKEN ??= secrets.adminToken;
 
   const config = loadConfig(env);
   await migrate(directDatabaseUrl(config), config, log);
   const ctx = await createContext(config, { log, applicationName: 'meterbox-dev', bossSupervise: true });
   releases.push(() => ctx.close());
+  if (metronome && ctx.metronome) await ensureBillableMetrics(ctx.metronome);
   const worker = await startWorker(ctx);
   releases.push(() => worker.stop());
   const server = await startHttpServer(createApp(ctx), {
@@ -148,6 +173,10 @@ try {
       )
     : undefined;
   await saveSecrets(secretsFile, { ...secrets, ...(demo ? { demoApiKey: demo.apiKey } : {}) });
+  // The demo organization can be switched to Metronome: its customer (ingest alias) exists there.
+  if (demo && ctx.metronome) await prepareDestination(ctx, demo.organizationId, 'metronome');
+  const demoDestinations = demo ? await listIntervals(ctx.db, demo.organizationId) : [];
+  const cliEnv = `DATABASE_URL=${config.DATABASE_URL}${metronome ? ` METRONOME_BEARER_TOKEN=${config.METRONOME_BEARER_TOKEN} METRONOME_API_BASE=${metronome.url}` : ''}`;
 
   const lines = [
     '',
@@ -155,6 +184,7 @@ try {
     `  database         ${base.DATABASE_URL ? 'DATABASE_URL from the environment' : `embedded Postgres, data in ${postgresDir}`}`,
     `  DATABASE_URL     ${config.DATABASE_URL}   (the CLI needs it: DATABASE_URL=… npm run cli -- --help)`,
     `  stripe           ${emulator ? `local emulator at ${emulator.url} (inspect: ${emulator.url}/_emulator/events)` : (config.STRIPE_API_BASE ?? 'api.stripe.com')}`,
+    `  metronome        ${metronome ? `local emulator at ${metronome.url} (inspect: ${metronome.url}/_emulator/events)` : (config.METRONOME_API_BASE ?? "Metronome's own API")}`,
     `  admin dashboard  ${server.url}/admin   token: ${config.ADMIN_TOKEN}`,
     `  webhooks         ${server.url}/webhooks/stripe   secret: ${config.STRIPE_WEBHOOK_SECRET ?? '(STRIPE_WEBHOOK_SECRET unset: webhooks off)'}`,
     `  API docs         ${server.url}/docs`,
@@ -163,12 +193,24 @@ try {
     lines.push(
       `  demo org         ${demo.organizationId} (customer ${demo.customerId}${demo.created ? ', created now' : ''})`,
       `  demo API key     ${demo.apiKey}`,
+      `  demo destination ${demoDestinations
+        .map(
+          (i) =>
+            `${i.destination} (${i.role}${i.from ? ` from ${i.from.toISOString()}` : ''}${i.until ? ` until ${i.until.toISOString()}` : ''})`,
+        )
+        .join(', ')}`,
+      '',
+      'Switch the demo organization to Metronome (from the next hour boundary), or run both in parallel:',
+      `  ${cliEnv} npm run cli -- destinations set --organization ${demo.organizationId} metronome`,
+      `  ${cliEnv} npm run cli -- destinations start-parallel --organization ${demo.organizationId} --to metronome`,
+      `  (or the dashboard's Destinations panel; then: npm run cli -- destinations parity --organization ${demo.organizationId})`,
       '',
       'Send a reading:',
       `  curl -s ${server.url}/v1/readings -H 'Authorization: Bearer ${demo.apiKey}' -H 'Content-Type: application/json' \\`,
       `    -d '{"readings":[{"sensorId":"${demo.sensorIds[0]}","recordedAt":"'$(date -u +%Y-%m-%dT%H:%M:%SZ)'","temperatureC":4.2}]}'`,
-      'then watch it arrive as a meter event:',
+      'then watch it arrive as a meter event (Stripe) or a usage event (Metronome):',
       `  curl -s ${emulator?.url}/_emulator/events`,
+      ...(metronome ? [`  curl -s ${metronome.url}/_emulator/events`] : []),
       '',
       `Stream many readings: npm run simulate -- --url ${server.url} --key ${demo.apiKey}`,
     );

@@ -10,6 +10,8 @@ const config = configOrExit({ needDatabase: true });
 try {
   const ctx = await createContext(config, { applicationName: 'meterbox-api' });
   await ctx.boss.start();
+  // The key cache's listener and its warming read start now, not with the first request.
+  ctx.apiKeys.start();
   let draining = false;
   const server = await startHttpServer(createApp(ctx, [], { draining: () => draining }), {
     port: config.PORT,

@@ -1,17 +1,28 @@
 // node dist/worker.js — pg-boss workers (outbox delivery, cron). Scale by running more copies. Its
 // heap is sized by Node's own flags (the image sets them in NODE_OPTIONS: see the Dockerfile).
+
 import { createContext } from '../context.js';
-import { startWorker } from '../worker/start.js';
+import type { Context } from '../context-type.js';
+import { startWorker, type WorkerRuntime } from '../worker/start.js';
 import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
 
 const config = configOrExit({ needDatabase: true });
+let ctx: Context | undefined;
+let worker: WorkerRuntime | undefined;
+const starting = (async () => {
+  ctx = await createContext(config, { applicationName: 'meterbox-worker', bossSupervise: true });
+  worker = await startWorker(ctx);
+})();
+// Listening for SIGTERM before anything starts: a signal during start-up (a rolling deploy, an
+// orchestrator's health check giving up) waits for the start to settle, then stops what started,
+// instead of killing the process with the signal's default action.
+onShutdownSignal(async () => {
+  await starting.catch(() => undefined);
+  await worker?.stop();
+  await ctx?.close();
+}, config.SHUTDOWN_TIMEOUT_MS);
 try {
-  const ctx = await createContext(config, { applicationName: 'meterbox-worker', bossSupervise: true });
-  const worker = await startWorker(ctx);
-  onShutdownSignal(async () => {
-    await worker.stop();
-    await ctx.close();
-  }, config.SHUTDOWN_TIMEOUT_MS);
+  await starting;
 } catch (err) {
   exitOnFatal(err);
 }

@@ -5,7 +5,13 @@
 // emptied, so a lost notification can never leave a revoked key usable. A LISTEN through a
 // transaction pooler (PgBouncer) would "succeed" on a borrowed server connection and never hear a
 // NOTIFY: the listener checks it has a session of its own and otherwise stays down (keys looked up).
+// Once listening, the cache is warmed with the most recently used keys (one query), so a restarted
+// API process does not send a lookup for each of thousands of keys; and the keys' last_used_at
+// writes are gathered here and written in one statement every few seconds.
+// While it is down, reconnecting follows its backoff (one attempt per step, whatever the request
+// rate: requests meanwhile look their keys up), and an outage is logged once, not per attempt.
 import pg from 'pg';
+import { assertOwnSession } from '../db/session.js';
 import type { Logger } from '../log.js';
 
 export const API_KEY_CHANNEL = 'meterbox_api_keys';
@@ -17,15 +23,30 @@ export interface CachedKey {
   touchedAt: number;
 }
 
+export interface WarmKey {
+  hash: string;
+  organizationId: string;
+  keyId: string;
+  lastUsedAt: Date | null;
+}
+
 export interface ApiKeyCacheOptions {
   connectionString: string;
   log: Logger;
+  /** The `limit` most recently used live keys (recentApiKeys); read once the listener is up. */
+  warm?: (limit: number) => Promise<WarmKey[]>;
+  /** Writes last_used_at of many keys at once (recordApiKeysUsed). */
+  recordUsed?: (used: { keyId: string; at: Date }[]) => Promise<void>;
+  /** First delay before reconnecting a lost or refused listener (doubles up to 30 s); default 500 ms. */
+  reconnectMs?: number;
 }
 
 /** Most keys kept; the least recently used go first. */
 const MAX_ENTRIES = 10_000;
-/** First delay before reconnecting a lost listener (doubles up to 30 s). */
 const RECONNECT_MS = 500;
+/** How often gathered last_used_at writes go to the database (one statement for all keys). */
+const RECORD_USED_EVERY_MS = 2_000;
+const MAX_RECONNECT_MS = 30_000;
 
 export class ApiKeyCache {
   private readonly entries = new Map<string, CachedKey>();
@@ -33,12 +54,21 @@ export class ApiKeyCache {
   private listening = false;
   private starting: Promise<void> | undefined;
   private closed = false;
-  private retryMs = RECONNECT_MS;
+  private retryMs: number;
+  /** The next reconnect attempt, while one is scheduled: until it fires nothing else connects. */
   private timer: NodeJS.Timeout | undefined;
+  /** An outage was logged and the listener has not been up since: further failures stay quiet. */
+  private down = false;
   /** Bumped by every invalidation: a lookup that raced one is not cached. */
   private generation = 0;
+  /** last_used_at writes not yet recorded: key id -> the latest use. */
+  private used = new Map<string, Date>();
+  private usedTimer: NodeJS.Timeout | undefined;
+  private recording: Promise<void> | undefined;
 
-  constructor(private readonly options: ApiKeyCacheOptions) {}
+  constructor(private readonly options: ApiKeyCacheOptions) {
+    this.retryMs = options.reconnectMs ?? RECONNECT_MS;
+  }
 
   /** True while the listener is connected: only then are entries served. */
   get active(): boolean {
@@ -49,7 +79,10 @@ export class ApiKeyCache {
     return this.entries.size;
   }
 
-  /** The cached key, or undefined (also whenever the listener is down). Starts the listener lazily. */
+  /**
+   * The cached key, or undefined (also whenever the listener is down). Starts the listener lazily;
+   * while a reconnect is scheduled, a request leaves it to its timer (start() does nothing then).
+   */
   get(hash: string): CachedKey | undefined {
     if (!this.active) {
       this.start();
@@ -78,23 +111,89 @@ export class ApiKeyCache {
     }
   }
 
+  /**
+   * Notes that a key was used at `at`; written with the other keys' uses within a few seconds (the
+   * caller decides how often a key is worth noting: at most once a minute, see auth.ts).
+   */
+  touch(keyId: string, at: Date): void {
+    if (!this.options.recordUsed || this.closed) return;
+    this.used.set(keyId, at);
+    if (!this.usedTimer) {
+      this.usedTimer = setTimeout(() => {
+        this.usedTimer = undefined;
+        void this.recordUsed();
+      }, RECORD_USED_EVERY_MS);
+      this.usedTimer.unref();
+    }
+  }
+
+  /** Writes the noted uses now (tests, shutdown). Never throws: a failed write is logged. */
+  async recordUsed(): Promise<void> {
+    await this.recording;
+    const record = this.options.recordUsed;
+    if (!record || this.used.size === 0) return;
+    const batch = [...this.used].map(([keyId, at]) => ({ keyId, at }));
+    this.used = new Map();
+    this.recording = record(batch)
+      .catch((err: unknown) => this.options.log.warn({ err }, 'could not record last_used_at of API keys'))
+      .finally(() => {
+        this.recording = undefined;
+      });
+    await this.recording;
+  }
+
+  /** Fills the cache with the most recently used keys, unless an invalidation raced the read. */
+  private async warm(): Promise<void> {
+    const read = this.options.warm;
+    if (!read) return;
+    const ticket = this.generation;
+    try {
+      const keys = await read(MAX_ENTRIES);
+      // Oldest first, so the most recently used end up last in the LRU order.
+      for (const k of keys.reverse()) {
+        if (this.entries.has(k.hash)) continue;
+        this.set(
+          k.hash,
+          { organizationId: k.organizationId, keyId: k.keyId, touchedAt: k.lastUsedAt?.getTime() ?? 0 },
+          ticket,
+        );
+      }
+    } catch (err) {
+      this.options.log.warn({ err }, 'API key cache: warming failed; keys are looked up on first use');
+    }
+  }
+
   private invalidate(hash?: string): void {
     this.generation++;
     if (hash === undefined) this.entries.clear();
     else this.entries.delete(hash);
   }
 
-  /** Connects the listener if it is not (idempotent, never throws). */
+  /**
+   * Connects the listener if it is not and no reconnect is scheduled (idempotent, never throws). It
+   * used to connect whenever a request found the listener down, past the backoff: behind a pooler,
+   * one refused connection and one warning per request.
+   */
   start(): void {
-    if (this.closed || this.listening || this.starting) return;
+    if (this.closed || this.listening || this.starting || this.timer) return;
     this.starting = this.connect()
       .catch((err: unknown) => {
-        this.options.log.warn({ err }, 'API key cache: listener connection failed; keys are looked up');
+        this.outage(err, 'API key cache: listener connection failed; keys are looked up until it is up');
         this.scheduleReconnect();
       })
       .finally(() => {
         this.starting = undefined;
       });
+  }
+
+  /** Logs the first failure of an outage as a warning, and the rest of it at debug. */
+  private outage(err: unknown, message: string): void {
+    if (this.down) {
+      this.options.log.debug({ err, retryMs: this.retryMs }, message);
+      return;
+    }
+    this.down = true;
+    this.options.log.warn({ err }, message);
   }
 
   private async connect(): Promise<void> {
@@ -109,7 +208,7 @@ export class ApiKeyCache {
       this.invalidate();
       client.end().catch(() => {});
       if (!this.closed) {
-        this.options.log.warn({ err }, 'API key cache: listener lost; keys are looked up until it is back');
+        this.outage(err, 'API key cache: listener lost; keys are looked up until it is back');
         this.scheduleReconnect();
       }
     };
@@ -135,7 +234,14 @@ export class ApiKeyCache {
     // Anything cached before (there is nothing: entries are only kept while listening) is dropped.
     this.invalidate();
     this.listening = true;
-    this.retryMs = RECONNECT_MS;
+    this.retryMs = this.options.reconnectMs ?? RECONNECT_MS;
+    if (this.down) {
+      this.down = false;
+      this.options.log.info('API key cache: listener back; verified keys are cached again');
+    }
+    // After LISTEN: a key revoked after this read is invalidated by its NOTIFY, one revoked before
+    // is not read (set() drops the whole read if a NOTIFY arrived meanwhile).
+    void this.warm();
   }
 
   private scheduleReconnect(): void {
@@ -145,10 +251,13 @@ export class ApiKeyCache {
       this.start();
     }, this.retryMs);
     this.timer.unref();
-    this.retryMs = Math.min(this.retryMs * 2, 30_000);
+    this.retryMs = Math.min(this.retryMs * 2, MAX_RECONNECT_MS);
   }
 
   async close(): Promise<void> {
+    if (this.usedTimer) clearTimeout(this.usedTimer);
+    this.usedTimer = undefined;
+    await this.recordUsed();
     this.closed = true;
     this.listening = false;
     this.invalidate();
@@ -157,21 +266,5 @@ export class ApiKeyCache {
     this.client = undefined;
     await this.starting;
     await client?.end().catch(() => {});
-  }
-}
-
-/**
- * A session of its own answers pg_backend_pid() with the process id its server announced at
- * start-up (BackendKeyData). PgBouncer announces a made-up one and lends a server connection per
- * transaction, so the two differ there: LISTEN would be lost with the borrowed connection.
- */
-async function assertOwnSession(client: pg.Client): Promise<void> {
-  const announced = (client as unknown as { processID: number | null }).processID;
-  const { rows } = await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
-  if (rows[0]?.pid !== announced) {
-    throw new Error(
-      'the listener connection is not a session of its own (a transaction pooler such as PgBouncer?): ' +
-        'set DATABASE_DIRECT_URL to a direct Postgres connection',
-    );
   }
 }

@@ -9,7 +9,8 @@
 //   * the directory, read by what arrives without an organization (an API key's hash, a Stripe
 //     customer id, a webhook's event id), small and rarely written: reference tables, a copy on
 //     every node, joinable with any shard;
-//   * delivery state keyed by Stripe customer (leases, pacing): distributed by stripe_customer_id;
+//   * delivery state (a key's lease, pacing, backoff, hold) is tenant data too: distributed by
+//     organization_id with the outbox rows it delivers, so a key's claim and settle are single-shard;
 //     the account-wide call budget (one row): a single-shard table;
 //   * pg-boss: its own schema, local on the coordinator (it is not in public).
 // A table that this plan does not name (a later migration's) is distributed by organization_id when
@@ -32,6 +33,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['stripe_events', { kind: 'reference' }],
   ['meter_error_reports', { kind: 'reference' }],
   ['stripe_poison_events', { kind: 'reference' }],
+  // Small, rarely written, joined by ingestion's statement next to subscriptions (a reference table).
+  ['organization_destinations', { kind: 'reference' }],
   [TENANT_ANCHOR, { kind: 'distributed', column: 'organization_id', colocateWith: null }],
   ['usage_corrections', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['temperature_readings', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
@@ -39,7 +42,7 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['idempotency_keys', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['readings_hourly_rollup', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['meter_usage_hourly', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
-  ['meter_delivery_keys', { kind: 'reference' }],
+  ['meter_delivery_keys', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['meter_call_budget', { kind: 'single-shard' }],
 ];
 
@@ -137,10 +140,19 @@ function done(table: TableState, placement: Placement): boolean {
 }
 
 export interface DistributeResult {
-  /** Tables distributed by this run, with where they went. */
-  distributed: { table: string; placement: Placement }[];
+  /** Tables distributed by this run, with where they went and how long their copy took (ms). */
+  distributed: { table: string; placement: Placement; ms: number }[];
   /** Tables that already were. */
   alreadyDistributed: string[];
+  /**
+   * Distributed tables whose rows were still in the coordinator's own (shell) table, emptied by this
+   * run: Citus copies a table's rows into its shards and leaves the local copy behind.
+   */
+  truncated: string[];
+  /** Attempts at taking the tables' locks (distributeTables only; 1 inside a caller's transaction). */
+  lockAttempts: number;
+  /** From the LOCK statement (its wait included) to the commit, distributeTables only: how long the tables were held. */
+  lockedMs: number;
 }
 
 /**
@@ -186,22 +198,96 @@ function statementFor(name: string, placement: Placement): string {
   }
 }
 
+/** How long one attempt waits for the tables' locks before it gives them back and tries again. */
+export const DISTRIBUTE_LOCK_TIMEOUT_MS = 2_000;
+/** Attempts at taking the locks before distribute gives up (the database stays as it was). */
+export const DISTRIBUTE_LOCK_ATTEMPTS = 30;
+
 /**
- * Distributes every public table but the local ones, as planned; tables already placed are left
- * alone, in one transaction. Throws CitusAbsentError on plain Postgres. `client` is one session.
+ * Distributes every public table but the local ones, as planned, moving the rows they hold into
+ * their shards; tables already placed are left alone. One transaction: interrupted (a crash, a
+ * cancelled statement, a lost connection), it leaves every table where it was, rows and foreign
+ * keys included, and the next run starts again from there; run again after success, it does
+ * nothing. Throws CitusAbsentError on plain Postgres. `client` is one session.
+ *
+ * The tables it changes are locked ACCESS EXCLUSIVE up front, in one statement, with a lock timeout:
+ * taken one by one as each step needed them, a lock waiting behind a long transaction would hold
+ * the tables already locked (and every request queued behind them) for as long; here such a wait
+ * ends after DISTRIBUTE_LOCK_TIMEOUT_MS, the attempt gives everything back and tries again. The
+ * tables then stay locked until the commit: the copy of their rows (see docs/scaling.md for what
+ * that costs per row).
  */
-export async function distributeTables(client: Query): Promise<DistributeResult> {
+export async function distributeTables(
+  client: Query,
+  options: { lockTimeoutMs?: number; lockAttempts?: number; retryDelayMs?: number } = {},
+): Promise<DistributeResult> {
   if (!(await citusInstalled(client))) throw new CitusAbsentError();
-  // One transaction: a failure leaves every table where it was, foreign keys included.
-  await client.query('BEGIN');
-  try {
-    const result = await distributeInTransaction(client);
-    await client.query('COMMIT');
-    return result;
-  } catch (err) {
-    await client.query('ROLLBACK');
-    throw err;
+  const attempts = options.lockAttempts ?? DISTRIBUTE_LOCK_ATTEMPTS;
+  for (let attempt = 1; ; attempt++) {
+    await client.query('BEGIN');
+    try {
+      await client.query(
+        `SET LOCAL lock_timeout = '${options.lockTimeoutMs ?? DISTRIBUTE_LOCK_TIMEOUT_MS}ms'`,
+      );
+      const tables = await lockTargets(client);
+      const lockedAt = performance.now();
+      if (tables.length > 0) {
+        await client.query(
+          `LOCK TABLE ${tables.map((t) => `public.${ident(t)}`).join(', ')} IN ACCESS EXCLUSIVE MODE`,
+        );
+      }
+      await client.query('SET LOCAL lock_timeout = 0');
+      const result = await distributeInTransaction(client);
+      await client.query('COMMIT');
+      return { ...result, lockAttempts: attempt, lockedMs: Math.round(performance.now() - lockedAt) };
+    } catch (err) {
+      await client.query('ROLLBACK');
+      // 55P03: the lock timeout; 40P01: a deadlock with a transaction that held one of the tables
+      // and wanted another: either way nothing is held any more, and another attempt may succeed.
+      const state = (err as { code?: unknown }).code;
+      if ((state !== '55P03' && state !== '40P01') || attempt >= attempts) throw err;
+      await new Promise((resolve) => setTimeout(resolve, options.retryDelayMs ?? 250 * Math.min(attempt, 8)));
+    }
   }
+}
+
+/**
+ * The public tables a run will change: those still to distribute, the tables their foreign keys
+ * point at (whose constraints are dropped and added back), and distributed tables that still hold
+ * local rows. Ordered by name: every attempt locks in the same order.
+ */
+async function lockTargets(client: Query): Promise<string[]> {
+  const tables = await publicTables(client);
+  const pending = tables.filter(
+    (t) => !LOCAL_TABLES.has(t.name) && !done(t, placementOf(t.name, t.hasOrganization)),
+  );
+  const names = new Set(pending.map((t) => t.name));
+  for (const table of tables) {
+    if (table.references.some((r) => names.has(r))) names.add(table.name);
+  }
+  for (const table of pending) for (const r of table.references) names.add(r);
+  for (const name of await leftoverLocalData(client)) names.add(name);
+  return [...names].sort();
+}
+
+/**
+ * Distributed tables (on the coordinator) whose own relation, or a partition's, still holds rows:
+ * what Citus left behind when it copied them into their shards. Measured by the relation's size on
+ * disk, which an emptied table keeps until vacuum: a table reported here may hold no live row, and
+ * emptying it again costs nothing.
+ */
+async function leftoverLocalData(client: Query): Promise<string[]> {
+  const { rows } = await client.query<{ name: string }>(`
+    SELECT c.relname AS name
+      FROM pg_dist_partition p
+      JOIN pg_class c ON c.oid = p.logicalrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'public' AND NOT c.relispartition
+       -- pg_partition_tree lists a partitioned table and its partitions, nothing for a plain table.
+       AND pg_relation_size(c.oid)
+           + (SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t) > 0
+     ORDER BY 1`);
+  return rows.map((r) => r.name);
 }
 
 /**
@@ -219,7 +305,13 @@ export async function distributeInTransaction(client: Query): Promise<Distribute
   // create_distributed_table see the shards the previous one made.
   await client.query(`SET LOCAL citus.multi_shard_modify_mode = 'sequential'`);
   const tables = await publicTables(client);
-  const result: DistributeResult = { distributed: [], alreadyDistributed: [] };
+  const result: DistributeResult = {
+    distributed: [],
+    alreadyDistributed: [],
+    truncated: [],
+    lockAttempts: 1,
+    lockedMs: 0,
+  };
   const pending: TableState[] = [];
   for (const table of tables) {
     if (LOCAL_TABLES.has(table.name)) continue;
@@ -227,7 +319,18 @@ export async function distributeInTransaction(client: Query): Promise<Distribute
       result.alreadyDistributed.push(table.name);
     else pending.push(table);
   }
-  if (pending.length === 0) return result;
+  if (pending.length > 0) await placePending(client, pending, result);
+  // Citus copies a table's rows into its shards and leaves them in the coordinator's table too,
+  // where they take disk and would be read again by anything that bypasses Citus (a dump, for one);
+  // a run that stopped between the two, or an older version of this command, left them there.
+  for (const table of await leftoverLocalData(client)) {
+    await client.query(`SELECT truncate_local_data_after_distributing_table('public.${ident(table)}')`);
+    result.truncated.push(table);
+  }
+  return result;
+}
+
+async function placePending(client: Query, pending: TableState[], result: DistributeResult): Promise<void> {
   // Citus checks a foreign key when its second table is distributed, and turns a local table that
   // references a reference table into a Citus-managed local one; so the foreign keys that touch a
   // table still to distribute are dropped first and added back once every table is placed.
@@ -248,21 +351,22 @@ export async function distributeInTransaction(client: Query): Promise<Distribute
   for (const table of order(pending)) {
     const placement = placementOf(table.name, table.hasOrganization);
     // A table Citus already manages as a local one (a new table with a foreign key to a reference
-    // table becomes one automatically) is turned back into a plain table first.
-    if (table.method === 'n' && !table.reference && !table.singleShard) {
+    // table becomes one automatically), or one placed otherwise before (a reference table the plan
+    // now distributes), is turned back into a plain table first: Citus places only plain tables.
+    if (table.method !== null) {
       await client.query(
         `SELECT undistribute_table('public.${table.name}', cascade_via_foreign_keys => true)`,
       );
     }
+    const started = performance.now();
     await client.query(statementFor(table.name, placement));
-    result.distributed.push({ table: table.name, placement });
+    result.distributed.push({ table: table.name, placement, ms: Math.round(performance.now() - started) });
   }
   for (const key of keys) {
     await client.query(
       `ALTER TABLE public.${ident(key.table)} ADD CONSTRAINT ${ident(key.name)} ${key.definition}`,
     );
   }
-  return result;
 }
 
 /**

@@ -14,10 +14,19 @@ export interface Database {
   /**
    * Whether this database is a Citus coordinator on which meterbox's tables are distributed
    * (`meterbox citus distribute`): the few statements Citus cannot plan take another shape there.
-   * Asked on first use, then remembered.
+   * A yes is remembered for good (meterbox's tables cannot be undistributed); a no is asked again
+   * after DISTRIBUTED_RECHECK_MS, or at once with `recheck` (after a statement failed), because a
+   * running database can be moved onto a cluster under running processes (docs/scaling.md).
    */
-  distributed: () => Promise<boolean>;
+  distributed: (options?: { recheck?: boolean }) => Promise<boolean>;
 }
+
+/**
+ * How long a process keeps believing its database is not distributed. Between the commit of
+ * `meterbox citus distribute` and a process's next look, its statements keep their single-node
+ * shape; those Citus cannot run fail, and the failure makes the caller look again (see GroupCommitter).
+ */
+export const DISTRIBUTED_RECHECK_MS = 2_000;
 
 export function createDatabase(options: {
   connectionString: string;
@@ -45,15 +54,76 @@ export function createDatabase(options: {
   });
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   let distributed: Promise<boolean> | undefined;
+  let askedAt = 0;
+  // Only a settled no is asked again; an answer on its way is shared by every caller.
+  let knownNo = false;
   return {
     db,
     pool,
-    distributed: () => {
-      distributed ??= citusDistributed(pool).catch((err: unknown) => {
-        distributed = undefined;
-        throw err;
-      });
+    distributed: (options = {}) => {
+      const stale = performance.now() - askedAt > DISTRIBUTED_RECHECK_MS || options.recheck === true;
+      if (distributed === undefined || (stale && knownNo)) {
+        askedAt = performance.now();
+        const asking = citusDistributed(pool).then(
+          (yes) => {
+            knownNo = !yes;
+            return yes;
+          },
+          (err: unknown) => {
+            if (distributed === asking) distributed = undefined;
+            throw err;
+          },
+        );
+        distributed = asking;
+      }
       return distributed;
     },
   };
+}
+
+/**
+ * A Kysely over `pool` that runs at most `max` statements (or transactions) at once; callers beyond
+ * that wait in order for a turn, without a connection and without the pool's connect timeout. Used
+ * for a process's background work, so it never takes more than `max` of Postgres's backends while
+ * the cores are shared with latency-bound requests.
+ */
+export function gatedKysely(pool: pg.Pool, max: number): Kysely<DB> {
+  let active = 0;
+  const waiting: (() => void)[] = [];
+  const acquire = (): Promise<void> => {
+    if (active < max) {
+      active++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => waiting.push(resolve));
+  };
+  // A freed turn goes straight to the next waiter (active stays the same), else it is returned.
+  const free = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else active--;
+  };
+  const gated = {
+    options: pool.options,
+    end: () => Promise.resolve(),
+    async connect(): Promise<pg.PoolClient> {
+      await acquire();
+      let client: pg.PoolClient;
+      try {
+        client = await pool.connect();
+      } catch (err) {
+        free();
+        throw err;
+      }
+      // pg-pool gives each checkout its own release(); wrapped for this checkout only.
+      const release = client.release;
+      client.release = (destroy?: boolean | Error) => {
+        client.release = release;
+        free();
+        release.call(client, destroy);
+      };
+      return client;
+    },
+  };
+  return new Kysely<DB>({ dialect: new PostgresDialect({ pool: gated }) });
 }

@@ -22,6 +22,9 @@ export const METER_EVENT_NAMES = [
   'temperature_readings',
   'active_sensors',
 ] as const satisfies readonly MeterEventName[];
+/** Where usage is billed (migrations/0024): Stripe Billing Meters or Metronome. */
+export type Destination = 'stripe' | 'metronome';
+export const DESTINATIONS = ['stripe', 'metronome'] as const satisfies readonly Destination[];
 export type OutboxStatus = 'pending' | 'delivered' | 'failed' | 'expired';
 export const OUTBOX_STATUSES = [
   'pending',
@@ -103,6 +106,12 @@ export interface MeterOutboxTable {
   corrects_outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
   correction_action: CorrectionAction | null;
   credit_note_required: ColumnType<boolean, boolean | undefined, boolean>;
+  /** When the claim committed the row's identifier: the start of the destination's dedupe window (0023). */
+  identified_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  /** migrations/0024: where the row is billed. */
+  destination: ColumnType<Destination, Destination | undefined, Destination>;
+  /** migrations/0024: the row of the same readings at another destination (the one readings name). */
+  mirrors_outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 /** migrations/0012: usage rows bill readings; correction rows take billed readings back. */
@@ -166,6 +175,8 @@ export interface SchemaMigrationsTable {
 /** migrations/0006: earliest next Stripe call per customer and meter (delivery pacing). */
 /** Delivery state of one customer+meter: lease, pacing, backoff (0015). */
 export interface MeterDeliveryKeysTable {
+  /** migrations/0025: the organization whose rows the key delivers (its shard group on Citus; part of the key). */
+  organization_id: string;
   stripe_customer_id: string;
   event_name: MeterEventName;
   lease_owner: string | null;
@@ -174,7 +185,20 @@ export interface MeterDeliveryKeysTable {
   leased_at: Timestamp | null;
   next_call_at: ColumnType<Date, Date | string | undefined, Date | string>;
   retry_at: Timestamp | null;
-  retry_job_id: string | null;
+  /** A named hold (0023): 'meter_missing' while the key's meter is missing; no job meanwhile. */
+  hold: 'meter_missing' | null;
+  /** migrations/0024: the key's destination (part of the primary key). */
+  destination: ColumnType<Destination, Destination | undefined, Destination>;
+}
+
+/** migrations/0024: which destinations bill an organization's usage, by the usage's time. */
+export interface OrganizationDestinationsTable {
+  organization_id: string;
+  destination: Destination;
+  role: 'billing' | 'shadow';
+  valid_from: Timestamp;
+  valid_until: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  created_at: DefaultTimestamp;
 }
 
 /** Readings counted per organization and hour of ingested_at before their partition was dropped (0011). */
@@ -216,11 +240,30 @@ export interface ReconciliationDriftTable {
   detected_at: DefaultTimestamp;
   checked_at: DefaultTimestamp;
   resolved_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  /** migrations/0030: the destination whose own totals were compared (part of the primary key). */
+  destination: ColumnType<Destination, Destination | undefined, Destination>;
+}
+
+/** migrations/0030: per destination, the lease of the running reconciliation and its pass's cursor. */
+export interface ReconciliationPassesTable {
+  destination: Destination;
+  lease_owner: string | null;
+  lease_expires_at: Timestamp | null;
+  pass_to: Timestamp | null;
+  cursor: string | null;
+  pass_started_at: Timestamp | null;
+  customers_done: ColumnType<number, number | undefined, number>;
+  calls: BigIntColumn;
+  passes_completed: ColumnType<number, number | undefined, number>;
+  last_pass_completed_at: Timestamp | null;
+  last_pass_seconds: number | null;
+  updated_at: DefaultTimestamp;
 }
 
 export interface DB {
   stripe_meter_catalog: StripeMeterCatalogTable;
   reconciliation_drift: ReconciliationDriftTable;
+  reconciliation_passes: ReconciliationPassesTable;
   organizations: OrganizationsTable;
   api_keys: ApiKeysTable;
   subscriptions: SubscriptionsTable;
@@ -234,6 +277,7 @@ export interface DB {
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;
   meter_delivery_keys: MeterDeliveryKeysTable;
+  organization_destinations: OrganizationDestinationsTable;
   schema_migrations: SchemaMigrationsTable;
 }
 

@@ -4,11 +4,10 @@ import { createHash, timingSafeEqual } from 'node:crypto';
 import type { MiddlewareHandler } from 'hono';
 import type { Context } from '../context-type.js';
 import {
-  authenticateApiKey,
+  findApiKey,
   hashApiKey,
   LAST_USED_RESOLUTION_SECONDS,
   looksLikeApiKey,
-  touchApiKey,
 } from '../credentials/api-keys.js';
 import { AppError, unauthorized } from './errors.js';
 import type { AppEnv } from './types.js';
@@ -20,8 +19,9 @@ export function bearerToken(header: string | undefined): string | undefined {
 
 /**
  * API-key auth; missing, unknown and revoked keys are all 401. A key verified before is served from
- * the process's cache (no round trip; revocation reaches it by NOTIFY, see api-key-cache.ts), with
- * last_used_at refreshed at most once a minute off the request's path.
+ * the process's cache (no round trip; revocation reaches it by NOTIFY, see api-key-cache.ts); a miss
+ * is one read that writes nothing. last_used_at is noted at most once a minute per key and written
+ * by the cache with other keys' in one statement, off the request's path.
  */
 export function apiKeyAuth(
   ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log'>,
@@ -36,18 +36,21 @@ export function apiKeyAuth(
     if (cached) {
       if (now.getTime() - cached.touchedAt > LAST_USED_RESOLUTION_SECONDS * 1000) {
         cached.touchedAt = now.getTime();
-        touchApiKey(ctx.db, cached.keyId, now).catch((err: unknown) =>
-          ctx.log.warn({ err }, 'could not refresh last_used_at of an API key'),
-        );
+        ctx.apiKeys.touch(cached.keyId, now);
       }
       c.set('organizationId', cached.organizationId);
       await next();
       return;
     }
     const ticket = ctx.apiKeys.ticket();
-    const found = await authenticateApiKey(ctx.db, token, now);
+    const found = await findApiKey(ctx.db, token);
     if (!found) throw unauthorized('invalid or revoked API key');
-    ctx.apiKeys.set(hash, { ...found, touchedAt: now.getTime() }, ticket);
+    const stale =
+      found.lastUsedAt === null ||
+      now.getTime() - found.lastUsedAt.getTime() > LAST_USED_RESOLUTION_SECONDS * 1000;
+    if (stale) ctx.apiKeys.touch(found.keyId, now);
+    const touchedAt = stale || !found.lastUsedAt ? now.getTime() : found.lastUsedAt.getTime();
+    ctx.apiKeys.set(hash, { organizationId: found.organizationId, keyId: found.keyId, touchedAt }, ticket);
     c.set('organizationId', found.organizationId);
     await next();
   };

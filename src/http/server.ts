@@ -13,11 +13,13 @@ export interface HttpServer {
   url: string;
   port: number;
   /**
-   * Stops the server: for `drainMs` it keeps answering (every answer with `Connection: close`, so
+   * Stops the server: for `drain` it keeps answering (every answer with `Connection: close`, so
    * clients drop their kept-alive connections), then stops accepting, closes connections with no
-   * request and waits for in-flight requests, closing whatever is left after `deadlineMs`.
+   * request and waits for in-flight requests, closing whatever is left after `deadlineMs`. `drain`
+   * is milliseconds (SHUTDOWN_DRAIN_MS), or, for a test that must know what happens during the drain
+   * whatever the machine's speed, a promise that ends it (never later than the deadline).
    */
-  stop(deadlineMs: number, drainMs?: number): Promise<void>;
+  stop(deadlineMs: number, drain?: number | Promise<unknown>): Promise<void>;
   /** True from the moment stop() is called. */
   readonly draining: boolean;
 }
@@ -102,7 +104,7 @@ export function startHttpServer(app: Hono<AppEnv>, options: HttpServerOptions): 
           get draining() {
             return draining;
           },
-          stop(deadlineMs, drainMs = 0) {
+          stop(deadlineMs, drain = 0) {
             draining = true;
             stopping ??= new Promise<void>((done) => {
               const force = setTimeout(() => {
@@ -113,17 +115,18 @@ export function startHttpServer(app: Hono<AppEnv>, options: HttpServerOptions): 
               // Closing a connection that looks idle races a request already on its way over it
               // (sent, not yet read: the client gets a reset for a request it cannot safely resend).
               // The drain reads and answers those first.
-              setTimeout(
-                () => {
-                  closed = true;
-                  server.close(() => {
-                    clearTimeout(force);
-                    done();
-                  });
-                  closeIdle();
-                },
-                Math.min(drainMs, deadlineMs),
-              ).unref();
+              const endDrain = () => {
+                if (closed) return;
+                closed = true;
+                server.close(() => {
+                  clearTimeout(force);
+                  done();
+                });
+                closeIdle();
+              };
+              const drainMs = typeof drain === 'number' ? drain : deadlineMs;
+              setTimeout(endDrain, Math.min(drainMs, deadlineMs)).unref();
+              if (typeof drain !== 'number') void drain.then(endDrain, endDrain);
             });
             return stopping;
           },

@@ -2,15 +2,25 @@
 // in ONE transaction and ONE statement, so a single-reading request no longer pays a whole
 // transaction (round trips, commit, WAL flush) of its own. Every request keeps its own answer:
 // inserted/duplicates, or its own 422 problems (one request's unknown sensor never rejects another).
-// The contract holds per transaction: one meter_outbox row per billable organization, its value the
-// rows that organization inserted, each of those readings naming it (outbox_id), and the delivery
-// hand-off once per transaction and delivery key.
+// The contract holds per transaction: one meter_outbox row per billable organization and destination
+// in force (organization_destinations, read in the same statement), its value the rows that
+// organization inserted, each of those readings naming the first of them (outbox_id; the others
+// mirror it), and the delivery hand-off once per transaction and delivery key.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
-import { enqueueDeliveries, lockQueuedDeliveries } from '../metering/outbox.js';
+import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import {
+  billableAt,
+  DESTINATION,
+  destinationCustomer,
+  destinationsJoin,
+  IN_FORCE,
+  ROLE,
+} from '../metering/destinations.js';
+import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
+import { type KeyRef, keyRef } from '../metering/rules.js';
 import type { SensorProblem, StoreReadingsOutcome } from './readings.js';
 import { storeReadings } from './readings.js';
 import type { Reading } from './schemas.js';
@@ -32,6 +42,8 @@ interface GroupRow {
   n: number | null;
   active: boolean | null;
   customer: string | null;
+  destination: Destination | null;
+  org: string | null;
 }
 
 /**
@@ -80,17 +92,23 @@ export async function storeGroup(
       -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
       SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)
     ), billing AS (
-      SELECT s.organization_id AS org, s.stripe_customer_id,
+      -- One row per billable organization and destination in force at the usage time (now).
+      SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
+             ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id,
              nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
       -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
       FROM subscriptions s JOIN (SELECT DISTINCT org FROM ok) o ON o.org = s.organization_id
+      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
       WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND s.stripe_customer_id IS NOT NULL
+        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+    ), named AS (
+      -- The row the readings name: the billing destination's; its rows at other destinations mirror it.
+      SELECT DISTINCT ON (org) org, outbox_id FROM billing ORDER BY org, role = 'billing' DESC, outbox_id
     ), stored AS (
       INSERT INTO temperature_readings
         (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
       SELECT o.sensor_id, o.recorded_at, o.org, o.temperature_c, ${now}, b.outbox_id
-      FROM ok o LEFT JOIN billing b ON b.org = o.org
+      FROM ok o LEFT JOIN named b ON b.org = o.org
       ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
       ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
       RETURNING sensor_id, recorded_at, organization_id
@@ -104,32 +122,38 @@ export async function storeGroup(
     ), per_org AS (
       SELECT organization_id AS org, count(*)::int AS inserted FROM stored GROUP BY organization_id
     ), outbox AS (
-      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at)
+      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
+                                destination, mirrors_outbox_id)
       OVERRIDING SYSTEM VALUE
-      SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now}
-      FROM per_org p JOIN billing b ON b.org = p.org
-      RETURNING stripe_customer_id
+      SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now},
+             b.destination, nullif(n.outbox_id, b.outbox_id)
+      FROM per_org p JOIN billing b ON b.org = p.org JOIN named n ON n.org = b.org
+      RETURNING organization_id, stripe_customer_id, destination
     ), held AS (
       ${
         // On Citus a row lock on the local pgboss.job inside a distributed statement comes back as
         // a corrupt intermediate result; enqueueDeliveries then takes the lock in its own statement.
         options.distributed
           ? sql`SELECT NULL::text AS key WHERE false`
-          : lockQueuedDeliveries('temperature_readings', sql`SELECT stripe_customer_id FROM billing`)
+          : lockQueuedDeliveriesAt(
+              'temperature_readings',
+              sql`SELECT stripe_customer_id, destination FROM billing`,
+            )
       }
     )
-    SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer
+    SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
+           NULL::text AS destination, NULL::uuid AS org
       FROM per_request
     UNION ALL
-    SELECT 'p', req, NULL, n::int, active, NULL FROM problems
+    SELECT 'p', req, NULL, n::int, active, NULL, NULL, NULL FROM problems
     UNION ALL
-    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id FROM outbox
+    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id, destination, organization_id FROM outbox
     UNION ALL
-    SELECT 'h', NULL, NULL, NULL, NULL, key FROM held`.execute(trx);
+    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held`.execute(trx);
 
   const inserted = new Map<number, number>();
   const problems = new Map<number, SensorProblem[]>();
-  const customers: string[] = [];
+  const customers: KeyRef[] = [];
   const held = new Set<string>();
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
@@ -141,15 +165,18 @@ export async function storeGroup(
         message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
       });
       problems.set(row.req, list);
-    } else if (row.kind === 'c' && row.customer) customers.push(row.customer);
+    } else if (row.kind === 'c' && row.customer && row.org)
+      customers.push(
+        keyRef({
+          organizationId: row.org,
+          customerId: row.customer,
+          eventName: 'temperature_readings',
+          destination: row.destination ?? 'stripe',
+        }),
+      );
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
   }
-  await enqueueDeliveries(
-    trx,
-    boss,
-    customers.map((customerId) => ({ customerId, eventName: 'temperature_readings' as const })),
-    options.distributed ? undefined : held,
-  );
+  await enqueueDeliveries(trx, boss, customers, options.distributed ? undefined : held);
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
     if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
@@ -187,6 +214,29 @@ export interface GroupCommitOptions {
   maxRequests: number;
   /** Most readings in one group (a large batch is written alone rather than delaying others). */
   maxReadings: number;
+  /**
+   * Most groups being written at once. While that many are in flight, new requests wait together
+   * and go as the next group as soon as one finishes: under load, groups grow instead of commits
+   * multiplying. Every group's commit waits for the WAL flush, and the commits of transactions that
+   * queue a job also pass one at a time through Postgres's NOTIFY lock (pg-boss wakes the workers
+   * with a NOTIFY in the same transaction): more groups at once only queue there.
+   */
+  maxInFlight?: number;
+  /** A test seam (see GroupGate); production runs without one. */
+  gate?: GroupGate;
+}
+
+/**
+ * A test seam: whether a request lands in a group depends on when it reaches the committer, which
+ * no test controls on a loaded machine. A gate turns the window from a deadline into a minimum: a
+ * group whose window has passed stays open until `mayClose()` says so, so a test can hold a group
+ * until all its requests are in. The size limits still close a group at once.
+ */
+export interface GroupGate {
+  /** A request joined the open group. */
+  joined(): void;
+  /** Asked when the window passes, and for every request that joins after it. */
+  mayClose(): boolean;
 }
 
 /**
@@ -200,6 +250,9 @@ export class GroupCommitter {
   private queue: Pending[] = [];
   private queuedReadings = 0;
   private timer: NodeJS.Timeout | undefined;
+  private inFlight = 0;
+  /** The open group's window has passed and the gate held it open. */
+  private held = false;
 
   constructor(
     private readonly ctx: Pick<Database, 'db' | 'distributed'> & { boss: PgBoss; clock: { now(): Date } },
@@ -210,12 +263,31 @@ export class GroupCommitter {
     return new Promise((resolve, reject) => {
       this.queue.push({ ...request, resolve, reject });
       this.queuedReadings += request.readings.length;
-      if (this.queue.length >= this.options.maxRequests || this.queuedReadings >= this.options.maxReadings) {
-        this.flush();
-      } else if (!this.timer) {
-        this.timer = setTimeout(() => this.flush(), this.options.windowMs);
+      this.options.gate?.joined();
+      if (this.full()) {
+        // A full group goes now, or as soon as a group in flight finishes.
+        if (this.inFlight < this.maxInFlight) this.flush();
+      } else if (this.held) {
+        if (this.options.gate?.mayClose() !== false) this.flush();
+      } else if (!this.timer && this.inFlight < this.maxInFlight) {
+        this.timer = setTimeout(() => this.windowPassed(), this.options.windowMs);
       }
+      // Otherwise every slot is busy: the request waits for the next group (written when one ends).
     });
+  }
+
+  private get maxInFlight(): number {
+    return this.options.maxInFlight ?? Number.POSITIVE_INFINITY;
+  }
+
+  private full(): boolean {
+    return this.queue.length >= this.options.maxRequests || this.queuedReadings >= this.options.maxReadings;
+  }
+
+  private windowPassed(): void {
+    this.timer = undefined;
+    if (this.options.gate?.mayClose() === false) this.held = true;
+    else this.flush();
   }
 
   private flush(): void {
@@ -223,21 +295,61 @@ export class GroupCommitter {
       clearTimeout(this.timer);
       this.timer = undefined;
     }
-    const group = this.queue;
-    this.queue = [];
-    this.queuedReadings = 0;
-    if (group.length > 0) void this.write(group);
+    // Every slot busy: the queue goes as the next group when one finishes.
+    if (this.queue.length === 0 || this.inFlight >= this.maxInFlight) return;
+    this.held = false;
+    // Oldest first, at most one group's worth.
+    let take = 0;
+    let readings = 0;
+    while (
+      take < this.queue.length &&
+      take < this.options.maxRequests &&
+      (take === 0 || readings + this.queue[take]!.readings.length <= this.options.maxReadings)
+    ) {
+      readings += this.queue[take]!.readings.length;
+      take++;
+    }
+    const group = this.queue.slice(0, take);
+    this.queue = this.queue.slice(take);
+    this.queuedReadings -= readings;
+    this.inFlight++;
+    void this.write(group).finally(() => {
+      this.inFlight--;
+      // Requests that arrived while every slot was busy have waited a group's time already; a
+      // request that found a free slot has its own window running (the timer). A gate may still
+      // hold them (tests).
+      if (this.full()) this.flush();
+      else if (!this.timer && this.queue.length > 0) {
+        if (this.options.gate?.mayClose() === false) this.held = true;
+        else this.flush();
+      }
+    });
+    // A burst larger than one group: the next full group goes too while slots are free.
+    if (this.full()) this.flush();
   }
 
   private async write(group: Pending[]): Promise<void> {
     const now = this.ctx.clock.now();
     try {
-      const distributed = await this.ctx.distributed();
-      const outcomes = await retryRolledBack(() =>
-        this.ctx.db
-          .transaction()
-          .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed })),
-      );
+      let distributed = await this.ctx.distributed();
+      const store = () =>
+        retryRolledBack(() =>
+          this.ctx.db
+            .transaction()
+            .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed })),
+        );
+      let outcomes: StoreReadingsOutcome[];
+      try {
+        outcomes = await store();
+      } catch (err) {
+        // `meterbox citus distribute` may have committed since this process last looked (a running
+        // database moved onto a cluster): the single-node statement can fail there, as a corrupt
+        // intermediate result. Nothing of the group was stored; if the database is distributed
+        // now, the group is written again in the Citus shape instead of failing its requests.
+        if (distributed || !(await this.ctx.distributed({ recheck: true }).catch(() => false))) throw err;
+        distributed = true;
+        outcomes = await store();
+      }
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       if (group.length === 1 || isDatabaseUnavailable(err)) {

@@ -2,7 +2,15 @@
 // outbox row in one statement, then its delivery job, all in the caller's transaction.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
+import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import {
+  billableAt,
+  DESTINATION,
+  destinationCustomer,
+  destinationsJoin,
+  IN_FORCE,
+  ROLE,
+} from '../metering/destinations.js';
 import { enqueueDelivery } from '../metering/outbox.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
@@ -18,7 +26,9 @@ export type StoreReadingsOutcome =
 
 interface StoreRow {
   inserted: number;
-  customer_id: string | null;
+  /** One entry per outbox row written: its customer and destination. */
+  customers: string[] | null;
+  destinations: Destination[] | null;
   problem_index: number[] | null;
   problem_active: (boolean | null)[] | null;
 }
@@ -61,17 +71,23 @@ export async function storeReadings(
       SELECT i.n, k.active FROM input i LEFT JOIN known k ON k.id = i.sensor_id
       WHERE k.active IS NOT TRUE
     ), billing AS (
-      -- The outbox row's id is drawn before the insert so every stored reading can name the row
-      -- that bills it (temperature_readings.outbox_id); unused when nothing new is stored.
-      SELECT s.stripe_customer_id, nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
+      -- The outbox rows' ids (one per destination in force at now) are drawn before the insert so
+      -- every stored reading can name the billing one (temperature_readings.outbox_id; the others mirror
+      -- it); unused when nothing new is stored.
+      SELECT ${DESTINATION} AS destination, ${ROLE} AS role,
+             ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id,
+             nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
       FROM subscriptions s
+      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
       WHERE s.organization_id = ${organizationId}
         AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND s.stripe_customer_id IS NOT NULL
+        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+    ), named AS (
+      SELECT outbox_id FROM billing ORDER BY role = 'billing' DESC, outbox_id LIMIT 1
     ), stored AS (
       INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
       SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now},
-             (SELECT outbox_id FROM billing)
+             (SELECT outbox_id FROM named)
       FROM input r
       WHERE NOT EXISTS (SELECT 1 FROM problems)
       ORDER BY r.sensor_id, r.recorded_at, r.n
@@ -80,16 +96,19 @@ export async function storeReadings(
     ), counted AS (
       SELECT count(*)::int AS inserted FROM stored
     ), outbox AS (
-      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at)
+      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
+                                destination, mirrors_outbox_id)
       OVERRIDING SYSTEM VALUE
-      SELECT b.outbox_id, ${organizationId}, 'temperature_readings', b.stripe_customer_id, c.inserted, ${now}
-      FROM counted c, billing b
+      SELECT b.outbox_id, ${organizationId}, 'temperature_readings', b.stripe_customer_id, c.inserted, ${now},
+             b.destination, nullif(n.outbox_id, b.outbox_id)
+      FROM counted c, billing b, named n
       WHERE c.inserted > 0
-      RETURNING stripe_customer_id
+      RETURNING stripe_customer_id, destination
     )
     SELECT
       (SELECT inserted FROM counted) AS inserted,
-      (SELECT stripe_customer_id FROM outbox) AS customer_id,
+      (SELECT array_agg(stripe_customer_id ORDER BY destination) FROM outbox) AS customers,
+      (SELECT array_agg(destination ORDER BY destination) FROM outbox) AS destinations,
       (SELECT array_agg(n::int - 1 ORDER BY n) FROM problems) AS problem_index,
       (SELECT array_agg(active ORDER BY n) FROM problems) AS problem_active`.execute(trx);
   const row = result.rows[0];
@@ -104,6 +123,13 @@ export async function storeReadings(
       })),
     };
   }
-  if (row.customer_id) await enqueueDelivery(trx, boss, row.customer_id, 'temperature_readings');
+  for (const [i, customer] of (row.customers ?? []).entries()) {
+    await enqueueDelivery(trx, boss, {
+      organizationId,
+      customerId: customer,
+      eventName: 'temperature_readings',
+      destination: row.destinations?.[i] ?? 'stripe',
+    });
+  }
   return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
 }

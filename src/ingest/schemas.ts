@@ -1,7 +1,7 @@
 // The zod schemas of the ingestion API (readings, sensors, usage): they validate requests and
 // generate the OpenAPI document, so the two cannot disagree.
 import { z } from 'zod';
-import { pgInstant, pgText } from '../db/input-types.js';
+import { isPgInstant, pgInstant, pgText } from '../db/input-types.js';
 import { OUTBOX_STATUSES } from '../db/schema.js';
 
 /**
@@ -59,6 +59,53 @@ export function readingsRequestSchema(options: {
       .min(1, { error: 'readings must contain at least one reading' })
       .max(options.maxBatch, { error: `readings must contain at most ${options.maxBatch} readings` }),
   });
+}
+
+// zod's own patterns for z.uuid() and z.iso.datetime({ offset: true }), so the plain loop below
+// accepts exactly the ids and date-times readingSchema does.
+const UUID_PATTERN = z.regexes.uuid();
+const INSTANT_PATTERN = z.regexes.datetime({ offset: true });
+
+/**
+ * readingsRequestSchema's common case in a plain loop: a well-formed batch, returned as zod would
+ * return it (the three fields of each reading, nothing else). zod took 1.9 ms of the API's CPU per
+ * batch of 500 (3.9 µs a reading, against 0.6 µs for JSON.parse). Anything this does not accept is
+ * left to the schema (undefined), which then gives the answer and every error detail: this accepts
+ * only what the schema accepts (test/ingest/schemas.test.ts compares the two).
+ */
+export function parseReadingsFast(
+  body: unknown,
+  options: { maxBatch: number; now: () => Date; retentionDays?: number },
+): { readings: Reading[] } | undefined {
+  if (typeof body !== 'object' || body === null) return undefined;
+  const list = (body as { readings?: unknown }).readings;
+  if (!Array.isArray(list) || list.length < 1 || list.length > options.maxBatch) return undefined;
+  const nowMs = options.now().getTime();
+  const latest = nowMs + MAX_FUTURE_SKEW_MS;
+  const oldest =
+    options.retentionDays === undefined
+      ? Number.NEGATIVE_INFINITY
+      : nowMs - options.retentionDays * 86_400_000;
+  const readings: Reading[] = new Array(list.length);
+  for (let i = 0; i < list.length; i++) {
+    const item: unknown = list[i];
+    if (typeof item !== 'object' || item === null || Array.isArray(item)) return undefined;
+    const { sensorId, recordedAt, temperatureC } = item as Record<string, unknown>;
+    if (typeof sensorId !== 'string' || !UUID_PATTERN.test(sensorId)) return undefined;
+    if (typeof recordedAt !== 'string' || !INSTANT_PATTERN.test(recordedAt) || !isPgInstant(recordedAt))
+      return undefined;
+    const at = Date.parse(recordedAt);
+    if (!(at >= EARLIEST_RECORDED_AT_MS && at <= latest && at >= oldest)) return undefined;
+    if (
+      typeof temperatureC !== 'number' ||
+      !Number.isFinite(temperatureC) ||
+      temperatureC < TEMPERATURE_MIN_C ||
+      temperatureC > TEMPERATURE_MAX_C
+    )
+      return undefined;
+    readings[i] = { sensorId, recordedAt, temperatureC };
+  }
+  return { readings };
 }
 
 export const readingsResponseSchema = z.object({

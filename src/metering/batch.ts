@@ -2,39 +2,51 @@
 // meter-delivery jobs (one per customer+meter key) from pg-boss and moves them together:
 //
 //   1. claim    one statement: lease the keys, commit each key's next group (identifier, value, time)
+//               and say what is left; keys with correction rows get a second look (corrections.ts)
 //   2. call     one budget slot per Stripe call; v1 one call per key's event, v2 up to 100 keys' events
-//               a call; every call ends (timeout) before the key's lease can expire
-//   3. settle   one statement: every answer, the keys' pacing and backoff, lease release
-//   4. follow   one statement: jobs for keys that must run again (busy, paced, rate limited, more rows)
-//   5. results  returned to pg-boss, which completes, retries (backoff) or dead-letters the jobs
-//               together (one statement each)
+//               a call; every call ends (timeout) before the key's lease can expire; the leases are
+//               renewed while the calls run
+//   3. decide   rules.ts decideBatch: what every answer means, backoff and dead letter from the group's
+//               own attempts, follow-ups, holds, job results — a pure function
+//   4. settle   one statement: every answer, the keys' pacing and backoff, lease release
+//   5. follow   one statement: jobs for keys that must run again; a hold for keys whose meter is missing
+//   6. results  returned to pg-boss, which completes or dead-letters the jobs together
 //
-// Usage corrections of a key with no usage left take their own path at step 2 (calls.ts, corrections.ts).
+// This file is the shell: it runs the store's statements (store.ts) and the calls (calls.ts) around
+// the rules and reports what happened; it decides nothing itself. A batch's jobs of each destination
+// (Stripe, Metronome) go through these steps on their own, with that destination's transport, call
+// budget, catalog and policy, side by side. The simulation (scripts/sim) runs
+// this same function against models of Postgres, pg-boss and Stripe.
 // A batch that fails after its claim gives its keys back at once (releaseLeases), unless Stripe calls
 // may still be open: then the leases run out, so a key never has two calls in flight.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
-import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
-import type { Clock } from '../clock.js';
+import type { JobWithMetadata, PgBoss } from 'pg-boss';
+import { type Clock, type HostTimers, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
-import type { DB, MeterEventName } from '../db/schema.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type CallSlots, callsPerSecond, recordRateLimited } from './budget.js';
-import { callStripe, type Planned } from './calls.js';
-import { type CorrectionClient, claimCorrectionGroup } from './corrections.js';
-import {
-  type ClaimedKey,
-  type ClaimInput,
-  claimBatch,
-  type GroupSettlement,
-  type KeySettlement,
-  releaseLeases,
-  settleBatch,
-} from './delivery-sql.js';
+import type { CallSlots } from './budget.js';
+import { callStripe } from './calls.js';
+import type { CorrectionClient } from './corrections.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
-import { deliveryKey, queueDeliveries } from './outbox.js';
 import type { QueuePayload } from './queues.js';
+import {
+  type CorrectionFacts,
+  decideBatch,
+  deliveryPolicy,
+  destinationOf,
+  type JobOutcome,
+  jobKeys,
+  type KeyRef,
+  keyName,
+  type LeasedKey,
+  type Note,
+  needsCorrectionClaim,
+  planCalls,
+} from './rules.js';
+import { type DeliveryStore, sqlStore } from './store.js';
 import type { MeterTransport } from './transport.js';
 
 export interface BatchDeps {
@@ -47,10 +59,10 @@ export interface BatchDeps {
   corrections?: CorrectionClient;
   /**
    * Never into the void: which meters Stripe has (meter-catalog.ts). A key whose meter is missing is
-   * held: nothing claimed, no attempt spent, its job queued again just after the catalog's next read.
+   * held by name: nothing claimed, no attempt spent, no job until the catalog sees the meter again.
    * Without it every meter is sent.
    */
-  catalog?: Pick<MeterCatalog, 'sendable' | 'secondsToNextRefresh' | 'releaseHeld'>;
+  catalog?: Pick<MeterCatalog, 'sendable' | 'releaseHeld'>;
   config: Config;
   /** Lease owner prefix (default: this process's id; tests simulate several workers). */
   owner?: string;
@@ -61,7 +73,32 @@ export interface BatchDeps {
   observer?: DeliveryObserver;
   /** A follow-up job was queued to start in `ms`: wake a fetcher of this process then. */
   wakeAfter?: (ms: number) => void;
+  /** Each destination's statements (default: Postgres and pg-boss through db and boss). */
+  store?: (destination: Destination) => DeliveryStore;
+  /** Host timers for lease deadlines, slot waits and renewals (default: the real ones). */
+  timers?: HostTimers;
+  /**
+   * Metronome's transport, budget share, corrections and catalog (the fields above are Stripe's).
+   * Without it Metronome is not configured: its keys are held by name, nothing claimed, until a
+   * worker with METRONOME_BEARER_TOKEN releases them.
+   */
+  metronome?: DestinationDeps;
 }
+
+/** What one destination's share of a batch is sent with. */
+export interface DestinationDeps {
+  transport: MeterTransport;
+  slots: CallSlots;
+  corrections?: CorrectionClient;
+  catalog?: Pick<MeterCatalog, 'sendable' | 'releaseHeld'>;
+}
+
+/** A transport for a destination that is not configured: never called (its keys are all held). */
+const UNCONFIGURED: MeterTransport = {
+  kind: 'metronome',
+  maxEventsPerCall: 1,
+  send: () => Promise.reject(new Error('destination not configured')),
+};
 
 export type DeliveryJob = Pick<
   JobWithMetadata<QueuePayload<'meter-delivery'>>,
@@ -71,282 +108,263 @@ export type DeliveryJob = Pick<
 /** This process's lease owner id; each batch adds its own suffix, so two batches exclude each other too. */
 export const WORKER_INSTANCE_ID = `${process.pid}-${randomBytes(6).toString('hex')}`;
 
-/** When another batch holds the key, look again after this long (its own follow-up usually comes first). */
-const BUSY_RETRY_MS = 1_000;
-/** After a 429, the key's group is resent this soon (the shared budget has slowed down meanwhile). */
-const RATE_LIMITED_RETRY_MS = 2_000;
-/** pg-boss's least backoff before retry n (it adds up to as much again as jitter), capped. */
-function backoffSeconds(config: Config, retryCount: number): number {
-  return Math.min(
-    config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
-    Math.max(1, config.DELIVERY_RETRY_DELAY_SECONDS) * 2 ** Math.min(16, retryCount),
-  );
+/** A running batch renews its leases this often: a third of the lease, so one missed renewal is survived. */
+export function renewEveryMs(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>): number {
+  return Math.max(500, Math.floor((config.DELIVERY_LEASE_SECONDS * 1000) / 3));
 }
 
 let batchCounter = 0;
 
-/** Moves one batch of meter-delivery jobs through claim, call, settle and follow-up; returns each job's result. */
-export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]): Promise<JobResult[]> {
-  const config = deps.config;
-  const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
-  // One job asks for each key: a retry job (the holder of the key's backoff) before a new one.
-  const asking = new Map<string, DeliveryJob>();
+/**
+ * Moves one batch of meter-delivery jobs through claim, call, decide, settle and follow-up; returns
+ * each job's result. Each destination's jobs go through on their own (one claim and one settle each).
+ */
+export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]): Promise<JobOutcome[]> {
+  const byDestination = new Map<Destination, DeliveryJob[]>();
   for (const job of jobs) {
-    const name = deliveryKey(job.data.customerId, job.data.eventName);
-    const seen = asking.get(name);
-    if (!seen || job.retryCount > seen.retryCount) asking.set(name, job);
+    const d = job.data.destination ?? 'stripe';
+    const list = byDestination.get(d) ?? [];
+    list.push(job);
+    byDestination.set(d, list);
   }
-  const inputs: ClaimInput[] = [...asking.values()].map((job) => ({ ...job.data, jobId: job.id }));
+  const results = await Promise.all(
+    [...byDestination].map(([destination, own]) => {
+      const dest: DestinationDeps | undefined =
+        destination === 'stripe'
+          ? {
+              transport: deps.transport,
+              slots: deps.slots,
+              ...(deps.corrections ? { corrections: deps.corrections } : {}),
+              ...(deps.catalog ? { catalog: deps.catalog } : {}),
+            }
+          : deps.metronome;
+      return deliverDestination(deps, destination, dest, own);
+    }),
+  );
+  return results.flat();
+}
+
+/** One destination's jobs of a batch (dest undefined: the destination is not configured here). */
+async function deliverDestination(
+  deps: BatchDeps,
+  destination: Destination,
+  dest: DestinationDeps | undefined,
+  jobs: readonly DeliveryJob[],
+): Promise<JobOutcome[]> {
+  const config = deps.config;
+  const timers = deps.timers ?? hostTimers;
+  const transport = dest?.transport ?? UNCONFIGURED;
+  const store =
+    deps.store?.(destination) ??
+    sqlStore({ db: deps.db, boss: deps.boss, config, distributed: deps.distributed === true, destination });
+  const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
+  const policy = deliveryPolicy(config, transport.kind);
+  // Jobs queued before jobs named their organization: their keys' organizations are looked up once.
+  const unnamed = jobs.filter((job) => !job.data.organizationId);
+  const organizations =
+    unnamed.length > 0
+      ? await store.organizationsOf(
+          unnamed.map((job) => ({
+            customerId: job.data.customerId,
+            eventName: job.data.eventName,
+            destination,
+          })),
+        )
+      : new Map<string, string>();
+  const { refs: jobRefs, done } = jobKeys(jobs, destination, organizations);
+  if (jobRefs.length === 0) return done;
+  const keys = [...new Map(jobRefs.map((j) => [keyName(j.key), j.key])).values()];
 
   // 1. claim. Host time for the lease deadline: the calls' timers run on it.
-  const leaseDeadline = Date.now() + config.DELIVERY_LEASE_SECONDS * 1000;
-  const claimed = await claimBatch(deps.db, inputs, {
+  const leaseMs = config.DELIVERY_LEASE_SECONDS * 1000;
+  let leaseDeadline = timers.now() + leaseMs;
+  const claimed = await store.claim(keys, {
     owner,
     leaseSeconds: config.DELIVERY_LEASE_SECONDS,
     now: deps.clock.now(),
     maxRows: config.DELIVERY_MAX_ROWS_PER_EVENT,
-    sendable: (['temperature_readings', 'active_sensors'] as const).filter(
-      (m) => deps.catalog?.sendable(m) ?? true,
+    // An unconfigured destination sends nothing: every key is held by name.
+    sendable: (['temperature_readings', 'active_sensors'] as const).filter((m) =>
+      dest ? (dest.catalog?.sendable(m) ?? true) : false,
     ),
-    distributed: deps.distributed === true,
   });
+  const leased = claimed.filter((k): k is LeasedKey => k.state === 'leased');
+
+  // The leases are renewed while the batch runs; the deadline moves only when every key was renewed.
+  const stopRenewing =
+    leased.length > 0
+      ? timers.every(renewEveryMs(config), async () => {
+          const at = timers.now();
+          const held = await store.renew(owner, config.DELIVERY_LEASE_SECONDS).catch((err: unknown) => {
+            deps.log.warn({ err }, 'could not renew delivery leases; calls stay bounded by the old deadline');
+            return -1;
+          });
+          if (held === leased.length) leaseDeadline = at + leaseMs;
+        })
+      : async () => {};
 
   // Whatever fails from here on gives the keys back (releaseLeases) unless Stripe calls may still be
   // open: then the leases run out as usual, so no key has two calls in flight.
   let callsOpen = false;
   try {
-    return await afterClaim(deps, jobs, asking, claimed, owner, leaseDeadline, (open) => {
-      callsOpen = open;
+    // 1b. corrections: a second look for the keys whose claim saw correction rows.
+    const corrections = new Map<string, CorrectionFacts>();
+    if (dest?.corrections) {
+      for (const key of leased.filter(needsCorrectionClaim)) {
+        corrections.set(
+          keyName(key),
+          await store.claimCorrections(key, {
+            now: deps.clock.now(),
+            validationSeconds: policy.validationMs / 1000,
+          }),
+        );
+      }
+    }
+    const plan = planCalls(leased, corrections, deps.clock.now(), policy);
+
+    // 2. call
+    callsOpen = true;
+    const answers = await callStripe(
+      {
+        transport,
+        slots: dest?.slots ?? { take: async () => ({ granted: false, waitMs: 1_000 }) },
+        ...(dest?.corrections ? { corrections: dest.corrections } : {}),
+        switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier),
+        ...(deps.observer ? { observer: deps.observer } : {}),
+        timers,
+      },
+      plan.calls,
+      () => leaseDeadline,
+    );
+    callsOpen = false;
+
+    // 3. decide
+    const decision = decideBatch({
+      jobs: jobRefs,
+      claimed,
+      corrections,
+      answers,
+      pastWindow: plan.pastWindow,
+      now: deps.clock.now(),
+      policy,
     });
+    report(deps, decision.notes);
+    if (decision.rateLimited) {
+      await store
+        .rateLimited()
+        .catch((err: unknown) => deps.log.warn({ err }, 'could not slow the shared call budget after a 429'));
+    }
+
+    // 4. settle (renewals stop first: they would lock the same key rows out of key order)
+    await stopRenewing();
+    await store.settle(decision.groups, decision.keys, {
+      owner,
+      minIntervalMs: config.DELIVERY_MIN_INTERVAL_MS,
+    });
+
+    // 5. follow-ups and holds
+    if (decision.holds.length > 0) {
+      await store.hold(decision.holds);
+      // A meter that turned up since the claim: its keys go now, not at the next catalog read.
+      for (const eventName of new Set(decision.holds.map((k) => k.eventName))) {
+        if (dest?.catalog?.sendable(eventName)) await dest.catalog.releaseHeld(eventName);
+      }
+    }
+    if (decision.followUps.length > 0) {
+      await store.queue(decision.followUps);
+      for (const ms of new Set(decision.followUps.map((f) => f.afterMs))) deps.wakeAfter?.(ms);
+    }
+    // 6. results
+    return [...decision.results, ...done];
   } catch (err) {
+    await stopRenewing();
     if (!callsOpen) {
-      await releaseLeases(deps.db, owner, {
-        nextCallAt: new Date(deps.clock.now().getTime() + config.DELIVERY_MIN_INTERVAL_MS),
-        distributed: deps.distributed === true,
-      }).catch((release: unknown) =>
-        deps.log.warn({ err: release }, 'could not release the leases of a failed batch; they expire'),
-      );
+      await store
+        .release(owner, new Date(deps.clock.now().getTime() + config.DELIVERY_MIN_INTERVAL_MS))
+        .catch((release: unknown) =>
+          deps.log.warn({ err: release }, 'could not release the leases of a failed batch; they expire'),
+        );
     }
     throw err;
   }
 }
 
-/** Steps 2-5 of a batch whose claim committed; `calling(true)` while Stripe calls may be open. */
-async function afterClaim(
-  deps: BatchDeps,
-  jobs: readonly DeliveryJob[],
-  asking: ReadonlyMap<string, DeliveryJob>,
-  claimed: readonly ClaimedKey[],
-  owner: string,
-  leaseDeadline: number,
-  calling: (open: boolean) => void,
-): Promise<JobResult[]> {
+/** What a batch's notes say, to the log and the metrics. */
+function report(deps: Pick<BatchDeps, 'log' | 'observer'>, notes: readonly Note[]): void {
   const observer = deps.observer ?? {};
-  const config = deps.config;
-  const planned: Planned[] = [];
-  const followUps: { key: ClaimedKey; afterMs: number }[] = [];
-  const leased: Extract<ClaimedKey, { state: 'leased' }>[] = [];
-  const correctionsSettled = { neverBilled: 0, creditNote: 0 };
   const held = new Set<MeterEventName>();
-  for (const key of claimed) {
-    if (key.state === 'busy') followUps.push({ key, afterMs: Math.min(key.waitMs, BUSY_RETRY_MS) });
-    else if (key.state === 'paced') followUps.push({ key, afterMs: key.waitMs });
-    else if (key.state === 'held') {
-      // Just after the catalog's next read (sooner if the meter turns up: releaseHeld, below).
-      followUps.push({ key, afterMs: ((deps.catalog?.secondsToNextRefresh() ?? 0) + 1) * 1000 });
-      held.add(key.eventName);
-    }
-    if (key.state !== 'leased') continue;
-    leased.push(key);
-    if (key.expired > 0) {
-      deps.log.warn(
-        { customerId: key.customerId, eventName: key.eventName, rows: key.expired },
-        "outbox rows expired: older than Stripe's 35-day window",
-      );
-      observer.onExpired?.(key.eventName, key.expired);
-    }
-    if (key.group) {
-      planned.push({ key, group: key.group });
-    } else if (key.corrections && deps.corrections) {
-      // Corrections only once the key's usage is sent; looked at only when the claim saw some.
-      const c = await claimCorrectionGroup(deps.db, key.customerId, key.eventName, { now: deps.clock.now() });
-      correctionsSettled.neverBilled += c.settled.neverBilled;
-      correctionsSettled.creditNote += c.settled.creditNote;
-      if (c.group) planned.push({ key, group: c.group, correction: c.group });
-    }
-  }
-  if (correctionsSettled.neverBilled + correctionsSettled.creditNote > 0) {
-    deps.log.warn(correctionsSettled, 'usage corrections settled without a Stripe call');
-  }
-
-  // 2. call
-  calling(true);
-  const answers = await callStripe(deps, planned, leaseDeadline);
-  calling(false);
-
-  // 3. settle
-  const groups: GroupSettlement[] = [];
-  const keys = new Map<string, KeySettlement>();
-  for (const key of leased) {
-    keys.set(deliveryKey(key.customerId, key.eventName), { ...key, called: false });
-  }
-  const results = new Map<string, JobResult>();
-  let rateLimited = false;
-  const now = deps.clock.now().getTime();
-  for (const { planned: p, outcome, waitMs } of answers) {
-    const name = deliveryKey(p.key.customerId, p.key.eventName);
-    const settlement = keys.get(name)!;
-    const job = asking.get(name)!;
-    const eventName = p.key.eventName;
-    const log = deps.log.child({
-      jobId: job.id,
-      customerId: p.key.customerId,
-      eventName,
-      identifier: p.group.identifier,
+  const corrections = { neverBilled: 0, creditNote: 0 };
+  const at = (key: KeyRef, identifier?: string) =>
+    deps.log.child({
+      customerId: key.customerId,
+      eventName: key.eventName,
+      destination: destinationOf(key),
+      ...(identifier ? { identifier } : {}),
     });
-    if (!outcome) {
-      groups.push({ identifier: p.group.identifier, status: 'pending', called: false });
-      followUps.push({ key: p.key, afterMs: waitMs ?? BUSY_RETRY_MS });
-      continue;
-    }
-    settlement.called = true;
-    const attempts = p.group.attempts + 1;
-    // The group's rows fail and the job goes to the dead-letter queue (no retry left, or Stripe refused for good).
-    const deadLetter = (error: string, reason: string) => {
-      groups.push({ identifier: p.group.identifier, status: 'failed', error, called: true });
-      log.error({ reason, error }, 'meter event failed; job dead-lettered');
-      observer.onDeadLetter?.(eventName, reason);
-      results.set(name, {
-        id: job.id,
-        status: 'deadletter',
-        output: { kind: 'failed', reason, message: error },
-      });
-    };
-    switch (outcome.kind) {
-      case 'accepted':
-      case 'duplicate': {
-        // A duplicate answer means an earlier call with this identifier (and this value) landed. On
-        // v2 Stripe validates after its 200: the rows wait out the validation window (promoteValidated).
-        const validating =
-          deps.transport.kind === 'v2' && config.DELIVERY_V2_VALIDATION_SECONDS > 0 && !p.correction;
-        groups.push({
-          identifier: p.group.identifier,
-          status: validating ? 'accepted' : 'delivered',
-          called: true,
-        });
-        const lagMs = now - p.group.oldestCreatedAt.getTime();
-        log.debug(
+  for (const note of notes) {
+    switch (note.kind) {
+      case 'delivered':
+        at(note.key, note.group.identifier).debug(
           {
-            rows: p.group.rows,
-            value: p.group.value,
-            attempts,
-            duplicate: outcome.kind === 'duplicate',
-            lagMs,
+            rows: note.group.rows,
+            value: note.group.value,
+            attempts: note.group.attempts + 1,
+            duplicate: note.duplicate,
+            lagMs: note.lagMs,
           },
           'meter event delivered',
         );
-        observer.onDelivered?.(eventName, p.group.rows, lagMs);
+        observer.onDelivered?.(note.key.eventName, note.group.rows, note.lagMs);
         break;
-      }
+      case 'accepted':
+        at(note.key, note.group.identifier).debug(
+          { rows: note.group.rows, lagMs: note.lagMs },
+          'meter event accepted; Stripe validates it',
+        );
+        observer.onDelivered?.(note.key.eventName, note.group.rows, note.lagMs);
+        break;
       case 'expired':
-        groups.push({
-          identifier: p.group.identifier,
-          status: 'expired',
-          error: outcome.message,
-          called: true,
-        });
-        log.warn(
-          { rows: p.group.rows, value: p.group.value, error: outcome.message },
-          'meter event expired at Stripe',
-        );
-        observer.onExpired?.(eventName, p.group.rows);
-        break;
-      case 'retryable': {
-        const message = `${outcome.reason}: ${outcome.message}`;
-        if (outcome.reason === 'rate_limited') {
-          // Not the key's failure: every worker slows down and the group (same identifier) is resent
-          // within seconds; it never counts toward DELIVERY_RETRY_LIMIT nor dead-letters.
-          rateLimited = true;
-          groups.push({ identifier: p.group.identifier, status: 'pending', error: message, called: true });
-          followUps.push({ key: p.key, afterMs: RATE_LIMITED_RETRY_MS });
-          observer.onRateLimited?.(eventName);
-          break;
+        if (note.atClaim) {
+          at(note.key).warn({ rows: note.rows }, "outbox rows expired: older than Stripe's 35-day window");
+        } else {
+          at(note.key).warn({ rows: note.rows, error: note.message }, 'meter event expired at Stripe');
         }
-        if (job.retryCount >= job.retryLimit) {
-          deadLetter(`gave up after ${attempts} attempts: ${message}`, outcome.reason);
-          break;
-        }
-        groups.push({ identifier: p.group.identifier, status: 'pending', error: message, called: true });
-        settlement.backoff = { seconds: backoffSeconds(config, job.retryCount), jobId: job.id };
-        log.warn({ reason: outcome.reason, error: message }, 'meter event will be retried');
-        observer.onRetry?.(eventName, outcome.reason);
-        results.set(name, {
-          id: job.id,
-          status: 'failed',
-          output: { kind: 'retry', reason: outcome.reason, message },
-        });
+        observer.onExpired?.(note.key.eventName, note.rows);
         break;
-      }
-      case 'permanent':
-        deadLetter(
-          `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`,
-          outcome.reason,
+      case 'retry':
+        at(note.key, note.group.identifier).warn(
+          {
+            reason: note.reason,
+            error: note.message,
+            attempts: note.group.attempts + 1,
+            backoffMs: note.backoffMs,
+          },
+          'meter event will be retried',
         );
+        observer.onRetry?.(note.key.eventName, note.reason);
+        break;
+      case 'rate_limited':
+        observer.onRateLimited?.(note.key.eventName);
+        break;
+      case 'dead_letter':
+        at(note.key, note.group.identifier).error(
+          { reason: note.reason, error: note.message },
+          'meter event failed; job dead-lettered',
+        );
+        observer.onDeadLetter?.(note.key.eventName, note.reason);
+        break;
+      case 'held':
+        held.add(note.key.eventName);
+        break;
+      case 'corrections_settled':
+        corrections.neverBilled += note.neverBilled;
+        corrections.creditNote += note.creditNote;
         break;
     }
   }
-  if (rateLimited) {
-    await recordRateLimited(deps.db, callsPerSecond(config), deps.distributed === true).catch(
-      (err: unknown) => deps.log.warn({ err }, 'could not slow the shared call budget after a 429'),
-    );
+  if (corrections.neverBilled + corrections.creditNote > 0) {
+    deps.log.warn(corrections, 'usage corrections settled without a Stripe call');
   }
-  const more = await settleBatch(deps.db, groups, [...keys.values()], {
-    owner,
-    minIntervalMs: config.DELIVERY_MIN_INTERVAL_MS,
-    distributed: deps.distributed === true,
-  });
-
-  // 4. follow-ups: a key with rows left that no other path covers (pg-boss retry, a follow-up above).
-  const covered = new Set([
-    ...results.keys(),
-    ...followUps.map((f) => deliveryKey(f.key.customerId, f.key.eventName)),
-  ]);
-  for (const key of leased) {
-    const name = deliveryKey(key.customerId, key.eventName);
-    if (!covered.has(name) && more.get(name)) {
-      followUps.push({ key, afterMs: keys.get(name)?.called ? config.DELIVERY_MIN_INTERVAL_MS : 0 });
-    }
-  }
-  if (followUps.length > 0) {
-    await queueDeliveries(
-      deps.boss,
-      followUps.map((f) => ({
-        customerId: f.key.customerId,
-        eventName: f.key.eventName,
-        afterMs: f.afterMs,
-      })),
-    );
-    for (const ms of new Set(followUps.map((f) => f.afterMs))) deps.wakeAfter?.(ms);
-  }
-  // A meter that turned up between the claim and that insert: its held jobs are made due now.
-  for (const eventName of held) await deps.catalog?.releaseHeld(eventName);
   if (held.size > 0)
-    deps.log.debug({ held: [...held] }, 'no usable Stripe meter: keys held until the next catalog read');
-
-  // 5. results: every other job is done (its key's rows are delivered, covered by a follow-up, or held
-  // by the retry job that owns the key's backoff).
-  const states = new Map(claimed.map((k) => [deliveryKey(k.customerId, k.eventName), k.state]));
-  return jobs.map((job) => {
-    const name = deliveryKey(job.data.customerId, job.data.eventName);
-    const result = asking.get(name) === job ? results.get(name) : undefined;
-    const state = states.get(name) ?? 'leased';
-    // A held key's job says why it sent nothing: its meter is missing at Stripe.
-    return (
-      result ?? {
-        id: job.id,
-        status: 'completed',
-        output: { kind: state === 'held' ? 'meter_missing' : state },
-      }
-    );
-  });
+    deps.log.debug({ held: [...held] }, 'no usable Stripe meter: keys held until the meter is back');
 }

@@ -5,7 +5,10 @@
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { Config } from '../config.js';
-import type { DB } from '../db/schema.js';
+import type { DB, Destination } from '../db/schema.js';
+
+/** Each destination has its own budget row (0008, 0024): Stripe's limits and Metronome's are separate. */
+export const BUDGET_ROW: Readonly<Record<Destination, number>> = { stripe: 1, metronome: 2 };
 
 /** Time for the shared rate to climb from its floor back to the configured rate after a 429. */
 export const BUDGET_RECOVERY_SECONDS = 30;
@@ -74,30 +77,44 @@ export async function reserveCalls(
   calls = 1,
   maxWaitMs = BUDGET_MAX_WAIT_MS,
   distributed = false,
+  budgetRow = BUDGET_ROW.stripe,
 ): Promise<Reservation> {
-  // On Citus the statement's instant is read once, as a column of `r`, so that every expression
-  // of the UPDATE is over columns (see budgetClock and plusSeconds).
-  const clock = distributed ? sql`r.now` : budgetClock(false);
-  const result = await sql<{ wait_ms: number; rate: number }>`
+  const wait = (now: RawBuilder<unknown>) =>
+    sql`greatest(0, ceil((extract(epoch FROM b.tat - ${now}) - ${calls}::float8 / r.rate) * 1000))::int`;
+  // On Citus (a single-shard table) the statement's instant is read once, in a materialized CTE, so
+  // that every expression of the UPDATE is over columns (see plusSeconds) and the whole statement is
+  // one router query that Citus sends to the row's node, where the clock is read.
+  const result = distributed
+    ? await sql<{ wait_ms: number; rate: number }>`
+    WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
+    r AS (SELECT c.now, ${effectiveRate(rate, sql`c.now`)} AS rate FROM meter_call_budget, c WHERE id = ${budgetRow}),
+    u AS (
+      UPDATE meter_call_budget b
+         SET tat = ${plusSeconds(sql`greatest(b.tat, r.now)`, sql`${calls}::float8 / r.rate`)},
+             calls = b.calls + ${calls}
+        FROM r
+       WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(sql`r.now`, sql`${maxWaitMs / 1000}::float8`)}
+      RETURNING ${wait(sql`r.now`)} AS wait_ms, r.rate::float8 AS rate)
+    SELECT * FROM u`.execute(db)
+    : await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
-       SET tat = ${plusSeconds(sql`greatest(b.tat, ${clock})`, sql`${calls}::float8 / r.rate`)},
+       SET tat = ${plusSeconds(sql`greatest(b.tat, ${budgetClock(false)})`, sql`${calls}::float8 / r.rate`)},
            calls = b.calls + ${calls}
-      FROM (${
-        distributed
-          ? sql`SELECT c.now, ${effectiveRate(rate, sql`c.now`)} AS rate
-                  FROM meter_call_budget, (SELECT ${budgetClock(true)} AS now) c WHERE id = 1`
-          : sql`SELECT ${effectiveRate(rate, clock)} AS rate FROM meter_call_budget WHERE id = 1`
-      }) r
-     WHERE b.id = 1 AND b.tat <= ${plusSeconds(clock, sql`${maxWaitMs / 1000}::float8`)}
-    RETURNING greatest(0, ceil((extract(epoch FROM b.tat - ${clock}) - ${calls}::float8 / r.rate) * 1000))::int AS wait_ms,
-              r.rate::float8 AS rate`.execute(db);
+      FROM (SELECT ${effectiveRate(rate, budgetClock(false))} AS rate FROM meter_call_budget WHERE id = ${budgetRow}) r
+     WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(budgetClock(false), sql`${maxWaitMs / 1000}::float8`)}
+    RETURNING ${wait(budgetClock(false))} AS wait_ms, r.rate::float8 AS rate`.execute(db);
   const row = result.rows[0];
   if (!row) return { granted: false, waitMs: maxWaitMs, spacingMs: 1000 / rate, rate };
   return { granted: true, waitMs: row.wait_ms, spacingMs: 1000 / row.rate, rate: row.rate };
 }
 
 /** A 429: every worker slows down (multiplicative decrease, at most once a second). One statement. */
-export async function recordRateLimited(db: Kysely<DB>, rate: number, distributed = false): Promise<void> {
+export async function recordRateLimited(
+  db: Kysely<DB>,
+  rate: number,
+  distributed = false,
+  budgetRow = BUDGET_ROW.stripe,
+): Promise<void> {
   const clock = budgetClock(distributed);
   await sql`
     UPDATE meter_call_budget
@@ -105,16 +122,17 @@ export async function recordRateLimited(db: Kysely<DB>, rate: number, distribute
                          ELSE greatest(${BUDGET_MIN_FACTOR}::float8, ${effectiveRate(rate, clock)} / ${rate} * 0.5) END,
            last_429_at = ${clock},
            rate_limited = rate_limited + 1
-     WHERE id = 1`.execute(db);
+     WHERE id = ${budgetRow}`.execute(db);
 }
 
 /** Current state for metrics and the dashboard. */
 export async function budgetState(
   db: Kysely<DB>,
   rate: number,
+  budgetRow = BUDGET_ROW.stripe,
 ): Promise<{ rate: number; calls: number; rateLimited: number }> {
   const result = await sql<{ rate: number; calls: string; rate_limited: string }>`
-    SELECT ${effectiveRate(rate)} AS rate, calls::text, rate_limited::text FROM meter_call_budget WHERE id = 1`.execute(
+    SELECT ${effectiveRate(rate)} AS rate, calls::text, rate_limited::text FROM meter_call_budget WHERE id = ${budgetRow}`.execute(
     db,
   );
   const row = result.rows[0];
@@ -151,13 +169,14 @@ export function createSlotDispenser(
   rate: number,
   now: () => number = Date.now,
   distributed = false,
+  budgetRow = BUDGET_ROW.stripe,
 ): CallSlots {
   const slots: number[] = [];
   let refill: Promise<Pick<Reservation, 'granted' | 'waitMs'>> | undefined;
   const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.round((rate * SLOT_CHUNK_MS) / 1000)));
 
   const reserve = async () => {
-    const r = await reserveCalls(db, rate, chunk, BUDGET_MAX_WAIT_MS, distributed);
+    const r = await reserveCalls(db, rate, chunk, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
     if (r.granted) {
       const first = now() + r.waitMs;
       for (let i = 0; i < chunk; i++) slots.push(first + i * r.spacingMs);
@@ -178,6 +197,111 @@ export function createSlotDispenser(
         const r = await refill;
         if (!r.granted) return r;
       }
+    },
+  };
+}
+
+/** A caller of a destination's API outside delivery (reconciliation, a reconciled redrive). */
+export interface BudgetedCaller {
+  /** Waits for a slot of the destination's budget (and the caller's own pace), then calls `fn`. */
+  call<T>(fn: () => Promise<T>): Promise<T>;
+  /** Calls made through this caller so far. */
+  readonly calls: number;
+}
+
+/**
+ * Calls that are not deliveries but go to the same account (Stripe's meter event summaries,
+ * Metronome's usage query) take their slots from the destination's budget row like delivery's, so
+ * together they never exceed the rate the row allows and never push delivery into 429s. On top,
+ * the caller keeps its own pace: at most `share` of the budget's effective rate and at most
+ * `maxPerSecond` (an endpoint's own limit: Stripe's reads count against its global limit of 100/s
+ * live and a default of 25/s per endpoint, not against the meter-event limit), so delivery keeps
+ * the rest of the budget. Slots are reserved a few at a time, never more than one tenth of a
+ * second of the caller's pace, so no reserved slot is wasted for long.
+ */
+export function createBudgetedCaller(
+  db: Kysely<DB>,
+  options: {
+    /** The budget row's configured rate (STRIPE_MAX_CALLS_PER_SECOND or Metronome's). */
+    rate: number;
+    budgetRow: number;
+    share: number;
+    maxPerSecond: number;
+    distributed?: boolean;
+    now?: () => number;
+    sleep?: (ms: number) => Promise<void>;
+  },
+): BudgetedCaller {
+  // Host clock and timers, as createSlotDispenser: the slots are spaced by the database's clock.
+  const now = options.now ?? Date.now;
+  const sleep = options.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const pace = () => Math.max(0.1, Math.min(options.maxPerSecond, options.share * options.rate));
+  const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.floor((pace() * SLOT_CHUNK_MS) / 1000)));
+  const slots: number[] = [];
+  let notBefore = 0;
+  let refill: Promise<void> | undefined;
+  let calls = 0;
+
+  /** Calls waiting for a slot: a reservation takes no more than they use (a slot nobody takes is lost to delivery). */
+  let waiting = 0;
+  const reserve = async () => {
+    const n = Math.max(1, Math.min(chunk, waiting));
+    const r = await reserveCalls(
+      db,
+      options.rate,
+      n,
+      BUDGET_MAX_WAIT_MS,
+      options.distributed === true,
+      options.budgetRow,
+    );
+    if (!r.granted) {
+      notBefore = now() + r.waitMs;
+      return;
+    }
+    const first = now() + r.waitMs;
+    for (let i = 0; i < n; i++) slots.push(first + i * r.spacingMs);
+    // The caller's own pace, from the rate in force now (a 429 elsewhere slows it too).
+    const own = Math.max(0.1, Math.min(options.maxPerSecond, options.share * r.rate));
+    notBefore = first + (n * 1000) / own;
+  };
+
+  const take = async () => {
+    waiting += 1;
+    try {
+      await takeSlot();
+    } finally {
+      waiting -= 1;
+    }
+  };
+
+  const takeSlot = async () => {
+    for (;;) {
+      const t = now();
+      while (slots.length > 0 && slots[0]! < t - STALE_SLOT_MS) slots.shift();
+      const next = slots.shift();
+      if (next !== undefined) {
+        if (next > t) await sleep(next - t);
+        return;
+      }
+      if (t < notBefore) {
+        await sleep(notBefore - t);
+        continue;
+      }
+      refill ??= reserve().finally(() => {
+        refill = undefined;
+      });
+      await refill;
+    }
+  };
+
+  return {
+    async call(fn) {
+      await take();
+      calls += 1;
+      return fn();
+    },
+    get calls() {
+      return calls;
     },
   };
 }

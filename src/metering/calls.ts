@@ -1,12 +1,10 @@
 // Step 2 of a batch (batch.ts): its Stripe calls, concurrently, each after its slot of the shared
-// budget and bounded by its key's lease.
-
-import type { Kysely } from 'kysely';
-import type { DB } from '../db/schema.js';
+// budget and bounded by what its key's lease has left.
+import type { HostTimers } from '../clock.js';
 import type { CallSlots } from './budget.js';
-import { type CorrectionClient, type CorrectionGroup, sendCorrection } from './corrections.js';
-import type { ClaimedGroup, ClaimedKey } from './delivery-sql.js';
+import { type CorrectionClient, sendCorrection } from './corrections.js';
 import type { DeliveryObserver } from './observer.js';
+import type { Answer, KeyRef, PlannedCall } from './rules.js';
 import type { SendOutcome } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
@@ -17,91 +15,101 @@ const CALL_TIMEOUT_MS = 15_000;
 /** A call given less than this before the lease deadline is not started (the key runs again later). */
 const MIN_CALL_MS = 1_000;
 
-/** A leased key's event to send: usage (transport) or a correction (its own v1 call). */
-export interface Planned {
-  key: Extract<ClaimedKey, { state: 'leased' }>;
-  group: ClaimedGroup;
-  correction?: CorrectionGroup;
-}
-
-/** The result of one planned event: the answer, or none (not called: no budget slot or lease time). */
-export type Answer = { planned: Planned; outcome: SendOutcome | null; waitMs?: number };
-
 /** What the calls use of a batch's dependencies (batch.ts's BatchDeps has them all). */
 export interface CallDeps {
-  db: Kysely<DB>;
   transport: MeterTransport;
   slots: CallSlots;
   corrections?: CorrectionClient;
+  /** Commits a correction group's switch from cancel to compensate (before the negative event). */
+  switchToCompensate: (key: KeyRef, identifier: string) => Promise<void>;
   observer?: DeliveryObserver;
+  timers: HostTimers;
 }
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * Step 2: the batch's Stripe calls, concurrently, each after its slot of the shared budget. A call is
- * started only if it can end (its timeout) before the key's lease expires, so a lease never lapses
- * while its call is open; an event that gets no slot in time is not called and its key runs again.
+ * started only if it can end (its timeout) before its key's lease expires — `leaseDeadline()` is read
+ * at each call's start, since a running batch renews its leases — so a lease never lapses while its
+ * call is open; an event that gets no slot in time is not called and its key runs again.
  */
 export async function callStripe(
   deps: CallDeps,
-  planned: readonly Planned[],
-  leaseDeadline: number,
+  planned: readonly PlannedCall[],
+  leaseDeadline: () => number,
 ): Promise<Answer[]> {
   const observer = deps.observer ?? {};
+  const timers = deps.timers;
   const usage = planned.filter((p) => !p.correction);
   const perCall = Math.max(1, deps.transport.maxEventsPerCall);
-  const calls: Planned[][] = [];
+  const calls: PlannedCall[][] = [];
   for (let i = 0; i < usage.length; i += perCall) calls.push(usage.slice(i, i + perCall));
   for (const p of planned) if (p.correction) calls.push([p]);
+  const answer = (p: PlannedCall, outcome: SendOutcome | null, waitMs?: number): Answer => ({
+    key: p.key,
+    group: p.group,
+    correction: p.correction !== undefined,
+    outcome,
+    ...(waitMs === undefined ? {} : { waitMs }),
+  });
+  /** The timeout a call starting now may have, or null when too little of the lease is left. */
+  const timeoutNow = () => {
+    const ms = Math.min(CALL_TIMEOUT_MS, leaseDeadline() - LEASE_MARGIN_MS - timers.now());
+    return ms < MIN_CALL_MS ? null : ms;
+  };
 
   const answered = await Promise.all(
     calls.map(async (call): Promise<Answer[]> => {
       const slot = await deps.slots.take();
-      if (!slot.granted) return call.map((planned) => ({ planned, outcome: null, waitMs: slot.waitMs }));
-      if (slot.waitMs > 0) await sleep(slot.waitMs);
-      const timeoutMs = Math.min(CALL_TIMEOUT_MS, leaseDeadline - LEASE_MARGIN_MS - Date.now());
-      if (timeoutMs < MIN_CALL_MS) return call.map((planned) => ({ planned, outcome: null, waitMs: 0 }));
-      const started = performance.now();
+      if (!slot.granted) return call.map((p) => answer(p, null, slot.waitMs));
+      if (slot.waitMs > 0) await timers.sleep(slot.waitMs);
+      if (timeoutNow() === null) return call.map((p) => answer(p, null, 0));
+      const started = timers.now();
       observer.onInFlight?.(1);
-      let outcomes: SendOutcome[];
+      let outcomes: (SendOutcome | null)[];
       try {
         const first = call[0]!;
-        outcomes = first.correction
-          ? [
-              await sendCorrection(
-                deps.db,
-                deps.corrections!,
-                first.key.customerId,
-                first.key.eventName,
-                first.correction,
-              ),
-            ]
-          : await deps.transport.send(
-              call.map((p) => ({
-                eventName: p.key.eventName,
-                customerId: p.key.customerId,
-                value: p.group.value,
-                timestamp: p.group.timestamp,
-                identifier: p.group.identifier,
-              })),
-              { timeoutMs },
-            );
+        if (first.correction) {
+          if (!deps.corrections) return call.map((p) => answer(p, null, 0));
+          outcomes = [
+            await sendCorrection(
+              deps.corrections,
+              (identifier) => deps.switchToCompensate(first.key, identifier),
+              first.key.customerId,
+              first.key.eventName,
+              first.correction,
+              timeoutNow,
+            ),
+          ];
+        } else {
+          const timeoutMs = timeoutNow() ?? MIN_CALL_MS;
+          outcomes = await deps.transport.send(
+            call.map((p) => ({
+              eventName: p.key.eventName,
+              customerId: p.key.customerId,
+              value: p.group.value,
+              timestamp: p.group.timestamp,
+              identifier: p.group.identifier,
+            })),
+            { timeoutMs },
+          );
+        }
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         outcomes = call.map(() => ({ kind: 'retryable', reason: 'network', message }));
       } finally {
         observer.onInFlight?.(-1);
       }
-      const ms = performance.now() - started;
-      return call.map((planned, i) => {
-        const outcome: SendOutcome = outcomes[i] ?? {
+      const ms = timers.now() - started;
+      return call.map((p, i) => {
+        const outcome = outcomes[i];
+        if (outcome === null) return answer(p, null, 0);
+        const o: SendOutcome = outcome ?? {
           kind: 'retryable',
           reason: 'network',
           message: 'transport returned no outcome',
         };
-        observer.onCall?.(outcome.kind, ms, planned.key.eventName);
-        return { planned, outcome };
+        observer.onCall?.(o.kind, ms, p.key.eventName);
+        return answer(p, o);
       });
     }),
   );

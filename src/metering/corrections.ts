@@ -15,8 +15,17 @@
 import { randomBytes } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
-import type { CorrectionAction, DB, MeterEventName } from '../db/schema.js';
+import type { CorrectionAction, DB, Destination, MeterEventName } from '../db/schema.js';
+import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import {
+  type CorrectionFacts,
+  type CorrectionGroup,
+  correctionAction,
+  destinationOf,
+  type KeyRef,
+} from './rules.js';
+import {
+  type CallOptions,
   classifyStripeError,
   createStripeMeterClient,
   MAX_IDENTIFIER_LENGTH,
@@ -24,44 +33,29 @@ import {
   STRIPE_PAST_WINDOW_MS,
 } from './stripe-meter.js';
 
-/** Cancel only while Stripe surely still allows it: its 24 hours less an hour for retries and skew. */
-export const CANCEL_WINDOW_MS = 23 * 3600 * 1000;
+export type { CorrectionGroup } from './rules.js';
+
+export { CANCEL_WINDOW_MS } from './rules.js';
+
 /** Compensations this close to Stripe's 35-day limit are not attempted (same margin as usage rows). */
 const COMPENSATE_SAFETY_MARGIN_MS = 3600 * 1000;
 
-export interface CorrectionGroup {
-  identifier: string;
-  /** The correction's own Stripe call: cancel the original event, or a negative (compensating) event. */
-  action: CorrectionAction;
-  /** The Stripe event (usage group identifier) whose readings were voided. */
-  originalIdentifier: string;
-  /** Readings to take back (positive); a compensating event carries minus this. */
-  value: string;
-  /** The original usage hour (its billing period): a compensating event is timestamped there. */
-  timestamp: Date;
-  rows: number;
-  oldestCreatedAt: Date;
-  attempts: number;
-}
-
-export interface CorrectionClaim {
-  group: CorrectionGroup | null;
-  /** Correction rows settled without a call: the original expired (never billed) or its period is invoiced (credit note). */
-  settled: { neverBilled: number; creditNote: number };
-}
+/** What the correction claim of a key found (rules.ts decides what follows from it). */
+export type CorrectionClaim = CorrectionFacts;
 
 interface GroupRow {
   value: string;
   timestamp: Date | null;
   oldest: Date | null;
+  identified: Date | null;
   rows: number;
   attempts: number | null;
   action: CorrectionAction | null;
   original: string | null;
 }
 
-function correctionIdentifier(firstRowId: string): string {
-  const id = `mb_trc_${firstRowId}_${randomBytes(8).toString('hex')}`;
+function correctionIdentifier(firstRowId: string, destination: Destination): string {
+  const id = `mb_${destination === 'metronome' ? 'm' : ''}trc_${firstRowId}_${randomBytes(8).toString('hex')}`;
   if (id.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
   return id;
 }
@@ -92,8 +86,10 @@ async function currentPeriodStart(db: Kysely<DB>, organizationId: string): Promi
  * back from ONE Stripe event (the same original identifier, hence one customer, meter and UTC
  * hour); never mixed with usage rows or with another event's corrections. A group already claimed
  * (crash, retryable error) is resent unchanged first. Rows wait while their original usage is
- * unsent (pending) or failed (it may be redriven); rows whose original expired were never billed.
- * The action is decided here, committed with the identifier before any call:
+ * unsent (pending: the key's usage goes first), still validating at Stripe (v2: until `waitUntil`)
+ * or failed (held until it is redriven: `blocked`); rows whose original expired were never billed.
+ * An original whose v2 validation window passed is as good as delivered (the sweep promotes it a
+ * little later). The action is decided here, committed with the identifier before any call:
  * - the original's billing period is already invoiced (or beyond Stripe's 35 days): no call, the
  *   rows become `expired` with credit_note_required (never sent into another period);
  * - cancel: the group takes back ALL of the original event (every reading it billed is voided), no
@@ -102,17 +98,26 @@ async function currentPeriodStart(db: Kysely<DB>, organizationId: string): Promi
  */
 export async function claimCorrectionGroup(
   db: Kysely<DB>,
-  customerId: string,
-  eventName: MeterEventName,
-  options: { now: Date },
+  key: KeyRef,
+  options: { now: Date; validationSeconds?: number },
 ): Promise<CorrectionClaim> {
+  // Every statement names the key's organization: one shard group on Citus (a router query).
+  const { organizationId: org, customerId, eventName } = key;
+  // Metronome (issue 34): no event can be cancelled, so every group compensates; its invoices are
+  // Metronome's own (meterbox learns no billing period from it), so only its 34-day window limits a
+  // compensation.
+  const destination = destinationOf(key);
+  const pastWindowMs = destination === 'metronome' ? METRONOME_PAST_WINDOW_MS : STRIPE_PAST_WINDOW_MS;
   const settled = { neverBilled: 0, creditNote: 0 };
+  const validatedBefore = new Date(options.now.getTime() - (options.validationSeconds ?? 0) * 1000);
   const groupSql = (identifier: string) => sql<GroupRow>`
     SELECT coalesce(sum(c.value), 0)::text AS value, max(c.occurred_at) AS timestamp,
-           min(c.created_at) AS oldest, count(*)::int AS rows, max(c.attempts)::int AS attempts,
+           min(c.created_at) AS oldest, min(coalesce(c.identified_at, c.created_at)) AS identified,
+           count(*)::int AS rows, max(c.attempts)::int AS attempts,
            min(c.correction_action) AS action, min(o.identifier) AS original
       FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id AND o.organization_id = c.organization_id
-     WHERE c.identifier = ${identifier} AND c.status = 'pending'`;
+     WHERE c.organization_id = ${org} AND o.organization_id = ${org}
+       AND c.identifier = ${identifier} AND c.status = 'pending'`;
   const toGroup = (identifier: string, g: GroupRow | undefined): CorrectionGroup | null =>
     g && g.rows > 0 && g.timestamp && g.oldest && g.action && g.original
       ? {
@@ -124,18 +129,25 @@ export async function claimCorrectionGroup(
           rows: g.rows,
           oldestCreatedAt: new Date(g.oldest),
           attempts: g.attempts ?? 0,
+          identifiedAt: new Date(g.identified ?? g.oldest),
         }
       : null;
+  const found = (group: CorrectionGroup | null): CorrectionClaim => ({
+    group,
+    settled,
+    waitUntil: null,
+    blocked: 0,
+    waitingOnUsage: 0,
+  });
 
   const inflight = await sql<{ identifier: string }>`
     SELECT identifier FROM meter_outbox
-     WHERE stripe_customer_id = ${customerId} AND event_name = ${eventName}
+     WHERE organization_id = ${org}
+       AND stripe_customer_id = ${customerId} AND event_name = ${eventName} AND destination = ${destination}
        AND status = 'pending' AND kind = 'correction' AND identifier IS NOT NULL
      ORDER BY occurred_at, id LIMIT 1`.execute(db);
   const resend = inflight.rows[0]?.identifier;
-  if (resend) {
-    return { group: toGroup(resend, (await groupSql(resend).execute(db)).rows[0]), settled };
-  }
+  if (resend) return found(toGroup(resend, (await groupSql(resend).execute(db)).rows[0]));
 
   for (;;) {
     const head = await sql<{
@@ -147,35 +159,39 @@ export async function claimCorrectionGroup(
       occurred_at: Date;
     }>`
       SELECT c.id, c.organization_id, o.status AS original_status, o.identifier AS original_identifier,
-             o.delivered_at AS original_delivered_at, c.occurred_at
+             coalesce(o.delivered_at, o.accepted_at) AS original_delivered_at, c.occurred_at
         -- A correction row and the usage row it corrects belong to one organization (one shard on Citus).
         FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id AND o.organization_id = c.organization_id
-       WHERE c.stripe_customer_id = ${customerId} AND c.event_name = ${eventName}
+       WHERE c.organization_id = ${org} AND o.organization_id = ${org}
+         AND c.stripe_customer_id = ${customerId} AND c.event_name = ${eventName}
+         AND c.destination = ${destination}
          AND c.status = 'pending' AND c.kind = 'correction' AND c.identifier IS NULL
-         AND o.status IN ('delivered', 'expired')
+         AND (o.status IN ('delivered', 'expired')
+              OR (o.status = 'pending' AND o.accepted_at IS NOT NULL AND o.accepted_at < ${validatedBefore}))
        ORDER BY c.occurred_at, c.id LIMIT 1`.execute(db);
     const h = head.rows[0];
-    if (!h) return { group: null, settled };
+    if (!h) break;
 
     if (h.original_status === 'expired' || !h.original_identifier) {
       const r = await sql`
         UPDATE meter_outbox SET status = 'expired', updated_at = now(),
                last_error = 'the original usage expired before Stripe recorded it: nothing was billed'
-         WHERE id = ${h.id} AND status = 'pending' AND identifier IS NULL`.execute(db);
+         WHERE organization_id = ${org} AND id = ${h.id} AND status = 'pending' AND identifier IS NULL`.execute(
+        db,
+      );
       settled.neverBilled += Number(r.numAffectedRows ?? 0n);
       continue;
     }
     const original = h.original_identifier;
-    const sameEvent = sql`corrects_outbox_id IN (
-      SELECT id FROM meter_outbox WHERE identifier = ${original} AND kind = 'usage')`;
+    const sameEvent = sql`organization_id = ${org} AND corrects_outbox_id IN (
+      SELECT id FROM meter_outbox WHERE organization_id = ${org} AND identifier = ${original} AND kind = 'usage')`;
 
     const occurred = new Date(h.occurred_at);
-    const periodStart = await currentPeriodStart(db, h.organization_id);
-    const tooOld =
-      occurred.getTime() < options.now.getTime() - STRIPE_PAST_WINDOW_MS + COMPENSATE_SAFETY_MARGIN_MS;
+    const periodStart = destination === 'stripe' ? await currentPeriodStart(db, h.organization_id) : null;
+    const tooOld = occurred.getTime() < options.now.getTime() - pastWindowMs + COMPENSATE_SAFETY_MARGIN_MS;
     if ((periodStart && occurred < periodStart) || tooOld) {
       const why = tooOld
-        ? "outside Stripe's 35-day meter event window"
+        ? `outside the destination's ${Math.round(pastWindowMs / 86_400_000)}-day usage window`
         : `its billing period ended at ${periodStart?.toISOString()}: the invoice is final`;
       const r = await sql`
         UPDATE meter_outbox SET status = 'expired', credit_note_required = true, updated_at = now(),
@@ -189,7 +205,8 @@ export async function claimCorrectionGroup(
 
     const check = await sql<{ original_total: string; pending_total: string; others: number }>`
       SELECT
-        (SELECT coalesce(sum(value), 0)::text FROM meter_outbox WHERE identifier = ${original} AND kind = 'usage') AS original_total,
+        (SELECT coalesce(sum(value), 0)::text FROM meter_outbox
+          WHERE organization_id = ${org} AND identifier = ${original} AND kind = 'usage') AS original_total,
         (SELECT coalesce(sum(value), 0)::text FROM meter_outbox
           WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}) AS pending_total,
         (SELECT count(*)::int FROM meter_outbox
@@ -197,35 +214,67 @@ export async function claimCorrectionGroup(
       db,
     );
     const c = check.rows[0];
-    const deliveredAt = h.original_delivered_at ? new Date(h.original_delivered_at).getTime() : 0;
+    // Metronome cannot void an event: its corrections are always compensating events.
     const action: CorrectionAction =
-      c &&
-      c.others === 0 &&
-      c.original_total === c.pending_total &&
-      options.now.getTime() - deliveredAt < CANCEL_WINDOW_MS
-        ? 'cancel'
+      destination === 'stripe' && c
+        ? correctionAction({
+            others: c.others,
+            originalTotal: c.original_total,
+            pendingTotal: c.pending_total,
+            originalReceivedAt: h.original_delivered_at ? new Date(h.original_delivered_at) : null,
+            now: options.now,
+          })
         : 'compensate';
-    const identifier = correctionIdentifier(h.id);
+    const identifier = correctionIdentifier(h.id, destination);
     await sql`
-      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action}, updated_at = now()
+      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
+             identified_at = now(), updated_at = now()
        WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
     const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
-    if (group) return { group, settled };
+    if (group) return found(group);
   }
+
+  // Nothing to send now: what the waiting rows wait for, so the key is looked at again only then.
+  const waiting = await sql<{ validating_since: Date | null; blocked: number; unsent: number }>`
+    SELECT min(o.accepted_at) FILTER (WHERE o.status = 'pending' AND o.accepted_at IS NOT NULL) AS validating_since,
+           count(*) FILTER (WHERE o.status = 'failed')::int AS blocked,
+           count(*) FILTER (WHERE o.status = 'pending' AND o.accepted_at IS NULL)::int AS unsent
+      FROM meter_outbox c JOIN meter_outbox o ON o.id = c.corrects_outbox_id AND o.organization_id = c.organization_id
+     WHERE c.organization_id = ${org} AND o.organization_id = ${org}
+       AND c.stripe_customer_id = ${customerId} AND c.event_name = ${eventName} AND c.destination = ${destination}
+       AND c.status = 'pending' AND c.kind = 'correction' AND c.identifier IS NULL`.execute(db);
+  const w = waiting.rows[0];
+  return {
+    group: null,
+    settled,
+    waitUntil: w?.validating_since
+      ? new Date(new Date(w.validating_since).getTime() + (options.validationSeconds ?? 0) * 1000)
+      : null,
+    blocked: w?.blocked ?? 0,
+    waitingOnUsage: w?.unsent ?? 0,
+  };
 }
 
 /** The Stripe calls a correction group can become. */
 export interface CorrectionClient {
   /** Meter event adjustment of type cancel; the idempotency key makes a resend a replay. */
-  cancel(eventName: MeterEventName, identifier: string, idempotencyKey: string): Promise<SendOutcome>;
+  cancel(
+    eventName: MeterEventName,
+    identifier: string,
+    idempotencyKey: string,
+    options?: CallOptions,
+  ): Promise<SendOutcome>;
   /** A meter event (negative value for a compensation). */
-  send(event: {
-    eventName: MeterEventName;
-    customerId: string;
-    value: string;
-    timestamp: Date;
-    identifier: string;
-  }): Promise<SendOutcome>;
+  send(
+    event: {
+      eventName: MeterEventName;
+      customerId: string;
+      value: string;
+      timestamp: Date;
+      identifier: string;
+    },
+    options?: CallOptions,
+  ): Promise<SendOutcome>;
 }
 
 /** Stripe refuses to cancel this event (too old, unknown): the usage must be compensated instead. */
@@ -235,12 +284,12 @@ const ALREADY_CANCELLED = /already (been )?cancel/i;
 export function createCorrectionClient(stripe: Stripe): CorrectionClient {
   const meter = createStripeMeterClient(stripe);
   return {
-    send: (event) => meter.send(event),
-    async cancel(eventName, identifier, idempotencyKey) {
+    send: (event, options) => meter.send(event, options),
+    async cancel(eventName, identifier, idempotencyKey, options = {}) {
       try {
         await stripe.billing.meterEventAdjustments.create(
           { event_name: eventName, type: 'cancel', cancel: { identifier } },
-          { idempotencyKey },
+          { idempotencyKey, ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}) },
         );
         return { kind: 'accepted' };
       } catch (err) {
@@ -266,32 +315,56 @@ export function createCorrectionClient(stripe: Stripe): CorrectionClient {
  * The Stripe call of one correction group. A cancel that Stripe refuses for good (past its
  * 24 hours, unknown identifier) falls back to the compensating event under the group's identifier:
  * the cancel did not happen, so the negative event is the only credit; the switch is committed
- * first, so a resend after a crash sends the same compensating event (Stripe answers "duplicate").
- * A resend of a cancel carries the same idempotency key (Stripe replays its first answer) and an
- * "already cancelled" answer counts as done.
+ * first (`switchToCompensate`), so a resend after a crash sends the same compensating event (Stripe
+ * answers "duplicate"). A resend of a cancel carries the same idempotency key (Stripe replays its
+ * first answer) and an "already cancelled" answer counts as done. Both calls are bounded by what the
+ * key's lease has left (`timeoutMs()`, asked before each call): a compensation with too little lease
+ * left is not started, the key resends it next turn.
  */
 export async function sendCorrection(
-  db: Kysely<DB>,
   client: CorrectionClient,
+  switchToCompensate: (identifier: string) => Promise<void>,
   customerId: string,
   eventName: MeterEventName,
   group: CorrectionGroup,
-): Promise<SendOutcome & { action: CorrectionAction }> {
+  timeoutMs: () => number | null,
+): Promise<(SendOutcome & { action: CorrectionAction }) | null> {
+  // null: not started (too little lease left); the key sends it next turn, no attempt counted.
   if (group.action === 'cancel') {
-    const outcome = await client.cancel(eventName, group.originalIdentifier, group.identifier);
+    const first = timeoutMs();
+    if (first === null) return null;
+    const outcome = await client.cancel(eventName, group.originalIdentifier, group.identifier, {
+      timeoutMs: first,
+    });
     if (!(outcome.kind === 'permanent' && outcome.reason === 'cannot_cancel'))
       return { ...outcome, action: 'cancel' };
     // Committed before the negative event: a resend must never try the cancel again (an event Stripe
     // did not know yet could be cancellable later, and both would credit the same readings).
-    await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
-               WHERE identifier = ${group.identifier} AND status = 'pending'`.execute(db);
+    await switchToCompensate(group.identifier);
   }
-  const outcome = await client.send({
-    eventName,
-    customerId,
-    value: `-${group.value}`,
-    timestamp: group.timestamp,
-    identifier: group.identifier,
-  });
+  const second = timeoutMs();
+  if (second === null) return null;
+  const outcome = await client.send(
+    {
+      eventName,
+      customerId,
+      value: `-${group.value}`,
+      timestamp: group.timestamp,
+      identifier: group.identifier,
+    },
+    { timeoutMs: second },
+  );
   return { ...outcome, action: 'compensate' };
+}
+
+/** The switch of a correction group from cancel to compensate, committed before the negative event. */
+export async function switchCorrectionToCompensate(
+  db: Kysely<DB>,
+  organizationId: string,
+  identifier: string,
+): Promise<void> {
+  await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
+             WHERE organization_id = ${organizationId} AND identifier = ${identifier} AND status = 'pending'`.execute(
+    db,
+  );
 }

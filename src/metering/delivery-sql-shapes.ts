@@ -1,50 +1,101 @@
 // Pieces the delivery statements (delivery-sql.ts) are built from: the row predicates and identifier
-// expression they share, and the forms a distributed Citus database needs (the claim's per-key look
-// as one aggregate, sequential mode with a retry on a distributed deadlock).
-import { type Kysely, sql } from 'kysely';
+// expression they share, the claim's per-key look-ups, and the routing of a batch's statements on a
+// distributed Citus database (one statement per shard group).
+import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 
-/** Pending usage rows of the key `k` (columns k.customer, k.event_name), without a group yet. */
-export const ungrouped = (k: string) =>
-  sql.raw(
-    `o.stripe_customer_id = ${k}.customer AND o.event_name = ${k}.event_name
-   AND o.status = 'pending' AND o.kind = 'usage' AND o.identifier IS NULL`,
-  );
+/**
+ * `alias`.organization_id among the statement's organizations, as a predicate followed by AND; empty on
+ * one node. On Citus every reference to a distributed table names its organizations as constants (not
+ * only through a join), so that Citus prunes it to one shard group and the statement is a router query;
+ * on one node the filter would only cost a comparison per row and mislead the planner's index choice.
+ */
+export type OrgScope = (alias: string) => RawBuilder<unknown>;
+
+export function orgScope(organizationIds: readonly string[] | null): OrgScope {
+  if (organizationIds === null) return () => sql``;
+  const orgs = [...organizationIds];
+  return (alias) => sql`${sql.raw(alias)}.organization_id = ANY(${orgs}::uuid[]) AND`;
+}
 
 /**
- * On Citus, a claim or settle is run in its own transaction in sequential mode (one connection per
- * worker, the shards in order; in parallel mode each opens a connection per shard and two settles
- * met in a distributed deadlock at almost every batch), and one at a time across the cluster: a
- * transaction-scoped advisory lock on the coordinator, which every worker process goes through.
- * Sequential mode alone still deadlocked: a claim writes two tables distributed on different
- * columns (keys by customer, outbox by organization), so two claims met on each other's shards in
- * opposite orders: in the cluster ledger test (two workers, test/citus/cluster.citus.ts) 7 batches
- * failed after 5 attempts each and the drain took ~70 s; with the lock, none failed and it took
- * 5.6 s. Each statement moves a whole batch, so one at a time still moves a batch per statement. A deadlock Citus still detects (40P01, with an ingestion group or a correction) cancels
- * the statement, which is atomic and runs again. On one node it is the plain statement.
+ * Pending usage rows of the key `k` (columns k.organization_id, k.customer, k.event_name,
+ * k.destination), without a group yet.
  */
-export async function runBatchStatement<T>(
-  db: Kysely<DB>,
-  distributed: boolean,
-  run: (db: Kysely<DB>) => Promise<T>,
-): Promise<T> {
-  if (!distributed) return run(db);
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await db.transaction().execute(async (trx) => {
-        await sql`SET LOCAL citus.multi_shard_modify_mode = 'sequential'`.execute(trx);
-        await sql`SELECT pg_advisory_xact_lock(${BATCH_STATEMENT_LOCK_KEY})`.execute(trx);
-        return run(trx);
-      });
-    } catch (err) {
-      if (attempt >= DEADLOCK_ATTEMPTS || (err as { code?: string }).code !== '40P01') throw err;
-      await new Promise((resolve) => setTimeout(resolve, (20 + Math.floor(Math.random() * 80)) * attempt));
-    }
-  }
+export const ungrouped = (k: string, scope: OrgScope) => sql`
+  ${scope('o')} ${sql.raw(`o.organization_id = ${k}.organization_id
+   AND o.stripe_customer_id = ${k}.customer AND o.event_name = ${k}.event_name AND o.destination = ${k}.destination
+   AND o.status = 'pending' AND o.kind = 'usage' AND o.identifier IS NULL`)}`;
+
+/**
+ * A batch's organizations by shard group, in shard order: on Citus every tenant table is distributed
+ * by organization_id and co-located, so the organizations whose hash falls into one shard's range
+ * share a shard group on one node. A statement that names only one group's organizations (as
+ * constants) is a router query: Citus sends it whole to that node, in one round trip, and it takes
+ * only that node's locks. One node: one group of everything.
+ */
+export interface ShardRouter {
+  groups(organizationIds: readonly string[]): Promise<string[][]>;
 }
-const DEADLOCK_ATTEMPTS = 5;
-/** Arbitrary constant: "meterbox delivery batch" for pg_advisory_xact_lock (Citus only). */
-const BATCH_STATEMENT_LOCK_KEY = 7_254_110_391;
+
+/** The router of one node: every organization in one group, so a batch's statement stays one statement. */
+export const ONE_NODE: ShardRouter = {
+  groups: async (organizationIds) => (organizationIds.length === 0 ? [] : [[...new Set(organizationIds)]]),
+};
+
+/**
+ * The router of a distributed database: the organizations' shard (meter_delivery_keys', whose
+ * co-located shards share its hash ranges) read from Citus's metadata on the coordinator, one
+ * round trip without a worker, remembered for the router's life (one batch: its claim, renewals,
+ * settle and release). Shards only change ranges when split, which a batch outlives at worst with
+ * one failed statement (its keys' leases then run out, as after any failed batch).
+ */
+export function citusRouter(db: Kysely<DB>): ShardRouter {
+  const shardOf = new Map<string, string>();
+  return {
+    async groups(organizationIds) {
+      const unknown = [...new Set(organizationIds)].filter((o) => !shardOf.has(o));
+      if (unknown.length > 0) {
+        const { rows } = await sql<{ organization_id: string; shard: string }>`
+          SELECT o AS organization_id, get_shard_id_for_distribution_column('meter_delivery_keys', o)::text AS shard
+            FROM unnest(${unknown}::uuid[]) AS o`.execute(db);
+        for (const r of rows) shardOf.set(r.organization_id, r.shard);
+      }
+      const groups = new Map<string, string[]>();
+      for (const o of new Set(organizationIds)) {
+        const shard = shardOf.get(o) ?? '';
+        groups.set(shard, [...(groups.get(shard) ?? []), o]);
+      }
+      return [...groups.entries()].sort(([a], [b]) => Number(a) - Number(b)).map(([, orgs]) => orgs.sort());
+    },
+  };
+}
+
+/**
+ * Runs `run` once per shard group of `items` (by their organization), the groups concurrently: on
+ * Citus each run is a router query of its own, so batches on different shard groups never wait on
+ * each other, and each statement commits on its own node (no two-phase commit, no lock held on two
+ * nodes, so no distributed deadlock to detect). One node: one run with every item.
+ */
+export async function perShardGroup<T, R>(
+  router: ShardRouter,
+  items: readonly T[],
+  organizationOf: (item: T) => string,
+  run: (items: T[], organizationIds: string[]) => Promise<R[]>,
+): Promise<R[]> {
+  if (items.length === 0) return [];
+  const groups = await router.groups(items.map(organizationOf));
+  const results = await Promise.all(
+    groups.map((orgs) => {
+      const members = new Set(orgs);
+      return run(
+        items.filter((item) => members.has(organizationOf(item))),
+        orgs,
+      );
+    }),
+  );
+  return results.flat();
+}
 
 /**
  * A new group's identifier, for a key (`l`) with no group in flight (`inflight` null) and a first
@@ -52,49 +103,71 @@ const BATCH_STATEMENT_LOCK_KEY = 7_254_110_391;
  */
 export const newIdentifier = (inflight: string, id: string) =>
   sql.raw(`CASE WHEN ${inflight} IS NULL AND ${id} IS NOT NULL
-                  THEN 'mb_' || CASE l.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}
+                  THEN 'mb_' || CASE l.destination WHEN 'metronome' THEN 'm' ELSE '' END
+                       || CASE l.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}
                        || '_' || substr(md5(random()::text || clock_timestamp()::text || ${id}), 1, 16)
              END AS new_identifier`);
 
 /**
- * claimBatch's `heads` and `members` on a distributed Citus database, where meter_outbox is
- * distributed by organization_id and a key's rows are found by customer: no lateral subquery per key
- * (Citus joins a distributed table laterally only on its distribution column). Each key's in-flight
- * identifier, first ungrouped row and pending corrections come from one aggregate, and a new group's
- * rows from one window, both grouped by (organization_id, customer, meter), so every shard computes
- * its own keys; the same rows as the lateral form, as a key's rows belong to one organization.
+ * claimBatch's `heads`, `members` and `more`: per leased key (`leased`), lateral look-ups on the
+ * pending index. heads: the in-flight identifier, the first ungrouped row, whether correction rows are
+ * pending. members: a new group's rows (rules.ts nextGroupRows). more: usage rows left beyond the
+ * group (an in-flight group leaves every ungrouped row and any other group in flight — a redrive puts
+ * several back at once; a new group, the rows after its last member). A key is one organization's, so
+ * its rows are in one shard group: on Citus the whole statement runs on that group's node, laterals
+ * included.
  */
-export function citusHeads(cutoff: Date, maxRows: number) {
+export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
+  const pendingOf = (k: string) => sql`
+    ${scope('o')} ${sql.raw(`o.organization_id = ${k}.organization_id
+      AND o.stripe_customer_id = ${k}.customer AND o.event_name = ${k}.event_name AND o.destination = ${k}.destination
+      AND o.status = 'pending'`)}`;
   return sql`
-      SELECT l.customer, l.event_name, a.identifier AS inflight, a.first_id, a.first_at,
-             coalesce(a.corrections, false) AS corrections,
-             ${newIdentifier('a.identifier', 'a.first_id')}
+    heads AS (
+      SELECT l.organization_id, l.customer, l.event_name, l.destination, f.identifier AS inflight,
+             h.id AS first_id, h.occurred_at AS first_at, c.id IS NOT NULL AS corrections,
+             f2.identifier IS NOT NULL AS more_inflight,
+             ${newIdentifier('f.identifier', 'h.id')}
         FROM leased l
-        LEFT JOIN (
-          SELECT o.stripe_customer_id AS customer, o.event_name,
-                 (array_agg(o.identifier ORDER BY o.occurred_at, o.id)
-                    FILTER (WHERE o.kind = 'usage' AND o.identifier IS NOT NULL AND o.accepted_at IS NULL))[1] AS identifier,
-                 (array_agg(o.id ORDER BY o.occurred_at, o.id)
-                    FILTER (WHERE o.kind = 'usage' AND o.identifier IS NULL AND o.occurred_at >= ${cutoff}))[1] AS first_id,
-                 min(o.occurred_at)
-                    FILTER (WHERE o.kind = 'usage' AND o.identifier IS NULL AND o.occurred_at >= ${cutoff}) AS first_at,
-                 bool_or(o.kind = 'correction') AS corrections
-            FROM meter_outbox o
-            JOIN leased k ON o.stripe_customer_id = k.customer AND o.event_name = k.event_name
-           WHERE o.status = 'pending'
-           GROUP BY o.organization_id, o.stripe_customer_id, o.event_name) a
-          ON a.customer = l.customer AND a.event_name = l.event_name
+        LEFT JOIN LATERAL (
+          SELECT o.identifier FROM meter_outbox o
+           WHERE ${pendingOf('l')} AND o.kind = 'usage' AND o.identifier IS NOT NULL AND o.accepted_at IS NULL
+           ORDER BY o.occurred_at, o.id LIMIT 1) f ON true
+        -- A second group in flight (a redrive puts several back at once): the key needs another turn.
+        LEFT JOIN LATERAL (
+          SELECT o.identifier FROM meter_outbox o
+           WHERE ${pendingOf('l')} AND o.kind = 'usage' AND o.identifier IS NOT NULL AND o.accepted_at IS NULL
+             AND o.identifier <> f.identifier
+           LIMIT 1) f2 ON true
+        LEFT JOIN LATERAL (
+          SELECT o.id, o.occurred_at FROM meter_outbox o
+           WHERE ${ungrouped('l', scope)} AND o.occurred_at >= ${cutoff}
+           ORDER BY o.occurred_at, o.id LIMIT 1) h ON true
+        LEFT JOIN LATERAL (
+          SELECT o.id FROM meter_outbox o WHERE ${pendingOf('l')} AND o.kind = 'correction' LIMIT 1) c ON true
     ),
     members AS (
-      SELECT id, identifier FROM (
-        SELECT o.id, h.new_identifier AS identifier,
-               row_number() OVER (PARTITION BY o.organization_id, o.stripe_customer_id, o.event_name
-                                  ORDER BY o.occurred_at, o.id) AS n
-          FROM meter_outbox o
-          JOIN heads h ON ${ungrouped('h')}
-         WHERE h.new_identifier IS NOT NULL AND o.occurred_at >= ${cutoff}
-           -- Never across a UTC hour, as in the lateral form.
-           AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
-           AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour') m
-       WHERE n <= ${maxRows}`;
+      SELECT m.organization_id, m.id, m.occurred_at, h.new_identifier AS identifier
+        FROM heads h
+        CROSS JOIN LATERAL (
+          -- Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
+          SELECT o.organization_id, o.id, o.occurred_at FROM meter_outbox o
+           WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
+             AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
+             AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour'
+           ORDER BY o.occurred_at, o.id LIMIT ${maxRows}) m
+       WHERE h.new_identifier IS NOT NULL
+    ),
+    last_member AS (
+      SELECT DISTINCT ON (identifier) identifier, occurred_at, id FROM members ORDER BY identifier, occurred_at DESC, id DESC
+    ),
+    more AS (
+      SELECT h.organization_id, h.customer, h.event_name, h.destination,
+             CASE WHEN h.new_identifier IS NULL THEN h.first_id IS NOT NULL OR h.more_inflight
+                  ELSE EXISTS (SELECT 1 FROM meter_outbox o
+                                WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
+                                  AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id))
+             END AS more
+        FROM heads h LEFT JOIN last_member lm ON lm.identifier = h.new_identifier
+    )`;
 }

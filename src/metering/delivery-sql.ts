@@ -1,18 +1,66 @@
-// The delivery pipeline's statements, each over a whole batch of keys (a key: one Stripe customer and
-// meter). batch.ts says in which order a batch goes through them; nothing else in delivery writes the
-// outbox's delivery columns or meter_delivery_keys (0015) but the sweep's promotion of validated v2
-// rows (sweep.ts, with its look for stranded keys).
+// The delivery pipeline's statements, each over a whole batch of keys (a key: one organization's
+// customer and meter at one destination). They read and write state; what to do with it is decided in
+// rules.ts, and batch.ts says in which order a batch goes through them. Nothing else in delivery writes
+// the outbox's delivery columns or meter_delivery_keys (0015, 0023, 0025) but the sweep's promotion of
+// validated v2 rows (sweep.ts) and the corrections' own claim (corrections.ts).
 //
-//   claimBatch   lease the keys, expire rows too old for Stripe, group each key's next event and commit
-//                its identifier (before any call)                                       one statement
-//   settleBatch  every answer of the batch, the keys' pacing and backoff, lease release  one statement
-//   releaseLeases a batch that failed after its claim gives its keys back              one statement
-import { type Kysely, sql } from 'kysely';
-import type { DB, MeterEventName } from '../db/schema.js';
+//   claimBatch     lease the keys, expire rows too old for Stripe, group each key's next event and
+//                  commit its identifier (before any call), say what is left       one statement
+//   settleBatch    every answer of the batch, the keys' pacing and backoff, lease release  one statement
+//   releaseLeases  a batch that failed after its claim gives its keys back             one statement
+//   renewLeases    a running batch keeps its keys (short leases notice a crash in seconds)  one statement
+//   reapLeases     leases whose batch died: freed, their keys queued again              one statement
+//   holdKeys / releaseHeldKeys   the named hold of keys whose meter is missing         one statement each
+//
+// "One statement" is per shard group on Citus (delivery-sql-shapes.ts, perShardGroup): meter_outbox
+// and meter_delivery_keys are distributed by organization_id and co-located, and every statement
+// names its organizations as constants, so each is a router query that Citus sends whole to one node:
+// no statement holds locks on two nodes, so two never meet in a distributed deadlock, and batches on
+// different shard groups never wait on each other. Within a node, key rows are locked in key order
+// (organization, customer, meter, destination) by every statement that locks more than one, and the
+// claim passes over rows another statement holds (SKIP LOCKED) instead of waiting. On one node every
+// organization is one group: each statement stays one statement for the whole batch.
+import { type Kysely, type RawBuilder, sql } from 'kysely';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { plusSeconds } from './budget.js';
-import { citusHeads, newIdentifier, runBatchStatement, ungrouped } from './delivery-sql-shapes.js';
-import { deliveryKey } from './outbox.js';
+import {
+  citusRouter,
+  lateralHeads,
+  ONE_NODE,
+  orgScope,
+  perShardGroup,
+  type ShardRouter,
+  ungrouped,
+} from './delivery-sql-shapes.js';
+import {
+  type ClaimedKey,
+  compareKeys,
+  destinationOf,
+  type GroupSettlement,
+  type KeyRef,
+  type KeySettlement,
+  keyName,
+  keyRef,
+  singletonKeyOf,
+} from './rules.js';
 import { STRIPE_PAST_WINDOW_MS } from './stripe-meter.js';
+
+export type { ShardRouter } from './delivery-sql-shapes.js';
+export type { ClaimedGroup, ClaimedKey, GroupSettlement, KeyRef, KeySettlement } from './rules.js';
+
+/** How a statement reaches its keys: a distributed Citus database, and the batch's shard router there. */
+export interface Placement {
+  /** A distributed Citus database (Database.distributed). */
+  distributed?: boolean;
+  /** The batch's shard router (default: a new one on Citus, ONE_NODE on one node). */
+  router?: ShardRouter;
+}
+
+function routerOf(db: Kysely<DB>, placement: Placement): ShardRouter {
+  return placement.router ?? (placement.distributed ? citusRouter(db) : ONE_NODE);
+}
+
+const orgArray = (orgs: readonly string[]) => sql`${[...orgs]}::uuid[]`;
 
 /**
  * Rows this much younger than Stripe's 35-day limit are already treated as expired: the send, its
@@ -26,48 +74,20 @@ export function truncate(message: string): string {
   return message.length > MAX_ERROR_LENGTH ? `${message.slice(0, MAX_ERROR_LENGTH - 1)}…` : message;
 }
 
-export interface KeyRef {
-  customerId: string;
-  eventName: MeterEventName;
+/**
+ * The oldest occurred_at a claim still sends at `now` (older rows expire): the destination's window
+ * (Stripe 35 days, Metronome 34) less the margin.
+ */
+export function expiryCutoff(now: Date, pastWindowMs = STRIPE_PAST_WINDOW_MS): Date {
+  return new Date(now.getTime() - pastWindowMs + EXPIRY_SAFETY_MARGIN_MS);
 }
-
-/** One key of a batch as fetched: the job that asked for it (the one that may call during its own backoff). */
-export interface ClaimInput extends KeyRef {
-  jobId: string;
-}
-
-/** The event a key sends next: its identifier, value and timestamp were committed by the claim. */
-export interface ClaimedGroup {
-  identifier: string;
-  value: string;
-  timestamp: Date;
-  rows: number;
-  oldestCreatedAt: Date;
-  /** Calls already made for this group (0 for a new group; > 0 for a resend). */
-  attempts: number;
-}
-
-export type ClaimedKey = KeyRef &
-  (
-    | {
-        /** This batch holds the key's lease; group is null when it has no usage to send. */
-        state: 'leased';
-        group: ClaimedGroup | null;
-        /** Rows that became `expired` (outside Stripe's window) in this claim. */
-        expired: number;
-        /** Correction rows are pending (looked at only when the key has no usage to send). */
-        corrections: boolean;
-      }
-    /** Another batch holds the lease, the key is paced, or it backs off: try again after waitMs. */
-    | { state: 'busy' | 'paced' | 'backoff'; waitMs: number }
-    /** The key's meter is not sendable now (missing at Stripe): nothing claimed, nothing spent. */
-    | { state: 'held' }
-  );
 
 interface ClaimRow {
+  organization_id: string;
   customer: string;
   event_name: MeterEventName;
-  state: 'leased' | 'busy' | 'paced' | 'backoff' | 'held';
+  destination: Destination;
+  state: 'leased' | 'busy' | 'paced' | 'backoff' | 'held' | 'missing';
   wait_ms: number | null;
   identifier: string | null;
   value: string | null;
@@ -75,308 +95,611 @@ interface ClaimRow {
   oldest: Date | null;
   rows: number | null;
   attempts: number | null;
+  identified_at: Date | null;
   expired: number;
   corrections: boolean | null;
+  more: boolean | null;
+}
+
+export interface ClaimOptions extends Placement {
+  owner: string;
+  leaseSeconds: number;
+  now: Date;
+  maxRows: number;
+  /** The meters that may be sent now; other keys are answered `held`. */
+  sendable: readonly MeterEventName[];
+  /** How far back the destination takes usage (default Stripe's 35 days). */
+  pastWindowMs?: number;
 }
 
 /**
- * ONE statement for the whole batch: takes the lease of every key that is free, due (pacing) and not
- * backing off (unless the asking job holds that backoff), then, for each leased key, either the group
- * it already committed (a crash or a retryable answer interrupted it: resent unchanged) or a new group
- * of its oldest pending usage rows of one UTC hour (at most maxRows), whose identifier, value and
- * timestamp commit with this statement, before any call. Rows older than Stripe's window (less a
- * margin) become `expired`. Keys are leased in key order, so two batches never wait on each other in
- * a circle. `sendable`: the meters that may be sent now; other keys are answered `held`.
+ * ONE statement for the whole batch (per shard group on Citus): takes the lease of every key that is
+ * free, due (pacing) and not backing off (rules.ts, leaseDecision), then, for each leased key, either
+ * the group it already committed (a crash or a retryable answer interrupted it: resent unchanged) or a
+ * new group of its oldest pending usage rows of one UTC hour (at most maxRows, rules.ts nextGroupRows),
+ * whose identifier, value and timestamp commit with this statement, before any call; and whether usage
+ * rows are left beyond it. Rows older than Stripe's window (less a margin) become `expired`. Keys are
+ * leased in key order, and key rows another statement holds are passed over (answered busy, looked at
+ * again in a second) instead of waited for: big claims waited on each other's rows for seconds under
+ * load.
+ *
+ * On Citus the key rows of the keys never claimed before are inserted first (a router INSERT of the
+ * missing ones, then their claim again): Citus runs an INSERT ... SELECT on the coordinator, never as
+ * part of a router query, so there the claim leases with an UPDATE of existing rows only. In the steady
+ * state every key has its row, and a claim is one statement per shard group.
  */
 export async function claimBatch(
   db: Kysely<DB>,
-  keys: readonly ClaimInput[],
-  options: {
-    owner: string;
-    leaseSeconds: number;
-    now: Date;
-    maxRows: number;
-    sendable: readonly MeterEventName[];
-    /** A distributed Citus database (Database.distributed): the per-key lookups take a shape Citus plans. */
-    distributed?: boolean;
-  },
+  keys: readonly KeyRef[],
+  options: ClaimOptions,
 ): Promise<ClaimedKey[]> {
   if (keys.length === 0) return [];
-  const cutoff = new Date(options.now.getTime() - STRIPE_PAST_WINDOW_MS + EXPIRY_SAFETY_MARGIN_MS);
-  const expiredMessage = `occurred_at before ${cutoff.toISOString()}: outside Stripe's 35-day meter event window (less a safety margin)`;
-  const result = await runBatchStatement(db, options.distributed === true, (db) =>
-    sql<ClaimRow>`
+  const unique = [...new Map(keys.map((k) => [keyName(k), keyRef(k)])).values()].sort(compareKeys);
+  const router = routerOf(db, options);
+  const rows = await perShardGroup(
+    router,
+    unique,
+    (k) => k.organizationId,
+    async (group, orgs) => {
+      if (!options.distributed) return claimStatement(db, group, orgs, options, 'upsert');
+      const first = await claimStatement(db, group, orgs, options, 'update');
+      const missing = first.filter((r) => r.state === 'missing');
+      if (missing.length === 0) return first;
+      const missingKeys = missing.map(rowKey);
+      await ensureKeys(db, missingKeys);
+      const again = new Map(
+        (await claimStatement(db, missingKeys, orgs, options, 'update')).map((r) => [keyName(rowKey(r)), r]),
+      );
+      return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
+    },
+  );
+  return rows.map(toClaimedKey);
+}
+
+const rowKey = (r: {
+  organization_id: string;
+  customer: string;
+  event_name: MeterEventName;
+  destination: Destination;
+}) =>
+  keyRef({
+    organizationId: r.organization_id,
+    customerId: r.customer,
+    eventName: r.event_name,
+    destination: r.destination,
+  });
+
+function toClaimedKey(r: ClaimRow): ClaimedKey {
+  const key = rowKey(r);
+  if (r.state === 'held') return { ...key, state: 'held' };
+  // A key row still missing after its insert (deleted in between): looked at again in a second.
+  if (r.state === 'missing') return { ...key, state: 'busy', waitMs: 1_000 };
+  if (r.state !== 'leased') return { ...key, state: r.state, waitMs: Math.max(0, r.wait_ms ?? 0) };
+  const group =
+    r.identifier && r.value !== null && r.ts && r.oldest
+      ? {
+          identifier: r.identifier,
+          value: r.value,
+          timestamp: new Date(r.ts),
+          rows: r.rows ?? 0,
+          oldestCreatedAt: new Date(r.oldest),
+          attempts: r.attempts ?? 0,
+          identifiedAt: new Date(r.identified_at ?? r.oldest),
+        }
+      : null;
+  return {
+    ...key,
+    state: 'leased',
+    group,
+    expired: r.expired,
+    corrections: r.corrections === true,
+    moreUsage: r.more === true,
+  };
+}
+
+/**
+ * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing): a multi-row
+ * VALUES insert, which Citus routes to the keys' shard group. Rows in key order.
+ */
+async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
+  if (keys.length === 0) return;
+  await db
+    .insertInto('meter_delivery_keys')
+    .values(
+      [...keys].sort(compareKeys).map((k) => ({
+        organization_id: k.organizationId,
+        stripe_customer_id: k.customerId,
+        event_name: k.eventName,
+        destination: destinationOf(k),
+      })),
+    )
+    .onConflict((oc) => oc.doNothing())
+    .execute();
+}
+
+/**
+ * The claim statement over keys of the organizations `organizationIds` (one shard group on Citus).
+ * `upsert`: keys without a row are inserted leased (one node). `update`: only existing rows are leased;
+ * keys without one are answered `missing` (Citus, see claimBatch).
+ */
+async function claimStatement(
+  db: Kysely<DB>,
+  keys: readonly KeyRef[],
+  organizationIds: readonly string[],
+  options: ClaimOptions,
+  lease: 'upsert' | 'update',
+): Promise<ClaimRow[]> {
+  const scope = orgScope(options.distributed ? organizationIds : null);
+  const cutoff = expiryCutoff(options.now, options.pastWindowMs);
+  const days = Math.round((options.pastWindowMs ?? STRIPE_PAST_WINDOW_MS) / 86_400_000);
+  const expiredMessage = `occurred_at before ${cutoff.toISOString()}: outside the destination's ${days}-day usage window (less a safety margin)`;
+  const leaseUntil = plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`);
+  const result = await sql<ClaimRow>`
     WITH input AS (
-      SELECT DISTINCT ON (customer, event_name) customer, event_name, job_id
-        FROM unnest(${keys.map((k) => k.customerId)}::text[], ${keys.map((k) => k.eventName)}::text[],
-                    ${keys.map((k) => k.jobId)}::uuid[]) AS i(customer, event_name, job_id)
-       ORDER BY customer, event_name
+      SELECT DISTINCT organization_id, customer, event_name, destination
+        FROM unnest(${keys.map((k) => k.organizationId)}::uuid[], ${keys.map((k) => k.customerId)}::text[],
+                    ${keys.map((k) => k.eventName)}::text[], ${keys.map((k) => destinationOf(k))}::text[])
+             AS i(organization_id, customer, event_name, destination)
+    ),
+    -- The statement's one clock, read where the statement runs (on Citus: the shard group's node).
+    c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+    -- Key rows another claim or settle has locked right now are passed over (the key is answered busy
+    -- and looked at again in a second) instead of waited for.
+    free AS (
+      ${
+        lease === 'upsert'
+          ? sql`SELECT i.organization_id, i.customer, i.event_name, i.destination FROM input i
+       WHERE NOT EXISTS (SELECT 1 FROM meter_delivery_keys d
+                          WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
+                            AND d.event_name = i.event_name AND d.destination = i.destination)
+      UNION ALL`
+          : sql``
+      }
+      SELECT * FROM (
+        SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination
+          FROM meter_delivery_keys d JOIN input i
+            ON d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
+           AND d.event_name = i.event_name AND d.destination = i.destination
+         WHERE ${scope('d')} true
+         ORDER BY 1, 2, 3, 4
+           FOR UPDATE OF d SKIP LOCKED) locked
     ),
     leased AS (
-      INSERT INTO meter_delivery_keys AS k
-        (stripe_customer_id, event_name, lease_owner, lease_expires_at, leased_at, retry_job_id)
-      SELECT customer, event_name, ${options.owner}, c.at + make_interval(secs => ${options.leaseSeconds}), c.at, job_id
-        FROM input, (SELECT clock_timestamp() AS at) c
-       WHERE event_name = ANY(${options.sendable}::text[])
-       ORDER BY customer, event_name
-      -- The clock is the inserted row's leased_at: Citus allows no function in ON CONFLICT ... WHERE.
-      ON CONFLICT (stripe_customer_id, event_name) DO UPDATE
+      ${
+        lease === 'upsert'
+          ? sql`INSERT INTO meter_delivery_keys AS k
+        (organization_id, stripe_customer_id, event_name, destination, lease_owner, lease_expires_at, leased_at)
+      SELECT f.organization_id, f.customer, f.event_name, f.destination, ${options.owner}, ${leaseUntil}, c.at
+        FROM free f, c
+       WHERE f.event_name = ANY(${options.sendable}::text[])
+       ORDER BY 1, 2, 3, 4
+      -- The clock is the inserted row's leased_at. Leasing a key ends its named hold: its meter is
+      -- sendable again.
+      ON CONFLICT (organization_id, stripe_customer_id, event_name, destination) DO UPDATE
          SET lease_owner = excluded.lease_owner, lease_expires_at = excluded.lease_expires_at,
-             leased_at = excluded.leased_at
+             leased_at = excluded.leased_at, hold = NULL
        WHERE (k.lease_expires_at IS NULL OR k.lease_expires_at < excluded.leased_at)
          AND k.next_call_at <= excluded.leased_at
-         AND (k.retry_at IS NULL OR k.retry_at <= excluded.leased_at OR k.retry_job_id = excluded.retry_job_id)
-      RETURNING k.stripe_customer_id AS customer, k.event_name
+         AND (k.retry_at IS NULL OR k.retry_at <= excluded.leased_at)
+      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
+          : sql`UPDATE meter_delivery_keys k
+         SET lease_owner = ${options.owner}, lease_expires_at = ${leaseUntil}, leased_at = c.at, hold = NULL
+        FROM free f, c
+       WHERE ${scope('k')} k.organization_id = f.organization_id
+         AND k.stripe_customer_id = f.stripe_customer_id AND k.event_name = f.event_name
+         AND k.destination = f.destination AND f.event_name = ANY(${options.sendable}::text[])
+         AND (k.lease_expires_at IS NULL OR k.lease_expires_at < c.at)
+         AND k.next_call_at <= c.at
+         AND (k.retry_at IS NULL OR k.retry_at <= c.at)
+      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
+      }
     ),
     expired AS (
       UPDATE meter_outbox o SET status = 'expired', last_error = ${expiredMessage}, updated_at = now()
         FROM leased l
-       WHERE ${ungrouped('l')} AND o.occurred_at < ${cutoff}
-      RETURNING o.stripe_customer_id AS customer, o.event_name
+       WHERE ${ungrouped('l', scope)} AND o.occurred_at < ${cutoff}
+      RETURNING o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
     ),
-    heads AS (${
-      options.distributed
-        ? citusHeads(cutoff, options.maxRows)
-        : sql`
-      SELECT l.customer, l.event_name, f.identifier AS inflight, h.id AS first_id, h.occurred_at AS first_at,
-             c.id IS NOT NULL AS corrections,
-             ${newIdentifier('f.identifier', 'h.id')}
-        FROM leased l
-        LEFT JOIN LATERAL (
-          SELECT o.identifier FROM meter_outbox o
-           WHERE o.stripe_customer_id = l.customer AND o.event_name = l.event_name AND o.status = 'pending'
-             AND o.kind = 'usage' AND o.identifier IS NOT NULL AND o.accepted_at IS NULL
-           ORDER BY o.occurred_at, o.id LIMIT 1) f ON true
-        LEFT JOIN LATERAL (
-          SELECT o.id, o.occurred_at FROM meter_outbox o
-           WHERE ${ungrouped('l')} AND o.occurred_at >= ${cutoff}
-           ORDER BY o.occurred_at, o.id LIMIT 1) h ON true
-        LEFT JOIN LATERAL (
-          SELECT o.id FROM meter_outbox o
-           WHERE o.stripe_customer_id = l.customer AND o.event_name = l.event_name AND o.status = 'pending'
-             AND o.kind = 'correction' LIMIT 1) c ON true
-    ),
-    members AS (
-      SELECT m.id, h.new_identifier AS identifier
-        FROM heads h
-        CROSS JOIN LATERAL (
-          -- Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
-          SELECT o.id FROM meter_outbox o
-           WHERE ${ungrouped('h')} AND o.occurred_at >= ${cutoff}
-             AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
-             AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour'
-           ORDER BY o.occurred_at, o.id LIMIT ${options.maxRows}) m
-       WHERE h.new_identifier IS NOT NULL`
-    }
-    ),
+    ${lateralHeads(cutoff, options.maxRows, scope)},
     grouped AS (
-      UPDATE meter_outbox o SET identifier = m.identifier, updated_at = now()
+      UPDATE meter_outbox o SET identifier = m.identifier, identified_at = now(), updated_at = now()
         FROM members m
-       WHERE o.id = m.id AND o.status = 'pending' AND o.identifier IS NULL
-      RETURNING o.identifier, o.stripe_customer_id AS customer, o.event_name, o.id, o.value, o.occurred_at,
-                o.created_at, o.attempts
+       WHERE ${scope('o')} o.organization_id = m.organization_id AND o.id = m.id
+         AND o.status = 'pending' AND o.identifier IS NULL
+      RETURNING o.identifier, o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination,
+                o.id, o.value, o.occurred_at, o.created_at, o.attempts, o.identified_at
     ),
     groups AS (
-      SELECT identifier, customer, event_name, id, value, occurred_at, created_at, attempts FROM grouped
+      SELECT identifier, organization_id, customer, event_name, destination, id, value, occurred_at, created_at,
+             attempts, identified_at
+        FROM grouped
       UNION ALL
-      SELECT o.identifier, o.stripe_customer_id, o.event_name, o.id, o.value, o.occurred_at, o.created_at, o.attempts
-        FROM heads h JOIN meter_outbox o ON o.identifier = h.inflight AND o.status = 'pending'
+      SELECT o.identifier, o.organization_id, o.stripe_customer_id, o.event_name, o.destination, o.id, o.value,
+             o.occurred_at, o.created_at, o.attempts, coalesce(o.identified_at, o.created_at)
+        FROM heads h JOIN meter_outbox o
+          ON ${scope('o')} o.organization_id = h.organization_id
+         AND o.identifier = h.inflight AND o.status = 'pending'
     ),
     events AS (
-      -- A group's value (the one place for the rule): temperature_readings (formula sum) the sum;
-      -- active_sensors (formula last) the newest row's count, at the newest row's time, so Stripe's
-      -- "last value in the period" is unchanged. Over the same rows, the same on every resend.
-      SELECT customer, event_name, identifier,
+      -- A group's value (rules.ts groupValue): temperature_readings (formula sum) the sum;
+      -- active_sensors (formula last) the newest row's count, at the newest row's time.
+      SELECT organization_id, customer, event_name, destination, identifier,
              CASE WHEN event_name = 'active_sensors'
                   THEN (array_agg(value ORDER BY occurred_at DESC, id DESC))[1]
                   ELSE sum(value) END::text AS value,
              max(occurred_at) AS ts, min(created_at) AS oldest, count(*)::int AS rows,
-             max(attempts)::int AS attempts
-        FROM groups GROUP BY customer, event_name, identifier
+             max(attempts)::int AS attempts, min(identified_at) AS identified_at
+        FROM groups GROUP BY organization_id, customer, event_name, destination, identifier
     )
-    SELECT i.customer, i.event_name,
+    SELECT i.organization_id, i.customer, i.event_name, i.destination,
            CASE WHEN l.customer IS NOT NULL THEN 'leased'
                 WHEN NOT (i.event_name = ANY(${options.sendable}::text[])) THEN 'held'
-                WHEN s.next_call_at > clock_timestamp() AND coalesce(s.lease_expires_at < clock_timestamp(), true) THEN 'paced'
-                WHEN s.retry_at > clock_timestamp() AND coalesce(s.lease_expires_at < clock_timestamp(), true) THEN 'backoff'
+                WHEN s.stripe_customer_id IS NULL AND ${lease === 'update'} THEN 'missing'
+                WHEN s.lease_expires_at >= c.at THEN 'busy'
+                WHEN s.next_call_at > c.at THEN 'paced'
+                WHEN s.retry_at > c.at THEN 'backoff'
                 ELSE 'busy' END AS state,
            greatest(0, ceil(extract(epoch FROM
-             CASE WHEN s.lease_expires_at > clock_timestamp() THEN s.lease_expires_at
-                  WHEN s.next_call_at > clock_timestamp() THEN s.next_call_at
-                  ELSE coalesce(s.retry_at, clock_timestamp()) END - clock_timestamp()) * 1000))::int AS wait_ms,
-           e.identifier, e.value, e.ts, e.oldest, e.rows, e.attempts,
+             CASE WHEN s.lease_expires_at >= c.at THEN s.lease_expires_at
+                  WHEN s.next_call_at > c.at THEN s.next_call_at
+                  WHEN s.retry_at > c.at THEN s.retry_at
+                  -- Passed over while another statement held its row: look again in a second.
+                  ELSE c.at + interval '1 second' END - c.at) * 1000))::int AS wait_ms,
+           e.identifier, e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at,
            coalesce(x.n, 0)::int AS expired,
-           h.corrections
+           h.corrections, mo.more
       FROM input i
-      LEFT JOIN (SELECT customer, event_name, count(*) AS n FROM expired GROUP BY customer, event_name) x
-        ON x.customer = i.customer AND x.event_name = i.event_name
-      LEFT JOIN leased l ON l.customer = i.customer AND l.event_name = i.event_name
-      LEFT JOIN meter_delivery_keys s ON s.stripe_customer_id = i.customer AND s.event_name = i.event_name
-      LEFT JOIN heads h ON h.customer = i.customer AND h.event_name = i.event_name
-      LEFT JOIN events e ON e.customer = i.customer AND e.event_name = i.event_name`.execute(db),
-  );
-
-  return result.rows.map((r): ClaimedKey => {
-    const key = { customerId: r.customer, eventName: r.event_name };
-    if (r.state === 'held') return { ...key, state: 'held' };
-    if (r.state !== 'leased') return { ...key, state: r.state, waitMs: Math.max(0, r.wait_ms ?? 0) };
-    const group =
-      r.identifier && r.value !== null && r.ts && r.oldest
-        ? {
-            identifier: r.identifier,
-            value: r.value,
-            timestamp: new Date(r.ts),
-            rows: r.rows ?? 0,
-            oldestCreatedAt: new Date(r.oldest),
-            attempts: r.attempts ?? 0,
-          }
-        : null;
-    return { ...key, state: 'leased', group, expired: r.expired, corrections: r.corrections === true };
-  });
+      CROSS JOIN c
+      LEFT JOIN (SELECT organization_id, customer, event_name, destination, count(*) AS n FROM expired
+                  GROUP BY organization_id, customer, event_name, destination) x
+        ON x.organization_id = i.organization_id AND x.customer = i.customer AND x.event_name = i.event_name
+       AND x.destination = i.destination
+      LEFT JOIN leased l ON l.organization_id = i.organization_id AND l.customer = i.customer
+                        AND l.event_name = i.event_name AND l.destination = i.destination
+      -- The key rows as they were before this statement (its snapshot): why a key was not leased.
+      LEFT JOIN (SELECT * FROM meter_delivery_keys d WHERE ${scope('d')} true) s
+        ON s.organization_id = i.organization_id AND s.stripe_customer_id = i.customer
+       AND s.event_name = i.event_name AND s.destination = i.destination
+      LEFT JOIN heads h ON h.organization_id = i.organization_id AND h.customer = i.customer
+                       AND h.event_name = i.event_name AND h.destination = i.destination
+      LEFT JOIN more mo ON mo.organization_id = i.organization_id AND mo.customer = i.customer
+                       AND mo.event_name = i.event_name AND mo.destination = i.destination
+      LEFT JOIN events e ON e.organization_id = i.organization_id AND e.customer = i.customer
+                        AND e.event_name = i.event_name AND e.destination = i.destination`.execute(db);
+  return result.rows;
 }
 
 /**
- * What happened to one group's rows: a final status; `accepted` (v2: Stripe answered 200 and validates
- * later: the rows wait out the validation window, never claimed again); or still `pending` (resent
- * later, same identifier).
- */
-export interface GroupSettlement {
-  identifier: string;
-  status: 'delivered' | 'failed' | 'expired' | 'accepted' | 'pending';
-  error?: string;
-  /** A Stripe call was made for the group in this batch (counted in `attempts`). */
-  called: boolean;
-}
-
-/** What happens to one leased key after the batch's calls. */
-export interface KeySettlement extends KeyRef {
-  /** The key called Stripe: its next call may start DELIVERY_MIN_INTERVAL_MS after this answer. */
-  called: boolean;
-  /** A retryable failure: the key backs off this long, held by this pg-boss job (its retry). */
-  backoff?: { seconds: number; jobId: string };
-}
-
-/**
- * ONE statement for the whole batch: every group's answer (delivered, failed, expired, or kept pending
- * with its error; `attempts` counts the calls actually made), each key's pacing (from the answer,
- * which came after Stripe received the call) and backoff, and the release of the batch's leases (only
- * where this owner still holds them: a lease that expired and moved on is the new owner's). Key rows
- * are locked in key order, as the claim leases them. Returns, per key, whether pending rows are left
- * beyond the groups this statement finished (the key needs another job). Commits without waiting for
- * the disk (synchronous_commit off for this transaction only): the claim, which commits identifiers
- * before any call, always waits.
+ * ONE statement for the whole batch (per shard group on Citus): every group's answer (delivered,
+ * failed, expired, accepted, or kept pending with its error; `attempts` counts the calls that count
+ * toward the retry limit), each key's pacing (from the answer, which came after Stripe received the
+ * call) and backoff, and the release of the batch's leases (only where this owner still holds them: a
+ * lease that expired and moved on is the new owner's). Key rows are locked in key order, as the claim
+ * leases them. Commits without waiting for the disk (synchronous_commit off for this transaction
+ * only): the claim, which commits identifiers before any call, always waits.
+ *
+ * Citus refuses a volatile function in an UPDATE, a stable one over a column and any function inside
+ * CASE, router queries included: the instants are the statement's one clock (`c.at`) and now() of
+ * the groups' input, added to with immutable UTC arithmetic (plusSeconds), on one node too.
  */
 export async function settleBatch(
   db: Kysely<DB>,
   groups: readonly GroupSettlement[],
   keys: readonly KeySettlement[],
-  options: { owner: string; minIntervalMs: number; distributed?: boolean },
-): Promise<Map<string, boolean>> {
-  if (keys.length === 0 && groups.length === 0) return new Map();
-  // On Citus, meter_delivery_keys is a reference table and meter_outbox a distributed one, whose
-  // UPDATEs may hold no volatile function, no stable one over a column and no function in a CASE:
-  // there the keys' and groups' instants are computed with their input rows (k.at, g.at, read on
-  // the coordinator: the settle is one statement in its own transaction) and the UPDATEs only copy
-  // and compare columns.
-  const keyClock = options.distributed ? sql`k.at` : sql`clock_timestamp()`;
-  const result = await runBatchStatement(db, options.distributed === true, (db) =>
-    sql<{
-      customer: string;
-      event_name: MeterEventName;
-      more: boolean;
-    }>`
-    WITH g AS (
+  options: { owner: string; minIntervalMs: number } & Placement,
+): Promise<void> {
+  if (keys.length === 0 && groups.length === 0) return;
+  type Item = { group: GroupSettlement } | { key: KeySettlement };
+  const items: Item[] = [
+    ...groups.map((group) => ({ group })),
+    ...[...keys].sort(compareKeys).map((key) => ({ key })),
+  ];
+  const organizationOf = (item: Item) => ('group' in item ? item.group : item.key).organizationId;
+  await perShardGroup(routerOf(db, options), items, organizationOf, async (own, organizationIds) => {
+    const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
+    const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
+    await settleStatement(db, gs, ks, organizationIds, options);
+    return [];
+  });
+}
+
+async function settleStatement(
+  db: Kysely<DB>,
+  groups: readonly GroupSettlement[],
+  keys: readonly KeySettlement[],
+  organizationIds: readonly string[],
+  options: { owner: string; minIntervalMs: number } & Placement,
+): Promise<void> {
+  const scope = orgScope(options.distributed ? organizationIds : null);
+  await sql`
+    WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+    g AS (
       SELECT *, now() AS at
-        FROM unnest(${groups.map((s) => s.identifier)}::text[], ${groups.map((s) => s.status)}::text[],
+        FROM unnest(${groups.map((s) => s.organizationId)}::uuid[], ${groups.map((s) => s.identifier)}::text[],
+                    ${groups.map((s) => s.status)}::text[],
                     ${groups.map((s) => (s.error === undefined ? null : truncate(s.error)))}::text[],
-                    ${groups.map((s) => s.called)}::bool[]) AS g(identifier, status, error, called)
+                    ${groups.map((s) => s.counted)}::bool[]) AS g(organization_id, identifier, status, error, counted)
     ),
     settled AS (
       UPDATE meter_outbox o
          SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
              accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
-             last_error = CASE WHEN g.status = 'delivered' THEN NULL ELSE coalesce(g.error, o.last_error) END,
-             attempts = o.attempts + g.called::int,
+             last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
+             attempts = o.attempts + g.counted::int,
              delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
              updated_at = g.at
         FROM g
-       WHERE o.identifier = g.identifier AND o.status = 'pending'
+       WHERE ${scope('o')} o.organization_id = g.organization_id
+         AND o.identifier = g.identifier AND o.status = 'pending'
       RETURNING o.id
     ),
     k AS (
-      SELECT *${options.distributed ? sql`, clock_timestamp() AS at` : sql``}
-        FROM unnest(${keys.map((k) => k.customerId)}::text[], ${keys.map((k) => k.eventName)}::text[],
-                    ${keys.map((k) => k.called)}::bool[], ${keys.map((k) => k.backoff?.seconds ?? null)}::float8[],
-                    ${keys.map((k) => k.backoff?.jobId ?? null)}::uuid[])
-        AS k(customer, event_name, called, backoff_seconds, backoff_job)
+      SELECT k.*, c.at
+        FROM unnest(${keys.map((k) => k.organizationId)}::uuid[], ${keys.map((k) => k.customerId)}::text[],
+                    ${keys.map((k) => k.eventName)}::text[], ${keys.map((k) => destinationOf(k))}::text[],
+                    ${keys.map((k) => k.called)}::bool[],
+                    ${keys.map((k) => (k.backoffMs === undefined ? null : k.backoffMs / 1000))}::float8[])
+        AS k(organization_id, customer, event_name, destination, called, backoff_seconds), c
     ),
     locked AS (
-      SELECT d.stripe_customer_id, d.event_name FROM meter_delivery_keys d
-        JOIN k ON d.stripe_customer_id = k.customer AND d.event_name = k.event_name
-       WHERE d.lease_owner = ${options.owner}
-       ORDER BY d.stripe_customer_id, d.event_name
-       ${
-         // Citus returns a row lock taken in a CTE as a corrupt intermediate result; there the UPDATE
-         // takes the rows' locks itself (a batch's keys are leased by this owner alone).
-         options.distributed ? sql`` : sql`FOR UPDATE OF d`
-       }
+      SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination FROM meter_delivery_keys d
+        JOIN k ON d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
+              AND d.event_name = k.event_name AND d.destination = k.destination
+       WHERE ${scope('d')} d.lease_owner = ${options.owner}
+       ORDER BY 1, 2, 3, 4
+       FOR UPDATE OF d
     ),
     released AS (
       UPDATE meter_delivery_keys d
          SET lease_owner = NULL, lease_expires_at = NULL,
              next_call_at = CASE WHEN k.called
-                                 THEN greatest(d.next_call_at, ${plusSeconds(keyClock, sql`${options.minIntervalMs / 1000}::float8`)})
+                                 THEN greatest(d.next_call_at, ${plusSeconds(sql`k.at`, sql`${options.minIntervalMs / 1000}::float8`)})
                                  ELSE d.next_call_at END,
-             retry_at = CASE WHEN k.backoff_seconds IS NOT NULL THEN ${plusSeconds(keyClock, sql`k.backoff_seconds`)}
-                             WHEN k.called THEN NULL ELSE d.retry_at END,
-             retry_job_id = CASE WHEN k.backoff_seconds IS NOT NULL THEN k.backoff_job ELSE d.retry_job_id END
+             retry_at = CASE WHEN k.backoff_seconds IS NOT NULL THEN ${plusSeconds(sql`k.at`, sql`k.backoff_seconds`)}
+                             WHEN k.called THEN NULL ELSE d.retry_at END
         FROM k, locked
-       WHERE d.stripe_customer_id = k.customer AND d.event_name = k.event_name
-         AND locked.stripe_customer_id = k.customer AND locked.event_name = k.event_name
+       WHERE ${scope('d')} d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
+         AND d.event_name = k.event_name AND d.destination = k.destination
+         AND locked.organization_id = k.organization_id AND locked.stripe_customer_id = k.customer
+         AND locked.event_name = k.event_name AND locked.destination = k.destination
       RETURNING d.stripe_customer_id
     )
-    SELECT k.customer, k.event_name, ${
-      options.distributed
-        ? // Citus plans no correlated subquery over a distributed table: the keys with rows left, at once.
-          sql`left_over.customer IS NOT NULL AS more
-      FROM k
-      LEFT JOIN (
-        SELECT DISTINCT o.stripe_customer_id AS customer, o.event_name FROM meter_outbox o
-          JOIN k ON o.stripe_customer_id = k.customer AND o.event_name = k.event_name
-         WHERE o.status = 'pending' AND o.accepted_at IS NULL
-           AND (o.identifier IS NULL
-                OR o.identifier NOT IN (SELECT identifier FROM g WHERE status <> 'pending'))) left_over
-        ON left_over.customer = k.customer AND left_over.event_name = k.event_name,`
-        : sql`EXISTS (SELECT 1 FROM meter_outbox o
-                    WHERE o.stripe_customer_id = k.customer AND o.event_name = k.event_name AND o.status = 'pending'
-                      AND o.accepted_at IS NULL
-                      AND NOT EXISTS (SELECT 1 FROM g WHERE g.identifier = o.identifier AND g.status <> 'pending')) AS more
-      FROM k,`
-    } (SELECT count(*) FROM settled) s, (SELECT count(*) FROM released) r,
+    SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM released) AS released,
            -- This statement's commit does not wait for the disk (docs/architecture.md, "Commits that
            -- may be lost"): a settle lost in a crash leaves the group pending with its identifier, so
            -- it is resent and Stripe answers "duplicate", which settles it; nothing is lost or doubled.
-           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit`.execute(db),
-  );
-  return new Map(result.rows.map((r) => [deliveryKey(r.customer, r.event_name), r.more]));
+           (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit`.execute(db);
 }
 
 /**
  * A batch that failed after its claim (a correction look-up, the settle, the follow-ups) gives its
  * keys back at once instead of at lease expiry: the next batch resends each committed group with its
- * identifier, which Stripe de-duplicates, as after an expired lease. Only this owner's leases; the
- * keys are paced as if called (`nextCallAt`), since the failure may have come after a call.
+ * identifier, which Stripe de-duplicates, as after an expired lease. Only this owner's leases, of the
+ * batch's organizations (one statement per shard group on Citus); the keys are paced as if called
+ * (`nextCallAt`), since the failure may have come after a call.
  */
 export async function releaseLeases(
   db: Kysely<DB>,
   owner: string,
-  options: { nextCallAt: Date; distributed?: boolean },
+  options: { nextCallAt: Date; organizationIds: readonly string[] } & Placement,
 ): Promise<number> {
-  const result = await runBatchStatement(db, options.distributed === true, (db) =>
-    sql`UPDATE meter_delivery_keys
-           SET lease_owner = NULL, lease_expires_at = NULL,
-               next_call_at = greatest(next_call_at, ${options.nextCallAt}::timestamptz)
-         WHERE lease_owner = ${owner}`.execute(db),
+  const counts = await perShardGroup(
+    routerOf(db, options),
+    options.organizationIds,
+    (o) => o,
+    async (_, orgs) => {
+      const result = await sql`
+      WITH l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+                  WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner}
+                  ORDER BY 1, 2, 3, 4 FOR UPDATE),
+      u AS (UPDATE meter_delivery_keys d
+               SET lease_owner = NULL, lease_expires_at = NULL,
+                   next_call_at = greatest(d.next_call_at, ${options.nextCallAt}::timestamptz)
+              FROM l
+             WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ${owner}
+            RETURNING 1)
+      SELECT count(*)::int AS n FROM u`.execute(db);
+      return [(result.rows[0] as { n: number } | undefined)?.n ?? 0];
+    },
   );
-  return Number(result.numAffectedRows ?? 0);
+  return counts.reduce((a, b) => a + b, 0);
+}
+
+/**
+ * A running batch extends its keys' leases (only those it still holds: a lease that lapsed and was
+ * reaped or taken stays lost). Leases are short so that a killed worker's keys are free within
+ * seconds; a live batch renews them while its calls run. Returns how many keys it still holds.
+ */
+export async function renewLeases(
+  db: Kysely<DB>,
+  owner: string,
+  options: { leaseSeconds: number; organizationIds: readonly string[] } & Placement,
+): Promise<number> {
+  const counts = await perShardGroup(
+    routerOf(db, options),
+    options.organizationIds,
+    (o) => o,
+    async (_, orgs) => {
+      const result = await sql`
+      WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+      l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys, c
+             WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner} AND lease_expires_at >= c.at
+             ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys),
+      u AS (UPDATE meter_delivery_keys d SET lease_expires_at = ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)}
+              FROM l, c
+             WHERE ${keyMatch('d', 'l', orgs)}
+            RETURNING 1)
+      SELECT count(*)::int AS n FROM u`.execute(db);
+      return [(result.rows[0] as { n: number } | undefined)?.n ?? 0];
+    },
+  );
+  return counts.reduce((a, b) => a + b, 0);
+}
+
+/**
+ * Leases past their expiry whose owner never released them belong to a batch that died (a live batch
+ * renews or releases its own): freed, and their keys returned so the caller queues them again. Any
+ * call such a batch made ended before its lease did (calls are bounded by the lease), so the next
+ * owner's resend is the only call in flight. One statement; the partial index makes it free when no
+ * batch died. On Citus, a read of the organizations with such leases (every shard, no lock) first,
+ * then the statement per shard group: no statement locks rows on two nodes.
+ */
+export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promise<KeyRef[]> {
+  const statement = (orgs: readonly string[] | null) => sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+    destination: Destination;
+  }>`
+      WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+      l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys, c
+             WHERE ${orgs ? sql`organization_id = ANY(${orgArray(orgs)}) AND ` : sql``}
+                   lease_owner IS NOT NULL AND lease_expires_at < c.at
+             ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys SKIP LOCKED),
+      u AS (UPDATE meter_delivery_keys d SET lease_owner = NULL, lease_expires_at = NULL
+              FROM l
+             WHERE ${orgs ? keyMatch('d', 'l', orgs) : sql.raw(KEY_MATCH('d', 'l'))}
+            RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
+      SELECT * FROM u`;
+  const rows = !options.distributed
+    ? (await statement(null).execute(db)).rows
+    : await perShardGroup(
+        routerOf(db, options),
+        await organizationsWhere(
+          db,
+          sql`lease_owner IS NOT NULL AND lease_expires_at < statement_timestamp()`,
+        ),
+        (o) => o,
+        async (_, orgs) => (await statement(orgs).execute(db)).rows,
+      );
+  return rows.map(rowKey);
+}
+
+/** Puts keys on the named hold of a missing meter: no job until releaseHeldKeys. One statement per shard group. */
+export async function holdKeys(
+  db: Kysely<DB>,
+  keys: readonly KeyRef[],
+  placement: Placement = {},
+): Promise<void> {
+  if (keys.length === 0) return;
+  const unique = [...new Map(keys.map((k) => [keyName(k), keyRef(k)])).values()].sort(compareKeys);
+  await perShardGroup(
+    routerOf(db, placement),
+    unique,
+    (k) => k.organizationId,
+    async (group) => {
+      // A multi-row VALUES upsert: Citus routes it to the keys' shard group (an INSERT ... SELECT it
+      // would run on the coordinator).
+      await db
+        .insertInto('meter_delivery_keys')
+        .values(
+          group.map((k) => ({
+            organization_id: k.organizationId,
+            stripe_customer_id: k.customerId,
+            event_name: k.eventName,
+            destination: destinationOf(k),
+            hold: 'meter_missing' as const,
+          })),
+        )
+        .onConflict((oc) =>
+          oc.columns(['organization_id', 'stripe_customer_id', 'event_name', 'destination']).doUpdateSet({
+            hold: 'meter_missing',
+          }),
+        )
+        .execute();
+      return [];
+    },
+  );
+}
+
+/**
+ * Ends the hold of every key of a meter that is back: returns them, for the caller to queue. One
+ * statement (per shard group on Citus, after a read of the organizations with such holds).
+ */
+export async function releaseHeldKeys(
+  db: Kysely<DB>,
+  eventName: MeterEventName,
+  placement: Placement = {},
+  destination: Destination = 'stripe',
+): Promise<KeyRef[]> {
+  const held = sql`hold = 'meter_missing' AND event_name = ${eventName} AND destination = ${destination}`;
+  const statement = (orgs: readonly string[] | null) => sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+    destination: Destination;
+  }>`
+      WITH l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+                  WHERE ${orgs ? sql`organization_id = ANY(${orgArray(orgs)}) AND ` : sql``} ${held}
+                  ORDER BY 1, 2, 3, 4 FOR UPDATE SKIP LOCKED),
+      u AS (UPDATE meter_delivery_keys d SET hold = NULL
+              FROM l
+             WHERE ${orgs ? keyMatch('d', 'l', orgs) : sql.raw(KEY_MATCH('d', 'l'))}
+            RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
+      SELECT * FROM u`;
+  const rows = !placement.distributed
+    ? (await statement(null).execute(db)).rows
+    : await perShardGroup(
+        routerOf(db, placement),
+        await organizationsWhere(db, held),
+        (o) => o,
+        async (_, orgs) => (await statement(orgs).execute(db)).rows,
+      );
+  return rows.map(rowKey);
+}
+
+/** The organizations with key rows matching `where` (a read of every shard on Citus, no lock). */
+async function organizationsWhere(db: Kysely<DB>, where: RawBuilder<unknown>): Promise<string[]> {
+  const { rows } = await sql<{ organization_id: string }>`
+    SELECT DISTINCT organization_id FROM meter_delivery_keys WHERE ${where}`.execute(db);
+  return rows.map((r) => r.organization_id);
+}
+
+const KEY_MATCH = (a: string, b: string) =>
+  `${a}.organization_id = ${b}.organization_id AND ${a}.stripe_customer_id = ${b}.stripe_customer_id
+   AND ${a}.event_name = ${b}.event_name AND ${a}.destination = ${b}.destination`;
+
+/** Row `a` of meter_delivery_keys is key row `b`, among the organizations `orgs` (named for Citus). */
+const keyMatch = (a: string, b: string, orgs: readonly string[]) =>
+  sql`${sql.raw(a)}.organization_id = ANY(${orgArray(orgs)}) AND ${sql.raw(KEY_MATCH(a, b))}`;
+
+/**
+ * For jobs queued before jobs named their organization: each key's organization, the one with the
+ * key's oldest pending row (a customer has pending rows in one organization at a time; rows left from
+ * before that rule in another organization are found by the sweep once these are delivered), by the
+ * key's job name (singletonKeyOf). One read by customer (every shard on Citus): only such old jobs
+ * pay it, and they are gone after one pass over the queue.
+ */
+export async function pendingOrganizations(
+  db: Kysely<DB>,
+  keys: readonly Omit<KeyRef, 'organizationId'>[],
+): Promise<Map<string, string>> {
+  if (keys.length === 0) return new Map();
+  // Grouped by organization, then picked here: Citus pushes a GROUP BY down to every shard.
+  const { rows } = await sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+    destination: Destination;
+    oldest: Date;
+  }>`
+    SELECT o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination,
+           min(o.occurred_at) AS oldest
+      FROM meter_outbox o
+     WHERE o.status = 'pending'
+       AND (o.stripe_customer_id, o.event_name, o.destination) IN (
+             SELECT * FROM unnest(${keys.map((k) => k.customerId)}::text[], ${keys.map((k) => k.eventName)}::text[],
+                                  ${keys.map((k) => destinationOf(k))}::text[]))
+     GROUP BY o.organization_id, o.stripe_customer_id, o.event_name, o.destination
+     ORDER BY oldest, o.organization_id`.execute(db);
+  const organizations = new Map<string, string>();
+  for (const r of rows) {
+    const name = singletonKeyOf({
+      customerId: r.customer,
+      eventName: r.event_name,
+      destination: r.destination,
+    });
+    if (!organizations.has(name)) organizations.set(name, r.organization_id);
+  }
+  return organizations;
 }

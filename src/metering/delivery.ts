@@ -1,19 +1,27 @@
 // Delivery runtime: pg-boss fetchers that take meter-delivery jobs in batches and hand each batch to
 // the pipeline (batch.ts), the choice of transport (DELIVERY_TRANSPORT), the stranded-row sweep and
 // shutdown. pg-boss stays the engine of wake-ups, retries with backoff, dead letters and the cron.
-import type { Kysely } from 'kysely';
+import type Metronome from '@metronome/sdk';
+import { type Kysely, sql } from 'kysely';
+import type pg from 'pg';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import type { Clock } from '../clock.js';
 import type { Config } from '../config.js';
-import type { DB } from '../db/schema.js';
+import { gatedKysely } from '../db/database.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type BatchDeps, deliverBatch } from './batch.js';
-import { callsPerSecond, createSlotDispenser } from './budget.js';
+import { BUDGET_ROW, callsPerSecond, createSlotDispenser } from './budget.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
+import { pendingOrganizations, reapLeases } from './delivery-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
+import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
+import type { MetronomeCatalog } from './metronome-catalog.js';
 import type { DeliveryObserver } from './observer.js';
-import type { QueuePayload } from './queues.js';
+import { queueDeliveries } from './outbox.js';
+import { deliveryPayload, type QueuePayload } from './queues.js';
+import { type KeyRef, keyRef, singletonKeyOf } from './rules.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport } from './transport.js';
@@ -29,6 +37,10 @@ export interface DeliveryWorkerOptions {
   corrections?: CorrectionClient;
   /** The account's usable meters: keys of a missing meter are held (src/metering/meter-catalog.ts). */
   catalog?: MeterCatalog;
+  /** Metronome's billable metrics: keys of a meter without one are held (metronome-catalog.ts). */
+  metronomeCatalog?: Pick<MetronomeCatalog, 'sendable' | 'releaseHeld'>;
+  /** Replaces Metronome's transport (tests). */
+  metronomeTransport?: MeterTransport;
 }
 
 /** A transport from a replacement meter client (tests): v1 semantics, one event per call. */
@@ -54,12 +66,14 @@ export function chooseTransport(config: Config, stripe: Stripe): MeterTransport 
  */
 export function deliveryBatchSize(
   config: Config,
-  transport: Pick<MeterTransport, 'maxEventsPerCall'>,
+  transport: Pick<MeterTransport, 'maxEventsPerCall'> & { kind?: MeterTransport['kind'] },
 ): number {
+  const rate =
+    transport.kind === 'metronome' ? config.METRONOME_MAX_CALLS_PER_SECOND : callsPerSecond(config);
   const fetchers = Math.min(config.DELIVERY_CONCURRENCY, config.DELIVERY_MAX_IN_FLIGHT);
   const calls = Math.min(
     Math.ceil(config.DELIVERY_MAX_IN_FLIGHT / fetchers),
-    Math.max(MIN_BATCH_CALLS, Math.ceil(callsPerSecond(config) / fetchers)),
+    Math.max(MIN_BATCH_CALLS, Math.ceil(rate / fetchers)),
   );
   return Math.min(MAX_BATCH_JOBS, calls * Math.min(transport.maxEventsPerCall, MAX_STREAM_EVENTS));
 }
@@ -116,27 +130,45 @@ export async function startDelivery(
     db: Kysely<DB>;
     boss: PgBoss;
     stripe: Stripe | undefined;
+    metronome?: Metronome | undefined;
     config: Config;
     clock: Clock;
     log: Logger;
     /** Database.distributed: a Citus database takes the claim and settle in Citus's shapes. */
-    distributed?: () => Promise<boolean>;
+    distributed?: (options?: { recheck?: boolean }) => Promise<boolean>;
+    /** The process's pool: delivery's statements then run at most DELIVERY_MAX_STATEMENTS at once. */
+    pool?: pg.Pool;
   },
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
   const log = ctx.log.child({ component: 'delivery' });
-  const distributed = (await ctx.distributed?.()) ?? false;
-  const transport =
+  let distributed = (await ctx.distributed?.()) ?? false;
+  const stripeTransport =
     options.transport ??
     (options.meter
       ? meterTransport(options.meter)
       : ctx.stripe
         ? chooseTransport(ctx.config, ctx.stripe)
         : undefined);
-  if (!transport) {
-    log.warn('STRIPE_SECRET_KEY is not set: meter events are not delivered; outbox rows stay pending');
+  const metronomeTransport =
+    options.metronomeTransport ?? (ctx.metronome ? createMetronomeTransport(ctx.metronome) : undefined);
+  if (!stripeTransport && !metronomeTransport) {
+    log.warn(
+      'neither STRIPE_SECRET_KEY nor METRONOME_BEARER_TOKEN is set: meter events are not delivered; outbox rows stay pending',
+    );
     return { stop() {} };
   }
+  if (!stripeTransport) log.warn('STRIPE_SECRET_KEY is not set: Stripe rows are held pending');
+  if (!metronomeTransport) log.debug('METRONOME_BEARER_TOKEN is not set: Metronome rows are held pending');
+  // Without Stripe configured its keys are held by name (no job churn) until a worker that has it.
+  const transport: MeterTransport = stripeTransport ?? {
+    kind: 'v1',
+    maxEventsPerCall: 1,
+    send: () => Promise.reject(new Error('STRIPE_SECRET_KEY is not set')),
+  };
+  const stripeCatalog = stripeTransport
+    ? options.catalog
+    : { sendable: () => false, releaseHeld: async () => {} };
   const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
   const poll = ctx.config.DELIVERY_POLL_INTERVAL_SECONDS;
   const fetchers: { id: string; busy: boolean }[] = [];
@@ -146,8 +178,16 @@ export async function startDelivery(
     const idle = fetchers.find((f) => !f.busy);
     if (idle) ctx.boss.notifyWorker(idle.id);
   };
-  const deps: BatchDeps = {
-    db: ctx.db,
+  // Claims, settles, follow-ups and the sweep are big statements; eight fetchers running them at
+  // once took most of Postgres's time on a 2-core machine while the API's requests waited for CPU
+  // (pg_stat_activity during the start-up report: worker sessions busy 1.6 in claims, API 0.9).
+  // Bounded, a batch waits for its turn instead; the budget's small reservations are not gated. Off
+  // by default: a slow claim holds a turn for as long as it runs, and settles queue behind it (a v2
+  // run with 1,000-key claims of 20-40 s and a bound of 2 delivered nothing for minutes).
+  const max = ctx.config.DELIVERY_MAX_STATEMENTS;
+  const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
+  const depsFor = (distributed: boolean): BatchDeps => ({
+    db,
     boss: ctx.boss,
     transport,
     // One share of the account-wide budget per process, taken a slot per call.
@@ -158,7 +198,24 @@ export async function startDelivery(
     distributed,
     ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
-    ...(options.catalog ? { catalog: options.catalog } : {}),
+    ...(stripeCatalog ? { catalog: stripeCatalog } : {}),
+    ...(metronomeTransport
+      ? {
+          metronome: {
+            transport: metronomeTransport,
+            // Metronome's own share of its own budget row.
+            slots: createSlotDispenser(
+              ctx.db,
+              ctx.config.METRONOME_MAX_CALLS_PER_SECOND,
+              Date.now,
+              distributed,
+              BUDGET_ROW.metronome,
+            ),
+            ...(ctx.metronome ? { corrections: createMetronomeCorrectionClient(ctx.metronome) } : {}),
+            ...(options.metronomeCatalog ? { catalog: options.metronomeCatalog } : {}),
+          },
+        }
+      : {}),
     wakeAfter(ms) {
       if (stopped) return;
       const timer = setTimeout(() => {
@@ -168,10 +225,28 @@ export async function startDelivery(
       timer.unref();
       timers.add(timer);
     },
+  });
+  let deps = depsFor(distributed);
+  // A database moved onto a Citus cluster under a running worker (docs/scaling.md): the batches
+  // after `meterbox citus distribute` committed take Citus's shapes, without a restart.
+  const current = async () => {
+    const now = (await ctx.distributed?.().catch(() => distributed)) ?? false;
+    if (now !== distributed) {
+      distributed = now;
+      deps = depsFor(now);
+      log.info({ distributed: now }, 'the database is distributed now: delivery takes the Citus statements');
+    }
+    return deps;
   };
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
-  const batchSize = deliveryBatchSize(ctx.config, transport);
-  const gate = fetchGate(transport.maxEventsPerCall > 1 ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2));
+  // One queue carries every destination's jobs: a batch is sized for the transport that takes the most
+  // events a call (a Stripe v1 share of it beyond its budget waits for slots or runs again).
+  const batchSize = Math.max(
+    deliveryBatchSize(ctx.config, transport),
+    metronomeTransport ? deliveryBatchSize(ctx.config, metronomeTransport) : 0,
+  );
+  const multi = Math.max(transport.maxEventsPerCall, metronomeTransport?.maxEventsPerCall ?? 0) > 1;
+  const gate = fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2));
   for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);
@@ -190,12 +265,14 @@ export async function startDelivery(
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         try {
-          const results = await deliverBatch(deps, jobs);
+          const results = await deliverBatch(await current(), jobs);
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
           return results;
         } catch (err) {
           log.warn({ err, jobs: jobs.length }, 'delivery batch failed; its jobs are retried');
+          // A single-node statement on a database distributed since the last look fails: look again now.
+          if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
           throw err;
         } finally {
           fetcher.busy = false;
@@ -205,14 +282,143 @@ export async function startDelivery(
       },
     );
   }
-  const sweep = await startOutboxSweep({ db: ctx.db, boss: ctx.boss, config: ctx.config, log });
-  log.debug({ fetchers: fetcherCount, batchSize, transport: transport.kind }, 'delivery started');
+  const sweep = await startOutboxSweep({ db, boss: ctx.boss, config: ctx.config, log });
+  const reaper = startLeaseReaper({
+    ...ctx,
+    db,
+    distributed: () => distributed,
+    log,
+    wake: wakeIdle,
+  });
+  log.debug(
+    {
+      fetchers: fetcherCount,
+      batchSize,
+      transport: transport.kind,
+      metronome: metronomeTransport !== undefined,
+    },
+    'delivery started',
+  );
   return {
     stop() {
       stopped = true;
       for (const t of timers) clearTimeout(t);
       timers.clear();
       sweep.stop();
+      reaper.stop();
     },
   };
+}
+
+/**
+ * The lease reaper: every LEASE_REAP_MS, each worker process frees what a batch that died left:
+ * - leases past their expiry, never released (a live batch renews or releases its own): one
+ *   statement; their keys are queued again;
+ * - jobs it had fetched and not yet leased (killed between the fetch and the claim): delivery jobs
+ *   active for longer than a lease whose key holds no live lease (a live batch leases its keys, or
+ *   answers them, right after the fetch). They are completed as orphaned and their keys queued
+ *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
+ * So a killed worker's keys are resent within seconds of its leases' end. The partial index on live
+ * leases, and pg-boss's on active jobs, make each look free when no batch died.
+ */
+export function startLeaseReaper(deps: {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  log: Logger;
+  config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>;
+  /** Whether the database is distributed now (it may become so under a running worker). */
+  distributed: () => boolean;
+  wake: () => void;
+}): { stop(): void } {
+  let running = false;
+  const timer = setInterval(() => {
+    if (running) return;
+    running = true;
+    reapOnce(deps)
+      .then((freed) => {
+        if (freed.leases + freed.jobs > 0) deps.wake();
+      })
+      .catch((err: unknown) => deps.log.warn({ err }, 'lease reaper pass failed'))
+      .finally(() => {
+        running = false;
+      });
+  }, LEASE_REAP_MS);
+  timer.unref();
+  return {
+    stop() {
+      clearInterval(timer);
+    },
+  };
+}
+
+/** How often each worker looks for leases whose batch died. */
+export const LEASE_REAP_MS = 2_000;
+
+/** One pass of the reaper: what a dead batch left is freed and its keys queued; returns how much. */
+export async function reapOnce(
+  deps: Pick<Parameters<typeof startLeaseReaper>[0], 'db' | 'boss' | 'log' | 'config' | 'distributed'>,
+): Promise<{ leases: number; jobs: number }> {
+  const keys = await reapLeases(deps.db, { distributed: deps.distributed() });
+  const orphans = await orphanedJobs(deps.db, deps.config.DELIVERY_LEASE_SECONDS, deps.distributed());
+  if (orphans.length > 0) {
+    await deps.boss.complete(
+      'meter-delivery',
+      orphans.map((o) => o.id),
+      { kind: 'orphaned' },
+    );
+  }
+  const all = [...keys, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
+  if (all.length > 0) {
+    await queueDeliveries(deps.boss, all);
+    deps.log.info(
+      { leases: keys.length, jobs: orphans.length },
+      'freed what a batch that died left (leases, fetched jobs); keys queued again',
+    );
+  }
+  return { leases: keys.length, jobs: orphans.length };
+}
+
+/**
+ * Delivery jobs active for more than `olderThanSeconds` whose key holds no live lease: fetched by a
+ * batch that died before its claim. Two statements (pg-boss's jobs, then the keys' leases: on Citus
+ * the two are not joinable in one).
+ */
+export async function orphanedJobs(
+  db: Kysely<DB>,
+  olderThanSeconds: number,
+  _distributed: boolean,
+): Promise<{ id: string; key: KeyRef | null }[]> {
+  const active = await sql<{ id: string; data: unknown }>`
+    SELECT id, data FROM pgboss.job
+     WHERE name = 'meter-delivery' AND state = 'active'
+       AND started_on < now() - make_interval(secs => ${olderThanSeconds})
+     LIMIT 1000`.execute(db);
+  if (active.rows.length === 0) return [];
+  const jobs = active.rows.flatMap((r) => {
+    const parsed = deliveryPayload.safeParse(r.data);
+    if (!parsed.success) return [];
+    const { organizationId, ...key } = parsed.data;
+    return [{ id: r.id, organizationId, key }];
+  });
+  // Jobs queued before jobs named their organization: the organization holding the key's pending rows.
+  const legacy = jobs.filter((j) => j.organizationId === undefined).map((j) => j.key);
+  const organizations =
+    legacy.length > 0 ? await pendingOrganizations(db, legacy) : new Map<string, string>();
+  const leased = await sql<{ customer: string; event_name: MeterEventName; destination: Destination }>`
+    SELECT stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
+     WHERE lease_owner IS NOT NULL AND lease_expires_at >= now()
+       AND stripe_customer_id = ANY(${jobs.map((j) => j.key.customerId)}::text[])`.execute(db);
+  // A customer has pending rows in one organization at a time: its job's name says which key is leased.
+  const live = new Set(
+    leased.rows.map((r) =>
+      singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination }),
+    ),
+  );
+  return jobs
+    .filter((j) => !live.has(singletonKeyOf(j.key)))
+    .map((j) => {
+      const organizationId = j.organizationId ?? organizations.get(singletonKeyOf(j.key));
+      // No organization: nothing of the key is pending, so the job completes and nothing is queued.
+      return { id: j.id, key: organizationId ? keyRef({ ...j.key, organizationId }) : null };
+    });
 }

@@ -4,14 +4,18 @@
 // there. Learnt at start-up, every METER_CATALOG_REFRESH_SECONDS, and at once when the API records
 // a no_meter/archived_meter error report (it NOTIFYs METER_CATALOG_CHANNEL in the webhook's
 // transaction; a missed notification costs at most one refresh interval).
-import { type Kysely, sql } from 'kysely';
+import type { Kysely } from 'kysely';
 import pg from 'pg';
+import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import { METER_CATALOG_CHANNEL } from '../billing/meter-error-reports.js';
 import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { DB, MeterEventName } from '../db/schema.js';
+import { assertOwnSession, POOLED_LISTEN_FIX, PooledSessionError } from '../db/session.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../observability/metrics.js';
+import { releaseHeldKeys as endHolds } from './delivery-sql.js';
+import { queueDeliveries } from './outbox.js';
 
 export { METER_CATALOG_CHANNEL };
 
@@ -35,15 +39,12 @@ export interface MeterCatalog {
   meterId(eventName: MeterEventName): string | undefined;
   /** Reads the account's meters now (concurrent calls share one read). */
   refresh(): Promise<void>;
-  /** Seconds until the next scheduled refresh: a held key is queued to run just after it. */
-  secondsToNextRefresh(): number;
   /**
-   * Called by a job right after it queued its held key: when the meter turned up meanwhile (the
-   * refresh's own release ran before the job's insert), makes the event name's held jobs due now.
+   * Called by a batch right after it put keys on hold: when the meter turned up meanwhile (the
+   * refresh's own release ran before the hold was written), queues the event name's held keys now.
    */
   releaseHeld(eventName: MeterEventName): Promise<void>;
 }
-
 export interface MeterCatalogRuntime extends MeterCatalog {
   stop(): Promise<void>;
 }
@@ -51,17 +52,28 @@ export interface MeterCatalogRuntime extends MeterCatalog {
 const FIX = 'run `meterbox stripe setup` (then `meterbox stripe check`)';
 /** Retry interval while the account's meters have never been read (a Stripe outage at start-up). */
 const UNKNOWN_RETRY_SECONDS = 5;
+/** Refresh interval while a meter is missing (its keys are held by name until a read sees it back). */
+const HELD_REFRESH_SECONDS = 5;
+
+/** Keys queued in one pg-boss insert when a meter comes back. */
+const RELEASE_CHUNK = 1_000;
 
 /**
- * Held keys' jobs wait for the scheduled refresh; when the meter turns up earlier (a refresh on a
- * NOTIFY, or by hand) they are made due now. A paced job made due early re-checks its pacing.
+ * A meter is back: every key held for it (a named hold, no job meanwhile) gets its job now. Two
+ * statements however many keys are held (plus one insert per RELEASE_CHUNK keys). Keys released
+ * but not queued (a crash in between) have stale rows, which the sweep queues.
  */
-async function releaseHeldKeys(db: Kysely<DB>, eventName: MeterEventName): Promise<number> {
-  const result = await sql`
-    UPDATE pgboss.job SET start_after = now()
-     WHERE name = 'meter-delivery' AND state = 'created'
-       AND data->>'eventName' = ${eventName} AND start_after > now()`.execute(db);
-  return Number(result.numAffectedRows ?? 0);
+async function releaseHeldKeys(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  eventName: MeterEventName,
+  distributed: (() => Promise<boolean>) | undefined,
+): Promise<number> {
+  const keys = await endHolds(db, eventName, { distributed: (await distributed?.()) ?? false });
+  for (let i = 0; i < keys.length; i += RELEASE_CHUNK) {
+    await queueDeliveries(boss, keys.slice(i, i + RELEASE_CHUNK));
+  }
+  return keys.length;
 }
 
 /** What one read of the account's meters says about each event name meterbox sends. */
@@ -103,10 +115,17 @@ export function catalogEntries(meters: readonly Stripe.Billing.Meter[]): Catalog
 export async function startMeterCatalog(deps: {
   stripe: Stripe;
   db: Kysely<DB>;
+  boss: PgBoss;
   log: Logger;
   metrics: Metrics;
   refreshSeconds: number;
-  /** A direct (session) connection for LISTEN; without it only the timer refreshes. */
+  /** Whether the database is distributed now (Database.distributed); without it: one node. */
+  distributed?: () => Promise<boolean>;
+  /**
+   * A direct (session) connection for LISTEN; without it only the timer refreshes. One that turns
+   * out to go through a transaction pooler, where LISTEN "succeeds" and then hears nothing, is not
+   * listened on: the catalog says so once and relies on the timer.
+   */
   listenConnectionString?: string | undefined;
 }): Promise<MeterCatalogRuntime> {
   const log = deps.log.child({ component: 'meter-catalog' });
@@ -118,7 +137,6 @@ export async function startMeterCatalog(deps: {
   }));
   let running: Promise<void> | undefined;
   let again = false;
-  let nextAt = Date.now();
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;
 
@@ -135,12 +153,16 @@ export async function startMeterCatalog(deps: {
           { eventName: entry.eventName, state: entry.state, meterId: entry.meterId, fix: FIX },
           `Stripe meter for ${entry.eventName} unusable (${entry.detail}): its usage is held pending; ${FIX}`,
         );
-      } else if (entry.state === 'active' && before && before.state !== 'active') {
-        const released = await releaseHeldKeys(deps.db, entry.eventName);
-        log.info(
-          { eventName: entry.eventName, meterId: entry.meterId, released },
-          'Stripe meter available: delivery resumes',
-        );
+      } else if (entry.state === 'active') {
+        // Every read, not only on the change: keys held by a batch that raced the change are freed too
+        // (the held-key index makes the look free when there are none).
+        const released = await releaseHeldKeys(deps.db, deps.boss, entry.eventName, deps.distributed);
+        if (before && before.state !== 'active') {
+          log.info(
+            { eventName: entry.eventName, meterId: entry.meterId, released },
+            'Stripe meter available: delivery resumes',
+          );
+        }
       }
     }
     // For the API process (dashboard, its metrics), which has no catalog of its own.
@@ -198,11 +220,14 @@ export async function startMeterCatalog(deps: {
 
   const schedule = () => {
     if (stopped) return;
-    // Until the meters have been read once, everything is held: try again soon, not in a minute.
+    // Until the meters have been read once, everything is held: try again soon, not in a minute. While
+    // a meter is missing, its held keys cost nothing but wait for this read: look every few seconds,
+    // so they resume within seconds of the meter's return (one list call each time, nothing else).
     const seconds = entries.every((e) => e.state === 'unknown')
       ? Math.min(deps.refreshSeconds, UNKNOWN_RETRY_SECONDS)
-      : deps.refreshSeconds;
-    nextAt = Date.now() + seconds * 1000;
+      : entries.some((e) => e.state !== 'active')
+        ? Math.min(deps.refreshSeconds, HELD_REFRESH_SECONDS)
+        : deps.refreshSeconds;
     timer = setTimeout(() => {
       void refresh().finally(schedule);
     }, seconds * 1000);
@@ -236,6 +261,7 @@ export async function startMeterCatalog(deps: {
     });
     try {
       await c.connect();
+      await assertOwnSession(c);
       await c.query(`LISTEN ${METER_CATALOG_CHANNEL}`);
       if (stopped) {
         await c.end().catch(() => undefined);
@@ -243,6 +269,17 @@ export async function startMeterCatalog(deps: {
       }
       client = c;
     } catch (err) {
+      if (err instanceof PooledSessionError) {
+        // A pooler stays a pooler: trying again would only repeat this.
+        c.removeAllListeners('error');
+        c.on('error', () => undefined);
+        await c.end().catch(() => undefined);
+        log.warn(
+          { refreshSeconds: deps.refreshSeconds, fix: POOLED_LISTEN_FIX },
+          `meter catalog: its LISTEN connection goes through a transaction pooler and would hear nothing; not listening, so the meters are read again only every ${deps.refreshSeconds} s (and a no_meter report waits for that); ${POOLED_LISTEN_FIX}`,
+        );
+        return;
+      }
       log.warn({ err: err instanceof Error ? err.message : String(err) }, 'meter catalog listener failed');
       retry();
     }
@@ -262,10 +299,9 @@ export async function startMeterCatalog(deps: {
       return entry?.state === 'active' && entry.meterId ? entry.meterId : undefined;
     },
     refresh,
-    secondsToNextRefresh: () => Math.max(0, Math.ceil((nextAt - Date.now()) / 1000)),
     async releaseHeld(eventName) {
       if (entries.find((e) => e.eventName === eventName)?.state === 'active')
-        await releaseHeldKeys(deps.db, eventName);
+        await releaseHeldKeys(deps.db, deps.boss, eventName, deps.distributed);
     },
     async stop() {
       stopped = true;

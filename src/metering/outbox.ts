@@ -5,8 +5,9 @@ import { randomUUID } from 'node:crypto';
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
-import type { DB, MeterEventName } from '../db/schema.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { insertJobs, sendJob } from './queues.js';
+import { deliveryKey, destinationOf, type KeyRef } from './rules.js';
 
 export interface OutboxEntry {
   organizationId: string;
@@ -17,6 +18,8 @@ export interface OutboxEntry {
   occurredAt: Date;
   /** Natural key for reports that must exist at most once (e.g. one org's hourly report). */
   dedupeKey?: string;
+  /** Where the row is billed (default 'stripe'). */
+  destination?: Destination;
 }
 
 /**
@@ -37,19 +40,23 @@ export async function writeOutbox(
       value: entry.value,
       occurred_at: entry.occurredAt,
       dedupe_key: entry.dedupeKey ?? null,
+      destination: entry.destination ?? 'stripe',
     })
     .onConflict((oc) => oc.columns(['dedupe_key', 'organization_id']).doNothing())
     .returning('id')
     .executeTakeFirst();
   if (!inserted) return null;
-  await enqueueDelivery(trx, boss, entry.customerId, entry.eventName);
+  await enqueueDelivery(trx, boss, {
+    organizationId: entry.organizationId,
+    customerId: entry.customerId,
+    eventName: entry.eventName,
+    ...(entry.destination ? { destination: entry.destination } : {}),
+  });
   return inserted.id;
 }
 
-/** The delivery key: one Stripe customer and meter, the unit Stripe allows one call in flight for. */
-export function deliveryKey(customerId: string, eventName: MeterEventName): string {
-  return `${eventName}:${customerId}`;
-}
+/** The delivery job's singletonKey: one customer and meter at one destination (rules.ts). */
+export { deliveryKey } from './rules.js';
 
 /**
  * Send options of a delivery job. The queue's `short` policy keeps at most one *queued* job per
@@ -60,9 +67,10 @@ export function deliveryKey(customerId: string, eventName: MeterEventName): stri
 export function deliveryJobOptions(
   customerId: string,
   eventName: MeterEventName,
+  destination: Destination = 'stripe',
 ): SendOptions & { singletonKey: string } {
   return {
-    singletonKey: deliveryKey(customerId, eventName),
+    singletonKey: deliveryKey(customerId, eventName, destination),
     priority: eventName === 'temperature_readings' ? 1 : 0,
   };
 }
@@ -80,14 +88,11 @@ const MAX_HANDOFF_ATTEMPTS = 5;
  * lock. A job a worker is claiming right now is re-checked after its fetch commits (it is `active`
  * then, so it no longer matches) and a new job is sent.
  */
-export async function enqueueDelivery(
-  trx: Transaction<DB>,
-  boss: PgBoss,
-  customerId: string,
-  eventName: MeterEventName,
-): Promise<void> {
-  const key = deliveryKey(customerId, eventName);
-  const options = { ...deliveryJobOptions(customerId, eventName), db: fromKysely(trx) };
+export async function enqueueDelivery(trx: Transaction<DB>, boss: PgBoss, delivery: KeyRef): Promise<void> {
+  const { customerId, eventName } = delivery;
+  const destination = destinationOf(delivery);
+  const key = deliveryKey(customerId, eventName, destination);
+  const options = { ...deliveryJobOptions(customerId, eventName, destination), db: fromKysely(trx) };
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS; attempt++) {
     const held = await sql`
       SELECT 1 FROM pgboss.job
@@ -97,7 +102,7 @@ export async function enqueueDelivery(
     if (held.rows.length > 0) return;
     // None queued (or a concurrent writer's is not committed yet: the insert waits for it, is then
     // refused, and the next pass locks that job).
-    if (await sendJob(boss, 'meter-delivery', { customerId, eventName }, options)) return;
+    if (await sendJob(boss, 'meter-delivery', jobPayload(delivery), options)) return;
   }
   // Only reached if workers keep claiming the key's job between two statements; the stranded-row
   // sweep still covers these rows.
@@ -115,11 +120,11 @@ export async function enqueueDelivery(
 export async function enqueueDeliveries(
   trx: Transaction<DB>,
   boss: PgBoss,
-  keys: readonly { customerId: string; eventName: MeterEventName }[],
+  keys: readonly KeyRef[],
   /** Keys whose queued job the caller's own statement already share-locked (lockQueuedDeliveries). */
   held?: ReadonlySet<string>,
 ): Promise<void> {
-  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
+  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName, destinationOf(k)), k]));
   let missing = [...unique.keys()].filter((key) => !held?.has(key)).sort();
   // With the caller's look done in its own statement, the keys left have no queued job: insert first.
   let lockFirst = held === undefined;
@@ -134,8 +139,11 @@ export async function enqueueDeliveries(
       .filter((name) => !locked.has(name))
       .map((name) => {
         const k = unique.get(name)!;
-        const data = { customerId: k.customerId, eventName: k.eventName };
-        return { id: randomUUID(), data, ...deliveryJobOptions(k.customerId, k.eventName) };
+        return {
+          id: randomUUID(),
+          data: jobPayload(k),
+          ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
+        };
       });
     const inserted = await insertJobs(boss, 'meter-delivery', jobs, fromKysely(trx));
     missing = jobs.filter((job) => !inserted.has(job.id)).map((job) => job.singletonKey);
@@ -173,22 +181,52 @@ export function lockQueuedDeliveries(eventName: MeterEventName, customers: RawBu
   );
 }
 
+/**
+ * lockQueuedDeliveries for keys of any destination: `keys` yields (customer, destination) rows of
+ * `eventName`; the keys' names are deliveryKey's, computed in SQL.
+ */
+export function lockQueuedDeliveriesAt(eventName: MeterEventName, keys: RawBuilder<unknown>) {
+  return lockQueuedJobs(
+    sql`SELECT ${deliveryKeySql(eventName, sql`c.customer`, sql`c.destination`)}
+          FROM (${keys}) AS c(customer, destination)`,
+  );
+}
+
+/** deliveryKey(customer, eventName, destination) in SQL, over text expressions. */
+export function deliveryKeySql(
+  eventName: MeterEventName,
+  customer: RawBuilder<unknown>,
+  destination: RawBuilder<unknown>,
+) {
+  return sql`CASE WHEN ${destination} = 'stripe' THEN ${deliveryKey('', eventName)}::text || ${customer}
+                  ELSE ${destination} || ':' || ${deliveryKey('', eventName)}::text || ${customer} END`;
+}
+
+/**
+ * A key's job payload: its organization (so the job's claim and settle route to the organization's
+ * shard group on Citus); a Stripe key's carries no destination, as every job did before destinations.
+ */
+function jobPayload(k: KeyRef): {
+  organizationId: string;
+  customerId: string;
+  eventName: MeterEventName;
+  destination?: Destination;
+} {
+  const destination = destinationOf(k);
+  const base = { organizationId: k.organizationId, customerId: k.customerId, eventName: k.eventName };
+  return destination === 'stripe' ? base : { ...base, destination };
+}
+
 /** Queues a delivery job outside any transaction (follow-ups, sweep), optionally after a delay. */
 export async function queueDelivery(
   boss: PgBoss,
-  customerId: string,
-  eventName: MeterEventName,
+  key: KeyRef,
   startAfterSeconds?: number,
 ): Promise<string | null> {
-  return sendJob(
-    boss,
-    'meter-delivery',
-    { customerId, eventName },
-    {
-      ...deliveryJobOptions(customerId, eventName),
-      ...(startAfterSeconds ? { startAfter: startAfterSeconds } : {}),
-    },
-  );
+  return sendJob(boss, 'meter-delivery', jobPayload(key), {
+    ...deliveryJobOptions(key.customerId, key.eventName, destinationOf(key)),
+    ...(startAfterSeconds ? { startAfter: startAfterSeconds } : {}),
+  });
 }
 
 /**
@@ -197,13 +235,13 @@ export async function queueDelivery(
  */
 export async function queueDeliveries(
   boss: PgBoss,
-  keys: readonly { customerId: string; eventName: MeterEventName; afterMs?: number }[],
+  keys: readonly (KeyRef & { afterMs?: number })[],
 ): Promise<number> {
-  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName), k]));
+  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName, destinationOf(k)), k]));
   const jobs = [...unique.values()].map((k) => ({
     id: randomUUID(),
-    data: { customerId: k.customerId, eventName: k.eventName },
-    ...deliveryJobOptions(k.customerId, k.eventName),
+    data: jobPayload(k),
+    ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
     ...(k.afterMs ? { startAfter: new Date(Date.now() + k.afterMs) } : {}),
   }));
   return (await insertJobs(boss, 'meter-delivery', jobs)).size;

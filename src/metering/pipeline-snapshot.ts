@@ -39,9 +39,10 @@ export async function readPipelineSnapshot(
     UNION ALL
     SELECT 'pass', NULL, NULL, coalesce(round(max(extract(epoch FROM clock_timestamp()
              - greatest(k.oldest, coalesce(p.next_call_at, k.oldest)))) * 1000), 0)::bigint, NULL
-      FROM (SELECT stripe_customer_id, event_name, min(created_at) AS oldest FROM meter_outbox
-             WHERE status = 'pending' AND accepted_at IS NULL GROUP BY 1, 2) k
-      LEFT JOIN meter_delivery_keys p USING (stripe_customer_id, event_name)
+      FROM (SELECT organization_id, stripe_customer_id, event_name, destination, min(created_at) AS oldest
+              FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL GROUP BY 1, 2, 3, 4) k
+      -- A key's row is its organization's (co-located with its outbox rows on Citus).
+      LEFT JOIN meter_delivery_keys p USING (organization_id, stripe_customer_id, event_name, destination)
     UNION ALL
     SELECT 'budget', ${effectiveRate(options.maxCallsPerSecond ?? 0)}::text, NULL, calls, NULL
       FROM meter_call_budget WHERE id = 1

@@ -3,16 +3,24 @@
 import { type ConnectionOptions, type JobInsert, PgBoss, type Queue, type SendOptions } from 'pg-boss';
 import { z } from 'zod';
 import type { Config } from '../config.js';
-import { METER_EVENT_NAMES } from '../db/schema.js';
+import { DESTINATIONS, METER_EVENT_NAMES } from '../db/schema.js';
 import type { Logger } from '../log.js';
 
 export const deliveryPayload = z.object({
+  /**
+   * The organization whose rows the key delivers (its shard group on Citus). Absent in jobs queued
+   * before keys had one: such a job's organization is looked up from its key's pending rows
+   * (batch.ts), once, and the job goes on as any other.
+   */
+  organizationId: z.guid().optional(),
   customerId: z.string().min(1),
   eventName: z.enum(METER_EVENT_NAMES),
+  /** Absent in Stripe's jobs (and in every job queued before destinations existed): 'stripe'. */
+  destination: z.enum(DESTINATIONS).optional(),
 });
 
 export const queues = {
-  /** Drain the pending outbox rows of one Stripe customer and meter. */
+  /** Drain the pending outbox rows of one customer and meter at one destination. */
   'meter-delivery': {
     payload: deliveryPayload,
     options: (config: Config): Omit<Queue, 'name'> => ({

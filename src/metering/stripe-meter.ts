@@ -21,12 +21,19 @@ export interface MeterEventInput {
  * - retryable: transient (network, timeout, 409, 429, 5xx); the same call may succeed later.
  * - permanent: Stripe refuses this call for good (400s, 401, 403, 404); resending is pointless.
  */
-export type SendOutcome =
+export type SendOutcome = (
   | { kind: 'accepted' }
   | { kind: 'duplicate'; message: string }
   | { kind: 'expired'; message: string }
   | { kind: 'retryable'; message: string; status?: number; reason: string }
-  | { kind: 'permanent'; message: string; status?: number; reason: string };
+  | { kind: 'permanent'; message: string; status?: number; reason: string }
+) & {
+  /**
+   * `call`: the answer refused a whole call that carried several events (a v2 stream call), so it
+   * says nothing of any one event (rules.ts meaningOf). Absent: the answer is the event's own.
+   */
+  scope?: 'call';
+};
 
 /** Per call: the call is abandoned (a `timeout` outcome) after this long; bounded by the key's lease. */
 export interface CallOptions {

@@ -4,11 +4,11 @@
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
-import type { DB, MeterEventName } from '../db/schema.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import type { KeyRef } from './delivery-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
+import { type KeyRef, keyRef } from './rules.js';
 
 export interface SweepResult {
   /** Customer+meter pairs with stale pending rows. */
@@ -21,8 +21,8 @@ export interface SweepResult {
 const SWEEP_KEY_LIMIT = 1000;
 
 /**
- * One pass, three statements however many keys: the stale keys, the ones a queued or retrying job
- * covers, and one insert of the others' jobs. Queuing next to a live active job costs nothing: the queue keeps one
+ * One pass, three statements however many keys: the stale keys nothing holds or paces, the ones a
+ * queued or retrying job covers, and one insert of the others' jobs. Queuing next to a live active job costs nothing: the queue keeps one
  * queued job per key and the delivery lease keeps one Stripe call in flight.
  */
 export async function sweepStrandedRows(
@@ -81,26 +81,49 @@ export async function startOutboxSweep(deps: {
   };
 }
 
+/** Stale keys read per pass before the ones a queued job covers are dropped. */
+const SWEEP_SCAN_FACTOR = 5;
+
 /**
- * Keys with pending rows older than staleSeconds that no queued or retrying delivery job covers (an
- * `active` job may belong to a dead process, which pg-boss notices only when the job expires), oldest
- * first: two statements however many keys, one over the outbox and one over pg-boss's jobs (on Citus
- * the outbox is distributed and pg-boss local to the coordinator, which one statement cannot join).
+ * Keys with pending rows older than staleSeconds that nothing covers, oldest first. Covered, and so
+ * left out before the limit is applied (so that however many covered keys are older, the uncovered
+ * ones are reached): a key on a named hold (its meter is missing), a key leased, paced or backing off
+ * (its batch or its follow-up job brings it back; a follow-up lost in a crash is seen once the wait
+ * ends), correction rows waiting on a failed original (held until it is redriven), v2 rows Stripe
+ * validates; then, in a second statement, keys with a queued or retrying job (an `active` job may
+ * belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements
+ * however many keys, one over the outbox and one over pg-boss's jobs (on Citus the outbox is
+ * distributed and pg-boss local to the coordinator, which one statement cannot join).
  */
 export async function staleKeys(
   db: Kysely<DB>,
   options: { staleSeconds: number; limit: number },
 ): Promise<{ keys: KeyRef[]; stale: number }> {
-  const stale = await sql<{ customer: string; event_name: MeterEventName }>`
-    SELECT o.stripe_customer_id AS customer, o.event_name
+  const stale = await sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+    destination: Destination;
+  }>`
+    SELECT o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
       FROM meter_outbox o
+      -- Co-located on Citus: the key row is in its rows' shard group (joined on organization_id).
+      LEFT JOIN meter_delivery_keys k ON k.organization_id = o.organization_id
+                                     AND k.stripe_customer_id = o.stripe_customer_id AND k.event_name = o.event_name
+                                     AND k.destination = o.destination
      WHERE o.status = 'pending' AND o.accepted_at IS NULL
        AND o.created_at < ${new Date(Date.now() - options.staleSeconds * 1000)}
-     GROUP BY o.stripe_customer_id, o.event_name
+       AND (k.stripe_customer_id IS NULL
+            OR (k.hold IS NULL AND k.next_call_at <= now() AND (k.retry_at IS NULL OR k.retry_at <= now())
+                AND (k.lease_expires_at IS NULL OR k.lease_expires_at < now())))
+       AND NOT (o.kind = 'correction' AND EXISTS (
+             SELECT 1 FROM meter_outbox u
+              WHERE u.id = o.corrects_outbox_id AND u.organization_id = o.organization_id AND u.status = 'failed'))
+     GROUP BY o.organization_id, o.stripe_customer_id, o.event_name, o.destination
      ORDER BY min(o.created_at)
-     LIMIT ${options.limit}`.execute(db);
+     LIMIT ${options.limit * SWEEP_SCAN_FACTOR}`.execute(db);
   if (stale.rows.length === 0) return { keys: [], stale: 0 };
-  const names = stale.rows.map((r) => deliveryKey(r.customer, r.event_name));
+  const names = stale.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
   // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
   const covered = await sql<{ key: string }>`
     SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
@@ -110,8 +133,16 @@ export async function staleKeys(
   return {
     stale: stale.rows.length,
     keys: stale.rows
-      .filter((r) => !coveredKeys.has(deliveryKey(r.customer, r.event_name)))
-      .map((r) => ({ customerId: r.customer, eventName: r.event_name })),
+      .filter((r) => !coveredKeys.has(deliveryKey(r.customer, r.event_name, r.destination)))
+      .slice(0, options.limit)
+      .map((r) =>
+        keyRef({
+          organizationId: r.organization_id,
+          customerId: r.customer,
+          eventName: r.event_name,
+          destination: r.destination,
+        }),
+      ),
   };
 }
 

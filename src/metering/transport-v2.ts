@@ -83,7 +83,8 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
           };
         }),
       };
-      const all = (outcome: SendOutcome) => events.map(() => outcome);
+      // Every answer here is the whole call's: marked so the rules never read it as one event's.
+      const all = (outcome: SendOutcome): SendOutcome[] => events.map(() => ({ ...outcome, scope: 'call' }));
       for (let attempt = 0; ; attempt++) {
         let token: string;
         try {
@@ -96,7 +97,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
             apiKey: token,
             ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
           });
-          return all({ kind: 'accepted' });
+          return events.map(() => ({ kind: 'accepted' }));
         } catch (err) {
           if (isSessionExpired(err)) {
             // Expired earlier than its expires_at said (skew): forget it and resend once; a second
@@ -106,7 +107,8 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
             return all({ kind: 'retryable', reason: 'session_expired', message: String(err), status: 401 });
           }
           // A refused stream call is about the call (limits, auth, shape), never one event: every
-          // event of it gets the same outcome and its key decides what to do, like a v1 answer.
+          // event of it gets the same outcome, scoped to the call (a "duplicate" or "expired" answer
+          // of a whole call never settles an event: rules.ts meaningOf retries it instead).
           return all(classifyStripeError(err));
         }
       }

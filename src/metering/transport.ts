@@ -10,7 +10,7 @@ import {
   type SendOutcome,
 } from './stripe-meter.js';
 
-export type TransportKind = 'v1' | 'v2';
+export type TransportKind = 'v1' | 'v2' | 'metronome';
 
 export interface MeterTransport {
   readonly kind: TransportKind;

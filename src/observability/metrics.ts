@@ -55,10 +55,17 @@ export interface Metrics {
   // --- going live (issue 25) ---
   /** 1 while an event name has no active, fitting Stripe meter (its usage is held), else 0. */
   readonly stripeMeterMissing: Gauge<'event_name'>;
-  /** Open reconciliation drift: customer-hours where Stripe counted otherwise than delivered. */
-  readonly reconciliationDriftHours: Gauge<'event_name'>;
+  readonly metronomeMetricMissing: Gauge<'event_name'>;
+  /** Open reconciliation drift: customer-hours where the destination counted otherwise than delivered. */
+  readonly reconciliationDriftHours: Gauge<'destination' | 'event_name'>;
   /** Open reconciliation drift: sum over those hours of |delivered − counted|. */
-  readonly reconciliationDriftValue: Gauge<'event_name'>;
+  readonly reconciliationDriftValue: Gauge<'destination' | 'event_name'>;
+  /** Customers compared so far by the destination's current reconciliation pass. */
+  readonly reconciliationPassCustomers: Gauge<'destination'>;
+  /** When the destination's last reconciliation pass ended (Unix seconds). */
+  readonly reconciliationLastPass: Gauge<'destination'>;
+  /** How long the destination's last reconciliation pass took, over all its runs. */
+  readonly reconciliationPassSeconds: Gauge<'destination'>;
 }
 
 export interface MetricsOptions {
@@ -221,16 +228,40 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       labelNames: ['event_name'],
       registers,
     }),
+    metronomeMetricMissing: new Gauge({
+      name: 'meterbox_metronome_metric_missing',
+      help: '1 while a meter event name has no Metronome billable metric that counts it (its Metronome usage is held pending; fix: meterbox metronome setup), else 0; exported by workers with METRONOME_BEARER_TOKEN',
+      labelNames: ['event_name'],
+      registers,
+    }),
     reconciliationDriftHours: new Gauge({
       name: 'meterbox_reconciliation_drift_hours',
-      help: 'Open reconciliation drift: customer-hours whose Stripe meter event summary differs from what meterbox delivered',
-      labelNames: ['event_name'],
+      help: "Open reconciliation drift: customer-hours whose destination total (Stripe's meter event summary, Metronome's usage query) differs from what meterbox delivered there",
+      labelNames: ['destination', 'event_name'],
       registers,
     }),
     reconciliationDriftValue: new Gauge({
       name: 'meterbox_reconciliation_drift_value',
-      help: 'Open reconciliation drift: sum of |delivered - counted by Stripe| over the drifting customer-hours',
-      labelNames: ['event_name'],
+      help: 'Open reconciliation drift: sum of |delivered - counted by the destination| over the drifting customer-hours',
+      labelNames: ['destination', 'event_name'],
+      registers,
+    }),
+    reconciliationPassCustomers: new Gauge({
+      name: 'meterbox_reconciliation_pass_customers',
+      help: "Customers compared so far by the destination's current scheduled reconciliation pass",
+      labelNames: ['destination'],
+      registers,
+    }),
+    reconciliationLastPass: new Gauge({
+      name: 'meterbox_reconciliation_last_pass_timestamp_seconds',
+      help: "When the destination's last complete reconciliation pass ended (Unix seconds)",
+      labelNames: ['destination'],
+      registers,
+    }),
+    reconciliationPassSeconds: new Gauge({
+      name: 'meterbox_reconciliation_pass_seconds',
+      help: "How long the destination's last complete reconciliation pass took, over all the runs it needed",
+      labelNames: ['destination'],
       registers,
     }),
   };

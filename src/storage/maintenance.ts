@@ -21,7 +21,7 @@ const LOCK_TIMEOUT = '5s';
  * this long per attempt, below Postgres's deadlock_timeout (1 s by default), then given up and asked
  * again after a pause; see lockForDdl.
  */
-const DDL_LOCK_TIMEOUT_MS = 300;
+export const DDL_LOCK_TIMEOUT_MS = 300;
 const DDL_LOCK_ATTEMPTS = 40;
 const COMPACTION_BATCH = 10_000;
 

@@ -2,12 +2,15 @@
 // sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
 // jobs finish within a deadline.
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
+import { directDatabaseUrl } from '../config.js';
 import type { Context } from '../context-type.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
 import { type MeterCatalog, type MeterCatalogRuntime, startMeterCatalog } from '../metering/meter-catalog.js';
+import { type MetronomeCatalog, startMetronomeCatalog } from '../metering/metronome-catalog.js';
 import { ensureQueues } from '../metering/queues.js';
+import { destinationReaders } from '../metering/redrive-reconcile.js';
 import { startStorageMaintenance } from '../storage/maintenance-job.js';
 import { metricsDeliveryObserver } from './delivery-observer.js';
 import { startMetricsServer } from './metrics-server.js';
@@ -16,6 +19,8 @@ export interface WorkerRuntime {
   stop(): Promise<void>;
   /** The meter catalog delivery consults (undefined without STRIPE_SECRET_KEY). */
   readonly catalog: MeterCatalog | undefined;
+  /** Metronome's billable metrics as delivery last read them (undefined without METRONOME_BEARER_TOKEN). */
+  readonly metronomeCatalog: MetronomeCatalog | undefined;
 }
 
 /**
@@ -34,31 +39,56 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
       ? startMeterCatalog({
           stripe: ctx.stripe,
           db: ctx.db,
+          boss: ctx.boss,
           log: ctx.log,
           metrics: ctx.metrics,
           refreshSeconds: ctx.config.METER_CATALOG_REFRESH_SECONDS,
-          // LISTEN needs a session of its own: the direct URL, never a transaction pooler.
-          listenConnectionString: ctx.config.DATABASE_DIRECT_URL ?? ctx.config.DATABASE_URL,
+          distributed: () => ctx.distributed(),
+          // LISTEN needs a session of its own: DATABASE_DIRECT_URL, else DATABASE_URL (as every
+          // listener's). Behind a transaction pooler without the direct URL the catalog finds out
+          // (its connection is no session of its own), says so and refreshes on its timer only.
+          listenConnectionString: directDatabaseUrl(ctx.config),
         })
       : undefined;
+  let delivery: Awaited<ReturnType<typeof startDelivery>> | undefined;
+  let ownCatalog: MeterCatalogRuntime | undefined;
+  let catalog: MeterCatalog | undefined;
+  let metronomeCatalog: Awaited<ReturnType<typeof startMetronomeCatalog>> | undefined;
   try {
     await ctx.boss.start();
     await ensureQueues(ctx.boss, ctx.config);
+    ownCatalog = await catalogStarting;
+    catalog = options.catalog ?? ownCatalog;
+    metronomeCatalog =
+      ctx.metronome && !options.metronomeCatalog
+        ? await startMetronomeCatalog({
+            client: ctx.metronome,
+            db: ctx.db,
+            boss: ctx.boss,
+            log: ctx.log,
+            refreshSeconds: ctx.config.METER_CATALOG_REFRESH_SECONDS,
+            distributed: () => ctx.distributed(),
+            metrics: ctx.metrics,
+          })
+        : undefined;
+    // Delivery first: the start-up active_sensors report commits chunk by chunk, and each chunk is
+    // delivered while the next is written instead of the whole report waiting for its last chunk.
+    delivery = await startDelivery(ctx, {
+      observer: metricsDeliveryObserver(ctx.metrics),
+      ...options,
+      ...(catalog ? { catalog } : {}),
+      ...(metronomeCatalog ? { metronomeCatalog } : {}),
+    });
     await startActiveSensorReporting(ctx);
     await startStorageMaintenance(ctx);
   } catch (err) {
-    await (await catalogStarting?.catch(() => undefined))?.stop();
+    delivery?.stop();
+    await metronomeCatalog?.stop();
+    await (ownCatalog ?? (await catalogStarting?.catch(() => undefined)))?.stop();
     throw err;
   }
-  const ownCatalog = await catalogStarting;
-  const catalog = options.catalog ?? ownCatalog;
-  const delivery = await startDelivery(ctx, {
-    observer: metricsDeliveryObserver(ctx.metrics),
-    ...options,
-    ...(catalog ? { catalog } : {}),
-  });
-  if (ctx.stripe) {
-    const stripe = ctx.stripe;
+  const runningDelivery = delivery;
+  if (ctx.stripe || ctx.metronome) {
     const configured = {
       temperature_readings: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS,
       active_sensors: ctx.config.STRIPE_METER_ID_ACTIVE_SENSORS,
@@ -66,12 +96,13 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
     await startScheduledReconciliation({
       db: ctx.db,
       boss: ctx.boss,
-      stripe,
       config: ctx.config,
       log: ctx.log,
       metrics: ctx.metrics,
-      meterId: (eventName) => configured[eventName] ?? catalog?.meterId(eventName),
-      now: () => ctx.clock.now(),
+      readers: await destinationReaders(
+        { ...ctx, distributed: await ctx.distributed() },
+        (eventName) => configured[eventName] ?? catalog?.meterId(eventName),
+      ),
     });
   }
   const idempotencyPruner = startIdempotencyPruner(ctx, ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS);
@@ -93,16 +124,18 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   let stopping: Promise<void> | undefined;
   return {
     catalog,
+    metronomeCatalog,
     stop() {
       stopping ??= (async () => {
         log.info({ deadlineMs: ctx.config.SHUTDOWN_TIMEOUT_MS }, 'worker draining');
-        delivery.stop();
+        runningDelivery.stop();
         // graceful: stop fetching, wait for active handlers up to the deadline; jobs still running
         // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
         // the same identifier, so nothing is lost or billed twice).
         await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
         await idempotencyPruner.stop();
         await ownCatalog?.stop();
+        await metronomeCatalog?.stop();
         await metricsServer?.stop(1_000);
         log.info('worker stopped');
       })();

@@ -136,7 +136,7 @@ describe('POST /admin/outbox/retry', () => {
       body: JSON.stringify({ ids: [String(row.id)] }),
     });
     expect(res.status).toBe(200);
-    expect(await read(res)).toEqual({ retried: 1, jobs: 1 });
+    expect(await read(res)).toEqual({ retried: 1, jobs: 1, refused: [], reconciled: null });
     const after = await ctx.db
       .selectFrom('meter_outbox')
       .select('status')
@@ -153,7 +153,44 @@ describe('POST /admin/outbox/retry', () => {
       method: 'POST',
       body: JSON.stringify({ ids: [String(row.id)] }),
     });
-    expect(await read(again)).toEqual({ retried: 0, jobs: 0 });
+    expect(await read(again)).toEqual({ retried: 0, jobs: 0, refused: [], reconciled: null });
+  });
+
+  it('refuses a group whose identifier was committed more than 23 h ago, and lists it with the reason', async ({
+    ctx,
+    admin,
+    other,
+  }) => {
+    const row = await ctx.db
+      .updateTable('meter_outbox')
+      .set({
+        status: 'failed',
+        last_error: 'permanent: boom',
+        identifier: sql`'mb_old_' || id`,
+        identified_at: sql`now() - interval '24 hours'`,
+      })
+      .where('organization_id', '=', other.organizationId)
+      .returning(['id', 'identifier'])
+      .executeTakeFirstOrThrow();
+    await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+    const res = await admin('/admin/outbox/retry', {
+      method: 'POST',
+      body: JSON.stringify({ ids: [String(row.id)] }),
+    });
+    expect(res.status).toBe(200);
+    const body = (await read(res)) as { retried: number; refused: { identifier: string; reason: string }[] };
+    expect(body.retried).toBe(0);
+    expect(body.refused.map((g) => g.identifier)).toEqual([row.identifier]);
+    expect(body.refused[0]?.reason).toMatch(/a resend could bill twice; redrive with --reconcile/);
+    const after = await ctx.db
+      .selectFrom('meter_outbox')
+      .select('status')
+      .where('id', '=', row.id)
+      .executeTakeFirstOrThrow();
+    expect(after.status).toBe('failed');
+    const { rows } = await sql<{ n: number }>`
+      SELECT count(*)::int AS n FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+    expect(rows[0]!.n).toBe(0);
   });
 
   it('refuses an unscoped retry (neither ids, organization nor all)', async ({ admin }) => {
@@ -191,7 +228,7 @@ describe('dead-letter queue', () => {
 
     const res = await admin('/admin/dead-letter/redrive', { method: 'POST', body: '{}' });
     expect(res.status).toBe(200);
-    expect(await read(res)).toEqual({ moved: 1, retried: row.length });
+    expect(await read(res)).toEqual({ moved: 1, retried: row.length, refused: [], reconciled: null });
     expect((await read<DeadLetterPreview>(admin('/admin/dead-letter'))).total).toBe(0);
     const statuses = await ctx.db
       .selectFrom('meter_outbox')
@@ -303,10 +340,18 @@ describe('GET /admin/reconciliation', () => {
       identifier: 'outside-meterbox-1',
       timestamp: Math.floor(Date.now() / 1000) - 60,
     });
+    const budget = async () =>
+      Number(
+        (await sql<{ calls: string }>`SELECT calls::text FROM meter_call_budget WHERE id = 1`.execute(ctx.db))
+          .rows[0]?.calls,
+      );
+    const before = await budget();
     const report = await read<ReconciliationReport>(
       admin(`/admin/reconciliation?${period()}&organizationId=${billable.organizationId}&stripe=true`),
     );
     expect(report.stripe).toBe('compared');
+    // Its summaries calls (one per configured meter) took slots of Stripe's call budget.
+    expect((await budget()) - before).toBeGreaterThanOrEqual(2);
     expect(report.organizations[0]!.stripe).toMatchObject({ readings: 3, deliveredByTimestamp: 0, drift: 3 });
     expect(report.organizations[0]!.hasDrift).toBe(true);
   });

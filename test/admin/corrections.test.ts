@@ -432,9 +432,13 @@ describe('races and crashes', () => {
       });
       await deliver(org.customerId);
       await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'crash' });
-      const claim = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
-        now: new Date(),
-      });
+      const claim = await claimCorrectionGroup(
+        ctx.db,
+        { organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' },
+        {
+          now: new Date(),
+        },
+      );
       const group = claim.group!;
       expect(group.action).toBe(action);
       // The call lands at Stripe, then the worker dies before settling.
@@ -755,7 +759,7 @@ describe('grouping rule (the pipeline hook)', () => {
     await ingest(org, org.sensors[1]!, 4, base);
     const [usage] = await claimBatch(
       ctx.db,
-      [{ customerId: org.customerId, eventName: 'temperature_readings', jobId: randomUUID() }],
+      [{ organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' }],
       {
         owner: 'grouping-test',
         leaseSeconds: 30,
@@ -765,16 +769,24 @@ describe('grouping rule (the pipeline hook)', () => {
       },
     );
     expect(usage).toMatchObject({ state: 'leased', group: { value: '4', rows: 1 } });
-    const first = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
-      now: new Date(),
-    });
+    const first = await claimCorrectionGroup(
+      ctx.db,
+      { organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' },
+      {
+        now: new Date(),
+      },
+    );
     expect(first.group).toMatchObject({ rows: 1, action: 'cancel' });
     await sql`UPDATE meter_outbox SET status = 'delivered', delivered_at = now() WHERE identifier = ${first.group!.identifier}`.execute(
       ctx.db,
     );
-    const second = await claimCorrectionGroup(ctx.db, org.customerId, 'temperature_readings', {
-      now: new Date(),
-    });
+    const second = await claimCorrectionGroup(
+      ctx.db,
+      { organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' },
+      {
+        now: new Date(),
+      },
+    );
     expect(second.group).toMatchObject({ rows: 1, action: 'cancel' });
     expect(second.group!.originalIdentifier).not.toBe(first.group!.originalIdentifier);
     expect(Number(first.group!.value) + Number(second.group!.value)).toBe(5);

@@ -231,6 +231,56 @@ describe('PUT /admin/organizations/:id/subscription', () => {
   });
 });
 
+describe('a customer billed for one organization at a time', () => {
+  it('refuses (409) to link a customer whose usage of another organization is still pending, and links it once that usage is delivered', async ({
+    ctx,
+    admin,
+    createOrg,
+  }) => {
+    const before = await createOrg();
+    const after = await createOrg();
+    const link = (id: string) =>
+      admin('PUT', `/admin/organizations/${id}/subscription`, {
+        stripeCustomerId: 'cus_Moving',
+        status: 'active',
+      });
+    expect((await link(before.organization.id)).status).toBe(200);
+    // Usage of the first organization waits for delivery; the customer is then re-linked elsewhere.
+    const pending = await ctx.db
+      .insertInto('meter_outbox')
+      .values({
+        organization_id: before.organization.id,
+        event_name: 'temperature_readings',
+        stripe_customer_id: 'cus_Moving',
+        value: 3,
+        occurred_at: new Date(),
+      })
+      .returning('id')
+      .executeTakeFirstOrThrow();
+    expect(
+      (
+        await admin('PUT', `/admin/organizations/${before.organization.id}/subscription`, {
+          stripeCustomerId: 'cus_Elsewhere',
+          status: 'active',
+        })
+      ).status,
+    ).toBe(200);
+    const refused = await link(after.organization.id);
+    expect(refused.status).toBe(409);
+    expect(((await refused.json()) as { error: { message: string } }).error.message).toContain(
+      `usage of organization ${before.organization.id} waiting for delivery`,
+    );
+    expect(await billableCustomerId(ctx.db, after.organization.id)).toBeNull();
+    await ctx.db
+      .updateTable('meter_outbox')
+      .set({ status: 'delivered', delivered_at: new Date(), identifier: `mb_tr_${pending.id}_delivered` })
+      .where('id', '=', pending.id)
+      .execute();
+    expect((await link(after.organization.id)).status).toBe(200);
+    expect(await billableCustomerId(ctx.db, after.organization.id)).toBe('cus_Moving');
+  });
+});
+
 describe('meterbox org|key commands', () => {
   it('creates an organization, then keys, lists them by prefix and revokes one', async ({
     sensorsWith,

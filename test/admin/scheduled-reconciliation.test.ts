@@ -78,8 +78,15 @@ describe('scheduled reconciliation', () => {
       .execute();
     expect(failed.map((r) => r.stripe_customer_id)).toEqual([victim.customerId, victim.customerId]);
     expect(failed[0]?.last_error).toMatch(/^reconciliation drift: Stripe counted 0 of \d+ delivered/);
-    const gauge = await ctx.metrics.reconciliationDriftHours.get();
-    expect(gauge.values.find((v) => v.labels.event_name === 'temperature_readings')?.value).toBe(1);
+    // The gauges are set once the run's chunk has committed, right after the drift row appears.
+    await waitFor('the drift gauge', async () => {
+      const gauge = await ctx.metrics.reconciliationDriftHours.get();
+      return (
+        gauge.values.find(
+          (v) => v.labels.event_name === 'temperature_readings' && v.labels.destination === 'stripe',
+        )?.value === 1
+      );
+    });
 
     // The redrive resends the lost event with its identifier; the next run finds the hour in agreement.
     await retryFailedRows(ctx.db, ctx.boss, { customerId: victim.customerId });

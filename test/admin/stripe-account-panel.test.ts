@@ -60,7 +60,11 @@ describe('Stripe account panel and gauges', () => {
     const metrics = await (await app.request('/metrics')).text();
     expect(metrics).toMatch(/meterbox_stripe_meter_missing\{event_name="active_sensors"\} 1/);
     expect(metrics).toMatch(/meterbox_stripe_meter_missing\{event_name="temperature_readings"\} 0/);
-    expect(metrics).toMatch(/meterbox_reconciliation_drift_hours\{event_name="temperature_readings"\} 1/);
-    expect(metrics).toMatch(/meterbox_reconciliation_drift_value\{event_name="temperature_readings"\} 5/);
+    expect(metrics).toMatch(
+      /meterbox_reconciliation_drift_hours\{destination="stripe",event_name="temperature_readings"\} 1/,
+    );
+    expect(metrics).toMatch(
+      /meterbox_reconciliation_drift_value\{destination="stripe",event_name="temperature_readings"\} 5/,
+    );
   });
 });

@@ -160,6 +160,43 @@ describe('checkout.session.completed', () => {
     },
   );
 
+  it('answers 500 (Stripe resends) to a checkout of a customer whose usage of another organization is still pending, and links it once that usage is delivered', async ({
+    app,
+    ctx,
+  }) => {
+    const previous = await createOrganization(ctx.db);
+    const organizationId = await createOrganization(ctx.db);
+    const { customer, sub } = ids();
+    const pending = await ctx.db
+      .insertInto('meter_outbox')
+      .values({
+        organization_id: previous,
+        event_name: 'temperature_readings',
+        stripe_customer_id: customer,
+        value: 2,
+        occurred_at: new Date(),
+      })
+      .returning('id')
+      .executeTakeFirstOrThrow();
+    const event = checkoutEvent({ customer, sub, organizationId, created: T0 });
+    expect((await deliver(app, event)).status).toBe(500);
+    expect(await subscriptionOf(ctx.db, organizationId)).toBeUndefined();
+    // Nothing recorded: the resend is applied, not taken for a duplicate.
+    const recorded = await ctx.db
+      .selectFrom('stripe_events')
+      .select('event_id')
+      .where('event_id', '=', event.id)
+      .execute();
+    expect(recorded).toEqual([]);
+    await ctx.db
+      .updateTable('meter_outbox')
+      .set({ status: 'delivered', delivered_at: new Date(), identifier: `mb_tr_${pending.id}_delivered` })
+      .where('id', '=', pending.id)
+      .execute();
+    expect((await deliver(app, event)).status).toBe(200);
+    expect((await subscriptionOf(ctx.db, organizationId))?.stripe_customer_id).toBe(customer);
+  });
+
   it('applies subscription and invoice events that arrived before the checkout once it links them', async ({
     ctx,
     send,

@@ -5,6 +5,7 @@
 // when that scenario ends, pass or fail. Short mode (CI) shortens the load phases.
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import {
   buildEvent,
   createPrng,
@@ -13,6 +14,7 @@ import {
   startStripeEmulator,
   subscription,
 } from '@meterbox/stripe-emulator';
+import { sql } from 'kysely';
 import { expect, onTestFinished, test } from 'vitest';
 import {
   type Cluster,
@@ -28,9 +30,16 @@ import {
   sleep,
   startCluster,
 } from '../../scripts/bench/harness.js';
+import { assignInitialDestination } from '../../src/admin/destinations.js';
 import { loadConfig } from '../../src/config.js';
 import { createContext } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
+import {
+  createMetronomeClient,
+  ensureBillableMetrics,
+  ensureCustomer,
+  metronomeAlias,
+} from '../../src/metering/metronome.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
 import { waitFor } from '../support/wait.js';
@@ -81,8 +90,10 @@ interface Env {
   emulator: StripeEmulator;
 }
 
-async function drained(url: string, deadlineMs: number): Promise<void> {
+/** Waits until no outbox row is pending; returns how long that took (the ledger's level time). */
+async function drained(url: string, deadlineMs: number): Promise<number> {
   const { db, pool } = openDatabase(url, 1);
+  const started = Date.now();
   try {
     await waitFor(
       'every outbox row to leave pending',
@@ -94,6 +105,7 @@ async function drained(url: string, deadlineMs: number): Promise<void> {
       deadlineMs,
       250,
     );
+    return Date.now() - started;
   } finally {
     await db.destroy();
   }
@@ -170,7 +182,10 @@ async function scenarioKills({ cluster, emulator }: Env): Promise<Outcome> {
     },
     seed,
   );
-  const env = { DATABASE_URL: url, STRIPE_API_BASE: emulator.url, ...FAST_WORKER };
+  // The sweep at its production settings (120 s stale, every 60 s): a killed worker's keys must get
+  // going again through its leases and fetched jobs (the reaper), not through a fast sweep.
+  const { SWEEP_INTERVAL_SECONDS: _interval, SWEEP_STALE_SECONDS: _stale, ...productionSweep } = FAST_WORKER;
+  const env = { DATABASE_URL: url, STRIPE_API_BASE: emulator.url, ...productionSweep };
   const api = await startApi({ DATABASE_URL: url });
   const workers: Proc[] = [
     await startWorkerProcess(env, 'worker-a'),
@@ -208,10 +223,14 @@ async function scenarioKills({ cluster, emulator }: Env): Promise<Outcome> {
       lines.push(`    status ${b.status} after ${Math.round(b.ms)} ms: ${b.error ?? ''}`);
     }
   }
-  await drained(url, 90_000).catch((err: unknown) => {
-    ok = false;
-    lines.push(`  ✗ ${(err as Error).message}`);
-  });
+  await drained(url, 90_000)
+    .then((ms) =>
+      lines.push(`ledger level ${(ms / 1000).toFixed(1)} s after the load's end (${kills} kills)`),
+    )
+    .catch((err: unknown) => {
+      ok = false;
+      lines.push(`  ✗ ${(err as Error).message}`);
+    });
   const c = emulator.counters();
   lines.push(
     `Stripe calls ${c.calls}: accepted ${c.accepted}, duplicate answers ${c.duplicate}, 500 ${c.serverError}, 429 ${c.rateLimited}, timeouts ${c.timeout}, resets ${c.reset}, accepted-then-500 ${c.acceptedThen500}`,
@@ -596,6 +615,152 @@ async function scenarioBadInput({ cluster }: Env): Promise<Outcome> {
   return { scenario: name, ok, lines };
 }
 
+// ------------------------------------------------------------------ 6. Metronome alone and a parallel run
+/**
+ * Organizations on Metronome alone and in a parallel run (Stripe billing, Metronome shadow) ingest
+ * through the API while both emulators inject faults and workers are SIGKILLed; afterwards each
+ * destination's ledger is exact: per organization, what it accepted (each identifier once) equals the
+ * readings stored, and every outbox row of that destination is delivered.
+ */
+async function scenarioMetronome({ cluster, emulator }: Env): Promise<Outcome> {
+  const name = '6 Metronome alone and a parallel run under faults and worker kills';
+  const lines: string[] = [];
+  const url = await freshDatabase(cluster, 'chaos6');
+  const metronome = await startMetronomeEmulator({
+    seed,
+    faults: { errorRate: 0.06, rateLimitRate: 0.05, acceptedThen500Rate: 0.1, resetRate: 0.04, jitterMs: 60 },
+  });
+  onTestFinished(() => metronome.stop());
+  const token = 'metronome-chaos-token';
+  const client = createMetronomeClient({ METRONOME_BEARER_TOKEN: token, METRONOME_API_BASE: metronome.url });
+  if (!client) throw new Error('no Metronome client');
+  await ensureBillableMetrics(client);
+  const { db } = openDatabase(url, 2);
+  const orgs = await createOrgs(db, 8, 5, 'c6');
+  const alone = orgs.slice(0, 4);
+  const parallel = orgs.slice(4);
+  for (const org of orgs) await ensureCustomer(client, { id: org.organizationId, name: org.organizationId });
+  await db.transaction().execute(async (trx) => {
+    for (const org of alone) await assignInitialDestination(trx, org.organizationId, 'metronome');
+  });
+  // The parallel run in force from the current hour's start: every reading of the scenario goes to both.
+  const hourStart = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000);
+  for (const org of parallel) {
+    await sql`INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+              VALUES (${org.organizationId}, 'stripe', 'billing', '-infinity'),
+                     (${org.organizationId}, 'metronome', 'shadow', ${hourStart})`.execute(db);
+  }
+  await db.destroy();
+  emulator.reset();
+  emulator.setFaults(
+    { errorRate: 0.08, rateLimitRate: 0.06, acceptedThen500Rate: 0.08, resetRate: 0.03, jitterMs: 50 },
+    seed,
+  );
+  const env = {
+    DATABASE_URL: url,
+    STRIPE_API_BASE: emulator.url,
+    METRONOME_BEARER_TOKEN: token,
+    METRONOME_API_BASE: metronome.url,
+    METER_CATALOG_REFRESH_SECONDS: '5',
+    ...FAST_WORKER,
+  };
+  const api = await startApi({ DATABASE_URL: url });
+  const workers: Proc[] = [
+    await startWorkerProcess(env, 'worker-a'),
+    await startWorkerProcess(env, 'worker-b'),
+  ];
+  const http = new HttpClient(api.url);
+  const stop = { done: false };
+  const load = ingest(http, orgs, new ReadingSource(), { batch: 20, intervalMs: 200 }, stop);
+  const prng = createPrng(seed + 6);
+  const end = Date.now() + (short ? 20_000 : 60_000);
+  let kills = 0;
+  while (Date.now() < end) {
+    await sleep(1_000 + prng.next() * (short ? 3_000 : 5_000));
+    const i = prng.next() < 0.5 ? 0 : 1;
+    workers[i]!.child.kill('SIGKILL');
+    await workers[i]!.exited;
+    kills++;
+    await sleep(prng.next() * 1_500);
+    workers[i] = await startWorkerProcess(env, `worker-${i}-${kills}`);
+  }
+  stop.done = true;
+  await load.finished;
+  emulator.setFaults({});
+  metronome.setFaults({});
+  const statuses = countStatuses(load.batches.map((b) => b.status));
+  lines.push(
+    `${load.batches.length} batches from ${orgs.length} organizations (${alone.length} on Metronome alone, ${parallel.length} in a parallel run), ${kills} worker SIGKILLs; answers ${JSON.stringify(statuses)}`,
+  );
+  await drained(url, short ? 120_000 : 240_000);
+  const check = openDatabase(url, 2);
+  let ok = true;
+  try {
+    const destinations = [
+      {
+        destination: 'stripe' as const,
+        orgs: parallel,
+        events: emulator.events(),
+      },
+      {
+        destination: 'metronome' as const,
+        orgs: orgs.map((o) => ({ ...o, customerId: metronomeAlias(o.organizationId) })),
+        // Metronome keeps one event per transaction_id (repeats are listed apart, as duplicates).
+        events: metronome.events().map((e) => ({
+          identifier: e.transaction_id,
+          customer: e.customer_id,
+          event_name: e.event_type,
+          value: Number(e.properties.value),
+        })),
+      },
+    ];
+    for (const d of destinations) {
+      const loaded = await loadLedger(check.db, d.orgs);
+      const report = checkLedger({
+        organizations: loaded.organizations,
+        outbox: (
+          await check.db
+            .selectFrom('meter_outbox')
+            .select(['organization_id', 'event_name', 'value', 'status', 'identifier', 'kind'])
+            .where('destination', '=', d.destination)
+            .execute()
+        ).map((r) => ({
+          organizationId: r.organization_id,
+          eventName: r.event_name,
+          value: Number(r.value),
+          status: r.status,
+          identifier: r.identifier,
+          kind: r.kind,
+        })),
+        events: d.events,
+      });
+      ok &&= report.ok && report.readingsStored > 0;
+      lines.push(
+        formatReport(
+          `${name} [${d.destination}]`,
+          report,
+          d.destination === 'stripe' ? 'Stripe' : 'Metronome',
+        ),
+      );
+    }
+    const unmatched = metronome.unmatched().length;
+    if (unmatched > 0) {
+      ok = false;
+      lines.push(`  ✗ ${unmatched} Metronome events under an alias no customer has`);
+    }
+    const counters = metronome.counters();
+    lines.push(
+      `Metronome: ${counters.calls.ingest} ingest calls, ${counters.acceptedThen500} accepted-then-500, ${counters.duplicate} repeats ignored`,
+    );
+  } finally {
+    await check.db.destroy();
+  }
+  http.close();
+  for (const w of workers) await w.stop();
+  await api.proc.stop();
+  return { scenario: name, ok, lines };
+}
+
 function countStatuses(statuses: readonly number[]): Record<string, number> {
   const out: Record<string, number> = {};
   for (const s of statuses) out[s] = (out[s] ?? 0) + 1;
@@ -632,6 +797,7 @@ const scenarios: [string, (e: Env) => Promise<Outcome>][] = [
   ['3 two workers and a duplicated cron', scenarioDuplicateCron],
   ['4 webhook storm', scenarioWebhookStorm],
   ['5 bad input', scenarioBadInput],
+  ['6 Metronome alone and a parallel run', scenarioMetronome],
 ];
 
 for (const [name, run] of scenarios) {

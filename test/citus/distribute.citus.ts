@@ -54,7 +54,7 @@ describe.skipIf(!url)('meterbox citus distribute', () => {
         idempotency_keys: 'by organization_id',
         readings_hourly_rollup: 'by organization_id',
         meter_usage_hourly: 'by organization_id',
-        meter_delivery_keys: 'reference',
+        meter_delivery_keys: 'by organization_id',
         meter_call_budget: 'single-shard',
       });
       // One co-location group for every tenant table, so an organization's rows share a node.
@@ -113,6 +113,61 @@ describe.skipIf(!url)('meterbox citus distribute', () => {
       await withClient(async (client) => {
         await client.query('DROP TABLE IF EXISTS citus_later_notes, citus_later_codes');
         await client.query('DELETE FROM schema_migrations WHERE version = 9001');
+      });
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('moves a reference table into the shard groups: a migration that rebuilds it (as 0025 did to the delivery keys) and distribute, which undistributes it first', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'meterbox-citus-migration-'));
+    const file = join(dir, '9002_rebuild_state.sql');
+    await withClient(async (client) => {
+      await client.query(`CREATE TABLE citus_probe_state (customer text PRIMARY KEY, note text)`);
+      await client.query(`SELECT create_reference_table('public.citus_probe_state')`);
+      await client.query(
+        `INSERT INTO citus_probe_state VALUES ('cus_probe_pending', 'kept'), ('cus_probe_idle', 'dropped')`,
+      );
+      const org = await client.query<{ id: string }>(
+        `INSERT INTO organizations (name) VALUES ('probe') RETURNING id`,
+      );
+      await client.query(
+        `INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at)
+         VALUES ($1, 'temperature_readings', 'cus_probe_pending', 1, now())`,
+        [org.rows[0]!.id],
+      );
+      // A table placed as a reference table that the plan (organization_id: distributed) now places otherwise.
+      await client.query(`CREATE TABLE citus_probe_tenant (organization_id uuid PRIMARY KEY)`);
+      await client.query(`SELECT create_reference_table('public.citus_probe_tenant')`);
+    });
+    await writeFile(
+      file,
+      `CREATE TABLE citus_probe_state_new (organization_id uuid NOT NULL, customer text NOT NULL, note text,
+                                           PRIMARY KEY (organization_id, customer));
+       INSERT INTO citus_probe_state_new
+       SELECT o.organization_id, s.customer, s.note FROM citus_probe_state s
+         JOIN (SELECT DISTINCT organization_id, stripe_customer_id FROM meter_outbox WHERE status = 'pending') o
+           ON o.stripe_customer_id = s.customer;
+       DROP TABLE citus_probe_state;
+       ALTER TABLE citus_probe_state_new RENAME TO citus_probe_state;`,
+    );
+    try {
+      const files = [...(await listMigrations()), { version: 9002, name: 'rebuild_state', path: file }];
+      await applySqlMigrations(url, createLogger('silent'), files);
+      await withClient(async (client) => {
+        const placed = await placements(client);
+        expect(placed.citus_probe_state).toBe('by organization_id');
+        expect(placed.citus_probe_tenant).toBe('by organization_id');
+        const { rows } = await client.query(`SELECT customer, note FROM citus_probe_state`);
+        expect(rows).toEqual([{ customer: 'cus_probe_pending', note: 'kept' }]);
+        expect(await localTables(client)).toEqual(['schema_migrations']);
+      });
+    } finally {
+      await withClient(async (client) => {
+        await client.query(
+          'DROP TABLE IF EXISTS citus_probe_state, citus_probe_state_new, citus_probe_tenant',
+        );
+        await client.query(`DELETE FROM meter_outbox WHERE stripe_customer_id = 'cus_probe_pending'`);
+        await client.query('DELETE FROM schema_migrations WHERE version = 9002');
       });
       await rm(dir, { recursive: true, force: true });
     }

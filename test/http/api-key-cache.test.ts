@@ -3,7 +3,10 @@
 import { sql } from 'kysely';
 import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import { authHeaders } from '../support/fixtures.js';
+import { ApiKeyCache } from '../../src/credentials/api-key-cache.js';
+import { hashApiKey, recentApiKeys, recordApiKeysUsed } from '../../src/credentials/api-keys.js';
+import { createLogger } from '../../src/log.js';
+import { authHeaders, createOrganization } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
 import { contextTest } from '../support/test.js';
 
@@ -71,5 +74,58 @@ describe('the API key cache', () => {
     // And the listener comes back on its own.
     await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(true), { timeout: 10_000 });
     expect((await get()).status).toBe(401);
+  });
+
+  it('warms a fresh cache with the live keys once it listens, leaving revoked keys out', async ({
+    ctx,
+    databaseUrl,
+    org,
+  }) => {
+    const revoked = await createOrganization(ctx.db);
+    await ctx.db
+      .updateTable('api_keys')
+      .set({ revoked_at: new Date() })
+      .where('id', '=', revoked.apiKeyId)
+      .execute();
+    const cache = new ApiKeyCache({
+      connectionString: databaseUrl,
+      log: createLogger('silent'),
+      warm: (limit) => recentApiKeys(ctx.db, limit),
+    });
+    try {
+      expect(cache.get(hashApiKey(org.apiKey))).toBeUndefined();
+      await vi.waitFor(() => expect(cache.get(hashApiKey(org.apiKey))).toBeDefined(), { timeout: 5_000 });
+      expect(cache.get(hashApiKey(org.apiKey))).toMatchObject({
+        organizationId: org.organizationId,
+        keyId: org.apiKeyId,
+      });
+      expect(cache.get(hashApiKey(revoked.apiKey))).toBeUndefined();
+    } finally {
+      await cache.close();
+    }
+  });
+
+  it('records the uses of many keys in one statement, each at most once a minute', async ({ ctx, org }) => {
+    const other = await createOrganization(ctx.db);
+    const at = new Date('2026-11-21T10:00:00.000Z');
+    const recent = new Date(at.getTime() - 30_000);
+    await ctx.db
+      .updateTable('api_keys')
+      .set({ last_used_at: recent })
+      .where('id', '=', other.apiKeyId)
+      .execute();
+    await recordApiKeysUsed(ctx.db, [
+      { keyId: org.apiKeyId, at },
+      { keyId: other.apiKeyId, at },
+    ]);
+    const rows = await ctx.db
+      .selectFrom('api_keys')
+      .select(['id', 'last_used_at'])
+      .where('id', 'in', [org.apiKeyId, other.apiKeyId])
+      .execute();
+    const byId = new Map(rows.map((r) => [r.id, r.last_used_at]));
+    expect(byId.get(org.apiKeyId)).toEqual(at);
+    // Used 30 s before: within the minute, left as it was.
+    expect(byId.get(other.apiKeyId)).toEqual(recent);
   });
 });

@@ -4,20 +4,26 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
+import { GroupCommitter } from '../../src/ingest/group-commit.js';
 import {
   authHeaders,
   createOrganization,
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { ingestGroupGate } from '../support/gates.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
 const cleanups: string[] = [];
 
-// A long window so the concurrent requests of a test certainly land in one group.
-const it = contextTest({ env: { INGEST_GROUP_WINDOW_MS: '50' } });
+// Whether concurrent requests land in one group depends on when each reaches the committer, which a
+// loaded machine decides (a full suite on two cores split a group at a 50 ms window). The gate holds
+// a test's group open, past the production window, until all of its requests are in.
+const gate = ingestGroupGate();
+const it = contextTest({ app: { ingestGroupGate: gate } });
 
 it.afterEach(async ({ ctx }) => {
+  gate.expect(0);
   for (const statement of cleanups.splice(0)) await sql.raw(statement).execute(ctx.db);
 });
 
@@ -75,11 +81,13 @@ describe('group commit', () => {
     const [inactive] = await createSensors(ctx.db, a.organizationId, 1, { active: false });
     const [f1] = await createSensors(ctx.db, free.organizationId, 1);
     const shared = reading(a1!);
-    // Verify the three keys first (the key cache's first lookup of each is a database round trip):
-    // on a loaded machine that lookup alone can outlast the window and split the group.
-    for (const o of [a, b, free]) await app.request('/v1/sensors', { headers: authHeaders(o.apiKey) });
+    gate.expect(6);
+    // Within a group the earlier request wins a reading sent twice: the first request joins before
+    // the others are sent (concurrent requests reach the group in whatever order the machine runs them).
+    const first = post(app, a.apiKey, [shared, reading(a2!)]);
+    await gate.joinedAtLeast(1);
     const results = await Promise.all([
-      post(app, a.apiKey, [shared, reading(a2!)]),
+      first,
       // The same reading again in the same group: the earlier request stored it.
       post(app, a.apiKey, [shared, reading(a1!)]),
       // b's own sensor and a's sensor (foreign: reads as unknown) and an inactive one of a's.
@@ -125,6 +133,7 @@ describe('group commit', () => {
       `NEW.organization_id = '${a.organizationId}'`,
       `RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';`,
     );
+    gate.expect(5);
     const results = await Promise.all(
       Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
     );
@@ -146,6 +155,7 @@ describe('group commit', () => {
       `NEW.organization_id = '${a.organizationId}'`,
       `IF nextval('deadlock_once') = 1 THEN RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01'; END IF;`,
     );
+    gate.expect(5);
     const results = await Promise.all(
       Array.from({ length: 5 }, () => post(app, a.apiKey, [reading(sensor!)])),
     );
@@ -167,6 +177,7 @@ describe('group commit', () => {
     const [sa] = await createSensors(ctx.db, a.organizationId, 1);
     const [sb] = await createSensors(ctx.db, b.organizationId, 1);
     await injectOnInsert(ctx, 'fail_one', 'NEW.temperature_c = 55.5', `RAISE EXCEPTION 'injected failure';`);
+    gate.expect(3);
     const [bad, good, other] = await Promise.all([
       post(app, a.apiKey, [reading(sa!, 55.5)]),
       post(app, a.apiKey, [reading(sa!)]),
@@ -217,6 +228,8 @@ describe('group commit', () => {
       return { org: orgs[o]!, readings: [reading(own[i % 3]!), reading(own[(i + 1) % 3]!)] };
     });
     for (let i = 4; i < requests.length; i += 3) requests[i]!.readings[1] = requests[i - 4]!.readings[0]!;
+    // Groups close at INGEST_GROUP_MAX_REQUESTS (100) or once every request is in.
+    gate.expect(requests.length);
     const answers = await Promise.all(
       requests.map(
         async (r) =>
@@ -235,5 +248,39 @@ describe('group commit', () => {
       expect(s.outbox).toBeLessThan(30);
     }
     expect(answers.every((a) => a.inserted + a.duplicates === 2)).toBe(true);
+  });
+
+  it('with every group slot busy, requests arriving meanwhile wait and are written together as the next group', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [slow, fast] = await createSensors(ctx.db, org.organizationId, 2);
+    // The first group's insert takes 300 ms, holding the only slot.
+    await injectOnInsert(ctx, 'slow_group', `NEW.sensor_id = '${slow}'`, 'PERFORM pg_sleep(0.3);');
+    let tick = Date.now() - 600_000;
+    const groups = new GroupCommitter(
+      { db: ctx.db, distributed: ctx.distributed, boss: ctx.boss, clock: { now: () => new Date(tick++) } },
+      { windowMs: 0, maxRequests: 100, maxReadings: 5000, maxInFlight: 1 },
+    );
+    const submit = (sensorId: string) =>
+      groups.submit({
+        organizationId: org.organizationId,
+        readings: [{ ...reading(sensorId), recordedAt: new Date(clock).toISOString() }],
+      });
+    const first = submit(slow!);
+    // Give the first group time to start its transaction before the others arrive.
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    // 20 ms apart: without the cap each would go alone once its 0 ms window ran out.
+    const pending: ReturnType<typeof submit>[] = [];
+    for (let i = 0; i < 5; i++) {
+      pending.push(submit(fast!));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const rest = await Promise.all(pending);
+    expect(await first).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    for (const outcome of rest)
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    // Two transactions (one ingested_at each): the slow request's, then the five together.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
   });
 });

@@ -16,9 +16,15 @@ import {
 } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker } from '../../src/worker/start.js';
-import { cleanUp, createTestContext, createTestDatabase } from '../support/database.js';
+import { cleanUp, createTestContext, createTestDatabase, recordingDb } from '../support/database.js';
 import { waitFor } from '../support/wait.js';
-import { activeSensorRows, createOrganizations, deliveryJobsByCustomer } from './active-sensors-fixtures.js';
+import {
+  activeSensorRows,
+  bulkActiveSensors,
+  createBulkOrganizations,
+  createOrganizations,
+  deliveryJobsByCustomer,
+} from './active-sensors-fixtures.js';
 
 const fixedClock = (iso: string) => ({ now: () => new Date(iso) });
 
@@ -118,6 +124,57 @@ describe('worker start-up', () => {
       ]),
     );
     await restarted.stop();
+  });
+});
+
+describe('chunked hourly run', () => {
+  it('reports every organization once, chunk by chunk, in a number of statements set by the chunks, not the organizations', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    await createBulkOrganizations(ctx.db, 300);
+    const hour = new Date('2026-03-10T15:00:00Z');
+    // Two runs racing (a cron job and the start-up run), chunks of 40 organizations.
+    const { db: logged, statements } = recordingDb(ctx.pool);
+    const pacing = { chunkSize: 40, organizationsPerSecond: 0 };
+    const [a, b] = await Promise.all([
+      runHourlyReport(logged, ctx.boss, hour, ctx.log, false, pacing),
+      runHourlyReport(ctx.db, ctx.boss, hour, ctx.log, false, pacing),
+    ]);
+    expect(a.reported + b.reported).toBe(300);
+    const rows = await activeSensorRows(ctx.db);
+    expect(rows).toHaveLength(300);
+    for (const row of rows) {
+      const n = Number(row.stripe_customer_id.replace('cus_bulk_', ''));
+      expect(Number(row.value)).toBe(bulkActiveSensors(n));
+      expect(row.occurred_at).toEqual(hour);
+    }
+    const jobs = await deliveryJobsByCustomer(ctx.db);
+    expect(jobs.size).toBe(300);
+    expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+    // 8 chunks (7 full, the last short); per chunk BEGIN, the hour's lock, the pick, the insert,
+    // the jobs (pg-boss's insert, plus a look-up only for keys it refused) and COMMIT.
+    const chunks = Math.ceil(300 / 40);
+    expect(statements.length).toBeGreaterThanOrEqual(chunks * 4);
+    expect(statements.length).toBeLessThanOrEqual(chunks * 7);
+    const { rows: runs } = await ctx.pool.query(
+      `SELECT last_success_at IS NOT NULL AS ok FROM meterbox_task_runs WHERE task = 'active_sensors'`,
+    );
+    expect(runs).toEqual([{ ok: true }]);
+  });
+
+  it('writes at most ACTIVE_SENSORS_PER_SECOND organizations a second', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    await createBulkOrganizations(ctx.db, 60);
+    const started = Date.now();
+    const result = await runHourlyReport(ctx.db, ctx.boss, new Date('2026-03-10T16:00:00Z'), ctx.log, false, {
+      chunkSize: 20,
+      organizationsPerSecond: 100,
+    });
+    expect(result.reported).toBe(60);
+    // Chunks 2 and 3 may start no earlier than 200 and 400 ms after the first (20 organizations at
+    // 100 a second each); the run's end is after the third chunk started.
+    expect(Date.now() - started).toBeGreaterThanOrEqual(400);
   });
 });
 

@@ -127,9 +127,13 @@ describe('commit → job hand-off', () => {
     await ctx.boss.start();
     const org = await createOrganization(ctx.db);
     // The key's job is already queued (an earlier commit's, whose rows a drain already took).
-    await ctx.db
-      .transaction()
-      .execute((trx) => enqueueDelivery(trx, ctx.boss, org.customerId, 'temperature_readings'));
+    await ctx.db.transaction().execute((trx) =>
+      enqueueDelivery(trx, ctx.boss, {
+        organizationId: org.organizationId,
+        customerId: org.customerId,
+        eventName: 'temperature_readings',
+      }),
+    );
 
     let commit!: () => void;
     const committing = new Promise<void>((r) => {
@@ -151,7 +155,11 @@ describe('commit → job hand-off', () => {
           occurred_at: new Date(),
         })
         .execute();
-      await enqueueDelivery(trx, ctx.boss, org.customerId, 'temperature_readings');
+      await enqueueDelivery(trx, ctx.boss, {
+        organizationId: org.organizationId,
+        customerId: org.customerId,
+        eventName: 'temperature_readings',
+      });
       sent();
       await committing;
     });

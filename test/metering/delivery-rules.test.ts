@@ -10,7 +10,9 @@ import type { Context } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
 import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import { createCorrectionClient } from '../../src/metering/corrections.js';
+import { type CorrectionClient, createCorrectionClient } from '../../src/metering/corrections.js';
+import { reapOnce } from '../../src/metering/delivery.js';
+import { type DeliveryStore, sqlStore } from '../../src/metering/store.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createV1Transport } from '../../src/metering/transport.js';
@@ -51,18 +53,37 @@ function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
   };
 }
 
-function job(org: { customerId: string }, retryCount = 0, id: DeliveryJob['id'] = randomUUID()): DeliveryJob {
+function job(
+  org: { organizationId: string; customerId: string },
+  retryCount = 0,
+  id: DeliveryJob['id'] = randomUUID(),
+): DeliveryJob {
   return {
     id,
-    data: { customerId: org.customerId, eventName: 'temperature_readings' },
+    data: {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings',
+    },
     retryCount,
     retryLimit: 5,
   };
 }
 
+/** The store over the file's database, with lease renewals that never succeed (a database too slow for them). */
+function withoutRenewals(ctx: Context): DeliveryStore {
+  return { ...sqlStore({ db: ctx.db, boss: ctx.boss, config: ctx.config }), renew: async () => 0 };
+}
+
 async function keyRow(ctx: Context, customerId: string) {
-  const { rows } = await sql<{ lease_owner: string | null; retry_at: Date | null; next_call_at: Date }>`
-    SELECT lease_owner, retry_at, next_call_at FROM meter_delivery_keys
+  const { rows } = await sql<{
+    lease_owner: string | null;
+    lease_expires_at: Date | null;
+    retry_at: Date | null;
+    next_call_at: Date;
+    hold: string | null;
+  }>`
+    SELECT lease_owner, lease_expires_at, retry_at, next_call_at, hold FROM meter_delivery_keys
      WHERE stripe_customer_id = ${customerId} AND event_name = 'temperature_readings'`.execute(ctx.db);
   return rows[0];
 }
@@ -83,7 +104,7 @@ async function queuedJobs(ctx: Context, customerId: string) {
 }
 
 describe('a call never outlives its key lease', () => {
-  it('does not start a call whose budget slot comes too late for the lease: no call, no attempt, lease released, key queued again', async ({
+  it('does not start a call whose budget slot comes too late for the lease when its renewals fail: no call, no attempt, lease released, key queued again', async ({
     ctx,
     emulator,
   }) => {
@@ -93,13 +114,44 @@ describe('a call never outlives its key lease', () => {
     await takeQueuedJobs(ctx, org.customerId);
     const late: CallSlots = { take: async () => ({ granted: true, waitMs: (LEASE_SECONDS - 0.5) * 1000 }) };
     const before = emulator.counters().calls;
-    const [result] = await deliverBatch(depsOf(ctx, { slots: late }), [job(org)]);
+    const [result] = await deliverBatch(depsOf(ctx, { slots: late, store: () => withoutRenewals(ctx) }), [
+      job(org),
+    ]);
     expect(result?.status).toBe('completed');
     expect(emulator.counters().calls).toBe(before);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(rows.map((r) => [r.status, r.attempts, r.identifier !== null])).toEqual([['pending', 0, true]]);
     expect((await keyRow(ctx, org.customerId))?.lease_owner).toBeNull();
     expect(await queuedJobs(ctx, org.customerId)).toHaveLength(1);
+  });
+
+  it('renews its leases while it waits, so the same late slot still calls, inside a lease that never lapsed', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 4, occurredAt: new Date() }]);
+    await takeQueuedJobs(ctx, org.customerId);
+    const late: CallSlots = { take: async () => ({ granted: true, waitMs: (LEASE_SECONDS - 0.5) * 1000 }) };
+    const renewals: number[] = [];
+    const inner = sqlStore({ db: ctx.db, boss: ctx.boss, config: ctx.config });
+    const store: DeliveryStore = {
+      ...inner,
+      async renew(owner, seconds) {
+        const held = await inner.renew(owner, seconds);
+        const row = await keyRow(ctx, org.customerId);
+        // Renewed before it ran out: the row's expiry is a lease length from now.
+        renewals.push(new Date(row!.lease_expires_at!).getTime() - Date.now());
+        return held;
+      },
+    };
+    const before = emulator.counters().calls;
+    await deliverBatch(depsOf(ctx, { slots: late, store: () => store }), [job(org)]);
+    expect(emulator.counters().calls).toBe(before + 1);
+    expect(renewals.length).toBeGreaterThanOrEqual(2);
+    for (const left of renewals) expect(left).toBeGreaterThan((LEASE_SECONDS - 1) * 1000);
+    const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+    expect(rows.map((r) => r.status)).toEqual(['delivered']);
   });
 
   it('bounds every call (v1 and v2) by the time its lease has left', async ({ ctx }) => {
@@ -116,7 +168,9 @@ describe('a call never outlives its key lease', () => {
         },
       };
       const slow: CallSlots = { take: async () => ({ granted: true, waitMs: 2_000 }) };
-      await deliverBatch(depsOf(ctx, { transport, slots: slow }), [job(org)]);
+      await deliverBatch(depsOf(ctx, { transport, slots: slow, store: () => withoutRenewals(ctx) }), [
+        job(org),
+      ]);
       expect(timeouts).toHaveLength(1);
       // 5 s lease - 2 s budget wait - 1 s margin: the call must give up before the lease can lapse.
       expect(timeouts[0]).toBeLessThanOrEqual(LEASE_SECONDS * 1000 - 2_000 - 1_000);
@@ -219,57 +273,109 @@ describe('a batch that fails after its claim', () => {
   });
 });
 
-describe('backoff lives in the key row', () => {
-  it('a new job of a key that is backing off does not call; only the job holding the backoff does', async ({
+describe("backoff is the group's own and lives in the key row", () => {
+  it("any job of a key that backs off re-queues itself for the end of it without calling; the call after it counts the group's attempts", async ({
     ctx,
     emulator,
   }) => {
     const org = await createOrganization(ctx.db);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
     emulator.setFaults({ script: ['error_500'] });
-    const first = job(org);
-    const [failed] = await deliverBatch(depsOf(ctx), [first]);
-    expect(failed?.status).toBe('failed');
+    await takeQueuedJobs(ctx, org.customerId);
+    const [failed] = await deliverBatch(depsOf(ctx), [job(org)]);
+    // Not a pg-boss retry: the job completes and the key's follow-up waits out the group's backoff.
+    expect(failed).toMatchObject({ status: 'completed', output: { kind: 'leased', next: 'retry' } });
     const key = await keyRow(ctx, org.customerId);
-    expect(key?.retry_at).not.toBeNull();
-    // retry_at is written by the settle statement itself, before pg-boss records the job's retry state.
-    expect(new Date(key!.retry_at!).getTime()).toBeGreaterThan(Date.now() + 20_000);
+    // retry_at is written by the settle statement itself: 30 s base delay, up to 1.5x with jitter.
+    const retryAt = new Date(key!.retry_at!).getTime();
+    expect(retryAt).toBeGreaterThan(Date.now() + 25_000);
+    const [followUp] = await queuedJobs(ctx, org.customerId);
+    expect(Math.abs(Number(followUp?.start_in_ms) - (retryAt - Date.now()))).toBeLessThan(2_000);
 
+    // A new job (readings kept arriving): no call, and it re-queues the key for the backoff's end.
+    await takeQueuedJobs(ctx, org.customerId);
     const calls = emulator.counters().calls;
     const [newcomer] = await deliverBatch(depsOf(ctx), [job(org)]);
-    expect(newcomer).toMatchObject({ status: 'completed', output: { kind: 'backoff' } });
+    expect(newcomer).toMatchObject({ status: 'completed', output: { kind: 'backoff', next: 'backoff' } });
     expect(emulator.counters().calls).toBe(calls);
+    const [requeued] = await queuedJobs(ctx, org.customerId);
+    expect(Number(requeued?.start_in_ms)).toBeGreaterThan(20_000);
 
-    const [retried] = await deliverBatch(depsOf(ctx), [job(org, 1, first.id)]);
-    expect(retried?.status).toBe('completed');
+    // The backoff ends: whichever job comes calls, and the group has two attempts.
+    await sql`UPDATE meter_delivery_keys SET retry_at = now() WHERE stripe_customer_id = ${org.customerId}`.execute(
+      ctx.db,
+    );
+    await deliverBatch(depsOf(ctx), [job(org)]);
     expect(emulator.counters().calls).toBe(calls + 1);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(rows.map((r) => [r.status, r.attempts])).toEqual([['delivered', 2]]);
     expect((await keyRow(ctx, org.customerId))?.retry_at).toBeNull();
   });
-});
 
-describe('attempts count Stripe calls', () => {
-  it('counts each call of a group through 429s, and nothing for a batch that found the key busy', async ({
+  it('dead-letters a group after DELIVERY_RETRY_LIMIT + 1 calls however many new jobs its key gets, and the rows that came later get their own group', async ({
     ctx,
     emulator,
   }) => {
     const org = await createOrganization(ctx.db);
-    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: new Date() }]);
-    // Another worker holds the lease: a batch that finds it busy spends no attempt.
-    await sql`INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
-              VALUES (${org.customerId}, 'temperature_readings', 'other', clock_timestamp() + interval '1 second')`.execute(
-      ctx.db,
-    );
-    const [busy] = await deliverBatch(depsOf(ctx), [job(org)]);
-    expect(busy).toMatchObject({ output: { kind: 'busy' } });
-    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL
-               WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
-
-    emulator.setFaults({ script: ['rate_limit_429', 'rate_limit_429'] });
-    for (let i = 0; i < 3; i++) await deliverBatch(depsOf(ctx), [job(org)]);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 2, occurredAt: new Date() }]);
+    emulator.setFaults({ errorRate: 1 });
+    const callsBefore = emulator.counters().calls;
+    // Each turn: a fresh job (retryCount 0, as readings keep arriving), after the key's backoff.
+    const results = [];
+    for (let turn = 0; turn < 8; turn++) {
+      await sql`UPDATE meter_delivery_keys SET retry_at = NULL, next_call_at = '-infinity'
+                 WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
+      if (turn === 3) {
+        await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+          { value: 5, occurredAt: new Date() },
+        ]);
+      }
+      await takeQueuedJobs(ctx, org.customerId);
+      const [r] = await deliverBatch(depsOf(ctx), [job(org)]);
+      results.push(r?.status);
+      if (r?.status === 'deadletter') break;
+    }
+    // DELIVERY_RETRY_LIMIT is 5: six calls, the sixth dead-letters the group.
+    expect(results).toEqual(['completed', 'completed', 'completed', 'completed', 'completed', 'deadletter']);
+    expect(emulator.counters().calls - callsBefore).toBe(6);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
-    expect(rows.map((r) => [r.status, r.attempts])).toEqual([['delivered', 3]]);
+    expect(rows.map((r) => [Number(r.value), r.status, r.attempts])).toEqual([
+      [2, 'failed', 6],
+      [5, 'pending', 0],
+    ]);
+    // The later row is not stranded by the dead letter: its key has a job.
+    expect(await queuedJobs(ctx, org.customerId)).toHaveLength(1);
+  });
+});
+
+describe('jobs queued before jobs named their organization', () => {
+  it("takes the organization of the key's pending rows with one look-up, and completes a job with nothing pending", async ({
+    ctx,
+    emulator,
+  }) => {
+    const [billed, idle] = await Promise.all([createOrganization(ctx.db), createOrganization(ctx.db)]);
+    await writeRows(ctx.db, ctx.boss, billed, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
+    await takeQueuedJobs(ctx, billed.customerId);
+    const recording = recordingDb(ctx.pool);
+    const slots: CallSlots = { take: async () => ({ granted: true, waitMs: 0 }) };
+    const old = (org: { customerId: string }): DeliveryJob => ({
+      id: randomUUID(),
+      // As queued by a version before 0025: no organizationId.
+      data: { customerId: org.customerId, eventName: 'temperature_readings' },
+      retryCount: 0,
+      retryLimit: 5,
+    });
+    const results = await deliverBatch(depsOf(ctx, { db: recording.db, slots }), [old(billed), old(idle)]);
+    expect(results.map((r) => [r.status, r.output.kind]).sort()).toEqual([
+      ['completed', 'leased'],
+      ['completed', 'nothing_pending'],
+    ]);
+    // The look-up, the claim and the settle.
+    expect(recording.statements).toHaveLength(3);
+    expect(emulator.totals({ customer: billed.customerId })[0]?.sum).toBe(3);
+    expect((await outboxRowsOf(ctx.db, { customerId: billed.customerId })).map((r) => r.status)).toEqual([
+      'delivered',
+    ]);
   });
 });
 
@@ -317,7 +423,10 @@ describe('the shared budget after a 429', () => {
     }
     expect(lines.some((l) => l.includes('could not slow the shared call budget'))).toBe(true);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
-    expect(rows.map((r) => [r.status, r.attempts])).toEqual([['pending', 1]]);
+    // Settled: pending with the 429's error, no attempt counted (a 429 never counts).
+    expect(rows.map((r) => [r.status, r.attempts, r.last_error?.startsWith('rate_limited')])).toEqual([
+      ['pending', 0, true],
+    ]);
   });
 });
 
@@ -343,5 +452,181 @@ describe('the stranded-row sweep', () => {
     // The outbox's stale keys and the pg-boss jobs covering them: two statements, not a pair per key.
     expect(recording.statements).toHaveLength(2);
     for (const o of orgs) expect(await queuedJobs(ctx, o.customerId)).toHaveLength(1);
+  });
+});
+
+describe('what a batch that died leaves', () => {
+  it('frees its expired leases and the jobs it fetched but never leased, and queues their keys at once', async ({
+    ctx,
+  }) => {
+    const died = await createOrganization(ctx.db);
+    const fetched = await createOrganization(ctx.db);
+    const alive = await createOrganization(ctx.db);
+    for (const org of [died, fetched, alive]) {
+      await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    }
+    // `died`: leased by a batch whose lease ran out without a renewal or release.
+    await sql`INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
+              VALUES (${died.customerId}, 'temperature_readings', 'dead', clock_timestamp() - interval '1 second')`.execute(
+      ctx.db,
+    );
+    // `fetched` and `alive`: their jobs were fetched long ago; only `alive`'s batch holds a live lease.
+    for (const org of [fetched, alive]) {
+      await sql`UPDATE pgboss.job SET state = 'active', started_on = now() - interval '1 minute'
+                 WHERE name = 'meter-delivery' AND singleton_key = ${`temperature_readings:${org.customerId}`}`.execute(
+        ctx.db,
+      );
+    }
+    await sql`INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
+              VALUES (${alive.customerId}, 'temperature_readings', 'alive', clock_timestamp() + interval '1 minute')`.execute(
+      ctx.db,
+    );
+    await takeQueuedJobs(ctx, died.customerId);
+
+    const freed = await reapOnce({ ...ctx, distributed: () => false });
+    expect(freed).toEqual({ leases: 1, jobs: 1 });
+    expect((await keyRow(ctx, died.customerId))?.lease_owner).toBeNull();
+    // Each freed key has a job due now; the orphaned job is completed; the live batch keeps its own.
+    for (const org of [died, fetched]) expect(await queuedJobs(ctx, org.customerId)).toHaveLength(1);
+    expect(await queuedJobs(ctx, alive.customerId)).toHaveLength(0);
+    const { rows } = await sql<{ key: string; state: string; output: { kind?: string } | null }>`
+      SELECT singleton_key AS key, state, output FROM pgboss.job
+       WHERE name = 'meter-delivery' AND singleton_key IN (${`temperature_readings:${fetched.customerId}`},
+                                                          ${`temperature_readings:${alive.customerId}`})
+         AND state <> 'created' ORDER BY state`.execute(ctx.db);
+    expect(
+      rows.map((r) => [r.key.endsWith(alive.customerId) ? 'alive' : 'fetched', r.state, r.output?.kind]),
+    ).toEqual([
+      ['alive', 'active', undefined],
+      ['fetched', 'completed', 'orphaned'],
+    ]);
+    // Nothing left to free: a second pass finds nothing.
+    expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 0, jobs: 0 });
+  });
+});
+
+describe('corrections in a batch', () => {
+  /** A correction of `original`'s whole value, as the admin's void writes it. */
+  async function correctionOf(ctx: Context, org: { organizationId: string }, originalId: string) {
+    const original = await ctx.db
+      .selectFrom('meter_outbox')
+      .selectAll()
+      .where('id', '=', originalId)
+      .executeTakeFirstOrThrow();
+    const c = await ctx.db
+      .insertInto('usage_corrections')
+      .values({
+        organization_id: org.organizationId,
+        range_from: new Date(0),
+        range_to: new Date(),
+        reason: 'test',
+        readings_voided: Number(original.value),
+        billed_readings_voided: Number(original.value),
+      })
+      .returning('id')
+      .executeTakeFirstOrThrow();
+    await ctx.db
+      .insertInto('meter_outbox')
+      .values({
+        organization_id: org.organizationId,
+        event_name: 'temperature_readings',
+        stripe_customer_id: original.stripe_customer_id,
+        value: original.value,
+        occurred_at: original.occurred_at,
+        kind: 'correction',
+        correction_id: c.id,
+        corrects_outbox_id: original.id,
+      })
+      .execute();
+  }
+
+  it('looks at a correction whose original Stripe still validates (v2) when it has validated, not at once and again (no requeue spin)', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [id] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 3, occurredAt: new Date() },
+    ]);
+    const v2 = createV2Transport(ctx.stripe!);
+    await takeQueuedJobs(ctx, org.customerId);
+    await deliverBatch(depsOf(ctx, { transport: v2 }), [job(org)]);
+    const [accepted] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+    expect([accepted?.status, accepted?.accepted_at !== null]).toEqual(['pending', true]);
+
+    await correctionOf(ctx, org, id!);
+    await takeQueuedJobs(ctx, org.customerId);
+    const calls = emulator.counters().calls;
+    await deliverBatch(depsOf(ctx, { transport: v2 }), [job(org)]);
+    expect(emulator.counters().calls).toBe(calls);
+    // One job, due when the original's validation window ends (900 s after Stripe's 200).
+    const queued = await queuedJobs(ctx, org.customerId);
+    expect(queued).toHaveLength(1);
+    expect(Number(queued[0]?.start_in_ms)).toBeGreaterThan(800_000);
+  });
+
+  it('bounds a correction’s cancel and its compensation by the lease; a compensation with too little lease left waits for the next batch, no attempt spent', async ({
+    ctx,
+    emulator,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [id] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 4, occurredAt: new Date() },
+    ]);
+    await takeQueuedJobs(ctx, org.customerId);
+    await deliverBatch(depsOf(ctx), [job(org)]);
+    await correctionOf(ctx, org, id!);
+    await takeQueuedJobs(ctx, org.customerId);
+
+    // Stripe takes 1.5 s to refuse the cancel (as for an event it no longer lets cancel).
+    const timeouts: { call: string; ms: number }[] = [];
+    const inner = createCorrectionClient(ctx.stripe!);
+    const slow: CorrectionClient = {
+      async cancel(_eventName, _identifier, _key, options) {
+        timeouts.push({ call: 'cancel', ms: options?.timeoutMs ?? Number.POSITIVE_INFINITY });
+        await new Promise((resolve) => setTimeout(resolve, 1_500));
+        return {
+          kind: 'permanent',
+          reason: 'cannot_cancel',
+          message: 'events older than 24 hours cannot be cancelled',
+        };
+      },
+      send(event, options) {
+        timeouts.push({ call: 'send', ms: options?.timeoutMs ?? Number.POSITIVE_INFINITY });
+        return inner.send(event, options);
+      },
+    };
+    // The slot comes 2 s into the 5 s lease (renewals failing): the cancel may take 2 s, and after it
+    // less than the least a call is given is left.
+    const late: CallSlots = { take: async () => ({ granted: true, waitMs: 2_000 }) };
+    await deliverBatch(depsOf(ctx, { corrections: slow, slots: late, store: () => withoutRenewals(ctx) }), [
+      job(org),
+    ]);
+    expect(timeouts.map((t) => t.call)).toEqual(['cancel']);
+    expect(timeouts[0]?.ms).toBeLessThanOrEqual(LEASE_SECONDS * 1000 - 2_000 - 1_000);
+    const pending = (await outboxRowsOf(ctx.db, { customerId: org.customerId })).find(
+      (r) => r.kind === 'correction',
+    );
+    expect([pending?.status, pending?.correction_action, pending?.attempts]).toEqual([
+      'pending',
+      'compensate',
+      0,
+    ]);
+
+    // The next batch sends the compensation (the switch was committed: never the cancel again).
+    const before = emulator.events({ customer: org.customerId }).length;
+    await deliverBatch(depsOf(ctx, { corrections: slow }), [job(org)]);
+    expect(timeouts.map((t) => t.call)).toEqual(['cancel', 'send']);
+    expect(timeouts[1]?.ms).toBeLessThanOrEqual(LEASE_SECONDS * 1000 - 1_000);
+    expect(
+      emulator
+        .events({ customer: org.customerId })
+        .slice(before)
+        .map((e) => e.value),
+    ).toEqual([-4]);
+    const done = (await outboxRowsOf(ctx.db, { customerId: org.customerId })).find(
+      (r) => r.kind === 'correction',
+    );
+    expect(done?.status).toBe('delivered');
   });
 });

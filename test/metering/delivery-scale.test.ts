@@ -6,10 +6,12 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { type Context, createStripeClient } from '../../src/context.js';
+import { writeOutbox } from '../../src/metering/outbox.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
+import { manualGate } from '../support/gates.js';
 import { stripeTest } from '../support/test.js';
 import { allSettled, compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
@@ -26,35 +28,62 @@ const inFlight = [0, 0];
 let maxInFlight = 0;
 const inFlightByKey = new Map<string, number>();
 let maxPerKey = 0;
-/** Calls for this customer take SLOW_MS longer (one slow customer among many). */
+/**
+ * Calls for this customer hang until the test opens `slowCall` (one slow customer among many): a
+ * gate, not a timer, so "the others were delivered while it hung" holds however slow the machine.
+ * A call never outlives its lease, so the hang ends at the call's own timeout at the latest.
+ */
 let slowCustomer: string | undefined;
-const SLOW_MS = 8_000;
+let slowCall = manualGate();
+/**
+ * "More calls in flight than pooled connections" and "both workers called" used to depend on the
+ * workers claiming faster than calls came back (on a loaded machine one peaked at 8-9 of 10): while
+ * `holdUntilMany` is set, calls wait until one worker has more calls in flight than its pool has
+ * connections, which a call holding a connection could never reach, and the other has one too (the
+ * hold ends at the call's own timeout at the latest).
+ */
+const POOL = 10;
+let holdUntilMany = false;
+const manyInFlight = manualGate();
 
 function recording(inner: MeterTransport, worker: number): MeterTransport {
   return {
     kind: inner.kind,
     maxEventsPerCall: inner.maxEventsPerCall,
-    async send(events: readonly MeterEventInput[]) {
+    async send(events: readonly MeterEventInput[], options?: { timeoutMs?: number }) {
       const at = Date.now();
       for (const e of events) calls.push({ worker, at, customerId: e.customerId });
       const keys = events.map((e) => `${e.eventName}:${e.customerId}`);
       inFlight[worker]! += 1;
       maxInFlight = Math.max(maxInFlight, inFlight[worker]!);
+      if (inFlight.some((n) => n > POOL) && inFlight.every((n) => n > 0)) manyInFlight.open();
       for (const k of keys) {
         const n = (inFlightByKey.get(k) ?? 0) + 1;
         inFlightByKey.set(k, n);
         maxPerKey = Math.max(maxPerKey, n);
       }
       try {
-        if (events.some((e) => e.customerId === slowCustomer))
-          await new Promise((r) => setTimeout(r, SLOW_MS));
-        return await inner.send(events);
+        if (events.some((e) => e.customerId === slowCustomer)) await until(slowCall, options?.timeoutMs);
+        if (holdUntilMany) await until(manyInFlight, options?.timeoutMs);
+        return await inner.send(events, options);
       } finally {
         inFlight[worker]! -= 1;
         for (const k of keys) inFlightByKey.set(k, (inFlightByKey.get(k) ?? 1) - 1);
       }
     },
   };
+}
+
+/** Waits for `gate`, or at most `timeoutMs` (a call never outlives its lease). */
+async function until(gate: ReturnType<typeof manualGate>, timeoutMs = 60_000): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([
+    gate.opened,
+    new Promise((r) => {
+      timer = setTimeout(r, timeoutMs);
+    }),
+  ]);
+  clearTimeout(timer);
 }
 
 async function customers(ctx: Context, n: number): Promise<OrganizationFixture[]> {
@@ -89,13 +118,43 @@ describe('delivery at scale across two workers', () => {
     ctx,
     emulator,
   }) => {
-    expect(ctx.config.DB_POOL_MAX).toBe(10);
-    const orgs = await customers(ctx, 60);
+    expect(ctx.config.DB_POOL_MAX).toBe(POOL);
+    // More keys than one worker's fetchers hold at once (8 batches of 10), so the other one fetches.
+    const orgs = await customers(ctx, 100);
     const start = calls.length;
-    for (const org of orgs) {
-      await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
+    // Every slot the shared budget grants, by the database's clock (GCRA: a reservation of n slots
+    // moves tat n/RATE ahead, its slots the n spaced 1/RATE before the new tat).
+    await sql`
+      CREATE TABLE budget_reservations (tat timestamptz NOT NULL, n int NOT NULL, factor float8 NOT NULL);
+      CREATE FUNCTION record_budget_reservation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        IF NEW.calls > OLD.calls THEN
+          INSERT INTO budget_reservations VALUES (NEW.tat, NEW.calls - OLD.calls, NEW.factor);
+        END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER record_budget_reservation AFTER UPDATE ON meter_call_budget
+        FOR EACH ROW EXECUTE FUNCTION record_budget_reservation()`.execute(ctx.db);
+    // The backlog arrives at once (one commit): full batches of keys, not one key per fetch.
+    holdUntilMany = true;
+    try {
+      await ctx.db.transaction().execute(async (trx) => {
+        for (const org of orgs) {
+          await writeOutbox(trx, ctx.boss, {
+            organizationId: org.organizationId,
+            customerId: org.customerId,
+            eventName: 'temperature_readings',
+            value: 3,
+            occurredAt: new Date(),
+          });
+        }
+      });
+      await waitFor('every row delivered', () => allSettled(ctx.db), 60_000);
+    } finally {
+      holdUntilMany = false;
+      manyInFlight.open();
+      await sql`DROP TRIGGER record_budget_reservation ON meter_call_budget;
+                DROP FUNCTION record_budget_reservation()`.execute(ctx.db);
     }
-    await waitFor('every row delivered', () => allSettled(ctx.db), 60_000);
     const check = await compareWithEmulator(ctx.db, emulator);
     expect(check.undelivered).toBe(0);
     expect(check.duplicatesAccepted).toEqual([]);
@@ -103,20 +162,30 @@ describe('delivery at scale across two workers', () => {
 
     const mine = calls.slice(start);
     expect(maxPerKey).toBe(1);
-    // 0.8-1 s per call at 40 calls/s shared by two workers: ~16 calls overlap in each, more than its
-    // 10 pooled connections: a call waiting for Stripe holds no connection.
-    expect(maxInFlight).toBeGreaterThan(10);
-    // Both workers called Stripe, and together never faster than the shared budget: calls are spaced
-    // 1/RATE apart by the database clock, so any 1 s window holds at most RATE + 1 slots; measured at
-    // the send, a timer that fires late (up to ~100 ms on this loaded 2-core machine) lets a few
-    // later slots catch up with it, hence RATE + 5.
+    // More calls in flight in one worker than its 10 pooled connections (the calls held until then):
+    // a call waiting for Stripe holds no connection.
+    expect(maxInFlight).toBeGreaterThan(POOL);
+    // Both workers called Stripe, and together never faster than the shared budget. Every call
+    // takes a slot and waits for it; the slots are spaced 1/RATE apart by the database clock, so any
+    // 1 s window holds at most RATE + 1 of them. (Measured at the sends instead, the answer depended
+    // on the machine: a timer that fires late lets later slots catch up with it, 49 in a second on a
+    // loaded run.)
     expect(new Set(mine.map((c) => c.worker)).size).toBe(2);
-    const times = mine.map((c) => c.at).sort((a, b) => a - b);
-    for (let i = 0; i < times.length; i++) {
-      const inWindow = times.filter((t) => t >= times[i]! && t < times[i]! + 1000).length;
-      expect(inWindow).toBeLessThanOrEqual(RATE + 5);
+    const { rows: reservations } = await sql<{ tat_ms: number; n: number; factor: number }>`
+      SELECT extract(epoch FROM tat) * 1000 AS tat_ms, n, factor FROM budget_reservations`.execute(ctx.db);
+    expect(reservations.every((r) => r.factor === 1)).toBe(true);
+    const slots = reservations
+      .flatMap((r) => Array.from({ length: r.n }, (_, i) => Number(r.tat_ms) - ((r.n - i) * 1000) / RATE))
+      .sort((a, b) => a - b);
+    expect(slots.length).toBeGreaterThanOrEqual(mine.length);
+    for (const [i, t] of slots.entries()) {
+      expect(slots.slice(i).filter((u) => u < t + 1000).length).toBeLessThanOrEqual(RATE + 1);
     }
-    expect(times.at(-1)! - times[0]!).toBeGreaterThanOrEqual(((mine.length - 1) * 1000) / RATE - 300);
+    // And no call went before its slot: by any instant, no more calls were sent than slots had come
+    // (the k-th send is at or after the k-th slot; a late timer only delays a send; 2 ms for the two
+    // clocks' millisecond rounding).
+    const times = mine.map((c) => c.at).sort((a, b) => a - b);
+    for (const [k, t] of times.entries()) expect(t).toBeGreaterThanOrEqual(slots[k]! - 2);
   }, 90_000);
 
   it('recovers from a 429 storm: everyone slows down, nothing fails, dead-letters or bills twice', async ({
@@ -159,6 +228,7 @@ describe('delivery at scale across two workers', () => {
     const orgs = await customers(ctx, 30);
     const slow = orgs[0]!;
     slowCustomer = slow.customerId;
+    slowCall = manualGate();
     try {
       await writeRows(ctx.db, ctx.boss, slow, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
       await waitFor('the slow call started', () => calls.some((c) => c.customerId === slow.customerId));
@@ -178,10 +248,14 @@ describe('delivery at scale across two workers', () => {
              WHERE status = 'pending' AND stripe_customer_id = ANY(${[...others]})`.execute(ctx.db);
           return rows[0]!.n === 0;
         },
-        SLOW_MS - 1_000,
+        60_000,
       );
+      // Still hanging: its own rows wait, nobody else's did.
+      expect(slowCall.isOpen).toBe(false);
+      expect(inFlightByKey.get(`temperature_readings:${slow.customerId}`)).toBe(1);
       expect((await statusCounts(ctx.db, slow.customerId)).pending).toBe(2);
     } finally {
+      slowCall.open();
       slowCustomer = undefined;
     }
     await waitFor('the slow customer delivered too', () => allSettled(ctx.db), 60_000);

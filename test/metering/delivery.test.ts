@@ -1,7 +1,6 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
 
-import { randomUUID } from 'node:crypto';
 import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
@@ -118,10 +117,14 @@ describe('meter-delivery worker', () => {
       )
       .execute();
     const sizes: [number, string][] = [];
-    const key = { customerId: org.customerId, eventName: 'temperature_readings' as const };
+    const key = {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings' as const,
+    };
     const owner = 'grouping-test';
     for (;;) {
-      const [claimed] = await claimBatch(ctx.db, [{ ...key, jobId: randomUUID() }], {
+      const [claimed] = await claimBatch(ctx.db, [key], {
         owner,
         leaseSeconds: 30,
         now: new Date(),
@@ -133,7 +136,16 @@ describe('meter-delivery worker', () => {
       await settleBatch(
         ctx.db,
         group
-          ? [{ identifier: group.identifier, status: 'failed', error: 'test: grouping only', called: false }]
+          ? [
+              {
+                organizationId: org.organizationId,
+                identifier: group.identifier,
+                status: 'failed',
+                error: 'test: grouping only',
+                called: false,
+                counted: false,
+              },
+            ]
           : [],
         [{ ...key, called: false }],
         { owner, minIntervalMs: 0 },
@@ -179,7 +191,7 @@ describe('meter-delivery worker', () => {
     // lease (1 s here) expires and the next owner resends.
     const [claimed] = await claimBatch(
       ctx.db,
-      [{ customerId: org.customerId, eventName: 'temperature_readings', jobId: randomUUID() }],
+      [{ organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' }],
       {
         owner: 'crashed-worker',
         leaseSeconds: 1,
@@ -249,9 +261,10 @@ describe('meter-delivery worker', () => {
       30_000,
     );
     const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
-    expect(row!.attempts).toBe(4);
+    // Four calls; the 429 is not one of the group's attempts (it never counts toward the retry limit).
+    expect(row!.attempts).toBe(3);
     expect(row!.last_error).toBeNull();
-    // The 429 is resent by the rate-limit path: it never reaches pg-boss's retry count.
+    // The 429 is resent by the rate-limit path: it never backs off.
     expect(observed.retries.slice(retriesBefore)).toEqual(['server_error', 'network']);
     expect(observed.rateLimited - rateLimitedBefore).toBe(1);
     expect(emulator.totals({ customer: org.customerId })[0]?.sum).toBe(4);
@@ -273,14 +286,18 @@ describe('meter-delivery worker', () => {
       const jobs = await ctx.boss.findJobs('meter-delivery-dead', { data: { customerId: org.customerId } });
       return jobs.length > 0 ? jobs : null;
     });
-    expect(dead[0]!.data).toEqual({ customerId: org.customerId, eventName: 'temperature_readings' });
+    expect(dead[0]!.data).toEqual({
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings',
+    });
     expect(emulator.counters().rejected - callsBefore).toBe(1);
     expect(observed.deadLetters).toContain('not_found');
 
     // The operator fixes the customer at Stripe and redrives.
     emulator.createCustomer({ id: org.customerId });
     const redriven = await retryFailedRows(ctx.db, ctx.boss, { customerId: org.customerId });
-    expect(redriven).toEqual({ rows: 1, keys: 1 });
+    expect(redriven).toEqual({ rows: 1, keys: 1, refused: [], deferred: 0 });
     await waitFor('row delivered', async () => (await statusCounts(ctx.db, org.customerId)).delivered === 1);
     const [row] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(row!.identifier).toBe(failed!.identifier);
@@ -343,10 +360,9 @@ describe('meter-delivery worker', () => {
     // Stand in for another worker mid-call on this customer and meter (a SIGKILLed one: it never
     // releases its lease, which expires on its own).
     await sql`
-      INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
-      VALUES (${org.customerId}, 'temperature_readings', 'other-worker', clock_timestamp() + interval '3 seconds')`.execute(
-      ctx.db,
-    );
+      INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, lease_owner, lease_expires_at)
+      VALUES (${org.organizationId}, ${org.customerId}, 'temperature_readings', 'other-worker',
+              clock_timestamp() + interval '3 seconds')`.execute(ctx.db);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 8, occurredAt: new Date() }]);
     // The job found the key leased and queued a deferred follow-up instead of calling.
     await waitFor('a deferred follow-up job', async () => {

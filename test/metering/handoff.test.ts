@@ -16,6 +16,7 @@ const it = contextTest().extend('recorded', { scope: 'file' }, async ({ ctx }) =
 
 const keys = (prefix: string, n: number) =>
   Array.from({ length: n }, (_, i) => ({
+    organizationId: '00000000-0000-4000-8000-000000000001',
     customerId: `cus_${prefix}${i}`,
     eventName: 'temperature_readings' as const,
   }));

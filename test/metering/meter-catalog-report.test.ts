@@ -60,13 +60,14 @@ describe('an archived_meter error report', () => {
     const [held] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
       { value: 7, occurredAt: new Date() },
     ]);
-    await waitFor('the new key was held until the next refresh', async () => {
-      const { rows } = await sql<{ n: string }>`
-        SELECT count(*) AS n FROM pgboss.job
-         WHERE name = 'meter-delivery' AND state = 'created' AND start_after > now() + interval '1 minute'`.execute(
-        ctx.db,
-      );
-      return Number(rows[0]?.n) === 1;
+    // A named hold: the key row says so and no job waits for it (nothing runs while the meter is gone).
+    await waitFor('the new key was held by name', async () => {
+      const { rows } = await sql<{ hold: string | null; queued: number }>`
+        SELECT k.hold,
+               (SELECT count(*)::int FROM pgboss.job
+                 WHERE name = 'meter-delivery' AND state IN ('created', 'retry', 'active')) AS queued
+          FROM meter_delivery_keys k WHERE k.stripe_customer_id = ${org.customerId}`.execute(ctx.db);
+      return rows[0]?.hold === 'meter_missing' && rows[0].queued === 0;
     });
     expect(
       await ctx.db

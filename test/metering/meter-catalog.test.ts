@@ -40,15 +40,38 @@ describe('a worker started on an account without meters', () => {
     expect(res.status).toBe(201);
     await writeRows(ctx.db, ctx.boss, org, 'active_sensors', [{ value: 1, occurredAt: new Date() }]);
 
-    // The held jobs complete without claiming: wait until each key was held at least twice (two
-    // catalog refreshes apart), so the worker had every chance to send.
-    await waitFor('keys held twice', async () => {
+    // Each key's job completes without claiming and puts the key on a named hold: no job is queued
+    // for it again while the meter stays missing, however many catalog reads pass (no churn).
+    const heldJobs = async () => {
       const { rows } = await sql<{ n: string }>`
         SELECT count(*) AS n FROM pgboss.job
          WHERE name = 'meter-delivery' AND state = 'completed'
            AND output @> '{"kind": "meter_missing"}'`.execute(ctx.db);
-      return Number(rows[0]?.n) >= 4;
+      return Number(rows[0]?.n);
+    };
+    await waitFor('both keys held by name', async () => {
+      const { rows } = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM meter_delivery_keys WHERE hold = 'meter_missing'`.execute(ctx.db);
+      return rows[0]?.n === 2;
     });
+    const jobsWhenHeld = await heldJobs();
+    // Two catalog reads later (2 s apart here): not one more delivery job ran for the held keys.
+    const lastRead = async () =>
+      (
+        await ctx.db
+          .selectFrom('stripe_meter_catalog')
+          .select((eb) => eb.fn.max('checked_at').as('at'))
+          .executeTakeFirstOrThrow()
+      ).at;
+    for (let read = 0; read < 2; read++) {
+      const before = await lastRead();
+      await waitFor('a catalog read', async () => (await lastRead()) > before);
+    }
+    expect(await heldJobs()).toBe(jobsWhenHeld);
+    const { rows: waiting } = await sql<{ n: number }>`
+      SELECT count(*)::int AS n FROM pgboss.job
+       WHERE name = 'meter-delivery' AND state IN ('created', 'retry', 'active')`.execute(ctx.db);
+    expect(waiting[0]?.n).toBe(0);
     expect(emulator.events()).toEqual([]);
     expect(emulator.counters().calls).toBe(0);
     const held = await ctx.db

@@ -3,6 +3,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
+import { queueDeliveries } from '../../src/metering/outbox.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
@@ -102,6 +103,55 @@ describe('periodic sweep in the worker', () => {
       expect(check.duplicatesAccepted).toEqual([]);
       expect(check.valueMismatches).toEqual([]);
       expect(check.undelivered).toBe(0);
+    },
+  );
+});
+
+describe('the sweep behind many covered keys', () => {
+  sweepIt(
+    'reaches a stranded key however many older keys a queued job already covers (it used to take the 1,000 oldest first, then drop the covered ones)',
+    async ({ ctx }) => {
+      const org = await createOrganization(ctx.db);
+      const covered = Array.from({ length: 1_200 }, (_, i) => `cus_covered_${i}`);
+      const old = new Date(Date.now() - 3_600_000);
+      await ctx.db
+        .insertInto('meter_outbox')
+        .values(
+          covered.map((customer) => ({
+            organization_id: org.organizationId,
+            event_name: 'temperature_readings' as const,
+            stripe_customer_id: customer,
+            value: 1,
+            occurred_at: old,
+            created_at: old,
+          })),
+        )
+        .execute();
+      // Every one of them has its job queued (a held meter across many customers, a backlog).
+      await queueDeliveries(
+        ctx.boss,
+        covered.map((customerId) => ({
+          organizationId: org.organizationId,
+          customerId,
+          eventName: 'temperature_readings' as const,
+        })),
+      );
+      // The stranded key: younger than all of them, with no job.
+      await ctx.db
+        .insertInto('meter_outbox')
+        .values({
+          organization_id: org.organizationId,
+          event_name: 'temperature_readings',
+          stripe_customer_id: 'cus_stranded',
+          value: 1,
+          occurred_at: new Date(Date.now() - 600_000),
+          created_at: new Date(Date.now() - 600_000),
+        })
+        .execute();
+      const result = await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 60 });
+      expect(result.enqueued).toBe(1);
+      const jobs = await deliveryJobs(ctx);
+      expect(jobs.filter((j) => j.key === 'temperature_readings:cus_stranded')).toHaveLength(1);
     },
   );
 });

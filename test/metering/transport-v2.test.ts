@@ -4,6 +4,7 @@
 
 import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
 import { describe, expect } from 'vitest';
+import { meaningOf } from '../../src/metering/rules.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV2Transport, MAX_STREAM_EVENTS } from '../../src/metering/transport-v2.js';
 import { stripeTest } from '../support/test.js';
@@ -73,5 +74,45 @@ describe('v2 transport', () => {
     const failed = await transport.send([event('a'), event('b', 'cus_b')]);
     expect(failed.map((o) => o.kind === 'retryable' && o.reason)).toEqual(['server_error', 'server_error']);
     expect(emu.events().map((e) => e.identifier)).toEqual(['warm-up']);
+  });
+});
+
+describe('a whole v2 call refused', () => {
+  it('is every event’s answer only as the call’s: a "duplicate" or "expired" 400 of the call settles no event', async () => {
+    // A stream call Stripe refuses whole with wording that, for one v1 event, would mean "already
+    // billed" or "too old": said of a call of many customers' events, it says nothing of any one.
+    for (const message of [
+      'An event already exists with identifier mb_tr_1_x',
+      'Timestamp is too far in the past',
+    ]) {
+      const refusing = {
+        v2: {
+          billing: {
+            meterEventSession: {
+              create: async () => ({
+                authentication_token: 'tok',
+                expires_at: new Date(Date.now() + 15 * 60_000).toISOString(),
+              }),
+            },
+            meterEventStream: {
+              create: async () => {
+                throw Object.assign(new Error(message), {
+                  statusCode: 400,
+                  type: 'StripeInvalidRequestError',
+                });
+              },
+            },
+          },
+        },
+      } as unknown as Parameters<typeof createV2Transport>[0];
+      const outcomes = await createV2Transport(refusing).send([event('a'), event('b', 'cus_b')]);
+      expect(outcomes.map((o) => o.scope)).toEqual(['call', 'call']);
+      for (const outcome of outcomes) {
+        expect(meaningOf(outcome, { validating: true })).toMatchObject({
+          kind: 'retry',
+          reason: 'call_refused',
+        });
+      }
+    }
   });
 });

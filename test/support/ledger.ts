@@ -191,8 +191,8 @@ export async function loadLedger(
   };
 }
 
-export function formatReport(scenario: string, report: LedgerReport): string {
-  const head = `${scenario}: ledger ${report.ok ? 'OK' : 'VIOLATED'} — ${report.organizations} organizations, ${report.readingsStored} readings stored, ${report.readingsAccepted} accepted by Stripe`;
+export function formatReport(scenario: string, report: LedgerReport, destination = 'Stripe'): string {
+  const head = `${scenario}: ledger ${report.ok ? 'OK' : 'VIOLATED'} — ${report.organizations} organizations, ${report.readingsStored} readings stored, ${report.readingsAccepted} accepted by ${destination}`;
   return [
     head,
     ...report.violations.map((v) => `  ✗ org ${v.organizationId ?? '?'} ${v.kind}: ${v.message}`),

@@ -19,7 +19,7 @@ import {
   startStripeEmulator,
 } from '@meterbox/stripe-emulator';
 import { test as base } from 'vitest';
-import { createApp } from '../../src/api/app.js';
+import { type AppOptions, createApp } from '../../src/api/app.js';
 import type { Context, ContextOverrides } from '../../src/context.js';
 import { startWorker, type WorkerOptions, type WorkerRuntime } from '../../src/worker/start.js';
 import { openTestContext, provisionTestDatabase } from './database.js';
@@ -36,6 +36,8 @@ export interface ContextOptions {
   overrides?: ContextOverrides;
   /** Start pg-boss, as a request handler that enqueues deliveries needs (default true). */
   startBoss?: boolean;
+  /** What createApp takes for the file's `app` (a test seam such as an ingestion group gate). */
+  app?: AppOptions;
 }
 
 /** Signs in to the dashboard with the context's ADMIN_TOKEN; resolves to the session cookie. */
@@ -111,7 +113,7 @@ export function contextTest(options: ContextOptions = {}) {
         if (options.startBoss !== false) await ctx.boss.start();
         return ctx;
       })
-      .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
+      .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx, [], options.app))
       .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
       .extend('startProcess', { scope: 'file' }, async ({ env }, { onCleanup }) =>
         processStarter(env, onCleanup),
@@ -198,7 +200,7 @@ export function stripeTest(options: StripeTestOptions = {}) {
         return contexts;
       })
       .extend('ctx', { scope: 'file' }, async ({ contexts }) => contexts[0] as Context)
-      .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx))
+      .extend('app', { scope: 'file' }, async ({ ctx }) => createApp(ctx, [], options.app))
       .extend('login', { scope: 'file' }, async ({ ctx, app }) => dashboardLogin(ctx, app))
       .extend('startProcess', { scope: 'file' }, async ({ env }, { onCleanup }) =>
         processStarter(env, onCleanup),

@@ -76,6 +76,11 @@ export interface LoadResult {
   latenciesMs: number[];
   /** What went wrong, a line per failed request (network error or 5xx), at most 20: for messages. */
   failures: string[];
+  /**
+   * Every request in order of its start: when it started (ms since the load began), how long it
+   * took, its status (0: no HTTP answer) and its Retry-After header.
+   */
+  timeline: { at: number; ms: number; status: number; retryAfter: string | null }[];
 }
 
 /**
@@ -97,11 +102,13 @@ export async function driveLoad(options: {
     networkErrors: 0,
     latenciesMs: [],
     failures: [],
+    timeline: [],
   };
   const failed = (line: string) => {
     if (result.failures.length < 20) result.failures.push(line);
   };
   const base = Date.now();
+  const begun = performance.now();
   let seq = 0;
   const loop = async (lane: number) => {
     for (let i = lane; !options.until(); i += options.concurrency) {
@@ -124,10 +131,22 @@ export async function driveLoad(options: {
         const text = await res.text();
         if (res.status >= 500) failed(`${target}: ${res.status} ${text.slice(0, 200)}`);
         result.latenciesMs.push(performance.now() - started);
+        result.timeline.push({
+          at: started - begun,
+          ms: performance.now() - started,
+          status: res.status,
+          retryAfter: res.headers.get('retry-after'),
+        });
         result.statuses[res.status] = (result.statuses[res.status] ?? 0) + 1;
         if (res.status === 201) result.readingsSent += readings.length;
       } catch (err) {
         result.networkErrors++;
+        result.timeline.push({
+          at: started - begun,
+          ms: performance.now() - started,
+          status: 0,
+          retryAfter: null,
+        });
         const cause = err instanceof Error ? err.cause : undefined;
         failed(
           `${target}: no answer after ${Math.round(performance.now() - started)} ms: ${String(err)}` +
@@ -154,6 +173,69 @@ export function loadFailures(result: LoadResult, apis: readonly ApiProcess[]): s
       .map((line) => `${api.url} logged: ${line.slice(0, 600)}`),
   );
   return [...result.failures, ...logged].join('\n');
+}
+
+/**
+ * The longest stretch during which every request that started failed (no answer or 5xx): from the
+ * first such request's start to the end of the last one before a request succeeded again (ms).
+ */
+export function longestFailureWindow(timeline: LoadResult['timeline']): number {
+  const ordered = [...timeline].sort((a, b) => a.at - b.at);
+  let longest = 0;
+  let from: number | undefined;
+  let to = 0;
+  for (const r of ordered) {
+    if (r.status === 0 || r.status >= 500) {
+      from ??= r.at;
+      to = Math.max(to, r.at + r.ms);
+      longest = Math.max(longest, to - from);
+    } else from = undefined;
+  }
+  return Math.round(longest);
+}
+
+function percentile(values: number[], p: number): number {
+  if (values.length === 0) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!);
+}
+
+/** What the requests that started within [from, to) (ms since the load began) saw. */
+export function loadPhase(timeline: LoadResult['timeline'], from: number, to: number) {
+  const within = timeline.filter((r) => r.at >= from && r.at < to);
+  const statuses: Record<number, number> = {};
+  for (const r of within) statuses[r.status] = (statuses[r.status] ?? 0) + 1;
+  const ms = within.map((r) => r.ms);
+  return {
+    ms: Math.round(to - from),
+    requests: within.length,
+    statuses,
+    p50: percentile(ms, 50),
+    p99: percentile(ms, 99),
+    max: percentile(ms, 100),
+    failureWindowMs: longestFailureWindow(within),
+  };
+}
+
+/**
+ * How often a process logged `msg` (every warning and error when not given), by the logged error's
+ * message: what a retried failure was, for a test's printout.
+ */
+export function loggedErrors(output: string, msg?: string): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const line of output.split('\n')) {
+    if (!line.startsWith('{') || (msg !== undefined && !line.includes(msg))) continue;
+    try {
+      const entry = JSON.parse(line) as { level?: number; msg?: string; err?: { message?: string } };
+      if (msg === undefined ? (entry.level ?? 0) < 40 : entry.msg !== msg) continue;
+      const message =
+        `${msg === undefined ? `${entry.msg}: ` : ''}${entry.err?.message ?? '(no error)'}`.slice(0, 200);
+      counts[message] = (counts[message] ?? 0) + 1;
+    } catch {
+      // not a log line
+    }
+  }
+  return counts;
 }
 
 /** Answers of 500 and above. */

@@ -42,6 +42,11 @@ export const faultsSchema = z
     dropUnsampled: z.number().int().min(0).max(1_000_000).default(0),
     /** Outcomes used in order for the next calls, before the rates apply. */
     script: z.array(z.enum([...FAULT_KINDS, 'none'])).default([]),
+    /**
+     * v1 meter events of these customers are answered 500 before anything is recorded, every time (a
+     * customer Stripe keeps refusing while the others go through). Drawn from no PRNG.
+     */
+    failCustomers: z.array(z.string()).default([]),
   })
   .refine(
     (f) =>

@@ -26,6 +26,7 @@ import {
   type RecordedEvent,
   stripeId,
   type Totals,
+  toCustomer,
 } from './state.js';
 
 export type Log = (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void;
@@ -122,16 +123,15 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
 
   const createCustomer = (input: CreateCustomerInput, livemode = false): Customer => {
     const id = input.id ?? stripeId('cus');
-    const customer: Customer = {
+    const customer: Customer = toCustomer({
       id,
-      object: 'customer',
       created: Math.floor(clock() / 1000),
       email: input.email ?? null,
       name: input.name ?? null,
       description: input.description ?? null,
       metadata: { ...(input.metadata ?? {}) },
       livemode,
-    };
+    });
     state.customers.set(id, customer);
     changed();
     return customer;

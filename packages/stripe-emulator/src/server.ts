@@ -40,6 +40,8 @@ export interface StripeEmulator {
   events(filter?: EventFilter): RecordedEvent[];
   totals(filter?: Omit<EventFilter, 'via'>): Totals[];
   counters(): Counters;
+  /** v1 calls each identifier got, whatever their answer (faults included). */
+  attempts(): Record<string, number>;
   concurrency(): ConcurrencyPeak[];
   /** v2 stream events rejected after the call was accepted (what Stripe reports in error reports). */
   asyncErrors(): AsyncError[];
@@ -120,6 +122,7 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     stop,
     setFaults: (f, seed) => faults.set(f, seed),
     faults: () => faults.current,
+    attempts: () => state.attemptsByIdentifier(),
     events: (filter) => rt.filterEvents(filter).map((e) => ({ ...e, payload: { ...e.payload } })),
     totals: rt.filterTotals,
     counters: () => ({ ...state.counters }),

@@ -35,6 +35,8 @@ export interface Meter extends MeterDefinition {
 export interface WebhookEndpoint {
   id: string;
   object: 'webhook_endpoint';
+  /** The Connect application that created the endpoint; null for an account's own. */
+  application: string | null;
   url: string;
   enabled_events: string[];
   secret: string;
@@ -46,15 +48,89 @@ export interface WebhookEndpoint {
   livemode: boolean;
 }
 
+/** Stripe's customer object, every field its published fixture has (test/stripe-objects.test.ts). */
 export interface Customer {
   id: string;
   object: 'customer';
+  address: StripeAddress | null;
+  balance: number;
   created: number;
-  email: string | null;
-  name: string | null;
+  /** Null until the customer's first invoice or balance sets it, as at Stripe. */
+  currency: string | null;
+  default_source: string | null;
+  delinquent: boolean;
   description: string | null;
-  metadata: Record<string, string>;
+  discount: null;
+  email: string | null;
+  invoice_prefix: string;
+  invoice_settings: {
+    custom_fields: null;
+    default_payment_method: string | null;
+    footer: string | null;
+    rendering_options: null;
+  };
   livemode: boolean;
+  metadata: Record<string, string>;
+  name: string | null;
+  next_invoice_sequence: number;
+  phone: string | null;
+  preferred_locales: string[];
+  shipping: null;
+  tax_exempt: 'none' | 'exempt' | 'reverse';
+  test_clock: string | null;
+}
+
+export interface StripeAddress {
+  city: string | null;
+  country: string | null;
+  line1: string | null;
+  line2: string | null;
+  postal_code: string | null;
+  state: string | null;
+}
+
+/**
+ * A customer with Stripe's defaults for everything not given: a new customer has no address,
+ * currency, discount or shipping, a zero balance, invoice sequence 1 and its own invoice prefix.
+ * Also fills customers read from persistence files written before these fields existed.
+ */
+export function toCustomer(fields: Partial<Customer> & Pick<Customer, 'id' | 'created'>): Customer {
+  return {
+    object: 'customer',
+    address: null,
+    balance: 0,
+    currency: null,
+    default_source: null,
+    delinquent: false,
+    description: null,
+    discount: null,
+    email: null,
+    invoice_prefix: invoicePrefix(),
+    invoice_settings: {
+      custom_fields: null,
+      default_payment_method: null,
+      footer: null,
+      rendering_options: null,
+    },
+    livemode: false,
+    metadata: {},
+    name: null,
+    next_invoice_sequence: 1,
+    phone: null,
+    preferred_locales: [],
+    shipping: null,
+    tax_exempt: 'none',
+    test_clock: null,
+    ...fields,
+  };
+}
+
+const PREFIX_CHARS = 'ABCDEF0123456789';
+/** Stripe's invoice prefixes are short upper-case strings unique to the customer (e.g. 7FE1103). */
+function invoicePrefix(): string {
+  let out = '';
+  for (const b of randomBytes(7)) out += PREFIX_CHARS[b % PREFIX_CHARS.length];
+  return out;
 }
 
 export interface RecordedEvent {
@@ -200,10 +276,11 @@ export interface EventDestination {
 
 export interface PersistedState {
   version: 1;
-  customers: Customer[];
+  /** Files written before the full customer object lack most fields: load fills Stripe's defaults. */
+  customers: Array<Partial<Customer> & Pick<Customer, 'id' | 'created'>>;
   /** Absent in files written before the meters API: the options' meters are kept then. */
   meters?: Meter[];
-  webhookEndpoints?: WebhookEndpoint[];
+  webhookEndpoints?: Array<Omit<WebhookEndpoint, 'application'> & { application?: string | null }>;
   eventDestinations?: EventDestination[];
   events: RecordedEvent[];
   counters: Counters;
@@ -287,6 +364,18 @@ export class EmulatorState {
     return false;
   }
 
+  /** v1 calls per identifier, whatever their answer (faults included): what a client sent. */
+  private attempts = new Map<string, number>();
+
+  countAttempt(identifier: string): void {
+    this.attempts.set(identifier, (this.attempts.get(identifier) ?? 0) + 1);
+  }
+
+  /** v1 calls each identifier got, whatever their answer. */
+  attemptsByIdentifier(): Record<string, number> {
+    return Object.fromEntries(this.attempts);
+  }
+
   /** Tracks calls in flight per customer+meter; returns false when one is already running. */
   tryEnter(customer: string, eventName: string, limit: number): boolean {
     const k = key(customer, eventName);
@@ -307,13 +396,14 @@ export class EmulatorState {
     else this.inFlight.set(k, running);
   }
 
-  /** Forgets events, identifiers, counters and peaks; meters and (unless asked) customers stay. */
+  /** Forgets events, identifiers, counters, attempts and peaks; meters and (unless asked) customers stay. */
   reset(options: { customers?: boolean } = {}): void {
     this.events = [];
     this.identifiers.clear();
     this.totals.clear();
     this.asyncErrors = [];
     this.counters = zeroCounters();
+    this.attempts.clear();
     this.peaks.clear();
     if (options.customers) this.customers.clear();
   }
@@ -332,13 +422,14 @@ export class EmulatorState {
 
   load(data: PersistedState): void {
     this.reset({ customers: true });
-    for (const c of data.customers) this.customers.set(c.id, c);
+    for (const c of data.customers) this.customers.set(c.id, toCustomer(c));
     if (data.meters) {
       this.meters.clear();
       for (const m of data.meters) this.meters.set(m.id, m);
     }
     this.webhookEndpoints.clear();
-    for (const w of data.webhookEndpoints ?? []) this.webhookEndpoints.set(w.id, w);
+    for (const w of data.webhookEndpoints ?? [])
+      this.webhookEndpoints.set(w.id, { ...w, application: w.application ?? null });
     this.eventDestinations.clear();
     for (const d of data.eventDestinations ?? []) this.eventDestinations.set(d.id, d);
     for (const e of data.events) this.record(e);

@@ -22,6 +22,21 @@ const event = (identifier: string) => ({
 });
 
 describe('each fault kind', () => {
+  it('refuses every v1 meter event of the customers in failCustomers with a 500, and counts each call by identifier', async () => {
+    const emu = await start({ faults: { failCustomers: ['cus_f'] } });
+    const stripe = sdk(emu);
+    for (let i = 0; i < 3; i++) {
+      const err = await rejection(() => stripe.billing.meterEvents.create(event('e-refused')));
+      expect(err.statusCode).toBe(500);
+    }
+    await stripe.billing.meterEvents.create({
+      ...event('e-other'),
+      payload: { stripe_customer_id: 'cus_other', value: '2' },
+    });
+    expect(emu.events().map((e) => e.identifier)).toEqual(['e-other']);
+    expect(emu.attempts()).toEqual({ 'e-refused': 3, 'e-other': 1 });
+  });
+
   it('answers 500 without recording anything at errorRate 1', async () => {
     const emu = await start({ faults: { errorRate: 1 } });
     const err = await rejection(() => sdk(emu).billing.meterEvents.create(event('e-1')));

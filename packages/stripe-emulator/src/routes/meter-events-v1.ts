@@ -1,7 +1,7 @@
 // POST /v1/billing/meter_events: Stripe's synchronous meter event, with its rules (identifier
 // dedupe, timestamp window, customer mapping), its account-wide rate, one concurrent call per
 // customer and meter, idempotency keys and the injected faults.
-import { rateLimited } from '../errors.js';
+import { internalError, rateLimited } from '../errors.js';
 import { postFault, preFault, replay } from '../fault-answers.js';
 import { parseForm } from '../form.js';
 import { type App, type Auth, fail, requireSecretKey } from '../http.js';
@@ -33,6 +33,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
       rt.clock(),
     );
     if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (typeof form.identifier === 'string') rt.state.countAttempt(form.identifier);
     const save = (r: SavedResponse) => (idem.kind === 'new' ? idem.save(r) : undefined);
     const customer = typeof form.payload === 'object' ? form.payload.stripe_customer_id : undefined;
     const eventName = form.event_name;
@@ -50,6 +51,11 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
       );
     }
     try {
+      if (slot && rt.faults.current.failCustomers.includes(slot.customer)) {
+        if (idem.kind === 'new') idem.release();
+        rt.state.counters.serverError += 1;
+        return fail(c, internalError());
+      }
       const decision = rt.faults.decide();
       const early = await preFault(rt, c, decision);
       if (early) return early;

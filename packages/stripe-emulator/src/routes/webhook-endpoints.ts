@@ -75,6 +75,7 @@ export function registerWebhookEndpointRoutes(app: App, rt: Runtime): void {
     const endpoint: WebhookEndpoint = {
       id: stripeId('we', 24),
       object: 'webhook_endpoint',
+      application: null,
       url,
       enabled_events: enabled,
       secret: stripeId('whsec', 32),

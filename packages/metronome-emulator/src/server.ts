@@ -1,0 +1,126 @@
+// The emulator's core: builds the runtime and the HTTP app, mounts the Metronome endpoints meterbox
+// uses (with Metronome's rules, limits and injected faults) and the control surface under
+// /_emulator, listens, and hands back the in-process handle that tests, dev mode, bench and chaos drive.
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { Hono } from 'hono';
+import { type BillableMetricView, billableMetricView } from './billable-metrics.js';
+import { type CustomerDetailView, createCustomer, customerDetailView } from './customers.js';
+import type { Faults, FaultsInput } from './faults.js';
+import { createApp } from './http.js';
+import {
+  type HourTotal,
+  hourTotals,
+  type InspectedEvent,
+  inspectDuplicates,
+  inspectEvents,
+  unmatchedEvents,
+} from './inspection.js';
+import type { CreateCustomerInput, EventFilter, MetronomeEmulatorOptions } from './options.js';
+import { registerBillableMetricRoutes } from './routes/billable-metrics.js';
+import { registerControlRoutes } from './routes/control.js';
+import { registerCustomerRoutes } from './routes/customers.js';
+import { registerIngestRoutes } from './routes/ingest.js';
+import { registerUsageRoutes } from './routes/usage.js';
+import { createRuntime } from './runtime.js';
+import { type BillableMetricDefinition, type Counters, toBillableMetric } from './state.js';
+
+export interface MetronomeEmulator {
+  /** The base URL: the SDK's `baseURL` option and meterbox's METRONOME_API_BASE. */
+  url: string;
+  port: number;
+  stop(): Promise<void>;
+  /** Replaces the fault settings (a seed restarts the PRNG) and returns them. */
+  setFaults(faults: FaultsInput, seed?: number): Faults;
+  faults(): Faults;
+  /** Accepted usage events (not duplicates), with the customer each resolves to now. */
+  events(filter?: EventFilter): InspectedEvent[];
+  /** Events ignored because their transaction_id was accepted within the last 34 days. */
+  duplicates(filter?: EventFilter): InspectedEvent[];
+  /** Accepted events whose customer_id no customer has as id or ingest alias (yet). */
+  unmatched(): InspectedEvent[];
+  /** Per customer, event type and UTC hour: event count and sums of numeric properties. */
+  totals(filter?: EventFilter): HourTotal[];
+  counters(): Counters;
+  customers(): CustomerDetailView[];
+  billableMetrics(): BillableMetricView[];
+  /** Creates a customer as POST /v1/customers would (aliases checked the same way). */
+  createCustomer(input: CreateCustomerInput): CustomerDetailView;
+  /** Creates a billable metric live from now on, as POST /v1/billable-metrics/create would. */
+  createBillableMetric(definition: BillableMetricDefinition): BillableMetricView;
+  /** Moves the emulator's clock: now = the configured clock + offsetMs. */
+  setClockOffset(offsetMs: number): void;
+  /** Forgets events, transaction ids, idempotency keys, counters; customers and metrics when asked. */
+  reset(options?: { customers?: boolean; billableMetrics?: boolean }): void;
+}
+
+export async function startMetronomeEmulator(
+  options: MetronomeEmulatorOptions = {},
+): Promise<MetronomeEmulator> {
+  const rt = createRuntime(options);
+  const { state, log } = rt;
+
+  const app = createApp(log);
+  // Every write a client makes to the Metronome API, so a test can see what a command changed.
+  app.use('/v1/*', async (c, next) => {
+    if (c.req.method !== 'GET') state.counters.writes += 1;
+    await next();
+  });
+  registerIngestRoutes(app, rt);
+  registerUsageRoutes(app, rt);
+  registerCustomerRoutes(app, rt);
+  registerBillableMetricRoutes(app, rt);
+  const control = new Hono();
+  registerControlRoutes(control, rt);
+  app.route('/_emulator', control);
+
+  const host = options.host ?? '127.0.0.1';
+  const server = await new Promise<ReturnType<typeof serve>>((resolve, reject) => {
+    const s = serve({ fetch: app.fetch, port: options.port ?? 0, hostname: host }, () => resolve(s));
+    s.once('error', reject);
+  });
+  const address = server.address() as AddressInfo;
+  const url = `http://${address.address.includes(':') ? `[${address.address}]` : address.address}:${address.port}`;
+  log('info', 'metronome emulator listening', { url });
+
+  let stopping: Promise<void> | undefined;
+  const stop = () => {
+    stopping ??= (async () => {
+      rt.markStopped();
+      for (const wake of [...rt.wakers]) wake();
+      await new Promise<void>((done) => {
+        server.close(() => done());
+        if ('closeIdleConnections' in server) server.closeIdleConnections();
+        const force = setTimeout(() => {
+          if ('closeAllConnections' in server) server.closeAllConnections();
+        }, 1000);
+        force.unref();
+      });
+      log('info', 'metronome emulator stopped');
+    })();
+    return stopping;
+  };
+
+  return {
+    url,
+    port: address.port,
+    stop,
+    setFaults: (f, seed) => rt.faults.set(f, seed),
+    faults: () => rt.faults.current,
+    events: (filter) => inspectEvents(state, filter),
+    duplicates: (filter) => inspectDuplicates(state, filter),
+    unmatched: () => unmatchedEvents(state),
+    totals: (filter) => hourTotals(state, filter),
+    counters: () => structuredClone(state.counters),
+    customers: () => [...state.customers.values()].map(customerDetailView),
+    billableMetrics: () => [...state.metrics.values()].map(billableMetricView),
+    createCustomer: (input) => customerDetailView(createCustomer(state, input, rt.clock())),
+    createBillableMetric: (definition) => {
+      const metric = toBillableMetric(definition, rt.clock());
+      state.metrics.set(metric.id, metric);
+      return billableMetricView(metric);
+    },
+    setClockOffset: (ms) => rt.setClockOffset(ms),
+    reset: rt.reset,
+  };
+}

@@ -1,0 +1,368 @@
+// npm run bench -- --citus [--quick] [--customers N] [--rounds N] [--latency MS] [--out bench-results/citus.json]
+// Delivery events/s with one and with two worker processes (the production bundle), on a Citus cluster
+// (a coordinator and two workers, citus.shard_count 4: the cluster suite's set-up, scripts/lib/citus.ts)
+// and, in the same run, on one node (a plain PostgreSQL server from the same binaries with the same
+// settings). Each run drains the same preloaded backlog: every billable customer has one pending
+// reading row and its delivery job, and the workers' start-up active_sensors report adds one event per
+// customer; the Stripe emulator answers each call after 0 to --latency ms, with no account limit and
+// the workers' budget out of the way (--in-flight N: each worker process keeps at most N calls in
+// flight, so one process alone is bound by Stripe's latency, as a worker on a machine of its own is).
+// Events/s: meter events Stripe received, first to last; with each run, the lock waits sampled on every
+// node and how busy the machine's cores were, which tell waiting on each other from waiting for CPU.
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { startStripeEmulator } from '@meterbox/stripe-emulator';
+import pg from 'pg';
+import { PgBoss } from 'pg-boss';
+import { loadConfig } from '../../src/config.js';
+import { distributeTables } from '../../src/db/citus.js';
+import { createLogger } from '../../src/log.js';
+import { queueDeliveries } from '../../src/metering/outbox.js';
+import { migrate } from '../../src/migrations.js';
+import { type CitusCluster, citusInstalled, startCitusCluster } from '../lib/citus.js';
+import { pollUntil } from '../lib/poll.js';
+import {
+  buildEntries,
+  cpuSeconds,
+  loadAverage,
+  type Proc,
+  ROOT,
+  seedOrgs,
+  startWorkerProcess,
+} from './harness.js';
+
+const { values: args } = parseArgs({
+  options: {
+    citus: { type: 'boolean', default: true },
+    quick: { type: 'boolean', default: false },
+    customers: { type: 'string' },
+    rounds: { type: 'string' },
+    latency: { type: 'string' },
+    // Calls in flight per worker process (DELIVERY_MAX_IN_FLIGHT; default the setting's own, 800).
+    'in-flight': { type: 'string' },
+    out: { type: 'string' },
+  },
+});
+const quick = args.quick ?? false;
+const CUSTOMERS = Number(args.customers ?? (quick ? 500 : 2_000));
+const ROUNDS = Number(args.rounds ?? (quick ? 1 : 2));
+const LATENCY_MS = Number(args.latency ?? 100);
+const IN_FLIGHT = args['in-flight'];
+const DRAIN_CAP_MS = 300_000;
+
+const log = (line: string) => console.log(`[bench citus] ${line}`);
+const round = (x: number, digits = 0) => Math.round(x * 10 ** digits) / 10 ** digits;
+
+interface Target {
+  name: 'one node' | 'cluster';
+  url: string;
+  /** Every node's meterbox database (the coordinator's and, on the cluster, each worker's). */
+  nodes: string[];
+}
+
+interface RunResult {
+  target: Target['name'];
+  workers: number;
+  round: number;
+  events: number;
+  seconds: number;
+  eventsPerSecond: number;
+  calls: number;
+  /** Sessions waiting for a lock, sampled every 100 ms on every node: samples with any, and the most at once. */
+  lockWaits: { samplesWithWaits: number; samples: number; most: number; by: Record<string, number> };
+  /** Share of the machine's CPU time that was busy during the run (all cores, every process). */
+  machineBusy: number;
+  /** CPU seconds per wall second of each worker process, from its start-up to the drain. */
+  workerCpu: number[];
+  loadAverageBefore: number[];
+  loadAverageAfter: number[];
+}
+
+/** A target database: migrated, on the cluster distributed, with CUSTOMERS billable organizations. */
+async function prepare(target: Target): Promise<void> {
+  await migrate(target.url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
+  if (target.name === 'cluster') {
+    const client = new pg.Client({ connectionString: target.url });
+    await client.connect();
+    try {
+      await distributeTables(client);
+    } finally {
+      await client.end();
+    }
+  }
+  const pool = new pg.Pool({ connectionString: target.url, max: 2 });
+  try {
+    await seedOrgs(pool, CUSTOMERS, 1, 'citus');
+  } finally {
+    await pool.end();
+  }
+}
+
+/**
+ * The same backlog before every run: one pending row and one queued job per customer, every key's row
+ * free, nothing else.
+ */
+async function resetBacklog(url: string): Promise<void> {
+  const pool = new pg.Pool({ connectionString: url, max: 2 });
+  try {
+    await pool.query('TRUNCATE meter_outbox, meter_delivery_keys CASCADE');
+    await pool.query(`DELETE FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-dead',
+                        'active-sensors-report', 'outbox-sweep')`);
+    await pool.query(
+      `INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+       SELECT organization_id, 'temperature_readings', stripe_customer_id, 1, now() - interval '1 minute',
+              now() - interval '1 hour'
+         FROM subscriptions WHERE stripe_customer_id IS NOT NULL`,
+    );
+    // Every key has its row, as in a system that has run for a while (a key's first claim on Citus
+    // inserts it first: delivery-sql.ts claimBatch).
+    await pool.query(
+      `INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)
+       SELECT organization_id, stripe_customer_id, m.event_name, 'stripe'
+         FROM subscriptions, (VALUES ('temperature_readings'), ('active_sensors')) AS m(event_name)
+        WHERE stripe_customer_id IS NOT NULL`,
+    );
+    const { rows } = await pool.query<{ organization_id: string; stripe_customer_id: string }>(
+      `SELECT organization_id, stripe_customer_id FROM subscriptions WHERE stripe_customer_id IS NOT NULL`,
+    );
+    const boss = new PgBoss({
+      connectionString: url,
+      max: 2,
+      supervise: false,
+      schedule: false,
+      migrate: false,
+    });
+    await boss.start();
+    try {
+      for (let i = 0; i < rows.length; i += 1_000) {
+        await queueDeliveries(
+          boss,
+          rows.slice(i, i + 1_000).map((r) => ({
+            organizationId: r.organization_id,
+            customerId: r.stripe_customer_id,
+            eventName: 'temperature_readings' as const,
+          })),
+        );
+      }
+    } finally {
+      await boss.stop({ graceful: false, close: true });
+    }
+  } finally {
+    await pool.end();
+  }
+}
+
+async function pendingRows(url: string): Promise<number> {
+  const pool = new pg.Pool({ connectionString: url, max: 1 });
+  try {
+    const { rows } = await pool.query<{ n: string }>(
+      `SELECT count(*)::text AS n FROM meter_outbox WHERE status = 'pending'`,
+    );
+    return Number(rows[0]?.n ?? 0);
+  } finally {
+    await pool.end();
+  }
+}
+
+async function run(target: Target, workers: number, r: number, workerEntry: string): Promise<RunResult> {
+  await resetBacklog(target.url);
+  const emulator = await startStripeEmulator({
+    port: 0,
+    faults: { latencyMs: 0, jitterMs: LATENCY_MS },
+    ratePerSecond: 1_000_000,
+    streamRatePerSecond: 1_000_000,
+  });
+  const procs: Proc[] = [];
+  const loadAverageBefore = loadAverage();
+  const sampler = startLockWaitSampler(target.nodes);
+  const cpuBefore = machineCpu();
+  let started = 0;
+  try {
+    const env = {
+      DATABASE_URL: target.url,
+      LOG_LEVEL: 'warn',
+      STRIPE_SECRET_KEY: 'sk_live_bench_citus',
+      STRIPE_API_BASE: emulator.url,
+      DELIVERY_TRANSPORT: 'v1',
+      STRIPE_MAX_CALLS_PER_SECOND: '100000',
+      ...(IN_FLIGHT ? { DELIVERY_MAX_IN_FLIGHT: IN_FLIGHT } : {}),
+    };
+    procs.push(
+      ...(await Promise.all(
+        Array.from({ length: workers }, (_, i) => startWorkerProcess(env, `worker${i + 1}`, workerEntry)),
+      )),
+    );
+    started = performance.now();
+    const cpuAtStart = procs.map((p) => cpuSeconds(p.pid));
+    const usage = () => emulator.events().filter((e) => e.event_name === 'temperature_readings').length;
+    const drained = await pollUntil(
+      async () => usage() >= CUSTOMERS && (await pendingRows(target.url)) === 0,
+      DRAIN_CAP_MS,
+      250,
+    );
+    if (!drained) throw new Error(`${target.name}, ${workers} worker(s): not drained in ${DRAIN_CAP_MS} ms`);
+    const received = emulator.events().map((e) => e.receivedAt);
+    const ms = Math.max(1, Math.max(...received) - Math.min(...received));
+    const wall = (performance.now() - started) / 1000;
+    const workerCpu = procs.map((p, i) => round((cpuSeconds(p.pid) - (cpuAtStart[i] ?? 0)) / wall, 2));
+    const cpuAfter = machineCpu();
+    const lockWaits = await sampler.stop();
+    const result: RunResult = {
+      target: target.name,
+      workers,
+      round: r,
+      events: received.length,
+      seconds: round(ms / 1000, 1),
+      eventsPerSecond: round(received.length / (ms / 1000)),
+      calls: emulator.counters().calls,
+      lockWaits,
+      machineBusy: round(
+        1 - (cpuAfter.idle - cpuBefore.idle) / Math.max(1, cpuAfter.total - cpuBefore.total),
+        2,
+      ),
+      workerCpu,
+      loadAverageBefore,
+      loadAverageAfter: loadAverage(),
+    };
+    log(
+      `${target.name}, ${workers} worker process(es), round ${r}: ${result.events} events in ${result.seconds} s = ${result.eventsPerSecond} events/s; lock waits in ${lockWaits.samplesWithWaits} of ${lockWaits.samples} samples (most at once ${lockWaits.most}${
+        Object.keys(lockWaits.by).length > 0 ? `: ${JSON.stringify(lockWaits.by)}` : ''
+      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
+    );
+    return result;
+  } finally {
+    await sampler.stop();
+    await Promise.all(procs.map((p) => p.stop('SIGTERM', 20_000).catch(() => undefined)));
+    await emulator.stop();
+  }
+}
+
+/** The machine's CPU time so far (/proc/stat, every core): total and idle jiffies. */
+function machineCpu(): { total: number; idle: number } {
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  return { total: fields.reduce((a, b) => a + b, 0), idle: (fields[3] ?? 0) + (fields[4] ?? 0) };
+}
+
+/**
+ * Samples every 100 ms, on every node, the sessions of meterbox's database waiting for a heavyweight
+ * lock (a row, a table, an advisory lock): whether the workers wait on each other.
+ */
+function startLockWaitSampler(nodes: readonly string[]) {
+  const pools = nodes.map((url) => new pg.Pool({ connectionString: url, max: 1 }));
+  const counts = { samplesWithWaits: 0, samples: 0, most: 0, by: {} as Record<string, number> };
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      const waiting = await Promise.all(
+        pools.map((p) =>
+          p
+            .query<{ what: string }>(
+              `SELECT wait_event || ': ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS what
+                 FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'`,
+            )
+            .then((r) => r.rows.map((x) => x.what))
+            .catch(() => [] as string[]),
+        ),
+      );
+      const all = waiting.flat();
+      for (const what of all) counts.by[what] = (counts.by[what] ?? 0) + 1;
+      const n = all.length;
+      counts.samples++;
+      if (n > 0) counts.samplesWithWaits++;
+      counts.most = Math.max(counts.most, n);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  let stopped: Promise<typeof counts> | undefined;
+  return {
+    stop: () => {
+      stopped ??= (async () => {
+        running = false;
+        await loop;
+        await Promise.all(pools.map((p) => p.end()));
+        return { ...counts, by: { ...counts.by } };
+      })();
+      return stopped;
+    },
+  };
+}
+
+export async function runCitusBench(): Promise<number> {
+  if (!citusInstalled()) {
+    console.error('Citus is not installed on this machine: bash ../shared/vendor/citus/build.sh');
+    return 1;
+  }
+  const outdir = join(ROOT, '.bench', 'citus-build');
+  rmSync(outdir, { recursive: true, force: true });
+  const entries = await buildEntries(['src/bin/worker.ts'], outdir);
+  const workerEntry = entries['src/bin/worker.ts']!;
+  log(`${CUSTOMERS} customers, ${ROUNDS} round(s), Stripe latency 0-${LATENCY_MS} ms; starting the servers`);
+  const clusters: CitusCluster[] = [];
+  const results: RunResult[] = [];
+  try {
+    const [cluster, single] = await Promise.all([
+      startCitusCluster(2),
+      startCitusCluster(0, { plainCoordinator: true }),
+    ]);
+    clusters.push(cluster, single);
+    const targets: Target[] = [
+      { name: 'one node', url: single.coordinator.url, nodes: [single.coordinator.url] },
+      {
+        name: 'cluster',
+        url: cluster.coordinator.url,
+        nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
+      },
+    ];
+    for (const target of targets) {
+      const started = Date.now();
+      await prepare(target);
+      log(
+        `${target.name}: migrated, ${CUSTOMERS} organizations in ${round((Date.now() - started) / 1000, 1)} s`,
+      );
+    }
+    for (let r = 1; r <= ROUNDS; r++) {
+      // Alternate which goes first, so a drift of the shared machine's load favours neither.
+      const order = r % 2 === 1 ? [1, 2] : [2, 1];
+      for (const target of targets)
+        for (const workers of order) results.push(await run(target, workers, r, workerEntry));
+    }
+  } finally {
+    await Promise.all(clusters.map((c) => c.stop().catch(() => undefined)));
+  }
+  const summary = (['one node', 'cluster'] as const).map((target) => {
+    const mean = (workers: number) => {
+      const own = results.filter((x) => x.target === target && x.workers === workers);
+      return round(own.reduce((s, x) => s + x.eventsPerSecond, 0) / Math.max(1, own.length));
+    };
+    const one = mean(1);
+    const two = mean(2);
+    return { target, oneWorker: one, twoWorkers: two, scaling: round(two / Math.max(1, one), 2) };
+  });
+  console.log('\n| target | 1 worker process | 2 worker processes | 2 / 1 |\n|---|---|---|---|');
+  for (const s of summary)
+    console.log(`| ${s.target} | ${s.oneWorker} events/s | ${s.twoWorkers} events/s | ${s.scaling}× |`);
+  const out = resolve(args.out ?? join(ROOT, 'bench-results', 'citus.json'));
+  mkdirSync(resolve(out, '..'), { recursive: true });
+  writeFileSync(
+    out,
+    `${JSON.stringify(
+      {
+        at: new Date().toISOString(),
+        machine: { cpus: cpus().length, memoryGb: round(totalmem() / 2 ** 30, 1) },
+        customers: CUSTOMERS,
+        rounds: ROUNDS,
+        stripeLatencyMs: `0-${LATENCY_MS}`,
+        deliveryMaxInFlight: IN_FLIGHT ?? 'default',
+        summary,
+        runs: results,
+      },
+      null,
+      2,
+    )}\n`,
+  );
+  log(`written to ${out}`);
+  return 0;
+}

@@ -1,0 +1,674 @@
+// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios]
+//                           [--api-cpu-prof] [--load-seconds N] [--out bench-results/x.json]
+// Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
+// and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
+// the load starting the moment the worker is spawned, so it runs through the worker's start-up
+// active_sensors report; the in-process Stripe emulator answers every call in 0-500 ms and enforces
+// the account's limit. Per scenario it records where the time goes: CPU of the API, the worker,
+// Postgres, this process (load generator and emulator) and everything else on the machine; wait
+// events of the API's and the worker's sessions (pg_stat_activity every 50 ms); pg_stat_statements per
+// process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
+// ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
+// against the API, single readings and batches of 500, in alternating slices of one run.
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import pg from 'pg';
+import { pollUntil } from '../lib/poll.js';
+import { seededRandom } from '../lib/random.js';
+import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
+import {
+  benchRole,
+  buildEntries,
+  type Cluster,
+  closedLoop,
+  clusterPids,
+  cpuSeconds,
+  freshDatabase,
+  HttpClient,
+  latencySummary,
+  loadAverage,
+  machine,
+  type Org,
+  openDatabase,
+  pendingOutbox,
+  ReadingSource,
+  ROOT,
+  seedOrgs,
+  sleep,
+  startApi,
+  startCluster,
+  startProcess,
+} from './harness.js';
+
+interface Scenario {
+  id: string;
+  name: string;
+  customers: number;
+  transport: 'v1' | 'v2';
+  /** The emulator's account-wide limit: calls/s (v1) or requests/s (v2). */
+  limit: number;
+  /** Live key (budget default 800/s) or test key (default 25/s). */
+  live: boolean;
+  rate: number;
+  /** Keep the load on until the start-up report is at Stripe (the report scenario). */
+  loadThroughReport?: boolean;
+  goals: { p50Ms?: number; p99Ms?: number; levelS?: number; kept?: number; reportS?: number };
+}
+
+const SCENARIOS: Scenario[] = [
+  {
+    id: 'v1-150',
+    name: '10k customers x 150 req/s, v1, live (budget 800/s)',
+    customers: 10_000,
+    transport: 'v1',
+    limit: 1000,
+    live: true,
+    rate: 150,
+    goals: { p50Ms: 20, p99Ms: 100, levelS: 5 },
+  },
+  {
+    id: 'v2sandbox-150',
+    name: '10k customers x 150 req/s, v2, sandbox (25 requests/s)',
+    customers: 10_000,
+    transport: 'v2',
+    limit: 25,
+    live: false,
+    rate: 150,
+    goals: { p50Ms: 20, p99Ms: 100, levelS: 5 },
+  },
+  {
+    id: 'v2live-600',
+    name: '10k customers x 600 req/s, v2, live',
+    customers: 10_000,
+    transport: 'v2',
+    limit: 1000,
+    live: true,
+    rate: 600,
+    goals: { kept: 0.95, p99Ms: 250, levelS: 10 },
+  },
+  {
+    id: 'report-100k',
+    name: '100k organizations: start-up report on v2 live, 150 req/s meanwhile',
+    customers: 100_000,
+    transport: 'v2',
+    limit: 1000,
+    live: true,
+    rate: 150,
+    loadThroughReport: true,
+    goals: { reportS: 30, p99Ms: 100 },
+  },
+];
+
+const { values: args } = parseArgs({
+  options: {
+    ingest: { type: 'boolean', default: true },
+    quick: { type: 'boolean', default: false },
+    only: { type: 'string' },
+    out: { type: 'string' },
+    'load-seconds': { type: 'string' },
+    // The API under --cpu-prof; its profile summarized by area and function into the JSON.
+    'api-cpu-prof': { type: 'boolean', default: false },
+    // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
+    'ratio-clients': { type: 'string', default: '64' },
+  },
+});
+const quick = args.quick ?? false;
+const LOAD_MS = Number(args['load-seconds'] ?? (quick ? 20 : 60)) * 1000;
+const MAX_IN_FLIGHT = 64;
+const DRAIN_CAP_MS = quick ? 30_000 : 120_000;
+const REPORT_CAP_MS = 180_000;
+const API_ROLE = 'meterbox_bench_api';
+const WORKER_ROLE = 'meterbox_bench_worker';
+const only = args.only?.split(',').map((x) => x.trim());
+const want = (id: string) => !only || only.includes(id);
+
+const log = (msg: string) => console.error(`[bench:ingest ${new Date().toISOString().slice(11, 19)}] ${msg}`);
+const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
+const random = seededRandom();
+log(`random seed ${random.seed}`);
+
+// ---------------------------------------------------------------- CPU of each party
+
+/** Busy and total jiffies of the whole machine (every process, ours and everyone else's). */
+function machineTicks(): { busy: number; all: number } {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  return { busy: f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!, all: f.reduce((a, b) => a + b, 0) };
+}
+
+interface CpuSnapshot {
+  at: number;
+  api: number;
+  worker: number;
+  postgres: Map<number, number>;
+  self: NodeJS.CpuUsage;
+  machine: { busy: number; all: number };
+}
+
+function snapshot(apiPid: number, workerPid: number, dataDir: string): CpuSnapshot {
+  return {
+    at: performance.now(),
+    api: cpuSeconds(apiPid),
+    worker: workerPid > 0 ? cpuSeconds(workerPid) : 0,
+    postgres: new Map(clusterPids(dataDir).map((pid) => [pid, cpuSeconds(pid)])),
+    self: process.cpuUsage(),
+    machine: machineTicks(),
+  };
+}
+
+/** Cores each party kept busy between two snapshots; `others` is the rest of the machine. */
+function cpuSplit(a: CpuSnapshot, b: CpuSnapshot) {
+  const seconds = (b.at - a.at) / 1000;
+  let postgres = 0;
+  for (const [pid, s] of b.postgres) postgres += s - (a.postgres.get(pid) ?? 0);
+  const self = (b.self.user - a.self.user + b.self.system - a.self.system) / 1e6;
+  const ticks = (b.machine.busy - a.machine.busy) / 100;
+  const cores = (x: number) => round(x / seconds, 2);
+  const api = b.api - a.api;
+  const worker = b.worker - a.worker;
+  return {
+    seconds: round(seconds, 1),
+    cores: {
+      api: cores(api),
+      worker: cores(worker),
+      postgres: cores(postgres),
+      loadGeneratorAndEmulator: cores(self),
+      others: cores(Math.max(0, ticks - api - worker - postgres - self)),
+      machine: cores(ticks),
+    },
+  };
+}
+
+// ---------------------------------------------------------------- Postgres: waits and statements
+
+/** Samples pg_stat_activity every 50 ms: what the API's and the worker's busy sessions wait on. */
+function waitSampler(pool: pg.Pool) {
+  const counts = new Map<string, number>();
+  let samples = 0;
+  const timer = setInterval(() => {
+    pool
+      .query<{ who: string; w: string; q: string }>(
+        `SELECT CASE usename WHEN '${API_ROLE}' THEN 'api' ELSE 'worker' END AS who,
+                coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
+                regexp_replace(left(query, 48), '\\s+', ' ', 'g') AS q
+           FROM pg_stat_activity
+          WHERE usename IN ('${API_ROLE}', '${WORKER_ROLE}') AND state NOT IN ('idle')
+            AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+      )
+      .then((r) => {
+        samples++;
+        for (const row of r.rows) {
+          const k = `${row.who} | ${row.w} | ${row.q}`;
+          counts.set(k, (counts.get(k) ?? 0) + 1);
+        }
+      })
+      .catch(() => {});
+  }, 50);
+  return {
+    stop() {
+      clearInterval(timer);
+      // Busy sessions per sample: 1.0 means one session was busy in that state the whole time.
+      return [...counts.entries()]
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, 20)
+        .map(([k, n]) => ({ sessions: round(n / Math.max(1, samples), 3), what: k }));
+    },
+  };
+}
+
+/** One role's statements since the last reset: totals and the costliest, with calls and rows. */
+async function statementsOf(pool: pg.Pool, role: string, per: number) {
+  const totals = await pool.query<{ calls: string | null; ms: number | null }>(
+    `SELECT sum(s.calls)::text AS calls, sum(s.total_exec_time + s.total_plan_time)::float8 AS ms
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = $1`,
+    [role],
+  );
+  const top = await pool.query<{ q: string; calls: string; rows: string; plan: number; exec: number }>(
+    `SELECT regexp_replace(left(s.query, 110), '\\s+', ' ', 'g') AS q, s.calls::text, s.rows::text,
+            s.total_plan_time AS plan, s.total_exec_time AS exec
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = $1
+      ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 12`,
+    [role],
+  );
+  const calls = Number(totals.rows[0]?.calls ?? 0);
+  const ms = Number(totals.rows[0]?.ms ?? 0);
+  return {
+    statements: calls,
+    perUnit: per ? round(calls / per, 3) : null,
+    msPerUnit: per ? round(ms / per, 3) : null,
+    totalMs: round(ms),
+    top: top.rows.map((x) => ({
+      calls: Number(x.calls),
+      rows: Number(x.rows),
+      planMs: round(x.plan),
+      execMs: round(x.exec),
+      meanMs: round((x.plan + x.exec) / Math.max(1, Number(x.calls)), 3),
+      query: x.q,
+    })),
+  };
+}
+
+function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
+  try {
+    const fresh = readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
+    return fresh.length ? summarizeCpuProfile(join(dir, fresh.sort().at(-1)!)) : null;
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------- one delivery scenario
+
+async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string, string>) {
+  log(`--- ${s.id}: ${s.name}`);
+  const url = await freshDatabase(cluster, 'ingest');
+  const h = openDatabase(url, 8);
+  const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
+  let emulator: StripeEmulator | undefined;
+  try {
+    await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    const apiUrl = await benchRole(h.pool, url, API_ROLE);
+    const workerUrl = await benchRole(h.pool, url, WORKER_ROLE);
+    const t0 = Date.now();
+    const orgs = await seedOrgs(h.pool, s.customers, 1, `i${randomBytes(2).toString('hex')}`);
+    log(`${orgs.length} billable customers seeded in ${round((Date.now() - t0) / 1000, 1)} s`);
+    emulator = await startStripeEmulator({
+      port: 0,
+      faults: { latencyMs: 0, jitterMs: 500 },
+      ratePerSecond: s.limit,
+      streamRatePerSecond: s.limit,
+    });
+    cleanup.push(() => emulator?.stop());
+    const env = {
+      LOG_LEVEL: 'warn',
+      STRIPE_SECRET_KEY: s.live ? 'sk_live_bench_ingest' : 'sk_test_bench_ingest',
+      STRIPE_API_BASE: emulator.url,
+      DELIVERY_TRANSPORT: s.transport,
+    };
+    const profDir = join(ROOT, 'bench-results', 'cpu-prof');
+    mkdirSync(profDir, { recursive: true });
+    const profilesBefore = new Set(readdirSync(profDir));
+    const api = await startApi(
+      {
+        ...env,
+        DATABASE_URL: apiUrl,
+        ...(args['api-cpu-prof'] ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profDir}` } : {}),
+      },
+      entries['src/bin/server.ts'],
+    );
+    cleanup.push(() => api.proc.stop());
+    const http = new HttpClient(api.url, MAX_IN_FLIGHT);
+    cleanup.push(() => http.close());
+    await h.pool.query('SELECT pg_stat_statements_reset()');
+
+    // The worker starts, and with it its start-up report; the load starts at the same moment.
+    const worker = startProcess(
+      entries['src/bin/worker.ts']!,
+      { ...env, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
+      'worker',
+    );
+    cleanup.push(() => worker.stop());
+    const cpu0 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
+    const waits = waitSampler(h.pool);
+    const loadStart = Date.now();
+    // The worker logs "worker started" after its start-up report: at 100,000 organizations that can
+    // be minutes on a loaded machine, so its absence is reported, not fatal.
+    let workerStartedMs: number | null = null;
+    const workerReady = worker
+      .waitForOutput('worker started', REPORT_CAP_MS)
+      .then(() => {
+        workerStartedMs = Date.now() - loadStart;
+      })
+      .catch(() => log('the worker did not log "worker started" within the cap'));
+
+    // The report: from the worker's spawn to the last active_sensors event at Stripe.
+    let reportDoneAt: number | null = null;
+    let reportRows = 0;
+    const reportWatch = (async () => {
+      const done = await pollUntil(
+        async () => {
+          const r = await h.pool.query<{ total: string; open: string }>(
+            `SELECT count(*) AS total,
+                    count(*) FILTER (WHERE status = 'pending' AND accepted_at IS NULL) AS open
+               FROM meter_outbox WHERE event_name = 'active_sensors'`,
+          );
+          reportRows = Number(r.rows[0]?.total ?? 0);
+          return reportRows >= s.customers && Number(r.rows[0]?.open ?? 1) === 0;
+        },
+        REPORT_CAP_MS,
+        // A count over every report row: at 100,000 rows, polled less often so the harness does not
+        // take its own share of the cores it measures.
+        s.customers > 10_000 ? 1000 : 250,
+      );
+      if (done) reportDoneAt = Date.now();
+    })().catch((err: unknown) => log(`report watch failed: ${String(err)}`));
+
+    const source = new ReadingSource();
+    const intervalMs = 1000 / s.rate;
+    let sent = 0;
+    let ok = 0;
+    let failed = 0;
+    let delayed = 0;
+    const requests: { at: number; ms: number }[] = [];
+    const inflight = new Set<Promise<void>>();
+    const readingsPerOrg = new Map<string, number>();
+    // The report scenario keeps the load on until the report is at Stripe (at least LOAD_MS).
+    const loadMs = () => (s.loadThroughReport && reportDoneAt === null ? REPORT_CAP_MS : LOAD_MS);
+    while (Date.now() - loadStart < loadMs()) {
+      const due = Math.floor((Date.now() - loadStart) / intervalMs);
+      while (sent < due && inflight.size < MAX_IN_FLIGHT) {
+        const org = orgs[random.int(orgs.length)]!;
+        sent++;
+        const at = Date.now();
+        if (at - loadStart - (sent - 1) * intervalMs > 50) delayed++;
+        const p = http
+          .postJson('/v1/readings', JSON.stringify({ readings: source.batch(org, 1) }), org.apiKey)
+          .then((res) => {
+            requests.push({ at, ms: res.ms });
+            if (res.status === 201) {
+              ok++;
+              readingsPerOrg.set(org.customerId, (readingsPerOrg.get(org.customerId) ?? 0) + 1);
+            } else failed++;
+          });
+        inflight.add(p);
+        void p.finally(() => inflight.delete(p));
+      }
+      await sleep(1);
+    }
+    const askedEnd = Date.now();
+    await Promise.all(inflight);
+    const loadEnd = Date.now();
+    const cpu1 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
+    const waitEvents = waits.stop();
+    await workerReady;
+    const loadSeconds = (askedEnd - loadStart) / 1000;
+    log(`load: ${ok} of ${sent} requests stored in ${round(loadSeconds, 1)} s (${failed} failed)`);
+
+    let drainMs: number | null = null;
+    if (await pollUntil(async () => (await pendingOutbox(h.pool)).rows === 0, DRAIN_CAP_MS, 100))
+      drainMs = Date.now() - loadEnd;
+    await reportWatch;
+    const apiStatements = await statementsOf(h.pool, API_ROLE, ok);
+    const workerStatements = await statementsOf(h.pool, WORKER_ROLE, emulator.events().length);
+
+    const firstReportRow = await h.pool.query<{ t: string | null }>(
+      `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
+    );
+    const lastReportEvent = Math.max(
+      0,
+      ...emulator.events({ event_name: 'active_sensors' }).map((e) => e.receivedAt),
+    );
+    const reportMs =
+      reportDoneAt !== null && firstReportRow.rows[0]?.t
+        ? Math.round(lastReportEvent - Number(firstReportRow.rows[0].t))
+        : null;
+    const spawnToReportMs = reportDoneAt !== null ? lastReportEvent - loadStart : null;
+
+    // Exactly once: Stripe's per-customer sums equal the readings the API accepted.
+    const events = emulator.events({ event_name: 'temperature_readings' });
+    const stripeSum = new Map<string, number>();
+    for (const e of events) stripeSum.set(e.customer, (stripeSum.get(e.customer) ?? 0) + e.value);
+    let mismatched = 0;
+    for (const [customer, n] of readingsPerOrg) if ((stripeSum.get(customer) ?? 0) !== n) mismatched++;
+    for (const [customer, sum] of stripeSum) if (!readingsPerOrg.has(customer) && sum !== 0) mismatched++;
+
+    const during = requests.filter((r) => reportDoneAt === null || r.at < reportDoneAt).map((r) => r.ms);
+    const after = requests.filter((r) => reportDoneAt !== null && r.at >= reportDoneAt).map((r) => r.ms);
+    http.close();
+    await api.proc.stop();
+    const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
+    const result = {
+      scenario: s,
+      loadAverage: loadAverage(),
+      load: {
+        seconds: round(loadSeconds, 1),
+        requestsPerSecondAsked: s.rate,
+        requestsSent: sent,
+        requestsPerSecondKept: round(ok / loadSeconds, 1),
+        keptShare: round(ok / (s.rate * loadSeconds), 3),
+        sentLate: delayed,
+        errors: failed,
+        latencyMs: latencySummary(requests.map((r) => r.ms)),
+        latencyDuringReportMs: latencySummary(during),
+        latencyAfterReportMs: latencySummary(after),
+      },
+      report: {
+        workerStartedMs,
+        rows: reportRows,
+        firstRowToLastEventMs: reportMs,
+        spawnToLastEventMs: spawnToReportMs,
+      },
+      levelAfterLoadMs: drainMs,
+      cpu: cpuSplit(cpu0, cpu1),
+      cpuMsPerRequest: {
+        api: round(((cpu1.api - cpu0.api) * 1000) / Math.max(1, ok), 3),
+      },
+      waitEvents,
+      api: apiStatements,
+      worker: workerStatements,
+      apiProfile,
+      ledger: {
+        readingsAccepted: ok,
+        stripeSum: [...stripeSum.values()].reduce((a, b) => a + b, 0),
+        identifiersUnique: new Set(events.map((e) => e.identifier)).size === events.length,
+        customersMismatched: mismatched,
+      },
+    };
+    const g = s.goals;
+    const lat = result.load.latencyMs;
+    const goals = [
+      g.p50Ms !== undefined && { goal: `p50 <= ${g.p50Ms} ms`, value: lat.p50, met: lat.p50 <= g.p50Ms },
+      g.p99Ms !== undefined && {
+        goal: `p99 <= ${g.p99Ms} ms${s.loadThroughReport ? ' during the report' : ''}`,
+        value: s.loadThroughReport ? result.load.latencyDuringReportMs.p99 : lat.p99,
+        met: (s.loadThroughReport ? result.load.latencyDuringReportMs.p99 : lat.p99) <= g.p99Ms,
+      },
+      g.levelS !== undefined && {
+        goal: `ledger level <= ${g.levelS} s`,
+        value: drainMs === null ? null : round(drainMs / 1000, 1),
+        met: drainMs !== null && drainMs <= g.levelS * 1000,
+      },
+      g.kept !== undefined && {
+        goal: `>= ${g.kept * 100}% of the rate kept`,
+        value: result.load.keptShare,
+        met: result.load.keptShare >= g.kept,
+      },
+      g.reportS !== undefined && {
+        goal: `report <= ${g.reportS} s`,
+        value: reportMs === null ? null : round(reportMs / 1000, 1),
+        met: reportMs !== null && reportMs <= g.reportS * 1000,
+      },
+      {
+        goal: 'exactly once',
+        value: `${result.ledger.stripeSum} of ${ok}`,
+        met: mismatched === 0 && result.ledger.identifiersUnique,
+      },
+    ].filter((x) => x !== false);
+    const c = result.cpu.cores;
+    log(
+      `requests p50 ${lat.p50} p99 ${lat.p99} ms (during the report p99 ${result.load.latencyDuringReportMs.p99}, after ${result.load.latencyAfterReportMs.p99}); kept ${result.load.requestsPerSecondKept}/s; level ${drainMs === null ? 'not' : round(drainMs / 1000, 1)} s; report ${reportMs === null ? 'not done' : round(reportMs / 1000, 1)} s`,
+    );
+    log(
+      `cores: api ${c.api} worker ${c.worker} postgres ${c.postgres} loadgen+emulator ${c.loadGeneratorAndEmulator} others ${c.others} (machine ${c.machine}); load average ${result.loadAverage.join(' ')}`,
+    );
+    log(
+      `API: ${apiStatements.perUnit} statements and ${apiStatements.msPerUnit} ms of Postgres per request; worker: ${workerStatements.perUnit} statements per event`,
+    );
+    for (const st of apiStatements.top.slice(0, 6))
+      log(`  api ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
+    for (const st of workerStatements.top.slice(0, 6))
+      log(`  worker ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
+    for (const w of waitEvents.slice(0, 8)) log(`  wait ${w.sessions} ${w.what}`);
+    if (apiProfile) log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
+    for (const goal of goals) log(`  goal ${goal.goal}: ${goal.value} ${goal.met ? 'met' : 'NOT met'}`);
+    return { ...result, goals };
+  } finally {
+    for (const fn of cleanup.reverse()) await Promise.resolve(fn()).catch(() => undefined);
+  }
+}
+
+// ---------------------------------------------------------------- ratios against raw Postgres
+
+// The insert of the ingestion statement (src/ingest/group-commit.ts) without the sensor check, the
+// outbox row and the hand-off: what raw Postgres does for the same readings.
+const RAW_BATCH_SQL = `
+  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+  SELECT r.sensor_id, r.recorded_at, $1, r.temperature_c, $2
+  FROM unnest($3::uuid[], $4::timestamptz[], $5::float8[]) WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
+  ORDER BY r.sensor_id, r.recorded_at, r.n
+  ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
+const RAW_SINGLE_SQL = `
+  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
+
+async function runRatios(cluster: Cluster, entries: Record<string, string>) {
+  log('--- ratios: raw Postgres against the API, alternating slices');
+  const url = await freshDatabase(cluster, 'ratio');
+  const h = openDatabase(url, 4);
+  const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
+  try {
+    const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
+    const api = await startApi({ DATABASE_URL: url, LOG_LEVEL: 'warn' }, entries['src/bin/server.ts']);
+    cleanup.push(() => api.proc.stop());
+    const singleClients = Number(args['ratio-clients']);
+    const http = new HttpClient(api.url, Math.max(singleClients, 8));
+    cleanup.push(() => http.close());
+    const raw = new pg.Pool({ connectionString: url, max: singleClients });
+    cleanup.push(() => raw.end());
+    const source = new ReadingSource();
+    const pick = () => orgs[random.int(orgs.length)]!;
+    type Op = (w: number) => Promise<{ ok: boolean; units: number }>;
+    const rawSingle: Op = async () => {
+      const org = pick();
+      const [r] = source.batch(org, 1);
+      await raw.query(RAW_SINGLE_SQL, [
+        r!.sensorId,
+        r!.recordedAt,
+        org.organizationId,
+        r!.temperatureC,
+        new Date(),
+      ]);
+      return { ok: true, units: 1 };
+    };
+    const apiOp =
+      (size: number): Op =>
+      async () => {
+        const org = pick();
+        const res = await http.postJson(
+          '/v1/readings',
+          JSON.stringify({ readings: source.batch(org, size) }),
+          org.apiKey,
+        );
+        return { ok: res.status === 201, units: res.status === 201 ? size : 0 };
+      };
+    const rawBatch: Op = async () => {
+      const org: Org = pick();
+      const rows = source.batch(org, 500);
+      await raw.query(RAW_BATCH_SQL, [
+        org.organizationId,
+        new Date(),
+        rows.map((x) => x.sensorId),
+        rows.map((x) => x.recordedAt),
+        rows.map((x) => x.temperatureC),
+      ]);
+      return { ok: true, units: 500 };
+    };
+    const sliceMs = quick ? 2_000 : 2_500;
+    const slices = quick ? 4 : 6;
+    // A B B A A B ...: load from elsewhere and table growth hit both sides alike.
+    const pair = async (name: string, a: Op, b: Op, clients: number) => {
+      await closedLoop(clients, 1_500, a);
+      await closedLoop(clients, 1_500, b);
+      const tally = [
+        { units: 0, seconds: 0, lat: [] as number[], errors: 0, api: 0, pg: 0 },
+        { units: 0, seconds: 0, lat: [] as number[], errors: 0, api: 0, pg: 0 },
+      ];
+      for (let i = 0; i < slices; i++) {
+        for (const side of i % 2 === 0 ? [0, 1] : [1, 0]) {
+          const c0 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const r = await closedLoop(clients, sliceMs, side === 0 ? a : b);
+          const c1 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const split = cpuSplit(c0, c1);
+          const t = tally[side]!;
+          t.units += r.units;
+          t.seconds += r.seconds;
+          t.errors += r.errors;
+          t.api += split.cores.api * split.seconds;
+          t.pg += split.cores.postgres * split.seconds;
+          for (const l of r.latencies) t.lat.push(l);
+        }
+      }
+      const [rawSide, apiSide] = tally.map((t) => ({
+        unitsPerSecond: round(t.units / t.seconds),
+        errors: t.errors,
+        latencyMs: latencySummary(t.lat),
+        cpuMsPerUnit: {
+          api: round((t.api * 1000) / Math.max(1, t.units), 4),
+          postgres: round((t.pg * 1000) / Math.max(1, t.units), 4),
+        },
+      }));
+      const ratio = round(apiSide!.unitsPerSecond / rawSide!.unitsPerSecond, 3);
+      log(
+        `${name}: raw ${rawSide!.unitsPerSecond}/s (p50 ${rawSide!.latencyMs.p50}), API ${apiSide!.unitsPerSecond}/s (p50 ${apiSide!.latencyMs.p50}, p99 ${apiSide!.latencyMs.p99}, errors ${apiSide!.errors}): ${ratio}x; load average ${loadAverage().join(' ')}`,
+      );
+      return { clients, raw: rawSide, api: apiSide, ratio, loadAverage: loadAverage() };
+    };
+    const single = await pair('single readings', rawSingle, apiOp(1), singleClients);
+    const batch = await pair('batches of 500', rawBatch, apiOp(500), 4);
+    return {
+      single,
+      batch,
+      goals: [
+        { goal: 'single readings >= 0.6x raw', value: single.ratio, met: single.ratio >= 0.6 },
+        { goal: 'batches of 500 >= 0.6x raw', value: batch.ratio, met: batch.ratio >= 0.6 },
+      ],
+    };
+  } finally {
+    for (const fn of cleanup.reverse()) await Promise.resolve(fn()).catch(() => undefined);
+  }
+}
+
+export async function runIngestBench(): Promise<number> {
+  const dir = join('/tmp', `meterbox-bench-ingest-${process.pid}`);
+  const buildDir = join(ROOT, 'bench-results', `.build-ingest-${process.pid}`);
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  const cluster = await startCluster(join(dir, 'pg'));
+  try {
+    const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+    await admin.connect();
+    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    await admin.end();
+    await cluster.restart();
+    const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
+    const results = [];
+    for (const s of SCENARIOS) if (want(s.id)) results.push(await runScenario(s, cluster, entries));
+    const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
+    const out = {
+      kind: 'ingest',
+      quick,
+      machine: machine(await cluster.version()),
+      conditions: {
+        loadSeconds: LOAD_MS / 1000,
+        maxInFlight: MAX_IN_FLIGHT,
+        stripeLatencyMs: 'uniform 0-500',
+        start:
+          'the load starts when the worker is spawned (its start-up active_sensors report runs meanwhile)',
+        processes: 'API and one worker from the production bundle, default settings, each its own role',
+      },
+      results,
+      ratios,
+    };
+    const file = resolve(ROOT, args.out ?? join('bench-results', `ingest-${Date.now()}.json`));
+    writeFileSync(file, `${JSON.stringify(out, null, 2)}\n`);
+    log(`results written to ${file}`);
+    const missed = [...results.flatMap((r) => r.goals), ...(ratios?.goals ?? [])].filter((g) => !g.met);
+    return missed.length ? 3 : 0;
+  } finally {
+    await cluster.stop();
+    rmSync(buildDir, { recursive: true, force: true });
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,49 @@
+// `npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace]`: runs the delivery
+// simulation over many seeds and prints each failing seed with its violations (and, with --trace or
+// for a single seed, the last lines of its trace). Exit 1 when any seed fails.
+import { simulate, type WorldSpec } from './simulation.js';
+
+function flag(name: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+const single = flag('seed');
+const from = Number(flag('from') ?? 1);
+const count = single ? 1 : Number(flag('seeds') ?? 1000);
+const showTrace = process.argv.includes('--trace') || single !== undefined;
+const size = process.argv.includes('--small') ? 'small' : 'full';
+const overrides: Partial<WorldSpec> = {};
+if (flag('minutes')) overrides.minutes = Number(flag('minutes'));
+
+const started = performance.now();
+let failed = 0;
+let steps = 0;
+let hours = 0;
+let calls = 0;
+for (let i = 0; i < count; i++) {
+  const seed = single ? Number(single) : from + i;
+  const result = await simulate(seed, overrides, size);
+  steps += result.stats.steps;
+  hours += result.stats.virtualHours;
+  calls += result.stats.calls;
+  if (!result.ok || single) {
+    if (!result.ok) failed++;
+    console.log(`seed ${seed}: ${result.ok ? 'ok' : 'FAILED'} ${JSON.stringify(result.stats)}`);
+    console.log(`  world ${JSON.stringify(result.spec)}`);
+    for (const v of result.violations) console.log(`  ✗ ${v}`);
+    if (showTrace) {
+      for (const [i, context] of result.contexts.entries()) {
+        console.log(`  trace before violation ${i + 1}:`);
+        for (const line of context) console.log(`    ${line}`);
+      }
+      console.log('  end of the trace:');
+      for (const line of result.trace.slice(-40)) console.log(`    ${line}`);
+    }
+  }
+}
+const seconds = (performance.now() - started) / 1000;
+console.log(
+  `${count} seeds (${from}..${from + count - 1}): ${failed} failed; ${steps} steps, ${calls} Stripe calls, ${hours.toFixed(0)} virtual hours in ${seconds.toFixed(1)} s`,
+);
+process.exitCode = failed > 0 ? 1 : 0;

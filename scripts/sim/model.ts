@@ -1,0 +1,822 @@
+// The simulation's model of what delivery keeps in Postgres and pg-boss: outbox rows, the key table
+// and the delivery jobs. The statements of src/metering/delivery-sql.ts, corrections.ts, sweep.ts and
+// redrive.ts are modelled here from the same rules (src/metering/rules.ts) they implement, each
+// applied atomically at one instant, as one statement is; test/metering/store-agreement.test.ts
+// runs the same operations against both and holds them equal.
+import type { Destination, MeterEventName } from '../../src/db/schema.js';
+import { EXPIRY_SAFETY_MARGIN_MS } from '../../src/metering/delivery-sql.js';
+import { METRONOME_PAST_WINDOW_MS } from '../../src/metering/metronome.js';
+import {
+  type ClaimedGroup,
+  type ClaimedKey,
+  type CorrectionFacts,
+  compareIds,
+  correctionAction,
+  destinationOf,
+  type GroupSettlement,
+  groupValue,
+  hourOf,
+  type KeyRef,
+  type KeyRow,
+  type KeySettlement,
+  keyName,
+  keyRef,
+  leaseDecision,
+  nextGroupRows,
+  redriveVerdict,
+  singletonKeyOf,
+} from '../../src/metering/rules.js';
+import { STRIPE_PAST_WINDOW_MS } from '../../src/metering/stripe-meter.js';
+
+export interface Row {
+  id: string;
+  destination: Destination;
+  organizationId: string;
+  customerId: string;
+  eventName: MeterEventName;
+  kind: 'usage' | 'correction';
+  /** Usage: readings billed; correction: readings taken back (positive). */
+  value: bigint;
+  occurredAt: number;
+  createdAt: number;
+  status: 'pending' | 'delivered' | 'failed' | 'expired';
+  identifier: string | null;
+  identifiedAt: number | null;
+  attempts: number;
+  acceptedAt: number | null;
+  deliveredAt: number | null;
+  lastError: string | null;
+  correctsId: string | null;
+  correctionAction: 'cancel' | 'compensate' | null;
+  creditNote: boolean;
+}
+
+export interface Job {
+  id: string;
+  key: KeyRef;
+  name: string;
+  state: 'created' | 'retry' | 'active' | 'completed' | 'failed' | 'deadletter';
+  startAfter: number;
+  retryCount: number;
+  seq: number;
+  priority: number;
+  /** The worker process that fetched it (active). */
+  worker: string | null;
+  startedAt: number | null;
+  output?: unknown;
+  /** Who queued it: ingestion and the operator's writes, or delivery's own machinery. */
+  origin: 'write' | 'delivery';
+  queuedAt: number;
+}
+
+/** pg-boss's options of meter-delivery that the model uses. */
+export interface BossOptions {
+  retryLimit: number;
+  retryDelaySeconds: number;
+  retryDelayMaxSeconds: number;
+  expireInSeconds: number;
+}
+
+/** A destination's usage window (rows older are expired): Stripe's 35 days, Metronome's 34. */
+export function pastWindowMs(destination: Destination): number {
+  return destination === 'metronome' ? METRONOME_PAST_WINDOW_MS : STRIPE_PAST_WINDOW_MS;
+}
+
+export class ModelDb {
+  rows: Row[] = [];
+  keys = new Map<string, KeyRow>();
+  /** The key each row of `keys` belongs to (keyName is not parsed back). */
+  private keyRefs = new Map<string, KeyRef>();
+  jobs = new Map<string, Job>();
+  private nextRowId = 1;
+  private nextJobId = 1;
+  private nextIdentifier = 1;
+  private jobSeq = 0;
+
+  /** Called with a job's start time when one is queued or retried: pg-boss's NOTIFY, or the wake-up when it comes due. */
+  onJob: (startAfter: number) => void = () => {};
+
+  constructor(
+    private readonly now: () => number,
+    private readonly random: () => number,
+    readonly boss: BossOptions,
+  ) {}
+
+  // ─── what ingestion and the operator write ───────────────────────────────────────────────────
+
+  /** An ingestion transaction: one usage row and its key's job (one queued job per key: `short`). */
+  ingest(key: KeyRef & { organizationId: string }, value: bigint, occurredAt: number): Row {
+    const row = this.insertRow({
+      organizationId: key.organizationId,
+      customerId: key.customerId,
+      eventName: key.eventName,
+      destination: destinationOf(key),
+      kind: 'usage',
+      value,
+      occurredAt,
+      correctsId: null,
+    });
+    this.insertJob(key, this.now(), 'write');
+    return row;
+  }
+
+  /** A usage correction (admin/corrections.ts): one correction row per voided usage row, and a job. */
+  void(original: Row, value: bigint): Row {
+    const row = this.insertRow({
+      organizationId: original.organizationId,
+      customerId: original.customerId,
+      eventName: original.eventName,
+      destination: original.destination,
+      kind: 'correction',
+      value,
+      occurredAt: original.occurredAt,
+      correctsId: original.id,
+    });
+    this.insertJob(original, this.now(), 'write');
+    return row;
+  }
+
+  private insertRow(
+    r: Pick<
+      Row,
+      | 'organizationId'
+      | 'customerId'
+      | 'eventName'
+      | 'destination'
+      | 'kind'
+      | 'value'
+      | 'occurredAt'
+      | 'correctsId'
+    >,
+  ): Row {
+    const row: Row = {
+      ...r,
+      id: String(this.nextRowId++),
+      createdAt: this.now(),
+      status: 'pending',
+      identifier: null,
+      identifiedAt: null,
+      attempts: 0,
+      acceptedAt: null,
+      deliveredAt: null,
+      lastError: null,
+      correctionAction: null,
+      creditNote: false,
+    };
+    this.rows.push(row);
+    return row;
+  }
+
+  /** A row as another store wrote it (same id and times): the agreement test mirrors Postgres here. */
+  mirror(
+    row: Pick<
+      Row,
+      | 'id'
+      | 'organizationId'
+      | 'customerId'
+      | 'eventName'
+      | 'kind'
+      | 'value'
+      | 'occurredAt'
+      | 'createdAt'
+      | 'correctsId'
+    > &
+      Partial<Pick<Row, 'destination'>>,
+  ): Row {
+    const r: Row = {
+      destination: 'stripe',
+      ...row,
+      status: 'pending',
+      identifier: null,
+      identifiedAt: null,
+      attempts: 0,
+      acceptedAt: null,
+      deliveredAt: null,
+      lastError: null,
+      correctionAction: null,
+      creditNote: false,
+    };
+    this.rows.push(r);
+    this.nextRowId = Math.max(this.nextRowId, Number(row.id) + 1);
+    return r;
+  }
+
+  /** A key row written (meter_delivery_keys): by its key. */
+  setKey(key: KeyRef, row: KeyRow): void {
+    this.keys.set(keyName(key), row);
+    this.keyRefs.set(keyName(key), keyRef(key));
+  }
+
+  pendingOf(key: KeyRef): Row[] {
+    return this.rows
+      .filter(
+        (r) =>
+          r.status === 'pending' &&
+          r.organizationId === key.organizationId &&
+          r.customerId === key.customerId &&
+          r.eventName === key.eventName &&
+          r.destination === destinationOf(key),
+      )
+      .sort((a, b) => a.occurredAt - b.occurredAt || compareIds(a.id, b.id));
+  }
+
+  // ─── the delivery statements (DeliveryStore) ─────────────────────────────────────────────────
+
+  claim(
+    keys: readonly KeyRef[],
+    options: {
+      owner: string;
+      leaseSeconds: number;
+      now: Date;
+      maxRows: number;
+      sendable: readonly MeterEventName[];
+      pastWindowMs?: number;
+    },
+  ): ClaimedKey[] {
+    const t = this.now();
+    const unique = new Map(keys.map((k) => [keyName(k), k]));
+    const out: ClaimedKey[] = [];
+    for (const [name, key] of unique) {
+      const cutoff =
+        options.now.getTime() -
+        (options.pastWindowMs ?? pastWindowMs(destinationOf(key))) +
+        EXPIRY_SAFETY_MARGIN_MS;
+      const ref = keyRef(key);
+      if (!options.sendable.includes(key.eventName)) {
+        out.push({ ...ref, state: 'held' });
+        continue;
+      }
+      const decision = leaseDecision(this.keys.get(name), new Date(t));
+      if (decision.state !== 'leased') {
+        out.push({ ...ref, state: decision.state, waitMs: Math.ceil(decision.waitMs) });
+        continue;
+      }
+      const row = this.keys.get(name) ?? {
+        leaseOwner: null,
+        leaseExpiresAt: null,
+        nextCallAt: new Date(-8.64e15),
+        retryAt: null,
+        hold: null,
+      };
+      this.setKey(key, {
+        ...row,
+        leaseOwner: options.owner,
+        leaseExpiresAt: new Date(t + options.leaseSeconds * 1000),
+        hold: null,
+      });
+
+      const pending = this.pendingOf(key);
+      let expired = 0;
+      for (const r of pending) {
+        if (r.kind === 'usage' && r.identifier === null && r.occurredAt < cutoff) {
+          r.status = 'expired';
+          r.lastError = 'occurred_at outside the window';
+          expired++;
+        }
+      }
+      const usage = pending.filter((r) => r.kind === 'usage' && r.status === 'pending');
+      const inflight = usage.find((r) => r.identifier !== null && r.acceptedAt === null)?.identifier ?? null;
+      const ungrouped = usage.filter((r) => r.identifier === null && r.occurredAt >= cutoff);
+      let members: Row[] = [];
+      let identifier = inflight;
+      if (inflight) {
+        members = usage.filter((r) => r.identifier === inflight);
+      } else if (ungrouped.length > 0) {
+        const first = ungrouped[0]!;
+        const rows = nextGroupRows(
+          ungrouped.map((r) => ({
+            ...r,
+            value: r.value.toString(),
+            occurredAt: new Date(r.occurredAt),
+            createdAt: new Date(r.createdAt),
+          })),
+          options.maxRows,
+        );
+        const ids = new Set(rows.map((r) => r.id));
+        const m = destinationOf(key) === 'metronome' ? 'm' : '';
+        identifier = `mb_${m}tr_${first.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
+        members = ungrouped.filter((r) => ids.has(r.id));
+        for (const r of members) {
+          r.identifier = identifier;
+          r.identifiedAt = t;
+        }
+      }
+      const otherInflight = usage.some(
+        (r) => r.identifier !== null && r.acceptedAt === null && r.identifier !== inflight,
+      );
+      const moreUsage = inflight ? ungrouped.length > 0 || otherInflight : ungrouped.length > members.length;
+      const corrections = pending.some((r) => r.kind === 'correction');
+      out.push({
+        ...ref,
+        state: 'leased',
+        group: identifier && members.length > 0 ? this.groupOf(key.eventName, identifier, members) : null,
+        expired,
+        corrections,
+        moreUsage,
+      });
+    }
+    return out;
+  }
+
+  private groupOf(eventName: MeterEventName, identifier: string, members: readonly Row[]): ClaimedGroup {
+    const { value, timestamp } = groupValue(
+      eventName,
+      members.map((r) => ({
+        id: r.id,
+        value: r.value.toString(),
+        occurredAt: new Date(r.occurredAt),
+        createdAt: new Date(r.createdAt),
+      })),
+    );
+    return {
+      identifier,
+      value,
+      timestamp,
+      rows: members.length,
+      oldestCreatedAt: new Date(Math.min(...members.map((r) => r.createdAt))),
+      attempts: Math.max(...members.map((r) => r.attempts)),
+      identifiedAt: new Date(Math.min(...members.map((r) => r.identifiedAt ?? r.createdAt))),
+    };
+  }
+
+  settle(
+    groups: readonly GroupSettlement[],
+    keys: readonly KeySettlement[],
+    options: { owner: string; minIntervalMs: number },
+  ): void {
+    const t = this.now();
+    for (const g of groups) {
+      for (const r of this.rows) {
+        if (r.identifier !== g.identifier || r.status !== 'pending') continue;
+        if (g.status !== 'pending' && g.status !== 'accepted') r.status = g.status;
+        if (g.status === 'accepted') r.acceptedAt = t;
+        r.lastError = g.status === 'delivered' || g.status === 'accepted' ? null : (g.error ?? r.lastError);
+        r.attempts += g.counted ? 1 : 0;
+        if (g.status === 'delivered') r.deliveredAt = t;
+      }
+    }
+    for (const k of keys) {
+      const name = keyName(k);
+      const row = this.keys.get(name);
+      if (!row || row.leaseOwner !== options.owner) continue;
+      this.keys.set(name, {
+        ...row,
+        leaseOwner: null,
+        leaseExpiresAt: null,
+        nextCallAt: k.called
+          ? new Date(Math.max(row.nextCallAt.getTime(), t + options.minIntervalMs))
+          : row.nextCallAt,
+        retryAt: k.backoffMs !== undefined ? new Date(t + k.backoffMs) : k.called ? null : row.retryAt,
+      });
+    }
+  }
+
+  release(owner: string, nextCallAt: Date): number {
+    let n = 0;
+    for (const [name, row] of this.keys) {
+      if (row.leaseOwner !== owner) continue;
+      this.keys.set(name, {
+        ...row,
+        leaseOwner: null,
+        leaseExpiresAt: null,
+        nextCallAt: new Date(Math.max(row.nextCallAt.getTime(), nextCallAt.getTime())),
+      });
+      n++;
+    }
+    return n;
+  }
+
+  renew(owner: string, leaseSeconds: number): number {
+    const t = this.now();
+    let n = 0;
+    for (const [name, row] of this.keys) {
+      if (row.leaseOwner !== owner || !row.leaseExpiresAt || row.leaseExpiresAt.getTime() < t) continue;
+      this.keys.set(name, { ...row, leaseExpiresAt: new Date(t + leaseSeconds * 1000) });
+      n++;
+    }
+    return n;
+  }
+
+  hold(keys: readonly KeyRef[]): void {
+    for (const k of keys) {
+      const row = this.keys.get(keyName(k)) ?? {
+        leaseOwner: null,
+        leaseExpiresAt: null,
+        nextCallAt: new Date(-8.64e15),
+        retryAt: null,
+        hold: null,
+      };
+      this.setKey(k, { ...row, hold: 'meter_missing' });
+    }
+  }
+
+  /** releaseHeldKeys: every key of a destination held for a meter, freed and returned (the caller queues them). */
+  releaseHeld(eventName: MeterEventName, destination: Destination = 'stripe'): KeyRef[] {
+    const out: KeyRef[] = [];
+    for (const [name, row] of this.keys) {
+      const ref = this.keyRefs.get(name)!;
+      if (row.hold === null || ref.eventName !== eventName || destinationOf(ref) !== destination) continue;
+      this.keys.set(name, { ...row, hold: null });
+      out.push(ref);
+    }
+    return out;
+  }
+
+  /** reapLeases: leases past their expiry with an owner left. */
+  reap(): KeyRef[] {
+    const t = this.now();
+    const out: KeyRef[] = [];
+    for (const [name, row] of this.keys) {
+      if (row.leaseOwner === null || !row.leaseExpiresAt || row.leaseExpiresAt.getTime() >= t) continue;
+      this.keys.set(name, { ...row, leaseOwner: null, leaseExpiresAt: null });
+      out.push(this.keyRefs.get(name)!);
+    }
+    return out;
+  }
+
+  /** orphanedJobs (delivery.ts): active jobs older than `olderThanMs` whose key holds no live lease. */
+  orphans(olderThanMs: number): Job[] {
+    const t = this.now();
+    return [...this.jobs.values()].filter((j) => {
+      if (j.state !== 'active' || j.startedAt === null || j.startedAt >= t - olderThanMs) return false;
+      const k = this.keys.get(keyName(j.key));
+      return !(k?.leaseOwner && k.leaseExpiresAt && k.leaseExpiresAt.getTime() >= t);
+    });
+  }
+
+  switchToCompensate(key: KeyRef, identifier: string): void {
+    for (const r of this.rows)
+      if (r.organizationId === key.organizationId && r.identifier === identifier && r.status === 'pending')
+        r.correctionAction = 'compensate';
+  }
+
+  /** claimCorrectionGroup (corrections.ts). */
+  claimCorrections(key: KeyRef, options: { now: Date; validationSeconds: number }): CorrectionFacts {
+    const settled = { neverBilled: 0, creditNote: 0 };
+    const now = options.now.getTime();
+    const validatedBefore = now - options.validationSeconds * 1000;
+    const corrections = () => this.pendingOf(key).filter((r) => r.kind === 'correction');
+    const byId = (id: string | null) => (id === null ? undefined : this.rows.find((r) => r.id === id));
+    const correctionGroup = (identifier: string) => {
+      const rows = this.rows.filter((r) => r.identifier === identifier && r.status === 'pending');
+      const original = byId(rows[0]?.correctsId ?? null);
+      if (rows.length === 0 || !original?.identifier) return null;
+      return {
+        identifier,
+        action: rows[0]!.correctionAction ?? 'compensate',
+        originalIdentifier: original.identifier,
+        value: rows.reduce((s, r) => s + r.value, 0n).toString(),
+        timestamp: new Date(Math.max(...rows.map((r) => r.occurredAt))),
+        rows: rows.length,
+        oldestCreatedAt: new Date(Math.min(...rows.map((r) => r.createdAt))),
+        attempts: Math.max(...rows.map((r) => r.attempts)),
+        identifiedAt: new Date(Math.min(...rows.map((r) => r.identifiedAt ?? r.createdAt))),
+      };
+    };
+    const inflight = corrections().find((r) => r.identifier !== null);
+    if (inflight?.identifier)
+      return {
+        group: correctionGroup(inflight.identifier),
+        settled,
+        waitUntil: null,
+        blocked: 0,
+        waitingOnUsage: 0,
+      };
+
+    for (;;) {
+      const head = corrections().find((c) => {
+        if (c.identifier !== null) return false;
+        const o = byId(c.correctsId);
+        return (
+          o !== undefined &&
+          (o.status === 'delivered' ||
+            o.status === 'expired' ||
+            (o.status === 'pending' && o.acceptedAt !== null && o.acceptedAt < validatedBefore))
+        );
+      });
+      if (!head) break;
+      const original = byId(head.correctsId)!;
+      if (original.status === 'expired' || !original.identifier) {
+        head.status = 'expired';
+        head.lastError = 'the original usage expired before Stripe recorded it: nothing was billed';
+        settled.neverBilled++;
+        continue;
+      }
+      const eventIds = new Set(
+        this.rows.filter((r) => r.identifier === original.identifier && r.kind === 'usage').map((r) => r.id),
+      );
+      const sameEvent = (r: Row) =>
+        r.kind === 'correction' && r.correctsId !== null && eventIds.has(r.correctsId);
+      const ungroupedSame = this.rows.filter(
+        (r) => sameEvent(r) && r.status === 'pending' && r.identifier === null,
+      );
+      if (head.occurredAt < now - pastWindowMs(destinationOf(key)) + 3600 * 1000) {
+        for (const r of ungroupedSame) {
+          r.status = 'expired';
+          r.creditNote = true;
+        }
+        settled.creditNote += ungroupedSame.length;
+        continue;
+      }
+      // Metronome cannot void an event: its corrections always compensate.
+      const action =
+        destinationOf(key) !== 'stripe'
+          ? 'compensate'
+          : correctionAction({
+              others: this.rows.filter(
+                (r) => sameEvent(r) && (r.status !== 'pending' || r.identifier !== null),
+              ).length,
+              originalTotal: this.rows
+                .filter((r) => r.identifier === original.identifier && r.kind === 'usage')
+                .reduce((s, r) => s + r.value, 0n)
+                .toString(),
+              pendingTotal: ungroupedSame.reduce((s, r) => s + r.value, 0n).toString(),
+              originalReceivedAt:
+                original.deliveredAt !== null
+                  ? new Date(original.deliveredAt)
+                  : original.acceptedAt !== null
+                    ? new Date(original.acceptedAt)
+                    : null,
+              now: options.now,
+            });
+      const m = destinationOf(key) === 'metronome' ? 'm' : '';
+      const identifier = `mb_${m}trc_${head.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
+      for (const r of ungroupedSame) {
+        r.identifier = identifier;
+        r.correctionAction = action;
+        r.identifiedAt = this.now();
+      }
+      const group = correctionGroup(identifier);
+      if (group) return { group, settled, waitUntil: null, blocked: 0, waitingOnUsage: 0 };
+    }
+    const waiting = corrections().filter((c) => c.identifier === null);
+    const originals = waiting.map((c) => byId(c.correctsId)).filter((o): o is Row => o !== undefined);
+    const validating = originals
+      .filter((o) => o.status === 'pending' && o.acceptedAt !== null)
+      .map((o) => o.acceptedAt!);
+    return {
+      group: null,
+      settled,
+      waitUntil:
+        validating.length > 0 ? new Date(Math.min(...validating) + options.validationSeconds * 1000) : null,
+      blocked: originals.filter((o) => o.status === 'failed').length,
+      waitingOnUsage: originals.filter((o) => o.status === 'pending' && o.acceptedAt === null).length,
+    };
+  }
+
+  // ─── around delivery ─────────────────────────────────────────────────────────────────────────
+
+  /** failReportedEvents: rows Stripe accepted and an error report names become failed. */
+  failReported(identifier: string, code: string): number {
+    let n = 0;
+    for (const r of this.rows) {
+      if (r.identifier !== identifier) continue;
+      if (r.status === 'delivered' || (r.status === 'pending' && r.acceptedAt !== null)) {
+        r.status = 'failed';
+        r.lastError = `stripe error report: ${code}`;
+        n++;
+      }
+    }
+    return n;
+  }
+
+  /** promoteValidated: v2 rows past their validation window are delivered. */
+  promote(validationMs: number): number {
+    const t = this.now();
+    let n = 0;
+    for (const r of this.rows) {
+      if (r.status === 'pending' && r.acceptedAt !== null && r.acceptedAt < t - validationMs) {
+        r.status = 'delivered';
+        r.deliveredAt = r.acceptedAt;
+        n++;
+      }
+    }
+    return n;
+  }
+
+  /** staleKeys (sweep.ts): keys with stale pending rows that nothing covers, oldest first. */
+  staleKeys(staleMs: number, limit: number): KeyRef[] {
+    const t = this.now();
+    const oldest = new Map<string, { key: KeyRef; at: number }>();
+    for (const r of this.rows) {
+      if (r.status !== 'pending' || r.acceptedAt !== null || r.createdAt >= t - staleMs) continue;
+      const name = keyName(r);
+      const k = this.keys.get(name);
+      if (
+        k &&
+        !(
+          k.hold === null &&
+          k.nextCallAt.getTime() <= t &&
+          (k.retryAt === null || k.retryAt.getTime() <= t) &&
+          (k.leaseExpiresAt === null || k.leaseExpiresAt.getTime() < t)
+        )
+      )
+        continue;
+      if (r.kind === 'correction' && this.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
+        continue;
+      const seen = oldest.get(name);
+      if (!seen || r.createdAt < seen.at) oldest.set(name, { key: keyRef(r), at: r.createdAt });
+    }
+    const covered = new Set(
+      [...this.jobs.values()].filter((j) => j.state === 'created' || j.state === 'retry').map((j) => j.name),
+    );
+    return [...oldest.values()]
+      .sort((a, b) => a.at - b.at)
+      .slice(0, limit * 5)
+      .map((o) => o.key)
+      .filter((k) => !covered.has(singletonKeyOf(k)))
+      .slice(0, limit);
+  }
+
+  /**
+   * retryFailedRows (redrive.ts) with its guard: failed groups within the identifier window become
+   * pending again (same identifier) and their keys get a job; groups past it are returned, untouched,
+   * for a reconciliation first.
+   */
+  redrive(windowOf: (destination: Destination) => number): {
+    rows: number;
+    refused: string[];
+    resent: string[];
+  } {
+    const now = new Date(this.now());
+    const groups = new Map<string, Row[]>();
+    for (const r of this.rows) {
+      if (r.status !== 'failed' || r.identifier === null) continue;
+      groups.set(r.identifier, [...(groups.get(r.identifier) ?? []), r]);
+    }
+    let rows = 0;
+    const refused: string[] = [];
+    const resent: string[] = [];
+    for (const [identifier, members] of groups) {
+      const identifiedAt = Math.min(...members.map((r) => r.identifiedAt ?? r.createdAt));
+      const identifierWindowMs = windowOf(members[0]!.destination);
+      if (
+        redriveVerdict({ identifiedAt: new Date(identifiedAt) }, now, { identifierWindowMs }) !== 'resend'
+      ) {
+        refused.push(identifier);
+        continue;
+      }
+      for (const r of members) {
+        r.status = 'pending';
+        r.acceptedAt = null;
+        r.attempts = 0;
+        rows++;
+      }
+      resent.push(identifier);
+      this.insertJob(members[0]!, this.now(), 'write');
+    }
+    return { rows, refused, resent };
+  }
+
+  /**
+   * A group as the destination would have it: its event's timestamp (the newest row's time) and
+   * signed value (a correction takes back: negative; a cancel takes back its original, at the
+   * original's time).
+   */
+  eventOf(identifier: string): {
+    destination: Destination;
+    customerId: string;
+    eventName: MeterEventName;
+    timestamp: number;
+    value: bigint;
+  } | null {
+    const rows = this.rows.filter((r) => r.identifier === identifier);
+    const head = rows[0];
+    if (!head) return null;
+    const sum = rows.reduce((s, r) => s + r.value, 0n);
+    if (head.kind === 'usage') {
+      return {
+        destination: head.destination,
+        customerId: head.customerId,
+        eventName: head.eventName,
+        timestamp: Math.max(...rows.map((r) => r.occurredAt)),
+        value: sum,
+      };
+    }
+    if (head.correctionAction === 'cancel') {
+      const original = this.rows.find((r) => r.id === head.correctsId);
+      const event = original?.identifier ? this.eventOf(original.identifier) : null;
+      return event ? { ...event, value: -sum } : null;
+    }
+    return {
+      destination: head.destination,
+      customerId: head.customerId,
+      eventName: head.eventName,
+      timestamp: Math.max(...rows.map((r) => r.occurredAt)),
+      value: -sum,
+    };
+  }
+
+  /** Every event meterbox knows it billed (delivered groups), as eventOf describes them. */
+  billedEvents(): NonNullable<ReturnType<ModelDb['eventOf']>>[] {
+    const ids = new Set(
+      this.rows.filter((r) => r.status === 'delivered' && r.identifier !== null).map((r) => r.identifier!),
+    );
+    return [...ids].map((id) => this.eventOf(id)).filter((e): e is NonNullable<typeof e> => e !== null);
+  }
+
+  /** The reconciled redrive of a group past the window: Stripe does not have it → a new identifier; it does → delivered. */
+  reissue(identifier: string, present: boolean): void {
+    for (const r of this.rows) {
+      if (r.identifier !== identifier || r.status !== 'failed') continue;
+      if (present) {
+        r.status = 'delivered';
+        r.deliveredAt = this.now();
+      } else {
+        r.status = 'pending';
+        r.identifier = null;
+        r.identifiedAt = null;
+        r.acceptedAt = null;
+        r.attempts = 0;
+        this.insertJob(r, this.now(), 'write');
+      }
+    }
+  }
+
+  // ─── pg-boss's meter-delivery queue ──────────────────────────────────────────────────────────
+
+  /** boss.insert with the `short` policy: refused when the key already has a created job. */
+  insertJob(key: KeyRef, startAfter: number, origin: Job['origin'] = 'delivery'): Job | null {
+    // pg-boss's singletonKey: customer, meter and destination (a customer has pending rows in one
+    // organization at a time).
+    const name = singletonKeyOf(key);
+    for (const j of this.jobs.values()) if (j.name === name && j.state === 'created') return null;
+    const job: Job = {
+      id: `j${this.nextJobId++}`,
+      key: keyRef(key),
+      name,
+      state: 'created',
+      startAfter,
+      retryCount: 0,
+      seq: this.jobSeq++,
+      priority: key.eventName === 'temperature_readings' ? 1 : 0,
+      worker: null,
+      startedAt: null,
+      origin,
+      queuedAt: this.now(),
+    };
+    this.jobs.set(job.id, job);
+    this.onJob(startAfter);
+    return job;
+  }
+
+  fetch(limit: number, worker: string): Job[] {
+    const t = this.now();
+    const due = [...this.jobs.values()]
+      .filter((j) => (j.state === 'created' || j.state === 'retry') && j.startAfter <= t)
+      .sort((a, b) => b.priority - a.priority || a.startAfter - b.startAfter || a.seq - b.seq)
+      .slice(0, limit);
+    for (const j of due) {
+      j.state = 'active';
+      j.worker = worker;
+      j.startedAt = t;
+    }
+    return due;
+  }
+
+  finish(id: string, status: 'completed' | 'deadletter', output?: unknown): void {
+    const j = this.jobs.get(id);
+    if (j?.state !== 'active') return;
+    j.state = status;
+    j.output = output;
+    this.retire(j);
+  }
+
+  /** A handler that threw (or a job that expired): pg-boss's retry with backoff and jitter, or its dead letter. */
+  fail(id: string): void {
+    const j = this.jobs.get(id);
+    if (j?.state !== 'active') return;
+    if (j.retryCount >= this.boss.retryLimit) {
+      j.state = 'failed';
+      this.retire(j);
+      return;
+    }
+    j.retryCount++;
+    const base = this.boss.retryDelaySeconds * 2 ** Math.min(16, j.retryCount);
+    const delay = Math.min(this.boss.retryDelayMaxSeconds, base / 2 + (base / 2) * this.random());
+    j.state = 'retry';
+    j.worker = null;
+    j.startAfter = this.now() + delay * 1000;
+    this.onJob(j.startAfter);
+  }
+
+  /** pg-boss's supervisor: active jobs past expireInSeconds fail (and are retried). */
+  expireJobs(): void {
+    const t = this.now();
+    for (const j of [...this.jobs.values()]) {
+      if (j.state === 'active' && j.startedAt !== null && j.startedAt + this.boss.expireInSeconds * 1000 < t)
+        this.fail(j.id);
+    }
+  }
+
+  /** Finished jobs are deleted (JOB_RETENTION_SECONDS): the model keeps only what a check reads. */
+  private retire(j: Job): void {
+    this.jobs.delete(j.id);
+  }
+
+  // ─── what the checks read ────────────────────────────────────────────────────────────────────
+
+  hourOfRow(r: Row): number {
+    return hourOf(new Date(r.occurredAt));
+  }
+}

@@ -1,0 +1,1089 @@
+// A deterministic simulation of delivery: the real batch (src/metering/batch.ts) and its rules
+// (rules.ts) run against models of Postgres and pg-boss (model.ts) and of Stripe (stripe-model.ts) on
+// a virtual clock (scheduler.ts), with several workers that crash at any step, readings that keep
+// arriving, usage corrections, meters that go missing, Stripe faults of every kind, and a clock that
+// can run for days. After every step it checks the invariants; at the end, with the world quiet, the
+// ledger. A seed replays the same run, and a failing run returns its trace.
+import { type Config, loadConfig } from '../../src/config.js';
+import type { Destination, MeterEventName } from '../../src/db/schema.js';
+import { createLogger } from '../../src/log.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import type { CallSlots } from '../../src/metering/budget.js';
+import type { CorrectionClient } from '../../src/metering/corrections.js';
+import {
+  deliveryPolicy,
+  type KeyRef,
+  keyName,
+  reconcileWindowGroups,
+  type WindowGroup,
+} from '../../src/metering/rules.js';
+import type { DeliveryStore } from '../../src/metering/store.js';
+import type { SendOutcome } from '../../src/metering/stripe-meter.js';
+import type { MeterTransport } from '../../src/metering/transport.js';
+import { seededRandom } from '../lib/random.js';
+import { METRONOME_DEDUPE_MS, MetronomeModel } from './metronome-model.js';
+import { type Job, ModelDb, type Row } from './model.js';
+import { Scheduler } from './scheduler.js';
+import {
+  type CallEvent,
+  NO_FAULTS,
+  STRIPE_DEDUPE_MS,
+  type StripeFaults,
+  StripeModel,
+} from './stripe-model.js';
+
+/** The world one seed draws. Every knob can be forced (a regression seed, a longer run). */
+export interface WorldSpec {
+  customers: number;
+  workers: number;
+  fetchers: number;
+  batchSize: number;
+  transport: 'v1' | 'v2';
+  /** Virtual minutes of activity before the world quiets. */
+  minutes: number;
+  /** Mean seconds between two readings of one customer. */
+  arrivalSeconds: number;
+  retryLimit: number;
+  retryDelaySeconds: number;
+  retryDelayMaxSeconds: number;
+  minIntervalMs: number;
+  leaseSeconds: number;
+  validationSeconds: number;
+  faults: StripeFaults;
+  /** Worker kills during the activity, at random instants. */
+  crashes: number;
+  /** Worker kills right after one of its statements committed (before the answer reached it). */
+  stepCrashes: number;
+  /** Probability a delivery statement fails (a database error, not a crash). */
+  dbErrorRate: number;
+  /** Minutes during which Stripe answers every call with a 500 (0: none). */
+  outageMinutes: number;
+  /** Minutes during which the temperature_readings meter is missing (0: none). */
+  missingMeterMinutes: number;
+  corrections: number;
+  /** Probability a reading is backdated (hours, or past the 35-day window). */
+  backdated: number;
+  /** Operator redrives of failed rows during the activity. */
+  redrives: number;
+  accountRate: number;
+  /**
+   * Probability a customer's usage goes to Metronome: on Metronome alone, in a parallel run (both),
+   * or moved at an instant of the run (a cut-over: Stripe before it, Metronome from it; or from a
+   * parallel run to Metronome alone).
+   */
+  metronome: number;
+}
+
+export interface SimResult {
+  seed: number;
+  spec: WorldSpec;
+  ok: boolean;
+  violations: string[];
+  /** The last trace lines before each of the first violations. */
+  contexts: string[][];
+  trace: string[];
+  stats: {
+    steps: number;
+    virtualHours: number;
+    rows: number;
+    calls: number;
+    delivered: number;
+    deadLetters: number;
+    crashes: number;
+  };
+}
+
+/**
+ * Draws a world from a seed: mostly small and short, sometimes long (days) or hostile. `small`: the
+ * size `npm test` runs thousands of (a few customers, a few minutes, readings seconds apart; long
+ * worlds still run for days, with readings hours apart).
+ */
+export function drawSpec(seed: number, size: 'small' | 'full' = 'full'): WorldSpec {
+  const spec = drawFullSpec(seed);
+  if (size === 'full') return spec;
+  const long = spec.minutes > 24 * 60;
+  return {
+    ...spec,
+    customers: Math.min(spec.customers, 3),
+    minutes: long ? spec.minutes : Math.min(spec.minutes, 1 + (seed % 4)),
+    arrivalSeconds: long ? Math.max(spec.arrivalSeconds, 3600) : Math.max(spec.arrivalSeconds, 5),
+    outageMinutes: long ? spec.outageMinutes : Math.min(spec.outageMinutes, 2),
+    missingMeterMinutes: Math.min(spec.missingMeterMinutes, 2),
+    batchSize: Math.min(spec.batchSize, 20),
+  };
+}
+
+function drawFullSpec(seed: number): WorldSpec {
+  const r = seededRandom(seed ^ 0x5eed);
+  const pick = <T>(xs: readonly T[]) => xs[r.int(xs.length)]!;
+  const hostile = r.next() < 0.5;
+  const long = r.next() < 0.1;
+  const rate = (p: number) => (hostile && r.next() < 0.6 ? r.between(0, p) : 0);
+  return {
+    customers: 1 + r.int(5),
+    workers: 1 + r.int(3),
+    fetchers: 1 + r.int(3),
+    batchSize: pick([1, 2, 5, 20, 100]),
+    transport: r.next() < 0.5 ? 'v1' : 'v2',
+    minutes: long ? 60 * (24 + r.int(48)) : 2 + r.int(20),
+    arrivalSeconds: long ? pick([300, 900, 3600]) : pick([0.5, 2, 10, 60]),
+    retryLimit: pick([0, 1, 3, 5, 20]),
+    retryDelaySeconds: pick([1, 5, 30]),
+    retryDelayMaxSeconds: pick([60, 600, 3600]),
+    minIntervalMs: pick([0, 250, 1000]),
+    leaseSeconds: pick([5, 10, 30]),
+    validationSeconds: pick([0, 30, 900]),
+    faults: {
+      error500: rate(0.3),
+      acceptedThen500: rate(0.2),
+      reset: rate(0.1),
+      slowAfterRecord: rate(0.1),
+      rateLimit: rate(0.2),
+      callRefused: rate(0.1),
+      invalidLater: rate(0.05),
+    },
+    crashes: hostile ? r.int(4) : 0,
+    stepCrashes: hostile && r.next() < 0.5 ? 1 + r.int(3) : 0,
+    dbErrorRate: hostile && r.next() < 0.3 ? 0.02 : 0,
+    outageMinutes:
+      long && r.next() < 0.7 ? 60 * (1 + r.int(30)) : hostile && r.next() < 0.2 ? 1 + r.int(10) : 0,
+    missingMeterMinutes: hostile && r.next() < 0.25 ? 1 + r.int(15) : 0,
+    corrections: r.next() < 0.4 ? r.int(6) : 0,
+    backdated: r.next() < 0.3 ? 0.1 : 0,
+    redrives: r.next() < 0.3 ? 1 + r.int(3) : 0,
+    accountRate: pick([25, 100, 1000]),
+    metronome: r.next() < 0.4 ? pick([0.3, 0.6, 1]) : 0,
+  };
+}
+
+const START = Date.UTC(2026, 10, 2, 0, 0, 0);
+const SWEEP_STALE_SECONDS = 120;
+const SWEEP_INTERVAL_SECONDS = 60;
+const REAP_MS = 2_000;
+const CATALOG_REFRESH_SECONDS = 60;
+const CATALOG_HELD_REFRESH_SECONDS = 5;
+const JOB_EXPIRE_SECONDS = 300;
+/** RECONCILIATION_SETTLE_SECONDS's default: a delivery this recent may not be counted yet. */
+const RECONCILIATION_SETTLE_MS = 600_000;
+/** Chance a worker dies right after any one statement (while it has step crashes left). */
+const STEP_CRASH_RATE = 0.01;
+/** An idle fetcher's backstop poll (every wake-up it needs comes from onJob). */
+const IDLE_POLL_MS = 60_000;
+/** The longest a pending row may go without a job or a named hold: a dead worker's job waits for the sweep. */
+const COVERAGE_BOUND_MS = (SWEEP_STALE_SECONDS + SWEEP_INTERVAL_SECONDS + 30) * 1000;
+/** Without a crash or failed batch, the longest a pending key may go without a job or hold. */
+const COVERAGE_GRACE_MS = 10_000;
+/** How often (virtual time, at a step) the coverage invariant is checked: far finer than its bound. */
+const COVERAGE_EVERY_MS = 2_000;
+
+interface Worker {
+  id: string;
+  alive: boolean;
+  reapArmed: boolean;
+  reap: () => void;
+  /** Statements sent and not yet answered: at a crash, each may or may not have committed. */
+  inFlight: Set<{ dropped: boolean }>;
+  wake: (() => void)[];
+}
+
+/** Runs one seed, its world drawn at `size`; `overrides` force parts of it. */
+export async function simulate(
+  seed: number,
+  overrides: Partial<WorldSpec> = {},
+  size: 'small' | 'full' = 'full',
+): Promise<SimResult> {
+  const drawn = drawSpec(seed, size);
+  const spec: WorldSpec = { ...drawn, ...overrides, faults: { ...drawn.faults, ...overrides.faults } };
+  const rng = seededRandom(seed);
+  const sched = new Scheduler(START);
+  const now = () => sched.now;
+  const trace: string[] = [];
+  const violations: string[] = [];
+  const log = (line: string) => {
+    trace.push(`${new Date(sched.now).toISOString()} ${line}`);
+    if (trace.length > 4000) trace.splice(0, trace.length - 3000);
+  };
+  /** The trace lines that led to each violation (the trace itself keeps only its tail). */
+  const contexts: string[][] = [];
+  const violate = (what: string) => {
+    if (violations.length < 20) {
+      violations.push(`${new Date(sched.now).toISOString()} ${what}`);
+      log(`VIOLATION ${what}`);
+      if (contexts.length < 3) contexts.push(trace.slice(-60));
+    }
+  };
+
+  const config: Config = loadConfig({
+    DELIVERY_RETRY_LIMIT: String(spec.retryLimit),
+    DELIVERY_RETRY_DELAY_SECONDS: String(spec.retryDelaySeconds),
+    DELIVERY_RETRY_DELAY_MAX_SECONDS: String(Math.max(spec.retryDelaySeconds, spec.retryDelayMaxSeconds)),
+    DELIVERY_MIN_INTERVAL_MS: String(spec.minIntervalMs),
+    DELIVERY_LEASE_SECONDS: String(spec.leaseSeconds),
+    DELIVERY_TRANSPORT: spec.transport,
+    DELIVERY_V2_VALIDATION_SECONDS: String(spec.validationSeconds),
+    DELIVERY_MAX_ROWS_PER_EVENT: '50',
+    STRIPE_MAX_CALLS_PER_SECOND: String(spec.accountRate),
+  });
+  const policy = deliveryPolicy(config, spec.transport);
+  /** Each destination's identifier window (the redrive guard's). */
+  const windowOf = (d: Destination) =>
+    deliveryPolicy(config, d === 'metronome' ? 'metronome' : spec.transport).identifierWindowMs;
+  const db = new ModelDb(now, () => rng.next(), {
+    retryLimit: 20,
+    retryDelaySeconds: 5,
+    retryDelayMaxSeconds: 3600,
+    expireInSeconds: JOB_EXPIRE_SECONDS,
+  });
+  const stripe = new StripeModel(now, () => rng.next(), spec.accountRate);
+  stripe.faults = { ...spec.faults };
+  const silent = createLogger('silent');
+  const metronome = new MetronomeModel(now, () => rng.next());
+  metronome.faults = {
+    error500: spec.faults.error500,
+    acceptedThen500: spec.faults.acceptedThen500,
+    reset: spec.faults.reset,
+    rateLimit: spec.faults.rateLimit,
+  };
+  const metronomeRate = 200;
+  type Mode = 'stripe' | 'metronome' | 'parallel' | 'cutover' | 'parallel-cutover';
+  const modes: readonly Mode[] = ['metronome', 'parallel', 'cutover', 'parallel-cutover'];
+  const customers = Array.from({ length: spec.customers }, (_, i) => ({
+    customerId: `cus_${i}`,
+    alias: `meterbox-org-org-${i}`,
+    organizationId: `org-${i}`,
+    mode: (rng.next() < spec.metronome ? modes[rng.int(modes.length)]! : 'stripe') as Mode,
+    cutoverAt: START + rng.int(Math.max(1, spec.minutes) * 60_000),
+  }));
+  /** The destinations of a customer's usage at `at`, each with its customer there. */
+  const destinationsOf = (
+    c: (typeof customers)[number],
+    at: number,
+  ): { destination: Destination; customerId: string }[] => {
+    const stripeKey = { destination: 'stripe' as const, customerId: c.customerId };
+    const metronomeKey = { destination: 'metronome' as const, customerId: c.alias };
+    switch (c.mode) {
+      case 'stripe':
+        return [stripeKey];
+      case 'metronome':
+        return [metronomeKey];
+      case 'parallel':
+        return [stripeKey, metronomeKey];
+      case 'cutover':
+        return at < c.cutoverAt ? [stripeKey] : [metronomeKey];
+      case 'parallel-cutover':
+        return at < c.cutoverAt ? [stripeKey, metronomeKey] : [metronomeKey];
+    }
+  };
+
+  // ── what the checks watch ──
+  const inFlight = new Map<string, number>();
+  const firstSent = new Map<string, number>();
+  const calls = new Map<string, number>();
+  const callsPerKey = new Map<string, number>();
+  let totalCalls = 0;
+  let crashes = 0;
+  let batchFailures = 0;
+  let deadLetters = 0;
+  const uncoveredSince = new Map<string, number>();
+  const idleRuns = new Map<string, number[]>();
+  let quiet = false;
+  let stepCrashesLeft = spec.stepCrashes;
+  /** The last crash or failed batch: until the sweep's bound has passed since, a key may wait for it. */
+  let lastDisruption = Number.NEGATIVE_INFINITY;
+  /**
+   * The last crash: its leases run out and the reaper frees them and the jobs it had fetched, so its
+   * keys are covered again within two lease lengths (the lease, then a lease's age for a fetched
+   * job), plus a reaper pass.
+   */
+  let lastCrash = Number.NEGATIVE_INFINITY;
+
+  // ── the meter catalog (meter-catalog.ts): one view, refreshed on a timer or on a report ──
+  const view: Record<MeterEventName, boolean> = { temperature_readings: true, active_sensors: true };
+  const releaseHeld = (eventName: MeterEventName) => {
+    if (!view[eventName]) return;
+    const keys = db.releaseHeld(eventName);
+    for (const k of keys) db.insertJob(k, now());
+    if (keys.length > 0) {
+      log(`catalog released ${keys.length} held ${eventName} keys`);
+      notifyAll();
+    }
+  };
+  const refreshCatalog = () => {
+    for (const m of ['temperature_readings', 'active_sensors'] as const) {
+      if (view[m] !== stripe.meters[m]) log(`catalog: ${m} ${stripe.meters[m] ? 'back' : 'missing'}`);
+      view[m] = stripe.meters[m];
+      if (view[m]) releaseHeld(m);
+    }
+  };
+  const scheduleCatalog = () => {
+    const seconds = Object.values(view).every(Boolean)
+      ? CATALOG_REFRESH_SECONDS
+      : CATALOG_HELD_REFRESH_SECONDS;
+    sched.after(seconds * 1000, () => {
+      refreshCatalog();
+      scheduleCatalog();
+    });
+  };
+  scheduleCatalog();
+
+  // ── workers ──
+  const workers: Worker[] = [];
+  // A wake-up reaches one idle fetcher of each worker process (the one pg-boss, or delivery's own
+  // wakeIdle, notifies); a fetcher that finds a full batch fetches again at once, so more follow.
+  const notifyAll = () => {
+    for (const w of workers) {
+      const wake = w.wake.shift();
+      if (wake) sched.after(1, wake);
+    }
+  };
+  // pg-boss wakes an idle fetcher when a job is queued (NOTIFY) and the process's own timer when a
+  // deferred job comes due (delivery.ts wakeAfter); the poll is only a backstop.
+  db.onJob = (startAfter) => {
+    if (startAfter <= now()) notifyAll();
+    else sched.after(startAfter - now() + 5, notifyAll);
+  };
+
+  /** One statement of worker `w`: sent now, executed on arrival (even if `w` died meanwhile, unless dropped), answered if `w` lives. */
+  const statement = <T>(w: Worker, run: () => T, options: { mayFail?: boolean } = {}): Promise<T> => {
+    const sent = { dropped: false };
+    w.inFlight.add(sent);
+    const latency = 1 + rng.int(5);
+    return new Promise<T>((resolve, reject) => {
+      sched.after(latency, () => {
+        w.inFlight.delete(sent);
+        if (sent.dropped) return;
+        if (options.mayFail && rng.next() < spec.dbErrorRate) {
+          if (w.alive) reject(new Error('simulated database error'));
+          return;
+        }
+        let value: T;
+        try {
+          value = run();
+        } catch (err) {
+          if (w.alive) reject(err);
+          return;
+        }
+        // A crash right after a statement committed, before its answer reached the process: the
+        // step between any two of delivery's statements (after a fetch, a claim, a settle…).
+        if (w.alive && stepCrashesLeft > 0 && !quiet && rng.next() < STEP_CRASH_RATE) {
+          stepCrashesLeft--;
+          crash(w);
+          sched.after(1000 + rng.int(5_000), () => {
+            if (!quiet || workers.every((x) => !x.alive)) startWorker();
+          });
+          return;
+        }
+        if (w.alive) resolve(value);
+      });
+    });
+  };
+
+  const storeOf = (w: Worker, destination: Destination): DeliveryStore => ({
+    claim: (keys, options) =>
+      statement(
+        w,
+        () => {
+          const claimed = db.claim(keys, options);
+          for (const x of workers) if (x.alive) x.reap();
+          log(
+            `${w.id} claim ${options.owner}: ${claimed.map((k) => `${k.customerId}=${k.state}${k.state === 'leased' && k.group ? `#${k.group.identifier.slice(-6)}` : ''}`).join(' ')}`,
+          );
+          return claimed;
+        },
+        { mayFail: true },
+      ),
+    claimCorrections: (key, options) =>
+      statement(w, () => db.claimCorrections(key, options), { mayFail: true }),
+    switchToCompensate: (key, identifier) => statement(w, () => db.switchToCompensate(key, identifier)),
+    // Every job of the simulation names its organization.
+    organizationsOf: async () => new Map(),
+    settle: (groups, keys, options) =>
+      statement(
+        w,
+        () => {
+          db.settle(groups, keys, options);
+          for (const g of groups) {
+            if (g.status === 'failed') deadLetters++;
+            for (const r of db.rows) {
+              if (r.identifier === g.identifier && r.attempts > spec.retryLimit + 1) {
+                violate(`row ${r.id} has ${r.attempts} attempts, limit ${spec.retryLimit}`);
+              }
+            }
+          }
+        },
+        { mayFail: true },
+      ),
+    release: (owner, nextCallAt) => statement(w, () => db.release(owner, nextCallAt)),
+    renew: (owner, seconds) => statement(w, () => db.renew(owner, seconds)),
+    hold: (keys) => statement(w, () => db.hold(keys)),
+    queue: (keys) =>
+      statement(w, () => {
+        for (const k of keys) {
+          const job = db.insertJob(k.key, now() + k.afterMs);
+          if (job) log(`${w.id} follow-up ${job.id} ${job.name} in ${k.afterMs} ms`);
+        }
+        notifyAll();
+      }),
+    rateLimited: () => statement(w, () => slowDown(destination)),
+  });
+
+  // ── each destination's shared call budget (budget.ts, modelled): GCRA with a 2 s horizon, halved by a 429 ──
+  const budgets = {
+    stripe: { rate: spec.accountRate, tat: START, factor: 1, last429: 0 },
+    metronome: { rate: metronomeRate, tat: START, factor: 1, last429: 0 },
+  };
+  const effectiveRate = (b: (typeof budgets)['stripe']) =>
+    b.rate * Math.min(1, b.factor + (now() - b.last429) / 30_000);
+  const slowDown = (destination: Destination) => {
+    const b = budgets[destination];
+    if (now() - b.last429 > 1000) b.factor = Math.max(0.05, (effectiveRate(b) / b.rate) * 0.5);
+    b.last429 = now();
+  };
+  const slotsOf = (w: Worker, destination: Destination): CallSlots => ({
+    take: () =>
+      statement(w, () => {
+        const b = budgets[destination];
+        const t = now();
+        if (b.tat - t > 2_000) return { granted: false, waitMs: b.tat - t - 2_000 + 1 };
+        const at = Math.max(b.tat, t);
+        b.tat = at + 1000 / effectiveRate(b);
+        return { granted: true, waitMs: at - t };
+      }),
+  });
+
+  // ── Stripe calls (the transports and the corrections client, modelled) ──
+  const call = async (
+    w: Worker,
+    events: readonly CallEvent[],
+    timeoutMs: number,
+    v2: boolean,
+    kind = 'meter_event',
+    cancel?: string,
+    destination: Destination = 'stripe',
+  ): Promise<SendOutcome[]> => {
+    const start = now();
+    // A cancel is an adjustment, not a meter event: Stripe's one-call-per-customer rule is about events.
+    const prefix = destination === 'stripe' ? '' : `${destination}:`;
+    const keys = cancel ? [`cancel:${cancel}`] : events.map((e) => `${prefix}${e.eventName}:${e.customerId}`);
+    const dedupeMs = destination === 'stripe' ? STRIPE_DEDUPE_MS : METRONOME_DEDUPE_MS;
+    for (const k of keys) {
+      const n = (inFlight.get(k) ?? 0) + 1;
+      inFlight.set(k, n);
+      if (n > 1) violate(`two calls in flight for ${k}`);
+      callsPerKey.set(k, (callsPerKey.get(k) ?? 0) + 1);
+    }
+    for (const e of events) {
+      const first = firstSent.get(e.identifier) ?? start;
+      firstSent.set(e.identifier, first);
+      if (start - first >= dedupeMs) {
+        violate(
+          `identifier ${e.identifier} resent ${((start - first) / 3_600_000).toFixed(1)} h after its first call`,
+        );
+      }
+    }
+    totalCalls++;
+    const latency = 20 + rng.int(400);
+    const answerIn = new Promise<{ outcomes: SendOutcome[]; at: number }>((resolve) => {
+      sched.after(Math.min(latency, timeoutMs), () => {
+        if (latency > timeoutMs) return;
+        const arrival = cancel
+          ? { outcomes: [stripe.cancel(cancel)], answerDelayMs: 50 }
+          : destination === 'metronome'
+            ? { outcomes: metronome.arrive(events), answerDelayMs: 50 + rng.int(200) }
+            : stripe.arrive(events, v2, 50 + rng.int(200));
+        for (const [i, e] of events.entries()) {
+          const o = arrival.outcomes[i];
+          if (cancel || !o || (o.kind === 'retryable' && o.reason === 'rate_limited')) continue;
+          const n = (calls.get(e.identifier) ?? 0) + 1;
+          calls.set(e.identifier, n);
+          // At most DELIVERY_RETRY_LIMIT + 1 counted calls a group; a batch killed or failed after
+          // its call never recorded it, so each such batch may add one.
+          if (!e.identifier.includes('trc_') && n > spec.retryLimit + 1 + crashes + batchFailures) {
+            violate(`identifier ${e.identifier} called ${n} times (limit ${spec.retryLimit})`);
+          }
+        }
+        log(
+          `${w.id} ${kind} ${events.map((e) => `${e.customerId}=${e.value}#${e.identifier.slice(-6)}`).join(',')} -> ${arrival.outcomes.map((o) => o.kind + ('reason' in o ? `:${o.reason}` : '')).join(',')}`,
+        );
+        resolve({ outcomes: arrival.outcomes, at: now() + arrival.answerDelayMs });
+      });
+    });
+    // The client's answer: Stripe's, or a timeout when it comes later than timeoutMs.
+    return new Promise<SendOutcome[]>((resolve) => {
+      let done = false;
+      let cancelTimeout = () => {};
+      const finish = (outcomes: SendOutcome[]) => {
+        if (done) return;
+        done = true;
+        cancelTimeout();
+        for (const k of keys) inFlight.set(k, (inFlight.get(k) ?? 1) - 1);
+        if (w.alive) resolve(outcomes);
+      };
+      cancelTimeout = sched.after(timeoutMs, () =>
+        finish(events.map(() => ({ kind: 'retryable', reason: 'timeout', message: 'Request timed out' }))),
+      );
+      void answerIn.then(({ outcomes, at }) => {
+        sched.after(Math.max(0, at - now()), () => {
+          if (at - start <= timeoutMs) finish(outcomes);
+        });
+      });
+    });
+  };
+
+  const transportOf = (w: Worker): MeterTransport => ({
+    kind: spec.transport,
+    maxEventsPerCall: spec.transport === 'v2' ? 100 : 1,
+    send: (events, options) => call(w, events, options?.timeoutMs ?? 15_000, spec.transport === 'v2'),
+  });
+  const correctionsOf = (w: Worker): CorrectionClient => ({
+    cancel: async (eventName, identifier, idempotencyKey, options) => {
+      const [o] = await call(
+        w,
+        [
+          {
+            eventName,
+            customerId: `adjustment`,
+            value: '0',
+            timestamp: new Date(now()),
+            identifier: idempotencyKey,
+          },
+        ],
+        options?.timeoutMs ?? 15_000,
+        false,
+        'cancel',
+        identifier,
+      );
+      return o!;
+    },
+    send: async (event, options) =>
+      (await call(w, [event], options?.timeoutMs ?? 15_000, false, 'compensate'))[0]!,
+  });
+
+  const metronomeTransportOf = (w: Worker): MeterTransport => ({
+    kind: 'metronome',
+    maxEventsPerCall: 100,
+    send: (events, options) =>
+      call(w, events, options?.timeoutMs ?? 15_000, false, 'ingest', undefined, 'metronome'),
+  });
+  const metronomeCorrectionsOf = (w: Worker): CorrectionClient => ({
+    // Metronome voids nothing: its correction groups always compensate (corrections.ts).
+    cancel: async () => ({ kind: 'permanent', reason: 'cannot_cancel', message: 'Metronome voids no event' }),
+    send: async (event, options) =>
+      (await call(w, [event], options?.timeoutMs ?? 15_000, false, 'compensate', undefined, 'metronome'))[0]!,
+  });
+
+  let workerCount = 0;
+  const startWorker = () => {
+    const w: Worker = {
+      id: `w${workerCount++}`,
+      alive: true,
+      reapArmed: false,
+      reap: () => {},
+      inFlight: new Set(),
+      wake: [],
+    };
+    workers.push(w);
+    const timers = sched.timers(() => w.alive);
+    const deps = {
+      db: undefined as never,
+      boss: undefined as never,
+      store: (destination: Destination) => storeOf(w, destination),
+      transport: transportOf(w),
+      slots: slotsOf(w, 'stripe'),
+      corrections: correctionsOf(w),
+      catalog: {
+        sendable: (m: MeterEventName) => view[m],
+        releaseHeld: async (m: MeterEventName) => releaseHeld(m),
+      },
+      metronome: {
+        transport: metronomeTransportOf(w),
+        slots: slotsOf(w, 'metronome'),
+        corrections: metronomeCorrectionsOf(w),
+        // Metronome's billable metrics never go missing in these worlds.
+        catalog: { sendable: () => true, releaseHeld: async () => {} },
+      },
+      config,
+      owner: w.id,
+      clock: { now: () => new Date(now()) },
+      log: silent,
+      timers,
+      wakeAfter: (ms: number) => sched.after(ms + 5, notifyAll),
+    };
+    const batchSize = spec.batchSize;
+    const idle = () =>
+      new Promise<void>((resolve) => {
+        let woken = false;
+        let cancelPoll = () => {};
+        const wake = () => {
+          if (woken || !w.alive) return;
+          woken = true;
+          cancelPoll();
+          const at = w.wake.indexOf(wake);
+          if (at >= 0) w.wake.splice(at, 1);
+          resolve();
+        };
+        w.wake.push(wake);
+        cancelPoll = sched.after(IDLE_POLL_MS, wake);
+      });
+    const fetcher = async () => {
+      while (w.alive) {
+        const jobs = await statement(w, () => {
+          const fetched = db.fetch(batchSize, w.id);
+          for (const x of workers) if (x.alive && fetched.length > 0) x.reap();
+          return fetched;
+        });
+        if (jobs.length === 0) {
+          await idle();
+          continue;
+        }
+        const before = new Map(jobs.map((j) => [j.name, callsPerKey.get(j.name) ?? 0]));
+        let results: { id: string; status: string; output?: unknown }[];
+        try {
+          results = await deliverBatch(
+            deps,
+            jobs.map((j) => ({ id: j.id, data: j.key, retryCount: j.retryCount, retryLimit: 20 })),
+          );
+        } catch (err) {
+          batchFailures++;
+          lastDisruption = now();
+          log(`${w.id} batch of ${jobs.length} failed: ${err instanceof Error ? err.message : String(err)}`);
+          await statement(w, () => {
+            for (const j of jobs) db.fail(j.id);
+          });
+          continue;
+        }
+        await statement(w, () => {
+          for (const r of results)
+            db.finish(r.id, r.status === 'deadletter' ? 'deadletter' : 'completed', r.output);
+        });
+        watchRuns(jobs, results, before);
+      }
+    };
+    for (let i = 0; i < spec.fetchers; i++) void fetcher();
+    // The lease reaper (delivery.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
+    // only while a lease exists anywhere (they would find nothing else), to keep long runs fast.
+    w.reap = () => {
+      if (w.reapArmed) return;
+      w.reapArmed = true;
+      sched.after(REAP_MS - ((now() - START) % REAP_MS), function tick() {
+        if (!w.alive) return;
+        if (
+          ![...db.keys.values()].some((k) => k.leaseOwner !== null) &&
+          ![...db.jobs.values()].some((j) => j.state === 'active')
+        ) {
+          w.reapArmed = false;
+          return;
+        }
+        sched.after(REAP_MS, tick);
+        void statement(w, () => db.reap()).then(async (keys) => {
+          const orphans = await statement(w, () => db.orphans(spec.leaseSeconds * 1000));
+          if (keys.length + orphans.length === 0) return;
+          log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
+          await statement(w, () => {
+            for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
+            for (const k of [...keys, ...orphans.map((j) => j.key)]) db.insertJob(k, now());
+          });
+        });
+      });
+    };
+    // A worker starts its reaper at once (another's leases or jobs may be waiting for it).
+    w.reap();
+    log(`${w.id} started`);
+    return w;
+  };
+
+  /** Spin and churn: a key's jobs that neither call nor wait for a reason (busy, paced, backoff) are work for nothing. */
+  const watchRuns = (
+    jobs: readonly Job[],
+    results: readonly { id: string; output?: unknown }[],
+    before: Map<string, number>,
+  ) => {
+    for (const j of jobs) {
+      const output = results.find((r) => r.id === j.id)?.output as
+        | { kind?: string; next?: string }
+        | undefined;
+      if (output?.kind === 'meter_missing') {
+        // A held key costs nothing while its meter stays missing: the run that finds it held queues
+        // nothing for it (the catalog queues it when the meter is back).
+        log(`job ${j.id} of ${j.name} found its meter missing (${j.origin}, retry ${j.retryCount})`);
+        if (output.next)
+          violate(`held key ${j.name} was queued again (${String(output.next)}) by the run that held it`);
+        continue;
+      }
+      if ((callsPerKey.get(j.name) ?? 0) > (before.get(j.name) ?? 0)) continue;
+      const runs = (idleRuns.get(j.name) ?? []).filter((t) => t > now() - 10_000);
+      runs.push(now());
+      idleRuns.set(j.name, runs);
+      if (runs.length > 30) violate(`key ${j.name} ran ${runs.length} jobs in 10 s without a call (a spin)`);
+    }
+  };
+
+  const crash = (w: Worker) => {
+    if (!w.alive) return;
+    w.alive = false;
+    crashes++;
+    lastCrash = now();
+    for (const s of w.inFlight) s.dropped = rng.next() < 0.5;
+    log(`${w.id} killed`);
+  };
+
+  // ── the world's events ──
+  const end = START + spec.minutes * 60_000;
+  for (let i = 0; i < spec.workers; i++) startWorker();
+  const voided = new Map<string, bigint>();
+  /** Row id → the readings it bills (rows of one ingestion at several destinations share it). */
+  const mirrors = new Map<string, number>();
+  let readingsOf = 0;
+  const arrive = (c: (typeof customers)[number]) => {
+    const t = now();
+    if (t >= end || quiet) return;
+    const back = rng.next() < spec.backdated;
+    const occurredAt = back
+      ? t - (rng.next() < 0.3 ? 36 * 86_400_000 : rng.int(30) * 3_600_000)
+      : t - rng.int(2000);
+    const value = BigInt(1 + rng.int(5));
+    // One row per destination the customer bills to at the usage's time (ingestion's rule).
+    for (const d of destinationsOf(c, occurredAt)) {
+      const row = db.ingest(
+        {
+          organizationId: c.organizationId,
+          customerId: d.customerId,
+          eventName: 'temperature_readings',
+          ...(d.destination === 'stripe' ? {} : { destination: d.destination }),
+        },
+        value,
+        occurredAt,
+      );
+      mirrors.set(row.id, readingsOf);
+    }
+    readingsOf++;
+    notifyAll();
+    sched.after(Math.max(1, Math.round(-Math.log(1 - rng.next()) * spec.arrivalSeconds * 1000)), () =>
+      arrive(c),
+    );
+  };
+  for (const c of customers) sched.after(rng.int(1000), () => arrive(c));
+  // Sweep (sweep.ts) and pg-boss's supervisor, as the worker processes run them.
+  const sweep = () => {
+    if (workers.some((w) => w.alive)) {
+      db.promote(policy.validationMs);
+      const keys = db.staleKeys(SWEEP_STALE_SECONDS * 1000, 1000);
+      for (const k of keys) db.insertJob(k, now());
+      if (keys.length > 0) {
+        log(`sweep queued ${keys.length} keys`);
+        notifyAll();
+      }
+      db.expireJobs();
+    }
+    sched.after(SWEEP_INTERVAL_SECONDS * 1000, sweep);
+  };
+  sched.after(SWEEP_INTERVAL_SECONDS * 1000, sweep);
+  // Stripe's error reports, as webhooks a minute or so after the event.
+  stripe.onReport = (r) =>
+    sched.after(r.at - now(), () => {
+      const n = db.failReported(r.identifier, r.code);
+      log(`error report ${r.code} for ${r.identifier.slice(-6)}: ${n} rows failed`);
+      if (r.code === 'no_meter') refreshCatalog();
+    });
+  // Faults in time: crashes and restarts, an outage, a missing meter, corrections, redrives.
+  for (let i = 0; i < spec.crashes; i++) {
+    // The last crash comes in the load's last seconds: no new reading then re-covers what it left,
+    // so only the reaper (leases, fetched jobs) gets its keys going again.
+    const at =
+      i === spec.crashes - 1 ? spec.minutes * 60_000 - rng.int(3_000) : rng.int(spec.minutes * 60_000);
+    sched.after(at, () => {
+      const alive = workers.filter((w) => w.alive);
+      const victim = alive[rng.int(alive.length)];
+      if (!victim) return;
+      crash(victim);
+      sched.after(1000 + rng.int(10_000), () => {
+        if (!quiet || workers.every((w) => !w.alive)) startWorker();
+      });
+    });
+  }
+  if (spec.outageMinutes > 0) {
+    sched.after(rng.int(Math.max(1, spec.minutes - spec.outageMinutes) * 60_000), () => {
+      log('Stripe outage begins: every call 500');
+      stripe.faults = { ...stripe.faults, error500: 1 };
+      sched.after(spec.outageMinutes * 60_000, () => {
+        log('Stripe outage ends');
+        stripe.faults = quiet ? { ...NO_FAULTS } : { ...spec.faults };
+      });
+    });
+  }
+  if (spec.missingMeterMinutes > 0) {
+    sched.after(rng.int(spec.minutes * 60_000), () => {
+      log('temperature_readings meter archived at Stripe');
+      stripe.meters.temperature_readings = false;
+      sched.after(spec.missingMeterMinutes * 60_000, () => {
+        log('temperature_readings meter reactivated');
+        stripe.meters.temperature_readings = true;
+      });
+    });
+  }
+  for (let i = 0; i < spec.corrections; i++) {
+    sched.after(rng.int(spec.minutes * 60_000), () => {
+      const candidates = db.rows.filter(
+        (r) => r.kind === 'usage' && r.status !== 'expired' && (voided.get(r.id) ?? 0n) < r.value,
+      );
+      const row = candidates[rng.int(candidates.length)];
+      if (!row) return;
+      const left = row.value - (voided.get(row.id) ?? 0n);
+      const value = rng.next() < 0.5 ? left : 1n;
+      // Voided readings are taken back at every destination that billed them (the rows of the same
+      // ingestion at each destination).
+      const readings = mirrors.get(row.id);
+      for (const r of db.rows.filter((x) => x.kind === 'usage' && mirrors.get(x.id) === readings)) {
+        voided.set(r.id, (voided.get(r.id) ?? 0n) + value);
+        db.void(r, value);
+        log(`operator voids ${value} of row ${r.id} (${r.destination}, ${r.status})`);
+      }
+      notifyAll();
+    });
+  }
+  for (let i = 0; i < spec.redrives; i++) {
+    sched.after(rng.int(spec.minutes * 60_000), () => {
+      const r = db.redrive(windowOf);
+      for (const id of r.resent) calls.delete(id);
+      log(
+        `operator redrive: ${r.rows} rows, ${r.refused.length} groups refused (past the identifier window)`,
+      );
+      notifyAll();
+    });
+  }
+
+  // ── the invariants, after every step ──
+  let lastCoverage = 0;
+  const check = () => {
+    if (now() - lastCoverage >= COVERAGE_EVERY_MS) {
+      lastCoverage = now();
+      coverage();
+    }
+  };
+  const coverage = () => {
+    const covered = new Set<string>();
+    for (const j of db.jobs.values()) {
+      if (j.state === 'created' || j.state === 'retry') covered.add(keyName(j.key));
+      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(keyName(j.key));
+    }
+    for (const [name, k] of db.keys) {
+      if (k.hold !== null) covered.add(name);
+      if (
+        k.leaseOwner &&
+        k.leaseExpiresAt &&
+        k.leaseExpiresAt.getTime() >= now() &&
+        workers.find((w) => k.leaseOwner === w.id || k.leaseOwner!.startsWith(`${w.id}:`))?.alive
+      )
+        covered.add(name);
+    }
+    const seen = new Set<string>();
+    for (const r of db.rows) {
+      if (r.status !== 'pending' || r.acceptedAt !== null) continue;
+      if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
+        continue;
+      const name = keyName(r);
+      if (covered.has(name) || seen.has(name)) continue;
+      seen.add(name);
+      const since = uncoveredSince.get(name) ?? now();
+      uncoveredSince.set(name, since);
+      // Only a crash or a failed batch may leave a key to the sweep; otherwise its job or hold is
+      // there within moments (a follow-up is queued by the batch that settles it).
+      const afterCrash = 2 * spec.leaseSeconds * 1000 + 15_000;
+      const bound =
+        now() - lastCrash < afterCrash
+          ? afterCrash
+          : now() - lastDisruption < COVERAGE_BOUND_MS
+            ? COVERAGE_BOUND_MS
+            : COVERAGE_GRACE_MS;
+      if (now() - since > bound)
+        violate(
+          `pending rows of ${name} covered by no job or hold for ${Math.round((now() - since) / 1000)} s`,
+        );
+    }
+    for (const name of [...uncoveredSince.keys()]) if (!seen.has(name)) uncoveredSince.delete(name);
+  };
+
+  await sched.runUntil(end, check, () => violations.length >= 5);
+
+  // ── the world quiets: no more faults, readings or crashes; the operator redrives until nothing is left ──
+  quiet = true;
+  stripe.faults = { ...NO_FAULTS };
+  metronome.faults = { error500: 0, acceptedThen500: 0, reset: 0, rateLimit: 0 };
+  stripe.meters = { temperature_readings: true, active_sensors: true };
+  if (workers.every((w) => !w.alive)) startWorker();
+  log('the world quiets');
+  /**
+   * The reconciled redrive (redrive-reconcile.ts): groups past the identifier window, weighed per
+   * destination, customer, meter and window (Stripe: the minute; Metronome: the hour) against the
+   * destination's own total, by rules.ts reconcileWindowGroups. Returns how many stay failed.
+   */
+  const reconcilePastWindow = (refused: readonly string[]) => {
+    const windowMsOf = (d: Destination) => (d === 'metronome' ? 3_600_000 : 60_000);
+    const windows = new Map<
+      string,
+      { destination: Destination; customerId: string; eventName: MeterEventName; from: number }
+    >();
+    for (const identifier of refused) {
+      const e = db.eventOf(identifier);
+      if (!e) continue;
+      const size = windowMsOf(e.destination);
+      const from = Math.floor(e.timestamp / size) * size;
+      windows.set(`${e.destination}|${e.customerId}|${e.eventName}|${from}`, {
+        destination: e.destination,
+        customerId: e.customerId,
+        eventName: e.eventName,
+        from,
+      });
+    }
+    let left = 0;
+    for (const w of windows.values()) {
+      const to = w.from + windowMsOf(w.destination);
+      const identifiers = new Set(
+        db.rows
+          .filter(
+            (r) =>
+              r.identifier !== null &&
+              r.destination === w.destination &&
+              r.customerId === w.customerId &&
+              r.eventName === w.eventName,
+          )
+          .map((r) => r.identifier!),
+      );
+      const groups: WindowGroup[] = [];
+      for (const identifier of identifiers) {
+        const e = db.eventOf(identifier);
+        if (!e || e.timestamp < w.from || e.timestamp >= to) continue;
+        const head = db.rows.find((r) => r.identifier === identifier)!;
+        groups.push({
+          identifier,
+          status: head.status,
+          accepted: head.acceptedAt !== null,
+          deliveredAt: head.deliveredAt === null ? null : new Date(head.deliveredAt),
+          value: e.value,
+        });
+      }
+      const verdict = reconcileWindowGroups({
+        groups,
+        destinationTotal:
+          w.destination === 'metronome'
+            ? metronome.billed(w.customerId, w.eventName, w.from, to)
+            : stripe.billedBetween(w.customerId, w.eventName, w.from, to),
+        eventName: w.eventName,
+        now: new Date(now()),
+        settleMs: RECONCILIATION_SETTLE_MS,
+      });
+      const failed = groups.filter((g) => g.status === 'failed');
+      log(
+        `reconcile ${w.destination} ${w.customerId} ${new Date(w.from).toISOString()}: ${'ambiguous' in verdict ? `ambiguous (${verdict.ambiguous})` : `present ${verdict.present.length}, missing ${verdict.missing.length}`}`,
+      );
+      if ('ambiguous' in verdict) {
+        left += failed.length;
+        continue;
+      }
+      for (const id of verdict.present) db.reissue(id, true);
+      for (const id of verdict.missing) db.reissue(id, false);
+    }
+    notifyAll();
+    return left;
+  };
+  let ambiguous = 0;
+  for (let round = 0; round < 6; round++) {
+    await sched.runUntil(sched.now + 2 * 3_600_000, check, () => violations.length >= 5);
+    const pending = db.rows.filter((r) => r.status === 'pending');
+    const failed = db.rows.filter((r) => r.status === 'failed');
+    if (pending.length === 0 && failed.length === 0) break;
+    const r = db.redrive(windowOf);
+    // A redriven group has its full retry limit again.
+    for (const id of r.resent) calls.delete(id);
+    ambiguous = reconcilePastWindow(r.refused);
+    log(
+      `quiet round ${round}: ${pending.length} pending, ${failed.length} failed; redrove ${r.rows}, ${r.refused.length} past the window`,
+    );
+    notifyAll();
+  }
+
+  // ── the ledger: billed = stored − voided, per customer; nothing billed twice ──
+  // (not after a run stopped early on its violations: the world never got to quiet down)
+  if (violations.length >= 5) return result();
+  const stuck = db.rows.filter((r) => r.status === 'pending' || r.status === 'failed');
+  if (stuck.length > 0 && ambiguous === 0) {
+    violate(`${stuck.length} rows never settled: ${stuck.slice(0, 3).map(describe).join('; ')}`);
+  }
+  for (const id of [...stripe.doubled(), ...metronome.doubled()]) violate(`identifier ${id} billed twice`);
+  // Per customer and destination: what the destination bills is what meterbox delivered there, and is
+  // stored − voided for that destination's rows.
+  for (const c of customers) {
+    for (const d of [
+      {
+        destination: 'stripe' as const,
+        customerId: c.customerId,
+        billed: stripe.billed(c.customerId, 'temperature_readings'),
+      },
+      {
+        destination: 'metronome' as const,
+        customerId: c.alias,
+        billed: metronome.billed(c.alias, 'temperature_readings'),
+      },
+    ]) {
+      const own = db.rows.filter((r) => r.customerId === d.customerId && r.destination === d.destination);
+      const expected = own
+        .filter((r) => r.status === 'delivered')
+        .reduce((s, r) => s + (r.kind === 'usage' ? r.value : -r.value), 0n);
+      if (d.billed !== expected) {
+        violate(
+          `ledger of ${d.customerId} at ${d.destination}: it bills ${d.billed}, delivered rows say ${expected}`,
+        );
+      }
+      const stored = own
+        .filter((r) => r.kind === 'usage' && r.status !== 'expired')
+        .reduce((s, r) => s + r.value, 0n);
+      const voidedTotal = own
+        .filter((r) => r.kind === 'correction' && r.status !== 'expired')
+        .reduce((s, r) => s + r.value, 0n);
+      if (stuck.length === 0 && d.billed !== stored - voidedTotal) {
+        violate(
+          `ledger of ${d.customerId} at ${d.destination}: billed ${d.billed} != stored ${stored} − voided ${voidedTotal}`,
+        );
+      }
+    }
+    // A cut-over: before it only Stripe bills, from it only Metronome (never both, never neither).
+    if (c.mode === 'cutover') {
+      for (const r of db.rows.filter((x) => x.organizationId === c.organizationId && x.kind === 'usage')) {
+        const want = r.occurredAt < c.cutoverAt ? 'stripe' : 'metronome';
+        if (r.destination !== want)
+          violate(`row ${r.id} of ${c.customerId} went to ${r.destination} across the cut-over`);
+      }
+    }
+  }
+
+  return result();
+
+  function result(): SimResult {
+    return {
+      seed,
+      spec,
+      ok: violations.length === 0,
+      violations,
+      contexts,
+      trace,
+      stats: {
+        steps: sched.steps,
+        virtualHours: (sched.now - START) / 3_600_000,
+        rows: db.rows.length,
+        calls: totalCalls,
+        delivered: db.rows.filter((r) => r.status === 'delivered').length,
+        deadLetters,
+        crashes,
+      },
+    };
+  }
+}
+
+function describe(r: Row): string {
+  return `row ${r.id} ${r.kind} ${r.customerId} value ${r.value} ${r.status} id=${r.identifier ?? '-'} attempts ${r.attempts} ${r.lastError ?? ''}`;
+}
+
+/** The keys of the run, for a trace reader. */
+export function keyOf(r: KeyRef): string {
+  return keyName(r);
+}

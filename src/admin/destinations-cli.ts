@@ -1,0 +1,269 @@
+// `meterbox metronome setup|check` and `meterbox destinations set|start-parallel|cut-over|parity`:
+// going live on Metronome and moving an organization between destinations (docs/destinations.md).
+import { sql } from 'kysely';
+import { type CliCommand, flags } from '../cli/command.js';
+import { type CliIo, formatTable, processIo, str, usageError } from '../cli/io.js';
+import type { Context } from '../context-type.js';
+import { DESTINATIONS, type Destination } from '../db/schema.js';
+import {
+  ensureBillableMetrics,
+  findCustomer,
+  listBillableMetrics,
+  METRONOME_METRICS,
+  metricFor,
+  metronomeAlias,
+} from '../metering/metronome.js';
+import {
+  type Change,
+  cutOver,
+  DestinationChangeError,
+  type IntervalView,
+  type ParityReport,
+  parityOf,
+  prepareDestination,
+  setDestination,
+  startParallel,
+} from './destinations.js';
+
+type Values = Record<string, string | boolean | undefined>;
+
+const SET_USAGE = 'destinations set --organization <id> stripe|metronome';
+const PARALLEL_USAGE = 'destinations start-parallel --organization <id> --to metronome|stripe';
+const CUT_USAGE = 'destinations cut-over --organization <id>';
+const PARITY_USAGE = 'destinations parity --organization <id> [--hours <n>] [--json]';
+
+const isDestination = (v: string | undefined): v is Destination =>
+  v !== undefined && (DESTINATIONS as readonly string[]).includes(v);
+
+/** Organizations that bill or shadow to Metronome now or from a coming boundary. */
+async function metronomeOrganizations(ctx: Pick<Context, 'db'>): Promise<{ id: string; name: string }[]> {
+  const { rows } = await sql<{ id: string; name: string }>`
+    SELECT DISTINCT o.id, o.name FROM organizations o JOIN organization_destinations d ON d.organization_id = o.id
+     WHERE d.destination = 'metronome' AND d.valid_until IS NULL ORDER BY o.id`.execute(ctx.db);
+  return rows;
+}
+
+export async function metronomeSetupCommand(ctx: Context, io: CliIo = processIo()): Promise<number> {
+  if (!ctx.metronome) {
+    io.err.write('meterbox: METRONOME_BEARER_TOKEN is not set; metronome setup needs a token\n');
+    return 1;
+  }
+  for (const m of await ensureBillableMetrics(ctx.metronome)) {
+    io.out(`billable metric ${m.eventName}: ${m.id} (${m.created ? 'created' : 'found'})`);
+  }
+  for (const org of await metronomeOrganizations(ctx)) {
+    const customer = await prepareDestination(ctx, org.id, 'metronome');
+    io.out(
+      `customer of organization ${org.id}: ${customer.metronomeCustomer?.id} alias ${metronomeAlias(org.id)} (${customer.metronomeCustomer?.created ? 'created' : 'found'})`,
+    );
+  }
+  return 0;
+}
+
+export async function metronomeCheckCommand(ctx: Context, io: CliIo = processIo()): Promise<number> {
+  const lines: { ok: boolean; name: string; detail: string }[] = [];
+  if (!ctx.metronome) {
+    lines.push({ ok: false, name: 'token', detail: 'METRONOME_BEARER_TOKEN is not set' });
+  } else {
+    try {
+      const metrics = await listBillableMetrics(ctx.metronome);
+      lines.push({
+        ok: true,
+        name: 'API',
+        detail: `reachable (${ctx.config.METRONOME_API_BASE ?? "Metronome's own"})`,
+      });
+      for (const spec of METRONOME_METRICS) {
+        const m = metricFor(metrics, spec);
+        lines.push({
+          ok: m !== undefined,
+          name: `billable metric ${spec.eventName}`,
+          detail: m
+            ? `${m.id} (${spec.aggregation} of value)`
+            : `none counts event type ${spec.eventName} with ${spec.aggregation} of value: run meterbox metronome setup`,
+        });
+      }
+      for (const org of await metronomeOrganizations(ctx)) {
+        const c = await findCustomer(ctx.metronome, org.id);
+        lines.push({
+          ok: c !== undefined,
+          name: `customer of ${org.id}`,
+          detail: c
+            ? `${c.id} (alias ${metronomeAlias(org.id)})`
+            : `no customer has alias ${metronomeAlias(org.id)}: run meterbox metronome setup`,
+        });
+      }
+    } catch (err) {
+      lines.push({ ok: false, name: 'API', detail: err instanceof Error ? err.message : String(err) });
+    }
+  }
+  for (const l of lines) io.out(`${l.ok ? 'ok  ' : 'FAIL'}  ${l.name}: ${l.detail}`);
+  const failed = lines.filter((l) => !l.ok).length;
+  io.out(failed === 0 ? 'all checks passed' : `${failed} check(s) failed`);
+  return failed === 0 ? 0 : 1;
+}
+
+function printIntervals(io: CliIo, intervals: readonly IntervalView[]) {
+  io.out(
+    formatTable(
+      ['destination', 'role', 'from (usage time)', 'until'],
+      intervals.map((i) => [
+        i.destination,
+        i.role,
+        i.from ? i.from.toISOString() : 'always',
+        i.until ? i.until.toISOString() : '—',
+      ]),
+    ),
+  );
+}
+
+function printChange(io: CliIo, change: Change, what: string) {
+  if (change.unchanged) io.out(`unchanged: ${what} already`);
+  else io.out(`${what} from ${change.at.toISOString()} (usage time; an hour boundary)`);
+  printIntervals(io, change.intervals);
+}
+
+async function guarded(io: CliIo, usage: string, run: () => Promise<number>): Promise<number> {
+  try {
+    return await run();
+  } catch (err) {
+    if (err instanceof DestinationChangeError) return usageError(io, err.message, usage);
+    throw err;
+  }
+}
+
+export async function destinationsSetCommand(
+  ctx: Context,
+  values: Values,
+  positionals: readonly string[],
+  io: CliIo = processIo(),
+): Promise<number> {
+  const org = str(values, 'organization');
+  const destination = positionals[0];
+  if (!org || !isDestination(destination))
+    return usageError(io, 'an organization and a destination', SET_USAGE);
+  return guarded(io, SET_USAGE, async () => {
+    await prepareDestination(ctx, org, destination);
+    const change = await setDestination(ctx.db, org, destination, { now: ctx.clock.now() });
+    printChange(io, change, `${org} bills to ${destination} alone`);
+    return 0;
+  });
+}
+
+export async function destinationsStartParallelCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const org = str(values, 'organization');
+  const to = str(values, 'to');
+  if (!org || !isDestination(to))
+    return usageError(io, '--organization and --to are required', PARALLEL_USAGE);
+  return guarded(io, PARALLEL_USAGE, async () => {
+    await prepareDestination(ctx, org, to);
+    const change = await startParallel(ctx.db, org, to, { now: ctx.clock.now() });
+    printChange(io, change, `${org} also sends its usage to ${to} (shadow)`);
+    if (!change.unchanged)
+      io.out(
+        `watch: meterbox destinations parity --organization ${org} (drift shows per hour as soon as it appears)`,
+      );
+    return 0;
+  });
+}
+
+export async function destinationsCutOverCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const org = str(values, 'organization');
+  if (!org) return usageError(io, '--organization is required', CUT_USAGE);
+  return guarded(io, CUT_USAGE, async () => {
+    const cut = await cutOver(ctx.db, org, { now: ctx.clock.now() });
+    io.out(`cut-over at ${cut.at.toISOString()}`);
+    io.out(`usage before it bills ${cut.from}; usage from it bills ${cut.to}; none both, none neither`);
+    printIntervals(io, cut.intervals);
+    return 0;
+  });
+}
+
+export function formatParity(report: ParityReport): string {
+  return formatTable(
+    ['hour (UTC)', 'destination', 'role', 'stored − voided', 'delivered', 'destination says', 'drift'],
+    report.rows.map((r) => [
+      r.hour.toISOString().slice(0, 13),
+      r.destination,
+      r.role,
+      String(r.expected),
+      String(r.delivered),
+      r.reported === null ? '?' : String(r.reported),
+      r.drift === null ? '?' : r.drift === 0 ? 'exact' : String(r.drift),
+    ]),
+    new Set([3, 4, 5]),
+  );
+}
+
+export async function destinationsParityCommand(
+  ctx: Context,
+  values: Values,
+  io: CliIo = processIo(),
+): Promise<number> {
+  const org = str(values, 'organization');
+  const hours = Number(str(values, 'hours') ?? '24');
+  if (!org || !Number.isInteger(hours) || hours < 1 || hours > 24 * 35)
+    return usageError(io, '--organization is required; --hours is 1 to 840', PARITY_USAGE);
+  const now = ctx.clock.now();
+  const to = new Date(Math.ceil(now.getTime() / 3_600_000) * 3_600_000);
+  const report = await parityOf(ctx, org, { from: new Date(to.getTime() - hours * 3_600_000), to });
+  if (values.json) io.out(JSON.stringify(report, null, 2));
+  else {
+    io.out(
+      formatParity({ ...report, rows: report.rows.filter((r) => r.expected !== 0 || r.reported !== 0) }),
+    );
+    io.out(
+      report.exact
+        ? 'every destination exact'
+        : 'drift: see the rows marked (a pending row lands, or reconcile)',
+    );
+  }
+  return report.exact ? 0 : 1;
+}
+
+export const destinationCommands: Record<string, CliCommand> = {
+  'metronome setup': {
+    summary: "find or create Metronome's billable metrics and the customers (ingest aliases) meterbox needs",
+    usage: 'metronome setup',
+    options: flags([]),
+    run: (ctx) => metronomeSetupCommand(ctx),
+  },
+  'metronome check': {
+    summary: 'check the Metronome account without changing anything (exit 0 or 1)',
+    usage: 'metronome check',
+    options: flags([]),
+    run: (ctx) => metronomeCheckCommand(ctx),
+  },
+  'destinations set': {
+    summary: 'bill an organization to one destination alone, from the next hour boundary',
+    usage: SET_USAGE,
+    options: flags(['organization']),
+    run: (ctx, { values, positionals }) => destinationsSetCommand(ctx, values, positionals),
+  },
+  'destinations start-parallel': {
+    summary:
+      "also send an organization's usage to a second destination (shadow), from the next hour boundary",
+    usage: PARALLEL_USAGE,
+    options: flags(['organization', 'to']),
+    run: (ctx, { values }) => destinationsStartParallelCommand(ctx, values),
+  },
+  'destinations cut-over': {
+    summary: 'make the shadow destination the billing one at the hour boundary this prints',
+    usage: CUT_USAGE,
+    options: flags(['organization']),
+    run: (ctx, { values }) => destinationsCutOverCommand(ctx, values),
+  },
+  'destinations parity': {
+    summary: 'per hour: stored − voided against each destination’s own usage (exit 0 exact, 1 drift)',
+    usage: PARITY_USAGE,
+    options: flags(['organization', 'hours'], ['json']),
+    run: (ctx, { values }) => destinationsParityCommand(ctx, values),
+  },
+};

@@ -1,0 +1,397 @@
+// An organization's destinations over time (issue 34): moving it outright, a parallel run, the
+// cut-over, and the parity report that proves each destination exact per customer and hour.
+//
+// organization_destinations holds intervals by usage time on UTC hour boundaries (0024). Every change
+// takes effect at an hour boundary at least `leadMs` ahead of now: ingestion decides a row's
+// destinations in its own statement from the usage time it stamps, so a boundary minutes ahead cannot
+// be crossed by a transaction that read the intervals before the change (a write stamped at or after
+// the boundary starts after the change committed, unless it ran for minutes or a clock is that far off).
+import type Metronome from '@metronome/sdk';
+import { type Kysely, sql, type Transaction } from 'kysely';
+import type Stripe from 'stripe';
+import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
+import type { Context } from '../context-type.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import type { DestinationRole } from '../metering/destinations.js';
+import {
+  ensureCustomer,
+  findCustomer,
+  listBillableMetrics,
+  METRONOME_METRICS,
+  metricFor,
+  metronomeAlias,
+  metronomeHourlyUsage,
+} from '../metering/metronome.js';
+
+/** Least time between a change and the hour boundary it takes effect at (see the module comment). */
+export const DEFAULT_CHANGE_LEAD_MS = 5 * 60_000;
+
+const HOUR_MS = 3_600_000;
+
+/** The first UTC hour boundary at or after now + leadMs. */
+export function nextHourBoundary(now: Date, leadMs = DEFAULT_CHANGE_LEAD_MS): Date {
+  return new Date(Math.ceil((now.getTime() + leadMs) / HOUR_MS) * HOUR_MS);
+}
+
+export interface IntervalView {
+  destination: Destination;
+  role: DestinationRole;
+  from: Date | null;
+  until: Date | null;
+}
+
+export class DestinationChangeError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'DestinationChangeError';
+  }
+}
+
+type Db = Kysely<DB> | Transaction<DB>;
+
+/** The organization's intervals, oldest first; none stored means Stripe, billing, always. */
+export async function listIntervals(db: Db, organizationId: string): Promise<IntervalView[]> {
+  const rows = await sql<{
+    destination: Destination;
+    role: DestinationRole;
+    from: Date | null;
+    until: Date | null;
+  }>`SELECT destination, role,
+            CASE WHEN valid_from = '-infinity' THEN NULL ELSE valid_from END AS "from", valid_until AS until
+       FROM organization_destinations WHERE organization_id = ${organizationId}
+      ORDER BY valid_from, destination`.execute(db);
+  if (rows.rows.length === 0) return [{ destination: 'stripe', role: 'billing', from: null, until: null }];
+  return rows.rows;
+}
+
+/** The intervals open at the end (valid_until null): what new usage goes to. */
+function openIntervals(intervals: readonly IntervalView[]) {
+  return intervals.filter((i) => i.until === null);
+}
+
+/**
+ * Locks the organization (one change at a time) and makes the implicit Stripe interval of an
+ * organization without any explicit, so that it can be closed like any other.
+ */
+async function lockAndMaterialize(trx: Transaction<DB>, organizationId: string): Promise<IntervalView[]> {
+  const org = await sql`SELECT id FROM organizations WHERE id = ${organizationId} FOR UPDATE`.execute(trx);
+  if (org.rows.length === 0) throw new DestinationChangeError(`no organization ${organizationId}`);
+  const existing =
+    await sql`SELECT 1 FROM organization_destinations WHERE organization_id = ${organizationId} LIMIT 1`.execute(
+      trx,
+    );
+  if (existing.rows.length === 0) {
+    await sql`INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+              VALUES (${organizationId}, 'stripe', 'billing', '-infinity')`.execute(trx);
+  }
+  return listIntervals(trx, organizationId);
+}
+
+/**
+ * Ends the open intervals at `at`; one that would only start at or after `at` (a parallel run not begun
+ * yet, a change not in force yet) never took effect and is removed.
+ */
+async function closeOpen(trx: Transaction<DB>, organizationId: string, at: Date) {
+  await sql`DELETE FROM organization_destinations
+             WHERE organization_id = ${organizationId} AND valid_until IS NULL AND valid_from >= ${at}`.execute(
+    trx,
+  );
+  await sql`UPDATE organization_destinations SET valid_until = ${at}
+             WHERE organization_id = ${organizationId} AND valid_until IS NULL`.execute(trx);
+}
+
+async function open(
+  trx: Transaction<DB>,
+  organizationId: string,
+  destination: Destination,
+  role: DestinationRole,
+  from: Date | 'always',
+) {
+  await sql`INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+            VALUES (${organizationId}, ${destination}, ${role},
+                    ${from === 'always' ? sql`'-infinity'::timestamptz` : sql`${from}::timestamptz`})`.execute(
+    trx,
+  );
+}
+
+/** A new organization's destination (DEFAULT_DESTINATION): nothing stored for Stripe, the implicit default. */
+export async function assignInitialDestination(
+  trx: Transaction<DB>,
+  organizationId: string,
+  destination: Destination,
+): Promise<void> {
+  if (destination !== 'stripe') await open(trx, organizationId, destination, 'billing', 'always');
+}
+
+export interface Change {
+  /** The hour boundary the change takes effect at (usage time). */
+  at: Date;
+  intervals: IntervalView[];
+  /** Nothing to do: the organization already bills there alone. */
+  unchanged?: boolean;
+}
+
+/**
+ * `meterbox destinations set`: the organization bills `destination` alone from the next hour boundary
+ * (any parallel run ends there too).
+ */
+export async function setDestination(
+  db: Kysely<DB>,
+  organizationId: string,
+  destination: Destination,
+  options: { now: Date; leadMs?: number },
+): Promise<Change> {
+  return db.transaction().execute(async (trx) => {
+    const intervals = await lockAndMaterialize(trx, organizationId);
+    const current = openIntervals(intervals);
+    const at = nextHourBoundary(options.now, options.leadMs);
+    if (current.length === 1 && current[0]!.destination === destination && current[0]!.role === 'billing') {
+      return { at, intervals, unchanged: true };
+    }
+    await closeOpen(trx, organizationId, at);
+    await open(trx, organizationId, destination, 'billing', at);
+    return { at, intervals: await listIntervals(trx, organizationId) };
+  });
+}
+
+/**
+ * `meterbox destinations start-parallel --to D`: from the next hour boundary the organization's usage
+ * also goes to D, in shadow (the billing destination stays as it is).
+ */
+export async function startParallel(
+  db: Kysely<DB>,
+  organizationId: string,
+  to: Destination,
+  options: { now: Date; leadMs?: number },
+): Promise<Change> {
+  return db.transaction().execute(async (trx) => {
+    const intervals = await lockAndMaterialize(trx, organizationId);
+    const current = openIntervals(intervals);
+    const at = nextHourBoundary(options.now, options.leadMs);
+    if (current.some((i) => i.destination === to)) {
+      const same = current.find((i) => i.destination === to)!;
+      if (same.role === 'shadow') return { at, intervals, unchanged: true };
+      throw new DestinationChangeError(`the organization already bills to ${to}`);
+    }
+    if (current.some((i) => i.role === 'shadow'))
+      throw new DestinationChangeError(
+        'a parallel run is already under way; cut over or set a destination first',
+      );
+    await open(trx, organizationId, to, 'shadow', at);
+    return { at, intervals: await listIntervals(trx, organizationId) };
+  });
+}
+
+/**
+ * `meterbox destinations cut-over`: the shadow destination becomes the billing one at the next hour
+ * boundary (chosen here and returned): usage before it bills the old destination, usage from it the new
+ * one, no usage both or neither.
+ */
+export async function cutOver(
+  db: Kysely<DB>,
+  organizationId: string,
+  options: { now: Date; leadMs?: number },
+): Promise<Change & { from: Destination; to: Destination }> {
+  return db.transaction().execute(async (trx) => {
+    const intervals = await lockAndMaterialize(trx, organizationId);
+    const current = openIntervals(intervals);
+    const shadow = current.find((i) => i.role === 'shadow');
+    const billing = current.find((i) => i.role === 'billing');
+    if (!shadow || !billing)
+      throw new DestinationChangeError('no parallel run to cut over: start-parallel first');
+    const at = nextHourBoundary(options.now, options.leadMs);
+    await closeOpen(trx, organizationId, at);
+    await open(trx, organizationId, shadow.destination, 'billing', at);
+    return {
+      at,
+      from: billing.destination,
+      to: shadow.destination,
+      intervals: await listIntervals(trx, organizationId),
+    };
+  });
+}
+
+// ─── parity ─────────────────────────────────────────────────────────────────────────────────────
+
+export interface ParityRow {
+  hour: Date;
+  destination: Destination;
+  role: DestinationRole;
+  /** Readings stored in the hour and billed (not voided since). */
+  expected: number;
+  /** What meterbox's outbox delivered there for the hour (usage less corrections). */
+  delivered: number;
+  /** The destination's own usage query for the customer and hour; null when it could not be asked. */
+  reported: number | null;
+  /** reported − expected (null: unknown). 0 is exact. */
+  drift: number | null;
+}
+
+export interface ParityReport {
+  organizationId: string;
+  from: Date;
+  to: Date;
+  rows: ParityRow[];
+  /** Every row known and exact. */
+  exact: boolean;
+}
+
+export interface ParityClients {
+  stripe?: Stripe | undefined;
+  /** Stripe's temperature_readings meter id (configured or found by the catalog). */
+  stripeMeterId?: string | undefined;
+  metronome?: Metronome | undefined;
+  /** Metronome's temperature_readings billable metric id. */
+  metronomeMetricId?: string | undefined;
+}
+
+/** The UTC hours [from, to) the report covers: whole hours. */
+function hoursBetween(from: Date, to: Date): Date[] {
+  const out: Date[] = [];
+  for (let t = Math.floor(from.getTime() / HOUR_MS) * HOUR_MS; t < to.getTime(); t += HOUR_MS)
+    out.push(new Date(t));
+  return out;
+}
+
+/**
+ * Per hour and destination in force in that hour: readings stored − voided (what must be billed), what
+ * the outbox delivered there, and the destination's own usage for the organization's customer and hour
+ * (Stripe's meter event summaries by hour, Metronome's POST /v1/usage by hour). Drift is shown as soon
+ * as a destination's figure differs; a row still pending delivery shows it until the row lands.
+ */
+export async function parity(
+  db: Kysely<DB>,
+  organizationId: string,
+  period: { from: Date; to: Date },
+  clients: ParityClients,
+): Promise<ParityReport> {
+  const hours = hoursBetween(period.from, period.to);
+  const from = hours[0] ?? period.from;
+  const to = new Date(Math.ceil(period.to.getTime() / HOUR_MS) * HOUR_MS);
+  const intervals = await listIntervals(db, organizationId);
+  const stored = await sql<{ hour: Date; n: string }>`
+    SELECT date_trunc('hour', ingested_at, 'UTC') AS hour, count(*)::text AS n
+      FROM temperature_readings
+     WHERE organization_id = ${organizationId} AND outbox_id IS NOT NULL AND voided_at IS NULL
+       AND ingested_at >= ${from} AND ingested_at < ${to}
+     GROUP BY 1`.execute(db);
+  const expectedAt = new Map(stored.rows.map((r) => [new Date(r.hour).getTime(), Number(r.n)]));
+  const delivered = await sql<{ hour: Date; destination: Destination; customer: string; value: string }>`
+    SELECT date_trunc('hour', occurred_at, 'UTC') AS hour, destination, min(stripe_customer_id) AS customer,
+           sum(CASE WHEN kind = 'correction' THEN -value ELSE value END)::text AS value
+      FROM meter_outbox
+     WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings' AND status = 'delivered'
+       AND occurred_at >= ${from} AND occurred_at < ${to}
+     GROUP BY 1, 2`.execute(db);
+  const deliveredAt = new Map(
+    delivered.rows.map((r) => [`${r.destination}@${new Date(r.hour).getTime()}`, Number(r.value)]),
+  );
+  const stripeCustomer = await sql<{ stripe_customer_id: string | null }>`
+    SELECT stripe_customer_id FROM subscriptions WHERE organization_id = ${organizationId}`.execute(db);
+
+  const reportedAt = new Map<string, number>();
+  const asked = new Set<Destination>();
+  const used = new Set(intervals.map((i) => i.destination));
+  if (
+    used.has('stripe') &&
+    clients.stripe &&
+    clients.stripeMeterId &&
+    stripeCustomer.rows[0]?.stripe_customer_id
+  ) {
+    let startingAfter: string | undefined;
+    for (;;) {
+      const page = await clients.stripe.billing.meters.listEventSummaries(clients.stripeMeterId, {
+        customer: stripeCustomer.rows[0].stripe_customer_id,
+        start_time: Math.floor(from.getTime() / 1000),
+        end_time: Math.floor(to.getTime() / 1000),
+        value_grouping_window: 'hour',
+        limit: 100,
+        ...(startingAfter ? { starting_after: startingAfter } : {}),
+      });
+      for (const s of page.data) reportedAt.set(`stripe@${s.start_time * 1000}`, s.aggregated_value);
+      if (!page.has_more || page.data.length === 0) break;
+      startingAfter = page.data[page.data.length - 1]!.id;
+    }
+    asked.add('stripe');
+  }
+  if (used.has('metronome') && clients.metronome && clients.metronomeMetricId) {
+    const customer = await findCustomer(clients.metronome, organizationId);
+    if (customer) {
+      const usage = await metronomeHourlyUsage(
+        clients.metronome,
+        customer.id,
+        [{ eventName: 'temperature_readings' as MeterEventName, id: clients.metronomeMetricId }],
+        from,
+        to,
+      );
+      for (const u of usage) reportedAt.set(`metronome@${u.hour.getTime()}`, u.value);
+    }
+    asked.add('metronome');
+  }
+
+  const rows: ParityRow[] = [];
+  for (const hour of hours) {
+    for (const i of intervals) {
+      const t = hour.getTime();
+      if ((i.from && i.from.getTime() > t) || (i.until && i.until.getTime() <= t)) continue;
+      const key = `${i.destination}@${t}`;
+      const expected = expectedAt.get(t) ?? 0;
+      const reported = asked.has(i.destination) ? (reportedAt.get(key) ?? 0) : null;
+      rows.push({
+        hour,
+        destination: i.destination,
+        role: i.role,
+        expected,
+        delivered: deliveredAt.get(key) ?? 0,
+        reported,
+        drift: reported === null ? null : reported - expected,
+      });
+    }
+  }
+  return { organizationId, from, to, rows, exact: rows.every((r) => r.drift === 0) };
+}
+
+/** The ingest alias the organization's Metronome usage is sent under (shown by the CLI and the dashboard). */
+export const aliasOf = metronomeAlias;
+
+/**
+ * The parity report with the context's clients: Stripe's temperature_readings meter (configured, or
+ * the account's active one) and Metronome's billable metric found by its definition.
+ */
+export async function parityOf(
+  ctx: Pick<Context, 'db' | 'stripe' | 'metronome' | 'config'>,
+  organizationId: string,
+  period: { from: Date; to: Date },
+): Promise<ParityReport> {
+  let stripeMeterId = ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS;
+  if (!stripeMeterId && ctx.stripe) {
+    const state = meterStateOf(METER_SPECS[0]!, await listAccountMeters(ctx.stripe));
+    if (state.kind === 'ok') stripeMeterId = state.meter.id;
+  }
+  const metronomeMetricId = ctx.metronome
+    ? metricFor(await listBillableMetrics(ctx.metronome), METRONOME_METRICS[0]!)?.id
+    : undefined;
+  return parity(ctx.db, organizationId, period, {
+    stripe: ctx.stripe,
+    stripeMeterId,
+    metronome: ctx.metronome,
+    metronomeMetricId,
+  });
+}
+
+/** Before usage goes to Metronome: the organization's customer with meterbox's alias exists there. */
+export async function prepareDestination(
+  ctx: Pick<Context, 'db' | 'metronome'>,
+  organizationId: string,
+  destination: Destination,
+): Promise<{ metronomeCustomer?: { id: string; created: boolean } }> {
+  if (destination !== 'metronome') return {};
+  if (!ctx.metronome)
+    throw new DestinationChangeError('METRONOME_BEARER_TOKEN is not set: no organization can use Metronome');
+  const org = await sql<{
+    name: string;
+  }>`SELECT name FROM organizations WHERE id = ${organizationId}`.execute(ctx.db);
+  const name = org.rows[0]?.name;
+  if (name === undefined) throw new DestinationChangeError(`no organization ${organizationId}`);
+  return { metronomeCustomer: await ensureCustomer(ctx.metronome, { id: organizationId, name }) };
+}

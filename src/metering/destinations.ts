@@ -1,0 +1,65 @@
+// Where an organization's usage is billed (issue 34): the destinations in force at an instant, as a
+// SQL fragment that ingestion, the hourly active-sensors report and anything else writing outbox rows
+// joins in its own statement (no extra round trip, and the same snapshot as the rows it writes).
+//
+// organization_destinations (0024) holds intervals [valid_from, valid_until) on UTC hour boundaries;
+// an organization with no interval at all bills to Stripe alone, as before destinations existed. Each
+// destination in force at a row's usage time gets its own outbox row, with its own customer: Stripe's
+// customer id, or the Metronome ingest alias meterbox controls.
+import { type RawBuilder, sql } from 'kysely';
+import type { Destination } from '../db/schema.js';
+import { METRONOME_ALIAS_PREFIX } from './metronome.js';
+
+export type DestinationRole = 'billing' | 'shadow';
+
+/**
+ * The destinations in force for organization `org` at `at` (SQL expressions), as joins to add to a
+ * FROM clause: its intervals covering `at`, or ('stripe', 'billing') when it has none at all. Select
+ * `DESTINATION` and `ROLE`, and filter with `IN_FORCE`. Joins rather than a lateral subquery with a
+ * UNION: Citus plans neither a UNION over a reference table (organization_destinations is one) nor a
+ * correlated subquery inside a statement that also writes distributed tables (ingestion's).
+ */
+export function destinationsJoin(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
+  return sql`
+      LEFT JOIN organization_destinations od
+        ON od.organization_id = ${org} AND od.valid_from <= ${at}
+       AND (od.valid_until IS NULL OR od.valid_until > ${at})
+      LEFT JOIN (SELECT organization_id FROM organization_destinations GROUP BY organization_id) od_any
+        ON od_any.organization_id = ${org}`;
+}
+
+/** The destination of a row of destinationsJoin. */
+export const DESTINATION = sql`coalesce(od.destination, 'stripe')`;
+/** Its role. */
+export const ROLE = sql`coalesce(od.role, 'billing')`;
+/** destinationsJoin's rows that are in force: an interval covering the instant, or no interval at all. */
+export const IN_FORCE = sql`(od.organization_id IS NOT NULL OR od_any.organization_id IS NULL)`;
+
+/**
+ * The customer column of an outbox row at `destination` (SQL): Stripe's customer id, or the
+ * organization's Metronome ingest alias (metronome.ts metronomeAlias).
+ */
+export function destinationCustomer(
+  destination: RawBuilder<unknown>,
+  stripeCustomer: RawBuilder<unknown>,
+  org: RawBuilder<unknown>,
+) {
+  return sql`CASE ${destination} WHEN 'stripe' THEN ${stripeCustomer}
+                 ELSE ${METRONOME_ALIAS_PREFIX}::text || ${org}::text END`;
+}
+
+/**
+ * Whether a subscription can be billed at `destination` (SQL): Stripe needs its customer id;
+ * Metronome addresses the organization by alias and needs only the billable status.
+ */
+export function billableAt(destination: RawBuilder<unknown>, stripeCustomer: RawBuilder<unknown>) {
+  return sql`(${destination} <> 'stripe' OR ${stripeCustomer} IS NOT NULL)`;
+}
+
+/** An interval of organization_destinations. */
+export interface DestinationInterval {
+  destination: Destination;
+  role: DestinationRole;
+  validFrom: Date | null;
+  validUntil: Date | null;
+}

@@ -1,0 +1,110 @@
+// The delivery store: the statements a batch runs (delivery-sql.ts, corrections.ts, pg-boss's
+// insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
+// simulation's model of it (scripts/sim/store.ts).
+import type { Kysely } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { Config } from '../config.js';
+import type { DB, Destination } from '../db/schema.js';
+import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections.js';
+import {
+  type ClaimOptions,
+  claimBatch,
+  holdKeys,
+  pendingOrganizations,
+  releaseLeases,
+  renewLeases,
+  settleBatch,
+} from './delivery-sql.js';
+import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
+import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
+import { queueDeliveries } from './outbox.js';
+import type { ClaimedKey, CorrectionFacts, GroupSettlement, KeyRef, KeySettlement } from './rules.js';
+
+export interface DeliveryStore {
+  claim(
+    keys: readonly KeyRef[],
+    options: Omit<ClaimOptions, 'distributed' | 'router'>,
+  ): Promise<ClaimedKey[]>;
+  claimCorrections(key: KeyRef, options: { now: Date; validationSeconds: number }): Promise<CorrectionFacts>;
+  switchToCompensate(key: KeyRef, identifier: string): Promise<void>;
+  settle(
+    groups: readonly GroupSettlement[],
+    keys: readonly KeySettlement[],
+    options: { owner: string; minIntervalMs: number },
+  ): Promise<void>;
+  release(owner: string, nextCallAt: Date): Promise<number>;
+  renew(owner: string, leaseSeconds: number): Promise<number>;
+  hold(keys: readonly KeyRef[]): Promise<void>;
+  /** Queues each key's job to start after its delay (a key with a queued job keeps that one). */
+  queue(keys: readonly { key: KeyRef; afterMs: number }[]): Promise<void>;
+  /** A 429: the shared call budget slows down. */
+  rateLimited(): Promise<void>;
+  /**
+   * The organization of each job queued before jobs named one: the one with the key's oldest pending
+   * row (by the key's job name, singletonKeyOf); a key with no pending row is absent.
+   */
+  organizationsOf(keys: readonly Omit<KeyRef, 'organizationId'>[]): Promise<Map<string, string>>;
+}
+
+/** A destination's account-wide call rate (its budget row's configured rate). */
+export function destinationCallsPerSecond(
+  config: Pick<
+    Config,
+    'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY' | 'METRONOME_MAX_CALLS_PER_SECOND'
+  >,
+  destination: Destination,
+): number {
+  return destination === 'metronome' ? config.METRONOME_MAX_CALLS_PER_SECOND : callsPerSecond(config);
+}
+
+/** The store over Postgres and pg-boss, for one destination's keys (default Stripe's). */
+export function sqlStore(deps: {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  config: Pick<
+    Config,
+    'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY' | 'METRONOME_MAX_CALLS_PER_SECOND'
+  >;
+  distributed?: boolean;
+  destination?: Destination;
+}): DeliveryStore {
+  const { db, boss } = deps;
+  const distributed = deps.distributed === true;
+  const destination = deps.destination ?? 'stripe';
+  // One store per batch: its shard router remembers the batch's organizations' shard groups from the
+  // claim to the settle, and the store the organizations whose keys the batch claimed (its renewals
+  // and release name them, so each is a router query on Citus).
+  const placement = { distributed, router: distributed ? citusRouter(db) : ONE_NODE };
+  let organizationIds: string[] = [];
+  return {
+    claim: (keys, options) => {
+      organizationIds = [...new Set([...organizationIds, ...keys.map((k) => k.organizationId)])];
+      return claimBatch(db, keys, {
+        ...options,
+        ...placement,
+        ...(destination === 'metronome' ? { pastWindowMs: METRONOME_PAST_WINDOW_MS } : {}),
+      });
+    },
+    claimCorrections: (key, options) => claimCorrectionGroup(db, { ...key, destination }, options),
+    switchToCompensate: (key, identifier) => switchCorrectionToCompensate(db, key.organizationId, identifier),
+    settle: (groups, keys, options) => settleBatch(db, groups, keys, { ...options, ...placement }),
+    release: (owner, nextCallAt) => releaseLeases(db, owner, { nextCallAt, organizationIds, ...placement }),
+    renew: (owner, leaseSeconds) => renewLeases(db, owner, { leaseSeconds, organizationIds, ...placement }),
+    hold: (keys) => holdKeys(db, keys, placement),
+    organizationsOf: (keys) => pendingOrganizations(db, keys),
+    async queue(keys) {
+      await queueDeliveries(
+        boss,
+        keys.map((k) => ({ ...k.key, afterMs: k.afterMs })),
+      );
+    },
+    rateLimited: () =>
+      recordRateLimited(
+        db,
+        destinationCallsPerSecond(deps.config, destination),
+        distributed,
+        BUDGET_ROW[destination],
+      ),
+  };
+}

@@ -1,0 +1,69 @@
+// The readings body's plain-loop parser against its zod schema: whatever the loop accepts, the schema
+// accepts with the same output; whatever it leaves to the schema, the schema decides.
+import { describe, expect, it } from 'vitest';
+import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
+
+const now = new Date('2026-11-21T10:00:00Z');
+const options = { maxBatch: 3, now: () => now, retentionDays: 400 };
+const schema = readingsRequestSchema(options);
+const sensorId = '0b6f3e4c-2d1a-4f5b-9c8d-7e6f5a4b3c2d';
+const reading = (over: Record<string, unknown> = {}) => ({
+  sensorId,
+  recordedAt: '2026-11-21T09:00:00Z',
+  temperatureC: 4.2,
+  ...over,
+});
+
+const accepted: [string, unknown][] = [
+  ['one reading', { readings: [reading()] }],
+  ['the batch limit', { readings: [reading(), reading(), reading()] }],
+  [
+    'an offset and fractional seconds',
+    { readings: [reading({ recordedAt: '2026-11-21T11:59:59.123456+02:00' })] },
+  ],
+  ['a -15:59 offset', { readings: [reading({ recordedAt: '2026-11-20T17:00:00-15:59' })] }],
+  ['the temperature bounds', { readings: [reading({ temperatureC: -100 }), reading({ temperatureC: 150 })] }],
+  ['an integer temperature', { readings: [reading({ temperatureC: 4 })] }],
+  ['extra fields (stripped)', { extra: 1, readings: [reading({ note: 'x' })] }],
+  ['upper-case hex in the id', { readings: [reading({ sensorId: sensorId.toUpperCase() })] }],
+  ['4 minutes in the future', { readings: [reading({ recordedAt: '2026-11-21T10:04:00Z' })] }],
+  ['the last millisecond of a year', { readings: [reading({ recordedAt: '2025-12-31T23:59:59.999Z' })] }],
+];
+const refused: [string, unknown][] = [
+  ['no body', null],
+  ['an array body', [reading()]],
+  ['no readings', {}],
+  ['an empty batch', { readings: [] }],
+  ['over the batch limit', { readings: [reading(), reading(), reading(), reading()] }],
+  ['a reading that is an array', { readings: [[sensorId, '2026-11-21T09:00:00Z', 4]] }],
+  ['a null reading', { readings: [null] }],
+  ['an id that is not a UUID', { readings: [reading({ sensorId: 'sensor-1' })] }],
+  ['an id of a bad variant', { readings: [reading({ sensorId: '0b6f3e4c-2d1a-4f5b-1c8d-7e6f5a4b3c2d' })] }],
+  ['a date without a zone', { readings: [reading({ recordedAt: '2026-11-21T09:00:00' })] }],
+  ['a date without seconds', { readings: [reading({ recordedAt: '2026-11-21T09:00Z' })] }],
+  ['30 February', { readings: [reading({ recordedAt: '2026-02-30T00:00:00Z' })] }],
+  ['a +16:00 offset', { readings: [reading({ recordedAt: '2026-11-21T19:00:00+16:00' })] }],
+  ['year 0000', { readings: [reading({ recordedAt: '0000-01-01T00:00:00Z' })] }],
+  ['before 2000', { readings: [reading({ recordedAt: '1999-12-31T23:59:59Z' })] }],
+  ['6 minutes in the future', { readings: [reading({ recordedAt: '2026-11-21T10:06:00Z' })] }],
+  ['older than the retention', { readings: [reading({ recordedAt: '2025-10-01T00:00:00Z' })] }],
+  ['a temperature below the range', { readings: [reading({ temperatureC: -100.01 })] }],
+  ['a temperature above the range', { readings: [reading({ temperatureC: 150.5 })] }],
+  ['a temperature as a string', { readings: [reading({ temperatureC: '4.2' })] }],
+  ['a missing temperature', { readings: [{ sensorId, recordedAt: '2026-11-21T09:00:00Z' }] }],
+  ['one bad reading among good ones', { readings: [reading(), reading({ temperatureC: 999 })] }],
+];
+
+describe('parseReadingsFast', () => {
+  it.each(accepted)('parses %s as the schema does', (_, body) => {
+    const fast = parseReadingsFast(body, options);
+    const slow = schema.safeParse(body);
+    expect(slow.success).toBe(true);
+    expect(fast).toEqual(slow.data);
+  });
+
+  it.each(refused)('leaves %s to the schema, which refuses it', (_, body) => {
+    expect(parseReadingsFast(body, options)).toBeUndefined();
+    expect(schema.safeParse(body).success).toBe(false);
+  });
+});
