@@ -466,8 +466,8 @@ describe('what a batch that died leaves', () => {
       await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
     }
     // `died`: leased by a batch whose lease ran out without a renewal or release.
-    await sql`INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
-              VALUES (${died.customerId}, 'temperature_readings', 'dead', clock_timestamp() - interval '1 second')`.execute(
+    await sql`INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, lease_owner, lease_expires_at)
+              VALUES (${died.organizationId}, ${died.customerId}, 'temperature_readings', 'dead', clock_timestamp() - interval '1 second')`.execute(
       ctx.db,
     );
     // `fetched` and `alive`: their jobs were fetched long ago; only `alive`'s batch holds a live lease.
@@ -477,8 +477,8 @@ describe('what a batch that died leaves', () => {
         ctx.db,
       );
     }
-    await sql`INSERT INTO meter_delivery_keys (stripe_customer_id, event_name, lease_owner, lease_expires_at)
-              VALUES (${alive.customerId}, 'temperature_readings', 'alive', clock_timestamp() + interval '1 minute')`.execute(
+    await sql`INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, lease_owner, lease_expires_at)
+              VALUES (${alive.organizationId}, ${alive.customerId}, 'temperature_readings', 'alive', clock_timestamp() + interval '1 minute')`.execute(
       ctx.db,
     );
     await takeQueuedJobs(ctx, died.customerId);
