@@ -244,7 +244,9 @@ async function claimStatement(
     -- The statement's one clock, read where the statement runs (on Citus: the shard group's node).
     c AS MATERIALIZED (SELECT clock_timestamp() AS at),
     -- Key rows another claim or settle has locked right now are passed over (the key is answered busy
-    -- and looked at again in a second) instead of waited for.
+    -- and looked at again in a second) instead of waited for. Only rows this claim could lease are
+    -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
+    -- settle never waits for this claim (it did, on Lock:transactionid, under load).
     free AS (
       ${
         lease === 'upsert'
@@ -260,7 +262,11 @@ async function claimStatement(
           FROM meter_delivery_keys d JOIN input i
             ON d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
            AND d.event_name = i.event_name AND d.destination = i.destination
-         WHERE ${scope('d')} true
+         CROSS JOIN c
+         WHERE ${scope('d')} d.event_name = ANY(${options.sendable}::text[])
+           AND (d.lease_expires_at IS NULL OR d.lease_expires_at < c.at)
+           AND d.next_call_at <= c.at
+           AND (d.retry_at IS NULL OR d.retry_at <= c.at)
          ORDER BY 1, 2, 3, 4
            FOR UPDATE OF d SKIP LOCKED) locked
     ),
