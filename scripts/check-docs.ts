@@ -8,16 +8,17 @@
 //     setting config.ts reads is in .env.example and in the settings reference (SETTINGS_REFERENCE);
 //   * every relative link, and its #anchor (GitHub's heading slugs), resolves;
 //   * the routes table (a table whose first column is "route") matches the OpenAPI document the app
-//     serves, both ways; the app is built on a context that never connects to a database.
+//     serves, both ways; the app is built on a context that never connects to a database;
+//   * docs/http-api.md is exactly what `npm run docs:api` (scripts/gen-api-docs.ts) renders from that
+//     document, so the API reference cannot drift from the routes.
 // Each finding is printed as `file:line: message`; any finding exits 1.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parse as parseYaml } from 'yaml';
-import { createApp } from '../src/api/app.js';
 import { COMMANDS } from '../src/commands.js';
-import { configSchema, loadConfig, retiredSettingWarnings } from '../src/config.js';
-import { createContext } from '../src/context.js';
+import { configSchema, retiredSettingWarnings } from '../src/config.js';
+import { API_DOCS_FILE, type OpenApiDocument, openApiDocument, renderApiDocs } from './gen-api-docs.js';
 
 export interface Finding {
   /** Relative to the checked root, posix separators. */
@@ -28,10 +29,9 @@ export interface Finding {
 
 /**
  * Where the settings are documented for readers: every setting must be named in the first column of
- * a table under this heading of this file. (Today the README's configuration tables; when the
- * reference moves into docs/, change it here.)
+ * a table under this heading of this file.
  */
-export const SETTINGS_REFERENCE = { file: 'README.md', heading: 'Configuration' } as const;
+export const SETTINGS_REFERENCE = { file: 'docs/configuration.md', heading: 'Configuration' } as const;
 
 /**
  * Environment variables the docs may name that config.ts does not read: the tools' own, each with the
@@ -82,7 +82,10 @@ interface Markdown {
   text: string;
   /** The text with fenced code blocks blanked (line breaks kept), so spans and links skip them. */
   prose: string;
-  /** Lines of fenced code blocks, with their line numbers. */
+  /**
+   * Lines of fenced code blocks, with their line numbers. A block fenced as `text` shows output (a
+   * banner, a listing), not commands: its lines are left out.
+   */
   codeLines: Span[];
   /** Inline code spans outside fenced blocks (they may wrap a line, never a blank one). */
   codeSpans: Span[];
@@ -101,16 +104,19 @@ export function parseMarkdown(text: string): Markdown {
   const headings: Markdown['headings'] = [];
   const proseLines: string[] = [];
   let fence: string | undefined;
+  let output = false;
   for (const [i, line] of lines.entries()) {
-    const marker = /^\s*(`{3,}|~{3,})/.exec(line)?.[1];
+    const opening = /^\s*(`{3,}|~{3,})\s*(\S*)/.exec(line);
+    const marker = opening?.[1];
     if (fence) {
       if (marker && marker[0] === fence[0] && marker.length >= fence.length) fence = undefined;
-      else codeLines.push({ text: line, line: i + 1 });
+      else if (!output) codeLines.push({ text: line, line: i + 1 });
       proseLines.push('');
       continue;
     }
     if (marker) {
       fence = marker;
+      output = opening?.[2] === 'text';
       proseLines.push('');
       continue;
     }
@@ -240,8 +246,10 @@ function checkCommands(file: string, md: Markdown): Finding[] {
   for (const { text, line } of commandLines(md)) {
     const words = text.split(/\s+/).filter(Boolean);
     const first = words[0];
-    // A placeholder (`meterbox <command>`, `npm run cli -- …`) shows the shape, not a command.
+    // A placeholder (`meterbox <command>`, `npm run cli -- …`) shows the shape, not a command; the
+    // general help (`meterbox --help`) is one.
     if (first === undefined || /^[<…[]|^\.\.\./.test(first)) continue;
+    if (['--help', '-h', 'help'].includes(first)) continue;
     const name = [words.slice(0, 2).join(' '), first].find((candidate) => candidate in COMMANDS);
     if (!name) {
       findings.push({ file, line, message: `\`meterbox ${text}\`: no such command in src/commands.ts` });
@@ -439,7 +447,7 @@ function checkRoutes(docs: ReadonlyMap<string, Markdown>, sources: Sources): Fin
   }
   if (!first)
     return [
-      { file: 'README.md', line: 1, message: 'no routes table (a table whose first column is "route")' },
+      { file: API_DOCS_FILE, line: 1, message: 'no routes table (a table whose first column is "route")' },
     ];
   for (const route of documented) {
     const methods = sources.routes.get(route.path);
@@ -477,30 +485,44 @@ function checkRoutes(docs: ReadonlyMap<string, Markdown>, sources: Sources): Fin
 
 // --- What the code says ---
 
+/** The routes of an OpenAPI document: each normalised path with its methods. */
+export function routesOf(doc: OpenApiDocument): Map<string, Set<string>> {
+  const routes = new Map<string, Set<string>>();
+  for (const [path, operations] of Object.entries(doc.paths)) {
+    for (const p of normalisePaths(path)) {
+      const methods = routes.get(p) ?? new Set<string>();
+      for (const method of Object.keys(operations)) methods.add(method.toUpperCase());
+      routes.set(p, methods);
+    }
+  }
+  return routes;
+}
+
 /** The OpenAPI document's routes, from the app built on a context that never connects. */
 export async function openApiRoutes(): Promise<Map<string, Set<string>>> {
-  const config = loadConfig({
-    // Nothing listens there, and nothing is connected: building the app and its document runs no query.
-    DATABASE_URL: 'postgres://docs-check@127.0.0.1:1/docs-check',
-    LOG_LEVEL: 'silent',
-    ADMIN_TOKEN: 'docs-check-admin-token',
-  });
-  const ctx = await createContext(config, { applicationName: 'meterbox-docs-check' });
-  try {
-    const res = await createApp(ctx).request('/openapi.json');
-    const doc = (await res.json()) as { paths: Record<string, Record<string, unknown>> };
-    const routes = new Map<string, Set<string>>();
-    for (const [path, operations] of Object.entries(doc.paths)) {
-      for (const p of normalisePaths(path)) {
-        const methods = routes.get(p) ?? new Set<string>();
-        for (const method of Object.keys(operations)) methods.add(method.toUpperCase());
-        routes.set(p, methods);
-      }
+  return routesOf(await openApiDocument());
+}
+
+/** The committed API reference is what the generator renders from the document, line for line. */
+function checkGeneratedApiDocs(root: string, doc: OpenApiDocument): Finding[] {
+  const file = API_DOCS_FILE;
+  const fix = 'run `npm run docs:api` and commit the result';
+  if (!existsSync(join(root, file))) return [{ file, line: 1, message: `${file} is missing: ${fix}` }];
+  const committed = readFileSync(join(root, file), 'utf8').split('\n');
+  const rendered = renderApiDocs(doc).split('\n');
+  const length = Math.max(committed.length, rendered.length);
+  for (let i = 0; i < length; i++) {
+    if (committed[i] !== rendered[i]) {
+      return [
+        {
+          file,
+          line: i + 1,
+          message: `differs from what \`npm run docs:api\` renders from the OpenAPI document (expected here: ${JSON.stringify((rendered[i] ?? '(end of file)').slice(0, 100))}): ${fix}`,
+        },
+      ];
     }
-    return routes;
-  } finally {
-    await ctx.close();
   }
+  return [];
 }
 
 /** Names that are not config.ts's but are read elsewhere; a stale entry is itself a finding. */
@@ -540,8 +562,8 @@ export interface CheckOptions {
   root: string;
   /** The repository whose files OTHER_VARIABLES and CODE_CONSTANTS name (default: this checkout). */
   repo?: string;
-  /** The OpenAPI routes (default: built from the app). */
-  routes?: Map<string, Set<string>>;
+  /** The OpenAPI document (default: built from the app). */
+  openApi?: OpenApiDocument;
 }
 
 export async function checkDocs(options: CheckOptions): Promise<Finding[]> {
@@ -551,12 +573,13 @@ export async function checkDocs(options: CheckOptions): Promise<Finding[]> {
     scripts?: Record<string, string>;
   };
   const compose = composeVariables(root);
+  const openApi = options.openApi ?? (await openApiDocument());
   const sources: Sources = {
     root,
     scripts: new Set(Object.keys(pkg.scripts ?? {})),
     settings: new Set(Object.keys(configSchema.shape)),
     composeVariables: compose,
-    routes: options.routes ?? (await openApiRoutes()),
+    routes: routesOf(openApi),
   };
   const other = await otherKnownNames(repo, compose);
   const known = new Set(other.names);
@@ -581,7 +604,11 @@ export async function checkDocs(options: CheckOptions): Promise<Finding[]> {
   }
   if (envExample) findings.push(...checkEnvExample(envExample, sources, known));
   else findings.push({ file: '.env.example', line: 1, message: '.env.example is missing' });
-  findings.push(...checkSettingsReference(docs, sources), ...checkRoutes(docs, sources));
+  findings.push(
+    ...checkSettingsReference(docs, sources),
+    ...checkRoutes(docs, sources),
+    ...checkGeneratedApiDocs(root, openApi),
+  );
   return findings.sort((a, b) => a.file.localeCompare(b.file) || a.line - b.line);
 }
 

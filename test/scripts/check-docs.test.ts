@@ -1,20 +1,22 @@
 // The docs check (scripts/check-docs.ts, `npm run docs:check` in CI) passes on the docs as they are and
 // fails, naming file and line, on each kind of mistake planted in a temporary copy of them: a wrong
-// command, an unknown setting, a missing setting, a broken link, a broken anchor and a wrong route.
+// command, an unknown setting, a missing setting, a broken link, a broken anchor, a wrong route, and a
+// generated API page (docs/http-api.md) that differs from what `npm run docs:api` renders.
 import { execFile } from 'node:child_process';
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { beforeAll, describe, expect, it, onTestFinished } from 'vitest';
-import { checkDocs, type Finding, openApiRoutes } from '../../scripts/check-docs.js';
+import { checkDocs, type Finding } from '../../scripts/check-docs.js';
+import { type OpenApiDocument, openApiDocument } from '../../scripts/gen-api-docs.js';
 
 const REPO = join(import.meta.dirname, '../..');
-const COPIED = ['README.md', 'docs', '.env.example', 'package.json', 'compose.yaml'];
+const COPIED = ['README.md', 'docs', 'CHANGELOG.md', '.env.example', 'package.json', 'compose.yaml'];
 
-let routes: Map<string, Set<string>>;
+let openApi: OpenApiDocument;
 beforeAll(async () => {
-  routes = await openApiRoutes();
+  openApi = await openApiDocument();
 });
 
 /** A temporary copy of the docs (and what they are checked against), removed after the test. */
@@ -43,7 +45,7 @@ function append(root: string, file: string, paragraph: string): number {
   return plant(root, file, (text) => `${text.replace(/\n*$/, '')}\n\n${paragraph}\n`);
 }
 
-const check = (root: string) => checkDocs({ root, repo: REPO, routes });
+const check = (root: string, doc = openApi) => checkDocs({ root, repo: REPO, openApi: doc });
 const at = (file: string, line: number, message: RegExp) =>
   expect.objectContaining<Finding>({ file, line, message: expect.stringMatching(message) });
 
@@ -83,11 +85,12 @@ describe('docs check', () => {
   it('fails on a setting missing from .env.example and from the settings reference', async () => {
     const root = copyOfDocs();
     plant(root, '.env.example', (text) => text.replace(/^DB_POOL_MAX=.*\n/m, ''));
-    plant(root, 'README.md', (text) => text.replace(/^\| `DB_POOL_MAX` \|.*\n/m, ''));
-    const heading = readFileSync(join(root, 'README.md'), 'utf8').split('\n').indexOf('## Configuration') + 1;
+    plant(root, 'docs/configuration.md', (text) => text.replace(/^\| `DB_POOL_MAX` \|.*\n/m, ''));
+    const heading =
+      readFileSync(join(root, 'docs/configuration.md'), 'utf8').split('\n').indexOf('# Configuration') + 1;
     expect(await check(root)).toEqual([
       at('.env.example', 1, /DB_POOL_MAX.*has no DB_POOL_MAX= line/),
-      at('README.md', heading, /DB_POOL_MAX.*not in the settings reference/),
+      at('docs/configuration.md', heading, /DB_POOL_MAX.*not in the settings reference/),
     ]);
   });
 
@@ -105,22 +108,53 @@ describe('docs check', () => {
 
   it('fails on a route the OpenAPI document does not have, a wrong method, and a route missing from the table', async () => {
     const root = copyOfDocs();
+    const page = 'docs/http-api.md';
     let table = 0;
-    const wrong = plant(root, 'README.md', (text) => {
-      table = text.split('\n').indexOf('| route | auth | purpose |') + 1;
+    const wrong = plant(root, page, (text) => {
+      table = text.split('\n').indexOf('| route | auth | summary |') + 1;
       return text.replace(
-        '| `POST /webhooks/stripe` |',
-        '| `POST /webhooks/stripe`, `GET /v1/readings`, `/v1/alerts` |',
+        '| [`POST /webhooks/stripe`](#post-webhooksstripe) |',
+        '| [`POST /webhooks/stripe`](#post-webhooksstripe), `GET /v1/readings`, `/v1/alerts` |',
       );
     });
-    plant(root, 'README.md', (text) => text.replace('`PATCH /v1/sensors/:id`', '`/v1/sensors/:id/name`'));
-    const found = await check(root);
-    expect(found).toEqual([
-      at('README.md', table, /PATCH \/v1\/sensors\/\{…\} \(in the OpenAPI document\) is missing/),
-      at('README.md', table + 3, /\/v1\/sensors\/\{…\}\/name is not in the OpenAPI document/),
-      at('README.md', wrong, /GET \/v1\/readings: the OpenAPI document has POST on this path, not GET/),
-      at('README.md', wrong, /\/v1\/alerts is not in the OpenAPI document/),
+    const renamed = plant(root, page, (text) =>
+      text.replace('[`PATCH /v1/sensors/{id}`](', '[`/v1/sensors/{id}/name`]('),
+    );
+    expect(await check(root)).toEqual([
+      at(page, table, /PATCH \/v1\/sensors\/\{…\} \(in the OpenAPI document\) is missing/),
+      at(page, wrong, /GET \/v1\/readings: the OpenAPI document has POST on this path, not GET/),
+      at(page, wrong, /\/v1\/alerts is not in the OpenAPI document/),
+      // The page is generated: an edit by hand is also a difference from what the generator renders.
+      at(page, wrong, /differs from what `npm run docs:api` renders/),
+      at(page, renamed, /\/v1\/sensors\/\{…\}\/name is not in the OpenAPI document/),
     ]);
+  });
+
+  it('fails when the generated API page differs from the OpenAPI document, or is missing', async () => {
+    const root = copyOfDocs();
+    const page = 'docs/http-api.md';
+    // A route's description changed in the code, and the page was not generated again.
+    const changed = structuredClone(openApi);
+    const readings = changed.paths['/v1/readings']!.post!;
+    readings.summary = `Store a batch of readings, all or nothing. ${readings.summary}`;
+    const lines = readFileSync(join(root, page), 'utf8').split('\n');
+    const row = lines.findIndex((line) => line.startsWith('| [`POST /v1/readings`]')) + 1;
+    expect(row).toBeGreaterThan(0);
+    expect(await check(root, changed)).toEqual([
+      at(
+        page,
+        row,
+        /differs from what `npm run docs:api` renders.*Store a batch of readings, all or nothing/,
+      ),
+    ]);
+    // Edited by hand: a line of an operation's section.
+    const edited = plant(root, page, (text) => text.replace('Auth: API key.', 'Auth: none.'));
+    expect(await check(root)).toEqual([at(page, edited, /differs from what `npm run docs:api` renders/)]);
+    // Missing (the links to it break too).
+    rmSync(join(root, page));
+    expect(await check(root)).toEqual(
+      expect.arrayContaining([at(page, 1, /docs\/http-api\.md is missing: run `npm run docs:api`/)]),
+    );
   });
 
   it('prints each finding as file:line: message and exits 1 (npm run docs:check)', async () => {
