@@ -23,7 +23,7 @@ import { webhookRoutes } from './webhooks.js';
 
 export type AppDeps = Context;
 
-export const API_VERSION = '0.1.0';
+export const API_VERSION = '0.2.0';
 
 function toAppError(err: unknown): AppError | undefined {
   if (err instanceof AppError) return err;
