@@ -52,8 +52,14 @@ export const configSchema = z.object({
   METER_CRON: cronExpression.default('0 * * * *'),
   /** The hourly active_sensors report: organizations per chunk (one transaction each). */
   ACTIVE_SENSORS_CHUNK_SIZE: int(1, 100_000).default(1000),
-  /** The hourly active_sensors report: most organizations written per second; 0 = unpaced. */
-  ACTIVE_SENSORS_PER_SECOND: int(0, 10_000_000).default(5000),
+  /**
+   * The hourly active_sensors report: most organizations written per second; 0 = unpaced; unset: as
+   * fast as the default destination's call budget delivers them, within 1,000-5,000
+   * (active-sensors-job.ts reportPace).
+   */
+  ACTIVE_SENSORS_PER_SECOND: optionalString
+    .transform((v) => (v === undefined ? undefined : Number(v)))
+    .pipe(z.number().int().min(0).max(10_000_000).optional()),
   BODY_LIMIT_BYTES: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
   /** Longest wait for a request's headers, and for a whole request (slow clients are cut off). */
   HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),

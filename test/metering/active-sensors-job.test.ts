@@ -9,7 +9,9 @@ import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import {
   ACTIVE_SENSORS_QUEUE,
+  REPORT_PACE_BOUNDS,
   registerSchedule,
+  reportPace,
   runHourlyReport,
   scheduledHourOf,
   startActiveSensorReporting,
@@ -175,6 +177,36 @@ describe('chunked hourly run', () => {
     // Chunks 2 and 3 may start no earlier than 200 and 400 ms after the first (20 organizations at
     // 100 a second each); the run's end is after the third chunk started.
     expect(Date.now() - started).toBeGreaterThanOrEqual(400);
+  });
+});
+
+describe("the report's pace", () => {
+  const base = {
+    ACTIVE_SENSORS_PER_SECOND: undefined,
+    DEFAULT_DESTINATION: 'stripe',
+    DELIVERY_TRANSPORT: 'v1',
+    METRONOME_MAX_CALLS_PER_SECOND: 100,
+    STRIPE_MAX_CALLS_PER_SECOND: undefined,
+    STRIPE_SECRET_KEY: 'sk_live_x',
+  } as const;
+
+  it("follows the default destination's delivery rate within its bounds, unless ACTIVE_SENSORS_PER_SECOND is set", () => {
+    // v1 live: 800 calls/s, one event a call: the floor.
+    expect(reportPace(base)).toBe(REPORT_PACE_BOUNDS.min);
+    // v1 with a budget above the floor: that budget.
+    expect(reportPace({ ...base, STRIPE_MAX_CALLS_PER_SECOND: 2_500 })).toBe(2_500);
+    // v2 live (100 events a call) and Metronome: the ceiling.
+    expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2' })).toBe(REPORT_PACE_BOUNDS.max);
+    expect(reportPace({ ...base, DEFAULT_DESTINATION: 'metronome' })).toBe(REPORT_PACE_BOUNDS.max);
+    // v2 sandbox: 25 calls/s x 100 events.
+    expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2', STRIPE_SECRET_KEY: 'sk_test_x' })).toBe(2_500);
+    // Metronome at 12 calls/s: 1,200 events/s.
+    expect(
+      reportPace({ ...base, DEFAULT_DESTINATION: 'metronome', METRONOME_MAX_CALLS_PER_SECOND: 12 }),
+    ).toBe(1_200);
+    // Set: as set, 0 (unpaced) included.
+    expect(reportPace({ ...base, ACTIVE_SENSORS_PER_SECOND: 0 })).toBe(0);
+    expect(reportPace({ ...base, ACTIVE_SENSORS_PER_SECOND: 20_000 })).toBe(20_000);
   });
 });
 
