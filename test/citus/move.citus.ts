@@ -23,10 +23,15 @@ import type { Context } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
 import { createWeekPartition, weekStart } from '../../src/storage/maintenance.js';
-import { type CitusCluster, citusQuery, startCitusCluster } from '../support/citus.js';
+import {
+  type CitusCluster,
+  citusQuery,
+  startCitusCluster,
+  untilDeliveredOnCluster,
+} from '../support/citus.js';
 import { openTestContext } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors, memoryIo } from '../support/fixtures.js';
-import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import { formatReport, ledgerOf } from '../support/ledger.js';
 import { lockSummary, startLockSampler } from '../support/lock-sampler.js';
 import { startEntryPoint } from '../support/processes.js';
 import { EMULATOR_ENV } from '../support/test.js';
@@ -312,27 +317,8 @@ describe.skipIf(!available)('moving a running single-node database onto a Citus 
       );
 
       // Delivery drains the backlog; billed = stored − voided for every organization.
-      await waitFor(
-        'every outbox row of the billable organizations delivered',
-        async () =>
-          Number(
-            (
-              await citusQuery<{ n: string }>(
-                url,
-                `SELECT count(*)::text AS n FROM meter_outbox WHERE status <> 'delivered' AND organization_id = ANY($1::uuid[])`,
-                [orgs.map((o) => o.organizationId)],
-              )
-            )[0]?.n,
-          ) === 0,
-        120_000,
-        500,
-      );
-      const loaded = await loadLedger(ctx.db, orgs);
-      const customers = new Set(orgs.map((o) => o.customerId));
-      const report = checkLedger({
-        ...loaded,
-        events: emulator.events().filter((e) => customers.has(e.customer)),
-      });
+      await untilDeliveredOnCluster(url, orgs, 'every outbox row of the billable organizations delivered');
+      const report = await ledgerOf(ctx.db, orgs, emulator.events());
       expect(report.violations, formatReport('citus move', report)).toEqual([]);
       const voidedReadings = Number(
         ((await voided.json()) as { correction: { readingsVoided: number } }).correction.readingsVoided,

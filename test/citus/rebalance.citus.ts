@@ -17,7 +17,12 @@ import type { Context } from '../../src/context.js';
 import { distributeTables } from '../../src/db/citus.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
-import { type CitusCluster, citusQuery, startCitusCluster } from '../support/citus.js';
+import {
+  type CitusCluster,
+  citusQuery,
+  startCitusCluster,
+  untilDeliveredOnCluster,
+} from '../support/citus.js';
 import { openTestContext } from '../support/database.js';
 import {
   authHeaders,
@@ -26,7 +31,7 @@ import {
   type OrganizationFixture,
   reading,
 } from '../support/fixtures.js';
-import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import { formatReport, ledgerOf } from '../support/ledger.js';
 import { lockSummary, startLockSampler } from '../support/lock-sampler.js';
 import { startEntryPoint } from '../support/processes.js';
 import { EMULATOR_ENV } from '../support/test.js';
@@ -254,27 +259,8 @@ describe.skipIf(!available)('a background rebalance under load', () => {
       expect(Number(onNew[0]?.tenant)).toBeGreaterThan(0);
       expect(Number(onNew[0]?.reference)).toBe(1);
 
-      await waitFor(
-        'every outbox row delivered',
-        async () =>
-          Number(
-            (
-              await citusQuery<{ n: string }>(
-                url,
-                `SELECT count(*)::text AS n FROM meter_outbox WHERE status <> 'delivered' AND organization_id = ANY($1::uuid[])`,
-                [orgs.map((o) => o.organizationId)],
-              )
-            )[0]?.n,
-          ) === 0,
-        120_000,
-        500,
-      );
-      const loaded = await loadLedger(ctx.db, orgs);
-      const customers = new Set(orgs.map((o) => o.customerId));
-      const report = checkLedger({
-        ...loaded,
-        events: emulator.events().filter((e) => customers.has(e.customer)),
-      });
+      await untilDeliveredOnCluster(url, orgs);
+      const report = await ledgerOf(ctx.db, orgs, emulator.events());
       expect(report.violations, formatReport('citus rebalance', report)).toEqual([]);
       expect(report.readingsStored).toBe(result.readingsSent);
 

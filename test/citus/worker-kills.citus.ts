@@ -9,9 +9,9 @@ import { loadavg } from 'node:os';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { citusQuery } from '../support/citus.js';
+import { untilDeliveredOnCluster } from '../support/citus.js';
 import { openTestContext } from '../support/database.js';
-import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import { formatReport, ledgerOf } from '../support/ledger.js';
 import { type RunningProcess, startEntryPoint } from '../support/processes.js';
 import { EMULATOR_ENV } from '../support/test.js';
 import {
@@ -23,7 +23,6 @@ import {
   startApi,
   startWorkerProcess,
 } from '../support/topology.js';
-import { waitFor } from '../support/wait.js';
 
 const url = inject('citusUrl');
 
@@ -94,28 +93,9 @@ describe.skipIf(!url)('two worker processes on the cluster, killed in turn under
         failure,
       ).toEqual([]);
 
-      await waitFor(
-        'every outbox row delivered',
-        async () =>
-          Number(
-            (
-              await citusQuery<{ n: string }>(
-                url,
-                `SELECT count(*)::text AS n FROM meter_outbox WHERE status <> 'delivered' AND organization_id = ANY($1::uuid[])`,
-                [orgs.map((o) => o.organizationId)],
-              )
-            )[0]?.n,
-          ) === 0,
-        120_000,
-        500,
-      );
+      await untilDeliveredOnCluster(url, orgs);
       emulator.setFaults({});
-      const loaded = await loadLedger(ctx.db, orgs);
-      const customers = new Set(orgs.map((o) => o.customerId));
-      const report = checkLedger({
-        ...loaded,
-        events: emulator.events().filter((e) => customers.has(e.customer)),
-      });
+      const report = await ledgerOf(ctx.db, orgs, emulator.events());
       expect(report.violations, formatReport('citus worker kills', report)).toEqual([]);
       expect(report.readingsStored).toBe(result.readingsSent);
       expect(report.readingsAccepted).toBe(report.readingsStored);

@@ -191,6 +191,22 @@ export async function loadLedger(
   };
 }
 
+/**
+ * The ledger of `orgs`: their rows read from the database against the destination's `events` for their
+ * customers (other tests' customers share the emulator).
+ */
+export async function ledgerOf(
+  db: Kysely<DB>,
+  orgs: readonly { organizationId: string; customerId: string }[],
+  events: readonly LedgerEvent[],
+): Promise<LedgerReport> {
+  const customers = new Set(orgs.map((o) => o.customerId));
+  return checkLedger({
+    ...(await loadLedger(db, orgs)),
+    events: events.filter((e) => customers.has(e.customer)),
+  });
+}
+
 export function formatReport(scenario: string, report: LedgerReport, destination = 'Stripe'): string {
   const head = `${scenario}: ledger ${report.ok ? 'OK' : 'VIOLATED'} — ${report.organizations} organizations, ${report.readingsStored} readings stored, ${report.readingsAccepted} accepted by ${destination}`;
   return [
