@@ -242,7 +242,12 @@ async function claimStatement(
              AS i(organization_id, customer, event_name, destination)
     ),
     -- The statement's one clock, read where the statement runs (on Citus: the shard group's node).
-    c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+    -- The commit waits for the disk whatever the server's synchronous_commit (docs/architecture.md,
+    -- "Commits that may be lost"): the identifiers it commits are sent next, and a claim lost after
+    -- its call bills the group twice. On Citus this also keeps it through a shard move, which catches
+    -- up only to WAL already written (pg_current_wal_lsn): an asynchronous commit just before the
+    -- move's switch was lost with the old placement.
+    c AS MATERIALIZED (SELECT clock_timestamp() AS at, set_config('synchronous_commit', 'on', true) AS durable),
     -- Key rows another claim or settle has locked right now are passed over (the key is answered busy
     -- and looked at again in a second) instead of waited for. Only rows this claim could lease are
     -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
