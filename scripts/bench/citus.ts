@@ -30,6 +30,7 @@ import {
   type Proc,
   ROOT,
   seedOrgs,
+  serverCpuSeconds,
   startWorkerProcess,
 } from './harness.js';
 
@@ -43,6 +44,8 @@ const { values: args } = parseArgs({
     // Calls in flight per worker process (DELIVERY_MAX_IN_FLIGHT; default the setting's own, 800).
     'in-flight': { type: 'string' },
     out: { type: 'string' },
+    // Each run's statements by time spent, per node (pg_stat_statements, planning tracked).
+    statements: { type: 'boolean', default: false },
   },
 });
 const quick = args.quick ?? false;
@@ -60,6 +63,8 @@ interface Target {
   url: string;
   /** Every node's meterbox database (the coordinator's and, on the cluster, each worker's). */
   nodes: string[];
+  /** Each node's data directory, in the order of `nodes` (its server's CPU time is read from /proc). */
+  dataDirs: string[];
 }
 
 interface RunResult {
@@ -76,6 +81,10 @@ interface RunResult {
   machineBusy: number;
   /** CPU seconds per wall second of each worker process, from its start-up to the drain. */
   workerCpu: number[];
+  /** CPU seconds per wall second of each node's Postgres server (coordinator first), over the same span. */
+  nodeCpu: number[];
+  /** Sessions (connections) each node's server opened over the run (pg_stat_database.sessions). */
+  sessions: number[];
   loadAverageBefore: number[];
   loadAverageAfter: number[];
 }
@@ -178,6 +187,8 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
   const loadAverageBefore = loadAverage();
   const sampler = startLockWaitSampler(target.nodes);
   const cpuBefore = machineCpu();
+  const sessionsBefore = await sessionCounts(target.nodes);
+  if (args.statements) await onEveryNode(target.nodes, 'SELECT pg_stat_statements_reset()');
   let started = 0;
   try {
     const env = {
@@ -196,6 +207,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     );
     started = performance.now();
     const cpuAtStart = procs.map((p) => cpuSeconds(p.pid));
+    const nodeCpuAtStart = target.dataDirs.map(serverCpuSeconds);
     const usage = () => emulator.events().filter((e) => e.event_name === 'temperature_readings').length;
     const drained = await pollUntil(
       async () => usage() >= CUSTOMERS && (await pendingRows(target.url)) === 0,
@@ -207,6 +219,10 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     const ms = Math.max(1, Math.max(...received) - Math.min(...received));
     const wall = (performance.now() - started) / 1000;
     const workerCpu = procs.map((p, i) => round((cpuSeconds(p.pid) - (cpuAtStart[i] ?? 0)) / wall, 2));
+    const nodeCpu = target.dataDirs.map((d, i) =>
+      round((serverCpuSeconds(d) - (nodeCpuAtStart[i] ?? 0)) / wall, 2),
+    );
+    const sessions = (await sessionCounts(target.nodes)).map((n, i) => n - (sessionsBefore[i] ?? 0));
     const cpuAfter = machineCpu();
     const lockWaits = await sampler.stop();
     const result: RunResult = {
@@ -223,20 +239,74 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
         2,
       ),
       workerCpu,
+      nodeCpu,
+      sessions,
       loadAverageBefore,
       loadAverageAfter: loadAverage(),
     };
     log(
       `${target.name}, ${workers} worker process(es), round ${r}: ${result.events} events in ${result.seconds} s = ${result.eventsPerSecond} events/s; lock waits in ${lockWaits.samplesWithWaits} of ${lockWaits.samples} samples (most at once ${lockWaits.most}${
         Object.keys(lockWaits.by).length > 0 ? `: ${JSON.stringify(lockWaits.by)}` : ''
-      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
+      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')}, sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
     );
+    if (args.statements) await printStatements(target);
     return result;
   } finally {
     await sampler.stop();
     await Promise.all(procs.map((p) => p.stop('SIGTERM', 20_000).catch(() => undefined)));
     await emulator.stop();
   }
+}
+
+async function onEveryNode<R extends pg.QueryResultRow>(
+  nodes: readonly string[],
+  query: string,
+): Promise<R[][]> {
+  return Promise.all(
+    nodes.map(async (url) => {
+      const client = new pg.Client({ connectionString: url });
+      await client.connect();
+      try {
+        return (await client.query<R>(query)).rows;
+      } finally {
+        await client.end();
+      }
+    }),
+  );
+}
+
+/** The run's statements that took the most time (planning plus execution), on each node. */
+async function printStatements(target: Target): Promise<void> {
+  const perNode = await onEveryNode<{ calls: string; plan_ms: string; exec_ms: string; query: string }>(
+    target.nodes,
+    `SELECT calls::text, round(total_plan_time::numeric, 1)::text AS plan_ms,
+            round(total_exec_time::numeric, 1)::text AS exec_ms,
+            left(regexp_replace(query, '\\s+', ' ', 'g'), 90) AS query
+       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      ORDER BY total_plan_time + total_exec_time DESC LIMIT 8`,
+  );
+  perNode.forEach((rows, i) => {
+    log(`  ${i === 0 ? 'coordinator' : `worker ${i}`}: calls, planning ms, execution ms, statement`);
+    for (const r of rows) log(`    ${r.calls}  ${r.plan_ms}  ${r.exec_ms}  ${r.query}`);
+  });
+}
+
+/** Sessions each node's server has opened so far, in the order of `nodes`. */
+async function sessionCounts(nodes: readonly string[]): Promise<number[]> {
+  return Promise.all(
+    nodes.map(async (url) => {
+      const client = new pg.Client({ connectionString: url });
+      await client.connect();
+      try {
+        const { rows } = await client.query<{ n: string }>(
+          'SELECT sessions::text AS n FROM pg_stat_database WHERE datname = current_database()',
+        );
+        return Number(rows[0]?.n ?? 0);
+      } finally {
+        await client.end();
+      }
+    }),
+  );
 }
 
 /** The machine's CPU time so far (/proc/stat, every core): total and idle jiffies. */
@@ -304,16 +374,22 @@ export async function runCitusBench(): Promise<number> {
   const results: RunResult[] = [];
   try {
     const [cluster, single] = await Promise.all([
-      startCitusCluster(2),
-      startCitusCluster(0, { plainCoordinator: true }),
+      startCitusCluster(2, { statements: args.statements }),
+      startCitusCluster(0, { plainCoordinator: true, statements: args.statements }),
     ]);
     clusters.push(cluster, single);
     const targets: Target[] = [
-      { name: 'one node', url: single.coordinator.url, nodes: [single.coordinator.url] },
+      {
+        name: 'one node',
+        url: single.coordinator.url,
+        nodes: [single.coordinator.url],
+        dataDirs: [single.coordinator.dataDir],
+      },
       {
         name: 'cluster',
         url: cluster.coordinator.url,
         nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
+        dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
       },
     ];
     for (const target of targets) {

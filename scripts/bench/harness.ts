@@ -322,6 +322,22 @@ export function clusterPids(dataDir: string): number[] {
   return pids;
 }
 
+/**
+ * CPU seconds a Postgres server has used so far: its postmaster's, every live backend's and those of the
+ * backends that have exited (the postmaster's reaped children, /proc cutime and cstime).
+ */
+export function serverCpuSeconds(dataDir: string): number {
+  const [postmaster, ...backends] = clusterPids(dataDir);
+  let total = backends.reduce((s, pid) => s + cpuSeconds(pid), 0);
+  try {
+    const f = readFileSync(`/proc/${postmaster}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    total += (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / 100;
+  } catch {
+    // stopped meanwhile
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------- statistics
 
 export function percentile(sorted: readonly number[], p: number): number {

@@ -91,7 +91,8 @@ async function sql(url: string, statements: string[]): Promise<void> {
  * max_prepared_transactions: Citus commits a transaction that wrote on several nodes with two-phase
  * commit. wal_level logical: shard moves (rebalancing) copy shards by logical replication.
  */
-function settings(port: number, dir: string, citus = true): string {
+function settings(port: number, dir: string, citus = true, statements = false): string {
+  const preload = [...(citus ? ['citus'] : []), ...(statements ? ['pg_stat_statements'] : [])];
   return [
     `port = ${port}`,
     `listen_addresses = '127.0.0.1'`,
@@ -100,13 +101,15 @@ function settings(port: number, dir: string, citus = true): string {
     // needs; enableCitus writes it and restarts the node, as an operator does.
     ...(citus
       ? [
-          `shared_preload_libraries = 'citus'`,
           'max_prepared_transactions = 100',
           'wal_level = logical',
           'max_wal_senders = 10',
           'max_replication_slots = 10',
         ]
       : []),
+    ...(preload.length > 0 ? [`shared_preload_libraries = '${preload.join(',')}'`] : []),
+    // The benchmark's profile (--statements): every statement's planning and execution time per node.
+    ...(statements ? ['pg_stat_statements.track = all', 'pg_stat_statements.track_planning = on'] : []),
     'max_connections = 200',
     'shared_buffers = 32MB',
     'fsync = off',
@@ -120,9 +123,14 @@ function settings(port: number, dir: string, citus = true): string {
   ].join('\n');
 }
 
-async function writeSettings(node: { dataDir: string; port: number }, base: string, citus: boolean) {
+async function writeSettings(
+  node: { dataDir: string; port: number },
+  base: string,
+  citus: boolean,
+  statements = false,
+) {
   const file = join(node.dataDir, 'postgresql.auto.conf');
-  await writeFile(file, settings(node.port, base, citus));
+  await writeFile(file, settings(node.port, base, citus, statements));
   if (userInfo().uid === 0) {
     const { stdout } = await run('id', ['-u', 'postgres']);
     const { stdout: gid } = await run('id', ['-g', 'postgres']);
@@ -130,7 +138,7 @@ async function writeSettings(node: { dataDir: string; port: number }, base: stri
   }
 }
 
-async function startNode(base: string, name: string, citus = true): Promise<CitusNode> {
+async function startNode(base: string, name: string, citus = true, statements = false): Promise<CitusNode> {
   const dataDir = join(base, name);
   const port = await freePort();
   await asPostgres(join(PG_BIN, 'initdb'), [
@@ -144,10 +152,11 @@ async function startNode(base: string, name: string, citus = true): Promise<Citu
     '--locale=C',
     '--no-sync',
   ]);
-  await writeSettings({ dataDir, port }, base, citus);
+  await writeSettings({ dataDir, port }, base, citus, statements);
   await asPostgres(join(PG_BIN, 'pg_ctl'), ['-D', dataDir, '-l', join(base, `${name}.log`), '-w', 'start']);
   await sql(nodeUrl(port, 'postgres'), [`CREATE DATABASE ${CITUS_DATABASE}`]);
   if (citus) await sql(nodeUrl(port), ['CREATE EXTENSION citus']);
+  if (statements) await sql(nodeUrl(port), ['CREATE EXTENSION pg_stat_statements']);
   return { name, port, dataDir, url: nodeUrl(port) };
 }
 
@@ -158,11 +167,12 @@ async function stopNode(node: CitusNode): Promise<void> {
 /**
  * Starts a coordinator and `workers` workers and joins them into one cluster. `plainCoordinator`:
  * the coordinator is a plain PostgreSQL server (no Citus loaded, no extension) and nothing is
- * joined, as a single-node database before its move onto the workers.
+ * joined, as a single-node database before its move onto the workers. `statements`: every node
+ * loads pg_stat_statements and tracks planning too (the benchmark's profile).
  */
 export async function startCitusCluster(
   workers = 2,
-  options: { plainCoordinator?: boolean } = {},
+  options: { plainCoordinator?: boolean; statements?: boolean } = {},
 ): Promise<CitusCluster> {
   if (!citusInstalled()) throw new Error(`Citus is not installed: ${CITUS_INSTALL}`);
   const base = await mkdtemp(join(tmpdir(), 'meterbox-citus-'));
@@ -180,7 +190,7 @@ export async function startCitusCluster(
     const plain = options.plainCoordinator === true;
     const started = await Promise.all(
       ['coordinator', ...Array.from({ length: workers }, (_, i) => `worker${i + 1}`)].map((name) =>
-        startNode(base, name, !(plain && name === 'coordinator')),
+        startNode(base, name, !(plain && name === 'coordinator'), options.statements === true),
       ),
     );
     nodes.push(...started);

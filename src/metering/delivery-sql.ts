@@ -341,9 +341,26 @@ async function claimStatement(
              max(occurred_at) AS ts, min(created_at) AS oldest, count(*)::int AS rows,
              max(attempts)::int AS attempts, min(identified_at) AS identified_at
         FROM groups GROUP BY organization_id, customer, event_name, destination, identifier
+    ),
+    -- Each leased key's answer (every leased key has a head), fenced (MATERIALIZED) so that the
+    -- planner searches the join order of these four and of the final four apart: planning the
+    -- statement, not running it, was most of a claim's time (docs/benchmarks.md, Citus delivery).
+    answers AS MATERIALIZED (
+      SELECT h.organization_id, h.customer, h.event_name, h.destination, h.corrections, mo.more,
+             e.identifier, e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at,
+             coalesce(x.n, 0)::int AS expired
+        FROM heads h
+        LEFT JOIN more mo ON mo.organization_id = h.organization_id AND mo.customer = h.customer
+                         AND mo.event_name = h.event_name AND mo.destination = h.destination
+        LEFT JOIN events e ON e.organization_id = h.organization_id AND e.customer = h.customer
+                          AND e.event_name = h.event_name AND e.destination = h.destination
+        LEFT JOIN (SELECT organization_id, customer, event_name, destination, count(*) AS n FROM expired
+                    GROUP BY organization_id, customer, event_name, destination) x
+          ON x.organization_id = h.organization_id AND x.customer = h.customer AND x.event_name = h.event_name
+         AND x.destination = h.destination
     )
     SELECT i.organization_id, i.customer, i.event_name, i.destination,
-           CASE WHEN l.customer IS NOT NULL THEN 'leased'
+           CASE WHEN a.customer IS NOT NULL THEN 'leased'
                 WHEN NOT (i.event_name = ANY(${options.sendable}::text[])) THEN 'held'
                 WHEN s.stripe_customer_id IS NULL AND ${lease === 'update'} THEN 'missing'
                 WHEN s.lease_expires_at >= c.at THEN 'busy'
@@ -356,27 +373,16 @@ async function claimStatement(
                   WHEN s.retry_at > c.at THEN s.retry_at
                   -- Passed over while another statement held its row: look again in a second.
                   ELSE c.at + interval '1 second' END - c.at) * 1000))::int AS wait_ms,
-           e.identifier, e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at,
-           coalesce(x.n, 0)::int AS expired,
-           h.corrections, mo.more
+           a.identifier, a.value, a.ts, a.oldest, a.rows, a.attempts, a.identified_at,
+           coalesce(a.expired, 0) AS expired, a.corrections, a.more
       FROM input i
       CROSS JOIN c
-      LEFT JOIN (SELECT organization_id, customer, event_name, destination, count(*) AS n FROM expired
-                  GROUP BY organization_id, customer, event_name, destination) x
-        ON x.organization_id = i.organization_id AND x.customer = i.customer AND x.event_name = i.event_name
-       AND x.destination = i.destination
-      LEFT JOIN leased l ON l.organization_id = i.organization_id AND l.customer = i.customer
-                        AND l.event_name = i.event_name AND l.destination = i.destination
+      LEFT JOIN answers a ON a.organization_id = i.organization_id AND a.customer = i.customer
+                         AND a.event_name = i.event_name AND a.destination = i.destination
       -- The key rows as they were before this statement (its snapshot): why a key was not leased.
       LEFT JOIN (SELECT * FROM meter_delivery_keys d WHERE ${scope('d')} true) s
         ON s.organization_id = i.organization_id AND s.stripe_customer_id = i.customer
-       AND s.event_name = i.event_name AND s.destination = i.destination
-      LEFT JOIN heads h ON h.organization_id = i.organization_id AND h.customer = i.customer
-                       AND h.event_name = i.event_name AND h.destination = i.destination
-      LEFT JOIN more mo ON mo.organization_id = i.organization_id AND mo.customer = i.customer
-                       AND mo.event_name = i.event_name AND mo.destination = i.destination
-      LEFT JOIN events e ON e.organization_id = i.organization_id AND e.customer = i.customer
-                        AND e.event_name = i.event_name AND e.destination = i.destination`.execute(db);
+       AND s.event_name = i.event_name AND s.destination = i.destination`.execute(db);
   return result.rows;
 }
 
