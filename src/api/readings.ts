@@ -17,6 +17,7 @@ import {
   storeResponse,
 } from '../ingest/idempotency.js';
 import { storeReadings } from '../ingest/readings.js';
+import { storeShardGroup } from '../ingest/routed.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 
 const PATH = '/v1/readings';
@@ -134,8 +135,12 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         return c.json(outcome.result, 201);
       }
       try {
+        // On a distributed database, the router statements of its shard group (routed.ts).
+        const distributed = await ctx.distributed();
         const result = await ctx.db.transaction().execute(async (trx) => {
-          const outcome = await storeReadings(trx, ctx.boss, organizationId, readings, now);
+          const outcome = distributed
+            ? (await storeShardGroup(trx, ctx.boss, [{ organizationId, readings }], now))[0]!
+            : await storeReadings(trx, ctx.boss, organizationId, readings, now);
           if (!outcome.stored) throw invalidBatch(outcome.problems);
           const stored = outcome.result;
           if (key !== undefined && hash !== undefined) {

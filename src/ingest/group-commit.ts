@@ -11,6 +11,7 @@ import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
 import {
   billableAt,
   DESTINATION,
@@ -21,14 +22,11 @@ import {
 } from '../metering/destinations.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import { type KeyRef, keyRef } from '../metering/rules.js';
-import type { SensorProblem, StoreReadingsOutcome } from './readings.js';
+import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
 import { storeReadings } from './readings.js';
-import type { Reading } from './schemas.js';
+import { storeShardGroup } from './routed.js';
 
-export interface GroupRequest {
-  organizationId: string;
-  readings: readonly Reading[];
-}
+export type { GroupRequest } from './readings.js';
 
 interface Pending extends GroupRequest {
   resolve(outcome: StoreReadingsOutcome): void;
@@ -52,14 +50,15 @@ interface GroupRow {
  * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
  * one, a group is BEGIN, one statement and COMMIT. Rows are inserted in (sensor, instant)
  * order whatever request they came from, so concurrent groups take row locks in one order and cannot
- * deadlock; within a group the earliest request wins a reading sent twice.
+ * deadlock; within a group the earliest request wins a reading sent twice. One node: Citus routes no
+ * INSERT ... SELECT, and a distributed database takes storeShardGroup's router statements (routed.ts)
+ * once per shard group instead.
  */
 export async function storeGroup(
   trx: Transaction<DB>,
   boss: PgBoss,
   requests: readonly GroupRequest[],
   now: Date,
-  options: { distributed?: boolean } = {},
 ): Promise<StoreReadingsOutcome[]> {
   const req: number[] = [];
   const org: string[] = [];
@@ -130,16 +129,7 @@ export async function storeGroup(
       FROM per_org p JOIN billing b ON b.org = p.org JOIN named n ON n.org = b.org
       RETURNING organization_id, stripe_customer_id, destination
     ), held AS (
-      ${
-        // On Citus a row lock on the local pgboss.job inside a distributed statement comes back as
-        // a corrupt intermediate result; enqueueDeliveries then takes the lock in its own statement.
-        options.distributed
-          ? sql`SELECT NULL::text AS key WHERE false`
-          : lockQueuedDeliveriesAt(
-              'temperature_readings',
-              sql`SELECT stripe_customer_id, destination FROM billing`,
-            )
-      }
+      ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
     )
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
@@ -176,7 +166,7 @@ export async function storeGroup(
       );
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
   }
-  await enqueueDeliveries(trx, boss, customers, options.distributed ? undefined : held);
+  await enqueueDeliveries(trx, boss, customers, held);
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
     if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
@@ -253,6 +243,8 @@ export class GroupCommitter {
   private inFlight = 0;
   /** The open group's window has passed and the gate held it open. */
   private held = false;
+  /** On a distributed database: organizations by shard group (remembered for the process's life). */
+  private router: ShardRouter | undefined;
 
   constructor(
     private readonly ctx: Pick<Database, 'db' | 'distributed'> & { boss: PgBoss; clock: { now(): Date } },
@@ -330,47 +322,87 @@ export class GroupCommitter {
 
   private async write(group: Pending[]): Promise<void> {
     const now = this.ctx.clock.now();
+    let distributed: boolean;
     try {
-      let distributed = await this.ctx.distributed();
-      const store = () =>
-        retryRolledBack(() =>
-          this.ctx.db
-            .transaction()
-            .execute((trx) => storeGroup(trx, this.ctx.boss, group, now, { distributed })),
-        );
-      let outcomes: StoreReadingsOutcome[];
-      try {
-        outcomes = await store();
-      } catch (err) {
-        // `meterbox citus distribute` may have committed since this process last looked (a running
-        // database moved onto a cluster): the single-node statement can fail there, as a corrupt
-        // intermediate result. Nothing of the group was stored; if the database is distributed
-        // now, the group is written again in the Citus shape instead of failing its requests.
-        if (distributed || !(await this.ctx.distributed({ recheck: true }).catch(() => false))) throw err;
-        distributed = true;
-        outcomes = await store();
-      }
+      distributed = await this.ctx.distributed();
+    } catch (err) {
+      for (const p of group) p.reject(err);
+      return;
+    }
+    if (distributed) return this.writeRouted(group, now);
+    const { db, boss } = this.ctx;
+    try {
+      const outcomes = await retryRolledBack(() =>
+        db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+      );
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
-      if (group.length === 1 || isDatabaseUnavailable(err)) {
-        for (const p of group) p.reject(err);
-        return;
-      }
-      // Something in the group broke the statement: write each request alone so only the request
-      // that causes it fails.
-      await Promise.all(
-        group.map(async (p) => {
-          try {
-            p.resolve(
-              await this.ctx.db
-                .transaction()
-                .execute((trx) => storeReadings(trx, this.ctx.boss, p.organizationId, p.readings, now)),
-            );
-          } catch (single) {
-            p.reject(single);
-          }
-        }),
-      );
+      // `meterbox citus distribute` may have committed since this process last looked (a running
+      // database moved onto a cluster): the single-node statement can fail there, as a corrupt
+      // intermediate result. Nothing of the group was stored; if the database is distributed
+      // now, the group is written again in the Citus shape instead of failing its requests.
+      if (await this.ctx.distributed({ recheck: true }).catch(() => false))
+        return this.writeRouted(group, now);
+      await this.alone(group, err, (trx, p) => storeReadings(trx, boss, p.organizationId, p.readings, now));
     }
+  }
+
+  /**
+   * A distributed database: the group split by shard group, each part written in a transaction of its
+   * own with router statements (storeShardGroup), the parts concurrently. A part touches one node, so
+   * parts never wait on each other and no commit spans two nodes; a request is one organization's, so
+   * each keeps its all-or-nothing answer.
+   */
+  private async writeRouted(group: Pending[], now: Date): Promise<void> {
+    const { db, boss } = this.ctx;
+    let parts: Pending[][];
+    try {
+      this.router ??= citusRouter(db);
+      const shardGroups = await this.router.groups(group.map((p) => p.organizationId));
+      parts = shardGroups.map((orgs) => {
+        const members = new Set(orgs);
+        return group.filter((p) => members.has(p.organizationId));
+      });
+    } catch (err) {
+      for (const p of group) p.reject(err);
+      return;
+    }
+    await Promise.all(
+      parts.map(async (part) => {
+        try {
+          const outcomes = await retryRolledBack(() =>
+            db.transaction().execute((trx) => storeShardGroup(trx, boss, part, now)),
+          );
+          for (const [i, p] of part.entries()) p.resolve(outcomes[i]!);
+        } catch (err) {
+          await this.alone(part, err, async (trx, p) => (await storeShardGroup(trx, boss, [p], now))[0]!);
+        }
+      }),
+    );
+  }
+
+  /**
+   * After a group's write failed: a lone request, or a database that is unavailable, fails (the route
+   * answers 503 with Retry-After, nothing was stored); otherwise something in the group broke the
+   * statement, and each request is written alone so only the request that causes it fails.
+   */
+  private async alone(
+    group: Pending[],
+    err: unknown,
+    store: (trx: Transaction<DB>, p: Pending) => Promise<StoreReadingsOutcome>,
+  ): Promise<void> {
+    if (group.length === 1 || isDatabaseUnavailable(err)) {
+      for (const p of group) p.reject(err);
+      return;
+    }
+    await Promise.all(
+      group.map(async (p) => {
+        try {
+          p.resolve(await this.ctx.db.transaction().execute((trx) => store(trx, p)));
+        } catch (single) {
+          p.reject(single);
+        }
+      }),
+    );
   }
 }

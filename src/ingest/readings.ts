@@ -19,6 +19,12 @@ export interface SensorProblem {
   message: string;
 }
 
+/** One request's readings, validated, of the organization that sent them. */
+export interface GroupRequest {
+  organizationId: string;
+  readings: readonly Reading[];
+}
+
 /** Either the batch was stored (and billed), or it was refused because of its sensors. */
 export type StoreReadingsOutcome =
   | { stored: true; result: ReadingsResult }

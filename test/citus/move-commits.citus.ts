@@ -8,12 +8,13 @@
 // carried by no outbox row afterwards, and the same usage was billed again under a new one.
 //
 // Each test holds a transaction open across the move's final step, so that step waits for it and runs
-// the moment it commits (the race made certain). A claim (delivery) commits on the shard group's node
-// alone, one-phase: it now makes its own commit wait for the disk (delivery-sql.ts, claimStatement),
-// and without that this test loses its identifier every time. Readings (ingestion) reach the shards
-// through Citus's COPY (the statement's INSERT ... SELECT runs through the coordinator), which always
-// commits in two phases, and Postgres never commits a prepared transaction asynchronously: they
-// survive without help, and the second test keeps it so.
+// the moment it commits (the race made certain). A claim (delivery) and a write of readings (ingestion,
+// routed.ts: router statements on the shard group's node) each commit on that node alone, one-phase:
+// each makes its own commit there wait for the disk (delivery-sql.ts claimStatement, routed.ts
+// storeShardGroup), and without that these tests lose the claim's identifier, or readings answered as
+// stored with their outbox row. (Readings used to reach the shards through Citus's COPY, the
+// single-node statement's INSERT ... SELECT through the coordinator, which commits in two phases, and
+// Postgres never commits a prepared transaction asynchronously.)
 import { sql, type Transaction } from 'kysely';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -21,7 +22,7 @@ import { loadConfig } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
 import { distributeTables } from '../../src/db/citus.js';
 import type { DB } from '../../src/db/schema.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeShardGroup } from '../../src/ingest/routed.js';
 import { createLogger } from '../../src/log.js';
 import { claimBatch } from '../../src/metering/delivery-sql.js';
 import { migrate } from '../../src/migrations.js';
@@ -161,14 +162,13 @@ describe.skipIf(!available)('commits just before a shard move switches placement
   it('keeps readings answered as stored, with their outbox row', async () => {
     const org = await createOrganization(ctx.db);
     const sensors = await createSensors(ctx.db, org.organizationId, 2);
-    // The default path: a group of requests (group-commit.ts) in the Citus shape.
+    // The default path: a group of requests (group-commit.ts) in the Citus shape (routed.ts).
     const store = (trx: Transaction<DB>, secondsAgo: number) =>
-      storeGroup(
+      storeShardGroup(
         trx,
         ctx.boss,
         [{ organizationId: org.organizationId, readings: sensors.map((s) => reading(s, secondsAgo)) }],
         new Date(),
-        { distributed: true },
       ).then(([outcome]) => (outcome?.stored ? outcome.result.inserted : 0));
     // The steady state: the key's delivery job is queued already (the request only share-locks it).
     expect(await ctx.db.transaction().execute((trx) => store(trx, 10))).toBe(2);

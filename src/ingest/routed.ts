@@ -1,0 +1,230 @@
+// Ingestion on a distributed (Citus) database: the requests of ONE shard group written with router
+// statements only, each of which Citus sends whole to that group's node (EXPLAIN: Task Count 1, no
+// distributed subplan; test/citus/ingest-routing.citus.ts). The single-node statement (group-commit.ts
+// storeGroup) is one INSERT ... SELECT from its input, which Citus never routes: it computes the input on
+// the coordinator and copies the rows to the shards, and a group of several organizations was one
+// transaction over their shard groups (a two-phase commit, a party to distributed deadlocks).
+//
+// Here a transaction touches one shard group (plus pg-boss's job rows, local on the coordinator):
+//   1. a look-up of the readings' sensors, joined to the input (router: the sensors of the group's
+//      organizations), which also gives each reading's instant as Postgres reads it;
+//   2. the billing rows in force (reference tables, read on the coordinator's copy) and their outbox
+//      ids (the sequence, on the coordinator);
+//   3. the readings, a multi-row VALUES insert in (sensor, instant) order (router);
+//   4. the outbox rows of the organizations that stored something new (router);
+//   5. the delivery hand-off (pg-boss, on the coordinator), as on one node.
+// The answers and the contract are storeGroup's: a request with an unknown or inactive sensor stores
+// nothing and gets its problems; one outbox row per billable organization and destination in force, its
+// value the rows that organization inserted, each stored reading naming the billing one.
+import { type RawBuilder, sql, type Transaction } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import {
+  billableAt,
+  DESTINATION,
+  destinationCustomer,
+  destinationsJoin,
+  IN_FORCE,
+  ROLE,
+} from '../metering/destinations.js';
+import { enqueueDeliveries } from '../metering/outbox.js';
+import { type KeyRef, keyRef } from '../metering/rules.js';
+import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
+
+/** Most readings one insert statement carries (six parameters each, under Postgres's 65,535). */
+const ROWS_PER_INSERT = 5_000;
+
+interface LookRow {
+  req: number;
+  n: number;
+  sensor: string;
+  /** The instant as microseconds since the epoch, as Postgres reads it (text: beyond 2^53). */
+  at: string;
+  active: boolean | null;
+}
+
+interface BillingRow {
+  org: string;
+  destination: Destination;
+  role: string;
+  stripe_customer_id: string;
+}
+
+/**
+ * Writes `requests`, all of organizations in one shard group, in the caller's transaction with router
+ * statements (see the file's head). Returns one outcome per request, in order.
+ */
+export async function storeShardGroup(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  requests: readonly GroupRequest[],
+  now: Date,
+): Promise<StoreReadingsOutcome[]> {
+  const req: number[] = [];
+  const org: string[] = [];
+  const sensor: string[] = [];
+  const recordedAt: string[] = [];
+  /** Where each request's readings start in the arrays above. */
+  const offsets: number[] = [];
+  requests.forEach((r, i) => {
+    offsets.push(req.length);
+    for (const reading of r.readings) {
+      req.push(i);
+      org.push(r.organizationId);
+      sensor.push(reading.sensorId);
+      recordedAt.push(reading.recordedAt);
+    }
+  });
+  const orgs = [...new Set(org)].sort();
+  // 1. Every reading with its sensor's state (null: not a sensor of the request's organization, which
+  // reads "unknown": its existence is never revealed) and its instant as Postgres compares it. Run on
+  // the shard group's node, it also makes the transaction's commit there wait for the disk whatever that
+  // server's synchronous_commit: a shard move catches up only to WAL already written, so an asynchronous
+  // commit just before its switch was lost with the old placement after its requests were answered
+  // (docs/architecture.md, "Commits that may be lost"; test/citus/move-commits.citus.ts).
+  const look = await sql<LookRow>`
+    SELECT i.req, i.n::int AS n, i.sensor_id::text AS sensor,
+           ${micros(sql`i.recorded_at`)} AS at, s.active
+      FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[])
+           WITH ORDINALITY AS i(req, org, sensor_id, recorded_at, n)
+      LEFT JOIN (SELECT * FROM sensors WHERE organization_id = ANY(${orgs}::uuid[])) s
+        ON s.organization_id = i.org AND s.id = i.sensor_id
+     CROSS JOIN (SELECT set_config('synchronous_commit', 'on', true) AS durable) c
+     ORDER BY i.n`.execute(trx);
+
+  const problems = new Map<number, SensorProblem[]>();
+  for (const row of look.rows) {
+    if (row.active === true) continue;
+    const list = problems.get(row.req) ?? [];
+    list.push({
+      index: row.n - 1 - (offsets[row.req] ?? 0),
+      message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
+    });
+    problems.set(row.req, list);
+  }
+  // The readings of requests without a problem, in (sensor, instant) order whatever request they came
+  // from: concurrent writers take the unique index's locks in one order. Within equal keys the earliest
+  // request (then position) comes first, and wins a reading sent twice.
+  const ok = look.rows
+    .filter((row) => !problems.has(row.req))
+    .sort((a, b) => compare(a.sensor, b.sensor) || compareMicros(a.at, b.at) || a.req - b.req || a.n - b.n);
+  const winner = new Map<string, number>();
+  for (const row of ok) {
+    const key = `${row.sensor}|${row.at}`;
+    if (!winner.has(key)) winner.set(key, row.req);
+  }
+
+  // 2. One row per billable organization and destination in force now, each with its outbox id; the
+  // readings name the billing destination's (the others mirror it).
+  const okOrgs = [...new Set(ok.map((row) => org[row.n - 1]!))].sort();
+  const billing =
+    okOrgs.length === 0
+      ? []
+      : (
+          await sql<BillingRow>`
+            SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
+                   ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id
+              FROM subscriptions s
+              ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
+             WHERE s.organization_id = ANY(${okOrgs}::uuid[])
+               AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+               AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+             ORDER BY s.organization_id, ${ROLE} = 'billing' DESC, ${DESTINATION}`.execute(trx)
+        ).rows;
+  const ids =
+    billing.length === 0
+      ? []
+      : (
+          await sql<{ id: string }>`
+            SELECT nextval(pg_get_serial_sequence('meter_outbox', 'id'))::text AS id
+              FROM generate_series(1, ${billing.length}::int)`.execute(trx)
+        ).rows.map((r) => r.id);
+  const outboxRows = billing.map((b, i) => ({ ...b, id: ids[i]! }));
+  const named = new Map<string, string>();
+  for (const b of outboxRows) if (!named.has(b.org)) named.set(b.org, b.id);
+
+  // 3. The readings.
+  const inserted = new Map<number, number>();
+  const insertedByOrg = new Map<string, number>();
+  for (let start = 0; start < ok.length; start += ROWS_PER_INSERT) {
+    const rows = ok.slice(start, start + ROWS_PER_INSERT);
+    const stored = await trx
+      .insertInto('temperature_readings')
+      .values(
+        rows.map((row) => {
+          const i = row.n - 1;
+          const organizationId = org[i]!;
+          return {
+            sensor_id: sensor[i]!,
+            recorded_at: recordedAt[i]!,
+            organization_id: organizationId,
+            temperature_c: requests[row.req]!.readings[i - (offsets[row.req] ?? 0)]!.temperatureC,
+            ingested_at: now,
+            outbox_id: named.get(organizationId) ?? null,
+          };
+        }),
+      )
+      .onConflict((oc) => oc.columns(['sensor_id', 'recorded_at', 'organization_id']).doNothing())
+      .returning([
+        sql<string>`sensor_id::text`.as('sensor'),
+        micros(sql`recorded_at`).as('at'),
+        'organization_id',
+      ])
+      .execute();
+    for (const row of stored) {
+      const owner = winner.get(`${row.sensor}|${row.at}`);
+      if (owner !== undefined) inserted.set(owner, (inserted.get(owner) ?? 0) + 1);
+      insertedByOrg.set(row.organization_id, (insertedByOrg.get(row.organization_id) ?? 0) + 1);
+    }
+  }
+
+  // 4. The outbox rows of the organizations that stored something new.
+  const billed = outboxRows.filter((b) => (insertedByOrg.get(b.org) ?? 0) > 0);
+  if (billed.length > 0) {
+    const values = billed.map((b) => {
+      const mirrors = named.get(b.org) === b.id ? null : (named.get(b.org) ?? null);
+      return sql`(${b.id}::bigint, ${b.org}::uuid, 'temperature_readings', ${b.stripe_customer_id},
+                  ${insertedByOrg.get(b.org) ?? 0}, ${now}::timestamptz, ${b.destination}, ${mirrors}::bigint)`;
+    });
+    await sql`
+      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
+                                destination, mirrors_outbox_id)
+      OVERRIDING SYSTEM VALUE
+      VALUES ${sql.join(values)}`.execute(trx);
+  }
+
+  // 5. The hand-off: the queued job's lock runs in its own statement on Citus (a row lock on the local
+  // pgboss.job inside a distributed statement came back as a corrupt intermediate result).
+  const keys: KeyRef[] = billed.map((b) =>
+    keyRef({
+      organizationId: b.org,
+      customerId: b.stripe_customer_id,
+      eventName: 'temperature_readings',
+      destination: b.destination,
+    }),
+  );
+  await enqueueDeliveries(trx, boss, keys);
+
+  return requests.map((r, i): StoreReadingsOutcome => {
+    const own = problems.get(i);
+    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
+    const n = inserted.get(i) ?? 0;
+    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
+  });
+}
+
+/**
+ * An instant as microseconds since the epoch, in decimal text: with immutable functions only, which
+ * Citus requires in a RETURNING clause (extract over a timestamptz is only stable).
+ */
+const micros = (at: RawBuilder<unknown>) =>
+  sql<string>`(extract(epoch FROM (${at}) AT TIME ZONE 'UTC') * 1000000)::bigint::text`;
+
+const compare = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
+/** Microsecond instants as decimal text (negative before 1970), compared as numbers. */
+const compareMicros = (a: string, b: string) => {
+  const x = BigInt(a);
+  const y = BigInt(b);
+  return x < y ? -1 : x > y ? 1 : 0;
+};
