@@ -23,7 +23,7 @@ import {
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import { type KeyRef, keyRef } from '../metering/rules.js';
 import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
-import { storeReadings } from './readings.js';
+import { readingColumns, storeReadings } from './readings.js';
 import { storeShardGroup } from './routed.js';
 
 export type { GroupRequest } from './readings.js';
@@ -60,20 +60,7 @@ export async function storeGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
-  const req: number[] = [];
-  const org: string[] = [];
-  const sensor: string[] = [];
-  const recordedAt: string[] = [];
-  const temperature: number[] = [];
-  requests.forEach((r, i) => {
-    for (const reading of r.readings) {
-      req.push(i);
-      org.push(r.organizationId);
-      sensor.push(reading.sensorId);
-      recordedAt.push(reading.recordedAt);
-      temperature.push(reading.temperatureC);
-    }
-  });
+  const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
   const result = await sql<GroupRow>`
     WITH input AS MATERIALIZED (
       SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
@@ -149,7 +136,7 @@ export async function storeGroup(
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null) {
       const list = problems.get(row.req) ?? [];
-      const offset = req.indexOf(row.req);
+      const offset = offsets[row.req] ?? 0;
       list.push({
         index: row.n - 1 - offset,
         message: row.active === false ? 'sensor is inactive' : 'unknown sensor',

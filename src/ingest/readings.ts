@@ -25,6 +25,32 @@ export interface GroupRequest {
   readings: readonly Reading[];
 }
 
+/**
+ * A group's readings as columns (one entry per reading, requests in order), the shape the group's
+ * statements take as arrays: `req` is the request's index, `offsets[i]` where request i's readings start.
+ */
+export function readingColumns(requests: readonly GroupRequest[]) {
+  const columns = {
+    req: [] as number[],
+    org: [] as string[],
+    sensor: [] as string[],
+    recordedAt: [] as string[],
+    temperature: [] as number[],
+    offsets: [] as number[],
+  };
+  requests.forEach((r, i) => {
+    columns.offsets.push(columns.req.length);
+    for (const reading of r.readings) {
+      columns.req.push(i);
+      columns.org.push(r.organizationId);
+      columns.sensor.push(reading.sensorId);
+      columns.recordedAt.push(reading.recordedAt);
+      columns.temperature.push(reading.temperatureC);
+    }
+  });
+  return columns;
+}
+
 /** Either the batch was stored (and billed), or it was refused because of its sensors. */
 export type StoreReadingsOutcome =
   | { stored: true; result: ReadingsResult }

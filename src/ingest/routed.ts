@@ -29,7 +29,12 @@ import {
 } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
 import { type KeyRef, keyRef } from '../metering/rules.js';
-import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
+import {
+  type GroupRequest,
+  readingColumns,
+  type SensorProblem,
+  type StoreReadingsOutcome,
+} from './readings.js';
 
 /** Most readings one insert statement carries (six parameters each, under Postgres's 65,535). */
 const ROWS_PER_INSERT = 5_000;
@@ -60,21 +65,7 @@ export async function storeShardGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
-  const req: number[] = [];
-  const org: string[] = [];
-  const sensor: string[] = [];
-  const recordedAt: string[] = [];
-  /** Where each request's readings start in the arrays above. */
-  const offsets: number[] = [];
-  requests.forEach((r, i) => {
-    offsets.push(req.length);
-    for (const reading of r.readings) {
-      req.push(i);
-      org.push(r.organizationId);
-      sensor.push(reading.sensorId);
-      recordedAt.push(reading.recordedAt);
-    }
-  });
+  const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
   const orgs = [...new Set(org)].sort();
   // 1. Every reading with its sensor's state (null: not a sensor of the request's organization, which
   // reads "unknown": its existence is never revealed) and its instant as Postgres compares it. Run on
@@ -158,7 +149,7 @@ export async function storeShardGroup(
             sensor_id: sensor[i]!,
             recorded_at: recordedAt[i]!,
             organization_id: organizationId,
-            temperature_c: requests[row.req]!.readings[i - (offsets[row.req] ?? 0)]!.temperatureC,
+            temperature_c: temperature[i]!,
             ingested_at: now,
             outbox_id: named.get(organizationId) ?? null,
           };

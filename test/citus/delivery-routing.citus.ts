@@ -20,22 +20,10 @@ import {
 } from '../../src/metering/delivery-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
 import type { KeyRef } from '../../src/metering/rules.js';
+import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
 import { createOrganization } from '../support/fixtures.js';
 
 const url = inject('citusUrl');
-
-/** The statements a piece of delivery ran, each with its parameters (Kysely's query log). */
-type Recorded = { sql: string; parameters: readonly unknown[] }[];
-
-/** Citus's plan of a statement: its task counts and whether it needed a distributed subplan. */
-async function plan(pool: pg.Pool, q: Recorded[number]): Promise<{ tasks: number[]; subplans: boolean }> {
-  const { rows } = await pool.query<{ 'QUERY PLAN': string }>(`EXPLAIN ${q.sql}`, [...q.parameters]);
-  const text = rows.map((r) => r['QUERY PLAN']).join('\n');
-  return {
-    tasks: [...text.matchAll(/Task Count: (\d+)/g)].map((m) => Number(m[1])),
-    subplans: /Distributed Subplan/.test(text),
-  };
-}
 
 /** The recorded statements that touch delivery's distributed tables. */
 const onDeliveryTables = (recorded: Recorded) =>
@@ -51,13 +39,7 @@ describe.skipIf(!url)('delivery routed by shard group on the cluster', () => {
   beforeAll(async () => {
     pool = new pg.Pool({ connectionString: url, max: 6 });
     recorded = [];
-    db = new Kysely<DB>({
-      dialect: new PostgresDialect({ pool }),
-      log: (event) => {
-        if (event.level === 'query')
-          recorded.push({ sql: event.query.sql, parameters: event.query.parameters });
-      },
-    });
+    db = recordingDb(pool, recorded);
     keys = [];
     for (let i = 0; i < 6; i++) {
       const org = await createOrganization(db);
@@ -143,9 +125,10 @@ describe.skipIf(!url)('delivery routed by shard group on the cluster', () => {
     const statements = onDeliveryTables(recorded);
     expect(statements.length).toBeGreaterThan(groups.length * 5);
     for (const q of statements) {
-      expect(await plan(pool, q), q.sql.replace(/\s+/g, ' ').slice(0, 200)).toEqual({
+      expect(await citusPlan(pool, q), q.sql.replace(/\s+/g, ' ').slice(0, 200)).toEqual({
         tasks: [1],
         subplans: false,
+        coordinator: false,
       });
     }
     // The cluster-wide lock that once ran claims and settles one at a time is gone.
@@ -178,9 +161,10 @@ describe.skipIf(!url)('delivery routed by shard group on the cluster', () => {
     const statements = onDeliveryTables(recorded);
     expect(statements.length).toBeGreaterThanOrEqual(3);
     for (const q of statements) {
-      expect(await plan(pool, q), q.sql.replace(/\s+/g, ' ').slice(0, 200)).toEqual({
+      expect(await citusPlan(pool, q), q.sql.replace(/\s+/g, ' ').slice(0, 200)).toEqual({
         tasks: [1],
         subplans: false,
+        coordinator: false,
       });
     }
   });

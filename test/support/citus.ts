@@ -1,7 +1,10 @@
 // The cluster suite's Citus cluster: the benchmarks start the same one (scripts/lib/citus.ts).
 export * from '../../scripts/lib/citus.js';
 
+import { Kysely, PostgresDialect } from 'kysely';
+import type pg from 'pg';
 import { citusQuery } from '../../scripts/lib/citus.js';
+import type { DB } from '../../src/db/schema.js';
 import { waitFor } from './wait.js';
 
 /** Waits until every outbox row of `orgs` is delivered, counted through the coordinator at `url`. */
@@ -25,4 +28,33 @@ export async function untilDeliveredOnCluster(
     120_000,
     500,
   );
+}
+
+/** Statements a piece of code ran, each with its parameters (Kysely's query log: recordingDb). */
+export type Recorded = { sql: string; parameters: readonly unknown[] }[];
+
+/** A Kysely over `pool` that appends every statement it runs to `recorded`. */
+export function recordingDb(pool: pg.Pool, recorded: Recorded): Kysely<DB> {
+  return new Kysely<DB>({
+    dialect: new PostgresDialect({ pool }),
+    log: (event) => {
+      if (event.level === 'query')
+        recorded.push({ sql: event.query.sql, parameters: event.query.parameters });
+    },
+  });
+}
+
+/**
+ * Citus's plan of a recorded statement (EXPLAIN with its parameters): its task counts (1 for a router
+ * query), whether it needed a distributed subplan, and whether Citus runs it through the coordinator
+ * (an INSERT ... SELECT it does not push down).
+ */
+export async function citusPlan(pool: pg.Pool, q: Recorded[number]) {
+  const { rows } = await pool.query<{ 'QUERY PLAN': string }>(`EXPLAIN ${q.sql}`, [...q.parameters]);
+  const text = rows.map((r) => r['QUERY PLAN']).join('\n');
+  return {
+    tasks: [...text.matchAll(/Task Count: (\d+)/g)].map((m) => Number(m[1])),
+    subplans: /Distributed Subplan/.test(text),
+    coordinator: /INSERT \.\.\. SELECT|pull to coordinator/i.test(text),
+  };
 }
