@@ -21,7 +21,7 @@ import { distributeTables } from '../../src/db/citus.js';
 import { createLogger } from '../../src/log.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { migrate } from '../../src/migrations.js';
-import { type CitusCluster, citusInstalled, startCitusCluster } from '../lib/citus.js';
+import { type CitusCluster, citusInstalled, citusQuery, startCitusCluster } from '../lib/citus.js';
 import { pollUntil } from '../lib/poll.js';
 import {
   buildEntries,
@@ -258,22 +258,9 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
   }
 }
 
-async function onEveryNode<R extends pg.QueryResultRow>(
-  nodes: readonly string[],
-  query: string,
-): Promise<R[][]> {
-  return Promise.all(
-    nodes.map(async (url) => {
-      const client = new pg.Client({ connectionString: url });
-      await client.connect();
-      try {
-        return (await client.query<R>(query)).rows;
-      } finally {
-        await client.end();
-      }
-    }),
-  );
-}
+/** `query` on every node, in the order of `nodes`: each node's rows. */
+const onEveryNode = <R extends pg.QueryResultRow>(nodes: readonly string[], query: string) =>
+  Promise.all(nodes.map((url) => citusQuery<R>(url, query)));
 
 /** The run's statements that took the most time (planning plus execution), on each node. */
 async function printStatements(target: Target): Promise<void> {
@@ -293,20 +280,11 @@ async function printStatements(target: Target): Promise<void> {
 
 /** Sessions each node's server has opened so far, in the order of `nodes`. */
 async function sessionCounts(nodes: readonly string[]): Promise<number[]> {
-  return Promise.all(
-    nodes.map(async (url) => {
-      const client = new pg.Client({ connectionString: url });
-      await client.connect();
-      try {
-        const { rows } = await client.query<{ n: string }>(
-          'SELECT sessions::text AS n FROM pg_stat_database WHERE datname = current_database()',
-        );
-        return Number(rows[0]?.n ?? 0);
-      } finally {
-        await client.end();
-      }
-    }),
+  const perNode = await onEveryNode<{ n: string }>(
+    nodes,
+    'SELECT sessions::text AS n FROM pg_stat_database WHERE datname = current_database()',
   );
+  return perNode.map((rows) => Number(rows[0]?.n ?? 0));
 }
 
 /** The machine's CPU time so far (/proc/stat, every core): total and idle jiffies. */

@@ -230,7 +230,7 @@ export class GroupCommitter {
   private inFlight = 0;
   /** The open group's window has passed and the gate held it open. */
   private held = false;
-  /** On a distributed database: organizations by shard group (remembered for the process's life). */
+  /** On a distributed database: organizations by shard group (remembered until a part fails). */
   private router: ShardRouter | undefined;
 
   constructor(
@@ -362,6 +362,9 @@ export class GroupCommitter {
           );
           for (const [i, p] of part.entries()) p.resolve(outcomes[i]!);
         } catch (err) {
+          // The shard map is read again for the next group: a shard split since it was read puts a
+          // part over two shard groups, which Citus may refuse (its requests written alone still pass).
+          this.router = undefined;
           await this.alone(part, err, async (trx, p) => (await storeShardGroup(trx, boss, [p], now))[0]!);
         }
       }),
