@@ -5,7 +5,13 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
-import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
+import {
+  allSettled,
+  compareWithEmulator,
+  untilNoLiveLease,
+  waitFor,
+  writeRows,
+} from '../metering/delivery-helpers.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { seededRandom } from '../support/random.js';
 import { stripeTest } from '../support/test.js';
@@ -137,18 +143,6 @@ describe('worker crashes', () => {
     // Every lease of a killed worker expires or is taken over and released: within one lease length of
     // the backlog's end, none is left. (Not at once: the last worker killed may have leased a key whose
     // rows were all delivered by then, and nobody needs to take that lease over before it runs out.)
-    const liveLeases = async () =>
-      (
-        await sql<{ n: number }>`
-          SELECT count(*)::int AS n FROM meter_delivery_keys WHERE lease_expires_at > clock_timestamp()`.execute(
-          ctx.db,
-        )
-      ).rows[0]!.n;
-    await waitFor(
-      'no live lease',
-      async () => (await liveLeases()) === 0,
-      Number(DELIVERY_ENV.DELIVERY_LEASE_SECONDS) * 1000 + 2_000,
-    );
-    expect(await liveLeases()).toBe(0);
+    expect(await untilNoLiveLease(ctx.db, Number(DELIVERY_ENV.DELIVERY_LEASE_SECONDS))).toBe(0);
   }, 180_000);
 });

@@ -6,6 +6,7 @@ import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
+import { waitFor } from '../support/wait.js';
 
 export interface RowSpec {
   value: number;
@@ -38,6 +39,25 @@ export async function writeRows(
 
 /** Waits until `check` returns a truthy value (the testkit's waitFor, re-exported for the delivery tests). */
 export { waitFor } from '../support/wait.js';
+
+/** Delivery keys whose lease has not run out yet. */
+export async function liveLeases(db: Kysely<DB>): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    SELECT count(*)::int AS n FROM meter_delivery_keys WHERE lease_expires_at > clock_timestamp()`.execute(
+    db,
+  );
+  return rows[0]!.n;
+}
+
+/**
+ * After killed workers: waits until no lease is live, at most one lease length (plus 2 s). Not at once:
+ * the last worker killed may have leased a key whose rows were all delivered by then, and nobody needs
+ * to take that lease over before it runs out. Resolves with the leases still live (0 when done).
+ */
+export async function untilNoLiveLease(db: Kysely<DB>, leaseSeconds: number): Promise<number> {
+  await waitFor('no live lease', async () => (await liveLeases(db)) === 0, leaseSeconds * 1000 + 2_000);
+  return liveLeases(db);
+}
 
 export async function statusCounts(db: Kysely<DB>, customerId?: string): Promise<Record<string, number>> {
   let q = db
