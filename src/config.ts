@@ -156,6 +156,8 @@ export const configSchema = z.object({
   RECONCILIATION_RUN_SECONDS: int(5, 1200).default(300),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
+  /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */
+  DEV_POSTGRES_PORT: int(0, 65535).default(54329),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;

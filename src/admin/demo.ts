@@ -2,7 +2,9 @@
 // customer and three sensors, so a reading sent with the printed curl command is billed at once.
 import type { Context } from '../context-type.js';
 import { authenticateApiKey } from '../credentials/api-keys.js';
+import type { Destination } from '../db/schema.js';
 import { createSensor } from '../ingest/sensors.js';
+import { shadowFromTheStart } from './destinations.js';
 import { createApiKey, createOrganization, linkSubscription } from './organizations.js';
 
 export const DEMO_ORGANIZATION_NAME = 'Demo Cold Chain';
@@ -19,12 +21,14 @@ export interface DemoOrganization {
  * Returns the demo organization, creating it on first run. `knownKey` is the key a previous run
  * printed (dev mode keeps it in its data directory): still valid for this organization, it is
  * returned again, so the printed key stays the same across restarts; otherwise a new key is minted.
- * `createCustomer` makes the Stripe customer (the emulator's, in dev mode).
+ * `createCustomer` makes the Stripe customer (the emulator's, in dev mode). `shadow`: a destination
+ * a new demo organization also sends its usage to from its first reading (a parallel run).
  */
 export async function ensureDemoOrganization(
   ctx: Context,
   createCustomer: (organizationId: string) => Promise<string>,
   knownKey?: string,
+  shadow?: Destination,
 ): Promise<DemoOrganization> {
   const existing = await ctx.db
     .selectFrom('organizations')
@@ -65,6 +69,8 @@ export async function ensureDemoOrganization(
       destination: ctx.config.DEFAULT_DESTINATION,
     }),
   );
+  if (shadow && shadow !== ctx.config.DEFAULT_DESTINATION)
+    await ctx.db.transaction().execute((trx) => shadowFromTheStart(trx, organization.id, shadow));
   const customerId = await createCustomer(organization.id);
   await linkSubscription(
     ctx.db,

@@ -122,11 +122,16 @@ function printChange(io: CliIo, change: Change, what: string) {
   printIntervals(io, change.intervals);
 }
 
-async function guarded(io: CliIo, usage: string, run: () => Promise<number>): Promise<number> {
+async function guarded(io: CliIo, run: () => Promise<number>): Promise<number> {
   try {
     return await run();
   } catch (err) {
-    if (err instanceof DestinationChangeError) return usageError(io, err.message, usage);
+    // A refusal (the organization already bills there, a parallel run is under way) is not a syntax
+    // error: one sentence, no usage line.
+    if (err instanceof DestinationChangeError) {
+      io.err.write(`meterbox: ${err.message}\n`);
+      return 1;
+    }
     throw err;
   }
 }
@@ -141,7 +146,7 @@ export async function destinationsSetCommand(
   const destination = positionals[0];
   if (!org || !isDestination(destination))
     return usageError(io, 'an organization and a destination', SET_USAGE);
-  return guarded(io, SET_USAGE, async () => {
+  return guarded(io, async () => {
     await prepareDestination(ctx, org, destination);
     const change = await setDestination(ctx.db, org, destination, { now: ctx.clock.now() });
     printChange(io, change, `${org} bills to ${destination} alone`);
@@ -158,7 +163,7 @@ export async function destinationsStartParallelCommand(
   const to = str(values, 'to');
   if (!org || !isDestination(to))
     return usageError(io, '--organization and --to are required', PARALLEL_USAGE);
-  return guarded(io, PARALLEL_USAGE, async () => {
+  return guarded(io, async () => {
     await prepareDestination(ctx, org, to);
     const change = await startParallel(ctx.db, org, to, { now: ctx.clock.now() });
     printChange(io, change, `${org} also sends its usage to ${to} (shadow)`);
@@ -177,7 +182,7 @@ export async function destinationsCutOverCommand(
 ): Promise<number> {
   const org = str(values, 'organization');
   if (!org) return usageError(io, '--organization is required', CUT_USAGE);
-  return guarded(io, CUT_USAGE, async () => {
+  return guarded(io, async () => {
     const cut = await cutOver(ctx.db, org, { now: ctx.clock.now() });
     io.out(`cut-over at ${cut.at.toISOString()}`);
     io.out(`usage before it bills ${cut.from}; usage from it bills ${cut.to}; none both, none neither`);
@@ -202,6 +207,36 @@ export function formatParity(report: ParityReport): string {
   );
 }
 
+/**
+ * The table (hours with usage somewhere) and one line that names what the rows show: exact, drift (a
+ * number in the drift column) or unknown (`?`: the destination could not be asked, and why).
+ */
+export function paritySummary(report: ParityReport, hours: number): { text: string; exact: boolean } {
+  const rows = report.rows.filter(
+    (r) => r.expected !== 0 || r.delivered !== 0 || (r.reported !== null && r.reported !== 0),
+  );
+  const drifting = report.rows.filter((r) => r.drift !== null && r.drift !== 0).length;
+  const unknown = [...new Set(rows.filter((r) => r.reported === null).map((r) => r.destination))];
+  const notes: string[] = [];
+  if (drifting > 0)
+    notes.push(`drift in ${drifting} row(s): see the drift column (a pending row lands, or reconcile)`);
+  if (unknown.length > 0)
+    notes.push(
+      `${unknown.join(' and ')} could not be asked (the rows marked ?): ${unknown
+        .map((d) =>
+          d === 'stripe'
+            ? 'Stripe needs STRIPE_SECRET_KEY, a temperature_readings meter and the customer linked'
+            : 'Metronome needs METRONOME_BEARER_TOKEN and its temperature_readings billable metric',
+        )
+        .join('; ')}`,
+    );
+  const table = rows.length > 0 ? formatParity({ ...report, rows }) : `no usage in the last ${hours} hour(s)`;
+  return {
+    text: `${table}\n${notes.length === 0 ? 'every destination exact' : notes.join('\n')}`,
+    exact: notes.length === 0,
+  };
+}
+
 export async function destinationsParityCommand(
   ctx: Context,
   values: Values,
@@ -214,18 +249,13 @@ export async function destinationsParityCommand(
   const now = ctx.clock.now();
   const to = new Date(Math.ceil(now.getTime() / 3_600_000) * 3_600_000);
   const report = await parityOf(ctx, org, { from: new Date(to.getTime() - hours * 3_600_000), to });
-  if (values.json) io.out(JSON.stringify(report, null, 2));
-  else {
-    io.out(
-      formatParity({ ...report, rows: report.rows.filter((r) => r.expected !== 0 || r.reported !== 0) }),
-    );
-    io.out(
-      report.exact
-        ? 'every destination exact'
-        : 'drift: see the rows marked (a pending row lands, or reconcile)',
-    );
+  if (values.json) {
+    io.out(JSON.stringify(report, null, 2));
+    return report.exact ? 0 : 1;
   }
-  return report.exact ? 0 : 1;
+  const summary = paritySummary(report, hours);
+  io.out(summary.text);
+  return summary.exact ? 0 : 1;
 }
 
 export const destinationCommands: Record<string, CliCommand> = {

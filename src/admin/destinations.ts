@@ -123,6 +123,21 @@ export async function assignInitialDestination(
   if (destination !== 'stripe') await open(trx, organizationId, destination, 'billing', 'always');
 }
 
+/**
+ * A new organization that also shadows on `destination` from its first reading (the demo organization
+ * of `npm start`, so its usage reaches the Metronome emulator at once): only for an organization that
+ * has stored nothing yet, since usage stored before an interval is not sent there.
+ */
+export async function shadowFromTheStart(
+  trx: Transaction<DB>,
+  organizationId: string,
+  destination: Destination,
+): Promise<void> {
+  const current = openIntervals(await lockAndMaterialize(trx, organizationId));
+  if (current.some((i) => i.destination === destination)) return;
+  await open(trx, organizationId, destination, 'shadow', 'always');
+}
+
 export interface Change {
   /** The hour boundary the change takes effect at (usage time). */
   at: Date;
@@ -171,7 +186,9 @@ export async function startParallel(
     if (current.some((i) => i.destination === to)) {
       const same = current.find((i) => i.destination === to)!;
       if (same.role === 'shadow') return { at, intervals, unchanged: true };
-      throw new DestinationChangeError(`the organization already bills to ${to}`);
+      throw new DestinationChangeError(
+        `the organization already bills to ${to}${same.from ? ` from ${same.from.toISOString()}` : ''}; a parallel run needs a second destination, one it does not bill to`,
+      );
     }
     if (current.some((i) => i.role === 'shadow'))
       throw new DestinationChangeError(

@@ -1,7 +1,8 @@
 // npm start — all-in-one development mode: API + worker in one process; an embedded Postgres (data
 // in DEV_DATA_DIR, kept across restarts) when DATABASE_URL is unset; the local Stripe emulator when
 // STRIPE_SECRET_KEY is unset; the local Metronome emulator when METRONOME_BEARER_TOKEN is unset; a demo
-// organization whose API key, destinations and a curl example are printed.
+// organization whose API key, destinations and a curl example are printed. The settings the CLI needs
+// to reach this instance (database, emulators, their keys) go to <DEV_DATA_DIR>/dev.env.
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
@@ -21,7 +22,7 @@ import { createApp } from '../api/app.js';
 import { setupStripeAccount } from '../billing/stripe-account.js';
 import { directDatabaseUrl, loadConfig } from '../config.js';
 import { createContext, createStripeClient } from '../context.js';
-import { type EmbeddedDatabase, startEmbeddedPostgres } from '../db/embedded.js';
+import { type EmbeddedDatabase, freePort, portIsFree, startEmbeddedPostgres } from '../db/embedded.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
 import { ensureBillableMetrics } from '../metering/metronome.js';
@@ -91,6 +92,28 @@ async function startMetronome(): Promise<MetronomeEmulator> {
   }
 }
 
+/**
+ * The embedded Postgres's port: DEV_POSTGRES_PORT, the same at every start so the printed DATABASE_URL
+ * keeps working; a free one when it is 0 or taken by something else.
+ */
+async function postgresPort(wanted: number): Promise<number> {
+  if (wanted === 0) return freePort();
+  if (await portIsFree(wanted)) return wanted;
+  log.warn({ port: wanted }, 'DEV_POSTGRES_PORT is taken: the embedded Postgres uses a free port this time');
+  return freePort();
+}
+
+/** What the CLI needs to reach this instance, as `KEY=value` lines a shell (`set -a; . file`) or Node's --env-file reads. */
+async function writeDevEnv(file: string, settings: Record<string, string | undefined>): Promise<void> {
+  const lines = [
+    '# Written by npm start at every start: the settings the CLI needs to reach this dev instance.',
+    '# npm run dev:cli -- <command> reads it; or in a shell: set -a; . <this file>; set +a',
+  ];
+  for (const [name, value] of Object.entries(settings))
+    if (value !== undefined) lines.push(`${name}=${value}`);
+  await writeFile(file, `${lines.join('\n')}\n`, { mode: 0o600 });
+}
+
 onShutdownSignal(async () => {
   shuttingDown = true;
   log.info('stopping');
@@ -106,7 +129,10 @@ try {
 
   let postgresDir: string | undefined;
   if (!base.DATABASE_URL) {
-    const embedded = await startEmbeddedPostgres({ dataDir: join(dataDir, 'postgres') });
+    const embedded = await startEmbeddedPostgres({
+      dataDir: join(dataDir, 'postgres'),
+      port: await postgresPort(base.DEV_POSTGRES_PORT),
+    });
     releases.push(() => embedded.stop());
     await createDatabaseIfMissing(embedded);
     env.DATABASE_URL = embedded.urlFor(DEV_DATABASE);
@@ -114,6 +140,10 @@ try {
     postgresDir = embedded.dataDir;
   }
 
+  // The API's port is needed before it listens: the emulator's webhook endpoint names it.
+  if (base.PORT === 0) env.PORT = String(await freePort());
+  const apiHost = base.HOST === '0.0.0.0' || base.HOST === '::' ? '127.0.0.1' : base.HOST;
+  const webhookUrl = `http://${apiHost}:${env.PORT ?? base.PORT}/webhooks/stripe`;
   let emulator: StripeEmulator | undefined;
   if (!base.STRIPE_SECRET_KEY) {
     emulator = await startEmulator(dataDir);
@@ -121,11 +151,24 @@ try {
     releases.push(() => running.stop());
     env.STRIPE_SECRET_KEY = 'sk_test_meterbox_dev';
     env.STRIPE_API_BASE = emulator.url;
-    env.STRIPE_WEBHOOK_SECRET ??= DEV_WEBHOOK_SECRET;
-    // The same setup an operator runs on a real account (`meterbox stripe setup`): finds the
-    // emulator's meters, or creates (reactivates) them when its saved state lacks them.
-    const setup = await setupStripeAccount(createStripeClient(loadConfig(env))!);
+    // The same setup an operator runs on a real account (`meterbox stripe setup --webhook-url`): finds
+    // the emulator's meters, or creates (reactivates) them when its saved state lacks them, and the
+    // webhook endpoint and event destination for this API, so `meterbox stripe check` passes.
+    const setup = await setupStripeAccount(createStripeClient(loadConfig(env))!, { webhookUrl });
     for (const { spec, meter } of setup.meters) env[spec.idVariable] ??= meter.id;
+    // The webhook secret `npm run stripe:emulator -- webhook` signs with, and the emulator's own
+    // endpoint and destination secrets (it signs what it sends there, error reports, with those).
+    const emulatorSecrets = [
+      ...emulator
+        .webhookEndpoints()
+        .filter((e) => e.url === webhookUrl)
+        .map((e) => e.secret),
+      ...emulator
+        .eventDestinations()
+        .filter((d) => d.url === webhookUrl)
+        .map((d) => d.signing_secret),
+    ];
+    env.STRIPE_WEBHOOK_SECRET ??= [DEV_WEBHOOK_SECRET, ...emulatorSecrets].join(',');
     log.info({ url: emulator.url }, 'Stripe emulator started');
   }
   // The Metronome emulator keeps nothing across restarts: its billable metrics and the demo's customer
@@ -156,7 +199,8 @@ try {
   });
   releases.push(() => server.stop(config.SHUTDOWN_TIMEOUT_MS));
 
-  // The demo customer has a fixed id, the one `npm run stripe:emulator -- webhook` uses by default.
+  // The demo customer has a fixed id, the one `npm run stripe:emulator -- webhook` uses by default. With
+  // the Metronome emulator, a new demo organization also shadows on Metronome from its first reading.
   const demo = emulator
     ? await ensureDemoOrganization(
         ctx,
@@ -170,28 +214,58 @@ try {
             })
           ).id,
         secrets.demoApiKey,
+        metronome ? 'metronome' : undefined,
       )
     : undefined;
   await saveSecrets(secretsFile, { ...secrets, ...(demo ? { demoApiKey: demo.apiKey } : {}) });
   // The demo organization can be switched to Metronome: its customer (ingest alias) exists there.
   if (demo && ctx.metronome) await prepareDestination(ctx, demo.organizationId, 'metronome');
   const demoDestinations = demo ? await listIntervals(ctx.db, demo.organizationId) : [];
-  const cliEnv = `DATABASE_URL=${config.DATABASE_URL}${metronome ? ` METRONOME_BEARER_TOKEN=${config.METRONOME_BEARER_TOKEN} METRONOME_API_BASE=${metronome.url}` : ''}`;
+  const devEnvFile = join(dataDir, 'dev.env');
+  await writeDevEnv(devEnvFile, {
+    DATABASE_URL: config.DATABASE_URL,
+    ...(emulator
+      ? {
+          STRIPE_SECRET_KEY: config.STRIPE_SECRET_KEY,
+          STRIPE_API_BASE: config.STRIPE_API_BASE,
+          STRIPE_WEBHOOK_SECRET: DEV_WEBHOOK_SECRET,
+          STRIPE_METER_ID_TEMPERATURE_READINGS: config.STRIPE_METER_ID_TEMPERATURE_READINGS,
+          STRIPE_METER_ID_ACTIVE_SENSORS: config.STRIPE_METER_ID_ACTIVE_SENSORS,
+        }
+      : {}),
+    ...(metronome
+      ? {
+          METRONOME_BEARER_TOKEN: config.METRONOME_BEARER_TOKEN,
+          METRONOME_API_BASE: config.METRONOME_API_BASE,
+        }
+      : {}),
+    ADMIN_TOKEN: config.ADMIN_TOKEN,
+  });
+  // `npm run dev:cli` reads .data/dev.env; another data directory is read by the shell first.
+  const cli = (args: string) =>
+    devEnvFile === resolve('.data', 'dev.env')
+      ? `npm run dev:cli -- ${args}`
+      : `(set -a; . ${devEnvFile}; set +a; npm run cli -- ${args})`;
+  // A fixed usage time, so that the same command sent twice is the same reading (a duplicate).
+  const recordedAt = `${new Date().toISOString().slice(0, 19)}Z`;
+  const shadowing = demoDestinations.some((i) => i.role === 'shadow' && i.until === null);
 
   const lines = [
     '',
     `meterbox is running at ${server.url}   (Ctrl-C to stop)`,
     `  database         ${base.DATABASE_URL ? 'DATABASE_URL from the environment' : `embedded Postgres, data in ${postgresDir}`}`,
-    `  DATABASE_URL     ${config.DATABASE_URL}   (the CLI needs it: DATABASE_URL=… npm run cli -- --help)`,
+    `  DATABASE_URL     ${config.DATABASE_URL}`,
+    `  CLI              ${cli('--help')}   (settings in ${devEnvFile})`,
     `  stripe           ${emulator ? `local emulator at ${emulator.url} (inspect: ${emulator.url}/_emulator/events)` : (config.STRIPE_API_BASE ?? 'api.stripe.com')}`,
     `  metronome        ${metronome ? `local emulator at ${metronome.url} (inspect: ${metronome.url}/_emulator/events)` : (config.METRONOME_API_BASE ?? "Metronome's own API")}`,
     `  admin dashboard  ${server.url}/admin   token: ${config.ADMIN_TOKEN}`,
-    `  webhooks         ${server.url}/webhooks/stripe   secret: ${config.STRIPE_WEBHOOK_SECRET ?? '(STRIPE_WEBHOOK_SECRET unset: webhooks off)'}`,
+    `  webhooks         ${server.url}/webhooks/stripe   secret: ${config.STRIPE_WEBHOOK_SECRET?.split(',')[0] ?? '(STRIPE_WEBHOOK_SECRET unset: webhooks off)'}`,
     `  API docs         ${server.url}/docs`,
   ];
   if (demo) {
+    const org = demo.organizationId;
     lines.push(
-      `  demo org         ${demo.organizationId} (customer ${demo.customerId}${demo.created ? ', created now' : ''})`,
+      `  demo org         ${org} (customer ${demo.customerId}${demo.created ? ', created now' : ''})`,
       `  demo API key     ${demo.apiKey}`,
       `  demo destination ${demoDestinations
         .map(
@@ -200,17 +274,26 @@ try {
         )
         .join(', ')}`,
       '',
-      'Switch the demo organization to Metronome (from the next hour boundary), or run both in parallel:',
-      `  ${cliEnv} npm run cli -- destinations set --organization ${demo.organizationId} metronome`,
-      `  ${cliEnv} npm run cli -- destinations start-parallel --organization ${demo.organizationId} --to metronome`,
-      `  (or the dashboard's Destinations panel; then: npm run cli -- destinations parity --organization ${demo.organizationId})`,
-      '',
-      'Send a reading:',
+      'Send a reading (twice: the second is a duplicate, stored and billed once):',
       `  curl -s ${server.url}/v1/readings -H 'Authorization: Bearer ${demo.apiKey}' -H 'Content-Type: application/json' \\`,
-      `    -d '{"readings":[{"sensorId":"${demo.sensorIds[0]}","recordedAt":"'$(date -u +%Y-%m-%dT%H:%M:%SZ)'","temperatureC":4.2}]}'`,
+      `    -d '{"readings":[{"sensorId":"${demo.sensorIds[0]}","recordedAt":"${recordedAt}","temperatureC":4.2}]}'`,
       'then watch it arrive as a meter event (Stripe) or a usage event (Metronome):',
       `  curl -s ${emulator?.url}/_emulator/events`,
       ...(metronome ? [`  curl -s ${metronome.url}/_emulator/events`] : []),
+      '',
+      ...(shadowing
+        ? [
+            'The demo organization bills to Stripe and shadows on Metronome (a parallel run). Compare them, then move it:',
+            `  ${cli(`destinations parity --organization ${org}`)}`,
+            `  ${cli(`destinations cut-over --organization ${org}`)}   (Metronome bills from the next hour boundary)`,
+          ]
+        : [
+            'Run the demo organization on Metronome in parallel, or switch it (from the next hour boundary):',
+            `  ${cli(`destinations start-parallel --organization ${org} --to metronome`)}`,
+            `  ${cli(`destinations set --organization ${org} metronome`)}`,
+            `  ${cli(`destinations parity --organization ${org}`)}`,
+          ]),
+      `  ${cli('stripe check')}`,
       '',
       `Stream many readings: npm run simulate -- --url ${server.url} --key ${demo.apiKey}`,
     );

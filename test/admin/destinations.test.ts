@@ -4,7 +4,7 @@
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
-import { nextHourBoundary } from '../../src/admin/destinations.js';
+import { nextHourBoundary, type ParityReport, shadowFromTheStart } from '../../src/admin/destinations.js';
 import {
   destinationsCutOverCommand,
   destinationsParityCommand,
@@ -12,6 +12,7 @@ import {
   destinationsStartParallelCommand,
   metronomeCheckCommand,
   metronomeSetupCommand,
+  paritySummary,
 } from '../../src/admin/destinations-cli.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { authHeaders, createOrganization, createSensors, memoryIo, reading } from '../support/fixtures.js';
@@ -186,6 +187,64 @@ describe('destinations', () => {
     ]);
   });
 
+  it('says whether parity rows drift or could not be asked, and never "drift" for a row that is only unknown', () => {
+    const hour = new Date('2026-11-23T10:00:00Z');
+    const report = (rows: ParityReport['rows']): ParityReport => ({
+      organizationId: 'o',
+      from: hour,
+      to: new Date(hour.getTime() + HOUR),
+      rows,
+      exact: rows.every((r) => r.drift === 0),
+    });
+    const row = (destination: 'stripe' | 'metronome', reported: number | null, expected = 2) => ({
+      hour,
+      destination,
+      role: 'billing' as const,
+      expected,
+      delivered: expected,
+      reported,
+      drift: reported === null ? null : reported - expected,
+    });
+    const unknown = paritySummary(report([row('stripe', null)]), 1);
+    expect(unknown.exact).toBe(false);
+    expect(unknown.text).toContain('stripe could not be asked (the rows marked ?)');
+    expect(unknown.text).not.toContain('drift in');
+    const drift = paritySummary(report([row('stripe', 2), row('metronome', 1)]), 1);
+    expect(drift.exact).toBe(false);
+    expect(drift.text).toContain('drift in 1 row(s)');
+    expect(drift.text).not.toContain('could not be asked');
+    const exact = paritySummary(report([row('stripe', 2)]), 1);
+    expect(exact).toMatchObject({ exact: true });
+    expect(exact.text).toMatch(/exact\nevery destination exact$/);
+    // Hours without usage anywhere are left out, even where the destination could not be asked.
+    const idle = paritySummary(report([row('stripe', 0, 0), row('metronome', null, 0)]), 1);
+    expect(idle).toEqual({ text: 'no usage in the last 1 hour(s)\nevery destination exact', exact: true });
+  });
+
+  it('bills a new organization to both destinations from its first reading when it shadows from the start', async ({
+    app,
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    await ctx.db.transaction().execute((trx) => shadowFromTheStart(trx, org.organizationId, 'metronome'));
+    // Twice is once.
+    await ctx.db.transaction().execute((trx) => shadowFromTheStart(trx, org.organizationId, 'metronome'));
+    const res = await app.request('/v1/readings', {
+      method: 'POST',
+      headers: authHeaders(org.apiKey),
+      body: JSON.stringify({ readings: [reading(sensor!, 5)] }),
+    });
+    expect(res.status).toBe(201);
+    const { rows } = await sql<{ destination: string; value: string }>`
+      SELECT destination, value::text FROM meter_outbox WHERE organization_id = ${org.organizationId}
+       ORDER BY destination`.execute(ctx.db);
+    expect(rows).toEqual([
+      { destination: 'metronome', value: '1' },
+      { destination: 'stripe', value: '1' },
+    ]);
+  });
+
   it('sets up and checks Metronome and moves organizations from the CLI', async ({ ctx }) => {
     const org = await createOrganization(ctx.db);
     const io = memoryIo();
@@ -209,6 +268,18 @@ describe('destinations', () => {
     expect(again.stdout).not.toContain('(created)');
     const ok = memoryIo();
     expect(await metronomeCheckCommand(ctx, ok)).toBe(0);
+    // A parallel run to the destination it is about to bill alone: refused in one sentence, not as a
+    // syntax error with a usage line.
+    const refused = memoryIo();
+    expect(
+      await destinationsStartParallelCommand(
+        ctx,
+        { organization: org.organizationId, to: 'metronome' },
+        refused,
+      ),
+    ).toBe(1);
+    expect(refused.stderr).toMatch(/^meterbox: the organization already bills to metronome from \S+Z; /);
+    expect(refused.stderr).not.toContain('usage:');
 
     const other = await createOrganization(ctx.db);
     const usage = memoryIo();

@@ -1,13 +1,13 @@
 import { spawn } from 'node:child_process';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
-import { alive } from '../../src/db/embedded.js';
+import { alive, freePort } from '../../src/db/embedded.js';
 import { ROOT, RunningProcess } from '../support/processes.js';
 import { waitFor as waitUntil } from '../support/wait.js';
 
-function startDev(dataDir: string): RunningProcess {
+function startDev(dataDir: string, postgresPort: number): RunningProcess {
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   for (const k of [
@@ -18,7 +18,12 @@ function startDev(dataDir: string): RunningProcess {
     'ADMIN_TOKEN',
   ])
     delete env[k];
-  Object.assign(env, { DEV_DATA_DIR: dataDir, PORT: '0', LOG_LEVEL: 'info' });
+  Object.assign(env, {
+    DEV_DATA_DIR: dataDir,
+    DEV_POSTGRES_PORT: String(postgresPort),
+    PORT: '0',
+    LOG_LEVEL: 'info',
+  });
   return new RunningProcess(
     spawn(process.execPath, ['--import', 'tsx', 'src/bin/dev.ts'], {
       cwd: ROOT,
@@ -47,7 +52,8 @@ describe('npm start (dev mode)', () => {
     const dataDir = join(root, 'private', '.data');
     onTestFinished(() => rm(root, { recursive: true, force: true }));
 
-    const first = startDev(dataDir);
+    const postgresPort = await freePort();
+    const first = startDev(dataDir, postgresPort);
     await first.waitForOutput('demo API key', 90_000);
     const out = first.stdout;
     const apiUrl = /meterbox is running at (\S+)/.exec(out)![1]!;
@@ -62,7 +68,17 @@ describe('npm start (dev mode)', () => {
       onTestFinished(() => rm(dirname(clusterDir), { recursive: true, force: true }));
     }
     // What a person needs, as plain lines: the URL the CLI needs, the webhook secret, readable logs.
-    expect(out).toMatch(/DATABASE_URL\s+postgres:\/\/\S+:\d+\/meterbox/);
+    const databaseUrl = new RegExp(`DATABASE_URL\\s+(postgres://\\S+:${postgresPort}/meterbox)\\n`).exec(
+      out,
+    )?.[1];
+    expect(databaseUrl).toBeDefined();
+    // What the CLI needs to reach this instance, in a file the printed commands read.
+    const devEnv = await readFile(join(dataDir, 'dev.env'), 'utf8');
+    expect(devEnv).toContain(`DATABASE_URL=${databaseUrl}\n`);
+    expect(devEnv).toMatch(/^STRIPE_SECRET_KEY=sk_test_meterbox_dev$/m);
+    expect(devEnv).toMatch(/^STRIPE_API_BASE=http:\/\/127\.0\.0\.1:\d+$/m);
+    expect(devEnv).toMatch(/^METRONOME_API_BASE=http:\/\/127\.0\.0\.1:\d+$/m);
+    expect(out).toContain(`(set -a; . ${join(dataDir, 'dev.env')}; set +a; npm run cli -- stripe check)`);
     expect(out).toMatch(/webhooks\s+\S+\/webhooks\/stripe\s+secret: whsec_meterbox_dev/);
     expect(out).toMatch(/^\d\d:\d\d:\d\d INFO {2}worker started/m);
     expect(out).not.toMatch(/^\{"level"/m);
@@ -90,7 +106,7 @@ describe('npm start (dev mode)', () => {
     expect((await first.exited).code).toBe(0);
     expect(alive(pid)).toBe(false);
 
-    const second = startDev(dataDir);
+    const second = startDev(dataDir, postgresPort);
     await second.waitForOutput('demo API key', 90_000);
     expect(second.stdout).not.toContain('created now');
     expect(/demo org\s+(\S+)/.exec(second.stdout)![1]).toBe(/demo org\s+(\S+)/.exec(out)![1]);
@@ -98,6 +114,8 @@ describe('npm start (dev mode)', () => {
     expect(/demo API key\s+(\S+)/.exec(second.stdout)![1]).toBe(apiKey);
     expect(/token: (\S+)/.exec(second.stdout)![1]).toBe(adminToken);
     expect(/embedded Postgres, data in (\S+)/.exec(second.stdout)![1]).toBe(clusterDir);
+    // The same DATABASE_URL: the port is DEV_POSTGRES_PORT at every start.
+    expect(second.stdout).toContain(`DATABASE_URL     ${databaseUrl}\n`);
     expect(/customer (cus_\w+)/.exec(out)![1]).toBe('cus_emu_demo');
     const secondPid = postgresPid(second.stdout);
     second.kill('SIGTERM');
