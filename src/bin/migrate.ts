@@ -3,8 +3,16 @@
 import { directDatabaseUrl } from '../config.js';
 import { createLogger } from '../log.js';
 import { migrate } from '../migrations.js';
-import { configOrExit, exitOnFatal } from './process.js';
+import { configOrExit, exitOnFatal, noArgumentsOrHelp } from './process.js';
 
+noArgumentsOrHelp(
+  process.argv.slice(2),
+  `usage: node dist/migrate.js
+
+Applies migrations/*.sql and installs pg-boss's schema in the database DATABASE_URL (or
+DATABASE_DIRECT_URL) names; safe to run twice or from several places at once. Settings come from the
+environment: see .env.example.`,
+);
 const config = configOrExit({ needDatabase: true });
 const log = createLogger(config.LOG_LEVEL, { component: 'migrate' });
 try {

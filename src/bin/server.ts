@@ -4,8 +4,15 @@
 import { createApp } from '../api/app.js';
 import { createContext } from '../context.js';
 import { startHttpServer } from '../http/server.js';
-import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
+import { configOrExit, exitOnFatal, noArgumentsOrHelp, onShutdownSignal } from './process.js';
 
+noArgumentsOrHelp(
+  process.argv.slice(2),
+  `usage: node dist/server.js
+
+Runs the HTTP API (PORT, HOST) against DATABASE_URL until SIGTERM or SIGINT, then drains and stops.
+Settings come from the environment: see .env.example.`,
+);
 const config = configOrExit({ needDatabase: true });
 try {
   const ctx = await createContext(config, { applicationName: 'meterbox-api' });

@@ -4,8 +4,16 @@
 import { createContext } from '../context.js';
 import type { Context } from '../context-type.js';
 import { startWorker, type WorkerRuntime } from '../worker/start.js';
-import { configOrExit, exitOnFatal, onShutdownSignal } from './process.js';
+import { configOrExit, exitOnFatal, noArgumentsOrHelp, onShutdownSignal } from './process.js';
 
+noArgumentsOrHelp(
+  process.argv.slice(2),
+  `usage: node dist/worker.js
+
+Runs the delivery workers, the hourly active_sensors report, the sweep and storage maintenance against
+DATABASE_URL until SIGTERM or SIGINT. Run more copies for more throughput. Settings come from the
+environment: see .env.example.`,
+);
 const config = configOrExit({ needDatabase: true });
 let ctx: Context | undefined;
 let worker: WorkerRuntime | undefined;
