@@ -43,6 +43,27 @@ export function commandHelp(name: string): string {
   return lines.join('\n');
 }
 
+/** The commands of a group (`destinations`, `stripe`, `outbox`…): the registry's names starting with it. */
+function groupOf(word: string): string[] {
+  return Object.keys(COMMANDS).filter((name) => name.startsWith(`${word} `));
+}
+
+export function groupHelp(group: string): string {
+  const lines = [`usage: meterbox ${group} <command> [options]`, '', 'commands:'];
+  for (const name of groupOf(group)) lines.push(`  ${name.padEnd(28)} ${COMMANDS[name]!.summary}`);
+  lines.push('', `meterbox ${group} <command> --help prints the flags of one command.`);
+  return lines.join('\n');
+}
+
+/**
+ * `--org` is an alias of `--organization`, the one name every command documents (`--org=<id>` too).
+ */
+function withAliases(args: readonly string[]): string[] {
+  return args.map((arg) =>
+    arg === '--org' ? '--organization' : arg.startsWith('--org=') ? `--organization=${arg.slice(6)}` : arg,
+  );
+}
+
 export type CommandLine =
   /** Print `text` (stdout for help, stderr for a usage error) and exit with `code`. */
   | { kind: 'exit'; code: number; text: string; stream: 'stdout' | 'stderr' }
@@ -57,9 +78,22 @@ export type CommandLine =
 export function parseCommandLine(argv: readonly string[]): CommandLine {
   if (argv.length === 0 || argv[0] === 'help' || argv[0] === '--help' || argv[0] === '-h') {
     const topic = argv[0] === 'help' ? argv.slice(1).join(' ') : '';
-    return { kind: 'exit', code: 0, text: topic ? commandHelp(topic) : generalHelp(), stream: 'stdout' };
+    const text =
+      topic && !(topic in COMMANDS) && groupOf(topic).length > 0 ? groupHelp(topic) : commandHelp(topic);
+    return { kind: 'exit', code: 0, text: topic ? text : generalHelp(), stream: 'stdout' };
   }
   const name = [argv.slice(0, 2).join(' '), argv[0] ?? ''].find((candidate) => candidate in COMMANDS);
+  if (!name && groupOf(argv[0] ?? '').length > 0) {
+    const help = argv.length === 1 || argv[1] === '--help' || argv[1] === '-h';
+    return help
+      ? { kind: 'exit', code: 0, text: groupHelp(argv[0]!), stream: 'stdout' }
+      : {
+          kind: 'exit',
+          code: 2,
+          text: `meterbox: unknown command '${argv.slice(0, 2).join(' ')}'\n\n${groupHelp(argv[0]!)}`,
+          stream: 'stderr',
+        };
+  }
   if (!name) {
     return {
       kind: 'exit',
@@ -69,7 +103,7 @@ export function parseCommandLine(argv: readonly string[]): CommandLine {
     };
   }
   const command = COMMANDS[name]!;
-  const rest = argv.slice(name.split(' ').length);
+  const rest = withAliases(argv.slice(name.split(' ').length));
   if (rest.includes('--help') || rest.includes('-h')) {
     return { kind: 'exit', code: 0, text: commandHelp(name), stream: 'stdout' };
   }

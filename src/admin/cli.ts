@@ -10,7 +10,7 @@ import { type ReconciliationReport, reconcile, reconcileQuery } from './reconcil
 type Values = Record<string, string | boolean | undefined>;
 
 const LIST_USAGE =
-  'outbox list [--status pending|delivered|failed|expired] [--org <id>] [--meter <name>] [--from <iso>] [--to <iso>] [--limit n] [--cursor c] [--json]';
+  'outbox list [--status pending|delivered|failed|expired] [--organization <id>] [--meter <name>] [--from <iso>] [--to <iso>] [--limit n] [--cursor c] [--json]';
 
 export async function outboxListCommand(
   ctx: Context,
@@ -19,7 +19,7 @@ export async function outboxListCommand(
 ): Promise<number> {
   const parsed = outboxListQuery.safeParse({
     status: str(values, 'status'),
-    organizationId: str(values, 'org'),
+    organizationId: str(values, 'organization'),
     meter: str(values, 'meter'),
     from: str(values, 'from'),
     to: str(values, 'to'),
@@ -53,7 +53,7 @@ export async function outboxListCommand(
 }
 
 const RETRY_USAGE =
-  'outbox retry (--id <id>[,<id>…] | --org <id> | --all) [--meter <name>] [--reconcile] [--json]';
+  'outbox retry (--id <id>[,<id>…] | --organization <id> | --all) [--meter <name>] [--reconcile] [--json]';
 
 export async function outboxRetryCommand(
   ctx: Context,
@@ -66,7 +66,7 @@ export async function outboxRetryCommand(
     .filter(Boolean);
   const parsed = retrySelection.safeParse({
     ids,
-    organizationId: str(values, 'org'),
+    organizationId: str(values, 'organization'),
     meter: str(values, 'meter'),
     all: values.all === true ? true : undefined,
     reconcile: values.reconcile === true ? true : undefined,
@@ -125,7 +125,7 @@ export async function outboxRetryCommand(
   return result.refused.length > 0 ? 1 : 0;
 }
 
-const RECONCILE_USAGE = 'reconcile --from <iso> --to <iso> [--org <id>] [--skip-stripe] [--json]';
+const RECONCILE_USAGE = 'reconcile --from <iso> --to <iso> [--organization <id>] [--skip-stripe] [--json]';
 
 const n = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : String(v));
 
@@ -175,7 +175,7 @@ export async function reconcileCommand(
   const parsed = reconcileQuery.safeParse({
     from: str(values, 'from'),
     to: str(values, 'to'),
-    organizationId: str(values, 'org'),
+    organizationId: str(values, 'organization'),
   });
   if (!parsed.success) return usageError(io, zodMessage(parsed.error), RECONCILE_USAGE);
   const bar = createProgressBar(io.err, 'reconciling organizations');
@@ -196,20 +196,20 @@ export const adminCommands: Record<string, CliCommand> = {
   'outbox list': {
     summary: 'list outbox rows (filters, cursor pagination)',
     usage: LIST_USAGE,
-    options: flags(['status', 'org', 'meter', 'from', 'to', 'limit', 'cursor'], ['json']),
+    options: flags(['status', 'organization', 'meter', 'from', 'to', 'limit', 'cursor'], ['json']),
     run: (ctx, { values }) => outboxListCommand(ctx, values),
   },
   'outbox retry': {
     summary:
       'put failed outbox rows back to pending and queue their delivery (groups past the identifier window: refused, or reconciled first with --reconcile)',
     usage: RETRY_USAGE,
-    options: flags(['id', 'org', 'meter'], ['all', 'reconcile', 'json']),
+    options: flags(['id', 'organization', 'meter'], ['all', 'reconcile', 'json']),
     run: (ctx, { values }) => outboxRetryCommand(ctx, values),
   },
   reconcile: {
     summary: 'readings stored vs usage delivered per organization; exit 1 on drift',
     usage: RECONCILE_USAGE,
-    options: flags(['from', 'to', 'org'], ['skip-stripe', 'json']),
+    options: flags(['from', 'to', 'organization'], ['skip-stripe', 'json']),
     run: (ctx, { values }) => reconcileCommand(ctx, values),
   },
 };

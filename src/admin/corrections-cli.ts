@@ -9,8 +9,8 @@ import { correctionBody, createCorrection, listCorrections, previewCorrection } 
 type Values = Record<string, string | boolean | undefined>;
 
 export const CORRECT_USAGE =
-  'usage correct --org <id> [--sensor <id>] --from <iso> --to <iso> --reason <text> [--dry-run] [--json]';
-export const LIST_CORRECTIONS_USAGE = 'usage corrections --org <id> [--json]';
+  'usage correct --organization <id> [--sensor <id>] --from <iso> --to <iso> --reason <text> [--dry-run] [--json]';
+export const LIST_CORRECTIONS_USAGE = 'usage corrections --organization <id> [--json]';
 
 function fail(io: CliIo, err: unknown, usage: string): number {
   if (err instanceof AppError) {
@@ -27,7 +27,7 @@ export async function usageCorrectCommand(
   values: Values,
   io: CliIo = processIo(),
 ): Promise<number> {
-  const organizationId = str(values, 'org');
+  const organizationId = str(values, 'organization');
   const parsed = correctionBody.safeParse({
     sensorId: str(values, 'sensor'),
     from: str(values, 'from'),
@@ -36,7 +36,7 @@ export async function usageCorrectCommand(
   });
   if (!organizationId || !parsed.success) {
     const why = !organizationId
-      ? '--org is required'
+      ? '--organization is required'
       : parsed.error?.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ');
     io.err.write(`meterbox: ${why}\nusage: meterbox ${CORRECT_USAGE}\n`);
     return 2;
@@ -79,9 +79,9 @@ export async function usageCorrectionsCommand(
   values: Values,
   io: CliIo = processIo(),
 ): Promise<number> {
-  const organizationId = str(values, 'org');
+  const organizationId = str(values, 'organization');
   if (!organizationId) {
-    io.err.write(`meterbox: --org is required\nusage: meterbox ${LIST_CORRECTIONS_USAGE}\n`);
+    io.err.write(`meterbox: --organization is required\nusage: meterbox ${LIST_CORRECTIONS_USAGE}\n`);
     return 2;
   }
   const corrections = await listCorrections(ctx.db, organizationId);
@@ -128,13 +128,13 @@ export const correctionCommands: Record<string, CliCommand> = {
     summary:
       "void an organization's readings in [from, to) and credit what was billed (--dry-run to preview)",
     usage: CORRECT_USAGE,
-    options: flags(['org', 'sensor', 'from', 'to', 'reason'], ['dry-run', 'json']),
+    options: flags(['organization', 'sensor', 'from', 'to', 'reason'], ['dry-run', 'json']),
     run: (ctx, { values }) => usageCorrectCommand(ctx, values),
   },
   'usage corrections': {
     summary: "list an organization's usage corrections and their credits",
     usage: LIST_CORRECTIONS_USAGE,
-    options: flags(['org'], ['json']),
+    options: flags(['organization'], ['json']),
     run: (ctx, { values }) => usageCorrectionsCommand(ctx, values),
   },
 };

@@ -88,16 +88,16 @@ const orgList: CliCommand = {
   },
 };
 
-const orgLinkUsage = `org link --org <organization id> --customer <cus_…> [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
+const orgLinkUsage = `org link --organization <id> --customer <cus_…> [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
 const orgLink: CliCommand = {
   summary: "link an organization's subscription to a Stripe customer",
   usage: orgLinkUsage,
-  options: flags(['org', 'customer', 'status'], ['json']),
+  options: flags(['organization', 'customer', 'status'], ['json']),
   async run(ctx, { values }) {
-    const org = str(values, 'org');
+    const org = str(values, 'organization');
     const customer = str(values, 'customer');
     const status = str(values, 'status') ?? 'active';
-    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', orgLinkUsage);
+    if (!org || !UUID.test(org)) return fail('--organization <id> is required', orgLinkUsage);
     if (!customer || !/^cus_\w+$/.test(customer)) return fail('--customer <cus_…> is required', orgLinkUsage);
     const known = SUBSCRIPTION_STATUSES.find((s) => s === status);
     if (!known) return fail(`--status must be one of ${SUBSCRIPTION_STATUSES.join(', ')}`, orgLinkUsage);
@@ -118,14 +118,14 @@ const orgLink: CliCommand = {
   },
 };
 
-const keyCreateUsage = 'key create --org <organization id> [--name <name>] [--json]';
+const keyCreateUsage = 'key create --organization <id> [--name <name>] [--json]';
 const keyCreate: CliCommand = {
   summary: 'create another API key for an organization',
   usage: keyCreateUsage,
-  options: flags(['org', 'name'], ['json']),
+  options: flags(['organization', 'name'], ['json']),
   async run(ctx, { values }) {
-    const org = str(values, 'org');
-    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyCreateUsage);
+    const org = str(values, 'organization');
+    if (!org || !UUID.test(org)) return fail('--organization <id> is required', keyCreateUsage);
     const name = str(values, 'name');
     const key = await ctx.db.transaction().execute((trx) => createApiKey(trx, org, name));
     if (!key) return fail(`no organization ${org}`, keyCreateUsage);
@@ -134,14 +134,14 @@ const keyCreate: CliCommand = {
   },
 };
 
-const keyListUsage = 'key list --org <organization id> [--json]';
+const keyListUsage = 'key list --organization <id> [--json]';
 const keyList: CliCommand = {
   summary: "list an organization's API keys (prefix only)",
   usage: keyListUsage,
-  options: flags(['org'], ['json']),
+  options: flags(['organization'], ['json']),
   async run(ctx, { values }) {
-    const org = str(values, 'org');
-    if (!org || !UUID.test(org)) return fail('--org <organization id> is required', keyListUsage);
+    const org = str(values, 'organization');
+    if (!org || !UUID.test(org)) return fail('--organization <id> is required', keyListUsage);
     const keys = await listApiKeys(ctx.db, org);
     print(values, keys, keys.length ? keys.map(describeKey) : [`no keys for organization ${org}`]);
     return 0;

@@ -16,7 +16,7 @@ export interface CliCommand {
 
 export type CliOptions = Record<string, { type: 'string' | 'boolean'; short?: string }>;
 
-/** A command's flags: each of `values` takes a value (`--org <id>`), each of `switches` stands alone (`--json`). */
+/** A command's flags: each of `values` takes a value (`--organization <id>`), each of `switches` stands alone (`--json`). */
 export function flags(values: readonly string[], switches: readonly string[] = []): CliOptions {
   return Object.fromEntries([
     ...values.map((name) => [name, { type: 'string' as const }]),

@@ -24,6 +24,44 @@ describe('CLI help', () => {
     );
   });
 
+  const groups = [
+    ...new Set(
+      Object.keys(COMMANDS)
+        .filter((n) => n.includes(' '))
+        .map((n) => n.split(' ')[0]!),
+    ),
+  ];
+
+  it.each(groups)('%s --help lists the commands of the group', (group) => {
+    const line = parseCommandLine([group, '--help']);
+    expect(line).toMatchObject({ kind: 'exit', code: 0, stream: 'stdout' });
+    const members = Object.keys(COMMANDS).filter((n) => n.startsWith(`${group} `));
+    for (const name of members) expect(line.kind === 'exit' && line.text).toContain(`  ${name} `);
+    expect(parseCommandLine([group])).toEqual(line);
+    expect(parseCommandLine(['help', group])).toEqual(line);
+    const wrong = parseCommandLine([group, 'nope']);
+    expect(wrong).toMatchObject({ kind: 'exit', code: 2, stream: 'stderr' });
+    expect(wrong.kind === 'exit' && wrong.text).toContain(`unknown command '${group} nope'`);
+  });
+
+  it('names the organization --organization in every command, with --org as its alias', () => {
+    for (const [name, command] of Object.entries(COMMANDS)) {
+      expect(Object.keys(command.options ?? {}), name).not.toContain('org');
+      expect(command.usage, name).not.toMatch(/--org\b(?!anization)/);
+    }
+    const id = '00000000-0000-4000-8000-000000000001';
+    for (const alias of [['--org', id], [`--org=${id}`], ['--organization', id]]) {
+      expect(parseCommandLine(['key', 'list', ...alias])).toMatchObject({
+        kind: 'run',
+        values: { organization: id },
+      });
+      expect(parseCommandLine(['destinations', 'parity', ...alias])).toMatchObject({
+        kind: 'run',
+        values: { organization: id },
+      });
+    }
+  });
+
   it('answers an unknown flag with exit 2, the usage and a pointer to --help', () => {
     const line = parseCommandLine(['outbox', 'list', '--nope']);
     expect(line).toMatchObject({ kind: 'exit', code: 2, stream: 'stderr' });

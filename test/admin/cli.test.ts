@@ -71,7 +71,7 @@ const period = () => ({
 describe('meterbox outbox list', () => {
   it('prints a table of the filtered rows', async ({ ctx, delta: { org } }) => {
     const io = memoryIo();
-    expect(await outboxListCommand(ctx, { org: org.organizationId, status: 'pending' }, io)).toBe(0);
+    expect(await outboxListCommand(ctx, { organization: org.organizationId, status: 'pending' }, io)).toBe(0);
     const lines = io.stdout.trim().split('\n');
     expect(lines[0]).toMatch(/^\s*ID\s+STATUS\s+METER\s+VALUE/);
     expect(lines.filter((l) => l.includes('temperature_readings'))).toHaveLength(2);
@@ -96,7 +96,7 @@ describe('meterbox outbox retry', () => {
       .where('organization_id', '=', org.organizationId)
       .execute();
     const io = memoryIo(true);
-    expect(await outboxRetryCommand(ctx, { org: org.organizationId }, io)).toBe(0);
+    expect(await outboxRetryCommand(ctx, { organization: org.organizationId }, io)).toBe(0);
     expect(io.stdout).toContain('retried 2 failed row(s); queued 1 delivery job(s)');
     expect(io.stderr).toContain('retrying failed rows [');
     expect(io.stderr).toContain('1/1 100%');

@@ -635,7 +635,7 @@ describe('meterbox usage correct', () => {
   }) => {
     await ingest(org, org.sensors[0]!, 4, base);
     await deliver(org.customerId);
-    const args = { org: org.organizationId, sensor: org.sensors[0], ...range(base), reason: 'cli' };
+    const args = { organization: org.organizationId, sensor: org.sensors[0], ...range(base), reason: 'cli' };
 
     const dry = memoryIo();
     expect(await usageCorrectCommand(ctx, { ...args, 'dry-run': true }, dry)).toBe(0);
@@ -657,7 +657,7 @@ describe('meterbox usage correct', () => {
     expect(stripeSum(org.customerId)).toBe(0);
 
     const list = memoryIo();
-    expect(await usageCorrectionsCommand(ctx, { org: org.organizationId }, list)).toBe(0);
+    expect(await usageCorrectionsCommand(ctx, { organization: org.organizationId }, list)).toBe(0);
     expect(list.stdout).toContain('cli');
 
     const reversed = memoryIo();

@@ -296,11 +296,11 @@ describe('meterbox org|key commands', () => {
     const orgId = created.organization.id;
 
     output.length = 0;
-    expect(await run('key create', { org: orgId, name: 'second' })).toBe(0);
+    expect(await run('key create', { organization: orgId, name: 'second' })).toBe(0);
     expect(output.join('\n')).toMatch(/api key mbx_[A-Za-z0-9_-]{43}\n.*shown only once/);
 
     output.length = 0;
-    expect(await run('key list', { org: orgId })).toBe(0);
+    expect(await run('key list', { organization: orgId })).toBe(0);
     const listing = output.join('\n');
     expect(listing.split('\n')).toHaveLength(2);
     expect(listing).toContain(`${created.apiKey.key.slice(0, 12)}…`);
@@ -317,7 +317,7 @@ describe('meterbox org|key commands', () => {
   it('links a subscription from the command line', async ({ ctx, run, output }) => {
     const org = await createOrganization(ctx.db, { billable: false });
     expect(
-      await run('org link', { org: org.organizationId, customer: 'cus_CliLinked', status: 'trial' }),
+      await run('org link', { organization: org.organizationId, customer: 'cus_CliLinked', status: 'trial' }),
     ).toBe(0);
     expect(await billableCustomerId(ctx.db, org.organizationId)).toBe('cus_CliLinked');
     expect(output.join('\n')).toContain(`organization ${org.organizationId} linked to cus_CliLinked (trial)`);
@@ -325,7 +325,7 @@ describe('meterbox org|key commands', () => {
 
   it('exits 2 with the usage line for missing or bad arguments', async ({ run, output }) => {
     expect(await run('org create', {})).toBe(2);
-    expect(await run('key create', { org: 'nope' })).toBe(2);
+    expect(await run('key create', { organization: 'nope' })).toBe(2);
     expect(await run('key revoke', {}, [])).toBe(2);
     expect(await run('key revoke', {}, ['00000000-0000-4000-8000-000000000000'])).toBe(2);
     expect(output.join('\n')).toMatch(/usage: meterbox key revoke <key id>/);
