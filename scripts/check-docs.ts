@@ -227,9 +227,9 @@ function checkNpmScripts(file: string, md: Markdown, sources: Sources): Finding[
 /** The argument words of each meterbox command line the file shows, with its line. */
 function commandLines(md: Markdown): Span[] {
   const found: Span[] = [];
-  const invocation = /(?:^|[\s;&|(])(?:meterbox|npm run cli --)\s+(.*)$/;
+  const invocation = /(?:^|[\s;&|(])(?:meterbox|npm run (?:--silent )?(?:dev:)?cli --)\s+(.*)$/;
   for (const span of md.codeSpans) {
-    const m = /^(?:meterbox|npm run cli --)\s+(.*)$/.exec(span.text);
+    const m = /^(?:meterbox|npm run (?:--silent )?(?:dev:)?cli --)\s+(.*)$/.exec(span.text);
     if (m) found.push({ text: m[1]!, line: span.line });
   }
   for (const code of md.codeLines) {
@@ -251,6 +251,9 @@ function checkCommands(file: string, md: Markdown): Finding[] {
     if (first === undefined || /^[<…[]|^\.\.\./.test(first)) continue;
     if (['--help', '-h', 'help'].includes(first)) continue;
     const name = [words.slice(0, 2).join(' '), first].find((candidate) => candidate in COMMANDS);
+    // A group's help (`meterbox destinations --help`) lists the group's commands.
+    const group = Object.keys(COMMANDS).some((n) => n.startsWith(`${first} `));
+    if (!name && group && (words.length === 1 || ['--help', '-h'].includes(words[1]!))) continue;
     if (!name) {
       findings.push({ file, line, message: `\`meterbox ${text}\`: no such command in src/commands.ts` });
       continue;
