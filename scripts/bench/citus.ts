@@ -21,7 +21,7 @@ import { distributeTables } from '../../src/db/citus.js';
 import { createLogger } from '../../src/log.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { migrate } from '../../src/migrations.js';
-import { type CitusCluster, citusInstalled, citusQuery, startCitusCluster } from '../lib/citus.js';
+import { CITUS_INSTALL, type CitusCluster, citusInstalled, citusQuery, startCitusCluster } from '../lib/citus.js';
 import { pollUntil } from '../lib/poll.js';
 import {
   buildEntries,
@@ -340,7 +340,7 @@ function startLockWaitSampler(nodes: readonly string[]) {
 
 export async function runCitusBench(): Promise<number> {
   if (!citusInstalled()) {
-    console.error('Citus is not installed on this machine: bash ../shared/vendor/citus/build.sh');
+    console.error(`Citus is not installed on this machine. Install ${CITUS_INSTALL}`);
     return 1;
   }
   const outdir = join(ROOT, '.bench', 'citus-build');

@@ -1,6 +1,6 @@
 // A Citus cluster on this machine for the cluster suite and the benchmarks (npm run bench -- --citus):
-// a coordinator and two workers, each a throwaway PostgreSQL 15 cluster (initdb + pg_ctl from Debian's packages, into which
-// ../shared/vendor/citus/build.sh installs Citus) on free ports in a temporary directory. Postgres
+// a coordinator and two workers, each a throwaway PostgreSQL 15 cluster (initdb + pg_ctl from Debian's packages, with
+// Citus installed from its own packages) on free ports in a temporary directory. Postgres
 // refuses to run as root, so as root every initdb/pg_ctl runs as the `postgres` user.
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -15,7 +15,9 @@ const run = promisify(execFile);
 
 export const PG_BIN = '/usr/lib/postgresql/15/bin';
 export const CITUS_LIBRARY = '/usr/lib/postgresql/15/lib/citus.so';
-export const CITUS_INSTALL = 'sudo bash ../shared/vendor/citus/build.sh';
+/** How a user gets Citus for PostgreSQL 15: Citus's own packages (the cluster runs from local binaries). */
+export const CITUS_INSTALL =
+  "Citus's own packages for PostgreSQL 15 (Debian/Ubuntu: curl https://install.citusdata.com/community/deb.sh | sudo bash, then sudo apt-get install postgresql-15-citus-13.2; see docs/scaling.md), so that /usr/lib/postgresql/15/lib/citus.so exists";
 /** The database meterbox uses on every node (Citus needs the same name and extension on each). */
 export const CITUS_DATABASE = 'meterbox';
 

@@ -23,7 +23,7 @@ declare module 'vitest' {
 export default async function setup(project: TestProject): Promise<(() => Promise<void>) | undefined> {
   process.env.MB_TEST_SEED ??= String(testSeed());
   if (!citusInstalled()) {
-    const message = `Citus is not installed on this machine: the cluster suite (test/citus) is SKIPPED. Install it with: ${CITUS_INSTALL}`;
+    const message = `Citus is not installed on this machine: the cluster suite (test/citus) is SKIPPED. Install ${CITUS_INSTALL}.`;
     if (process.env.CI) throw new Error(`${message} (CI runs the build script first: .ci/run)`);
     console.warn(`\n${'!'.repeat(100)}\n[meterbox tests] ${message}\n${'!'.repeat(100)}\n`);
     project.provide('citusUrl', '');
