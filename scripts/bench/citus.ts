@@ -21,7 +21,13 @@ import { distributeTables } from '../../src/db/citus.js';
 import { createLogger } from '../../src/log.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { migrate } from '../../src/migrations.js';
-import { CITUS_INSTALL, type CitusCluster, citusInstalled, citusQuery, startCitusCluster } from '../lib/citus.js';
+import {
+  CITUS_INSTALL,
+  type CitusCluster,
+  citusInstalled,
+  citusQuery,
+  startCitusCluster,
+} from '../lib/citus.js';
 import { pollUntil } from '../lib/poll.js';
 import {
   buildEntries,
