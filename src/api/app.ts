@@ -10,7 +10,7 @@ import { adminModule } from '../admin/index.js';
 import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from '../http/docs.js';
-import { AppError, databaseUnavailable, errorBody } from '../http/errors.js';
+import { AppError, databaseUnavailable, errorBody, isClientAbort } from '../http/errors.js';
 import { buildOpenApi } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import type { GroupGate } from '../ingest/group-commit.js';
@@ -135,6 +135,14 @@ export function createApp(
   });
 
   app.onError((err, c) => {
+    // A client gone mid-body (a timeout closed it, or it hung up) is not a server error: no stack.
+    if (isClientAbort(err)) {
+      log.debug(
+        { path: c.req.path, requestId: c.get('requestId') },
+        'client closed the connection mid-request',
+      );
+      return c.body(null, 400);
+    }
     const known = toAppError(err);
     if (known) {
       for (const [name, value] of Object.entries(known.headers)) c.header(name, value);

@@ -48,3 +48,15 @@ export interface ErrorBody {
 export function errorBody(err: AppError): ErrorBody {
   return { error: { code: err.code, message: err.message, details: [...err.details] } };
 }
+
+/**
+ * The client closed its connection while its request body was still being read (Node's `aborted`,
+ * ECONNRESET): nobody is left to answer, and nothing went wrong on the server.
+ */
+export function isClientAbort(err: unknown): boolean {
+  return (
+    err instanceof Error &&
+    err.message === 'aborted' &&
+    (err as Error & { code?: unknown }).code === 'ECONNRESET'
+  );
+}
