@@ -2,7 +2,7 @@
 // event in one transaction. 2xx only once the effect is committed; 5xx makes Stripe retry.
 import { z } from 'zod';
 import type { EventHandlers } from '../billing/handlers.js';
-import { isPoison, recordPoison } from '../billing/poison.js';
+import { assertEventDate, isPoison, recordPoison } from '../billing/poison.js';
 import { processStripeEvent } from '../billing/process.js';
 import { completeThinEvent } from '../billing/thin-events.js';
 import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js';
@@ -85,6 +85,7 @@ export function webhookRoutes(
       // Only a verified event names a label value, and a bounded one.
       const type = event.type.length <= 100 ? event.type : 'unknown';
       try {
+        assertEventDate(event);
         // A thin event's data comes from Stripe, fetched before the event's transaction opens.
         event = await completeThinEvent(ctx.stripe, event);
         const result = await processStripeEvent(ctx.db, event, {

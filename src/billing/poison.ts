@@ -24,6 +24,24 @@ export function isPoison(err: unknown): boolean {
 
 const MAX_ERROR_LENGTH = 1_000;
 
+/**
+ * An event whose `created` no date can hold (JavaScript's range ends in 275760): poison, decided here
+ * rather than by sending an invalid Date to Postgres (which pg 9 refuses before the query is sent).
+ */
+export class EventDateOutOfRangeError extends Error {
+  readonly code = '22008'; // datetime_field_overflow, as Postgres would say
+
+  constructor(eventId: string) {
+    super(`event ${eventId}: created is out of range`);
+    this.name = 'EventDateOutOfRangeError';
+  }
+}
+
+/** Throws EventDateOutOfRangeError when the event's `created` is no valid date. */
+export function assertEventDate(event: Pick<VerifiedEvent, 'id' | 'created'>): void {
+  if (Number.isNaN(event.created.getTime())) throw new EventDateOutOfRangeError(event.id);
+}
+
 /** Records (or counts again) a poison event; its own short statement, outside the failed transaction. */
 export async function recordPoison(db: Kysely<DB>, event: VerifiedEvent, err: unknown): Promise<void> {
   const message = (err instanceof Error ? err.message : String(err)).slice(0, MAX_ERROR_LENGTH);

@@ -82,6 +82,10 @@ describe('poison webhook events', () => {
     expect(res.status).toBe(200);
     expect(await res.json()).toMatchObject({ poison: true });
     expect((await poisonRows(ctx)).map((r) => r.event_id)).toContain(event.id);
+    // Decided before any query: no invalid Date is sent to Postgres (pg 9 throws on one).
+    const { rows } = await sql<{ error_code: string; error: string }>`
+      SELECT error_code, error FROM stripe_poison_events WHERE event_id = ${event.id}`.execute(ctx.db);
+    expect(rows).toEqual([{ error_code: '22008', error: `event ${event.id}: created is out of range` }]);
   });
 
   it('still answers 5xx, recording nothing, when the failure is transient', async ({ ctx }) => {
