@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { configDefaults, defineConfig } from 'vitest/config';
 
 /**
@@ -14,8 +15,12 @@ export default defineConfig({
     testTimeout: 30_000,
     hookTimeout: 120_000,
     pool: 'forks',
-    // Each file has its own database, so files run in parallel; 2 cores here, more elsewhere.
+    // Each file has its own database, so files run in parallel; 2 cores here, more elsewhere. Vitest's
+    // default is one worker less than the cores (1 here); most files wait on Postgres, child processes
+    // and timers rather than compute, so two files at once on 2 cores keep the machine busy. `--maxWorkers`
+    // overrides it.
     fileParallelism: true,
+    maxWorkers: Math.max(2, availableParallelism()),
     reporters: ['default'],
     projects: [
       {
