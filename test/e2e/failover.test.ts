@@ -9,12 +9,21 @@
 // Synchronous: under load, the primary killed while claims commit: nothing acknowledged is lost and
 // the ledger is exact.
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
-import { sql } from 'kysely';
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
+import { hostTimers } from '../../src/clock.js';
 import { type Context, createContext } from '../../src/context.js';
-import type { ReplicationOutcome } from '../../src/db/replication.js';
+import {
+  describeReplication,
+  type ReplicationOutcome,
+  readReplication,
+  replicationGuard,
+} from '../../src/db/replication.js';
+import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
+import { replicationCheckCommand } from '../../src/metering/replication-report.js';
 import { migrate } from '../../src/migrations.js';
 import { startWorker, type WorkerRuntime } from '../../src/worker/start.js';
 import { citusQuery } from '../support/citus.js';
@@ -23,6 +32,7 @@ import {
   authHeaders,
   createOrganization,
   createSensors,
+  memoryIo,
   type OrganizationFixture,
 } from '../support/fixtures.js';
 import { formatReport, ledgerOf } from '../support/ledger.js';
@@ -165,6 +175,10 @@ describe('a failover to a streaming standby', () => {
     const w = await world(false);
     try {
       for (const org of w.orgs) expect((await post(w, org, 2)).length).toBe(6);
+      const check = memoryIo();
+      expect(await replicationCheckCommand(w.ctx, check)).toBe(0);
+      expect(check.stdout).toContain('replication: asynchronous');
+      await expectUnreadableWithoutMonitor(w);
       // The standby has the readings and their outbox rows; from now on it gets nothing more.
       await w.pair.untilStandbyCaughtUp();
       w.pair.replication.freeze();
@@ -204,6 +218,9 @@ describe('a failover to a streaming standby', () => {
   it('loses nothing acknowledged and bills nothing twice with a synchronous standby, the primary killed under load', async () => {
     const w = await world(true);
     try {
+      const check = memoryIo();
+      expect(await replicationCheckCommand(w.ctx, check)).toBe(0);
+      expect(check.stdout).toContain('replication: synchronous');
       await w.startWorker();
       const acknowledged: string[] = [];
       let loading = true;
@@ -246,3 +263,37 @@ describe('a failover to a streaming standby', () => {
     }
   }, 90_000);
 });
+
+/**
+ * A role without pg_monitor sees the walsender but not its position: delivery must not call then, and
+ * the check says so; with the privilege the same look confirms.
+ */
+async function expectUnreadableWithoutMonitor(w: World): Promise<void> {
+  await sql`CREATE ROLE plain LOGIN`.execute(w.ctx.db);
+  const lookAs = async (user: string) => {
+    const db = new Kysely<DB>({
+      dialect: new PostgresDialect({
+        pool: new pg.Pool({
+          connectionString: `postgres://${user}@127.0.0.1:${w.pair.primary.port}/meterbox`,
+          max: 1,
+        }),
+      }),
+    });
+    try {
+      const outcomes: ReplicationOutcome[] = [];
+      const guard = replicationGuard(db, {
+        maxWaitMs: 1_000,
+        timers: hostTimers,
+        log: createLogger('silent'),
+        onOutcome: (o) => outcomes.push(o),
+      });
+      const ok = await guard.confirm();
+      return { ok, outcomes, mode: describeReplication(await readReplication(db), 1_000).mode };
+    } finally {
+      await db.destroy();
+    }
+  };
+  expect(await lookAs('plain')).toEqual({ ok: false, outcomes: ['unreadable'], mode: 'unknown' });
+  await sql`GRANT pg_monitor TO plain`.execute(w.ctx.db);
+  expect(await lookAs('plain')).toEqual({ ok: true, outcomes: ['confirmed'], mode: 'asynchronous' });
+}
