@@ -6,7 +6,7 @@ import { configDefaults, defineConfig } from 'vitest/config';
  * other test file made their drain deadline a matter of luck. They run as a second group, alone,
  * after the rest of the suite (same `npm test`, same assertions).
  */
-const ALONE = ['test/e2e/delivery-crash.test.ts'];
+const ALONE = ['test/e2e/delivery-crash.test.ts', 'test/e2e/failover.test.ts'];
 
 export default defineConfig({
   test: {

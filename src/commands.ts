@@ -9,6 +9,7 @@ import { destinationCommands } from './admin/destinations-cli.js';
 import { organizationCommands } from './admin/organizations-cli.js';
 import { stripeCommands } from './billing/stripe-cli.js';
 import type { CliCommand } from './cli/command.js';
+import { replicationCommands } from './metering/replication-report.js';
 
 export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...organizationCommands,
@@ -17,6 +18,7 @@ export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...stripeCommands,
   ...destinationCommands,
   ...citusCommands,
+  ...replicationCommands,
 };
 
 export function generalHelp(): string {

@@ -108,6 +108,12 @@ export const configSchema = z.object({
    * the 200, as v1.
    */
   DELIVERY_V2_VALIDATION_SECONDS: int(0, 86_400).default(900),
+  /**
+   * After a claim commits, the longest wait for every connected standby to have flushed it before
+   * any call (a promoted standby without it would regroup the rows and bill them twice); not reached:
+   * nothing is called and the keys run again. 0 = never wait (docs/going-live.md, High availability).
+   */
+  DELIVERY_REPLICA_WAIT_MS: int(0, 60_000).default(2_000),
   // --- end delivery at scale ---
   /**
    * Finished (completed or failed) jobs of meterbox's queues are deleted this long after they

@@ -52,7 +52,8 @@ function nodeUrl(port: number, database = CITUS_DATABASE): string {
   return `postgres://postgres@127.0.0.1:${port}/${database}`;
 }
 
-async function asPostgres(command: string, args: string[]): Promise<void> {
+/** Runs a Postgres binary as the `postgres` user when this process is root (Postgres refuses root). */
+export async function asPostgres(command: string, args: string[]): Promise<void> {
   const root = userInfo().uid === 0;
   const [file, argv] = root ? ['runuser', ['-u', 'postgres', '--', command, ...args]] : [command, args];
   try {

@@ -24,6 +24,7 @@ import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import { type Clock, type HostTimers, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
+import type { ReplicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { CallSlots } from './budget.js';
@@ -83,7 +84,15 @@ export interface BatchDeps {
    * worker with METRONOME_BEARER_TOKEN releases them.
    */
   metronome?: DestinationDeps;
+  /**
+   * Waits after the claim until every standby that could be promoted has it (src/db/replication.ts);
+   * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
+   */
+  replication?: ReplicationGuard;
 }
+
+/** The slots of a batch whose claim a standby may lack: none granted, the keys run again in a second. */
+const NOT_REPLICATED: CallSlots = { take: async () => ({ granted: false, waitMs: 1_000 }) };
 
 /** What one destination's share of a batch is sent with. */
 export interface DestinationDeps {
@@ -222,12 +231,16 @@ async function deliverDestination(
     }
     const plan = planCalls(leased, corrections, deps.clock.now(), policy);
 
-    // 2. call
+    // 2. call, once every standby that could be promoted has the claim: a promotion that lost an
+    // identifier already sent would regroup its rows and bill them twice (docs/architecture.md, Failover).
+    const replicated = plan.calls.length === 0 || !deps.replication || (await deps.replication.confirm());
     callsOpen = true;
     const answers = await callStripe(
       {
         transport,
-        slots: dest?.slots ?? { take: async () => ({ granted: false, waitMs: 1_000 }) },
+        slots: !replicated
+          ? NOT_REPLICATED
+          : (dest?.slots ?? { take: async () => ({ granted: false, waitMs: 1_000 }) }),
         ...(dest?.corrections ? { corrections: dest.corrections } : {}),
         switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier),
         ...(deps.observer ? { observer: deps.observer } : {}),

@@ -12,10 +12,10 @@
 //   below zero is invoiced as quantity 0);
 // - cancelling usage that is on a finalized invoice does not update that invoice, and Stripe does
 //   not adjust it: such corrections need a credit note.
-import { randomBytes } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
-import type { CorrectionAction, DB, Destination, MeterEventName } from '../db/schema.js';
+import type { CorrectionAction, DB, MeterEventName } from '../db/schema.js';
+import { correctionIdentifier } from './identifiers.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import {
   type CorrectionFacts,
@@ -52,12 +52,6 @@ interface GroupRow {
   attempts: number | null;
   action: CorrectionAction | null;
   original: string | null;
-}
-
-function correctionIdentifier(firstRowId: string, destination: Destination): string {
-  const id = `mb_${destination === 'metronome' ? 'm' : ''}trc_${firstRowId}_${randomBytes(8).toString('hex')}`;
-  if (id.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
-  return id;
 }
 
 /**
@@ -225,11 +219,21 @@ export async function claimCorrectionGroup(
             now: options.now,
           })
         : 'compensate';
-    const identifier = correctionIdentifier(h.id, destination);
+    // Derived from the rows it names (identifiers.ts): a claim lost with a promoted standby's WAL repeats it.
+    const members = await sql<{ id: string; value: string; epoch: string | null }>`
+      SELECT id::text, value::text, extract(epoch FROM identified_at)::text AS epoch FROM meter_outbox
+       WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
+    const identifier = correctionIdentifier(
+      { organizationId: org, customerId, eventName, destination },
+      members.rows.map((r) => ({ id: r.id, value: r.value, identifiedAtEpoch: r.epoch })),
+      action,
+    );
+    if (identifier.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
     await sql`
       UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
              identified_at = now(), updated_at = now()
-       WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
+       WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}
+         AND id = ANY(${members.rows.map((r) => r.id)}::bigint[])`.execute(db);
     const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
     if (group) return found(group);
   }

@@ -3,6 +3,7 @@
 // distributed Citus database (one statement per shard group).
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
+import { groupDigest, identifierPrefix } from './identifiers.js';
 
 /**
  * `alias`.organization_id among the statement's organizations, as a predicate followed by AND; empty on
@@ -98,17 +99,6 @@ export async function perShardGroup<T, R>(
 }
 
 /**
- * A new group's identifier, for a key (`l`) with no group in flight (`inflight` null) and a first
- * ungrouped row (`id`).
- */
-export const newIdentifier = (inflight: string, id: string) =>
-  sql.raw(`CASE WHEN ${inflight} IS NULL AND ${id} IS NOT NULL
-                  THEN 'mb_' || CASE l.destination WHEN 'metronome' THEN 'm' ELSE '' END
-                       || CASE l.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}
-                       || '_' || substr(md5(random()::text || clock_timestamp()::text || ${id}), 1, 16)
-             END AS new_identifier`);
-
-/**
  * claimBatch's `heads`, `members` and `more`: per leased key (`leased`), lateral look-ups on the
  * pending index. heads: the in-flight identifier, the first ungrouped row, whether correction rows are
  * pending. members: a new group's rows (rules.ts nextGroupRows). more: usage rows left beyond the
@@ -127,7 +117,7 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
       SELECT l.organization_id, l.customer, l.event_name, l.destination, f.identifier AS inflight,
              h.id AS first_id, h.occurred_at AS first_at, c.id IS NOT NULL AS corrections,
              f2.identifier IS NOT NULL AS more_inflight,
-             ${newIdentifier('f.identifier', 'h.id')}
+             ${identifierPrefix('f.identifier', 'h.id')} AS new_identifier
         FROM leased l
         LEFT JOIN LATERAL (
           SELECT o.identifier FROM meter_outbox o
@@ -146,20 +136,31 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
         LEFT JOIN LATERAL (
           SELECT o.id FROM meter_outbox o WHERE ${pendingOf('l')} AND o.kind = 'correction' LIMIT 1) c ON true
     ),
-    members AS (
-      SELECT m.organization_id, m.id, m.occurred_at, h.new_identifier AS identifier
+    member_rows AS (
+      SELECT m.organization_id, h.customer, h.event_name, h.destination, m.id, m.occurred_at, m.value,
+             m.identified_at, h.new_identifier AS provisional
         FROM heads h
         CROSS JOIN LATERAL (
           -- Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
-          SELECT o.organization_id, o.id, o.occurred_at FROM meter_outbox o
+          SELECT o.organization_id, o.id, o.occurred_at, o.value, o.identified_at FROM meter_outbox o
            WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
              AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
              AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour'
            ORDER BY o.occurred_at, o.id LIMIT ${maxRows}) m
        WHERE h.new_identifier IS NOT NULL
     ),
+    -- Each new group's identifier, derived from its rows (identifiers.ts): a regroup of the same rows
+    -- (a promoted standby that lost this claim) repeats it, and the destination's dedupe drops the resend.
+    named AS (
+      SELECT m.provisional, m.provisional || '_' || ${groupDigest('m')} AS identifier
+        FROM member_rows m GROUP BY m.provisional
+    ),
+    members AS (
+      SELECT m.organization_id, m.id, m.occurred_at, n.identifier, m.provisional
+        FROM member_rows m JOIN named n ON n.provisional = m.provisional
+    ),
     last_member AS (
-      SELECT DISTINCT ON (identifier) identifier, occurred_at, id FROM members ORDER BY identifier, occurred_at DESC, id DESC
+      SELECT DISTINCT ON (provisional) provisional, occurred_at, id FROM members ORDER BY provisional, occurred_at DESC, id DESC
     ),
     more AS (
       SELECT h.organization_id, h.customer, h.event_name, h.destination,
@@ -168,6 +169,6 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
                                 WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
                                   AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id))
              END AS more
-        FROM heads h LEFT JOIN last_member lm ON lm.identifier = h.new_identifier
+        FROM heads h LEFT JOIN last_member lm ON lm.provisional = h.new_identifier
     )`;
 }

@@ -6,9 +6,10 @@ import { type Kysely, sql } from 'kysely';
 import type pg from 'pg';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
-import type { Clock } from '../clock.js';
+import { type Clock, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import { gatedKysely } from '../db/database.js';
+import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type BatchDeps, deliverBatch } from './batch.js';
@@ -21,6 +22,7 @@ import type { MetronomeCatalog } from './metronome-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import { queueDeliveries } from './outbox.js';
 import { deliveryPayload, type QueuePayload } from './queues.js';
+import { reportReplication } from './replication-report.js';
 import { type KeyRef, keyRef, singletonKeyOf } from './rules.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
@@ -186,6 +188,16 @@ export async function startDelivery(
   // run with 1,000-key claims of 20-40 s and a bound of 2 delivered nothing for minutes).
   const max = ctx.config.DELIVERY_MAX_STATEMENTS;
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
+  // One node: every batch waits after its claim until the connected standbys have it. On Citus a claim
+  // commits on a worker node, whose standbys this primary's view does not show (docs/going-live.md).
+  const replication = replicationGuard(ctx.db, {
+    maxWaitMs: ctx.config.DELIVERY_REPLICA_WAIT_MS,
+    timers: hostTimers,
+    log,
+    ...(options.observer?.onReplicationWait ? { onOutcome: options.observer.onReplicationWait } : {}),
+    ...(options.observer?.onTimelineChange ? { onTimelineChange: options.observer.onTimelineChange } : {}),
+  });
+  if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     boss: ctx.boss,
@@ -196,6 +208,7 @@ export async function startDelivery(
     clock: ctx.clock,
     log,
     distributed,
+    ...(distributed ? {} : { replication }),
     ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
     ...(stripeCatalog ? { catalog: stripeCatalog } : {}),

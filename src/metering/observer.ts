@@ -1,5 +1,6 @@
 // What delivery tells whoever watches it: the worker plugs its Prometheus instruments in here
 // (src/worker/delivery-observer.ts), tests count with it.
+import type { ReplicationOutcome } from '../db/replication.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { SendOutcome } from './stripe-meter.js';
 
@@ -19,4 +20,8 @@ export interface DeliveryObserver {
   onRateLimited?(eventName: MeterEventName): void;
   /** Rows became `expired` (outside Stripe's 35-day window). */
   onExpired?(eventName: MeterEventName, rows: number): void;
+  /** A batch's wait for the standbys after its claim (src/db/replication.ts), and what it found. */
+  onReplicationWait?(outcome: ReplicationOutcome, ms: number): void;
+  /** The database's timeline changed: a standby was promoted. */
+  onTimelineChange?(from: number, to: number): void;
 }

@@ -343,7 +343,8 @@ export async function reconcileRefused(
             .set({
               status: 'pending',
               identifier: null,
-              identified_at: null,
+              // identified_at stays: the next group's identifier is derived from it too (identifiers.ts),
+              // so these rows get a new one, never the identifier the destination lacks.
               accepted_at: null,
               attempts: 0,
               // A correction's call is decided again at its next claim (a cancel may no longer be allowed).

@@ -66,6 +66,12 @@ export interface Metrics {
   readonly reconciliationLastPass: Gauge<'destination'>;
   /** How long the destination's last reconciliation pass took, over all its runs. */
   readonly reconciliationPassSeconds: Gauge<'destination'>;
+  // --- failover (issue 41) ---
+  /** Waits after a claim for the standbys to have it, by what they found (src/db/replication.ts). */
+  readonly replicationWaits: Counter<'outcome'>;
+  readonly replicationWaitSeconds: Histogram;
+  /** The database's timeline changed under this worker: a standby was promoted. */
+  readonly timelineChanges: Counter;
 }
 
 export interface MetricsOptions {
@@ -262,6 +268,23 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_reconciliation_pass_seconds',
       help: "How long the destination's last complete reconciliation pass took, over all the runs it needed",
       labelNames: ['destination'],
+      registers,
+    }),
+    replicationWaits: new Counter({
+      name: 'meterbox_delivery_replication_waits_total',
+      help: 'Waits after a claim for every connected standby to have it, by outcome (confirmed, no_standbys, timeout, unreadable, error; anything but the first two: nothing was called)',
+      labelNames: ['outcome'],
+      registers,
+    }),
+    replicationWaitSeconds: new Histogram({
+      name: 'meterbox_delivery_replication_wait_seconds',
+      help: 'How long a claim waited for the connected standbys to have it',
+      buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5],
+      registers,
+    }),
+    timelineChanges: new Counter({
+      name: 'meterbox_database_timeline_changes_total',
+      help: "Changes of the database's timeline seen by this worker (a standby was promoted)",
       registers,
     }),
   };

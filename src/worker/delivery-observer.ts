@@ -27,5 +27,12 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onRateLimited(eventName) {
       metrics.deliveryRateLimited.inc({ meter: eventName });
     },
+    onReplicationWait(outcome, ms) {
+      metrics.replicationWaits.inc({ outcome });
+      if (outcome !== 'no_standbys') metrics.replicationWaitSeconds.observe(ms / 1000);
+    },
+    onTimelineChange() {
+      metrics.timelineChanges.inc();
+    },
   };
 }

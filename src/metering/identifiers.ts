@@ -1,0 +1,65 @@
+// A group's identifier, derived from what the group carries: its key, its rows, its value, and which
+// time its rows are grouped (a reconciled redrive regroups rows the destination lacks under a new
+// one). A regroup of the same rows repeats the identifier, so a promoted standby that lost a claim
+// (docs/architecture.md, "Failover") sends what the destination already has, and its dedupe drops
+// it. The format keeps its contract (docs/operations.md): `mb_<m?><tr|as|trc>_<first row id>_<16 hex>`,
+// at most ~45 characters (Stripe allows 100, Metronome's transaction_id more).
+import { createHash } from 'node:crypto';
+import { sql } from 'kysely';
+import type { Destination } from '../db/schema.js';
+
+/** Hex digits of the digest kept in an identifier (64 bits: a collision needs the same key and first row). */
+const DIGEST_HEX = 16;
+
+/**
+ * SQL: the identifier prefix of a new usage group of the key `l` (columns destination, event_name),
+ * for a key with no group in flight (`inflight` null) and a first ungrouped row `id`; null otherwise.
+ * The digest is appended once the group's rows are known (groupDigest).
+ */
+export const identifierPrefix = (inflight: string, id: string) =>
+  sql.raw(`CASE WHEN ${inflight} IS NULL AND ${id} IS NOT NULL
+                  THEN 'mb_' || CASE l.destination WHEN 'metronome' THEN 'm' ELSE '' END
+                       || CASE l.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}
+             END`);
+
+/**
+ * SQL aggregate over a group's member rows (columns organization_id, customer, event_name,
+ * destination, id, value, identified_at of alias `m`): the digest of what the group carries. The
+ * rows' former identified_at (kept by a reconciled redrive, null for rows never grouped) tells one
+ * grouping of the same rows from the next, so the destination never answers "duplicate" for rows it
+ * lacks. Epochs, not timestamps as text, so the session's TimeZone never changes it.
+ */
+export const groupDigest = (m: string) =>
+  sql.raw(`substr(md5(concat_ws('|', min(${m}.organization_id::text), min(${m}.customer), min(${m}.event_name),
+                  min(${m}.destination), string_agg(${m}.id::text, ',' ORDER BY ${m}.id), sum(${m}.value)::text,
+                  coalesce(extract(epoch FROM max(${m}.identified_at))::text, ''))), 1, ${DIGEST_HEX})`);
+
+/** The same digest in TypeScript, for the correction claim (corrections.ts), which reads its rows first. */
+export function correctionIdentifier(
+  key: { organizationId: string; customerId: string; eventName: string; destination: Destination },
+  rows: readonly { id: string; value: string; identifiedAtEpoch: string | null }[],
+  action: string,
+): string {
+  const ids = rows
+    .map((r) => r.id)
+    .sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
+  const sum = rows.reduce((s, r) => s + BigInt(r.value), 0n);
+  const epochs = rows.flatMap((r) => (r.identifiedAtEpoch === null ? [] : [r.identifiedAtEpoch]));
+  const generation = epochs.sort((a, b) => Number(a) - Number(b)).at(-1) ?? '';
+  const digest = createHash('md5')
+    .update(
+      [
+        key.organizationId,
+        key.customerId,
+        key.eventName,
+        key.destination,
+        ids.join(','),
+        sum.toString(),
+        action,
+        generation,
+      ].join('|'),
+    )
+    .digest('hex')
+    .slice(0, DIGEST_HEX);
+  return `mb_${key.destination === 'metronome' ? 'm' : ''}trc_${ids[0]}_${digest}`;
+}
