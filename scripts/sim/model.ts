@@ -27,6 +27,7 @@ import {
   singletonKeyOf,
 } from '../../src/metering/rules.js';
 import { STRIPE_PAST_WINDOW_MS } from '../../src/metering/stripe-meter.js';
+import type { Mutation } from './mutations.js';
 
 export interface Row {
   id: string;
@@ -82,6 +83,19 @@ export function pastWindowMs(destination: Destination): number {
   return destination === 'metronome' ? METRONOME_PAST_WINDOW_MS : STRIPE_PAST_WINDOW_MS;
 }
 
+/** How much later than its key's wait a follow-up may come due and still be that wait's wake-up. */
+const FOLLOW_UP_SLACK_MS = 5_000;
+
+/** Until when a key cannot be called anyway: its lease, its pacing, its backoff. */
+export function keyBusyUntil(k: KeyRow | undefined): number {
+  if (!k) return 0;
+  return Math.max(
+    k.leaseOwner ? (k.leaseExpiresAt?.getTime() ?? 0) : 0,
+    k.nextCallAt.getTime(),
+    k.retryAt?.getTime() ?? 0,
+  );
+}
+
 export class ModelDb {
   rows: Row[] = [];
   keys = new Map<string, KeyRow>();
@@ -100,6 +114,8 @@ export class ModelDb {
     private readonly now: () => number,
     private readonly random: () => number,
     readonly boss: BossOptions,
+    /** Rules of the design broken on purpose (mutations.ts); none in a normal run. */
+    readonly mutations: ReadonlySet<Mutation> = new Set(),
   ) {}
 
   // ─── what ingestion and the operator write ───────────────────────────────────────────────────
@@ -617,8 +633,15 @@ export class ModelDb {
       const seen = oldest.get(name);
       if (!seen || r.createdAt < seen.at) oldest.set(name, { key: keyRef(r), at: r.createdAt });
     }
+    // A job deferred to the future covers nothing now: the key's rows would wait for it.
     const covered = new Set(
-      [...this.jobs.values()].filter((j) => j.state === 'created' || j.state === 'retry').map((j) => j.name),
+      [...this.jobs.values()]
+        .filter(
+          (j) =>
+            (j.state === 'created' || j.state === 'retry') &&
+            (j.startAfter <= t || this.mutations.has('deferredBlocksWrites')),
+        )
+        .map((j) => j.name),
     );
     return [...oldest.values()]
       .sort((a, b) => a.at - b.at)
@@ -735,12 +758,22 @@ export class ModelDb {
 
   // ─── pg-boss's meter-delivery queue ──────────────────────────────────────────────────────────
 
-  /** boss.insert with the `short` policy: refused when the key already has a created job. */
+  /**
+   * boss.insert with the `short` policy: refused when the key already has a created job due no later
+   * than the key can next be called (its lease, its pacing, its backoff). A follow-up deferred past that (a v2
+   * validation's end) is queued apart from the key's due job, so a new reading never waits for it.
+   */
   insertJob(key: KeyRef, startAfter: number, origin: Job['origin'] = 'delivery'): Job | null {
     // pg-boss's singletonKey: customer, meter and destination (a customer has pending rows in one
     // organization at a time).
     const name = singletonKeyOf(key);
-    for (const j of this.jobs.values()) if (j.name === name && j.state === 'created') return null;
+    const k = this.keys.get(keyName(key));
+    // (A follow-up is queued a statement or two after its key's wait was read: seconds of slack.)
+    const due = Math.max(this.now(), startAfter, keyBusyUntil(k) + FOLLOW_UP_SLACK_MS);
+    for (const j of this.jobs.values()) {
+      if (j.name !== name || j.state !== 'created') continue;
+      if (j.startAfter <= due || this.mutations.has('deferredBlocksWrites')) return null;
+    }
     const job: Job = {
       id: `j${this.nextJobId++}`,
       key: keyRef(key),

@@ -22,7 +22,8 @@ import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { seededRandom } from '../lib/random.js';
 import { METRONOME_DEDUPE_MS, MetronomeModel } from './metronome-model.js';
-import { type Job, ModelDb, type Row } from './model.js';
+import { type Job, keyBusyUntil, ModelDb, type Row } from './model.js';
+import type { Mutation } from './mutations.js';
 import { Scheduler } from './scheduler.js';
 import {
   type CallEvent,
@@ -186,12 +187,19 @@ interface Worker {
   wake: (() => void)[];
 }
 
+export interface SimOptions {
+  /** Rules of the design broken on purpose (mutations.ts): the run should then fail. */
+  mutations?: readonly Mutation[];
+}
+
 /** Runs one seed, its world drawn at `size`; `overrides` force parts of it. */
 export async function simulate(
   seed: number,
   overrides: Partial<WorldSpec> = {},
   size: 'small' | 'full' = 'full',
+  options: SimOptions = {},
 ): Promise<SimResult> {
+  const mutations: ReadonlySet<Mutation> = new Set(options.mutations ?? []);
   const drawn = drawSpec(seed, size);
   const spec: WorldSpec = { ...drawn, ...overrides, faults: { ...drawn.faults, ...overrides.faults } };
   const rng = seededRandom(seed);
@@ -228,12 +236,17 @@ export async function simulate(
   /** Each destination's identifier window (the redrive guard's). */
   const windowOf = (d: Destination) =>
     deliveryPolicy(config, d === 'metronome' ? 'metronome' : spec.transport).identifierWindowMs;
-  const db = new ModelDb(now, () => rng.next(), {
-    retryLimit: 20,
-    retryDelaySeconds: 5,
-    retryDelayMaxSeconds: 3600,
-    expireInSeconds: JOB_EXPIRE_SECONDS,
-  });
+  const db = new ModelDb(
+    now,
+    () => rng.next(),
+    {
+      retryLimit: 20,
+      retryDelaySeconds: 5,
+      retryDelayMaxSeconds: 3600,
+      expireInSeconds: JOB_EXPIRE_SECONDS,
+    },
+    mutations,
+  );
   const stripe = new StripeModel(now, () => rng.next(), spec.accountRate);
   stripe.faults = { ...spec.faults };
   const silent = createLogger('silent');
@@ -734,6 +747,16 @@ export async function simulate(
   /** Row id → the readings it bills (rows of one ingestion at several destinations share it). */
   const mirrors = new Map<string, number>();
   let readingsOf = 0;
+  /** Reading → its usage time. */
+  const readingTimes = new Map<number, number>();
+  /**
+   * The instant ingestion routes a reading by: its own time. (Mutation: a reading of the last minutes
+   * before a cut-over is routed by the API host's clock, minutes ahead of the reading.)
+   */
+  const routedAt = (occurredAt: number, cutoverAt: number) =>
+    mutations.has('wrongDestination') && occurredAt < cutoverAt && occurredAt >= cutoverAt - 5 * 60_000
+      ? cutoverAt
+      : occurredAt;
   const arrive = (c: (typeof customers)[number]) => {
     const t = now();
     if (t >= end || quiet) return;
@@ -743,7 +766,8 @@ export async function simulate(
       : t - rng.int(2000);
     const value = BigInt(1 + rng.int(5));
     // One row per destination the customer bills to at the usage's time (ingestion's rule).
-    for (const d of destinationsOf(c, occurredAt)) {
+    readingTimes.set(readingsOf, occurredAt);
+    for (const d of destinationsOf(c, routedAt(occurredAt, c.cutoverAt))) {
       const row = db.ingest(
         {
           organizationId: c.organizationId,
@@ -862,10 +886,25 @@ export async function simulate(
   };
   const coverage = () => {
     const covered = new Set<string>();
+    /** Keys whose only job is deferred: the earliest such job's time. */
+    const deferred = new Map<string, number>();
     for (const j of db.jobs.values()) {
-      if (j.state === 'created' || j.state === 'retry') covered.add(keyName(j.key));
-      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(keyName(j.key));
+      const name = keyName(j.key);
+      // pg-boss's retry of a failed batch is a disruption's own wait; a created job covers a key only
+      // when it is due (a job deferred to the future leaves new readings waiting for it).
+      if (j.state === 'retry' || (j.state === 'created' && j.startAfter <= now() + COVERAGE_GRACE_MS))
+        covered.add(name);
+      else if (j.state === 'created')
+        deferred.set(name, Math.min(deferred.get(name) ?? j.startAfter, j.startAfter));
+      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(name);
     }
+    /** A deferred job covers a row that must wait anyway: a correction, a group in flight, a key leased, paced or in backoff. */
+    const waitsForDeferred = (r: Row, name: string) => {
+      const at = deferred.get(name);
+      if (at === undefined) return false;
+      if (r.kind === 'correction' || r.identifier !== null) return true;
+      return keyBusyUntil(db.keys.get(name)) >= at - COVERAGE_GRACE_MS;
+    };
     for (const [name, k] of db.keys) {
       if (k.hold !== null) covered.add(name);
       if (
@@ -882,7 +921,7 @@ export async function simulate(
       if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
         continue;
       const name = keyName(r);
-      if (covered.has(name) || seen.has(name)) continue;
+      if (covered.has(name) || seen.has(name) || waitsForDeferred(r, name)) continue;
       seen.add(name);
       const since = uncoveredSince.get(name) ?? now();
       uncoveredSince.set(name, since);
@@ -1046,17 +1085,42 @@ export async function simulate(
         );
       }
     }
-    // A cut-over: before it only Stripe bills, from it only Metronome (never both, never neither).
-    if (c.mode === 'cutover') {
-      for (const r of db.rows.filter((x) => x.organizationId === c.organizationId && x.kind === 'usage')) {
-        const want = r.occurredAt < c.cutoverAt ? 'stripe' : 'metronome';
-        if (r.destination !== want)
-          violate(`row ${r.id} of ${c.customerId} went to ${r.destination} across the cut-over`);
-      }
-    }
+    if (c.mode === 'cutover' || c.mode === 'parallel-cutover') checkCutover(c);
   }
 
   return result();
+
+  /**
+   * A cut-over, from what each destination billed (not from how ingestion routed): every reading
+   * that was billed at all is billed by the destinations in force at its time — before the boundary
+   * Stripe (and Metronome too in a parallel run), from it Metronome alone; never by both across a
+   * cut-over, never by neither.
+   */
+  function checkCutover(c: (typeof customers)[number]) {
+    const billedAt = new Map<number, Set<Destination>>();
+    const seenReadings = new Set<number>();
+    for (const r of db.rows) {
+      if (r.organizationId !== c.organizationId || r.kind !== 'usage') continue;
+      const reading = mirrors.get(r.id);
+      if (reading === undefined || r.status === 'expired') continue;
+      seenReadings.add(reading);
+      if (r.status !== 'delivered') continue;
+      const at = billedAt.get(reading) ?? new Set<Destination>();
+      at.add(r.destination);
+      billedAt.set(reading, at);
+    }
+    for (const reading of seenReadings) {
+      const occurredAt = readingTimes.get(reading)!;
+      const before = occurredAt < c.cutoverAt;
+      const want: Destination[] =
+        c.mode === 'parallel-cutover' && before ? ['stripe', 'metronome'] : [before ? 'stripe' : 'metronome'];
+      const got = [...(billedAt.get(reading) ?? [])].sort();
+      if (got.join() !== want.sort().join())
+        violate(
+          `reading ${reading} of ${c.customerId} at ${new Date(occurredAt).toISOString()} (cut-over ${new Date(c.cutoverAt).toISOString()}) billed by ${got.join(' and ') || 'neither destination'}, not ${want.join(' and ')}`,
+        );
+    }
+  }
 
   function result(): SimResult {
     return {
