@@ -50,6 +50,13 @@ export interface Row {
   correctsId: string | null;
   correctionAction: 'cancel' | 'compensate' | null;
   creditNote: boolean;
+  /**
+   * Drawn at the row's insert and never again: ids come from a sequence, which an asynchronous
+   * failover can set back (a lost row's id is given to another), so identifiers derive from this.
+   */
+  nonce: string;
+  /** Reconciled redrives that gave the row a new identifier (part of what the identifier derives from). */
+  reissues: number;
 }
 
 export interface Job {
@@ -106,6 +113,10 @@ export class ModelDb {
   private nextJobId = 1;
   private nextIdentifier = 1;
   private jobSeq = 0;
+  /** Row nonces: not part of what a failover sets back (a uuid is drawn, not counted). */
+  private nonceSeq = 1;
+  /** Keys a claim still running has locked (its statement started, not yet committed): the reaper skips them. */
+  readonly claiming = new Map<string, number>();
 
   /** Called with a job's start time when one is queued or retried: pg-boss's NOTIFY, or the wake-up when it comes due. */
   onJob: (startAfter: number) => void = () => {};
@@ -178,6 +189,8 @@ export class ModelDb {
       lastError: null,
       correctionAction: null,
       creditNote: false,
+      nonce: `n${this.nonceSeq++}`,
+      reissues: 0,
     };
     this.rows.push(row);
     return row;
@@ -211,6 +224,8 @@ export class ModelDb {
       lastError: null,
       correctionAction: null,
       creditNote: false,
+      nonce: `${row.id}@${row.createdAt}`,
+      reissues: 0,
     };
     this.rows.push(r);
     this.nextRowId = Math.max(this.nextRowId, Number(row.id) + 1);
@@ -249,20 +264,18 @@ export class ModelDb {
       pastWindowMs?: number;
     },
   ): ClaimedKey[] {
-    const t = this.now();
+    // The database's clock starts the lease and decides the windows (the worker's clock may be off).
+    const t = this.mutations.has('leaseFromHostClock') ? options.now.getTime() : this.now();
     const unique = new Map(keys.map((k) => [keyName(k), k]));
     const out: ClaimedKey[] = [];
     for (const [name, key] of unique) {
-      const cutoff =
-        options.now.getTime() -
-        (options.pastWindowMs ?? pastWindowMs(destinationOf(key))) +
-        EXPIRY_SAFETY_MARGIN_MS;
+      const cutoff = t - (options.pastWindowMs ?? pastWindowMs(destinationOf(key))) + EXPIRY_SAFETY_MARGIN_MS;
       const ref = keyRef(key);
       if (!options.sendable.includes(key.eventName)) {
         out.push({ ...ref, state: 'held' });
         continue;
       }
-      const decision = leaseDecision(this.keys.get(name), new Date(t));
+      const decision = leaseDecision(this.keys.get(name), new Date(this.now()));
       if (decision.state !== 'leased') {
         out.push({ ...ref, state: decision.state, waitMs: Math.ceil(decision.waitMs) });
         continue;
@@ -310,11 +323,11 @@ export class ModelDb {
         );
         const ids = new Set(rows.map((r) => r.id));
         const m = destinationOf(key) === 'metronome' ? 'm' : '';
-        identifier = `mb_${m}tr_${first.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
         members = ungrouped.filter((r) => ids.has(r.id));
+        identifier = `mb_${m}tr_${first.id}_${this.identifierOf(members)}`;
         for (const r of members) {
           r.identifier = identifier;
-          r.identifiedAt = t;
+          r.identifiedAt = this.now();
         }
       }
       const otherInflight = usage.some(
@@ -332,6 +345,21 @@ export class ModelDb {
       });
     }
     return out;
+  }
+
+  /**
+   * A group's identifier from the rows it carries: a regroup of the same rows (after a failover lost
+   * the claim that grouped them) gets the same identifier, so the destination deduplicates it.
+   */
+  private identifierOf(members: readonly Row[]): string {
+    if (this.mutations.has('randomIdentifiers'))
+      return Math.floor(this.random() * 2 ** 32)
+        .toString(16)
+        .padStart(8, '0');
+    let h = 0x811c9dc5;
+    for (const r of members)
+      for (const ch of `${r.nonce}/${r.reissues};`) h = Math.imul(h ^ ch.charCodeAt(0), 0x01000193) >>> 0;
+    return h.toString(16).padStart(8, '0');
   }
 
   private groupOf(eventName: MeterEventName, identifier: string, members: readonly Row[]): ClaimedGroup {
@@ -361,9 +389,18 @@ export class ModelDb {
     options: { owner: string; minIntervalMs: number },
   ): void {
     const t = this.now();
+    // A batch whose lease ran out (a frozen worker, a slow statement) has lost its keys: what it
+    // learned is dropped, and the key's next owner sends the same identifiers again.
+    const held = (name: string) => {
+      const row = this.keys.get(name);
+      return (
+        row?.leaseOwner === options.owner && row.leaseExpiresAt !== null && row.leaseExpiresAt.getTime() >= t
+      );
+    };
+    const refuse = (name: string) => !held(name) && !this.mutations.has('settleStaleLease');
     for (const g of groups) {
       for (const r of this.rows) {
-        if (r.identifier !== g.identifier || r.status !== 'pending') continue;
+        if (r.identifier !== g.identifier || r.status !== 'pending' || refuse(keyName(r))) continue;
         if (g.status !== 'pending' && g.status !== 'accepted') r.status = g.status;
         if (g.status === 'accepted') r.acceptedAt = t;
         r.lastError = g.status === 'delivered' || g.status === 'accepted' ? null : (g.error ?? r.lastError);
@@ -374,7 +411,7 @@ export class ModelDb {
     for (const k of keys) {
       const name = keyName(k);
       const row = this.keys.get(name);
-      if (!row || row.leaseOwner !== options.owner) continue;
+      if (!row || row.leaseOwner !== options.owner || refuse(name)) continue;
       this.keys.set(name, {
         ...row,
         leaseOwner: null,
@@ -455,6 +492,9 @@ export class ModelDb {
     const t = this.now();
     return [...this.jobs.values()].filter((j) => {
       if (j.state !== 'active' || j.startedAt === null || j.startedAt >= t - olderThanMs) return false;
+      // A claim still running holds its keys' rows locked: the reaper's SKIP LOCKED passes them by.
+      if (this.claiming.has(keyName(j.key)) && !this.mutations.has('reaperRequeuesRunningClaim'))
+        return false;
       const k = this.keys.get(keyName(j.key));
       return !(k?.leaseOwner && k.leaseExpiresAt && k.leaseExpiresAt.getTime() >= t);
     });
@@ -556,7 +596,7 @@ export class ModelDb {
               now: options.now,
             });
       const m = destinationOf(key) === 'metronome' ? 'm' : '';
-      const identifier = `mb_${m}trc_${head.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
+      const identifier = `mb_${m}trc_${head.id}_${this.identifierOf(ungroupedSame)}`;
       for (const r of ungroupedSame) {
         r.identifier = identifier;
         r.correctionAction = action;
@@ -749,6 +789,7 @@ export class ModelDb {
         r.status = 'pending';
         r.identifier = null;
         r.identifiedAt = null;
+        r.reissues++;
         r.acceptedAt = null;
         r.attempts = 0;
         this.insertJob(r, this.now(), 'write');

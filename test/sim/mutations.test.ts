@@ -44,7 +44,10 @@ describe('each invariant catches the rule it guards, broken on purpose', () => {
     expect(found, `no failing seed within ${c.within}`).toBeDefined();
 
     const broken = await simulate(c.seed, c.overrides, c.size, { mutations: [c.mutation] });
-    expect(broken.violations.some((v) => v.includes(c.caughtBy)), broken.violations.join('\n')).toBe(true);
+    expect(
+      broken.violations.some((v) => v.includes(c.caughtBy)),
+      broken.violations.join('\n'),
+    ).toBe(true);
     const sound = await simulate(c.seed, c.overrides, c.size);
     expect(sound.violations).toEqual([]);
   });
