@@ -37,6 +37,7 @@ for (let i = 0; i < count; i++) {
     if (!result.ok) failed++;
     console.log(`seed ${seed}: ${result.ok ? 'ok' : 'FAILED'} ${JSON.stringify(result.stats)}`);
     console.log(`  world ${JSON.stringify(result.spec)}`);
+    for (const line of result.faults) console.log(`  faults: ${line}`);
     for (const v of result.violations) console.log(`  ✗ ${v}`);
     if (showTrace) {
       for (const [i, context] of result.contexts.entries()) {

@@ -103,6 +103,17 @@ export function keyBusyUntil(k: KeyRow | undefined): number {
   );
 }
 
+/** What a standby holds of the model (ModelDb.snapshot). */
+export interface ModelState {
+  rows: Row[];
+  keys: Map<string, KeyRow>;
+  keyRefs: Map<string, KeyRef>;
+  jobs: Map<string, Job>;
+  nextRowId: number;
+  nextJobId: number;
+  jobSeq: number;
+}
+
 export class ModelDb {
   rows: Row[] = [];
   keys = new Map<string, KeyRow>();
@@ -886,6 +897,34 @@ export class ModelDb {
   /** Finished jobs are deleted (JOB_RETENTION_SECONDS): the model keeps only what a check reads. */
   private retire(j: Job): void {
     this.jobs.delete(j.id);
+  }
+
+  // ─── a standby ───────────────────────────────────────────────────────────────────────────────
+
+  /** What a standby has: everything committed so far (the rows and jobs copied, key rows are values). */
+  snapshot(): ModelState {
+    return {
+      rows: this.rows.map((r) => ({ ...r })),
+      keys: new Map(this.keys),
+      keyRefs: new Map(this.keyRefs),
+      jobs: new Map([...this.jobs].map(([id, j]) => [id, { ...j }])),
+      nextRowId: this.nextRowId,
+      nextJobId: this.nextJobId,
+      jobSeq: this.jobSeq,
+    };
+  }
+
+  /** The standby promoted: the database is what it had; what it lacked is gone. */
+  promoteStandby(state: ModelState): void {
+    this.rows = state.rows.map((r) => ({ ...r }));
+    this.keys = new Map(state.keys);
+    this.keyRefs = new Map(state.keyRefs);
+    this.jobs = new Map([...state.jobs].map(([id, j]) => [id, { ...j }]));
+    this.nextRowId = state.nextRowId;
+    this.nextJobId = state.nextJobId;
+    this.jobSeq = state.jobSeq;
+    // The old primary's sessions are gone, and the locks of its running claims with them.
+    this.claiming.clear();
   }
 
   // ─── what the checks read ────────────────────────────────────────────────────────────────────
