@@ -1,6 +1,7 @@
-// `npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace]`: runs the delivery
+// `npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace] [--mutate a,b]`: runs the delivery
 // simulation over many seeds and prints each failing seed with its violations (and, with --trace or
 // for a single seed, the last lines of its trace). Exit 1 when any seed fails.
+import { isMutation, type Mutation } from './mutations.js';
 import { simulate, type WorldSpec } from './simulation.js';
 
 function flag(name: string): string | undefined {
@@ -14,6 +15,11 @@ const count = single ? 1 : Number(flag('seeds') ?? 1000);
 const showTrace = process.argv.includes('--trace') || single !== undefined;
 const size = process.argv.includes('--small') ? 'small' : 'full';
 const overrides: Partial<WorldSpec> = {};
+const mutations: Mutation[] = [];
+for (const name of (flag('mutate') ?? '').split(',').filter(Boolean)) {
+  if (!isMutation(name)) throw new Error(`unknown mutation ${name} (see scripts/sim/mutations.ts)`);
+  mutations.push(name);
+}
 if (flag('minutes')) overrides.minutes = Number(flag('minutes'));
 
 const started = performance.now();
@@ -23,7 +29,7 @@ let hours = 0;
 let calls = 0;
 for (let i = 0; i < count; i++) {
   const seed = single ? Number(single) : from + i;
-  const result = await simulate(seed, overrides, size);
+  const result = await simulate(seed, overrides, size, { mutations });
   steps += result.stats.steps;
   hours += result.stats.virtualHours;
   calls += result.stats.calls;
@@ -31,6 +37,7 @@ for (let i = 0; i < count; i++) {
     if (!result.ok) failed++;
     console.log(`seed ${seed}: ${result.ok ? 'ok' : 'FAILED'} ${JSON.stringify(result.stats)}`);
     console.log(`  world ${JSON.stringify(result.spec)}`);
+    for (const line of result.faults) console.log(`  faults: ${line}`);
     for (const v of result.violations) console.log(`  ✗ ${v}`);
     if (showTrace) {
       for (const [i, context] of result.contexts.entries()) {

@@ -27,6 +27,7 @@ import {
   singletonKeyOf,
 } from '../../src/metering/rules.js';
 import { STRIPE_PAST_WINDOW_MS } from '../../src/metering/stripe-meter.js';
+import type { Mutation } from './mutations.js';
 
 export interface Row {
   id: string;
@@ -49,6 +50,13 @@ export interface Row {
   correctsId: string | null;
   correctionAction: 'cancel' | 'compensate' | null;
   creditNote: boolean;
+  /**
+   * Drawn at the row's insert and never again: ids come from a sequence, which an asynchronous
+   * failover can set back (a lost row's id is given to another), so identifiers derive from this.
+   */
+  nonce: string;
+  /** Reconciled redrives that gave the row a new identifier (part of what the identifier derives from). */
+  reissues: number;
 }
 
 export interface Job {
@@ -82,6 +90,30 @@ export function pastWindowMs(destination: Destination): number {
   return destination === 'metronome' ? METRONOME_PAST_WINDOW_MS : STRIPE_PAST_WINDOW_MS;
 }
 
+/** How much later than its key's wait a follow-up may come due and still be that wait's wake-up. */
+const FOLLOW_UP_SLACK_MS = 5_000;
+
+/** Until when a key cannot be called anyway: its lease, its pacing, its backoff. */
+export function keyBusyUntil(k: KeyRow | undefined): number {
+  if (!k) return 0;
+  return Math.max(
+    k.leaseOwner ? (k.leaseExpiresAt?.getTime() ?? 0) : 0,
+    k.nextCallAt.getTime(),
+    k.retryAt?.getTime() ?? 0,
+  );
+}
+
+/** What a standby holds of the model (ModelDb.snapshot). */
+export interface ModelState {
+  rows: Row[];
+  keys: Map<string, KeyRow>;
+  keyRefs: Map<string, KeyRef>;
+  jobs: Map<string, Job>;
+  nextRowId: number;
+  nextJobId: number;
+  jobSeq: number;
+}
+
 export class ModelDb {
   rows: Row[] = [];
   keys = new Map<string, KeyRow>();
@@ -92,6 +124,10 @@ export class ModelDb {
   private nextJobId = 1;
   private nextIdentifier = 1;
   private jobSeq = 0;
+  /** Row nonces: not part of what a failover sets back (a uuid is drawn, not counted). */
+  private nonceSeq = 1;
+  /** Keys a claim still running has locked (its statement started, not yet committed): the reaper skips them. */
+  readonly claiming = new Map<string, number>();
 
   /** Called with a job's start time when one is queued or retried: pg-boss's NOTIFY, or the wake-up when it comes due. */
   onJob: (startAfter: number) => void = () => {};
@@ -100,6 +136,8 @@ export class ModelDb {
     private readonly now: () => number,
     private readonly random: () => number,
     readonly boss: BossOptions,
+    /** Rules of the design broken on purpose (mutations.ts); none in a normal run. */
+    readonly mutations: ReadonlySet<Mutation> = new Set(),
   ) {}
 
   // ─── what ingestion and the operator write ───────────────────────────────────────────────────
@@ -162,6 +200,8 @@ export class ModelDb {
       lastError: null,
       correctionAction: null,
       creditNote: false,
+      nonce: `n${this.nonceSeq++}`,
+      reissues: 0,
     };
     this.rows.push(row);
     return row;
@@ -195,6 +235,8 @@ export class ModelDb {
       lastError: null,
       correctionAction: null,
       creditNote: false,
+      nonce: `${row.id}@${row.createdAt}`,
+      reissues: 0,
     };
     this.rows.push(r);
     this.nextRowId = Math.max(this.nextRowId, Number(row.id) + 1);
@@ -233,20 +275,18 @@ export class ModelDb {
       pastWindowMs?: number;
     },
   ): ClaimedKey[] {
-    const t = this.now();
+    // The database's clock starts the lease and decides the windows (the worker's clock may be off).
+    const t = this.mutations.has('leaseFromHostClock') ? options.now.getTime() : this.now();
     const unique = new Map(keys.map((k) => [keyName(k), k]));
     const out: ClaimedKey[] = [];
     for (const [name, key] of unique) {
-      const cutoff =
-        options.now.getTime() -
-        (options.pastWindowMs ?? pastWindowMs(destinationOf(key))) +
-        EXPIRY_SAFETY_MARGIN_MS;
+      const cutoff = t - (options.pastWindowMs ?? pastWindowMs(destinationOf(key))) + EXPIRY_SAFETY_MARGIN_MS;
       const ref = keyRef(key);
       if (!options.sendable.includes(key.eventName)) {
         out.push({ ...ref, state: 'held' });
         continue;
       }
-      const decision = leaseDecision(this.keys.get(name), new Date(t));
+      const decision = leaseDecision(this.keys.get(name), new Date(this.now()));
       if (decision.state !== 'leased') {
         out.push({ ...ref, state: decision.state, waitMs: Math.ceil(decision.waitMs) });
         continue;
@@ -294,11 +334,11 @@ export class ModelDb {
         );
         const ids = new Set(rows.map((r) => r.id));
         const m = destinationOf(key) === 'metronome' ? 'm' : '';
-        identifier = `mb_${m}tr_${first.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
         members = ungrouped.filter((r) => ids.has(r.id));
+        identifier = `mb_${m}tr_${first.id}_${this.identifierOf(members)}`;
         for (const r of members) {
           r.identifier = identifier;
-          r.identifiedAt = t;
+          r.identifiedAt = this.now();
         }
       }
       const otherInflight = usage.some(
@@ -316,6 +356,21 @@ export class ModelDb {
       });
     }
     return out;
+  }
+
+  /**
+   * A group's identifier from the rows it carries: a regroup of the same rows (after a failover lost
+   * the claim that grouped them) gets the same identifier, so the destination deduplicates it.
+   */
+  private identifierOf(members: readonly Row[]): string {
+    if (this.mutations.has('randomIdentifiers'))
+      return Math.floor(this.random() * 2 ** 32)
+        .toString(16)
+        .padStart(8, '0');
+    let h = 0x811c9dc5;
+    for (const r of members)
+      for (const ch of `${r.nonce}/${r.reissues};`) h = Math.imul(h ^ ch.charCodeAt(0), 0x01000193) >>> 0;
+    return h.toString(16).padStart(8, '0');
   }
 
   private groupOf(eventName: MeterEventName, identifier: string, members: readonly Row[]): ClaimedGroup {
@@ -345,9 +400,18 @@ export class ModelDb {
     options: { owner: string; minIntervalMs: number },
   ): void {
     const t = this.now();
+    // A batch whose lease ran out (a frozen worker, a slow statement) has lost its keys: what it
+    // learned is dropped, and the key's next owner sends the same identifiers again.
+    const held = (name: string) => {
+      const row = this.keys.get(name);
+      return (
+        row?.leaseOwner === options.owner && row.leaseExpiresAt !== null && row.leaseExpiresAt.getTime() >= t
+      );
+    };
+    const refuse = (name: string) => !held(name) && !this.mutations.has('settleStaleLease');
     for (const g of groups) {
       for (const r of this.rows) {
-        if (r.identifier !== g.identifier || r.status !== 'pending') continue;
+        if (r.identifier !== g.identifier || r.status !== 'pending' || refuse(keyName(r))) continue;
         if (g.status !== 'pending' && g.status !== 'accepted') r.status = g.status;
         if (g.status === 'accepted') r.acceptedAt = t;
         r.lastError = g.status === 'delivered' || g.status === 'accepted' ? null : (g.error ?? r.lastError);
@@ -358,7 +422,7 @@ export class ModelDb {
     for (const k of keys) {
       const name = keyName(k);
       const row = this.keys.get(name);
-      if (!row || row.leaseOwner !== options.owner) continue;
+      if (!row || row.leaseOwner !== options.owner || refuse(name)) continue;
       this.keys.set(name, {
         ...row,
         leaseOwner: null,
@@ -439,6 +503,9 @@ export class ModelDb {
     const t = this.now();
     return [...this.jobs.values()].filter((j) => {
       if (j.state !== 'active' || j.startedAt === null || j.startedAt >= t - olderThanMs) return false;
+      // A claim still running holds its keys' rows locked: the reaper's SKIP LOCKED passes them by.
+      if (this.claiming.has(keyName(j.key)) && !this.mutations.has('reaperRequeuesRunningClaim'))
+        return false;
       const k = this.keys.get(keyName(j.key));
       return !(k?.leaseOwner && k.leaseExpiresAt && k.leaseExpiresAt.getTime() >= t);
     });
@@ -540,7 +607,7 @@ export class ModelDb {
               now: options.now,
             });
       const m = destinationOf(key) === 'metronome' ? 'm' : '';
-      const identifier = `mb_${m}trc_${head.id}_${(this.nextIdentifier++).toString(16).padStart(8, '0')}`;
+      const identifier = `mb_${m}trc_${head.id}_${this.identifierOf(ungroupedSame)}`;
       for (const r of ungroupedSame) {
         r.identifier = identifier;
         r.correctionAction = action;
@@ -617,8 +684,15 @@ export class ModelDb {
       const seen = oldest.get(name);
       if (!seen || r.createdAt < seen.at) oldest.set(name, { key: keyRef(r), at: r.createdAt });
     }
+    // A job deferred to the future covers nothing now: the key's rows would wait for it.
     const covered = new Set(
-      [...this.jobs.values()].filter((j) => j.state === 'created' || j.state === 'retry').map((j) => j.name),
+      [...this.jobs.values()]
+        .filter(
+          (j) =>
+            (j.state === 'created' || j.state === 'retry') &&
+            (j.startAfter <= t || this.mutations.has('deferredBlocksWrites')),
+        )
+        .map((j) => j.name),
     );
     return [...oldest.values()]
       .sort((a, b) => a.at - b.at)
@@ -726,6 +800,7 @@ export class ModelDb {
         r.status = 'pending';
         r.identifier = null;
         r.identifiedAt = null;
+        r.reissues++;
         r.acceptedAt = null;
         r.attempts = 0;
         this.insertJob(r, this.now(), 'write');
@@ -735,12 +810,22 @@ export class ModelDb {
 
   // ─── pg-boss's meter-delivery queue ──────────────────────────────────────────────────────────
 
-  /** boss.insert with the `short` policy: refused when the key already has a created job. */
+  /**
+   * boss.insert with the `short` policy: refused when the key already has a created job due no later
+   * than the key can next be called (its lease, its pacing, its backoff). A follow-up deferred past that (a v2
+   * validation's end) is queued apart from the key's due job, so a new reading never waits for it.
+   */
   insertJob(key: KeyRef, startAfter: number, origin: Job['origin'] = 'delivery'): Job | null {
     // pg-boss's singletonKey: customer, meter and destination (a customer has pending rows in one
     // organization at a time).
     const name = singletonKeyOf(key);
-    for (const j of this.jobs.values()) if (j.name === name && j.state === 'created') return null;
+    const k = this.keys.get(keyName(key));
+    // (A follow-up is queued a statement or two after its key's wait was read: seconds of slack.)
+    const due = Math.max(this.now(), startAfter, keyBusyUntil(k) + FOLLOW_UP_SLACK_MS);
+    for (const j of this.jobs.values()) {
+      if (j.name !== name || j.state !== 'created') continue;
+      if (j.startAfter <= due || this.mutations.has('deferredBlocksWrites')) return null;
+    }
     const job: Job = {
       id: `j${this.nextJobId++}`,
       key: keyRef(key),
@@ -812,6 +897,34 @@ export class ModelDb {
   /** Finished jobs are deleted (JOB_RETENTION_SECONDS): the model keeps only what a check reads. */
   private retire(j: Job): void {
     this.jobs.delete(j.id);
+  }
+
+  // ─── a standby ───────────────────────────────────────────────────────────────────────────────
+
+  /** What a standby has: everything committed so far (the rows and jobs copied, key rows are values). */
+  snapshot(): ModelState {
+    return {
+      rows: this.rows.map((r) => ({ ...r })),
+      keys: new Map(this.keys),
+      keyRefs: new Map(this.keyRefs),
+      jobs: new Map([...this.jobs].map(([id, j]) => [id, { ...j }])),
+      nextRowId: this.nextRowId,
+      nextJobId: this.nextJobId,
+      jobSeq: this.jobSeq,
+    };
+  }
+
+  /** The standby promoted: the database is what it had; what it lacked is gone. */
+  promoteStandby(state: ModelState): void {
+    this.rows = state.rows.map((r) => ({ ...r }));
+    this.keys = new Map(state.keys);
+    this.keyRefs = new Map(state.keyRefs);
+    this.jobs = new Map([...state.jobs].map(([id, j]) => [id, { ...j }]));
+    this.nextRowId = state.nextRowId;
+    this.nextJobId = state.nextJobId;
+    this.jobSeq = state.jobSeq;
+    // The old primary's sessions are gone, and the locks of its running claims with them.
+    this.claiming.clear();
   }
 
   // ─── what the checks read ────────────────────────────────────────────────────────────────────

@@ -53,6 +53,9 @@ class EventQueue {
   }
 }
 
+/** Runs `run` when its process can: at once, or when it thaws. */
+export type Gate = (run: () => void) => void;
+
 const before = (a: Event, b: Event) => a.at < b.at || (a.at === b.at && a.seq < b.seq);
 
 /** Lets every promise resolved so far run until it waits on something the scheduler controls. */
@@ -77,18 +80,28 @@ export class Scheduler {
     };
   }
 
-  /** A promise the scheduler resolves `delayMs` from now with `value()` (computed then). */
-  wait<T>(delayMs: number, value: () => T, alive: () => boolean = () => true): Promise<T> {
+  /**
+   * A promise the scheduler resolves `delayMs` from now with `value()` (computed then). `gate` runs
+   * the resolution when the process can see it (a frozen process sees it when it thaws).
+   */
+  wait<T>(
+    delayMs: number,
+    value: () => T,
+    alive: () => boolean = () => true,
+    gate: Gate = (run) => run(),
+  ): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.after(delayMs, () => {
-        // A dead process's waits never end: its code simply stops, as a SIGKILL stops it.
-        if (!alive()) return;
-        try {
-          resolve(value());
-        } catch (err) {
-          reject(err);
-        }
-      });
+      this.after(delayMs, () =>
+        gate(() => {
+          // A dead process's waits never end: its code simply stops, as a SIGKILL stops it.
+          if (!alive()) return;
+          try {
+            resolve(value());
+          } catch (err) {
+            reject(err);
+          }
+        }),
+      );
     });
   }
 
@@ -112,23 +125,32 @@ export class Scheduler {
     this.now = Math.max(this.now, until);
   }
 
-  /** Host timers on this clock, for one process (`alive` false: its timers stop, its sleeps never end). */
-  timers(alive: () => boolean): HostTimers {
+  /**
+   * Host timers for one process (`alive` false: its timers stop, its sleeps never end), on this
+   * (monotonic) clock unless `clock` says otherwise; `gate` holds them while the process is frozen.
+   */
+  timers(
+    alive: () => boolean,
+    gate: Gate = (run) => run(),
+    clock: () => number = () => this.now,
+  ): HostTimers {
     return {
-      now: () => this.now,
-      sleep: (ms) => this.wait(ms, () => undefined, alive),
+      now: clock,
+      sleep: (ms) => this.wait(ms, () => undefined, alive, gate),
       every: (ms, tick) => {
         let stopped = false;
         let running: Promise<void> | undefined;
         let cancel = () => {};
         const arm = () => {
-          cancel = this.after(ms, () => {
-            if (stopped || !alive()) return;
-            running ??= tick().finally(() => {
-              running = undefined;
-            });
-            arm();
-          });
+          cancel = this.after(ms, () =>
+            gate(() => {
+              if (stopped || !alive()) return;
+              running ??= tick().finally(() => {
+                running = undefined;
+              });
+              arm();
+            }),
+          );
         };
         arm();
         return async () => {

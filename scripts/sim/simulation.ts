@@ -21,9 +21,11 @@ import type { DeliveryStore } from '../../src/metering/store.js';
 import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { seededRandom } from '../lib/random.js';
+import { describeProfile, drawProfile, type FaultProfile, HOSTS } from './hostile.js';
 import { METRONOME_DEDUPE_MS, MetronomeModel } from './metronome-model.js';
-import { type Job, ModelDb, type Row } from './model.js';
-import { Scheduler } from './scheduler.js';
+import { type Job, keyBusyUntil, ModelDb, type ModelState, type Row } from './model.js';
+import type { Mutation } from './mutations.js';
+import { type Gate, Scheduler } from './scheduler.js';
 import {
   type CallEvent,
   NO_FAULTS,
@@ -77,6 +79,9 @@ export interface WorldSpec {
 export interface SimResult {
   seed: number;
   spec: WorldSpec;
+  /** The hostile world of the run, and one line per fault of it (describeProfile). */
+  profile: FaultProfile;
+  faults: string[];
   ok: boolean;
   violations: string[];
   /** The last trace lines before each of the first violations. */
@@ -90,6 +95,9 @@ export interface SimResult {
     delivered: number;
     deadLetters: number;
     crashes: number;
+    freezes: number;
+    lateCalls: number;
+    readingsLost: number;
   };
 }
 
@@ -173,6 +181,8 @@ const IDLE_POLL_MS = 60_000;
 const COVERAGE_BOUND_MS = (SWEEP_STALE_SECONDS + SWEEP_INTERVAL_SECONDS + 30) * 1000;
 /** Without a crash or failed batch, the longest a pending key may go without a job or hold. */
 const COVERAGE_GRACE_MS = 10_000;
+/** The database client's own bound on a statement's wait (a silent connection ends with an error then). */
+const CLIENT_TIMEOUT_MS = 60_000;
 /** How often (virtual time, at a step) the coverage invariant is checked: far finer than its bound. */
 const COVERAGE_EVERY_MS = 2_000;
 
@@ -184,6 +194,19 @@ interface Worker {
   /** Statements sent and not yet answered: at a crash, each may or may not have committed. */
   inFlight: Set<{ dropped: boolean }>;
   wake: (() => void)[];
+  /** The machine it runs on (its wall clock). */
+  host: number;
+  /** A frozen process runs nothing until then (true time). */
+  frozenUntil: number;
+  /** Runs what the process would see now, or when it thaws. */
+  gate: Gate;
+}
+
+export interface SimOptions {
+  /** Rules of the design broken on purpose (mutations.ts): the run should then fail. */
+  mutations?: readonly Mutation[];
+  /** The hostile world, instead of the seed's own (CALM: none). */
+  profile?: FaultProfile;
 }
 
 /** Runs one seed, its world drawn at `size`; `overrides` force parts of it. */
@@ -191,12 +214,27 @@ export async function simulate(
   seed: number,
   overrides: Partial<WorldSpec> = {},
   size: 'small' | 'full' = 'full',
+  options: SimOptions = {},
 ): Promise<SimResult> {
+  const mutations: ReadonlySet<Mutation> = new Set(options.mutations ?? []);
   const drawn = drawSpec(seed, size);
   const spec: WorldSpec = { ...drawn, ...overrides, faults: { ...drawn.faults, ...overrides.faults } };
   const rng = seededRandom(seed);
   const sched = new Scheduler(START);
+  /** True time: Stripe's clock, the sensors', the monotonic clock of every host. */
   const now = () => sched.now;
+  const profile = options.profile ?? drawProfile(seed, spec.minutes);
+  /** The hostile world's own random stream: a calm profile draws nothing from it. */
+  const hostileRng = seededRandom(seed ^ 0xfa17);
+  /** The database's clock: it decides leases, windows and everything processes share. */
+  const dbNow = () => sched.now + profile.dbSkewMs;
+  /** A worker host's wall clock: skewed, and stepped as its profile says. */
+  const wallClockOf = (host: number) => () => {
+    const at = sched.now - START;
+    let t = sched.now + (profile.hostSkewMs[host] ?? 0);
+    for (const step of profile.clockSteps) if (step.host === host && step.atMs <= at) t += step.byMs;
+    return t;
+  };
   const trace: string[] = [];
   const violations: string[] = [];
   const log = (line: string) => {
@@ -228,12 +266,17 @@ export async function simulate(
   /** Each destination's identifier window (the redrive guard's). */
   const windowOf = (d: Destination) =>
     deliveryPolicy(config, d === 'metronome' ? 'metronome' : spec.transport).identifierWindowMs;
-  const db = new ModelDb(now, () => rng.next(), {
-    retryLimit: 20,
-    retryDelaySeconds: 5,
-    retryDelayMaxSeconds: 3600,
-    expireInSeconds: JOB_EXPIRE_SECONDS,
-  });
+  const db = new ModelDb(
+    dbNow,
+    () => rng.next(),
+    {
+      retryLimit: 20,
+      retryDelaySeconds: 5,
+      retryDelayMaxSeconds: 3600,
+      expireInSeconds: JOB_EXPIRE_SECONDS,
+    },
+    mutations,
+  );
   const stripe = new StripeModel(now, () => rng.next(), spec.accountRate);
   stripe.faults = { ...spec.faults };
   const silent = createLogger('silent');
@@ -282,6 +325,16 @@ export async function simulate(
   const callsPerKey = new Map<string, number>();
   let totalCalls = 0;
   let crashes = 0;
+  let freezes = 0;
+  /** Calls sent after their process froze between the lease check and the send. */
+  let lateCalls = 0;
+  /**
+   * Leases that ran out under a batch still running (a frozen worker, a slow statement) and were
+   * reaped or taken over: that batch's settle is refused, so its counted call may be made again.
+   */
+  let takeovers = 0;
+  /** Readings answered and then lost with an asynchronous primary (the database's documented trade-off). */
+  let readingsLost = 0;
   let batchFailures = 0;
   let deadLetters = 0;
   const uncoveredSince = new Map<string, number>();
@@ -302,7 +355,7 @@ export async function simulate(
   const releaseHeld = (eventName: MeterEventName) => {
     if (!view[eventName]) return;
     const keys = db.releaseHeld(eventName);
-    for (const k of keys) db.insertJob(k, now());
+    for (const k of keys) db.insertJob(k, dbNow());
     if (keys.length > 0) {
       log(`catalog released ${keys.length} held ${eventName} keys`);
       notifyAll();
@@ -339,28 +392,86 @@ export async function simulate(
   // pg-boss wakes an idle fetcher when a job is queued (NOTIFY) and the process's own timer when a
   // deferred job comes due (delivery.ts wakeAfter); the poll is only a backstop.
   db.onJob = (startAfter) => {
-    if (startAfter <= now()) notifyAll();
-    else sched.after(startAfter - now() + 5, notifyAll);
+    if (startAfter <= dbNow()) notifyAll();
+    else sched.after(startAfter - dbNow() + 5, notifyAll);
   };
 
-  /** One statement of worker `w`: sent now, executed on arrival (even if `w` died meanwhile, unless dropped), answered if `w` lives. */
-  const statement = <T>(w: Worker, run: () => T, options: { mayFail?: boolean } = {}): Promise<T> => {
+  // ── the database as the workers see it: statements, the standby, the failover ──
+  /** Bumped by a failover: a statement sent to the old primary gets no answer from the new one. */
+  let dbGeneration = 0;
+  /** Between the primary's death and the standby's promotion: every statement fails. */
+  let dbDown = false;
+  /** Keys of claims still running (sent, not committed), with how many: the reaper must leave them. */
+  const claimsRunning = new Map<string, number>();
+  const lockClaim = (keys: readonly KeyRef[] | undefined, by: 1 | -1) => {
+    for (const k of keys ?? []) {
+      const name = keyName(k);
+      for (const m of [claimsRunning, db.claiming]) {
+        const n = (m.get(name) ?? 0) + by;
+        if (n > 0) m.set(name, n);
+        else m.delete(name);
+      }
+    }
+  };
+  /** How long a statement takes: milliseconds, or (hostile, before the world quiets) up to tens of seconds. */
+  const statementLatency = () => {
+    const base = 1 + rng.int(5);
+    if (quiet || profile.slowStatements === 0 || hostileRng.next() >= profile.slowStatements) return base;
+    return 10 + hostileRng.int(profile.slowMaxMs);
+  };
+  /** The wait for the standby before a commit is answered (synchronous: every commit; asynchronous: the claims). */
+  const standbyWait = (durable: boolean) => {
+    const f = profile.failover;
+    if (!f || dbGeneration > 0) return 0;
+    if (f.kind === 'sync') return f.lagMs;
+    return durable && !mutations.has('noStandbyWait') ? f.lagMs : 0;
+  };
+
+  /**
+   * One statement of worker `w`: sent now, executed on arrival (even if `w` died meanwhile, unless
+   * dropped), answered if `w` lives, when it is not frozen. `durable`: a commit no call may precede
+   * the standby's copy of (a claim). `claims`: the keys a claim locks while it runs.
+   */
+  const statement = <T>(
+    w: Worker,
+    run: () => T,
+    options: { mayFail?: boolean; durable?: boolean; claims?: readonly KeyRef[] } = {},
+  ): Promise<T> => {
     const sent = { dropped: false };
     w.inFlight.add(sent);
-    const latency = 1 + rng.int(5);
+    const latency = statementLatency();
+    const generation = dbGeneration;
+    // A connection that goes silent: no answer ever; the client's own timeout ends the wait.
+    const silent = !quiet && profile.silentConnections > 0 && hostileRng.next() < profile.silentConnections;
+    lockClaim(options.claims, 1);
     return new Promise<T>((resolve, reject) => {
+      let answered = false;
+      const answer = (settle: () => void) => {
+        if (answered) return;
+        answered = true;
+        w.gate(() => {
+          if (w.alive) settle();
+        });
+      };
+      const fail = (message: string) => answer(() => reject(new Error(message)));
+      if (silent) sched.after(CLIENT_TIMEOUT_MS, () => fail('the connection went silent: no answer in time'));
       sched.after(latency, () => {
         w.inFlight.delete(sent);
+        if (generation === dbGeneration) lockClaim(options.claims, -1);
         if (sent.dropped) return;
+        if (dbDown || generation !== dbGeneration) {
+          if (!silent) fail('the connection to the database was lost');
+          return;
+        }
         if (options.mayFail && rng.next() < spec.dbErrorRate) {
-          if (w.alive) reject(new Error('simulated database error'));
+          if (w.alive) fail('simulated database error');
           return;
         }
         let value: T;
         try {
           value = run();
         } catch (err) {
-          if (w.alive) reject(err);
+          if (w.alive) answer(() => reject(err));
           return;
         }
         // A crash right after a statement committed, before its answer reached the process: the
@@ -373,7 +484,15 @@ export async function simulate(
           });
           return;
         }
-        if (w.alive) resolve(value);
+        if (silent) return;
+        const wait = standbyWait(options.durable === true);
+        if (wait === 0) answer(() => resolve(value));
+        else
+          sched.after(wait, () => {
+            // The primary died before the standby had the commit: the client never hears of it.
+            if (generation !== dbGeneration) fail('the connection to the database was lost');
+            else answer(() => resolve(value));
+          });
       });
     });
   };
@@ -383,6 +502,10 @@ export async function simulate(
       statement(
         w,
         () => {
+          for (const k of keys) {
+            const row = db.keys.get(keyName(k));
+            if (row?.leaseOwner && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < dbNow()) takeovers++;
+          }
           const claimed = db.claim(keys, options);
           for (const x of workers) if (x.alive) x.reap();
           log(
@@ -390,18 +513,26 @@ export async function simulate(
           );
           return claimed;
         },
-        { mayFail: true },
+        // No call before the standby has the claim's identifiers (else a failover regroups them).
+        { mayFail: true, durable: true, claims: keys },
       ),
     claimCorrections: (key, options) =>
-      statement(w, () => db.claimCorrections(key, options), { mayFail: true }),
-    switchToCompensate: (key, identifier) => statement(w, () => db.switchToCompensate(key, identifier)),
+      statement(w, () => db.claimCorrections(key, options), { mayFail: true, durable: true }),
+    switchToCompensate: (key, identifier) =>
+      statement(w, () => db.switchToCompensate(key, identifier), { durable: true }),
     // Every job of the simulation names its organization.
     organizationsOf: async () => new Map(),
     settle: (groups, keys, options) =>
       statement(
         w,
         () => {
+          const stale = staleGroups(groups, options.owner);
           db.settle(groups, keys, options);
+          for (const [identifier, before] of stale)
+            if (rowsState(identifier) !== before)
+              violate(
+                `a settle of ${options.owner}, whose lease had run out, changed the rows of ${identifier}`,
+              );
           for (const g of groups) {
             if (g.status === 'failed') deadLetters++;
             for (const r of db.rows) {
@@ -419,13 +550,33 @@ export async function simulate(
     queue: (keys) =>
       statement(w, () => {
         for (const k of keys) {
-          const job = db.insertJob(k.key, now() + k.afterMs);
+          const job = db.insertJob(k.key, dbNow() + k.afterMs);
           if (job) log(`${w.id} follow-up ${job.id} ${job.name} in ${k.afterMs} ms`);
         }
         notifyAll();
       }),
     rateLimited: () => statement(w, () => slowDown(destination)),
   });
+
+  /** Whether `owner` holds the lease of the key of `r` now, by the database's clock. */
+  const holdsLease = (owner: string, r: Row) => {
+    const k = db.keys.get(keyName(r));
+    return k?.leaseOwner === owner && k.leaseExpiresAt !== null && k.leaseExpiresAt.getTime() >= dbNow();
+  };
+  const rowsState = (identifier: string) =>
+    db.rows
+      .filter((r) => r.identifier === identifier)
+      .map((r) => `${r.status}/${r.attempts}/${r.acceptedAt}`)
+      .join();
+  /** The groups of a settle whose key's lease `owner` no longer holds, with their rows' state now. */
+  const staleGroups = (groups: readonly { identifier: string }[], owner: string) => {
+    const out = new Map<string, string>();
+    for (const g of groups) {
+      const head = db.rows.find((r) => r.identifier === g.identifier);
+      if (head && !holdsLease(owner, head)) out.set(g.identifier, rowsState(g.identifier));
+    }
+    return out;
+  };
 
   // ── each destination's shared call budget (budget.ts, modelled): GCRA with a 2 s horizon, halved by a 429 ──
   const budgets = {
@@ -461,17 +612,29 @@ export async function simulate(
     cancel?: string,
     destination: Destination = 'stripe',
   ): Promise<SendOutcome[]> => {
+    // The process may freeze between the lease check that allowed the call and the send: nothing
+    // can prevent that, so such a late call is watched apart (its identifiers keep it harmless).
+    const late = await freezeBeforeSend(w);
+    if (!w.alive) return new Promise<SendOutcome[]>(() => {});
     const start = now();
     // A cancel is an adjustment, not a meter event: Stripe's one-call-per-customer rule is about events.
     const prefix = destination === 'stripe' ? '' : `${destination}:`;
-    const keys = cancel ? [`cancel:${cancel}`] : events.map((e) => `${prefix}${e.eventName}:${e.customerId}`);
+    const keys = cancel
+      ? [`cancel:${cancel}`]
+      : late
+        ? []
+        : events.map((e) => `${prefix}${e.eventName}:${e.customerId}`);
     const dedupeMs = destination === 'stripe' ? STRIPE_DEDUPE_MS : METRONOME_DEDUPE_MS;
     for (const k of keys) {
       const n = (inFlight.get(k) ?? 0) + 1;
       inFlight.set(k, n);
       if (n > 1) violate(`two calls in flight for ${k}`);
+    }
+    for (const e of events) {
+      const k = `${prefix}${e.eventName}:${e.customerId}`;
       callsPerKey.set(k, (callsPerKey.get(k) ?? 0) + 1);
     }
+    if (!cancel && !late) checkLeaseAtSend(w, events);
     for (const e of events) {
       const first = firstSent.get(e.identifier) ?? start;
       firstSent.set(e.identifier, first);
@@ -497,14 +660,19 @@ export async function simulate(
           const n = (calls.get(e.identifier) ?? 0) + 1;
           calls.set(e.identifier, n);
           // At most DELIVERY_RETRY_LIMIT + 1 counted calls a group; a batch killed or failed after
-          // its call never recorded it, so each such batch may add one.
-          if (!e.identifier.includes('trc_') && n > spec.retryLimit + 1 + crashes + batchFailures) {
+          // its call, or whose lease ran out under it (its settle is refused), never recorded it,
+          // so each such batch may add one.
+          if (
+            !e.identifier.includes('trc_') &&
+            n > spec.retryLimit + 1 + crashes + batchFailures + takeovers + lateCalls
+          ) {
             violate(`identifier ${e.identifier} called ${n} times (limit ${spec.retryLimit})`);
           }
         }
         log(
-          `${w.id} ${kind} ${events.map((e) => `${e.customerId}=${e.value}#${e.identifier.slice(-6)}`).join(',')} -> ${arrival.outcomes.map((o) => o.kind + ('reason' in o ? `:${o.reason}` : '')).join(',')}`,
+          `${w.id} ${late ? 'late ' : ''}${kind} ${events.map((e) => `${e.customerId}=${e.value}#${e.identifier.slice(-6)}`).join(',')} -> ${arrival.outcomes.map((o) => o.kind + ('reason' in o ? `:${o.reason}` : '')).join(',')}`,
         );
+        checkBilledOnce();
         resolve({ outcomes: arrival.outcomes, at: now() + arrival.answerDelayMs });
       });
     });
@@ -517,7 +685,9 @@ export async function simulate(
         done = true;
         cancelTimeout();
         for (const k of keys) inFlight.set(k, (inFlight.get(k) ?? 1) - 1);
-        if (w.alive) resolve(outcomes);
+        w.gate(() => {
+          if (w.alive) resolve(outcomes);
+        });
       };
       cancelTimeout = sched.after(timeoutMs, () =>
         finish(events.map(() => ({ kind: 'retryable', reason: 'timeout', message: 'Request timed out' }))),
@@ -528,6 +698,63 @@ export async function simulate(
         });
       });
     });
+  };
+
+  /** Maybe freezes `w` right before a send (hostile, before the world quiets); true if it did. */
+  const freezeBeforeSend = async (w: Worker): Promise<boolean> => {
+    if (quiet || profile.freezeBeforeCall === 0 || hostileRng.next() >= profile.freezeBeforeCall)
+      return false;
+    freeze(w, 1_000 + hostileRng.int(profile.freezeMaxMs), 'between its lease check and its call');
+    await new Promise<void>((resolve) => w.gate(resolve));
+    lateCalls++;
+    return true;
+  };
+  /**
+   * A call goes out only under a lease its worker holds by the database's clock, on rows the
+   * database has (a failover must not have lost the claim that grouped them).
+   */
+  const checkLeaseAtSend = (w: Worker, events: readonly CallEvent[]) => {
+    for (const e of events) {
+      const head = db.rows.find((r) => r.identifier === e.identifier);
+      if (!head) {
+        violate(`${w.id} called ${e.identifier}, which the database does not have (its claim was lost)`);
+        continue;
+      }
+      const k = db.keys.get(keyName(head));
+      const owned = k?.leaseOwner?.startsWith(`${w.id}:`) === true;
+      if (!owned || !k?.leaseExpiresAt || k.leaseExpiresAt.getTime() < dbNow())
+        violate(
+          `${w.id} called ${e.identifier} under a lease it does not hold (owner ${k?.leaseOwner ?? 'none'}, expires ${k?.leaseExpiresAt?.toISOString() ?? '-'}, database ${new Date(dbNow()).toISOString()})`,
+        );
+    }
+  };
+  /** Row nonce → the identifier that billed it: a reading is never billed under two live identifiers. */
+  const billedUnder = new Map<string, string>();
+  let stripeSeen = 0;
+  let metronomeSeen = 0;
+  const liveAt = (destination: Destination, identifier: string) =>
+    destination === 'stripe'
+      ? (stripe.byIdentifier.get(identifier) ?? []).some((r) => !r.dropped && !r.cancelled)
+      : metronome.events.some((r) => r.transactionId === identifier);
+  const checkBilledOnce = () => {
+    const fresh: { destination: Destination; identifier: string }[] = [];
+    for (; stripeSeen < stripe.events.length; stripeSeen++) {
+      const e = stripe.events[stripeSeen]!;
+      if (!e.dropped) fresh.push({ destination: 'stripe', identifier: e.identifier });
+    }
+    for (; metronomeSeen < metronome.events.length; metronomeSeen++)
+      fresh.push({ destination: 'metronome', identifier: metronome.events[metronomeSeen]!.transactionId });
+    for (const { destination, identifier } of fresh) {
+      for (const r of db.rows) {
+        if (r.identifier !== identifier || r.kind !== 'usage' || r.destination !== destination) continue;
+        const before = billedUnder.get(r.nonce);
+        if (before !== undefined && before !== identifier && liveAt(destination, before))
+          violate(
+            `row ${r.id} (${r.customerId}) billed twice at ${destination}: under ${before} and ${identifier}`,
+          );
+        billedUnder.set(r.nonce, identifier);
+      }
+    }
   };
 
   const transportOf = (w: Worker): MeterTransport => ({
@@ -581,9 +808,25 @@ export async function simulate(
       reap: () => {},
       inFlight: new Set(),
       wake: [],
+      host: workerCount % HOSTS,
+      frozenUntil: Number.NEGATIVE_INFINITY,
+      gate: (run) => {
+        const thawed = () => {
+          if (w.frozenUntil > sched.now) sched.after(w.frozenUntil - sched.now, thawed);
+          else run();
+        };
+        thawed();
+      },
     };
     workers.push(w);
-    const timers = sched.timers(() => w.alive);
+    const wall = wallClockOf(w.host);
+    // Elapsed time on the host's monotonic clock (true time here); the mutation measures it on the
+    // wall clock, which is skewed and steps.
+    const timers = sched.timers(
+      () => w.alive,
+      w.gate,
+      mutations.has('deadlineOnWallClock') ? wall : undefined,
+    );
     const deps = {
       db: undefined as never,
       boss: undefined as never,
@@ -604,7 +847,8 @@ export async function simulate(
       },
       config,
       owner: w.id,
-      clock: { now: () => new Date(now()) },
+      // What processes share is on the database's clock (a host's wall clock is wrong by minutes).
+      clock: { now: () => new Date(mutations.has('leaseFromHostClock') ? wall() : dbNow()) },
       log: silent,
       timers,
       wakeAfter: (ms: number) => sched.after(ms + 5, notifyAll),
@@ -625,38 +869,49 @@ export async function simulate(
         w.wake.push(wake);
         cancelPoll = sched.after(IDLE_POLL_MS, wake);
       });
+    /** pg-boss's fetch: a batch of due jobs, made active for this process. */
+    const fetchJobs = () =>
+      statement(w, () => {
+        const fetched = db.fetch(batchSize, w.id);
+        for (const x of workers) if (x.alive && fetched.length > 0) x.reap();
+        return fetched;
+      });
+    /** The batch (the code under test); its jobs completed, or failed for pg-boss to retry. */
+    const runBatch = async (jobs: Job[]) => {
+      const before = new Map(jobs.map((j) => [j.name, callsPerKey.get(j.name) ?? 0]));
+      let results: { id: string; status: string; output?: unknown }[];
+      try {
+        results = await deliverBatch(
+          deps,
+          jobs.map((j) => ({ id: j.id, data: j.key, retryCount: j.retryCount, retryLimit: 20 })),
+        );
+      } catch (err) {
+        batchFailures++;
+        lastDisruption = now();
+        log(`${w.id} batch of ${jobs.length} failed: ${err instanceof Error ? err.message : String(err)}`);
+        await statement(w, () => {
+          for (const j of jobs) db.fail(j.id);
+        });
+        return;
+      }
+      await statement(w, () => {
+        for (const r of results)
+          db.finish(r.id, r.status === 'deadletter' ? 'deadletter' : 'completed', r.output);
+      });
+      watchRuns(jobs, results, before);
+    };
     const fetcher = async () => {
       while (w.alive) {
-        const jobs = await statement(w, () => {
-          const fetched = db.fetch(batchSize, w.id);
-          for (const x of workers) if (x.alive && fetched.length > 0) x.reap();
-          return fetched;
-        });
-        if (jobs.length === 0) {
-          await idle();
-          continue;
-        }
-        const before = new Map(jobs.map((j) => [j.name, callsPerKey.get(j.name) ?? 0]));
-        let results: { id: string; status: string; output?: unknown }[];
         try {
-          results = await deliverBatch(
-            deps,
-            jobs.map((j) => ({ id: j.id, data: j.key, retryCount: j.retryCount, retryLimit: 20 })),
-          );
+          const jobs = await fetchJobs();
+          if (jobs.length === 0) await idle();
+          else await runBatch(jobs);
         } catch (err) {
-          batchFailures++;
+          // A statement of pg-boss's own failed (a lost or silent connection): it tries again soon.
           lastDisruption = now();
-          log(`${w.id} batch of ${jobs.length} failed: ${err instanceof Error ? err.message : String(err)}`);
-          await statement(w, () => {
-            for (const j of jobs) db.fail(j.id);
-          });
-          continue;
+          log(`${w.id} fetcher: ${err instanceof Error ? err.message : String(err)}`);
+          await timers.sleep(1_000);
         }
-        await statement(w, () => {
-          for (const r of results)
-            db.finish(r.id, r.status === 'deadletter' ? 'deadletter' : 'completed', r.output);
-        });
-        watchRuns(jobs, results, before);
       }
     };
     for (let i = 0; i < spec.fetchers; i++) void fetcher();
@@ -675,17 +930,34 @@ export async function simulate(
           return;
         }
         sched.after(REAP_MS, tick);
-        void statement(w, () => db.reap()).then(async (keys) => {
-          const orphans = await statement(w, () => db.orphans(spec.leaseSeconds * 1000));
-          if (keys.length + orphans.length === 0) return;
-          log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
-          await statement(w, () => {
-            for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
-            for (const k of [...keys, ...orphans.map((j) => j.key)]) db.insertJob(k, now());
-          });
-        });
+        void reapOnce().catch((err: unknown) =>
+          log(`${w.id} reaper: ${err instanceof Error ? err.message : String(err)}`),
+        );
       });
     };
+    /** One pass of the reaper: expired leases and orphaned jobs, queued again. */
+    const reapOnce = () =>
+      statement(w, () => {
+        const reaped = db.reap();
+        takeovers += reaped.length;
+        return reaped;
+      }).then(async (keys) => {
+        const orphans = await statement(w, () => {
+          const found = db.orphans(spec.leaseSeconds * 1000);
+          for (const j of found)
+            if (claimsRunning.has(keyName(j.key)))
+              violate(
+                `the reaper requeued job ${j.id} of ${j.name} while a claim of its key was still running`,
+              );
+          return found;
+        });
+        if (keys.length + orphans.length === 0) return;
+        log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
+        await statement(w, () => {
+          for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
+          for (const k of [...keys, ...orphans.map((j) => j.key)]) db.insertJob(k, dbNow());
+        });
+      });
     // A worker starts its reaper at once (another's leases or jobs may be waiting for it).
     w.reap();
     log(`${w.id} started`);
@@ -718,6 +990,14 @@ export async function simulate(
     }
   };
 
+  /** `w` stops running anything for `ms` (its timers, answers and calls wait), then goes on. */
+  const freeze = (w: Worker, ms: number, where: string) => {
+    w.frozenUntil = Math.max(w.frozenUntil, now() + ms);
+    freezes++;
+    lastDisruption = now();
+    log(`${w.id} frozen for ${(ms / 1000).toFixed(1)} s ${where}`);
+  };
+
   const crash = (w: Worker) => {
     if (!w.alive) return;
     w.alive = false;
@@ -734,16 +1014,32 @@ export async function simulate(
   /** Row id → the readings it bills (rows of one ingestion at several destinations share it). */
   const mirrors = new Map<string, number>();
   let readingsOf = 0;
+  /** Reading → its usage time. */
+  const readingTimes = new Map<number, number>();
+  /**
+   * The instant ingestion routes a reading by: its own time. (Mutation: a reading of the last minutes
+   * before a cut-over is routed by the API host's clock, minutes ahead of the reading.)
+   */
+  const routedAt = (occurredAt: number, cutoverAt: number) =>
+    mutations.has('wrongDestination') && occurredAt < cutoverAt && occurredAt >= cutoverAt - 5 * 60_000
+      ? cutoverAt
+      : occurredAt;
   const arrive = (c: (typeof customers)[number]) => {
     const t = now();
     if (t >= end || quiet) return;
+    // The database is down (a failover): the sensor keeps its reading and sends it a little later.
+    if (dbDown) {
+      sched.after(1_000, () => arrive(c));
+      return;
+    }
     const back = rng.next() < spec.backdated;
     const occurredAt = back
       ? t - (rng.next() < 0.3 ? 36 * 86_400_000 : rng.int(30) * 3_600_000)
       : t - rng.int(2000);
     const value = BigInt(1 + rng.int(5));
     // One row per destination the customer bills to at the usage's time (ingestion's rule).
-    for (const d of destinationsOf(c, occurredAt)) {
+    readingTimes.set(readingsOf, occurredAt);
+    for (const d of destinationsOf(c, routedAt(occurredAt, c.cutoverAt))) {
       const row = db.ingest(
         {
           organizationId: c.organizationId,
@@ -765,10 +1061,10 @@ export async function simulate(
   for (const c of customers) sched.after(rng.int(1000), () => arrive(c));
   // Sweep (sweep.ts) and pg-boss's supervisor, as the worker processes run them.
   const sweep = () => {
-    if (workers.some((w) => w.alive)) {
+    if (workers.some((w) => w.alive) && !dbDown) {
       db.promote(policy.validationMs);
       const keys = db.staleKeys(SWEEP_STALE_SECONDS * 1000, 1000);
-      for (const k of keys) db.insertJob(k, now());
+      for (const k of keys) db.insertJob(k, dbNow());
       if (keys.length > 0) {
         log(`sweep queued ${keys.length} keys`);
         notifyAll();
@@ -780,7 +1076,12 @@ export async function simulate(
   sched.after(SWEEP_INTERVAL_SECONDS * 1000, sweep);
   // Stripe's error reports, as webhooks a minute or so after the event.
   stripe.onReport = (r) =>
-    sched.after(r.at - now(), () => {
+    sched.after(r.at - now(), function deliverReport() {
+      // Stripe sends a webhook again until it is answered.
+      if (dbDown) {
+        sched.after(5_000, deliverReport);
+        return;
+      }
       const n = db.failReported(r.identifier, r.code);
       log(`error report ${r.code} for ${r.identifier.slice(-6)}: ${n} rows failed`);
       if (r.code === 'no_meter') refreshCatalog();
@@ -801,6 +1102,8 @@ export async function simulate(
       });
     });
   }
+  scheduleFreezes();
+  scheduleFailover();
   if (spec.outageMinutes > 0) {
     sched.after(rng.int(Math.max(1, spec.minutes - spec.outageMinutes) * 60_000), () => {
       log('Stripe outage begins: every call 500');
@@ -823,6 +1126,7 @@ export async function simulate(
   }
   for (let i = 0; i < spec.corrections; i++) {
     sched.after(rng.int(spec.minutes * 60_000), () => {
+      if (dbDown) return; // the operator's request fails; nothing is voided
       const candidates = db.rows.filter(
         (r) => r.kind === 'usage' && r.status !== 'expired' && (voided.get(r.id) ?? 0n) < r.value,
       );
@@ -843,12 +1147,73 @@ export async function simulate(
   }
   for (let i = 0; i < spec.redrives; i++) {
     sched.after(rng.int(spec.minutes * 60_000), () => {
+      if (dbDown) return;
       const r = db.redrive(windowOf);
       for (const id of r.resent) calls.delete(id);
       log(
         `operator redrive: ${r.rows} rows, ${r.refused.length} groups refused (past the identifier window)`,
       );
       notifyAll();
+    });
+  }
+
+  /** The profile's freezes: a live worker, at each instant, stops for seconds to minutes. */
+  function scheduleFreezes() {
+    for (const f of profile.freezes)
+      sched.after(f.atMs, () => {
+        const alive = workers.filter((w) => w.alive);
+        const victim = alive[hostileRng.int(alive.length)];
+        if (victim && !quiet) freeze(victim, f.forMs, 'at a random instant');
+      });
+  }
+
+  /**
+   * The profile's failover: the primary dies; the standby, promoted a little later, has what the
+   * primary had committed `lagMs` before its death. With a synchronous standby nothing answered is
+   * lost (a commit is answered once the standby has it: what it lacks, the clients were never told
+   * of, and sensors send again); with an asynchronous one, readings answered in the last moments are
+   * lost, which the database documents (they are counted, and left out of the ledger with their rows).
+   */
+  function scheduleFailover() {
+    const f = profile.failover;
+    if (!f) return;
+    let standby: ModelState | undefined;
+    sched.after(Math.max(0, f.atMs - f.lagMs), () => {
+      standby = db.snapshot();
+    });
+    sched.after(f.atMs, () => {
+      const rowsAtDeath = db.rows;
+      dbDown = true;
+      dbGeneration++;
+      // The old primary's sessions are gone, and the claims they were running with them.
+      claimsRunning.clear();
+      lastDisruption = now();
+      log(
+        `the primary dies; its ${f.kind === 'sync' ? 'synchronous' : 'asynchronous'} standby lags ${f.lagMs} ms`,
+      );
+      sched.after(f.promotionMs, () => {
+        const had = new Set(standby!.rows.map((r) => r.nonce));
+        const lost = rowsAtDeath.filter((r) => !had.has(r.nonce));
+        db.promoteStandby(standby!);
+        dbDown = false;
+        lastDisruption = now();
+        for (const r of lost) {
+          if (r.kind !== 'usage') continue;
+          const reading = mirrors.get(r.id);
+          if (f.kind === 'async') {
+            readingsLost++;
+            continue;
+          }
+          const again = db.ingest(r, r.value, r.occurredAt);
+          if (reading !== undefined) mirrors.set(again.id, reading);
+        }
+        voided.clear();
+        for (const c of db.rows)
+          if (c.kind === 'correction' && c.correctsId !== null)
+            voided.set(c.correctsId, (voided.get(c.correctsId) ?? 0n) + c.value);
+        log(`standby promoted: ${lost.length} rows it lacked (${f.kind === 'sync' ? 'sent again' : 'lost'})`);
+        notifyAll();
+      });
     });
   }
 
@@ -862,16 +1227,31 @@ export async function simulate(
   };
   const coverage = () => {
     const covered = new Set<string>();
+    /** Keys whose only job is deferred: the earliest such job's time. */
+    const deferred = new Map<string, number>();
     for (const j of db.jobs.values()) {
-      if (j.state === 'created' || j.state === 'retry') covered.add(keyName(j.key));
-      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(keyName(j.key));
+      const name = keyName(j.key);
+      // pg-boss's retry of a failed batch is a disruption's own wait; a created job covers a key only
+      // when it is due (a job deferred to the future leaves new readings waiting for it).
+      if (j.state === 'retry' || (j.state === 'created' && j.startAfter <= dbNow() + COVERAGE_GRACE_MS))
+        covered.add(name);
+      else if (j.state === 'created')
+        deferred.set(name, Math.min(deferred.get(name) ?? j.startAfter, j.startAfter));
+      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(name);
     }
+    /** A deferred job covers a row that must wait anyway: a correction, a group in flight, a key leased, paced or in backoff. */
+    const waitsForDeferred = (r: Row, name: string) => {
+      const at = deferred.get(name);
+      if (at === undefined) return false;
+      if (r.kind === 'correction' || r.identifier !== null) return true;
+      return keyBusyUntil(db.keys.get(name)) >= at - COVERAGE_GRACE_MS;
+    };
     for (const [name, k] of db.keys) {
       if (k.hold !== null) covered.add(name);
       if (
         k.leaseOwner &&
         k.leaseExpiresAt &&
-        k.leaseExpiresAt.getTime() >= now() &&
+        k.leaseExpiresAt.getTime() >= dbNow() &&
         workers.find((w) => k.leaseOwner === w.id || k.leaseOwner!.startsWith(`${w.id}:`))?.alive
       )
         covered.add(name);
@@ -882,7 +1262,7 @@ export async function simulate(
       if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
         continue;
       const name = keyName(r);
-      if (covered.has(name) || seen.has(name)) continue;
+      if (covered.has(name) || seen.has(name) || waitsForDeferred(r, name)) continue;
       seen.add(name);
       const since = uncoveredSince.get(name) ?? now();
       uncoveredSince.set(name, since);
@@ -969,7 +1349,7 @@ export async function simulate(
             ? metronome.billed(w.customerId, w.eventName, w.from, to)
             : stripe.billedBetween(w.customerId, w.eventName, w.from, to),
         eventName: w.eventName,
-        now: new Date(now()),
+        now: new Date(dbNow()),
         settleMs: RECONCILIATION_SETTLE_MS,
       });
       const failed = groups.filter((g) => g.status === 'failed');
@@ -1046,22 +1426,49 @@ export async function simulate(
         );
       }
     }
-    // A cut-over: before it only Stripe bills, from it only Metronome (never both, never neither).
-    if (c.mode === 'cutover') {
-      for (const r of db.rows.filter((x) => x.organizationId === c.organizationId && x.kind === 'usage')) {
-        const want = r.occurredAt < c.cutoverAt ? 'stripe' : 'metronome';
-        if (r.destination !== want)
-          violate(`row ${r.id} of ${c.customerId} went to ${r.destination} across the cut-over`);
-      }
-    }
+    if (c.mode === 'cutover' || c.mode === 'parallel-cutover') checkCutover(c);
   }
 
   return result();
+
+  /**
+   * A cut-over, from what each destination billed (not from how ingestion routed): every reading
+   * that was billed at all is billed by the destinations in force at its time — before the boundary
+   * Stripe (and Metronome too in a parallel run), from it Metronome alone; never by both across a
+   * cut-over, never by neither.
+   */
+  function checkCutover(c: (typeof customers)[number]) {
+    const billedAt = new Map<number, Set<Destination>>();
+    const seenReadings = new Set<number>();
+    for (const r of db.rows) {
+      if (r.organizationId !== c.organizationId || r.kind !== 'usage') continue;
+      const reading = mirrors.get(r.id);
+      if (reading === undefined || r.status === 'expired') continue;
+      seenReadings.add(reading);
+      if (r.status !== 'delivered') continue;
+      const at = billedAt.get(reading) ?? new Set<Destination>();
+      at.add(r.destination);
+      billedAt.set(reading, at);
+    }
+    for (const reading of seenReadings) {
+      const occurredAt = readingTimes.get(reading)!;
+      const before = occurredAt < c.cutoverAt;
+      const want: Destination[] =
+        c.mode === 'parallel-cutover' && before ? ['stripe', 'metronome'] : [before ? 'stripe' : 'metronome'];
+      const got = [...(billedAt.get(reading) ?? [])].sort();
+      if (got.join() !== want.sort().join())
+        violate(
+          `reading ${reading} of ${c.customerId} at ${new Date(occurredAt).toISOString()} (cut-over ${new Date(c.cutoverAt).toISOString()}) billed by ${got.join(' and ') || 'neither destination'}, not ${want.join(' and ')}`,
+        );
+    }
+  }
 
   function result(): SimResult {
     return {
       seed,
       spec,
+      profile,
+      faults: describeProfile(profile),
       ok: violations.length === 0,
       violations,
       contexts,
@@ -1074,6 +1481,9 @@ export async function simulate(
         delivered: db.rows.filter((r) => r.status === 'delivered').length,
         deadLetters,
         crashes,
+        freezes,
+        lateCalls,
+        readingsLost,
       },
     };
   }

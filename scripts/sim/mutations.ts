@@ -1,0 +1,25 @@
+// Switches that break one rule of the modelled design on purpose. Each invariant of the simulation must
+// catch what it guards: test/sim/mutations.test.ts turns each switch on and expects a failing seed within
+// a bounded number of seeds (the seed it found is kept there as a regression seed).
+
+export const MUTATIONS = {
+  deferredBlocksWrites:
+    "a follow-up deferred to the future counts as the key's queued job: ingestion's job is refused and the sweep skips the key",
+  wrongDestination:
+    'ingestion routes a reading of the last minutes before a cut-over by the API host clock, not by the reading time',
+  leaseFromHostClock:
+    "a claim's lease (and its windows) start at the worker's wall clock, not the database's",
+  deadlineOnWallClock:
+    'a worker measures its lease deadline on its wall clock (which steps), not a monotonic one',
+  noStandbyWait: 'a claim is answered at its commit, before the standbys have flushed it',
+  randomIdentifiers: "a group's identifier is drawn at random, not derived from the rows it carries",
+  settleStaleLease: 'settle applies the answers of a batch whose lease has run out',
+  reaperRequeuesRunningClaim:
+    'the reaper requeues the jobs of a claim still running (it skips no locked key)',
+  wrongIdentifierWindow: 'the redrive guard trusts an identifier for 30 h (Stripe forgets it after 24 h)',
+  coalesceFuture: 'a reading stamped in the future is grouped at once with the valid readings of its key',
+} as const;
+
+export type Mutation = keyof typeof MUTATIONS;
+
+export const isMutation = (name: string): name is Mutation => Object.hasOwn(MUTATIONS, name);
