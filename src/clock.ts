@@ -12,7 +12,7 @@ export const systemClock: Clock = { now: () => new Date() };
  * dependency so the simulation (scripts/sim) can run batches on its own virtual time.
  */
 export interface HostTimers {
-  /** Milliseconds on a monotonic-enough host clock. */
+  /** Milliseconds on the host's monotonic clock: elapsed time and deadlines, never a date. */
   now(): number;
   sleep(ms: number): Promise<void>;
   /** Calls `tick` every `ms` until the returned stop is called (stop waits for a tick still running). */
@@ -20,7 +20,8 @@ export interface HostTimers {
 }
 
 export const hostTimers: HostTimers = {
-  now: () => Date.now(),
+  // performance.now(), not Date.now(): a wall clock steps (NTP, an operator), a deadline must not.
+  now: () => performance.now(),
   sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
   every(ms, tick) {
     let running: Promise<void> | undefined;

@@ -11,6 +11,7 @@ import { directDatabaseUrl, requireDatabaseUrl } from './config.js';
 import type { Context } from './context-type.js';
 import { ApiKeyCache } from './credentials/api-key-cache.js';
 import { recentApiKeys, recordApiKeysUsed } from './credentials/api-keys.js';
+import { createDatabaseClock, readDatabaseTime } from './db/clock.js';
 import { createDatabase } from './db/database.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
@@ -95,6 +96,15 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     recordUsed: (used) => recordApiKeysUsed(database.db, used),
   });
 
+  // The database's clock decides everything processes share (src/db/clock.ts): read once now, so the
+  // first request or batch already has it, then every few seconds.
+  const databaseClock = overrides.clock
+    ? undefined
+    : createDatabaseClock(readDatabaseTime(database.db), { log: log.child({ component: 'clock' }) });
+  await databaseClock?.sync().catch((err: unknown) => {
+    log.warn({ err }, "could not read the database's clock yet; this host's clock serves until it can");
+  });
+
   let closed: Promise<void> | undefined;
   const context: Context = {
     ...database,
@@ -103,13 +113,14 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     boss,
     stripe,
     metronome,
-    clock: overrides.clock ?? systemClock,
+    clock: overrides.clock ?? databaseClock ?? systemClock,
     metrics,
     migrations: await listMigrations(),
     apiKeys,
     close() {
       // Reverse order of acquisition; safe to call twice.
       closed ??= (async () => {
+        databaseClock?.stop();
         await apiKeys.close();
         await boss.stop({ graceful: false, close: true, timeout: 5_000 }).catch((err: unknown) => {
           log.warn({ err }, 'pg-boss stop failed');

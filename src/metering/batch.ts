@@ -184,12 +184,17 @@ async function deliverDestination(
   if (jobRefs.length === 0) return done;
   const keys = [...new Map(jobRefs.map((j) => [keyName(j.key), j.key])).values()];
 
-  // 1. claim. Host time for the lease deadline: the calls' timers run on it.
+  // 1. claim. The lease runs on the database's clock from the claim statement's start, or for a slow
+  // claim from just before its commit (claimBatch); the calls' deadline runs on this host's monotonic
+  // clock from an instant before that, so it never outlives the lease.
   const leaseMs = config.DELIVERY_LEASE_SECONDS * 1000;
   let leaseDeadline = timers.now() + leaseMs;
   const claimed = await store.claim(keys, {
     owner,
     leaseSeconds: config.DELIVERY_LEASE_SECONDS,
+    onLeaseRestart: () => {
+      leaseDeadline = timers.now() + leaseMs;
+    },
     now: deps.clock.now(),
     maxRows: config.DELIVERY_MAX_ROWS_PER_EVENT,
     // An unconfigured destination sends nothing: every key is held by name.

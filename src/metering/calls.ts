@@ -81,7 +81,10 @@ export async function callStripe(
             ),
           ];
         } else {
-          const timeoutMs = timeoutNow() ?? MIN_CALL_MS;
+          // Read again at the call itself: a process frozen (SIGSTOP, a long GC pause) since the check
+          // above may wake after its lease; the monotonic clock has moved on, and nothing is sent.
+          const timeoutMs = timeoutNow();
+          if (timeoutMs === null) return call.map((p) => answer(p, null, 0));
           outcomes = await deps.transport.send(
             call.map((p) => ({
               eventName: p.key.eventName,

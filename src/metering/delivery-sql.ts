@@ -110,6 +110,11 @@ export interface ClaimOptions extends Placement {
   sendable: readonly MeterEventName[];
   /** How far back the destination takes usage (default Stripe's 35 days). */
   pastWindowMs?: number;
+  /**
+   * Called just before a slow claim sets its leases again from the database's clock (claimLeasing):
+   * the caller's lease deadline starts again now.
+   */
+  onLeaseRestart?: () => void;
 }
 
 /**
@@ -141,14 +146,14 @@ export async function claimBatch(
     unique,
     (k) => k.organizationId,
     async (group, orgs) => {
-      if (!options.distributed) return claimStatement(db, group, orgs, options, 'upsert');
-      const first = await claimStatement(db, group, orgs, options, 'update');
+      if (!options.distributed) return claimLeasing(db, group, orgs, options, 'upsert');
+      const first = await claimLeasing(db, group, orgs, options, 'update');
       const missing = first.filter((r) => r.state === 'missing');
       if (missing.length === 0) return first;
       const missingKeys = missing.map(rowKey);
       await ensureKeys(db, missingKeys);
       const again = new Map(
-        (await claimStatement(db, missingKeys, orgs, options, 'update')).map((r) => [keyName(rowKey(r)), r]),
+        (await claimLeasing(db, missingKeys, orgs, options, 'update')).map((r) => [keyName(rowKey(r)), r]),
       );
       return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
     },
@@ -195,6 +200,46 @@ function toClaimedKey(r: ClaimRow): ClaimedKey {
     corrections: r.corrections === true,
     moreUsage: r.more === true,
   };
+}
+
+/**
+ * A claim that took longer than this share of the lease renews the leases it took before it commits,
+ * so that they run from its end, not its start.
+ */
+const SLOW_CLAIM_SHARE_OF_LEASE = 0.1;
+
+/**
+ * The claim statement in a transaction of its own. Its leases run from the statement's start (its one
+ * clock): a claim slowed by a big backlog or a loaded database (1,000 keys took 8-30 s) would commit
+ * leases already spent, call nothing, and see the reaper take its keys and jobs the moment it commits.
+ * So a claim that took more than a tenth of the lease sets its leases again from the database's clock
+ * before it commits: a lease is never shorter than the work it covers. Until that commit its key rows
+ * are locked, so the reaper (SKIP LOCKED) and other claims pass over them whatever their expiry says.
+ */
+async function claimLeasing(
+  db: Kysely<DB>,
+  keys: readonly KeyRef[],
+  organizationIds: readonly string[],
+  options: ClaimOptions,
+  lease: 'upsert' | 'update',
+): Promise<ClaimRow[]> {
+  return db.transaction().execute(async (trx) => {
+    const started = performance.now();
+    const rows = await claimStatement(trx, keys, organizationIds, options, lease);
+    const slow = performance.now() - started > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE;
+    if (slow && rows.some((r) => r.state === 'leased')) {
+      // The caller's deadline starts again before the renewal's clock_timestamp(), as before the claim's.
+      options.onLeaseRestart?.();
+      await renewLeases(trx, options.owner, {
+        leaseSeconds: options.leaseSeconds,
+        organizationIds,
+        lapsed: true,
+        ...(options.distributed ? { distributed: true } : {}),
+        ...(options.router ? { router: options.router } : {}),
+      });
+    }
+    return rows;
+  });
 }
 
 /**
@@ -526,11 +571,13 @@ export async function releaseLeases(
  * A running batch extends its keys' leases (only those it still holds: a lease that lapsed and was
  * reaped or taken stays lost). Leases are short so that a killed worker's keys are free within
  * seconds; a live batch renews them while its calls run. Returns how many keys it still holds.
+ * `lapsed`: leases past their expiry that are still the owner's (nobody reaped or took them) are
+ * extended too: a slow claim's, before any of its calls.
  */
 export async function renewLeases(
   db: Kysely<DB>,
   owner: string,
-  options: { leaseSeconds: number; organizationIds: readonly string[] } & Placement,
+  options: { leaseSeconds: number; organizationIds: readonly string[]; lapsed?: boolean } & Placement,
 ): Promise<number> {
   const counts = await perShardGroup(
     routerOf(db, options),
@@ -540,7 +587,8 @@ export async function renewLeases(
       const result = await sql`
       WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
       l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys, c
-             WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner} AND lease_expires_at >= c.at
+             WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner}
+               AND ${options.lapsed ? sql`true` : sql`lease_expires_at >= c.at`}
              ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys),
       u AS (UPDATE meter_delivery_keys d SET lease_expires_at = ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)}
               FROM l, c

@@ -90,6 +90,9 @@ const MIN_BATCH_CALLS = 10;
 /** Most jobs (keys) in one batch: one claim statement over 1,000 keys takes a few tens of ms. */
 const MAX_BATCH_JOBS = 1_000;
 
+/** Slots are waited for on the host's monotonic clock (a wall clock steps). */
+const monotonicNow = () => hostTimers.now();
+
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
 const WAKE_SLACK_MS = 5;
 
@@ -107,8 +110,8 @@ function fetchGate(lingerMs: number, fullAt: number) {
   let lastFetchAt = 0;
   return async (fetched: number) => {
     if (lingerMs <= 0 || fetched >= fullAt) return;
-    const wait = lastFetchAt + lingerMs - Date.now();
-    lastFetchAt = Math.max(Date.now(), lastFetchAt + lingerMs);
+    const wait = lastFetchAt + lingerMs - performance.now();
+    lastFetchAt = Math.max(performance.now(), lastFetchAt + lingerMs);
     if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
   };
 }
@@ -203,7 +206,7 @@ export async function startDelivery(
     boss: ctx.boss,
     transport,
     // One share of the account-wide budget per process, taken a slot per call.
-    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config), Date.now, distributed),
+    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config), monotonicNow, distributed),
     config: ctx.config,
     clock: ctx.clock,
     log,
@@ -220,7 +223,7 @@ export async function startDelivery(
             slots: createSlotDispenser(
               ctx.db,
               ctx.config.METRONOME_MAX_CALLS_PER_SECOND,
-              Date.now,
+              monotonicNow,
               distributed,
               BUDGET_ROW.metronome,
             ),
@@ -364,6 +367,12 @@ export function startLeaseReaper(deps: {
   };
 }
 
+/**
+ * A fetched job whose key has no row yet is orphaned only after this long: the claim that inserts the
+ * row may be running (1,000-key claims on a loaded database took up to 30 s).
+ */
+export const NEW_KEY_ORPHAN_SECONDS = 60;
+
 /** How often each worker looks for leases whose batch died. */
 export const LEASE_REAP_MS = 2_000;
 
@@ -399,10 +408,10 @@ export async function reapOnce(
 export async function orphanedJobs(
   db: Kysely<DB>,
   olderThanSeconds: number,
-  _distributed: boolean,
+  distributed: boolean,
 ): Promise<{ id: string; key: KeyRef | null }[]> {
-  const active = await sql<{ id: string; data: unknown }>`
-    SELECT id, data FROM pgboss.job
+  const active = await sql<{ id: string; data: unknown; age: number }>`
+    SELECT id, data, extract(epoch FROM now() - started_on)::float8 AS age FROM pgboss.job
      WHERE name = 'meter-delivery' AND state = 'active'
        AND started_on < now() - make_interval(secs => ${olderThanSeconds})
      LIMIT 1000`.execute(db);
@@ -411,24 +420,43 @@ export async function orphanedJobs(
     const parsed = deliveryPayload.safeParse(r.data);
     if (!parsed.success) return [];
     const { organizationId, ...key } = parsed.data;
-    return [{ id: r.id, organizationId, key }];
+    return [{ id: r.id, organizationId, key, age: r.age }];
   });
   // Jobs queued before jobs named their organization: the organization holding the key's pending rows.
   const legacy = jobs.filter((j) => j.organizationId === undefined).map((j) => j.key);
   const organizations =
     legacy.length > 0 ? await pendingOrganizations(db, legacy) : new Map<string, string>();
-  const leased = await sql<{ customer: string; event_name: MeterEventName; destination: Destination }>`
-    SELECT stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
-     WHERE lease_owner IS NOT NULL AND lease_expires_at >= now()
-       AND stripe_customer_id = ANY(${jobs.map((j) => j.key.customerId)}::text[])`.execute(db);
+  const customers = jobs.map((j) => j.key.customerId);
+  type KeyRow = { customer: string; event_name: MeterEventName; destination: Destination };
+  const nameOf = (r: KeyRow) =>
+    singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination });
+  const rows = await sql<KeyRow & { live: boolean }>`
+    SELECT stripe_customer_id AS customer, event_name, destination,
+           (lease_owner IS NOT NULL AND lease_expires_at >= now()) AS live
+      FROM meter_delivery_keys WHERE stripe_customer_id = ANY(${customers}::text[])`.execute(db);
+  // A key row another transaction has locked is being claimed right now (a claim holds its keys' rows
+  // until it commits, however long it runs): its job is not orphaned. FOR KEY SHARE SKIP LOCKED
+  // passes over exactly those rows without waiting for them. (Citus takes row locks in router
+  // queries only: there, a slow claim's jobs wait for the claim's commit like the reaper's leases.)
+  const lockable = distributed
+    ? undefined
+    : new Set(
+        (
+          await sql<KeyRow>`
+          SELECT stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
+           WHERE stripe_customer_id = ANY(${customers}::text[])
+           FOR KEY SHARE SKIP LOCKED`.execute(db)
+        ).rows.map(nameOf),
+      );
+  const existing = new Set(rows.rows.map(nameOf));
   // A customer has pending rows in one organization at a time: its job's name says which key is leased.
-  const live = new Set(
-    leased.rows.map((r) =>
-      singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination }),
-    ),
-  );
+  const live = new Set(rows.rows.filter((r) => r.live || (lockable && !lockable.has(nameOf(r)))).map(nameOf));
+  // A key without a row has never been claimed: a claim inserting it may still be running (its
+  // insert is not visible yet), so its job is taken as orphaned only well past any claim's length.
+  const newKeySeconds = Math.max(NEW_KEY_ORPHAN_SECONDS, olderThanSeconds);
   return jobs
     .filter((j) => !live.has(singletonKeyOf(j.key)))
+    .filter((j) => existing.has(singletonKeyOf(j.key)) || j.age >= newKeySeconds)
     .map((j) => {
       const organizationId = j.organizationId ?? organizations.get(singletonKeyOf(j.key));
       // No organization: nothing of the key is pending, so the job completes and nothing is queued.

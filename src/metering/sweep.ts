@@ -4,6 +4,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
+import { readDatabaseTime } from '../db/clock.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
@@ -112,7 +113,7 @@ export async function staleKeys(
                                      AND k.stripe_customer_id = o.stripe_customer_id AND k.event_name = o.event_name
                                      AND k.destination = o.destination
      WHERE o.status = 'pending' AND o.accepted_at IS NULL
-       AND o.created_at < ${new Date(Date.now() - options.staleSeconds * 1000)}
+       AND o.created_at < now() - make_interval(secs => ${options.staleSeconds})
        AND (k.stripe_customer_id IS NULL
             OR (k.hold IS NULL AND k.next_call_at <= now() AND (k.retry_at IS NULL OR k.retry_at <= now())
                 AND (k.lease_expires_at IS NULL OR k.lease_expires_at < now())))
@@ -152,8 +153,9 @@ export async function staleKeys(
  */
 export async function promoteValidated(db: Kysely<DB>, windowSeconds: number): Promise<number> {
   // The instants are parameters, not now(): Citus refuses a function over time in an UPDATE of a
-  // distributed table, and a window of minutes does not care for the host's clock against the database's.
-  const now = new Date();
+  // distributed table. They are the database's clock, read first: a worker's clock 20 minutes ahead
+  // would promote rows before Stripe's error reports on them could arrive.
+  const now = await readDatabaseTime(db)();
   const due = sql`status = 'pending' AND accepted_at IS NOT NULL
        AND accepted_at < ${new Date(now.getTime() - windowSeconds * 1000)}`;
   // A look first (the meter_outbox_validating index; no lock): the UPDATE, which on Citus is a

@@ -1,0 +1,135 @@
+// A lease is never shorter than the work it covers: a claim slowed past its lease (a 1,000-key
+// backlog on a slow database took 8-30 s) still calls, and while it runs the reaper neither frees its
+// keys nor completes its jobs as orphaned.
+import { sql } from 'kysely';
+import { describe, expect } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
+import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
+import { reapOnce } from '../../src/metering/delivery.js';
+import { createV1Transport } from '../../src/metering/transport.js';
+import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
+import { stripeTest } from '../support/test.js';
+import { waitFor, writeRows } from './delivery-helpers.js';
+
+const LEASE_SECONDS = 5;
+/** How long the claim is held inside its statement: well past its lease. */
+const CLAIM_SLEEP_SECONDS = 2 * LEASE_SECONDS;
+
+const it = stripeTest({
+  emulator: { strictCustomers: false },
+  env: {
+    STRIPE_SECRET_KEY: 'sk_test_slow_claim',
+    DELIVERY_LEASE_SECONDS: String(LEASE_SECONDS),
+    DELIVERY_MIN_INTERVAL_MS: '0',
+  },
+});
+
+function depsOf(ctx: Context): BatchDeps {
+  return {
+    db: ctx.db,
+    boss: ctx.boss,
+    transport: createV1Transport(ctx.stripe!),
+    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
+    config: ctx.config,
+    clock: ctx.clock,
+    log: ctx.log,
+  };
+}
+
+/** The key's queued job, taken as a worker's fetch takes it (active from now). */
+async function fetchJob(
+  ctx: Context,
+  org: { organizationId: string; customerId: string },
+): Promise<DeliveryJob> {
+  const { rows } = await sql<{ id: string }>`
+    UPDATE pgboss.job SET state = 'active', started_on = now()
+     WHERE name = 'meter-delivery' AND state = 'created'
+       AND singleton_key = ${`temperature_readings:${org.customerId}`}
+    RETURNING id`.execute(ctx.db);
+  expect(rows).toHaveLength(1);
+  return {
+    id: rows[0]!.id,
+    data: {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings',
+    },
+    retryCount: 0,
+    retryLimit: 5,
+  };
+}
+
+/** Every claim's identifier update sleeps this long inside the claim statement (0: not at all). */
+async function slowClaims(ctx: Context, seconds: number) {
+  await sql`CREATE TABLE IF NOT EXISTS test_claim_sleep (seconds float8 NOT NULL)`.execute(ctx.db);
+  await sql`DELETE FROM test_claim_sleep`.execute(ctx.db);
+  await sql`INSERT INTO test_claim_sleep VALUES (${seconds})`.execute(ctx.db);
+  await sql`
+    CREATE OR REPLACE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      PERFORM pg_sleep(seconds) FROM test_claim_sleep;
+      RETURN NEW;
+    END $$`.execute(ctx.db);
+  await sql`DROP TRIGGER IF EXISTS test_slow_claim ON meter_outbox`.execute(ctx.db);
+  await sql`
+    CREATE TRIGGER test_slow_claim BEFORE UPDATE OF identifier ON meter_outbox
+       FOR EACH ROW WHEN (OLD.identifier IS NULL AND NEW.identifier IS NOT NULL)
+       EXECUTE FUNCTION test_slow_claim()`.execute(ctx.db);
+}
+
+describe('a claim slower than its lease', () => {
+  for (const keyRow of ['a key claimed before', 'a key never claimed']) {
+    it(`still calls (${keyRow}), and the reaper leaves its keys and its jobs alone while it runs`, async ({
+      ctx,
+      emulator,
+    }) => {
+      const org = await createOrganization(ctx.db);
+      if (keyRow === 'a key claimed before') {
+        // A first delivery at full speed: the key has its row.
+        await slowClaims(ctx, 0);
+        await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+          { value: 1, occurredAt: new Date() },
+        ]);
+        await deliverBatch(depsOf(ctx), [await fetchJob(ctx, org)]);
+        await sql`UPDATE pgboss.job SET state = 'completed' WHERE name = 'meter-delivery' AND state = 'active'`.execute(
+          ctx.db,
+        );
+      }
+      await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: new Date() }]);
+      const job = await fetchJob(ctx, org);
+      await slowClaims(ctx, CLAIM_SLEEP_SECONDS);
+      const calls = emulator.counters().calls;
+
+      let done = false;
+      const batch = deliverBatch(depsOf(ctx), [job]).finally(() => {
+        done = true;
+      });
+      // The reaper passes while the claim runs, after its lease (counted from the claim's start) and
+      // its job's age are both past a lease.
+      const reaped: { leases: number; jobs: number }[] = [];
+      const firstPass = Date.now() + (LEASE_SECONDS + 1) * 1000;
+      await waitFor('the claim to run past its lease', async () => Date.now() >= firstPass, 30_000);
+      while (!done) {
+        reaped.push(await reapOnce({ ...ctx, distributed: () => false }));
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      const results = await batch;
+      await slowClaims(ctx, 0);
+
+      expect(reaped.length).toBeGreaterThan(0);
+      expect(reaped.filter((r) => r.leases + r.jobs > 0)).toEqual([]);
+      // The claim's group was sent, once, and settled.
+      expect(emulator.counters().calls).toBe(calls + 1);
+      const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+      expect(rows.filter((r) => r.status !== 'delivered')).toEqual([]);
+      expect(results.map((r) => [r.id, r.status])).toEqual([[job.id, 'completed']]);
+      const { rows: jobs } = await sql<{ state: string }>`
+        SELECT state FROM pgboss.job WHERE id = ${job.id}`.execute(ctx.db);
+      // Still the batch's: not completed as orphaned behind its back.
+      expect(jobs.map((j) => j.state)).toEqual(['active']);
+      // As the worker's runtime would: the batch's results complete its job.
+      await sql`UPDATE pgboss.job SET state = 'completed' WHERE id = ${job.id}`.execute(ctx.db);
+    }, 60_000);
+  }
+});
