@@ -64,7 +64,7 @@ describe('entry points (migrate, server, worker, cli)', () => {
         expect(wrong.stdout).toBe('');
       }),
     );
-  });
+  }, 120_000);
 
   it('says in one line, without a stack, that the database cannot be reached', async () => {
     const port = await freePort();
@@ -85,7 +85,7 @@ describe('entry points (migrate, server, worker, cli)', () => {
         expect(result.stderr).not.toContain('secret');
       }),
     );
-  });
+  }, 120_000);
 
   it('finds the refused connection inside an AggregateError and a cause, and leaves other errors to the stack', () => {
     const refused = Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5'), {

@@ -152,5 +152,5 @@ describe("the README's tour", () => {
       if (step.command.includes('--status past_due')) expect(await subscriptionStatus()).toBe('past_due');
       if (step.command.includes('--status active')) expect(await subscriptionStatus()).toBe('active');
     }
-  }, 180_000);
+  }, 300_000);
 });
