@@ -197,8 +197,8 @@ export async function startDelivery(
     maxWaitMs: ctx.config.DELIVERY_REPLICA_WAIT_MS,
     timers: hostTimers,
     log,
-    ...(options.observer?.onReplicationWait ? { onOutcome: options.observer.onReplicationWait } : {}),
-    ...(options.observer?.onTimelineChange ? { onTimelineChange: options.observer.onTimelineChange } : {}),
+    onOutcome: (outcome, ms) => options.observer?.onReplicationWait?.(outcome, ms),
+    onTimelineChange: (from, to) => options.observer?.onTimelineChange?.(from, to),
   });
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
   const depsFor = (distributed: boolean): BatchDeps => ({
