@@ -49,7 +49,10 @@ export function wallClocks(p: FaultProfile): (host: number, atMs: number) => num
   const steps = Array.from({ length: HOSTS }, (_, host) => {
     const own = p.clockSteps.filter((s) => s.host === host).sort((a, b) => a.atMs - b.atMs);
     let sum = 0;
-    return own.map((s) => ({ atMs: s.atMs, total: (sum += s.byMs) }));
+    return own.map((s) => {
+      sum += s.byMs;
+      return { atMs: s.atMs, total: sum };
+    });
   });
   return (host, atMs) => {
     const own = steps[host] ?? [];
