@@ -44,6 +44,29 @@ export const CALM: FaultProfile = {
 /** Worker hosts: workers restart on the same few machines, each with its own clock. */
 export const HOSTS = 3;
 
+/** Each host's wall clock at a true instant (ms from the run's start): its skew and the steps so far. */
+export function wallClocks(p: FaultProfile): (host: number, atMs: number) => number {
+  const steps = Array.from({ length: HOSTS }, (_, host) => {
+    const own = p.clockSteps.filter((s) => s.host === host).sort((a, b) => a.atMs - b.atMs);
+    let sum = 0;
+    return own.map((s) => {
+      sum += s.byMs;
+      return { atMs: s.atMs, total: sum };
+    });
+  });
+  return (host, atMs) => {
+    const own = steps[host] ?? [];
+    let lo = 0;
+    let hi = own.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (own[mid]!.atMs <= atMs) lo = mid + 1;
+      else hi = mid;
+    }
+    return atMs + (p.hostSkewMs[host] ?? 0) + (lo > 0 ? own[lo - 1]!.total : 0);
+  };
+}
+
 /**
  * The faults of a seed over `minutes` of activity. About half the seeds are hostile; each fault is
  * drawn on its own, so a hostile seed has some of them, rarely all.
@@ -62,13 +85,23 @@ export function drawProfile(seed: number, minutes: number): FaultProfile {
         forMs: 1_000 + r.int(freezeMaxMs),
       }))
     : [];
-  const clockSteps = maybe(0.3)
+  const clockSteps: { host: number; atMs: number; byMs: number }[] = maybe(0.3)
     ? Array.from({ length: 1 + r.int(3) }, () => ({
         host: r.int(HOSTS),
         atMs: r.int(span),
         byMs: Math.round(r.between(-30, 30) * 60_000),
       }))
     : [];
+  // A host whose time sync misbehaves: its wall clock is stepped back and forth every few seconds
+  // (for the first half hour; the steps cancel out over time).
+  if (maybe(0.2)) {
+    const host = r.int(HOSTS);
+    for (let at = r.int(5_000); at < Math.min(span, 30 * 60_000); at += 1_000 + r.int(8_000)) {
+      const by = Math.round(r.between(5, 60) * 1000);
+      clockSteps.push({ host, atMs: at, byMs: -by }, { host, atMs: at + 500 + r.int(3_000), byMs: by });
+    }
+  }
+  clockSteps.sort((a, b) => a.atMs - b.atMs);
   const failover = maybe(0.4)
     ? (() => {
         const kind = maybe(0.5) ? ('sync' as const) : ('async' as const);
@@ -116,6 +149,8 @@ export function describeProfile(p: FaultProfile): string[] {
   const out = [
     `clocks: database ${secs(p.dbSkewMs)}, worker hosts ${p.hostSkewMs.map(secs).join(', ')}${p.clockSteps.length > 0 ? `; steps ${p.clockSteps.map((s) => `host ${s.host} ${secs(s.byMs)} at ${secs(s.atMs)}`).join(', ')}` : ''}`,
   ];
+  if (p.clockSteps.length > 8)
+    out[0] = `clocks: database ${secs(p.dbSkewMs)}, worker hosts ${p.hostSkewMs.map(secs).join(', ')}; ${p.clockSteps.length} steps (a host's time sync steps its clock back and forth)`;
   if (p.freezes.length > 0 || p.freezeBeforeCall > 0)
     out.push(
       `freezes: ${p.freezes.map((f) => `${secs(f.forMs)} at ${secs(f.atMs)}`).join(', ') || 'none at random'}; ${pct(p.freezeBeforeCall)} of calls sent after a freeze (up to ${secs(p.freezeMaxMs)}) between the lease check and the send`,

@@ -734,6 +734,7 @@ export class ModelDb {
         r.status = 'pending';
         r.acceptedAt = null;
         r.attempts = 0;
+        if (this.mutations.has('wrongIdentifierWindow')) r.identifiedAt = this.now();
         rows++;
       }
       resent.push(identifier);

@@ -16,7 +16,8 @@ export const MUTATIONS = {
   settleStaleLease: 'settle applies the answers of a batch whose lease has run out',
   reaperRequeuesRunningClaim:
     'the reaper requeues the jobs of a claim still running (it skips no locked key)',
-  wrongIdentifierWindow: 'the redrive guard trusts an identifier for 30 h (Stripe forgets it after 24 h)',
+  wrongIdentifierWindow:
+    "a redrive restarts its groups' identifier window (identified_at set to the redrive's time): Stripe forgets an identifier 24 h after it first saw it",
   coalesceFuture: 'a reading stamped in the future is grouped at once with the valid readings of its key',
 } as const;
 

@@ -21,7 +21,7 @@ import type { DeliveryStore } from '../../src/metering/store.js';
 import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { seededRandom } from '../lib/random.js';
-import { describeProfile, drawProfile, type FaultProfile, HOSTS } from './hostile.js';
+import { describeProfile, drawProfile, type FaultProfile, HOSTS, wallClocks } from './hostile.js';
 import { METRONOME_DEDUPE_MS, MetronomeModel } from './metronome-model.js';
 import { type Job, keyBusyUntil, ModelDb, type ModelState, type Row } from './model.js';
 import type { Mutation } from './mutations.js';
@@ -229,12 +229,8 @@ export async function simulate(
   /** The database's clock: it decides leases, windows and everything processes share. */
   const dbNow = () => sched.now + profile.dbSkewMs;
   /** A worker host's wall clock: skewed, and stepped as its profile says. */
-  const wallClockOf = (host: number) => () => {
-    const at = sched.now - START;
-    let t = sched.now + (profile.hostSkewMs[host] ?? 0);
-    for (const step of profile.clockSteps) if (step.host === host && step.atMs <= at) t += step.byMs;
-    return t;
-  };
+  const wallAt = wallClocks(profile);
+  const wallClockOf = (host: number) => () => START + wallAt(host, sched.now - START);
   const trace: string[] = [];
   const violations: string[] = [];
   const log = (line: string) => {

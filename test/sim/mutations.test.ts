@@ -1,54 +1,109 @@
 // Every invariant of the simulation catches what it guards: each mutation (scripts/sim/mutations.ts)
 // breaks one rule of the modelled design, and the simulation must find a failing seed within a bounded
-// number of seeds. The seed it found is kept: it must fail with the mutation and pass without it.
+// number of seeds. The seed it found is kept: it must fail with the mutation, by the invariant named,
+// and pass without it.
 import { describe, expect, it } from 'vitest';
+import { CALM, type FaultProfile } from '../../scripts/sim/hostile.js';
 import type { Mutation } from '../../scripts/sim/mutations.js';
 import { simulate, type WorldSpec } from '../../scripts/sim/simulation.js';
+
+/** A host's time sync stepping its wall clock 40 s back and forth, with slow statements. */
+const STEPPING: FaultProfile = {
+  ...CALM,
+  hostSkewMs: [0, 0, 0],
+  slowStatements: 0.1,
+  slowMaxMs: 30_000,
+  clockSteps: Array.from({ length: 400 }, (_, i) => ({
+    host: i % 3,
+    atMs: 1_000 + i * 1_500,
+    byMs: i % 2 === 0 ? -40_000 : 40_000,
+  })),
+};
+/** The primary dies 40 s in; its asynchronous standby lacks the last 2 s. */
+const ASYNC_FAILOVER: FaultProfile = {
+  ...CALM,
+  failover: { kind: 'async', atMs: 40_000, lagMs: 2_000, promotionMs: 2_000 },
+};
+/** Statements of up to 30 s, one in ten. */
+const SLOW: FaultProfile = { ...CALM, slowStatements: 0.1, slowMaxMs: 30_000 };
+/** A day of Stripe outage, no retries: groups fail, and the operator redrives them for days. */
+const OUTAGE: Partial<WorldSpec> = {
+  minutes: 2000,
+  outageMinutes: 1700,
+  retryLimit: 0,
+  redrives: 3,
+  arrivalSeconds: 3600,
+};
 
 interface Case {
   mutation: Mutation;
   /** The invariant that must catch it (a piece of its violation message). */
   caughtBy: string;
-  size: 'small' | 'full';
   overrides?: Partial<WorldSpec>;
-  /** The first failing seed found from seed 1 (a regression seed). */
+  profile?: FaultProfile;
+  /** The first failing seed from seed 1 (a regression seed). */
   seed: number;
   /** Seeds searched from 1 before the test gives up. */
   within: number;
 }
 
 const CASES: Case[] = [
+  { mutation: 'deferredBlocksWrites', caughtBy: 'covered by no job or hold', seed: 4, within: 30 },
+  { mutation: 'wrongDestination', caughtBy: 'billed by metronome, not stripe', seed: 8, within: 30 },
+  { mutation: 'leaseFromHostClock', caughtBy: 'under a lease it does not hold', seed: 5, within: 30 },
   {
-    mutation: 'deferredBlocksWrites',
-    caughtBy: 'covered by no job or hold',
-    size: 'small',
-    seed: 4,
-    within: 50,
+    mutation: 'deadlineOnWallClock',
+    caughtBy: 'under a lease it does not hold',
+    profile: STEPPING,
+    seed: 9,
+    within: 30,
   },
   {
-    mutation: 'wrongDestination',
-    caughtBy: 'billed by metronome, not stripe',
-    size: 'small',
-    seed: 8,
-    within: 50,
+    mutation: 'noStandbyWait',
+    caughtBy: 'delivered rows say',
+    profile: ASYNC_FAILOVER,
+    seed: 4,
+    within: 30,
+  },
+  {
+    mutation: 'settleStaleLease',
+    caughtBy: 'whose lease had run out, changed the rows',
+    profile: SLOW,
+    seed: 5,
+    within: 30,
+  },
+  {
+    mutation: 'reaperRequeuesRunningClaim',
+    caughtBy: 'while a claim of its key was still running',
+    profile: SLOW,
+    seed: 4,
+    within: 30,
+  },
+  {
+    mutation: 'wrongIdentifierWindow',
+    caughtBy: 'h after its first call',
+    overrides: OUTAGE,
+    seed: 1,
+    within: 10,
   },
 ];
 
 describe('each invariant catches the rule it guards, broken on purpose', () => {
-  it.for(CASES)('$mutation is caught by "$caughtBy"', { timeout: 120_000 }, async (c) => {
+  it.for(CASES)('$mutation is caught by "$caughtBy"', { timeout: 180_000 }, async (c) => {
+    const options = (mutations: Mutation[]) => ({ mutations, ...(c.profile ? { profile: c.profile } : {}) });
     let found: number | undefined;
     for (let seed = 1; seed <= c.within && found === undefined; seed++) {
-      const r = await simulate(seed, c.overrides, c.size, { mutations: [c.mutation] });
+      const r = await simulate(seed, c.overrides, 'small', options([c.mutation]));
       if (!r.ok) found = seed;
     }
     expect(found, `no failing seed within ${c.within}`).toBeDefined();
 
-    const broken = await simulate(c.seed, c.overrides, c.size, { mutations: [c.mutation] });
+    const broken = await simulate(c.seed, c.overrides, 'small', options([c.mutation]));
     expect(
       broken.violations.some((v) => v.includes(c.caughtBy)),
       broken.violations.join('\n'),
     ).toBe(true);
-    const sound = await simulate(c.seed, c.overrides, c.size);
+    const sound = await simulate(c.seed, c.overrides, 'small', options([]));
     expect(sound.violations).toEqual([]);
   });
 });
