@@ -3,6 +3,7 @@ import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 import { citusDistributed } from './citus.js';
+import { type ConnectionSafety, safePoolOptions } from './dead-connections.js';
 import type { DB } from './schema.js';
 
 // timestamptz arrives as Date by default; bigint (int8, OID 20) stays a string so no precision is
@@ -33,6 +34,8 @@ export function createDatabase(options: {
   max: number;
   log: Logger;
   applicationName: string;
+  /** Keepalive and statement deadlines (src/db/dead-connections.ts); without it, keepalive only. */
+  safety?: ConnectionSafety;
 }): Database {
   const pool = new pg.Pool({
     connectionString: options.connectionString,
@@ -40,6 +43,7 @@ export function createDatabase(options: {
     application_name: options.applicationName,
     connectionTimeoutMillis: 5_000,
     idleTimeoutMillis: 30_000,
+    ...(options.safety ? safePoolOptions(options.safety) : { keepAlive: true }),
   });
   // An idle client's error (e.g. Postgres restarted) is emitted on the pool; unhandled, it would
   // kill the process. The pool discards that client and the next query reconnects.

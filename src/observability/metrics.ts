@@ -66,6 +66,9 @@ export interface Metrics {
   readonly reconciliationLastPass: Gauge<'destination'>;
   /** How long the destination's last reconciliation pass took, over all its runs. */
   readonly reconciliationPassSeconds: Gauge<'destination'>;
+  // --- dead connections (issue 42) ---
+  /** Connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat. */
+  readonly dbConnectionsReplaced: Counter<'pool' | 'reason'>;
 }
 
 export interface MetricsOptions {
@@ -262,6 +265,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_reconciliation_pass_seconds',
       help: "How long the destination's last complete reconciliation pass took, over all the runs it needed",
       labelNames: ['destination'],
+      registers,
+    }),
+    dbConnectionsReplaced: new Counter({
+      name: 'meterbox_db_connections_replaced_total',
+      help: 'Database connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat (a silently dead connection), by pool',
+      labelNames: ['pool', 'reason'],
       registers,
     }),
   };
