@@ -44,51 +44,89 @@ export const KEEPALIVE_IDLE_MS = 5_000;
 /** pg's message when query_timeout passes. */
 const READ_TIMEOUT = 'Query read timeout';
 
+/** What of pg-pool's internals the eviction below reads (no public interface lists idle clients). */
+interface PoolInternals {
+  _idle?: { client: pg.Client }[];
+  _remove?: (client: pg.Client) => void;
+}
+
+/** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
+export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): void };
+
 /**
  * A pg.Client class whose statements carry `deadlineMs` (pg's query_timeout): one that misses it
  * rejects with code ETIMEDOUT (the database is unavailable: HTTP 503) and its connection is ended and
  * its socket destroyed at once, so pg-pool discards it on release (also a release without an error,
  * as Kysely's) and a ROLLBACK queued behind it fails at once instead of waiting on the dead socket.
+ * The pool's idle connections that have not answered since that statement was sent are dropped too:
+ * a network outage kills them all, and each would otherwise cost the next request a whole deadline.
  */
-export function deadlineClient(watch: ConnectionWatch, pool: string): typeof pg.Client {
-  return class DeadlineClient extends pg.Client {
+export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineClientClass {
+  let owner: PoolInternals | undefined;
+  class DeadlineClient extends pg.Client {
+    static attach(p: pg.Pool): void {
+      owner = p as unknown as PoolInternals;
+    }
+
+    /** performance.now() of this connection's last answer (or of its start). */
+    lastAnswerAt = performance.now();
+    private gaveUp = false;
+
     constructor(config?: string | pg.ClientConfig) {
       super(config);
       const query = this.query.bind(this) as (...args: unknown[]) => unknown;
-      const missed = (err: unknown) => {
-        if (!(err instanceof Error) || err.message !== READ_TIMEOUT) return;
+      const settled = (err: unknown, sentAt: number) => {
+        if (err === undefined || err === null) {
+          this.lastAnswerAt = performance.now();
+          return;
+        }
+        if (!(err instanceof Error)) return;
+        // A statement sent after the connection was given up (a transaction's ROLLBACK, which then
+        // replaces the deadline's error as the transaction's) fails for the same reason.
+        if (this.gaveUp && !('code' in err)) Object.assign(err, { code: 'ETIMEDOUT' });
+        if (err.message !== READ_TIMEOUT) return;
         Object.assign(err, { code: 'ETIMEDOUT' });
         err.message = `${READ_TIMEOUT}: the statement deadline passed; connection destroyed`;
-        this.giveUp(err);
+        this.giveUp(err, sentAt);
       };
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const sentAt = performance.now();
         const last = args.length - 1;
         const callback = args[last];
         if (last > 0 && typeof callback === 'function') {
           args[last] = (err: unknown, res: unknown) => {
-            missed(err);
+            settled(err, sentAt);
             (callback as (err: unknown, res: unknown) => void)(err, res);
           };
           return query(...args);
         }
         const result = query(...args);
         // Registered before the caller's handlers, so the connection is gone before a caller's ROLLBACK.
-        if (result instanceof Promise) result.catch(missed);
+        if (result instanceof Promise)
+          result.then(
+            () => settled(undefined, sentAt),
+            (err: unknown) => settled(err, sentAt),
+          );
         return result;
       };
     }
 
-    private gaveUp = false;
-
-    /** Ends this connection for good: pg-pool drops a client that is ending. */
-    giveUp(err: unknown): void {
+    /** Ends this connection for good (pg-pool drops a client that is ending), and the pool's suspects. */
+    private giveUp(err: unknown, sentAt: number): void {
       if (this.gaveUp) return;
       this.gaveUp = true;
       watch.replaced(pool, 'deadline', err);
-      this.end().catch(() => undefined);
-      (this as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy();
+      destroyClient(this);
+      for (const { client } of [...(owner?._idle ?? [])]) {
+        if (client instanceof DeadlineClient && client.lastAnswerAt < sentAt && !client.gaveUp) {
+          client.gaveUp = true;
+          owner?._remove?.(client);
+          destroyClient(client);
+        }
+      }
     }
-  };
+  }
+  return DeadlineClient;
 }
 
 export interface ConnectionSafety {
@@ -173,6 +211,12 @@ export class ListenerHeartbeat {
     this.stopped = true;
     clearTimeout(this.timer);
   }
+}
+
+/** Tells the deadline client class of `options` (if any) the pool it serves. */
+export function attachPool(options: { Client?: unknown }, pool: pg.Pool): void {
+  const client = options.Client as Partial<DeadlineClientClass> | undefined;
+  client?.attach?.(pool);
 }
 
 /** Timers and the event loop are not exact: a heartbeat answered on time is not distrusted for a few ms. */

@@ -7,6 +7,7 @@ import type { DatabaseOptions } from 'pg-boss';
 // pg-boss builds this same class when given a connection string; subclassing keeps its pool,
 // transactions and lifecycle (opened and closed by pg-boss itself) and moves only listen().
 import Db from 'pg-boss/dist/db.js';
+import { attachPool } from './dead-connections.js';
 
 type ListenArgs = Parameters<Db['listen']>;
 
@@ -20,9 +21,11 @@ export type JobQueueDbOptions = DatabaseOptions &
 /** pg-boss's own database, its pool bounded against dead connections; LISTEN optionally elsewhere. */
 export class SplitListenDb extends Db {
   readonly #listener: Db | undefined;
+  readonly #options: JobQueueDbOptions;
 
   constructor(config: JobQueueDbOptions, listenConnectionString?: string) {
     super(config);
+    this.#options = config;
     if (listenConnectionString !== undefined && listenConnectionString !== config.connectionString) {
       this.#listener = new Db({ ...config, connectionString: listenConnectionString, max: 1 });
       this.#listener.on('error', (err: unknown) => this.emit('error', err));
@@ -31,6 +34,7 @@ export class SplitListenDb extends Db {
 
   override async open(): Promise<void> {
     await super.open();
+    attachPool(this.#options, (this as unknown as { pool: pg.Pool }).pool);
     // Opens a pool that is never queried (connections are made on first use): listen() asserts it.
     await this.#listener?.open();
   }
