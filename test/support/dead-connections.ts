@@ -4,12 +4,18 @@
 // through the proxy (test/support/blackhole.ts) while the test's own connections go direct.
 //   * the API key cache's LISTEN connection dropped: a key revoked 3 s later is refused within 10 s,
 //     another revoked 20 s after that too, and a valid key never gets a 5xx meanwhile;
+//   * the meter catalog's LISTEN connection dropped: a no_meter report's NOTIFY 3 s later still makes
+//     it read the account's meters within 10 s (its timer is an hour away);
 //   * every connection of an API process and a worker process dropped under light load: no request
 //     waits more than 15 s, requests succeed again on fresh connections, delivery resumes on its own,
 //     nothing acknowledged is lost and nothing is billed twice.
 import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
+import { createStripeClient } from '../../src/context.js';
+import { createConnectionWatch } from '../../src/db/dead-connections.js';
+import { METER_CATALOG_CHANNEL, startMeterCatalog } from '../../src/metering/meter-catalog.js';
 import { ensureQueues } from '../../src/metering/queues.js';
+import { createMetrics } from '../../src/observability/metrics.js';
 import { type BlackholeProxy, type DropMode, startBlackholeProxy } from './blackhole.js';
 import { openTestContext } from './database.js';
 import { authHeaders, createOrganization } from './fixtures.js';
@@ -113,6 +119,71 @@ export function deadConnectionTests(mode: DropMode): void {
         expect(proxy.accepted).toBeGreaterThanOrEqual(2);
       } finally {
         await close();
+      }
+    });
+
+    it('the meter catalog’s listener dropped: a no_meter report 3 s later still makes it read the meters within 10 s', {
+      timeout: 60_000,
+    }, async ({ ctx, env, proxy }) => {
+      const stripe = createStripeClient(ctx.config)!;
+      const list = stripe.billing.meters.list.bind(stripe.billing.meters);
+      let reads = 0;
+      stripe.billing.meters.list = ((...args: Parameters<typeof list>) => {
+        reads++;
+        return list(...args);
+      }) as typeof list;
+      const replaced: string[] = [];
+      const opened = proxy.accepted;
+      const catalog = await startMeterCatalog({
+        stripe,
+        db: ctx.db,
+        boss: ctx.boss,
+        log: ctx.log,
+        metrics: createMetrics(),
+        // The timer is an hour away: only the listener (or the lack of one) makes it read.
+        refreshSeconds: 3600,
+        listenConnectionString: proxy.through(env.DATABASE_URL!),
+        watch: createConnectionWatch(ctx.log, ({ pool, reason }) => replaced.push(`${pool}:${reason}`)),
+      });
+      try {
+        await waitFor(
+          'the catalog listening through the proxy',
+          () => proxy.accepted > opened && proxy.open === 1,
+        );
+        // A NOTIFY is heard before the drop.
+        const heard = reads;
+        // (Sent until heard: the connection is open before its LISTEN is.)
+        await waitFor(
+          'a NOTIFY heard',
+          async () => {
+            await ctx.pool.query(`NOTIFY ${METER_CATALOG_CHANNEL}`);
+            await sleep(200);
+            return reads > heard;
+          },
+          10_000,
+        );
+        await sleep(3_000);
+
+        expect(proxy.blackhole()).toBe(1);
+        await sleep(3_000);
+        const before = reads;
+        const notifiedAt = performance.now();
+        await ctx.pool.query(`NOTIFY ${METER_CATALOG_CHANNEL}`);
+        await waitFor('the meters read again after the report', () => reads > before, 10_000, 50);
+        const readAfterMs = Math.round(performance.now() - notifiedAt);
+        console.log(
+          `[dead connections, ${mode}] meter catalog listener dropped: meters read ${readAfterMs} ms after the report; replaced ${JSON.stringify(replaced)}`,
+        );
+        expect(readAfterMs).toBeLessThan(10_000);
+        // The dead listener was found by its heartbeat and replaced on a fresh connection.
+        await waitFor(
+          'the listener replaced',
+          () => replaced.includes('meter-catalog-listener:heartbeat'),
+          10_000,
+        );
+        await waitFor('a fresh listener connection', () => proxy.accepted >= opened + 2, 10_000);
+      } finally {
+        await catalog.stop();
       }
     });
 
