@@ -32,6 +32,11 @@ export class SplitListenDb extends Db {
     }
   }
 
+  /** True when LISTEN goes to a URL of its own (DATABASE_DIRECT_URL differs from DATABASE_URL). */
+  get listensApart(): boolean {
+    return this.#listener !== undefined;
+  }
+
   override async open(): Promise<void> {
     await super.open();
     attachPool(this.#options, (this as unknown as { pool: pg.Pool }).pool);
