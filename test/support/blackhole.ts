@@ -15,7 +15,7 @@ export interface BlackholeProxy {
   through(url: string): string;
   /** Connections accepted so far. */
   readonly accepted: number;
-  /** Connections open now (not yet closed by either side). */
+  /** Connections open now and not black-holed (a black-holed one may never hear its close). */
   readonly open: number;
   /** Drops every connection open now, silently; returns how many. New connections still pass. */
   blackhole(): number;
@@ -36,6 +36,9 @@ export function iptablesUnavailable(): string | undefined {
 interface Pair {
   client: Socket;
   upstream: Socket;
+  /** Black-holed (by either mode). */
+  blackholed: boolean;
+  /** The proxy swallows its bytes (proxy mode). */
   dropped: boolean;
 }
 
@@ -50,7 +53,7 @@ export async function startBlackholeProxy(upstreamPort: number, mode: DropMode):
   const server: Server = createServer((client) => {
     accepted++;
     const upstream = tcpConnect(upstreamPort, '127.0.0.1');
-    const pair: Pair = { client, upstream, dropped: false };
+    const pair: Pair = { client, upstream, blackholed: false, dropped: false };
     pairs.add(pair);
     for (const s of [client, upstream]) s.on('error', () => undefined);
     // Forwarded by hand (not pipe): a dropped pair swallows what arrives, in both directions.
@@ -83,10 +86,10 @@ export async function startBlackholeProxy(upstreamPort: number, mode: DropMode):
       return accepted;
     },
     get open() {
-      return pairs.size;
+      return [...pairs].filter((p) => !p.blackholed).length;
     },
     blackhole() {
-      const now = [...pairs].filter((p) => !p.dropped);
+      const now = [...pairs].filter((p) => !p.blackholed);
       if (mode === 'iptables') {
         if (!chainMade) {
           iptables('-N', chain);
@@ -101,7 +104,10 @@ export async function startBlackholeProxy(upstreamPort: number, mode: DropMode):
         }
       }
       // With iptables the proxy keeps forwarding: the packets are lost on the wire, as in production.
-      if (mode === 'proxy') for (const p of now) p.dropped = true;
+      for (const p of now) {
+        p.blackholed = true;
+        if (mode === 'proxy') p.dropped = true;
+      }
       return now.length;
     },
     async close() {
