@@ -27,6 +27,7 @@ import {
   loadFailures,
   loadOrganizations,
   loadPhase,
+  loggedErrors,
   outboxSettled,
   startApi,
   startWorkerProcess,
@@ -228,7 +229,8 @@ export function deadConnectionTests(mode: DropMode): void {
         `[dead connections, ${mode}] ${dropped} connections dropped ${droppedAfter} ms into the load; ` +
           `${load.requests} requests (${JSON.stringify(load.statuses)}), longest ${longest} ms; ` +
           `before ${JSON.stringify(before)}; first 15 s ${JSON.stringify(during)}; after ${JSON.stringify(after)}; ` +
-          `outbox settled ${settledAfterMs} ms after the load; ${proxy.accepted - acceptedAtDrop} fresh connections`,
+          `outbox settled ${settledAfterMs} ms after the load; ${proxy.accepted - acceptedAtDrop} fresh connections; ` +
+          `warnings and errors logged: API ${JSON.stringify(loggedErrors(api.process.output))}, worker ${JSON.stringify(loggedErrors(worker.output))}`,
       );
       expect(dropped).toBeGreaterThan(2);
       expect(load.networkErrors, loadFailures(load, [api])).toBe(0);
