@@ -160,6 +160,15 @@ export const configSchema = z.object({
    * from where this one stopped (well below the queue's 30-minute job expiry).
    */
   RECONCILIATION_RUN_SECONDS: int(5, 1200).default(300),
+  // --- dead connections (issue 42) ---
+  /**
+   * Client-side deadline of every database statement (ms): a connection whose statement has no answer
+   * by then is taken for dead, destroyed and replaced. Longer than the slowest legitimate statement
+   * (a delivery claim); 0 = none.
+   */
+  DB_STATEMENT_DEADLINE_MS: int(0, 3_600_000).default(10_000),
+  /** Heartbeat of the LISTEN connections (ms); a cache they feed is trusted only while one was answered within twice this. */
+  DB_LISTENER_HEARTBEAT_MS: int(200, 60_000).default(2_000),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

@@ -8,6 +8,7 @@ import type { Clock } from './clock.js';
 import type { Config } from './config.js';
 import type { ApiKeyCache } from './credentials/api-key-cache.js';
 import type { Database } from './db/database.js';
+import type { ConnectionWatch } from './db/dead-connections.js';
 import type { MigrationFile } from './db/migrate.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './observability/metrics.js';
@@ -27,5 +28,7 @@ export interface Context extends Database {
   readonly migrations: readonly MigrationFile[];
   /** Verified API keys of this process, invalidated by LISTEN/NOTIFY (started on first use). */
   readonly apiKeys: ApiKeyCache;
+  /** Counts and logs connections given up as silently dead (src/db/dead-connections.ts). */
+  readonly connectionWatch: ConnectionWatch;
   close(): Promise<void>;
 }

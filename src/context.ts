@@ -13,6 +13,7 @@ import { ApiKeyCache } from './credentials/api-key-cache.js';
 import { recentApiKeys, recordApiKeysUsed } from './credentials/api-keys.js';
 import { createDatabaseClock, readDatabaseTime } from './db/clock.js';
 import { createDatabase } from './db/database.js';
+import { type ConnectionSafety, createConnectionWatch, safePoolOptions } from './db/dead-connections.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
@@ -32,6 +33,8 @@ export interface ContextOverrides {
   applicationName?: string;
   /** pg-boss maintenance and cron timekeeping: on for workers, off for the API. */
   bossSupervise?: boolean;
+  /** No client-side statement deadline (the CLI: long, attended commands such as `citus distribute`). */
+  noStatementDeadline?: boolean;
 }
 
 export function createStripeClient(config: Config): Stripe | undefined {
@@ -59,7 +62,20 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const connectionString = requireDatabaseUrl(config);
   const log = overrides.log ?? createLogger(config.LOG_LEVEL);
   const applicationName = overrides.applicationName ?? 'meterbox';
-  const database = createDatabase({ connectionString, max: config.DB_POOL_MAX, log, applicationName });
+  const metrics = overrides.metrics ?? createMetrics();
+  // Every connection is bounded against a silent death (src/db/dead-connections.ts).
+  const watch = createConnectionWatch(log.child({ component: 'db' }), (labels) =>
+    metrics.dbConnectionsReplaced.inc(labels),
+  );
+  const deadlineMs = overrides.noStatementDeadline ? 0 : config.DB_STATEMENT_DEADLINE_MS;
+  const safety = (pool: string): ConnectionSafety => ({ deadlineMs, watch, pool });
+  const database = createDatabase({
+    connectionString,
+    max: config.DB_POOL_MAX,
+    log,
+    applicationName,
+    safety: safety('app'),
+  });
   const supervise = overrides.bossSupervise ?? false;
   // LISTEN needs a session: behind a transaction pooler the session-bound connections (pg-boss's
   // wake-ups, the key cache's revocations) go to DATABASE_DIRECT_URL, everything else to the pool.
@@ -68,10 +84,14 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     connectionString,
     application_name: `${applicationName}-pgboss`,
     max: Math.max(2, Math.ceil(config.DB_POOL_MAX / 2)),
+    ...safePoolOptions(safety('pgboss')),
+    // pg-boss's own LISTEN connection has its own heartbeat; the same cadence as meterbox's listeners.
+    notifyHeartbeatIntervalMs: config.DB_LISTENER_HEARTBEAT_MS,
+    notifyHeartbeatTimeoutMs: config.DB_LISTENER_HEARTBEAT_MS,
   };
   const boss = new PgBoss({
     ...bossConnection,
-    ...(directUrl === connectionString ? {} : { db: new SplitListenDb(bossConnection, directUrl) }),
+    db: new SplitListenDb(bossConnection, directUrl),
     supervise,
     // Finished jobs are deleted after JOB_RETENTION_SECONDS only if maintenance runs that often.
     ...jobMaintenanceTiming(config),
@@ -80,10 +100,16 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     createSchema: false,
     useListenNotify: true,
   });
-  boss.on('error', (err) => log.error({ err }, 'pg-boss error'));
+  boss.on('error', (err) => {
+    // A connection given up for a missed deadline was counted and logged once for its outage by the
+    // watch; pg-boss reports each failed poll of it again. Its listener's missed heartbeat is counted here.
+    if (/heartbeat timed out/.test(err.message)) watch.replaced('pgboss-listener', 'heartbeat', err);
+    if (/statement deadline passed|heartbeat timed out/.test(err.message))
+      log.debug({ err }, 'pg-boss error');
+    else log.error({ err }, 'pg-boss error');
+  });
   boss.on('warning', (warning) => log.warn({ warning }, 'pg-boss warning'));
 
-  const metrics = overrides.metrics ?? createMetrics();
   const stripe = overrides.stripe ?? createStripeClient(config);
   if (stripe) instrumentStripe(stripe, metrics);
 
@@ -92,6 +118,8 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const apiKeys = new ApiKeyCache({
     connectionString: directUrl,
     log: log.child({ component: 'api-keys' }),
+    heartbeatMs: config.DB_LISTENER_HEARTBEAT_MS,
+    watch,
     warm: (limit) => recentApiKeys(database.db, limit),
     recordUsed: (used) => recordApiKeysUsed(database.db, used),
   });
@@ -117,6 +145,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     metrics,
     migrations: await listMigrations(),
     apiKeys,
+    connectionWatch: watch,
     close() {
       // Reverse order of acquisition; safe to call twice.
       closed ??= (async () => {

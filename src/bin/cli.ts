@@ -11,7 +11,7 @@ if (line.kind === 'exit') {
 }
 const config = configOrExit({ needDatabase: true });
 try {
-  const ctx = await createContext(config, { applicationName: 'meterbox-cli' });
+  const ctx = await createContext(config, { applicationName: 'meterbox-cli', noStatementDeadline: true });
   let code = 1;
   try {
     await ctx.boss.start();

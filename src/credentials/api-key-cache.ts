@@ -8,9 +8,18 @@
 // Once listening, the cache is warmed with the most recently used keys (one query), so a restarted
 // API process does not send a lookup for each of thousands of keys; and the keys' last_used_at
 // writes are gathered here and written in one statement every few seconds.
+// A listener whose connection died silently (no FIN, no RST) would stay "connected" for ever and
+// never hear a revocation: it is trusted only while its heartbeat (SELECT 1 every few seconds) was
+// answered within the bound; otherwise keys are looked up, and a missed heartbeat replaces it.
 // While it is down, reconnecting follows its backoff (one attempt per step, whatever the request
 // rate: requests meanwhile look their keys up), and an outage is logged once, not per attempt.
 import pg from 'pg';
+import {
+  type ConnectionWatch,
+  destroyClient,
+  ListenerHeartbeat,
+  listenerClientOptions,
+} from '../db/dead-connections.js';
 import { assertOwnSession } from '../db/session.js';
 import type { Logger } from '../log.js';
 
@@ -39,7 +48,13 @@ export interface ApiKeyCacheOptions {
   recordUsed?: (used: { keyId: string; at: Date }[]) => Promise<void>;
   /** First delay before reconnecting a lost or refused listener (doubles up to 30 s); default 500 ms. */
   reconnectMs?: number;
+  /** Heartbeat interval of the listener (ms); entries are served only within twice this of an answer. */
+  heartbeatMs?: number;
+  /** Counts a listener replaced for a missed heartbeat. */
+  watch?: ConnectionWatch;
 }
+
+const HEARTBEAT_MS = 2_000;
 
 /** Most keys kept; the least recently used go first. */
 const MAX_ENTRIES = 10_000;
@@ -52,6 +67,7 @@ export class ApiKeyCache {
   private readonly entries = new Map<string, CachedKey>();
   private client: pg.Client | undefined;
   private listening = false;
+  private heartbeat: ListenerHeartbeat | undefined;
   private starting: Promise<void> | undefined;
   private closed = false;
   private retryMs: number;
@@ -70,9 +86,12 @@ export class ApiKeyCache {
     this.retryMs = options.reconnectMs ?? RECONNECT_MS;
   }
 
-  /** True while the listener is connected: only then are entries served. */
+  /**
+   * True while the listener is connected and has proven itself recently (a heartbeat answered within
+   * the bound): only then are entries served.
+   */
   get active(): boolean {
-    return this.listening && !this.closed;
+    return this.listening && !this.closed && this.heartbeat?.trusted === true;
   }
 
   get size(): number {
@@ -197,16 +216,15 @@ export class ApiKeyCache {
   }
 
   private async connect(): Promise<void> {
-    const client = new pg.Client({
-      connectionString: this.options.connectionString,
-      application_name: 'meterbox-api-keys',
-    });
+    const client = new pg.Client(listenerClientOptions(this.options.connectionString, 'meterbox-api-keys'));
     const lost = (err?: unknown) => {
       if (this.client !== client) return;
       this.client = undefined;
       this.listening = false;
+      this.heartbeat?.stop();
+      this.heartbeat = undefined;
       this.invalidate();
-      client.end().catch(() => {});
+      destroyClient(client);
       if (!this.closed) {
         this.outage(err, 'API key cache: listener lost; keys are looked up until it is back');
         this.scheduleReconnect();
@@ -218,9 +236,11 @@ export class ApiKeyCache {
       if (message.channel === API_KEY_CHANNEL) this.invalidate(message.payload || undefined);
     });
     this.client = client;
+    let listenedAt = 0;
     try {
       await client.connect();
       await assertOwnSession(client);
+      listenedAt = performance.now();
       await client.query(`LISTEN ${API_KEY_CHANNEL}`);
     } catch (err) {
       if (this.client === client) this.client = undefined;
@@ -234,6 +254,18 @@ export class ApiKeyCache {
     // Anything cached before (there is nothing: entries are only kept while listening) is dropped.
     this.invalidate();
     this.listening = true;
+    const heartbeatMs = this.options.heartbeatMs ?? HEARTBEAT_MS;
+    this.heartbeat = new ListenerHeartbeat(
+      client,
+      heartbeatMs,
+      (err) => {
+        // The watch logs the outage once; the cache's own line would be a second one for it.
+        this.options.watch?.replaced('api-keys-listener', 'heartbeat', err);
+        if (this.options.watch) this.down = true;
+        lost(err);
+      },
+      listenedAt,
+    );
     this.retryMs = this.options.reconnectMs ?? RECONNECT_MS;
     if (this.down) {
       this.down = false;
@@ -260,11 +292,13 @@ export class ApiKeyCache {
     await this.recordUsed();
     this.closed = true;
     this.listening = false;
+    this.heartbeat?.stop();
     this.invalidate();
     if (this.timer) clearTimeout(this.timer);
     const client = this.client;
     this.client = undefined;
     await this.starting;
-    await client?.end().catch(() => {});
+    // Not end(): on a silently dead socket it would wait for the kernel to give up.
+    if (client) destroyClient(client);
   }
 }

@@ -3,6 +3,7 @@ import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 import { citusDistributed } from './citus.js';
+import { attachPool, type ConnectionSafety, safePoolOptions } from './dead-connections.js';
 import type { DB } from './schema.js';
 
 // timestamptz arrives as Date by default; bigint (int8, OID 20) stays a string so no precision is
@@ -33,14 +34,19 @@ export function createDatabase(options: {
   max: number;
   log: Logger;
   applicationName: string;
+  /** Keepalive and statement deadlines (src/db/dead-connections.ts); without it, keepalive only. */
+  safety?: ConnectionSafety;
 }): Database {
+  const safe = options.safety ? safePoolOptions(options.safety) : { keepAlive: true };
   const pool = new pg.Pool({
     connectionString: options.connectionString,
     max: options.max,
     application_name: options.applicationName,
     connectionTimeoutMillis: 5_000,
     idleTimeoutMillis: 30_000,
+    ...safe,
   });
+  attachPool(safe, pool);
   // An idle client's error (e.g. Postgres restarted) is emitted on the pool; unhandled, it would
   // kill the process. The pool discards that client and the next query reconnects.
   pool.on('error', (err) => options.log.warn({ err }, 'idle database connection failed'));

@@ -2,34 +2,54 @@
 // transaction mode a LISTEN lands on whichever server connection the pooler lends for that one
 // statement, and the NOTIFY wake-ups never reach the process. Every other pg-boss statement runs on
 // the pool (DATABASE_URL), which only needs transaction-scoped state (pg_advisory_xact_lock).
+import type pg from 'pg';
 import type { DatabaseOptions } from 'pg-boss';
 // pg-boss builds this same class when given a connection string; subclassing keeps its pool,
 // transactions and lifecycle (opened and closed by pg-boss itself) and moves only listen().
 import Db from 'pg-boss/dist/db.js';
+import { attachPool } from './dead-connections.js';
 
 type ListenArgs = Parameters<Db['listen']>;
 
-export class SplitListenDb extends Db {
-  readonly #listener: Db;
+/**
+ * pg-boss passes its database options through to pg.Pool unchanged, so keepalive and statement
+ * deadlines (src/db/dead-connections.ts) reach its pool too; its types only name the common ones.
+ */
+export type JobQueueDbOptions = DatabaseOptions &
+  Pick<pg.PoolConfig, 'keepAlive' | 'keepAliveInitialDelayMillis' | 'query_timeout' | 'Client'>;
 
-  constructor(config: DatabaseOptions, listenConnectionString: string) {
+/** pg-boss's own database, its pool bounded against dead connections; LISTEN optionally elsewhere. */
+export class SplitListenDb extends Db {
+  readonly #listener: Db | undefined;
+  readonly #options: JobQueueDbOptions;
+
+  constructor(config: JobQueueDbOptions, listenConnectionString?: string) {
     super(config);
-    this.#listener = new Db({ ...config, connectionString: listenConnectionString, max: 1 });
-    this.#listener.on('error', (err: unknown) => this.emit('error', err));
+    this.#options = config;
+    if (listenConnectionString !== undefined && listenConnectionString !== config.connectionString) {
+      this.#listener = new Db({ ...config, connectionString: listenConnectionString, max: 1 });
+      this.#listener.on('error', (err: unknown) => this.emit('error', err));
+    }
+  }
+
+  /** True when LISTEN goes to a URL of its own (DATABASE_DIRECT_URL differs from DATABASE_URL). */
+  get listensApart(): boolean {
+    return this.#listener !== undefined;
   }
 
   override async open(): Promise<void> {
     await super.open();
+    attachPool(this.#options, (this as unknown as { pool: pg.Pool }).pool);
     // Opens a pool that is never queried (connections are made on first use): listen() asserts it.
-    await this.#listener.open();
+    await this.#listener?.open();
   }
 
   override async close(): Promise<void> {
     await super.close();
-    if (this.#listener.opened) await this.#listener.close();
+    if (this.#listener?.opened) await this.#listener.close();
   }
 
   override listen(...args: ListenArgs): ReturnType<Db['listen']> {
-    return this.#listener.listen(...args);
+    return this.#listener ? this.#listener.listen(...args) : super.listen(...args);
   }
 }

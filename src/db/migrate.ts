@@ -65,7 +65,8 @@ export async function applySqlMigrations(
   files?: readonly MigrationFile[],
 ): Promise<MigrationResult> {
   const migrations = files ?? (await listMigrations());
-  const client = new pg.Client({ connectionString, application_name: 'meterbox-migrate' });
+  // Keepalive: a migration's connection that dies silently is found by the kernel, not after ~15 minutes.
+  const client = new pg.Client({ connectionString, application_name: 'meterbox-migrate', keepAlive: true });
   await client.connect();
   try {
     await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);

@@ -3,9 +3,14 @@
 // (the API key cache's, the meter catalog's) check that they have a session before they rely on it.
 import type pg from 'pg';
 
-/** What a listener that finds itself behind a pooler says; names the setting that fixes it. */
+/**
+ * What a listener that finds itself behind a pooler says; names the setting that fixes it. Only a
+ * direct connection is accepted: PgBouncer announces a process id of its own in session mode too, so
+ * this check cannot tell its session mode from its transaction mode (the message once recommended a
+ * session-mode pool, which the same check then refused).
+ */
 export const POOLED_LISTEN_FIX =
-  'set DATABASE_DIRECT_URL to a direct Postgres connection (or a session-mode pool)';
+  'set DATABASE_DIRECT_URL to a direct Postgres connection (not through PgBouncer, in any pool mode)';
 
 /**
  * A session of its own answers pg_backend_pid() with the process id its server announced at
@@ -21,7 +26,7 @@ export async function assertOwnSession(client: pg.Client): Promise<void> {
 export class PooledSessionError extends Error {
   constructor() {
     super(
-      `the listener connection is not a session of its own (a transaction pooler such as PgBouncer?): ${POOLED_LISTEN_FIX}`,
+      `the listener connection is not a direct session of its own (a pooler such as PgBouncer?): ${POOLED_LISTEN_FIX}`,
     );
     this.name = 'PooledSessionError';
   }

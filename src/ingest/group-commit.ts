@@ -328,7 +328,9 @@ export class GroupCommitter {
       // database moved onto a cluster): the single-node statement can fail there, as a corrupt
       // intermediate result. Nothing of the group was stored; if the database is distributed
       // now, the group is written again in the Citus shape instead of failing its requests.
-      if (await this.ctx.distributed({ recheck: true }).catch(() => false))
+      // Not when the database is unavailable: asking would wait on the pool again (a dead connection's
+      // deadline) and could not change the answer.
+      if (!isDatabaseUnavailable(err) && (await this.ctx.distributed({ recheck: true }).catch(() => false)))
         return this.writeRouted(group, now);
       await this.alone(group, err, (trx, p) => storeReadings(trx, boss, p.organizationId, p.readings, now));
     }

@@ -3,13 +3,21 @@
 // deactivated meter and drops it later, so delivery holds an event name's rows until its meter is
 // there. Learnt at start-up, every METER_CATALOG_REFRESH_SECONDS, and at once when the API records
 // a no_meter/archived_meter error report (it NOTIFYs METER_CATALOG_CHANNEL in the webhook's
-// transaction; a missed notification costs at most one refresh interval).
+// transaction; a missed notification costs at most one refresh interval). Its listener is trusted
+// only while its heartbeat is answered (a silently dead connection hears nothing): while it is not,
+// the meters are read every few seconds instead, and a missed heartbeat replaces the connection.
 import type { Kysely } from 'kysely';
 import pg from 'pg';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import { METER_CATALOG_CHANNEL } from '../billing/meter-error-reports.js';
 import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
+import {
+  type ConnectionWatch,
+  destroyClient,
+  ListenerHeartbeat,
+  listenerClientOptions,
+} from '../db/dead-connections.js';
 import type { DB, MeterEventName } from '../db/schema.js';
 import { assertOwnSession, POOLED_LISTEN_FIX, PooledSessionError } from '../db/session.js';
 import type { Logger } from '../log.js';
@@ -54,6 +62,8 @@ const FIX = 'run `meterbox stripe setup` (then `meterbox stripe check`)';
 const UNKNOWN_RETRY_SECONDS = 5;
 /** Refresh interval while a meter is missing (its keys are held by name until a read sees it back). */
 const HELD_REFRESH_SECONDS = 5;
+/** Refresh interval while the listener is not proven alive (a no_meter report might not be heard). */
+const UNHEARD_REFRESH_SECONDS = 5;
 
 /** Keys queued in one pg-boss insert when a meter comes back. */
 const RELEASE_CHUNK = 1_000;
@@ -127,6 +137,10 @@ export async function startMeterCatalog(deps: {
    * listened on: the catalog says so once and relies on the timer.
    */
   listenConnectionString?: string | undefined;
+  /** Heartbeat interval of the listener (ms); default 2 s. */
+  heartbeatMs?: number;
+  /** Counts a listener replaced for a missed heartbeat. */
+  watch?: ConnectionWatch;
 }): Promise<MeterCatalogRuntime> {
   const log = deps.log.child({ component: 'meter-catalog' });
   let entries: CatalogEntry[] = METER_SPECS.map((spec) => ({
@@ -228,24 +242,40 @@ export async function startMeterCatalog(deps: {
       : entries.some((e) => e.state !== 'active')
         ? Math.min(deps.refreshSeconds, HELD_REFRESH_SECONDS)
         : deps.refreshSeconds;
-    timer = setTimeout(() => {
-      void refresh().finally(schedule);
-    }, seconds * 1000);
-    timer.unref();
+    // While the listener is expected but not proven alive (its heartbeat unanswered: a no_meter
+    // report's NOTIFY may go unheard), the meters are read every few seconds instead.
+    const due = performance.now() + seconds * 1000;
+    const tick = Math.min(seconds, UNHEARD_REFRESH_SECONDS) * 1000;
+    const wait = () => {
+      timer = setTimeout(() => {
+        if (performance.now() >= due - 5 || unheard()) void refresh().finally(schedule);
+        else wait();
+      }, tick);
+      timer.unref();
+    };
+    wait();
   };
+  const unheard = () => deps.listenConnectionString !== undefined && !pooled && heartbeat?.trusted !== true;
 
   // LISTEN on a dedicated connection, reconnecting after a loss; the timer covers the gap.
   let client: pg.Client | undefined;
   let reconnect: NodeJS.Timeout | undefined;
+  let heartbeat: ListenerHeartbeat | undefined;
+  /** The listener goes through a transaction pooler: it is not listened on, the timer alone reads. */
+  let pooled = false;
   const listen = async () => {
     if (stopped || !deps.listenConnectionString) return;
-    const c = new pg.Client({
-      connectionString: deps.listenConnectionString,
-      application_name: 'meterbox-meter-catalog',
-    });
+    const c = new pg.Client(listenerClientOptions(deps.listenConnectionString, 'meterbox-meter-catalog'));
+    let retried = false;
     const retry = () => {
-      if (client === c) client = undefined;
-      c.end().catch(() => undefined);
+      if (retried) return;
+      retried = true;
+      if (client === c) {
+        client = undefined;
+        heartbeat?.stop();
+        heartbeat = undefined;
+      }
+      destroyClient(c);
       if (!stopped) {
         reconnect = setTimeout(() => void listen(), 5_000);
         reconnect.unref();
@@ -262,14 +292,25 @@ export async function startMeterCatalog(deps: {
     try {
       await c.connect();
       await assertOwnSession(c);
+      const listenedAt = performance.now();
       await c.query(`LISTEN ${METER_CATALOG_CHANNEL}`);
       if (stopped) {
         await c.end().catch(() => undefined);
         return;
       }
       client = c;
+      heartbeat = new ListenerHeartbeat(
+        c,
+        deps.heartbeatMs ?? 2_000,
+        (err) => {
+          deps.watch?.replaced('meter-catalog-listener', 'heartbeat', err);
+          retry();
+        },
+        listenedAt,
+      );
     } catch (err) {
       if (err instanceof PooledSessionError) {
+        pooled = true;
         // A pooler stays a pooler: trying again would only repeat this.
         c.removeAllListeners('error');
         c.on('error', () => undefined);
@@ -307,9 +348,11 @@ export async function startMeterCatalog(deps: {
       stopped = true;
       clearTimeout(timer);
       clearTimeout(reconnect);
+      heartbeat?.stop();
       const c = client;
       client = undefined;
-      await c?.end().catch(() => undefined);
+      // Not end(): on a silently dead socket it would wait for the kernel to give up.
+      if (c) destroyClient(c);
       await running;
     },
   };

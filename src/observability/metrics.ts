@@ -72,6 +72,9 @@ export interface Metrics {
   readonly replicationWaitSeconds: Histogram;
   /** The database's timeline changed under this worker: a standby was promoted. */
   readonly timelineChanges: Counter;
+  // --- dead connections (issue 42) ---
+  /** Connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat. */
+  readonly dbConnectionsReplaced: Counter<'pool' | 'reason'>;
 }
 
 export interface MetricsOptions {
@@ -285,6 +288,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     timelineChanges: new Counter({
       name: 'meterbox_database_timeline_changes_total',
       help: "Changes of the database's timeline seen by this worker (a standby was promoted)",
+      registers,
+    }),
+    dbConnectionsReplaced: new Counter({
+      name: 'meterbox_db_connections_replaced_total',
+      help: 'Database connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat (a silently dead connection), by pool',
+      labelNames: ['pool', 'reason'],
       registers,
     }),
   };

@@ -48,6 +48,8 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
           // listener's). Behind a transaction pooler without the direct URL the catalog finds out
           // (its connection is no session of its own), says so and refreshes on its timer only.
           listenConnectionString: directDatabaseUrl(ctx.config),
+          heartbeatMs: ctx.config.DB_LISTENER_HEARTBEAT_MS,
+          watch: ctx.connectionWatch,
         })
       : undefined;
   let delivery: Awaited<ReturnType<typeof startDelivery>> | undefined;

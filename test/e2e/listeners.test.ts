@@ -16,6 +16,7 @@ import {
 } from '../../scripts/lib/pgbouncer.js';
 import { createStripeClient } from '../../src/context.js';
 import { ApiKeyCache } from '../../src/credentials/api-key-cache.js';
+import { assertOwnSession, PooledSessionError } from '../../src/db/session.js';
 import { createLogger } from '../../src/log.js';
 import { METER_CATALOG_CHANNEL, startMeterCatalog } from '../../src/metering/meter-catalog.js';
 import { createMetrics } from '../../src/observability/metrics.js';
@@ -230,3 +231,28 @@ async function sqlNotify(url: string): Promise<void> {
     await client.end();
   }
 }
+
+describe.skipIf(!installed)('listeners behind PgBouncer in session mode', () => {
+  it('are refused too, and the refusal recommends only what is accepted (a direct connection)', async ({
+    databaseUrl,
+  }) => {
+    const pgbouncer = await startPgBouncer({ upstreamUrl: databaseUrl, poolSize: 2, poolMode: 'session' });
+    const client = new pg.Client({ connectionString: pgbouncer.urlFor(databaseUrl) });
+    try {
+      await client.connect();
+      const refused = await assertOwnSession(client).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(refused).toBeInstanceOf(PooledSessionError);
+      const message = (refused as Error).message;
+      expect(message).toContain('DATABASE_DIRECT_URL');
+      expect(message).toContain('direct Postgres connection');
+      // It once recommended "a session-mode pool", which this same check refuses.
+      expect(message).not.toMatch(/session-mode|session mode/);
+    } finally {
+      await client.end().catch(() => undefined);
+      await pgbouncer.stop();
+    }
+  });
+});

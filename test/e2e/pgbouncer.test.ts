@@ -210,14 +210,17 @@ describe.skipIf(!installed)('behind PgBouncer in transaction mode', () => {
     pooledOnly.on('error', () => undefined);
     expect(await heard(pooledOnly, 'meterbox_test_pooled', 1_500)).toBe(false);
 
-    // createContext wires it so when the two URLs differ, and leaves pg-boss's own otherwise.
+    // createContext always gives pg-boss this database (for its pool's deadlines and keepalive); its
+    // LISTEN goes to the direct URL when the two URLs differ, to the pool's own otherwise.
     const pooledCtx = await createContext(
       testConfig({ DATABASE_URL: pooledUrl, DATABASE_DIRECT_URL: databaseUrl }),
     );
     const directCtx = await createContext(testConfig({ DATABASE_URL: databaseUrl }));
     try {
       expect(pooledCtx.boss.getDb()).toBeInstanceOf(SplitListenDb);
-      expect(directCtx.boss.getDb()).not.toBeInstanceOf(SplitListenDb);
+      expect(directCtx.boss.getDb()).toBeInstanceOf(SplitListenDb);
+      expect((pooledCtx.boss.getDb() as SplitListenDb).listensApart).toBe(true);
+      expect((directCtx.boss.getDb() as SplitListenDb).listensApart).toBe(false);
     } finally {
       await pooledCtx.close();
       await directCtx.close();

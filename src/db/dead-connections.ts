@@ -1,0 +1,240 @@
+// Connections that die without a word (a NAT or load balancer drops the flow, a failover moves the
+// address without a reset): no FIN, no RST, the packets just stop, and Linux gives up on such a socket
+// only after ~15 minutes of retransmissions (never, with nothing in flight and no keepalive). Every
+// connection meterbox holds is therefore bounded here: TCP keepalive finds an idle one dead, a
+// client-side deadline on every statement finds a busy one, and a connection whose statement missed
+// its deadline is destroyed, never handed out again. Listeners add a heartbeat (see ListenerHeartbeat).
+import pg from 'pg';
+import type { Logger } from '../log.js';
+
+/** Why a connection was given up: a statement missed its deadline, or a listener's heartbeat did. */
+export type ReplacedReason = 'deadline' | 'heartbeat';
+
+export interface ConnectionWatch {
+  /** Counts a connection given up in `pool` and logs the first of an outage (one line per outage). */
+  replaced(pool: string, reason: ReplacedReason, err?: unknown): void;
+}
+
+/** Replacements closer together than this belong to one outage (logged once). */
+const OUTAGE_QUIET_MS = 60_000;
+
+export function createConnectionWatch(
+  log: Logger,
+  count: (labels: { pool: string; reason: ReplacedReason }) => void,
+): ConnectionWatch {
+  const lastReplaced = new Map<string, number>();
+  return {
+    replaced(pool, reason, err) {
+      count({ pool, reason });
+      const now = performance.now();
+      const last = lastReplaced.get(pool);
+      lastReplaced.set(pool, now);
+      if (last !== undefined && now - last < OUTAGE_QUIET_MS) return;
+      log.warn(
+        { pool, reason, err: err instanceof Error ? err.message : err },
+        `database connection of ${pool} did not answer in time (${reason}); destroyed and replaced by a new one (further ones of this outage are counted in meterbox_db_connections_replaced_total, not logged)`,
+      );
+    },
+  };
+}
+
+/** TCP keepalive's idle time before probing (libuv then probes every second, 10 times on Linux). */
+export const KEEPALIVE_IDLE_MS = 5_000;
+
+/** pg's message when query_timeout passes. */
+const READ_TIMEOUT = 'Query read timeout';
+
+/** What of pg-pool's internals the eviction below reads (no public interface lists idle clients). */
+interface PoolInternals {
+  _idle?: { client: pg.Client }[];
+  _remove?: (client: pg.Client) => void;
+}
+
+/** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
+export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): void };
+
+/**
+ * A pg.Client class whose statements carry `deadlineMs` (pg's query_timeout): one that misses it
+ * rejects with code ETIMEDOUT (the database is unavailable: HTTP 503) and its connection is ended and
+ * its socket destroyed at once, so pg-pool discards it on release (also a release without an error,
+ * as Kysely's) and a ROLLBACK queued behind it fails at once instead of waiting on the dead socket.
+ * The pool's idle connections that have not answered since that statement was sent are dropped too:
+ * a network outage kills them all, and each would otherwise cost the next request a whole deadline.
+ */
+export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineClientClass {
+  let owner: PoolInternals | undefined;
+  class DeadlineClient extends pg.Client {
+    static attach(p: pg.Pool): void {
+      owner = p as unknown as PoolInternals;
+    }
+
+    /** performance.now() of this connection's last answer (or of its start). */
+    lastAnswerAt = performance.now();
+    private gaveUp = false;
+
+    constructor(config?: string | pg.ClientConfig) {
+      super(config);
+      const query = this.query.bind(this) as (...args: unknown[]) => unknown;
+      const settled = (err: unknown, sentAt: number) => {
+        if (err === undefined || err === null) {
+          this.lastAnswerAt = performance.now();
+          return;
+        }
+        if (!(err instanceof Error)) return;
+        // A statement sent after the connection was given up (a transaction's ROLLBACK, which then
+        // replaces the deadline's error as the transaction's) fails for the same reason.
+        if (this.gaveUp && !('code' in err)) Object.assign(err, { code: 'ETIMEDOUT' });
+        if (err.message !== READ_TIMEOUT) return;
+        Object.assign(err, { code: 'ETIMEDOUT' });
+        err.message = `${READ_TIMEOUT}: the statement deadline passed; connection destroyed`;
+        this.giveUp(err, sentAt);
+      };
+      (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const sentAt = performance.now();
+        const last = args.length - 1;
+        const callback = args[last];
+        if (last > 0 && typeof callback === 'function') {
+          args[last] = (err: unknown, res: unknown) => {
+            settled(err, sentAt);
+            (callback as (err: unknown, res: unknown) => void)(err, res);
+          };
+          return query(...args);
+        }
+        const result = query(...args);
+        // Registered before the caller's handlers, so the connection is gone before a caller's ROLLBACK.
+        if (result instanceof Promise)
+          result.then(
+            () => settled(undefined, sentAt),
+            (err: unknown) => settled(err, sentAt),
+          );
+        return result;
+      };
+    }
+
+    /** Ends this connection for good (pg-pool drops a client that is ending), and the pool's suspects. */
+    private giveUp(err: unknown, sentAt: number): void {
+      if (this.gaveUp) return;
+      this.gaveUp = true;
+      watch.replaced(pool, 'deadline', err);
+      destroyClient(this);
+      for (const { client } of [...(owner?._idle ?? [])]) {
+        if (client instanceof DeadlineClient && client.lastAnswerAt < sentAt && !client.gaveUp) {
+          client.gaveUp = true;
+          owner?._remove?.(client);
+          destroyClient(client);
+        }
+      }
+    }
+  }
+  return DeadlineClient;
+}
+
+export interface ConnectionSafety {
+  /** Client-side deadline of every statement (ms); 0: none (a CLI's long, attended commands). */
+  deadlineMs: number;
+  watch: ConnectionWatch;
+  /** The pool's name in the metric and the log. */
+  pool: string;
+}
+
+/** Pool options (pg.Pool and pg-boss's pool alike) that bound every wait on a silently dead connection. */
+export function safePoolOptions(
+  safety: ConnectionSafety,
+): Pick<pg.PoolConfig, 'keepAlive' | 'keepAliveInitialDelayMillis' | 'query_timeout' | 'Client'> {
+  return {
+    keepAlive: true,
+    keepAliveInitialDelayMillis: KEEPALIVE_IDLE_MS,
+    ...(safety.deadlineMs > 0
+      ? { query_timeout: safety.deadlineMs, Client: deadlineClient(safety.watch, safety.pool) }
+      : {}),
+  };
+}
+
+/**
+ * Proves a LISTEN connection alive: `SELECT 1` every `intervalMs`, each answered within `intervalMs`.
+ * A NOTIFY committed before a heartbeat was sent reaches the listener before its answer (one ordered
+ * stream), so `provenSince()` (when the last answered heartbeat was sent) bounds what the listener may
+ * have missed. A heartbeat without an answer in time calls `dead` (the owner destroys the connection).
+ */
+export class ListenerHeartbeat {
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  /** performance.now() when the last answered heartbeat (or the LISTEN itself) was sent. */
+  private proven: number;
+
+  constructor(
+    private readonly client: pg.Client,
+    private readonly intervalMs: number,
+    private readonly dead: (err: Error) => void,
+    listenedAt: number,
+  ) {
+    this.proven = listenedAt;
+    this.schedule();
+  }
+
+  /** True when the listener answered within the bound: one interval to the next beat, one for its answer. */
+  get trusted(): boolean {
+    return !this.stopped && performance.now() - this.proven < 2 * this.intervalMs + HEARTBEAT_SLACK_MS;
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => void this.beat(), this.intervalMs);
+    this.timer.unref();
+  }
+
+  private async beat(): Promise<void> {
+    const sent = performance.now();
+    let deadline: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        this.client.query('SELECT 1'),
+        new Promise((_, reject) => {
+          deadline = setTimeout(
+            () => reject(new Error(`listener heartbeat not answered within ${this.intervalMs} ms`)),
+            this.intervalMs,
+          );
+        }),
+      ]);
+      this.proven = Math.max(this.proven, sent);
+      this.schedule();
+    } catch (err) {
+      if (this.stopped) return;
+      this.stop();
+      this.dead(err instanceof Error ? err : new Error(String(err)));
+    } finally {
+      clearTimeout(deadline);
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+}
+
+/** Tells the deadline client class of `options` (if any) the pool it serves. */
+export function attachPool(options: { Client?: unknown }, pool: pg.Pool): void {
+  const client = options.Client as Partial<DeadlineClientClass> | undefined;
+  client?.attach?.(pool);
+}
+
+/** Timers and the event loop are not exact: a heartbeat answered on time is not distrusted for a few ms. */
+const HEARTBEAT_SLACK_MS = 250;
+
+/** Options of a listener's own pg.Client: keepalive from its first byte. */
+export function listenerClientOptions(connectionString: string, applicationName: string): pg.ClientConfig {
+  return {
+    connectionString,
+    application_name: applicationName,
+    keepAlive: true,
+    keepAliveInitialDelayMillis: KEEPALIVE_IDLE_MS,
+    connectionTimeoutMillis: 5_000,
+  };
+}
+
+/** Ends a listener's connection without waiting on its socket (it may be dead). */
+export function destroyClient(client: pg.Client): void {
+  client.end().catch(() => undefined);
+  (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
+}
