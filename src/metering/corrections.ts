@@ -62,7 +62,11 @@ interface GroupRow {
  * through PgBouncer's transaction mode) that reads the group's rows: on Citus a router SELECT, so it
  * runs on the node whose commit must wait (a modification's functions run on the coordinator).
  */
-async function commitDurably(trx: Transaction<DB>, organizationId: string, identifier: string): Promise<void> {
+async function commitDurably(
+  trx: Transaction<DB>,
+  organizationId: string,
+  identifier: string,
+): Promise<void> {
   await sql`SELECT set_config('synchronous_commit', 'on', true) FROM meter_outbox
              WHERE organization_id = ${organizationId} AND identifier = ${identifier} LIMIT 1`.execute(trx);
 }
@@ -244,7 +248,9 @@ export async function claimCorrectionGroup(
       await sql`
         UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
                identified_at = now(), updated_at = now()
-         WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(trx);
+         WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(
+        trx,
+      );
       await commitDurably(trx, org, identifier);
     });
     const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
