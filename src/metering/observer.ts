@@ -1,5 +1,6 @@
 // What delivery tells whoever watches it: the worker plugs its Prometheus instruments in here
 // (src/worker/delivery-observer.ts), tests count with it.
+import type { DatabaseResourceKind } from '../db/errors.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { SendOutcome } from './stripe-meter.js';
 
@@ -19,4 +20,6 @@ export interface DeliveryObserver {
   onRateLimited?(eventName: MeterEventName): void;
   /** Rows became `expired` (outside Stripe's 35-day window). */
   onExpired?(eventName: MeterEventName, rows: number): void;
+  /** A batch met a database short of a resource (disk, memory, connections) and is run again later. */
+  onDatabaseResourceError?(kind: DatabaseResourceKind): void;
 }

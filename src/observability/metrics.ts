@@ -66,6 +66,9 @@ export interface Metrics {
   readonly reconciliationLastPass: Gauge<'destination'>;
   /** How long the destination's last reconciliation pass took, over all its runs. */
   readonly reconciliationPassSeconds: Gauge<'destination'>;
+  // --- resources (issue 41) ---
+  /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
+  readonly databaseResourceErrors: Counter<'kind' | 'process'>;
 }
 
 export interface MetricsOptions {
@@ -262,6 +265,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_reconciliation_pass_seconds',
       help: "How long the destination's last complete reconciliation pass took, over all the runs it needed",
       labelNames: ['destination'],
+      registers,
+    }),
+    databaseResourceErrors: new Counter({
+      name: 'meterbox_database_resource_errors_total',
+      help: 'Database errors for lack of a resource (disk_full, out_of_memory, connections, configuration_limit, insufficient_resources), by kind and process: the API counts requests answered 503, the worker delivery batches put off',
+      labelNames: ['kind', 'process'],
       registers,
     }),
   };

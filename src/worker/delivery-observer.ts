@@ -27,5 +27,8 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onRateLimited(eventName) {
       metrics.deliveryRateLimited.inc({ meter: eventName });
     },
+    onDatabaseResourceError(kind) {
+      metrics.databaseResourceErrors.inc({ kind, process: 'worker' });
+    },
   };
 }
