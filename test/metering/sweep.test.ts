@@ -155,3 +155,38 @@ describe('the sweep behind many covered keys', () => {
     },
   );
 });
+
+describe('the sweep behind a backlog of covered keys larger than one page', () => {
+  sweepIt(
+    'reaches a stranded key behind more covered keys than it reads at once (it looked only 5,000 keys ahead)',
+    { timeout: 60_000 },
+    async ({ ctx }) => {
+      const org = await createOrganization(ctx.db);
+      const count = 5_100;
+      const covered = Array.from({ length: count }, (_, i) => `cus_backlog_${i}`);
+      // Older than the stranded key, each with its job queued.
+      await sql`
+        INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+        SELECT ${org.organizationId}, 'temperature_readings', c, 1, now() - interval '1 hour', now() - interval '1 hour'
+          FROM unnest(${covered}::text[]) AS c`.execute(ctx.db);
+      await queueDeliveries(
+        ctx.boss,
+        covered.map((customerId) => ({
+          organizationId: org.organizationId,
+          customerId,
+          eventName: 'temperature_readings' as const,
+        })),
+      );
+      await sql`
+        INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+        VALUES (${org.organizationId}, 'temperature_readings', 'cus_stranded_behind', 1,
+                now() - interval '10 minutes', now() - interval '10 minutes')`.execute(ctx.db);
+      const result = await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 60 });
+      // Every stale key looked at (this file's other tests leave theirs too), the one uncovered queued.
+      expect(result.keys).toBeGreaterThan(count);
+      expect(result.enqueued).toBe(1);
+      const jobs = await deliveryJobs(ctx);
+      expect(jobs.filter((j) => j.key === 'temperature_readings:cus_stranded_behind')).toHaveLength(1);
+    },
+  );
+});
