@@ -15,7 +15,7 @@ import { freePort } from '../support/net.js';
 
 const BIN = '/usr/lib/postgresql/15/bin';
 const usable = process.getuid?.() === 0 && existsSync(join(BIN, 'initdb'));
-if (!usable) console.warn('SKIPPED test/db/resource-errors.test.ts: needs root and PostgreSQL 15 in ' + BIN);
+if (!usable) console.warn(`SKIPPED test/db/resource-errors.test.ts: needs root and PostgreSQL 15 in ${BIN}`);
 
 const asPostgres = (cmd: string, args: string[]) => {
   const r = spawnSync('runuser', ['-u', 'postgres', '--', join(BIN, cmd), ...args], { encoding: 'utf8' });
