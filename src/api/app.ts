@@ -8,9 +8,9 @@ import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import { adminModule } from '../admin/index.js';
 import type { Context } from '../context-type.js';
-import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
+import { databaseResourceShortage, isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from '../http/docs.js';
-import { AppError, databaseUnavailable, errorBody, isClientAbort } from '../http/errors.js';
+import { AppError, databaseResourceExhausted, databaseUnavailable, errorBody, isClientAbort } from '../http/errors.js';
 import { buildOpenApi } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import type { GroupGate } from '../ingest/group-commit.js';
@@ -32,6 +32,8 @@ function toAppError(err: unknown): AppError | undefined {
     if (err.status === 400) return new AppError(400, 'bad_request', err.message || 'bad request');
     if (err.status === 401) return new AppError(401, 'unauthorized', 'missing or invalid credentials');
   }
+  const short = databaseResourceShortage(err);
+  if (short) return databaseResourceExhausted(short);
   if (isDatabaseUnavailable(err)) return databaseUnavailable();
   // Safety net behind validation (db/input-types.ts): a value Postgres refuses as data (class 22:
   // NUL, out of range, bad date) is the client's input, never a retryable 500. Postgres's own words
@@ -41,6 +43,9 @@ function toAppError(err: unknown): AppError | undefined {
   }
   return undefined;
 }
+
+/** At most one log line per kind of database shortage in this interval (the metric counts them all). */
+const SHORTAGE_LOG_INTERVAL_MS = 10_000;
 
 /** The largest refused body that is still read to its end so the client gets its 413. */
 const MAX_DRAINED_BODY_BYTES = 64 * 1024 * 1024;
@@ -134,6 +139,8 @@ export function createApp(
     return streamedBodyLimit(c, next);
   });
 
+  // A full disk answers every write 503: one log line per kind and interval, the count in the metric.
+  const shortageLog = new Map<string, number>();
   app.onError((err, c) => {
     // A client gone mid-body (a timeout closed it, or it hung up) is not a server error: no stack.
     if (isClientAbort(err)) {
@@ -147,7 +154,15 @@ export function createApp(
     if (known) {
       for (const [name, value] of Object.entries(known.headers)) c.header(name, value);
       if (known.status === 413) c.header('Connection', 'close');
-      if (known.status >= 500) log.warn({ err, path: c.req.path }, known.message);
+      const short = databaseResourceShortage(err);
+      if (short) {
+        ctx.metrics.databaseResourceErrors.inc({ kind: short, process: 'api' });
+        const now = Date.now();
+        if (now - (shortageLog.get(short) ?? 0) >= SHORTAGE_LOG_INTERVAL_MS) {
+          shortageLog.set(short, now);
+          log.warn({ err, kind: short, path: c.req.path }, known.message);
+        }
+      } else if (known.status >= 500) log.warn({ err, path: c.req.path }, known.message);
       else if (!(err instanceof AppError) && !(err instanceof HTTPException)) {
         log.warn({ err, path: c.req.path, requestId: c.get('requestId') }, 'input refused by the database');
       }

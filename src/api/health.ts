@@ -3,6 +3,7 @@
 import pg from 'pg';
 import { z } from 'zod';
 import type { Context } from '../context-type.js';
+import { databaseResourceShortage } from '../db/errors.js';
 import { migrationStatus } from '../db/migrate.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { HttpModule } from '../http/types.js';
@@ -26,9 +27,6 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
-
-/** Postgres refusing a connection for lack of slots: up and answering, but full. */
-const TOO_MANY_CONNECTIONS = new Set(['53300', '53400']);
 
 type Probe =
   | { database: 'up'; busy: boolean; status: { current: boolean; pending: number[] } | null }
@@ -57,7 +55,9 @@ async function probe(ctx: Pick<Context, 'config' | 'migrations' | 'pool'>): Prom
     const status = await migrationStatus((text) => client.query<{ version: number }>(text), ctx.migrations);
     return { database: 'up', busy: poolBusy, status };
   } catch (err) {
-    if (TOO_MANY_CONNECTIONS.has((err as { code?: string }).code ?? '')) {
+    // Postgres refusing a connection for lack of slots: up and answering, but full.
+    const short = databaseResourceShortage(err);
+    if (short === 'connections' || short === 'configuration_limit') {
       return { database: 'up', busy: true, status: null };
     }
     throw err;

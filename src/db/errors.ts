@@ -7,9 +7,38 @@ const RETRYABLE_SQLSTATES = new Set([
   '57P01', // admin_shutdown
   '57P02', // crash_shutdown
   '57P03', // cannot_connect_now
-  '53300', // too_many_connections
-  '53000', // insufficient_resources
 ]);
+
+/** What the database is short of (SQLSTATE class 53, or a connection refused for lack of slots). */
+export type DatabaseResourceKind =
+  | 'disk_full'
+  | 'out_of_memory'
+  | 'connections'
+  | 'configuration_limit'
+  | 'insufficient_resources';
+
+export const DATABASE_RESOURCE_KINDS: readonly DatabaseResourceKind[] = [
+  'disk_full',
+  'out_of_memory',
+  'connections',
+  'configuration_limit',
+  'insufficient_resources',
+];
+
+const RESOURCE_SQLSTATES: Readonly<Record<string, DatabaseResourceKind>> = {
+  '53000': 'insufficient_resources',
+  '53100': 'disk_full',
+  '53200': 'out_of_memory',
+  '53300': 'connections', // too_many_connections: max_connections, or a role's or database's CONNECTION LIMIT
+  '53400': 'configuration_limit', // e.g. max_locks_per_transaction
+};
+
+/**
+ * Refusals for lack of connection slots that arrive without a class-53 SQLSTATE: PgBouncer's
+ * max_client_conn / max_db_connections (08P01 or none) and servers or proxies that only send the text.
+ */
+const NO_CONNECTION_SLOT =
+  /sorry, too many clients|remaining connection slots are reserved|too many connections for (role|database)|no more connections allowed|max_client_conn|max_db_connections/i;
 
 const CONNECTION_ERROR_CODES = new Set([
   'ECONNREFUSED',
@@ -29,8 +58,25 @@ export function sqlState(err: unknown): string | undefined {
   return typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
 }
 
+/**
+ * What the database is short of when `err` says it is out of a resource (disk, memory, connections,
+ * a configured limit), else undefined. The condition passes when the operator adds the resource: the
+ * client retries later (HTTP 503 with Retry-After), the worker spends no delivery attempt on it.
+ * Looks through one `cause` (drivers and pg-boss wrap what Postgres said).
+ */
+export function databaseResourceShortage(err: unknown): DatabaseResourceKind | undefined {
+  for (let e = err, depth = 0; e !== undefined && depth < 3; e = fieldOf(e, 'cause'), depth++) {
+    const state = sqlState(e);
+    if (state?.startsWith('53')) return RESOURCE_SQLSTATES[state] ?? 'insufficient_resources';
+    const message = e instanceof Error ? e.message : '';
+    if (NO_CONNECTION_SLOT.test(message)) return 'connections';
+  }
+  return undefined;
+}
+
 /** True when the database is unreachable or overloaded: the caller should retry later (HTTP 503). */
 export function isDatabaseUnavailable(err: unknown): boolean {
+  if (databaseResourceShortage(err)) return true;
   const state = sqlState(err);
   if (state) return state.startsWith('08') || RETRYABLE_SQLSTATES.has(state);
   const code = fieldOf(err, 'code');

@@ -1,4 +1,6 @@
 // Domain errors carry a code and an HTTP status; app.onError renders them as the contract's shape.
+import type { DatabaseResourceKind } from '../db/errors.js';
+
 export type ErrorCode =
   | 'bad_request'
   | 'invalid_json'
@@ -40,6 +42,25 @@ export const unauthorized = (message = 'missing or invalid credentials') =>
   new AppError(401, 'unauthorized', message, [], { 'WWW-Authenticate': 'Bearer' });
 export const databaseUnavailable = () =>
   new AppError(503, 'unavailable', 'the database is unavailable; retry later', [], { 'Retry-After': '5' });
+
+/**
+ * What the client is told when the database is out of a resource: what is short and when to retry
+ * (the operator is alerted: MeterboxDatabaseResourceExhausted). A write that got it stored nothing.
+ */
+const SHORTAGE: Readonly<Record<DatabaseResourceKind, { message: string; retryAfterSeconds: number }>> = {
+  disk_full: { message: 'the database is out of disk space', retryAfterSeconds: 30 },
+  out_of_memory: { message: 'the database is out of memory', retryAfterSeconds: 10 },
+  connections: { message: 'the database has no free connections', retryAfterSeconds: 5 },
+  configuration_limit: { message: 'the database reached a configured limit', retryAfterSeconds: 10 },
+  insufficient_resources: { message: 'the database is short of resources', retryAfterSeconds: 10 },
+};
+
+export const databaseResourceExhausted = (kind: DatabaseResourceKind) => {
+  const { message, retryAfterSeconds } = SHORTAGE[kind];
+  return new AppError(503, 'unavailable', `${message}; retry later`, [], {
+    'Retry-After': String(retryAfterSeconds),
+  });
+};
 
 export interface ErrorBody {
   error: { code: ErrorCode; message: string; details: ErrorDetail[] };

@@ -12,7 +12,7 @@
 //   below zero is invoiced as quantity 0);
 // - cancelling usage that is on a finalized invoice does not update that invoice, and Stripe does
 //   not adjust it: such corrections need a credit note.
-import { type Kysely, sql } from 'kysely';
+import { type Kysely, sql, type Transaction } from 'kysely';
 import type Stripe from 'stripe';
 import type { CorrectionAction, DB, MeterEventName } from '../db/schema.js';
 import { correctionIdentifier } from './identifiers.js';
@@ -52,6 +52,23 @@ interface GroupRow {
   attempts: number | null;
   action: CorrectionAction | null;
   original: string | null;
+}
+
+/**
+ * Makes the transaction's commit wait for the disk whatever the server's synchronous_commit, as the
+ * usage claim's does (docs/architecture.md, "Commits that may be lost"): a correction's identifier and
+ * its switch to compensate are committed before their call, and a commit lost after the call would let
+ * the next claim send a second negative event (a double credit). Set inside a statement (it holds
+ * through PgBouncer's transaction mode) that reads the group's rows: on Citus a router SELECT, so it
+ * runs on the node whose commit must wait (a modification's functions run on the coordinator).
+ */
+async function commitDurably(
+  trx: Transaction<DB>,
+  organizationId: string,
+  identifier: string,
+): Promise<void> {
+  await sql`SELECT set_config('synchronous_commit', 'on', true) FROM meter_outbox
+             WHERE organization_id = ${organizationId} AND identifier = ${identifier} LIMIT 1`.execute(trx);
 }
 
 /**
@@ -229,11 +246,15 @@ export async function claimCorrectionGroup(
       action,
     );
     if (identifier.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
-    await sql`
-      UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
-             identified_at = now(), updated_at = now()
-       WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}
-         AND id = ANY(${members.rows.map((r) => r.id)}::bigint[])`.execute(db);
+    // Committed durably, as the usage claim's identifiers are: this identifier is sent next.
+    await db.transaction().execute(async (trx) => {
+      await sql`
+        UPDATE meter_outbox SET identifier = ${identifier}, correction_action = ${action},
+               identified_at = now(), updated_at = now()
+         WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}
+           AND id = ANY(${members.rows.map((r) => r.id)}::bigint[])`.execute(trx);
+      await commitDurably(trx, org, identifier);
+    });
     const group = toGroup(identifier, (await groupSql(identifier).execute(db)).rows[0]);
     if (group) return found(group);
   }
@@ -367,8 +388,11 @@ export async function switchCorrectionToCompensate(
   organizationId: string,
   identifier: string,
 ): Promise<void> {
-  await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
-             WHERE organization_id = ${organizationId} AND identifier = ${identifier} AND status = 'pending'`.execute(
-    db,
-  );
+  await db.transaction().execute(async (trx) => {
+    await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
+               WHERE organization_id = ${organizationId} AND identifier = ${identifier} AND status = 'pending'`.execute(
+      trx,
+    );
+    await commitDurably(trx, organizationId, identifier);
+  });
 }

@@ -9,6 +9,7 @@ import type Stripe from 'stripe';
 import { type Clock, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import { gatedKysely } from '../db/database.js';
+import { databaseResourceShortage } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
@@ -115,6 +116,12 @@ function fetchGate(lingerMs: number, fullAt: number) {
     if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
   };
 }
+
+/** A batch that met a database short of a resource runs again after 0.5 s, 1 s, … at most 5 s apart. */
+const RESOURCE_RETRY_FIRST_MS = 500;
+const RESOURCE_RETRY_MAX_MS = 5_000;
+/** How long one batch waits for the resource before its jobs fail as usual (they expire after 5 minutes). */
+const RESOURCE_HOLD_MS = 120_000;
 
 export interface DeliveryRuntime {
   /** Stops the sweep and wake-up timers; running batches finish. Call before boss.stop(). */
@@ -254,6 +261,37 @@ export async function startDelivery(
     }
     return deps;
   };
+  /**
+   * Runs a batch again while the database is short of a resource (a full disk, no memory, no free
+   * connection: src/db/errors.ts) instead of failing its jobs: a failed job spends one of its
+   * DELIVERY_RETRY_LIMIT attempts and backs off exponentially, so an hour of full disk would have
+   * dead-lettered jobs and delayed delivery long after space was back. The batch's jobs stay active
+   * meanwhile (pg-boss expires them after 5 minutes, the hold ends well before); a batch that failed
+   * after its calls resends the same identifiers, so running it again is what a retry does. Past the
+   * hold, or once stopping, the error goes to pg-boss as before.
+   */
+  const whileShort = async <T>(run: () => Promise<T>): Promise<T> => {
+    const started = Date.now();
+    for (let waitMs = RESOURCE_RETRY_FIRST_MS; ; waitMs = Math.min(waitMs * 2, RESOURCE_RETRY_MAX_MS)) {
+      try {
+        return await run();
+      } catch (err) {
+        const short = databaseResourceShortage(err);
+        if (!short || stopped || Date.now() - started + waitMs > RESOURCE_HOLD_MS) throw err;
+        options.observer?.onDatabaseResourceError?.(short);
+        const now = Date.now();
+        if (now - (shortageLoggedAt.get(short) ?? 0) >= RESOURCE_RETRY_MAX_MS) {
+          shortageLoggedAt.set(short, now);
+          log.warn(
+            { err, kind: short },
+            'the database is short of a resource; delivery batches wait and run again',
+          );
+        }
+        await new Promise((resolve) => setTimeout(resolve, waitMs));
+      }
+    }
+  };
+  const shortageLoggedAt = new Map<string, number>();
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   // One queue carries every destination's jobs: a batch is sized for the transport that takes the most
   // events a call (a Stripe v1 share of it beyond its budget waits for slots or runs again).
@@ -281,7 +319,7 @@ export async function startDelivery(
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         try {
-          const results = await deliverBatch(await current(), jobs);
+          const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
           return results;

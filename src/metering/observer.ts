@@ -1,5 +1,6 @@
 // What delivery tells whoever watches it: the worker plugs its Prometheus instruments in here
 // (src/worker/delivery-observer.ts), tests count with it.
+import type { DatabaseResourceKind } from '../db/errors.js';
 import type { ReplicationOutcome } from '../db/replication.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { SendOutcome } from './stripe-meter.js';
@@ -24,4 +25,6 @@ export interface DeliveryObserver {
   onReplicationWait?(outcome: ReplicationOutcome, ms: number): void;
   /** The database's timeline changed: a standby was promoted. */
   onTimelineChange?(from: number, to: number): void;
+  /** A batch met a database short of a resource (disk, memory, connections) and is run again later. */
+  onDatabaseResourceError?(kind: DatabaseResourceKind): void;
 }

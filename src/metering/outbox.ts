@@ -235,16 +235,28 @@ export async function queueDelivery(
  */
 export async function queueDeliveries(
   boss: PgBoss,
-  keys: readonly (KeyRef & { afterMs?: number })[],
+  keys: readonly (KeyRef & { afterMs?: number; wake?: boolean })[],
 ): Promise<number> {
-  const unique = new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName, destinationOf(k)), k]));
-  const jobs = [...unique.values()].map((k) => ({
+  const singletonKey = (k: KeyRef & { wake?: boolean }) =>
+    deliveryKey(k.customerId, k.eventName, destinationOf(k)) + (k.wake ? WAKE_SUFFIX : '');
+  const unique = new Map(keys.map((k) => [singletonKey(k), k]));
+  const jobs = [...unique.entries()].map(([name, k]) => ({
     id: randomUUID(),
     data: jobPayload(k),
     ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
+    singletonKey: name,
     // A delay, which pg-boss adds to the database's clock: a date from this host's clock would start a
     // worker 20 minutes ahead's follow-ups 20 minutes late.
     ...(k.afterMs ? { startAfter: k.afterMs / 1000 } : {}),
   }));
   return (await insertJobs(boss, 'meter-delivery', jobs)).size;
 }
+
+/**
+ * The singletonKey suffix of a key's wake-up: a job deferred until something the key waits for (a v2
+ * original's validation window, up to DELIVERY_V2_VALIDATION_SECONDS) is its own queued job, so it
+ * never stands for the key's delivery job. Under the key's own name, ingestion and the sweep took it
+ * for the job that drains the key (one queued job per name), and new readings of a free key waited
+ * for the wake-up, 15 minutes by default.
+ */
+const WAKE_SUFFIX = '#wake';

@@ -321,6 +321,20 @@ export async function reconcileRefused(
     const missing = new Set(verdict.missing);
     await deps.db.transaction().execute(async (trx) => {
       const reissued = new Set<string>();
+      // A customer has pending rows in one organization at a time (its delivery job is named without
+      // the organization, as retryFailedRows keeps it): the organization that has the key's pending rows
+      // now, else the first group reissued here, holds it; another organization's groups stay failed.
+      const pendingIn = await trx
+        .selectFrom('meter_outbox')
+        .select('organization_id')
+        .distinct()
+        .where('status', '=', 'pending')
+        .where('stripe_customer_id', '=', w.customerId)
+        .where('event_name', '=', w.eventName)
+        .where('destination', '=', w.destination)
+        .orderBy('organization_id')
+        .execute();
+      let holder = pendingIn[0]?.organization_id;
       for (const e of unknown) {
         if (present.has(e.identifier)) {
           const r = await trx
@@ -338,6 +352,22 @@ export async function reconcileRefused(
             .executeTakeFirst();
           if (Number(r.numUpdatedRows) > 0) result.delivered.push(entry(e));
         } else if (missing.has(e.identifier)) {
+          const owner = await trx
+            .selectFrom('meter_outbox')
+            .select('organization_id')
+            .where('identifier', '=', e.identifier)
+            .where('status', '=', 'failed')
+            .executeTakeFirst();
+          if (owner && holder !== undefined && owner.organization_id !== holder) {
+            result.ambiguous.push(
+              entry(
+                e,
+                `another organization has this customer's pending ${w.destination} rows: left failed, redrive again once they are delivered`,
+              ),
+            );
+            continue;
+          }
+          holder ??= owner?.organization_id;
           const r = await trx
             .updateTable('meter_outbox')
             .set({

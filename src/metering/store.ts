@@ -19,7 +19,14 @@ import {
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
-import type { ClaimedKey, CorrectionFacts, GroupSettlement, KeyRef, KeySettlement } from './rules.js';
+import type {
+  ClaimedKey,
+  CorrectionFacts,
+  FollowUp,
+  GroupSettlement,
+  KeyRef,
+  KeySettlement,
+} from './rules.js';
 
 export interface DeliveryStore {
   claim(
@@ -37,7 +44,7 @@ export interface DeliveryStore {
   renew(owner: string, leaseSeconds: number): Promise<number>;
   hold(keys: readonly KeyRef[]): Promise<void>;
   /** Queues each key's job to start after its delay (a key with a queued job keeps that one). */
-  queue(keys: readonly { key: KeyRef; afterMs: number }[]): Promise<void>;
+  queue(keys: readonly { key: KeyRef; afterMs: number; why?: FollowUp['why'] }[]): Promise<void>;
   /** A 429: the shared call budget slows down. */
   rateLimited(): Promise<void>;
   /**
@@ -96,7 +103,8 @@ export function sqlStore(deps: {
     async queue(keys) {
       await queueDeliveries(
         boss,
-        keys.map((k) => ({ ...k.key, afterMs: k.afterMs })),
+        // A deferred look at corrections (their originals validate) is a wake-up, not the key's job.
+        keys.map((k) => ({ ...k.key, afterMs: k.afterMs, wake: k.why === 'corrections' && k.afterMs > 0 })),
       );
     },
     rateLimited: () =>

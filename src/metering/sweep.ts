@@ -18,7 +18,7 @@ export interface SweepResult {
   enqueued: number;
 }
 
-/** Keys examined per pass; the oldest first, the rest on the next pass. */
+/** Uncovered keys queued per pass; the oldest first, the rest on the next pass. */
 const SWEEP_KEY_LIMIT = 1000;
 
 /**
@@ -82,8 +82,17 @@ export async function startOutboxSweep(deps: {
   };
 }
 
-/** Stale keys read per pass before the ones a queued job covers are dropped. */
+/** Stale keys read per page before the ones a queued job covers are dropped. */
 const SWEEP_SCAN_FACTOR = 5;
+
+interface StaleRow {
+  organization_id: string;
+  customer: string;
+  event_name: MeterEventName;
+  destination: Destination;
+  /** min(created_at) as Postgres prints it: the page cursor, exact to the microsecond. */
+  oldest: string;
+}
 
 /**
  * Keys with pending rows older than staleSeconds that nothing covers, oldest first. Covered, and so
@@ -92,59 +101,72 @@ const SWEEP_SCAN_FACTOR = 5;
  * (its batch or its follow-up job brings it back; a follow-up lost in a crash is seen once the wait
  * ends), correction rows waiting on a failed original (held until it is redriven), v2 rows Stripe
  * validates; then, in a second statement, keys with a queued or retrying job (an `active` job may
- * belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements
- * however many keys, one over the outbox and one over pg-boss's jobs (on Citus the outbox is
- * distributed and pg-boss local to the coordinator, which one statement cannot join).
+ * belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements a
+ * page, one over the outbox and one over pg-boss's jobs (on Citus the outbox is distributed and
+ * pg-boss local to the coordinator, which one statement cannot join). Pages of `limit` × 5 keys follow
+ * a cursor (oldest row, then the key) until `limit` uncovered keys are found or no stale key is left:
+ * a backlog of any number of covered keys older than a stranded one never hides it.
  */
 export async function staleKeys(
   db: Kysely<DB>,
   options: { staleSeconds: number; limit: number },
 ): Promise<{ keys: KeyRef[]; stale: number }> {
-  const stale = await sql<{
-    organization_id: string;
-    customer: string;
-    event_name: MeterEventName;
-    destination: Destination;
-  }>`
-    SELECT o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
-      FROM meter_outbox o
-      -- Co-located on Citus: the key row is in its rows' shard group (joined on organization_id).
-      LEFT JOIN meter_delivery_keys k ON k.organization_id = o.organization_id
-                                     AND k.stripe_customer_id = o.stripe_customer_id AND k.event_name = o.event_name
-                                     AND k.destination = o.destination
-     WHERE o.status = 'pending' AND o.accepted_at IS NULL
-       AND o.created_at < now() - make_interval(secs => ${options.staleSeconds})
-       AND (k.stripe_customer_id IS NULL
-            OR (k.hold IS NULL AND k.next_call_at <= now() AND (k.retry_at IS NULL OR k.retry_at <= now())
-                AND (k.lease_expires_at IS NULL OR k.lease_expires_at < now())))
-       AND NOT (o.kind = 'correction' AND EXISTS (
-             SELECT 1 FROM meter_outbox u
-              WHERE u.id = o.corrects_outbox_id AND u.organization_id = o.organization_id AND u.status = 'failed'))
-     GROUP BY o.organization_id, o.stripe_customer_id, o.event_name, o.destination
-     ORDER BY min(o.created_at)
-     LIMIT ${options.limit * SWEEP_SCAN_FACTOR}`.execute(db);
-  if (stale.rows.length === 0) return { keys: [], stale: 0 };
-  const names = stale.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
-  // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
-  const covered = await sql<{ key: string }>`
-    SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
-     WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
-       AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])`.execute(db);
-  const coveredKeys = new Set(covered.rows.map((r) => r.key));
-  return {
-    stale: stale.rows.length,
-    keys: stale.rows
-      .filter((r) => !coveredKeys.has(deliveryKey(r.customer, r.event_name, r.destination)))
-      .slice(0, options.limit)
-      .map((r) =>
+  const pageSize = options.limit * SWEEP_SCAN_FACTOR;
+  const keys: KeyRef[] = [];
+  let stale = 0;
+  let after: StaleRow | undefined;
+  while (keys.length < options.limit) {
+    const page = await sql<StaleRow>`
+      SELECT o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination,
+             min(o.created_at)::text AS oldest
+        FROM meter_outbox o
+        -- Co-located on Citus: the key row is in its rows' shard group (joined on organization_id).
+        LEFT JOIN meter_delivery_keys k ON k.organization_id = o.organization_id
+                                       AND k.stripe_customer_id = o.stripe_customer_id AND k.event_name = o.event_name
+                                       AND k.destination = o.destination
+       WHERE o.status = 'pending' AND o.accepted_at IS NULL
+         AND o.created_at < now() - make_interval(secs => ${options.staleSeconds})
+         AND (k.stripe_customer_id IS NULL
+              OR (k.hold IS NULL AND k.next_call_at <= now() AND (k.retry_at IS NULL OR k.retry_at <= now())
+                  AND (k.lease_expires_at IS NULL OR k.lease_expires_at < now())))
+         AND NOT (o.kind = 'correction' AND EXISTS (
+               SELECT 1 FROM meter_outbox u
+                WHERE u.id = o.corrects_outbox_id AND u.organization_id = o.organization_id AND u.status = 'failed'))
+       GROUP BY o.organization_id, o.stripe_customer_id, o.event_name, o.destination
+       ${
+         after
+           ? sql`HAVING (min(o.created_at), o.organization_id, o.stripe_customer_id, o.event_name::text, o.destination::text)
+                      > (${after.oldest}::timestamptz, ${after.organization_id}::uuid, ${after.customer}::text,
+                         ${after.event_name}::text, ${after.destination}::text)`
+           : sql``
+       }
+       ORDER BY min(o.created_at), o.organization_id, o.stripe_customer_id, o.event_name::text, o.destination::text
+       LIMIT ${pageSize}`.execute(db);
+    if (page.rows.length === 0) break;
+    stale += page.rows.length;
+    after = page.rows[page.rows.length - 1];
+    const names = page.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
+    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
+    const covered = await sql<{ key: string }>`
+      SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
+       WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
+         AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])`.execute(db);
+    const coveredKeys = new Set(covered.rows.map((r) => r.key));
+    for (const r of page.rows) {
+      if (keys.length >= options.limit) break;
+      if (coveredKeys.has(deliveryKey(r.customer, r.event_name, r.destination))) continue;
+      keys.push(
         keyRef({
           organizationId: r.organization_id,
           customerId: r.customer,
           eventName: r.event_name,
           destination: r.destination,
         }),
-      ),
-  };
+      );
+    }
+    if (page.rows.length < pageSize) break;
+  }
+  return { stale, keys };
 }
 
 /**

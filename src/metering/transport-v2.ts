@@ -10,6 +10,7 @@ import {
   type CallOptions,
   classifyStripeError,
   MAX_IDENTIFIER_LENGTH,
+  type MeterEventInput,
   type SendOutcome,
 } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
@@ -69,49 +70,89 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
       if (events.length > MAX_STREAM_EVENTS) {
         throw new Error(`a meter event stream call carries at most ${MAX_STREAM_EVENTS} events`);
       }
-      const params = {
-        events: events.map((e) => {
-          if (e.identifier.length > MAX_IDENTIFIER_LENGTH) {
-            throw new Error(`meter event identifier longer than ${MAX_IDENTIFIER_LENGTH} characters`);
-          }
-          return {
-            event_name: e.eventName,
-            identifier: e.identifier,
-            // Whole seconds, as v1 sends them: the same event has the same timestamp on either transport.
-            timestamp: new Date(Math.floor(e.timestamp.getTime() / 1000) * 1000).toISOString(),
-            payload: { stripe_customer_id: e.customerId, value: e.value },
-          };
-        }),
-      };
-      // Every answer here is the whole call's: marked so the rules never read it as one event's.
-      const all = (outcome: SendOutcome): SendOutcome[] => events.map(() => ({ ...outcome, scope: 'call' }));
-      for (let attempt = 0; ; attempt++) {
-        let token: string;
-        try {
-          token = (await currentSession()).token;
-        } catch (err) {
-          return all(classifyStripeError(err));
-        }
-        try {
-          await stripe.v2.billing.meterEventStream.create(params, {
-            apiKey: token,
-            ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
-          });
-          return events.map(() => ({ kind: 'accepted' }));
-        } catch (err) {
-          if (isSessionExpired(err)) {
-            // Expired earlier than its expires_at said (skew): forget it and resend once; a second
-            // expiry in a row is transient too (the events are resent by their keys' next jobs).
-            if (session?.token === token) session = undefined;
-            if (attempt === 0) continue;
-            return all({ kind: 'retryable', reason: 'session_expired', message: String(err), status: 401 });
-          }
-          // A refused stream call is about the call (limits, auth, shape), never one event: every
-          // event of it gets the same outcome, scoped to the call (a "duplicate" or "expired" answer
-          // of a whole call never settles an event: rules.ts meaningOf retries it instead).
-          return all(classifyStripeError(err));
+      for (const e of events) {
+        if (e.identifier.length > MAX_IDENTIFIER_LENGTH) {
+          throw new Error(`meter event identifier longer than ${MAX_IDENTIFIER_LENGTH} characters`);
         }
       }
+      const started = Date.now();
+      const left = () =>
+        options.timeoutMs === undefined ? undefined : options.timeoutMs - (Date.now() - started);
+      // Every answer of a refused call is the whole call's: marked so the rules never read it as one event's.
+      const all = (part: readonly MeterEventInput[], outcome: SendOutcome): SendOutcome[] =>
+        part.map(() => ({ ...outcome, scope: 'call' }));
+      // A call refused for its content (400, not auth or limits) of several events is about one of
+      // them or a few: its halves are sent on their own, down to the event it is about, so one bad
+      // event no longer fails up to 99 other customers' groups with it. Bounded by what is left of the
+      // caller's timeout (a part not sent in time is retried by its keys). At most 2·log2(100) ≈ 14
+      // extra calls per refused event, off the call budget (Stripe's stream allows 10,000 calls/s).
+      const send = async (part: readonly MeterEventInput[]): Promise<SendOutcome[]> => {
+        const refused = await streamCall(part, left());
+        if (!refused) return part.map(() => ({ kind: 'accepted' }));
+        const split =
+          part.length > 1 &&
+          ((refused.kind === 'permanent' && refused.status === 400) ||
+            refused.kind === 'duplicate' ||
+            refused.kind === 'expired');
+        if (!split) return all(part, refused);
+        const remaining = left();
+        if (remaining !== undefined && remaining < 1_000) {
+          return all(part, {
+            kind: 'retryable',
+            reason: 'call_refused',
+            message: refused.message,
+            status: 400,
+          });
+        }
+        const half = Math.ceil(part.length / 2);
+        const [first, second] = await Promise.all([send(part.slice(0, half)), send(part.slice(half))]);
+        return [...first, ...second];
+      };
+      return send(events);
     },
   };
+
+  /** One stream call: null when Stripe took it, else its answer (a 401 "session expired" resent once). */
+  async function streamCall(
+    events: readonly MeterEventInput[],
+    timeoutMs: number | undefined,
+  ): Promise<Exclude<SendOutcome, { kind: 'accepted' }> | null> {
+    const params = {
+      events: events.map((e) => ({
+        event_name: e.eventName,
+        identifier: e.identifier,
+        // Whole seconds, as v1 sends them: the same event has the same timestamp on either transport.
+        timestamp: new Date(Math.floor(e.timestamp.getTime() / 1000) * 1000).toISOString(),
+        payload: { stripe_customer_id: e.customerId, value: e.value },
+      })),
+    };
+    for (let attempt = 0; ; attempt++) {
+      let token: string;
+      try {
+        token = (await currentSession()).token;
+      } catch (err) {
+        return classifyStripeError(err);
+      }
+      try {
+        await stripe.v2.billing.meterEventStream.create(params, {
+          apiKey: token,
+          ...(timeoutMs ? { timeout: Math.max(1, timeoutMs) } : {}),
+        });
+        return null;
+      } catch (err) {
+        if (isSessionExpired(err)) {
+          // Expired earlier than its expires_at said (skew): forget it and resend once; a second
+          // expiry in a row is transient too (the events are resent by their keys' next jobs).
+          if (session?.token === token) session = undefined;
+          if (attempt === 0) continue;
+          return { kind: 'retryable', reason: 'session_expired', message: String(err), status: 401 };
+        }
+        // A refused stream call is about the call (limits, auth, shape) or one of its events, never
+        // known which: the caller gives it to every event of the call with scope `call` (a
+        // "duplicate" or "expired" answer of a whole call never settles an event: rules.ts meaningOf
+        // retries it instead), or splits the call to find the event.
+        return classifyStripeError(err);
+      }
+    }
+  }
 }

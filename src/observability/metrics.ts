@@ -75,6 +75,9 @@ export interface Metrics {
   // --- dead connections (issue 42) ---
   /** Connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat. */
   readonly dbConnectionsReplaced: Counter<'pool' | 'reason'>;
+  // --- resources (issue 41) ---
+  /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
+  readonly databaseResourceErrors: Counter<'kind' | 'process'>;
 }
 
 export interface MetricsOptions {
@@ -294,6 +297,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_db_connections_replaced_total',
       help: 'Database connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat (a silently dead connection), by pool',
       labelNames: ['pool', 'reason'],
+      registers,
+    }),
+    databaseResourceErrors: new Counter({
+      name: 'meterbox_database_resource_errors_total',
+      help: 'Database errors for lack of a resource (disk_full, out_of_memory, connections, configuration_limit, insufficient_resources), by kind and process: the API counts requests answered 503, the worker delivery batches put off',
+      labelNames: ['kind', 'process'],
       registers,
     }),
   };

@@ -34,5 +34,8 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onTimelineChange() {
       metrics.timelineChanges.inc();
     },
+    onDatabaseResourceError(kind) {
+      metrics.databaseResourceErrors.inc({ kind, process: 'worker' });
+    },
   };
 }

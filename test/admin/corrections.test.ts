@@ -10,7 +10,11 @@ import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/co
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import { claimCorrectionGroup, createCorrectionClient } from '../../src/metering/corrections.js';
+import {
+  claimCorrectionGroup,
+  createCorrectionClient,
+  switchCorrectionToCompensate,
+} from '../../src/metering/corrections.js';
 import { claimBatch } from '../../src/metering/delivery-sql.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
@@ -790,5 +794,60 @@ describe('grouping rule (the pipeline hook)', () => {
     expect(second.group).toMatchObject({ rows: 1, action: 'cancel' });
     expect(second.group!.originalIdentifier).not.toBe(first.group!.originalIdentifier);
     expect(Number(first.group!.value) + Number(second.group!.value)).toBe(5);
+  });
+});
+
+describe('durability of what a correction commits before its call', () => {
+  it('commits its identifier and its switch to compensate waiting for the disk, whatever the session says', async ({
+    ctx,
+    org,
+    base,
+    ingest,
+    deliver,
+    correct,
+  }) => {
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    expect(
+      (await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'durability' })).status,
+    ).toBe(201);
+    // A deferred trigger runs at commit: it records the synchronous_commit each transaction commits with.
+    await sql`CREATE TABLE commit_settings (identifier text, action text, setting text)`.execute(ctx.db);
+    await sql`CREATE FUNCTION record_commit_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO commit_settings VALUES (NEW.identifier, NEW.correction_action, current_setting('synchronous_commit'));
+        RETURN NULL;
+      END $$`.execute(ctx.db);
+    await sql`CREATE CONSTRAINT TRIGGER record_commit_setting AFTER UPDATE ON meter_outbox
+              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.kind = 'correction')
+              EXECUTE FUNCTION record_commit_setting()`.execute(ctx.db);
+    let identifier = '';
+    try {
+      // A server (or role) running with synchronous_commit off, as tuned servers and this suite's clusters do.
+      await ctx.db.connection().execute(async (conn) => {
+        await sql`SET synchronous_commit = off`.execute(conn);
+        try {
+          const key = {
+            organizationId: org.organizationId,
+            customerId: org.customerId,
+            eventName: 'temperature_readings' as const,
+          };
+          const claim = await claimCorrectionGroup(conn, key, { now: new Date() });
+          expect(claim.group).toMatchObject({ action: 'cancel', rows: 1 });
+          identifier = claim.group!.identifier;
+          await switchCorrectionToCompensate(conn, org.organizationId, identifier);
+        } finally {
+          await sql`RESET synchronous_commit`.execute(conn);
+        }
+      });
+    } finally {
+      await sql`DROP TRIGGER record_commit_setting ON meter_outbox`.execute(ctx.db);
+    }
+    const recorded = await sql<{ identifier: string; action: string; setting: string }>`
+      SELECT identifier, action, setting FROM commit_settings`.execute(ctx.db);
+    expect(recorded.rows).toEqual([
+      { identifier, action: 'cancel', setting: 'on' },
+      { identifier, action: 'compensate', setting: 'on' },
+    ]);
   });
 });

@@ -98,9 +98,11 @@ async function takeQueuedJobs(ctx: Context, customerId: string) {
 }
 
 async function queuedJobs(ctx: Context, customerId: string) {
-  const { rows } = await sql<{ start_in_ms: number }>`
-    SELECT extract(epoch FROM start_after - now()) * 1000 AS start_in_ms FROM pgboss.job
-     WHERE name = 'meter-delivery' AND state = 'created' AND singleton_key = ${`temperature_readings:${customerId}`}`.execute(
+  // The key's delivery job and its wake-up (a look deferred until something it waits for, outbox.ts).
+  const key = `temperature_readings:${customerId}`;
+  const { rows } = await sql<{ start_in_ms: number; key: string }>`
+    SELECT extract(epoch FROM start_after - now()) * 1000 AS start_in_ms, singleton_key AS key FROM pgboss.job
+     WHERE name = 'meter-delivery' AND state = 'created' AND singleton_key IN (${key}, ${`${key}#wake`})`.execute(
     ctx.db,
   );
   return rows;
@@ -562,9 +564,11 @@ describe('corrections in a batch', () => {
     const calls = emulator.counters().calls;
     await deliverBatch(depsOf(ctx, { transport: v2 }), [job(org)]);
     expect(emulator.counters().calls).toBe(calls);
-    // One job, due when the original's validation window ends (900 s after Stripe's 200).
+    // One job, due when the original's validation window ends (900 s after Stripe's 200): a wake-up,
+    // under a name of its own, so readings that arrive meanwhile still queue the key's delivery job.
     const queued = await queuedJobs(ctx, org.customerId);
     expect(queued).toHaveLength(1);
+    expect(queued[0]?.key).toBe(`temperature_readings:${org.customerId}#wake`);
     expect(Number(queued[0]?.start_in_ms)).toBeGreaterThan(800_000);
   });
 

@@ -155,3 +155,68 @@ describe('the sweep behind many covered keys', () => {
     },
   );
 });
+
+describe('the sweep behind a backlog of covered keys larger than one page', () => {
+  sweepIt(
+    'reaches a stranded key behind more covered keys than it reads at once (it looked only 5,000 keys ahead)',
+    { timeout: 60_000 },
+    async ({ ctx }) => {
+      const org = await createOrganization(ctx.db);
+      const count = 5_100;
+      const covered = Array.from({ length: count }, (_, i) => `cus_backlog_${i}`);
+      // Older than the stranded key, each with its job queued.
+      await sql`
+        INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+        SELECT ${org.organizationId}, 'temperature_readings', c, 1, now() - interval '1 hour', now() - interval '1 hour'
+          FROM unnest(${covered}::text[]) AS c`.execute(ctx.db);
+      await queueDeliveries(
+        ctx.boss,
+        covered.map((customerId) => ({
+          organizationId: org.organizationId,
+          customerId,
+          eventName: 'temperature_readings' as const,
+        })),
+      );
+      await sql`
+        INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+        VALUES (${org.organizationId}, 'temperature_readings', 'cus_stranded_behind', 1,
+                now() - interval '10 minutes', now() - interval '10 minutes')`.execute(ctx.db);
+      const result = await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 60 });
+      // Every stale key looked at (this file's other tests leave theirs too), the one uncovered queued.
+      expect(result.keys).toBeGreaterThan(count);
+      expect(result.enqueued).toBe(1);
+      const jobs = await deliveryJobs(ctx);
+      expect(jobs.filter((j) => j.key === 'temperature_readings:cus_stranded_behind')).toHaveLength(1);
+    },
+  );
+});
+
+describe('the sweep and a deferred wake-up', () => {
+  sweepIt(
+    "does not take a key's wake-up (deferred to the end of a v2 validation window) for its delivery job",
+    async ({ ctx }) => {
+      const org = await createOrganization(ctx.db);
+      const key = {
+        organizationId: org.organizationId,
+        customerId: org.customerId,
+        eventName: 'temperature_readings' as const,
+      };
+      await sql`
+        INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at)
+        VALUES (${org.organizationId}, 'temperature_readings', ${org.customerId}, 1,
+                now() - interval '10 minutes', now() - interval '10 minutes')`.execute(ctx.db);
+      await queueDeliveries(ctx.boss, [{ ...key, afterMs: 900_000, wake: true }]);
+      const result = await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 60 });
+      expect(result.enqueued).toBe(1);
+      const queued = await sql<{ key: string; later: boolean }>`
+        SELECT singleton_key AS key, start_after > now() + interval '1 minute' AS later FROM pgboss.job
+         WHERE name = 'meter-delivery' AND data->>'customerId' = ${org.customerId} ORDER BY 2`.execute(
+        ctx.db,
+      );
+      expect(queued.rows).toEqual([
+        { key: `temperature_readings:${org.customerId}`, later: false },
+        { key: `temperature_readings:${org.customerId}#wake`, later: true },
+      ]);
+    },
+  );
+});

@@ -1,6 +1,7 @@
 // The v2 transport against the emulator through the real SDK: one session shared by calls, renewed
 // before its 15-minute expiry, a 401 "session expired" answered by a new session and one resend of
-// the same identifiers, the 100-event limit, and a whole-call refusal given to every event.
+// the same identifiers, the 100-event limit, a whole-call refusal given to every event, and a call
+// refused for one bad event split in halves until only that event is refused.
 
 import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
 import { describe, expect } from 'vitest';
@@ -114,5 +115,66 @@ describe('a whole v2 call refused', () => {
         });
       }
     }
+  });
+});
+
+describe('a v2 call refused for one of its events', () => {
+  /** A Stripe client whose stream refuses (400) any call that carries one of `bad`; the calls it saw. */
+  const refusingSome = (bad: Set<string>, status = 400) => {
+    const calls: string[][] = [];
+    const accepted: string[] = [];
+    const client = {
+      v2: {
+        billing: {
+          meterEventSession: {
+            create: async () => ({
+              authentication_token: 'tok',
+              expires_at: new Date(Date.now() + 15 * 60_000).toISOString(),
+            }),
+          },
+          meterEventStream: {
+            create: async (params: { events: { identifier: string }[] }) => {
+              const ids = params.events.map((e) => e.identifier);
+              calls.push(ids);
+              if (ids.some((id) => bad.has(id))) {
+                throw Object.assign(new Error('Invalid value for payload[value]: must be a whole number.'), {
+                  statusCode: status,
+                  type: status === 400 ? 'StripeInvalidRequestError' : 'StripeAuthenticationError',
+                });
+              }
+              accepted.push(...ids);
+            },
+          },
+        },
+      },
+    } as unknown as Parameters<typeof createV2Transport>[0];
+    return { client, calls, accepted };
+  };
+  const hundred = () => Array.from({ length: MAX_STREAM_EVENTS }, (_, i) => event(`ev-${i}`, `cus_${i}`));
+
+  it('splits the call in halves until only the bad events are refused: the other customers are accepted', async () => {
+    const { client, calls, accepted } = refusingSome(new Set(['ev-37', 'ev-80']));
+    const outcomes = await createV2Transport(client).send(hundred());
+    const refused = outcomes.flatMap((o, i) => (o.kind === 'accepted' ? [] : [`ev-${i}`]));
+    expect(refused).toEqual(['ev-37', 'ev-80']);
+    for (const i of [37, 80]) {
+      expect(meaningOf(outcomes[i]!, { validating: true })).toMatchObject({ kind: 'failed' });
+    }
+    expect(accepted.sort()).toEqual(
+      hundred()
+        .map((e) => e.identifier)
+        .filter((id) => id !== 'ev-37' && id !== 'ev-80')
+        .sort(),
+    );
+    // Each event accepted once; the halving stays logarithmic (2 bad events: at most 1 + 2 · 2 · 7 calls).
+    expect(new Set(accepted).size).toBe(98);
+    expect(calls.length).toBeLessThanOrEqual(29);
+  });
+
+  it('does not split a call refused for its credentials: every event gets the call’s answer', async () => {
+    const { client, calls } = refusingSome(new Set(['ev-1']), 401);
+    const outcomes = await createV2Transport(client).send(hundred());
+    expect(calls).toHaveLength(1);
+    expect(outcomes.every((o) => o.kind !== 'accepted' && o.scope === 'call')).toBe(true);
   });
 });
