@@ -10,7 +10,13 @@ import { adminModule } from '../admin/index.js';
 import type { Context } from '../context-type.js';
 import { databaseResourceShortage, isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { docsRoutes } from '../http/docs.js';
-import { AppError, databaseResourceExhausted, databaseUnavailable, errorBody, isClientAbort } from '../http/errors.js';
+import {
+  AppError,
+  databaseResourceExhausted,
+  databaseUnavailable,
+  errorBody,
+  isClientAbort,
+} from '../http/errors.js';
 import { buildOpenApi } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import type { GroupGate } from '../ingest/group-commit.js';

@@ -107,7 +107,7 @@ export async function perShardGroup<T, R>(
  * its rows are in one shard group: on Citus the whole statement runs on that group's node, laterals
  * included.
  */
-export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
+export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, dueBy: RawBuilder<unknown>) {
   const pendingOf = (k: string) => sql`
     ${scope('o')} ${sql.raw(`o.organization_id = ${k}.organization_id
       AND o.stripe_customer_id = ${k}.customer AND o.event_name = ${k}.event_name AND o.destination = ${k}.destination
@@ -131,7 +131,7 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
            LIMIT 1) f2 ON true
         LEFT JOIN LATERAL (
           SELECT o.id, o.occurred_at FROM meter_outbox o
-           WHERE ${ungrouped('l', scope)} AND o.occurred_at >= ${cutoff}
+           WHERE ${ungrouped('l', scope)} AND o.occurred_at >= ${cutoff} AND o.occurred_at <= ${dueBy}
            ORDER BY o.occurred_at, o.id LIMIT 1) h ON true
         LEFT JOIN LATERAL (
           SELECT o.id FROM meter_outbox o WHERE ${pendingOf('l')} AND o.kind = 'correction' LIMIT 1) c ON true
@@ -143,7 +143,7 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
         CROSS JOIN LATERAL (
           -- Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
           SELECT o.organization_id, o.id, o.occurred_at, o.value, o.identified_at FROM meter_outbox o
-           WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
+           WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff} AND o.occurred_at <= ${dueBy}
              AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
              AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour'
            ORDER BY o.occurred_at, o.id LIMIT ${maxRows}) m
@@ -167,7 +167,7 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope) {
              CASE WHEN h.new_identifier IS NULL THEN h.first_id IS NOT NULL OR h.more_inflight
                   ELSE EXISTS (SELECT 1 FROM meter_outbox o
                                 WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
-                                  AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id))
+                                  AND o.occurred_at <= ${dueBy} AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id))
              END AS more
         FROM heads h LEFT JOIN last_member lm ON lm.provisional = h.new_identifier
     )`;

@@ -68,6 +68,12 @@ const orgArray = (orgs: readonly string[]) => sql`${[...orgs]}::uuid[]`;
  */
 export const EXPIRY_SAFETY_MARGIN_MS = 60 * 60 * 1000;
 
+/**
+ * Usage stamped up to this far past the database's clock is sent; later usage waits for its time
+ * (Stripe takes events at most 5 minutes in the future, by its own clock).
+ */
+export const FUTURE_ALLOWANCE_SECONDS = 60;
+
 const MAX_ERROR_LENGTH = 1000;
 
 export function truncate(message: string): string {
@@ -356,7 +362,10 @@ async function claimStatement(
        WHERE ${ungrouped('l', scope)} AND o.occurred_at < ${cutoff}
       RETURNING o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
     ),
-    ${lateralHeads(cutoff, options.maxRows, scope)},
+    -- Usage stamped more than a minute past the database's clock waits (the sweep brings its key back):
+    -- coalesced now, it would carry a timestamp the destination may refuse as in the future, and the
+    -- valid rows of its hour with it.
+    ${lateralHeads(cutoff, options.maxRows, scope, sql`(SELECT at FROM c) + interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds'`)},
     grouped AS (
       UPDATE meter_outbox o SET identifier = m.identifier, identified_at = now(), updated_at = now()
         FROM members m

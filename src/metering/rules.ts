@@ -690,8 +690,12 @@ export function decideBatch(input: {
         unsent.add(name);
         break;
       case 'retry': {
-        const attempts = group.attempts + 1;
-        if (attempts > policy.retryLimit) {
+        // A timestamp the destination finds too far ahead (its clock behind the database's, or usage
+        // stamped ahead) is not the group's failure: it becomes sendable as time passes, so it is
+        // retried at the first backoff until taken, never counted toward the limit, never failed.
+        const inFuture = meaning.reason === 'timestamp_in_future';
+        const attempts = inFuture ? group.attempts : group.attempts + 1;
+        if (!inFuture && attempts > policy.retryLimit) {
           const message = `gave up after ${attempts} attempts: ${meaning.message}`;
           decision.groups.push({
             organizationId: answer.key.organizationId,
@@ -711,14 +715,14 @@ export function decideBatch(input: {
           deadLettered.set(name, { reason: meaning.reason, message });
           break;
         }
-        const wait = backoffMs(policy, attempts, group.identifier);
+        const wait = backoffMs(policy, Math.max(1, attempts), group.identifier);
         decision.groups.push({
           organizationId: answer.key.organizationId,
           identifier: group.identifier,
           status: 'pending',
           error: meaning.message,
           called: true,
-          counted: true,
+          counted: !inFuture,
         });
         decision.notes.push({
           kind: 'retry',

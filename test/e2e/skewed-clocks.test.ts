@@ -3,9 +3,11 @@
 // behind, next to a right one, bills the ledger exactly and stamps its hourly report with the
 // database's hour; an API host 10 minutes behind stores a correct reading, and one 40 minutes ahead
 // does not take a reading 30 minutes in the future.
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
+import { startParallel } from '../../src/admin/destinations.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { activeSensorRows } from '../metering/active-sensors-fixtures.js';
 import { allSettled, compareWithEmulator, waitFor, writeRows } from '../metering/delivery-helpers.js';
@@ -15,6 +17,7 @@ import {
   createSensors,
   type OrganizationFixture,
 } from '../support/fixtures.js';
+import { ROOT } from '../support/processes.js';
 import { stripeTest } from '../support/test.js';
 
 const LIBFAKETIME = '/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1';
@@ -127,6 +130,39 @@ describe.skipIf(!existsSync(LIBFAKETIME))('hosts whose clocks are wrong', () => 
       );
     }, 180_000);
   }
+
+  it("an operator's host 90 minutes behind cuts over at the database's next hour boundary, not one in the past", async ({
+    ctx,
+    env,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const cli = (...args: string[]) =>
+      new Promise<{ code: number | null; out: string }>((resolve) => {
+        const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/cli.ts', ...args], {
+          cwd: ROOT,
+          env: { ...process.env, ...env, LOG_LEVEL: 'warn', ...skewed('-90m') },
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        let out = '';
+        child.stdout.on('data', (d: Buffer) => {
+          out += d.toString();
+        });
+        child.stderr.on('data', (d: Buffer) => {
+          out += d.toString();
+        });
+        child.once('close', (code) => resolve({ code, out }));
+      });
+    // The parallel run (in-process: starting one asks Metronome for the customer first).
+    await startParallel(ctx.db, org.organizationId, 'metronome', { now: ctx.clock.now() });
+    const cut = await cli('destinations', 'cut-over', '--organization', org.organizationId);
+    expect(cut.code, cut.out).toBe(0);
+    const at = new Date(/cut-over at (\S+)/.exec(cut.out)?.[1] ?? 'none');
+    const dbNow = (await sql<{ now: Date }>`SELECT clock_timestamp() AS now`.execute(ctx.db)).rows[0]!.now;
+    expect(at.getTime() % 3_600_000).toBe(0);
+    // The database's next boundary (the boundary chosen may leave a short lead: at most two hours on).
+    expect(at.getTime()).toBeGreaterThan(dbNow.getTime());
+    expect(at.getTime() - dbNow.getTime()).toBeLessThanOrEqual(2 * 3_600_000);
+  }, 60_000);
 
   it('an API host 10 minutes behind stores a correct reading; one 40 minutes ahead refuses a reading 30 minutes in the future', async ({
     ctx,
