@@ -1222,6 +1222,10 @@ export async function simulate(
     }
   };
   const coverage = () => {
+    // While every live worker is frozen, nothing reaps or sweeps: a key's wait counts from the thaw,
+    // and as after a crash it may wait for leases to run out and the reaper.
+    const allFrozen = !workers.some((w) => w.alive && w.frozenUntil <= now());
+    if (allFrozen) lastCrash = now();
     const covered = new Set<string>();
     /** Keys whose only job is deferred: the earliest such job's time. */
     const deferred = new Map<string, number>();
@@ -1240,7 +1244,10 @@ export async function simulate(
       const at = deferred.get(name);
       if (at === undefined) return false;
       if (r.kind === 'correction' || r.identifier !== null) return true;
-      return keyBusyUntil(db.keys.get(name)) >= at - COVERAGE_GRACE_MS;
+      // A follow-up is queued a statement after the settle that set the key's wait: a slow
+      // statement puts it that much later.
+      const slack = COVERAGE_GRACE_MS + (profile.slowStatements > 0 ? profile.slowMaxMs : 0);
+      return keyBusyUntil(db.keys.get(name)) >= at - slack;
     };
     for (const [name, k] of db.keys) {
       if (k.hold !== null) covered.add(name);
@@ -1260,7 +1267,7 @@ export async function simulate(
       const name = keyName(r);
       if (covered.has(name) || seen.has(name) || waitsForDeferred(r, name)) continue;
       seen.add(name);
-      const since = uncoveredSince.get(name) ?? now();
+      const since = allFrozen ? now() : (uncoveredSince.get(name) ?? now());
       uncoveredSince.set(name, since);
       // Only a crash or a failed batch may leave a key to the sweep; otherwise its job or hold is
       // there within moments (a follow-up is queued by the batch that settles it).
