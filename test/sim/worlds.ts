@@ -1,6 +1,8 @@
 // The seeded simulation of delivery (scripts/sim): thousands of small worlds — a few customers,
 // several workers that crash, Stripe faults of every kind, outages, missing meters, corrections,
-// redrives, clocks that run for days — each checked after every step against the invariants, and at
+// redrives, clocks that run for days, and for about half the seeds a hostile world (skewed and stepping
+// host clocks, frozen processes, slow statements, silent connections, a failover to a standby;
+// scripts/sim/hostile.ts) — each checked after every step against the invariants, and at
 // the end, with the world quiet, against the ledger. The seeds are fixed: a run is the same run on
 // every machine. A failing seed prints its world, its violations and the trace before them; replay it
 // with `npm run sim -- --seed N --small` (docs/architecture.md, "The simulation").
