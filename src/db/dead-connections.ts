@@ -4,6 +4,7 @@
 // connection meterbox holds is therefore bounded here: TCP keepalive finds an idle one dead, a
 // client-side deadline on every statement finds a busy one, and a connection whose statement missed
 // its deadline is destroyed, never handed out again. Listeners add a heartbeat (see ListenerHeartbeat).
+import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 
@@ -50,6 +51,31 @@ interface PoolInternals {
   _remove?: (client: pg.Client) => void;
 }
 
+/** Set while statements that may legitimately be long run (longStatements). */
+const longScope = new AsyncLocalStorage<true>();
+
+/**
+ * Runs `fn` with the long deadline (DB_LONG_STATEMENT_DEADLINE_MS) on every statement it sends, on
+ * whatever pool: the worker's statements whose time grows with a backlog or a table (a delivery claim
+ * of a thousand keys on a slow database, a report's chunk, maintenance). Requests never run in it, so
+ * a request still waits at most the short deadline on a dead connection.
+ */
+export function longStatements<T>(fn: () => Promise<T>): Promise<T> {
+  return longScope.run(true, fn);
+}
+
+/** A query's first argument with pg's per-query `query_timeout` set (pg reads it before the pool's). */
+function withDeadline(config: unknown, deadlineMs: number): unknown {
+  if (typeof config === 'string') return { text: config, query_timeout: deadlineMs };
+  if (typeof config !== 'object' || config === null) return config;
+  // A submittable (pg-cursor, Kysely's streams) is the query itself: pg reads the option off it.
+  if (typeof (config as { submit?: unknown }).submit === 'function') {
+    Object.assign(config, { query_timeout: deadlineMs });
+    return config;
+  }
+  return { ...config, query_timeout: deadlineMs };
+}
+
 /** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
 export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): void };
 
@@ -61,7 +87,11 @@ export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): vo
  * The pool's idle connections that have not answered since that statement was sent are dropped too:
  * a network outage kills them all, and each would otherwise cost the next request a whole deadline.
  */
-export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineClientClass {
+export function deadlineClient(
+  watch: ConnectionWatch,
+  pool: string,
+  longDeadlineMs = 0,
+): DeadlineClientClass {
   let owner: PoolInternals | undefined;
   class DeadlineClient extends pg.Client {
     static attach(p: pg.Pool): void {
@@ -91,6 +121,8 @@ export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineCl
       };
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
         const sentAt = performance.now();
+        if (longDeadlineMs > 0 && longScope.getStore() === true)
+          args[0] = withDeadline(args[0], longDeadlineMs);
         const last = args.length - 1;
         const callback = args[last];
         if (last > 0 && typeof callback === 'function') {
@@ -132,6 +164,8 @@ export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineCl
 export interface ConnectionSafety {
   /** Client-side deadline of every statement (ms); 0: none (a CLI's long, attended commands). */
   deadlineMs: number;
+  /** The deadline of statements run in longStatements (ms); never shorter than `deadlineMs`. */
+  longDeadlineMs?: number;
   watch: ConnectionWatch;
   /** The pool's name in the metric and the log. */
   pool: string;
@@ -145,7 +179,14 @@ export function safePoolOptions(
     keepAlive: true,
     keepAliveInitialDelayMillis: KEEPALIVE_IDLE_MS,
     ...(safety.deadlineMs > 0
-      ? { query_timeout: safety.deadlineMs, Client: deadlineClient(safety.watch, safety.pool) }
+      ? {
+          query_timeout: safety.deadlineMs,
+          Client: deadlineClient(
+            safety.watch,
+            safety.pool,
+            Math.max(safety.deadlineMs, safety.longDeadlineMs ?? 0),
+          ),
+        }
       : {}),
   };
 }
