@@ -77,7 +77,15 @@ function withDeadline(config: unknown, deadlineMs: number): unknown {
 }
 
 /** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
-export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): void };
+export type DeadlineClientClass = typeof pg.Client & {
+  attach(pool: pg.Pool): void;
+  /** A query's first argument with the deadline of the caller's scope written into it. */
+  stamp(config: unknown): unknown;
+};
+
+/** Whether a query's first argument already names its own deadline. */
+const hasDeadline = (config: unknown) =>
+  typeof config === 'object' && config !== null && 'query_timeout' in config;
 
 /**
  * A pg.Client class whose statements carry `deadlineMs` (pg's query_timeout): one that misses it
@@ -90,12 +98,18 @@ export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): vo
 export function deadlineClient(
   watch: ConnectionWatch,
   pool: string,
-  longDeadlineMs = 0,
+  deadlines: { deadlineMs: number; longDeadlineMs: number },
 ): DeadlineClientClass {
+  const { deadlineMs, longDeadlineMs } = deadlines;
+  const long = () => longDeadlineMs > deadlineMs && longScope.getStore() === true;
   let owner: PoolInternals | undefined;
   class DeadlineClient extends pg.Client {
     static attach(p: pg.Pool): void {
       owner = p as unknown as PoolInternals;
+    }
+
+    static stamp(config: unknown): unknown {
+      return withDeadline(config, long() ? longDeadlineMs : deadlineMs);
     }
 
     /** performance.now() of this connection's last answer (or of its start). */
@@ -121,8 +135,7 @@ export function deadlineClient(
       };
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
         const sentAt = performance.now();
-        if (longDeadlineMs > 0 && longScope.getStore() === true)
-          args[0] = withDeadline(args[0], longDeadlineMs);
+        if (long() && !hasDeadline(args[0])) args[0] = withDeadline(args[0], longDeadlineMs);
         const last = args.length - 1;
         const callback = args[last];
         if (last > 0 && typeof callback === 'function') {
@@ -181,11 +194,10 @@ export function safePoolOptions(
     ...(safety.deadlineMs > 0
       ? {
           query_timeout: safety.deadlineMs,
-          Client: deadlineClient(
-            safety.watch,
-            safety.pool,
-            Math.max(safety.deadlineMs, safety.longDeadlineMs ?? 0),
-          ),
+          Client: deadlineClient(safety.watch, safety.pool, {
+            deadlineMs: safety.deadlineMs,
+            longDeadlineMs: Math.max(safety.deadlineMs, safety.longDeadlineMs ?? 0),
+          }),
         }
       : {}),
   };
@@ -254,10 +266,21 @@ export class ListenerHeartbeat {
   }
 }
 
-/** Tells the deadline client class of `options` (if any) the pool it serves. */
+/**
+ * Tells the deadline client class of `options` (if any) the pool it serves, and makes the pool's own
+ * query() take the deadline of its caller's scope: pg-pool may run the statement from the callback of
+ * another caller's release (pg-boss queries this way), whose scope is not this caller's.
+ */
 export function attachPool(options: { Client?: unknown }, pool: pg.Pool): void {
   const client = options.Client as Partial<DeadlineClientClass> | undefined;
   client?.attach?.(pool);
+  const stamp = client?.stamp;
+  if (stamp === undefined) return;
+  const query = pool.query.bind(pool) as (...args: unknown[]) => unknown;
+  (pool as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+    if (!hasDeadline(args[0])) args[0] = stamp(args[0]);
+    return query(...args);
+  };
 }
 
 /** Timers and the event loop are not exact: a heartbeat answered on time is not distrusted for a few ms. */
