@@ -169,6 +169,13 @@ export const configSchema = z.object({
   DB_STATEMENT_DEADLINE_MS: int(0, 3_600_000).default(10_000),
   /** Heartbeat of the LISTEN connections (ms); a cache they feed is trusted only while one was answered within twice this. */
   DB_LISTENER_HEARTBEAT_MS: int(200, 60_000).default(2_000),
+  /**
+   * Client-side deadline (ms) of the worker's statements that may legitimately be long: delivery and
+   * correction claims and settles, reports, the sweep, storage maintenance, reconciliation, pg-boss's
+   * maintenance. Longer than the slowest of them (a claim of a 1,000-key backlog on a slow database:
+   * 12 s and more); never shorter than DB_STATEMENT_DEADLINE_MS. Requests keep the short one.
+   */
+  DB_LONG_STATEMENT_DEADLINE_MS: int(1_000, 3_600_000).default(60_000),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

@@ -68,7 +68,12 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     metrics.dbConnectionsReplaced.inc(labels),
   );
   const deadlineMs = overrides.noStatementDeadline ? 0 : config.DB_STATEMENT_DEADLINE_MS;
-  const safety = (pool: string): ConnectionSafety => ({ deadlineMs, watch, pool });
+  const safety = (pool: string): ConnectionSafety => ({
+    deadlineMs,
+    longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
+    watch,
+    pool,
+  });
   const database = createDatabase({
     connectionString,
     max: config.DB_POOL_MAX,

@@ -24,6 +24,7 @@ import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { METER_SPECS } from '../billing/stripe-account.js';
 import type { Config } from '../config.js';
+import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type DestinationTotals, NotAskable } from '../metering/destination-totals.js';
@@ -594,7 +595,10 @@ export async function startScheduledReconciliation(
           const deadline = Date.now() + deps.config.RECONCILIATION_RUN_SECONDS * 1000;
           for (const destination of destinations) {
             const share = (deadline - Date.now()) / (destinations.length - destinations.indexOf(destination));
-            const run = await reconcileRun({ ...deps, log }, destination, { deadline: Date.now() + share });
+            // Its totals read the whole ledger of a chunk of customers: the worker's long deadline.
+            const run = await longStatements(() =>
+              reconcileRun({ ...deps, log }, destination, { deadline: Date.now() + share }),
+            );
             if (run.state === 'partial') unfinished = true;
             if (run.state === 'partial' || run.state === 'pass_complete') {
               log.info(

@@ -4,6 +4,7 @@
 // connection meterbox holds is therefore bounded here: TCP keepalive finds an idle one dead, a
 // client-side deadline on every statement finds a busy one, and a connection whose statement missed
 // its deadline is destroyed, never handed out again. Listeners add a heartbeat (see ListenerHeartbeat).
+import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 
@@ -50,8 +51,41 @@ interface PoolInternals {
   _remove?: (client: pg.Client) => void;
 }
 
+/** Set while statements that may legitimately be long run (longStatements). */
+const longScope = new AsyncLocalStorage<true>();
+
+/**
+ * Runs `fn` with the long deadline (DB_LONG_STATEMENT_DEADLINE_MS) on every statement it sends, on
+ * whatever pool: the worker's statements whose time grows with a backlog or a table (a delivery claim
+ * of a thousand keys on a slow database, a report's chunk, maintenance). Requests never run in it, so
+ * a request still waits at most the short deadline on a dead connection.
+ */
+export function longStatements<T>(fn: () => Promise<T>): Promise<T> {
+  return longScope.run(true, fn);
+}
+
+/** A query's first argument with pg's per-query `query_timeout` set (pg reads it before the pool's). */
+function withDeadline(config: unknown, deadlineMs: number): unknown {
+  if (typeof config === 'string') return { text: config, query_timeout: deadlineMs };
+  if (typeof config !== 'object' || config === null) return config;
+  // A submittable (pg-cursor, Kysely's streams) is the query itself: pg reads the option off it.
+  if (typeof (config as { submit?: unknown }).submit === 'function') {
+    Object.assign(config, { query_timeout: deadlineMs });
+    return config;
+  }
+  return { ...config, query_timeout: deadlineMs };
+}
+
 /** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
-export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): void };
+export type DeadlineClientClass = typeof pg.Client & {
+  attach(pool: pg.Pool): void;
+  /** A query's first argument with the deadline of the caller's scope written into it. */
+  stamp(config: unknown): unknown;
+};
+
+/** Whether a query's first argument already names its own deadline. */
+const hasDeadline = (config: unknown) =>
+  typeof config === 'object' && config !== null && 'query_timeout' in config;
 
 /**
  * A pg.Client class whose statements carry `deadlineMs` (pg's query_timeout): one that misses it
@@ -61,11 +95,21 @@ export type DeadlineClientClass = typeof pg.Client & { attach(pool: pg.Pool): vo
  * The pool's idle connections that have not answered since that statement was sent are dropped too:
  * a network outage kills them all, and each would otherwise cost the next request a whole deadline.
  */
-export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineClientClass {
+export function deadlineClient(
+  watch: ConnectionWatch,
+  pool: string,
+  deadlines: { deadlineMs: number; longDeadlineMs: number },
+): DeadlineClientClass {
+  const { deadlineMs, longDeadlineMs } = deadlines;
+  const long = () => longDeadlineMs > deadlineMs && longScope.getStore() === true;
   let owner: PoolInternals | undefined;
   class DeadlineClient extends pg.Client {
     static attach(p: pg.Pool): void {
       owner = p as unknown as PoolInternals;
+    }
+
+    static stamp(config: unknown): unknown {
+      return withDeadline(config, long() ? longDeadlineMs : deadlineMs);
     }
 
     /** performance.now() of this connection's last answer (or of its start). */
@@ -91,6 +135,7 @@ export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineCl
       };
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
         const sentAt = performance.now();
+        if (long() && !hasDeadline(args[0])) args[0] = withDeadline(args[0], longDeadlineMs);
         const last = args.length - 1;
         const callback = args[last];
         if (last > 0 && typeof callback === 'function') {
@@ -132,6 +177,8 @@ export function deadlineClient(watch: ConnectionWatch, pool: string): DeadlineCl
 export interface ConnectionSafety {
   /** Client-side deadline of every statement (ms); 0: none (a CLI's long, attended commands). */
   deadlineMs: number;
+  /** The deadline of statements run in longStatements (ms); never shorter than `deadlineMs`. */
+  longDeadlineMs?: number;
   watch: ConnectionWatch;
   /** The pool's name in the metric and the log. */
   pool: string;
@@ -145,7 +192,13 @@ export function safePoolOptions(
     keepAlive: true,
     keepAliveInitialDelayMillis: KEEPALIVE_IDLE_MS,
     ...(safety.deadlineMs > 0
-      ? { query_timeout: safety.deadlineMs, Client: deadlineClient(safety.watch, safety.pool) }
+      ? {
+          query_timeout: safety.deadlineMs,
+          Client: deadlineClient(safety.watch, safety.pool, {
+            deadlineMs: safety.deadlineMs,
+            longDeadlineMs: Math.max(safety.deadlineMs, safety.longDeadlineMs ?? 0),
+          }),
+        }
       : {}),
   };
 }
@@ -213,10 +266,21 @@ export class ListenerHeartbeat {
   }
 }
 
-/** Tells the deadline client class of `options` (if any) the pool it serves. */
+/**
+ * Tells the deadline client class of `options` (if any) the pool it serves, and makes the pool's own
+ * query() take the deadline of its caller's scope: pg-pool may run the statement from the callback of
+ * another caller's release (pg-boss queries this way), whose scope is not this caller's.
+ */
 export function attachPool(options: { Client?: unknown }, pool: pg.Pool): void {
   const client = options.Client as Partial<DeadlineClientClass> | undefined;
   client?.attach?.(pool);
+  const stamp = client?.stamp;
+  if (stamp === undefined) return;
+  const query = pool.query.bind(pool) as (...args: unknown[]) => unknown;
+  (pool as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+    if (!hasDeadline(args[0])) args[0] = stamp(args[0]);
+    return query(...args);
+  };
 }
 
 /** Timers and the event loop are not exact: a heartbeat answered on time is not distrusted for a few ms. */

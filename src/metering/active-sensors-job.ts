@@ -4,6 +4,7 @@ import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import { type Config, ConfigError } from '../config.js';
 import type { Context } from '../context-type.js';
+import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type HourlyReportResult, reportActiveSensorsChunk, utcHourOf } from './active-sensors.js';
@@ -67,18 +68,21 @@ export async function runHourlyReport(
   try {
     for (;;) {
       const from: string | null = after;
-      const chunk = await db.transaction().execute(async (trx) => {
-        const written = await reportActiveSensorsChunk(
-          trx,
-          boss,
-          reportHour,
-          { after: from, limit: pacing.chunkSize },
-          { distributed },
-        );
-        // Recorded with the last chunk: the run counts as a success only once every chunk committed.
-        if (written.done) await recordTaskSuccess(trx, 'active_sensors');
-        return written;
-      });
+      // A chunk counts the sensors of thousands of organizations: the worker's long deadline.
+      const chunk = await longStatements(() =>
+        db.transaction().execute(async (trx) => {
+          const written = await reportActiveSensorsChunk(
+            trx,
+            boss,
+            reportHour,
+            { after: from, limit: pacing.chunkSize },
+            { distributed },
+          );
+          // Recorded with the last chunk: the run counts as a success only once every chunk committed.
+          if (written.done) await recordTaskSuccess(trx, 'active_sensors');
+          return written;
+        }),
+      );
       reported += chunk.reported;
       if (chunk.done || chunk.last === null) break;
       after = chunk.last;

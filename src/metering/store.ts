@@ -4,6 +4,7 @@
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
+import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections.js';
@@ -87,15 +88,21 @@ export function sqlStore(deps: {
   return {
     claim: (keys, options) => {
       organizationIds = [...new Set([...organizationIds, ...keys.map((k) => k.organizationId)])];
-      return claimBatch(db, keys, {
-        ...options,
-        ...placement,
-        ...(destination === 'metronome' ? { pastWindowMs: METRONOME_PAST_WINDOW_MS } : {}),
-      });
+      // A claim's and a settle's time grow with the batch and the backlog (issue 41: 12 s and more on
+      // a slow database): the long deadline, or a slow claim would be killed and retried for ever.
+      return longStatements(() =>
+        claimBatch(db, keys, {
+          ...options,
+          ...placement,
+          ...(destination === 'metronome' ? { pastWindowMs: METRONOME_PAST_WINDOW_MS } : {}),
+        }),
+      );
     },
-    claimCorrections: (key, options) => claimCorrectionGroup(db, { ...key, destination }, options),
+    claimCorrections: (key, options) =>
+      longStatements(() => claimCorrectionGroup(db, { ...key, destination }, options)),
     switchToCompensate: (key, identifier) => switchCorrectionToCompensate(db, key.organizationId, identifier),
-    settle: (groups, keys, options) => settleBatch(db, groups, keys, { ...options, ...placement }),
+    settle: (groups, keys, options) =>
+      longStatements(() => settleBatch(db, groups, keys, { ...options, ...placement })),
     release: (owner, nextCallAt) => releaseLeases(db, owner, { nextCallAt, organizationIds, ...placement }),
     renew: (owner, leaseSeconds) => renewLeases(db, owner, { leaseSeconds, organizationIds, ...placement }),
     hold: (keys) => holdKeys(db, keys, placement),

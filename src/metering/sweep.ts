@@ -5,6 +5,7 @@ import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import { readDatabaseTime } from '../db/clock.js';
+import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
@@ -56,17 +57,20 @@ export async function startOutboxSweep(deps: {
   log: Logger;
 }): Promise<SweepRuntime> {
   const log = deps.log.child({ queue: 'outbox-sweep' });
-  await deps.boss.work('outbox-sweep', { pollingIntervalSeconds: 1 }, async ([job]) => {
-    // v2 rows whose validation window passed with no error report naming them are delivered.
-    const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
-    const result = await sweepStrandedRows(deps.db, deps.boss, {
-      staleSeconds: deps.config.SWEEP_STALE_SECONDS,
-    });
-    if (result.enqueued > 0) {
-      log.info({ jobId: job?.id, ...result }, 'sweep queued delivery of stranded outbox rows');
-    }
-    return { ...result, validated };
-  });
+  // Its scans grow with the outbox's backlog: the long deadline.
+  await deps.boss.work('outbox-sweep', { pollingIntervalSeconds: 1 }, ([job]) =>
+    longStatements(async () => {
+      // v2 rows whose validation window passed with no error report naming them are delivered.
+      const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
+      const result = await sweepStrandedRows(deps.db, deps.boss, {
+        staleSeconds: deps.config.SWEEP_STALE_SECONDS,
+      });
+      if (result.enqueued > 0) {
+        log.info({ jobId: job?.id, ...result }, 'sweep queued delivery of stranded outbox rows');
+      }
+      return { ...result, validated };
+    }),
+  );
   const request = () => {
     sendJob(deps.boss, 'outbox-sweep', {}).catch((err: unknown) =>
       log.warn({ err }, 'could not queue the outbox sweep'),

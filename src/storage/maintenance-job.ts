@@ -2,6 +2,7 @@
 // through the 'storage-maintenance' pg-boss schedule. Lowering READINGS_RETENTION_DAYS and
 // restarting the worker applies it at once.
 import type { Context } from '../context-type.js';
+import { longStatements } from '../db/dead-connections.js';
 import { queues, sendJob } from '../metering/queues.js';
 import { recordTaskFailure, recordTaskSuccess } from '../metering/task-runs.js';
 import { runStorageMaintenance } from './maintenance.js';
@@ -13,7 +14,8 @@ export const STORAGE_CRON = '17 3 * * *';
 /** One maintenance pass, its outcome recorded for the metrics (the "storage maintenance failing" alert). */
 export async function maintainStorage(ctx: Context): Promise<void> {
   try {
-    await runStorageMaintenance(ctx);
+    // Creating, detaching and compacting partitions grows with the tables: the long deadline.
+    await longStatements(() => runStorageMaintenance(ctx));
   } catch (err) {
     await recordTaskFailure(ctx.db, 'storage_maintenance', err).catch((recordErr: unknown) =>
       ctx.log.warn({ err: recordErr }, 'storage maintenance failure not recorded'),

@@ -4,6 +4,7 @@
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
 import { directDatabaseUrl } from '../config.js';
 import type { Context } from '../context-type.js';
+import { longStatements } from '../db/dead-connections.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
@@ -57,7 +58,10 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   let catalog: MeterCatalog | undefined;
   let metronomeCatalog: Awaited<ReturnType<typeof startMetronomeCatalog>> | undefined;
   try {
-    await ctx.boss.start();
+    // pg-boss's supervision and maintenance run from timers its start() sets, so they inherit the long
+    // deadline (its maintenance waits up to 30 s on its own locks and deletes finished jobs without a
+    // bound); its fetch and complete loops start in boss.work(), outside, with the short one.
+    await longStatements(() => ctx.boss.start());
     await ensureQueues(ctx.boss, ctx.config);
     ownCatalog = await catalogStarting;
     catalog = options.catalog ?? ownCatalog;
