@@ -53,7 +53,8 @@ export async function callStripe(
   });
   /** The timeout a call starting now may have, or null when too little of the lease is left. */
   const timeoutNow = () => {
-    const ms = Math.min(CALL_TIMEOUT_MS, leaseDeadline() - LEASE_MARGIN_MS - timers.now());
+    // Whole milliseconds: the monotonic clock has fractions, and Metronome's client refuses them.
+    const ms = Math.floor(Math.min(CALL_TIMEOUT_MS, leaseDeadline() - LEASE_MARGIN_MS - timers.now()));
     return ms < MIN_CALL_MS ? null : ms;
   };
 

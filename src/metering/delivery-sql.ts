@@ -229,7 +229,8 @@ async function claimLeasing(
   options: ClaimOptions,
   lease: 'upsert' | 'update',
 ): Promise<ClaimRow[]> {
-  return db.transaction().execute(async (trx) => {
+  // In a caller's transaction (a test holding a claim across a shard move), in that one.
+  const run = async (trx: Kysely<DB>): Promise<ClaimRow[]> => {
     const started = performance.now();
     const rows = await claimStatement(trx, keys, organizationIds, options, lease);
     const slow = performance.now() - started > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE;
@@ -245,7 +246,8 @@ async function claimLeasing(
       });
     }
     return rows;
-  });
+  };
+  return db.isTransaction ? run(db) : db.transaction().execute(run);
 }
 
 /**

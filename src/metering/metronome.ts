@@ -97,7 +97,7 @@ async function ingest(
   try {
     await client.v1.usage.ingest(
       { usage: events.map(usageEvent) },
-      timeoutMs ? { timeout: timeoutMs, maxRetries: 0 } : { maxRetries: 0 },
+      timeoutMs ? { timeout: Math.max(1, Math.floor(timeoutMs)), maxRetries: 0 } : { maxRetries: 0 },
     );
     return null;
   } catch (err) {
