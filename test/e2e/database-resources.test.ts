@@ -129,8 +129,13 @@ describe('the API while the database is short of a resource', () => {
     // A role that is not a superuser (superusers are exempt from connection limits), with the
     // privileges of the database's owner.
     const role = `meterbox_limited_${randomUUID().replace(/-/g, '').slice(0, 8)}`;
-    await sql.raw(`CREATE ROLE ${role} LOGIN NOSUPERUSER IN ROLE postgres`).execute(ctx.db);
+    // In the test database's own user's roles (not always named postgres: the embedded Postgres runs as
+    // another), with the password of the test's URL (the embedded Postgres asks for one; trust ignores it).
     const url = new URL(env.DATABASE_URL!);
+    const { rows } = await sql<{ ddl: string }>`
+      SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER PASSWORD %L IN ROLE %I', ${role}::text,
+                    ${decodeURIComponent(url.password)}::text, current_user) AS ddl`.execute(ctx.db);
+    await sql.raw(rows[0]!.ddl).execute(ctx.db);
     url.username = role;
     const limited = await openTestContext({ ...env, DATABASE_URL: url.toString() }, { bossSupervise: false });
     try {
