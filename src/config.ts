@@ -175,7 +175,7 @@ export const configSchema = z.object({
    * maintenance. Longer than the slowest of them (a claim of a 1,000-key backlog on a slow database:
    * 12 s and more); never shorter than DB_STATEMENT_DEADLINE_MS. Requests keep the short one.
    */
-  DB_LONG_STATEMENT_DEADLINE_MS: int(1_000, 3_600_000).default(60_000),
+  DB_LONG_STATEMENT_DEADLINE_MS: int(1_000, 3_600_000).default(45_000),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */
