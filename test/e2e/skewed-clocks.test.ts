@@ -48,6 +48,11 @@ const it = stripeTest({
 
 const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+if (!existsSync(LIBFAKETIME))
+  console.warn(
+    `\n[skewed clocks] SKIPPED: ${LIBFAKETIME} missing (Debian's libfaketime; .ci/run installs it); wrong host clocks are not tested here\n`,
+  );
+
 describe.skipIf(!existsSync(LIBFAKETIME))('hosts whose clocks are wrong', () => {
   for (const offset of ['+20m', '-90m']) {
     it(`a worker ${offset} next to a right one: the ledger exact, every report stamped with the database's hour`, async ({

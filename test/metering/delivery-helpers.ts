@@ -4,8 +4,13 @@
 import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { expect } from 'vitest';
+import type { Context } from '../../src/context.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
+import type { BatchDeps, DeliveryJob } from '../../src/metering/batch.js';
+import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
+import { createV1Transport } from '../../src/metering/transport.js';
 import { waitFor } from '../support/wait.js';
 
 export interface RowSpec {
@@ -125,4 +130,40 @@ export async function compareWithEmulator(
     .where('status', '<>', 'delivered')
     .executeTakeFirstOrThrow();
   return { duplicatesAccepted, valueMismatches, perKey, undelivered: Number(undelivered.n) };
+}
+
+/** A batch's dependencies as a v1 worker has them. */
+export function v1BatchDeps(ctx: Context): BatchDeps {
+  return {
+    db: ctx.db,
+    boss: ctx.boss,
+    transport: createV1Transport(ctx.stripe!),
+    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
+    config: ctx.config,
+    clock: ctx.clock,
+    log: ctx.log,
+  };
+}
+
+/** The key's queued job, taken as a worker's fetch takes it (active from now). */
+export async function takeQueuedJob(
+  ctx: Context,
+  org: { organizationId: string; customerId: string },
+): Promise<DeliveryJob> {
+  const { rows } = await sql<{ id: string }>`
+    UPDATE pgboss.job SET state = 'active', started_on = now()
+     WHERE name = 'meter-delivery' AND state = 'created'
+       AND singleton_key = ${`temperature_readings:${org.customerId}`}
+    RETURNING id`.execute(ctx.db);
+  expect(rows).toHaveLength(1);
+  return {
+    id: rows[0]!.id,
+    data: {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings',
+    },
+    retryCount: 0,
+    retryLimit: 5,
+  };
 }

@@ -5,14 +5,12 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
-import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import { createV1Transport } from '../../src/metering/transport.js';
+import { deliverBatch } from '../../src/metering/batch.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { writeRows } from './delivery-helpers.js';
+import { takeQueuedJob, v1BatchDeps, writeRows } from './delivery-helpers.js';
 
-/** Past the default short deadline (10 s), within the default long one (60 s). */
+/** Past the default short deadline (10 s), within the default long one (45 s). */
 const CLAIM_SLEEP_SECONDS = 15;
 
 const it = stripeTest({
@@ -20,41 +18,6 @@ const it = stripeTest({
   // The deadlines are left at their defaults on purpose; the lease covers a slow claim on its own.
   env: { STRIPE_SECRET_KEY: 'sk_test_long_claim', DELIVERY_MIN_INTERVAL_MS: '0' },
 });
-
-function depsOf(ctx: Context): BatchDeps {
-  return {
-    db: ctx.db,
-    boss: ctx.boss,
-    transport: createV1Transport(ctx.stripe!),
-    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
-    config: ctx.config,
-    clock: ctx.clock,
-    log: ctx.log,
-  };
-}
-
-/** The key's queued job, taken as a worker's fetch takes it. */
-async function fetchJob(
-  ctx: Context,
-  org: { organizationId: string; customerId: string },
-): Promise<DeliveryJob> {
-  const { rows } = await sql<{ id: string }>`
-    UPDATE pgboss.job SET state = 'active', started_on = now()
-     WHERE name = 'meter-delivery' AND state = 'created'
-       AND singleton_key = ${`temperature_readings:${org.customerId}`}
-    RETURNING id`.execute(ctx.db);
-  expect(rows).toHaveLength(1);
-  return {
-    id: rows[0]!.id,
-    data: {
-      organizationId: org.organizationId,
-      customerId: org.customerId,
-      eventName: 'temperature_readings',
-    },
-    retryCount: 0,
-    retryLimit: 5,
-  };
-}
 
 /** The claim of `customerId`'s rows sleeps `seconds` inside its statement (a trigger on the identifier). */
 async function slowClaimOf(ctx: Context, customerId: string, seconds: number) {
@@ -83,12 +46,12 @@ describe('a claim past the short statement deadline', () => {
     expect(ctx.config.DB_STATEMENT_DEADLINE_MS).toBeLessThan(CLAIM_SLEEP_SECONDS * 1000);
     const org = await createOrganization(ctx.db);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 7, occurredAt: new Date() }]);
-    const job = await fetchJob(ctx, org);
+    const job = await takeQueuedJob(ctx, org);
     await slowClaimOf(ctx, org.customerId, CLAIM_SLEEP_SECONDS);
     const calls = emulator.counters().calls;
     const replaced = await replacedCount(ctx);
     try {
-      const results = await deliverBatch(depsOf(ctx), [job]);
+      const results = await deliverBatch(v1BatchDeps(ctx), [job]);
       expect(results.map((r) => [r.id, r.status])).toEqual([[job.id, 'completed']]);
     } finally {
       await sql`DROP TRIGGER IF EXISTS test_long_claim ON meter_outbox`.execute(ctx.db);

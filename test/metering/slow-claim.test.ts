@@ -4,13 +4,11 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
-import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
+import { deliverBatch } from '../../src/metering/batch.js';
 import { reapOnce } from '../../src/metering/delivery.js';
-import { createV1Transport } from '../../src/metering/transport.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { waitFor, writeRows } from './delivery-helpers.js';
+import { takeQueuedJob, v1BatchDeps, waitFor, writeRows } from './delivery-helpers.js';
 
 const LEASE_SECONDS = 5;
 /** How long the claim is held inside its statement: well past its lease. */
@@ -24,41 +22,6 @@ const it = stripeTest({
     DELIVERY_MIN_INTERVAL_MS: '0',
   },
 });
-
-function depsOf(ctx: Context): BatchDeps {
-  return {
-    db: ctx.db,
-    boss: ctx.boss,
-    transport: createV1Transport(ctx.stripe!),
-    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
-    config: ctx.config,
-    clock: ctx.clock,
-    log: ctx.log,
-  };
-}
-
-/** The key's queued job, taken as a worker's fetch takes it (active from now). */
-async function fetchJob(
-  ctx: Context,
-  org: { organizationId: string; customerId: string },
-): Promise<DeliveryJob> {
-  const { rows } = await sql<{ id: string }>`
-    UPDATE pgboss.job SET state = 'active', started_on = now()
-     WHERE name = 'meter-delivery' AND state = 'created'
-       AND singleton_key = ${`temperature_readings:${org.customerId}`}
-    RETURNING id`.execute(ctx.db);
-  expect(rows).toHaveLength(1);
-  return {
-    id: rows[0]!.id,
-    data: {
-      organizationId: org.organizationId,
-      customerId: org.customerId,
-      eventName: 'temperature_readings',
-    },
-    retryCount: 0,
-    retryLimit: 5,
-  };
-}
 
 /** Every claim's identifier update sleeps this long inside the claim statement (0: not at all). */
 async function slowClaims(ctx: Context, seconds: number) {
@@ -91,18 +54,18 @@ describe('a claim slower than its lease', () => {
         await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
           { value: 1, occurredAt: new Date() },
         ]);
-        await deliverBatch(depsOf(ctx), [await fetchJob(ctx, org)]);
+        await deliverBatch(v1BatchDeps(ctx), [await takeQueuedJob(ctx, org)]);
         await sql`UPDATE pgboss.job SET state = 'completed' WHERE name = 'meter-delivery' AND state = 'active'`.execute(
           ctx.db,
         );
       }
       await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: new Date() }]);
-      const job = await fetchJob(ctx, org);
+      const job = await takeQueuedJob(ctx, org);
       await slowClaims(ctx, CLAIM_SLEEP_SECONDS);
       const calls = emulator.counters().calls;
 
       let done = false;
-      const batch = deliverBatch(depsOf(ctx), [job]).finally(() => {
+      const batch = deliverBatch(v1BatchDeps(ctx), [job]).finally(() => {
         done = true;
       });
       // The reaper passes while the claim runs, after its lease (counted from the claim's start) and
