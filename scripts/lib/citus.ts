@@ -141,9 +141,8 @@ async function writeSettings(
   }
 }
 
-async function startNode(base: string, name: string, citus = true, statements = false): Promise<CitusNode> {
-  const dataDir = join(base, name);
-  const port = await freePort();
+/** A new cluster in `dataDir` (initdb as the postgres user): trust auth, UTF8, C locale, no fsync. */
+export async function initCluster(dataDir: string): Promise<void> {
   await asPostgres(join(PG_BIN, 'initdb'), [
     '-D',
     dataDir,
@@ -155,6 +154,12 @@ async function startNode(base: string, name: string, citus = true, statements = 
     '--locale=C',
     '--no-sync',
   ]);
+}
+
+async function startNode(base: string, name: string, citus = true, statements = false): Promise<CitusNode> {
+  const dataDir = join(base, name);
+  const port = await freePort();
+  await initCluster(dataDir);
   await writeSettings({ dataDir, port }, base, citus, statements);
   await asPostgres(join(PG_BIN, 'pg_ctl'), ['-D', dataDir, '-l', join(base, `${name}.log`), '-w', 'start']);
   await sql(nodeUrl(port, 'postgres'), [`CREATE DATABASE ${CITUS_DATABASE}`]);

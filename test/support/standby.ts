@@ -8,7 +8,7 @@ import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
-import { asPostgres, PG_BIN } from '../../scripts/lib/citus.js';
+import { asPostgres, initCluster, PG_BIN } from '../../scripts/lib/citus.js';
 import { freePort } from './net.js';
 import { startTcpProxy, type TcpProxy } from './tcp-proxy.js';
 import { waitFor } from './wait.js';
@@ -78,17 +78,7 @@ export async function startStreamingPair(options: { synchronous?: boolean } = {}
     const primaryDir = join(base, 'primary');
     const standbyDir = join(base, 'standby');
     const primaryPort = await freePort();
-    await asPostgres(join(PG_BIN, 'initdb'), [
-      '-D',
-      primaryDir,
-      '-U',
-      'postgres',
-      '--auth=trust',
-      '-E',
-      'UTF8',
-      '--locale=C',
-      '--no-sync',
-    ]);
+    await initCluster(primaryDir);
     const conf = join(primaryDir, 'postgresql.auto.conf');
     await writeFile(
       conf,
