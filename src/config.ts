@@ -176,6 +176,14 @@ export const configSchema = z.object({
    * 12 s and more); never shorter than DB_STATEMENT_DEADLINE_MS. Requests keep the short one.
    */
   DB_LONG_STATEMENT_DEADLINE_MS: int(1_000, 3_600_000).default(45_000),
+  /**
+   * on: every connection asks Postgres at start-up (its `options` parameter) to find a dead client on
+   * the server's side too: TCP keepalive, tcp_user_timeout, and idle_in_transaction_session_timeout of
+   * DB_STATEMENT_DEADLINE_MS, so a transaction whose client vanished releases its locks within
+   * seconds. off: for a pooler that refuses the `options` start-up parameter (PgBouncer without
+   * `ignore_startup_parameters = options`); set the pooler's own timeouts then (docs/operations.md).
+   */
+  DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

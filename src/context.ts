@@ -13,7 +13,12 @@ import { ApiKeyCache } from './credentials/api-key-cache.js';
 import { recentApiKeys, recordApiKeysUsed } from './credentials/api-keys.js';
 import { createDatabaseClock, readDatabaseTime } from './db/clock.js';
 import { createDatabase } from './db/database.js';
-import { type ConnectionSafety, createConnectionWatch, safePoolOptions } from './db/dead-connections.js';
+import {
+  type ConnectionSafety,
+  createConnectionWatch,
+  safePoolOptions,
+  serverBoundedUrl,
+} from './db/dead-connections.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
@@ -59,7 +64,6 @@ export function createStripeClient(config: Config): Stripe | undefined {
 }
 
 export async function createContext(config: Config, overrides: ContextOverrides = {}): Promise<Context> {
-  const connectionString = requireDatabaseUrl(config);
   const log = overrides.log ?? createLogger(config.LOG_LEVEL);
   const applicationName = overrides.applicationName ?? 'meterbox';
   const metrics = overrides.metrics ?? createMetrics();
@@ -68,6 +72,10 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     metrics.dbConnectionsReplaced.inc(labels),
   );
   const deadlineMs = overrides.noStatementDeadline ? 0 : config.DB_STATEMENT_DEADLINE_MS;
+  // Postgres finds a dead client on its side too: its transaction's locks are freed within seconds
+  // (without a statement deadline, as for the CLI's attended commands, keepalive only).
+  const bounds = { DB_SERVER_TIMEOUTS: config.DB_SERVER_TIMEOUTS, DB_STATEMENT_DEADLINE_MS: deadlineMs };
+  const connectionString = serverBoundedUrl(requireDatabaseUrl(config), bounds);
   const safety = (pool: string): ConnectionSafety => ({
     deadlineMs,
     longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
@@ -84,7 +92,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const supervise = overrides.bossSupervise ?? false;
   // LISTEN needs a session: behind a transaction pooler the session-bound connections (pg-boss's
   // wake-ups, the key cache's revocations) go to DATABASE_DIRECT_URL, everything else to the pool.
-  const directUrl = directDatabaseUrl(config);
+  const directUrl = serverBoundedUrl(directDatabaseUrl(config), bounds);
   const bossConnection = {
     connectionString,
     application_name: `${applicationName}-pgboss`,

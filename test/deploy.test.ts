@@ -123,6 +123,9 @@ describe('deployment files', () => {
     expect(ini).toMatch(/^pool_mode = transaction$/m);
     expect(ini).toMatch(/^meterbox = host=postgres port=5432 dbname=meterbox$/m);
     expect(ini).toMatch(/^listen_port = 6432$/m);
+    // meterbox's `options` cannot pass a pooler: PgBouncer bounds a silent client's transaction itself.
+    expect(ini).toMatch(/^idle_transaction_timeout = 10$/m);
+    expect(ini).toMatch(/^tcp_keepalive = 1$/m);
 
     // Every file a container mounts exists, and lands where the service reads it.
     const mounts = new Map<string, string>();

@@ -89,6 +89,13 @@ export async function startPgBouncer(options: PgBouncerOptions): Promise<PgBounc
     `max_client_conn = ${options.maxClientConnections ?? 500}`,
     // node-postgres sends none of these by default; pg-boss and tools may.
     'ignore_startup_parameters = extra_float_digits,options',
+    // As deploy/pgbouncer/pgbouncer.ini: a silent client's transaction does not keep its locks.
+    'idle_transaction_timeout = 10',
+    'tcp_keepalive = 1',
+    'tcp_keepidle = 5',
+    'tcp_keepintvl = 1',
+    'tcp_keepcnt = 5',
+    'tcp_user_timeout = 10000',
     'server_reset_query =',
     'log_connections = 0',
     'log_disconnections = 0',

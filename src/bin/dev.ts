@@ -22,6 +22,7 @@ import { createApp } from '../api/app.js';
 import { setupStripeAccount } from '../billing/stripe-account.js';
 import { directDatabaseUrl, loadConfig } from '../config.js';
 import { createContext, createStripeClient } from '../context.js';
+import { serverBoundedUrl } from '../db/dead-connections.js';
 import { type EmbeddedDatabase, freePort, portIsFree, startEmbeddedPostgres } from '../db/embedded.js';
 import { startHttpServer } from '../http/server.js';
 import { createLogger, readableDestination } from '../log.js';
@@ -185,7 +186,7 @@ try {
   env.ADMIN_TOKEN ??= secrets.adminToken;
 
   const config = loadConfig(env);
-  await migrate(directDatabaseUrl(config), config, log);
+  await migrate(serverBoundedUrl(directDatabaseUrl(config), config), config, log);
   const ctx = await createContext(config, { log, applicationName: 'meterbox-dev', bossSupervise: true });
   releases.push(() => ctx.close());
   if (metronome && ctx.metronome) await ensureBillableMetrics(ctx.metronome);

@@ -1,6 +1,7 @@
 // node dist/migrate.js — applies migrations/ and installs the job queue schema; safe to run twice.
 
 import { directDatabaseUrl } from '../config.js';
+import { serverBoundedUrl } from '../db/dead-connections.js';
 import { createLogger } from '../log.js';
 import { migrate } from '../migrations.js';
 import { configOrExit, exitOnFatal, noArgumentsOrHelp } from './process.js';
@@ -17,7 +18,7 @@ const config = configOrExit({ needDatabase: true });
 const log = createLogger(config.LOG_LEVEL, { component: 'migrate' });
 try {
   // A session of its own: the migration lock is a session advisory lock (DATABASE_DIRECT_URL).
-  const result = await migrate(directDatabaseUrl(config), config, log);
+  const result = await migrate(serverBoundedUrl(directDatabaseUrl(config), config), config, log);
   log.info(
     { applied: result.applied.map((m) => m.version), alreadyApplied: result.alreadyApplied },
     'migrations current',

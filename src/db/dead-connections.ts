@@ -302,3 +302,62 @@ export function destroyClient(client: pg.Client): void {
   client.end().catch(() => undefined);
   (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
 }
+
+/** The server's side of a dead client: probes after this long idle (s), this far apart (s), this many. */
+const SERVER_KEEPALIVE = { idle: 5, interval: 1, count: 5 } as const;
+/** The server gives up on data the client has not acknowledged after this long (ms). */
+const SERVER_USER_TIMEOUT_MS = 10_000;
+/** An idle-in-transaction bound shorter than this would end transactions over a GC pause. */
+const MIN_IDLE_IN_TRANSACTION_MS = 5_000;
+
+/**
+ * `connectionString` with what Postgres needs to find a dead client on its own side, asked for at the
+ * connection's start-up (the `options` parameter, so no statement and no round trip): TCP keepalive
+ * (5 s idle, then 5 probes 1 s apart), `tcp_user_timeout`, and `idle_in_transaction_session_timeout`
+ * of `idleInTransactionMs`. The client's deadline replaces the connection on meterbox's side, but the
+ * server's backend would otherwise wait for the dead client's next statement for hours (Linux's
+ * default keepalive) while its transaction holds its row locks: an ingestion transaction cut between
+ * its statements kept the delivery job rows it locked, pg-boss's fetch (SKIP LOCKED) skipped them and
+ * the sweep's insert waited on them, so the worker delivered nothing for that customer until the
+ * kernel gave up. A middlebox that keeps the server's side alive (a proxy, a pooler) is covered by the
+ * idle-in-transaction bound. The URL's own `options` are kept (ours follow, so the URL's do not win).
+ * A string that is not a postgres URL is returned as it is.
+ */
+export function withServerBounds(connectionString: string, idleInTransactionMs: number): string {
+  let url: URL;
+  try {
+    url = new URL(connectionString);
+  } catch {
+    return connectionString;
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') return connectionString;
+  const settings = [
+    `tcp_keepalives_idle=${SERVER_KEEPALIVE.idle}`,
+    `tcp_keepalives_interval=${SERVER_KEEPALIVE.interval}`,
+    `tcp_keepalives_count=${SERVER_KEEPALIVE.count}`,
+    `tcp_user_timeout=${SERVER_USER_TIMEOUT_MS}`,
+    ...(idleInTransactionMs > 0
+      ? [`idle_in_transaction_session_timeout=${Math.max(MIN_IDLE_IN_TRANSACTION_MS, idleInTransactionMs)}`]
+      : []),
+  ];
+  const own = url.searchParams.get('options');
+  const options = [own, ...settings.map((s) => `-c ${s}`)].filter(Boolean).join(' ');
+  if (own === null) {
+    // Appended as text: the rest of the string (an encoded password, say) stays byte for byte.
+    const sep = connectionString.includes('?') ? '&' : '?';
+    const [base, fragment] = connectionString.split('#', 2) as [string, string | undefined];
+    return `${base}${sep}options=${encodeURIComponent(options)}${fragment === undefined ? '' : `#${fragment}`}`;
+  }
+  url.searchParams.set('options', options);
+  return url.toString();
+}
+
+/** withServerBounds as the settings ask (DB_SERVER_TIMEOUTS, the idle bound DB_STATEMENT_DEADLINE_MS). */
+export function serverBoundedUrl(
+  connectionString: string,
+  settings: { DB_SERVER_TIMEOUTS: 'on' | 'off'; DB_STATEMENT_DEADLINE_MS: number },
+): string {
+  return settings.DB_SERVER_TIMEOUTS === 'on'
+    ? withServerBounds(connectionString, settings.DB_STATEMENT_DEADLINE_MS)
+    : connectionString;
+}

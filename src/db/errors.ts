@@ -7,6 +7,7 @@ const RETRYABLE_SQLSTATES = new Set([
   '57P01', // admin_shutdown
   '57P02', // crash_shutdown
   '57P03', // cannot_connect_now
+  '25P03', // idle_in_transaction_session_timeout: the server ended a session whose client fell silent
 ]);
 
 /** What the database is short of (SQLSTATE class 53, or a connection refused for lack of slots). */

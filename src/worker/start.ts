@@ -4,7 +4,7 @@
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
 import { directDatabaseUrl } from '../config.js';
 import type { Context } from '../context-type.js';
-import { longStatements } from '../db/dead-connections.js';
+import { longStatements, serverBoundedUrl } from '../db/dead-connections.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
@@ -48,7 +48,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
           // LISTEN needs a session of its own: DATABASE_DIRECT_URL, else DATABASE_URL (as every
           // listener's). Behind a transaction pooler without the direct URL the catalog finds out
           // (its connection is no session of its own), says so and refreshes on its timer only.
-          listenConnectionString: directDatabaseUrl(ctx.config),
+          listenConnectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
           heartbeatMs: ctx.config.DB_LISTENER_HEARTBEAT_MS,
           watch: ctx.connectionWatch,
         })

@@ -189,98 +189,95 @@ export function deadConnectionTests(mode: DropMode): void {
       }
     });
 
-    // KNOWN FAILURE (issue 42, open): with packets really dropped, the worker stops delivering in about
-    // half the runs (jobs stay created, keys free, rows pending > 60 s after the load; the proxy's black
-    // hole never showed it). Until it is found, this case runs only with MB_KNOWN_STALLS=1: .ci/run runs
-    // it that way in a step that reports without gating, so the stall stays visible.
-    const stalls = mode === 'iptables' && process.env.MB_KNOWN_STALLS !== '1';
-    if (stalls)
-      console.warn(
-        '\n[dead connections, iptables] SKIPPED the all-connections case: a known stall (issue 42); MB_KNOWN_STALLS=1 runs it\n',
-      );
-    (stalls ? it.skip : it)(
-      'every connection of an API and a worker dropped under load: no request waits past 15 s, delivery resumes, nothing acknowledged lost',
-      {
-        timeout: 180_000,
-      },
-      async ({ ctx, env, emulator, proxy, startProcess }) => {
-        const through = proxy.through(env.DATABASE_URL!);
-        const processEnv = { DATABASE_URL: through, DATABASE_DIRECT_URL: through };
-        const [api, worker] = await Promise.all([
-          startApi(startProcess, processEnv),
-          startWorkerProcess(startProcess, processEnv),
-        ]);
-        const orgs = await loadOrganizations(ctx.db, emulator, 4);
+    it('every connection of an API and a worker dropped under load: no request waits past 15 s, delivery resumes, nothing acknowledged lost', {
+      timeout: 180_000,
+    }, async ({ ctx, env, emulator, proxy, startProcess }) => {
+      const through = proxy.through(env.DATABASE_URL!);
+      const processEnv = { DATABASE_URL: through, DATABASE_DIRECT_URL: through };
+      const [api, worker] = await Promise.all([
+        startApi(startProcess, processEnv),
+        startWorkerProcess(startProcess, processEnv),
+      ]);
+      const orgs = await loadOrganizations(ctx.db, emulator, 4);
 
-        const DROP_AT = 4_000;
-        const LOAD_MS = DROP_AT + 22_000;
-        const begun = Date.now();
-        const loading = driveLoad({
-          orgs,
-          targets: () => [api.url],
-          until: () => Date.now() - begun > LOAD_MS,
-          concurrency: 3,
-          readingsPerRequest: 5,
-        });
-        await sleep(DROP_AT);
-        // Delivery runs before the drop (the worker holds connections in use and idle).
-        await waitFor('something delivered before the drop', () => emulator.events().length > 0, 10_000);
-        const dropped = proxy.blackhole();
-        const droppedAfter = Date.now() - begun;
-        const acceptedAtDrop = proxy.accepted;
-        const load = await loading;
-        const loadEnded = Date.now();
-        await waitFor('every outbox row delivered', () => outboxSettled(ctx.db), 60_000, 250).catch(
-          async (err) => {
-            // What the worker said and what is left, for a run that did not level.
-            const left = await sql<{ status: string; n: number }>`
+      const DROP_AT = 4_000;
+      const LOAD_MS = DROP_AT + 22_000;
+      const begun = Date.now();
+      const loading = driveLoad({
+        orgs,
+        targets: () => [api.url],
+        until: () => Date.now() - begun > LOAD_MS,
+        concurrency: 3,
+        readingsPerRequest: 5,
+      });
+      await sleep(DROP_AT);
+      // Delivery runs before the drop (the worker holds connections in use and idle).
+      await waitFor('something delivered before the drop', () => emulator.events().length > 0, 10_000);
+      const dropped = proxy.blackhole();
+      const droppedAfter = Date.now() - begun;
+      const acceptedAtDrop = proxy.accepted;
+      const load = await loading;
+      const loadEnded = Date.now();
+      await waitFor('every outbox row delivered', () => outboxSettled(ctx.db), 60_000, 250).catch(
+        async (err) => {
+          // What the worker said and what is left, for a run that did not level.
+          const left = await sql<{ status: string; n: number }>`
           SELECT status, count(*)::int AS n FROM meter_outbox GROUP BY 1`.execute(ctx.db);
-            const keys =
-              await sql`SELECT stripe_customer_id, lease_owner, lease_expires_at, next_call_at, retry_at, hold
+          const keys =
+            await sql`SELECT stripe_customer_id, lease_owner, lease_expires_at, next_call_at, retry_at, hold
                                  FROM meter_delivery_keys`.execute(ctx.db);
-            const jobs = await sql<{ state: string; n: number }>`
+          const jobs = await sql<{ state: string; n: number }>`
           SELECT state, count(*)::int AS n FROM pgboss.job WHERE name = 'meter-delivery' GROUP BY 1`.execute(
-              ctx.db,
-            );
-            console.log(
-              `[dead connections, ${mode}] not level: rows ${JSON.stringify(left.rows)}, jobs ${JSON.stringify(jobs.rows)}, ` +
-                `keys ${JSON.stringify(keys.rows)}, now ${new Date().toISOString()}; worker logged ${JSON.stringify(loggedErrors(worker.output))}`,
-            );
-            throw err;
-          },
-        );
-        const settledAfterMs = Date.now() - loadEnded;
+            ctx.db,
+          );
+          console.log(
+            `[dead connections, ${mode}] not level: rows ${JSON.stringify(left.rows)}, jobs ${JSON.stringify(jobs.rows)}, ` +
+              `keys ${JSON.stringify(keys.rows)}, now ${new Date().toISOString()}; worker logged ${JSON.stringify(loggedErrors(worker.output))}`,
+          );
+          // Sessions a dead client left in a transaction, and what waits on their locks (the cause of
+          // the stall this test found: an ingestion transaction held its delivery jobs' row locks).
+          const sessions = await sql`
+          SELECT pid, state, application_name, wait_event_type, now() - xact_start AS in_transaction
+            FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' OR wait_event_type = 'Lock'`.execute(
+            ctx.db,
+          );
+          console.log(
+            `[dead connections, ${mode}] sessions in a transaction or waiting on a lock: ${JSON.stringify(sessions.rows)}`,
+          );
+          throw err;
+        },
+      );
+      const settledAfterMs = Date.now() - loadEnded;
 
-        const ledger = checkLedger({ ...(await loadLedger(ctx.db, orgs)), events: emulator.events() });
-        const before = loadPhase(load.timeline, 0, droppedAfter);
-        const during = loadPhase(load.timeline, droppedAfter, droppedAfter + 15_000);
-        const after = loadPhase(load.timeline, droppedAfter + 15_000, LOAD_MS + 1);
-        const longest = Math.round(Math.max(...load.latenciesMs));
-        console.log(
-          `[dead connections, ${mode}] ${dropped} connections dropped ${droppedAfter} ms into the load; ` +
-            `${load.requests} requests (${JSON.stringify(load.statuses)}), longest ${longest} ms; ` +
-            `before ${JSON.stringify(before)}; first 15 s ${JSON.stringify(during)}; after ${JSON.stringify(after)}; ` +
-            `outbox settled ${settledAfterMs} ms after the load; ${proxy.accepted - acceptedAtDrop} fresh connections; ` +
-            `warnings and errors logged: API ${JSON.stringify(loggedErrors(api.process.output))}, worker ${JSON.stringify(loggedErrors(worker.output))}`,
-        );
-        expect(dropped).toBeGreaterThan(2);
-        expect(load.networkErrors, loadFailures(load, [api])).toBe(0);
-        // No request waits on a dead socket past 15 s: it is answered (503 with Retry-After) or succeeds.
-        expect(longest, loadFailures(load, [api])).toBeLessThan(15_000);
-        for (const r of load.timeline.filter((t) => t.status === 503)) expect(r.retryAfter).not.toBeNull();
-        expect(
-          Object.keys(load.statuses).filter((s) => s !== '201' && s !== '503'),
-          loadFailures(load, [api]),
-        ).toEqual([]);
-        // From 15 s after the drop on, requests are stored again (fresh connections).
-        expect(after.requests).toBeGreaterThan(10);
-        expect((after.statuses[201] ?? 0) / after.requests).toBeGreaterThanOrEqual(0.99);
-        // Nothing acknowledged lost, nothing billed twice, everything delivered.
-        expect(ledger.ok, formatReport(`dead connections (${mode})`, ledger)).toBe(true);
-        expect(ledger.readingsStored).toBeGreaterThanOrEqual(load.readingsSent);
-        expect(worker.alive).toBe(true);
-      },
-    );
+      const ledger = checkLedger({ ...(await loadLedger(ctx.db, orgs)), events: emulator.events() });
+      const before = loadPhase(load.timeline, 0, droppedAfter);
+      const during = loadPhase(load.timeline, droppedAfter, droppedAfter + 15_000);
+      const after = loadPhase(load.timeline, droppedAfter + 15_000, LOAD_MS + 1);
+      const longest = Math.round(Math.max(...load.latenciesMs));
+      console.log(
+        `[dead connections, ${mode}] ${dropped} connections dropped ${droppedAfter} ms into the load; ` +
+          `${load.requests} requests (${JSON.stringify(load.statuses)}), longest ${longest} ms; ` +
+          `before ${JSON.stringify(before)}; first 15 s ${JSON.stringify(during)}; after ${JSON.stringify(after)}; ` +
+          `outbox settled ${settledAfterMs} ms after the load; ${proxy.accepted - acceptedAtDrop} fresh connections; ` +
+          `warnings and errors logged: API ${JSON.stringify(loggedErrors(api.process.output))}, worker ${JSON.stringify(loggedErrors(worker.output))}`,
+      );
+      expect(dropped).toBeGreaterThan(2);
+      expect(load.networkErrors, loadFailures(load, [api])).toBe(0);
+      // No request waits on a dead socket past 15 s: it is answered (503 with Retry-After) or succeeds.
+      expect(longest, loadFailures(load, [api])).toBeLessThan(15_000);
+      for (const r of load.timeline.filter((t) => t.status === 503)) expect(r.retryAfter).not.toBeNull();
+      expect(
+        Object.keys(load.statuses).filter((s) => s !== '201' && s !== '503'),
+        loadFailures(load, [api]),
+      ).toEqual([]);
+      // From 15 s after the drop on, requests are stored again (fresh connections).
+      expect(after.requests).toBeGreaterThan(10);
+      expect((after.statuses[201] ?? 0) / after.requests).toBeGreaterThanOrEqual(0.99);
+      // Nothing acknowledged lost, nothing billed twice, everything delivered.
+      expect(ledger.ok, formatReport(`dead connections (${mode})`, ledger)).toBe(true);
+      expect(ledger.readingsStored).toBeGreaterThanOrEqual(load.readingsSent);
+      expect(worker.alive).toBe(true);
+    });
   });
 }
 
