@@ -14,11 +14,12 @@ import type { DB } from './schema.js';
  * look into (pg_stat_replication shows only its pid without pg_read_all_stats, which pg_monitor has):
  * it may be a standby, so it counts as one whose position is unknown.
  */
-const STANDBYS = sql`
+const STANDBYS_TEXT = `
   SELECT r.application_name, r.state, r.sync_state, r.flush_lsn
     FROM pg_stat_replication r
    WHERE (r.state IS NULL OR r.state IN ('streaming', 'catchup'))
      AND NOT EXISTS (SELECT 1 FROM pg_replication_slots l WHERE l.active_pid = r.pid AND l.slot_type = 'logical')`;
+const STANDBYS = sql.raw(STANDBYS_TEXT);
 
 export interface Standby {
   name: string;
@@ -159,6 +160,12 @@ export interface ReplicationGuard {
 export interface ReplicationGuardOptions {
   /** The longest wait; 0: never wait (confirm() is always true). */
   maxWaitMs: number;
+  /**
+   * Whether the database is a Citus cluster now: a claim then commits on the worker nodes that hold
+   * its keys' shards, whose standbys this node's pg_stat_replication does not show, so each worker
+   * node is asked too (workerLook). Absent: one node.
+   */
+  distributed?: () => boolean;
   timers: HostTimers;
   log: Logger;
   /** How long a look that found no standby is trusted (no query meanwhile). */
@@ -184,7 +191,22 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
   let noStandbysUntil = Number.NEGATIVE_INFINITY;
   let timeline: number | undefined;
 
+  /** Each worker node's WAL position at the first look of a wait, by its system identifier. */
+  let workerTargets: Record<string, string> = {};
   const look = async (target: string | null): Promise<Look> => {
+    const own = await nodeLook(target);
+    if (options.distributed?.() !== true) return own;
+    if (target === null) workerTargets = {};
+    const workers = await workerLook(db, workerTargets);
+    if (target === null) workerTargets = workers.lsns;
+    return {
+      ...own,
+      standbys: own.standbys + workers.standbys,
+      unreadable: own.unreadable + workers.unreadable,
+      behind: own.behind + workers.behind,
+    };
+  };
+  const nodeLook = async (target: string | null): Promise<Look> => {
     const lsn = target === null ? sql`pg_current_wal_lsn()` : sql`${target}::pg_lsn`;
     const { rows } = await sql<Look>`
       SELECT ${lsn}::text AS lsn, ${TIMELINE} AS timeline, count(s.*)::int AS standbys,
@@ -245,4 +267,51 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
       }
     },
   };
+}
+
+/** A WAL position as Postgres prints it (embedded in the command sent to the workers). */
+const LSN = /^[0-9A-F]{1,8}\/[0-9A-F]{1,8}$/i;
+
+/**
+ * The standbys of every Citus worker node (run_command_on_workers, one fan-out): how many, how many
+ * unreadable, how many lack that node's WAL up to its position in `targets` (keyed by the node's
+ * system identifier, the node's own name for itself), or up to now for a node not in it; and each
+ * node's position now, the targets of the next looks of one wait. A node that cannot be asked counts
+ * as an unreadable standby: nothing is called while a node's standbys cannot be vouched for.
+ */
+async function workerLook(
+  db: Kysely<DB>,
+  targets: Readonly<Record<string, string>>,
+): Promise<{ standbys: number; unreadable: number; behind: number; lsns: Record<string, string> }> {
+  const known = Object.entries(targets).filter(([node, lsn]) => /^\d+$/.test(node) && LSN.test(lsn));
+  const targetOf = `coalesce(('${JSON.stringify(Object.fromEntries(known))}'::jsonb ->> (SELECT system_identifier::text FROM pg_control_system()))::pg_lsn, pg_current_wal_lsn())`;
+  const command = `SELECT json_build_object(
+      'node', (SELECT system_identifier::text FROM pg_control_system()),
+      'lsn', pg_current_wal_lsn()::text,
+      'standbys', count(s.*),
+      'unreadable', count(s.*) FILTER (WHERE s.state IS NULL),
+      'behind', count(s.*) FILTER (WHERE s.state IS NOT NULL AND (s.flush_lsn IS NULL OR s.flush_lsn < ${targetOf})))::text
+    FROM (${STANDBYS_TEXT}) s`;
+  const { rows } = await sql<{ success: boolean; result: string }>`
+    SELECT success, result FROM run_command_on_workers(${command})`.execute(db);
+  const out = { standbys: 0, unreadable: 0, behind: 0, lsns: {} as Record<string, string> };
+  for (const row of rows) {
+    if (!row.success) {
+      out.standbys++;
+      out.unreadable++;
+      continue;
+    }
+    const r = JSON.parse(row.result) as {
+      node: string;
+      lsn: string;
+      standbys: number;
+      unreadable: number;
+      behind: number;
+    };
+    out.standbys += r.standbys;
+    out.unreadable += r.unreadable;
+    out.behind += r.behind;
+    out.lsns[r.node] = r.lsn;
+  }
+  return out;
 }

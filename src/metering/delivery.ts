@@ -198,10 +198,12 @@ export async function startDelivery(
   // run with 1,000-key claims of 20-40 s and a bound of 2 delivered nothing for minutes).
   const max = ctx.config.DELIVERY_MAX_STATEMENTS;
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
-  // One node: every batch waits after its claim until the connected standbys have it. On Citus a claim
-  // commits on a worker node, whose standbys this primary's view does not show (docs/going-live.md).
+  // Every batch waits after its claim until the connected standbys have it: this node's, and on Citus
+  // every worker node's (a claim commits on the workers, whose standbys this node's view does not show).
   const replication = replicationGuard(ctx.db, {
     maxWaitMs: ctx.config.DELIVERY_REPLICA_WAIT_MS,
+    // On Citus each worker node's standbys are asked too (a claim commits on the workers).
+    distributed: () => distributed,
     timers: hostTimers,
     log,
     onOutcome: (outcome, ms) => options.observer?.onReplicationWait?.(outcome, ms),
@@ -218,7 +220,7 @@ export async function startDelivery(
     clock: ctx.clock,
     log,
     distributed,
-    ...(distributed ? {} : { replication }),
+    replication,
     ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
     ...(stripeCatalog ? { catalog: stripeCatalog } : {}),

@@ -41,7 +41,7 @@ export interface StreamingPair {
 export const DATABASE = 'meterbox';
 const urlOf = (port: number, database = DATABASE) => `postgres://postgres@127.0.0.1:${port}/${database}`;
 
-async function chownToPostgres(path: string): Promise<void> {
+export async function chownToPostgres(path: string): Promise<void> {
   if (userInfo().uid !== 0) return;
   const { stdout: uid } = await run('id', ['-u', 'postgres']);
   const { stdout: gid } = await run('id', ['-g', 'postgres']);
@@ -56,6 +56,53 @@ async function query<T extends pg.QueryResultRow>(url: string, text: string): Pr
   } finally {
     await client.end();
   }
+}
+
+/**
+ * Starts a streaming standby of the server on `primaryPort` in `standbyDir` (its parent owned by the
+ * `postgres` user), its replication connection through a proxy the test can freeze. The server must
+ * allow replication connections from 127.0.0.1 (initdb's default trust does).
+ */
+export async function startStandbyOf(
+  primaryPort: number,
+  standbyDir: string,
+): Promise<{ port: number; url: string; replication: TcpProxy; stop(): Promise<void> }> {
+  const replication = await startTcpProxy(primaryPort);
+  const port = await freePort();
+  try {
+    await asPostgres(join(PG_BIN, 'pg_basebackup'), [
+      '-D',
+      standbyDir,
+      '-d',
+      `host=127.0.0.1 port=${replication.port} user=postgres application_name=standby1`,
+      '-R',
+      '-X',
+      'stream',
+      // An immediate checkpoint: the default spreads it over minutes.
+      '-c',
+      'fast',
+      '--no-sync',
+    ]);
+    // pg_basebackup copied the primary's settings; -R appended primary_conninfo. The standby's own port
+    // last (a Citus node's standby loads Citus as its primary does).
+    await asPostgres('/bin/sh', [
+      '-c',
+      `echo "port = ${port}" >> '${join(standbyDir, 'postgresql.auto.conf')}'`,
+    ]);
+    await asPostgres(join(PG_BIN, 'pg_ctl'), ['-D', standbyDir, '-l', `${standbyDir}.log`, '-w', 'start']);
+  } catch (err) {
+    await replication.stop();
+    throw err;
+  }
+  return {
+    port,
+    url: urlOf(port),
+    replication,
+    async stop() {
+      await replication.stop();
+      await asPostgres(join(PG_BIN, 'pg_ctl'), ['-D', standbyDir, '-m', 'immediate', 'stop']).catch(() => {});
+    },
+  };
 }
 
 /**
@@ -101,27 +148,9 @@ export async function startStreamingPair(options: { synchronous?: boolean } = {}
     started.push(primaryDir);
     await query(urlOf(primaryPort, 'postgres'), `CREATE DATABASE ${DATABASE}`);
 
-    replication = await startTcpProxy(primaryPort);
-    await asPostgres(join(PG_BIN, 'pg_basebackup'), [
-      '-D',
-      standbyDir,
-      '-d',
-      `host=127.0.0.1 port=${replication.port} user=postgres application_name=standby1`,
-      '-R',
-      '-X',
-      'stream',
-      // An immediate checkpoint: the default spreads it over minutes.
-      '-c',
-      'fast',
-      '--no-sync',
-    ]);
-    const standbyPort = await freePort();
-    // pg_basebackup copied the primary's settings; -R appended primary_conninfo. The standby's own port last.
-    await asPostgres('/bin/sh', [
-      '-c',
-      `echo "port = ${standbyPort}" >> '${join(standbyDir, 'postgresql.auto.conf')}'`,
-    ]);
-    await asPostgres(pgCtl, ['-D', standbyDir, '-l', join(base, 'standby.log'), '-w', 'start']);
+    const attached = await startStandbyOf(primaryPort, standbyDir);
+    replication = attached.replication;
+    const standbyPort = attached.port;
     started.push(standbyDir);
     const primary = { port: primaryPort, dataDir: primaryDir, url: urlOf(primaryPort) };
     const standby = { port: standbyPort, dataDir: standbyDir, url: urlOf(standbyPort) };
