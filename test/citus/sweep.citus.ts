@@ -44,7 +44,9 @@ it.skipIf(!url)(
     expect(result.enqueued).toBe(1);
     const { rows } = await sql<{ key: string }>`
       SELECT singleton_key AS key FROM pgboss.job
-       WHERE name = 'meter-delivery' AND singleton_key = 'temperature_readings:cus_citus_stranded'`.execute(ctx.db);
+       WHERE name = 'meter-delivery' AND singleton_key = 'temperature_readings:cus_citus_stranded'`.execute(
+      ctx.db,
+    );
     expect(rows).toHaveLength(1);
     // A second pass queues nothing more: the stranded key is covered now.
     expect((await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 60 })).enqueued).toBe(0);
