@@ -493,19 +493,6 @@ async function settleStatement(
                     ${groups.map((s) => (s.error === undefined ? null : truncate(s.error)))}::text[],
                     ${groups.map((s) => s.counted)}::bool[]) AS g(organization_id, identifier, status, error, counted)
     ),
-    settled AS (
-      UPDATE meter_outbox o
-         SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
-             accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
-             last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
-             attempts = o.attempts + g.counted::int,
-             delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
-             updated_at = g.at
-        FROM g
-       WHERE ${scope('o')} o.organization_id = g.organization_id
-         AND o.identifier = g.identifier AND o.status = 'pending'
-      RETURNING o.id
-    ),
     k AS (
       SELECT k.*, c.at
         FROM unnest(${keys.map((k) => k.organizationId)}::uuid[], ${keys.map((k) => k.customerId)}::text[],
@@ -518,9 +505,29 @@ async function settleStatement(
       SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination FROM meter_delivery_keys d
         JOIN k ON d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
               AND d.event_name = k.event_name AND d.destination = k.destination
-       WHERE ${scope('d')} d.lease_owner = ${options.owner}
+       WHERE ${scope('d')} d.lease_owner = ${options.owner} AND d.lease_expires_at >= k.at
        ORDER BY 1, 2, 3, 4
        FOR UPDATE OF d
+    ),
+    -- Only the answers of keys this batch still holds, by the database's clock: a batch whose lease ran
+    -- out (a frozen worker, a slow statement) has lost its keys, and what it learned is dropped. Its
+    -- groups stay pending with their identifiers; the key's next owner (or the reaper's job) sends them
+    -- again under the same identifier, which the destination de-duplicates if this batch's call did go
+    -- out. Applying it instead could fail rows another owner is delivering, or count its attempts.
+    settled AS (
+      UPDATE meter_outbox o
+         SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
+             accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
+             last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
+             attempts = o.attempts + g.counted::int,
+             delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
+             updated_at = g.at
+        FROM g, locked
+       WHERE ${scope('o')} o.organization_id = g.organization_id
+         AND o.identifier = g.identifier AND o.status = 'pending'
+         AND locked.organization_id = o.organization_id AND locked.stripe_customer_id = o.stripe_customer_id
+         AND locked.event_name = o.event_name AND locked.destination = o.destination
+      RETURNING o.id
     ),
     released AS (
       UPDATE meter_delivery_keys d
