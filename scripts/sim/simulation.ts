@@ -523,7 +523,7 @@ export async function simulate(
         w,
         () => {
           const stale = staleGroups(groups, options.owner);
-          db.settle(groups, keys, options);
+          const refused = db.settle(groups, keys, options);
           for (const [identifier, before] of stale)
             if (rowsState(identifier) !== before)
               violate(
@@ -537,6 +537,7 @@ export async function simulate(
               }
             }
           }
+          return refused;
         },
         { mayFail: true },
       ),

@@ -460,20 +460,20 @@ export async function settleBatch(
   groups: readonly GroupSettlement[],
   keys: readonly KeySettlement[],
   options: { owner: string; minIntervalMs: number } & Placement,
-): Promise<void> {
-  if (keys.length === 0 && groups.length === 0) return;
+): Promise<number> {
+  if (keys.length === 0 && groups.length === 0) return 0;
   type Item = { group: GroupSettlement } | { key: KeySettlement };
   const items: Item[] = [
     ...groups.map((group) => ({ group })),
     ...[...keys].sort(compareKeys).map((key) => ({ key })),
   ];
   const organizationOf = (item: Item) => ('group' in item ? item.group : item.key).organizationId;
-  await perShardGroup(routerOf(db, options), items, organizationOf, async (own, organizationIds) => {
+  const refused = await perShardGroup(routerOf(db, options), items, organizationOf, async (own, organizationIds) => {
     const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
     const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
-    await settleStatement(db, gs, ks, organizationIds, options);
-    return [];
+    return [await settleStatement(db, gs, ks, organizationIds, options)];
   });
+  return refused.reduce((a, b) => a + b, 0);
 }
 
 async function settleStatement(
@@ -482,9 +482,9 @@ async function settleStatement(
   keys: readonly KeySettlement[],
   organizationIds: readonly string[],
   options: { owner: string; minIntervalMs: number } & Placement,
-): Promise<void> {
+): Promise<number> {
   const scope = orgScope(options.distributed ? organizationIds : null);
-  await sql`
+  const result = await sql<{ held: string }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
     g AS (
       SELECT *, now() AS at
@@ -545,10 +545,12 @@ async function settleStatement(
       RETURNING d.stripe_customer_id
     )
     SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM released) AS released,
+           (SELECT count(*) FROM locked) AS held,
            -- This statement's commit does not wait for the disk (docs/architecture.md, "Commits that
            -- may be lost"): a settle lost in a crash leaves the group pending with its identifier, so
            -- it is resent and Stripe answers "duplicate", which settles it; nothing is lost or doubled.
            (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit`.execute(db);
+  return keys.length - Number(result.rows[0]?.held ?? 0);
 }
 
 /**

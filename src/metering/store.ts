@@ -36,11 +36,15 @@ export interface DeliveryStore {
   ): Promise<ClaimedKey[]>;
   claimCorrections(key: KeyRef, options: { now: Date; validationSeconds: number }): Promise<CorrectionFacts>;
   switchToCompensate(key: KeyRef, identifier: string): Promise<void>;
+  /**
+   * Every answer, pacing, backoff and lease release, of the keys this batch still holds by the
+   * database's clock; returns how many of `keys` it no longer held (their answers are dropped).
+   */
   settle(
     groups: readonly GroupSettlement[],
     keys: readonly KeySettlement[],
     options: { owner: string; minIntervalMs: number },
-  ): Promise<void>;
+  ): Promise<number>;
   release(owner: string, nextCallAt: Date): Promise<number>;
   renew(owner: string, leaseSeconds: number): Promise<number>;
   hold(keys: readonly KeyRef[]): Promise<void>;
