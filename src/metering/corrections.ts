@@ -237,12 +237,12 @@ export async function claimCorrectionGroup(
           })
         : 'compensate';
     // Derived from the rows it names (identifiers.ts): a claim lost with a promoted standby's WAL repeats it.
-    const members = await sql<{ id: string; value: string; epoch: string | null }>`
-      SELECT id::text, value::text, extract(epoch FROM identified_at)::text AS epoch FROM meter_outbox
+    const members = await sql<{ id: string; nonce: string | null; value: string; epoch: string | null }>`
+      SELECT id::text, nonce::text, value::text, extract(epoch FROM identified_at)::text AS epoch FROM meter_outbox
        WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
     const identifier = correctionIdentifier(
       { organizationId: org, customerId, eventName, destination },
-      members.rows.map((r) => ({ id: r.id, value: r.value, identifiedAtEpoch: r.epoch })),
+      members.rows.map((r) => ({ id: r.id, nonce: r.nonce, value: r.value, identifiedAtEpoch: r.epoch })),
       action,
     );
     if (identifier.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
