@@ -468,11 +468,16 @@ export async function settleBatch(
     ...[...keys].sort(compareKeys).map((key) => ({ key })),
   ];
   const organizationOf = (item: Item) => ('group' in item ? item.group : item.key).organizationId;
-  const refused = await perShardGroup(routerOf(db, options), items, organizationOf, async (own, organizationIds) => {
-    const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
-    const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
-    return [await settleStatement(db, gs, ks, organizationIds, options)];
-  });
+  const refused = await perShardGroup(
+    routerOf(db, options),
+    items,
+    organizationOf,
+    async (own, organizationIds) => {
+      const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
+      const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
+      return [await settleStatement(db, gs, ks, organizationIds, options)];
+    },
+  );
   return refused.reduce((a, b) => a + b, 0);
 }
 

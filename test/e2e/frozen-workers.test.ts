@@ -7,8 +7,8 @@
 // customer and meter, and the ledger level within seconds of the load's end.
 import { describe, expect } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
-import type { RunningProcess } from '../support/processes.js';
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import type { RunningProcess } from '../support/processes.js';
 import { stripeTest } from '../support/test.js';
 import {
   driveLoad,

@@ -88,9 +88,19 @@ describe('group identifiers', () => {
       ),
     ).not.toBe(id);
     // A row that reuses a lost row's id (an asynchronous failover) carries another nonce.
-    expect(correctionIdentifier(key, rows.map((r) => ({ ...r, nonce: `${r.nonce}1` })), 'cancel')).not.toBe(id);
+    expect(
+      correctionIdentifier(
+        key,
+        rows.map((r) => ({ ...r, nonce: `${r.nonce}1` })),
+        'cancel',
+      ),
+    ).not.toBe(id);
     // Rows written before migration 0031 have no nonce: named by their ids alone, as before.
-    const before = correctionIdentifier(key, rows.map((r) => ({ ...r, nonce: null })), 'cancel');
+    const before = correctionIdentifier(
+      key,
+      rows.map((r) => ({ ...r, nonce: null })),
+      'cancel',
+    );
     expect(before).toMatch(/^mb_trc_9_[0-9a-f]{16}$/);
     expect(before).not.toBe(id);
   });
@@ -99,13 +109,19 @@ describe('group identifiers', () => {
     // The primary committed a row and its claim, and the identifier reached the destination; an
     // asynchronous standby lacked both and was promoted, so its sequence hands out the same id again.
     const at = new Date(Date.now() - 60_000);
-    const [lost] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 6, occurredAt: at }]);
+    const [lost] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 6, occurredAt: at },
+    ]);
     const sent = await claimIdentifier(ctx, org);
     await sql`DELETE FROM meter_outbox WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
     await forgetClaim(ctx, org.organizationId, false);
-    await sql`SELECT setval(pg_get_serial_sequence('meter_outbox', 'id'), ${lost!}::bigint - 1)`.execute(ctx.db);
+    await sql`SELECT setval(pg_get_serial_sequence('meter_outbox', 'id'), ${lost!}::bigint - 1)`.execute(
+      ctx.db,
+    );
     // A new reading of the same customer, hour and value takes the lost row's id.
-    const [reused] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 6, occurredAt: at }]);
+    const [reused] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 6, occurredAt: at },
+    ]);
     expect(reused).toBe(lost);
     const fresh = await claimIdentifier(ctx, org);
     expect(fresh.value).toBe(sent.value);
