@@ -514,7 +514,14 @@ export class ModelDb {
     });
   }
 
-  switchToCompensate(key: KeyRef, identifier: string): void {
+  switchToCompensate(key: KeyRef, identifier: string, owner?: string): void {
+    if (owner !== undefined) {
+      // switchCorrectionToCompensate: only under the batch's own lease, by the database's clock.
+      const row = this.keys.get(keyName(key));
+      const t = this.now();
+      if (row?.leaseOwner !== owner || row.leaseExpiresAt === null || row.leaseExpiresAt.getTime() < t)
+        throw new Error('stale lease: the correction switch is left to the next owner of the key');
+    }
     for (const r of this.rows)
       if (r.organizationId === key.organizationId && r.identifier === identifier && r.status === 'pending')
         r.correctionAction = 'compensate';

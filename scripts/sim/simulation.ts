@@ -514,8 +514,8 @@ export async function simulate(
       ),
     claimCorrections: (key, options) =>
       statement(w, () => db.claimCorrections(key, options), { mayFail: true, durable: true }),
-    switchToCompensate: (key, identifier) =>
-      statement(w, () => db.switchToCompensate(key, identifier), { durable: true }),
+    switchToCompensate: (key, identifier, owner) =>
+      statement(w, () => db.switchToCompensate(key, identifier, owner), { durable: true }),
     // Every job of the simulation names its organization.
     organizationsOf: async () => new Map(),
     settle: (groups, keys, options) =>

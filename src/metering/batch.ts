@@ -247,7 +247,7 @@ async function deliverDestination(
           ? NOT_REPLICATED
           : (dest?.slots ?? { take: async () => ({ granted: false, waitMs: 1_000 }) }),
         ...(dest?.corrections ? { corrections: dest.corrections } : {}),
-        switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier),
+        switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier, owner),
         ...(deps.observer ? { observer: deps.observer } : {}),
         timers,
       },

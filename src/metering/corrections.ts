@@ -387,8 +387,22 @@ export async function switchCorrectionToCompensate(
   db: Kysely<DB>,
   organizationId: string,
   identifier: string,
+  lease?: { owner: string; key: KeyRef },
 ): Promise<void> {
   await db.transaction().execute(async (trx) => {
+    if (lease) {
+      // Only under the batch's own lease, by the database's clock: a worker that froze after its cancel
+      // call and woke past its lease writes nothing (the key's next owner asks again, under the same
+      // idempotency key, and switches itself).
+      const { rows } = await sql`
+        SELECT 1 FROM meter_delivery_keys
+         WHERE organization_id = ${lease.key.organizationId} AND stripe_customer_id = ${lease.key.customerId}
+           AND event_name = ${lease.key.eventName} AND destination = ${destinationOf(lease.key)}
+           AND lease_owner = ${lease.owner} AND lease_expires_at >= clock_timestamp()
+           FOR UPDATE`.execute(trx);
+      if (rows.length === 0)
+        throw new Error('stale lease: the correction switch is left to the next owner of the key');
+    }
     await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
                WHERE organization_id = ${organizationId} AND identifier = ${identifier} AND status = 'pending'`.execute(
       trx,
