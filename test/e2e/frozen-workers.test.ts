@@ -17,8 +17,6 @@ import { stripeTest } from '../support/test.js';
 import {
   driveLoad,
   FAST_DELIVERY_ENV,
-  leaseCheck,
-  leaseOwnerPrefix,
   loadFailures,
   loadOrganizations,
   outboxSettled,
