@@ -398,7 +398,7 @@ export class ModelDb {
     groups: readonly GroupSettlement[],
     keys: readonly KeySettlement[],
     options: { owner: string; minIntervalMs: number },
-  ): void {
+  ): number {
     const t = this.now();
     // A batch whose lease ran out (a frozen worker, a slow statement) has lost its keys: what it
     // learned is dropped, and the key's next owner sends the same identifiers again.
@@ -419,9 +419,11 @@ export class ModelDb {
         if (g.status === 'delivered') r.deliveredAt = t;
       }
     }
+    let refused = 0;
     for (const k of keys) {
       const name = keyName(k);
       const row = this.keys.get(name);
+      if (!held(name)) refused++;
       if (!row || row.leaseOwner !== options.owner || refuse(name)) continue;
       this.keys.set(name, {
         ...row,
@@ -433,6 +435,7 @@ export class ModelDb {
         retryAt: k.backoffMs !== undefined ? new Date(t + k.backoffMs) : k.called ? null : row.retryAt,
       });
     }
+    return refused;
   }
 
   release(owner: string, nextCallAt: Date): number {
@@ -511,7 +514,14 @@ export class ModelDb {
     });
   }
 
-  switchToCompensate(key: KeyRef, identifier: string): void {
+  switchToCompensate(key: KeyRef, identifier: string, owner?: string): void {
+    if (owner !== undefined) {
+      // switchCorrectionToCompensate: only under the batch's own lease, by the database's clock.
+      const row = this.keys.get(keyName(key));
+      const t = this.now();
+      if (row?.leaseOwner !== owner || row.leaseExpiresAt === null || row.leaseExpiresAt.getTime() < t)
+        throw new Error('stale lease: the correction switch is left to the next owner of the key');
+    }
     for (const r of this.rows)
       if (r.organizationId === key.organizationId && r.identifier === identifier && r.status === 'pending')
         r.correctionAction = 'compensate';

@@ -514,8 +514,8 @@ export async function simulate(
       ),
     claimCorrections: (key, options) =>
       statement(w, () => db.claimCorrections(key, options), { mayFail: true, durable: true }),
-    switchToCompensate: (key, identifier) =>
-      statement(w, () => db.switchToCompensate(key, identifier), { durable: true }),
+    switchToCompensate: (key, identifier, owner) =>
+      statement(w, () => db.switchToCompensate(key, identifier, owner), { durable: true }),
     // Every job of the simulation names its organization.
     organizationsOf: async () => new Map(),
     settle: (groups, keys, options) =>
@@ -523,7 +523,7 @@ export async function simulate(
         w,
         () => {
           const stale = staleGroups(groups, options.owner);
-          db.settle(groups, keys, options);
+          const refused = db.settle(groups, keys, options);
           for (const [identifier, before] of stale)
             if (rowsState(identifier) !== before)
               violate(
@@ -537,6 +537,7 @@ export async function simulate(
               }
             }
           }
+          return refused;
         },
         { mayFail: true },
       ),

@@ -102,6 +102,8 @@ export interface MeterOutboxTable {
   accepted_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
   /** migrations/0012 (usage corrections). */
   kind: ColumnType<OutboxKind, OutboxKind | undefined, OutboxKind>;
+  /** migrations/0031: random at insert (the database's default), part of the group's derived identifier. */
+  nonce: ColumnType<string | null, never, never>;
   correction_id: ColumnType<string | null, string | null | undefined, string | null>;
   corrects_outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
   correction_action: CorrectionAction | null;

@@ -247,7 +247,7 @@ async function deliverDestination(
           ? NOT_REPLICATED
           : (dest?.slots ?? { take: async () => ({ granted: false, waitMs: 1_000 }) }),
         ...(dest?.corrections ? { corrections: dest.corrections } : {}),
-        switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier),
+        switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier, owner),
         ...(deps.observer ? { observer: deps.observer } : {}),
         timers,
       },
@@ -275,10 +275,15 @@ async function deliverDestination(
 
     // 4. settle (renewals stop first: they would lock the same key rows out of key order)
     await stopRenewing();
-    await store.settle(decision.groups, decision.keys, {
+    const refused = await store.settle(decision.groups, decision.keys, {
       owner,
       minIntervalMs: config.DELIVERY_MIN_INTERVAL_MS,
     });
+    if (refused > 0) {
+      // A frozen process, or a settle later than its lease: the keys' next owner (or the reaper's
+      // job) resends the same identifiers, which the destination de-duplicates.
+      deps.log.warn({ keys: refused, owner }, 'stale lease: answers left to the next owner of the keys');
+    }
 
     // 5. follow-ups and holds
     if (decision.holds.length > 0) {

@@ -237,12 +237,12 @@ export async function claimCorrectionGroup(
           })
         : 'compensate';
     // Derived from the rows it names (identifiers.ts): a claim lost with a promoted standby's WAL repeats it.
-    const members = await sql<{ id: string; value: string; epoch: string | null }>`
-      SELECT id::text, value::text, extract(epoch FROM identified_at)::text AS epoch FROM meter_outbox
+    const members = await sql<{ id: string; nonce: string | null; value: string; epoch: string | null }>`
+      SELECT id::text, nonce::text, value::text, extract(epoch FROM identified_at)::text AS epoch FROM meter_outbox
        WHERE kind = 'correction' AND status = 'pending' AND identifier IS NULL AND ${sameEvent}`.execute(db);
     const identifier = correctionIdentifier(
       { organizationId: org, customerId, eventName, destination },
-      members.rows.map((r) => ({ id: r.id, value: r.value, identifiedAtEpoch: r.epoch })),
+      members.rows.map((r) => ({ id: r.id, nonce: r.nonce, value: r.value, identifiedAtEpoch: r.epoch })),
       action,
     );
     if (identifier.length > MAX_IDENTIFIER_LENGTH) throw new Error('identifier too long');
@@ -387,8 +387,22 @@ export async function switchCorrectionToCompensate(
   db: Kysely<DB>,
   organizationId: string,
   identifier: string,
+  lease?: { owner: string; key: KeyRef },
 ): Promise<void> {
   await db.transaction().execute(async (trx) => {
+    if (lease) {
+      // Only under the batch's own lease, by the database's clock: a worker that froze after its cancel
+      // call and woke past its lease writes nothing (the key's next owner asks again, under the same
+      // idempotency key, and switches itself).
+      const { rows } = await sql`
+        SELECT 1 FROM meter_delivery_keys
+         WHERE organization_id = ${lease.key.organizationId} AND stripe_customer_id = ${lease.key.customerId}
+           AND event_name = ${lease.key.eventName} AND destination = ${destinationOf(lease.key)}
+           AND lease_owner = ${lease.owner} AND lease_expires_at >= clock_timestamp()
+           FOR UPDATE`.execute(trx);
+      if (rows.length === 0)
+        throw new Error('stale lease: the correction switch is left to the next owner of the key');
+    }
     await sql`UPDATE meter_outbox SET correction_action = 'compensate', updated_at = now()
                WHERE organization_id = ${organizationId} AND identifier = ${identifier} AND status = 'pending'`.execute(
       trx,

@@ -137,12 +137,12 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
           SELECT o.id FROM meter_outbox o WHERE ${pendingOf('l')} AND o.kind = 'correction' LIMIT 1) c ON true
     ),
     member_rows AS (
-      SELECT m.organization_id, h.customer, h.event_name, h.destination, m.id, m.occurred_at, m.value,
+      SELECT m.organization_id, h.customer, h.event_name, h.destination, m.id, m.nonce, m.occurred_at, m.value,
              m.identified_at, h.new_identifier AS provisional
         FROM heads h
         CROSS JOIN LATERAL (
           -- Never across a UTC hour: each event's usage lands in the hour (and billing period) it happened.
-          SELECT o.organization_id, o.id, o.occurred_at, o.value, o.identified_at FROM meter_outbox o
+          SELECT o.organization_id, o.id, o.nonce, o.occurred_at, o.value, o.identified_at FROM meter_outbox o
            WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff} AND o.occurred_at <= ${dueBy}
              AND o.occurred_at >= date_trunc('hour', h.first_at, 'UTC')
              AND o.occurred_at < date_trunc('hour', h.first_at, 'UTC') + interval '1 hour'

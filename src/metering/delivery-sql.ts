@@ -460,20 +460,25 @@ export async function settleBatch(
   groups: readonly GroupSettlement[],
   keys: readonly KeySettlement[],
   options: { owner: string; minIntervalMs: number } & Placement,
-): Promise<void> {
-  if (keys.length === 0 && groups.length === 0) return;
+): Promise<number> {
+  if (keys.length === 0 && groups.length === 0) return 0;
   type Item = { group: GroupSettlement } | { key: KeySettlement };
   const items: Item[] = [
     ...groups.map((group) => ({ group })),
     ...[...keys].sort(compareKeys).map((key) => ({ key })),
   ];
   const organizationOf = (item: Item) => ('group' in item ? item.group : item.key).organizationId;
-  await perShardGroup(routerOf(db, options), items, organizationOf, async (own, organizationIds) => {
-    const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
-    const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
-    await settleStatement(db, gs, ks, organizationIds, options);
-    return [];
-  });
+  const refused = await perShardGroup(
+    routerOf(db, options),
+    items,
+    organizationOf,
+    async (own, organizationIds) => {
+      const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
+      const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
+      return [await settleStatement(db, gs, ks, organizationIds, options)];
+    },
+  );
+  return refused.reduce((a, b) => a + b, 0);
 }
 
 async function settleStatement(
@@ -482,9 +487,9 @@ async function settleStatement(
   keys: readonly KeySettlement[],
   organizationIds: readonly string[],
   options: { owner: string; minIntervalMs: number } & Placement,
-): Promise<void> {
+): Promise<number> {
   const scope = orgScope(options.distributed ? organizationIds : null);
-  await sql`
+  const result = await sql<{ held: string }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
     g AS (
       SELECT *, now() AS at
@@ -492,19 +497,6 @@ async function settleStatement(
                     ${groups.map((s) => s.status)}::text[],
                     ${groups.map((s) => (s.error === undefined ? null : truncate(s.error)))}::text[],
                     ${groups.map((s) => s.counted)}::bool[]) AS g(organization_id, identifier, status, error, counted)
-    ),
-    settled AS (
-      UPDATE meter_outbox o
-         SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
-             accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
-             last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
-             attempts = o.attempts + g.counted::int,
-             delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
-             updated_at = g.at
-        FROM g
-       WHERE ${scope('o')} o.organization_id = g.organization_id
-         AND o.identifier = g.identifier AND o.status = 'pending'
-      RETURNING o.id
     ),
     k AS (
       SELECT k.*, c.at
@@ -518,9 +510,29 @@ async function settleStatement(
       SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination FROM meter_delivery_keys d
         JOIN k ON d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
               AND d.event_name = k.event_name AND d.destination = k.destination
-       WHERE ${scope('d')} d.lease_owner = ${options.owner}
+       WHERE ${scope('d')} d.lease_owner = ${options.owner} AND d.lease_expires_at >= k.at
        ORDER BY 1, 2, 3, 4
        FOR UPDATE OF d
+    ),
+    -- Only the answers of keys this batch still holds, by the database's clock: a batch whose lease ran
+    -- out (a frozen worker, a slow statement) has lost its keys, and what it learned is dropped. Its
+    -- groups stay pending with their identifiers; the key's next owner (or the reaper's job) sends them
+    -- again under the same identifier, which the destination de-duplicates if this batch's call did go
+    -- out. Applying it instead could fail rows another owner is delivering, or count its attempts.
+    settled AS (
+      UPDATE meter_outbox o
+         SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
+             accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
+             last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
+             attempts = o.attempts + g.counted::int,
+             delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
+             updated_at = g.at
+        FROM g, locked
+       WHERE ${scope('o')} o.organization_id = g.organization_id
+         AND o.identifier = g.identifier AND o.status = 'pending'
+         AND locked.organization_id = o.organization_id AND locked.stripe_customer_id = o.stripe_customer_id
+         AND locked.event_name = o.event_name AND locked.destination = o.destination
+      RETURNING o.id
     ),
     released AS (
       UPDATE meter_delivery_keys d
@@ -538,10 +550,12 @@ async function settleStatement(
       RETURNING d.stripe_customer_id
     )
     SELECT (SELECT count(*) FROM settled) AS settled, (SELECT count(*) FROM released) AS released,
+           (SELECT count(*) FROM locked) AS held,
            -- This statement's commit does not wait for the disk (docs/architecture.md, "Commits that
            -- may be lost"): a settle lost in a crash leaves the group pending with its identifier, so
            -- it is resent and Stripe answers "duplicate", which settles it; nothing is lost or doubled.
            (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit`.execute(db);
+  return keys.length - Number(result.rows[0]?.held ?? 0);
 }
 
 /**

@@ -24,25 +24,29 @@ export const identifierPrefix = (inflight: string, id: string) =>
 
 /**
  * SQL aggregate over a group's member rows (columns organization_id, customer, event_name,
- * destination, id, value, identified_at of alias `m`): the digest of what the group carries. The
+ * destination, id, nonce, value, identified_at of alias `m`): the digest of what the group carries. The
  * rows' former identified_at (kept by a reconciled redrive, null for rows never grouped) tells one
  * grouping of the same rows from the next, so the destination never answers "duplicate" for rows it
- * lacks. Epochs, not timestamps as text, so the session's TimeZone never changes it.
+ * lacks. Epochs, not timestamps as text, so the session's TimeZone never changes it. Each row's nonce
+ * (migrations/0031, random at insert) tells a row from a later one that reuses its id after an
+ * asynchronous failover; a row without one (written before 0031) is named by its id alone, as before.
  */
 export const groupDigest = (m: string) =>
   sql.raw(`substr(md5(concat_ws('|', min(${m}.organization_id::text), min(${m}.customer), min(${m}.event_name),
-                  min(${m}.destination), string_agg(${m}.id::text, ',' ORDER BY ${m}.id), sum(${m}.value)::text,
+                  min(${m}.destination), string_agg(${m}.id::text || coalesce(':' || ${m}.nonce::text, ''), ',' ORDER BY ${m}.id), sum(${m}.value)::text,
                   coalesce(extract(epoch FROM max(${m}.identified_at))::text, ''))), 1, ${DIGEST_HEX})`);
 
 /** The same digest in TypeScript, for the correction claim (corrections.ts), which reads its rows first. */
 export function correctionIdentifier(
   key: { organizationId: string; customerId: string; eventName: string; destination: Destination },
-  rows: readonly { id: string; value: string; identifiedAtEpoch: string | null }[],
+  rows: readonly { id: string; nonce: string | null; value: string; identifiedAtEpoch: string | null }[],
   action: string,
 ): string {
-  const ids = rows
-    .map((r) => r.id)
-    .sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
+  const sorted = [...rows].sort((a, b) =>
+    BigInt(a.id) < BigInt(b.id) ? -1 : BigInt(a.id) > BigInt(b.id) ? 1 : 0,
+  );
+  const ids = sorted.map((r) => r.id);
+  const named = sorted.map((r) => (r.nonce === null ? r.id : `${r.id}:${r.nonce}`));
   const sum = rows.reduce((s, r) => s + BigInt(r.value), 0n);
   const epochs = rows.flatMap((r) => (r.identifiedAtEpoch === null ? [] : [r.identifiedAtEpoch]));
   const generation = epochs.sort((a, b) => Number(a) - Number(b)).at(-1) ?? '';
@@ -53,7 +57,7 @@ export function correctionIdentifier(
         key.customerId,
         key.eventName,
         key.destination,
-        ids.join(','),
+        named.join(','),
         sum.toString(),
         action,
         generation,

@@ -35,12 +35,17 @@ export interface DeliveryStore {
     options: Omit<ClaimOptions, 'distributed' | 'router'>,
   ): Promise<ClaimedKey[]>;
   claimCorrections(key: KeyRef, options: { now: Date; validationSeconds: number }): Promise<CorrectionFacts>;
-  switchToCompensate(key: KeyRef, identifier: string): Promise<void>;
+  /** Commits a correction group's switch to compensate; throws if `owner` no longer holds the key's lease. */
+  switchToCompensate(key: KeyRef, identifier: string, owner: string): Promise<void>;
+  /**
+   * Every answer, pacing, backoff and lease release, of the keys this batch still holds by the
+   * database's clock; returns how many of `keys` it no longer held (their answers are dropped).
+   */
   settle(
     groups: readonly GroupSettlement[],
     keys: readonly KeySettlement[],
     options: { owner: string; minIntervalMs: number },
-  ): Promise<void>;
+  ): Promise<number>;
   release(owner: string, nextCallAt: Date): Promise<number>;
   renew(owner: string, leaseSeconds: number): Promise<number>;
   hold(keys: readonly KeyRef[]): Promise<void>;
@@ -100,7 +105,11 @@ export function sqlStore(deps: {
     },
     claimCorrections: (key, options) =>
       longStatements(() => claimCorrectionGroup(db, { ...key, destination }, options)),
-    switchToCompensate: (key, identifier) => switchCorrectionToCompensate(db, key.organizationId, identifier),
+    switchToCompensate: (key, identifier, owner) =>
+      switchCorrectionToCompensate(db, key.organizationId, identifier, {
+        owner,
+        key: { ...key, destination },
+      }),
     settle: (groups, keys, options) =>
       longStatements(() => settleBatch(db, groups, keys, { ...options, ...placement })),
     release: (owner, nextCallAt) => releaseLeases(db, owner, { nextCallAt, organizationIds, ...placement }),

@@ -73,8 +73,8 @@ describe('group identifiers', () => {
       destination: 'stripe' as const,
     };
     const rows = [
-      { id: '12', value: '-2', identifiedAtEpoch: null },
-      { id: '9', value: '-1', identifiedAtEpoch: null },
+      { id: '12', nonce: '77', value: '-2', identifiedAtEpoch: null },
+      { id: '9', nonce: '5', value: '-1', identifiedAtEpoch: null },
     ];
     const id = correctionIdentifier(key, rows, 'cancel');
     expect(id).toMatch(/^mb_trc_9_[0-9a-f]{16}$/);
@@ -87,5 +87,46 @@ describe('group identifiers', () => {
         'cancel',
       ),
     ).not.toBe(id);
+    // A row that reuses a lost row's id (an asynchronous failover) carries another nonce.
+    expect(
+      correctionIdentifier(
+        key,
+        rows.map((r) => ({ ...r, nonce: `${r.nonce}1` })),
+        'cancel',
+      ),
+    ).not.toBe(id);
+    // Rows written before migration 0031 have no nonce: named by their ids alone, as before.
+    const before = correctionIdentifier(
+      key,
+      rows.map((r) => ({ ...r, nonce: null })),
+      'cancel',
+    );
+    expect(before).toMatch(/^mb_trc_9_[0-9a-f]{16}$/);
+    expect(before).not.toBe(id);
+  });
+
+  it('gives new rows that reuse the ids of rows a failover lost another identifier', async ({ ctx, org }) => {
+    // The primary committed a row and its claim, and the identifier reached the destination; an
+    // asynchronous standby lacked both and was promoted, so its sequence hands out the same id again.
+    const at = new Date(Date.now() - 60_000);
+    const [lost] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 6, occurredAt: at },
+    ]);
+    const sent = await claimIdentifier(ctx, org);
+    await sql`DELETE FROM meter_outbox WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    await forgetClaim(ctx, org.organizationId, false);
+    await sql`SELECT setval(pg_get_serial_sequence('meter_outbox', 'id'), ${lost!}::bigint - 1)`.execute(
+      ctx.db,
+    );
+    // A new reading of the same customer, hour and value takes the lost row's id.
+    const [reused] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 6, occurredAt: at },
+    ]);
+    expect(reused).toBe(lost);
+    const fresh = await claimIdentifier(ctx, org);
+    expect(fresh.value).toBe(sent.value);
+    // Not the identifier the destination already has: its dedupe would drop this usage.
+    expect(fresh.identifier).not.toBe(sent.identifier);
+    expect(fresh.identifier.startsWith(`mb_tr_${lost}_`)).toBe(true);
   });
 });
