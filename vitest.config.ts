@@ -2,11 +2,39 @@ import { availableParallelism } from 'node:os';
 import { configDefaults, defineConfig } from 'vitest/config';
 
 /**
- * Process-killing end-to-end tests measure recovery against deadlines; sharing 2 cores with every
- * other test file made their drain deadline a matter of luck. They run as a second group, alone,
- * after the rest of the suite (same `npm test`, same assertions).
+ * Two commands, every file in one of them (CI runs both, .ci/run):
+ *
+ * * `npm test` (projects `suite`, `stripe-emulator`, `metronome-emulator`): every file that checks
+ *   the product's rules without a real fault, files two at a time.
+ * * `npm run test:slow` (projects `slow`, `alone`, `citus`): the suites that must take their time
+ *   because the fault is real or the world is large: dropped connections (proxy and iptables), a
+ *   skewed clock (libfaketime), a full disk, PgBouncer, several processes and the destinations
+ *   ledger under load, the active-sensor cron, the simulation's 2,000 worlds, then the
+ *   process-killing files alone, then the Citus cluster.
  */
-const ALONE = ['test/e2e/delivery-crash.test.ts', 'test/e2e/failover.test.ts'];
+const SLOW = [
+  'test/e2e/dead-connections.test.ts',
+  'test/e2e/dead-connections-iptables.test.ts',
+  'test/e2e/skewed-clocks.test.ts',
+  'test/e2e/disk-full.test.ts',
+  'test/e2e/pgbouncer.test.ts',
+  'test/e2e/several-processes.test.ts',
+  'test/e2e/destinations-ledger.test.ts',
+  'test/e2e/cron-active-sensors.test.ts',
+  'test/sim/worlds-*.test.ts',
+];
+
+/**
+ * Process-killing end-to-end tests measure recovery against deadlines; sharing 2 cores with every
+ * other test file made their drain deadline a matter of luck. They run as a group of their own,
+ * alone, after the other slow files (same assertions).
+ */
+const ALONE = [
+  'test/e2e/delivery-crash.test.ts',
+  'test/e2e/failover.test.ts',
+  // SIGSTOPs workers past their lease and checks the level within 15 s.
+  'test/e2e/frozen-workers.test.ts',
+];
 
 export default defineConfig({
   test: {
@@ -28,16 +56,21 @@ export default defineConfig({
         test: {
           name: 'suite',
           include: ['test/**/*.test.ts'],
-          exclude: [...configDefaults.exclude, ...ALONE],
+          exclude: [...configDefaults.exclude, ...SLOW, ...ALONE],
           sequence: { groupOrder: 0 },
         },
+      },
+      {
+        extends: true,
+        test: { name: 'slow', include: SLOW, sequence: { groupOrder: 0 } },
       },
       {
         extends: true,
         test: { name: 'alone', include: ALONE, sequence: { groupOrder: 1 } },
       },
       // The cluster suite: a Citus coordinator and two workers on this machine, one distributed
-      // database shared by its files, which run one after the other, after everything else.
+      // database shared by its files, which run one after the other, after everything else
+      // (`npm run test:slow`).
       {
         test: {
           name: 'citus',

@@ -103,7 +103,7 @@ export interface SimResult {
 
 /**
  * Draws a world from a seed: mostly small and short, sometimes long (days) or hostile. `small`: the
- * size `npm test` runs thousands of (a few customers, a few minutes, readings seconds apart; long
+ * size `npm run test:slow` runs thousands of (a few customers, a few minutes, readings seconds apart; long
  * worlds still run for days, with readings hours apart).
  */
 export function drawSpec(seed: number, size: 'small' | 'full' = 'full'): WorldSpec {
