@@ -26,6 +26,12 @@ export interface FaultProfile {
   silentConnections: number;
   /** The primary dies at `atMs`; its standby is promoted `promotionMs` later, lacking what it had not flushed `lagMs` before. */
   failover: { kind: 'sync' | 'async'; atMs: number; lagMs: number; promotionMs: number } | null;
+  /**
+   * The API host's wall clock minus true time (ms). The API accepts a reading stamped up to 5 minutes
+   * past its own clock, so with a clock ahead it stores readings stamped that far ahead of true time
+   * (and of the destination's tolerance): they must wait, then be billed, never fail.
+   */
+  apiSkewMs: number;
 }
 
 export const CALM: FaultProfile = {
@@ -39,6 +45,7 @@ export const CALM: FaultProfile = {
   slowMaxMs: 0,
   silentConnections: 0,
   failover: null,
+  apiSkewMs: 0,
 };
 
 /** Worker hosts: workers restart on the same few machines, each with its own clock. */
@@ -113,7 +120,7 @@ export function drawProfile(seed: number, minutes: number): FaultProfile {
         };
       })()
     : null;
-  return {
+  const drawn = {
     dbSkewMs: maybe(0.5) ? Math.round(r.between(-30_000, 30_000)) : 0,
     hostSkewMs: Array.from({ length: HOSTS }, () => Math.round(skew())),
     clockSteps,
@@ -125,6 +132,8 @@ export function drawProfile(seed: number, minutes: number): FaultProfile {
     silentConnections: maybe(0.3) ? r.between(0, 0.01) : 0,
     failover,
   };
+  // Drawn last, so the faults above are the same with or without it.
+  return { ...drawn, apiSkewMs: maybe(0.3) ? Math.round(r.between(1, 40) * 60_000) : 0 };
 }
 
 export function isCalm(p: FaultProfile): boolean {
@@ -136,7 +145,8 @@ export function isCalm(p: FaultProfile): boolean {
     p.freezeBeforeCall === 0 &&
     p.slowStatements === 0 &&
     p.silentConnections === 0 &&
-    p.failover === null
+    p.failover === null &&
+    p.apiSkewMs === 0
   );
 }
 
@@ -160,6 +170,10 @@ export function describeProfile(p: FaultProfile): string[] {
   if (p.failover)
     out.push(
       `failover to a ${p.failover.kind === 'sync' ? 'synchronous' : 'asynchronous'} standby at ${secs(p.failover.atMs)}: lag ${p.failover.lagMs} ms, promoted ${secs(p.failover.promotionMs)} later`,
+    );
+  if (p.apiSkewMs !== 0)
+    out.push(
+      `API host clock ${secs(p.apiSkewMs)}: readings stamped up to ${secs(p.apiSkewMs + 5 * 60_000)} ahead`,
     );
   return out;
 }

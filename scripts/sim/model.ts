@@ -4,7 +4,7 @@
 // applied atomically at one instant, as one statement is; test/metering/store-agreement.test.ts
 // runs the same operations against both and holds them equal.
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
-import { EXPIRY_SAFETY_MARGIN_MS } from '../../src/metering/delivery-sql.js';
+import { EXPIRY_SAFETY_MARGIN_MS, FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from '../../src/metering/metronome.js';
 import {
   type ClaimedGroup,
@@ -316,7 +316,15 @@ export class ModelDb {
       }
       const usage = pending.filter((r) => r.kind === 'usage' && r.status === 'pending');
       const inflight = usage.find((r) => r.identifier !== null && r.acceptedAt === null)?.identifier ?? null;
-      const ungrouped = usage.filter((r) => r.identifier === null && r.occurredAt >= cutoff);
+      // Usage stamped more than FUTURE_ALLOWANCE_SECONDS past the database's clock waits (the sweep
+      // brings its key back); the mutation groups it at once with the valid readings of its key.
+      const dueBy = t + FUTURE_ALLOWANCE_SECONDS * 1000;
+      const ungrouped = usage.filter(
+        (r) =>
+          r.identifier === null &&
+          r.occurredAt >= cutoff &&
+          (r.occurredAt <= dueBy || this.mutations.has('coalesceFuture')),
+      );
       let members: Row[] = [];
       let identifier = inflight;
       if (inflight) {

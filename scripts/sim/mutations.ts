@@ -19,6 +19,9 @@ export const MUTATIONS = {
   wrongIdentifierWindow:
     "a redrive restarts its groups' identifier window (identified_at set to the redrive's time): Stripe forgets an identifier 24 h after it first saw it",
   coalesceFuture: 'a reading stamped in the future is grouped at once with the valid readings of its key',
+  futureFails:
+    'a destination\'s "timestamp in the future" counts as a failed attempt: the group is failed at its retry limit instead of retried until the timestamp is due',
+  reportHourFromHostClock: "the hourly report's hour comes from the worker's wall clock, not the database's",
 } as const;
 
 export type Mutation = keyof typeof MUTATIONS;

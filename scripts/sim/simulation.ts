@@ -7,9 +7,11 @@
 import { type Config, loadConfig } from '../../src/config.js';
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
+import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import type { CallSlots } from '../../src/metering/budget.js';
 import type { CorrectionClient } from '../../src/metering/corrections.js';
+import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
 import {
   deliveryPolicy,
   type KeyRef,
@@ -30,6 +32,7 @@ import {
   type CallEvent,
   NO_FAULTS,
   STRIPE_DEDUPE_MS,
+  STRIPE_FUTURE_MS,
   type StripeFaults,
   StripeModel,
 } from './stripe-model.js';
@@ -98,6 +101,10 @@ export interface SimResult {
     freezes: number;
     lateCalls: number;
     readingsLost: number;
+    /** Hourly active-sensor reports made. */
+    reports: number;
+    /** Readings stamped ahead of true time by more than the destination's tolerance. */
+    futureReadings: number;
   };
 }
 
@@ -181,6 +188,8 @@ const IDLE_POLL_MS = 60_000;
 const COVERAGE_BOUND_MS = (SWEEP_STALE_SECONDS + SWEEP_INTERVAL_SECONDS + 30) * 1000;
 /** Without a crash or failed batch, the longest a pending key may go without a job or hold. */
 const COVERAGE_GRACE_MS = 10_000;
+/** Usage stamped further than this past the database's clock waits until it is due (delivery-sql.ts). */
+const FUTURE_ALLOWANCE_MS = FUTURE_ALLOWANCE_SECONDS * 1000;
 /** The database client's own bound on a statement's wait (a silent connection ends with an error then). */
 const CLIENT_TIMEOUT_MS = 60_000;
 /** How often (virtual time, at a step) the coverage invariant is checked: far finer than its bound. */
@@ -531,6 +540,10 @@ export async function simulate(
               );
           for (const g of groups) {
             if (g.status === 'failed') deadLetters++;
+            // A timestamp the destination finds too far ahead becomes sendable as time passes: it is
+            // retried until due, never failed (with the valid readings of its group).
+            if (g.status === 'failed' && g.error !== undefined && /in the future/i.test(g.error))
+              violate(`group ${g.identifier} failed for a timestamp in the future: ${g.error}`);
             for (const r of db.rows) {
               if (r.identifier === g.identifier && r.attempts > spec.retryLimit + 1) {
                 violate(`row ${r.id} has ${r.attempts} attempts, limit ${spec.retryLimit}`);
@@ -653,7 +666,21 @@ export async function simulate(
             : stripe.arrive(events, v2, 50 + rng.int(200));
         for (const [i, e] of events.entries()) {
           const o = arrival.outcomes[i];
-          if (cancel || !o || (o.kind === 'retryable' && o.reason === 'rate_limited')) continue;
+          if (!cancel && o?.kind === 'retryable' && o.reason === 'timestamp_in_future') {
+            checkNotHeldBehindFuture(e);
+            // Mutation: the answer read as any retryable error, counted toward the retry limit.
+            if (mutations.has('futureFails'))
+              arrival.outcomes[i] = {
+                kind: 'retryable',
+                reason: 'server_error',
+                message: o.message,
+                status: 500,
+              };
+          }
+          // A 429 and a timestamp not yet due (rules.ts) do not count toward the retry limit.
+          const uncounted =
+            o?.kind === 'retryable' && (o.reason === 'rate_limited' || o.reason === 'timestamp_in_future');
+          if (cancel || !o || uncounted) continue;
           const n = (calls.get(e.identifier) ?? 0) + 1;
           calls.set(e.identifier, n);
           // At most DELIVERY_RETRY_LIMIT + 1 counted calls a group; a batch killed or failed after
@@ -695,6 +722,19 @@ export async function simulate(
         });
       });
     });
+  };
+
+  /**
+   * A group the destination refused as stamped in the future must carry no reading that was already
+   * due: a valid reading never waits behind (or fails with) one stamped ahead of the tolerance.
+   */
+  const checkNotHeldBehindFuture = (e: CallEvent) => {
+    const members = db.rows.filter((r) => r.identifier === e.identifier);
+    const due = members.filter((r) => r.occurredAt <= now() + STRIPE_FUTURE_MS);
+    if (due.length > 0 && due.length < members.length)
+      violate(
+        `group ${e.identifier} holds ${due.length} due readings behind ${members.length - due.length} stamped up to ${Math.round((e.timestamp.getTime() - now()) / 60_000)} min ahead`,
+      );
   };
 
   /** Maybe freezes `w` right before a send (hostile, before the world quiets); true if it did. */
@@ -796,6 +836,29 @@ export async function simulate(
       (await call(w, [event], options?.timeoutMs ?? 15_000, false, 'compensate', undefined, 'metronome'))[0]!,
   });
 
+  // ── the hourly active-sensor report (active-sensors-job.ts): at a worker's start-up and on the
+  // hourly schedule, whose job the database's clock creates; the hour it reports is the database's ──
+  let reports = 0;
+  const reportHour = (w: Worker, trigger: string) => {
+    if (!w.alive) return;
+    const at = mutations.has('reportHourFromHostClock') ? wallClockOf(w.host)() : dbNow();
+    const hour = utcHourOf(new Date(at)).getTime();
+    const dbHour = utcHourOf(new Date(dbNow())).getTime();
+    reports++;
+    log(`${w.id} ${trigger} active-sensor report for ${new Date(hour).toISOString()}`);
+    if (hour !== dbHour)
+      violate(
+        `${w.id}'s ${trigger} report is stamped ${new Date(hour).toISOString()} while the database is in ${new Date(dbHour).toISOString()}`,
+      );
+  };
+  const hourly = () => {
+    const w = workers.find((x) => x.alive);
+    if (w) w.gate(() => reportHour(w, 'hourly'));
+    const nextHour = utcHourOf(new Date(dbNow())).getTime() + 3_600_000;
+    sched.after(nextHour - dbNow() + 1, hourly);
+  };
+  sched.after(utcHourOf(new Date(dbNow())).getTime() + 3_600_000 - dbNow() + 1, hourly);
+
   let workerCount = 0;
   const startWorker = () => {
     const w: Worker = {
@@ -816,6 +879,7 @@ export async function simulate(
       },
     };
     workers.push(w);
+    w.gate(() => reportHour(w, 'start-up'));
     const wall = wallClockOf(w.host);
     // Elapsed time on the host's monotonic clock (true time here); the mutation measures it on the
     // wall clock, which is skewed and steps.
@@ -1011,6 +1075,7 @@ export async function simulate(
   /** Row id → the readings it bills (rows of one ingestion at several destinations share it). */
   const mirrors = new Map<string, number>();
   let readingsOf = 0;
+  let futureReadings = 0;
   /** Reading → its usage time. */
   const readingTimes = new Map<number, number>();
   /**
@@ -1030,9 +1095,14 @@ export async function simulate(
       return;
     }
     const back = rng.next() < spec.backdated;
-    const occurredAt = back
+    let occurredAt = back
       ? t - (rng.next() < 0.3 ? 36 * 86_400_000 : rng.int(30) * 3_600_000)
       : t - rng.int(2000);
+    // An API host whose clock is ahead accepts readings stamped up to 5 minutes past its own clock.
+    if (profile.apiSkewMs > 0 && !back && hostileRng.next() < 0.2) {
+      occurredAt = t + hostileRng.int(profile.apiSkewMs + 5 * 60_000);
+      if (occurredAt > t + STRIPE_FUTURE_MS) futureReadings++;
+    }
     const value = BigInt(1 + rng.int(5));
     // One row per destination the customer bills to at the usage's time (ingestion's rule).
     readingTimes.set(readingsOf, occurredAt);
@@ -1125,7 +1195,13 @@ export async function simulate(
     sched.after(rng.int(spec.minutes * 60_000), () => {
       if (dbDown) return; // the operator's request fails; nothing is voided
       const candidates = db.rows.filter(
-        (r) => r.kind === 'usage' && r.status !== 'expired' && (voided.get(r.id) ?? 0n) < r.value,
+        (r) =>
+          r.kind === 'usage' &&
+          r.status !== 'expired' &&
+          (voided.get(r.id) ?? 0n) < r.value &&
+          // Not yet: a correction of a reading stamped ahead spins its key in the model (its claim
+          // waits on usage the claim will not group until it is due); docs/architecture.md.
+          r.occurredAt <= dbNow() + FUTURE_ALLOWANCE_MS,
       );
       const row = candidates[rng.int(candidates.length)];
       if (!row) return;
@@ -1265,6 +1341,10 @@ export async function simulate(
       if (r.status !== 'pending' || r.acceptedAt !== null) continue;
       if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
         continue;
+      // Usage stamped ahead of the database's clock waits by design until it is due; then the sweep
+      // brings its key back (a due row's wait counts from its due time, within the sweep's bound).
+      const dueAt = r.kind === 'usage' && r.identifier === null ? r.occurredAt - FUTURE_ALLOWANCE_MS : 0;
+      if (dueAt > dbNow()) continue;
       const name = keyName(r);
       if (covered.has(name) || seen.has(name) || waitsForDeferred(r, name)) continue;
       seen.add(name);
@@ -1274,11 +1354,13 @@ export async function simulate(
       // there within moments (a follow-up is queued by the batch that settles it).
       const afterCrash = 2 * spec.leaseSeconds * 1000 + 15_000;
       const bound =
-        now() - lastCrash < afterCrash
-          ? afterCrash
-          : now() - lastDisruption < COVERAGE_BOUND_MS
-            ? COVERAGE_BOUND_MS
-            : COVERAGE_GRACE_MS;
+        dbNow() - dueAt < COVERAGE_BOUND_MS
+          ? COVERAGE_BOUND_MS
+          : now() - lastCrash < afterCrash
+            ? afterCrash
+            : now() - lastDisruption < COVERAGE_BOUND_MS
+              ? COVERAGE_BOUND_MS
+              : COVERAGE_GRACE_MS;
       if (now() - since > bound)
         violate(
           `pending rows of ${name} covered by no job or hold for ${Math.round((now() - since) / 1000)} s`,
@@ -1488,6 +1570,8 @@ export async function simulate(
         freezes,
         lateCalls,
         readingsLost,
+        reports,
+        futureReadings,
       },
     };
   }

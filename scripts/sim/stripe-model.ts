@@ -9,7 +9,7 @@ import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 
 export const STRIPE_DEDUPE_MS = 24 * 3600 * 1000;
 const PAST_MS = 35 * 24 * 3600 * 1000;
-const FUTURE_MS = 5 * 60 * 1000;
+export const STRIPE_FUTURE_MS = 5 * 60 * 1000;
 
 export interface StripeFaults {
   /** 500 before anything is recorded. */
@@ -163,7 +163,7 @@ export class StripeModel {
   private record(e: CallEvent, v2: boolean, t: number): SendOutcome {
     const ts = e.timestamp.getTime();
     if (ts < t - PAST_MS) return { kind: 'expired', message: 'timestamp too far in the past' };
-    if (ts > t + FUTURE_MS)
+    if (ts > t + STRIPE_FUTURE_MS)
       return {
         kind: 'retryable',
         reason: 'timestamp_in_future',

@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { CALM, type FaultProfile } from '../../scripts/sim/hostile.js';
 import type { Mutation } from '../../scripts/sim/mutations.js';
-import { simulate, type WorldSpec } from '../../scripts/sim/simulation.js';
+import { type SimResult, simulate, type WorldSpec } from '../../scripts/sim/simulation.js';
 
 /** A host's time sync stepping its wall clock 40 s back and forth, with slow statements. */
 const STEPPING: FaultProfile = {
@@ -24,6 +24,18 @@ const ASYNC_FAILOVER: FaultProfile = {
   ...CALM,
   failover: { kind: 'async', atMs: 40_000, lagMs: 2_000, promotionMs: 2_000 },
 };
+/** The same failover, the standby lacking the last 3 s. */
+const ASYNC_FAILOVER_LAGGING: FaultProfile = {
+  ...CALM,
+  failover: { kind: 'async', atMs: 40_000, lagMs: 3_000, promotionMs: 2_000 },
+};
+/** An API host 40 minutes ahead: some readings are stamped up to 45 minutes ahead of true time. */
+const API_AHEAD: FaultProfile = { ...CALM, apiSkewMs: 40 * 60_000 };
+/**
+ * The same with the database's clock 10 minutes ahead of the destination's: rows due by the database's
+ * clock still reach Stripe stamped beyond its 5 minutes, and it answers "timestamp in the future".
+ */
+const API_AND_DB_AHEAD: FaultProfile = { ...API_AHEAD, dbSkewMs: 10 * 60_000 };
 /** Statements of up to 30 s, one in ten. */
 const SLOW: FaultProfile = { ...CALM, slowStatements: 0.1, slowMaxMs: 30_000 };
 /** A day of Stripe outage, no retries: groups fail, and the operator redrives them for days. */
@@ -37,6 +49,12 @@ const OUTAGE: Partial<WorldSpec> = {
 
 interface Case {
   mutation: Mutation;
+  /**
+   * Mutations on in both runs: a rule that guards only when another fails (identifiers derived from
+   * their rows matter only when a claim's commit is lost) is shown with that one broken too, and the
+   * invariant must then fire only with this mutation.
+   */
+  base?: Mutation[];
   /** The invariant that must catch it (a piece of its violation message). */
   caughtBy: string;
   overrides?: Partial<WorldSpec>;
@@ -86,24 +104,52 @@ const CASES: Case[] = [
     seed: 1,
     within: 10,
   },
+  {
+    mutation: 'randomIdentifiers',
+    base: ['noStandbyWait'],
+    caughtBy: 'billed twice at stripe: under',
+    profile: ASYNC_FAILOVER_LAGGING,
+    seed: 18,
+    within: 30,
+  },
+  {
+    mutation: 'coalesceFuture',
+    caughtBy: 'due readings behind',
+    profile: API_AHEAD,
+    seed: 2,
+    within: 30,
+  },
+  {
+    mutation: 'futureFails',
+    caughtBy: 'failed for a timestamp in the future',
+    overrides: { retryLimit: 0 },
+    profile: API_AND_DB_AHEAD,
+    seed: 1,
+    within: 30,
+  },
+  { mutation: 'reportHourFromHostClock', caughtBy: 'while the database is in', seed: 5, within: 30 },
 ];
 
 describe('each invariant catches the rule it guards, broken on purpose', () => {
   it.for(CASES)('$mutation is caught by "$caughtBy"', { timeout: 180_000 }, async (c) => {
+    const base = c.base ?? [];
     const options = (mutations: Mutation[]) => ({ mutations, ...(c.profile ? { profile: c.profile } : {}) });
-    let found: number | undefined;
+    const caught = (r: SimResult) => r.violations.some((v) => v.includes(c.caughtBy));
+    let found: SimResult | undefined;
     for (let seed = 1; seed <= c.within && found === undefined; seed++) {
-      const r = await simulate(seed, c.overrides, 'small', options([c.mutation]));
-      if (!r.ok) found = seed;
+      const r = await simulate(seed, c.overrides, 'small', options([...base, c.mutation]));
+      if (base.length === 0 ? !r.ok : caught(r)) found = r;
     }
     expect(found, `no failing seed within ${c.within}`).toBeDefined();
+    // The failing seed's fault profile, as a replay needs it.
+    console.info(
+      `${c.mutation}: seed ${found?.seed} fails\n  ${found?.faults.join('\n  ')}\n  ${found?.violations[0] ?? ''}`,
+    );
 
-    const broken = await simulate(c.seed, c.overrides, 'small', options([c.mutation]));
-    expect(
-      broken.violations.some((v) => v.includes(c.caughtBy)),
-      broken.violations.join('\n'),
-    ).toBe(true);
-    const sound = await simulate(c.seed, c.overrides, 'small', options([]));
-    expect(sound.violations).toEqual([]);
+    const broken = await simulate(c.seed, c.overrides, 'small', options([...base, c.mutation]));
+    expect(caught(broken), [...broken.faults, ...broken.violations].join('\n')).toBe(true);
+    const sound = await simulate(c.seed, c.overrides, 'small', options(base));
+    if (base.length === 0) expect(sound.violations).toEqual([]);
+    else expect(caught(sound), sound.violations.join('\n')).toBe(false);
   });
 });
