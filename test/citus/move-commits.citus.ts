@@ -47,7 +47,13 @@ describe.skipIf(!available)('commits just before a shard move switches placement
     } finally {
       await client.end();
     }
-    ({ ctx, close } = await openTestContext({ DATABASE_URL: cluster.coordinator.url }));
+    ({ ctx, close } = await openTestContext({
+      DATABASE_URL: cluster.coordinator.url,
+      // Each test holds a transaction open, idle, across the move's final step on purpose (up to a
+      // minute on a loaded machine); the server's idle-in-transaction bound for dead clients would end
+      // it (DB_SERVER_TIMEOUTS, src/db/dead-connections.ts). No meterbox transaction idles like this.
+      DB_SERVER_TIMEOUTS: 'off',
+    }));
     await ctx.boss.start();
   });
   afterAll(async () => {
