@@ -70,6 +70,7 @@ const AUTH: Readonly<Record<string, string>> = {
   apiKey: 'API key',
   admin: 'admin token',
   stripeSignature: 'Stripe signature',
+  usageToken: 'usage token',
 };
 
 /** A table cell: one line, pipes escaped. */
@@ -142,8 +143,9 @@ function fieldTable(schema: Schema): string[] {
 }
 
 function authOf(op: Operation): string {
-  const scheme = Object.keys(op.security?.[0] ?? {})[0];
-  return scheme ? (AUTH[scheme] ?? scheme) : 'none';
+  // Alternatives (OpenAPI: one entry each) read "API key or usage token".
+  const schemes = (op.security ?? []).map((entry) => Object.keys(entry)[0]).filter((s) => s !== undefined);
+  return schemes.length > 0 ? schemes.map((s) => AUTH[s] ?? s).join(' or ') : 'none';
 }
 
 /** GitHub's anchor of a heading made of one code span. */

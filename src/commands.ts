@@ -7,6 +7,7 @@ import { adminCommands } from './admin/cli.js';
 import { correctionCommands } from './admin/corrections-cli.js';
 import { destinationCommands } from './admin/destinations-cli.js';
 import { organizationCommands } from './admin/organizations-cli.js';
+import { usageTokenCommands } from './admin/usage-tokens-cli.js';
 import { stripeCommands } from './billing/stripe-cli.js';
 import type { CliCommand } from './cli/command.js';
 import { replicationCommands } from './metering/replication-report.js';
@@ -19,6 +20,7 @@ export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...destinationCommands,
   ...citusCommands,
   ...replicationCommands,
+  ...usageTokenCommands,
 };
 
 export function generalHelp(): string {

@@ -188,6 +188,15 @@ export const configSchema = z.object({
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */
   DEV_POSTGRES_PORT: int(0, 65535).default(54329),
+  /** Lifetime of a usage token created without one (hours); capped at USAGE_TOKEN_MAX_TTL_HOURS. */
+  USAGE_TOKEN_DEFAULT_TTL_HOURS: int(1, 87_600).default(24),
+  /** Longest lifetime an operator may give a usage token (hours); a longer one is refused with 422. */
+  USAGE_TOKEN_MAX_TTL_HOURS: int(1, 87_600).default(720),
+  /**
+   * GET /v1/usage: requests per minute per credential (usage token or API key) and API process, a
+   * token bucket in memory (so N API processes allow up to N times this); 0 = no limit.
+   */
+  USAGE_RATE_LIMIT_PER_MINUTE: int(0, 1_000_000).default(60),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;

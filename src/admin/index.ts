@@ -12,6 +12,7 @@ import { dashboardRoutes } from './dashboard-routes.js';
 import { destinationRoutes } from './destinations-routes.js';
 import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
+import { usageTokenAdminRoutes } from './usage-tokens-routes.js';
 
 export const ADMIN_PREFIX = '/admin';
 
@@ -40,6 +41,7 @@ export function adminModule(
     dashboardRoutes(ctx),
     organizationAdminRoutes(ctx),
     destinationRoutes(ctx),
+    usageTokenAdminRoutes(ctx),
   ];
   for (const part of parts) {
     if (!part.prefix.startsWith(ADMIN_PREFIX)) throw new Error(`admin module outside /admin: ${part.prefix}`);

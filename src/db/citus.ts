@@ -35,6 +35,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['stripe_poison_events', { kind: 'reference' }],
   // Small, rarely written, joined by ingestion's statement next to subscriptions (a reference table).
   ['organization_destinations', { kind: 'reference' }],
+  // Looked up by a token's hash alone (GET /v1/usage), like api_keys (migrations/0050).
+  ['usage_tokens', { kind: 'reference' }],
   [TENANT_ANCHOR, { kind: 'distributed', column: 'organization_id', colocateWith: null }],
   ['usage_corrections', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['temperature_readings', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],

@@ -50,6 +50,18 @@ export interface ApiKeysTable {
   revoked_at: Timestamp | null;
 }
 
+/** migrations/0050: read-only GET /v1/usage tokens of one organization, stored hashed, expiring. */
+export interface UsageTokensTable {
+  id: Generated<string>;
+  organization_id: string;
+  name: ColumnType<string, string | undefined, string>;
+  prefix: string;
+  token_hash: string;
+  created_at: DefaultTimestamp;
+  expires_at: Timestamp;
+  revoked_at: Timestamp | null;
+}
+
 export interface SubscriptionsTable {
   organization_id: string;
   stripe_customer_id: string | null;
@@ -114,6 +126,8 @@ export interface MeterOutboxTable {
   destination: ColumnType<Destination, Destination | undefined, Destination>;
   /** migrations/0024: the row of the same readings at another destination (the one readings name). */
   mirrors_outbox_id: ColumnType<string | null, string | null | undefined, string | null>;
+  /** migrations/0051: W3C traceparent of the request that wrote the row; null without tracing. */
+  traceparent: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 /** migrations/0012: usage rows bill readings; correction rows take billed readings back. */
@@ -281,6 +295,7 @@ export interface DB {
   meter_delivery_keys: MeterDeliveryKeysTable;
   organization_destinations: OrganizationDestinationsTable;
   schema_migrations: SchemaMigrationsTable;
+  usage_tokens: UsageTokensTable;
 }
 
 export type Organization = Selectable<OrganizationsTable>;

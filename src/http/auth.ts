@@ -9,6 +9,7 @@ import {
   LAST_USED_RESOLUTION_SECONDS,
   looksLikeApiKey,
 } from '../credentials/api-keys.js';
+import { findUsageToken, looksLikeUsageToken } from '../credentials/usage-tokens.js';
 import { AppError, unauthorized } from './errors.js';
 import type { AppEnv } from './types.js';
 
@@ -39,6 +40,7 @@ export function apiKeyAuth(
         ctx.apiKeys.touch(cached.keyId, now);
       }
       c.set('organizationId', cached.organizationId);
+      c.set('credential', `key:${cached.keyId}`);
       await next();
       return;
     }
@@ -52,6 +54,26 @@ export function apiKeyAuth(
     const touchedAt = stale || !found.lastUsedAt ? now.getTime() : found.lastUsedAt.getTime();
     ctx.apiKeys.set(hash, { organizationId: found.organizationId, keyId: found.keyId, touchedAt }, ticket);
     c.set('organizationId', found.organizationId);
+    c.set('credential', `key:${found.keyId}`);
+    await next();
+  };
+}
+
+/**
+ * Auth of the read-only usage route: an organization's API key, or one of its usage tokens (`mbu_…`,
+ * src/credentials/usage-tokens.ts: live, not expired, not revoked; one indexed read, no cache, so a
+ * revocation holds at the next request). A usage token is accepted here only: every other /v1 route
+ * takes apiKeyAuth, which refuses anything that is not an API key.
+ */
+export function usageAuth(ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log'>): MiddlewareHandler<AppEnv> {
+  const byApiKey = apiKeyAuth(ctx);
+  return async (c, next) => {
+    const token = bearerToken(c.req.header('authorization'));
+    if (!token || !looksLikeUsageToken(token)) return byApiKey(c, next);
+    const found = await findUsageToken(ctx.db, token, ctx.clock.now());
+    if (!found) throw unauthorized('invalid, expired or revoked usage token');
+    c.set('organizationId', found.organizationId);
+    c.set('credential', `usage-token:${found.tokenId}`);
     await next();
   };
 }

@@ -37,7 +37,10 @@ function schemaBlock(schema: unknown): Html {
 }
 
 function operation(path: string, method: string, op: Operation): Html {
-  const auth = op.security && op.security.length > 0 ? Object.keys(op.security[0] ?? {}).join(', ') : 'none';
+  const auth =
+    op.security && op.security.length > 0
+      ? op.security.map((s) => Object.keys(s).join(', ')).join(' or ')
+      : 'none';
   const body = op.requestBody?.content?.['application/json']?.schema;
   return html`<details id="${method}-${path}">
 <summary><span class="method ${method}">${method}</span><span class="path">${path}</span><span>${op.summary ?? ''}</span><span class="auth">auth: ${auth}</span></summary>

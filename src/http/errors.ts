@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'headers_too_large'
   | 'request_timeout'
   | 'unsupported_media_type'
+  | 'rate_limited'
   | 'not_configured'
   | 'unavailable'
   | 'internal';
@@ -26,7 +27,7 @@ export interface ErrorDetail {
 
 export class AppError extends Error {
   constructor(
-    readonly status: 400 | 401 | 403 | 404 | 409 | 413 | 415 | 422 | 500 | 503,
+    readonly status: 400 | 401 | 403 | 404 | 409 | 413 | 415 | 422 | 429 | 500 | 503,
     readonly code: ErrorCode,
     message: string,
     readonly details: readonly ErrorDetail[] = [],

@@ -5,7 +5,7 @@ import { Hono } from 'hono';
 import { z } from 'zod';
 import type { AppEnv, HttpModule } from './types.js';
 
-export type Security = 'apiKey' | 'admin' | 'stripeSignature' | 'none';
+export type Security = 'apiKey' | 'apiKeyOrUsageToken' | 'admin' | 'stripeSignature' | 'none';
 
 export interface RouteDoc {
   method: 'get' | 'post' | 'patch' | 'put' | 'delete';
@@ -41,7 +41,18 @@ const SECURITY_SCHEMES = {
   apiKey: { type: 'http', scheme: 'bearer', description: 'Organization API key' },
   admin: { type: 'http', scheme: 'bearer', description: 'ADMIN_TOKEN' },
   stripeSignature: { type: 'apiKey', in: 'header', name: 'Stripe-Signature' },
+  usageToken: {
+    type: 'http',
+    scheme: 'bearer',
+    description: 'Read-only usage token of one organization (mbu_…, GET /v1/usage only)',
+  },
 } as const;
+
+function securityOf(security: Security): unknown[] {
+  if (security === 'none') return [];
+  if (security === 'apiKeyOrUsageToken') return [{ apiKey: [] }, { usageToken: [] }];
+  return [{ [security]: [] }];
+}
 
 export function buildOpenApi(routes: readonly RouteDoc[], version: string): Record<string, unknown> {
   const paths: Record<string, Record<string, unknown>> = {};
@@ -83,7 +94,7 @@ export function buildOpenApi(routes: readonly RouteDoc[], version: string): Reco
     paths[route.path]![route.method] = {
       summary: route.summary,
       tags: [route.tag],
-      ...(route.security === 'none' ? { security: [] } : { security: [{ [route.security]: [] }] }),
+      security: securityOf(route.security),
       ...(parameters.length ? { parameters } : {}),
       ...(route.body
         ? {

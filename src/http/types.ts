@@ -6,6 +6,8 @@ import type { RouteDoc } from './openapi.js';
 export interface AppVariables {
   /** Set by API-key auth: the calling organization. */
   organizationId: string;
+  /** Set by auth with the organization: which credential called (`key:<id>`, `usage-token:<id>`). */
+  credential?: string;
   requestId: string;
   /**
    * Set by the webhook handler where it decides the outcome (src/api/webhooks.ts); the metrics

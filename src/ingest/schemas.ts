@@ -154,13 +154,41 @@ export const sensorListSchema = z.object({
   nextCursor: z.string().nullable(),
 });
 
+export const USAGE_WINDOWS = ['hour', 'day', 'month'] as const;
+export type UsageWindow = (typeof USAGE_WINDOWS)[number];
+/** An IANA zone name's shape (Europe/Berlin, America/Argentina/Buenos_Aires, UTC, Etc/GMT+5). */
+const TIME_ZONE_NAME = /^[A-Za-z][A-Za-z0-9_+-]*(\/[A-Za-z0-9_+-]+){0,2}$/;
+
 export const usageQuerySchema = z
   .object({
     from: isoInstant('from').optional(),
     to: isoInstant('to').optional(),
+    window: z
+      .enum(USAGE_WINDOWS, { error: 'window must be one of hour, day, month' })
+      .optional()
+      .describe('cut [from, to) into windows (the windowed answer); without it the totals answer'),
+    tz: z
+      .string()
+      .max(64, { error: 'tz must be an IANA time zone name such as Europe/Berlin' })
+      .regex(TIME_ZONE_NAME, { error: 'tz must be an IANA time zone name such as Europe/Berlin' })
+      .optional()
+      .describe('IANA time zone the windows are cut in (default UTC); needs window'),
+    groupBy: z
+      .enum(['sensor'], { error: 'groupBy must be sensor' })
+      .optional()
+      .describe('split each window by sensor; needs window'),
+    organizationId: z
+      .uuid({ error: 'organizationId must be an organization id (UUID)' })
+      .optional()
+      .describe("optional; when given it must be the credential's own organization (else 403)"),
   })
   .refine((q) => !q.from || !q.to || Date.parse(q.from) < Date.parse(q.to), {
     error: 'from must be before to',
+    path: ['from'],
+  })
+  .refine((q) => q.window !== undefined || (q.tz === undefined && q.groupBy === undefined), {
+    error: 'tz and groupBy need window (hour, day or month)',
+    path: ['window'],
   });
 
 const usageByStatus = z.object(
@@ -185,3 +213,37 @@ export const usageResponseSchema = z.object({
   correctedReadings: usageByStatus,
 });
 export type UsageView = z.output<typeof usageResponseSchema>;
+
+const usageCounts = {
+  /** Readings stored (by ingestion time), voided ones excluded. */
+  stored: z.number().int().describe('readings stored (by ingestion time), voided ones excluded'),
+  voided: z.number().int().describe('readings voided by usage corrections (kept, never billed)'),
+  billed: z
+    .number()
+    .int()
+    .describe('of the stored readings, those whose usage the destination recorded (delivered)'),
+  pending: z.number().int().describe('of the stored readings, those whose usage is still to be delivered'),
+};
+
+export const usageWindowsResponseSchema = z.object({
+  from: z.iso.datetime(),
+  to: z.iso.datetime(),
+  window: z.enum(USAGE_WINDOWS),
+  tz: z.string(),
+  groupBy: z.enum(['sensor']).nullable(),
+  billable: z.boolean(),
+  totals: z.object(usageCounts),
+  windows: z.array(
+    z.object({
+      /** First instant of the window (clipped to from). */
+      start: z.iso.datetime(),
+      /** End of the window, exclusive (clipped to to): 23 or 25 hours for a day with a DST change. */
+      end: z.iso.datetime(),
+      /** The window's start as wall-clock time in tz, without offset (e.g. 2026-03-29T00:00:00). */
+      localStart: z.string(),
+      ...usageCounts,
+      sensors: z.array(z.object({ sensorId: z.string(), ...usageCounts })).optional(),
+    }),
+  ),
+});
+export type UsageWindowsView = z.output<typeof usageWindowsResponseSchema>;

@@ -8,7 +8,7 @@
 import { type Kysely, sql } from 'kysely';
 import { billableCustomerId } from '../billing/billable.js';
 import { type DB, OUTBOX_STATUSES, type OutboxStatus } from '../db/schema.js';
-import type { UsageView } from './schemas.js';
+import type { UsageView, UsageWindow, UsageWindowsView } from './schemas.js';
 
 export async function usageForPeriod(
   db: Kysely<DB>,
@@ -61,5 +61,132 @@ export async function usageForPeriod(
     meteredReadings,
     readingsVoided: Number(stored.rows[0]?.voided ?? 0),
     correctedReadings,
+  };
+}
+
+export interface UsageWindowsQuery {
+  from: Date;
+  to: Date;
+  window: UsageWindow;
+  /** An IANA zone Postgres knows (the route checks it against pg_timezone_names). */
+  tz: string;
+  bySensor: boolean;
+  /** Most (window, sensor) cells read; more raises TooManyCellsError. */
+  maxCells: number;
+}
+
+export class TooManyCellsError extends Error {}
+
+type Counts = { stored: number; voided: number; billed: number; pending: number };
+const zero = (): Counts => ({ stored: 0, voided: 0, billed: 0, pending: 0 });
+function add(into: Counts, row: Counts): void {
+  into.stored += row.stored;
+  into.voided += row.voided;
+  into.billed += row.billed;
+  into.pending += row.pending;
+}
+
+/**
+ * An organization's readings over [from, to), cut into hour, day or month windows in a time zone
+ * (date_trunc(unit, ingested_at, tz): a day with a DST change is 23 or 25 hours), optionally by
+ * sensor. Per window, by ingestion time (the time usage is billed at): stored (not voided), voided,
+ * billed (the outbox row that billed the reading was delivered, or compacted, which only delivered
+ * rows are) and pending (that row is still to be sent). Readings of an organization that was not
+ * billable, and of rows that failed or expired, are stored but neither billed nor pending.
+ * One range scan of temperature_readings_organization_ingested, each reading joined to its outbox row
+ * by primary key. Readings whose partition was dropped (past READINGS_RETENTION_DAYS) are not counted
+ * here: the route refuses a `from` beyond the retention.
+ */
+export async function usageByWindow(
+  db: Kysely<DB>,
+  organizationId: string,
+  q: UsageWindowsQuery,
+): Promise<UsageWindowsView> {
+  const unit = q.window;
+  const step = sql.raw(`interval '1 ${unit}'`);
+  // Window starts from the one holding `from` to the one after `to` (its start ends the last window).
+  // Hours step in absolute time (offsets change by whole hours); days and months step in wall-clock
+  // time and are converted back in the zone, as date_trunc(unit, instant, tz) converts the readings'.
+  const windowsQuery =
+    unit === 'hour'
+      ? sql<{ start: Date; local: string }>`
+          SELECT s AS start, to_char(s AT TIME ZONE ${q.tz}, 'YYYY-MM-DD"T"HH24:MI:SS') AS local
+            FROM generate_series(date_trunc('hour', ${q.from}::timestamptz, ${q.tz}),
+                                 ${q.to}::timestamptz + ${step}, ${step}) AS s`
+      : sql<{ start: Date; local: string }>`
+          SELECT DISTINCT ls AT TIME ZONE ${q.tz} AS start, to_char(ls, 'YYYY-MM-DD"T"HH24:MI:SS') AS local
+            FROM generate_series(date_trunc(${unit}, ${q.from}::timestamptz AT TIME ZONE ${q.tz}),
+                                 (${q.to}::timestamptz AT TIME ZONE ${q.tz}) + ${step}, ${step}) AS ls
+           ORDER BY 1`;
+  const countsQuery = sql<{
+    start: Date;
+    sensor_id: string | null;
+    stored: number;
+    voided: number;
+    billed: number;
+    pending: number;
+  }>`
+    SELECT date_trunc(${unit}, r.ingested_at, ${q.tz}) AS start,
+           ${q.bySensor ? sql`r.sensor_id` : sql`NULL::uuid`} AS sensor_id,
+           count(*) FILTER (WHERE r.voided_at IS NULL)::int AS stored,
+           count(*) FILTER (WHERE r.voided_at IS NOT NULL)::int AS voided,
+           count(*) FILTER (WHERE r.voided_at IS NULL AND r.outbox_id IS NOT NULL
+                              AND (o.status = 'delivered' OR o.id IS NULL))::int AS billed,
+           count(*) FILTER (WHERE r.voided_at IS NULL AND o.status = 'pending')::int AS pending
+      FROM temperature_readings r
+      LEFT JOIN meter_outbox o ON o.id = r.outbox_id AND o.organization_id = r.organization_id
+     WHERE r.organization_id = ${organizationId}
+       AND r.ingested_at >= ${q.from} AND r.ingested_at < ${q.to}
+     GROUP BY 1, 2
+     ORDER BY 1, 2
+     LIMIT ${q.maxCells + 1}`;
+  const [windows, counts, customerId] = await Promise.all([
+    windowsQuery.execute(db),
+    countsQuery.execute(db),
+    billableCustomerId(db, organizationId),
+  ]);
+  if (counts.rows.length > q.maxCells) throw new TooManyCellsError();
+
+  const byStart = new Map<number, { totals: Counts; sensors: ({ sensorId: string } & Counts)[] }>();
+  for (const row of counts.rows) {
+    const key = new Date(row.start).getTime();
+    const entry = byStart.get(key) ?? { totals: zero(), sensors: [] };
+    add(entry.totals, row);
+    if (q.bySensor && row.sensor_id) {
+      entry.sensors.push({
+        sensorId: row.sensor_id,
+        stored: row.stored,
+        voided: row.voided,
+        billed: row.billed,
+        pending: row.pending,
+      });
+    }
+    byStart.set(key, entry);
+  }
+  const totals = zero();
+  const out: UsageWindowsView['windows'] = [];
+  const starts = windows.rows.map((w) => ({ at: new Date(w.start), local: w.local }));
+  for (const [i, w] of starts.entries()) {
+    const next = starts[i + 1];
+    if (!next || w.at >= q.to) break;
+    const entry = byStart.get(w.at.getTime()) ?? { totals: zero(), sensors: [] };
+    add(totals, entry.totals);
+    out.push({
+      start: new Date(Math.max(w.at.getTime(), q.from.getTime())).toISOString(),
+      end: new Date(Math.min(next.at.getTime(), q.to.getTime())).toISOString(),
+      localStart: w.local,
+      ...entry.totals,
+      ...(q.bySensor ? { sensors: entry.sensors } : {}),
+    });
+  }
+  return {
+    from: q.from.toISOString(),
+    to: q.to.toISOString(),
+    window: q.window,
+    tz: q.tz,
+    groupBy: q.bySensor ? 'sensor' : null,
+    billable: customerId !== null,
+    totals,
+    windows: out,
   };
 }
