@@ -300,25 +300,28 @@ describe('GET /v1/usage windows after a delivery and a correction', () => {
     deliver,
   }) => {
     offsetMs = 0;
-    const [s1, s2] = (await createSensors(ctx.db, org.organizationId, 2)) as [string, string];
+    const [s1, s2, s3] = (await createSensors(ctx.db, org.organizationId, 3)) as [string, string, string];
     const base = Date.now() - 3_600_000;
     await ingest(app, org.apiKey, s1, 5, base);
     await ingest(app, org.apiKey, s2, 3, base);
     await deliver(org.customerId);
-    // Two more of sensor 2, not delivered yet.
+    // Two more of sensor 2 and one of sensor 3, not delivered yet.
     await ingest(app, org.apiKey, s2, 2, base + 100_000);
-    // Sensor 1's readings were faulty: voided, and their billed usage taken back.
-    const correction = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
-      method: 'POST',
-      headers: authHeaders(ADMIN),
-      body: JSON.stringify({
-        sensorId: s1,
-        from: new Date(base - 1000).toISOString(),
-        to: new Date(base + 3_600_000).toISOString(),
-        reason: 'faulty probe',
-      }),
-    });
-    expect(correction.status).toBe(201);
+    await ingest(app, org.apiKey, s3, 1, base + 100_000);
+    // Sensor 1's readings (delivered) and sensor 3's (not yet) were faulty: voided, their usage taken back.
+    for (const sensorId of [s1, s3]) {
+      const correction = await app.request(`/admin/organizations/${org.organizationId}/usage-corrections`, {
+        method: 'POST',
+        headers: authHeaders(ADMIN),
+        body: JSON.stringify({
+          sensorId,
+          from: new Date(base - 1000).toISOString(),
+          to: new Date(base + 3_600_000).toISOString(),
+          reason: 'faulty probe',
+        }),
+      });
+      expect(correction.status).toBe(201);
+    }
 
     const token = (await createToken(org.organizationId)).json.token;
     const res = await get(app, token, '?window=month&groupBy=sensor');
@@ -331,12 +334,13 @@ describe('GET /v1/usage windows after a delivery and a correction', () => {
     const cells = body.windows.flatMap((w) => w.sensors);
     const sum = (sensorId: string, field: string) =>
       cells.filter((c) => c.sensorId === sensorId).reduce((n, c) => n + (c[field] ?? 0), 0);
-    expect(body.totals).toEqual({ stored: 5, voided: 5, billed: 3, pending: 2 });
+    expect(body.totals).toEqual({ stored: 5, voided: 6, billed: 3, pending: 2 });
     expect(
-      [s1, s2].map((s) => [sum(s, 'stored'), sum(s, 'voided'), sum(s, 'billed'), sum(s, 'pending')]),
+      [s1, s2, s3].map((s) => [sum(s, 'stored'), sum(s, 'voided'), sum(s, 'billed'), sum(s, 'pending')]),
     ).toEqual([
       [0, 5, 0, 0],
       [5, 0, 3, 2],
+      [0, 1, 0, 0],
     ]);
 
     // Delivered, the two pending ones are billed too.
@@ -344,6 +348,6 @@ describe('GET /v1/usage windows after a delivery and a correction', () => {
     const after = (await (await get(app, token, '?window=month')).json()) as {
       totals: Record<string, number>;
     };
-    expect(after.totals).toEqual({ stored: 5, voided: 5, billed: 5, pending: 0 });
+    expect(after.totals).toEqual({ stored: 5, voided: 6, billed: 5, pending: 0 });
   });
 });
