@@ -19,6 +19,7 @@ import {
 import { storeReadings } from '../ingest/readings.js';
 import { storeShardGroup } from '../ingest/routed.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
+import { activeSpan, inSpan, SpanKind, traceparentOf } from '../observability/tracing.js';
 
 const PATH = '/v1/readings';
 
@@ -105,69 +106,82 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         201: { description: 'stored; duplicates were already stored', schema: readingsResponseSchema },
       },
     },
-    async (c) => {
-      const organizationId = c.get('organizationId');
-      const key = c.req.header('idempotency-key');
-      if (key !== undefined && !isValidIdempotencyKey(key)) {
-        throw new AppError(400, 'bad_request', 'Idempotency-Key must be 1 to 255 printable ASCII characters');
-      }
-      const body = await readJson(c);
-      const now = ctx.clock.now();
-      const notBefore = new Date(now.getTime() - retentionMs);
-      // Hono caches the body text readJson read, so hashing it costs no second read.
-      const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
-      if (key !== undefined && hash !== undefined) {
-        const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-        if (stored) return replay(c, stored, hash);
-      }
-
-      // A well-formed batch skips zod; anything else gets zod's verdict and its error details.
-      let readings = parseReadingsFast(body, schemaOptions)?.readings;
-      if (!readings) {
-        const parsed = schema.safeParse(body);
-        if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
-        readings = parsed.data.readings;
-      }
-      if (groups && key === undefined) {
-        const outcome = await groups.submit({ organizationId, readings });
-        if (!outcome.stored) throw invalidBatch(outcome.problems);
-        ctx.metrics.readingsIngested.inc(outcome.result.inserted);
-        return c.json(outcome.result, 201);
-      }
-      try {
-        // On a distributed database, the router statements of its shard group (routed.ts).
-        const distributed = await ctx.distributed();
-        const result = await ctx.db.transaction().execute(async (trx) => {
-          const outcome = distributed
-            ? (await storeShardGroup(trx, ctx.boss, [{ organizationId, readings }], now))[0]!
-            : await storeReadings(trx, ctx.boss, organizationId, readings, now);
-          if (!outcome.stored) throw invalidBatch(outcome.problems);
-          const stored = outcome.result;
-          if (key !== undefined && hash !== undefined) {
-            const saved = await storeResponse(
-              trx,
-              organizationId,
-              key,
-              { requestHash: hash, status: 201, body: stored },
-              now,
-              notBefore,
-            );
-            if (!saved) throw new IdempotencyKeyTaken();
-          }
-          return stored;
-        });
-        // Counted here, after the commit, from the result object (a replay stores nothing).
-        ctx.metrics.readingsIngested.inc(result.inserted);
-        return c.json(result, 201);
-      } catch (err) {
-        if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
-        // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
-        const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-        if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
-        return replay(c, stored, hash);
-      }
-    },
+    (c) =>
+      // The request's span (a child of the HTTP server span when the operator's SDK instruments HTTP;
+      // else the request's own, continuing an incoming traceparent): its context goes on the outbox row.
+      inSpan(
+        'meterbox.readings.ingest',
+        {
+          kind: activeSpan() ? SpanKind.INTERNAL : SpanKind.SERVER,
+          headers: c.req.header(),
+          attributes: { 'meterbox.organization_id': c.get('organizationId') },
+        },
+        (span) => ingest(c, traceparentOf(span)),
+      ),
   );
+
+  async function ingest(c: HonoContext<AppEnv>, traceparent: string | null): Promise<Response> {
+    const organizationId = c.get('organizationId');
+    const key = c.req.header('idempotency-key');
+    if (key !== undefined && !isValidIdempotencyKey(key)) {
+      throw new AppError(400, 'bad_request', 'Idempotency-Key must be 1 to 255 printable ASCII characters');
+    }
+    const body = await readJson(c);
+    const now = ctx.clock.now();
+    const notBefore = new Date(now.getTime() - retentionMs);
+    // Hono caches the body text readJson read, so hashing it costs no second read.
+    const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
+    if (key !== undefined && hash !== undefined) {
+      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+      if (stored) return replay(c, stored, hash);
+    }
+
+    // A well-formed batch skips zod; anything else gets zod's verdict and its error details.
+    let readings = parseReadingsFast(body, schemaOptions)?.readings;
+    if (!readings) {
+      const parsed = schema.safeParse(body);
+      if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
+      readings = parsed.data.readings;
+    }
+    if (groups && key === undefined) {
+      const outcome = await groups.submit({ organizationId, readings, traceparent });
+      if (!outcome.stored) throw invalidBatch(outcome.problems);
+      ctx.metrics.readingsIngested.inc(outcome.result.inserted);
+      return c.json(outcome.result, 201);
+    }
+    try {
+      // On a distributed database, the router statements of its shard group (routed.ts).
+      const distributed = await ctx.distributed();
+      const result = await ctx.db.transaction().execute(async (trx) => {
+        const outcome = distributed
+          ? (await storeShardGroup(trx, ctx.boss, [{ organizationId, readings, traceparent }], now))[0]!
+          : await storeReadings(trx, ctx.boss, organizationId, readings, now, traceparent);
+        if (!outcome.stored) throw invalidBatch(outcome.problems);
+        const stored = outcome.result;
+        if (key !== undefined && hash !== undefined) {
+          const saved = await storeResponse(
+            trx,
+            organizationId,
+            key,
+            { requestHash: hash, status: 201, body: stored },
+            now,
+            notBefore,
+          );
+          if (!saved) throw new IdempotencyKeyTaken();
+        }
+        return stored;
+      });
+      // Counted here, after the commit, from the result object (a replay stores nothing).
+      ctx.metrics.readingsIngested.inc(result.inserted);
+      return c.json(result, 201);
+    } catch (err) {
+      if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
+      // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
+      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
+      if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
+      return replay(c, stored, hash);
+    }
+  }
 
   return routes;
 }

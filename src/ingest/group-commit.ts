@@ -23,7 +23,7 @@ import {
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import { type KeyRef, keyRef } from '../metering/rules.js';
 import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
-import { readingColumns, storeReadings } from './readings.js';
+import { readingColumns, storeReadings, traceparentsByOrganization } from './readings.js';
 import { storeShardGroup } from './routed.js';
 
 export type { GroupRequest } from './readings.js';
@@ -61,6 +61,14 @@ export async function storeGroup(
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
   const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
+  // Trace contexts only while tracing records: without them the statement is the one it always was.
+  const traced = traceparentsByOrganization(requests);
+  const traceColumn = traced.size > 0 ? sql`, traceparent` : sql``;
+  const traceValue =
+    traced.size > 0
+      ? sql`, (SELECT t.tp FROM unnest(${[...traced.keys()]}::uuid[], ${[...traced.values()]}::text[]) AS t(org, tp)
+                WHERE t.org = b.org)`
+      : sql``;
   const result = await sql<GroupRow>`
     WITH input AS MATERIALIZED (
       SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
@@ -109,10 +117,10 @@ export async function storeGroup(
       SELECT organization_id AS org, count(*)::int AS inserted FROM stored GROUP BY organization_id
     ), outbox AS (
       INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                destination, mirrors_outbox_id)
+                                destination, mirrors_outbox_id${traceColumn})
       OVERRIDING SYSTEM VALUE
       SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now},
-             b.destination, nullif(n.outbox_id, b.outbox_id)
+             b.destination, nullif(n.outbox_id, b.outbox_id)${traceValue}
       FROM per_org p JOIN billing b ON b.org = p.org JOIN named n ON n.org = b.org
       RETURNING organization_id, stripe_customer_id, destination
     ), held AS (

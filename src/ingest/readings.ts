@@ -23,6 +23,20 @@ export interface SensorProblem {
 export interface GroupRequest {
   organizationId: string;
   readings: readonly Reading[];
+  /**
+   * The request's trace context (W3C traceparent) while tracing records, else absent: stored on the
+   * organization's outbox row (the first request's of a group), so the delivery span joins its trace.
+   */
+  traceparent?: string | null;
+}
+
+/** The first traceparent of each organization's requests, in request order (group statements). */
+export function traceparentsByOrganization(requests: readonly GroupRequest[]): Map<string, string> {
+  const traced = new Map<string, string>();
+  for (const r of requests) {
+    if (r.traceparent && !traced.has(r.organizationId)) traced.set(r.organizationId, r.traceparent);
+  }
+  return traced;
 }
 
 /**
@@ -87,6 +101,7 @@ export async function storeReadings(
   organizationId: string,
   readings: readonly Reading[],
   now: Date,
+  traceparent?: string | null,
 ): Promise<StoreReadingsOutcome> {
   const sensorIds = readings.map((r) => r.sensorId);
   const recordedAt = readings.map((r) => r.recordedAt);
@@ -129,10 +144,10 @@ export async function storeReadings(
       SELECT count(*)::int AS inserted FROM stored
     ), outbox AS (
       INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                destination, mirrors_outbox_id)
+                                destination, mirrors_outbox_id${traceparent ? sql`, traceparent` : sql``})
       OVERRIDING SYSTEM VALUE
       SELECT b.outbox_id, ${organizationId}, 'temperature_readings', b.stripe_customer_id, c.inserted, ${now},
-             b.destination, nullif(n.outbox_id, b.outbox_id)
+             b.destination, nullif(n.outbox_id, b.outbox_id)${traceparent ? sql`, ${traceparent}::text` : sql``}
       FROM counted c, billing b, named n
       WHERE c.inserted > 0
       RETURNING stripe_customer_id, destination

@@ -34,6 +34,7 @@ import {
   readingColumns,
   type SensorProblem,
   type StoreReadingsOutcome,
+  traceparentsByOrganization,
 } from './readings.js';
 
 /** Most readings one insert statement carries (six parameters each, under Postgres's 65,535). */
@@ -172,14 +173,16 @@ export async function storeShardGroup(
   // 4. The outbox rows of the organizations that stored something new.
   const billed = outboxRows.filter((b) => (insertedByOrg.get(b.org) ?? 0) > 0);
   if (billed.length > 0) {
+    const traced = traceparentsByOrganization(requests);
     const values = billed.map((b) => {
       const mirrors = named.get(b.org) === b.id ? null : (named.get(b.org) ?? null);
       return sql`(${b.id}::bigint, ${b.org}::uuid, 'temperature_readings', ${b.stripe_customer_id},
-                  ${insertedByOrg.get(b.org) ?? 0}, ${now}::timestamptz, ${b.destination}, ${mirrors}::bigint)`;
+                  ${insertedByOrg.get(b.org) ?? 0}, ${now}::timestamptz, ${b.destination}, ${mirrors}::bigint
+                  ${traced.size > 0 ? sql`, ${traced.get(b.org) ?? null}::text` : sql``})`;
     });
     await sql`
       INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                destination, mirrors_outbox_id)
+                                destination, mirrors_outbox_id${traced.size > 0 ? sql`, traceparent` : sql``})
       OVERRIDING SYSTEM VALUE
       VALUES ${sql.join(values)}`.execute(trx);
   }

@@ -27,9 +27,11 @@ import type { Config } from '../config.js';
 import type { ReplicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { startSpan } from '../observability/tracing.js';
 import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
+import { outboxTraceparents } from './delivery-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
@@ -239,9 +241,31 @@ async function deliverDestination(
     // 2. call, once every standby that could be promoted has the claim: a promotion that lost an
     // identifier already sent would regroup its rows and bill them twice (docs/architecture.md, Failover).
     const replicated = plan.calls.length === 0 || !deps.replication || (await deps.replication.confirm());
+    // Tracing (docs/operations.md): the batch's span records only with an SDK registered; then each
+    // usage call gets a span in the trace of the requests whose rows it carries. Else nothing is read.
+    const batchSpan = startSpan('meterbox.delivery.batch', {
+      'meterbox.destination': destination,
+      'meterbox.keys': leased.length,
+      'meterbox.calls': plan.calls.length,
+    });
+    const usageCalls = plan.calls.filter((c) => !c.correction);
+    const traces =
+      batchSpan.isRecording() && !deps.store && usageCalls.length > 0
+        ? await outboxTraceparents(
+            deps.db,
+            usageCalls.map((c) => ({ organizationId: c.key.organizationId, identifier: c.group.identifier })),
+          ).catch((err: unknown) => {
+            deps.log.warn(
+              { err },
+              'could not read the trace contexts of a batch; its calls are traced apart',
+            );
+            return new Map<string, string[]>();
+          })
+        : undefined;
     callsOpen = true;
     const answers = await callStripe(
       {
+        ...(traces ? { traces, destination } : {}),
         transport,
         slots: !replicated
           ? NOT_REPLICATED
@@ -253,7 +277,7 @@ async function deliverDestination(
       },
       plan.calls,
       () => leaseDeadline,
-    );
+    ).finally(() => batchSpan.end());
     callsOpen = false;
 
     // 3. decide

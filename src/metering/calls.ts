@@ -1,6 +1,7 @@
 // Step 2 of a batch (batch.ts): its Stripe calls, concurrently, each after its slot of the shared
 // budget and bounded by what its key's lease has left.
 import type { HostTimers } from '../clock.js';
+import { SpanStatusCode, startDeliverySpan } from '../observability/tracing.js';
 import type { CallSlots } from './budget.js';
 import { type CorrectionClient, sendCorrection } from './corrections.js';
 import type { DeliveryObserver } from './observer.js';
@@ -24,6 +25,13 @@ export interface CallDeps {
   switchToCompensate: (key: KeyRef, identifier: string) => Promise<void>;
   observer?: DeliveryObserver;
   timers: HostTimers;
+  /**
+   * While tracing records: the traceparents of the requests whose rows each usage group carries (by
+   * identifier); each usage call then gets a span in the first request's trace, linked to the others.
+   */
+  traces?: ReadonlyMap<string, readonly string[]>;
+  /** The destination, as the calls' span attribute. */
+  destination?: string;
 }
 
 /**
@@ -86,16 +94,42 @@ export async function callStripe(
           // above may wake after its lease; the monotonic clock has moved on, and nothing is sent.
           const timeoutMs = timeoutNow();
           if (timeoutMs === null) return call.map((p) => answer(p, null, 0));
-          outcomes = await deps.transport.send(
-            call.map((p) => ({
-              eventName: p.key.eventName,
-              customerId: p.key.customerId,
-              value: p.group.value,
-              timestamp: p.group.timestamp,
-              identifier: p.group.identifier,
-            })),
-            { timeoutMs },
-          );
+          const traces = deps.traces;
+          const span = traces
+            ? startDeliverySpan(
+                'meterbox.delivery.call',
+                call.flatMap((p) => traces.get(p.group.identifier) ?? []),
+                {
+                  'meterbox.destination': deps.destination ?? 'stripe',
+                  'meterbox.meter': first.key.eventName,
+                  'meterbox.events': call.length,
+                  'meterbox.value': call.reduce((n, p) => n + Number(p.group.value), 0),
+                },
+              )
+            : undefined;
+          try {
+            outcomes = await deps.transport.send(
+              call.map((p) => ({
+                eventName: p.key.eventName,
+                customerId: p.key.customerId,
+                value: p.group.value,
+                timestamp: p.group.timestamp,
+                identifier: p.group.identifier,
+              })),
+              { timeoutMs },
+            );
+            if (
+              span &&
+              outcomes.some((o) => o === null || (o.kind !== 'accepted' && o.kind !== 'duplicate'))
+            ) {
+              span.setStatus({ code: SpanStatusCode.ERROR, message: 'not every event was recorded' });
+            }
+          } catch (err) {
+            span?.setStatus({ code: SpanStatusCode.ERROR, message: 'the call failed' });
+            throw err;
+          } finally {
+            span?.end();
+          }
         }
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
