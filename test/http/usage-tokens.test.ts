@@ -9,6 +9,7 @@ import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createCorrectionClient } from '../../src/metering/corrections.js';
 import { createV1Transport } from '../../src/metering/transport.js';
+import { compactOutbox } from '../../src/storage/maintenance.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
 import { stripeTest, type TestApp } from '../support/test.js';
 
@@ -349,5 +350,16 @@ describe('GET /v1/usage windows after a delivery and a correction', () => {
       totals: Record<string, number>;
     };
     expect(after.totals).toEqual({ stored: 5, voided: 6, billed: 5, pending: 0 });
+
+    // Compaction moves delivered usage rows into hourly rollups: the readings they billed stay billed.
+    const compacted = await compactOutbox(ctx.db, {
+      now: new Date(Date.now() + 46 * 86_400_000),
+      compactionDays: 45,
+    });
+    expect(compacted).toBeGreaterThan(0);
+    const later = (await (await get(app, token, '?window=month')).json()) as {
+      totals: Record<string, number>;
+    };
+    expect(later.totals).toEqual({ stored: 5, voided: 6, billed: 5, pending: 0 });
   });
 });
