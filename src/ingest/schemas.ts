@@ -228,21 +228,27 @@ const usageCounts = {
 export const usageWindowsResponseSchema = z.object({
   from: z.iso.datetime(),
   to: z.iso.datetime(),
-  window: z.enum(USAGE_WINDOWS),
-  tz: z.string(),
-  groupBy: z.enum(['sensor']).nullable(),
+  window: z.enum(USAGE_WINDOWS).describe('windowed answer only: the window size asked for'),
+  tz: z.string().describe('windowed answer only: the time zone the windows are cut in'),
+  groupBy: z.enum(['sensor']).nullable().describe('windowed answer only: sensor when split by sensor'),
   billable: z.boolean(),
-  totals: z.object(usageCounts),
+  totals: z.object(usageCounts).describe('windowed answer only: the sums over every window'),
   windows: z.array(
     z.object({
-      /** First instant of the window (clipped to from). */
-      start: z.iso.datetime(),
-      /** End of the window, exclusive (clipped to to): 23 or 25 hours for a day with a DST change. */
-      end: z.iso.datetime(),
-      /** The window's start as wall-clock time in tz, without offset (e.g. 2026-03-29T00:00:00). */
-      localStart: z.string(),
+      start: z.iso.datetime().describe('first instant of the window (clipped to from)'),
+      end: z.iso
+        .datetime()
+        .describe(
+          'end of the window, exclusive (clipped to to): a day with a DST change lasts 23 or 25 hours',
+        ),
+      localStart: z
+        .string()
+        .describe("the window's start as wall-clock time in tz, without offset (e.g. 2026-03-29T00:00:00)"),
       ...usageCounts,
-      sensors: z.array(z.object({ sensorId: z.string(), ...usageCounts })).optional(),
+      sensors: z
+        .array(z.object({ sensorId: z.string(), ...usageCounts }))
+        .optional()
+        .describe('with groupBy=sensor: the sensors with readings in the window, by id'),
     }),
   ),
 });
