@@ -10,6 +10,7 @@ import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import type { Metrics } from '../observability/metrics.js';
 import { plusSeconds } from './budget.js';
 import { queueDeliveries } from './outbox.js';
 import { type Answer, type ClaimedGroup, type KeyRef, keyRef, singletonKeyOf } from './rules.js';
@@ -373,4 +374,13 @@ export async function destinationHealthStates(db: Kysely<DB>): Promise<Destinati
     retryAfterSeconds: r.retry_after_seconds,
     outages: Number(r.outages),
   }));
+}
+
+/** meterbox_destination_down and _down_seconds from the table (the destinations' own accounts). */
+export async function applyDestinationHealthGauges(db: Kysely<DB>, metrics: Metrics): Promise<void> {
+  for (const s of await destinationHealthStates(db)) {
+    if (s.account !== '') continue;
+    metrics.destinationDown.set({ destination: s.destination }, s.down ? 1 : 0);
+    metrics.destinationDownSeconds.set({ destination: s.destination }, s.down ? s.downSeconds : 0);
+  }
 }
