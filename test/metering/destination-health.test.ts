@@ -291,7 +291,7 @@ describe("a destination's Retry-After", () => {
     expect(emulator.counters().calls).toBe(calls);
     expect(same?.output).toMatchObject({ next: 'not_called' });
     expect(other?.output).toMatchObject({ next: 'not_called' });
-    expect(Number(other?.output.afterMs)).toBeGreaterThan(1_500);
+    expect(Number((other?.output as { afterMs?: number } | undefined)?.afterMs)).toBeGreaterThan(1_500);
 
     // Once it is over, the keys call again.
     let calledAt = 0;
