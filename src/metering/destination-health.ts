@@ -318,9 +318,17 @@ export async function resumeWaiting(
     customer: string;
     event_name: MeterEventName;
   }>`
-    UPDATE meter_delivery_keys SET retry_at = NULL
-     WHERE destination = ${destination} AND retry_at > now()
-    RETURNING organization_id, stripe_customer_id AS customer, event_name`.execute(db);
+    WITH w AS (
+      -- In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
+      SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+       WHERE destination = ${destination} AND retry_at > now()
+       ORDER BY 1, 2, 3, 4
+         FOR UPDATE)
+    UPDATE meter_delivery_keys d SET retry_at = NULL
+      FROM w
+     WHERE d.organization_id = w.organization_id AND d.stripe_customer_id = w.stripe_customer_id
+       AND d.event_name = w.event_name AND d.destination = w.destination AND d.retry_at > now()
+    RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name`.execute(db);
   const keys = rows.map((r) =>
     keyRef({
       organizationId: r.organization_id,
@@ -331,10 +339,16 @@ export async function resumeWaiting(
   );
   if (keys.length === 0) return keys;
   // Their follow-up jobs were queued to start at the backoff's end: they start now.
+  // In singleton key order, as ingestion locks queued jobs (outbox.ts lockQueuedJobs).
   await sql`
-    UPDATE pgboss.job SET start_after = now()
-     WHERE name = 'meter-delivery' AND state IN ('created', 'retry') AND start_after > now()
-       AND singleton_key = ANY(${keys.map(singletonKeyOf)}::text[])`.execute(db);
+    WITH j AS (
+      SELECT id FROM pgboss.job
+       WHERE name = 'meter-delivery' AND state IN ('created', 'retry') AND start_after > now()
+         AND singleton_key = ANY(${keys.map(singletonKeyOf)}::text[])
+       ORDER BY singleton_key
+         FOR NO KEY UPDATE)
+    UPDATE pgboss.job SET start_after = now() FROM j
+     WHERE pgboss.job.name = 'meter-delivery' AND pgboss.job.id = j.id`.execute(db);
   await queueDeliveries(boss, keys);
   return keys;
 }

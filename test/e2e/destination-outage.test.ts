@@ -90,18 +90,19 @@ async function runOutage(
   customers: readonly { org: string; customer: string }[],
 ) {
   let value = 0;
+  // One transaction per customer, as ingestion writes an organization's readings.
   const write = async () => {
-    await ctx.db.transaction().execute(async (trx) => {
-      for (const c of customers)
-        await writeOutbox(trx, ctx.boss, {
+    for (const c of customers)
+      await ctx.db.transaction().execute((trx) =>
+        writeOutbox(trx, ctx.boss, {
           organizationId: c.org,
           customerId: c.customer,
           eventName: 'temperature_readings',
           value: 1 + (value++ % 5),
           occurredAt: new Date(),
           destination: world.destination,
-        });
-    });
+        }),
+      );
   };
   // Healthy first: everything written so far is delivered.
   await write();
