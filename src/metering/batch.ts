@@ -350,6 +350,14 @@ async function deliverDestination(
       const resumed = await health.resumeWaiting();
       deps.log.info({ destination, keys: resumed.length }, 'destination up again: waiting groups resume');
       for (let i = 0; i < WAKE_FETCHERS; i++) deps.wakeAfter?.(0);
+    } else if (health) {
+      // Keys this batch told to wait whose wait it settled just after another batch ended the outage
+      // (and woke the waiting keys before this settle set theirs): they resume too, not at the backstop.
+      const waited = decision.notes.flatMap((n) => (n.kind === 'destination_wait' ? [n.key] : []));
+      if (waited.length > 0 && (await health.callable())) {
+        await health.resumeWaiting(waited);
+        deps.wakeAfter?.(0);
+      }
     }
     // 6. results
     return [...decision.results, ...done];

@@ -290,6 +290,14 @@ export async function recordHealth(
   });
 }
 
+/** Whether the destination may be called now: up, and no Retry-After in force. */
+export async function callable(db: Kysely<DB>, destination: Destination): Promise<boolean> {
+  const { rows } = await sql<{ ok: boolean }>`
+    SELECT state = 'up' AND (retry_after_until IS NULL OR retry_after_until <= clock_timestamp()) AS ok
+      FROM destination_health WHERE ${ROW(destination)}`.execute(db);
+  return rows[0]?.ok ?? true;
+}
+
 /** A destination's Retry-After: no call to it before `ms` from now (the later of two such asks). */
 export async function recordRetryAfter(db: Kysely<DB>, destination: Destination, ms: number): Promise<void> {
   await sql`
@@ -312,7 +320,14 @@ export async function resumeWaiting(
   db: Kysely<DB>,
   boss: PgBoss,
   destination: Destination,
+  /** Only these keys (a batch's own, told to wait just as the outage ended); default every key. */
+  only?: readonly KeyRef[],
 ): Promise<KeyRef[]> {
+  const filter = only
+    ? sql`AND (organization_id, stripe_customer_id, event_name) IN (
+            SELECT * FROM unnest(${only.map((k) => k.organizationId)}::uuid[], ${only.map((k) => k.customerId)}::text[],
+                                 ${only.map((k) => k.eventName)}::text[]))`
+    : sql``;
   const { rows } = await sql<{
     organization_id: string;
     customer: string;
@@ -321,7 +336,7 @@ export async function resumeWaiting(
     WITH w AS (
       -- In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
       SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
-       WHERE destination = ${destination} AND retry_at > now()
+       WHERE destination = ${destination} AND retry_at > now() ${filter}
        ORDER BY 1, 2, 3, 4
          FOR UPDATE)
     UPDATE meter_delivery_keys d SET retry_at = NULL

@@ -19,6 +19,7 @@ import {
 } from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import {
+  callable,
   type Gate,
   gateCalls,
   type HealthOutcome,
@@ -72,7 +73,10 @@ export interface DeliveryStore {
     gate(): Promise<Gate>;
     record(report: HealthReport): Promise<HealthOutcome>;
     retryAfter(ms: number): Promise<void>;
-    resumeWaiting(): Promise<KeyRef[]>;
+    /** Every waiting key of the destination (its outage ended), or only `keys`. */
+    resumeWaiting(keys?: readonly KeyRef[]): Promise<KeyRef[]>;
+    /** Up, and no Retry-After in force. */
+    callable(): Promise<boolean>;
   };
   /**
    * The organization of each job queued before jobs named one: the one with the key's oldest pending
@@ -158,7 +162,8 @@ export function sqlStore(deps: {
             record: (report: HealthReport) =>
               recordHealth(db, destination, report, healthPolicy(deps.config)),
             retryAfter: (ms: number) => recordRetryAfter(db, destination, ms),
-            resumeWaiting: () => resumeWaiting(db, boss, destination),
+            resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys),
+            callable: () => callable(db, destination),
           },
         }
       : {}),
