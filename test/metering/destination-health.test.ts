@@ -193,6 +193,12 @@ describe('a destination down for every group', () => {
     await sql`UPDATE meter_delivery_keys SET retry_at = NULL WHERE stripe_customer_id = ${customers[0]!}`.execute(
       ctx.db,
     );
+    // Their jobs wait as long (as the outage wait queued them).
+    await sql`UPDATE pgboss.job SET start_after = now() + interval '20 seconds'
+               WHERE name = 'meter-delivery' AND state = 'created'
+                 AND singleton_key = ANY(${customers.slice(1).map((c) => `temperature_readings:${c}`)}::text[])`.execute(
+      ctx.db,
+    );
     await deliverBatch(deps, [job(orgs[0]!)]);
     expect(await health(ctx)).toMatchObject({ state: 'up', failures: 0 });
     const { rows: keys } = await sql<{ waiting: number }>`
