@@ -19,6 +19,7 @@ import {
 import { createMetronomeClient, createMetronomeTransport } from '../../src/metering/metronome.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
+import { createV2Transport } from '../../src/metering/transport-v2.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { writeRows } from './delivery-helpers.js';
@@ -219,6 +220,45 @@ describe('a destination down for every group', () => {
 
     const [state] = (await destinationHealthStates(ctx.db)).filter((s) => s.destination === 'stripe');
     expect(state).toMatchObject({ down: false, downSeconds: 0 });
+  });
+
+  it('the v2 meter event stream: a run of failed stream calls takes it down, the probes after it count nothing, the accepted probe resumes the rest', async ({
+    ctx,
+    emulator,
+  }) => {
+    const orgs = await orgsWithRows(ctx, 4);
+    const customers = orgs.map((o) => o.customerId);
+    const deps = depsOf(ctx, { transport: createV2Transport(ctx.stripe!) });
+    emulator.setFaults({ errorRate: 1 });
+    // One stream call carries the four keys' events: each failed call is one failure of the run.
+    for (let call = 0; call < 3; call++) {
+      await due(ctx, customers);
+      await deliverBatch(deps, orgs.map(job));
+    }
+    expect(await health(ctx)).toMatchObject({ state: 'down' });
+    const before = (await attemptsOf(ctx, customers)).map((r) => r.attempts);
+    // Two failed calls before it was down counted; the one that made it down did not.
+    expect(before).toEqual([2, 2, 2, 2]);
+    for (let round = 0; round < RETRY_LIMIT + 2; round++) {
+      await due(ctx, customers);
+      const calls = emulator.counters().calls;
+      await deliverBatch(deps, orgs.map(job));
+      expect(emulator.counters().calls - calls).toBe(1);
+    }
+    expect((await attemptsOf(ctx, customers)).map((r) => r.attempts)).toEqual(before);
+    emulator.setFaults({});
+    await due(ctx, customers);
+    await deliverBatch(deps, orgs.map(job));
+    expect(await health(ctx)).toMatchObject({ state: 'up' });
+    await due(ctx, customers);
+    await deliverBatch(deps, orgs.map(job));
+    const after = await attemptsOf(ctx, customers);
+    // v2: accepted, then validated by Stripe (pending with accepted_at): none failed, none left unsent.
+    expect(after.every((r) => r.status !== 'failed')).toBe(true);
+    const { rows } = await sql<{ unsent: number }>`
+      SELECT count(*) FILTER (WHERE status = 'pending' AND accepted_at IS NULL)::int AS unsent FROM meter_outbox
+       WHERE stripe_customer_id = ANY(${customers}::text[])`.execute(ctx.db);
+    expect(rows[0]!.unsent).toBe(0);
   });
 
   it('gives the probe slot to one batch of many asking at once', async ({ ctx }) => {
