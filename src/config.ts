@@ -184,6 +184,21 @@ export const configSchema = z.object({
    * `ignore_startup_parameters = options`); set the pooler's own timeouts then (docs/operations.md).
    */
   DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
+  // --- destination outages (issue 44) ---
+  /**
+   * Consecutive failures that are a destination's (5xx, timeouts, connection errors), from at least
+   * two customers' groups, after which it is taken as down: groups stop spending attempts and backoff
+   * on it and wait while one probe call at a time finds out when it is back. 0 = off (every failure
+   * is the group's).
+   */
+  DESTINATION_DOWN_AFTER_FAILURES: int(0, 1_000).default(5),
+  /** Longest spacing between two probes of a down destination (they start 2 s apart and double). */
+  DESTINATION_PROBE_MAX_SECONDS: int(2, 300).default(10),
+  /**
+   * How long a group waiting on a down destination waits before looking again on its own; the
+   * outage's end wakes it before that.
+   */
+  DESTINATION_OUTAGE_WAIT_SECONDS: int(1, 3_600).default(20),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

@@ -6,6 +6,7 @@ import type { Context } from '../context-type.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { callsPerSecond } from '../metering/budget.js';
+import { applyDestinationHealthGauges } from '../metering/destination-health.js';
 import { readPipelineSnapshot } from '../metering/pipeline-snapshot.js';
 import { readTaskRuns } from '../metering/task-runs.js';
 import { applyPipelineSnapshot, type Metrics } from '../observability/metrics.js';
@@ -72,6 +73,7 @@ export async function renderMetrics(ctx: MetricsDeps): Promise<string> {
       }),
     );
     await applyGoLiveGauges(ctx.db, ctx.metrics);
+    await applyDestinationHealthGauges(ctx.db, ctx.metrics);
   } catch (err) {
     // A scrape must still answer when Postgres is down: process and HTTP series stay useful and the
     // pipeline gauges keep their last values (Prometheus's `up` and readiness report the outage).

@@ -46,6 +46,7 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['meter_usage_hourly', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['meter_delivery_keys', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['meter_call_budget', { kind: 'single-shard' }],
+  ['destination_health', { kind: 'single-shard' }],
 ];
 
 /** Tables that stay local on the coordinator: the migration ledger (the runner's own). */

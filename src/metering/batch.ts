@@ -32,14 +32,17 @@ import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
+import { type Gate, type HealthReport, healthPolicy, splitByGate } from './destination-health.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
 import {
+  type Answer,
   type CorrectionFacts,
   decideBatch,
   deliveryPolicy,
   destinationOf,
+  destinationVerdict,
   type JobOutcome,
   jobKeys,
   type KeyRef,
@@ -58,6 +61,8 @@ export interface BatchDeps {
   transport: MeterTransport;
   /** This process's share of the account-wide call budget. */
   slots: CallSlots;
+  /** Stripe's Retry-After in this process (DestinationDeps.hold). */
+  hold?: { until: number };
   /** Usage corrections' Stripe calls; without it correction rows wait. */
   corrections?: CorrectionClient;
   /**
@@ -100,6 +105,8 @@ const NOT_REPLICATED: CallSlots = { take: async () => ({ granted: false, waitMs:
 export interface DestinationDeps {
   transport: MeterTransport;
   slots: CallSlots;
+  /** The destination's Retry-After in this process, shared by its batches (calls.ts CallDeps.hold). */
+  hold?: { until: number };
   corrections?: CorrectionClient;
   catalog?: Pick<MeterCatalog, 'sendable' | 'releaseHeld'>;
 }
@@ -145,6 +152,7 @@ export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]
           ? {
               transport: deps.transport,
               slots: deps.slots,
+              ...(deps.hold ? { hold: deps.hold } : {}),
               ...(deps.corrections ? { corrections: deps.corrections } : {}),
               ...(deps.catalog ? { catalog: deps.catalog } : {}),
             }
@@ -238,17 +246,28 @@ async function deliverDestination(
     }
     const plan = planCalls(leased, corrections, deps.clock.now(), policy);
 
+    // 2a. the destination's gate (destination-health.ts): while it is down, or asked to wait
+    // (Retry-After), its keys wait on it instead of calling and backing off one by one; one batch at a
+    // time holds the probe slot and sends one call.
+    const health = store.health;
+    const healthRules = healthPolicy(config);
+    const gate: Gate = health && plan.calls.length > 0 ? await health.gate() : { kind: 'open', failures: 0 };
+    if (gate.kind === 'wait' && gate.reason === 'retry_after' && dest?.hold) {
+      dest.hold.until = Math.max(dest.hold.until, timers.now() + gate.waitMs);
+    }
+    const { call: toCall, waiting } = splitByGate(plan.calls, gate, healthRules);
+
     // 2. call, once every standby that could be promoted has the claim: a promotion that lost an
     // identifier already sent would regroup its rows and bill them twice (docs/architecture.md, Failover).
-    const replicated = plan.calls.length === 0 || !deps.replication || (await deps.replication.confirm());
+    const replicated = toCall.length === 0 || !deps.replication || (await deps.replication.confirm());
     // Tracing (docs/operations.md): the batch's span records only with an SDK registered; then each
     // usage call gets a span in the trace of the requests whose rows it carries. Else nothing is read.
     const batchSpan = startSpan('meterbox.delivery.batch', {
       'meterbox.destination': destination,
       'meterbox.keys': leased.length,
-      'meterbox.calls': plan.calls.length,
+      'meterbox.calls': toCall.length,
     });
-    const usageCalls = plan.calls.filter((c) => !c.correction);
+    const usageCalls = toCall.filter((c) => !c.correction);
     const traces =
       batchSpan.isRecording() && !deps.store && usageCalls.length > 0
         ? await outboxTraceparents(
@@ -263,7 +282,7 @@ async function deliverDestination(
           })
         : undefined;
     callsOpen = true;
-    const answers = await callStripe(
+    const called = await callStripe(
       {
         ...(traces ? { traces, destination } : {}),
         transport,
@@ -273,12 +292,40 @@ async function deliverDestination(
         ...(dest?.corrections ? { corrections: dest.corrections } : {}),
         switchToCompensate: (key, identifier) => store.switchToCompensate(key, identifier, owner),
         ...(deps.observer ? { observer: deps.observer } : {}),
+        ...(dest?.hold ? { hold: dest.hold } : {}),
         timers,
       },
-      plan.calls,
+      toCall,
       () => leaseDeadline,
     ).finally(() => batchSpan.end());
     callsOpen = false;
+    const answers = [...waiting, ...called];
+
+    // 2b. what the calls said of the destination: a run of its failures makes it down (then they are
+    // not the groups' failures: uncounted, the keys wait on it), a working answer ends an outage.
+    let outage: { probeInMs: number; waitMs: number } | undefined;
+    let recovered = false;
+    if (health && called.length > 0) {
+      const report = healthReport(called, gate.kind === 'probe');
+      const retryAfterMs = Math.max(
+        0,
+        ...called.map((a) => (a.outcome?.kind === 'retryable' ? (a.outcome.retryAfterMs ?? 0) : 0)),
+      );
+      if (retryAfterMs > 0) await health.retryAfter(retryAfterMs);
+      // Nothing to end and nothing failed: the steady state writes nothing.
+      const quiet = report.failures === 0 && gate.kind === 'open' && gate.failures === 0;
+      if (!quiet) {
+        const after = await health.record(report);
+        if (after.wentDown) {
+          deps.log.warn(
+            { destination, failures: report.failures },
+            'destination down: its groups wait on it and stop spending attempts; probing it',
+          );
+        }
+        if (after.state === 'down') outage = { probeInMs: after.probeInMs, waitMs: healthRules.outageWaitMs };
+        recovered = after.recovered;
+      }
+    }
 
     // 3. decide
     const decision = decideBatch({
@@ -289,6 +336,7 @@ async function deliverDestination(
       pastWindow: plan.pastWindow,
       now: deps.clock.now(),
       policy,
+      ...(outage ? { outage } : {}),
     });
     report(deps, decision.notes);
     if (decision.rateLimited) {
@@ -321,6 +369,20 @@ async function deliverDestination(
       await store.queue(decision.followUps);
       for (const ms of new Set(decision.followUps.map((f) => f.afterMs))) deps.wakeAfter?.(ms);
     }
+    // 5b. the destination is back: every key waiting on it resumes now (its job starts at once).
+    if (recovered && health) {
+      const resumed = await health.resumeWaiting();
+      deps.log.info({ destination, keys: resumed.length }, 'destination up again: waiting groups resume');
+      for (let i = 0; i < WAKE_FETCHERS; i++) deps.wakeAfter?.(0);
+    } else if (health) {
+      // Keys this batch told to wait whose wait it settled just after another batch ended the outage
+      // (and woke the waiting keys before this settle set theirs): they resume too, not at the backstop.
+      const waited = decision.notes.flatMap((n) => (n.kind === 'destination_wait' ? [n.key] : []));
+      if (waited.length > 0 && (await health.callable())) {
+        await health.resumeWaiting(waited);
+        deps.wakeAfter?.(0);
+      }
+    }
     // 6. results
     return [...decision.results, ...done];
   } catch (err) {
@@ -334,6 +396,25 @@ async function deliverDestination(
     }
     throw err;
   }
+}
+
+/** Fetchers of this process woken at an outage's end (the other processes' poll within a second). */
+const WAKE_FETCHERS = 4;
+
+/** What a batch's calls said of their destination: its failures by call, and its working answers. */
+function healthReport(called: readonly Answer[], probed: boolean): HealthReport {
+  const failingCalls = new Set<number>();
+  const failingKeys = new Set<string>();
+  let answered = 0;
+  for (const [i, a] of called.entries()) {
+    if (!a.outcome) continue;
+    const verdict = destinationVerdict(a.outcome);
+    if (verdict === 'failure') {
+      failingCalls.add(a.call ?? -1 - i);
+      failingKeys.add(keyName(a.key));
+    } else if (verdict === 'answered') answered += 1;
+  }
+  return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed };
 }
 
 /** What a batch's notes say, to the log and the metrics. */
@@ -402,6 +483,9 @@ function report(deps: Pick<BatchDeps, 'log' | 'observer'>, notes: readonly Note[
         break;
       case 'held':
         held.add(note.key.eventName);
+        break;
+      case 'destination_wait':
+        at(note.key).debug({ waitMs: note.waitMs }, 'waiting on the destination (down, or Retry-After)');
         break;
       case 'corrections_settled':
         corrections.neverBilled += note.neverBilled;

@@ -32,6 +32,12 @@ export interface CallDeps {
   traces?: ReadonlyMap<string, readonly string[]>;
   /** The destination, as the calls' span attribute. */
   destination?: string;
+  /**
+   * The destination's Retry-After in this process (the host's monotonic ms before which nothing is
+   * sent to it), shared by its batches: a call about to start after another call's Retry-After waits
+   * on the destination instead. Moved on by any answer that carries one.
+   */
+  hold?: { until: number };
 }
 
 /**
@@ -52,13 +58,19 @@ export async function callStripe(
   const calls: PlannedCall[][] = [];
   for (let i = 0; i < usage.length; i += perCall) calls.push(usage.slice(i, i + perCall));
   for (const p of planned) if (p.correction) calls.push([p]);
-  const answer = (p: PlannedCall, outcome: SendOutcome | null, waitMs?: number): Answer => ({
+  const answer = (p: PlannedCall, outcome: SendOutcome | null, waitMs?: number, call?: number): Answer => ({
     key: p.key,
     group: p.group,
     correction: p.correction !== undefined,
     outcome,
     ...(waitMs === undefined ? {} : { waitMs }),
+    ...(call === undefined ? {} : { call }),
   });
+  const hold = deps.hold;
+  /** Milliseconds the destination's Retry-After still holds calls (0: none). */
+  const heldFor = () => (hold ? Math.max(0, Math.ceil(hold.until - timers.now())) : 0);
+  const waitOnDestination = (call: PlannedCall[], waitMs: number) =>
+    call.map((p) => ({ ...answer(p, null, waitMs), destinationWait: true }));
   /** The timeout a call starting now may have, or null when too little of the lease is left. */
   const timeoutNow = () => {
     // Whole milliseconds: the monotonic clock has fractions, and Metronome's client refuses them.
@@ -67,11 +79,14 @@ export async function callStripe(
   };
 
   const answered = await Promise.all(
-    calls.map(async (call): Promise<Answer[]> => {
+    calls.map(async (call, index): Promise<Answer[]> => {
+      if (heldFor() > 0) return waitOnDestination(call, heldFor());
       const slot = await deps.slots.take();
       if (!slot.granted) return call.map((p) => answer(p, null, slot.waitMs));
       if (slot.waitMs > 0) await timers.sleep(slot.waitMs);
       if (timeoutNow() === null) return call.map((p) => answer(p, null, 0));
+      // A Retry-After that came in while this call waited for its slot: not sent.
+      if (heldFor() > 0) return waitOnDestination(call, heldFor());
       const started = timers.now();
       observer.onInFlight?.(1);
       let outcomes: (SendOutcome | null)[];
@@ -138,6 +153,12 @@ export async function callStripe(
         observer.onInFlight?.(-1);
       }
       const ms = timers.now() - started;
+      if (hold) {
+        for (const o of outcomes) {
+          if (o?.kind === 'retryable' && o.retryAfterMs !== undefined)
+            hold.until = Math.max(hold.until, timers.now() + o.retryAfterMs);
+        }
+      }
       return call.map((p, i) => {
         const outcome = outcomes[i];
         if (outcome === null) return answer(p, null, 0);
@@ -147,7 +168,7 @@ export async function callStripe(
           message: 'transport returned no outcome',
         };
         observer.onCall?.(o.kind, ms, p.key.eventName);
-        return answer(p, o);
+        return answer(p, o, undefined, index);
       });
     }),
   );

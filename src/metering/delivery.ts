@@ -210,10 +210,13 @@ export async function startDelivery(
     onTimelineChange: (from, to) => options.observer?.onTimelineChange?.(from, to),
   });
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
+  // Each destination's Retry-After in this process, shared by every batch (calls.ts).
+  const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     boss: ctx.boss,
     transport,
+    hold: holds.stripe,
     // One share of the account-wide budget per process, taken a slot per call.
     slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config), monotonicNow, distributed),
     config: ctx.config,
@@ -228,6 +231,7 @@ export async function startDelivery(
       ? {
           metronome: {
             transport: metronomeTransport,
+            hold: holds.metronome,
             // Metronome's own share of its own budget row.
             slots: createSlotDispenser(
               ctx.db,

@@ -15,7 +15,7 @@ import Metronome from '@metronome/sdk';
 import type { Config } from '../config.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { CorrectionClient } from './corrections.js';
-import type { CallOptions, MeterEventInput, SendOutcome } from './stripe-meter.js';
+import { type CallOptions, type MeterEventInput, retryAfter, type SendOutcome } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
 /** "Supports backdating 34 days" (ingest reference). */
@@ -58,9 +58,11 @@ export function classifyMetronomeError(err: unknown): Exclude<SendOutcome, { kin
   }
   const status = err.status;
   if (status === undefined) return { kind: 'retryable', message, reason: 'network' };
-  if (status === 429) return { kind: 'retryable', message, status, reason: 'rate_limited' };
+  const retryAfterMs = status === 429 || status === 503 ? retryAfter(err.headers) : undefined;
+  const after = retryAfterMs === undefined ? {} : { retryAfterMs };
+  if (status === 429) return { kind: 'retryable', message, status, reason: 'rate_limited', ...after };
   if (status === 409) return { kind: 'retryable', message, status, reason: 'conflict' };
-  if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error' };
+  if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error', ...after };
   if (status === 400 && TOO_OLD.test(message)) return { kind: 'expired', message };
   // Ahead of Metronome's clock (skew): acceptable as time passes.
   if (status === 400 && IN_FUTURE.test(message))

@@ -143,6 +143,13 @@ export interface Answer {
   outcome: SendOutcome | null;
   /** Not called: when the key may try again. */
   waitMs?: number;
+  /**
+   * Not called because the destination is down or asked to wait (Retry-After): the key waits on the
+   * destination (its retry_at is set to waitMs ahead, uncounted), until an outage's end wakes it.
+   */
+  destinationWait?: boolean;
+  /** Which call of the batch carried it (several events share one v2 or Metronome call). */
+  call?: number;
 }
 
 export interface DeliveryPolicy {
@@ -330,6 +337,24 @@ export function meaningOf(outcome: SendOutcome, options: { validating: boolean }
   }
 }
 
+/** Reasons of a retryable answer that are the destination's failure, not the event's or the key's. */
+const DESTINATION_FAILURES: ReadonlySet<string> = new Set(['server_error', 'timeout', 'network']);
+
+/**
+ * What an answer says of the destination (destination-health.ts). `failure`: it failed the call
+ * (5xx, a timeout, a connection error): counts toward an outage. `answered`: it answered as a working
+ * destination does (a 2xx, a duplicate, an event refused for its content, a conflict): ends one.
+ * `neutral`: a 429 says it works but is busy (the budget and Retry-After deal with that).
+ */
+export function destinationVerdict(outcome: SendOutcome): 'failure' | 'answered' | 'neutral' {
+  if (outcome.kind !== 'retryable') return 'answered';
+  if (outcome.reason === 'rate_limited') return 'neutral';
+  return DESTINATION_FAILURES.has(outcome.reason) ? 'failure' : 'answered';
+}
+
+/** The reason a group waits on its destination's outage (logged, never counted). */
+export const DESTINATION_DOWN_REASON = 'destination_down';
+
 // ─── backoff and the retry limit ────────────────────────────────────────────────────────────────
 
 /** A stable fraction in [0, 1) from a string (FNV-1a): the same group's n-th backoff is always the same. */
@@ -491,6 +516,8 @@ export type Note =
   | { kind: 'rate_limited'; key: KeyRef; group: ClaimedGroup }
   | { kind: 'dead_letter'; key: KeyRef; group: ClaimedGroup; reason: string; message: string }
   | { kind: 'held'; key: KeyRef }
+  /** The destination is down or asked to wait: the key waits on it, nothing counted. */
+  | { kind: 'destination_wait'; key: KeyRef; waitMs: number }
   | { kind: 'corrections_settled'; key: KeyRef; neverBilled: number; creditNote: number };
 
 export interface BatchDecision {
@@ -530,6 +557,13 @@ export function decideBatch(input: {
   pastWindow: readonly PlannedCall[];
   now: Date;
   policy: DeliveryPolicy;
+  /**
+   * The destination is down (destination-health.ts): a failure that is the destination's is not the
+   * group's, so it is not counted and the key waits on the destination instead of backing off; the
+   * first such key of the batch comes back for the next probe (probeInMs), the others after waitMs
+   * unless the outage's end wakes them first.
+   */
+  outage?: { probeInMs: number; waitMs: number };
 }): BatchDecision {
   const { policy, now } = input;
   const decision: BatchDecision = {
@@ -553,6 +587,8 @@ export function decideBatch(input: {
   const keySettlements = new Map<string, KeySettlement>();
   /** Keys whose turn left the group (or another) unsent: rows remain whatever the claim saw. */
   const unsent = new Set<string>();
+  /** Keys of this batch that wait on the destination's outage so far (the first comes back for the probe). */
+  let probeKeys = 0;
 
   for (const key of input.claimed) {
     switch (key.state) {
@@ -623,11 +659,34 @@ export function decideBatch(input: {
         called: false,
         counted: false,
       });
-      followUp(answer.key, answer.waitMs ?? BUSY_RETRY_MS, 'not_called');
+      const wait = answer.waitMs ?? BUSY_RETRY_MS;
+      if (answer.destinationWait) {
+        settlement.backoffMs = wait;
+        decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs: wait });
+      }
+      followUp(answer.key, wait, 'not_called');
       unsent.add(name);
       continue;
     }
     settlement.called = true;
+    const outage = input.outage;
+    if (outage && destinationVerdict(answer.outcome) === 'failure') {
+      // The destination's outage, not the group's failure: uncounted, no backoff of its own.
+      const wait = probeKeys++ === 0 ? Math.max(1, outage.probeInMs) : outage.waitMs;
+      decision.groups.push({
+        organizationId: answer.key.organizationId,
+        identifier: group.identifier,
+        status: 'pending',
+        error: `${DESTINATION_DOWN_REASON}: ${answer.outcome.kind === 'retryable' ? answer.outcome.message : ''}`,
+        called: true,
+        counted: false,
+      });
+      decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs: wait });
+      settlement.backoffMs = wait;
+      followUp(answer.key, wait, 'retry');
+      unsent.add(name);
+      continue;
+    }
     const lagMs = now.getTime() - group.oldestCreatedAt.getTime();
     const meaning = meaningOf(answer.outcome, { validating: policy.validationMs > 0 && !answer.correction });
     switch (meaning.kind) {

@@ -18,6 +18,17 @@ import {
   settleBatch,
 } from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
+import {
+  callable,
+  type Gate,
+  gateCalls,
+  type HealthOutcome,
+  type HealthReport,
+  healthPolicy,
+  recordHealth,
+  recordRetryAfter,
+  resumeWaiting,
+} from './destination-health.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
 import type {
@@ -54,6 +65,20 @@ export interface DeliveryStore {
   /** A 429: the shared call budget slows down. */
   rateLimited(): Promise<void>;
   /**
+   * The destination's health (destination-health.ts), shared by every worker: the gate before a
+   * batch's calls, the record of what they found, a Retry-After, and the wake-up at an outage's end.
+   * Absent (the simulation's store): every call goes out and every failure is the group's.
+   */
+  health?: {
+    gate(): Promise<Gate>;
+    record(report: HealthReport): Promise<HealthOutcome>;
+    retryAfter(ms: number): Promise<void>;
+    /** Every waiting key of the destination (its outage ended), or only `keys`. */
+    resumeWaiting(keys?: readonly KeyRef[]): Promise<KeyRef[]>;
+    /** Up, and no Retry-After in force. */
+    callable(): Promise<boolean>;
+  };
+  /**
    * The organization of each job queued before jobs named one: the one with the key's oldest pending
    * row (by the key's job name, singletonKeyOf); a key with no pending row is absent.
    */
@@ -77,7 +102,12 @@ export function sqlStore(deps: {
   boss: PgBoss;
   config: Pick<
     Config,
-    'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY' | 'METRONOME_MAX_CALLS_PER_SECOND'
+    | 'STRIPE_MAX_CALLS_PER_SECOND'
+    | 'STRIPE_SECRET_KEY'
+    | 'METRONOME_MAX_CALLS_PER_SECOND'
+    | 'DESTINATION_DOWN_AFTER_FAILURES'
+    | 'DESTINATION_PROBE_MAX_SECONDS'
+    | 'DESTINATION_OUTAGE_WAIT_SECONDS'
   >;
   distributed?: boolean;
   destination?: Destination;
@@ -123,6 +153,20 @@ export function sqlStore(deps: {
         keys.map((k) => ({ ...k.key, afterMs: k.afterMs, wake: k.why === 'corrections' && k.afterMs > 0 })),
       );
     },
+    // Off when DESTINATION_DOWN_AFTER_FAILURES is 0, and on Citus (its statements are not shaped
+    // for a distributed database yet: every failure is the group's there, as before).
+    ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0 && !distributed
+      ? {
+          health: {
+            gate: () => gateCalls(db, destination),
+            record: (report: HealthReport) =>
+              recordHealth(db, destination, report, healthPolicy(deps.config)),
+            retryAfter: (ms: number) => recordRetryAfter(db, destination, ms),
+            resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys),
+            callable: () => callable(db, destination),
+          },
+        }
+      : {}),
     rateLimited: () =>
       recordRateLimited(
         db,

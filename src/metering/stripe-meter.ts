@@ -25,7 +25,14 @@ export type SendOutcome = (
   | { kind: 'accepted' }
   | { kind: 'duplicate'; message: string }
   | { kind: 'expired'; message: string }
-  | { kind: 'retryable'; message: string; status?: number; reason: string }
+  | {
+      kind: 'retryable';
+      message: string;
+      status?: number;
+      reason: string;
+      /** The destination's `Retry-After` (a 429 or a 503), in ms: no call to it before then. */
+      retryAfterMs?: number;
+    }
   | { kind: 'permanent'; message: string; status?: number; reason: string }
 ) & {
   /**
@@ -62,12 +69,31 @@ interface ErrorShape {
   headers?: unknown;
 }
 
-function header(headers: unknown, name: string): string | undefined {
+export function header(headers: unknown, name: string): string | undefined {
   if (!headers || typeof headers !== 'object') return undefined;
+  // A fetch Headers (Metronome's SDK) or a plain object (Stripe's).
+  const get = (headers as { get?: unknown }).get;
+  if (typeof get === 'function')
+    return (get as (n: string) => string | null).call(headers, name) ?? undefined;
   for (const [k, v] of Object.entries(headers as Record<string, unknown>)) {
     if (k.toLowerCase() === name) return Array.isArray(v) ? String(v[0]) : String(v);
   }
   return undefined;
+}
+
+/** Longest `Retry-After` taken as given (a longer one is taken as this). */
+export const RETRY_AFTER_MAX_MS = 3_600_000;
+
+/**
+ * A `Retry-After` header (RFC 9110: delay-seconds or an HTTP date) in ms from now, or undefined when
+ * absent or unreadable. A date is read against this host's clock: the destination's own.
+ */
+export function retryAfter(headers: unknown, now = Date.now()): number | undefined {
+  const value = header(headers, 'retry-after')?.trim();
+  if (!value) return undefined;
+  const ms = /^\d+$/.test(value) ? Number(value) * 1000 : Date.parse(value) - now;
+  if (!Number.isFinite(ms)) return undefined;
+  return Math.min(RETRY_AFTER_MAX_MS, Math.max(0, ms));
 }
 
 /** Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling. */
@@ -92,11 +118,13 @@ export function classifyStripeError(err: unknown): Exclude<SendOutcome, { kind: 
   if (status === 400 && (code === 'timestamp_in_future' || IN_FUTURE.test(message))) {
     return { kind: 'retryable', message, status, reason: 'timestamp_in_future' };
   }
+  const retryAfterMs = status === 429 || status === 503 ? retryAfter(e.headers) : undefined;
+  const after = retryAfterMs === undefined ? {} : { retryAfterMs };
   if (status === 429 || type === 'StripeRateLimitError' || code === 'rate_limit') {
-    return { kind: 'retryable', message, status, reason: 'rate_limited' };
+    return { kind: 'retryable', message, status, reason: 'rate_limited', ...after };
   }
   if (status === 409) return { kind: 'retryable', message, status, reason: 'conflict' };
-  if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error' };
+  if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error', ...after };
   if (header(e.headers, 'stripe-should-retry') === 'true') {
     return { kind: 'retryable', message, status, reason: 'should_retry' };
   }

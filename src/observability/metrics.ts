@@ -78,6 +78,11 @@ export interface Metrics {
   // --- resources (issue 41) ---
   /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
   readonly databaseResourceErrors: Counter<'kind' | 'process'>;
+  // --- destination outages (issue 44) ---
+  /** 1 while a destination is down (a run of its failures from several groups; probed until back), else 0. */
+  readonly destinationDown: Gauge<'destination'>;
+  /** Seconds since the destination went down (0 while up), on the database's clock. */
+  readonly destinationDownSeconds: Gauge<'destination'>;
 }
 
 export interface MetricsOptions {
@@ -303,6 +308,18 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_database_resource_errors_total',
       help: 'Database errors for lack of a resource (disk_full, out_of_memory, connections, configuration_limit, insufficient_resources), by kind and process: the API counts requests answered 503, the worker delivery batches put off',
       labelNames: ['kind', 'process'],
+      registers,
+    }),
+    destinationDown: new Gauge({
+      name: 'meterbox_destination_down',
+      help: "1 while a destination is down: its calls failed (5xx, timeouts, connection errors) from several customers' groups in a row; groups wait on it without spending attempts, one probe call at a time finds it back. Read at scrape",
+      labelNames: ['destination'],
+      registers,
+    }),
+    destinationDownSeconds: new Gauge({
+      name: 'meterbox_destination_down_seconds',
+      help: "Seconds since the destination went down (0 while up), on the database's clock, read at scrape",
+      labelNames: ['destination'],
       registers,
     }),
   };

@@ -34,8 +34,12 @@ const it = stripeTest({
     DELIVERY_RETRY_DELAY_SECONDS: '30',
     DELIVERY_RETRY_DELAY_MAX_SECONDS: '60',
   },
-}).extend('emulatorReset', { auto: true }, async ({ emulator }) => {
+}).extend('emulatorReset', { auto: true }, async ({ emulator, ctx }) => {
   emulator.setFaults({});
+  // A test's failing calls leave a run of the destination's failures (destination-health.ts): the next
+  // test starts without it, so its first batch has nothing to reset.
+  await sql`UPDATE destination_health SET state = 'up', down_since = NULL, failures = 0, failing_keys = '{}',
+              next_probe_at = NULL, probes = 0, retry_after_until = NULL`.execute(ctx.db);
 });
 
 /** Batch dependencies on the file's context; no worker runs, the tests drive batches by hand. */
@@ -275,6 +279,10 @@ describe('a batch that fails after its claim', () => {
       ),
     ).rejects.toThrow(/budget statement failed/);
     for (const org of orgs) expect((await keyRow(ctx, org.customerId))?.lease_owner).not.toBeNull();
+    // What this batch left is not for a later test's reaper pass to find (it reaps every expired
+    // lease of the database, and the file may reach it after these 5 s leases ran out).
+    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL
+               WHERE stripe_customer_id = ANY(${orgs.map((o) => o.customerId)}::text[])`.execute(ctx.db);
   });
 });
 
@@ -375,8 +383,9 @@ describe('jobs queued before jobs named their organization', () => {
       ['completed', 'leased'],
       ['completed', 'nothing_pending'],
     ]);
-    // The look-up, the claim and the settle (the claim in its own transaction: begin and commit).
-    expect(recording.statements.filter(work)).toHaveLength(3);
+    // The look-up, the claim, the destination's gate and the settle (the claim in its own
+    // transaction: begin and commit).
+    expect(recording.statements.filter(work)).toHaveLength(4);
     expect(emulator.totals({ customer: billed.customerId })[0]?.sum).toBe(3);
     expect((await outboxRowsOf(ctx.db, { customerId: billed.customerId })).map((r) => r.status)).toEqual([
       'delivered',
@@ -397,8 +406,9 @@ describe('corrections in the batch', () => {
       depsOf(ctx, { db: recording.db, slots }),
       orgs.map((o) => job(o)),
     );
-    // Two statements for three keys: the claim and the settle (no correction query, no per-key look).
-    expect(recording.statements.filter(work)).toHaveLength(2);
+    // Three statements for three keys: the claim, the destination's gate (one row) and the settle (no
+    // correction query, no per-key look).
+    expect(recording.statements.filter(work)).toHaveLength(3);
     expect(recording.statements.some((s) => s.includes('corrects_outbox_id'))).toBe(false);
   });
 });

@@ -56,6 +56,13 @@ function hang(rt: Runtime, incoming: IncomingMessage, ms: number) {
   });
 }
 
+/** A 429 or 503 carries `Retry-After` when the faults ask for one (retryAfterSeconds). */
+function withRetryAfter(rt: Runtime, response: Response): Response {
+  const seconds = rt.faults.current.retryAfterSeconds;
+  if (seconds > 0) response.headers.set('Retry-After', String(seconds));
+  return response;
+}
+
 /** Faults that strike before the endpoint runs; returns the response to send, if any. */
 async function preFault(rt: Runtime, c: Ctx, decision: FaultDecision): Promise<Response | undefined> {
   await sleep(rt, decision.delayMs);
@@ -74,10 +81,10 @@ async function preFault(rt: Runtime, c: Ctx, decision: FaultDecision): Promise<R
       return fail(c, internalError());
     case 'error_503':
       counters.unavailable += 1;
-      return fail(c, unavailable());
+      return withRetryAfter(rt, fail(c, unavailable()));
     case 'rate_limit_429':
       counters.rateLimited += 1;
-      return fail(c, tooManyRequests());
+      return withRetryAfter(rt, fail(c, tooManyRequests()));
     default:
       return undefined;
   }

@@ -44,6 +44,8 @@ export const faultsSchema = z
     /** A random 0..jitterMs added to latencyMs on every faultable call. */
     jitterMs: z.number().int().min(0).max(600_000).default(0),
     hangMs: z.number().int().min(0).max(3_600_000).default(30_000),
+    /** A `Retry-After` header (seconds) on the injected 429 and 503 answers; 0: none. */
+    retryAfterSeconds: z.number().int().min(0).max(86_400).default(0),
     /** Outcomes used in order for the next faultable calls, before the rates apply. */
     script: z.array(z.enum([...FAULT_KINDS, 'none'])).default([]),
     /** Which endpoints the faults and the latency apply to. */

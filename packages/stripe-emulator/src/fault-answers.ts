@@ -59,9 +59,13 @@ export async function preFault(rt: Runtime, c: Ctx, decision: FaultDecision): Pr
     case 'error_500':
       counters.serverError += 1;
       return fail(c, internalError());
-    case 'rate_limit_429':
+    case 'rate_limit_429': {
       counters.rateLimited += 1;
-      return fail(c, rateLimited('endpoint-rate'));
+      const response = fail(c, rateLimited('endpoint-rate'));
+      const seconds = rt.faults.current.retryAfterSeconds;
+      if (seconds > 0) response.headers.set('Retry-After', String(seconds));
+      return response;
+    }
     default:
       return undefined;
   }

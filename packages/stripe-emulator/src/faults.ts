@@ -35,6 +35,8 @@ export const faultsSchema = z
     latencyMs: z.number().int().min(0).max(600_000).default(0),
     jitterMs: z.number().int().min(0).max(600_000).default(0),
     hangMs: z.number().int().min(0).max(3_600_000).default(30_000),
+    /** A `Retry-After` header (seconds) on the injected 429 answers; 0: none. */
+    retryAfterSeconds: z.number().int().min(0).max(86_400).default(0),
     /**
      * The next this many events the v2 stream accepts are then lost: not counted in any total and not
      * sampled into an error report (what only a reconciliation against the summaries can find).

@@ -1,0 +1,415 @@
+// A destination's outage, handled as one (migration 0035): when every call to a destination fails
+// (5xx, timeouts, connection errors, from several groups), delivery stops spending each group's
+// attempts and backoff on it. The destination is `down`; groups wait on it instead of backing off on
+// their own; one probe call at a time, spaced 2 s, 4 s, 8 s… up to DESTINATION_PROBE_MAX_SECONDS on the
+// database's clock, finds out when it is back; the first answer that shows it working marks it `up`
+// and wakes every waiting group's job at once. A `Retry-After` it sends (429, 503) holds every call to
+// it until then. The state is one row per destination shared by every worker process; the decisions
+// on it (what an answer says of the destination, the next state) are pure functions here.
+import { type Kysely, sql } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { Config } from '../config.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import type { Metrics } from '../observability/metrics.js';
+import { plusSeconds } from './budget.js';
+import { queueDeliveries } from './outbox.js';
+import { type Answer, type ClaimedGroup, type KeyRef, keyRef, singletonKeyOf } from './rules.js';
+
+// ─── the state and its rules ────────────────────────────────────────────────────────────────────
+
+export interface HealthPolicy {
+  /** DESTINATION_DOWN_AFTER_FAILURES: consecutive destination failures that make it down… */
+  downAfterFailures: number;
+  /** …coming from at least this many different keys (one customer's trouble is not an outage). */
+  downAfterKeys: number;
+  /** DESTINATION_PROBE_MAX_SECONDS: the longest spacing between two probes. */
+  probeMaxMs: number;
+  /** DESTINATION_OUTAGE_WAIT_SECONDS: how long a waiting group waits if no recovery wakes it. */
+  outageWaitMs: number;
+}
+
+export function healthPolicy(
+  config: Pick<
+    Config,
+    'DESTINATION_DOWN_AFTER_FAILURES' | 'DESTINATION_PROBE_MAX_SECONDS' | 'DESTINATION_OUTAGE_WAIT_SECONDS'
+  >,
+): HealthPolicy {
+  return {
+    downAfterFailures: config.DESTINATION_DOWN_AFTER_FAILURES,
+    downAfterKeys: 2,
+    probeMaxMs: config.DESTINATION_PROBE_MAX_SECONDS * 1000,
+    outageWaitMs: config.DESTINATION_OUTAGE_WAIT_SECONDS * 1000,
+  };
+}
+
+/** The first probe comes this long after the destination went down; each next one twice as long after. */
+export const FIRST_PROBE_MS = 2_000;
+/**
+ * A probe holds the probe slot this long (a call's longest, 15 s, and a margin): no second probe
+ * starts while it may still run; a prober that died frees it then.
+ */
+export const PROBE_HOLD_MS = 20_000;
+/** Most keys remembered as the sources of the current run of failures (only "at least two" is asked). */
+const FAILING_KEYS_KEPT = 8;
+
+/** The spacing after the n-th probe (n ≥ 0): 2 s, 4 s, 8 s… at most probeMaxMs. */
+export function probeSpacingMs(probes: number, policy: Pick<HealthPolicy, 'probeMaxMs'>): number {
+  return Math.min(policy.probeMaxMs, FIRST_PROBE_MS * 2 ** Math.min(16, Math.max(0, probes - 1)));
+}
+
+export interface HealthRow {
+  state: 'up' | 'down';
+  downSince: Date | null;
+  failures: number;
+  failingKeys: string[];
+  nextProbeAt: Date | null;
+  probes: number;
+}
+
+/** What one batch's calls to the destination told about it. */
+export interface HealthReport {
+  /** Calls the destination failed (5xx, timeout, connection). */
+  failures: number;
+  /** The keys those failed calls were for (their names). */
+  failingKeys: readonly string[];
+  /** Calls it answered as a working destination does. */
+  answered: number;
+  /** The batch's one call was the probe (the gate gave it the probe slot). */
+  probed: boolean;
+}
+
+/**
+ * The row after a batch's report at `now`: any working answer makes the destination up (and says
+ * whether it was down: its waiting groups resume); failures alone add to the run, which makes it down
+ * once long enough and from enough keys; a failed probe sets the next one, spaced further.
+ */
+export function nextHealth(
+  row: HealthRow,
+  report: HealthReport,
+  now: Date,
+  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs'>,
+): { row: HealthRow; recovered: boolean; wentDown: boolean } {
+  if (report.answered > 0) {
+    return {
+      row: { state: 'up', downSince: null, failures: 0, failingKeys: [], nextProbeAt: null, probes: 0 },
+      recovered: row.state === 'down',
+      wentDown: false,
+    };
+  }
+  if (report.failures === 0) return { row, recovered: false, wentDown: false };
+  const failures = row.failures + report.failures;
+  const failingKeys = [...new Set([...row.failingKeys, ...report.failingKeys])].slice(0, FAILING_KEYS_KEPT);
+  if (row.state === 'down') {
+    const nextProbeAt = report.probed
+      ? new Date(now.getTime() + probeSpacingMs(row.probes, policy))
+      : row.nextProbeAt;
+    return { row: { ...row, failures, failingKeys, nextProbeAt }, recovered: false, wentDown: false };
+  }
+  if (failures >= policy.downAfterFailures && failingKeys.length >= policy.downAfterKeys) {
+    return {
+      row: {
+        state: 'down',
+        downSince: now,
+        failures,
+        failingKeys,
+        nextProbeAt: new Date(now.getTime() + FIRST_PROBE_MS),
+        probes: 0,
+      },
+      recovered: false,
+      wentDown: true,
+    };
+  }
+  return { row: { ...row, failures, failingKeys }, recovered: false, wentDown: false };
+}
+
+// ─── the gate before a batch's calls ────────────────────────────────────────────────────────────
+
+export type Gate =
+  /** Call as usual; `failures`: the current run of the destination's failures (0: nothing to reset). */
+  | { kind: 'open'; failures: number }
+  /** Down, and this batch holds the probe slot: one call goes out. */
+  | { kind: 'probe' }
+  /** No call now: the destination is down (until a probe finds it back) or asked to wait (Retry-After). */
+  | { kind: 'wait'; reason: 'down' | 'retry_after'; waitMs: number };
+
+/**
+ * Which of a batch's planned calls go out under the gate, and the answers of those that wait on the
+ * destination: all of them while it asks to wait; while it is down all but the probe (if this batch
+ * holds the probe slot), the first of them coming back for the next probe, the others after the
+ * outage wait unless its end wakes them first.
+ */
+export function splitByGate<C extends { key: KeyRef; group: ClaimedGroup; correction?: unknown }>(
+  calls: readonly C[],
+  gate: Gate,
+  policy: Pick<HealthPolicy, 'outageWaitMs'>,
+): { call: C[]; waiting: Answer[] } {
+  if (gate.kind === 'open') return { call: [...calls], waiting: [] };
+  const wait = (c: C, waitMs: number): Answer => ({
+    key: c.key,
+    group: c.group,
+    correction: c.correction !== undefined,
+    outcome: null,
+    waitMs,
+    destinationWait: true,
+  });
+  if (gate.kind === 'probe') {
+    return { call: calls.slice(0, 1), waiting: calls.slice(1).map((c) => wait(c, policy.outageWaitMs)) };
+  }
+  if (gate.reason === 'retry_after') return { call: [], waiting: calls.map((c) => wait(c, gate.waitMs)) };
+  return {
+    call: [],
+    waiting: calls.map((c, i) => wait(c, i === 0 ? gate.waitMs : Math.max(gate.waitMs, policy.outageWaitMs))),
+  };
+}
+
+/** The destination's state as the gate and the record leave it. */
+export interface HealthOutcome {
+  state: 'up' | 'down';
+  /** Down: how long until the next probe may go out. */
+  probeInMs: number;
+  recovered: boolean;
+  wentDown: boolean;
+}
+
+/** The row of a destination ('' account: the destination's own). */
+const ROW = (destination: Destination) => sql`destination = ${destination} AND account = ''`;
+
+/**
+ * ONE statement before a batch's calls: open; or wait (a Retry-After not yet over, or down with the
+ * probe slot taken or not yet due); or the probe slot, taken here (next_probe_at moves PROBE_HOLD_MS
+ * ahead until the probe's answer is recorded). Reads only, unless it takes the probe slot.
+ */
+export async function gateCalls(db: Kysely<DB>, destination: Destination): Promise<Gate> {
+  const { rows } = await sql<{
+    state: 'up' | 'down';
+    probe: boolean;
+    failures: number;
+    retry_after_ms: number;
+    probe_in_ms: number;
+  }>`
+    WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
+    p AS (
+      UPDATE destination_health h
+         SET next_probe_at = ${plusSeconds(sql`c.now`, sql`${PROBE_HOLD_MS / 1000}::float8`)},
+             probes = h.probes + 1, updated_at = c.now
+        FROM c
+       WHERE ${ROW(destination)} AND h.state = 'down'
+         AND (h.next_probe_at IS NULL OR h.next_probe_at <= c.now)
+         AND (h.retry_after_until IS NULL OR h.retry_after_until <= c.now)
+      RETURNING 1)
+    SELECT h.state, EXISTS (SELECT 1 FROM p) AS probe, h.failures,
+           greatest(0, ceil(extract(epoch FROM coalesce(h.retry_after_until, c.now) - c.now) * 1000))::int AS retry_after_ms,
+           greatest(0, ceil(extract(epoch FROM coalesce(h.next_probe_at, c.now) - c.now) * 1000))::int AS probe_in_ms
+      FROM destination_health h, c
+     WHERE ${ROW(destination)}`.execute(db);
+  const row = rows[0];
+  if (!row) return { kind: 'open', failures: 0 };
+  if (row.retry_after_ms > 0) return { kind: 'wait', reason: 'retry_after', waitMs: row.retry_after_ms };
+  if (row.state === 'up') return { kind: 'open', failures: row.failures };
+  if (row.probe) return { kind: 'probe' };
+  return { kind: 'wait', reason: 'down', waitMs: Math.max(1, row.probe_in_ms) };
+}
+
+// ─── the record after a batch's calls ───────────────────────────────────────────────────────────
+
+/**
+ * A batch's report on the destination. Answers only (the steady state): one UPDATE that writes
+ * nothing unless a run of failures or an outage is to be ended. Failures: the row is read and written
+ * in one transaction (its lock orders the batches of every worker), the next state from nextHealth.
+ */
+export async function recordHealth(
+  db: Kysely<DB>,
+  destination: Destination,
+  report: HealthReport,
+  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs'>,
+): Promise<HealthOutcome> {
+  if (report.answered > 0) {
+    const { rows } = await sql<{ was: 'up' | 'down' }>`
+      UPDATE destination_health h
+         SET state = 'up', down_since = NULL, failures = 0, failing_keys = '{}', next_probe_at = NULL,
+             probes = 0, updated_at = now()
+        -- Unlocked: a batch that finds nothing to end writes nothing and takes no lock (the steady
+        -- state). Two batches ending one outage: the second finds it ended (EvalPlanQual) and skips.
+        FROM (SELECT state AS was FROM destination_health WHERE ${ROW(destination)}) o
+       WHERE ${ROW(destination)} AND (h.failures > 0 OR h.state = 'down')
+      RETURNING o.was`.execute(db);
+    return { state: 'up', probeInMs: 0, recovered: rows[0]?.was === 'down', wentDown: false };
+  }
+  if (report.failures === 0) {
+    const { rows } = await sql<{ state: 'up' | 'down'; probe_in_ms: number }>`
+      SELECT state, greatest(0, ceil(extract(epoch FROM coalesce(next_probe_at, now()) - clock_timestamp()) * 1000))::int AS probe_in_ms
+        FROM destination_health WHERE ${ROW(destination)}`.execute(db);
+    return {
+      state: rows[0]?.state ?? 'up',
+      probeInMs: rows[0]?.probe_in_ms ?? 0,
+      recovered: false,
+      wentDown: false,
+    };
+  }
+  return db.transaction().execute(async (trx) => {
+    const { rows } = await sql<{
+      state: 'up' | 'down';
+      down_since: Date | null;
+      failures: number;
+      failing_keys: string[];
+      next_probe_at: Date | null;
+      probes: number;
+      now: Date;
+    }>`
+      SELECT state, down_since, failures, failing_keys, next_probe_at, probes, clock_timestamp() AS now
+        FROM destination_health WHERE ${ROW(destination)} FOR UPDATE`.execute(trx);
+    const current = rows[0];
+    if (!current) return { state: 'up' as const, probeInMs: 0, recovered: false, wentDown: false };
+    const now = new Date(current.now);
+    const next = nextHealth(
+      {
+        state: current.state,
+        downSince: current.down_since,
+        failures: current.failures,
+        failingKeys: current.failing_keys,
+        nextProbeAt: current.next_probe_at,
+        probes: current.probes,
+      },
+      report,
+      now,
+      policy,
+    );
+    const r = next.row;
+    await sql`
+      UPDATE destination_health
+         SET state = ${r.state}, down_since = ${r.downSince}, failures = ${r.failures},
+             failing_keys = ${r.failingKeys}::text[], next_probe_at = ${r.nextProbeAt}, probes = ${r.probes},
+             outages = outages + ${next.wentDown ? 1 : 0}, updated_at = ${now}
+       WHERE ${ROW(destination)}`.execute(trx);
+    return {
+      state: r.state,
+      probeInMs: r.nextProbeAt ? Math.max(0, r.nextProbeAt.getTime() - now.getTime()) : 0,
+      recovered: false,
+      wentDown: next.wentDown,
+    };
+  });
+}
+
+/** Whether the destination may be called now: up, and no Retry-After in force. */
+export async function callable(db: Kysely<DB>, destination: Destination): Promise<boolean> {
+  const { rows } = await sql<{ ok: boolean }>`
+    SELECT state = 'up' AND (retry_after_until IS NULL OR retry_after_until <= clock_timestamp()) AS ok
+      FROM destination_health WHERE ${ROW(destination)}`.execute(db);
+  return rows[0]?.ok ?? true;
+}
+
+/** A destination's Retry-After: no call to it before `ms` from now (the later of two such asks). */
+export async function recordRetryAfter(db: Kysely<DB>, destination: Destination, ms: number): Promise<void> {
+  await sql`
+    UPDATE destination_health
+       SET retry_after_until = greatest(coalesce(retry_after_until, '-infinity'),
+                                        clock_timestamp() + make_interval(secs => ${ms / 1000})),
+           updated_at = now()
+     WHERE ${ROW(destination)}`.execute(db);
+}
+
+// ─── the end of an outage ───────────────────────────────────────────────────────────────────────
+
+/**
+ * The destination is back: every key of it that waits (its retry_at ahead: waiting on the outage, or
+ * backing off from failures that were the destination's) may call now, and its queued job starts now
+ * instead of at its backoff's end; a key without a queued job gets one. Two statements and a queue
+ * insert; returns the keys resumed.
+ */
+export async function resumeWaiting(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  destination: Destination,
+  /** Only these keys (a batch's own, told to wait just as the outage ended); default every key. */
+  only?: readonly KeyRef[],
+): Promise<KeyRef[]> {
+  const filter = only
+    ? sql`AND (organization_id, stripe_customer_id, event_name) IN (
+            SELECT * FROM unnest(${only.map((k) => k.organizationId)}::uuid[], ${only.map((k) => k.customerId)}::text[],
+                                 ${only.map((k) => k.eventName)}::text[]))`
+    : sql``;
+  const { rows } = await sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+  }>`
+    WITH w AS (
+      -- In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
+      SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+       WHERE destination = ${destination} AND retry_at > now() ${filter}
+       ORDER BY 1, 2, 3, 4
+         FOR UPDATE)
+    UPDATE meter_delivery_keys d SET retry_at = NULL
+      FROM w
+     WHERE d.organization_id = w.organization_id AND d.stripe_customer_id = w.stripe_customer_id
+       AND d.event_name = w.event_name AND d.destination = w.destination AND d.retry_at > now()
+    RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name`.execute(db);
+  const keys = rows.map((r) =>
+    keyRef({
+      organizationId: r.organization_id,
+      customerId: r.customer,
+      eventName: r.event_name,
+      destination,
+    }),
+  );
+  if (keys.length === 0) return keys;
+  // Their follow-up jobs were queued to start at the backoff's end: they start now.
+  // In singleton key order, as ingestion locks queued jobs (outbox.ts lockQueuedJobs).
+  await sql`
+    WITH j AS (
+      SELECT id FROM pgboss.job
+       WHERE name = 'meter-delivery' AND state IN ('created', 'retry') AND start_after > now()
+         AND singleton_key = ANY(${keys.map(singletonKeyOf)}::text[])
+       ORDER BY singleton_key
+         FOR NO KEY UPDATE)
+    UPDATE pgboss.job SET start_after = now() FROM j
+     WHERE pgboss.job.name = 'meter-delivery' AND pgboss.job.id = j.id`.execute(db);
+  await queueDeliveries(boss, keys);
+  return keys;
+}
+
+// ─── what the metrics and the dashboard show ────────────────────────────────────────────────────
+
+export interface DestinationHealthState {
+  destination: Destination;
+  account: string;
+  down: boolean;
+  /** Seconds since it went down (0 while up), on the database's clock. */
+  downSeconds: number;
+  /** Seconds until its Retry-After is over (0: none). */
+  retryAfterSeconds: number;
+  outages: number;
+}
+
+export async function destinationHealthStates(db: Kysely<DB>): Promise<DestinationHealthState[]> {
+  const { rows } = await sql<{
+    destination: Destination;
+    account: string;
+    state: 'up' | 'down';
+    down_seconds: number;
+    retry_after_seconds: number;
+    outages: string;
+  }>`
+    SELECT destination, account, state,
+           coalesce(extract(epoch FROM now() - down_since), 0)::float8 AS down_seconds,
+           greatest(0, coalesce(extract(epoch FROM retry_after_until - now()), 0))::float8 AS retry_after_seconds,
+           outages::text
+      FROM destination_health ORDER BY destination, account`.execute(db);
+  return rows.map((r) => ({
+    destination: r.destination,
+    account: r.account,
+    down: r.state === 'down',
+    downSeconds: Math.max(0, r.down_seconds),
+    retryAfterSeconds: r.retry_after_seconds,
+    outages: Number(r.outages),
+  }));
+}
+
+/** meterbox_destination_down and _down_seconds from the table (the destinations' own accounts). */
+export async function applyDestinationHealthGauges(db: Kysely<DB>, metrics: Metrics): Promise<void> {
+  for (const s of await destinationHealthStates(db)) {
+    if (s.account !== '') continue;
+    metrics.destinationDown.set({ destination: s.destination }, s.down ? 1 : 0);
+    metrics.destinationDownSeconds.set({ destination: s.destination }, s.down ? s.downSeconds : 0);
+  }
+}
