@@ -78,6 +78,8 @@ export interface Metrics {
   // --- resources (issue 41) ---
   /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
   readonly databaseResourceErrors: Counter<'kind' | 'process'>;
+  /** Keys whose settle was refused because the batch's lease had run out (worker only). */
+  readonly staleLeaseSettles: Counter;
 }
 
 export interface MetricsOptions {
@@ -303,6 +305,11 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_database_resource_errors_total',
       help: 'Database errors for lack of a resource (disk_full, out_of_memory, connections, configuration_limit, insufficient_resources), by kind and process: the API counts requests answered 503, the worker delivery batches put off',
       labelNames: ['kind', 'process'],
+      registers,
+    }),
+    staleLeaseSettles: new Counter({
+      name: 'meterbox_delivery_stale_lease_settles_total',
+      help: "Keys whose answers a batch could not settle because its lease had run out by the database's clock (a frozen worker, a claim or call slower than the lease): nothing was written, the key's next owner resends the same identifiers",
       registers,
     }),
   };
