@@ -307,9 +307,19 @@ async function runOnce(
     const workerLog = readWorkerLogs(workers);
     const events = emulator.events({ event_name: 'temperature_readings' });
     const sums = billedNow();
+    // Behind (not yet billed: a run that never levelled) apart from over (billed twice).
     let mismatched = 0;
-    for (const [c, n] of readingsPerCustomer) if ((sums.get(c) ?? 0) !== n) mismatched++;
-    for (const [c, s] of sums) if (!readingsPerCustomer.has(c) && s !== 0) mismatched++;
+    let overBilled = 0;
+    for (const [c, n] of readingsPerCustomer) {
+      if ((sums.get(c) ?? 0) !== n) mismatched++;
+      if ((sums.get(c) ?? 0) > n) overBilled++;
+    }
+    for (const [c, s] of sums) {
+      if (!readingsPerCustomer.has(c) && s !== 0) {
+        mismatched++;
+        overBilled++;
+      }
+    }
     const billed = [...sums.values()].reduce((a, b) => a + b, 0);
     const identifiersUnique = new Set(events.map((e) => e.identifier)).size === events.length;
     const result = {
@@ -337,15 +347,17 @@ async function runOnce(
         readingsAccepted: ok,
         billed,
         customersMismatched: mismatched,
+        customersOverBilled: overBilled,
         identifiersUnique,
         exact: mismatched === 0 && identifiersUnique && billed === ok,
+        neverTwice: overBilled === 0 && identifiersUnique,
       },
     };
     log(
       `lease ${leaseSeconds} s: ${result.duringLoad.eventsPerSecond} events/s (${result.duringLoad.readingsPerSecond} readings/s) during the load, ` +
         `level ${levelMs === null ? 'never' : `${round(levelMs / 1000, 1)} s`}, ${result.orphanedJobs} orphaned jobs, ` +
         `${result.staleLeaseSettles} stale-lease settles (${result.staleLeaseKeys} keys), ${result.reapedLeases} leases reaped, ` +
-        `claims max ${result.claims.maxMs} ms mean ${result.claims.meanMs} ms; ledger ${billed} of ${ok}, ${mismatched} customers off; ` +
+        `claims max ${result.claims.maxMs} ms mean ${result.claims.meanMs} ms; ledger ${billed} of ${ok}, ${mismatched} customers off (${overBilled} over); ` +
         `load average ${result.loadAverageAfter.join(' ')}`,
     );
     return result;
@@ -407,6 +419,7 @@ export async function runBacklogBench(): Promise<number> {
         staleLeaseSettles: own.reduce((a, x) => a + x.staleLeaseSettles, 0),
         claimMaxMs: Math.max(...own.map((x) => x.claims.maxMs)),
         exact: own.every((x) => x.ledger.exact),
+        neverTwice: own.every((x) => x.ledger.neverTwice),
       };
     });
     const [short, long] = [byLease[0]!, byLease[byLease.length - 1]!];
@@ -424,7 +437,7 @@ export async function runBacklogBench(): Promise<number> {
     for (const x of byLease)
       log(
         `lease ${x.leaseSeconds} s over ${x.runs} runs: ${x.eventsPerSecond} events/s, level ${round(x.levelMs / 1000, 1)} s, ` +
-          `${x.orphanedJobs} orphaned jobs, ${x.staleLeaseSettles} stale settles, slowest claim ${x.claimMaxMs} ms, exact ${x.exact}`,
+          `${x.orphanedJobs} orphaned jobs, ${x.staleLeaseSettles} stale settles, slowest claim ${x.claimMaxMs} ms, exact ${x.exact}, never billed twice ${x.neverTwice}`,
       );
     log(
       `lease ${short.leaseSeconds} s against ${long.leaseSeconds} s: events/s ${eventsRatio}x (goal ${goals.eventsGoal}: ${goals.eventsMet ? 'met' : 'MISSED'}), ` +
