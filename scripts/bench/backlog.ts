@@ -48,6 +48,9 @@ const { values: args } = parseArgs({
     cpu: { type: 'string', default: '0.25' },
     customers: { type: 'string' },
     rate: { type: 'string', default: '150' },
+    // The worker processes' DB_POOL_MAX (default: the product's default), to see whether pool waits
+    // delay renewals and touches past the lease.
+    'worker-pool': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -201,6 +204,7 @@ async function runOnce(
       STRIPE_API_BASE: emulator.url,
       DELIVERY_TRANSPORT: 'v2',
       DELIVERY_LEASE_SECONDS: String(leaseSeconds),
+      ...(args['worker-pool'] ? { DB_POOL_MAX: args['worker-pool'] } : {}),
     };
     const api = await startApi(env, entries['src/bin/server.ts']);
     cleanup.push(() => api.proc.stop());
@@ -463,6 +467,7 @@ export async function runBacklogBench(): Promise<number> {
         requestsPerSecond: RATE,
         loadSeconds: LOAD_MS / 1000,
         workers: WORKERS,
+        workerPoolMax: args['worker-pool'] ?? 'default',
         workersStartAtSeconds: WORKERS_AT_MS / 1000,
         stripeLatencyMs: 'uniform 0-500',
         order: runs.map((x) => x.leaseSeconds),
