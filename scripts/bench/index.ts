@@ -1,5 +1,5 @@
 // npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
-// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts)
+// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -53,6 +53,13 @@ if (process.argv.includes('--ingest')) {
 if (process.argv.includes('--reconcile')) {
   const { runReconcileBench } = await import('./reconcile.js');
   process.exit(await runReconcileBench());
+}
+
+// A slow database with a backlog, the default lease against a long one (backlog.ts, issue 41):
+// npm run bench -- --backlog [--quick] [--rounds 2] [--leases 10,60] [--cpu 0.25]
+if (process.argv.includes('--backlog')) {
+  const { runBacklogBench } = await import('./backlog.js');
+  process.exit(await runBacklogBench());
 }
 
 // Delivery on a Citus cluster against one node, one and two workers (citus.ts): npm run bench -- --citus

@@ -355,6 +355,7 @@ async function deliverDestination(
       // A frozen process, or a settle later than its lease: the keys' next owner (or the reaper's
       // job) resends the same identifiers, which the destination de-duplicates.
       deps.log.warn({ keys: refused, owner }, 'stale lease: answers left to the next owner of the keys');
+      deps.observer?.onStaleLease?.(refused);
     }
 
     // 5. follow-ups and holds

@@ -13,7 +13,7 @@ import { databaseResourceShortage } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type BatchDeps, deliverBatch } from './batch.js';
+import { type BatchDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, callsPerSecond, createSlotDispenser } from './budget.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { pendingOrganizations, reapLeases } from './delivery-sql.js';
@@ -324,6 +324,12 @@ export async function startDelivery(
       },
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
+        const alive = touchWhileRunning(
+          ctx.boss,
+          jobs.map((j) => j.id),
+          renewEveryMs(ctx.config),
+          log,
+        );
         try {
           const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
@@ -335,6 +341,7 @@ export async function startDelivery(
           if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
           throw err;
         } finally {
+          await alive.stop();
           fetcher.busy = false;
           // Fetch again without the poll delay; only an empty fetch puts this fetcher to sleep.
           ctx.boss.notifyWorker(fetcher.id);
@@ -376,7 +383,7 @@ export async function startDelivery(
  *   statement; their keys are queued again;
  * - jobs it had fetched and not yet leased (killed between the fetch and the claim): delivery jobs
  *   active for longer than a lease whose key holds no live lease (a live batch leases its keys, or
- *   answers them, right after the fetch). They are completed as orphaned and their keys queued
+ *   answers them, right after the fetch; and touches its jobs until it returns). They are completed as orphaned and their keys queued
  *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
  * So a killed worker's keys are resent within seconds of its leases' end. The partial index on live
  * leases, and pg-boss's on active jobs, make each look free when no batch died.
@@ -407,6 +414,43 @@ export function startLeaseReaper(deps: {
   return {
     stop() {
       clearInterval(timer);
+    },
+  };
+}
+
+/**
+ * Touches a running batch's jobs (pg-boss's `heartbeat_on`, set on the database's clock) every `everyMs`
+ * from the batch's start to its end: the reaper takes a fetched job as orphaned only once its last
+ * heartbeat (the fetch, or a touch) is a lease old. Without this a job's age counted from its fetch, so a
+ * batch still running past the lease on a slow database (a claim of 30 s, a settle that released the key
+ * before pg-boss completed the job) had its jobs completed as orphaned and its keys queued again under
+ * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
+ * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
+ * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
+ */
+export function touchWhileRunning(
+  boss: Pick<PgBoss, 'touch'>,
+  ids: readonly string[],
+  everyMs: number,
+  log: Logger,
+): { stop(): Promise<void> } {
+  let pending: Promise<unknown> = Promise.resolve();
+  let busy = false;
+  const timer = setInterval(() => {
+    if (busy || ids.length === 0) return;
+    busy = true;
+    pending = boss
+      .touch('meter-delivery', [...ids])
+      .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
+      .finally(() => {
+        busy = false;
+      });
+  }, everyMs);
+  timer.unref();
+  return {
+    async stop() {
+      clearInterval(timer);
+      await pending;
     },
   };
 }
@@ -445,8 +489,8 @@ export async function reapOnce(
 }
 
 /**
- * Delivery jobs active for more than `olderThanSeconds` whose key holds no live lease: fetched by a
- * batch that died before its claim. Two statements (pg-boss's jobs, then the keys' leases: on Citus
+ * Delivery jobs active and untouched for more than `olderThanSeconds` whose key holds no live lease:
+ * fetched by a batch that died (a live batch touches its jobs until it returns: touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
  * the two are not joinable in one).
  */
 export async function orphanedJobs(
@@ -454,10 +498,12 @@ export async function orphanedJobs(
   olderThanSeconds: number,
   distributed: boolean,
 ): Promise<{ id: string; key: KeyRef | null }[]> {
+  // A job's age runs from its last sign of life: its fetch, or the last touch of the batch running it
+  // (touchWhileRunning).
   const active = await sql<{ id: string; data: unknown; age: number }>`
-    SELECT id, data, extract(epoch FROM now() - started_on)::float8 AS age FROM pgboss.job
+    SELECT id, data, extract(epoch FROM now() - coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job
      WHERE name = 'meter-delivery' AND state = 'active'
-       AND started_on < now() - make_interval(secs => ${olderThanSeconds})
+       AND coalesce(heartbeat_on, started_on) < now() - make_interval(secs => ${olderThanSeconds})
      LIMIT 1000`.execute(db);
   if (active.rows.length === 0) return [];
   const jobs = active.rows.flatMap((r) => {

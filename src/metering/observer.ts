@@ -27,4 +27,6 @@ export interface DeliveryObserver {
   onTimelineChange?(from: number, to: number): void;
   /** A batch met a database short of a resource (disk, memory, connections) and is run again later. */
   onDatabaseResourceError?(kind: DatabaseResourceKind): void;
+  /** A batch's settle was refused for `keys` keys: its lease had run out (a freeze, a slow statement). */
+  onStaleLease?(keys: number): void;
 }

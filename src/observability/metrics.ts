@@ -83,6 +83,8 @@ export interface Metrics {
   readonly destinationDown: Gauge<'destination'>;
   /** Seconds since the destination went down (0 while up), on the database's clock. */
   readonly destinationDownSeconds: Gauge<'destination'>;
+  /** Keys whose settle was refused because the batch's lease had run out (worker only). */
+  readonly staleLeaseSettles: Counter;
 }
 
 export interface MetricsOptions {
@@ -320,6 +322,11 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_destination_down_seconds',
       help: "Seconds since the destination went down (0 while up), on the database's clock, read at scrape",
       labelNames: ['destination'],
+      registers,
+    }),
+    staleLeaseSettles: new Counter({
+      name: 'meterbox_delivery_stale_lease_settles_total',
+      help: "Keys whose answers a batch could not settle because its lease had run out by the database's clock (a frozen worker, a claim or call slower than the lease): nothing was written, the key's next owner resends the same identifiers",
       registers,
     }),
   };

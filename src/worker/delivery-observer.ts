@@ -37,5 +37,8 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onDatabaseResourceError(kind) {
       metrics.databaseResourceErrors.inc({ kind, process: 'worker' });
     },
+    onStaleLease(keys) {
+      metrics.staleLeaseSettles.inc(keys);
+    },
   };
 }

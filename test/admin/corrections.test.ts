@@ -301,6 +301,76 @@ describe('end to end: ingest, deliver, correct', () => {
   });
 });
 
+describe('a correction of a reading stamped ahead (an API host clock ahead)', () => {
+  it('never leaves its key waiting: the usage is stamped with the ingestion time, billed at once, and the correction drains in a few turns', async ({
+    ctx,
+    org,
+    deps,
+    app,
+    correct,
+    correctionRows,
+    stripeSum,
+  }) => {
+    const dbNow = (await sql<{ now: Date }>`SELECT clock_timestamp() AS now`.execute(ctx.db)).rows[0]!.now;
+    // 3 minutes ahead: ingestion takes it (at most 5 minutes ahead of the database's clock).
+    const ahead = new Date(dbNow.getTime() + 3 * 60_000);
+    for (const [sensorId, at] of [
+      [org.sensors[0]!, new Date(dbNow.getTime() - 60_000)],
+      [org.sensors[1]!, ahead],
+    ] as const) {
+      const res = await app.request('/v1/readings', {
+        method: 'POST',
+        headers: authHeaders(org.apiKey),
+        body: JSON.stringify({ readings: [{ sensorId, recordedAt: at.toISOString(), temperatureC: 5 }] }),
+      });
+      expect(res.status).toBe(201);
+    }
+    // The outbox rows carry the ingestion's time on the database's clock, not the readings' own: no
+    // usage row waits for its time, so no correction can wait on one.
+    const stamped = await ctx.db
+      .selectFrom('meter_outbox')
+      .select('occurred_at')
+      .where('stripe_customer_id', '=', org.customerId)
+      .execute();
+    expect(stamped).toHaveLength(2);
+    for (const r of stamped) expect(r.occurred_at.getTime()).toBeLessThan(dbNow.getTime() + 30_000);
+
+    const data = { customerId: org.customerId, eventName: 'temperature_readings' as const };
+    const batch = () => deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+    await batch();
+    expect(stripeSum(org.customerId)).toBe(2);
+
+    // The correction takes the reading ahead back from the event that billed it.
+    const { json } = await correct(org, {
+      sensorId: org.sensors[1],
+      from: dbNow.toISOString(),
+      to: new Date(dbNow.getTime() + 10 * 60_000).toISOString(),
+      reason: 'sensor clock ahead',
+    });
+    expect(json.correction).toMatchObject({ billedReadingsVoided: 1 });
+    expect(await correctionRows(json.correction.id)).toHaveLength(1);
+
+    // Turns until nothing is pending: a key that spun would take turn after turn without progress.
+    let turns = 0;
+    const pending = async () =>
+      (
+        await ctx.db
+          .selectFrom('meter_outbox')
+          .select('id')
+          .where('stripe_customer_id', '=', org.customerId)
+          .where('status', '=', 'pending')
+          .execute()
+      ).length;
+    while ((await pending()) > 0 && turns < 20) {
+      await batch();
+      turns++;
+    }
+    expect(await pending()).toBe(0);
+    expect(turns).toBeLessThanOrEqual(2);
+    expect(stripeSum(org.customerId)).toBe(1);
+  });
+});
+
 describe('one transaction, safe to repeat', () => {
   it('a second identical correction voids nothing and queues nothing', async ({
     org,

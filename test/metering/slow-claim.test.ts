@@ -1,11 +1,12 @@
 // A lease is never shorter than the work it covers: a claim slowed past its lease (a 1,000-key
 // backlog on a slow database took 8-30 s) still calls, and while it runs the reaper neither frees its
-// keys nor completes its jobs as orphaned.
+// keys nor completes its jobs as orphaned; nor does it take the jobs of a batch that runs on past its
+// lease after its settle (a live batch touches its jobs until it returns).
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { deliverBatch } from '../../src/metering/batch.js';
-import { reapOnce } from '../../src/metering/delivery.js';
+import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
+import { reapOnce, touchWhileRunning } from '../../src/metering/delivery.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { takeQueuedJob, v1BatchDeps, waitFor, writeRows } from './delivery-helpers.js';
@@ -65,6 +66,9 @@ describe('a claim slower than its lease', () => {
       const calls = emulator.counters().calls;
 
       let done = false;
+      // As the worker's runtime runs a batch: its handler touches the batch's jobs until it returns
+      // (a reaper pass may come between the settle, which releases the lease, and the batch's end).
+      const alive = touchWhileRunning(ctx.boss, [job.id], renewEveryMs(ctx.config), ctx.log);
       const batch = deliverBatch(v1BatchDeps(ctx), [job]).finally(() => {
         done = true;
       });
@@ -78,6 +82,7 @@ describe('a claim slower than its lease', () => {
         await new Promise((r) => setTimeout(r, 500));
       }
       const results = await batch;
+      await alive.stop();
       await slowClaims(ctx, 0);
 
       expect(reaped.length).toBeGreaterThan(0);
@@ -95,4 +100,51 @@ describe('a claim slower than its lease', () => {
       await sql`UPDATE pgboss.job SET state = 'completed' WHERE id = ${job.id}`.execute(ctx.db);
     }, 60_000);
   }
+});
+
+describe('a batch still running past its lease after its settle', () => {
+  it('keeps its jobs while it touches them; once it stops, the reaper takes them as orphaned', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 2, occurredAt: new Date() }]);
+    const job = await takeQueuedJob(ctx, org);
+    // The batch claims, calls and settles: the key's lease is released, its job still active until the
+    // runtime completes it after the handler returns.
+    await deliverBatch(v1BatchDeps(ctx), [job]);
+    expect((await outboxRowsOf(ctx.db, { customerId: org.customerId })).map((r) => r.status)).toEqual([
+      'delivered',
+    ]);
+    // The batch has run for two leases so far (a slow database): fetched, and last touched, that long ago.
+    const age = async () =>
+      sql`UPDATE pgboss.job SET started_on = now() - make_interval(secs => ${2 * LEASE_SECONDS}),
+                                heartbeat_on = now() - make_interval(secs => ${2 * LEASE_SECONDS})
+           WHERE id = ${job.id}`.execute(ctx.db);
+    await age();
+    // The runtime's handler touches its jobs while it runs (every third of the lease).
+    const alive = touchWhileRunning(ctx.boss, [job.id], 200, ctx.log);
+    await waitFor(
+      'the running batch to touch its job',
+      async () =>
+        (
+          await sql<{ fresh: boolean }>`
+            SELECT heartbeat_on > now() - interval '1 second' AS fresh FROM pgboss.job WHERE id = ${job.id}`.execute(
+            ctx.db,
+          )
+        ).rows[0]?.fresh === true,
+      10_000,
+    );
+    expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 0, jobs: 0 });
+    expect(
+      (await sql<{ state: string }>`SELECT state FROM pgboss.job WHERE id = ${job.id}`.execute(ctx.db)).rows,
+    ).toEqual([{ state: 'active' }]);
+
+    // A batch that died (or froze) touches nothing: a lease after its last touch its job is orphaned.
+    await alive.stop();
+    await age();
+    expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 0, jobs: 1 });
+    const { rows } = await sql<{ state: string; kind: string | null }>`
+      SELECT state, output->>'kind' AS kind FROM pgboss.job WHERE id = ${job.id}`.execute(ctx.db);
+    expect(rows).toEqual([{ state: 'completed', kind: 'orphaned' }]);
+  }, 60_000);
 });

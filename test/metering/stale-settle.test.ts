@@ -9,6 +9,8 @@ import { describe, expect } from 'vitest';
 import { deliverBatch } from '../../src/metering/batch.js';
 import { reapOnce } from '../../src/metering/delivery.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
+import { createMetrics } from '../../src/observability/metrics.js';
+import { metricsDeliveryObserver } from '../../src/worker/delivery-observer.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { compareWithEmulator, takeQueuedJob, v1BatchDeps, writeRows } from './delivery-helpers.js';
@@ -56,8 +58,15 @@ describe('a settle after the lease ran out', () => {
         return events.map(() => ({ kind: 'retryable' as const, reason: 'network', message: 'timed out' }));
       },
     };
-    await deliverBatch({ ...v1BatchDeps(ctx), transport: frozen }, [job]);
+    // The worker's own instruments, as src/bin/worker.ts plugs them in: the refusal is counted.
+    const metrics = createMetrics({ processMetrics: false });
+    await deliverBatch(
+      { ...v1BatchDeps(ctx), transport: frozen, observer: metricsDeliveryObserver(metrics) },
+      [job],
+    );
     expect(reaped).toBe(1);
+    expect((await metrics.staleLeaseSettles.get()).values.map((v) => v.value)).toEqual([1]);
+    expect(await metrics.registry.metrics()).toMatch(/^meterbox_delivery_stale_lease_settles_total 1$/m);
 
     // The stale answer changed nothing: pending, same identifier, no attempt counted.
     const after = await outboxRowsOf(ctx.db, { customerId: org.customerId });
@@ -69,7 +78,11 @@ describe('a settle after the lease ran out', () => {
     expect(identifier).not.toBeNull();
 
     // The reaper's job: the next owner resends the same identifier; Stripe says "duplicate".
-    await deliverBatch(v1BatchDeps(ctx), [await takeQueuedJob(ctx, org)]);
+    await deliverBatch({ ...v1BatchDeps(ctx), observer: metricsDeliveryObserver(metrics) }, [
+      await takeQueuedJob(ctx, org),
+    ]);
+    // A settle under a live lease is not counted.
+    expect((await metrics.staleLeaseSettles.get()).values.map((v) => v.value)).toEqual([1]);
     const rows = await outboxRowsOf(ctx.db, { customerId: org.customerId });
     expect(rows.map((r) => [r.status, r.identifier])).toEqual([
       ['delivered', identifier],
