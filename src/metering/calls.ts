@@ -60,7 +60,8 @@ export async function callStripe(
 
   const answered = await Promise.all(
     calls.map(async (call): Promise<Answer[]> => {
-      const slot = await deps.slots.take();
+      // A call of many events takes the slots its events need (the v2 stream, Metronome: limits.ts).
+      const slot = await deps.slots.take(call.length);
       if (!slot.granted) return call.map((p) => answer(p, null, slot.waitMs));
       if (slot.waitMs > 0) await timers.sleep(slot.waitMs);
       if (timeoutNow() === null) return call.map((p) => answer(p, null, 0));
