@@ -22,6 +22,8 @@ const SLOW = [
   'test/e2e/destinations-ledger.test.ts',
   'test/e2e/cron-active-sensors.test.ts',
   'test/sim/worlds-*.test.ts',
+  // 10,000 customers' report and a backlog through both emulators at their published limits.
+  'test/e2e/published-limits.test.ts',
 ];
 
 /**
