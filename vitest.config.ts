@@ -24,6 +24,8 @@ const SLOW = [
   // Stripe, then Metronome, down for a minute under load (two minutes of outage, then the recovery).
   'test/e2e/destination-outage.test.ts',
   'test/sim/worlds-*.test.ts',
+  // 10,000 customers' report and a backlog through both emulators at their published limits.
+  'test/e2e/published-limits.test.ts',
 ];
 
 /**

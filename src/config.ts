@@ -41,8 +41,8 @@ export const configSchema = z.object({
   /** Base URL of the Metronome API (its emulator in dev mode and tests); unset: Metronome's own. */
   METRONOME_API_BASE: optionalString.pipe(z.url().optional()),
   /**
-   * Metronome ingest calls per second shared by every worker (each carries up to 100 events; Metronome
-   * publishes its limit as 110,000 events/s, so 100 calls/s stays far below it).
+   * Metronome ingest calls per second shared by every worker (each carries up to 100 events); the
+   * events they carry are bounded by METRONOME_MAX_EVENTS_PER_SECOND as well (src/metering/limits.ts).
    */
   METRONOME_MAX_CALLS_PER_SECOND: int(1, 10_000).default(100),
   /** Destination of an organization created from now on: its usage is billed there. */
@@ -212,6 +212,16 @@ export const configSchema = z.object({
    * token bucket in memory (so N API processes allow up to N times this); 0 = no limit.
    */
   USAGE_RATE_LIMIT_PER_MINUTE: int(0, 1_000_000).default(60),
+  // --- published limits (issue 44) ---
+  /**
+   * Events per second of the v2 meter event stream shared by every worker; unset: 8,000 in live mode
+   * (the stream takes 10,000), none in a sandbox (where each call counts as one of its 25 operations/s).
+   */
+  STRIPE_MAX_EVENTS_PER_SECOND: optionalString
+    .transform((v) => (v === undefined ? undefined : Number(v)))
+    .pipe(z.number().int().min(1).max(1_000_000).optional()),
+  /** Metronome ingest events per second shared by every worker: 4,000 of its default 5,000 per account. */
+  METRONOME_MAX_EVENTS_PER_SECOND: int(1, 1_000_000).default(4_000),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;

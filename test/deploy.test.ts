@@ -103,6 +103,25 @@ describe('deployment files', () => {
     expect(services.worker?.environment).toMatchObject({ HOST: '0.0.0.0', WORKER_METRICS_PORT: '9464' });
   });
 
+  it("runs on Metronome alone: compose requires no Stripe key, the destinations' credentials come from .env", () => {
+    const compose = read('compose.yaml');
+    // The only variable compose refuses to start without is the Postgres password.
+    const required = [...compose.matchAll(/\$\{(\w+):\?/g)].map((m) => m[1]);
+    expect(new Set(required)).toEqual(new Set(['POSTGRES_PASSWORD']));
+    const { services } = composeFile();
+    for (const name of ['migrate', 'api', 'worker']) {
+      const env = services[name]?.environment ?? {};
+      // Not composed here (an empty value would override .env's): STRIPE_SECRET_KEY and
+      // METRONOME_BEARER_TOKEN reach the containers through env_file, as .env.example lists them.
+      expect(Object.keys(env), name).not.toContain('STRIPE_SECRET_KEY');
+      expect(Object.keys(env), name).not.toContain('METRONOME_BEARER_TOKEN');
+    }
+    const example = read('.env.example');
+    expect(example).toMatch(/^STRIPE_SECRET_KEY=$/m);
+    expect(example).toMatch(/^METRONOME_BEARER_TOKEN=$/m);
+    expect(read('docs/going-live.md')).toContain('## Going live on Metronome alone');
+  });
+
   it('the ops profile: PgBouncer in transaction mode, Prometheus with the alert rules, Grafana with the dashboard', () => {
     const { services, volumes } = composeFile();
     const ops = Object.entries(services)

@@ -1,6 +1,7 @@
 // `meterbox metronome setup|check` and `meterbox destinations set|start-parallel|cut-over|parity`:
 // going live on Metronome and moving an organization between destinations (docs/destinations.md).
 import { sql } from 'kysely';
+import { judgeBudget, metronomeBudget } from '../billing/limits.js';
 import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, formatTable, processIo, str, usageError } from '../cli/io.js';
 import type { Context } from '../context-type.js';
@@ -61,7 +62,7 @@ export async function metronomeSetupCommand(ctx: Context, io: CliIo = processIo(
 }
 
 export async function metronomeCheckCommand(ctx: Context, io: CliIo = processIo()): Promise<number> {
-  const lines: { ok: boolean; name: string; detail: string }[] = [];
+  const lines: { ok: boolean; name: string; detail: string; fix?: string }[] = [];
   if (!ctx.metronome) {
     lines.push({ ok: false, name: 'token', detail: 'METRONOME_BEARER_TOKEN is not set' });
   } else {
@@ -96,7 +97,15 @@ export async function metronomeCheckCommand(ctx: Context, io: CliIo = processIo(
       lines.push({ ok: false, name: 'API', detail: err instanceof Error ? err.message : String(err) });
     }
   }
-  for (const l of lines) io.out(`${l.ok ? 'ok  ' : 'FAIL'}  ${l.name}: ${l.detail}`);
+  // The budget in force against Metronome's published ingest limit, and how to raise it.
+  lines.push(
+    ...judgeBudget(metronomeBudget(ctx.config), {
+      calls: 'METRONOME_MAX_CALLS_PER_SECOND',
+      events: 'METRONOME_MAX_EVENTS_PER_SECOND',
+    }),
+  );
+  for (const l of lines)
+    io.out(`${l.ok ? 'ok  ' : 'FAIL'}  ${l.name}: ${l.detail}${l.ok || !l.fix ? '' : `\n      → ${l.fix}`}`);
   const failed = lines.filter((l) => !l.ok).length;
   io.out(failed === 0 ? 'all checks passed' : `${failed} check(s) failed`);
   return failed === 0 ? 0 : 1;

@@ -3,14 +3,18 @@
 import { type CliCommand, flags } from '../cli/command.js';
 import { str } from '../cli/io.js';
 import type { Context } from '../context-type.js';
+import { findCustomer, metronomeAlias } from '../metering/metronome.js';
+import { DestinationChangeError, prepareDestination } from './destinations.js';
 import {
   AlreadyLinkedError,
   type ApiKeyView,
   createApiKey,
   createOrganization,
+  linkMetronomeSubscription,
   linkSubscription,
   listApiKeys,
   listOrganizations,
+  NotOnMetronomeError,
   type OrganizationListItem,
   revokeApiKey,
   SUBSCRIPTION_STATUSES,
@@ -88,19 +92,25 @@ const orgList: CliCommand = {
   },
 };
 
-const orgLinkUsage = `org link --organization <id> --customer <cus_…> [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
+const orgLinkUsage = `org link --organization <id> (--customer <cus_…> | --metronome) [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
 const orgLink: CliCommand = {
-  summary: "link an organization's subscription to a Stripe customer",
+  summary:
+    "link an organization's subscription to a Stripe customer, or (--metronome) make one billed at Metronome billable",
   usage: orgLinkUsage,
-  options: flags(['organization', 'customer', 'status'], ['json']),
+  options: flags(['organization', 'customer', 'status'], ['json', 'metronome']),
   async run(ctx, { values }) {
     const org = str(values, 'organization');
     const customer = str(values, 'customer');
     const status = str(values, 'status') ?? 'active';
     if (!org || !UUID.test(org)) return fail('--organization <id> is required', orgLinkUsage);
-    if (!customer || !/^cus_\w+$/.test(customer)) return fail('--customer <cus_…> is required', orgLinkUsage);
     const known = SUBSCRIPTION_STATUSES.find((s) => s === status);
     if (!known) return fail(`--status must be one of ${SUBSCRIPTION_STATUSES.join(', ')}`, orgLinkUsage);
+    if (values.metronome) {
+      if (customer) return fail('--customer and --metronome exclude each other', orgLinkUsage);
+      return linkAtMetronome(ctx, values, org, known);
+    }
+    if (!customer || !/^cus_\w+$/.test(customer))
+      return fail('--customer <cus_…> (or --metronome) is required', orgLinkUsage);
     try {
       const linked = await linkSubscription(
         ctx.db,
@@ -117,6 +127,41 @@ const orgLink: CliCommand = {
     }
   },
 };
+
+/**
+ * `org link --metronome`: an organization billed at Metronome becomes billable without a Stripe
+ * customer. Its Metronome customer (the one with its ingest alias) is found or created first, so the
+ * first usage sent is attributed; then the subscription's status is set.
+ */
+async function linkAtMetronome(
+  ctx: Context,
+  values: Values,
+  org: string,
+  status: (typeof SUBSCRIPTION_STATUSES)[number],
+): Promise<number> {
+  if (!ctx.metronome) {
+    console.error('meterbox: METRONOME_BEARER_TOKEN is not set; org link --metronome needs it');
+    return 1;
+  }
+  try {
+    // Refuse before creating anything at Metronome for an organization billed elsewhere.
+    const linked = await ctx.db.transaction().execute(async (trx) => {
+      const view = await linkMetronomeSubscription(trx, org, status, ctx.clock.now());
+      if (view) await prepareDestination({ db: trx, metronome: ctx.metronome }, org, 'metronome');
+      return view;
+    });
+    if (!linked) return fail(`no organization ${org}`, orgLinkUsage);
+    const found = await findCustomer(ctx.metronome, org);
+    print(values, { ...linked, metronomeCustomerId: found?.id ?? null, ingestAlias: metronomeAlias(org) }, [
+      `organization ${org} billable at Metronome (${status}): customer ${found?.id ?? '?'} alias ${metronomeAlias(org)}`,
+    ]);
+    return 0;
+  } catch (err) {
+    if (err instanceof NotOnMetronomeError || err instanceof DestinationChangeError)
+      return fail(err.message, orgLinkUsage);
+    throw err;
+  }
+}
 
 const keyCreateUsage = 'key create --organization <id> [--name <name>] [--json]';
 const keyCreate: CliCommand = {

@@ -76,7 +76,11 @@ export const organizationListQuery = z.object({
   cursor: z.uuid({ error: 'cursor must be the nextCursor of a previous page' }).optional(),
 });
 const organizationListItemSchema = organizationSchema.extend({
-  billable: z.boolean().describe('billed now: subscription active or trial, with a Stripe customer'),
+  billable: z
+    .boolean()
+    .describe(
+      'billed now: subscription active or trial, and a customer at the destination billing it (a Stripe customer, or at Metronome the customer with its ingest alias)',
+    ),
   subscriptionStatus: z.enum(SUBSCRIPTION_STATUSES).nullable(),
   stripeCustomerId: z.string().nullable(),
 });

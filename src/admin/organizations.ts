@@ -5,7 +5,8 @@ import { customerPendingElsewhere } from '../billing/subscriptions.js';
 import { generateApiKey } from '../credentials/api-keys.js';
 import { isUniqueViolation } from '../db/errors.js';
 import type { DB, Destination, SubscriptionStatus } from '../db/schema.js';
-import { assignInitialDestination } from './destinations.js';
+import { billedAt } from '../metering/destinations.js';
+import { assignInitialDestination, listIntervals } from './destinations.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 
@@ -234,6 +235,49 @@ export async function linkSubscription(
   }
 }
 
+/** The organization's usage is not billed at Metronome: a Metronome link would bill nothing. */
+export class NotOnMetronomeError extends Error {
+  constructor(organizationId: string) {
+    super(
+      `organization ${organizationId} is not billed at Metronome: link a Stripe customer (--customer cus_…), or move it first (meterbox destinations set --organization ${organizationId} metronome)`,
+    );
+    this.name = 'NotOnMetronomeError';
+  }
+}
+
+/**
+ * Makes an organization that bills to Metronome billable without a Stripe customer: its subscription
+ * row (created if needed) takes `status`; a Stripe customer already linked stays. Metronome addresses
+ * the organization by its ingest alias, whose customer the caller has found or created
+ * (destinations.ts prepareDestination). Refuses an organization that is not billed at Metronome now
+ * or from a coming hour boundary (NotOnMetronomeError); returns null for an unknown organization.
+ */
+export async function linkMetronomeSubscription(
+  db: Db,
+  organizationId: string,
+  status: SubscriptionStatus,
+  now: Date,
+): Promise<SubscriptionView | null> {
+  const organization = await getOrganization(db, organizationId);
+  if (!organization) return null;
+  const open = (await listIntervals(db, organizationId)).filter((i) => i.until === null);
+  if (!open.some((i) => i.destination === 'metronome' && i.role === 'billing'))
+    throw new NotOnMetronomeError(organizationId);
+  const row = await db
+    .insertInto('subscriptions')
+    .values({ organization_id: organizationId, status, updated_at: now })
+    .onConflict((oc) => oc.column('organization_id').doUpdateSet({ status, updated_at: now }))
+    .returning(['organization_id', 'stripe_customer_id', 'stripe_subscription_id', 'status', 'updated_at'])
+    .executeTakeFirstOrThrow();
+  return {
+    organizationId: row.organization_id,
+    stripeCustomerId: row.stripe_customer_id,
+    stripeSubscriptionId: row.stripe_subscription_id,
+    status: row.status,
+    updatedAt: row.updated_at,
+  };
+}
+
 export async function getSubscription(db: Db, organizationId: string): Promise<SubscriptionView | null> {
   const row = await db
     .selectFrom('subscriptions')
@@ -252,7 +296,10 @@ export async function getSubscription(db: Db, organizationId: string): Promise<S
 }
 
 export interface OrganizationListItem extends OrganizationView {
-  /** Billed now: subscription active or trial, with a Stripe customer. */
+  /**
+   * Billed now: subscription active or trial, and a customer at the destination billing it (a Stripe
+   * customer, or at Metronome the customer with the organization's ingest alias).
+   */
   billable: boolean;
   subscriptionStatus: SubscriptionStatus | null;
   stripeCustomerId: string | null;
@@ -283,6 +330,7 @@ export async function listOrganizations(
     .selectFrom('organizations as o')
     .leftJoin('subscriptions as s', 's.organization_id', 'o.id')
     .select(['o.id', 'o.name', 'o.created_at', 's.status', 's.stripe_customer_id'])
+    .select(billedAt(sql`o.id`, sql`now()`).as('billed'))
     .orderBy('o.created_at')
     .orderBy('o.id')
     .limit(options.limit + 1);
@@ -305,7 +353,7 @@ export async function listOrganizations(
       id: r.id,
       name: r.name,
       createdAt: r.created_at,
-      billable: r.stripe_customer_id !== null && (r.status === 'active' || r.status === 'trial'),
+      billable: r.billed === true,
       subscriptionStatus: r.status ?? null,
       stripeCustomerId: r.stripe_customer_id ?? null,
     })),

@@ -1,4 +1,5 @@
-// Which organizations are billed: subscription status active or trial, with a Stripe customer.
+// An organization's Stripe customer while it is billable at Stripe: subscription status active or trial,
+// with a Stripe customer. (At Metronome a billable status is enough: metering/destinations.ts billedAt.)
 import type { Kysely, Transaction } from 'kysely';
 import { BILLABLE_STATUSES, type DB } from '../db/schema.js';
 

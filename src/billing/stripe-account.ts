@@ -5,6 +5,7 @@ import type Stripe from 'stripe';
 import type { Config } from '../config.js';
 import type { MeterEventName } from '../db/schema.js';
 import { defaultHandlers } from './handlers.js';
+import { judgeBudget, stripeBudget } from './limits.js';
 
 export interface MeterSpec {
   eventName: MeterEventName;
@@ -53,9 +54,6 @@ export async function listEventDestinations(stripe: Stripe): Promise<Stripe.V2.C
   const page = await stripe.v2.core.eventDestinations.list({ include: ['webhook_endpoint.url'], limit: 100 });
   return page.data;
 }
-
-/** Stripe's account-wide limits on meter-event calls per second: a sandbox (test mode) and live mode. */
-export const STRIPE_CALL_LIMITS = { test: 25, live: 1000 } as const;
 
 /** Every meter of the account, active and inactive (all pages). */
 export async function listAccountMeters(stripe: Stripe): Promise<Stripe.Billing.Meter[]> {
@@ -253,6 +251,8 @@ export type StripeCheckConfig = Pick<
   | 'STRIPE_SECRET_KEY'
   | 'STRIPE_WEBHOOK_SECRET'
   | 'STRIPE_MAX_CALLS_PER_SECOND'
+  | 'STRIPE_MAX_EVENTS_PER_SECOND'
+  | 'DELIVERY_TRANSPORT'
   | 'STRIPE_METER_ID_TEMPERATURE_READINGS'
   | 'STRIPE_METER_ID_ACTIVE_SENSORS'
 >;
@@ -485,27 +485,11 @@ export async function checkStripeAccount(
         },
   );
 
-  const limit = STRIPE_CALL_LIMITS[kind.mode];
-  const rate = config.STRIPE_MAX_CALLS_PER_SECOND;
-  lines.push(
-    rate === undefined
-      ? {
-          ok: true,
-          name: 'STRIPE_MAX_CALLS_PER_SECOND',
-          detail: `not set: the default for a ${kind.mode} mode key applies (Stripe allows ${limit}/s)`,
-        }
-      : rate <= limit
-        ? {
-            ok: true,
-            name: 'STRIPE_MAX_CALLS_PER_SECOND',
-            detail: `${rate}/s fits ${kind.mode} mode (Stripe allows ${limit}/s)`,
-          }
-        : {
-            ok: false,
-            name: 'STRIPE_MAX_CALLS_PER_SECOND',
-            detail: `${rate}/s is above what Stripe allows in ${kind.mode} mode (${limit}/s): calls would be answered 429`,
-            fix: `set it to at most ${limit}, or unset it for the default`,
-          },
-  );
+  // The budget in force against the ceiling of this key's account kind (src/metering/limits.ts).
+  for (const line of judgeBudget(stripeBudget(config), {
+    calls: 'STRIPE_MAX_CALLS_PER_SECOND',
+    events: 'STRIPE_MAX_EVENTS_PER_SECOND',
+  }))
+    lines.push(line);
   return lines;
 }

@@ -6,8 +6,8 @@
 // storage maintenance, dropped readings (not voided) and compacted usage rows are counted from their
 // hourly rollups: totals over periods bounded on whole hours are unchanged.
 import { type Kysely, sql } from 'kysely';
-import { billableCustomerId } from '../billing/billable.js';
 import { type DB, OUTBOX_STATUSES, type OutboxStatus } from '../db/schema.js';
+import { billedAt } from '../metering/destinations.js';
 import type { UsageView, UsageWindow, UsageWindowsView } from './schemas.js';
 
 export async function usageForPeriod(
@@ -16,7 +16,7 @@ export async function usageForPeriod(
   from: Date,
   to: Date,
 ): Promise<UsageView> {
-  const [stored, metered, customerId] = await Promise.all([
+  const [stored, metered, billed] = await Promise.all([
     // Stored readings not voided, plus those counted into readings_hourly_rollup when their
     // partition was dropped; one statement, so a drop is seen wholly or not at all.
     sql<{ n: string; voided: string }>`
@@ -42,7 +42,10 @@ export async function usageForPeriod(
       ) AS usage_with_compacted
       WHERE total IS NOT NULL
       GROUP BY status, kind`.execute(db),
-    billableCustomerId(db, organizationId),
+    // Billed now at its billing destination (a Metronome organization needs no Stripe customer).
+    sql<{ billed: boolean }>`SELECT ${billedAt(sql`${organizationId}::uuid`, sql`now()`)} AS billed`.execute(
+      db,
+    ),
   ]);
   const meteredReadings = Object.fromEntries(OUTBOX_STATUSES.map((s) => [s, 0])) as Record<
     OutboxStatus,
@@ -56,7 +59,7 @@ export async function usageForPeriod(
   return {
     from: from.toISOString(),
     to: to.toISOString(),
-    billable: customerId !== null,
+    billable: billed.rows[0]?.billed === true,
     readingsStored: Number(stored.rows[0]?.n ?? 0),
     meteredReadings,
     readingsVoided: Number(stored.rows[0]?.voided ?? 0),
@@ -140,10 +143,13 @@ export async function usageByWindow(
      GROUP BY 1, 2
      ORDER BY 1, 2
      LIMIT ${q.maxCells + 1}`;
-  const [windows, counts, customerId] = await Promise.all([
+  const [windows, counts, billed] = await Promise.all([
     windowsQuery.execute(db),
     countsQuery.execute(db),
-    billableCustomerId(db, organizationId),
+    // Billed now at its billing destination (a Metronome organization needs no Stripe customer).
+    sql<{ billed: boolean }>`SELECT ${billedAt(sql`${organizationId}::uuid`, sql`now()`)} AS billed`.execute(
+      db,
+    ),
   ]);
   if (counts.rows.length > q.maxCells) throw new TooManyCellsError();
 
@@ -185,7 +191,7 @@ export async function usageByWindow(
     window: q.window,
     tz: q.tz,
     groupBy: q.bySensor ? 'sensor' : null,
-    billable: customerId !== null,
+    billable: billed.rows[0]?.billed === true,
     totals,
     windows: out,
   };

@@ -2,13 +2,13 @@
 // each reporting every billable organization once for one UTC hour (see reportActiveSensorsForHour).
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
+import { eventsPerSecondAt, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Config, ConfigError } from '../config.js';
 import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type HourlyReportResult, reportActiveSensorsChunk, utcHourOf } from './active-sensors.js';
-import { callsPerSecond } from './budget.js';
 import { METRONOME_MAX_EVENTS } from './metronome.js';
 import { queues, sendJob } from './queues.js';
 import { recordTaskFailure, recordTaskSuccess } from './task-runs.js';
@@ -125,15 +125,17 @@ export function reportPace(
     | 'DEFAULT_DESTINATION'
     | 'DELIVERY_TRANSPORT'
     | 'METRONOME_MAX_CALLS_PER_SECOND'
+    | 'METRONOME_MAX_EVENTS_PER_SECOND'
     | 'STRIPE_MAX_CALLS_PER_SECOND'
+    | 'STRIPE_MAX_EVENTS_PER_SECOND'
     | 'STRIPE_SECRET_KEY'
   >,
 ): number {
   if (config.ACTIVE_SENSORS_PER_SECOND !== undefined) return config.ACTIVE_SENSORS_PER_SECOND;
   const eventsPerSecond =
     config.DEFAULT_DESTINATION === 'metronome'
-      ? config.METRONOME_MAX_CALLS_PER_SECOND * METRONOME_MAX_EVENTS
-      : callsPerSecond(config) * (config.DELIVERY_TRANSPORT === 'v2' ? MAX_STREAM_EVENTS : 1);
+      ? eventsPerSecondAt(metronomeBudget(config), METRONOME_MAX_EVENTS)
+      : eventsPerSecondAt(stripeBudget(config), config.DELIVERY_TRANSPORT === 'v2' ? MAX_STREAM_EVENTS : 1);
   return Math.min(REPORT_PACE_BOUNDS.max, Math.max(REPORT_PACE_BOUNDS.min, eventsPerSecond));
 }
 

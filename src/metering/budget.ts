@@ -4,7 +4,7 @@
 // whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
-import type { Config } from '../config.js';
+import { stripeCallsPerSecond } from '../billing/limits.js';
 import type { DB, Destination } from '../db/schema.js';
 
 /** Each destination has its own budget row (0008, 0024): Stripe's limits and Metronome's are separate. */
@@ -15,17 +15,8 @@ export const BUDGET_RECOVERY_SECONDS = 30;
 /** Lowest fraction of the configured rate a 429 storm can push the budget to. */
 export const BUDGET_MIN_FACTOR = 0.05;
 
-/**
- * STRIPE_MAX_CALLS_PER_SECOND, or its default: 25 for test-mode keys (a sandbox's limit), 800 for
- * live keys (Stripe allows 1,000 v1 meter-event calls/s; 20% headroom for the platform's other
- * Stripe calls on the same account, clock skew between this scheduler and Stripe's window, and
- * retries).
- */
-export function callsPerSecond(config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY'>) {
-  if (config.STRIPE_MAX_CALLS_PER_SECOND !== undefined) return config.STRIPE_MAX_CALLS_PER_SECOND;
-  const key = config.STRIPE_SECRET_KEY ?? '';
-  return /^(sk|rk)_live_/.test(key) ? 800 : 25;
-}
+/** STRIPE_MAX_CALLS_PER_SECOND, or its default for the key's mode (billing/limits.ts). */
+export const callsPerSecond = stripeCallsPerSecond;
 
 /**
  * The database clock the budget's statements read. On a distributed Citus database, where the row is
@@ -145,8 +136,11 @@ export async function budgetState(
 
 /** A process's share of the budget: slots reserved a few at a time and handed out locally. */
 export interface CallSlots {
-  /** One call's slot: wait `waitMs` then call; not granted: the budget is booked too far ahead. */
-  take(): Promise<Pick<Reservation, 'granted' | 'waitMs'>>;
+  /**
+   * One call's slot: wait `waitMs` then call; not granted: the budget is booked too far ahead. A call
+   * of `events` events takes what they need at the budget's events per second (limits.ts slotsPerCall).
+   */
+  take(events?: number): Promise<Pick<Reservation, 'granted' | 'waitMs'>>;
 }
 
 /** A process reserves about this much of the budget's time at once. */
@@ -159,8 +153,10 @@ const STALE_SLOT_MS = 25;
  * Every call reserving its own slot made the budget row the hottest lock of the database: 1,602
  * reservations cost 7.7 s of Postgres time (4.8 ms each, queued behind each other's commit) in
  * `npm run bench -- --scale --profile`. A process now reserves ~100 ms of the rate in one statement
- * (up to 50 consecutive slots, as GCRA spaces them) and hands the slots to its calls in order. The
- * account-wide rate holds as before; a slot nobody takes in time is dropped, never moved later.
+ * (up to 50 consecutive slots, as GCRA spaces them) and hands that time to its calls in order, each
+ * taking one slot or, for a call of many events under an events budget, the slots its events need
+ * (`eventsPerSecond`: limits.ts slotsPerCall). The account-wide rate holds as before; reserved time
+ * nobody takes in time is dropped, never moved later.
  * `now` is the host's clock, not the application Clock: slots are waited for with timers and spaced
  * by the database's clock_timestamp(), so a moved test clock must not shift them.
  */
@@ -170,28 +166,43 @@ export function createSlotDispenser(
   now: () => number = Date.now,
   distributed = false,
   budgetRow = BUDGET_ROW.stripe,
+  eventsPerSecond: number | null = null,
 ): CallSlots {
-  const slots: number[] = [];
+  // The reserved time not handed out yet, on the host's clock: [cursor, end), `spacing` ms a slot.
+  let cursor = 0;
+  let end = 0;
+  let spacing = 1000 / rate;
   let refill: Promise<Pick<Reservation, 'granted' | 'waitMs'>> | undefined;
   const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.round((rate * SLOT_CHUNK_MS) / 1000)));
+  const unitsOf = (events: number) =>
+    eventsPerSecond === null ? 1 : Math.max(1, (Math.max(1, events) * rate) / eventsPerSecond);
+  /** Rounding slack: a call that needs the window's exact remainder fits it. */
+  const EPSILON_MS = 1e-6;
 
-  const reserve = async () => {
-    const r = await reserveCalls(db, rate, chunk, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
+  const reserve = async (units: number) => {
+    const n = Math.max(chunk, Math.ceil(units - EPSILON_MS));
+    const r = await reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
     if (r.granted) {
-      const first = now() + r.waitMs;
-      for (let i = 0; i < chunk; i++) slots.push(first + i * r.spacingMs);
+      // What was left of the previous window is too little for the call that asked: dropped.
+      cursor = now() + r.waitMs;
+      spacing = r.spacingMs;
+      end = cursor + n * spacing;
     }
     return { granted: r.granted, waitMs: r.waitMs };
   };
 
   return {
-    async take() {
+    async take(events = 1) {
+      const units = unitsOf(events);
       for (;;) {
         const t = now();
-        while (slots.length > 0 && slots[0]! < t - STALE_SLOT_MS) slots.shift();
-        const next = slots.shift();
-        if (next !== undefined) return { granted: true, waitMs: Math.max(0, Math.ceil(next - t)) };
-        refill ??= reserve().finally(() => {
+        cursor = Math.max(cursor, t - STALE_SLOT_MS);
+        if (end - cursor >= units * spacing - EPSILON_MS) {
+          const at = cursor;
+          cursor += units * spacing;
+          return { granted: true, waitMs: Math.max(0, Math.ceil(at - t)) };
+        }
+        refill ??= reserve(units).finally(() => {
           refill = undefined;
         });
         const r = await refill;

@@ -6,6 +6,7 @@ import { type Kysely, sql } from 'kysely';
 import type pg from 'pg';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
+import { destinationBudget, eventsPerSecondAt, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import { gatedKysely } from '../db/database.js';
@@ -14,7 +15,7 @@ import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type BatchDeps, deliverBatch, renewEveryMs } from './batch.js';
-import { BUDGET_ROW, callsPerSecond, createSlotDispenser } from './budget.js';
+import { BUDGET_ROW, createSlotDispenser } from './budget.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { pendingOrganizations, reapLeases } from './delivery-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
@@ -71,8 +72,10 @@ export function deliveryBatchSize(
   config: Config,
   transport: Pick<MeterTransport, 'maxEventsPerCall'> & { kind?: MeterTransport['kind'] },
 ): number {
-  const rate =
-    transport.kind === 'metronome' ? config.METRONOME_MAX_CALLS_PER_SECOND : callsPerSecond(config);
+  // Full calls a second the budget allows (an events budget lowers it for calls of many events).
+  const budget = destinationBudget(config, transport.kind === 'metronome' ? 'metronome' : 'stripe');
+  const perCall = Math.max(1, transport.maxEventsPerCall);
+  const rate = Math.max(1, Math.floor(eventsPerSecondAt(budget, perCall) / perCall));
   const fetchers = Math.min(config.DELIVERY_CONCURRENCY, config.DELIVERY_MAX_IN_FLIGHT);
   const calls = Math.min(
     Math.ceil(config.DELIVERY_MAX_IN_FLIGHT / fetchers),
@@ -218,7 +221,14 @@ export async function startDelivery(
     transport,
     hold: holds.stripe,
     // One share of the account-wide budget per process, taken a slot per call.
-    slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config), monotonicNow, distributed),
+    slots: createSlotDispenser(
+      ctx.db,
+      stripeBudget(ctx.config).callsPerSecond,
+      monotonicNow,
+      distributed,
+      BUDGET_ROW.stripe,
+      stripeBudget(ctx.config).eventsPerSecond,
+    ),
     config: ctx.config,
     clock: ctx.clock,
     log,
@@ -235,10 +245,11 @@ export async function startDelivery(
             // Metronome's own share of its own budget row.
             slots: createSlotDispenser(
               ctx.db,
-              ctx.config.METRONOME_MAX_CALLS_PER_SECOND,
+              metronomeBudget(ctx.config).callsPerSecond,
               monotonicNow,
               distributed,
               BUDGET_ROW.metronome,
+              metronomeBudget(ctx.config).eventsPerSecond,
             ),
             ...(ctx.metronome ? { corrections: createMetronomeCorrectionClient(ctx.metronome) } : {}),
             ...(options.metronomeCatalog ? { catalog: options.metronomeCatalog } : {}),

@@ -7,7 +7,7 @@
 // destination in force at a row's usage time gets its own outbox row, with its own customer: Stripe's
 // customer id, or the Metronome ingest alias meterbox controls.
 import { type RawBuilder, sql } from 'kysely';
-import type { Destination } from '../db/schema.js';
+import { BILLABLE_STATUSES, type Destination } from '../db/schema.js';
 import { METRONOME_ALIAS_PREFIX } from './metronome.js';
 
 export type DestinationRole = 'billing' | 'shadow';
@@ -54,6 +54,19 @@ export function destinationCustomer(
  */
 export function billableAt(destination: RawBuilder<unknown>, stripeCustomer: RawBuilder<unknown>) {
   return sql`(${destination} <> 'stripe' OR ${stripeCustomer} IS NOT NULL)`;
+}
+
+/**
+ * Whether organization `org` is billed at `at` (SQL boolean), by the predicate ingestion and the hourly
+ * report use: a subscription `active` or `trial`, and a customer at the destination that bills it then
+ * (Stripe: its customer id; Metronome: the customer with the organization's ingest alias, which
+ * `meterbox org link --metronome` or `metronome setup` finds or creates).
+ */
+export function billedAt(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
+  return sql<boolean>`EXISTS (
+      SELECT 1 FROM subscriptions s ${destinationsJoin(sql`s.organization_id`, at)}
+       WHERE s.organization_id = ${org} AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+         AND ${IN_FORCE} AND ${ROLE} = 'billing' AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)})`;
 }
 
 /** An interval of organization_destinations. */

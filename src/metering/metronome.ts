@@ -113,9 +113,9 @@ async function ingest(
  * the whole call's (scope `call`): a 400 says one event is bad but not which, so the events are
  * resent one per call at once, and each then gets its own answer (an old timestamp `expired`, a bad
  * event `permanent`, the others delivered) instead of one bad event failing its neighbours for good.
- * Those extra calls are not taken from the call budget: Metronome's published limit is in events per
- * second (110,000 by default), which they do not add to, and a refused call is rare (the claim
- * already expires rows outside the 34-day window).
+ * Those extra calls are not taken from the budget: a refused call is rare (the claim already expires
+ * rows outside the 34-day window), and the default events budget leaves a fifth of the account's limit
+ * for them (src/billing/limits.ts DEFAULT_SHARE).
  */
 export function createMetronomeTransport(client: Metronome): MeterTransport {
   return {

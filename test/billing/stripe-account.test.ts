@@ -169,6 +169,8 @@ describe('meterbox stripe check', () => {
         STRIPE_SECRET_KEY: 'sk_test_emulator_0123456789',
         STRIPE_WEBHOOK_SECRET: env.STRIPE_WEBHOOK_SECRET,
         STRIPE_MAX_CALLS_PER_SECOND: undefined,
+        STRIPE_MAX_EVENTS_PER_SECOND: undefined,
+        DELIVERY_TRANSPORT: 'v1' as const,
         STRIPE_METER_ID_TEMPERATURE_READINGS: env.STRIPE_METER_ID_TEMPERATURE_READINGS,
         STRIPE_METER_ID_ACTIVE_SENSORS: env.STRIPE_METER_ID_ACTIVE_SENSORS,
       };
@@ -177,6 +179,11 @@ describe('meterbox stripe check', () => {
       expect(await stripeCheckCommand({ stripe, config }, good)).toBe(0);
       expect(good.stdout).toContain('ok    key: test mode secret key');
       expect(good.stdout).toContain('all checks passed');
+      // The ceiling in force for a test-mode key, its source, and how to raise it.
+      expect(good.stdout).toContain(
+        'ok    STRIPE_MAX_CALLS_PER_SECOND: 25 calls/s (default), inside the ceiling of 25 calls/s (sandbox and test mode',
+      );
+      expect(good.stdout).toContain('https://docs.stripe.com/rate-limits); to raise it: none in a sandbox');
 
       await stripe.billing.meters.deactivate(env.STRIPE_METER_ID_ACTIVE_SENSORS!);
       const afterWrites = emulator.counters().writes;
@@ -208,6 +215,8 @@ describe('meterbox stripe check', () => {
             STRIPE_SECRET_KEY: 'sk_test_emulator_0123456789',
             STRIPE_WEBHOOK_SECRET: undefined,
             STRIPE_MAX_CALLS_PER_SECOND: 100,
+            STRIPE_MAX_EVENTS_PER_SECOND: undefined,
+            DELIVERY_TRANSPORT: 'v1',
             STRIPE_METER_ID_TEMPERATURE_READINGS: env.STRIPE_METER_ID_ACTIVE_SENSORS,
             STRIPE_METER_ID_ACTIVE_SENSORS: undefined,
           },
@@ -222,7 +231,7 @@ describe('meterbox stripe check', () => {
         `→ set STRIPE_METER_ID_TEMPERATURE_READINGS=${env.STRIPE_METER_ID_TEMPERATURE_READINGS}`,
       );
       expect(io.stdout).toContain(
-        'FAIL  STRIPE_MAX_CALLS_PER_SECOND: 100/s is above what Stripe allows in test mode (25/s)',
+        'FAIL  STRIPE_MAX_CALLS_PER_SECOND: 100 calls/s is above the published ceiling of 25 calls/s',
       );
       expect(io.stdout).toContain('FAIL  webhook endpoint: nothing subscribes to');
       expect(io.stdout).toContain('FAIL  STRIPE_WEBHOOK_SECRET');
@@ -247,6 +256,8 @@ describe('meterbox stripe check', () => {
             STRIPE_SECRET_KEY: 'rk_live_meterbox',
             STRIPE_WEBHOOK_SECRET: 'whsec_x',
             STRIPE_MAX_CALLS_PER_SECOND: 900,
+            STRIPE_MAX_EVENTS_PER_SECOND: 12_000,
+            DELIVERY_TRANSPORT: 'v2',
             STRIPE_METER_ID_TEMPERATURE_READINGS: undefined,
             STRIPE_METER_ID_ACTIVE_SENSORS: undefined,
           },
@@ -256,9 +267,12 @@ describe('meterbox stripe check', () => {
       expect(code).toBe(1);
       expect(io.stdout).toContain('FAIL  key: live mode restricted key lacks: Webhook endpoints: read');
       expect(io.stdout).toContain('ok    meter temperature_readings');
+      // A live key on the v2 stream: judged by the stream's 10,000 events/s, not v1's calls.
+      expect(io.stdout).not.toContain('STRIPE_MAX_CALLS_PER_SECOND');
       expect(io.stdout).toContain(
-        'ok    STRIPE_MAX_CALLS_PER_SECOND: 900/s fits live mode (Stripe allows 1000/s)',
+        'FAIL  STRIPE_MAX_EVENTS_PER_SECOND: 12,000 events/s is above the published ceiling of 10,000 events/s (v2 meter event stream',
       );
+      expect(io.stdout).toContain('→ set STRIPE_MAX_EVENTS_PER_SECOND to at most 8,000, or unset it');
     } finally {
       await emulator.stop();
     }

@@ -186,7 +186,9 @@ describe("the report's pace", () => {
     DEFAULT_DESTINATION: 'stripe',
     DELIVERY_TRANSPORT: 'v1',
     METRONOME_MAX_CALLS_PER_SECOND: 100,
+    METRONOME_MAX_EVENTS_PER_SECOND: 4_000,
     STRIPE_MAX_CALLS_PER_SECOND: undefined,
+    STRIPE_MAX_EVENTS_PER_SECOND: undefined,
     STRIPE_SECRET_KEY: 'sk_live_x',
   } as const;
 
@@ -195,9 +197,10 @@ describe("the report's pace", () => {
     expect(reportPace(base)).toBe(REPORT_PACE_BOUNDS.min);
     // v1 with a budget above the floor: that budget.
     expect(reportPace({ ...base, STRIPE_MAX_CALLS_PER_SECOND: 2_500 })).toBe(2_500);
-    // v2 live (100 events a call) and Metronome: the ceiling.
+    // v2 live (100 events a call, 8,000 events/s): the ceiling.
     expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2' })).toBe(REPORT_PACE_BOUNDS.max);
-    expect(reportPace({ ...base, DEFAULT_DESTINATION: 'metronome' })).toBe(REPORT_PACE_BOUNDS.max);
+    // Metronome: its events budget (4,000 of its 5,000 events/s), not 100 calls x 100 events.
+    expect(reportPace({ ...base, DEFAULT_DESTINATION: 'metronome' })).toBe(4_000);
     // v2 sandbox: 25 calls/s x 100 events.
     expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2', STRIPE_SECRET_KEY: 'sk_test_x' })).toBe(2_500);
     // Metronome at 12 calls/s: 1,200 events/s.

@@ -4,7 +4,7 @@ import { DEFAULT_PORT, type FaultsInput, faultsSchema, startMetronomeEmulator } 
 
 const USAGE = `usage:
   metronome-emulator [--port ${DEFAULT_PORT}] [--host 127.0.0.1] [--seed N] [--verbose]
-                     [--events-per-second N]   (default 110000, Metronome's default ingest capacity)
+                     [--events-per-second N]   (default 5000, an account's default ingest limit)
                      [--ingest-rate N] [--search-rate N]   (calls per second; no limit by default)
                      [--token TOKEN ...]       (accept only these bearer tokens; any when absent)
                      [--no-billable-metrics]   (start without meterbox's two metrics)

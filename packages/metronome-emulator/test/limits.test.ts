@@ -1,5 +1,5 @@
 // Rate limits on the emulator's clock: Metronome's documented ingest budget is in events per second
-// (110,000 by default), so a call of 100 events takes 100 of it; a call-rate cap is optional.
+// (5,000 by default), so a call of 100 events takes 100 of it; a call-rate cap is optional.
 import { RateLimitError } from '@metronome/sdk';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DEFAULT_EVENTS_PER_SECOND, type MetronomeEmulator, startMetronomeEmulator } from '../src/index.js';
@@ -23,7 +23,7 @@ const batch = (n: number, prefix: string) => ({
 });
 
 describe('events per second', () => {
-  it("defaults to Metronome's 110,000", async () => {
+  it("defaults to an account's default 5,000 events/s", async () => {
     const emu = await emulator();
     const state = (await (await fetch(`${emu.url}/_emulator/state`)).json()) as {
       limits: { eventsPerSecond: number; ingestRequestsPerSecond: number | null };
@@ -32,7 +32,7 @@ describe('events per second', () => {
       eventsPerSecond: DEFAULT_EVENTS_PER_SECOND,
       ingestRequestsPerSecond: null,
     });
-    expect(DEFAULT_EVENTS_PER_SECOND).toBe(110_000);
+    expect(DEFAULT_EVENTS_PER_SECOND).toBe(5_000);
   });
 
   it('answers 429 to the call that would exceed the budget, records none of it, and recovers after a second', async () => {

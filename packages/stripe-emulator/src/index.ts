@@ -20,6 +20,7 @@ export {
   MAX_STREAM_EVENTS,
   SANDBOX_RATE_PER_SECOND,
   SESSION_TTL_MS,
+  STREAM_EVENTS_PER_SECOND,
   STREAM_RATE_PER_SECOND,
   type StripeEmulatorOptions,
 } from './options.js';

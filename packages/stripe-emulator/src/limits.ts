@@ -1,8 +1,10 @@
-// Account-wide call rate: a sliding one-second window on the emulator's clock, so a test with a
-// frozen clock sees the limit exactly (the N+1th call within the same second gets a 429).
+// Account-wide rates: a sliding one-second window on the emulator's clock, so a test with a frozen
+// clock sees the limit exactly (the N+1th call within the same second gets a 429). A take has a
+// weight: 1 for a call, the events it carries for the v2 stream's events-per-second limit.
 
 export class RateLimiter {
-  private readonly calls: number[] = [];
+  private readonly taken: { at: number; weight: number }[] = [];
+  private used = 0;
 
   constructor(private perSecond: number) {}
 
@@ -14,15 +16,17 @@ export class RateLimiter {
     return this.perSecond;
   }
 
-  /** Takes a slot at `now` (ms); false when perSecond calls already happened in the last second. */
-  take(now: number): boolean {
-    while (this.calls.length > 0 && this.calls[0]! <= now - 1000) this.calls.shift();
-    if (this.calls.length >= this.perSecond) return false;
-    this.calls.push(now);
+  /** Takes `weight` at `now` (ms); false, taking nothing, when the last second's budget would be exceeded. */
+  take(now: number, weight = 1): boolean {
+    while (this.taken.length > 0 && this.taken[0]!.at <= now - 1000) this.used -= this.taken.shift()!.weight;
+    if (this.used + weight > this.perSecond) return false;
+    this.taken.push({ at: now, weight });
+    this.used += weight;
     return true;
   }
 
   clear(): void {
-    this.calls.length = 0;
+    this.taken.length = 0;
+    this.used = 0;
   }
 }

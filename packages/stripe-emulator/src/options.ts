@@ -7,8 +7,13 @@ export const DEFAULT_PORT = 12111;
 /** Stripe: 1,000 meter-event calls per second per account in live mode, 25 in a sandbox. */
 export const LIVE_RATE_PER_SECOND = 1000;
 export const SANDBOX_RATE_PER_SECOND = 25;
-/** Stripe documents up to 10,000 requests per second on the v2 meter event stream. */
+/** Stripe documents up to 10,000 requests per second on the v2 meter event stream... */
 export const STREAM_RATE_PER_SECOND = 10_000;
+/**
+ * ...and "up to 10k events per second" (2024-09-30.acacia changelog), in live mode only: a sandbox
+ * counts each stream call toward its 25 operations/s instead (recording-usage-api, Rate limits).
+ */
+export const STREAM_EVENTS_PER_SECOND = 10_000;
 export const SESSION_TTL_MS = 15 * 60 * 1000;
 export const MAX_STREAM_EVENTS = 100;
 
@@ -28,6 +33,8 @@ export interface StripeEmulatorOptions {
   ratePerSecond?: number;
   /** Calls per second on the v2 stream. Default 10,000 (25 with sandbox, a sandbox's limit). */
   streamRatePerSecond?: number;
+  /** Events per second on the v2 stream. Default 10,000 in live mode; none with sandbox (calls count). */
+  streamEventsPerSecond?: number;
   /**
    * Where v2 stream events rejected asynchronously are reported (signed thin events
    * `v1.billing.meter.error_report_triggered`, one per meter per validation window); the full

@@ -15,6 +15,7 @@ import {
   LIVE_RATE_PER_SECOND,
   SANDBOX_RATE_PER_SECOND,
   SESSION_TTL_MS,
+  STREAM_EVENTS_PER_SECOND,
   STREAM_RATE_PER_SECOND,
   type StripeEmulatorOptions,
 } from './options.js';
@@ -40,6 +41,8 @@ export interface Runtime {
   /** Account-wide limit of v1 meter-event (and adjustment) calls. */
   limiter: RateLimiter;
   streamLimiter: RateLimiter;
+  /** The stream's events per second (live mode). */
+  streamEventLimiter: RateLimiter;
   concurrencyLimit: number;
   strictCustomers: boolean;
   restrictedKeys: Readonly<Record<string, readonly Permission[]>>;
@@ -71,6 +74,9 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
   );
   const streamLimiter = new RateLimiter(
     options.streamRatePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : STREAM_RATE_PER_SECOND),
+  );
+  const streamEventLimiter = new RateLimiter(
+    options.streamEventsPerSecond ?? (options.sandbox ? Number.POSITIVE_INFINITY : STREAM_EVENTS_PER_SECOND),
   );
   const sessions: Runtime['sessions'] = new Map();
   let stopped = false;
@@ -145,6 +151,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
     idempotency,
     limiter,
     streamLimiter,
+    streamEventLimiter,
     concurrencyLimit: options.concurrencyPerCustomerMeter ?? 1,
     strictCustomers: options.strictCustomers ?? false,
     restrictedKeys: options.restrictedKeys ?? {},
@@ -181,6 +188,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
       sessions.clear();
       limiter.clear();
       streamLimiter.clear();
+      streamEventLimiter.clear();
       changed();
     },
   };

@@ -90,3 +90,56 @@ describe('one concurrent call per customer per meter', () => {
     expect(emu.concurrency()).toEqual([{ customer: 'cus_calm', event_name: 'temperature_readings', max: 1 }]);
   });
 });
+
+describe('the v2 stream: events per second in live mode', () => {
+  const streamEvents = (n: number, prefix: string, at: number) =>
+    Array.from({ length: n }, (_, i) => ({
+      event_name: 'temperature_readings',
+      identifier: `${prefix}-${i}`,
+      payload: { stripe_customer_id: `cus_${prefix}_${i}`, value: '1' },
+      timestamp: new Date(at).toISOString(),
+    }));
+
+  it('answers 429 to the call whose events would pass the stream limit, then takes them a second later', async () => {
+    const clock = manualClock();
+    const emu = await start({ clock, streamEventsPerSecond: 250 });
+    const stripe = sdk(emu);
+    const { authentication_token: token } = await stripe.v2.billing.meterEventSession.create();
+    await stripe.v2.billing.meterEventStream.create(
+      { events: streamEvents(100, 'a', clock()) },
+      { apiKey: token },
+    );
+    await stripe.v2.billing.meterEventStream.create(
+      { events: streamEvents(100, 'b', clock()) },
+      { apiKey: token },
+    );
+    // Three calls, far below the stream's calls limit, but 300 events: the third is refused whole.
+    const err = await rejection(() =>
+      stripe.v2.billing.meterEventStream.create(
+        { events: streamEvents(100, 'c', clock()) },
+        { apiKey: token },
+      ),
+    );
+    expect(err.statusCode).toBe(429);
+    await stripe.v2.billing.meterEventStream.create(
+      { events: streamEvents(50, 'd', clock()) },
+      { apiKey: token },
+    );
+    clock.advance(1000);
+    await stripe.v2.billing.meterEventStream.create(
+      { events: streamEvents(100, 'c', clock()) },
+      { apiKey: token },
+    );
+    expect(emu.counters()).toMatchObject({ rateLimited: 1 });
+  });
+
+  it("defaults to Stripe's 10,000 events/s live, and to calls only in a sandbox", async () => {
+    const live = await start({});
+    const sandbox = await start({ sandbox: true });
+    const limits = async (e: StripeEmulator) =>
+      ((await (await fetch(`${e.url}/_emulator/state`)).json()) as { limits: Record<string, number | null> })
+        .limits;
+    expect(await limits(live)).toMatchObject({ streamEventsPerSecond: 10_000 });
+    expect(await limits(sandbox)).toMatchObject({ streamRatePerSecond: 25, streamEventsPerSecond: null });
+  });
+});

@@ -54,6 +54,9 @@ export function registerInspectionRoutes(control: Hono, rt: Runtime): void {
       limits: {
         ratePerSecond: rt.limiter.limit,
         streamRatePerSecond: rt.streamLimiter.limit,
+        streamEventsPerSecond: Number.isFinite(rt.streamEventLimiter.limit)
+          ? rt.streamEventLimiter.limit
+          : null,
         concurrencyPerCustomerMeter: rt.concurrencyLimit,
       },
     }),

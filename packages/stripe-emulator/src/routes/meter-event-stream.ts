@@ -113,6 +113,11 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
           return fail(c, v2Invalid(`events[${i}] must have event_name and payload.`, `events[${i}]`));
         }
       }
+      // The stream's events-per-second limit (live mode), after its calls-per-second one.
+      if (!rt.streamEventLimiter.take(rt.clock(), events.length)) {
+        rt.state.counters.rateLimited += 1;
+        return fail(c, rateLimited('endpoint-rate'));
+      }
       const decision = rt.faults.decide();
       const early = await preFault(rt, c, decision);
       if (early) return early;
