@@ -188,6 +188,24 @@ export const configSchema = z.object({
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */
   DEV_POSTGRES_PORT: int(0, 65535).default(54329),
+  // --- alerts and outgoing webhooks (issue 45) ---
+  /**
+   * Retries of a failing webhook delivery (pg-boss exponential backoff from the delay, capped): the
+   * defaults span about three days before the delivery is dead-lettered.
+   */
+  WEBHOOK_RETRY_LIMIT: int(0, 1000).default(21),
+  WEBHOOK_RETRY_DELAY_SECONDS: int(1, 3600).default(30),
+  WEBHOOK_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(21_600),
+  /** How long one webhook request may take (ms) before it counts as failed. */
+  WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
+  /** Webhook deliveries (keys) one worker process sends at once. */
+  WEBHOOK_CONCURRENCY: int(1, 100).default(4),
+  /** Silence alerts: an organization that stored readings within this many hours... */
+  ALERT_SILENCE_LOOKBACK_HOURS: int(1, 24 * 30).default(24),
+  /** ...and none for this many minutes gets a `organization.silent` event (0: silence alerts off). */
+  ALERT_SILENCE_AFTER_MINUTES: int(0, 24 * 60 * 7).default(60),
+  /** How often the worker looks for silent organizations (seconds). */
+  ALERT_SILENCE_CHECK_SECONDS: int(1, 3600).default(60),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;

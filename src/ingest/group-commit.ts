@@ -8,6 +8,7 @@
 // mirror it), and the delivery hand-off once per transaction and delivery key.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { type Crossing, crossingOf, thresholdCountCtes, writeCrossings } from '../alerts/thresholds.js';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
@@ -34,7 +35,7 @@ interface Pending extends GroupRequest {
 }
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h';
+  kind: 'r' | 'p' | 'c' | 'h' | 't';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -117,7 +118,7 @@ export async function storeGroup(
       RETURNING organization_id, stripe_customer_id, destination
     ), held AS (
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
-    )
+    ), ${thresholdCountCtes(sql`per_org`, sql`${now}::timestamptz`)}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -126,12 +127,18 @@ export async function storeGroup(
     UNION ALL
     SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id, destination, organization_id FROM outbox
     UNION ALL
-    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held`.execute(trx);
+    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
+    UNION ALL
+    -- A threshold this group crossed, as JSON in the text column (rare: only then is a statement added).
+    SELECT 't', NULL, NULL, NULL, NULL, row_to_json(c)::text, NULL, organization_id FROM thr_crossed c`.execute(
+    trx,
+  );
 
   const inserted = new Map<number, number>();
   const problems = new Map<number, SensorProblem[]>();
   const customers: KeyRef[] = [];
   const held = new Set<string>();
+  const crossings: Crossing[] = [];
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null) {
@@ -152,8 +159,10 @@ export async function storeGroup(
         }),
       );
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
+    else if (row.kind === 't' && row.customer) crossings.push(crossingOf(row.customer));
   }
   await enqueueDeliveries(trx, boss, customers, held);
+  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
     if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };

@@ -78,6 +78,11 @@ export interface Metrics {
   // --- resources (issue 41) ---
   /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
   readonly databaseResourceErrors: Counter<'kind' | 'process'>;
+  // --- alerts and outgoing webhooks (issue 45) ---
+  /** Organizations currently silent (their `organization.silent` sent, no `resumed` yet), as the last silence pass found. */
+  readonly silentOrganizations: Gauge;
+  /** Webhook delivery attempts by outcome (delivered, failed, dead). */
+  readonly webhookAttempts: Counter<'outcome'>;
 }
 
 export interface MetricsOptions {
@@ -303,6 +308,17 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_database_resource_errors_total',
       help: 'Database errors for lack of a resource (disk_full, out_of_memory, connections, configuration_limit, insufficient_resources), by kind and process: the API counts requests answered 503, the worker delivery batches put off',
       labelNames: ['kind', 'process'],
+      registers,
+    }),
+    silentOrganizations: new Gauge({
+      name: 'meterbox_silent_organizations',
+      help: 'Organizations that stored readings within ALERT_SILENCE_LOOKBACK_HOURS and none for ALERT_SILENCE_AFTER_MINUTES (organization.silent sent, no organization.resumed yet), as the last silence pass found',
+      registers,
+    }),
+    webhookAttempts: new Counter({
+      name: 'meterbox_webhook_attempts_total',
+      help: 'Alert webhook delivery attempts by outcome: delivered, failed (retried with backoff), dead (out of retries)',
+      labelNames: ['outcome'],
       registers,
     }),
   };
