@@ -357,44 +357,4 @@ describe('alerts and webhooks', () => {
       [ids[1], true],
     ]);
   });
-
-  it('sends the same event id again after a worker is killed during the call, and no other', async ({
-    ctx,
-    env,
-    startProcess,
-  }) => {
-    await setUp(ctx);
-    await ctx.boss.offWork('alert-delivery');
-    await ctx.boss.offWork('alert-check');
-    const org = await createOrganization(ctx.db);
-    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
-    await createThreshold(ctx.db, org.organizationId, { quantity: 5 }, ctx.clock.now());
-    receiver.hold();
-    const arrivedBefore = receiver.arrivals.length;
-    await ingestConcurrently(ctx, org.organizationId, sensor!, 1, 10, Date.now() - 400_000);
-    const [event] = await eventsOf(ctx, org.organizationId);
-    const first = startProcess('worker', { WORKER_METRICS_PORT: undefined });
-    await waitFor(
-      'the call in flight',
-      () => receiver.arrivals.slice(arrivedBefore).includes(event!.id),
-      60_000,
-    );
-    first.kill('SIGKILL');
-    await first.exited;
-    receiver.release();
-    const second = startProcess('worker', { WORKER_METRICS_PORT: undefined });
-    await waitFor(
-      'the event delivered by the second worker',
-      async () => {
-        const [d] = await listDeliveries(ctx.db, { organizationId: org.organizationId });
-        return d?.status === 'delivered';
-      },
-      60_000,
-    );
-    second.kill('SIGTERM');
-    await second.exited;
-    const arrived = receiver.arrivals.slice(arrivedBefore);
-    expect(arrived.length).toBeGreaterThanOrEqual(2);
-    expect(new Set(arrived)).toEqual(new Set([event!.id]));
-  }, 180_000);
 });
