@@ -1,7 +1,7 @@
 // Threshold alerts: per organization and meter, quantities of usage in the current billing period.
-// Ingestion counts an organization's stored readings into its thresholds' rows in its own statement
-// (thresholdCountCtes: an index probe that finds nothing for an organization without thresholds) and
-// writes `usage.threshold.crossed` in the same transaction when the count goes from below a quantity to
+// Ingestion's statement finds whether the organizations it stored readings for have thresholds (an
+// index probe that finds nothing for an organization without any); for those that do, it counts the
+// stored readings into their rows in the same transaction (countThresholds) and writes `usage.threshold.crossed` in the same transaction when the count goes from below a quantity to
 // at least it. The count and that test happen under the threshold row's lock, so concurrent
 // transactions see the crossing exactly once. A correction lowers the count in its transaction and a
 // crossed threshold falling back under writes `usage.threshold.resolved`; a new period starts the
@@ -34,8 +34,8 @@ export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
 }
 
 /**
- * CTEs for ingestion's statement, after `perOrg` (a CTE name with columns org and inserted): the
- * organization's thresholds, locked in id order (concurrent groups lock them in one order), counted
+ * CTEs of countThresholds's statement, after `perOrg` (a CTE name with columns org and inserted): the
+ * organizations' thresholds, locked in id order (concurrent groups lock them in one order), counted
  * forward, and `thr_crossed`: the ones this statement took from below their quantity to at least it.
  */
 export function thresholdCountCtes(perOrg: RawBuilder<unknown>, now: RawBuilder<unknown>) {
@@ -65,7 +65,48 @@ export function thresholdCountCtes(perOrg: RawBuilder<unknown>, now: RawBuilder<
     )`;
 }
 
-/** A crossing as ingestion's statement returns it (in its `t` rows). */
+/**
+ * The probe ingestion's own statement carries (a CTE after `perOrg`, columns org and inserted):
+ * `thr_orgs`, the organizations of the statement that have thresholds, by an index lookup that finds
+ * nothing for an organization without any. Only when it finds some does ingestion run countThresholds,
+ * in the same transaction: an organization without thresholds pays this lookup and nothing else.
+ */
+export function thresholdProbeCte(perOrg: RawBuilder<unknown>) {
+  return sql`thr_orgs AS (
+      SELECT p.org, p.inserted FROM ${perOrg} p
+       WHERE EXISTS (SELECT 1 FROM alert_thresholds t WHERE t.organization_id = p.org)
+    )`;
+}
+
+/**
+ * Counts stored readings into the organizations' thresholds (in the caller's transaction, the one that
+ * stored them) and writes a `usage.threshold.crossed` event for every threshold this count crossed.
+ */
+export async function countThresholds(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  stored: readonly { organizationId: string; inserted: number }[],
+  now: Date,
+): Promise<number> {
+  const rows = stored.filter((s) => s.inserted > 0);
+  if (rows.length === 0) return 0;
+  const result = await sql<{ j: string }>`
+    WITH per_org AS (
+      SELECT org, inserted FROM unnest(${rows.map((r) => r.organizationId)}::uuid[], ${rows.map((r) => r.inserted)}::int[])
+        AS x(org, inserted)
+    ), ${thresholdCountCtes(sql`per_org`, sql`${now}::timestamptz`)}
+    SELECT row_to_json(c)::text AS j FROM thr_crossed c`.execute(trx);
+  if (result.rows.length > 0)
+    await writeCrossings(
+      trx,
+      boss,
+      result.rows.map((r) => crossingOf(r.j)),
+      now,
+    );
+  return result.rows.length;
+}
+
+/** A crossing as the count's statement returns it (thr_crossed). */
 export interface Crossing {
   thresholdId: string;
   organizationId: string;

@@ -2,7 +2,7 @@
 // outbox row in one statement, then its delivery job, all in the caller's transaction.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { crossingOf, thresholdCountCtes, writeCrossings } from '../alerts/thresholds.js';
+import { countThresholds, thresholdProbeCte } from '../alerts/thresholds.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import {
   billableAt,
@@ -64,8 +64,8 @@ interface StoreRow {
   destinations: Destination[] | null;
   problem_index: number[] | null;
   problem_active: (boolean | null)[] | null;
-  /** Thresholds this batch crossed (alerts/thresholds.ts), as JSON. */
-  crossings: string[] | null;
+  /** The organization has usage thresholds (alerts/thresholds.ts) and this batch stored readings. */
+  thresholds: boolean;
 }
 
 /**
@@ -141,9 +141,9 @@ export async function storeReadings(
       RETURNING stripe_customer_id, destination
     ), thr_org AS (
       SELECT ${organizationId}::uuid AS org, inserted FROM counted WHERE inserted > 0
-    ), ${thresholdCountCtes(sql`thr_org`, sql`${now}::timestamptz`)}
+    ), ${thresholdProbeCte(sql`thr_org`)}
     SELECT
-      (SELECT array_agg(row_to_json(c)::text) FROM thr_crossed c) AS crossings,
+      EXISTS (SELECT 1 FROM thr_orgs) AS thresholds,
       (SELECT inserted FROM counted) AS inserted,
       (SELECT array_agg(stripe_customer_id ORDER BY destination) FROM outbox) AS customers,
       (SELECT array_agg(destination ORDER BY destination) FROM outbox) AS destinations,
@@ -169,7 +169,6 @@ export async function storeReadings(
       destination: row.destinations?.[i] ?? 'stripe',
     });
   }
-  if (row.crossings && row.crossings.length > 0)
-    await writeCrossings(trx, boss, row.crossings.map(crossingOf), now);
+  if (row.thresholds) await countThresholds(trx, boss, [{ organizationId, inserted: row.inserted }], now);
   return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
 }
