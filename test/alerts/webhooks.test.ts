@@ -25,6 +25,7 @@ import { type Receiver, startReceiver } from './receiver.js';
 
 const it = contextTest({
   env: {
+    ADMIN_TOKEN: 'admin-token-for-alert-tests-0123456789',
     WEBHOOK_RETRY_DELAY_SECONDS: '1',
     WEBHOOK_RETRY_DELAY_MAX_SECONDS: '1',
     WEBHOOK_RETRY_LIMIT: '100',
@@ -356,5 +357,21 @@ describe('alerts and webhooks', () => {
       [ids[0], true],
       [ids[1], true],
     ]);
+  });
+
+  it('lists the deliveries in the dashboard with each attempt', async ({ ctx, app, login }) => {
+    await setUp(ctx);
+    const cookie = await login();
+    const page = await (await app.request('/admin', { headers: { cookie: cookie.split(';')[0]! } })).text();
+    expect(page).toContain('Alert webhooks');
+    expect(page).toContain(endpointId);
+    // The dead-lettered then redriven delivery: its failed attempt (500) and the one that delivered it.
+    const [redriven] = await listDeliveries(ctx.db, { status: 'delivered' }).then((all) =>
+      all.filter((d) => d.attempts === 2),
+    );
+    expect(redriven).toBeDefined();
+    const row = new RegExp(`data-delivery="${redriven!.id}"[\\s\\S]*?</tr>`).exec(page)?.[0] ?? '';
+    expect(row).toContain(redriven!.eventId);
+    expect(row).toMatch(/#1 \S+ 500, #2 \S+ 200/);
   });
 });
