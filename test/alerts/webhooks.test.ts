@@ -17,6 +17,7 @@ import { createThreshold, listThresholds } from '../../src/alerts/thresholds.js'
 import { type AlertsRuntime, startAlerts } from '../../src/alerts/worker.js';
 import type { Context } from '../../src/context.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeReadings } from '../../src/ingest/readings.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { createOrganization, createSensors, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
@@ -200,6 +201,27 @@ describe('alerts and webhooks', () => {
       'usage.threshold.crossed',
       'usage.threshold.resolved',
       'usage.threshold.crossed',
+    ]);
+  });
+
+  it('counts thresholds on the single-request path too (a group written request by request)', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    await createThreshold(ctx.db, org.organizationId, { quantity: 3 }, ctx.clock.now());
+    const readings = (from: number) =>
+      Array.from({ length: 2 }, (_, i) => ({
+        sensorId: sensor!,
+        recordedAt: new Date(Date.now() - 900_000 + (from + i) * 1000).toISOString(),
+        temperatureC: 4,
+      }));
+    for (const from of [0, 2, 4])
+      await ctx.db
+        .transaction()
+        .execute((trx) => storeReadings(trx, ctx.boss, org.organizationId, readings(from), ctx.clock.now()));
+    expect((await eventsOf(ctx, org.organizationId)).map((e) => [e.type, e.payload.data.usage])).toEqual([
+      ['usage.threshold.crossed', 4],
     ]);
   });
 
