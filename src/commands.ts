@@ -2,6 +2,7 @@
 // "print this and exit" or "run this command with these flags" (no database needed to decide).
 // A composer: it lists the features' commands; the command type and helpers sit below in src/cli/.
 import { parseArgs } from 'node:util';
+import { alertCommands } from './admin/alerts-cli.js';
 import { citusCommands } from './admin/citus-cli.js';
 import { adminCommands } from './admin/cli.js';
 import { correctionCommands } from './admin/corrections-cli.js';
@@ -21,6 +22,7 @@ export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...citusCommands,
   ...replicationCommands,
   ...usageTokenCommands,
+  ...alertCommands,
 };
 
 export function generalHelp(): string {

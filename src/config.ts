@@ -222,6 +222,24 @@ export const configSchema = z.object({
     .pipe(z.number().int().min(1).max(1_000_000).optional()),
   /** Metronome ingest events per second shared by every worker: 4,000 of its default 5,000 per account. */
   METRONOME_MAX_EVENTS_PER_SECOND: int(1, 1_000_000).default(4_000),
+  // --- alerts and outgoing webhooks (issue 45) ---
+  /**
+   * Retries of a failing webhook delivery (pg-boss exponential backoff from the delay, capped): the
+   * defaults span about three days before the delivery is dead-lettered.
+   */
+  WEBHOOK_RETRY_LIMIT: int(0, 1000).default(21),
+  WEBHOOK_RETRY_DELAY_SECONDS: int(1, 3600).default(30),
+  WEBHOOK_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(21_600),
+  /** How long one webhook request may take (ms) before it counts as failed. */
+  WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
+  /** Webhook deliveries (keys) one worker process sends at once. */
+  WEBHOOK_CONCURRENCY: int(1, 100).default(4),
+  /** Silence alerts: an organization that stored readings within this many hours... */
+  ALERT_SILENCE_LOOKBACK_HOURS: int(1, 24 * 30).default(24),
+  /** ...and none for this many minutes gets a `organization.silent` event (0: silence alerts off). */
+  ALERT_SILENCE_AFTER_MINUTES: int(0, 24 * 60 * 7).default(60),
+  /** How often the worker looks for silent organizations (seconds). */
+  ALERT_SILENCE_CHECK_SECONDS: int(1, 3600).default(60),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;

@@ -25,6 +25,8 @@ const LAYERS: readonly (readonly string[])[] = [
   // Storage over time (partitions, retention, compaction): ageing data is not metering; its job is
   // scheduled through the one queue registry (metering/queues.ts).
   ['storage'],
+  // Alerts and outgoing webhooks (issue 45): threshold counting joins ingestion's statement, so below it.
+  ['alerts'],
   ['ingest'],
   ['admin'],
   // Composers: the composition root, the HTTP API, the worker, the CLI registry, the migrate step.

@@ -1,9 +1,11 @@
 // Usage corrections: void an organization's readings over [from, to) (one sensor or all) and, in the
 // same transaction, take back from Stripe exactly what had been billed for them (correction rows in
 // the outbox, delivered by src/metering/corrections.ts). Also the dry run and the listing.
+
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
+import { lowerThresholdUsage } from '../alerts/thresholds.js';
 import { pgInstant, pgText } from '../db/input-types.js';
 import type { DB, Destination } from '../db/schema.js';
 import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
@@ -241,6 +243,15 @@ export async function createCorrection(
     })
     .where('id', '=', correction.id)
     .execute();
+  // Thresholds alerts (issue 45): usage back under a crossed threshold is `resolved`, in this transaction.
+  if (row.voided > 0)
+    await lowerThresholdUsage(
+      trx,
+      boss,
+      organizationId,
+      { id: String(correction.id), from: range.from, to: range.to },
+      options.now,
+    );
   for (const [i, customerId] of (row.customers ?? []).entries()) {
     await enqueueDelivery(trx, boss, {
       organizationId,

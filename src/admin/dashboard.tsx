@@ -9,6 +9,7 @@ import { listPoisonEvents } from '../billing/poison.js';
 import type { Context } from '../context-type.js';
 import { pgInstant } from '../db/input-types.js';
 import type { AppEnv } from '../http/types.js';
+import { AlertsPanel } from './alerts-panel.js';
 import { BacklogChart, Card, DeliveryChart } from './dashboard-charts.js';
 import { fmtAge, fmtNum, fmtTime } from './dashboard-format.js';
 import { Page } from './dashboard-page.js';
@@ -99,6 +100,7 @@ export async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Pro
         ) : null}
         <StripeAccountPanel db={ctx.db} />
         <ReconciliationPanel db={ctx.db} />
+        <AlertsPanel db={ctx.db} />
         <DestinationsPanel ctx={ctx} />
         <section aria-labelledby="pipeline">
           <h2 id="pipeline">Pipeline</h2>

@@ -4,6 +4,7 @@ import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import type { Context } from '../context-type.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
+import { alertRoutes } from './alerts-routes.js';
 import { adminGuard } from './auth.js';
 import { correctionDashboardRoutes } from './corrections-dashboard.js';
 import { correctionRoutes } from './corrections-routes.js';
@@ -36,6 +37,7 @@ export function adminModule(
   app.use('*', adminGuard(ctx, refuseBrowser));
   const parts = [
     adminRoutes(ctx),
+    alertRoutes(ctx),
     correctionRoutes(ctx),
     correctionDashboardRoutes(ctx),
     dashboardRoutes(ctx),

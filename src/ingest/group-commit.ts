@@ -8,6 +8,7 @@
 // mirror it), and the delivery hand-off once per transaction and delivery key.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { countThresholds, thresholdProbeCte } from '../alerts/thresholds.js';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
@@ -34,7 +35,7 @@ interface Pending extends GroupRequest {
 }
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h';
+  kind: 'r' | 'p' | 'c' | 'h' | 't';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -125,7 +126,7 @@ export async function storeGroup(
       RETURNING organization_id, stripe_customer_id, destination
     ), held AS (
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
-    )
+    ), ${thresholdProbeCte(sql`per_org`)}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -134,12 +135,16 @@ export async function storeGroup(
     UNION ALL
     SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id, destination, organization_id FROM outbox
     UNION ALL
-    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held`.execute(trx);
+    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
+    UNION ALL
+    -- Organizations of the group that have thresholds, and what they stored: counted next (countThresholds).
+    SELECT 't', NULL, inserted, NULL, NULL, NULL, NULL, org FROM thr_orgs`.execute(trx);
 
   const inserted = new Map<number, number>();
   const problems = new Map<number, SensorProblem[]>();
   const customers: KeyRef[] = [];
   const held = new Set<string>();
+  const thresholded: { organizationId: string; inserted: number }[] = [];
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null) {
@@ -160,8 +165,11 @@ export async function storeGroup(
         }),
       );
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
+    else if (row.kind === 't' && row.org)
+      thresholded.push({ organizationId: row.org, inserted: row.inserted ?? 0 });
   }
   await enqueueDeliveries(trx, boss, customers, held);
+  if (thresholded.length > 0) await countThresholds(trx, boss, thresholded, now);
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
     if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };

@@ -2,6 +2,7 @@
 // outbox row in one statement, then its delivery job, all in the caller's transaction.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { countThresholds, thresholdProbeCte } from '../alerts/thresholds.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import {
   billableAt,
@@ -77,6 +78,8 @@ interface StoreRow {
   destinations: Destination[] | null;
   problem_index: number[] | null;
   problem_active: (boolean | null)[] | null;
+  /** The organization has usage thresholds (alerts/thresholds.ts) and this batch stored readings. */
+  thresholds: boolean;
 }
 
 /**
@@ -151,8 +154,11 @@ export async function storeReadings(
       FROM counted c, billing b, named n
       WHERE c.inserted > 0
       RETURNING stripe_customer_id, destination
-    )
+    ), thr_org AS (
+      SELECT ${organizationId}::uuid AS org, inserted FROM counted WHERE inserted > 0
+    ), ${thresholdProbeCte(sql`thr_org`)}
     SELECT
+      EXISTS (SELECT 1 FROM thr_orgs) AS thresholds,
       (SELECT inserted FROM counted) AS inserted,
       (SELECT array_agg(stripe_customer_id ORDER BY destination) FROM outbox) AS customers,
       (SELECT array_agg(destination ORDER BY destination) FROM outbox) AS destinations,
@@ -178,5 +184,6 @@ export async function storeReadings(
       destination: row.destinations?.[i] ?? 'stripe',
     });
   }
+  if (row.thresholds) await countThresholds(trx, boss, [{ organizationId, inserted: row.inserted }], now);
   return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
 }

@@ -19,6 +19,12 @@ export const deliveryPayload = z.object({
   destination: z.enum(DESTINATIONS).optional(),
 });
 
+/** One webhook endpoint's deliveries of one order key (an organization's id, or an event id). */
+export const alertDeliveryPayload = z.object({
+  endpointId: z.string().min(1),
+  orderKey: z.string().min(1),
+});
+
 export const queues = {
   /** Drain the pending outbox rows of one customer and meter at one destination. */
   'meter-delivery': {
@@ -101,6 +107,45 @@ export const queues = {
       retryBackoff: true,
       policy: 'stately',
       expireInSeconds: 30 * 60,
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
+    }),
+  },
+  /**
+   * Alert webhooks (issue 45): deliver one endpoint's pending deliveries of one order key (an
+   * organization) in event order. One queued job per key (singletonKey, `short`); a failed attempt
+   * throws and pg-boss retries the job with exponential backoff for days, then dead-letters it.
+   */
+  'alert-delivery': {
+    payload: alertDeliveryPayload,
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      policy: 'short',
+      notify: true,
+      retryLimit: config.WEBHOOK_RETRY_LIMIT,
+      retryDelay: config.WEBHOOK_RETRY_DELAY_SECONDS,
+      retryBackoff: true,
+      retryDelayMax: Math.max(config.WEBHOOK_RETRY_DELAY_SECONDS, config.WEBHOOK_RETRY_DELAY_MAX_SECONDS),
+      expireInSeconds: Math.max(60, Math.ceil((config.WEBHOOK_TIMEOUT_MS * 3) / 1000)),
+      deadLetter: 'alert-delivery-dead',
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
+    }),
+  },
+  /** Alert deliveries that ran out of retries (their rows are `dead` until redriven). */
+  'alert-delivery-dead': {
+    payload: alertDeliveryPayload,
+    options: (): Omit<Queue, 'name'> => ({ retentionSeconds: 14 * 24 * 3600 }),
+  },
+  /**
+   * Alerts' periodic pass (silence alerts, stranded webhook deliveries): every worker process asks for
+   * one each ALERT_SILENCE_CHECK_SECONDS; `short` keeps one queued (as outbox-sweep, and for the same
+   * reason: a killed worker's active pass never blocks the next). Two passes at once are harmless: a
+   * silence is recorded by a conditional insert, its end by a delete, each once.
+   */
+  'alert-check': {
+    payload: z.object({}).passthrough(),
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      retryLimit: 0,
+      policy: 'short',
+      expireInSeconds: 10 * 60,
       deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },

@@ -85,6 +85,11 @@ export interface Metrics {
   readonly destinationDownSeconds: Gauge<'destination'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
+  // --- alerts and outgoing webhooks (issue 45) ---
+  /** Organizations currently silent (their `organization.silent` sent, no `resumed` yet), as the last silence pass found. */
+  readonly silentOrganizations: Gauge;
+  /** Webhook delivery attempts by outcome (delivered, failed, dead). */
+  readonly webhookAttempts: Counter<'outcome'>;
 }
 
 export interface MetricsOptions {
@@ -327,6 +332,17 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     staleLeaseSettles: new Counter({
       name: 'meterbox_delivery_stale_lease_settles_total',
       help: "Keys whose answers a batch could not settle because its lease had run out by the database's clock (a frozen worker, a claim or call slower than the lease): nothing was written, the key's next owner resends the same identifiers",
+      registers,
+    }),
+    silentOrganizations: new Gauge({
+      name: 'meterbox_silent_organizations',
+      help: 'Organizations that stored readings within ALERT_SILENCE_LOOKBACK_HOURS and none for ALERT_SILENCE_AFTER_MINUTES (organization.silent sent, no organization.resumed yet), as the last silence pass found',
+      registers,
+    }),
+    webhookAttempts: new Counter({
+      name: 'meterbox_webhook_attempts_total',
+      help: 'Alert webhook delivery attempts by outcome: delivered, failed (retried with backoff), dead (out of retries)',
+      labelNames: ['outcome'],
       registers,
     }),
   };

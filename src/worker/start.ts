@@ -2,6 +2,7 @@
 // sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
 // jobs finish within a deadline.
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
+import { type AlertsRuntime, startAlerts } from '../alerts/worker.js';
 import { directDatabaseUrl } from '../config.js';
 import type { Context } from '../context-type.js';
 import { longStatements, serverBoundedUrl } from '../db/dead-connections.js';
@@ -28,7 +29,10 @@ export interface WorkerRuntime {
  * observer: delivery metrics hooks; meter: a replacement Stripe meter client (tests); catalog: a
  * replacement meter catalog (tests; by default one is read from the Stripe account).
  */
-export type WorkerOptions = DeliveryWorkerOptions;
+export type WorkerOptions = DeliveryWorkerOptions & {
+  /** The HTTP call alert webhooks are sent with (tests); Node's fetch by default. */
+  webhookFetch?: typeof fetch;
+};
 
 export async function startWorker(ctx: Context, options: WorkerOptions = {}): Promise<WorkerRuntime> {
   const log = ctx.log.child({ component: 'worker' });
@@ -57,6 +61,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   let ownCatalog: MeterCatalogRuntime | undefined;
   let catalog: MeterCatalog | undefined;
   let metronomeCatalog: Awaited<ReturnType<typeof startMetronomeCatalog>> | undefined;
+  let alerts: AlertsRuntime | undefined;
   try {
     // pg-boss's supervision and maintenance run from timers its start() sets, so they inherit the long
     // deadline (its maintenance waits up to 30 s on its own locks and deletes finished jobs without a
@@ -87,7 +92,9 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
     });
     await startActiveSensorReporting(ctx);
     await startStorageMaintenance(ctx);
+    alerts = await startAlerts({ ...ctx, ...(options.webhookFetch ? { fetch: options.webhookFetch } : {}) });
   } catch (err) {
+    alerts?.stop();
     delivery?.stop();
     await metronomeCatalog?.stop();
     await (ownCatalog ?? (await catalogStarting?.catch(() => undefined)))?.stop();
@@ -135,6 +142,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
       stopping ??= (async () => {
         log.info({ deadlineMs: ctx.config.SHUTDOWN_TIMEOUT_MS }, 'worker draining');
         runningDelivery.stop();
+        alerts?.stop();
         // graceful: stop fetching, wait for active handlers up to the deadline; jobs still running
         // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
         // the same identifier, so nothing is lost or billed twice).

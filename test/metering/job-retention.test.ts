@@ -30,7 +30,7 @@ describe('JOB_RETENTION_SECONDS', () => {
   it("sets every queue's deleteAfterSeconds at start-up except the dead letters'", async ({ ctx }) => {
     for (const name of QUEUE_NAMES) {
       const queue = await ctx.boss.getQueue(name);
-      if (name === 'meter-delivery-dead') expect(queue?.deleteAfterSeconds).not.toBe(RETENTION_SECONDS);
+      if (name.endsWith('-dead')) expect(queue?.deleteAfterSeconds).not.toBe(RETENTION_SECONDS);
       else expect(queue?.deleteAfterSeconds, name).toBe(RETENTION_SECONDS);
     }
   });
