@@ -19,6 +19,7 @@ import {
   safePoolOptions,
   serverBoundedUrl,
 } from './db/dead-connections.js';
+import { isDatabaseUnavailable, sqlState } from './db/errors.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
@@ -143,7 +144,11 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     ? undefined
     : createDatabaseClock(readDatabaseTime(database.db), { log: log.child({ component: 'clock' }) });
   await databaseClock?.sync().catch((err: unknown) => {
-    log.warn({ err }, "could not read the database's clock yet; this host's clock serves until it can");
+    // A database that cannot be reached at all is said once, in one line, by the statement that needs
+    // it next (the entry points exit with it); a stack here came first and buried that line (issue 46).
+    const unreachable = isDatabaseUnavailable(err) || /^(08|28|3D)/.test(sqlState(err) ?? '');
+    if (unreachable) log.debug({ err }, "could not read the database's clock yet");
+    else log.warn({ err }, "could not read the database's clock yet; this host's clock serves until it can");
   });
 
   let closed: Promise<void> | undefined;
