@@ -41,6 +41,11 @@ export interface ContextOverrides {
   bossSupervise?: boolean;
   /** No client-side statement deadline (the CLI: long, attended commands such as `citus distribute`). */
   noStatementDeadline?: boolean;
+  /**
+   * pg-boss's LISTEN for job wake-ups (default true). A process that works no jobs (the API) hears them
+   * for nobody: off there, it holds one direct connection less (DATABASE_DIRECT_URL).
+   */
+  jobWakeUps?: boolean;
 }
 
 export function createStripeClient(config: Config): Stripe | undefined {
@@ -112,7 +117,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     schedule: supervise,
     migrate: false,
     createSchema: false,
-    useListenNotify: true,
+    useListenNotify: overrides.jobWakeUps ?? true,
   });
   boss.on('error', (err) => {
     // A connection given up for a missed deadline was counted and logged once for its outage by the
