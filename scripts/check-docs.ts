@@ -12,6 +12,7 @@
 //   * docs/http-api.md is exactly what `npm run docs:api` (scripts/gen-api-docs.ts) renders from that
 //     document, so the API reference cannot drift from the routes.
 // Each finding is printed as `file:line: message`; any finding exits 1.
+import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -560,6 +561,53 @@ function composeVariables(root: string): Set<string> {
   return names;
 }
 
+/**
+ * Whether each commit is in the history of `repo`'s HEAD (a measured result names the commit it ran), or
+ * undefined when that cannot be told: no git repository there, or a shallow clone.
+ */
+function commitHistory(repo: string): ((hash: string) => boolean) | undefined {
+  const git = (...args: string[]) =>
+    execFileSync('git', ['-C', repo, ...args], { stdio: 'pipe' })
+      .toString()
+      .trim();
+  try {
+    if (git('rev-parse', '--is-shallow-repository') !== 'false') return undefined;
+  } catch {
+    return undefined;
+  }
+  const known = new Map<string, boolean>();
+  return (hash) => {
+    let found = known.get(hash);
+    if (found === undefined) {
+      try {
+        git('merge-base', '--is-ancestor', hash, 'HEAD');
+        found = true;
+      } catch {
+        found = false; // exit 1: not an ancestor; 128: no such commit
+      }
+      known.set(hash, found);
+    }
+    return found;
+  };
+}
+
+/** A commit the text cites (7 to 12 hex digits or all 40, with a digit and a letter): outside UUIDs. */
+const COMMIT = /(?<![\w-])([0-9a-f]{7,12}|[0-9a-f]{40})(?![\w-])/g;
+
+function checkCommits(file: string, md: Markdown, inHistory: (hash: string) => boolean): Finding[] {
+  const findings: Finding[] = [];
+  for (const m of md.prose.matchAll(COMMIT)) {
+    const hash = m[1]!;
+    if (!/[a-f]/.test(hash) || !/\d/.test(hash) || inHistory(hash)) continue;
+    findings.push({
+      file,
+      line: lineAt(md.prose, m.index),
+      message: `commit ${hash} is not in this repository's history: name the commit that holds what was run`,
+    });
+  }
+  return findings;
+}
+
 export interface CheckOptions {
   /** Where the documentation, .env.example, package.json and compose.yaml are read (a copy in tests). */
   root: string;
@@ -597,12 +645,14 @@ export async function checkDocs(options: CheckOptions): Promise<Finding[]> {
     : '';
   for (const m of `${allText}\n${envExample}`.matchAll(VARIABLE)) if (isRetired(m[0])) known.add(m[0]);
 
+  const inHistory = commitHistory(repo);
   for (const [file, md] of docs) {
     findings.push(
       ...checkNpmScripts(file, md, sources),
       ...checkCommands(file, md),
       ...checkVariables(file, md, sources, known),
       ...checkLinks(file, md, docs, root),
+      ...(inHistory ? checkCommits(file, md, inHistory) : []),
     );
   }
   if (envExample) findings.push(...checkEnvExample(envExample, sources, known));

@@ -19,9 +19,11 @@ node_bin=$(node scripts/with-node.mjs --print-bin)
 mkdir -p test-results
 burner=
 if $load; then
-  (while true; do nice -n 10 npx tsx scripts/sim/cli.ts --seeds 2000 --from "$RANDOM" --small >/dev/null 2>&1; done) &
+  # A process group of its own (setsid), so the exit trap stops this loop's simulation and nothing
+  # else: not a simulation someone else runs on the same machine (no pkill by name).
+  setsid bash -c 'while true; do nice -n 10 npx tsx scripts/sim/cli.ts --seeds 2000 --from "$RANDOM" --small >/dev/null 2>&1; done' &
   burner=$!
-  trap 'kill "$burner" 2>/dev/null; pkill -f "scripts/sim/cli.ts" 2>/dev/null' EXIT
+  trap 'kill -- -"$burner" 2>/dev/null' EXIT
 fi
 passed=0
 for i in $(seq 1 "$runs"); do

@@ -19,6 +19,7 @@ import {
   safePoolOptions,
   serverBoundedUrl,
 } from './db/dead-connections.js';
+import { isDatabaseUnavailable, sqlState } from './db/errors.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { createLogger, type Logger } from './log.js';
@@ -40,6 +41,11 @@ export interface ContextOverrides {
   bossSupervise?: boolean;
   /** No client-side statement deadline (the CLI: long, attended commands such as `citus distribute`). */
   noStatementDeadline?: boolean;
+  /**
+   * pg-boss's LISTEN for job wake-ups (default true). A process that works no jobs (the API) hears them
+   * for nobody: off there, it holds one direct connection less (DATABASE_DIRECT_URL).
+   */
+  jobWakeUps?: boolean;
 }
 
 export function createStripeClient(config: Config): Stripe | undefined {
@@ -111,7 +117,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     schedule: supervise,
     migrate: false,
     createSchema: false,
-    useListenNotify: true,
+    useListenNotify: overrides.jobWakeUps ?? true,
   });
   boss.on('error', (err) => {
     // A connection given up for a missed deadline was counted and logged once for its outage by the
@@ -143,7 +149,11 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     ? undefined
     : createDatabaseClock(readDatabaseTime(database.db), { log: log.child({ component: 'clock' }) });
   await databaseClock?.sync().catch((err: unknown) => {
-    log.warn({ err }, "could not read the database's clock yet; this host's clock serves until it can");
+    // A database that cannot be reached at all is said once, in one line, by the statement that needs
+    // it next (the entry points exit with it); a stack here came first and buried that line (issue 46).
+    const unreachable = isDatabaseUnavailable(err) || /^(08|28|3D)/.test(sqlState(err) ?? '');
+    if (unreachable) log.debug({ err }, "could not read the database's clock yet");
+    else log.warn({ err }, "could not read the database's clock yet; this host's clock serves until it can");
   });
 
   let closed: Promise<void> | undefined;

@@ -4,6 +4,27 @@
 import { isMutation, type Mutation } from './mutations.js';
 import { simulate, type WorldSpec } from './simulation.js';
 
+const USAGE = `usage: npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace] [--mutate a,b]
+
+Runs the delivery simulation over N seeds (default 1000) from S (default 1), or one seed with its trace,
+and prints each failing seed with its violations. Exit 1 when any seed fails.`;
+const VALUED = new Set(['--seeds', '--from', '--seed', '--minutes', '--mutate']);
+const SWITCHES = new Set(['--small', '--trace']);
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i++) {
+  const arg = argv[i]!;
+  if (arg === '--help' || arg === '-h') {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  if (VALUED.has(arg)) i++;
+  else if (!SWITCHES.has(arg)) {
+    // A mistyped flag would otherwise run 1,000 seeds as if it were not there.
+    console.error(`sim: unknown argument '${arg}'\n${USAGE.split('\n')[0]}`);
+    process.exit(2);
+  }
+}
+
 function flag(name: string): string | undefined {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1] : undefined;

@@ -15,7 +15,8 @@ Settings come from the environment: see .env.example.`,
 );
 const config = configOrExit({ needDatabase: true });
 try {
-  const ctx = await createContext(config, { applicationName: 'meterbox-api' });
+  // It sends jobs and works none: no LISTEN for job wake-ups (one direct connection: the key cache's).
+  const ctx = await createContext(config, { applicationName: 'meterbox-api', jobWakeUps: false });
   await ctx.boss.start();
   // The key cache's listener and its warming read start now, not with the first request.
   ctx.apiKeys.start();

@@ -22,9 +22,20 @@ export type JobQueueDbOptions = DatabaseOptions &
 export class SplitListenDb extends Db {
   readonly #listener: Db | undefined;
   readonly #options: JobQueueDbOptions;
+  /** What every new pooled connection runs before it is handed out (a TestClock's opt-in). */
+  #sessionStatements: string[] = [];
 
   constructor(config: JobQueueDbOptions, listenConnectionString?: string) {
-    super(config);
+    // A copy: pg-boss hands this object to pg.Pool as it is, and onConnect is added to it below.
+    const poolConfig: JobQueueDbOptions & Pick<pg.PoolConfig, 'onConnect'> = { ...config };
+    super(poolConfig);
+    // pg-boss runs its session statements from the pool's 'connect' event without waiting for them,
+    // so the checkout that made the connection sends its own query while they still run: pg 8 prints
+    // "client.query() when the client is already executing a query" (pg 9 refuses it). pg-pool awaits
+    // onConnect before it hands the client out, so the statements run there, one after the other.
+    poolConfig.onConnect = async (client) => {
+      for (const statement of this.#sessionStatements) await client.query(statement);
+    };
     this.#options = config;
     if (listenConnectionString !== undefined && listenConnectionString !== config.connectionString) {
       this.#listener = new Db({ ...config, connectionString: listenConnectionString, max: 1 });
@@ -37,9 +48,17 @@ export class SplitListenDb extends Db {
     return this.#listener !== undefined;
   }
 
+  override async setSessionStatements(statements: string[]): Promise<void> {
+    this.#sessionStatements = statements;
+    await super.setSessionStatements(statements);
+  }
+
   override async open(): Promise<void> {
     await super.open();
-    attachPool(this.#options, (this as unknown as { pool: pg.Pool }).pool);
+    const pool = (this as unknown as { pool: pg.Pool }).pool;
+    // pg-boss's own 'connect' hook, the only one on the new pool: onConnect (above) replaces it.
+    pool.removeAllListeners('connect');
+    attachPool(this.#options, pool);
     // Opens a pool that is never queried (connections are made on first use): listen() asserts it.
     await this.#listener?.open();
   }

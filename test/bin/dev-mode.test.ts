@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -122,4 +123,91 @@ describe('npm start (dev mode)', () => {
     expect((await second.exited).code).toBe(0);
     expect(alive(secondPid)).toBe(false);
   }, 240_000);
+
+  it("Ctrl-C to `npm start`'s whole process group stops Postgres, even when dev.ts is slow to react (a loaded machine)", async () => {
+    // `npm start` as package.json runs it (npm itself only adds node_modules/.bin to the PATH). The tsx
+    // CLI there SIGKILLed dev.ts when it had not acknowledged the signal within 30 ms, as on a loaded
+    // machine, and the embedded Postgres (a process group of its own) was left running (issue 46's tour).
+    const scripts = (
+      JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as {
+        scripts: Record<string, string>;
+      }
+    ).scripts;
+    const root = await mkdtemp(join(tmpdir(), 'meterbox-dev-'));
+    onTestFinished(() => rm(root, { recursive: true, force: true }));
+    const env: Record<string, string> = {};
+    for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
+    for (const k of ['DATABASE_URL', 'STRIPE_SECRET_KEY', 'STRIPE_API_BASE', 'ADMIN_TOKEN']) delete env[k];
+    Object.assign(env, {
+      DEV_DATA_DIR: join(root, '.data'),
+      DEV_POSTGRES_PORT: '0',
+      PORT: '0',
+      LOG_LEVEL: 'info',
+      PATH: [join(ROOT, 'node_modules', '.bin'), dirname(process.execPath), env.PATH].join(':'),
+    });
+    const start = new RunningProcess(
+      spawn('sh', ['-c', scripts.start!], {
+        cwd: ROOT,
+        env,
+        detached: true,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      }),
+    );
+    const group = start.pid;
+    onTestFinished(() => {
+      if (alive(group)) process.kill(-group, 'SIGKILL');
+    });
+    await start.waitForOutput('demo API key', 90_000);
+    const pid = postgresPid(start.stdout);
+    onTestFinished(() => {
+      if (alive(pid)) process.kill(pid, 'SIGQUIT');
+    });
+    const clusterDir = /embedded Postgres, data in (\S+)/.exec(start.stdout)![1]!;
+    if (clusterDir.startsWith('/var/tmp/'))
+      onTestFinished(() => rm(dirname(clusterDir), { recursive: true, force: true }));
+
+    // The process that runs dev.ts: the deepest one in the group whose command line names it.
+    const devPids = groupProcesses(group).filter((p) => p.cmdline.includes('src/bin/dev.ts'));
+    const runner = devPids.find((p) => !devPids.some((child) => child.ppid === p.pid));
+    expect(runner, JSON.stringify(devPids)).toBeDefined();
+    // Slow to react: frozen for 300 ms while the terminal's Ctrl-C reaches every process of the group.
+    process.kill(runner!.pid, 'SIGSTOP');
+    process.kill(-group, 'SIGINT');
+    await new Promise((r) => setTimeout(r, 300));
+    try {
+      process.kill(runner!.pid, 'SIGCONT');
+    } catch {
+      // already gone: killed while frozen, which the checks below catch
+    }
+    await start.exited;
+    expect(start.stdout).toContain('stopping');
+    await waitUntil('Postgres to stop', async () => !alive(pid), 30_000, 100);
+    // Nothing of it left, and dev.ts stopped by itself (no shutdown overrun or failure).
+    await waitUntil(
+      'every process of npm start to exit',
+      async () => groupProcesses(group).length === 0,
+      10_000,
+      100,
+    );
+    expect(start.stderr).not.toMatch(/shutdown (failed|after)/);
+  }, 180_000);
 });
+
+/** Processes of a process group (Linux /proc): pid, parent pid, command line. */
+function groupProcesses(group: number): { pid: number; ppid: number; cmdline: string }[] {
+  const found: { pid: number; ppid: number; cmdline: string }[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      // stat: pid (comm) state ppid pgrp …; comm may hold spaces, so read after its closing parenthesis.
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const [, ppid, pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (Number(pgrp) !== group) continue;
+      const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0').join(' ');
+      found.push({ pid: Number(entry), ppid: Number(ppid), cmdline });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
+}

@@ -83,6 +83,8 @@ describe('entry points (migrate, server, worker, cli)', () => {
           `meterbox: cannot reach the database at 127.0.0.1:${port}: connection refused (ECONNREFUSED); is Postgres running, and DATABASE_URL right?`,
         ]);
         expect(result.stderr).not.toContain('secret');
+        // Nor a log line with the refusal's stack before it (stdout is the log).
+        expect(result.stdout, entry).not.toContain('ECONNREFUSED');
       }),
     );
   }, 120_000);

@@ -21,6 +21,7 @@ import { ensureQueues } from '../../src/metering/queues.js';
 import { testConfig } from '../support/database.js';
 import { authHeaders } from '../support/fixtures.js';
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
+import { connectionsTo } from '../support/net.js';
 import { stripeTest } from '../support/test.js';
 import {
   driveLoad,
@@ -74,18 +75,30 @@ describe.skipIf(!installed)('behind PgBouncer in transaction mode', () => {
       startApi(startProcess, pooledEnv),
       startApi(startProcess, pooledEnv),
     ]);
-    await Promise.all([
+    const workers = await Promise.all([
       startWorkerProcess(startProcess, pooledEnv),
       startWorkerProcess(startProcess, pooledEnv),
     ]);
     const orgs = await loadOrganizations(ctx.db, emulator, 6);
 
-    // Samples the pooler's server connections for the database while everything runs.
+    // Samples the pooler's server connections for the database while everything runs, and each
+    // process's direct connections to Postgres (DATABASE_DIRECT_URL: what bypasses the pooler).
+    const postgresPort = Number(new URL(databaseUrl).port);
+    const processes = { apiA: apiA!.process, apiB: apiB!.process, workerA: workers[0], workerB: workers[1] };
+    const directPeak: Record<string, number> = { apiA: 0, apiB: 0, workerA: 0, workerB: 0 };
+    let directTotalPeak = 0;
     let sampling = true;
     let peak = 0;
     const sampler = (async () => {
       while (sampling) {
         peak = Math.max(peak, await serverConnections(pgbouncer, database));
+        let total = 0;
+        for (const [name, p] of Object.entries(processes)) {
+          const direct = connectionsTo(p.pid, postgresPort);
+          directPeak[name] = Math.max(directPeak[name]!, direct);
+          total += direct;
+        }
+        directTotalPeak = Math.max(directTotalPeak, total);
         await new Promise((r) => setTimeout(r, 100));
       }
     })();
@@ -132,8 +145,13 @@ describe.skipIf(!installed)('behind PgBouncer in transaction mode', () => {
     console.log(
       `[pgbouncer] ${load.requests} requests, ${load.readingsSent} readings through 2 API processes; ` +
         `statuses ${JSON.stringify(load.statuses)}; peak ${peak} server connections (pool ${POOL}); ` +
-        `revoked key refused by the other process after ${refusedAfterMs} ms`,
+        `revoked key refused by the other process after ${refusedAfterMs} ms; ` +
+        `direct connections at most ${directTotalPeak} (${JSON.stringify(directPeak)})`,
     );
+    // The design's budget is 2 direct (session) connections per process, each a LISTEN: the API's key
+    // cache (its pg-boss works no jobs, so it does not listen for wake-ups), the worker's pg-boss
+    // wake-ups and meter catalog. Nothing else bypasses the pooler.
+    expect(directPeak).toEqual({ apiA: 1, apiB: 1, workerA: 2, workerB: 2 });
     expect(ledger.ok, formatReport('pgbouncer', ledger)).toBe(true);
     expect(ledger.readingsStored).toBe(load.readingsSent);
     expect(load.networkErrors, loadFailures(load, [apiA!, apiB!])).toBe(0);

@@ -6,6 +6,7 @@ import { PgBoss, TestClock } from 'pg-boss';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
+import { SplitListenDb } from '../../src/db/job-queue-db.js';
 import type { DB } from '../../src/db/schema.js';
 import {
   ACTIVE_SENSORS_QUEUE,
@@ -47,10 +48,12 @@ const untilTrue = (condition: () => Promise<boolean>, step: () => Promise<void>,
 function clockedWorkers(base: Context, url: string, clock: TestClock, count: number): Context[] {
   const workers: Context[] = [];
   for (let i = 0; i < count; i++) {
+    const connection = { connectionString: url, application_name: `active-sensors-test-${i}`, clock };
     const boss = new PgBoss({
-      connectionString: url,
-      application_name: `active-sensors-test-${i}`,
-      clock,
+      ...connection,
+      // The database meterbox gives pg-boss (src/context.ts): it runs the clock's session opt-in on
+      // each new connection before that connection's first query.
+      db: new SplitListenDb(connection),
       supervise: true,
       schedule: true,
       migrate: false,

@@ -474,6 +474,14 @@ describe('what a batch that died leaves', () => {
   it('frees its expired leases and the jobs it fetched but never leased, and queues their keys at once', async ({
     ctx,
   }) => {
+    // The file's database holds what earlier tests left: a batch that failed with a call still open
+    // keeps its leases on purpose, and jobs were fetched. Their leases run out LEASE_SECONDS later, so on a
+    // slow run the reaper freed them too ({ leases: 3 }). They are not this test's dead batch: set aside.
+    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner IS NOT NULL`.execute(
+      ctx.db,
+    );
+    await sql`UPDATE pgboss.job SET state = 'completed', completed_on = now()
+               WHERE name = 'meter-delivery' AND state = 'active'`.execute(ctx.db);
     const died = await createOrganization(ctx.db);
     const fetched = await createOrganization(ctx.db);
     const alive = await createOrganization(ctx.db);

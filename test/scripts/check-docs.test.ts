@@ -2,7 +2,7 @@
 // fails, naming file and line, on each kind of mistake planted in a temporary copy of them: a wrong
 // command, an unknown setting, a missing setting, a broken link, a broken anchor, a wrong route, and a
 // generated API page (docs/http-api.md) that differs from what `npm run docs:api` renders.
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -91,6 +91,24 @@ describe('docs check', () => {
     expect(await check(root)).toEqual([
       at('.env.example', 1, /DB_POOL_MAX.*has no DB_POOL_MAX= line/),
       at('docs/configuration.md', heading, /DB_POOL_MAX.*not in the settings reference/),
+    ]);
+  });
+
+  it("fails on a commit the repository's history does not hold, and passes one it does (not a UUID's digits)", async () => {
+    const root = copyOfDocs();
+    const head = execFileSync('git', ['-C', REPO, 'rev-parse', '--short=7', 'HEAD']).toString().trim();
+    append(
+      root,
+      'docs/benchmarks.md',
+      `Measured at commit ${head}, organization 72f59720-0b5f-49c8-9a49-827af59c6b8c.`,
+    );
+    const missing = append(
+      root,
+      'docs/benchmarks.md',
+      'Measured at commit 0badc0de1, which no history holds.',
+    );
+    expect(await check(root)).toEqual([
+      at('docs/benchmarks.md', missing, /commit 0badc0de1 is not in this repository's history/),
     ]);
   });
 
