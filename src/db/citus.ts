@@ -37,6 +37,16 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['organization_destinations', { kind: 'reference' }],
   // Looked up by a token's hash alone (GET /v1/usage), like api_keys (migrations/0050).
   ['usage_tokens', { kind: 'reference' }],
+  // Alerts and outgoing webhooks (migrations/0045): few rows, written at an alert's pace, not a
+  // reading's; keyed by their own sequences and ids (an event of no organization, an endpoint of the
+  // operator), with foreign keys between them: reference tables, which ingestion's threshold probe can
+  // join inside its single-shard statement. Referenced tables first.
+  ['webhook_endpoints', { kind: 'reference' }],
+  ['alert_thresholds', { kind: 'reference' }],
+  ['alert_events', { kind: 'reference' }],
+  ['webhook_deliveries', { kind: 'reference' }],
+  ['webhook_attempts', { kind: 'reference' }],
+  ['silence_state', { kind: 'reference' }],
   [TENANT_ANCHOR, { kind: 'distributed', column: 'organization_id', colocateWith: null }],
   ['usage_corrections', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['temperature_readings', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
