@@ -104,7 +104,9 @@ export async function recentApiKeys(
  * value is more than LAST_USED_RESOLUTION_SECONDS older. The commit does not wait for the disk
  * (synchronous_commit off for this transaction only): last_used_at is an operator's hint, and a
  * crash losing the last second of them bills nothing wrongly; 10,000 keys used within a minute
- * were 10,000 single-row commits, each a WAL flush competing with ingestion's.
+ * were 10,000 single-row commits, each a WAL flush competing with ingestion's. The "older than"
+ * bound is computed here, not as `u.at - interval` in SQL: timestamptz arithmetic is STABLE, and Citus
+ * refuses a STABLE function over a column in an UPDATE of a reference table (api_keys is one).
  */
 export async function recordApiKeysUsed(
   db: Kysely<DB>,
@@ -113,11 +115,10 @@ export async function recordApiKeysUsed(
   if (used.length === 0) return;
   await sql`
     UPDATE api_keys SET last_used_at = u.at
-    FROM unnest(${used.map((u) => u.keyId)}::uuid[], ${used.map((u) => u.at)}::timestamptz[]) AS u(id, at),
+    FROM unnest(${used.map((u) => u.keyId)}::uuid[], ${used.map((u) => u.at)}::timestamptz[],
+                ${used.map((u) => new Date(u.at.getTime() - LAST_USED_RESOLUTION_SECONDS * 1000))}::timestamptz[])
+           AS u(id, at, stale_before),
          (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
     WHERE api_keys.id = u.id
-      AND (api_keys.last_used_at IS NULL
-           OR api_keys.last_used_at < u.at - make_interval(secs => ${LAST_USED_RESOLUTION_SECONDS}))`.execute(
-    db,
-  );
+      AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < u.stale_before)`.execute(db);
 }

@@ -5,6 +5,7 @@ import { buildEvent, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect, inject } from 'vitest';
+import { recordApiKeysUsed } from '../../src/credentials/api-keys.js';
 import { createLogger } from '../../src/log.js';
 import { reportActiveSensorsForHour } from '../../src/metering/active-sensors.js';
 import {
@@ -122,6 +123,40 @@ describe.skipIf(!url)('meterbox on a Citus cluster', () => {
     const usage = await app.request(`/v1/usage?from=${from}&to=${to}`, { headers: authHeaders(org.apiKey) });
     expect(usage.status).toBe(200);
     expect(JSON.stringify(await usage.json())).toContain('"readingsStored":6');
+  });
+
+  it('records when keys were last used (api_keys is a reference table: no STABLE function over a column)', async ({
+    ctx,
+    org,
+  }) => {
+    const keys = await ctx.db
+      .selectFrom('api_keys')
+      .select(['id', 'last_used_at'])
+      .where('organization_id', '=', org.organizationId)
+      .execute();
+    expect(keys.length).toBeGreaterThan(0);
+    const at = new Date(Date.now() + 3600_000);
+    await recordApiKeysUsed(
+      ctx.db,
+      keys.map((k) => ({ keyId: k.id, at })),
+    );
+    const after = await ctx.db
+      .selectFrom('api_keys')
+      .select('last_used_at')
+      .where('organization_id', '=', org.organizationId)
+      .execute();
+    expect(after.map((k) => k.last_used_at?.getTime())).toEqual(keys.map(() => at.getTime()));
+    // Within the resolution of the stored value: not written again.
+    await recordApiKeysUsed(
+      ctx.db,
+      keys.map((k) => ({ keyId: k.id, at: new Date(at.getTime() + 1_000) })),
+    );
+    const again = await ctx.db
+      .selectFrom('api_keys')
+      .select('last_used_at')
+      .where('organization_id', '=', org.organizationId)
+      .execute();
+    expect(again.map((k) => k.last_used_at?.getTime())).toEqual(keys.map(() => at.getTime()));
   });
 
   it('registers, lists and deactivates sensors; a deactivation reports active_sensors', async ({
