@@ -256,6 +256,10 @@ describe('a migration cut over at the billing-period boundary', () => {
     expect(stripeBilled + metronomeBilled).toBe(sumOf(0, Number.MAX_SAFE_INTEGER));
     expect(stripeBilled).toBe(sumOf(0, P1));
 
+    // The faults happened: answers lost after the event was recorded, on both sides.
+    expect(emulator.counters().acceptedThen500 + emulator.counters().serverError).toBeGreaterThan(0);
+    expect(metronome.counters().acceptedThen500 + metronome.counters().rateLimited).toBeGreaterThan(0);
+
     // The parity report per billing period agrees with both emulators.
     const report = await periodParityOf(ctx, org.organizationId);
     const row = (kind: string, destination: string) =>
