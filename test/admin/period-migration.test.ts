@@ -15,7 +15,6 @@ import { periodEndAfter, planPeriodCutOver, type StripeBillingPeriod } from '../
 import { createOrganization, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
-const HOUR = 3_600_000;
 const it = contextTest();
 
 const period = (start: string, end: string, anchor = end): StripeBillingPeriod => ({
