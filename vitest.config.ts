@@ -20,6 +20,8 @@ const SLOW = [
   'test/e2e/pgbouncer.test.ts',
   'test/e2e/several-processes.test.ts',
   'test/e2e/destinations-ledger.test.ts',
+  // A simulated month through both emulators: a period-boundary cut-over under faults.
+  'test/e2e/period-migration.test.ts',
   'test/e2e/cron-active-sensors.test.ts',
   // Stripe, then Metronome, down for a minute under load (two minutes of outage, then the recovery).
   'test/e2e/destination-outage.test.ts',

@@ -24,14 +24,23 @@ import {
   prepareDestination,
   setDestination,
   startParallel,
+  startPeriodParallel,
 } from './destinations.js';
+import {
+  type PeriodParityReport,
+  periodParityOf,
+  readStripePeriod,
+  scheduleMetronomeBillable,
+  subscriptionOf,
+} from './period-migration.js';
 
 type Values = Record<string, string | boolean | undefined>;
 
 const SET_USAGE = 'destinations set --organization <id> stripe|metronome';
-const PARALLEL_USAGE = 'destinations start-parallel --organization <id> --to metronome|stripe';
+const PARALLEL_USAGE =
+  'destinations start-parallel --organization <id> --to metronome|stripe [--cut-over hour|period-end]';
 const CUT_USAGE = 'destinations cut-over --organization <id>';
-const PARITY_USAGE = 'destinations parity --organization <id> [--hours <n>] [--json]';
+const PARITY_USAGE = 'destinations parity --organization <id> [--hours <n> | --period] [--json]';
 
 const isDestination = (v: string | undefined): v is Destination =>
   v !== undefined && (DESTINATIONS as readonly string[]).includes(v);
@@ -170,8 +179,14 @@ export async function destinationsStartParallelCommand(
 ): Promise<number> {
   const org = str(values, 'organization');
   const to = str(values, 'to');
-  if (!org || !isDestination(to))
-    return usageError(io, '--organization and --to are required', PARALLEL_USAGE);
+  const cut = str(values, 'cut-over') ?? 'hour';
+  if (!org || !isDestination(to) || (cut !== 'hour' && cut !== 'period-end'))
+    return usageError(
+      io,
+      '--organization and --to are required; --cut-over is hour or period-end',
+      PARALLEL_USAGE,
+    );
+  if (cut === 'period-end') return startPeriodParallelCommand(ctx, org, to, io);
   return guarded(io, async () => {
     await prepareDestination(ctx, org, to);
     const change = await startParallel(ctx.db, org, to, { now: ctx.clock.now() });
@@ -180,6 +195,49 @@ export async function destinationsStartParallelCommand(
       io.out(
         `watch: meterbox destinations parity --organization ${org} (drift shows per hour as soon as it appears)`,
       );
+    return 0;
+  });
+}
+
+/**
+ * `start-parallel --cut-over period-end`: Stripe's runbook. The billing period is read from the
+ * organization's Stripe subscription; the parallel run starts at the next hour boundary and the cut-over
+ * is stored for the end of the first period it covers whole; the Metronome customer is unbillable until then.
+ */
+async function startPeriodParallelCommand(
+  ctx: Context,
+  org: string,
+  to: Destination,
+  io: CliIo,
+): Promise<number> {
+  return guarded(io, async () => {
+    if (!ctx.stripe)
+      throw new DestinationChangeError(
+        'STRIPE_SECRET_KEY is not set: the billing period is read from Stripe',
+      );
+    const customer = await prepareDestination(ctx, org, to);
+    const period = await readStripePeriod(ctx.stripe, await subscriptionOf(ctx.db, org));
+    const now = ctx.clock.now();
+    const change = await startPeriodParallel(ctx.db, org, to, period, { now });
+    if (!ctx.metronome) throw new DestinationChangeError('METRONOME_BEARER_TOKEN is not set');
+    const billable = await scheduleMetronomeBillable(ctx.metronome, org, change.plan.cutOverAt, now);
+    const p = change.plan;
+    io.out(
+      change.unchanged
+        ? `unchanged: ${org} is already in a period-boundary parallel run to ${to}`
+        : `${org} also sends its usage to ${to} (shadow) from ${p.shadowFrom.toISOString()} (usage time; an hour boundary)`,
+    );
+    io.out(
+      `billing period compared: ${p.periodStart.toISOString()} → ${p.periodEnd.toISOString()} (Stripe subscription ${period.subscriptionId})`,
+    );
+    io.out(
+      `cut-over at ${p.cutOverAt.toISOString()}${p.aligned ? ' (the period end)' : " (the hour boundary before the period end: Stripe's period does not end on an hour)"}: usage before it bills ${change.from}, usage from it bills ${to}`,
+    );
+    io.out(
+      `Metronome customer ${billable.customerId} (${customer.metronomeCustomer?.created ? 'created' : 'found'}): unbillable now, billable from ${p.cutOverAt.toISOString()}`,
+    );
+    printIntervals(io, change.intervals);
+    io.out(`watch: meterbox destinations parity --organization ${org} --period`);
     return 0;
   });
 }
@@ -252,6 +310,14 @@ export async function destinationsParityCommand(
   io: CliIo = processIo(),
 ): Promise<number> {
   const org = str(values, 'organization');
+  if (org && values.period) {
+    return guarded(io, async () => {
+      const report = await periodParityOf(ctx, org);
+      if (values.json) io.out(JSON.stringify(report, null, 2));
+      else io.out(formatPeriodParity(report));
+      return report.exact ? 0 : 1;
+    });
+  }
   const hours = Number(str(values, 'hours') ?? '24');
   if (!org || !Number.isInteger(hours) || hours < 1 || hours > 24 * 35)
     return usageError(io, '--organization is required; --hours is 1 to 840', PARITY_USAGE);
@@ -265,6 +331,45 @@ export async function destinationsParityCommand(
   const summary = paritySummary(report, hours);
   io.out(summary.text);
   return summary.exact ? 0 : 1;
+}
+
+/** The per-period report: usage per destination and invoice totals, and one line on the compared totals. */
+export function formatPeriodParity(report: PeriodParityReport): string {
+  const m = report.migration;
+  const num = (n: number | null) => (n === null ? '?' : String(n));
+  const table = formatTable(
+    [
+      'period',
+      'kind',
+      'destination',
+      'role',
+      'stored − voided',
+      'destination says',
+      'drift',
+      'invoice total',
+      'invoice',
+    ],
+    report.rows.map((r) => [
+      `${r.periodStart.toISOString().slice(0, 16)} → ${r.periodEnd.toISOString().slice(0, 16)}`,
+      r.kind,
+      r.destination,
+      r.role,
+      String(r.expected),
+      num(r.reported),
+      r.drift === null ? '?' : r.drift === 0 ? 'exact' : String(r.drift),
+      num(r.invoiceTotal),
+      [r.invoiceStatus, r.billable].filter((x) => x !== null).join(' ') || '—',
+    ]),
+    new Set([4, 5, 7]),
+  );
+  const t = report.totals;
+  const line =
+    t.agree === null
+      ? `compared period ${m.periodStart.toISOString()} → ${m.periodEnd.toISOString()}: invoice totals not both known (Stripe ${num(t.stripe)}, Metronome ${num(t.metronome)}); usage above`
+      : t.agree
+        ? `compared period: invoice totals agree (${t.stripe} on both)`
+        : `compared period: invoice totals differ: Stripe ${t.stripe}, Metronome ${t.metronome}`;
+  return `cut-over ${m.from} → ${m.to} at ${m.cutOverAt.toISOString()} (shadow from ${m.shadowFrom.toISOString()})\n${table}\n${line}\n${report.exact ? 'every period exact' : 'not exact: see the drift column and the totals'}`;
 }
 
 export const destinationCommands: Record<string, CliCommand> = {
@@ -288,9 +393,9 @@ export const destinationCommands: Record<string, CliCommand> = {
   },
   'destinations start-parallel': {
     summary:
-      "also send an organization's usage to a second destination (shadow), from the next hour boundary",
+      "also send an organization's usage to a second destination (shadow), from the next hour boundary; --cut-over period-end also schedules the cut-over at the Stripe billing period's end",
     usage: PARALLEL_USAGE,
-    options: flags(['organization', 'to']),
+    options: flags(['organization', 'to', 'cut-over']),
     run: (ctx, { values }) => destinationsStartParallelCommand(ctx, values),
   },
   'destinations cut-over': {
@@ -302,7 +407,7 @@ export const destinationCommands: Record<string, CliCommand> = {
   'destinations parity': {
     summary: 'per hour: stored − voided against each destination’s own usage (exit 0 exact, 1 drift)',
     usage: PARITY_USAGE,
-    options: flags(['organization', 'hours'], ['json']),
+    options: flags(['organization', 'hours'], ['json', 'period']),
     run: (ctx, { values }) => destinationsParityCommand(ctx, values),
   },
 };

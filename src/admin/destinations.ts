@@ -9,6 +9,7 @@
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type Stripe from 'stripe';
+import { type PeriodCutOverPlan, planPeriodCutOver, type StripeBillingPeriod } from '../billing/periods.js';
 import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { Context } from '../context-type.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
@@ -92,12 +93,19 @@ async function lockAndMaterialize(trx: Transaction<DB>, organizationId: string):
  * yet, a change not in force yet) never took effect and is removed.
  */
 async function closeOpen(trx: Transaction<DB>, organizationId: string, at: Date) {
+  // An interval in force at `at` that a scheduled change (a period-boundary cut-over) ends later is
+  // ended at `at` too, and the change's intervals that only start at or after `at` never take effect:
+  // from `at` the new change alone decides.
   await sql`DELETE FROM organization_destinations
-             WHERE organization_id = ${organizationId} AND valid_until IS NULL AND valid_from >= ${at}`.execute(
+             WHERE organization_id = ${organizationId} AND valid_from >= ${at}
+               AND (valid_until IS NULL OR valid_until > ${at})`.execute(trx);
+  await sql`UPDATE organization_destinations SET valid_until = ${at}
+             WHERE organization_id = ${organizationId} AND (valid_until IS NULL OR valid_until > ${at})`.execute(
     trx,
   );
-  await sql`UPDATE organization_destinations SET valid_until = ${at}
-             WHERE organization_id = ${organizationId} AND valid_until IS NULL`.execute(trx);
+  // A period-boundary cut-over not reached yet is replaced by this change.
+  await sql`DELETE FROM organization_period_migrations
+             WHERE organization_id = ${organizationId} AND cut_over_at > ${at}`.execute(trx);
 }
 
 async function open(
@@ -160,7 +168,12 @@ export async function setDestination(
     const intervals = await lockAndMaterialize(trx, organizationId);
     const current = openIntervals(intervals);
     const at = nextHourBoundary(options.now, options.leadMs);
-    if (current.length === 1 && current[0]!.destination === destination && current[0]!.role === 'billing') {
+    if (
+      current.length === 1 &&
+      current[0]!.destination === destination &&
+      current[0]!.role === 'billing' &&
+      (current[0]!.from === null || current[0]!.from.getTime() <= at.getTime())
+    ) {
       return { at, intervals, unchanged: true };
     }
     await closeOpen(trx, organizationId, at);
@@ -211,18 +224,99 @@ export async function cutOver(
 ): Promise<Change & { from: Destination; to: Destination }> {
   return db.transaction().execute(async (trx) => {
     const intervals = await lockAndMaterialize(trx, organizationId);
-    const current = openIntervals(intervals);
+    const at = nextHourBoundary(options.now, options.leadMs);
+    // What is in force at the boundary: a parallel run with a period-boundary cut-over still ahead
+    // (its intervals end later) can be cut over earlier, at this hour boundary.
+    const current = intervals.filter(
+      (i) =>
+        (i.until === null || i.until.getTime() > at.getTime()) &&
+        (i.from === null || i.from.getTime() <= at.getTime()),
+    );
     const shadow = current.find((i) => i.role === 'shadow');
     const billing = current.find((i) => i.role === 'billing');
     if (!shadow || !billing)
       throw new DestinationChangeError('no parallel run to cut over: start-parallel first');
-    const at = nextHourBoundary(options.now, options.leadMs);
     await closeOpen(trx, organizationId, at);
     await open(trx, organizationId, shadow.destination, 'billing', at);
     return {
       at,
       from: billing.destination,
       to: shadow.destination,
+      intervals: await listIntervals(trx, organizationId),
+    };
+  });
+}
+
+export interface PeriodChange extends Change {
+  from: Destination;
+  to: Destination;
+  plan: PeriodCutOverPlan;
+}
+
+/**
+ * `meterbox destinations start-parallel --to D --cut-over period-end`: from the next hour boundary the
+ * organization's usage also goes to D (shadow), and D becomes the billing destination at the end of
+ * the first Stripe billing period the parallel run covers whole (`period`, read from Stripe by the
+ * caller), all decided now and stored: the intervals in organization_destinations (ingestion applies
+ * them by usage time, on the database clock, as any hour boundary) and the plan in
+ * organization_period_migrations. Run again with the same period: unchanged.
+ */
+export async function startPeriodParallel(
+  db: Kysely<DB>,
+  organizationId: string,
+  to: Destination,
+  period: StripeBillingPeriod,
+  options: { now: Date; leadMs?: number },
+): Promise<PeriodChange> {
+  return db.transaction().execute(async (trx) => {
+    const intervals = await lockAndMaterialize(trx, organizationId);
+    const notBefore = nextHourBoundary(options.now, options.leadMs);
+    const stored = await sql<{ cut_over_at: Date; shadow_from: Date; from_destination: Destination }>`
+      SELECT cut_over_at, shadow_from, from_destination FROM organization_period_migrations
+       WHERE organization_id = ${organizationId} AND to_destination = ${to} AND cut_over_at > ${options.now}
+       ORDER BY cut_over_at LIMIT 1`.execute(trx);
+    const pending = stored.rows[0];
+    if (pending) {
+      const plan = planPeriodCutOver(period, pending.shadow_from, pending.shadow_from);
+      return {
+        at: pending.shadow_from,
+        intervals,
+        unchanged: true,
+        from: pending.from_destination,
+        to,
+        plan: { ...plan, cutOverAt: pending.cut_over_at },
+      };
+    }
+    const current = openIntervals(intervals);
+    const billing = current.filter((i) => i.role === 'billing');
+    if (billing.length !== 1 || current.some((i) => i.from && i.from.getTime() > options.now.getTime()))
+      throw new DestinationChangeError('a change is scheduled already; set a destination first');
+    const from = billing[0]!.destination;
+    // The boundary is the Stripe subscription's: the guide this follows moves from Stripe to Metronome.
+    if (from !== 'stripe' || to !== 'metronome')
+      throw new DestinationChangeError(
+        'a period-boundary cut-over moves an organization billed by Stripe to Metronome; use the hour boundary otherwise',
+      );
+    // A parallel run under way (an hour-boundary start-parallel) keeps its start: a period that began
+    // after it is shadowed whole already.
+    const shadow = current.find((i) => i.role === 'shadow');
+    if (shadow && shadow.destination !== to)
+      throw new DestinationChangeError(`a parallel run to ${shadow.destination} is under way`);
+    const shadowFrom = shadow ? (shadow.from ?? new Date(0)) : notBefore;
+    const plan = planPeriodCutOver(period, shadowFrom, notBefore);
+    if (!shadow) await open(trx, organizationId, to, 'shadow', shadowFrom);
+    await closeOpen(trx, organizationId, plan.cutOverAt);
+    await open(trx, organizationId, to, 'billing', plan.cutOverAt);
+    await sql`INSERT INTO organization_period_migrations
+                (organization_id, cut_over_at, from_destination, to_destination, stripe_subscription_id,
+                 shadow_from, period_start, period_end)
+              VALUES (${organizationId}, ${plan.cutOverAt}, ${from}, ${to}, ${period.subscriptionId},
+                      ${shadowFrom}, ${plan.periodStart}, ${plan.periodEnd})`.execute(trx);
+    return {
+      at: shadowFrom,
+      from,
+      to,
+      plan,
       intervals: await listIntervals(trx, organizationId),
     };
   });
@@ -380,6 +474,13 @@ export async function parityOf(
   organizationId: string,
   period: { from: Date; to: Date },
 ): Promise<ParityReport> {
+  return parity(ctx.db, organizationId, period, await parityClientsOf(ctx));
+}
+
+/** The clients the parity reports ask: Stripe's temperature_readings meter and Metronome's metric. */
+export async function parityClientsOf(
+  ctx: Pick<Context, 'stripe' | 'metronome' | 'config'>,
+): Promise<ParityClients> {
   let stripeMeterId = ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS;
   if (!stripeMeterId && ctx.stripe) {
     const state = meterStateOf(METER_SPECS[0]!, await listAccountMeters(ctx.stripe));
@@ -388,12 +489,7 @@ export async function parityOf(
   const metronomeMetricId = ctx.metronome
     ? metricFor(await listBillableMetrics(ctx.metronome), METRONOME_METRICS[0]!)?.id
     : undefined;
-  return parity(ctx.db, organizationId, period, {
-    stripe: ctx.stripe,
-    stripeMeterId,
-    metronome: ctx.metronome,
-    metronomeMetricId,
-  });
+  return { stripe: ctx.stripe, stripeMeterId, metronome: ctx.metronome, metronomeMetricId };
 }
 
 /** Before usage goes to Metronome: the organization's customer with meterbox's alias exists there. */

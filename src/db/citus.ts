@@ -35,6 +35,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['stripe_poison_events', { kind: 'reference' }],
   // Small, rarely written, joined by ingestion's statement next to subscriptions (a reference table).
   ['organization_destinations', { kind: 'reference' }],
+  // One row per period-boundary migration (migrations/0058), read with organization_destinations.
+  ['organization_period_migrations', { kind: 'reference' }],
   // Looked up by a token's hash alone (GET /v1/usage), like api_keys (migrations/0050).
   ['usage_tokens', { kind: 'reference' }],
   // Alerts and outgoing webhooks (migrations/0045): few rows, written at an alert's pace, not a

@@ -217,6 +217,19 @@ export interface OrganizationDestinationsTable {
   created_at: DefaultTimestamp;
 }
 
+/** A migration that cuts over at a Stripe billing-period boundary (0058). */
+export interface OrganizationPeriodMigrationsTable {
+  organization_id: string;
+  cut_over_at: Timestamp;
+  from_destination: Destination;
+  to_destination: Destination;
+  stripe_subscription_id: string;
+  shadow_from: Timestamp;
+  period_start: Timestamp;
+  period_end: Timestamp;
+  created_at: DefaultTimestamp;
+}
+
 /** Readings counted per organization and hour of ingested_at before their partition was dropped (0011). */
 export interface ReadingsHourlyRollupTable {
   organization_id: string;
@@ -294,6 +307,7 @@ export interface DB {
   meter_error_reports: MeterErrorReportsTable;
   meter_delivery_keys: MeterDeliveryKeysTable;
   organization_destinations: OrganizationDestinationsTable;
+  organization_period_migrations: OrganizationPeriodMigrationsTable;
   schema_migrations: SchemaMigrationsTable;
   usage_tokens: UsageTokensTable;
 }

@@ -16,6 +16,15 @@ export {
 } from './faults.js';
 export type { HourTotal, InspectedEvent } from './inspection.js';
 export {
+  type BillableStatus,
+  type BreakdownView,
+  type Contract,
+  INVOICE_GRACE_MS,
+  type InvoiceView,
+  type RateCard,
+  statementPeriod,
+} from './invoicing.js';
+export {
   type CreateCustomerInput,
   DEDUPE_WINDOW_MS,
   DEFAULT_EVENTS_PER_SECOND,

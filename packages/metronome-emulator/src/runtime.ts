@@ -1,8 +1,10 @@
 // The emulator's shared runtime for its route modules: state, clock (with an offset a test or the
 // control API can move), limits, faults, idempotency keys and logging, built once per emulator from
 // its options; the routes receive it instead of closing over one large function.
+
 import { FaultInjector } from './faults.js';
 import { IdempotencyStore } from './idempotency.js';
+import { InvoicingState } from './invoicing.js';
 import { RateLimiter } from './limits.js';
 import {
   DEFAULT_EVENTS_PER_SECOND,
@@ -20,6 +22,8 @@ export interface Runtime {
   setClockOffset(ms: number): void;
   log: Log;
   state: EmulatorState;
+  /** Billable status, rate cards and contracts (invoicing.ts). */
+  invoicing: InvoicingState;
   faults: FaultInjector;
   idempotency: IdempotencyStore;
   /** Account-wide events per second through /v1/ingest. */
@@ -54,6 +58,7 @@ export function createRuntime(options: MetronomeEmulatorOptions): Runtime {
     },
     log: (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields }),
     state,
+    invoicing: new InvoicingState(),
     faults: new FaultInjector(options.faults ?? {}, options.seed ?? 1),
     idempotency,
     eventLimiter,

@@ -16,11 +16,13 @@ import {
   inspectEvents,
   unmatchedEvents,
 } from './inspection.js';
+import { type BillableStatus, type InvoiceView, invoices, type RateCard } from './invoicing.js';
 import type { CreateCustomerInput, EventFilter, MetronomeEmulatorOptions } from './options.js';
 import { registerBillableMetricRoutes } from './routes/billable-metrics.js';
 import { registerControlRoutes } from './routes/control.js';
 import { registerCustomerRoutes } from './routes/customers.js';
 import { registerIngestRoutes } from './routes/ingest.js';
+import { registerInvoicingRoutes } from './routes/invoicing.js';
 import { registerUsageRoutes } from './routes/usage.js';
 import { createRuntime } from './runtime.js';
 import { type BillableMetricDefinition, type Counters, toBillableMetric } from './state.js';
@@ -52,6 +54,15 @@ export interface MetronomeEmulator {
   setClockOffset(offsetMs: number): void;
   /** Forgets events, transaction ids, idempotency keys, counters; customers and metrics when asked. */
   reset(options?: { customers?: boolean; billableMetrics?: boolean }): void;
+  /**
+   * A rate card pricing billable metrics (id → cents per unit); Metronome builds one from products and
+   * rates, which the emulator does not model. Contracts name it (POST /v1/contracts/create).
+   */
+  createRateCard(input: { name: string; rates: Record<string, number> }): RateCard;
+  /** A customer's billable status changes, in order (set through POST /v1/customers/:id/setBillableStatus). */
+  billableSchedule(customerId: string): { value: BillableStatus; effective_at: string }[];
+  /** The customer's usage statements so far (GET /v1/customers/:id/invoices). */
+  invoices(customerId: string): InvoiceView[];
 }
 
 export async function startMetronomeEmulator(
@@ -70,6 +81,7 @@ export async function startMetronomeEmulator(
   registerUsageRoutes(app, rt);
   registerCustomerRoutes(app, rt);
   registerBillableMetricRoutes(app, rt);
+  registerInvoicingRoutes(app, rt);
   const control = new Hono();
   registerControlRoutes(control, rt);
   app.route('/_emulator', control);
@@ -122,5 +134,16 @@ export async function startMetronomeEmulator(
     },
     setClockOffset: (ms) => rt.setClockOffset(ms),
     reset: rt.reset,
+    createRateCard: (input) => {
+      const card = {
+        id: `rate-card-${rt.invoicing.rateCards.size + 1}`,
+        name: input.name,
+        rates: { ...input.rates },
+      };
+      rt.invoicing.rateCards.set(card.id, card);
+      return { ...card, rates: { ...card.rates } };
+    },
+    billableSchedule: (customerId) => rt.invoicing.schedule(customerId),
+    invoices: (customerId) => invoices(state, rt.invoicing, customerId, rt.clock()),
   };
 }

@@ -1,6 +1,15 @@
 // Public API of the Stripe emulator: start one in-process, inspect it, inject faults, and build,
 // sign and send Stripe-shaped webhook events.
 
+export {
+  INVOICE_GRACE_SECONDS,
+  type Invoice,
+  nextPeriodEnd,
+  type Price,
+  type Subscription,
+  type SubscriptionItem,
+  type TestClock,
+} from './billing.js';
 export { StripeApiError, type StripeErrorBody } from './errors.js';
 export {
   FAULT_KINDS,

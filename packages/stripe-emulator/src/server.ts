@@ -5,10 +5,12 @@
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { Hono } from 'hono';
+import { BillingState, type Invoice, type Subscription, type TestClock } from './billing.js';
 import type { Faults, FaultsInput } from './faults.js';
 import { createApp } from './http.js';
 import type { CreateCustomerInput, EventFilter, StripeEmulatorOptions } from './options.js';
 import { registerAdjustmentRoutes } from './routes/adjustments.js';
+import { registerBillingRoutes } from './routes/billing.js';
 import { registerFaultControlRoutes } from './routes/faults-control.js';
 import { registerInspectionRoutes } from './routes/inspection.js';
 import { registerMeterEventStreamRoutes } from './routes/meter-event-stream.js';
@@ -58,6 +60,11 @@ export interface StripeEmulator {
   reset(options?: { customers?: boolean }): void;
   /** Writes the persistence file now (no-op without persistPath). */
   flush(): Promise<void>;
+  /** Subscriptions, brought up to their customers' clocks (periods rolled, invoices created). */
+  subscriptions(): Subscription[];
+  /** Every invoice, newest first, after rolling the subscriptions. */
+  invoices(): Invoice[];
+  testClocks(): TestClock[];
 }
 
 export async function startStripeEmulator(options: StripeEmulatorOptions = {}): Promise<StripeEmulator> {
@@ -76,6 +83,8 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
   });
   registerMeterEventRoutes(app, rt);
   registerAdjustmentRoutes(app, rt);
+  const billing = new BillingState(state, rt.clock);
+  registerBillingRoutes(app, rt, billing);
   registerMeterEventStreamRoutes(app, rt);
   registerV2EventRoutes(app, rt);
   registerResourceRoutes(app, rt);
@@ -139,5 +148,16 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     createCustomer: (input = {}) => rt.createCustomer(input),
     reset: rt.reset,
     flush: () => (options.persistPath ? rt.flush() : Promise.resolve()),
+    subscriptions: () => {
+      billing.rollAll();
+      return [...billing.subscriptions.values()].map((s) => structuredClone(s));
+    },
+    invoices: () => {
+      billing.rollAll();
+      return [...billing.invoices.values()]
+        .sort((a, b) => b.created - a.created)
+        .map((i) => structuredClone(i));
+    },
+    testClocks: () => [...billing.testClocks.values()].map((t) => ({ ...t })),
   };
 }

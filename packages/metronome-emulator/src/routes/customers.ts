@@ -40,7 +40,12 @@ export function registerCustomerRoutes(app: App, rt: Runtime): void {
   app.get('/v1/customers/:id', (c) =>
     handle(rt, c, 'customers', 'GET /v1/customers/:id', () => ({
       status: 200,
-      body: { data: customerDetailView(findCustomer(rt.state, c.req.param('id'))) },
+      body: {
+        data: {
+          ...customerDetailView(findCustomer(rt.state, c.req.param('id'))),
+          current_billable_status: rt.invoicing.currentBillable(c.req.param('id'), rt.clock()),
+        },
+      },
     })),
   );
 

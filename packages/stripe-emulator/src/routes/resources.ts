@@ -27,6 +27,12 @@ export function registerResourceRoutes(app: App, rt: Runtime): void {
       { email: str(form.email), name: str(form.name), description: str(form.description), metadata },
       auth.livemode,
     );
+    // A customer created on a test clock: its subscriptions' periods follow that clock (routes/billing.ts).
+    const testClock = str(form.test_clock);
+    if (testClock) {
+      customer.test_clock = testClock;
+      rt.changed();
+    }
     if (idem.kind === 'new') idem.save({ status: 200, body: customer, headers: {} });
     return json(c, 200, customer);
   });
