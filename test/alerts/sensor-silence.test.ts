@@ -4,10 +4,11 @@
 // turning them off ends its silences without events. Organization-level silence is unchanged.
 import { sql } from 'kysely';
 import { expect } from 'vitest';
+import { sensorSilenceCommand } from '../../src/admin/alerts-cli.js';
 import { silencePass } from '../../src/alerts/silence.js';
 import type { Context } from '../../src/context.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { authHeaders, createOrganization, createSensors, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
 const ADMIN = 'admin-token-for-sensor-silence-0123456789';
@@ -158,7 +159,13 @@ it('ends the silences of an organization that turned sensor alerts off, and of a
     ).rows.map((r) => r.sensor_id);
   expect(await states()).toEqual([b]);
 
-  expect((await set(false)).status).toBe(200);
+  // Off through the CLI, as an operator would.
+  const io = memoryIo();
+  expect(await sensorSilenceCommand(ctx, { organization: org.organizationId }, ['off'], io)).toBe(0);
+  expect(io.stdout).toContain('per-sensor silence alerts off');
+  expect(await sensorSilenceCommand(ctx, { organization: org.organizationId }, ['maybe'], memoryIo())).toBe(
+    2,
+  );
   await silencePass(ctx.db, ctx.boss, ctx.config);
   expect(await states()).toEqual([]);
   const types = (await eventsOf(ctx, org.organizationId)).map((e) => e.type);
