@@ -236,7 +236,10 @@ export const configSchema = z.object({
   WEBHOOK_CONCURRENCY: int(1, 100).default(4),
   /** Silence alerts: an organization that stored readings within this many hours... */
   ALERT_SILENCE_LOOKBACK_HOURS: int(1, 24 * 30).default(24),
-  /** ...and none for this many minutes gets a `organization.silent` event (0: silence alerts off). */
+  /**
+   * ...and none for this many minutes gets a `organization.silent` event (0: silence alerts off); the same
+   * per sensor (`sensor.silent`) for organizations that turned per-sensor silence alerts on.
+   */
   ALERT_SILENCE_AFTER_MINUTES: int(0, 24 * 60 * 7).default(60),
   /** How often the worker looks for silent organizations (seconds). */
   ALERT_SILENCE_CHECK_SECONDS: int(1, 3600).default(60),

@@ -1,5 +1,6 @@
 // npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
-// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts)
+// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts;
+// -- --thresholds: thresholds.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -60,6 +61,13 @@ if (process.argv.includes('--reconcile')) {
 if (process.argv.includes('--backlog')) {
   const { runBacklogBench } = await import('./backlog.js');
   process.exit(await runBacklogBench());
+}
+
+// What threshold alerts cost ingestion at 10,000 organizations, with and without thresholds interleaved
+// (thresholds.ts, issue 45): npm run bench -- --thresholds [--quick]
+if (process.argv.includes('--thresholds')) {
+  const { runThresholdsBench } = await import('./thresholds.js');
+  process.exit(await runThresholdsBench());
 }
 
 // Delivery on a Citus cluster against one node, one and two workers (citus.ts): npm run bench -- --citus

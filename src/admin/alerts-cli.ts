@@ -2,6 +2,7 @@
 // organizations' usage thresholds from the command line (the same functions as the admin API).
 import { listDeliveries, redriveDeliveries, sendTestEvent } from '../alerts/delivery.js';
 import { createEndpoint, listEndpoints, removeEndpoint } from '../alerts/endpoints.js';
+import { sensorSilenceAlertsOn, setSensorSilenceAlerts } from '../alerts/silence.js';
 import { createThreshold, listThresholds, removeThreshold } from '../alerts/thresholds.js';
 import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, type FlagValues, formatTable, processIo, str, usageError } from '../cli/io.js';
@@ -213,7 +214,35 @@ export async function thresholdsRemoveCommand(
   }
 }
 
+const SENSOR_SILENCE_USAGE = 'alerts sensor-silence --organization <id> [on|off]';
+
+/** `meterbox alerts sensor-silence --organization <id> [on|off]`: per-sensor silence alerts (no argument: show). */
+export async function sensorSilenceCommand(
+  ctx: Context,
+  values: FlagValues,
+  positionals: string[],
+  io: CliIo = processIo(),
+) {
+  const organizationId = str(values, 'organization');
+  const value = positionals[0];
+  if (!organizationId || (value !== undefined && value !== 'on' && value !== 'off'))
+    return usageError(io, '--organization is required, and the setting is on or off', SENSOR_SILENCE_USAGE);
+  if (value !== undefined && !(await setSensorSilenceAlerts(ctx.db, organizationId, value === 'on'))) {
+    io.err.write(`meterbox: organization ${organizationId} not found\n`);
+    return 1;
+  }
+  const enabled = await sensorSilenceAlertsOn(ctx.db, organizationId);
+  io.out(`per-sensor silence alerts ${enabled ? 'on' : 'off'} for organization ${organizationId}`);
+  return 0;
+}
+
 export const alertCommands: Record<string, CliCommand> = {
+  'alerts sensor-silence': {
+    summary: "turn an organization's per-sensor silence alerts on or off (off by default), or show them",
+    usage: SENSOR_SILENCE_USAGE,
+    options: flags(['organization']),
+    run: (ctx, { values, positionals }) => sensorSilenceCommand(ctx, values, positionals),
+  },
   'webhooks add': {
     summary: 'add an alert webhook endpoint (prints its signing secret once)',
     usage: ADD_USAGE,

@@ -10,6 +10,7 @@ import {
   listEndpoints,
   removeEndpoint,
 } from '../alerts/endpoints.js';
+import { sensorSilenceAlertsOn, setSensorSilenceAlerts } from '../alerts/silence.js';
 import {
   createThreshold,
   listThresholds,
@@ -235,6 +236,48 @@ export function alertRoutes(ctx: Deps): HttpModule {
       const thresholdId = c.req.param('thresholdId') ?? '';
       await removeThreshold(ctx.db, organizationId, thresholdId);
       return c.json({ removed: thresholdId });
+    },
+  );
+
+  const sensorSilencePath = '/admin/organizations/{id}/sensor-silence-alerts';
+  const sensorSilenceView = z.object({
+    organizationId: z.string(),
+    enabled: z.boolean().describe('sensor.silent and sensor.resumed are sent for its active sensors'),
+  });
+  const sensorSilenceBody = z.object({
+    enabled: z.boolean().describe('true: per-sensor silence alerts on for the organization; false: off'),
+  });
+  routes.route(
+    {
+      method: 'put',
+      path: sensorSilencePath,
+      summary:
+        'Turn per-sensor silence alerts on or off for an organization (off by default: a large fleet would flood the endpoint)',
+      tag: 'admin',
+      security: 'admin',
+      body: sensorSilenceBody,
+      responses: { 200: { description: 'the setting', schema: sensorSilenceView } },
+    },
+    async (c) => {
+      const organizationId = organizationParam(c.req.param('id'));
+      const { enabled } = await parseBody(c, sensorSilenceBody);
+      if (!(await setSensorSilenceAlerts(ctx.db, organizationId, enabled))) throw notFound('organization');
+      ctx.log.info({ organizationId, enabled }, 'admin: sensor silence alerts set');
+      return c.json({ organizationId, enabled });
+    },
+  );
+  routes.route(
+    {
+      method: 'get',
+      path: sensorSilencePath,
+      summary: 'Whether per-sensor silence alerts are on for an organization',
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'the setting', schema: sensorSilenceView } },
+    },
+    async (c) => {
+      const organizationId = organizationParam(c.req.param('id'));
+      return c.json({ organizationId, enabled: await sensorSilenceAlertsOn(ctx.db, organizationId) });
     },
   );
 

@@ -13,6 +13,8 @@ export const ALERT_EVENT_TYPES = [
   'usage.threshold.resolved',
   'organization.silent',
   'organization.resumed',
+  'sensor.silent',
+  'sensor.resumed',
   'webhook.test',
 ] as const;
 export type AlertEventType = (typeof ALERT_EVENT_TYPES)[number];

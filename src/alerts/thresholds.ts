@@ -1,7 +1,8 @@
 // Threshold alerts: per organization and meter, quantities of usage in the current billing period.
 // Ingestion's statement finds whether the organizations it stored readings for have thresholds (an
-// index probe that finds nothing for an organization without any); for those that do, it counts the
-// stored readings into their rows in the same transaction (countThresholds) and writes `usage.threshold.crossed` in the same transaction when the count goes from below a quantity to
+// index probe that finds nothing for an organization without any); for those that do, the same
+// statement counts the stored readings into their rows (thresholdCountCall) and ingestion writes
+// `usage.threshold.crossed` in the same transaction when the count goes from below a quantity to
 // at least it. The count and that test happen under the threshold row's lock, so concurrent
 // transactions see the crossing exactly once. A correction lowers the count in its transaction and a
 // crossed threshold falling back under writes `usage.threshold.resolved`; a new period starts the
@@ -17,59 +18,17 @@ import { writeAlertEvents } from './events.js';
  * The billing period containing `at` for organization `org` (SQL, a LATERAL subquery's body with
  * columns start and "end"): its Stripe subscription's current period (the month before
  * current_period_end) while that contains `at`, unless Metronome bills the organization at `at`; else
- * the UTC month.
+ * the UTC month. The rule is meterbox_threshold_period (migration 0061), which the count uses too.
  */
 export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
-  return sql`
-    SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month' ELSE f.month_start END AS start,
-           CASE WHEN f.stripe THEN f.cpe
-                ELSE (date_trunc('month', ${at} AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END AS "end"
-      FROM (SELECT date_trunc('month', ${at} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start, cpe,
-                   coalesce(cpe > ${at} AND cpe - interval '1 month' <= ${at}, false)
-                   AND NOT EXISTS (
-                     SELECT 1 FROM organization_destinations d
-                      WHERE d.organization_id = ${org} AND d.destination = 'metronome' AND d.role = 'billing'
-                        AND d.valid_from <= ${at} AND (d.valid_until IS NULL OR d.valid_until > ${at})) AS stripe
-              FROM (SELECT (SELECT current_period_end FROM subscriptions WHERE organization_id = ${org}) AS cpe) c) f`;
-}
-
-/**
- * CTEs of countThresholds's statement, after `perOrg` (a CTE name with columns org and inserted): the
- * organizations' thresholds, locked in id order (concurrent groups lock them in one order), counted
- * forward, and `thr_crossed`: the ones this statement took from below their quantity to at least it.
- */
-export function thresholdCountCtes(perOrg: RawBuilder<unknown>, now: RawBuilder<unknown>) {
-  return sql`
-    thr_locked AS MATERIALIZED (
-      SELECT t.id, p.inserted, per.start, per."end"
-        FROM ${perOrg} p JOIN alert_thresholds t ON t.organization_id = p.org
-        CROSS JOIN LATERAL (${periodOf(sql`p.org`, now)}) per
-       ORDER BY t.id
-         FOR UPDATE OF t
-    ), thr_counted AS (
-      -- SET reads the row as the lock found it: the count of a committed concurrent group included.
-      UPDATE alert_thresholds t
-         SET period_usage = CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted,
-             period_start = l.start, period_end = l."end",
-             state = CASE WHEN CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted >= t.quantity
-                          THEN 'crossed' ELSE 'armed' END,
-             crossed_at = CASE WHEN CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END < t.quantity
-                                AND CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted >= t.quantity
-                               THEN ${now} ELSE t.crossed_at END
-        FROM thr_locked l
-       WHERE t.id = l.id
-      RETURNING t.id, t.organization_id, t.event_name, t.quantity, t.period_usage, t.period_start, t.period_end,
-                l.inserted
-    ), thr_crossed AS (
-      SELECT * FROM thr_counted WHERE period_usage >= quantity AND period_usage - inserted < quantity
-    )`;
+  return sql`SELECT period_start AS start, period_end AS "end" FROM meterbox_threshold_period(${org}, ${at})`;
 }
 
 /**
  * The probe ingestion's own statement carries (a CTE after `perOrg`, columns org and inserted):
  * `thr_orgs`, the organizations of the statement that have thresholds, by an index lookup that finds
- * nothing for an organization without any. Only when it finds some does ingestion run countThresholds,
- * in the same transaction: an organization without thresholds pays this lookup and nothing else.
+ * nothing for an organization without any. The same statement counts those (thresholdCountCall): an
+ * organization without thresholds pays this lookup and nothing else.
  */
 export function thresholdProbeCte(perOrg: RawBuilder<unknown>) {
   return sql`thr_orgs AS (
@@ -79,31 +38,18 @@ export function thresholdProbeCte(perOrg: RawBuilder<unknown>) {
 }
 
 /**
- * Counts stored readings into the organizations' thresholds (in the caller's transaction, the one that
- * stored them) and writes a `usage.threshold.crossed` event for every threshold this count crossed.
+ * A subquery (one text column j, a crossing as JSON per row: crossingOf) that counts what the
+ * organizations of `thr_orgs` stored into their thresholds, under the threshold rows' locks, in the
+ * statement that stored them (meterbox_count_thresholds, migration 0061: its plan is kept for the
+ * session, so the count costs no planning and no round trip of its own). Returns nothing, at once,
+ * when thr_orgs is empty.
  */
-export async function countThresholds(
-  trx: Transaction<DB>,
-  boss: PgBoss,
-  stored: readonly { organizationId: string; inserted: number }[],
-  now: Date,
-): Promise<number> {
-  const rows = stored.filter((s) => s.inserted > 0);
-  if (rows.length === 0) return 0;
-  const result = await sql<{ j: string }>`
-    WITH per_org AS (
-      SELECT org, inserted FROM unnest(${rows.map((r) => r.organizationId)}::uuid[], ${rows.map((r) => r.inserted)}::int[])
-        AS x(org, inserted)
-    ), ${thresholdCountCtes(sql`per_org`, sql`${now}::timestamptz`)}
-    SELECT row_to_json(c)::text AS j FROM thr_crossed c`.execute(trx);
-  if (result.rows.length > 0)
-    await writeCrossings(
-      trx,
-      boss,
-      result.rows.map((r) => crossingOf(r.j)),
-      now,
-    );
-  return result.rows.length;
+export function thresholdCountCall(now: RawBuilder<unknown>) {
+  // One aggregate, and no call at all when thr_orgs is empty (the common case: no thresholds).
+  return sql`(SELECT j FROM (SELECT array_agg(org ORDER BY org) AS orgs, array_agg(inserted ORDER BY org) AS ins
+                               FROM thr_orgs) a
+                CROSS JOIN LATERAL meterbox_count_thresholds(a.orgs, a.ins, ${now}) AS j
+               WHERE a.orgs IS NOT NULL)`;
 }
 
 /** A crossing as the count's statement returns it (thr_crossed). */

@@ -59,8 +59,14 @@ export async function startAlerts(deps: AlertsDeps): Promise<AlertsRuntime> {
       queues['alert-check'].payload.parse(job.data);
       const pass = await silencePass(deps.db, deps.boss, deps.config);
       deps.metrics.silentOrganizations.set(pass.silentNow);
+      deps.metrics.silentSensors.set(pass.sensorsSilentNow);
       if (pass.silent.length > 0 || pass.resumed.length > 0)
         checkLog.info({ silent: pass.silent, resumed: pass.resumed }, 'silence alerts written');
+      if (pass.sensorsSilent.length > 0 || pass.sensorsResumed.length > 0)
+        checkLog.info(
+          { silent: pass.sensorsSilent.length, resumed: pass.sensorsResumed.length },
+          'sensor silence alerts written',
+        );
       const stranded = await sweepAlertDeliveries(deps.db, deps.boss, deps.config);
       if (stranded > 0) checkLog.info({ keys: stranded }, 'stranded webhook deliveries queued again');
     }

@@ -49,6 +49,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['webhook_deliveries', { kind: 'reference' }],
   ['webhook_attempts', { kind: 'reference' }],
   ['silence_state', { kind: 'reference' }],
+  // Organizations with per-sensor silence alerts on (migrations/0062): a handful of rows.
+  ['alert_sensor_silence', { kind: 'reference' }],
   [TENANT_ANCHOR, { kind: 'distributed', column: 'organization_id', colocateWith: null }],
   ['usage_corrections', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],
   ['temperature_readings', { kind: 'distributed', column: 'organization_id', colocateWith: TENANT_ANCHOR }],

@@ -8,7 +8,13 @@
 // mirror it), and the delivery hand-off once per transaction and delivery key.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { countThresholds, thresholdProbeCte } from '../alerts/thresholds.js';
+import {
+  type Crossing,
+  crossingOf,
+  thresholdCountCall,
+  thresholdProbeCte,
+  writeCrossings,
+} from '../alerts/thresholds.js';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
@@ -35,7 +41,7 @@ interface Pending extends GroupRequest {
 }
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h' | 't';
+  kind: 'r' | 'p' | 'c' | 'h' | 'x';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -137,14 +143,16 @@ export async function storeGroup(
     UNION ALL
     SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
     UNION ALL
-    -- Organizations of the group that have thresholds, and what they stored: counted next (countThresholds).
-    SELECT 't', NULL, inserted, NULL, NULL, NULL, NULL, org FROM thr_orgs`.execute(trx);
+    -- What the organizations of the group that have thresholds stored, counted into them: their crossings.
+    SELECT 'x', NULL, NULL, NULL, NULL, c.j, NULL, NULL FROM ${thresholdCountCall(sql`${now}::timestamptz`)} AS c`.execute(
+    trx,
+  );
 
   const inserted = new Map<number, number>();
   const problems = new Map<number, SensorProblem[]>();
   const customers: KeyRef[] = [];
   const held = new Set<string>();
-  const thresholded: { organizationId: string; inserted: number }[] = [];
+  const crossings: Crossing[] = [];
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null) {
@@ -165,11 +173,10 @@ export async function storeGroup(
         }),
       );
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
-    else if (row.kind === 't' && row.org)
-      thresholded.push({ organizationId: row.org, inserted: row.inserted ?? 0 });
+    else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
   }
   await enqueueDeliveries(trx, boss, customers, held);
-  if (thresholded.length > 0) await countThresholds(trx, boss, thresholded, now);
+  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
   return requests.map((r, i): StoreReadingsOutcome => {
     const own = problems.get(i);
     if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };

@@ -2,7 +2,7 @@
 // outbox row in one statement, then its delivery job, all in the caller's transaction.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { countThresholds, thresholdProbeCte } from '../alerts/thresholds.js';
+import { crossingOf, thresholdCountCall, thresholdProbeCte, writeCrossings } from '../alerts/thresholds.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import {
   billableAt,
@@ -78,8 +78,8 @@ interface StoreRow {
   destinations: Destination[] | null;
   problem_index: number[] | null;
   problem_active: (boolean | null)[] | null;
-  /** The organization has usage thresholds (alerts/thresholds.ts) and this batch stored readings. */
-  thresholds: boolean;
+  /** Thresholds of the organization this batch took to their quantity (alerts/thresholds.ts), as JSON. */
+  crossings: string[] | null;
 }
 
 /**
@@ -158,7 +158,7 @@ export async function storeReadings(
       SELECT ${organizationId}::uuid AS org, inserted FROM counted WHERE inserted > 0
     ), ${thresholdProbeCte(sql`thr_org`)}
     SELECT
-      EXISTS (SELECT 1 FROM thr_orgs) AS thresholds,
+      (SELECT array_agg(c.j) FROM ${thresholdCountCall(sql`${now}::timestamptz`)} AS c) AS crossings,
       (SELECT inserted FROM counted) AS inserted,
       (SELECT array_agg(stripe_customer_id ORDER BY destination) FROM outbox) AS customers,
       (SELECT array_agg(destination ORDER BY destination) FROM outbox) AS destinations,
@@ -184,6 +184,7 @@ export async function storeReadings(
       destination: row.destinations?.[i] ?? 'stripe',
     });
   }
-  if (row.thresholds) await countThresholds(trx, boss, [{ organizationId, inserted: row.inserted }], now);
+  if (row.crossings && row.crossings.length > 0)
+    await writeCrossings(trx, boss, row.crossings.map(crossingOf), now);
   return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
 }

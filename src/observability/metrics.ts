@@ -88,6 +88,8 @@ export interface Metrics {
   // --- alerts and outgoing webhooks (issue 45) ---
   /** Organizations currently silent (their `organization.silent` sent, no `resumed` yet), as the last silence pass found. */
   readonly silentOrganizations: Gauge;
+  /** Sensors silent now (per-sensor silence alerts, organizations that turned them on). */
+  readonly silentSensors: Gauge;
   /** Webhook delivery attempts by outcome (delivered, failed, dead). */
   readonly webhookAttempts: Counter<'outcome'>;
 }
@@ -337,6 +339,11 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     silentOrganizations: new Gauge({
       name: 'meterbox_silent_organizations',
       help: 'Organizations that stored readings within ALERT_SILENCE_LOOKBACK_HOURS and none for ALERT_SILENCE_AFTER_MINUTES (organization.silent sent, no organization.resumed yet), as the last silence pass found',
+      registers,
+    }),
+    silentSensors: new Gauge({
+      name: 'meterbox_silent_sensors',
+      help: 'Sensors of organizations with per-sensor silence alerts on that are silent now (sensor.silent sent, no sensor.resumed yet), as the last silence pass found',
       registers,
     }),
     webhookAttempts: new Counter({
