@@ -1,5 +1,6 @@
 // npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
-// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts)
+// pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts;
+// -- --cost: cost.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -60,6 +61,13 @@ if (process.argv.includes('--reconcile')) {
 if (process.argv.includes('--backlog')) {
   const { runBacklogBench } = await import('./backlog.js');
   process.exit(await runBacklogBench());
+}
+
+// What a delivered event costs Postgres, beside pgbench's limit (cost.ts, issue 43):
+// npm run bench -- --cost [--customers N] [--only v1,v2,metronome,limit] [--baseline <ref>]
+if (process.argv.includes('--cost')) {
+  const { runCostBench } = await import('./cost.js');
+  process.exit(await runCostBench());
 }
 
 // Delivery on a Citus cluster against one node, one and two workers (citus.ts): npm run bench -- --citus
