@@ -283,6 +283,19 @@ const HARNESS_QUERY = /pg_stat_|pg_current_wal|pg_wal_lsn/;
 
 /** Pending table statistics of every session reach the shared view within about a second of going idle. */
 const STATS_FLUSH_MS = 3_000;
+/** The backlog's jobs come due this long after their insert; delivery is measured from DUE_MARGIN_MS before. */
+const DEFER_MS = 20_000;
+const DUE_MARGIN_MS = 1_000;
+
+async function dropDatabase(cluster: Cluster, url: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${new URL(url).pathname.slice(1)} WITH (FORCE)`);
+  } finally {
+    await admin.end();
+  }
+}
 
 // ---------------------------------------------------------------- one scenario
 
@@ -307,7 +320,9 @@ async function runScenario(
   log(`--- ${scenario}, worker ${workerName}, ${CUSTOMERS} organizations`);
   const url = await freshDatabase(cluster, `cost_${scenario}`);
   const pool = new pg.Pool({ connectionString: url, max: 4 });
-  const cleanup: (() => Promise<unknown>)[] = [() => pool.end()];
+  // Dropped after the run: autovacuum of an earlier run's database would write WAL (and spend CPU)
+  // inside the next run's measurements.
+  const cleanup: (() => Promise<unknown>)[] = [() => dropDatabase(cluster, url), () => pool.end()];
   try {
     await pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
     const workerUrl = await benchRole(pool, url, WORKER_ROLE);
@@ -424,7 +439,8 @@ async function runScenario(
       migrate: false,
     });
     await boss.start();
-    const deferMs = 2_000 + Math.ceil(CUSTOMERS / 20);
+    // Deferred well past the hand-off's end: on a loaded machine the hand-off of 10,000 jobs took
+    // seconds, and jobs that came due during it were delivered inside the hand-off's measurement.
     const handOffStarted = performance.now();
     for (let i = 0; i < orgs.length; i += 1_000) {
       await queueDeliveries(
@@ -434,19 +450,31 @@ async function runScenario(
           customerId: metronome ? metronomeAlias(o.organizationId) : o.customerId,
           eventName: 'temperature_readings' as const,
           ...(metronome ? { destination: 'metronome' as const } : {}),
-          afterMs: deferMs,
+          afterMs: DEFER_MS,
         })),
       );
     }
     const handOffSeconds = (performance.now() - handOffStarted) / 1000;
     await boss.stop({ graceful: false, close: true });
-    await sleep(STATS_FLUSH_MS / 3);
+    await sleep(STATS_FLUSH_MS);
     const handOffStatements = (await statements(pool)).filter(
       (s) => s.role !== WORKER_ROLE && !HARNESS_QUERY.test(s.query),
     );
-    const s1 = await snapshot(pool, cluster.dataDir);
+    const sh = await snapshot(pool, cluster.dataDir);
+    const handOff = cost(s0, sh, await walDiff(pool, s0, sh), handOffStatements, CUSTOMERS, handOffSeconds);
+    // Delivery is measured from just before the first job comes due (the database's clock).
+    const due = await pool.query<{ ms: number }>(
+      `SELECT (extract(epoch FROM min(start_after) - now()) * 1000)::float8 AS ms
+         FROM pgboss.job WHERE name = 'meter-delivery' AND state = 'created'`,
+    );
+    const untilDue = Number(due.rows[0]?.ms ?? 0);
+    if (untilDue < DUE_MARGIN_MS)
+      throw new Error(
+        `the hand-off ended ${Math.round(untilDue)} ms before its jobs came due: raise DEFER_MS`,
+      );
+    await sleep(untilDue - DUE_MARGIN_MS);
     await pool.query('SELECT pg_stat_statements_reset()');
-    const handOff = cost(s0, s1, await walDiff(pool, s0, s1), handOffStatements, CUSTOMERS, handOffSeconds);
+    const s1 = await snapshot(pool, cluster.dataDir);
 
     // ---- delivery
     const drained = await pollUntil(async () => usage().length >= CUSTOMERS, DRAIN_CAP_MS, 50);
@@ -583,6 +611,7 @@ async function runLimit(cluster: Cluster): Promise<Cost & { clients: number }> {
     return { ...c, clients: 2 };
   } finally {
     await pool.end();
+    await dropDatabase(cluster, url);
   }
 }
 
@@ -672,44 +701,54 @@ export async function runCostBench(): Promise<number> {
       name: args.baseline ? `after (${head}${dirty ? '+' : ''})` : `${head}${dirty ? '+' : ''}`,
       entry: entries['src/bin/worker.ts']!,
     });
+    const version = await cluster.version();
+    const out = resolve(ROOT, args.out ?? join('bench-results', `cost-${Date.now()}.json`));
+    /** Written after every run, so a run cut short keeps what it measured. */
+    const save = (final: boolean) => {
+      const md = table(runs, limit);
+      if (final) console.log(`\n${md}\n`);
+      writeFileSync(
+        out,
+        `${JSON.stringify(
+          {
+            kind: 'cost',
+            complete: final,
+            started: started.toISOString(),
+            finished: new Date().toISOString(),
+            machine: machine(version),
+            loadAverage: { before: loadBefore, after: loadAverage() },
+            conditions: {
+              customers: CUSTOMERS,
+              latencyMs: `0-${LATENCY_MS}`,
+              database:
+                'private embedded Postgres, durable defaults, pg_stat_statements (track_planning on); a fresh database per run, dropped after it',
+              worker:
+                'one process of the production bundle, default settings but the budget (100,000/s; Metronome 10,000/s), its own role',
+              backlog:
+                'one pending usage row and one delivery job per organization, every key row present, statistics analyzed',
+              limitSeconds: LIMIT_SECONDS,
+            },
+            limit,
+            runs,
+            table: md,
+          },
+          null,
+          2,
+        )}\n`,
+      );
+    };
     if (ONLY.has('limit')) limit = await runLimit(cluster);
+    save(false);
     for (const scenario of ['v1', 'v2', 'metronome'] as const) {
       if (!ONLY.has(scenario)) continue;
       // Alternate which worker goes first, so the machine's drift favours neither.
       const order = runs.length % 2 === 0 ? workers : [...workers].reverse();
-      for (const w of order) runs.push(await runScenario(cluster, scenario, w.name, w.entry));
+      for (const w of order) {
+        runs.push(await runScenario(cluster, scenario, w.name, w.entry));
+        save(false);
+      }
     }
-    const version = await cluster.version();
-    const md = table(runs, limit);
-    console.log(`\n${md}\n`);
-    const out = resolve(ROOT, args.out ?? join('bench-results', `cost-${Date.now()}.json`));
-    writeFileSync(
-      out,
-      `${JSON.stringify(
-        {
-          kind: 'cost',
-          started: started.toISOString(),
-          finished: new Date().toISOString(),
-          machine: machine(version),
-          loadAverage: { before: loadBefore, after: loadAverage() },
-          conditions: {
-            customers: CUSTOMERS,
-            latencyMs: `0-${LATENCY_MS}`,
-            database:
-              'private embedded Postgres, durable defaults, pg_stat_statements (track_planning on); a fresh database per run',
-            worker:
-              'one process of the production bundle, default settings but the budget (100,000/s), its own role',
-            backlog: 'one pending usage row and one delivery job per organization, every key row present',
-            limitSeconds: LIMIT_SECONDS,
-          },
-          limit,
-          runs,
-          table: md,
-        },
-        null,
-        2,
-      )}\n`,
-    );
+    save(true);
     log(`written to ${out}`);
     return 0;
   } finally {
