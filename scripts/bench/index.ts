@@ -1,6 +1,6 @@
 // npm run bench [-- --quick] [--out bench-results/x.json]   (npm run bench -- --scale: scale.ts; -- --pgbouncer:
 // pgbouncer.ts; -- --soak [--duration 1h]: soak.ts; -- --citus: citus.ts; -- --backlog: backlog.ts;
-// -- --thresholds: thresholds.ts)
+// -- --thresholds: thresholds.ts; -- --cost: cost.ts)
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
@@ -68,6 +68,13 @@ if (process.argv.includes('--backlog')) {
 if (process.argv.includes('--thresholds')) {
   const { runThresholdsBench } = await import('./thresholds.js');
   process.exit(await runThresholdsBench());
+}
+
+// What a delivered event costs Postgres, beside pgbench's limit (cost.ts, issue 43):
+// npm run bench -- --cost [--customers N] [--only v1,v2,metronome,limit] [--baseline <ref>]
+if (process.argv.includes('--cost')) {
+  const { runCostBench } = await import('./cost.js');
+  process.exit(await runCostBench());
 }
 
 // Delivery on a Citus cluster against one node, one and two workers (citus.ts): npm run bench -- --citus

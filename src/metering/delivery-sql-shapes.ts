@@ -156,19 +156,27 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
         FROM member_rows m GROUP BY m.provisional
     ),
     members AS (
-      SELECT m.organization_id, m.id, m.occurred_at, n.identifier, m.provisional
+      SELECT m.organization_id, m.customer, m.event_name, m.destination, m.id, m.occurred_at, n.identifier,
+             m.provisional
         FROM member_rows m JOIN named n ON n.provisional = m.provisional
     ),
     last_member AS (
-      SELECT DISTINCT ON (provisional) provisional, occurred_at, id FROM members ORDER BY provisional, occurred_at DESC, id DESC
+      SELECT DISTINCT ON (provisional) provisional, organization_id, customer, event_name, destination, occurred_at, id
+        FROM members ORDER BY provisional, occurred_at DESC, id DESC
     ),
+    -- One row per head, without joining heads to last_member: the planner sees a few rows in each of
+    -- these CTEs whatever the batch, and joined them in a nested loop, every head against every last
+    -- member (a claim of 900 keys spent over a second there). A head with a new group has exactly one
+    -- last member (its own first row at least), so each key comes from one branch.
     more AS (
       SELECT h.organization_id, h.customer, h.event_name, h.destination,
-             CASE WHEN h.new_identifier IS NULL THEN h.first_id IS NOT NULL OR h.more_inflight
-                  ELSE EXISTS (SELECT 1 FROM meter_outbox o
-                                WHERE ${ungrouped('h', scope)} AND o.occurred_at >= ${cutoff}
-                                  AND o.occurred_at <= ${dueBy} AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id))
-             END AS more
-        FROM heads h LEFT JOIN last_member lm ON lm.provisional = h.new_identifier
+             h.first_id IS NOT NULL OR h.more_inflight AS more
+        FROM heads h WHERE h.new_identifier IS NULL
+      UNION ALL
+      SELECT lm.organization_id, lm.customer, lm.event_name, lm.destination,
+             EXISTS (SELECT 1 FROM meter_outbox o
+                      WHERE ${ungrouped('lm', scope)} AND o.occurred_at >= ${cutoff}
+                        AND o.occurred_at <= ${dueBy} AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id)) AS more
+        FROM last_member lm
     )`;
 }

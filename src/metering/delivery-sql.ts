@@ -399,21 +399,38 @@ async function claimStatement(
         FROM groups GROUP BY organization_id, customer, event_name, destination, identifier
     ),
     -- Each leased key's answer (every leased key has a head), fenced (MATERIALIZED) so that the
-    -- planner searches the join order of these four and of the final four apart: planning the
-    -- statement, not running it, was most of a claim's time (docs/benchmarks.md, Citus delivery).
+    -- planner searches the join order of the final four apart: planning the statement, not running
+    -- it, was most of a claim's time (docs/benchmarks.md, Citus delivery). The per-key facts (head,
+    -- more, the event, the expired count; at most one row of each per key) meet in one GROUP BY, not in
+    -- joins: the planner sees a few rows in each CTE whatever the batch and joined them in nested
+    -- loops, every head against every key's facts (quadratic in the batch: a claim of 900 keys spent
+    -- over a second in one such join; docs/benchmarks.md, "What a delivered event costs").
     answers AS MATERIALIZED (
-      SELECT h.organization_id, h.customer, h.event_name, h.destination, h.corrections, mo.more,
-             e.identifier, e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at,
-             coalesce(x.n, 0)::int AS expired
-        FROM heads h
-        LEFT JOIN more mo ON mo.organization_id = h.organization_id AND mo.customer = h.customer
-                         AND mo.event_name = h.event_name AND mo.destination = h.destination
-        LEFT JOIN events e ON e.organization_id = h.organization_id AND e.customer = h.customer
-                          AND e.event_name = h.event_name AND e.destination = h.destination
-        LEFT JOIN (SELECT organization_id, customer, event_name, destination, count(*) AS n FROM expired
-                    GROUP BY organization_id, customer, event_name, destination) x
-          ON x.organization_id = h.organization_id AND x.customer = h.customer AND x.event_name = h.event_name
-         AND x.destination = h.destination
+      SELECT organization_id, customer, event_name, destination, bool_or(corrections) AS corrections,
+             bool_or(more) AS more, max(identifier) AS identifier, max(value) AS value, max(ts) AS ts,
+             max(oldest) AS oldest, max(rows) AS rows, max(attempts) AS attempts,
+             max(identified_at) AS identified_at, sum(expired)::int AS expired
+        FROM (
+          SELECT h.organization_id, h.customer, h.event_name, h.destination, h.corrections, NULL::bool AS more,
+                 NULL::text AS identifier, NULL::text AS value, NULL::timestamptz AS ts,
+                 NULL::timestamptz AS oldest, NULL::int AS rows, NULL::int AS attempts,
+                 NULL::timestamptz AS identified_at, 0 AS expired, true AS head
+            FROM heads h
+          UNION ALL
+          SELECT mo.organization_id, mo.customer, mo.event_name, mo.destination, NULL, mo.more, NULL, NULL,
+                 NULL, NULL, NULL, NULL, NULL, 0, false
+            FROM more mo
+          UNION ALL
+          SELECT e.organization_id, e.customer, e.event_name, e.destination, NULL, NULL, e.identifier,
+                 e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at, 0, false
+            FROM events e
+          UNION ALL
+          SELECT x.organization_id, x.customer, x.event_name, x.destination, NULL, NULL, NULL, NULL, NULL,
+                 NULL, NULL, NULL, NULL, 1, false
+            FROM expired x
+        ) facts
+       GROUP BY organization_id, customer, event_name, destination
+      HAVING bool_or(head)
     )
     SELECT i.organization_id, i.customer, i.event_name, i.destination,
            CASE WHEN a.customer IS NOT NULL THEN 'leased'

@@ -1,0 +1,764 @@
+// npm run bench -- --cost [--customers 10000] [--only v1,v2,metronome,limit] [--latency MS]
+//                         [--baseline <git ref>] [--limit-seconds 10] [--out bench-results/cost.json]
+// What one delivered event costs Postgres (issue 43), beside what Postgres alone does for the same
+// work (pgbench, scripts/bench/pgbench-limit/claim-settle2.sql), in one run on one private cluster:
+//
+// * a private embedded Postgres with pg_stat_statements loaded (the service on 127.0.0.1:5432 does not
+//   load it), durable defaults (fsync on, synchronous_commit on);
+// * per scenario (v1, v2, Metronome) a fresh database with N billable organizations whose key rows exist
+//   (a system that has run for a while) and whose hourly report is already delivered (so the worker's
+//   start-up report writes nothing); the worker (the production bundle, its own database role) starts
+//   and goes idle; then the backlog: one pending usage row per organization and its delivery job (the
+//   jobs deferred 2 s, so their insert is measured on its own);
+// * measured between snapshots: statements by family (pg_stat_statements calls), WAL bytes
+//   (pg_current_wal_lsn), rows written by table (pg_stat_user_tables n_tup_ins + n_tup_upd +
+//   n_tup_del, pg-boss's tables apart), Postgres CPU (the server's processes from /proc, exited
+//   backends included through the postmaster's reaped-children times; /proc is the CPU, and
+//   pg_stat_statements' total_exec_time is given beside it as the statements' own share);
+// * the limit: pgbench with 2 clients running claim-settle2.sql (claim 100 rows with their identifiers,
+//   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
+//   the same snapshots.
+// --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
+// too, interleaved with this checkout's, on the same cluster: before and after in one run.
+// Counts (statements, WAL bytes, rows per event) do not depend on the machine's load; CPU does.
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { type MetronomeEmulator, startMetronomeEmulator } from '@meterbox/metronome-emulator';
+import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import pg from 'pg';
+import { PgBoss } from 'pg-boss';
+import { hourlyReportKey } from '../../src/metering/active-sensors.js';
+import { metronomeAlias } from '../../src/metering/metronome.js';
+import { queueDeliveries } from '../../src/metering/outbox.js';
+import { pollUntil } from '../lib/poll.js';
+import {
+  benchRole,
+  buildEntries,
+  type Cluster,
+  freshDatabase,
+  loadAverage,
+  machine,
+  type Proc,
+  ROOT,
+  seedOrgs,
+  serverCpuSeconds,
+  sleep,
+  startCluster,
+  startWorkerProcess,
+} from './harness.js';
+
+const { values: args } = parseArgs({
+  options: {
+    cost: { type: 'boolean', default: true },
+    customers: { type: 'string' },
+    only: { type: 'string' },
+    latency: { type: 'string' },
+    baseline: { type: 'string' },
+    'limit-seconds': { type: 'string' },
+    // Plans of statements slower than 300 ms (auto_explain, analyzed), in bench-results/cost-postgres.log.
+    explain: { type: 'boolean', default: false },
+    // The backlog's statistics as Postgres last saw them: no pending rows (the state after a quiet
+    // period, before a burst such as the hourly report). Default: ANALYZE after the backlog's insert.
+    'stale-statistics': { type: 'boolean', default: false },
+    out: { type: 'string' },
+    quick: { type: 'boolean', default: false },
+  },
+});
+const CUSTOMERS = Number(args.customers ?? (args.quick ? 2_000 : 10_000));
+const LATENCY_MS = Number(args.latency ?? 0);
+const LIMIT_SECONDS = Number(args['limit-seconds'] ?? 10);
+const ONLY = new Set((args.only ?? 'v1,v2,metronome,limit').split(','));
+const DRAIN_CAP_MS = 240_000;
+const WORKER_ROLE = 'meterbox_cost_worker';
+
+const log = (msg: string) => console.error(`[bench:cost ${new Date().toISOString().slice(11, 19)}] ${msg}`);
+const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
+
+// ---------------------------------------------------------------- what is measured
+
+/** A statement's family, from its text (pg_stat_statements normalizes constants, not the SQL's shape). */
+export function statementFamily(query: string): string {
+  const q = query.replace(/\s+/g, ' ');
+  if (/\bleased AS\b/.test(q)) return 'claim';
+  if (/\bsettled AS\b/.test(q)) return 'settle';
+  if (/\bpgboss\./.test(q)) {
+    // pg-boss passes its states as parameters: its statements are told apart by their shape.
+    if (/INSERT INTO pgboss\./i.test(q)) return 'pg-boss insert';
+    if (/^WITH next AS \( SELECT j\.id FROM pgboss\./i.test(q)) return 'pg-boss fetch';
+    if (/SET completed_on/i.test(q)) return 'pg-boss complete';
+    if (/SET heartbeat_on = /i.test(q)) return 'pg-boss touch';
+    return 'pg-boss other';
+  }
+  if (/meter_call_budget/.test(q)) return 'budget';
+  if (/meter_delivery_keys/.test(q)) return 'leases (renew, reap, release)';
+  return 'other';
+}
+
+export const FAMILIES = [
+  'claim',
+  'settle',
+  'pg-boss insert',
+  'pg-boss fetch',
+  'pg-boss complete',
+  'pg-boss touch',
+  'pg-boss other',
+  'budget',
+  'leases (renew, reap, release)',
+  'other',
+] as const;
+
+interface Snapshot {
+  at: number;
+  walLsn: string;
+  cpuSeconds: number;
+  /** Rows inserted + updated + deleted so far, by table (schema.table), in the scenario's database. */
+  rows: Map<string, number>;
+}
+
+async function snapshot(pool: pg.Pool, dataDir: string): Promise<Snapshot> {
+  // Pending table statistics of other sessions reach pg_stat_user_tables when they flush (at most a
+  // second after their transaction); the caller waits for that before the closing snapshot.
+  await pool.query('SELECT pg_stat_clear_snapshot()');
+  const wal = await pool.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
+  const tables = await pool.query<{ name: string; n: string }>(
+    `SELECT schemaname || '.' || relname AS name, (n_tup_ins + n_tup_upd + n_tup_del)::text AS n
+       FROM pg_stat_user_tables`,
+  );
+  return {
+    at: performance.now(),
+    walLsn: wal.rows[0]!.lsn,
+    cpuSeconds: serverCpuSeconds(dataDir),
+    rows: new Map(tables.rows.map((r) => [r.name, Number(r.n)])),
+  };
+}
+
+interface StatementRow {
+  role: string;
+  query: string;
+  calls: number;
+  execMs: number;
+  planMs: number;
+  /** Run by the client (false: inside another statement, such as a foreign key's check). */
+  toplevel: boolean;
+}
+
+async function statements(pool: pg.Pool): Promise<StatementRow[]> {
+  const r = await pool.query<{
+    role: string;
+    query: string;
+    calls: string;
+    exec: number;
+    plan: number;
+    toplevel: boolean;
+  }>(
+    `SELECT r.rolname AS role, s.query, s.calls::text AS calls, s.total_exec_time AS exec,
+            s.total_plan_time AS plan, s.toplevel
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+      WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+  );
+  return r.rows.map((x) => ({
+    role: x.role,
+    query: x.query,
+    calls: Number(x.calls),
+    execMs: Number(x.exec),
+    planMs: Number(x.plan),
+    toplevel: x.toplevel,
+  }));
+}
+
+interface Cost {
+  events: number;
+  seconds: number;
+  eventsPerSecond: number;
+  /** Statements the clients sent (pg_stat_statements toplevel), and those run inside them (nested: foreign key checks). */
+  statements: { total: number; perEvent: number; byFamily: Record<string, number>; nestedPerEvent: number };
+  /** Statements' execution and planning time per event (pg_stat_statements), ms. */
+  statementMsPerEvent: number;
+  /** Postgres server CPU per event (/proc: postmaster, backends, exited backends), ms. */
+  cpuMsPerEvent: number;
+  walBytesPerEvent: number;
+  /** WAL bytes per event by table or index (block data and full-page images; the rest is headers and records' own data). */
+  walByRelation?: Record<string, number>;
+  rowsPerEvent: { total: number; byTable: Record<string, number> };
+  /** The statements that ran most, with their family. */
+  top: { family: string; calls: number; ms: number; query: string }[];
+}
+
+function cost(
+  from: Snapshot,
+  to: Snapshot,
+  walBytes: number,
+  stmts: readonly StatementRow[],
+  events: number,
+  seconds: number,
+): Cost {
+  const per = (x: number, d = 3) => round(x / Math.max(1, events), d);
+  const byFamily: Record<string, number> = {};
+  let calls = 0;
+  let ms = 0;
+  let nested = 0;
+  for (const s of stmts) {
+    if (!s.toplevel || FOREIGN_KEY_CHECK.test(s.query)) {
+      nested += s.calls;
+      continue;
+    }
+    const f = statementFamily(s.query);
+    byFamily[f] = (byFamily[f] ?? 0) + s.calls;
+    calls += s.calls;
+    ms += s.execMs + s.planMs;
+  }
+  const byTable: Record<string, number> = {};
+  let rows = 0;
+  for (const [name, n] of to.rows) {
+    const d = n - (from.rows.get(name) ?? 0);
+    if (d === 0) continue;
+    const group = name.startsWith('pgboss.') ? 'pgboss.*' : name.replace(/^public\./, '');
+    byTable[group] = (byTable[group] ?? 0) + d;
+    rows += d;
+  }
+  return {
+    events,
+    seconds: round(seconds, 2),
+    eventsPerSecond: round(events / Math.max(0.001, seconds)),
+    statements: {
+      total: calls,
+      perEvent: per(calls, 4),
+      byFamily: Object.fromEntries(Object.entries(byFamily).map(([f, n]) => [f, per(n, 4)])),
+      nestedPerEvent: per(nested, 4),
+    },
+    statementMsPerEvent: per(ms, 4),
+    cpuMsPerEvent: per((to.cpuSeconds - from.cpuSeconds) * 1000, 4),
+    walBytesPerEvent: per(walBytes, 0),
+    rowsPerEvent: {
+      total: per(rows, 3),
+      byTable: Object.fromEntries(Object.entries(byTable).map(([t, n]) => [t, per(n, 3)])),
+    },
+    top: stmts
+      .filter((s) => s.toplevel && !FOREIGN_KEY_CHECK.test(s.query))
+      .sort((a, b) => b.calls - a.calls)
+      .slice(0, 12)
+      .map((s) => ({
+        family: statementFamily(s.query),
+        calls: s.calls,
+        ms: round(s.execMs + s.planMs),
+        query: s.query.replace(/\s+/g, ' ').slice(0, 110),
+      })),
+  };
+}
+
+/**
+ * The WAL between two snapshots by relation (pg_walinspect): each block's data and full-page images,
+ * by the table or index it belongs to in this database; record headers and records' own data apart.
+ */
+async function walByRelation(pool: pg.Pool, from: Snapshot, to: Snapshot): Promise<Record<string, number>> {
+  await pool.query('CREATE EXTENSION IF NOT EXISTS pg_walinspect');
+  const r = await pool.query<{ rel: string | null; bytes: string }>(
+    `SELECT coalesce(c.relname, CASE WHEN b.reldatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                    THEN 'other relation' ELSE 'other database or shared' END) AS rel,
+            sum(b.block_data_length + b.block_fpi_length)::text AS bytes
+       FROM pg_get_wal_block_info($1::pg_lsn, $2::pg_lsn, false) b
+       LEFT JOIN pg_class c ON b.reldatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND c.oid = pg_filenode_relation(b.reltablespace, b.relfilenode)
+      GROUP BY 1 ORDER BY 2 DESC`,
+    [from.walLsn, to.walLsn],
+  );
+  return Object.fromEntries(r.rows.map((x) => [x.rel ?? 'unknown', Number(x.bytes)]));
+}
+
+async function walDiff(pool: pg.Pool, from: Snapshot, to: Snapshot): Promise<number> {
+  const r = await pool.query<{ n: string }>('SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::text AS n', [
+    to.walLsn,
+    from.walLsn,
+  ]);
+  return Number(r.rows[0]?.n ?? 0);
+}
+
+/** A foreign key's check, which Postgres runs inside the statement that writes the row. */
+const FOREIGN_KEY_CHECK = /^SELECT \$?\d* FROM ONLY "\w+"\."\w+" x WHERE/;
+
+/** The harness's own look at the statistics, left out of the counts. */
+const HARNESS_QUERY = /pg_stat_|pg_current_wal|pg_wal_lsn/;
+
+/** Pending table statistics of every session reach the shared view within about a second of going idle. */
+const STATS_FLUSH_MS = 3_000;
+/** The backlog's jobs come due this long after their insert; delivery is measured from DUE_MARGIN_MS before. */
+const DEFER_MS = 20_000;
+const DUE_MARGIN_MS = 1_000;
+
+async function dropDatabase(cluster: Cluster, url: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${new URL(url).pathname.slice(1)} WITH (FORCE)`);
+  } finally {
+    await admin.end();
+  }
+}
+
+// ---------------------------------------------------------------- one scenario
+
+type Destination = 'v1' | 'v2' | 'metronome';
+
+interface Run {
+  scenario: Destination;
+  worker: string;
+  customers: number;
+  handOff: Cost;
+  delivery: Cost;
+  ledger: { events: number; unique: boolean; pendingAfter: number };
+  loadAverage: { before: number[]; after: number[] };
+}
+
+async function runScenario(
+  cluster: Cluster,
+  scenario: Destination,
+  workerName: string,
+  workerEntry: string,
+): Promise<Run> {
+  log(`--- ${scenario}, worker ${workerName}, ${CUSTOMERS} organizations`);
+  const url = await freshDatabase(cluster, `cost_${scenario}`);
+  const pool = new pg.Pool({ connectionString: url, max: 4 });
+  // Dropped after the run: autovacuum of an earlier run's database would write WAL (and spend CPU)
+  // inside the next run's measurements.
+  const cleanup: (() => Promise<unknown>)[] = [() => dropDatabase(cluster, url), () => pool.end()];
+  try {
+    await pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    const workerUrl = await benchRole(pool, url, WORKER_ROLE);
+    const t0 = Date.now();
+    const orgs = await seedOrgs(pool, CUSTOMERS, 1, `c${scenario}`);
+    const metronome = scenario === 'metronome';
+    const destination = metronome ? 'metronome' : 'stripe';
+    if (metronome) {
+      await pool.query(
+        `INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+         SELECT id, 'metronome', 'billing', '-infinity' FROM organizations`,
+      );
+    }
+    const customer = metronome ? `'${metronomeAlias('')}' || s.organization_id` : 's.stripe_customer_id';
+    // The hourly report of this hour and the next, delivered already: the worker's start-up report
+    // then writes nothing (its rows exist), and the cron is set to fire on January 1st only.
+    const now = new Date();
+    for (const hour of [now, new Date(now.getTime() + 3_600_000)]) {
+      await pool.query(
+        `INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, dedupe_key,
+                                   destination, status, delivered_at, identifier)
+         SELECT s.organization_id, 'active_sensors', ${customer}, 1,
+                $1::timestamptz, $2::text || s.organization_id || ':' || $3::text, $4, 'delivered', now(),
+                'bench-' || md5($2::text || s.organization_id || $3::text)
+           FROM subscriptions s WHERE s.stripe_customer_id IS NOT NULL`,
+        [
+          hour,
+          metronome ? 'metronome:active_sensors:' : 'active_sensors:',
+          hourlyReportKey('x', hour).split(':').slice(2).join(':'),
+          destination,
+        ],
+      );
+    }
+    // Every key's row, as in a system that has run for a while.
+    await pool.query(
+      `INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)
+       SELECT s.organization_id, ${customer}, m.event_name, $1
+         FROM subscriptions s, (VALUES ('temperature_readings'), ('active_sensors')) AS m(event_name)
+        WHERE s.stripe_customer_id IS NOT NULL`,
+      [destination],
+    );
+    await pool.query('VACUUM ANALYZE');
+    log(`${orgs.length} organizations and their key rows in ${round((Date.now() - t0) / 1000, 1)} s`);
+
+    let stripe: StripeEmulator | undefined;
+    let metro: MetronomeEmulator | undefined;
+    let env: Record<string, string>;
+    if (metronome) {
+      metro = await startMetronomeEmulator({ port: 0, faults: { latencyMs: 0, jitterMs: LATENCY_MS } });
+      cleanup.push(() => metro!.stop());
+      for (const org of orgs)
+        metro.createCustomer({
+          name: org.organizationId,
+          ingest_aliases: [metronomeAlias(org.organizationId)],
+        });
+      env = {
+        METRONOME_BEARER_TOKEN: 'bench-cost',
+        METRONOME_API_BASE: metro.url,
+        METRONOME_MAX_CALLS_PER_SECOND: '10000',
+      };
+    } else {
+      stripe = await startStripeEmulator({
+        port: 0,
+        faults: { latencyMs: 0, jitterMs: LATENCY_MS },
+        ratePerSecond: 1_000_000,
+        streamRatePerSecond: 1_000_000,
+      });
+      cleanup.push(() => stripe!.stop());
+      env = {
+        STRIPE_SECRET_KEY: 'sk_live_bench_cost',
+        STRIPE_API_BASE: stripe.url,
+        DELIVERY_TRANSPORT: scenario,
+        STRIPE_MAX_CALLS_PER_SECOND: '100000',
+      };
+    }
+    const usage = () =>
+      metro
+        ? metro.events({ event_type: 'temperature_readings' }).map((e) => e.transaction_id)
+        : stripe!.events({ event_name: 'temperature_readings' }).map((e) => e.identifier);
+    const receivedAt = () =>
+      metro
+        ? metro.events({ event_type: 'temperature_readings' }).map((e) => e.receivedAt)
+        : stripe!.events({ event_name: 'temperature_readings' }).map((e) => e.receivedAt);
+
+    const worker: Proc = await startWorkerProcess(
+      { ...env, DATABASE_URL: workerUrl, LOG_LEVEL: 'warn', METER_CRON: '0 0 1 1 *' },
+      `worker-${workerName}`,
+      workerEntry,
+    );
+    cleanup.push(() => worker.stop());
+    // Its start-up passes (queues, catalog, the report that finds its rows, storage maintenance) done.
+    await sleep(4_000);
+    const loadBefore = loadAverage();
+
+    // ---- the hand-off: the backlog's rows and jobs (deferred, so no worker takes one yet)
+    await pool.query('CHECKPOINT');
+    await sleep(STATS_FLUSH_MS);
+    await pool.query('SELECT pg_stat_statements_reset()');
+    const s0 = await snapshot(pool, cluster.dataDir);
+    await pool.query(
+      `INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, created_at, destination)
+       SELECT s.organization_id, 'temperature_readings', ${customer}, 1,
+              now() - interval '1 minute', now() - interval '1 minute', $1
+         FROM subscriptions s WHERE s.stripe_customer_id IS NOT NULL`,
+      [destination],
+    );
+    // The statistics of a system that has seen such a backlog (--stale-statistics: as before it).
+    if (!args['stale-statistics']) await pool.query('ANALYZE meter_outbox');
+    const boss = new PgBoss({
+      connectionString: url,
+      max: 2,
+      supervise: false,
+      schedule: false,
+      migrate: false,
+    });
+    await boss.start();
+    // Deferred well past the hand-off's end: on a loaded machine the hand-off of 10,000 jobs took
+    // seconds, and jobs that came due during it were delivered inside the hand-off's measurement.
+    const handOffStarted = performance.now();
+    for (let i = 0; i < orgs.length; i += 1_000) {
+      await queueDeliveries(
+        boss,
+        orgs.slice(i, i + 1_000).map((o) => ({
+          organizationId: o.organizationId,
+          customerId: metronome ? metronomeAlias(o.organizationId) : o.customerId,
+          eventName: 'temperature_readings' as const,
+          ...(metronome ? { destination: 'metronome' as const } : {}),
+          afterMs: DEFER_MS,
+        })),
+      );
+    }
+    const handOffSeconds = (performance.now() - handOffStarted) / 1000;
+    await boss.stop({ graceful: false, close: true });
+    await sleep(STATS_FLUSH_MS);
+    const handOffStatements = (await statements(pool)).filter(
+      (s) => s.role !== WORKER_ROLE && !HARNESS_QUERY.test(s.query),
+    );
+    const sh = await snapshot(pool, cluster.dataDir);
+    const handOff = cost(s0, sh, await walDiff(pool, s0, sh), handOffStatements, CUSTOMERS, handOffSeconds);
+    // Delivery is measured from just before the first job comes due (the database's clock).
+    const due = await pool.query<{ ms: number }>(
+      `SELECT (extract(epoch FROM min(start_after) - now()) * 1000)::float8 AS ms
+         FROM pgboss.job WHERE name = 'meter-delivery' AND state = 'created'`,
+    );
+    const untilDue = Number(due.rows[0]?.ms ?? 0);
+    if (untilDue < DUE_MARGIN_MS)
+      throw new Error(
+        `the hand-off ended ${Math.round(untilDue)} ms before its jobs came due: raise DEFER_MS`,
+      );
+    await sleep(untilDue - DUE_MARGIN_MS);
+    await pool.query('SELECT pg_stat_statements_reset()');
+    const s1 = await snapshot(pool, cluster.dataDir);
+
+    // ---- delivery
+    const drained = await pollUntil(async () => usage().length >= CUSTOMERS, DRAIN_CAP_MS, 50);
+    if (!drained)
+      throw new Error(`${scenario}: ${usage().length} of ${CUSTOMERS} delivered in ${DRAIN_CAP_MS} ms`);
+    // The last settles and completions commit just after the last call is answered.
+    await pollUntil(
+      async () =>
+        Number(
+          (
+            await pool.query<{ n: string }>(
+              `SELECT (SELECT count(*) FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL)
+                    + (SELECT count(*) FROM pgboss.job WHERE name = 'meter-delivery' AND state < 'completed') AS n`,
+            )
+          ).rows[0]?.n,
+        ) === 0,
+      30_000,
+      100,
+    );
+    await sleep(STATS_FLUSH_MS);
+    const deliveryStatements = (await statements(pool)).filter((s) => s.role === WORKER_ROLE);
+    const s2 = await snapshot(pool, cluster.dataDir);
+    const received = receivedAt();
+    const seconds = (Math.max(...received) - Math.min(...received)) / 1000;
+    const delivery = cost(s1, s2, await walDiff(pool, s1, s2), deliveryStatements, received.length, seconds);
+    delivery.walByRelation = Object.fromEntries(
+      Object.entries(await walByRelation(pool, s1, s2))
+        .map(([rel, n]) => [rel, round(n / Math.max(1, received.length))] as const)
+        .filter(([, n]) => n >= 1),
+    );
+    const ids = usage();
+    const pendingAfter = Number(
+      (
+        await pool.query<{ n: string }>(
+          `SELECT count(*) AS n FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL`,
+        )
+      ).rows[0]?.n,
+    );
+    const run: Run = {
+      scenario,
+      worker: workerName,
+      customers: CUSTOMERS,
+      handOff,
+      delivery,
+      ledger: { events: ids.length, unique: new Set(ids).size === ids.length, pendingAfter },
+      loadAverage: { before: loadBefore, after: loadAverage() },
+    };
+    log(
+      `${scenario} (${workerName}): ${delivery.events} events in ${delivery.seconds} s (${delivery.eventsPerSecond}/s); per event ${delivery.statements.perEvent} statements, ${delivery.walBytesPerEvent} WAL bytes, ${delivery.rowsPerEvent.total} rows, ${delivery.cpuMsPerEvent} ms Postgres CPU (${delivery.statementMsPerEvent} ms in statements)`,
+    );
+    log(`  statements by family: ${JSON.stringify(delivery.statements.byFamily)}`);
+    log(`  rows by table: ${JSON.stringify(delivery.rowsPerEvent.byTable)}`);
+    log(`  WAL bytes by relation: ${JSON.stringify(delivery.walByRelation)}`);
+    for (const t of delivery.top.slice(0, 8)) log(`    ${t.calls} calls ${t.ms} ms [${t.family}] ${t.query}`);
+    return run;
+  } finally {
+    for (const fn of cleanup.reverse()) await fn().catch(() => undefined);
+  }
+}
+
+// ---------------------------------------------------------------- the limit (pgbench)
+
+const LIMIT_DIR = join(ROOT, 'scripts', 'bench', 'pgbench-limit');
+
+async function runLimit(cluster: Cluster): Promise<Cost & { clients: number }> {
+  log(`--- the limit: pgbench, claim-settle2.sql, 2 clients, ${LIMIT_SECONDS} s`);
+  const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await admin.connect();
+  const name = `cost_limit_${process.pid}`;
+  try {
+    await admin.query(`CREATE DATABASE ${name}`);
+  } finally {
+    await admin.end();
+  }
+  const url = cluster.embedded.urlFor(name);
+  const pool = new pg.Pool({ connectionString: url, max: 2 });
+  try {
+    await pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    await pool.query(readFileSync(join(LIMIT_DIR, 'limit-setup.sql'), 'utf8'));
+    await pool.query('VACUUM ANALYZE');
+    await pool.query('CHECKPOINT');
+    await sleep(STATS_FLUSH_MS);
+    await pool.query('SELECT pg_stat_statements_reset()');
+    const s1 = await snapshot(pool, cluster.dataDir);
+    const u = new URL(url);
+    const started = performance.now();
+    await new Promise<void>((ok, fail) => {
+      const child = spawn(
+        'pgbench',
+        [
+          '-h',
+          u.hostname,
+          '-p',
+          u.port,
+          '-U',
+          decodeURIComponent(u.username),
+          '-n',
+          '-c',
+          '2',
+          '-j',
+          '2',
+          '-T',
+          String(LIMIT_SECONDS),
+          '-f',
+          join(LIMIT_DIR, 'claim-settle2.sql'),
+          name,
+        ],
+        {
+          env: { ...process.env, PGPASSWORD: decodeURIComponent(u.password) },
+          stdio: ['ignore', 'pipe', 'pipe'],
+        },
+      );
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+      });
+      child.stderr.on('data', (d: Buffer) => {
+        out += d.toString();
+      });
+      child.on('exit', (code) => (code === 0 ? ok() : fail(new Error(`pgbench exited ${code}:\n${out}`))));
+    });
+    const seconds = (performance.now() - started) / 1000;
+    await sleep(STATS_FLUSH_MS);
+    const stmts = (await statements(pool)).filter((s) => !HARNESS_QUERY.test(s.query));
+    const s2 = await snapshot(pool, cluster.dataDir);
+    const events = Number(
+      (await pool.query<{ n: string }>(`SELECT count(*) AS n FROM outbox WHERE status = 'delivered'`)).rows[0]
+        ?.n,
+    );
+    const c = cost(s1, s2, await walDiff(pool, s1, s2), stmts, events, seconds);
+    log(
+      `limit: ${events} events in ${round(seconds, 1)} s (${c.eventsPerSecond}/s); per event ${c.statements.perEvent} statements, ${c.walBytesPerEvent} WAL bytes, ${c.rowsPerEvent.total} rows, ${c.cpuMsPerEvent} ms Postgres CPU (${c.statementMsPerEvent} ms in statements)`,
+    );
+    return { ...c, clients: 2 };
+  } finally {
+    await pool.end();
+    await dropDatabase(cluster, url);
+  }
+}
+
+// ---------------------------------------------------------------- the run
+
+/** The worker of another commit, bundled as this checkout's is (its src/ only; dependencies are this checkout's). */
+async function buildBaseline(ref: string, outdir: string): Promise<{ entry: string; commit: string }> {
+  const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
+  const tree = mkdtempSync(join('/tmp', 'meterbox-cost-baseline-'));
+  execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
+  const { bundle } = await import('../bundle.mjs');
+  await bundle([{ in: 'src/bin/worker.ts', out: 'baseline-worker' }], outdir, { absWorkingDir: tree });
+  rmSync(tree, { recursive: true, force: true });
+  return { entry: join(outdir, 'baseline-worker.js'), commit };
+}
+
+function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undefined): string {
+  const lines = [
+    '| run | events | statements / event (claim, settle, pg-boss insert / fetch / complete, other) | WAL bytes / event | rows written / event (outbox, keys, pg-boss) | Postgres CPU ms / event (/proc) | statements ms / event | events/s |',
+    '|---|---|---|---|---|---|---|---|',
+  ];
+  const f = (c: Cost, k: string) => c.statements.byFamily[k] ?? 0;
+  for (const r of runs) {
+    const d = r.delivery;
+    const other = round(
+      d.statements.perEvent -
+        f(d, 'claim') -
+        f(d, 'settle') -
+        f(d, 'pg-boss insert') -
+        f(d, 'pg-boss fetch') -
+        f(d, 'pg-boss complete'),
+      4,
+    );
+    const t = d.rowsPerEvent.byTable;
+    lines.push(
+      `| ${r.scenario}, ${r.worker} | ${d.events} | ${d.statements.perEvent} (${f(d, 'claim')}, ${f(d, 'settle')}, ${f(d, 'pg-boss insert')} / ${f(d, 'pg-boss fetch')} / ${f(d, 'pg-boss complete')}, ${other}) | ${d.walBytesPerEvent} | ${d.rowsPerEvent.total} (${t.meter_outbox ?? 0}, ${t.meter_delivery_keys ?? 0}, ${t['pgboss.*'] ?? 0}) | ${d.cpuMsPerEvent} | ${d.statementMsPerEvent} | ${d.eventsPerSecond} |`,
+    );
+  }
+  if (limit) {
+    lines.push(
+      `| limit: pgbench claim-settle2.sql, ${limit.clients} clients | ${limit.events} | ${limit.statements.perEvent} | ${limit.walBytesPerEvent} | ${limit.rowsPerEvent.total} | ${limit.cpuMsPerEvent} | ${limit.statementMsPerEvent} | ${limit.eventsPerSecond} |`,
+    );
+  }
+  lines.push('', '| run | hand-off per event: statements, WAL bytes, rows (outbox, pg-boss) |', '|---|---|');
+  for (const r of runs) {
+    const h = r.handOff;
+    lines.push(
+      `| ${r.scenario}, ${r.worker} | ${h.statements.perEvent}, ${h.walBytesPerEvent}, ${h.rowsPerEvent.total} (${h.rowsPerEvent.byTable.meter_outbox ?? 0}, ${h.rowsPerEvent.byTable['pgboss.*'] ?? 0}) |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+export async function runCostBench(): Promise<number> {
+  const dataDir = join('/tmp', `meterbox-bench-cost-${process.pid}`, 'pg');
+  const buildDir = join(ROOT, 'bench-results', `.build-cost-${process.pid}`);
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  log(`embedded Postgres in ${dataDir} with pg_stat_statements; ${CUSTOMERS} organizations a scenario`);
+  const cluster = await startCluster(dataDir);
+  const runs: Run[] = [];
+  let limit: (Cost & { clients: number }) | undefined;
+  const started = new Date();
+  const loadBefore = loadAverage();
+  try {
+    const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+    await admin.connect();
+    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    if (args.explain) {
+      await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = 300`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+    }
+    await admin.end();
+    await cluster.restart();
+    const entries = await buildEntries(['src/bin/worker.ts'], buildDir);
+    const workers: { name: string; entry: string }[] = [];
+    if (args.baseline) {
+      const base = await buildBaseline(args.baseline, buildDir);
+      workers.push({ name: `before (${base.commit})`, entry: base.entry });
+    }
+    const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
+    const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
+    workers.push({
+      name: args.baseline ? `after (${head}${dirty ? '+' : ''})` : `${head}${dirty ? '+' : ''}`,
+      entry: entries['src/bin/worker.ts']!,
+    });
+    const version = await cluster.version();
+    const out = resolve(ROOT, args.out ?? join('bench-results', `cost-${Date.now()}.json`));
+    /** Written after every run, so a run cut short keeps what it measured. */
+    const save = (final: boolean) => {
+      const md = table(runs, limit);
+      if (final) console.log(`\n${md}\n`);
+      writeFileSync(
+        out,
+        `${JSON.stringify(
+          {
+            kind: 'cost',
+            complete: final,
+            started: started.toISOString(),
+            finished: new Date().toISOString(),
+            machine: machine(version),
+            loadAverage: { before: loadBefore, after: loadAverage() },
+            conditions: {
+              customers: CUSTOMERS,
+              latencyMs: `0-${LATENCY_MS}`,
+              database:
+                'private embedded Postgres, durable defaults, pg_stat_statements (track_planning on); a fresh database per run, dropped after it',
+              worker:
+                'one process of the production bundle, default settings but the budget (100,000/s; Metronome 10,000/s), its own role',
+              backlog:
+                'one pending usage row and one delivery job per organization, every key row present, statistics analyzed',
+              limitSeconds: LIMIT_SECONDS,
+            },
+            limit,
+            runs,
+            table: md,
+          },
+          null,
+          2,
+        )}\n`,
+      );
+    };
+    if (ONLY.has('limit')) limit = await runLimit(cluster);
+    save(false);
+    for (const scenario of ['v1', 'v2', 'metronome'] as const) {
+      if (!ONLY.has(scenario)) continue;
+      // Alternate which worker goes first, so the machine's drift favours neither.
+      const order = runs.length % 2 === 0 ? workers : [...workers].reverse();
+      for (const w of order) {
+        runs.push(await runScenario(cluster, scenario, w.name, w.entry));
+        save(false);
+      }
+    }
+    save(true);
+    log(`written to ${out}`);
+    return 0;
+  } finally {
+    await cluster.stop().catch(() => undefined);
+    if (args.explain) {
+      const from = join(dataDir, '..', 'postgres.log');
+      writeFileSync(join(ROOT, 'bench-results', 'cost-postgres.log'), readFileSync(from));
+      log('the server log (plans of slow statements): bench-results/cost-postgres.log');
+    }
+    rmSync(buildDir, { recursive: true, force: true });
+    rmSync(join('/tmp', `meterbox-bench-cost-${process.pid}`), { recursive: true, force: true });
+  }
+}
