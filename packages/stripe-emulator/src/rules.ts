@@ -144,10 +144,7 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
   // A customer is its account's own: another account's (a connected account's, or the platform's
   // seen from a connected account) does not exist here, as at Stripe.
   const known = ctx.state.customers.has(customer);
-  if (
-    (ctx.strictCustomers && !known) ||
-    (known && ctx.state.accountOfCustomer(customer) !== ctx.account)
-  ) {
+  if ((ctx.strictCustomers && !known) || (known && ctx.state.accountOfCustomer(customer) !== ctx.account)) {
     return fail(noSuchCustomer(customer, p(`payload[${customerKey}]`)));
   }
   const valueKey = meter.value_payload_key;

@@ -9,10 +9,10 @@ import type { Permission } from './http.js';
 import { IdempotencyStore } from './idempotency.js';
 import { RateLimiter } from './limits.js';
 import {
+  CONNECTED_RATE_PER_SECOND,
   type CreateCustomerInput,
   type EmulatorLogEntry,
   type EventFilter,
-  CONNECTED_RATE_PER_SECOND,
   LIVE_RATE_PER_SECOND,
   SANDBOX_RATE_PER_SECOND,
   SESSION_TTL_MS,

@@ -24,7 +24,9 @@ describe('connected accounts', () => {
     expect(emu.events({ account: 'platform' })).toHaveLength(0);
     // The platform (no header) and another account do not see A's customer.
     for (const options of [{}, { stripeAccount: B }]) {
-      const err = await rejection(() => stripe.billing.meterEvents.create(event(customer.id, 'e-2'), options));
+      const err = await rejection(() =>
+        stripe.billing.meterEvents.create(event(customer.id, 'e-2'), options),
+      );
       expect(err.statusCode).toBe(400);
       expect(err.code).toBe('resource_missing');
       const read = await rejection(() => stripe.customers.retrieve(customer.id, {}, options));
@@ -45,7 +47,10 @@ describe('connected accounts', () => {
 
   it('cancels and summarizes only the account’s own events', async ({ emu, stripe }) => {
     const t = Math.floor(clock() / 1000) - 60;
-    await stripe.billing.meterEvents.create({ ...event('cus_s', 'c-1', '5'), timestamp: t }, { stripeAccount: A });
+    await stripe.billing.meterEvents.create(
+      { ...event('cus_s', 'c-1', '5'), timestamp: t },
+      { stripeAccount: A },
+    );
     const start = Math.floor(t / 3600) * 3600;
     const summary = async (options: { stripeAccount?: string }) =>
       (
