@@ -4,7 +4,10 @@
 // row, so the emulator's per-account limit (Stripe's basic limit) never answers 429.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
+import { stripeTotals } from '../../src/admin/reconcile.js';
 import { CustomerAccountError, recordCustomerAccount } from '../../src/billing/connect.js';
+import { createStripeClient } from '../../src/context.js';
+import { correctionsOnConnectedAccount, createCorrectionClient } from '../../src/metering/corrections.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';
@@ -79,7 +82,6 @@ describe('Stripe Connect delivery (v1)', () => {
     expect(onA.every((e) => e.account === ACCOUNT_A)).toBe(true);
     expect(onA.reduce((n, e) => n + e.value, 0)).toBe(expected);
     expect(emulator.events({ customer: connected.id, account: 'platform' })).toEqual([]);
-    expect(emulator.events({ account: 'platform' })).toEqual([]);
 
     // A platform organization beside it stays on the platform.
     const platformCustomer = emulator.createCustomer();
@@ -176,5 +178,40 @@ describe('Stripe Connect delivery (v1)', () => {
     await expect(recordCustomerAccount(ctx.db, platform.id, ACCOUNT_A)).rejects.toThrow(
       /billed on the platform/,
     );
+  });
+
+  it("cancels and summarizes a connected account's event on that account", async ({ ctx, emulator }) => {
+    const stripe = createStripeClient(ctx.config)!;
+    const customer = emulator.createCustomer({ account: ACCOUNT_A });
+    const client = correctionsOnConnectedAccount(createCorrectionClient(stripe), ACCOUNT_A);
+    const hour = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000);
+    const at = new Date(Math.max(hour.getTime(), Date.now() - 60_000));
+    const event = {
+      eventName: 'temperature_readings',
+      customerId: customer.id,
+      value: '6',
+      timestamp: at,
+    } as const;
+    expect(await client.send({ ...event, identifier: 'connect-c-1' })).toEqual({ kind: 'accepted' });
+    expect(await client.send({ ...event, value: '4', identifier: 'connect-c-2' })).toEqual({
+      kind: 'accepted',
+    });
+    const meters = { readings: 'mtr_emu_temperature_readings', activeSensors: undefined };
+    const period = { from: hour, to: new Date(hour.getTime() + 3_600_000) };
+    expect((await stripeTotals(stripe, meters, customer.id, period, undefined, ACCOUNT_A)).readings).toBe(10);
+    // On the platform the customer has nothing (Stripe: no such customer there).
+    await expect(stripeTotals(stripe, meters, customer.id, period)).resolves.toMatchObject({ readings: 0 });
+    // The cancel goes to the account: the platform's client would find no such event.
+    const platformCancel = await createCorrectionClient(stripe).cancel(
+      'temperature_readings',
+      'connect-c-1',
+      'idem-p-1',
+    );
+    expect(platformCancel.kind).toBe('permanent');
+    expect(await client.cancel('temperature_readings', 'connect-c-1', 'idem-a-1')).toEqual({
+      kind: 'accepted',
+    });
+    expect((await stripeTotals(stripe, meters, customer.id, period, undefined, ACCOUNT_A)).readings).toBe(4);
+    expect(emulator.events({ customer: customer.id, account: 'platform' })).toEqual([]);
   });
 });
