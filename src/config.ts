@@ -33,6 +33,11 @@ export const configSchema = z.object({
   HOST: z.string().min(1).default('127.0.0.1'),
   STRIPE_SECRET_KEY: optionalString,
   STRIPE_WEBHOOK_SECRET: optionalString,
+  /**
+   * Stripe Connect: the signing secret(s) of the Connect webhook endpoint (events from connected
+   * accounts, with an `account` field); without it POST /webhooks/stripe/connect answers 503.
+   */
+  STRIPE_CONNECT_WEBHOOK_SECRET: optionalString,
   STRIPE_API_BASE: optionalString.pipe(z.url().optional()),
   STRIPE_METER_ID_TEMPERATURE_READINGS: optionalString,
   STRIPE_METER_ID_ACTIVE_SENSORS: optionalString,
@@ -217,6 +222,13 @@ export const configSchema = z.object({
    * Events per second of the v2 meter event stream shared by every worker; unset: 8,000 in live mode
    * (the stream takes 10,000), none in a sandbox (where each call counts as one of its 25 operations/s).
    */
+  /**
+   * Stripe Connect: meter-event calls per second per connected account, each account its own budget
+   * row (unset: 80 of a connected account's 100 operations/s live, 20 of its 25 in a sandbox).
+   */
+  STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: optionalString
+    .transform((v) => (v === undefined ? undefined : Number(v)))
+    .pipe(z.number().int().min(1).max(100_000).optional()),
   STRIPE_MAX_EVENTS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))
     .pipe(z.number().int().min(1).max(1_000_000).optional()),

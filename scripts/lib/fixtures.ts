@@ -31,6 +31,8 @@ export async function createOrganization(
     name?: string;
     /** false: no subscription row at all (never a Stripe customer), as the benchmarks' free tier. */
     subscription?: boolean;
+    /** Stripe Connect: the connected account (acct_…) the customer is on. */
+    stripeAccount?: string;
   } = {},
 ): Promise<OrganizationFixture> {
   const { organization, apiKey } = await db
@@ -39,7 +41,16 @@ export async function createOrganization(
   const customerId = options.customerId ?? `cus_test${randomBytes(6).toString('hex')}`;
   const status = options.status ?? (options.billable === false ? 'canceled' : 'active');
   if (options.subscription !== false) {
-    await linkSubscription(db, organization.id, { stripeCustomerId: customerId, status }, new Date());
+    await linkSubscription(
+      db,
+      organization.id,
+      {
+        stripeCustomerId: customerId,
+        status,
+        ...(options.stripeAccount ? { stripeAccount: options.stripeAccount } : {}),
+      },
+      new Date(),
+    );
   }
   return { organizationId: organization.id, apiKey: apiKey.key, apiKeyId: apiKey.id, customerId };
 }

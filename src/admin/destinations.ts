@@ -9,6 +9,7 @@
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type Stripe from 'stripe';
+import { customerAccount } from '../billing/connect.js';
 import { type PeriodCutOverPlan, planPeriodCutOver, type StripeBillingPeriod } from '../billing/periods.js';
 import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { Context } from '../context-type.js';
@@ -409,16 +410,23 @@ export async function parity(
     clients.stripeMeterId &&
     stripeCustomer.rows[0]?.stripe_customer_id
   ) {
+    const customer = stripeCustomer.rows[0].stripe_customer_id;
+    // Stripe Connect: a connected account's customer is summarized on that account.
+    const account = await customerAccount(db, customer);
     let startingAfter: string | undefined;
     for (;;) {
-      const page = await clients.stripe.billing.meters.listEventSummaries(clients.stripeMeterId, {
-        customer: stripeCustomer.rows[0].stripe_customer_id,
-        start_time: Math.floor(from.getTime() / 1000),
-        end_time: Math.floor(to.getTime() / 1000),
-        value_grouping_window: 'hour',
-        limit: 100,
-        ...(startingAfter ? { starting_after: startingAfter } : {}),
-      });
+      const page = await clients.stripe.billing.meters.listEventSummaries(
+        clients.stripeMeterId,
+        {
+          customer,
+          start_time: Math.floor(from.getTime() / 1000),
+          end_time: Math.floor(to.getTime() / 1000),
+          value_grouping_window: 'hour',
+          limit: 100,
+          ...(startingAfter ? { starting_after: startingAfter } : {}),
+        },
+        account ? { stripeAccount: account } : undefined,
+      );
       for (const s of page.data) reportedAt.set(`stripe@${s.start_time * 1000}`, s.aggregated_value);
       if (!page.has_more || page.data.length === 0) break;
       startingAfter = page.data[page.data.length - 1]!.id;

@@ -1,5 +1,6 @@
 // `meterbox org create|link` and `meterbox key create|list|revoke`: the admin organization
 // functions from the command line. Output is for people; --json prints one JSON document instead.
+import { CONNECTED_ACCOUNT } from '../billing/connect.js';
 import { type CliCommand, flags } from '../cli/command.js';
 import { str } from '../cli/io.js';
 import type { Context } from '../context-type.js';
@@ -92,12 +93,12 @@ const orgList: CliCommand = {
   },
 };
 
-const orgLinkUsage = `org link --organization <id> (--customer <cus_…> | --metronome) [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
+const orgLinkUsage = `org link --organization <id> (--customer <cus_…> [--account <acct_…>] | --metronome) [--status ${SUBSCRIPTION_STATUSES.join('|')}] [--json]`;
 const orgLink: CliCommand = {
   summary:
     "link an organization's subscription to a Stripe customer, or (--metronome) make one billed at Metronome billable",
   usage: orgLinkUsage,
-  options: flags(['organization', 'customer', 'status'], ['json', 'metronome']),
+  options: flags(['organization', 'customer', 'status', 'account'], ['json', 'metronome']),
   async run(ctx, { values }) {
     const org = str(values, 'organization');
     const customer = str(values, 'customer');
@@ -106,20 +107,27 @@ const orgLink: CliCommand = {
     const known = SUBSCRIPTION_STATUSES.find((s) => s === status);
     if (!known) return fail(`--status must be one of ${SUBSCRIPTION_STATUSES.join(', ')}`, orgLinkUsage);
     if (values.metronome) {
-      if (customer) return fail('--customer and --metronome exclude each other', orgLinkUsage);
+      if (customer || values.account !== undefined)
+        return fail('--customer and --account exclude --metronome', orgLinkUsage);
       return linkAtMetronome(ctx, values, org, known);
     }
     if (!customer || !/^cus_\w+$/.test(customer))
       return fail('--customer <cus_…> (or --metronome) is required', orgLinkUsage);
+    // Stripe Connect: the customer is on a connected account; its usage carries Stripe-Account.
+    const account = str(values, 'account');
+    if (account !== undefined && !CONNECTED_ACCOUNT.test(account))
+      return fail('--account must be a Stripe connected account id (acct_…)', orgLinkUsage);
     try {
       const linked = await linkSubscription(
         ctx.db,
         org,
-        { stripeCustomerId: customer, status: known },
+        { stripeCustomerId: customer, status: known, ...(account ? { stripeAccount: account } : {}) },
         ctx.clock.now(),
       );
       if (!linked) return fail(`no organization ${org}`, orgLinkUsage);
-      print(values, linked, [`organization ${org} linked to ${customer} (${known})`]);
+      print(values, linked, [
+        `organization ${org} linked to ${customer}${account ? ` on connected account ${account}` : ''} (${known})`,
+      ]);
       return 0;
     } catch (err) {
       if (err instanceof AlreadyLinkedError) return fail(err.message, orgLinkUsage);

@@ -1,6 +1,7 @@
 // Admin API for organizations (behind the admin guard): create one with its first API key, manage keys, and
 // link its subscription to a Stripe customer. Keys are returned whole only when created.
 import { z } from 'zod';
+import { CONNECTED_ACCOUNT } from '../billing/connect.js';
 import type { Context } from '../context-type.js';
 import { pgText } from '../db/input-types.js';
 import { AppError, notFound } from '../http/errors.js';
@@ -42,6 +43,14 @@ export const linkSubscriptionSchema = z.object({
     .regex(/^sub_\w+$/, { error: 'stripeSubscriptionId must be a Stripe subscription id (sub_…)' })
     .nullable()
     .optional(),
+  stripeAccount: z
+    .string()
+    .regex(CONNECTED_ACCOUNT, { error: 'stripeAccount must be a Stripe connected account id (acct_…)' })
+    .nullable()
+    .optional()
+    .describe(
+      'Stripe Connect: the connected account the customer is on; its usage is sent with the Stripe-Account header. Absent or null: the platform account',
+    ),
 });
 
 const date = z.iso.datetime();
@@ -62,6 +71,7 @@ const subscriptionSchema = z.object({
   organizationId: z.uuid(),
   stripeCustomerId: z.string().nullable(),
   stripeSubscriptionId: z.string().nullable(),
+  stripeAccount: z.string().nullable().describe('the connected account of the customer; null: the platform'),
   status: z.enum(SUBSCRIPTION_STATUSES),
   updatedAt: date,
 });

@@ -1,6 +1,7 @@
 // Organizations, their API keys and the link of their subscription to a Stripe customer: the data
 // functions behind the admin routes and the `meterbox org|key` commands.
 import { type Kysely, sql, type Transaction } from 'kysely';
+import { CustomerAccountError, customerAccount, recordCustomerAccount } from '../billing/connect.js';
 import { customerPendingElsewhere } from '../billing/subscriptions.js';
 import { generateApiKey } from '../credentials/api-keys.js';
 import { isUniqueViolation } from '../db/errors.js';
@@ -47,6 +48,8 @@ export interface SubscriptionView {
   organizationId: string;
   stripeCustomerId: string | null;
   stripeSubscriptionId: string | null;
+  /** The connected account (acct_…) the customer is on (Stripe Connect); null: the platform's own. */
+  stripeAccount: string | null;
   status: SubscriptionStatus;
   updatedAt: Date;
 }
@@ -192,7 +195,13 @@ export async function revokeApiKey(
 export async function linkSubscription(
   db: Db,
   organizationId: string,
-  input: { stripeCustomerId: string; status: SubscriptionStatus; stripeSubscriptionId?: string | null },
+  input: {
+    stripeCustomerId: string;
+    status: SubscriptionStatus;
+    stripeSubscriptionId?: string | null;
+    /** The connected account the customer is on (Stripe Connect); absent or null: the platform's. */
+    stripeAccount?: string | null;
+  },
   now: Date,
 ): Promise<SubscriptionView | null> {
   const organization = await getOrganization(db, organizationId);
@@ -208,21 +217,28 @@ export async function linkSubscription(
       ? { stripe_subscription_id: input.stripeSubscriptionId }
       : {}),
   };
-  try {
-    const row = await db
+  const link = async (trx: Db) => {
+    // The customer's account first: every call about it is made there (billing/connect.ts).
+    await recordCustomerAccount(trx, input.stripeCustomerId, input.stripeAccount ?? null);
+    return trx
       .insertInto('subscriptions')
       .values({ organization_id: organizationId, ...values })
       .onConflict((oc) => oc.column('organization_id').doUpdateSet(values))
       .returning(['organization_id', 'stripe_customer_id', 'stripe_subscription_id', 'status', 'updated_at'])
       .executeTakeFirstOrThrow();
+  };
+  try {
+    const row = db.isTransaction ? await link(db) : await db.transaction().execute(link);
     return {
       organizationId: row.organization_id,
       stripeCustomerId: row.stripe_customer_id,
       stripeSubscriptionId: row.stripe_subscription_id,
+      stripeAccount: input.stripeAccount ?? null,
       status: row.status,
       updatedAt: row.updated_at,
     };
   } catch (err) {
+    if (err instanceof CustomerAccountError) throw new AlreadyLinkedError(err.message);
     if (isUniqueViolation(err, 'subscriptions_stripe_customer_id_key')) {
       throw new AlreadyLinkedError(
         `Stripe customer ${input.stripeCustomerId} is already linked to another organization`,
@@ -273,6 +289,7 @@ export async function linkMetronomeSubscription(
     organizationId: row.organization_id,
     stripeCustomerId: row.stripe_customer_id,
     stripeSubscriptionId: row.stripe_subscription_id,
+    stripeAccount: row.stripe_customer_id ? await customerAccount(db, row.stripe_customer_id) : null,
     status: row.status,
     updatedAt: row.updated_at,
   };
@@ -289,6 +306,7 @@ export async function getSubscription(db: Db, organizationId: string): Promise<S
         organizationId: row.organization_id,
         stripeCustomerId: row.stripe_customer_id,
         stripeSubscriptionId: row.stripe_subscription_id,
+        stripeAccount: row.stripe_customer_id ? await customerAccount(db, row.stripe_customer_id) : null,
         status: row.status,
         updatedAt: row.updated_at,
       }

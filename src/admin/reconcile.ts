@@ -3,6 +3,7 @@
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import { z } from 'zod';
+import { customerAccount } from '../billing/connect.js';
 import type { Context } from '../context-type.js';
 import { pgDateOrInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
@@ -234,6 +235,8 @@ export async function stripeTotals(
   customerId: string,
   period: { from: Date; to: Date },
   call: <T>(fn: () => Promise<T>) => Promise<T> = (fn) => fn(),
+  /** Stripe Connect: the connected account the customer is on (null: the platform's). */
+  account: string | null = null,
 ): Promise<StripeTotals> {
   const params = {
     customer: customerId,
@@ -243,7 +246,13 @@ export async function stripeTotals(
   };
   const summarize = async (meterId: string | undefined, formula: 'sum' | 'last'): Promise<number | null> => {
     if (!meterId) return null;
-    const page = await call(() => stripe.billing.meters.listEventSummaries(meterId, params));
+    const page = await call(() =>
+      stripe.billing.meters.listEventSummaries(
+        meterId,
+        params,
+        account ? { stripeAccount: account } : undefined,
+      ),
+    );
     if (page.data.length === 0) return 0;
     // Without value_grouping_window Stripe answers one summary for the whole period.
     if (formula === 'last') return page.data[0]!.aggregated_value;
@@ -314,8 +323,13 @@ export async function reconcile(
       const deliveredByTimestamp = num(row.delivered_by_ts);
       const lastActive = row.last_active === null ? null : Number(row.last_active);
       try {
-        const totals = await stripeTotals(deps.stripe, meters, row.customer_id, period, (fn) =>
-          caller ? caller.call(fn) : fn(),
+        const totals = await stripeTotals(
+          deps.stripe,
+          meters,
+          row.customer_id,
+          period,
+          (fn) => (caller ? caller.call(fn) : fn()),
+          await customerAccount(deps.db, row.customer_id),
         );
         stripeView = {
           readings: totals.readings,

@@ -47,7 +47,10 @@ export function contractMetrics(metrics: Metrics): MiddlewareHandler<AppEnv> {
     await next();
     const webhook = c.get('webhook');
     if (webhook) metrics.webhookEvents.inc(webhook);
-    else if (c.req.method === 'POST' && c.req.path === '/webhooks/stripe')
+    else if (
+      c.req.method === 'POST' &&
+      (c.req.path === '/webhooks/stripe' || c.req.path === '/webhooks/stripe/connect')
+    )
       metrics.webhookEvents.inc({ type: 'unverified', outcome: 'failed' });
   };
 }

@@ -33,36 +33,19 @@ export function webhookRoutes(
   const log = ctx.log.child({ component: 'webhooks' });
   const routes = documentedRoutes('/webhooks');
 
-  routes.route(
-    {
-      method: 'post',
-      path: '/webhooks/stripe',
-      summary:
-        'Stripe webhook receiver. The Stripe-Signature header is verified on the raw body (300 s ' +
-        'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
-        'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
-        '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
-        '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
-        'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
-        'Events meterbox does not act on, and checkouts naming no known ' +
-        'organization, are recorded and acknowledged with 200.',
-      tag: 'billing',
-      security: 'stripeSignature',
-      responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
-    },
-    async (c) => {
+  const receive =
+    (endpoint: 'platform' | 'connect') => async (c: Parameters<Parameters<typeof routes.route>[1]>[0]) => {
       // Each outcome is recorded here, where it is decided; the metrics middleware counts it.
       const decided = (outcome: WebhookOutcome, type = 'unverified') => c.set('webhook', { type, outcome });
       // Until a decision below replaces it: whatever throws unforeseen is a failed delivery.
       decided('failed');
-      const secret = ctx.config.STRIPE_WEBHOOK_SECRET;
+      const [secret, setting] =
+        endpoint === 'connect'
+          ? [ctx.config.STRIPE_CONNECT_WEBHOOK_SECRET, 'STRIPE_CONNECT_WEBHOOK_SECRET']
+          : [ctx.config.STRIPE_WEBHOOK_SECRET, 'STRIPE_WEBHOOK_SECRET'];
       if (!secret) {
         decided('not_configured');
-        throw new AppError(
-          503,
-          'not_configured',
-          'Stripe webhooks are not configured (STRIPE_WEBHOOK_SECRET)',
-        );
+        throw new AppError(503, 'not_configured', `Stripe webhooks are not configured (${setting})`);
       }
       // The signature covers the exact bytes Stripe sent: read them once, verify, only then parse.
       const rawBody = await c.req.text();
@@ -81,6 +64,16 @@ export function webhookRoutes(
           throw new AppError(400, 'bad_request', err.message);
         }
         throw err;
+      }
+      // A Connect endpoint receives connected accounts' events, each naming its account; a
+      // platform event arriving there (a misconfigured endpoint) is not applied as one.
+      if (endpoint === 'connect' && !event.account) {
+        decided('invalid_signature');
+        throw new AppError(
+          400,
+          'bad_request',
+          'a Connect webhook event names its connected account (account)',
+        );
       }
       // Only a verified event names a label value, and a bounded one.
       const type = event.type.length <= 100 ? event.type : 'unknown';
@@ -111,7 +104,42 @@ export function webhookRoutes(
         if (isDatabaseUnavailable(err)) throw err;
         throw new AppError(500, 'internal', 'the event could not be processed; Stripe will retry it');
       }
+    };
+
+  routes.route(
+    {
+      method: 'post',
+      path: '/webhooks/stripe',
+      summary:
+        'Stripe webhook receiver. The Stripe-Signature header is verified on the raw body (300 s ' +
+        'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
+        'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
+        '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
+        '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
+        'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
+        'Events meterbox does not act on, and checkouts naming no known ' +
+        'organization, are recorded and acknowledged with 200.',
+      tag: 'billing',
+      security: 'stripeSignature',
+      responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
     },
+    receive('platform'),
+  );
+
+  routes.route(
+    {
+      method: 'post',
+      path: '/webhooks/stripe/connect',
+      summary:
+        'Stripe Connect webhook receiver: events of connected accounts (each names its `account`), ' +
+        'signed with the Connect endpoint’s own secret (STRIPE_CONNECT_WEBHOOK_SECRET; unset: 503). ' +
+        'Verified and applied exactly once like POST /webhooks/stripe; an event changes only ' +
+        'organizations whose Stripe customer is on that account. 400 also for an event naming no account.',
+      tag: 'billing',
+      security: 'stripeSignature',
+      responses: { 200: { description: 'event recorded (or already recorded)', schema: received } },
+    },
+    receive('connect'),
   );
 
   return routes;

@@ -5,6 +5,7 @@ import { z } from 'zod';
 import type { Clock } from '../clock.js';
 import type { DB, Subscription } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { CustomerAccountError, customerAccount, recordCustomerAccount } from './connect.js';
 import { recordMeterErrorReport } from './meter-error-reports.js';
 import {
   checkoutSessionSchema,
@@ -115,6 +116,11 @@ async function handleSubscriptionOrInvoice(
   const parsed = subscriptionChangeOf(event.type, event.created, event.object);
   if ('ignore' in parsed) return ignored(parsed.ignore);
   const { change } = parsed;
+  // Stripe Connect: an event changes a subscription only from the account its customer is on (a
+  // connected account's event never touches a platform customer's organization, nor the reverse).
+  if (change.customerId && (await customerAccount(trx, change.customerId)) !== (event.account ?? null)) {
+    return ignored(`customer ${change.customerId} is not on the event's account`);
+  }
   let row = await lockRowByStripeIds(trx, change.subscriptionId, change.customerId);
   if (!row && change.source.startsWith('customer.subscription.')) {
     // Integrations may put the organization on the subscription (subscription_data.metadata).
@@ -190,6 +196,17 @@ async function handleCheckoutCompleted(
       'checkout names no known organization; recorded without effect',
     );
     return ignored('unknown organization');
+  }
+  // Stripe Connect: the customer of a connected account's checkout is that account's; a customer
+  // already known on another account (or billed on the platform) is not linked.
+  if (session.customer) {
+    try {
+      await recordCustomerAccount(trx, session.customer, event.account ?? null);
+    } catch (err) {
+      if (!(err instanceof CustomerAccountError)) throw err;
+      log.warn({ eventId: event.id, organizationId, reason: err.message }, 'checkout not linked');
+      return ignored(err.message, organizationId);
+    }
   }
   const result = await linkCheckoutSession(
     trx,

@@ -13,6 +13,7 @@ export const ACCOUNT_KINDS = [
   'stripe-live-v2',
   'stripe-sandbox',
   'stripe-connected',
+  'stripe-connected-sandbox',
   'metronome',
 ] as const;
 export type AccountKind = (typeof ACCOUNT_KINDS)[number];
@@ -66,6 +67,14 @@ export const CEILINGS: Readonly<Record<AccountKind, Ceiling>> = {
     what: 'a connected account (Stripe-Account header): meter events count toward the basic 100 operations/s',
     source: STRIPE_METER_EVENTS,
     raise: 'ask Stripe support to raise the connected account’s limit',
+  },
+  'stripe-connected-sandbox': {
+    kind: 'stripe-connected-sandbox',
+    callsPerSecond: 25,
+    eventsPerSecond: null,
+    what: 'a connected account in a sandbox: meter events count toward the basic 25 operations/s',
+    source: STRIPE_RATE_LIMITS,
+    raise: 'none in a sandbox: test at scale against the emulator, go live with a live key',
   },
   metronome: {
     kind: 'metronome',
@@ -150,16 +159,24 @@ export function stripeBudget(config: StripeBudgetConfig): Budget {
   };
 }
 
-/** A connected account's budget (Stripe Connect): 80 of its 100 operations/s, one event a call. */
-export function connectedAccountBudget(callsPerSecond?: number): Budget {
-  const ceiling = CEILINGS['stripe-connected'];
+/**
+ * A connected account's budget (Stripe Connect): each account has its own row; on a connected account
+ * meter events (v1, adjustments, stream calls) count toward its basic limit, 100 operations/s live and
+ * 25 in a sandbox. STRIPE_CONNECTED_MAX_CALLS_PER_SECOND, or 80% of that; one event a call.
+ */
+export function connectedAccountBudget(
+  config: Pick<Config, 'STRIPE_SECRET_KEY' | 'STRIPE_CONNECTED_MAX_CALLS_PER_SECOND'>,
+): Budget {
+  const live = /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY ?? '');
+  const ceiling = CEILINGS[live ? 'stripe-connected' : 'stripe-connected-sandbox'];
+  const set = config.STRIPE_CONNECTED_MAX_CALLS_PER_SECOND;
   return {
     destination: 'stripe',
-    kind: 'stripe-connected',
+    kind: ceiling.kind,
     ceiling,
-    callsPerSecond: callsPerSecond ?? Math.floor((ceiling.callsPerSecond ?? 0) * DEFAULT_SHARE),
+    callsPerSecond: set ?? Math.floor((ceiling.callsPerSecond ?? 0) * DEFAULT_SHARE),
     eventsPerSecond: null,
-    set: { calls: callsPerSecond !== undefined, events: false },
+    set: { calls: set !== undefined, events: false },
   };
 }
 

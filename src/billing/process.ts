@@ -29,6 +29,7 @@ export async function processStripeEvent(
         stripe_created: event.created,
         livemode: event.livemode,
         payload: event.raw,
+        stripe_account: event.account ?? null,
       })
       .onConflict((oc) => oc.column('event_id').doNothing())
       .returning('event_id')

@@ -34,6 +34,11 @@ export interface VerifiedEvent {
   object: Record<string, unknown>;
   /** The body as received and verified, stored as the event's payload. */
   raw: string;
+  /**
+   * Stripe Connect: the connected account the event happened on (a snapshot event's `account`, a
+   * thin event's `context`); null for the platform's own events.
+   */
+  account?: string | null;
 }
 
 const snapshotEnvelope = z.object({
@@ -42,6 +47,7 @@ const snapshotEnvelope = z.object({
   type: z.string().min(1).max(255),
   created: z.number().int().nonnegative(),
   livemode: z.boolean().optional().default(false),
+  account: z.string().min(1).max(255).nullable().optional(),
   data: z.object({ object: z.record(z.string(), z.unknown()) }),
 });
 
@@ -51,6 +57,7 @@ const thinEnvelope = z.looseObject({
   type: z.string().min(1).max(255),
   created: z.iso.datetime({ offset: true }),
   livemode: z.boolean().optional().default(false),
+  context: z.string().min(1).max(255).nullable().optional(),
 });
 
 function rejectSignature(err: Stripe.errors.StripeSignatureVerificationError): never {
@@ -136,6 +143,7 @@ function verifyWithSecret(
       kind: 'snapshot',
       object: parsed.data.data.object,
       raw: rawBody,
+      account: parsed.data.account ?? null,
     };
   } catch (err) {
     if (err instanceof WebhookRejectedError) throw err;
@@ -184,6 +192,7 @@ function verifyThin(
     kind: 'thin',
     object: parsed.data,
     raw: rawBody,
+    account: parsed.data.context ?? null,
   };
 }
 

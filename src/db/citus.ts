@@ -31,6 +31,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   ['subscriptions', { kind: 'reference' }],
   ['api_keys', { kind: 'reference' }],
   ['stripe_events', { kind: 'reference' }],
+  // Stripe Connect (0055): a customer's account, small, written at link time, read by delivery and webhooks.
+  ['stripe_customer_accounts', { kind: 'reference' }],
   ['meter_error_reports', { kind: 'reference' }],
   ['stripe_poison_events', { kind: 'reference' }],
   // Small, rarely written, joined by ingestion's statement next to subscriptions (a reference table).

@@ -155,6 +155,15 @@ export interface StripeEventsTable {
   livemode: ColumnType<boolean, boolean | undefined, boolean>;
   payload: ColumnType<unknown, string, string>;
   received_at: DefaultTimestamp;
+  /** migrations/0055: the connected account a Connect webhook's event happened on; null: the platform's. */
+  stripe_account: ColumnType<string | null, string | null | undefined, string | null>;
+}
+
+/** migrations/0055: the connected account (acct_…) a Stripe customer belongs to; none: the platform's. */
+export interface StripeCustomerAccountsTable {
+  stripe_customer_id: string;
+  stripe_account: string;
+  created_at: DefaultTimestamp;
 }
 
 /** migrations/0004: Stripe meter error reports, for the operator. */
@@ -303,6 +312,7 @@ export interface DB {
   meter_outbox: MeterOutboxTable;
   usage_corrections: UsageCorrectionsTable;
   stripe_events: StripeEventsTable;
+  stripe_customer_accounts: StripeCustomerAccountsTable;
   idempotency_keys: IdempotencyKeysTable;
   meter_error_reports: MeterErrorReportsTable;
   meter_delivery_keys: MeterDeliveryKeysTable;

@@ -96,6 +96,24 @@ export interface BatchDeps {
    * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
    */
   replication?: ReplicationGuard;
+  /**
+   * Stripe Connect: the connected account of each customer (absent from the map: the platform's).
+   * With `connected`, a batch's Stripe jobs go through on each account's own (never two accounts in
+   * one call). Without them every customer is the platform's.
+   */
+  accountsOf?: (customerIds: readonly string[]) => Promise<ReadonlyMap<string, string>>;
+  /** What a connected account's share of a batch is sent with: its transport, budget and corrections. */
+  connected?: (account: string) => Promise<ConnectedDeps>;
+}
+
+/**
+ * A connected account's share of a batch: the platform's transport and corrections made on the
+ * account, its own budget row's slots and Retry-After, and a 429 slowing that row only. The
+ * platform's destination health is not the account's: its failures are its groups' own.
+ */
+export interface ConnectedDeps extends DestinationDeps {
+  account: string;
+  rateLimited: () => Promise<void>;
 }
 
 /** The slots of a batch whose claim a standby may lack: none granted, the keys run again in a second. */
@@ -146,21 +164,47 @@ export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]
     byDestination.set(d, list);
   }
   const results = await Promise.all(
-    [...byDestination].map(([destination, own]) => {
-      const dest: DestinationDeps | undefined =
-        destination === 'stripe'
-          ? {
-              transport: deps.transport,
-              slots: deps.slots,
-              ...(deps.hold ? { hold: deps.hold } : {}),
-              ...(deps.corrections ? { corrections: deps.corrections } : {}),
-              ...(deps.catalog ? { catalog: deps.catalog } : {}),
-            }
-          : deps.metronome;
-      return deliverDestination(deps, destination, dest, own);
-    }),
+    [...byDestination].map(([destination, own]) =>
+      destination === 'stripe'
+        ? deliverStripe(deps, own)
+        : deliverDestination(deps, destination, deps.metronome, own),
+    ),
   );
   return results.flat();
+}
+
+/**
+ * Stripe's jobs of a batch: the platform's customers', and each connected account's on their own
+ * (Stripe Connect): its calls carry the account, take its budget row's slots, and no call mixes two
+ * accounts.
+ */
+async function deliverStripe(deps: BatchDeps, jobs: readonly DeliveryJob[]): Promise<JobOutcome[]> {
+  const platform: DestinationDeps = {
+    transport: deps.transport,
+    slots: deps.slots,
+    ...(deps.hold ? { hold: deps.hold } : {}),
+    ...(deps.corrections ? { corrections: deps.corrections } : {}),
+    ...(deps.catalog ? { catalog: deps.catalog } : {}),
+  };
+  const { accountsOf, connected } = deps;
+  if (!accountsOf || !connected) return deliverDestination(deps, 'stripe', platform, jobs);
+  const accounts = await accountsOf(jobs.map((job) => job.data.customerId));
+  if (accounts.size === 0) return deliverDestination(deps, 'stripe', platform, jobs);
+  const byAccount = new Map<string, DeliveryJob[]>();
+  for (const job of jobs) {
+    const account = accounts.get(job.data.customerId) ?? '';
+    const list = byAccount.get(account) ?? [];
+    list.push(job);
+    byAccount.set(account, list);
+  }
+  const parts = await Promise.all(
+    [...byAccount].map(async ([account, own]) =>
+      account === ''
+        ? deliverDestination(deps, 'stripe', platform, own)
+        : deliverDestination(deps, 'stripe', await connected(account), own),
+    ),
+  );
+  return parts.flat();
 }
 
 /** One destination's jobs of a batch (dest undefined: the destination is not configured here). */
@@ -173,9 +217,14 @@ async function deliverDestination(
   const config = deps.config;
   const timers = deps.timers ?? hostTimers;
   const transport = dest?.transport ?? UNCONFIGURED;
-  const store =
+  const base =
     deps.store?.(destination) ??
     sqlStore({ db: deps.db, boss: deps.boss, config, distributed: deps.distributed === true, destination });
+  // A connected account: its 429s slow its own budget row, and the platform's health is not its own.
+  const store: DeliveryStore =
+    dest && 'account' in dest
+      ? { ...withoutHealth(base), rateLimited: (dest as ConnectedDeps).rateLimited }
+      : base;
   const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
   const policy = deliveryPolicy(config, transport.kind);
   // Jobs queued before jobs named their organization: their keys' organizations are looked up once.
@@ -397,6 +446,12 @@ async function deliverDestination(
     }
     throw err;
   }
+}
+
+/** The store without the destination's health (a connected account's share of a batch). */
+function withoutHealth(store: DeliveryStore): DeliveryStore {
+  const { health: _health, ...rest } = store;
+  return rest;
 }
 
 /** Fetchers of this process woken at an outage's end (the other processes' poll within a second). */

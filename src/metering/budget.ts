@@ -316,3 +316,22 @@ export function createBudgetedCaller(
     },
   };
 }
+
+/**
+ * Stripe Connect: the budget row of a connected account (migration 0055), created on its first use.
+ * Stripe counts a connected account's meter events toward that account's own basic limit, so each
+ * account has its own row, shared by every worker like the platform's. One statement when it exists.
+ */
+export async function connectedBudgetRow(db: Kysely<DB>, account: string): Promise<number> {
+  const found = await sql<{ id: number }>`
+    SELECT id FROM meter_call_budget WHERE stripe_account = ${account}`.execute(db);
+  if (found.rows[0]) return found.rows[0].id;
+  await sql`
+    INSERT INTO meter_call_budget (id, stripe_account)
+    VALUES (nextval('meter_call_budget_account_ids'), ${account})
+    ON CONFLICT (stripe_account) DO NOTHING`.execute(db);
+  const row = await sql<{ id: number }>`
+    SELECT id FROM meter_call_budget WHERE stripe_account = ${account}`.execute(db);
+  if (!row.rows[0]) throw new Error(`no budget row for connected account ${account}`);
+  return row.rows[0].id;
+}

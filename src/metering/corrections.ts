@@ -29,6 +29,7 @@ import {
   classifyStripeError,
   createStripeMeterClient,
   MAX_IDENTIFIER_LENGTH,
+  requestOptions,
   type SendOutcome,
   STRIPE_PAST_WINDOW_MS,
 } from './stripe-meter.js';
@@ -302,6 +303,15 @@ export interface CorrectionClient {
   ): Promise<SendOutcome>;
 }
 
+/** Stripe Connect: the correction calls made on a connected account (the Stripe-Account header). */
+export function correctionsOnConnectedAccount(client: CorrectionClient, account: string): CorrectionClient {
+  return {
+    cancel: (eventName, identifier, idempotencyKey, options) =>
+      client.cancel(eventName, identifier, idempotencyKey, { ...options, stripeAccount: account }),
+    send: (event, options) => client.send(event, { ...options, stripeAccount: account }),
+  };
+}
+
 /** Stripe refuses to cancel this event (too old, unknown): the usage must be compensated instead. */
 const CANNOT_CANCEL = /24 hours|too old|no (meter )?event|not found|cannot be cancel/i;
 const ALREADY_CANCELLED = /already (been )?cancel/i;
@@ -314,7 +324,7 @@ export function createCorrectionClient(stripe: Stripe): CorrectionClient {
       try {
         await stripe.billing.meterEventAdjustments.create(
           { event_name: eventName, type: 'cancel', cancel: { identifier } },
-          { idempotencyKey, ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}) },
+          { idempotencyKey, ...requestOptions(options) },
         );
         return { kind: 'accepted' };
       } catch (err) {

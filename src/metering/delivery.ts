@@ -6,7 +6,14 @@ import { type Kysely, sql } from 'kysely';
 import type pg from 'pg';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
-import { destinationBudget, eventsPerSecondAt, metronomeBudget, stripeBudget } from '../billing/limits.js';
+import { customerAccounts } from '../billing/connect.js';
+import {
+  connectedAccountBudget,
+  destinationBudget,
+  eventsPerSecondAt,
+  metronomeBudget,
+  stripeBudget,
+} from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import { gatedKysely } from '../db/database.js';
@@ -14,9 +21,13 @@ import { databaseResourceShortage } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type BatchDeps, deliverBatch, renewEveryMs } from './batch.js';
-import { BUDGET_ROW, createSlotDispenser } from './budget.js';
-import { type CorrectionClient, createCorrectionClient } from './corrections.js';
+import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
+import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
+import {
+  type CorrectionClient,
+  correctionsOnConnectedAccount,
+  createCorrectionClient,
+} from './corrections.js';
 import { pendingOrganizations, reapLeases } from './delivery-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
@@ -28,7 +39,7 @@ import { reportReplication } from './replication-report.js';
 import { type KeyRef, keyRef, singletonKeyOf } from './rules.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
-import { createV1Transport, type MeterTransport } from './transport.js';
+import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';
 import { createV2Transport, MAX_STREAM_EVENTS } from './transport-v2.js';
 
 export interface DeliveryWorkerOptions {
@@ -215,6 +226,50 @@ export async function startDelivery(
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
+  // Stripe Connect: a customer's account never changes once it has usage (billing/connect.ts), so
+  // what a job's customer is found to be — a connected account's or the platform's — is kept.
+  const accountOfCustomer = new Map<string, string | null>();
+  const accountsOf = async (customerIds: readonly string[]) => {
+    const missing = [...new Set(customerIds.filter((id) => !accountOfCustomer.has(id)))];
+    if (missing.length > 0) {
+      const found = await customerAccounts(ctx.db, missing);
+      if (accountOfCustomer.size > 100_000) accountOfCustomer.clear();
+      for (const id of missing) accountOfCustomer.set(id, found.get(id) ?? null);
+    }
+    const out = new Map<string, string>();
+    for (const id of customerIds) {
+      const account = accountOfCustomer.get(id);
+      if (account) out.set(id, account);
+    }
+    return out;
+  };
+  const connectedFor = (distributed: boolean) => {
+    const budget = connectedAccountBudget(ctx.config);
+    const accounts = new Map<string, Promise<ConnectedDeps>>();
+    const create = async (account: string): Promise<ConnectedDeps> => {
+      const row = await connectedBudgetRow(ctx.db, account);
+      return {
+        account,
+        transport: onConnectedAccount(transport, account),
+        hold: { until: 0 },
+        // Each connected account its own budget row, shared by every worker like the platform's.
+        slots: createSlotDispenser(ctx.db, budget.callsPerSecond, monotonicNow, distributed, row, null),
+        ...(corrections ? { corrections: correctionsOnConnectedAccount(corrections, account) } : {}),
+        ...(stripeCatalog ? { catalog: stripeCatalog } : {}),
+        rateLimited: () => recordRateLimited(ctx.db, budget.callsPerSecond, distributed, row),
+      };
+    };
+    return (account: string) => {
+      let deps = accounts.get(account);
+      if (!deps) {
+        deps = create(account);
+        // A failed look-up is not kept: the next batch asks again.
+        deps.catch(() => accounts.delete(account));
+        accounts.set(account, deps);
+      }
+      return deps;
+    };
+  };
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     boss: ctx.boss,
@@ -234,6 +289,7 @@ export async function startDelivery(
     log,
     distributed,
     replication,
+    ...(stripeTransport ? { accountsOf, connected: connectedFor(distributed) } : {}),
     ...(corrections ? { corrections } : {}),
     ...(options.observer ? { observer: options.observer } : {}),
     ...(stripeCatalog ? { catalog: stripeCatalog } : {}),

@@ -12,6 +12,7 @@
 import type Metronome from '@metronome/sdk';
 import type { Kysely } from 'kysely';
 import type Stripe from 'stripe';
+import { customerAccount } from '../billing/connect.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { BUDGET_ROW, type BudgetedCaller, recordRateLimited } from './budget.js';
 import {
@@ -100,6 +101,13 @@ export function stripeTotals(
     if (!id) throw new NotAskable(`no active Stripe meter is known for ${eventName}`);
     return id;
   };
+  // Stripe Connect: a connected account's customer is summarized on that account (Stripe-Account).
+  const accounts = new Map<string, string | null>();
+  const on = async (customerId: string): Promise<Stripe.RequestOptions | undefined> => {
+    if (!accounts.has(customerId)) accounts.set(customerId, await customerAccount(deps.db, customerId));
+    const account = accounts.get(customerId);
+    return account ? { stripeAccount: account } : undefined;
+  };
   return {
     destination: 'stripe',
     windowMs: MINUTE_MS,
@@ -115,17 +123,22 @@ export function stripeTotals(
         // One call per customer and meter: the lookback (at most 35 days: 840 hourly summaries) is
         // read in pages of 100, each page its own budgeted call.
         const values = new Map<number, number>();
+        const options = await on(customerId);
         let startingAfter: string | undefined;
         for (;;) {
           const page = await budgeted(call, () =>
-            stripe.billing.meters.listEventSummaries(id, {
-              customer: customerId,
-              start_time: Math.floor(from.getTime() / 1000),
-              end_time: Math.floor(to.getTime() / 1000),
-              value_grouping_window: 'hour',
-              limit: 100,
-              ...(startingAfter ? { starting_after: startingAfter } : {}),
-            }),
+            stripe.billing.meters.listEventSummaries(
+              id,
+              {
+                customer: customerId,
+                start_time: Math.floor(from.getTime() / 1000),
+                end_time: Math.floor(to.getTime() / 1000),
+                value_grouping_window: 'hour',
+                limit: 100,
+                ...(startingAfter ? { starting_after: startingAfter } : {}),
+              },
+              options,
+            ),
           );
           for (const s of page.data) values.set(s.start_time * 1000, s.aggregated_value);
           const last = page.data.at(-1);
@@ -139,13 +152,13 @@ export function stripeTotals(
     async window(customerId, meter, from) {
       const id = meterOf(meter);
       const start = Math.floor(from.getTime() / MINUTE_MS) * 60;
+      const options = await on(customerId);
       const page = await budgeted(call, () =>
-        stripe.billing.meters.listEventSummaries(id, {
-          customer: customerId,
-          start_time: start,
-          end_time: start + 60,
-          limit: 1,
-        }),
+        stripe.billing.meters.listEventSummaries(
+          id,
+          { customer: customerId, start_time: start, end_time: start + 60, limit: 1 },
+          options,
+        ),
       );
       return page.data[0]?.aggregated_value ?? 0;
     },

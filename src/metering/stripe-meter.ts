@@ -45,6 +45,20 @@ export type SendOutcome = (
 /** Per call: the call is abandoned (a `timeout` outcome) after this long; bounded by the key's lease. */
 export interface CallOptions {
   timeoutMs?: number;
+  /**
+   * Stripe Connect: the connected account (acct_…) the call is made on — the Stripe-Account header
+   * (v1 calls), the meter event session's Stripe-Context (v2). Absent: the platform account.
+   */
+  stripeAccount?: string;
+}
+
+/** The Stripe SDK's request options of a call: its timeout and its connected account. */
+export function requestOptions(options: CallOptions): Stripe.RequestOptions | undefined {
+  if (!options.timeoutMs && !options.stripeAccount) return undefined;
+  return {
+    ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
+    ...(options.stripeAccount ? { stripeAccount: options.stripeAccount } : {}),
+  };
 }
 
 export interface StripeMeterClient {
@@ -152,7 +166,7 @@ export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
           timestamp: Math.floor(event.timestamp.getTime() / 1000),
           payload: { stripe_customer_id: event.customerId, value: event.value },
         },
-        options.timeoutMs ? { timeout: options.timeoutMs } : undefined,
+        requestOptions(options),
       );
       return { kind: 'accepted' };
     } catch (err) {

@@ -43,24 +43,35 @@ function isSessionExpired(err: unknown): boolean {
 export function createV2Transport(stripe: Stripe, options: V2TransportOptions = {}): MeterTransport {
   const now = options.now ?? Date.now;
   const renewBeforeMs = options.renewBeforeMs ?? SESSION_RENEW_BEFORE_MS;
-  let session: Session | undefined;
-  // One session request at a time: concurrent calls share the pending one.
-  let creating: Promise<Session> | undefined;
+  // One session per account ('' the platform's; Stripe Connect: a connected account's session is
+  // created in its context, Stripe-Context, and sends that account's events).
+  const sessions = new Map<string, Session>();
+  // One session request at a time per account: concurrent calls share the pending one.
+  const creating = new Map<string, Promise<Session>>();
 
-  const newSession = (): Promise<Session> => {
-    creating ??= stripe.v2.billing.meterEventSession
-      .create()
-      .then((s) => {
-        session = { token: s.authentication_token, expiresAt: Date.parse(s.expires_at) };
-        return session;
-      })
-      .finally(() => {
-        creating = undefined;
-      });
-    return creating;
+  const newSession = (account: string): Promise<Session> => {
+    let pending = creating.get(account);
+    if (!pending) {
+      pending = stripe.v2.billing.meterEventSession
+        .create({}, account ? { stripeContext: account } : undefined)
+        .then((s) => {
+          const session = { token: s.authentication_token, expiresAt: Date.parse(s.expires_at) };
+          sessions.set(account, session);
+          return session;
+        })
+        .finally(() => {
+          creating.delete(account);
+        });
+      creating.set(account, pending);
+    }
+    return pending;
   };
-  const currentSession = (): Promise<Session> =>
-    session && session.expiresAt - now() > renewBeforeMs ? Promise.resolve(session) : newSession();
+  const currentSession = (account: string): Promise<Session> => {
+    const session = sessions.get(account);
+    return session && session.expiresAt - now() > renewBeforeMs
+      ? Promise.resolve(session)
+      : newSession(account);
+  };
 
   return {
     kind: 'v2',
@@ -87,7 +98,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
       // caller's timeout (a part not sent in time is retried by its keys). At most 2·log2(100) ≈ 14
       // extra calls per refused event, off the call budget (Stripe's stream allows 10,000 calls/s).
       const send = async (part: readonly MeterEventInput[]): Promise<SendOutcome[]> => {
-        const refused = await streamCall(part, left());
+        const refused = await streamCall(part, left(), options.stripeAccount ?? '');
         if (!refused) return part.map(() => ({ kind: 'accepted' }));
         const split =
           part.length > 1 &&
@@ -116,6 +127,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
   async function streamCall(
     events: readonly MeterEventInput[],
     timeoutMs: number | undefined,
+    account: string,
   ): Promise<Exclude<SendOutcome, { kind: 'accepted' }> | null> {
     const params = {
       events: events.map((e) => ({
@@ -129,7 +141,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
     for (let attempt = 0; ; attempt++) {
       let token: string;
       try {
-        token = (await currentSession()).token;
+        token = (await currentSession(account)).token;
       } catch (err) {
         return classifyStripeError(err);
       }
@@ -143,7 +155,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
         if (isSessionExpired(err)) {
           // Expired earlier than its expires_at said (skew): forget it and resend once; a second
           // expiry in a row is transient too (the events are resent by their keys' next jobs).
-          if (session?.token === token) session = undefined;
+          if (sessions.get(account)?.token === token) sessions.delete(account);
           if (attempt === 0) continue;
           return { kind: 'retryable', reason: 'session_expired', message: String(err), status: 401 };
         }

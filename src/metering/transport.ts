@@ -32,3 +32,12 @@ export function createV1Transport(stripe: Stripe): MeterTransport {
     send: (events, options) => Promise.all(events.map((event) => client.send(event, options))),
   };
 }
+
+/** Stripe Connect: the transport's calls made on a connected account (Stripe-Account / Stripe-Context). */
+export function onConnectedAccount(transport: MeterTransport, account: string): MeterTransport {
+  return {
+    kind: transport.kind,
+    maxEventsPerCall: transport.maxEventsPerCall,
+    send: (events, options) => transport.send(events, { ...options, stripeAccount: account }),
+  };
+}

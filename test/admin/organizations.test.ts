@@ -231,6 +231,73 @@ describe('PUT /admin/organizations/:id/subscription', () => {
   });
 });
 
+describe('Stripe Connect: a link naming a connected account', () => {
+  it('records the account of the customer, answers it back, and never moves the customer to another', async ({
+    ctx,
+    admin,
+    createOrg,
+  }) => {
+    const a = await createOrg();
+    const b = await createOrg();
+    const link = (id: string, body: unknown) => admin('PUT', `/admin/organizations/${id}/subscription`, body);
+    const res = await link(a.organization.id, {
+      stripeCustomerId: 'cus_OnConnected',
+      stripeAccount: 'acct_1AdminConnect',
+      status: 'active',
+    });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toMatchObject({
+      stripeCustomerId: 'cus_OnConnected',
+      stripeAccount: 'acct_1AdminConnect',
+    });
+    const { stripe_account } = await ctx.db
+      .selectFrom('stripe_customer_accounts')
+      .select('stripe_account')
+      .where('stripe_customer_id', '=', 'cus_OnConnected')
+      .executeTakeFirstOrThrow();
+    expect(stripe_account).toBe('acct_1AdminConnect');
+    // The same customer on another account, or on the platform: refused, nothing changed.
+    for (const stripeAccount of ['acct_1Other', null]) {
+      const moved = await link(a.organization.id, {
+        stripeCustomerId: 'cus_OnConnected',
+        stripeAccount,
+        status: 'active',
+      });
+      expect(moved.status).toBe(409);
+    }
+    expect(
+      (
+        await link(b.organization.id, {
+          stripeCustomerId: 'cus_B2',
+          stripeAccount: 'cus_not_acct',
+          status: 'active',
+        })
+      ).status,
+    ).toBe(422);
+    // A platform link answers no account.
+    const platform = await link(b.organization.id, { stripeCustomerId: 'cus_OnPlatform', status: 'active' });
+    expect(await platform.json()).toMatchObject({ stripeAccount: null });
+  });
+
+  it('links on a connected account from the command line', async ({ ctx, run, output }) => {
+    const org = await createOrganization(ctx.db, { billable: false });
+    expect(
+      await run('org link', {
+        organization: org.organizationId,
+        customer: 'cus_CliConnected',
+        account: 'acct_1CliConnect',
+        status: 'active',
+      }),
+    ).toBe(0);
+    expect(output.join('\n')).toContain(
+      `organization ${org.organizationId} linked to cus_CliConnected on connected account acct_1CliConnect (active)`,
+    );
+    expect(
+      await run('org link', { organization: org.organizationId, customer: 'cus_X', account: 'nope' }),
+    ).toBe(2);
+  });
+});
+
 describe('a customer billed for one organization at a time', () => {
   it('refuses (409) to link a customer whose usage of another organization is still pending, and links it once that usage is delivered', async ({
     ctx,

@@ -73,14 +73,27 @@ describe('the budget in calls and events', () => {
       ),
     ).toMatchObject({ eventsPerSecond: 9_000, set: { calls: false, events: true } });
     expect(metronomeBudget(loadConfig({}))).toMatchObject({ callsPerSecond: 100, eventsPerSecond: 4_000 });
-    expect(connectedAccountBudget()).toMatchObject({ kind: 'stripe-connected', callsPerSecond: 80 });
+    expect(connectedAccountBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toMatchObject({
+      kind: 'stripe-connected',
+      callsPerSecond: 80,
+    });
+    expect(connectedAccountBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toMatchObject({
+      kind: 'stripe-connected-sandbox',
+      callsPerSecond: 20,
+    });
+    expect(
+      connectedAccountBudget(
+        loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x', STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: '50' }),
+      ),
+    ).toMatchObject({ callsPerSecond: 50, set: { calls: true } });
     // Every default stays inside its published ceiling.
     for (const budget of [
       stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' })),
       stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' })),
       stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x', DELIVERY_TRANSPORT: 'v2' })),
       metronomeBudget(loadConfig({})),
-      connectedAccountBudget(),
+      connectedAccountBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' })),
+      connectedAccountBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' })),
     ]) {
       if (budget.ceiling.callsPerSecond !== null)
         expect(budget.callsPerSecond).toBeLessThanOrEqual(budget.ceiling.callsPerSecond);

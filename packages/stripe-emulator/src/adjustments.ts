@@ -19,6 +19,8 @@ export function cancelMeterEvent(
   state: EmulatorState,
   form: Record<string, unknown>,
   now: number,
+  /** The connected account the cancel is made on: only its own events (undefined: the platform's). */
+  account?: string,
 ): { ok: true; body: Record<string, unknown> } | { ok: false; error: StripeApiError } {
   const eventName = form.event_name;
   if (typeof eventName !== 'string' || eventName === '') {
@@ -57,7 +59,7 @@ export function cancelMeterEvent(
   let event: (typeof state.events)[number] | undefined;
   for (let i = state.events.length - 1; i >= 0 && !event; i--) {
     const e = state.events[i];
-    if (e && e.identifier === identifier && e.event_name === eventName) event = e;
+    if (e && e.identifier === identifier && e.event_name === eventName && e.account === account) event = e;
   }
   if (!event) {
     return {

@@ -29,6 +29,26 @@ export function bearerToken(header: string | undefined): string | undefined {
   return undefined;
 }
 
+const ACCOUNT_PATTERN = /^acct_\w+$/;
+
+/**
+ * The connected account a request acts on: the Stripe-Account header (v1), or Stripe-Context (v2
+ * endpoints, and accepted on v1 as the SDK sends either); undefined for the platform itself.
+ */
+export function connectedAccount(c: Ctx): string | undefined {
+  const value = (c.req.header('stripe-account') ?? c.req.header('stripe-context'))?.trim();
+  if (!value) return undefined;
+  if (!ACCOUNT_PATTERN.test(value)) {
+    throw new StripeApiError(
+      400,
+      'invalid_request_error',
+      `The provided account '${value}' is not a connected account id (acct_…).`,
+      'account_invalid',
+    );
+  }
+  return value;
+}
+
 export interface Auth {
   key: string;
   livemode: boolean;

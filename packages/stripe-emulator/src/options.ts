@@ -14,6 +14,12 @@ export const STREAM_RATE_PER_SECOND = 10_000;
  * counts each stream call toward its 25 operations/s instead (recording-usage-api, Rate limits).
  */
 export const STREAM_EVENTS_PER_SECOND = 10_000;
+/**
+ * Stripe: on a connected account (the Stripe-Account header) meter events count toward the basic
+ * limit, 100 operations/s per account in live mode and 25 in a sandbox (recording-usage-api, Rate
+ * limits; docs.stripe.com/rate-limits).
+ */
+export const CONNECTED_RATE_PER_SECOND = 100;
 export const SESSION_TTL_MS = 15 * 60 * 1000;
 export const MAX_STREAM_EVENTS = 100;
 
@@ -31,6 +37,11 @@ export interface StripeEmulatorOptions {
   sandbox?: boolean;
   /** Account-wide meter-event calls per second (v1 endpoint). Default 1,000 (25 with sandbox). */
   ratePerSecond?: number;
+  /**
+   * Meter-event calls per second per connected account (v1 events and adjustments with Stripe-Account,
+   * stream calls of a session made with Stripe-Context). Default 100 (25 with sandbox).
+   */
+  connectedRatePerSecond?: number;
   /** Calls per second on the v2 stream. Default 10,000 (25 with sandbox, a sandbox's limit). */
   streamRatePerSecond?: number;
   /** Events per second on the v2 stream. Default 10,000 in live mode; none with sandbox (calls count). */
@@ -66,12 +77,16 @@ export interface StripeEmulatorOptions {
 
 export interface EventFilter {
   customer?: string;
+  /** Events of this connected account only; `platform`: the platform's own only. */
+  account?: string;
   event_name?: string;
   via?: Via;
 }
 
 export interface CreateCustomerInput {
   id?: string;
+  /** A connected account's customer (acct_…): seen only through that account. */
+  account?: string;
   email?: string;
   name?: string;
   description?: string;

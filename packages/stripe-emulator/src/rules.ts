@@ -23,6 +23,8 @@ export interface RuleContext {
   now: number;
   via: Via;
   strictCustomers: boolean;
+  /** The connected account the call is made on (acct_…); absent: the platform. */
+  account?: string | undefined;
   /** The v1 parameter path prefix for error `param`s (v2 names fields inside events[i]). */
   paramPrefix?: string;
 }
@@ -139,7 +141,10 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
       ),
     );
   }
-  if (ctx.strictCustomers && !ctx.state.customers.has(customer)) {
+  // A customer is its account's own: another account's (a connected account's, or the platform's
+  // seen from a connected account) does not exist here, as at Stripe.
+  const known = ctx.state.customers.has(customer);
+  if ((ctx.strictCustomers && !known) || (known && ctx.state.accountOfCustomer(customer) !== ctx.account)) {
     return fail(noSuchCustomer(customer, p(`payload[${customerKey}]`)));
   }
   const valueKey = meter.value_payload_key;
@@ -163,7 +168,7 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
     );
   }
 
-  if (ctx.state.isDuplicate(identifier, ctx.now, IDENTIFIER_WINDOW_MS)) {
+  if (ctx.state.isDuplicate(identifier, ctx.now, IDENTIFIER_WINDOW_MS, ctx.account)) {
     return fail(
       new StripeApiError(
         400,
@@ -189,6 +194,7 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
       receivedAt: ctx.now,
       via: ctx.via,
       payload,
+      ...(ctx.account ? { account: ctx.account } : {}),
     },
   };
 }

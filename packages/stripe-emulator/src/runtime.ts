@@ -9,6 +9,7 @@ import type { Permission } from './http.js';
 import { IdempotencyStore } from './idempotency.js';
 import { RateLimiter } from './limits.js';
 import {
+  CONNECTED_RATE_PER_SECOND,
   type CreateCustomerInput,
   type EmulatorLogEntry,
   type EventFilter,
@@ -41,13 +42,15 @@ export interface Runtime {
   /** Account-wide limit of v1 meter-event (and adjustment) calls. */
   limiter: RateLimiter;
   streamLimiter: RateLimiter;
+  /** Each connected account's own limit (created on its first call): meter events count toward its basic limit. */
+  accountLimiter(account: string): RateLimiter;
   /** The stream's events per second (live mode). */
   streamEventLimiter: RateLimiter;
   concurrencyLimit: number;
   strictCustomers: boolean;
   restrictedKeys: Readonly<Record<string, readonly Permission[]>>;
   sessionTtlMs: number;
-  sessions: Map<string, { id: string; expiresAt: number; livemode: boolean }>;
+  sessions: Map<string, { id: string; expiresAt: number; livemode: boolean; account?: string }>;
   errorReports: ErrorReporter;
   /** Pending sleeps and hangs, woken early by stop() so it never waits on an injected delay. */
   wakers: Set<() => void>;
@@ -79,6 +82,17 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
     options.streamEventsPerSecond ?? (options.sandbox ? Number.POSITIVE_INFINITY : STREAM_EVENTS_PER_SECOND),
   );
   const sessions: Runtime['sessions'] = new Map();
+  const accountLimiters = new Map<string, RateLimiter>();
+  const connectedRate =
+    options.connectedRatePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : CONNECTED_RATE_PER_SECOND);
+  const accountLimiter = (account: string) => {
+    let l = accountLimiters.get(account);
+    if (!l) {
+      l = new RateLimiter(connectedRate);
+      accountLimiters.set(account, l);
+    }
+    return l;
+  };
   let stopped = false;
   const errorReports = createErrorReporter({
     clock,
@@ -139,6 +153,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
       livemode,
     });
     state.customers.set(id, customer);
+    if (input.account) state.customerAccounts.set(id, input.account);
     changed();
     return customer;
   };
@@ -151,6 +166,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
     idempotency,
     limiter,
     streamLimiter,
+    accountLimiter,
     streamEventLimiter,
     concurrencyLimit: options.concurrencyPerCustomerMeter ?? 1,
     strictCustomers: options.strictCustomers ?? false,
@@ -171,7 +187,8 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
         (e) =>
           (!filter.customer || e.customer === filter.customer) &&
           (!filter.event_name || e.event_name === filter.event_name) &&
-          (!filter.via || e.via === filter.via),
+          (!filter.via || e.via === filter.via) &&
+          (!filter.account || (e.account ?? 'platform') === filter.account),
       ),
     filterTotals: (filter = {}) =>
       [...state.totals.values()]
@@ -189,6 +206,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
       limiter.clear();
       streamLimiter.clear();
       streamEventLimiter.clear();
+      accountLimiters.clear();
       changed();
     },
   };

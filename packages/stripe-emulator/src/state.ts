@@ -145,6 +145,8 @@ export interface RecordedEvent {
   receivedAt: number;
   via: Via;
   payload: Record<string, string>;
+  /** The connected account (acct_…) the event was sent on (Stripe-Account, or the v2 session's context); absent: the platform. */
+  account?: string;
   /** Set when a meter event adjustment cancelled the event (ms, emulator clock): out of the totals. */
   cancelledAt?: number;
 }
@@ -284,11 +286,18 @@ export interface PersistedState {
   eventDestinations?: EventDestination[];
   events: RecordedEvent[];
   counters: Counters;
+  /** Customers created on a connected account (customer id → acct_…); absent: the platform's. */
+  customerAccounts?: Record<string, string>;
 }
+
+/** Stripe ids (identifiers, customers) are an account's own: the key of one within its account. */
+export const inAccount = (account: string | undefined, id: string) => `${account ?? ''}\u0000${id}`;
 
 export class EmulatorState {
   readonly meters: Map<string, Meter>;
   readonly customers = new Map<string, Customer>();
+  /** Customers created on a connected account (Stripe-Account header): customer id → acct_…. */
+  readonly customerAccounts = new Map<string, string>();
   readonly webhookEndpoints = new Map<string, WebhookEndpoint>();
   readonly eventDestinations = new Map<string, EventDestination>();
   events: RecordedEvent[] = [];
@@ -319,7 +328,7 @@ export class EmulatorState {
 
   record(event: RecordedEvent): void {
     this.events.push(event);
-    this.identifiers.set(event.identifier, event.receivedAt);
+    this.identifiers.set(inAccount(event.account, event.identifier), event.receivedAt);
     this.addToTotals(event);
   }
 
@@ -356,11 +365,13 @@ export class EmulatorState {
     for (const e of this.events) if (key(e.customer, e.event_name) === k) this.addToTotals(e);
   }
 
-  isDuplicate(identifier: string, now: number, windowMs: number): boolean {
-    const at = this.identifiers.get(identifier);
+  /** A repeated identifier within the window, on the same account (each account has its own). */
+  isDuplicate(identifier: string, now: number, windowMs: number, account?: string): boolean {
+    const k = inAccount(account, identifier);
+    const at = this.identifiers.get(k);
     if (at === undefined) return false;
     if (now - at < windowMs) return true;
-    this.identifiers.delete(identifier);
+    this.identifiers.delete(k);
     return false;
   }
 
@@ -405,7 +416,15 @@ export class EmulatorState {
     this.counters = zeroCounters();
     this.attempts.clear();
     this.peaks.clear();
-    if (options.customers) this.customers.clear();
+    if (options.customers) {
+      this.customers.clear();
+      this.customerAccounts.clear();
+    }
+  }
+
+  /** The account a customer belongs to: undefined for the platform's (or an unknown customer). */
+  accountOfCustomer(customer: string): string | undefined {
+    return this.customerAccounts.get(customer);
   }
 
   toJSON(): PersistedState {
@@ -417,12 +436,14 @@ export class EmulatorState {
       eventDestinations: [...this.eventDestinations.values()],
       events: this.events,
       counters: this.counters,
+      customerAccounts: Object.fromEntries(this.customerAccounts),
     };
   }
 
   load(data: PersistedState): void {
     this.reset({ customers: true });
     for (const c of data.customers) this.customers.set(c.id, toCustomer(c));
+    for (const [c, a] of Object.entries(data.customerAccounts ?? {})) this.customerAccounts.set(c, a);
     if (data.meters) {
       this.meters.clear();
       for (const m of data.meters) this.meters.set(m.id, m);

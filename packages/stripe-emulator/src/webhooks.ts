@@ -30,6 +30,8 @@ export interface StripeEvent<T = Record<string, unknown>> {
   pending_webhooks: number;
   request: { id: string | null; idempotency_key: string | null };
   type: string;
+  /** Stripe Connect: the connected account the event happened on (sent to Connect endpoints). */
+  account?: string;
 }
 
 export interface BuildEventOptions {
@@ -39,6 +41,8 @@ export interface BuildEventOptions {
   livemode?: boolean;
   apiVersion?: string;
   previousAttributes?: Record<string, unknown>;
+  /** Stripe Connect: a connected account's event carries its `account`. */
+  account?: string;
 }
 
 /** A v1 "snapshot" event: the object as it was when the event happened. */
@@ -50,6 +54,7 @@ export function buildEvent<T extends object>(
   return {
     id: options.id ?? stripeId('evt', 24),
     object: 'event',
+    ...(options.account ? { account: options.account } : {}),
     api_version: options.apiVersion ?? WEBHOOK_API_VERSION,
     created: options.created ?? nowSeconds(),
     data: options.previousAttributes

@@ -4,14 +4,15 @@ import { cancelMeterEvent } from '../adjustments.js';
 import { StripeApiError } from '../errors.js';
 import { replay } from '../fault-answers.js';
 import { parseForm } from '../form.js';
-import { type App, json, requireSecretKey } from '../http.js';
+import { type App, connectedAccount, json, requireSecretKey } from '../http.js';
 import type { SavedResponse } from '../idempotency.js';
 import type { Runtime } from '../runtime.js';
 
 export function registerAdjustmentRoutes(app: App, rt: Runtime): void {
   app.post('/v1/billing/meter_event_adjustments', async (c) => {
     const auth = requireSecretKey(c);
-    if (!rt.limiter.take(rt.clock())) {
+    const account = connectedAccount(c);
+    if (account ? !rt.accountLimiter(account).take(rt.clock()) : !rt.limiter.take(rt.clock())) {
       return json(c, 429, new StripeApiError(429, 'rate_limit', 'Too many requests').body());
     }
     const raw = await c.req.text();
@@ -24,7 +25,7 @@ export function registerAdjustmentRoutes(app: App, rt: Runtime): void {
     );
     if (idem.kind === 'replay') return replay(rt, c, idem.response);
     try {
-      const result = cancelMeterEvent(rt.state, parseForm(raw), rt.clock());
+      const result = cancelMeterEvent(rt.state, parseForm(raw), rt.clock(), account);
       const response: SavedResponse = result.ok
         ? { status: 200, body: { ...result.body, livemode: auth.livemode }, headers: {} }
         : { status: result.error.status, body: result.error.body(), headers: {} };

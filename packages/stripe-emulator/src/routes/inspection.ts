@@ -11,6 +11,7 @@ export function registerInspectionRoutes(control: Hono, rt: Runtime): void {
     customer: z.string().optional(),
     event_name: z.string().optional(),
     via: z.enum(['v1', 'v2']).optional(),
+    account: z.string().optional(),
   });
   control.get('/events', (c) => {
     const filter = eventFilterSchema.safeParse(c.req.query());
@@ -28,6 +29,10 @@ export function registerInspectionRoutes(control: Hono, rt: Runtime): void {
         id: z
           .string()
           .regex(/^cus_\w+$/)
+          .optional(),
+        account: z
+          .string()
+          .regex(/^acct_\w+$/)
           .optional(),
         email: z.string().optional(),
         name: z.string().optional(),

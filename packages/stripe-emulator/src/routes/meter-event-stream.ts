@@ -6,6 +6,7 @@ import { postFault, preFault, replay } from '../fault-answers.js';
 import {
   type App,
   bearerToken,
+  connectedAccount,
   fail,
   iso,
   json,
@@ -25,12 +26,15 @@ const v2Invalid = (message: string, param?: string) =>
 export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
   app.post('/v2/billing/meter_event_session', async (c) => {
     const auth = requireSecretKey(c);
+    // A session made in a connected account's context (Stripe-Context) sends that account's events.
+    const account = connectedAccount(c);
     const now = rt.clock();
     const session = {
       id: stripeId('mes_emu', 24),
       token: stripeId('mets_emu', 32),
       expiresAt: now + rt.sessionTtlMs,
       livemode: auth.livemode,
+      ...(account ? { account } : {}),
     };
     rt.sessions.set(session.token, session);
     return json(c, 200, {
@@ -64,9 +68,11 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
         'temporary_session_expired',
       );
     }
-    if (!rt.streamLimiter.take(rt.clock())) {
+    // A connected account's stream calls count toward its own basic limit.
+    const account = session.account;
+    if (account ? !rt.accountLimiter(account).take(rt.clock()) : !rt.streamLimiter.take(rt.clock())) {
       rt.state.counters.rateLimited += 1;
-      return fail(c, rateLimited('endpoint-rate'));
+      return fail(c, rateLimited(account ? 'global-rate' : 'endpoint-rate'));
     }
     const raw = await c.req.text();
     let body: unknown;
@@ -128,6 +134,7 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
           now,
           via: 'v2',
           strictCustomers: rt.strictCustomers,
+          account,
         });
         if (result.ok) {
           if (rt.faults.takeDrop()) {

@@ -4,7 +4,7 @@
 import { internalError, rateLimited } from '../errors.js';
 import { postFault, preFault, replay } from '../fault-answers.js';
 import { parseForm } from '../form.js';
-import { type App, type Auth, fail, requireSecretKey } from '../http.js';
+import { type App, type Auth, connectedAccount, fail, requireSecretKey } from '../http.js';
 import type { SavedResponse } from '../idempotency.js';
 import { checkMeterEvent, type RawMeterEvent } from '../rules.js';
 import type { Runtime } from '../runtime.js';
@@ -19,9 +19,12 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
       rt.state.counters.unauthorized += 1;
       throw err;
     }
-    if (!rt.limiter.take(rt.clock())) {
+    // On a connected account meter events count toward that account's basic limit (100/s live,
+    // 25/s in a sandbox), not the platform's meter-event limit.
+    const account = connectedAccount(c);
+    if (account ? !rt.accountLimiter(account).take(rt.clock()) : !rt.limiter.take(rt.clock())) {
       rt.state.counters.rateLimited += 1;
-      return fail(c, rateLimited('endpoint-rate'));
+      return fail(c, rateLimited(account ? 'global-rate' : 'endpoint-rate'));
     }
     const raw = await c.req.text();
     const form = parseForm(raw);
@@ -64,6 +67,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
         now: rt.clock(),
         via: 'v1',
         strictCustomers: rt.strictCustomers,
+        account,
       });
       if (!result.ok && result.asynchronous) {
         // Stripe answers 200 and rejects the event in an error report later (no usage recorded).
@@ -97,7 +101,11 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
       rt.state.record(result.event);
       rt.state.counters.accepted += 1;
       rt.changed();
-      rt.log('debug', 'meter event accepted', { identifier: result.event.identifier, via: 'v1' });
+      rt.log('debug', 'meter event accepted', {
+        identifier: result.event.identifier,
+        via: 'v1',
+        ...(account ? { account } : {}),
+      });
       const e = result.event;
       const body = {
         object: 'billing.meter_event',

@@ -5,7 +5,7 @@
 import { StripeApiError } from '../errors.js';
 import { replay } from '../fault-answers.js';
 import { type FormObject, parseForm } from '../form.js';
-import { type App, json, requirePermission } from '../http.js';
+import { type App, connectedAccount, json, requirePermission } from '../http.js';
 import type { Runtime } from '../runtime.js';
 import { type Formula, type Meter, stripeId } from '../state.js';
 import { summarize } from '../summaries.js';
@@ -215,7 +215,10 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_read');
     const meter = findMeter(c.req.param('id'));
     const query = parseForm(new URL(c.req.url).search.slice(1));
-    const page = summarize(rt.state.events, meter, query, auth.livemode);
+    // Summaries are an account's own: a connected account's (Stripe-Account) or the platform's events.
+    const account = connectedAccount(c);
+    const events = rt.state.events.filter((e) => e.account === account);
+    const page = summarize(events, meter, query, auth.livemode);
     return json(c, 200, { ...page, url: `/v1/billing/meters/${meter.id}/event_summaries` });
   });
 }

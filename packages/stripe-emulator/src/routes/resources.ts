@@ -2,12 +2,13 @@
 import { StripeApiError } from '../errors.js';
 import { replay } from '../fault-answers.js';
 import { parseForm } from '../form.js';
-import { type App, json, requirePermission } from '../http.js';
+import { type App, connectedAccount, json, requirePermission } from '../http.js';
 import type { Runtime } from '../runtime.js';
 
 export function registerResourceRoutes(app: App, rt: Runtime): void {
   app.post('/v1/customers', async (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_customer_write');
+    const account = connectedAccount(c);
     const raw = await c.req.text();
     const idem = rt.idempotency.begin(
       auth.key,
@@ -24,7 +25,13 @@ export function registerResourceRoutes(app: App, rt: Runtime): void {
       for (const [k, v] of Object.entries(form.metadata)) if (typeof v === 'string') metadata[k] = v;
     }
     const customer = rt.createCustomer(
-      { email: str(form.email), name: str(form.name), description: str(form.description), metadata },
+      {
+        email: str(form.email),
+        name: str(form.name),
+        description: str(form.description),
+        metadata,
+        ...(account ? { account } : {}),
+      },
       auth.livemode,
     );
     // A customer created on a test clock: its subscriptions' periods follow that clock (routes/billing.ts).
@@ -41,7 +48,8 @@ export function registerResourceRoutes(app: App, rt: Runtime): void {
     requirePermission(c, rt.restrictedKeys, 'rak_customer_read');
     const id = c.req.param('id');
     const customer = rt.state.customers.get(id);
-    if (!customer) {
+    // A customer is seen only through its own account (Stripe-Account).
+    if (!customer || rt.state.accountOfCustomer(id) !== connectedAccount(c)) {
       throw new StripeApiError(
         404,
         'invalid_request_error',

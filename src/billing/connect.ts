@@ -1,0 +1,83 @@
+// Stripe Connect: which account a Stripe customer belongs to. A customer id is one account's own at
+// Stripe (the platform's, or a connected account's), so the mapping is a fact about Stripe, recorded
+// when an organization is linked to the customer (admin link, or a Connect checkout) and never changed.
+// Every call about the customer (meter events, adjustments, summaries) is made on that account.
+import type { Kysely, Transaction } from 'kysely';
+import type { DB } from '../db/schema.js';
+
+type Db = Kysely<DB> | Transaction<DB>;
+
+/** A connected account id, as Stripe writes it. */
+export const CONNECTED_ACCOUNT = /^acct_[A-Za-z0-9]+$/;
+
+/** The customer belongs to another account than the one named (or was billed on the platform). */
+export class CustomerAccountError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'CustomerAccountError';
+  }
+}
+
+/** The connected account of a customer; null for the platform's own (or an unknown) customer. */
+export async function customerAccount(db: Db, customerId: string): Promise<string | null> {
+  const row = await db
+    .selectFrom('stripe_customer_accounts')
+    .select('stripe_account')
+    .where('stripe_customer_id', '=', customerId)
+    .executeTakeFirst();
+  return row?.stripe_account ?? null;
+}
+
+/** The connected accounts of these customers (absent from the map: the platform's). One statement. */
+export async function customerAccounts(db: Db, customerIds: readonly string[]): Promise<Map<string, string>> {
+  if (customerIds.length === 0) return new Map();
+  const rows = await db
+    .selectFrom('stripe_customer_accounts')
+    .select(['stripe_customer_id', 'stripe_account'])
+    .where('stripe_customer_id', 'in', [...new Set(customerIds)])
+    .execute();
+  return new Map(rows.map((r) => [r.stripe_customer_id, r.stripe_account]));
+}
+
+/**
+ * Records that `customerId` is `account`'s (null: the platform's), inside the link's transaction.
+ * Refused (CustomerAccountError) when the customer is already known on another account, or when a
+ * connected account is named for a customer whose usage was already sent to the platform: its
+ * meter events are there, and moving them is not a link's business.
+ */
+export async function recordCustomerAccount(
+  trx: Db,
+  customerId: string,
+  account: string | null,
+): Promise<void> {
+  const known = await customerAccount(trx, customerId);
+  if (known === account) return;
+  if (known !== null) {
+    throw new CustomerAccountError(
+      `Stripe customer ${customerId} belongs to connected account ${known}${account ? `, not ${account}` : ', not the platform'}`,
+    );
+  }
+  if (account === null) return;
+  const billed = await trx
+    .selectFrom('meter_outbox')
+    .select('id')
+    .where('stripe_customer_id', '=', customerId)
+    .where('destination', '=', 'stripe')
+    .limit(1)
+    .executeTakeFirst();
+  if (billed) {
+    throw new CustomerAccountError(
+      `Stripe customer ${customerId} already has usage billed on the platform account; a customer of connected account ${account} has another id`,
+    );
+  }
+  await trx
+    .insertInto('stripe_customer_accounts')
+    .values({ stripe_customer_id: customerId, stripe_account: account })
+    .onConflict((oc) => oc.column('stripe_customer_id').doNothing())
+    .execute();
+  // A concurrent link of the same customer to another account: the row that won decides.
+  const now = await customerAccount(trx, customerId);
+  if (now !== account) {
+    throw new CustomerAccountError(`Stripe customer ${customerId} belongs to connected account ${now}`);
+  }
+}
