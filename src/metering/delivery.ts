@@ -8,8 +8,9 @@ import type { JobWithMetadata, PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import { destinationBudget, eventsPerSecondAt, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
-import type { Config } from '../config.js';
-import { gatedKysely } from '../db/database.js';
+import { type Config, directDatabaseUrl } from '../config.js';
+import { createDatabase, gatedKysely } from '../db/database.js';
+import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
 import { databaseResourceShortage } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
@@ -18,6 +19,7 @@ import { type BatchDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, createSlotDispenser } from './budget.js';
 import { type CorrectionClient, createCorrectionClient } from './corrections.js';
 import { pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
 import type { MetronomeCatalog } from './metronome-catalog.js';
@@ -129,6 +131,8 @@ const RESOURCE_HOLD_MS = 120_000;
 export interface DeliveryRuntime {
   /** Stops the sweep and wake-up timers; running batches finish. Call before boss.stop(). */
   stop(): void;
+  /** Closes the lease connection: after boss.stop(), once no batch runs. */
+  close(): Promise<void>;
 }
 
 /**
@@ -153,6 +157,8 @@ export async function startDelivery(
     distributed?: (options?: { recheck?: boolean }) => Promise<boolean>;
     /** The process's pool: delivery's statements then run at most DELIVERY_MAX_STATEMENTS at once. */
     pool?: pg.Pool;
+    /** Bounds the lease connection against a silent death, as every pool of the process. */
+    connectionWatch?: ConnectionWatch;
   },
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
@@ -171,7 +177,7 @@ export async function startDelivery(
     log.warn(
       'neither STRIPE_SECRET_KEY nor METRONOME_BEARER_TOKEN is set: meter events are not delivered; outbox rows stay pending',
     );
-    return { stop() {} };
+    return { stop() {}, close: async () => {} };
   }
   if (!stripeTransport) log.warn('STRIPE_SECRET_KEY is not set: Stripe rows are held pending');
   if (!metronomeTransport) log.debug('METRONOME_BEARER_TOKEN is not set: Metronome rows are held pending');
@@ -215,8 +221,34 @@ export async function startDelivery(
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
+  // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited
+  // behind the claims of the other fetchers past the lease, and the reaper took running batches' keys.
+  // One direct connection (a pooler's queue is the same wait), counted in docs/operations.md.
+  const leaseDatabase = createDatabase({
+    connectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
+    max: 1,
+    log,
+    applicationName: 'meterbox-leases',
+    ...(ctx.connectionWatch
+      ? {
+          safety: {
+            deadlineMs: ctx.config.DB_STATEMENT_DEADLINE_MS,
+            longDeadlineMs: ctx.config.DB_LONG_STATEMENT_DEADLINE_MS,
+            watch: ctx.connectionWatch,
+            pool: 'leases',
+          },
+        }
+      : {}),
+  });
+  const leases = createLeaseKeeper({
+    db: leaseDatabase.db,
+    boss: ctx.boss,
+    executeSql: (text, values) => leaseDatabase.pool.query(text, values),
+    distributed: () => distributed,
+  });
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
+    leases,
     boss: ctx.boss,
     transport,
     hold: holds.stripe,
@@ -336,7 +368,7 @@ export async function startDelivery(
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = touchWhileRunning(
-          ctx.boss,
+          leases,
           jobs.map((j) => j.id),
           renewEveryMs(ctx.config),
           log,
@@ -385,6 +417,7 @@ export async function startDelivery(
       sweep.stop();
       reaper.stop();
     },
+    close: () => leaseDatabase.pool.end(),
   };
 }
 
@@ -438,9 +471,10 @@ export function startLeaseReaper(deps: {
  * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
  * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
  * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
+ * The touches go through the process's lease connection (lease-keeper.ts), never behind claims.
  */
 export function touchWhileRunning(
-  boss: Pick<PgBoss, 'touch'>,
+  leases: Pick<LeaseKeeper, 'touch'>,
   ids: readonly string[],
   everyMs: number,
   log: Logger,
@@ -450,8 +484,8 @@ export function touchWhileRunning(
   const timer = setInterval(() => {
     if (busy || ids.length === 0) return;
     busy = true;
-    pending = boss
-      .touch('meter-delivery', [...ids])
+    pending = leases
+      .touch(ids)
       .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
       .finally(() => {
         busy = false;
