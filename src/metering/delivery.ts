@@ -227,6 +227,9 @@ export async function startDelivery(
   const leaseDatabase = createDatabase({
     connectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
     max: 1,
+    // Open from the start and for good: a renewal on a slow database should not wait for a connection
+    // to be made, and the process's direct connections are a fixed count (docs/operations.md).
+    idleTimeoutMillis: 0,
     log,
     applicationName: 'meterbox-leases',
     ...(ctx.connectionWatch
@@ -246,6 +249,9 @@ export async function startDelivery(
     executeSql: (text, values) => leaseDatabase.pool.query(text, values),
     distributed: () => distributed,
   });
+  await leaseDatabase.pool
+    .query('SELECT 1')
+    .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     leases,
