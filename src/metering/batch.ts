@@ -355,9 +355,12 @@ async function deliverDestination(
         .catch((err: unknown) => deps.log.warn({ err }, 'could not slow the shared call budget after a 429'));
     }
 
-    // 4. settle. Renewals go on until it has run: a settle that waits for a connection (behind claims
-    // of tens of seconds on a slow database) keeps its keys meanwhile. A renewal never waits for a row
-    // the settle holds (SKIP LOCKED), and finds nothing of this batch once the settle released its keys.
+    // 4. settle. With the process's lease connection (deps.leases), renewals go on until it has run: a
+    // settle that waits for a pool connection (behind claims of tens of seconds on a slow database)
+    // keeps its keys meanwhile; a renewal there never waits for a row the settle holds (SKIP LOCKED) and
+    // finds nothing of this batch once the settle released its keys. Without it (renewals on the
+    // batch's own connections, as the simulation models them) they stop first, as before.
+    if (!deps.leases) await stopRenewing();
     const refused = await store
       .settle(decision.groups, decision.keys, {
         owner,
