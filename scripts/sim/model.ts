@@ -408,14 +408,10 @@ export class ModelDb {
     options: { owner: string; minIntervalMs: number },
   ): number {
     const t = this.now();
-    // A batch whose lease ran out (a frozen worker, a slow statement) has lost its keys: what it
-    // learned is dropped, and the key's next owner sends the same identifiers again.
-    const held = (name: string) => {
-      const row = this.keys.get(name);
-      return (
-        row?.leaseOwner === options.owner && row.leaseExpiresAt !== null && row.leaseExpiresAt.getTime() >= t
-      );
-    };
+    // A batch whose key was reaped or taken (a frozen worker, a slow statement) has lost it: what it
+    // learned is dropped, and the key's next owner sends the same identifiers again. A lease that ran
+    // out but is still the batch's own (nobody reaped or took it) is still held.
+    const held = (name: string) => this.keys.get(name)?.leaseOwner === options.owner;
     const refuse = (name: string) => !held(name) && !this.mutations.has('settleStaleLease');
     for (const g of groups) {
       for (const r of this.rows) {
@@ -465,7 +461,8 @@ export class ModelDb {
     const t = this.now();
     let n = 0;
     for (const [name, row] of this.keys) {
-      if (row.leaseOwner !== owner || !row.leaseExpiresAt || row.leaseExpiresAt.getTime() < t) continue;
+      // Still the batch's own, run out or not (renewLeases): nobody reaped or took it.
+      if (row.leaseOwner !== owner) continue;
       this.keys.set(name, { ...row, leaseExpiresAt: new Date(t + leaseSeconds * 1000) });
       n++;
     }

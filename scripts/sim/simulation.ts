@@ -536,7 +536,7 @@ export async function simulate(
           for (const [identifier, before] of stale)
             if (rowsState(identifier) !== before)
               violate(
-                `a settle of ${options.owner}, whose lease had run out, changed the rows of ${identifier}`,
+                `a settle of ${options.owner}, whose lease had run out and been reaped or taken, changed the rows of ${identifier}`,
               );
           for (const g of groups) {
             if (g.status === 'failed') deadLetters++;
@@ -569,10 +569,9 @@ export async function simulate(
   });
 
   /** Whether `owner` holds the lease of the key of `r` now, by the database's clock. */
-  const holdsLease = (owner: string, r: Row) => {
-    const k = db.keys.get(keyName(r));
-    return k?.leaseOwner === owner && k.leaseExpiresAt !== null && k.leaseExpiresAt.getTime() >= dbNow();
-  };
+  // A batch still holds its key while the key's owner is its own: a lease that ran out but that nobody
+  // reaped or took is still the batch's (settleBatch, renewLeases); a key reaped or taken is lost.
+  const holdsLease = (owner: string, r: Row) => db.keys.get(keyName(r))?.leaseOwner === owner;
   const rowsState = (identifier: string) =>
     db.rows
       .filter((r) => r.identifier === identifier)

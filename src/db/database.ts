@@ -36,6 +36,8 @@ export function createDatabase(options: {
   applicationName: string;
   /** Keepalive and statement deadlines (src/db/dead-connections.ts); without it, keepalive only. */
   safety?: ConnectionSafety;
+  /** How long an idle connection stays open (default 30 s; 0: for good). */
+  idleTimeoutMillis?: number;
 }): Database {
   const safe = options.safety ? safePoolOptions(options.safety) : { keepAlive: true };
   const pool = new pg.Pool({
@@ -43,7 +45,7 @@ export function createDatabase(options: {
     max: options.max,
     application_name: options.applicationName,
     connectionTimeoutMillis: 5_000,
-    idleTimeoutMillis: 30_000,
+    idleTimeoutMillis: options.idleTimeoutMillis ?? 30_000,
     ...safe,
   });
   attachPool(safe, pool);

@@ -33,6 +33,7 @@ import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
 import { type Gate, type HealthReport, healthPolicy, splitByGate } from './destination-health.js';
+import type { LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
@@ -91,6 +92,8 @@ export interface BatchDeps {
    * worker with METRONOME_BEARER_TOKEN releases them.
    */
   metronome?: DestinationDeps;
+  /** The process's lease connection (lease-keeper.ts): renewals never queue behind claims. */
+  leases?: LeaseKeeper;
   /**
    * Waits after the claim until every standby that could be promoted has it (src/db/replication.ts);
    * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
@@ -219,7 +222,14 @@ async function deliverDestination(
   const transport = dest?.transport ?? UNCONFIGURED;
   const base =
     deps.store?.(destination) ??
-    sqlStore({ db: deps.db, boss: deps.boss, config, distributed: deps.distributed === true, destination });
+    sqlStore({
+      db: deps.db,
+      boss: deps.boss,
+      config,
+      distributed: deps.distributed === true,
+      destination,
+      ...(deps.leases ? { leases: deps.leases } : {}),
+    });
   // A connected account: its 429s slow its own budget row, and the platform's health is not its own.
   const store: DeliveryStore =
     dest && 'account' in dest
@@ -394,12 +404,18 @@ async function deliverDestination(
         .catch((err: unknown) => deps.log.warn({ err }, 'could not slow the shared call budget after a 429'));
     }
 
-    // 4. settle (renewals stop first: they would lock the same key rows out of key order)
-    await stopRenewing();
-    const refused = await store.settle(decision.groups, decision.keys, {
-      owner,
-      minIntervalMs: config.DELIVERY_MIN_INTERVAL_MS,
-    });
+    // 4. settle. With the process's lease connection (deps.leases), renewals go on until it has run: a
+    // settle that waits for a pool connection (behind claims of tens of seconds on a slow database)
+    // keeps its keys meanwhile; a renewal there never waits for a row the settle holds (SKIP LOCKED) and
+    // finds nothing of this batch once the settle released its keys. Without it (renewals on the
+    // batch's own connections, as the simulation models them) they stop first, as before.
+    if (!deps.leases) await stopRenewing();
+    const refused = await store
+      .settle(decision.groups, decision.keys, {
+        owner,
+        minIntervalMs: config.DELIVERY_MIN_INTERVAL_MS,
+      })
+      .finally(stopRenewing);
     if (refused > 0) {
       // A frozen process, or a settle later than its lease: the keys' next owner (or the reaper's
       // job) resends the same identifiers, which the destination de-duplicates.

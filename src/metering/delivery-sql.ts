@@ -240,7 +240,6 @@ async function claimLeasing(
       await renewLeases(trx, options.owner, {
         leaseSeconds: options.leaseSeconds,
         organizationIds,
-        lapsed: true,
         ...(options.distributed ? { distributed: true } : {}),
         ...(options.router ? { router: options.router } : {}),
       });
@@ -527,12 +526,14 @@ async function settleStatement(
       SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination FROM meter_delivery_keys d
         JOIN k ON d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
               AND d.event_name = k.event_name AND d.destination = k.destination
-       WHERE ${scope('d')} d.lease_owner = ${options.owner} AND d.lease_expires_at >= k.at
+       WHERE ${scope('d')} d.lease_owner = ${options.owner}
        ORDER BY 1, 2, 3, 4
        FOR UPDATE OF d
     ),
-    -- Only the answers of keys this batch still holds, by the database's clock: a batch whose lease ran
-    -- out (a frozen worker, a slow statement) has lost its keys, and what it learned is dropped. Its
+    -- Only the answers of keys this batch still holds: lease_owner is this batch's own (unique to it),
+    -- so nobody reaped or leased the key since the claim and no other call for it went out, even if
+    -- its lease ran out on the way (a renewal late on a slow database). A batch whose key was reaped or
+    -- taken (a frozen worker, a slow statement) has lost it, and what it learned is dropped. Its
     -- groups stay pending with their identifiers; the key's next owner (or the reaper's job) sends them
     -- again under the same identifier, which the destination de-duplicates if this batch's call did go
     -- out. Applying it instead could fail rows another owner is delivering, or count its attempts.
@@ -610,37 +611,51 @@ export async function releaseLeases(
 }
 
 /**
- * A running batch extends its keys' leases (only those it still holds: a lease that lapsed and was
- * reaped or taken stays lost). Leases are short so that a killed worker's keys are free within
- * seconds; a live batch renews them while its calls run. Returns how many keys it still holds.
- * `lapsed`: leases past their expiry that are still the owner's (nobody reaped or took them) are
- * extended too: a slow claim's, before any of its calls.
+ * A running batch extends its keys' leases: those it still holds, which a lease that ran out but that
+ * nobody reaped or took is too (`lease_owner` is the batch's own, unique to it, so no other batch
+ * leased the key in between and no other call for it went out). A lease that was reaped or taken stays
+ * lost. Leases are short so that a killed worker's keys are free within seconds; a live batch renews
+ * them while its calls run. Returns how many keys it still holds.
+ * `skipLocked`: rows another statement holds are passed over, not waited for (a claim taking over a
+ * lapsed key holds it until it commits): the lease keeper's one connection serves every batch of the
+ * process, so one of them must never wait (lease-keeper.ts).
  */
 export async function renewLeases(
   db: Kysely<DB>,
   owner: string,
-  options: { leaseSeconds: number; organizationIds: readonly string[]; lapsed?: boolean } & Placement,
+  options: { leaseSeconds: number; organizationIds: readonly string[]; skipLocked?: boolean } & Placement,
 ): Promise<number> {
+  return (await renewLeasesOf(db, [owner], options)).get(owner) ?? 0;
+}
+
+/** renewLeases for several owners (batches) at once, in one statement (per shard group on Citus). */
+export async function renewLeasesOf(
+  db: Kysely<DB>,
+  owners: readonly string[],
+  options: { leaseSeconds: number; organizationIds: readonly string[]; skipLocked?: boolean } & Placement,
+): Promise<Map<string, number>> {
+  const held = new Map<string, number>();
+  if (owners.length === 0 || options.organizationIds.length === 0) return held;
   const counts = await perShardGroup(
     routerOf(db, options),
     options.organizationIds,
     (o) => o,
     async (_, orgs) => {
-      const result = await sql`
+      const result = await sql<{ owner: string; n: number }>`
       WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
-      l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys, c
-             WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner}
-               AND ${options.lapsed ? sql`true` : sql`lease_expires_at >= c.at`}
-             ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys),
+      l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+             WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ANY(${[...owners]}::text[])
+             ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys${options.skipLocked ? sql` SKIP LOCKED` : sql``}),
       u AS (UPDATE meter_delivery_keys d SET lease_expires_at = ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)}
               FROM l, c
-             WHERE ${keyMatch('d', 'l', orgs)}
-            RETURNING 1)
-      SELECT count(*)::int AS n FROM u`.execute(db);
-      return [(result.rows[0] as { n: number } | undefined)?.n ?? 0];
+             WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ANY(${[...owners]}::text[])
+            RETURNING d.lease_owner)
+      SELECT lease_owner AS owner, count(*)::int AS n FROM u GROUP BY lease_owner`.execute(db);
+      return result.rows;
     },
   );
-  return counts.reduce((a, b) => a + b, 0);
+  for (const { owner, n } of counts) held.set(owner, (held.get(owner) ?? 0) + n);
+  return held;
 }
 
 /**

@@ -15,8 +15,9 @@ import {
   stripeBudget,
 } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
-import type { Config } from '../config.js';
-import { gatedKysely } from '../db/database.js';
+import { type Config, directDatabaseUrl } from '../config.js';
+import { createDatabase, gatedKysely } from '../db/database.js';
+import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
 import { databaseResourceShortage } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
@@ -29,6 +30,7 @@ import {
   createCorrectionClient,
 } from './corrections.js';
 import { pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
 import type { MetronomeCatalog } from './metronome-catalog.js';
@@ -140,6 +142,8 @@ const RESOURCE_HOLD_MS = 120_000;
 export interface DeliveryRuntime {
   /** Stops the sweep and wake-up timers; running batches finish. Call before boss.stop(). */
   stop(): void;
+  /** Closes the lease connection: after boss.stop(), once no batch runs. */
+  close(): Promise<void>;
 }
 
 /**
@@ -164,6 +168,8 @@ export async function startDelivery(
     distributed?: (options?: { recheck?: boolean }) => Promise<boolean>;
     /** The process's pool: delivery's statements then run at most DELIVERY_MAX_STATEMENTS at once. */
     pool?: pg.Pool;
+    /** Bounds the lease connection against a silent death, as every pool of the process. */
+    connectionWatch?: ConnectionWatch;
   },
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
@@ -182,7 +188,7 @@ export async function startDelivery(
     log.warn(
       'neither STRIPE_SECRET_KEY nor METRONOME_BEARER_TOKEN is set: meter events are not delivered; outbox rows stay pending',
     );
-    return { stop() {} };
+    return { stop() {}, close: async () => {} };
   }
   if (!stripeTransport) log.warn('STRIPE_SECRET_KEY is not set: Stripe rows are held pending');
   if (!metronomeTransport) log.debug('METRONOME_BEARER_TOKEN is not set: Metronome rows are held pending');
@@ -270,8 +276,40 @@ export async function startDelivery(
       return deps;
     };
   };
+  // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited
+  // behind the claims of the other fetchers past the lease, and the reaper took running batches' keys.
+  // One direct connection (a pooler's queue is the same wait), counted in docs/operations.md.
+  const leaseDatabase = createDatabase({
+    connectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
+    max: 1,
+    // Open from the start and for good: a renewal on a slow database should not wait for a connection
+    // to be made, and the process's direct connections are a fixed count (docs/operations.md).
+    idleTimeoutMillis: 0,
+    log,
+    applicationName: 'meterbox-leases',
+    ...(ctx.connectionWatch
+      ? {
+          safety: {
+            deadlineMs: ctx.config.DB_STATEMENT_DEADLINE_MS,
+            longDeadlineMs: ctx.config.DB_LONG_STATEMENT_DEADLINE_MS,
+            watch: ctx.connectionWatch,
+            pool: 'leases',
+          },
+        }
+      : {}),
+  });
+  const leases = createLeaseKeeper({
+    db: leaseDatabase.db,
+    boss: ctx.boss,
+    executeSql: (text, values) => leaseDatabase.pool.query(text, values),
+    distributed: () => distributed,
+  });
+  await leaseDatabase.pool
+    .query('SELECT 1')
+    .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
+    leases,
     boss: ctx.boss,
     transport,
     hold: holds.stripe,
@@ -392,7 +430,7 @@ export async function startDelivery(
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = touchWhileRunning(
-          ctx.boss,
+          leases,
           jobs.map((j) => j.id),
           renewEveryMs(ctx.config),
           log,
@@ -441,6 +479,7 @@ export async function startDelivery(
       sweep.stop();
       reaper.stop();
     },
+    close: () => leaseDatabase.pool.end(),
   };
 }
 
@@ -494,9 +533,10 @@ export function startLeaseReaper(deps: {
  * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
  * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
  * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
+ * The touches go through the process's lease connection (lease-keeper.ts), never behind claims.
  */
 export function touchWhileRunning(
-  boss: Pick<PgBoss, 'touch'>,
+  leases: Pick<LeaseKeeper, 'touch'>,
   ids: readonly string[],
   everyMs: number,
   log: Logger,
@@ -506,8 +546,8 @@ export function touchWhileRunning(
   const timer = setInterval(() => {
     if (busy || ids.length === 0) return;
     busy = true;
-    pending = boss
-      .touch('meter-delivery', [...ids])
+    pending = leases
+      .touch(ids)
       .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
       .finally(() => {
         busy = false;

@@ -29,6 +29,7 @@ import {
   recordRetryAfter,
   resumeWaiting,
 } from './destination-health.js';
+import type { LeaseKeeper } from './lease-keeper.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
 import type {
@@ -49,8 +50,9 @@ export interface DeliveryStore {
   /** Commits a correction group's switch to compensate; throws if `owner` no longer holds the key's lease. */
   switchToCompensate(key: KeyRef, identifier: string, owner: string): Promise<void>;
   /**
-   * Every answer, pacing, backoff and lease release, of the keys this batch still holds by the
-   * database's clock; returns how many of `keys` it no longer held (their answers are dropped).
+   * Every answer, pacing, backoff and lease release, of the keys this batch still holds (its lease,
+   * renewed or run out, that nobody reaped or took); returns how many of `keys` it no longer held
+   * (their answers are dropped).
    */
   settle(
     groups: readonly GroupSettlement[],
@@ -58,6 +60,7 @@ export interface DeliveryStore {
     options: { owner: string; minIntervalMs: number },
   ): Promise<number>;
   release(owner: string, nextCallAt: Date): Promise<number>;
+  /** Extends the leases this batch still holds (lapsed ones nobody reaped or took too); returns how many. */
   renew(owner: string, leaseSeconds: number): Promise<number>;
   hold(keys: readonly KeyRef[]): Promise<void>;
   /** Queues each key's job to start after its delay (a key with a queued job keeps that one). */
@@ -111,6 +114,8 @@ export function sqlStore(deps: {
   >;
   distributed?: boolean;
   destination?: Destination;
+  /** Renewals on the process's lease connection (lease-keeper.ts); without it, on `db`. */
+  leases?: Pick<LeaseKeeper, 'renew'>;
 }): DeliveryStore {
   const { db, boss } = deps;
   const distributed = deps.distributed === true;
@@ -143,7 +148,10 @@ export function sqlStore(deps: {
     settle: (groups, keys, options) =>
       longStatements(() => settleBatch(db, groups, keys, { ...options, ...placement })),
     release: (owner, nextCallAt) => releaseLeases(db, owner, { nextCallAt, organizationIds, ...placement }),
-    renew: (owner, leaseSeconds) => renewLeases(db, owner, { leaseSeconds, organizationIds, ...placement }),
+    renew: (owner, leaseSeconds) =>
+      deps.leases
+        ? deps.leases.renew(owner, organizationIds, leaseSeconds)
+        : renewLeases(db, owner, { leaseSeconds, organizationIds, skipLocked: true, ...placement }),
     hold: (keys) => holdKeys(db, keys, placement),
     organizationsOf: (keys) => pendingOrganizations(db, keys),
     async queue(keys) {

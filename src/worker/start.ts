@@ -96,6 +96,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
   } catch (err) {
     alerts?.stop();
     delivery?.stop();
+    await delivery?.close();
     await metronomeCatalog?.stop();
     await (ownCatalog ?? (await catalogStarting?.catch(() => undefined)))?.stop();
     throw err;
@@ -147,6 +148,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
         // then are left to pg-boss expiry/retry (their outbox rows stay pending and are resent with
         // the same identifier, so nothing is lost or billed twice).
         await ctx.boss.stop({ graceful: true, close: false, timeout: ctx.config.SHUTDOWN_TIMEOUT_MS });
+        await runningDelivery.close();
         await idempotencyPruner.stop();
         await ownCatalog?.stop();
         await metronomeCatalog?.stop();

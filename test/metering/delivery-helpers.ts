@@ -9,6 +9,7 @@ import type { Context } from '../../src/context.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import type { BatchDeps, DeliveryJob } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
+import { createLeaseKeeper, type LeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { waitFor } from '../support/wait.js';
@@ -143,6 +144,16 @@ export function v1BatchDeps(ctx: Context): BatchDeps {
     clock: ctx.clock,
     log: ctx.log,
   };
+}
+
+/** A lease keeper on the context's own pool (the runtime opens a connection of its own for it). */
+export function leaseKeeperOf(ctx: Context): LeaseKeeper {
+  return createLeaseKeeper({
+    db: ctx.db,
+    boss: ctx.boss,
+    executeSql: (text, values) => ctx.pool.query(text, values),
+    distributed: () => false,
+  });
 }
 
 /** The key's queued job, taken as a worker's fetch takes it (active from now). */

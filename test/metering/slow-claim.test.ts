@@ -9,7 +9,7 @@ import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
 import { reapOnce, touchWhileRunning } from '../../src/metering/delivery.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { takeQueuedJob, v1BatchDeps, waitFor, writeRows } from './delivery-helpers.js';
+import { leaseKeeperOf, takeQueuedJob, v1BatchDeps, waitFor, writeRows } from './delivery-helpers.js';
 
 const LEASE_SECONDS = 5;
 /** How long the claim is held inside its statement: well past its lease. */
@@ -68,7 +68,7 @@ describe('a claim slower than its lease', () => {
       let done = false;
       // As the worker's runtime runs a batch: its handler touches the batch's jobs until it returns
       // (a reaper pass may come between the settle, which releases the lease, and the batch's end).
-      const alive = touchWhileRunning(ctx.boss, [job.id], renewEveryMs(ctx.config), ctx.log);
+      const alive = touchWhileRunning(leaseKeeperOf(ctx), [job.id], renewEveryMs(ctx.config), ctx.log);
       const batch = deliverBatch(v1BatchDeps(ctx), [job]).finally(() => {
         done = true;
       });
@@ -122,7 +122,7 @@ describe('a batch still running past its lease after its settle', () => {
            WHERE id = ${job.id}`.execute(ctx.db);
     await age();
     // The runtime's handler touches its jobs while it runs (every third of the lease).
-    const alive = touchWhileRunning(ctx.boss, [job.id], 200, ctx.log);
+    const alive = touchWhileRunning(leaseKeeperOf(ctx), [job.id], 200, ctx.log);
     await waitFor(
       'the running batch to touch its job',
       async () =>

@@ -85,9 +85,10 @@ const CASES: Case[] = [
   },
   {
     mutation: 'settleStaleLease',
-    caughtBy: 'whose lease had run out, changed the rows',
+    caughtBy: 'whose lease had run out and been reaped or taken, changed the rows',
     profile: SLOW,
-    seed: 5,
+    // Seed 5 caught a settle whose lease had run out but was still its own: that one applies now.
+    seed: 6,
     within: 30,
   },
   {

@@ -1,0 +1,98 @@
+// The lease keeper: what keeps a running batch's claim on its work alive, on a connection of its own.
+//
+// A running batch renews its keys' leases and touches its pg-boss jobs every third of the lease
+// (batch.ts, delivery.ts touchWhileRunning). On the process's pool those statements queued behind the
+// claims and settles of the other fetchers (8 fetchers, DB_POOL_MAX 10): on a slow database with a
+// backlog a claim holds its connection for tens of seconds, so a renewal waited for a connection past
+// the lease, the reaper freed the lease of a batch that was still running and its settle was refused
+// (2,188-5,598 leases reaped per 10 s run, docs/benchmarks.md, "A slow database with a backlog").
+//
+// Here every renewal and touch of the process goes through one connection that nothing else uses
+// (DATABASE_DIRECT_URL: never behind a pooler's queue either), and requests that arrive while a
+// statement runs are merged into the next one: each tick costs at most one renewal and one touch
+// statement, whatever the number of batches, and a renewal never waits: rows another statement holds
+// are passed over (SKIP LOCKED; such a key's lease lapsed and is being taken or reaped) rather than
+// waited for, and the batch's deadline then stays where it was (batch.ts moves it only when every key
+// was renewed).
+import type { Kysely } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { DB } from '../db/schema.js';
+import { renewLeasesOf } from './delivery-sql.js';
+import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
+
+export interface LeaseKeeper {
+  /** Renews `owner`'s leases on keys of `organizationIds`; resolves to how many keys it still holds. */
+  renew(owner: string, organizationIds: readonly string[], leaseSeconds: number): Promise<number>;
+  /** Touches running meter-delivery jobs (pg-boss's `heartbeat_on`, on the database's clock). */
+  touch(ids: readonly string[]): Promise<void>;
+}
+
+/** Requests that arrive while a statement runs wait for it and go together in the next one. */
+function coalescing<R, A>(run: (requests: R[]) => Promise<A[]>): (request: R) => Promise<A> {
+  let queue: { request: R; resolve: (a: A) => void; reject: (err: unknown) => void }[] = [];
+  let running = false;
+  const flush = async () => {
+    running = true;
+    while (queue.length > 0) {
+      const batch = queue;
+      queue = [];
+      try {
+        const answers = await run(batch.map((q) => q.request));
+        for (const [i, q] of batch.entries()) q.resolve(answers[i] as A);
+      } catch (err) {
+        for (const q of batch) q.reject(err);
+      }
+    }
+    running = false;
+  };
+  return (request) =>
+    new Promise<A>((resolve, reject) => {
+      queue.push({ request, resolve, reject });
+      if (!running) void flush();
+    });
+}
+
+/**
+ * A keeper over `db` (a pool of its own, one connection: src/metering/delivery.ts opens it) and
+ * `executeSql` on the same connection for pg-boss's own touch statement.
+ */
+export function createLeaseKeeper(deps: {
+  db: Kysely<DB>;
+  boss: Pick<PgBoss, 'touch'>;
+  executeSql: (text: string, values?: unknown[]) => Promise<{ rows: unknown[] }>;
+  distributed: () => boolean;
+}): LeaseKeeper {
+  type Renewal = { owner: string; organizationIds: readonly string[]; leaseSeconds: number };
+  const renew = coalescing<Renewal, number>(async (requests) => {
+    const held = new Map<string, number>();
+    // Every batch of a process has the same lease; grouped by length all the same.
+    for (const seconds of new Set(requests.map((r) => r.leaseSeconds))) {
+      const own = requests.filter((r) => r.leaseSeconds === seconds);
+      const distributed = deps.distributed();
+      const counts = await renewLeasesOf(
+        deps.db,
+        own.map((r) => r.owner),
+        {
+          leaseSeconds: seconds,
+          organizationIds: [...new Set(own.flatMap((r) => r.organizationIds))],
+          skipLocked: true,
+          distributed,
+          router: distributed ? citusRouter(deps.db) : ONE_NODE,
+        },
+      );
+      for (const [owner, n] of counts) held.set(owner, n);
+    }
+    return requests.map((r) => held.get(r.owner) ?? 0);
+  });
+  const touch = coalescing<readonly string[], undefined>(async (requests) => {
+    const ids = [...new Set(requests.flat())];
+    if (ids.length > 0) await deps.boss.touch('meter-delivery', ids, { db: { executeSql: deps.executeSql } });
+    return requests.map(() => undefined);
+  });
+  return {
+    renew: (owner, organizationIds, leaseSeconds) => renew({ owner, organizationIds, leaseSeconds }),
+    touch: async (ids) => {
+      if (ids.length > 0) await touch(ids);
+    },
+  };
+}
