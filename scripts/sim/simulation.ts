@@ -4,9 +4,10 @@
 // arriving, usage corrections, meters that go missing, Stripe faults of every kind, and a clock that
 // can run for days. After every step it checks the invariants; at the end, with the world quiet, the
 // ledger. A seed replays the same run, and a failing run returns its trace.
+import { pino } from 'pino';
 import { type Config, loadConfig } from '../../src/config.js';
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
-import { createLogger } from '../../src/log.js';
+import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import type { CallSlots } from '../../src/metering/budget.js';
@@ -113,8 +114,8 @@ export interface SimResult {
  * size `npm run test:slow` runs thousands of (a few customers, a few minutes, readings seconds apart; long
  * worlds still run for days, with readings hours apart).
  */
-export function drawSpec(seed: number, size: 'small' | 'full' = 'full'): WorldSpec {
-  const spec = drawFullSpec(seed);
+export function drawSpec(seed: number, size: 'small' | 'full' = 'full', hostile = false): WorldSpec {
+  const spec = drawFullSpec(seed, hostile);
   if (size === 'full') return spec;
   const long = spec.minutes > 24 * 60;
   return {
@@ -128,10 +129,11 @@ export function drawSpec(seed: number, size: 'small' | 'full' = 'full'): WorldSp
   };
 }
 
-function drawFullSpec(seed: number): WorldSpec {
+function drawFullSpec(seed: number, forceHostile: boolean): WorldSpec {
   const r = seededRandom(seed ^ 0x5eed);
   const pick = <T>(xs: readonly T[]) => xs[r.int(xs.length)]!;
-  const hostile = r.next() < 0.5;
+  // (The coin is drawn either way: a seed hostile anyway draws the same world when forced.)
+  const hostile = r.next() < 0.5 || forceHostile;
   const long = r.next() < 0.1;
   const rate = (p: number) => (hostile && r.next() < 0.6 ? r.between(0, p) : 0);
   return {
@@ -195,6 +197,24 @@ const CLIENT_TIMEOUT_MS = 60_000;
 /** How often (virtual time, at a step) the coverage invariant is checked: far finer than its bound. */
 const COVERAGE_EVERY_MS = 2_000;
 
+/**
+ * The batch's logger: silent, and without the redaction the service's logger sets up (each child
+ * logger of a batch would compile it again). One for every seed: a silent logger keeps no state.
+ */
+const SILENT: Logger = pino({ level: 'silent' });
+
+/** Configurations parsed so far, by their variables (a seed's world is one of a few hundred). */
+const configs = new Map<string, Config>();
+function configOf(env: Record<string, string>): Config {
+  const key = JSON.stringify(env);
+  let config = configs.get(key);
+  if (!config) {
+    config = loadConfig(env);
+    configs.set(key, config);
+  }
+  return config;
+}
+
 interface Worker {
   id: string;
   alive: boolean;
@@ -216,6 +236,11 @@ export interface SimOptions {
   mutations?: readonly Mutation[];
   /** The hostile world, instead of the seed's own (CALM: none). */
   profile?: FaultProfile;
+  /**
+   * Every seed hostile (`npm run sim -- --hostile`, CI's worlds): Stripe faults, crashes and database
+   * errors as a hostile world draws them, and a fault profile with at least one fault (hostile.ts).
+   */
+  hostile?: boolean;
 }
 
 /** Runs one seed, its world drawn at `size`; `overrides` force parts of it. */
@@ -226,13 +251,13 @@ export async function simulate(
   options: SimOptions = {},
 ): Promise<SimResult> {
   const mutations: ReadonlySet<Mutation> = new Set(options.mutations ?? []);
-  const drawn = drawSpec(seed, size);
+  const drawn = drawSpec(seed, size, options.hostile === true);
   const spec: WorldSpec = { ...drawn, ...overrides, faults: { ...drawn.faults, ...overrides.faults } };
   const rng = seededRandom(seed);
   const sched = new Scheduler(START);
   /** True time: Stripe's clock, the sensors', the monotonic clock of every host. */
   const now = () => sched.now;
-  const profile = options.profile ?? drawProfile(seed, spec.minutes);
+  const profile = options.profile ?? drawProfile(seed, spec.minutes, options.hostile === true);
   /** The hostile world's own random stream: a calm profile draws nothing from it. */
   const hostileRng = seededRandom(seed ^ 0xfa17);
   /** The database's clock: it decides leases, windows and everything processes share. */
@@ -256,7 +281,7 @@ export async function simulate(
     }
   };
 
-  const config: Config = loadConfig({
+  const config: Config = configOf({
     DELIVERY_RETRY_LIMIT: String(spec.retryLimit),
     DELIVERY_RETRY_DELAY_SECONDS: String(spec.retryDelaySeconds),
     DELIVERY_RETRY_DELAY_MAX_SECONDS: String(Math.max(spec.retryDelaySeconds, spec.retryDelayMaxSeconds)),
@@ -284,7 +309,6 @@ export async function simulate(
   );
   const stripe = new StripeModel(now, () => rng.next(), spec.accountRate);
   stripe.faults = { ...spec.faults };
-  const silent = createLogger('silent');
   const metronome = new MetronomeModel(now, () => rng.next());
   metronome.faults = {
     error500: spec.faults.error500,
@@ -910,7 +934,7 @@ export async function simulate(
       owner: w.id,
       // What processes share is on the database's clock (a host's wall clock is wrong by minutes).
       clock: { now: () => new Date(mutations.has('leaseFromHostClock') ? wall() : dbNow()) },
-      log: silent,
+      log: SILENT,
       timers,
       wakeAfter: (ms: number) => sched.after(ms + 5, notifyAll),
     };
@@ -983,10 +1007,7 @@ export async function simulate(
       w.reapArmed = true;
       sched.after(REAP_MS - ((now() - START) % REAP_MS), function tick() {
         if (!w.alive) return;
-        if (
-          ![...db.keys.values()].some((k) => k.leaseOwner !== null) &&
-          ![...db.jobs.values()].some((j) => j.state === 'active')
-        ) {
+        if (!anyLease() && !anyActiveJob()) {
           w.reapArmed = false;
           return;
         }
@@ -995,6 +1016,14 @@ export async function simulate(
           log(`${w.id} reaper: ${err instanceof Error ? err.message : String(err)}`),
         );
       });
+    };
+    const anyLease = () => {
+      for (const k of db.keys.values()) if (k.leaseOwner !== null) return true;
+      return false;
+    };
+    const anyActiveJob = () => {
+      for (const j of db.jobs.values()) if (j.state === 'active') return true;
+      return false;
     };
     /** One pass of the reaper: expired leases and orphaned jobs, queued again. */
     const reapOnce = () =>
@@ -1303,6 +1332,8 @@ export async function simulate(
     // and as after a crash it may wait for leases to run out and the reaper.
     const allFrozen = !workers.some((w) => w.alive && w.frozenUntil <= now());
     if (allFrozen) lastCrash = now();
+    const alive = new Set<string>();
+    for (const w of workers) if (w.alive) alive.add(w.id);
     const covered = new Set<string>();
     /** Keys whose only job is deferred: the earliest such job's time. */
     const deferred = new Map<string, number>();
@@ -1314,7 +1345,7 @@ export async function simulate(
         covered.add(name);
       else if (j.state === 'created')
         deferred.set(name, Math.min(deferred.get(name) ?? j.startAfter, j.startAfter));
-      if (j.state === 'active' && workers.find((w) => w.id === j.worker)?.alive) covered.add(name);
+      if (j.state === 'active' && j.worker !== null && alive.has(j.worker)) covered.add(name);
     }
     /** A deferred job covers a row that must wait anyway: a correction, a group in flight, a key leased, paced or in backoff. */
     const waitsForDeferred = (r: Row, name: string) => {
@@ -1332,7 +1363,10 @@ export async function simulate(
         k.leaseOwner &&
         k.leaseExpiresAt &&
         k.leaseExpiresAt.getTime() >= dbNow() &&
-        workers.find((w) => k.leaseOwner === w.id || k.leaseOwner!.startsWith(`${w.id}:`))?.alive
+        // The worker whose lease it is: an owner is `w<n>:<batch>` (a worker's id has no colon).
+        alive.has(
+          k.leaseOwner.includes(':') ? k.leaseOwner.slice(0, k.leaseOwner.indexOf(':')) : k.leaseOwner,
+        )
       )
         covered.add(name);
     }
