@@ -639,6 +639,8 @@ export async function simulate(
   });
 
   // ── Stripe calls (the transports and the corrections client, modelled) ──
+  /** Identifier → the idempotency keys of its cancels in flight. */
+  const cancelsInFlight = new Map<string, string[]>();
   const call = async (
     w: Worker,
     events: readonly CallEvent[],
@@ -655,11 +657,28 @@ export async function simulate(
     const start = now();
     // A cancel is an adjustment, not a meter event: Stripe's one-call-per-customer rule is about events.
     const prefix = destination === 'stripe' ? '' : `${destination}:`;
-    const keys = cancel
-      ? [`cancel:${cancel}`]
-      : late
-        ? []
+    // A late call (sent after a freeze between its lease check and its send) is watched apart, cancels
+    // included: no lease can stop a process frozen past that check, and Stripe has no fencing token.
+    // What keeps a late cancel harmless is that it repeats the cancel of its group under the same
+    // idempotency key (derived from the group, corrections.ts): Stripe answers a replay with the first
+    // answer, or 409 while the first is in flight (retryable; the stale worker's settle is refused), and
+    // a cancelled event cancelled again changes nothing. So every cancel of one identifier in flight at
+    // once must carry one idempotency key, late or not; two non-late ones at once are a violation.
+    const keys = late
+      ? []
+      : cancel
+        ? [`cancel:${cancel}`]
         : events.map((e) => `${prefix}${e.eventName}:${e.customerId}`);
+    const cancelKey = cancel ? { identifier: cancel, idempotencyKey: events[0]?.identifier ?? '' } : null;
+    if (cancelKey) {
+      const open = cancelsInFlight.get(cancelKey.identifier) ?? [];
+      const other = open.find((k) => k !== cancelKey.idempotencyKey);
+      if (other !== undefined)
+        violate(
+          `cancels of ${cancelKey.identifier} in flight under two idempotency keys (${other}, ${cancelKey.idempotencyKey})`,
+        );
+      cancelsInFlight.set(cancelKey.identifier, [...open, cancelKey.idempotencyKey]);
+    }
     const dedupeMs = destination === 'stripe' ? STRIPE_DEDUPE_MS : METRONOME_DEDUPE_MS;
     for (const k of keys) {
       const n = (inFlight.get(k) ?? 0) + 1;
@@ -735,6 +754,11 @@ export async function simulate(
         done = true;
         cancelTimeout();
         for (const k of keys) inFlight.set(k, (inFlight.get(k) ?? 1) - 1);
+        if (cancelKey) {
+          const open = [...(cancelsInFlight.get(cancelKey.identifier) ?? [])];
+          open.splice(open.indexOf(cancelKey.idempotencyKey), 1);
+          cancelsInFlight.set(cancelKey.identifier, open);
+        }
         w.gate(() => {
           if (w.alive) resolve(outcomes);
         });

@@ -57,6 +57,12 @@ const FOUND = [
     hostile: true,
     what: "a meter error report came before the worker settled its call's answer (slow statements, freezes): it changed no row, the settle then marked the rows delivered though Stripe had dropped their event (billed less than stored); a report now fails the pending rows it names too",
   })),
+  {
+    seed: 1533,
+    size: 'small',
+    hostile: true,
+    what: "a worker frozen between its lease check and its cancel sent it after another worker's cancel of the same identifier had gone out: the one-call-in-flight check exempted late meter events but not late cancels (the check now watches late cancels apart, as late events, and requires every cancel of one identifier in flight at once to carry one idempotency key: a replay)",
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
