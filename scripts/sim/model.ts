@@ -497,6 +497,16 @@ export class ModelDb {
     return out;
   }
 
+  /** expiredLeaseKeys: the keys whose lease ran out with an owner left, read without freeing them. */
+  expiredLeaseKeys(): KeyRef[] {
+    const t = this.now();
+    const out: KeyRef[] = [];
+    for (const [name, row] of this.keys)
+      if (row.leaseOwner !== null && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < t)
+        out.push(this.keyRefs.get(name)!);
+    return out;
+  }
+
   /** reapLeases: leases past their expiry with an owner left. */
   reap(): KeyRef[] {
     const t = this.now();

@@ -1052,12 +1052,12 @@ export async function simulate(
       return false;
     };
     /** One pass of the reaper: expired leases and orphaned jobs, queued again. */
+    // delivery.ts reapOnce: the expired leases read and the orphaned jobs found; then their keys queued,
+    // the orphans completed and the leases freed (a lease that ran out meanwhile queued too), in that
+    // order, so that no instant leaves such a key with neither a lease nor a job. (One statement here
+    // for the last four: between them every key has its job.)
     const reapOnce = () =>
-      statement(w, () => {
-        const reaped = db.reap();
-        takeovers += reaped.length;
-        return reaped;
-      }).then(async (keys) => {
+      statement(w, () => db.expiredLeaseKeys()).then(async (expired) => {
         const orphans = await statement(w, () => {
           const found = db.orphans(spec.leaseSeconds * 1000);
           for (const j of found)
@@ -1067,12 +1067,18 @@ export async function simulate(
               );
           return found;
         });
-        if (keys.length + orphans.length === 0) return;
-        log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
-        await statement(w, () => {
+        if (expired.length + orphans.length === 0) return;
+        const keys = await statement(w, () => {
+          const first = [...expired, ...orphans.map((j) => j.key)];
+          for (const k of first) db.insertJob(k, dbNow());
           for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
-          for (const k of [...keys, ...orphans.map((j) => j.key)]) db.insertJob(k, dbNow());
+          const reaped = db.reap();
+          takeovers += reaped.length;
+          const seen = new Set(first.map(keyName));
+          for (const k of reaped) if (!seen.has(keyName(k))) db.insertJob(k, dbNow());
+          return reaped;
         });
+        log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
       });
     // A worker starts its reaper at once (another's leases or jobs may be waiting for it).
     w.reap();

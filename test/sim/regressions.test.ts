@@ -63,6 +63,11 @@ const FOUND = [
     hostile: true,
     what: "a worker frozen between its lease check and its cancel sent it after another worker's cancel of the same identifier had gone out: the one-call-in-flight check exempted late meter events but not late cancels (the check now watches late cancels apart, as late events, and requires every cancel of one identifier in flight at once to carry one idempotency key: a replay)",
   },
+  {
+    seed: 10681,
+    size: 'small',
+    what: 'the reaper freed a lease whose settle ran late, and queued the key in a later statement that was slow (22 s); the batch completed its own job meanwhile and the key had neither a lease nor a job: the reaper now queues the keys before it frees their leases',
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
