@@ -9,8 +9,9 @@ import { configDefaults, defineConfig } from 'vitest/config';
  * * `npm run test:slow` (projects `slow`, `alone`, `citus`): the suites that must take their time
  *   because the fault is real or the world is large: dropped connections (proxy and iptables), a
  *   skewed clock (libfaketime), a full disk, PgBouncer, several processes and the destinations
- *   ledger under load, the active-sensor cron, the simulation's 2,000 worlds, then the
- *   process-killing files alone, then the Citus cluster.
+ *   ledger under load, the active-sensor cron, the simulation's 3,500 worlds (3,000 of them
+ *   hostile, in two files side by side, one a core), then the process-killing files alone, then the
+ *   Citus cluster.
  */
 const SLOW = [
   'test/e2e/dead-connections.test.ts',

@@ -1,15 +1,17 @@
-// `npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace] [--mutate a,b]`: runs the delivery
+// `npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--hostile] [--trace] [--mutate a,b]`: runs the delivery
 // simulation over many seeds and prints each failing seed with its violations (and, with --trace or
 // for a single seed, the last lines of its trace). Exit 1 when any seed fails.
 import { isMutation, type Mutation } from './mutations.js';
 import { simulate, type WorldSpec } from './simulation.js';
 
-const USAGE = `usage: npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--trace] [--mutate a,b]
+const USAGE = `usage: npm run sim -- [--seeds N] [--from S] [--seed S] [--minutes M] [--small] [--hostile] [--trace] [--mutate a,b]
 
 Runs the delivery simulation over N seeds (default 1000) from S (default 1), or one seed with its trace,
-and prints each failing seed with its violations. Exit 1 when any seed fails.`;
+and prints each failing seed with its fault profile and violations. Exit 1 when any seed fails.
+--hostile: every seed hostile (a fault profile on each: CI's worlds; replay a CI seed with
+--hostile --small --seed N).`;
 const VALUED = new Set(['--seeds', '--from', '--seed', '--minutes', '--mutate']);
-const SWITCHES = new Set(['--small', '--trace']);
+const SWITCHES = new Set(['--small', '--trace', '--hostile']);
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const arg = argv[i]!;
@@ -35,6 +37,7 @@ const from = Number(flag('from') ?? 1);
 const count = single ? 1 : Number(flag('seeds') ?? 1000);
 const showTrace = process.argv.includes('--trace') || single !== undefined;
 const size = process.argv.includes('--small') ? 'small' : 'full';
+const hostile = process.argv.includes('--hostile');
 const overrides: Partial<WorldSpec> = {};
 const mutations: Mutation[] = [];
 for (const name of (flag('mutate') ?? '').split(',').filter(Boolean)) {
@@ -44,13 +47,14 @@ for (const name of (flag('mutate') ?? '').split(',').filter(Boolean)) {
 if (flag('minutes')) overrides.minutes = Number(flag('minutes'));
 
 const started = performance.now();
+const cpuStarted = process.cpuUsage();
 let failed = 0;
 let steps = 0;
 let hours = 0;
 let calls = 0;
 for (let i = 0; i < count; i++) {
   const seed = single ? Number(single) : from + i;
-  const result = await simulate(seed, overrides, size, { mutations });
+  const result = await simulate(seed, overrides, size, { mutations, hostile });
   steps += result.stats.steps;
   hours += result.stats.virtualHours;
   calls += result.stats.calls;
@@ -71,7 +75,9 @@ for (let i = 0; i < count; i++) {
   }
 }
 const seconds = (performance.now() - started) / 1000;
+const cpu = process.cpuUsage(cpuStarted);
+const cpuSeconds = (cpu.user + cpu.system) / 1e6;
 console.log(
-  `${count} seeds (${from}..${from + count - 1}): ${failed} failed; ${steps} steps, ${calls} Stripe calls, ${hours.toFixed(0)} virtual hours in ${seconds.toFixed(1)} s`,
+  `${count} ${hostile ? 'hostile ' : ''}seeds (${from}..${from + count - 1}): ${failed} failed; ${steps} steps, ${calls} Stripe calls, ${hours.toFixed(0)} virtual hours in ${seconds.toFixed(1)} s (${cpuSeconds.toFixed(1)} CPU-s, ${(cpuSeconds / count).toFixed(3)} CPU-s a seed, ${(count / seconds).toFixed(1)} seeds/s)`,
 );
 process.exitCode = failed > 0 ? 1 : 0;

@@ -76,11 +76,21 @@ export function wallClocks(p: FaultProfile): (host: number, atMs: number) => num
 
 /**
  * The faults of a seed over `minutes` of activity. About half the seeds are hostile; each fault is
- * drawn on its own, so a hostile seed has some of them, rarely all.
+ * drawn on its own, so a hostile seed has some of them, rarely all. `forceHostile` (CI's hostile
+ * worlds, `npm run sim -- --hostile`): every seed is hostile; a seed that is hostile anyway gets the
+ * same profile either way (the coin is still drawn), and a draw that comes out with no fault at all is
+ * drawn again from the same stream.
  */
-export function drawProfile(seed: number, minutes: number): FaultProfile {
+export function drawProfile(seed: number, minutes: number, forceHostile = false): FaultProfile {
   const r = seededRandom(seed ^ 0x4057_11e);
-  if (r.next() < 0.5) return CALM;
+  if (r.next() < 0.5 && !forceHostile) return CALM;
+  for (;;) {
+    const p = drawHostile(r, minutes);
+    if (!forceHostile || !isCalm(p)) return p;
+  }
+}
+
+function drawHostile(r: ReturnType<typeof seededRandom>, minutes: number): FaultProfile {
   const span = Math.max(1, minutes) * 60_000;
   const maybe = (p: number) => r.next() < p;
   // Skews as production has them: mostly seconds, sometimes minutes to an hour and a half.

@@ -494,6 +494,16 @@ export class ModelDb {
     return out;
   }
 
+  /** expiredLeaseKeys: the keys whose lease ran out with an owner left, read without freeing them. */
+  expiredLeaseKeys(): KeyRef[] {
+    const t = this.now();
+    const out: KeyRef[] = [];
+    for (const [name, row] of this.keys)
+      if (row.leaseOwner !== null && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < t)
+        out.push(this.keyRefs.get(name)!);
+    return out;
+  }
+
   /** reapLeases: leases past their expiry with an owner left. */
   reap(): KeyRef[] {
     const t = this.now();
@@ -648,12 +658,15 @@ export class ModelDb {
 
   // ─── around delivery ─────────────────────────────────────────────────────────────────────────
 
-  /** failReportedEvents: rows Stripe accepted and an error report names become failed. */
+  /**
+   * failReportedEvents: the delivered and pending rows an error report names become failed (pending:
+   * v2 rows in validation, and rows whose answer is not settled yet: the report may come first).
+   */
   failReported(identifier: string, code: string): number {
     let n = 0;
     for (const r of this.rows) {
       if (r.identifier !== identifier) continue;
-      if (r.status === 'delivered' || (r.status === 'pending' && r.acceptedAt !== null)) {
+      if (r.status === 'delivered' || r.status === 'pending') {
         r.status = 'failed';
         r.lastError = `stripe error report: ${code}`;
         n++;

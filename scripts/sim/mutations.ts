@@ -12,6 +12,8 @@ export const MUTATIONS = {
   deadlineOnWallClock:
     'a worker measures its lease deadline on its wall clock (which steps), not a monotonic one',
   noStandbyWait: 'a claim is answered at its commit, before the standbys have flushed it',
+  webhookNoStandbyWait:
+    'a Stripe webhook (a meter error report) is answered 200 at its commit, before the standbys have flushed it: Stripe never sends it again',
   randomIdentifiers: "a group's identifier is drawn at random, not derived from the rows it carries",
   settleStaleLease: 'settle applies the answers of a batch whose lease has run out',
   reaperRequeuesRunningClaim:

@@ -19,32 +19,34 @@ class EventQueue {
   }
   push(e: Event) {
     const h = this.heap;
+    let i = h.length;
     h.push(e);
-    let i = h.length - 1;
     while (i > 0) {
       const p = (i - 1) >> 1;
-      if (!before(h[i]!, h[p]!)) break;
-      [h[i], h[p]] = [h[p]!, h[i]!];
+      const parent = h[p]!;
+      if (!before(e, parent)) break;
+      h[i] = parent;
       i = p;
     }
+    h[i] = e;
   }
   pop(): Event | undefined {
     const h = this.heap;
     const top = h[0];
     const last = h.pop();
-    if (h.length > 0 && last) {
-      h[0] = last;
+    const n = h.length;
+    if (n > 0 && last) {
       let i = 0;
       for (;;) {
         const l = 2 * i + 1;
+        if (l >= n) break;
         const r = l + 1;
-        let m = i;
-        if (l < h.length && before(h[l]!, h[m]!)) m = l;
-        if (r < h.length && before(h[r]!, h[m]!)) m = r;
-        if (m === i) break;
-        [h[i], h[m]] = [h[m]!, h[i]!];
+        const m = r < n && before(h[r]!, h[l]!) ? r : l;
+        if (!before(h[m]!, last)) break;
+        h[i] = h[m]!;
         i = m;
       }
+      h[i] = last;
     }
     return top;
   }
@@ -58,8 +60,11 @@ export type Gate = (run: () => void) => void;
 
 const before = (a: Event, b: Event) => a.at < b.at || (a.at === b.at && a.seq < b.seq);
 
-/** Lets every promise resolved so far run until it waits on something the scheduler controls. */
-const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+/**
+ * Steps between two returns to the event loop: the run never needs it (every wait is an event here),
+ * but a test runner's timeout and its messages do.
+ */
+const YIELD_EVERY = 4096;
 
 export class Scheduler {
   now: number;
@@ -106,23 +111,59 @@ export class Scheduler {
   }
 
   /**
-   * Runs events until `until` (virtual ms) or until none is left; after each, `check` (the
-   * invariants). Returns false if `stop()` said to stop early.
+   * Runs events until `until` (virtual ms) or until none is left; after each, once every promise it
+   * resolved has run to its next wait, `check` (the invariants). Stops early when `stop()` says so.
+   *
+   * "Once every promise has run": the event's microtask queues a tick, and Node runs ticks only when
+   * the microtask queue is empty (process.nextTick's queue, then every microtask until none is left,
+   * then the ticks queued meanwhile). The same order as a round trip through the event loop
+   * (`setImmediate`) between two events, which this replaced: that cost 4-5 µs a step, most of a
+   * small world's time (docs/architecture.md, "The simulation").
    */
-  async runUntil(until: number, check: () => void, stop: () => boolean = () => false): Promise<void> {
-    for (;;) {
-      const next = this.queue.peek();
-      if (!next || next.at > until) break;
-      this.queue.pop();
-      if (next.cancelled) continue;
-      this.now = next.at;
-      next.run();
-      await settle();
-      this.steps++;
-      check();
-      if (stop()) return;
-    }
-    this.now = Math.max(this.now, until);
+  runUntil(until: number, check: () => void, stop: () => boolean = () => false): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      let sinceYield = 0;
+      const next = () => {
+        try {
+          for (;;) {
+            const event = this.queue.peek();
+            if (!event || event.at > until) {
+              this.now = Math.max(this.now, until);
+              resolve();
+              return;
+            }
+            this.queue.pop();
+            if (event.cancelled) continue;
+            this.now = event.at;
+            event.run();
+            break;
+          }
+        } catch (err) {
+          reject(err);
+          return;
+        }
+        queueMicrotask(() => process.nextTick(after));
+      };
+      const after = () => {
+        this.steps++;
+        try {
+          check();
+          if (stop()) {
+            resolve();
+            return;
+          }
+        } catch (err) {
+          reject(err);
+          return;
+        }
+        if (++sinceYield < YIELD_EVERY) next();
+        else {
+          sinceYield = 0;
+          setImmediate(next);
+        }
+      };
+      next();
+    });
   }
 
   /**

@@ -6,8 +6,10 @@ import { assertEventDate, isPoison, recordPoison } from '../billing/poison.js';
 import { processStripeEvent } from '../billing/process.js';
 import { completeThinEvent } from '../billing/thin-events.js';
 import { verifyStripeWebhook, WebhookRejectedError } from '../billing/verify.js';
+import { hostTimers } from '../clock.js';
 import type { Context } from '../context-type.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
+import { type ReplicationGuard, replicationGuard } from '../db/replication.js';
 import { AppError } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { HttpModule } from '../http/types.js';
@@ -24,6 +26,8 @@ const received = z.object({
 export interface WebhookRouteOptions {
   /** Replaces the event handlers (tests inject failures here). */
   handlers?: EventHandlers;
+  /** Replaces the wait for the standbys before the 200 (tests inject one that finds a standby behind). */
+  replication?: ReplicationGuard;
 }
 
 export function webhookRoutes(
@@ -32,6 +36,17 @@ export function webhookRoutes(
 ): HttpModule {
   const log = ctx.log.child({ component: 'webhooks' });
   const routes = documentedRoutes('/webhooks');
+  // Stripe never sends an answered event again, so a 200 must not precede the standbys' copy of its
+  // effect: with an asynchronous standby a promotion would lose a committed meter error report (its
+  // rows stay delivered while Stripe dropped their event: billed less than stored) and nothing would
+  // bring it back. The same wait, and bound, as a claim's (DELIVERY_REPLICA_WAIT_MS).
+  const replication =
+    options.replication ??
+    replicationGuard(ctx.db, {
+      maxWaitMs: ctx.config.DELIVERY_REPLICA_WAIT_MS,
+      timers: hostTimers,
+      log,
+    });
 
   const receive =
     (endpoint: 'platform' | 'connect') => async (c: Parameters<Parameters<typeof routes.route>[1]>[0]) => {
@@ -86,10 +101,27 @@ export function webhookRoutes(
           clock: ctx.clock,
           ...(options.handlers ? { handlers: options.handlers } : {}),
         });
+        // A duplicate too: the first delivery's commit may be on the primary alone (its 200 was lost).
+        if (!(await replication.confirm())) {
+          decided('failed', type);
+          log.warn(
+            { eventId: event.id, type: event.type },
+            'webhook event committed, but a standby lacks it: answered 503 so that Stripe sends it again (a promotion now would lose it)',
+          );
+          throw new AppError(
+            503,
+            'unavailable',
+            'the event is recorded but not yet on every standby; Stripe will retry it',
+            [],
+            { 'Retry-After': '5' },
+          );
+        }
         decided(result.duplicate ? 'duplicate' : 'processed', type);
         return c.json({ received: true, duplicate: result.duplicate } as const, 200);
       } catch (err) {
         decided('failed', type);
+        // The standbys' wait above decided it already (the event is committed: nothing to roll back).
+        if (err instanceof AppError) throw err;
         if (isPoison(err)) {
           // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
           await recordPoison(ctx.db, event, err);
@@ -114,7 +146,8 @@ export function webhookRoutes(
         'Stripe webhook receiver. The Stripe-Signature header is verified on the raw body (300 s ' +
         'tolerance); the event id and its effect commit in one transaction, so a redelivery, even a ' +
         'concurrent one, changes nothing. 400: missing/invalid/stale signature or not an event; ' +
-        '503: STRIPE_WEBHOOK_SECRET not configured; 500: processing failed and was rolled back ' +
+        '503: STRIPE_WEBHOOK_SECRET not configured, or the event is committed but a streaming standby ' +
+        'does not have it yet (Stripe retries; a resend is a duplicate); 500: processing failed and was rolled back ' +
         '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
         'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
         'Events meterbox does not act on, and checkouts naming no known ' +

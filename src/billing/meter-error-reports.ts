@@ -60,9 +60,13 @@ const DUPLICATE_CODE = /duplicate/i;
 
 /**
  * The rows behind the identifiers Stripe sampled in an error report become `failed` with Stripe's
- * code and message (listed in the dashboard and the admin API, and retryable from there). Only rows
- * Stripe had accepted change: delivered ones, and v2 rows still in their validation window (pending
- * with accepted_at). Returns the rows changed.
+ * code and message (listed in the dashboard and the admin API, and retryable from there). The rows
+ * that change are the delivered ones and the pending ones: v2 rows in their validation window, and
+ * rows whose call Stripe received but whose answer the worker has not settled yet (a frozen worker, a
+ * slow settle: the report can come first; the settle then finds them no longer pending and leaves them
+ * failed, where a report ignored would have let it mark them delivered though Stripe dropped their
+ * event). A report names only an identifier Stripe received, so no row it names is still unsent.
+ * Returns the rows changed.
  */
 export async function failReportedEvents(trx: Transaction<DB>, errorTypes: unknown): Promise<number> {
   const parsed = sampledErrors.safeParse(errorTypes);
@@ -81,12 +85,7 @@ export async function failReportedEvents(trx: Transaction<DB>, errorTypes: unkno
           last_error: `stripe error report: ${type.code}${message ? `: ${message}` : ''}`,
         })
         .where('identifier', '=', identifier)
-        .where((eb) =>
-          eb.or([
-            eb('status', '=', 'delivered'),
-            eb.and([eb('status', '=', 'pending'), eb('accepted_at', 'is not', null)]),
-          ]),
-        )
+        .where('status', 'in', ['delivered', 'pending'])
         .executeTakeFirst();
       changed += Number(result.numUpdatedRows);
     }

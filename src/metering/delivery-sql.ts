@@ -666,6 +666,25 @@ export async function renewLeasesOf(
  * batch died. On Citus, a read of the organizations with such leases (every shard, no lock) first,
  * then the statement per shard group: no statement locks rows on two nodes.
  */
+/**
+ * The keys whose lease has run out with an owner left, read without freeing them: the reaper queues
+ * their jobs before it frees the leases (a claim takes over an expired lease anyway), so no instant
+ * between the two leaves such a key with neither a lease nor a job. A plain read (one statement; on
+ * Citus a multi-shard SELECT).
+ */
+export async function expiredLeaseKeys(db: Kysely<DB>): Promise<KeyRef[]> {
+  const { rows } = await sql<{
+    organization_id: string;
+    customer: string;
+    event_name: MeterEventName;
+    destination: Destination;
+  }>`
+    SELECT organization_id, stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
+     WHERE lease_owner IS NOT NULL AND lease_expires_at < clock_timestamp()
+     ORDER BY 1, 2, 3, 4`.execute(db);
+  return rows.map(rowKey);
+}
+
 export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promise<KeyRef[]> {
   const statement = (orgs: readonly string[] | null) => sql<{
     organization_id: string;

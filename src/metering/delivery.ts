@@ -29,7 +29,7 @@ import {
   correctionsOnConnectedAccount,
   createCorrectionClient,
 } from './corrections.js';
-import { pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
@@ -38,7 +38,7 @@ import type { DeliveryObserver } from './observer.js';
 import { queueDeliveries } from './outbox.js';
 import { deliveryPayload, type QueuePayload } from './queues.js';
 import { reportReplication } from './replication-report.js';
-import { type KeyRef, keyRef, singletonKeyOf } from './rules.js';
+import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';
@@ -575,8 +575,16 @@ export const LEASE_REAP_MS = 2_000;
 export async function reapOnce(
   deps: Pick<Parameters<typeof startLeaseReaper>[0], 'db' | 'boss' | 'log' | 'config' | 'distributed'>,
 ): Promise<{ leases: number; jobs: number }> {
-  const keys = await reapLeases(deps.db, { distributed: deps.distributed() });
+  // Jobs first, leases freed after: a pass that stops or stalls between its statements (a slow
+  // statement, a frozen or killed process) must not leave a key with neither a lease nor a job (it
+  // did: the lease freed, the batch's own job completed meanwhile, the queueing statement 22 s late;
+  // simulation seed 10681). An expired lease held on meanwhile changes nothing: a claim takes it over.
+  // The orphans are completed after their keys are queued (one queued job per key: an active one does
+  // not stop it), so that no instant between the two leaves their keys without a job either.
+  const expired = await expiredLeaseKeys(deps.db);
   const orphans = await orphanedJobs(deps.db, deps.config.DELIVERY_LEASE_SECONDS, deps.distributed());
+  const first = [...expired, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
+  if (first.length > 0) await queueDeliveries(deps.boss, first);
   if (orphans.length > 0) {
     await deps.boss.complete(
       'meter-delivery',
@@ -584,9 +592,13 @@ export async function reapOnce(
       { kind: 'orphaned' },
     );
   }
-  const all = [...keys, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
-  if (all.length > 0) {
-    await queueDeliveries(deps.boss, all);
+  const keys = await reapLeases(deps.db, { distributed: deps.distributed() });
+  // A lease that ran out between the read and the reap: queued now (one queued job per key: a key
+  // queued above gets no second one).
+  const seen = new Set(first.map(keyName));
+  const late = keys.filter((k) => !seen.has(keyName(k)));
+  if (late.length > 0) await queueDeliveries(deps.boss, late);
+  if (keys.length + orphans.length > 0) {
     deps.log.info(
       { leases: keys.length, jobs: orphans.length },
       'freed what a batch that died left (leases, fetched jobs); keys queued again',

@@ -3,7 +3,7 @@
 // notified by the event's transaction.
 import pg from 'pg';
 import { describe, expect } from 'vitest';
-import { METER_CATALOG_CHANNEL } from '../../src/billing/meter-error-reports.js';
+import { failReportedEvents, METER_CATALOG_CHANNEL } from '../../src/billing/meter-error-reports.js';
 import { processStripeEvent } from '../../src/billing/process.js';
 import { writeRows } from '../metering/delivery-helpers.js';
 import { contextTest } from '../support/test.js';
@@ -79,5 +79,50 @@ describe('v1.billing.meter.no_meter_found', () => {
     } finally {
       await listener.end();
     }
+  });
+
+  it('fails rows whose call Stripe received before their answer was settled (the report came first), and no row it does not name', async ({
+    ctx,
+    org,
+  }) => {
+    // Two rows of one key: one sent under an identifier whose answer the worker has not settled yet
+    // (frozen, or a slow settle), one not yet claimed.
+    const [sent, unsent] = await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
+      { value: 4, occurredAt: new Date() },
+      { value: 2, occurredAt: new Date() },
+    ]);
+    await ctx.db
+      .updateTable('meter_outbox')
+      .set({ identifier: 'mb_inflight_1', identified_at: new Date() })
+      .where('id', '=', sent!)
+      .execute();
+    const changed = await ctx.db.transaction().execute((trx) =>
+      failReportedEvents(trx, [
+        {
+          code: 'no_meter',
+          sample_errors: [{ error_message: 'no meter', request: { identifier: 'mb_inflight_1' } }],
+        },
+      ]),
+    );
+    expect(changed).toBe(1);
+    // The settle that comes after it changes pending rows only: the row stays failed, not delivered.
+    const settled = await ctx.db
+      .updateTable('meter_outbox')
+      .set({ status: 'delivered', delivered_at: new Date() })
+      .where('identifier', '=', 'mb_inflight_1')
+      .where('status', '=', 'pending')
+      .executeTakeFirst();
+    expect(Number(settled.numUpdatedRows)).toBe(0);
+    const rows = await ctx.db
+      .selectFrom('meter_outbox')
+      .select(['id', 'status', 'last_error'])
+      .where('id', 'in', [sent!, unsent!])
+      .orderBy('id')
+      .execute();
+    expect(rows.map((r) => [r.id, r.status])).toEqual([
+      [sent, 'failed'],
+      [unsent, 'pending'],
+    ]);
+    expect(rows[0]?.last_error).toMatch(/^stripe error report: no_meter: no meter/);
   });
 });

@@ -272,6 +272,43 @@ describe('POST /webhooks/stripe: exactly once', () => {
     expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
   });
 
+  it('answers 503 while a standby lacks the committed event, and 200 to the resend once it has it', async ({
+    ctx,
+  }) => {
+    const { organizationId, customer, sub } = await linkedOrganization(ctx);
+    // A standby behind, then caught up (what src/db/replication.ts finds in pg_stat_replication).
+    const looks = [false, true];
+    const asked: boolean[] = [];
+    const module = webhookRoutes(ctx, {
+      replication: {
+        confirm: async () => {
+          const ok = looks.shift() ?? true;
+          asked.push(ok);
+          return ok;
+        },
+      },
+    });
+    const guarded = createApp(ctx, []);
+    guarded.route('/guarded', module.app);
+    const event = pastDueEvent(customer, sub);
+    const init = await requestInit(event);
+
+    // Committed on the primary, but no 200: a promotion now would lose it, and Stripe would never resend.
+    const first = await guarded.request('/guarded/stripe', { ...init });
+    expect(first.status).toBe(503);
+    expect(first.headers.get('retry-after')).toBe('5');
+    expect(await first.json()).toMatchObject({ error: { code: 'unavailable' } });
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
+    expect((await subscriptionOf(ctx.db, organizationId))?.status).toBe('past_due');
+
+    // Stripe's resend: already applied, and now on the standby too.
+    const resend = await guarded.request('/guarded/stripe', { ...init });
+    expect(resend.status).toBe(200);
+    expect(await resend.json()).toEqual({ received: true, duplicate: true });
+    expect(asked).toEqual([false, true]);
+    expect(await eventRows(ctx, event.id)).toHaveLength(1);
+  });
+
   it('acknowledges and records event types it does not act on', async ({ ctx, app }) => {
     const event = buildEvent(
       'customer.created',

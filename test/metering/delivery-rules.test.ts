@@ -526,6 +526,51 @@ describe('what a batch that died leaves', () => {
     // Nothing left to free: a second pass finds nothing.
     expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 0, jobs: 0 });
   });
+
+  it('queues the keys before it frees their leases: a pass that stops half-way leaves every key a job (simulation seed 10681)', async ({
+    ctx,
+  }) => {
+    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner IS NOT NULL`.execute(
+      ctx.db,
+    );
+    await sql`UPDATE pgboss.job SET state = 'completed', completed_on = now()
+               WHERE name = 'meter-delivery' AND state = 'active'`.execute(ctx.db);
+    const died = await createOrganization(ctx.db);
+    const fetched = await createOrganization(ctx.db);
+    for (const org of [died, fetched]) {
+      await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    }
+    await sql`INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, lease_owner, lease_expires_at)
+              VALUES (${died.organizationId}, ${died.customerId}, 'temperature_readings', 'dead', clock_timestamp() - interval '1 second')`.execute(
+      ctx.db,
+    );
+    await takeQueuedJobs(ctx, died.customerId);
+    await sql`UPDATE pgboss.job SET state = 'active', started_on = now() - interval '1 minute'
+               WHERE name = 'meter-delivery' AND singleton_key = ${`temperature_readings:${fetched.customerId}`}`.execute(
+      ctx.db,
+    );
+    // The pass stops at the orphans' completion (a process killed, a statement that never answers).
+    const stopped = new Proxy(ctx.boss, {
+      get(target, property) {
+        if (property === 'complete')
+          return async () => {
+            throw new Error('the reaper stopped here');
+          };
+        const value: unknown = Reflect.get(target, property, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    await expect(reapOnce({ ...ctx, boss: stopped, distributed: () => false })).rejects.toThrow(
+      /stopped here/,
+    );
+    // Each key has its job already; the expired lease is not freed yet (a claim takes it over).
+    for (const org of [died, fetched]) expect(await queuedJobs(ctx, org.customerId)).toHaveLength(1);
+    expect((await keyRow(ctx, died.customerId))?.lease_owner).toBe('dead');
+    // The next pass finishes: the lease freed, no second job.
+    expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 1, jobs: 1 });
+    for (const org of [died, fetched]) expect(await queuedJobs(ctx, org.customerId)).toHaveLength(1);
+    expect((await keyRow(ctx, died.customerId))?.lease_owner).toBeNull();
+  });
 });
 
 describe('corrections in a batch', () => {

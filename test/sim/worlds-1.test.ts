@@ -1,4 +1,4 @@
-// The first half of the simulated worlds (test/sim/worlds.ts says what they check).
-import { CHUNKS, worlds } from './worlds.js';
+// Half the simulated worlds (test/sim/worlds.ts says what they check): every other chunk.
+import { worlds } from './worlds.js';
 
-worlds(0, CHUNKS / 2);
+worlds(0, 2);
