@@ -359,6 +359,8 @@ export async function simulate(
   let freezes = 0;
   /** Calls sent after their process froze between the lease check and the send. */
   let lateCalls = 0;
+  /** Timeouts and refused connections a frozen worker heard only after it woke (rules.ts Answer.late). */
+  let lateAnswers = 0;
   /**
    * Leases that ran out under a batch still running (a frozen worker, a slow statement) and were
    * reaped or taken over: that batch's settle is refused, so its counted call may be made again.
@@ -732,7 +734,7 @@ export async function simulate(
           // so each such batch may add one.
           if (
             !e.identifier.includes('trc_') &&
-            n > spec.retryLimit + 1 + crashes + batchFailures + takeovers + lateCalls
+            n > spec.retryLimit + 1 + crashes + batchFailures + takeovers + lateCalls + lateAnswers
           ) {
             violate(`identifier ${e.identifier} called ${n} times (limit ${spec.retryLimit})`);
           }
@@ -758,6 +760,14 @@ export async function simulate(
           open.splice(open.indexOf(cancelKey.idempotencyKey), 1);
           cancelsInFlight.set(cancelKey.identifier, open);
         }
+        // A timeout or a refused connection its worker hears only after a freeze: the product may leave
+        // it uncounted (rules.ts, Answer.late: the process ran out, not the destination), so the group
+        // may be called once more than its limit for each such answer, as for a late call.
+        if (
+          w.frozenUntil > now() &&
+          outcomes.some((o) => o.kind === 'retryable' && (o.reason === 'timeout' || o.reason === 'network'))
+        )
+          lateAnswers++;
         w.gate(() => {
           if (w.alive) resolve(outcomes);
         });

@@ -49,6 +49,7 @@ import {
   type KeyRef,
   keyName,
   type LeasedKey,
+  lateAmbiguous,
   type Note,
   needsCorrectionClaim,
   planCalls,
@@ -479,7 +480,7 @@ function healthReport(called: readonly Answer[], probed: boolean): HealthReport 
   const failingKeys = new Set<string>();
   let answered = 0;
   for (const [i, a] of called.entries()) {
-    if (!a.outcome) continue;
+    if (!a.outcome || lateAmbiguous(a)) continue;
     const verdict = destinationVerdict(a.outcome);
     if (verdict === 'failure') {
       failingCalls.add(a.call ?? -1 - i);

@@ -58,13 +58,20 @@ export async function callStripe(
   const calls: PlannedCall[][] = [];
   for (let i = 0; i < usage.length; i += perCall) calls.push(usage.slice(i, i + perCall));
   for (const p of planned) if (p.correction) calls.push([p]);
-  const answer = (p: PlannedCall, outcome: SendOutcome | null, waitMs?: number, call?: number): Answer => ({
+  const answer = (
+    p: PlannedCall,
+    outcome: SendOutcome | null,
+    waitMs?: number,
+    call?: number,
+    late?: boolean,
+  ): Answer => ({
     key: p.key,
     group: p.group,
     correction: p.correction !== undefined,
     outcome,
     ...(waitMs === undefined ? {} : { waitMs }),
     ...(call === undefined ? {} : { call }),
+    ...(late ? { late } : {}),
   });
   const hold = deps.hold;
   /** Milliseconds the destination's Retry-After still holds calls (0: none). */
@@ -89,6 +96,9 @@ export async function callStripe(
       // A Retry-After that came in while this call waited for its slot: not sent.
       if (heldFor() > 0) return waitOnDestination(call, heldFor());
       const started = timers.now();
+      // The lease deadline this call starts under: its timeout ends LEASE_MARGIN_MS before it, so an
+      // answer after it means this process was frozen or stalled meanwhile (Answer.late).
+      const deadlineAtStart = leaseDeadline();
       observer.onInFlight?.(1);
       let outcomes: (SendOutcome | null)[];
       try {
@@ -154,6 +164,7 @@ export async function callStripe(
         observer.onInFlight?.(-1);
       }
       const ms = timers.now() - started;
+      const late = timers.now() > deadlineAtStart;
       if (hold) {
         for (const o of outcomes) {
           if (o?.kind === 'retryable' && o.retryAfterMs !== undefined)
@@ -169,7 +180,7 @@ export async function callStripe(
           message: 'transport returned no outcome',
         };
         observer.onCall?.(o.kind, ms, p.key.eventName);
-        return answer(p, o, undefined, index);
+        return answer(p, o, undefined, index, late);
       });
     }),
   );

@@ -150,6 +150,21 @@ export interface Answer {
   destinationWait?: boolean;
   /** Which call of the batch carried it (several events share one v2 or Metronome call). */
   call?: number;
+  /**
+   * The answer came after the lease deadline its call started under, which the call's own timeout ends
+   * well before (calls.ts): the process was frozen or stalled while it waited. A timeout or a connection
+   * error then is this process's, not the destination's: uncounted toward the group's retry limit and
+   * toward an outage (a call that timed out after a freeze is billed once, never failed).
+   */
+  late?: boolean;
+}
+
+/** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
+export function lateAmbiguous(answer: Answer): boolean {
+  const o = answer.outcome;
+  return (
+    answer.late === true && o?.kind === 'retryable' && (o.reason === 'timeout' || o.reason === 'network')
+  );
 }
 
 export interface DeliveryPolicy {
@@ -670,7 +685,7 @@ export function decideBatch(input: {
     }
     settlement.called = true;
     const outage = input.outage;
-    if (outage && destinationVerdict(answer.outcome) === 'failure') {
+    if (outage && destinationVerdict(answer.outcome) === 'failure' && !lateAmbiguous(answer)) {
       // The destination's outage, not the group's failure: uncounted, no backoff of its own.
       const wait = probeKeys++ === 0 ? Math.max(1, outage.probeInMs) : outage.waitMs;
       decision.groups.push({
@@ -753,8 +768,10 @@ export function decideBatch(input: {
         // stamped ahead) is not the group's failure: it becomes sendable as time passes, so it is
         // retried at the first backoff until taken, never counted toward the limit, never failed.
         const inFuture = meaning.reason === 'timestamp_in_future';
-        const attempts = inFuture ? group.attempts : group.attempts + 1;
-        if (!inFuture && attempts > policy.retryLimit) {
+        // A late timeout (Answer.late) is not counted either: the process, not the destination, ran out.
+        const uncounted = inFuture || lateAmbiguous(answer);
+        const attempts = uncounted ? group.attempts : group.attempts + 1;
+        if (!uncounted && attempts > policy.retryLimit) {
           const message = `gave up after ${attempts} attempts: ${meaning.message}`;
           decision.groups.push({
             organizationId: answer.key.organizationId,
@@ -781,7 +798,7 @@ export function decideBatch(input: {
           status: 'pending',
           error: meaning.message,
           called: true,
-          counted: !inFuture,
+          counted: !uncounted,
         });
         decision.notes.push({
           kind: 'retry',

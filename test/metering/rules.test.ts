@@ -142,6 +142,28 @@ describe('backoff and the retry limit are the group’s', () => {
     expect(d.results).toEqual([expect.objectContaining({ id: 'job-1', status: 'deadletter' })]);
   });
 
+  it('never counts a timeout that came after its lease deadline (a frozen process), but counts a 500 that did', () => {
+    const timeout: SendOutcome = { kind: 'retryable', reason: 'timeout', message: 'Request timed out' };
+    const lateAnswer = (outcome: SendOutcome, late: boolean) =>
+      decideBatch({
+        jobs: [{ id: 'job-1', key }],
+        claimed: [leased({ group: group({ attempts: 3 }) })],
+        corrections: new Map(),
+        answers: [
+          { key, group: group({ attempts: 3 }), correction: false, outcome, ...(late ? { late } : {}) },
+        ],
+        pastWindow: [],
+        now: NOW,
+        policy,
+      });
+    // On its last attempt: a late timeout leaves the group pending, uncounted, at the same identifier.
+    expect(lateAnswer(timeout, true).groups[0]).toMatchObject({ status: 'pending', counted: false });
+    // The same timeout in time is the destination's: counted, and the group dead-letters.
+    expect(lateAnswer(timeout, false).groups[0]).toMatchObject({ status: 'failed', counted: true });
+    // A 500 answered late is still the destination's answer.
+    expect(lateAnswer(serverError, true).groups[0]).toMatchObject({ status: 'failed', counted: true });
+  });
+
   it('follows up the rows that arrived meanwhile when a group dead-letters: they are their own group', () => {
     const d = decide(leased({ group: group({ attempts: 3 }), moreUsage: true }), serverError);
     expect(d.followUps).toEqual([expect.objectContaining({ why: 'more', afterMs: policy.minIntervalMs })]);
