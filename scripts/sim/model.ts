@@ -122,7 +122,6 @@ export class ModelDb {
   jobs = new Map<string, Job>();
   private nextRowId = 1;
   private nextJobId = 1;
-  private nextIdentifier = 1;
   private jobSeq = 0;
   /** Row nonces: not part of what a failover sets back (a uuid is drawn, not counted). */
   private nonceSeq = 1;

@@ -2,7 +2,7 @@
 // budget and bounded by what its key's lease has left.
 import type { HostTimers } from '../clock.js';
 import { SpanStatusCode, startDeliverySpan } from '../observability/tracing.js';
-import type { CallSlots } from './budget.js';
+import { awaitSlot, type CallSlots } from './budget.js';
 import { type CorrectionClient, sendCorrection } from './corrections.js';
 import type { DeliveryObserver } from './observer.js';
 import type { Answer, KeyRef, PlannedCall } from './rules.js';
@@ -89,9 +89,9 @@ export async function callStripe(
     calls.map(async (call, index): Promise<Answer[]> => {
       // A call of many events takes the slots its events need (the v2 stream, Metronome: limits.ts).
       if (heldFor() > 0) return waitOnDestination(call, heldFor());
-      const slot = await deps.slots.take(call.length);
+      // At the slot or not at all (budget.ts LATE_SLOT_MS): a late wake-up takes the next slot.
+      const slot = await awaitSlot(deps.slots, timers, call.length, () => observer.onLateSlot?.());
       if (!slot.granted) return call.map((p) => answer(p, null, slot.waitMs));
-      if (slot.waitMs > 0) await timers.sleep(slot.waitMs);
       if (timeoutNow() === null) return call.map((p) => answer(p, null, 0));
       // A Retry-After that came in while this call waited for its slot: not sent.
       if (heldFor() > 0) return waitOnDestination(call, heldFor());

@@ -85,6 +85,7 @@ export interface Metrics {
   readonly destinationDownSeconds: Gauge<'destination'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
+  readonly lateSlots: Counter;
   // --- alerts and outgoing webhooks (issue 45) ---
   /** Organizations currently silent (their `organization.silent` sent, no `resumed` yet), as the last silence pass found. */
   readonly silentOrganizations: Gauge;
@@ -334,6 +335,11 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     staleLeaseSettles: new Counter({
       name: 'meterbox_delivery_stale_lease_settles_total',
       help: "Keys whose answers a batch could not settle because its lease had run out by the database's clock (a frozen worker, a claim or call slower than the lease): nothing was written, the key's next owner resends the same identifiers",
+      registers,
+    }),
+    lateSlots: new Counter({
+      name: 'meterbox_delivery_late_slots_total',
+      help: 'Calls whose process woke from the wait for their budget slot too late to use it (a busy event loop, a CPU-starved or frozen worker) and took a later slot instead of calling late',
       registers,
     }),
     silentOrganizations: new Gauge({

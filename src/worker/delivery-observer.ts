@@ -40,5 +40,8 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onStaleLease(keys) {
       metrics.staleLeaseSettles.inc(keys);
     },
+    onLateSlot() {
+      metrics.lateSlots.inc();
+    },
   };
 }
