@@ -222,6 +222,42 @@ describe('layering of src/', () => {
   });
 });
 
+/** Every relative import of the files under `root`, file to file (paths without extension). */
+function fileImports(root: string): ImportEdge[] {
+  const strip = (path: string) => path.replace(/\.(?:[cm]?[jt]sx?)$/, '');
+  return sourceFiles(root).flatMap((path) => {
+    const file = relative(root, path).split(/[\\/]/).join('/');
+    const source = readFileSync(path, 'utf8');
+    return ts
+      .preProcessFile(source, true, true)
+      .importedFiles.filter((i) => i.fileName.startsWith('./') || i.fileName.startsWith('../'))
+      .map((i) => ({
+        file,
+        line: source.slice(0, i.pos).split('\n').length,
+        specifier: i.fileName,
+        from: strip(file),
+        to: strip(posix.normalize(posix.join(posix.dirname(file), i.fileName))),
+      }));
+  });
+}
+
+describe('files that import each other', () => {
+  // A circle of files, type-only imports included, is two files that can only be read together (issue
+  // 47): the shared part belongs in a file both import.
+  const roots = [
+    SRC,
+    ...['stripe-emulator', 'metronome-emulator'].map((p) => resolve(SRC, `../packages/${p}/src`)),
+  ];
+
+  it('has no circle in src/ or the emulators', () => {
+    for (const root of roots) {
+      const edges = fileImports(root);
+      expect(edges.length).toBeGreaterThan(20);
+      expect(cycles(edges), relative(resolve(SRC, '..'), root)).toEqual([]);
+    }
+  });
+});
+
 describe('scripts/', () => {
   // Developer tools (bench, chaos launcher, simulate) run outside vitest: what they share with the
   // tests lives in scripts/lib/, which the test kit re-uses, never the other way round.

@@ -3,22 +3,9 @@
 import type { Context as HonoContext } from 'hono';
 import { Hono } from 'hono';
 import { z } from 'zod';
-import type { AppEnv, HttpModule } from './types.js';
+import type { AppEnv, HttpModule, RouteDoc, Security } from './types.js';
 
-export type Security = 'apiKey' | 'apiKeyOrUsageToken' | 'admin' | 'stripeSignature' | 'none';
-
-export interface RouteDoc {
-  method: 'get' | 'post' | 'patch' | 'put' | 'delete';
-  /** OpenAPI path, e.g. /v1/sensors/{id} */
-  path: string;
-  summary: string;
-  tag: string;
-  security: Security;
-  body?: z.ZodType;
-  query?: z.ZodObject;
-  /** Success responses: status → schema (or description only). */
-  responses: Record<number, { description: string; schema?: z.ZodType; contentType?: string }>;
-}
+export type { RouteDoc, Security } from './types.js';
 
 export const errorSchema = z.object({
   error: z.object({

@@ -1,7 +1,7 @@
 // Shared Hono typing for meterbox's HTTP layer.
 import type { Hono } from 'hono';
+import type { z } from 'zod';
 import type { WebhookOutcome } from '../observability/metrics.js';
-import type { RouteDoc } from './openapi.js';
 
 export interface AppVariables {
   /** Set by API-key auth: the calling organization. */
@@ -25,4 +25,20 @@ export interface HttpModule {
   prefix: string;
   app: Hono<AppEnv>;
   docs: RouteDoc[];
+}
+
+/** Who may call a route, as its OpenAPI entry says. */
+export type Security = 'apiKey' | 'apiKeyOrUsageToken' | 'admin' | 'stripeSignature' | 'none';
+
+export interface RouteDoc {
+  method: 'get' | 'post' | 'patch' | 'put' | 'delete';
+  /** OpenAPI path, e.g. /v1/sensors/{id} */
+  path: string;
+  summary: string;
+  tag: string;
+  security: Security;
+  body?: z.ZodType;
+  query?: z.ZodObject;
+  /** Success responses: status → schema (or description only). */
+  responses: Record<number, { description: string; schema?: z.ZodType; contentType?: string }>;
 }

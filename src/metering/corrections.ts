@@ -25,7 +25,6 @@ import {
   type KeyRef,
 } from './rules.js';
 import {
-  type CallOptions,
   classifyStripeError,
   createStripeMeterClient,
   MAX_IDENTIFIER_LENGTH,
@@ -33,10 +32,12 @@ import {
   type SendOutcome,
   STRIPE_PAST_WINDOW_MS,
 } from './stripe-meter.js';
+import type { CorrectionClient } from './transport.js';
 
 export type { CorrectionGroup } from './rules.js';
 
 export { CANCEL_WINDOW_MS } from './rules.js';
+export type { CorrectionClient } from './transport.js';
 
 /** Compensations this close to Stripe's 35-day limit are not attempted (same margin as usage rows). */
 const COMPENSATE_SAFETY_MARGIN_MS = 3600 * 1000;
@@ -279,28 +280,6 @@ export async function claimCorrectionGroup(
     blocked: w?.blocked ?? 0,
     waitingOnUsage: w?.unsent ?? 0,
   };
-}
-
-/** The Stripe calls a correction group can become. */
-export interface CorrectionClient {
-  /** Meter event adjustment of type cancel; the idempotency key makes a resend a replay. */
-  cancel(
-    eventName: MeterEventName,
-    identifier: string,
-    idempotencyKey: string,
-    options?: CallOptions,
-  ): Promise<SendOutcome>;
-  /** A meter event (negative value for a compensation). */
-  send(
-    event: {
-      eventName: MeterEventName;
-      customerId: string;
-      value: string;
-      timestamp: Date;
-      identifier: string;
-    },
-    options?: CallOptions,
-  ): Promise<SendOutcome>;
 }
 
 /** Stripe Connect: the correction calls made on a connected account (the Stripe-Account header). */

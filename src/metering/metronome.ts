@@ -14,9 +14,8 @@
 import Metronome from '@metronome/sdk';
 import type { Config } from '../config.js';
 import type { MeterEventName } from '../db/schema.js';
-import type { CorrectionClient } from './corrections.js';
 import { type CallOptions, type MeterEventInput, retryAfter, type SendOutcome } from './stripe-meter.js';
-import type { MeterTransport } from './transport.js';
+import type { CorrectionClient, MeterTransport } from './transport.js';
 
 /** "Supports backdating 34 days" (ingest reference). */
 export const METRONOME_PAST_WINDOW_MS = 34 * 24 * 3600 * 1000;

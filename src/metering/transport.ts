@@ -3,6 +3,7 @@
 // slot of the call budget per call, hands the events of one call to a transport and settles each group
 // from its own outcome.
 import type Stripe from 'stripe';
+import type { MeterEventName } from '../db/schema.js';
 import {
   type CallOptions,
   createStripeMeterClient,
@@ -40,4 +41,29 @@ export function onConnectedAccount(transport: MeterTransport, account: string): 
     maxEventsPerCall: transport.maxEventsPerCall,
     send: (events, options) => transport.send(events, { ...options, stripeAccount: account }),
   };
+}
+
+/**
+ * The calls a correction group can become (corrections.ts decides which; Stripe's client there,
+ * Metronome's in metronome.ts).
+ */
+export interface CorrectionClient {
+  /** Meter event adjustment of type cancel; the idempotency key makes a resend a replay. */
+  cancel(
+    eventName: MeterEventName,
+    identifier: string,
+    idempotencyKey: string,
+    options?: CallOptions,
+  ): Promise<SendOutcome>;
+  /** A meter event (negative value for a compensation). */
+  send(
+    event: {
+      eventName: MeterEventName;
+      customerId: string;
+      value: string;
+      timestamp: Date;
+      identifier: string;
+    },
+    options?: CallOptions,
+  ): Promise<SendOutcome>;
 }

@@ -4,7 +4,7 @@ import type { HttpBindings } from '@hono/node-server';
 import { type Context, Hono } from 'hono';
 import { internalError, StripeApiError, unauthorized } from './errors.js';
 import type { SavedResponse } from './idempotency.js';
-import type { EmulatorLogEntry } from './options.js';
+import type { EmulatorLogEntry, Permission } from './options.js';
 import { stripeId } from './state.js';
 
 export type Env = { Bindings: HttpBindings };
@@ -61,20 +61,6 @@ export function requireSecretKey(c: Ctx): Auth {
   if (!API_KEY_PATTERN.test(key)) throw unauthorized(`Invalid API Key provided: ${maskKey(key)}`);
   return { key, livemode: /^(sk|rk)_live_/.test(key) };
 }
-
-/**
- * What a restricted key (rk_…) may do, by Stripe's permission names. A restricted key the emulator
- * was not told about may do everything, so plain tests need no set-up.
- */
-export type Permission =
-  | 'rak_billing_meter_read'
-  | 'rak_billing_meter_write'
-  | 'rak_billing_meter_event_write'
-  | 'rak_webhook_read'
-  | 'rak_webhook_write'
-  | 'rak_event_read'
-  | 'rak_customer_read'
-  | 'rak_customer_write';
 
 /** The caller's key when it may use `permission`; Stripe's 403 for a restricted key without it. */
 export function requirePermission(

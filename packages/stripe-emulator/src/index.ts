@@ -19,7 +19,7 @@ export {
   faultsSchema,
   type ScriptStep,
 } from './faults.js';
-export type { Permission } from './http.js';
+export type { Permission } from './options.js';
 export {
   type CreateCustomerInput,
   DEFAULT_PORT,

@@ -1,7 +1,20 @@
 // What a caller can set on the emulator and the limits it enforces by default (Stripe's own).
 import type { FaultsInput } from './faults.js';
-import type { Permission } from './http.js';
 import type { MeterDefinition, Via } from './state.js';
+
+/**
+ * What a restricted key (rk_…) may do, by Stripe's permission names. A restricted key the emulator
+ * was not told about may do everything, so plain tests need no set-up.
+ */
+export type Permission =
+  | 'rak_billing_meter_read'
+  | 'rak_billing_meter_write'
+  | 'rak_billing_meter_event_write'
+  | 'rak_webhook_read'
+  | 'rak_webhook_write'
+  | 'rak_event_read'
+  | 'rak_customer_read'
+  | 'rak_customer_write';
 
 export const DEFAULT_PORT = 12111;
 /** Stripe: 1,000 meter-event calls per second per account in live mode, 25 in a sandbox. */

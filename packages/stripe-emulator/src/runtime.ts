@@ -5,9 +5,9 @@ import { existsSync } from 'node:fs';
 import { readFile, rename, writeFile } from 'node:fs/promises';
 import { createErrorReporter, ERROR_REPORT_EVENT, type ErrorReporter } from './error-reports.js';
 import { FaultInjector } from './faults.js';
-import type { Permission } from './http.js';
 import { IdempotencyStore } from './idempotency.js';
 import { RateLimiter } from './limits.js';
+import type { Permission } from './options.js';
 import {
   CONNECTED_RATE_PER_SECOND,
   type CreateCustomerInput,
