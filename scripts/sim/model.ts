@@ -665,6 +665,9 @@ export class ModelDb {
     let n = 0;
     for (const r of this.rows) {
       if (r.identifier !== identifier) continue;
+      // Mutation reportSparesUnsettled: only the rows already answered (the rule before seeds 2043/2131).
+      const unsettled = r.status === 'pending' && r.acceptedAt === null;
+      if (unsettled && this.mutations.has('reportSparesUnsettled')) continue;
       if (r.status === 'delivered' || r.status === 'pending') {
         r.status = 'failed';
         r.lastError = `stripe error report: ${code}`;

@@ -14,8 +14,12 @@ export const MUTATIONS = {
   noStandbyWait: 'a claim is answered at its commit, before the standbys have flushed it',
   webhookNoStandbyWait:
     'a Stripe webhook (a meter error report) is answered 200 at its commit, before the standbys have flushed it: Stripe never sends it again',
+  reportSparesUnsettled:
+    "a meter error report fails only the rows already delivered or accepted: one that comes before the worker settles its call's answer changes nothing, and the settle then marks the rows delivered",
   randomIdentifiers: "a group's identifier is drawn at random, not derived from the rows it carries",
   settleStaleLease: 'settle applies the answers of a batch whose lease has run out',
+  reaperForgetsKeys:
+    "the lease reaper frees a dead batch's leases and completes its jobs without queuing their keys: they wait for the sweep",
   reaperRequeuesRunningClaim:
     'the reaper requeues the jobs of a claim still running (it skips no locked key)',
   wrongIdentifierWindow:

@@ -1079,12 +1079,14 @@ export async function simulate(
         if (expired.length + orphans.length === 0) return;
         const keys = await statement(w, () => {
           const first = [...expired, ...orphans.map((j) => j.key)];
-          for (const k of first) db.insertJob(k, dbNow());
+          // Mutation reaperForgetsKeys: the keys are freed and their jobs completed, none queued.
+          const forget = mutations.has('reaperForgetsKeys');
+          if (!forget) for (const k of first) db.insertJob(k, dbNow());
           for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
           const reaped = db.reap();
           takeovers += reaped.length;
           const seen = new Set(first.map(keyName));
-          for (const k of reaped) if (!seen.has(keyName(k))) db.insertJob(k, dbNow());
+          for (const k of reaped) if (!seen.has(keyName(k)) && !forget) db.insertJob(k, dbNow());
           return reaped;
         });
         log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
@@ -1391,8 +1393,19 @@ export async function simulate(
     const covered = new Set<string>();
     /** Keys whose only job is deferred: the earliest such job's time. */
     const deferred = new Map<string, number>();
+    /**
+     * The last instant (true time) each key surely had a job: a worker fetched it, or it was queued
+     * due. Checks run every couple of seconds: a key the sweep queued, a worker fetched and a crash
+     * stranded between two checks was covered in between, and its wait counts from then.
+     */
+    const lastCovered = new Map<string, number>();
     for (const j of db.jobs.values()) {
       const name = keyName(j.key);
+      const at = Math.max(
+        j.startedAt ?? Number.NEGATIVE_INFINITY,
+        j.startAfter <= j.queuedAt + COVERAGE_GRACE_MS ? j.queuedAt : Number.NEGATIVE_INFINITY,
+      );
+      if (at > (lastCovered.get(name) ?? Number.NEGATIVE_INFINITY)) lastCovered.set(name, at);
       // pg-boss's retry of a failed batch is a disruption's own wait; a created job covers a key only
       // when it is due (a job deferred to the future leaves new readings waiting for it).
       if (j.state === 'retry' || (j.state === 'created' && j.startAfter <= dbNow() + COVERAGE_GRACE_MS))
@@ -1436,7 +1449,9 @@ export async function simulate(
       const name = keyName(r);
       if (covered.has(name) || seen.has(name) || waitsForDeferred(r, name)) continue;
       seen.add(name);
-      const since = allFrozen ? now() : (uncoveredSince.get(name) ?? now());
+      // (A job's times are the database's clock.)
+      const coveredAt = (lastCovered.get(name) ?? Number.NEGATIVE_INFINITY) - profile.dbSkewMs;
+      const since = allFrozen ? now() : Math.max(uncoveredSince.get(name) ?? now(), coveredAt);
       uncoveredSince.set(name, since);
       // Only a crash or a failed batch may leave a key to the sweep; otherwise its job or hold is
       // there within moments (a follow-up is queued by the batch that settles it).

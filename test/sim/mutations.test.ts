@@ -110,11 +110,27 @@ const CASES: Case[] = [
     within: 30,
   },
   {
+    // An error report that comes before the settle (a slow statement delays it) fails the rows it names.
+    mutation: 'reportSparesUnsettled',
+    caughtBy: 'delivered rows say',
+    profile: SLOW,
+    seed: 7,
+    within: 30,
+  },
+  {
     mutation: 'settleStaleLease',
     caughtBy: 'whose lease had run out and been reaped or taken, changed the rows',
     profile: SLOW,
     // Seed 5 caught a settle whose lease had run out but was still its own: that one applies now.
     seed: 6,
+    within: 30,
+  },
+  {
+    // A crash's keys are left to the sweep: the coverage check counts their wait from the instant a job
+    // of theirs was last fetched or queued (the crashed batch's), and a crash allows a lease and a reap.
+    mutation: 'reaperForgetsKeys',
+    caughtBy: 'covered by no job or hold',
+    seed: 14,
     within: 30,
   },
   {
