@@ -24,15 +24,8 @@ import {
   prepareDestination,
   setDestination,
   startParallel,
-  startPeriodParallel,
 } from './destinations.js';
-import {
-  type PeriodParityReport,
-  periodParityOf,
-  readStripePeriod,
-  scheduleMetronomeBillable,
-  subscriptionOf,
-} from './period-migration.js';
+import { type PeriodParityReport, periodParityOf, startPeriodMigration } from './period-migration.js';
 
 type Values = Record<string, string | boolean | undefined>;
 
@@ -211,16 +204,7 @@ async function startPeriodParallelCommand(
   io: CliIo,
 ): Promise<number> {
   return guarded(io, async () => {
-    if (!ctx.stripe)
-      throw new DestinationChangeError(
-        'STRIPE_SECRET_KEY is not set: the billing period is read from Stripe',
-      );
-    const customer = await prepareDestination(ctx, org, to);
-    const period = await readStripePeriod(ctx.stripe, await subscriptionOf(ctx.db, org));
-    const now = ctx.clock.now();
-    const change = await startPeriodParallel(ctx.db, org, to, period, { now });
-    if (!ctx.metronome) throw new DestinationChangeError('METRONOME_BEARER_TOKEN is not set');
-    const billable = await scheduleMetronomeBillable(ctx.metronome, org, change.plan.cutOverAt, now);
+    const { change, period, metronomeCustomer } = await startPeriodMigration(ctx, org, to);
     const p = change.plan;
     io.out(
       change.unchanged
@@ -234,7 +218,7 @@ async function startPeriodParallelCommand(
       `cut-over at ${p.cutOverAt.toISOString()}${p.aligned ? ' (the period end)' : " (the hour boundary before the period end: Stripe's period does not end on an hour)"}: usage before it bills ${change.from}, usage from it bills ${to}`,
     );
     io.out(
-      `Metronome customer ${billable.customerId} (${customer.metronomeCustomer?.created ? 'created' : 'found'}): unbillable now, billable from ${p.cutOverAt.toISOString()}`,
+      `Metronome customer ${metronomeCustomer.id} (${metronomeCustomer.created ? 'created' : 'found'}): unbillable now, billable from ${p.cutOverAt.toISOString()}`,
     );
     printIntervals(io, change.intervals);
     io.out(`watch: meterbox destinations parity --organization ${org} --period`);

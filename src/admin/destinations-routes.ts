@@ -19,6 +19,7 @@ import {
   setDestination,
   startParallel,
 } from './destinations.js';
+import { type PeriodParityReport, periodParityOf, startPeriodMigration } from './period-migration.js';
 
 type Deps = Pick<Context, 'db' | 'stripe' | 'metronome' | 'config' | 'clock' | 'log'>;
 
@@ -32,13 +33,70 @@ const intervalsView = z.object({ intervals: z.array(interval) });
 
 const changeBody = z.discriminatedUnion('action', [
   z.object({ action: z.literal('set'), destination: z.enum(DESTINATIONS) }),
-  z.object({ action: z.literal('start-parallel'), destination: z.enum(DESTINATIONS) }),
+  z.object({
+    action: z.literal('start-parallel'),
+    destination: z.enum(DESTINATIONS),
+    cutOver: z
+      .enum(['hour', 'period-end'])
+      .default('hour')
+      .describe(
+        "hour: cut over later with action cut-over; period-end: Stripe's runbook, the cut-over stored for the end of the first Stripe billing period the parallel run covers whole (the Metronome customer unbillable until then)",
+      ),
+  }),
   z.object({ action: z.literal('cut-over') }),
 ]);
 const changeView = z.object({
   at: z.string().describe('the hour boundary (usage time) the change takes effect at'),
   unchanged: z.boolean(),
   intervals: z.array(interval),
+  periodMigration: z
+    .object({
+      subscriptionId: z.string(),
+      shadowFrom: z.string(),
+      periodStart: z.string().describe('the billing period compared (both destinations invoice it)'),
+      periodEnd: z.string(),
+      cutOverAt: z.string().describe('usage from this instant bills to the new destination'),
+      aligned: z
+        .boolean()
+        .describe("false: Stripe's period does not end on an hour; the hour boundary before it"),
+      metronomeCustomerId: z.string(),
+    })
+    .optional()
+    .describe('start-parallel with cutOver period-end only'),
+});
+
+const periodParityView = z.object({
+  organizationId: z.string(),
+  migration: z.object({
+    from: z.enum(DESTINATIONS),
+    to: z.enum(DESTINATIONS),
+    subscriptionId: z.string(),
+    shadowFrom: z.string(),
+    periodStart: z.string(),
+    periodEnd: z.string(),
+    cutOverAt: z.string(),
+  }),
+  rows: z.array(
+    z.object({
+      kind: z.enum(['partial', 'compared', 'after']),
+      periodStart: z.string(),
+      periodEnd: z.string(),
+      destination: z.enum(DESTINATIONS),
+      role: z.enum(['billing', 'shadow', 'ended']),
+      expected: z.number(),
+      reported: z.number().nullable(),
+      drift: z.number().nullable(),
+      invoiceTotal: z.number().nullable().describe('cents, where the API gives one'),
+      invoiceStatus: z.string().nullable(),
+      billable: z.string().nullable(),
+    }),
+  ),
+  totals: z.object({
+    stripe: z.number().nullable(),
+    metronome: z.number().nullable(),
+    agree: z.boolean().nullable(),
+  }),
+  exact: z.boolean(),
 });
 
 const parityQuery = z.object({ hours: z.coerce.number().int().min(1).max(840).default(24) });
@@ -72,6 +130,24 @@ const intervalJson = (i: IntervalView) => ({
   role: i.role,
   from: i.from?.toISOString() ?? null,
   until: i.until?.toISOString() ?? null,
+});
+
+const periodParityJson = (r: PeriodParityReport) => ({
+  organizationId: r.organizationId,
+  migration: {
+    ...r.migration,
+    shadowFrom: r.migration.shadowFrom.toISOString(),
+    periodStart: r.migration.periodStart.toISOString(),
+    periodEnd: r.migration.periodEnd.toISOString(),
+    cutOverAt: r.migration.cutOverAt.toISOString(),
+  },
+  rows: r.rows.map((row) => ({
+    ...row,
+    periodStart: row.periodStart.toISOString(),
+    periodEnd: row.periodEnd.toISOString(),
+  })),
+  totals: r.totals,
+  exact: r.exact,
 });
 
 export const parityJson = (r: ParityReport) => ({
@@ -119,6 +195,28 @@ export function destinationRoutes(ctx: Deps): HttpModule {
       const body = await parseBody(c, changeBody);
       const now = ctx.clock.now();
       try {
+        if (body.action === 'start-parallel' && body.cutOver === 'period-end') {
+          const started = await startPeriodMigration(ctx, organizationId, body.destination);
+          const { change } = started;
+          ctx.log.info(
+            { organizationId, ...body, at: change.at, cutOverAt: change.plan.cutOverAt },
+            'admin: period-boundary migration',
+          );
+          return c.json({
+            at: change.at.toISOString(),
+            unchanged: change.unchanged === true,
+            intervals: change.intervals.map(intervalJson),
+            periodMigration: {
+              subscriptionId: started.period.subscriptionId,
+              shadowFrom: change.plan.shadowFrom.toISOString(),
+              periodStart: change.plan.periodStart.toISOString(),
+              periodEnd: change.plan.periodEnd.toISOString(),
+              cutOverAt: change.plan.cutOverAt.toISOString(),
+              aligned: change.plan.aligned,
+              metronomeCustomerId: started.metronomeCustomer.id,
+            },
+          });
+        }
         if (body.action !== 'cut-over') await prepareDestination(ctx, organizationId, body.destination);
         const change =
           body.action === 'set'
@@ -154,6 +252,29 @@ export function destinationRoutes(ctx: Deps): HttpModule {
       const { hours } = parseQuery(c, parityQuery);
       const report = await parityOf(ctx, organizationParam(c), parityPeriod(ctx.clock.now(), hours));
       return c.json(parityJson(report));
+    },
+  );
+
+  routes.route(
+    {
+      method: 'get',
+      path: '/admin/organizations/{id}/period-parity',
+      summary:
+        "A period-boundary migration's parity per billing period: usage per destination against its own usage query, and both invoice totals for the period compared (`destinations parity --period`)",
+      tag: 'admin',
+      security: 'admin',
+      responses: {
+        200: { description: 'the report', schema: periodParityView },
+        409: { description: 'the organization has no period-boundary migration' },
+      },
+    },
+    async (c) => {
+      try {
+        return c.json(periodParityJson(await periodParityOf(ctx, organizationParam(c))));
+      } catch (err) {
+        if (err instanceof DestinationChangeError) throw new AppError(409, 'conflict', err.message);
+        throw err;
+      }
     },
   );
 

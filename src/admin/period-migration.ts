@@ -10,7 +10,15 @@ import { periodEndAfter } from '../billing/periods.js';
 import type { Context } from '../context-type.js';
 import type { DB, Destination } from '../db/schema.js';
 import { findCustomer } from '../metering/metronome.js';
-import { DestinationChangeError, type ParityClients, parity, parityClientsOf } from './destinations.js';
+import {
+  DestinationChangeError,
+  type ParityClients,
+  type PeriodChange,
+  parity,
+  parityClientsOf,
+  prepareDestination,
+  startPeriodParallel,
+} from './destinations.js';
 
 /** The organization's Stripe subscription id (subscriptions.stripe_subscription_id), or a refusal. */
 export async function subscriptionOf(db: Kysely<DB>, organizationId: string): Promise<string> {
@@ -333,4 +341,37 @@ export async function periodParityOf(
   organizationId: string,
 ): Promise<PeriodParityReport> {
   return periodParity(ctx.db, organizationId, await parityClientsOf(ctx), ctx.clock.now());
+}
+
+/** What `start-parallel --cut-over period-end` (CLI and admin API) did. */
+export interface PeriodMigrationStart {
+  change: PeriodChange;
+  period: StripeBillingPeriod;
+  metronomeCustomer: { id: string; created: boolean };
+}
+
+/**
+ * Stripe's runbook, as the CLI and the admin API start it: the billing period is read from the
+ * organization's Stripe subscription; the parallel run starts at the next hour boundary and the
+ * cut-over is stored for the end of the first period it covers whole; the Metronome customer is
+ * unbillable until then.
+ */
+export async function startPeriodMigration(
+  ctx: Pick<Context, 'db' | 'stripe' | 'metronome' | 'clock'>,
+  organizationId: string,
+  to: Destination,
+): Promise<PeriodMigrationStart> {
+  if (!ctx.stripe)
+    throw new DestinationChangeError('STRIPE_SECRET_KEY is not set: the billing period is read from Stripe');
+  if (!ctx.metronome) throw new DestinationChangeError('METRONOME_BEARER_TOKEN is not set');
+  const prepared = await prepareDestination(ctx, organizationId, to);
+  const period = await readStripePeriod(ctx.stripe, await subscriptionOf(ctx.db, organizationId));
+  const now = ctx.clock.now();
+  const change = await startPeriodParallel(ctx.db, organizationId, to, period, { now });
+  const billable = await scheduleMetronomeBillable(ctx.metronome, organizationId, change.plan.cutOverAt, now);
+  return {
+    change,
+    period,
+    metronomeCustomer: { id: billable.customerId, created: prepared.metronomeCustomer?.created === true },
+  };
 }

@@ -103,6 +103,113 @@ describe('destinations', () => {
     );
   });
 
+  it("starts Stripe's runbook over the admin API: the cut-over at the billing period's end, the Metronome customer unbillable until then, and its parity per period", async ({
+    app,
+    ctx,
+  }) => {
+    const stripe = ctx.stripe!;
+    const customer = await stripe.customers.create({ name: 'period route org' });
+    const org = await createOrganization(ctx.db, { customerId: customer.id, name: 'period route org' });
+    const base = `/admin/organizations/${org.organizationId}`;
+    const body = JSON.stringify({
+      action: 'start-parallel',
+      destination: 'metronome',
+      cutOver: 'period-end',
+    });
+    // No subscription linked yet: refused as a conflict, with what to do, and nothing stored.
+    const refused = await app.request(`${base}/destinations`, { method: 'POST', headers: admin, body });
+    expect(refused.status).toBe(409);
+    expect(((await refused.json()) as { error: { message: string } }).error.message).toMatch(
+      /no Stripe subscription linked/,
+    );
+    expect((await app.request(`${base}/period-parity`, { headers: admin })).status).toBe(409);
+
+    // A monthly subscription whose current period ends ten days from now, on the hour.
+    const anchor = Math.floor((Date.now() + 10 * 24 * HOUR) / HOUR) * HOUR;
+    const price = await stripe.prices.create({
+      currency: 'usd',
+      unit_amount: 3,
+      recurring: {
+        interval: 'month',
+        usage_type: 'metered',
+        meter: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS!,
+      },
+      product_data: { name: 'temperature readings' },
+    });
+    const sub = await stripe.subscriptions.create({
+      customer: customer.id,
+      items: [{ price: price.id }],
+      billing_cycle_anchor: Math.floor(anchor / 1000),
+    });
+    await sql`UPDATE subscriptions SET stripe_subscription_id = ${sub.id}
+               WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+
+    const started = await app.request(`${base}/destinations`, { method: 'POST', headers: admin, body });
+    expect(started.status).toBe(200);
+    const view = (await started.json()) as {
+      at: string;
+      unchanged: boolean;
+      intervals: unknown[];
+      periodMigration: Record<string, unknown>;
+    };
+    const shadowFrom = nextHourBoundary(ctx.clock.now()).toISOString();
+    // The current period (ending at the anchor) is not shadowed whole: the next one is compared and
+    // the cut-over is at its end, a month after the anchor.
+    const periodEnd = new Date(anchor);
+    periodEnd.setUTCMonth(periodEnd.getUTCMonth() + 1);
+    expect(view.periodMigration).toMatchObject({
+      subscriptionId: sub.id,
+      shadowFrom,
+      periodStart: new Date(anchor).toISOString(),
+      periodEnd: periodEnd.toISOString(),
+      cutOverAt: periodEnd.toISOString(),
+      aligned: true,
+    });
+    expect(view.intervals).toEqual([
+      { destination: 'stripe', role: 'billing', from: null, until: periodEnd.toISOString() },
+      { destination: 'metronome', role: 'shadow', from: shadowFrom, until: periodEnd.toISOString() },
+      { destination: 'metronome', role: 'billing', from: periodEnd.toISOString(), until: null },
+    ]);
+    // Stored once: the plan is read back by the parity report, and a second start changes nothing.
+    const { rows } = await sql<{ cut_over_at: Date }>`
+      SELECT cut_over_at FROM organization_period_migrations WHERE organization_id = ${org.organizationId}`.execute(
+      ctx.db,
+    );
+    expect(rows.map((r) => r.cut_over_at.toISOString())).toEqual([periodEnd.toISOString()]);
+    const again = (await (
+      await app.request(`${base}/destinations`, { method: 'POST', headers: admin, body })
+    ).json()) as { unchanged: boolean; periodMigration: { cutOverAt: string } };
+    expect(again).toMatchObject({ unchanged: true, periodMigration: { cutOverAt: periodEnd.toISOString() } });
+    // The Metronome customer: unbillable from now, billable from the cut-over.
+    const metronomeCustomer = metronome
+      .customers()
+      .find((c) => c.ingest_aliases.includes(metronomeAlias(org.organizationId)));
+    expect(view.periodMigration.metronomeCustomerId).toBe(metronomeCustomer?.id);
+    expect(metronome.billableSchedule(metronomeCustomer!.id).map((s) => s.value)).toEqual(
+      expect.arrayContaining(['unbillable', 'billable']),
+    );
+    expect(metronome.billableSchedule(metronomeCustomer!.id).at(-1)).toMatchObject({ value: 'billable' });
+    expect(
+      new Date(metronome.billableSchedule(metronomeCustomer!.id).at(-1)!.effective_at).toISOString(),
+    ).toBe(periodEnd.toISOString());
+
+    const parity = await app.request(`${base}/period-parity`, { headers: admin });
+    expect(parity.status).toBe(200);
+    const report = (await parity.json()) as {
+      migration: { from: string; to: string; cutOverAt: string };
+      rows: { kind: string; destination: string }[];
+      exact: boolean;
+    };
+    expect(report.migration).toMatchObject({
+      from: 'stripe',
+      to: 'metronome',
+      cutOverAt: periodEnd.toISOString(),
+    });
+    expect(report.rows.some((r) => r.kind === 'compared' && r.destination === 'metronome')).toBe(true);
+    const doc = (await (await app.request('/openapi.json')).json()) as { paths: Record<string, unknown> };
+    expect(Object.keys(doc.paths)).toContain('/admin/organizations/{id}/period-parity');
+  });
+
   it('gives a new organization DEFAULT_DESTINATION and writes one outbox row per destination in force', async ({
     app,
     ctx,
