@@ -530,10 +530,10 @@ export class ModelDb {
 
   switchToCompensate(key: KeyRef, identifier: string, owner?: string): void {
     if (owner !== undefined) {
-      // switchCorrectionToCompensate: only under the batch's own lease, by the database's clock.
+      // switchCorrectionToCompensate: only while the batch still owns the key (its lease may have run
+      // out, as long as nobody reaped or took it), the settle's rule.
       const row = this.keys.get(keyName(key));
-      const t = this.now();
-      if (row?.leaseOwner !== owner || row.leaseExpiresAt === null || row.leaseExpiresAt.getTime() < t)
+      if (row?.leaseOwner !== owner)
         throw new Error('stale lease: the correction switch is left to the next owner of the key');
     }
     for (const r of this.rows)

@@ -48,6 +48,25 @@ export function webhookRoutes(
       log,
     });
 
+  /**
+   * Throws a 503 with Retry-After (Stripe sends the event again) while a connected standby lacks what
+   * this request committed; returns once every one has it, or none is connected.
+   */
+  const untilOnStandbys = async (event: { id: string; type: string }): Promise<void> => {
+    if (await replication.confirm()) return;
+    log.warn(
+      { eventId: event.id, type: event.type },
+      'webhook event committed, but a standby lacks it: answered 503 so that Stripe sends it again (a promotion now would lose it)',
+    );
+    throw new AppError(
+      503,
+      'unavailable',
+      'the event is recorded but not yet on every standby; Stripe will retry it',
+      [],
+      { 'Retry-After': '5' },
+    );
+  };
+
   const receive =
     (endpoint: 'platform' | 'connect') => async (c: Parameters<Parameters<typeof routes.route>[1]>[0]) => {
       // Each outcome is recorded here, where it is decided; the metrics middleware counts it.
@@ -102,20 +121,7 @@ export function webhookRoutes(
           ...(options.handlers ? { handlers: options.handlers } : {}),
         });
         // A duplicate too: the first delivery's commit may be on the primary alone (its 200 was lost).
-        if (!(await replication.confirm())) {
-          decided('failed', type);
-          log.warn(
-            { eventId: event.id, type: event.type },
-            'webhook event committed, but a standby lacks it: answered 503 so that Stripe sends it again (a promotion now would lose it)',
-          );
-          throw new AppError(
-            503,
-            'unavailable',
-            'the event is recorded but not yet on every standby; Stripe will retry it',
-            [],
-            { 'Retry-After': '5' },
-          );
-        }
+        await untilOnStandbys(event);
         decided(result.duplicate ? 'duplicate' : 'processed', type);
         return c.json({ received: true, duplicate: result.duplicate } as const, 200);
       } catch (err) {
@@ -125,6 +131,9 @@ export function webhookRoutes(
         if (isPoison(err)) {
           // Retrying cannot help: keep it for the operator and stop Stripe's three days of resends.
           await recordPoison(ctx.db, event, err);
+          // The poison record is all the operator will ever have of this event: a 200 before the
+          // standbys have it, then a promotion, and the event is gone with nothing to list or replay.
+          await untilOnStandbys(event);
           log.error(
             { eventId: event.id, type: event.type, sqlState: sqlState(err) },
             'webhook event can never be applied; recorded as poison and acknowledged',
@@ -149,7 +158,8 @@ export function webhookRoutes(
         '503: STRIPE_WEBHOOK_SECRET not configured, or the event is committed but a streaming standby ' +
         'does not have it yet (Stripe retries; a resend is a duplicate); 500: processing failed and was rolled back ' +
         '(Stripe retries). An event whose data Postgres can never store (a NUL character, a value out of ' +
-        'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true. ' +
+        'range) is recorded as poison (GET /admin/webhooks/poison) and answered 200 with poison: true, after ' +
+        'the same wait for the standbys (503 until they have the record). ' +
         'Events meterbox does not act on, and checkouts naming no known ' +
         'organization, are recorded and acknowledged with 200.',
       tag: 'billing',

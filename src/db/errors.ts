@@ -75,6 +75,20 @@ export function databaseResourceShortage(err: unknown): DatabaseResourceKind | u
   return undefined;
 }
 
+/**
+ * True when this process's own pool had no connection free within its connect timeout (pg-pool's
+ * `connectionTimeoutMillis` while every connection is checked out, e.g. by claims of tens of seconds on a
+ * slow database): the process is short of connections, not the database nor the destination. A new
+ * connection that could not be opened in time says "Connection terminated due to connection timeout"
+ * instead. Looks through one `cause`, as databaseResourceShortage does.
+ */
+export function isPoolExhausted(err: unknown): boolean {
+  for (let e = err, depth = 0; e !== undefined && depth < 3; e = fieldOf(e, 'cause'), depth++) {
+    if (e instanceof Error && e.message === 'timeout exceeded when trying to connect') return true;
+  }
+  return false;
+}
+
 /** True when the database is unreachable or overloaded: the caller should retry later (HTTP 503). */
 export function isDatabaseUnavailable(err: unknown): boolean {
   if (databaseResourceShortage(err)) return true;

@@ -380,14 +380,18 @@ export async function switchCorrectionToCompensate(
 ): Promise<void> {
   await db.transaction().execute(async (trx) => {
     if (lease) {
-      // Only under the batch's own lease, by the database's clock: a worker that froze after its cancel
-      // call and woke past its lease writes nothing (the key's next owner asks again, under the same
-      // idempotency key, and switches itself).
+      // Only while the batch still owns the key, by the rule its settle follows (settleBatch):
+      // lease_owner is the batch's own (unique to it), so nobody reaped or leased the key since its
+      // claim and no other call for it went out, even if the lease ran out on the way (a renewal late on
+      // a slow database; renewals extend such a lease too). A worker whose key was reaped or taken
+      // while it was frozen after its cancel call writes nothing: the key's next owner asks again,
+      // under the same idempotency key, and switches itself. The row lock orders the switch with a
+      // claim taking the key over.
       const { rows } = await sql`
         SELECT 1 FROM meter_delivery_keys
          WHERE organization_id = ${lease.key.organizationId} AND stripe_customer_id = ${lease.key.customerId}
            AND event_name = ${lease.key.eventName} AND destination = ${destinationOf(lease.key)}
-           AND lease_owner = ${lease.owner} AND lease_expires_at >= clock_timestamp()
+           AND lease_owner = ${lease.owner}
            FOR UPDATE`.execute(trx);
       if (rows.length === 0)
         throw new Error('stale lease: the correction switch is left to the next owner of the key');

@@ -18,7 +18,7 @@ import { type Clock, hostTimers } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
 import { createDatabase, gatedKysely } from '../db/database.js';
 import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
-import { databaseResourceShortage } from '../db/errors.js';
+import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
@@ -374,7 +374,9 @@ export async function startDelivery(
   };
   /**
    * Runs a batch again while the database is short of a resource (a full disk, no memory, no free
-   * connection: src/db/errors.ts) instead of failing its jobs: a failed job spends one of its
+   * connection: src/db/errors.ts), or while this process's own pool has no connection free within its
+   * connect timeout (every connection held by slow statements: the process's shortage, not the
+   * destination's nor the group's), instead of failing its jobs: a failed job spends one of its
    * DELIVERY_RETRY_LIMIT attempts and backs off exponentially, so an hour of full disk would have
    * dead-lettered jobs and delayed delivery long after space was back. The batch's jobs stay active
    * meanwhile (pg-boss expires them after 5 minutes, the hold ends well before); a batch that failed
@@ -387,15 +389,18 @@ export async function startDelivery(
       try {
         return await run();
       } catch (err) {
-        const short = databaseResourceShortage(err);
+        const short = databaseResourceShortage(err) ?? (isPoolExhausted(err) ? 'pool' : undefined);
         if (!short || stopped || Date.now() - started + waitMs > RESOURCE_HOLD_MS) throw err;
-        options.observer?.onDatabaseResourceError?.(short);
+        if (short === 'pool') options.observer?.onPoolExhausted?.();
+        else options.observer?.onDatabaseResourceError?.(short);
         const now = Date.now();
         if (now - (shortageLoggedAt.get(short) ?? 0) >= RESOURCE_RETRY_MAX_MS) {
           shortageLoggedAt.set(short, now);
           log.warn(
             { err, kind: short },
-            'the database is short of a resource; delivery batches wait and run again',
+            short === 'pool'
+              ? "no connection of this process's pool was free within its connect timeout; delivery batches wait and run again"
+              : 'the database is short of a resource; delivery batches wait and run again',
           );
         }
         await new Promise((resolve) => setTimeout(resolve, waitMs));

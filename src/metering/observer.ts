@@ -27,6 +27,8 @@ export interface DeliveryObserver {
   onTimelineChange?(from: number, to: number): void;
   /** A batch met a database short of a resource (disk, memory, connections) and is run again later. */
   onDatabaseResourceError?(kind: DatabaseResourceKind): void;
+  /** A batch waited longer than the pool's connect timeout for a connection of this process and runs again. */
+  onPoolExhausted?(): void;
   /** A batch's settle was refused for `keys` keys: its lease had run out (a freeze, a slow statement). */
   onStaleLease?(keys: number): void;
   /** A call woke from the wait for its budget slot too late to use it (budget.ts LATE_SLOT_MS) and took another. */

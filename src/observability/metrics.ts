@@ -86,6 +86,8 @@ export interface Metrics {
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
   readonly lateSlots: Counter;
+  /** Delivery batches run again because the worker's pool had no free connection within its connect timeout. */
+  readonly deliveryPoolExhausted: Counter;
   // --- alerts and outgoing webhooks (issue 45) ---
   /** Organizations currently silent (their `organization.silent` sent, no `resumed` yet), as the last silence pass found. */
   readonly silentOrganizations: Gauge;
@@ -340,6 +342,11 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     lateSlots: new Counter({
       name: 'meterbox_delivery_late_slots_total',
       help: 'Calls whose process woke from the wait for their budget slot too late to use it (a busy event loop, a CPU-starved or frozen worker) and took a later slot instead of calling late',
+      registers,
+    }),
+    deliveryPoolExhausted: new Counter({
+      name: 'meterbox_delivery_pool_exhausted_total',
+      help: "Delivery batches that waited longer than the pool's connect timeout for a connection of the worker's own pool (every connection held, e.g. by slow claims) and ran again, spending no attempt",
       registers,
     }),
     silentOrganizations: new Gauge({

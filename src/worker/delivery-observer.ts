@@ -43,5 +43,8 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onLateSlot() {
       metrics.lateSlots.inc();
     },
+    onPoolExhausted() {
+      metrics.deliveryPoolExhausted.inc();
+    },
   };
 }

@@ -921,3 +921,71 @@ describe('durability of what a correction commits before its call', () => {
     ]);
   });
 });
+
+describe("the switch to compensate under the batch's lease", () => {
+  it('applies under a lease that ran out but is still owned (nobody reaped or took the key), as a settle does; refused once reaped or taken', async ({
+    ctx,
+    org,
+    base,
+    ingest,
+    deliver,
+    correct,
+  }) => {
+    await ingest(org, org.sensors[0]!, 3, base);
+    await deliver(org.customerId);
+    expect(
+      (await correct(org, { sensorId: org.sensors[0], ...range(base), reason: 'lapsed lease' })).status,
+    ).toBe(201);
+    const key = {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings' as const,
+      destination: 'stripe' as const,
+    };
+    const claim = await claimCorrectionGroup(ctx.db, key, { now: new Date() });
+    expect(claim.group).toMatchObject({ action: 'cancel', rows: 1 });
+    const identifier = claim.group!.identifier;
+    const owner = 'batch-whose-lease-lapsed';
+    /** The key's lease as the database has it now: `holder` (null: reaped), one second past its end. */
+    const leaseOf = async (holder: string | null) => {
+      const { numUpdatedRows } = await ctx.db
+        .updateTable('meter_delivery_keys')
+        .set({
+          lease_owner: holder,
+          lease_expires_at: holder === null ? null : sql<Date>`clock_timestamp() - interval '1 second'`,
+        })
+        .where('organization_id', '=', org.organizationId)
+        .where('stripe_customer_id', '=', org.customerId)
+        .where('event_name', '=', 'temperature_readings')
+        .where('destination', '=', 'stripe')
+        .executeTakeFirst();
+      expect(numUpdatedRows).toBe(1n);
+    };
+    const action = async () =>
+      (
+        await ctx.db
+          .selectFrom('meter_outbox')
+          .select('correction_action')
+          .where('identifier', '=', identifier)
+          .execute()
+      ).map((r) => r.correction_action);
+    const switchIt = () =>
+      switchCorrectionToCompensate(ctx.db, org.organizationId, identifier, { owner, key });
+
+    // Lapsed, still the batch's own: no other batch can have called for the key, so the switch commits
+    // (the settle after it applies by the same rule, test/metering/lease-starvation.test.ts).
+    await leaseOf(owner);
+    await switchIt();
+    expect(await action()).toEqual(['compensate']);
+
+    // Taken by another batch, or reaped: the switch is the next owner's to make.
+    await sql`UPDATE meter_outbox SET correction_action = 'cancel' WHERE identifier = ${identifier}`.execute(
+      ctx.db,
+    );
+    await leaseOf('the-next-owner');
+    await expect(switchIt()).rejects.toThrow(/stale lease/);
+    await leaseOf(null);
+    await expect(switchIt()).rejects.toThrow(/stale lease/);
+    expect(await action()).toEqual(['cancel']);
+  });
+});

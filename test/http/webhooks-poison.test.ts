@@ -88,6 +88,47 @@ describe('poison webhook events', () => {
     expect(rows).toEqual([{ error_code: '22008', error: `event ${event.id}: created is out of range` }]);
   });
 
+  it('answers 503 while a standby lacks the poison record, and 200 to the resend once it has it', async ({
+    ctx,
+  }) => {
+    // A standby behind, then caught up (what src/db/replication.ts finds in pg_stat_replication).
+    const looks = [false, true];
+    const asked: boolean[] = [];
+    const guarded = createApp(ctx, []);
+    guarded.route(
+      '/guarded',
+      webhookRoutes(ctx, {
+        replication: {
+          confirm: async () => {
+            const ok = looks.shift() ?? true;
+            asked.push(ok);
+            return ok;
+          },
+        },
+      }).app,
+    );
+    const event = buildEvent(
+      'customer.subscription.updated',
+      subscription({ id: uniqueId('sub'), customer: 'cus_\u0000behind', status: 'active' }),
+      { id: uniqueId('evt') },
+    );
+
+    // Recorded on the primary only: a 200 now and a promotion would lose the operator's only trace of
+    // it, and Stripe would never send it again.
+    const first = await deliver(guarded, event, { path: '/guarded/stripe' });
+    expect(first.status).toBe(503);
+    expect(first.headers.get('retry-after')).toBe('5');
+    expect(await first.json()).toMatchObject({ error: { code: 'unavailable' } });
+    expect((await poisonRows(ctx)).filter((r) => r.event_id === event.id)).toMatchObject([{ deliveries: 1 }]);
+
+    // Stripe's resend: poison again, and now on the standby too.
+    const resend = await deliver(guarded, event, { path: '/guarded/stripe' });
+    expect(resend.status).toBe(200);
+    expect(await resend.json()).toEqual({ received: true, duplicate: false, poison: true });
+    expect(asked).toEqual([false, true]);
+    expect((await poisonRows(ctx)).filter((r) => r.event_id === event.id)).toMatchObject([{ deliveries: 2 }]);
+  });
+
   it('still answers 5xx, recording nothing, when the failure is transient', async ({ ctx }) => {
     const serializationFailure: EventHandler = async () => {
       throw Object.assign(new Error('could not serialize access due to concurrent update'), {

@@ -52,7 +52,8 @@ describe('a batch whose worker pool is taken past its lease', () => {
     ]);
     // The worker's pool: one connection, as DB_POOL_MAX connections all held by slow claims are.
     // Its waits for a connection are not bounded here, so the batch's statements wait as long as the
-    // statements ahead of them run (the process's pool gives up after 5 s, which fails the batch instead).
+    // statements ahead of them run (the process's pool gives up after 5 s, and the batch runs again:
+    // pool-exhaustion.test.ts).
     const pg = new Pool({ connectionString: databaseUrl, max: 1, application_name: POOL_NAME });
     const pool = { pool: pg, db: new Kysely<DB>({ dialect: new PostgresDialect({ pool: pg }) }) };
     const real = createV1Transport(ctx.stripe!);
