@@ -341,7 +341,7 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     }),
     lateSlots: new Counter({
       name: 'meterbox_delivery_late_slots_total',
-      help: 'Calls whose process woke from the wait for their budget slot too late to use it (a busy event loop, a CPU-starved or frozen worker) and took a later slot instead of calling late',
+      help: 'Calls whose process woke from the wait for their budget slot more than 100 ms after it (a busy event loop, a CPU-starved or frozen worker) and took a later slot instead of calling late',
       registers,
     }),
     deliveryPoolExhausted: new Counter({

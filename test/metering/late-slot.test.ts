@@ -1,9 +1,11 @@
 // A call is made at its budget slot or not on it (budget.ts LATE_SLOT_MS). A process that wakes late
 // from the wait for its slot (a busy event loop, a starved or frozen process) and called anyway bunched
 // its late calls with the calls of the next slots: the published-limits e2e saw a second of 1,001
-// calls at the 800/s budget and up to 775 429s. Here a process is frozen for half a second while its
-// calls wait for their slots on the real budget row; the calls it makes never pass the rate in any
-// second, and the same schedule without the rule does (so the check can fail).
+// calls at the 800/s budget and up to 775 429s. The dispenser now releases calls in order at their
+// slots and drops the slots that passed while the process was frozen, never the calls. Here a process
+// is frozen for half a second, or starved for good, while its calls wait on the real budget row: the
+// calls it makes never pass the rate in any second, every call is made, and the same schedule taken
+// slot by slot and called on waking does pass the rate (so the check can fail).
 import { describe, expect } from 'vitest';
 import {
   awaitSlot,
@@ -16,8 +18,8 @@ import { contextTest } from '../support/test.js';
 
 const it = contextTest();
 
-const RATE = 40;
-const CALLS = 80;
+const RATE = 400;
+const CALLS = 700;
 
 /** Timers on the host's monotonic clock whose sleeps cannot end inside [from, to): a frozen process. */
 function frozenTimers(from: number, to: number) {
@@ -78,9 +80,17 @@ describe('a call made at its budget slot or not on it', () => {
   }) => {
     const run = async (late: boolean) => {
       const start = performance.now();
-      // Frozen from 300 ms to 800 ms after the first call's slot: ~20 slots pass meanwhile.
+      // Frozen from 300 ms to 800 ms after the first call's slot: ~200 slots pass meanwhile.
       const timers = frozenTimers(start + 300, start + 800);
-      const slots = createSlotDispenser(ctx.db, RATE, () => performance.now(), false, BUDGET_ROW.stripe);
+      const slots = createSlotDispenser(
+        ctx.db,
+        RATE,
+        () => performance.now(),
+        false,
+        BUDGET_ROW.stripe,
+        null,
+        timers.sleep,
+      );
       let lateSlots = 0;
       const made = await callsMade(slots, timers, (s, t) =>
         late ? naiveWait(s, t) : awaitSlot(s, t, 1, () => (lateSlots += 1)),
@@ -96,5 +106,33 @@ describe('a call made at its budget slot or not on it', () => {
     expect(naive.busiest).toBeGreaterThan(bound + 5);
     expect(kept.busiest).toBeLessThanOrEqual(bound);
     expect(kept.lateSlots).toBeGreaterThan(0);
+  }, 30_000);
+
+  it('makes every call of a process that wakes late every time, still within the rate', async ({ ctx }) => {
+    // Every sleep ends four times LATE_SLOT_MS late: a process starved of CPU.
+    const starved = {
+      now: () => performance.now(),
+      sleep: (ms: number) => new Promise<void>((r) => setTimeout(r, ms + 4 * LATE_SLOT_MS)),
+    };
+    const slots = createSlotDispenser(
+      ctx.db,
+      RATE,
+      starved.now,
+      false,
+      BUDGET_ROW.stripe,
+      null,
+      starved.sleep,
+    );
+    let lateSlots = 0;
+    const made = await Promise.all(
+      Array.from({ length: 300 }, async () => {
+        const slot = await awaitSlot(slots, starved, 1, () => (lateSlots += 1));
+        expect(slot.granted).toBe(true);
+        return starved.now();
+      }),
+    );
+    expect(made).toHaveLength(300);
+    expect(lateSlots).toBeGreaterThan(0);
+    expect(busiestSecond(made)).toBeLessThanOrEqual(Math.floor(RATE * (1 + LATE_SLOT_MS / 1000)) + 1);
   }, 30_000);
 });
