@@ -4,10 +4,12 @@ import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import { z } from 'zod';
 import { customerAccount } from '../billing/connect.js';
+import { connectedAccountBudget } from '../billing/limits.js';
+import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { Context } from '../context-type.js';
 import { pgDateOrInstant } from '../db/input-types.js';
-import type { DB } from '../db/schema.js';
-import { BUDGET_ROW, callsPerSecond, createBudgetedCaller } from '../metering/budget.js';
+import type { DB, MeterEventName } from '../db/schema.js';
+import { callsPerSecond, createAccountCallers } from '../metering/budget.js';
 
 const MINUTE = 60_000;
 const MAX_PERIOD_DAYS = 400;
@@ -264,6 +266,28 @@ export async function stripeTotals(
   };
 }
 
+/**
+ * A connected account's own meters (the platform's ids name nothing there), listed through `call`;
+ * only those the platform's settings compare.
+ */
+async function connectedMeterIds(
+  stripe: Stripe,
+  account: string,
+  call: <T>(fn: () => Promise<T>) => Promise<T>,
+  compared: { readings: string | undefined; activeSensors: string | undefined },
+): Promise<{ readings: string | undefined; activeSensors: string | undefined }> {
+  const meters = await call(() => listAccountMeters(stripe, account));
+  const id = (eventName: MeterEventName) => {
+    const spec = METER_SPECS.find((s) => s.eventName === eventName)!;
+    const state = meterStateOf(spec, meters);
+    return state.kind === 'ok' ? state.meter.id : undefined;
+  };
+  return {
+    readings: compared.readings ? id('temperature_readings') : undefined,
+    activeSensors: compared.activeSensors ? id('active_sensors') : undefined,
+  };
+}
+
 export interface ReconcileOptions {
   organizationId?: string | undefined;
   /** Compare with Stripe's meter event summaries (needs STRIPE_SECRET_KEY and a meter id). */
@@ -287,15 +311,18 @@ export async function reconcile(
   const compare = Boolean(options.withStripe) && stripeConfigured;
   // Stripe's summaries take slots of Stripe's call budget, as the scheduled reconciliation's do: an
   // operator's report over thousands of organizations never pushes delivery into 429s.
-  const caller = compare
-    ? createBudgetedCaller(deps.db, {
+  // A connected account's customer: its summaries count against that account's limit at Stripe, so
+  // they take that account's own budget row, and are asked of that account's meters.
+  const callers = compare
+    ? createAccountCallers(deps.db, {
         rate: callsPerSecond(deps.config),
-        budgetRow: BUDGET_ROW.stripe,
+        connectedRate: connectedAccountBudget(deps.config).callsPerSecond,
         share: deps.config.RECONCILIATION_BUDGET_SHARE,
         maxPerSecond: deps.config.RECONCILIATION_MAX_CALLS_PER_SECOND,
         distributed: (await deps.distributed?.()) === true,
       })
     : undefined;
+  const accountMeters = new Map<string, Promise<typeof meters>>();
   const organizations: ReconciliationRow[] = [];
   options.onProgress?.(0, rows.length);
   for (const row of rows) {
@@ -323,14 +350,20 @@ export async function reconcile(
       const deliveredByTimestamp = num(row.delivered_by_ts);
       const lastActive = row.last_active === null ? null : Number(row.last_active);
       try {
-        const totals = await stripeTotals(
-          deps.stripe,
-          meters,
-          row.customer_id,
-          period,
-          (fn) => (caller ? caller.call(fn) : fn()),
-          await customerAccount(deps.db, row.customer_id),
-        );
+        const account = await customerAccount(deps.db, row.customer_id);
+        const own = callers ? await callers.of(account) : undefined;
+        const call = <T>(fn: () => Promise<T>) => (own ? own.caller.call(fn) : fn());
+        const stripe = deps.stripe;
+        let onAccount = meters;
+        if (account) {
+          let found = accountMeters.get(account);
+          if (!found) {
+            found = connectedMeterIds(stripe, account, call, meters);
+            accountMeters.set(account, found);
+          }
+          onAccount = await found;
+        }
+        const totals = await stripeTotals(stripe, onAccount, row.customer_id, period, call, account);
         stripeView = {
           readings: totals.readings,
           deliveredByTimestamp,

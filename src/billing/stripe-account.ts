@@ -1,11 +1,12 @@
 // The Stripe account meterbox bills through: the two meters it needs (one definition, used by setup,
 // check and the worker's meter catalog), the webhook events it handles (the handlers' registry),
 // `setupStripeAccount` (finds or creates what is missing) and `checkStripeAccount` (read-only).
+import type { Kysely } from 'kysely';
 import type Stripe from 'stripe';
 import type { Config } from '../config.js';
-import type { MeterEventName } from '../db/schema.js';
+import type { DB, MeterEventName } from '../db/schema.js';
 import { defaultHandlers } from './handlers.js';
-import { judgeBudget, stripeBudget } from './limits.js';
+import { connectedAccountBudget, judgeBudget, stripeBudget } from './limits.js';
 
 export interface MeterSpec {
   eventName: MeterEventName;
@@ -55,9 +56,31 @@ export async function listEventDestinations(stripe: Stripe): Promise<Stripe.V2.C
   return page.data;
 }
 
-/** Every meter of the account, active and inactive (all pages). */
-export async function listAccountMeters(stripe: Stripe): Promise<Stripe.Billing.Meter[]> {
-  return stripe.billing.meters.list({ limit: 100 }).autoPagingToArray({ limit: 10_000 });
+/** The request options of a call on a connected account (Stripe-Account); none for the platform. */
+const onAccount = (account: string | undefined): Stripe.RequestOptions | undefined =>
+  account ? { stripeAccount: account } : undefined;
+
+/**
+ * Every meter of the account, active and inactive (all pages); `account`: a connected account's
+ * (meters are an account's own at Stripe: the platform's are not a connected account's).
+ */
+export async function listAccountMeters(stripe: Stripe, account?: string): Promise<Stripe.Billing.Meter[]> {
+  return stripe.billing.meters.list({ limit: 100 }, onAccount(account)).autoPagingToArray({ limit: 10_000 });
+}
+
+/**
+ * Stripe Connect: the connected accounts meterbox bills on (stripe_customer_accounts), in order.
+ * Each needs the two meters of its own: without them Stripe accepts its meter events and drops them
+ * later (a `no_meter` error report).
+ */
+export async function connectedAccountsInUse(db: Kysely<DB>): Promise<string[]> {
+  const rows = await db
+    .selectFrom('stripe_customer_accounts')
+    .select('stripe_account')
+    .distinct()
+    .orderBy('stripe_account')
+    .execute();
+  return rows.map((r) => r.stripe_account);
 }
 
 /** What makes `meter` unusable for `spec`, in words an operator can act on; empty when it fits. */
@@ -131,9 +154,14 @@ export interface SetupResult {
  */
 export async function setupStripeAccount(
   stripe: Stripe,
-  options: { webhookUrl?: string | undefined } = {},
+  options: {
+    webhookUrl?: string | undefined;
+    /** A connected account's meters (Stripe-Account); its webhooks come through the platform's Connect endpoint. */
+    account?: string | undefined;
+  } = {},
 ): Promise<SetupResult> {
-  const meters = await listAccountMeters(stripe);
+  const on = onAccount(options.account);
+  const meters = await listAccountMeters(stripe, options.account);
   const states = METER_SPECS.map((spec) => ({ spec, state: meterStateOf(spec, meters) }));
   const problems = states.flatMap(({ spec, state }) =>
     state.kind === 'mismatch'
@@ -147,21 +175,24 @@ export async function setupStripeAccount(
     if (state.kind === 'ok') {
       result.meters.push({ spec, meter: state.meter, action: 'found' });
     } else if (state.kind === 'inactive' && state.fits) {
-      const meter = await stripe.billing.meters.reactivate(state.meter.id);
+      const meter = await stripe.billing.meters.reactivate(state.meter.id, {}, on);
       result.meters.push({ spec, meter, action: 'reactivated' });
     } else {
-      const meter = await stripe.billing.meters.create({
-        display_name: spec.displayName,
-        event_name: spec.eventName,
-        default_aggregation: { formula: spec.formula },
-        customer_mapping: { type: 'by_id', event_payload_key: spec.customerPayloadKey },
-        value_settings: { event_payload_key: spec.valuePayloadKey },
-      });
+      const meter = await stripe.billing.meters.create(
+        {
+          display_name: spec.displayName,
+          event_name: spec.eventName,
+          default_aggregation: { formula: spec.formula },
+          customer_mapping: { type: 'by_id', event_payload_key: spec.customerPayloadKey },
+          value_settings: { event_payload_key: spec.valuePayloadKey },
+        },
+        on,
+      );
       result.meters.push({ spec, meter, action: 'created' });
     }
   }
 
-  if (options.webhookUrl) {
+  if (options.webhookUrl && !options.account) {
     const url = options.webhookUrl;
     const endpoints = await stripe.webhookEndpoints.list({ limit: 100 }).autoPagingToArray({ limit: 10_000 });
     const createdSecrets: string[] = [];
@@ -255,7 +286,8 @@ export type StripeCheckConfig = Pick<
   | 'DELIVERY_TRANSPORT'
   | 'STRIPE_METER_ID_TEMPERATURE_READINGS'
   | 'STRIPE_METER_ID_ACTIVE_SENSORS'
->;
+> &
+  Partial<Pick<Config, 'STRIPE_CONNECTED_MAX_CALLS_PER_SECOND'>>;
 
 export interface CheckLine {
   ok: boolean;
@@ -289,6 +321,99 @@ const READ_PROBES: readonly { permission: string; probe: (stripe: Stripe) => Pro
       }),
   },
 ];
+
+/**
+ * One line per meter meterbox needs among `meters` (an account's), named `<prefix>meter <event>`;
+ * returns the ids of those that fit.
+ */
+function meterLines(
+  meters: readonly Stripe.Billing.Meter[],
+  prefix: string,
+  lines: CheckLine[],
+  /** What becomes of usage sent to a missing meter there. */
+  dropped = 'usage would be dropped by Stripe, so meterbox holds it',
+  setup = 'meterbox stripe setup',
+): Map<MeterEventName, string> {
+  const goodIds = new Map<MeterEventName, string>();
+  for (const spec of METER_SPECS) {
+    const state = meterStateOf(spec, meters);
+    const name = `${prefix}meter ${spec.eventName}`;
+    if (state.kind === 'ok') {
+      goodIds.set(spec.eventName, state.meter.id);
+      lines.push({
+        ok: true,
+        name,
+        detail: `${state.meter.id}, active, ${spec.formula}, payload keys ${spec.customerPayloadKey}/${spec.valuePayloadKey}`,
+      });
+    } else if (state.kind === 'mismatch') {
+      lines.push({
+        ok: false,
+        name,
+        detail: `${state.meter.id}: ${state.differences.join(', ')}`,
+        fix: `a meter's settings cannot be changed: deactivate ${state.meter.id}, then run ${setup}`,
+      });
+    } else if (state.kind === 'inactive') {
+      lines.push({
+        ok: false,
+        name,
+        detail: `${state.meter.id} is deactivated: ${dropped}`,
+        fix: `run ${setup} (it reactivates a fitting meter or creates one)`,
+      });
+    } else {
+      lines.push({
+        ok: false,
+        name,
+        detail: `no meter with this event name: ${dropped}`,
+        fix: `run ${setup}`,
+      });
+    }
+  }
+  return goodIds;
+}
+
+/**
+ * Stripe Connect: each connected account with linked customers has the two meters of its own (Stripe
+ * accepts a meter event on an account without the meter and drops it later, in a `no_meter` error
+ * report), and the budget per connected account against Stripe's ceiling for it. Reads only.
+ */
+export async function checkConnectedAccounts(
+  stripe: Stripe,
+  accounts: readonly string[],
+  config: Pick<Config, 'STRIPE_SECRET_KEY'> & Partial<Pick<Config, 'STRIPE_CONNECTED_MAX_CALLS_PER_SECOND'>>,
+): Promise<CheckLine[]> {
+  const lines: CheckLine[] = [];
+  if (accounts.length === 0) return lines;
+  for (const account of accounts) {
+    let meters: Stripe.Billing.Meter[];
+    try {
+      meters = await listAccountMeters(stripe, account);
+    } catch (err) {
+      lines.push({
+        ok: false,
+        name: `${account} meters`,
+        detail: `cannot list the connected account's meters: ${messageOf(err)}`,
+        fix: 'the platform must be able to act on the account (Stripe-Account): check that it is still connected',
+      });
+      continue;
+    }
+    meterLines(
+      meters,
+      `${account} `,
+      lines,
+      "Stripe accepts the account's meter events and drops them later (a no_meter error report)",
+    );
+  }
+  // The same ceiling for every connected account, each with its own budget row (metering/budget.ts).
+  for (const line of judgeBudget(
+    connectedAccountBudget({
+      STRIPE_SECRET_KEY: config.STRIPE_SECRET_KEY,
+      STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: config.STRIPE_CONNECTED_MAX_CALLS_PER_SECOND,
+    }),
+    { calls: 'STRIPE_CONNECTED_MAX_CALLS_PER_SECOND', events: 'STRIPE_CONNECTED_MAX_EVENTS_PER_SECOND' },
+  ))
+    lines.push({ ...line, detail: `per connected account (${accounts.length} in use): ${line.detail}` });
+  return lines;
+}
 
 /**
  * Everything `meterbox stripe check` reports, one line per check. Only GET requests: it never
@@ -387,40 +512,7 @@ export async function checkStripeAccount(
         },
   );
 
-  const goodIds = new Map<MeterEventName, string>();
-  for (const spec of METER_SPECS) {
-    const state = meterStateOf(spec, meters);
-    const name = `meter ${spec.eventName}`;
-    if (state.kind === 'ok') {
-      goodIds.set(spec.eventName, state.meter.id);
-      lines.push({
-        ok: true,
-        name,
-        detail: `${state.meter.id}, active, ${spec.formula}, payload keys ${spec.customerPayloadKey}/${spec.valuePayloadKey}`,
-      });
-    } else if (state.kind === 'mismatch') {
-      lines.push({
-        ok: false,
-        name,
-        detail: `${state.meter.id}: ${state.differences.join(', ')}`,
-        fix: `a meter's settings cannot be changed: deactivate ${state.meter.id}, then run meterbox stripe setup`,
-      });
-    } else if (state.kind === 'inactive') {
-      lines.push({
-        ok: false,
-        name,
-        detail: `${state.meter.id} is deactivated: usage sent to it is dropped by Stripe, so meterbox holds it`,
-        fix: 'run meterbox stripe setup (it reactivates a fitting meter or creates one)',
-      });
-    } else {
-      lines.push({
-        ok: false,
-        name,
-        detail: 'no meter with this event name: usage would be dropped by Stripe, so meterbox holds it',
-        fix: 'run meterbox stripe setup',
-      });
-    }
-  }
+  const goodIds = meterLines(meters, '', lines);
 
   for (const spec of METER_SPECS) {
     const set = config[spec.idVariable];

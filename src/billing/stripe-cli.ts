@@ -1,11 +1,16 @@
 // `meterbox stripe setup [--webhook-url URL]` and `meterbox stripe check`: set the Stripe account up
 // for meterbox, and verify it without writing. Setup prints env lines on stdout (ready for an env
 // file) and everything else on stderr; check prints one line per check and exits 0 or 1.
+
+import type Stripe from 'stripe';
 import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, processIo, str, usageError } from '../cli/io.js';
 import type { Context } from '../context-type.js';
+import { CONNECTED_ACCOUNT } from './connect.js';
 import {
+  checkConnectedAccounts,
   checkStripeAccount,
+  connectedAccountsInUse,
   SetupRefusedError,
   type StripeCheckConfig,
   setupStripeAccount,
@@ -13,16 +18,19 @@ import {
 
 type Values = Record<string, string | boolean | undefined>;
 
-const SETUP_USAGE = 'stripe setup [--webhook-url <https://host/webhooks/stripe>]';
+const SETUP_USAGE = 'stripe setup [--webhook-url <https://host/webhooks/stripe>] [--account <acct_…>]';
 
 export async function stripeSetupCommand(
-  ctx: Pick<Context, 'stripe'>,
+  ctx: Pick<Context, 'stripe'> & { db?: Context['db'] },
   values: Values,
   io: CliIo = processIo(),
 ): Promise<number> {
   const webhookUrl = str(values, 'webhook-url');
   if (webhookUrl !== undefined && !/^https?:\/\/\S+$/.test(webhookUrl))
     return usageError(io, '--webhook-url must be an http(s) URL', SETUP_USAGE);
+  const account = str(values, 'account');
+  if (account !== undefined && !CONNECTED_ACCOUNT.test(account))
+    return usageError(io, '--account must be a connected account id (acct_…)', SETUP_USAGE);
   if (!ctx.stripe) {
     io.err.write('meterbox: STRIPE_SECRET_KEY is not set; stripe setup needs a key (sk_… or rk_…)\n');
     return 1;
@@ -51,7 +59,9 @@ export async function stripeSetupCommand(
       if (w.missingEvents.length > 0)
         io.err.write(`# not subscribed: ${w.missingEvents.join(', ')} (add them in the Dashboard)\n`);
     }
-    return 0;
+    const accounts = new Set(ctx.db ? await connectedAccountsInUse(ctx.db) : []);
+    if (account) accounts.add(account);
+    return setupConnected(ctx.stripe, [...accounts].sort(), io);
   } catch (err) {
     if (err instanceof SetupRefusedError) {
       io.err.write('meterbox: stripe setup changed nothing; these meters do not fit meterbox:\n');
@@ -65,11 +75,38 @@ export async function stripeSetupCommand(
   }
 }
 
+/**
+ * Stripe Connect: the two meters on every connected account with linked customers, and on the one
+ * named by --account (before its first customer is linked). Meters are an account's own; their ids
+ * are not settings (delivery names meters by event name). An account whose meters do not fit is
+ * reported and the others are still set up.
+ */
+async function setupConnected(stripe: Stripe, accounts: readonly string[], io: CliIo): Promise<number> {
+  let failed = 0;
+  for (const account of accounts) {
+    try {
+      const result = await setupStripeAccount(stripe, { account });
+      for (const { spec, meter, action } of result.meters)
+        io.err.write(`# ${account} meter ${spec.eventName}: ${meter.id} (${action})\n`);
+    } catch (err) {
+      if (!(err instanceof SetupRefusedError)) throw err;
+      failed += 1;
+      io.err.write(`meterbox: connected account ${account}: these meters do not fit meterbox:\n`);
+      for (const problem of err.problems) io.err.write(`  ${problem}\n`);
+    }
+  }
+  return failed === 0 ? 0 : 1;
+}
+
 export async function stripeCheckCommand(
-  ctx: Pick<Context, 'stripe'> & { config: StripeCheckConfig },
+  ctx: Pick<Context, 'stripe'> & { config: StripeCheckConfig; db?: Context['db'] },
   io: CliIo = processIo(),
 ): Promise<number> {
   const lines = await checkStripeAccount(ctx.stripe, ctx.config);
+  if (ctx.stripe && ctx.db && lines.every((l) => l.name !== 'key' || l.ok))
+    lines.push(
+      ...(await checkConnectedAccounts(ctx.stripe, await connectedAccountsInUse(ctx.db), ctx.config)),
+    );
   for (const line of lines) {
     io.out(
       `${line.ok ? 'ok  ' : 'FAIL'}  ${line.name}: ${line.detail}${line.ok || !line.fix ? '' : `\n      → ${line.fix}`}`,
@@ -82,9 +119,10 @@ export async function stripeCheckCommand(
 
 export const stripeCommands: Record<string, CliCommand> = {
   'stripe setup': {
-    summary: 'find or create the two Stripe meters (and a webhook endpoint); prints env lines',
+    summary:
+      'find or create the two Stripe meters (and a webhook endpoint), and the meters of every connected account in use; prints env lines',
     usage: SETUP_USAGE,
-    options: flags(['webhook-url']),
+    options: flags(['webhook-url', 'account']),
     run: (ctx, { values }) => stripeSetupCommand(ctx, values),
   },
   'stripe check': {

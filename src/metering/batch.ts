@@ -112,8 +112,8 @@ export interface BatchDeps {
 
 /**
  * A connected account's share of a batch: the platform's transport and corrections made on the
- * account, its own budget row's slots and Retry-After, and a 429 slowing that row only. The
- * platform's destination health is not the account's: its failures are its groups' own.
+ * account, its own budget row's slots and Retry-After, a 429 slowing that row only, and its own
+ * destination health (an outage of the account is not the platform's).
  */
 export interface ConnectedDeps extends DestinationDeps {
   account: string;
@@ -221,6 +221,7 @@ async function deliverDestination(
   const config = deps.config;
   const timers = deps.timers ?? hostTimers;
   const transport = dest?.transport ?? UNCONFIGURED;
+  const connected = dest && 'account' in dest ? (dest as ConnectedDeps) : undefined;
   const base =
     deps.store?.(destination) ??
     sqlStore({
@@ -229,13 +230,15 @@ async function deliverDestination(
       config,
       distributed: deps.distributed === true,
       destination,
+      ...(connected ? { account: connected.account } : {}),
       ...(deps.leases ? { leases: deps.leases } : {}),
     });
-  // A connected account: its 429s slow its own budget row, and the platform's health is not its own.
-  const store: DeliveryStore =
-    dest && 'account' in dest
-      ? { ...withoutHealth(base), rateLimited: (dest as ConnectedDeps).rateLimited }
-      : base;
+  // A connected account: its 429s slow its own budget row, and its outage is its own (its own health
+  // row: the platform's customers keep being delivered while its groups wait on it). A store given
+  // by the caller (the simulation's) has no per-account health: there its failures are its groups'.
+  const store: DeliveryStore = connected
+    ? { ...(deps.store ? withoutHealth(base) : base), rateLimited: connected.rateLimited }
+    : base;
   const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
   const policy = deliveryPolicy(config, transport.kind);
   // Jobs queued before jobs named their organization: their keys' organizations are looked up once.
@@ -378,7 +381,7 @@ async function deliverDestination(
         const after = await health.record(report);
         if (after.wentDown) {
           deps.log.warn(
-            { destination, failures: report.failures },
+            { destination, ...(connected ? { account: connected.account } : {}), failures: report.failures },
             'destination down: its groups wait on it and stop spending attempts; probing it',
           );
         }
@@ -439,7 +442,10 @@ async function deliverDestination(
     // 5b. the destination is back: every key waiting on it resumes now (its job starts at once).
     if (recovered && health) {
       const resumed = await health.resumeWaiting();
-      deps.log.info({ destination, keys: resumed.length }, 'destination up again: waiting groups resume');
+      deps.log.info(
+        { destination, ...(connected ? { account: connected.account } : {}), keys: resumed.length },
+        'destination up again: waiting groups resume',
+      );
       for (let i = 0; i < WAKE_FETCHERS; i++) deps.wakeAfter?.(0);
     } else if (health) {
       // Keys this batch told to wait whose wait it settled just after another batch ended the outage

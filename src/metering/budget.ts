@@ -422,3 +422,77 @@ export async function connectedBudgetRow(db: Kysely<DB>, account: string): Promi
   if (!row.rows[0]) throw new Error(`no budget row for connected account ${account}`);
   return row.rows[0].id;
 }
+
+/** A budgeted caller on one Stripe account's budget row, with what a 429 there needs. */
+export interface AccountCaller {
+  caller: BudgetedCaller;
+  /** The row's configured rate. */
+  rate: number;
+  budgetRow: number;
+}
+
+/** Budgeted callers per Stripe account: the platform's row, and each connected account's own. */
+export interface AccountCallers {
+  /** null: the platform's; a connected account's caller is made (and its row created) on first use. */
+  of(account: string | null): Promise<AccountCaller>;
+  /** Calls made through every caller so far. */
+  readonly calls: number;
+}
+
+/**
+ * Reads that are not deliveries (meter event summaries, a connected account's meter list) count at
+ * Stripe against the account they are made on: a connected account's against its own basic limit. So
+ * each connected account's reads take slots of its own budget row (connectedBudgetRow), paced like the
+ * platform's (`share` of the row's rate, at most `maxPerSecond`), and never the platform's.
+ */
+export function createAccountCallers(
+  db: Kysely<DB>,
+  options: {
+    /** The platform's configured rate (STRIPE_MAX_CALLS_PER_SECOND). */
+    rate: number;
+    /** A connected account's configured rate (STRIPE_CONNECTED_MAX_CALLS_PER_SECOND or its default). */
+    connectedRate: number;
+    share: number;
+    maxPerSecond: number;
+    distributed?: boolean;
+    /** The platform's caller when the caller already has one (its calls are counted here too). */
+    platform?: BudgetedCaller;
+  },
+): AccountCallers {
+  const make = (rate: number, budgetRow: number): AccountCaller => ({
+    rate,
+    budgetRow,
+    caller: createBudgetedCaller(db, {
+      rate,
+      budgetRow,
+      share: options.share,
+      maxPerSecond: options.maxPerSecond,
+      distributed: options.distributed === true,
+    }),
+  });
+  const platform: AccountCaller = options.platform
+    ? { caller: options.platform, rate: options.rate, budgetRow: BUDGET_ROW.stripe }
+    : make(options.rate, BUDGET_ROW.stripe);
+  const connected = new Map<string, Promise<AccountCaller>>();
+  const made: AccountCaller[] = [];
+  return {
+    of(account) {
+      if (account === null) return Promise.resolve(platform);
+      let found = connected.get(account);
+      if (!found) {
+        found = connectedBudgetRow(db, account).then((row) => {
+          const c = make(options.connectedRate, row);
+          made.push(c);
+          return c;
+        });
+        // A failed lookup is not remembered: the next read asks again.
+        found.catch(() => connected.delete(account));
+        connected.set(account, found);
+      }
+      return found;
+    },
+    get calls() {
+      return made.reduce((n, c) => n + c.caller.calls, platform.caller.calls);
+    },
+  };
+}

@@ -4,7 +4,8 @@
 // their own; one probe call at a time, spaced 2 s, 4 s, 8 s… up to DESTINATION_PROBE_MAX_SECONDS on the
 // database's clock, finds out when it is back; the first answer that shows it working marks it `up`
 // and wakes every waiting group's job at once. A `Retry-After` it sends (429, 503) holds every call to
-// it until then. The state is one row per destination shared by every worker process; the decisions
+// it until then. The state is one row per destination and account (Stripe Connect: a connected
+// account's outage is its own) shared by every worker process; the decisions
 // on it (what an answer says of the destination, the next state) are pure functions here.
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
@@ -171,15 +172,28 @@ export interface HealthOutcome {
   wentDown: boolean;
 }
 
-/** The row of a destination ('' account: the destination's own). */
-const ROW = (destination: Destination) => sql`destination = ${destination} AND account = ''`;
+/**
+ * The row of a destination and account: '' the destination's own; Stripe Connect: a connected
+ * account's (acct_…), whose outage is its own — its groups wait on it while the platform's customers
+ * keep being delivered.
+ */
+const ROW = (destination: Destination, account: string) =>
+  sql`destination = ${destination} AND account = ${account}`;
+
+/** A connected account's row is made on its first failure (the destinations' own rows: migration 0035). */
+async function ensureRow(db: Kysely<DB>, destination: Destination, account: string): Promise<void> {
+  if (account === '') return;
+  await sql`
+    INSERT INTO destination_health (destination, account) VALUES (${destination}, ${account})
+    ON CONFLICT (destination, account) DO NOTHING`.execute(db);
+}
 
 /**
  * ONE statement before a batch's calls: open; or wait (a Retry-After not yet over, or down with the
  * probe slot taken or not yet due); or the probe slot, taken here (next_probe_at moves PROBE_HOLD_MS
  * ahead until the probe's answer is recorded). Reads only, unless it takes the probe slot.
  */
-export async function gateCalls(db: Kysely<DB>, destination: Destination): Promise<Gate> {
+export async function gateCalls(db: Kysely<DB>, destination: Destination, account = ''): Promise<Gate> {
   const { rows } = await sql<{
     state: 'up' | 'down';
     probe: boolean;
@@ -193,7 +207,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination): Promi
          SET next_probe_at = ${plusSeconds(sql`c.now`, sql`${PROBE_HOLD_MS / 1000}::float8`)},
              probes = h.probes + 1, updated_at = c.now
         FROM c
-       WHERE ${ROW(destination)} AND h.state = 'down'
+       WHERE ${ROW(destination, account)} AND h.state = 'down'
          AND (h.next_probe_at IS NULL OR h.next_probe_at <= c.now)
          AND (h.retry_after_until IS NULL OR h.retry_after_until <= c.now)
       RETURNING 1)
@@ -201,7 +215,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination): Promi
            greatest(0, ceil(extract(epoch FROM coalesce(h.retry_after_until, c.now) - c.now) * 1000))::int AS retry_after_ms,
            greatest(0, ceil(extract(epoch FROM coalesce(h.next_probe_at, c.now) - c.now) * 1000))::int AS probe_in_ms
       FROM destination_health h, c
-     WHERE ${ROW(destination)}`.execute(db);
+     WHERE ${ROW(destination, account)}`.execute(db);
   const row = rows[0];
   if (!row) return { kind: 'open', failures: 0 };
   if (row.retry_after_ms > 0) return { kind: 'wait', reason: 'retry_after', waitMs: row.retry_after_ms };
@@ -222,6 +236,7 @@ export async function recordHealth(
   destination: Destination,
   report: HealthReport,
   policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs'>,
+  account = '',
 ): Promise<HealthOutcome> {
   if (report.answered > 0) {
     const { rows } = await sql<{ was: 'up' | 'down' }>`
@@ -230,15 +245,15 @@ export async function recordHealth(
              probes = 0, updated_at = now()
         -- Unlocked: a batch that finds nothing to end writes nothing and takes no lock (the steady
         -- state). Two batches ending one outage: the second finds it ended (EvalPlanQual) and skips.
-        FROM (SELECT state AS was FROM destination_health WHERE ${ROW(destination)}) o
-       WHERE ${ROW(destination)} AND (h.failures > 0 OR h.state = 'down')
+        FROM (SELECT state AS was FROM destination_health WHERE ${ROW(destination, account)}) o
+       WHERE ${ROW(destination, account)} AND (h.failures > 0 OR h.state = 'down')
       RETURNING o.was`.execute(db);
     return { state: 'up', probeInMs: 0, recovered: rows[0]?.was === 'down', wentDown: false };
   }
   if (report.failures === 0) {
     const { rows } = await sql<{ state: 'up' | 'down'; probe_in_ms: number }>`
       SELECT state, greatest(0, ceil(extract(epoch FROM coalesce(next_probe_at, now()) - clock_timestamp()) * 1000))::int AS probe_in_ms
-        FROM destination_health WHERE ${ROW(destination)}`.execute(db);
+        FROM destination_health WHERE ${ROW(destination, account)}`.execute(db);
     return {
       state: rows[0]?.state ?? 'up',
       probeInMs: rows[0]?.probe_in_ms ?? 0,
@@ -246,6 +261,7 @@ export async function recordHealth(
       wentDown: false,
     };
   }
+  await ensureRow(db, destination, account);
   return db.transaction().execute(async (trx) => {
     const { rows } = await sql<{
       state: 'up' | 'down';
@@ -257,7 +273,7 @@ export async function recordHealth(
       now: Date;
     }>`
       SELECT state, down_since, failures, failing_keys, next_probe_at, probes, clock_timestamp() AS now
-        FROM destination_health WHERE ${ROW(destination)} FOR UPDATE`.execute(trx);
+        FROM destination_health WHERE ${ROW(destination, account)} FOR UPDATE`.execute(trx);
     const current = rows[0];
     if (!current) return { state: 'up' as const, probeInMs: 0, recovered: false, wentDown: false };
     const now = new Date(current.now);
@@ -280,7 +296,7 @@ export async function recordHealth(
          SET state = ${r.state}, down_since = ${r.downSince}, failures = ${r.failures},
              failing_keys = ${r.failingKeys}::text[], next_probe_at = ${r.nextProbeAt}, probes = ${r.probes},
              outages = outages + ${next.wentDown ? 1 : 0}, updated_at = ${now}
-       WHERE ${ROW(destination)}`.execute(trx);
+       WHERE ${ROW(destination, account)}`.execute(trx);
     return {
       state: r.state,
       probeInMs: r.nextProbeAt ? Math.max(0, r.nextProbeAt.getTime() - now.getTime()) : 0,
@@ -291,21 +307,27 @@ export async function recordHealth(
 }
 
 /** Whether the destination may be called now: up, and no Retry-After in force. */
-export async function callable(db: Kysely<DB>, destination: Destination): Promise<boolean> {
+export async function callable(db: Kysely<DB>, destination: Destination, account = ''): Promise<boolean> {
   const { rows } = await sql<{ ok: boolean }>`
     SELECT state = 'up' AND (retry_after_until IS NULL OR retry_after_until <= clock_timestamp()) AS ok
-      FROM destination_health WHERE ${ROW(destination)}`.execute(db);
+      FROM destination_health WHERE ${ROW(destination, account)}`.execute(db);
   return rows[0]?.ok ?? true;
 }
 
 /** A destination's Retry-After: no call to it before `ms` from now (the later of two such asks). */
-export async function recordRetryAfter(db: Kysely<DB>, destination: Destination, ms: number): Promise<void> {
+export async function recordRetryAfter(
+  db: Kysely<DB>,
+  destination: Destination,
+  ms: number,
+  account = '',
+): Promise<void> {
+  await ensureRow(db, destination, account);
   await sql`
     UPDATE destination_health
        SET retry_after_until = greatest(coalesce(retry_after_until, '-infinity'),
                                         clock_timestamp() + make_interval(secs => ${ms / 1000})),
            updated_at = now()
-     WHERE ${ROW(destination)}`.execute(db);
+     WHERE ${ROW(destination, account)}`.execute(db);
 }
 
 // ─── the end of an outage ───────────────────────────────────────────────────────────────────────
@@ -322,7 +344,17 @@ export async function resumeWaiting(
   destination: Destination,
   /** Only these keys (a batch's own, told to wait just as the outage ended); default every key. */
   only?: readonly KeyRef[],
+  /** Stripe Connect: the keys of this connected account's customers ('': the platform's own). */
+  account = '',
 ): Promise<KeyRef[]> {
+  const ofAccount =
+    destination !== 'stripe'
+      ? sql``
+      : account === ''
+        ? sql`AND NOT EXISTS (SELECT 1 FROM stripe_customer_accounts a
+                               WHERE a.stripe_customer_id = meter_delivery_keys.stripe_customer_id)`
+        : sql`AND stripe_customer_id IN (SELECT stripe_customer_id FROM stripe_customer_accounts
+                                          WHERE stripe_account = ${account})`;
   const filter = only
     ? sql`AND (organization_id, stripe_customer_id, event_name) IN (
             SELECT * FROM unnest(${only.map((k) => k.organizationId)}::uuid[], ${only.map((k) => k.customerId)}::text[],
@@ -336,7 +368,7 @@ export async function resumeWaiting(
     WITH w AS (
       -- In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
       SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
-       WHERE destination = ${destination} AND retry_at > now() ${filter}
+       WHERE destination = ${destination} AND retry_at > now() ${filter} ${ofAccount}
        ORDER BY 1, 2, 3, 4
          FOR UPDATE)
     UPDATE meter_delivery_keys d SET retry_at = NULL

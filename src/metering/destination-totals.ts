@@ -13,8 +13,9 @@ import type Metronome from '@metronome/sdk';
 import type { Kysely } from 'kysely';
 import type Stripe from 'stripe';
 import { customerAccount } from '../billing/connect.js';
+import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
-import { BUDGET_ROW, type BudgetedCaller, recordRateLimited } from './budget.js';
+import { type AccountCallers, BUDGET_ROW, type BudgetedCaller, recordRateLimited } from './budget.js';
 import {
   findCustomer,
   listBillableMetrics,
@@ -87,6 +88,12 @@ export interface TotalsDeps {
   /** The budget row's configured rate (for the 429 slow-down). */
   rate: number;
   distributed?: boolean;
+  /**
+   * Stripe Connect: the callers of each connected account's own budget row. A connected customer's
+   * summaries count against its account's limit at Stripe, so they take that row's slots; without
+   * this they take the platform's (`caller`).
+   */
+  accounts?: AccountCallers;
 }
 
 /** Stripe's meter event summaries; `meterId` gives the active meter of an event name, if any. */
@@ -96,37 +103,68 @@ export function stripeTotals(
   deps: TotalsDeps,
 ): DestinationTotals {
   const call = { ...deps, budgetRow: BUDGET_ROW.stripe, distributed: deps.distributed === true };
-  const meterOf = (eventName: MeterEventName) => {
-    const id = meterId(eventName);
-    if (!id) throw new NotAskable(`no active Stripe meter is known for ${eventName}`);
-    return id;
-  };
-  // Stripe Connect: a connected account's customer is summarized on that account (Stripe-Account).
+  // Stripe Connect: a connected account's customer is summarized on that account (Stripe-Account),
+  // through that account's budget row, and with that account's meters (meters are an account's own:
+  // the platform's ids name nothing there).
   const accounts = new Map<string, string | null>();
-  const on = async (customerId: string): Promise<Stripe.RequestOptions | undefined> => {
+  const accountMeters = new Map<string, Promise<Map<MeterEventName, string>>>();
+  const on = async (
+    customerId: string,
+  ): Promise<{
+    options: Stripe.RequestOptions | undefined;
+    call: Parameters<typeof budgeted>[0];
+    meterId: (eventName: MeterEventName) => Promise<string | undefined>;
+  }> => {
     if (!accounts.has(customerId)) accounts.set(customerId, await customerAccount(deps.db, customerId));
-    const account = accounts.get(customerId);
-    return account ? { stripeAccount: account } : undefined;
+    const account = accounts.get(customerId) ?? null;
+    if (!account) return { options: undefined, call, meterId: async (e) => meterId(e) };
+    const own = deps.accounts ? await deps.accounts.of(account) : undefined;
+    const accountCall = own
+      ? {
+          db: deps.db,
+          caller: own.caller,
+          rate: own.rate,
+          budgetRow: own.budgetRow,
+          distributed: call.distributed,
+        }
+      : call;
+    const options = { stripeAccount: account };
+    let ids = accountMeters.get(account);
+    if (!ids) {
+      ids = budgeted(accountCall, () => listAccountMeters(stripe, account)).then((meters) => {
+        const found = new Map<MeterEventName, string>();
+        for (const spec of METER_SPECS) {
+          const state = meterStateOf(spec, meters);
+          if (state.kind === 'ok') found.set(spec.eventName, state.meter.id);
+        }
+        return found;
+      });
+      ids.catch(() => accountMeters.delete(account));
+      accountMeters.set(account, ids);
+    }
+    const known = ids;
+    return { options, call: accountCall, meterId: async (e) => (await known).get(e) };
   };
   return {
     destination: 'stripe',
     windowMs: MINUTE_MS,
     get calls() {
-      return deps.caller.calls;
+      return deps.accounts ? deps.accounts.calls : deps.caller.calls;
     },
     async hourly(customerId, meters, from, to) {
       const out = new Map<MeterEventName, Map<number, number>>();
+      const where = await on(customerId);
       for (const meter of meters) {
         // A meter with no active Stripe meter is held by delivery; it has nothing to compare yet.
-        const id = meterId(meter);
+        const id = await where.meterId(meter);
         if (!id) continue;
         // One call per customer and meter: the lookback (at most 35 days: 840 hourly summaries) is
         // read in pages of 100, each page its own budgeted call.
         const values = new Map<number, number>();
-        const options = await on(customerId);
+        const options = where.options;
         let startingAfter: string | undefined;
         for (;;) {
-          const page = await budgeted(call, () =>
+          const page = await budgeted(where.call, () =>
             stripe.billing.meters.listEventSummaries(
               id,
               {
@@ -150,14 +188,15 @@ export function stripeTotals(
       return out;
     },
     async window(customerId, meter, from) {
-      const id = meterOf(meter);
+      const where = await on(customerId);
+      const id = await where.meterId(meter);
+      if (!id) throw new NotAskable(`no active Stripe meter is known for ${meter}`);
       const start = Math.floor(from.getTime() / MINUTE_MS) * 60;
-      const options = await on(customerId);
-      const page = await budgeted(call, () =>
+      const page = await budgeted(where.call, () =>
         stripe.billing.meters.listEventSummaries(
           id,
           { customer: customerId, start_time: start, end_time: start + 60, limit: 1 },
-          options,
+          where.options,
         ),
       );
       return page.data[0]?.aggregated_value ?? 0;

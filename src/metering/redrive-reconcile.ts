@@ -14,10 +14,11 @@ import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
+import { connectedAccountBudget } from '../billing/limits.js';
 import { listAccountMeters, METER_SPECS, meterStateOf } from '../billing/stripe-account.js';
 import type { Config } from '../config.js';
 import type { CorrectionAction, DB, Destination, MeterEventName, OutboxKind } from '../db/schema.js';
-import { BUDGET_ROW, createBudgetedCaller } from './budget.js';
+import { BUDGET_ROW, createAccountCallers, createBudgetedCaller } from './budget.js';
 import { type DestinationTotals, metronomeTotals, NotAskable, stripeTotals } from './destination-totals.js';
 import { enqueueDelivery } from './outbox.js';
 import { hourOf, keyRef, reconcileWindowBlocked, reconcileWindowGroups } from './rules.js';
@@ -178,7 +179,20 @@ export async function destinationReaders(
     };
   };
   if (deps.stripe) {
-    readers.stripe = stripeTotals(deps.stripe, meterId ?? (await stripeMeterIds(deps)), callerOf('stripe'));
+    const platform = callerOf('stripe');
+    // Stripe Connect: a connected customer's summaries take its account's own budget row.
+    const accounts = createAccountCallers(deps.db, {
+      rate: platform.rate,
+      connectedRate: connectedAccountBudget(deps.config).callsPerSecond,
+      share: deps.config.RECONCILIATION_BUDGET_SHARE,
+      maxPerSecond: deps.config.RECONCILIATION_MAX_CALLS_PER_SECOND,
+      distributed: deps.distributed === true,
+      platform: platform.caller,
+    });
+    readers.stripe = stripeTotals(deps.stripe, meterId ?? (await stripeMeterIds(deps)), {
+      ...platform,
+      accounts,
+    });
   }
   if (deps.metronome) readers.metronome = metronomeTotals(deps.metronome, callerOf('metronome'));
   return readers;

@@ -114,12 +114,15 @@ export function sqlStore(deps: {
   >;
   distributed?: boolean;
   destination?: Destination;
+  /** Stripe Connect: the connected account whose keys this store's batch sends (its own health row). */
+  account?: string;
   /** Renewals on the process's lease connection (lease-keeper.ts); without it, on `db`. */
   leases?: Pick<LeaseKeeper, 'renew'>;
 }): DeliveryStore {
   const { db, boss } = deps;
   const distributed = deps.distributed === true;
   const destination = deps.destination ?? 'stripe';
+  const account = deps.account ?? '';
   // One store per batch: its shard router remembers the batch's organizations' shard groups from the
   // claim to the settle, and the store the organizations whose keys the batch claimed (its renewals
   // and release name them, so each is a router query on Citus).
@@ -166,12 +169,12 @@ export function sqlStore(deps: {
     ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0 && !distributed
       ? {
           health: {
-            gate: () => gateCalls(db, destination),
+            gate: () => gateCalls(db, destination, account),
             record: (report: HealthReport) =>
-              recordHealth(db, destination, report, healthPolicy(deps.config)),
-            retryAfter: (ms: number) => recordRetryAfter(db, destination, ms),
-            resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys),
-            callable: () => callable(db, destination),
+              recordHealth(db, destination, report, healthPolicy(deps.config), account),
+            retryAfter: (ms: number) => recordRetryAfter(db, destination, ms, account),
+            resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys, account),
+            callable: () => callable(db, destination, account),
           },
         }
       : {}),

@@ -289,3 +289,135 @@ describe('meterbox stripe check', () => {
     expect(stdout).toContain('FAIL  key: STRIPE_SECRET_KEY is not set');
   });
 });
+
+describe('meterbox stripe setup and check on connected accounts', () => {
+  const ACCOUNT_A = 'acct_1MeterboxSetupA';
+  const ACCOUNT_B = 'acct_1MeterboxSetupB';
+  const config = {
+    STRIPE_SECRET_KEY: 'sk_test_emulator_0123456789',
+    STRIPE_WEBHOOK_SECRET: 'whsec_x',
+    STRIPE_MAX_CALLS_PER_SECOND: undefined,
+    STRIPE_MAX_EVENTS_PER_SECOND: undefined,
+    STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: undefined,
+    DELIVERY_TRANSPORT: 'v1' as const,
+    STRIPE_METER_ID_TEMPERATURE_READINGS: undefined,
+    STRIPE_METER_ID_ACTIVE_SENSORS: undefined,
+  };
+
+  it("creates the meters on every connected account in use, checks them there and names the account's ceiling", async ({
+    ctx,
+  }) => {
+    // Stripe's behaviour: a connected account has only the meters created on it.
+    const emulator = await startStripeEmulator({ meters: [], connectedAccountMeters: 'own' });
+    try {
+      const stripe = sdk(emulator);
+      const onA = emulator.createCustomer({ account: ACCOUNT_A });
+      const onB = emulator.createCustomer({ account: ACCOUNT_B });
+      await ctx.db
+        .insertInto('stripe_customer_accounts')
+        .values([
+          { stripe_customer_id: onA.id, stripe_account: ACCOUNT_A },
+          { stripe_customer_id: onB.id, stripe_account: ACCOUNT_B },
+        ])
+        .execute();
+      const send = (identifier: string) =>
+        stripe.billing.meterEvents.create(
+          {
+            event_name: 'temperature_readings',
+            identifier,
+            payload: { stripe_customer_id: onA.id, value: '3' },
+          },
+          { stripeAccount: ACCOUNT_A },
+        );
+      // Without the account's own meter Stripe accepts the event and drops it (no_meter, later).
+      await send('before-setup');
+      expect(emulator.events({ account: ACCOUNT_A })).toEqual([]);
+      expect(emulator.asyncErrors().map((e) => [e.identifier, e.code])).toEqual([
+        ['before-setup', 'no_meter'],
+      ]);
+
+      // The platform alone set up: check names each connected account's missing meters.
+      expect((await setup(stripe, { 'webhook-url': 'https://m.example.test/webhooks/stripe' })).code).toBe(0);
+      const before = memoryIo();
+      expect(await stripeCheckCommand({ stripe, config, db: ctx.db }, before)).toBe(1);
+      for (const account of [ACCOUNT_A, ACCOUNT_B])
+        for (const meter of ['temperature_readings', 'active_sensors'])
+          expect(before.stdout).toContain(`FAIL  ${account} meter ${meter}: no meter with this event name`);
+      expect(before.stdout).toContain('4 check(s) failed');
+
+      const first = memoryIo();
+      expect(await stripeSetupCommand({ stripe, db: ctx.db }, {}, first)).toBe(0);
+      expect(first.stderr).toMatch(
+        new RegExp(`# ${ACCOUNT_A} meter temperature_readings: mtr_\\w+ \\(created\\)`),
+      );
+      expect(first.stderr).toMatch(new RegExp(`# ${ACCOUNT_B} meter active_sensors: mtr_\\w+ \\(created\\)`));
+      const byAccount = (account: string | undefined) =>
+        emulator
+          .meters()
+          .filter((m) => m.account === account)
+          .map((m) => m.event_name);
+      expect(byAccount(undefined)).toEqual(['temperature_readings', 'active_sensors']);
+      expect(byAccount(ACCOUNT_A)).toEqual(['temperature_readings', 'active_sensors']);
+      expect(byAccount(ACCOUNT_B)).toEqual(['temperature_readings', 'active_sensors']);
+      // Idempotent: a second run finds them; --account sets up an account before its first link.
+      const second = memoryIo();
+      expect(
+        await stripeSetupCommand({ stripe, db: ctx.db }, { account: 'acct_1MeterboxSetupC' }, second),
+      ).toBe(0);
+      expect(second.stderr).toContain(`# ${ACCOUNT_A} meter temperature_readings:`);
+      expect(second.stderr).toMatch(/# acct_1MeterboxSetupC meter active_sensors: mtr_\w+ \(created\)/);
+      expect(second.stderr.match(/\(created\)/g)).toHaveLength(2);
+      expect(emulator.meters()).toHaveLength(8);
+
+      const after = memoryIo();
+      expect(await stripeCheckCommand({ stripe, config, db: ctx.db }, after)).toBe(0);
+      expect(after.stdout).toMatch(
+        new RegExp(`ok {4}${ACCOUNT_A} meter temperature_readings: mtr_\\w+, active, sum`),
+      );
+      expect(after.stdout).toContain(
+        'ok    STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: per connected account (2 in use): 20 calls/s (default), inside the ceiling of 25 calls/s (a connected account in a sandbox: meter events count toward the basic 25 operations/s; https://docs.stripe.com/rate-limits); to raise it:',
+      );
+      // The account's events now land in its meter.
+      await send('after-setup');
+      expect(emulator.events({ account: ACCOUNT_A }).map((e) => [e.identifier, e.value])).toEqual([
+        ['after-setup', 3],
+      ]);
+    } finally {
+      await emulator.stop();
+    }
+  });
+
+  it('names the connected-account ceiling of a live key and a budget above it', async ({ ctx }) => {
+    const emulator = await startStripeEmulator({ connectedAccountMeters: 'own' });
+    try {
+      const stripe = sdk(emulator);
+      await ctx.db
+        .insertInto('stripe_customer_accounts')
+        .values([
+          { stripe_customer_id: 'cus_live_ceiling_a', stripe_account: ACCOUNT_A },
+          { stripe_customer_id: 'cus_live_ceiling_b', stripe_account: ACCOUNT_B },
+        ])
+        .onConflict((oc) => oc.doNothing())
+        .execute();
+      const io = memoryIo();
+      await stripeCheckCommand(
+        {
+          stripe,
+          config: {
+            ...config,
+            STRIPE_SECRET_KEY: 'sk_live_emulator_0123456789',
+            STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: 150,
+          },
+          db: ctx.db,
+        },
+        io,
+      );
+      expect(io.stdout).toContain(
+        'FAIL  STRIPE_CONNECTED_MAX_CALLS_PER_SECOND: per connected account (2 in use): 150 calls/s is above the published ceiling of 100 calls/s',
+      );
+      expect(io.stdout).toContain('→ set STRIPE_CONNECTED_MAX_CALLS_PER_SECOND to at most 80');
+    } finally {
+      await emulator.stop();
+    }
+  });
+});

@@ -81,6 +81,13 @@ export interface StripeEmulatorOptions {
   persistPath?: string;
   /** The account's meters at start (default: meterbox's two, active); `[]` starts with none. */
   meters?: readonly MeterDefinition[];
+  /**
+   * Meters on connected accounts. 'own' (Stripe's behaviour): a connected account has only the meters
+   * created on it (Stripe-Account), and its meter events for an event name it has no meter of are
+   * accepted and reported asynchronously (`no_meter`). 'preset' (the default): the platform's meters
+   * are also a connected account's, so a test need not set every account up.
+   */
+  connectedAccountMeters?: 'own' | 'preset';
   /** Restricted keys (rk_…) and the permissions each holds; an rk_ key not listed may do everything. */
   restrictedKeys?: Readonly<Record<string, readonly Permission[]>>;
   sessionTtlMs?: number;

@@ -114,9 +114,9 @@ export function checkMeterEvent(raw: RawMeterEvent, ctx: RuleContext): RuleResul
     );
   }
 
-  const meter = ctx.state.meterByEventName(eventName);
+  const meter = ctx.state.meterByEventName(eventName, ctx.account);
   if (!meter) {
-    const archived = ctx.state.anyMeterByEventName(eventName) !== undefined;
+    const archived = ctx.state.anyMeterByEventName(eventName, ctx.account) !== undefined;
     return {
       ok: false,
       asynchronous: true,

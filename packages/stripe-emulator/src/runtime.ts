@@ -70,7 +70,11 @@ export interface Runtime {
 export async function createRuntime(options: StripeEmulatorOptions): Promise<Runtime> {
   const clock = options.clock ?? Date.now;
   const log: Log = (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields });
-  const state = new EmulatorState(options.meters ?? DEFAULT_METERS, Math.floor(clock() / 1000));
+  const state = new EmulatorState(
+    options.meters ?? DEFAULT_METERS,
+    Math.floor(clock() / 1000),
+    options.connectedAccountMeters ?? 'preset',
+  );
   const idempotency = new IdempotencyStore();
   const limiter = new RateLimiter(
     options.ratePerSecond ?? (options.sandbox ? SANDBOX_RATE_PER_SECOND : LIVE_RATE_PER_SECOND),

@@ -17,6 +17,11 @@ export interface MeterDefinition {
   /** value_settings.event_payload_key; Stripe's default `value`. */
   value_payload_key?: string;
   status?: MeterStatus;
+  /**
+   * The connected account (acct_…) the meter was created on; absent: the platform's. Meters are an
+   * account's own at Stripe: a meter event on a connected account lands only in that account's meter.
+   */
+  account?: string;
 }
 
 export type MeterStatus = 'active' | 'inactive';
@@ -309,20 +314,44 @@ export class EmulatorState {
   readonly peaks = new Map<string, ConcurrencyPeak>();
   private readonly inFlight = new Map<string, number>();
 
-  constructor(meters: readonly MeterDefinition[], nowSeconds = Math.floor(Date.now() / 1000)) {
+  constructor(
+    meters: readonly MeterDefinition[],
+    nowSeconds = Math.floor(Date.now() / 1000),
+    /**
+     * 'own' (Stripe's behaviour): a connected account sees only the meters created on it.
+     * 'preset': the platform's meters are seen on every connected account too (a test convenience).
+     */
+    readonly connectedMeters: 'own' | 'preset' = 'preset',
+  ) {
     this.meters = new Map(meters.map((m) => [m.id, toMeter(m, nowSeconds)]));
   }
 
-  /** The active meter of an event name (Stripe allows one), the only one a meter event can land in. */
-  meterByEventName(eventName: string): Meter | undefined {
-    for (const meter of this.meters.values())
+  /** Whether `meter` is one of `account`'s meters (undefined: the platform's). */
+  meterOnAccount(meter: Meter, account: string | undefined): boolean {
+    if (meter.account === account) return true;
+    return this.connectedMeters === 'preset' && account !== undefined && meter.account === undefined;
+  }
+
+  /** The account's meters (undefined: the platform's), in creation order. */
+  metersOf(account: string | undefined): Meter[] {
+    // Its own first: under 'preset' a platform meter of the same event name comes after them.
+    const all = [...this.meters.values()];
+    return [
+      ...all.filter((m) => m.account === account),
+      ...all.filter((m) => m.account !== account && this.meterOnAccount(m, account)),
+    ];
+  }
+
+  /** The active meter of an event name (Stripe allows one per account), the only one an event can land in. */
+  meterByEventName(eventName: string, account?: string): Meter | undefined {
+    for (const meter of this.metersOf(account))
       if (meter.event_name === eventName && meter.status === 'active') return meter;
     return undefined;
   }
 
   /** Any meter of an event name, an inactive one included (tells `archived_meter` from `no_meter`). */
-  anyMeterByEventName(eventName: string): Meter | undefined {
-    for (const meter of this.meters.values()) if (meter.event_name === eventName) return meter;
+  anyMeterByEventName(eventName: string, account?: string): Meter | undefined {
+    for (const meter of this.metersOf(account)) if (meter.event_name === eventName) return meter;
     return undefined;
   }
 
@@ -340,7 +369,7 @@ export class EmulatorState {
       t = {
         customer: event.customer,
         event_name: event.event_name,
-        meter: this.anyMeterByEventName(event.event_name)?.id ?? null,
+        meter: this.anyMeterByEventName(event.event_name, event.account)?.id ?? null,
         count: 0,
         sum: 0,
         last: event.value,

@@ -143,4 +143,44 @@ describe('the connected account limit', () => {
       await emu.stop();
     }
   });
+
+  it("scopes meters by account with connectedAccountMeters 'own': an account without the meter has its events reported no_meter", async () => {
+    const own = manualClock(Date.UTC(2026, 10, 21, 10, 0, 0));
+    const emu = await startStripeEmulator({ clock: own, connectedAccountMeters: 'own' });
+    try {
+      const stripe = sdk(emu);
+      const platformMeter = (await stripe.billing.meters.list({ limit: 100 })).data.find(
+        (m) => m.event_name === 'temperature_readings',
+      )!;
+      // The platform's meters are not the account's: listed nowhere there, unknown by id.
+      expect((await stripe.billing.meters.list({ limit: 100 }, { stripeAccount: A })).data).toEqual([]);
+      const missing = await rejection(() =>
+        stripe.billing.meters.retrieve(platformMeter.id, {}, { stripeAccount: A }),
+      );
+      expect(missing.statusCode).toBe(404);
+      // Accepted, then rejected asynchronously (Stripe's no_meter error report): nothing recorded.
+      await stripe.billing.meterEvents.create(event('cus_m', 'm-1'), { stripeAccount: A });
+      expect(emu.events({ account: A })).toEqual([]);
+      expect(emu.asyncErrors().map((e) => [e.identifier, e.code])).toEqual([['m-1', 'no_meter']]);
+      // A meter created on the account is its own: the event lands there, and B still has none.
+      const onA = await stripe.billing.meters.create(
+        {
+          display_name: 'Temperature readings',
+          event_name: 'temperature_readings',
+          default_aggregation: { formula: 'sum' },
+          customer_mapping: { type: 'by_id', event_payload_key: 'stripe_customer_id' },
+        },
+        { stripeAccount: A },
+      );
+      expect(
+        (await stripe.billing.meters.list({ limit: 100 }, { stripeAccount: A })).data.map((m) => m.id),
+      ).toEqual([onA.id]);
+      expect((await stripe.billing.meters.list({ limit: 100 }, { stripeAccount: B })).data).toEqual([]);
+      await stripe.billing.meterEvents.create(event('cus_m', 'm-2'), { stripeAccount: A });
+      expect(emu.events({ account: A }).map((e) => e.identifier)).toEqual(['m-2']);
+      expect(emu.totals().find((t) => t.customer === 'cus_m')?.meter).toBe(onA.id);
+    } finally {
+      await emu.stop();
+    }
+  });
 });

@@ -1,6 +1,6 @@
 // Billing meters as Stripe serves them: create, list (status filter, cursor pagination), retrieve,
-// deactivate, reactivate, and each meter's event summaries (what Stripe's totals say). One active
-// meter per event name; a deactivated meter keeps its event name, and events sent to it are
+// deactivate, reactivate, and each meter's event summaries (what Stripe's totals say). Meters are an
+// account's own (Stripe-Account: a connected account's). One active meter per event name and account; a deactivated meter keeps its event name, and events sent to it are
 // accepted and then reported as `archived_meter`.
 import { StripeApiError } from '../errors.js';
 import { replay } from '../fault-answers.js';
@@ -67,9 +67,11 @@ export function paginate<T extends { id: string }>(
 }
 
 export function registerMeterRoutes(app: App, rt: Runtime): void {
-  const findMeter = (id: string): Meter => {
+  // Meters are an account's own (the Stripe-Account header names a connected account's): another
+  // account's meter does not exist here.
+  const findMeter = (id: string, account: string | undefined): Meter => {
     const meter = rt.state.meters.get(id);
-    if (!meter) {
+    if (!meter || !rt.state.meterOnAccount(meter, account)) {
       throw new StripeApiError(
         404,
         'invalid_request_error',
@@ -81,10 +83,10 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
     return meter;
   };
   const nowSeconds = () => Math.floor(rt.clock() / 1000);
-  const activeWithName = (eventName: string, except?: string) =>
-    [...rt.state.meters.values()].find(
-      (m) => m.event_name === eventName && m.status === 'active' && m.id !== except,
-    );
+  const activeWithName = (eventName: string, account: string | undefined, except?: string) =>
+    rt.state
+      .metersOf(account)
+      .find((m) => m.event_name === eventName && m.status === 'active' && m.id !== except);
 
   app.post('/v1/billing/meters', async (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_write');
@@ -99,6 +101,7 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
     if (idem.kind === 'replay') return replay(rt, c, idem.response);
     try {
       const form = parseForm(raw);
+      const account = connectedAccount(c);
       const displayName = text(form, 'display_name');
       if (!displayName)
         throw invalid('Missing required param: display_name.', 'display_name', 'parameter_missing');
@@ -124,7 +127,7 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
       if (mappingType !== undefined && mappingType !== 'by_id') {
         throw invalid('Invalid customer_mapping[type]: must be by_id', 'customer_mapping[type]');
       }
-      if (activeWithName(eventName)) {
+      if (activeWithName(eventName, account)) {
         throw invalid(
           `An active meter with event_name '${eventName}' already exists.`,
           'event_name',
@@ -143,6 +146,7 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
         created: now,
         updated: now,
         deactivated_at: null,
+        ...(account ? { account } : {}),
       };
       rt.state.meters.set(meter.id, meter);
       rt.changed();
@@ -163,7 +167,9 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
       throw invalid('Invalid status: must be one of active or inactive', 'status');
     }
     // In creation order (the default meters keep their order).
-    const all = [...rt.state.meters.values()].filter((m) => status === undefined || m.status === status);
+    const all = rt.state
+      .metersOf(connectedAccount(c))
+      .filter((m) => status === undefined || m.status === status);
     const page = paginate(all, query);
     return json(c, 200, {
       object: 'list',
@@ -175,12 +181,12 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
 
   app.get('/v1/billing/meters/:id', (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_read');
-    return json(c, 200, meterObject(findMeter(c.req.param('id')), auth.livemode));
+    return json(c, 200, meterObject(findMeter(c.req.param('id'), connectedAccount(c)), auth.livemode));
   });
 
   app.post('/v1/billing/meters/:id/deactivate', (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_write');
-    const meter = findMeter(c.req.param('id'));
+    const meter = findMeter(c.req.param('id'), connectedAccount(c));
     if (meter.status === 'active') {
       meter.status = 'inactive';
       meter.updated = nowSeconds();
@@ -193,9 +199,10 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
 
   app.post('/v1/billing/meters/:id/reactivate', (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_write');
-    const meter = findMeter(c.req.param('id'));
+    const account = connectedAccount(c);
+    const meter = findMeter(c.req.param('id'), account);
     if (meter.status === 'inactive') {
-      if (activeWithName(meter.event_name, meter.id)) {
+      if (activeWithName(meter.event_name, account, meter.id)) {
         throw invalid(
           `An active meter with event_name '${meter.event_name}' already exists.`,
           'event_name',
@@ -213,10 +220,10 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
 
   app.get('/v1/billing/meters/:id/event_summaries', (c) => {
     const auth = requirePermission(c, rt.restrictedKeys, 'rak_billing_meter_read');
-    const meter = findMeter(c.req.param('id'));
-    const query = parseForm(new URL(c.req.url).search.slice(1));
     // Summaries are an account's own: a connected account's (Stripe-Account) or the platform's events.
     const account = connectedAccount(c);
+    const meter = findMeter(c.req.param('id'), account);
+    const query = parseForm(new URL(c.req.url).search.slice(1));
     const events = rt.state.events.filter((e) => e.account === account);
     const page = summarize(events, meter, query, auth.livemode);
     return json(c, 200, { ...page, url: `/v1/billing/meters/${meter.id}/event_summaries` });
