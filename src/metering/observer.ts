@@ -31,6 +31,6 @@ export interface DeliveryObserver {
   onPoolExhausted?(): void;
   /** A batch's settle was refused for `keys` keys: its lease had run out (a freeze, a slow statement). */
   onStaleLease?(keys: number): void;
-  /** A call woke from the wait for its budget slot too late to use it (budget.ts LATE_SLOT_MS) and took another. */
+  /** The wait for a call's budget slot woke too late to use it (budget.ts LATE_SLOT_MS): passed slots dropped. */
   onLateSlot?(): void;
 }

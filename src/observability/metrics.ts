@@ -341,7 +341,7 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     }),
     lateSlots: new Counter({
       name: 'meterbox_delivery_late_slots_total',
-      help: 'Calls whose process woke from the wait for their budget slot more than 100 ms after it (a busy event loop, a CPU-starved or frozen worker) and took a later slot instead of calling late',
+      help: "Wake-ups for the next call's budget slot more than 25 ms late (a busy event loop, a CPU-starved or frozen worker): the slots that passed were dropped, the calls went at the next ones",
       registers,
     }),
     deliveryPoolExhausted: new Counter({
