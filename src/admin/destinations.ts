@@ -371,6 +371,24 @@ function hoursBetween(from: Date, to: Date): Date[] {
  * (Stripe's meter event summaries by hour, Metronome's POST /v1/usage by hour). Drift is shown as soon
  * as a destination's figure differs; a row still pending delivery shows it until the row lands.
  */
+/**
+ * Where a customer's temperature_readings summaries are read: on the platform with its meter, or, for
+ * a customer on a connected account (Stripe Connect), on that account with that account's own meter
+ * (meters are an account's own: the platform's id names nothing there). No meter there: undefined.
+ */
+export async function summaryTarget(
+  db: Kysely<DB>,
+  stripe: Stripe,
+  platformMeterId: string,
+  customer: string,
+): Promise<{ account: string | null; meterId: string | undefined }> {
+  const account = await customerAccount(db, customer);
+  if (!account) return { account, meterId: platformMeterId };
+  const spec = METER_SPECS.find((m) => m.eventName === 'temperature_readings')!;
+  const state = meterStateOf(spec, await listAccountMeters(stripe, account));
+  return { account, meterId: state.kind === 'ok' ? state.meter.id : undefined };
+}
+
 export async function parity(
   db: Kysely<DB>,
   organizationId: string,
@@ -411,12 +429,12 @@ export async function parity(
     stripeCustomer.rows[0]?.stripe_customer_id
   ) {
     const customer = stripeCustomer.rows[0].stripe_customer_id;
-    // Stripe Connect: a connected account's customer is summarized on that account.
-    const account = await customerAccount(db, customer);
+    const { account, meterId } = await summaryTarget(db, clients.stripe, clients.stripeMeterId, customer);
     let startingAfter: string | undefined;
-    for (;;) {
+    // No temperature_readings meter on the customer's account: Stripe holds nothing to ask (not asked).
+    for (; meterId !== undefined; ) {
       const page = await clients.stripe.billing.meters.listEventSummaries(
-        clients.stripeMeterId,
+        meterId,
         {
           customer,
           start_time: Math.floor(from.getTime() / 1000),
@@ -431,7 +449,7 @@ export async function parity(
       if (!page.has_more || page.data.length === 0) break;
       startingAfter = page.data[page.data.length - 1]!.id;
     }
-    asked.add('stripe');
+    if (meterId !== undefined) asked.add('stripe');
   }
   if (used.has('metronome') && clients.metronome && clients.metronomeMetricId) {
     const customer = await findCustomer(clients.metronome, organizationId);

@@ -18,6 +18,7 @@ import {
   parityClientsOf,
   prepareDestination,
   startPeriodParallel,
+  summaryTarget,
 } from './destinations.js';
 
 /** The organization's Stripe subscription id (subscriptions.stripe_subscription_id), or a refusal. */
@@ -322,13 +323,20 @@ async function endedUsage(
       SELECT stripe_customer_id FROM subscriptions WHERE organization_id = ${organizationId}`.execute(db);
     const customer = rows[0]?.stripe_customer_id;
     if (!customer) return null;
+    // Stripe Connect: on the customer's account, with that account's meter.
+    const { account, meterId } = await summaryTarget(db, clients.stripe, clients.stripeMeterId, customer);
+    if (meterId === undefined) return null;
     const HOUR = 3_600_000;
     let sum = 0;
-    for await (const s of clients.stripe.billing.meters.listEventSummaries(clients.stripeMeterId, {
-      customer,
-      start_time: Math.floor((Math.floor(start.getTime() / HOUR) * HOUR) / 1000),
-      end_time: Math.floor((Math.ceil(end.getTime() / HOUR) * HOUR) / 1000),
-    }))
+    for await (const s of clients.stripe.billing.meters.listEventSummaries(
+      meterId,
+      {
+        customer,
+        start_time: Math.floor((Math.floor(start.getTime() / HOUR) * HOUR) / 1000),
+        end_time: Math.floor((Math.ceil(end.getTime() / HOUR) * HOUR) / 1000),
+      },
+      account ? { stripeAccount: account } : undefined,
+    ))
       sum += s.aggregated_value;
     return sum;
   }

@@ -4,6 +4,7 @@
 // against the connected account's limit.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
+import { parity } from '../../src/admin/destinations.js';
 import { reconcile } from '../../src/admin/reconcile.js';
 import { setupStripeAccount } from '../../src/billing/stripe-account.js';
 import { createStripeClient } from '../../src/context.js';
@@ -88,5 +89,20 @@ describe('Stripe Connect reconciliation reads', () => {
     const afterReport = await budgetCalls(ctx.db);
     expect(afterReport.account - afterHourly.account).toBeGreaterThanOrEqual(2);
     expect(afterReport.platform).toBe(before.platform);
+
+    // `destinations parity` (and the period report's check after a cut-over, through the same
+    // summaryTarget): on the account, with the account's meter, not the platform's id (unknown there).
+    const platformMeters = await stripe.billing.meters.list({ limit: 100 });
+    const platformMeterId = platformMeters.data.find((m) => m.event_name === 'temperature_readings')?.id;
+    const accountMeters = await stripe.billing.meters.list({ limit: 100 }, { stripeAccount: ACCOUNT });
+    expect(accountMeters.data.map((m) => m.id)).not.toContain(platformMeterId);
+    const hourParity = await parity(ctx.db, org.organizationId, period, {
+      stripe,
+      stripeMeterId: platformMeterId,
+    });
+    const stripeRow = hourParity.rows.find(
+      (r) => r.destination === 'stripe' && r.hour.getTime() === hour.getTime(),
+    );
+    expect(stripeRow?.reported).toBe(10);
   });
 });
