@@ -49,10 +49,13 @@ describe('a worker started on an account without meters', () => {
            AND output @> '{"kind": "meter_missing"}'`.execute(ctx.db);
       return Number(rows[0]?.n);
     };
-    await waitFor('both keys held by name', async () => {
+    // Both keys held, and both jobs that held them completed: the hold is written inside the job's
+    // handler and pg-boss completes the job after it returns, so reading the count in between took a
+    // baseline of 1 that became 2 (a full PostgreSQL 15 run).
+    await waitFor('both keys held by name, their jobs completed', async () => {
       const { rows } = await sql<{ n: number }>`
         SELECT count(*)::int AS n FROM meter_delivery_keys WHERE hold = 'meter_missing'`.execute(ctx.db);
-      return rows[0]?.n === 2;
+      return rows[0]?.n === 2 && (await heldJobs()) >= 2;
     });
     const jobsWhenHeld = await heldJobs();
     // Two catalog reads later (2 s apart here): not one more delivery job ran for the held keys.
