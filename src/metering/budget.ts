@@ -157,12 +157,11 @@ const MAX_SLOTS_PER_CHUNK = 50;
 const STALE_SLOT_MS = 25;
 
 /**
- * A call is made at its slot or not on it. Woken from the wait for its slot later than this (an event
- * loop busy with other calls, a CPU-starved or frozen process), a call does not go on that slot: late
- * calls bunch with the calls of the slots after them, and a second of them exceeds the rate the budget
- * row keeps. Seen in the published-limits e2e at the default 800 calls/s on a loaded machine: timers
- * woke 35-54 ms late at the median and 455 ms at p99, and the emulator answered 207-775 429s in a run
- * (none with late slots dropped at 25 ms; still 87 with 100 ms).
+ * A call is made at its slot or not on it. Slots more than this in the past when the process wakes (an
+ * event loop busy with other calls, a CPU-starved or frozen process) are dropped: calls made on them
+ * would bunch with the calls of the slots after them, and a second of them would exceed the rate the
+ * budget row keeps (at 800 calls/s on a loaded machine timers wake 35-54 ms late at the median and
+ * 455 ms at p99; a 100 ms tolerance still let the emulator answer 429s).
  */
 export const LATE_SLOT_MS = STALE_SLOT_MS;
 /**
@@ -376,8 +375,8 @@ export function createBudgetedCaller(
       const next = slots.shift();
       if (next !== undefined) {
         if (next > t) await sleep(next - t);
-        // Woken late (a busy or starved process): the slot is given up, as awaitSlot does (the
-        // caller's pace, below, keeps a starved process from spinning).
+        // Woken late (a busy or starved process): this slot is dropped and the next one taken, as the
+        // dispenser's acquire drops passed slots (the caller's pace, below, keeps it from spinning).
         if (now() - next > LATE_SLOT_MS) continue;
         return;
       }
