@@ -42,10 +42,6 @@ const ALONE = [
   // SIGSTOPs workers past their lease and checks the level within 15 s.
   'test/e2e/frozen-workers.test.ts',
   'test/e2e/alerts-worker-kill.test.ts',
-  // Failed in 2 of 4 full PostgreSQL 15 passes of `npm test` (six v2 rows not delivered in 20 s, then
-  // 60 s), never alone (10 runs, ~5 s): cause not found (interference with another file on the shared
-  // server suspected, not shown). Run alone, same assertions, until it is found.
-  'test/admin/scheduled-reconciliation.test.ts',
 ];
 
 export default defineConfig({

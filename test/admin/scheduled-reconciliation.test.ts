@@ -33,6 +33,19 @@ describe('scheduled reconciliation', () => {
     const hourStart = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000 - 3_600_000);
     const orgs = [];
     for (let i = 0; i < 3; i++) {
+      // The third organization's readings arrive only once the victim's hour (one of the first two:
+      // the emulator drops the first stream event) is reconciled and its rows failed: reconciliation
+      // compares one customer's hour as soon as that customer's rows are delivered, never waiting for
+      // the others'.
+      if (i === 2) {
+        await waitFor('the first drift', async () => {
+          const drift = await ctx.db
+            .selectFrom('reconciliation_drift')
+            .select('stripe_customer_id')
+            .execute();
+          return drift.length > 0;
+        });
+      }
       const org = await createOrganization(ctx.db);
       emulator.createCustomer({ id: org.customerId });
       orgs.push(org);
@@ -41,16 +54,15 @@ describe('scheduled reconciliation', () => {
         { value: 10, occurredAt: new Date(hourStart.getTime() + 60_000 * (i + 2)) },
       ]);
     }
-    // 60 s, not the default 20 s: no latency is asserted here, and in one full CI pass (PostgreSQL 15,
-    // files two at a time) the six rows took longer than 20 s; passes alone in ~7 s (cause not found).
-    await waitFor(
-      'every row delivered',
-      async () => {
-        const rows = await ctx.db.selectFrom('meter_outbox').select('status').execute();
-        return rows.every((r) => r.status === 'delivered');
-      },
-      60_000,
-    );
+    // Every row settles: delivered, or — the victim's — failed by the reconciliation that found the
+    // loss. (Waiting for "every row delivered", as this test once did, raced: when another
+    // organization's rows were delivered more than a reconciliation interval after the victim's, under
+    // load, the victim's were already failed and it never held: 2 of 4 full PostgreSQL 15 passes of
+    // npm test. The third organization above now comes late on purpose.)
+    await waitFor('every row delivered or failed by reconciliation', async () => {
+      const rows = await ctx.db.selectFrom('meter_outbox').select('status').execute();
+      return rows.every((r) => r.status === 'delivered' || r.status === 'failed');
+    });
     await emulator.flushErrorReports();
     expect(emulator.counters().streamEventsDropped).toBe(1);
     expect(emulator.asyncErrors()).toEqual([]);
