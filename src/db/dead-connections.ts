@@ -307,14 +307,23 @@ export function destroyClient(client: pg.Client): void {
 const SERVER_KEEPALIVE = { idle: 5, interval: 1, count: 5 } as const;
 /** The server gives up on data the client has not acknowledged after this long (ms). */
 const SERVER_USER_TIMEOUT_MS = 10_000;
+/**
+ * How often a backend running a statement checks that its client is still connected (PostgreSQL 14's
+ * client_connection_check_interval, ms). A client that gave up on a statement (its deadline) destroys
+ * the connection, but without this check the server runs the statement to its end: on a database held
+ * to a quarter of a core, claims the workers had abandoned at their 45 s deadline ran on for up to 181 s,
+ * taking the CPU the retried claims needed (docs/benchmarks.md, "A slow database with a backlog").
+ */
+const SERVER_CLIENT_CHECK_MS = 1_000;
 /** An idle-in-transaction bound shorter than this would end transactions over a GC pause. */
 const MIN_IDLE_IN_TRANSACTION_MS = 5_000;
 
 /**
  * `connectionString` with what Postgres needs to find a dead client on its own side, asked for at the
  * connection's start-up (the `options` parameter, so no statement and no round trip): TCP keepalive
- * (5 s idle, then 5 probes 1 s apart), `tcp_user_timeout`, and `idle_in_transaction_session_timeout`
- * of `idleInTransactionMs`. The client's deadline replaces the connection on meterbox's side, but the
+ * (5 s idle, then 5 probes 1 s apart), `tcp_user_timeout`, `client_connection_check_interval` (a
+ * statement whose client is gone stops within a second; PostgreSQL 14 and later), and
+ * `idle_in_transaction_session_timeout` of `idleInTransactionMs`. The client's deadline replaces the connection on meterbox's side, but the
  * server's backend would otherwise wait for the dead client's next statement for hours (Linux's
  * default keepalive) while its transaction holds its row locks: an ingestion transaction cut between
  * its statements kept the delivery job rows it locked, pg-boss's fetch (SKIP LOCKED) skipped them and
@@ -336,6 +345,7 @@ export function withServerBounds(connectionString: string, idleInTransactionMs: 
     `tcp_keepalives_interval=${SERVER_KEEPALIVE.interval}`,
     `tcp_keepalives_count=${SERVER_KEEPALIVE.count}`,
     `tcp_user_timeout=${SERVER_USER_TIMEOUT_MS}`,
+    `client_connection_check_interval=${SERVER_CLIENT_CHECK_MS}`,
     ...(idleInTransactionMs > 0
       ? [`idle_in_transaction_session_timeout=${Math.max(MIN_IDLE_IN_TRANSACTION_MS, idleInTransactionMs)}`]
       : []),

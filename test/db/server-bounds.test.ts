@@ -72,6 +72,51 @@ describe('the server finds a dead client on its side too', () => {
     expect(await lockFreedAfter(false, IDLE_MS + 3_000)).toBeUndefined();
   });
 
+  /**
+   * Sends a 20 s statement on a connection, destroys the connection 300 ms later (what a statement
+   * deadline does), and returns how long (ms) the server went on running it, or undefined if it still
+   * ran after `patienceMs`.
+   */
+  async function abandonedStatementRanFor(bounded: boolean, patienceMs: number): Promise<number | undefined> {
+    const url = await createTestDatabase();
+    const watcher = await connect(url);
+    const client = new pg.Client({
+      connectionString: bounded
+        ? serverBoundedUrl(url, { DB_SERVER_TIMEOUTS: 'on', DB_STATEMENT_DEADLINE_MS: 10_000 })
+        : url,
+    });
+    client.on('error', () => undefined);
+    await client.connect();
+    const pid = (client as unknown as { processID: number }).processID;
+    client.query('SELECT pg_sleep(20)').catch(() => undefined);
+    const running = async () =>
+      (
+        await watcher.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity WHERE pid = $1 AND query LIKE 'SELECT pg_sleep%'`,
+          [pid],
+        )
+      ).rows[0]?.n === 1;
+    while (!(await running())) await sleep(20);
+    await sleep(300);
+    (client as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy();
+    const from = performance.now();
+    while (performance.now() - from < patienceMs) {
+      if (!(await running())) return Math.round(performance.now() - from);
+      await sleep(100);
+    }
+    return undefined;
+  }
+
+  it('a statement whose client gave up stops on the server within a second or two', async () => {
+    const ranFor = await abandonedStatementRanFor(true, 5_000);
+    expect(ranFor, 'the server still ran the abandoned statement').toBeDefined();
+    expect(ranFor).toBeLessThan(3_000);
+  });
+
+  it('without the bounds the server runs the abandoned statement on (what the check guards)', async () => {
+    expect(await abandonedStatementRanFor(false, 3_000)).toBeUndefined();
+  });
+
   it('asks Postgres for keepalive, a user timeout and the idle bound at start-up', async () => {
     const url = await createTestDatabase();
     const client = await connect(
@@ -84,6 +129,7 @@ describe('the server finds a dead client on its side too', () => {
     expect(await show('tcp_keepalives_interval')).toBe('1');
     expect(await show('tcp_keepalives_count')).toBe('5');
     expect(await show('tcp_user_timeout')).toBe('10000');
+    expect(await show('client_connection_check_interval')).toBe('1s');
     // off: the URL as given (for a pooler that refuses the `options` start-up parameter).
     expect(serverBoundedUrl(url, { DB_SERVER_TIMEOUTS: 'off', DB_STATEMENT_DEADLINE_MS: 10_000 })).toBe(url);
   });
