@@ -6,7 +6,7 @@ import {
   createMetronomeTransport,
   METRONOME_PAST_WINDOW_MS,
 } from '../../../src/metering/metronome.js';
-import { transportConformance } from './suite.js';
+import { emulatorFaults, transportConformance } from './suite.js';
 
 const TOKEN = 'metronome-conformance-token';
 
@@ -22,11 +22,7 @@ transportConformance('Metronome', async () => {
     pastWindowMs: METRONOME_PAST_WINDOW_MS,
     validating: false,
     heldValue: (sent) => sent,
-    reset: () => {
-      emulator.reset();
-      emulator.setFaults({});
-    },
-    script: (script, more = {}) => emulator.setFaults({ script, ...more }),
+    ...emulatorFaults(emulator),
     held: () =>
       emulator.events().map((e) => ({
         identifier: e.transaction_id,

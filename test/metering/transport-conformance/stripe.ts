@@ -6,7 +6,7 @@ import { createStripeClient } from '../../../src/context.js';
 import { STRIPE_PAST_WINDOW_MS } from '../../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../../src/metering/transport.js';
 import { testConfig } from '../../support/database.js';
-import type { TransportDriver } from './suite.js';
+import { emulatorFaults, type TransportDriver } from './suite.js';
 
 export async function stripeDriver(
   build: (stripe: Stripe) => MeterTransport,
@@ -21,11 +21,7 @@ export async function stripeDriver(
     pastWindowMs: STRIPE_PAST_WINDOW_MS,
     validating: options.validating,
     heldValue: (sent) => Number(sent),
-    reset: () => {
-      emulator.reset();
-      emulator.setFaults({});
-    },
-    script: (script, more = {}) => emulator.setFaults({ script, ...more }),
+    ...emulatorFaults(emulator),
     held: () =>
       emulator.events().map((e) => ({
         identifier: e.identifier,

@@ -56,6 +56,20 @@ export interface TransportDriver {
   stop(): Promise<void>;
 }
 
+/** A driver's reset and script on an emulator (both emulators take the same fault settings). */
+export function emulatorFaults(emulator: {
+  reset(): void;
+  setFaults(faults: { script?: ScriptedFault[]; retryAfterSeconds?: number; hangMs?: number }): unknown;
+}): Pick<TransportDriver, 'reset' | 'script'> {
+  return {
+    reset: () => {
+      emulator.reset();
+      emulator.setFaults({});
+    },
+    script: (script, more = {}) => emulator.setFaults({ script, ...more }),
+  };
+}
+
 let n = 0;
 /** A valid event of its own customer and identifier, timestamped a minute ago in whole seconds. */
 export function conformanceEvent(over: Partial<MeterEventInput> = {}): MeterEventInput {
