@@ -1,7 +1,8 @@
-// The v2 transport against the emulator through the real SDK: one session shared by calls, renewed
-// before its 15-minute expiry, a 401 "session expired" answered by a new session and one resend of
-// the same identifiers, the 100-event limit, a whole-call refusal given to every event, and a call
-// refused for one bad event split in halves until only that event is refused.
+// What only the v2 transport does (what every transport does is the conformance suite's,
+// transport-conformance/): one session shared by calls, renewed before its 15-minute expiry, a 401
+// "session expired" answered by a new session and one resend of the same identifiers, a whole call's
+// "duplicate" or "expired" wording settling no event, and a call refused for bad events split in
+// halves until only those are refused, in a logarithmic number of calls.
 
 import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
 import { describe, expect } from 'vitest';
@@ -29,18 +30,8 @@ const event = (identifier: string, customerId = 'cus_v2t'): MeterEventInput => (
 });
 
 describe('v2 transport', () => {
-  it('carries events of many customers in one call and answers each', async ({ emulator: emu }) => {
-    const transport = createV2Transport(sdk(emu), { now: clock });
-    const events = Array.from({ length: MAX_STREAM_EVENTS }, (_, i) => event(`many-${i}`, `cus_${i}`));
-    const outcomes = await transport.send(events);
-    expect(outcomes).toHaveLength(100);
-    expect(outcomes.every((o) => o.kind === 'accepted')).toBe(true);
-    expect(emu.events()).toHaveLength(100);
-    // One session and one stream call.
-    expect(emu.counters().calls).toBe(1);
-    await expect(transport.send([...events, event('one-too-many')])).rejects.toThrow(/at most 100/);
-  });
-
+  // Many customers in one call, 100 at most, a refused call (429, 500) given to every event: the
+  // transport conformance suite (transport-conformance/stripe-v2.test.ts).
   it('renews the session before it expires, without a 401', async ({ emulator: emu }) => {
     const transport = createV2Transport(sdk(emu), { now: clock });
     await transport.send([event('before')]);
@@ -62,19 +53,6 @@ describe('v2 transport', () => {
     expect(outcomes.map((o) => o.kind)).toEqual(['accepted', 'accepted']);
     expect(emu.counters().unauthorized).toBe(1);
     expect(emu.events().map((e) => e.identifier)).toEqual(['first', 'resent-a', 'resent-b']);
-  });
-
-  it('gives a refused call (429, 500) to every event of it as a retryable outcome', async ({
-    emulator: emu,
-  }) => {
-    const transport = createV2Transport(sdk(emu), { now: clock });
-    await transport.send([event('warm-up')]);
-    emu.setFaults({ script: ['rate_limit_429', 'error_500'] });
-    const limited = await transport.send([event('a'), event('b', 'cus_b')]);
-    expect(limited.map((o) => o.kind === 'retryable' && o.reason)).toEqual(['rate_limited', 'rate_limited']);
-    const failed = await transport.send([event('a'), event('b', 'cus_b')]);
-    expect(failed.map((o) => o.kind === 'retryable' && o.reason)).toEqual(['server_error', 'server_error']);
-    expect(emu.events().map((e) => e.identifier)).toEqual(['warm-up']);
   });
 });
 

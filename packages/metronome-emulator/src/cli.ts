@@ -1,5 +1,6 @@
 // npm run metronome:emulator — runs the local Metronome emulator until SIGINT or SIGTERM.
 import { parseArgs } from 'node:util';
+import { cliTools, FAULT_FLAGS, faultFlags, runCli, stopOnSignal } from '@meterbox/emulator-kit';
 import { DEFAULT_PORT, type FaultsInput, faultsSchema, startMetronomeEmulator } from './index.js';
 
 const USAGE = `usage:
@@ -13,17 +14,8 @@ const USAGE = `usage:
                      [--latency-ms MS] [--jitter-ms MS] [--hang-ms MS]
                      [--fault-endpoints ingest,usage,search,customers,billable_metrics]`;
 
-function fail(message: string): never {
-  console.error(`metronome-emulator: ${message}\n${USAGE}`);
-  process.exit(2);
-}
-
-function num(name: string, value: string | undefined): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isFinite(n)) fail(`--${name} must be a number, got ${value}`);
-  return n;
-}
+const cli = cliTools('metronome-emulator', USAGE);
+const { fail, num } = cli;
 
 async function main(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -38,30 +30,14 @@ async function main(argv: string[]): Promise<void> {
       'search-rate': { type: 'string' },
       token: { type: 'string', multiple: true },
       'no-billable-metrics': { type: 'boolean' },
-      'error-rate': { type: 'string' },
+      ...FAULT_FLAGS,
       'unavailable-rate': { type: 'string' },
-      'rate-limit-rate': { type: 'string' },
-      'reset-rate': { type: 'string' },
-      'timeout-rate': { type: 'string' },
-      'accepted-then-500-rate': { type: 'string' },
-      'accepted-then-reset-rate': { type: 'string' },
-      'latency-ms': { type: 'string' },
-      'jitter-ms': { type: 'string' },
-      'hang-ms': { type: 'string' },
       'fault-endpoints': { type: 'string' },
     },
   });
   const faultInput: FaultsInput = {
-    errorRate: num('error-rate', values['error-rate']),
+    ...faultFlags(values, cli),
     unavailableRate: num('unavailable-rate', values['unavailable-rate']),
-    rateLimitRate: num('rate-limit-rate', values['rate-limit-rate']),
-    resetRate: num('reset-rate', values['reset-rate']),
-    timeoutRate: num('timeout-rate', values['timeout-rate']),
-    acceptedThen500Rate: num('accepted-then-500-rate', values['accepted-then-500-rate']),
-    acceptedThenResetRate: num('accepted-then-reset-rate', values['accepted-then-reset-rate']),
-    latencyMs: num('latency-ms', values['latency-ms']),
-    jitterMs: num('jitter-ms', values['jitter-ms']),
-    hangMs: num('hang-ms', values['hang-ms']),
     ...(values['fault-endpoints']
       ? { endpoints: values['fault-endpoints'].split(',') as FaultsInput['endpoints'] }
       : {}),
@@ -84,33 +60,14 @@ async function main(argv: string[]): Promise<void> {
   console.log(
     `metronome emulator listening on ${emulator.url} (METRONOME_API_BASE=${emulator.url}; control: ${emulator.url}/_emulator/state)`,
   );
-  let stopping = false;
-  const shutdown = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    emulator.stop().then(
-      () => {
-        console.error(`metronome emulator stopped (${signal})`);
-        process.exit(0);
-      },
-      (err: unknown) => {
-        console.error('metronome-emulator: shutdown failed', err);
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGINT', shutdown);
-  process.on('SIGTERM', shutdown);
+  stopOnSignal(emulator, {
+    stopped: 'metronome emulator stopped',
+    failed: 'metronome-emulator: shutdown failed',
+  });
 }
 
 const args = process.argv.slice(2);
-if (args[0] === 'help' || args[0] === '--help' || args[0] === '-h') {
-  console.log(USAGE);
-} else {
-  try {
-    await main(args[0] === 'serve' ? args.slice(1) : args);
-  } catch (err) {
-    console.error('metronome-emulator: fatal:', err instanceof Error ? err.message : err);
-    process.exit(1);
-  }
-}
+await runCli('metronome-emulator', async () => {
+  if (args[0] === 'help' || args[0] === '--help' || args[0] === '-h') console.log(USAGE);
+  else await main(args[0] === 'serve' ? args.slice(1) : args);
+});

@@ -2,14 +2,10 @@
 // and unknown path, bearer-token authentication as Metronome answers it, request bodies (gzip
 // included, as /v1/ingest accepts), and the JSON answer every route sends.
 import { gunzipSync } from 'node:zlib';
-import type { HttpBindings } from '@hono/node-server';
-import { type Context, Hono } from 'hono';
+import { type App, type Ctx, createApp as createKitApp, type Log } from '@meterbox/emulator-kit';
 import { badRequest, internalError, MetronomeApiError, notFound, unauthorized } from './errors.js';
-import type { EmulatorLogEntry } from './options.js';
 
-export type Env = { Bindings: HttpBindings };
-export type Ctx = Context<Env>;
-export type App = Hono<Env>;
+export type { App, Ctx, Env } from '@meterbox/emulator-kit';
 
 /** The caller's bearer token, or Metronome's 403 for a missing one or one the emulator was not given. */
 export function requireToken(c: Ctx, tokens: ReadonlySet<string> | undefined): string {
@@ -46,15 +42,11 @@ export function json(c: Ctx, status: number, body?: unknown): Response {
 
 export const fail = (c: Ctx, err: MetronomeApiError) => json(c, err.status, err.body());
 
-export function createApp(
-  log: (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void,
-): App {
-  const app = new Hono<Env>();
-  app.onError((err, c) => {
-    if (err instanceof MetronomeApiError) return fail(c, err);
-    log('warn', 'emulator handler failed', { err: String(err), path: c.req.path });
-    return fail(c, internalError());
+export function createApp(log: Log): App {
+  return createKitApp(log, {
+    is: (err) => err instanceof MetronomeApiError,
+    fail,
+    internal: internalError,
+    notFound: (c) => notFound(`No route for ${c.req.method} ${c.req.path}`),
   });
-  app.notFound((c) => fail(c, notFound(`No route for ${c.req.method} ${c.req.path}`)));
-  return app;
 }

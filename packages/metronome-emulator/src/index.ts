@@ -1,5 +1,7 @@
 // Public API of the Metronome emulator: start one in-process, inspect what it received, inject
 // faults, move its clock; the rules and limits it enforces are exported for tests that sit on them.
+
+export { createPrng, type Prng } from '@meterbox/emulator-kit';
 export type { UsageRow, WindowSize } from './aggregate.js';
 export type { BillableMetricView } from './billable-metrics.js';
 export type { CustomerDetailView, CustomerView } from './customers.js';
@@ -36,7 +38,6 @@ export {
   MAX_FUTURE_MS,
   type MetronomeEmulatorOptions,
 } from './options.js';
-export { createPrng, type Prng } from './prng.js';
 export { type MetronomeEmulator, startMetronomeEmulator } from './server.js';
 export {
   type AggregationType,

@@ -1,5 +1,6 @@
 // What a caller can set on the emulator, and the rules and limits it enforces by default (Metronome's
 // published ones; README.md names the source of each).
+import type { EmulatorLogEntry } from '@meterbox/emulator-kit';
 import type { FaultsInput } from './faults.js';
 import type { BillableMetricDefinition } from './state.js';
 
@@ -28,11 +29,7 @@ export const MAX_ALIAS_LENGTH = 128;
 /** A customer's name is truncated to 160 characters. */
 export const MAX_CUSTOMER_NAME_LENGTH = 160;
 
-export interface EmulatorLogEntry {
-  level: 'debug' | 'info' | 'warn';
-  msg: string;
-  [field: string]: unknown;
-}
+export type { EmulatorLogEntry } from '@meterbox/emulator-kit';
 
 export interface MetronomeEmulatorOptions {
   /** 0 (the default for in-process use) picks a free port; the CLI defaults to 12112. */

@@ -2,18 +2,14 @@
 // control API can move), limits, faults, idempotency keys and logging, built once per emulator from
 // its options; the routes receive it instead of closing over one large function.
 
+import { createLog, type Log, RateLimiter } from '@meterbox/emulator-kit';
 import { FaultInjector } from './faults.js';
 import { IdempotencyStore } from './idempotency.js';
 import { InvoicingState } from './invoicing.js';
-import { RateLimiter } from './limits.js';
-import {
-  DEFAULT_EVENTS_PER_SECOND,
-  type EmulatorLogEntry,
-  type MetronomeEmulatorOptions,
-} from './options.js';
+import { DEFAULT_EVENTS_PER_SECOND, type MetronomeEmulatorOptions } from './options.js';
 import { DEFAULT_BILLABLE_METRICS, EmulatorState } from './state.js';
 
-export type Log = (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void;
+export type { Log } from '@meterbox/emulator-kit';
 
 export interface Runtime {
   /** Now (ms): the configured clock plus the offset. */
@@ -56,7 +52,7 @@ export function createRuntime(options: MetronomeEmulatorOptions): Runtime {
     setClockOffset: (ms) => {
       offset = ms;
     },
-    log: (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields }),
+    log: createLog(options.onLog),
     state,
     invoicing: new InvoicingState(),
     faults: new FaultInjector(options.faults ?? {}, options.seed ?? 1),

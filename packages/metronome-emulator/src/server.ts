@@ -1,8 +1,7 @@
 // The emulator's core: builds the runtime and the HTTP app, mounts the Metronome endpoints meterbox
 // uses (with Metronome's rules, limits and injected faults) and the control surface under
 // /_emulator, listens, and hands back the in-process handle that tests, dev mode, bench and chaos drive.
-import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
+import { listen } from '@meterbox/emulator-kit';
 import { Hono } from 'hono';
 import { type BillableMetricView, billableMetricView } from './billable-metrics.js';
 import { type CustomerDetailView, createCustomer, customerDetailView } from './customers.js';
@@ -86,36 +85,16 @@ export async function startMetronomeEmulator(
   registerControlRoutes(control, rt);
   app.route('/_emulator', control);
 
-  const host = options.host ?? '127.0.0.1';
-  const server = await new Promise<ReturnType<typeof serve>>((resolve, reject) => {
-    const s = serve({ fetch: app.fetch, port: options.port ?? 0, hostname: host }, () => resolve(s));
-    s.once('error', reject);
+  const { url, port, stop } = await listen(app, rt, {
+    host: options.host,
+    port: options.port,
+    afterClose: async () => log('info', 'metronome emulator stopped'),
   });
-  const address = server.address() as AddressInfo;
-  const url = `http://${address.address.includes(':') ? `[${address.address}]` : address.address}:${address.port}`;
   log('info', 'metronome emulator listening', { url });
-
-  let stopping: Promise<void> | undefined;
-  const stop = () => {
-    stopping ??= (async () => {
-      rt.markStopped();
-      for (const wake of [...rt.wakers]) wake();
-      await new Promise<void>((done) => {
-        server.close(() => done());
-        if ('closeIdleConnections' in server) server.closeIdleConnections();
-        const force = setTimeout(() => {
-          if ('closeAllConnections' in server) server.closeAllConnections();
-        }, 1000);
-        force.unref();
-      });
-      log('info', 'metronome emulator stopped');
-    })();
-    return stopping;
-  };
 
   return {
     url,
-    port: address.port,
+    port,
     stop,
     setFaults: (f, seed) => rt.faults.set(f, seed),
     faults: () => rt.faults.current,

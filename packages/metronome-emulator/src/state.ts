@@ -2,7 +2,9 @@
 // accepted (and the duplicates it ignored) with the transaction_id index, and call counters. Events
 // keep the customer_id they were sent with; which customer it means is decided when usage is read,
 // because Metronome attributes usage to an alias added (or moved) later.
+
 import { randomUUID } from 'node:crypto';
+import { type FaultCounters, zeroFaultCounters } from '@meterbox/emulator-kit';
 import type { FaultEndpoint } from './faults.js';
 
 export type AggregationType = 'COUNT' | 'LATEST' | 'MAX' | 'SUM' | 'UNIQUE';
@@ -73,7 +75,8 @@ export interface IngestedEvent {
 
 export type CallCounts = Record<FaultEndpoint, number>;
 
-export interface Counters {
+/** The fault counts (reset, timeout, serverError, rateLimited, acceptedThen500/Reset) are the kit's. */
+export interface Counters extends FaultCounters {
   /** API requests per surface, whatever their outcome. */
   calls: CallCounts;
   /** Events in ingest calls that were accepted (new plus duplicates). */
@@ -85,32 +88,21 @@ export interface Counters {
   /** Ingest calls refused with 400, bad JSON included (nothing of them recorded). */
   rejected: number;
   unauthorized: number;
-  rateLimited: number;
-  serverError: number;
   unavailable: number;
-  reset: number;
-  timeout: number;
-  acceptedThen500: number;
-  acceptedThenReset: number;
   idempotentReplays: number;
   /** Requests to the Metronome API other than GET (read-only clients also POST /v1/usage and search). */
   writes: number;
 }
 
 export const zeroCounters = (): Counters => ({
+  ...zeroFaultCounters(),
   calls: { ingest: 0, usage: 0, search: 0, customers: 0, billable_metrics: 0 },
   eventsReceived: 0,
   accepted: 0,
   duplicate: 0,
   rejected: 0,
   unauthorized: 0,
-  rateLimited: 0,
-  serverError: 0,
   unavailable: 0,
-  reset: 0,
-  timeout: 0,
-  acceptedThen500: 0,
-  acceptedThenReset: 0,
   idempotentReplays: 0,
   writes: 0,
 });

@@ -1,6 +1,7 @@
 // npm run stripe:emulator — runs the local Stripe emulator, or with `webhook <type>` builds, signs and
 // posts one Stripe-shaped event to a webhook endpoint and prints the answer.
 import { parseArgs } from 'node:util';
+import { cliTools, FAULT_FLAGS, faultFlags, runCli, stopOnSignal } from '@meterbox/emulator-kit';
 import {
   DEFAULT_PORT,
   DEMO_CUSTOMER_ID,
@@ -28,17 +29,8 @@ const USAGE = `usage:
                   [--organization UUID] [--status active] [--meter mtr_..]
   webhook types: ${WEBHOOK_TYPES.join(', ')}`;
 
-function fail(message: string): never {
-  console.error(`stripe-emulator: ${message}\n${USAGE}`);
-  process.exit(2);
-}
-
-function num(name: string, value: string | undefined): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isFinite(n)) fail(`--${name} must be a number, got ${value}`);
-  return n;
-}
+const cli = cliTools('stripe-emulator', USAGE);
+const { fail, num } = cli;
 
 async function webhook(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
@@ -88,28 +80,10 @@ async function serveEmulator(argv: string[]): Promise<void> {
       seed: { type: 'string' },
       verbose: { type: 'boolean' },
       'no-meters': { type: 'boolean' },
-      'error-rate': { type: 'string' },
-      'rate-limit-rate': { type: 'string' },
-      'reset-rate': { type: 'string' },
-      'timeout-rate': { type: 'string' },
-      'accepted-then-500-rate': { type: 'string' },
-      'accepted-then-reset-rate': { type: 'string' },
-      'latency-ms': { type: 'string' },
-      'jitter-ms': { type: 'string' },
-      'hang-ms': { type: 'string' },
+      ...FAULT_FLAGS,
     },
   });
-  const faultInput: FaultsInput = {
-    errorRate: num('error-rate', values['error-rate']),
-    rateLimitRate: num('rate-limit-rate', values['rate-limit-rate']),
-    resetRate: num('reset-rate', values['reset-rate']),
-    timeoutRate: num('timeout-rate', values['timeout-rate']),
-    acceptedThen500Rate: num('accepted-then-500-rate', values['accepted-then-500-rate']),
-    acceptedThenResetRate: num('accepted-then-reset-rate', values['accepted-then-reset-rate']),
-    latencyMs: num('latency-ms', values['latency-ms']),
-    jitterMs: num('jitter-ms', values['jitter-ms']),
-    hangMs: num('hang-ms', values['hang-ms']),
-  };
+  const faultInput: FaultsInput = faultFlags(values, cli);
   const faults = faultsSchema.safeParse(faultInput);
   if (!faults.success) fail(faults.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; '));
 
@@ -129,31 +103,12 @@ async function serveEmulator(argv: string[]): Promise<void> {
   console.log(
     `stripe emulator listening on ${emulator.url} (STRIPE_API_BASE=${emulator.url}; control: ${emulator.url}/_emulator/state)`,
   );
-  let stopping = false;
-  const shutdown = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    emulator.stop().then(
-      () => {
-        console.error(`stripe emulator stopped (${signal})`);
-        process.exit(0);
-      },
-      (err: unknown) => {
-        console.error('stripe emulator: shutdown failed', err);
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGINT', shutdown);
-  process.on('SIGTERM', shutdown);
+  stopOnSignal(emulator, { stopped: 'stripe emulator stopped', failed: 'stripe emulator: shutdown failed' });
 }
 
 const [first, ...rest] = process.argv.slice(2);
-try {
+await runCli('stripe-emulator', async () => {
   if (first === 'webhook') await webhook(rest);
   else if (first === 'help' || first === '--help' || first === '-h') console.log(USAGE);
   else await serveEmulator(first === 'serve' ? rest : process.argv.slice(2));
-} catch (err) {
-  console.error('stripe-emulator: fatal:', err instanceof Error ? err.message : err);
-  process.exit(1);
-}
+});

@@ -1,15 +1,12 @@
 // The emulator's HTTP shell: the Hono app with Stripe's error shape for every failure and unknown
 // path, API-key authentication as Stripe answers it, and the JSON answer every route sends.
-import type { HttpBindings } from '@hono/node-server';
-import { type Context, Hono } from 'hono';
+import { type App, type Ctx, createApp as createKitApp, type Log } from '@meterbox/emulator-kit';
 import { internalError, StripeApiError, unauthorized } from './errors.js';
 import type { SavedResponse } from './idempotency.js';
-import type { EmulatorLogEntry, Permission } from './options.js';
+import type { Permission } from './options.js';
 import { stripeId } from './state.js';
 
-export type Env = { Bindings: HttpBindings };
-export type Ctx = Context<Env>;
-export type App = Hono<Env>;
+export type { App, Ctx, Env } from '@meterbox/emulator-kit';
 
 const API_KEY_PATTERN = /^(sk_(test|live)_|rk_)\S+$/;
 
@@ -98,24 +95,16 @@ export const saved = (err: StripeApiError): SavedResponse => ({
   headers: {},
 });
 
-export function createApp(
-  log: (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void,
-): App {
-  const app = new Hono<Env>();
-  app.onError((err, c) => {
-    if (err instanceof StripeApiError) return fail(c, err);
-    log('warn', 'emulator handler failed', { err: String(err), path: c.req.path });
-    return fail(c, internalError());
-  });
-  app.notFound((c) =>
-    fail(
-      c,
+export function createApp(log: Log): App {
+  return createKitApp(log, {
+    is: (err) => err instanceof StripeApiError,
+    fail,
+    internal: internalError,
+    notFound: (c) =>
       new StripeApiError(
         404,
         'invalid_request_error',
         `Unrecognized request URL (${c.req.method}: ${c.req.path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.`,
       ),
-    ),
-  );
-  return app;
+  });
 }

@@ -1,6 +1,7 @@
 // Public API of the Stripe emulator: start one in-process, inspect it, inject faults, and build,
 // sign and send Stripe-shaped webhook events.
 
+export { createPrng, type Prng } from '@meterbox/emulator-kit';
 export {
   INVOICE_GRACE_SECONDS,
   type Invoice,
@@ -33,7 +34,6 @@ export {
   STREAM_RATE_PER_SECOND,
   type StripeEmulatorOptions,
 } from './options.js';
-export { createPrng, type Prng } from './prng.js';
 export { IDENTIFIER_WINDOW_MS, MAX_FUTURE_MS, MAX_NAME_LENGTH, MAX_PAST_MS } from './rules.js';
 export { type StripeEmulator, startStripeEmulator } from './server.js';
 export {

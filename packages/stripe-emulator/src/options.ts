@@ -1,4 +1,5 @@
 // What a caller can set on the emulator and the limits it enforces by default (Stripe's own).
+import type { EmulatorLogEntry } from '@meterbox/emulator-kit';
 import type { FaultsInput } from './faults.js';
 import type { MeterDefinition, Via } from './state.js';
 
@@ -36,11 +37,7 @@ export const CONNECTED_RATE_PER_SECOND = 100;
 export const SESSION_TTL_MS = 15 * 60 * 1000;
 export const MAX_STREAM_EVENTS = 100;
 
-export interface EmulatorLogEntry {
-  level: 'debug' | 'info' | 'warn';
-  msg: string;
-  [field: string]: unknown;
-}
+export type { EmulatorLogEntry } from '@meterbox/emulator-kit';
 
 export interface StripeEmulatorOptions {
   /** 0 (the default for in-process use) picks a free port; the CLI defaults to 12111. */

@@ -3,15 +3,14 @@
 // from its options; the routes receive it instead of closing over one large function.
 import { existsSync } from 'node:fs';
 import { readFile, rename, writeFile } from 'node:fs/promises';
+import { createLog, type Log, RateLimiter } from '@meterbox/emulator-kit';
 import { createErrorReporter, ERROR_REPORT_EVENT, type ErrorReporter } from './error-reports.js';
 import { FaultInjector } from './faults.js';
 import { IdempotencyStore } from './idempotency.js';
-import { RateLimiter } from './limits.js';
 import type { Permission } from './options.js';
 import {
   CONNECTED_RATE_PER_SECOND,
   type CreateCustomerInput,
-  type EmulatorLogEntry,
   type EventFilter,
   LIVE_RATE_PER_SECOND,
   SANDBOX_RATE_PER_SECOND,
@@ -31,7 +30,7 @@ import {
   toCustomer,
 } from './state.js';
 
-export type Log = (level: EmulatorLogEntry['level'], msg: string, fields?: Record<string, unknown>) => void;
+export type { Log } from '@meterbox/emulator-kit';
 
 export interface Runtime {
   clock: () => number;
@@ -69,7 +68,7 @@ export interface Runtime {
 
 export async function createRuntime(options: StripeEmulatorOptions): Promise<Runtime> {
   const clock = options.clock ?? Date.now;
-  const log: Log = (level, msg, fields = {}) => options.onLog?.({ level, msg, ...fields });
+  const log = createLog(options.onLog);
   const state = new EmulatorState(
     options.meters ?? DEFAULT_METERS,
     Math.floor(clock() / 1000),

@@ -2,8 +2,7 @@
 // Stripe endpoints meterbox uses, with Stripe's rules, limits and injected faults, plus the control
 // and inspection surface under /_emulator, which never faults and needs no API key), listens, and
 // hands back the in-process handle that tests, dev mode, bench and chaos drive.
-import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
+import { listen } from '@meterbox/emulator-kit';
 import { Hono } from 'hono';
 import { BillingState, type Invoice, type Subscription, type TestClock } from './billing.js';
 import type { Faults, FaultsInput } from './faults.js';
@@ -96,38 +95,20 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
   registerFaultControlRoutes(control, rt);
   app.route('/_emulator', control);
 
-  const host = options.host ?? '127.0.0.1';
-  const server = await new Promise<ReturnType<typeof serve>>((resolve, reject) => {
-    const s = serve({ fetch: app.fetch, port: options.port ?? 0, hostname: host }, () => resolve(s));
-    s.once('error', reject);
-  });
-  const address = server.address() as AddressInfo;
-  const url = `http://${address.address.includes(':') ? `[${address.address}]` : address.address}:${address.port}`;
-  log('info', 'stripe emulator listening', { url });
-
-  let stopping: Promise<void> | undefined;
-  const stop = () => {
-    stopping ??= (async () => {
-      rt.markStopped();
-      errorReports.stop();
-      for (const wake of [...rt.wakers]) wake();
-      await new Promise<void>((done) => {
-        server.close(() => done());
-        if ('closeIdleConnections' in server) server.closeIdleConnections();
-        const force = setTimeout(() => {
-          if ('closeAllConnections' in server) server.closeAllConnections();
-        }, 1000);
-        force.unref();
-      });
+  const { url, port, stop } = await listen(app, rt, {
+    host: options.host,
+    port: options.port,
+    beforeClose: () => errorReports.stop(),
+    afterClose: async () => {
       if (options.persistPath) await rt.flush();
       log('info', 'stripe emulator stopped');
-    })();
-    return stopping;
-  };
+    },
+  });
+  log('info', 'stripe emulator listening', { url });
 
   return {
     url,
-    port: address.port,
+    port,
     stop,
     setFaults: (f, seed) => faults.set(f, seed),
     faults: () => faults.current,

@@ -1,7 +1,9 @@
 // The emulator's memory: meters, customers, accepted meter events with their identifier index,
 // per customer+meter totals, call counters and concurrency peaks. Plain data, serialisable to JSON
 // for the optional persistence file.
+
 import { randomBytes } from 'node:crypto';
+import { type FaultCounters, zeroFaultCounters } from '@meterbox/emulator-kit';
 
 export type Formula = 'sum' | 'last' | 'count';
 export type Via = 'v1' | 'v2';
@@ -176,19 +178,14 @@ export interface AsyncError {
   receivedAt: number;
 }
 
-export interface Counters {
+/** The fault counts (reset, timeout, serverError, rateLimited, acceptedThen500/Reset) are the kit's. */
+export interface Counters extends FaultCounters {
   /** Calls to the meter-event endpoints (v1 create, v2 stream). */
   calls: number;
   accepted: number;
   duplicate: number;
   rejected: number;
   unauthorized: number;
-  rateLimited: number;
-  serverError: number;
-  reset: number;
-  timeout: number;
-  acceptedThen500: number;
-  acceptedThenReset: number;
   idempotentReplays: number;
   /** v2 stream: events inside accepted calls, by their asynchronous outcome. */
   streamEventsAccepted: number;
@@ -207,17 +204,12 @@ export interface ConcurrencyPeak {
 }
 
 export const zeroCounters = (): Counters => ({
+  ...zeroFaultCounters(),
   calls: 0,
   accepted: 0,
   duplicate: 0,
   rejected: 0,
   unauthorized: 0,
-  rateLimited: 0,
-  serverError: 0,
-  reset: 0,
-  timeout: 0,
-  acceptedThen500: 0,
-  acceptedThenReset: 0,
   idempotentReplays: 0,
   streamEventsAccepted: 0,
   streamEventsDuplicate: 0,

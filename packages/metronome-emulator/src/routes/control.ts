@@ -1,6 +1,7 @@
 // The control and inspection surface under /_emulator (never faulted, no token): events received,
 // duplicates, unmatched events, hourly totals, counters, customers and metrics, one summary of the
 // state, reset, the fault settings, and the clock offset (for an emulator in another process).
+import { registerFaultRoutes } from '@meterbox/emulator-kit';
 import type { Hono } from 'hono';
 import { z } from 'zod';
 import { billableMetricView } from '../billable-metrics.js';
@@ -58,19 +59,7 @@ export function registerControlRoutes(control: Hono, rt: Runtime): void {
     return c.json({ status: 'reset' });
   });
 
-  control.get('/faults', (c) => c.json({ faults: rt.faults.current, seed: rt.faults.seed }));
-  control.post('/faults', async (c) => {
-    const body = z
-      .looseObject({ seed: z.number().int().optional() })
-      .safeParse(await c.req.json().catch(() => undefined));
-    if (!body.success) return c.json({ error: { message: 'body must be a JSON object' } }, 400);
-    const { seed, ...rest } = body.data;
-    const parsed = faultsSchema.safeParse(rest);
-    if (!parsed.success) return c.json({ error: { message: z.prettifyError(parsed.error) } }, 400);
-    const current = rt.faults.set(parsed.data, seed);
-    rt.log('info', 'faults changed', { faults: current });
-    return c.json({ faults: current, seed: rt.faults.seed });
-  });
+  registerFaultRoutes(control, rt.faults, faultsSchema, rt.log);
 
   // Moves the emulator's clock by an offset, so a test driving a separate process can cross the
   // 34-day dedupe window or the timestamp limits without waiting.

@@ -23,7 +23,7 @@ export function registerAdjustmentRoutes(app: App, rt: Runtime): void {
       raw,
       rt.clock(),
     );
-    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (idem.kind === 'replay') return replay(rt, c, idem.answer);
     try {
       const result = cancelMeterEvent(rt.state, parseForm(raw), rt.clock(), account);
       const response: SavedResponse = result.ok

@@ -89,7 +89,7 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
       raw,
       rt.clock(),
     );
-    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (idem.kind === 'replay') return replay(rt, c, idem.answer);
     try {
       const events = (body as { events?: unknown }).events;
       // The request's shape is checked synchronously; each event's content only after acceptance.

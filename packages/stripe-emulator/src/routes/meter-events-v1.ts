@@ -35,7 +35,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
       raw,
       rt.clock(),
     );
-    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (idem.kind === 'replay') return replay(rt, c, idem.answer);
     if (typeof form.identifier === 'string') rt.state.countAttempt(form.identifier);
     const save = (r: SavedResponse) => (idem.kind === 'new' ? idem.save(r) : undefined);
     const customer = typeof form.payload === 'object' ? form.payload.stripe_customer_id : undefined;

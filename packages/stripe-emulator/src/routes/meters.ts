@@ -98,7 +98,7 @@ export function registerMeterRoutes(app: App, rt: Runtime): void {
       raw,
       rt.clock(),
     );
-    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (idem.kind === 'replay') return replay(rt, c, idem.answer);
     try {
       const form = parseForm(raw);
       const account = connectedAccount(c);

@@ -17,7 +17,7 @@ export function registerResourceRoutes(app: App, rt: Runtime): void {
       raw,
       rt.clock(),
     );
-    if (idem.kind === 'replay') return replay(rt, c, idem.response);
+    if (idem.kind === 'replay') return replay(rt, c, idem.answer);
     const form = parseForm(raw);
     const str = (v: unknown) => (typeof v === 'string' && v !== '' ? v : undefined);
     const metadata: Record<string, string> = {};
