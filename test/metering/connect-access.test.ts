@@ -1,157 +1,28 @@
-// Stripe Connect, a connected account that revokes the platform's access mid-load: Stripe answers every
-// call on it 403 `account_invalid`. Its deliveries are held, not failed: its rows stay pending, none is
-// dead-lettered nor counted as an attempt, its destination_health row records the hold and the metrics
-// show it, while another connected account and the platform's own customers keep being delivered.
-// Once the account grants access again a probe finds it and its backlog is billed exactly once.
-import { sql } from 'kysely';
+// Stripe Connect, a connected account that revokes the platform's access mid-load (v1 meter events):
+// Stripe answers every call on it 403 `account_invalid`. Its deliveries are held, not failed: its rows
+// stay pending, none is dead-lettered nor counted as an attempt, its destination_health row records the
+// hold and the metrics show it, while another connected account and the platform's own customers keep
+// being delivered. Once the account grants access again a probe finds it and its backlog is billed
+// exactly once (connect-access-scenario.ts). The v2 stream: connect-access-v2.test.ts.
 import { describe, expect } from 'vitest';
-import type { Context } from '../../src/context.js';
-import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';
-
-const REVOKED = 'acct_1MeterboxRevokedA';
-const OTHER = 'acct_1MeterboxStaysB';
-const RETRY_LIMIT = 2;
+import { ACCESS_ENV, revokeMidLoad } from './connect-access-scenario.js';
 
 const it = stripeTest({
   emulator: { strictCustomers: true, sandbox: true },
-  env: {
-    STRIPE_SECRET_KEY: 'sk_test_connect_access',
-    DELIVERY_RETRY_LIMIT: String(RETRY_LIMIT),
-    DELIVERY_RETRY_DELAY_SECONDS: '1',
-    DELIVERY_RETRY_DELAY_MAX_SECONDS: '1',
-    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-    DESTINATION_DOWN_AFTER_FAILURES: '3',
-    DESTINATION_PROBE_MAX_SECONDS: '2',
-    DESTINATION_OUTAGE_WAIT_SECONDS: '20',
-    CONNECT_ACCESS_PROBE_MAX_SECONDS: '5',
-    SWEEP_INTERVAL_SECONDS: '3600',
-  },
+  env: { STRIPE_SECRET_KEY: 'sk_test_connect_access', ...ACCESS_ENV },
   supervise: true,
   startWorkers: true,
 });
 
-const secondsAgo = (s: number) => new Date(Date.now() - s * 1000);
-
-async function hold(ctx: Context, account: string) {
-  const { rows } = await sql<{ state: string; refused: boolean; message: string | null }>`
-    SELECT state, access_refused_since IS NOT NULL AS refused, access_refused_message AS message
-      FROM destination_health WHERE destination = 'stripe' AND account = ${account}`.execute(ctx.db);
-  return rows[0];
-}
-
-/** Every row of these organizations' customers settled (none pending). */
-async function settled(ctx: Context, orgs: readonly OrganizationFixture[]) {
-  for (const o of orgs) if ((await statusCounts(ctx.db, o.customerId)).pending !== undefined) return false;
-  return true;
-}
-
-/** What was written per customer (sum of values), to compare with what the emulator recorded. */
-async function writtenTotals(ctx: Context) {
-  const { rows } = await sql<{ customer: string; total: string }>`
-    SELECT stripe_customer_id AS customer, sum(value)::text AS total FROM meter_outbox
-     WHERE destination = 'stripe' GROUP BY 1`.execute(ctx.db);
-  return Object.fromEntries(rows.map((r) => [r.customer, Number(r.total)]));
-}
-
-describe('Stripe Connect: a connected account revokes the platform’s access', () => {
+describe('Stripe Connect: a connected account revokes the platform’s access (v1)', () => {
   it('holds that account’s deliveries without failing any, keeps everyone else delivering, and bills its backlog exactly once when access returns', {
     timeout: 150_000,
   }, async ({ ctx, emulator, app }) => {
-    const make = async (account?: string) => {
-      const customer = emulator.createCustomer(account ? { account } : {});
-      return createOrganization(ctx.db, {
-        customerId: customer.id,
-        ...(account ? { stripeAccount: account } : {}),
-      });
-    };
-    const revoked: OrganizationFixture[] = [];
-    const others: OrganizationFixture[] = [];
-    for (let i = 0; i < 3; i++) revoked.push(await make(REVOKED));
-    for (let i = 0; i < 2; i++) others.push(await make(OTHER));
-    for (let i = 0; i < 2; i++) others.push(await make());
-    const everyone = [...revoked, ...others];
-
-    // Load: a reading batch for every organization every 300 ms; access is revoked in the middle.
-    let second = 120;
-    const round = async () => {
-      second -= 1;
-      for (const org of everyone)
-        await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
-          { value: 1 + (second % 3), occurredAt: secondsAgo(second) },
-        ]);
-    };
-    for (let i = 0; i < 6; i++) {
-      await round();
-      await new Promise((r) => setTimeout(r, 300));
-    }
-    emulator.revokeAccountAccess(REVOKED);
-    const revokedAt = Date.now();
-    for (let i = 0; i < 10; i++) {
-      await round();
-      await new Promise((r) => setTimeout(r, 300));
-    }
-
-    // Everyone else is delivered while the account refuses.
-    await waitFor('the others delivered', () => settled(ctx, others), 20_000);
-    const acceptedWhileRevoked = emulator.events({ account: REVOKED }).length;
-    // Long enough for the account's groups to pass their retry limit (2 attempts, 1 s apart) had
-    // their refusals been counted, or to be dead-lettered at once had they been taken as permanent.
-    await new Promise((r) => setTimeout(r, Math.max(0, 8_000 - (Date.now() - revokedAt))));
-    expect(await statusCounts(ctx.db)).not.toHaveProperty('failed');
-    expect(await hold(ctx, REVOKED)).toMatchObject({ state: 'down', refused: true });
-    expect((await hold(ctx, REVOKED))?.message).toMatch(
-      /does not have access to account 'acct_1MeterboxRevokedA'/,
-    );
-    expect((await hold(ctx, '')) ?? { state: 'up', refused: false }).toMatchObject({
-      state: 'up',
-      refused: false,
-    });
-    expect((await hold(ctx, OTHER)) ?? { state: 'up', refused: false }).toMatchObject({
-      state: 'up',
-      refused: false,
-    });
-    for (const o of revoked) {
-      const counts = await statusCounts(ctx.db, o.customerId);
-      expect(counts.failed).toBeUndefined();
-      expect(counts.pending).toBeGreaterThan(0);
-    }
-    // No attempt counted for the refused groups, and nothing dead-lettered in pg-boss.
-    const { rows: counted } = await sql<{ n: number }>`
-      SELECT count(*)::int AS n FROM meter_outbox
-       WHERE status = 'pending' AND attempts > 0
-         AND stripe_customer_id = ANY(${revoked.map((o) => o.customerId)}::text[])`.execute(ctx.db);
-    expect(counted[0]!.n).toBe(0);
-    expect(emulator.events({ account: REVOKED })).toHaveLength(acceptedWhileRevoked);
-    const metrics = await (await app.request('/metrics')).text();
-    expect(metrics).toContain(`meterbox_connect_account_access_refused{account="${REVOKED}"} 1`);
-    const heldRows = Number(
-      new RegExp(`meterbox_connect_account_held_rows\\{account="${REVOKED}"\\} (\\d+)`).exec(metrics)?.[1],
-    );
-    expect(heldRows).toBeGreaterThan(0);
-
-    // Access granted again: a probe is accepted and the backlog goes out.
-    emulator.restoreAccountAccess(REVOKED);
-    const back = Date.now();
-    await waitFor('the account delivered', () => settled(ctx, revoked), 30_000);
-    const recoveryMs = Date.now() - back;
-    expect(await hold(ctx, REVOKED)).toMatchObject({ state: 'up', refused: false });
-    expect(await statusCounts(ctx.db)).toEqual({ delivered: expect.any(Number) });
-
-    // The ledger is exact: every customer's total at Stripe is what was written, each identifier once.
-    const written = await writtenTotals(ctx);
-    const recorded: Record<string, number> = {};
-    for (const e of emulator.events()) recorded[e.customer] = (recorded[e.customer] ?? 0) + e.value;
-    expect(recorded).toEqual(written);
-    const identifiers = emulator.events().map((e) => `${e.account ?? 'platform'}:${e.identifier}`);
-    expect(new Set(identifiers).size).toBe(identifiers.length);
+    const { heldRows, recoveryMs } = await revokeMidLoad(ctx, emulator, app);
     console.log(
-      `connect-access: ${heldRows} rows held while access was revoked; backlog delivered ${recoveryMs} ms after access returned`,
+      `connect-access (v1): ${heldRows} rows held; backlog delivered ${recoveryMs} ms after access returned`,
     );
     expect(recoveryMs).toBeLessThan(15_000);
-    expect(await (await app.request('/metrics')).text()).toContain(
-      `meterbox_connect_account_access_refused{account="${REVOKED}"} 0`,
-    );
   });
 });
