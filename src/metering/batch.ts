@@ -394,7 +394,12 @@ async function deliverDestination(
             'destination down: its groups wait on it and stop spending attempts; probing it',
           );
         }
-        if (after.state === 'down') outage = { probeInMs: after.probeInMs, waitMs: healthRules.outageWaitMs };
+        // A connected account refusing access is probed sparsely: its keys wait as long (its end wakes them).
+        const waitMs =
+          (report.refused ?? 0) > 0 || (gate.kind !== 'open' && gate.held === true)
+            ? Math.max(healthRules.outageWaitMs, healthRules.accessProbeMaxMs)
+            : healthRules.outageWaitMs;
+        if (after.state === 'down') outage = { probeInMs: after.probeInMs, waitMs };
         recovered = after.recovered;
       }
     }

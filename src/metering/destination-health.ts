@@ -196,23 +196,29 @@ export function nextHealth(
 export type Gate =
   /** Call as usual; `failures`: the current run of the destination's failures (0: nothing to reset). */
   | { kind: 'open'; failures: number }
-  /** Down, and this batch holds the probe slot: one call goes out. */
-  | { kind: 'probe' }
+  /**
+   * Down, and this batch holds the probe slot: one call goes out. `held`: a connected account that
+   * refuses the platform access (its other keys wait longer: its probes are sparser).
+   */
+  | { kind: 'probe'; held?: boolean }
   /** No call now: the destination is down (until a probe finds it back) or asked to wait (Retry-After). */
-  | { kind: 'wait'; reason: 'down' | 'retry_after'; waitMs: number };
+  | { kind: 'wait'; reason: 'down' | 'retry_after'; waitMs: number; held?: boolean };
 
 /**
  * Which of a batch's planned calls go out under the gate, and the answers of those that wait on the
  * destination: all of them while it asks to wait; while it is down all but the probe (if this batch
  * holds the probe slot), the first of them coming back for the next probe, the others after the
- * outage wait unless its end wakes them first.
+ * outage wait unless its end wakes them first (a held account's: the longer of that and its longest
+ * probe spacing, since its probes come that sparsely and its end wakes them anyway).
  */
 export function splitByGate<C extends { key: KeyRef; group: ClaimedGroup; correction?: unknown }>(
   calls: readonly C[],
   gate: Gate,
-  policy: Pick<HealthPolicy, 'outageWaitMs'>,
+  policy: Pick<HealthPolicy, 'outageWaitMs'> & Partial<Pick<HealthPolicy, 'accessProbeMaxMs'>>,
 ): { call: C[]; waiting: Answer[] } {
   if (gate.kind === 'open') return { call: [...calls], waiting: [] };
+  const othersWaitMs =
+    gate.held === true ? Math.max(policy.outageWaitMs, policy.accessProbeMaxMs ?? 0) : policy.outageWaitMs;
   const wait = (c: C, waitMs: number): Answer => ({
     key: c.key,
     group: c.group,
@@ -222,12 +228,12 @@ export function splitByGate<C extends { key: KeyRef; group: ClaimedGroup; correc
     destinationWait: true,
   });
   if (gate.kind === 'probe') {
-    return { call: calls.slice(0, 1), waiting: calls.slice(1).map((c) => wait(c, policy.outageWaitMs)) };
+    return { call: calls.slice(0, 1), waiting: calls.slice(1).map((c) => wait(c, othersWaitMs)) };
   }
   if (gate.reason === 'retry_after') return { call: [], waiting: calls.map((c) => wait(c, gate.waitMs)) };
   return {
     call: [],
-    waiting: calls.map((c, i) => wait(c, i === 0 ? gate.waitMs : Math.max(gate.waitMs, policy.outageWaitMs))),
+    waiting: calls.map((c, i) => wait(c, i === 0 ? gate.waitMs : Math.max(gate.waitMs, othersWaitMs))),
   };
 }
 
@@ -270,6 +276,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
     failures: number;
     retry_after_ms: number;
     probe_in_ms: number;
+    held: boolean;
   }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
     p AS (
@@ -281,7 +288,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
          AND (h.next_probe_at IS NULL OR h.next_probe_at <= c.now)
          AND (h.retry_after_until IS NULL OR h.retry_after_until <= c.now)
       RETURNING 1)
-    SELECT h.state, EXISTS (SELECT 1 FROM p) AS probe, h.failures,
+    SELECT h.state, EXISTS (SELECT 1 FROM p) AS probe, h.failures, h.access_refused_since IS NOT NULL AS held,
            greatest(0, ceil(extract(epoch FROM coalesce(h.retry_after_until, c.now) - c.now) * 1000))::int AS retry_after_ms,
            greatest(0, ceil(extract(epoch FROM coalesce(h.next_probe_at, c.now) - c.now) * 1000))::int AS probe_in_ms
       FROM destination_health h, c
@@ -290,8 +297,9 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
   if (!row) return { kind: 'open', failures: 0 };
   if (row.retry_after_ms > 0) return { kind: 'wait', reason: 'retry_after', waitMs: row.retry_after_ms };
   if (row.state === 'up') return { kind: 'open', failures: row.failures };
-  if (row.probe) return { kind: 'probe' };
-  return { kind: 'wait', reason: 'down', waitMs: Math.max(1, row.probe_in_ms) };
+  const held = row.held ? { held: true } : {};
+  if (row.probe) return { kind: 'probe', ...held };
+  return { kind: 'wait', reason: 'down', waitMs: Math.max(1, row.probe_in_ms), ...held };
 }
 
 // ─── the record after a batch's calls ───────────────────────────────────────────────────────────

@@ -9,6 +9,7 @@ import {
   FIRST_ACCESS_PROBE_MS,
   type HealthRow,
   nextHealth,
+  splitByGate,
 } from '../../src/metering/destination-health.js';
 import { destinationVerdict, meaningOf } from '../../src/metering/rules.js';
 import { ACCOUNT_ACCESS_REFUSED, classifyStripeError } from '../../src/metering/stripe-meter.js';
@@ -129,5 +130,37 @@ describe('the account’s hold (nextHealth)', () => {
       recovered: true,
       row: { state: 'up', accessRefusedSince: null, probes: 0 },
     });
+  });
+});
+
+describe('the gate of a held account (splitByGate)', () => {
+  const call = (n: number) => ({
+    key: { organizationId: 'org', customerId: `cus_${n}`, eventName: 'temperature_readings' as const },
+    group: {
+      identifier: `mb_tr_${n}`,
+      value: '1',
+      timestamp: new Date(0),
+      rows: 1,
+      oldestCreatedAt: new Date(0),
+      attempts: 0,
+      identifiedAt: new Date(0),
+    },
+  });
+  const calls = [call(1), call(2), call(3)];
+  const policy = { outageWaitMs: 20_000, accessProbeMaxMs: 60_000 };
+
+  it('lets the other keys of a held account wait as long as its sparsest probe spacing; an outage keeps its own wait', () => {
+    const waits = (gate: Parameters<typeof splitByGate>[1]) =>
+      splitByGate(calls, gate, policy).waiting.map((a) => a.waitMs);
+    expect(waits({ kind: 'wait', reason: 'down', waitMs: 4_000, held: true })).toEqual([
+      4_000, 60_000, 60_000,
+    ]);
+    expect(waits({ kind: 'wait', reason: 'down', waitMs: 4_000 })).toEqual([4_000, 20_000, 20_000]);
+    const probe = splitByGate(calls, { kind: 'probe', held: true }, policy);
+    expect(probe.call).toHaveLength(1);
+    expect(probe.waiting.map((a) => [a.waitMs, a.destinationWait])).toEqual([
+      [60_000, true],
+      [60_000, true],
+    ]);
   });
 });
