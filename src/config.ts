@@ -204,6 +204,11 @@ export const configSchema = z.object({
    * outage's end wakes it before that.
    */
   DESTINATION_OUTAGE_WAIT_SECONDS: int(1, 3_600).default(20),
+  /**
+   * Stripe Connect: longest spacing between two probes of a connected account that refused the
+   * platform access (deauthorized it); they start 5 s after the refusal and double.
+   */
+  CONNECT_ACCESS_PROBE_MAX_SECONDS: int(5, 3_600).default(60),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

@@ -5,6 +5,7 @@ import { z } from 'zod';
 import type { Clock } from '../clock.js';
 import type { DB, Subscription } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { endAccountAccessHold, holdAccountAccess } from './account-access.js';
 import { CustomerAccountError, customerAccount, recordCustomerAccount } from './connect.js';
 import { recordMeterErrorReport } from './meter-error-reports.js';
 import {
@@ -251,7 +252,39 @@ async function handleNoMeterFound(trx: Transaction<DB>, event: VerifiedEvent, lo
   return { outcome: 'applied' } as const;
 }
 
+/**
+ * Stripe Connect: the connected account deauthorized the platform (Connect endpoint; the event names
+ * the account). Its deliveries are held now (account-access.ts), never failed, until it grants access
+ * again; an event without an account (the platform's endpoint) is not about a connected account.
+ */
+async function handleAccountDeauthorized(trx: Transaction<DB>, event: VerifiedEvent, log: Logger) {
+  if (!event.account) return ignored('not a connected account event');
+  const applied = await holdAccountAccess(trx, event.account, event.created, `${event.type} (${event.id})`);
+  if (!applied) return ignored('no customer billed on the account, or a newer (de)authorization applied');
+  log.warn(
+    { account: event.account },
+    'connected account deauthorized the platform: its deliveries are held until it grants access again',
+  );
+  return { outcome: 'applied' } as const;
+}
+
+/** Stripe Connect: the connected account authorized the platform (again): its hold ends. */
+async function handleAccountAuthorized(trx: Transaction<DB>, event: VerifiedEvent, log: Logger) {
+  if (!event.account) return ignored('not a connected account event');
+  const woken = await endAccountAccessHold(trx, event.account, event.created);
+  if (woken === null)
+    return ignored('no customer billed on the account, or a newer (de)authorization applied');
+  if (woken > 0)
+    log.info(
+      { account: event.account, keys: woken },
+      'connected account authorized again: its held deliveries resume',
+    );
+  return { outcome: 'applied' } as const;
+}
+
 export const defaultHandlers: EventHandlers = {
+  'account.application.deauthorized': handleAccountDeauthorized,
+  'account.application.authorized': handleAccountAuthorized,
   'checkout.session.completed': handleCheckoutCompleted,
   'customer.subscription.created': handleSubscriptionOrInvoice,
   'customer.subscription.updated': handleSubscriptionOrInvoice,

@@ -47,7 +47,17 @@ export const HANDLED_EVENT_TYPES: readonly string[] = Object.freeze(Object.keys(
  * each signs with its own secret (STRIPE_WEBHOOK_SECRET takes both, comma-separated).
  */
 export const isThinEvent = (type: string): boolean => /^v\d+\./.test(type);
-export const SNAPSHOT_EVENT_TYPES = Object.freeze(HANDLED_EVENT_TYPES.filter((t) => !isThinEvent(t)));
+/**
+ * Events Stripe sends only to a Connect endpoint (about a connected account's access to the platform):
+ * the platform's own endpoint is not subscribed to them; the Connect endpoint must be (going-live.md).
+ */
+export const CONNECT_ONLY_EVENT_TYPES: readonly string[] = Object.freeze([
+  'account.application.authorized',
+  'account.application.deauthorized',
+]);
+export const SNAPSHOT_EVENT_TYPES = Object.freeze(
+  HANDLED_EVENT_TYPES.filter((t) => !isThinEvent(t) && !CONNECT_ONLY_EVENT_TYPES.includes(t)),
+);
 export const THIN_EVENT_TYPES = Object.freeze(HANDLED_EVENT_TYPES.filter(isThinEvent));
 
 /** The account's event destinations with their URLs (one page of 100: plenty for one account). */

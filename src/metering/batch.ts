@@ -55,6 +55,7 @@ import {
   planCalls,
 } from './rules.js';
 import { type DeliveryStore, sqlStore } from './store.js';
+import { accountAccessRefused } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
 export interface BatchDeps {
@@ -376,16 +377,29 @@ async function deliverDestination(
       );
       if (retryAfterMs > 0) await health.retryAfter(retryAfterMs);
       // Nothing to end and nothing failed: the steady state writes nothing.
-      const quiet = report.failures === 0 && gate.kind === 'open' && gate.failures === 0;
+      const quiet =
+        report.failures === 0 && (report.refused ?? 0) === 0 && gate.kind === 'open' && gate.failures === 0;
       if (!quiet) {
-        const after = await health.record(report);
-        if (after.wentDown) {
+        const refused = called.find((a) => a.outcome && accountAccessRefused(a.outcome))?.outcome;
+        const refusal = refused?.kind === 'retryable' ? refused.message : undefined;
+        const after = await health.record(report, refusal);
+        if (after.refused) {
+          deps.log.warn(
+            { destination, ...(connected ? { account: connected.account } : {}), message: refusal },
+            'connected account refused the platform access: its deliveries are held (pending, uncounted) and it is probed until it grants access again',
+          );
+        } else if (after.wentDown) {
           deps.log.warn(
             { destination, ...(connected ? { account: connected.account } : {}), failures: report.failures },
             'destination down: its groups wait on it and stop spending attempts; probing it',
           );
         }
-        if (after.state === 'down') outage = { probeInMs: after.probeInMs, waitMs: healthRules.outageWaitMs };
+        // A connected account refusing access is probed sparsely: its keys wait as long (its end wakes them).
+        const waitMs =
+          (report.refused ?? 0) > 0 || (gate.kind !== 'open' && gate.held === true)
+            ? Math.max(healthRules.outageWaitMs, healthRules.accessProbeMaxMs)
+            : healthRules.outageWaitMs;
+        if (after.state === 'down') outage = { probeInMs: after.probeInMs, waitMs };
         recovered = after.recovered;
       }
     }
@@ -485,6 +499,7 @@ function healthReport(called: readonly Answer[], probed: boolean): HealthReport 
   const failingCalls = new Set<number>();
   const failingKeys = new Set<string>();
   let answered = 0;
+  let refused = 0;
   for (const [i, a] of called.entries()) {
     if (!a.outcome || lateAmbiguous(a)) continue;
     const verdict = destinationVerdict(a.outcome);
@@ -492,8 +507,9 @@ function healthReport(called: readonly Answer[], probed: boolean): HealthReport 
       failingCalls.add(a.call ?? -1 - i);
       failingKeys.add(keyName(a.key));
     } else if (verdict === 'answered') answered += 1;
+    else if (verdict === 'refused') refused += 1;
   }
-  return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed };
+  return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed, refused };
 }
 
 /** What a batch's notes say, to the log and the metrics. */

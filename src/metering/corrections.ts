@@ -307,7 +307,7 @@ export function createCorrectionClient(stripe: Stripe): CorrectionClient {
         );
         return { kind: 'accepted' };
       } catch (err) {
-        const outcome = classifyStripeError(err);
+        const outcome = classifyStripeError(err, options);
         if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
           return { kind: 'duplicate', message: outcome.message };
         }

@@ -7,6 +7,11 @@
 // it until then. The state is one row per destination and account (Stripe Connect: a connected
 // account's outage is its own) shared by every worker process; the decisions
 // on it (what an answer says of the destination, the next state) are pure functions here.
+// Stripe Connect: a connected account that refuses the platform access (deauthorized it: 403
+// `account_invalid`, or the `account.application.deauthorized` webhook) is held at once, on its first
+// refusal (migration 0071): its row is down with access_refused_since set, its groups wait uncounted,
+// and it is probed more sparsely (5 s doubling to CONNECT_ACCESS_PROBE_MAX_SECONDS) until a call is
+// accepted or `account.application.authorized` arrives; then its backlog goes out.
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
@@ -27,12 +32,17 @@ export interface HealthPolicy {
   probeMaxMs: number;
   /** DESTINATION_OUTAGE_WAIT_SECONDS: how long a waiting group waits if no recovery wakes it. */
   outageWaitMs: number;
+  /** CONNECT_ACCESS_PROBE_MAX_SECONDS: the longest spacing between two probes of a held account. */
+  accessProbeMaxMs: number;
 }
 
 export function healthPolicy(
   config: Pick<
     Config,
-    'DESTINATION_DOWN_AFTER_FAILURES' | 'DESTINATION_PROBE_MAX_SECONDS' | 'DESTINATION_OUTAGE_WAIT_SECONDS'
+    | 'DESTINATION_DOWN_AFTER_FAILURES'
+    | 'DESTINATION_PROBE_MAX_SECONDS'
+    | 'DESTINATION_OUTAGE_WAIT_SECONDS'
+    | 'CONNECT_ACCESS_PROBE_MAX_SECONDS'
   >,
 ): HealthPolicy {
   return {
@@ -40,7 +50,19 @@ export function healthPolicy(
     downAfterKeys: 2,
     probeMaxMs: config.DESTINATION_PROBE_MAX_SECONDS * 1000,
     outageWaitMs: config.DESTINATION_OUTAGE_WAIT_SECONDS * 1000,
+    accessProbeMaxMs: config.CONNECT_ACCESS_PROBE_MAX_SECONDS * 1000,
   };
+}
+
+/** A held account's first probe comes this long after its refusal; each next one twice as long after. */
+export const FIRST_ACCESS_PROBE_MS = 5_000;
+
+/** The spacing after a held account's n-th probe (n ≥ 0): 5 s, 10 s, 20 s… at most accessProbeMaxMs. */
+export function accessProbeSpacingMs(probes: number, policy: Pick<HealthPolicy, 'accessProbeMaxMs'>): number {
+  return Math.min(
+    policy.accessProbeMaxMs,
+    FIRST_ACCESS_PROBE_MS * 2 ** Math.min(16, Math.max(0, probes - 1)),
+  );
 }
 
 /** The first probe comes this long after the destination went down; each next one twice as long after. */
@@ -65,6 +87,8 @@ export interface HealthRow {
   failingKeys: string[];
   nextProbeAt: Date | null;
   probes: number;
+  /** Stripe Connect: since when the account refuses the platform access (null: it does not). */
+  accessRefusedSince: Date | null;
 }
 
 /** What one batch's calls to the destination told about it. */
@@ -77,6 +101,8 @@ export interface HealthReport {
   answered: number;
   /** The batch's one call was the probe (the gate gave it the probe slot). */
   probed: boolean;
+  /** Calls a connected account refused for access (its deauthorization): it is held at once. */
+  refused?: number;
 }
 
 /**
@@ -88,23 +114,63 @@ export function nextHealth(
   row: HealthRow,
   report: HealthReport,
   now: Date,
-  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs'>,
-): { row: HealthRow; recovered: boolean; wentDown: boolean } {
+  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs' | 'accessProbeMaxMs'>,
+): { row: HealthRow; recovered: boolean; wentDown: boolean; refused: boolean } {
   if (report.answered > 0) {
     return {
-      row: { state: 'up', downSince: null, failures: 0, failingKeys: [], nextProbeAt: null, probes: 0 },
+      row: {
+        state: 'up',
+        downSince: null,
+        failures: 0,
+        failingKeys: [],
+        nextProbeAt: null,
+        probes: 0,
+        accessRefusedSince: null,
+      },
       recovered: row.state === 'down',
       wentDown: false,
+      refused: false,
     };
   }
-  if (report.failures === 0) return { row, recovered: false, wentDown: false };
+  if ((report.refused ?? 0) > 0) {
+    // Held at once: one refusal is the account's answer for every customer on it. A held account's
+    // probe that is refused again spaces the next one further.
+    const held = row.accessRefusedSince !== null;
+    const nextProbeAt =
+      !held || row.state !== 'down'
+        ? new Date(now.getTime() + FIRST_ACCESS_PROBE_MS)
+        : report.probed
+          ? new Date(now.getTime() + accessProbeSpacingMs(row.probes, policy))
+          : row.nextProbeAt;
+    return {
+      row: {
+        state: 'down',
+        downSince: row.state === 'down' ? row.downSince : now,
+        failures: row.failures,
+        failingKeys: row.failingKeys,
+        nextProbeAt,
+        probes: held && row.state === 'down' ? row.probes : 0,
+        accessRefusedSince: row.accessRefusedSince ?? now,
+      },
+      recovered: false,
+      wentDown: row.state !== 'down',
+      refused: !held,
+    };
+  }
+  if (report.failures === 0) return { row, recovered: false, wentDown: false, refused: false };
   const failures = row.failures + report.failures;
   const failingKeys = [...new Set([...row.failingKeys, ...report.failingKeys])].slice(0, FAILING_KEYS_KEPT);
   if (row.state === 'down') {
+    const spacing = row.accessRefusedSince ? accessProbeSpacingMs : probeSpacingMs;
     const nextProbeAt = report.probed
-      ? new Date(now.getTime() + probeSpacingMs(row.probes, policy))
+      ? new Date(now.getTime() + spacing(row.probes, policy))
       : row.nextProbeAt;
-    return { row: { ...row, failures, failingKeys, nextProbeAt }, recovered: false, wentDown: false };
+    return {
+      row: { ...row, failures, failingKeys, nextProbeAt },
+      recovered: false,
+      wentDown: false,
+      refused: false,
+    };
   }
   if (failures >= policy.downAfterFailures && failingKeys.length >= policy.downAfterKeys) {
     return {
@@ -115,12 +181,14 @@ export function nextHealth(
         failingKeys,
         nextProbeAt: new Date(now.getTime() + FIRST_PROBE_MS),
         probes: 0,
+        accessRefusedSince: null,
       },
       recovered: false,
       wentDown: true,
+      refused: false,
     };
   }
-  return { row: { ...row, failures, failingKeys }, recovered: false, wentDown: false };
+  return { row: { ...row, failures, failingKeys }, recovered: false, wentDown: false, refused: false };
 }
 
 // ─── the gate before a batch's calls ────────────────────────────────────────────────────────────
@@ -128,23 +196,29 @@ export function nextHealth(
 export type Gate =
   /** Call as usual; `failures`: the current run of the destination's failures (0: nothing to reset). */
   | { kind: 'open'; failures: number }
-  /** Down, and this batch holds the probe slot: one call goes out. */
-  | { kind: 'probe' }
+  /**
+   * Down, and this batch holds the probe slot: one call goes out. `held`: a connected account that
+   * refuses the platform access (its other keys wait longer: its probes are sparser).
+   */
+  | { kind: 'probe'; held?: boolean }
   /** No call now: the destination is down (until a probe finds it back) or asked to wait (Retry-After). */
-  | { kind: 'wait'; reason: 'down' | 'retry_after'; waitMs: number };
+  | { kind: 'wait'; reason: 'down' | 'retry_after'; waitMs: number; held?: boolean };
 
 /**
  * Which of a batch's planned calls go out under the gate, and the answers of those that wait on the
  * destination: all of them while it asks to wait; while it is down all but the probe (if this batch
  * holds the probe slot), the first of them coming back for the next probe, the others after the
- * outage wait unless its end wakes them first.
+ * outage wait unless its end wakes them first (a held account's: the longer of that and its longest
+ * probe spacing, since its probes come that sparsely and its end wakes them anyway).
  */
 export function splitByGate<C extends { key: KeyRef; group: ClaimedGroup; correction?: unknown }>(
   calls: readonly C[],
   gate: Gate,
-  policy: Pick<HealthPolicy, 'outageWaitMs'>,
+  policy: Pick<HealthPolicy, 'outageWaitMs'> & Partial<Pick<HealthPolicy, 'accessProbeMaxMs'>>,
 ): { call: C[]; waiting: Answer[] } {
   if (gate.kind === 'open') return { call: [...calls], waiting: [] };
+  const othersWaitMs =
+    gate.held === true ? Math.max(policy.outageWaitMs, policy.accessProbeMaxMs ?? 0) : policy.outageWaitMs;
   const wait = (c: C, waitMs: number): Answer => ({
     key: c.key,
     group: c.group,
@@ -154,12 +228,12 @@ export function splitByGate<C extends { key: KeyRef; group: ClaimedGroup; correc
     destinationWait: true,
   });
   if (gate.kind === 'probe') {
-    return { call: calls.slice(0, 1), waiting: calls.slice(1).map((c) => wait(c, policy.outageWaitMs)) };
+    return { call: calls.slice(0, 1), waiting: calls.slice(1).map((c) => wait(c, othersWaitMs)) };
   }
   if (gate.reason === 'retry_after') return { call: [], waiting: calls.map((c) => wait(c, gate.waitMs)) };
   return {
     call: [],
-    waiting: calls.map((c, i) => wait(c, i === 0 ? gate.waitMs : Math.max(gate.waitMs, policy.outageWaitMs))),
+    waiting: calls.map((c, i) => wait(c, i === 0 ? gate.waitMs : Math.max(gate.waitMs, othersWaitMs))),
   };
 }
 
@@ -170,6 +244,8 @@ export interface HealthOutcome {
   probeInMs: number;
   recovered: boolean;
   wentDown: boolean;
+  /** Stripe Connect: the account refused access just now (it was not held before). */
+  refused: boolean;
 }
 
 /**
@@ -200,6 +276,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
     failures: number;
     retry_after_ms: number;
     probe_in_ms: number;
+    held: boolean;
   }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
     p AS (
@@ -211,7 +288,7 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
          AND (h.next_probe_at IS NULL OR h.next_probe_at <= c.now)
          AND (h.retry_after_until IS NULL OR h.retry_after_until <= c.now)
       RETURNING 1)
-    SELECT h.state, EXISTS (SELECT 1 FROM p) AS probe, h.failures,
+    SELECT h.state, EXISTS (SELECT 1 FROM p) AS probe, h.failures, h.access_refused_since IS NOT NULL AS held,
            greatest(0, ceil(extract(epoch FROM coalesce(h.retry_after_until, c.now) - c.now) * 1000))::int AS retry_after_ms,
            greatest(0, ceil(extract(epoch FROM coalesce(h.next_probe_at, c.now) - c.now) * 1000))::int AS probe_in_ms
       FROM destination_health h, c
@@ -220,8 +297,9 @@ export async function gateCalls(db: Kysely<DB>, destination: Destination, accoun
   if (!row) return { kind: 'open', failures: 0 };
   if (row.retry_after_ms > 0) return { kind: 'wait', reason: 'retry_after', waitMs: row.retry_after_ms };
   if (row.state === 'up') return { kind: 'open', failures: row.failures };
-  if (row.probe) return { kind: 'probe' };
-  return { kind: 'wait', reason: 'down', waitMs: Math.max(1, row.probe_in_ms) };
+  const held = row.held ? { held: true } : {};
+  if (row.probe) return { kind: 'probe', ...held };
+  return { kind: 'wait', reason: 'down', waitMs: Math.max(1, row.probe_in_ms), ...held };
 }
 
 // ─── the record after a batch's calls ───────────────────────────────────────────────────────────
@@ -235,22 +313,24 @@ export async function recordHealth(
   db: Kysely<DB>,
   destination: Destination,
   report: HealthReport,
-  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs'>,
+  policy: Pick<HealthPolicy, 'downAfterFailures' | 'downAfterKeys' | 'probeMaxMs' | 'accessProbeMaxMs'>,
   account = '',
+  /** Stripe's message of an access refusal in the report (kept on the row for the operator). */
+  refusal?: string,
 ): Promise<HealthOutcome> {
   if (report.answered > 0) {
     const { rows } = await sql<{ was: 'up' | 'down' }>`
       UPDATE destination_health h
          SET state = 'up', down_since = NULL, failures = 0, failing_keys = '{}', next_probe_at = NULL,
-             probes = 0, updated_at = now()
+             probes = 0, access_refused_since = NULL, access_refused_message = NULL, updated_at = now()
         -- Unlocked: a batch that finds nothing to end writes nothing and takes no lock (the steady
         -- state). Two batches ending one outage: the second finds it ended (EvalPlanQual) and skips.
         FROM (SELECT state AS was FROM destination_health WHERE ${ROW(destination, account)}) o
        WHERE ${ROW(destination, account)} AND (h.failures > 0 OR h.state = 'down')
       RETURNING o.was`.execute(db);
-    return { state: 'up', probeInMs: 0, recovered: rows[0]?.was === 'down', wentDown: false };
+    return { state: 'up', probeInMs: 0, recovered: rows[0]?.was === 'down', wentDown: false, refused: false };
   }
-  if (report.failures === 0) {
+  if (report.failures === 0 && (report.refused ?? 0) === 0) {
     const { rows } = await sql<{ state: 'up' | 'down'; probe_in_ms: number }>`
       SELECT state, greatest(0, ceil(extract(epoch FROM coalesce(next_probe_at, now()) - clock_timestamp()) * 1000))::int AS probe_in_ms
         FROM destination_health WHERE ${ROW(destination, account)}`.execute(db);
@@ -259,6 +339,7 @@ export async function recordHealth(
       probeInMs: rows[0]?.probe_in_ms ?? 0,
       recovered: false,
       wentDown: false,
+      refused: false,
     };
   }
   await ensureRow(db, destination, account);
@@ -270,12 +351,16 @@ export async function recordHealth(
       failing_keys: string[];
       next_probe_at: Date | null;
       probes: number;
+      access_refused_since: Date | null;
       now: Date;
     }>`
-      SELECT state, down_since, failures, failing_keys, next_probe_at, probes, clock_timestamp() AS now
+      SELECT state, down_since, failures, failing_keys, next_probe_at, probes, access_refused_since,
+             clock_timestamp() AS now
         FROM destination_health WHERE ${ROW(destination, account)} FOR UPDATE`.execute(trx);
     const current = rows[0];
-    if (!current) return { state: 'up' as const, probeInMs: 0, recovered: false, wentDown: false };
+    if (!current) {
+      return { state: 'up' as const, probeInMs: 0, recovered: false, wentDown: false, refused: false };
+    }
     const now = new Date(current.now);
     const next = nextHealth(
       {
@@ -285,8 +370,10 @@ export async function recordHealth(
         failingKeys: current.failing_keys,
         nextProbeAt: current.next_probe_at,
         probes: current.probes,
+        accessRefusedSince: current.access_refused_since,
       },
-      report,
+      // Only a connected account can refuse access (the platform's own refusals are permanent).
+      account === '' ? { ...report, refused: 0 } : report,
       now,
       policy,
     );
@@ -295,6 +382,9 @@ export async function recordHealth(
       UPDATE destination_health
          SET state = ${r.state}, down_since = ${r.downSince}, failures = ${r.failures},
              failing_keys = ${r.failingKeys}::text[], next_probe_at = ${r.nextProbeAt}, probes = ${r.probes},
+             access_refused_since = ${r.accessRefusedSince},
+             access_refused_message = CASE WHEN ${r.accessRefusedSince}::timestamptz IS NULL THEN NULL
+                                           ELSE coalesce(${refusal ?? null}, access_refused_message) END,
              outages = outages + ${next.wentDown ? 1 : 0}, updated_at = ${now}
        WHERE ${ROW(destination, account)}`.execute(trx);
     return {
@@ -302,6 +392,7 @@ export async function recordHealth(
       probeInMs: r.nextProbeAt ? Math.max(0, r.nextProbeAt.getTime() - now.getTime()) : 0,
       recovered: false,
       wentDown: next.wentDown,
+      refused: next.refused,
     };
   });
 }
@@ -411,6 +502,12 @@ export interface DestinationHealthState {
   /** Seconds until its Retry-After is over (0: none). */
   retryAfterSeconds: number;
   outages: number;
+  /** Stripe Connect: the account refuses the platform access; its deliveries are held. */
+  accessRefused: boolean;
+  /** Seconds since it refused (0 while it does not). */
+  accessRefusedSeconds: number;
+  /** Stripe's answer (or the webhook) that recorded the hold. */
+  accessRefusedMessage: string | null;
 }
 
 export async function destinationHealthStates(db: Kysely<DB>): Promise<DestinationHealthState[]> {
@@ -421,9 +518,13 @@ export async function destinationHealthStates(db: Kysely<DB>): Promise<Destinati
     down_seconds: number;
     retry_after_seconds: number;
     outages: string;
+    access_refused_seconds: number | null;
+    access_refused_message: string | null;
   }>`
     SELECT destination, account, state,
            coalesce(extract(epoch FROM now() - down_since), 0)::float8 AS down_seconds,
+           extract(epoch FROM now() - access_refused_since)::float8 AS access_refused_seconds,
+           access_refused_message,
            greatest(0, coalesce(extract(epoch FROM retry_after_until - now()), 0))::float8 AS retry_after_seconds,
            outages::text
       FROM destination_health ORDER BY destination, account`.execute(db);
@@ -434,14 +535,42 @@ export async function destinationHealthStates(db: Kysely<DB>): Promise<Destinati
     downSeconds: Math.max(0, r.down_seconds),
     retryAfterSeconds: r.retry_after_seconds,
     outages: Number(r.outages),
+    accessRefused: r.access_refused_seconds !== null,
+    accessRefusedSeconds: Math.max(0, r.access_refused_seconds ?? 0),
+    accessRefusedMessage: r.access_refused_message,
   }));
 }
 
-/** meterbox_destination_down and _down_seconds from the table (the destinations' own accounts). */
+/**
+ * meterbox_destination_down and _down_seconds from the table (the destinations' own accounts), and
+ * per connected account with a row (bounded by the accounts organizations are linked to)
+ * meterbox_connect_account_access_refused and _seconds.
+ */
 export async function applyDestinationHealthGauges(db: Kysely<DB>, metrics: Metrics): Promise<void> {
-  for (const s of await destinationHealthStates(db)) {
-    if (s.account !== '') continue;
+  const states = await destinationHealthStates(db);
+  const held = await heldRows(
+    db,
+    states.filter((s) => s.accessRefused).map((s) => s.account),
+  );
+  for (const s of states) {
+    if (s.account !== '') {
+      metrics.connectAccountAccessRefused.set({ account: s.account }, s.accessRefused ? 1 : 0);
+      metrics.connectAccountAccessRefusedSeconds.set({ account: s.account }, s.accessRefusedSeconds);
+      metrics.connectAccountHeldRows.set({ account: s.account }, held.get(s.account) ?? 0);
+      continue;
+    }
     metrics.destinationDown.set({ destination: s.destination }, s.down ? 1 : 0);
     metrics.destinationDownSeconds.set({ destination: s.destination }, s.down ? s.downSeconds : 0);
   }
+}
+
+/** Pending Stripe rows of each held account's customers (one statement; none while nothing is held). */
+export async function heldRows(db: Kysely<DB>, accounts: readonly string[]): Promise<Map<string, number>> {
+  if (accounts.length === 0) return new Map();
+  const { rows } = await sql<{ account: string; n: string }>`
+    SELECT a.stripe_account AS account, count(*)::text AS n
+      FROM meter_outbox o JOIN stripe_customer_accounts a ON a.stripe_customer_id = o.stripe_customer_id
+     WHERE o.status = 'pending' AND o.destination = 'stripe' AND a.stripe_account = ANY(${accounts}::text[])
+     GROUP BY 1`.execute(db);
+  return new Map(rows.map((r) => [r.account, Number(r.n)]));
 }

@@ -14,7 +14,7 @@
 // and destination alone still name at most one key with rows to send, and its job.
 import { BACKOFF_JITTER, type Config } from '../config.js';
 import type { Destination, MeterEventName } from '../db/schema.js';
-import type { SendOutcome } from './stripe-meter.js';
+import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from './stripe-meter.js';
 
 // ─── what the rules see ─────────────────────────────────────────────────────────────────────────
 
@@ -317,6 +317,12 @@ export type Meaning =
   | { kind: 'rate_limited'; message: string }
   /** Transient: counts toward the retry limit, backs off. */
   | { kind: 'retry'; reason: string; message: string }
+  /**
+   * Stripe Connect: the connected account refused the platform access (deauthorized it). Not the
+   * group's failure: the rows stay pending, uncounted, and the key waits on the account's hold
+   * (destination-health.ts) until a probe or `account.application.authorized` ends it.
+   */
+  | { kind: 'held'; message: string }
   /** Refused for good: the group fails and its job is dead-lettered. */
   | { kind: 'failed'; reason: string; message: string };
 
@@ -342,6 +348,9 @@ export function meaningOf(outcome: SendOutcome, options: { validating: boolean }
       return { kind: 'expired', message: outcome.message };
     case 'retryable':
       if (outcome.reason === 'rate_limited') return { kind: 'rate_limited', message: outcome.message };
+      if (outcome.reason === ACCOUNT_ACCESS_REFUSED) {
+        return { kind: 'held', message: `${ACCOUNT_ACCESS_REFUSED}: ${outcome.message}` };
+      }
       return { kind: 'retry', reason: outcome.reason, message: `${outcome.reason}: ${outcome.message}` };
     case 'permanent':
       return {
@@ -360,15 +369,24 @@ const DESTINATION_FAILURES: ReadonlySet<string> = new Set(['server_error', 'time
  * (5xx, a timeout, a connection error): counts toward an outage. `answered`: it answered as a working
  * destination does (a 2xx, a duplicate, an event refused for its content, a conflict): ends one.
  * `neutral`: a 429 says it works but is busy (the budget and Retry-After deal with that).
+ * `refused`: a connected account refused the platform access: the account is held at once.
  */
-export function destinationVerdict(outcome: SendOutcome): 'failure' | 'answered' | 'neutral' {
+export function destinationVerdict(outcome: SendOutcome): 'failure' | 'answered' | 'neutral' | 'refused' {
   if (outcome.kind !== 'retryable') return 'answered';
   if (outcome.reason === 'rate_limited') return 'neutral';
+  if (outcome.reason === ACCOUNT_ACCESS_REFUSED) return 'refused';
   return DESTINATION_FAILURES.has(outcome.reason) ? 'failure' : 'answered';
 }
 
 /** The reason a group waits on its destination's outage (logged, never counted). */
 export const DESTINATION_DOWN_REASON = 'destination_down';
+
+/**
+ * How long a group refused by its connected account waits when no hold is recorded for the account
+ * (destination health off: DESTINATION_DOWN_AFTER_FAILURES=0, or Citus): each key then looks again
+ * on its own, uncounted, once a minute.
+ */
+export const ACCESS_REFUSED_WAIT_MS = 60_000;
 
 // ─── backoff and the retry limit ────────────────────────────────────────────────────────────────
 
@@ -763,6 +781,28 @@ export function decideBatch(input: {
         followUp(answer.key, RATE_LIMITED_RETRY_MS, 'rate_limited');
         unsent.add(name);
         break;
+      case 'held': {
+        // The account's, not the group's: uncounted, never failed; the key waits on the account's
+        // hold (the batch's first such key comes back for the next probe, as in an outage).
+        const wait = input.outage
+          ? probeKeys++ === 0
+            ? Math.max(1, input.outage.probeInMs)
+            : input.outage.waitMs
+          : ACCESS_REFUSED_WAIT_MS;
+        decision.groups.push({
+          organizationId: answer.key.organizationId,
+          identifier: group.identifier,
+          status: 'pending',
+          error: meaning.message,
+          called: true,
+          counted: false,
+        });
+        decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs: wait });
+        settlement.backoffMs = wait;
+        followUp(answer.key, wait, 'retry');
+        unsent.add(name);
+        break;
+      }
       case 'retry': {
         // A timestamp the destination finds too far ahead (its clock behind the database's, or usage
         // stamped ahead) is not the group's failure: it becomes sendable as time passes, so it is

@@ -74,7 +74,8 @@ export interface DeliveryStore {
    */
   health?: {
     gate(): Promise<Gate>;
-    record(report: HealthReport): Promise<HealthOutcome>;
+    /** `refusal`: Stripe's message of a connected account's access refusal in the report. */
+    record(report: HealthReport, refusal?: string): Promise<HealthOutcome>;
     retryAfter(ms: number): Promise<void>;
     /** Every waiting key of the destination (its outage ended), or only `keys`. */
     resumeWaiting(keys?: readonly KeyRef[]): Promise<KeyRef[]>;
@@ -111,6 +112,7 @@ export function sqlStore(deps: {
     | 'DESTINATION_DOWN_AFTER_FAILURES'
     | 'DESTINATION_PROBE_MAX_SECONDS'
     | 'DESTINATION_OUTAGE_WAIT_SECONDS'
+    | 'CONNECT_ACCESS_PROBE_MAX_SECONDS'
   >;
   distributed?: boolean;
   destination?: Destination;
@@ -170,8 +172,8 @@ export function sqlStore(deps: {
       ? {
           health: {
             gate: () => gateCalls(db, destination, account),
-            record: (report: HealthReport) =>
-              recordHealth(db, destination, report, healthPolicy(deps.config), account),
+            record: (report: HealthReport, refusal?: string) =>
+              recordHealth(db, destination, report, healthPolicy(deps.config), account, refusal),
             retryAfter: (ms: number) => recordRetryAfter(db, destination, ms, account),
             resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys, account),
             callable: () => callable(db, destination, account),

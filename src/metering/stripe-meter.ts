@@ -18,7 +18,9 @@ export interface MeterEventInput {
  * - accepted: Stripe recorded the event now.
  * - duplicate: Stripe already holds an event with this identifier; the usage is billed.
  * - expired: the timestamp fell outside Stripe's 35-day window; it can never be sent.
- * - retryable: transient (network, timeout, 409, 429, 5xx); the same call may succeed later.
+ * - retryable: transient (network, timeout, 409, 429, 5xx); the same call may succeed later. Also a
+ *   connected account refusing the platform access (ACCOUNT_ACCESS_REFUSED): the account's, not the
+ *   event's; its deliveries are held until it grants access again (destination-health.ts).
  * - permanent: Stripe refuses this call for good (400s, 401, 403, 404); resending is pointless.
  */
 export type SendOutcome = (
@@ -110,8 +112,29 @@ export function retryAfter(headers: unknown, now = Date.now()): number | undefin
   return Math.min(RETRY_AFTER_MAX_MS, Math.max(0, ms));
 }
 
-/** Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling. */
-export function classifyStripeError(err: unknown): Exclude<SendOutcome, { kind: 'accepted' }> {
+/**
+ * The reason of an answer that refuses the platform access to the connected account a call was made
+ * on (Stripe-Account / Stripe-Context). Stripe answers a deauthorized (or otherwise inaccessible)
+ * account 403 `account_invalid`: "The provided key '…' does not have access to account 'acct_…' (or
+ * that account does not exist). Application access may have been revoked."
+ */
+export const ACCOUNT_ACCESS_REFUSED = 'account_access_refused';
+
+/** Whether an outcome is a connected account's refusal of access (see ACCOUNT_ACCESS_REFUSED). */
+export function accountAccessRefused(outcome: SendOutcome): boolean {
+  return outcome.kind === 'retryable' && outcome.reason === ACCOUNT_ACCESS_REFUSED;
+}
+
+/**
+ * Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling.
+ * `call.stripeAccount`: the connected account the call was made on; a 401, a 403 or `account_invalid`
+ * answered to such a call names that account (its access revoked), not the event: retryable with
+ * ACCOUNT_ACCESS_REFUSED. Without it (the platform's own key refused) they stay permanent.
+ */
+export function classifyStripeError(
+  err: unknown,
+  call: Pick<CallOptions, 'stripeAccount'> = {},
+): Exclude<SendOutcome, { kind: 'accepted' }> {
   const e = (typeof err === 'object' && err !== null ? err : {}) as ErrorShape;
   const message = typeof e.message === 'string' && e.message ? e.message : String(err);
   const status = typeof e.statusCode === 'number' ? e.statusCode : undefined;
@@ -139,6 +162,9 @@ export function classifyStripeError(err: unknown): Exclude<SendOutcome, { kind: 
   }
   if (status === 409) return { kind: 'retryable', message, status, reason: 'conflict' };
   if (status >= 500) return { kind: 'retryable', message, status, reason: 'server_error', ...after };
+  if (call.stripeAccount && (status === 401 || status === 403 || code === 'account_invalid')) {
+    return { kind: 'retryable', message, status, reason: ACCOUNT_ACCESS_REFUSED };
+  }
   if (header(e.headers, 'stripe-should-retry') === 'true') {
     return { kind: 'retryable', message, status, reason: 'should_retry' };
   }
@@ -170,7 +196,7 @@ export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
       );
       return { kind: 'accepted' };
     } catch (err) {
-      return classifyStripeError(err);
+      return classifyStripeError(err, options);
     }
   };
   return { send };

@@ -83,6 +83,12 @@ export interface Metrics {
   readonly destinationDown: Gauge<'destination'>;
   /** Seconds since the destination went down (0 while up), on the database's clock. */
   readonly destinationDownSeconds: Gauge<'destination'>;
+  /** Stripe Connect: 1 while a connected account refuses the platform access (its deliveries held), else 0. */
+  readonly connectAccountAccessRefused: Gauge<'account'>;
+  /** Seconds since the connected account refused access (0 while it does not). */
+  readonly connectAccountAccessRefusedSeconds: Gauge<'account'>;
+  /** Pending outbox rows of a connected account's customers while it refuses access (0 otherwise). */
+  readonly connectAccountHeldRows: Gauge<'account'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
   readonly lateSlots: Counter;
@@ -332,6 +338,24 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_destination_down_seconds',
       help: "Seconds since the destination went down (0 while up), on the database's clock, read at scrape",
       labelNames: ['destination'],
+      registers,
+    }),
+    connectAccountAccessRefused: new Gauge({
+      name: 'meterbox_connect_account_access_refused',
+      help: 'Stripe Connect: 1 while a connected account refuses the platform access (it deauthorized the platform: 403 account_invalid, or account.application.deauthorized); its deliveries are held pending, uncounted, and it is probed until it grants access again. One series per connected account meterbox has called or heard of. Read at scrape',
+      labelNames: ['account'],
+      registers,
+    }),
+    connectAccountAccessRefusedSeconds: new Gauge({
+      name: 'meterbox_connect_account_access_refused_seconds',
+      help: "Stripe Connect: seconds since the connected account refused the platform access (0 while it does not), on the database's clock, read at scrape",
+      labelNames: ['account'],
+      registers,
+    }),
+    connectAccountHeldRows: new Gauge({
+      name: 'meterbox_connect_account_held_rows',
+      help: "Stripe Connect: pending outbox rows of a connected account's customers held while it refuses the platform access (0 while it does not), read at scrape",
+      labelNames: ['account'],
       registers,
     }),
     staleLeaseSettles: new Counter({

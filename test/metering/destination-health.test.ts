@@ -114,7 +114,7 @@ describe('the rules of a down destination', () => {
   });
 
   it('needs the run of failures from two different keys, and any working answer ends it', () => {
-    const policy = { downAfterFailures: 3, downAfterKeys: 2, probeMaxMs: 10_000 };
+    const policy = { downAfterFailures: 3, downAfterKeys: 2, probeMaxMs: 10_000, accessProbeMaxMs: 60_000 };
     const up = {
       state: 'up' as const,
       downSince: null,
@@ -122,6 +122,7 @@ describe('the rules of a down destination', () => {
       failingKeys: [],
       nextProbeAt: null,
       probes: 0,
+      accessRefusedSince: null,
     };
     const now = new Date('2026-11-25T10:00:00Z');
     const oneKey = nextHealth(

@@ -4,6 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
 import {
+  ACCESS_REFUSED_WAIT_MS,
   type Answer,
   backoffMs,
   type ClaimedGroup,
@@ -20,7 +21,7 @@ import {
   reconcileWindow,
   redriveVerdict,
 } from '../../src/metering/rules.js';
-import type { SendOutcome } from '../../src/metering/stripe-meter.js';
+import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../../src/metering/stripe-meter.js';
 
 const NOW = new Date('2026-11-20T10:30:00Z');
 const policy = deliveryPolicy(
@@ -140,6 +141,21 @@ describe('backoff and the retry limit are the group’s', () => {
     const d = decide(leased({ group: group({ attempts: 3 }) }), serverError);
     expect(d.groups[0]).toMatchObject({ status: 'failed', counted: true });
     expect(d.results).toEqual([expect.objectContaining({ id: 'job-1', status: 'deadletter' })]);
+  });
+
+  it('holds a group its connected account refused (access revoked): pending, uncounted, never dead-lettered, past the retry limit too', () => {
+    const refused: SendOutcome = {
+      kind: 'retryable',
+      reason: ACCOUNT_ACCESS_REFUSED,
+      message: "does not have access to account 'acct_1X'",
+      status: 403,
+    };
+    const d = decide(leased({ group: group({ attempts: 3 }) }), refused);
+    expect(d.groups).toEqual([expect.objectContaining({ status: 'pending', counted: false })]);
+    expect(d.results).toEqual([expect.objectContaining({ status: 'completed' })]);
+    // No hold recorded (destination health off): the key looks again on its own a minute later.
+    expect(d.keys[0]?.backoffMs).toBe(ACCESS_REFUSED_WAIT_MS);
+    expect(d.followUps).toEqual([expect.objectContaining({ afterMs: ACCESS_REFUSED_WAIT_MS })]);
   });
 
   it('never counts a timeout that came after its lease deadline (a frozen process), but counts a 500 that did', () => {

@@ -5,20 +5,26 @@
 import Stripe from 'stripe';
 import { describe, expect } from 'vitest';
 import { createStripeClient } from '../../src/context.js';
-import { classifyStripeError, createStripeMeterClient } from '../../src/metering/stripe-meter.js';
+import {
+  ACCOUNT_ACCESS_REFUSED,
+  accountAccessRefused,
+  classifyStripeError,
+  createStripeMeterClient,
+  type StripeMeterClient,
+} from '../../src/metering/stripe-meter.js';
 import { testConfig } from '../support/database.js';
 import { stripeTest } from '../support/test.js';
 
 let n = 0;
 const id = () => `test_${Date.now()}_${n++}`;
 
+const clientFor = (url: string, key: string): StripeMeterClient =>
+  createStripeMeterClient(createStripeClient(testConfig({ STRIPE_SECRET_KEY: key, STRIPE_API_BASE: url }))!);
+
 const it = stripeTest({ emulator: { strictCustomers: true } }).extend(
   'meter',
   { scope: 'file' },
-  async ({ emulator }) =>
-    createStripeMeterClient(
-      createStripeClient(testConfig({ STRIPE_SECRET_KEY: 'sk_test_meter', STRIPE_API_BASE: emulator.url }))!,
-    ),
+  async ({ emulator }) => clientFor(emulator.url, 'sk_test_meter'),
 );
 
 describe('Stripe meter client', () => {
@@ -53,6 +59,40 @@ describe('Stripe meter client', () => {
     expect(classifyStripeError(new Error('socket hang up'))).toMatchObject({
       kind: 'retryable',
       reason: 'network',
+    });
+  });
+
+  it('takes a connected account’s 403 account_invalid as that account’s refusal (held), and the platform key’s 401 as permanent', async ({
+    emulator,
+    meter,
+  }) => {
+    const account = 'acct_1StripeMeterRevoked';
+    const onAccount = emulator.createCustomer({ account }).id;
+    const event = () => ({
+      eventName: 'temperature_readings' as const,
+      customerId: onAccount,
+      value: '1',
+      timestamp: new Date(),
+      identifier: id(),
+    });
+    emulator.revokeAccountAccess(account);
+    try {
+      const refused = await meter.send(event(), { stripeAccount: account });
+      expect(refused).toMatchObject({ kind: 'retryable', status: 403, reason: ACCOUNT_ACCESS_REFUSED });
+      expect(refused.kind === 'retryable' && refused.message).toMatch(
+        /Application access may have been revoked/,
+      );
+      expect(accountAccessRefused(refused)).toBe(true);
+    } finally {
+      emulator.restoreAccountAccess(account);
+    }
+    expect(await meter.send(event(), { stripeAccount: account })).toEqual({ kind: 'accepted' });
+    // The platform's own key refused (no Stripe-Account): nothing to wait for, as before.
+    const badKey = clientFor(emulator.url, 'not_a_key');
+    expect(await badKey.send({ ...event(), customerId: emulator.createCustomer().id })).toMatchObject({
+      kind: 'permanent',
+      status: 401,
+      reason: 'unauthorized',
     });
   });
 });

@@ -46,6 +46,19 @@ export function connectedAccount(c: Ctx): string | undefined {
   return value;
 }
 
+/**
+ * Stripe's answer to a call on a connected account that no longer grants the platform access (it
+ * deauthorized the platform, or was never connected): 403 `account_invalid`, in Stripe's words.
+ */
+export function accountAccessRevoked(key: string | undefined, account: string): StripeApiError {
+  return new StripeApiError(
+    403,
+    'invalid_request_error',
+    `The provided key '${key ? maskKey(key) : ''}' does not have access to account '${account}' (or that account does not exist). Application access may have been revoked.`,
+    'account_invalid',
+  );
+}
+
 export interface Auth {
   key: string;
   livemode: boolean;

@@ -46,6 +46,8 @@ export interface Runtime {
   /** The stream's events per second (live mode). */
   streamEventLimiter: RateLimiter;
   concurrencyLimit: number;
+  /** Connected accounts that revoked the platform's access: every call on them answers 403 account_invalid. */
+  revokedAccounts: Set<string>;
   strictCustomers: boolean;
   restrictedKeys: Readonly<Record<string, readonly Permission[]>>;
   sessionTtlMs: number;
@@ -172,6 +174,7 @@ export async function createRuntime(options: StripeEmulatorOptions): Promise<Run
     accountLimiter,
     streamEventLimiter,
     concurrencyLimit: options.concurrencyPerCustomerMeter ?? 1,
+    revokedAccounts: new Set(),
     strictCustomers: options.strictCustomers ?? false,
     restrictedKeys: options.restrictedKeys ?? {},
     sessionTtlMs: options.sessionTtlMs ?? SESSION_TTL_MS,

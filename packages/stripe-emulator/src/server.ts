@@ -6,7 +6,7 @@ import { listen } from '@meterbox/emulator-kit';
 import { Hono } from 'hono';
 import { BillingState, type Invoice, type Subscription, type TestClock } from './billing.js';
 import type { Faults, FaultsInput } from './faults.js';
-import { createApp } from './http.js';
+import { accountAccessRevoked, bearerToken, type Ctx, createApp, fail } from './http.js';
 import type { CreateCustomerInput, EventFilter, StripeEmulatorOptions } from './options.js';
 import { registerAdjustmentRoutes } from './routes/adjustments.js';
 import { registerBillingRoutes } from './routes/billing.js';
@@ -64,6 +64,14 @@ export interface StripeEmulator {
   /** Every invoice, newest first, after rolling the subscriptions. */
   invoices(): Invoice[];
   testClocks(): TestClock[];
+  /**
+   * Stripe Connect: the connected account deauthorizes the platform: from now on every call made on it
+   * (Stripe-Account, Stripe-Context, or a meter event session of its context) answers 403
+   * `account_invalid` "… does not have access to account … Application access may have been revoked."
+   */
+  revokeAccountAccess(account: string): void;
+  /** The account authorizes the platform again: its calls are answered as before. */
+  restoreAccountAccess(account: string): void;
 }
 
 export async function startStripeEmulator(options: StripeEmulatorOptions = {}): Promise<StripeEmulator> {
@@ -80,6 +88,22 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     if (c.req.method !== 'GET') state.counters.writes += 1;
     await next();
   });
+  // A connected account that revoked the platform's access refuses every call made on it.
+  const revoked = (c: Ctx) => {
+    if (rt.revokedAccounts.size === 0) return undefined;
+    const key = bearerToken(c.req.header('authorization'));
+    const account =
+      (c.req.header('stripe-account') ?? c.req.header('stripe-context'))?.trim() ||
+      (key ? rt.sessions.get(key)?.account : undefined);
+    return account && rt.revokedAccounts.has(account) ? accountAccessRevoked(key, account) : undefined;
+  };
+  for (const path of ['/v1/*', '/v2/*']) {
+    app.use(path, async (c, next) => {
+      const refused = revoked(c);
+      if (refused) return fail(c, refused);
+      await next();
+    });
+  }
   registerMeterEventRoutes(app, rt);
   registerAdjustmentRoutes(app, rt);
   const billing = new BillingState(state, rt.clock);
@@ -140,5 +164,13 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
         .map((i) => structuredClone(i));
     },
     testClocks: () => [...billing.testClocks.values()].map((t) => ({ ...t })),
+    revokeAccountAccess: (account) => {
+      rt.revokedAccounts.add(account);
+      log('info', 'account access revoked', { account });
+    },
+    restoreAccountAccess: (account) => {
+      rt.revokedAccounts.delete(account);
+      log('info', 'account access restored', { account });
+    },
   };
 }

@@ -1,6 +1,7 @@
 // Stripe Connect: the Stripe-Account header (v1) and a session's Stripe-Context (v2) scope customers,
 // meter events, identifiers, adjustments and summaries to a connected account, and each connected
 // account has its own basic limit (100 operations/s live, 25 in a sandbox), answered 429 above it.
+// An account that revoked the platform's access refuses every call made on it (403 account_invalid).
 import { describe, expect } from 'vitest';
 import { startStripeEmulator } from '../src/index.js';
 import { emulatorTest, manualClock, rejection, sdk } from './helpers.js';
@@ -182,5 +183,56 @@ describe('the connected account limit', () => {
     } finally {
       await emu.stop();
     }
+  });
+});
+
+describe('a connected account that revoked the platform’s access', () => {
+  it('refuses every call on an account that revoked the platform’s access with Stripe’s 403 account_invalid, and answers again once restored', async ({
+    emu,
+    stripe,
+  }) => {
+    const session = await stripe.v2.billing.meterEventSession.create({}, { stripeContext: A });
+    emu.revokeAccountAccess(A);
+    const refused = await rejection(() =>
+      stripe.billing.meterEvents.create(event('cus_r', 'r-1'), { stripeAccount: A }),
+    );
+    expect(refused.statusCode).toBe(403);
+    expect(refused.type).toBe('StripePermissionError');
+    expect(refused.code).toBe('account_invalid');
+    expect(refused.message).toMatch(
+      new RegExp(
+        `^The provided key 'sk_test_.*' does not have access to account '${A}' \\(or that account does not exist\\)\\. Application access may have been revoked\\.$`,
+      ),
+    );
+    // A new v2 session in its context, and a session made before, are refused as well.
+    const noSession = await rejection(() =>
+      stripe.v2.billing.meterEventSession.create({}, { stripeContext: A }),
+    );
+    expect([noSession.statusCode, noSession.code]).toEqual([403, 'account_invalid']);
+    const stream = await rejection(() =>
+      stripe.v2.billing.meterEventStream.create(
+        {
+          events: [
+            {
+              event_name: 'temperature_readings',
+              identifier: 'r-s',
+              payload: { stripe_customer_id: 'cus_r', value: '1' },
+            },
+          ],
+        },
+        { apiKey: session.authentication_token },
+      ),
+    );
+    expect([stream.statusCode, stream.code]).toEqual([403, 'account_invalid']);
+    // The platform and another account are unaffected.
+    await stripe.billing.meterEvents.create(event('cus_p', 'p-1'));
+    await stripe.billing.meterEvents.create(event('cus_b', 'b-1'), { stripeAccount: B });
+    emu.restoreAccountAccess(A);
+    await stripe.billing.meterEvents.create(event('cus_r', 'r-1'), { stripeAccount: A });
+    expect(emu.events().map((e) => [e.identifier, e.account ?? 'platform'])).toEqual([
+      ['p-1', 'platform'],
+      ['b-1', B],
+      ['r-1', A],
+    ]);
   });
 });
