@@ -51,6 +51,9 @@ const { values: args } = parseArgs({
     // The worker processes' DB_POOL_MAX (default: the product's default), to see whether pool waits
     // delay renewals and touches past the lease.
     'worker-pool': { type: 'string' },
+    // The workers' DB_STATEMENT_DEADLINE_MS,DB_LONG_STATEMENT_DEADLINE_MS (default: the product's), to
+    // see what the client-side deadlines do to a database that is slow but alive.
+    'worker-deadlines': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -145,19 +148,31 @@ interface WorkerLog {
   staleLeaseKeys: number;
   reapedLeases: number;
   reaperOrphanedJobs: number;
+  /** Each warning or error the workers logged, by message (first 120 characters), with its count. */
+  warnings: Record<string, number>;
 }
 
 /** What the workers' JSON logs say about leases: stale settles and what the reaper freed. */
 function readWorkerLogs(procs: readonly Proc[]): WorkerLog {
-  const out: WorkerLog = { staleLeaseSettles: 0, staleLeaseKeys: 0, reapedLeases: 0, reaperOrphanedJobs: 0 };
+  const out: WorkerLog = {
+    staleLeaseSettles: 0,
+    staleLeaseKeys: 0,
+    reapedLeases: 0,
+    reaperOrphanedJobs: 0,
+    warnings: {},
+  };
   for (const p of procs) {
     for (const line of p.output.split('\n')) {
       if (!line.startsWith('{')) continue;
-      let entry: { msg?: string; keys?: number; leases?: number; jobs?: number };
+      let entry: { msg?: string; level?: number; keys?: number; leases?: number; jobs?: number };
       try {
         entry = JSON.parse(line) as typeof entry;
       } catch {
         continue;
+      }
+      if ((entry.level ?? 0) >= 40) {
+        const msg = (entry.msg ?? '').slice(0, 120);
+        out.warnings[msg] = (out.warnings[msg] ?? 0) + 1;
       }
       if (entry.msg?.startsWith('stale lease')) {
         out.staleLeaseSettles++;
@@ -206,6 +221,12 @@ async function runOnce(
       DELIVERY_LEASE_SECONDS: String(leaseSeconds),
       ...(args['worker-pool'] ? { DB_POOL_MAX: args['worker-pool'] } : {}),
     };
+    const [deadline, longDeadline] = (args['worker-deadlines'] ?? '').split(',');
+    const workerEnv = {
+      ...env,
+      ...(deadline ? { DB_STATEMENT_DEADLINE_MS: deadline } : {}),
+      ...(longDeadline ? { DB_LONG_STATEMENT_DEADLINE_MS: longDeadline } : {}),
+    };
     const api = await startApi(env, entries['src/bin/server.ts']);
     cleanup.push(() => api.proc.stop());
     const http = new HttpClient(api.url, 128);
@@ -235,7 +256,7 @@ async function runOnce(
           workers.push(
             startProcess(
               entries['src/bin/worker.ts']!,
-              { ...env, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
+              { ...workerEnv, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
               `worker-${w}`,
             ),
           );
@@ -296,10 +317,47 @@ async function runOnce(
         ? `not level ${LEVEL_CAP_MS / 1000} s after the load`
         : `level ${round(levelMs / 1000, 1)} s after the load`,
     );
+    if (levelMs === null) {
+      // What holds the ledger back: the behind customers' rows by status, their keys and their jobs.
+      const sums = billedNow();
+      const behind = [...readingsPerCustomer].filter(([c, n]) => (sums.get(c) ?? 0) < n).map(([c]) => c);
+      const state = await pool.query(
+        `SELECT k.stripe_customer_id AS customer, k.lease_owner IS NOT NULL AS leased,
+                extract(epoch FROM k.lease_expires_at - now())::float8 AS lease_left_s,
+                extract(epoch FROM k.next_call_at - now())::float8 AS next_call_in_s,
+                extract(epoch FROM k.retry_at - now())::float8 AS retry_in_s, k.hold,
+                (SELECT json_object_agg(status, n) FROM (SELECT status, count(*) AS n FROM meter_outbox o
+                   WHERE o.stripe_customer_id = k.stripe_customer_id GROUP BY status) s) AS rows,
+                (SELECT json_agg(json_build_object('state', j.state, 'retries', j.retry_count,
+                        'age_s', round(extract(epoch FROM now() - j.created_on)),
+                        'start_after_s', round(extract(epoch FROM j.start_after - now()))))
+                   FROM pgboss.job j WHERE j.name = 'meter-delivery' AND j.data->>'customerId' = k.stripe_customer_id
+                    AND j.state NOT IN ('completed')) AS jobs
+           FROM meter_delivery_keys k WHERE k.stripe_customer_id = ANY($1::text[]) LIMIT 10`,
+        [behind],
+      );
+      log(`behind: ${behind.length} customers; ${JSON.stringify(state.rows)}`);
+      log(`worker warnings so far: ${JSON.stringify(readWorkerLogs(workers).warnings)}`);
+    }
 
     // ---- what the run left: orphaned jobs, stale settles, the slowest claims, the ledger
     const orphaned = await pool.query<{ n: string }>(
       `SELECT count(*) AS n FROM pgboss.job WHERE name = 'meter-delivery' AND output->>'kind' = 'orphaned'`,
+    );
+    // Where the orphans come from: jobs fetched together share started_on (one fetch statement's now()),
+    // so `fetches` against `n` says whether whole fetched batches were orphaned or single jobs.
+    const orphanShape = await pool.query<{
+      n: number;
+      never_touched: number;
+      fetches: number;
+      active_p50_s: number | null;
+      active_max_s: number | null;
+    }>(
+      `SELECT count(*)::int AS n, count(*) FILTER (WHERE heartbeat_on IS NULL)::int AS never_touched,
+              count(DISTINCT started_on)::int AS fetches,
+              percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_on - started_on))::float8 AS active_p50_s,
+              max(extract(epoch FROM completed_on - started_on))::float8 AS active_max_s
+         FROM pgboss.job WHERE name = 'meter-delivery' AND output->>'kind' = 'orphaned'`,
     );
     const claims = await pool.query<{ calls: string; max: number; mean: number }>(
       `SELECT coalesce(sum(s.calls), 0)::text AS calls, coalesce(max(s.max_exec_time), 0)::float8 AS max,
@@ -341,6 +399,7 @@ async function runOnce(
       },
       levelMs,
       orphanedJobs: Number(orphaned.rows[0]?.n ?? 0),
+      orphanShape: orphanShape.rows[0],
       ...workerLog,
       claims: {
         statements: Number(claims.rows[0]?.calls ?? 0),
@@ -359,7 +418,8 @@ async function runOnce(
     };
     log(
       `lease ${leaseSeconds} s: ${result.duringLoad.eventsPerSecond} events/s (${result.duringLoad.readingsPerSecond} readings/s) during the load, ` +
-        `level ${levelMs === null ? 'never' : `${round(levelMs / 1000, 1)} s`}, ${result.orphanedJobs} orphaned jobs, ` +
+        `level ${levelMs === null ? 'never' : `${round(levelMs / 1000, 1)} s`}, ${result.orphanedJobs} orphaned jobs ` +
+        `(${JSON.stringify(result.orphanShape)}), warnings ${JSON.stringify(result.warnings)}, ` +
         `${result.staleLeaseSettles} stale-lease settles (${result.staleLeaseKeys} keys), ${result.reapedLeases} leases reaped, ` +
         `claims max ${result.claims.maxMs} ms mean ${result.claims.meanMs} ms; ledger ${billed} of ${ok}, ${mismatched} customers off (${overBilled} over); ` +
         `load average ${result.loadAverageAfter.join(' ')}`,
