@@ -8,7 +8,9 @@ import { configDefaults, defineConfig } from 'vitest/config';
  *   the product's rules without a real fault, files two at a time.
  * * `npm run test:slow` (projects `slow`, `alone`, `citus`): the suites that must take their time
  *   because the fault is real or the world is large: dropped connections (proxy and iptables), a
- *   skewed clock (libfaketime), a full disk, PgBouncer, several processes and the destinations
+ *   skewed clock (libfaketime), a full disk, PgBouncer, a database held past the product's own
+ *   deadlines (a lease, the pool's connect timeout, the statement deadline: each such test sits
+ *   through the real deadline it checks), several processes and the destinations
  *   ledger under load, the active-sensor cron, the simulation's 3,500 worlds (3,000 of them
  *   hostile, in two files side by side, one a core), then the process-killing files alone, then the
  *   Citus cluster.
@@ -19,6 +21,15 @@ const SLOW = [
   'test/e2e/skewed-clocks.test.ts',
   'test/e2e/disk-full.test.ts',
   'test/e2e/pgbouncer.test.ts',
+  // A database held past the product's real deadlines (not shortened: the defaults are what they check).
+  // A claim slowed past its lease (two of 10-12 s each).
+  'test/metering/slow-claim.test.ts',
+  // A worker's pool held past its 5 s connect timeout, while a batch claims, then while it settles.
+  'test/metering/pool-exhaustion.test.ts',
+  // A worker's pool held from a batch's call until well past its lease.
+  'test/metering/lease-starvation.test.ts',
+  // A 15 s claim under the default 10 s short statement deadline.
+  'test/metering/long-claim-deadline.test.ts',
   'test/e2e/several-processes.test.ts',
   'test/e2e/destinations-ledger.test.ts',
   // A simulated month through both emulators: a period-boundary cut-over under faults.

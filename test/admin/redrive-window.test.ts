@@ -104,6 +104,15 @@ async function correctionOf(db: Db, organizationId: string): Promise<string> {
   return c.id;
 }
 
+/** Delivery jobs not finished yet (queued, waiting to retry or running). */
+const openDeliveryJobs = async (db: Db) =>
+  (
+    await sql<{ n: string }>`
+      SELECT count(*)::text AS n FROM pgboss.job WHERE name = 'meter-delivery' AND state IN ('created', 'retry', 'active')`.execute(
+      db,
+    )
+  ).rows[0]?.n;
+
 const statusOf = async (db: Db, identifier: string) =>
   (await db.selectFrom('meter_outbox').select('status').where('identifier', '=', identifier).execute()).map(
     (r) => r.status,
@@ -133,6 +142,12 @@ describe('redrive past the identifier window', () => {
     const c1 = await deliveredOnce(ctx.db, cRow!);
     await failADayAgo(ctx.db, c1);
     const c2 = await insertFailed(ctx.db, org, 4, new Date(at(5).getTime() + 20_000));
+    // The worker marks a row delivered inside its job's handler and pg-boss completes the job after
+    // it: wait for A's and C's jobs to finish, so what the redrive queues is all that is left open.
+    await waitFor(
+      'the delivery jobs of A and C completed',
+      async () => (await openDeliveryJobs(ctx.db)) === '0',
+    );
     const callsBefore = emulator.counters().calls;
     const stripeBefore = emulator.totals({ customer: org.customerId })[0]?.sum;
     expect(stripeBefore).toBe(9);
@@ -145,11 +160,7 @@ describe('redrive past the identifier window', () => {
     expect(plain.refused[0]?.reason).toMatch(
       /more than 23 h ago: stripe may no longer deduplicate it.*--reconcile/,
     );
-    const jobs = await sql<{ n: string }>`
-      SELECT count(*)::text AS n FROM pgboss.job WHERE name = 'meter-delivery' AND state IN ('created', 'retry', 'active')`.execute(
-      ctx.db,
-    );
-    expect(jobs.rows[0]?.n).toBe('0');
+    expect(await openDeliveryJobs(ctx.db)).toBe('0');
     for (const id of [a, b, c1, c2]) expect(await statusOf(ctx.db, id)).toEqual(['failed']);
     expect(emulator.counters().calls).toBe(callsBefore);
 
