@@ -164,14 +164,23 @@ function readWorkerLogs(procs: readonly Proc[]): WorkerLog {
   for (const p of procs) {
     for (const line of p.output.split('\n')) {
       if (!line.startsWith('{')) continue;
-      let entry: { msg?: string; level?: number; keys?: number; leases?: number; jobs?: number };
+      let entry: {
+        msg?: string;
+        level?: number;
+        keys?: number;
+        leases?: number;
+        jobs?: number;
+        err?: { message?: string; code?: string };
+      };
       try {
         entry = JSON.parse(line) as typeof entry;
       } catch {
         continue;
       }
       if ((entry.level ?? 0) >= 40) {
-        const msg = (entry.msg ?? '').slice(0, 120);
+        // The message and the error's code and first words: what failed, and why.
+        const why = entry.err ? ` [${entry.err.code ?? ''} ${(entry.err.message ?? '').slice(0, 80)}]` : '';
+        const msg = `${(entry.msg ?? '').slice(0, 100)}${why}`;
         out.warnings[msg] = (out.warnings[msg] ?? 0) + 1;
       }
       if (entry.msg?.startsWith('stale lease')) {
