@@ -27,6 +27,23 @@ export interface LeaseKeeper {
   touch(ids: readonly string[]): Promise<void>;
 }
 
+/**
+ * Runs one statement at a time, in order. The keeper's connection is one (max 1), and renewals and
+ * touches each coalesce on their own: without this a renewal and a touch were sent together, and the
+ * second waited for the one connection in pg-pool's queue, where its 5 s connect timeout failed it when
+ * the first took longer (a slow database: renewals and touches failed, leases lapsed and were reaped).
+ * Here the second waits for the first however long it takes; a dead connection is still found by the
+ * statement deadline of the first.
+ */
+function oneAtATime(): <T>(run: () => Promise<T>) => Promise<T> {
+  let tail: Promise<unknown> = Promise.resolve();
+  return <T>(run: () => Promise<T>) => {
+    const next = tail.then(run, run);
+    tail = next.catch(() => undefined);
+    return next;
+  };
+}
+
 /** Requests that arrive while a statement runs wait for it and go together in the next one. */
 function coalescing<R, A>(run: (requests: R[]) => Promise<A[]>): (request: R) => Promise<A> {
   let queue: { request: R; resolve: (a: A) => void; reject: (err: unknown) => void }[] = [];
@@ -63,7 +80,8 @@ export function createLeaseKeeper(deps: {
   distributed: () => boolean;
 }): LeaseKeeper {
   type Renewal = { owner: string; organizationIds: readonly string[]; leaseSeconds: number };
-  const renew = coalescing<Renewal, number>(async (requests) => {
+  const serial = oneAtATime();
+  const renewAll = async (requests: Renewal[]): Promise<number[]> => {
     const held = new Map<string, number>();
     // Every batch of a process has the same lease; grouped by length all the same.
     for (const seconds of new Set(requests.map((r) => r.leaseSeconds))) {
@@ -83,12 +101,16 @@ export function createLeaseKeeper(deps: {
       for (const [owner, n] of counts) held.set(owner, n);
     }
     return requests.map((r) => held.get(r.owner) ?? 0);
-  });
-  const touch = coalescing<readonly string[], undefined>(async (requests) => {
-    const ids = [...new Set(requests.flat())];
-    if (ids.length > 0) await deps.boss.touch('meter-delivery', ids, { db: { executeSql: deps.executeSql } });
-    return requests.map(() => undefined);
-  });
+  };
+  const renew = coalescing<Renewal, number>((requests) => serial(() => renewAll(requests)));
+  const touch = coalescing<readonly string[], undefined>((requests) =>
+    serial(async () => {
+      const ids = [...new Set(requests.flat())];
+      if (ids.length > 0)
+        await deps.boss.touch('meter-delivery', ids, { db: { executeSql: deps.executeSql } });
+      return requests.map(() => undefined);
+    }),
+  );
   return {
     renew: (owner, organizationIds, leaseSeconds) => renew({ owner, organizationIds, leaseSeconds }),
     touch: async (ids) => {
