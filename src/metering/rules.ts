@@ -622,6 +622,32 @@ export function decideBatch(input: {
   const unsent = new Set<string>();
   /** Keys of this batch that wait on the destination's outage so far (the first comes back for the probe). */
   let probeKeys = 0;
+  /** How long a key waits on its destination's outage: the batch's first comes back for the next probe. */
+  const outageWait = (outage: { probeInMs: number; waitMs: number }) =>
+    probeKeys++ === 0 ? Math.max(1, outage.probeInMs) : outage.waitMs;
+  /**
+   * A called group that waits on its destination (an outage, a connected account's hold): pending,
+   * uncounted, and its key back after `waitMs` with no backoff of its own.
+   */
+  const waitOnDestination = (
+    answer: Answer,
+    settlement: KeySettlement,
+    waitMs: number,
+    error: string,
+  ): void => {
+    decision.groups.push({
+      organizationId: answer.key.organizationId,
+      identifier: answer.group.identifier,
+      status: 'pending',
+      error,
+      called: true,
+      counted: false,
+    });
+    decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs });
+    settlement.backoffMs = waitMs;
+    followUp(answer.key, waitMs, 'retry');
+    unsent.add(keyName(answer.key));
+  };
 
   for (const key of input.claimed) {
     switch (key.state) {
@@ -705,19 +731,12 @@ export function decideBatch(input: {
     const outage = input.outage;
     if (outage && destinationVerdict(answer.outcome) === 'failure' && !lateAmbiguous(answer)) {
       // The destination's outage, not the group's failure: uncounted, no backoff of its own.
-      const wait = probeKeys++ === 0 ? Math.max(1, outage.probeInMs) : outage.waitMs;
-      decision.groups.push({
-        organizationId: answer.key.organizationId,
-        identifier: group.identifier,
-        status: 'pending',
-        error: `${DESTINATION_DOWN_REASON}: ${answer.outcome.kind === 'retryable' ? answer.outcome.message : ''}`,
-        called: true,
-        counted: false,
-      });
-      decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs: wait });
-      settlement.backoffMs = wait;
-      followUp(answer.key, wait, 'retry');
-      unsent.add(name);
+      waitOnDestination(
+        answer,
+        settlement,
+        outageWait(outage),
+        `${DESTINATION_DOWN_REASON}: ${answer.outcome.kind === 'retryable' ? answer.outcome.message : ''}`,
+      );
       continue;
     }
     const lagMs = now.getTime() - group.oldestCreatedAt.getTime();
@@ -784,23 +803,8 @@ export function decideBatch(input: {
       case 'held': {
         // The account's, not the group's: uncounted, never failed; the key waits on the account's
         // hold (the batch's first such key comes back for the next probe, as in an outage).
-        const wait = input.outage
-          ? probeKeys++ === 0
-            ? Math.max(1, input.outage.probeInMs)
-            : input.outage.waitMs
-          : ACCESS_REFUSED_WAIT_MS;
-        decision.groups.push({
-          organizationId: answer.key.organizationId,
-          identifier: group.identifier,
-          status: 'pending',
-          error: meaning.message,
-          called: true,
-          counted: false,
-        });
-        decision.notes.push({ kind: 'destination_wait', key: answer.key, waitMs: wait });
-        settlement.backoffMs = wait;
-        followUp(answer.key, wait, 'retry');
-        unsent.add(name);
+        const wait = input.outage ? outageWait(input.outage) : ACCESS_REFUSED_WAIT_MS;
+        waitOnDestination(answer, settlement, wait, meaning.message);
         break;
       }
       case 'retry': {
