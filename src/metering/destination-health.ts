@@ -91,6 +91,17 @@ export interface HealthRow {
   accessRefusedSince: Date | null;
 }
 
+/** A destination (or account) that works: no failures, no probe due, no refusal. */
+export const HEALTHY: Readonly<HealthRow> = {
+  state: 'up',
+  downSince: null,
+  failures: 0,
+  failingKeys: [],
+  nextProbeAt: null,
+  probes: 0,
+  accessRefusedSince: null,
+};
+
 /** What one batch's calls to the destination told about it. */
 export interface HealthReport {
   /** Calls the destination failed (5xx, timeout, connection). */
@@ -118,15 +129,7 @@ export function nextHealth(
 ): { row: HealthRow; recovered: boolean; wentDown: boolean; refused: boolean } {
   if (report.answered > 0) {
     return {
-      row: {
-        state: 'up',
-        downSince: null,
-        failures: 0,
-        failingKeys: [],
-        nextProbeAt: null,
-        probes: 0,
-        accessRefusedSince: null,
-      },
+      row: { ...HEALTHY, failingKeys: [] },
       recovered: row.state === 'down',
       wentDown: false,
       refused: false,

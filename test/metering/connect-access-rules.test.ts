@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import {
   accessProbeSpacingMs,
   FIRST_ACCESS_PROBE_MS,
+  HEALTHY,
   type HealthRow,
   nextHealth,
   splitByGate,
@@ -74,15 +75,7 @@ describe('an access refusal, classified', () => {
 
 describe('the account’s hold (nextHealth)', () => {
   const policy = { downAfterFailures: 5, downAfterKeys: 2, probeMaxMs: 10_000, accessProbeMaxMs: 60_000 };
-  const up: HealthRow = {
-    state: 'up',
-    downSince: null,
-    failures: 0,
-    failingKeys: [],
-    nextProbeAt: null,
-    probes: 0,
-    accessRefusedSince: null,
-  };
+  const up: HealthRow = { ...HEALTHY, failingKeys: [] };
   const now = new Date('2026-11-25T10:00:00Z');
   const at = (ms: number) => new Date(now.getTime() + ms);
   const refusal = { failures: 0, failingKeys: [], answered: 0, refused: 1 };

@@ -13,6 +13,7 @@ import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.j
 import {
   destinationHealthStates,
   gateCalls,
+  HEALTHY,
   nextHealth,
   probeSpacingMs,
 } from '../../src/metering/destination-health.js';
@@ -115,15 +116,7 @@ describe('the rules of a down destination', () => {
 
   it('needs the run of failures from two different keys, and any working answer ends it', () => {
     const policy = { downAfterFailures: 3, downAfterKeys: 2, probeMaxMs: 10_000, accessProbeMaxMs: 60_000 };
-    const up = {
-      state: 'up' as const,
-      downSince: null,
-      failures: 0,
-      failingKeys: [],
-      nextProbeAt: null,
-      probes: 0,
-      accessRefusedSince: null,
-    };
+    const up = { ...HEALTHY, failingKeys: [] };
     const now = new Date('2026-11-25T10:00:00Z');
     const oneKey = nextHealth(
       up,
