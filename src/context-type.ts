@@ -9,6 +9,7 @@ import type { Config } from './config.js';
 import type { ApiKeyCache } from './credentials/api-key-cache.js';
 import type { Database } from './db/database.js';
 import type { ConnectionWatch } from './db/dead-connections.js';
+import type { DeadlineProbe } from './db/deadline-probe.js';
 import type { MigrationFile } from './db/migrate.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './observability/metrics.js';
@@ -30,5 +31,7 @@ export interface Context extends Database {
   readonly apiKeys: ApiKeyCache;
   /** Counts and logs connections given up as silently dead (src/db/dead-connections.ts). */
   readonly connectionWatch: ConnectionWatch;
+  /** Asked before a statement past its deadline gives its connection up (the worker only). */
+  readonly deadlineProbe?: DeadlineProbe;
   close(): Promise<void>;
 }

@@ -19,6 +19,7 @@ import {
   safePoolOptions,
   serverBoundedUrl,
 } from './db/dead-connections.js';
+import { createDeadlineProbe } from './db/deadline-probe.js';
 import { isDatabaseUnavailable, sqlState } from './db/errors.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
@@ -46,6 +47,12 @@ export interface ContextOverrides {
    * for nobody: off there, it holds one direct connection less (DATABASE_DIRECT_URL).
    */
   jobWakeUps?: boolean;
+  /**
+   * Before a statement past its deadline gives its connection up, ask the server whether it is still
+   * running it (src/db/deadline-probe.ts): on for the worker, whose statements wait on a slow database;
+   * off for the API, whose requests keep their short bound.
+   */
+  probeDeadlines?: boolean;
 }
 
 export function createStripeClient(config: Config): Stripe | undefined {
@@ -74,19 +81,30 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   const applicationName = overrides.applicationName ?? 'meterbox';
   const metrics = overrides.metrics ?? createMetrics();
   // Every connection is bounded against a silent death (src/db/dead-connections.ts).
-  const watch = createConnectionWatch(log.child({ component: 'db' }), (labels) =>
-    metrics.dbConnectionsReplaced.inc(labels),
+  const watch = createConnectionWatch(
+    log.child({ component: 'db' }),
+    (labels) => metrics.dbConnectionsReplaced.inc(labels),
+    (labels) => metrics.dbStatementsKeptPastDeadline.inc(labels),
   );
   const deadlineMs = overrides.noStatementDeadline ? 0 : config.DB_STATEMENT_DEADLINE_MS;
   // Postgres finds a dead client on its side too: its transaction's locks are freed within seconds
   // (without a statement deadline, as for the CLI's attended commands, keepalive only).
   const bounds = { DB_SERVER_TIMEOUTS: config.DB_SERVER_TIMEOUTS, DB_STATEMENT_DEADLINE_MS: deadlineMs };
   const connectionString = serverBoundedUrl(requireDatabaseUrl(config), bounds);
+  // LISTEN needs a session: behind a transaction pooler the session-bound connections (pg-boss's
+  // wake-ups, the key cache's revocations) go to DATABASE_DIRECT_URL, everything else to the pool.
+  const directUrl = serverBoundedUrl(directDatabaseUrl(config), bounds);
+  // The server itself answers the probe (a pooler's backend ids are its own).
+  const deadlineProbe =
+    overrides.probeDeadlines && deadlineMs > 0
+      ? createDeadlineProbe({ connectionString: directUrl, applicationName })
+      : undefined;
   const safety = (pool: string): ConnectionSafety => ({
     deadlineMs,
     longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
     watch,
     pool,
+    ...(deadlineProbe ? { probe: deadlineProbe } : {}),
   });
   const database = createDatabase({
     connectionString,
@@ -96,9 +114,6 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     safety: safety('app'),
   });
   const supervise = overrides.bossSupervise ?? false;
-  // LISTEN needs a session: behind a transaction pooler the session-bound connections (pg-boss's
-  // wake-ups, the key cache's revocations) go to DATABASE_DIRECT_URL, everything else to the pool.
-  const directUrl = serverBoundedUrl(directDatabaseUrl(config), bounds);
   const bossConnection = {
     connectionString,
     application_name: `${applicationName}-pgboss`,
@@ -169,6 +184,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     migrations: await listMigrations(),
     apiKeys,
     connectionWatch: watch,
+    ...(deadlineProbe ? { deadlineProbe } : {}),
     close() {
       // Reverse order of acquisition; safe to call twice.
       closed ??= (async () => {

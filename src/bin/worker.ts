@@ -18,7 +18,11 @@ const config = configOrExit({ needDatabase: true });
 let ctx: Context | undefined;
 let worker: WorkerRuntime | undefined;
 const starting = (async () => {
-  ctx = await createContext(config, { applicationName: 'meterbox-worker', bossSupervise: true });
+  ctx = await createContext(config, {
+    applicationName: 'meterbox-worker',
+    bossSupervise: true,
+    probeDeadlines: true,
+  });
   worker = await startWorker(ctx);
 })();
 // Listening for SIGTERM before anything starts: a signal during start-up (a rolling deploy, an

@@ -7,6 +7,8 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
+import type { DeadlineProbe } from './deadline-probe.js';
+import { PROBE_MAX_DEADLINES } from './deadline-probe.js';
 
 /** Why a connection was given up: a statement missed its deadline, or a listener's heartbeat did. */
 export type ReplacedReason = 'deadline' | 'heartbeat';
@@ -14,6 +16,8 @@ export type ReplacedReason = 'deadline' | 'heartbeat';
 export interface ConnectionWatch {
   /** Counts a connection given up in `pool` and logs the first of an outage (one line per outage). */
   replaced(pool: string, reason: ReplacedReason, err?: unknown): void;
+  /** Counts a statement of `pool` kept past its deadline because the server was still running it. */
+  slow(pool: string): void;
 }
 
 /** Replacements closer together than this belong to one outage (logged once). */
@@ -22,9 +26,13 @@ const OUTAGE_QUIET_MS = 60_000;
 export function createConnectionWatch(
   log: Logger,
   count: (labels: { pool: string; reason: ReplacedReason }) => void,
+  countSlow: (labels: { pool: string }) => void = () => undefined,
 ): ConnectionWatch {
   const lastReplaced = new Map<string, number>();
   return {
+    slow(pool) {
+      countSlow({ pool });
+    },
     replaced(pool, reason, err) {
       count({ pool, reason });
       const now = performance.now();
@@ -83,24 +91,43 @@ export type DeadlineClientClass = typeof pg.Client & {
   stamp(config: unknown): unknown;
 };
 
-/** Whether a query's first argument already names its own deadline. */
+/** Whether a query's first argument already names its own deadline (pg's query_timeout). */
 const hasDeadline = (config: unknown) =>
   typeof config === 'object' && config !== null && 'query_timeout' in config;
 
+/** The deadline a pool's query() wrote into a query's first argument (its caller's scope), if any. */
+const SCOPED = Symbol('meterbox.deadline');
+const scopedDeadline = (config: unknown): number | undefined =>
+  typeof config === 'object' && config !== null ? (config as { [SCOPED]?: number })[SCOPED] : undefined;
+
+/** A query's first argument with the deadline of its caller's scope in it (read by the client, not pg). */
+function withScopedDeadline(config: unknown, deadlineMs: number): unknown {
+  if (typeof config === 'string') return { text: config, [SCOPED]: deadlineMs };
+  if (typeof config !== 'object' || config === null) return config;
+  if (typeof (config as { submit?: unknown }).submit === 'function') return withDeadline(config, deadlineMs);
+  return { ...config, [SCOPED]: deadlineMs };
+}
+
+/** Whether an error came from the server (it answered), not from the connection. */
+const fromServer = (err: unknown) => typeof err === 'object' && err !== null && 'severity' in err;
+
 /**
- * A pg.Client class whose statements carry `deadlineMs` (pg's query_timeout): one that misses it
- * rejects with code ETIMEDOUT (the database is unavailable: HTTP 503) and its connection is ended and
- * its socket destroyed at once, so pg-pool discards it on release (also a release without an error,
- * as Kysely's) and a ROLLBACK queued behind it fails at once instead of waiting on the dead socket.
- * The pool's idle connections that have not answered since that statement was sent are dropped too:
- * a network outage kills them all, and each would otherwise cost the next request a whole deadline.
+ * A pg.Client class whose statements carry a deadline (`deadlineMs`, or `longDeadlineMs` in
+ * longStatements): one that misses it rejects with code ETIMEDOUT (the database is unavailable: HTTP
+ * 503) and its connection is ended and its socket destroyed at once, so pg-pool discards it on release
+ * (also a release without an error, as Kysely's) and a ROLLBACK queued behind it fails at once instead
+ * of waiting on the dead socket. The pool's idle connections that have not answered since that statement
+ * was sent are dropped too: a network outage kills them all, and each would otherwise cost the next
+ * request a whole deadline. With a `probe` (the worker's pools), a statement that misses its deadline
+ * while the server is still running it is kept, a deadline at a time, up to PROBE_MAX_DEADLINES
+ * (src/db/deadline-probe.ts): a slow database is not a dead connection.
  */
 export function deadlineClient(
   watch: ConnectionWatch,
   pool: string,
-  deadlines: { deadlineMs: number; longDeadlineMs: number },
+  deadlines: { deadlineMs: number; longDeadlineMs: number; probe?: DeadlineProbe },
 ): DeadlineClientClass {
-  const { deadlineMs, longDeadlineMs } = deadlines;
+  const { deadlineMs, longDeadlineMs, probe } = deadlines;
   const long = () => longDeadlineMs > deadlineMs && longScope.getStore() === true;
   let owner: PoolInternals | undefined;
   class DeadlineClient extends pg.Client {
@@ -109,7 +136,7 @@ export function deadlineClient(
     }
 
     static stamp(config: unknown): unknown {
-      return withDeadline(config, long() ? longDeadlineMs : deadlineMs);
+      return withScopedDeadline(config, long() ? longDeadlineMs : deadlineMs);
     }
 
     /** performance.now() of this connection's last answer (or of its start). */
@@ -119,8 +146,9 @@ export function deadlineClient(
     constructor(config?: string | pg.ClientConfig) {
       super(config);
       const query = this.query.bind(this) as (...args: unknown[]) => unknown;
+      // A query with pg's own query_timeout (a caller's explicit bound, a cursor) is timed by pg.
       const settled = (err: unknown, sentAt: number) => {
-        if (err === undefined || err === null) {
+        if (err === undefined || err === null || fromServer(err)) {
           this.lastAnswerAt = performance.now();
           return;
         }
@@ -135,25 +163,104 @@ export function deadlineClient(
       };
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
         const sentAt = performance.now();
-        if (long() && !hasDeadline(args[0])) args[0] = withDeadline(args[0], longDeadlineMs);
-        const last = args.length - 1;
-        const callback = args[last];
-        if (last > 0 && typeof callback === 'function') {
-          args[last] = (err: unknown, res: unknown) => {
-            settled(err, sentAt);
-            (callback as (err: unknown, res: unknown) => void)(err, res);
-          };
-          return query(...args);
+        const first = args[0];
+        if (
+          typeof first === 'object' &&
+          first !== null &&
+          typeof (first as { submit?: unknown }).submit === 'function'
+        ) {
+          if (long() && !hasDeadline(first)) args[0] = withDeadline(first, longDeadlineMs);
+          return this.timedByPg(query, args, settled, sentAt);
         }
-        const result = query(...args);
-        // Registered before the caller's handlers, so the connection is gone before a caller's ROLLBACK.
-        if (result instanceof Promise)
-          result.then(
-            () => settled(undefined, sentAt),
-            (err: unknown) => settled(err, sentAt),
-          );
-        return result;
+        if (hasDeadline(first)) return this.timedByPg(query, args, settled, sentAt);
+        const ms = scopedDeadline(first) ?? (long() ? longDeadlineMs : deadlineMs);
+        return this.timedHere(query, args, settled, sentAt, ms);
       };
+    }
+
+    /** A query pg times (its query_timeout); `settled` gives the connection up on pg's read timeout. */
+    private timedByPg(
+      query: (...args: unknown[]) => unknown,
+      args: unknown[],
+      settled: (err: unknown, sentAt: number) => void,
+      sentAt: number,
+    ): unknown {
+      const last = args.length - 1;
+      const callback = args[last];
+      if (last > 0 && typeof callback === 'function') {
+        args[last] = (err: unknown, res: unknown) => {
+          settled(err, sentAt);
+          (callback as (err: unknown, res: unknown) => void)(err, res);
+        };
+        return query(...args);
+      }
+      const result = query(...args);
+      // Registered before the caller's handlers, so the connection is gone before a caller's ROLLBACK.
+      if (result instanceof Promise)
+        result.then(
+          () => settled(undefined, sentAt),
+          (err: unknown) => settled(err, sentAt),
+        );
+      return result;
+    }
+
+    /**
+     * A query this client times: at `ms` it asks the probe (if any) whether the server is still running
+     * the statement, and keeps waiting if so; otherwise (or past PROBE_MAX_DEADLINES) it gives the
+     * connection up and answers the caller with the deadline's error.
+     */
+    private timedHere(
+      query: (...args: unknown[]) => unknown,
+      args: unknown[],
+      settled: (err: unknown, sentAt: number) => void,
+      sentAt: number,
+      ms: number,
+    ): unknown {
+      const last = args.length - 1;
+      let callback: (err: unknown, res?: unknown) => void;
+      let result: Promise<unknown> | undefined;
+      if (last > 0 && typeof args[last] === 'function') {
+        callback = args[last] as (err: unknown, res?: unknown) => void;
+        args.pop();
+      } else {
+        result = new Promise((resolve, reject) => {
+          callback = (err, res) => (err ? reject(err) : resolve(res));
+        });
+      }
+      let done = false;
+      let timer: NodeJS.Timeout | undefined;
+      const finish = (err: unknown, res?: unknown) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        settled(err, sentAt);
+        callback(err, res);
+      };
+      const expire = async () => {
+        if (done) return;
+        if (probe !== undefined && !this.gaveUp && performance.now() - sentAt < PROBE_MAX_DEADLINES * ms) {
+          const pid = (this as unknown as { processID?: number }).processID;
+          const running =
+            typeof pid === 'number' && (await probe.running(pid, performance.now() - this.lastAnswerAt));
+          if (done) return;
+          if (running) {
+            watch.slow(pool);
+            timer = setTimeout(() => void expire(), ms);
+            return;
+          }
+        }
+        const err = Object.assign(new Error(READ_TIMEOUT), { code: 'ETIMEDOUT' });
+        finish(err);
+      };
+      timer = setTimeout(() => void expire(), ms);
+      // Strings and objects alike: the scope's mark is not pg's to read.
+      if (typeof args[0] === 'object' && args[0] !== null && SCOPED in args[0]) {
+        const plain: { [SCOPED]?: unknown } = { ...args[0] };
+        delete plain[SCOPED];
+        args[0] = plain;
+      }
+      query(...args, (err: unknown, res: unknown) => finish(err, res));
+      return result;
     }
 
     /** Ends this connection for good (pg-pool drops a client that is ending), and the pool's suspects. */
@@ -182,6 +289,11 @@ export interface ConnectionSafety {
   watch: ConnectionWatch;
   /** The pool's name in the metric and the log. */
   pool: string;
+  /**
+   * Asked before a statement past its deadline is given up (src/db/deadline-probe.ts): the worker's
+   * pools, whose statements wait on a slow database; never a request's, which keeps its short bound.
+   */
+  probe?: DeadlineProbe;
 }
 
 /** Pool options (pg.Pool and pg-boss's pool alike) that bound every wait on a silently dead connection. */
@@ -193,10 +305,11 @@ export function safePoolOptions(
     keepAliveInitialDelayMillis: KEEPALIVE_IDLE_MS,
     ...(safety.deadlineMs > 0
       ? {
-          query_timeout: safety.deadlineMs,
+          // The client times every statement itself (pg's own query_timeout only for a caller's own).
           Client: deadlineClient(safety.watch, safety.pool, {
             deadlineMs: safety.deadlineMs,
             longDeadlineMs: Math.max(safety.deadlineMs, safety.longDeadlineMs ?? 0),
+            ...(safety.probe ? { probe: safety.probe } : {}),
           }),
         }
       : {}),

@@ -18,6 +18,7 @@ import { type Clock, hostTimers } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
 import { createDatabase, gatedKysely } from '../db/database.js';
 import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
+import type { DeadlineProbe } from '../db/deadline-probe.js';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
@@ -170,6 +171,8 @@ export async function startDelivery(
     pool?: pg.Pool;
     /** Bounds the lease connection against a silent death, as every pool of the process. */
     connectionWatch?: ConnectionWatch;
+    /** Asked before a lease statement past its deadline gives the connection up (src/db/deadline-probe.ts). */
+    deadlineProbe?: DeadlineProbe;
   },
   options: DeliveryWorkerOptions = {},
 ): Promise<DeliveryRuntime> {
@@ -294,6 +297,7 @@ export async function startDelivery(
             longDeadlineMs: ctx.config.DB_LONG_STATEMENT_DEADLINE_MS,
             watch: ctx.connectionWatch,
             pool: 'leases',
+            ...(ctx.deadlineProbe ? { probe: ctx.deadlineProbe } : {}),
           },
         }
       : {}),

@@ -75,6 +75,8 @@ export interface Metrics {
   // --- dead connections (issue 42) ---
   /** Connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat. */
   readonly dbConnectionsReplaced: Counter<'pool' | 'reason'>;
+  /** Statements kept past their deadline because the server was still running them (a slow database), by pool. */
+  readonly dbStatementsKeptPastDeadline: Counter<'pool'>;
   // --- resources (issue 41) ---
   /** Database errors of a resource it is short of (src/db/errors.ts), by kind and process (api, worker). */
   readonly databaseResourceErrors: Counter<'kind' | 'process'>;
@@ -320,6 +322,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_db_connections_replaced_total',
       help: 'Database connections destroyed and replaced because a statement missed its deadline or a listener its heartbeat (a silently dead connection), by pool',
       labelNames: ['pool', 'reason'],
+      registers,
+    }),
+    dbStatementsKeptPastDeadline: new Counter({
+      name: 'meterbox_db_statements_kept_past_deadline_total',
+      help: 'Statements that passed their deadline while the server was still running them, kept for another deadline instead of giving their connection up (the worker on a slow database), by pool',
+      labelNames: ['pool'],
       registers,
     }),
     databaseResourceErrors: new Counter({

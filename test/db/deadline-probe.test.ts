@@ -1,0 +1,208 @@
+// The worker asks before it gives a connection up (src/db/deadline-probe.ts): a statement past its
+// deadline that the server is still running is kept, a deadline at a time, up to PROBE_MAX_DEADLINES;
+// a silently dead connection, a probe without an answer, or a statement the server is no longer running
+// is given up at the deadline as before. Without the probe (the API's pools) the slow statement fails.
+import { sql } from 'kysely';
+import pg from 'pg';
+import { describe, expect } from 'vitest';
+import { createDatabase } from '../../src/db/database.js';
+import { createConnectionWatch } from '../../src/db/dead-connections.js';
+import { createDeadlineProbe, type DeadlineProbe, PROBE_MAX_DEADLINES } from '../../src/db/deadline-probe.js';
+import { isDatabaseUnavailable } from '../../src/db/errors.js';
+import type { Logger } from '../../src/log.js';
+import { startBlackholeProxy } from '../support/blackhole.js';
+import { contextTest } from '../support/test.js';
+
+const DEADLINE_MS = 400;
+/** Several deadlines long: the probe has to say yes more than once. */
+const SLOW_SECONDS = 1.5;
+const it = contextTest({ env: { DB_STATEMENT_DEADLINE_MS: String(DEADLINE_MS) }, startBoss: false });
+
+const outcome = (p: Promise<unknown>) =>
+  p.then(
+    () => 'answered' as const,
+    (err: unknown) => (isDatabaseUnavailable(err) ? ('deadline' as const) : err),
+  );
+
+/** A pool as the worker builds one, over `connectionString`, counting what its watch sees. */
+function workerPool(log: Logger, connectionString: string, probe: DeadlineProbe | undefined) {
+  const replaced: string[] = [];
+  const kept: string[] = [];
+  const database = createDatabase({
+    connectionString,
+    max: 3,
+    log,
+    applicationName: 'deadline-probe-test',
+    safety: {
+      deadlineMs: DEADLINE_MS,
+      watch: createConnectionWatch(
+        log,
+        ({ reason }) => replaced.push(reason),
+        ({ pool }) => kept.push(pool),
+      ),
+      pool: 'test',
+      ...(probe ? { probe } : {}),
+    },
+  });
+  return { database, replaced, kept };
+}
+
+/** A connection of its own running `seconds` of pg_sleep; resolves with its backend pid once it runs. */
+async function sleeper(url: string, seconds: number) {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  const pid = (client as unknown as { processID: number }).processID;
+  const running = client.query('SELECT pg_sleep($1)', [seconds]).catch(() => undefined);
+  const watcher = new pg.Client({ connectionString: url });
+  await watcher.connect();
+  for (;;) {
+    const { rows } = await watcher.query<{ state: string }>(
+      'SELECT state FROM pg_stat_activity WHERE pid = $1',
+      [pid],
+    );
+    if (rows[0]?.state === 'active') break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await watcher.end();
+  return {
+    pid,
+    async stop() {
+      await client.end().catch(() => undefined);
+      await running;
+    },
+  };
+}
+
+describe('the deadline probe', () => {
+  it("is the worker's only: the API's context has none, so a request keeps its short bound", ({ ctx }) => {
+    expect(ctx.deadlineProbe).toBeUndefined();
+  });
+
+  it('keeps a statement the server is still running past its deadline; without it the statement fails', async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const withProbe = workerPool(ctx.log, url, probe);
+    const without = workerPool(ctx.log, url, undefined);
+    try {
+      const results = await Promise.all([
+        // By Kysely in a transaction, and by pool.query (pg-boss's way), at the same time.
+        outcome(
+          withProbe.database.db
+            .transaction()
+            .execute((trx) => sql`SELECT pg_sleep(${SLOW_SECONDS})`.execute(trx)),
+        ),
+        outcome(withProbe.database.pool.query('SELECT pg_sleep($1)', [SLOW_SECONDS])),
+        outcome(sql`SELECT pg_sleep(${SLOW_SECONDS})`.execute(without.database.db)),
+      ]);
+      expect(results).toEqual(['answered', 'answered', 'deadline']);
+      expect(withProbe.replaced).toEqual([]);
+      // Each of the two was kept at least twice (1.5 s against 0.4 s deadlines).
+      expect(withProbe.kept.length).toBeGreaterThanOrEqual(4);
+      expect(without.replaced).toEqual(['deadline']);
+      expect(without.kept).toEqual([]);
+      // The kept connections are whole: the pool answers on them.
+      expect((await sql<{ one: number }>`SELECT 1 AS one`.execute(withProbe.database.db)).rows).toEqual([
+        { one: 1 },
+      ]);
+    } finally {
+      await withProbe.database.db.destroy();
+      await without.database.db.destroy();
+    }
+  });
+
+  it(`gives a statement up after ${PROBE_MAX_DEADLINES} deadlines even while the server runs it`, async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const { database, replaced, kept } = workerPool(ctx.log, url, probe);
+    try {
+      const started = performance.now();
+      expect(await outcome(sql`SELECT pg_sleep(30)`.execute(database.db))).toBe('deadline');
+      const waited = performance.now() - started;
+      expect(waited).toBeGreaterThanOrEqual(PROBE_MAX_DEADLINES * DEADLINE_MS - 50);
+      expect(waited).toBeLessThan(PROBE_MAX_DEADLINES * DEADLINE_MS + 2_000);
+      expect(kept.length).toBe(PROBE_MAX_DEADLINES - 1);
+      expect(replaced).toEqual(['deadline']);
+    } finally {
+      await database.db.destroy();
+    }
+  });
+
+  it('gives a silently dead connection up at its deadline: the server is not running its statement', async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const upstream = new URL(url);
+    const proxy = await startBlackholeProxy(Number(upstream.port || 5432), 'proxy');
+    // The pool goes through the proxy; the probe asks the server directly (as the worker's direct URL).
+    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const { database, replaced, kept } = workerPool(ctx.log, proxy.through(url), probe);
+    try {
+      const client = await database.pool.connect();
+      client.release();
+      proxy.blackhole();
+      const started = performance.now();
+      expect(await outcome(sql`SELECT 1`.execute(database.db))).toBe('deadline');
+      const waited = performance.now() - started;
+      // The deadline and one question, not the kernel's minutes and not the cap.
+      expect(waited).toBeLessThan(DEADLINE_MS + 1_500);
+      expect(kept).toEqual([]);
+      expect(replaced).toEqual(['deadline']);
+      expect((await sql<{ one: number }>`SELECT 1 AS one`.execute(database.db)).rows).toEqual([{ one: 1 }]);
+    } finally {
+      await database.db.destroy().catch(() => undefined);
+      await proxy.close();
+    }
+  });
+
+  it('gives up at the deadline when the probe itself gets no answer in time', async ({ ctx }) => {
+    const url = ctx.config.DATABASE_URL!;
+    // A port nobody listens on: the question fails (as a pooler's or an unreachable server's would).
+    const nowhere = new URL(url);
+    nowhere.port = '1';
+    const probe = createDeadlineProbe({
+      connectionString: nowhere.toString(),
+      applicationName: 'deadline-probe-test',
+      timeoutMs: 500,
+    });
+    const { database, replaced, kept } = workerPool(ctx.log, url, probe);
+    try {
+      expect(await outcome(sql`SELECT pg_sleep(${SLOW_SECONDS})`.execute(database.db))).toBe('deadline');
+      expect(kept).toEqual([]);
+      expect(replaced).toEqual(['deadline']);
+    } finally {
+      await database.db.destroy();
+    }
+  });
+
+  it("says yes only for a statement begun since the connection's last answer, on an active backend", async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const busy = await sleeper(url, 30);
+    const idle = new pg.Client({ connectionString: url });
+    await idle.connect();
+    try {
+      await new Promise((r) => setTimeout(r, 1_600));
+      // Asked together: one question answers all three.
+      const [recent, older, idleOne] = await Promise.all([
+        // Begun at most 10 s ago: the statement (1.6 s old) is the connection's.
+        probe.running(busy.pid, 10_000),
+        // The connection answered 0 ms ago by the client's account, so a statement 1.6 s old is not its
+        // own: a backend of that id elsewhere (another server after a failover, a pooler's id).
+        probe.running(busy.pid, 0),
+        probe.running((idle as unknown as { processID: number }).processID, 10_000),
+      ]);
+      expect([recent, older, idleOne]).toEqual([true, false, false]);
+      // A process id no backend has.
+      expect(await probe.running(2 ** 31 - 7, 10_000)).toBe(false);
+    } finally {
+      await idle.end();
+      await busy.stop();
+    }
+  });
+});
