@@ -21,6 +21,8 @@ const SLOW = [
   'test/e2e/skewed-clocks.test.ts',
   'test/e2e/disk-full.test.ts',
   'test/e2e/pgbouncer.test.ts',
+  // Webhook answers against a real streaming standby (two clusters started by the test).
+  'test/e2e/webhooks-standby.test.ts',
   // A database held past the product's real deadlines (not shortened: the defaults are what they check).
   // A claim slowed past its lease (two of 10-12 s each).
   'test/metering/slow-claim.test.ts',
