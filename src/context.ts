@@ -189,6 +189,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
       // Reverse order of acquisition; safe to call twice.
       closed ??= (async () => {
         databaseClock?.stop();
+        deadlineProbe?.close();
         await apiKeys.close();
         await boss.stop({ graceful: false, close: true, timeout: 5_000 }).catch((err: unknown) => {
           log.warn({ err }, 'pg-boss stop failed');

@@ -10,9 +10,9 @@
 // jobs, stale-lease settles, leases the reaper freed, the slowest claim, and the exactly-once ledger.
 // Goals: the default lease at least 0.8x the long lease's events/s and at most 2x its level time.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
@@ -197,6 +197,34 @@ function readWorkerLogs(procs: readonly Proc[]): WorkerLog {
 
 const WORKER_ROLE = 'meterbox_bench_backlog_worker';
 
+/**
+ * The deadlocks Postgres reported in its log since byte `from`: each one's processes' statements
+ * (numbers and literals blanked, first 160 characters), grouped and counted, so a run says which
+ * statements deadlock, not only that batches failed with 40P01.
+ */
+function deadlocksSince(logPath: string, from: number): Record<string, number> {
+  if (!existsSync(logPath)) return {};
+  const text = readFileSync(logPath).subarray(from).toString('utf8');
+  const out: Record<string, number> = {};
+  for (const block of text.split(/ERROR: {2}deadlock detected/).slice(1)) {
+    const detail = block.split(/\n\S[^\n]*(?:STATEMENT|LOG|ERROR): /)[0] ?? '';
+    const waits = [...detail.matchAll(/waits for ([^;]+);/g)].map((m) =>
+      (m[1] ?? '').replace(/\b\d+\b/g, '?'),
+    );
+    const statements = [...detail.matchAll(/Process \d+: ([^\n]+(?:\n\t(?!Process \d+: )[^\n]+)*)/g)]
+      .map((m) =>
+        (m[1] ?? '')
+          .replace(/\s+/g, ' ')
+          .replace(/'[^']*'|\$\d+|\b\d+\b/g, '?')
+          .slice(0, 160),
+      )
+      .sort();
+    const shape = `${[...new Set(waits)].sort().join(', ')}: ${statements.join(' | ') || detail.slice(0, 600)}`;
+    out[shape] = (out[shape] ?? 0) + 1;
+  }
+  return out;
+}
+
 async function runOnce(
   cluster: Cluster,
   group: CpuGroup,
@@ -206,6 +234,8 @@ async function runOnce(
 ) {
   log(`--- run ${index + 1}: lease ${leaseSeconds} s`);
   const loadBefore = loadAverage();
+  const serverLog = join(dirname(cluster.dataDir), 'postgres.log');
+  const logFrom = existsSync(serverLog) ? statSync(serverLog).size : 0;
   const url = await freshDatabase(cluster, 'backlog');
   const harness = openDatabase(url, 6);
   const pool = harness.pool;
@@ -409,6 +439,7 @@ async function runOnce(
       levelMs,
       orphanedJobs: Number(orphaned.rows[0]?.n ?? 0),
       orphanShape: orphanShape.rows[0],
+      deadlocks: deadlocksSince(serverLog, logFrom),
       ...workerLog,
       claims: {
         statements: Number(claims.rows[0]?.calls ?? 0),
@@ -429,6 +460,7 @@ async function runOnce(
       `lease ${leaseSeconds} s: ${result.duringLoad.eventsPerSecond} events/s (${result.duringLoad.readingsPerSecond} readings/s) during the load, ` +
         `level ${levelMs === null ? 'never' : `${round(levelMs / 1000, 1)} s`}, ${result.orphanedJobs} orphaned jobs ` +
         `(${JSON.stringify(result.orphanShape)}), warnings ${JSON.stringify(result.warnings)}, ` +
+        `deadlocks ${JSON.stringify(result.deadlocks)}, ` +
         `${result.staleLeaseSettles} stale-lease settles (${result.staleLeaseKeys} keys), ${result.reapedLeases} leases reaped, ` +
         `claims max ${result.claims.maxMs} ms mean ${result.claims.meanMs} ms; ledger ${billed} of ${ok}, ${mismatched} customers off (${overBilled} over); ` +
         `load average ${result.loadAverageAfter.join(' ')}`,

@@ -4,7 +4,7 @@
 // is given up at the deadline as before. Without the probe (the API's pools) the slow statement fails.
 import { sql } from 'kysely';
 import pg from 'pg';
-import { describe, expect } from 'vitest';
+import { afterAll, describe, expect } from 'vitest';
 import { createDatabase } from '../../src/db/database.js';
 import { createConnectionWatch } from '../../src/db/dead-connections.js';
 import { createDeadlineProbe, type DeadlineProbe, PROBE_MAX_DEADLINES } from '../../src/db/deadline-probe.js';
@@ -17,6 +17,17 @@ const DEADLINE_MS = 400;
 /** Several deadlines long: the probe has to say yes more than once. */
 const SLOW_SECONDS = 1.5;
 const it = contextTest({ env: { DB_STATEMENT_DEADLINE_MS: String(DEADLINE_MS) }, startBoss: false });
+
+const probes: DeadlineProbe[] = [];
+afterAll(() => {
+  for (const probe of probes) probe.close();
+});
+/** A probe closed with the file. */
+const probeOf = (options: Parameters<typeof createDeadlineProbe>[0]): DeadlineProbe => {
+  const probe = createDeadlineProbe(options);
+  probes.push(probe);
+  return probe;
+};
 
 const outcome = (p: Promise<unknown>) =>
   p.then(
@@ -82,7 +93,7 @@ describe('the deadline probe', () => {
     ctx,
   }) => {
     const url = ctx.config.DATABASE_URL!;
-    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
     const withProbe = workerPool(ctx.log, url, probe);
     const without = workerPool(ctx.log, url, undefined);
     try {
@@ -116,7 +127,7 @@ describe('the deadline probe', () => {
     ctx,
   }) => {
     const url = ctx.config.DATABASE_URL!;
-    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
     const { database, replaced, kept } = workerPool(ctx.log, url, probe);
     try {
       const started = performance.now();
@@ -138,7 +149,7 @@ describe('the deadline probe', () => {
     const upstream = new URL(url);
     const proxy = await startBlackholeProxy(Number(upstream.port || 5432), 'proxy');
     // The pool goes through the proxy; the probe asks the server directly (as the worker's direct URL).
-    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
     const { database, replaced, kept } = workerPool(ctx.log, proxy.through(url), probe);
     try {
       const client = await database.pool.connect();
@@ -163,7 +174,7 @@ describe('the deadline probe', () => {
     // A port nobody listens on: the question fails (as a pooler's or an unreachable server's would).
     const nowhere = new URL(url);
     nowhere.port = '1';
-    const probe = createDeadlineProbe({
+    const probe = probeOf({
       connectionString: nowhere.toString(),
       applicationName: 'deadline-probe-test',
       timeoutMs: 500,
@@ -182,7 +193,7 @@ describe('the deadline probe', () => {
     ctx,
   }) => {
     const url = ctx.config.DATABASE_URL!;
-    const probe = createDeadlineProbe({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
     const busy = await sleeper(url, 30);
     const idle = new pg.Client({ connectionString: url });
     await idle.connect();

@@ -6,7 +6,7 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
-import { enqueueDeliveries } from '../../src/metering/outbox.js';
+import { enqueueDeliveries, queueDeliveries } from '../../src/metering/outbox.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
@@ -73,6 +73,22 @@ describe('enqueueDeliveries', () => {
     const jobs = await queued(ctx, 'race');
     expect(jobs.size).toBe(60);
     expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+  });
+});
+
+describe("queueDeliveries (the sweep, the reaper, a batch's follow-ups)", () => {
+  it('queues in key order: two statements queueing the same new keys in opposite orders never deadlock', async ({
+    ctx,
+  }) => {
+    // Each insert waits on the other's uncommitted job of a key both insert; in opposite orders the two
+    // met in the middle and Postgres killed one (40P01), as the reaper's and a batch's did under load.
+    for (let round = 0; round < 3; round++) {
+      const list = keys(`opposite${round}_`, 3_000);
+      await Promise.all([queueDeliveries(ctx.boss, list), queueDeliveries(ctx.boss, [...list].reverse())]);
+      const jobs = await queued(ctx, `opposite${round}_`);
+      expect(jobs.size).toBe(3_000);
+      expect([...jobs.values()].every((n) => n === 1)).toBe(true);
+    }
   });
 });
 
