@@ -19,7 +19,8 @@ import {
   type ReconciledRedrive,
   reconcileRefused,
 } from '../metering/redrive-reconcile.js';
-import { IDENTIFIER_WINDOW_MS, redriveVerdict } from '../metering/rules.js';
+import { IDENTIFIER_WINDOW_MS } from '../metering/rules/policy.js';
+import { redriveVerdict } from '../metering/rules/reconcile.js';
 
 const isoDate = pgDateOrInstant('date');
 

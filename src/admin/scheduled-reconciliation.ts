@@ -29,7 +29,7 @@ import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type DestinationTotals, NotAskable } from '../metering/destination-totals.js';
 import { queues, sendJob } from '../metering/queues.js';
-import { IDENTIFIER_WINDOW_MS } from '../metering/rules.js';
+import { IDENTIFIER_WINDOW_MS } from '../metering/rules/policy.js';
 import type { Metrics } from '../observability/metrics.js';
 
 export const RECONCILIATION_QUEUE = 'meter-reconciliation';

@@ -28,7 +28,7 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules.js';
+import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
 import { readingColumns, storeReadings, traceparentsByOrganization } from './readings.js';
 import { storeShardGroup } from './routed.js';

@@ -6,7 +6,7 @@
 //   2. call     one budget slot per Stripe call; v1 one call per key's event, v2 up to 100 keys' events
 //               a call; every call ends (timeout) before the key's lease can expire; the leases are
 //               renewed while the calls run
-//   3. decide   rules.ts decideBatch: what every answer means, backoff and dead letter from the group's
+//   3. decide   rules/decide-batch.ts: what every answer means, backoff and dead letter from the group's
 //               own attempts, follow-ups, holds, job results — a pure function
 //   4. settle   one statement: every answer, the keys' pacing and backoff, lease release
 //   5. follow   one statement: jobs for keys that must run again; a hold for keys whose meter is missing
@@ -37,23 +37,20 @@ import type { LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
+import { destinationVerdict, lateAmbiguous } from './rules/answers.js';
+import { decideBatch } from './rules/decide-batch.js';
+import type { Note } from './rules/decision.js';
+import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import {
   type Answer,
   type CorrectionFacts,
-  decideBatch,
-  deliveryPolicy,
   destinationOf,
-  destinationVerdict,
-  type JobOutcome,
-  jobKeys,
   type KeyRef,
   keyName,
   type LeasedKey,
-  lateAmbiguous,
-  type Note,
-  needsCorrectionClaim,
-  planCalls,
-} from './rules.js';
+} from './rules/keys.js';
+import { needsCorrectionClaim, planCalls } from './rules/plan.js';
+import { deliveryPolicy } from './rules/policy.js';
 import { type DeliveryStore, sqlStore } from './store.js';
 import { accountAccessRefused } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';

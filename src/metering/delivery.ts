@@ -38,7 +38,7 @@ import type { DeliveryObserver } from './observer.js';
 import { queueDeliveries } from './outbox.js';
 import { deliveryPayload, type QueuePayload } from './queues.js';
 import { reportReplication } from './replication-report.js';
-import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules.js';
+import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';

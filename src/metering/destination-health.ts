@@ -19,7 +19,7 @@ import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Metrics } from '../observability/metrics.js';
 import { plusSeconds } from './budget.js';
 import { queueDeliveries } from './outbox.js';
-import { type Answer, type ClaimedGroup, type KeyRef, keyRef, singletonKeyOf } from './rules.js';
+import { type Answer, type ClaimedGroup, type KeyRef, keyRef, singletonKeyOf } from './rules/keys.js';
 
 // ─── the state and its rules ────────────────────────────────────────────────────────────────────
 

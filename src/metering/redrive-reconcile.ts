@@ -2,7 +2,7 @@
 // failed groups past their destination's identifier window are settled against the destination's
 // own total before anything is resent. Per customer, meter and window (Stripe: the minute of the
 // group's event, the narrowest window its summaries take; Metronome: the UTC hour, the narrowest
-// its usage query has), rules.ts reconcileWindow finds the one subset of the window's failed groups
+// its usage query has), rules/reconcile.ts reconcileWindow finds the one subset of the window's failed groups
 // that explains the destination's total beyond what meterbox knows it billed there:
 //   present  → the group is marked delivered (nothing is sent);
 //   missing  → its identifier is cleared, so the next claim regroups its rows under a new one;
@@ -21,7 +21,9 @@ import type { CorrectionAction, DB, Destination, MeterEventName, OutboxKind } fr
 import { BUDGET_ROW, createAccountCallers, createBudgetedCaller } from './budget.js';
 import { type DestinationTotals, metronomeTotals, NotAskable, stripeTotals } from './destination-totals.js';
 import { enqueueDelivery } from './outbox.js';
-import { hourOf, keyRef, reconcileWindowBlocked, reconcileWindowGroups } from './rules.js';
+import { hourOf } from './rules/claim.js';
+import { keyRef } from './rules/keys.js';
+import { reconcileWindowBlocked, reconcileWindowGroups } from './rules/reconcile.js';
 import { destinationCallsPerSecond } from './store.js';
 
 const HOUR_MS = 3_600_000;

@@ -32,14 +32,8 @@ import {
 import type { LeaseKeeper } from './lease-keeper.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
-import type {
-  ClaimedKey,
-  CorrectionFacts,
-  FollowUp,
-  GroupSettlement,
-  KeyRef,
-  KeySettlement,
-} from './rules.js';
+import type { FollowUp, GroupSettlement, KeySettlement } from './rules/decision.js';
+import type { ClaimedKey, CorrectionFacts, KeyRef } from './rules/keys.js';
 
 export interface DeliveryStore {
   claim(

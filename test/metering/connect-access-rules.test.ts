@@ -12,7 +12,7 @@ import {
   nextHealth,
   splitByGate,
 } from '../../src/metering/destination-health.js';
-import { destinationVerdict, meaningOf } from '../../src/metering/rules.js';
+import { destinationVerdict, meaningOf } from '../../src/metering/rules/answers.js';
 import { ACCOUNT_ACCESS_REFUSED, classifyStripeError } from '../../src/metering/stripe-meter.js';
 
 const ACCOUNT = 'acct_1RulesRevoked';
