@@ -32,7 +32,6 @@ import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
-import { type Gate, type HealthReport, healthPolicy, splitByGate } from './destination-health.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
@@ -40,6 +39,7 @@ import type { QueuePayload } from './queues.js';
 import { destinationVerdict, lateAmbiguous } from './rules/answers.js';
 import { decideBatch } from './rules/decide-batch.js';
 import type { Note } from './rules/decision.js';
+import { type Gate, type HealthReport, healthPolicy, splitByGate } from './rules/health.js';
 import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import {
   type Answer,
