@@ -3,6 +3,9 @@
 // redrive.ts are modelled here from the same rules (src/metering/rules/) they implement, each
 // applied atomically at one instant, as one statement is; test/metering/store-agreement.test.ts
 // runs the same operations against both and holds them equal.
+//
+// Why this file is long: one model (ModelDb) of Postgres and pg-boss whose statements share its state, as
+// delivery's statements share the tables.
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import { EXPIRY_SAFETY_MARGIN_MS, FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from '../../src/metering/metronome.js';

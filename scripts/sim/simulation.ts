@@ -4,6 +4,9 @@
 // arriving, usage corrections, meters that go missing, Stripe faults of every kind, and a clock that
 // can run for days. After every step it checks the invariants; at the end, with the world quiet, the
 // ledger. A seed replays the same run, and a failing run returns its trace.
+//
+// Why this file is long: the simulated world and its main loop in one function; its split into readable steps
+// is its own piece of issue 47.
 import { pino } from 'pino';
 import { type Config, loadConfig } from '../../src/config.js';
 import type { Destination, MeterEventName } from '../../src/db/schema.js';

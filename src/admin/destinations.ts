@@ -6,6 +6,10 @@
 // destinations in its own statement from the usage time it stamps, so a boundary minutes ahead cannot
 // be crossed by a transaction that read the intervals before the change (a write stamped at or after
 // the boundary starts after the change committed, unless it ran for minutes or a clock is that far off).
+//
+// Why this file is long: every move of an organization's destinations (set, parallel run, cut-over) works on
+// the one interval table through the same private lock, close and open helpers; the parity report beside them
+// could move out.
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type Stripe from 'stripe';

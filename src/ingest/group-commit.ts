@@ -6,6 +6,9 @@
 // in force (organization_destinations, read in the same statement), its value the rows that
 // organization inserted, each of those readings naming the first of them (outbox_id; the others
 // mirror it), and the delivery hand-off once per transaction and delivery key.
+//
+// Why this file is long: one class whose queue, flush and per-request answers share its state, and the one
+// statement it runs.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import {

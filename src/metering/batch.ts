@@ -19,6 +19,9 @@
 // this same function against models of Postgres, pg-boss and Stripe.
 // A batch that fails after its claim gives its keys back at once (releaseLeases), unless Stripe calls
 // may still be open: then the leases run out, so a key never has two calls in flight.
+//
+// Why this file is long: the one file that says what a batch goes through (claim, call, decide, settle,
+// follow) for each transport; split, the order it exists to show would be scattered.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';

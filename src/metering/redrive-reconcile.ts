@@ -10,6 +10,9 @@
 //   the window changed while it was read) → the group stays failed, reported with the reason.
 // A `last` meter (active_sensors) cannot be billed twice by a resend of the same value at the same
 // time, so its groups are present when the destination's value is theirs and resent otherwise.
+//
+// Why this file is long: one operation read in order: the failed groups of a window, each destination's
+// totals, the verdict and its settlement.
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
