@@ -2,7 +2,7 @@
 // the pipeline (batch.ts), the choice of transport (DELIVERY_TRANSPORT), the stranded-row sweep and
 // shutdown. pg-boss stays the engine of wake-ups, retries with backoff, dead letters and the cron.
 //
-// Why this file is long: startDelivery is one 331-line function that wires fetchers, transport, sweep, reaper
+// Why this file is long: startDelivery is one 332-line function that wires fetchers, transport, sweep, reaper
 // and shutdown over shared state; its split into steps is still open.
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
