@@ -12,6 +12,9 @@
 //   * docs/http-api.md is exactly what `npm run docs:api` (scripts/gen-api-docs.ts) renders from that
 //     document, so the API reference cannot drift from the routes.
 // Each finding is printed as `file:line: message`; any finding exits 1.
+//
+// Why this file is long: one check per kind of claim the docs make (commands, settings, links, routes) over
+// one markdown reader; a file per check is still open.
 import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';

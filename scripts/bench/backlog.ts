@@ -9,6 +9,9 @@
 // workers' start to the load's end, how long after the load the ledger is level, orphaned delivery
 // jobs, stale-lease settles, leases the reaper freed, the slowest claim, and the exactly-once ledger.
 // Goals: the default lease at least 0.8x the long lease's events/s and at most 2x its level time.
+//
+// Why this file is long: one benchmark from setup to report (a CPU-limited database, workers, their logs); a
+// developer tool read as a whole.
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';

@@ -9,6 +9,9 @@
 // flight, so one process alone is bound by Stripe's latency, as a worker on a machine of its own is).
 // Events/s: meter events Stripe received, first to last; with each run, the lock waits sampled on every
 // node and how busy the machine's cores were, which tell waiting on each other from waiting for CPU.
+//
+// Why this file is long: one benchmark from setup to report (a Citus cluster, one and two workers, lock-wait
+// sampling); a developer tool read as a whole.
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';

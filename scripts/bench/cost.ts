@@ -21,6 +21,9 @@
 // --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
 // too, interleaved with this checkout's, on the same cluster: before and after in one run.
 // Counts (statements, WAL bytes, rows per event) do not depend on the machine's load; CPU does.
+//
+// Why this file is long: one benchmark from setup to report (statements and WAL per delivered event, per
+// transport, against a baseline build); a developer tool read as a whole.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';

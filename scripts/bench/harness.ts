@@ -1,6 +1,9 @@
 // Shared plumbing of `npm run bench` and the chaos suite (test/chaos): an embedded Postgres cluster
 // with fresh migrated databases, the real entry points as child processes (the kit's wrapper), billable
 // organizations with sensors, a keep-alive HTTP client and latency statistics.
+//
+// Why this file is long: the plumbing every bench and the chaos suite share (cluster, databases, processes,
+// organizations, readings); a split by concern is still open.
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';

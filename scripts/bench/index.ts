@@ -4,6 +4,9 @@
 // The headline numbers in one run, so ratios are fair: raw Postgres vs POST /v1/readings (batch
 // 500 and single readings), the outbox's cost, delivery to the Stripe emulator from 100
 // organizations, and the API's and worker's peak RSS. Prints a table, writes JSON and an SVG chart.
+//
+// Why this file is long: the default benchmark from setup to report, and the dispatch to the others by flag;
+// a developer tool read as a whole.
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';

@@ -10,6 +10,9 @@
 // process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
 // against the API, single readings and batches of 500, in alternating slices of one run.
+//
+// Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
+// profiles); a developer tool read as a whole.
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';

@@ -19,6 +19,9 @@
 //   rows are compacted a minute after delivery (at the next pass) instead of 45 days.
 // - JOB_RETENTION_SECONDS is the documented default (900 s) in runs of an hour or more, a quarter of
 //   the run below that, so pg-boss's tables level within the first half of any run.
+//
+// Why this file is long: one benchmark from setup to report (hours of real processes: memory, logs, locks,
+// table growth); a developer tool read as a whole.
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';

@@ -1,31 +1,35 @@
 // The simulation's model of what delivery keeps in Postgres and pg-boss: outbox rows, the key table
 // and the delivery jobs. The statements of src/metering/delivery-sql.ts, corrections.ts, sweep.ts and
-// redrive.ts are modelled here from the same rules (src/metering/rules.ts) they implement, each
+// redrive.ts are modelled here from the same rules (src/metering/rules/) they implement, each
 // applied atomically at one instant, as one statement is; test/metering/store-agreement.test.ts
 // runs the same operations against both and holds them equal.
+//
+// Why this file is long: one model (ModelDb) of Postgres and pg-boss whose statements share its state, as
+// delivery's statements share the tables.
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import { EXPIRY_SAFETY_MARGIN_MS, FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from '../../src/metering/metronome.js';
 import {
+  compareIds,
+  groupValue,
+  hourOf,
+  type KeyRow,
+  leaseDecision,
+  nextGroupRows,
+} from '../../src/metering/rules/claim.js';
+import { correctionAction } from '../../src/metering/rules/corrections.js';
+import type { GroupSettlement, KeySettlement } from '../../src/metering/rules/decision.js';
+import {
   type ClaimedGroup,
   type ClaimedKey,
   type CorrectionFacts,
-  compareIds,
-  correctionAction,
   destinationOf,
-  type GroupSettlement,
-  groupValue,
-  hourOf,
   type KeyRef,
-  type KeyRow,
-  type KeySettlement,
   keyName,
   keyRef,
-  leaseDecision,
-  nextGroupRows,
-  redriveVerdict,
   singletonKeyOf,
-} from '../../src/metering/rules.js';
+} from '../../src/metering/rules/keys.js';
+import { redriveVerdict } from '../../src/metering/rules/reconcile.js';
 import { STRIPE_PAST_WINDOW_MS } from '../../src/metering/stripe-meter.js';
 import type { Mutation } from './mutations.js';
 

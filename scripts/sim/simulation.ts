@@ -1,9 +1,12 @@
 // A deterministic simulation of delivery: the real batch (src/metering/batch.ts) and its rules
-// (rules.ts) run against models of Postgres and pg-boss (model.ts) and of Stripe (stripe-model.ts) on
+// (rules/) run against models of Postgres and pg-boss (model.ts) and of Stripe (stripe-model.ts) on
 // a virtual clock (scheduler.ts), with several workers that crash at any step, readings that keep
 // arriving, usage corrections, meters that go missing, Stripe faults of every kind, and a clock that
 // can run for days. After every step it checks the invariants; at the end, with the world quiet, the
 // ledger. A seed replays the same run, and a failing run returns its trace.
+//
+// Why this file is long: the simulated world and its main loop in one function; its split into readable steps
+// is its own piece of issue 47.
 import { pino } from 'pino';
 import { type Config, loadConfig } from '../../src/config.js';
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
@@ -13,13 +16,9 @@ import { deliverBatch } from '../../src/metering/batch.js';
 import type { CallSlots } from '../../src/metering/budget.js';
 import type { CorrectionClient } from '../../src/metering/corrections.js';
 import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
-import {
-  deliveryPolicy,
-  type KeyRef,
-  keyName,
-  reconcileWindowGroups,
-  type WindowGroup,
-} from '../../src/metering/rules.js';
+import { type KeyRef, keyName } from '../../src/metering/rules/keys.js';
+import { deliveryPolicy } from '../../src/metering/rules/policy.js';
+import { reconcileWindowGroups, type WindowGroup } from '../../src/metering/rules/reconcile.js';
 import type { DeliveryStore } from '../../src/metering/store.js';
 import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
@@ -359,7 +358,7 @@ export async function simulate(
   let freezes = 0;
   /** Calls sent after their process froze between the lease check and the send. */
   let lateCalls = 0;
-  /** Timeouts and refused connections a frozen worker heard only after it woke (rules.ts Answer.late). */
+  /** Timeouts and refused connections a frozen worker heard only after it woke (rules/keys.ts Answer.late). */
   let lateAnswers = 0;
   /**
    * Leases that ran out under a batch still running (a frozen worker, a slow statement) and were
@@ -723,7 +722,7 @@ export async function simulate(
                 status: 500,
               };
           }
-          // A 429 and a timestamp not yet due (rules.ts) do not count toward the retry limit.
+          // A 429 and a timestamp not yet due (rules/decide-batch.ts) do not count toward the retry limit.
           const uncounted =
             o?.kind === 'retryable' && (o.reason === 'rate_limited' || o.reason === 'timestamp_in_future');
           if (cancel || !o || uncounted) continue;
@@ -761,7 +760,7 @@ export async function simulate(
           cancelsInFlight.set(cancelKey.identifier, open);
         }
         // A timeout or a refused connection its worker hears only after a freeze: the product may leave
-        // it uncounted (rules.ts, Answer.late: the process ran out, not the destination), so the group
+        // it uncounted (rules/decide-batch.ts, Answer.late: the process ran out, not the destination), so the group
         // may be called once more than its limit for each such answer, as for a late call.
         if (
           w.frozenUntil > now() &&
@@ -1489,7 +1488,7 @@ export async function simulate(
   /**
    * The reconciled redrive (redrive-reconcile.ts): groups past the identifier window, weighed per
    * destination, customer, meter and window (Stripe: the minute; Metronome: the hour) against the
-   * destination's own total, by rules.ts reconcileWindowGroups. Returns how many stay failed.
+   * destination's own total, by rules/reconcile.ts reconcileWindowGroups. Returns how many stay failed.
    */
   const reconcilePastWindow = (refused: readonly string[]) => {
     const windowMsOf = (d: Destination) => (d === 'metronome' ? 3_600_000 : 60_000);

@@ -19,12 +19,11 @@ import {
   cutOver,
   DestinationChangeError,
   type IntervalView,
-  type ParityReport,
-  parityOf,
   prepareDestination,
   setDestination,
   startParallel,
 } from './destinations.js';
+import { type ParityReport, parityOf } from './parity.js';
 import { type PeriodParityReport, periodParityOf, startPeriodMigration } from './period-migration.js';
 
 type Values = Record<string, string | boolean | undefined>;

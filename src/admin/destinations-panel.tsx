@@ -7,8 +7,9 @@ import { sql } from 'kysely';
 import type { Context } from '../context-type.js';
 import type { Destination } from '../db/schema.js';
 import { fmtNum } from './dashboard-format.js';
-import { type IntervalView, listIntervals, type ParityReport, parityOf } from './destinations.js';
+import { type IntervalView, listIntervals } from './destinations.js';
 import { parityPeriod } from './destinations-routes.js';
+import { type ParityReport, parityOf } from './parity.js';
 
 type Deps = Pick<Context, 'db' | 'stripe' | 'metronome' | 'config' | 'clock'>;
 

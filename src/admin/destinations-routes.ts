@@ -13,12 +13,11 @@ import {
   DestinationChangeError,
   type IntervalView,
   listIntervals,
-  type ParityReport,
-  parityOf,
   prepareDestination,
   setDestination,
   startParallel,
 } from './destinations.js';
+import { type ParityReport, parityOf } from './parity.js';
 import { type PeriodParityReport, periodParityOf, startPeriodMigration } from './period-migration.js';
 
 type Deps = Pick<Context, 'db' | 'stripe' | 'metronome' | 'config' | 'clock' | 'log'>;

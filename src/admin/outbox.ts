@@ -1,5 +1,8 @@
 // Outbox inspection for operators: filtered, keyset-paginated listing, pipeline counts, the delivery
 // rate chart's data, and redriving pg-boss's dead-letter queue.
+//
+// Why this file is long: the operator's outbox surface (listing, pipeline counts, the rate chart, the dead-
+// letter redrive) shares its zod views; each part is short.
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
@@ -19,7 +22,8 @@ import {
   type ReconciledRedrive,
   reconcileRefused,
 } from '../metering/redrive-reconcile.js';
-import { IDENTIFIER_WINDOW_MS, redriveVerdict } from '../metering/rules.js';
+import { IDENTIFIER_WINDOW_MS } from '../metering/rules/policy.js';
+import { redriveVerdict } from '../metering/rules/reconcile.js';
 
 const isoDate = pgDateOrInstant('date');
 

@@ -12,14 +12,11 @@ import type { DB, Destination } from '../db/schema.js';
 import { findCustomer } from '../metering/metronome.js';
 import {
   DestinationChangeError,
-  type ParityClients,
   type PeriodChange,
-  parity,
-  parityClientsOf,
   prepareDestination,
   startPeriodParallel,
-  summaryTarget,
 } from './destinations.js';
+import { type ParityClients, parity, parityClientsOf, summaryTarget } from './parity.js';
 
 /** The organization's Stripe subscription id (subscriptions.stripe_subscription_id), or a refusal. */
 export async function subscriptionOf(db: Kysely<DB>, organizationId: string): Promise<string> {

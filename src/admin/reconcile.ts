@@ -1,5 +1,8 @@
 // Reconciliation: for each organization and period, the readings stored (the source of truth) against
 // the usage written to the outbox by status, and optionally against Stripe's own meter totals.
+//
+// Why this file is long: one report read in order: its query and row schemas, the period's statement and the
+// Stripe totals it is held against.
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import { z } from 'zod';

@@ -19,6 +19,9 @@
 //   rest and is never pushed into 429s.
 // Drift becomes a row of reconciliation_drift (dashboard, metrics), a warn log, and — where a resend
 // is safe — the hour's delivered rows turn `failed`, so the operator's redrive applies.
+//
+// Why this file is long: one job's run in order: its lease, the customers' paging, the chunked comparison
+// with each destination's totals and the drift record.
 import { randomUUID } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
@@ -29,7 +32,7 @@ import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { type DestinationTotals, NotAskable } from '../metering/destination-totals.js';
 import { queues, sendJob } from '../metering/queues.js';
-import { IDENTIFIER_WINDOW_MS } from '../metering/rules.js';
+import { IDENTIFIER_WINDOW_MS } from '../metering/rules/policy.js';
 import type { Metrics } from '../observability/metrics.js';
 
 export const RECONCILIATION_QUEUE = 'meter-reconciliation';

@@ -1,6 +1,10 @@
 // The Stripe account meterbox bills through: the two meters it needs (one definition, used by setup,
 // check and the worker's meter catalog), the webhook events it handles (the handlers' registry),
 // `setupStripeAccount` (finds or creates what is missing) and `checkStripeAccount` (read-only).
+//
+// Why this file is long: one definition of the Stripe account meterbox needs (meters, webhook events,
+// connected accounts) beside the setup and the check that both read it; setup and check could each stand
+// alone.
 import type { Kysely } from 'kysely';
 import type Stripe from 'stripe';
 import type { Config } from '../config.js';

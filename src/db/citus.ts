@@ -15,6 +15,9 @@
 //   * pg-boss: its own schema, local on the coordinator (it is not in public).
 // A table that this plan does not name (a later migration's) is distributed by organization_id when
 // it has that column, else made a reference table.
+//
+// Why this file is long: the placement of every table and the statements that apply it, together, so that a
+// new table's placement is read beside how it is distributed.
 import type pg from 'pg';
 
 export type Placement =

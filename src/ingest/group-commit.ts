@@ -6,6 +6,9 @@
 // in force (organization_destinations, read in the same statement), its value the rows that
 // organization inserted, each of those readings naming the first of them (outbox_id; the others
 // mirror it), and the delivery hand-off once per transaction and delivery key.
+//
+// Why this file is long: one class whose queue, flush and per-request answers share its state, and the one
+// statement it runs.
 import { sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import {
@@ -28,7 +31,7 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules.js';
+import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
 import { readingColumns, storeReadings, traceparentsByOrganization } from './readings.js';
 import { storeShardGroup } from './routed.js';

@@ -28,7 +28,7 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules.js';
+import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import {
   type GroupRequest,
   readingColumns,

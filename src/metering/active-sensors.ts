@@ -6,7 +6,7 @@ import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, IN_FORCE } from './destinations.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
-import { keyRef } from './rules.js';
+import { keyRef } from './rules/keys.js';
 
 export async function countActiveSensors(trx: Transaction<DB>, organizationId: string): Promise<number> {
   const row = await trx

@@ -6,7 +6,7 @@
 //   2. call     one budget slot per Stripe call; v1 one call per key's event, v2 up to 100 keys' events
 //               a call; every call ends (timeout) before the key's lease can expire; the leases are
 //               renewed while the calls run
-//   3. decide   rules.ts decideBatch: what every answer means, backoff and dead letter from the group's
+//   3. decide   rules/decide-batch.ts: what every answer means, backoff and dead letter from the group's
 //               own attempts, follow-ups, holds, job results — a pure function
 //   4. settle   one statement: every answer, the keys' pacing and backoff, lease release
 //   5. follow   one statement: jobs for keys that must run again; a hold for keys whose meter is missing
@@ -19,6 +19,9 @@
 // this same function against models of Postgres, pg-boss and Stripe.
 // A batch that fails after its claim gives its keys back at once (releaseLeases), unless Stripe calls
 // may still be open: then the leases run out, so a key never has two calls in flight.
+//
+// Why this file is long: the one file that says what a batch goes through (claim, call, decide, settle,
+// follow) for each transport; split, the order it exists to show would be scattered.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { JobWithMetadata, PgBoss } from 'pg-boss';
@@ -32,28 +35,25 @@ import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
-import { type Gate, type HealthReport, healthPolicy, splitByGate } from './destination-health.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
+import { destinationVerdict, lateAmbiguous } from './rules/answers.js';
+import { decideBatch } from './rules/decide-batch.js';
+import type { Note } from './rules/decision.js';
+import { type Gate, type HealthReport, healthPolicy, splitByGate } from './rules/health.js';
+import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import {
   type Answer,
   type CorrectionFacts,
-  decideBatch,
-  deliveryPolicy,
   destinationOf,
-  destinationVerdict,
-  type JobOutcome,
-  jobKeys,
   type KeyRef,
   keyName,
   type LeasedKey,
-  lateAmbiguous,
-  type Note,
-  needsCorrectionClaim,
-  planCalls,
-} from './rules.js';
+} from './rules/keys.js';
+import { needsCorrectionClaim, planCalls } from './rules/plan.js';
+import { deliveryPolicy } from './rules/policy.js';
 import { type DeliveryStore, sqlStore } from './store.js';
 import { accountAccessRefused } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';

@@ -3,6 +3,9 @@
 // (holding nothing) until its slot, so calls reach Stripe evenly spaced at most `rate` per second,
 // whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
+//
+// Why this file is long: the account-wide call budget: its GCRA statements, the 429 slow-down and recovery
+// and the budgeted caller share one row's arithmetic.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { stripeCallsPerSecond } from '../billing/limits.js';
 import type { DB, Destination } from '../db/schema.js';

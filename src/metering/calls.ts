@@ -5,7 +5,8 @@ import { SpanStatusCode, startDeliverySpan } from '../observability/tracing.js';
 import { awaitSlot, type CallSlots } from './budget.js';
 import { type CorrectionClient, sendCorrection } from './corrections.js';
 import type { DeliveryObserver } from './observer.js';
-import type { Answer, KeyRef, PlannedCall } from './rules.js';
+import type { Answer, KeyRef } from './rules/keys.js';
+import type { PlannedCall } from './rules/plan.js';
 import type { SendOutcome } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 

@@ -17,13 +17,8 @@ import type Stripe from 'stripe';
 import type { CorrectionAction, DB, MeterEventName } from '../db/schema.js';
 import { correctionIdentifier } from './identifiers.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
-import {
-  type CorrectionFacts,
-  type CorrectionGroup,
-  correctionAction,
-  destinationOf,
-  type KeyRef,
-} from './rules.js';
+import { correctionAction } from './rules/corrections.js';
+import { type CorrectionFacts, type CorrectionGroup, destinationOf, type KeyRef } from './rules/keys.js';
 import {
   classifyStripeError,
   createStripeMeterClient,
@@ -34,15 +29,14 @@ import {
 } from './stripe-meter.js';
 import type { CorrectionClient } from './transport.js';
 
-export type { CorrectionGroup } from './rules.js';
-
-export { CANCEL_WINDOW_MS } from './rules.js';
+export { CANCEL_WINDOW_MS } from './rules/corrections.js';
+export type { CorrectionGroup } from './rules/keys.js';
 export type { CorrectionClient } from './transport.js';
 
 /** Compensations this close to Stripe's 35-day limit are not attempted (same margin as usage rows). */
 const COMPENSATE_SAFETY_MARGIN_MS = 3600 * 1000;
 
-/** What the correction claim of a key found (rules.ts decides what follows from it). */
+/** What the correction claim of a key found (rules/decide-batch.ts decides what follows from it). */
 export type CorrectionClaim = CorrectionFacts;
 
 interface GroupRow {

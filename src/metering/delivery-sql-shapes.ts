@@ -101,7 +101,7 @@ export async function perShardGroup<T, R>(
 /**
  * claimBatch's `heads`, `members` and `more`: per leased key (`leased`), lateral look-ups on the
  * pending index. heads: the in-flight identifier, the first ungrouped row, whether correction rows are
- * pending. members: a new group's rows (rules.ts nextGroupRows). more: usage rows left beyond the
+ * pending. members: a new group's rows (rules/claim.ts nextGroupRows). more: usage rows left beyond the
  * group (an in-flight group leaves every ungrouped row and any other group in flight — a redrive puts
  * several back at once; a new group, the rows after its last member). A key is one organization's, so
  * its rows are in one shard group: on Citus the whole statement runs on that group's node, laterals

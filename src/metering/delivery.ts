@@ -1,6 +1,9 @@
 // Delivery runtime: pg-boss fetchers that take meter-delivery jobs in batches and hand each batch to
 // the pipeline (batch.ts), the choice of transport (DELIVERY_TRANSPORT), the stranded-row sweep and
 // shutdown. pg-boss stays the engine of wake-ups, retries with backoff, dead letters and the cron.
+//
+// Why this file is long: startDelivery is one 332-line function that wires fetchers, transport, sweep, reaper
+// and shutdown over shared state; its split into steps is still open.
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
 import type pg from 'pg';
@@ -39,7 +42,7 @@ import type { DeliveryObserver } from './observer.js';
 import { queueDeliveries } from './outbox.js';
 import { deliveryPayload, type QueuePayload } from './queues.js';
 import { reportReplication } from './replication-report.js';
-import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules.js';
+import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { startOutboxSweep } from './sweep.js';
 import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';

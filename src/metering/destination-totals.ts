@@ -23,7 +23,7 @@ import {
   METRONOME_METRICS,
   metricFor,
 } from './metronome.js';
-import { RATE_LIMITED_RETRY_MS } from './rules.js';
+import { RATE_LIMITED_RETRY_MS } from './rules/policy.js';
 
 const MINUTE_MS = 60_000;
 const HOUR_MS = 3_600_000;

@@ -7,7 +7,7 @@ import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { insertJobs, sendJob } from './queues.js';
-import { deliveryKey, destinationOf, type KeyRef } from './rules.js';
+import { deliveryKey, destinationOf, type KeyRef } from './rules/keys.js';
 
 export interface OutboxEntry {
   organizationId: string;
@@ -55,8 +55,8 @@ export async function writeOutbox(
   return inserted.id;
 }
 
-/** The delivery job's singletonKey: one customer and meter at one destination (rules.ts). */
-export { deliveryKey } from './rules.js';
+/** The delivery job's singletonKey: one customer and meter at one destination (rules/keys.ts). */
+export { deliveryKey } from './rules/keys.js';
 
 /**
  * Send options of a delivery job. The queue's `short` policy keeps at most one *queued* job per

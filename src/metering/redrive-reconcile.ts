@@ -2,7 +2,7 @@
 // failed groups past their destination's identifier window are settled against the destination's
 // own total before anything is resent. Per customer, meter and window (Stripe: the minute of the
 // group's event, the narrowest window its summaries take; Metronome: the UTC hour, the narrowest
-// its usage query has), rules.ts reconcileWindow finds the one subset of the window's failed groups
+// its usage query has), rules/reconcile.ts reconcileWindow finds the one subset of the window's failed groups
 // that explains the destination's total beyond what meterbox knows it billed there:
 //   present  → the group is marked delivered (nothing is sent);
 //   missing  → its identifier is cleared, so the next claim regroups its rows under a new one;
@@ -10,6 +10,9 @@
 //   the window changed while it was read) → the group stays failed, reported with the reason.
 // A `last` meter (active_sensors) cannot be billed twice by a resend of the same value at the same
 // time, so its groups are present when the destination's value is theirs and resent otherwise.
+//
+// Why this file is long: one operation read in order: the failed groups of a window, each destination's
+// totals, the verdict and its settlement.
 import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
@@ -21,7 +24,9 @@ import type { CorrectionAction, DB, Destination, MeterEventName, OutboxKind } fr
 import { BUDGET_ROW, createAccountCallers, createBudgetedCaller } from './budget.js';
 import { type DestinationTotals, metronomeTotals, NotAskable, stripeTotals } from './destination-totals.js';
 import { enqueueDelivery } from './outbox.js';
-import { hourOf, keyRef, reconcileWindowBlocked, reconcileWindowGroups } from './rules.js';
+import { hourOf } from './rules/claim.js';
+import { keyRef } from './rules/keys.js';
+import { reconcileWindowBlocked, reconcileWindowGroups } from './rules/reconcile.js';
 import { destinationCallsPerSecond } from './store.js';
 
 const HOUR_MS = 3_600_000;

@@ -1,20 +1,14 @@
 // Operator redrive of failed outbox rows, with the identifier-window guard: a group is resent with its
 // own identifier only while its destination surely still deduplicates that identifier
-// (rules.ts redriveVerdict). Older groups are refused and listed; redrive-reconcile.ts settles them
+// (rules/reconcile.ts redriveVerdict). Older groups are refused and listed; redrive-reconcile.ts settles them
 // against the destination's own totals first.
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName, OutboxKind } from '../db/schema.js';
 import { enqueueDelivery } from './outbox.js';
-import {
-  compareKeys,
-  IDENTIFIER_WINDOW_MS,
-  type KeyRef,
-  keyName,
-  keyRef,
-  redriveVerdict,
-  singletonKeyOf,
-} from './rules.js';
+import { compareKeys, type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
+import { IDENTIFIER_WINDOW_MS } from './rules/policy.js';
+import { redriveVerdict } from './rules/reconcile.js';
 
 /** Which failed rows to put back in the queue; fields combine with AND, none means every failed row. */
 export interface FailedRowsFilter {
@@ -112,7 +106,7 @@ export async function failedGroups(db: Kysely<DB>, filter: FailedRowsFilter) {
  * pg-boss's redrive() alone would not help, since a delivery job only drains `pending` rows.
  *
  * A customer has pending rows in one organization at a time (a delivery key's job is named without
- * its organization, rules.ts): failed rows of a customer that another organization now has pending
+ * its organization, rules/keys.ts): failed rows of a customer that another organization now has pending
  * rows for (the customer was linked to it since) stay failed and are counted as `deferred`; redriven
  * once that organization's rows are delivered.
  */

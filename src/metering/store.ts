@@ -18,28 +18,13 @@ import {
   settleBatch,
 } from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
-import {
-  callable,
-  type Gate,
-  gateCalls,
-  type HealthOutcome,
-  type HealthReport,
-  healthPolicy,
-  recordHealth,
-  recordRetryAfter,
-  resumeWaiting,
-} from './destination-health.js';
+import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
-import type {
-  ClaimedKey,
-  CorrectionFacts,
-  FollowUp,
-  GroupSettlement,
-  KeyRef,
-  KeySettlement,
-} from './rules.js';
+import type { FollowUp, GroupSettlement, KeySettlement } from './rules/decision.js';
+import { type Gate, type HealthOutcome, type HealthReport, healthPolicy } from './rules/health.js';
+import type { ClaimedKey, CorrectionFacts, KeyRef } from './rules/keys.js';
 
 export interface DeliveryStore {
   claim(

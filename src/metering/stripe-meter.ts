@@ -39,7 +39,7 @@ export type SendOutcome = (
 ) & {
   /**
    * `call`: the answer refused a whole call that carried several events (a v2 stream call), so it
-   * says nothing of any one event (rules.ts meaningOf). Absent: the answer is the event's own.
+   * says nothing of any one event (rules/answers.ts meaningOf). Absent: the answer is the event's own.
    */
   scope?: 'call';
 };

@@ -10,7 +10,7 @@ import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
-import { type KeyRef, keyRef } from './rules.js';
+import { type KeyRef, keyRef } from './rules/keys.js';
 
 export interface SweepResult {
   /** Customer+meter pairs with stale pending rows. */

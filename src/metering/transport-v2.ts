@@ -161,7 +161,7 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
         }
         // A refused stream call is about the call (limits, auth, shape) or one of its events, never
         // known which: the caller gives it to every event of the call with scope `call` (a
-        // "duplicate" or "expired" answer of a whole call never settles an event: rules.ts meaningOf
+        // "duplicate" or "expired" answer of a whole call never settles an event: rules/answers.ts meaningOf
         // retries it instead), or splits the call to find the event. A connected account's refusal
         // of access is the account's (the session's context): every event of the call is held.
         return classifyStripeError(err, account ? { stripeAccount: account } : {});

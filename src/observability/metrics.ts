@@ -1,6 +1,9 @@
 // Prometheus metrics: one registry per process, built in the composition root (no prom-client
 // default registry). Counters are incremented where things happen; pipeline gauges are read from
 // Postgres at scrape time, so every process (API or worker) reports the same delivery state.
+//
+// Why this file is long: the one registry: every metric's name, help and labels in one place, the list the
+// alert rules and the dashboard are checked against.
 
 import { getHeapStatistics } from 'node:v8';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';

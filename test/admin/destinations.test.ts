@@ -4,7 +4,7 @@
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
-import { nextHourBoundary, type ParityReport, shadowFromTheStart } from '../../src/admin/destinations.js';
+import { nextHourBoundary, shadowFromTheStart } from '../../src/admin/destinations.js';
 import {
   destinationsCutOverCommand,
   destinationsParityCommand,
@@ -14,6 +14,7 @@ import {
   metronomeSetupCommand,
   paritySummary,
 } from '../../src/admin/destinations-cli.js';
+import type { ParityReport } from '../../src/admin/parity.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { authHeaders, createOrganization, createSensors, memoryIo, reading } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';

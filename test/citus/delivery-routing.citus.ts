@@ -19,7 +19,7 @@ import {
   settleBatch,
 } from '../../src/metering/delivery-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
-import type { KeyRef } from '../../src/metering/rules.js';
+import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
 import { createOrganization } from '../support/fixtures.js';
 

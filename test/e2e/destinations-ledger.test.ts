@@ -20,9 +20,9 @@ import {
   assignInitialDestination,
   cutOver,
   nextHourBoundary,
-  parity,
   startParallel,
 } from '../../src/admin/destinations.js';
+import { parity } from '../../src/admin/parity.js';
 import type { Destination } from '../../src/db/schema.js';
 import {
   ensureCustomer,

@@ -9,7 +9,7 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect } from 'vitest';
 import { claimBatch } from '../../src/metering/delivery-sql.js';
-import type { KeyRef } from '../../src/metering/rules.js';
+import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';

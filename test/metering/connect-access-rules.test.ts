@@ -4,6 +4,7 @@
 // answers to the platform's own calls stay permanent (the group fails, as before).
 import Stripe from 'stripe';
 import { describe, expect, it } from 'vitest';
+import { destinationVerdict, meaningOf } from '../../src/metering/rules/answers.js';
 import {
   accessProbeSpacingMs,
   FIRST_ACCESS_PROBE_MS,
@@ -11,8 +12,7 @@ import {
   type HealthRow,
   nextHealth,
   splitByGate,
-} from '../../src/metering/destination-health.js';
-import { destinationVerdict, meaningOf } from '../../src/metering/rules.js';
+} from '../../src/metering/rules/health.js';
 import { ACCOUNT_ACCESS_REFUSED, classifyStripeError } from '../../src/metering/stripe-meter.js';
 
 const ACCOUNT = 'acct_1RulesRevoked';

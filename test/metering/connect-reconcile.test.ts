@@ -4,7 +4,7 @@
 // against the connected account's limit.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
-import { parity } from '../../src/admin/destinations.js';
+import { parity } from '../../src/admin/parity.js';
 import { reconcile } from '../../src/admin/reconcile.js';
 import { setupStripeAccount } from '../../src/billing/stripe-account.js';
 import { createStripeClient } from '../../src/context.js';

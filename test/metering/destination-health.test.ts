@@ -10,14 +10,9 @@ import { describe, expect, onTestFinished } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import {
-  destinationHealthStates,
-  gateCalls,
-  HEALTHY,
-  nextHealth,
-  probeSpacingMs,
-} from '../../src/metering/destination-health.js';
+import { destinationHealthStates, gateCalls } from '../../src/metering/destination-health.js';
 import { createMetronomeClient, createMetronomeTransport } from '../../src/metering/metronome.js';
+import { HEALTHY, nextHealth, probeSpacingMs } from '../../src/metering/rules/health.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createV2Transport } from '../../src/metering/transport-v2.js';

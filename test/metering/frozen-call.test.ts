@@ -3,7 +3,8 @@
 import { describe, expect, it } from 'vitest';
 import type { HostTimers } from '../../src/clock.js';
 import { callStripe } from '../../src/metering/calls.js';
-import type { LeasedKey, PlannedCall } from '../../src/metering/rules.js';
+import type { LeasedKey } from '../../src/metering/rules/keys.js';
+import type { PlannedCall } from '../../src/metering/rules/plan.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 
 const LEASE_MS = 10_000;

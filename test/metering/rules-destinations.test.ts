@@ -1,19 +1,17 @@
-// The destination in the pure decision core (rules.ts): key names (Stripe's unchanged, so jobs queued
+// The destination in the pure decision core (src/metering/rules/): key names (Stripe's unchanged, so jobs queued
 // before the upgrade still match), each destination's policy, and a batch's decisions carrying the
 // destination of every key they name (holds, settlements, follow-ups, job results).
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
 import { deliveryPayload } from '../../src/metering/queues.js';
+import { meaningOf } from '../../src/metering/rules/answers.js';
+import { decideBatch } from '../../src/metering/rules/decide-batch.js';
+import { type ClaimedKey, deliveryKey, keyName } from '../../src/metering/rules/keys.js';
 import {
-  type ClaimedKey,
-  decideBatch,
-  deliveryKey,
   deliveryPolicy,
-  keyName,
   METRONOME_IDENTIFIER_WINDOW_MS,
-  meaningOf,
   STRIPE_IDENTIFIER_WINDOW_MS,
-} from '../../src/metering/rules.js';
+} from '../../src/metering/rules/policy.js';
 
 const config = loadConfig({});
 const now = new Date('2026-11-23T10:00:00Z');

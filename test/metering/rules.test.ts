@@ -1,26 +1,22 @@
-// The delivery rules (src/metering/rules.ts) as plain functions: no database, no Stripe. Each test is
+// The delivery rules (src/metering/rules/) as plain functions: no database, no Stripe. Each test is
 // one rule a batch applies; the seeded simulation (simulation.test.ts) drives the same functions
 // through whole runs, and the integration tests drive them through Postgres.
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
+import { ACCESS_REFUSED_WAIT_MS, meaningOf } from '../../src/metering/rules/answers.js';
+import { leaseDecision, nextGroupRows } from '../../src/metering/rules/claim.js';
+import { correctionAction } from '../../src/metering/rules/corrections.js';
+import { decideBatch } from '../../src/metering/rules/decide-batch.js';
 import {
-  ACCESS_REFUSED_WAIT_MS,
   type Answer,
-  backoffMs,
   type ClaimedGroup,
   type ClaimedKey,
   type CorrectionFacts,
-  correctionAction,
-  decideBatch,
-  deliveryPolicy,
   keyName,
-  leaseDecision,
-  meaningOf,
-  nextGroupRows,
-  planCalls,
-  reconcileWindow,
-  redriveVerdict,
-} from '../../src/metering/rules.js';
+} from '../../src/metering/rules/keys.js';
+import { planCalls } from '../../src/metering/rules/plan.js';
+import { backoffMs, deliveryPolicy } from '../../src/metering/rules/policy.js';
+import { reconcileWindow, redriveVerdict } from '../../src/metering/rules/reconcile.js';
 import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../../src/metering/stripe-meter.js';
 
 const NOW = new Date('2026-11-20T10:30:00Z');

@@ -21,13 +21,13 @@ import {
 } from '../../src/metering/delivery-sql.js';
 import { ONE_NODE } from '../../src/metering/delivery-sql-shapes.js';
 import { retryFailedRows } from '../../src/metering/redrive.js';
+import type { GroupSettlement } from '../../src/metering/rules/decision.js';
 import {
   type ClaimedKey,
   type CorrectionFacts,
-  type GroupSettlement,
   type KeyRef,
   keyName,
-} from '../../src/metering/rules.js';
+} from '../../src/metering/rules/keys.js';
 import { staleKeys } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
 import { seededRandom } from '../support/random.js';

@@ -6,7 +6,7 @@
 
 import { manualClock, sdk } from '@meterbox/stripe-emulator/testing';
 import { describe, expect } from 'vitest';
-import { meaningOf } from '../../src/metering/rules.js';
+import { meaningOf } from '../../src/metering/rules/answers.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV2Transport, MAX_STREAM_EVENTS } from '../../src/metering/transport-v2.js';
 import { stripeTest } from '../support/test.js';

@@ -1,6 +1,9 @@
 // The emulator's memory: meters, customers, accepted meter events with their identifier index,
 // per customer+meter totals, call counters and concurrency peaks. Plain data, serialisable to JSON
 // for the optional persistence file.
+//
+// Why this file is long: the emulator's whole memory as plain serialisable data: every Stripe object it
+// keeps, and its types, in one place.
 
 import { randomBytes } from 'node:crypto';
 import { type FaultCounters, zeroFaultCounters } from '@meterbox/emulator-kit';

@@ -1,11 +1,11 @@
 // One conformance suite for every destination transport (River's riverdrivertest is the model):
 // each transport's file calls `transportConformance` with a driver that starts the destination's
 // emulator and builds the transport on it; the suite asks the same questions of every one, a
-// describe block per concern, and reads the answers through rules.ts `meaningOf`, as delivery does.
+// describe block per concern, and reads the answers through rules/answers.ts `meaningOf`, as delivery does.
 // What only one transport does (v2 sessions, Metronome's corrections) stays in that transport's file.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { MeterEventName } from '../../../src/db/schema.js';
-import { meaningOf } from '../../../src/metering/rules.js';
+import { meaningOf } from '../../../src/metering/rules/answers.js';
 import type { MeterEventInput, SendOutcome } from '../../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../../src/metering/transport.js';
 

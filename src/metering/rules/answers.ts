@@ -1,0 +1,95 @@
+// What an answer means: for the group it answers (meaningOf) and for its destination's health
+// (destinationVerdict).
+
+import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../stripe-meter.js';
+import type { Answer } from './keys.js';
+
+/** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
+export function lateAmbiguous(answer: Answer): boolean {
+  const o = answer.outcome;
+  return (
+    answer.late === true && o?.kind === 'retryable' && (o.reason === 'timeout' || o.reason === 'network')
+  );
+}
+
+export type Meaning =
+  /** Stripe recorded it (now, or a duplicate: an earlier call with this identifier landed). */
+  | { kind: 'delivered'; duplicate: boolean }
+  /** v2: Stripe received it and validates for validationMs; the rows wait, never claimed again. */
+  | { kind: 'accepted' }
+  /** The timestamp fell outside Stripe's window: it can never be sent. */
+  | { kind: 'expired'; message: string }
+  /** 429: not the key's failure; resent within seconds, never counted, never dead-lettered. */
+  | { kind: 'rate_limited'; message: string }
+  /** Transient: counts toward the retry limit, backs off. */
+  | { kind: 'retry'; reason: string; message: string }
+  /**
+   * Stripe Connect: the connected account refused the platform access (deauthorized it). Not the
+   * group's failure: the rows stay pending, uncounted, and the key waits on the account's hold
+   * (destination-health.ts) until a probe or `account.application.authorized` ends it.
+   */
+  | { kind: 'held'; message: string }
+  /** Refused for good: the group fails and its job is dead-lettered. */
+  | { kind: 'failed'; reason: string; message: string };
+
+/**
+ * What an answer means for the group it answers. Metronome answers a repeated transaction_id like a
+ * new one (200, ignored as a duplicate), so its `accepted` is "delivered" whether or not an earlier
+ * call landed; its transport marks every answer that is about the whole ingest call (a 400 that one
+ * bad event causes for all, a 429, a 5xx, a reset) with scope `call`, and resends a refused call's
+ * events one by one to learn which event is refused. A refusal of a whole v2 stream call (scope `call`)
+ * is about the call, not about any one of its up to 100 events: it never says "duplicate" or "expired"
+ * of an event, so such answers are retried (each key on its own), never taken as delivered or expired.
+ */
+export function meaningOf(outcome: SendOutcome, options: { validating: boolean }): Meaning {
+  const wholeCall = outcome.scope === 'call';
+  switch (outcome.kind) {
+    case 'accepted':
+      return options.validating ? { kind: 'accepted' } : { kind: 'delivered', duplicate: false };
+    case 'duplicate':
+      if (wholeCall) return { kind: 'retry', reason: 'call_refused', message: outcome.message };
+      return options.validating ? { kind: 'accepted' } : { kind: 'delivered', duplicate: true };
+    case 'expired':
+      if (wholeCall) return { kind: 'retry', reason: 'call_refused', message: outcome.message };
+      return { kind: 'expired', message: outcome.message };
+    case 'retryable':
+      if (outcome.reason === 'rate_limited') return { kind: 'rate_limited', message: outcome.message };
+      if (outcome.reason === ACCOUNT_ACCESS_REFUSED) {
+        return { kind: 'held', message: `${ACCOUNT_ACCESS_REFUSED}: ${outcome.message}` };
+      }
+      return { kind: 'retry', reason: outcome.reason, message: `${outcome.reason}: ${outcome.message}` };
+    case 'permanent':
+      return {
+        kind: 'failed',
+        reason: outcome.reason,
+        message: `${outcome.reason}${outcome.status ? ` (${outcome.status})` : ''}: ${outcome.message}`,
+      };
+  }
+}
+
+/** Reasons of a retryable answer that are the destination's failure, not the event's or the key's. */
+const DESTINATION_FAILURES: ReadonlySet<string> = new Set(['server_error', 'timeout', 'network']);
+
+/**
+ * What an answer says of the destination (destination-health.ts). `failure`: it failed the call
+ * (5xx, a timeout, a connection error): counts toward an outage. `answered`: it answered as a working
+ * destination does (a 2xx, a duplicate, an event refused for its content, a conflict): ends one.
+ * `neutral`: a 429 says it works but is busy (the budget and Retry-After deal with that).
+ * `refused`: a connected account refused the platform access: the account is held at once.
+ */
+export function destinationVerdict(outcome: SendOutcome): 'failure' | 'answered' | 'neutral' | 'refused' {
+  if (outcome.kind !== 'retryable') return 'answered';
+  if (outcome.reason === 'rate_limited') return 'neutral';
+  if (outcome.reason === ACCOUNT_ACCESS_REFUSED) return 'refused';
+  return DESTINATION_FAILURES.has(outcome.reason) ? 'failure' : 'answered';
+}
+
+/** The reason a group waits on its destination's outage (logged, never counted). */
+export const DESTINATION_DOWN_REASON = 'destination_down';
+
+/**
+ * How long a group refused by its connected account waits when no hold is recorded for the account
+ * (destination health off: DESTINATION_DOWN_AFTER_FAILURES=0, or Citus): each key then looks again
+ * on its own, uncounted, once a minute.
+ */
+export const ACCESS_REFUSED_WAIT_MS = 60_000;
