@@ -4,6 +4,10 @@
 // connection meterbox holds is therefore bounded here: TCP keepalive finds an idle one dead, a
 // client-side deadline on every statement finds a busy one, and a connection whose statement missed
 // its deadline is destroyed, never handed out again. Listeners add a heartbeat (see ListenerHeartbeat).
+// Why this file is long: the deadline client (timing every statement, the worker's probe, the pool's
+// eviction) is most of it and shares the watch and destroyClient with the heartbeat and the server's
+// bounds; the client is the part to move to a file of its own (not done: src/db/deadline-probe.ts took
+// the probe).
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
