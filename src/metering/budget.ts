@@ -1,6 +1,7 @@
 // The account-wide Stripe call budget (migration 0008), shared by every worker process through one
-// row: a GCRA scheduler. Each call reserves the next free slot with one UPDATE ... RETURNING and waits
-// (holding nothing) until its slot, so calls reach Stripe evenly spaced at most `rate` per second,
+// row: a GCRA scheduler. A process reserves the next free slots with one UPDATE ... RETURNING and its
+// calls wait (holding nothing) for theirs, so calls reach the destination evenly spaced at `rate` per
+// second on average, and in no second of the workers' clock more than busiestSecondBound(rate),
 // whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
@@ -201,6 +202,53 @@ export function createSlotDispenser(
   eventsPerSecond: number | null = null,
   sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
 ): CallSlots {
+  return dispenseSlots(
+    (n) => reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow),
+    rate,
+    now,
+    eventsPerSecond,
+    sleep,
+  );
+}
+
+/**
+ * A reservation's answer is late by however long its statement and its reply took (the database's
+ * queue, the event loop handling the reply after a busy or frozen spell), and its slots start `waitMs`
+ * after the instant the database read its clock, somewhere between the statement's sending and its
+ * answer's handling. The window is placed at its latest possible start, so no call is made before its
+ * slot; and it ends at most RESERVATION_LAG_MS after its earliest possible end, so no call is made more
+ * than that after the reserved time: slots past that bound are dropped, never the calls. Without the
+ * bound a window answered late overlapped the next one (another process's, or this one's), and the two
+ * were sent in the same stretch of the sender's clock: a second above the rate the row keeps.
+ */
+export const RESERVATION_LAG_MS = 75;
+
+/**
+ * The most calls (or, for an events budget, events) any one second of the sender's own clock can
+ * carry at `rate`: every call is made within its reserved window stretched by RESERVATION_LAG_MS and
+ * a late wake-up's LATE_SLOT_MS, the row's windows never overlap, and one window holds at most
+ * MAX_SLOTS_PER_CHUNK slots or one call's units. The headroom the defaults keep below the published
+ * ceilings (billing/limits.ts) is this stretch plus the network's jitter.
+ */
+export function busiestSecondBound(rate: number, largestCallUnits = 1): number {
+  const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.round((rate * SLOT_CHUNK_MS) / 1000)));
+  const windowMs = (Math.max(chunk, Math.ceil(largestCallUnits)) * 1000) / rate;
+  // + 1 ms: the reservation's wait is rounded up to whole milliseconds.
+  return (
+    Math.floor((rate * (1000 + windowMs + RESERVATION_LAG_MS + LATE_SLOT_MS + 1)) / 1000) +
+    Math.ceil(largestCallUnits)
+  );
+}
+
+/** The dispenser over any reservation of `n` consecutive slots (the budget row's, or a test's model). */
+export function dispenseSlots(
+  reserveSlots: (n: number) => Promise<Reservation>,
+  rate: number,
+  now: () => number = Date.now,
+  eventsPerSecond: number | null = null,
+  sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+  reservationLagMs = RESERVATION_LAG_MS,
+): CallSlots {
   // The reserved time not handed out yet, on the host's clock: [cursor, end), `spacing` ms a slot.
   let cursor = 0;
   let end = 0;
@@ -214,12 +262,16 @@ export function createSlotDispenser(
 
   const reserve = async (units: number) => {
     const n = Math.max(chunk, Math.ceil(units - EPSILON_MS));
-    const r = await reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
+    const sentAt = now();
+    const r = await reserveSlots(n);
     if (r.granted) {
-      // What was left of the previous window is too little for the call that asked: dropped.
-      cursor = now() + r.waitMs;
+      // What was left of the previous window is too little for the call that asked: dropped. The new
+      // window starts at its latest possible instant and ends within RESERVATION_LAG_MS of its earliest
+      // possible end (a reply slower than that loses the difference, or the whole window).
+      const answeredAt = now();
       spacing = r.spacingMs;
-      end = cursor + n * spacing;
+      cursor = answeredAt + r.waitMs;
+      end = Math.min(cursor + n * spacing, sentAt + r.waitMs + n * spacing + reservationLagMs);
     }
     return { granted: r.granted, waitMs: r.waitMs };
   };
@@ -340,6 +392,7 @@ export function createBudgetedCaller(
   let waiting = 0;
   const reserve = async () => {
     const n = Math.max(1, Math.min(chunk, waiting));
+    const sentAt = now();
     const r = await reserveCalls(
       db,
       options.rate,
@@ -352,8 +405,11 @@ export function createBudgetedCaller(
       notBefore = now() + r.waitMs;
       return;
     }
+    // As the dispenser places a window (RESERVATION_LAG_MS): at its latest possible start, and no slot
+    // later than that bound after its earliest possible end.
     const first = now() + r.waitMs;
-    for (let i = 0; i < n; i++) slots.push(first + i * r.spacingMs);
+    const last = sentAt + r.waitMs + n * r.spacingMs + RESERVATION_LAG_MS;
+    for (let i = 0; i < n && first + (i + 1) * r.spacingMs <= last; i++) slots.push(first + i * r.spacingMs);
     // The caller's own pace, from the rate in force now (a 429 elsewhere slows it too).
     const own = Math.max(0.1, Math.min(options.maxPerSecond, options.share * r.rate));
     notBefore = first + (n * 1000) / own;
