@@ -201,6 +201,7 @@ export function createSlotDispenser(
   budgetRow = BUDGET_ROW.stripe,
   eventsPerSecond: number | null = null,
   sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+  onTrimmed?: (ms: number) => void,
 ): CallSlots {
   return dispenseSlots(
     (n) => reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow),
@@ -208,6 +209,8 @@ export function createSlotDispenser(
     now,
     eventsPerSecond,
     sleep,
+    RESERVATION_LAG_MS,
+    onTrimmed,
   );
 }
 
@@ -248,6 +251,8 @@ export function dispenseSlots(
   eventsPerSecond: number | null = null,
   sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
   reservationLagMs = RESERVATION_LAG_MS,
+  /** Milliseconds of a reserved window cut because its reply came late (the budget time lost). */
+  onTrimmed?: (ms: number) => void,
 ): CallSlots {
   // The reserved time not handed out yet, on the host's clock: [cursor, end), `spacing` ms a slot.
   let cursor = 0;
@@ -272,6 +277,8 @@ export function dispenseSlots(
       spacing = r.spacingMs;
       cursor = answeredAt + r.waitMs;
       end = Math.min(cursor + n * spacing, sentAt + r.waitMs + n * spacing + reservationLagMs);
+      const trimmed = Math.min(n * spacing, cursor + n * spacing - end);
+      if (trimmed > 0) onTrimmed?.(trimmed);
     }
     return { granted: r.granted, waitMs: r.waitMs };
   };

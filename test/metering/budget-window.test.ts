@@ -69,20 +69,26 @@ function busiestSecond(instants: number[]): number {
  * Runs PROCESSES processes of CALLERS callers until CALLS calls are made; the instants they are made
  * at. `reservationLagMs` Infinity: each window placed where its reply lands, unbounded (the rule off).
  */
-async function run(seed: number, reservationLagMs?: number): Promise<{ made: number[]; duration: number }> {
+async function run(
+  seed: number,
+  reservationLagMs?: number,
+  lateShare = 0.2,
+  stalls = true,
+): Promise<{ made: number[]; duration: number; trimmedMs: number }> {
   const prng = seededRandom(seed);
   const random = () => prng.next();
   const time = new VirtualTime();
   const reserveOnRow = budgetRow(time, RATE);
   const made: number[] = [];
+  let trimmedMs = 0;
   const processes = Array.from({ length: PROCESSES }, () => {
     // Now and then a stall of 20-100 ms (a collection, a burst of other work): nothing this process
     // does runs until it ends.
-    const stalls: [number, number][] = [];
-    for (let at = random() * 1_000; at < 120_000; at += 1_000 + random() * 2_000)
-      stalls.push([at, at + 20 + random() * 80]);
+    const stalled: [number, number][] = [];
+    for (let at = random() * 1_000; stalls && at < 120_000; at += 1_000 + random() * 2_000)
+      stalled.push([at, at + 20 + random() * 80]);
     const wake = (instant: number) => {
-      for (const [from, to] of stalls) if (instant >= from && instant < to) return to;
+      for (const [from, to] of stalled) if (instant >= from && instant < to) return to;
       return instant;
     };
     const now = () => time.now;
@@ -93,11 +99,13 @@ async function run(seed: number, reservationLagMs?: number): Promise<{ made: num
       // or an event loop busy with other work), and never during a stall.
       await time.at(time.now + 0.5 + random() * 2.5);
       const r = reserveOnRow(n);
-      const late = random() < 0.2 ? 50 + random() * 350 : 0;
+      const late = random() < lateShare ? 50 + random() * 350 : 0;
       await time.at(wake(time.now + 0.5 + random() * 2.5 + late));
       return r;
     };
-    return dispenseSlots(reserve, RATE, now, null, sleep, reservationLagMs);
+    return dispenseSlots(reserve, RATE, now, null, sleep, reservationLagMs, (ms) => {
+      trimmedMs += ms;
+    });
   });
   for (const slots of processes)
     for (let c = 0; c < CALLERS; c++)
@@ -109,7 +117,7 @@ async function run(seed: number, reservationLagMs?: number): Promise<{ made: num
         }
       })();
   await time.run(() => made.length >= CALLS);
-  return { made, duration: time.now };
+  return { made, duration: time.now, trimmedMs };
 }
 
 describe("the budget's window on the sender's clock", () => {
@@ -132,5 +140,15 @@ describe("the budget's window on the sender's clock", () => {
     for (let seed = 1; seed <= 8; seed++)
       worst = Math.max(worst, busiestSecond((await run(seed, Number.POSITIVE_INFINITY)).made));
     expect(worst).toBeGreaterThan(busiestSecondBound(RATE));
+  });
+
+  it('counts the budget time that late replies cost, and none when every reply is prompt', async () => {
+    const seed = testSeed();
+    const late = await run(seed);
+    expect(late.trimmedMs).toBeGreaterThan(0);
+    // No late reply and no stall: every window whole.
+    const prompt = await run(seed, undefined, 0, false);
+    expect(prompt.trimmedMs).toBe(0);
+    expect(busiestSecond(prompt.made)).toBeLessThanOrEqual(busiestSecondBound(RATE));
   });
 });
