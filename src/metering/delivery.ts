@@ -249,7 +249,7 @@ export async function startDelivery(
     }
     return out;
   };
-  // Budget time a late reservation reply cost (budget.ts RESERVATION_LAG_MS), for the metric.
+  // Reserved budget time that had passed when its reservation's reply was handled (budget.ts), for the metric.
   const onBudgetTrimmed = (ms: number) => options.observer?.onBudgetTrimmed?.(ms);
   const connectedFor = (distributed: boolean) => {
     const budget = connectedAccountBudget(ctx.config);

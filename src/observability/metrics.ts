@@ -371,7 +371,7 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     }),
     budgetTrimmed: new Counter({
       name: 'meterbox_delivery_budget_trimmed_seconds_total',
-      help: "Seconds of reserved call-budget time dropped because the reservation's reply was handled more than 75 ms after it was sent (a slow statement, a busy event loop): the slots it would have shifted past the booked time are not used, so the budget's busiest second holds",
+      help: "Seconds of reserved call-budget time that had already passed when the reservation's reply was handled (a reply later than the lead the worker books ahead: a slow statement, a busy event loop, a process's first reservations): those slots are dropped, never the calls, so the budget's busiest second holds",
       registers,
     }),
     deliveryPoolExhausted: new Counter({
