@@ -62,7 +62,7 @@ const ALONE = [
 export default defineConfig({
   test: {
     globalSetup: ['test/support/global-setup.ts'],
-    setupFiles: ['test/support/seed-report.ts'],
+    setupFiles: ['test/support/per-file.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
     pool: 'forks',
@@ -78,6 +78,14 @@ export default defineConfig({
         extends: true,
         test: {
           name: 'suite',
+          // A worker process runs file after file (vitest's default starts one per file, then imports
+          // the product's module graph again, about a second each on 2 cores). Nothing a file leaves is
+          // seen by the next: each file has its own database, its own contexts, emulators and servers
+          // (file-scoped fixtures, closed after it); the product keeps no module-level state but counters
+          // and constants (its composition root builds everything); the test kit's per-file hooks live
+          // in a set-up file (per-file.ts), which runs for every file; the few spies on console are
+          // restored by the test that makes them.
+          isolate: false,
           include: ['test/**/*.test.ts'],
           exclude: [...configDefaults.exclude, ...SLOW, ...ALONE],
           sequence: { groupOrder: 0 },
@@ -99,7 +107,7 @@ export default defineConfig({
           name: 'citus',
           include: ['test/citus/**/*.citus.ts'],
           globalSetup: ['test/support/citus-setup.ts'],
-          setupFiles: ['test/support/seed-report.ts'],
+          setupFiles: ['test/support/per-file.ts'],
           testTimeout: 60_000,
           hookTimeout: 120_000,
           pool: 'forks',
