@@ -1,7 +1,6 @@
 // The account-wide Stripe call budget (migration 0008), shared by every worker process through one
-// row: a GCRA scheduler. A process reserves the next free slots with one UPDATE ... RETURNING and its
-// calls wait (holding nothing) for theirs, so calls reach the destination evenly spaced at `rate` per
-// second on average, and in no second of the workers' clock more than busiestSecondBound(rate),
+// row: a GCRA scheduler. Each call reserves the next free slot with one UPDATE ... RETURNING and waits
+// (holding nothing) until its slot, so calls reach Stripe evenly spaced at most `rate` per second,
 // whatever the number of workers. A 429 halves the shared rate (at most once a second, down to 5%),
 // and the rate recovers linearly to the configured one over RECOVERY_SECONDS without a 429.
 //
@@ -63,12 +62,6 @@ export interface Reservation {
   spacingMs: number;
   /** Effective calls/s at reservation time. */
   rate: number;
-  /**
-   * The database's clock when it booked the slots, in epoch ms (the first slot is at clockMs + waitMs on
-   * that clock). Absent: a caller that does not read it (a test's fake); the window is then placed
-   * where its reply lands.
-   */
-  clockMs?: number;
 }
 
 /** Reserves `calls` consecutive slots of the shared budget, at most maxWaitMs ahead; one statement. */
@@ -79,45 +72,34 @@ export async function reserveCalls(
   maxWaitMs = BUDGET_MAX_WAIT_MS,
   distributed = false,
   budgetRow = BUDGET_ROW.stripe,
-  /** The first slot no earlier than the database's now + leadMs (the reply's expected lateness). */
-  leadMs = 0,
 ): Promise<Reservation> {
-  const lead = sql`${Math.max(0, leadMs) / 1000}::float8`;
   const wait = (now: RawBuilder<unknown>) =>
     sql`greatest(0, ceil((extract(epoch FROM b.tat - ${now}) - ${calls}::float8 / r.rate) * 1000))::int`;
   // On Citus (a single-shard table) the statement's instant is read once, in a materialized CTE, so
   // that every expression of the UPDATE is over columns (see plusSeconds) and the whole statement is
   // one router query that Citus sends to the row's node, where the clock is read.
   const result = distributed
-    ? await sql<{ wait_ms: number; rate: number; clock_ms: number }>`
+    ? await sql<{ wait_ms: number; rate: number }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
     r AS (SELECT c.now, ${effectiveRate(rate, sql`c.now`)} AS rate FROM meter_call_budget, c WHERE id = ${budgetRow}),
     u AS (
       UPDATE meter_call_budget b
-         SET tat = ${plusSeconds(sql`greatest(b.tat, ${plusSeconds(sql`r.now`, lead)})`, sql`${calls}::float8 / r.rate`)},
+         SET tat = ${plusSeconds(sql`greatest(b.tat, r.now)`, sql`${calls}::float8 / r.rate`)},
              calls = b.calls + ${calls}
         FROM r
        WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(sql`r.now`, sql`${maxWaitMs / 1000}::float8`)}
-      RETURNING ${wait(sql`r.now`)} AS wait_ms, r.rate::float8 AS rate,
-                (extract(epoch FROM r.now) * 1000)::float8 AS clock_ms)
+      RETURNING ${wait(sql`r.now`)} AS wait_ms, r.rate::float8 AS rate)
     SELECT * FROM u`.execute(db)
-    : await sql<{ wait_ms: number; rate: number; clock_ms: number }>`
+    : await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
-       SET tat = ${plusSeconds(sql`greatest(b.tat, ${plusSeconds(budgetClock(false), lead)})`, sql`${calls}::float8 / r.rate`)},
+       SET tat = ${plusSeconds(sql`greatest(b.tat, ${budgetClock(false)})`, sql`${calls}::float8 / r.rate`)},
            calls = b.calls + ${calls}
       FROM (SELECT ${effectiveRate(rate, budgetClock(false))} AS rate FROM meter_call_budget WHERE id = ${budgetRow}) r
      WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(budgetClock(false), sql`${maxWaitMs / 1000}::float8`)}
-    RETURNING ${wait(budgetClock(false))} AS wait_ms, r.rate::float8 AS rate,
-              (extract(epoch FROM ${budgetClock(false)}) * 1000)::float8 AS clock_ms`.execute(db);
+    RETURNING ${wait(budgetClock(false))} AS wait_ms, r.rate::float8 AS rate`.execute(db);
   const row = result.rows[0];
   if (!row) return { granted: false, waitMs: maxWaitMs, spacingMs: 1000 / rate, rate };
-  return {
-    granted: true,
-    waitMs: row.wait_ms,
-    spacingMs: 1000 / row.rate,
-    rate: row.rate,
-    clockMs: Number(row.clock_ms),
-  };
+  return { granted: true, waitMs: row.wait_ms, spacingMs: 1000 / row.rate, rate: row.rate };
 }
 
 /** A 429: every worker slows down (multiplicative decrease, at most once a second). One statement. */
@@ -221,147 +203,7 @@ export function createSlotDispenser(
   budgetRow = BUDGET_ROW.stripe,
   eventsPerSecond: number | null = null,
   sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
-  onTrimmed?: (ms: number) => void,
 ): CallSlots {
-  return dispenseSlots(
-    (n, leadMs) => reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow, leadMs),
-    rate,
-    now,
-    eventsPerSecond,
-    sleep,
-    CLOCK_OFFSET_MEMORY_MS,
-    onTrimmed,
-  );
-}
-
-/**
- * A reservation's reply is late by however long its statement and its reply took (the network to a
- * distant database, a slow or CPU-starved one, the event loop handling the reply after a busy or frozen
- * spell), so a window placed where its reply lands starts that much later on the process's clock than
- * the database booked it. With a variable lateness, two windows the row booked one after the other then
- * overlap on the sender's clock (another process's, or this one's): each process within the budget,
- * their calls together above it. (Cutting each window to what its round trip leaves certain, as this
- * module did before, keeps them apart but starves a distant or slow database: half the rate with every
- * reply 100 ms late, no call at all at 200 ms, every window cut whole.)
- * So every window is placed on the database's clock: its slots start at the instant the database booked
- * (clockMs + waitMs) plus one offset between the database's clock and this process's, the same for
- * every window, so windows the row keeps apart stay apart whatever each reply cost. The offset is the
- * largest (sentAt - clockMs) seen in the last CLOCK_OFFSET_MEMORY_MS: the clocks' true offset less the
- * fastest statement's leg to the database's clock read (the network's one way, a parse, no queue), a
- * floor every process reaching the same database shares. The bound assumes the processes' offsets
- * agree within RESERVATION_LAG_MS; a process's first reservations can miss that when the statement's
- * leg varies (a pool's queue, the row's lock) and the busiest second of the first seconds can pass it.
- * A reply is then late by its round trip less that floor, and would find its window started: the row is
- * asked for slots no earlier than its now + leadMs, the lateness recently seen (decaying max + 10 ms, at
- * most BUDGET_MAX_LEAD_MS), so the window arrives before it starts. Reserved time that has passed when
- * its reply is handled all the same is dropped, never the calls (`onTrimmed` counts it).
- */
-export const RESERVATION_LAG_MS = 75;
-
-/** How long a reservation's reading of the database's clock counts toward the clocks' offset. */
-export const CLOCK_OFFSET_MEMORY_MS = 30_000;
-/**
- * Most a reservation asks the row to book ahead of the database's now. Half the most a reservation may
- * wait, so a reservation with the most lead still finds room in the row (BUDGET_MAX_WAIT_MS).
- */
-export const BUDGET_MAX_LEAD_MS = BUDGET_MAX_WAIT_MS / 2;
-/** The lead above the lateness seen: the jitter of timers and replies. */
-const LEAD_MARGIN_MS = 10;
-/** Once replies are prompt again, the lead falls back this many ms per second. */
-const LEAD_DECAY_MS_PER_S = 100;
-
-/** Where one process places its reserved windows on its own clock, and how far ahead it reserves. */
-export interface WindowPlacement {
-  /** How far after the database's now the next reservation's first slot should be. */
-  leadMs(): number;
-  /**
-   * The instant, on this process's clock, of reservation `r`'s first slot; its statement was sent at
-   * `sentAt` and its reply handled at `answeredAt`.
-   */
-  place(sentAt: number, answeredAt: number, r: Reservation): number;
-}
-
-/** The smallest value pushed in the last `memoryMs` to `memoryMs / 2` (two half-memory buckets). */
-function slidingMin(memoryMs: number) {
-  let bucketStart = Number.NEGATIVE_INFINITY;
-  let bucketMin = Number.POSITIVE_INFINITY;
-  let previousMin = Number.POSITIVE_INFINITY;
-  return (at: number, value: number): number => {
-    if (at - bucketStart >= memoryMs / 2) {
-      previousMin = at - bucketStart >= memoryMs ? Number.POSITIVE_INFINITY : bucketMin;
-      bucketMin = Number.POSITIVE_INFINITY;
-      bucketStart = at;
-    }
-    bucketMin = Math.min(bucketMin, value);
-    return Math.min(previousMin, bucketMin);
-  };
-}
-
-/**
- * The process's offset to the database's clock and the lead. `memoryMs` 0, or a reservation without
- * the database's clock: each window placed where its reply lands (no common offset; the tests' control).
- */
-export function placeWindows(memoryMs = CLOCK_OFFSET_MEMORY_MS): WindowPlacement {
-  // The database read its clock after the statement was sent: the offset (this clock - the database's)
-  // is at least every (sentAt - clockMs), and the fastest statement recently seen says it within its
-  // leg's floor (the network's one way, a statement's parse). The reply's side is not used: its
-  // lateness (a commit, a busy event loop handling it, a stall) is what varies, and a process sees few
-  // replies a second, so the fastest of them differs from one process to the next by far more than the
-  // fastest request leg does.
-  const fastestRequest = slidingMin(memoryMs);
-  let lead = 0;
-  let leadAt = 0;
-  let lastAnswer = 0;
-  const leadAtInstant = (t: number) =>
-    Math.max(0, lead - (Math.max(0, t - leadAt) * LEAD_DECAY_MS_PER_S) / 1000);
-  return {
-    leadMs: () => leadAtInstant(lastAnswer),
-    place(sentAt, answeredAt, r) {
-      lastAnswer = answeredAt;
-      if (r.clockMs === undefined || memoryMs <= 0) return answeredAt + r.waitMs;
-      const offset = -fastestRequest(answeredAt, r.clockMs - sentAt);
-      const wanted = Math.min(BUDGET_MAX_LEAD_MS, answeredAt - r.clockMs - offset + LEAD_MARGIN_MS);
-      if (wanted >= leadAtInstant(answeredAt)) {
-        lead = wanted;
-        leadAt = answeredAt;
-      }
-      return r.clockMs + r.waitMs + offset;
-    },
-  };
-}
-
-/**
- * The most calls (or, for an events budget, events) any one second of the sender's own clock can
- * carry at `rate`: every call is made within its reserved window, moved by its process's offset to the
- * database's clock (the processes' offsets within RESERVATION_LAG_MS of each other), or later by
- * a late wake-up's LATE_SLOT_MS, the row's windows never overlap, and one window holds at most
- * MAX_SLOTS_PER_CHUNK slots or one call's units. The headroom the defaults keep below the published
- * ceilings (billing/limits.ts) is this stretch plus the network's jitter.
- */
-export function busiestSecondBound(rate: number, largestCallUnits = 1): number {
-  const chunk = Math.max(1, Math.min(MAX_SLOTS_PER_CHUNK, Math.round((rate * SLOT_CHUNK_MS) / 1000)));
-  const windowMs = (Math.max(chunk, Math.ceil(largestCallUnits)) * 1000) / rate;
-  // + 1 ms: the reservation's wait is rounded up to whole milliseconds.
-  return (
-    Math.floor((rate * (1000 + windowMs + RESERVATION_LAG_MS + LATE_SLOT_MS + 1)) / 1000) +
-    Math.ceil(largestCallUnits)
-  );
-}
-
-/** The dispenser over any reservation of `n` consecutive slots (the budget row's, or a test's model). */
-export function dispenseSlots(
-  /** Reserves `n` consecutive slots, the first no earlier than the database's now + leadMs. */
-  reserveSlots: (n: number, leadMs: number) => Promise<Reservation>,
-  rate: number,
-  now: () => number = Date.now,
-  eventsPerSecond: number | null = null,
-  sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
-  /** How long a clock reading counts toward the offset (placeWindows; 0: windows where replies land). */
-  offsetMemoryMs = CLOCK_OFFSET_MEMORY_MS,
-  /** Milliseconds of a reserved window that had passed when its reply was handled (the budget time lost). */
-  onTrimmed?: (ms: number) => void,
-): CallSlots {
-  const placement = placeWindows(offsetMemoryMs);
   // The reserved time not handed out yet, on the host's clock: [cursor, end), `spacing` ms a slot.
   let cursor = 0;
   let end = 0;
@@ -375,17 +217,12 @@ export function dispenseSlots(
 
   const reserve = async (units: number) => {
     const n = Math.max(chunk, Math.ceil(units - EPSILON_MS));
-    const sentAt = now();
-    const r = await reserveSlots(n, placement.leadMs());
+    const r = await reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
     if (r.granted) {
-      // What was left of the previous window is too little for the call that asked: dropped. The new
-      // window is placed on the database's clock (placeWindows); what of it has passed is dropped.
-      const answeredAt = now();
+      // What was left of the previous window is too little for the call that asked: dropped.
+      cursor = now() + r.waitMs;
       spacing = r.spacingMs;
-      cursor = placement.place(sentAt, answeredAt, r);
       end = cursor + n * spacing;
-      const passed = Math.min(n * spacing, answeredAt - STALE_SLOT_MS - cursor);
-      if (passed > 0) onTrimmed?.(passed);
     }
     return { granted: r.granted, waitMs: r.waitMs };
   };
@@ -504,10 +341,8 @@ export function createBudgetedCaller(
 
   /** Calls waiting for a slot: a reservation takes no more than they use (a slot nobody takes is lost to delivery). */
   let waiting = 0;
-  const placement = placeWindows();
   const reserve = async () => {
     const n = Math.max(1, Math.min(chunk, waiting));
-    const sentAt = now();
     const r = await reserveCalls(
       db,
       options.rate,
@@ -515,14 +350,12 @@ export function createBudgetedCaller(
       BUDGET_MAX_WAIT_MS,
       options.distributed === true,
       options.budgetRow,
-      placement.leadMs(),
     );
     if (!r.granted) {
       notBefore = now() + r.waitMs;
       return;
     }
-    // As the dispenser places a window: on the database's clock, through this caller's offset to it.
-    const first = placement.place(sentAt, now(), r);
+    const first = now() + r.waitMs;
     for (let i = 0; i < n; i++) slots.push(first + i * r.spacingMs);
     // The caller's own pace, from the rate in force now (a 429 elsewhere slows it too).
     const own = Math.max(0.1, Math.min(options.maxPerSecond, options.share * r.rate));

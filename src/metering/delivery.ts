@@ -255,8 +255,6 @@ export async function startDelivery(
     }
     return out;
   };
-  // Reserved budget time that had passed when its reservation's reply was handled (budget.ts), for the metric.
-  const onBudgetTrimmed = (ms: number) => options.observer?.onBudgetTrimmed?.(ms);
   const connectedFor = (distributed: boolean) => {
     const budget = connectedAccountBudget(ctx.config);
     const accounts = new Map<string, Promise<ConnectedDeps>>();
@@ -267,16 +265,7 @@ export async function startDelivery(
         transport: onConnectedAccount(transport, account),
         hold: { until: 0 },
         // Each connected account its own budget row, shared by every worker like the platform's.
-        slots: createSlotDispenser(
-          ctx.db,
-          budget.callsPerSecond,
-          monotonicNow,
-          distributed,
-          row,
-          null,
-          undefined,
-          onBudgetTrimmed,
-        ),
+        slots: createSlotDispenser(ctx.db, budget.callsPerSecond, monotonicNow, distributed, row, null),
         ...(corrections ? { corrections: correctionsOnConnectedAccount(corrections, account) } : {}),
         ...(stripeCatalog ? { catalog: stripeCatalog } : {}),
         rateLimited: () => recordRateLimited(ctx.db, budget.callsPerSecond, distributed, row),
@@ -339,8 +328,6 @@ export async function startDelivery(
       distributed,
       BUDGET_ROW.stripe,
       stripeBudget(ctx.config).eventsPerSecond,
-      undefined,
-      onBudgetTrimmed,
     ),
     config: ctx.config,
     clock: ctx.clock,
@@ -364,8 +351,6 @@ export async function startDelivery(
               distributed,
               BUDGET_ROW.metronome,
               metronomeBudget(ctx.config).eventsPerSecond,
-              undefined,
-              onBudgetTrimmed,
             ),
             ...(ctx.metronome ? { corrections: createMetronomeCorrectionClient(ctx.metronome) } : {}),
             ...(options.metronomeCatalog ? { catalog: options.metronomeCatalog } : {}),

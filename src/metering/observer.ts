@@ -32,7 +32,5 @@ export interface DeliveryObserver {
   /** A batch's settle was refused for `keys` keys: its lease had run out (a freeze, a slow statement). */
   onStaleLease?(keys: number): void;
   /** The wait for a call's budget slot woke too late to use it (budget.ts LATE_SLOT_MS): passed slots dropped. */
-  /** Milliseconds of a reserved budget window cut because its reservation's reply came late. */
-  onBudgetTrimmed?(ms: number): void;
   onLateSlot?(): void;
 }

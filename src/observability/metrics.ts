@@ -97,7 +97,6 @@ export interface Metrics {
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
   readonly lateSlots: Counter;
-  readonly budgetTrimmed: Counter;
   /** Delivery batches run again because the worker's pool had no free connection within its connect timeout. */
   readonly deliveryPoolExhausted: Counter;
   // --- alerts and outgoing webhooks (issue 45) ---
@@ -378,11 +377,6 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     lateSlots: new Counter({
       name: 'meterbox_delivery_late_slots_total',
       help: "Wake-ups for the next call's budget slot more than 25 ms late (a busy event loop, a CPU-starved or frozen worker): the slots that passed were dropped, the calls went at the next ones",
-      registers,
-    }),
-    budgetTrimmed: new Counter({
-      name: 'meterbox_delivery_budget_trimmed_seconds_total',
-      help: "Seconds of reserved call-budget time that had already passed when the reservation's reply was handled (a reply later than the lead the worker books ahead: a slow statement, a busy event loop, a process's first reservations): those slots are dropped, never the calls, so the budget's busiest second holds",
       registers,
     }),
     deliveryPoolExhausted: new Counter({

@@ -43,9 +43,6 @@ export function metricsDeliveryObserver(metrics: Metrics): DeliveryObserver {
     onLateSlot() {
       metrics.lateSlots.inc();
     },
-    onBudgetTrimmed(ms) {
-      metrics.budgetTrimmed.inc(ms / 1000);
-    },
     onPoolExhausted() {
       metrics.deliveryPoolExhausted.inc();
     },

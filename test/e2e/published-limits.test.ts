@@ -3,16 +3,12 @@
 // budget 4,000), their hourly active_sensors report written unpaced for the current hour and the
 // previous one (a backlog: two groups per key, all queued at once), delivered by two worker processes
 // sharing the budget rows. The emulators enforce the ceilings and answer 429 above them: no 429 is
-// answered, in no second did either emulator receive more than its ceiling, and in no second of the
-// sender's own clock did the workers start more Stripe calls than the budget guarantees.
-import { subscribe } from 'node:diagnostics_channel';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
+// answered, and in no second did either emulator receive more than its ceiling.
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
 import { CEILINGS } from '../../src/billing/limits.js';
 import { runHourlyReport } from '../../src/metering/active-sensors-job.js';
-import { busiestSecondBound } from '../../src/metering/budget.js';
 import { destinationCustomer } from '../../src/metering/destinations.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
 import { createBulkOrganizations } from '../metering/active-sensors-fixtures.js';
@@ -23,23 +19,6 @@ const CUSTOMERS = 10_000;
 const BACKLOG = 2_000;
 const metronome = await startMetronomeEmulator({ seed: 44 });
 afterAll(() => metronome.stop());
-
-// The sender's instants: when a worker starts each call (Stripe's SDK through node:http, Metronome's
-// through fetch), on the same clock the emulators stamp their receipt with. The workers, both emulators
-// and this file share one process, so a stall of its event loop delays the emulators' handling too.
-const sent: { stripe: number[]; metronome: number[] } = { stripe: [], metronome: [] };
-const onRequest = (path: string) => {
-  if (path.startsWith('/v1/billing/meter_events')) sent.stripe.push(Date.now());
-  else if (path.startsWith('/v1/ingest')) sent.metronome.push(Date.now());
-};
-subscribe('http.client.request.start', (message) => {
-  onRequest((message as { request: { path: string } }).request.path);
-});
-subscribe('undici:request:create', (message) => {
-  onRequest((message as { request: { path: string } }).request.path);
-});
-const loopDelay = monitorEventLoopDelay({ resolution: 10 });
-loopDelay.enable();
 
 const it = stripeTest({
   // Live mode: Stripe's default limits (1,000 v1 calls/s); no budget setting overrides a default.
@@ -135,10 +114,7 @@ describe('the published ceilings at the default budgets', () => {
       780_000,
       2_000,
     );
-    loopDelay.disable();
-    console.log(
-      `delivered in ${Math.round((Date.now() - started) / 1000)} s; event-loop delay p50 ${Math.round(loopDelay.percentile(50) / 1e6)} ms, p99 ${Math.round(loopDelay.percentile(99) / 1e6)} ms, max ${Math.round(loopDelay.max / 1e6)} ms`,
-    );
+    console.log(`delivered in ${Math.round((Date.now() - started) / 1000)} s`);
     const { rows } = await sql<{ destination: string; status: string; n: number }>`
       SELECT destination, status, count(*)::int AS n FROM meter_outbox GROUP BY 1, 2 ORDER BY 1, 2`.execute(
       ctx.db,
@@ -153,18 +129,9 @@ describe('the published ceilings at the default budgets', () => {
     expect(metronome.counters().rateLimited).toBe(0);
     const stripeCalls = busiestSecond(emulator.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
     const metronomeEvents = busiestSecond(metronome.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
-    // At the sender: the budget's own guarantee (budget.ts busiestSecondBound), on the clock of the
-    // workers that make the calls; the emulators' instants add however late this process handled them.
-    const ones = (instants: number[]) => instants.map((at) => ({ at, weight: 1 }));
-    const stripeSent = busiestSecond(ones(sent.stripe));
     console.log(
-      `at the sender: Stripe ${sent.stripe.length} calls, busiest second ${stripeSent} (bound ${busiestSecondBound(800)}); Metronome ${sent.metronome.length} calls, busiest second ${busiestSecond(ones(sent.metronome))} calls`,
+      `busiest second: Stripe ${stripeCalls} v1 calls (ceiling ${CEILINGS['stripe-live-v1'].callsPerSecond}, budget 800); Metronome ${metronomeEvents} events (ceiling ${CEILINGS.metronome.eventsPerSecond}, budget 4,000)`,
     );
-    console.log(
-      `at the emulators: Stripe ${stripeCalls} v1 calls in the busiest second (ceiling ${CEILINGS['stripe-live-v1'].callsPerSecond}, budget 800); Metronome ${metronomeEvents} events (ceiling ${CEILINGS.metronome.eventsPerSecond}, budget 4,000)`,
-    );
-    expect(sent.stripe.length).toBeGreaterThanOrEqual(emulator.events().length);
-    expect(stripeSent).toBeLessThanOrEqual(busiestSecondBound(800));
     expect(stripeCalls).toBeLessThanOrEqual(CEILINGS['stripe-live-v1'].callsPerSecond!);
     expect(metronomeEvents).toBeLessThanOrEqual(CEILINGS.metronome.eventsPerSecond!);
   }, 840_000);
