@@ -33,8 +33,8 @@ describe('loadConfig', () => {
     expect(callsPerSecond(config)).toBe(25);
     expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toBe(25);
     expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_test_x' }))).toBe(25);
-    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toBe(800);
-    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toBe(800);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toBe(700);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toBe(700);
     expect(
       callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x', STRIPE_MAX_CALLS_PER_SECOND: '500' })),
     ).toBe(500);

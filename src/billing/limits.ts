@@ -123,20 +123,22 @@ export function stripeAccountKind(
 }
 
 /**
- * STRIPE_MAX_CALLS_PER_SECOND, or its default: 25 for test-mode keys (a sandbox's limit), 800 for
- * live keys (Stripe allows 1,000 v1 meter-event calls/s; 20% headroom for the platform's other
- * Stripe calls on the same account, clock skew between the shared scheduler and Stripe's window, and
- * retries).
+ * STRIPE_MAX_CALLS_PER_SECOND, or its default: 25 for test-mode keys (a sandbox's limit), 700 for
+ * live keys (Stripe allows 1,000 v1 meter-event calls/s). 30% headroom: the platform's other Stripe
+ * calls on the same account, clock skew between the shared scheduler and Stripe's window, retries, and
+ * the budget's own overlap: several worker processes each place their reserved window where its reply
+ * lands, so a late reply can put two windows in one second (at 800 the receiver counted up to 995 calls
+ * in a second, test/e2e/published-limits; a fix on the sender's clock is not landed yet).
  */
 export function stripeCallsPerSecond(
   config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY'>,
 ) {
   if (config.STRIPE_MAX_CALLS_PER_SECOND !== undefined) return config.STRIPE_MAX_CALLS_PER_SECOND;
-  return /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY ?? '') ? 800 : 25;
+  return /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY ?? '') ? 700 : 25;
 }
 
 /**
- * Stripe's budget: STRIPE_MAX_CALLS_PER_SECOND (unset: 25 in a sandbox, 800 live) and, on the v2 stream
+ * Stripe's budget: STRIPE_MAX_CALLS_PER_SECOND (unset: 25 in a sandbox, 700 live) and, on the v2 stream
  * in live mode, STRIPE_MAX_EVENTS_PER_SECOND (unset: 8,000 of the stream's 10,000).
  */
 export function stripeBudget(config: StripeBudgetConfig): Budget {

@@ -1,5 +1,5 @@
 // Every published ceiling kept at the defaults (issue 44): 10,000 billable customers, half billed at
-// Stripe with a live key (v1: 1,000 calls/s, the budget 800) and half at Metronome (5,000 events/s, the
+// Stripe with a live key (v1: 1,000 calls/s, the budget 700) and half at Metronome (5,000 events/s, the
 // budget 4,000), their hourly active_sensors report written unpaced for the current hour and the
 // previous one (a backlog: two groups per key, all queued at once), delivered by two worker processes
 // sharing the budget rows. The emulators enforce the ceilings and answer 429 above them: no 429 is
@@ -130,7 +130,7 @@ describe('the published ceilings at the default budgets', () => {
     const stripeCalls = busiestSecond(emulator.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
     const metronomeEvents = busiestSecond(metronome.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
     console.log(
-      `busiest second: Stripe ${stripeCalls} v1 calls (ceiling ${CEILINGS['stripe-live-v1'].callsPerSecond}, budget 800); Metronome ${metronomeEvents} events (ceiling ${CEILINGS.metronome.eventsPerSecond}, budget 4,000)`,
+      `busiest second: Stripe ${stripeCalls} v1 calls (ceiling ${CEILINGS['stripe-live-v1'].callsPerSecond}, budget 700); Metronome ${metronomeEvents} events (ceiling ${CEILINGS.metronome.eventsPerSecond}, budget 4,000)`,
     );
     expect(stripeCalls).toBeLessThanOrEqual(CEILINGS['stripe-live-v1'].callsPerSecond!);
     expect(metronomeEvents).toBeLessThanOrEqual(CEILINGS.metronome.eventsPerSecond!);

@@ -196,7 +196,7 @@ describe("the report's pace", () => {
   } as const;
 
   it("follows the default destination's delivery rate within its bounds, unless ACTIVE_SENSORS_PER_SECOND is set", () => {
-    // v1 live: 800 calls/s, one event a call: the floor.
+    // v1 live: 700 calls/s, one event a call: the floor.
     expect(reportPace(base)).toBe(REPORT_PACE_BOUNDS.min);
     // v1 with a budget above the floor: that budget.
     expect(reportPace({ ...base, STRIPE_MAX_CALLS_PER_SECOND: 2_500 })).toBe(2_500);

@@ -50,7 +50,7 @@ describe('the budget in calls and events', () => {
     });
     expect(stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toMatchObject({
       kind: 'stripe-live-v1',
-      callsPerSecond: 800,
+      callsPerSecond: 700,
       eventsPerSecond: null,
     });
     expect(
