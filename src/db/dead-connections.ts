@@ -6,13 +6,11 @@
 // its deadline is destroyed, never handed out again. Listeners add a heartbeat (see ListenerHeartbeat).
 // Why this file is long: the deadline client (timing every statement, the worker's probe, the pool's
 // eviction) is most of it and shares the watch and destroyClient with the heartbeat and the server's
-// bounds; the client is the part to move to a file of its own (not done: src/db/deadline-probe.ts took
-// the probe).
+// bounds; the client is the part to move to a file of its own.
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
-import type { DeadlineProbe } from './deadline-probe.js';
-import { PROBE_MAX_DEADLINES } from './deadline-probe.js';
+import { type DeadlineProbe, PROBE_MAX_DEADLINES } from './deadline-probe.js';
 
 /** Why a connection was given up: a statement missed its deadline, or a listener's heartbeat did. */
 export type ReplacedReason = 'deadline' | 'heartbeat';
@@ -76,16 +74,18 @@ export function longStatements<T>(fn: () => Promise<T>): Promise<T> {
   return longScope.run(true, fn);
 }
 
-/** A query's first argument with pg's per-query `query_timeout` set (pg reads it before the pool's). */
-function withDeadline(config: unknown, deadlineMs: number): unknown {
-  if (typeof config === 'string') return { text: config, query_timeout: deadlineMs };
-  if (typeof config !== 'object' || config === null) return config;
-  // A submittable (pg-cursor, Kysely's streams) is the query itself: pg reads the option off it.
-  if (typeof (config as { submit?: unknown }).submit === 'function') {
-    Object.assign(config, { query_timeout: deadlineMs });
-    return config;
-  }
-  return { ...config, query_timeout: deadlineMs };
+/**
+ * Whether a query's first argument is a submittable (pg-cursor, Kysely's streams): the query itself,
+ * timed by pg through the `query_timeout` it reads off it, not by the deadline client.
+ */
+const isSubmittable = (config: unknown): config is { submit: unknown } =>
+  typeof config === 'object' &&
+  config !== null &&
+  typeof (config as { submit?: unknown }).submit === 'function';
+
+/** A submittable with pg's per-query `query_timeout` set on it. */
+function submittableWithDeadline(config: { submit: unknown }, deadlineMs: number): unknown {
+  return Object.assign(config, { query_timeout: deadlineMs });
 }
 
 /** A pg.Client class built by deadlineClient; attach() tells it its pool (for the eviction). */
@@ -108,7 +108,7 @@ const scopedDeadline = (config: unknown): number | undefined =>
 function withScopedDeadline(config: unknown, deadlineMs: number): unknown {
   if (typeof config === 'string') return { text: config, [SCOPED]: deadlineMs };
   if (typeof config !== 'object' || config === null) return config;
-  if (typeof (config as { submit?: unknown }).submit === 'function') return withDeadline(config, deadlineMs);
+  if (isSubmittable(config)) return submittableWithDeadline(config, deadlineMs);
   return { ...config, [SCOPED]: deadlineMs };
 }
 
@@ -168,12 +168,8 @@ export function deadlineClient(
       (this as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
         const sentAt = performance.now();
         const first = args[0];
-        if (
-          typeof first === 'object' &&
-          first !== null &&
-          typeof (first as { submit?: unknown }).submit === 'function'
-        ) {
-          if (long() && !hasDeadline(first)) args[0] = withDeadline(first, longDeadlineMs);
+        if (isSubmittable(first)) {
+          if (long() && !hasDeadline(first)) args[0] = submittableWithDeadline(first, longDeadlineMs);
           return this.timedByPg(query, args, settled, sentAt);
         }
         if (hasDeadline(first)) return this.timedByPg(query, args, settled, sentAt);
