@@ -1,0 +1,313 @@
+// The worker processes: each runs the real batch (src/metering/batch.ts, the code under test) in its
+// fetchers, its lease reaper, the active-sensor report at start-up and on the hourly schedule, and
+// reads the meter catalog, all through the modelled database and destinations. Also the spin check:
+// a key's jobs that neither call nor wait for a reason are work for nothing.
+
+import { pino } from 'pino';
+import type { Destination, MeterEventName } from '../../src/db/schema.js';
+import type { Logger } from '../../src/log.js';
+import { utcHourOf } from '../../src/metering/active-sensors.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import { keyName } from '../../src/metering/rules/keys.js';
+import type { Database } from './database.js';
+import type { Destinations } from './destinations.js';
+import { HOSTS } from './hostile.js';
+import type { Job } from './model.js';
+import {
+  CATALOG_HELD_REFRESH_SECONDS,
+  CATALOG_REFRESH_SECONDS,
+  IDLE_POLL_MS,
+  notifyAll,
+  REAP_MS,
+  START,
+  type Worker,
+  type World,
+} from './world.js';
+
+/**
+ * The batch's logger: silent, and without the redaction the service's logger sets up (each child
+ * logger of a batch would compile it again). One for every seed: a silent logger keeps no state.
+ */
+const SILENT: Logger = pino({ level: 'silent' });
+
+export interface Workers {
+  /** A new worker process, started now. */
+  start(): Worker;
+  /** The meter catalog read again (meter-catalog.ts): its held keys released for meters that are back. */
+  refreshCatalog(): void;
+}
+
+/**
+ * The worker processes of a world, none started yet: schedules the meter catalog's refresh and the
+ * hourly report, and wakes idle fetchers when a job is queued.
+ */
+export function workersOf(world: World, database: Database, destinations: Destinations): Workers {
+  const { sched, db, spec, mutations, stripe, log, violate, now, dbNow } = world;
+  const { statement, storeOf, slotsOf, claimsRunning } = database;
+  const idleRuns = new Map<string, number[]>();
+
+  // ── the meter catalog (meter-catalog.ts): one view, refreshed on a timer or on a report ──
+  const view: Record<MeterEventName, boolean> = { temperature_readings: true, active_sensors: true };
+  const releaseHeld = (eventName: MeterEventName) => {
+    if (!view[eventName]) return;
+    const keys = db.releaseHeld(eventName);
+    for (const k of keys) db.insertJob(k, dbNow());
+    if (keys.length > 0) {
+      log(`catalog released ${keys.length} held ${eventName} keys`);
+      notifyAll(world);
+    }
+  };
+  const refreshCatalog = () => {
+    for (const m of ['temperature_readings', 'active_sensors'] as const) {
+      if (view[m] !== stripe.meters[m]) log(`catalog: ${m} ${stripe.meters[m] ? 'back' : 'missing'}`);
+      view[m] = stripe.meters[m];
+      if (view[m]) releaseHeld(m);
+    }
+  };
+  const scheduleCatalog = () => {
+    const seconds = Object.values(view).every(Boolean)
+      ? CATALOG_REFRESH_SECONDS
+      : CATALOG_HELD_REFRESH_SECONDS;
+    sched.after(seconds * 1000, () => {
+      refreshCatalog();
+      scheduleCatalog();
+    });
+  };
+  scheduleCatalog();
+
+  // pg-boss wakes an idle fetcher when a job is queued (NOTIFY) and the process's own timer when a
+  // deferred job comes due (delivery.ts wakeAfter); the poll is only a backstop.
+  db.onJob = (startAfter) => {
+    if (startAfter <= dbNow()) notifyAll(world);
+    else sched.after(startAfter - dbNow() + 5, () => notifyAll(world));
+  };
+
+  // ── the hourly active-sensor report (active-sensors-job.ts): at a worker's start-up and on the
+  // hourly schedule, whose job the database's clock creates; the hour it reports is the database's ──
+  const reportHour = (w: Worker, trigger: string) => {
+    if (!w.alive) return;
+    const at = mutations.has('reportHourFromHostClock') ? world.wallClockOf(w.host)() : dbNow();
+    const hour = utcHourOf(new Date(at)).getTime();
+    const dbHour = utcHourOf(new Date(dbNow())).getTime();
+    world.counts.reports++;
+    log(`${w.id} ${trigger} active-sensor report for ${new Date(hour).toISOString()}`);
+    if (hour !== dbHour)
+      violate(
+        `${w.id}'s ${trigger} report is stamped ${new Date(hour).toISOString()} while the database is in ${new Date(dbHour).toISOString()}`,
+      );
+  };
+  const hourly = () => {
+    const w = world.workers.find((x) => x.alive);
+    if (w) w.gate(() => reportHour(w, 'hourly'));
+    const nextHour = utcHourOf(new Date(dbNow())).getTime() + 3_600_000;
+    sched.after(nextHour - dbNow() + 1, hourly);
+  };
+  sched.after(utcHourOf(new Date(dbNow())).getTime() + 3_600_000 - dbNow() + 1, hourly);
+
+  let workerCount = 0;
+  const start = (): Worker => {
+    const w: Worker = {
+      id: `w${workerCount++}`,
+      alive: true,
+      reapArmed: false,
+      reap: () => {},
+      inFlight: new Set(),
+      wake: [],
+      host: workerCount % HOSTS,
+      frozenUntil: Number.NEGATIVE_INFINITY,
+      gate: (run) => {
+        const thawed = () => {
+          if (w.frozenUntil > sched.now) sched.after(w.frozenUntil - sched.now, thawed);
+          else run();
+        };
+        thawed();
+      },
+    };
+    world.workers.push(w);
+    w.gate(() => reportHour(w, 'start-up'));
+    const wall = world.wallClockOf(w.host);
+    // Elapsed time on the host's monotonic clock (true time here); the mutation measures it on the
+    // wall clock, which is skewed and steps.
+    const timers = sched.timers(
+      () => w.alive,
+      w.gate,
+      mutations.has('deadlineOnWallClock') ? wall : undefined,
+    );
+    const deps = {
+      db: undefined as never,
+      boss: undefined as never,
+      store: (destination: Destination) => storeOf(w, destination),
+      transport: destinations.transportOf(w),
+      slots: slotsOf(w, 'stripe'),
+      corrections: destinations.correctionsOf(w),
+      catalog: {
+        sendable: (m: MeterEventName) => view[m],
+        releaseHeld: async (m: MeterEventName) => releaseHeld(m),
+      },
+      metronome: {
+        transport: destinations.metronomeTransportOf(w),
+        slots: slotsOf(w, 'metronome'),
+        corrections: destinations.metronomeCorrectionsOf(w),
+        // Metronome's billable metrics never go missing in these worlds.
+        catalog: { sendable: () => true, releaseHeld: async () => {} },
+      },
+      config: world.config,
+      owner: w.id,
+      // What processes share is on the database's clock (a host's wall clock is wrong by minutes).
+      clock: { now: () => new Date(mutations.has('leaseFromHostClock') ? wall() : dbNow()) },
+      log: SILENT,
+      timers,
+      wakeAfter: (ms: number) => sched.after(ms + 5, () => notifyAll(world)),
+    };
+    const batchSize = spec.batchSize;
+    const idle = () =>
+      new Promise<void>((resolve) => {
+        let woken = false;
+        let cancelPoll = () => {};
+        const wake = () => {
+          if (woken || !w.alive) return;
+          woken = true;
+          cancelPoll();
+          const at = w.wake.indexOf(wake);
+          if (at >= 0) w.wake.splice(at, 1);
+          resolve();
+        };
+        w.wake.push(wake);
+        cancelPoll = sched.after(IDLE_POLL_MS, wake);
+      });
+    /** pg-boss's fetch: a batch of due jobs, made active for this process. */
+    const fetchJobs = () =>
+      statement(w, () => {
+        const fetched = db.fetch(batchSize, w.id);
+        for (const x of world.workers) if (x.alive && fetched.length > 0) x.reap();
+        return fetched;
+      });
+    /** The batch (the code under test); its jobs completed, or failed for pg-boss to retry. */
+    const runBatch = async (jobs: Job[]) => {
+      const before = new Map(jobs.map((j) => [j.name, world.callsPerKey.get(j.name) ?? 0]));
+      let results: { id: string; status: string; output?: unknown }[];
+      try {
+        results = await deliverBatch(
+          deps,
+          jobs.map((j) => ({ id: j.id, data: j.key, retryCount: j.retryCount, retryLimit: 20 })),
+        );
+      } catch (err) {
+        world.counts.batchFailures++;
+        world.lastDisruption = now();
+        log(`${w.id} batch of ${jobs.length} failed: ${err instanceof Error ? err.message : String(err)}`);
+        await statement(w, () => {
+          for (const j of jobs) db.fail(j.id);
+        });
+        return;
+      }
+      await statement(w, () => {
+        for (const r of results)
+          db.finish(r.id, r.status === 'deadletter' ? 'deadletter' : 'completed', r.output);
+      });
+      watchRuns(jobs, results, before);
+    };
+    const fetcher = async () => {
+      while (w.alive) {
+        try {
+          const jobs = await fetchJobs();
+          if (jobs.length === 0) await idle();
+          else await runBatch(jobs);
+        } catch (err) {
+          // A statement of pg-boss's own failed (a lost or silent connection): it tries again soon.
+          world.lastDisruption = now();
+          log(`${w.id} fetcher: ${err instanceof Error ? err.message : String(err)}`);
+          await timers.sleep(1_000);
+        }
+      }
+    };
+    for (let i = 0; i < spec.fetchers; i++) void fetcher();
+    // The lease reaper (delivery.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
+    // only while a lease exists anywhere (they would find nothing else), to keep long runs fast.
+    w.reap = () => {
+      if (w.reapArmed) return;
+      w.reapArmed = true;
+      sched.after(REAP_MS - ((now() - START) % REAP_MS), function tick() {
+        if (!w.alive) return;
+        if (!anyLease() && !anyActiveJob()) {
+          w.reapArmed = false;
+          return;
+        }
+        sched.after(REAP_MS, tick);
+        void reapOnce().catch((err: unknown) =>
+          log(`${w.id} reaper: ${err instanceof Error ? err.message : String(err)}`),
+        );
+      });
+    };
+    const anyLease = () => {
+      for (const k of db.keys.values()) if (k.leaseOwner !== null) return true;
+      return false;
+    };
+    const anyActiveJob = () => {
+      for (const j of db.jobs.values()) if (j.state === 'active') return true;
+      return false;
+    };
+    /** One pass of the reaper: expired leases and orphaned jobs, queued again. */
+    // delivery.ts reapOnce: the expired leases read and the orphaned jobs found; then their keys queued,
+    // the orphans completed and the leases freed (a lease that ran out meanwhile queued too), in that
+    // order, so that no instant leaves such a key with neither a lease nor a job. (One statement here
+    // for the last four: between them every key has its job.)
+    const reapOnce = () =>
+      statement(w, () => db.expiredLeaseKeys()).then(async (expired) => {
+        const orphans = await statement(w, () => {
+          const found = db.orphans(spec.leaseSeconds * 1000);
+          for (const j of found)
+            if (claimsRunning.has(keyName(j.key)))
+              violate(
+                `the reaper requeued job ${j.id} of ${j.name} while a claim of its key was still running`,
+              );
+          return found;
+        });
+        if (expired.length + orphans.length === 0) return;
+        const keys = await statement(w, () => {
+          const first = [...expired, ...orphans.map((j) => j.key)];
+          // Mutation reaperForgetsKeys: the keys are freed and their jobs completed, none queued.
+          const forget = mutations.has('reaperForgetsKeys');
+          if (!forget) for (const k of first) db.insertJob(k, dbNow());
+          for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
+          const reaped = db.reap();
+          world.counts.takeovers += reaped.length;
+          const seen = new Set(first.map(keyName));
+          for (const k of reaped) if (!seen.has(keyName(k)) && !forget) db.insertJob(k, dbNow());
+          return reaped;
+        });
+        log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
+      });
+    // A worker starts its reaper at once (another's leases or jobs may be waiting for it).
+    w.reap();
+    log(`${w.id} started`);
+    return w;
+  };
+
+  /** Spin and churn: a key's jobs that neither call nor wait for a reason (busy, paced, backoff) are work for nothing. */
+  const watchRuns = (
+    jobs: readonly Job[],
+    results: readonly { id: string; output?: unknown }[],
+    before: Map<string, number>,
+  ) => {
+    for (const j of jobs) {
+      const output = results.find((r) => r.id === j.id)?.output as
+        | { kind?: string; next?: string }
+        | undefined;
+      if (output?.kind === 'meter_missing') {
+        // A held key costs nothing while its meter stays missing: the run that finds it held queues
+        // nothing for it (the catalog queues it when the meter is back).
+        log(`job ${j.id} of ${j.name} found its meter missing (${j.origin}, retry ${j.retryCount})`);
+        if (output.next)
+          violate(`held key ${j.name} was queued again (${String(output.next)}) by the run that held it`);
+        continue;
+      }
+      if ((world.callsPerKey.get(j.name) ?? 0) > (before.get(j.name) ?? 0)) continue;
+      const runs = (idleRuns.get(j.name) ?? []).filter((t) => t > now() - 10_000);
+      runs.push(now());
+      idleRuns.set(j.name, runs);
+      if (runs.length > 30) violate(`key ${j.name} ran ${runs.length} jobs in 10 s without a call (a spin)`);
+    }
+  };
+
+  return { start, refreshCatalog };
+}
