@@ -206,8 +206,9 @@ export function deadlineClient(
 
     /**
      * A query this client times: at `ms` it asks the probe (if any) whether the server is still running
-     * the statement, and keeps waiting if so; otherwise (or past PROBE_MAX_DEADLINES) it gives the
-     * connection up and answers the caller with the deadline's error.
+     * the statement, and keeps waiting if so, to the next deadline (the k-th falls k·`ms` after the send,
+     * however long the probe took to answer); otherwise, or at the PROBE_MAX_DEADLINES-th deadline, it
+     * gives the connection up and answers the caller with the deadline's error.
      */
     private timedHere(
       query: (...args: unknown[]) => unknown,
@@ -236,16 +237,19 @@ export function deadlineClient(
         settled(err, sentAt);
         callback(err, res);
       };
+      /** Deadlines passed so far: the k-th falls k deadlines after the send, however long a probe took. */
+      let deadlines = 1;
       const expire = async () => {
         if (done) return;
-        if (probe !== undefined && !this.gaveUp && performance.now() - sentAt < PROBE_MAX_DEADLINES * ms) {
+        if (probe !== undefined && !this.gaveUp && deadlines < PROBE_MAX_DEADLINES) {
           const pid = (this as unknown as { processID?: number }).processID;
           const running =
             typeof pid === 'number' && (await probe.running(pid, performance.now() - this.lastAnswerAt));
           if (done) return;
           if (running) {
             watch.slow(pool);
-            timer = setTimeout(() => void expire(), ms);
+            deadlines++;
+            timer = setTimeout(() => void expire(), Math.max(0, sentAt + deadlines * ms - performance.now()));
             return;
           }
         }

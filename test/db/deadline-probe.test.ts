@@ -142,6 +142,37 @@ describe('the deadline probe', () => {
     }
   });
 
+  it('keeps its deadlines k deadlines after the send however long the probe takes to answer', async ({
+    ctx,
+  }) => {
+    // A loaded machine: each answer of the probe comes 150 ms late. The deadlines still fall at 0.4,
+    // 0.8 … 2.4 s, so the statement is kept at each of the first five and given up at the sixth (timers
+    // restarted from the probe's answer instead drifted 150 ms a deadline: kept 4 times, given up at 2.6 s;
+    // seen once in npm test beside the simulation).
+    const url = ctx.config.DATABASE_URL!;
+    const inner = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const slow: DeadlineProbe = {
+      running: async (pid, sinceMs) => {
+        const answer = await inner.running(pid, sinceMs);
+        await new Promise((resolve) => setTimeout(resolve, 150));
+        return answer;
+      },
+      close: () => inner.close(),
+    };
+    const { database, replaced, kept } = workerPool(ctx.log, url, slow);
+    try {
+      const started = performance.now();
+      expect(await outcome(sql`SELECT pg_sleep(30)`.execute(database.db))).toBe('deadline');
+      const waited = performance.now() - started;
+      expect(kept.length).toBe(PROBE_MAX_DEADLINES - 1);
+      expect(waited).toBeGreaterThanOrEqual(PROBE_MAX_DEADLINES * DEADLINE_MS - 50);
+      expect(waited).toBeLessThan(PROBE_MAX_DEADLINES * DEADLINE_MS + 2_000);
+      expect(replaced).toEqual(['deadline']);
+    } finally {
+      await database.db.destroy();
+    }
+  });
+
   it('gives a silently dead connection up at its deadline: the server is not running its statement', async ({
     ctx,
   }) => {
