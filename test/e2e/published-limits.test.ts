@@ -3,8 +3,10 @@
 // budget 4,000), their hourly active_sensors report written unpaced for the current hour and the
 // previous one (a backlog: two groups per key, all queued at once), delivered by two worker processes
 // sharing the budget rows. The emulators enforce the ceilings and answer 429 above them: no 429 is
-// answered, and in no second did either emulator receive more than its ceiling.
-import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
+// answered, and in no second did either emulator receive more than its ceiling. Each emulator runs in a
+// process of its own, as Stripe and Metronome do: one in the test's process stamped a call when the
+// event loop it shared with both workers got round to it, and a stall there packed the calls it
+// delayed into a shorter second than they were sent in.
 import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
 import { CEILINGS } from '../../src/billing/limits.js';
@@ -12,19 +14,32 @@ import { runHourlyReport } from '../../src/metering/active-sensors-job.js';
 import { destinationCustomer } from '../../src/metering/destinations.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
 import { createBulkOrganizations } from '../metering/active-sensors-fixtures.js';
+import { startEmulatorProcess } from '../support/emulator-process.js';
 import { stripeTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
 
 const CUSTOMERS = 10_000;
 const BACKLOG = 2_000;
-const metronome = await startMetronomeEmulator({ seed: 44 });
-afterAll(() => metronome.stop());
+const stripe = await startEmulatorProcess('stripe', ['--seed', '44']);
+const metronome = await startEmulatorProcess('metronome', ['--seed', '44']);
+afterAll(async () => {
+  await stripe.stop();
+  await metronome.stop();
+});
+interface Counters {
+  rateLimited: number;
+}
+/** What an emulator received: each call (Stripe) or event (Metronome) with the instant it arrived. */
+interface Received {
+  data: { receivedAt: number }[];
+}
 
 const it = stripeTest({
   // Live mode: Stripe's default limits (1,000 v1 calls/s); no budget setting overrides a default.
   emulator: {},
   env: {
     STRIPE_SECRET_KEY: 'sk_live_published_limits',
+    STRIPE_API_BASE: stripe.url,
     METRONOME_BEARER_TOKEN: 'metronome-limits-token',
     METRONOME_API_BASE: metronome.url,
     DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
@@ -51,7 +66,6 @@ function busiestSecond(received: { at: number; weight: number }[]): number {
 describe('the published ceilings at the default budgets', () => {
   it("delivers 10,000 customers' report and a backlog with no 429 and no second above a ceiling", async ({
     ctx,
-    emulator,
   }) => {
     expect(ctx.config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
     expect(ctx.config.METRONOME_MAX_EVENTS_PER_SECOND).toBe(4_000);
@@ -125,10 +139,12 @@ describe('the published ceilings at the default budgets', () => {
     ]);
 
     // No 429 anywhere, and each emulator's busiest second inside its ceiling.
-    expect(emulator.counters().rateLimited).toBe(0);
-    expect(metronome.counters().rateLimited).toBe(0);
-    const stripeCalls = busiestSecond(emulator.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
-    const metronomeEvents = busiestSecond(metronome.events().map((e) => ({ at: e.receivedAt, weight: 1 })));
+    expect((await stripe.get<Counters>('/_emulator/counters')).rateLimited).toBe(0);
+    expect((await metronome.get<Counters>('/_emulator/counters')).rateLimited).toBe(0);
+    const arrivals = async (emulator: typeof stripe) =>
+      (await emulator.get<Received>('/_emulator/events')).data.map((e) => ({ at: e.receivedAt, weight: 1 }));
+    const stripeCalls = busiestSecond(await arrivals(stripe));
+    const metronomeEvents = busiestSecond(await arrivals(metronome));
     console.log(
       `busiest second: Stripe ${stripeCalls} v1 calls (ceiling ${CEILINGS['stripe-live-v1'].callsPerSecond}, budget 700); Metronome ${metronomeEvents} events (ceiling ${CEILINGS.metronome.eventsPerSecond}, budget 4,000)`,
     );

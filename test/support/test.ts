@@ -180,7 +180,9 @@ export function stripeTest(options: StripeTestOptions = {}) {
         async ({ emulator, databaseUrl }): Promise<Env> => ({
           ...EMULATOR_ENV,
           ...options.env,
-          STRIPE_API_BASE: emulator.url,
+          // A file that names its own Stripe (an emulator in a process of its own:
+          // support/emulator-process.ts) keeps it; the fixture's emulator then only idles.
+          STRIPE_API_BASE: options.env?.STRIPE_API_BASE ?? emulator.url,
           DATABASE_URL: databaseUrl,
         }),
       )
