@@ -44,6 +44,8 @@ const SLOW = [
   'test/sim/worlds-*.test.ts',
   // 10,000 customers' report and a backlog through both emulators at their published limits.
   'test/e2e/published-limits.test.ts',
+  // A backlog through an emulator at a sandbox's 25 operations/s (two workers, 25 s of calls).
+  'test/e2e/sandbox-limits.test.ts',
 ];
 
 /**

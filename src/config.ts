@@ -101,7 +101,7 @@ export const configSchema = z.object({
    * fits the longest budget wait (2 s) and a call.
    */
   DELIVERY_LEASE_SECONDS: int(5, 3600).default(10),
-  /** Account-wide Stripe calls per second shared by all workers; unset: 25 test mode, 700 live. */
+  /** Account-wide Stripe calls per second shared by all workers; unset: 20 test mode (80% of a sandbox's 25), 700 live. */
   STRIPE_MAX_CALLS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))
     .pipe(z.number().int().min(1).max(100_000).optional()),

@@ -30,9 +30,9 @@ describe('loadConfig', () => {
     expect(config.DELIVERY_LEASE_SECONDS).toBe(10);
     expect(config.DELIVERY_TRANSPORT).toBe('v1');
     expect(config.STRIPE_MAX_CALLS_PER_SECOND).toBeUndefined();
-    expect(callsPerSecond(config)).toBe(25);
-    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toBe(25);
-    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_test_x' }))).toBe(25);
+    expect(callsPerSecond(config)).toBe(20);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toBe(20);
+    expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_test_x' }))).toBe(20);
     expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'sk_live_x' }))).toBe(700);
     expect(callsPerSecond(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toBe(700);
     expect(

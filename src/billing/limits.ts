@@ -123,7 +123,14 @@ export function stripeAccountKind(
 }
 
 /**
- * STRIPE_MAX_CALLS_PER_SECOND, or its default: 25 for test-mode keys (a sandbox's limit), 700 for
+ * A sandbox's default budget: 80% of its basic 25 operations/s, which the account's other calls (the
+ * meter catalog, reconciliation's reads, an operator's dashboard) share. At 25 a backlog through two
+ * worker processes met 3 answers of 429 (test/e2e/sandbox-limits.test.ts).
+ */
+const SANDBOX_CALLS_PER_SECOND = Math.floor(25 * DEFAULT_SHARE);
+
+/**
+ * STRIPE_MAX_CALLS_PER_SECOND, or its default: 20 for test-mode keys (80% of a sandbox's 25), 700 for
  * live keys (Stripe allows 1,000 v1 meter-event calls/s). 30% headroom: the platform's other Stripe
  * calls on the same account, clock skew between the shared scheduler and Stripe's window, retries, and
  * the budget's own overlap: several worker processes each place their reserved window where its reply
@@ -134,11 +141,11 @@ export function stripeCallsPerSecond(
   config: Pick<Config, 'STRIPE_MAX_CALLS_PER_SECOND' | 'STRIPE_SECRET_KEY'>,
 ) {
   if (config.STRIPE_MAX_CALLS_PER_SECOND !== undefined) return config.STRIPE_MAX_CALLS_PER_SECOND;
-  return /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY ?? '') ? 700 : 25;
+  return /^(sk|rk)_live_/.test(config.STRIPE_SECRET_KEY ?? '') ? 700 : SANDBOX_CALLS_PER_SECOND;
 }
 
 /**
- * Stripe's budget: STRIPE_MAX_CALLS_PER_SECOND (unset: 25 in a sandbox, 700 live) and, on the v2 stream
+ * Stripe's budget: STRIPE_MAX_CALLS_PER_SECOND (unset: 20 in a sandbox, 700 live) and, on the v2 stream
  * in live mode, STRIPE_MAX_EVENTS_PER_SECOND (unset: 8,000 of the stream's 10,000).
  */
 export function stripeBudget(config: StripeBudgetConfig): Budget {

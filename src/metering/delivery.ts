@@ -102,7 +102,7 @@ export function deliveryBatchSize(
 }
 
 /**
- * Fewest calls a batch is sized for, however small the budget: at a sandbox's 25 calls/s a batch of
+ * Fewest calls a batch is sized for, however small the budget: at a sandbox's 20 calls/s a batch of
  * 3 keys cost its fixed statements for 3 events (and on Citus each is a multi-shard transaction);
  * 10 still leaves a 200-key backlog in 20 batches for two workers' fetchers to share.
  */

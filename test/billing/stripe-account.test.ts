@@ -183,7 +183,7 @@ describe('meterbox stripe check', () => {
       expect(good.stdout).toContain('all checks passed');
       // The ceiling in force for a test-mode key, its source, and how to raise it.
       expect(good.stdout).toContain(
-        'ok    STRIPE_MAX_CALLS_PER_SECOND: 25 calls/s (default), inside the ceiling of 25 calls/s (sandbox and test mode',
+        'ok    STRIPE_MAX_CALLS_PER_SECOND: 20 calls/s (default), inside the ceiling of 25 calls/s (sandbox and test mode',
       );
       expect(good.stdout).toContain('https://docs.stripe.com/rate-limits); to raise it: none in a sandbox');
 

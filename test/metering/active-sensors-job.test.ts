@@ -204,8 +204,8 @@ describe("the report's pace", () => {
     expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2' })).toBe(REPORT_PACE_BOUNDS.max);
     // Metronome: its events budget (4,000 of its 5,000 events/s), not 100 calls x 100 events.
     expect(reportPace({ ...base, DEFAULT_DESTINATION: 'metronome' })).toBe(4_000);
-    // v2 sandbox: 25 calls/s x 100 events.
-    expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2', STRIPE_SECRET_KEY: 'sk_test_x' })).toBe(2_500);
+    // v2 sandbox: 20 calls/s x 100 events.
+    expect(reportPace({ ...base, DELIVERY_TRANSPORT: 'v2', STRIPE_SECRET_KEY: 'sk_test_x' })).toBe(2_000);
     // Metronome at 12 calls/s: 1,200 events/s.
     expect(
       reportPace({ ...base, DEFAULT_DESTINATION: 'metronome', METRONOME_MAX_CALLS_PER_SECOND: 12 }),

@@ -45,7 +45,7 @@ describe('the budget in calls and events', () => {
   it('derives each destination and account kind from the key, the transport and the settings', () => {
     expect(stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))).toMatchObject({
       kind: 'stripe-sandbox',
-      callsPerSecond: 25,
+      callsPerSecond: 20,
       eventsPerSecond: null,
     });
     expect(stripeBudget(loadConfig({ STRIPE_SECRET_KEY: 'rk_live_x' }))).toMatchObject({
