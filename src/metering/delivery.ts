@@ -26,6 +26,7 @@ import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import {
@@ -60,6 +61,11 @@ export interface DeliveryWorkerOptions {
   catalog?: MeterCatalog;
   /** Metronome's billable metrics: keys of a meter without one are held (metronome-catalog.ts). */
   metronomeCatalog?: Pick<MetronomeCatalog, 'sendable' | 'releaseHeld'>;
+  /**
+   * Stripe Connect: each connected account's own meters (account-meter-catalogs.ts). Without it a
+   * connected account's keys are held or sent by `catalog`, the platform's meters.
+   */
+  accountCatalogs?: Pick<AccountMeterCatalogs, 'of'>;
   /** Replaces Metronome's transport (tests). */
   metronomeTransport?: MeterTransport;
 }
@@ -260,6 +266,11 @@ export async function startDelivery(
     const accounts = new Map<string, Promise<ConnectedDeps>>();
     const create = async (account: string): Promise<ConnectedDeps> => {
       const row = await connectedBudgetRow(ctx.db, account);
+      // Meters are an account's own: its keys are held by its own catalog (read on its first batch).
+      const catalog =
+        stripeTransport && options.accountCatalogs
+          ? await options.accountCatalogs.of(account)
+          : stripeCatalog;
       return {
         account,
         transport: onConnectedAccount(transport, account),
@@ -267,7 +278,7 @@ export async function startDelivery(
         // Each connected account its own budget row, shared by every worker like the platform's.
         slots: createSlotDispenser(ctx.db, budget.callsPerSecond, monotonicNow, distributed, row, null),
         ...(corrections ? { corrections: correctionsOnConnectedAccount(corrections, account) } : {}),
-        ...(stripeCatalog ? { catalog: stripeCatalog } : {}),
+        ...(catalog ? { catalog } : {}),
         rateLimited: () => recordRateLimited(ctx.db, budget.callsPerSecond, distributed, row),
       };
     };

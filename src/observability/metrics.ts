@@ -94,6 +94,8 @@ export interface Metrics {
   readonly connectAccountAccessRefusedSeconds: Gauge<'account'>;
   /** Pending outbox rows of a connected account's customers while it refuses access (0 otherwise). */
   readonly connectAccountHeldRows: Gauge<'account'>;
+  /** 1 while a connected account lacks a usable meter of an event name (its usage there is held). */
+  readonly connectAccountMeterMissing: Gauge<'account' | 'event_name'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
   readonly lateSlots: Counter;
@@ -367,6 +369,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_connect_account_held_rows',
       help: "Stripe Connect: pending outbox rows of a connected account's customers held while it refuses the platform access (0 while it does not), read at scrape",
       labelNames: ['account'],
+      registers,
+    }),
+    connectAccountMeterMissing: new Gauge({
+      name: 'meterbox_connect_account_meter_missing',
+      help: 'Stripe Connect: 1 while a connected account has no active Stripe meter with the settings meterbox sends for an event name (its usage on that account is held pending, uncounted; fix: meterbox stripe setup --account), else 0. One series per connected account the worker delivers to (worker only)',
+      labelNames: ['account', 'event_name'],
       registers,
     }),
     staleLeaseSettles: new Counter({
