@@ -35,6 +35,7 @@ import {
   createCorrectionClient,
 } from './corrections.js';
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
@@ -242,6 +243,16 @@ export async function startDelivery(
     onTimelineChange: (from, to) => options.observer?.onTimelineChange?.(from, to),
   });
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
+  // Stripe refused the platform's key before this process started: it may carry the fixed one, so the
+  // hold is probed now (the first accepted call ends it and wakes every waiting group).
+  if (stripeTransport && ctx.stripe) {
+    const held = await probeKeyHoldNow(ctx.db).catch((err: unknown) => {
+      log.warn({ err }, 'could not ask for a probe of the held Stripe key');
+      return false;
+    });
+    if (held)
+      log.warn("Stripe refused the platform's key before this start: probing it with this process's key now");
+  }
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
   // Stripe Connect: a customer's account never changes once it has usage (billing/connect.ts), so

@@ -94,6 +94,8 @@ export interface Metrics {
   readonly connectAccountAccessRefusedSeconds: Gauge<'account'>;
   /** Pending outbox rows of a connected account's customers while it refuses access (0 otherwise). */
   readonly connectAccountHeldRows: Gauge<'account'>;
+  /** 1 while the destination refuses meterbox's own key (Stripe: a 401 without Stripe-Account). */
+  readonly destinationKeyRefused: Gauge<'destination'>;
   /** 1 while a connected account lacks a usable meter of an event name (its usage there is held). */
   readonly connectAccountMeterMissing: Gauge<'account' | 'event_name'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
@@ -369,6 +371,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_connect_account_held_rows',
       help: "Stripe Connect: pending outbox rows of a connected account's customers held while it refuses the platform access (0 while it does not), read at scrape",
       labelNames: ['account'],
+      registers,
+    }),
+    destinationKeyRefused: new Gauge({
+      name: 'meterbox_destination_key_refused',
+      help: "1 while the destination refuses meterbox's own API key (Stripe: a 401 to a call made without Stripe-Account: STRIPE_SECRET_KEY revoked, rolled or mistyped); its delivery is held pending, uncounted, nothing dead-lettered, and probed until the key works again, else 0. Read at scrape",
+      labelNames: ['destination'],
       registers,
     }),
     connectAccountMeterMissing: new Gauge({
