@@ -153,6 +153,11 @@ export async function startMeterCatalog(deps: {
    * the platform's meters free only the platform's customers' held keys. Without it, every customer's.
    */
   platformOnly?: boolean;
+  /**
+   * Stripe answered the meter list 401 (the platform's key refused): recorded as delivery's key hold
+   * (destination-health.ts), so a worker started with a bad key says so, not "meter missing".
+   */
+  keyRefused?: (message: string) => Promise<void>;
 }): Promise<MeterCatalogRuntime> {
   const scope: HoldScope = deps.platformOnly ? { account: null } : undefined;
   const log = deps.log.child({ component: 'meter-catalog' });
@@ -221,7 +226,13 @@ export async function startMeterCatalog(deps: {
       await publish(catalogEntries(meters));
     } catch (err) {
       // Keep what was known; before the first read everything stays `unknown`, i.e. held.
-      log.warn({ err: err instanceof Error ? err.message : String(err) }, 'reading Stripe meters failed');
+      const message = err instanceof Error ? err.message : String(err);
+      log.warn({ err: message }, 'reading Stripe meters failed');
+      if ((err as { statusCode?: number })?.statusCode === 401 && deps.keyRefused) {
+        await deps
+          .keyRefused(message)
+          .catch((e: unknown) => log.warn({ err: e }, 'could not record the key refusal'));
+      }
       if (entries.every((e) => e.state === 'unknown')) {
         for (const e of entries) deps.metrics.stripeMeterMissing.set({ event_name: e.eventName }, 1);
       }

@@ -12,10 +12,12 @@ import { type AccountMeterCatalogs, createAccountMeterCatalogs } from '../meteri
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
 import { createAccountCallers } from '../metering/budget.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
+import { recordHealth } from '../metering/destination-health.js';
 import { type MeterCatalog, type MeterCatalogRuntime, startMeterCatalog } from '../metering/meter-catalog.js';
 import { type MetronomeCatalog, startMetronomeCatalog } from '../metering/metronome-catalog.js';
 import { ensureQueues } from '../metering/queues.js';
 import { destinationReaders } from '../metering/redrive-reconcile.js';
+import { healthPolicy } from '../metering/rules/health.js';
 import { startStorageMaintenance } from '../storage/maintenance-job.js';
 import { metricsDeliveryObserver } from './delivery-observer.js';
 import { startMetricsServer } from './metrics-server.js';
@@ -60,6 +62,22 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
           watch: ctx.connectionWatch,
           // Connected accounts' held keys are freed by their own accounts' catalogs (below).
           platformOnly: true,
+          // A worker started with a refused key: Stripe delivery's key hold says so (and probes it).
+          ...(ctx.config.DESTINATION_DOWN_AFTER_FAILURES > 0
+            ? {
+                keyRefused: async (message: string) => {
+                  if (await ctx.distributed()) return;
+                  await recordHealth(
+                    ctx.db,
+                    'stripe',
+                    { failures: 0, failingKeys: [], answered: 0, probed: false, refused: 1 },
+                    healthPolicy(ctx.config),
+                    '',
+                    message,
+                  );
+                },
+              }
+            : {}),
         })
       : undefined;
   let delivery: Awaited<ReturnType<typeof startDelivery>> | undefined;
