@@ -6,7 +6,8 @@
 // against the account's limit, not the platform's). A key whose meter is missing on its account is
 // held by name like the platform's (meter_delivery_keys.hold), and a read that finds the meter frees
 // that account's held keys only. At most CONNECT_METER_CATALOG_MAX_ACCOUNTS accounts are kept; beyond
-// that the least recently used one whose meters are all there is forgotten (read again when used).
+// that the least recently used one whose meters are all there is forgotten (read again when used). A
+// no_meter/archived_meter report (the platform catalog's NOTIFY) has every kept account read again.
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
@@ -24,6 +25,11 @@ export type AccountCatalog = Pick<MeterCatalog, 'sendable' | 'releaseHeld'>;
 export interface AccountMeterCatalogs {
   /** The account's catalog, its meters read first when the account is new (or was forgotten). */
   of(account: string): Promise<AccountCatalog>;
+  /**
+   * Every kept account's meters read again soon (one at a time, each on its own budget row): a
+   * no_meter/archived_meter error report was recorded (its NOTIFY names no account).
+   */
+  refreshAll(): void;
   /** Event names held now per account (missing, unfit, or never read). */
   missing(): { account: string; eventName: MeterEventName }[];
   stop(): Promise<void>;
@@ -197,6 +203,11 @@ export function createAccountMeterCatalogs(deps: {
             await release(account, eventName);
         },
       };
+    },
+    refreshAll() {
+      for (const state of accounts.values()) {
+        if (Number.isFinite(state.nextReadAt)) state.nextReadAt = 0;
+      }
     },
     missing() {
       const out: { account: string; eventName: MeterEventName }[] = [];

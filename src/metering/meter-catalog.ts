@@ -158,6 +158,8 @@ export async function startMeterCatalog(deps: {
    * (destination-health.ts), so a worker started with a bad key says so, not "meter missing".
    */
   keyRefused?: (message: string) => Promise<void>;
+  /** A no_meter/archived_meter report was heard (Stripe Connect: the accounts' catalogs read again too). */
+  onReport?: () => void;
 }): Promise<MeterCatalogRuntime> {
   const scope: HoldScope = deps.platformOnly ? { account: null } : undefined;
   const log = deps.log.child({ component: 'meter-catalog' });
@@ -312,6 +314,7 @@ export async function startMeterCatalog(deps: {
     c.on('notification', () => {
       log.info('Stripe reported events for a missing or archived meter: reading the meters again');
       void refresh();
+      deps.onReport?.();
     });
     try {
       await c.connect();

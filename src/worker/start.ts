@@ -60,8 +60,10 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
           listenConnectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
           heartbeatMs: ctx.config.DB_LISTENER_HEARTBEAT_MS,
           watch: ctx.connectionWatch,
-          // Connected accounts' held keys are freed by their own accounts' catalogs (below).
+          // Connected accounts' held keys are freed by their own accounts' catalogs (below), which read
+          // again on a meter error report too (its NOTIFY names no account).
           platformOnly: true,
+          onReport: () => accountCatalogs?.refreshAll(),
           // A worker started with a refused key: Stripe delivery's key hold says so (and probes it).
           ...(ctx.config.DESTINATION_DOWN_AFTER_FAILURES > 0
             ? {

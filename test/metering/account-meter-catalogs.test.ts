@@ -104,4 +104,35 @@ describe('meter catalogs per connected account', () => {
     // B's key is still held; an unscoped release (as before accounts had catalogs) frees it.
     expect(customers(await releaseHeldKeys(ctx.db, 'temperature_readings'))).toEqual([onB.customerId]);
   });
+
+  it('reads every kept account again after a meter error report, not only at its refresh interval', async ({
+    ctx,
+  }) => {
+    const stripe = createStripeClient(ctx.config)!;
+    const D = 'acct_1CatalogsReported';
+    await setupStripeAccount(stripe, { account: D });
+    const catalogs = createAccountMeterCatalogs({
+      stripe,
+      db: ctx.db,
+      boss: ctx.boss,
+      log: ctx.log,
+      refreshSeconds: 3600,
+      maxAccounts: 10,
+      callers: createAccountCallers(ctx.db, { rate: 20, connectedRate: 20, share: 0.5, maxPerSecond: 5 }),
+    });
+    try {
+      const onD = await catalogs.of(D);
+      expect(onD.sendable('temperature_readings')).toBe(true);
+      const meters = await stripe.billing.meters.list({ limit: 100 }, { stripeAccount: D });
+      const meter = meters.data.find((m) => m.event_name === 'temperature_readings')!;
+      await stripe.billing.meters.deactivate(meter.id, {}, { stripeAccount: D });
+      // The hour-long refresh would not see it; the report's refreshAll does within a tick.
+      catalogs.refreshAll();
+      await expect.poll(() => onD.sendable('temperature_readings'), { timeout: 5_000 }).toBe(false);
+      expect(onD.sendable('active_sensors')).toBe(true);
+      expect(await reads(ctx.db, D)).toBe(2);
+    } finally {
+      await catalogs.stop();
+    }
+  });
 });
