@@ -71,7 +71,7 @@ CREATE TABLE destination_health (
   access_refused_since timestamp with time zone,
   access_refused_message text,
   access_event_created timestamp with time zone,
-  CONSTRAINT destination_health_access_refused_check CHECK (((access_refused_since IS NULL) OR ((account <> ''::text) AND (state = 'down'::text)))),
+  CONSTRAINT destination_health_access_refused_check CHECK (((access_refused_since IS NULL) OR (state = 'down'::text))),
   CONSTRAINT destination_health_check CHECK (((state = 'down'::text) = (down_since IS NOT NULL))),
   CONSTRAINT destination_health_destination_check CHECK ((destination = ANY (ARRAY['stripe'::text, 'metronome'::text]))),
   CONSTRAINT destination_health_pkey PRIMARY KEY (destination, account),

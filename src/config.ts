@@ -209,6 +209,11 @@ export const configSchema = z.object({
    * platform access (deauthorized it); they start 5 s after the refusal and double.
    */
   CONNECT_ACCESS_PROBE_MAX_SECONDS: int(5, 3_600).default(60),
+  /**
+   * Stripe Connect: most connected accounts whose meters a worker keeps reading (each read on the
+   * account's own budget row); beyond it the least recently used account with all its meters is forgotten.
+   */
+  CONNECT_METER_CATALOG_MAX_ACCOUNTS: int(1, 100_000).default(1_000),
   /** npm start only: where the embedded Postgres and the emulator keep their data. */
   DEV_DATA_DIR: z.string().min(1).default('.data'),
   /** npm start only: the embedded Postgres's port, the same at every start (0: any free port). */

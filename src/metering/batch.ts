@@ -383,7 +383,12 @@ async function deliverDestination(
         const refused = called.find((a) => a.outcome && accountAccessRefused(a.outcome))?.outcome;
         const refusal = refused?.kind === 'retryable' ? refused.message : undefined;
         const after = await health.record(report, refusal);
-        if (after.refused) {
+        if (after.refused && !connected) {
+          deps.log.error(
+            { destination, message: refusal },
+            "Stripe refused the platform's API key (401): Stripe delivery is held (pending, uncounted) and probed until the key works again; fix STRIPE_SECRET_KEY (a worker started with the fixed key probes at once)",
+          );
+        } else if (after.refused) {
           deps.log.warn(
             { destination, ...(connected ? { account: connected.account } : {}), message: refusal },
             'connected account refused the platform access: its deliveries are held (pending, uncounted) and it is probed until it grants access again',
@@ -394,7 +399,8 @@ async function deliverDestination(
             'destination down: its groups wait on it and stop spending attempts; probing it',
           );
         }
-        // A connected account refusing access is probed sparsely: its keys wait as long (its end wakes them).
+        // A connected account refusing access (or Stripe the platform's key) is probed sparsely: its keys
+        // wait as long (its end wakes them).
         const waitMs =
           (report.refused ?? 0) > 0 || (gate.kind !== 'open' && gate.held === true)
             ? Math.max(healthRules.outageWaitMs, healthRules.accessProbeMaxMs)

@@ -757,6 +757,13 @@ export async function holdKeys(
 }
 
 /**
+ * Whose held keys a release ends (Stripe Connect: meters are an account's own, so a meter found on one
+ * account frees only that account's customers' keys): `null`, the platform's customers (those without
+ * a stripe_customer_accounts row); an account id, that connected account's; absent, every customer's.
+ */
+export type HoldScope = { account: string | null } | undefined;
+
+/**
  * Ends the hold of every key of a meter that is back: returns them, for the caller to queue. One
  * statement (per shard group on Citus, after a read of the organizations with such holds).
  */
@@ -765,8 +772,19 @@ export async function releaseHeldKeys(
   eventName: MeterEventName,
   placement: Placement = {},
   destination: Destination = 'stripe',
+  scope: HoldScope = undefined,
 ): Promise<KeyRef[]> {
-  const held = sql`hold = 'meter_missing' AND event_name = ${eventName} AND destination = ${destination}`;
+  // On Citus every held key of the meter is released, as before scopes (not run there with the
+  // sub-select): a key of another account is claimed, found held by its own catalog and held again.
+  const whose =
+    scope === undefined || placement.distributed
+      ? sql``
+      : scope.account === null
+        ? sql` AND NOT EXISTS (SELECT 1 FROM stripe_customer_accounts a
+                                WHERE a.stripe_customer_id = meter_delivery_keys.stripe_customer_id)`
+        : sql` AND stripe_customer_id IN (SELECT stripe_customer_id FROM stripe_customer_accounts
+                                           WHERE stripe_account = ${scope.account})`;
+  const held = sql`hold = 'meter_missing' AND event_name = ${eventName} AND destination = ${destination}${whose}`;
   const statement = (orgs: readonly string[] | null) => sql<{
     organization_id: string;
     customer: string;

@@ -26,6 +26,7 @@ import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import {
@@ -34,6 +35,7 @@ import {
   createCorrectionClient,
 } from './corrections.js';
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
@@ -60,6 +62,11 @@ export interface DeliveryWorkerOptions {
   catalog?: MeterCatalog;
   /** Metronome's billable metrics: keys of a meter without one are held (metronome-catalog.ts). */
   metronomeCatalog?: Pick<MetronomeCatalog, 'sendable' | 'releaseHeld'>;
+  /**
+   * Stripe Connect: each connected account's own meters (account-meter-catalogs.ts). Without it a
+   * connected account's keys are held or sent by `catalog`, the platform's meters.
+   */
+  accountCatalogs?: Pick<AccountMeterCatalogs, 'of'>;
   /** Replaces Metronome's transport (tests). */
   metronomeTransport?: MeterTransport;
 }
@@ -236,6 +243,16 @@ export async function startDelivery(
     onTimelineChange: (from, to) => options.observer?.onTimelineChange?.(from, to),
   });
   if (!distributed) await reportReplication(ctx.db, ctx.config.DELIVERY_REPLICA_WAIT_MS, log);
+  // Stripe refused the platform's key before this process started: it may carry the fixed one, so the
+  // hold is probed now (the first accepted call ends it and wakes every waiting group).
+  if (stripeTransport && ctx.stripe) {
+    const held = await probeKeyHoldNow(ctx.db).catch((err: unknown) => {
+      log.warn({ err }, 'could not ask for a probe of the held Stripe key');
+      return false;
+    });
+    if (held)
+      log.warn("Stripe refused the platform's key before this start: probing it with this process's key now");
+  }
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
   // Stripe Connect: a customer's account never changes once it has usage (billing/connect.ts), so
@@ -260,6 +277,11 @@ export async function startDelivery(
     const accounts = new Map<string, Promise<ConnectedDeps>>();
     const create = async (account: string): Promise<ConnectedDeps> => {
       const row = await connectedBudgetRow(ctx.db, account);
+      // Meters are an account's own: its keys are held by its own catalog (read on its first batch).
+      const catalog =
+        stripeTransport && options.accountCatalogs
+          ? await options.accountCatalogs.of(account)
+          : stripeCatalog;
       return {
         account,
         transport: onConnectedAccount(transport, account),
@@ -267,7 +289,7 @@ export async function startDelivery(
         // Each connected account its own budget row, shared by every worker like the platform's.
         slots: createSlotDispenser(ctx.db, budget.callsPerSecond, monotonicNow, distributed, row, null),
         ...(corrections ? { corrections: correctionsOnConnectedAccount(corrections, account) } : {}),
-        ...(stripeCatalog ? { catalog: stripeCatalog } : {}),
+        ...(catalog ? { catalog } : {}),
         rateLimited: () => recordRateLimited(ctx.db, budget.callsPerSecond, distributed, row),
       };
     };

@@ -11,7 +11,9 @@
 // `account_invalid`, or the `account.application.deauthorized` webhook) is held at once, on its first
 // refusal (migration 0071): its row is down with access_refused_since set, its groups wait uncounted,
 // and it is probed more sparsely (5 s doubling to CONNECT_ACCESS_PROBE_MAX_SECONDS) until a call is
-// accepted or `account.application.authorized` arrives; then its backlog goes out.
+// accepted or `account.application.authorized` arrives; then its backlog goes out. Stripe refusing the
+// platform's own key (a 401 without Stripe-Account, migration 0075) holds the platform's row the same
+// way: Stripe delivery waits uncounted and is probed until the key works again.
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
@@ -152,8 +154,8 @@ export async function recordHealth(
         probes: current.probes,
         accessRefusedSince: current.access_refused_since,
       },
-      // Only a connected account can refuse access (the platform's own refusals are permanent).
-      account === '' ? { ...report, refused: 0 } : report,
+      // A connected account's refusal of the platform, or (account '') Stripe's of the platform's key.
+      report,
       now,
       policy,
     );
@@ -175,6 +177,19 @@ export async function recordHealth(
       refused: next.refused,
     };
   });
+}
+
+/**
+ * A worker starting with its Stripe key while Stripe refuses the platform's key (PLATFORM_KEY_REFUSED):
+ * this process may carry the fixed key, so the hold's next probe is due now, not up to
+ * CONNECT_ACCESS_PROBE_MAX_SECONDS later. Returns whether the platform's Stripe delivery was held.
+ */
+export async function probeKeyHoldNow(db: Kysely<DB>): Promise<boolean> {
+  const { rows } = await sql<{ held: number }>`
+    UPDATE destination_health SET next_probe_at = clock_timestamp(), updated_at = now()
+     WHERE ${ROW('stripe', '')} AND access_refused_since IS NOT NULL
+    RETURNING 1 AS held`.execute(db);
+  return rows.length > 0;
 }
 
 /** Whether the destination may be called now: up, and no Retry-After in force. */
@@ -339,6 +354,7 @@ export async function applyDestinationHealthGauges(db: Kysely<DB>, metrics: Metr
       metrics.connectAccountHeldRows.set({ account: s.account }, held.get(s.account) ?? 0);
       continue;
     }
+    metrics.destinationKeyRefused.set({ destination: s.destination }, s.accessRefused ? 1 : 0);
     metrics.destinationDown.set({ destination: s.destination }, s.down ? 1 : 0);
     metrics.destinationDownSeconds.set({ destination: s.destination }, s.down ? s.downSeconds : 0);
   }

@@ -22,7 +22,7 @@ import type { DB, MeterEventName } from '../db/schema.js';
 import { assertOwnSession, POOLED_LISTEN_FIX, PooledSessionError } from '../db/session.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../observability/metrics.js';
-import { releaseHeldKeys as endHolds } from './delivery-sql.js';
+import { releaseHeldKeys as endHolds, type HoldScope } from './delivery-sql.js';
 import { queueDeliveries } from './outbox.js';
 
 export { METER_CATALOG_CHANNEL };
@@ -78,8 +78,15 @@ async function releaseHeldKeys(
   boss: PgBoss,
   eventName: MeterEventName,
   distributed: (() => Promise<boolean>) | undefined,
+  scope?: HoldScope,
 ): Promise<number> {
-  const keys = await endHolds(db, eventName, { distributed: (await distributed?.()) ?? false });
+  const keys = await endHolds(
+    db,
+    eventName,
+    { distributed: (await distributed?.()) ?? false },
+    'stripe',
+    scope,
+  );
   for (let i = 0; i < keys.length; i += RELEASE_CHUNK) {
     await queueDeliveries(boss, keys.slice(i, i + RELEASE_CHUNK));
   }
@@ -141,7 +148,20 @@ export async function startMeterCatalog(deps: {
   heartbeatMs?: number;
   /** Counts a listener replaced for a missed heartbeat. */
   watch?: ConnectionWatch;
+  /**
+   * Stripe Connect: with each connected account's meters read on their own (account-meter-catalogs.ts),
+   * the platform's meters free only the platform's customers' held keys. Without it, every customer's.
+   */
+  platformOnly?: boolean;
+  /**
+   * Stripe answered the meter list 401 (the platform's key refused): recorded as delivery's key hold
+   * (destination-health.ts), so a worker started with a bad key says so, not "meter missing".
+   */
+  keyRefused?: (message: string) => Promise<void>;
+  /** A no_meter/archived_meter report was heard (Stripe Connect: the accounts' catalogs read again too). */
+  onReport?: () => void;
 }): Promise<MeterCatalogRuntime> {
+  const scope: HoldScope = deps.platformOnly ? { account: null } : undefined;
   const log = deps.log.child({ component: 'meter-catalog' });
   let entries: CatalogEntry[] = METER_SPECS.map((spec) => ({
     eventName: spec.eventName,
@@ -170,7 +190,7 @@ export async function startMeterCatalog(deps: {
       } else if (entry.state === 'active') {
         // Every read, not only on the change: keys held by a batch that raced the change are freed too
         // (the held-key index makes the look free when there are none).
-        const released = await releaseHeldKeys(deps.db, deps.boss, entry.eventName, deps.distributed);
+        const released = await releaseHeldKeys(deps.db, deps.boss, entry.eventName, deps.distributed, scope);
         if (before && before.state !== 'active') {
           log.info(
             { eventName: entry.eventName, meterId: entry.meterId, released },
@@ -208,7 +228,13 @@ export async function startMeterCatalog(deps: {
       await publish(catalogEntries(meters));
     } catch (err) {
       // Keep what was known; before the first read everything stays `unknown`, i.e. held.
-      log.warn({ err: err instanceof Error ? err.message : String(err) }, 'reading Stripe meters failed');
+      const message = err instanceof Error ? err.message : String(err);
+      log.warn({ err: message }, 'reading Stripe meters failed');
+      if ((err as { statusCode?: number })?.statusCode === 401 && deps.keyRefused) {
+        await deps
+          .keyRefused(message)
+          .catch((e: unknown) => log.warn({ err: e }, 'could not record the key refusal'));
+      }
       if (entries.every((e) => e.state === 'unknown')) {
         for (const e of entries) deps.metrics.stripeMeterMissing.set({ event_name: e.eventName }, 1);
       }
@@ -288,6 +314,7 @@ export async function startMeterCatalog(deps: {
     c.on('notification', () => {
       log.info('Stripe reported events for a missing or archived meter: reading the meters again');
       void refresh();
+      deps.onReport?.();
     });
     try {
       await c.connect();
@@ -342,7 +369,7 @@ export async function startMeterCatalog(deps: {
     refresh,
     async releaseHeld(eventName) {
       if (entries.find((e) => e.eventName === eventName)?.state === 'active')
-        await releaseHeldKeys(deps.db, deps.boss, eventName, deps.distributed);
+        await releaseHeldKeys(deps.db, deps.boss, eventName, deps.distributed, scope);
     },
     async stop() {
       stopped = true;

@@ -120,16 +120,32 @@ export function retryAfter(headers: unknown, now = Date.now()): number | undefin
  */
 export const ACCOUNT_ACCESS_REFUSED = 'account_access_refused';
 
-/** Whether an outcome is a connected account's refusal of access (see ACCOUNT_ACCESS_REFUSED). */
+/**
+ * The reason of a 401 answered to a call made without Stripe-Account: Stripe refuses the platform's own
+ * secret key (revoked, rolled, mistyped). Every call fails alike until the key works again (restored,
+ * or a worker started with the fixed one), so it is the destination's refusal, not the event's: Stripe
+ * delivery is held (the platform's destination_health row), probed, and resumes by itself.
+ */
+export const PLATFORM_KEY_REFUSED = 'platform_key_refused';
+
+/**
+ * Whether an outcome refuses the key the call was made with on the account it was made on: a
+ * connected account's refusal of the platform (ACCOUNT_ACCESS_REFUSED) or Stripe's refusal of the
+ * platform's own key (PLATFORM_KEY_REFUSED). Either holds that account's deliveries.
+ */
 export function accountAccessRefused(outcome: SendOutcome): boolean {
-  return outcome.kind === 'retryable' && outcome.reason === ACCOUNT_ACCESS_REFUSED;
+  return (
+    outcome.kind === 'retryable' &&
+    (outcome.reason === ACCOUNT_ACCESS_REFUSED || outcome.reason === PLATFORM_KEY_REFUSED)
+  );
 }
 
 /**
  * Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling.
  * `call.stripeAccount`: the connected account the call was made on; a 401, a 403 or `account_invalid`
  * answered to such a call names that account (its access revoked), not the event: retryable with
- * ACCOUNT_ACCESS_REFUSED. Without it (the platform's own key refused) they stay permanent.
+ * ACCOUNT_ACCESS_REFUSED. Without it a 401 is the platform's own key refused: retryable with
+ * PLATFORM_KEY_REFUSED (a 403 there, a restricted key without a permission, stays permanent).
  */
 export function classifyStripeError(
   err: unknown,
@@ -165,6 +181,7 @@ export function classifyStripeError(
   if (call.stripeAccount && (status === 401 || status === 403 || code === 'account_invalid')) {
     return { kind: 'retryable', message, status, reason: ACCOUNT_ACCESS_REFUSED };
   }
+  if (status === 401) return { kind: 'retryable', message, status, reason: PLATFORM_KEY_REFUSED };
   if (header(e.headers, 'stripe-should-retry') === 'true') {
     return { kind: 'retryable', message, status, reason: 'should_retry' };
   }

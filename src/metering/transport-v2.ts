@@ -7,6 +7,7 @@
 // maps its sampled identifiers back to outbox rows).
 import Stripe from 'stripe';
 import {
+  accountAccessRefused,
   type CallOptions,
   classifyStripeError,
   MAX_IDENTIFIER_LENGTH,
@@ -164,7 +165,12 @@ export function createV2Transport(stripe: Stripe, options: V2TransportOptions = 
         // "duplicate" or "expired" answer of a whole call never settles an event: rules/answers.ts meaningOf
         // retries it instead), or splits the call to find the event. A connected account's refusal
         // of access is the account's (the session's context): every event of the call is held.
-        return classifyStripeError(err, account ? { stripeAccount: account } : {});
+        const outcome = classifyStripeError(err, account ? { stripeAccount: account } : {});
+        // Refused for its credentials (the platform's key, or the account's access): the session is
+        // not trusted again, so the hold's probe asks for a new one with the key as it is now (a key
+        // fixed or restored is found at the next probe, not when the old session would have expired).
+        if (accountAccessRefused(outcome) && sessions.get(account)?.token === token) sessions.delete(account);
+        return outcome;
       }
     }
   }

@@ -94,6 +94,10 @@ export interface Metrics {
   readonly connectAccountAccessRefusedSeconds: Gauge<'account'>;
   /** Pending outbox rows of a connected account's customers while it refuses access (0 otherwise). */
   readonly connectAccountHeldRows: Gauge<'account'>;
+  /** 1 while the destination refuses meterbox's own key (Stripe: a 401 without Stripe-Account). */
+  readonly destinationKeyRefused: Gauge<'destination'>;
+  /** 1 while a connected account lacks a usable meter of an event name (its usage there is held). */
+  readonly connectAccountMeterMissing: Gauge<'account' | 'event_name'>;
   /** Keys whose settle was refused because the batch's lease had run out (worker only). */
   readonly staleLeaseSettles: Counter;
   readonly lateSlots: Counter;
@@ -367,6 +371,18 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_connect_account_held_rows',
       help: "Stripe Connect: pending outbox rows of a connected account's customers held while it refuses the platform access (0 while it does not), read at scrape",
       labelNames: ['account'],
+      registers,
+    }),
+    destinationKeyRefused: new Gauge({
+      name: 'meterbox_destination_key_refused',
+      help: "1 while the destination refuses meterbox's own API key (Stripe: a 401 to a call made without Stripe-Account: STRIPE_SECRET_KEY revoked, rolled or mistyped); its delivery is held pending, uncounted, nothing dead-lettered, and probed until the key works again, else 0. Read at scrape",
+      labelNames: ['destination'],
+      registers,
+    }),
+    connectAccountMeterMissing: new Gauge({
+      name: 'meterbox_connect_account_meter_missing',
+      help: 'Stripe Connect: 1 while a connected account has no active Stripe meter with the settings meterbox sends for an event name (its usage on that account is held pending, uncounted; fix: meterbox stripe setup --account), else 0. One series per connected account the worker delivers to (worker only)',
+      labelNames: ['account', 'event_name'],
       registers,
     }),
     staleLeaseSettles: new Counter({

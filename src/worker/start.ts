@@ -3,16 +3,21 @@
 // jobs finish within a deadline.
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
 import { type AlertsRuntime, startAlerts } from '../alerts/worker.js';
+import { connectedAccountBudget, stripeCallsPerSecond } from '../billing/limits.js';
 import { directDatabaseUrl } from '../config.js';
 import type { Context } from '../context-type.js';
 import { longStatements, serverBoundedUrl } from '../db/dead-connections.js';
 import { startIdempotencyPruner } from '../ingest/idempotency.js';
+import { type AccountMeterCatalogs, createAccountMeterCatalogs } from '../metering/account-meter-catalogs.js';
 import { startActiveSensorReporting } from '../metering/active-sensors-job.js';
+import { createAccountCallers } from '../metering/budget.js';
 import { type DeliveryWorkerOptions, startDelivery } from '../metering/delivery.js';
+import { recordHealth } from '../metering/destination-health.js';
 import { type MeterCatalog, type MeterCatalogRuntime, startMeterCatalog } from '../metering/meter-catalog.js';
 import { type MetronomeCatalog, startMetronomeCatalog } from '../metering/metronome-catalog.js';
 import { ensureQueues } from '../metering/queues.js';
 import { destinationReaders } from '../metering/redrive-reconcile.js';
+import { healthPolicy } from '../metering/rules/health.js';
 import { startStorageMaintenance } from '../storage/maintenance-job.js';
 import { metricsDeliveryObserver } from './delivery-observer.js';
 import { startMetricsServer } from './metrics-server.js';
@@ -55,10 +60,31 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
           listenConnectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
           heartbeatMs: ctx.config.DB_LISTENER_HEARTBEAT_MS,
           watch: ctx.connectionWatch,
+          // Connected accounts' held keys are freed by their own accounts' catalogs (below), which read
+          // again on a meter error report too (its NOTIFY names no account).
+          platformOnly: true,
+          onReport: () => accountCatalogs?.refreshAll(),
+          // A worker started with a refused key: Stripe delivery's key hold says so (and probes it).
+          ...(ctx.config.DESTINATION_DOWN_AFTER_FAILURES > 0
+            ? {
+                keyRefused: async (message: string) => {
+                  if (await ctx.distributed()) return;
+                  await recordHealth(
+                    ctx.db,
+                    'stripe',
+                    { failures: 0, failingKeys: [], answered: 0, probed: false, refused: 1 },
+                    healthPolicy(ctx.config),
+                    '',
+                    message,
+                  );
+                },
+              }
+            : {}),
         })
       : undefined;
   let delivery: Awaited<ReturnType<typeof startDelivery>> | undefined;
   let ownCatalog: MeterCatalogRuntime | undefined;
+  let accountCatalogs: AccountMeterCatalogs | undefined;
   let catalog: MeterCatalog | undefined;
   let metronomeCatalog: Awaited<ReturnType<typeof startMetronomeCatalog>> | undefined;
   let alerts: AlertsRuntime | undefined;
@@ -70,6 +96,27 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
     await ensureQueues(ctx.boss, ctx.config);
     ownCatalog = await catalogStarting;
     catalog = options.catalog ?? ownCatalog;
+    // Stripe Connect: each connected account's own meters, read with Stripe-Account through that
+    // account's budget row (as reconciliation's reads), when the worker reads the platform's itself.
+    if (ownCatalog && ctx.stripe && !options.accountCatalogs) {
+      accountCatalogs = createAccountMeterCatalogs({
+        stripe: ctx.stripe,
+        db: ctx.db,
+        boss: ctx.boss,
+        log: ctx.log,
+        metrics: ctx.metrics,
+        refreshSeconds: ctx.config.METER_CATALOG_REFRESH_SECONDS,
+        maxAccounts: ctx.config.CONNECT_METER_CATALOG_MAX_ACCOUNTS,
+        callers: createAccountCallers(ctx.db, {
+          rate: stripeCallsPerSecond(ctx.config),
+          connectedRate: connectedAccountBudget(ctx.config).callsPerSecond,
+          share: ctx.config.RECONCILIATION_BUDGET_SHARE,
+          maxPerSecond: ctx.config.RECONCILIATION_MAX_CALLS_PER_SECOND,
+          distributed: await ctx.distributed(),
+        }),
+        distributed: () => ctx.distributed(),
+      });
+    }
     metronomeCatalog =
       ctx.metronome && !options.metronomeCatalog
         ? await startMetronomeCatalog({
@@ -88,6 +135,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
       observer: metricsDeliveryObserver(ctx.metrics),
       ...options,
       ...(catalog ? { catalog } : {}),
+      ...(accountCatalogs ? { accountCatalogs } : {}),
       ...(metronomeCatalog ? { metronomeCatalog } : {}),
     });
     await startActiveSensorReporting(ctx);
@@ -98,6 +146,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
     delivery?.stop();
     await delivery?.close();
     await metronomeCatalog?.stop();
+    await accountCatalogs?.stop();
     await (ownCatalog ?? (await catalogStarting?.catch(() => undefined)))?.stop();
     throw err;
   }
@@ -151,6 +200,7 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
         await runningDelivery.close();
         await idempotencyPruner.stop();
         await ownCatalog?.stop();
+        await accountCatalogs?.stop();
         await metronomeCatalog?.stop();
         await metricsServer?.stop(1_000);
         log.info('worker stopped');

@@ -13,7 +13,11 @@ import {
   nextHealth,
   splitByGate,
 } from '../../src/metering/rules/health.js';
-import { ACCOUNT_ACCESS_REFUSED, classifyStripeError } from '../../src/metering/stripe-meter.js';
+import {
+  ACCOUNT_ACCESS_REFUSED,
+  classifyStripeError,
+  PLATFORM_KEY_REFUSED,
+} from '../../src/metering/stripe-meter.js';
 
 const ACCOUNT = 'acct_1RulesRevoked';
 const REVOKED_MESSAGE = `The provided key 'sk_test_********abcd' does not have access to account '${ACCOUNT}' (or that account does not exist). Application access may have been revoked.`;
@@ -44,13 +48,13 @@ describe('an access refusal, classified', () => {
     }
   });
 
-  it('stays permanent on the platform’s own calls (its key refused): the group fails as before', () => {
-    expect(
-      classifyStripeError(stripeError(401, undefined, 'Invalid API Key provided: sk_test_***')),
-    ).toMatchObject({
-      kind: 'permanent',
-      reason: 'unauthorized',
-    });
+  it('takes the platform’s own 401 (its key refused) as the platform’s hold, and its 403 as permanent', () => {
+    const keyRefused = classifyStripeError(
+      stripeError(401, undefined, 'Invalid API Key provided: sk_test_***'),
+    );
+    expect(keyRefused).toMatchObject({ kind: 'retryable', status: 401, reason: PLATFORM_KEY_REFUSED });
+    expect(meaningOf(keyRefused, { validating: false }).kind).toBe('held');
+    expect(destinationVerdict(keyRefused)).toBe('refused');
     const forbidden = classifyStripeError(stripeError(403, 'account_invalid'));
     expect(forbidden).toMatchObject({ kind: 'permanent', reason: 'forbidden' });
     expect(meaningOf(forbidden, { validating: false }).kind).toBe('failed');

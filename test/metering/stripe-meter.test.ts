@@ -10,6 +10,7 @@ import {
   accountAccessRefused,
   classifyStripeError,
   createStripeMeterClient,
+  PLATFORM_KEY_REFUSED,
   type StripeMeterClient,
 } from '../../src/metering/stripe-meter.js';
 import { testConfig } from '../support/database.js';
@@ -62,7 +63,7 @@ describe('Stripe meter client', () => {
     });
   });
 
-  it('takes a connected account’s 403 account_invalid as that account’s refusal (held), and the platform key’s 401 as permanent', async ({
+  it('takes a connected account’s 403 account_invalid as that account’s refusal (held), and the platform key’s 401 as the platform’s (held)', async ({
     emulator,
     meter,
   }) => {
@@ -87,12 +88,10 @@ describe('Stripe meter client', () => {
       emulator.restoreAccountAccess(account);
     }
     expect(await meter.send(event(), { stripeAccount: account })).toEqual({ kind: 'accepted' });
-    // The platform's own key refused (no Stripe-Account): nothing to wait for, as before.
+    // The platform's own key refused (no Stripe-Account): Stripe delivery is held until the key works.
     const badKey = clientFor(emulator.url, 'not_a_key');
-    expect(await badKey.send({ ...event(), customerId: emulator.createCustomer().id })).toMatchObject({
-      kind: 'permanent',
-      status: 401,
-      reason: 'unauthorized',
-    });
+    const keyRefused = await badKey.send({ ...event(), customerId: emulator.createCustomer().id });
+    expect(keyRefused).toMatchObject({ kind: 'retryable', status: 401, reason: PLATFORM_KEY_REFUSED });
+    expect(accountAccessRefused(keyRefused)).toBe(true);
   });
 });

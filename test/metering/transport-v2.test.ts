@@ -149,6 +149,42 @@ describe('a v2 call refused for one of its events', () => {
     expect(calls.length).toBeLessThanOrEqual(29);
   });
 
+  it('asks for a new session after a call refused for its credentials (the hold’s probe tries the key as it is now)', async () => {
+    let sessions = 0;
+    let refuse = true;
+    const client = {
+      v2: {
+        billing: {
+          meterEventSession: {
+            create: async () => {
+              sessions += 1;
+              return {
+                authentication_token: `tok-${sessions}`,
+                expires_at: new Date(Date.now() + 15 * 60_000).toISOString(),
+              };
+            },
+          },
+          meterEventStream: {
+            create: async (_params: unknown, options: { apiKey: string }) => {
+              if (refuse && options.apiKey === 'tok-1') {
+                throw Object.assign(new Error('Invalid API Key provided: tok-1'), {
+                  statusCode: 401,
+                  type: 'StripeAuthenticationError',
+                });
+              }
+            },
+          },
+        },
+      },
+    } as unknown as Parameters<typeof createV2Transport>[0];
+    const transport = createV2Transport(client);
+    const [held] = await transport.send([event('ev-a', 'cus_a')]);
+    expect(held).toMatchObject({ kind: 'retryable', status: 401, reason: 'platform_key_refused' });
+    refuse = false;
+    expect(await transport.send([event('ev-b', 'cus_b')])).toEqual([{ kind: 'accepted' }]);
+    expect(sessions).toBe(2);
+  });
+
   it('does not split a call refused for its credentials: every event gets the call’s answer', async () => {
     const { client, calls } = refusingSome(new Set(['ev-1']), 401);
     const outcomes = await createV2Transport(client).send(hundred());

@@ -5,8 +5,9 @@
 import { listen } from '@meterbox/emulator-kit';
 import { Hono } from 'hono';
 import { BillingState, type Invoice, type Subscription, type TestClock } from './billing.js';
+import { unauthorized } from './errors.js';
 import type { Faults, FaultsInput } from './faults.js';
-import { accountAccessRevoked, bearerToken, type Ctx, createApp, fail } from './http.js';
+import { accountAccessRevoked, bearerToken, type Ctx, createApp, fail, maskKey } from './http.js';
 import type { CreateCustomerInput, EventFilter, StripeEmulatorOptions } from './options.js';
 import { registerAdjustmentRoutes } from './routes/adjustments.js';
 import { registerBillingRoutes } from './routes/billing.js';
@@ -72,6 +73,14 @@ export interface StripeEmulator {
   revokeAccountAccess(account: string): void;
   /** The account authorizes the platform again: its calls are answered as before. */
   restoreAccountAccess(account: string): void;
+  /**
+   * The secret key is revoked (rolled, deleted): every call authenticated with it, on any account,
+   * answers 401 "Invalid API Key provided: sk_test_***…" until restored. A v2 meter event session made
+   * before keeps its own token.
+   */
+  revokeApiKey(key: string): void;
+  /** The key works again. */
+  restoreApiKey(key: string): void;
 }
 
 export async function startStripeEmulator(options: StripeEmulatorOptions = {}): Promise<StripeEmulator> {
@@ -97,8 +106,15 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
       (key ? rt.sessions.get(key)?.account : undefined);
     return account && rt.revokedAccounts.has(account) ? accountAccessRevoked(key, account) : undefined;
   };
+  // A revoked secret key is refused before anything else, on every account.
+  const revokedKeys = new Set<string>();
   for (const path of ['/v1/*', '/v2/*']) {
     app.use(path, async (c, next) => {
+      const key = revokedKeys.size > 0 ? bearerToken(c.req.header('authorization')) : undefined;
+      if (key && revokedKeys.has(key)) {
+        state.counters.unauthorized += 1;
+        return fail(c, unauthorized(`Invalid API Key provided: ${maskKey(key)}`));
+      }
       const refused = revoked(c);
       if (refused) return fail(c, refused);
       await next();
@@ -171,6 +187,14 @@ export async function startStripeEmulator(options: StripeEmulatorOptions = {}): 
     restoreAccountAccess: (account) => {
       rt.revokedAccounts.delete(account);
       log('info', 'account access restored', { account });
+    },
+    revokeApiKey: (key) => {
+      revokedKeys.add(key);
+      log('info', 'API key revoked', { key: maskKey(key) });
+    },
+    restoreApiKey: (key) => {
+      revokedKeys.delete(key);
+      log('info', 'API key restored', { key: maskKey(key) });
     },
   };
 }

@@ -4,7 +4,7 @@
 // An account that revoked the platform's access refuses every call made on it (403 account_invalid).
 import { describe, expect } from 'vitest';
 import { startStripeEmulator } from '../src/index.js';
-import { emulatorTest, manualClock, rejection, sdk } from './helpers.js';
+import { emulatorTest, manualClock, rejection, sdk, TEST_KEY } from './helpers.js';
 
 const clock = manualClock();
 const it = emulatorTest(clock, Date.UTC(2026, 10, 21, 10, 0, 0));
@@ -234,5 +234,29 @@ describe('a connected account that revoked the platform’s access', () => {
       ['b-1', B],
       ['r-1', A],
     ]);
+  });
+});
+
+describe('a revoked secret key', () => {
+  it('answers 401 "Invalid API Key provided" to every call made with it, on any account, and answers again once restored', async ({
+    emu,
+    stripe,
+  }) => {
+    const other = sdk(emu, { key: 'sk_test_anotherKey_0123456789' });
+    const key = TEST_KEY;
+    emu.revokeApiKey(key);
+    for (const options of [{}, { stripeAccount: A }]) {
+      const refused = await rejection(() =>
+        stripe.billing.meterEvents.create(event('cus_k', 'k-1'), options),
+      );
+      expect(refused.statusCode).toBe(401);
+      expect(refused.type).toBe('StripeAuthenticationError');
+      expect(refused.message).toMatch(/^Invalid API Key provided: sk_test_/);
+    }
+    // Another key is unaffected; the revoked one works again once restored, nothing recorded meanwhile.
+    await other.billing.meterEvents.create(event('cus_o', 'o-1'));
+    emu.restoreApiKey(key);
+    await stripe.billing.meterEvents.create(event('cus_k', 'k-1'));
+    expect(emu.events().map((e) => e.identifier)).toEqual(['o-1', 'k-1']);
   });
 });

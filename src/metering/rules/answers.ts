@@ -1,7 +1,7 @@
 // What an answer means: for the group it answers (meaningOf) and for its destination's health
 // (destinationVerdict).
 
-import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../stripe-meter.js';
+import { accountAccessRefused, type SendOutcome } from '../stripe-meter.js';
 import type { Answer } from './keys.js';
 
 /** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
@@ -54,8 +54,8 @@ export function meaningOf(outcome: SendOutcome, options: { validating: boolean }
       return { kind: 'expired', message: outcome.message };
     case 'retryable':
       if (outcome.reason === 'rate_limited') return { kind: 'rate_limited', message: outcome.message };
-      if (outcome.reason === ACCOUNT_ACCESS_REFUSED) {
-        return { kind: 'held', message: `${ACCOUNT_ACCESS_REFUSED}: ${outcome.message}` };
+      if (accountAccessRefused(outcome)) {
+        return { kind: 'held', message: `${outcome.reason}: ${outcome.message}` };
       }
       return { kind: 'retry', reason: outcome.reason, message: `${outcome.reason}: ${outcome.message}` };
     case 'permanent':
@@ -75,12 +75,13 @@ const DESTINATION_FAILURES: ReadonlySet<string> = new Set(['server_error', 'time
  * (5xx, a timeout, a connection error): counts toward an outage. `answered`: it answered as a working
  * destination does (a 2xx, a duplicate, an event refused for its content, a conflict): ends one.
  * `neutral`: a 429 says it works but is busy (the budget and Retry-After deal with that).
- * `refused`: a connected account refused the platform access: the account is held at once.
+ * `refused`: a connected account refused the platform access, or Stripe the platform's own key: the
+ * account (the platform's: the Stripe destination) is held at once.
  */
 export function destinationVerdict(outcome: SendOutcome): 'failure' | 'answered' | 'neutral' | 'refused' {
   if (outcome.kind !== 'retryable') return 'answered';
   if (outcome.reason === 'rate_limited') return 'neutral';
-  if (outcome.reason === ACCOUNT_ACCESS_REFUSED) return 'refused';
+  if (accountAccessRefused(outcome)) return 'refused';
   return DESTINATION_FAILURES.has(outcome.reason) ? 'failure' : 'answered';
 }
 

@@ -192,7 +192,8 @@ function rateLimited(d: Draft, answer: Answer, message: string): void {
   d.unsent.add(keyName(answer.key));
 }
 
-/** The connect hold: the connected account refused the platform access. The account's, not the group's:
+/** The access hold: the connected account refused the platform access, or Stripe the platform's own key
+ * (PLATFORM_KEY_REFUSED). The account's, not the group's:
  * uncounted, never failed; the key waits on the account's hold (the batch's first such key comes back
  * for the next probe, as in an outage; without a recorded hold, ACCESS_REFUSED_WAIT_MS). */
 function connectHold(d: Draft, answer: Answer, settlement: KeySettlement, message: string): void {
