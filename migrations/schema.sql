@@ -258,6 +258,7 @@ CREATE TABLE organizations (
   id uuid DEFAULT gen_random_uuid() NOT NULL,
   name text NOT NULL,
   created_at timestamp with time zone DEFAULT now() NOT NULL,
+  billing_anchor_date timestamp with time zone,
   CONSTRAINT organizations_name_check CHECK (((length(name) >= 1) AND (length(name) <= 200))),
   CONSTRAINT organizations_pkey PRIMARY KEY (id)
 );
@@ -552,16 +553,28 @@ END;
 $body$;
 
 CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE sql STABLE AS $body$
-  SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month' ELSE f.month_start END,
+  SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month'
+              WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n)) AT TIME ZONE 'UTC'
+              ELSE f.month_start END,
          CASE WHEN f.stripe THEN f.cpe
+              WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n + 1)) AT TIME ZONE 'UTC'
               ELSE (date_trunc('month', p_at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END
-    FROM (SELECT date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start, c.cpe,
+    FROM (SELECT date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start, c.cpe, a.anchor,
+                 -- Whole months from the anchor to p_at, in UTC wall time (timestamp + months keeps the
+                 -- anchor's day, or the month's last day): the month of p_at, or the one before when
+                 -- p_at is earlier in its month than the anchor's day and time.
+                 m.m - CASE WHEN a.anchor + make_interval(months => m.m) > (p_at AT TIME ZONE 'UTC') THEN 1 ELSE 0 END AS n,
                  coalesce(c.cpe > p_at AND c.cpe - interval '1 month' <= p_at, false)
                  AND NOT EXISTS (
                    SELECT 1 FROM organization_destinations d
                     WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing'
                       AND d.valid_from <= p_at AND (d.valid_until IS NULL OR d.valid_until > p_at)) AS stripe
-            FROM (SELECT (SELECT s.current_period_end FROM subscriptions s WHERE s.organization_id = p_org) AS cpe) c) f
+            FROM (SELECT (SELECT s.current_period_end FROM subscriptions s WHERE s.organization_id = p_org) AS cpe) c
+           CROSS JOIN (SELECT (SELECT o.billing_anchor_date AT TIME ZONE 'UTC' FROM organizations o WHERE o.id = p_org)
+                              AS anchor) a
+           CROSS JOIN LATERAL (
+             SELECT ((extract(year FROM p_at AT TIME ZONE 'UTC') - extract(year FROM a.anchor)) * 12
+                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f
 $body$;
 
 CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys FOR EACH ROW EXECUTE FUNCTION meterbox_notify_api_key_change();
