@@ -4,6 +4,7 @@
 // and the CLI call (alerts/thresholds.ts): no second copy of the rules.
 import type { Context as HonoContext } from 'hono';
 import { z } from 'zod';
+import { billingAnchorOf } from '../alerts/billing-anchor.js';
 import {
   createThreshold,
   listThresholds,
@@ -72,7 +73,10 @@ export function thresholdDashboardRoutes(ctx: Deps): HttpModule {
           .executeTakeFirst();
         if (!org) error = 'No such organization.';
       }
-      const thresholds = org ? await listThresholds(ctx.db, org.id, ctx.clock.now()) : [];
+      const now = ctx.clock.now();
+      const [thresholds, anchor] = org
+        ? await Promise.all([listThresholds(ctx.db, org.id, now), billingAnchorOf(ctx.db, org.id, now)])
+        : [[], undefined];
       return c.html(
         <Page title="meterbox · threshold alerts">
           <header>
@@ -109,6 +113,16 @@ export function thresholdDashboardRoutes(ctx: Deps): HttpModule {
                 <h2 id="thresholds">
                   Thresholds of {org.name} <code>{org.id}</code>
                 </h2>
+                {anchor ? (
+                  <p data-testid="threshold-period">
+                    Period now: {anchor.period.start} – {anchor.period.end} (the Stripe subscription's period
+                    while it holds; else{' '}
+                    {anchor.billingAnchorDate
+                      ? `monthly from the billing anchor ${anchor.billingAnchorDate}`
+                      : 'UTC months: no billing anchor'}
+                    , set with meterbox thresholds period --anchor).
+                  </p>
+                ) : null}
                 <p class="muted">
                   Usage is the organization's stored readings in its current billing period, voided ones
                   excluded. Reaching a quantity sends usage.threshold.crossed once; a correction bringing

@@ -3,6 +3,7 @@
 // and the same thresholds the admin API lists (one set of functions behind both).
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
+import { billingAnchorOf } from '../../src/alerts/billing-anchor.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
 import { contextTest, type TestApp } from '../support/test.js';
 
@@ -74,7 +75,12 @@ describe('threshold alerts in the dashboard', () => {
     const empty = await app.request(`/admin/ui/thresholds?organization=${org.organizationId}`, {
       headers: { cookie },
     });
-    expect(await empty.text()).toContain('data-testid="no-thresholds"');
+    const emptyPage = await empty.text();
+    expect(emptyPage).toContain('data-testid="no-thresholds"');
+    // The period the thresholds count in, and where it comes from (no anchor set: UTC months).
+    const { period } = await billingAnchorOf(ctx.db, org.organizationId, new Date());
+    expect(emptyPage).toContain(`Period now: ${period.start} – ${period.end}`);
+    expect(emptyPage).toContain('UTC months: no billing anchor');
 
     const added = await app.request(
       `${HOST}/admin/ui/thresholds`,
