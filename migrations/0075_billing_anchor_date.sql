@@ -8,11 +8,19 @@
 -- its rollover and createThreshold use) reads it: the Stripe subscription's current period while that
 -- contains the instant and Metronome does not bill the organization then; else the anchored month when
 -- an anchor is set; else the UTC month.
+--
+-- PL/pgSQL now, not SQL: Citus never saw the tables of the SQL function, which Postgres inlined after
+-- Citus had planned the call as touching no table of its own, so on a cluster the subqueries read the
+-- coordinator's empty shells of the reference tables and every organization counted in UTC months
+-- (a Stripe period and a Metronome destination ignored). A PL/pgSQL function's statement is planned on
+-- its own, by Citus too; on one node its plan is kept for the session.
 ALTER TABLE organizations ADD COLUMN billing_anchor_date timestamptz;
 
 CREATE OR REPLACE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamptz)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz)
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN QUERY
   SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month'
               WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n)) AT TIME ZONE 'UTC'
               ELSE f.month_start END,
@@ -34,5 +42,6 @@ LANGUAGE sql STABLE AS $$
                               AS anchor) a
            CROSS JOIN LATERAL (
              SELECT ((extract(year FROM p_at AT TIME ZONE 'UTC') - extract(year FROM a.anchor)) * 12
-                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f
+                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f;
+END
 $$;

@@ -552,7 +552,9 @@ BEGIN
 END;
 $body$;
 
-CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE sql STABLE AS $body$
+CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE plpgsql STABLE AS $body$
+BEGIN
+  RETURN QUERY
   SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month'
               WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n)) AT TIME ZONE 'UTC'
               ELSE f.month_start END,
@@ -574,7 +576,8 @@ CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time z
                               AS anchor) a
            CROSS JOIN LATERAL (
              SELECT ((extract(year FROM p_at AT TIME ZONE 'UTC') - extract(year FROM a.anchor)) * 12
-                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f
+                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f;
+END
 $body$;
 
 CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys FOR EACH ROW EXECUTE FUNCTION meterbox_notify_api_key_change();

@@ -6,6 +6,7 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createCorrection } from '../../src/admin/corrections.js';
+import { setBillingAnchor } from '../../src/alerts/billing-anchor.js';
 import { createEndpoint } from '../../src/alerts/endpoints.js';
 import { createThreshold, listThresholds } from '../../src/alerts/thresholds.js';
 import type { Context } from '../../src/context.js';
@@ -132,4 +133,48 @@ describe.skipIf(!url)('threshold alerts on the cluster', () => {
       ['usage.threshold.resolved', all.id],
     ]);
   }, 120_000);
+
+  it("counts in the organization's own period on the cluster: its Stripe subscription's, or its billing anchor's", async () => {
+    const now = new Date();
+    const write = (organizationId: string, readings: ReturnType<typeof reading>[]) =>
+      new GroupCommitter(
+        { db: ctx.db, boss: ctx.boss, distributed: async () => true, clock: { now: () => now } },
+        { windowMs: 0, maxRequests: 1, maxReadings: 10_000 },
+      ).submit({ organizationId, readings });
+    // A Stripe subscription whose period ends in ten days: its month, not the UTC one.
+    const stripe = await createOrganization(ctx.db);
+    const end = new Date(now.getTime() + 10 * 86_400_000);
+    await sql`UPDATE subscriptions SET current_period_end = ${end} WHERE organization_id = ${stripe.organizationId}`.execute(
+      ctx.db,
+    );
+    // No Stripe period, a billing anchor on the 10th of a month.
+    const anchored = await createOrganization(ctx.db, { subscription: false });
+    const anchor = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() - 3, 10));
+    const view = await setBillingAnchor(ctx.db, anchored.organizationId, anchor, now);
+    const anchoredStart =
+      now.getUTCDate() >= 10
+        ? new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 10))
+        : new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() - 1, 10));
+    expect(view.period.start).toBe(anchoredStart.toISOString());
+
+    // The month before current_period_end, as Postgres subtracts it (a shorter month's last day).
+    const stripeStart = new Date(
+      (await sql<{ s: Date }>`SELECT ${end}::timestamptz - interval '1 month' AS s`.execute(ctx.db)).rows[0]!
+        .s,
+    ).toISOString();
+    const expected = new Map([
+      [stripe.organizationId, stripeStart],
+      [anchored.organizationId, anchoredStart.toISOString()],
+    ]);
+    for (const [organizationId, start] of expected) {
+      const [sensor] = await createSensors(ctx.db, organizationId, 1);
+      const t = await createThreshold(ctx.db, organizationId, { quantity: 2 }, now);
+      expect(t.periodStart).toBe(start);
+      // Ingestion's count on the cluster keeps that period (a different one would restart the count).
+      await write(organizationId, [reading(sensor!, 20, 1, now)]);
+      await write(organizationId, [reading(sensor!, 10, 1, now)]);
+      const [after] = await listThresholds(ctx.db, organizationId, now);
+      expect(after).toMatchObject({ periodStart: start, usage: 2, state: 'crossed' });
+    }
+  }, 60_000);
 });
