@@ -553,30 +553,39 @@ END;
 $body$;
 
 CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE plpgsql STABLE AS $body$
+DECLARE
+  v_at timestamp := p_at AT TIME ZONE 'UTC';
+  v_cpe timestamptz;
+  v_anchor timestamp;
+  v_months int;
 BEGIN
-  RETURN QUERY
-  SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month'
-              WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n)) AT TIME ZONE 'UTC'
-              ELSE f.month_start END,
-         CASE WHEN f.stripe THEN f.cpe
-              WHEN f.anchor IS NOT NULL THEN (f.anchor + make_interval(months => f.n + 1)) AT TIME ZONE 'UTC'
-              ELSE (date_trunc('month', p_at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END
-    FROM (SELECT date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start, c.cpe, a.anchor,
-                 -- Whole months from the anchor to p_at, in UTC wall time (timestamp + months keeps the
-                 -- anchor's day, or the month's last day): the month of p_at, or the one before when
-                 -- p_at is earlier in its month than the anchor's day and time.
-                 m.m - CASE WHEN a.anchor + make_interval(months => m.m) > (p_at AT TIME ZONE 'UTC') THEN 1 ELSE 0 END AS n,
-                 coalesce(c.cpe > p_at AND c.cpe - interval '1 month' <= p_at, false)
-                 AND NOT EXISTS (
-                   SELECT 1 FROM organization_destinations d
-                    WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing'
-                      AND d.valid_from <= p_at AND (d.valid_until IS NULL OR d.valid_until > p_at)) AS stripe
-            FROM (SELECT (SELECT s.current_period_end FROM subscriptions s WHERE s.organization_id = p_org) AS cpe) c
-           CROSS JOIN (SELECT (SELECT o.billing_anchor_date AT TIME ZONE 'UTC' FROM organizations o WHERE o.id = p_org)
-                              AS anchor) a
-           CROSS JOIN LATERAL (
-             SELECT ((extract(year FROM p_at AT TIME ZONE 'UTC') - extract(year FROM a.anchor)) * 12
-                     + extract(month FROM p_at AT TIME ZONE 'UTC') - extract(month FROM a.anchor))::int AS m) m) f;
+  SELECT s.current_period_end INTO v_cpe FROM subscriptions s WHERE s.organization_id = p_org;
+  IF v_cpe > p_at AND v_cpe - interval '1 month' <= p_at AND NOT EXISTS (
+       SELECT 1 FROM organization_destinations d
+        WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing'
+          AND d.valid_from <= p_at AND (d.valid_until IS NULL OR d.valid_until > p_at)) THEN
+    period_start := v_cpe - interval '1 month';
+    period_end := v_cpe;
+    RETURN NEXT;
+    RETURN;
+  END IF;
+  SELECT o.billing_anchor_date AT TIME ZONE 'UTC' INTO v_anchor FROM organizations o WHERE o.id = p_org;
+  IF v_anchor IS NULL THEN
+    period_start := date_trunc('month', v_at) AT TIME ZONE 'UTC';
+    period_end := (date_trunc('month', v_at) + interval '1 month') AT TIME ZONE 'UTC';
+  ELSE
+    -- Whole months from the anchor to p_at, in UTC wall time (timestamp + months keeps the anchor's day,
+    -- or the month's last day): the month of p_at, or the one before when p_at is earlier in its month
+    -- than the anchor's day and time.
+    v_months := ((extract(year FROM v_at) - extract(year FROM v_anchor)) * 12
+                 + extract(month FROM v_at) - extract(month FROM v_anchor))::int;
+    IF v_anchor + make_interval(months => v_months) > v_at THEN
+      v_months := v_months - 1;
+    END IF;
+    period_start := (v_anchor + make_interval(months => v_months)) AT TIME ZONE 'UTC';
+    period_end := (v_anchor + make_interval(months => v_months + 1)) AT TIME ZONE 'UTC';
+  END IF;
+  RETURN NEXT;
 END
 $body$;
 
