@@ -20,7 +20,7 @@ ALTER TABLE organizations ADD COLUMN billing_anchor_date timestamptz;
 CREATE OR REPLACE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamptz)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz)
 -- One row: without it the planner takes a set-returning function for 1,000 rows, and the count's
--- statement (0061) joined the thresholds to it by a scan of the whole table (2.6 ms a call, measured).
+-- statement (0061) took 2.6 ms a call instead of 0.4 (measured; likely a scan of all the thresholds).
 LANGUAGE plpgsql STABLE ROWS 1 AS $$
 DECLARE
   v_at timestamp := p_at AT TIME ZONE 'UTC';
