@@ -176,5 +176,12 @@ describe.skipIf(!url)('threshold alerts on the cluster', () => {
       const [after] = await listThresholds(ctx.db, organizationId, now);
       expect(after).toMatchObject({ periodStart: start, usage: 2, state: 'crossed' });
     }
+    // Cleared on the cluster: the threshold re-counted into the UTC month (the readings are this month's
+    // unless the month began since they were written, a few seconds ago).
+    const cleared = await setBillingAnchor(ctx.db, anchored.organizationId, null, now);
+    const monthStart = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString();
+    expect(cleared.period.start).toBe(monthStart);
+    const [recounted] = await listThresholds(ctx.db, anchored.organizationId, now);
+    expect(recounted).toMatchObject({ periodStart: monthStart, usage: 2, state: 'crossed' });
   }, 60_000);
 });
