@@ -258,6 +258,7 @@ CREATE TABLE organizations (
   id uuid DEFAULT gen_random_uuid() NOT NULL,
   name text NOT NULL,
   created_at timestamp with time zone DEFAULT now() NOT NULL,
+  billing_anchor_date timestamp with time zone,
   CONSTRAINT organizations_name_check CHECK (((length(name) >= 1) AND (length(name) <= 200))),
   CONSTRAINT organizations_pkey PRIMARY KEY (id)
 );
@@ -551,17 +552,41 @@ BEGIN
 END;
 $body$;
 
-CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE sql STABLE AS $body$
-  SELECT CASE WHEN f.stripe THEN f.cpe - interval '1 month' ELSE f.month_start END,
-         CASE WHEN f.stripe THEN f.cpe
-              ELSE (date_trunc('month', p_at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END
-    FROM (SELECT date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start, c.cpe,
-                 coalesce(c.cpe > p_at AND c.cpe - interval '1 month' <= p_at, false)
-                 AND NOT EXISTS (
-                   SELECT 1 FROM organization_destinations d
-                    WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing'
-                      AND d.valid_from <= p_at AND (d.valid_until IS NULL OR d.valid_until > p_at)) AS stripe
-            FROM (SELECT (SELECT s.current_period_end FROM subscriptions s WHERE s.organization_id = p_org) AS cpe) c) f
+CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE plpgsql STABLE AS $body$
+DECLARE
+  v_at timestamp := p_at AT TIME ZONE 'UTC';
+  v_cpe timestamptz;
+  v_anchor timestamp;
+  v_months int;
+BEGIN
+  SELECT s.current_period_end INTO v_cpe FROM subscriptions s WHERE s.organization_id = p_org;
+  IF v_cpe > p_at AND v_cpe - interval '1 month' <= p_at AND NOT EXISTS (
+       SELECT 1 FROM organization_destinations d
+        WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing'
+          AND d.valid_from <= p_at AND (d.valid_until IS NULL OR d.valid_until > p_at)) THEN
+    period_start := v_cpe - interval '1 month';
+    period_end := v_cpe;
+    RETURN NEXT;
+    RETURN;
+  END IF;
+  SELECT o.billing_anchor_date AT TIME ZONE 'UTC' INTO v_anchor FROM organizations o WHERE o.id = p_org;
+  IF v_anchor IS NULL THEN
+    period_start := date_trunc('month', v_at) AT TIME ZONE 'UTC';
+    period_end := (date_trunc('month', v_at) + interval '1 month') AT TIME ZONE 'UTC';
+  ELSE
+    -- Whole months from the anchor to p_at, in UTC wall time (timestamp + months keeps the anchor's day,
+    -- or the month's last day): the month of p_at, or the one before when p_at is earlier in its month
+    -- than the anchor's day and time.
+    v_months := ((extract(year FROM v_at) - extract(year FROM v_anchor)) * 12
+                 + extract(month FROM v_at) - extract(month FROM v_anchor))::int;
+    IF v_anchor + make_interval(months => v_months) > v_at THEN
+      v_months := v_months - 1;
+    END IF;
+    period_start := (v_anchor + make_interval(months => v_months)) AT TIME ZONE 'UTC';
+    period_end := (v_anchor + make_interval(months => v_months + 1)) AT TIME ZONE 'UTC';
+  END IF;
+  RETURN NEXT;
+END
 $body$;
 
 CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys FOR EACH ROW EXECUTE FUNCTION meterbox_notify_api_key_change();

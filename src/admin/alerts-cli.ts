@@ -1,5 +1,6 @@
 // `meterbox webhooks …` and `meterbox thresholds …`: alert webhook endpoints, their deliveries, and
 // organizations' usage thresholds from the command line (the same functions as the admin API).
+import { billingAnchorOf, setBillingAnchor } from '../alerts/billing-anchor.js';
 import { listDeliveries, redriveDeliveries, sendTestEvent } from '../alerts/delivery.js';
 import { createEndpoint, listEndpoints, removeEndpoint } from '../alerts/endpoints.js';
 import { sensorSilenceAlertsOn, setSensorSilenceAlerts } from '../alerts/silence.js';
@@ -7,6 +8,7 @@ import { createThreshold, listThresholds, removeThreshold } from '../alerts/thre
 import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, type FlagValues, formatTable, processIo, str, usageError } from '../cli/io.js';
 import type { Context } from '../context-type.js';
+import { pgInstant } from '../db/input-types.js';
 import { AppError } from '../http/errors.js';
 
 function fail(io: CliIo, err: unknown): number {
@@ -214,6 +216,40 @@ export async function thresholdsRemoveCommand(
   }
 }
 
+const PERIOD_USAGE = 'thresholds period --organization <id> [--anchor <instant> | --clear] [--json]';
+
+/**
+ * `meterbox thresholds period`: an organization's threshold period now and its billing anchor; with
+ * --anchor, sets the anchor (monthly periods from it where Stripe gives none), with --clear, UTC months.
+ */
+export async function thresholdsPeriodCommand(ctx: Context, values: FlagValues, io: CliIo = processIo()) {
+  const organizationId = str(values, 'organization');
+  const anchor = str(values, 'anchor');
+  if (!organizationId || (anchor !== undefined && values.clear))
+    return usageError(
+      io,
+      '--organization is required, and --anchor and --clear exclude each other',
+      PERIOD_USAGE,
+    );
+  if (anchor !== undefined && !pgInstant('anchor').safeParse(anchor).success)
+    return usageError(io, '--anchor must be an ISO-8601 date-time with Z or an offset', PERIOD_USAGE);
+  const now = ctx.clock.now();
+  try {
+    const view =
+      anchor !== undefined || values.clear
+        ? await setBillingAnchor(ctx.db, organizationId, anchor === undefined ? null : new Date(anchor), now)
+        : await billingAnchorOf(ctx.db, organizationId, now);
+    io.out(
+      values.json
+        ? JSON.stringify(view, null, 2)
+        : `organization ${organizationId}: period ${view.period.start} – ${view.period.end} (${view.billingAnchorDate ? `monthly from ${view.billingAnchorDate}` : 'UTC months'} where Stripe gives none)`,
+    );
+    return 0;
+  } catch (err) {
+    return fail(io, err);
+  }
+}
+
 const SENSOR_SILENCE_USAGE = 'alerts sensor-silence --organization <id> [on|off]';
 
 /** `meterbox alerts sensor-silence --organization <id> [on|off]`: per-sensor silence alerts (no argument: show). */
@@ -290,6 +326,13 @@ export const alertCommands: Record<string, CliCommand> = {
     usage: 'thresholds list --organization <id> [--json]',
     options: flags(['organization'], ['json']),
     run: (ctx, { values }) => thresholdsListCommand(ctx, values),
+  },
+  'thresholds period': {
+    summary:
+      "show an organization's threshold period, or set its billing anchor (monthly periods from it where Stripe gives none)",
+    usage: PERIOD_USAGE,
+    options: flags(['organization', 'anchor'], ['json', 'clear']),
+    run: (ctx, { values }) => thresholdsPeriodCommand(ctx, values),
   },
   'thresholds remove': {
     summary: 'remove a usage threshold',

@@ -1,7 +1,13 @@
 // Admin API for alerts (issue 45): webhook endpoints (the secret is in the creation's answer only),
 // a signed test event, deliveries with their attempts and the redrive of dead ones, and an
-// organization's usage thresholds.
+// organization's usage thresholds and the billing anchor of their period.
 import { z } from 'zod';
+import {
+  billingAnchorBody,
+  billingAnchorOf,
+  billingAnchorView,
+  setBillingAnchor,
+} from '../alerts/billing-anchor.js';
 import { listDeliveries, redriveDeliveries, sendTestEvent } from '../alerts/delivery.js';
 import {
   createEndpoint,
@@ -236,6 +242,45 @@ export function alertRoutes(ctx: Deps): HttpModule {
       const thresholdId = c.req.param('thresholdId') ?? '';
       await removeThreshold(ctx.db, organizationId, thresholdId);
       return c.json({ removed: thresholdId });
+    },
+  );
+
+  const billingAnchorPath = '/admin/organizations/{id}/billing-anchor';
+  routes.route(
+    {
+      method: 'put',
+      path: billingAnchorPath,
+      summary:
+        'Set (or, with null, clear) the billing anchor of an organization whose period Stripe does not give (Metronome bills it, or no subscription): its thresholds count in monthly periods from it instead of UTC months, and are re-counted into the period it gives now',
+      tag: 'admin',
+      security: 'admin',
+      body: billingAnchorBody,
+      responses: { 200: { description: 'the anchor and the period now', schema: billingAnchorView } },
+    },
+    async (c) => {
+      const organizationId = organizationParam(c.req.param('id'));
+      const { billingAnchorDate } = await parseBody(c, billingAnchorBody);
+      const anchor = billingAnchorDate === null ? null : new Date(billingAnchorDate);
+      const view = await setBillingAnchor(ctx.db, organizationId, anchor, ctx.clock.now());
+      ctx.log.info(
+        { organizationId, billingAnchorDate: view.billingAnchorDate },
+        'admin: billing anchor set',
+      );
+      return c.json(view);
+    },
+  );
+  routes.route(
+    {
+      method: 'get',
+      path: billingAnchorPath,
+      summary: "An organization's billing anchor (null: UTC months) and its threshold period now",
+      tag: 'admin',
+      security: 'admin',
+      responses: { 200: { description: 'the anchor and the period now', schema: billingAnchorView } },
+    },
+    async (c) => {
+      const organizationId = organizationParam(c.req.param('id'));
+      return c.json(await billingAnchorOf(ctx.db, organizationId, ctx.clock.now()));
     },
   );
 

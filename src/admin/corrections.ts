@@ -163,6 +163,12 @@ export async function createCorrection(
 ): Promise<CorrectionView> {
   const range = validateRange(input, options.now, options.retentionDays);
   await checkTarget(trx, organizationId, input.sensorId);
+  // An organization with thresholds: the correction ends by writing on reference tables (the counts and
+  // any resolved event), which Citus refuses after a statement of the transaction ran over several
+  // shards in parallel. Sequential mode, from the start, lets it; outside Citus the setting is inert.
+  await sql`
+    SELECT set_config('citus.multi_shard_modify_mode', 'sequential', true)
+     WHERE EXISTS (SELECT 1 FROM alert_thresholds WHERE organization_id = ${organizationId})`.execute(trx);
   await sql`
     SELECT id FROM sensors
      WHERE organization_id = ${organizationId} ${input.sensorId ? sql`AND id = ${input.sensorId}` : sql``}

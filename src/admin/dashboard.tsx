@@ -79,6 +79,7 @@ export async function dashboard(ctx: DashboardDeps, c: HonoContext<AppEnv>): Pro
         <h1>meterbox · operations</h1>
         <nav>
           <a href="/admin/ui/corrections">Usage corrections</a>
+          <a href="/admin/ui/thresholds">Threshold alerts</a>
           <a href="/docs">API docs</a>
           <form method="post" action="/admin/logout" class="inline">
             <button type="submit" class="secondary">

@@ -13,6 +13,7 @@ import { dashboardRoutes } from './dashboard-routes.js';
 import { destinationRoutes } from './destinations-routes.js';
 import { organizationAdminRoutes } from './organizations-routes.js';
 import { adminRoutes } from './routes.js';
+import { thresholdDashboardRoutes } from './thresholds-dashboard.js';
 import { usageTokenAdminRoutes } from './usage-tokens-routes.js';
 
 export const ADMIN_PREFIX = '/admin';
@@ -41,6 +42,7 @@ export function adminModule(
     correctionRoutes(ctx),
     correctionDashboardRoutes(ctx),
     dashboardRoutes(ctx),
+    thresholdDashboardRoutes(ctx),
     organizationAdminRoutes(ctx),
     destinationRoutes(ctx),
     usageTokenAdminRoutes(ctx),

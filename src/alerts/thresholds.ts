@@ -6,7 +6,8 @@
 // at least it. The count and that test happen under the threshold row's lock, so concurrent
 // transactions see the crossing exactly once. A correction lowers the count in its transaction and a
 // crossed threshold falling back under writes `usage.threshold.resolved`; a new period starts the
-// count from zero (re-armed).
+// count from zero (re-armed). On a Citus cluster the routed ingestion counts with
+// countShardGroupThresholds, the same rule in statements Citus routes.
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { z } from 'zod';
@@ -50,6 +51,80 @@ export function thresholdCountCall(now: RawBuilder<unknown>) {
                                FROM thr_orgs) a
                 CROSS JOIN LATERAL meterbox_count_thresholds(a.orgs, a.ins, ${now}) AS j
                WHERE a.orgs IS NOT NULL)`;
+}
+
+/**
+ * On a Citus cluster (ingest/routed.ts), after a shard group's readings were inserted in `trx`: counts
+ * what each organization stored (`inserted`) into its thresholds and writes the crossings' events, in
+ * that transaction, by the rule of one node's meterbox_count_thresholds (migration 0061): the rows
+ * locked in id order, counted forward from the row as the lock found it (a concurrent transaction's
+ * committed count included), restarted from zero in a new period, a crossing where the count goes from
+ * below the quantity to at least it. Citus plans none of that function's statement (a SQL function
+ * with parameters, a write joined to a lateral call), so here it is four plain statements on the
+ * reference table: the probe with the periods (meterbox_threshold_period, the one copy of the period
+ * rule; for an organization without thresholds, an index lookup that finds nothing, and nothing more),
+ * the lock, the update, the events.
+ */
+export async function countShardGroupThresholds(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  inserted: ReadonlyMap<string, number>,
+  now: Date,
+): Promise<void> {
+  const orgs = [...inserted.entries()].filter(([, n]) => n > 0).map(([o]) => o);
+  if (orgs.length === 0) return;
+  const periods = await sql<{ org: string; start: Date; end: Date }>`
+    SELECT DISTINCT t.organization_id::text AS org, p.period_start AS start, p.period_end AS "end"
+      FROM alert_thresholds t CROSS JOIN LATERAL meterbox_threshold_period(t.organization_id, ${now}::timestamptz) p
+     WHERE t.organization_id = ANY(${orgs}::uuid[])`.execute(trx);
+  if (periods.rows.length === 0) return;
+  const periodOfOrg = new Map(periods.rows.map((r) => [r.org, r]));
+  const locked = await sql<{
+    id: string;
+    org: string;
+    event_name: string;
+    quantity: string;
+    period_start: Date;
+    period_usage: string;
+    crossed_at: Date | null;
+  }>`
+    SELECT id::text, organization_id::text AS org, event_name, quantity::text, period_start, period_usage::text,
+           crossed_at
+      FROM alert_thresholds WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[])
+     ORDER BY id FOR UPDATE`.execute(trx);
+  if (locked.rows.length === 0) return;
+  const next = locked.rows.map((t) => {
+    const per = periodOfOrg.get(t.org)!;
+    const before =
+      new Date(t.period_start).getTime() === new Date(per.start).getTime() ? Number(t.period_usage) : 0;
+    const usage = before + (inserted.get(t.org) ?? 0);
+    const quantity = Number(t.quantity);
+    const crossing = before < quantity && usage >= quantity;
+    return { t, per, usage, quantity, crossing, crossedAt: crossing ? now : t.crossed_at };
+  });
+  await sql`
+    UPDATE alert_thresholds t
+       SET period_usage = v.usage, period_start = v.start, period_end = v."end", state = v.state,
+           crossed_at = v.crossed_at
+      FROM unnest(${next.map((n) => n.t.id)}::bigint[], ${next.map((n) => n.usage)}::bigint[],
+                  ${next.map((n) => n.per.start)}::timestamptz[], ${next.map((n) => n.per.end)}::timestamptz[],
+                  ${next.map((n) => (n.usage >= n.quantity ? 'crossed' : 'armed'))}::text[],
+                  ${next.map((n) => n.crossedAt)}::timestamptz[]) AS v(id, usage, start, "end", state, crossed_at)
+     WHERE t.id = v.id`.execute(trx);
+  const crossings = next
+    .filter((n) => n.crossing)
+    .map(
+      (n): Crossing => ({
+        thresholdId: n.t.id,
+        organizationId: n.t.org,
+        eventName: n.t.event_name,
+        quantity: n.quantity,
+        usage: n.usage,
+        periodStart: new Date(n.per.start),
+        periodEnd: new Date(n.per.end),
+      }),
+    );
+  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
 }
 
 /** A crossing as the count's statement returns it (thr_crossed). */
@@ -117,7 +192,9 @@ export async function writeCrossings(
 /**
  * After a correction voided readings (in the caller's transaction): the organization's thresholds in
  * their current period lose the voided readings ingested in that period, and each that was crossed and
- * is now under its quantity writes `usage.threshold.resolved`.
+ * is now under its quantity writes `usage.threshold.resolved`. Plain statements, each of which Citus
+ * routes (the thresholds are a reference table, the readings distributed, which it cannot join in a
+ * write): the lock, the count on the organization's shard, the update, the events.
  */
 export async function lowerThresholdUsage(
   trx: Transaction<DB>,
@@ -126,55 +203,63 @@ export async function lowerThresholdUsage(
   correction: { id: string; from: Date; to: Date },
   now: Date,
 ): Promise<number> {
-  const rows = await sql<{
+  const locked = await sql<{
     id: string;
-    organization_id: string;
     event_name: string;
     quantity: string;
     period_usage: string;
     period_start: Date;
     period_end: Date;
-    old_state: string;
     state: string;
   }>`
-    WITH locked AS MATERIALIZED (
-      SELECT id, state AS old_state FROM alert_thresholds
-       WHERE organization_id = ${organizationId} AND period_start <= ${now} AND period_end > ${now}
-       ORDER BY id FOR UPDATE
-    ), voided AS (
-      SELECT t.id, count(r.*)::bigint AS n
-        FROM alert_thresholds t JOIN locked l ON l.id = t.id
-        LEFT JOIN temperature_readings r
-          ON r.organization_id = ${organizationId} AND r.correction_id = ${correction.id}
+    SELECT id::text, event_name, quantity::text, period_usage::text, period_start, period_end, state
+      FROM alert_thresholds
+     WHERE organization_id = ${organizationId} AND period_start <= ${now} AND period_end > ${now}
+     ORDER BY id FOR UPDATE`.execute(trx);
+  if (locked.rows.length === 0) return 0;
+  // The thresholds of one organization share its period (but for a row not yet rolled over).
+  const voidedIn = new Map<string, number>();
+  for (const t of locked.rows) {
+    const key = `${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`;
+    if (voidedIn.has(key)) continue;
+    const n = await sql<{ n: string }>`
+      SELECT count(*)::text AS n FROM temperature_readings r
+       WHERE r.organization_id = ${organizationId} AND r.correction_id = ${correction.id}
          AND r.recorded_at >= ${correction.from} AND r.recorded_at < ${correction.to}
-         AND r.ingested_at >= t.period_start AND r.ingested_at < t.period_end
-       GROUP BY t.id
-    )
-    UPDATE alert_thresholds t
-       SET period_usage = greatest(0, t.period_usage - v.n),
-           state = CASE WHEN greatest(0, t.period_usage - v.n) >= t.quantity THEN 'crossed' ELSE 'armed' END
-      FROM locked l JOIN voided v ON v.id = l.id
-     WHERE t.id = l.id
-    RETURNING t.id::text, t.organization_id, t.event_name, t.quantity::text, t.period_usage::text,
-              t.period_start, t.period_end, l.old_state, t.state`.execute(trx);
-  const resolved = rows.rows
-    .filter((r) => r.old_state === 'crossed' && r.state === 'armed')
-    .sort((a, b) => Number(a.quantity) - Number(b.quantity));
+         AND r.ingested_at >= ${t.period_start} AND r.ingested_at < ${t.period_end}`.execute(trx);
+    voidedIn.set(key, Number(n.rows[0]?.n ?? 0));
+  }
+  const next = locked.rows.map((t) => {
+    const voided =
+      voidedIn.get(`${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`) ?? 0;
+    const usage = Math.max(0, Number(t.period_usage) - voided);
+    return { t, usage, state: usage >= Number(t.quantity) ? 'crossed' : 'armed' };
+  });
+  const changed = next.filter((n) => n.usage !== Number(n.t.period_usage) || n.state !== n.t.state);
+  if (changed.length > 0)
+    await sql`
+      UPDATE alert_thresholds t SET period_usage = v.usage, state = v.state
+        FROM unnest(${changed.map((n) => n.t.id)}::bigint[], ${changed.map((n) => n.usage)}::bigint[],
+                    ${changed.map((n) => n.state)}::text[]) AS v(id, usage, state)
+       WHERE t.id = v.id`.execute(trx);
+  const resolved = next
+    .filter((n) => n.t.state === 'crossed' && n.state === 'armed')
+    .sort((a, b) => Number(a.t.quantity) - Number(b.t.quantity));
   await writeAlertEvents(
     trx,
     boss,
-    resolved.map((r) => ({
-      organizationId: r.organization_id,
+    resolved.map(({ t, usage }) => ({
+      organizationId,
       type: 'usage.threshold.resolved' as const,
       data: {
         ...eventData({
-          thresholdId: r.id,
-          organizationId: r.organization_id,
-          eventName: r.event_name,
-          quantity: Number(r.quantity),
-          usage: Number(r.period_usage),
-          periodStart: r.period_start,
-          periodEnd: r.period_end,
+          thresholdId: t.id,
+          organizationId,
+          eventName: t.event_name,
+          quantity: Number(t.quantity),
+          usage,
+          periodStart: t.period_start,
+          periodEnd: t.period_end,
         }),
         correction_id: correction.id,
       },
@@ -227,15 +312,24 @@ export async function createThreshold(
   const id = await db.transaction().execute(async (trx) => {
     const org = await sql`SELECT id FROM organizations WHERE id = ${organizationId}`.execute(trx);
     if (org.rows.length === 0) throw notFound('organization');
+    // Three statements, not one INSERT ... SELECT: on a Citus cluster the thresholds are a reference
+    // table and the readings a distributed one, which Citus cannot join in a write; the count is a router
+    // statement on the organization's shard.
+    const per = (
+      await sql<{
+        start: Date;
+        end: Date;
+      }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
+    ).rows[0]!;
+    const used = await sql<{ n: string }>`
+      SELECT count(*)::text AS n FROM temperature_readings r
+       WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${per.start} AND r.ingested_at < ${per.end}
+         AND r.voided_at IS NULL`.execute(trx);
+    const n = Number(used.rows[0]?.n ?? 0);
     const row = await sql<{ id: string }>`
       INSERT INTO alert_thresholds (organization_id, event_name, quantity, period_start, period_end, period_usage, state)
-      SELECT ${organizationId}, ${meter}, ${quantity}, per.start, per."end", u.n,
-             CASE WHEN u.n >= ${quantity} THEN 'crossed' ELSE 'armed' END
-        FROM (${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}) per
-        CROSS JOIN LATERAL (
-          SELECT count(*)::bigint AS n FROM temperature_readings r
-           WHERE r.organization_id = ${organizationId} AND r.ingested_at >= per.start AND r.ingested_at < per."end"
-             AND r.voided_at IS NULL) u
+      VALUES (${organizationId}, ${meter}, ${quantity}, ${per.start}, ${per.end}, ${n},
+              ${n >= quantity ? 'crossed' : 'armed'})
       ON CONFLICT (organization_id, event_name, quantity) DO NOTHING
       RETURNING id::text`.execute(trx);
     const created = row.rows[0];

@@ -37,6 +37,8 @@ export interface OrganizationsTable {
   id: Generated<string>;
   name: string;
   created_at: DefaultTimestamp;
+  /** Monthly threshold periods from this instant where Stripe gives none (migration 0076); null: UTC months. */
+  billing_anchor_date: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
 }
 
 export interface ApiKeysTable {

@@ -12,12 +12,15 @@
 //      ids (the sequence, on the coordinator);
 //   3. the readings, a multi-row VALUES insert in (sensor, instant) order (router);
 //   4. the outbox rows of the organizations that stored something new (router);
-//   5. the delivery hand-off (pg-boss, on the coordinator), as on one node.
+//   5. the organizations' threshold counts and their crossings' events (reference tables: a transaction
+//      that counts into a threshold also writes on every node, like any reference-table write);
+//   6. the delivery hand-off (pg-boss, on the coordinator), as on one node.
 // The answers and the contract are storeGroup's: a request with an unknown or inactive sensor stores
 // nothing and gets its problems; one outbox row per billable organization and destination in force, its
 // value the rows that organization inserted, each stored reading naming the billing one.
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { countShardGroupThresholds } from '../alerts/thresholds.js';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import {
   billableAt,
@@ -187,7 +190,11 @@ export async function storeShardGroup(
       VALUES ${sql.join(values)}`.execute(trx);
   }
 
-  // 5. The hand-off: the queued job's lock runs in its own statement on Citus (a row lock on the local
+  // 5. What the organizations stored, counted into their thresholds in this transaction, under the
+  // threshold rows' locks, and their crossings' events (alerts/thresholds.ts).
+  if (insertedByOrg.size > 0) await countShardGroupThresholds(trx, boss, insertedByOrg, now);
+
+  // 6. The hand-off: the queued job's lock runs in its own statement on Citus (a row lock on the local
   // pgboss.job inside a distributed statement came back as a corrupt intermediate result).
   const keys: KeyRef[] = billed.map((b) =>
     keyRef({

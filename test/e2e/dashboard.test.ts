@@ -1,6 +1,7 @@
 // The dashboard in a real browser (Debian's chromium driven by playwright-core) against a started API
 // process and worker process, the Stripe emulator and a test database: sign in, compare the page's
-// numbers with the database, retry a failed row and watch the worker deliver it.
+// numbers with the database, retry a failed row and watch the worker deliver it; set a usage threshold,
+// see ingestion cross it, remove it.
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -245,6 +246,47 @@ describe.skipIf(SKIP_BROWSER)('admin dashboard in a real browser', () => {
     expect(metrics).toMatch(
       /meterbox_meter_events_delivered_total\{meter="temperature_readings"[^}]*\} [1-9]/,
     );
+    await page.close();
+  });
+
+  it('sets a threshold from the browser, shows it crossed by ingestion, and removes it', {
+    timeout: 60_000,
+  }, async ({ ctx, site: { baseUrl }, browser }) => {
+    const org = await createOrganization(ctx.db, { name: 'Delta Dairies' });
+    await ingest(baseUrl, ctx, org, 4);
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    await page.goto(`${baseUrl}/admin`);
+    await page.getByLabel('Admin token').fill(TOKEN);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.getByRole('link', { name: 'Threshold alerts' }).click();
+    await page.getByLabel('Organization id').fill(org.organizationId);
+    await page.getByRole('button', { name: 'Show' }).click();
+    await page.getByTestId('no-thresholds').waitFor();
+    // The browser's own form post (its Origin, the SameSite=Strict cookie) passes the guard.
+    await page.getByLabel('Quantity').fill('6');
+    await page.getByRole('button', { name: 'Add threshold' }).click();
+    await expect.poll(() => text(page.getByTestId('flash'))).toMatch(/usage so far 4, armed/);
+    const [threshold] = await sql<{ id: string }>`
+      SELECT id::text FROM alert_thresholds WHERE organization_id = ${org.organizationId}`
+      .execute(ctx.db)
+      .then((r) => r.rows);
+    const row = page.locator(`tr[data-threshold="${threshold!.id}"]`);
+    expect(await row.getAttribute('data-state')).toBe('armed');
+
+    await ingest(baseUrl, ctx, org, 3);
+    await page.reload();
+    expect(await row.getAttribute('data-state')).toBe('crossed');
+    expect(await text(row.locator('td').nth(3))).toBe('7');
+    await page.screenshot({ path: join(RESULTS, 'dashboard-thresholds.png'), fullPage: true });
+
+    await row.getByRole('button', { name: 'Remove' }).click();
+    await expect.poll(() => text(page.getByTestId('flash'))).toBe(`Threshold ${threshold!.id} removed.`);
+    await page.getByTestId('no-thresholds').waitFor();
+    const left = await sql<{ n: number }>`
+      SELECT count(*)::int AS n FROM alert_thresholds WHERE organization_id = ${org.organizationId}`.execute(
+      ctx.db,
+    );
+    expect(left.rows[0]?.n).toBe(0);
     await page.close();
   });
 

@@ -1,0 +1,92 @@
+// An organization's configured billing period (organizations.billing_anchor_date, migration 0076): for
+// an organization whose period meterbox does not hear from Stripe (Metronome bills it, or it has no
+// subscription in its period), monthly periods from an anchor, as a Metronome contract's usage
+// statements follow its billing_anchor_date; UTC months while none is set. The period rule itself is
+// meterbox_threshold_period (periodOf), which ingestion's count and its rollover use: setting the anchor
+// only stores it and re-counts the organization's thresholds into the period it now gives.
+import { type Kysely, sql } from 'kysely';
+import { z } from 'zod';
+import { pgInstant } from '../db/input-types.js';
+import type { DB } from '../db/schema.js';
+import { notFound } from '../http/errors.js';
+import { periodOf } from './thresholds.js';
+
+export const billingAnchorBody = z.object({
+  billingAnchorDate: pgInstant('billingAnchorDate')
+    .nullable()
+    .describe(
+      "the start of one of the organization's monthly periods (each starts on its day of month and time of day, UTC; the last day of a shorter month); null: UTC months",
+    ),
+});
+
+export const billingAnchorView = z.object({
+  organizationId: z.string(),
+  billingAnchorDate: z.string().nullable(),
+  period: z
+    .object({ start: z.string(), end: z.string() })
+    .describe("the organization's threshold period now (a Stripe subscription's period takes precedence)"),
+});
+export type BillingAnchorView = z.infer<typeof billingAnchorView>;
+
+export async function billingAnchorOf(
+  db: Kysely<DB>,
+  organizationId: string,
+  now: Date,
+): Promise<BillingAnchorView> {
+  const row = await sql<{ anchor: Date | null; start: Date; end: Date }>`
+    SELECT o.billing_anchor_date AS anchor, p.start, p."end"
+      FROM organizations o CROSS JOIN LATERAL (${periodOf(sql`o.id`, sql`${now}::timestamptz`)}) p
+     WHERE o.id = ${organizationId}`.execute(db);
+  const r = row.rows[0];
+  if (!r) throw notFound('organization');
+  return {
+    organizationId,
+    billingAnchorDate: r.anchor ? new Date(r.anchor).toISOString() : null,
+    period: { start: new Date(r.start).toISOString(), end: new Date(r.end).toISOString() },
+  };
+}
+
+/**
+ * Sets (or, with null, clears) the organization's billing anchor and, in the same transaction, under the
+ * threshold rows' locks, re-counts its thresholds into the period the anchor now gives (the stored
+ * readings of that period, voided ones excluded), as createThreshold counts a new one: a threshold the
+ * re-count puts at or over its quantity is `crossed` without an event, one under it armed.
+ */
+export async function setBillingAnchor(
+  db: Kysely<DB>,
+  organizationId: string,
+  anchor: Date | null,
+  now: Date,
+): Promise<BillingAnchorView> {
+  await db.transaction().execute(async (trx) => {
+    const updated = await sql`
+      UPDATE organizations SET billing_anchor_date = ${anchor} WHERE id = ${organizationId} RETURNING id`.execute(
+      trx,
+    );
+    if (updated.rows.length === 0) throw notFound('organization');
+    const locked = await sql<{ id: string }>`
+      SELECT id::text FROM alert_thresholds WHERE organization_id = ${organizationId} ORDER BY id FOR UPDATE`.execute(
+      trx,
+    );
+    if (locked.rows.length === 0) return;
+    // Separate statements (the thresholds a reference table and the readings distributed on Citus).
+    const per = (
+      await sql<{
+        start: Date;
+        end: Date;
+      }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
+    ).rows[0]!;
+    const used = await sql<{ n: string }>`
+      SELECT count(*)::text AS n FROM temperature_readings r
+       WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${per.start} AND r.ingested_at < ${per.end}
+         AND r.voided_at IS NULL`.execute(trx);
+    const n = Number(used.rows[0]?.n ?? 0);
+    await sql`
+      UPDATE alert_thresholds
+         SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n},
+             state = CASE WHEN ${n} >= quantity THEN 'crossed' ELSE 'armed' END,
+             crossed_at = CASE WHEN ${n} >= quantity AND state = 'crossed' THEN crossed_at END
+       WHERE id = ANY(${locked.rows.map((r) => r.id)}::bigint[])`.execute(trx);
+  });
+  return billingAnchorOf(db, organizationId, now);
+}
