@@ -1,4 +1,5 @@
-// npm run bench -- --backlog [--quick] [--rounds 2] [--leases 10,60] [--cpu 0.25] [--out bench-results/x.json]
+// npm run bench -- --backlog [--quick] [--rounds 2] [--leases 10,60] [--cpu 0.25] [--workers-at S]
+//   [--transport v1|v2] [--rate N] [--out bench-results/x.json]
 // A slow database with a backlog (issue 41): does the default lease keep up with a long one when the
 // first claims are large? A private Postgres cluster held to a share of one core by a cgroup v1 cpu
 // quota (no cgroup: the bench says so and exits 2; it never runs unthrottled under this name), 3,000
@@ -9,6 +10,9 @@
 // workers' start to the load's end, how long after the load the ledger is level, orphaned delivery
 // jobs, stale-lease settles, leases the reaper freed, the slowest claim, and the exactly-once ledger.
 // Goals: the default lease at least 0.8x the long lease's events/s and at most 2x its level time.
+// `--workers-at 0` starts the workers with the load: a slow database WITHOUT a backlog (issue 41's other
+// case: held-out, 100 requests/s over 3,000 customers, the default lease 1.00-1.02x the long one's);
+// `--transport v1` sends through v1 meter events instead of the v2 stream.
 //
 // Why this file is long: one benchmark from setup to report (a CPU-limited database, workers, their logs); a
 // developer tool read as a whole.
@@ -57,11 +61,18 @@ const { values: args } = parseArgs({
     // The workers' DB_STATEMENT_DEADLINE_MS,DB_LONG_STATEMENT_DEADLINE_MS (default: the product's), to
     // see what the client-side deadlines do to a database that is slow but alive.
     'worker-deadlines': { type: 'string' },
+    // Seconds into the load the workers start (default 60, quick 20; 0: with the load, no backlog).
+    'workers-at': { type: 'string' },
+    transport: { type: 'string', default: 'v2' },
   },
 });
 const quick = args.quick ?? false;
 const LOAD_MS = quick ? 30_000 : 90_000;
-const WORKERS_AT_MS = quick ? 20_000 : 60_000;
+const WORKERS_AT_MS =
+  args['workers-at'] !== undefined ? Number(args['workers-at']) * 1000 : quick ? 20_000 : 60_000;
+const TRANSPORT = args.transport === 'v1' ? 'v1' : 'v2';
+if (args.transport !== 'v1' && args.transport !== 'v2')
+  throw new Error(`--transport must be v1 or v2, got ${args.transport}`);
 const CUSTOMERS = Number(args.customers ?? (quick ? 1_000 : 3_000));
 const RATE = Number(args.rate);
 const ROUNDS = Number(args.rounds ?? (quick ? 1 : 2));
@@ -259,7 +270,7 @@ async function runOnce(
       LOG_LEVEL: 'warn',
       STRIPE_SECRET_KEY: 'sk_live_bench_backlog',
       STRIPE_API_BASE: emulator.url,
-      DELIVERY_TRANSPORT: 'v2',
+      DELIVERY_TRANSPORT: TRANSPORT,
       DELIVERY_LEASE_SECONDS: String(leaseSeconds),
       ...(args['worker-pool'] ? { DB_POOL_MAX: args['worker-pool'] } : {}),
     };
@@ -290,7 +301,7 @@ async function runOnce(
     cleanup.push(() => Promise.all(workers.map((w) => w.stop())));
     const loadStart = Date.now();
     while (Date.now() - loadStart < LOAD_MS) {
-      if (workersAt === 0 && Date.now() - loadStart >= WORKERS_AT_MS) {
+      if (workers.length === 0 && Date.now() - loadStart >= WORKERS_AT_MS) {
         workersAt = Date.now();
         // Not waited for: on the throttled database a worker's start-up (its active_sensors run
         // among it) takes tens of seconds, and the load goes on meanwhile.
@@ -496,7 +507,7 @@ export async function runBacklogBench(): Promise<number> {
   const group = new CpuGroup(tag);
   log(
     `embedded Postgres in ${dataDir}, held to ${CPU_SHARE} of a core (cgroup ${group.dir}) during each run; ` +
-      `${CUSTOMERS} v2 customers, ${RATE} requests/s for ${LOAD_MS / 1000} s, ${WORKERS} workers from ${WORKERS_AT_MS / 1000} s; ` +
+      `${CUSTOMERS} ${TRANSPORT} customers, ${RATE} requests/s for ${LOAD_MS / 1000} s, ${WORKERS} workers from ${WORKERS_AT_MS / 1000} s; ` +
       `leases ${LEASES.join(', ')} s interleaved, ${ROUNDS} rounds; seed ${random.seed}`,
   );
   const cluster = await startCluster(dataDir);
@@ -567,7 +578,7 @@ export async function runBacklogBench(): Promise<number> {
       conditions: {
         databaseCpuShare: CPU_SHARE,
         customers: CUSTOMERS,
-        transport: 'v2',
+        transport: TRANSPORT,
         requestsPerSecond: RATE,
         loadSeconds: LOAD_MS / 1000,
         workers: WORKERS,
