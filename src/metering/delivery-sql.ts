@@ -137,10 +137,15 @@ export interface ClaimOptions extends Placement {
  * again in a second) instead of waited for: big claims waited on each other's rows for seconds under
  * load.
  *
- * On Citus the key rows of the keys never claimed before are inserted first (a router INSERT of the
- * missing ones, then their claim again): Citus runs an INSERT ... SELECT on the coordinator, never as
- * part of a router query, so there the claim leases with an UPDATE of existing rows only. In the steady
- * state every key has its row, and a claim is one statement per shard group.
+ * The claim leases existing key rows only (an UPDATE). The rows of keys never claimed before are
+ * inserted apart, free and committed on their own (ensureKeys: key order, ON CONFLICT DO NOTHING), and
+ * those keys claimed again: two statements more, once in a key's life (key rows are never deleted). A
+ * claim that inserted them itself held its other key rows locked while its insert waited on another
+ * claim's uncommitted insert of the same key, which could wait for a row the first held: "deadlock
+ * detected" between claims in the backlog bench (test/metering/claim-deadlock.test.ts). On Citus the
+ * insert must be apart anyway: Citus runs an INSERT ... SELECT on the coordinator, never as part of a
+ * router query. In the steady state every key has its row, and a claim is one statement (per shard
+ * group on Citus).
  */
 export async function claimBatch(
   db: Kysely<DB>,
@@ -155,14 +160,13 @@ export async function claimBatch(
     unique,
     (k) => k.organizationId,
     async (group, orgs) => {
-      if (!options.distributed) return claimLeasing(db, group, orgs, options, 'upsert');
-      const first = await claimLeasing(db, group, orgs, options, 'update');
+      const first = await claimLeasing(db, group, orgs, options);
       const missing = first.filter((r) => r.state === 'missing');
       if (missing.length === 0) return first;
       const missingKeys = missing.map(rowKey);
       await ensureKeys(db, missingKeys);
       const again = new Map(
-        (await claimLeasing(db, missingKeys, orgs, options, 'update')).map((r) => [keyName(rowKey(r)), r]),
+        (await claimLeasing(db, missingKeys, orgs, options)).map((r) => [keyName(rowKey(r)), r]),
       );
       return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
     },
@@ -230,12 +234,11 @@ async function claimLeasing(
   keys: readonly KeyRef[],
   organizationIds: readonly string[],
   options: ClaimOptions,
-  lease: 'upsert' | 'update',
 ): Promise<ClaimRow[]> {
   // In a caller's transaction (a test holding a claim across a shard move), in that one.
   const run = async (trx: Kysely<DB>): Promise<ClaimRow[]> => {
     const started = performance.now();
-    const rows = await claimStatement(trx, keys, organizationIds, options, lease);
+    const rows = await claimStatement(trx, keys, organizationIds, options);
     const slow = performance.now() - started > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE;
     if (slow && rows.some((r) => r.state === 'leased')) {
       // The caller's deadline starts again before the renewal's clock_timestamp(), as before the claim's.
@@ -253,8 +256,9 @@ async function claimLeasing(
 }
 
 /**
- * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing): a multi-row
- * VALUES insert, which Citus routes to the keys' shard group. Rows in key order.
+ * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing) in a statement
+ * that holds no other lock: a multi-row VALUES insert, which Citus routes to the keys' shard group.
+ * Rows in key order, so two such inserts of the same new keys wait on each other in one order only.
  */
 async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
   if (keys.length === 0) return;
@@ -274,15 +278,13 @@ async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void
 
 /**
  * The claim statement over keys of the organizations `organizationIds` (one shard group on Citus).
- * `upsert`: keys without a row are inserted leased (one node). `update`: only existing rows are leased;
- * keys without one are answered `missing` (Citus, see claimBatch).
+ * Only existing key rows are leased; keys without one are answered `missing` (see claimBatch).
  */
 async function claimStatement(
   db: Kysely<DB>,
   keys: readonly KeyRef[],
   organizationIds: readonly string[],
   options: ClaimOptions,
-  lease: 'upsert' | 'update',
 ): Promise<ClaimRow[]> {
   const scope = orgScope(options.distributed ? organizationIds : null);
   const cutoff = expiryCutoff(options.now, options.pastWindowMs);
@@ -308,15 +310,6 @@ async function claimStatement(
     -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
     -- settle never waits for this claim (it did, on Lock:transactionid, under load).
     free AS (
-      ${
-        lease === 'upsert'
-          ? sql`SELECT i.organization_id, i.customer, i.event_name, i.destination FROM input i
-       WHERE NOT EXISTS (SELECT 1 FROM meter_delivery_keys d
-                          WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
-                            AND d.event_name = i.event_name AND d.destination = i.destination)
-      UNION ALL`
-          : sql``
-      }
       SELECT * FROM (
         SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination
           FROM meter_delivery_keys d JOIN input i
@@ -331,24 +324,7 @@ async function claimStatement(
            FOR UPDATE OF d SKIP LOCKED) locked
     ),
     leased AS (
-      ${
-        lease === 'upsert'
-          ? sql`INSERT INTO meter_delivery_keys AS k
-        (organization_id, stripe_customer_id, event_name, destination, lease_owner, lease_expires_at, leased_at)
-      SELECT f.organization_id, f.customer, f.event_name, f.destination, ${options.owner}, ${leaseUntil}, c.at
-        FROM free f, c
-       WHERE f.event_name = ANY(${options.sendable}::text[])
-       ORDER BY 1, 2, 3, 4
-      -- The clock is the inserted row's leased_at. Leasing a key ends its named hold: its meter is
-      -- sendable again.
-      ON CONFLICT (organization_id, stripe_customer_id, event_name, destination) DO UPDATE
-         SET lease_owner = excluded.lease_owner, lease_expires_at = excluded.lease_expires_at,
-             leased_at = excluded.leased_at, hold = NULL
-       WHERE (k.lease_expires_at IS NULL OR k.lease_expires_at < excluded.leased_at)
-         AND k.next_call_at <= excluded.leased_at
-         AND (k.retry_at IS NULL OR k.retry_at <= excluded.leased_at)
-      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
-          : sql`UPDATE meter_delivery_keys k
+      UPDATE meter_delivery_keys k
          SET lease_owner = ${options.owner}, lease_expires_at = ${leaseUntil}, leased_at = c.at, hold = NULL
         FROM free f, c
        WHERE ${scope('k')} k.organization_id = f.organization_id
@@ -357,8 +333,7 @@ async function claimStatement(
          AND (k.lease_expires_at IS NULL OR k.lease_expires_at < c.at)
          AND k.next_call_at <= c.at
          AND (k.retry_at IS NULL OR k.retry_at <= c.at)
-      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
-      }
+      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination
     ),
     expired AS (
       UPDATE meter_outbox o SET status = 'expired', last_error = ${expiredMessage}, updated_at = now()
@@ -437,7 +412,7 @@ async function claimStatement(
     SELECT i.organization_id, i.customer, i.event_name, i.destination,
            CASE WHEN a.customer IS NOT NULL THEN 'leased'
                 WHEN NOT (i.event_name = ANY(${options.sendable}::text[])) THEN 'held'
-                WHEN s.stripe_customer_id IS NULL AND ${lease === 'update'} THEN 'missing'
+                WHEN s.stripe_customer_id IS NULL THEN 'missing'
                 WHEN s.lease_expires_at >= c.at THEN 'busy'
                 WHEN s.next_call_at > c.at THEN 'paced'
                 WHEN s.retry_at > c.at THEN 'backoff'
