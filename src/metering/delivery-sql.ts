@@ -108,6 +108,7 @@ interface ClaimRow {
   expired: number;
   corrections: boolean | null;
   more: boolean | null;
+  due_in_ms: number | null;
 }
 
 export interface ClaimOptions extends Placement {
@@ -212,6 +213,7 @@ function toClaimedKey(r: ClaimRow): ClaimedKey {
     expired: r.expired,
     corrections: r.corrections === true,
     moreUsage: r.more === true,
+    ...(r.due_in_ms !== null && r.more !== true ? { dueInMs: r.due_in_ms } : {}),
   };
 }
 
@@ -341,9 +343,10 @@ async function claimStatement(
        WHERE ${ungrouped('l', scope)} AND o.occurred_at < ${cutoff}
       RETURNING o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
     ),
-    -- Usage stamped more than a minute past the database's clock waits (the sweep brings its key back):
-    -- coalesced now, it would carry a timestamp the destination may refuse as in the future, and the
-    -- valid rows of its hour with it.
+    -- Usage stamped more than a minute past the database's clock waits: coalesced now, it would carry a
+    -- timestamp the destination may refuse as in the future, and the valid rows of its hour with it.
+    -- When nothing else brings its key back, the claim says when its earliest such row is due
+    -- (due_in_ms), and the batch queues the key's wake-up for then (rules/decide-batch.ts, whatIsLeft).
     ${lateralHeads(cutoff, options.maxRows, scope, sql`(SELECT at FROM c) + interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds'`)},
     grouped AS (
       UPDATE meter_outbox o SET identifier = m.identifier, identified_at = now(), updated_at = now()
@@ -386,24 +389,24 @@ async function claimStatement(
       SELECT organization_id, customer, event_name, destination, bool_or(corrections) AS corrections,
              bool_or(more) AS more, max(identifier) AS identifier, max(value) AS value, max(ts) AS ts,
              max(oldest) AS oldest, max(rows) AS rows, max(attempts) AS attempts,
-             max(identified_at) AS identified_at, sum(expired)::int AS expired
+             max(identified_at) AS identified_at, sum(expired)::int AS expired, max(future_at) AS future_at
         FROM (
           SELECT h.organization_id, h.customer, h.event_name, h.destination, h.corrections, NULL::bool AS more,
                  NULL::text AS identifier, NULL::text AS value, NULL::timestamptz AS ts,
                  NULL::timestamptz AS oldest, NULL::int AS rows, NULL::int AS attempts,
-                 NULL::timestamptz AS identified_at, 0 AS expired, true AS head
+                 NULL::timestamptz AS identified_at, 0 AS expired, NULL::timestamptz AS future_at, true AS head
             FROM heads h
           UNION ALL
           SELECT mo.organization_id, mo.customer, mo.event_name, mo.destination, NULL, mo.more, NULL, NULL,
-                 NULL, NULL, NULL, NULL, NULL, 0, false
+                 NULL, NULL, NULL, NULL, NULL, 0, mo.future_at, false
             FROM more mo
           UNION ALL
           SELECT e.organization_id, e.customer, e.event_name, e.destination, NULL, NULL, e.identifier,
-                 e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at, 0, false
+                 e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at, 0, NULL, false
             FROM events e
           UNION ALL
           SELECT x.organization_id, x.customer, x.event_name, x.destination, NULL, NULL, NULL, NULL, NULL,
-                 NULL, NULL, NULL, NULL, 1, false
+                 NULL, NULL, NULL, NULL, 1, NULL, false
             FROM expired x
         ) facts
        GROUP BY organization_id, customer, event_name, destination
@@ -424,7 +427,12 @@ async function claimStatement(
                   -- Passed over while another statement held its row: look again in a second.
                   ELSE c.at + interval '1 second' END - c.at) * 1000))::int AS wait_ms,
            a.identifier, a.value, a.ts, a.oldest, a.rows, a.attempts, a.identified_at,
-           coalesce(a.expired, 0) AS expired, a.corrections, a.more
+           coalesce(a.expired, 0) AS expired, a.corrections, a.more,
+           -- When the earliest row stamped past the allowance becomes due (its time less the allowance);
+           -- null without one (CASE: greatest() skips a null and would answer 0).
+           CASE WHEN a.future_at IS NOT NULL
+                THEN greatest(0, ceil(extract(epoch FROM a.future_at
+                  - interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds' - c.at) * 1000))::int END AS due_in_ms
       FROM input i
       CROSS JOIN c
       LEFT JOIN answers a ON a.organization_id = i.organization_id AND a.customer = i.customer
