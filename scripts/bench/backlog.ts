@@ -225,10 +225,12 @@ function deadlocksSince(logPath: string, from: number): Record<string, number> {
     const waits = [...detail.matchAll(/waits for ([^;]+);/g)].map((m) =>
       (m[1] ?? '').replace(/\b\d+\b/g, '?'),
     );
-    const statements = [...detail.matchAll(/Process \d+: ([^\n]+(?:\n\t(?!Process \d+: )[^\n]+)*)/g)]
+    // A statement may start on the line after "Process N:" (the server's log indents it with a tab).
+    const statements = [...detail.matchAll(/Process \d+: ([^\n]*(?:\n\t(?!Process \d+: )[^\n]*)*)/g)]
       .map((m) =>
         (m[1] ?? '')
           .replace(/\s+/g, ' ')
+          .trim()
           .replace(/'[^']*'|\$\d+|\b\d+\b/g, '?')
           .slice(0, 160),
       )

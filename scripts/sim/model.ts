@@ -319,8 +319,9 @@ export class ModelDb {
       }
       const usage = pending.filter((r) => r.kind === 'usage' && r.status === 'pending');
       const inflight = usage.find((r) => r.identifier !== null && r.acceptedAt === null)?.identifier ?? null;
-      // Usage stamped more than FUTURE_ALLOWANCE_SECONDS past the database's clock waits (the sweep
-      // brings its key back); the mutation groups it at once with the valid readings of its key.
+      // Usage stamped more than FUTURE_ALLOWANCE_SECONDS past the database's clock waits (its key's
+      // wake-up comes when it is due: dueInMs); the mutation groups it at once with the valid readings
+      // of its key.
       const dueBy = t + FUTURE_ALLOWANCE_SECONDS * 1000;
       const ungrouped = usage.filter(
         (r) =>
@@ -357,6 +358,8 @@ export class ModelDb {
       );
       const moreUsage = inflight ? ungrouped.length > 0 || otherInflight : ungrouped.length > members.length;
       const corrections = pending.some((r) => r.kind === 'correction');
+      const ahead = usage.filter((r) => r.identifier === null && r.occurredAt > dueBy);
+      const dueAt = Math.min(...ahead.map((r) => r.occurredAt)) - FUTURE_ALLOWANCE_SECONDS * 1000;
       out.push({
         ...ref,
         state: 'leased',
@@ -364,6 +367,7 @@ export class ModelDb {
         expired,
         corrections,
         moreUsage,
+        ...(!moreUsage && ahead.length > 0 ? { dueInMs: Math.max(0, Math.ceil(dueAt - t)) } : {}),
       });
     }
     return out;

@@ -103,7 +103,8 @@ export async function perShardGroup<T, R>(
  * pending index. heads: the in-flight identifier, the first ungrouped row, whether correction rows are
  * pending. members: a new group's rows (rules/claim.ts nextGroupRows). more: usage rows left beyond the
  * group (an in-flight group leaves every ungrouped row and any other group in flight — a redrive puts
- * several back at once; a new group, the rows after its last member). A key is one organization's, so
+ * several back at once; a new group, the rows after its last member) and, when none is due, the time of
+ * the earliest row stamped past `dueBy` (`future_at`, from the same look-up: no probe more). A key is one organization's, so
  * its rows are in one shard group: on Citus the whole statement runs on that group's node, laterals
  * included.
  */
@@ -117,7 +118,8 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
       SELECT l.organization_id, l.customer, l.event_name, l.destination, f.identifier AS inflight,
              h.id AS first_id, h.occurred_at AS first_at, c.id IS NOT NULL AS corrections,
              f2.identifier IS NOT NULL AS more_inflight,
-             ${identifierPrefix('f.identifier', 'h.id')} AS new_identifier
+             ${identifierPrefix('f.identifier', 'h.id')} AS new_identifier,
+             CASE WHEN h.id IS NULL THEN n.occurred_at END AS future_at
         FROM leased l
         LEFT JOIN LATERAL (
           SELECT o.identifier FROM meter_outbox o
@@ -129,10 +131,12 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
            WHERE ${pendingOf('l')} AND o.kind = 'usage' AND o.identifier IS NOT NULL AND o.accepted_at IS NULL
              AND o.identifier <> f.identifier
            LIMIT 1) f2 ON true
+        -- The first ungrouped row, due or not; h: it, if it is due.
         LEFT JOIN LATERAL (
           SELECT o.id, o.occurred_at FROM meter_outbox o
-           WHERE ${ungrouped('l', scope)} AND o.occurred_at >= ${cutoff} AND o.occurred_at <= ${dueBy}
-           ORDER BY o.occurred_at, o.id LIMIT 1) h ON true
+           WHERE ${ungrouped('l', scope)} AND o.occurred_at >= ${cutoff}
+           ORDER BY o.occurred_at, o.id LIMIT 1) n ON true
+        LEFT JOIN LATERAL (SELECT n.id, n.occurred_at WHERE n.occurred_at <= ${dueBy}) h ON true
         LEFT JOIN LATERAL (
           SELECT o.id FROM meter_outbox o WHERE ${pendingOf('l')} AND o.kind = 'correction' LIMIT 1) c ON true
     ),
@@ -151,14 +155,21 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
     ),
     -- Each new group's identifier, derived from its rows (identifiers.ts): a regroup of the same rows
     -- (a promoted standby that lost this claim) repeats it, and the destination's dedupe drops the resend.
+    -- Each group carries its rows (ids and times in arrays) to members, which unnests them: no join of
+    -- member_rows to named, which the planner, seeing a few rows in each whatever the batch, ran as a
+    -- nested loop, every row against every group (300 keys: 11,175 rows thrown away; quadratic in the
+    -- batch; test/metering/claim-plan.test.ts). The key's columns are one per group (its provisional
+    -- name carries its first row).
     named AS (
-      SELECT m.provisional, m.provisional || '_' || ${groupDigest('m')} AS identifier
-        FROM member_rows m GROUP BY m.provisional
+      SELECT m.provisional, m.organization_id, m.customer, m.event_name, m.destination,
+             m.provisional || '_' || ${groupDigest('m')} AS identifier,
+             array_agg(m.id ORDER BY m.id) AS ids, array_agg(m.occurred_at ORDER BY m.id) AS times
+        FROM member_rows m GROUP BY m.provisional, m.organization_id, m.customer, m.event_name, m.destination
     ),
     members AS (
-      SELECT m.organization_id, m.customer, m.event_name, m.destination, m.id, m.occurred_at, n.identifier,
-             m.provisional
-        FROM member_rows m JOIN named n ON n.provisional = m.provisional
+      SELECT n.organization_id, n.customer, n.event_name, n.destination, u.id, u.occurred_at, n.identifier,
+             n.provisional
+        FROM named n CROSS JOIN LATERAL unnest(n.ids, n.times) AS u(id, occurred_at)
     ),
     last_member AS (
       SELECT DISTINCT ON (provisional) provisional, organization_id, customer, event_name, destination, occurred_at, id
@@ -170,13 +181,18 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
     -- last member (its own first row at least), so each key comes from one branch.
     more AS (
       SELECT h.organization_id, h.customer, h.event_name, h.destination,
-             h.first_id IS NOT NULL OR h.more_inflight AS more
+             h.first_id IS NOT NULL OR h.more_inflight AS more,
+             CASE WHEN NOT h.more_inflight THEN h.future_at END AS future_at
         FROM heads h WHERE h.new_identifier IS NULL
       UNION ALL
       SELECT lm.organization_id, lm.customer, lm.event_name, lm.destination,
-             EXISTS (SELECT 1 FROM meter_outbox o
-                      WHERE ${ungrouped('lm', scope)} AND o.occurred_at >= ${cutoff}
-                        AND o.occurred_at <= ${dueBy} AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id)) AS more
+             coalesce(nx.occurred_at <= ${dueBy}, false) AS more,
+             CASE WHEN nx.occurred_at > ${dueBy} THEN nx.occurred_at END AS future_at
         FROM last_member lm
+        LEFT JOIN LATERAL (
+          SELECT o.occurred_at FROM meter_outbox o
+           WHERE ${ungrouped('lm', scope)} AND o.occurred_at >= ${cutoff}
+             AND (o.occurred_at, o.id) > (lm.occurred_at, lm.id)
+           ORDER BY o.occurred_at, o.id LIMIT 1) nx ON true
     )`;
 }

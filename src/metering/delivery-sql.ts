@@ -108,6 +108,7 @@ interface ClaimRow {
   expired: number;
   corrections: boolean | null;
   more: boolean | null;
+  due_in_ms: number | null;
 }
 
 export interface ClaimOptions extends Placement {
@@ -137,10 +138,15 @@ export interface ClaimOptions extends Placement {
  * again in a second) instead of waited for: big claims waited on each other's rows for seconds under
  * load.
  *
- * On Citus the key rows of the keys never claimed before are inserted first (a router INSERT of the
- * missing ones, then their claim again): Citus runs an INSERT ... SELECT on the coordinator, never as
- * part of a router query, so there the claim leases with an UPDATE of existing rows only. In the steady
- * state every key has its row, and a claim is one statement per shard group.
+ * The claim leases existing key rows only (an UPDATE). The rows of keys never claimed before are
+ * inserted apart, free and committed on their own (ensureKeys: key order, ON CONFLICT DO NOTHING), and
+ * those keys claimed again: two statements more, once in a key's life (key rows are never deleted). A
+ * claim that inserted them itself held its other key rows locked while its insert waited on another
+ * claim's uncommitted insert of the same key, which could wait for a row the first held: "deadlock
+ * detected" between claims in the backlog bench (test/metering/claim-deadlock.test.ts). On Citus the
+ * insert must be apart anyway: Citus runs an INSERT ... SELECT on the coordinator, never as part of a
+ * router query. In the steady state every key has its row, and a claim is one statement (per shard
+ * group on Citus).
  */
 export async function claimBatch(
   db: Kysely<DB>,
@@ -155,14 +161,13 @@ export async function claimBatch(
     unique,
     (k) => k.organizationId,
     async (group, orgs) => {
-      if (!options.distributed) return claimLeasing(db, group, orgs, options, 'upsert');
-      const first = await claimLeasing(db, group, orgs, options, 'update');
+      const first = await claimLeasing(db, group, orgs, options);
       const missing = first.filter((r) => r.state === 'missing');
       if (missing.length === 0) return first;
       const missingKeys = missing.map(rowKey);
       await ensureKeys(db, missingKeys);
       const again = new Map(
-        (await claimLeasing(db, missingKeys, orgs, options, 'update')).map((r) => [keyName(rowKey(r)), r]),
+        (await claimLeasing(db, missingKeys, orgs, options)).map((r) => [keyName(rowKey(r)), r]),
       );
       return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
     },
@@ -208,6 +213,7 @@ function toClaimedKey(r: ClaimRow): ClaimedKey {
     expired: r.expired,
     corrections: r.corrections === true,
     moreUsage: r.more === true,
+    ...(r.due_in_ms !== null && r.more !== true ? { dueInMs: r.due_in_ms } : {}),
   };
 }
 
@@ -230,12 +236,11 @@ async function claimLeasing(
   keys: readonly KeyRef[],
   organizationIds: readonly string[],
   options: ClaimOptions,
-  lease: 'upsert' | 'update',
 ): Promise<ClaimRow[]> {
   // In a caller's transaction (a test holding a claim across a shard move), in that one.
   const run = async (trx: Kysely<DB>): Promise<ClaimRow[]> => {
     const started = performance.now();
-    const rows = await claimStatement(trx, keys, organizationIds, options, lease);
+    const rows = await claimStatement(trx, keys, organizationIds, options);
     const slow = performance.now() - started > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE;
     if (slow && rows.some((r) => r.state === 'leased')) {
       // The caller's deadline starts again before the renewal's clock_timestamp(), as before the claim's.
@@ -253,8 +258,9 @@ async function claimLeasing(
 }
 
 /**
- * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing): a multi-row
- * VALUES insert, which Citus routes to the keys' shard group. Rows in key order.
+ * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing) in a statement
+ * that holds no other lock: a multi-row VALUES insert, which Citus routes to the keys' shard group.
+ * Rows in key order, so two such inserts of the same new keys wait on each other in one order only.
  */
 async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
   if (keys.length === 0) return;
@@ -274,15 +280,13 @@ async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void
 
 /**
  * The claim statement over keys of the organizations `organizationIds` (one shard group on Citus).
- * `upsert`: keys without a row are inserted leased (one node). `update`: only existing rows are leased;
- * keys without one are answered `missing` (Citus, see claimBatch).
+ * Only existing key rows are leased; keys without one are answered `missing` (see claimBatch).
  */
 async function claimStatement(
   db: Kysely<DB>,
   keys: readonly KeyRef[],
   organizationIds: readonly string[],
   options: ClaimOptions,
-  lease: 'upsert' | 'update',
 ): Promise<ClaimRow[]> {
   const scope = orgScope(options.distributed ? organizationIds : null);
   const cutoff = expiryCutoff(options.now, options.pastWindowMs);
@@ -308,15 +312,6 @@ async function claimStatement(
     -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
     -- settle never waits for this claim (it did, on Lock:transactionid, under load).
     free AS (
-      ${
-        lease === 'upsert'
-          ? sql`SELECT i.organization_id, i.customer, i.event_name, i.destination FROM input i
-       WHERE NOT EXISTS (SELECT 1 FROM meter_delivery_keys d
-                          WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
-                            AND d.event_name = i.event_name AND d.destination = i.destination)
-      UNION ALL`
-          : sql``
-      }
       SELECT * FROM (
         SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination
           FROM meter_delivery_keys d JOIN input i
@@ -331,24 +326,7 @@ async function claimStatement(
            FOR UPDATE OF d SKIP LOCKED) locked
     ),
     leased AS (
-      ${
-        lease === 'upsert'
-          ? sql`INSERT INTO meter_delivery_keys AS k
-        (organization_id, stripe_customer_id, event_name, destination, lease_owner, lease_expires_at, leased_at)
-      SELECT f.organization_id, f.customer, f.event_name, f.destination, ${options.owner}, ${leaseUntil}, c.at
-        FROM free f, c
-       WHERE f.event_name = ANY(${options.sendable}::text[])
-       ORDER BY 1, 2, 3, 4
-      -- The clock is the inserted row's leased_at. Leasing a key ends its named hold: its meter is
-      -- sendable again.
-      ON CONFLICT (organization_id, stripe_customer_id, event_name, destination) DO UPDATE
-         SET lease_owner = excluded.lease_owner, lease_expires_at = excluded.lease_expires_at,
-             leased_at = excluded.leased_at, hold = NULL
-       WHERE (k.lease_expires_at IS NULL OR k.lease_expires_at < excluded.leased_at)
-         AND k.next_call_at <= excluded.leased_at
-         AND (k.retry_at IS NULL OR k.retry_at <= excluded.leased_at)
-      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
-          : sql`UPDATE meter_delivery_keys k
+      UPDATE meter_delivery_keys k
          SET lease_owner = ${options.owner}, lease_expires_at = ${leaseUntil}, leased_at = c.at, hold = NULL
         FROM free f, c
        WHERE ${scope('k')} k.organization_id = f.organization_id
@@ -357,8 +335,7 @@ async function claimStatement(
          AND (k.lease_expires_at IS NULL OR k.lease_expires_at < c.at)
          AND k.next_call_at <= c.at
          AND (k.retry_at IS NULL OR k.retry_at <= c.at)
-      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination`
-      }
+      RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination
     ),
     expired AS (
       UPDATE meter_outbox o SET status = 'expired', last_error = ${expiredMessage}, updated_at = now()
@@ -366,9 +343,10 @@ async function claimStatement(
        WHERE ${ungrouped('l', scope)} AND o.occurred_at < ${cutoff}
       RETURNING o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination
     ),
-    -- Usage stamped more than a minute past the database's clock waits (the sweep brings its key back):
-    -- coalesced now, it would carry a timestamp the destination may refuse as in the future, and the
-    -- valid rows of its hour with it.
+    -- Usage stamped more than a minute past the database's clock waits: coalesced now, it would carry a
+    -- timestamp the destination may refuse as in the future, and the valid rows of its hour with it.
+    -- When nothing else brings its key back, the claim says when its earliest such row is due
+    -- (due_in_ms), and the batch queues the key's wake-up for then (rules/decide-batch.ts, whatIsLeft).
     ${lateralHeads(cutoff, options.maxRows, scope, sql`(SELECT at FROM c) + interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds'`)},
     grouped AS (
       UPDATE meter_outbox o SET identifier = m.identifier, identified_at = now(), updated_at = now()
@@ -411,24 +389,24 @@ async function claimStatement(
       SELECT organization_id, customer, event_name, destination, bool_or(corrections) AS corrections,
              bool_or(more) AS more, max(identifier) AS identifier, max(value) AS value, max(ts) AS ts,
              max(oldest) AS oldest, max(rows) AS rows, max(attempts) AS attempts,
-             max(identified_at) AS identified_at, sum(expired)::int AS expired
+             max(identified_at) AS identified_at, sum(expired)::int AS expired, max(future_at) AS future_at
         FROM (
           SELECT h.organization_id, h.customer, h.event_name, h.destination, h.corrections, NULL::bool AS more,
                  NULL::text AS identifier, NULL::text AS value, NULL::timestamptz AS ts,
                  NULL::timestamptz AS oldest, NULL::int AS rows, NULL::int AS attempts,
-                 NULL::timestamptz AS identified_at, 0 AS expired, true AS head
+                 NULL::timestamptz AS identified_at, 0 AS expired, NULL::timestamptz AS future_at, true AS head
             FROM heads h
           UNION ALL
           SELECT mo.organization_id, mo.customer, mo.event_name, mo.destination, NULL, mo.more, NULL, NULL,
-                 NULL, NULL, NULL, NULL, NULL, 0, false
+                 NULL, NULL, NULL, NULL, NULL, 0, mo.future_at, false
             FROM more mo
           UNION ALL
           SELECT e.organization_id, e.customer, e.event_name, e.destination, NULL, NULL, e.identifier,
-                 e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at, 0, false
+                 e.value, e.ts, e.oldest, e.rows, e.attempts, e.identified_at, 0, NULL, false
             FROM events e
           UNION ALL
           SELECT x.organization_id, x.customer, x.event_name, x.destination, NULL, NULL, NULL, NULL, NULL,
-                 NULL, NULL, NULL, NULL, 1, false
+                 NULL, NULL, NULL, NULL, 1, NULL, false
             FROM expired x
         ) facts
        GROUP BY organization_id, customer, event_name, destination
@@ -437,7 +415,7 @@ async function claimStatement(
     SELECT i.organization_id, i.customer, i.event_name, i.destination,
            CASE WHEN a.customer IS NOT NULL THEN 'leased'
                 WHEN NOT (i.event_name = ANY(${options.sendable}::text[])) THEN 'held'
-                WHEN s.stripe_customer_id IS NULL AND ${lease === 'update'} THEN 'missing'
+                WHEN s.stripe_customer_id IS NULL THEN 'missing'
                 WHEN s.lease_expires_at >= c.at THEN 'busy'
                 WHEN s.next_call_at > c.at THEN 'paced'
                 WHEN s.retry_at > c.at THEN 'backoff'
@@ -449,7 +427,12 @@ async function claimStatement(
                   -- Passed over while another statement held its row: look again in a second.
                   ELSE c.at + interval '1 second' END - c.at) * 1000))::int AS wait_ms,
            a.identifier, a.value, a.ts, a.oldest, a.rows, a.attempts, a.identified_at,
-           coalesce(a.expired, 0) AS expired, a.corrections, a.more
+           coalesce(a.expired, 0) AS expired, a.corrections, a.more,
+           -- When the earliest row stamped past the allowance becomes due (its time less the allowance);
+           -- null without one (CASE: greatest() skips a null and would answer 0).
+           CASE WHEN a.future_at IS NOT NULL
+                THEN greatest(0, ceil(extract(epoch FROM a.future_at
+                  - interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds' - c.at) * 1000))::int END AS due_in_ms
       FROM input i
       CROSS JOIN c
       LEFT JOIN answers a ON a.organization_id = i.organization_id AND a.customer = i.customer

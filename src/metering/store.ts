@@ -147,8 +147,13 @@ export function sqlStore(deps: {
     async queue(keys) {
       await queueDeliveries(
         boss,
-        // A deferred look at corrections (their originals validate) is a wake-up, not the key's job.
-        keys.map((k) => ({ ...k.key, afterMs: k.afterMs, wake: k.why === 'corrections' && k.afterMs > 0 })),
+        // A deferred look at corrections (their originals validate) or at usage stamped ahead is a
+        // wake-up, not the key's job: new readings of the key go at once, not at the wake-up.
+        keys.map((k) => ({
+          ...k.key,
+          afterMs: k.afterMs,
+          wake: (k.why === 'corrections' || k.why === 'due') && k.afterMs > 0,
+        })),
       );
     },
     // Off when DESTINATION_DOWN_AFTER_FAILURES is 0, and on Citus (its statements are not shaped

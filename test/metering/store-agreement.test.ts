@@ -113,6 +113,8 @@ function shapeOf(w: World, claimed: readonly ClaimedKey[], mapIds: boolean) {
             expired: k.expired,
             corrections: k.corrections,
             moreUsage: k.moreUsage,
+            // Whether usage stamped ahead will bring the key back (its time is each one's clock).
+            dueLater: k.dueInMs !== undefined,
           }
         : { key: k.customerId, state: k.state },
     );
@@ -223,15 +225,19 @@ describe('the simulation’s model of the delivery statements', () => {
         const op = rng.int(100);
         const label = `step ${step}`;
         if (op < 30) {
-          // Usage rows: this hour or earlier ones, now and then past Stripe's window.
+          // Usage rows: this hour or earlier ones, now and then past Stripe's window, or stamped more
+          // than the claim's allowance ahead (waiting for their time).
           const key = pick(keys);
           const age = rng.next() < 0.1 ? 36 * DAY : rng.int(3) * HOUR + rng.int(50) * 60_000;
+          const ahead = rng.next() < 0.1;
           for (let n = 1 + rng.int(3); n > 0; n--) {
             await insertRow(w, key, {
               kind: 'usage',
               value: 1 + rng.int(9),
               occurredAt: new Date(
-                Math.min(Date.now() - 1000, hourStart + 30 * 60_000 - age + rng.int(600_000)),
+                ahead
+                  ? Date.now() + 120_000 + rng.int(120_000)
+                  : Math.min(Date.now() - 1000, hourStart + 30 * 60_000 - age + rng.int(600_000)),
               ),
               createdAt: new Date(Date.now() - rng.int(600) * 1000),
             });

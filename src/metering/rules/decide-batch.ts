@@ -26,7 +26,8 @@ import { BUSY_RETRY_MS, backoffMs, PAST_WINDOW_REASON, RATE_LIMITED_RETRY_MS } f
  *   backoff and the dead letter from the GROUP's counted attempts, never from a pg-boss job's
  *   retryCount (`retryOrGiveUp`), a refusal for good (`refusedForGood`);
  * - what is left of each leased key (`whatIsLeft`): the follow-up job of every key that still has
- *   sendable rows (usage left, also after a dead letter; corrections ready, or waiting on a validating
+ *   sendable rows (usage left, also after a dead letter; usage stamped ahead, when it becomes due;
+ *   corrections ready, or waiting on a validating
  *   original: not before it validates, no requeue spin); no job for a key whose only rows are
  *   corrections waiting on a failed original (held until that original is redriven);
  * - one result per pg-boss job (`jobResults`): the job that asked for a dead-lettered group goes to the
@@ -257,6 +258,8 @@ function whatIsLeft(d: Draft, key: LeasedKey): void {
   const afterCall = settlement.called ? d.input.policy.minIntervalMs : 0;
   if (!d.unsent.has(name)) {
     if (usageLeft) followUp(d, key, afterCall, 'more');
+    // Usage stamped ahead: back when its earliest row is due, not when the sweep next finds it.
+    else if (key.dueInMs !== undefined) followUp(d, key, Math.max(afterCall, key.dueInMs), 'due');
     // After a correction (or with corrections ready): look again; the claim says what is left.
     // Corrections whose original this very turn sent: look again once it is answered (delivered,
     // or validating until a time the next look reads).

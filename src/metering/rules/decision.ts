@@ -29,7 +29,17 @@ export interface KeySettlement extends KeyRef {
 export interface FollowUp {
   key: KeyRef;
   afterMs: number;
-  why: 'busy' | 'paced' | 'backoff' | 'retry' | 'rate_limited' | 'not_called' | 'more' | 'corrections';
+  why:
+    | 'busy'
+    | 'paced'
+    | 'backoff'
+    | 'retry'
+    | 'rate_limited'
+    | 'not_called'
+    | 'more'
+    | 'corrections'
+    /** Usage stamped ahead becomes due (LeasedKey.dueInMs). */
+    | 'due';
 }
 
 /** What a batch tells the log and the metrics: one note per thing that happened. */

@@ -104,6 +104,11 @@ export type ClaimedKey = KeyRef &
         corrections: boolean;
         /** Usage rows are pending beyond `group` (the next hour, more than maxRows, or behind an in-flight group). */
         moreUsage: boolean;
+        /**
+         * No usage is due beyond `group`, but rows stamped more than the allowance (FUTURE_ALLOWANCE_SECONDS)
+         * past the database's clock are pending: the earliest becomes due in this long (by that clock).
+         */
+        dueInMs?: number;
       }
     /** Another batch holds the lease, the key is paced, or it backs off: look again after waitMs. */
     | { state: 'busy' | 'paced' | 'backoff'; waitMs: number }
