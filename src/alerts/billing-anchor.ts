@@ -9,7 +9,7 @@ import { z } from 'zod';
 import { pgInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
 import { notFound } from '../http/errors.js';
-import { periodOf } from './thresholds.js';
+import { periodOf, periodUsage } from './thresholds.js';
 
 export const billingAnchorBody = z.object({
   billingAnchorDate: pgInstant('billingAnchorDate')
@@ -70,17 +70,7 @@ export async function setBillingAnchor(
     );
     if (locked.rows.length === 0) return;
     // Separate statements (the thresholds a reference table and the readings distributed on Citus).
-    const per = (
-      await sql<{
-        start: Date;
-        end: Date;
-      }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
-    ).rows[0]!;
-    const used = await sql<{ n: string }>`
-      SELECT count(*)::text AS n FROM temperature_readings r
-       WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${per.start} AND r.ingested_at < ${per.end}
-         AND r.voided_at IS NULL`.execute(trx);
-    const n = Number(used.rows[0]?.n ?? 0);
+    const { period: per, usage: n } = await periodUsage(trx, organizationId, now);
     await sql`
       UPDATE alert_thresholds
          SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n},

@@ -26,6 +26,28 @@ export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
 }
 
 /**
+ * The organization's current period at `now` (periodOf) and the readings it stored in it, voided ones
+ * left out: two statements, so that on Citus the count is a router statement on the organization's shard.
+ */
+export async function periodUsage(
+  trx: Transaction<DB>,
+  organizationId: string,
+  now: Date,
+): Promise<{ period: { start: Date; end: Date }; usage: number }> {
+  const period = (
+    await sql<{
+      start: Date;
+      end: Date;
+    }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
+  ).rows[0]!;
+  const used = await sql<{ n: string }>`
+    SELECT count(*)::text AS n FROM temperature_readings r
+     WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${period.start} AND r.ingested_at < ${period.end}
+       AND r.voided_at IS NULL`.execute(trx);
+  return { period, usage: Number(used.rows[0]?.n ?? 0) };
+}
+
+/**
  * The probe ingestion's own statement carries (a CTE after `perOrg`, columns org and inserted):
  * `thr_orgs`, the organizations of the statement that have thresholds, by an index lookup that finds
  * nothing for an organization without any. The same statement counts those (thresholdCountCall): an
@@ -315,17 +337,7 @@ export async function createThreshold(
     // Three statements, not one INSERT ... SELECT: on a Citus cluster the thresholds are a reference
     // table and the readings a distributed one, which Citus cannot join in a write; the count is a router
     // statement on the organization's shard.
-    const per = (
-      await sql<{
-        start: Date;
-        end: Date;
-      }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
-    ).rows[0]!;
-    const used = await sql<{ n: string }>`
-      SELECT count(*)::text AS n FROM temperature_readings r
-       WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${per.start} AND r.ingested_at < ${per.end}
-         AND r.voided_at IS NULL`.execute(trx);
-    const n = Number(used.rows[0]?.n ?? 0);
+    const { period: per, usage: n } = await periodUsage(trx, organizationId, now);
     const row = await sql<{ id: string }>`
       INSERT INTO alert_thresholds (organization_id, event_name, quantity, period_start, period_end, period_usage, state)
       VALUES (${organizationId}, ${meter}, ${quantity}, ${per.start}, ${per.end}, ${n},
