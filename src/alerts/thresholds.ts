@@ -25,6 +25,8 @@ export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
   return sql`SELECT period_start AS start, period_end AS "end" FROM meterbox_threshold_period(${org}, ${at})`;
 }
 
+type Period = { start: Date; end: Date };
+
 /**
  * The organization's current period at `now` (periodOf) and the readings it stored in it, voided ones
  * left out: two statements, so that on Citus the count is a router statement on the organization's shard.
@@ -33,13 +35,9 @@ export async function periodUsage(
   trx: Transaction<DB>,
   organizationId: string,
   now: Date,
-): Promise<{ period: { start: Date; end: Date }; usage: number }> {
-  const period = (
-    await sql<{
-      start: Date;
-      end: Date;
-    }>`${periodOf(sql`${organizationId}::uuid`, sql`${now}::timestamptz`)}`.execute(trx)
-  ).rows[0]!;
+): Promise<{ period: Period; usage: number }> {
+  const org = sql`${organizationId}::uuid`;
+  const period = (await sql<Period>`${periodOf(org, sql`${now}::timestamptz`)}`.execute(trx)).rows[0]!;
   const used = await sql<{ n: string }>`
     SELECT count(*)::text AS n FROM temperature_readings r
      WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${period.start} AND r.ingested_at < ${period.end}
