@@ -238,9 +238,11 @@ export async function lowerThresholdUsage(
      ORDER BY id FOR UPDATE`.execute(trx);
   if (locked.rows.length === 0) return 0;
   // The thresholds of one organization share its period (but for a row not yet rolled over).
+  const periodKey = (t: { period_start: Date; period_end: Date }) =>
+    `${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`;
   const voidedIn = new Map<string, number>();
   for (const t of locked.rows) {
-    const key = `${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`;
+    const key = periodKey(t);
     if (voidedIn.has(key)) continue;
     const n = await sql<{ n: string }>`
       SELECT count(*)::text AS n FROM temperature_readings r
@@ -250,9 +252,7 @@ export async function lowerThresholdUsage(
     voidedIn.set(key, Number(n.rows[0]?.n ?? 0));
   }
   const next = locked.rows.map((t) => {
-    const voided =
-      voidedIn.get(`${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`) ?? 0;
-    const usage = Math.max(0, Number(t.period_usage) - voided);
+    const usage = Math.max(0, Number(t.period_usage) - (voidedIn.get(periodKey(t)) ?? 0));
     return { t, usage, state: usage >= Number(t.quantity) ? 'crossed' : 'armed' };
   });
   const changed = next.filter((n) => n.usage !== Number(n.t.period_usage) || n.state !== n.t.state);
