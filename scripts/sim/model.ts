@@ -705,6 +705,9 @@ export class ModelDb {
     const oldest = new Map<string, { key: KeyRef; at: number }>();
     for (const r of this.rows) {
       if (r.status !== 'pending' || r.acceptedAt !== null || r.createdAt >= t - staleMs) continue;
+      // Usage stamped ahead and not yet due is not stranded (its wake-up job brings it).
+      if (r.kind === 'usage' && r.identifier === null && r.occurredAt > t + FUTURE_ALLOWANCE_SECONDS * 1000)
+        continue;
       const name = keyName(r);
       const k = this.keys.get(name);
       if (

@@ -8,6 +8,7 @@ import { readDatabaseTime } from '../db/clock.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { FUTURE_ALLOWANCE_SECONDS } from './delivery-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
 import { type KeyRef, keyRef } from './rules/keys.js';
@@ -130,6 +131,10 @@ export async function staleKeys(
                                        AND k.destination = o.destination
        WHERE o.status = 'pending' AND o.accepted_at IS NULL
          AND o.created_at < now() - make_interval(secs => ${options.staleSeconds})
+         -- Usage stamped ahead is not stranded before it is due: the claim would find nothing to
+         -- send (its key's wake-up job comes then; a lost one, the sweep once it is due).
+         AND (o.kind = 'correction' OR o.identifier IS NOT NULL
+              OR o.occurred_at <= now() + make_interval(secs => ${FUTURE_ALLOWANCE_SECONDS}))
          AND (k.stripe_customer_id IS NULL
               OR (k.hold IS NULL AND k.next_call_at <= now() AND (k.retry_at IS NULL OR k.retry_at <= now())
                   AND (k.lease_expires_at IS NULL OR k.lease_expires_at < now())))

@@ -57,6 +57,27 @@ describe('sweepStrandedRows', () => {
     },
   );
 
+  sweepIt('leaves usage stamped ahead alone until it is due, then queues it', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    const key = `temperature_readings:${org.customerId}`;
+    const jobsOfKey = async () => (await deliveryJobs(ctx)).filter((j) => j.key === key);
+    const ahead = new Date(Date.now() + 10 * 60_000);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 2, occurredAt: ahead }]);
+    // Its job ran (the claim found nothing due and queued the key's wake-up): no job is left that
+    // covers the key, as after any claim of a key whose only rows are ahead.
+    await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${key}`.execute(
+      ctx.db,
+    );
+    // Not stranded: a claim now would find nothing to send.
+    await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 0 });
+    expect(await jobsOfKey()).toEqual([]);
+    // Once it is due (here: the row's time moved into the past), it is stranded and queued.
+    await sql`UPDATE meter_outbox SET occurred_at = now() - interval '1 minute'
+               WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 0 });
+    expect(await jobsOfKey()).toEqual([{ state: 'created', key }]);
+  });
+
   sweepIt('leaves a key alone while its job waits out a retry backoff', async ({ ctx }) => {
     const org = await createOrganization(ctx.db);
     await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
