@@ -97,10 +97,24 @@ interface Markdown {
 }
 
 function lineAt(text: string, offset: number): number {
-  let line = 1;
-  for (let i = 0; i < offset; i++) if (text.charCodeAt(i) === 10) line++;
-  return line;
+  // The offsets of the text's newlines, found once per text (the callers ask for many offsets of the
+  // same text in turn: counting from the start each time was quadratic in a long page).
+  if (newlines?.text !== text) {
+    const at: number[] = [];
+    for (let i = text.indexOf('\n'); i >= 0; i = text.indexOf('\n', i + 1)) at.push(i);
+    newlines = { text, at };
+  }
+  // Lines before the offset's: the newlines before it.
+  let lo = 0;
+  let hi = newlines.at.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (newlines.at[mid]! < offset) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo + 1;
 }
+let newlines: { text: string; at: number[] } | undefined;
 
 export function parseMarkdown(text: string): Markdown {
   const lines = text.split('\n');
@@ -570,27 +584,26 @@ function composeVariables(root: string): Set<string> {
  */
 function commitHistory(repo: string): ((hash: string) => boolean) | undefined {
   const git = (...args: string[]) =>
-    execFileSync('git', ['-C', repo, ...args], { stdio: 'pipe' })
-      .toString()
-      .trim();
+    execFileSync('git', ['-C', repo, ...args], { stdio: 'pipe', maxBuffer: 256 * 1024 * 1024 }).toString();
+  let history: string[];
   try {
-    if (git('rev-parse', '--is-shallow-repository') !== 'false') return undefined;
+    if (git('rev-parse', '--is-shallow-repository').trim() !== 'false') return undefined;
+    // Every commit HEAD's history holds, read once: one process, not one per cited commit (80-odd
+    // `git merge-base` spawns took 20-50 s a check on a loaded machine).
+    history = git('rev-list', 'HEAD').split('\n').filter(Boolean).sort();
   } catch {
     return undefined;
   }
-  const known = new Map<string, boolean>();
   return (hash) => {
-    let found = known.get(hash);
-    if (found === undefined) {
-      try {
-        git('merge-base', '--is-ancestor', hash, 'HEAD');
-        found = true;
-      } catch {
-        found = false; // exit 1: not an ancestor; 128: no such commit
-      }
-      known.set(hash, found);
+    // The first full hash at or after the abbreviation in sorted order is the one it abbreviates, if any.
+    let lo = 0;
+    let hi = history.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (history[mid]! < hash) lo = mid + 1;
+      else hi = mid;
     }
-    return found;
+    return history[lo]?.startsWith(hash) ?? false;
   };
 }
 
