@@ -495,10 +495,13 @@ async function settleStatement(
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
     g AS (
       SELECT *, now() AS at
-        FROM unnest(${groups.map((s) => s.organizationId)}::uuid[], ${groups.map((s) => s.identifier)}::text[],
+        FROM unnest(${groups.map((s) => s.organizationId)}::uuid[], ${groups.map((s) => s.customerId)}::text[],
+                    ${groups.map((s) => s.eventName)}::text[], ${groups.map((s) => destinationOf(s))}::text[],
+                    ${groups.map((s) => s.identifier)}::text[],
                     ${groups.map((s) => s.status)}::text[],
                     ${groups.map((s) => (s.error === undefined ? null : truncate(s.error)))}::text[],
-                    ${groups.map((s) => s.counted)}::bool[]) AS g(organization_id, identifier, status, error, counted)
+                    ${groups.map((s) => s.counted)}::bool[])
+        AS g(organization_id, customer, event_name, destination, identifier, status, error, counted)
     ),
     k AS (
       SELECT k.*, c.at
@@ -531,11 +534,14 @@ async function settleStatement(
              attempts = o.attempts + g.counted::int,
              delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
              updated_at = g.at
-        FROM g, locked
+        -- Each group meets its own key's lock (one row), then its rows by identifier. Joined through
+        -- the organization alone, one organization's groups met every one of its keys' locks: 400 keys
+        -- of one organization were 160,000 look-ups of its rows, 13 s (test/metering/settle-plan).
+        FROM g JOIN locked ON locked.organization_id = g.organization_id AND locked.stripe_customer_id = g.customer
+                          AND locked.event_name = g.event_name AND locked.destination = g.destination
        WHERE ${scope('o')} o.organization_id = g.organization_id
          AND o.identifier = g.identifier AND o.status = 'pending'
-         AND locked.organization_id = o.organization_id AND locked.stripe_customer_id = o.stripe_customer_id
-         AND locked.event_name = o.event_name AND locked.destination = o.destination
+         AND o.stripe_customer_id = g.customer AND o.event_name = g.event_name AND o.destination = g.destination
       RETURNING o.id
     ),
     released AS (

@@ -19,7 +19,7 @@ import {
   settleBatch,
 } from '../../src/metering/delivery-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
-import type { KeyRef } from '../../src/metering/rules/keys.js';
+import { type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
 import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
 import { createOrganization } from '../support/fixtures.js';
 
@@ -94,7 +94,7 @@ describe.skipIf(!url)('delivery routed by shard group on the cluster', () => {
         k.state === 'leased' && k.group
           ? [
               {
-                organizationId: k.organizationId,
+                ...keyRef(k),
                 identifier: k.group.identifier,
                 status: 'pending' as const,
                 called: false,

@@ -138,7 +138,7 @@ describe('meter-delivery worker', () => {
         group
           ? [
               {
-                organizationId: org.organizationId,
+                ...key,
                 identifier: group.identifier,
                 status: 'failed',
                 error: 'test: grouping only',

@@ -201,7 +201,7 @@ describe('a lease that ran out', () => {
         ctx.db,
         [
           {
-            organizationId: key.organizationId,
+            ...key,
             identifier,
             status: 'delivered',
             called: true,

@@ -27,6 +27,7 @@ import {
   type CorrectionFacts,
   type KeyRef,
   keyName,
+  keyRef,
 } from '../../src/metering/rules/keys.js';
 import { staleKeys } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
@@ -269,7 +270,7 @@ describe('the simulation’s model of the delivery statements', () => {
             if (!k.group || rng.next() < 0.2) continue;
             const status = pick(['delivered', 'failed', 'expired', 'accepted', 'pending'] as const);
             groups.push({
-              organizationId: k.organizationId,
+              ...keyRef(k),
               identifier: k.group.identifier,
               status,
               error: `e${step}`,

@@ -346,7 +346,7 @@ function settleGroup(
   how: { called: boolean; counted: boolean; error?: string },
 ): void {
   d.decision.groups.push({
-    organizationId: answer.key.organizationId,
+    ...keyRef(answer.key),
     identifier: answer.group.identifier,
     status,
     ...(how.error === undefined ? {} : { error: how.error }),

@@ -5,10 +5,9 @@ import type { Answer, ClaimedGroup, ClaimedKey, CorrectionFacts, KeyRef } from '
 import type { PlannedCall } from './plan.js';
 import type { DeliveryPolicy } from './policy.js';
 
-/** What happens to one group's rows; `counted`: a call that counts toward the retry limit was made. */
-export interface GroupSettlement {
-  /** The organization of the group's rows (their shard group on Citus). */
-  organizationId: string;
+/** What happens to one group's rows; `counted`: a call that counts toward the retry limit was made.
+ * The key is the group's own (a group is one key's rows): the settle finds the rows through it. */
+export interface GroupSettlement extends KeyRef {
   identifier: string;
   status: 'delivered' | 'failed' | 'expired' | 'accepted' | 'pending';
   error?: string;

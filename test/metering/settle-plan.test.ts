@@ -1,0 +1,125 @@
+// The settle statement's cost must grow with its batch, not with the square of one organization's keys
+// in it (issue 43). It joined each answered group to the keys the batch still holds through the
+// organization alone, so the groups of an organization with many customers met every one of its keys:
+// 400 keys of one organization were 160,000 look-ups of that organization's rows, 13 s, past the
+// statement deadline (the batch failed and its keys waited out their leases). A group now meets its own
+// key. This test settles KEYS keys of one organization under EXPLAIN ANALYZE and counts the rows the
+// plan produced and threw away in joins: a join of every group with every key makes about KEYS² of them.
+
+import { sql } from 'kysely';
+import pg from 'pg';
+import { describe, expect } from 'vitest';
+import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
+import { recordingDb } from '../support/database.js';
+import { createOrganization } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
+
+const it = contextTest({});
+const KEYS = 300;
+
+interface PlanNode {
+  'Node Type': string;
+  'Actual Rows'?: number;
+  'Actual Loops'?: number;
+  'Rows Removed by Join Filter'?: number;
+  'Rows Removed by Filter'?: number;
+  Plans?: PlanNode[];
+}
+
+/** Rows the plan's joins produced or threw away, and rows its scans read and threw away, all loops. */
+function rowsHandled(node: PlanNode): number {
+  const loops = node['Actual Loops'] ?? 1;
+  const own =
+    (node['Rows Removed by Join Filter'] ?? 0) +
+    (node['Rows Removed by Filter'] ?? 0) * loops +
+    (/Join|Nested Loop/.test(node['Node Type']) ? (node['Actual Rows'] ?? 0) * loops : 0);
+  return own + (node.Plans ?? []).reduce((sum, child) => sum + rowsHandled(child), 0);
+}
+
+describe('the settle statement', () => {
+  it(`settles ${KEYS} keys of one organization without meeting every key with every group`, async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const keys: KeyRef[] = Array.from({ length: KEYS }, (_, i) => ({
+      organizationId: org.organizationId,
+      customerId: `cus_settle_${String(i).padStart(4, '0')}`,
+      eventName: 'temperature_readings' as const,
+    }));
+    await sql`
+      INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at)
+      SELECT ${org.organizationId}::uuid, 'temperature_readings', c, 1, now() - interval '1 minute'
+        FROM unnest(${keys.map((k) => k.customerId)}::text[]) AS c`.execute(ctx.db);
+    await sql`
+      INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name)
+      SELECT ${org.organizationId}::uuid, c, 'temperature_readings'
+        FROM unnest(${keys.map((k) => k.customerId)}::text[]) AS c`.execute(ctx.db);
+    const owner = 'settle-plan';
+    // Statistics as a running system has them (autovacuum's analyze).
+    await sql`ANALYZE meter_outbox`.execute(ctx.db);
+    await sql`ANALYZE meter_delivery_keys`.execute(ctx.db);
+    const claimed = await claimBatch(ctx.db, keys, {
+      owner,
+      leaseSeconds: 60,
+      now: new Date(),
+      maxRows: 10,
+      sendable: ['temperature_readings', 'active_sensors'],
+    });
+    const leased = claimed.flatMap((k): LeasedKey[] => (k.state === 'leased' && k.group ? [k] : []));
+    expect(leased).toHaveLength(KEYS);
+
+    // The settle as the batch sends it, recorded (and rolled back), then run again under EXPLAIN.
+    const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 1 });
+    try {
+      const recording = recordingDb(pool);
+      await recording.db
+        .transaction()
+        .execute(async (trx) => {
+          const lost = await settleBatch(
+            trx,
+            leased.map((k) => ({
+              organizationId: k.organizationId,
+              customerId: k.customerId,
+              eventName: k.eventName,
+              identifier: k.group!.identifier,
+              status: 'delivered' as const,
+              called: true,
+              counted: true,
+            })),
+            leased.map((k) => ({ ...k, called: true })),
+            { owner, minIntervalMs: 0 },
+          );
+          expect(lost).toBe(0);
+          throw new Error('rolled back');
+        })
+        .catch((err: unknown) => {
+          if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
+        });
+      const settles = recording.queries.filter((q) => /\bsettled AS\b/.test(q.sql));
+      expect(settles, 'one settle statement was sent').toHaveLength(1);
+      const client = await pool.connect();
+      try {
+        await client.query('BEGIN');
+        const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
+          `EXPLAIN (ANALYZE, FORMAT JSON) ${settles[0]!.sql}`,
+          [...settles[0]!.parameters],
+        );
+        const settled = await client.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM meter_outbox WHERE organization_id = $1 AND status = 'delivered'`,
+          [org.organizationId],
+        );
+        await client.query('ROLLBACK');
+        // The statement did its work: every group's row delivered.
+        expect(settled.rows[0]!.n).toBe(KEYS);
+        // Every group with every key is ~KEYS² (90,000) rows, each a look-up of the organization's
+        // rows (another KEYS each); a group with its own key is a few rows a key.
+        expect(rowsHandled(rows[0]!['QUERY PLAN'][0]!.Plan)).toBeLessThan(KEYS * 20);
+      } finally {
+        client.release();
+      }
+    } finally {
+      await pool.end();
+    }
+  });
+});
