@@ -11,7 +11,8 @@
 -- Free space on each page (fillfactor 40) so that the new version of every row of a page fits beside
 -- the old one, as HOT needs: a claim of 1,000 keys updates whole pages of key rows in one transaction,
 -- and the old versions cannot be pruned until it commits; a leased row is larger than a free one (its
--- owner and expiry). test/metering/key-row-hot.test.ts: at 50, 340 of a 400-key claim's updates were HOT.
+-- owner and expiry): at 50, 340 of a 400-key claim's updates were HOT (a first form of
+-- test/metering/key-row-hot.test.ts, which holds 40).
 -- It applies to pages written from now on: an existing table's full pages gain HOT
 -- updates as its rows move off them (a non-HOT update writes the new version where there is room).
 DROP INDEX meter_delivery_keys_leased;
