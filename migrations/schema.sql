@@ -123,7 +123,6 @@ CREATE TABLE meter_delivery_keys (
   CONSTRAINT meter_delivery_keys_pkey PRIMARY KEY (organization_id, stripe_customer_id, event_name, destination)
 );
 CREATE INDEX meter_delivery_keys_held ON meter_delivery_keys USING btree (event_name) WHERE (hold IS NOT NULL);
-CREATE INDEX meter_delivery_keys_leased ON meter_delivery_keys USING btree (lease_expires_at) WHERE (lease_owner IS NOT NULL);
 
 CREATE TABLE meter_error_reports (
   id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,

@@ -19,7 +19,9 @@
 //   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
 //   the same snapshots.
 // --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
-// too, interleaved with this checkout's, on the same cluster: before and after in one run.
+// too, interleaved with this checkout's, on the same cluster: before and after in one run; its
+// scenarios' databases are migrated with that commit's migrations only (its schema: an index a later
+// migration drops is there).
 // Counts (statements, WAL bytes, rows per event) do not depend on the machine's load; CPU does.
 //
 // Why this file is long: one benchmark from setup to report (statements and WAL per delivered event, per
@@ -319,9 +321,10 @@ async function runScenario(
   scenario: Destination,
   workerName: string,
   workerEntry: string,
+  migrations?: ReadonlySet<string>,
 ): Promise<Run> {
   log(`--- ${scenario}, worker ${workerName}, ${CUSTOMERS} organizations`);
-  const url = await freshDatabase(cluster, `cost_${scenario}`);
+  const url = await freshDatabase(cluster, `cost_${scenario}`, migrations);
   const pool = new pg.Pool({ connectionString: url, max: 4 });
   // Dropped after the run: autovacuum of an earlier run's database would write WAL (and spend CPU)
   // inside the next run's measurements.
@@ -620,15 +623,28 @@ async function runLimit(cluster: Cluster): Promise<Cost & { clients: number }> {
 
 // ---------------------------------------------------------------- the run
 
-/** The worker of another commit, bundled as this checkout's is (its src/ only; dependencies are this checkout's). */
-async function buildBaseline(ref: string, outdir: string): Promise<{ entry: string; commit: string }> {
+/**
+ * The worker of another commit, bundled as this checkout's is (its src/ only; dependencies are this
+ * checkout's), and the names of that commit's migrations: its scenarios' databases have its schema.
+ */
+async function buildBaseline(
+  ref: string,
+  outdir: string,
+): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string> }> {
   const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
+  const migrations = new Set(
+    execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'migrations/'])
+      .toString()
+      .split('\n')
+      .filter((f) => f.endsWith('.sql'))
+      .map((f) => f.slice('migrations/'.length)),
+  );
   const tree = mkdtempSync(join('/tmp', 'meterbox-cost-baseline-'));
   execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
   const { bundle } = await import('../bundle.mjs');
   await bundle([{ in: 'src/bin/worker.ts', out: 'baseline-worker' }], outdir, { absWorkingDir: tree });
   rmSync(tree, { recursive: true, force: true });
-  return { entry: join(outdir, 'baseline-worker.js'), commit };
+  return { entry: join(outdir, 'baseline-worker.js'), commit, migrations };
 }
 
 function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undefined): string {
@@ -693,10 +709,10 @@ export async function runCostBench(): Promise<number> {
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/worker.ts'], buildDir);
-    const workers: { name: string; entry: string }[] = [];
+    const workers: { name: string; entry: string; migrations?: ReadonlySet<string> }[] = [];
     if (args.baseline) {
       const base = await buildBaseline(args.baseline, buildDir);
-      workers.push({ name: `before (${base.commit})`, entry: base.entry });
+      workers.push({ name: `before (${base.commit})`, entry: base.entry, migrations: base.migrations });
     }
     const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
     const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
@@ -747,7 +763,7 @@ export async function runCostBench(): Promise<number> {
       // Alternate which worker goes first, so the machine's drift favours neither.
       const order = runs.length % 2 === 0 ? workers : [...workers].reverse();
       for (const w of order) {
-        runs.push(await runScenario(cluster, scenario, w.name, w.entry));
+        runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.migrations));
         save(false);
       }
     }

@@ -9,15 +9,17 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { cpus, freemem, loadavg, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
 import { loadConfig } from '../../src/config.js';
 import { generateApiKey } from '../../src/credentials/api-keys.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
 import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
+import { applySqlMigrations, listMigrations } from '../../src/db/migrate.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
+import { installJobQueue } from '../../src/metering/queues.js';
 import { migrate } from '../../src/migrations.js';
 import { bundle } from '../bundle.mjs';
 import { ChildProc, type ChildProc as Proc, ROOT, startProcess as startKitProcess } from '../lib/child.js';
@@ -65,7 +67,15 @@ export async function startCluster(dataDir: string): Promise<Cluster> {
 }
 
 /** Creates an empty database in the cluster and applies every migration (and pg-boss's schema). */
-export async function freshDatabase(cluster: Cluster, prefix: string): Promise<string> {
+/**
+ * `migrations`: the names of the migration files to apply (a baseline commit's schema; default every
+ * migration of this checkout).
+ */
+export async function freshDatabase(
+  cluster: Cluster,
+  prefix: string,
+  migrations?: ReadonlySet<string>,
+): Promise<string> {
   const name = `${prefix}_${randomBytes(4).toString('hex')}`;
   const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
   await client.connect();
@@ -76,7 +86,13 @@ export async function freshDatabase(cluster: Cluster, prefix: string): Promise<s
   }
   const url = cluster.embedded.urlFor(name);
   const config = loadConfig({ DATABASE_URL: url, LOG_LEVEL: 'silent' });
-  await migrate(url, config, createLogger('silent'));
+  if (migrations) {
+    const files = (await listMigrations()).filter((f) => migrations.has(basename(f.path)));
+    await applySqlMigrations(url, createLogger('silent'), files);
+    await installJobQueue(url, config, createLogger('silent'));
+  } else {
+    await migrate(url, config, createLogger('silent'));
+  }
   return url;
 }
 

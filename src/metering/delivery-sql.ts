@@ -311,19 +311,21 @@ async function claimStatement(
     -- and looked at again in a second) instead of waited for. Only rows this claim could lease are
     -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
     -- settle never waits for this claim (it did, on Lock:transactionid, under load).
+    -- Each input key's row is looked up by its primary key (a LATERAL subquery with a locking clause
+    -- is never flattened into a join), in key order: a join let the planner hash every key row of the
+    -- platform (a sequential scan growing with the keys, not the batch; docs/benchmarks.md).
     free AS (
-      SELECT * FROM (
+      SELECT f.* FROM (SELECT * FROM input ORDER BY 1, 2, 3, 4) i
+       CROSS JOIN LATERAL (
         SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination
-          FROM meter_delivery_keys d JOIN input i
-            ON d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
+          FROM meter_delivery_keys d CROSS JOIN c
+         WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
            AND d.event_name = i.event_name AND d.destination = i.destination
-         CROSS JOIN c
-         WHERE ${scope('d')} d.event_name = ANY(${options.sendable}::text[])
+           AND d.event_name = ANY(${options.sendable}::text[])
            AND (d.lease_expires_at IS NULL OR d.lease_expires_at < c.at)
            AND d.next_call_at <= c.at
            AND (d.retry_at IS NULL OR d.retry_at <= c.at)
-         ORDER BY 1, 2, 3, 4
-           FOR UPDATE OF d SKIP LOCKED) locked
+           FOR UPDATE OF d SKIP LOCKED) f
     ),
     leased AS (
       UPDATE meter_delivery_keys k
@@ -437,10 +439,14 @@ async function claimStatement(
       CROSS JOIN c
       LEFT JOIN answers a ON a.organization_id = i.organization_id AND a.customer = i.customer
                          AND a.event_name = i.event_name AND a.destination = i.destination
-      -- The key rows as they were before this statement (its snapshot): why a key was not leased.
-      LEFT JOIN (SELECT * FROM meter_delivery_keys d WHERE ${scope('d')} true) s
-        ON s.organization_id = i.organization_id AND s.stripe_customer_id = i.customer
-       AND s.event_name = i.event_name AND s.destination = i.destination`.execute(db);
+      -- The key rows as they were before this statement (its snapshot): why a key was not leased. By
+      -- primary key, one look-up a key (LIMIT keeps the subquery from being flattened into a hash
+      -- join over every key row, as the free keys' look-up above).
+      LEFT JOIN LATERAL (
+        SELECT d.stripe_customer_id, d.lease_expires_at, d.next_call_at, d.retry_at FROM meter_delivery_keys d
+         WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
+           AND d.event_name = i.event_name AND d.destination = i.destination
+         LIMIT 1) s ON true`.execute(db);
   return result.rows;
 }
 
@@ -654,8 +660,8 @@ export async function renewLeasesOf(
  * Leases past their expiry whose owner never released them belong to a batch that died (a live batch
  * renews or releases its own): freed, and their keys returned so the caller queues them again. Any
  * call such a batch made ended before its lease did (calls are bounded by the lease), so the next
- * owner's resend is the only call in flight. One statement; the partial index makes it free when no
- * batch died. On Citus, a read of the organizations with such leases (every shard, no lock) first,
+ * owner's resend is the only call in flight. One statement, a read of every key row (no index on the
+ * lease columns: migrations/0077). On Citus, a read of the organizations with such leases (every shard, no lock) first,
  * then the statement per shard group: no statement locks rows on two nodes.
  */
 /**

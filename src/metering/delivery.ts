@@ -525,8 +525,9 @@ export async function startDelivery(
  *   active for longer than a lease whose key holds no live lease (a live batch leases its keys, or
  *   answers them, right after the fetch; and touches its jobs until it returns). They are completed as orphaned and their keys queued
  *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
- * So a killed worker's keys are resent within seconds of its leases' end. The partial index on live
- * leases, and pg-boss's on active jobs, make each look free when no batch died.
+ * So a killed worker's keys are resent within seconds of its leases' end. The leases' look reads every
+ * key row (no index on the lease columns, so that the claim's and the settle's updates of a key row are
+ * HOT: migrations/0077); pg-boss's index on active jobs makes the jobs' look free when no batch died.
  */
 export function startLeaseReaper(deps: {
   db: Kysely<DB>;
