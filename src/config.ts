@@ -101,6 +101,12 @@ export const configSchema = z.object({
    * fits the longest budget wait (2 s) and a call.
    */
   DELIVERY_LEASE_SECONDS: int(5, 3600).default(10),
+  /**
+   * The longest lease a batch takes when the process's recent claims are slow (lease-length.ts): a batch
+   * leases max(DELIVERY_LEASE_SECONDS, 3 x its process's slowest recent claim), at most this long. A
+   * killed worker's keys wait for at most this long when it died while its claims were that slow.
+   */
+  DELIVERY_LEASE_MAX_SECONDS: int(5, 3600).default(120),
   /** Account-wide Stripe calls per second shared by all workers; unset: 20 test mode (80% of a sandbox's 25), 700 live. */
   STRIPE_MAX_CALLS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))

@@ -123,6 +123,8 @@ export class ModelDb {
   keys = new Map<string, KeyRow>();
   /** The key each row of `keys` belongs to (keyName is not parsed back). */
   private keyRefs = new Map<string, KeyRef>();
+  /** Keys each batch (owner) has leased, for the mutation renewCountsLostKeys only. */
+  private everLeased = new Map<string, number>();
   jobs = new Map<string, Job>();
   private nextRowId = 1;
   private nextJobId = 1;
@@ -307,6 +309,7 @@ export class ModelDb {
         leaseExpiresAt: new Date(t + options.leaseSeconds * 1000),
         hold: null,
       });
+      this.everLeased.set(options.owner, (this.everLeased.get(options.owner) ?? 0) + 1);
 
       const pending = this.pendingOf(key);
       let expired = 0;
@@ -473,7 +476,7 @@ export class ModelDb {
       this.keys.set(name, { ...row, leaseExpiresAt: new Date(t + leaseSeconds * 1000) });
       n++;
     }
-    return n;
+    return this.mutations.has('renewCountsLostKeys') ? (this.everLeased.get(owner) ?? n) : n;
   }
 
   hold(keys: readonly KeyRef[]): void {

@@ -8,6 +8,7 @@ import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
+import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { keyName } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
@@ -157,6 +158,8 @@ export function workersOf(world: World, database: Database, destinations: Destin
       clock: { now: () => new Date(mutations.has('leaseFromHostClock') ? wall() : dbNow()) },
       log: SILENT,
       timers,
+      // As a worker's runtime: its batches' lease length follows its recent claims (on its timers).
+      leaseLength: adaptiveLeaseLength(world.config),
       wakeAfter: (ms: number) => sched.after(ms + 5, () => notifyAll(world)),
     };
     const batchSize = spec.batchSize;

@@ -37,6 +37,7 @@ import {
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
+import { adaptiveLeaseLength } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
 import type { MetronomeCatalog } from './metronome-catalog.js';
@@ -336,9 +337,12 @@ export async function startDelivery(
   await leaseDatabase.pool
     .query('SELECT 1')
     .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
+  // One lease length per process: its batches learn from each other's claims.
+  const leaseLength = adaptiveLeaseLength(ctx.config);
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     leases,
+    leaseLength,
     boss: ctx.boss,
     transport,
     hold: holds.stripe,

@@ -171,6 +171,14 @@ const CASES: Case[] = [
     within: 30,
   },
   { mutation: 'reportHourFromHostClock', caughtBy: 'while the database is in', seed: 5, within: 30 },
+  {
+    // Renewals run from the claim's start; one that held only some keys must not move the deadline.
+    mutation: 'renewCountsLostKeys',
+    caughtBy: 'under a lease it does not hold',
+    profile: SLOW,
+    seed: 6,
+    within: 30,
+  },
 ];
 
 describe('each invariant catches the rule it guards, broken on purpose', () => {
