@@ -121,6 +121,30 @@ describe('a batch whose claim of a new key outlives the lease', () => {
   }, 60_000);
 });
 
+describe("the reaper's orphan check", () => {
+  it("waits for the process's lease, when longer than configured, before it takes an untouched job", async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    const job = await takeQueuedJob(ctx, org);
+    // The batch ran and released its key; its job is still active, untouched for two configured leases
+    // (its touches waiting on a slow database).
+    await deliverBatch(v1BatchDeps(ctx), [job]);
+    await sql`UPDATE pgboss.job SET started_on = now() - make_interval(secs => ${2 * LEASE_SECONDS}),
+                                heartbeat_on = now() - make_interval(secs => ${2 * LEASE_SECONDS})
+           WHERE id = ${job.id}`.execute(ctx.db);
+    // This process's claims were slow: its lease is 6 leases long.
+    const slow = { seconds: () => 6 * LEASE_SECONDS };
+    expect(await reapOnce({ ...ctx, distributed: () => false, leaseLength: slow })).toEqual({
+      leases: 0,
+      jobs: 0,
+    });
+    // At the configured lease (claims fast again), it is orphaned as before.
+    expect(await reapOnce({ ...ctx, distributed: () => false })).toEqual({ leases: 0, jobs: 1 });
+  }, 60_000);
+});
+
 describe('the lease length of a worker', () => {
   it('is the configured lease while claims are fast, three times the slowest recent claim when slow, capped', () => {
     const length = adaptiveLeaseLength({ DELIVERY_LEASE_SECONDS: 10, DELIVERY_LEASE_MAX_SECONDS: 120 });
