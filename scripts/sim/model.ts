@@ -123,6 +123,11 @@ export class ModelDb {
   keys = new Map<string, KeyRow>();
   /** The key each row of `keys` belongs to (keyName is not parsed back). */
   private keyRefs = new Map<string, KeyRef>();
+  /**
+   * The longest lease a claim or renewal has set (a worker's lease grows with its slow claims,
+   * lease-length.ts): a crashed worker's keys wait for up to that long.
+   */
+  longestLeaseMs = 0;
   /** Keys each batch (owner) has leased, for the mutation renewCountsLostKeys only. */
   private everLeased = new Map<string, number>();
   jobs = new Map<string, Job>();
@@ -310,6 +315,7 @@ export class ModelDb {
         hold: null,
       });
       this.everLeased.set(options.owner, (this.everLeased.get(options.owner) ?? 0) + 1);
+      this.longestLeaseMs = Math.max(this.longestLeaseMs, options.leaseSeconds * 1000);
 
       const pending = this.pendingOf(key);
       let expired = 0;
@@ -469,6 +475,7 @@ export class ModelDb {
 
   renew(owner: string, leaseSeconds: number): number {
     const t = this.now();
+    this.longestLeaseMs = Math.max(this.longestLeaseMs, leaseSeconds * 1000);
     let n = 0;
     for (const [name, row] of this.keys) {
       // Still the batch's own, run out or not (renewLeases): nobody reaped or took it.
