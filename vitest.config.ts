@@ -26,6 +26,8 @@ const SLOW = [
   // A database held past the product's real deadlines (not shortened: the defaults are what they check).
   // A claim slowed past its lease (two of 10-12 s each).
   'test/metering/slow-claim.test.ts',
+  // A batch's claim of a new key held past the lease while its first claim's leases are due.
+  'test/metering/claim-lease-gap.test.ts',
   // A worker's pool held past its 5 s connect timeout, while a batch claims, then while it settles.
   'test/metering/pool-exhaustion.test.ts',
   // A worker's pool held from a batch's call until well past its lease.

@@ -94,7 +94,8 @@ export function coverageCheck(world: World): () => void {
       uncoveredSince.set(name, since);
       // Only a crash or a failed batch may leave a key to the sweep; otherwise its job or hold is
       // there within moments (a follow-up is queued by the batch that settles it).
-      const afterCrash = 2 * spec.leaseSeconds * 1000 + 15_000;
+      // A crashed worker's leases are as long as its claims made them (lease-length.ts): the longest taken.
+      const afterCrash = 2 * Math.max(spec.leaseSeconds * 1000, db.longestLeaseMs) + 15_000;
       const bound =
         dbNow() - dueAt < COVERAGE_BOUND_MS
           ? COVERAGE_BOUND_MS

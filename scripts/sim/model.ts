@@ -123,6 +123,13 @@ export class ModelDb {
   keys = new Map<string, KeyRow>();
   /** The key each row of `keys` belongs to (keyName is not parsed back). */
   private keyRefs = new Map<string, KeyRef>();
+  /**
+   * The longest lease a claim or renewal has set (a worker's lease grows with its slow claims,
+   * lease-length.ts): a crashed worker's keys wait for up to that long.
+   */
+  longestLeaseMs = 0;
+  /** Keys each batch (owner) has leased, for the mutation renewCountsLostKeys only. */
+  private everLeased = new Map<string, number>();
   jobs = new Map<string, Job>();
   private nextRowId = 1;
   private nextJobId = 1;
@@ -307,6 +314,8 @@ export class ModelDb {
         leaseExpiresAt: new Date(t + options.leaseSeconds * 1000),
         hold: null,
       });
+      this.everLeased.set(options.owner, (this.everLeased.get(options.owner) ?? 0) + 1);
+      this.longestLeaseMs = Math.max(this.longestLeaseMs, options.leaseSeconds * 1000);
 
       const pending = this.pendingOf(key);
       let expired = 0;
@@ -466,6 +475,7 @@ export class ModelDb {
 
   renew(owner: string, leaseSeconds: number): number {
     const t = this.now();
+    this.longestLeaseMs = Math.max(this.longestLeaseMs, leaseSeconds * 1000);
     let n = 0;
     for (const [name, row] of this.keys) {
       // Still the batch's own, run out or not (renewLeases): nobody reaped or took it.
@@ -473,7 +483,7 @@ export class ModelDb {
       this.keys.set(name, { ...row, leaseExpiresAt: new Date(t + leaseSeconds * 1000) });
       n++;
     }
-    return n;
+    return this.mutations.has('renewCountsLostKeys') ? (this.everLeased.get(owner) ?? n) : n;
   }
 
   hold(keys: readonly KeyRef[]): void {

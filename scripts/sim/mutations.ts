@@ -18,6 +18,8 @@ export const MUTATIONS = {
     "a meter error report fails only the rows already delivered or accepted: one that comes before the worker settles its call's answer changes nothing, and the settle then marks the rows delivered",
   randomIdentifiers: "a group's identifier is drawn at random, not derived from the rows it carries",
   settleStaleLease: 'settle applies the answers of a batch whose lease has run out',
+  renewCountsLostKeys:
+    "a renewal answers every key its batch ever leased, held or lost: the batch's deadline moves for a key reaped or taken meanwhile",
   reaperForgetsKeys:
     "the lease reaper frees a dead batch's leases and completes its jobs without queuing their keys: they wait for the sweep",
   reaperRequeuesRunningClaim:

@@ -8,6 +8,7 @@ import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
+import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { keyName } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
@@ -133,6 +134,9 @@ export function workersOf(world: World, database: Database, destinations: Destin
       w.gate,
       mutations.has('deadlineOnWallClock') ? wall : undefined,
     );
+    // As a worker's runtime: its batches' lease length follows its recent claims (on its timers), and
+    // its reaper's orphan check waits for that lease.
+    const leaseLength = adaptiveLeaseLength(world.config);
     const deps = {
       db: undefined as never,
       boss: undefined as never,
@@ -157,6 +161,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
       clock: { now: () => new Date(mutations.has('leaseFromHostClock') ? wall() : dbNow()) },
       log: SILENT,
       timers,
+      leaseLength,
       wakeAfter: (ms: number) => sched.after(ms + 5, () => notifyAll(world)),
     };
     const batchSize = spec.batchSize;
@@ -254,7 +259,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
     const reapOnce = () =>
       statement(w, () => db.expiredLeaseKeys()).then(async (expired) => {
         const orphans = await statement(w, () => {
-          const found = db.orphans(spec.leaseSeconds * 1000);
+          const found = db.orphans(Math.max(spec.leaseSeconds, leaseLength.seconds()) * 1000);
           for (const j of found)
             if (claimsRunning.has(keyName(j.key)))
               violate(

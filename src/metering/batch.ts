@@ -36,6 +36,7 @@ import { callStripe } from './calls.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
+import { fixedLeaseLength, type LeaseLength } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
@@ -46,6 +47,7 @@ import { type Gate, type HealthReport, healthPolicy, splitByGate } from './rules
 import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import {
   type Answer,
+  type ClaimedKey,
   type CorrectionFacts,
   destinationOf,
   type KeyRef,
@@ -96,6 +98,8 @@ export interface BatchDeps {
   metronome?: DestinationDeps;
   /** The process's lease connection (lease-keeper.ts): renewals never queue behind claims. */
   leases?: LeaseKeeper;
+  /** The process's lease length (lease-length.ts; default: DELIVERY_LEASE_SECONDS, whatever claims take). */
+  leaseLength?: LeaseLength;
   /**
    * Waits after the claim until every standby that could be promoted has it (src/db/replication.ts);
    * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
@@ -260,36 +264,68 @@ async function deliverDestination(
 
   // 1. claim. The lease runs on the database's clock from the claim statement's start, or for a slow
   // claim from just before its commit (claimBatch); the calls' deadline runs on this host's monotonic
-  // clock from an instant before that, so it never outlives the lease.
-  const leaseMs = config.DELIVERY_LEASE_SECONDS * 1000;
-  let leaseDeadline = timers.now() + leaseMs;
-  const claimed = await store.claim(keys, {
-    owner,
-    leaseSeconds: config.DELIVERY_LEASE_SECONDS,
-    onLeaseRestart: () => {
-      leaseDeadline = timers.now() + leaseMs;
-    },
-    now: deps.clock.now(),
-    maxRows: config.DELIVERY_MAX_ROWS_PER_EVENT,
-    // An unconfigured destination sends nothing: every key is held by name.
-    sendable: (['temperature_readings', 'active_sensors'] as const).filter((m) =>
-      dest ? (dest.catalog?.sendable(m) ?? true) : false,
-    ),
-  });
+  // clock from an instant before that, so it never outlives the lease. Its length is the process's
+  // (lease-length.ts): longer while its claims are slow.
+  const length = deps.leaseLength ?? fixedLeaseLength(config);
+  let leaseSeconds = length.seconds();
+  const claimStarted = timers.now();
+  let leaseDeadline = claimStarted + leaseSeconds * 1000;
+  // Renewals start with the claim: a batch with new keys claims twice (claimBatch), and the keys of its
+  // first claim, committed, must not lapse while the second runs. A renewal moves the deadline only
+  // when it started after the claim had returned and held every key the batch leased.
+  let claimed: ClaimedKey[] | undefined;
+  let leasedCount = 0;
+  const renewOnce = async () => {
+    const counted = claimed !== undefined;
+    const at = timers.now();
+    const seconds = leaseSeconds;
+    const held = await store.renew(owner, seconds).catch((err: unknown) => {
+      deps.log.warn({ err }, 'could not renew delivery leases; calls stay bounded by the old deadline');
+      return -1;
+    });
+    if (counted && held === leasedCount) leaseDeadline = Math.max(leaseDeadline, at + seconds * 1000);
+  };
+  let stopRenewing = timers.every(renewEveryMs(config), renewOnce);
+  claimed = await store
+    .claim(keys, {
+      owner,
+      leaseSeconds,
+      restartLease: (elapsedMs) => {
+        const at = timers.now();
+        const seconds = length.covering(elapsedMs);
+        return {
+          seconds,
+          restarted: () => {
+            leaseSeconds = Math.max(leaseSeconds, seconds);
+            leaseDeadline = Math.max(leaseDeadline, at + seconds * 1000);
+          },
+        };
+      },
+      now: deps.clock.now(),
+      maxRows: config.DELIVERY_MAX_ROWS_PER_EVENT,
+      // An unconfigured destination sends nothing: every key is held by name.
+      sendable: (['temperature_readings', 'active_sensors'] as const).filter((m) =>
+        dest ? (dest.catalog?.sendable(m) ?? true) : false,
+      ),
+    })
+    .catch(async (err: unknown) => {
+      await stopRenewing();
+      throw err;
+    });
+  const claimMs = timers.now() - claimStarted;
+  length.record(claimMs);
   const leased = claimed.filter((k): k is LeasedKey => k.state === 'leased');
-
-  // The leases are renewed while the batch runs; the deadline moves only when every key was renewed.
-  const stopRenewing =
-    leased.length > 0
-      ? timers.every(renewEveryMs(config), async () => {
-          const at = timers.now();
-          const held = await store.renew(owner, config.DELIVERY_LEASE_SECONDS).catch((err: unknown) => {
-            deps.log.warn({ err }, 'could not renew delivery leases; calls stay bounded by the old deadline');
-            return -1;
-          });
-          if (held === leased.length) leaseDeadline = at + leaseMs;
-        })
-      : async () => {};
+  leasedCount = leased.length;
+  if (leased.length === 0) {
+    await stopRenewing();
+    stopRenewing = async () => {};
+  } else {
+    // The rest of the batch (calls, settle) is covered as long as the claim was.
+    leaseSeconds = Math.max(leaseSeconds, length.covering(claimMs));
+    // A claim that left its deadline near (claims in two shard groups, or a renewal held back):
+    // renewed at once rather than a third of a lease later.
+    if (leaseDeadline - timers.now() < (leaseSeconds * 1000) / 2) await renewOnce();
+  }
 
   // Whatever fails from here on gives the keys back (releaseLeases) unless Stripe calls may still be
   // open: then the leases run out as usual, so no key has two calls in flight.

@@ -121,10 +121,22 @@ export interface ClaimOptions extends Placement {
   /** How far back the destination takes usage (default Stripe's 35 days). */
   pastWindowMs?: number;
   /**
-   * Called just before a slow claim sets its leases again from the database's clock (claimLeasing):
-   * the caller's lease deadline starts again now.
+   * Called just before a slow claim sets its leases again from the database's clock (claimLeasing),
+   * with the time the batch's claim has taken so far (monotonic): answers the lease to set, in seconds
+   * (default `leaseSeconds`), and `restarted`, called only when that renewal held every key the batch
+   * leased: the caller's lease deadline may then start again from the instant of this call.
    */
-  onLeaseRestart?: () => void;
+  restartLease?: (elapsedMs: number) => { seconds: number; restarted: () => void };
+}
+
+/** What the claim transactions of one batch know of each other (claimBatch). */
+interface ClaimProgress {
+  /** performance.now() at the batch's claim's start. */
+  readonly started: number;
+  /** Keys leased by this batch's claim transactions committed so far. */
+  committed: number;
+  /** Shard groups claimed in (each its own transactions, run side by side). */
+  groups: number;
 }
 
 /**
@@ -156,18 +168,20 @@ export async function claimBatch(
   if (keys.length === 0) return [];
   const unique = [...new Map(keys.map((k) => [keyName(k), keyRef(k)])).values()].sort(compareKeys);
   const router = routerOf(db, options);
+  const progress: ClaimProgress = { started: performance.now(), committed: 0, groups: 0 };
   const rows = await perShardGroup(
     router,
     unique,
     (k) => k.organizationId,
     async (group, orgs) => {
-      const first = await claimLeasing(db, group, orgs, options);
+      progress.groups += 1;
+      const first = await claimLeasing(db, group, orgs, options, progress);
       const missing = first.filter((r) => r.state === 'missing');
       if (missing.length === 0) return first;
       const missingKeys = missing.map(rowKey);
       await ensureKeys(db, missingKeys);
       const again = new Map(
-        (await claimLeasing(db, missingKeys, orgs, options)).map((r) => [keyName(rowKey(r)), r]),
+        (await claimLeasing(db, missingKeys, orgs, options, progress)).map((r) => [keyName(rowKey(r)), r]),
       );
       return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
     },
@@ -225,36 +239,50 @@ const SLOW_CLAIM_SHARE_OF_LEASE = 0.1;
 
 /**
  * The claim statement in a transaction of its own. Its leases run from the statement's start (its one
- * clock): a claim slowed by a big backlog or a loaded database (1,000 keys took 8-30 s) would commit
+ * clock): a claim slowed by a big backlog or a loaded database (1,000 keys took 8-110 s) would commit
  * leases already spent, call nothing, and see the reaper take its keys and jobs the moment it commits.
- * So a claim that took more than a tenth of the lease sets its leases again from the database's clock
- * before it commits: a lease is never shorter than the work it covers. Until that commit its key rows
- * are locked, so the reaper (SKIP LOCKED) and other claims pass over them whatever their expiry says.
+ * So a batch whose claim has taken more than a tenth of the lease (this statement, or a first claim and
+ * the insert of new keys' rows before it) sets its leases again from the database's clock before it
+ * commits: a lease is never shorter than the work it covers. Until that commit its key rows are locked,
+ * so the reaper (SKIP LOCKED) and other claims pass over them whatever their expiry says.
+ *
+ * The caller's deadline starts again only when that renewal held every key the batch leased: keys an
+ * earlier claim transaction of the batch committed (the first claim of a batch with new keys) may have
+ * lapsed and been reaped or taken meanwhile, and a deadline moved for them would let the batch call for
+ * a key it no longer holds while its next owner calls too. With claims in two shard groups at once the
+ * renewal sees one group only: there the batch's first renewal after the claim moves the deadline.
  */
 async function claimLeasing(
   db: Kysely<DB>,
   keys: readonly KeyRef[],
   organizationIds: readonly string[],
   options: ClaimOptions,
+  progress: ClaimProgress,
 ): Promise<ClaimRow[]> {
   // In a caller's transaction (a test holding a claim across a shard move), in that one.
   const run = async (trx: Kysely<DB>): Promise<ClaimRow[]> => {
-    const started = performance.now();
     const rows = await claimStatement(trx, keys, organizationIds, options);
-    const slow = performance.now() - started > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE;
-    if (slow && rows.some((r) => r.state === 'leased')) {
+    const leased = rows.filter((r) => r.state === 'leased').length;
+    const elapsed = performance.now() - progress.started;
+    if (leased > 0 && elapsed > options.leaseSeconds * 1000 * SLOW_CLAIM_SHARE_OF_LEASE) {
       // The caller's deadline starts again before the renewal's clock_timestamp(), as before the claim's.
-      options.onLeaseRestart?.();
-      await renewLeases(trx, options.owner, {
-        leaseSeconds: options.leaseSeconds,
+      const restart = options.restartLease?.(elapsed);
+      const held = await renewLeases(trx, options.owner, {
+        leaseSeconds: restart?.seconds ?? options.leaseSeconds,
         organizationIds,
+        // Rows of this transaction are its own; an earlier claim's key that another claim is taking
+        // over is passed over, not waited for (and the deadline then stays).
+        skipLocked: true,
         ...(options.distributed ? { distributed: true } : {}),
         ...(options.router ? { router: options.router } : {}),
       });
+      if (progress.groups === 1 && held === progress.committed + leased) restart?.restarted();
     }
     return rows;
   };
-  return db.isTransaction ? run(db) : db.transaction().execute(run);
+  const rows = db.isTransaction ? await run(db) : await db.transaction().execute(run);
+  progress.committed += rows.filter((r) => r.state === 'leased').length;
+  return rows;
 }
 
 /**

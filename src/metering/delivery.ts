@@ -37,6 +37,7 @@ import {
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
+import { adaptiveLeaseLength, type LeaseLength } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
 import type { MetronomeCatalog } from './metronome-catalog.js';
@@ -336,9 +337,12 @@ export async function startDelivery(
   await leaseDatabase.pool
     .query('SELECT 1')
     .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
+  // One lease length per process: its batches learn from each other's claims.
+  const leaseLength = adaptiveLeaseLength(ctx.config);
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     leases,
+    leaseLength,
     boss: ctx.boss,
     transport,
     hold: holds.stripe,
@@ -495,6 +499,7 @@ export async function startDelivery(
     distributed: () => distributed,
     log,
     wake: wakeIdle,
+    leaseLength,
   });
   log.debug(
     {
@@ -537,6 +542,8 @@ export function startLeaseReaper(deps: {
   /** Whether the database is distributed now (it may become so under a running worker). */
   distributed: () => boolean;
   wake: () => void;
+  /** The process's lease length: a job's age to be orphaned is at least its current lease. */
+  leaseLength?: Pick<LeaseLength, 'seconds'>;
 }): { stop(): void } {
   let running = false;
   const timer = setInterval(() => {
@@ -608,7 +615,10 @@ export const LEASE_REAP_MS = 2_000;
 
 /** One pass of the reaper: what a dead batch left is freed and its keys queued; returns how much. */
 export async function reapOnce(
-  deps: Pick<Parameters<typeof startLeaseReaper>[0], 'db' | 'boss' | 'log' | 'config' | 'distributed'>,
+  deps: Pick<
+    Parameters<typeof startLeaseReaper>[0],
+    'db' | 'boss' | 'log' | 'config' | 'distributed' | 'leaseLength'
+  >,
 ): Promise<{ leases: number; jobs: number }> {
   // Jobs first, leases freed after: a pass that stops or stalls between its statements (a slow
   // statement, a frozen or killed process) must not leave a key with neither a lease nor a job (it
@@ -617,7 +627,11 @@ export async function reapOnce(
   // The orphans are completed after their keys are queued (one queued job per key: an active one does
   // not stop it), so that no instant between the two leaves their keys without a job either.
   const expired = await expiredLeaseKeys(deps.db);
-  const orphans = await orphanedJobs(deps.db, deps.config.DELIVERY_LEASE_SECONDS, deps.distributed());
+  // A job's age counts from its batch's last touch, and touches wait on a slow database as claims do:
+  // while this process's claims are slow (its lease longer than configured), a job is orphaned only
+  // once untouched for that longer lease (a key's own lease is read from its row in any case).
+  const orphanSeconds = Math.max(deps.config.DELIVERY_LEASE_SECONDS, deps.leaseLength?.seconds() ?? 0);
+  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed());
   const first = [...expired, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
   if (first.length > 0) await queueDeliveries(deps.boss, first);
   if (orphans.length > 0) {

@@ -91,7 +91,8 @@ const CASES: Case[] = [
     mutation: 'deadlineOnWallClock',
     caughtBy: 'under a lease it does not hold',
     profile: STEPPING,
-    seed: 51,
+    // 51 until renewals ran from the claim's start (the runs' timing changed; 48 is the first now).
+    seed: 48,
     within: 60,
   },
   {
@@ -113,6 +114,9 @@ const CASES: Case[] = [
     // An error report that comes before the settle (a slow statement delays it) fails the rows it names.
     mutation: 'reportSparesUnsettled',
     caughtBy: 'delivered rows say',
+    // With Stripe reporting half the accepted events invalid: since renewals run from the claim's start
+    // the seeds' own faults find none within 30 (seed 7 was one before).
+    overrides: REPORTED,
     profile: SLOW,
     seed: 7,
     within: 30,
@@ -171,6 +175,14 @@ const CASES: Case[] = [
     within: 30,
   },
   { mutation: 'reportHourFromHostClock', caughtBy: 'while the database is in', seed: 5, within: 30 },
+  {
+    // Renewals run from the claim's start; one that held only some keys must not move the deadline.
+    mutation: 'renewCountsLostKeys',
+    caughtBy: 'under a lease it does not hold',
+    profile: SLOW,
+    seed: 6,
+    within: 30,
+  },
 ];
 
 describe('each invariant catches the rule it guards, broken on purpose', () => {

@@ -1,0 +1,60 @@
+// How long a batch's lease is: never shorter than the configured lease, and on a slow database long
+// enough for the work the process's recent claims show (elapsed time on the monotonic clock).
+//
+// A lease shorter than its batch's work is reaped under it: its settle is refused and its keys are
+// claimed and sent again (never twice, but the work is done again, on the database that was already too
+// slow). With a backlog on a database held to a quarter of a core, claims took 10-110 s against the
+// default 10 s lease (docs/benchmarks.md, "A slow database with a backlog"). A lease is a length the
+// batch asks for; where it ends is always the database's clock at the statement that sets it (claim or
+// renewal), and the batch's own deadline for calls is that length from an instant on the host's
+// monotonic clock taken before the statement, so it never outlives the lease in the database.
+import type { Config } from '../config.js';
+
+/** A lease covers this many times the slowest recent claim: the claim, then its calls and its settle. */
+export const LEASE_WORK_FACTOR = 3;
+
+/** How many recent claims the lease length looks back on. */
+const RECENT_CLAIMS = 16;
+
+export interface LeaseLength {
+  /** The lease, in whole seconds, a batch starting now takes. */
+  seconds(): number;
+  /** The lease for work that has already taken `elapsedMs` (a claim still running): never less than seconds(). */
+  covering(elapsedMs: number): number;
+  /** A claim took `elapsedMs` (monotonic clock). */
+  record(elapsedMs: number): void;
+}
+
+/**
+ * The lease length of one process: max(DELIVERY_LEASE_SECONDS, LEASE_WORK_FACTOR × the slowest of the
+ * last RECENT_CLAIMS claims), capped at DELIVERY_LEASE_MAX_SECONDS (unset: no growth). Fast claims bring it back down to the
+ * configured lease within RECENT_CLAIMS batches, so a worker killed on a healthy database frees its keys
+ * as soon as before.
+ */
+export function adaptiveLeaseLength(
+  config: Pick<Config, 'DELIVERY_LEASE_SECONDS' | 'DELIVERY_LEASE_MAX_SECONDS'>,
+): LeaseLength {
+  const base = config.DELIVERY_LEASE_SECONDS;
+  // Unset: no growth (the configured lease, as before).
+  const cap = Math.max(base, config.DELIVERY_LEASE_MAX_SECONDS ?? base);
+  const recent: number[] = [];
+  const forWork = (ms: number) => Math.min(cap, Math.max(base, Math.ceil((LEASE_WORK_FACTOR * ms) / 1000)));
+  const seconds = () => forWork(recent.length > 0 ? Math.max(...recent) : 0);
+  return {
+    seconds,
+    covering: (elapsedMs) => Math.max(seconds(), forWork(elapsedMs)),
+    record(elapsedMs) {
+      recent.push(elapsedMs);
+      if (recent.length > RECENT_CLAIMS) recent.shift();
+    },
+  };
+}
+
+/** The configured lease, whatever the claims take (the simulation's batches, tests without a process). */
+export function fixedLeaseLength(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>): LeaseLength {
+  return {
+    seconds: () => config.DELIVERY_LEASE_SECONDS,
+    covering: () => config.DELIVERY_LEASE_SECONDS,
+    record: () => undefined,
+  };
+}
