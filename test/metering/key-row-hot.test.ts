@@ -16,7 +16,7 @@ import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
-import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
+import { type KeyRef, keyRef, type LeasedKey } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
@@ -111,7 +111,7 @@ describe('key rows', () => {
       settleBatch(
         trx,
         claimed.leased.map((k) => ({
-          organizationId: k.organizationId,
+          ...keyRef(k),
           identifier: k.group!.identifier,
           status: 'delivered' as const,
           called: true,
