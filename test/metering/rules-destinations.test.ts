@@ -136,6 +136,9 @@ describe('destinations in the decision core', () => {
     expect(decision.groups).toEqual([
       {
         organizationId: ORG,
+        customerId: 'meterbox-org-a',
+        eventName: 'temperature_readings',
+        destination: 'metronome',
         identifier: 'mb_mtr_1_x',
         status: 'pending',
         error: 'server_error: 500',
