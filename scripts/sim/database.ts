@@ -4,7 +4,7 @@
 // shared call budget (budget.ts), which is a database row in the product.
 import type { Destination } from '../../src/db/schema.js';
 import type { CallSlots } from '../../src/metering/budget.js';
-import { type KeyRef, keyName } from '../../src/metering/rules/keys.js';
+import { type KeyRef, keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
 import type { DeliveryStore } from '../../src/metering/store.js';
 import type { ModelState, Row } from './model.js';
 import {
@@ -161,7 +161,9 @@ export function openDatabase(world: World, restart: () => void): Database {
         () => {
           for (const k of keys) {
             const row = db.keys.get(keyName(k));
-            if (row?.leaseOwner && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < dbNow())
+            // (A lease a redrive revoked was counted as taken over then: load.ts.)
+            const revoked = row?.leaseOwner && leaseGrantedTo(row.leaseOwner) !== row.leaseOwner;
+            if (row?.leaseOwner && !revoked && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < dbNow())
               world.counts.takeovers++;
           }
           const claimed = db.claim(keys, options);

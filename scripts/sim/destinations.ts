@@ -6,7 +6,7 @@
 // and no reading billed under two live identifiers.
 import type { Destination } from '../../src/db/schema.js';
 import type { CorrectionClient } from '../../src/metering/corrections.js';
-import { keyName } from '../../src/metering/rules/keys.js';
+import { keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
 import type { SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { METRONOME_DEDUPE_MS } from './metronome-model.js';
@@ -220,7 +220,9 @@ export function destinationsOf(world: World): Destinations {
         continue;
       }
       const k = db.keys.get(keyName(head));
-      const owned = k?.leaseOwner?.startsWith(`${w.id}:`) === true;
+      // The lease granted to the worker's batch, revoked since by a redrive or not: the key stays
+      // leased until its end, and no other batch calls for it meanwhile (takeKeysFromBatches).
+      const owned = k?.leaseOwner ? leaseGrantedTo(k.leaseOwner).startsWith(`${w.id}:`) : false;
       if (!owned || !k?.leaseExpiresAt || k.leaseExpiresAt.getTime() < dbNow())
         violate(
           `${w.id} called ${e.identifier} under a lease it does not hold (owner ${k?.leaseOwner ?? 'none'}, expires ${k?.leaseExpiresAt?.toISOString() ?? '-'}, database ${new Date(dbNow()).toISOString()})`,

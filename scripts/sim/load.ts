@@ -214,6 +214,8 @@ export function scheduleFaults(world: World, database: Database, workers: Worker
       if (world.dbDown) return;
       const r = db.redrive(world.windowOf);
       for (const id of r.resent) world.calls.delete(id);
+      // Each batch whose lease the redrive took may call once more, unrecorded (its settle is refused).
+      world.counts.takeovers += r.revoked;
       log(
         `operator redrive: ${r.rows} rows, ${r.refused.length} groups refused (past the identifier window)`,
       );

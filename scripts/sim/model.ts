@@ -27,6 +27,8 @@ import {
   type KeyRef,
   keyName,
   keyRef,
+  leaseGrantedTo,
+  revokedLeaseOwner,
   singletonKeyOf,
 } from '../../src/metering/rules/keys.js';
 import { redriveVerdict } from '../../src/metering/rules/reconcile.js';
@@ -755,13 +757,15 @@ export class ModelDb {
 
   /**
    * retryFailedRows (redrive.ts) with its guard: failed groups within the identifier window become
-   * pending again (same identifier) and their keys get a job; groups past it are returned, untouched,
-   * for a reconciliation first.
+   * pending again (same identifier), their keys taken from any batch holding them, and their keys get
+   * a job; groups past it are returned, untouched, for a reconciliation first.
    */
   redrive(windowOf: (destination: Destination) => number): {
     rows: number;
     refused: string[];
     resent: string[];
+    /** Leases taken from the batches holding the keys: each such batch's settle will be refused. */
+    revoked: number;
   } {
     const now = new Date(this.now());
     const groups = new Map<string, Row[]>();
@@ -770,6 +774,7 @@ export class ModelDb {
       groups.set(r.identifier, [...(groups.get(r.identifier) ?? []), r]);
     }
     let rows = 0;
+    let revoked = 0;
     const refused: string[] = [];
     const resent: string[] = [];
     for (const [identifier, members] of groups) {
@@ -781,6 +786,19 @@ export class ModelDb {
         refused.push(identifier);
         continue;
       }
+      // The group's key is taken from any batch holding it first (takeKeysFromBatches): that batch's
+      // settle is refused, so its answer for the group's identifier never lands on the reset rows. The
+      // lease and its end stay (the batch's calls may run until then).
+      const name = keyName(members[0]!);
+      const key = this.keys.get(name);
+      if (
+        key?.leaseOwner &&
+        key.leaseOwner === leaseGrantedTo(key.leaseOwner) &&
+        !this.mutations.has('redriveLeavesLease')
+      ) {
+        this.keys.set(name, { ...key, leaseOwner: revokedLeaseOwner(key.leaseOwner) });
+        revoked++;
+      }
       for (const r of members) {
         r.status = 'pending';
         r.acceptedAt = null;
@@ -791,7 +809,7 @@ export class ModelDb {
       resent.push(identifier);
       this.insertJob(members[0]!, this.now(), 'write');
     }
-    return { rows, refused, resent };
+    return { rows, refused, resent, revoked };
   }
 
   /**

@@ -26,6 +26,8 @@ export const MUTATIONS = {
     'the reaper requeues the jobs of a claim still running (it skips no locked key)',
   wrongIdentifierWindow:
     "a redrive restarts its groups' identifier window (identified_at set to the redrive's time): Stripe forgets an identifier 24 h after it first saw it",
+  redriveLeavesLease:
+    "a redrive resets a reported group's rows while a batch still holds its key: that batch's late settle applies its answer ('accepted') to them",
   coalesceFuture: 'a reading stamped in the future is grouped at once with the valid readings of its key',
   futureFails:
     'a destination\'s "timestamp in the future" counts as a failed attempt: the group is failed at its retry limit instead of retried until the timestamp is due',

@@ -37,6 +37,8 @@ export async function quietDown(world: World, workers: Workers, check: () => voi
     leftAmbiguous.clear();
     // A redriven group has its full retry limit again.
     for (const id of r.resent) world.calls.delete(id);
+    // Each batch whose lease the redrive took may call once more, unrecorded (its settle is refused).
+    world.counts.takeovers += r.revoked;
     ambiguous = reconcilePastWindow(world, r.refused, leftAmbiguous);
     log(
       `quiet round ${round}: ${pending.length} pending, ${failed.length} failed; redrove ${r.rows}, ${r.refused.length} past the window`,

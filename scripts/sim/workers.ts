@@ -9,7 +9,7 @@ import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
-import { keyName } from '../../src/metering/rules/keys.js';
+import { keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
 import { HOSTS } from './hostile.js';
@@ -274,8 +274,14 @@ export function workersOf(world: World, database: Database, destinations: Destin
           const forget = mutations.has('reaperForgetsKeys');
           if (!forget) for (const k of first) db.insertJob(k, dbNow());
           for (const j of orphans) db.finish(j.id, 'completed', { kind: 'orphaned' });
+          // A lease a redrive revoked was counted as taken over then (load.ts).
+          const revoked = new Set(
+            [...db.keys].flatMap(([name, r]) =>
+              r.leaseOwner && leaseGrantedTo(r.leaseOwner) !== r.leaseOwner ? [name] : [],
+            ),
+          );
           const reaped = db.reap();
-          world.counts.takeovers += reaped.length;
+          world.counts.takeovers += reaped.filter((k) => !revoked.has(keyName(k))).length;
           const seen = new Set(first.map(keyName));
           for (const k of reaped) if (!seen.has(keyName(k)) && !forget) db.insertJob(k, dbNow());
           return reaped;

@@ -6,7 +6,15 @@ import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName, OutboxKind } from '../db/schema.js';
 import { enqueueDelivery } from './outbox.js';
-import { compareKeys, type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
+import {
+  compareKeys,
+  destinationOf,
+  type KeyRef,
+  keyName,
+  keyRef,
+  revokedLeaseOwner,
+  singletonKeyOf,
+} from './rules/keys.js';
 import { IDENTIFIER_WINDOW_MS } from './rules/policy.js';
 import { redriveVerdict } from './rules/reconcile.js';
 
@@ -149,6 +157,10 @@ export async function retryFailedRows(
     const allowed = asked.filter((g) => holders.get(singletonKeyOf(keyOfGroup(g))) === g.organizationId);
     const deferred = asked.filter((g) => !allowed.includes(g)).reduce((n, g) => n + g.rows, 0);
     if (allowed.length === 0) return { rows: 0, keys: 0, refused, deferred };
+    // Before any row is reset: a batch still holding a group's key may have called with the group's
+    // identifier, and its settle applies its answer to the key's pending rows of that identifier, which
+    // the reset rows would be (a v2 'accepted' on a group Stripe then dropped: never resent).
+    await takeKeysFromBatches(trx, allowed.map(keyOfGroup));
     const reset = await trx
       .updateTable('meter_outbox')
       .set({
@@ -176,6 +188,47 @@ export async function retryFailedRows(
     for (const key of [...keys.values()].sort(compareKeys)) await enqueueDelivery(trx, boss, key);
     return { rows: reset.length, keys: keys.size, refused, deferred };
   });
+}
+
+/**
+ * Takes each key from the batch holding it, if any, before the redrive resets its rows: the lease gets
+ * an owner no batch has (revokedLeaseOwner), so the batch's settle, renewals and correction switch,
+ * which all require its own `lease_owner`, are refused from then on, as after a reaped lease, and it
+ * applies nothing to the reset rows; they stay pending with their identifiers and the key's next batch
+ * resends them (the destination de-duplicates what the batch's call did deliver). The lease itself, and
+ * its end, stay: the batch's calls are bounded by it, so no other batch calls for the key before the
+ * lease ends or the reaper frees it, one call in flight per customer and meter, as ever. A settle that
+ * holds the key first finds the reported rows failed and leaves them; this statement waits for it and
+ * then finds the key free. Key rows are locked in key order, as claims and settles lock them; one
+ * statement per organization (on Citus a router query, which is where Citus takes row locks); no clock.
+ * Returns how many leases were taken.
+ */
+export async function takeKeysFromBatches(trx: Kysely<DB>, keys: readonly KeyRef[]): Promise<number> {
+  const sorted = [...new Map(keys.map((k) => [keyName(k), keyRef(k)])).values()].sort(compareKeys);
+  const revoked = revokedLeaseOwner('');
+  let taken = 0;
+  for (const organizationId of [...new Set(sorted.map((k) => k.organizationId))]) {
+    const own = sorted.filter((k) => k.organizationId === organizationId);
+    // Held by a batch, not revoked already (a second redrive leaves such a lease as it is).
+    const held = (d: string) =>
+      sql`${sql.ref(`${d}.lease_owner`)} IS NOT NULL AND ${sql.ref(`${d}.lease_owner`)} NOT LIKE ${`${revoked}%`}`;
+    const result = await sql<{ n: number }>`
+      WITH l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+                  WHERE organization_id = ${organizationId}::uuid AND ${held('meter_delivery_keys')}
+                    AND (stripe_customer_id, event_name, destination) IN (
+                      SELECT * FROM unnest(${own.map((k) => k.customerId)}::text[],
+                                           ${own.map((k) => k.eventName)}::text[],
+                                           ${own.map((k) => destinationOf(k))}::text[]))
+                  ORDER BY 1, 2, 3, 4 FOR UPDATE),
+      u AS (UPDATE meter_delivery_keys d SET lease_owner = ${revoked}::text || d.lease_owner
+              FROM l
+             WHERE d.organization_id = ${organizationId}::uuid AND d.stripe_customer_id = l.stripe_customer_id
+               AND d.event_name = l.event_name AND d.destination = l.destination AND ${held('d')}
+            RETURNING 1)
+      SELECT count(*)::int AS n FROM u`.execute(trx);
+    taken += result.rows[0]?.n ?? 0;
+  }
+  return taken;
 }
 
 const keyOfGroup = (g: {

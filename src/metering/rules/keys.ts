@@ -53,6 +53,19 @@ export const singletonKeyOf = (k: Omit<KeyRef, 'organizationId'>) =>
 /** A key's identity within a batch or a model: its organization and its job's singletonKey. */
 export const keyName = (k: KeyRef) => `${k.organizationId}/${singletonKeyOf(k)}`;
 
+const REVOKED_PREFIX = 'redriven:';
+
+/**
+ * The owner a redrive gives a lease it takes from its batch (redrive.ts, takeKeysFromBatches): the batch's
+ * own, prefixed. The key stays leased until the lease's end, as the batch's calls may run until then,
+ * but no batch has that owner: the batch's settle, renewals and correction switch are refused.
+ */
+export const revokedLeaseOwner = (owner: string) => `${REVOKED_PREFIX}${owner}`;
+
+/** The batch a lease was granted to, whether a redrive has revoked it since or not. */
+export const leaseGrantedTo = (owner: string) =>
+  owner.startsWith(REVOKED_PREFIX) ? owner.slice(REVOKED_PREFIX.length) : owner;
+
 /** The KeyRef of anything that carries one (a claimed key, a job's key), and nothing more. */
 export const keyRef = (k: KeyRef): KeyRef =>
   k.destination === undefined || k.destination === 'stripe'
