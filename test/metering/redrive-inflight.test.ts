@@ -6,14 +6,17 @@
 // event. The redrive now takes each key it resets from any batch holding it, first, in its own
 // transaction: a settle after it is refused (its answers dropped, as after a reaped lease) and the next
 // delivery resends G under I; a settle before it finds G failed and leaves it, and the redrive waits
-// for that settle's key lock.
+// for that settle's key lock; a settle while the redrive holds the key waits and is refused. The
+// reconciled redrive takes no key: it regroups under a new identifier, which no settle can match.
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect } from 'vitest';
 import { failReportedEvents } from '../../src/billing/meter-error-reports.js';
 import type { DB } from '../../src/db/schema.js';
 import { claimBatch, renewLeases, settleBatch } from '../../src/metering/delivery-sql.js';
+import type { DestinationTotals } from '../../src/metering/destination-totals.js';
 import { retryFailedRows } from '../../src/metering/redrive.js';
+import { reconcileRefused } from '../../src/metering/redrive-reconcile.js';
 import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
@@ -248,6 +251,41 @@ describe('a redrive of a group whose batch has not settled', () => {
     expect(rows.map((r) => [r.status, r.accepted_at])).toEqual([
       ['pending', null],
       ['pending', null],
+    ]);
+  });
+
+  it('needs no key taken for a reconciled redrive: the regrouped rows have no identifier the settle could match', async ({
+    ctx,
+  }) => {
+    const { key, identifier } = await claimedGroup(ctx.db, 'cus_redrive_inflight_4', 'batch-a');
+    await report(ctx.db, identifier);
+    // The group is past Stripe's identifier window: a plain redrive refuses it.
+    await sql`UPDATE meter_outbox SET identified_at = now() - interval '25 hours'
+               WHERE identifier = ${identifier}`.execute(ctx.db);
+    const plain = await retryFailedRows(ctx.db, ctx.boss, { customerId: key.customerId });
+    expect(plain.refused.map((g) => g.identifier)).toEqual([identifier]);
+    // Stripe counted nothing in the group's minute: it lacks the group, which is regrouped.
+    const stripe: DestinationTotals = {
+      destination: 'stripe',
+      windowMs: 60_000,
+      calls: 0,
+      hourly: async () => new Map(),
+      window: async () => 0,
+    };
+    const deps = { db: ctx.db, boss: ctx.boss, config: ctx.config, stripe: undefined, metronome: undefined };
+    const reconciled = await reconcileRefused(deps, plain.refused, { stripe });
+    expect(reconciled.reissued.map((g) => g.identifier)).toEqual([identifier]);
+
+    // Batch A still holds the key; its settle applies to nothing of the regrouped rows.
+    expect(await settleAccepted(ctx.db, key, identifier, 'batch-a')).toBe(0);
+    const rows = await ctx.db
+      .selectFrom('meter_outbox')
+      .select(['status', 'accepted_at', 'identifier'])
+      .where('stripe_customer_id', '=', key.customerId)
+      .execute();
+    expect(rows.map((r) => [r.status, r.accepted_at, r.identifier])).toEqual([
+      ['pending', null, null],
+      ['pending', null, null],
     ]);
   });
 });
