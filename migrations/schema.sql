@@ -32,7 +32,8 @@ CREATE TABLE alert_thresholds (
   state text DEFAULT 'armed'::text NOT NULL,
   crossed_at timestamp with time zone,
   created_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT alert_thresholds_event_name_check CHECK ((event_name = 'temperature_readings'::text)),
+  usage_at timestamp with time zone,
+  CONSTRAINT alert_thresholds_event_name_check CHECK ((event_name = ANY (ARRAY['temperature_readings'::text, 'active_sensors'::text]))),
   CONSTRAINT alert_thresholds_organization_id_event_name_quantity_key UNIQUE (organization_id, event_name, quantity),
   CONSTRAINT alert_thresholds_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES organizations(id) ON DELETE CASCADE,
   CONSTRAINT alert_thresholds_pkey PRIMARY KEY (id),
@@ -521,7 +522,7 @@ BEGIN
     SELECT x.org, x.inserted FROM unnest(p_orgs, p_inserted) AS x(org, inserted) WHERE x.inserted > 0
   ), thr_locked AS MATERIALIZED (
     SELECT t.id, p.inserted, per.period_start AS start, per.period_end AS "end"
-      FROM per_org p JOIN alert_thresholds t ON t.organization_id = p.org
+      FROM per_org p JOIN alert_thresholds t ON t.organization_id = p.org AND t.event_name = 'temperature_readings'
       CROSS JOIN LATERAL meterbox_threshold_period(p.org, p_now) per
      ORDER BY t.id
        FOR UPDATE OF t

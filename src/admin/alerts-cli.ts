@@ -4,7 +4,12 @@ import { billingAnchorOf, setBillingAnchor } from '../alerts/billing-anchor.js';
 import { listDeliveries, redriveDeliveries, sendTestEvent } from '../alerts/delivery.js';
 import { createEndpoint, listEndpoints, removeEndpoint } from '../alerts/endpoints.js';
 import { sensorSilenceAlertsOn, setSensorSilenceAlerts } from '../alerts/silence.js';
-import { createThreshold, listThresholds, removeThreshold } from '../alerts/thresholds.js';
+import {
+  createThreshold,
+  listThresholds,
+  removeThreshold,
+  type ThresholdMeter,
+} from '../alerts/threshold-admin.js';
 import { type CliCommand, flags } from '../cli/command.js';
 import { type CliIo, type FlagValues, formatTable, processIo, str, usageError } from '../cli/io.js';
 import type { Context } from '../context-type.js';
@@ -24,7 +29,7 @@ const ADD_USAGE = 'webhooks add --url <https://…> [--events <type,type|*>] [--
 const REMOVE_USAGE = 'webhooks remove <endpoint-id>';
 const TEST_USAGE = 'webhooks test <endpoint-id> [--json]';
 const THRESHOLD_ADD_USAGE =
-  'thresholds add --organization <id> --quantity <n> [--meter temperature_readings] [--json]';
+  'thresholds add --organization <id> --quantity <n> [--meter temperature_readings|active_sensors] [--json]';
 const THRESHOLD_REMOVE_USAGE = 'thresholds remove --organization <id> <threshold-id>';
 
 export async function webhooksAddCommand(ctx: Context, values: FlagValues, io: CliIo = processIo()) {
@@ -155,7 +160,7 @@ export async function thresholdsAddCommand(ctx: Context, values: FlagValues, io:
       organizationId,
       {
         quantity: Number(quantity),
-        ...(str(values, 'meter') ? { meter: str(values, 'meter') as 'temperature_readings' } : {}),
+        ...(str(values, 'meter') ? { meter: str(values, 'meter') as ThresholdMeter } : {}),
       },
       ctx.clock.now(),
     );

@@ -23,7 +23,7 @@ import {
   removeThreshold,
   thresholdBody,
   thresholdView,
-} from '../alerts/thresholds.js';
+} from '../alerts/threshold-admin.js';
 import type { Context } from '../context-type.js';
 import { notFound } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';

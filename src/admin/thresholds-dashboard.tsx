@@ -10,7 +10,7 @@ import {
   listThresholds,
   removeThreshold,
   type ThresholdInput,
-} from '../alerts/thresholds.js';
+} from '../alerts/threshold-admin.js';
 import type { Context } from '../context-type.js';
 import { AppError } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
@@ -174,9 +174,19 @@ export function thresholdDashboardRoutes(ctx: Deps): HttpModule {
                 )}
                 <form method="post" action={PATH} class="row spaced" data-testid="add-threshold">
                   <input type="hidden" name="organization" value={org.id} />
-                  <input type="hidden" name="meter" value="temperature_readings" />
                   <label>
-                    Quantity (temperature_readings this period)
+                    Meter
+                    <select name="meter">
+                      <option value="temperature_readings">
+                        temperature_readings (readings this period)
+                      </option>
+                      <option value="active_sensors">
+                        active_sensors (the last count reported this period)
+                      </option>
+                    </select>
+                  </label>
+                  <label>
+                    Quantity
                     <input name="quantity" type="number" min="1" step="1" required />
                   </label>
                   <button type="submit">Add threshold</button>

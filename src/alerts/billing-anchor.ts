@@ -9,7 +9,8 @@ import { z } from 'zod';
 import { pgInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
 import { notFound } from '../http/errors.js';
-import { periodOf, periodUsage } from './thresholds.js';
+import { periodUsage, type ThresholdMeter } from './threshold-admin.js';
+import { periodOf } from './thresholds.js';
 
 export const billingAnchorBody = z.object({
   billingAnchorDate: pgInstant('billingAnchorDate')
@@ -64,19 +65,21 @@ export async function setBillingAnchor(
       trx,
     );
     if (updated.rows.length === 0) throw notFound('organization');
-    const locked = await sql<{ id: string }>`
-      SELECT id::text FROM alert_thresholds WHERE organization_id = ${organizationId} ORDER BY id FOR UPDATE`.execute(
-      trx,
-    );
-    if (locked.rows.length === 0) return;
+    const locked = await sql<{ id: string; event_name: ThresholdMeter }>`
+      SELECT id::text, event_name FROM alert_thresholds WHERE organization_id = ${organizationId}
+       ORDER BY id FOR UPDATE`.execute(trx);
     // Separate statements (the thresholds a reference table and the readings distributed on Citus).
-    const { period: per, usage: n } = await periodUsage(trx, organizationId, now);
-    await sql`
-      UPDATE alert_thresholds
-         SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n},
-             state = CASE WHEN ${n} >= quantity THEN 'crossed' ELSE 'armed' END,
-             crossed_at = CASE WHEN ${n} >= quantity AND state = 'crossed' THEN crossed_at END
-       WHERE id = ANY(${locked.rows.map((r) => r.id)}::bigint[])`.execute(trx);
+    for (const meter of new Set(locked.rows.map((r) => r.event_name))) {
+      const { period: per, usage: n, usageAt } = await periodUsage(trx, organizationId, now, meter);
+      await sql`
+        UPDATE alert_thresholds
+           SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n}, usage_at = ${usageAt},
+               state = CASE WHEN ${n} >= quantity THEN 'crossed' ELSE 'armed' END,
+               crossed_at = CASE WHEN ${n} >= quantity AND state = 'crossed' THEN crossed_at END
+         WHERE id = ANY(${locked.rows.filter((r) => r.event_name === meter).map((r) => r.id)}::bigint[])`.execute(
+        trx,
+      );
+    }
   });
   return billingAnchorOf(db, organizationId, now);
 }

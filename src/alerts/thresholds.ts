@@ -1,4 +1,5 @@
-// Threshold alerts: per organization and meter, quantities of usage in the current billing period.
+// Threshold alerts on temperature_readings: quantities of readings stored in the current billing period
+// (active_sensors thresholds: sensor-thresholds.ts; the operator's CRUD: threshold-admin.ts).
 // Ingestion's statement finds whether the organizations it stored readings for have thresholds (an
 // index probe that finds nothing for an organization without any); for those that do, the same
 // statement counts the stored readings into their rows (thresholdCountCall) and ingestion writes
@@ -8,11 +9,9 @@
 // crossed threshold falling back under writes `usage.threshold.resolved`; a new period starts the
 // count from zero (re-armed). On a Citus cluster the routed ingestion counts with
 // countShardGroupThresholds, the same rule in statements Citus routes.
-import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
+import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import { z } from 'zod';
 import type { DB } from '../db/schema.js';
-import { AppError, notFound } from '../http/errors.js';
 import { writeAlertEvents } from './events.js';
 
 /**
@@ -23,26 +22,6 @@ import { writeAlertEvents } from './events.js';
  */
 export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
   return sql`SELECT period_start AS start, period_end AS "end" FROM meterbox_threshold_period(${org}, ${at})`;
-}
-
-type Period = { start: Date; end: Date };
-
-/**
- * The organization's current period at `now` (periodOf) and the readings it stored in it, voided ones
- * left out: two statements, so that on Citus the count is a router statement on the organization's shard.
- */
-export async function periodUsage(
-  trx: Transaction<DB>,
-  organizationId: string,
-  now: Date,
-): Promise<{ period: Period; usage: number }> {
-  const org = sql`${organizationId}::uuid`;
-  const period = (await sql<Period>`${periodOf(org, sql`${now}::timestamptz`)}`.execute(trx)).rows[0]!;
-  const used = await sql<{ n: string }>`
-    SELECT count(*)::text AS n FROM temperature_readings r
-     WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${period.start} AND r.ingested_at < ${period.end}
-       AND r.voided_at IS NULL`.execute(trx);
-  return { period, usage: Number(used.rows[0]?.n ?? 0) };
 }
 
 /**
@@ -96,7 +75,7 @@ export async function countShardGroupThresholds(
   const periods = await sql<{ org: string; start: Date; end: Date }>`
     SELECT DISTINCT t.organization_id::text AS org, p.period_start AS start, p.period_end AS "end"
       FROM alert_thresholds t CROSS JOIN LATERAL meterbox_threshold_period(t.organization_id, ${now}::timestamptz) p
-     WHERE t.organization_id = ANY(${orgs}::uuid[])`.execute(trx);
+     WHERE t.organization_id = ANY(${orgs}::uuid[]) AND t.event_name = 'temperature_readings'`.execute(trx);
   if (periods.rows.length === 0) return;
   const periodOfOrg = new Map(periods.rows.map((r) => [r.org, r]));
   const locked = await sql<{
@@ -110,7 +89,8 @@ export async function countShardGroupThresholds(
   }>`
     SELECT id::text, organization_id::text AS org, event_name, quantity::text, period_start, period_usage::text,
            crossed_at
-      FROM alert_thresholds WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[])
+      FROM alert_thresholds
+     WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[]) AND event_name = 'temperature_readings'
      ORDER BY id FOR UPDATE`.execute(trx);
   if (locked.rows.length === 0) return;
   const next = locked.rows.map((t) => {
@@ -180,7 +160,8 @@ export function crossingOf(json: string): Crossing {
   };
 }
 
-const eventData = (c: Crossing) => ({
+/** An event's `data` for a threshold's crossing or resolution. */
+export const eventData = (c: Crossing) => ({
   organization_id: c.organizationId,
   threshold: { id: c.thresholdId, meter: c.eventName, quantity: c.quantity },
   usage: c.usage,
@@ -234,7 +215,8 @@ export async function lowerThresholdUsage(
   }>`
     SELECT id::text, event_name, quantity::text, period_usage::text, period_start, period_end, state
       FROM alert_thresholds
-     WHERE organization_id = ${organizationId} AND period_start <= ${now} AND period_end > ${now}
+     WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+       AND period_start <= ${now} AND period_end > ${now}
      ORDER BY id FOR UPDATE`.execute(trx);
   if (locked.rows.length === 0) return 0;
   // The thresholds of one organization share its period (but for a row not yet rolled over).
@@ -287,114 +269,4 @@ export async function lowerThresholdUsage(
     now,
   );
   return resolved.length;
-}
-
-export const thresholdBody = z.object({
-  meter: z.enum(['temperature_readings']).default('temperature_readings'),
-  quantity: z.coerce.number().int().positive().max(Number.MAX_SAFE_INTEGER),
-});
-export type ThresholdInput = z.input<typeof thresholdBody>;
-
-export const thresholdView = z.object({
-  id: z.string(),
-  organizationId: z.string(),
-  meter: z.string(),
-  quantity: z.number().int(),
-  state: z.enum(['armed', 'crossed']).describe('crossed: usage in the current period reached the quantity'),
-  usage: z.number().int().describe('usage counted in the current period'),
-  periodStart: z.string(),
-  periodEnd: z.string(),
-  crossedAt: z.string().nullable(),
-});
-export type ThresholdView = z.infer<typeof thresholdView>;
-
-/**
- * Creates a threshold, counting the usage already stored in the current period. A quantity already
- * reached starts `crossed`, without an event: the alert is for a crossing. (A group of the
- * organization's readings committing while the threshold is created may be missed by the count: the
- * group's statement began before the threshold existed, and the count's snapshot before it committed.)
- */
-export async function createThreshold(
-  db: Kysely<DB>,
-  organizationId: string,
-  input: ThresholdInput,
-  now: Date,
-): Promise<ThresholdView> {
-  const parsed = thresholdBody.safeParse(input);
-  if (!parsed.success)
-    throw new AppError(
-      422,
-      'validation_failed',
-      'invalid threshold',
-      parsed.error.issues.map((i) => ({ field: i.path.join('.'), message: i.message })),
-    );
-  const { meter, quantity } = parsed.data;
-  const id = await db.transaction().execute(async (trx) => {
-    const org = await sql`SELECT id FROM organizations WHERE id = ${organizationId}`.execute(trx);
-    if (org.rows.length === 0) throw notFound('organization');
-    // Three statements, not one INSERT ... SELECT: on a Citus cluster the thresholds are a reference
-    // table and the readings a distributed one, which Citus cannot join in a write; the count is a router
-    // statement on the organization's shard.
-    const { period: per, usage: n } = await periodUsage(trx, organizationId, now);
-    const row = await sql<{ id: string }>`
-      INSERT INTO alert_thresholds (organization_id, event_name, quantity, period_start, period_end, period_usage, state)
-      VALUES (${organizationId}, ${meter}, ${quantity}, ${per.start}, ${per.end}, ${n},
-              ${n >= quantity ? 'crossed' : 'armed'})
-      ON CONFLICT (organization_id, event_name, quantity) DO NOTHING
-      RETURNING id::text`.execute(trx);
-    const created = row.rows[0];
-    if (!created)
-      throw new AppError(409, 'conflict', `a threshold of ${quantity} on ${meter} already exists`);
-    return created.id;
-  });
-  const [view] = await listThresholds(db, organizationId, now, id);
-  if (!view) throw new Error('createThreshold: the threshold vanished');
-  return view;
-}
-
-export async function listThresholds(
-  db: Kysely<DB>,
-  organizationId: string,
-  now: Date,
-  id?: string,
-): Promise<ThresholdView[]> {
-  const rows = await sql<{
-    id: string;
-    organization_id: string;
-    event_name: string;
-    quantity: string;
-    state: 'armed' | 'crossed';
-    period_usage: string;
-    period_start: Date;
-    period_end: Date;
-    crossed_at: Date | null;
-  }>`
-    SELECT id::text, organization_id, event_name, quantity::text, state, period_usage::text, period_start,
-           period_end, crossed_at
-      FROM alert_thresholds
-     WHERE organization_id = ${organizationId} ${id ? sql`AND id = ${id}` : sql``}
-     ORDER BY event_name, quantity`.execute(db);
-  return rows.rows.map((r) => {
-    // A period that ended is re-armed; the row catches up at the organization's next ingestion.
-    const current = new Date(r.period_end).getTime() > now.getTime();
-    return {
-      id: r.id,
-      organizationId: r.organization_id,
-      meter: r.event_name,
-      quantity: Number(r.quantity),
-      state: current ? r.state : 'armed',
-      usage: current ? Number(r.period_usage) : 0,
-      periodStart: new Date(r.period_start).toISOString(),
-      periodEnd: new Date(r.period_end).toISOString(),
-      crossedAt: current && r.crossed_at ? new Date(r.crossed_at).toISOString() : null,
-    };
-  });
-}
-
-export async function removeThreshold(db: Kysely<DB>, organizationId: string, id: string): Promise<void> {
-  if (!/^\d+$/.test(id)) throw notFound('threshold');
-  const removed =
-    await sql`DELETE FROM alert_thresholds WHERE organization_id = ${organizationId} AND id = ${id}
-                            RETURNING id`.execute(db);
-  if (removed.rows.length === 0) throw notFound('threshold');
 }

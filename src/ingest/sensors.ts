@@ -2,6 +2,7 @@
 // active set reports the new active_sensors count in the same transaction.
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { sensorThresholdHook } from '../alerts/sensor-thresholds.js';
 import type { Clock } from '../clock.js';
 import type { DB } from '../db/schema.js';
 import { reportActiveSensorsWithTimestamp } from '../metering/active-sensors.js';
@@ -60,7 +61,15 @@ export async function createSensor(
     })
     .returning(columns)
     .executeTakeFirstOrThrow();
-  if (input.active) await reportActiveSensorsWithTimestamp(trx, boss, organizationId, now);
+  if (input.active)
+    await reportActiveSensorsWithTimestamp(
+      trx,
+      boss,
+      organizationId,
+      now,
+      undefined,
+      sensorThresholdHook(boss),
+    );
   return toView(row);
 }
 
@@ -97,9 +106,20 @@ export async function updateSensor(
       updated_at: now,
     })
     .where('id', '=', sensorId)
+    // By its organization too: one shard on Citus (by id alone the update ran on every shard, and the
+    // report's alert events, reference-table writes, were refused after it).
+    .where('organization_id', '=', organizationId)
     .returning(columns)
     .executeTakeFirstOrThrow();
-  if (activeChanged) await reportActiveSensorsWithTimestamp(trx, boss, organizationId, now);
+  if (activeChanged)
+    await reportActiveSensorsWithTimestamp(
+      trx,
+      boss,
+      organizationId,
+      now,
+      undefined,
+      sensorThresholdHook(boss),
+    );
   return toView(row);
 }
 

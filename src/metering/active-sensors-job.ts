@@ -8,7 +8,12 @@ import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type HourlyReportResult, reportActiveSensorsChunk, utcHourOf } from './active-sensors.js';
+import {
+  type HourlyReportResult,
+  type ReportedCountsHook,
+  reportActiveSensorsChunk,
+  utcHourOf,
+} from './active-sensors.js';
 import { METRONOME_MAX_EVENTS } from './metronome.js';
 import { queues, sendJob } from './queues.js';
 import { recordTaskFailure, recordTaskSuccess } from './task-runs.js';
@@ -59,6 +64,8 @@ export async function runHourlyReport(
   log: Logger,
   distributed = false,
   pacing: ReportPacing = DEFAULT_REPORT_PACING,
+  /** The active_sensors threshold alerts, in each chunk's transaction (ReportedCountsHook). */
+  onCounts?: ReportedCountsHook,
 ): Promise<HourlyReportResult> {
   const reportHour = utcHourOf(hour);
   const started = Date.now();
@@ -76,7 +83,7 @@ export async function runHourlyReport(
             boss,
             reportHour,
             { after: from, limit: pacing.chunkSize },
-            { distributed },
+            { distributed, ...(onCounts ? { onCounts } : {}) },
           );
           // Recorded with the last chunk: the run counts as a success only once every chunk committed.
           if (written.done) await recordTaskSuccess(trx, 'active_sensors');
@@ -143,7 +150,7 @@ export function reportPace(
  * Registers the report's job handler and schedule, then reports the current hour for every
  * billable organization that has no report for it yet. Safe to run in every worker process.
  */
-export async function startActiveSensorReporting(ctx: Context): Promise<void> {
+export async function startActiveSensorReporting(ctx: Context, onCounts?: ReportedCountsHook): Promise<void> {
   const log = ctx.log.child({ component: 'active-sensors', queue: ACTIVE_SENSORS_QUEUE });
   const pacing: ReportPacing = {
     chunkSize: ctx.config.ACTIVE_SENSORS_CHUNK_SIZE,
@@ -164,6 +171,7 @@ export async function startActiveSensorReporting(ctx: Context): Promise<void> {
           log.child({ jobId: job.id }),
           await ctx.distributed(),
           pacing,
+          onCounts,
         );
       }
     },
@@ -178,6 +186,7 @@ export async function startActiveSensorReporting(ctx: Context): Promise<void> {
       log.child({ trigger: 'start-up' }),
       await ctx.distributed(),
       pacing,
+      onCounts,
     );
   } catch (err) {
     // Not worth failing the worker over: the same report queued as a job gets the queue's retries.

@@ -8,6 +8,29 @@ import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, IN_FORC
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
 
+/** A count of active sensors as a report wrote it: one per organization and report time. */
+export interface ReportedCount {
+  organizationId: string;
+  value: number;
+  at: Date;
+}
+
+/**
+ * What a report's transaction does with the counts it writes: the threshold alerts on active_sensors
+ * (src/alerts/sensor-thresholds.ts), which the caller wires in, since alerts sit above metering.
+ */
+export interface ReportedCountsHook {
+  /**
+   * On a Citus cluster, first, before the report's statements over many shards, with the organizations
+   * it will report (null: every one): Citus refuses a reference-table write (the alert events) after a
+   * statement that ran over several shards in parallel in the same transaction, so the hook may make the
+   * transaction's multi-shard statements sequential.
+   */
+  prepare(trx: Transaction<DB>, organizationIds: readonly string[] | null): Promise<void>;
+  /** With the counts the report wrote (not organizations already reported, nor unbillable ones). */
+  apply(trx: Transaction<DB>, counts: readonly ReportedCount[]): Promise<unknown>;
+}
+
 export async function countActiveSensors(trx: Transaction<DB>, organizationId: string): Promise<number> {
   const row = await trx
     .selectFrom('sensors')
@@ -29,6 +52,7 @@ export async function reportActiveSensorsWithTimestamp(
   organizationId: string,
   at: Date,
   dedupeKey?: string,
+  onCounts?: ReportedCountsHook,
 ): Promise<string | null> {
   const targets = await sql<{ destination: Destination; customer: string }>`
     SELECT ${DESTINATION} AS destination,
@@ -56,6 +80,7 @@ export async function reportActiveSensorsWithTimestamp(
     });
     first ??= id;
   }
+  if (onCounts) await onCounts.apply(trx, [{ organizationId, value: count, at }]);
   return first;
 }
 
@@ -143,6 +168,18 @@ async function handOff(
 }
 const NONE_HELD: ReadonlySet<string> = new Set();
 
+/** The counts of a report's rows: one per organization (its destinations' rows carry the same count). */
+const countsOf = (
+  rows: readonly { organization_id: string; value: string; occurred_at: Date }[],
+): ReportedCount[] => [
+  ...new Map(
+    rows.map((r) => [
+      r.organization_id,
+      { organizationId: r.organization_id, value: Number(r.value), at: new Date(r.occurred_at) },
+    ]),
+  ).values(),
+];
+
 /**
  * The report's rows of the billable organizations in `scope` for `hour`: one per destination in force
  * at the hour (destinations.ts destinationsJoin), each once per organization, hour and destination (Stripe's
@@ -154,7 +191,13 @@ function insertReports(
   count: { join: RawBuilder<unknown>; value: RawBuilder<unknown> },
   scope: RawBuilder<unknown>,
 ) {
-  return sql<{ organization_id: string; stripe_customer_id: string; destination: Destination }>`
+  return sql<{
+    organization_id: string;
+    stripe_customer_id: string;
+    destination: Destination;
+    value: string;
+    occurred_at: Date;
+  }>`
     INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, dedupe_key,
                               destination)
     SELECT s.organization_id, 'active_sensors',
@@ -170,7 +213,7 @@ function insertReports(
        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
      ORDER BY s.organization_id, ${DESTINATION}
     ON CONFLICT (dedupe_key, organization_id) DO NOTHING
-    RETURNING organization_id, stripe_customer_id, destination`;
+    RETURNING organization_id, stripe_customer_id, destination, value::text, occurred_at`;
 }
 
 /**
@@ -187,16 +230,18 @@ export async function reportActiveSensorsForHour(
   trx: Transaction<DB>,
   boss: PgBoss,
   at: Date,
-  /** A distributed Citus database (Database.distributed). */
-  options: { distributed?: boolean } = {},
+  /** distributed: a Citus database (Database.distributed); onCounts: see ReportedCountsHook. */
+  options: { distributed?: boolean; onCounts?: ReportedCountsHook } = {},
 ): Promise<HourlyReportResult> {
   const hour = utcHourOf(at);
   const key = hourKey(hour);
   await lockHour(trx, key);
+  if (options.distributed) await options.onCounts?.prepare(trx, null);
   const count = activeCount(options.distributed, sql`true`);
   const inserted = await insertReports(hour, key, count, sql`true`).execute(trx);
   // One hand-off for every organization of the hour: a statement or two, not two per organization.
   await handOff(trx, boss, inserted.rows);
+  await options.onCounts?.apply(trx, countsOf(inserted.rows));
   return { hour, reported: inserted.rows.length };
 }
 
@@ -225,7 +270,7 @@ export async function reportActiveSensorsChunk(
   boss: PgBoss,
   hour: Date,
   chunk: { after: string | null; limit: number },
-  options: { distributed?: boolean } = {},
+  options: { distributed?: boolean; onCounts?: ReportedCountsHook } = {},
 ): Promise<ReportChunkResult> {
   const key = hourKey(hour);
   await lockHour(trx, key);
@@ -239,6 +284,8 @@ export async function reportActiveSensorsChunk(
        FOR SHARE OF o`.execute(trx);
   const ids = picked.rows.map((r) => r.id);
   if (ids.length === 0) return { reported: 0, last: null, done: true };
+  // The chunk's pick reads reference tables only: nothing ran over several shards yet.
+  if (options.distributed) await options.onCounts?.prepare(trx, ids);
   const count = activeCount(options.distributed, sql`organization_id = ANY(${ids}::uuid[])`);
   const inserted = await insertReports(
     utcHourOf(hour),
@@ -247,5 +294,6 @@ export async function reportActiveSensorsChunk(
     sql`s.organization_id = ANY(${ids}::uuid[])`,
   ).execute(trx);
   await handOff(trx, boss, inserted.rows);
+  await options.onCounts?.apply(trx, countsOf(inserted.rows));
   return { reported: inserted.rows.length, last: ids.at(-1) ?? null, done: ids.length < chunk.limit };
 }

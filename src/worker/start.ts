@@ -2,6 +2,7 @@
 // sure the queues exist, and registers the job handlers. stop() stops fetching and lets in-flight
 // jobs finish within a deadline.
 import { startScheduledReconciliation } from '../admin/scheduled-reconciliation.js';
+import { sensorThresholdHook } from '../alerts/sensor-thresholds.js';
 import { type AlertsRuntime, startAlerts } from '../alerts/worker.js';
 import { connectedAccountBudget, stripeCallsPerSecond } from '../billing/limits.js';
 import { directDatabaseUrl } from '../config.js';
@@ -138,7 +139,8 @@ export async function startWorker(ctx: Context, options: WorkerOptions = {}): Pr
       ...(accountCatalogs ? { accountCatalogs } : {}),
       ...(metronomeCatalog ? { metronomeCatalog } : {}),
     });
-    await startActiveSensorReporting(ctx);
+    // The active_sensors threshold alerts, applied in each report chunk's transaction.
+    await startActiveSensorReporting(ctx, sensorThresholdHook(ctx.boss));
     await startStorageMaintenance(ctx);
     alerts = await startAlerts({ ...ctx, ...(options.webhookFetch ? { fetch: options.webhookFetch } : {}) });
   } catch (err) {

@@ -5,7 +5,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { thresholdsPeriodCommand } from '../../src/admin/alerts-cli.js';
-import { listThresholds } from '../../src/alerts/thresholds.js';
+import { listThresholds } from '../../src/alerts/threshold-admin.js';
 import { storeReadings } from '../../src/ingest/readings.js';
 import { authHeaders, createSensors, memoryIo, reading } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';

@@ -17,7 +17,7 @@ import { describe, expect } from 'vitest';
 import { createCorrection } from '../../src/admin/corrections.js';
 import { deliverKey, redriveDeliveries } from '../../src/alerts/delivery.js';
 import { createEndpoint, removeEndpoint } from '../../src/alerts/endpoints.js';
-import { createThreshold } from '../../src/alerts/thresholds.js';
+import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';

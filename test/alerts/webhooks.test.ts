@@ -13,7 +13,7 @@ import { createCorrection } from '../../src/admin/corrections.js';
 import { deliverKey, listDeliveries, redriveDeliveries } from '../../src/alerts/delivery.js';
 import { createEndpoint } from '../../src/alerts/endpoints.js';
 import { signatureHeader } from '../../src/alerts/signature.js';
-import { createThreshold, listThresholds } from '../../src/alerts/thresholds.js';
+import { createThreshold, listThresholds } from '../../src/alerts/threshold-admin.js';
 import { type AlertsRuntime, startAlerts } from '../../src/alerts/worker.js';
 import type { Context } from '../../src/context.js';
 import { storeGroup } from '../../src/ingest/group-commit.js';

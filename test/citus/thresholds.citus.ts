@@ -8,9 +8,12 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createCorrection } from '../../src/admin/corrections.js';
 import { setBillingAnchor } from '../../src/alerts/billing-anchor.js';
 import { createEndpoint } from '../../src/alerts/endpoints.js';
-import { createThreshold, listThresholds } from '../../src/alerts/thresholds.js';
+import { sensorThresholdHook } from '../../src/alerts/sensor-thresholds.js';
+import { createThreshold, listThresholds } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
 import { GroupCommitter } from '../../src/ingest/group-commit.js';
+import { createSensor, updateSensor } from '../../src/ingest/sensors.js';
+import { reportActiveSensorsChunk, utcHourOf } from '../../src/metering/active-sensors.js';
 import { openTestContext } from '../support/database.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
 
@@ -184,4 +187,60 @@ describe.skipIf(!url)('threshold alerts on the cluster', () => {
     const [recounted] = await listThresholds(ctx.db, anchored.organizationId, now);
     expect(recounted).toMatchObject({ periodStart: monthStart, usage: 2, state: 'crossed' });
   }, 60_000);
+
+  it('applies active-sensor counts to active_sensors thresholds: a chunk of the hourly report, then sensor changes', async () => {
+    const org = await createOrganization(ctx.db);
+    const [first] = await createSensors(ctx.db, org.organizationId, 2);
+    await createThreshold(ctx.db, org.organizationId, { meter: 'active_sensors', quantity: 2 }, new Date());
+    await createThreshold(ctx.db, org.organizationId, { meter: 'active_sensors', quantity: 3 }, new Date());
+    const onCounts = sensorThresholdHook(ctx.boss);
+    // A chunk of one organization, this one (the first billable id after its predecessor): the chunk's
+    // multi-shard insert and the thresholds' lock and events in one transaction, as the worker runs it.
+    const chunk = await ctx.db
+      .transaction()
+      .execute((trx) =>
+        reportActiveSensorsChunk(
+          trx,
+          ctx.boss,
+          utcHourOf(new Date()),
+          { after: uuidBefore(org.organizationId), limit: 1 },
+          { distributed: true, onCounts },
+        ),
+      );
+    expect(chunk).toMatchObject({ reported: 1, last: org.organizationId });
+    expect(
+      (await listThresholds(ctx.db, org.organizationId, new Date())).map((t) => [
+        t.quantity,
+        t.usage,
+        t.state,
+      ]),
+    ).toEqual([
+      [2, 2, 'crossed'],
+      [3, 2, 'armed'],
+    ]);
+    await ctx.db
+      .transaction()
+      .execute((trx) =>
+        createSensor(trx, ctx.boss, ctx.clock, org.organizationId, { name: 'third', active: true }),
+      );
+    await ctx.db
+      .transaction()
+      .execute((trx) =>
+        updateSensor(trx, ctx.boss, ctx.clock, org.organizationId, first!, { active: false }),
+      );
+    const events = await sql<{ type: string; quantity: string; usage: string }>`
+      SELECT type, payload->'data'->'threshold'->>'quantity' AS quantity, payload->'data'->>'usage' AS usage
+        FROM alert_events WHERE organization_id = ${org.organizationId} ORDER BY seq`.execute(ctx.db);
+    expect(events.rows.map((e) => [e.type, e.quantity, e.usage])).toEqual([
+      ['usage.threshold.crossed', '2', '2'],
+      ['usage.threshold.crossed', '3', '3'],
+      ['usage.threshold.resolved', '3', '2'],
+    ]);
+  }, 60_000);
 });
+
+/** The uuid just below `id` (the reports' chunks start after an id). */
+function uuidBefore(id: string): string {
+  const h = (BigInt(`0x${id.replace(/-/g, '')}`) - 1n).toString(16).padStart(32, '0');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}

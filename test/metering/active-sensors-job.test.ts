@@ -1,9 +1,10 @@
 // The hourly job as the worker runs it: the start-up run, the pg-boss schedule, and cron firings
 // driven by pg-boss's TestClock across two worker instances, against real Postgres.
-import { Kysely, PostgresDialect } from 'kysely';
+import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import { PgBoss, TestClock } from 'pg-boss';
 import { describe, expect, it, onTestFinished } from 'vitest';
+import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
 import { SplitListenDb } from '../../src/db/job-queue-db.js';
@@ -103,7 +104,13 @@ describe('worker start-up', () => {
       { bossSupervise: false, clock: fixedClock('2026-03-10T14:37:00Z') },
     );
     const [active, trial] = await createOrganizations(first.db, [...orgSpecs]);
+    // The start-up report applies its counts to active_sensors thresholds (the worker wires them in).
+    await createThreshold(first.db, active!, { meter: 'active_sensors', quantity: 2 }, first.clock.now());
     const worker = await startWorker(first);
+    const crossed = await sql<{ usage: number }>`
+      SELECT (payload->'data'->>'usage')::int AS usage FROM alert_events
+       WHERE organization_id = ${active} AND type = 'usage.threshold.crossed'`.execute(first.db);
+    expect(crossed.rows).toEqual([{ usage: 2 }]);
 
     const rows = await activeSensorRows(first.db);
     expect(rows.map((r) => [r.organization_id, Number(r.value), r.occurred_at])).toEqual(
