@@ -15,6 +15,12 @@ import type { DB } from '../db/schema.js';
 import { writeAlertEvents } from './events.js';
 
 /**
+ * The meter these rules count (active_sensors thresholds: sensor-thresholds.ts), a parameter of the
+ * statements rather than a literal in their text.
+ */
+const METER = 'temperature_readings';
+
+/**
  * The billing period containing `at` for organization `org` (SQL, a LATERAL subquery's body with
  * columns start and "end"): its Stripe subscription's current period (the month before
  * current_period_end) while that contains `at`, unless Metronome bills the organization at `at`; else
@@ -75,7 +81,7 @@ export async function countShardGroupThresholds(
   const periods = await sql<{ org: string; start: Date; end: Date }>`
     SELECT DISTINCT t.organization_id::text AS org, p.period_start AS start, p.period_end AS "end"
       FROM alert_thresholds t CROSS JOIN LATERAL meterbox_threshold_period(t.organization_id, ${now}::timestamptz) p
-     WHERE t.organization_id = ANY(${orgs}::uuid[]) AND t.event_name = 'temperature_readings'`.execute(trx);
+     WHERE t.organization_id = ANY(${orgs}::uuid[]) AND t.event_name = ${METER}`.execute(trx);
   if (periods.rows.length === 0) return;
   const periodOfOrg = new Map(periods.rows.map((r) => [r.org, r]));
   const locked = await sql<{
@@ -90,7 +96,7 @@ export async function countShardGroupThresholds(
     SELECT id::text, organization_id::text AS org, event_name, quantity::text, period_start, period_usage::text,
            crossed_at
       FROM alert_thresholds
-     WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[]) AND event_name = 'temperature_readings'
+     WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[]) AND event_name = ${METER}
      ORDER BY id FOR UPDATE`.execute(trx);
   if (locked.rows.length === 0) return;
   const next = locked.rows.map((t) => {
@@ -215,7 +221,7 @@ export async function lowerThresholdUsage(
   }>`
     SELECT id::text, event_name, quantity::text, period_usage::text, period_start, period_end, state
       FROM alert_thresholds
-     WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'
+     WHERE organization_id = ${organizationId} AND event_name = ${METER}
        AND period_start <= ${now} AND period_end > ${now}
      ORDER BY id FOR UPDATE`.execute(trx);
   if (locked.rows.length === 0) return 0;
