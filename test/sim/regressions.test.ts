@@ -77,6 +77,12 @@ const FOUND = [
     mutations: ['webhookNoStandbyWait', 'reportSparesUnsettled'],
     what: "a reading stamped 3.5 min ahead waited for its time, then for the sweep (33 s, by design); the sweep's job was fetched and its claim's worker killed 2 ms later, between two checks; the reaper gave it back 12 s later. The coverage check counted the wait from the reading's due time against the 35 s a crash allows: it now counts a key's wait from the last instant a job of it was queued due or fetched",
   },
+  {
+    seed: 3454,
+    size: 'small',
+    hostile: true,
+    what: "the model's error: a worker killed in the middle of a claim the slow-statement fault made last about 25 s; the model ran the claim to its end and committed its lease for the dead worker 19.5 s after the kill, so the key waited 25 s for the reaper (the bound: 2 leases of 5 s + 15 s). Postgres stops a dead client's statement (client_connection_check_interval and keepalive, DB_SERVER_TIMEOUTS) within 11 s and rolls it back: the model now does the same",
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
