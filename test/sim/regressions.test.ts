@@ -81,7 +81,7 @@ const FOUND = [
     seed: 3454,
     size: 'small',
     hostile: true,
-    what: "the model's error: a worker killed in the middle of a claim the slow-statement fault made last about 25 s; the model ran the claim to its end and committed its lease for the dead worker 19.5 s after the kill, so the key waited 25 s for the reaper (the bound: 2 leases of 5 s + 15 s). Postgres stops a dead client's statement (client_connection_check_interval and keepalive, DB_SERVER_TIMEOUTS) within 11 s and rolls it back: the model now does the same",
+    what: "the model's error: a worker killed in the middle of a claim the slow-statement fault made last about 25 s; the model ran the claim to its end and committed its lease for the dead worker 19.5 s after the kill, so the key waited 25 s for the reaper (the bound: 2 leases of 5 s + 15 s). In Postgres such a claim never commits (its transaction's COMMIT is sent only after the claim's answer) and is stopped and rolled back within a second (DB_SERVER_TIMEOUTS' client_connection_check_interval; a silent host: keepalive, about 11 s; test/metering/killed-claim.test.ts): the model now rolls back a dead worker's statement still running 11 s after the death",
   },
 ] as const;
 
