@@ -78,6 +78,12 @@ const FOUND = [
     what: "a reading stamped 3.5 min ahead waited for its time, then for the sweep (33 s, by design); the sweep's job was fetched and its claim's worker killed 2 ms later, between two checks; the reaper gave it back 12 s later. The coverage check counted the wait from the reading's due time against the 35 s a crash allows: it now counts a key's wait from the last instant a job of it was queued due or fetched",
   },
   {
+    seed: 14519,
+    size: 'small',
+    hostile: true,
+    what: "the same model's error as seed 3454 (below), found by the search around it: a worker killed at 00:03:58.4 had its claim (slowed by the slow-statement fault) committed by the model at 00:04:21.4, 23 s later; the key went 27 s without a job",
+  },
+  {
     seed: 3454,
     size: 'small',
     hostile: true,
