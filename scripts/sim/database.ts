@@ -10,6 +10,7 @@ import type { ModelState, Row } from './model.js';
 import {
   CLIENT_TIMEOUT_MS,
   crash,
+  type InFlight,
   METRONOME_RATE,
   notifyAll,
   START,
@@ -74,10 +75,17 @@ export function openDatabase(world: World, restart: () => void): Database {
     run: () => T,
     options: { mayFail?: boolean; durable?: boolean; claims?: readonly KeyRef[] } = {},
   ): Promise<T> => {
-    const sent = { dropped: false };
-    w.inFlight.add(sent);
     const latency = statementLatency();
     const generation = world.dbGeneration;
+    let locked = true;
+    // A claim's key rows stay locked until it commits, or until the server stops it (its worker died).
+    const unlock = () => {
+      if (!locked) return;
+      locked = false;
+      if (generation === world.dbGeneration) lockClaim(options.claims, -1);
+    };
+    const sent: InFlight = { dropped: false, commitsAt: now() + latency, stop: unlock };
+    w.inFlight.add(sent);
     // A connection that goes silent: no answer ever; the client's own timeout ends the wait.
     const silent =
       !world.quiet && profile.silentConnections > 0 && hostileRng.next() < profile.silentConnections;
@@ -95,7 +103,7 @@ export function openDatabase(world: World, restart: () => void): Database {
       if (silent) sched.after(CLIENT_TIMEOUT_MS, () => fail('the connection went silent: no answer in time'));
       sched.after(latency, () => {
         w.inFlight.delete(sent);
-        if (generation === world.dbGeneration) lockClaim(options.claims, -1);
+        unlock();
         if (sent.dropped) return;
         if (world.dbDown || generation !== world.dbGeneration) {
           if (!silent) fail('the connection to the database was lost');

@@ -6,6 +6,7 @@
 // them in order.
 import type { Config } from '../../src/config.js';
 import type { Destination } from '../../src/db/schema.js';
+import { SERVER_STOPS_DEAD_CLIENT_MS } from '../../src/db/server-bounds.js';
 import type { DeliveryPolicy } from '../../src/metering/rules/policy.js';
 import type { seededRandom } from '../lib/random.js';
 import type { FaultProfile } from './hostile.js';
@@ -40,13 +41,22 @@ export const COVERAGE_EVERY_MS = 2_000;
 /** Metronome's account-wide rate in these worlds (calls a second). */
 export const METRONOME_RATE = 200;
 
+/** A statement on its way: it commits (runs, in the model) at `commitsAt` unless dropped. */
+export interface InFlight {
+  dropped: boolean;
+  /** True time at which the database runs it. */
+  commitsAt: number;
+  /** Ends it before then, rolled back: its claim's row locks freed (once). */
+  stop: () => void;
+}
+
 export interface Worker {
   id: string;
   alive: boolean;
   reapArmed: boolean;
   reap: () => void;
   /** Statements sent and not yet answered: at a crash, each may or may not have committed. */
-  inFlight: Set<{ dropped: boolean }>;
+  inFlight: Set<InFlight>;
   wake: (() => void)[];
   /** The machine it runs on (its wall clock). */
   host: number;
@@ -174,12 +184,26 @@ export function freeze(world: World, w: Worker, ms: number, where: string): void
   world.log(`${w.id} frozen for ${(ms / 1000).toFixed(1)} s ${where}`);
 }
 
-/** `w` dies: each statement it had in flight may or may not have reached the database. */
+/**
+ * `w` dies: each statement it had in flight may or may not have reached the database; one the server
+ * would still be running SERVER_STOPS_DEAD_CLIENT_MS after the death is rolled back then, its locks
+ * freed (the server finds the dead client: DB_SERVER_TIMEOUTS, src/db/server-bounds.ts). Without this
+ * a claim slowed 20 s committed its lease for the dead worker 20 s after the kill (seed 3454).
+ */
 export function crash(world: World, w: Worker): void {
   if (!w.alive) return;
   w.alive = false;
   world.counts.crashes++;
   world.lastCrash = world.now();
-  for (const s of w.inFlight) s.dropped = world.rng.next() < 0.5;
+  const stopsAt = world.now() + SERVER_STOPS_DEAD_CLIENT_MS;
+  for (const s of w.inFlight) {
+    // The coin is drawn for every statement, as before: a seed's random stream stays the same.
+    const reached = world.rng.next() >= 0.5;
+    if (s.commitsAt <= stopsAt) s.dropped = !reached;
+    else {
+      s.dropped = true;
+      world.sched.after(SERVER_STOPS_DEAD_CLIENT_MS, s.stop);
+    }
+  }
   world.log(`${w.id} killed`);
 }

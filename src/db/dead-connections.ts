@@ -11,6 +11,12 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 import { type DeadlineProbe, PROBE_MAX_DEADLINES } from './deadline-probe.js';
+import {
+  MIN_IDLE_IN_TRANSACTION_MS,
+  SERVER_CLIENT_CHECK_MS,
+  SERVER_KEEPALIVE,
+  SERVER_USER_TIMEOUT_MS,
+} from './server-bounds.js';
 
 /** Why a connection was given up: a statement missed its deadline, or a listener's heartbeat did. */
 export type ReplacedReason = 'deadline' | 'heartbeat';
@@ -419,21 +425,6 @@ export function destroyClient(client: pg.Client): void {
   client.end().catch(() => undefined);
   (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
 }
-
-/** The server's side of a dead client: probes after this long idle (s), this far apart (s), this many. */
-const SERVER_KEEPALIVE = { idle: 5, interval: 1, count: 5 } as const;
-/** The server gives up on data the client has not acknowledged after this long (ms). */
-const SERVER_USER_TIMEOUT_MS = 10_000;
-/**
- * How often a backend running a statement checks that its client is still connected (PostgreSQL 14's
- * client_connection_check_interval, ms). A client that gave up on a statement (its deadline) destroys
- * the connection, but without this check the server runs the statement to its end: on a database held
- * to a quarter of a core, claims the workers had abandoned at their 45 s deadline ran on for up to 181 s,
- * taking the CPU the retried claims needed (docs/benchmarks.md, "A slow database with a backlog").
- */
-const SERVER_CLIENT_CHECK_MS = 1_000;
-/** An idle-in-transaction bound shorter than this would end transactions over a GC pause. */
-const MIN_IDLE_IN_TRANSACTION_MS = 5_000;
 
 /**
  * `connectionString` with what Postgres needs to find a dead client on its own side, asked for at the

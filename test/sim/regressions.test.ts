@@ -77,6 +77,18 @@ const FOUND = [
     mutations: ['webhookNoStandbyWait', 'reportSparesUnsettled'],
     what: "a reading stamped 3.5 min ahead waited for its time, then for the sweep (33 s, by design); the sweep's job was fetched and its claim's worker killed 2 ms later, between two checks; the reaper gave it back 12 s later. The coverage check counted the wait from the reading's due time against the 35 s a crash allows: it now counts a key's wait from the last instant a job of it was queued due or fetched",
   },
+  {
+    seed: 14519,
+    size: 'small',
+    hostile: true,
+    what: "the same model's error as seed 3454 (below), found by the search around it: a worker killed at 00:03:58.4 had its claim (slowed by the slow-statement fault) committed by the model at 00:04:21.4, 23 s later; the key went 27 s without a job",
+  },
+  {
+    seed: 3454,
+    size: 'small',
+    hostile: true,
+    what: "the model's error: a worker killed in the middle of a claim the slow-statement fault made last about 25 s; the model ran the claim to its end and committed its lease for the dead worker 19.5 s after the kill, so the key waited 25 s for the reaper (the bound: 2 leases of 5 s + 15 s). In Postgres such a claim never commits (its transaction's COMMIT is sent only after the claim's answer) and is stopped and rolled back within a second (DB_SERVER_TIMEOUTS' client_connection_check_interval; a silent host: keepalive, about 11 s; test/metering/killed-claim.test.ts): the model now rolls back a dead worker's statement still running 11 s after the death",
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
