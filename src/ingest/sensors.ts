@@ -61,17 +61,13 @@ export async function createSensor(
     })
     .returning(columns)
     .executeTakeFirstOrThrow();
-  if (input.active)
-    await reportActiveSensorsWithTimestamp(
-      trx,
-      boss,
-      organizationId,
-      now,
-      undefined,
-      sensorThresholdHook(boss),
-    );
+  if (input.active) await reportActiveSet(trx, boss, organizationId, now);
   return toView(row);
 }
+
+/** The active set's new count, reported at `now` and applied to its active_sensors thresholds. */
+const reportActiveSet = (trx: Transaction<DB>, boss: PgBoss, organizationId: string, now: Date) =>
+  reportActiveSensorsWithTimestamp(trx, boss, organizationId, now, undefined, sensorThresholdHook(boss));
 
 /**
  * Renames and/or (de)activates one of the organization's sensors. Returns null when the sensor does
@@ -111,15 +107,7 @@ export async function updateSensor(
     .where('organization_id', '=', organizationId)
     .returning(columns)
     .executeTakeFirstOrThrow();
-  if (activeChanged)
-    await reportActiveSensorsWithTimestamp(
-      trx,
-      boss,
-      organizationId,
-      now,
-      undefined,
-      sensorThresholdHook(boss),
-    );
+  if (activeChanged) await reportActiveSet(trx, boss, organizationId, now);
   return toView(row);
 }
 
