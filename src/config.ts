@@ -103,13 +103,12 @@ export const configSchema = z.object({
   DELIVERY_LEASE_SECONDS: int(5, 3600).default(10),
   /**
    * The longest lease a batch takes when the process's recent claims are slow (lease-length.ts): a batch
-   * leases max(DELIVERY_LEASE_SECONDS, 3 x its process's slowest recent claim), at most this long. Unset
-   * (the default): the lease never grows. A killed worker's keys wait for up to this long when it died
-   * while its claims were that slow.
+   * leases max(DELIVERY_LEASE_SECONDS, 3 x its process's slowest recent claim), at most this long. At or
+   * below DELIVERY_LEASE_SECONDS the lease never grows. A killed worker's keys wait for up to this long
+   * when it died while its claims were that slow; on a healthy database claims take milliseconds and the
+   * lease is DELIVERY_LEASE_SECONDS.
    */
-  DELIVERY_LEASE_MAX_SECONDS: optionalString
-    .transform((v) => (v === undefined ? undefined : Number(v)))
-    .pipe(z.number().int().min(5).max(3600).optional()),
+  DELIVERY_LEASE_MAX_SECONDS: int(5, 3600).default(120),
   /** Account-wide Stripe calls per second shared by all workers; unset: 20 test mode (80% of a sandbox's 25), 700 live. */
   STRIPE_MAX_CALLS_PER_SECOND: optionalString
     .transform((v) => (v === undefined ? undefined : Number(v)))

@@ -241,6 +241,46 @@ function deadlocksSince(logPath: string, from: number): Record<string, number> {
   return out;
 }
 
+/** Statements slower than this are logged by the bench's server with their plans (auto_explain). */
+const SLOW_STATEMENT_MS = 5_000;
+
+/**
+ * The statements the server logged as slower than SLOW_STATEMENT_MS since byte `from` (auto_explain's
+ * "duration: N ms  plan:" entries, each followed by its query text), grouped by shape (numbers and
+ * literals blanked, first 120 characters), with how many and the slowest; and the lock waits the server
+ * reported (`log_lock_waits`: a wait longer than deadlock_timeout, 1 s) by the waiting statement's shape.
+ * So a run with a claim of 80 s says whether it ran or waited, and on what.
+ */
+function slowSince(
+  logPath: string,
+  from: number,
+): { slow: Record<string, { n: number; maxMs: number }>; lockWaits: Record<string, number> } {
+  const slow: Record<string, { n: number; maxMs: number }> = {};
+  const lockWaits: Record<string, number> = {};
+  if (!existsSync(logPath)) return { slow, lockWaits };
+  const text = readFileSync(logPath).subarray(from).toString('utf8');
+  const shape = (q: string) =>
+    q
+      .replace(/\s+/g, ' ')
+      .trim()
+      .replace(/'[^']*'|\$\d+|\b\d+\b/g, '?')
+      .slice(0, 120);
+  for (const m of text.matchAll(
+    /duration: ([\d.]+) ms {2}plan:\n\s*Query Text: ([^\n]*(?:\n\t(?!\S)[^\n]*)*)/g,
+  )) {
+    const key = shape(m[2] ?? '');
+    const e = slow[key] ?? { n: 0, maxMs: 0 };
+    slow[key] = { n: e.n + 1, maxMs: Math.max(e.maxMs, Math.round(Number(m[1]))) };
+  }
+  for (const m of text.matchAll(
+    /still waiting for ([A-Za-z]+Lock on [a-z]+)[^\n]*\n(?:[^\n]*DETAIL:[^\n]*\n(?:\t[^\n]*\n)*)?[^\n]*STATEMENT: {2}([^\n]*)/g,
+  )) {
+    const key = `${m[1]}: ${shape(m[2] ?? '')}`;
+    lockWaits[key] = (lockWaits[key] ?? 0) + 1;
+  }
+  return { slow, lockWaits };
+}
+
 async function runOnce(
   cluster: Cluster,
   group: CpuGroup,
@@ -456,6 +496,7 @@ async function runOnce(
       orphanedJobs: Number(orphaned.rows[0]?.n ?? 0),
       orphanShape: orphanShape.rows[0],
       deadlocks: deadlocksSince(serverLog, logFrom),
+      ...slowSince(serverLog, logFrom),
       ...workerLog,
       claims: {
         statements: Number(claims.rows[0]?.calls ?? 0),
@@ -476,8 +517,8 @@ async function runOnce(
       `lease ${leaseSeconds} s: ${result.duringLoad.eventsPerSecond} events/s (${result.duringLoad.readingsPerSecond} readings/s) during the load, ` +
         `level ${levelMs === null ? 'never' : `${round(levelMs / 1000, 1)} s`}, ${result.orphanedJobs} orphaned jobs ` +
         `(${JSON.stringify(result.orphanShape)}), warnings ${JSON.stringify(result.warnings)}, ` +
-        `deadlocks ${JSON.stringify(result.deadlocks)}, ` +
-        `${result.staleLeaseSettles} stale-lease settles (${result.staleLeaseKeys} keys), ${result.reapedLeases} leases reaped, ` +
+        `deadlocks ${JSON.stringify(result.deadlocks)}, slow statements ${JSON.stringify(result.slow)}, ` +
+        `lock waits ${JSON.stringify(result.lockWaits)}, ${result.staleLeaseSettles} stale-lease settles (${result.staleLeaseKeys} keys), ${result.reapedLeases} leases reaped, ` +
         `claims max ${result.claims.maxMs} ms mean ${result.claims.meanMs} ms; ledger ${billed} of ${ok}, ${mismatched} customers off (${overBilled} over); ` +
         `load average ${result.loadAverageAfter.join(' ')}`,
     );
@@ -516,7 +557,11 @@ export async function runBacklogBench(): Promise<number> {
   try {
     const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
     await admin.connect();
-    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements', 'auto_explain'`);
+    // Slow statements with their plans, and lock waits over a second, in the server's log (slowSince).
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${SLOW_STATEMENT_MS}`);
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+    await admin.query(`ALTER SYSTEM SET log_lock_waits = on`);
     await admin.end();
     await cluster.restart();
     group.adopt(clusterPids(dataDir));

@@ -27,7 +27,7 @@ export interface LeaseLength {
 
 /**
  * The lease length of one process: max(DELIVERY_LEASE_SECONDS, LEASE_WORK_FACTOR × the slowest of the
- * last RECENT_CLAIMS claims), capped at DELIVERY_LEASE_MAX_SECONDS (unset: no growth). Fast claims bring it back down to the
+ * last RECENT_CLAIMS claims), capped at DELIVERY_LEASE_MAX_SECONDS (at or below the configured lease: no growth). Fast claims bring it back down to the
  * configured lease within RECENT_CLAIMS batches, so a worker killed on a healthy database frees its keys
  * as soon as before.
  */
@@ -35,8 +35,8 @@ export function adaptiveLeaseLength(
   config: Pick<Config, 'DELIVERY_LEASE_SECONDS' | 'DELIVERY_LEASE_MAX_SECONDS'>,
 ): LeaseLength {
   const base = config.DELIVERY_LEASE_SECONDS;
-  // Unset: no growth (the configured lease, as before).
-  const cap = Math.max(base, config.DELIVERY_LEASE_MAX_SECONDS ?? base);
+  // At or below the configured lease: no growth.
+  const cap = Math.max(base, config.DELIVERY_LEASE_MAX_SECONDS);
   const recent: number[] = [];
   const forWork = (ms: number) => Math.min(cap, Math.max(base, Math.ceil((LEASE_WORK_FACTOR * ms) / 1000)));
   const seconds = () => forWork(recent.length > 0 ? Math.max(...recent) : 0);
