@@ -1,0 +1,247 @@
+// An ingestion hand-off (enqueueDeliveries) never inserts a delivery job out of key order, so it never
+// waits in a circle with another statement queueing the same keys. Its second pass did: a key `b` whose
+// first insert was refused (a concurrent transaction queued b's job meanwhile) and whose job a worker
+// then started was inserted again under its own name, after the first pass had inserted `c` (b < c),
+// still uncommitted. A batch's follow-ups, the reaper or the sweep (queueDeliveries, one statement in key
+// order) that had inserted b after that job started waited for the hand-off's c, and the hand-off's b
+// for their b: "deadlock detected" (40P01) between two pg-boss job inserts (`INSERT INTO
+// pgboss.job_common`, ShareLock on transaction), which failed reaper passes and delivery batches in the
+// backlog bench. Gates make the interleaving certain: the hand-off's first insert of c waits on an
+// advisory lock the test holds, with c's job already in the index, until the other statement is
+// waiting for it.
+
+import { type Kysely, sql } from 'kysely';
+import { describe, expect } from 'vitest';
+import { createCorrection } from '../../src/admin/corrections.js';
+import type { DB } from '../../src/db/schema.js';
+import { metronomeAlias } from '../../src/metering/metronome.js';
+import { deliveryKey, enqueueDeliveries, queueDeliveries } from '../../src/metering/outbox.js';
+import { retryFailedRows } from '../../src/metering/redrive.js';
+import type { KeyRef } from '../../src/metering/rules/keys.js';
+import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
+import { waitFor } from './delivery-helpers.js';
+
+const it = contextTest({});
+
+/** The advisory lock the gate of the hand-off's insert of c waits on. */
+const GATE = 41_410;
+
+/** A promise and the function that resolves it. */
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
+describe('the hand-off of a key whose job started between its passes', () => {
+  it('never waits in a circle with a statement queueing the same keys: both done, every key covered', async ({
+    ctx,
+  }) => {
+    const key = (customerId: string): KeyRef => ({
+      organizationId: '00000000-0000-4000-8000-000000004141',
+      customerId,
+      eventName: 'temperature_readings',
+    });
+    // Key order: b before c.
+    const b = key('cus_handoff_b');
+    const c = key('cus_handoff_c');
+    const bName = deliveryKey(b.customerId, b.eventName);
+    const cName = deliveryKey(c.customerId, c.eventName);
+    expect(bName < cName).toBe(true);
+    const waiting = async (event: 'transactionid' | 'advisory') => {
+      const { rows } = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = ${event}`.execute(
+        ctx.db,
+      );
+      return rows[0]!.n;
+    };
+    const queued = async (customerId: string) => {
+      const { rows } = await sql<{ key: string }>`
+        SELECT singleton_key AS key FROM pgboss.job
+         WHERE name = 'meter-delivery' AND state = 'created' AND data->>'customerId' = ${customerId}
+         ORDER BY 1`.execute(ctx.db);
+      return rows.map((r) => r.key);
+    };
+
+    await sql`CREATE SEQUENCE test_handoff_gate`.execute(ctx.db);
+    await sql`
+      CREATE FUNCTION test_handoff_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF nextval('test_handoff_gate') = 1 THEN PERFORM pg_advisory_xact_lock(${sql.lit(GATE)}); END IF;
+        RETURN NEW;
+      END $$`.execute(ctx.db);
+    // AFTER: the job's row and its entry in the unique index of queued jobs are in when the gate waits.
+    await sql`
+      CREATE TRIGGER test_handoff_gate AFTER INSERT ON pgboss.job_common
+         FOR EACH ROW WHEN (NEW.singleton_key = ${sql.lit(cName)}) EXECUTE FUNCTION test_handoff_gate()`.execute(
+      ctx.db,
+    );
+    const gate = await ctx.pool.connect();
+    try {
+      await gate.query('SELECT pg_advisory_lock($1)', [GATE]);
+
+      // Another ingestion transaction queues b's job and stays open.
+      const otherQueued = deferred();
+      const commitOther = deferred();
+      const other = ctx.db.transaction().execute(async (trx) => {
+        await enqueueDeliveries(trx, ctx.boss, [b]);
+        otherQueued.resolve();
+        await commitOther.promise;
+      });
+      await otherQueued.promise;
+
+      // The hand-off of b and c: its first pass's insert of b waits for the other transaction.
+      let ownBeforeCommit: string[] = [];
+      const handOff = ctx.db.transaction().execute(async (trx) => {
+        await enqueueDeliveries(trx, ctx.boss, [c, b]);
+        const { rows } = await sql<{ key: string }>`
+          SELECT singleton_key AS key FROM pgboss.job
+           WHERE name = 'meter-delivery' AND state = 'created' AND data->>'customerId' = ${b.customerId}
+           ORDER BY 1`.execute(trx);
+        ownBeforeCommit = rows.map((r) => r.key);
+      });
+      await waitFor('the first pass to wait for b', async () => (await waiting('transactionid')) === 1);
+
+      // b's job commits: the first pass's b is refused, its c inserted, and its gate holds it there.
+      commitOther.resolve();
+      await other;
+      await waitFor(
+        'the first pass to insert c and wait at the gate',
+        async () => (await waiting('advisory')) === 1,
+      );
+      // A worker starts b's job: b has no queued job any more.
+      const started = await sql`
+        UPDATE pgboss.job SET state = 'active', started_on = now()
+         WHERE name = 'meter-delivery' AND singleton_key = ${bName} AND state = 'created'`.execute(ctx.db);
+      expect(Number(started.numAffectedRows)).toBe(1);
+      // A batch's follow-ups (or the reaper, or the sweep) queue b and c: b goes in, c waits for the hand-off.
+      const followUps = queueDeliveries(ctx.boss, [b, c]);
+      await waitFor('the follow-ups to wait for c', async () => (await waiting('transactionid')) === 1);
+
+      // The first pass goes on; the second finds b without a queued job and inserts one.
+      await gate.query('SELECT pg_advisory_unlock($1)', [GATE]);
+      const settled = await Promise.allSettled([handOff, followUps]);
+      for (const s of settled) if (s.status === 'rejected') throw s.reason;
+
+      // The hand-off's own job of b was in before its commit (so it cannot start before the commit and
+      // drains the hand-off's rows), under a name no other insert waits on.
+      expect(ownBeforeCommit).toHaveLength(1);
+      expect(ownBeforeCommit[0]).toMatch(new RegExp(`^${bName}#handoff:[0-9a-f-]{36}$`));
+      // The follow-ups' job of b as well; c has one queued job, the hand-off's.
+      expect(await queued(b.customerId)).toEqual([bName, ownBeforeCommit[0]]);
+      expect(await queued(c.customerId)).toEqual([cName]);
+    } finally {
+      gate.release();
+      await sql`DROP TRIGGER test_handoff_gate ON pgboss.job_common`.execute(ctx.db);
+      await sql`DROP FUNCTION test_handoff_gate()`.execute(ctx.db);
+      await sql`DROP SEQUENCE test_handoff_gate`.execute(ctx.db);
+    }
+  });
+});
+
+/** The names of the delivery jobs `run` inserts, in the order it inserts them (a trigger records them). */
+async function jobInserts(db: Kysely<DB>, run: () => Promise<unknown>): Promise<string[]> {
+  await sql`CREATE TABLE test_job_inserts (n bigserial PRIMARY KEY, key text NOT NULL)`.execute(db);
+  await sql`
+    CREATE FUNCTION test_job_inserts() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      INSERT INTO test_job_inserts (key) VALUES (NEW.singleton_key);
+      RETURN NEW;
+    END $$`.execute(db);
+  await sql`
+    CREATE TRIGGER test_job_inserts AFTER INSERT ON pgboss.job_common
+       FOR EACH ROW WHEN (NEW.name = 'meter-delivery') EXECUTE FUNCTION test_job_inserts()`.execute(db);
+  try {
+    await run();
+    const { rows } = await sql<{ key: string }>`SELECT key FROM test_job_inserts ORDER BY n`.execute(db);
+    return rows.map((r) => r.key);
+  } finally {
+    await sql`DROP TRIGGER test_job_inserts ON pgboss.job_common`.execute(db);
+    await sql`DROP FUNCTION test_job_inserts()`.execute(db);
+    await sql`DROP TABLE test_job_inserts`.execute(db);
+  }
+}
+
+describe('transactions that queue keys one at a time', () => {
+  it("a redrive of two organizations' keys queues them in key order, not the organizations' order", async ({
+    ctx,
+  }) => {
+    const [low, high] = (await Promise.all([createOrganization(ctx.db), createOrganization(ctx.db)])).sort(
+      (a, b) => (a.organizationId < b.organizationId ? -1 : 1),
+    );
+    // The first organization's customer sorts last: by organization, its key would go first.
+    const failed = (organizationId: string, customer: string, identifier: string) => ({
+      organization_id: organizationId,
+      event_name: 'temperature_readings' as const,
+      stripe_customer_id: customer,
+      value: 2,
+      occurred_at: new Date(),
+      status: 'failed' as const,
+      identifier,
+      identified_at: new Date(),
+      last_error: 'test: failed',
+    });
+    await ctx.db
+      .insertInto('meter_outbox')
+      .values([
+        failed(low!.organizationId, 'cus_order_z', 'mb_tr_order_1'),
+        failed(high!.organizationId, 'cus_order_a', 'mb_tr_order_2'),
+      ])
+      .execute();
+    const inserted = await jobInserts(ctx.db, async () => {
+      expect(await retryFailedRows(ctx.db, ctx.boss)).toMatchObject({ rows: 2, keys: 2 });
+    });
+    expect(inserted).toEqual(['temperature_readings:cus_order_a', 'temperature_readings:cus_order_z']);
+  });
+
+  it("a correction of an organization billed at two destinations queues both keys' jobs in key order", async ({
+    ctx,
+    app,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // Billed to Stripe and, in parallel, to Metronome: each reading has a row at each destination.
+    await sql`INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+              VALUES (${org.organizationId}, 'stripe', 'billing', '-infinity'),
+                     (${org.organizationId}, 'metronome', 'shadow', '-infinity')`.execute(ctx.db);
+    const res = await app.request('/v1/readings', {
+      method: 'POST',
+      headers: authHeaders(org.apiKey),
+      body: JSON.stringify({ readings: [reading(sensor!, 60), reading(sensor!, 50)] }),
+    });
+    expect(res.status).toBe(201);
+    // Both rows sent (so the correction takes their readings back with rows of its own), their jobs gone.
+    const sent = await sql`
+      UPDATE meter_outbox SET status = 'delivered', identifier = 'mb_tr_order_' || id, identified_at = now(),
+                              delivered_at = now()
+       WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    expect(Number(sent.numAffectedRows)).toBe(2);
+    await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+    const now = new Date();
+    const inserted = await jobInserts(ctx.db, () =>
+      ctx.db.transaction().execute((trx) =>
+        createCorrection(
+          trx,
+          ctx.boss,
+          org.organizationId,
+          {
+            from: new Date(now.getTime() - 3_600_000).toISOString(),
+            to: now.toISOString(),
+            reason: 'test: key order',
+          },
+          { now, retentionDays: 30 },
+        ),
+      ),
+    );
+    // The Stripe customer (cus_…) sorts before the Metronome alias (meterbox-org-…), its key after.
+    expect(org.customerId < metronomeAlias(org.organizationId)).toBe(true);
+    expect(inserted).toEqual([
+      deliveryKey(metronomeAlias(org.organizationId), 'temperature_readings', 'metronome'),
+      deliveryKey(org.customerId, 'temperature_readings'),
+    ]);
+  });
+});
