@@ -8,9 +8,13 @@
 // pgboss.job_common`, ShareLock on transaction), which failed reaper passes and delivery batches in the
 // backlog bench. Gates make the interleaving certain: the hand-off's first insert of c waits on an
 // advisory lock the test holds, with c's job already in the index, until the other statement is
-// waiting for it.
+// waiting for it. Such a key now gets a job of its own name; a key after every job the hand-off holds
+// keeps the key's name (one queued job per key). Transactions that queue keys one at a time (a redrive,
+// a correction) queue them in key order too.
 
 import { type Kysely, sql } from 'kysely';
+import type { PoolClient } from 'pg';
+import type { PgBoss } from 'pg-boss';
 import { describe, expect } from 'vitest';
 import { createCorrection } from '../../src/admin/corrections.js';
 import type { DB } from '../../src/db/schema.js';
@@ -36,110 +40,177 @@ function deferred(): { promise: Promise<void>; resolve: () => void } {
   return { promise, resolve };
 }
 
+const key = (customerId: string): KeyRef => ({
+  organizationId: '00000000-0000-4000-8000-000000004141',
+  customerId,
+  eventName: 'temperature_readings',
+});
+const nameOf = (k: KeyRef) => deliveryKey(k.customerId, k.eventName);
+
+/** Backends of the file's database waiting for another transaction, or for an advisory lock. */
+async function waiting(db: Kysely<DB>, event: 'transactionid' | 'advisory'): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    SELECT count(*)::int AS n FROM pg_stat_activity
+     WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = ${event}`.execute(db);
+  return rows[0]!.n;
+}
+
+/** The names of the queued delivery jobs of a customer that `db` (a transaction, or not) sees. */
+async function queued(db: Kysely<DB>, customerId: string): Promise<string[]> {
+  const { rows } = await sql<{ key: string }>`
+    SELECT singleton_key AS key FROM pgboss.job
+     WHERE name = 'meter-delivery' AND state = 'created' AND data->>'customerId' = ${customerId}
+     ORDER BY 1`.execute(db);
+  return rows.map((r) => r.key);
+}
+
+/**
+ * Runs `run` with a gate on the first insert of a job named `gated`: a trigger AFTER the row (the row and
+ * its entry in the unique index of queued jobs are in, and the whole statement has run: AFTER row
+ * triggers fire at its end) waits for the advisory lock `close` takes, until `open`.
+ */
+async function withGate(
+  ctx: { db: Kysely<DB>; pool: { connect(): Promise<PoolClient> } },
+  gated: string,
+  run: (gate: { close(): Promise<void>; open(): Promise<void> }) => Promise<void>,
+): Promise<void> {
+  await sql`CREATE SEQUENCE test_handoff_gate`.execute(ctx.db);
+  await sql`
+    CREATE FUNCTION test_handoff_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF nextval('test_handoff_gate') = 1 THEN PERFORM pg_advisory_xact_lock(${sql.lit(GATE)}); END IF;
+      RETURN NEW;
+    END $$`.execute(ctx.db);
+  await sql`
+    CREATE TRIGGER test_handoff_gate AFTER INSERT ON pgboss.job_common
+       FOR EACH ROW WHEN (NEW.singleton_key = ${sql.lit(gated)}) EXECUTE FUNCTION test_handoff_gate()`.execute(
+    ctx.db,
+  );
+  const session = await ctx.pool.connect();
+  try {
+    await run({
+      close: async () => {
+        await session.query('SELECT pg_advisory_lock($1)', [GATE]);
+      },
+      open: async () => {
+        await session.query('SELECT pg_advisory_unlock($1)', [GATE]);
+      },
+    });
+  } finally {
+    // Destroyed, not returned to the pool: a failed test may have left the lock held.
+    session.release(true);
+    await sql`DROP TRIGGER test_handoff_gate ON pgboss.job_common`.execute(ctx.db);
+    await sql`DROP FUNCTION test_handoff_gate()`.execute(ctx.db);
+    await sql`DROP SEQUENCE test_handoff_gate`.execute(ctx.db);
+  }
+}
+
+/** Another ingestion transaction that has queued `k`'s job and stays open until `commit()`. */
+async function openHandOff(ctx: { db: Kysely<DB>; boss: PgBoss }, k: KeyRef) {
+  const queuedIt = deferred();
+  const commit = deferred();
+  const done = ctx.db.transaction().execute(async (trx) => {
+    await enqueueDeliveries(trx, ctx.boss, [k]);
+    queuedIt.resolve();
+    await commit.promise;
+  });
+  await queuedIt.promise;
+  return {
+    commit: async () => {
+      commit.resolve();
+      await done;
+    },
+  };
+}
+
+/** A worker starts `k`'s queued job (as pg-boss's fetch does): the key has no queued job any more. */
+async function startJob(db: Kysely<DB>, k: KeyRef): Promise<void> {
+  const started = await sql`
+    UPDATE pgboss.job SET state = 'active', started_on = now()
+     WHERE name = 'meter-delivery' AND singleton_key = ${nameOf(k)} AND state = 'created'`.execute(db);
+  expect(Number(started.numAffectedRows)).toBe(1);
+}
+
 describe('the hand-off of a key whose job started between its passes', () => {
+  // Key order: b before c.
+  const b = key('cus_handoff_b');
+  const c = key('cus_handoff_c');
+
   it('never waits in a circle with a statement queueing the same keys: both done, every key covered', async ({
     ctx,
   }) => {
-    const key = (customerId: string): KeyRef => ({
-      organizationId: '00000000-0000-4000-8000-000000004141',
-      customerId,
-      eventName: 'temperature_readings',
-    });
-    // Key order: b before c.
-    const b = key('cus_handoff_b');
-    const c = key('cus_handoff_c');
-    const bName = deliveryKey(b.customerId, b.eventName);
-    const cName = deliveryKey(c.customerId, c.eventName);
-    expect(bName < cName).toBe(true);
-    const waiting = async (event: 'transactionid' | 'advisory') => {
-      const { rows } = await sql<{ n: number }>`
-        SELECT count(*)::int AS n FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = ${event}`.execute(
-        ctx.db,
-      );
-      return rows[0]!.n;
-    };
-    const queued = async (customerId: string) => {
-      const { rows } = await sql<{ key: string }>`
-        SELECT singleton_key AS key FROM pgboss.job
-         WHERE name = 'meter-delivery' AND state = 'created' AND data->>'customerId' = ${customerId}
-         ORDER BY 1`.execute(ctx.db);
-      return rows.map((r) => r.key);
-    };
-
-    await sql`CREATE SEQUENCE test_handoff_gate`.execute(ctx.db);
-    await sql`
-      CREATE FUNCTION test_handoff_gate() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
-        IF nextval('test_handoff_gate') = 1 THEN PERFORM pg_advisory_xact_lock(${sql.lit(GATE)}); END IF;
-        RETURN NEW;
-      END $$`.execute(ctx.db);
-    // AFTER: the job's row and its entry in the unique index of queued jobs are in when the gate waits.
-    await sql`
-      CREATE TRIGGER test_handoff_gate AFTER INSERT ON pgboss.job_common
-         FOR EACH ROW WHEN (NEW.singleton_key = ${sql.lit(cName)}) EXECUTE FUNCTION test_handoff_gate()`.execute(
-      ctx.db,
-    );
-    const gate = await ctx.pool.connect();
-    try {
-      await gate.query('SELECT pg_advisory_lock($1)', [GATE]);
-
-      // Another ingestion transaction queues b's job and stays open.
-      const otherQueued = deferred();
-      const commitOther = deferred();
-      const other = ctx.db.transaction().execute(async (trx) => {
-        await enqueueDeliveries(trx, ctx.boss, [b]);
-        otherQueued.resolve();
-        await commitOther.promise;
-      });
-      await otherQueued.promise;
-
+    expect(nameOf(b) < nameOf(c)).toBe(true);
+    await withGate(ctx, nameOf(c), async (gate) => {
+      await gate.close();
+      const other = await openHandOff(ctx, b);
       // The hand-off of b and c: its first pass's insert of b waits for the other transaction.
       let ownBeforeCommit: string[] = [];
       const handOff = ctx.db.transaction().execute(async (trx) => {
         await enqueueDeliveries(trx, ctx.boss, [c, b]);
-        const { rows } = await sql<{ key: string }>`
-          SELECT singleton_key AS key FROM pgboss.job
-           WHERE name = 'meter-delivery' AND state = 'created' AND data->>'customerId' = ${b.customerId}
-           ORDER BY 1`.execute(trx);
-        ownBeforeCommit = rows.map((r) => r.key);
+        ownBeforeCommit = await queued(trx, b.customerId);
       });
-      await waitFor('the first pass to wait for b', async () => (await waiting('transactionid')) === 1);
-
-      // b's job commits: the first pass's b is refused, its c inserted, and its gate holds it there.
-      commitOther.resolve();
-      await other;
+      await waitFor(
+        'the first pass to wait for b',
+        async () => (await waiting(ctx.db, 'transactionid')) === 1,
+      );
+      // b's job commits: the first pass's b is refused, its c inserted, and the gate holds it there.
+      await other.commit();
       await waitFor(
         'the first pass to insert c and wait at the gate',
-        async () => (await waiting('advisory')) === 1,
+        async () => (await waiting(ctx.db, 'advisory')) === 1,
       );
-      // A worker starts b's job: b has no queued job any more.
-      const started = await sql`
-        UPDATE pgboss.job SET state = 'active', started_on = now()
-         WHERE name = 'meter-delivery' AND singleton_key = ${bName} AND state = 'created'`.execute(ctx.db);
-      expect(Number(started.numAffectedRows)).toBe(1);
+      await startJob(ctx.db, b);
       // A batch's follow-ups (or the reaper, or the sweep) queue b and c: b goes in, c waits for the hand-off.
       const followUps = queueDeliveries(ctx.boss, [b, c]);
-      await waitFor('the follow-ups to wait for c', async () => (await waiting('transactionid')) === 1);
-
+      await waitFor(
+        'the follow-ups to wait for c',
+        async () => (await waiting(ctx.db, 'transactionid')) === 1,
+      );
       // The first pass goes on; the second finds b without a queued job and inserts one.
-      await gate.query('SELECT pg_advisory_unlock($1)', [GATE]);
+      await gate.open();
       const settled = await Promise.allSettled([handOff, followUps]);
       for (const s of settled) if (s.status === 'rejected') throw s.reason;
 
       // The hand-off's own job of b was in before its commit (so it cannot start before the commit and
       // drains the hand-off's rows), under a name no other insert waits on.
       expect(ownBeforeCommit).toHaveLength(1);
-      expect(ownBeforeCommit[0]).toMatch(new RegExp(`^${bName}#handoff:[0-9a-f-]{36}$`));
+      expect(ownBeforeCommit[0]).toMatch(new RegExp(`^${nameOf(b)}#handoff:[0-9a-f-]{36}$`));
       // The follow-ups' job of b as well; c has one queued job, the hand-off's.
-      expect(await queued(b.customerId)).toEqual([bName, ownBeforeCommit[0]]);
-      expect(await queued(c.customerId)).toEqual([cName]);
-    } finally {
-      gate.release();
-      await sql`DROP TRIGGER test_handoff_gate ON pgboss.job_common`.execute(ctx.db);
-      await sql`DROP FUNCTION test_handoff_gate()`.execute(ctx.db);
-      await sql`DROP SEQUENCE test_handoff_gate`.execute(ctx.db);
-    }
+      expect(await queued(ctx.db, b.customerId)).toEqual([nameOf(b), ownBeforeCommit[0]]);
+      expect(await queued(ctx.db, c.customerId)).toEqual([nameOf(c)]);
+    });
+  });
+
+  it("queues a key that sorts after every job it holds under the key's own name", async ({ ctx }) => {
+    const b2 = key('cus_handoff_later_b');
+    const c2 = key('cus_handoff_later_c');
+    await withGate(ctx, nameOf(b2), async (gate) => {
+      await gate.close();
+      const other = await openHandOff(ctx, c2);
+      let ownBeforeCommit: string[] = [];
+      const handOff = ctx.db.transaction().execute(async (trx) => {
+        await enqueueDeliveries(trx, ctx.boss, [b2, c2]);
+        ownBeforeCommit = await queued(trx, c2.customerId);
+      });
+      // The first pass inserts b and waits for the other transaction's c; its c is refused at the commit,
+      // and the gate holds the pass at its end.
+      await waitFor(
+        'the first pass to wait for c',
+        async () => (await waiting(ctx.db, 'transactionid')) === 1,
+      );
+      await other.commit();
+      await waitFor(
+        'the first pass to wait at the gate',
+        async () => (await waiting(ctx.db, 'advisory')) === 1,
+      );
+      await startJob(ctx.db, c2);
+      await gate.open();
+      await handOff;
+      // c after b, the one job the hand-off holds: in order under its own name, one queued job for the key.
+      expect(ownBeforeCommit).toEqual([nameOf(c2)]);
+      expect(await queued(ctx.db, c2.customerId)).toEqual([nameOf(c2)]);
+      expect(await queued(ctx.db, b2.customerId)).toEqual([nameOf(b2)]);
+    });
   });
 });
 
