@@ -237,6 +237,24 @@ async function jobInserts(db: Kysely<DB>, run: () => Promise<unknown>): Promise<
   }
 }
 
+describe('statements that queue many keys', () => {
+  it("insert their jobs in key order, whatever order they are given (pg-boss's insert keeps its input's)", async ({
+    ctx,
+  }) => {
+    // Customers whose order by number differs from their names' order (cus_order_10 before cus_order_2).
+    const keys = Array.from({ length: 30 }, (_, i) => key(`cus_order_${30 - i}`));
+    const sorted = keys.map(nameOf).sort();
+    expect(keys.map(nameOf)).not.toEqual(sorted);
+    expect(await jobInserts(ctx.db, () => queueDeliveries(ctx.boss, keys))).toEqual(sorted);
+    await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+    expect(
+      await jobInserts(ctx.db, () =>
+        ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, keys)),
+      ),
+    ).toEqual(sorted);
+  });
+});
+
 describe('transactions that queue keys one at a time', () => {
   it("a redrive of two organizations' keys queues them in key order, not the organizations' order", async ({
     ctx,
