@@ -9,8 +9,8 @@
 // backlog bench. Gates make the interleaving certain: the hand-off's first insert of c waits on an
 // advisory lock the test holds, with c's job already in the index, until the other statement is
 // waiting for it. Such a key now gets a job of its own name; a key after every job the hand-off holds
-// keeps the key's name (one queued job per key). Transactions that queue keys one at a time (a redrive,
-// a correction) queue them in key order too.
+// keeps the key's name (one queued job per key). Statements that queue many keys, and transactions that
+// queue keys one at a time (a redrive, a correction), insert in key order too.
 
 import { type Kysely, sql } from 'kysely';
 import type { PoolClient } from 'pg';
