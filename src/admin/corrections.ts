@@ -9,7 +9,7 @@ import { lowerThresholdUsage } from '../alerts/thresholds.js';
 import { pgInstant, pgText } from '../db/input-types.js';
 import type { DB, Destination } from '../db/schema.js';
 import { AppError, type ErrorDetail, notFound } from '../http/errors.js';
-import { enqueueDelivery } from '../metering/outbox.js';
+import { enqueueDeliveryEach } from '../metering/outbox.js';
 
 export const correctionBody = z.object({
   sensorId: z.uuid().optional(),
@@ -258,14 +258,16 @@ export async function createCorrection(
       { id: String(correction.id), from: range.from, to: range.to },
       options.now,
     );
-  for (const [i, customerId] of (row.customers ?? []).entries()) {
-    await enqueueDelivery(trx, boss, {
+  await enqueueDeliveryEach(
+    trx,
+    boss,
+    (row.customers ?? []).map((customerId, i) => ({
       organizationId,
       customerId,
-      eventName: 'temperature_readings',
+      eventName: 'temperature_readings' as const,
       destination: row.destinations?.[i] ?? 'stripe',
-    });
-  }
+    })),
+  );
   const [view] = await listCorrections(trx, organizationId, { id: correction.id });
   if (!view) throw new Error('createCorrection: the correction vanished');
   return view;

@@ -12,7 +12,7 @@ import {
   IN_FORCE,
   ROLE,
 } from '../metering/destinations.js';
-import { enqueueDelivery } from '../metering/outbox.js';
+import { enqueueDeliveryEach } from '../metering/outbox.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
 export interface SensorProblem {
@@ -176,14 +176,16 @@ export async function storeReadings(
       })),
     };
   }
-  for (const [i, customer] of (row.customers ?? []).entries()) {
-    await enqueueDelivery(trx, boss, {
+  await enqueueDeliveryEach(
+    trx,
+    boss,
+    (row.customers ?? []).map((customer, i) => ({
       organizationId,
       customerId: customer,
-      eventName: 'temperature_readings',
+      eventName: 'temperature_readings' as const,
       destination: row.destinations?.[i] ?? 'stripe',
-    });
-  }
+    })),
+  );
   if (row.crossings && row.crossings.length > 0)
     await writeCrossings(trx, boss, row.crossings.map(crossingOf), now);
   return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };

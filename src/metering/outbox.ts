@@ -109,13 +109,34 @@ export async function enqueueDelivery(trx: Transaction<DB>, boss: PgBoss, delive
 }
 
 /**
+ * enqueueDelivery for each of several keys in one transaction, in key order (their jobs' names, as every
+ * statement that queues delivery jobs inserts them): the jobs a transaction inserts stay uncommitted
+ * until it commits, so a loop in another order (by organization, by customer) could wait for another
+ * transaction's job of a key while that transaction, queueing in key order, waits for this one's job of
+ * a later key (40P01). A key named twice is looked up twice and queued once.
+ */
+export async function enqueueDeliveryEach(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  keys: readonly KeyRef[],
+): Promise<void> {
+  const named = keys.map((k) => ({ k, name: deliveryKey(k.customerId, k.eventName, destinationOf(k)) }));
+  named.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  for (const { k } of named) await enqueueDelivery(trx, boss, k);
+}
+
+/**
  * The hand-off of one ingestion transaction: every delivery key it wrote rows for, once, whatever
  * the number of requests in it, in two statements however many keys: one share-locks the keys'
  * queued jobs (in key order, so concurrent transactions lock in one order), one inserts a job for
  * every key without one (in key order too). A key whose insert was refused because a concurrent
- * transaction queued its job meanwhile goes round again: that job is locked on the next pass.
- * With thousands of customers nearly every key of a group is new: a send per key (two statements
- * each) made the hand-off, not the readings, the cost of a group.
+ * transaction queued its job meanwhile goes round again: that job is locked on the next pass, or,
+ * if a worker started it in between, a job is inserted for the key again (handOffName says under
+ * which name). With thousands of customers nearly every key of a group is new: a send per key (two
+ * statements each) made the hand-off, not the readings, the cost of a group.
+ *
+ * The transaction must not have queued delivery jobs before this call: every statement that queues
+ * them inserts in key order, and the transaction's own jobs count as inserted until it commits.
  */
 export async function enqueueDeliveries(
   trx: Transaction<DB>,
@@ -128,6 +149,8 @@ export async function enqueueDeliveries(
   let missing = [...unique.keys()].filter((key) => !held?.has(key)).sort();
   // With the caller's look done in its own statement, the keys left have no queued job: insert first.
   let lockFirst = held === undefined;
+  // The greatest key this transaction holds a job of under the key's own name (uncommitted until it commits).
+  let last: string | undefined;
   for (let attempt = 0; attempt < MAX_HANDOFF_ATTEMPTS && missing.length > 0; attempt++) {
     const locked = new Set<string>();
     if (lockFirst) {
@@ -139,18 +162,50 @@ export async function enqueueDeliveries(
       .filter((name) => !locked.has(name))
       .map((name) => {
         const k = unique.get(name)!;
+        const id = randomUUID();
         return {
-          id: randomUUID(),
-          data: jobPayload(k),
-          ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
+          key: name,
+          job: {
+            id,
+            data: jobPayload(k),
+            ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
+            singletonKey: handOffName(name, id, last),
+          },
         };
       });
-    const inserted = await insertJobs(boss, 'meter-delivery', jobs, fromKysely(trx));
-    missing = jobs.filter((job) => !inserted.has(job.id)).map((job) => job.singletonKey);
+    const inserted = await insertJobs(
+      boss,
+      'meter-delivery',
+      jobs.map((j) => j.job),
+      fromKysely(trx),
+    );
+    for (const { key, job } of jobs)
+      if (inserted.has(job.id) && job.singletonKey === key && (last === undefined || key > last)) last = key;
+    missing = jobs.filter(({ job }) => !inserted.has(job.id)).map(({ key }) => key);
   }
   // Only left over if workers keep claiming these keys' jobs between two statements; the
   // stranded-row sweep still covers their rows.
 }
+
+/**
+ * The name a hand-off inserts key `key`'s job under: the key's own, unless the transaction already
+ * holds a job of a key after it (`last`, inserted by an earlier pass and uncommitted until the commit).
+ * Inserting `key` under its own name then would insert out of key order: the insert waits for any
+ * other transaction's uncommitted job of `key` (the queue's unique index of queued jobs), and that
+ * transaction, which queued `key` before `last` as every statement does, may be waiting for this
+ * one's `last`: a deadlock (40P01), one of two or three pg-boss job inserts, that failed reaper
+ * passes and delivery batches on a slow database (test/metering/handoff-deadlock.test.ts). So such a
+ * key's job gets a name of its own, `key#handoff:<job id>`, which no other job has and no insert
+ * waits on: a delivery job of the key like any other (a job's key is its payload), queued, so it
+ * starts only after this transaction commits and drains its rows. The key's next hand-off does not
+ * see it and queues the key's job as usual; a job that finds nothing pending completes.
+ */
+function handOffName(key: string, jobId: string, last: string | undefined): string {
+  return last !== undefined && key < last ? `${key}${HANDOFF_SUFFIX}${jobId}` : key;
+}
+
+/** handOffName's suffix, followed by the job's id. */
+const HANDOFF_SUFFIX = '#handoff:';
 
 /**
  * Share-locks the queued (not yet started) delivery jobs whose keys `keys` yields (one text column),

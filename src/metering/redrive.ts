@@ -5,7 +5,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName, OutboxKind } from '../db/schema.js';
-import { enqueueDelivery } from './outbox.js';
+import { enqueueDeliveryEach } from './outbox.js';
 import {
   compareKeys,
   destinationOf,
@@ -185,7 +185,7 @@ export async function retryFailedRows(
       const key = keyOf(r);
       keys.set(keyName(key), key);
     }
-    for (const key of [...keys.values()].sort(compareKeys)) await enqueueDelivery(trx, boss, key);
+    await enqueueDeliveryEach(trx, boss, [...keys.values()].sort(compareKeys));
     return { rows: reset.length, keys: keys.size, refused, deferred };
   });
 }
