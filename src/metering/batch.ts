@@ -33,6 +33,7 @@ import type { Logger } from '../log.js';
 import { startSpan } from '../observability/tracing.js';
 import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
+import type { ClaimLimit } from './claim-limit.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
@@ -100,6 +101,8 @@ export interface BatchDeps {
   leases?: LeaseKeeper;
   /** The process's lease length (lease-length.ts; default: DELIVERY_LEASE_SECONDS, whatever claims take). */
   leaseLength?: LeaseLength;
+  /** How many of the process's batches claim at once (claim-limit.ts; default: no limit). */
+  claimLimit?: ClaimLimit;
   /**
    * Waits after the claim until every standby that could be promoted has it (src/db/replication.ts);
    * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
@@ -267,6 +270,9 @@ async function deliverDestination(
   // clock from an instant before that, so it never outlives the lease. Its length is the process's
   // (lease-length.ts): longer while its claims are slow.
   const length = deps.leaseLength ?? fixedLeaseLength(config);
+  // A turn to claim first (claim-limit.ts): while claims are slow, fewer run at once. Nothing is held
+  // while waiting for it, and the lease's length is read after it.
+  const giveTurnBack = (await deps.claimLimit?.acquire()) ?? (() => {});
   let leaseSeconds = length.seconds();
   const claimStarted = timers.now();
   let leaseDeadline = claimStarted + leaseSeconds * 1000;
@@ -309,11 +315,14 @@ async function deliverDestination(
       ),
     })
     .catch(async (err: unknown) => {
+      giveTurnBack();
       await stopRenewing();
       throw err;
     });
   const claimMs = timers.now() - claimStarted;
+  giveTurnBack();
   length.record(claimMs);
+  deps.claimLimit?.record(claimStarted, claimMs);
   const leased = claimed.filter((k): k is LeasedKey => k.state === 'leased');
   leasedCount = leased.length;
   if (leased.length === 0) {

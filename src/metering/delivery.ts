@@ -29,6 +29,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
+import { adaptiveClaimLimit } from './claim-limit.js';
 import {
   type CorrectionClient,
   correctionsOnConnectedAccount,
@@ -339,10 +340,19 @@ export async function startDelivery(
     .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
   // One lease length per process: its batches learn from each other's claims.
   const leaseLength = adaptiveLeaseLength(ctx.config);
+  // Fewer claims at once while claims are slow (claim-limit.ts): at most one per fetcher.
+  const claimLimit = adaptiveClaimLimit({
+    max: Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT),
+    leaseSeconds: ctx.config.DELIVERY_LEASE_SECONDS,
+    now: monotonicNow,
+    onHalved: (limit, claimMs) =>
+      log.info({ limit, claimMs: Math.round(claimMs) }, 'claims are slow: fewer claims at once'),
+  });
   const depsFor = (distributed: boolean): BatchDeps => ({
     db,
     leases,
     leaseLength,
+    claimLimit,
     boss: ctx.boss,
     transport,
     hold: holds.stripe,
