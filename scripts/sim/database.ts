@@ -77,7 +77,8 @@ export function openDatabase(world: World, restart: () => void): Database {
   ): Promise<T> => {
     const latency = statementLatency();
     const generation = world.dbGeneration;
-    let locked = true;
+    // A statement sent while no server is up reaches none: it locks nothing (it fails on connect).
+    let locked = !world.dbDown;
     // A claim's key rows stay locked until it commits, or until the server stops it (its worker died).
     const unlock = () => {
       if (!locked) return;
@@ -89,7 +90,7 @@ export function openDatabase(world: World, restart: () => void): Database {
     // A connection that goes silent: no answer ever; the client's own timeout ends the wait.
     const silent =
       !world.quiet && profile.silentConnections > 0 && hostileRng.next() < profile.silentConnections;
-    lockClaim(options.claims, 1);
+    if (locked) lockClaim(options.claims, 1);
     return new Promise<T>((resolve, reject) => {
       let answered = false;
       const answer = (settle: () => void) => {
