@@ -118,6 +118,7 @@ CREATE TABLE meter_delivery_keys (
   next_call_at timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL,
   retry_at timestamp with time zone,
   hold text,
+  ambiguous_call_at timestamp with time zone,
   CONSTRAINT meter_delivery_keys_by_org_destination_check CHECK ((destination = ANY (ARRAY['stripe'::text, 'metronome'::text]))),
   CONSTRAINT meter_delivery_keys_by_org_event_name_check CHECK ((event_name = ANY (ARRAY['temperature_readings'::text, 'active_sensors'::text]))),
   CONSTRAINT meter_delivery_keys_by_org_hold_check CHECK ((hold = 'meter_missing'::text)),

@@ -16,6 +16,7 @@ import {
   type KeyRow,
   leaseDecision,
   nextGroupRows,
+  renewableGroup,
 } from '../../src/metering/rules/claim.js';
 import { correctionAction } from '../../src/metering/rules/corrections.js';
 import type { GroupSettlement, KeySettlement } from '../../src/metering/rules/decision.js';
@@ -315,6 +316,8 @@ export class ModelDb {
         leaseOwner: options.owner,
         leaseExpiresAt: new Date(t + options.leaseSeconds * 1000),
         hold: null,
+        // A lease taken over from a batch that never settled: its call may have landed.
+        ambiguousCallAt: row.leaseOwner !== null ? new Date(t) : (row.ambiguousCallAt ?? null),
       });
       this.everLeased.set(options.owner, (this.everLeased.get(options.owner) ?? 0) + 1);
       this.longestLeaseMs = Math.max(this.longestLeaseMs, options.leaseSeconds * 1000);
@@ -371,10 +374,13 @@ export class ModelDb {
       const corrections = pending.some((r) => r.kind === 'correction');
       const ahead = usage.filter((r) => r.identifier === null && r.occurredAt > dueBy);
       const dueAt = Math.min(...ahead.map((r) => r.occurredAt)) - FUTURE_ALLOWANCE_SECONDS * 1000;
+      const group =
+        identifier && members.length > 0 ? this.groupOf(key.eventName, identifier, members) : null;
+      if (group && renewableGroup(row, group.identifiedAt)) group.renewable = true;
       out.push({
         ...ref,
         state: 'leased',
-        group: identifier && members.length > 0 ? this.groupOf(key.eventName, identifier, members) : null,
+        group,
         expired,
         corrections,
         moreUsage,
@@ -434,7 +440,10 @@ export class ModelDb {
     for (const g of groups) {
       for (const r of this.rows) {
         if (r.identifier !== g.identifier || r.status !== 'pending' || refuse(keyName(r))) continue;
-        if (g.status !== 'pending' && g.status !== 'accepted') r.status = g.status;
+        if (g.status === 'renew') {
+          r.identifier = null;
+          r.reissues++;
+        } else if (g.status !== 'pending' && g.status !== 'accepted') r.status = g.status;
         if (g.status === 'accepted') r.acceptedAt = t;
         r.lastError = g.status === 'delivered' || g.status === 'accepted' ? null : (g.error ?? r.lastError);
         r.attempts += g.counted ? 1 : 0;
@@ -455,6 +464,7 @@ export class ModelDb {
           ? new Date(Math.max(row.nextCallAt.getTime(), t + options.minIntervalMs))
           : row.nextCallAt,
         retryAt: k.backoffMs !== undefined ? new Date(t + k.backoffMs) : k.called ? null : row.retryAt,
+        ambiguousCallAt: k.ambiguous ? new Date(t) : (row.ambiguousCallAt ?? null),
       });
     }
     return refused;
@@ -469,6 +479,7 @@ export class ModelDb {
         leaseOwner: null,
         leaseExpiresAt: null,
         nextCallAt: new Date(Math.max(row.nextCallAt.getTime(), nextCallAt.getTime())),
+        ambiguousCallAt: new Date(this.now()),
       });
       n++;
     }
@@ -529,7 +540,7 @@ export class ModelDb {
     const out: KeyRef[] = [];
     for (const [name, row] of this.keys) {
       if (row.leaseOwner === null || !row.leaseExpiresAt || row.leaseExpiresAt.getTime() >= t) continue;
-      this.keys.set(name, { ...row, leaseOwner: null, leaseExpiresAt: null });
+      this.keys.set(name, { ...row, leaseOwner: null, leaseExpiresAt: null, ambiguousCallAt: new Date(t) });
       out.push(this.keyRefs.get(name)!);
     }
     return out;

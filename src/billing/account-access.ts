@@ -20,13 +20,17 @@ export async function holdAccountAccess(
   eventCreated: Date,
   message: string,
 ): Promise<boolean> {
+  if (!(await billsOn(trx, account))) return false;
+  // A plain VALUES upsert: on Citus a router statement on the single-shard destination_health, which
+  // an INSERT ... SELECT from the reference table is not. Its DO UPDATE takes the time from `excluded`
+  // (Citus allows only immutable functions there).
   const { rows } = await sql<{ account: string }>`
     INSERT INTO destination_health AS h (destination, account, state, down_since, next_probe_at,
-                                         access_refused_since, access_refused_message, access_event_created, outages)
-    SELECT 'stripe', ${account}, 'down', clock_timestamp(),
-           clock_timestamp() + make_interval(secs => ${FIRST_PROBE_SECONDS}),
-           clock_timestamp(), ${message}, ${eventCreated}, 1
-     WHERE EXISTS (SELECT 1 FROM stripe_customer_accounts WHERE stripe_account = ${account})
+                                         access_refused_since, access_refused_message, access_event_created,
+                                         outages, updated_at)
+    VALUES ('stripe', ${account}, 'down', clock_timestamp(),
+            clock_timestamp() + make_interval(secs => ${FIRST_PROBE_SECONDS}),
+            clock_timestamp(), ${message}, ${eventCreated}, 1, clock_timestamp())
     ON CONFLICT (destination, account) DO UPDATE
        SET state = 'down',
            down_since = coalesce(h.down_since, excluded.down_since),
@@ -36,10 +40,19 @@ export async function holdAccountAccess(
            access_refused_message = excluded.access_refused_message,
            access_event_created = excluded.access_event_created,
            outages = h.outages + CASE WHEN h.state = 'up' THEN 1 ELSE 0 END,
-           updated_at = now()
+           updated_at = excluded.updated_at
      WHERE h.access_event_created IS NULL OR h.access_event_created <= excluded.access_event_created
     RETURNING h.account`.execute(trx);
   return rows.length > 0;
+}
+
+/** Whether meterbox bills a customer on the account (stripe_customer_accounts: a reference table on Citus). */
+async function billsOn(trx: Transaction<DB>, account: string): Promise<boolean> {
+  const { rows } = await sql<{ ours: boolean }>`
+    SELECT EXISTS (SELECT 1 FROM stripe_customer_accounts WHERE stripe_account = ${account}) AS ours`.execute(
+    trx,
+  );
+  return rows[0]?.ours === true;
 }
 
 /**
@@ -53,12 +66,15 @@ export async function endAccountAccessHold(
   account: string,
   eventCreated: Date,
 ): Promise<number | null> {
-  const { rows } = await sql<{ was_held: boolean }>`
-    WITH o AS (SELECT access_refused_since IS NOT NULL AS was_held FROM destination_health
-                WHERE destination = 'stripe' AND account = ${account})
-    INSERT INTO destination_health AS h (destination, account, access_event_created)
-    SELECT 'stripe', ${account}, ${eventCreated}
-     WHERE EXISTS (SELECT 1 FROM stripe_customer_accounts WHERE stripe_account = ${account})
+  if (!(await billsOn(trx, account))) return null;
+  // The row as it was, locked (a router statement on Citus), then a VALUES upsert: on Citus neither
+  // an INSERT ... SELECT nor a RETURNING that reads a CTE is a router statement.
+  const { rows: before } = await sql<{ held: boolean }>`
+    SELECT access_refused_since IS NOT NULL AS held FROM destination_health
+     WHERE destination = 'stripe' AND account = ${account} FOR UPDATE`.execute(trx);
+  const { rows } = await sql<{ account: string }>`
+    INSERT INTO destination_health AS h (destination, account, access_event_created, updated_at)
+    VALUES ('stripe', ${account}, ${eventCreated}, clock_timestamp())
     ON CONFLICT (destination, account) DO UPDATE
        SET state = CASE WHEN h.access_refused_since IS NULL THEN h.state ELSE 'up' END,
            down_since = CASE WHEN h.access_refused_since IS NULL THEN h.down_since END,
@@ -67,26 +83,41 @@ export async function endAccountAccessHold(
            failures = CASE WHEN h.access_refused_since IS NULL THEN h.failures ELSE 0 END,
            failing_keys = CASE WHEN h.access_refused_since IS NULL THEN h.failing_keys ELSE '{}' END,
            access_refused_since = NULL, access_refused_message = NULL,
-           access_event_created = excluded.access_event_created, updated_at = now()
+           access_event_created = excluded.access_event_created, updated_at = excluded.updated_at
      WHERE h.access_event_created IS NULL OR h.access_event_created <= excluded.access_event_created
-    RETURNING coalesce((SELECT was_held FROM o), false) AS was_held`.execute(trx);
-  const row = rows[0];
-  if (!row) return null;
-  if (!row.was_held) return 0;
-  // In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
-  const { rows: woken } = await sql<{ customer: string; event_name: string }>`
-    WITH w AS (
-      SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
-       WHERE destination = 'stripe' AND retry_at > now()
-         AND stripe_customer_id IN (SELECT stripe_customer_id FROM stripe_customer_accounts
-                                     WHERE stripe_account = ${account})
-       ORDER BY 1, 2, 3, 4
-         FOR UPDATE)
-    UPDATE meter_delivery_keys d SET retry_at = NULL
-      FROM w
-     WHERE d.organization_id = w.organization_id AND d.stripe_customer_id = w.stripe_customer_id
-       AND d.event_name = w.event_name AND d.destination = w.destination
-    RETURNING d.stripe_customer_id AS customer, d.event_name`.execute(trx);
+    RETURNING h.account`.execute(trx);
+  if (rows.length === 0) return null;
+  if (before[0]?.held !== true) return 0;
+  // The account's waiting keys, read without a lock (every shard on Citus), then woken one
+  // organization at a time: each statement a router statement on Citus, locking that organization's
+  // key rows in key order as every statement that locks several keys does (the claim, the settle),
+  // organizations in order too: no deadlock.
+  const { rows: on } = await sql<{ customer: string }>`
+    SELECT stripe_customer_id AS customer FROM stripe_customer_accounts WHERE stripe_account = ${account}`.execute(
+    trx,
+  );
+  const customers = on.map((r) => r.customer);
+  const { rows: waiting } = await sql<{ organization_id: string }>`
+    SELECT DISTINCT organization_id FROM meter_delivery_keys
+     WHERE destination = 'stripe' AND retry_at > now() AND stripe_customer_id = ANY(${customers}::text[])
+     ORDER BY 1`.execute(trx);
+  const woken: { customer: string; event_name: string }[] = [];
+  for (const { organization_id } of waiting) {
+    const { rows: keys } = await sql<{ customer: string; event_name: string }>`
+      WITH w AS (
+        SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+         WHERE organization_id = ${organization_id} AND destination = 'stripe' AND retry_at > now()
+           AND stripe_customer_id = ANY(${customers}::text[])
+         ORDER BY 1, 2, 3, 4
+           FOR UPDATE)
+      UPDATE meter_delivery_keys d SET retry_at = NULL
+        FROM w
+       WHERE d.organization_id = ${organization_id} AND d.organization_id = w.organization_id
+         AND d.stripe_customer_id = w.stripe_customer_id AND d.event_name = w.event_name
+         AND d.destination = w.destination
+      RETURNING d.stripe_customer_id AS customer, d.event_name`.execute(trx);
+    woken.push(...keys);
+  }
   if (woken.length === 0) return 0;
   // Their jobs (named by customer and meter in their data) start now rather than at the wait's end.
   await sql`

@@ -216,6 +216,11 @@ export interface MeterDeliveryKeysTable {
   hold: 'meter_missing' | null;
   /** migrations/0024: the key's destination (part of the primary key). */
   destination: ColumnType<Destination, Destination | undefined, Destination>;
+  /**
+   * migrations/0080: the latest call of the key that may have been recorded (an ambiguous answer, or a
+   * lease that ended without its settle), on the database clock; null: none since tracking began.
+   */
+  ambiguous_call_at: Timestamp | null;
 }
 
 /** migrations/0024: which destinations bill an organization's usage, by the usage's time. */

@@ -627,6 +627,12 @@ function report(deps: Pick<BatchDeps, 'log' | 'observer'>, notes: readonly Note[
         );
         observer.onDeadLetter?.(note.key.eventName, note.reason);
         break;
+      case 'renewed':
+        at(note.key, note.group.identifier).info(
+          { rows: note.group.rows, identifiedAt: note.group.identifiedAt.toISOString() },
+          'identifier past the window and never recorded (a long hold): its rows take a new identifier',
+        );
+        break;
       case 'held':
         held.add(note.key.eventName);
         break;

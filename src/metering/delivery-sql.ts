@@ -105,6 +105,7 @@ interface ClaimRow {
   rows: number | null;
   attempts: number | null;
   identified_at: Date | null;
+  renewable: boolean | null;
   expired: number;
   corrections: boolean | null;
   more: boolean | null;
@@ -218,6 +219,7 @@ function toClaimedKey(r: ClaimRow): ClaimedKey {
           oldestCreatedAt: new Date(r.oldest),
           attempts: r.attempts ?? 0,
           identifiedAt: new Date(r.identified_at ?? r.oldest),
+          ...(r.renewable === true ? { renewable: true } : {}),
         }
       : null;
   return {
@@ -357,7 +359,11 @@ async function claimStatement(
     ),
     leased AS (
       UPDATE meter_delivery_keys k
-         SET lease_owner = ${options.owner}, lease_expires_at = ${leaseUntil}, leased_at = c.at, hold = NULL
+         SET lease_owner = ${options.owner}, lease_expires_at = ${leaseUntil}, leased_at = c.at, hold = NULL,
+             -- A lease that ran out with an owner left (its batch died, or a redrive took it) may
+             -- have carried a call that landed: the group in flight is no longer renewable past the
+             -- identifier window (migrations/0080).
+             ambiguous_call_at = CASE WHEN k.lease_owner IS NOT NULL THEN c.at ELSE k.ambiguous_call_at END
         FROM free f, c
        WHERE ${scope('k')} k.organization_id = f.organization_id
          AND k.stripe_customer_id = f.stripe_customer_id AND k.event_name = f.event_name
@@ -457,6 +463,9 @@ async function claimStatement(
                   -- Passed over while another statement held its row: look again in a second.
                   ELSE c.at + interval '1 second' END - c.at) * 1000))::int AS wait_ms,
            a.identifier, a.value, a.ts, a.oldest, a.rows, a.attempts, a.identified_at,
+           -- No call with the group's identifier can have been recorded (migrations/0080): the key's
+           -- last possibly recorded call came before the identifier, and no lease ran out unsettled.
+           (s.lease_owner IS NULL AND (s.ambiguous_call_at IS NULL OR s.ambiguous_call_at < a.identified_at)) AS renewable,
            coalesce(a.expired, 0) AS expired, a.corrections, a.more,
            -- When the earliest row stamped past the allowance becomes due (its time less the allowance);
            -- null without one (CASE: greatest() skips a null and would answer 0).
@@ -471,7 +480,8 @@ async function claimStatement(
       -- primary key, one look-up a key (LIMIT keeps the subquery from being flattened into a hash
       -- join over every key row, as the free keys' look-up above).
       LEFT JOIN LATERAL (
-        SELECT d.stripe_customer_id, d.lease_expires_at, d.next_call_at, d.retry_at FROM meter_delivery_keys d
+        SELECT d.stripe_customer_id, d.lease_owner, d.lease_expires_at, d.next_call_at, d.retry_at,
+               d.ambiguous_call_at FROM meter_delivery_keys d
          WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
            AND d.event_name = i.event_name AND d.destination = i.destination
          LIMIT 1) s ON true`.execute(db);
@@ -542,8 +552,9 @@ async function settleStatement(
         FROM unnest(${keys.map((k) => k.organizationId)}::uuid[], ${keys.map((k) => k.customerId)}::text[],
                     ${keys.map((k) => k.eventName)}::text[], ${keys.map((k) => destinationOf(k))}::text[],
                     ${keys.map((k) => k.called)}::bool[],
-                    ${keys.map((k) => (k.backoffMs === undefined ? null : k.backoffMs / 1000))}::float8[])
-        AS k(organization_id, customer, event_name, destination, called, backoff_seconds), c
+                    ${keys.map((k) => (k.backoffMs === undefined ? null : k.backoffMs / 1000))}::float8[],
+                    ${keys.map((k) => k.ambiguous === true)}::bool[])
+        AS k(organization_id, customer, event_name, destination, called, backoff_seconds, ambiguous), c
     ),
     locked AS (
       SELECT d.organization_id, d.stripe_customer_id, d.event_name, d.destination FROM meter_delivery_keys d
@@ -562,10 +573,13 @@ async function settleStatement(
     -- out. Applying it instead could fail rows another owner is delivering, or count its attempts.
     settled AS (
       UPDATE meter_outbox o
-         SET status = CASE WHEN g.status IN ('pending', 'accepted') THEN o.status ELSE g.status END,
+         SET status = CASE WHEN g.status IN ('pending', 'accepted', 'renew') THEN o.status ELSE g.status END,
              accepted_at = CASE WHEN g.status = 'accepted' THEN g.at ELSE o.accepted_at END,
              last_error = CASE WHEN g.status IN ('delivered', 'accepted') THEN NULL ELSE coalesce(g.error, o.last_error) END,
              attempts = o.attempts + g.counted::int,
+             -- Renewed past the identifier window (rules/decide-batch.ts renewIdentifier): the next
+             -- claim regroups the rows under a new identifier (identified_at stays, for its digest).
+             identifier = CASE WHEN g.status = 'renew' THEN NULL ELSE o.identifier END,
              delivered_at = CASE WHEN g.status = 'delivered' THEN g.at ELSE o.delivered_at END,
              updated_at = g.at
         -- Each group meets its own key's lock (one row), then its rows by identifier. Joined through
@@ -585,7 +599,8 @@ async function settleStatement(
                                  THEN greatest(d.next_call_at, ${plusSeconds(sql`k.at`, sql`${options.minIntervalMs / 1000}::float8`)})
                                  ELSE d.next_call_at END,
              retry_at = CASE WHEN k.backoff_seconds IS NOT NULL THEN ${plusSeconds(sql`k.at`, sql`k.backoff_seconds`)}
-                             WHEN k.called THEN NULL ELSE d.retry_at END
+                             WHEN k.called THEN NULL ELSE d.retry_at END,
+             ambiguous_call_at = CASE WHEN k.ambiguous THEN k.at ELSE d.ambiguous_call_at END
         FROM k, locked
        WHERE ${scope('d')} d.organization_id = k.organization_id AND d.stripe_customer_id = k.customer
          AND d.event_name = k.event_name AND d.destination = k.destination
@@ -620,13 +635,16 @@ export async function releaseLeases(
     (o) => o,
     async (_, orgs) => {
       const result = await sql`
-      WITH l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
+      WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
+      l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
                   WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ${owner}
                   ORDER BY 1, 2, 3, 4 FOR UPDATE),
       u AS (UPDATE meter_delivery_keys d
                SET lease_owner = NULL, lease_expires_at = NULL,
-                   next_call_at = greatest(d.next_call_at, ${options.nextCallAt}::timestamptz)
-              FROM l
+                   next_call_at = greatest(d.next_call_at, ${options.nextCallAt}::timestamptz),
+                   -- The failure may have come after a call that landed (migrations/0080).
+                   ambiguous_call_at = c.at
+              FROM l, c
              WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ${owner}
             RETURNING 1)
       SELECT count(*)::int AS n FROM u`.execute(db);
@@ -723,8 +741,9 @@ export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promi
              WHERE ${orgs ? sql`organization_id = ANY(${orgArray(orgs)}) AND ` : sql``}
                    lease_owner IS NOT NULL AND lease_expires_at < c.at
              ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys SKIP LOCKED),
-      u AS (UPDATE meter_delivery_keys d SET lease_owner = NULL, lease_expires_at = NULL
-              FROM l
+      -- Its batch died: a call it made may have landed (migrations/0080).
+      u AS (UPDATE meter_delivery_keys d SET lease_owner = NULL, lease_expires_at = NULL, ambiguous_call_at = c.at
+              FROM l, c
              WHERE ${orgs ? keyMatch('d', 'l', orgs) : sql.raw(KEY_MATCH('d', 'l'))}
             RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
       SELECT * FROM u`;

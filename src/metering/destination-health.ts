@@ -19,6 +19,8 @@ import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Metrics } from '../observability/metrics.js';
 import { plusSeconds } from './budget.js';
+import type { Placement } from './delivery-sql.js';
+import { citusRouter, perShardGroup } from './delivery-sql-shapes.js';
 import { queueDeliveries } from './outbox.js';
 import {
   type Gate,
@@ -185,8 +187,11 @@ export async function recordHealth(
  * CONNECT_ACCESS_PROBE_MAX_SECONDS later. Returns whether the platform's Stripe delivery was held.
  */
 export async function probeKeyHoldNow(db: Kysely<DB>): Promise<boolean> {
+  // The clock read once in a materialized CTE: Citus refuses a volatile function in an UPDATE.
   const { rows } = await sql<{ held: number }>`
-    UPDATE destination_health SET next_probe_at = clock_timestamp(), updated_at = now()
+    WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now)
+    UPDATE destination_health SET next_probe_at = c.now, updated_at = c.now
+      FROM c
      WHERE ${ROW('stripe', '')} AND access_refused_since IS NOT NULL
     RETURNING 1 AS held`.execute(db);
   return rows.length > 0;
@@ -208,11 +213,15 @@ export async function recordRetryAfter(
   account = '',
 ): Promise<void> {
   await ensureRow(db, destination, account);
+  // The clock read once in a materialized CTE and added to with immutable arithmetic: Citus refuses
+  // a volatile function in an UPDATE.
   await sql`
+    WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now)
     UPDATE destination_health
        SET retry_after_until = greatest(coalesce(retry_after_until, '-infinity'),
-                                        clock_timestamp() + make_interval(secs => ${ms / 1000})),
-           updated_at = now()
+                                        ${plusSeconds(sql`c.now`, sql`${ms / 1000}::float8`)}),
+           updated_at = c.now
+      FROM c
      WHERE ${ROW(destination, account)}`.execute(db);
 }
 
@@ -232,6 +241,7 @@ export async function resumeWaiting(
   only?: readonly KeyRef[],
   /** Stripe Connect: the keys of this connected account's customers ('': the platform's own). */
   account = '',
+  placement: Placement = {},
 ): Promise<KeyRef[]> {
   const ofAccount =
     destination !== 'stripe'
@@ -246,7 +256,8 @@ export async function resumeWaiting(
             SELECT * FROM unnest(${only.map((k) => k.organizationId)}::uuid[], ${only.map((k) => k.customerId)}::text[],
                                  ${only.map((k) => k.eventName)}::text[]))`
     : sql``;
-  const { rows } = await sql<{
+  const waiting = sql`destination = ${destination} AND retry_at > now() ${filter} ${ofAccount}`;
+  const statement = (orgs: readonly string[] | null) => sql<{
     organization_id: string;
     customer: string;
     event_name: MeterEventName;
@@ -254,14 +265,28 @@ export async function resumeWaiting(
     WITH w AS (
       -- In key order, as every statement that locks several keys (the claim, the settle): no deadlock.
       SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
-       WHERE destination = ${destination} AND retry_at > now() ${filter} ${ofAccount}
+       WHERE ${orgs ? sql`organization_id = ANY(${[...orgs]}::uuid[]) AND ` : sql``} ${waiting}
        ORDER BY 1, 2, 3, 4
          FOR UPDATE)
     UPDATE meter_delivery_keys d SET retry_at = NULL
       FROM w
-     WHERE d.organization_id = w.organization_id AND d.stripe_customer_id = w.stripe_customer_id
+     WHERE ${orgs ? sql`d.organization_id = ANY(${[...orgs]}::uuid[]) AND ` : sql``}
+           d.organization_id = w.organization_id AND d.stripe_customer_id = w.stripe_customer_id
        AND d.event_name = w.event_name AND d.destination = w.destination AND d.retry_at > now()
-    RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name`.execute(db);
+    RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name`;
+  // On Citus: the organizations with waiting keys read first (every shard, no lock), then the
+  // statement per shard group, each a router statement that locks rows on one node only.
+  const rows = !placement.distributed
+    ? (await statement(null).execute(db)).rows
+    : await perShardGroup(
+        placement.router ?? citusRouter(db),
+        (
+          await sql<{ organization_id: string }>`
+            SELECT DISTINCT organization_id FROM meter_delivery_keys WHERE ${waiting}`.execute(db)
+        ).rows.map((r) => r.organization_id),
+        (o) => o,
+        async (_, orgs) => (await statement(orgs).execute(db)).rows,
+      );
   const keys = rows.map((r) =>
     keyRef({
       organizationId: r.organization_id,

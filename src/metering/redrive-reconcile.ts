@@ -85,7 +85,9 @@ interface GroupRow {
   timestamp: Date;
   sum: string;
   last: string;
-  original_timestamp: Date | null;
+  /** A correction group: the outbox row it corrects (one of its rows'), to find the original's time. */
+  corrects: string | null;
+  organization_id: string;
 }
 
 /**
@@ -105,17 +107,31 @@ async function groupsOfHour(
            bool_or(g.accepted_at IS NOT NULL) AS accepted, max(g.delivered_at) AS delivered_at,
            max(g.occurred_at) AS timestamp, sum(g.value)::text AS sum,
            (array_agg(g.value ORDER BY g.occurred_at DESC, g.id DESC))[1]::text AS last,
-           (SELECT max(o.occurred_at) FROM meter_outbox o
-             WHERE o.identifier = (SELECT u.identifier FROM meter_outbox u WHERE u.id = min(g.corrects_outbox_id))
-               AND o.kind = 'usage') AS original_timestamp
+           min(g.corrects_outbox_id)::text AS corrects, min(g.organization_id::text) AS organization_id
       FROM meter_outbox g
      WHERE g.destination = ${key.destination} AND g.stripe_customer_id = ${key.customerId}
        AND g.event_name = ${key.eventName} AND g.identifier IS NOT NULL
        AND g.occurred_at >= ${from} AND g.occurred_at < ${to}
      GROUP BY g.identifier`.execute(db);
+  // A cancel's effect is at its original event's time: read apart, joined on the organization (on
+  // Citus a correlated subquery here was refused: "complex joins are only supported when all
+  // distributed tables are co-located and joined on their distribution columns").
+  const corrects = rows.filter((r) => r.corrects !== null);
+  const originals = new Map<string, Date>();
+  if (corrects.length > 0) {
+    const { rows: found } = await sql<{ id: string; at: Date }>`
+      SELECT u.id::text AS id, max(o.occurred_at) AS at
+        FROM meter_outbox u JOIN meter_outbox o
+          ON o.organization_id = u.organization_id AND o.identifier = u.identifier AND o.kind = 'usage'
+       WHERE u.id = ANY(${corrects.map((r) => r.corrects)}::bigint[])
+         AND u.organization_id = ANY(${corrects.map((r) => r.organization_id)}::uuid[])
+       GROUP BY u.id`.execute(db);
+    for (const f of found) originals.set(f.id, new Date(f.at));
+  }
   return rows.map((r) => {
     const cancel = r.kind === 'correction' && r.action === 'cancel';
-    const at = cancel && r.original_timestamp ? r.original_timestamp : r.timestamp;
+    const original = r.corrects === null ? undefined : originals.get(r.corrects);
+    const at = cancel && original ? original : r.timestamp;
     const value =
       r.kind === 'correction'
         ? -BigInt(r.sum)

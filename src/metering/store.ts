@@ -156,16 +156,17 @@ export function sqlStore(deps: {
         })),
       );
     },
-    // Off when DESTINATION_DOWN_AFTER_FAILURES is 0, and on Citus (its statements are not shaped
-    // for a distributed database yet: every failure is the group's there, as before).
-    ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0 && !distributed
+    // Off when DESTINATION_DOWN_AFTER_FAILURES is 0. On Citus its row is one of a single-shard table
+    // and each statement a router statement there; the wake-up of waiting keys runs per shard group.
+    ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0
       ? {
           health: {
             gate: () => gateCalls(db, destination, account),
             record: (report: HealthReport, refusal?: string) =>
               recordHealth(db, destination, report, healthPolicy(deps.config), account, refusal),
             retryAfter: (ms: number) => recordRetryAfter(db, destination, ms, account),
-            resumeWaiting: (keys?: readonly KeyRef[]) => resumeWaiting(db, boss, destination, keys, account),
+            resumeWaiting: (keys?: readonly KeyRef[]) =>
+              resumeWaiting(db, boss, destination, keys, account, placement),
             callable: () => callable(db, destination, account),
           },
         }

@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
 import { ACCESS_REFUSED_WAIT_MS, meaningOf } from '../../src/metering/rules/answers.js';
-import { leaseDecision, nextGroupRows } from '../../src/metering/rules/claim.js';
+import { leaseDecision, nextGroupRows, renewableGroup } from '../../src/metering/rules/claim.js';
 import { correctionAction } from '../../src/metering/rules/corrections.js';
 import { decideBatch } from '../../src/metering/rules/decide-batch.js';
 import {
@@ -17,7 +17,11 @@ import {
 import { planCalls } from '../../src/metering/rules/plan.js';
 import { backoffMs, deliveryPolicy } from '../../src/metering/rules/policy.js';
 import { reconcileWindow, redriveVerdict } from '../../src/metering/rules/reconcile.js';
-import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../../src/metering/stripe-meter.js';
+import {
+  ACCOUNT_ACCESS_REFUSED,
+  PLATFORM_KEY_REFUSED,
+  type SendOutcome,
+} from '../../src/metering/stripe-meter.js';
 
 const NOW = new Date('2026-11-20T10:30:00Z');
 const policy = deliveryPolicy(
@@ -287,6 +291,55 @@ describe('the identifier window', () => {
       'reconcile_first',
     );
     expect(redriveVerdict({ identifiedAt: new Date(NOW.getTime() - 3600_000) }, NOW, policy)).toBe('resend');
+  });
+
+  it('renews a group past the window that nothing recorded (a long hold), and fails one a call may have reached', () => {
+    const past = (renewable: boolean) =>
+      leased({
+        group: group({
+          identifiedAt: new Date(NOW.getTime() - 25 * 3600_000),
+          ...(renewable ? { renewable: true } : {}),
+        }),
+      }) as Extract<ClaimedKey, { state: 'leased' }>;
+    const decided = (claimed: Extract<ClaimedKey, { state: 'leased' }>) =>
+      decideBatch({
+        jobs: [{ id: 'job-1', key }],
+        claimed: [claimed],
+        corrections: new Map(),
+        answers: [],
+        pastWindow: planCalls([claimed], new Map(), NOW, policy).pastWindow,
+        now: NOW,
+        policy,
+      });
+    const renewed = decided(past(true));
+    expect(renewed.groups).toEqual([
+      { ...key, identifier: 'mb_tr_1_abc', status: 'renew', called: false, counted: false },
+    ]);
+    expect(renewed.followUps).toEqual([{ key, afterMs: 0, why: 'renewed' }]);
+    expect(renewed.results).toEqual([{ id: 'job-1', status: 'completed', output: expect.anything() }]);
+    const failed = decided(past(false));
+    expect(failed.groups).toMatchObject([{ status: 'failed', called: false, counted: false }]);
+    expect(failed.results).toMatchObject([{ id: 'job-1', status: 'deadletter' }]);
+  });
+
+  it('marks a key whose call may have been recorded (timeout, 5xx, reset), never one definitively refused', () => {
+    const answered = (outcome: SendOutcome) => decide(leased(), outcome).keys[0]?.ambiguous === true;
+    expect(answered({ kind: 'retryable', reason: 'timeout', message: 'timed out' })).toBe(true);
+    expect(answered({ kind: 'retryable', reason: 'server_error', status: 500, message: 'boom' })).toBe(true);
+    expect(answered({ kind: 'retryable', reason: 'network', message: 'ECONNRESET' })).toBe(true);
+    expect(answered({ kind: 'retryable', reason: 'rate_limited', status: 429, message: 'slow' })).toBe(false);
+    expect(
+      answered({ kind: 'retryable', reason: ACCOUNT_ACCESS_REFUSED, status: 403, message: 'no access' }),
+    ).toBe(false);
+    expect(
+      answered({ kind: 'retryable', reason: PLATFORM_KEY_REFUSED, status: 401, message: 'bad key' }),
+    ).toBe(false);
+    expect(answered({ kind: 'retryable', reason: 'conflict', status: 409, message: 'busy' })).toBe(true);
+    expect(renewableGroup(undefined, NOW)).toBe(true);
+    const row = { leaseOwner: null, leaseExpiresAt: null, nextCallAt: NOW, retryAt: null, hold: null };
+    expect(renewableGroup({ ...row, ambiguousCallAt: new Date(NOW.getTime() - 1) }, NOW)).toBe(true);
+    expect(renewableGroup({ ...row, ambiguousCallAt: NOW }, NOW)).toBe(false);
+    expect(renewableGroup({ ...row, leaseOwner: 'dead-batch' }, NOW)).toBe(false);
   });
 
   it('finds the one subset of failed groups a destination total explains, and calls anything else ambiguous', () => {

@@ -1,7 +1,12 @@
 // What an answer means: for the group it answers (meaningOf) and for its destination's health
 // (destinationVerdict).
 
-import { accountAccessRefused, type SendOutcome } from '../stripe-meter.js';
+import {
+  ACCOUNT_ACCESS_REFUSED,
+  accountAccessRefused,
+  PLATFORM_KEY_REFUSED,
+  type SendOutcome,
+} from '../stripe-meter.js';
 import type { Answer } from './keys.js';
 
 /** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
@@ -67,6 +72,29 @@ export function meaningOf(outcome: SendOutcome, options: { validating: boolean }
   }
 }
 
+/**
+ * Retryable answers that are definitive refusals: the destination recorded nothing under the call's
+ * identifiers (a 429, a timestamp ahead, the account's or the key's access refused). Any other
+ * retryable answer (a timeout, a connection error, a 5xx, a 409 whose meaning differs between
+ * destinations, whatever else) may have been recorded.
+ */
+const NOTHING_RECORDED: ReadonlySet<string> = new Set([
+  'rate_limited',
+  'timestamp_in_future',
+  ACCOUNT_ACCESS_REFUSED,
+  PLATFORM_KEY_REFUSED,
+]);
+
+/**
+ * Whether a call so answered may have been recorded under its identifier while its group stays
+ * pending: such a group can never take a new identifier past the window (migrations/0080), since the
+ * destination may hold the old one's usage. Answers that settle the group (delivered, accepted,
+ * expired, failed) say nothing more about a group that is no longer pending.
+ */
+export function possiblyRecorded(outcome: SendOutcome): boolean {
+  return outcome.kind === 'retryable' && !NOTHING_RECORDED.has(outcome.reason);
+}
+
 /** Reasons of a retryable answer that are the destination's failure, not the event's or the key's. */
 const DESTINATION_FAILURES: ReadonlySet<string> = new Set(['server_error', 'timeout', 'network']);
 
@@ -90,7 +118,7 @@ export const DESTINATION_DOWN_REASON = 'destination_down';
 
 /**
  * How long a group refused by its connected account waits when no hold is recorded for the account
- * (destination health off: DESTINATION_DOWN_AFTER_FAILURES=0, or Citus): each key then looks again
+ * (destination health off: DESTINATION_DOWN_AFTER_FAILURES=0): each key then looks again
  * on its own, uncounted, once a minute.
  */
 export const ACCESS_REFUSED_WAIT_MS = 60_000;

@@ -11,6 +11,19 @@ export interface KeyRow {
   nextCallAt: Date;
   retryAt: Date | null;
   hold: 'meter_missing' | null;
+  /** The key's latest call that may have been recorded, or lease that ended unsettled (migrations/0080). */
+  ambiguousCallAt?: Date | null;
+}
+
+/**
+ * Whether the key's group identified at `identifiedAt` can have been recorded by no call (SQL: the
+ * claim's `renewable`): no lease of the key ran out unsettled, and its last possibly recorded call
+ * came before the identifier was committed.
+ */
+export function renewableGroup(row: KeyRow | undefined, identifiedAt: Date): boolean {
+  if (!row) return true;
+  if (row.leaseOwner !== null) return false;
+  return !row.ambiguousCallAt || row.ambiguousCallAt.getTime() < identifiedAt.getTime();
 }
 
 /**

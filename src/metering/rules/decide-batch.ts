@@ -1,5 +1,8 @@
 // decideBatch: what a batch decides after its calls, as the list of its rules in order, each a named
 // function below it.
+//
+// Why this file is long: the list and its rules read in one place, each rule a few lines beside the
+// helpers every rule writes through; split, a reader would follow one decision across files.
 
 import {
   ACCESS_REFUSED_WAIT_MS,
@@ -8,6 +11,7 @@ import {
   lateAmbiguous,
   type Meaning,
   meaningOf,
+  possiblyRecorded,
 } from './answers.js';
 import type { BatchDecision, BatchInput, FollowUp, GroupSettlement, KeySettlement } from './decision.js';
 import { type Answer, type ClaimedKey, type KeyRef, keyName, keyRef, type LeasedKey } from './keys.js';
@@ -19,7 +23,8 @@ import { BUSY_RETRY_MS, backoffMs, PAST_WINDOW_REASON, RATE_LIMITED_RETRY_MS } f
  * - the claim: a key another batch holds, paces or backs off looks again later (`lookAgainLater`); a key
  *   whose meter is missing gets a named hold and no job (`meterHold`); a leased key opens its
  *   settlement (`openLease`);
- * - the identifier window: a group past it fails, never resent blindly (`pastIdentifierWindow`);
+ * - the identifier window: a group past it is renewed when no call can have recorded it, else it fails
+ *   (`pastIdentifierWindow`);
  * - each answer (`settleAnswer`): not called for want of budget or lease time (`notCalled`); the
  *   destination's outage (`outageWait`); then by its meaning (`meaningOf`): `delivered`, `accepted`,
  *   `expiredAtDestination`, `rateLimited`, the connected account's hold (`connectHold`), a retry with
@@ -57,6 +62,7 @@ function settleAnswer(d: Draft, answer: Answer): void {
     return;
   }
   settlement.called = true;
+  if (possiblyRecorded(answer.outcome)) settlement.ambiguous = true;
   const { outage, policy } = d.input;
   if (outage && destinationVerdict(answer.outcome) === 'failure' && !lateAmbiguous(answer)) {
     outageWait(d, answer, settlement, outage);
@@ -121,10 +127,20 @@ function openLease(d: Draft, key: LeasedKey): void {
   }
 }
 
-/** The identifier window: a group past it is never resent blindly; it fails, uncalled, and waits for a
- * reconciled redrive. */
+/** The identifier window: a group past it is never resent under its identifier. A usage group no call
+ * can have recorded (every call definitively refused, or none made: a long hold) is renewed: its rows
+ * lose the identifier, uncalled, uncounted, and the key's next claim (at once) regroups them under a new
+ * one; nothing is at the destination under the old one, so nothing is billed twice. Any other group
+ * fails, uncalled, and waits for a reconciled redrive. */
 function pastIdentifierWindow(d: Draft, p: PlannedCall): void {
-  const message = `not resent: identifier ${p.group.identifier} was committed at ${p.group.identifiedAt.toISOString()}, past the window in which the destination surely deduplicates it; reconcile before redriving`;
+  if (p.group.renewable === true && !p.correction) {
+    settleGroup(d, p, 'renew', { called: false, counted: false });
+    d.decision.notes.push({ kind: 'renewed', key: keyRef(p.key), group: p.group });
+    followUp(d, keyRef(p.key), 0, 'renewed');
+    d.unsent.add(keyName(p.key));
+    return;
+  }
+  const message = `not resent: identifier ${p.group.identifier} was committed at ${p.group.identifiedAt.toISOString()}, past the window in which the destination surely deduplicates it, and a call with it may have been recorded (an ambiguous answer, or a batch that died after calling); reconcile before redriving`;
   deadLetter(d, p, { reason: PAST_WINDOW_REASON, message }, false);
 }
 

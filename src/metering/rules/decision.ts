@@ -9,7 +9,9 @@ import type { DeliveryPolicy } from './policy.js';
  * The key is the group's own (a group is one key's rows): the settle finds the rows through it. */
 export interface GroupSettlement extends KeyRef {
   identifier: string;
-  status: 'delivered' | 'failed' | 'expired' | 'accepted' | 'pending';
+  /** `renew`: pending again without an identifier (past the window, never recorded): the next claim
+   * regroups its rows under a new one. */
+  status: 'delivered' | 'failed' | 'expired' | 'accepted' | 'pending' | 'renew';
   error?: string;
   /** A call was made for the group in this batch (any answer, 429 included). */
   called: boolean;
@@ -23,6 +25,8 @@ export interface KeySettlement extends KeyRef {
   called: boolean;
   /** A retryable failure: the key backs off this long (from the settle's clock). */
   backoffMs?: number;
+  /** A call of the key may have been recorded (an ambiguous answer: answers.ts possiblyRecorded). */
+  ambiguous?: boolean;
 }
 
 export interface FollowUp {
@@ -38,7 +42,9 @@ export interface FollowUp {
     | 'more'
     | 'corrections'
     /** Usage stamped ahead becomes due (LeasedKey.dueInMs). */
-    | 'due';
+    | 'due'
+    /** A group past the identifier window took a new identifier (renewIdentifier). */
+    | 'renewed';
 }
 
 /** What a batch tells the log and the metrics: one note per thing that happened. */
@@ -56,6 +62,8 @@ export type Note =
   | { kind: 'retry'; key: KeyRef; group: ClaimedGroup; reason: string; message: string; backoffMs: number }
   | { kind: 'rate_limited'; key: KeyRef; group: ClaimedGroup }
   | { kind: 'dead_letter'; key: KeyRef; group: ClaimedGroup; reason: string; message: string }
+  /** A group past the identifier window that nothing recorded: renewed, to be sent under a new identifier. */
+  | { kind: 'renewed'; key: KeyRef; group: ClaimedGroup }
   | { kind: 'held'; key: KeyRef }
   /** The destination is down or asked to wait: the key waits on it, nothing counted. */
   | { kind: 'destination_wait'; key: KeyRef; waitMs: number }

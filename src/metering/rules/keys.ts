@@ -103,6 +103,12 @@ export interface ClaimedGroup {
   attempts: number;
   /** When the identifier was committed: no call with it is older, so the dedupe window starts here. */
   identifiedAt: Date;
+  /**
+   * No call with this identifier can have been recorded at the destination (migrations/0080): every
+   * call since it was committed was definitively refused, or never made. Past the identifier window
+   * such a group takes a new identifier instead of failing (decide-batch.ts renewIdentifier).
+   */
+  renewable?: boolean;
 }
 
 export type ClaimedKey = KeyRef &
