@@ -40,6 +40,8 @@ const SLOW = [
   'test/e2e/destinations-ledger.test.ts',
   // A simulated month through both emulators: a period-boundary cut-over under faults.
   'test/e2e/period-migration.test.ts',
+  // The same migration with worker processes SIGKILLed under load, against an independent fake Metronome.
+  'test/e2e/period-migration-kills.test.ts',
   'test/e2e/cron-active-sensors.test.ts',
   // Stripe, then Metronome, down for a minute under load (two minutes of outage, then the recovery).
   'test/e2e/destination-outage.test.ts',

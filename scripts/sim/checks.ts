@@ -188,6 +188,62 @@ export function checkLedger(
       }
     }
     if (c.mode === 'cutover' || c.mode === 'parallel-cutover') checkCutover(world, c);
+    if (c.mode === 'period') checkPeriodCutover(world, c);
+  }
+}
+
+const HOUR_MS = 3_600_000;
+const iso = (t: number) => new Date(t).toISOString();
+
+/**
+ * A period-boundary migration, from the Stripe model's subscription and what each destination billed:
+ * the cut-over is the end of the first billing period that starts at or after the shadow's start (the
+ * hour boundary at or before it); every reading is delivered to the destinations in force at its time
+ * (Stripe before the cut-over, Metronome from the shadow's start) and **invoiced** by exactly one:
+ * Stripe, or Metronome while its customer is billable — never both (the shadow is unbillable), never
+ * neither.
+ */
+function checkPeriodCutover(world: World, c: Customer) {
+  const p = c.period;
+  if (!p) return;
+  const { stripe, metronome, violate } = world;
+  let whole = stripe.periodAt(c.customerId, p.shadowFrom);
+  if (whole.start < p.shadowFrom) whole = stripe.periodAt(c.customerId, whole.end);
+  const cut = Math.floor(whole.end / HOUR_MS) * HOUR_MS;
+  if (c.cutoverAt !== cut)
+    violate(
+      `period migration of ${c.customerId}: cut-over at ${iso(c.cutoverAt)}, not at the end of the first period shadowed whole (${iso(whole.start)} → ${iso(whole.end)}, shadow from ${iso(p.shadowFrom)})`,
+    );
+  const billedAt = new Map<number, Set<Destination>>();
+  const seen = new Set<number>();
+  const expired = new Set<number>();
+  for (const r of world.db.rows) {
+    if (r.organizationId !== c.organizationId || r.kind !== 'usage') continue;
+    const reading = world.mirrors.get(r.id);
+    if (reading === undefined) continue;
+    if (r.status === 'expired') expired.add(reading);
+    seen.add(reading);
+    if (r.status !== 'delivered') continue;
+    const at = billedAt.get(reading) ?? new Set<Destination>();
+    at.add(r.destination);
+    billedAt.set(reading, at);
+  }
+  for (const reading of seen) {
+    if (expired.has(reading)) continue;
+    const t = world.readingTimes.get(reading)!;
+    const want: Destination[] =
+      t < p.shadowFrom ? ['stripe'] : t < c.cutoverAt ? ['metronome', 'stripe'] : ['metronome'];
+    const at = billedAt.get(reading) ?? new Set<Destination>();
+    const got = [...at].sort();
+    const where = `reading ${reading} of ${c.customerId} at ${iso(t)} (shadow from ${iso(p.shadowFrom)}, period cut-over ${iso(c.cutoverAt)})`;
+    if (got.join() !== want.join())
+      violate(`${where} billed by ${got.join(' and ') || 'neither destination'}, not ${want.join(' and ')}`);
+    const invoiced = [
+      ...(at.has('stripe') ? ['stripe'] : []),
+      ...(at.has('metronome') && metronome.billableAt(c.alias, t) ? ['metronome'] : []),
+    ];
+    if (got.length > 0 && invoiced.length !== 1)
+      violate(`${where} invoiced by ${invoiced.length === 0 ? 'neither' : 'both'} Stripe and Metronome`);
   }
 }
 

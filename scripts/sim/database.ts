@@ -7,6 +7,7 @@ import type { CallSlots } from '../../src/metering/budget.js';
 import { type KeyRef, keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
 import type { DeliveryStore } from '../../src/metering/store.js';
 import type { ModelState, Row } from './model.js';
+import { ACCESS_REFUSED_MESSAGE } from './stripe-model.js';
 import {
   CLIENT_TIMEOUT_MS,
   crash,
@@ -208,6 +209,10 @@ export function openDatabase(world: World, restart: () => void): Database {
             // retried until due, never failed (with the valid readings of its group).
             if (g.status === 'failed' && g.error !== undefined && /in the future/i.test(g.error))
               violate(`group ${g.identifier} failed for a timestamp in the future: ${g.error}`);
+            // A connected account that refuses the platform access holds its own keys: its groups wait,
+            // uncounted, until the account is back; never failed for it (rules/decide-batch.ts connectHold).
+            if (g.status === 'failed' && g.error?.includes(ACCESS_REFUSED_MESSAGE))
+              violate(`group ${g.identifier} failed for its account's access refusal: ${g.error}`);
             for (const r of db.rows) {
               if (r.identifier === g.identifier && r.attempts > spec.retryLimit + 1) {
                 violate(`row ${r.id} has ${r.attempts} attempts, limit ${spec.retryLimit}`);

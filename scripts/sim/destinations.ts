@@ -7,7 +7,7 @@
 import type { Destination } from '../../src/db/schema.js';
 import type { CorrectionClient } from '../../src/metering/corrections.js';
 import { keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
-import type { SendOutcome } from '../../src/metering/stripe-meter.js';
+import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { METRONOME_DEDUPE_MS } from './metronome-model.js';
 import { type CallEvent, STRIPE_DEDUPE_MS, STRIPE_FUTURE_MS } from './stripe-model.js';
@@ -125,10 +125,25 @@ export function destinationsOf(world: World): Destinations {
                 status: 500,
               };
           }
-          // A 429 and a timestamp not yet due (rules/decide-batch.ts) do not count toward the retry limit.
+          if (o?.kind === 'retryable' && o.reason === ACCOUNT_ACCESS_REFUSED) {
+            // Mutation: the account's refusal read as the destination's failure, counted toward the limit.
+            if (mutations.has('accessRefusalCounted'))
+              arrival.outcomes[i] = {
+                kind: 'retryable',
+                reason: 'server_error',
+                message: o.message,
+                status: 500,
+              };
+          }
+          const a = arrival.outcomes[i];
+          // A 429, a timestamp not yet due and a connected account's refusal of access
+          // (rules/decide-batch.ts) do not count toward the retry limit.
           const uncounted =
-            o?.kind === 'retryable' && (o.reason === 'rate_limited' || o.reason === 'timestamp_in_future');
-          if (cancel || !o || uncounted) continue;
+            a?.kind === 'retryable' &&
+            (a.reason === 'rate_limited' ||
+              a.reason === 'timestamp_in_future' ||
+              a.reason === ACCOUNT_ACCESS_REFUSED);
+          if (cancel || !a || uncounted) continue;
           const n = (world.calls.get(e.identifier) ?? 0) + 1;
           world.calls.set(e.identifier, n);
           // At most DELIVERY_RETRY_LIMIT + 1 counted calls a group; a batch killed or failed after

@@ -35,6 +35,12 @@ export function destinationsAt(c: Customer, at: number): { destination: Destinat
       return at < c.cutoverAt ? [stripeKey] : [metronomeKey];
     case 'parallel-cutover':
       return at < c.cutoverAt ? [stripeKey, metronomeKey] : [metronomeKey];
+    case 'period':
+      return at < (c.period?.shadowFrom ?? c.cutoverAt)
+        ? [stripeKey]
+        : at < c.cutoverAt
+          ? [stripeKey, metronomeKey]
+          : [metronomeKey];
   }
 }
 

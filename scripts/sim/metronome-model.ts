@@ -37,6 +37,8 @@ export class MetronomeModel {
   events: Recorded[] = [];
   private byId = new Map<string, Recorded[]>();
   faults: MetronomeFaults = { ...NO_METRONOME_FAULTS };
+  /** Customer (alias) → its billable status changes (setBillableStatus); none: billable. */
+  readonly billable = new Map<string, { status: 'billable' | 'unbillable'; effectiveAt: number }[]>();
 
   constructor(
     private readonly now: () => number,
@@ -96,6 +98,18 @@ export class MetronomeModel {
       }
     }
     return sum;
+  }
+
+  /** Whether the customer's usage at `t` is invoiced: the last change effective at or before `t`. */
+  billableAt(customer: string, t: number): boolean {
+    let status: 'billable' | 'unbillable' = 'billable';
+    let since = Number.NEGATIVE_INFINITY;
+    for (const c of this.billable.get(customer) ?? [])
+      if (c.effectiveAt <= t && c.effectiveAt >= since) {
+        status = c.status;
+        since = c.effectiveAt;
+      }
+    return status === 'billable';
   }
 
   doubled(): string[] {

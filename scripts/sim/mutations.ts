@@ -32,6 +32,12 @@ export const MUTATIONS = {
   futureFails:
     'a destination\'s "timestamp in the future" counts as a failed attempt: the group is failed at its retry limit instead of retried until the timestamp is due',
   reportHourFromHostClock: "the hourly report's hour comes from the worker's wall clock, not the database's",
+  billableWhileShadowing:
+    'a period-boundary migration never makes the Metronome customer unbillable: the shadowed usage is invoiced by both',
+  cutOverAtPeriodUnderWay:
+    'a period-boundary migration cuts over at the end of the period under way when the parallel run starts, not of the first period it shadows whole',
+  accessRefusalCounted:
+    "a connected account's refusal of the platform's access is read as a server error: counted toward the group's retry limit, then failed",
 } as const;
 
 export type Mutation = keyof typeof MUTATIONS;

@@ -10,6 +10,8 @@
 // calls and the checks on each (destinations.ts) → the worker processes running the real batch
 // (workers.ts) → readings, upkeep and faults in time (load.ts) → the activity, checked after every step
 // (checks.ts, coverage) → the world quiets and is redriven (quiet.ts) → the ledger (checks.ts).
+import { nextHourBoundary } from '../../src/admin/destinations.js';
+import { billableSchedule, planPeriodCutOver, type StripeBillingPeriod } from '../../src/billing/periods.js';
 import { type Config, loadConfig } from '../../src/config.js';
 import { type KeyRef, keyName } from '../../src/metering/rules/keys.js';
 import { deliveryPolicy } from '../../src/metering/rules/policy.js';
@@ -172,6 +174,7 @@ function createWorld(
     mode: (rng.next() < spec.metronome ? modes[rng.int(modes.length)]! : 'stripe') as Mode,
     cutoverAt: START + rng.int(Math.max(1, spec.minutes) * 60_000),
   }));
+  drawMigrationsAndAccounts(seed, spec, customers, stripe, metronome, mutations);
   return {
     seed,
     spec,
@@ -223,6 +226,80 @@ function createWorld(
     readingTimes: new Map(),
     voided: new Map(),
   };
+}
+
+const HOUR_MS = 3_600_000;
+/** The connected account of the worlds that have one, which refuses the platform access for a while. */
+const SIM_ACCOUNT = 'acct_sim_1';
+
+/**
+ * Period-boundary migrations and a connected account, drawn from a stream of their own so that a seed's
+ * world without them is the world it drew before they existed. Half the customers moving from a
+ * parallel run to Metronome alone do it the way Stripe's runbook does (src/admin/period-migration.ts):
+ * the operator started the run in the month before the period compared, Metronome shadows from the next
+ * hour boundary, and the product's plan (planPeriodCutOver) on the period the Stripe model stated then
+ * puts the cut-over at the end of the first period shadowed whole; the Metronome customer is unbillable
+ * until then (billableSchedule). A quarter of the worlds have a connected account that about half the
+ * Stripe-only customers are on and that refuses the platform access for a while during the run.
+ */
+function drawMigrationsAndAccounts(
+  seed: number,
+  spec: WorldSpec,
+  customers: Customer[],
+  stripe: StripeModel,
+  metronome: MetronomeModel,
+  mutations: ReadonlySet<Mutation>,
+): void {
+  const extra = seededRandom(seed ^ 0x9e40d);
+  const span = Math.max(1, spec.minutes) * 60_000;
+  for (const c of customers) {
+    if (c.mode !== 'parallel-cutover' || extra.next() >= 0.5) continue;
+    // Half the time the period compared ends an hour or two after the run starts (a short world is then
+    // shadowed throughout), else within three hours before it or during it (a long world crosses it).
+    // (Stripe's anchors and periods are whole seconds.)
+    const end =
+      extra.next() < 0.5
+        ? START + HOUR_MS + 1000 * extra.int(3600)
+        : START - 3 * HOUR_MS + 1000 * extra.int(Math.floor(span / 1000) + 3 * 3600);
+    stripe.anchors.set(c.customerId, end);
+    const compared = stripe.periodAt(c.customerId, end - 1);
+    const startedAt = compared.start - 2 * HOUR_MS - extra.int(20 * 24 * HOUR_MS);
+    const stated = stripe.periodAt(c.customerId, startedAt);
+    const shadowFrom = nextHourBoundary(new Date(startedAt));
+    const period: StripeBillingPeriod = {
+      subscriptionId: `sub_${c.customerId}`,
+      // Mutation: the period under way when the run starts is taken as shadowed whole.
+      periodStart: new Date(mutations.has('cutOverAtPeriodUnderWay') ? shadowFrom.getTime() : stated.start),
+      periodEnd: new Date(stated.end),
+      anchor: new Date(end),
+      interval: 'month',
+      intervalCount: 1,
+    };
+    const plan = planPeriodCutOver(period, shadowFrom, shadowFrom);
+    c.mode = 'period';
+    c.cutoverAt = plan.cutOverAt.getTime();
+    c.period = {
+      startedAt,
+      shadowFrom: plan.shadowFrom.getTime(),
+      periodStart: plan.periodStart.getTime(),
+      periodEnd: plan.periodEnd.getTime(),
+    };
+    const schedule = billableSchedule(plan.cutOverAt, new Date(startedAt))
+      // Mutation: the Metronome customer is never made unbillable while it shadows.
+      .filter((b) => !mutations.has('billableWhileShadowing') || b.status === 'billable')
+      .map((b) => ({ status: b.status, effectiveAt: b.effectiveAt.getTime() }));
+    metronome.billable.set(c.alias, schedule);
+  }
+  if (extra.next() < 0.25) {
+    const from = START + extra.int(Math.ceil(span / 2));
+    const until = from + 20_000 + extra.int(Math.min(Math.ceil(span / 2), 10 * 60_000));
+    stripe.refusals.set(SIM_ACCOUNT, { from, until });
+    for (const c of customers) {
+      if (c.mode !== 'stripe' || extra.next() >= 0.5) continue;
+      c.account = SIM_ACCOUNT;
+      stripe.accountOf.set(c.customerId, SIM_ACCOUNT);
+    }
+  }
 }
 
 /** Configurations parsed so far, by their variables (a seed's world is one of a few hundred). */

@@ -5,9 +5,11 @@
 // archived meter (the event is accepted, dropped, and named in an error report later), cancels
 // within 24 h, negative values, and the v2 stream's whole-call refusals and asynchronous reports.
 import type { MeterEventName } from '../../src/db/schema.js';
-import type { SendOutcome } from '../../src/metering/stripe-meter.js';
+import { ACCOUNT_ACCESS_REFUSED, type SendOutcome } from '../../src/metering/stripe-meter.js';
 
 export const STRIPE_DEDUPE_MS = 24 * 3600 * 1000;
+/** Stripe's words when a connected account has revoked the platform's access (then the account id). */
+export const ACCESS_REFUSED_MESSAGE = 'The provided key does not have access to account';
 const PAST_MS = 35 * 24 * 3600 * 1000;
 export const STRIPE_FUTURE_MS = 5 * 60 * 1000;
 
@@ -76,6 +78,14 @@ export class StripeModel {
   private arrivals: number[] = [];
   /** A report for a dropped event, delivered as a webhook by the simulation at `at`. */
   onReport: (report: { identifier: string; code: string; at: number }) => void = () => {};
+  /** Customer → its monthly subscription's billing cycle anchor (Stripe Billing; period migrations). */
+  readonly anchors = new Map<string, number>();
+  /**
+   * Customer → the connected account it is on, and account → when it refused the platform access
+   * (deauthorized): every call about its customers is answered 403 `account_invalid` meanwhile.
+   */
+  readonly accountOf = new Map<string, string>();
+  readonly refusals = new Map<string, { from: number; until: number }>();
 
   constructor(
     private readonly now: () => number,
@@ -135,6 +145,8 @@ export class StripeModel {
     const acceptedThen500 = pick(f.acceptedThen500);
     const slow = pick(f.slowAfterRecord);
     const outcomes = events.map((e): SendOutcome => {
+      const refused = this.refusedAt(e.customerId, t);
+      if (refused) return refused;
       const key = `${e.eventName}:${e.customerId}`;
       if ((this.busy.get(key) ?? 0) > t) {
         return {
@@ -158,6 +170,33 @@ export class StripeModel {
         answerDelayMs: processingMs,
       };
     return { outcomes, answerDelayMs: slow ? 60_000 : processingMs };
+  }
+
+  /** Stripe's answer while the customer's connected account has revoked the platform's access. */
+  private refusedAt(customerId: string, t: number): SendOutcome | undefined {
+    const account = this.accountOf.get(customerId);
+    const refusal = account === undefined ? undefined : this.refusals.get(account);
+    if (!refusal || t < refusal.from || t >= refusal.until) return undefined;
+    // What the transport makes of a 403 on a connected account (stripe-meter.ts classifyStripeError).
+    return {
+      kind: 'retryable',
+      reason: ACCOUNT_ACCESS_REFUSED,
+      status: 403,
+      message: `${ACCESS_REFUSED_MESSAGE} '${account}'`,
+    };
+  }
+
+  /**
+   * The subscription's billing period holding `t`: monthly from its anchor, each period ending on the
+   * anchor's day of the month (the last day of a shorter month) at the anchor's time of day.
+   */
+  periodAt(customerId: string, t: number): { start: number; end: number } {
+    const anchor = this.anchors.get(customerId);
+    if (anchor === undefined) throw new Error(`${customerId} has no subscription`);
+    let k = 0;
+    while (monthsAfter(anchor, k) > t) k--;
+    while (monthsAfter(anchor, k + 1) <= t) k++;
+    return { start: monthsAfter(anchor, k), end: monthsAfter(anchor, k + 1) };
   }
 
   private record(e: CallEvent, v2: boolean, t: number): SendOutcome {
@@ -245,4 +284,21 @@ export class StripeModel {
       .filter(([, rs]) => rs.filter((r) => !r.dropped).length > 1)
       .map(([id]) => id);
   }
+}
+
+/** `anchor` moved `k` months (negative: back), kept on the anchor's day or the month's last day. */
+function monthsAfter(anchor: number, k: number): number {
+  const a = new Date(anchor);
+  const y = a.getUTCFullYear();
+  const m = a.getUTCMonth() + k;
+  const last = new Date(Date.UTC(y, m + 1, 0)).getUTCDate();
+  return Date.UTC(
+    y,
+    m,
+    Math.min(a.getUTCDate(), last),
+    a.getUTCHours(),
+    a.getUTCMinutes(),
+    a.getUTCSeconds(),
+    a.getUTCMilliseconds(),
+  );
 }

@@ -69,9 +69,23 @@ export interface Worker {
 /**
  * How a customer's usage is routed: Stripe alone, Metronome alone, both (a parallel run), or moved at
  * an instant of the run (a cut-over: Stripe before it, Metronome from it; or from a parallel run to
- * Metronome alone).
+ * Metronome alone), or at its Stripe billing period's end (`period`: Stripe's runbook, below).
  */
-export type Mode = 'stripe' | 'metronome' | 'parallel' | 'cutover' | 'parallel-cutover';
+export type Mode = 'stripe' | 'metronome' | 'parallel' | 'cutover' | 'parallel-cutover' | 'period';
+
+/**
+ * A period-boundary migration (src/admin/period-migration.ts), started before the run: Metronome
+ * shadows from `shadowFrom` (an hour boundary), unbillable; the cut-over is the product's plan
+ * (planPeriodCutOver) on the period the Stripe model stated when the run was started; `cutoverAt`
+ * is that plan's cut-over.
+ */
+export interface PeriodMigration {
+  /** When the operator started it (the "now" of the plan and of the billable schedule). */
+  startedAt: number;
+  shadowFrom: number;
+  periodStart: number;
+  periodEnd: number;
+}
 
 export interface Customer {
   customerId: string;
@@ -80,6 +94,10 @@ export interface Customer {
   organizationId: string;
   mode: Mode;
   cutoverAt: number;
+  /** Mode `period` only. */
+  period?: PeriodMigration;
+  /** A Stripe Connect account the customer is on (mode `stripe` only); absent: the platform's. */
+  account?: string;
 }
 
 /** What the checks count over a run. */

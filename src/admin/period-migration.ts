@@ -6,7 +6,7 @@ import type Metronome from '@metronome/sdk';
 import { type Kysely, sql } from 'kysely';
 import type Stripe from 'stripe';
 import type { BillingInterval, StripeBillingPeriod } from '../billing/periods.js';
-import { periodEndAfter } from '../billing/periods.js';
+import { billableSchedule, periodEndAfter } from '../billing/periods.js';
 import type { Context } from '../context-type.js';
 import type { DB, Destination } from '../db/schema.js';
 import { findCustomer } from '../metering/metronome.js';
@@ -74,12 +74,10 @@ export async function scheduleMetronomeBillable(
 ): Promise<{ customerId: string }> {
   const customer = await findCustomer(metronome, organizationId);
   if (!customer) throw new DestinationChangeError(`no Metronome customer for organization ${organizationId}`);
-  const set = (billable_status: 'billable' | 'unbillable', effectiveAt: Date) =>
-    metronome.post(`/v1/customers/${customer.id}/setBillableStatus`, {
-      body: { billable_status, effective_at: effectiveAt.toISOString() },
+  for (const change of billableSchedule(cutOverAt, now))
+    await metronome.post(`/v1/customers/${customer.id}/setBillableStatus`, {
+      body: { billable_status: change.status, effective_at: change.effectiveAt.toISOString() },
     });
-  await set('unbillable', now);
-  await set('billable', cutOverAt);
   return { customerId: customer.id };
 }
 

@@ -81,3 +81,20 @@ export function planPeriodCutOver(
     end = periodEndAfter(period.anchor, end, period.interval, period.intervalCount);
   }
 }
+
+/** A Metronome customer's billable status from an instant on (Metronome's setBillableStatus). */
+export interface BillableChange {
+  status: 'billable' | 'unbillable';
+  effectiveAt: Date;
+}
+
+/**
+ * Stripe's guide: the Metronome customer shadows unbillable (its invoices are generated for comparison
+ * and never sent) and is billable from the cut-over, so each reading is invoiced by exactly one system.
+ */
+export function billableSchedule(cutOverAt: Date, now: Date): BillableChange[] {
+  return [
+    { status: 'unbillable', effectiveAt: now },
+    { status: 'billable', effectiveAt: cutOverAt },
+  ];
+}
