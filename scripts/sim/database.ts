@@ -298,7 +298,7 @@ export function openDatabase(world: World, restart: () => void): Database {
             world.counts.readingsLost++;
             continue;
           }
-          const again = db.ingest(r, r.value, r.occurredAt);
+          const again = db.ingest(r, r.value, r.occurredAt).row;
           if (reading !== undefined) world.mirrors.set(again.id, reading);
         }
         world.voided.clear();

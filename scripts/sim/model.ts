@@ -155,8 +155,17 @@ export class ModelDb {
 
   // ─── what ingestion and the operator write ───────────────────────────────────────────────────
 
-  /** An ingestion transaction: one usage row and its key's job (one queued job per key: `short`). */
-  ingest(key: KeyRef & { organizationId: string }, value: bigint, occurredAt: number): Row {
+  /**
+   * An ingestion transaction: one usage row and its key's job (one queued job per key: `short`).
+   * `handOff`: the transaction already holds the job of a later key, so a job it must insert for this
+   * key (none queued) takes a name of its own (outbox.ts handOffName).
+   */
+  ingest(
+    key: KeyRef & { organizationId: string },
+    value: bigint,
+    occurredAt: number,
+    handOff = false,
+  ): { row: Row; job: Job | null } {
     const row = this.insertRow({
       organizationId: key.organizationId,
       customerId: key.customerId,
@@ -167,8 +176,7 @@ export class ModelDb {
       occurredAt,
       correctsId: null,
     });
-    this.insertJob(key, this.now(), 'write');
-    return row;
+    return { row, job: this.insertJob(key, this.now(), 'write', handOff) };
   }
 
   /** A usage correction (admin/corrections.ts): one correction row per voided usage row, and a job. */
@@ -895,8 +903,15 @@ export class ModelDb {
    * boss.insert with the `short` policy: refused when the key already has a created job due no later
    * than the key can next be called (its lease, its pacing, its backoff). A follow-up deferred past that (a v2
    * validation's end) is queued apart from the key's due job, so a new reading never waits for it.
+   * `handOff` (ingestion only): a job inserted is named `<key>#handoff:<id>` (outbox.ts handOffName),
+   * which no insert is refused for and the sweep does not count as the key's.
    */
-  insertJob(key: KeyRef, startAfter: number, origin: Job['origin'] = 'delivery'): Job | null {
+  insertJob(
+    key: KeyRef,
+    startAfter: number,
+    origin: Job['origin'] = 'delivery',
+    handOff = false,
+  ): Job | null {
     // pg-boss's singletonKey: customer, meter and destination (a customer has pending rows in one
     // organization at a time).
     const name = singletonKeyOf(key);
@@ -907,10 +922,11 @@ export class ModelDb {
       if (j.name !== name || j.state !== 'created') continue;
       if (j.startAfter <= due || this.mutations.has('deferredBlocksWrites')) return null;
     }
+    const id = `j${this.nextJobId++}`;
     const job: Job = {
-      id: `j${this.nextJobId++}`,
+      id,
       key: keyRef(key),
-      name,
+      name: handOff ? `${name}#handoff:${id}` : name,
       state: 'created',
       startAfter,
       retryCount: 0,

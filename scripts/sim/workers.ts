@@ -9,7 +9,7 @@ import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
-import { keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
+import { keyName, leaseGrantedTo, singletonKeyOf } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
 import { HOSTS } from './hostile.js';
@@ -189,7 +189,10 @@ export function workersOf(world: World, database: Database, destinations: Destin
       });
     /** The batch (the code under test); its jobs completed, or failed for pg-boss to retry. */
     const runBatch = async (jobs: Job[]) => {
-      const before = new Map(jobs.map((j) => [j.name, world.callsPerKey.get(j.name) ?? 0]));
+      // By the key's name: a hand-off's job has a name of its own (model.ts insertJob).
+      const before = new Map(
+        jobs.map((j) => [singletonKeyOf(j.key), world.callsPerKey.get(singletonKeyOf(j.key)) ?? 0]),
+      );
       let results: { id: string; status: string; output?: unknown }[];
       try {
         results = await deliverBatch(
@@ -312,11 +315,12 @@ export function workersOf(world: World, database: Database, destinations: Destin
           violate(`held key ${j.name} was queued again (${String(output.next)}) by the run that held it`);
         continue;
       }
-      if ((world.callsPerKey.get(j.name) ?? 0) > (before.get(j.name) ?? 0)) continue;
-      const runs = (idleRuns.get(j.name) ?? []).filter((t) => t > now() - 10_000);
+      const name = singletonKeyOf(j.key);
+      if ((world.callsPerKey.get(name) ?? 0) > (before.get(name) ?? 0)) continue;
+      const runs = (idleRuns.get(name) ?? []).filter((t) => t > now() - 10_000);
       runs.push(now());
-      idleRuns.set(j.name, runs);
-      if (runs.length > 30) violate(`key ${j.name} ran ${runs.length} jobs in 10 s without a call (a spin)`);
+      idleRuns.set(name, runs);
+      if (runs.length > 30) violate(`key ${name} ran ${runs.length} jobs in 10 s without a call (a spin)`);
     }
   };
 
