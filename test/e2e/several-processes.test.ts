@@ -26,7 +26,15 @@ const LEASE_SECONDS = Number(FAST_DELIVERY_ENV.DELIVERY_LEASE_SECONDS);
 const it = stripeTest({
   // Each Stripe call takes 100-400 ms, so the SIGTERM finds calls (and their leases) in flight.
   emulator: { faults: { latencyMs: 100, jitterMs: 300 } },
-  env: { ...FAST_DELIVERY_ENV, STRIPE_SECRET_KEY: 'sk_test_several', SHUTDOWN_TIMEOUT_MS: '20000' },
+  env: {
+    ...FAST_DELIVERY_ENV,
+    // This file holds every lease to DELIVERY_LEASE_SECONDS: the lease's growth with slow claims (on by
+    // default, up to DELIVERY_LEASE_MAX_SECONDS) is off here, so a loaded machine's slow claim cannot
+    // lengthen a lease past the bound the file checks.
+    DELIVERY_LEASE_MAX_SECONDS: FAST_DELIVERY_ENV.DELIVERY_LEASE_SECONDS,
+    STRIPE_SECRET_KEY: 'sk_test_several',
+    SHUTDOWN_TIMEOUT_MS: '20000',
+  },
 })
   // The queue carries the short retry options before the first commit (jobs copy them when sent).
   .extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
