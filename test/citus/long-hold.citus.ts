@@ -6,35 +6,21 @@
 // set-up does), not the suite's shared database: after the other files had run there, its deliveries
 // stalled for a minute in three of four full runs of the suite (green alone every time; the cause not
 // found). Starting the cluster takes a few seconds.
-import pg from 'pg';
 import { afterAll, describe, inject } from 'vitest';
-import { loadConfig } from '../../src/config.js';
-import { distributeTables } from '../../src/db/citus.js';
-import { createLogger } from '../../src/log.js';
-import { migrate } from '../../src/migrations.js';
 import {
   ambiguousGroup,
   type EmulatorClock,
   LONG_HOLD_ENV,
   neverRecordedGroup,
 } from '../metering/long-hold-scenario.js';
-import { startCitusCluster } from '../support/citus.js';
+import { migrateAndDistribute, startCitusCluster } from '../support/citus.js';
 import { stripeTest } from '../support/test.js';
 
 const available = inject('citusUrl') !== '';
 const cluster = available ? await startCitusCluster(2) : undefined;
 afterAll(async () => cluster?.stop());
 const url = cluster?.coordinator.url ?? '';
-if (cluster) {
-  await migrate(url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    await distributeTables(client);
-  } finally {
-    await client.end();
-  }
-}
+if (cluster) await migrateAndDistribute(url);
 const KEY = 'sk_test_citus_long_hold_0123456789';
 const clock: EmulatorClock = { ahead: 0 };
 

@@ -2,13 +2,8 @@
 // this machine (test/support/citus.ts), meterbox's migrations on the coordinator, then
 // `meterbox citus distribute`'s function. The files share that one distributed database, one after
 // the other. Without a Citus build the project is skipped, loudly, except in CI, where it fails.
-import pg from 'pg';
 import type { TestProject } from 'vitest/node';
-import { loadConfig } from '../../src/config.js';
-import { distributeTables } from '../../src/db/citus.js';
-import { createLogger } from '../../src/log.js';
-import { migrate } from '../../src/migrations.js';
-import { CITUS_INSTALL, citusInstalled, startCitusCluster } from './citus.js';
+import { CITUS_INSTALL, citusInstalled, migrateAndDistribute, startCitusCluster } from './citus.js';
 import { testSeed } from './random.js';
 
 declare module 'vitest' {
@@ -34,14 +29,7 @@ export default async function setup(project: TestProject): Promise<(() => Promis
   const cluster = await startCitusCluster(2);
   try {
     const url = cluster.coordinator.url;
-    await migrate(url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
-    const client = new pg.Client({ connectionString: url });
-    await client.connect();
-    try {
-      await distributeTables(client);
-    } finally {
-      await client.end();
-    }
+    await migrateAndDistribute(url);
     console.log(
       `[meterbox tests] Citus cluster: coordinator 127.0.0.1:${cluster.coordinator.port}, workers ${cluster.workers
         .map((w) => `127.0.0.1:${w.port}`)

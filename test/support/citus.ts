@@ -2,10 +2,26 @@
 export * from '../../scripts/lib/citus.js';
 
 import { Kysely, PostgresDialect } from 'kysely';
-import type pg from 'pg';
+import pg from 'pg';
 import { citusQuery } from '../../scripts/lib/citus.js';
+import { loadConfig } from '../../src/config.js';
+import { distributeTables } from '../../src/db/citus.js';
 import type { DB } from '../../src/db/schema.js';
+import { createLogger } from '../../src/log.js';
+import { migrate } from '../../src/migrations.js';
 import { waitFor } from './wait.js';
+
+/** meterbox's migrations on the coordinator at `url`, then `meterbox citus distribute`'s function. */
+export async function migrateAndDistribute(url: string): Promise<void> {
+  await migrate(url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    await distributeTables(client);
+  } finally {
+    await client.end();
+  }
+}
 
 /** Waits until every outbox row of `orgs` is delivered, counted through the coordinator at `url`. */
 export async function untilDeliveredOnCluster(
