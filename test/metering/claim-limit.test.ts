@@ -1,18 +1,24 @@
-// The claim limit (src/metering/claim-limit.ts): every fetcher claims at once while claims are quick;
-// a slow claim halves the limit once per round of claims; quick claims give turns back; a waiting batch
-// gets its turn in order as soon as one is free.
+// The claim limit (src/metering/claim-limit.ts): a process starts with two claims at once and, until a
+// claim is slow, every claim that was not slow gives one more turn, up to every fetcher; a slow claim
+// halves the limit once per round of claims and ends that start; quick claims give turns back; a waiting
+// batch gets its turn in order as soon as one is free.
 import { sql } from 'kysely';
 import { describe, expect, it as unit } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { adaptiveClaimLimit, type ClaimLimit } from '../../src/metering/claim-limit.js';
+import {
+  adaptiveClaimLimit,
+  type ClaimLimit,
+  INITIAL_CLAIMS_AT_ONCE,
+} from '../../src/metering/claim-limit.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { takeQueuedJob, v1BatchDeps, writeRows } from './delivery-helpers.js';
 
-function limitAt(max = 8, leaseSeconds = 9) {
+/** A limit of `max` fetchers that starts at `initial` claims at once (by default all of them). */
+function limitAt(max = 8, leaseSeconds = 9, initial = max) {
   let now = 0;
-  const limit = adaptiveClaimLimit({ max, leaseSeconds, now: () => now });
+  const limit = adaptiveClaimLimit({ max, leaseSeconds, now: () => now, initial });
   return { limit, at: (ms: number) => (now = ms) };
 }
 
@@ -25,6 +31,55 @@ async function settled(p: Promise<unknown>): Promise<boolean> {
 }
 
 describe('the claim limit', () => {
+  unit('starts with two claims at once: the first crowd of fetchers waits for their turns', async () => {
+    expect(INITIAL_CLAIMS_AT_ONCE).toBe(2);
+    let now = 0;
+    const limit = adaptiveClaimLimit({ max: 8, leaseSeconds: 9, now: () => now });
+    expect(limit.limit()).toBe(2);
+    const crowd = Array.from({ length: 8 }, () => limit.acquire());
+    const admitted = await Promise.all(crowd.map((p) => settled(p)));
+    expect(admitted).toEqual([true, true, false, false, false, false, false, false]);
+    // A claim that was not slow (2 s against a 9 s lease: not quick either) gives a turn while the start
+    // lasts; the next fetcher in line is admitted.
+    now = 2_000;
+    limit.record(0, 2_000);
+    expect(limit.limit()).toBe(3);
+    expect(await settled(crowd[2] as Promise<unknown>)).toBe(true);
+    expect(await settled(crowd[3] as Promise<unknown>)).toBe(false);
+    for (const p of crowd) void p.then((give) => give());
+  });
+
+  unit('reaches every fetcher after a few claims on a healthy database', () => {
+    const limit = adaptiveClaimLimit({ max: 8, leaseSeconds: 10, now: () => 0 });
+    for (let i = 0; i < 6; i++) limit.record(0, 20);
+    expect(limit.limit()).toBe(8);
+    limit.record(0, 20);
+    expect(limit.limit()).toBe(8);
+  });
+
+  unit('ends the start at the first slow claim: after it, only quick claims give turns', () => {
+    let now = 0;
+    const limit = adaptiveClaimLimit({ max: 8, leaseSeconds: 9, now: () => now });
+    limit.record(0, 2_000);
+    limit.record(0, 2_000);
+    expect(limit.limit()).toBe(4);
+    now = 10_000;
+    limit.record(1, 4_000); // slow: over 3 s
+    expect(limit.limit()).toBe(2);
+    limit.record(10_001, 2_000); // neither slow nor quick: no longer a turn
+    expect(limit.limit()).toBe(2);
+    limit.record(10_002, 900); // quick
+    expect(limit.limit()).toBe(3);
+  });
+
+  unit('a slow claim at one claim at once ends the start too', () => {
+    const limit = adaptiveClaimLimit({ max: 8, leaseSeconds: 9, now: () => 0, initial: 1 });
+    limit.record(0, 5_000);
+    expect(limit.limit()).toBe(1);
+    limit.record(0, 2_000);
+    expect(limit.limit()).toBe(1);
+  });
+
   unit('lets every fetcher claim at once while claims are quick', async () => {
     const { limit } = limitAt(8);
     const turns = await Promise.all(Array.from({ length: 8 }, () => limit.acquire()));
