@@ -281,14 +281,21 @@ async function deliverDestination(
   // when it started after the claim had returned and held every key the batch leased.
   let claimed: ClaimedKey[] | undefined;
   let leasedCount = 0;
+  // A renewal asks for the process's lease as it is now, never less than the batch's own: a batch that
+  // claimed quickly and then met a database gone slow (other batches' claims of a minute, renewals
+  // waiting seconds for CPU) renews for what its process has learned since, not for the 10 s it started
+  // with, which lapsed under it and was reaped (docs/benchmarks.md). A renewal's own time is learned too:
+  // a lease must outlast the next renewal's wait.
   const renewOnce = async () => {
     const counted = claimed !== undefined;
     const at = timers.now();
-    const seconds = leaseSeconds;
+    const seconds = Math.max(leaseSeconds, length.seconds());
+    leaseSeconds = seconds;
     const held = await store.renew(owner, seconds).catch((err: unknown) => {
       deps.log.warn({ err }, 'could not renew delivery leases; calls stay bounded by the old deadline');
       return -1;
     });
+    if (held >= 0) length.recordRenewal(timers.now() - at);
     if (counted && held === leasedCount) leaseDeadline = Math.max(leaseDeadline, at + seconds * 1000);
   };
   let stopRenewing = timers.every(renewEveryMs(config), renewOnce);

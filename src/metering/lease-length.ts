@@ -13,7 +13,7 @@ import type { Config } from '../config.js';
 /** A lease covers this many times the slowest recent claim: the claim, then its calls and its settle. */
 export const LEASE_WORK_FACTOR = 3;
 
-/** How many recent claims the lease length looks back on. */
+/** How many recent claims (and, apart, renewals) the lease length looks back on. */
 const RECENT_CLAIMS = 16;
 
 export interface LeaseLength {
@@ -23,11 +23,14 @@ export interface LeaseLength {
   covering(elapsedMs: number): number;
   /** A claim took `elapsedMs` (monotonic clock). */
   record(elapsedMs: number): void;
+  /** A renewal of a batch's leases took `elapsedMs`, its wait for the lease connection included. */
+  recordRenewal(elapsedMs: number): void;
 }
 
 /**
  * The lease length of one process: max(DELIVERY_LEASE_SECONDS, LEASE_WORK_FACTOR × the slowest of the
- * last RECENT_CLAIMS claims), capped at DELIVERY_LEASE_MAX_SECONDS (at or below the configured lease: no growth). Fast claims bring it back down to the
+ * last RECENT_CLAIMS claims and of the last RECENT_CLAIMS renewals: a lease must outlast the wait of the
+ * renewal that extends it), capped at DELIVERY_LEASE_MAX_SECONDS (at or below the configured lease: no growth). Fast claims bring it back down to the
  * configured lease within RECENT_CLAIMS batches, so a worker killed on a healthy database frees its keys
  * as soon as before.
  */
@@ -37,16 +40,21 @@ export function adaptiveLeaseLength(
   const base = config.DELIVERY_LEASE_SECONDS;
   // At or below the configured lease: no growth.
   const cap = Math.max(base, config.DELIVERY_LEASE_MAX_SECONDS);
-  const recent: number[] = [];
+  // Claims and renewals apart: renewals come every few seconds from every batch, and in one window
+  // they would push a slow claim out of it within seconds.
+  const claims: number[] = [];
+  const renewals: number[] = [];
+  const keep = (recent: number[], ms: number) => {
+    recent.push(ms);
+    if (recent.length > RECENT_CLAIMS) recent.shift();
+  };
   const forWork = (ms: number) => Math.min(cap, Math.max(base, Math.ceil((LEASE_WORK_FACTOR * ms) / 1000)));
-  const seconds = () => forWork(recent.length > 0 ? Math.max(...recent) : 0);
+  const seconds = () => forWork(Math.max(0, ...claims, ...renewals));
   return {
     seconds,
     covering: (elapsedMs) => Math.max(seconds(), forWork(elapsedMs)),
-    record(elapsedMs) {
-      recent.push(elapsedMs);
-      if (recent.length > RECENT_CLAIMS) recent.shift();
-    },
+    record: (elapsedMs) => keep(claims, elapsedMs),
+    recordRenewal: (elapsedMs) => keep(renewals, elapsedMs),
   };
 }
 
@@ -56,5 +64,6 @@ export function fixedLeaseLength(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>)
     seconds: () => config.DELIVERY_LEASE_SECONDS,
     covering: () => config.DELIVERY_LEASE_SECONDS,
     record: () => undefined,
+    recordRenewal: () => undefined,
   };
 }
