@@ -173,7 +173,13 @@ export function openDatabase(world: World, restart: () => void): Database {
             const row = db.keys.get(keyName(k));
             // (A lease a redrive revoked was counted as taken over then: load.ts.)
             const revoked = row?.leaseOwner && leaseGrantedTo(row.leaseOwner) !== row.leaseOwner;
-            if (row?.leaseOwner && !revoked && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < dbNow())
+            const slackMs = (options.takeOverAfterSeconds ?? 0) * 1000;
+            if (
+              row?.leaseOwner &&
+              !revoked &&
+              row.leaseExpiresAt &&
+              row.leaseExpiresAt.getTime() + slackMs < dbNow()
+            )
               world.counts.takeovers++;
           }
           const claimed = db.claim(keys, options);

@@ -294,6 +294,7 @@ export class ModelDb {
       maxRows: number;
       sendable: readonly MeterEventName[];
       pastWindowMs?: number;
+      takeOverAfterSeconds?: number;
     },
   ): ClaimedKey[] {
     // The database's clock starts the lease and decides the windows (the worker's clock may be off).
@@ -307,7 +308,11 @@ export class ModelDb {
         out.push({ ...ref, state: 'held' });
         continue;
       }
-      const decision = leaseDecision(this.keys.get(name), new Date(this.now()));
+      const decision = leaseDecision(
+        this.keys.get(name),
+        new Date(this.now()),
+        (options.takeOverAfterSeconds ?? 0) * 1000,
+      );
       if (decision.state !== 'leased') {
         out.push({ ...ref, state: decision.state, waitMs: Math.ceil(decision.waitMs) });
         continue;
@@ -533,8 +538,8 @@ export class ModelDb {
   }
 
   /** expiredLeaseKeys: the keys whose lease ran out with an owner left, read without freeing them. */
-  expiredLeaseKeys(): KeyRef[] {
-    const t = this.now();
+  expiredLeaseKeys(takeOverAfterMs = 0): KeyRef[] {
+    const t = this.now() - takeOverAfterMs;
     const out: KeyRef[] = [];
     for (const [name, row] of this.keys)
       if (row.leaseOwner !== null && row.leaseExpiresAt && row.leaseExpiresAt.getTime() < t)
@@ -543,11 +548,16 @@ export class ModelDb {
   }
 
   /** reapLeases: leases past their expiry with an owner left. */
-  reap(): KeyRef[] {
+  reap(takeOverAfterMs = 0): KeyRef[] {
     const t = this.now();
     const out: KeyRef[] = [];
     for (const [name, row] of this.keys) {
-      if (row.leaseOwner === null || !row.leaseExpiresAt || row.leaseExpiresAt.getTime() >= t) continue;
+      if (
+        row.leaseOwner === null ||
+        !row.leaseExpiresAt ||
+        row.leaseExpiresAt.getTime() + takeOverAfterMs >= t
+      )
+        continue;
       this.keys.set(name, { ...row, leaseOwner: null, leaseExpiresAt: null, ambiguousCallAt: new Date(t) });
       out.push(this.keyRefs.get(name)!);
     }
@@ -555,7 +565,7 @@ export class ModelDb {
   }
 
   /** orphanedJobs (delivery.ts): active jobs older than `olderThanMs` whose key holds no live lease. */
-  orphans(olderThanMs: number): Job[] {
+  orphans(olderThanMs: number, takeOverAfterMs = 0): Job[] {
     const t = this.now();
     return [...this.jobs.values()].filter((j) => {
       if (j.state !== 'active' || j.startedAt === null || j.startedAt >= t - olderThanMs) return false;
@@ -563,7 +573,7 @@ export class ModelDb {
       if (this.claiming.has(keyName(j.key)) && !this.mutations.has('reaperRequeuesRunningClaim'))
         return false;
       const k = this.keys.get(keyName(j.key));
-      return !(k?.leaseOwner && k.leaseExpiresAt && k.leaseExpiresAt.getTime() >= t);
+      return !(k?.leaseOwner && k.leaseExpiresAt && k.leaseExpiresAt.getTime() + takeOverAfterMs >= t);
     });
   }
 

@@ -8,7 +8,7 @@ import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
+import { adaptiveLeaseLength, takeOverAfterSeconds } from '../../src/metering/lease-length.js';
 import { keyName, leaseGrantedTo, singletonKeyOf } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
@@ -259,10 +259,12 @@ export function workersOf(world: World, database: Database, destinations: Destin
     // the orphans completed and the leases freed (a lease that ran out meanwhile queued too), in that
     // order, so that no instant leaves such a key with neither a lease nor a job. (One statement here
     // for the last four: between them every key has its job.)
-    const reapOnce = () =>
-      statement(w, () => db.expiredLeaseKeys()).then(async (expired) => {
+    const reapOnce = () => {
+      // The product's slack: a lease that ran out within this process's lease growth is left to its owner.
+      const slackMs = takeOverAfterSeconds(leaseLength, { DELIVERY_LEASE_SECONDS: spec.leaseSeconds }) * 1000;
+      return statement(w, () => db.expiredLeaseKeys(slackMs)).then(async (expired) => {
         const orphans = await statement(w, () => {
-          const found = db.orphans(Math.max(spec.leaseSeconds, leaseLength.seconds()) * 1000);
+          const found = db.orphans(Math.max(spec.leaseSeconds, leaseLength.seconds()) * 1000, slackMs);
           for (const j of found)
             if (claimsRunning.has(keyName(j.key)))
               violate(
@@ -283,7 +285,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
               r.leaseOwner && leaseGrantedTo(r.leaseOwner) !== r.leaseOwner ? [name] : [],
             ),
           );
-          const reaped = db.reap();
+          const reaped = db.reap(slackMs);
           world.counts.takeovers += reaped.filter((k) => !revoked.has(keyName(k))).length;
           const seen = new Set(first.map(keyName));
           for (const k of reaped) if (!seen.has(keyName(k)) && !forget) db.insertJob(k, dbNow());
@@ -291,6 +293,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
         });
         log(`${w.id} reaped ${keys.length} leases, ${orphans.length} orphaned jobs`);
       });
+    };
     // A worker starts its reaper at once (another's leases or jobs may be waiting for it).
     w.reap();
     log(`${w.id} started`);

@@ -37,7 +37,7 @@ import type { ClaimLimit } from './claim-limit.js';
 import type { CorrectionClient } from './corrections.js';
 import { outboxTraceparents } from './delivery-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
-import { fixedLeaseLength, type LeaseLength } from './lease-length.js';
+import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
@@ -315,6 +315,8 @@ async function deliverDestination(
         };
       },
       now: deps.clock.now(),
+      // Another batch's lease that ran out within this process's lease growth is left to it.
+      takeOverAfterSeconds: takeOverAfterSeconds(deps.leaseLength, config),
       maxRows: config.DELIVERY_MAX_ROWS_PER_EVENT,
       // An unconfigured destination sends nothing: every key is held by name.
       sendable: (['temperature_readings', 'active_sensors'] as const).filter((m) =>

@@ -121,6 +121,8 @@ export interface ClaimOptions extends Placement {
   sendable: readonly MeterEventName[];
   /** How far back the destination takes usage (default Stripe's 35 days). */
   pastWindowMs?: number;
+  /** A lease that ran out less than this long ago is still its owner's (lease-length.ts, takeOverAfterSeconds). */
+  takeOverAfterSeconds?: number;
   /**
    * Called just before a slow claim sets its leases again from the database's clock (claimLeasing),
    * with the time the batch's claim has taken so far (monotonic): answers the lease to set, in seconds
@@ -323,6 +325,8 @@ async function claimStatement(
   const days = Math.round((options.pastWindowMs ?? STRIPE_PAST_WINDOW_MS) / 86_400_000);
   const expiredMessage = `occurred_at before ${cutoff.toISOString()}: outside the destination's ${days}-day usage window (less a safety margin)`;
   const leaseUntil = plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`);
+  // A lease is taken over once it ran out this long before the statement's clock (rules/claim.ts).
+  const takeOverAt = plusSeconds(sql`c.at`, sql`${-(options.takeOverAfterSeconds ?? 0)}::float8`);
   const result = await sql<ClaimRow>`
     WITH input AS (
       SELECT DISTINCT organization_id, customer, event_name, destination
@@ -352,7 +356,7 @@ async function claimStatement(
          WHERE ${scope('d')} d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
            AND d.event_name = i.event_name AND d.destination = i.destination
            AND d.event_name = ANY(${options.sendable}::text[])
-           AND (d.lease_expires_at IS NULL OR d.lease_expires_at < c.at)
+           AND (d.lease_expires_at IS NULL OR d.lease_expires_at < ${takeOverAt})
            AND d.next_call_at <= c.at
            AND (d.retry_at IS NULL OR d.retry_at <= c.at)
            FOR UPDATE OF d SKIP LOCKED) f
@@ -368,7 +372,7 @@ async function claimStatement(
        WHERE ${scope('k')} k.organization_id = f.organization_id
          AND k.stripe_customer_id = f.stripe_customer_id AND k.event_name = f.event_name
          AND k.destination = f.destination AND f.event_name = ANY(${options.sendable}::text[])
-         AND (k.lease_expires_at IS NULL OR k.lease_expires_at < c.at)
+         AND (k.lease_expires_at IS NULL OR k.lease_expires_at < ${takeOverAt})
          AND k.next_call_at <= c.at
          AND (k.retry_at IS NULL OR k.retry_at <= c.at)
       RETURNING k.organization_id, k.stripe_customer_id AS customer, k.event_name, k.destination
@@ -452,12 +456,12 @@ async function claimStatement(
            CASE WHEN a.customer IS NOT NULL THEN 'leased'
                 WHEN NOT (i.event_name = ANY(${options.sendable}::text[])) THEN 'held'
                 WHEN s.stripe_customer_id IS NULL THEN 'missing'
-                WHEN s.lease_expires_at >= c.at THEN 'busy'
+                WHEN s.lease_expires_at >= ${takeOverAt} THEN 'busy'
                 WHEN s.next_call_at > c.at THEN 'paced'
                 WHEN s.retry_at > c.at THEN 'backoff'
                 ELSE 'busy' END AS state,
            greatest(0, ceil(extract(epoch FROM
-             CASE WHEN s.lease_expires_at >= c.at THEN s.lease_expires_at
+             CASE WHEN s.lease_expires_at >= ${takeOverAt} THEN s.lease_expires_at + (c.at - ${takeOverAt})
                   WHEN s.next_call_at > c.at THEN s.next_call_at
                   WHEN s.retry_at > c.at THEN s.retry_at
                   -- Passed over while another statement held its row: look again in a second.
@@ -716,7 +720,7 @@ export async function renewLeasesOf(
  * between the two leaves such a key with neither a lease nor a job. A plain read (one statement; on
  * Citus a multi-shard SELECT).
  */
-export async function expiredLeaseKeys(db: Kysely<DB>): Promise<KeyRef[]> {
+export async function expiredLeaseKeys(db: Kysely<DB>, takeOverAfterSeconds = 0): Promise<KeyRef[]> {
   const { rows } = await sql<{
     organization_id: string;
     customer: string;
@@ -724,12 +728,17 @@ export async function expiredLeaseKeys(db: Kysely<DB>): Promise<KeyRef[]> {
     destination: Destination;
   }>`
     SELECT organization_id, stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
-     WHERE lease_owner IS NOT NULL AND lease_expires_at < clock_timestamp()
+     WHERE lease_owner IS NOT NULL
+       AND lease_expires_at < ${plusSeconds(sql`clock_timestamp()`, sql`${-takeOverAfterSeconds}::float8`)}
      ORDER BY 1, 2, 3, 4`.execute(db);
   return rows.map(rowKey);
 }
 
-export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promise<KeyRef[]> {
+export async function reapLeases(
+  db: Kysely<DB>,
+  options: Placement & { takeOverAfterSeconds?: number } = {},
+): Promise<KeyRef[]> {
+  const slack = sql`${-(options.takeOverAfterSeconds ?? 0)}::float8`;
   const statement = (orgs: readonly string[] | null) => sql<{
     organization_id: string;
     customer: string;
@@ -739,7 +748,7 @@ export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promi
       WITH c AS MATERIALIZED (SELECT clock_timestamp() AS at),
       l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys, c
              WHERE ${orgs ? sql`organization_id = ANY(${orgArray(orgs)}) AND ` : sql``}
-                   lease_owner IS NOT NULL AND lease_expires_at < c.at
+                   lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`c.at`, slack)}
              ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys SKIP LOCKED),
       -- Its batch died: a call it made may have landed (migrations/0080).
       u AS (UPDATE meter_delivery_keys d SET lease_owner = NULL, lease_expires_at = NULL, ambiguous_call_at = c.at
@@ -753,7 +762,7 @@ export async function reapLeases(db: Kysely<DB>, options: Placement = {}): Promi
         routerOf(db, options),
         await organizationsWhere(
           db,
-          sql`lease_owner IS NOT NULL AND lease_expires_at < statement_timestamp()`,
+          sql`lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`statement_timestamp()`, slack)}`,
         ),
         (o) => o,
         async (_, orgs) => (await statement(orgs).execute(db)).rows,

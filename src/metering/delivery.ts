@@ -38,7 +38,7 @@ import {
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
-import { adaptiveLeaseLength, type LeaseLength } from './lease-length.js';
+import { adaptiveLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { createMetronomeCorrectionClient, createMetronomeTransport } from './metronome.js';
 import type { MetronomeCatalog } from './metronome-catalog.js';
@@ -636,12 +636,16 @@ export async function reapOnce(
   // simulation seed 10681). An expired lease held on meanwhile changes nothing: a claim takes it over.
   // The orphans are completed after their keys are queued (one queued job per key: an active one does
   // not stop it), so that no instant between the two leaves their keys without a job either.
-  const expired = await expiredLeaseKeys(deps.db);
+  // While this process's leases are longer than configured (its claims or renewals slow), a lease that
+  // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
+  // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
+  const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
+  const expired = await expiredLeaseKeys(deps.db, slack);
   // A job's age counts from its batch's last touch, and touches wait on a slow database as claims do:
   // while this process's claims are slow (its lease longer than configured), a job is orphaned only
   // once untouched for that longer lease (a key's own lease is read from its row in any case).
   const orphanSeconds = Math.max(deps.config.DELIVERY_LEASE_SECONDS, deps.leaseLength?.seconds() ?? 0);
-  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed());
+  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed(), slack);
   const first = [...expired, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
   if (first.length > 0) await queueDeliveries(deps.boss, first);
   if (orphans.length > 0) {
@@ -651,7 +655,7 @@ export async function reapOnce(
       { kind: 'orphaned' },
     );
   }
-  const keys = await reapLeases(deps.db, { distributed: deps.distributed() });
+  const keys = await reapLeases(deps.db, { distributed: deps.distributed(), takeOverAfterSeconds: slack });
   // A lease that ran out between the read and the reap: queued now (one queued job per key: a key
   // queued above gets no second one).
   const seen = new Set(first.map(keyName));
@@ -675,6 +679,8 @@ export async function orphanedJobs(
   db: Kysely<DB>,
   olderThanSeconds: number,
   distributed: boolean,
+  /** A lease that ran out less than this long ago is still live (lease-length.ts, takeOverAfterSeconds). */
+  takeOverAfterSeconds = 0,
 ): Promise<{ id: string; key: KeyRef | null }[]> {
   // A job's age runs from its last sign of life: its fetch, or the last touch of the batch running it
   // (touchWhileRunning).
@@ -700,7 +706,8 @@ export async function orphanedJobs(
     singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination });
   const rows = await sql<KeyRow & { live: boolean }>`
     SELECT stripe_customer_id AS customer, event_name, destination,
-           (lease_owner IS NOT NULL AND lease_expires_at >= now()) AS live
+           (lease_owner IS NOT NULL
+            AND lease_expires_at >= now() - make_interval(secs => ${takeOverAfterSeconds}::float8)) AS live
       FROM meter_delivery_keys WHERE stripe_customer_id = ANY(${customers}::text[])`.execute(db);
   // A key row another transaction has locked is being claimed right now (a claim holds its keys' rows
   // until it commits, however long it runs): its job is not orphaned. FOR KEY SHARE SKIP LOCKED

@@ -58,6 +58,23 @@ export function adaptiveLeaseLength(
   };
 }
 
+/**
+ * How long after another batch's lease ran out this process still leaves the key to it (a claim's
+ * take-over, the reaper, the orphan check): the process's lease growth, so 0 on a healthy database. On a
+ * database slow enough to make leases grow, the owner's renewal can come late (one statement on the
+ * lease connection, waiting seconds for CPU behind claims of a minute): a lease it would have renewed
+ * was taken over or reaped under a live batch, its settle refused and its keys claimed and sent again
+ * (44 and 137 leases reaped in two 10 s bench runs, docs/benchmarks.md). Safe for exactness whatever
+ * its length: an owner calls only until its own deadline, never past the lease's end, so waiting longer
+ * to take a key over only delays; a renewal that comes in the slack finds its lease still its own.
+ */
+export function takeOverAfterSeconds(
+  length: Pick<LeaseLength, 'seconds'> | undefined,
+  config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>,
+): number {
+  return Math.max(0, (length?.seconds() ?? 0) - config.DELIVERY_LEASE_SECONDS);
+}
+
 /** The configured lease, whatever the claims take (the simulation's batches, tests without a process). */
 export function fixedLeaseLength(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>): LeaseLength {
   return {

@@ -29,16 +29,19 @@ export function renewableGroup(row: KeyRow | undefined, identifiedAt: Date): boo
 /**
  * Whether a claim at `now` may take the key's lease, and if not why and for how long. The key's
  * backoff (retry_at) is a gate every job respects alike: no job holds it, so a new job for the key
- * can never reset the group's retries.
+ * can never reset the group's retries. A lease that ran out less than `takeOverAfterMs` ago is still
+ * its owner's (takeOverAfter: the claiming process's lease growth; 0 on a healthy database).
  */
 export function leaseDecision(
   row: KeyRow | undefined,
   now: Date,
+  takeOverAfterMs = 0,
 ): { state: 'leased' } | { state: 'busy' | 'paced' | 'backoff'; waitMs: number } {
   if (!row) return { state: 'leased' };
   const t = now.getTime();
-  const leased = row.leaseOwner !== null && row.leaseExpiresAt !== null && row.leaseExpiresAt.getTime() >= t;
-  if (leased) return { state: 'busy', waitMs: row.leaseExpiresAt!.getTime() - t };
+  const until = row.leaseExpiresAt === null ? null : row.leaseExpiresAt.getTime() + takeOverAfterMs;
+  const leased = row.leaseOwner !== null && until !== null && until >= t;
+  if (leased) return { state: 'busy', waitMs: until - t };
   if (row.nextCallAt.getTime() > t) return { state: 'paced', waitMs: row.nextCallAt.getTime() - t };
   if (row.retryAt && row.retryAt.getTime() > t)
     return { state: 'backoff', waitMs: row.retryAt.getTime() - t };
