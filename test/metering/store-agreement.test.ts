@@ -247,6 +247,7 @@ describe('the simulation’s model of the delivery statements', () => {
           const owner = pick(owners);
           const input = keys.filter(() => rng.next() < 0.7);
           if (input.length === 0) continue;
+          if (rng.next() < 0.15) await leasesRunOut(w, pick([5, 45]));
           const options = {
             owner,
             leaseSeconds: 300,
@@ -254,6 +255,8 @@ describe('the simulation’s model of the delivery statements', () => {
             maxRows: 1 + rng.int(4),
             sendable:
               rng.next() < 0.9 ? (['temperature_readings', 'active_sensors'] as MeterEventName[]) : [],
+            // A claiming process whose leases grew leaves a lease that ran out within 30 s to its owner.
+            takeOverAfterSeconds: pick([0, 0, 30]),
           };
           const pg = await claimBatch(ctx.db, input, { ...options, ...placement });
           const m = model.claim(input, options);
@@ -355,7 +358,14 @@ describe('the simulation’s model of the delivery statements', () => {
           expect(pg.rows, `${label} redrive`).toBe(m.rows);
           await compareRows(w, `${label} redrive`);
         } else {
-          expect((await reapLeases(ctx.db, placement)).length, `${label} reap`).toBe(model.reap().length);
+          // A lease runs out: 5 s ago (within a slack of 30 s) or 45 s ago (past it); then a reaper
+          // with or without that slack.
+          if (rng.next() < 0.7) await leasesRunOut(w, pick([5, 45]));
+          const slack = pick([0, 30]);
+          expect(
+            (await reapLeases(ctx.db, { ...placement, takeOverAfterSeconds: slack })).length,
+            `${label} reap`,
+          ).toBe(model.reap(slack * 1000).length);
           const pg = await staleKeys(ctx.db, { staleSeconds: 120, limit: 1000 });
           const m = model.staleKeys(120_000, 1000);
           expect(pg.keys.map((k) => k.customerId).sort(), `${label} stale keys`).toEqual(
@@ -390,6 +400,13 @@ async function keyStates(w: World, postgres: boolean) {
         hold: r.hold,
       }));
   return rows.sort((a, b) => a.key.localeCompare(b.key));
+}
+
+/** Every lease held runs out `ago` seconds before now, in Postgres and then in the model. */
+async function leasesRunOut(w: World, ago: number) {
+  await sql`UPDATE meter_delivery_keys SET lease_expires_at = clock_timestamp() - make_interval(secs => ${ago})
+             WHERE lease_owner IS NOT NULL`.execute(w.db);
+  await syncKeys(w);
 }
 
 /** The key rows' pacing, backoff and leases as Postgres has them (its clock wrote them). */
