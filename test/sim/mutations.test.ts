@@ -132,8 +132,9 @@ const CASES: Case[] = [
     mutation: 'settleStaleLease',
     caughtBy: 'whose lease had run out and been reaped or taken, changed the rows',
     profile: SLOW,
-    // Seed 5 caught a settle whose lease had run out but was still its own: that one applies now.
-    seed: 6,
+    // Seed 5 caught a settle whose lease had run out but was still its own: that one applies now. Seed 6
+    // stopped failing when a lease that ran out was left to its owner for the taker's lease growth.
+    seed: 4,
     within: 30,
   },
   {
@@ -189,8 +190,10 @@ const CASES: Case[] = [
     mutation: 'renewCountsLostKeys',
     caughtBy: 'under a lease it does not hold',
     profile: SLOW,
-    seed: 6,
-    within: 30,
+    // Seeds 1-47 no longer lose a key under a renewal since a lease that ran out is left to its owner
+    // for the taker's lease growth (fewer take-overs on slow statements); 48 is the first that does.
+    seed: 48,
+    within: 60,
   },
   {
     // A redrive takes a reported group's key from the batch still holding it (issue 41; seed 1231 with
