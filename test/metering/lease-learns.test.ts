@@ -92,3 +92,41 @@ describe('a batch whose process learns of slow claims while its call is out', ()
     expect((await outboxRowsOf(ctx.db, org)).map((r) => r.status)).toEqual(['delivered']);
   }, 30_000);
 });
+
+describe('a batch whose lease has grown', () => {
+  it('renews once a third of its lease has passed, not every third of the configured lease', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 2, occurredAt: new Date() }]);
+    const length = adaptiveLeaseLength(ctx.config);
+    // The process's recent claims took 10 s: its batches lease 30 s, renewed every 10 s.
+    length.record(10_000);
+    expect(length.seconds()).toBe(30);
+    const keeper = leaseKeeperOf(ctx);
+    const renewals: number[] = [];
+    const started = performance.now();
+    const leases = {
+      ...keeper,
+      renew: (owner: string, organizationIds: readonly string[], seconds: number) => {
+        renewals.push(Math.round(performance.now() - started));
+        return keeper.renew(owner, organizationIds, seconds);
+      },
+    };
+    const real = createV1Transport(ctx.stripe!);
+    const transport: MeterTransport = {
+      kind: 'v1',
+      maxEventsPerCall: 1,
+      // The call takes 5 s: three ticks of the configured lease's renewal (every 1.67 s), none due.
+      send: async (events, options) => {
+        await new Promise((r) => setTimeout(r, 5_000));
+        return real.send(events, options);
+      },
+    };
+    await deliverBatch({ ...v1BatchDeps(ctx), transport, leaseLength: length, leases }, [
+      await takeQueuedJob(ctx, org),
+    ]);
+    expect(renewals).toEqual([]);
+    expect((await outboxRowsOf(ctx.db, org)).map((r) => r.status)).toEqual(['delivered']);
+  }, 30_000);
+});
