@@ -506,7 +506,9 @@ export class ModelDb {
     for (const [name, row] of this.keys) {
       // Still the batch's own, run out or not (renewLeases): nobody reaped or took it.
       if (row.leaseOwner !== owner) continue;
-      this.keys.set(name, { ...row, leaseExpiresAt: new Date(t + leaseSeconds * 1000) });
+      // Only ever extends (renewLeasesOf's greatest): renewals in flight together land in any order.
+      const until = Math.max(row.leaseExpiresAt?.getTime() ?? 0, t + leaseSeconds * 1000);
+      this.keys.set(name, { ...row, leaseExpiresAt: new Date(until) });
       n++;
     }
     return this.mutations.has('renewCountsLostKeys') ? (this.everLeased.get(owner) ?? n) : n;

@@ -694,7 +694,12 @@ export async function renewLeasesOf(
       l AS (SELECT organization_id, stripe_customer_id, event_name, destination FROM meter_delivery_keys
              WHERE organization_id = ANY(${orgArray(orgs)}) AND lease_owner = ANY(${[...owners]}::text[])
              ORDER BY 1, 2, 3, 4 FOR UPDATE OF meter_delivery_keys${options.skipLocked ? sql` SKIP LOCKED` : sql``}),
-      u AS (UPDATE meter_delivery_keys d SET lease_expires_at = ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)}
+      -- A renewal only ever extends: two renewals of one batch in flight together (a slow one sent before
+      -- the lease grew, then one for the grown lease) may land in either order, and the shorter one
+      -- landing last cut the lease the batch's deadline already counted on (simulation seed 3914).
+      u AS (UPDATE meter_delivery_keys d
+               SET lease_expires_at = greatest(d.lease_expires_at,
+                                               ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)})
               FROM l, c
              WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ANY(${[...owners]}::text[])
             RETURNING d.lease_owner)

@@ -8,6 +8,7 @@
 import { sql } from 'kysely';
 import { describe, expect, it as unit } from 'vitest';
 import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
+import { claimBatch, renewLeases } from '../../src/metering/delivery-sql.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
@@ -129,4 +130,33 @@ describe('a batch whose lease has grown', () => {
     expect(renewals).toEqual([]);
     expect((await outboxRowsOf(ctx.db, org)).map((r) => r.status)).toEqual(['delivered']);
   }, 30_000);
+});
+
+describe('two renewals of one batch', () => {
+  it('landing in either order leave the longer lease: a renewal only ever extends', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    await takeQueuedJob(ctx, org);
+    const key = {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings' as const,
+    };
+    const [claimed] = await claimBatch(ctx.db, [key], {
+      owner: 'batch-x',
+      leaseSeconds: 5,
+      now: new Date(),
+      maxRows: 10,
+      sendable: ['temperature_readings'],
+    });
+    expect(claimed?.state).toBe('leased');
+    const organizationIds = [org.organizationId];
+    // The grown lease's renewal lands first, the slow one sent before it lands last.
+    expect(await renewLeases(ctx.db, 'batch-x', { leaseSeconds: 73, organizationIds })).toBe(1);
+    expect(await renewLeases(ctx.db, 'batch-x', { leaseSeconds: 5, organizationIds })).toBe(1);
+    const { rows } = await sql<{ left: number }>`
+      SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 AS left
+        FROM meter_delivery_keys WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
+    expect(Number(rows[0]?.left)).toBeGreaterThan(60);
+  });
 });

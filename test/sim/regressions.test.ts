@@ -89,6 +89,12 @@ const FOUND = [
     hostile: true,
     what: "the model's error: a worker killed in the middle of a claim the slow-statement fault made last about 25 s; the model ran the claim to its end and committed its lease for the dead worker 19.5 s after the kill, so the key waited 25 s for the reaper (the bound: 2 leases of 5 s + 15 s). In Postgres such a claim never commits (its transaction's COMMIT is sent only after the claim's answer) and is stopped and rolled back within a second (DB_SERVER_TIMEOUTS' client_connection_check_interval; a silent host: keepalive, about 11 s; test/metering/killed-claim.test.ts): the model now rolls back a dead worker's statement still running 11 s after the death",
   },
+  {
+    seed: 3914,
+    size: 'small',
+    hostile: true,
+    what: 'two renewals of one batch in flight together: one sent during a claim the slow-statement fault made last 24 s (a 5 s lease), then, after the claim, one for the lease grown to 73 s, which moved the deadline; the slow one landed last and cut the lease back to 5 s, and the batch called 9 s after its lease had run out. A renewal now only ever extends a lease (renewLeasesOf: greatest)',
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
