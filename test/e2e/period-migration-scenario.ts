@@ -43,6 +43,7 @@ import {
   type OrganizationFixture,
 } from '../support/fixtures.js';
 import type { TestApp } from '../support/test.js';
+import { FAST_DELIVERY_ENV } from '../support/topology.js';
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
@@ -100,17 +101,8 @@ export const PERIOD_FAULTS = {
   )[],
 };
 
-/** The delivery settings of the run with the emulators. */
-export const PERIOD_DELIVERY_ENV = {
-  DELIVERY_RETRY_DELAY_SECONDS: '1',
-  DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-  DELIVERY_RETRY_LIMIT: '1000',
-  DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-  SWEEP_INTERVAL_SECONDS: '1',
-  SWEEP_STALE_SECONDS: '2',
-  DELIVERY_LEASE_SECONDS: '5',
-  METER_CATALOG_REFRESH_SECONDS: '5',
-} as const;
+/** The delivery settings of the run with the emulators: the fast ones, and the meters read every 5 s. */
+export const PERIOD_DELIVERY_ENV = { ...FAST_DELIVERY_ENV, METER_CATALOG_REFRESH_SECONDS: '5' } as const;
 
 export interface MonthlyBilled {
   org: OrganizationFixture;
