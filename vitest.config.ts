@@ -113,7 +113,7 @@ export default defineConfig({
           name: 'citus',
           include: ['test/citus/**/*.citus.ts'],
           globalSetup: ['test/support/citus-setup.ts'],
-          setupFiles: ['test/support/per-file.ts'],
+          setupFiles: ['test/support/per-file.ts', 'test/support/citus-per-file.ts'],
           testTimeout: 60_000,
           hookTimeout: 120_000,
           pool: 'forks',

@@ -6,10 +6,14 @@
 // second (H: an hour boundary two hours ago); the parallel run starts at H and C is cut over at H + 1 h.
 // Afterwards each emulator holds, per organization, exactly the readings of the hours its destination
 // was in force, none billed by both as the billing destination or by neither, and the parity report
-// (each destination's own usage query per hour) is exact.
+// (each destination's own usage query per hour) is exact. Then the first hour's readings of A
+// (Metronome alone) and B (both destinations) are voided: Metronome gets a compensating event under its
+// own transaction_id, Stripe a cancel or a compensating event, and both ledgers and the parity report
+// are exact again, stored − voided.
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { sql } from 'kysely';
 import { afterAll, describe, expect, inject } from 'vitest';
+import { createCorrection } from '../../src/admin/corrections.js';
 import { assignInitialDestination, cutOver, startParallel } from '../../src/admin/destinations.js';
 import { parity } from '../../src/admin/parity.js';
 import {
@@ -108,21 +112,24 @@ describe.skipIf(!url)('destinations on a Citus cluster', () => {
       }
     }
 
-    await waitFor(
-      'every outbox row delivered',
-      async () => {
-        const { rows } = await sql<{ n: number }>`
+    const delivered = (what: string) =>
+      waitFor(
+        what,
+        async () => {
+          const { rows } = await sql<{ n: number }>`
             SELECT count(*)::int AS n FROM meter_outbox
              WHERE organization_id = ANY(${Object.values(orgs).map((o) => o.organizationId)}::uuid[])
                AND event_name = 'temperature_readings' AND status <> 'delivered'`.execute(ctx.db);
-        return rows[0]?.n === 0;
-      },
-      60_000,
-    );
+          return rows[0]?.n === 0;
+        },
+        60_000,
+      );
+    await delivered('every outbox row delivered');
 
     const atStripe = (o: OrganizationFixture) =>
       emulator
         .events({ customer: o.customerId, event_name: 'temperature_readings' })
+        .filter((e) => e.cancelledAt === undefined)
         .reduce((n, e) => n + Number(e.value), 0);
     const atMetronome = (o: OrganizationFixture) =>
       metronome
@@ -143,23 +150,65 @@ describe.skipIf(!url)('destinations on a Citus cluster', () => {
 
     const metricId = metricFor(await listBillableMetrics(client), METRONOME_METRICS[0]!)?.id;
     expect(metricId).toBeDefined();
-    for (const name of ['A', 'B', 'C'] as const) {
-      const report = await parity(
-        ctx.db,
-        orgs[name].organizationId,
-        { from: new Date(H), to: new Date(H + 2 * HOUR) },
-        {
-          stripe: ctx.stripe,
-          stripeMeterId: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS,
-          metronome: client,
-          metronomeMetricId: metricId,
-        },
+    const expectParity = async () => {
+      for (const name of ['A', 'B', 'C'] as const) {
+        const report = await parity(
+          ctx.db,
+          orgs[name].organizationId,
+          { from: new Date(H), to: new Date(H + 2 * HOUR) },
+          {
+            stripe: ctx.stripe,
+            stripeMeterId: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS,
+            metronome: client,
+            metronomeMetricId: metricId,
+          },
+        );
+        expect(
+          report.rows.filter((r) => r.drift !== 0),
+          `${name} drift`,
+        ).toEqual([]);
+        expect(report.exact).toBe(true);
+      }
+    };
+    await expectParity();
+
+    // Metronome corrections on the cluster: the first hour's readings of A (Metronome alone) and of B
+    // (Stripe billing, Metronome shadowing) voided, after they were billed.
+    for (const name of ['A', 'B'] as const) {
+      const correction = await ctx.db.transaction().execute((trx) =>
+        createCorrection(
+          trx,
+          ctx.boss,
+          orgs[name].organizationId,
+          {
+            sensorId: orgs[name].sensor,
+            from: new Date(H).toISOString(),
+            to: new Date(H + 30 * 60_000).toISOString(),
+            reason: 'faulty sensor',
+          },
+          { now: clock.now(), retentionDays: 400 },
+        ),
       );
-      expect(
-        report.rows.filter((r) => r.drift !== 0),
-        `${name} drift`,
-      ).toEqual([]);
-      expect(report.exact).toBe(true);
+      expect(correction.billedReadingsVoided).toBe(perHour[name][0]);
     }
+    await delivered('every correction delivered');
+    expect({ stripe: atStripe(orgs.A), metronome: atMetronome(orgs.A) }).toEqual({ stripe: 0, metronome: 4 });
+    expect({ stripe: atStripe(orgs.B), metronome: atMetronome(orgs.B) }).toEqual({ stripe: 2, metronome: 2 });
+    expect({ stripe: atStripe(orgs.C), metronome: atMetronome(orgs.C) }).toEqual({
+      stripe: 4,
+      metronome: 10,
+    });
+    // Metronome's compensating events: negative, each under its own transaction_id, for what was voided.
+    const negative = (o: OrganizationFixture) =>
+      metronome
+        .events()
+        .filter((e) => e.customer_id === metronomeAlias(o.organizationId) && Number(e.properties.value) < 0);
+    expect(
+      [orgs.A, orgs.B].map((o) => negative(o).reduce((n, e) => n + Number(e.properties.value), 0)),
+    ).toEqual([-3, -5]);
+    expect(
+      [...negative(orgs.A), ...negative(orgs.B)].every((e) => e.transaction_id.startsWith('mb_mtrc_')),
+    ).toBe(true);
+    await expectParity();
   });
 });

@@ -1,8 +1,14 @@
 // The stranded-row sweep on the Citus cluster: its two statements a page (one over the distributed
 // outbox and delivery keys, one over pg-boss's jobs on the coordinator, which one statement cannot
 // join) and its paging past more covered keys than one page holds (it once looked only 5,000 keys ahead).
+//
+// The 5,101 keys are taken off the suite's shared database afterwards (their outbox rows and queued
+// jobs): left there, they were a backlog of 5,101 customers no emulator knows, queued before anything
+// a later file writes, which that file's worker (25 calls/s with a test-mode key) spent three minutes
+// and more sending first: test/citus/long-hold.citus.ts saw its own deliveries make no progress for a
+// minute when it ran after this file.
 import { sql } from 'kysely';
-import { expect, inject } from 'vitest';
+import { expect, inject, onTestFinished } from 'vitest';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
@@ -20,6 +26,13 @@ it.skipIf(!url)(
     expect(await ctx.distributed()).toBe(true);
     // Two organizations, so the covered keys and the stranded one sit in different shard groups.
     const [busy, quiet] = [await createOrganization(ctx.db), await createOrganization(ctx.db)];
+    const orgs = [busy!.organizationId, quiet!.organizationId];
+    onTestFinished(async () => {
+      await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'
+                 AND data->>'organizationId' = ANY(${orgs}::text[])`.execute(ctx.db);
+      await sql`DELETE FROM meter_outbox WHERE organization_id = ANY(${orgs}::uuid[])`.execute(ctx.db);
+      await sql`DELETE FROM meter_delivery_keys WHERE organization_id = ANY(${orgs}::uuid[])`.execute(ctx.db);
+    });
     const count = 5_100;
     const covered = Array.from({ length: count }, (_, i) => `cus_citus_backlog_${i}`);
     await sql`

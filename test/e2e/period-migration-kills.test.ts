@@ -21,20 +21,22 @@ import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
 import { listIntervals } from '../../src/admin/destinations.js';
 import { periodParityOf, startPeriodMigration } from '../../src/admin/period-migration.js';
-import { periodEndAfter } from '../../src/billing/periods.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { allSettled, statusCounts, untilNoLiveLease, waitFor } from '../metering/delivery-helpers.js';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { authHeaders } from '../support/fixtures.js';
 import { startMetronomeFake } from '../support/metronome-fake.js';
 import { seededRandom } from '../support/random.js';
 import { stripeTest } from '../support/test.js';
+import {
+  billedMonthly,
+  PERIOD_DELIVERY_ENV,
+  PERIOD_PRICE,
+  periodTimeline,
+} from './period-migration-scenario.js';
 
 const random = seededRandom();
 const HOUR = 3_600_000;
-const DAY = 24 * HOUR;
-/** Cents per reading, on Stripe's price and the fake's rate alike. */
-const PRICE = 3;
 
 // Random faults, and a script that makes sure each kind happens on both sides (the first calls once
 // the load starts: one organization's usage coalesces into few calls).
@@ -66,38 +68,19 @@ const FAKE_FAULTS = {
   )[],
 };
 
-const DELIVERY_ENV = {
-  DELIVERY_RETRY_DELAY_SECONDS: '1',
-  DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-  DELIVERY_RETRY_LIMIT: '1000',
-  DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-  SWEEP_INTERVAL_SECONDS: '1',
-  SWEEP_STALE_SECONDS: '2',
-  DELIVERY_LEASE_SECONDS: '5',
-  METER_CATALOG_REFRESH_SECONDS: '5',
-};
-
-// The month compared: P0 a little over 32 days before the host's clock, P1 a month after it.
-const realStart = Date.now();
-const P0 = Math.floor(realStart / HOUR) * HOUR - 32 * DAY - 2 * HOUR;
-const P1 = periodEndAfter(new Date(P0), new Date(P0), 'month', 1).getTime();
-const P2 = periodEndAfter(new Date(P0), new Date(P1), 'month', 1).getTime();
-/** The API's clock when the run starts: the shadow then starts at the next hour boundary, P0 − 1 h. */
-const V0 = P0 - 2 * HOUR + 10 * 60_000;
+// The month compared (P0 a little over 32 days before the host's clock, P1 a month after it) and the
+// API's clock, at V0 when the run starts: the shadow then starts at the next hour boundary, P0 − 1 h.
+const t = periodTimeline();
+const { P0, P1, P2, V0, clock, moveTo } = t;
 const S = P0 - HOUR;
-let shift = Date.now() - V0;
-const clock = { now: () => new Date(Date.now() - shift) };
-const moveTo = (t: number) => {
-  shift = Date.now() - t;
-};
 
-const fake = await startMetronomeFake({ seed: random.int(1_000_000), faults: {}, rate: PRICE });
+const fake = await startMetronomeFake({ seed: random.int(1_000_000), faults: {}, rate: PERIOD_PRICE });
 afterAll(() => fake.stop());
 
 const it = stripeTest({
   emulator: { faults: {}, seed: 44 },
   env: {
-    ...DELIVERY_ENV,
+    ...PERIOD_DELIVERY_ENV,
     STRIPE_SECRET_KEY: 'sk_test_period_kills',
     METRONOME_BEARER_TOKEN: fake.token,
     METRONOME_API_BASE: fake.url,
@@ -117,27 +100,7 @@ describe('a period-boundary migration under worker kills, against an independent
     const stripe = ctx.stripe!;
     // Stripe: a customer on a test clock, a metered price on the readings meter, a monthly subscription
     // whose current period ends at P0.
-    const testClock = await stripe.testHelpers.testClocks.create({ frozen_time: Math.floor(V0 / 1000) });
-    const customer = await stripe.customers.create({ name: 'period org', test_clock: testClock.id });
-    const org = await createOrganization(ctx.db, { customerId: customer.id, name: 'period org' });
-    const sensors = await createSensors(ctx.db, org.organizationId, 4);
-    const price = await stripe.prices.create({
-      currency: 'usd',
-      unit_amount: PRICE,
-      recurring: {
-        interval: 'month',
-        usage_type: 'metered',
-        meter: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS!,
-      },
-      product_data: { name: 'temperature readings' },
-    });
-    const sub = await stripe.subscriptions.create({
-      customer: customer.id,
-      items: [{ price: price.id }],
-      billing_cycle_anchor: Math.floor(P0 / 1000),
-    });
-    await sql`UPDATE subscriptions SET stripe_subscription_id = ${sub.id}
-               WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    const { org, sensors, customer, testClock, subscription: sub } = await billedMonthly(ctx, t, 4);
 
     // The runbook's step: the parallel run with the cut-over at the period end (what the CLI and the
     // admin API call). It creates the customer at the fake and schedules its billable status.
@@ -344,7 +307,7 @@ describe('a period-boundary migration under worker kills, against an independent
     const compared = emulator
       .invoices()
       .find((i) => i.subscription === sub.id && i.period_start * 1000 === P0 && i.period_end * 1000 === P1)!;
-    expect([compared.status, compared.total]).toEqual(['open', PRICE * storedIn(P0, P1)]);
+    expect([compared.status, compared.total]).toEqual(['open', PERIOD_PRICE * storedIn(P0, P1)]);
 
     // `destinations parity --period` against what the fakes hold.
     const fakeIn = (from: number, to: number) =>
@@ -372,11 +335,19 @@ describe('a period-boundary migration under worker kills, against an independent
         'shadow',
         storedIn(P0, P1),
         fakeIn(P0, P1),
-        PRICE * fakeIn(P0, P1),
+        PERIOD_PRICE * fakeIn(P0, P1),
         'unbillable',
       ],
       ['after', 'stripe', 'ended', 0, 0, 0, null],
-      ['after', 'metronome', 'billing', storedIn(P1, P2), fakeIn(P1, P2), PRICE * fakeIn(P1, P2), 'billable'],
+      [
+        'after',
+        'metronome',
+        'billing',
+        storedIn(P1, P2),
+        fakeIn(P1, P2),
+        PERIOD_PRICE * fakeIn(P1, P2),
+        'billable',
+      ],
     ]);
     expect(row('compared', 'stripe').reported).toBe(
       [...stripeByHour].filter(([h]) => h >= P0 && h < P1).reduce((s, [, v]) => s + v, 0),
@@ -385,6 +356,6 @@ describe('a period-boundary migration under worker kills, against an independent
     expect(report.exact).toBe(true);
 
     // Every lease of a killed worker runs out or is released.
-    expect(await untilNoLiveLease(ctx.db, Number(DELIVERY_ENV.DELIVERY_LEASE_SECONDS))).toBe(0);
+    expect(await untilNoLiveLease(ctx.db, Number(PERIOD_DELIVERY_ENV.DELIVERY_LEASE_SECONDS))).toBe(0);
   }, 150_000);
 });

@@ -1,107 +1,37 @@
 // A migration cut over at the billing-period boundary (issue 44), Stripe's runbook across a simulated
-// month. One clock, moved by the test, is meterbox's (the context's), the Stripe emulator's (its
-// subscription runs on a test clock advanced with it) and the Metronome emulator's. The organization
-// bills to Stripe on a monthly subscription whose period ends at P0; `destinations start-parallel
-// --cut-over period-end` reads that period from Stripe, shadows on Metronome from the next hour
-// boundary (P0 − 1 h) and stores the cut-over at the end of the first period shadowed whole (P1, a
-// month after P0), with the Metronome customer unbillable until then. Readings arrive before the
-// shadow, in its first hour, across the compared month and after the cut-over, while both emulators
-// inject 500s, accepted-then-500s and 429s. Afterwards: each emulator holds exactly the readings of
-// the hours its destination was in force, none billed by both or by neither; Stripe's cycle invoice
-// for [P0, P1) equals Metronome's unbillable invoice for the same month; Metronome's next month is
-// billable; and `destinations parity --period` agrees with both emulators.
+// month, on one node: the scenario and what it checks are in period-migration-scenario.ts (the Citus
+// cluster runs the same: test/citus/period-migration.citus.ts).
 
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
-import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';
-import { listIntervals } from '../../src/admin/destinations.js';
-import {
-  destinationsParityCommand,
-  destinationsStartParallelCommand,
-} from '../../src/admin/destinations-cli.js';
-import { periodParityOf } from '../../src/admin/period-migration.js';
-import { periodEndAfter } from '../../src/billing/periods.js';
-import type { CliIo } from '../../src/cli/io.js';
-import {
-  ensureCustomer,
-  listBillableMetrics,
-  METRONOME_METRICS,
-  metricFor,
-  metronomeAlias,
-} from '../../src/metering/metronome.js';
 import { ensureQueues } from '../../src/metering/queues.js';
-import { allSettled, waitFor } from '../metering/delivery-helpers.js';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { allSettled } from '../metering/delivery-helpers.js';
 import { stripeTest } from '../support/test.js';
+import {
+  PERIOD_DELIVERY_ENV,
+  PERIOD_FAULTS,
+  periodBoundaryMigration,
+  periodTimeline,
+} from './period-migration-scenario.js';
 
-const HOUR = 3_600_000;
-const DAY = 24 * HOUR;
-/** Cents per reading, the same on Stripe's price and Metronome's rate card. */
-const PRICE = 3;
-
-// Random faults, and a script that makes sure each kind happens on both sides (the first calls to each
-// destination: an answer lost after the event was recorded, a 429, a 500).
-const FAULTS = {
-  acceptedThen500Rate: 0.1,
-  errorRate: 0.05,
-  rateLimitRate: 0.05,
-  latencyMs: 5,
-  jitterMs: 40,
-  script: ['accepted_then_500', 'none', 'rate_limit_429', 'error_500'] as (
-    | 'accepted_then_500'
-    | 'none'
-    | 'rate_limit_429'
-    | 'error_500'
-  )[],
-};
-
-// The month: P0 a little over 32 days before the host's clock, P1 a month after it, so every usage
-// time stays inside Stripe's 35 days and Metronome's 34 whatever clock judges it.
-const realStart = Date.now();
-const P0 = Math.floor(realStart / HOUR) * HOUR - 32 * DAY - 2 * HOUR;
-const P1 = periodEndAfter(new Date(P0), new Date(P0), 'month', 1).getTime();
-const P2 = periodEndAfter(new Date(P0), new Date(P1), 'month', 1).getTime();
-const V0 = P0 - 2 * HOUR + 10 * 60_000;
-let shift = Date.now() - V0;
-const clock = { now: () => new Date(Date.now() - shift) };
-const moveTo = (t: number) => {
-  shift = Date.now() - t;
-};
+const t = periodTimeline();
 
 const metronome = await startMetronomeEmulator({
-  faults: FAULTS,
+  faults: PERIOD_FAULTS,
   seed: 44,
-  clock: () => clock.now().getTime(),
+  clock: () => t.clock.now().getTime(),
 });
 afterAll(() => metronome.stop());
 
 const it = stripeTest({
-  emulator: { faults: FAULTS, seed: 45, clock: () => clock.now().getTime() },
+  emulator: { faults: PERIOD_FAULTS, seed: 45, clock: () => t.clock.now().getTime() },
   env: {
-    DELIVERY_RETRY_DELAY_SECONDS: '1',
-    DELIVERY_RETRY_DELAY_MAX_SECONDS: '2',
-    DELIVERY_RETRY_LIMIT: '1000',
-    DELIVERY_POLL_INTERVAL_SECONDS: '0.5',
-    SWEEP_INTERVAL_SECONDS: '1',
-    SWEEP_STALE_SECONDS: '2',
-    DELIVERY_LEASE_SECONDS: '5',
-    METER_CATALOG_REFRESH_SECONDS: '5',
+    ...PERIOD_DELIVERY_ENV,
     METRONOME_BEARER_TOKEN: 'metronome-test-token',
     METRONOME_API_BASE: metronome.url,
   },
-  overrides: { clock },
+  overrides: { clock: t.clock },
 }).extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
-
-function captureIo(): CliIo & { lines: string[] } {
-  const lines: string[] = [];
-  const err = {
-    write: (text: string) => {
-      lines.push(text);
-      return true;
-    },
-  } as unknown as CliIo['err'];
-  return { lines, out: (line: string) => void lines.push(line), err };
-}
 
 describe('a migration cut over at the billing-period boundary', () => {
   it('bills every reading once across a simulated month: Stripe until the period end, Metronome from it, invoice totals equal for the month shadowed', async ({
@@ -111,202 +41,13 @@ describe('a migration cut over at the billing-period boundary', () => {
     worker,
   }) => {
     expect(worker).toBeDefined();
-    const stripe = ctx.stripe!;
-    const client = ctx.metronome!;
-
-    // Stripe: a customer on a test clock, a metered price on the temperature_readings meter, and a
-    // monthly subscription whose current period ends at P0 (billing_cycle_anchor).
-    const testClock = await stripe.testHelpers.testClocks.create({ frozen_time: Math.floor(V0 / 1000) });
-    const customer = await stripe.customers.create({ name: 'period org', test_clock: testClock.id });
-    const org = await createOrganization(ctx.db, { customerId: customer.id, name: 'period org' });
-    const sensors = await createSensors(ctx.db, org.organizationId, 3);
-    const price = await stripe.prices.create({
-      currency: 'usd',
-      unit_amount: PRICE,
-      recurring: {
-        interval: 'month',
-        usage_type: 'metered',
-        meter: ctx.config.STRIPE_METER_ID_TEMPERATURE_READINGS!,
-      },
-      product_data: { name: 'temperature readings' },
-    });
-    const sub = await stripe.subscriptions.create({
-      customer: customer.id,
-      items: [{ price: price.id }],
-      billing_cycle_anchor: Math.floor(P0 / 1000),
-    });
-    await sql`UPDATE subscriptions SET stripe_subscription_id = ${sub.id}
-               WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
-
-    // Metronome: the customer (ingest alias), a rate card at the same price, and a contract from P0,
-    // the start of the month both systems will bill (Stripe's guide: the contract matches Stripe's period).
-    await ensureCustomer(client, { id: org.organizationId, name: 'period org' });
-    const metric = metricFor(await listBillableMetrics(client), METRONOME_METRICS[0]!)!;
-    const card = metronome.createRateCard({ name: 'standard', rates: { [metric.id]: PRICE } });
-    const metronomeCustomer = metronome
-      .customers()
-      .find((c) => c.ingest_aliases.includes(metronomeAlias(org.organizationId)))!;
-    await client.post('/v1/contracts/create', {
-      body: {
-        customer_id: metronomeCustomer.id,
-        rate_card_id: card.id,
-        starting_at: new Date(P0).toISOString(),
-      },
-    });
-
-    // The runbook's first step: start the parallel run with the cut-over at the period end.
-    const io = captureIo();
-    const code = await destinationsStartParallelCommand(
+    await periodBoundaryMigration({
       ctx,
-      { organization: org.organizationId, to: 'metronome', 'cut-over': 'period-end' },
-      io,
-    );
-    expect(io.lines.join('\n')).toContain(`cut-over at ${new Date(P1).toISOString()} (the period end)`);
-    expect(code).toBe(0);
-    const intervals = await listIntervals(ctx.db, org.organizationId);
-    expect(
-      intervals.map((i) => [i.destination, i.role, i.from?.getTime() ?? null, i.until?.getTime() ?? null]),
-    ).toEqual([
-      ['stripe', 'billing', null, P1],
-      ['metronome', 'shadow', P0 - HOUR, P1],
-      ['metronome', 'billing', P1, null],
-    ]);
-    const { rows: plans } = await sql<{ cut_over_at: Date; period_start: Date; period_end: Date }>`
-      SELECT cut_over_at, period_start, period_end FROM organization_period_migrations
-       WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
-    expect(
-      plans.map((p) => [p.period_start.getTime(), p.period_end.getTime(), p.cut_over_at.getTime()]),
-    ).toEqual([[P0, P1, P1]]);
-    // Unbillable from when the run started (now), billable from the cut-over.
-    const schedule = metronome.billableSchedule(metronomeCustomer.id);
-    expect(schedule.map((c) => c.value)).toEqual(['unbillable', 'billable']);
-    expect(Date.parse(schedule[0]!.effective_at)).toBeGreaterThanOrEqual(V0);
-    expect(Date.parse(schedule[0]!.effective_at)).toBeLessThan(V0 + 60_000);
-    expect(schedule[1]!.effective_at).toBe(new Date(P1).toISOString());
-    // Run again: the same plan, nothing added.
-    const again = captureIo();
-    expect(
-      await destinationsStartParallelCommand(
-        ctx,
-        { organization: org.organizationId, to: 'metronome', 'cut-over': 'period-end' },
-        again,
-      ),
-    ).toBe(0);
-    expect(again.lines[0]).toContain('unchanged');
-    expect(await listIntervals(ctx.db, org.organizationId)).toEqual(intervals);
-
-    // Readings at instants of the simulated month; each phase waits for delivery before time moves on.
-    let seq = 0;
-    const ingested: { at: number; n: number }[] = [];
-    const ingestAt = async (at: number, n: number) => {
-      moveTo(at);
-      if (Math.floor(at / 1000) > (await stripe.testHelpers.testClocks.retrieve(testClock.id)).frozen_time)
-        await stripe.testHelpers.testClocks.advance(testClock.id, { frozen_time: Math.floor(at / 1000) });
-      const readings = Array.from({ length: n }, (_, i) => ({
-        sensorId: sensors[(seq + i) % sensors.length]!,
-        recordedAt: new Date(clock.now().getTime() - 30_000 + (seq++ % 1000)).toISOString(),
-        temperatureC: 4,
-      }));
-      const res = await app.request('/v1/readings', {
-        method: 'POST',
-        headers: authHeaders(org.apiKey),
-        body: JSON.stringify({ readings }),
-      });
-      expect(res.status).toBe(201);
-      ingested.push({ at: clock.now().getTime(), n });
-      await waitFor('delivered', () => allSettled(ctx.db), 60_000);
-    };
-    await ingestAt(V0 + 60_000, 4); // before the shadow: Stripe alone
-    await ingestAt(P0 - 30 * 60_000, 5); // the shadow's first hour, in the period before the compared one
-    await ingestAt(P0 + 20 * 60_000, 7); // the compared month
-    await ingestAt(P0 + 10 * DAY + 5 * 60_000, 6);
-    await ingestAt(P1 - 20 * 60_000, 8); // its last hour
-    await ingestAt(P1 + 10 * 60_000, 9); // after the cut-over: Metronome bills
-    await ingestAt(P1 + 2 * HOUR + 5 * 60_000, 3);
-    // A day and an hour later: Stripe's cycle invoice (grace: an hour) and Metronome's statement
-    // (grace: a day) of the compared month are final.
-    moveTo(P1 + 25 * HOUR);
-    await stripe.testHelpers.testClocks.advance(testClock.id, {
-      frozen_time: Math.floor((P1 + 25 * HOUR) / 1000),
+      app,
+      emulator,
+      metronome,
+      t,
+      settled: () => allSettled(ctx.db),
     });
-
-    const sumOf = (from: number, to: number) =>
-      ingested.filter((r) => r.at >= from && r.at < to).reduce((s, r) => s + r.n, 0);
-    const stripeEvents = emulator.events({ customer: customer.id, event_name: 'temperature_readings' });
-    const stripeSum = (from: number, to: number) =>
-      stripeEvents
-        .filter((e) => e.timestamp * 1000 >= from && e.timestamp * 1000 < to)
-        .reduce((s, e) => s + e.value, 0);
-    const metronomeEvents = metronome.events().filter((e) => e.event_type === 'temperature_readings');
-    const metronomeSum = (from: number, to: number) =>
-      metronomeEvents
-        .filter((e) => Date.parse(e.timestamp) >= from && Date.parse(e.timestamp) < to)
-        .reduce((s, e) => s + Number(e.properties.value), 0);
-
-    // Each destination's ledger, by the hours it was in force: Stripe until P1, Metronome from P0 − 1 h.
-    expect(stripeSum(0, P1)).toBe(sumOf(0, P1));
-    expect(stripeSum(P1, Number.MAX_SAFE_INTEGER)).toBe(0);
-    expect(metronomeSum(0, P0 - HOUR)).toBe(0);
-    expect(metronomeSum(P0 - HOUR, Number.MAX_SAFE_INTEGER)).toBe(sumOf(P0 - HOUR, Number.MAX_SAFE_INTEGER));
-    // Billed (invoiced) by exactly one: Stripe's invoices hold what was before P1, Metronome's billable
-    // invoices what is from P1, and together every reading.
-    const stripeInvoices = emulator.invoices().filter((i) => i.subscription === sub.id);
-    const compared = stripeInvoices.find((i) => i.period_start * 1000 === P0 && i.period_end * 1000 === P1)!;
-    expect(compared.status).toBe('open');
-    expect(compared.total).toBe(PRICE * sumOf(P0, P1));
-    const metronomeInvoices = metronome.invoices(metronomeCustomer.id);
-    const shadowMonth = metronomeInvoices.find((i) => Date.parse(i.start_timestamp) === P0)!;
-    const firstBilled = metronomeInvoices.find((i) => Date.parse(i.start_timestamp) === P1)!;
-    expect([shadowMonth.billable_status, shadowMonth.status, shadowMonth.total]).toEqual([
-      'unbillable',
-      'FINALIZED',
-      PRICE * sumOf(P0, P1),
-    ]);
-    expect([firstBilled.billable_status, firstBilled.total]).toEqual(['billable', PRICE * sumOf(P1, P2)]);
-    const stripeBilled = stripeInvoices.reduce((s, i) => s + i.total, 0) / PRICE;
-    const metronomeBilled =
-      metronomeInvoices.filter((i) => i.billable_status === 'billable').reduce((s, i) => s + i.total, 0) /
-      PRICE;
-    expect(stripeBilled + metronomeBilled).toBe(sumOf(0, Number.MAX_SAFE_INTEGER));
-    expect(stripeBilled).toBe(sumOf(0, P1));
-
-    // The faults happened: answers lost after the event was recorded, on both sides.
-    for (const counters of [emulator.counters(), metronome.counters()])
-      expect([counters.acceptedThen500, counters.rateLimited, counters.serverError].every((n) => n > 0)).toBe(
-        true,
-      );
-
-    // The parity report per billing period agrees with both emulators.
-    const report = await periodParityOf(ctx, org.organizationId);
-    const row = (kind: string, destination: string) =>
-      report.rows.find((r) => r.kind === kind && r.destination === destination)!;
-    expect(report.totals).toEqual({ stripe: compared.total, metronome: shadowMonth.total, agree: true });
-    expect([row('partial', 'stripe').expected, row('partial', 'metronome').reported]).toEqual([
-      sumOf(P0 - HOUR, P0),
-      sumOf(P0 - HOUR, P0),
-    ]);
-    expect([row('compared', 'stripe').reported, row('compared', 'metronome').reported]).toEqual([
-      sumOf(P0, P1),
-      sumOf(P0, P1),
-    ]);
-    expect(row('compared', 'metronome').billable).toBe('unbillable');
-    // Nothing billed by both: Stripe has no usage after the cut-over, and its invoice for the month has none.
-    expect([
-      row('after', 'stripe').role,
-      row('after', 'stripe').reported,
-      row('after', 'stripe').invoiceTotal,
-    ]).toEqual(['ended', 0, 0]);
-    expect([
-      row('after', 'metronome').role,
-      row('after', 'metronome').reported,
-      row('after', 'metronome').invoiceTotal,
-    ]).toEqual(['billing', sumOf(P1, P2), firstBilled.total]);
-    expect(report.rows.every((r) => r.drift === 0)).toBe(true);
-    expect(report.exact).toBe(true);
-    const printed = captureIo();
-    expect(
-      await destinationsParityCommand(ctx, { organization: org.organizationId, period: true }, printed),
-    ).toBe(0);
-    expect(printed.lines.join('\n')).toContain(`invoice totals agree (${compared.total} on both)`);
   });
 });
