@@ -75,7 +75,8 @@ const STATEMENTS = {
   // storeGroup's statement (group commit): the only one carrying thr_orgs without thr_locked.
   ingest: `query LIKE '%thr_orgs AS%' AND query LIKE '%INSERT INTO temperature_readings%'`,
   // The count inside it (meterbox_count_thresholds' statement on the counters, tracked as nested).
-  count: `query LIKE '%UPDATE alert_usage_counters c SET usage = c.usage + x.inserted%'`,
+  // Its two statements on the fast path: the counters' update and the look-up for a crossing.
+  count: `(query LIKE '%UPDATE alert_usage_counters c SET usage = c.usage + x.inserted%' OR query LIKE '%FROM unnest(v_orgs, v_before%')`,
 } as const;
 
 export async function runThresholdsBench(): Promise<number> {
