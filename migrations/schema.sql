@@ -41,6 +41,20 @@ CREATE TABLE alert_thresholds (
   CONSTRAINT alert_thresholds_state_check CHECK ((state = ANY (ARRAY['armed'::text, 'crossed'::text])))
 );
 
+CREATE TABLE alert_usage_counters (
+  organization_id uuid NOT NULL,
+  event_name text NOT NULL,
+  period_start timestamp with time zone NOT NULL,
+  period_end timestamp with time zone NOT NULL,
+  valid_from timestamp with time zone NOT NULL,
+  valid_until timestamp with time zone NOT NULL,
+  usage bigint NOT NULL,
+  CONSTRAINT alert_usage_counters_check CHECK ((valid_from <= valid_until)),
+  CONSTRAINT alert_usage_counters_event_name_check CHECK ((event_name = 'temperature_readings'::text)),
+  CONSTRAINT alert_usage_counters_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES organizations(id) ON DELETE CASCADE,
+  CONSTRAINT alert_usage_counters_pkey PRIMARY KEY (organization_id, event_name)
+);
+
 CREATE TABLE api_keys (
   id uuid DEFAULT gen_random_uuid() NOT NULL,
   organization_id uuid NOT NULL,
@@ -514,35 +528,47 @@ CREATE SEQUENCE usage_corrections_id_seq START 1 INCREMENT 1 OWNED BY usage_corr
 CREATE SEQUENCE webhook_deliveries_id_seq START 1 INCREMENT 1 OWNED BY webhook_deliveries.id;
 
 CREATE FUNCTION meterbox_count_thresholds(p_orgs uuid[], p_inserted integer[], p_now timestamp with time zone) RETURNS SETOF text LANGUAGE plpgsql AS $body$
+DECLARE
+  r record;
+  v_orgs uuid[] := '{}';
+  v_before bigint[] := '{}';
+  v_after bigint[] := '{}';
+  v_start timestamptz[] := '{}';
+  v_end timestamptz[] := '{}';
 BEGIN
   IF coalesce(cardinality(p_orgs), 0) = 0 THEN
     RETURN;
   END IF;
-  RETURN QUERY
-  WITH per_org AS (
-    SELECT x.org, x.inserted FROM unnest(p_orgs, p_inserted) AS x(org, inserted) WHERE x.inserted > 0
-  ), thr_locked AS MATERIALIZED (
-    SELECT t.id, p.inserted, per.period_start AS start, per.period_end AS "end"
-      FROM per_org p JOIN alert_thresholds t ON t.organization_id = p.org AND t.event_name = 'temperature_readings'
-      CROSS JOIN LATERAL meterbox_threshold_period(p.org, p_now) per
-     ORDER BY t.id
-       FOR UPDATE OF t
-  ), thr_counted AS (
-    UPDATE alert_thresholds t
-       SET period_usage = CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted,
-           period_start = l.start, period_end = l."end",
-           state = CASE WHEN CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted >= t.quantity
-                        THEN 'crossed' ELSE 'armed' END,
-           crossed_at = CASE WHEN CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END < t.quantity
-                              AND CASE WHEN t.period_start = l.start THEN t.period_usage ELSE 0 END + l.inserted >= t.quantity
-                             THEN p_now ELSE t.crossed_at END
-      FROM thr_locked l
-     WHERE t.id = l.id
-    RETURNING t.id, t.organization_id, t.event_name, t.quantity, t.period_usage, t.period_start, t.period_end,
-              l.inserted
-  )
-  SELECT row_to_json(c)::text FROM thr_counted c
-   WHERE c.period_usage >= c.quantity AND c.period_usage - c.inserted < c.quantity;
+  FOR r IN
+    UPDATE alert_usage_counters c SET usage = c.usage + x.inserted
+      FROM unnest(p_orgs, p_inserted) AS x(org, inserted)
+     WHERE c.organization_id = x.org AND c.event_name = 'temperature_readings' AND x.inserted > 0
+       AND c.valid_from <= p_now AND p_now < c.valid_until
+    RETURNING c.organization_id AS org, c.usage, x.inserted, c.period_start, c.period_end
+  LOOP
+    v_orgs := v_orgs || r.org;
+    v_before := v_before || (r.usage - r.inserted);
+    v_after := v_after || r.usage;
+    v_start := v_start || r.period_start;
+    v_end := v_end || r.period_end;
+  END LOOP;
+  IF cardinality(v_orgs) > 0 THEN
+    FOR r IN
+      SELECT DISTINCT ON (x.org) x.org, x.before, x.after, x.ps, x.pe
+        FROM unnest(v_orgs, v_before, v_after, v_start, v_end) AS x(org, before, after, ps, pe)
+        JOIN alert_thresholds t ON t.organization_id = x.org AND t.event_name = 'temperature_readings'
+                               AND t.quantity > x.before AND t.quantity <= x.after
+       ORDER BY x.org
+    LOOP
+      RETURN QUERY SELECT j FROM meterbox_threshold_cross(r.org, r.before, r.after, r.ps, r.pe, p_now) AS j;
+    END LOOP;
+  END IF;
+  IF cardinality(v_orgs) < cardinality(p_orgs) THEN
+    FOR r IN SELECT u.org, u.inserted FROM unnest(p_orgs, p_inserted) AS u(org, inserted)
+              WHERE u.inserted > 0 AND u.org <> ALL (v_orgs) ORDER BY u.org LOOP
+      RETURN QUERY SELECT j FROM meterbox_threshold_recount(r.org, r.inserted, p_now) AS j;
+    END LOOP;
+  END IF;
 END
 $body$;
 
@@ -551,6 +577,26 @@ BEGIN
   PERFORM pg_notify('meterbox_api_keys', OLD.key_hash);
   RETURN NULL;
 END;
+$body$;
+
+CREATE FUNCTION meterbox_threshold_cross(p_org uuid, p_before bigint, p_after bigint, p_start timestamp with time zone, p_end timestamp with time zone, p_now timestamp with time zone) RETURNS SETOF text LANGUAGE plpgsql AS $body$
+DECLARE
+  r record;
+BEGIN
+  -- Plain statements, no data-modifying CTE: Citus plans each of them (the tables are reference tables).
+  FOR r IN
+    UPDATE alert_thresholds t
+       SET state = 'crossed', crossed_at = p_now, period_usage = p_after, period_start = p_start, period_end = p_end
+     WHERE t.organization_id = p_org AND t.event_name = 'temperature_readings'
+       AND t.quantity > p_before AND t.quantity <= p_after
+    RETURNING t.id, t.quantity
+  LOOP
+    -- A crossing as the callers read it (src/alerts/thresholds.ts, crossingOf).
+    RETURN NEXT json_build_object('id', r.id, 'organization_id', p_org, 'event_name', 'temperature_readings',
+                                  'quantity', r.quantity, 'period_usage', p_after, 'period_start', p_start,
+                                  'period_end', p_end, 'inserted', p_after - p_before)::text;
+  END LOOP;
+END
 $body$;
 
 CREATE FUNCTION meterbox_threshold_period(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone) LANGUAGE plpgsql STABLE AS $body$
@@ -587,6 +633,98 @@ BEGIN
     period_end := (v_anchor + make_interval(months => v_months + 1)) AT TIME ZONE 'UTC';
   END IF;
   RETURN NEXT;
+END
+$body$;
+
+CREATE FUNCTION meterbox_threshold_period_span(p_org uuid, p_at timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone, valid_from timestamp with time zone, valid_until timestamp with time zone) LANGUAGE plpgsql STABLE AS $body$
+#variable_conflict use_column
+DECLARE
+  v_cpe timestamptz;
+  v_at timestamptz;
+  v_bounds timestamptz[];
+BEGIN
+  SELECT p.period_start, p.period_end INTO period_start, period_end FROM meterbox_threshold_period(p_org, p_at) p;
+  valid_from := period_start;
+  valid_until := period_end;
+  SELECT s.current_period_end INTO v_cpe FROM subscriptions s WHERE s.organization_id = p_org;
+  -- Two statements, no UNION over a reference table (Citus plans none).
+  SELECT array_agg(d.valid_from) || array_agg(d.valid_until) INTO v_bounds FROM organization_destinations d
+   WHERE d.organization_id = p_org AND d.destination = 'metronome' AND d.role = 'billing';
+  FOR v_at IN
+    SELECT b FROM unnest(ARRAY[v_cpe - interval '1 month', v_cpe] || coalesce(v_bounds, '{}')) AS b WHERE b IS NOT NULL
+  LOOP
+    IF v_at <= p_at THEN
+      valid_from := greatest(valid_from, v_at);
+    ELSE
+      valid_until := least(valid_until, v_at);
+    END IF;
+  END LOOP;
+  RETURN NEXT;
+END
+$body$;
+
+CREATE FUNCTION meterbox_threshold_recount(p_org uuid, p_inserted bigint, p_now timestamp with time zone) RETURNS SETOF text LANGUAGE plpgsql AS $body$
+DECLARE
+  c alert_usage_counters%ROWTYPE;
+  s record;
+  r record;
+  v_have boolean;
+  v_before bigint;
+  v_after bigint;
+BEGIN
+  LOOP
+    SELECT * INTO c FROM alert_usage_counters
+     WHERE organization_id = p_org AND event_name = 'temperature_readings' FOR UPDATE;
+    v_have := FOUND;
+    IF v_have AND c.valid_from <= p_now AND p_now < c.valid_until THEN
+      -- Another transaction computed the period while this one waited for the lock: count forward.
+      UPDATE alert_usage_counters SET usage = usage + p_inserted
+       WHERE organization_id = p_org AND event_name = 'temperature_readings';
+      RETURN QUERY SELECT j FROM meterbox_threshold_cross(p_org, c.usage, c.usage + p_inserted, c.period_start,
+                                                          c.period_end, p_now) AS j;
+      RETURN;
+    END IF;
+    IF NOT v_have AND NOT EXISTS (SELECT 1 FROM alert_thresholds t
+                                   WHERE t.organization_id = p_org AND t.event_name = 'temperature_readings') THEN
+      RETURN;
+    END IF;
+    SELECT * INTO s FROM meterbox_threshold_period_span(p_org, p_now);
+    IF v_have THEN
+      v_before := CASE WHEN c.period_start = s.period_start THEN c.usage ELSE 0 END;
+      v_after := v_before + p_inserted;
+      UPDATE alert_usage_counters
+         SET period_start = s.period_start, period_end = s.period_end, valid_from = s.valid_from,
+             valid_until = s.valid_until, usage = v_after
+       WHERE organization_id = p_org AND event_name = 'temperature_readings';
+      EXIT;
+    END IF;
+    -- No counter: create it. A concurrent transaction that created it first makes this one go round
+    -- again and wait for its lock.
+    v_before := coalesce((SELECT max(t.period_usage) FROM alert_thresholds t
+                           WHERE t.organization_id = p_org AND t.event_name = 'temperature_readings'
+                             AND t.period_start = s.period_start), 0);
+    v_after := v_before + p_inserted;
+    INSERT INTO alert_usage_counters (organization_id, event_name, period_start, period_end, valid_from, valid_until,
+                                      usage)
+    VALUES (p_org, 'temperature_readings', s.period_start, s.period_end, s.valid_from, s.valid_until, v_after)
+    ON CONFLICT (organization_id, event_name) DO NOTHING;
+    EXIT WHEN FOUND;
+  END LOOP;
+  FOR r IN
+    UPDATE alert_thresholds t
+       SET period_start = s.period_start, period_end = s.period_end, period_usage = v_after,
+           state = CASE WHEN t.quantity <= v_after THEN 'crossed' ELSE 'armed' END,
+           crossed_at = CASE WHEN t.quantity > v_before AND t.quantity <= v_after THEN p_now
+                             WHEN t.quantity <= v_before THEN t.crossed_at END
+     WHERE t.organization_id = p_org AND t.event_name = 'temperature_readings'
+    RETURNING t.id, t.quantity
+  LOOP
+    IF r.quantity > v_before AND r.quantity <= v_after THEN
+      RETURN NEXT json_build_object('id', r.id, 'organization_id', p_org, 'event_name', 'temperature_readings',
+                                    'quantity', r.quantity, 'period_usage', v_after, 'period_start', s.period_start,
+                                    'period_end', s.period_end, 'inserted', p_inserted)::text;
+    END IF;
+  END LOOP;
 END
 $body$;
 

@@ -10,6 +10,7 @@ import { type Kysely, sql, type Transaction } from 'kysely';
 import { type PeriodCutOverPlan, planPeriodCutOver, type StripeBillingPeriod } from '../billing/periods.js';
 import type { Context } from '../context-type.js';
 import type { DB, Destination } from '../db/schema.js';
+import { forgetThresholdPeriod } from '../db/threshold-periods.js';
 import type { DestinationRole } from '../metering/destinations.js';
 import { ensureCustomer, metronomeAlias } from '../metering/metronome.js';
 
@@ -85,6 +86,8 @@ async function closeOpen(trx: Transaction<DB>, organizationId: string, at: Date)
   // An interval in force at `at` that a scheduled change (a period-boundary cut-over) ends later is
   // ended at `at` too, and the change's intervals that only start at or after `at` never take effect:
   // from `at` the new change alone decides.
+  // The threshold period depends on the intervals (a Metronome organization counts in its own months).
+  await forgetThresholdPeriod(trx, organizationId);
   await sql`DELETE FROM organization_destinations
              WHERE organization_id = ${organizationId} AND valid_from >= ${at}
                AND (valid_until IS NULL OR valid_until > ${at})`.execute(trx);
@@ -104,6 +107,7 @@ async function open(
   role: DestinationRole,
   from: Date | 'always',
 ) {
+  await forgetThresholdPeriod(trx, organizationId);
   await sql`INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
             VALUES (${organizationId}, ${destination}, ${role},
                     ${from === 'always' ? sql`'-infinity'::timestamptz` : sql`${from}::timestamptz`})`.execute(

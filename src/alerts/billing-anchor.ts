@@ -3,13 +3,15 @@
 // subscription in its period), monthly periods from an anchor, as a Metronome contract's usage
 // statements follow its billing_anchor_date; UTC months while none is set. The period rule itself is
 // meterbox_threshold_period (periodOf), which ingestion's count and its rollover use: setting the anchor
-// only stores it and re-counts the organization's thresholds into the period it now gives.
+// only stores it and re-counts the organization's thresholds into the period it now gives (for
+// temperature_readings, its counter: migration 0082).
 import { type Kysely, sql } from 'kysely';
 import { z } from 'zod';
 import { pgInstant } from '../db/input-types.js';
 import type { DB } from '../db/schema.js';
+import { forgetThresholdPeriod } from '../db/threshold-periods.js';
 import { notFound } from '../http/errors.js';
-import { periodUsage, type ThresholdMeter } from './threshold-admin.js';
+import { periodUsage, recountReadings, type ThresholdMeter } from './threshold-admin.js';
 import { periodOf } from './thresholds.js';
 
 export const billingAnchorBody = z.object({
@@ -65,21 +67,27 @@ export async function setBillingAnchor(
       trx,
     );
     if (updated.rows.length === 0) throw notFound('organization');
-    const locked = await sql<{ id: string; event_name: ThresholdMeter }>`
-      SELECT id::text, event_name FROM alert_thresholds WHERE organization_id = ${organizationId}
+    // temperature_readings: the counter re-counted into the new period (its lock first, as ingestion
+    // takes it), when the organization has such thresholds.
+    const meters = await sql<{ event_name: ThresholdMeter }>`
+      SELECT DISTINCT event_name FROM alert_thresholds WHERE organization_id = ${organizationId}`.execute(
+      trx,
+    );
+    if (meters.rows.some((r) => r.event_name === 'temperature_readings'))
+      await recountReadings(trx, organizationId, now);
+    else await forgetThresholdPeriod(trx, organizationId);
+    if (!meters.rows.some((r) => r.event_name === 'active_sensors')) return;
+    const locked = await sql<{ id: string }>`
+      SELECT id::text FROM alert_thresholds WHERE organization_id = ${organizationId} AND event_name = 'active_sensors'
        ORDER BY id FOR UPDATE`.execute(trx);
-    // Separate statements (the thresholds a reference table and the readings distributed on Citus).
-    for (const meter of new Set(locked.rows.map((r) => r.event_name))) {
-      const { period: per, usage: n, usageAt } = await periodUsage(trx, organizationId, now, meter);
-      await sql`
-        UPDATE alert_thresholds
-           SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n}, usage_at = ${usageAt},
-               state = CASE WHEN ${n} >= quantity THEN 'crossed' ELSE 'armed' END,
-               crossed_at = CASE WHEN ${n} >= quantity AND state = 'crossed' THEN crossed_at END
-         WHERE id = ANY(${locked.rows.filter((r) => r.event_name === meter).map((r) => r.id)}::bigint[])`.execute(
-        trx,
-      );
-    }
+    // Separate statements (the thresholds a reference table and the meter's outbox rows distributed on Citus).
+    const { period: per, usage: n, usageAt } = await periodUsage(trx, organizationId, now, 'active_sensors');
+    await sql`
+      UPDATE alert_thresholds
+         SET period_start = ${per.start}, period_end = ${per.end}, period_usage = ${n}, usage_at = ${usageAt},
+             state = CASE WHEN ${n} >= quantity THEN 'crossed' ELSE 'armed' END,
+             crossed_at = CASE WHEN ${n} >= quantity AND state = 'crossed' THEN crossed_at END
+       WHERE id = ANY(${locked.rows.map((r) => r.id)}::bigint[])`.execute(trx);
   });
   return billingAnchorOf(db, organizationId, now);
 }

@@ -45,6 +45,52 @@ export async function periodUsage(
   return { period, usage: Number(used.rows[0]?.n ?? 0), usageAt: null };
 }
 
+/**
+ * Counts the organization's stored readings of its current period again (voided ones left out) into its
+ * temperature_readings counter (alert_usage_counters, migration 0082), under the counter's lock (taken
+ * first, as ingestion takes it), with the period and the span of time it holds for
+ * (meterbox_threshold_period_span); its thresholds take that usage: crossed when at or over their
+ * quantity, armed under it, without events (as a new threshold is counted). Used when a threshold is
+ * created and when the billing anchor changes. Separate statements, so that on Citus the count is a
+ * router statement on the organization's shard and the writes plain statements on reference tables.
+ */
+export async function recountReadings(
+  trx: Transaction<DB>,
+  organizationId: string,
+  now: Date,
+): Promise<{ period: Period; usage: number }> {
+  await sql`
+    SELECT 1 FROM alert_usage_counters
+     WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings' FOR UPDATE`.execute(
+    trx,
+  );
+  const span = (
+    await sql<Period & { validFrom: Date; validUntil: Date }>`
+      SELECT period_start AS start, period_end AS "end", valid_from AS "validFrom", valid_until AS "validUntil"
+        FROM meterbox_threshold_period_span(${organizationId}::uuid, ${now}::timestamptz)`.execute(trx)
+  ).rows[0]!;
+  const used = await sql<{ n: string }>`
+    SELECT count(*)::text AS n FROM temperature_readings r
+     WHERE r.organization_id = ${organizationId} AND r.ingested_at >= ${span.start} AND r.ingested_at < ${span.end}
+       AND r.voided_at IS NULL`.execute(trx);
+  const usage = Number(used.rows[0]?.n ?? 0);
+  await sql`
+    INSERT INTO alert_usage_counters (organization_id, event_name, period_start, period_end, valid_from, valid_until,
+                                      usage)
+    VALUES (${organizationId}, 'temperature_readings', ${span.start}, ${span.end}, ${span.validFrom},
+            ${span.validUntil}, ${usage})
+    ON CONFLICT (organization_id, event_name) DO UPDATE
+       SET period_start = excluded.period_start, period_end = excluded.period_end, valid_from = excluded.valid_from,
+           valid_until = excluded.valid_until, usage = excluded.usage`.execute(trx);
+  await sql`
+    UPDATE alert_thresholds
+       SET period_start = ${span.start}, period_end = ${span.end}, period_usage = ${usage},
+           state = CASE WHEN quantity <= ${usage} THEN 'crossed' ELSE 'armed' END,
+           crossed_at = CASE WHEN quantity <= ${usage} AND state = 'crossed' THEN crossed_at END
+     WHERE organization_id = ${organizationId} AND event_name = 'temperature_readings'`.execute(trx);
+  return { period: { start: span.start, end: span.end }, usage };
+}
+
 export const thresholdBody = z.object({
   meter: z.enum(THRESHOLD_METERS).default('temperature_readings'),
   quantity: z.coerce.number().int().positive().max(Number.MAX_SAFE_INTEGER),
@@ -66,9 +112,11 @@ export type ThresholdView = z.infer<typeof thresholdView>;
 
 /**
  * Creates a threshold, counting the usage already stored in the current period. A quantity already
- * reached starts `crossed`, without an event: the alert is for a crossing. (A group of the
- * organization's readings committing while the threshold is created may be missed by the count: the
- * group's statement began before the threshold existed, and the count's snapshot before it committed.)
+ * reached starts `crossed`, without an event: the alert is for a crossing. (For the organization's first
+ * temperature_readings threshold, a group of its readings committing while it is created may be missed:
+ * that group's statement began before any threshold existed, so it counts nothing, and the count's
+ * snapshot was taken before it committed. With thresholds already there, such a group waits for the
+ * counter's lock, which the re-count holds, and counts after it, seeing the new threshold.)
  */
 export async function createThreshold(
   db: Kysely<DB>,
@@ -91,7 +139,13 @@ export async function createThreshold(
     // Three statements, not one INSERT ... SELECT: on a Citus cluster the thresholds are a reference
     // table and the readings a distributed one, which Citus cannot join in a write; the count is a router
     // statement on the organization's shard.
-    const { period: per, usage: n, usageAt } = await periodUsage(trx, organizationId, now, meter);
+    const {
+      period: per,
+      usage: n,
+      usageAt,
+    } = meter === 'temperature_readings'
+      ? { ...(await recountReadings(trx, organizationId, now)), usageAt: null }
+      : await periodUsage(trx, organizationId, now, meter);
     const row = await sql<{ id: string }>`
       INSERT INTO alert_thresholds (organization_id, event_name, quantity, period_start, period_end, period_usage,
                                     usage_at, state)
@@ -126,11 +180,14 @@ export async function listThresholds(
     period_end: Date;
     crossed_at: Date | null;
   }>`
-    SELECT id::text, organization_id, event_name, quantity::text, state, period_usage::text, period_start,
-           period_end, crossed_at
-      FROM alert_thresholds
-     WHERE organization_id = ${organizationId} ${id ? sql`AND id = ${id}` : sql``}
-     ORDER BY event_name, quantity`.execute(db);
+    SELECT t.id::text, t.organization_id, t.event_name, t.quantity::text, t.state,
+           coalesce(c.usage, t.period_usage)::text AS period_usage, coalesce(c.period_start, t.period_start) AS period_start,
+           coalesce(c.period_end, t.period_end) AS period_end, t.crossed_at
+      FROM alert_thresholds t
+      -- temperature_readings: the organization's usage is its counter's (migration 0082)
+      LEFT JOIN alert_usage_counters c ON c.organization_id = t.organization_id AND c.event_name = t.event_name
+     WHERE t.organization_id = ${organizationId} ${id ? sql`AND t.id = ${id}` : sql``}
+     ORDER BY t.event_name, t.quantity`.execute(db);
   return rows.rows.map((r) => {
     // A period that ended is re-armed; the row catches up at the organization's next ingestion.
     const current = new Date(r.period_end).getTime() > now.getTime();

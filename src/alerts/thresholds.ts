@@ -1,14 +1,16 @@
 // Threshold alerts on temperature_readings: quantities of readings stored in the current billing period
 // (active_sensors thresholds: sensor-thresholds.ts; the operator's CRUD: threshold-admin.ts).
-// Ingestion's statement finds whether the organizations it stored readings for have thresholds (an
-// index probe that finds nothing for an organization without any); for those that do, the same
-// statement counts the stored readings into their rows (thresholdCountCall) and ingestion writes
-// `usage.threshold.crossed` in the same transaction when the count goes from below a quantity to
-// at least it. The count and that test happen under the threshold row's lock, so concurrent
-// transactions see the crossing exactly once. A correction lowers the count in its transaction and a
-// crossed threshold falling back under writes `usage.threshold.resolved`; a new period starts the
-// count from zero (re-armed). On a Citus cluster the routed ingestion counts with
-// countShardGroupThresholds, the same rule in statements Citus routes.
+// The usage is one counter per organization (alert_usage_counters, migration 0082), which also keeps the
+// period it counts in. Ingestion's statement finds whether the organizations it stored readings for have
+// thresholds (an index probe that finds nothing for an organization without any); for those that do,
+// the same statement adds the stored readings to their counters (thresholdCountCall: one row updated
+// per organization however many thresholds it has) and reads the thresholds, by an index range
+// look-up after it, only to find one whose quantity the count went past; ingestion writes
+// `usage.threshold.crossed` in the same transaction. The count and that test happen under the counter's
+// lock, so concurrent transactions see the crossing exactly once. A correction lowers the counter in
+// its transaction and a crossed threshold falling back under writes `usage.threshold.resolved`; a new
+// period starts the count from zero (re-armed). On a Citus cluster the routed ingestion counts with
+// countShardGroupThresholds: the same function, called on its own after the probe.
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB } from '../db/schema.js';
@@ -39,16 +41,16 @@ export function periodOf(org: RawBuilder<unknown>, at: RawBuilder<unknown>) {
 export function thresholdProbeCte(perOrg: RawBuilder<unknown>) {
   return sql`thr_orgs AS (
       SELECT p.org, p.inserted FROM ${perOrg} p
-       WHERE EXISTS (SELECT 1 FROM alert_thresholds t WHERE t.organization_id = p.org)
+       WHERE EXISTS (SELECT 1 FROM alert_thresholds t WHERE t.organization_id = p.org AND t.event_name = ${METER})
     )`;
 }
 
 /**
  * A subquery (one text column j, a crossing as JSON per row: crossingOf) that counts what the
- * organizations of `thr_orgs` stored into their thresholds, under the threshold rows' locks, in the
- * statement that stored them (meterbox_count_thresholds, migration 0061: its plan is kept for the
- * session, so the count costs no planning and no round trip of its own). Returns nothing, at once,
- * when thr_orgs is empty.
+ * organizations of `thr_orgs` stored into their counters, under the counters' locks, in the statement
+ * that stored them (meterbox_count_thresholds, migration 0082: its plans are kept for the session, so
+ * the count costs no planning and no round trip of its own). Returns nothing, at once, when thr_orgs is
+ * empty.
  */
 export function thresholdCountCall(now: RawBuilder<unknown>) {
   // One aggregate, and no call at all when thr_orgs is empty (the common case: no thresholds).
@@ -60,15 +62,11 @@ export function thresholdCountCall(now: RawBuilder<unknown>) {
 
 /**
  * On a Citus cluster (ingest/routed.ts), after a shard group's readings were inserted in `trx`: counts
- * what each organization stored (`inserted`) into its thresholds and writes the crossings' events, in
- * that transaction, by the rule of one node's meterbox_count_thresholds (migration 0061): the rows
- * locked in id order, counted forward from the row as the lock found it (a concurrent transaction's
- * committed count included), restarted from zero in a new period, a crossing where the count goes from
- * below the quantity to at least it. Citus plans none of that function's statement (a SQL function
- * with parameters, a write joined to a lateral call), so here it is four plain statements on the
- * reference table: the probe with the periods (meterbox_threshold_period, the one copy of the period
- * rule; for an organization without thresholds, an index lookup that finds nothing, and nothing more),
- * the lock, the update, the events.
+ * what each organization stored (`inserted`) into its counter and writes the crossings' events, in that
+ * transaction, with one node's function (meterbox_count_thresholds, migration 0082), called on its own:
+ * Citus plans each statement of a PL/pgSQL function by itself, and these touch only reference tables
+ * (the counters and the thresholds). First the probe, so that a group of organizations without
+ * thresholds pays one look-up on the coordinator's copy and writes nothing on the reference tables.
  */
 export async function countShardGroupThresholds(
   trx: Transaction<DB>,
@@ -78,59 +76,22 @@ export async function countShardGroupThresholds(
 ): Promise<void> {
   const orgs = [...inserted.entries()].filter(([, n]) => n > 0).map(([o]) => o);
   if (orgs.length === 0) return;
-  const periods = await sql<{ org: string; start: Date; end: Date }>`
-    SELECT DISTINCT t.organization_id::text AS org, p.period_start AS start, p.period_end AS "end"
-      FROM alert_thresholds t CROSS JOIN LATERAL meterbox_threshold_period(t.organization_id, ${now}::timestamptz) p
-     WHERE t.organization_id = ANY(${orgs}::uuid[]) AND t.event_name = ${METER}`.execute(trx);
-  if (periods.rows.length === 0) return;
-  const periodOfOrg = new Map(periods.rows.map((r) => [r.org, r]));
-  const locked = await sql<{
-    id: string;
-    org: string;
-    event_name: string;
-    quantity: string;
-    period_start: Date;
-    period_usage: string;
-    crossed_at: Date | null;
-  }>`
-    SELECT id::text, organization_id::text AS org, event_name, quantity::text, period_start, period_usage::text,
-           crossed_at
-      FROM alert_thresholds
-     WHERE organization_id = ANY(${[...periodOfOrg.keys()]}::uuid[]) AND event_name = ${METER}
-     ORDER BY id FOR UPDATE`.execute(trx);
-  if (locked.rows.length === 0) return;
-  const next = locked.rows.map((t) => {
-    const per = periodOfOrg.get(t.org)!;
-    const before =
-      new Date(t.period_start).getTime() === new Date(per.start).getTime() ? Number(t.period_usage) : 0;
-    const usage = before + (inserted.get(t.org) ?? 0);
-    const quantity = Number(t.quantity);
-    const crossing = before < quantity && usage >= quantity;
-    return { t, per, usage, quantity, crossing, crossedAt: crossing ? now : t.crossed_at };
-  });
-  await sql`
-    UPDATE alert_thresholds t
-       SET period_usage = v.usage, period_start = v.start, period_end = v."end", state = v.state,
-           crossed_at = v.crossed_at
-      FROM unnest(${next.map((n) => n.t.id)}::bigint[], ${next.map((n) => n.usage)}::bigint[],
-                  ${next.map((n) => n.per.start)}::timestamptz[], ${next.map((n) => n.per.end)}::timestamptz[],
-                  ${next.map((n) => (n.usage >= n.quantity ? 'crossed' : 'armed'))}::text[],
-                  ${next.map((n) => n.crossedAt)}::timestamptz[]) AS v(id, usage, start, "end", state, crossed_at)
-     WHERE t.id = v.id`.execute(trx);
-  const crossings = next
-    .filter((n) => n.crossing)
-    .map(
-      (n): Crossing => ({
-        thresholdId: n.t.id,
-        organizationId: n.t.org,
-        eventName: n.t.event_name,
-        quantity: n.quantity,
-        usage: n.usage,
-        periodStart: new Date(n.per.start),
-        periodEnd: new Date(n.per.end),
-      }),
+  const withThresholds = await sql<{ org: string }>`
+    SELECT DISTINCT organization_id::text AS org FROM alert_thresholds
+     WHERE organization_id = ANY(${orgs}::uuid[]) AND event_name = ${METER}
+     ORDER BY 1`.execute(trx);
+  if (withThresholds.rows.length === 0) return;
+  const counted = withThresholds.rows.map((r) => r.org);
+  const crossed = await sql<{ j: string }>`
+    SELECT j FROM meterbox_count_thresholds(${counted}::uuid[], ${counted.map((o) => inserted.get(o) ?? 0)}::int[],
+                                            ${now}::timestamptz) AS j`.execute(trx);
+  if (crossed.rows.length > 0)
+    await writeCrossings(
+      trx,
+      boss,
+      crossed.rows.map((r) => crossingOf(r.j)),
+      now,
     );
-  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
 }
 
 /** A crossing as the count's statement returns it (thr_crossed). */
@@ -197,11 +158,12 @@ export async function writeCrossings(
 }
 
 /**
- * After a correction voided readings (in the caller's transaction): the organization's thresholds in
- * their current period lose the voided readings ingested in that period, and each that was crossed and
- * is now under its quantity writes `usage.threshold.resolved`. Plain statements, each of which Citus
- * routes (the thresholds are a reference table, the readings distributed, which it cannot join in a
- * write): the lock, the count on the organization's shard, the update, the events.
+ * After a correction voided readings (in the caller's transaction): the organization's counter, in its
+ * current period, loses the voided readings ingested in that period, and each threshold that was crossed
+ * and is now under its quantity writes `usage.threshold.resolved` (and is armed again). Plain statements,
+ * each of which Citus routes (the counters and thresholds are reference tables, the readings
+ * distributed, which it cannot join in a write): the counter's lock, the count on the organization's
+ * shard, the updates, the events.
  */
 export async function lowerThresholdUsage(
   trx: Transaction<DB>,
@@ -210,69 +172,52 @@ export async function lowerThresholdUsage(
   correction: { id: string; from: Date; to: Date },
   now: Date,
 ): Promise<number> {
-  const locked = await sql<{
-    id: string;
-    event_name: string;
-    quantity: string;
-    period_usage: string;
-    period_start: Date;
-    period_end: Date;
-    state: string;
-  }>`
-    SELECT id::text, event_name, quantity::text, period_usage::text, period_start, period_end, state
-      FROM alert_thresholds
+  const locked = await sql<{ usage: string; period_start: Date; period_end: Date }>`
+    SELECT usage::text, period_start, period_end FROM alert_usage_counters
      WHERE organization_id = ${organizationId} AND event_name = ${METER}
        AND period_start <= ${now} AND period_end > ${now}
-     ORDER BY id FOR UPDATE`.execute(trx);
-  if (locked.rows.length === 0) return 0;
-  // The thresholds of one organization share its period (but for a row not yet rolled over).
-  const periodKey = (t: { period_start: Date; period_end: Date }) =>
-    `${new Date(t.period_start).toISOString()}/${new Date(t.period_end).toISOString()}`;
-  const voidedIn = new Map<string, number>();
-  for (const t of locked.rows) {
-    const key = periodKey(t);
-    if (voidedIn.has(key)) continue;
-    const n = await sql<{ n: string }>`
-      SELECT count(*)::text AS n FROM temperature_readings r
-       WHERE r.organization_id = ${organizationId} AND r.correction_id = ${correction.id}
-         AND r.recorded_at >= ${correction.from} AND r.recorded_at < ${correction.to}
-         AND r.ingested_at >= ${t.period_start} AND r.ingested_at < ${t.period_end}`.execute(trx);
-    voidedIn.set(key, Number(n.rows[0]?.n ?? 0));
-  }
-  const next = locked.rows.map((t) => {
-    const usage = Math.max(0, Number(t.period_usage) - (voidedIn.get(periodKey(t)) ?? 0));
-    return { t, usage, state: usage >= Number(t.quantity) ? 'crossed' : 'armed' };
-  });
-  const changed = next.filter((n) => n.usage !== Number(n.t.period_usage) || n.state !== n.t.state);
-  if (changed.length > 0)
-    await sql`
-      UPDATE alert_thresholds t SET period_usage = v.usage, state = v.state
-        FROM unnest(${changed.map((n) => n.t.id)}::bigint[], ${changed.map((n) => n.usage)}::bigint[],
-                    ${changed.map((n) => n.state)}::text[]) AS v(id, usage, state)
-       WHERE t.id = v.id`.execute(trx);
-  const resolved = next
-    .filter((n) => n.t.state === 'crossed' && n.state === 'armed')
-    .sort((a, b) => Number(a.t.quantity) - Number(b.t.quantity));
+       FOR UPDATE`.execute(trx);
+  const counter = locked.rows[0];
+  if (!counter) return 0;
+  const voided = await sql<{ n: string }>`
+    SELECT count(*)::text AS n FROM temperature_readings r
+     WHERE r.organization_id = ${organizationId} AND r.correction_id = ${correction.id}
+       AND r.recorded_at >= ${correction.from} AND r.recorded_at < ${correction.to}
+       AND r.ingested_at >= ${counter.period_start} AND r.ingested_at < ${counter.period_end}`.execute(trx);
+  const before = Number(counter.usage);
+  const usage = Math.max(0, before - Number(voided.rows[0]?.n ?? 0));
+  if (usage === before) return 0;
+  await sql`
+    UPDATE alert_usage_counters SET usage = ${usage}
+     WHERE organization_id = ${organizationId} AND event_name = ${METER}`.execute(trx);
+  // The thresholds the count fell back under: quantity in (usage, before], crossed until now.
+  const resolved = await sql<{ id: string; quantity: string }>`
+    UPDATE alert_thresholds SET state = 'armed', crossed_at = NULL, period_usage = ${usage},
+                                period_start = ${counter.period_start}, period_end = ${counter.period_end}
+     WHERE organization_id = ${organizationId} AND event_name = ${METER}
+       AND quantity > ${usage} AND quantity <= ${before}
+    RETURNING id::text, quantity::text`.execute(trx);
+  const events = [...resolved.rows].sort((a, b) => Number(a.quantity) - Number(b.quantity));
   await writeAlertEvents(
     trx,
     boss,
-    resolved.map(({ t, usage }) => ({
+    events.map((t) => ({
       organizationId,
       type: 'usage.threshold.resolved' as const,
       data: {
         ...eventData({
           thresholdId: t.id,
           organizationId,
-          eventName: t.event_name,
+          eventName: METER,
           quantity: Number(t.quantity),
           usage,
-          periodStart: t.period_start,
-          periodEnd: t.period_end,
+          periodStart: counter.period_start,
+          periodEnd: counter.period_end,
         }),
         correction_id: correction.id,
       },
     })),
     now,
   );
-  return resolved.length;
+  return events.length;
 }

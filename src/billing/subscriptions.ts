@@ -2,6 +2,7 @@
 // every write compares the event's `created` with the one that last wrote the row.
 import type { Kysely, Transaction } from 'kysely';
 import type { DB, Subscription, SubscriptionStatus } from '../db/schema.js';
+import { forgetThresholdPeriod } from '../db/threshold-periods.js';
 
 export type ChangeSource =
   | 'customer.subscription.created'
@@ -158,6 +159,9 @@ export async function applySubscriptionChange(
     .where('organization_id', '=', row.organization_id)
     .returningAll()
     .executeTakeFirstOrThrow();
+  // The threshold period is the subscription's while it contains the present (migrations/0082).
+  if (row.current_period_end?.getTime() !== updated.current_period_end?.getTime())
+    await forgetThresholdPeriod(trx, row.organization_id);
   return { decision, row: updated };
 }
 
@@ -254,5 +258,7 @@ export async function linkCheckoutSession(
     .where('organization_id', '=', organizationId)
     .returningAll()
     .executeTakeFirstOrThrow();
+  if (row.current_period_end?.getTime() !== updated.current_period_end?.getTime())
+    await forgetThresholdPeriod(trx, organizationId);
   return { linked: true, row: updated, switched };
 }

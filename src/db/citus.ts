@@ -50,6 +50,8 @@ export const PLAN: ReadonlyArray<readonly [string, Placement]> = [
   // join inside its single-shard statement. Referenced tables first.
   ['webhook_endpoints', { kind: 'reference' }],
   ['alert_thresholds', { kind: 'reference' }],
+  // Threshold usage per organization and meter (migrations/0082), written with the thresholds: the same.
+  ['alert_usage_counters', { kind: 'reference' }],
   ['alert_events', { kind: 'reference' }],
   ['webhook_deliveries', { kind: 'reference' }],
   ['webhook_attempts', { kind: 'reference' }],

@@ -230,9 +230,15 @@ describe('alerts and webhooks', () => {
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     await createThreshold(ctx.db, org.organizationId, { quantity: 5 }, ctx.clock.now());
     await ingestConcurrently(ctx, org.organizationId, sensor!, 1, 10, Date.now() - 600_000);
-    // The stored period ended: the next readings count in a new one, from zero.
+    // The stored period ended: the next readings count in a new one, from zero. (The counter keeps the
+    // period and the span it holds for, migration 0082; the threshold rows keep a copy.)
     await sql`UPDATE alert_thresholds SET period_start = period_start - interval '2 months',
                                           period_end = period_end - interval '2 months'
+               WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
+    await sql`UPDATE alert_usage_counters SET period_start = period_start - interval '2 months',
+                                              period_end = period_end - interval '2 months',
+                                              valid_from = valid_from - interval '2 months',
+                                              valid_until = valid_until - interval '2 months'
                WHERE organization_id = ${org.organizationId}`.execute(ctx.db);
     await ingestConcurrently(ctx, org.organizationId, sensor!, 1, 3, Date.now() - 300_000);
     const [t] = await listThresholds(ctx.db, org.organizationId, ctx.clock.now());
