@@ -482,7 +482,6 @@ export async function startDelivery(
           jobs.map((j) => j.id),
           renewEveryMs(ctx.config),
           log,
-          () => (Math.max(ctx.config.DELIVERY_LEASE_SECONDS, leaseLength.seconds()) * 1000) / 3,
         );
         try {
           const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
@@ -593,24 +592,11 @@ export function touchWhileRunning(
   ids: readonly string[],
   everyMs: number,
   log: Logger,
-  /**
-   * How long after the last touch the next is due (default `everyMs`): a third of the process's lease.
-   * Each touch rewrites every job row of the process's running batches (up to a fetch of 1,000 jobs
-   * each); on a slow database a 10 s lease grown to a minute still touched them every 3.3 s. A job is
-   * orphaned only once untouched for the reaping process's lease AND its key holds no live lease (nor,
-   * on one node, a claim's row lock), and a running batch's keys hold theirs, renewed on the same
-   * cadence: so a job touched less often is not taken from a live batch.
-   */
-  dueMs: () => number = () => everyMs,
 ): { stop(): Promise<void> } {
   let pending: Promise<unknown> = Promise.resolve();
   let busy = false;
-  let last = performance.now();
   const timer = setInterval(() => {
     if (busy || ids.length === 0) return;
-    const at = performance.now();
-    if (at - last < dueMs() - everyMs / 2) return;
-    last = at;
     busy = true;
     pending = leases
       .touch(ids)

@@ -7,9 +7,7 @@
 // lease must outlast the wait of the renewal that extends it.
 import { sql } from 'kysely';
 import { describe, expect, it as unit } from 'vitest';
-import { createLogger } from '../../src/log.js';
 import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
-import { touchWhileRunning } from '../../src/metering/delivery.js';
 import { claimBatch, renewLeases } from '../../src/metering/delivery-sql.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
@@ -160,27 +158,5 @@ describe('two renewals of one batch', () => {
       SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 AS left
         FROM meter_delivery_keys WHERE stripe_customer_id = ${org.customerId}`.execute(ctx.db);
     expect(Number(rows[0]?.left)).toBeGreaterThan(60);
-  });
-});
-
-describe("a running batch's job touches", () => {
-  unit('come every tick at the configured lease, and once a third of a grown lease has passed', async () => {
-    const count = async (dueMs?: () => number) => {
-      let touches = 0;
-      const alive = touchWhileRunning(
-        { touch: async () => void touches++ },
-        ['job-1'],
-        100,
-        createLogger('silent'),
-        ...(dueMs ? [dueMs] : []),
-      );
-      await new Promise((r) => setTimeout(r, 1_050));
-      await alive.stop();
-      return touches;
-    };
-    // Every 100 ms for about a second.
-    expect(await count()).toBeGreaterThanOrEqual(8);
-    // Due every 600 ms (a lease grown to six times the configured one): once in that second.
-    expect(await count(() => 600)).toBe(1);
   });
 });
