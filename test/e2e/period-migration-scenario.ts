@@ -1,7 +1,7 @@
 // A migration cut over at the billing-period boundary (issue 44), Stripe's runbook across a simulated
 // month, shared by the single-node run (period-migration.test.ts), the run under worker kills
-// (period-migration-kills.test.ts: the timeline and the Stripe subscription) and the Citus cluster's
-// (test/citus/period-migration.citus.ts).
+// (period-migration-kills.test.ts: the timeline and the Stripe subscription); its "settled" and
+// "Metronome events" hooks let a shared database (a Citus run, not yet in CI) count only its own.
 //
 // One clock, moved by the test, is meterbox's (the context's), the Stripe emulator's (its subscription
 // runs on a test clock advanced with it) and the Metronome emulator's. The organization bills to Stripe

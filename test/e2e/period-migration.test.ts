@@ -1,6 +1,5 @@
 // A migration cut over at the billing-period boundary (issue 44), Stripe's runbook across a simulated
-// month, on one node: the scenario and what it checks are in period-migration-scenario.ts (the Citus
-// cluster runs the same: test/citus/period-migration.citus.ts).
+// month, on one node: the scenario and what it checks are in period-migration-scenario.ts.
 
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { afterAll, describe, expect } from 'vitest';
