@@ -211,6 +211,35 @@ function readWorkerLogs(procs: readonly Proc[]): WorkerLog {
 
 const WORKER_ROLE = 'meterbox_bench_backlog_worker';
 
+/** What a worker's statement does, from its text (the first pattern that matches). */
+const STATEMENT_KINDS: [string, RegExp][] = [
+  ['claim', /WITH input AS[\s\S]*lease_owner/],
+  ['job fetch', /state = 'active',\s*started_on/],
+  ['job touch', /SET heartbeat_on =/],
+  ['renewal', /lease_expires_at = greatest/],
+  ['job completion', /state = 'completed'|state = 'failed'|state = 'retry'/],
+  ['job insert', /INSERT INTO \S*job\b/],
+  ['reaper', /lease_expires_at <|heartbeat_on, started_on/],
+  ['budget', /meter_call_budget/],
+  ['settle', /UPDATE meter_outbox|meter_delivery_keys d\s+SET/],
+];
+
+/** Calls, milliseconds and rows per kind of statement, the largest first. */
+function profileByKind(rows: { query: string; calls: string; total: number; rows: string }[]) {
+  const kinds = new Map<string, { calls: number; ms: number; rows: number }>();
+  for (const r of rows) {
+    const kind = STATEMENT_KINDS.find(([, re]) => re.test(r.query))?.[0] ?? 'other';
+    const k = kinds.get(kind) ?? { calls: 0, ms: 0, rows: 0 };
+    k.calls += Number(r.calls);
+    k.ms += r.total;
+    k.rows += Number(r.rows);
+    kinds.set(kind, k);
+  }
+  return [...kinds]
+    .map(([kind, k]) => ({ kind, calls: k.calls, ms: round(k.ms), rows: k.rows }))
+    .sort((a, b) => b.ms - a.ms);
+}
+
 /**
  * The deadlocks Postgres reported in its log since byte `from`: each one's processes' statements
  * (numbers and literals blanked, first 160 characters), grouped and counted, so a run says which
@@ -462,6 +491,15 @@ async function runOnce(
       [WORKER_ROLE],
     );
     const workerLog = readWorkerLogs(workers);
+    // Where the database's time went, by what the statement does (the profile of one run: the sides
+    // compared by these, not by a guess).
+    const profile = await pool.query<{ query: string; calls: string; total: number; rows: string }>(
+      `SELECT s.query, s.calls::text AS calls, s.total_exec_time::float8 AS total, s.rows::text AS rows
+         FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+        WHERE r.rolname = $1`,
+      [WORKER_ROLE],
+    );
+    const statementKinds = profileByKind(profile.rows);
     const events = emulator.events({ event_name: 'temperature_readings' });
     const sums = billedNow();
     // Behind (not yet billed: a run that never levelled) apart from over (billed twice).
@@ -498,6 +536,7 @@ async function runOnce(
       deadlocks: deadlocksSince(serverLog, logFrom),
       ...slowSince(serverLog, logFrom),
       ...workerLog,
+      statementKinds,
       claims: {
         statements: Number(claims.rows[0]?.calls ?? 0),
         maxMs: round(claims.rows[0]?.max ?? 0),
