@@ -21,6 +21,14 @@ psql -q -v ON_ERROR_STOP=1 "$U/$DB" -f $H/setup.sql -f migrations/0061_threshold
   -c 'BEGIN' -f migrations/0083_threshold_next_quantity.sql -c 'COMMIT' \
   -c 'UPDATE alert_usage_counters SET next_quantity = 1000000000' -c 'VACUUM ANALYZE alert_usage_counters'
 echo "load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# Server time, no round trips (loop.sql), the triggers on and off in turn.
+for r in $(seq 1 "$ROUNDS"); do
+  for t in ENABLE DISABLE; do
+    psql -q "$U/$DB" -c "ALTER TABLE alert_usage_counters $t TRIGGER USER"
+    echo "loop $r triggers ${t}D: $(psql -q "$U/$DB" -f $H/loop.sql 2>&1 | grep -oE 'us per call.*'); load $(cut -d' ' -f1 /proc/loadavg)"
+  done
+done
+psql -q "$U/$DB" -c 'ALTER TABLE alert_usage_counters ENABLE TRIGGER USER'
 for phase in triggers no-triggers; do
   [ "$phase" = no-triggers ] && psql -q "$U/$DB" -c 'ALTER TABLE alert_usage_counters DISABLE TRIGGER USER'
   for r in $(seq 1 "$ROUNDS"); do
