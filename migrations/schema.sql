@@ -49,6 +49,7 @@ CREATE TABLE alert_usage_counters (
   valid_from timestamp with time zone NOT NULL,
   valid_until timestamp with time zone NOT NULL,
   usage bigint NOT NULL,
+  next_quantity bigint DEFAULT 0 NOT NULL,
   CONSTRAINT alert_usage_counters_check CHECK ((valid_from <= valid_until)),
   CONSTRAINT alert_usage_counters_event_name_check CHECK ((event_name = 'temperature_readings'::text)),
   CONSTRAINT alert_usage_counters_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES organizations(id) ON DELETE CASCADE,
@@ -530,11 +531,7 @@ CREATE SEQUENCE webhook_deliveries_id_seq START 1 INCREMENT 1 OWNED BY webhook_d
 CREATE FUNCTION meterbox_count_thresholds(p_orgs uuid[], p_inserted integer[], p_now timestamp with time zone) RETURNS SETOF text LANGUAGE plpgsql AS $body$
 DECLARE
   r record;
-  v_orgs uuid[] := '{}';
-  v_before bigint[] := '{}';
-  v_after bigint[] := '{}';
-  v_start timestamptz[] := '{}';
-  v_end timestamptz[] := '{}';
+  v_counted uuid[] := '{}';
 BEGIN
   IF coalesce(cardinality(p_orgs), 0) = 0 THEN
     RETURN;
@@ -544,31 +541,33 @@ BEGIN
       FROM unnest(p_orgs, p_inserted) AS x(org, inserted)
      WHERE c.organization_id = x.org AND c.event_name = 'temperature_readings' AND x.inserted > 0
        AND c.valid_from <= p_now AND p_now < c.valid_until
-    RETURNING c.organization_id AS org, c.usage, x.inserted, c.period_start, c.period_end
+    RETURNING c.organization_id AS org, c.usage, x.inserted, c.next_quantity, c.period_start, c.period_end
   LOOP
-    v_orgs := v_orgs || r.org;
-    v_before := v_before || (r.usage - r.inserted);
-    v_after := v_after || r.usage;
-    v_start := v_start || r.period_start;
-    v_end := v_end || r.period_end;
+    v_counted := v_counted || r.org;
+    IF r.usage >= r.next_quantity THEN
+      RETURN QUERY SELECT j FROM meterbox_threshold_cross(r.org, r.usage - r.inserted, r.usage, r.period_start,
+                                                          r.period_end, p_now) AS j;
+      -- Names only next_quantity: neither trigger fires.
+      UPDATE alert_usage_counters
+         SET next_quantity = coalesce((SELECT min(t.quantity) FROM alert_thresholds t
+                                        WHERE t.organization_id = r.org AND t.event_name = 'temperature_readings'
+                                          AND t.quantity > r.usage), 9223372036854775807)
+       WHERE organization_id = r.org AND event_name = 'temperature_readings';
+    END IF;
   END LOOP;
-  IF cardinality(v_orgs) > 0 THEN
-    FOR r IN
-      SELECT DISTINCT ON (x.org) x.org, x.before, x.after, x.ps, x.pe
-        FROM unnest(v_orgs, v_before, v_after, v_start, v_end) AS x(org, before, after, ps, pe)
-        JOIN alert_thresholds t ON t.organization_id = x.org AND t.event_name = 'temperature_readings'
-                               AND t.quantity > x.before AND t.quantity <= x.after
-       ORDER BY x.org
-    LOOP
-      RETURN QUERY SELECT j FROM meterbox_threshold_cross(r.org, r.before, r.after, r.ps, r.pe, p_now) AS j;
-    END LOOP;
-  END IF;
-  IF cardinality(v_orgs) < cardinality(p_orgs) THEN
+  IF cardinality(v_counted) < cardinality(p_orgs) THEN
     FOR r IN SELECT u.org, u.inserted FROM unnest(p_orgs, p_inserted) AS u(org, inserted)
-              WHERE u.inserted > 0 AND u.org <> ALL (v_orgs) ORDER BY u.org LOOP
+              WHERE u.inserted > 0 AND u.org <> ALL (v_counted) ORDER BY u.org LOOP
       RETURN QUERY SELECT j FROM meterbox_threshold_recount(r.org, r.inserted, p_now) AS j;
     END LOOP;
   END IF;
+END
+$body$;
+
+CREATE FUNCTION meterbox_counter_forget_next() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  NEW.next_quantity := 0;
+  RETURN NEW;
 END
 $body$;
 
@@ -728,5 +727,7 @@ BEGIN
 END
 $body$;
 
+CREATE TRIGGER alert_usage_counters_lowered BEFORE UPDATE OF usage ON alert_usage_counters FOR EACH ROW WHEN ((new.usage < old.usage)) EXECUTE FUNCTION meterbox_counter_forget_next();
+CREATE TRIGGER alert_usage_counters_period BEFORE UPDATE OF period_start, period_end, valid_from, valid_until ON alert_usage_counters FOR EACH ROW EXECUTE FUNCTION meterbox_counter_forget_next();
 CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys FOR EACH ROW EXECUTE FUNCTION meterbox_notify_api_key_change();
 CREATE TRIGGER api_keys_revoked AFTER UPDATE OF revoked_at, key_hash, organization_id ON api_keys FOR EACH ROW WHEN (((old.revoked_at IS DISTINCT FROM new.revoked_at) OR (old.key_hash IS DISTINCT FROM new.key_hash) OR (old.organization_id IS DISTINCT FROM new.organization_id))) EXECUTE FUNCTION meterbox_notify_api_key_change();

@@ -412,6 +412,58 @@ export async function closedLoop(
   return { ops, units, errors, seconds: (performance.now() - started) / 1000, latencies };
 }
 
+/**
+ * Open loop: `op` started at `rate` per second on a fixed schedule, whether or not earlier ones were
+ * answered, at most `maxInFlight` at once. A request's latency runs from the instant it was due, not the
+ * instant it could be sent, so a backlog counts against it (no coordinated omission); `late` counts the
+ * requests sent more than 10 ms after they were due (the load generator or the in-flight cap held them).
+ */
+export async function openLoop(
+  rate: number,
+  durationMs: number,
+  maxInFlight: number,
+  op: (i: number) => Promise<{ ok: boolean; units: number }>,
+): Promise<{
+  ops: number;
+  units: number;
+  errors: number;
+  seconds: number;
+  latencies: number[];
+  late: number;
+}> {
+  const latencies: number[] = [];
+  let ops = 0;
+  let units = 0;
+  let errors = 0;
+  let late = 0;
+  const inFlight = new Set<Promise<void>>();
+  const started = performance.now();
+  const total = Math.round((rate * durationMs) / 1000);
+  for (let i = 0; i < total; i++) {
+    const due = started + (i * 1000) / rate;
+    const wait = due - performance.now();
+    if (wait > 1) await new Promise((resolve) => setTimeout(resolve, wait));
+    while (inFlight.size >= maxInFlight) await Promise.race(inFlight);
+    if (performance.now() - due > 10) late++;
+    const p = op(i).then(
+      (r) => {
+        latencies.push(performance.now() - due);
+        if (r.ok) {
+          ops++;
+          units += r.units;
+        } else errors++;
+      },
+      () => {
+        errors++;
+      },
+    );
+    inFlight.add(p);
+    void p.finally(() => inFlight.delete(p));
+  }
+  await Promise.all(inFlight);
+  return { ops, units, errors, seconds: (performance.now() - started) / 1000, latencies, late };
+}
+
 /** The machine a run ran on, for its JSON: cores, CPU, memory, Postgres, Node, kernel, time, commit. */
 export function machine(pgVersion: string) {
   const sh = (cmd: string, a: string[]) => {

@@ -1,9 +1,13 @@
 // npm run bench -- --thresholds [--quick] [--organizations 10000] [--clients 16] [--batch 1] [--rounds 6]
-//   [--round-seconds 6] [--out bench-results/x.json]
+//   [--round-seconds 6] [--rate N [--in-flight 64]] [--out bench-results/x.json]
 // What threshold alerts cost ingestion (issue 45: "threshold evaluation adds ≤ 5% to ingestion's p50 at
 // 10,000 organizations"). One durable embedded Postgres with pg_stat_statements, N billable organizations
 // (one key, one sensor each), the API from the production bundle, closed-loop POST /v1/readings from
-// `--clients` clients, each request to a random organization. Two sides, interleaved in one run
+// `--clients` clients, each request to a random organization; or, with `--rate N`, open loop: N requests
+// a second on a fixed schedule (at most `--in-flight` at once, latency counted from the instant a request
+// was due), the latency a request sees at a deployment's load rather than the cores' throughput, which
+// the closed loop's p50 measures (16 clients keep two cores saturated: p50 ≈ clients / throughput).
+// Two sides, interleaved in one run
 // (A B B A A B …, so load from elsewhere and table growth fall on both alike):
 //   without: alert_thresholds empty, ingestion pays its probe (one index lookup that finds nothing);
 //   with:    every organization has two thresholds (never reached), so every group also counts its
@@ -30,6 +34,7 @@ import {
   loadAverage,
   machine,
   openDatabase,
+  openLoop,
   ReadingSource,
   ROOT,
   seedOrgs,
@@ -45,6 +50,8 @@ const { values: args } = parseArgs({
     clients: { type: 'string', default: '16' },
     batch: { type: 'string', default: '1' },
     rounds: { type: 'string' },
+    rate: { type: 'string' },
+    'in-flight': { type: 'string', default: '64' },
     'round-seconds': { type: 'string' },
     out: { type: 'string' },
   },
@@ -53,6 +60,9 @@ const quick = args.quick ?? false;
 const ORGS = Number(args.organizations);
 const CLIENTS = Number(args.clients);
 const BATCH = Number(args.batch);
+/** Requests a second, open loop; undefined: closed loop from CLIENTS clients. */
+const RATE = args.rate === undefined ? undefined : Number(args.rate);
+const IN_FLIGHT = Number(args['in-flight']);
 /** Slices per side; sides alternate A B B A A B … */
 const ROUNDS = Number(args.rounds ?? (quick ? 4 : 6));
 const SLICE_MS = Number(args['round-seconds'] ?? (quick ? 4 : 6)) * 1000;
@@ -86,7 +96,7 @@ export async function runThresholdsBench(): Promise<number> {
   mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
   const loadBefore = loadAverage();
   log(
-    `${ORGS} organizations, ${CLIENTS} clients, ${BATCH} reading(s) a request, ${ROUNDS} slices of ${SLICE_MS / 1000} s per side; load average ${loadBefore.join(' ')}`,
+    `${ORGS} organizations, ${RATE === undefined ? `${CLIENTS} clients (closed loop)` : `${RATE} req/s open loop (at most ${IN_FLIGHT} in flight)`}, ${BATCH} reading(s) a request, ${ROUNDS} slices of ${SLICE_MS / 1000} s per side; load average ${loadBefore.join(' ')}`,
   );
   const cluster = await startCluster(dataDir);
   const cleanup: (() => Promise<void>)[] = [];
@@ -114,7 +124,7 @@ export async function runThresholdsBench(): Promise<number> {
       entries['src/bin/server.ts'],
     );
     cleanup.push(() => api.proc.stop());
-    const http = new HttpClient(api.url, 256);
+    const http = new HttpClient(api.url, Math.max(256, IN_FLIGHT));
     cleanup.push(async () => http.close());
     const source = new ReadingSource();
     const op = async () => {
@@ -126,9 +136,23 @@ export async function runThresholdsBench(): Promise<number> {
       );
       return { ok: res.status === 201, units: res.status === 201 ? BATCH : 0 };
     };
+    /** The load of one slice: closed loop from CLIENTS clients, or RATE a second open loop. */
+    const load = async (ms: number) =>
+      RATE === undefined
+        ? { ...(await closedLoop(CLIENTS, ms, op)), late: 0 }
+        : await openLoop(RATE, ms, IN_FLIGHT, op);
 
     // Both thresholds per organization far above anything this run stores: never crossed, so the
     // side measures the count, not the events (a crossing is once per threshold and period).
+    // The counters' next quantity (migration 0083), when the code under test has it: the bench also runs
+    // on the code before it, for a before/after comparison.
+    const hasNext =
+      (
+        await pool.query(
+          `SELECT 1 FROM information_schema.columns
+            WHERE table_name = 'alert_usage_counters' AND column_name = 'next_quantity'`,
+        )
+      ).rowCount === 1;
     const setSide = async (side: Side) => {
       await pool.query('DELETE FROM alert_thresholds');
       if (side === 'with')
@@ -137,13 +161,15 @@ export async function runThresholdsBench(): Promise<number> {
            SELECT o.id, 'temperature_readings', q, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month'
              FROM organizations o, (VALUES (1000000000), (2000000000)) AS v(q)`,
         );
-      // Their counters, as creating a threshold makes them (migration 0082): the side measures ingestion's
-      // steady state, not each organization's first count of the period.
+      // Their counters, as creating a threshold and the first count make them (migrations 0082, 0083: the
+      // next quantity, the lower threshold): the side measures ingestion's steady state, not each
+      // organization's first count of the period.
       if (side === 'with')
         await pool.query(
           `INSERT INTO alert_usage_counters (organization_id, event_name, period_start, period_end, valid_from,
-                                             valid_until, usage)
+                                             valid_until, usage${hasNext ? ', next_quantity' : ''})
            SELECT o.id, 'temperature_readings', s.period_start, s.period_end, s.valid_from, s.valid_until, 0
+                  ${hasNext ? ', 1000000000' : ''}
              FROM organizations o CROSS JOIN LATERAL meterbox_threshold_period_span(o.id, now()) s
            ON CONFLICT (organization_id, event_name) DO NOTHING`,
         );
@@ -169,6 +195,7 @@ export async function runThresholdsBench(): Promise<number> {
       latencies: [] as number[],
       ops: 0,
       errors: 0,
+      late: 0,
       seconds: 0,
       slices: [] as { p50: number; p99: number; load1: number }[],
       statements: {
@@ -180,19 +207,20 @@ export async function runThresholdsBench(): Promise<number> {
 
     for (const side of ['without', 'with'] as const) {
       await setSide(side);
-      await closedLoop(CLIENTS, WARMUP_MS, op);
+      await load(WARMUP_MS);
     }
     for (let slice = 0; slice < ROUNDS; slice++) {
       for (const side of slice % 2 === 0 ? (['without', 'with'] as const) : (['with', 'without'] as const)) {
         await setSide(side);
-        await closedLoop(CLIENTS, 500, op); // the first groups after the switch plan afresh
+        await load(500); // the first groups after the switch plan afresh
         await pool.query('SELECT pg_stat_statements_reset()');
-        const r = await closedLoop(CLIENTS, SLICE_MS, op);
+        const r = await load(SLICE_MS);
         const s = await statementStats();
         const t = total[side];
         for (const l of r.latencies) t.latencies.push(l);
         t.ops += r.ops;
         t.errors += r.errors;
+        t.late += r.late;
         t.seconds += r.seconds;
         for (const k of ['ingest', 'count'] as const) {
           t.statements[k].calls += s[k].calls;
@@ -203,7 +231,7 @@ export async function runThresholdsBench(): Promise<number> {
         const load1 = loadAverage()[0]!;
         t.slices.push({ p50: lat.p50, p99: lat.p99, load1 });
         log(
-          `slice ${slice + 1} ${side.padEnd(7)}: ${round(r.ops / r.seconds)} req/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, errors ${r.errors}; ingest statements ${s.ingest.calls}, counts ${s.count.calls}; load ${load1}`,
+          `slice ${slice + 1} ${side.padEnd(7)}: ${round(r.ops / r.seconds)} req/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, errors ${r.errors}${RATE === undefined ? '' : `, sent late ${r.late}`}; ingest statements ${s.ingest.calls}, counts ${s.count.calls}; load ${load1}`,
         );
       }
     }
@@ -218,6 +246,7 @@ export async function runThresholdsBench(): Promise<number> {
       return {
         requestsPerSecond: round(t.ops / t.seconds),
         errors: t.errors,
+        sentLate: t.late,
         seconds: round(t.seconds, 1),
         latencyMs: latencySummary(t.latencies),
         // Postgres's own time per request in ingestion's statement, planning and execution (the count
@@ -299,12 +328,15 @@ export async function runThresholdsBench(): Promise<number> {
     const result = {
       scenario: 'thresholds',
       mode: quick ? 'quick' : 'full',
+      load: RATE === undefined ? `closed loop, ${CLIENTS} clients` : `open loop, ${RATE} req/s`,
       machine: machine(pgVersion),
       loadAverageBefore: loadBefore,
       loadAverageAfter: loadAfter,
       settings: {
         organizations: ORGS,
-        clients: CLIENTS,
+        clients: RATE === undefined ? CLIENTS : null,
+        requestsPerSecond: RATE ?? null,
+        maxInFlight: RATE === undefined ? null : IN_FLIGHT,
         readingsPerRequest: BATCH,
         slicesPerSide: ROUNDS,
         sliceSeconds: SLICE_MS / 1000,
@@ -314,6 +346,12 @@ export async function runThresholdsBench(): Promise<number> {
       sides,
       ratio: {
         p50: ratio(w.latencyMs.p50, wo.latencyMs.p50),
+        // Slice i of each side ran back to back (A B, then B A): each pair's p50 ratio, and their median.
+        slicePairsP50: w.slices.map((x, i) => ratio(x.p50, wo.slices[i]?.p50 ?? Number.NaN)),
+        slicePairsP50Median: ratio(
+          median(w.slices.map((x, i) => x.p50 / (wo.slices[i]?.p50 ?? Number.NaN))),
+          1,
+        ),
         p99: ratio(w.latencyMs.p99, wo.latencyMs.p99),
         requestsPerSecond: ratio(w.requestsPerSecond, wo.requestsPerSecond),
       },
@@ -332,12 +370,13 @@ export async function runThresholdsBench(): Promise<number> {
     console.log(
       [
         '',
+        result.load,
         `side      req/s    p50 ms  p99 ms  Postgres ms/request`,
         ...(['without', 'with'] as const).map((s) => {
           const x = result.sides[s];
           return `${s.padEnd(8)}  ${String(x.requestsPerSecond).padEnd(7)}  ${String(x.latencyMs.p50).padEnd(6)}  ${String(x.latencyMs.p99).padEnd(6)}  ${x.postgresMsPerRequest}`;
         }),
-        `ratio with/without: p50 ${result.ratio.p50}, p99 ${result.ratio.p99}, req/s ${result.ratio.requestsPerSecond} (goal p50 <= ${GOAL}: ${result.goal.met ? 'met' : 'NOT met'})`,
+        `ratio with/without: p50 ${result.ratio.p50}, p99 ${result.ratio.p99}, req/s ${result.ratio.requestsPerSecond} (goal p50 <= ${GOAL}: ${result.goal.met ? 'met' : 'NOT met'}); slice pairs' p50 ratios ${result.ratio.slicePairsP50.join(' ')} (median ${result.ratio.slicePairsP50Median})`,
         `load average before ${loadBefore.join(' ')}, after ${loadAfter.join(' ')}; ${result.totalSeconds} s`,
         `JSON: ${out}`,
       ].join('\n'),

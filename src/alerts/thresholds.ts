@@ -4,8 +4,9 @@
 // period it counts in. Ingestion's statement finds whether the organizations it stored readings for have
 // thresholds (an index probe that finds nothing for an organization without any); for those that do,
 // the same statement adds the stored readings to their counters (thresholdCountCall: one row updated
-// per organization however many thresholds it has) and reads the thresholds, by an index range
-// look-up after it, only to find one whose quantity the count went past; ingestion writes
+// per organization however many thresholds it has); the counter also keeps the next quantity above its
+// usage (migration 0083), so the thresholds are read, by an index range look-up after the update, only
+// when the count reaches it, to find the ones whose quantity the count went past; ingestion writes
 // `usage.threshold.crossed` in the same transaction. The count and that test happen under the counter's
 // lock, so concurrent transactions see the crossing exactly once. A correction lowers the counter in
 // its transaction and a crossed threshold falling back under writes `usage.threshold.resolved`; a new
@@ -48,7 +49,7 @@ export function thresholdProbeCte(perOrg: RawBuilder<unknown>) {
 /**
  * A subquery (one text column j, a crossing as JSON per row: crossingOf) that counts what the
  * organizations of `thr_orgs` stored into their counters, under the counters' locks, in the statement
- * that stored them (meterbox_count_thresholds, migration 0082: its plans are kept for the session, so
+ * that stored them (meterbox_count_thresholds, migrations 0082 and 0083: its plans are kept for the session, so
  * the count costs no planning and no round trip of its own). Returns nothing, at once, when thr_orgs is
  * empty.
  */
