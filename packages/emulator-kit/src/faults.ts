@@ -37,6 +37,13 @@ export const commonFaultFields = {
   hangMs: z.number().int().min(0).max(3_600_000).default(30_000),
   /** A `Retry-After` header (seconds) on the injected 429 (and 503) answers; 0: none. */
   retryAfterSeconds: z.number().int().min(0).max(86_400).default(0),
+  /**
+   * Not empty: the faults (the script, the rates, the latency) are for calls about these customers only
+   * (Stripe: an event's `stripe_customer_id`; Metronome: an ingested event's `customer_id`); every other
+   * call goes through untouched and draws nothing. A test on a database other tests' rows share (their
+   * groups sent by its worker too) gets its scripted faults on its own calls, in order.
+   */
+  customers: z.array(z.string().min(1)).default([]),
 };
 
 export { rate as faultRate };
@@ -103,7 +110,7 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
 
   /** The settings now, the script's remaining steps included. */
   get current(): F {
-    return { ...this.faults, script: [...this.script] };
+    return { ...this.faults, script: [...this.script], customers: [...this.faults.customers] };
   }
 
   get seed(): number {
@@ -122,9 +129,15 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
   /** Called when settings are replaced: an emulator restarts what it counts down. */
   protected restart(): void {}
 
-  /** Exactly two draws per call (jitter, kind), whatever the outcome, so runs stay aligned. */
-  protected draw(): FaultDecision<K> {
+  /**
+   * Exactly two draws per call (jitter, kind), whatever the outcome, so runs stay aligned. A call about
+   * none of the `customers` the faults are for (when they name any) draws nothing and is not faulted;
+   * `customers` are the call's (none known: not theirs).
+   */
+  protected draw(customers: readonly string[] = []): FaultDecision<K> {
     const f = this.faults;
+    if (f.customers.length > 0 && !customers.some((c) => f.customers.includes(c)))
+      return { kind: 'none', delayMs: 0 };
     const jitterDraw = this.prng.next();
     const kindDraw = this.prng.next();
     const delayMs = f.latencyMs + Math.floor(jitterDraw * (f.jitterMs + 1));

@@ -59,7 +59,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
         rt.state.counters.serverError += 1;
         return fail(c, internalError());
       }
-      const decision = rt.faults.decide();
+      const decision = rt.faults.decide(typeof customer === 'string' ? [customer] : []);
       const early = await preFault(rt, c, decision);
       if (early) return early;
       const result = checkMeterEvent(form as RawMeterEvent, {
