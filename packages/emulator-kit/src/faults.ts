@@ -68,6 +68,8 @@ export type ScriptedFaults<K extends string> = z.output<z.ZodObject<typeof commo
 export interface FaultDecision<K extends string> {
   kind: K | 'none';
   delayMs: number;
+  /** Taken from the script (not drawn from the rates). */
+  scripted?: boolean;
 }
 
 /**
@@ -126,6 +128,20 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
     return this.current;
   }
 
+  /**
+   * A call whose work failed (refused before anything was recorded: a 400) cannot lose its answer
+   * after the work: a scripted accepted_then_500 or accepted_then_reset it was given goes back to the
+   * front of the script, for the next call, so a script's every step strikes (a refused call, another
+   * organization's or a resend's, no longer takes a scripted fault away without it happening).
+   */
+  unstruck(decision: FaultDecision<K>): void {
+    if (
+      decision.scripted === true &&
+      (decision.kind === 'accepted_then_500' || decision.kind === 'accepted_then_reset')
+    )
+      this.script.unshift(decision.kind);
+  }
+
   /** Called when settings are replaced: an emulator restarts what it counts down. */
   protected restart(): void {}
 
@@ -142,7 +158,7 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
     const kindDraw = this.prng.next();
     const delayMs = f.latencyMs + Math.floor(jitterDraw * (f.jitterMs + 1));
     const scripted = this.script.shift();
-    if (scripted !== undefined) return { kind: scripted, delayMs };
+    if (scripted !== undefined) return { kind: scripted, delayMs, scripted: true };
     let edge = 0;
     for (const [kind, p] of table(f, this.extra(f))) {
       edge += p;

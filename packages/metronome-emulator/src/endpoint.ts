@@ -70,6 +70,7 @@ export async function handle(
       answer = await work({ token, raw });
     } catch (err) {
       if (!(err instanceof MetronomeApiError)) throw err;
+      rt.faults.unstruck(decision);
       if (err.status === 429) counters.rateLimited += 1;
       if (err.status === 400 && endpoint === 'ingest') counters.rejected += 1;
       return fail(c, err);

@@ -66,6 +66,20 @@ describe('each fault kind', () => {
     expect(emu.counters().serverError).toBe(2);
   });
 
+  it('keeps a scripted accepted_then_500 for the next call when its call is refused (nothing recorded, no answer to lose)', async () => {
+    const emu = await start();
+    const stripe = sdk(emu);
+    await stripe.billing.meterEvents.create(event('d-1'));
+    emu.setFaults({ script: ['accepted_then_500'] });
+    const duplicate = await rejection(() => stripe.billing.meterEvents.create(event('d-1')));
+    expect(duplicate.message).toBe('An event already exists with identifier d-1.');
+    expect(emu.faults().script).toEqual(['accepted_then_500']);
+    const lost = await rejection(() => stripe.billing.meterEvents.create(event('d-2')));
+    expect(lost.statusCode).toBe(500);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['d-1', 'd-2']);
+    expect(emu.counters()).toMatchObject({ acceptedThen500: 1, duplicate: 1 });
+  });
+
   it('answers 500 without recording anything at errorRate 1', async () => {
     const emu = await start({ faults: { errorRate: 1 } });
     const err = await rejection(() => sdk(emu).billing.meterEvents.create(event('e-1')));
