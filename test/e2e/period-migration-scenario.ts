@@ -86,7 +86,12 @@ export function periodTimeline(): PeriodTimeline {
   };
 }
 
-/** Faults on both emulators, random and scripted so each kind happens on both sides. */
+/**
+ * Faults on both emulators, random and scripted so each kind happens on both sides: the scenario
+ * aims them at its own organization's customer (the emulators' `customers`) once it has one, so on a
+ * database other files' rows share (the Citus suite's), another organization's call sent by this
+ * file's worker neither takes a scripted fault nor draws from the seeded rates.
+ */
 export const PERIOD_FAULTS = {
   acceptedThen500Rate: 0.1,
   errorRate: 0.05,
@@ -205,6 +210,11 @@ export async function periodBoundaryMigration({
       starting_at: new Date(P0).toISOString(),
     },
   });
+
+  // Both emulators' faults, aimed at this organization's customer (Stripe's id, Metronome's alias):
+  // the script's first four calls of it take each kind once, the rates draw on its calls only.
+  emulator.setFaults({ ...PERIOD_FAULTS, customers: [customer.id] });
+  metronome.setFaults({ ...PERIOD_FAULTS, customers: [metronomeAlias(org.organizationId)] });
 
   // The runbook's first step: start the parallel run with the cut-over at the period end.
   const io = captureIo();

@@ -6,24 +6,18 @@ import { afterAll, describe, expect } from 'vitest';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { allSettled } from '../metering/delivery-helpers.js';
 import { stripeTest } from '../support/test.js';
-import {
-  PERIOD_DELIVERY_ENV,
-  PERIOD_FAULTS,
-  periodBoundaryMigration,
-  periodTimeline,
-} from './period-migration-scenario.js';
+import { PERIOD_DELIVERY_ENV, periodBoundaryMigration, periodTimeline } from './period-migration-scenario.js';
 
 const t = periodTimeline();
 
 const metronome = await startMetronomeEmulator({
-  faults: PERIOD_FAULTS,
   seed: 44,
   clock: () => t.clock.now().getTime(),
 });
 afterAll(() => metronome.stop());
 
 const it = stripeTest({
-  emulator: { faults: PERIOD_FAULTS, seed: 45, clock: () => t.clock.now().getTime() },
+  emulator: { seed: 45, clock: () => t.clock.now().getTime() },
   env: {
     ...PERIOD_DELIVERY_ENV,
     METRONOME_BEARER_TOKEN: 'metronome-test-token',

@@ -129,8 +129,11 @@ export async function ambiguousGroup(
 ): Promise<void> {
   const customer = emulator.createCustomer({});
   const org = await createOrganization(ctx.db, { customerId: customer.id });
-  // The first call is recorded by Stripe, then answered 500: meterbox cannot know it landed.
-  emulator.setFaults({ script: ['accepted_then_500'] });
+  // The first call is recorded by Stripe, then answered 500: meterbox cannot know it landed. The fault
+  // is this customer's: on a database other files' rows share (the Citus suite's), another
+  // organization's call sent by this file's worker first would otherwise take it, this group's call go
+  // through, and the wait for its 500 and the refused key below time out.
+  emulator.setFaults({ script: ['accepted_then_500'], customers: [customer.id] });
   await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: minutesAgo(2) }]);
   await waitFor('the ambiguous answer', async () => billed(emulator, customer.id).length === 1, 20_000, 20);
   emulator.revokeApiKey(key);

@@ -3,7 +3,12 @@
 // a backlog of delivery jobs: a later file's worker, at a test-mode key's 25 calls/s, sends whatever
 // was queued before its own usage first (pg-boss serves jobs in creation order), and its deliveries
 // then seem to stall. sweep.citus.ts once left 5,101 such keys, and long-hold.citus.ts, after it, saw
-// no progress for a minute.
+// no progress for a minute. Nor can a file count on its emulators seeing only its own calls: its
+// worker also sends other files' groups (their organizations' active_sensors reports, which every
+// worker's start-up and hourly report writes for each billable organization here; rows an emulator
+// refused), so a scripted fault must be aimed at the file's own customer (the emulators' `customers`
+// fault setting), or another organization's call takes it (long-hold's and the period migration's
+// failures in CI).
 import { afterAll, inject } from 'vitest';
 import { citusQuery } from './citus.js';
 

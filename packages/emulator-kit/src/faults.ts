@@ -37,6 +37,13 @@ export const commonFaultFields = {
   hangMs: z.number().int().min(0).max(3_600_000).default(30_000),
   /** A `Retry-After` header (seconds) on the injected 429 (and 503) answers; 0: none. */
   retryAfterSeconds: z.number().int().min(0).max(86_400).default(0),
+  /**
+   * Not empty: the faults (the script, the rates, the latency) are for calls about these customers only
+   * (Stripe: an event's `stripe_customer_id`; Metronome: an ingested event's `customer_id`); every other
+   * call goes through untouched and draws nothing. A test on a database other tests' rows share (their
+   * groups sent by its worker too) gets its scripted faults on its own calls, in order.
+   */
+  customers: z.array(z.string().min(1)).default([]),
 };
 
 export { rate as faultRate };
@@ -61,6 +68,8 @@ export type ScriptedFaults<K extends string> = z.output<z.ZodObject<typeof commo
 export interface FaultDecision<K extends string> {
   kind: K | 'none';
   delayMs: number;
+  /** Taken from the script (not drawn from the rates). */
+  scripted?: boolean;
 }
 
 /**
@@ -103,7 +112,7 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
 
   /** The settings now, the script's remaining steps included. */
   get current(): F {
-    return { ...this.faults, script: [...this.script] };
+    return { ...this.faults, script: [...this.script], customers: [...this.faults.customers] };
   }
 
   get seed(): number {
@@ -119,17 +128,37 @@ export class FaultInjector<F extends ScriptedFaults<K>, I, K extends string> {
     return this.current;
   }
 
+  /**
+   * A call whose work failed (refused before anything was recorded: a 400) cannot lose its answer
+   * after the work: a scripted accepted_then_500 or accepted_then_reset it was given goes back to the
+   * front of the script, for the next call, so a script's every step strikes (a refused call, another
+   * organization's or a resend's, no longer takes a scripted fault away without it happening).
+   */
+  unstruck(decision: FaultDecision<K>): void {
+    if (
+      decision.scripted === true &&
+      (decision.kind === 'accepted_then_500' || decision.kind === 'accepted_then_reset')
+    )
+      this.script.unshift(decision.kind);
+  }
+
   /** Called when settings are replaced: an emulator restarts what it counts down. */
   protected restart(): void {}
 
-  /** Exactly two draws per call (jitter, kind), whatever the outcome, so runs stay aligned. */
-  protected draw(): FaultDecision<K> {
+  /**
+   * Exactly two draws per call (jitter, kind), whatever the outcome, so runs stay aligned. A call about
+   * none of the `customers` the faults are for (when they name any) draws nothing and is not faulted;
+   * `customers` are the call's (none known: not theirs).
+   */
+  protected draw(customers: readonly string[] = []): FaultDecision<K> {
     const f = this.faults;
+    if (f.customers.length > 0 && !customers.some((c) => f.customers.includes(c)))
+      return { kind: 'none', delayMs: 0 };
     const jitterDraw = this.prng.next();
     const kindDraw = this.prng.next();
     const delayMs = f.latencyMs + Math.floor(jitterDraw * (f.jitterMs + 1));
     const scripted = this.script.shift();
-    if (scripted !== undefined) return { kind: scripted, delayMs };
+    if (scripted !== undefined) return { kind: scripted, delayMs, scripted: true };
     let edge = 0;
     for (const [kind, p] of table(f, this.extra(f))) {
       edge += p;

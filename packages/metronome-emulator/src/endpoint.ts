@@ -62,7 +62,7 @@ export async function handle(
   }
   const save = (answer: SavedAnswer) => (idem.kind === 'new' ? idem.save(answer) : undefined);
   try {
-    const decision = rt.faults.decide(endpoint);
+    const decision = rt.faults.decide(endpoint, customersOf(raw));
     const early = await preFault(rt, c, decision);
     if (early) return early;
     let answer: Answer;
@@ -70,6 +70,7 @@ export async function handle(
       answer = await work({ token, raw });
     } catch (err) {
       if (!(err instanceof MetronomeApiError)) throw err;
+      rt.faults.unstruck(decision);
       if (err.status === 429) counters.rateLimited += 1;
       if (err.status === 400 && endpoint === 'ingest') counters.rejected += 1;
       return fail(c, err);
@@ -89,5 +90,18 @@ export async function handle(
     );
   } finally {
     if (idem.kind === 'new') idem.release();
+  }
+}
+
+/** The customers an ingest body's events name (customer_id), for faults aimed at customers. */
+function customersOf(raw: string): string[] {
+  if (raw === '') return [];
+  try {
+    const body: unknown = JSON.parse(raw);
+    return (Array.isArray(body) ? body : [])
+      .map((e) => (e as { customer_id?: unknown } | null)?.customer_id)
+      .filter((c): c is string => typeof c === 'string');
+  } catch {
+    return [];
   }
 }

@@ -63,11 +63,13 @@ export class FaultInjector extends KitInjector<Faults, FaultsInput, FaultKind> {
   }
 
   /**
-   * The outcome of one call to `endpoint`. Calls outside the configured endpoints draw nothing; the
-   * others draw exactly twice (jitter, kind) whatever the outcome, so runs stay aligned.
+   * The outcome of one call to `endpoint` about `customers` (an ingest call's events' customer_id).
+   * Calls outside the configured endpoints, or about none of the faults' `customers` when they name
+   * any, draw nothing; the others draw exactly twice (jitter, kind) whatever the outcome, so runs stay
+   * aligned.
    */
-  decide(endpoint: FaultEndpoint): FaultDecision {
+  decide(endpoint: FaultEndpoint, customers: readonly string[] = []): FaultDecision {
     if (!this.faults.endpoints.includes(endpoint)) return NO_FAULT;
-    return this.draw();
+    return this.draw(customers);
   }
 }

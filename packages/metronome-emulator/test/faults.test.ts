@@ -31,6 +31,37 @@ afterEach(async () => {
 const one = (id: string) => ({ usage: [reading(id, 'org-1', start, 2)] });
 
 describe('each fault kind', () => {
+  it("aims the faults at the customers named in `customers`: another customer's ingest goes through and draws nothing, so the script strikes the named customer's calls in order", async () => {
+    const emu = await emulator({
+      faults: { script: ['accepted_then_500', 'error_500'], customers: ['org-f'] },
+    });
+    const client = sdk(emu, { retries: 0 });
+    await client.v1.usage.ingest(one('o-1'));
+    const lost = await apiError(() => client.v1.usage.ingest({ usage: [reading('f-1', 'org-f', start, 2)] }));
+    expect(lost.status).toBe(500);
+    await client.v1.usage.ingest(one('o-2'));
+    const refused = await apiError(() =>
+      client.v1.usage.ingest({ usage: [reading('f-2', 'org-f', start, 2)] }),
+    );
+    expect(refused.status).toBe(500);
+    expect(emu.events().map((e) => e.transaction_id)).toEqual(['o-1', 'f-1', 'o-2']);
+    expect(emu.counters()).toMatchObject({ acceptedThen500: 1, serverError: 1 });
+  });
+
+  it('keeps a scripted accepted_then_500 for the next call when its call is refused (a 400: nothing recorded, no answer to lose)', async () => {
+    const emu = await emulator({ faults: { script: ['accepted_then_500'] } });
+    const client = sdk(emu);
+    const refused = await apiError(() =>
+      client.v1.usage.ingest({ usage: [reading('r-1', 'org-1', start + 40 * 86_400_000, 2)] }),
+    );
+    expect(refused.status).toBe(400);
+    expect(emu.faults().script).toEqual(['accepted_then_500']);
+    const lost = await apiError(() => client.v1.usage.ingest(one('r-2')));
+    expect(lost.status).toBe(500);
+    expect(emu.events().map((e) => e.transaction_id)).toEqual(['r-2']);
+    expect(emu.counters()).toMatchObject({ acceptedThen500: 1, rejected: 1 });
+  });
+
   it('answers 500 without recording anything at errorRate 1', async () => {
     const emu = await emulator({ faults: { errorRate: 1 } });
     const err = await apiError(() => sdk(emu).v1.usage.ingest(one('e-1')));

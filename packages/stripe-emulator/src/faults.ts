@@ -68,7 +68,8 @@ export class FaultInjector extends KitInjector<Faults, FaultsInput, FaultKind> {
     return true;
   }
 
-  decide(): FaultDecision {
-    return this.draw();
+  /** The outcome of one meter-event call about `customers` (the customers its events name). */
+  decide(customers: readonly string[] = []): FaultDecision {
+    return this.draw(customers);
   }
 }

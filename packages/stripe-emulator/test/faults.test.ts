@@ -37,6 +37,49 @@ describe('each fault kind', () => {
     expect(emu.attempts()).toEqual({ 'e-refused': 3, 'e-other': 1 });
   });
 
+  it("aims the faults at the customers named in `customers`: another customer's calls go through and draw nothing, so the script strikes the named customer's calls in order (v1 and the v2 stream)", async () => {
+    const other = (identifier: string) => ({
+      ...event(identifier),
+      payload: { stripe_customer_id: 'cus_other', value: '2' },
+    });
+    const emu = await start({
+      faults: { script: ['accepted_then_500', 'error_500'], errorRate: 1, customers: ['cus_f'] },
+    });
+    const stripe = sdk(emu);
+    await stripe.billing.meterEvents.create(other('o-1'));
+    const session = await stripe.v2.billing.meterEventSession.create();
+    await stripe.v2.billing.meterEventStream.create(
+      { events: [other('o-2')] },
+      { apiKey: session.authentication_token },
+    );
+    const lost = await rejection(() => stripe.billing.meterEvents.create(event('f-1')));
+    expect(lost.statusCode).toBe(500);
+    const refused = await rejection(() => stripe.billing.meterEvents.create(event('f-2')));
+    expect(refused.statusCode).toBe(500);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['o-1', 'o-2', 'f-1']);
+    expect(emu.counters()).toMatchObject({ acceptedThen500: 1, serverError: 1 });
+    expect(emu.faults().script).toEqual([]);
+    // Past the script, the rates strike the named customer's calls (errorRate 1), not the other's.
+    const drawn = await rejection(() => stripe.billing.meterEvents.create(event('f-3')));
+    expect(drawn.statusCode).toBe(500);
+    await stripe.billing.meterEvents.create(other('o-3'));
+    expect(emu.counters().serverError).toBe(2);
+  });
+
+  it('keeps a scripted accepted_then_500 for the next call when its call is refused (nothing recorded, no answer to lose)', async () => {
+    const emu = await start();
+    const stripe = sdk(emu);
+    await stripe.billing.meterEvents.create(event('d-1'));
+    emu.setFaults({ script: ['accepted_then_500'] });
+    const duplicate = await rejection(() => stripe.billing.meterEvents.create(event('d-1')));
+    expect(duplicate.message).toBe('An event already exists with identifier d-1.');
+    expect(emu.faults().script).toEqual(['accepted_then_500']);
+    const lost = await rejection(() => stripe.billing.meterEvents.create(event('d-2')));
+    expect(lost.statusCode).toBe(500);
+    expect(emu.events().map((e) => e.identifier)).toEqual(['d-1', 'd-2']);
+    expect(emu.counters()).toMatchObject({ acceptedThen500: 1, duplicate: 1 });
+  });
+
   it('answers 500 without recording anything at errorRate 1', async () => {
     const emu = await start({ faults: { errorRate: 1 } });
     const err = await rejection(() => sdk(emu).billing.meterEvents.create(event('e-1')));

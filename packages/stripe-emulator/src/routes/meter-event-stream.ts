@@ -124,7 +124,12 @@ export function registerMeterEventStreamRoutes(app: App, rt: Runtime): void {
         rt.state.counters.rateLimited += 1;
         return fail(c, rateLimited('endpoint-rate'));
       }
-      const decision = rt.faults.decide();
+      const decision = rt.faults.decide(
+        (events as RawMeterEvent[]).flatMap((e) => {
+          const customer = (e.payload as { stripe_customer_id?: unknown } | undefined)?.stripe_customer_id;
+          return typeof customer === 'string' ? [customer] : [];
+        }),
+      );
       const early = await preFault(rt, c, decision);
       if (early) return early;
       for (const e of events as RawMeterEvent[]) {

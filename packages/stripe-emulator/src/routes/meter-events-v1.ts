@@ -59,7 +59,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
         rt.state.counters.serverError += 1;
         return fail(c, internalError());
       }
-      const decision = rt.faults.decide();
+      const decision = rt.faults.decide(typeof customer === 'string' ? [customer] : []);
       const early = await preFault(rt, c, decision);
       if (early) return early;
       const result = checkMeterEvent(form as RawMeterEvent, {
@@ -94,6 +94,7 @@ export function registerMeterEventRoutes(app: App, rt: Runtime): void {
         return postFault(rt, c, decision, { status: 200, body, headers: {} }, save);
       }
       if (!result.ok) {
+        rt.faults.unstruck(decision);
         if (result.error.message.startsWith('An event already exists')) rt.state.counters.duplicate += 1;
         else rt.state.counters.rejected += 1;
         return fail(c, result.error);
