@@ -214,7 +214,7 @@ const WORKER_ROLE = 'meterbox_bench_backlog_worker';
 /** What a worker's statement does, from its text (the first pattern that matches). */
 const STATEMENT_KINDS: [string, RegExp][] = [
   ['claim', /WITH input AS[\s\S]*lease_owner/],
-  ['job fetch', /WITH next AS \(\s*SELECT j\.id FROM \S*job/],
+  ['job fetch', /WITH\s+next AS \(\s*SELECT j\.id FROM \S*job/],
   ['job touch', /SET heartbeat_on =/],
   ['renewal', /lease_expires_at = greatest/],
   ['job completion', /json_to_recordset[\s\S]*UPDATE \S*job/],
