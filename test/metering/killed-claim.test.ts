@@ -35,6 +35,19 @@ async function sleepingBackends(ctx: Context): Promise<number> {
   return rows[0]?.n ?? 0;
 }
 
+/**
+ * The killed claim is over: nothing sleeps, and its transaction is gone (the key row lockable again).
+ * A claim whose sleep has ended still holds the row until the server finds the client gone and rolls
+ * it back, and the reaper passes over a locked key row: asked in between, it freed nothing (CI, PG15).
+ */
+async function claimGone(ctx: Context, customerId: string): Promise<boolean> {
+  if ((await sleepingBackends(ctx)) > 0) return false;
+  const { rows } = await sql`
+    SELECT 1 FROM meter_delivery_keys WHERE stripe_customer_id = ${customerId}
+       FOR KEY SHARE SKIP LOCKED`.execute(ctx.db);
+  return rows.length === 1;
+}
+
 async function leaseOwner(ctx: Context, customerId: string): Promise<string | null | undefined> {
   const { rows } = await sql<{ lease_owner: string | null }>`
     SELECT lease_owner FROM meter_delivery_keys WHERE stripe_customer_id = ${customerId}`.execute(ctx.db);
@@ -110,7 +123,7 @@ describe('a worker killed in the middle of its claim', () => {
   }, async ({ ctx, databaseUrl }) => {
     const killed = await killMidClaim(ctx, databaseUrl, true);
     try {
-      await waitFor('the server to stop the claim', async () => (await sleepingBackends(ctx)) === 0, 5_000);
+      await waitFor('the server to stop the claim', () => claimGone(ctx, killed.org.customerId), 5_000);
       expect(performance.now() - killed.killedAt).toBeLessThan(CLAIM_SLEEP_SECONDS * 1000 - 2_000);
       // Rolled back: the key row is free, its lock gone, and it stays so past the claim's end.
       expect(await leaseOwner(ctx, killed.org.customerId)).toBeNull();
@@ -138,8 +151,8 @@ describe('a worker killed in the middle of its claim', () => {
       expect(await sleepingBackends(ctx)).toBe(1);
       expect((await reapOnce({ ...ctx, distributed: () => false })).jobs).toBe(0);
       await waitFor(
-        'the claim to end',
-        async () => (await sleepingBackends(ctx)) === 0,
+        'the claim to end and roll back',
+        () => claimGone(ctx, killed.org.customerId),
         (CLAIM_SLEEP_SECONDS + 5) * 1000,
       );
       expect(performance.now() - killed.killedAt).toBeGreaterThan(CLAIM_SLEEP_SECONDS * 1000 - 2_000);
