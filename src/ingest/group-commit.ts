@@ -31,9 +31,17 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules/keys.js';
-import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
-import { readingColumns, storeReadings, traceparentsByOrganization } from './readings.js';
+import type { KeyRef } from '../metering/rules/keys.js';
+import {
+  type GroupRequest,
+  groupOutcomes,
+  type ProblemRow,
+  problemsByRequest,
+  readingColumns,
+  type StoreReadingsOutcome,
+  traceparentsByOrganization,
+  usageKey,
+} from './readings.js';
 import { storeShardGroup } from './routed.js';
 
 export type { GroupRequest } from './readings.js';
@@ -152,40 +160,37 @@ export async function storeGroup(
   );
 
   const inserted = new Map<number, number>();
-  const problems = new Map<number, SensorProblem[]>();
+  const problemRows: ProblemRow[] = [];
   const customers: KeyRef[] = [];
   const held = new Set<string>();
   const crossings: Crossing[] = [];
   for (const row of result.rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
-    else if (row.kind === 'p' && row.req !== null && row.n !== null) {
-      const list = problems.get(row.req) ?? [];
-      const offset = offsets[row.req] ?? 0;
-      list.push({
-        index: row.n - 1 - offset,
-        message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
-      });
-      problems.set(row.req, list);
-    } else if (row.kind === 'c' && row.customer && row.org)
-      customers.push(
-        keyRef({
-          organizationId: row.org,
-          customerId: row.customer,
-          eventName: 'temperature_readings',
-          destination: row.destination ?? 'stripe',
-        }),
-      );
+    else if (row.kind === 'p' && row.req !== null && row.n !== null)
+      problemRows.push({ req: row.req, n: row.n, active: row.active });
+    else if (row.kind === 'c' && row.customer && row.org)
+      customers.push(usageKey(row.org, row.customer, row.destination ?? 'stripe'));
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
     else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
   }
   await enqueueDeliveries(trx, boss, customers, held);
   if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
-  return requests.map((r, i): StoreReadingsOutcome => {
-    const own = problems.get(i);
-    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
-    const n = inserted.get(i) ?? 0;
-    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
-  });
+  return groupOutcomes(requests, problemsByRequest(problemRows, offsets), inserted);
+}
+
+/**
+ * One request written alone (a request with an Idempotency-Key, a group's request after its group
+ * failed): a group of one, in the shape of the database (storeShardGroup on a distributed one).
+ */
+export async function storeRequest(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  request: GroupRequest,
+  now: Date,
+  distributed = false,
+): Promise<StoreReadingsOutcome> {
+  const [outcome] = await (distributed ? storeShardGroup : storeGroup)(trx, boss, [request], now);
+  return outcome!;
 }
 
 /** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
@@ -358,7 +363,7 @@ export class GroupCommitter {
       // deadline) and could not change the answer.
       if (!isDatabaseUnavailable(err) && (await this.ctx.distributed({ recheck: true }).catch(() => false)))
         return this.writeRouted(group, now);
-      await this.alone(group, err, (trx, p) => storeReadings(trx, boss, p.organizationId, p.readings, now));
+      await this.alone(group, err, (trx, p) => storeRequest(trx, boss, p, now));
     }
   }
 
@@ -393,7 +398,7 @@ export class GroupCommitter {
           // The shard map is read again for the next group: a shard split since it was read puts a
           // part over two shard groups, which Citus may refuse (its requests written alone still pass).
           this.router = undefined;
-          await this.alone(part, err, async (trx, p) => (await storeShardGroup(trx, boss, [p], now))[0]!);
+          await this.alone(part, err, (trx, p) => storeRequest(trx, boss, p, now, true));
         }
       }),
     );

@@ -31,13 +31,14 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import {
   type GroupRequest,
+  groupOutcomes,
+  problemsByRequest,
   readingColumns,
-  type SensorProblem,
   type StoreReadingsOutcome,
   traceparentsByOrganization,
+  usageKey,
 } from './readings.js';
 
 /** Most readings one insert statement carries (six parameters each, under Postgres's 65,535). */
@@ -87,16 +88,10 @@ export async function storeShardGroup(
      CROSS JOIN (SELECT set_config('synchronous_commit', 'on', true) AS durable) c
      ORDER BY i.n`.execute(trx);
 
-  const problems = new Map<number, SensorProblem[]>();
-  for (const row of look.rows) {
-    if (row.active === true) continue;
-    const list = problems.get(row.req) ?? [];
-    list.push({
-      index: row.n - 1 - (offsets[row.req] ?? 0),
-      message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
-    });
-    problems.set(row.req, list);
-  }
+  const problems = problemsByRequest(
+    look.rows.filter((row) => row.active !== true),
+    offsets,
+  );
   // The readings of requests without a problem, in (sensor, instant) order whatever request they came
   // from: concurrent writers take the unique index's locks in one order. Within equal keys the earliest
   // request (then position) comes first, and wins a reading sent twice.
@@ -196,22 +191,12 @@ export async function storeShardGroup(
 
   // 6. The hand-off: the queued job's lock runs in its own statement on Citus (a row lock on the local
   // pgboss.job inside a distributed statement came back as a corrupt intermediate result).
-  const keys: KeyRef[] = billed.map((b) =>
-    keyRef({
-      organizationId: b.org,
-      customerId: b.stripe_customer_id,
-      eventName: 'temperature_readings',
-      destination: b.destination,
-    }),
+  await enqueueDeliveries(
+    trx,
+    boss,
+    billed.map((b) => usageKey(b.org, b.stripe_customer_id, b.destination)),
   );
-  await enqueueDeliveries(trx, boss, keys);
-
-  return requests.map((r, i): StoreReadingsOutcome => {
-    const own = problems.get(i);
-    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
-    const n = inserted.get(i) ?? 0;
-    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
-  });
+  return groupOutcomes(requests, problems, inserted);
 }
 
 /**
