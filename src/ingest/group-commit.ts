@@ -20,19 +20,12 @@ import {
 } from '../alerts/thresholds.js';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import type { DB, Destination } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
-import {
-  billableAt,
-  DESTINATION,
-  destinationCustomer,
-  destinationsJoin,
-  IN_FORCE,
-  ROLE,
-} from '../metering/destinations.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
 import {
+  billingInForce,
   type GroupRequest,
   groupOutcomes,
   type ProblemRow,
@@ -104,15 +97,7 @@ export async function storeGroup(
       -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
       SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)
     ), billing AS (
-      -- One row per billable organization and destination in force at the usage time (now).
-      SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
-             ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id,
-             nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
-      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
-      FROM subscriptions s JOIN (SELECT DISTINCT org FROM ok) o ON o.org = s.organization_id
-      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
-      WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+      ${billingInForce(sql`SELECT DISTINCT org FROM ok`, now, sql`, nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id`)}
     ), named AS (
       -- The row the readings name: the billing destination's; its rows at other destinations mirror it.
       SELECT DISTINCT ON (org) org, outbox_id FROM billing ORDER BY org, role = 'billing' DESC, outbox_id

@@ -1,7 +1,16 @@
 // Ingestion's contract, the part both writers share (group-commit.ts storeGroup on one node, routed.ts
 // storeShardGroup on Citus): what a group of requests is, and how what their statements found becomes each
 // request's answer. The contract itself, as cases both writers pass: test/ingest/contract.ts.
-import type { Destination } from '../db/schema.js';
+import { type RawBuilder, sql } from 'kysely';
+import { BILLABLE_STATUSES, type Destination } from '../db/schema.js';
+import {
+  billableAt,
+  DESTINATION,
+  destinationCustomer,
+  destinationsJoin,
+  IN_FORCE,
+  ROLE,
+} from '../metering/destinations.js';
 import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
@@ -111,4 +120,21 @@ export function groupOutcomes(
 /** The delivery key of an outbox row ingestion wrote. */
 export function usageKey(organizationId: string, customerId: string, destination: Destination): KeyRef {
   return keyRef({ organizationId, customerId, eventName: 'temperature_readings', destination });
+}
+
+/**
+ * The rows a group's usage is billed by (SQL): one per billable organization of `organizations` (a query
+ * of organization ids) and destination in force at the usage time `now`, as (org, destination, role,
+ * stripe_customer_id) plus the caller's `columns`. The readings name the row of role 'billing'; the rows
+ * of other destinations mirror it.
+ */
+export function billingInForce(organizations: RawBuilder<unknown>, now: Date, columns = sql``) {
+  return sql`
+    SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
+           ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id${columns}
+      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
+      FROM subscriptions s JOIN (${organizations}) AS o(org) ON o.org = s.organization_id
+      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
+     WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}`;
 }

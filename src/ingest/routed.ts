@@ -21,17 +21,11 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { countShardGroupThresholds } from '../alerts/thresholds.js';
-import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
-import {
-  billableAt,
-  DESTINATION,
-  destinationCustomer,
-  destinationsJoin,
-  IN_FORCE,
-  ROLE,
-} from '../metering/destinations.js';
+import type { DB, Destination } from '../db/schema.js';
+import { DESTINATION, ROLE } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
 import {
+  billingInForce,
   type GroupRequest,
   groupOutcomes,
   problemsByRequest,
@@ -112,13 +106,7 @@ export async function storeShardGroup(
       ? []
       : (
           await sql<BillingRow>`
-            SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
-                   ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id
-              FROM subscriptions s
-              ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
-             WHERE s.organization_id = ANY(${okOrgs}::uuid[])
-               AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-               AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+            ${billingInForce(sql`SELECT unnest(${okOrgs}::uuid[])`, now)}
              ORDER BY s.organization_id, ${ROLE} = 'billing' DESC, ${DESTINATION}`.execute(trx)
         ).rows;
   const ids =
