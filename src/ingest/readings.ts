@@ -1,4 +1,4 @@
-// Ingestion's contract, the part both writers share (group-commit.ts storeGroup on one node, routed.ts
+// Ingestion's contract, the part both writers share (single-node.ts storeGroup on one node, routed.ts
 // storeShardGroup on Citus): what a group of requests is, and how what their statements found becomes each
 // request's answer. The contract itself, as cases both writers pass: test/ingest/contract.ts.
 import { type RawBuilder, sql } from 'kysely';

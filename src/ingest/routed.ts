@@ -1,6 +1,6 @@
 // Ingestion on a distributed (Citus) database: the requests of ONE shard group written with router
 // statements only, each of which Citus sends whole to that group's node (EXPLAIN: Task Count 1, no
-// distributed subplan; test/citus/ingest-routing.citus.ts). The single-node statement (group-commit.ts
+// distributed subplan; test/citus/ingest-routing.citus.ts). The single-node statement (single-node.ts
 // storeGroup) is one INSERT ... SELECT from its input, which Citus never routes: it computes the input on
 // the coordinator and copies the rows to the shards, and a group of several organizations was one
 // transaction over their shard groups (a two-phase commit, a party to distributed deadlocks).
@@ -15,9 +15,10 @@
 //   5. the organizations' threshold counts and their crossings' events (reference tables: a transaction
 //      that counts into a threshold also writes on every node, like any reference-table write);
 //   6. the delivery hand-off (pg-boss, on the coordinator), as on one node.
-// The answers and the contract are storeGroup's: a request with an unknown or inactive sensor stores
-// nothing and gets its problems; one outbox row per billable organization and destination in force, its
-// value the rows that organization inserted, each stored reading naming the billing one.
+// The answers and the contract are storeGroup's (readings.ts, the part both share; the cases both pass:
+// test/ingest/contract.ts): a request with an unknown or inactive sensor stores nothing and gets its
+// problems; one outbox row per billable organization and destination in force, its value the rows that
+// organization inserted, each stored reading naming the billing one.
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { countShardGroupThresholds } from '../alerts/thresholds.js';

@@ -1,4 +1,4 @@
-// Ingestion's contract (test/ingest/contract.ts) on one node: group-commit.ts storeGroup, one statement a
+// Ingestion's contract (test/ingest/contract.ts) on one node: single-node.ts storeGroup, one statement a
 // group.
 import { afterAll, beforeAll, describe } from 'vitest';
 import type { Context } from '../../src/context.js';

@@ -1,5 +1,5 @@
 // Ingestion's contract, written once: the cases every writer of a group of requests passes, on one node
-// (test/ingest/contract.test.ts: group-commit.ts storeGroup) and on a Citus cluster
+// (test/ingest/contract.test.ts: single-node.ts storeGroup) and on a Citus cluster
 // (test/citus/ingest-routing.citus.ts: routed.ts storeShardGroup, a transaction per shard group). A case
 // sends one group through the group committer, which picks the writer, and reads the answers and the
 // ledger: each request answered on its own (inserted and duplicates, or its problems and nothing stored);
