@@ -514,7 +514,7 @@ async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string
 
 // ---------------------------------------------------------------- ratios against raw Postgres
 
-// The insert of the ingestion statement (src/ingest/group-commit.ts) without the sensor check, the
+// The insert of the ingestion statement (src/ingest/single-node.ts) without the sensor check, the
 // outbox row and the hand-off: what raw Postgres does for the same readings.
 const RAW_BATCH_SQL = `
   INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)

@@ -8,7 +8,7 @@ import { AppError, type ErrorDetail } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { readJson } from '../http/validate.js';
-import { GroupCommitter, type GroupGate } from '../ingest/group-commit.js';
+import { GroupCommitter, type GroupGate, storeRequest } from '../ingest/group-commit.js';
 import {
   findStoredResponse,
   isValidIdempotencyKey,
@@ -16,8 +16,6 @@ import {
   type StoredResponse,
   storeResponse,
 } from '../ingest/idempotency.js';
-import { storeReadings } from '../ingest/readings.js';
-import { storeShardGroup } from '../ingest/routed.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { activeSpan, inSpan, SpanKind, traceparentOf } from '../observability/tracing.js';
 
@@ -150,12 +148,16 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       return c.json(outcome.result, 201);
     }
     try {
-      // On a distributed database, the router statements of its shard group (routed.ts).
+      // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
       const distributed = await ctx.distributed();
       const result = await ctx.db.transaction().execute(async (trx) => {
-        const outcome = distributed
-          ? (await storeShardGroup(trx, ctx.boss, [{ organizationId, readings, traceparent }], now))[0]!
-          : await storeReadings(trx, ctx.boss, organizationId, readings, now, traceparent);
+        const outcome = await storeRequest(
+          trx,
+          ctx.boss,
+          { organizationId, readings, traceparent },
+          now,
+          distributed,
+        );
         if (!outcome.stored) throw invalidBatch(outcome.problems);
         const stored = outcome.result;
         if (key !== undefined && hash !== undefined) {

@@ -1,40 +1,19 @@
 // Group commit for POST /v1/readings: concurrent requests of one API process are written together
-// in ONE transaction and ONE statement, so a single-reading request no longer pays a whole
-// transaction (round trips, commit, WAL flush) of its own. Every request keeps its own answer:
-// inserted/duplicates, or its own 422 problems (one request's unknown sensor never rejects another).
-// The contract holds per transaction: one meter_outbox row per billable organization and destination
-// in force (organization_destinations, read in the same statement), its value the rows that
-// organization inserted, each of those readings naming the first of them (outbox_id; the others
-// mirror it), and the delivery hand-off once per transaction and delivery key.
-//
-// Why this file is long: one class whose queue, flush and per-request answers share its state, and the one
-// statement it runs.
-import { sql, type Transaction } from 'kysely';
+// in ONE transaction, so a single-reading request no longer pays a whole transaction (round trips,
+// commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
+// problems (one request's unknown sensor never rejects another). The group goes to the writer of the
+// database's shape: one statement on one node (single-node.ts storeGroup), or a transaction of router
+// statements per shard group on Citus (routed.ts storeShardGroup); both keep ingestion's contract
+// (readings.ts; its cases: test/ingest/contract.ts).
+import type { Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
-import {
-  type Crossing,
-  crossingOf,
-  thresholdCountCall,
-  thresholdProbeCte,
-  writeCrossings,
-} from '../alerts/thresholds.js';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
-import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
-import {
-  billableAt,
-  DESTINATION,
-  destinationCustomer,
-  destinationsJoin,
-  IN_FORCE,
-  ROLE,
-} from '../metering/destinations.js';
-import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules/keys.js';
-import type { GroupRequest, SensorProblem, StoreReadingsOutcome } from './readings.js';
-import { readingColumns, storeReadings, traceparentsByOrganization } from './readings.js';
+import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
 import { storeShardGroup } from './routed.js';
+import { storeGroup } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
 
@@ -43,149 +22,19 @@ interface Pending extends GroupRequest {
   reject(err: unknown): void;
 }
 
-interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h' | 'x';
-  req: number | null;
-  inserted: number | null;
-  n: number | null;
-  active: boolean | null;
-  customer: string | null;
-  destination: Destination | null;
-  org: string | null;
-}
-
 /**
- * Writes a group of validated requests in the caller's transaction with one statement, then hands
- * the new outbox rows to delivery (once per delivery key). The statement also share-locks the keys'
- * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
- * one, a group is BEGIN, one statement and COMMIT. Rows are inserted in (sensor, instant)
- * order whatever request they came from, so concurrent groups take row locks in one order and cannot
- * deadlock; within a group the earliest request wins a reading sent twice. One node: Citus routes no
- * INSERT ... SELECT, and a distributed database takes storeShardGroup's router statements (routed.ts)
- * once per shard group instead.
+ * One request written alone (a request with an Idempotency-Key, a group's request after its group
+ * failed): a group of one, in the shape of the database (storeShardGroup on a distributed one).
  */
-export async function storeGroup(
+export async function storeRequest(
   trx: Transaction<DB>,
   boss: PgBoss,
-  requests: readonly GroupRequest[],
+  request: GroupRequest,
   now: Date,
-): Promise<StoreReadingsOutcome[]> {
-  const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
-  // Trace contexts only while tracing records: without them the statement is the one it always was.
-  const traced = traceparentsByOrganization(requests);
-  const traceColumn = traced.size > 0 ? sql`, traceparent` : sql``;
-  const traceValue =
-    traced.size > 0
-      ? sql`, (SELECT t.tp FROM unnest(${[...traced.keys()]}::uuid[], ${[...traced.values()]}::text[]) AS t(org, tp)
-                WHERE t.org = b.org)`
-      : sql``;
-  const result = await sql<GroupRow>`
-    WITH input AS MATERIALIZED (
-      SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
-      FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[],
-                  ${temperature}::float8[]) WITH ORDINALITY AS r(req, org, sensor_id, recorded_at, temperature_c, n)
-    ), known AS (
-      SELECT s.id, s.organization_id, s.active FROM sensors s
-      WHERE s.id IN (SELECT sensor_id FROM input)
-    ), problems AS (
-      -- A sensor of another organization reads "unknown": its existence is never revealed.
-      SELECT i.req, i.n, k.active FROM input i
-      LEFT JOIN known k ON k.id = i.sensor_id AND k.organization_id = i.org
-      WHERE k.active IS NOT TRUE
-    ), ok AS (
-      -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
-      SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)
-    ), billing AS (
-      -- One row per billable organization and destination in force at the usage time (now).
-      SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
-             ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id,
-             nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
-      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
-      FROM subscriptions s JOIN (SELECT DISTINCT org FROM ok) o ON o.org = s.organization_id
-      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
-      WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
-    ), named AS (
-      -- The row the readings name: the billing destination's; its rows at other destinations mirror it.
-      SELECT DISTINCT ON (org) org, outbox_id FROM billing ORDER BY org, role = 'billing' DESC, outbox_id
-    ), stored AS (
-      INSERT INTO temperature_readings
-        (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
-      SELECT o.sensor_id, o.recorded_at, o.org, o.temperature_c, ${now}, b.outbox_id
-      FROM ok o LEFT JOIN named b ON b.org = o.org
-      ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
-      ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
-      RETURNING sensor_id, recorded_at, organization_id
-    ), winners AS (
-      SELECT DISTINCT ON (o.sensor_id, o.recorded_at) o.req, o.sensor_id, o.recorded_at
-      FROM ok o ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
-    ), per_request AS (
-      SELECT w.req, count(*)::int AS inserted
-      FROM stored s JOIN winners w ON w.sensor_id = s.sensor_id AND w.recorded_at = s.recorded_at
-      GROUP BY w.req
-    ), per_org AS (
-      SELECT organization_id AS org, count(*)::int AS inserted FROM stored GROUP BY organization_id
-    ), outbox AS (
-      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                destination, mirrors_outbox_id${traceColumn})
-      OVERRIDING SYSTEM VALUE
-      SELECT b.outbox_id, b.org, 'temperature_readings', b.stripe_customer_id, p.inserted, ${now},
-             b.destination, nullif(n.outbox_id, b.outbox_id)${traceValue}
-      FROM per_org p JOIN billing b ON b.org = p.org JOIN named n ON n.org = b.org
-      RETURNING organization_id, stripe_customer_id, destination
-    ), held AS (
-      ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
-    ), ${thresholdProbeCte(sql`per_org`)}
-    SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
-           NULL::text AS destination, NULL::uuid AS org
-      FROM per_request
-    UNION ALL
-    SELECT 'p', req, NULL, n::int, active, NULL, NULL, NULL FROM problems
-    UNION ALL
-    SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id, destination, organization_id FROM outbox
-    UNION ALL
-    SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
-    UNION ALL
-    -- What the organizations of the group that have thresholds stored, counted into them: their crossings.
-    SELECT 'x', NULL, NULL, NULL, NULL, c.j, NULL, NULL FROM ${thresholdCountCall(sql`${now}::timestamptz`)} AS c`.execute(
-    trx,
-  );
-
-  const inserted = new Map<number, number>();
-  const problems = new Map<number, SensorProblem[]>();
-  const customers: KeyRef[] = [];
-  const held = new Set<string>();
-  const crossings: Crossing[] = [];
-  for (const row of result.rows) {
-    if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
-    else if (row.kind === 'p' && row.req !== null && row.n !== null) {
-      const list = problems.get(row.req) ?? [];
-      const offset = offsets[row.req] ?? 0;
-      list.push({
-        index: row.n - 1 - offset,
-        message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
-      });
-      problems.set(row.req, list);
-    } else if (row.kind === 'c' && row.customer && row.org)
-      customers.push(
-        keyRef({
-          organizationId: row.org,
-          customerId: row.customer,
-          eventName: 'temperature_readings',
-          destination: row.destination ?? 'stripe',
-        }),
-      );
-    else if (row.kind === 'h' && row.customer) held.add(row.customer);
-    else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
-  }
-  await enqueueDeliveries(trx, boss, customers, held);
-  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
-  return requests.map((r, i): StoreReadingsOutcome => {
-    const own = problems.get(i);
-    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
-    const n = inserted.get(i) ?? 0;
-    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
-  });
+  distributed = false,
+): Promise<StoreReadingsOutcome> {
+  const [outcome] = await (distributed ? storeShardGroup : storeGroup)(trx, boss, [request], now);
+  return outcome!;
 }
 
 /** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
@@ -358,7 +207,7 @@ export class GroupCommitter {
       // deadline) and could not change the answer.
       if (!isDatabaseUnavailable(err) && (await this.ctx.distributed({ recheck: true }).catch(() => false)))
         return this.writeRouted(group, now);
-      await this.alone(group, err, (trx, p) => storeReadings(trx, boss, p.organizationId, p.readings, now));
+      await this.alone(group, err, (trx, p) => storeRequest(trx, boss, p, now));
     }
   }
 
@@ -393,7 +242,7 @@ export class GroupCommitter {
           // The shard map is read again for the next group: a shard split since it was read puts a
           // part over two shard groups, which Citus may refuse (its requests written alone still pass).
           this.router = undefined;
-          await this.alone(part, err, async (trx, p) => (await storeShardGroup(trx, boss, [p], now))[0]!);
+          await this.alone(part, err, (trx, p) => storeRequest(trx, boss, p, now, true));
         }
       }),
     );

@@ -1,9 +1,8 @@
-// The one-transaction readings write: sensor check, bulk insert and the temperature_readings
-// outbox row in one statement, then its delivery job, all in the caller's transaction.
-import { sql, type Transaction } from 'kysely';
-import type { PgBoss } from 'pg-boss';
-import { crossingOf, thresholdCountCall, thresholdProbeCte, writeCrossings } from '../alerts/thresholds.js';
-import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+// Ingestion's contract, the part both writers share (single-node.ts storeGroup on one node, routed.ts
+// storeShardGroup on Citus): what a group of requests is, and how what their statements found becomes each
+// request's answer. The contract itself, as cases both writers pass: test/ingest/contract.ts.
+import { type RawBuilder, sql } from 'kysely';
+import { BILLABLE_STATUSES, type Destination } from '../db/schema.js';
 import {
   billableAt,
   DESTINATION,
@@ -12,7 +11,7 @@ import {
   IN_FORCE,
   ROLE,
 } from '../metering/destinations.js';
-import { enqueueDeliveryEach } from '../metering/outbox.js';
+import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
 export interface SensorProblem {
@@ -71,122 +70,71 @@ export type StoreReadingsOutcome =
   | { stored: true; result: ReadingsResult }
   | { stored: false; problems: SensorProblem[] };
 
-interface StoreRow {
-  inserted: number;
-  /** One entry per outbox row written: its customer and destination. */
-  customers: string[] | null;
-  destinations: Destination[] | null;
-  problem_index: number[] | null;
-  problem_active: (boolean | null)[] | null;
-  /** Thresholds of the organization this batch took to their quantity (alerts/thresholds.ts), as JSON. */
-  crossings: string[] | null;
+/** A reading whose sensor is not an active one of its request's organization: its request and its place in the group (from 1). */
+export interface ProblemRow {
+  req: number;
+  n: number;
+  /** The sensor's state: false inactive, null not a sensor of the organization. */
+  active: boolean | null;
 }
 
 /**
- * Stores a validated batch and bills what was actually stored, in the caller's transaction, with
- * one statement plus the delivery job (every round trip costs a write system call and a wake-up of
- * the backend, the dominant cost of small requests):
- *
- * - every reading's sensor must belong to the organization and be active, else nothing is stored
- *   and the per-index problems are returned (a foreign sensor reads "unknown" so its existence is
- *   never revealed);
- * - rows are inserted in (sensor, instant) order so concurrent overlapping batches take their row
- *   locks in the same order and cannot deadlock; within equal keys the first occurrence wins;
- * - one temperature_readings outbox row (value = rows actually inserted, usage time = ingestion
- *   time, so it is always inside Stripe's 35-day window) only when something new was stored and
- *   the organization is billable; then its delivery job, through the same transaction.
- *
- * All parts read one snapshot, as the separate statements did under READ COMMITTED.
+ * Each refused request's problems, by request, in reading order: an inactive sensor, or "unknown" for
+ * any other (a sensor of another organization reads "unknown": its existence is never revealed).
  */
-export async function storeReadings(
-  trx: Transaction<DB>,
-  boss: PgBoss,
-  organizationId: string,
-  readings: readonly Reading[],
-  now: Date,
-  traceparent?: string | null,
-): Promise<StoreReadingsOutcome> {
-  const sensorIds = readings.map((r) => r.sensorId);
-  const recordedAt = readings.map((r) => r.recordedAt);
-  const temperatures = readings.map((r) => r.temperatureC);
-  const result = await sql<StoreRow>`
-    WITH input AS MATERIALIZED (
-      SELECT r.sensor_id, r.recorded_at, r.temperature_c, r.n
-      FROM unnest(${sensorIds}::uuid[], ${recordedAt}::timestamptz[], ${temperatures}::float8[])
-        WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
-    ), known AS (
-      SELECT s.id, s.active FROM sensors s
-      WHERE s.organization_id = ${organizationId} AND s.id IN (SELECT sensor_id FROM input)
-    ), problems AS (
-      SELECT i.n, k.active FROM input i LEFT JOIN known k ON k.id = i.sensor_id
-      WHERE k.active IS NOT TRUE
-    ), billing AS (
-      -- The outbox rows' ids (one per destination in force at now) are drawn before the insert so
-      -- every stored reading can name the billing one (temperature_readings.outbox_id; the others mirror
-      -- it); unused when nothing new is stored.
-      SELECT ${DESTINATION} AS destination, ${ROLE} AS role,
-             ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id,
-             nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id
-      FROM subscriptions s
-      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
-      WHERE s.organization_id = ${organizationId}
-        AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
-    ), named AS (
-      SELECT outbox_id FROM billing ORDER BY role = 'billing' DESC, outbox_id LIMIT 1
-    ), stored AS (
-      INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at, outbox_id)
-      SELECT r.sensor_id, r.recorded_at, ${organizationId}, r.temperature_c, ${now},
-             (SELECT outbox_id FROM named)
-      FROM input r
-      WHERE NOT EXISTS (SELECT 1 FROM problems)
-      ORDER BY r.sensor_id, r.recorded_at, r.n
-      ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
-      RETURNING 1
-    ), counted AS (
-      SELECT count(*)::int AS inserted FROM stored
-    ), outbox AS (
-      INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
-                                destination, mirrors_outbox_id${traceparent ? sql`, traceparent` : sql``})
-      OVERRIDING SYSTEM VALUE
-      SELECT b.outbox_id, ${organizationId}, 'temperature_readings', b.stripe_customer_id, c.inserted, ${now},
-             b.destination, nullif(n.outbox_id, b.outbox_id)${traceparent ? sql`, ${traceparent}::text` : sql``}
-      FROM counted c, billing b, named n
-      WHERE c.inserted > 0
-      RETURNING stripe_customer_id, destination
-    ), thr_org AS (
-      SELECT ${organizationId}::uuid AS org, inserted FROM counted WHERE inserted > 0
-    ), ${thresholdProbeCte(sql`thr_org`)}
-    SELECT
-      (SELECT array_agg(c.j) FROM ${thresholdCountCall(sql`${now}::timestamptz`)} AS c) AS crossings,
-      (SELECT inserted FROM counted) AS inserted,
-      (SELECT array_agg(stripe_customer_id ORDER BY destination) FROM outbox) AS customers,
-      (SELECT array_agg(destination ORDER BY destination) FROM outbox) AS destinations,
-      (SELECT array_agg(n::int - 1 ORDER BY n) FROM problems) AS problem_index,
-      (SELECT array_agg(active ORDER BY n) FROM problems) AS problem_active`.execute(trx);
-  const row = result.rows[0];
-  if (!row) throw new Error('storeReadings: the statement returned no row');
-  if (row.problem_index && row.problem_index.length > 0) {
-    const active = row.problem_active ?? [];
-    return {
-      stored: false,
-      problems: row.problem_index.map((index, i) => ({
-        index,
-        message: active[i] === false ? 'sensor is inactive' : 'unknown sensor',
-      })),
-    };
+export function problemsByRequest(
+  rows: Iterable<ProblemRow>,
+  offsets: readonly number[],
+): Map<number, SensorProblem[]> {
+  const problems = new Map<number, SensorProblem[]>();
+  for (const row of rows) {
+    const list = problems.get(row.req) ?? [];
+    list.push({
+      index: row.n - 1 - (offsets[row.req] ?? 0),
+      message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
+    });
+    problems.set(row.req, list);
   }
-  await enqueueDeliveryEach(
-    trx,
-    boss,
-    (row.customers ?? []).map((customer, i) => ({
-      organizationId,
-      customerId: customer,
-      eventName: 'temperature_readings' as const,
-      destination: row.destinations?.[i] ?? 'stripe',
-    })),
-  );
-  if (row.crossings && row.crossings.length > 0)
-    await writeCrossings(trx, boss, row.crossings.map(crossingOf), now);
-  return { stored: true, result: { inserted: row.inserted, duplicates: readings.length - row.inserted } };
+  for (const list of problems.values()) list.sort((a, b) => a.index - b.index);
+  return problems;
+}
+
+/**
+ * Each request's answer: its problems (nothing of it stored), or what it inserted (`inserted`, by request:
+ * the readings a request was the first of the group to send and the table did not have) and the rest as
+ * duplicates.
+ */
+export function groupOutcomes(
+  requests: readonly GroupRequest[],
+  problems: ReadonlyMap<number, SensorProblem[]>,
+  inserted: ReadonlyMap<number, number>,
+): StoreReadingsOutcome[] {
+  return requests.map((r, i): StoreReadingsOutcome => {
+    const own = problems.get(i);
+    if (own) return { stored: false, problems: own };
+    const n = inserted.get(i) ?? 0;
+    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
+  });
+}
+
+/** The delivery key of an outbox row ingestion wrote. */
+export function usageKey(organizationId: string, customerId: string, destination: Destination): KeyRef {
+  return keyRef({ organizationId, customerId, eventName: 'temperature_readings', destination });
+}
+
+/**
+ * The rows a group's usage is billed by (SQL): one per billable organization of `organizations` (a query
+ * of organization ids) and destination in force at the usage time `now`, as (org, destination, role,
+ * stripe_customer_id) plus the caller's `columns`. The readings name the row of role 'billing'; the rows
+ * of other destinations mirror it.
+ */
+export function billingInForce(organizations: RawBuilder<unknown>, now: Date, columns = sql``) {
+  return sql`
+    SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
+           ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id${columns}
+      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
+      FROM subscriptions s JOIN (${organizations}) AS o(org) ON o.org = s.organization_id
+      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
+     WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}`;
 }

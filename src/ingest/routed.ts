@@ -1,6 +1,6 @@
 // Ingestion on a distributed (Citus) database: the requests of ONE shard group written with router
 // statements only, each of which Citus sends whole to that group's node (EXPLAIN: Task Count 1, no
-// distributed subplan; test/citus/ingest-routing.citus.ts). The single-node statement (group-commit.ts
+// distributed subplan; test/citus/ingest-routing.citus.ts). The single-node statement (single-node.ts
 // storeGroup) is one INSERT ... SELECT from its input, which Citus never routes: it computes the input on
 // the coordinator and copies the rows to the shards, and a group of several organizations was one
 // transaction over their shard groups (a two-phase commit, a party to distributed deadlocks).
@@ -15,29 +15,25 @@
 //   5. the organizations' threshold counts and their crossings' events (reference tables: a transaction
 //      that counts into a threshold also writes on every node, like any reference-table write);
 //   6. the delivery hand-off (pg-boss, on the coordinator), as on one node.
-// The answers and the contract are storeGroup's: a request with an unknown or inactive sensor stores
-// nothing and gets its problems; one outbox row per billable organization and destination in force, its
-// value the rows that organization inserted, each stored reading naming the billing one.
+// The answers and the contract are storeGroup's (readings.ts, the part both share; the cases both pass:
+// test/ingest/contract.ts): a request with an unknown or inactive sensor stores nothing and gets its
+// problems; one outbox row per billable organization and destination in force, its value the rows that
+// organization inserted, each stored reading naming the billing one.
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { countShardGroupThresholds } from '../alerts/thresholds.js';
-import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
-import {
-  billableAt,
-  DESTINATION,
-  destinationCustomer,
-  destinationsJoin,
-  IN_FORCE,
-  ROLE,
-} from '../metering/destinations.js';
+import type { DB, Destination } from '../db/schema.js';
+import { DESTINATION, ROLE } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
-import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import {
+  billingInForce,
   type GroupRequest,
+  groupOutcomes,
+  problemsByRequest,
   readingColumns,
-  type SensorProblem,
   type StoreReadingsOutcome,
   traceparentsByOrganization,
+  usageKey,
 } from './readings.js';
 
 /** Most readings one insert statement carries (six parameters each, under Postgres's 65,535). */
@@ -87,16 +83,10 @@ export async function storeShardGroup(
      CROSS JOIN (SELECT set_config('synchronous_commit', 'on', true) AS durable) c
      ORDER BY i.n`.execute(trx);
 
-  const problems = new Map<number, SensorProblem[]>();
-  for (const row of look.rows) {
-    if (row.active === true) continue;
-    const list = problems.get(row.req) ?? [];
-    list.push({
-      index: row.n - 1 - (offsets[row.req] ?? 0),
-      message: row.active === false ? 'sensor is inactive' : 'unknown sensor',
-    });
-    problems.set(row.req, list);
-  }
+  const problems = problemsByRequest(
+    look.rows.filter((row) => row.active !== true),
+    offsets,
+  );
   // The readings of requests without a problem, in (sensor, instant) order whatever request they came
   // from: concurrent writers take the unique index's locks in one order. Within equal keys the earliest
   // request (then position) comes first, and wins a reading sent twice.
@@ -117,13 +107,7 @@ export async function storeShardGroup(
       ? []
       : (
           await sql<BillingRow>`
-            SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
-                   ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id
-              FROM subscriptions s
-              ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
-             WHERE s.organization_id = ANY(${okOrgs}::uuid[])
-               AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-               AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+            ${billingInForce(sql`SELECT unnest(${okOrgs}::uuid[])`, now)}
              ORDER BY s.organization_id, ${ROLE} = 'billing' DESC, ${DESTINATION}`.execute(trx)
         ).rows;
   const ids =
@@ -196,22 +180,12 @@ export async function storeShardGroup(
 
   // 6. The hand-off: the queued job's lock runs in its own statement on Citus (a row lock on the local
   // pgboss.job inside a distributed statement came back as a corrupt intermediate result).
-  const keys: KeyRef[] = billed.map((b) =>
-    keyRef({
-      organizationId: b.org,
-      customerId: b.stripe_customer_id,
-      eventName: 'temperature_readings',
-      destination: b.destination,
-    }),
+  await enqueueDeliveries(
+    trx,
+    boss,
+    billed.map((b) => usageKey(b.org, b.stripe_customer_id, b.destination)),
   );
-  await enqueueDeliveries(trx, boss, keys);
-
-  return requests.map((r, i): StoreReadingsOutcome => {
-    const own = problems.get(i);
-    if (own) return { stored: false, problems: own.sort((a, b) => a.index - b.index) };
-    const n = inserted.get(i) ?? 0;
-    return { stored: true, result: { inserted: n, duplicates: r.readings.length - n } };
-  });
+  return groupOutcomes(requests, problems, inserted);
 }
 
 /**

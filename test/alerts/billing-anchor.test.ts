@@ -6,7 +6,7 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { thresholdsPeriodCommand } from '../../src/admin/alerts-cli.js';
 import { listThresholds } from '../../src/alerts/threshold-admin.js';
-import { storeReadings } from '../../src/ingest/readings.js';
+import { storeRequest } from '../../src/ingest/group-commit.js';
 import { authHeaders, createSensors, memoryIo, reading } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
@@ -31,7 +31,7 @@ describe('the billing anchor of a Metronome organization', () => {
       const readings = Array.from({ length: n }, () => reading(sensor!, 3000 - second++, 4, now));
       const out = await ctx.db
         .transaction()
-        .execute((trx) => storeReadings(trx, ctx.boss, id, readings, clock.now()));
+        .execute((trx) => storeRequest(trx, ctx.boss, { organizationId: id, readings }, clock.now()));
       expect(out).toEqual({ stored: true, result: { inserted: n, duplicates: 0 } });
     };
     const crossedEvents = async () =>

@@ -19,7 +19,7 @@ import { deliverKey, redriveDeliveries } from '../../src/alerts/delivery.js';
 import { createEndpoint, removeEndpoint } from '../../src/alerts/endpoints.js';
 import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
 import { type Prng, seededRandom, testSeed } from '../support/random.js';
 import { contextTest } from '../support/test.js';

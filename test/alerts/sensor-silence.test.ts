@@ -7,7 +7,7 @@ import { expect } from 'vitest';
 import { sensorSilenceCommand } from '../../src/admin/alerts-cli.js';
 import { silencePass } from '../../src/alerts/silence.js';
 import type { Context } from '../../src/context.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { authHeaders, createOrganization, createSensors, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 

@@ -9,7 +9,7 @@ import { describe, expect } from 'vitest';
 import { sensorThresholdHook } from '../../src/alerts/sensor-thresholds.js';
 import { createThreshold, listThresholds } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
-import { storeReadings } from '../../src/ingest/readings.js';
+import { storeRequest } from '../../src/ingest/group-commit.js';
 import { createSensor, updateSensor } from '../../src/ingest/sensors.js';
 import { reportActiveSensorsWithTimestamp, utcHourOf } from '../../src/metering/active-sensors.js';
 import { runHourlyReport } from '../../src/metering/active-sensors-job.js';
@@ -207,7 +207,9 @@ describe('active_sensors thresholds', () => {
     }));
     await ctx.db
       .transaction()
-      .execute((trx) => storeReadings(trx, ctx.boss, org.organizationId, readings, ctx.clock.now()));
+      .execute((trx) =>
+        storeRequest(trx, ctx.boss, { organizationId: org.organizationId, readings }, ctx.clock.now()),
+      );
     await hourlyReport(ctx);
     const byMeter = Object.fromEntries(
       (await listThresholds(ctx.db, org.organizationId, new Date())).map((t) => [

@@ -10,8 +10,8 @@ import { setDestination } from '../../src/admin/destinations.js';
 import { createThreshold, listThresholds, recountReadings } from '../../src/alerts/threshold-admin.js';
 import { applySubscriptionChange, lockSubscriptionRow } from '../../src/billing/subscriptions.js';
 import type { Context } from '../../src/context.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
-import { storeReadings } from '../../src/ingest/readings.js';
+import { storeRequest } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
@@ -29,7 +29,7 @@ function ingester(ctx: Context, organizationId: string, sensor: string) {
     }));
     const out = await ctx.db
       .transaction()
-      .execute((trx) => storeReadings(trx, ctx.boss, organizationId, readings, now));
+      .execute((trx) => storeRequest(trx, ctx.boss, { organizationId, readings }, now));
     expect(out).toEqual({ stored: true, result: { inserted: n, duplicates: 0 } });
   };
 }

@@ -16,8 +16,8 @@ import { signatureHeader } from '../../src/alerts/signature.js';
 import { createThreshold, listThresholds } from '../../src/alerts/threshold-admin.js';
 import { type AlertsRuntime, startAlerts } from '../../src/alerts/worker.js';
 import type { Context } from '../../src/context.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
-import { storeReadings } from '../../src/ingest/readings.js';
+import { storeRequest } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { createOrganization, createSensors, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
@@ -219,7 +219,14 @@ describe('alerts and webhooks', () => {
     for (const from of [0, 2, 4])
       await ctx.db
         .transaction()
-        .execute((trx) => storeReadings(trx, ctx.boss, org.organizationId, readings(from), ctx.clock.now()));
+        .execute((trx) =>
+          storeRequest(
+            trx,
+            ctx.boss,
+            { organizationId: org.organizationId, readings: readings(from) },
+            ctx.clock.now(),
+          ),
+        );
     expect((await eventsOf(ctx, org.organizationId)).map((e) => [e.type, e.payload.data.usage])).toEqual([
       ['usage.threshold.crossed', 4],
     ]);

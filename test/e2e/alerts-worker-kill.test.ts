@@ -5,7 +5,7 @@ import { afterAll, beforeAll, expect } from 'vitest';
 import { webhooksAddCommand } from '../../src/admin/alerts-cli.js';
 import { listDeliveries } from '../../src/alerts/delivery.js';
 import { createThreshold } from '../../src/alerts/threshold-admin.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import { type Receiver, startReceiver } from '../alerts/receiver.js';
 import { createOrganization, createSensors, memoryIo } from '../support/fixtures.js';

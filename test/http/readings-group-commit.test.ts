@@ -1,6 +1,7 @@
-// Group commit: concurrent POST /v1/readings requests of one process share one transaction, yet
-// each keeps its own answer; a failing group answers 503 to exactly its requests and stores none;
-// a request that breaks the statement fails alone.
+// Group commit: concurrent POST /v1/readings requests of one process share one transaction; a failing
+// group answers 503 to exactly its requests and stores none; a request that breaks the statement fails
+// alone. What a group stores and answers (each request its own answer) is ingestion's contract,
+// test/ingest/contract.ts.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -69,58 +70,6 @@ async function stored(ctx: Context, org: OrganizationFixture) {
 }
 
 describe('group commit', () => {
-  it('writes concurrent requests in one transaction, each with its own answer and its own 422 details', async ({
-    ctx,
-    app,
-  }) => {
-    const a = await createOrganization(ctx.db);
-    const b = await createOrganization(ctx.db);
-    const free = await createOrganization(ctx.db, { billable: false });
-    const [a1, a2] = await createSensors(ctx.db, a.organizationId, 2);
-    const [b1] = await createSensors(ctx.db, b.organizationId, 1);
-    const [inactive] = await createSensors(ctx.db, a.organizationId, 1, { active: false });
-    const [f1] = await createSensors(ctx.db, free.organizationId, 1);
-    const shared = reading(a1!);
-    gate.expect(6);
-    // Within a group the earlier request wins a reading sent twice: the first request joins before
-    // the others are sent (concurrent requests reach the group in whatever order the machine runs them).
-    const first = post(app, a.apiKey, [shared, reading(a2!)]);
-    await gate.joinedAtLeast(1);
-    const results = await Promise.all([
-      first,
-      // The same reading again in the same group: the earlier request stored it.
-      post(app, a.apiKey, [shared, reading(a1!)]),
-      // b's own sensor and a's sensor (foreign: reads as unknown) and an inactive one of a's.
-      post(app, b.apiKey, [reading(b1!), reading(a1!)]),
-      post(app, a.apiKey, [reading(a1!), reading(inactive!)]),
-      post(app, b.apiKey, [reading(b1!), reading(b1!), reading(b1!)]),
-      post(app, free.apiKey, [reading(f1!)]),
-    ]);
-    const bodies = await Promise.all(results.map((r) => r.json()));
-    expect(results.map((r) => r.status)).toEqual([201, 201, 422, 422, 201, 201]);
-    expect(bodies[0]).toEqual({ inserted: 2, duplicates: 0 });
-    expect(bodies[1]).toEqual({ inserted: 1, duplicates: 1 });
-    expect(bodies[2]).toMatchObject({
-      error: { code: 'validation_failed', details: [{ index: 1, message: 'unknown sensor' }] },
-    });
-    expect(bodies[3]).toMatchObject({ error: { details: [{ index: 1, message: 'sensor is inactive' }] } });
-    expect(bodies[4]).toEqual({ inserted: 3, duplicates: 0 });
-    expect(bodies[5]).toEqual({ inserted: 1, duplicates: 0 });
-
-    // One transaction: a single ingestion instant per organization, one outbox row per billable
-    // organization with the rows it inserted, and nothing of the refused requests.
-    expect(await stored(ctx, a)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
-    expect(await stored(ctx, b)).toEqual({ readings: 3, outbox: 1, value: 3, transactions: 1 });
-    expect(await stored(ctx, free)).toEqual({ readings: 1, outbox: 0, value: 0, transactions: 1 });
-    // One hand-off per delivery key for the transaction.
-    const { rows: jobs } = await sql<{ n: number }>`
-      SELECT count(*)::int AS n FROM pgboss.job
-      WHERE name = 'meter-delivery' AND data->>'customerId' IN (${a.customerId}, ${b.customerId})`.execute(
-      ctx.db,
-    );
-    expect(jobs[0]!.n).toBe(2);
-  });
-
   it('answers 503 with Retry-After to exactly the requests of a group the database could not write, storing none', async ({
     ctx,
     app,

@@ -5,12 +5,7 @@ import { describe, expect } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { createTestContext } from '../support/database.js';
-import {
-  authHeaders,
-  createOrganization,
-  createSensors,
-  type OrganizationFixture,
-} from '../support/fixtures.js';
+import { authHeaders, createSensors, type OrganizationFixture } from '../support/fixtures.js';
 import { freePort } from '../support/net.js';
 import { seededRandom } from '../support/random.js';
 import { contextTest, type TestApp } from '../support/test.js';
@@ -174,43 +169,6 @@ describe('concurrent ingestion', () => {
     )) as { inserted: number; duplicates: number }[];
     expect(results.reduce((n, r) => n + r.inserted, 0)).toBe(50);
     expect(await state(ctx, org)).toMatchObject({ readings: 50, outbox_value: 50 });
-  });
-});
-
-describe('the reading to outbox link', () => {
-  it('names, on every billed reading, the outbox row that bills it, and nothing on unbilled ones', async ({
-    ctx,
-    app,
-  }) => {
-    const billable = await createOrganization(ctx.db);
-    const free = await createOrganization(ctx.db, { billable: false });
-    const [billableSensor] = await createSensors(ctx.db, billable.organizationId);
-    const [freeSensor] = await createSensors(ctx.db, free.organizationId);
-    const first = batch(billableSensor!, 3);
-    expect((await post(app, billable.apiKey, first)).status).toBe(201);
-    expect((await post(app, billable.apiKey, batch(billableSensor!, 5, 100))).status).toBe(201);
-    // A re-sent batch stores nothing new: no outbox row, and the stored readings keep their link.
-    expect((await post(app, billable.apiKey, first)).status).toBe(201);
-    expect((await post(app, free.apiKey, batch(freeSensor!, 2))).status).toBe(201);
-
-    const { rows } = await sql<{
-      organization_id: string;
-      outbox_id: string | null;
-      readings: number;
-      value: number | null;
-    }>`
-      SELECT r.organization_id, r.outbox_id, count(*)::int AS readings, max(o.value)::int AS value
-      FROM temperature_readings r LEFT JOIN meter_outbox o ON o.id = r.outbox_id
-      WHERE r.organization_id IN (${billable.organizationId}, ${free.organizationId})
-      GROUP BY 1, 2 ORDER BY 3`.execute(ctx.db);
-    const linked = rows.filter((r) => r.organization_id === billable.organizationId);
-    expect(linked.map((r) => [r.readings, r.value])).toEqual([
-      [3, 3],
-      [5, 5],
-    ]);
-    expect(rows.filter((r) => r.organization_id === free.organizationId)).toEqual([
-      { organization_id: free.organizationId, outbox_id: null, readings: 2, value: null },
-    ]);
   });
 });
 

@@ -3,7 +3,7 @@ import { describe, expect, vi } from 'vitest';
 import { createApp } from '../../src/api/app.js';
 import type { Context } from '../../src/context.js';
 import { hashApiKey } from '../../src/credentials/api-keys.js';
-import { storeReadings } from '../../src/ingest/readings.js';
+import { storeRequest } from '../../src/ingest/group-commit.js';
 import { recordingDb } from '../support/database.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
@@ -11,7 +11,7 @@ import { contextTest } from '../support/test.js';
 // `recorded`: the context's pool behind a Kysely that records each statement it sends.
 const it = contextTest().extend('recorded', { scope: 'file' }, async ({ ctx }) => recordingDb(ctx.pool));
 
-/** Stores 500 readings of a new organization through storeReadings; the statements it sent. */
+/** Stores 500 readings of a new organization as one request written alone (storeRequest); the statements it sent. */
 async function store500(
   ctx: Context,
   { db: counting, statements }: ReturnType<typeof recordingDb>,
@@ -22,7 +22,12 @@ async function store500(
   const batch = readings(sensors, 500);
   return counting.transaction().execute(async (trx) => {
     statements.length = 0;
-    const outcome = await storeReadings(trx, ctx.boss, org.organizationId, batch, new Date());
+    const outcome = await storeRequest(
+      trx,
+      ctx.boss,
+      { organizationId: org.organizationId, readings: batch },
+      new Date(),
+    );
     expect(outcome).toEqual({ stored: true, result: { inserted: 500, duplicates: 0 } });
     return [...statements];
   });
@@ -75,19 +80,18 @@ describe('bulk efficiency', () => {
     expect(counts[2], statements.join('\n')).toBe(counts[1]);
   });
 
-  it('checks the sensors, inserts the batch and writes the outbox row in one statement, plus the job', async ({
+  it('checks the sensors, inserts the batch, writes the outbox row and looks for the queued job in one statement, plus the job', async ({
     ctx,
     recorded,
   }) => {
     const statements = await store500(ctx, recorded, true);
-    // The write, the look for an already queued delivery job (none for a new customer), the job.
-    expect(statements).toHaveLength(3);
+    // The write, with its look for an already queued delivery job (none for a new customer), then the job.
+    expect(statements).toHaveLength(2);
     expect(statements[0]).toMatch(
       /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
     );
-    expect(statements[0]).toMatch(/INSERT INTO meter_outbox/);
-    expect(statements[1]).toMatch(/FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
-    expect(statements[2]).toMatch(/pgboss/);
+    expect(statements[0]).toMatch(/INSERT INTO meter_outbox[\s\S]*FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
+    expect(statements[1]).toMatch(/pgboss/);
   });
 
   it('sends one statement and no job for an organization that is not billable', async ({ ctx, recorded }) => {

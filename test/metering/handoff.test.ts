@@ -5,7 +5,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { storeGroup } from '../../src/ingest/group-commit.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { enqueueDeliveries, queueDeliveries } from '../../src/metering/outbox.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization, createSensors } from '../support/fixtures.js';
