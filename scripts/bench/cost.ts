@@ -178,7 +178,14 @@ interface Cost {
   seconds: number;
   eventsPerSecond: number;
   /** Statements the clients sent (pg_stat_statements toplevel), and those run inside them (nested: foreign key checks). */
-  statements: { total: number; perEvent: number; byFamily: Record<string, number>; nestedPerEvent: number };
+  statements: {
+    total: number;
+    perEvent: number;
+    byFamily: Record<string, number>;
+    /** Execution and planning time per event by family (pg_stat_statements), ms. */
+    msByFamily: Record<string, number>;
+    nestedPerEvent: number;
+  };
   /** Statements' execution and planning time per event (pg_stat_statements), ms. */
   statementMsPerEvent: number;
   /** Postgres server CPU per event (/proc: postmaster, backends, exited backends), ms. */
@@ -201,6 +208,7 @@ function cost(
 ): Cost {
   const per = (x: number, d = 3) => round(x / Math.max(1, events), d);
   const byFamily: Record<string, number> = {};
+  const msByFamily: Record<string, number> = {};
   let calls = 0;
   let ms = 0;
   let nested = 0;
@@ -211,6 +219,7 @@ function cost(
     }
     const f = statementFamily(s.query);
     byFamily[f] = (byFamily[f] ?? 0) + s.calls;
+    msByFamily[f] = (msByFamily[f] ?? 0) + s.execMs + s.planMs;
     calls += s.calls;
     ms += s.execMs + s.planMs;
   }
@@ -231,6 +240,7 @@ function cost(
       total: calls,
       perEvent: per(calls, 4),
       byFamily: Object.fromEntries(Object.entries(byFamily).map(([f, n]) => [f, per(n, 4)])),
+      msByFamily: Object.fromEntries(Object.entries(msByFamily).map(([f, n]) => [f, per(n, 4)])),
       nestedPerEvent: per(nested, 4),
     },
     statementMsPerEvent: per(ms, 4),
