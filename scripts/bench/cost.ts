@@ -341,6 +341,9 @@ async function runScenario(
   log(`--- ${scenario}, worker ${workerName}, ${CUSTOMERS} organizations`);
   const url = await freshDatabase(cluster, `cost_${scenario}`, migrations);
   const pool = new pg.Pool({ connectionString: url, max: 4 });
+  // An idle connection ended under the pool (the database dropped with FORCE after the run, an
+  // autovacuum launcher's termination) is an 'error' event: unhandled, it ended the whole bench.
+  pool.on('error', (err) => log(`idle connection of the scenario's pool ended: ${err.message}`));
   // Dropped after the run: autovacuum of an earlier run's database would write WAL (and spend CPU)
   // inside the next run's measurements.
   const cleanup: (() => Promise<unknown>)[] = [() => dropDatabase(cluster, url), () => pool.end()];
