@@ -62,8 +62,10 @@ const { values: args } = parseArgs({
     latency: { type: 'string' },
     baseline: { type: 'string' },
     'limit-seconds': { type: 'string' },
-    // Plans of statements slower than 300 ms (auto_explain, analyzed), in bench-results/cost-postgres.log.
+    // Plans of statements slower than 300 ms (--explain-ms; auto_explain, analyzed), in bench-results/cost-postgres.log.
     explain: { type: 'boolean', default: false },
+    // The duration above which --explain logs a statement's plan, ms.
+    'explain-ms': { type: 'string' },
     // The backlog's statistics as Postgres last saw them: no pending rows (the state after a quiet
     // period, before a burst such as the hourly report). Default: ANALYZE after the backlog's insert.
     'stale-statistics': { type: 'boolean', default: false },
@@ -724,7 +726,9 @@ export async function runCostBench(): Promise<number> {
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
     if (args.explain) {
       await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = 300`);
+      await admin.query(
+        `ALTER SYSTEM SET auto_explain.log_min_duration = ${Number(args['explain-ms'] ?? 300)}`,
+      );
       await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
       await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
       await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
