@@ -1,12 +1,12 @@
 // How a batch's meter-delivery jobs end: each with the outcome deliverBatch gave it (rules/jobs.ts), by
-// primary key, in a constant number of statements whatever the batch and whatever the job table's
+// their ids, in a constant number of statements whatever the batch and whatever the job table's
 // statistics say.
 //
 // pg-boss's own per-job settle (`perJobResults`) completes a batch by joining its jobs to a JSON
 // recordset of the outcomes (`UPDATE … FROM json_to_recordset($2) … WHERE j.id = i.id AND j.state =
 // 'active'`). After a large hand-off the statistics say no job is active (at analyze time every job was
 // `created`), so the planner put the queue's active jobs on the outside of a nested loop and parsed the
-// JSON again for each: active jobs × batch, 2-4 s a completion of 1,000 jobs in the cost bench
+// JSON again for each: active jobs × batch, 1-4 s a completion of 1,000 jobs in the cost bench
 // (docs/benchmarks.md). Here the batch is named by `id = ANY($ids)`, which is no join: an index scan of
 // the primary key, or at worst one pass over the queue's table, never one per active job. Each job's
 // output is looked up in one JSON object keyed by the job's id.
