@@ -10,7 +10,7 @@
 //               own attempts, follow-ups, holds, job results — a pure function
 //   4. settle   one statement: every answer, the keys' pacing and backoff, lease release
 //   5. follow   one statement: jobs for keys that must run again; a hold for keys whose meter is missing
-//   6. results  returned to pg-boss, which completes or dead-letters the jobs together
+//   6. results  one per job; the fetcher ends each job with its own (job-completion.ts), by id
 //
 // This file is the shell: it runs the store's statements (store.ts) and the calls (calls.ts) around
 // the rules and reports what happened; it decides nothing itself. A batch's jobs of each destination

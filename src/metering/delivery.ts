@@ -37,6 +37,7 @@ import {
 } from './corrections.js';
 import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { probeKeyHoldNow } from './destination-health.js';
+import { deliveryWorkOptions, endDeliveryJobs } from './job-completion.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import { adaptiveLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
@@ -465,16 +466,7 @@ export async function startDelivery(
     fetchers.push(fetcher);
     fetcher.id = await ctx.boss.work(
       'meter-delivery',
-      {
-        batchSize,
-        localConcurrency: 1,
-        includeMetadata: true,
-        // One completion statement for the batch's completed jobs, one for its failed ones.
-        perJobResults: true,
-        pollingIntervalSeconds: poll,
-        // Retries come due without a NOTIFY, so the backstop poll stays short.
-        notifyPollingIntervalSeconds: poll,
-      },
+      deliveryWorkOptions(batchSize, poll),
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = touchWhileRunning(
@@ -485,9 +477,11 @@ export async function startDelivery(
         );
         try {
           const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
+          // Each job ends with its outcome, by primary key (job-completion.ts); a failure here fails
+          // the jobs still active, as pg-boss's own settle failing did.
+          await endDeliveryJobs(db, ctx.boss, jobs, results);
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
-          return results;
         } catch (err) {
           log.warn({ err, jobs: jobs.length }, 'delivery batch failed; its jobs are retried');
           // A single-node statement on a database distributed since the last look fails: look again now.

@@ -1,0 +1,137 @@
+// How a batch's meter-delivery jobs end: each with the outcome deliverBatch gave it (rules/jobs.ts), by
+// their ids, in a constant number of statements whatever the batch and whatever the job table's
+// statistics say.
+//
+// pg-boss's own per-job settle (`perJobResults`) completes a batch by joining its jobs to a JSON
+// recordset of the outcomes (`UPDATE … FROM json_to_recordset($2) … WHERE j.id = i.id AND j.state =
+// 'active'`). After a large hand-off the statistics say no job is active (at analyze time every job was
+// `created`), so the planner put the queue's active jobs on the outside of a nested loop and parsed the
+// JSON again for each: active jobs × batch, 1-4 s a completion of 1,000 jobs in the cost bench
+// (docs/benchmarks.md). Here the batch is named by `id = ANY($ids)`, which is no join: an index scan of
+// the primary key, or at worst one pass over the queue's table, never one per active job. Each job's
+// output is looked up in one JSON object keyed by the job's id.
+//
+//   completed    one statement: state completed, completed_on, the job's own output (as pg-boss's
+//                complete() writes them), fenced to the attempt this batch fetched (retry_count)
+//   deadletter   one transaction, only for a batch that has some: the jobs' retry limit set to the
+//                attempts they have had, then pg-boss's own fail(), which, with no retry left, ends them
+//                failed with their output and sends their copy to the queue's dead letter queue
+//   (none)       a job the batch gave no outcome fails as pg-boss's settle failed it: retried with backoff
+//
+// pg-boss then completes the batch's jobs still active as after any handler (none are: its statement,
+// by `id = ANY` and fenced too, changes nothing).
+import { CompiledQuery, type Kysely, sql } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { DB } from '../db/schema.js';
+import type { QueueName } from './queues.js';
+import type { JobOutcome } from './rules/jobs.js';
+
+const DELIVERY_QUEUE: QueueName = 'meter-delivery';
+
+/** A fetched job's attempt: its id and the retryCount it was fetched with. */
+export interface JobAttempt {
+  id: string;
+  retryCount: number;
+}
+
+/** pg-boss's work() options of a delivery fetcher: its handler ends its jobs itself (endDeliveryJobs). */
+export function deliveryWorkOptions(batchSize: number, pollSeconds: number) {
+  return {
+    batchSize,
+    localConcurrency: 1,
+    includeMetadata: true,
+    pollingIntervalSeconds: pollSeconds,
+    // Retries come due without a NOTIFY, so the backstop poll stays short.
+    notifyPollingIntervalSeconds: pollSeconds,
+  } as const;
+}
+
+/** What ending a batch's jobs did: jobs completed, dead-lettered, failed for a retry (no outcome, asked). */
+export interface JobsEnded {
+  completed: number;
+  deadLettered: number;
+  retried: number;
+}
+
+/**
+ * Ends each of `jobs` (fetched by this batch: their retryCount names the attempt) with its outcome.
+ * A job whose attempt is no longer this batch's (expired, taken by another fetch) is left alone.
+ */
+export async function endDeliveryJobs(
+  db: Kysely<DB>,
+  boss: Pick<PgBoss, 'fail'>,
+  jobs: readonly JobAttempt[],
+  outcomes: readonly JobOutcome[],
+): Promise<JobsEnded> {
+  const attempt = new Map(jobs.map((j) => [j.id, j.retryCount]));
+  const byId = new Map<string, JobOutcome>();
+  for (const o of outcomes) if (attempt.has(o.id)) byId.set(o.id, o);
+  const completed: JobOutcome[] = [];
+  const dead: JobOutcome[] = [];
+  const missing: JobAttempt[] = [];
+  for (const job of jobs) {
+    const o = byId.get(job.id);
+    if (o?.status === 'completed') completed.push(o);
+    else if (o?.status === 'deadletter') dead.push(o);
+    else missing.push({ id: job.id, retryCount: job.retryCount });
+  }
+  const ended: JobsEnded = { completed: 0, deadLettered: 0, retried: 0 };
+  if (completed.length > 0) {
+    const ids = completed.map((o) => o.id);
+    const outputs = Object.fromEntries(completed.map((o) => [o.id, o.output]));
+    const r = await sql<{ n: number }>`
+      WITH results AS (
+        UPDATE pgboss.job
+           SET completed_on = pgboss.job_now(), state = 'completed', output = ${JSON.stringify(outputs)}::jsonb -> id::text
+         WHERE name = ${DELIVERY_QUEUE} AND id = ANY(${ids}::uuid[]) AND state = 'active'
+           AND (id::text || ':' || retry_count::text) = ANY(${fence(ids, attempt)}::text[])
+        RETURNING id)
+      SELECT count(*)::int AS n FROM results`.execute(db);
+    ended.completed = r.rows[0]?.n ?? 0;
+  }
+  if (dead.length > 0) ended.deadLettered = await deadLetter(db, boss, dead, attempt);
+  if (missing.length > 0) {
+    await boss.fail(DELIVERY_QUEUE, missing, { message: 'no outcome returned for the job' });
+    ended.retried = missing.length;
+  }
+  return ended;
+}
+
+/** The attempt fence pg-boss's own settles use: 'id:retry_count' of the attempt this batch fetched. */
+function fence(ids: readonly string[], attempt: ReadonlyMap<string, number>): string[] {
+  return ids.map((id) => `${id}:${attempt.get(id)}`);
+}
+
+/**
+ * Dead letters through pg-boss's fail(): with no retry left it ends a job failed and inserts its copy
+ * into the dead letter queue, the same statement that ends a job whose retries ran out. Each job's
+ * output is its own, so one fail() per distinct output (a batch's dead letters are few and mostly
+ * share their reason). One transaction: a job is never left with its retries spent but still active.
+ */
+async function deadLetter(
+  db: Kysely<DB>,
+  boss: Pick<PgBoss, 'fail'>,
+  dead: readonly JobOutcome[],
+  attempt: ReadonlyMap<string, number>,
+): Promise<number> {
+  const byOutput = new Map<string, { output: object; jobs: JobAttempt[] }>();
+  for (const o of dead) {
+    const k = JSON.stringify(o.output);
+    const group = byOutput.get(k) ?? { output: o.output, jobs: [] };
+    group.jobs.push({ id: o.id, retryCount: attempt.get(o.id)! });
+    byOutput.set(k, group);
+  }
+  const ids = dead.map((o) => o.id);
+  return db.transaction().execute(async (trx) => {
+    const spent = await sql`
+      UPDATE pgboss.job SET retry_limit = retry_count
+       WHERE name = ${DELIVERY_QUEUE} AND id = ANY(${ids}::uuid[]) AND state = 'active'
+         AND (id::text || ':' || retry_count::text) = ANY(${fence(ids, attempt)}::text[])`.execute(trx);
+    const executeSql = async (text: string, values: unknown[] = []) =>
+      trx.executeQuery(CompiledQuery.raw(text, values));
+    for (const { output, jobs } of byOutput.values()) {
+      await boss.fail(DELIVERY_QUEUE, jobs, output, { db: { executeSql } });
+    }
+    return Number(spent.numAffectedRows ?? 0n);
+  });
+}
