@@ -207,7 +207,7 @@ CREATE INDEX meter_outbox_mirrors ON meter_outbox USING btree (mirrors_outbox_id
 CREATE INDEX meter_outbox_occurred_at ON meter_outbox USING btree (occurred_at);
 CREATE INDEX meter_outbox_organization_occurred ON meter_outbox USING btree (organization_id, occurred_at);
 CREATE INDEX meter_outbox_pending ON meter_outbox USING btree (stripe_customer_id, event_name, occurred_at, id) WHERE (status = 'pending'::text);
-CREATE INDEX meter_outbox_unfinished ON meter_outbox USING btree (status, created_at) WHERE (status <> 'delivered'::text);
+CREATE INDEX meter_outbox_unsent ON meter_outbox USING btree (status, created_at) WHERE (status <> ALL (ARRAY['delivered'::text, 'pending'::text]));
 CREATE INDEX meter_outbox_validating ON meter_outbox USING btree (accepted_at) WHERE ((status = 'pending'::text) AND (accepted_at IS NOT NULL));
 
 CREATE TABLE meter_usage_hourly (

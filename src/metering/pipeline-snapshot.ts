@@ -7,7 +7,7 @@ import { effectiveRate } from './budget.js';
 
 /**
  * The pipeline state in ONE statement, whatever the number of organizations. Only unfinished rows
- * are counted (the meter_outbox_unfinished partial index): delivered rows grow without bound, so
+ * are counted (pending rows by meter_outbox_pending, the others by meter_outbox_unsent: partial indexes): delivered rows grow without bound, so
  * they are reported as a one-hour window and as worker counters, never as a full count per scrape.
  */
 export async function readPipelineSnapshot(
@@ -29,7 +29,8 @@ export async function readPipelineSnapshot(
            CASE WHEN status = 'pending' AND accepted_at IS NOT NULL THEN 'validating' ELSE status END AS status,
            event_name AS meter, count(*)::bigint AS n,
            min(created_at) FILTER (WHERE status = 'pending' AND accepted_at IS NULL) AS oldest
-      FROM meter_outbox WHERE status <> 'delivered' GROUP BY 2, event_name
+      -- Pending rows and the rest apart (each by an index of its own; migrations/0084).
+      FROM meter_outbox WHERE status = 'pending' OR status NOT IN ('delivered', 'pending') GROUP BY 2, event_name
     UNION ALL
     SELECT 'delivered', 'delivered', event_name, count(*)::bigint, NULL
       FROM meter_outbox WHERE status = 'delivered' AND delivered_at >= ${since} GROUP BY event_name
