@@ -81,6 +81,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
           windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
+          flush: ctx.config.INGEST_GROUP_FLUSH,
           maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,

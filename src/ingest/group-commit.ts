@@ -59,9 +59,22 @@ async function retryRolledBack<T>(write: () => Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * When a group goes. `adaptive` (leader and followers): a request that finds no group being written
+ * goes at once, so a lone request waits for nothing; requests arriving while groups are being written
+ * gather and go when one of those finishes, or when the window passes, whichever comes first.
+ * `window`: the first request of every group waits the window for others, even on an idle process.
+ */
+export type GroupFlush = 'adaptive' | 'window';
+
 export interface GroupCommitOptions {
-  /** How long the first request of a group waits for others (ms). */
+  /**
+   * How long the first request of a group waits for others (ms); with `flush: 'adaptive'` only a
+   * request that arrives while a group is being written waits, and at most until one finishes.
+   */
   windowMs: number;
+  /** When a group goes (default `adaptive`). */
+  flush?: GroupFlush;
   /** Most requests in one group. */
   maxRequests: number;
   /** Most readings in one group (a large batch is written alone rather than delaying others). */
@@ -123,11 +136,20 @@ export class GroupCommitter {
         if (this.inFlight < this.maxInFlight) this.flush();
       } else if (this.held) {
         if (this.options.gate?.mayClose() !== false) this.flush();
+      } else if (this.adaptive && this.inFlight === 0 && !this.timer) {
+        // The leader: nothing is being written, so no request can be waiting to join a group
+        // sooner than this one's commit; waiting for the window would only add its wait.
+        if (this.options.gate?.mayClose() === false) this.held = true;
+        else this.flush();
       } else if (!this.timer && this.inFlight < this.maxInFlight) {
         this.timer = setTimeout(() => this.windowPassed(), this.options.windowMs);
       }
       // Otherwise every slot is busy: the request waits for the next group (written when one ends).
     });
+  }
+
+  private get adaptive(): boolean {
+    return (this.options.flush ?? 'adaptive') === 'adaptive';
   }
 
   private get maxInFlight(): number {
@@ -170,10 +192,11 @@ export class GroupCommitter {
     void this.write(group).finally(() => {
       this.inFlight--;
       // Requests that arrived while every slot was busy have waited a group's time already; a
-      // request that found a free slot has its own window running (the timer). A gate may still
-      // hold them (tests).
+      // request that found a free slot has its own window running (the timer), which adaptive
+      // flushing cuts short: the followers go as soon as a group ahead of them ends. A gate may
+      // still hold them (tests).
       if (this.full()) this.flush();
-      else if (!this.timer && this.queue.length > 0) {
+      else if ((!this.timer || this.adaptive) && this.queue.length > 0) {
         if (this.options.gate?.mayClose() === false) this.held = true;
         else this.flush();
       }

@@ -5,7 +5,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { GroupCommitter } from '../../src/ingest/group-commit.js';
+import { type GroupCommitOptions, GroupCommitter } from '../../src/ingest/group-commit.js';
 import {
   authHeaders,
   createOrganization,
@@ -67,6 +67,27 @@ async function stored(ctx: Context, org: OrganizationFixture) {
            (SELECT count(DISTINCT ingested_at)::int FROM temperature_readings
              WHERE organization_id = ${org.organizationId}) AS transactions`.execute(ctx.db);
   return rows[0]!;
+}
+
+/** A committer writing straight to the test database, with a clock of its own. */
+function committer(ctx: Context, options: GroupCommitOptions): GroupCommitter {
+  let tick = Date.now() - 600_000;
+  return new GroupCommitter(
+    { db: ctx.db, distributed: ctx.distributed, boss: ctx.boss, clock: { now: () => new Date(tick++) } },
+    options,
+  );
+}
+
+/**
+ * What `outcome` settled to, or 'still waiting for its window' if it has not after `ms`: a deadline
+ * far beyond one insert on a loaded machine and far below the committer's window, not a speed.
+ */
+function settledWithin<T>(outcome: Promise<T>, ms: number): Promise<T | 'still waiting for its window'> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<'still waiting for its window'>((resolve) => {
+    timer = setTimeout(() => resolve('still waiting for its window'), ms);
+  });
+  return Promise.race([outcome, deadline]).finally(() => clearTimeout(timer));
 }
 
 describe('group commit', () => {
@@ -230,6 +251,67 @@ describe('group commit', () => {
     for (const outcome of rest)
       expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
     // Two transactions (one ingested_at each): the slow request's, then the five together.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
+  });
+  it('writes a lone request on an idle process at once, not after the window', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // A ten-minute window: a committer that made the lone request wait for it answers nothing here.
+    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
+    const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    expect(await settledWithin(outcome, 20_000)).toEqual({
+      stored: true,
+      result: { inserted: 1, duplicates: 0 },
+    });
+    expect(await stored(ctx, org)).toMatchObject({ readings: 1, outbox: 1, transactions: 1 });
+  });
+
+  it('gathers requests that arrive while a group is being written and writes them together as soon as it ends', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [slow, fast] = await createSensors(ctx.db, org.organizationId, 2);
+    // The first group's insert waits for an advisory lock the test holds: it is in flight for as long
+    // as the test says, on any machine.
+    await injectOnInsert(
+      ctx,
+      'held_group',
+      `NEW.sensor_id = '${slow}'`,
+      'PERFORM pg_advisory_xact_lock(4343);',
+    );
+    // Slots are free and the window is ten minutes: only the end of the group in flight sends the rest.
+    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
+    const submit = (sensorId: string) =>
+      groups.submit({ organizationId: org.organizationId, readings: [reading(sensorId)] });
+    await ctx.db.connection().execute(async (conn) => {
+      await sql`SELECT pg_advisory_lock(4343)`.execute(conn);
+      try {
+        const first = submit(slow!);
+        await expect
+          .poll(
+            async () =>
+              (
+                await sql<{ n: number }>`SELECT count(*)::int AS n FROM pg_locks
+                  WHERE locktype = 'advisory' AND objid = 4343 AND NOT granted`.execute(conn)
+              ).rows[0]!.n,
+            { timeout: 20_000 },
+          )
+          .toBe(1);
+        const rest = Array.from({ length: 5 }, () => submit(fast!));
+        await sql`SELECT pg_advisory_unlock(4343)`.execute(conn);
+        expect(await settledWithin(first, 20_000)).toEqual({
+          stored: true,
+          result: { inserted: 1, duplicates: 0 },
+        });
+        for (const outcome of await settledWithin(Promise.all(rest), 20_000).then((r) =>
+          typeof r === 'string' ? [r] : r,
+        ))
+          expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+      } finally {
+        await sql`SELECT pg_advisory_unlock_all()`.execute(conn);
+      }
+    });
+    // Two transactions (one ingested_at each): the first request's, then the five together.
     expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
   });
 });
