@@ -71,10 +71,9 @@ export const configSchema = z.object({
   HTTP_REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(30_000),
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
   /**
-   * Group commit: how long a request waits for concurrent ones (ms); 0 = off. With the adaptive flush
-   * (the default) a request on an idle process goes at once, and one that arrives while a group is
-   * being written waits at most this long, less when that group finishes first; with `window` the
-   * first request of every group waits this long.
+   * Group commit: how long the first request of a group waits for concurrent ones (ms); 0 = off.
+   * With the adaptive flush (the default) a request the process handles alone (none queued, none
+   * being written, none on its way) does not wait; with `window` every group's first request waits.
    */
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
   INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('adaptive'),

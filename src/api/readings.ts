@@ -115,7 +115,15 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
           headers: c.req.header(),
           attributes: { 'meterbox.organization_id': c.get('organizationId') },
         },
-        (span) => ingest(c, traceparentOf(span)),
+        async (span) => {
+          // The committer knows which requests are on their way: a lone one is written at once.
+          const ended = groups?.started();
+          try {
+            return await ingest(c, traceparentOf(span));
+          } finally {
+            ended?.();
+          }
+        },
       ),
   );
 

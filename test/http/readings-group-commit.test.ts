@@ -253,65 +253,53 @@ describe('group commit', () => {
     // Two transactions (one ingested_at each): the slow request's, then the five together.
     expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
   });
-  it('writes a lone request on an idle process at once, not after the window', async ({ ctx }) => {
+  it('writes a request the process handles alone at once, not after the window', async ({ ctx }) => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     // A ten-minute window: a committer that made the lone request wait for it answers nothing here.
     const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
+    const ended = groups.started();
     const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
     expect(await settledWithin(outcome, 20_000)).toEqual({
       stored: true,
       result: { inserted: 1, duplicates: 0 },
     });
+    ended();
     expect(await stored(ctx, org)).toMatchObject({ readings: 1, outbox: 1, transactions: 1 });
   });
 
-  it('gathers requests that arrive while a group is being written and writes them together as soon as it ends', async ({
+  it('keeps a request waiting while another is on its way: they are written together', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // Two requests a group: the second's arrival closes it, so no timer decides anything here.
+    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 2, maxReadings: 5000, maxInFlight: 4 });
+    const ends = [groups.started(), groups.started()];
+    const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    const first = submit();
+    const second = submit();
+    for (const outcome of await Promise.all([first, second]))
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    for (const end of ends) end();
+    // One transaction (one ingested_at) for both.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 2, outbox: 1, value: 2, transactions: 1 });
+  });
+
+  it('writes a waiting request at once when the other request on its way ends without joining', async ({
     ctx,
   }) => {
     const org = await createOrganization(ctx.db);
-    const [slow, fast] = await createSensors(ctx.db, org.organizationId, 2);
-    // The first group's insert waits for an advisory lock the test holds: it is in flight for as long
-    // as the test says, on any machine.
-    await injectOnInsert(
-      ctx,
-      'held_group',
-      `NEW.sensor_id = '${slow}'`,
-      'PERFORM pg_advisory_xact_lock(4343);',
-    );
-    // Slots are free and the window is ten minutes: only the end of the group in flight sends the rest.
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
-    const submit = (sensorId: string) =>
-      groups.submit({ organizationId: org.organizationId, readings: [reading(sensorId)] });
-    await ctx.db.connection().execute(async (conn) => {
-      await sql`SELECT pg_advisory_lock(4343)`.execute(conn);
-      try {
-        const first = submit(slow!);
-        await expect
-          .poll(
-            async () =>
-              (
-                await sql<{ n: number }>`SELECT count(*)::int AS n FROM pg_locks
-                  WHERE locktype = 'advisory' AND objid = 4343 AND NOT granted`.execute(conn)
-              ).rows[0]!.n,
-            { timeout: 20_000 },
-          )
-          .toBe(1);
-        const rest = Array.from({ length: 5 }, () => submit(fast!));
-        await sql`SELECT pg_advisory_unlock(4343)`.execute(conn);
-        expect(await settledWithin(first, 20_000)).toEqual({
-          stored: true,
-          result: { inserted: 1, duplicates: 0 },
-        });
-        for (const outcome of await settledWithin(Promise.all(rest), 20_000).then((r) =>
-          typeof r === 'string' ? [r] : r,
-        ))
-          expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
-      } finally {
-        await sql`SELECT pg_advisory_unlock_all()`.execute(conn);
-      }
+    const endFirst = groups.started();
+    const endOther = groups.started();
+    const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    // The other request is answered without a write (a 422, a replayed key): nobody is on the way.
+    endOther();
+    expect(await settledWithin(outcome, 20_000)).toEqual({
+      stored: true,
+      result: { inserted: 1, duplicates: 0 },
     });
-    // Two transactions (one ingested_at each): the first request's, then the five together.
-    expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
+    endFirst();
+    expect(await stored(ctx, org)).toMatchObject({ readings: 1, transactions: 1 });
   });
 });
