@@ -259,6 +259,24 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
   };
 }
 
+/** Every role's costliest statements since the last reset, with the mean plan and execution times. */
+async function topStatements(pool: pg.Pool) {
+  const top = await pool.query<{ q: string; calls: string; rows: string; plan: number; exec: number }>(
+    `SELECT regexp_replace(left(s.query, 90), '\\s+', ' ', 'g') AS q, s.calls::text, s.rows::text,
+            s.total_plan_time AS plan, s.total_exec_time AS exec
+       FROM pg_stat_statements s
+      ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 8`,
+  );
+  return top.rows.map((x) => ({
+    calls: Number(x.calls),
+    rows: Number(x.rows),
+    meanPlanMs: round(x.plan / Math.max(1, Number(x.calls)), 3),
+    meanExecMs: round(x.exec / Math.max(1, Number(x.calls)), 3),
+    totalMs: round(x.plan + x.exec),
+    query: x.q,
+  }));
+}
+
 function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
   try {
     const fresh = readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
@@ -539,6 +557,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
+    await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
     const api = await startApi({ DATABASE_URL: url, LOG_LEVEL: 'warn' }, entries['src/bin/server.ts']);
     cleanup.push(() => api.proc.stop());
     const singleClients = Number(args['ratio-clients']);
@@ -603,6 +622,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     type Side = { label: string; op: Op; clients: number };
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
+      await h.pool.query('SELECT pg_stat_statements_reset()');
       const tally = sides.map(() => ({
         units: 0,
         seconds: 0,
@@ -647,6 +667,10 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         log(
           `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
         );
+      // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
+      const statements = await topStatements(h.pool);
+      for (const st of statements.slice(0, 5))
+        log(`  ${st.calls} calls, plan ${st.meanPlanMs} + exec ${st.meanExecMs} ms: ${st.query}`);
       const [apiSide, ...others] = apiSides;
       return {
         clients: apiSide!.clients,
@@ -655,6 +679,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         api: apiSide!,
         ratio: apiSide!.ratio,
         ...(others.length ? { others } : {}),
+        statements,
         loadAverage: loadAverage(),
       };
     };

@@ -89,6 +89,16 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         })
       : undefined;
   const routes = documentedRoutes(PATH);
+  // The committer counts the requests on their way from their first moment: a request it handles
+  // alone is written at once, one with others on their way waits for them (the window).
+  routes.app.use('*', async (c, next) => {
+    const ended = c.req.method === 'POST' ? groups?.started() : undefined;
+    try {
+      await next();
+    } finally {
+      ended?.();
+    }
+  });
   routes.app.use('*', apiKeyAuth(ctx));
 
   routes.route(
@@ -115,15 +125,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
           headers: c.req.header(),
           attributes: { 'meterbox.organization_id': c.get('organizationId') },
         },
-        async (span) => {
-          // The committer knows which requests are on their way: a lone one is written at once.
-          const ended = groups?.started();
-          try {
-            return await ingest(c, traceparentOf(span));
-          } finally {
-            ended?.();
-          }
-        },
+        (span) => ingest(c, traceparentOf(span)),
       ),
   );
 

@@ -119,6 +119,8 @@ export class GroupCommitter {
   private inFlight = 0;
   /** Requests of this process between their arrival and their answer (see `started`). */
   private requests = 0;
+  /** A sole request's check after this turn of the event loop (aloneSoon). */
+  private aloneCheck: NodeJS.Immediate | undefined;
   /** The open group's window has passed and the gate held it open. */
   private held = false;
   /** On a distributed database: organizations by shard group (remembered until a part fails). */
@@ -140,7 +142,7 @@ export class GroupCommitter {
       } else if (this.held) {
         if (this.options.gate?.mayClose() !== false) this.flush();
       } else if (this.soleRequest()) {
-        this.goAlone();
+        this.aloneSoon();
       } else if (!this.timer && this.inFlight < this.maxInFlight) {
         this.timer = setTimeout(() => this.windowPassed(), this.options.windowMs);
       }
@@ -149,7 +151,7 @@ export class GroupCommitter {
   }
 
   /**
-   * A request arrived (the route calls this before reading its body) and is handled until the
+   * A request arrived (the route calls this first, before authentication and its body) and is handled until the
    * returned call (once it is answered, whether or not it was submitted). With the adaptive flush a
    * request waits for others only while the process handles others: the window is for the requests
    * on their way, and a lone request has none.
@@ -163,7 +165,7 @@ export class GroupCommitter {
       this.requests--;
       // The request that was on its way ended without joining (refused, answered from a key): the
       // one left waiting is alone now.
-      if (this.soleRequest() && !this.held) this.goAlone();
+      if (this.soleRequest() && !this.held) this.aloneSoon();
     };
   }
 
@@ -172,9 +174,24 @@ export class GroupCommitter {
     return this.adaptive && this.queue.length === 1 && this.inFlight === 0 && this.requests <= 1;
   }
 
-  private goAlone(): void {
-    if (this.options.gate?.mayClose() === false) this.held = true;
-    else this.flush();
+  /**
+   * Writes the sole request after the event loop's current turn, unless others arrived in it: the
+   * requests whose bytes came in the same poll of the sockets are counted by then (see `started`),
+   * so a burst that Node reads one socket at a time still forms one group. Still alone: written
+   * now; not alone: the window rule.
+   */
+  private aloneSoon(): void {
+    if (this.aloneCheck) return;
+    this.aloneCheck = setImmediate(() => {
+      this.aloneCheck = undefined;
+      if (this.held || this.queue.length === 0) return;
+      if (this.soleRequest()) {
+        if (this.options.gate?.mayClose() === false) this.held = true;
+        else this.flush();
+      } else if (!this.timer && this.inFlight < this.maxInFlight) {
+        this.timer = setTimeout(() => this.windowPassed(), this.options.windowMs);
+      }
+    });
   }
 
   private get adaptive(): boolean {
@@ -224,7 +241,7 @@ export class GroupCommitter {
       // request that found a free slot has its own window running (the timer). A gate may still
       // hold them (tests).
       if (this.full()) this.flush();
-      else if (this.soleRequest() && !this.held) this.goAlone();
+      else if (this.soleRequest() && !this.held) this.aloneSoon();
       else if (!this.timer && this.queue.length > 0) {
         if (this.options.gate?.mayClose() === false) this.held = true;
         else this.flush();
