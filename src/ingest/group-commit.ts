@@ -119,6 +119,8 @@ export class GroupCommitter {
   private inFlight = 0;
   /** Requests of this process between their arrival and their answer (see `started`). */
   private requests = 0;
+  /** Requests in the last group written (0: none yet). */
+  private lastGroupSize = 0;
   /** A sole request's check after this turn of the event loop (aloneSoon). */
   private aloneCheck: NodeJS.Immediate | undefined;
   /** The open group's window has passed and the gate held it open. */
@@ -169,9 +171,21 @@ export class GroupCommitter {
     };
   }
 
-  /** The queue's one request is the only one this process handles, and nothing is being written. */
+  /**
+   * The queue's one request is the only one this process handles, nothing is being written, and the
+   * last group was a lone request too (or there was none). Under concurrent load a request is often
+   * briefly alone between groups; writing it alone there made more, smaller groups (measured: 0.78-0.87
+   * of the window rule's throughput at 16 clients), so after a group of several the window rule holds
+   * until a request is written alone again.
+   */
   private soleRequest(): boolean {
-    return this.adaptive && this.queue.length === 1 && this.inFlight === 0 && this.requests <= 1;
+    return (
+      this.adaptive &&
+      this.queue.length === 1 &&
+      this.inFlight === 0 &&
+      this.requests <= 1 &&
+      this.lastGroupSize <= 1
+    );
   }
 
   /**
@@ -232,6 +246,7 @@ export class GroupCommitter {
       take++;
     }
     const group = this.queue.slice(0, take);
+    this.lastGroupSize = take;
     this.queue = this.queue.slice(take);
     this.queuedReadings -= readings;
     this.inFlight++;
