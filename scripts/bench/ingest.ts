@@ -122,6 +122,9 @@ const { values: args } = parseArgs({
     // A second API process with INGEST_GROUP_FLUSH=window, measured in the same interleaved slices:
     // the group committer's two flush rules compared in one run.
     'ratio-compare-flush': { type: 'boolean', default: false },
+    // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
+    // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
+    'ratio-flush': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -558,7 +561,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
-    const api = await startApi({ DATABASE_URL: url, LOG_LEVEL: 'warn' }, entries['src/bin/server.ts']);
+    const api = await startApi(
+      {
+        DATABASE_URL: url,
+        LOG_LEVEL: 'warn',
+        ...(args['ratio-flush'] ? { INGEST_GROUP_FLUSH: args['ratio-flush'] } : {}),
+      },
+      entries['src/bin/server.ts'],
+    );
     cleanup.push(() => api.proc.stop());
     const singleClients = Number(args['ratio-clients']);
     const rawClients = Number(args['ratio-raw-connections'] ?? singleClients);

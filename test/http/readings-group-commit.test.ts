@@ -276,6 +276,8 @@ describe('group commit', () => {
     const ends = [groups.started(), groups.started()];
     const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
     const first = submit();
+    // Turns of the event loop pass (a sole request is written after one): the second is still on its way.
+    for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
     const second = submit();
     for (const outcome of await Promise.all([first, second]))
       expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
@@ -301,5 +303,28 @@ describe('group commit', () => {
     });
     endFirst();
     expect(await stored(ctx, org)).toMatchObject({ readings: 1, transactions: 1 });
+  });
+  it('after a group of several, keeps a request that is briefly alone for the window: it joins the next', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 2, maxReadings: 5000, maxInFlight: 4 });
+    const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    // Under load: a group of two (full, so no timer decides it).
+    const ends = [groups.started(), groups.started()];
+    await Promise.all([submit(), submit()]);
+    for (const end of ends.splice(0)) end();
+    // One request alone between groups; turns of the event loop pass before the next arrives.
+    ends.push(groups.started());
+    const alone = submit();
+    for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+    ends.push(groups.started());
+    const next = submit();
+    for (const outcome of await Promise.all([alone, next]))
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    for (const end of ends) end();
+    // Two transactions of two: the lone request waited and went with the next.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 4, outbox: 2, value: 4, transactions: 2 });
   });
 });
