@@ -119,8 +119,8 @@ export class GroupCommitter {
   private inFlight = 0;
   /** Requests of this process between their arrival and their answer (see `started`). */
   private requests = 0;
-  /** Requests in the last group written (0: none yet). */
-  private lastGroupSize = 0;
+  /** No two requests handled at once since a request alone in the process was written (soleRequest). */
+  private quiet = true;
   /** A sole request's check after this turn of the event loop (aloneSoon). */
   private aloneCheck: NodeJS.Immediate | undefined;
   /** The open group's window has passed and the gate held it open. */
@@ -159,7 +159,7 @@ export class GroupCommitter {
    * on their way, and a lone request has none.
    */
   started(): () => void {
-    this.requests++;
+    if (++this.requests > 1) this.quiet = false;
     let ended = false;
     return () => {
       if (ended) return;
@@ -173,18 +173,15 @@ export class GroupCommitter {
 
   /**
    * The queue's one request is the only one this process handles, nothing is being written, and the
-   * last group was a lone request too (or there was none). Under concurrent load a request is often
-   * briefly alone between groups; writing it alone there made more, smaller groups (measured: 0.78-0.87
-   * of the window rule's throughput at 16 clients), so after a group of several the window rule holds
-   * until a request is written alone again.
+   * process is quiet: it has not handled two requests at once since it last wrote a request that was
+   * alone in the process. Under concurrent load a request is often briefly alone between groups;
+   * writing it alone there made more, smaller groups (0.78-0.87 of the window rule's throughput at 16
+   * clients, measured), so once requests overlap the window rule holds until a lone request is
+   * written with nobody else in the process.
    */
   private soleRequest(): boolean {
     return (
-      this.adaptive &&
-      this.queue.length === 1 &&
-      this.inFlight === 0 &&
-      this.requests <= 1 &&
-      this.lastGroupSize <= 1
+      this.adaptive && this.queue.length === 1 && this.inFlight === 0 && this.requests <= 1 && this.quiet
     );
   }
 
@@ -246,7 +243,7 @@ export class GroupCommitter {
       take++;
     }
     const group = this.queue.slice(0, take);
-    this.lastGroupSize = take;
+    if (take === 1 && this.requests <= 1) this.quiet = true;
     this.queue = this.queue.slice(take);
     this.queuedReadings -= readings;
     this.inFlight++;

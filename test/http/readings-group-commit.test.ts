@@ -286,24 +286,6 @@ describe('group commit', () => {
     expect(await stored(ctx, org)).toMatchObject({ readings: 2, outbox: 1, value: 2, transactions: 1 });
   });
 
-  it('writes a waiting request at once when the other request on its way ends without joining', async ({
-    ctx,
-  }) => {
-    const org = await createOrganization(ctx.db);
-    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
-    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
-    const endFirst = groups.started();
-    const endOther = groups.started();
-    const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
-    // The other request is answered without a write (a 422, a replayed key): nobody is on the way.
-    endOther();
-    expect(await settledWithin(outcome, 20_000)).toEqual({
-      stored: true,
-      result: { inserted: 1, duplicates: 0 },
-    });
-    endFirst();
-    expect(await stored(ctx, org)).toMatchObject({ readings: 1, transactions: 1 });
-  });
   it('after a group of several, keeps a request that is briefly alone for the window: it joins the next', async ({
     ctx,
   }) => {
