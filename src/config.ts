@@ -72,11 +72,11 @@ export const configSchema = z.object({
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
   /**
    * Group commit: how long the first request of a group waits for concurrent ones (ms); 0 = off.
-   * With the adaptive flush (the default) a request the process handles alone (none queued, none
-   * being written, none on its way) does not wait; with `window` every group's first request waits.
+   * With `window` (the default) every group's first request waits; with `adaptive` a request a quiet
+   * process handles alone (none queued, none being written, none on its way) does not.
    */
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
-  INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('adaptive'),
+  INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('window'),
   /** Group commit: most requests, and most readings, written in one transaction. */
   INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),

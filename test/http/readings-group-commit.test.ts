@@ -257,7 +257,13 @@ describe('group commit', () => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     // A ten-minute window: a committer that made the lone request wait for it answers nothing here.
-    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 100, maxReadings: 5000, maxInFlight: 4 });
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 100,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
     const ended = groups.started();
     const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
     expect(await settledWithin(outcome, 20_000)).toEqual({
@@ -272,7 +278,13 @@ describe('group commit', () => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
     // Two requests a group: the second's arrival closes it, so no timer decides anything here.
-    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 2, maxReadings: 5000, maxInFlight: 4 });
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 2,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
     const ends = [groups.started(), groups.started()];
     const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
     const first = submit();
@@ -291,7 +303,13 @@ describe('group commit', () => {
   }) => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
-    const groups = committer(ctx, { windowMs: 600_000, maxRequests: 2, maxReadings: 5000, maxInFlight: 4 });
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 2,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
     const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
     // Under load: a group of two (full, so no timer decides it).
     const ends = [groups.started(), groups.started()];
