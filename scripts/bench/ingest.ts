@@ -262,6 +262,37 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
   };
 }
 
+/**
+ * What every busy client session waits on, sampled every 50 ms (the ratios' sides share one role, so
+ * the statement's first words tell raw's insert from the API's): sessions per sample, as waitSampler.
+ */
+function sessionWaits(pool: pg.Pool) {
+  const counts = new Map<string, number>();
+  let samples = 0;
+  const timer = setInterval(() => {
+    pool
+      .query<{ w: string; q: string }>(
+        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
+                regexp_replace(left(query, 40), '\\s+', ' ', 'g') AS q
+           FROM pg_stat_activity
+          WHERE state = 'active' AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+      )
+      .then((r) => {
+        samples++;
+        for (const row of r.rows)
+          counts.set(`${row.w} | ${row.q}`, (counts.get(`${row.w} | ${row.q}`) ?? 0) + 1);
+      })
+      .catch(() => {});
+  }, 50);
+  return () => {
+    clearInterval(timer);
+    return [...counts.entries()]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, 10)
+      .map(([what, n]) => ({ sessions: round(n / Math.max(1, samples), 3), what }));
+  };
+}
+
 /** Every role's costliest statements since the last reset, with the mean plan and execution times. */
 async function topStatements(pool: pg.Pool) {
   const top = await pool.query<{ q: string; calls: string; rows: string; plan: number; exec: number }>(
@@ -633,6 +664,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
       await h.pool.query('SELECT pg_stat_statements_reset()');
+      const stopWaits = sessionWaits(h.pool);
       const tally = sides.map(() => ({
         units: 0,
         seconds: 0,
@@ -678,7 +710,9 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
           `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
         );
       // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
+      const waits = stopWaits();
       const statements = await topStatements(h.pool);
+      for (const w of waits.slice(0, 6)) log(`  waits: ${w.sessions} sessions ${w.what}`);
       for (const st of statements.slice(0, 5))
         log(`  ${st.calls} calls, plan ${st.meanPlanMs} + exec ${st.meanExecMs} ms: ${st.query}`);
       const [apiSide, ...others] = apiSides;
@@ -690,6 +724,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         ratio: apiSide!.ratio,
         ...(others.length ? { others } : {}),
         statements,
+        waits,
         loadAverage: loadAverage(),
       };
     };
