@@ -116,6 +116,15 @@ const { values: args } = parseArgs({
     'api-cpu-prof': { type: 'boolean', default: false },
     // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
     'ratio-clients': { type: 'string', default: '64' },
+    // Raw Postgres' connections (and clients) for single readings, when not --ratio-clients: a small
+    // deployment's few connections against its API clients (issue goal: 16 API clients against 4).
+    'ratio-raw-connections': { type: 'string' },
+    // A second API process with INGEST_GROUP_FLUSH=window, measured in the same interleaved slices:
+    // the group committer's two flush rules compared in one run.
+    'ratio-compare-flush': { type: 'boolean', default: false },
+    // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
+    // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
+    'ratio-flush': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -251,6 +260,55 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
       query: x.q,
     })),
   };
+}
+
+/**
+ * What every busy client session waits on, sampled every 50 ms (the ratios' sides share one role, so
+ * the statement's first words tell raw's insert from the API's): sessions per sample, as waitSampler.
+ */
+function sessionWaits(pool: pg.Pool) {
+  const counts = new Map<string, number>();
+  let samples = 0;
+  const timer = setInterval(() => {
+    pool
+      .query<{ w: string; q: string }>(
+        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
+                regexp_replace(left(query, 40), '\\s+', ' ', 'g') AS q
+           FROM pg_stat_activity
+          WHERE state = 'active' AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+      )
+      .then((r) => {
+        samples++;
+        for (const row of r.rows)
+          counts.set(`${row.w} | ${row.q}`, (counts.get(`${row.w} | ${row.q}`) ?? 0) + 1);
+      })
+      .catch(() => {});
+  }, 50);
+  return () => {
+    clearInterval(timer);
+    return [...counts.entries()]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, 10)
+      .map(([what, n]) => ({ sessions: round(n / Math.max(1, samples), 3), what }));
+  };
+}
+
+/** Every role's costliest statements since the last reset, with the mean plan and execution times. */
+async function topStatements(pool: pg.Pool) {
+  const top = await pool.query<{ q: string; calls: string; rows: string; plan: number; exec: number }>(
+    `SELECT regexp_replace(left(s.query, 90), '\\s+', ' ', 'g') AS q, s.calls::text, s.rows::text,
+            s.total_plan_time AS plan, s.total_exec_time AS exec
+       FROM pg_stat_statements s
+      ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 8`,
+  );
+  return top.rows.map((x) => ({
+    calls: Number(x.calls),
+    rows: Number(x.rows),
+    meanPlanMs: round(x.plan / Math.max(1, Number(x.calls)), 3),
+    meanExecMs: round(x.exec / Math.max(1, Number(x.calls)), 3),
+    totalMs: round(x.plan + x.exec),
+    query: x.q,
+  }));
 }
 
 function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
@@ -533,12 +591,32 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
-    const api = await startApi({ DATABASE_URL: url, LOG_LEVEL: 'warn' }, entries['src/bin/server.ts']);
+    await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    const api = await startApi(
+      {
+        DATABASE_URL: url,
+        LOG_LEVEL: 'warn',
+        ...(args['ratio-flush'] ? { INGEST_GROUP_FLUSH: args['ratio-flush'] } : {}),
+      },
+      entries['src/bin/server.ts'],
+    );
     cleanup.push(() => api.proc.stop());
     const singleClients = Number(args['ratio-clients']);
+    const rawClients = Number(args['ratio-raw-connections'] ?? singleClients);
     const http = new HttpClient(api.url, Math.max(singleClients, 8));
     cleanup.push(() => http.close());
-    const raw = new pg.Pool({ connectionString: url, max: singleClients });
+    // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
+    let windowHttp: HttpClient | undefined;
+    if (args['ratio-compare-flush']) {
+      const windowApi = await startApi(
+        { DATABASE_URL: url, LOG_LEVEL: 'warn', INGEST_GROUP_FLUSH: 'window' },
+        entries['src/bin/server.ts'],
+      );
+      cleanup.push(() => windowApi.proc.stop());
+      windowHttp = new HttpClient(windowApi.url, Math.max(singleClients, 8));
+      cleanup.push(() => windowHttp?.close());
+    }
+    const raw = new pg.Pool({ connectionString: url, max: Math.max(rawClients, 4) });
     cleanup.push(() => raw.end());
     const source = new ReadingSource();
     const pick = () => orgs[random.int(orgs.length)]!;
@@ -556,10 +634,10 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       return { ok: true, units: 1 };
     };
     const apiOp =
-      (size: number): Op =>
+      (size: number, client = http): Op =>
       async () => {
         const org = pick();
-        const res = await http.postJson(
+        const res = await client.postJson(
           '/v1/readings',
           JSON.stringify({ readings: source.batch(org, size) }),
           org.apiKey,
@@ -580,21 +658,29 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     };
     const sliceMs = quick ? 2_000 : 2_500;
     const slices = quick ? 4 : 6;
-    // A B B A A B ...: load from elsewhere and table growth hit both sides alike.
-    const pair = async (name: string, a: Op, b: Op, clients: number) => {
-      await closedLoop(clients, 1_500, a);
-      await closedLoop(clients, 1_500, b);
-      const tally = [
-        { units: 0, seconds: 0, lat: [] as number[], errors: 0, api: 0, pg: 0 },
-        { units: 0, seconds: 0, lat: [] as number[], errors: 0, api: 0, pg: 0 },
-      ];
+    // A B B A A B ... (with a third side, A B C C B A ...): load from elsewhere and table growth hit
+    // every side alike. The first side is raw Postgres, the API sides' ratios are against it.
+    type Side = { label: string; op: Op; clients: number };
+    const compare = async (name: string, sides: Side[]) => {
+      for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
+      await h.pool.query('SELECT pg_stat_statements_reset()');
+      const stopWaits = sessionWaits(h.pool);
+      const tally = sides.map(() => ({
+        units: 0,
+        seconds: 0,
+        lat: [] as number[],
+        errors: 0,
+        api: 0,
+        pg: 0,
+      }));
+      const order = sides.map((_, i) => i);
       for (let i = 0; i < slices; i++) {
-        for (const side of i % 2 === 0 ? [0, 1] : [1, 0]) {
+        for (const s of i % 2 === 0 ? order : [...order].reverse()) {
           const c0 = snapshot(api.proc.pid, -1, cluster.dataDir);
-          const r = await closedLoop(clients, sliceMs, side === 0 ? a : b);
+          const r = await closedLoop(sides[s]!.clients, sliceMs, sides[s]!.op);
           const c1 = snapshot(api.proc.pid, -1, cluster.dataDir);
           const split = cpuSplit(c0, c1);
-          const t = tally[side]!;
+          const t = tally[s]!;
           t.units += r.units;
           t.seconds += r.seconds;
           t.errors += r.errors;
@@ -603,29 +689,69 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
           for (const l of r.latencies) t.lat.push(l);
         }
       }
-      const [rawSide, apiSide] = tally.map((t) => ({
+      const measured = tally.map((t, i) => ({
+        label: sides[i]!.label,
+        clients: sides[i]!.clients,
         unitsPerSecond: round(t.units / t.seconds),
         errors: t.errors,
         latencyMs: latencySummary(t.lat),
+        // The API process's CPU is the default API's (the window API's is not sampled).
         cpuMsPerUnit: {
           api: round((t.api * 1000) / Math.max(1, t.units), 4),
           postgres: round((t.pg * 1000) / Math.max(1, t.units), 4),
         },
       }));
-      const ratio = round(apiSide!.unitsPerSecond / rawSide!.unitsPerSecond, 3);
-      log(
-        `${name}: raw ${rawSide!.unitsPerSecond}/s (p50 ${rawSide!.latencyMs.p50}), API ${apiSide!.unitsPerSecond}/s (p50 ${apiSide!.latencyMs.p50}, p99 ${apiSide!.latencyMs.p99}, errors ${apiSide!.errors}): ${ratio}x; load average ${loadAverage().join(' ')}`,
-      );
-      return { clients, raw: rawSide, api: apiSide, ratio, loadAverage: loadAverage() };
+      const rawSide = measured[0]!;
+      const apiSides = measured
+        .slice(1)
+        .map((m) => ({ ...m, ratio: round(m.unitsPerSecond / rawSide.unitsPerSecond, 3) }));
+      for (const m of apiSides)
+        log(
+          `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
+        );
+      // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
+      const waits = stopWaits();
+      const statements = await topStatements(h.pool);
+      for (const w of waits.slice(0, 6)) log(`  waits: ${w.sessions} sessions ${w.what}`);
+      for (const st of statements.slice(0, 5))
+        log(`  ${st.calls} calls, plan ${st.meanPlanMs} + exec ${st.meanExecMs} ms: ${st.query}`);
+      const [apiSide, ...others] = apiSides;
+      return {
+        clients: apiSide!.clients,
+        rawClients: rawSide.clients,
+        raw: rawSide,
+        api: apiSide!,
+        ratio: apiSide!.ratio,
+        ...(others.length ? { others } : {}),
+        statements,
+        waits,
+        loadAverage: loadAverage(),
+      };
     };
-    const single = await pair('single readings', rawSingle, apiOp(1), singleClients);
-    const batch = await pair('batches of 500', rawBatch, apiOp(500), 4);
+    const apiSides = (size: number, clients: number): Side[] => [
+      { label: 'API', op: apiOp(size), clients },
+      ...(windowHttp ? [{ label: 'API (window flush)', op: apiOp(size, windowHttp), clients }] : []),
+    ];
+    const single = await compare('single readings', [
+      { label: 'raw', op: rawSingle, clients: rawClients },
+      ...apiSides(1, singleClients),
+    ]);
+    const batch = await compare('batches of 500', [
+      { label: 'raw', op: rawBatch, clients: 4 },
+      ...apiSides(500, 4),
+    ]);
+    // The issue's goals: 0.6x with 16 API clients against raw's 4, 1.0x at 64 each; batches 0.8x.
+    const singleGoal = singleClients >= 64 && rawClients >= 64 ? 1.0 : 0.6;
     return {
       single,
       batch,
       goals: [
-        { goal: 'single readings >= 0.6x raw', value: single.ratio, met: single.ratio >= 0.6 },
-        { goal: 'batches of 500 >= 0.6x raw', value: batch.ratio, met: batch.ratio >= 0.6 },
+        {
+          goal: `single readings >= ${singleGoal}x raw (${singleClients} API clients, ${rawClients} raw)`,
+          value: single.ratio,
+          met: single.ratio >= singleGoal,
+        },
+        { goal: 'batches of 500 >= 0.8x raw', value: batch.ratio, met: batch.ratio >= 0.8 },
       ],
     };
   } finally {

@@ -81,6 +81,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
           windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
+          flush: ctx.config.INGEST_GROUP_FLUSH,
           maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,
@@ -88,6 +89,16 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         })
       : undefined;
   const routes = documentedRoutes(PATH);
+  // The committer counts the requests on their way from their first moment: a request it handles
+  // alone is written at once, one with others on their way waits for them (the window).
+  routes.app.use('*', async (c, next) => {
+    const ended = c.req.method === 'POST' ? groups?.started() : undefined;
+    try {
+      await next();
+    } finally {
+      ended?.();
+    }
+  });
   routes.app.use('*', apiKeyAuth(ctx));
 
   routes.route(

@@ -5,7 +5,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { GroupCommitter } from '../../src/ingest/group-commit.js';
+import { type GroupCommitOptions, GroupCommitter } from '../../src/ingest/group-commit.js';
 import {
   authHeaders,
   createOrganization,
@@ -67,6 +67,27 @@ async function stored(ctx: Context, org: OrganizationFixture) {
            (SELECT count(DISTINCT ingested_at)::int FROM temperature_readings
              WHERE organization_id = ${org.organizationId}) AS transactions`.execute(ctx.db);
   return rows[0]!;
+}
+
+/** A committer writing straight to the test database, with a clock of its own. */
+function committer(ctx: Context, options: GroupCommitOptions): GroupCommitter {
+  let tick = Date.now() - 600_000;
+  return new GroupCommitter(
+    { db: ctx.db, distributed: ctx.distributed, boss: ctx.boss, clock: { now: () => new Date(tick++) } },
+    options,
+  );
+}
+
+/**
+ * What `outcome` settled to, or 'still waiting for its window' if it has not after `ms`: a deadline
+ * far beyond one insert on a loaded machine and far below the committer's window, not a speed.
+ */
+function settledWithin<T>(outcome: Promise<T>, ms: number): Promise<T | 'still waiting for its window'> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<'still waiting for its window'>((resolve) => {
+    timer = setTimeout(() => resolve('still waiting for its window'), ms);
+  });
+  return Promise.race([outcome, deadline]).finally(() => clearTimeout(timer));
 }
 
 describe('group commit', () => {
@@ -231,5 +252,79 @@ describe('group commit', () => {
       expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
     // Two transactions (one ingested_at each): the slow request's, then the five together.
     expect(await stored(ctx, org)).toMatchObject({ readings: 6, outbox: 2, value: 6, transactions: 2 });
+  });
+  it('writes a request the process handles alone at once, not after the window', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // A ten-minute window: a committer that made the lone request wait for it answers nothing here.
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 100,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
+    const ended = groups.started();
+    const outcome = groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    expect(await settledWithin(outcome, 20_000)).toEqual({
+      stored: true,
+      result: { inserted: 1, duplicates: 0 },
+    });
+    ended();
+    expect(await stored(ctx, org)).toMatchObject({ readings: 1, outbox: 1, transactions: 1 });
+  });
+
+  it('keeps a request waiting while another is on its way: they are written together', async ({ ctx }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // Two requests a group: the second's arrival closes it, so no timer decides anything here.
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 2,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
+    const ends = [groups.started(), groups.started()];
+    const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    const first = submit();
+    // Turns of the event loop pass (a sole request is written after one): the second is still on its way.
+    for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+    const second = submit();
+    for (const outcome of await Promise.all([first, second]))
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    for (const end of ends) end();
+    // One transaction (one ingested_at) for both.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 2, outbox: 1, value: 2, transactions: 1 });
+  });
+
+  it('after a group of several, keeps a request that is briefly alone for the window: it joins the next', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const groups = committer(ctx, {
+      flush: 'adaptive',
+      windowMs: 600_000,
+      maxRequests: 2,
+      maxReadings: 5000,
+      maxInFlight: 4,
+    });
+    const submit = () => groups.submit({ organizationId: org.organizationId, readings: [reading(sensor!)] });
+    // Under load: a group of two (full, so no timer decides it).
+    const ends = [groups.started(), groups.started()];
+    await Promise.all([submit(), submit()]);
+    for (const end of ends.splice(0)) end();
+    // One request alone between groups; turns of the event loop pass before the next arrives.
+    ends.push(groups.started());
+    const alone = submit();
+    for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+    ends.push(groups.started());
+    const next = submit();
+    for (const outcome of await Promise.all([alone, next]))
+      expect(outcome).toEqual({ stored: true, result: { inserted: 1, duplicates: 0 } });
+    for (const end of ends) end();
+    // Two transactions of two: the lone request waited and went with the next.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 4, outbox: 2, value: 4, transactions: 2 });
   });
 });
