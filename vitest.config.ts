@@ -28,6 +28,8 @@ const SLOW = [
   'test/metering/slow-claim.test.ts',
   // A batch's claim of a new key held past the lease while its first claim's leases are due.
   'test/metering/claim-lease-gap.test.ts',
+  // A batch's call and settle held past its 5 s lease while the reaper passes.
+  'test/metering/touch-while-leased.test.ts',
   // A worker's pool held past its 5 s connect timeout, while a batch claims, then while it settles.
   'test/metering/pool-exhaustion.test.ts',
   // A worker's pool held from a batch's call until well past its lease.

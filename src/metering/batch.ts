@@ -104,6 +104,11 @@ export interface BatchDeps {
   /** How many of the process's batches claim at once (claim-limit.ts; default: no limit). */
   claimLimit?: ClaimLimit;
   /**
+   * The touches of the batch's pg-boss jobs (delivery.ts touchWhileRunning): skipped while the batch
+   * holds its keys' leases. Without it nothing is told (the caller's touches, if any, go on throughout).
+   */
+  touches?: JobTouches;
+  /**
    * Waits after the claim until every standby that could be promoted has it (src/db/replication.ts);
    * not confirmed: nothing is called, as when no budget slot is granted. Without it: no wait.
    */
@@ -116,6 +121,14 @@ export interface BatchDeps {
   accountsOf?: (customerIds: readonly string[]) => Promise<ReadonlyMap<string, string>>;
   /** What a connected account's share of a batch is sent with: its transport, budget and corrections. */
   connected?: (account: string) => Promise<ConnectedDeps>;
+}
+
+/** What a batch tells its jobs' touches (delivery.ts touchWhileRunning). */
+export interface JobTouches {
+  /** `ids`' keys are leased by the batch, `remainingMs()` more: their touches may be skipped meanwhile. */
+  cover(ids: readonly string[], remainingMs: () => number): void;
+  /** The leases are about to end (the settle, a release): resolves once the jobs are touched as needed. */
+  uncover(ids: readonly string[]): Promise<void>;
 }
 
 /**
@@ -341,6 +354,13 @@ async function deliverDestination(
   deps.claimLimit?.record(claimStarted, claimMs);
   const leased = claimed.filter((k): k is LeasedKey => k.state === 'leased');
   leasedCount = leased.length;
+  // While the batch holds their keys' leases, its jobs need no touches (the reaper leaves a job whose
+  // key holds a live lease); they are touched again before the leases end (uncover, before the settle
+  // or the release).
+  const leasedNames = new Set(leased.map(keyName));
+  const covered = jobRefs.filter((j) => leasedNames.has(keyName(j.key))).map((j) => j.id);
+  if (covered.length > 0) deps.touches?.cover(covered, () => leaseDeadline - timers.now());
+  const uncover = () => (covered.length > 0 ? deps.touches?.uncover(covered) : undefined);
   if (leased.length === 0) {
     await stopRenewing();
     stopRenewing = async () => {};
@@ -495,6 +515,9 @@ async function deliverDestination(
     // finds nothing of this batch once the settle released its keys. Without it (renewals on the
     // batch's own connections, as the simulation models them) they stop first, as before.
     if (!deps.leases) await stopRenewing();
+    // The settle releases the keys: their jobs must be touched within a lease before it commits (a
+    // reaper pass between the settle and pg-boss's completion would otherwise take them as orphaned).
+    await uncover();
     const refused = await store
       .settle(decision.groups, decision.keys, {
         owner,
@@ -541,6 +564,7 @@ async function deliverDestination(
     return [...decision.results, ...done];
   } catch (err) {
     await stopRenewing();
+    await uncover();
     if (!callsOpen) {
       await store
         .release(owner, new Date(deps.clock.now().getTime() + config.DELIVERY_MIN_INTERVAL_MS))

@@ -27,7 +27,7 @@ import { replicationGuard } from '../db/replication.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
-import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
+import { type BatchDeps, type ConnectedDeps, deliverBatch, type JobTouches, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import {
@@ -484,7 +484,9 @@ export async function startDelivery(
           log,
         );
         try {
-          const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
+          const results = await whileShort(() =>
+            current().then((deps) => deliverBatch({ ...deps, touches: alive }, jobs)),
+          );
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
           return results;
@@ -538,7 +540,8 @@ export async function startDelivery(
  *   statement; their keys are queued again;
  * - jobs it had fetched and not yet leased (killed between the fetch and the claim): delivery jobs
  *   active for longer than a lease whose key holds no live lease (a live batch leases its keys, or
- *   answers them, right after the fetch; and touches its jobs until it returns). They are completed as orphaned and their keys queued
+ *   answers them, right after the fetch; and touches its jobs whenever it holds no lease on their keys,
+ *   until it returns). They are completed as orphaned and their keys queued
  *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
  * So a killed worker's keys are resent within seconds of its leases' end. The leases' look reads every
  * key row (no index on the lease columns, so that the claim's and the settle's updates of a key row are
@@ -578,38 +581,74 @@ export function startLeaseReaper(deps: {
 
 /**
  * Touches a running batch's jobs (pg-boss's `heartbeat_on`, set on the database's clock) every `everyMs`
- * from the batch's start to its end: the reaper takes a fetched job as orphaned only once its last
- * heartbeat (the fetch, or a touch) is a lease old. Without this a job's age counted from its fetch, so a
- * batch still running past the lease on a slow database (a claim of 30 s, a settle that released the key
- * before pg-boss completed the job) had its jobs completed as orphaned and its keys queued again under
- * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
+ * from the batch's start to its end, except while the batch holds live leases on their keys: the reaper
+ * takes a fetched job as orphaned only once its last heartbeat (the fetch, or a touch) is a lease old
+ * AND its key holds no live lease. Without touches a job's age counted from its fetch, so a batch still
+ * running past the lease on a slow database (a claim of 30 s, a settle that released the key before
+ * pg-boss completed the job) had its jobs completed as orphaned and its keys queued again under it:
+ * 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
  * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
  * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
  * The touches go through the process's lease connection (lease-keeper.ts), never behind claims.
+ *
+ * While the batch's keys are leased (from the claim's return to the settle: `cover`), touching their
+ * jobs was redundant and cost as much statement time as the claims on a slow database with the 10 s
+ * lease (docs/benchmarks.md, "Where the slow database's time goes"). So covered jobs are skipped, unless
+ * the lease's end is within a tick and a half (a renewal late or refused: the jobs are touched before
+ * the lease can lapse). `uncover`, before the settle releases the leases, touches at once the jobs the last tick
+ * skipped, and resolves once that touch has committed: no instant leaves a live batch's job both
+ * untouched for a lease and without a live lease. Jobs touched at the last tick (a batch quicker than a
+ * tick, or whose lease nears its end) keep the cadence without a statement of their own.
  */
 export function touchWhileRunning(
   leases: Pick<LeaseKeeper, 'touch'>,
   ids: readonly string[],
   everyMs: number,
   log: Logger,
-): { stop(): Promise<void> } {
-  let pending: Promise<unknown> = Promise.resolve();
+  now: () => number = performance.now.bind(performance),
+): JobTouches & { stop(): Promise<void> } {
+  const pending = new Set<Promise<unknown>>();
   let busy = false;
+  // When each job was last touched (sent), on the monotonic clock: its fetch counts as a touch.
+  const started = now();
+  const touchedAt = new Map(ids.map((id) => [id, started]));
+  // The covered jobs' time left on their batch's lease (ms).
+  const covered = new Map<string, () => number>();
+  const send = (due: readonly string[]) => {
+    const at = now();
+    for (const id of due) touchedAt.set(id, at);
+    const touch = leases
+      .touch(due)
+      .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"));
+    pending.add(touch);
+    void touch.finally(() => pending.delete(touch));
+    return touch;
+  };
   const timer = setInterval(() => {
     if (busy || ids.length === 0) return;
+    // A covered job is touched only once its lease's end nears: within half a tick after the next tick
+    // (a renewal a tick late or refused). Renewed every third of a lease, a lease has two thirds left
+    // at least once its renewal has returned, so a renewal on time costs no touch.
+    const due = ids.filter((id) => (covered.get(id)?.() ?? 0) <= 1.5 * everyMs);
+    if (due.length === 0) return;
     busy = true;
-    pending = leases
-      .touch(ids)
-      .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
-      .finally(() => {
-        busy = false;
-      });
+    void send(due).finally(() => {
+      busy = false;
+    });
   }, everyMs);
   timer.unref();
   return {
+    cover(own, remainingMs) {
+      for (const id of own) if (touchedAt.has(id)) covered.set(id, remainingMs);
+    },
+    async uncover(own) {
+      const at = now();
+      const due = own.filter((id) => covered.delete(id) && at - (touchedAt.get(id) ?? at) >= everyMs);
+      if (due.length > 0) await send(due);
+    },
     async stop() {
       clearInterval(timer);
-      await pending;
+      await Promise.all(pending);
     },
   };
 }
@@ -672,7 +711,8 @@ export async function reapOnce(
 
 /**
  * Delivery jobs active and untouched for more than `olderThanSeconds` whose key holds no live lease:
- * fetched by a batch that died (a live batch touches its jobs until it returns: touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
+ * fetched by a batch that died (a live batch leases their keys or touches its jobs until it returns:
+ * touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
  * the two are not joinable in one).
  */
 export async function orphanedJobs(
