@@ -605,21 +605,26 @@ export function touchWhileRunning(
   ids: readonly string[],
   everyMs: number,
   log: Logger,
-  now: () => number = performance.now.bind(performance),
 ): JobTouches & { stop(): Promise<void> } {
   const pending = new Set<Promise<unknown>>();
   let busy = false;
+  const now = () => performance.now();
   // When each job was last touched (sent), on the monotonic clock: its fetch counts as a touch.
   const started = now();
   const touchedAt = new Map(ids.map((id) => [id, started]));
+  // Each job's last touch sent (absent: its fetch, committed), so that uncover waits for its commit.
+  const lastTouch = new Map<string, Promise<unknown>>();
   // The covered jobs' time left on their batch's lease (ms).
   const covered = new Map<string, () => number>();
   const send = (due: readonly string[]) => {
     const at = now();
-    for (const id of due) touchedAt.set(id, at);
     const touch = leases
       .touch(due)
       .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"));
+    for (const id of due) {
+      touchedAt.set(id, at);
+      lastTouch.set(id, touch);
+    }
     pending.add(touch);
     void touch.finally(() => pending.delete(touch));
     return touch;
@@ -643,8 +648,13 @@ export function touchWhileRunning(
     },
     async uncover(own) {
       const at = now();
-      const due = own.filter((id) => covered.delete(id) && at - (touchedAt.get(id) ?? at) >= everyMs);
-      if (due.length > 0) await send(due);
+      const mine = own.filter((id) => covered.delete(id));
+      const due = mine.filter((id) => at - (touchedAt.get(id) ?? at) >= everyMs);
+      // The others were touched at the last tick: the ticks' cadence goes on for them, once that touch
+      // (perhaps still waiting on a slow database) has committed.
+      const sent = new Set(mine.flatMap((id) => lastTouch.get(id) ?? []));
+      if (due.length > 0) sent.add(send(due));
+      await Promise.all(sent);
     },
     async stop() {
       clearInterval(timer);
