@@ -29,15 +29,18 @@ const it = stripeTest({
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** The lease keeper of the context, recording when each touch was asked for (monotonic ms). */
-function countingKeeper(ctx: Context): { keeper: LeaseKeeper; touches: number[] } {
+function countingKeeper(ctx: Context): { keeper: LeaseKeeper; touches: number[]; touched: string[][] } {
   const keeper = leaseKeeperOf(ctx);
   const touches: number[] = [];
+  const touched: string[][] = [];
   return {
     touches,
+    touched,
     keeper: {
       renew: (owner, organizationIds, seconds) => keeper.renew(owner, organizationIds, seconds),
       touch: (ids) => {
         touches.push(performance.now());
+        touched.push([...ids]);
         return keeper.touch(ids);
       },
     },
@@ -115,6 +118,57 @@ describe("a running batch's job touches", () => {
     // (before the settle released its key).
     expect(touches.filter((at) => at > (call.to ?? 0) && at <= returned).length).toBeGreaterThan(0);
     await sql`UPDATE pgboss.job SET state = 'completed' WHERE id = ${job.id}`.execute(ctx.db);
+  }, 60_000);
+
+  it("goes on touching the job of a key another batch holds while the batch's own key is leased", async ({
+    ctx,
+  }) => {
+    const own = await createOrganization(ctx.db);
+    const held = await createOrganization(ctx.db);
+    await slowSettleOf(ctx, own.customerId, 0);
+    // `held`'s key has its row (a first delivery), then another batch's lease, live for the whole test.
+    await writeRows(ctx.db, ctx.boss, held, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
+    await deliverBatch(v1BatchDeps(ctx), [await takeQueuedJob(ctx, held)]);
+    await sql`UPDATE pgboss.job SET state = 'completed' WHERE name = 'meter-delivery' AND state = 'active'`.execute(
+      ctx.db,
+    );
+    await sql`UPDATE meter_delivery_keys SET lease_owner = 'another-batch', lease_expires_at = now() + interval '10 minutes'
+               WHERE stripe_customer_id = ${held.customerId}`.execute(ctx.db);
+    await writeRows(ctx.db, ctx.boss, own, 'temperature_readings', [{ value: 2, occurredAt: new Date() }]);
+    await writeRows(ctx.db, ctx.boss, held, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
+    const jobs = [await takeQueuedJob(ctx, own), await takeQueuedJob(ctx, held)];
+    const { keeper, touches, touched } = countingKeeper(ctx);
+    const everyMs = renewEveryMs(ctx.config);
+    const call: { from?: number; to?: number } = {};
+    const alive = touchWhileRunning(
+      keeper,
+      jobs.map((j) => j.id),
+      everyMs,
+      ctx.log,
+    );
+    await deliverBatch(
+      {
+        ...v1BatchDeps(ctx),
+        transport: slowTransport(ctx, 4 * everyMs, call),
+        leases: keeper,
+        touches: alive,
+      },
+      jobs,
+    );
+    await alive.stop();
+    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL
+               WHERE stripe_customer_id = ${held.customerId}`.execute(ctx.db);
+
+    // During the call: the held key's job at every tick (its key has no lease of this batch: nothing
+    // else keeps it from the reaper once the other batch lets go), the leased key's job never.
+    const during = touched.filter(
+      (_, i) => (touches[i] ?? 0) >= (call.from ?? 0) && (touches[i] ?? 0) <= (call.to ?? 0),
+    );
+    expect(during.length).toBeGreaterThanOrEqual(2);
+    expect(during.every((ids) => ids.includes(jobs[1]!.id) && !ids.includes(jobs[0]!.id))).toBe(true);
+    await sql`UPDATE pgboss.job SET state = 'completed' WHERE name = 'meter-delivery' AND state = 'active'`.execute(
+      ctx.db,
+    );
   }, 60_000);
 
   for (const settleSeconds of [0, LEASE_SECONDS + 1]) {
