@@ -4,6 +4,7 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
+import { ensureKeys } from './delivery-sql.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, IN_FORCE } from './destinations.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
@@ -146,25 +147,28 @@ async function lockHour(trx: Transaction<DB>, key: string): Promise<void> {
  * hour's was delivered long ago), so jobs are inserted first and only keys whose insert was refused
  * are looked up and share-locked. Looking up every key first took 7.3 s for 10,000 keys in one
  * statement under ingestion load (pg_stat_statements, the bench's start-up run).
+ *
+ * The keys' delivery rows are inserted here too, free, where missing (an organization's first report):
+ * otherwise each batch of a first report claims twice (its first claim finds no key row and answers
+ * `missing`, the rows are inserted, the batch claims again: delivery-sql.ts claimBatch), which was half
+ * the claims of a 100,000-organization report (docs/benchmarks.md). The same insert as claimBatch's (key
+ * order, ON CONFLICT DO NOTHING, no lock on a row that exists), so a report never waits on a claim.
  */
 async function handOff(
   trx: Transaction<DB>,
   boss: PgBoss,
   rows: readonly { organization_id: string; stripe_customer_id: string; destination: Destination }[],
 ): Promise<void> {
-  await enqueueDeliveries(
-    trx,
-    boss,
-    rows.map((row) =>
-      keyRef({
-        organizationId: row.organization_id,
-        customerId: row.stripe_customer_id,
-        eventName: 'active_sensors',
-        destination: row.destination,
-      }),
-    ),
-    NONE_HELD,
+  const keys = rows.map((row) =>
+    keyRef({
+      organizationId: row.organization_id,
+      customerId: row.stripe_customer_id,
+      eventName: 'active_sensors',
+      destination: row.destination,
+    }),
   );
+  await ensureKeys(trx, keys);
+  await enqueueDeliveries(trx, boss, keys, NONE_HELD);
 }
 const NONE_HELD: ReadonlySet<string> = new Set();
 

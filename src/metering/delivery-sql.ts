@@ -294,7 +294,7 @@ async function claimLeasing(
  * that holds no other lock: a multi-row VALUES insert, which Citus routes to the keys' shard group.
  * Rows in key order, so two such inserts of the same new keys wait on each other in one order only.
  */
-async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
+export async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
   if (keys.length === 0) return;
   await db
     .insertInto('meter_delivery_keys')

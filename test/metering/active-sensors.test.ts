@@ -8,6 +8,8 @@ import {
   reportActiveSensorsWithTimestamp,
   utcHourOf,
 } from '../../src/metering/active-sensors.js';
+import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { keyRef } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { contextTest } from '../support/test.js';
 import {
@@ -67,6 +69,48 @@ describe('hourly active-sensor report', () => {
         ['cus_off', 1],
       ]),
     );
+  });
+
+  it("creates each reported key's delivery row, so a first report's batch claims once", async ({ ctx }) => {
+    await clear(ctx);
+    await ctx.db.deleteFrom('meter_delivery_keys').execute();
+    await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_first_a', activeSensors: 2 },
+      { status: 'trial', customer: 'cus_first_b', activeSensors: 1 },
+    ]);
+    await report(ctx, new Date('2026-03-10T15:05:00Z'));
+    const keyRows = await ctx.db
+      .selectFrom('meter_delivery_keys')
+      .select(['organization_id', 'stripe_customer_id', 'event_name', 'destination', 'lease_owner'])
+      .where('event_name', '=', 'active_sensors')
+      .orderBy('stripe_customer_id')
+      .execute();
+    expect(keyRows.map((k) => [k.stripe_customer_id, k.destination, k.lease_owner])).toEqual([
+      ['cus_first_a', 'stripe', null],
+      ['cus_first_b', 'stripe', null],
+    ]);
+    // The batch's claim leases them at once: one claim statement, no key answered missing.
+    const { db: recording, queries } = recordingDb(ctx.pool);
+    const claimed = await claimBatch(
+      recording,
+      keyRows.map((k) =>
+        keyRef({
+          organizationId: k.organization_id,
+          customerId: k.stripe_customer_id,
+          eventName: 'active_sensors',
+          destination: k.destination,
+        }),
+      ),
+      {
+        owner: 'first-report',
+        leaseSeconds: 10,
+        now: new Date(),
+        maxRows: 100,
+        sendable: ['temperature_readings', 'active_sensors'],
+      },
+    );
+    expect(claimed.map((k) => k.state)).toEqual(['leased', 'leased']);
+    expect(queries.filter((q) => /\bleased AS\b/.test(q.sql))).toHaveLength(1);
   });
 
   it('reports nothing for organizations that are not billable', async ({ ctx }) => {
