@@ -13,39 +13,11 @@ import { claimBatch } from '../../src/metering/delivery-sql.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
+import { indexesRead, type PlanNode, removedByFilters, removedByJoinFilters } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({});
 const KEYS = 300;
-
-interface PlanNode {
-  'Node Type': string;
-  'Relation Name'?: string;
-  'Index Name'?: string;
-  'Rows Removed by Join Filter'?: number;
-  'Rows Removed by Filter'?: number;
-  'Actual Loops'?: number;
-  Plans?: PlanNode[];
-}
-
-/** Rows the plan's scans read and threw away by a filter, over all their loops. */
-function removedByFilters(node: PlanNode): number {
-  return (
-    (node['Rows Removed by Filter'] ?? 0) * (node['Actual Loops'] ?? 1) +
-    (node.Plans ?? []).reduce((sum, child) => sum + removedByFilters(child), 0)
-  );
-}
-
-function indexesRead(node: PlanNode): string[] {
-  return [...(node['Index Name'] ? [node['Index Name']] : []), ...(node.Plans ?? []).flatMap(indexesRead)];
-}
-
-function removedByJoinFilters(node: PlanNode): number {
-  return (
-    (node['Rows Removed by Join Filter'] ?? 0) +
-    (node.Plans ?? []).reduce((sum, child) => sum + removedByJoinFilters(child), 0)
-  );
-}
 
 /** Keys of one new organization, each with two pending rows (as in the first test) and a key row. */
 async function seedKeys(ctx: Context, count: number, prefix: string): Promise<KeyRef[]> {

@@ -15,30 +15,12 @@ import type { DB } from '../../src/db/schema.js';
 import { deliveryWorkOptions, endDeliveryJobs } from '../../src/metering/job-completion.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import type { JobOutcome } from '../../src/metering/rules/jobs.js';
+import { type PlanNode, rowsHandled } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({});
 const OTHERS = 4_000;
 const BATCH = 1_000;
-
-interface PlanNode {
-  'Node Type': string;
-  'Actual Rows'?: number;
-  'Actual Loops'?: number;
-  'Rows Removed by Join Filter'?: number;
-  'Rows Removed by Filter'?: number;
-  Plans?: PlanNode[];
-}
-
-/** Rows the plan's joins produced or threw away, and rows its scans read and threw away, all loops. */
-function rowsHandled(node: PlanNode): number {
-  const loops = node['Actual Loops'] ?? 1;
-  const own =
-    (node['Rows Removed by Join Filter'] ?? 0) +
-    (node['Rows Removed by Filter'] ?? 0) * loops +
-    (/Join|Nested Loop/.test(node['Node Type']) ? (node['Actual Rows'] ?? 0) * loops : 0);
-  return own + (node.Plans ?? []).reduce((sum, child) => sum + rowsHandled(child), 0);
-}
 
 describe("a delivery batch's jobs", () => {
   it(`end by their ids, not by a join with every active job: ${BATCH} among ${OTHERS} other active ones, statistics saying none is active`, async ({

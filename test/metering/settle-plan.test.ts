@@ -14,31 +14,13 @@ import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
 import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
+import { type PlanNode, rowsHandled } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({});
 const KEYS = 300;
 const BATCH = 1_000;
 const OTHER_KEYS = 20_000;
-
-interface PlanNode {
-  'Node Type': string;
-  'Actual Rows'?: number;
-  'Actual Loops'?: number;
-  'Rows Removed by Join Filter'?: number;
-  'Rows Removed by Filter'?: number;
-  Plans?: PlanNode[];
-}
-
-/** Rows the plan's joins produced or threw away, and rows its scans read and threw away, all loops. */
-function rowsHandled(node: PlanNode): number {
-  const loops = node['Actual Loops'] ?? 1;
-  const own =
-    (node['Rows Removed by Join Filter'] ?? 0) +
-    (node['Rows Removed by Filter'] ?? 0) * loops +
-    (/Join|Nested Loop/.test(node['Node Type']) ? (node['Actual Rows'] ?? 0) * loops : 0);
-  return own + (node.Plans ?? []).reduce((sum, child) => sum + rowsHandled(child), 0);
-}
 
 /**
  * Settles `count` keys of one new organization, each with a pending row and a key row, beside `others`
