@@ -89,16 +89,19 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         })
       : undefined;
   const routes = documentedRoutes(PATH);
-  // The committer counts the requests on their way from their first moment: a request it handles
-  // alone is written at once, one with others on their way waits for them (the window).
-  routes.app.use('*', async (c, next) => {
-    const ended = c.req.method === 'POST' ? groups?.started() : undefined;
-    try {
-      await next();
-    } finally {
-      ended?.();
-    }
-  });
+  // With the adaptive flush the committer counts the requests on their way from their first moment: a
+  // request it handles alone is written at once, one with others on their way waits for them (the
+  // window). Only that rule reads the count, so the default window rule adds nothing to a request.
+  if (groups && ctx.config.INGEST_GROUP_FLUSH === 'adaptive') {
+    routes.app.use('*', async (c, next) => {
+      const ended = c.req.method === 'POST' ? groups.started() : undefined;
+      try {
+        await next();
+      } finally {
+        ended?.();
+      }
+    });
+  }
   routes.app.use('*', apiKeyAuth(ctx));
 
   routes.route(
