@@ -655,7 +655,7 @@ export async function releaseLeases(
                    -- The failure may have come after a call that landed (migrations/0080).
                    ambiguous_call_at = c.at
               FROM l, c
-             WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ${owner}
+             WHERE ${keyMatch('d', 'l', options.distributed === true ? orgs : null)} AND d.lease_owner = ${owner}
             RETURNING 1)
       SELECT count(*)::int AS n FROM u`.execute(db);
       return [(result.rows[0] as { n: number } | undefined)?.n ?? 0];
@@ -707,7 +707,7 @@ export async function renewLeasesOf(
                SET lease_expires_at = greatest(d.lease_expires_at,
                                                ${plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`)})
               FROM l, c
-             WHERE ${keyMatch('d', 'l', orgs)} AND d.lease_owner = ANY(${[...owners]}::text[])
+             WHERE ${keyMatch('d', 'l', options.distributed === true ? orgs : null)} AND d.lease_owner = ANY(${[...owners]}::text[])
             RETURNING d.lease_owner)
       SELECT lease_owner AS owner, count(*)::int AS n FROM u GROUP BY lease_owner`.execute(db);
       return result.rows;
@@ -764,7 +764,7 @@ export async function reapLeases(
       -- Its batch died: a call it made may have landed (migrations/0080).
       u AS (UPDATE meter_delivery_keys d SET lease_owner = NULL, lease_expires_at = NULL, ambiguous_call_at = c.at
               FROM l, c
-             WHERE ${orgs ? keyMatch('d', 'l', orgs) : sql.raw(KEY_MATCH('d', 'l'))}
+             WHERE ${keyMatch('d', 'l', orgs)}
             RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
       SELECT * FROM u`;
   const rows = !options.distributed
@@ -858,7 +858,7 @@ export async function releaseHeldKeys(
                   ORDER BY 1, 2, 3, 4 FOR UPDATE SKIP LOCKED),
       u AS (UPDATE meter_delivery_keys d SET hold = NULL
               FROM l
-             WHERE ${orgs ? keyMatch('d', 'l', orgs) : sql.raw(KEY_MATCH('d', 'l'))}
+             WHERE ${keyMatch('d', 'l', orgs)}
             RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
       SELECT * FROM u`;
   const rows = !placement.distributed
@@ -883,9 +883,19 @@ const KEY_MATCH = (a: string, b: string) =>
   `${a}.organization_id = ${b}.organization_id AND ${a}.stripe_customer_id = ${b}.stripe_customer_id
    AND ${a}.event_name = ${b}.event_name AND ${a}.destination = ${b}.destination`;
 
-/** Row `a` of meter_delivery_keys is key row `b`, among the organizations `orgs` (named for Citus). */
-const keyMatch = (a: string, b: string, orgs: readonly string[]) =>
-  sql`${sql.raw(a)}.organization_id = ANY(${orgArray(orgs)}) AND ${sql.raw(KEY_MATCH(a, b))}`;
+/**
+ * Row `a` of meter_delivery_keys is key row `b`; on Citus among the organizations `orgs`, which the
+ * router needs named in the statement's own WHERE to send it to their shard group. On one node `orgs` is
+ * null: there the list only costs. Beside the per-key join it became part of the primary key look-up's
+ * index condition, and PostgreSQL 15 prepares that array again on every look-up: a lease keeper's
+ * renewal of 3,326 keys of ~4,000 organizations took 16.5 s (4.75 ms a key) on statistics that say no key
+ * is leased, holding the key rows locked while four settles waited on it (docs/benchmarks.md,
+ * test/metering/lease-plan.test.ts).
+ */
+const keyMatch = (a: string, b: string, orgs: readonly string[] | null) =>
+  orgs === null
+    ? sql.raw(KEY_MATCH(a, b))
+    : sql`${sql.raw(a)}.organization_id = ANY(${orgArray(orgs)}) AND ${sql.raw(KEY_MATCH(a, b))}`;
 
 /**
  * For jobs queued before jobs named their organization: each key's organization, the one with the

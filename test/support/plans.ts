@@ -11,6 +11,7 @@ export interface PlanNode {
   'Actual Loops'?: number;
   'Rows Removed by Join Filter'?: number;
   'Rows Removed by Filter'?: number;
+  'Index Cond'?: string;
   Plans?: PlanNode[];
 }
 
@@ -42,4 +43,17 @@ export function removedByJoinFilters(node: PlanNode): number {
 /** The indexes the plan read, in plan order. */
 export function indexesRead(node: PlanNode): string[] {
   return [...(node['Index Name'] ? [node['Index Name']] : []), ...(node.Plans ?? []).flatMap(indexesRead)];
+}
+
+/**
+ * Elements of array constants (`= ANY ('{...}')`) in the plan's index conditions, times the loops that
+ * searched them: PostgreSQL prepares such an array on every rescan, so a look-up per key that carries
+ * the batch's list costs keys × list (quadratic), where one search of the list costs the list once.
+ */
+export function arrayElementsSearched(node: PlanNode): number {
+  return sumOver(node, (n) => {
+    const arrays = [...(n['Index Cond'] ?? '').matchAll(/ANY \('\{([^}]*)\}'/g)];
+    const elements = arrays.reduce((sum, m) => sum + (m[1] === '' ? 0 : m[1]!.split(',').length), 0);
+    return elements * (n['Actual Loops'] ?? 1);
+  });
 }
