@@ -116,6 +116,42 @@ export const FAMILIES = [
   'other',
 ] as const;
 
+/**
+ * What the worker's busy sessions wait on while it delivers, by statement family: pg_stat_activity every
+ * 50 ms. Sessions per sample: 1.0 is one session in that state the whole time. Tells a statement that
+ * is slow because it works (CPU) from one that waits (a lock, the WAL, the client).
+ */
+function workerWaits(pool: pg.Pool) {
+  const counts = new Map<string, number>();
+  let samples = 0;
+  const timer = setInterval(() => {
+    pool
+      .query<{ w: string; q: string }>(
+        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, query AS q FROM pg_stat_activity
+          WHERE usename = '${WORKER_ROLE}' AND state NOT IN ('idle') AND backend_type = 'client backend'`,
+      )
+      .then((r) => {
+        samples++;
+        for (const row of r.rows) {
+          const k = `${statementFamily(row.q)} | ${row.w}`;
+          counts.set(k, (counts.get(k) ?? 0) + 1);
+        }
+      })
+      .catch(() => {});
+  }, 50);
+  return {
+    stop: (): Record<string, number> => {
+      clearInterval(timer);
+      return Object.fromEntries(
+        [...counts.entries()]
+          .sort((a, b) => b[1] - a[1])
+          .slice(0, 12)
+          .map(([k, n]) => [k, round(n / Math.max(1, samples), 3)]),
+      );
+    },
+  };
+}
+
 interface Snapshot {
   at: number;
   walLsn: string;
@@ -198,6 +234,8 @@ interface Cost {
   rowsPerEvent: { total: number; byTable: Record<string, number> };
   /** The statements that ran most, with their family. */
   top: { family: string; calls: number; ms: number; query: string }[];
+  /** The worker's busy sessions during delivery, by family and wait event (workerWaits). */
+  waits?: Record<string, number>;
 }
 
 function cost(
@@ -501,6 +539,7 @@ async function runScenario(
     await sleep(untilDue - DUE_MARGIN_MS);
     await pool.query('SELECT pg_stat_statements_reset()');
     const s1 = await snapshot(pool, cluster.dataDir);
+    const waits = workerWaits(pool);
 
     // ---- delivery
     const drained = await pollUntil(async () => usage().length >= CUSTOMERS, DRAIN_CAP_MS, 50);
@@ -521,6 +560,7 @@ async function runScenario(
       100,
     );
     await sleep(STATS_FLUSH_MS);
+    const deliveryWaits = waits.stop();
     const deliveryStatements = (await statements(pool)).filter((s) => s.role === WORKER_ROLE);
     const s2 = await snapshot(pool, cluster.dataDir);
     // A session that flushed its table statistics less than a second before it went idle flushes the
@@ -531,6 +571,7 @@ async function runScenario(
     const received = receivedAt();
     const seconds = (Math.max(...received) - Math.min(...received)) / 1000;
     const delivery = cost(s1, s2, await walDiff(pool, s1, s2), deliveryStatements, received.length, seconds);
+    delivery.waits = deliveryWaits;
     delivery.walByRelation = Object.fromEntries(
       Object.entries(await walByRelation(pool, s1, s2))
         .map(([rel, n]) => [rel, round(n / Math.max(1, received.length))] as const)
@@ -557,6 +598,8 @@ async function runScenario(
       `${scenario} (${workerName}): ${delivery.events} events in ${delivery.seconds} s (${delivery.eventsPerSecond}/s); per event ${delivery.statements.perEvent} statements, ${delivery.walBytesPerEvent} WAL bytes, ${delivery.rowsPerEvent.total} rows, ${delivery.cpuMsPerEvent} ms Postgres CPU (${delivery.statementMsPerEvent} ms in statements)`,
     );
     log(`  statements by family: ${JSON.stringify(delivery.statements.byFamily)}`);
+    log(`  ms by family: ${JSON.stringify(delivery.statements.msByFamily)}`);
+    log(`  worker's busy sessions (family | wait): ${JSON.stringify(delivery.waits)}`);
     log(`  rows by table: ${JSON.stringify(delivery.rowsPerEvent.byTable)}`);
     log(`  WAL bytes by relation: ${JSON.stringify(delivery.walByRelation)}`);
     for (const t of delivery.top.slice(0, 8)) log(`    ${t.calls} calls ${t.ms} ms [${t.family}] ${t.query}`);
@@ -724,6 +767,9 @@ export async function runCostBench(): Promise<number> {
     await admin.connect();
     await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    // The whole text of a busy session's statement in pg_stat_activity (workerWaits tells a claim by words
+    // past the default 1,024 bytes).
+    await admin.query(`ALTER SYSTEM SET track_activity_query_size = 32768`);
     if (args.explain) {
       await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
       await admin.query(
