@@ -122,6 +122,9 @@ const { values: args } = parseArgs({
     // A second API process with INGEST_GROUP_FLUSH=window, measured in the same interleaved slices:
     // the group committer's two flush rules compared in one run.
     'ratio-compare-flush': { type: 'boolean', default: false },
+    // A second API process with these settings (NAME=VALUE, comma-separated), measured in the same
+    // interleaved slices as the first: a setting's two values compared in one run.
+    'ratio-compare': { type: 'string' },
     // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
     // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
     'ratio-flush': { type: 'string' },
@@ -592,11 +595,15 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    const profDir = join(ROOT, 'bench-results', 'cpu-prof');
+    mkdirSync(profDir, { recursive: true });
+    const profilesBefore = new Set(readdirSync(profDir));
     const api = await startApi(
       {
         DATABASE_URL: url,
         LOG_LEVEL: 'warn',
         ...(args['ratio-flush'] ? { INGEST_GROUP_FLUSH: args['ratio-flush'] } : {}),
+        ...(args['api-cpu-prof'] ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profDir}` } : {}),
       },
       entries['src/bin/server.ts'],
     );
@@ -607,9 +614,15 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     cleanup.push(() => http.close());
     // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
     let windowHttp: HttpClient | undefined;
-    if (args['ratio-compare-flush']) {
+    const compareEnv = args['ratio-compare']
+      ? Object.fromEntries(args['ratio-compare'].split(',').map((kv) => kv.split('=', 2) as [string, string]))
+      : args['ratio-compare-flush']
+        ? { INGEST_GROUP_FLUSH: 'window' }
+        : undefined;
+    const compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
+    if (compareEnv) {
       const windowApi = await startApi(
-        { DATABASE_URL: url, LOG_LEVEL: 'warn', INGEST_GROUP_FLUSH: 'window' },
+        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...compareEnv },
         entries['src/bin/server.ts'],
       );
       cleanup.push(() => windowApi.proc.stop());
@@ -730,7 +743,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     };
     const apiSides = (size: number, clients: number): Side[] => [
       { label: 'API', op: apiOp(size), clients },
-      ...(windowHttp ? [{ label: 'API (window flush)', op: apiOp(size, windowHttp), clients }] : []),
+      ...(windowHttp ? [{ label: compareLabel, op: apiOp(size, windowHttp), clients }] : []),
     ];
     const single = await compare('single readings', [
       { label: 'raw', op: rawSingle, clients: rawClients },
@@ -740,11 +753,20 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       { label: 'raw', op: rawBatch, clients: 4 },
       ...apiSides(500, 4),
     ]);
+    // The API's profile over both comparisons (single readings, then batches), with --api-cpu-prof.
+    http.close();
+    await api.proc.stop();
+    const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
+    if (apiProfile) {
+      log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
+      for (const f of apiProfile.byFunction.slice(0, 12)) log(`    ${f.share}% ${f.fn}`);
+    }
     // The issue's goals: 0.6x with 16 API clients against raw's 4, 1.0x at 64 each; batches 0.8x.
     const singleGoal = singleClients >= 64 && rawClients >= 64 ? 1.0 : 0.6;
     return {
       single,
       batch,
+      apiProfile,
       goals: [
         {
           goal: `single readings >= ${singleGoal}x raw (${singleClients} API clients, ${rawClients} raw)`,
