@@ -203,8 +203,8 @@ export const configSchema = z.object({
    */
   DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
   /**
-   * on: ingestion's group statement is a server-side prepared statement, parsed and planned once per
-   * connection (src/db/prepared.ts), on connections that are sessions of their own (through a pooler
+   * on: ingestion's group statement and pg-boss's insert of jobs are server-side prepared statements,
+   * parsed and planned once per connection (src/db/prepared.ts), on connections that are sessions of their own (through a pooler
    * it stays unnamed). off: always unnamed.
    */
   DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('on'),

@@ -1,4 +1,4 @@
-// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios]
+// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
 //                           [--api-cpu-prof] [--load-seconds N] [--out bench-results/x.json]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
@@ -13,12 +13,15 @@
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
+import { z } from 'zod';
+import { isPgInstant } from '../../src/db/input-types.js';
+import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
 import { pollUntil } from '../lib/poll.js';
 import { seededRandom } from '../lib/random.js';
 import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
@@ -781,7 +784,71 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   }
 }
 
+// ---------------------------------------------------------------- validating a batch of 500
+
+/**
+ * What the API spends on a batch of 500 readings before the database (`--only validation`, in this
+ * process, no Postgres): JSON.parse of the body, parseReadingsFast (the loop requests take), the same
+ * loop as it was before it checked ids and instants itself (zod's patterns, isPgInstant, Date.parse:
+ * kept here as the comparison), and the zod schema (the path of a batch the loop leaves to it).
+ * Twelve rounds alternate the order; µs per batch, the median of the last ten.
+ */
+function runValidation() {
+  const options = { maxBatch: 1000, now: () => new Date(), retentionDays: 30 };
+  const schema = readingsRequestSchema(options);
+  const now = Date.now();
+  const text = JSON.stringify({
+    readings: Array.from({ length: 500 }, (_, i) => ({
+      sensorId: randomUUID(),
+      recordedAt: new Date(now - i * 1000).toISOString(),
+      temperatureC: round(random.between(-20, 30), 2),
+    })),
+  });
+  const body = JSON.parse(text) as { readings: Record<string, unknown>[] };
+  const uuid = z.regexes.uuid();
+  const instant = z.regexes.datetime({ offset: true });
+  const patternsLoop = () => {
+    for (const r of body.readings) {
+      const at = r.recordedAt as string;
+      if (!uuid.test(r.sensorId as string) || !instant.test(at) || !isPgInstant(at)) return false;
+      if (!(Date.parse(at) > 0)) return false;
+    }
+    return true;
+  };
+  const variants: [string, () => unknown, number][] = [
+    ['JSON.parse', () => JSON.parse(text), 200],
+    ['parseReadingsFast', () => parseReadingsFast(body, options), 200],
+    ['the loop before (patterns)', patternsLoop, 200],
+    ['zod schema', () => schema.safeParse(body), 20],
+  ];
+  const samples = variants.map(() => [] as number[]);
+  for (let pass = 0; pass < 12; pass++) {
+    const order =
+      pass % 2 === 0 ? variants.map((_, i) => i) : variants.map((_, i) => variants.length - 1 - i);
+    for (const i of order) {
+      const [, fn, n] = variants[i]!;
+      const t = performance.now();
+      for (let k = 0; k < n; k++) fn();
+      samples[i]!.push(((performance.now() - t) * 1000) / n);
+    }
+  }
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const result = variants.map(([label], i) => ({
+    label,
+    usPerBatch: round(median(samples[i]!.slice(2)), 1),
+  }));
+  for (const r of result) log(`validation of 500: ${r.label} ${r.usPerBatch} µs a batch`);
+  log(`load average ${loadAverage().join(' ')}`);
+  return { readings: 500, rounds: 10, result, loadAverage: loadAverage() };
+}
+
 export async function runIngestBench(): Promise<number> {
+  if (only?.length === 1 && only[0] === 'validation') {
+    const validation = runValidation();
+    if (args.out)
+      writeFileSync(resolve(ROOT, args.out), `${JSON.stringify({ kind: 'ingest', validation }, null, 2)}\n`);
+    return 0;
+  }
   const dir = join('/tmp', `meterbox-bench-ingest-${process.pid}`);
   const buildDir = join(ROOT, 'bench-results', `.build-ingest-${process.pid}`);
   mkdirSync(join(ROOT, 'bench-results'), { recursive: true });

@@ -1,14 +1,28 @@
 // Server-side prepared statements for the request path's fixed-text statements: a statement whose text
-// starts with PREPARED is sent as a named statement (one name per text), so each connection parses it
-// once and Postgres keeps its plan for the session, instead of parsing, analysing and planning it
-// afresh on every call (ingestion's group statement: docs/benchmarks.md). Only for statements whose
-// text does not grow with their input (arrays, not lists of placeholders): every distinct text stays
-// prepared on every connection for the connection's life.
+// starts with PREPARED, or pg-boss's insert of jobs, is sent as a named statement (one name per text),
+// so each connection parses it once and Postgres keeps its plan for the session, instead of parsing,
+// analysing and planning it afresh on every call (ingestion's group statement: docs/benchmarks.md).
+// Only for statements whose text does not grow with their input (arrays, not lists of placeholders):
+// every distinct text stays prepared on every connection for the connection's life.
 import { createHash } from 'node:crypto';
 import type pg from 'pg';
 
 /** The marker a statement's text starts with to be prepared (an SQL comment: harmless elsewhere). */
 export const PREPARED = '/* meterbox:prepared */';
+
+/**
+ * pg-boss's insert of jobs (its `insert()`, which ingestion's hand-off of delivery jobs runs in the
+ * group's transaction): one text per queue, its jobs one JSON parameter, planned afresh on every call
+ * otherwise. Recognised by its text, which is pg-boss's; another text is simply left unnamed.
+ */
+const JOB_INSERT = /^\s*WITH ins AS \(\s*INSERT INTO \w+\.\w+ \(/;
+
+/** Whether a statement goes as a named one: marked PREPARED, or pg-boss's insert of jobs. */
+export function isPrepared(text: string): boolean {
+  return (
+    text.startsWith(PREPARED) || (JOB_INSERT.test(text) && text.includes('json_to_recordset($1::text::json)'))
+  );
+}
 
 /** The statement's name on the server: the same text gets the same name on every connection. */
 export function preparedName(text: string): string {
@@ -34,12 +48,7 @@ export function prepareMarkedStatements(client: pg.ClientBase): void {
   const names = new Map<string, string>();
   (client as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
     const [text, values, ...rest] = args;
-    if (
-      typeof text !== 'string' ||
-      !text.startsWith(PREPARED) ||
-      rest.length > 0 ||
-      typeof values === 'function'
-    )
+    if (typeof text !== 'string' || !isPrepared(text) || rest.length > 0 || typeof values === 'function')
       return query(...args);
     let name = names.get(text);
     if (name === undefined) {
