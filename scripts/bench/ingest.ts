@@ -9,7 +9,9 @@
 // events of the API's and the worker's sessions (pg_stat_activity every 50 ms); pg_stat_statements per
 // process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
-// against the API, single readings and batches of 500, in alternating slices of one run.
+// against the API, single readings and batches of 500, in alternating slices of one run
+// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices);
+// `validation` times a batch of 500's JSON and validation in this process.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
