@@ -202,6 +202,12 @@ export const configSchema = z.object({
    * `ignore_startup_parameters = options`); set the pooler's own timeouts then (docs/operations.md).
    */
   DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
+  /**
+   * on: ingestion's group statement and pg-boss's insert of jobs are server-side prepared statements,
+   * parsed and planned once per connection (src/db/prepared.ts), on connections that are sessions of their own (through a pooler
+   * it stays unnamed). off: always unnamed.
+   */
+  DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('on'),
   // --- destination outages (issue 44) ---
   /**
    * Consecutive failures that are a destination's (5xx, timeouts, connection errors), from at least

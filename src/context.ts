@@ -112,6 +112,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     log,
     applicationName,
     safety: safety('app'),
+    preparedStatements: config.DB_PREPARED_STATEMENTS === 'on',
   });
   const supervise = overrides.bossSupervise ?? false;
   const bossConnection = {

@@ -1,4 +1,4 @@
-// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios]
+// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
 //                           [--api-cpu-prof] [--load-seconds N] [--out bench-results/x.json]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
@@ -9,16 +9,21 @@
 // events of the API's and the worker's sessions (pg_stat_activity every 50 ms); pg_stat_statements per
 // process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
-// against the API, single readings and batches of 500, in alternating slices of one run.
+// against the API, single readings and batches of 500, in alternating slices of one run
+// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices);
+// `validation` times a batch of 500's JSON and validation in this process.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
+import { z } from 'zod';
+import { isPgInstant } from '../../src/db/input-types.js';
+import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
 import { pollUntil } from '../lib/poll.js';
 import { seededRandom } from '../lib/random.js';
 import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
@@ -122,6 +127,9 @@ const { values: args } = parseArgs({
     // A second API process with INGEST_GROUP_FLUSH=window, measured in the same interleaved slices:
     // the group committer's two flush rules compared in one run.
     'ratio-compare-flush': { type: 'boolean', default: false },
+    // A second API process with these settings (NAME=VALUE, comma-separated), measured in the same
+    // interleaved slices as the first: a setting's two values compared in one run.
+    'ratio-compare': { type: 'string' },
     // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
     // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
     'ratio-flush': { type: 'string' },
@@ -592,11 +600,15 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    const profDir = join(ROOT, 'bench-results', 'cpu-prof');
+    mkdirSync(profDir, { recursive: true });
+    const profilesBefore = new Set(readdirSync(profDir));
     const api = await startApi(
       {
         DATABASE_URL: url,
         LOG_LEVEL: 'warn',
         ...(args['ratio-flush'] ? { INGEST_GROUP_FLUSH: args['ratio-flush'] } : {}),
+        ...(args['api-cpu-prof'] ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profDir}` } : {}),
       },
       entries['src/bin/server.ts'],
     );
@@ -607,9 +619,15 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     cleanup.push(() => http.close());
     // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
     let windowHttp: HttpClient | undefined;
-    if (args['ratio-compare-flush']) {
+    const compareEnv = args['ratio-compare']
+      ? Object.fromEntries(args['ratio-compare'].split(',').map((kv) => kv.split('=', 2) as [string, string]))
+      : args['ratio-compare-flush']
+        ? { INGEST_GROUP_FLUSH: 'window' }
+        : undefined;
+    const compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
+    if (compareEnv) {
       const windowApi = await startApi(
-        { DATABASE_URL: url, LOG_LEVEL: 'warn', INGEST_GROUP_FLUSH: 'window' },
+        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...compareEnv },
         entries['src/bin/server.ts'],
       );
       cleanup.push(() => windowApi.proc.stop());
@@ -730,7 +748,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     };
     const apiSides = (size: number, clients: number): Side[] => [
       { label: 'API', op: apiOp(size), clients },
-      ...(windowHttp ? [{ label: 'API (window flush)', op: apiOp(size, windowHttp), clients }] : []),
+      ...(windowHttp ? [{ label: compareLabel, op: apiOp(size, windowHttp), clients }] : []),
     ];
     const single = await compare('single readings', [
       { label: 'raw', op: rawSingle, clients: rawClients },
@@ -740,11 +758,20 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       { label: 'raw', op: rawBatch, clients: 4 },
       ...apiSides(500, 4),
     ]);
+    // The API's profile over both comparisons (single readings, then batches), with --api-cpu-prof.
+    http.close();
+    await api.proc.stop();
+    const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
+    if (apiProfile) {
+      log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
+      for (const f of apiProfile.byFunction.slice(0, 12)) log(`    ${f.share}% ${f.fn}`);
+    }
     // The issue's goals: 0.6x with 16 API clients against raw's 4, 1.0x at 64 each; batches 0.8x.
     const singleGoal = singleClients >= 64 && rawClients >= 64 ? 1.0 : 0.6;
     return {
       single,
       batch,
+      apiProfile,
       goals: [
         {
           goal: `single readings >= ${singleGoal}x raw (${singleClients} API clients, ${rawClients} raw)`,
@@ -759,7 +786,71 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   }
 }
 
+// ---------------------------------------------------------------- validating a batch of 500
+
+/**
+ * What the API spends on a batch of 500 readings before the database (`--only validation`, in this
+ * process, no Postgres): JSON.parse of the body, parseReadingsFast (the loop requests take), the same
+ * loop as it was before it checked ids and instants itself (zod's patterns, isPgInstant, Date.parse:
+ * kept here as the comparison), and the zod schema (the path of a batch the loop leaves to it).
+ * Twelve rounds alternate the order; µs per batch, the median of the last ten.
+ */
+function runValidation() {
+  const options = { maxBatch: 1000, now: () => new Date(), retentionDays: 30 };
+  const schema = readingsRequestSchema(options);
+  const now = Date.now();
+  const text = JSON.stringify({
+    readings: Array.from({ length: 500 }, (_, i) => ({
+      sensorId: randomUUID(),
+      recordedAt: new Date(now - i * 1000).toISOString(),
+      temperatureC: round(random.between(-20, 30), 2),
+    })),
+  });
+  const body = JSON.parse(text) as { readings: Record<string, unknown>[] };
+  const uuid = z.regexes.uuid();
+  const instant = z.regexes.datetime({ offset: true });
+  const patternsLoop = () => {
+    for (const r of body.readings) {
+      const at = r.recordedAt as string;
+      if (!uuid.test(r.sensorId as string) || !instant.test(at) || !isPgInstant(at)) return false;
+      if (!(Date.parse(at) > 0)) return false;
+    }
+    return true;
+  };
+  const variants: [string, () => unknown, number][] = [
+    ['JSON.parse', () => JSON.parse(text), 200],
+    ['parseReadingsFast', () => parseReadingsFast(body, options), 200],
+    ['the loop before (patterns)', patternsLoop, 200],
+    ['zod schema', () => schema.safeParse(body), 20],
+  ];
+  const samples = variants.map(() => [] as number[]);
+  for (let pass = 0; pass < 12; pass++) {
+    const order =
+      pass % 2 === 0 ? variants.map((_, i) => i) : variants.map((_, i) => variants.length - 1 - i);
+    for (const i of order) {
+      const [, fn, n] = variants[i]!;
+      const t = performance.now();
+      for (let k = 0; k < n; k++) fn();
+      samples[i]!.push(((performance.now() - t) * 1000) / n);
+    }
+  }
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const result = variants.map(([label], i) => ({
+    label,
+    usPerBatch: round(median(samples[i]!.slice(2)), 1),
+  }));
+  for (const r of result) log(`validation of 500: ${r.label} ${r.usPerBatch} µs a batch`);
+  log(`load average ${loadAverage().join(' ')}`);
+  return { readings: 500, rounds: 10, result, loadAverage: loadAverage() };
+}
+
 export async function runIngestBench(): Promise<number> {
+  if (only?.length === 1 && only[0] === 'validation') {
+    const validation = runValidation();
+    if (args.out)
+      writeFileSync(resolve(ROOT, args.out), `${JSON.stringify({ kind: 'ingest', validation }, null, 2)}\n`);
+    return 0;
+  }
   const dir = join('/tmp', `meterbox-bench-ingest-${process.pid}`);
   const buildDir = join(ROOT, 'bench-results', `.build-ingest-${process.pid}`);
   mkdirSync(join(ROOT, 'bench-results'), { recursive: true });

@@ -4,6 +4,7 @@ import pg from 'pg';
 import type { Logger } from '../log.js';
 import { citusDistributed } from './citus.js';
 import { attachPool, type ConnectionSafety, safePoolOptions } from './dead-connections.js';
+import { prepareIfOwnSession } from './prepared.js';
 import type { DB } from './schema.js';
 
 // timestamptz arrives as Date by default; bigint (int8, OID 20) stays a string so no precision is
@@ -38,6 +39,11 @@ export function createDatabase(options: {
   safety?: ConnectionSafety;
   /** How long an idle connection stays open (default 30 s; 0: for good). */
   idleTimeoutMillis?: number;
+  /**
+   * Statements marked PREPARED go as named statements on a direct connection (src/db/prepared.ts;
+   * DB_PREPARED_STATEMENTS); through a pooler they stay unnamed.
+   */
+  preparedStatements?: boolean;
 }): Database {
   const safe = options.safety ? safePoolOptions(options.safety) : { keepAlive: true };
   const pool = new pg.Pool({
@@ -47,6 +53,8 @@ export function createDatabase(options: {
     connectionTimeoutMillis: 5_000,
     idleTimeoutMillis: options.idleTimeoutMillis ?? 30_000,
     ...safe,
+    // Awaited before the connection is handed out (src/db/prepared.ts).
+    ...(options.preparedStatements ? { onConnect: prepareIfOwnSession } : {}),
   });
   attachPool(safe, pool);
   // An idle client's error (e.g. Postgres restarted) is emitted on the pool; unhandled, it would

@@ -13,6 +13,7 @@ import {
   thresholdProbeCte,
   writeCrossings,
 } from '../alerts/thresholds.js';
+import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
@@ -64,7 +65,8 @@ export async function storeGroup(
       ? sql`, (SELECT t.tp FROM unnest(${[...traced.keys()]}::uuid[], ${[...traced.values()]}::text[]) AS t(org, tp)
                 WHERE t.org = b.org)`
       : sql``;
-  const result = await sql<GroupRow>`
+  // A prepared statement (src/db/prepared.ts): its text is the same for every group (arrays, not lists).
+  const result = await sql<GroupRow>`${sql.raw(PREPARED)}
     WITH input AS MATERIALIZED (
       SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
       FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[],

@@ -67,3 +67,49 @@ describe('parseReadingsFast', () => {
     expect(schema.safeParse(body).success).toBe(false);
   });
 });
+
+describe('parseReadingsFast on ids and instants in their usual form', () => {
+  // No retention bound and a clock far ahead, so the calendar (leap years: 2000 is one, 2100 is not)
+  // decides and not the range.
+  const farOptions = { maxBatch: 1, now: () => new Date('2101-01-01T00:00:00Z') };
+  const farSchema = readingsRequestSchema(farOptions);
+  /** The loop's verdict is the schema's, and what it accepts it returns as the schema does. */
+  const agree = (over: Record<string, unknown>) => {
+    const body = { readings: [reading(over)] };
+    const fast = parseReadingsFast(body, farOptions);
+    const slow = farSchema.safeParse(body);
+    if (fast !== undefined) expect({ over, slow: slow.data }).toEqual({ over, slow: fast });
+    else expect({ over, accepted: slow.success }).toEqual({ over, accepted: false });
+  };
+
+  it('takes every calendar date, time and fraction the schema takes, and no other', () => {
+    const seen = { accepted: 0, refused: 0 };
+    for (const year of ['1999', '2000', '2024', '2026', '2100'])
+      for (const month of ['00', '01', '02', '04', '12', '13'])
+        for (const day of ['00', '01', '28', '29', '30', '31', '32'])
+          for (const time of ['00:00:00', '23:59:59', '24:00:00', '12:60:00', '12:00:60', '1a:00:00'])
+            for (const tail of ['Z', '.000Z', '.999Z', '.5Z', '.1234Z', 'z', '+00:00', '.12Z', '.1x3Z']) {
+              const recordedAt = `${year}-${month}-${day}T${time}${tail}`;
+              agree({ recordedAt });
+              if (farSchema.safeParse({ readings: [reading({ recordedAt })] }).success) seen.accepted++;
+              else seen.refused++;
+            }
+    // Both verdicts were reached (the cases are not all of one kind).
+    expect(seen.accepted).toBeGreaterThan(500);
+    expect(seen.refused).toBeGreaterThan(500);
+  });
+
+  it('takes every id the schema takes, and no other', () => {
+    for (let i = 0; i < sensorId.length; i++)
+      for (const c of ['0', '7', '8', '9', 'a', 'b', 'c', 'f', 'g', 'A', 'B', 'F', 'G', '-', ' '])
+        agree({ sensorId: sensorId.slice(0, i) + c + sensorId.slice(i + 1) });
+    for (const id of [
+      '00000000-0000-0000-0000-000000000000',
+      'ffffffff-ffff-ffff-ffff-ffffffffffff',
+      `${sensorId}0`,
+      sensorId.slice(1),
+      sensorId.replaceAll('-', ''),
+    ])
+      agree({ sensorId: id });
+  });
+});
