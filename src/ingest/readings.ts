@@ -8,7 +8,7 @@ import {
   DESTINATION,
   destinationCustomer,
   destinationsJoin,
-  IN_FORCE,
+  inForceAt,
   ROLE,
 } from '../metering/destinations.js';
 import { type KeyRef, keyRef } from '../metering/rules/keys.js';
@@ -134,7 +134,7 @@ export function billingInForce(organizations: RawBuilder<unknown>, now: Date, co
            ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id${columns}
       -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
       FROM subscriptions s JOIN (${organizations}) AS o(org) ON o.org = s.organization_id
-      ${destinationsJoin(sql`s.organization_id`, sql`${now}::timestamptz`)}
+      ${destinationsJoin(sql`s.organization_id`)}
      WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}`;
+       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${inForceAt(sql`${now}::timestamptz`)}`;
 }

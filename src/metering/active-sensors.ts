@@ -5,7 +5,7 @@ import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import { ensureKeys } from './delivery-sql.js';
-import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, IN_FORCE } from './destinations.js';
+import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, inForceAt } from './destinations.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
 
@@ -59,9 +59,9 @@ export async function reportActiveSensorsWithTimestamp(
     SELECT ${DESTINATION} AS destination,
            ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS customer
       FROM subscriptions s
-      ${destinationsJoin(sql`s.organization_id`, sql`${at}::timestamptz`)}
+      ${destinationsJoin(sql`s.organization_id`)}
      WHERE s.organization_id = ${organizationId} AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${inForceAt(sql`${at}::timestamptz`)}
      ORDER BY 1 DESC`.execute(trx);
   if (targets.rows.length === 0) return null;
   const count = await countActiveSensors(trx, organizationId);
@@ -211,10 +211,10 @@ function insertReports(
              || 'active_sensors:' || s.organization_id || ':' || ${key}::text,
            ${DESTINATION}
       FROM subscriptions s
-      ${destinationsJoin(sql`s.organization_id`, sql`${hour}::timestamptz`)}
+      ${destinationsJoin(sql`s.organization_id`)}
       ${count.join}
      WHERE ${scope} AND s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
-       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${IN_FORCE}
+       AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${inForceAt(sql`${hour}::timestamptz`)}
      ORDER BY s.organization_id, ${DESTINATION}
     ON CONFLICT (dedupe_key, organization_id) DO NOTHING
     RETURNING organization_id, stripe_customer_id, destination, value::text, occurred_at`;

@@ -57,3 +57,12 @@ export function arrayElementsSearched(node: PlanNode): number {
     return elements * (n['Actual Loops'] ?? 1);
   });
 }
+
+/** Rows the plan's scans read (returned or thrown away by a filter), over all their loops. */
+export function rowsScanned(node: PlanNode): number {
+  return sumOver(node, (n) =>
+    /Scan/.test(n['Node Type']) && n['Relation Name'] !== undefined
+      ? ((n['Actual Rows'] ?? 0) + (n['Rows Removed by Filter'] ?? 0)) * (n['Actual Loops'] ?? 1)
+      : 0,
+  );
+}
