@@ -87,6 +87,8 @@ export const configSchema = z.object({
   DELIVERY_CONCURRENCY: int(1, 100).default(8),
   /** Most delivery statements (claims, settles, follow-ups, the sweep) one worker runs at once; 0 = no bound. */
   DELIVERY_MAX_STATEMENTS: int(0, 100).default(0),
+  /** On Citus: delivery's claims and settles sent to the node that holds their shard group. */
+  CITUS_NODE_ROUTING: z.enum(['on', 'off']).default('on'),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
   DELIVERY_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(3600),

@@ -2,7 +2,8 @@
 // Delivery events/s with one and with two worker processes (the production bundle), on a Citus cluster
 // (a coordinator and two workers, citus.shard_count 4: the cluster suite's set-up, scripts/lib/citus.ts)
 // and, in the same run, on one node (a plain PostgreSQL server from the same binaries with the same
-// settings). Each run drains the same preloaded backlog: every billable customer has one pending
+// settings); the cluster twice, claims and settles sent to their shard group's node (CITUS_NODE_ROUTING=on)
+// and all through the coordinator (off), with each server's Postgres CPU per delivered event. Each run drains the same preloaded backlog: every billable customer has one pending
 // reading row and its delivery job, and the workers' start-up active_sensors report adds one event per
 // customer; the Stripe emulator answers each call after 0 to --latency ms, with no account limit and
 // the workers' budget out of the way (--in-flight N: each worker process keeps at most N calls in
@@ -68,7 +69,15 @@ const log = (line: string) => console.log(`[bench citus] ${line}`);
 const round = (x: number, digits = 0) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 interface Target {
-  name: 'one node' | 'cluster';
+  /**
+   * `cluster`: claims and settles sent to the node that holds their shard group (CITUS_NODE_ROUTING=on,
+   * the default); `cluster, via coordinator`: every statement through the coordinator (off).
+   */
+  name: 'one node' | 'cluster' | 'cluster, via coordinator';
+  /** The worker processes' settings of this target. */
+  env?: Record<string, string>;
+  /** Migrated and seeded already (the same database as a target before it). */
+  prepared?: boolean;
   url: string;
   /** Every node's meterbox database (the coordinator's and, on the cluster, each worker's). */
   nodes: string[];
@@ -90,8 +99,16 @@ interface RunResult {
   machineBusy: number;
   /** CPU seconds per wall second of each worker process, from its start-up to the drain. */
   workerCpu: number[];
-  /** CPU seconds per wall second of each node's Postgres server (coordinator first), over the same span. */
+  /**
+   * CPU seconds per wall second of each node's Postgres server (coordinator first), from before the
+   * worker processes start to the drain.
+   */
   nodeCpu: number[];
+  /**
+   * Each node's Postgres CPU per delivered event, in ms (coordinator first): its server's CPU seconds
+   * from before the worker processes start to the drain, divided by the events Stripe received.
+   */
+  nodeCpuMsPerEvent: number[];
   /** Sessions (connections) each node's server opened over the run (pg_stat_database.sessions). */
   sessions: number[];
   loadAverageBefore: number[];
@@ -199,6 +216,9 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
   const sessionsBefore = await sessionCounts(target.nodes);
   if (args.statements) await onEveryNode(target.nodes, 'SELECT pg_stat_statements_reset()');
   let started = 0;
+  // Each server's CPU from before the worker processes start (their start-up report is delivery's work too).
+  const nodeCpuAtStart = target.dataDirs.map(serverCpuSeconds);
+  const launched = performance.now();
   try {
     const env = {
       DATABASE_URL: target.url,
@@ -208,6 +228,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
       DELIVERY_TRANSPORT: 'v1',
       STRIPE_MAX_CALLS_PER_SECOND: '100000',
       ...(IN_FLIGHT ? { DELIVERY_MAX_IN_FLIGHT: IN_FLIGHT } : {}),
+      ...target.env,
     };
     procs.push(
       ...(await Promise.all(
@@ -216,21 +237,25 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     );
     started = performance.now();
     const cpuAtStart = procs.map((p) => cpuSeconds(p.pid));
-    const nodeCpuAtStart = target.dataDirs.map(serverCpuSeconds);
-    const usage = () => emulator.events().filter((e) => e.event_name === 'temperature_readings').length;
+    const received = (name: string) => emulator.events().filter((e) => e.event_name === name).length;
+    // The outbox is counted (a multi-shard statement the coordinator plans, every 250 ms: a share of its
+    // CPU per event) only once Stripe has every customer's reading and start-up report, or after a minute.
     const drained = await pollUntil(
-      async () => usage() >= CUSTOMERS && (await pendingRows(target.url)) === 0,
+      async () =>
+        received('temperature_readings') >= CUSTOMERS &&
+        (received('active_sensors') >= CUSTOMERS || performance.now() - started > 60_000) &&
+        (await pendingRows(target.url)) === 0,
       DRAIN_CAP_MS,
       250,
     );
     if (!drained) throw new Error(`${target.name}, ${workers} worker(s): not drained in ${DRAIN_CAP_MS} ms`);
-    const received = emulator.events().map((e) => e.receivedAt);
-    const ms = Math.max(1, Math.max(...received) - Math.min(...received));
+    const times = emulator.events().map((e) => e.receivedAt);
+    const ms = Math.max(1, Math.max(...times) - Math.min(...times));
     const wall = (performance.now() - started) / 1000;
     const workerCpu = procs.map((p, i) => round((cpuSeconds(p.pid) - (cpuAtStart[i] ?? 0)) / wall, 2));
-    const nodeCpu = target.dataDirs.map((d, i) =>
-      round((serverCpuSeconds(d) - (nodeCpuAtStart[i] ?? 0)) / wall, 2),
-    );
+    const nodeCpuSeconds = target.dataDirs.map((d, i) => serverCpuSeconds(d) - (nodeCpuAtStart[i] ?? 0));
+    const nodeCpu = nodeCpuSeconds.map((s) => round(s / ((performance.now() - launched) / 1000), 2));
+    const nodeCpuMsPerEvent = nodeCpuSeconds.map((s) => round((s * 1000) / Math.max(1, times.length), 2));
     const sessions = (await sessionCounts(target.nodes)).map((n, i) => n - (sessionsBefore[i] ?? 0));
     const cpuAfter = machineCpu();
     const lockWaits = await sampler.stop();
@@ -238,9 +263,9 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
       target: target.name,
       workers,
       round: r,
-      events: received.length,
+      events: times.length,
       seconds: round(ms / 1000, 1),
-      eventsPerSecond: round(received.length / (ms / 1000)),
+      eventsPerSecond: round(times.length / (ms / 1000)),
       calls: emulator.counters().calls,
       lockWaits,
       machineBusy: round(
@@ -249,6 +274,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
       ),
       workerCpu,
       nodeCpu,
+      nodeCpuMsPerEvent,
       sessions,
       loadAverageBefore,
       loadAverageAfter: loadAverage(),
@@ -256,7 +282,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     log(
       `${target.name}, ${workers} worker process(es), round ${r}: ${result.events} events in ${result.seconds} s = ${result.eventsPerSecond} events/s; lock waits in ${lockWaits.samplesWithWaits} of ${lockWaits.samples} samples (most at once ${lockWaits.most}${
         Object.keys(lockWaits.by).length > 0 ? `: ${JSON.stringify(lockWaits.by)}` : ''
-      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')}, sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
+      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')} (${nodeCpuMsPerEvent.join(' + ')} ms per event), sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
     );
     if (args.statements) await printStatements(target);
     return result;
@@ -377,9 +403,19 @@ export async function runCitusBench(): Promise<number> {
         url: cluster.coordinator.url,
         nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
         dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
+        env: { CITUS_NODE_ROUTING: 'on' },
+      },
+      {
+        name: 'cluster, via coordinator',
+        url: cluster.coordinator.url,
+        nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
+        dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
+        env: { CITUS_NODE_ROUTING: 'off' },
+        prepared: true,
       },
     ];
     for (const target of targets) {
+      if (target.prepared) continue;
       const started = Date.now();
       await prepare(target);
       log(
@@ -387,26 +423,46 @@ export async function runCitusBench(): Promise<number> {
       );
     }
     for (let r = 1; r <= ROUNDS; r++) {
-      // Alternate which goes first, so a drift of the shared machine's load favours neither.
+      // Alternate which goes first, so a drift of the shared machine's load favours none.
       const order = r % 2 === 1 ? [1, 2] : [2, 1];
-      for (const target of targets)
+      for (const target of r % 2 === 1 ? targets : [...targets].reverse())
         for (const workers of order) results.push(await run(target, workers, r, workerEntry));
     }
   } finally {
     await Promise.all(clusters.map((c) => c.stop().catch(() => undefined)));
   }
-  const summary = (['one node', 'cluster'] as const).map((target) => {
+  const summary = (['one node', 'cluster', 'cluster, via coordinator'] as const).map((target) => {
     const mean = (workers: number) => {
       const own = results.filter((x) => x.target === target && x.workers === workers);
       return round(own.reduce((s, x) => s + x.eventsPerSecond, 0) / Math.max(1, own.length));
     };
     const one = mean(1);
     const two = mean(2);
-    return { target, oneWorker: one, twoWorkers: two, scaling: round(two / Math.max(1, one), 2) };
+    // The coordinator's (on one node: the node's) Postgres CPU per delivered event, over every run.
+    const own = results.filter((x) => x.target === target);
+    const coordinatorCpuMsPerEvent = round(
+      own.reduce((s, x) => s + (x.nodeCpuMsPerEvent[0] ?? 0) * x.events, 0) /
+        Math.max(
+          1,
+          own.reduce((s, x) => s + x.events, 0),
+        ),
+      2,
+    );
+    return {
+      target,
+      oneWorker: one,
+      twoWorkers: two,
+      scaling: round(two / Math.max(1, one), 2),
+      coordinatorCpuMsPerEvent,
+    };
   });
-  console.log('\n| target | 1 worker process | 2 worker processes | 2 / 1 |\n|---|---|---|---|');
+  console.log(
+    '\n| target | 1 worker process | 2 worker processes | 2 / 1 | coordinator CPU per event |\n|---|---|---|---|---|',
+  );
   for (const s of summary)
-    console.log(`| ${s.target} | ${s.oneWorker} events/s | ${s.twoWorkers} events/s | ${s.scaling}× |`);
+    console.log(
+      `| ${s.target} | ${s.oneWorker} events/s | ${s.twoWorkers} events/s | ${s.scaling}× | ${s.coordinatorCpuMsPerEvent} ms |`,
+    );
   const out = resolve(args.out ?? join(ROOT, 'bench-results', 'citus.json'));
   mkdirSync(resolve(out, '..'), { recursive: true });
   writeFileSync(

@@ -3,6 +3,7 @@
 // distributed Citus database (one statement per shard group).
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
+import { nodeConnectionsOf } from './citus-nodes.js';
 import { groupDigest, identifierPrefix } from './identifiers.js';
 
 /**
@@ -37,6 +38,11 @@ export const ungrouped = (k: string, scope: OrgScope) => sql`
  */
 export interface ShardRouter {
   groups(organizationIds: readonly string[]): Promise<string[][]>;
+  /**
+   * The node that holds the shard group of `organizationIds` (one of `groups`' answers), when
+   * statements are sent to nodes (citus-nodes.ts); undefined: the caller's own database.
+   */
+  nodeOf?(organizationIds: readonly string[]): Promise<Kysely<DB> | undefined>;
 }
 
 /** The router of one node: every organization in one group, so a batch's statement stays one statement. */
@@ -50,17 +56,44 @@ export const ONE_NODE: ShardRouter = {
  * round trip without a worker, remembered for the router's life (one batch: its claim, renewals,
  * settle and release). Shards only change ranges when split, which a batch outlives at worst with
  * one failed statement (its keys' leases then run out, as after any failed batch).
+ *
+ * With node connections (`nodes`, by default those registered for `db`: CITUS_NODE_ROUTING,
+ * citus-nodes.ts) the same round trip reads the node that holds each shard, and nodeOf answers that
+ * node's database (none for the coordinator's own shards). A shard moved since is still found: the
+ * node the statement reaches runs it where its own metadata, synced by the move, says the shard is.
  */
-export function citusRouter(db: Kysely<DB>): ShardRouter {
+export function citusRouter(db: Kysely<DB>, nodes = nodeConnectionsOf(db)): ShardRouter {
   const shardOf = new Map<string, string>();
+  /** A shard's node (host and port), absent where it is the coordinator's or unknown. */
+  const nodeOfShard = new Map<string, { host: string; port: number }>();
   return {
     async groups(organizationIds) {
       const unknown = [...new Set(organizationIds)].filter((o) => !shardOf.has(o));
       if (unknown.length > 0) {
-        const { rows } = await sql<{ organization_id: string; shard: string }>`
-          SELECT o AS organization_id, get_shard_id_for_distribution_column('meter_delivery_keys', o)::text AS shard
-            FROM unnest(${unknown}::uuid[]) AS o`.execute(db);
-        for (const r of rows) shardOf.set(r.organization_id, r.shard);
+        if (nodes) {
+          const { rows } = await sql<{
+            organization_id: string;
+            shard: string;
+            host: string | null;
+            port: number | null;
+          }>`
+            SELECT s.o AS organization_id, s.shard::text AS shard, n.nodename AS host, n.nodeport AS port
+              FROM (SELECT o, get_shard_id_for_distribution_column('meter_delivery_keys', o) AS shard
+                      FROM unnest(${unknown}::uuid[]) AS o) s
+              LEFT JOIN LATERAL (
+                SELECT d.nodename, d.nodeport FROM pg_dist_placement p JOIN pg_dist_node d ON d.groupid = p.groupid
+                 WHERE p.shardid = s.shard AND d.groupid <> 0 AND d.noderole = 'primary' AND d.isactive
+                 LIMIT 1) n ON true`.execute(db);
+          for (const r of rows) {
+            shardOf.set(r.organization_id, r.shard);
+            if (r.host !== null && r.port !== null) nodeOfShard.set(r.shard, { host: r.host, port: r.port });
+          }
+        } else {
+          const { rows } = await sql<{ organization_id: string; shard: string }>`
+            SELECT o AS organization_id, get_shard_id_for_distribution_column('meter_delivery_keys', o)::text AS shard
+              FROM unnest(${unknown}::uuid[]) AS o`.execute(db);
+          for (const r of rows) shardOf.set(r.organization_id, r.shard);
+        }
       }
       const groups = new Map<string, string[]>();
       for (const o of new Set(organizationIds)) {
@@ -69,6 +102,15 @@ export function citusRouter(db: Kysely<DB>): ShardRouter {
       }
       return [...groups.entries()].sort(([a], [b]) => Number(a) - Number(b)).map(([, orgs]) => orgs.sort());
     },
+    ...(nodes
+      ? {
+          async nodeOf(organizationIds: readonly string[]) {
+            const first = organizationIds[0];
+            const node = first === undefined ? undefined : nodeOfShard.get(shardOf.get(first) ?? '');
+            return node ? nodes.of(node.host, node.port) : undefined;
+          },
+        }
+      : {}),
   };
 }
 
@@ -76,13 +118,14 @@ export function citusRouter(db: Kysely<DB>): ShardRouter {
  * Runs `run` once per shard group of `items` (by their organization), the groups concurrently: on
  * Citus each run is a router query of its own, so batches on different shard groups never wait on
  * each other, and each statement commits on its own node (no two-phase commit, no lock held on two
- * nodes, so no distributed deadlock to detect). One node: one run with every item.
+ * nodes, so no distributed deadlock to detect). One node: one run with every item. `node` answers
+ * the database of the node that holds the group, for the statements sent there (router.nodeOf).
  */
 export async function perShardGroup<T, R>(
   router: ShardRouter,
   items: readonly T[],
   organizationOf: (item: T) => string,
-  run: (items: T[], organizationIds: string[]) => Promise<R[]>,
+  run: (items: T[], organizationIds: string[], node: () => Promise<Kysely<DB> | undefined>) => Promise<R[]>,
 ): Promise<R[]> {
   if (items.length === 0) return [];
   const groups = await router.groups(items.map(organizationOf));
@@ -92,6 +135,7 @@ export async function perShardGroup<T, R>(
       return run(
         items.filter((item) => members.has(organizationOf(item))),
         orgs,
+        async () => router.nodeOf?.(orgs),
       );
     }),
   );

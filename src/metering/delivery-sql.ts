@@ -176,15 +176,17 @@ export async function claimBatch(
     router,
     unique,
     (k) => k.organizationId,
-    async (group, orgs) => {
+    async (group, orgs, node) => {
       progress.groups += 1;
-      const first = await claimLeasing(db, group, orgs, options, progress);
+      // On the node that holds the group (CITUS_NODE_ROUTING), but never out of a caller's transaction.
+      const on = db.isTransaction ? db : ((await node()) ?? db);
+      const first = await claimLeasing(on, group, orgs, options, progress);
       const missing = first.filter((r) => r.state === 'missing');
       if (missing.length === 0) return first;
       const missingKeys = missing.map(rowKey);
       await ensureKeys(db, missingKeys);
       const again = new Map(
-        (await claimLeasing(db, missingKeys, orgs, options, progress)).map((r) => [keyName(rowKey(r)), r]),
+        (await claimLeasing(on, missingKeys, orgs, options, progress)).map((r) => [keyName(rowKey(r)), r]),
       );
       return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
     },
@@ -522,10 +524,11 @@ export async function settleBatch(
     routerOf(db, options),
     items,
     organizationOf,
-    async (own, organizationIds) => {
+    async (own, organizationIds, node) => {
       const gs = own.flatMap((i) => ('group' in i ? [i.group] : []));
       const ks = own.flatMap((i) => ('key' in i ? [i.key] : []));
-      return [await settleStatement(db, gs, ks, organizationIds, options)];
+      const on = db.isTransaction ? db : ((await node()) ?? db);
+      return [await settleStatement(on, gs, ks, organizationIds, options)];
     },
   );
   return refused.reduce((a, b) => a + b, 0);

@@ -29,6 +29,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import { type BatchDeps, type ConnectedDeps, deliverBatch, renewEveryMs } from './batch.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
+import { openNodeConnections, routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import {
   type CorrectionClient,
@@ -234,6 +235,10 @@ export async function startDelivery(
   // run with 1,000-key claims of 20-40 s and a bound of 2 delivered nothing for minutes).
   const max = ctx.config.DELIVERY_MAX_STATEMENTS;
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
+  // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts); the
+  // nodes' pools open on a distributed database's first batch only.
+  const nodes = ctx.config.CITUS_NODE_ROUTING === 'on' ? openNodeConnections(ctx) : undefined;
+  if (nodes) routeToNodes(db, nodes);
   // Every batch waits after its claim until the connected standbys have it: this node's, and on Citus
   // every worker node's (a claim commits on the workers, whose standbys this node's view does not show).
   const replication = replicationGuard(ctx.db, {
@@ -522,7 +527,9 @@ export async function startDelivery(
       sweep.stop();
       reaper.stop();
     },
-    close: () => leaseDatabase.pool.end(),
+    close: async () => {
+      await Promise.all([leaseDatabase.pool.end(), nodes?.close()]);
+    },
   };
 }
 

@@ -1,0 +1,176 @@
+// Delivery's claims and settles sent to the Citus node that holds their shard group
+// (CITUS_NODE_ROUTING=on). A router query sent to the coordinator is planned there (Citus's
+// distributed planning, then the shard query's own on the worker): the coordinator's CPU was the
+// cluster's limit, 11 ms of it per delivered event with batches of 5 keys (docs/benchmarks.md,
+// "Citus delivery"). Since Citus 11 every node has the cluster's metadata and plans and runs a
+// distributed query itself; a statement sent to the node that holds its shard group is planned there
+// and runs on the local shards, without the coordinator.
+//
+// Only statements on the co-located distributed tables (meter_outbox, meter_delivery_keys) of one
+// shard group are sent to a node: claims and settles (delivery-sql.ts). Everything else (pg-boss,
+// the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
+// coordinator. Where a statement runs never changes what it does: a node whose placement went stale
+// (a shard moved after the batch's router read it) plans the statement from its own synced metadata
+// and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
+// reached is not used for a while (its statements go to the coordinator, as with routing off).
+import { type Kysely, sql } from 'kysely';
+import type { Config } from '../config.js';
+import { createDatabase, gatedKysely } from '../db/database.js';
+import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
+import { createDeadlineProbe } from '../db/deadline-probe.js';
+import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
+
+/** The connections of one process to the cluster's nodes, by host and port. */
+export interface NodeConnections {
+  /**
+   * The database of the node at host:port, opened on first use; undefined when it cannot be reached
+   * now (asked again after UNREACHABLE_RETRY_MS).
+   */
+  of(host: string, port: number): Promise<Kysely<DB> | undefined>;
+  close(): Promise<void>;
+}
+
+/** How long a node that could not be reached is left alone (its statements go to the coordinator). */
+export const UNREACHABLE_RETRY_MS = 60_000;
+
+/**
+ * The URL of the node at host:port: the coordinator's (its user, password, database and options)
+ * with the node's host and port; undefined for a connection string that is not a URL.
+ */
+export function nodeUrl(coordinatorUrl: string, host: string, port: number): string | undefined {
+  let url: URL;
+  try {
+    url = new URL(coordinatorUrl);
+  } catch {
+    return undefined;
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') return undefined;
+  url.hostname = host.includes(':') ? `[${host}]` : host;
+  url.port = String(port);
+  url.searchParams.delete('host');
+  url.searchParams.delete('port');
+  return url.toString();
+}
+
+/**
+ * Connections to the nodes, each a database `open` makes from the node's URL (nodeUrl), checked with
+ * one statement when first opened.
+ */
+export function createNodeConnections(options: {
+  coordinatorUrl: string;
+  open: (url: string, node: string) => { db: Kysely<DB>; close: () => Promise<void> };
+  onUnreachable?: (node: string, err: unknown) => void;
+  now?: () => number;
+}): NodeConnections {
+  const now = options.now ?? (() => performance.now());
+  const nodes = new Map<string, Promise<{ db: Kysely<DB>; close: () => Promise<void> } | undefined>>();
+  const unreachableUntil = new Map<string, number>();
+  return {
+    async of(host, port) {
+      const name = `${host}:${port}`;
+      if ((unreachableUntil.get(name) ?? 0) > now()) return undefined;
+      let opening = nodes.get(name);
+      if (!opening) {
+        const url = nodeUrl(options.coordinatorUrl, host, port);
+        if (url === undefined) return undefined;
+        opening = (async () => {
+          const node = options.open(url, name);
+          try {
+            await sql`SELECT 1`.execute(node.db);
+            return node;
+          } catch (err) {
+            options.onUnreachable?.(name, err);
+            unreachableUntil.set(name, now() + UNREACHABLE_RETRY_MS);
+            nodes.delete(name);
+            await node.close().catch(() => undefined);
+            return undefined;
+          }
+        })();
+        nodes.set(name, opening);
+      }
+      return (await opening)?.db;
+    },
+    async close() {
+      const open = [...nodes.values()];
+      nodes.clear();
+      await Promise.all(open.map(async (n) => (await n)?.close()));
+    },
+  };
+}
+
+// The node connections of a process's delivery database (delivery.ts registers them): citusRouter
+// finds them from the database its statements run on, so the store and its callers stay as they are.
+const registry = new WeakMap<Kysely<DB>, NodeConnections>();
+
+/** Claims and settles on `db` go to the nodes through `nodes` (CITUS_NODE_ROUTING=on). */
+export function routeToNodes(db: Kysely<DB>, nodes: NodeConnections): void {
+  registry.set(db, nodes);
+}
+
+/** The node connections registered for `db`, if any. */
+export function nodeConnectionsOf(db: Kysely<DB>): NodeConnections | undefined {
+  return registry.get(db);
+}
+
+/**
+ * The worker process's node connections: each node's pool as the process's own (DB_POOL_MAX
+ * connections at most, the same deadlines and server bounds; the deadline probe asks the node
+ * itself), from the direct URL's user, password and database; at most `maxStatements` statements
+ * at once per node when DELIVERY_MAX_STATEMENTS bounds the process's.
+ */
+export function openNodeConnections(ctx: {
+  config: Pick<
+    Config,
+    | 'DATABASE_URL'
+    | 'DATABASE_DIRECT_URL'
+    | 'DB_POOL_MAX'
+    | 'DB_SERVER_TIMEOUTS'
+    | 'DB_STATEMENT_DEADLINE_MS'
+    | 'DB_LONG_STATEMENT_DEADLINE_MS'
+    | 'DELIVERY_MAX_STATEMENTS'
+  >;
+  log: Logger;
+  connectionWatch?: ConnectionWatch;
+}): NodeConnections {
+  const { config, log } = ctx;
+  return createNodeConnections({
+    coordinatorUrl: config.DATABASE_DIRECT_URL ?? config.DATABASE_URL ?? '',
+    open(url, node) {
+      const connectionString = serverBoundedUrl(url, config);
+      const probe = ctx.connectionWatch
+        ? createDeadlineProbe({ connectionString, applicationName: 'meterbox-node-probe' })
+        : undefined;
+      const database = createDatabase({
+        connectionString,
+        max: config.DB_POOL_MAX,
+        log,
+        applicationName: 'meterbox-worker-node',
+        ...(ctx.connectionWatch
+          ? {
+              safety: {
+                deadlineMs: config.DB_STATEMENT_DEADLINE_MS,
+                longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
+                watch: ctx.connectionWatch,
+                pool: `node ${node}`,
+                ...(probe ? { probe } : {}),
+              },
+            }
+          : {}),
+      });
+      const max = config.DELIVERY_MAX_STATEMENTS;
+      return {
+        db: max > 0 ? gatedKysely(database.pool, max) : database.db,
+        close: async () => {
+          probe?.close();
+          await database.pool.end();
+        },
+      };
+    },
+    onUnreachable: (node, err) =>
+      log.warn(
+        { err, node },
+        "could not connect to a Citus node: its shard groups' claims and settles go to the coordinator for a minute",
+      ),
+  });
+}

@@ -1,0 +1,247 @@
+// Claims and settles sent to the node that holds their shard group (CITUS_NODE_ROUTING,
+// src/metering/citus-nodes.ts), on a cluster of this file's own (a shard is moved): the coordinator
+// runs none of them, each node runs only its own shard groups' statements, and a statement sent by a
+// placement that went stale (its shard moved after the batch's router read it) still does exactly what
+// it would have done on the coordinator: the node it reaches runs it where the shard now is.
+import { sql } from 'kysely';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { createNodeConnections, type NodeConnections } from '../../src/metering/citus-nodes.js';
+import { type ClaimOptions, claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
+import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
+import {
+  type CitusCluster,
+  citusQuery,
+  migrateAndDistribute,
+  type Recorded,
+  recordingDb,
+  startCitusCluster,
+} from '../support/citus.js';
+import { createOrganization } from '../support/fixtures.js';
+
+const available = inject('citusUrl') !== '';
+
+/** The recorded statements that read or write the outbox (claims and settles; not the new keys' insert). */
+const onOutbox = (recorded: Recorded) => recorded.filter((q) => /meter_outbox/.test(q.sql));
+
+/** The organizations a statement names (its uuid[] parameters). */
+const organizationsOf = (q: Recorded[number]) =>
+  q.parameters.flatMap((p) =>
+    Array.isArray(p) && p.every((x) => typeof x === 'string' && /^[0-9a-f-]{36}$/.test(x)) ? p : [],
+  ) as string[];
+
+describe.skipIf(!available)('claims and settles sent to the node of their shard group', () => {
+  let cluster: CitusCluster;
+  let pool: pg.Pool;
+  /** The coordinator's statements, and each node's (by port). */
+  const onCoordinator: Recorded = [];
+  const onNode = new Map<number, Recorded>();
+  let db: ReturnType<typeof recordingDb>;
+  let nodes: NodeConnections;
+
+  beforeAll(async () => {
+    cluster = await startCitusCluster(2);
+    await migrateAndDistribute(cluster.coordinator.url);
+    pool = new pg.Pool({ connectionString: cluster.coordinator.url, max: 4 });
+    db = recordingDb(pool, onCoordinator);
+    nodes = createNodeConnections({
+      coordinatorUrl: cluster.coordinator.url,
+      open(url) {
+        const port = Number(new URL(url).port);
+        const recorded = onNode.get(port) ?? [];
+        onNode.set(port, recorded);
+        const nodePool = new pg.Pool({ connectionString: url, max: 4 });
+        return { db: recordingDb(nodePool, recorded), close: () => nodePool.end() };
+      },
+    });
+  });
+  afterAll(async () => {
+    await nodes?.close();
+    await db?.destroy();
+    await cluster?.stop();
+  });
+
+  /** The port of the node that holds the shard group of `organizationId`, read now. */
+  async function nodeOf(organizationId: string): Promise<number> {
+    const [row] = await citusQuery<{ nodeport: number }>(
+      cluster.coordinator.url,
+      `SELECT nodeport FROM citus_shards
+        WHERE table_name = 'meter_outbox'::regclass
+          AND shardid = get_shard_id_for_distribution_column('meter_outbox', $1::uuid)`,
+      [organizationId],
+    );
+    return row!.nodeport;
+  }
+
+  /** A billable organization's key, with pending rows of these values. */
+  async function keyWith(...values: number[]): Promise<KeyRef> {
+    const org = await createOrganization(db);
+    for (const value of values)
+      await sql`INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at)
+                VALUES (${org.organizationId}, 'temperature_readings', ${org.customerId}, ${value}, now())`.execute(
+        db,
+      );
+    return {
+      organizationId: org.organizationId,
+      customerId: org.customerId,
+      eventName: 'temperature_readings',
+    };
+  }
+
+  const options = (owner: string): ClaimOptions => ({
+    owner,
+    leaseSeconds: 30,
+    now: new Date(),
+    maxRows: 1,
+    sendable: ['temperature_readings', 'active_sensors'],
+    distributed: true,
+  });
+
+  /** Every claimed group settled as Stripe accepted it, each key's lease released. */
+  const settleAccepted = (
+    claimed: readonly ClaimedKey[],
+    owner: string,
+    router: ReturnType<typeof citusRouter>,
+  ) =>
+    settleBatch(
+      db,
+      claimed.flatMap((k) =>
+        k.state === 'leased' && k.group
+          ? [
+              {
+                ...keyRef(k),
+                identifier: k.group.identifier,
+                status: 'delivered' as const,
+                called: true,
+                counted: true,
+              },
+            ]
+          : [],
+      ),
+      claimed.map((k) => ({ ...keyRef(k), called: true })),
+      { owner, minIntervalMs: 0, distributed: true, router },
+    );
+
+  /** The key's rows by value: their status, and the lease left on its key row. */
+  async function stateOf(key: KeyRef) {
+    const rows = await sql<{ value: string; status: string }>`
+      SELECT value::text, status FROM meter_outbox WHERE organization_id = ${key.organizationId} ORDER BY value`.execute(
+      db,
+    );
+    const lease = await sql<{ lease_owner: string | null }>`
+      SELECT lease_owner FROM meter_delivery_keys WHERE organization_id = ${key.organizationId}`.execute(db);
+    return { rows: rows.rows, leases: lease.rows.map((r) => r.lease_owner) };
+  }
+
+  it('runs every claim and settle on the node that holds its shard group, none on the coordinator', async () => {
+    const keys: KeyRef[] = [];
+    for (let i = 1; i <= 6; i++) keys.push(await keyWith(i));
+    const router = citusRouter(db, nodes);
+    const groups = await router.groups(keys.map((k) => k.organizationId));
+    expect(groups.length).toBeGreaterThanOrEqual(2);
+    const ports = new Map<string, number>();
+    for (const k of keys) ports.set(k.organizationId, await nodeOf(k.organizationId));
+    expect(new Set(ports.values()).size).toBe(2);
+    onCoordinator.length = 0;
+    for (const r of onNode.values()) r.length = 0;
+
+    // A first claim (the keys' rows inserted on the coordinator, then claimed again), then the settle.
+    const claimed = await claimBatch(db, keys, { ...options('node-1'), router });
+    expect(claimed.map((k) => (k.state === 'leased' ? k.group?.value : k.state)).sort()).toEqual([
+      '1',
+      '2',
+      '3',
+      '4',
+      '5',
+      '6',
+    ]);
+    expect(await settleAccepted(claimed, 'node-1', router)).toBe(0);
+    expect(onOutbox(onCoordinator)).toEqual([]);
+    for (const k of keys) expect((await stateOf(k)).leases).toEqual([null]);
+    for (const [port, recorded] of onNode) {
+      const own = onOutbox(recorded);
+      // Each group's claim (twice: before and after its keys' rows were inserted) and its settle.
+      const groupsHere = groups.filter((g) => ports.get(g[0]!) === port);
+      expect(own).toHaveLength(groupsHere.length * 3);
+      for (const q of own) for (const o of organizationsOf(q)) expect(ports.get(o)).toBe(port);
+    }
+  });
+
+  it('does what it says when the shard moved after the router read its node, and the next router follows it', async () => {
+    const key = await keyWith(1, 2);
+    const router = citusRouter(db, nodes);
+    const from = await nodeOf(key.organizationId);
+    const claimed = await claimBatch(db, [key], { ...options('node-stale'), router });
+    expect(claimed.map((k) => k.state === 'leased' && k.group?.value)).toEqual(['1']);
+
+    // The shard group moves to the other worker while the batch holds its key.
+    const to = cluster.workers.find((w) => w.port !== from)!.port;
+    const [shard] = await citusQuery<{ shardid: string }>(
+      cluster.coordinator.url,
+      `SELECT get_shard_id_for_distribution_column('meter_outbox', $1::uuid)::text AS shardid`,
+      [key.organizationId],
+    );
+    await citusQuery(
+      cluster.coordinator.url,
+      `SELECT citus_move_shard_placement($1::bigint, '127.0.0.1', $2::int, '127.0.0.1', $3::int,
+                                         shard_transfer_mode => 'block_writes')`,
+      [shard!.shardid, from, to],
+    );
+    expect(await nodeOf(key.organizationId)).toBe(to);
+
+    // The batch's router still says `from`: its settle goes there, and lands on the moved shard.
+    const sentBefore = onOutbox(onNode.get(from) ?? []).length;
+    expect(await settleAccepted(claimed, 'node-stale', router)).toBe(0);
+    expect(onOutbox(onNode.get(from)!).length).toBe(sentBefore + 1);
+    expect(await stateOf(key)).toEqual({
+      rows: [
+        { value: '1', status: 'delivered' },
+        { value: '2', status: 'pending' },
+      ],
+      leases: [null],
+    });
+    // A claim by the stale placement too: the next row, leased on the moved shard.
+    const again = await claimBatch(db, [key], { ...options('node-stale-2'), router });
+    expect(again.map((k) => k.state === 'leased' && k.group?.value)).toEqual(['2']);
+    expect((await stateOf(key)).leases).toEqual(['node-stale-2']);
+
+    // A new batch's router reads the new placement.
+    const fresh = citusRouter(db, nodes);
+    const sentTo = onOutbox(onNode.get(to) ?? []).length;
+    expect(await settleAccepted(again, 'node-stale-2', fresh)).toBe(0);
+    expect(onOutbox(onNode.get(to)!).length).toBe(sentTo + 1);
+    expect(await stateOf(key)).toEqual({
+      rows: [
+        { value: '1', status: 'delivered' },
+        { value: '2', status: 'delivered' },
+      ],
+      leases: [null],
+    });
+  });
+
+  it('sends the statements of a node it cannot reach to the coordinator', async () => {
+    const unreachable = createNodeConnections({
+      coordinatorUrl: cluster.coordinator.url,
+      open(url) {
+        // A port nothing listens on.
+        const bad = new URL(url);
+        bad.port = '1';
+        const nodePool = new pg.Pool({ connectionString: bad.toString(), max: 1 });
+        return { db: recordingDb(nodePool, []), close: () => nodePool.end() };
+      },
+    });
+    try {
+      const key = await keyWith(7);
+      onCoordinator.length = 0;
+      const claimed = await claimBatch(db, [key], {
+        ...options('node-down'),
+        router: citusRouter(db, unreachable),
+      });
+      expect(claimed.map((k) => k.state === 'leased' && k.group?.value)).toEqual(['7']);
+      expect(onOutbox(onCoordinator).length).toBeGreaterThanOrEqual(1);
+    } finally {
+      await unreachable.close();
+    }
+  });
+});
