@@ -41,7 +41,7 @@ import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './leas
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
-import { destinationVerdict, lateAmbiguous } from './rules/answers.js';
+import { accountAccessRefused, destinationVerdict, lateAmbiguous } from './rules/answers.js';
 import { decideBatch } from './rules/decide-batch.js';
 import type { Note } from './rules/decision.js';
 import { type Gate, type HealthReport, healthPolicy, splitByGate } from './rules/health.js';
@@ -58,7 +58,6 @@ import {
 import { needsCorrectionClaim, planCalls } from './rules/plan.js';
 import { deliveryPolicy } from './rules/policy.js';
 import { type DeliveryStore, sqlStore } from './store.js';
-import { accountAccessRefused } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
 export interface BatchDeps {

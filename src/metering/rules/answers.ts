@@ -1,13 +1,20 @@
 // What an answer means: for the group it answers (meaningOf) and for its destination's health
 // (destinationVerdict).
 
-import {
-  ACCOUNT_ACCESS_REFUSED,
-  accountAccessRefused,
-  PLATFORM_KEY_REFUSED,
-  type SendOutcome,
-} from '../stripe-meter.js';
+import { ACCOUNT_ACCESS_REFUSED, PLATFORM_KEY_REFUSED, type SendOutcome } from '../stripe-meter.js';
 import type { Answer } from './keys.js';
+
+/**
+ * Whether an outcome refuses the key the call was made with on the account it was made on: a
+ * connected account's refusal of the platform (ACCOUNT_ACCESS_REFUSED) or Stripe's refusal of the
+ * platform's own key (PLATFORM_KEY_REFUSED). Either holds that account's deliveries.
+ */
+export function accountAccessRefused(outcome: SendOutcome): boolean {
+  return (
+    outcome.kind === 'retryable' &&
+    (outcome.reason === ACCOUNT_ACCESS_REFUSED || outcome.reason === PLATFORM_KEY_REFUSED)
+  );
+}
 
 /** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
 export function lateAmbiguous(answer: Answer): boolean {
