@@ -161,7 +161,7 @@ export async function deliveryParts(
     // Open from the start and for good: a renewal on a slow database should not wait for a connection
     // to be made, and the process's direct connections are a fixed count (docs/operations.md).
     idleTimeoutMillis: 0,
-    log: log,
+    log,
     applicationName: 'meterbox-leases',
     ...(ctx.connectionWatch
       ? {
