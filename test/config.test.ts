@@ -9,7 +9,7 @@ import {
 } from '../src/config.js';
 import { createStripeClient } from '../src/context.js';
 import { callsPerSecond } from '../src/metering/budget.js';
-import { chooseTransport } from '../src/metering/delivery.js';
+import { chooseTransport } from '../src/metering/delivery-parts.js';
 import { runEntryPoint } from './support/processes.js';
 
 describe('loadConfig', () => {

@@ -566,7 +566,7 @@ export class ModelDb {
     return out;
   }
 
-  /** orphanedJobs (delivery.ts): active jobs older than `olderThanMs` whose key holds no live lease. */
+  /** orphanedJobs (lease-reaper.ts): active jobs older than `olderThanMs` whose key holds no live lease. */
   orphans(olderThanMs: number, takeOverAfterMs = 0): Job[] {
     const t = this.now();
     return [...this.jobs.values()].filter((j) => {

@@ -229,7 +229,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
       }
     };
     for (let i = 0; i < spec.fetchers; i++) void fetcher();
-    // The lease reaper (delivery.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
+    // The lease reaper (lease-reaper.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
     // only while a lease exists anywhere (they would find nothing else), to keep long runs fast.
     w.reap = () => {
       if (w.reapArmed) return;
@@ -255,7 +255,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
       return false;
     };
     /** One pass of the reaper: expired leases and orphaned jobs, queued again. */
-    // delivery.ts reapOnce: the expired leases read and the orphaned jobs found; then their keys queued,
+    // lease-reaper.ts reapOnce: the expired leases read and the orphaned jobs found; then their keys queued,
     // the orphans completed and the leases freed (a lease that ran out meanwhile queued too), in that
     // order, so that no instant leaves such a key with neither a lease nor a job. (One statement here
     // for the last four: between them every key has its job.)

@@ -28,6 +28,31 @@ export async function customerAccount(db: Db, customerId: string): Promise<strin
   return row?.stripe_account ?? null;
 }
 
+/**
+ * The connected accounts of customers, kept: a customer's account never changes once it has usage, so
+ * what a customer is found to be (a connected account's or the platform's) is asked once (delivery
+ * asks it for every batch's customers). Absent from the answer: the platform's.
+ */
+export function customerAccountCache(
+  db: Db,
+): (customerIds: readonly string[]) => Promise<Map<string, string>> {
+  const accountOfCustomer = new Map<string, string | null>();
+  return async (customerIds) => {
+    const missing = [...new Set(customerIds.filter((id) => !accountOfCustomer.has(id)))];
+    if (missing.length > 0) {
+      const found = await customerAccounts(db, missing);
+      if (accountOfCustomer.size > 100_000) accountOfCustomer.clear();
+      for (const id of missing) accountOfCustomer.set(id, found.get(id) ?? null);
+    }
+    const out = new Map<string, string>();
+    for (const id of customerIds) {
+      const account = accountOfCustomer.get(id);
+      if (account) out.set(id, account);
+    }
+    return out;
+  };
+}
+
 /** The connected accounts of these customers (absent from the map: the platform's). One statement. */
 export async function customerAccounts(db: Db, customerIds: readonly string[]): Promise<Map<string, string>> {
   if (customerIds.length === 0) return new Map();

@@ -41,13 +41,12 @@ import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './leas
 import type { MeterCatalog } from './meter-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import type { QueuePayload } from './queues.js';
-import { destinationVerdict, lateAmbiguous } from './rules/answers.js';
+import { accountAccessRefused, healthReport } from './rules/answers.js';
 import { decideBatch } from './rules/decide-batch.js';
 import type { Note } from './rules/decision.js';
-import { type Gate, type HealthReport, healthPolicy, splitByGate } from './rules/health.js';
+import { type Gate, healthPolicy, splitByGate } from './rules/health.js';
 import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import {
-  type Answer,
   type ClaimedKey,
   type CorrectionFacts,
   destinationOf,
@@ -58,7 +57,6 @@ import {
 import { needsCorrectionClaim, planCalls } from './rules/plan.js';
 import { deliveryPolicy } from './rules/policy.js';
 import { type DeliveryStore, sqlStore } from './store.js';
-import { accountAccessRefused } from './stripe-meter.js';
 import type { MeterTransport } from './transport.js';
 
 export interface BatchDeps {
@@ -560,24 +558,6 @@ function withoutHealth(store: DeliveryStore): DeliveryStore {
 
 /** Fetchers of this process woken at an outage's end (the other processes' poll within a second). */
 const WAKE_FETCHERS = 4;
-
-/** What a batch's calls said of their destination: its failures by call, and its working answers. */
-function healthReport(called: readonly Answer[], probed: boolean): HealthReport {
-  const failingCalls = new Set<number>();
-  const failingKeys = new Set<string>();
-  let answered = 0;
-  let refused = 0;
-  for (const [i, a] of called.entries()) {
-    if (!a.outcome || lateAmbiguous(a)) continue;
-    const verdict = destinationVerdict(a.outcome);
-    if (verdict === 'failure') {
-      failingCalls.add(a.call ?? -1 - i);
-      failingKeys.add(keyName(a.key));
-    } else if (verdict === 'answered') answered += 1;
-    else if (verdict === 'refused') refused += 1;
-  }
-  return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed, refused };
-}
 
 /** What a batch's notes say, to the log and the metrics. */
 function report(deps: Pick<BatchDeps, 'log' | 'observer'>, notes: readonly Note[]): void {

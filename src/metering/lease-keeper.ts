@@ -1,7 +1,7 @@
 // The lease keeper: what keeps a running batch's claim on its work alive, on a connection of its own.
 //
 // A running batch renews its keys' leases and touches its pg-boss jobs every third of the lease
-// (batch.ts, delivery.ts touchWhileRunning). On the process's pool those statements queued behind the
+// (batch.ts, touchWhileRunning below). On the process's pool those statements queued behind the
 // claims and settles of the other fetchers (8 fetchers, DB_POOL_MAX 10): on a slow database with a
 // backlog a claim holds its connection for tens of seconds, so a renewal waited for a connection past
 // the lease, the reaper freed the lease of a batch that was still running and its settle was refused
@@ -17,6 +17,7 @@
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
 import { renewLeasesOf } from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 
@@ -70,7 +71,7 @@ function coalescing<R, A>(run: (requests: R[]) => Promise<A[]>): (request: R) =>
 }
 
 /**
- * A keeper over `db` (a pool of its own, one connection: src/metering/delivery.ts opens it) and
+ * A keeper over `db` (a pool of its own, one connection: src/metering/delivery-parts.ts opens it) and
  * `executeSql` on the same connection for pg-boss's own touch statement.
  */
 export function createLeaseKeeper(deps: {
@@ -115,6 +116,44 @@ export function createLeaseKeeper(deps: {
     renew: (owner, organizationIds, leaseSeconds) => renew({ owner, organizationIds, leaseSeconds }),
     touch: async (ids) => {
       if (ids.length > 0) await touch(ids);
+    },
+  };
+}
+
+/**
+ * Touches a running batch's jobs (pg-boss's `heartbeat_on`, set on the database's clock) every `everyMs`
+ * from the batch's start to its end: the reaper takes a fetched job as orphaned only once its last
+ * heartbeat (the fetch, or a touch) is a lease old. Without this a job's age counted from its fetch, so a
+ * batch still running past the lease on a slow database (a claim of 30 s, a settle that released the key
+ * before pg-boss completed the job) had its jobs completed as orphaned and its keys queued again under
+ * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
+ * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
+ * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
+ * The touches go through the process's lease connection (lease-keeper.ts), never behind claims.
+ */
+export function touchWhileRunning(
+  leases: Pick<LeaseKeeper, 'touch'>,
+  ids: readonly string[],
+  everyMs: number,
+  log: Logger,
+): { stop(): Promise<void> } {
+  let pending: Promise<unknown> = Promise.resolve();
+  let busy = false;
+  const timer = setInterval(() => {
+    if (busy || ids.length === 0) return;
+    busy = true;
+    pending = leases
+      .touch(ids)
+      .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
+      .finally(() => {
+        busy = false;
+      });
+  }, everyMs);
+  timer.unref();
+  return {
+    async stop() {
+      clearInterval(timer);
+      await pending;
     },
   };
 }

@@ -110,6 +110,8 @@ export function sqlStore(deps: {
   const distributed = deps.distributed === true;
   const destination = deps.destination ?? 'stripe';
   const account = deps.account ?? '';
+  // The rate a 429 slows: the destination's budget row's configured one.
+  const rate = destinationCallsPerSecond(deps.config, destination);
   // One store per batch: its shard router remembers the batch's organizations' shard groups from the
   // claim to the settle, and the store the organizations whose keys the batch claimed (its renewals
   // and release name them, so each is a router query on Citus).
@@ -171,12 +173,6 @@ export function sqlStore(deps: {
           },
         }
       : {}),
-    rateLimited: () =>
-      recordRateLimited(
-        db,
-        destinationCallsPerSecond(deps.config, destination),
-        distributed,
-        BUDGET_ROW[destination],
-      ),
+    rateLimited: () => recordRateLimited(db, rate, distributed, BUDGET_ROW[destination]),
   };
 }

@@ -129,18 +129,6 @@ export const ACCOUNT_ACCESS_REFUSED = 'account_access_refused';
 export const PLATFORM_KEY_REFUSED = 'platform_key_refused';
 
 /**
- * Whether an outcome refuses the key the call was made with on the account it was made on: a
- * connected account's refusal of the platform (ACCOUNT_ACCESS_REFUSED) or Stripe's refusal of the
- * platform's own key (PLATFORM_KEY_REFUSED). Either holds that account's deliveries.
- */
-export function accountAccessRefused(outcome: SendOutcome): boolean {
-  return (
-    outcome.kind === 'retryable' &&
-    (outcome.reason === ACCOUNT_ACCESS_REFUSED || outcome.reason === PLATFORM_KEY_REFUSED)
-  );
-}
-
-/**
  * Maps a thrown Stripe SDK (or network) error to an outcome. Exported for tests and the ops tooling.
  * `call.stripeAccount`: the connected account the call was made on; a 401, a 403 or `account_invalid`
  * answered to such a call names that account (its access revoked), not the event: retryable with

@@ -6,8 +6,8 @@
 // comes back in a `v1.billing.meter.error_report_triggered` report (billing/meter-error-reports.ts
 // maps its sampled identifiers back to outbox rows).
 import Stripe from 'stripe';
+import { accountAccessRefused } from './rules/answers.js';
 import {
-  accountAccessRefused,
   type CallOptions,
   classifyStripeError,
   MAX_IDENTIFIER_LENGTH,

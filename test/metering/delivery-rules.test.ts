@@ -11,7 +11,7 @@ import { createLogger } from '../../src/log.js';
 import { type BatchDeps, type DeliveryJob, deliverBatch } from '../../src/metering/batch.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { type CorrectionClient, createCorrectionClient } from '../../src/metering/corrections.js';
-import { reapOnce } from '../../src/metering/delivery.js';
+import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { type DeliveryStore, sqlStore } from '../../src/metering/store.js';
 import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';

@@ -7,7 +7,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { reapOnce } from '../../src/metering/delivery.js';
+import { reapOnce } from '../../src/metering/lease-reaper.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createMetrics } from '../../src/observability/metrics.js';
 import { metricsDeliveryObserver } from '../../src/worker/delivery-observer.js';

@@ -5,9 +5,9 @@
 import Stripe from 'stripe';
 import { describe, expect } from 'vitest';
 import { createStripeClient } from '../../src/context.js';
+import { accountAccessRefused } from '../../src/metering/rules/answers.js';
 import {
   ACCOUNT_ACCESS_REFUSED,
-  accountAccessRefused,
   classifyStripeError,
   createStripeMeterClient,
   PLATFORM_KEY_REFUSED,

@@ -1,13 +1,21 @@
 // What an answer means: for the group it answers (meaningOf) and for its destination's health
 // (destinationVerdict).
 
-import {
-  ACCOUNT_ACCESS_REFUSED,
-  accountAccessRefused,
-  PLATFORM_KEY_REFUSED,
-  type SendOutcome,
-} from '../stripe-meter.js';
-import type { Answer } from './keys.js';
+import { ACCOUNT_ACCESS_REFUSED, PLATFORM_KEY_REFUSED, type SendOutcome } from '../stripe-meter.js';
+import type { HealthReport } from './health.js';
+import { type Answer, keyName } from './keys.js';
+
+/**
+ * Whether an outcome refuses the key the call was made with on the account it was made on: a
+ * connected account's refusal of the platform (ACCOUNT_ACCESS_REFUSED) or Stripe's refusal of the
+ * platform's own key (PLATFORM_KEY_REFUSED). Either holds that account's deliveries.
+ */
+export function accountAccessRefused(outcome: SendOutcome): boolean {
+  return (
+    outcome.kind === 'retryable' &&
+    (outcome.reason === ACCOUNT_ACCESS_REFUSED || outcome.reason === PLATFORM_KEY_REFUSED)
+  );
+}
 
 /** A timeout or connection error that arrived after its call's lease deadline (Answer.late). */
 export function lateAmbiguous(answer: Answer): boolean {
@@ -122,3 +130,41 @@ export const DESTINATION_DOWN_REASON = 'destination_down';
  * on its own, uncounted, once a minute.
  */
 export const ACCESS_REFUSED_WAIT_MS = 60_000;
+
+/** What the batch's rules read of one answered call (decide-batch.ts), read once. */
+export interface Reading {
+  /** The destination may have recorded it (possiblyRecorded). */
+  possiblyRecorded: boolean;
+  /** A failure of the destination, not of the group (destinationVerdict). */
+  destinationFailure: boolean;
+  /** A timeout or connection error after the call's lease deadline (lateAmbiguous). */
+  late: boolean;
+  meaning: Meaning;
+}
+
+export function readAnswer(answer: Answer, outcome: SendOutcome, options: { validating: boolean }): Reading {
+  return {
+    possiblyRecorded: possiblyRecorded(outcome),
+    destinationFailure: destinationVerdict(outcome) === 'failure',
+    late: lateAmbiguous(answer),
+    meaning: meaningOf(outcome, options),
+  };
+}
+
+/** What a batch's calls said of their destination: its failures by call, and its working answers. */
+export function healthReport(called: readonly Answer[], probed: boolean): HealthReport {
+  const failingCalls = new Set<number>();
+  const failingKeys = new Set<string>();
+  let answered = 0;
+  let refused = 0;
+  for (const [i, a] of called.entries()) {
+    if (!a.outcome || lateAmbiguous(a)) continue;
+    const verdict = destinationVerdict(a.outcome);
+    if (verdict === 'failure') {
+      failingCalls.add(a.call ?? -1 - i);
+      failingKeys.add(keyName(a.key));
+    } else if (verdict === 'answered') answered += 1;
+    else if (verdict === 'refused') refused += 1;
+  }
+  return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed, refused };
+}

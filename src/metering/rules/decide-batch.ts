@@ -4,15 +4,7 @@
 // Why this file is long: the list and its rules read in one place, each rule a few lines beside the
 // helpers every rule writes through; split, a reader would follow one decision across files.
 
-import {
-  ACCESS_REFUSED_WAIT_MS,
-  DESTINATION_DOWN_REASON,
-  destinationVerdict,
-  lateAmbiguous,
-  type Meaning,
-  meaningOf,
-  possiblyRecorded,
-} from './answers.js';
+import { ACCESS_REFUSED_WAIT_MS, DESTINATION_DOWN_REASON, type Meaning, readAnswer } from './answers.js';
 import type { BatchDecision, BatchInput, FollowUp, GroupSettlement, KeySettlement } from './decision.js';
 import { type Answer, type ClaimedKey, type KeyRef, keyName, keyRef, type LeasedKey } from './keys.js';
 import type { PlannedCall } from './plan.js';
@@ -62,13 +54,16 @@ function settleAnswer(d: Draft, answer: Answer): void {
     return;
   }
   settlement.called = true;
-  if (possiblyRecorded(answer.outcome)) settlement.ambiguous = true;
   const { outage, policy } = d.input;
-  if (outage && destinationVerdict(answer.outcome) === 'failure' && !lateAmbiguous(answer)) {
+  const reading = readAnswer(answer, answer.outcome, {
+    validating: policy.validationMs > 0 && !answer.correction,
+  });
+  if (reading.possiblyRecorded) settlement.ambiguous = true;
+  if (outage && reading.destinationFailure && !reading.late) {
     outageWait(d, answer, settlement, outage);
     return;
   }
-  const meaning = meaningOf(answer.outcome, { validating: policy.validationMs > 0 && !answer.correction });
+  const { meaning } = reading;
   switch (meaning.kind) {
     case 'delivered':
       delivered(d, answer, meaning.duplicate);
@@ -86,7 +81,7 @@ function settleAnswer(d: Draft, answer: Answer): void {
       connectHold(d, answer, settlement, meaning.message);
       break;
     case 'retry':
-      retryOrGiveUp(d, answer, settlement, meaning);
+      retryOrGiveUp(d, answer, settlement, meaning, reading.late);
       break;
     case 'failed':
       refusedForGood(d, answer, meaning);
@@ -230,9 +225,10 @@ function retryOrGiveUp(
   answer: Answer,
   settlement: KeySettlement,
   meaning: Extract<Meaning, { kind: 'retry' }>,
+  late: boolean,
 ): void {
   const { group } = answer;
-  const uncounted = meaning.reason === 'timestamp_in_future' || lateAmbiguous(answer);
+  const uncounted = meaning.reason === 'timestamp_in_future' || late;
   const attempts = uncounted ? group.attempts : group.attempts + 1;
   if (!uncounted && attempts > d.input.policy.retryLimit) {
     const message = `gave up after ${attempts} attempts: ${meaning.message}`;

@@ -1,0 +1,181 @@
+// The lease reaper: what a batch that died left (a lease never released, a fetched job never leased) is
+// freed within seconds by any worker process, and its keys queued again.
+import { type Kysely, sql } from 'kysely';
+import type { PgBoss } from 'pg-boss';
+import type { Config } from '../config.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
+import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
+import { queueDeliveries } from './outbox.js';
+import { deliveryPayload } from './queues.js';
+import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
+
+/**
+ * The lease reaper: every LEASE_REAP_MS, each worker process frees what a batch that died left:
+ * - leases past their expiry, never released (a live batch renews or releases its own): one
+ *   statement; their keys are queued again;
+ * - jobs it had fetched and not yet leased (killed between the fetch and the claim): delivery jobs
+ *   active for longer than a lease whose key holds no live lease (a live batch leases its keys, or
+ *   answers them, right after the fetch; and touches its jobs until it returns). They are completed as orphaned and their keys queued
+ *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
+ * So a killed worker's keys are resent within seconds of its leases' end. The leases' look reads every
+ * key row (no index on the lease columns, so that the claim's and the settle's updates of a key row are
+ * HOT: migrations/0077); pg-boss's index on active jobs makes the jobs' look free when no batch died.
+ */
+export function startLeaseReaper(deps: {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  log: Logger;
+  config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>;
+  /** Whether the database is distributed now (it may become so under a running worker). */
+  distributed: () => boolean;
+  wake: () => void;
+  /** The process's lease length: a job's age to be orphaned is at least its current lease. */
+  leaseLength?: Pick<LeaseLength, 'seconds'>;
+}): { stop(): void } {
+  let running = false;
+  const timer = setInterval(() => {
+    if (running) return;
+    running = true;
+    reapOnce(deps)
+      .then((freed) => {
+        if (freed.leases + freed.jobs > 0) deps.wake();
+      })
+      .catch((err: unknown) => deps.log.warn({ err }, 'lease reaper pass failed'))
+      .finally(() => {
+        running = false;
+      });
+  }, LEASE_REAP_MS);
+  timer.unref();
+  return {
+    stop() {
+      clearInterval(timer);
+    },
+  };
+}
+
+/**
+ * A fetched job whose key has no row yet is orphaned only after this long: the claim that inserts the
+ * row may be running (1,000-key claims on a loaded database took up to 30 s).
+ */
+export const NEW_KEY_ORPHAN_SECONDS = 60;
+
+/** How often each worker looks for leases whose batch died. */
+export const LEASE_REAP_MS = 2_000;
+
+/** One pass of the reaper: what a dead batch left is freed and its keys queued; returns how much. */
+export async function reapOnce(
+  deps: Pick<
+    Parameters<typeof startLeaseReaper>[0],
+    'db' | 'boss' | 'log' | 'config' | 'distributed' | 'leaseLength'
+  >,
+): Promise<{ leases: number; jobs: number }> {
+  // Jobs first, leases freed after: a pass that stops or stalls between its statements (a slow
+  // statement, a frozen or killed process) must not leave a key with neither a lease nor a job (it
+  // did: the lease freed, the batch's own job completed meanwhile, the queueing statement 22 s late;
+  // simulation seed 10681). An expired lease held on meanwhile changes nothing: a claim takes it over.
+  // The orphans are completed after their keys are queued (one queued job per key: an active one does
+  // not stop it), so that no instant between the two leaves their keys without a job either.
+  // While this process's leases are longer than configured (its claims or renewals slow), a lease that
+  // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
+  // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
+  const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
+  const expired = await expiredLeaseKeys(deps.db, slack);
+  // A job's age counts from its batch's last touch, and touches wait on a slow database as claims do:
+  // while this process's claims are slow (its lease longer than configured), a job is orphaned only
+  // once untouched for that longer lease (a key's own lease is read from its row in any case).
+  const orphanSeconds = Math.max(deps.config.DELIVERY_LEASE_SECONDS, deps.leaseLength?.seconds() ?? 0);
+  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed(), slack);
+  const first = [...expired, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
+  if (first.length > 0) await queueDeliveries(deps.boss, first);
+  if (orphans.length > 0) {
+    await deps.boss.complete(
+      'meter-delivery',
+      orphans.map((o) => o.id),
+      { kind: 'orphaned' },
+    );
+  }
+  const keys = await reapLeases(deps.db, { distributed: deps.distributed(), takeOverAfterSeconds: slack });
+  // A lease that ran out between the read and the reap: queued now (one queued job per key: a key
+  // queued above gets no second one).
+  const seen = new Set(first.map(keyName));
+  const late = keys.filter((k) => !seen.has(keyName(k)));
+  if (late.length > 0) await queueDeliveries(deps.boss, late);
+  if (keys.length + orphans.length > 0) {
+    deps.log.info(
+      { leases: keys.length, jobs: orphans.length },
+      'freed what a batch that died left (leases, fetched jobs); keys queued again',
+    );
+  }
+  return { leases: keys.length, jobs: orphans.length };
+}
+
+/**
+ * Delivery jobs active and untouched for more than `olderThanSeconds` whose key holds no live lease:
+ * fetched by a batch that died (a live batch touches its jobs until it returns: touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
+ * the two are not joinable in one).
+ */
+export async function orphanedJobs(
+  db: Kysely<DB>,
+  olderThanSeconds: number,
+  distributed: boolean,
+  /** A lease that ran out less than this long ago is still live (lease-length.ts, takeOverAfterSeconds). */
+  takeOverAfterSeconds = 0,
+): Promise<{ id: string; key: KeyRef | null }[]> {
+  // A job's age runs from its last sign of life: its fetch, or the last touch of the batch running it
+  // (touchWhileRunning).
+  const active = await sql<{ id: string; data: unknown; age: number }>`
+    SELECT id, data, extract(epoch FROM now() - coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job
+     WHERE name = 'meter-delivery' AND state = 'active'
+       AND coalesce(heartbeat_on, started_on) < now() - make_interval(secs => ${olderThanSeconds})
+     LIMIT 1000`.execute(db);
+  if (active.rows.length === 0) return [];
+  const jobs = active.rows.flatMap((r) => {
+    const parsed = deliveryPayload.safeParse(r.data);
+    if (!parsed.success) return [];
+    const { organizationId, ...key } = parsed.data;
+    return [{ id: r.id, organizationId, key, age: r.age }];
+  });
+  // Jobs queued before jobs named their organization: the organization holding the key's pending rows.
+  const legacy = jobs.filter((j) => j.organizationId === undefined).map((j) => j.key);
+  const organizations =
+    legacy.length > 0 ? await pendingOrganizations(db, legacy) : new Map<string, string>();
+  const customers = jobs.map((j) => j.key.customerId);
+  type KeyRow = { customer: string; event_name: MeterEventName; destination: Destination };
+  const nameOf = (r: KeyRow) =>
+    singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination });
+  const rows = await sql<KeyRow & { live: boolean }>`
+    SELECT stripe_customer_id AS customer, event_name, destination,
+           (lease_owner IS NOT NULL
+            AND lease_expires_at >= now() - make_interval(secs => ${takeOverAfterSeconds}::float8)) AS live
+      FROM meter_delivery_keys WHERE stripe_customer_id = ANY(${customers}::text[])`.execute(db);
+  // A key row another transaction has locked is being claimed right now (a claim holds its keys' rows
+  // until it commits, however long it runs): its job is not orphaned. FOR KEY SHARE SKIP LOCKED
+  // passes over exactly those rows without waiting for them. (Citus takes row locks in router
+  // queries only: there, a slow claim's jobs wait for the claim's commit like the reaper's leases.)
+  const lockable = distributed
+    ? undefined
+    : new Set(
+        (
+          await sql<KeyRow>`
+          SELECT stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
+           WHERE stripe_customer_id = ANY(${customers}::text[])
+           FOR KEY SHARE SKIP LOCKED`.execute(db)
+        ).rows.map(nameOf),
+      );
+  const existing = new Set(rows.rows.map(nameOf));
+  // A customer has pending rows in one organization at a time: its job's name says which key is leased.
+  const live = new Set(rows.rows.filter((r) => r.live || (lockable && !lockable.has(nameOf(r)))).map(nameOf));
+  // A key without a row has never been claimed: a claim inserting it may still be running (its
+  // insert is not visible yet), so its job is taken as orphaned only well past any claim's length.
+  const newKeySeconds = Math.max(NEW_KEY_ORPHAN_SECONDS, olderThanSeconds);
+  return jobs
+    .filter((j) => !live.has(singletonKeyOf(j.key)))
+    .filter((j) => existing.has(singletonKeyOf(j.key)) || j.age >= newKeySeconds)
+    .map((j) => {
+      const organizationId = j.organizationId ?? organizations.get(singletonKeyOf(j.key));
+      // No organization: nothing of the key is pending, so the job completes and nothing is queued.
+      return { id: j.id, key: organizationId ? keyRef({ ...j.key, organizationId }) : null };
+    });
+}
