@@ -87,7 +87,7 @@ export const configSchema = z.object({
   DELIVERY_CONCURRENCY: int(1, 100).default(8),
   /** Most delivery statements (claims, settles, follow-ups, the sweep) one worker runs at once; 0 = no bound. */
   DELIVERY_MAX_STATEMENTS: int(0, 100).default(0),
-  /** On Citus: delivery's claims and settles sent to the node that holds their shard group. */
+  /** On Citus: claims and settles sent to the node that holds their shard group. */
   CITUS_NODE_ROUTING: z.enum(['on', 'off']).default('on'),
   DELIVERY_RETRY_LIMIT: int(0, 1000).default(20),
   DELIVERY_RETRY_DELAY_SECONDS: int(1, 3600).default(5),
@@ -204,12 +204,8 @@ export const configSchema = z.object({
    * `ignore_startup_parameters = options`); set the pooler's own timeouts then (docs/operations.md).
    */
   DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
-  /**
-   * on: ingestion's group statement and pg-boss's insert of jobs are server-side prepared statements,
-   * parsed and planned once per connection (src/db/prepared.ts), on connections that are sessions of their own (through a pooler
-   * it stays unnamed). off: always unnamed.
-   */
-  DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('on'),
+  /** on: ingestion's group statement and pg-boss's job insert prepared per connection (src/db/prepared.ts). */
+  DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('off'),
   // --- destination outages (issue 44) ---
   /**
    * Consecutive failures that are a destination's (5xx, timeouts, connection errors), from at least

@@ -65,7 +65,7 @@ describe('the group statement as a prepared statement', () => {
   let ctx: Context;
   let close: () => Promise<void>;
   beforeAll(async () => {
-    ({ ctx, close } = await openTestContext());
+    ({ ctx, close } = await openTestContext({ DB_PREPARED_STATEMENTS: 'on' }));
     await ctx.boss.start();
   });
   afterAll(async () => {
@@ -111,6 +111,7 @@ describe.skipIf(pgbouncerBinary() === undefined)('behind PgBouncer in transactio
     const opened = await openTestContext({
       DATABASE_URL: pgbouncer.urlFor(database.url),
       DATABASE_DIRECT_URL: database.url,
+      DB_PREPARED_STATEMENTS: 'on',
     });
     ctx = opened.ctx;
     close = async () => {
