@@ -53,6 +53,7 @@ import {
   startCluster,
   startWorkerProcess,
 } from './harness.js';
+import { sampleWaits } from './waits.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -117,39 +118,17 @@ export const FAMILIES = [
 ] as const;
 
 /**
- * What the worker's busy sessions wait on while it delivers, by statement family: pg_stat_activity every
- * 50 ms. Sessions per sample: 1.0 is one session in that state the whole time. Tells a statement that
- * is slow because it works (CPU) from one that waits (a lock, the WAL, the client).
+ * What the worker's busy sessions wait on while it delivers, by statement family (waits.ts). Tells a
+ * statement that is slow because it works (CPU) from one that waits (a lock, the WAL, the client).
  */
 function workerWaits(pool: pg.Pool) {
-  const counts = new Map<string, number>();
-  let samples = 0;
-  const timer = setInterval(() => {
-    pool
-      .query<{ w: string; q: string }>(
-        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, query AS q FROM pg_stat_activity
-          WHERE usename = '${WORKER_ROLE}' AND state NOT IN ('idle') AND backend_type = 'client backend'`,
-      )
-      .then((r) => {
-        samples++;
-        for (const row of r.rows) {
-          const k = `${statementFamily(row.q)} | ${row.w}`;
-          counts.set(k, (counts.get(k) ?? 0) + 1);
-        }
-      })
-      .catch(() => {});
-  }, 50);
-  return {
-    stop: (): Record<string, number> => {
-      clearInterval(timer);
-      return Object.fromEntries(
-        [...counts.entries()]
-          .sort((a, b) => b[1] - a[1])
-          .slice(0, 12)
-          .map(([k, n]) => [k, round(n / Math.max(1, samples), 3)]),
-      );
-    },
-  };
+  return sampleWaits<{ w: string; q: string }>(
+    pool,
+    `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, query AS q FROM pg_stat_activity
+      WHERE usename = '${WORKER_ROLE}' AND state NOT IN ('idle') AND backend_type = 'client backend'`,
+    (row) => `${statementFamily(row.q)} | ${row.w}`,
+    12,
+  );
 }
 
 interface Snapshot {
@@ -560,7 +539,7 @@ async function runScenario(
       100,
     );
     await sleep(STATS_FLUSH_MS);
-    const deliveryWaits = waits.stop();
+    const deliveryWaits = Object.fromEntries(waits.stop().map((w) => [w.what, w.sessions]));
     const deliveryStatements = (await statements(pool)).filter((s) => s.role === WORKER_ROLE);
     const s2 = await snapshot(pool, cluster.dataDir);
     // A session that flushed its table statistics less than a second before it went idle flushes the

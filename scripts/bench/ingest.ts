@@ -50,6 +50,7 @@ import {
   startCluster,
   startProcess,
 } from './harness.js';
+import { sampleWaits } from './waits.js';
 
 interface Scenario {
   id: string;
@@ -203,39 +204,19 @@ function cpuSplit(a: CpuSnapshot, b: CpuSnapshot) {
 
 // ---------------------------------------------------------------- Postgres: waits and statements
 
-/** Samples pg_stat_activity every 50 ms: what the API's and the worker's busy sessions wait on. */
+/** What the API's and the worker's busy sessions wait on (waits.ts). */
 function waitSampler(pool: pg.Pool) {
-  const counts = new Map<string, number>();
-  let samples = 0;
-  const timer = setInterval(() => {
-    pool
-      .query<{ who: string; w: string; q: string }>(
-        `SELECT CASE usename WHEN '${API_ROLE}' THEN 'api' ELSE 'worker' END AS who,
-                coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
-                regexp_replace(left(query, 48), '\\s+', ' ', 'g') AS q
-           FROM pg_stat_activity
-          WHERE usename IN ('${API_ROLE}', '${WORKER_ROLE}') AND state NOT IN ('idle')
-            AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
-      )
-      .then((r) => {
-        samples++;
-        for (const row of r.rows) {
-          const k = `${row.who} | ${row.w} | ${row.q}`;
-          counts.set(k, (counts.get(k) ?? 0) + 1);
-        }
-      })
-      .catch(() => {});
-  }, 50);
-  return {
-    stop() {
-      clearInterval(timer);
-      // Busy sessions per sample: 1.0 means one session was busy in that state the whole time.
-      return [...counts.entries()]
-        .sort((a, b) => b[1] - a[1])
-        .slice(0, 20)
-        .map(([k, n]) => ({ sessions: round(n / Math.max(1, samples), 3), what: k }));
-    },
-  };
+  return sampleWaits<{ who: string; w: string; q: string }>(
+    pool,
+    `SELECT CASE usename WHEN '${API_ROLE}' THEN 'api' ELSE 'worker' END AS who,
+            coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
+            regexp_replace(left(query, 48), '\\s+', ' ', 'g') AS q
+       FROM pg_stat_activity
+      WHERE usename IN ('${API_ROLE}', '${WORKER_ROLE}') AND state NOT IN ('idle')
+        AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+    (row) => `${row.who} | ${row.w} | ${row.q}`,
+    20,
+  );
 }
 
 /** One role's statements since the last reset: totals and the costliest, with calls and rows. */
@@ -271,34 +252,19 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
 }
 
 /**
- * What every busy client session waits on, sampled every 50 ms (the ratios' sides share one role, so
- * the statement's first words tell raw's insert from the API's): sessions per sample, as waitSampler.
+ * What every busy client session waits on (waits.ts; the ratios' sides share one role, so the
+ * statement's first words tell raw's insert from the API's).
  */
 function sessionWaits(pool: pg.Pool) {
-  const counts = new Map<string, number>();
-  let samples = 0;
-  const timer = setInterval(() => {
-    pool
-      .query<{ w: string; q: string }>(
-        `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
-                regexp_replace(left(query, 40), '\\s+', ' ', 'g') AS q
-           FROM pg_stat_activity
-          WHERE state = 'active' AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
-      )
-      .then((r) => {
-        samples++;
-        for (const row of r.rows)
-          counts.set(`${row.w} | ${row.q}`, (counts.get(`${row.w} | ${row.q}`) ?? 0) + 1);
-      })
-      .catch(() => {});
-  }, 50);
-  return () => {
-    clearInterval(timer);
-    return [...counts.entries()]
-      .sort((a, b) => b[1] - a[1])
-      .slice(0, 10)
-      .map(([what, n]) => ({ sessions: round(n / Math.max(1, samples), 3), what }));
-  };
+  return sampleWaits<{ w: string; q: string }>(
+    pool,
+    `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w,
+            regexp_replace(left(query, 40), '\\s+', ' ', 'g') AS q
+       FROM pg_stat_activity
+      WHERE state = 'active' AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+    (row) => `${row.w} | ${row.q}`,
+    10,
+  );
 }
 
 /** Every role's costliest statements since the last reset, with the mean plan and execution times. */
@@ -682,7 +648,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
       await h.pool.query('SELECT pg_stat_statements_reset()');
-      const stopWaits = sessionWaits(h.pool);
+      const waitsOfSlices = sessionWaits(h.pool);
       const tally = sides.map(() => ({
         units: 0,
         seconds: 0,
@@ -728,7 +694,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
           `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
         );
       // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
-      const waits = stopWaits();
+      const waits = waitsOfSlices.stop();
       const statements = await topStatements(h.pool);
       for (const w of waits.slice(0, 6)) log(`  waits: ${w.sessions} sessions ${w.what}`);
       for (const st of statements.slice(0, 5))
