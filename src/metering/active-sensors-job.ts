@@ -7,6 +7,7 @@ import { type Config, ConfigError } from '../config.js';
 import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
+import { analyzeStale } from '../db/statistics.js';
 import type { Logger } from '../log.js';
 import {
   type HourlyReportResult,
@@ -91,6 +92,7 @@ export async function runHourlyReport(
         }),
       );
       reported += chunk.reported;
+      await refreshStatistics(db, log);
       if (chunk.done || chunk.last === null) break;
       after = chunk.last;
       organizations += pacing.chunkSize;
@@ -111,6 +113,23 @@ export async function runHourlyReport(
     'active-sensor report written',
   );
   return { hour: reportHour, reported };
+}
+
+/**
+ * The tables a report grows: the delivery jobs it queues (pg-boss's job table), the key rows of first
+ * reports and the outbox. Their statistics are refreshed between chunks once they are stale
+ * (src/db/statistics.ts), so the requests and the delivery that run beside the report are planned on
+ * what the tables hold now. On Citus the distributed tables' statistics are the nodes' own.
+ */
+const REPORT_TABLES = ['pgboss.job', 'meter_delivery_keys', 'meter_outbox'] as const;
+
+async function refreshStatistics(db: Kysely<DB>, log: Logger): Promise<void> {
+  const analyzed = await longStatements(() => analyzeStale(db, REPORT_TABLES)).catch((err: unknown) => {
+    // Statistics help plans; a report does not wait on them or fail for them.
+    log.warn({ err }, 'statistics of the report tables not refreshed');
+    return [];
+  });
+  if (analyzed.length > 0) log.debug({ analyzed }, 'report tables analyzed');
 }
 
 /** The report's pace when ACTIVE_SENSORS_PER_SECOND is unset never goes below or above these. */
