@@ -102,8 +102,8 @@ describe('the hourly report and the statistics of the tables it grows', () => {
     const { rows: counted } = await sql<{ reltuples: number }>`
       SELECT reltuples::float8 AS reltuples FROM pg_class WHERE relname = 'stats_probe'`.execute(ctx.db);
     expect(counted[0]!.reltuples).toBeGreaterThan(rows * 0.9);
-    // Fresh statistics: nothing to do by size. (The count of changed rows is left out here: the insert's
-    // counts may reach the statistics collector after the analyze and count as changes since it.)
+    // Fresh statistics: nothing to do by size. (The count of live rows is left out here: the insert's
+    // counts may reach the statistics collector seconds after the analyze.)
     expect(
       await analyzeStale(ctx.db, ['stats_probe'], { ...STALE_STATISTICS, rows: Number.MAX_SAFE_INTEGER }),
     ).toEqual([]);
@@ -113,7 +113,7 @@ describe('the hourly report and the statistics of the tables it grows', () => {
     ).toContain('pgboss.job_common');
   });
 
-  it('analyzes a table refilled in its own space once the rows changed since its statistics are counted', async ({
+  it('analyzes a table refilled in its own space once it holds twice the live rows its statistics count', async ({
     ctx,
   }) => {
     // A queue drained and vacuumed (statistics: no rows, its pages kept), then refilled as large as it was.
@@ -126,7 +126,7 @@ describe('the hourly report and the statistics of the tables it grows', () => {
     const { rows } = await sql<{ reltuples: number }>`
       SELECT reltuples::float8 AS reltuples FROM pg_class WHERE relname = 'refill_probe'`.execute(ctx.db);
     expect(rows[0]!.reltuples).toBe(0);
-    // The size did not change; the changed rows reach the statistics collector within seconds.
+    // The size did not change; the live rows reach the statistics collector within seconds.
     await waitFor('the refilled table analyzed', async () =>
       (await analyzeStale(ctx.db, ['refill_probe'])).includes('refill_probe'),
     );
