@@ -46,6 +46,8 @@ const SLOW = [
   // Stripe, then Metronome, down for a minute under load (two minutes of outage, then the recovery).
   'test/e2e/destination-outage.test.ts',
   'test/sim/worlds-*.test.ts',
+  // The hourly report at 20,000 organizations: the statistics of the tables it grows, one chunk of all.
+  'test/metering/report-at-scale.test.ts',
   // 10,000 customers' report and a backlog through both emulators at their published limits.
   'test/e2e/published-limits.test.ts',
   // A backlog through an emulator at a sandbox's 25 operations/s (two workers, 25 s of calls).

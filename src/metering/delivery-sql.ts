@@ -295,22 +295,26 @@ async function claimLeasing(
  * The key rows of `keys` that do not exist yet, inserted free (no lease, no pacing) in a statement
  * that holds no other lock: a multi-row VALUES insert, which Citus routes to the keys' shard group.
  * Rows in key order, so two such inserts of the same new keys wait on each other in one order only.
+ * At most ENSURE_KEYS_PER_STATEMENT keys a statement: a statement takes at most 65,535 parameters, four
+ * a key (a report chunk of ACTIVE_SENSORS_CHUNK_SIZE=20000 failed on its 80,000).
  */
 export async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
-  if (keys.length === 0) return;
-  await db
-    .insertInto('meter_delivery_keys')
-    .values(
-      [...keys].sort(compareKeys).map((k) => ({
-        organization_id: k.organizationId,
-        stripe_customer_id: k.customerId,
-        event_name: k.eventName,
-        destination: destinationOf(k),
-      })),
-    )
-    .onConflict((oc) => oc.doNothing())
-    .execute();
+  const sorted = [...keys].sort(compareKeys);
+  for (let from = 0; from < sorted.length; from += ENSURE_KEYS_PER_STATEMENT)
+    await db
+      .insertInto('meter_delivery_keys')
+      .values(
+        sorted.slice(from, from + ENSURE_KEYS_PER_STATEMENT).map((k) => ({
+          organization_id: k.organizationId,
+          stripe_customer_id: k.customerId,
+          event_name: k.eventName,
+          destination: destinationOf(k),
+        })),
+      )
+      .onConflict((oc) => oc.doNothing())
+      .execute();
 }
+const ENSURE_KEYS_PER_STATEMENT = 10_000;
 
 /**
  * The claim statement over keys of the organizations `organizationIds` (one shard group on Citus).
