@@ -10,14 +10,15 @@
 // process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
 // against the API, single readings and batches of 500, in alternating slices of one run
-// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices);
+// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices;
+// `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run);
 // `validation` times a batch of 500's JSON and validation in this process.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
@@ -29,6 +30,7 @@ import { seededRandom } from '../lib/random.js';
 import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
 import {
   benchRole,
+  buildBaseline,
   buildEntries,
   type Cluster,
   closedLoop,
@@ -134,6 +136,11 @@ const { values: args } = parseArgs({
     // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
     // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
     'ratio-flush': { type: 'string' },
+    // A second API built from this commit's src/ (same database and settings), measured in the same
+    // interleaved slices: a before/after of the code in one run. Its migrations must be this checkout's.
+    'ratio-baseline': { type: 'string' },
+    // Plans of statements slower than this many ms (auto_explain, analyzed), in bench-results/ingest-postgres.log.
+    'explain-ms': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -590,11 +597,20 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       : args['ratio-compare-flush']
         ? { INGEST_GROUP_FLUSH: 'window' }
         : undefined;
-    const compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
-    if (compareEnv) {
+    let compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
+    let compareEntry = entries['src/bin/server.ts'];
+    if (args['ratio-baseline']) {
+      const base = await buildBaseline(args['ratio-baseline'], dirname(compareEntry!), 'src/bin/server.ts');
+      const ours = new Set(readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql')));
+      if (base.migrations.size !== ours.size || [...base.migrations].some((m) => !ours.has(m)))
+        throw new Error(`--ratio-baseline ${base.commit}: its migrations differ from this checkout's`);
+      compareLabel = `API (${base.commit})`;
+      compareEntry = base.entry;
+    }
+    if (compareEnv || args['ratio-baseline']) {
       const windowApi = await startApi(
-        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...compareEnv },
-        entries['src/bin/server.ts'],
+        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...(compareEnv ?? {}) },
+        compareEntry,
       );
       cleanup.push(() => windowApi.proc.stop());
       windowHttp = new HttpClient(windowApi.url, Math.max(singleClients, 8));
@@ -826,6 +842,13 @@ export async function runIngestBench(): Promise<number> {
     await admin.connect();
     await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    if (args['explain-ms']) {
+      await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${Number(args['explain-ms'])}`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+    }
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
@@ -854,6 +877,13 @@ export async function runIngestBench(): Promise<number> {
     return missed.length ? 3 : 0;
   } finally {
     await cluster.stop();
+    if (args['explain-ms']) {
+      writeFileSync(
+        join(ROOT, 'bench-results', 'ingest-postgres.log'),
+        readFileSync(join(dir, 'postgres.log')),
+      );
+      log('the server log (plans of slow statements): bench-results/ingest-postgres.log');
+    }
     rmSync(buildDir, { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });
   }
