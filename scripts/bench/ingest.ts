@@ -592,6 +592,8 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     cleanup.push(() => http.close());
     // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
     let windowHttp: HttpClient | undefined;
+    // The second API's process id: its CPU is sampled in the snapshots' worker slot.
+    let comparePid = -1;
     const compareEnv = args['ratio-compare']
       ? Object.fromEntries(args['ratio-compare'].split(',').map((kv) => kv.split('=', 2) as [string, string]))
       : args['ratio-compare-flush']
@@ -613,6 +615,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         compareEntry,
       );
       cleanup.push(() => windowApi.proc.stop());
+      comparePid = windowApi.proc.pid;
       windowHttp = new HttpClient(windowApi.url, Math.max(singleClients, 8));
       cleanup.push(() => windowHttp?.close());
     }
@@ -672,20 +675,23 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         errors: 0,
         api: 0,
         pg: 0,
+        loadgen: 0,
       }));
       const order = sides.map((_, i) => i);
       for (let i = 0; i < slices; i++) {
         for (const s of i % 2 === 0 ? order : [...order].reverse()) {
-          const c0 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const c0 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const r = await closedLoop(sides[s]!.clients, sliceMs, sides[s]!.op);
-          const c1 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const c1 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const split = cpuSplit(c0, c1);
           const t = tally[s]!;
           t.units += r.units;
           t.seconds += r.seconds;
           t.errors += r.errors;
-          t.api += split.cores.api * split.seconds;
+          // The side's own API process: the second API's for the compared side (index 2).
+          t.api += (s === 2 ? split.cores.worker : split.cores.api) * split.seconds;
           t.pg += split.cores.postgres * split.seconds;
+          t.loadgen += split.cores.loadGeneratorAndEmulator * split.seconds;
           for (const l of r.latencies) t.lat.push(l);
         }
       }
@@ -695,10 +701,12 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         unitsPerSecond: round(t.units / t.seconds),
         errors: t.errors,
         latencyMs: latencySummary(t.lat),
-        // The API process's CPU is the default API's (the window API's is not sampled).
+        // The API process's CPU is the side's own API's (raw's: none).
         cpuMsPerUnit: {
           api: round((t.api * 1000) / Math.max(1, t.units), 4),
           postgres: round((t.pg * 1000) / Math.max(1, t.units), 4),
+          // This process: the HTTP client (API sides) or the pg client (raw) driving the load.
+          loadGenerator: round((t.loadgen * 1000) / Math.max(1, t.units), 4),
         },
       }));
       const rawSide = measured[0]!;
