@@ -27,7 +27,7 @@
 // Why this file is long: one benchmark from setup to report (statements and WAL per delivered event, per
 // transport, against a baseline build); a developer tool read as a whole.
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type MetronomeEmulator, startMetronomeEmulator } from '@meterbox/metronome-emulator';
@@ -40,6 +40,7 @@ import { queueDeliveries } from '../../src/metering/outbox.js';
 import { pollUntil } from '../lib/poll.js';
 import {
   benchRole,
+  buildBaseline,
   buildEntries,
   type Cluster,
   freshDatabase,
@@ -670,30 +671,6 @@ async function runLimit(cluster: Cluster): Promise<Cost & { clients: number }> {
 
 // ---------------------------------------------------------------- the run
 
-/**
- * The worker of another commit, bundled as this checkout's is (its src/ only; dependencies are this
- * checkout's), and the names of that commit's migrations: its scenarios' databases have its schema.
- */
-async function buildBaseline(
-  ref: string,
-  outdir: string,
-): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string> }> {
-  const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
-  const migrations = new Set(
-    execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'migrations/'])
-      .toString()
-      .split('\n')
-      .filter((f) => f.endsWith('.sql'))
-      .map((f) => f.slice('migrations/'.length)),
-  );
-  const tree = mkdtempSync(join('/tmp', 'meterbox-cost-baseline-'));
-  execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
-  const { bundle } = await import('../bundle.mjs');
-  await bundle([{ in: 'src/bin/worker.ts', out: 'baseline-worker' }], outdir, { absWorkingDir: tree });
-  rmSync(tree, { recursive: true, force: true });
-  return { entry: join(outdir, 'baseline-worker.js'), commit, migrations };
-}
-
 function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undefined): string {
   const lines = [
     '| run | events | statements / event (claim, settle, pg-boss insert / fetch / complete, other) | WAL bytes / event | rows written / event (outbox, keys, pg-boss) | Postgres CPU ms / event (/proc) | statements ms / event | events/s |',
@@ -763,7 +740,7 @@ export async function runCostBench(): Promise<number> {
     const entries = await buildEntries(['src/bin/worker.ts'], buildDir);
     const workers: { name: string; entry: string; migrations?: ReadonlySet<string> }[] = [];
     if (args.baseline) {
-      const base = await buildBaseline(args.baseline, buildDir);
+      const base = await buildBaseline(args.baseline, buildDir, 'src/bin/worker.ts');
       workers.push({ name: `before (${base.commit})`, entry: base.entry, migrations: base.migrations });
     }
     const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();

@@ -6,7 +6,7 @@
 // organizations, readings); a split by concern is still open.
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { cpus, freemem, loadavg, totalmem } from 'node:os';
 import { basename, join } from 'node:path';
@@ -178,6 +178,31 @@ export async function buildEntries(
   const names = entries.map((e) => ({ in: e, out: e.replace(/\.ts$/, '').replaceAll('/', '-') }));
   await bundle(names, outdir, { absWorkingDir: ROOT });
   return Object.fromEntries(names.map((n) => [n.in, `${outdir}/${n.out}.js`]));
+}
+
+/**
+ * Bundles `entry` (src/bin/worker.ts, src/bin/server.ts) as commit `ref` had it, into `outdir` as
+ * baseline-<name>.js: a before/after comparison in one run. `migrations`: the commit's migration files.
+ */
+export async function buildBaseline(
+  ref: string,
+  outdir: string,
+  entry: string,
+): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string> }> {
+  const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
+  const migrations = new Set(
+    execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'migrations/'])
+      .toString()
+      .split('\n')
+      .filter((f) => f.endsWith('.sql'))
+      .map((f) => f.slice('migrations/'.length)),
+  );
+  const tree = mkdtempSync(join('/tmp', 'meterbox-baseline-'));
+  execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
+  const out = `baseline-${basename(entry, '.ts')}`;
+  await bundle([{ in: entry, out }], outdir, { absWorkingDir: tree });
+  rmSync(tree, { recursive: true, force: true });
+  return { entry: join(outdir, `${out}.js`), commit, migrations };
 }
 
 /**

@@ -10,14 +10,15 @@
 // process (each connects as its own role); with --api-cpu-prof, the API's V8 profile by area. Then the
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
 // against the API, single readings and batches of 500, in alternating slices of one run
-// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices);
+// (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices;
+// `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run);
 // `validation` times a batch of 500's JSON and validation in this process.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
@@ -29,6 +30,7 @@ import { seededRandom } from '../lib/random.js';
 import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
 import {
   benchRole,
+  buildBaseline,
   buildEntries,
   type Cluster,
   closedLoop,
@@ -134,6 +136,11 @@ const { values: args } = parseArgs({
     // The first API's INGEST_GROUP_FLUSH (default: the setting's default); `window` with
     // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
     'ratio-flush': { type: 'string' },
+    // A second API built from this commit's src/ (same database and settings), measured in the same
+    // interleaved slices: a before/after of the code in one run. Its migrations must be this checkout's.
+    'ratio-baseline': { type: 'string' },
+    // Plans of statements slower than this many ms (auto_explain, analyzed), in bench-results/ingest-postgres.log.
+    'explain-ms': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -585,18 +592,30 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     cleanup.push(() => http.close());
     // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
     let windowHttp: HttpClient | undefined;
+    // The second API's process id: its CPU is sampled in the snapshots' worker slot.
+    let comparePid = -1;
     const compareEnv = args['ratio-compare']
       ? Object.fromEntries(args['ratio-compare'].split(',').map((kv) => kv.split('=', 2) as [string, string]))
       : args['ratio-compare-flush']
         ? { INGEST_GROUP_FLUSH: 'window' }
         : undefined;
-    const compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
-    if (compareEnv) {
+    let compareLabel = args['ratio-compare'] ? `API (${args['ratio-compare']})` : 'API (window flush)';
+    let compareEntry = entries['src/bin/server.ts'];
+    if (args['ratio-baseline']) {
+      const base = await buildBaseline(args['ratio-baseline'], dirname(compareEntry!), 'src/bin/server.ts');
+      const ours = new Set(readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql')));
+      if (base.migrations.size !== ours.size || [...base.migrations].some((m) => !ours.has(m)))
+        throw new Error(`--ratio-baseline ${base.commit}: its migrations differ from this checkout's`);
+      compareLabel = `API (${base.commit})`;
+      compareEntry = base.entry;
+    }
+    if (compareEnv || args['ratio-baseline']) {
       const windowApi = await startApi(
-        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...compareEnv },
-        entries['src/bin/server.ts'],
+        { DATABASE_URL: url, LOG_LEVEL: 'warn', ...(compareEnv ?? {}) },
+        compareEntry,
       );
       cleanup.push(() => windowApi.proc.stop());
+      comparePid = windowApi.proc.pid;
       windowHttp = new HttpClient(windowApi.url, Math.max(singleClients, 8));
       cleanup.push(() => windowHttp?.close());
     }
@@ -656,20 +675,23 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         errors: 0,
         api: 0,
         pg: 0,
+        loadgen: 0,
       }));
       const order = sides.map((_, i) => i);
       for (let i = 0; i < slices; i++) {
         for (const s of i % 2 === 0 ? order : [...order].reverse()) {
-          const c0 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const c0 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const r = await closedLoop(sides[s]!.clients, sliceMs, sides[s]!.op);
-          const c1 = snapshot(api.proc.pid, -1, cluster.dataDir);
+          const c1 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const split = cpuSplit(c0, c1);
           const t = tally[s]!;
           t.units += r.units;
           t.seconds += r.seconds;
           t.errors += r.errors;
-          t.api += split.cores.api * split.seconds;
+          // The side's own API process: the second API's for the compared side (index 2).
+          t.api += (s === 2 ? split.cores.worker : split.cores.api) * split.seconds;
           t.pg += split.cores.postgres * split.seconds;
+          t.loadgen += split.cores.loadGeneratorAndEmulator * split.seconds;
           for (const l of r.latencies) t.lat.push(l);
         }
       }
@@ -679,10 +701,12 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         unitsPerSecond: round(t.units / t.seconds),
         errors: t.errors,
         latencyMs: latencySummary(t.lat),
-        // The API process's CPU is the default API's (the window API's is not sampled).
+        // The API process's CPU is the side's own API's (raw's: none).
         cpuMsPerUnit: {
           api: round((t.api * 1000) / Math.max(1, t.units), 4),
           postgres: round((t.pg * 1000) / Math.max(1, t.units), 4),
+          // This process: the HTTP client (API sides) or the pg client (raw) driving the load.
+          loadGenerator: round((t.loadgen * 1000) / Math.max(1, t.units), 4),
         },
       }));
       const rawSide = measured[0]!;
@@ -826,6 +850,13 @@ export async function runIngestBench(): Promise<number> {
     await admin.connect();
     await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    if (args['explain-ms']) {
+      await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${Number(args['explain-ms'])}`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+    }
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
@@ -854,6 +885,13 @@ export async function runIngestBench(): Promise<number> {
     return missed.length ? 3 : 0;
   } finally {
     await cluster.stop();
+    if (args['explain-ms']) {
+      writeFileSync(
+        join(ROOT, 'bench-results', 'ingest-postgres.log'),
+        readFileSync(join(dir, 'postgres.log')),
+      );
+      log('the server log (plans of slow statements): bench-results/ingest-postgres.log');
+    }
     rmSync(buildDir, { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });
   }

@@ -124,17 +124,27 @@ export function usageKey(organizationId: string, customerId: string, destination
 
 /**
  * The rows a group's usage is billed by (SQL): one per billable organization of `organizations` (a query
- * of organization ids) and destination in force at the usage time `now`, as (org, destination, role,
- * stripe_customer_id) plus the caller's `columns`. The readings name the row of role 'billing'; the rows
- * of other destinations mirror it.
+ * of organization ids, or `{ array }`, an expression of a uuid[] of distinct ids) and destination in force
+ * at the usage time `now`, as (org, destination, role, stripe_customer_id) plus the caller's `columns`.
+ * The readings name the row of role 'billing'; the rows of other destinations mirror it. The array
+ * form looks each organization up by its key; the query's join was planned for ~200 organizations a
+ * batch of 500 readings and read every subscription (test/ingest/group-lookups.test.ts); Citus plans
+ * the join (no subquery over a reference table's rows).
  */
-export function billingInForce(organizations: RawBuilder<unknown>, now: Date, columns = sql``) {
+export function billingInForce(
+  organizations: RawBuilder<unknown> | { array: RawBuilder<unknown> },
+  now: Date,
+  columns = sql``,
+) {
+  const [from, which] =
+    'array' in organizations
+      ? [sql``, sql`s.organization_id = ANY(${organizations.array}) AND`]
+      : [sql`JOIN (${organizations}) AS o(org) ON o.org = s.organization_id`, sql``];
   return sql`
     SELECT s.organization_id AS org, ${DESTINATION} AS destination, ${ROLE} AS role,
            ${destinationCustomer(DESTINATION, sql`s.stripe_customer_id`, sql`s.organization_id`)} AS stripe_customer_id${columns}
-      -- A join rather than IN (subquery): Citus plans no subquery over a reference table's rows.
-      FROM subscriptions s JOIN (${organizations}) AS o(org) ON o.org = s.organization_id
+      FROM subscriptions s ${from}
       ${destinationsJoin(sql`s.organization_id`)}
-     WHERE s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
+     WHERE ${which} s.status = ANY(${[...BILLABLE_STATUSES]}::text[])
        AND ${billableAt(DESTINATION, sql`s.stripe_customer_id`)} AND ${inForceAt(sql`${now}::timestamptz`)}`;
 }

@@ -1,0 +1,84 @@
+// The group statement's look for the delivery jobs already queued for its keys (outbox.ts
+// lockQueuedJobs, the `held` part of single-node.ts storeGroup) reads those keys' entries of pg-boss's
+// index of queued singleton jobs, not every queued delivery job. With no worker draining them (a
+// stopped worker, a backlog, the ingest bench), thousands of keys have a queued job; a plan that
+// scanned all of them and compared each to the group's keys cost 9.7 of a group's 11 ms at ~600
+// queued jobs (docs/benchmarks.md), and grew with the queue.
+import { randomUUID } from 'node:crypto';
+import { sql } from 'kysely';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
+import { enqueueDeliveries } from '../../src/metering/outbox.js';
+import { keyRef } from '../../src/metering/rules/keys.js';
+import { openTestContext } from '../support/database.js';
+import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+
+const QUEUED = 1500;
+
+describe('the group statement and the queued delivery jobs', () => {
+  let ctx: Context;
+  let close: () => Promise<void>;
+  beforeAll(async () => {
+    ({ ctx, close } = await openTestContext());
+    await ctx.boss.start();
+    // Other customers' queued delivery jobs (nobody delivers them in this test).
+    const others = Array.from({ length: QUEUED }, () =>
+      keyRef({
+        organizationId: randomUUID(),
+        customerId: `cus_other${randomUUID().slice(0, 12)}`,
+        eventName: 'temperature_readings',
+        destination: 'stripe',
+      }),
+    );
+    await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, others));
+  });
+  afterAll(async () => {
+    await close?.();
+  });
+
+  it("reads only the group's own keys' queued jobs, queued or not", async () => {
+    const orgs: { organizationId: string; customerId: string; sensor: string }[] = [];
+    for (let i = 0; i < 4; i++) {
+      const o = await createOrganization(ctx.db);
+      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
+    }
+    // pg-boss's rows and index entries this transaction's statements read, counted by Postgres for the
+    // transaction itself (its other sessions' reads are not in them).
+    const pgbossReads = sql<{ n: string }>`
+      SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid) + pg_stat_get_xact_tuples_fetched(c.oid)), 0)::text AS n
+        FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'pgboss'`;
+    // First group: none of its keys has a job (each is queued by it); second: each key's job is held.
+    for (const [round, expectHeld] of [
+      [1, 0],
+      [2, orgs.length],
+    ] as const) {
+      const now = new Date();
+      const { reads, outcomes, held } = await ctx.db.transaction().execute(async (trx) => {
+        const before = Number((await pgbossReads.execute(trx)).rows[0]!.n);
+        const outcomes = await storeGroup(
+          trx,
+          ctx.boss,
+          orgs.map((o) => ({
+            organizationId: o.organizationId,
+            readings: [reading(o.sensor, round, 4.2, now)],
+          })),
+          now,
+        );
+        const after = Number((await pgbossReads.execute(trx)).rows[0]!.n);
+        const held = await sql<{ n: string }>`
+          SELECT count(*)::text AS n FROM pgboss.job
+           WHERE name = 'meter-delivery' AND state = 'created'
+             AND singleton_key = ANY(${orgs.map((o) => `temperature_readings:${o.customerId}`)}::text[])`.execute(
+          trx,
+        );
+        return { reads: after - before, outcomes, held: Number(held.rows[0]!.n) };
+      });
+      expect(outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
+      // Every key has exactly one queued job after either group (the second found and kept them).
+      expect(held).toBe(orgs.length);
+      // A few reads a key (the look, pg-boss's insert of the new keys' jobs), not one per queued job.
+      expect(reads, `round ${round}, keys held before: ${expectHeld}`).toBeLessThan(orgs.length * 10);
+    }
+  });
+});
