@@ -16,8 +16,16 @@
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
@@ -118,6 +126,9 @@ const { values: args } = parseArgs({
     only: { type: 'string' },
     out: { type: 'string' },
     'load-seconds': { type: 'string' },
+    // Plans of statements slower than N ms (auto_explain, analyzed, buffers) and autovacuum's runs,
+    // in bench-results/ingest-postgres-*.log.
+    'explain-ms': { type: 'string' },
     // The API under --cpu-prof; its profile summarized by area and function into the JSON.
     'api-cpu-prof': { type: 'boolean', default: false },
     // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
@@ -144,6 +155,7 @@ const REPORT_CAP_MS = 180_000;
 const API_ROLE = 'meterbox_bench_api';
 const WORKER_ROLE = 'meterbox_bench_worker';
 const only = args.only?.split(',').map((x) => x.trim());
+const explainMs = args['explain-ms'] === undefined ? null : Number(args['explain-ms']);
 const want = (id: string) => !only || only.includes(id);
 
 const log = (msg: string) => console.error(`[bench:ingest ${new Date().toISOString().slice(11, 19)}] ${msg}`);
@@ -824,8 +836,19 @@ export async function runIngestBench(): Promise<number> {
   try {
     const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
     await admin.connect();
-    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.query(
+      `ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'${explainMs !== null ? `, 'auto_explain'` : ''}`,
+    );
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+    if (explainMs !== null) {
+      // --explain-ms N: every statement slower than N ms logged with its real plan (analyzed, with
+      // buffers), and every autovacuum/analyze, in the server's log, copied to bench-results at the end.
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${explainMs}`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+      await admin.query(`ALTER SYSTEM SET log_autovacuum_min_duration = 0`);
+    }
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
@@ -854,6 +877,12 @@ export async function runIngestBench(): Promise<number> {
     return missed.length ? 3 : 0;
   } finally {
     await cluster.stop();
+    if (explainMs !== null) {
+      const serverLog = join(dirname(cluster.dataDir), 'postgres.log');
+      const kept = resolve(ROOT, 'bench-results', `ingest-postgres-${Date.now()}.log`);
+      if (existsSync(serverLog)) copyFileSync(serverLog, kept);
+      log(`server log with plans: ${kept}`);
+    }
     rmSync(buildDir, { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });
   }
