@@ -1,5 +1,5 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
-//                           [--api-cpu-prof] [--load-seconds N] [--out bench-results/x.json]
+//                           [--api-cpu-prof] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
