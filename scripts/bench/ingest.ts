@@ -1,5 +1,5 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
-//                           [--api-cpu-prof] [--load-seconds N] [--out bench-results/x.json]
+//                           [--api-cpu-prof] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
@@ -17,7 +17,15 @@
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
@@ -120,6 +128,9 @@ const { values: args } = parseArgs({
     only: { type: 'string' },
     out: { type: 'string' },
     'load-seconds': { type: 'string' },
+    // Plans of statements slower than N ms (auto_explain, analyzed, buffers) and autovacuum's runs,
+    // in bench-results/ingest-postgres-*.log.
+    'explain-ms': { type: 'string' },
     // The API under --cpu-prof; its profile summarized by area and function into the JSON.
     'api-cpu-prof': { type: 'boolean', default: false },
     // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
@@ -139,8 +150,6 @@ const { values: args } = parseArgs({
     // A second API built from this commit's src/ (same database and settings), measured in the same
     // interleaved slices: a before/after of the code in one run. Its migrations must be this checkout's.
     'ratio-baseline': { type: 'string' },
-    // Plans of statements slower than this many ms (auto_explain, analyzed), in bench-results/ingest-postgres.log.
-    'explain-ms': { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -151,6 +160,7 @@ const REPORT_CAP_MS = 180_000;
 const API_ROLE = 'meterbox_bench_api';
 const WORKER_ROLE = 'meterbox_bench_worker';
 const only = args.only?.split(',').map((x) => x.trim());
+const explainMs = args['explain-ms'] === undefined ? null : Number(args['explain-ms']);
 const want = (id: string) => !only || only.includes(id);
 
 const log = (msg: string) => console.error(`[bench:ingest ${new Date().toISOString().slice(11, 19)}] ${msg}`);
@@ -848,14 +858,18 @@ export async function runIngestBench(): Promise<number> {
   try {
     const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
     await admin.connect();
-    await admin.query(`ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'`);
+    await admin.query(
+      `ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'${explainMs !== null ? `, 'auto_explain'` : ''}`,
+    );
     await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
-    if (args['explain-ms']) {
-      await admin.query(`ALTER SYSTEM SET session_preload_libraries = 'auto_explain'`);
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${Number(args['explain-ms'])}`);
+    if (explainMs !== null) {
+      // --explain-ms N: every statement slower than N ms logged with its real plan (analyzed, with
+      // buffers), and every autovacuum/analyze, in the server's log, copied to bench-results at the end.
+      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${explainMs}`);
       await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
       await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
       await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+      await admin.query(`ALTER SYSTEM SET log_autovacuum_min_duration = 0`);
     }
     await admin.end();
     await cluster.restart();
@@ -885,12 +899,11 @@ export async function runIngestBench(): Promise<number> {
     return missed.length ? 3 : 0;
   } finally {
     await cluster.stop();
-    if (args['explain-ms']) {
-      writeFileSync(
-        join(ROOT, 'bench-results', 'ingest-postgres.log'),
-        readFileSync(join(dir, 'postgres.log')),
-      );
-      log('the server log (plans of slow statements): bench-results/ingest-postgres.log');
+    if (explainMs !== null) {
+      const serverLog = join(dirname(cluster.dataDir), 'postgres.log');
+      const kept = resolve(ROOT, 'bench-results', `ingest-postgres-${Date.now()}.log`);
+      if (existsSync(serverLog)) copyFileSync(serverLog, kept);
+      log(`server log with plans: ${kept}`);
     }
     rmSync(buildDir, { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });

@@ -12,6 +12,8 @@ export interface PlanNode {
   'Rows Removed by Join Filter'?: number;
   'Rows Removed by Filter'?: number;
   'Index Cond'?: string;
+  /** A CTE's or sub-select's plan: "CTE name", "SubPlan 1". */
+  'Subplan Name'?: string;
   Plans?: PlanNode[];
 }
 
