@@ -5,10 +5,10 @@ import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
 import { deliveryPayload } from './queues.js';
+import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './reaper-sql.js';
 import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
 
 /**

@@ -1,4 +1,4 @@
-// The delivery store: the statements a batch runs (delivery-sql.ts, corrections.ts, pg-boss's
+// The delivery store: the statements a batch runs (claim-sql.ts, settle-sql.ts, lease-sql.ts, hold-sql.ts, corrections.ts, pg-boss's
 // insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
 // simulation's model of it (scripts/sim/store.ts).
 import type { Kysely } from 'kysely';
@@ -7,24 +7,21 @@ import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
+import { claimBatch } from './claim-sql.js';
+import type { ClaimOptions } from './claim-statement-sql.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections.js';
-import {
-  type ClaimOptions,
-  claimBatch,
-  holdKeys,
-  pendingOrganizations,
-  releaseLeases,
-  renewLeases,
-  settleBatch,
-} from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
+import { holdKeys } from './hold-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
+import { releaseLeases, renewLeases } from './lease-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
+import { pendingOrganizations } from './reaper-sql.js';
 import type { FollowUp, GroupSettlement, KeySettlement } from './rules/decision.js';
 import { type Gate, type HealthOutcome, type HealthReport, healthPolicy } from './rules/health.js';
 import type { ClaimedKey, CorrectionFacts, KeyRef } from './rules/keys.js';
+import { settleBatch } from './settle-sql.js';
 
 export interface DeliveryStore {
   claim(

@@ -10,12 +10,12 @@ import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/co
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import {
   claimCorrectionGroup,
   createCorrectionClient,
   switchCorrectionToCompensate,
 } from '../../src/metering/corrections.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,

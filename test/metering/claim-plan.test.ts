@@ -9,7 +9,7 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';

@@ -14,7 +14,7 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { releaseLeases, renewLeasesOf } from '../../src/metering/delivery-sql.js';
+import { releaseLeases, renewLeasesOf } from '../../src/metering/lease-sql.js';
 import { recordingDb } from '../support/database.js';
 import { arrayElementsSearched, type PlanNode, rowsHandled } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
