@@ -1,5 +1,5 @@
-// The request trace contexts of the usage rows a batch carries (batch.ts reads them while tracing
-// records).
+// The request trace contexts of the usage rows a batch carries (the batch reads them through its store,
+// store.ts, while tracing records).
 import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 

@@ -16,6 +16,7 @@ import {
   createCorrectionClient,
   switchCorrectionToCompensate,
 } from '../../src/metering/corrections.js';
+import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,
@@ -48,6 +49,7 @@ const it = stripeTest({
     return {
       db: ctx.db,
       boss: ctx.boss,
+      store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
       transport: createV1Transport(stripe),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       corrections: createCorrectionClient(stripe),

@@ -85,7 +85,7 @@ describe('a batch whose process learns of slow claims while its call is out', ()
         return real.send(events, options);
       },
     };
-    await deliverBatch({ ...v1BatchDeps(ctx), transport, leaseLength: length, leases: leaseKeeperOf(ctx) }, [
+    await deliverBatch(v1BatchDeps(ctx, { transport, leaseLength: length, leases: leaseKeeperOf(ctx) }), [
       await takeQueuedJob(ctx, org),
     ]);
     expect(seen).toBeDefined();
@@ -125,7 +125,7 @@ describe('a batch whose lease has grown', () => {
         return real.send(events, options);
       },
     };
-    await deliverBatch({ ...v1BatchDeps(ctx), transport, leaseLength: length, leases }, [
+    await deliverBatch(v1BatchDeps(ctx, { transport, leaseLength: length, leases }), [
       await takeQueuedJob(ctx, org),
     ]);
     expect(renewals).toEqual([]);
