@@ -98,9 +98,10 @@ export interface DeliveryParts {
   metronomeTransport: MeterTransport | undefined;
   /** The pool's Kysely, gated to DELIVERY_MAX_STATEMENTS statements at once when set. */
   db: Kysely<DB>;
-  /** The process's lease connection (lease-keeper.ts), and what closes it and the Citus nodes' pools. */
+  /** The process's lease connection (lease-keeper.ts). */
   leases: LeaseKeeper;
-  closeLeases: () => Promise<void>;
+  /** Closes the pools delivery opened of its own: the lease connection's and the Citus nodes'. */
+  closePools: () => Promise<void>;
   leaseLength: LeaseLength;
   /** A batch's dependencies, with the database distributed or not (it may become so under the worker). */
   depsFor(distributed: boolean): BatchDeps;
@@ -340,7 +341,7 @@ export async function deliveryParts(
     metronomeTransport,
     db,
     leases,
-    closeLeases: async () => {
+    closePools: async () => {
       await Promise.all([leaseDatabase.pool.end(), nodes?.close()]);
     },
     leaseLength,
