@@ -2,7 +2,7 @@
 // meter-delivery jobs (one per customer+meter key) from pg-boss and moves them together:
 //
 //   1. claim    one statement: lease the keys, commit each key's next group (identifier, value, time)
-//               and say what is left; keys with correction rows get a second look (corrections.ts)
+//               and say what is left; keys with correction rows get a second look (corrections-sql.ts)
 //   2. call     one budget slot per Stripe call; v1 one call per key's event, v2 up to 100 keys' events
 //               a call; every call ends (timeout) before the key's lease can expire; the leases are
 //               renewed while the calls run

@@ -5,7 +5,7 @@
 // what to do with it is decided in rules/, and batch.ts says in which order a batch goes through them.
 // Nothing else in delivery writes the outbox's delivery columns or meter_delivery_keys (0015, 0023,
 // 0025) but the sweep's promotion of validated v2 rows (sweep.ts) and the corrections' own claim
-// (corrections.ts).
+// (corrections-sql.ts).
 //
 //   claimBatch     (claim-sql.ts, claim-statement-sql.ts) lease the keys, expire rows too old for
 //                  Stripe, group each key's next event and commit its identifier (before any call),

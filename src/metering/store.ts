@@ -1,5 +1,5 @@
-// The delivery store: the statements a batch runs (claim-sql.ts, settle-sql.ts, lease-sql.ts, hold-sql.ts, corrections.ts, pg-boss's
-// insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
+// The delivery store: the statements a batch runs (claim-sql.ts, settle-sql.ts, lease-sql.ts,
+// hold-sql.ts, corrections-sql.ts, pg-boss's insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
 // simulation's model of it (scripts/sim/store.ts).
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
@@ -9,7 +9,7 @@ import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
 import { claimBatch } from './claim-sql.js';
 import type { ClaimOptions } from './claim-statement-sql.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
 import { holdKeys } from './hold-sql.js';

@@ -11,11 +11,8 @@ import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
-import {
-  claimCorrectionGroup,
-  createCorrectionClient,
-  switchCorrectionToCompensate,
-} from '../../src/metering/corrections.js';
+import { createCorrectionClient } from '../../src/metering/corrections.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {

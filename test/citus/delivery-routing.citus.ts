@@ -9,7 +9,7 @@ import type { DB } from '../../src/db/schema.js';
 import { reserveCalls } from '../../src/metering/budget.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
 import { holdKeys, releaseHeldKeys } from '../../src/metering/hold-sql.js';
 import { releaseLeases, renewLeases } from '../../src/metering/lease-sql.js';

@@ -10,7 +10,7 @@ import { describe, expect } from 'vitest';
 import { ModelDb, type Row } from '../../scripts/sim/model.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { ONE_NODE } from '../../src/metering/delivery-sql-shapes.js';
 import { holdKeys, releaseHeldKeys } from '../../src/metering/hold-sql.js';
 import { releaseLeases, renewLeases } from '../../src/metering/lease-sql.js';
