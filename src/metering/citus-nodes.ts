@@ -7,8 +7,8 @@
 // and runs on the local shards, without the coordinator.
 //
 // Only statements on the co-located distributed tables (meter_outbox, meter_delivery_keys) of one
-// shard group are sent to a node: claims and settles (claim-sql.ts, settle-sql.ts). Everything else (pg-boss,
-// the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
+// shard group are sent to a node: claims and settles (claim-sql.ts, settle-sql.ts). Everything else
+// (pg-boss, the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
 // coordinator. Where a statement runs never changes what it does: a node whose placement went stale
 // (a shard moved after the batch's router read it) plans the statement from its own synced metadata
 // and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
