@@ -152,7 +152,7 @@ async function resetBacklog(url: string): Promise<void> {
          FROM subscriptions WHERE stripe_customer_id IS NOT NULL`,
     );
     // Every key has its row, as in a system that has run for a while (a key's first claim on Citus
-    // inserts it first: delivery-sql.ts claimBatch).
+    // inserts it first: claim-sql.ts claimBatch).
     await pool.query(
       `INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)
        SELECT organization_id, stripe_customer_id, m.event_name, 'stripe'

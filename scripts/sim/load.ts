@@ -3,7 +3,7 @@
 // reports the worker processes handle, and the faults in time: worker kills and restarts, freezes, a
 // failover, a Stripe outage, a meter archived for a while, operator corrections and redrives.
 import type { Destination } from '../../src/db/schema.js';
-import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
+import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/claim-statement-sql.js';
 import type { Database } from './database.js';
 import { NO_FAULTS, STRIPE_FUTURE_MS } from './stripe-model.js';
 import type { Workers } from './workers.js';
@@ -17,7 +17,7 @@ import {
   type World,
 } from './world.js';
 
-/** Usage stamped further than this past the database's clock waits until it is due (delivery-sql.ts). */
+/** Usage stamped further than this past the database's clock waits until it is due (claim-statement-sql.ts). */
 export const FUTURE_ALLOWANCE_MS = FUTURE_ALLOWANCE_SECONDS * 1000;
 
 /** The destinations of a customer's usage at `at`, each with its customer there. */

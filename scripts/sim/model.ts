@@ -1,5 +1,5 @@
 // The simulation's model of what delivery keeps in Postgres and pg-boss: outbox rows, the key table
-// and the delivery jobs. The statements of src/metering/delivery-sql.ts, corrections.ts, sweep.ts and
+// and the delivery jobs. The statements of src/metering/*-sql.ts, corrections.ts, sweep.ts and
 // redrive.ts are modelled here from the same rules (src/metering/rules/) they implement, each
 // applied atomically at one instant, as one statement is; test/metering/store-agreement.test.ts
 // runs the same operations against both and holds them equal.
@@ -7,7 +7,7 @@
 // Why this file is long: one model (ModelDb) of Postgres and pg-boss whose statements share its state, as
 // delivery's statements share the tables.
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
-import { EXPIRY_SAFETY_MARGIN_MS, FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
+import { EXPIRY_SAFETY_MARGIN_MS, FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/claim-statement-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from '../../src/metering/metronome.js';
 import {
   compareIds,

@@ -11,6 +11,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import type { Logger } from '../log.js';
 import { type DeadlineProbe, PROBE_MAX_DEADLINES } from './deadline-probe.js';
+import { postgresUrl } from './postgres-url.js';
 import {
   MIN_IDLE_IN_TRANSACTION_MS,
   SERVER_CLIENT_CHECK_MS,
@@ -441,13 +442,8 @@ export function destroyClient(client: pg.Client): void {
  * A string that is not a postgres URL is returned as it is.
  */
 export function withServerBounds(connectionString: string, idleInTransactionMs: number): string {
-  let url: URL;
-  try {
-    url = new URL(connectionString);
-  } catch {
-    return connectionString;
-  }
-  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') return connectionString;
+  const url = postgresUrl(connectionString);
+  if (!url) return connectionString;
   const settings = [
     `tcp_keepalives_idle=${SERVER_KEEPALIVE.idle}`,
     `tcp_keepalives_interval=${SERVER_KEEPALIVE.interval}`,

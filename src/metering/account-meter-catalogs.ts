@@ -16,7 +16,7 @@ import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../observability/metrics.js';
 import type { AccountCallers } from './budget.js';
-import { releaseHeldKeys } from './delivery-sql.js';
+import { releaseHeldKeys } from './hold-sql.js';
 import { type CatalogEntry, catalogEntries, type MeterCatalog } from './meter-catalog.js';
 import { queueDeliveries } from './outbox.js';
 

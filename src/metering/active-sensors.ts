@@ -4,7 +4,7 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
-import { ensureKeys } from './delivery-sql.js';
+import { ensureKeys } from './claim-sql.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, inForceAt } from './destinations.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
@@ -150,7 +150,7 @@ async function lockHour(trx: Transaction<DB>, key: string): Promise<void> {
  *
  * The keys' delivery rows are inserted here too, free, where missing (an organization's first report):
  * otherwise each batch of a first report claims twice (its first claim finds no key row and answers
- * `missing`, the rows are inserted, the batch claims again: delivery-sql.ts claimBatch), which was half
+ * `missing`, the rows are inserted, the batch claims again: claim-sql.ts claimBatch), which was half
  * the claims of a 100,000-organization report (docs/benchmarks.md). The same insert as claimBatch's (key
  * order, ON CONFLICT DO NOTHING, no lock on a row that exists), so a report never waits on a claim.
  */

@@ -2,7 +2,7 @@
 // meter-delivery jobs (one per customer+meter key) from pg-boss and moves them together:
 //
 //   1. claim    one statement: lease the keys, commit each key's next group (identifier, value, time)
-//               and say what is left; keys with correction rows get a second look (corrections.ts)
+//               and say what is left; keys with correction rows get a second look (corrections-sql.ts)
 //   2. call     one budget slot per Stripe call; v1 one call per key's event, v2 up to 100 keys' events
 //               a call; every call ends (timeout) before the key's lease can expire; the leases are
 //               renewed while the calls run
@@ -35,7 +35,6 @@ import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
 import type { ClaimLimit } from './claim-limit.js';
 import type { CorrectionClient } from './corrections.js';
-import { outboxTraceparents } from './delivery-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
@@ -56,7 +55,7 @@ import {
 } from './rules/keys.js';
 import { needsCorrectionClaim, planCalls } from './rules/plan.js';
 import { deliveryPolicy } from './rules/policy.js';
-import { type DeliveryStore, sqlStore } from './store.js';
+import type { DeliveryStore, StoreOf } from './store.js';
 import type { MeterTransport } from './transport.js';
 
 export interface BatchDeps {
@@ -85,8 +84,8 @@ export interface BatchDeps {
   observer?: DeliveryObserver;
   /** A follow-up job was queued to start in `ms`: wake a fetcher of this process then. */
   wakeAfter?: (ms: number) => void;
-  /** Each destination's statements (default: Postgres and pg-boss through db and boss). */
-  store?: (destination: Destination) => DeliveryStore;
+  /** Each batch's statements, by destination and connected account (sqlStores: Postgres and pg-boss). */
+  store: StoreOf;
   /** Host timers for lease deadlines, slot waits and renewals (default: the real ones). */
   timers?: HostTimers;
   /**
@@ -228,23 +227,10 @@ async function deliverDestination(
   const timers = deps.timers ?? hostTimers;
   const transport = dest?.transport ?? UNCONFIGURED;
   const connected = dest && 'account' in dest ? (dest as ConnectedDeps) : undefined;
-  const base =
-    deps.store?.(destination) ??
-    sqlStore({
-      db: deps.db,
-      boss: deps.boss,
-      config,
-      distributed: deps.distributed === true,
-      destination,
-      ...(connected ? { account: connected.account } : {}),
-      ...(deps.leases ? { leases: deps.leases } : {}),
-    });
   // A connected account: its 429s slow its own budget row, and its outage is its own (its own health
-  // row: the platform's customers keep being delivered while its groups wait on it). A store given
-  // by the caller (the simulation's) has no per-account health: there its failures are its groups'.
-  const store: DeliveryStore = connected
-    ? { ...(deps.store ? withoutHealth(base) : base), rateLimited: connected.rateLimited }
-    : base;
+  // row: the platform's customers keep being delivered while its groups wait on it).
+  const base = deps.store(destination, connected?.account);
+  const store: DeliveryStore = connected ? { ...base, rateLimited: connected.rateLimited } : base;
   const owner = `${deps.owner ?? WORKER_INSTANCE_ID}:${++batchCounter}`;
   const policy = deliveryPolicy(config, transport.kind);
   // Jobs queued before jobs named their organization: their keys' organizations are looked up once.
@@ -392,17 +378,21 @@ async function deliverDestination(
     });
     const usageCalls = toCall.filter((c) => !c.correction);
     const traces =
-      batchSpan.isRecording() && !deps.store && usageCalls.length > 0
-        ? await outboxTraceparents(
-            deps.db,
-            usageCalls.map((c) => ({ organizationId: c.key.organizationId, identifier: c.group.identifier })),
-          ).catch((err: unknown) => {
-            deps.log.warn(
-              { err },
-              'could not read the trace contexts of a batch; its calls are traced apart',
-            );
-            return new Map<string, string[]>();
-          })
+      batchSpan.isRecording() && store.traceparents && usageCalls.length > 0
+        ? await store
+            .traceparents(
+              usageCalls.map((c) => ({
+                organizationId: c.key.organizationId,
+                identifier: c.group.identifier,
+              })),
+            )
+            .catch((err: unknown) => {
+              deps.log.warn(
+                { err },
+                'could not read the trace contexts of a batch; its calls are traced apart',
+              );
+              return new Map<string, string[]>();
+            })
         : undefined;
     callsOpen = true;
     const called = await callStripe(
@@ -548,12 +538,6 @@ async function deliverDestination(
     }
     throw err;
   }
-}
-
-/** The store without the destination's health (a connected account's share of a batch). */
-function withoutHealth(store: DeliveryStore): DeliveryStore {
-  const { health: _health, ...rest } = store;
-  return rest;
 }
 
 /** Fetchers of this process woken at an outage's end (the other processes' poll within a second). */

@@ -7,8 +7,8 @@
 // and runs on the local shards, without the coordinator.
 //
 // Only statements on the co-located distributed tables (meter_outbox, meter_delivery_keys) of one
-// shard group are sent to a node: claims and settles (delivery-sql.ts). Everything else (pg-boss,
-// the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
+// shard group are sent to a node: claims and settles (claim-sql.ts, settle-sql.ts). Everything else
+// (pg-boss, the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
 // coordinator. Where a statement runs never changes what it does: a node whose placement went stale
 // (a shard moved after the batch's router read it) plans the statement from its own synced metadata
 // and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
@@ -18,6 +18,7 @@ import type { Config } from '../config.js';
 import { createDatabase, gatedKysely } from '../db/database.js';
 import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
 import { createDeadlineProbe } from '../db/deadline-probe.js';
+import { postgresUrl } from '../db/postgres-url.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 
@@ -39,13 +40,8 @@ export const UNREACHABLE_RETRY_MS = 60_000;
  * with the node's host and port; undefined for a connection string that is not a URL.
  */
 export function nodeUrl(coordinatorUrl: string, host: string, port: number): string | undefined {
-  let url: URL;
-  try {
-    url = new URL(coordinatorUrl);
-  } catch {
-    return undefined;
-  }
-  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') return undefined;
+  const url = postgresUrl(coordinatorUrl);
+  if (!url) return undefined;
   url.hostname = host.includes(':') ? `[${host}]` : host;
   url.port = String(port);
   url.searchParams.delete('host');

@@ -1,7 +1,8 @@
 // Delivery's composition root: builds each part a batch is moved with once, from the process's context,
 // and hands each part only what it uses. In the order they are built: the destinations (each one's
 // transport and correction client), the database side (the gated pool, the lease connection and its
-// keeper, the lease length, the claim limit, the replication guard) and each destination's budget share;
+// keeper, the lease length, the claim limit, the replication guard, the batches' stores) and each
+// destination's budget share;
 // `depsFor` then puts them together as a batch's dependencies (batch.ts). The runtime that runs the
 // batches (fetchers, wake-ups, sweep, reaper, shutdown) is delivery.ts.
 import type Metronome from '@metronome/sdk';
@@ -37,6 +38,7 @@ import { createMetronomeCorrectionClient, createMetronomeTransport } from './met
 import type { MetronomeCatalog } from './metronome-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import { reportReplication } from './replication-report.js';
+import { sqlStores } from './store.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';
 import { createV2Transport } from './transport-v2.js';
@@ -96,9 +98,10 @@ export interface DeliveryParts {
   metronomeTransport: MeterTransport | undefined;
   /** The pool's Kysely, gated to DELIVERY_MAX_STATEMENTS statements at once when set. */
   db: Kysely<DB>;
-  /** The process's lease connection (lease-keeper.ts), and what closes it and the Citus nodes' pools. */
+  /** The process's lease connection (lease-keeper.ts). */
   leases: LeaseKeeper;
-  closeLeases: () => Promise<void>;
+  /** Closes the pools delivery opened of its own: the lease connection's and the Citus nodes'. */
+  closePools: () => Promise<void>;
   leaseLength: LeaseLength;
   /** A batch's dependencies, with the database distributed or not (it may become so under the worker). */
   depsFor(distributed: boolean): BatchDeps;
@@ -298,6 +301,7 @@ export async function deliveryParts(
     };
     return {
       db,
+      store: sqlStores({ db, boss: ctx.boss, config, distributed, leases }),
       leases,
       leaseLength,
       claimLimit,
@@ -337,7 +341,7 @@ export async function deliveryParts(
     metronomeTransport,
     db,
     leases,
-    closeLeases: async () => {
+    closePools: async () => {
       await Promise.all([leaseDatabase.pool.end(), nodes?.close()]);
     },
     leaseLength,

@@ -1,10 +1,36 @@
-// Pieces the delivery statements (delivery-sql.ts) are built from: the row predicates and identifier
-// expression they share, the claim's per-key look-ups, and the routing of a batch's statements on a
-// distributed Citus database (one statement per shard group).
+// Pieces the delivery statements are built from: the row predicates and identifier expression they
+// share, the claim's per-key look-ups, and the routing of a batch's statements on a distributed Citus
+// database (one statement per shard group). The statements live by step, each over a whole batch of
+// keys (a key: one organization's customer and meter at one destination). They read and write state;
+// what to do with it is decided in rules/, and batch.ts says in which order a batch goes through them.
+// Nothing else in delivery writes the outbox's delivery columns or meter_delivery_keys (0015, 0023,
+// 0025) but the sweep's promotion of validated v2 rows (sweep.ts) and the corrections' own claim
+// (corrections-sql.ts).
+//
+//   claimBatch     (claim-sql.ts, claim-statement-sql.ts) lease the keys, expire rows too old for
+//                  Stripe, group each key's next event and commit its identifier (before any call),
+//                  say what is left                                                  one statement
+//   settleBatch    (settle-sql.ts) every answer of the batch, the keys' pacing and backoff, lease
+//                  release                                                           one statement
+//   releaseLeases  (lease-sql.ts) a batch that failed after its claim gives its keys back  one statement
+//   renewLeases    (lease-sql.ts) a running batch keeps its keys (short leases notice a crash in
+//                  seconds)                                                          one statement
+//   reapLeases     (reaper-sql.ts) leases whose batch died: freed, their keys queued again  one statement
+//   holdKeys / releaseHeldKeys   (hold-sql.ts) the named hold of keys whose meter is missing  one each
+//
+// "One statement" is per shard group on Citus (perShardGroup below): meter_outbox and
+// meter_delivery_keys are distributed by organization_id and co-located, and every statement names its
+// organizations as constants, so each is a router query that Citus sends whole to one node: no
+// statement holds locks on two nodes, so two never meet in a distributed deadlock, and batches on
+// different shard groups never wait on each other. Within a node, key rows are locked in key order
+// (organization, customer, meter, destination) by every statement that locks more than one, and the
+// claim passes over rows another statement holds (SKIP LOCKED) instead of waiting. On one node every
+// organization is one group: each statement stays one statement for the whole batch.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
-import type { DB } from '../db/schema.js';
+import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { nodeConnectionsOf } from './citus-nodes.js';
 import { groupDigest, identifierPrefix } from './identifiers.js';
+import { keyRef } from './rules/keys.js';
 
 /**
  * `alias`.organization_id among the statement's organizations, as a predicate followed by AND; empty on
@@ -240,3 +266,55 @@ export function lateralHeads(cutoff: Date, maxRows: number, scope: OrgScope, due
            ORDER BY o.occurred_at, o.id LIMIT 1) nx ON true
     )`;
 }
+
+/** How a statement reaches its keys: a distributed Citus database, and the batch's shard router there. */
+export interface Placement {
+  /** A distributed Citus database (Database.distributed). */
+  distributed?: boolean;
+  /** The batch's shard router (default: a new one on Citus, ONE_NODE on one node). */
+  router?: ShardRouter;
+}
+
+export function routerOf(db: Kysely<DB>, placement: Placement): ShardRouter {
+  return placement.router ?? (placement.distributed ? citusRouter(db) : ONE_NODE);
+}
+
+export const orgArray = (orgs: readonly string[]) => sql`${[...orgs]}::uuid[]`;
+
+export const rowKey = (r: {
+  organization_id: string;
+  customer: string;
+  event_name: MeterEventName;
+  destination: Destination;
+}) =>
+  keyRef({
+    organizationId: r.organization_id,
+    customerId: r.customer,
+    eventName: r.event_name,
+    destination: r.destination,
+  });
+
+/** The organizations with key rows matching `where` (a read of every shard on Citus, no lock). */
+export async function organizationsWhere(db: Kysely<DB>, where: RawBuilder<unknown>): Promise<string[]> {
+  const { rows } = await sql<{ organization_id: string }>`
+    SELECT DISTINCT organization_id FROM meter_delivery_keys WHERE ${where}`.execute(db);
+  return rows.map((r) => r.organization_id);
+}
+
+const KEY_MATCH = (a: string, b: string) =>
+  `${a}.organization_id = ${b}.organization_id AND ${a}.stripe_customer_id = ${b}.stripe_customer_id
+   AND ${a}.event_name = ${b}.event_name AND ${a}.destination = ${b}.destination`;
+
+/**
+ * Row `a` of meter_delivery_keys is key row `b`; on Citus among the organizations `orgs`, which the
+ * router needs named in the statement's own WHERE to send it to their shard group. On one node `orgs` is
+ * null: there the list only costs. Beside the per-key join it became part of the primary key look-up's
+ * index condition, and PostgreSQL 15 prepares that array again on every look-up: a lease keeper's
+ * renewal of 3,326 keys of ~4,000 organizations took 16.5 s (4.75 ms a key) on statistics that say no key
+ * is leased, holding the key rows locked while four settles waited on it (docs/benchmarks.md,
+ * test/metering/lease-plan.test.ts).
+ */
+export const keyMatch = (a: string, b: string, orgs: readonly string[] | null) =>
+  orgs === null
+    ? sql.raw(KEY_MATCH(a, b))
+    : sql`${sql.raw(a)}.organization_id = ANY(${orgArray(orgs)}) AND ${sql.raw(KEY_MATCH(a, b))}`;

@@ -242,6 +242,6 @@ export async function startDelivery(
       sweep.stop();
       reaper.stop();
     },
-    close: parts.closeLeases,
+    close: parts.closePools,
   };
 }

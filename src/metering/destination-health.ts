@@ -19,7 +19,7 @@ import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Metrics } from '../observability/metrics.js';
 import { plusSeconds } from './budget.js';
-import type { Placement } from './delivery-sql.js';
+import type { Placement } from './delivery-sql-shapes.js';
 import { citusRouter, perShardGroup } from './delivery-sql-shapes.js';
 import { queueDeliveries } from './outbox.js';
 import {

@@ -36,7 +36,7 @@ export const groupDigest = (m: string) =>
                   min(${m}.destination), string_agg(${m}.id::text || coalesce(':' || ${m}.nonce::text, ''), ',' ORDER BY ${m}.id), sum(${m}.value)::text,
                   coalesce(extract(epoch FROM max(${m}.identified_at))::text, ''))), 1, ${DIGEST_HEX})`);
 
-/** The same digest in TypeScript, for the correction claim (corrections.ts), which reads its rows first. */
+/** The same digest in TypeScript, for the correction claim (corrections-sql.ts), which reads its rows first. */
 export function correctionIdentifier(
   key: { organizationId: string; customerId: string; eventName: string; destination: Destination },
   rows: readonly { id: string; nonce: string | null; value: string; identifiedAtEpoch: string | null }[],

@@ -18,8 +18,8 @@ import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { renewLeasesOf } from './delivery-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
+import { renewLeasesOf } from './lease-sql.js';
 
 export interface LeaseKeeper {
   /** Renews `owner`'s leases on keys of `organizationIds`; resolves to how many keys it still holds. */

@@ -1,15 +1,14 @@
 // The lease reaper: what a batch that died left (a lease never released, a fetched job never leased) is
 // freed within seconds by any worker process, and its keys queued again.
-import { type Kysely, sql } from 'kysely';
+import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
-import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { expiredLeaseKeys, pendingOrganizations, reapLeases } from './delivery-sql.js';
 import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
-import { deliveryPayload } from './queues.js';
-import { type KeyRef, keyName, keyRef, singletonKeyOf } from './rules/keys.js';
+import { expiredLeaseKeys, orphanedJobs, reapLeases } from './reaper-sql.js';
+import { keyName } from './rules/keys.js';
 
 /**
  * The lease reaper: every LEASE_REAP_MS, each worker process frees what a batch that died left:
@@ -54,12 +53,6 @@ export function startLeaseReaper(deps: {
     },
   };
 }
-
-/**
- * A fetched job whose key has no row yet is orphaned only after this long: the claim that inserts the
- * row may be running (1,000-key claims on a loaded database took up to 30 s).
- */
-export const NEW_KEY_ORPHAN_SECONDS = 60;
 
 /** How often each worker looks for leases whose batch died. */
 export const LEASE_REAP_MS = 2_000;
@@ -109,73 +102,4 @@ export async function reapOnce(
     );
   }
   return { leases: keys.length, jobs: orphans.length };
-}
-
-/**
- * Delivery jobs active and untouched for more than `olderThanSeconds` whose key holds no live lease:
- * fetched by a batch that died (a live batch touches its jobs until it returns: touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
- * the two are not joinable in one).
- */
-export async function orphanedJobs(
-  db: Kysely<DB>,
-  olderThanSeconds: number,
-  distributed: boolean,
-  /** A lease that ran out less than this long ago is still live (lease-length.ts, takeOverAfterSeconds). */
-  takeOverAfterSeconds = 0,
-): Promise<{ id: string; key: KeyRef | null }[]> {
-  // A job's age runs from its last sign of life: its fetch, or the last touch of the batch running it
-  // (touchWhileRunning).
-  const active = await sql<{ id: string; data: unknown; age: number }>`
-    SELECT id, data, extract(epoch FROM now() - coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job
-     WHERE name = 'meter-delivery' AND state = 'active'
-       AND coalesce(heartbeat_on, started_on) < now() - make_interval(secs => ${olderThanSeconds})
-     LIMIT 1000`.execute(db);
-  if (active.rows.length === 0) return [];
-  const jobs = active.rows.flatMap((r) => {
-    const parsed = deliveryPayload.safeParse(r.data);
-    if (!parsed.success) return [];
-    const { organizationId, ...key } = parsed.data;
-    return [{ id: r.id, organizationId, key, age: r.age }];
-  });
-  // Jobs queued before jobs named their organization: the organization holding the key's pending rows.
-  const legacy = jobs.filter((j) => j.organizationId === undefined).map((j) => j.key);
-  const organizations =
-    legacy.length > 0 ? await pendingOrganizations(db, legacy) : new Map<string, string>();
-  const customers = jobs.map((j) => j.key.customerId);
-  type KeyRow = { customer: string; event_name: MeterEventName; destination: Destination };
-  const nameOf = (r: KeyRow) =>
-    singletonKeyOf({ customerId: r.customer, eventName: r.event_name, destination: r.destination });
-  const rows = await sql<KeyRow & { live: boolean }>`
-    SELECT stripe_customer_id AS customer, event_name, destination,
-           (lease_owner IS NOT NULL
-            AND lease_expires_at >= now() - make_interval(secs => ${takeOverAfterSeconds}::float8)) AS live
-      FROM meter_delivery_keys WHERE stripe_customer_id = ANY(${customers}::text[])`.execute(db);
-  // A key row another transaction has locked is being claimed right now (a claim holds its keys' rows
-  // until it commits, however long it runs): its job is not orphaned. FOR KEY SHARE SKIP LOCKED
-  // passes over exactly those rows without waiting for them. (Citus takes row locks in router
-  // queries only: there, a slow claim's jobs wait for the claim's commit like the reaper's leases.)
-  const lockable = distributed
-    ? undefined
-    : new Set(
-        (
-          await sql<KeyRow>`
-          SELECT stripe_customer_id AS customer, event_name, destination FROM meter_delivery_keys
-           WHERE stripe_customer_id = ANY(${customers}::text[])
-           FOR KEY SHARE SKIP LOCKED`.execute(db)
-        ).rows.map(nameOf),
-      );
-  const existing = new Set(rows.rows.map(nameOf));
-  // A customer has pending rows in one organization at a time: its job's name says which key is leased.
-  const live = new Set(rows.rows.filter((r) => r.live || (lockable && !lockable.has(nameOf(r)))).map(nameOf));
-  // A key without a row has never been claimed: a claim inserting it may still be running (its
-  // insert is not visible yet), so its job is taken as orphaned only well past any claim's length.
-  const newKeySeconds = Math.max(NEW_KEY_ORPHAN_SECONDS, olderThanSeconds);
-  return jobs
-    .filter((j) => !live.has(singletonKeyOf(j.key)))
-    .filter((j) => existing.has(singletonKeyOf(j.key)) || j.age >= newKeySeconds)
-    .map((j) => {
-      const organizationId = j.organizationId ?? organizations.get(singletonKeyOf(j.key));
-      // No organization: nothing of the key is pending, so the job completes and nothing is queued.
-      return { id: j.id, key: organizationId ? keyRef({ ...j.key, organizationId }) : null };
-    });
 }

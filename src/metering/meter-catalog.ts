@@ -22,7 +22,7 @@ import type { DB, MeterEventName } from '../db/schema.js';
 import { assertOwnSession, POOLED_LISTEN_FIX, PooledSessionError } from '../db/session.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../observability/metrics.js';
-import { releaseHeldKeys as endHolds, type HoldScope } from './delivery-sql.js';
+import { releaseHeldKeys as endHolds, type HoldScope } from './hold-sql.js';
 import { queueDeliveries } from './outbox.js';
 
 export { METER_CATALOG_CHANNEL };

@@ -10,7 +10,7 @@ import type { PgBoss } from 'pg-boss';
 import type { DB, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../observability/metrics.js';
-import { releaseHeldKeys } from './delivery-sql.js';
+import { releaseHeldKeys } from './hold-sql.js';
 import type { MeterCatalog } from './meter-catalog.js';
 import { listBillableMetrics, METRONOME_METRICS, metricFor } from './metronome.js';
 import { queueDeliveries } from './outbox.js';

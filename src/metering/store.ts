@@ -1,5 +1,5 @@
-// The delivery store: the statements a batch runs (delivery-sql.ts, corrections.ts, pg-boss's
-// insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
+// The delivery store: the statements a batch runs (claim-sql.ts, settle-sql.ts, lease-sql.ts,
+// hold-sql.ts, corrections-sql.ts, pg-boss's insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
 // simulation's model of it (scripts/sim/store.ts).
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
@@ -7,24 +7,22 @@ import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections.js';
-import {
-  type ClaimOptions,
-  claimBatch,
-  holdKeys,
-  pendingOrganizations,
-  releaseLeases,
-  renewLeases,
-  settleBatch,
-} from './delivery-sql.js';
+import { claimBatch } from './claim-sql.js';
+import type { ClaimOptions } from './claim-statement-sql.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
+import { holdKeys } from './hold-sql.js';
 import type { LeaseKeeper } from './lease-keeper.js';
+import { releaseLeases, renewLeases } from './lease-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
+import { outboxTraceparents } from './outbox-traces-sql.js';
+import { pendingOrganizations } from './reaper-sql.js';
 import type { FollowUp, GroupSettlement, KeySettlement } from './rules/decision.js';
 import { type Gate, type HealthOutcome, type HealthReport, healthPolicy } from './rules/health.js';
 import type { ClaimedKey, CorrectionFacts, KeyRef } from './rules/keys.js';
+import { settleBatch } from './settle-sql.js';
 
 export interface DeliveryStore {
   claim(
@@ -68,6 +66,13 @@ export interface DeliveryStore {
     callable(): Promise<boolean>;
   };
   /**
+   * The request trace contexts of the usage rows each group carries, by the group's identifier, read
+   * while tracing records (outbox-traces-sql.ts). Absent (the simulation's store): calls traced apart.
+   */
+  traceparents?(
+    groups: readonly { organizationId: string; identifier: string }[],
+  ): Promise<Map<string, string[]>>;
+  /**
    * The organization of each job queued before jobs named one: the one with the key's oldest pending
    * row (by the key's job name, singletonKeyOf); a key with no pending row is absent.
    */
@@ -85,8 +90,18 @@ export function destinationCallsPerSecond(
   return destination === 'metronome' ? config.METRONOME_MAX_CALLS_PER_SECOND : callsPerSecond(config);
 }
 
-/** The store over Postgres and pg-boss, for one destination's keys (default Stripe's). */
-export function sqlStore(deps: {
+/**
+ * A batch's store for one destination's keys (and a connected account's, its own health row there):
+ * a new one each batch (it remembers the batch's organizations and shard groups).
+ */
+export type StoreOf = (destination: Destination, account?: string) => DeliveryStore;
+
+/** Postgres and pg-boss's stores (sqlStore), made where delivery's parts are built (delivery-parts.ts). */
+export function sqlStores(deps: Omit<SqlStoreDeps, 'destination' | 'account'>): StoreOf {
+  return (destination, account) => sqlStore({ ...deps, destination, ...(account ? { account } : {}) });
+}
+
+interface SqlStoreDeps {
   db: Kysely<DB>;
   boss: PgBoss;
   config: Pick<
@@ -105,7 +120,10 @@ export function sqlStore(deps: {
   account?: string;
   /** Renewals on the process's lease connection (lease-keeper.ts); without it, on `db`. */
   leases?: Pick<LeaseKeeper, 'renew'>;
-}): DeliveryStore {
+}
+
+/** The store over Postgres and pg-boss, for one destination's keys (default Stripe's). */
+export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
   const { db, boss } = deps;
   const distributed = deps.distributed === true;
   const destination = deps.destination ?? 'stripe';
@@ -146,6 +164,7 @@ export function sqlStore(deps: {
         : renewLeases(db, owner, { leaseSeconds, organizationIds, skipLocked: true, ...placement }),
     hold: (keys) => holdKeys(db, keys, placement),
     organizationsOf: (keys) => pendingOrganizations(db, keys),
+    traceparents: (groups) => outboxTraceparents(db, groups),
     async queue(keys) {
       await queueDeliveries(
         boss,

@@ -8,7 +8,7 @@ import { readDatabaseTime } from '../db/clock.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { FUTURE_ALLOWANCE_SECONDS } from './delivery-sql.js';
+import { FUTURE_ALLOWANCE_SECONDS } from './claim-statement-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
 import { type KeyRef, keyRef } from './rules/keys.js';

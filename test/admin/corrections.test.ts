@@ -10,12 +10,10 @@ import { usageCorrectCommand, usageCorrectionsCommand } from '../../src/admin/co
 import type { ReconciliationReport } from '../../src/admin/reconcile.js';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import {
-  claimCorrectionGroup,
-  createCorrectionClient,
-  switchCorrectionToCompensate,
-} from '../../src/metering/corrections.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
+import { createCorrectionClient } from '../../src/metering/corrections.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
+import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,
@@ -48,6 +46,7 @@ const it = stripeTest({
     return {
       db: ctx.db,
       boss: ctx.boss,
+      store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
       transport: createV1Transport(stripe),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       corrections: createCorrectionClient(stripe),

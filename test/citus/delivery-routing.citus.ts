@@ -7,19 +7,15 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { DB } from '../../src/db/schema.js';
 import { reserveCalls } from '../../src/metering/budget.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections.js';
-import {
-  type ClaimOptions,
-  claimBatch,
-  holdKeys,
-  reapLeases,
-  releaseHeldKeys,
-  releaseLeases,
-  renewLeases,
-  settleBatch,
-} from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
+import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
+import { holdKeys, releaseHeldKeys } from '../../src/metering/hold-sql.js';
+import { releaseLeases, renewLeases } from '../../src/metering/lease-sql.js';
+import { reapLeases } from '../../src/metering/reaper-sql.js';
 import { type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
 import { createOrganization } from '../support/fixtures.js';
 

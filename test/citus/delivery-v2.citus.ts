@@ -1,5 +1,5 @@
 // Delivery with the v2 meter event stream on the Citus cluster: events of several customers share a
-// stream call; the claim and settle statements are the cluster's shapes (src/metering/delivery-sql.ts).
+// stream call; the claim and settle statements are the cluster's shapes (src/metering/claim-statement-sql.ts, settle-sql.ts).
 // Ends with the ledger check: per organization, billed = stored, exactly.
 import { expect, inject } from 'vitest';
 import { WEBHOOK_SECRET } from '../billing/webhook-fixtures.js';

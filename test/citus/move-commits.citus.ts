@@ -10,7 +10,7 @@
 // Each test holds a transaction open across the move's final step, so that step waits for it and runs
 // the moment it commits (the race made certain). A claim (delivery) and a write of readings (ingestion,
 // routed.ts: router statements on the shard group's node) each commit on that node alone, one-phase:
-// each makes its own commit there wait for the disk (delivery-sql.ts claimStatement, routed.ts
+// each makes its own commit there wait for the disk (claim-statement-sql.ts claimStatement, routed.ts
 // storeShardGroup), and without that these tests lose the claim's identifier, or readings answered as
 // stored with their outbox row. (Readings used to reach the shards through Citus's COPY, the
 // single-node statement's INSERT ... SELECT through the coordinator, which commits in two phases, and
@@ -24,7 +24,7 @@ import { distributeTables } from '../../src/db/citus.js';
 import type { DB } from '../../src/db/schema.js';
 import { storeShardGroup } from '../../src/ingest/routed.js';
 import { createLogger } from '../../src/log.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { migrate } from '../../src/migrations.js';
 import { type CitusCluster, citusQuery, startCitusCluster } from '../support/citus.js';
 import { openTestContext } from '../support/database.js';

@@ -7,9 +7,11 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createNodeConnections, type NodeConnections } from '../../src/metering/citus-nodes.js';
-import { type ClaimOptions, claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
+import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
 import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import {
   type CitusCluster,
   citusQuery,

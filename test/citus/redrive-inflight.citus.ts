@@ -5,9 +5,10 @@
 import { sql } from 'kysely';
 import { describe, expect, inject } from 'vitest';
 import { failReportedEvents } from '../../src/billing/meter-error-reports.js';
-import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { retryFailedRows } from '../../src/metering/redrive.js';
 import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 

@@ -8,6 +8,7 @@ import { usageTokenCommands } from '../../src/admin/usage-tokens-cli.js';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createCorrectionClient } from '../../src/metering/corrections.js';
+import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { compactOutbox } from '../../src/storage/maintenance.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
@@ -61,6 +62,7 @@ const it = stripeTest({
     const deps: BatchDeps = {
       db: ctx.db,
       boss: ctx.boss,
+      store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
       transport: createV1Transport(stripe),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       corrections: createCorrectionClient(stripe),

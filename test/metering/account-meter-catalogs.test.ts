@@ -8,7 +8,7 @@ import { setupStripeAccount } from '../../src/billing/stripe-account.js';
 import { createStripeClient } from '../../src/context.js';
 import { createAccountMeterCatalogs } from '../../src/metering/account-meter-catalogs.js';
 import { createAccountCallers } from '../../src/metering/budget.js';
-import { holdKeys, releaseHeldKeys } from '../../src/metering/delivery-sql.js';
+import { holdKeys, releaseHeldKeys } from '../../src/metering/hold-sql.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 

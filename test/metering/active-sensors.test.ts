@@ -8,7 +8,7 @@ import {
   reportActiveSensorsWithTimestamp,
   utcHourOf,
 } from '../../src/metering/active-sensors.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { keyRef } from '../../src/metering/rules/keys.js';
 import { recordingDb } from '../support/database.js';
 import { contextTest } from '../support/test.js';

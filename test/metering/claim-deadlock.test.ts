@@ -8,7 +8,7 @@
 
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';

@@ -78,11 +78,10 @@ describe('a batch whose claim of a new key outlives the lease', () => {
       ctx.log,
     );
     const batch = deliverBatch(
-      {
-        ...v1BatchDeps(ctx),
+      v1BatchDeps(ctx, {
         leases: keeper,
         observer: { onStaleLease: (keys) => stale.push(keys) },
-      },
+      }),
       jobs,
     ).finally(() => {
       done = true;

@@ -189,7 +189,7 @@ async function twoBatchesTogether(ctx: Context, claimLimit: ClaimLimit | undefin
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 2, occurredAt: new Date() }]);
   const jobs = [];
   for (const org of orgs) jobs.push(await takeQueuedJob(ctx, org));
-  const deps = { ...v1BatchDeps(ctx), ...(claimLimit ? { claimLimit } : {}) };
+  const deps = v1BatchDeps(ctx, claimLimit ? { claimLimit } : {});
   await Promise.all(jobs.map((job) => deliverBatch(deps, [job])));
   const spans = await sql<{ entered: Date; left_at: Date }>`
     SELECT entered, left_at FROM test_claim_spans ORDER BY entered`.execute(ctx.db);

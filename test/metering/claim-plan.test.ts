@@ -6,14 +6,13 @@
 // away: a nested loop of keys against keys throws away about KEYS² of them.
 
 import { sql } from 'kysely';
-import pg from 'pg';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
-import { recordingDb } from '../support/database.js';
 import { createOrganization } from '../support/fixtures.js';
 import {
+  explainRecorded,
   indexesRead,
   type PlanNode,
   removedByFilters,
@@ -65,45 +64,24 @@ async function explainClaim(
     await sql`ANALYZE meter_outbox`.execute(ctx.db);
     await sql`ANALYZE meter_delivery_keys`.execute(ctx.db);
   }
-  // The statement as the claim sends it, with its parameters; run again below under EXPLAIN.
-  const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 1 });
-  try {
-    const recording = recordingDb(pool);
-    const options = {
-      owner: 'plan-test',
-      leaseSeconds: 60,
-      now: new Date(),
-      maxRows: 1,
-      sendable: ['temperature_readings', 'active_sensors'] as const,
-    };
-    await recording.db
-      .transaction()
-      .execute(async (trx) => {
-        const claimed = await claimBatch(trx, keys, { ...options, sendable: [...options.sendable] });
-        expect(claimed.filter((k) => k.state === 'leased')).toHaveLength(keys.length);
-        throw new Error('rolled back');
-      })
-      .catch((err: unknown) => {
-        if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
-      });
-    const claims = recording.queries.filter((q) => /\bleased AS\b/.test(q.sql));
-    expect(claims, 'one claim statement was sent').toHaveLength(1);
-    const claim = claims[0];
-    const client = await pool.connect();
-    try {
-      await client.query('BEGIN');
-      const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-        `EXPLAIN (ANALYZE, FORMAT JSON) ${claim!.sql}`,
-        [...claim!.parameters],
-      );
-      await client.query('ROLLBACK');
-      return rows[0]!['QUERY PLAN'][0]!.Plan;
-    } finally {
-      client.release();
-    }
-  } finally {
-    await pool.end();
-  }
+  // The statement as the claim sends it, with its parameters; run again under EXPLAIN.
+  const options = {
+    owner: 'plan-test',
+    leaseSeconds: 60,
+    now: new Date(),
+    maxRows: 1,
+    sendable: ['temperature_readings', 'active_sensors'] as const,
+  };
+  const { plan } = await explainRecorded(
+    ctx.config.DATABASE_URL,
+    'claim statement',
+    /\bleased AS\b/,
+    async (trx) => {
+      const claimed = await claimBatch(trx, keys, { ...options, sendable: [...options.sendable] });
+      expect(claimed.filter((k) => k.state === 'leased')).toHaveLength(keys.length);
+    },
+  );
+  return plan;
 }
 
 describe('the claim statement', () => {

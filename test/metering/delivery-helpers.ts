@@ -11,6 +11,7 @@ import type { BatchDeps, DeliveryJob } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createLeaseKeeper, type LeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
+import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { waitFor } from '../support/wait.js';
 
@@ -133,9 +134,9 @@ export async function compareWithEmulator(
   return { duplicatesAccepted, valueMismatches, perKey, undelivered: Number(undelivered.n) };
 }
 
-/** A batch's dependencies as a v1 worker has them. */
-export function v1BatchDeps(ctx: Context): BatchDeps {
-  return {
+/** A batch's dependencies as a v1 worker has them, with `overrides`. */
+export function v1BatchDeps(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
+  return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
     transport: createV1Transport(ctx.stripe!),
@@ -143,6 +144,26 @@ export function v1BatchDeps(ctx: Context): BatchDeps {
     config: ctx.config,
     clock: ctx.clock,
     log: ctx.log,
+    ...overrides,
+  });
+}
+
+/**
+ * A batch's dependencies with Postgres and pg-boss's stores on their own pool, boss, placement and
+ * lease keeper, as delivery-parts.ts builds them (unless `deps` brings a store).
+ */
+export function withSqlStores(deps: Omit<BatchDeps, 'store'> & Partial<Pick<BatchDeps, 'store'>>): BatchDeps {
+  return {
+    ...deps,
+    store:
+      deps.store ??
+      sqlStores({
+        db: deps.db,
+        boss: deps.boss,
+        config: deps.config,
+        distributed: deps.distributed === true,
+        ...(deps.leases ? { leases: deps.leases } : {}),
+      }),
   };
 }
 

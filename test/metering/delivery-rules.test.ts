@@ -20,7 +20,7 @@ import { createV2Transport } from '../../src/metering/transport-v2.js';
 import { recordingDb } from '../support/database.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { writeRows } from './delivery-helpers.js';
+import { withSqlStores, writeRows } from './delivery-helpers.js';
 
 const LEASE_SECONDS = 5;
 
@@ -44,7 +44,7 @@ const it = stripeTest({
 
 /** Batch dependencies on the file's context; no worker runs, the tests drive batches by hand. */
 function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
-  return {
+  return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
     transport: createV1Transport(ctx.stripe!),
@@ -54,7 +54,7 @@ function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
     clock: ctx.clock,
     log: ctx.log,
     ...overrides,
-  };
+  });
 }
 
 function job(

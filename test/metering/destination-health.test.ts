@@ -18,7 +18,7 @@ import { createV1Transport } from '../../src/metering/transport.js';
 import { createV2Transport } from '../../src/metering/transport-v2.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
-import { writeRows } from './delivery-helpers.js';
+import { withSqlStores, writeRows } from './delivery-helpers.js';
 
 const RETRY_LIMIT = 3;
 
@@ -42,7 +42,7 @@ const it = stripeTest({
 
 /** Batch dependencies on the file's context (each call: a process of its own unless `hold` is shared). */
 function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
-  return {
+  return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
     transport: createV1Transport(ctx.stripe!),
@@ -51,7 +51,7 @@ function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
     clock: ctx.clock,
     log: ctx.log,
     ...overrides,
-  };
+  });
 }
 
 const job = (org: { organizationId: string; customerId: string }): DeliveryJob => ({

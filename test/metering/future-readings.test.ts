@@ -12,7 +12,7 @@ import { waitFor, writeRows } from './delivery-helpers.js';
  * Stripe's clock, this far behind the database's: a future timestamp is refused for longer. Stripe
  * takes timestamps up to 5 minutes ahead of its clock, so the reading below, 70 s ahead, is refused
  * until 30 s after it was written (70 s + 260 s − 300 s), while the worker may claim it from 10 s on
- * (delivery-sql's FUTURE_ALLOWANCE_SECONDS, 60): about 20 s of refusals and retries, then billed.
+ * (claim-statement-sql's FUTURE_ALLOWANCE_SECONDS, 60): about 20 s of refusals and retries, then billed.
  */
 const STRIPE_BEHIND_MS = 260_000;
 

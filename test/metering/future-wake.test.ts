@@ -3,7 +3,7 @@
 // minute, rows older than two minutes: up to three minutes late).
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
-import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/delivery-sql.js';
+import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/claim-statement-sql.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { waitFor, writeRows } from './delivery-helpers.js';

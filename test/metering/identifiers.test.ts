@@ -5,7 +5,7 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { correctionIdentifier } from '../../src/metering/identifiers.js';
 import { contextTest } from '../support/test.js';
 import { writeRows } from './delivery-helpers.js';

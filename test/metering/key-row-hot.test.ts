@@ -15,8 +15,9 @@ import { type Kysely, sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
-import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { type KeyRef, keyRef, type LeasedKey } from '../../src/metering/rules/keys.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 

@@ -15,7 +15,7 @@ import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { serverBoundedUrl } from '../../src/db/dead-connections.js';
 import type { DB } from '../../src/db/schema.js';
-import { claimBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';

@@ -8,8 +8,9 @@
 import { sql } from 'kysely';
 import { describe, expect, it as unit } from 'vitest';
 import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
-import { claimBatch, renewLeases } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
+import { renewLeases } from '../../src/metering/lease-sql.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -84,7 +85,7 @@ describe('a batch whose process learns of slow claims while its call is out', ()
         return real.send(events, options);
       },
     };
-    await deliverBatch({ ...v1BatchDeps(ctx), transport, leaseLength: length, leases: leaseKeeperOf(ctx) }, [
+    await deliverBatch(v1BatchDeps(ctx, { transport, leaseLength: length, leases: leaseKeeperOf(ctx) }), [
       await takeQueuedJob(ctx, org),
     ]);
     expect(seen).toBeDefined();
@@ -124,7 +125,7 @@ describe('a batch whose lease has grown', () => {
         return real.send(events, options);
       },
     };
-    await deliverBatch({ ...v1BatchDeps(ctx), transport, leaseLength: length, leases }, [
+    await deliverBatch(v1BatchDeps(ctx, { transport, leaseLength: length, leases }), [
       await takeQueuedJob(ctx, org),
     ]);
     expect(renewals).toEqual([]);

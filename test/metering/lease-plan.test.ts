@@ -10,13 +10,12 @@
 // look-ups searched and the rows their joins handled: the list with each key is KEYS² either way (as an
 // index condition, or as a filter that made the planner meet every leased row with every key).
 
-import { sql } from 'kysely';
-import pg from 'pg';
+import { type Kysely, sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { releaseLeases, renewLeasesOf } from '../../src/metering/delivery-sql.js';
-import { recordingDb } from '../support/database.js';
-import { arrayElementsSearched, type PlanNode, rowsHandled } from '../support/plans.js';
+import type { DB } from '../../src/db/schema.js';
+import { releaseLeases, renewLeasesOf } from '../../src/metering/lease-sql.js';
+import { arrayElementsSearched, explainRecorded, rowsHandled } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({});
@@ -54,39 +53,15 @@ async function leasedKeys(ctx: Context): Promise<string[]> {
 async function searched(
   ctx: Context,
   pattern: RegExp,
-  statement: (db: ReturnType<typeof recordingDb>['db']) => Promise<number>,
+  statement: (db: Kysely<DB>) => Promise<number>,
 ): Promise<{ work: number; touched: number }> {
-  const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 1 });
-  try {
-    const recording = recordingDb(pool);
-    let touched = 0;
-    await recording.db
-      .transaction()
-      .execute(async (trx) => {
-        touched = await statement(trx);
-        throw new Error('rolled back');
-      })
-      .catch((err: unknown) => {
-        if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
-      });
-    const sent = recording.queries.filter((q) => pattern.test(q.sql));
-    expect(sent, 'one statement was sent').toHaveLength(1);
-    const client = await pool.connect();
-    try {
-      await client.query('BEGIN');
-      const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-        `EXPLAIN (ANALYZE, FORMAT JSON) ${sent[0]!.sql}`,
-        [...sent[0]!.parameters],
-      );
-      await client.query('ROLLBACK');
-      const plan = rows[0]!['QUERY PLAN'][0]!.Plan;
-      return { work: arrayElementsSearched(plan) + rowsHandled(plan), touched };
-    } finally {
-      client.release();
-    }
-  } finally {
-    await pool.end();
-  }
+  const { plan, result: touched } = await explainRecorded(
+    ctx.config.DATABASE_URL,
+    'statement',
+    pattern,
+    statement,
+  );
+  return { work: arrayElementsSearched(plan) + rowsHandled(plan), touched };
 }
 
 describe('the lease statements on one node', () => {

@@ -15,8 +15,7 @@ import { seedOrgs } from '../../scripts/bench/harness.js';
 import { analyzeStale, STALE_STATISTICS } from '../../src/db/statistics.js';
 import { storeGroup } from '../../src/ingest/single-node.js';
 import { runHourlyReport } from '../../src/metering/active-sensors-job.js';
-import { recordingDb } from '../support/database.js';
-import { type PlanNode, rowsScanned } from '../support/plans.js';
+import { explainRecorded, type PlanNode, rowsScanned } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
 
@@ -61,9 +60,7 @@ describe(`the hourly report at ${ORGS} organizations`, () => {
         );
       }
 
-      // One group of three organizations' readings, recorded in a transaction rolled back, then its
-      // statement again under EXPLAIN ANALYZE (rolled back too).
-      const recording = recordingDb(pool);
+      // One group of three organizations' readings, its statement under EXPLAIN ANALYZE (rolled back).
       const now = new Date();
       const group = orgs.slice(0, 3).map((o) => ({
         organizationId: o.organizationId,
@@ -75,31 +72,14 @@ describe(`the hourly report at ${ORGS} organizations`, () => {
           },
         ],
       }));
-      await recording.db
-        .transaction()
-        .execute(async (trx) => {
-          await storeGroup(trx, ctx.boss, group, now);
-          throw new Error('rolled back');
-        })
-        .catch((err: unknown) => {
-          if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
-        });
-      const statement = recording.queries.find((q) => /\bheld AS \(/.test(q.sql));
-      expect(statement, 'the group statement was sent').toBeDefined();
-      const client = await pool.connect();
-      try {
-        await client.query('BEGIN');
-        const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-          `EXPLAIN (ANALYZE, FORMAT JSON) ${statement!.sql}`,
-          [...statement!.parameters],
-        );
-        await client.query('ROLLBACK');
-        const plan = rows[0]!['QUERY PLAN'][0]!.Plan;
-        // Each of the three keys' queued job, found by its key (a few index rows), not the whole queue.
-        expect(jobRowsRead(plan)).toBeLessThan(100);
-      } finally {
-        client.release();
-      }
+      const { plan } = await explainRecorded(
+        ctx.config.DATABASE_URL,
+        'group statement',
+        /\bheld AS \(/,
+        (trx) => storeGroup(trx, ctx.boss, group, now),
+      );
+      // Each of the three keys' queued job, found by its key (a few index rows), not the whole queue.
+      expect(jobRowsRead(plan)).toBeLessThan(100);
     } finally {
       await pool.end();
     }

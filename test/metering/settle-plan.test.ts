@@ -7,14 +7,13 @@
 // plan produced and threw away in joins: a join of every group with every key makes about KEYS² of them.
 
 import { sql } from 'kysely';
-import pg from 'pg';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { claimBatch, settleBatch } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { KeyRef, LeasedKey } from '../../src/metering/rules/keys.js';
-import { recordingDb } from '../support/database.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import { createOrganization } from '../support/fixtures.js';
-import { type PlanNode, rowsHandled } from '../support/plans.js';
+import { explainRecorded, rowsHandled } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({});
@@ -64,55 +63,38 @@ async function settleHandled(ctx: Context, count: number, others: number): Promi
     expect(leased).toHaveLength(count);
 
     // The settle as the batch sends it, recorded (and rolled back), then run again under EXPLAIN.
-    const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 1 });
-    try {
-      const recording = recordingDb(pool);
-      await recording.db
-        .transaction()
-        .execute(async (trx) => {
-          const lost = await settleBatch(
-            trx,
-            leased.map((k) => ({
-              organizationId: k.organizationId,
-              customerId: k.customerId,
-              eventName: k.eventName,
-              identifier: k.group!.identifier,
-              status: 'delivered' as const,
-              called: true,
-              counted: true,
-            })),
-            leased.map((k) => ({ ...k, called: true })),
-            { owner, minIntervalMs: 0 },
-          );
-          expect(lost).toBe(0);
-          throw new Error('rolled back');
-        })
-        .catch((err: unknown) => {
-          if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
-        });
-      const settles = recording.queries.filter((q) => /\bsettled AS\b/.test(q.sql));
-      expect(settles, 'one settle statement was sent').toHaveLength(1);
-      const client = await pool.connect();
-      try {
-        await client.query('BEGIN');
-        const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-          `EXPLAIN (ANALYZE, FORMAT JSON) ${settles[0]!.sql}`,
-          [...settles[0]!.parameters],
+    const { plan, after: settled } = await explainRecorded(
+      ctx.config.DATABASE_URL,
+      'settle statement',
+      /\bsettled AS\b/,
+      async (trx) => {
+        const lost = await settleBatch(
+          trx,
+          leased.map((k) => ({
+            organizationId: k.organizationId,
+            customerId: k.customerId,
+            eventName: k.eventName,
+            identifier: k.group!.identifier,
+            status: 'delivered' as const,
+            called: true,
+            counted: true,
+          })),
+          leased.map((k) => ({ ...k, called: true })),
+          { owner, minIntervalMs: 0 },
         );
-        const settled = await client.query<{ n: number }>(
+        expect(lost).toBe(0);
+      },
+      async (client) => {
+        const { rows } = await client.query<{ n: number }>(
           `SELECT count(*)::int AS n FROM meter_outbox WHERE organization_id = $1 AND status = 'delivered'`,
           [org.organizationId],
         );
-        await client.query('ROLLBACK');
-        // The statement did its work: every group's row delivered.
-        expect(settled.rows[0]!.n).toBe(count);
-        return rowsHandled(rows[0]!['QUERY PLAN'][0]!.Plan);
-      } finally {
-        client.release();
-      }
-    } finally {
-      await pool.end();
-    }
+        return rows[0]!.n;
+      },
+    );
+    // The statement did its work: every group's row delivered.
+    expect(settled).toBe(count);
+    return rowsHandled(plan);
   }
 }
 

@@ -60,10 +60,9 @@ describe('a settle after the lease ran out', () => {
     };
     // The worker's own instruments, as src/bin/worker.ts plugs them in: the refusal is counted.
     const metrics = createMetrics({ processMetrics: false });
-    await deliverBatch(
-      { ...v1BatchDeps(ctx), transport: frozen, observer: metricsDeliveryObserver(metrics) },
-      [job],
-    );
+    await deliverBatch(v1BatchDeps(ctx, { transport: frozen, observer: metricsDeliveryObserver(metrics) }), [
+      job,
+    ]);
     expect(reaped).toBe(1);
     expect((await metrics.staleLeaseSettles.get()).values.map((v) => v.value)).toEqual([1]);
     expect(await metrics.registry.metrics()).toMatch(/^meterbox_delivery_stale_lease_settles_total 1$/m);
@@ -78,7 +77,7 @@ describe('a settle after the lease ran out', () => {
     expect(identifier).not.toBeNull();
 
     // The reaper's job: the next owner resends the same identifier; Stripe says "duplicate".
-    await deliverBatch({ ...v1BatchDeps(ctx), observer: metricsDeliveryObserver(metrics) }, [
+    await deliverBatch(v1BatchDeps(ctx, { observer: metricsDeliveryObserver(metrics) }), [
       await takeQueuedJob(ctx, org),
     ]);
     // A settle under a live lease is not counted.

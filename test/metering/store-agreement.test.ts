@@ -1,5 +1,5 @@
 // The simulation (scripts/sim) is only as good as its model of the delivery statements: this test runs
-// the same random sequences of operations against Postgres (delivery-sql.ts, corrections.ts, sweep.ts)
+// the same random sequences of operations against Postgres (the delivery steps' *-sql.ts, corrections.ts, sweep.ts)
 // and against the model (scripts/sim/model.ts), and after every operation compares what each
 // answered and every row's state. Identifiers are random in one and counted in the other: they are
 // matched by the rows they name.
@@ -9,17 +9,12 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { ModelDb, type Row } from '../../scripts/sim/model.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
-import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections.js';
-import {
-  claimBatch,
-  holdKeys,
-  reapLeases,
-  releaseHeldKeys,
-  releaseLeases,
-  renewLeases,
-  settleBatch,
-} from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
+import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { ONE_NODE } from '../../src/metering/delivery-sql-shapes.js';
+import { holdKeys, releaseHeldKeys } from '../../src/metering/hold-sql.js';
+import { releaseLeases, renewLeases } from '../../src/metering/lease-sql.js';
+import { reapLeases } from '../../src/metering/reaper-sql.js';
 import { retryFailedRows } from '../../src/metering/redrive.js';
 import type { GroupSettlement } from '../../src/metering/rules/decision.js';
 import {
@@ -29,6 +24,7 @@ import {
   keyName,
   keyRef,
 } from '../../src/metering/rules/keys.js';
+import { settleBatch } from '../../src/metering/settle-sql.js';
 import { staleKeys } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
 import { seededRandom } from '../support/random.js';

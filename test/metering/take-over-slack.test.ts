@@ -7,9 +7,10 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { claimBatch, expiredLeaseKeys, reapLeases, renewLeases } from '../../src/metering/delivery-sql.js';
+import { claimBatch } from '../../src/metering/claim-sql.js';
 import { adaptiveLeaseLength, takeOverAfterSeconds } from '../../src/metering/lease-length.js';
-import { orphanedJobs } from '../../src/metering/lease-reaper.js';
+import { renewLeases } from '../../src/metering/lease-sql.js';
+import { expiredLeaseKeys, orphanedJobs, reapLeases } from '../../src/metering/reaper-sql.js';
 import type { ClaimedKey } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';

@@ -12,6 +12,7 @@ import {
 import { afterAll, describe, expect } from 'vitest';
 import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
+import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { authHeaders, createSensors } from '../support/fixtures.js';
 import { stripeTest, type TestApp } from '../support/test.js';
@@ -32,6 +33,7 @@ const it = stripeTest({ env: { DELIVERY_MIN_INTERVAL_MS: '0' } }).extend(
     const deps: BatchDeps = {
       db: ctx.db,
       boss: ctx.boss,
+      store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
       transport: createV1Transport(stripe),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       config: ctx.config,

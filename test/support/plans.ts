@@ -1,6 +1,11 @@
 // Reading Postgres plans (EXPLAIN (ANALYZE, FORMAT JSON)) in the plan tests: how many rows a plan
 // handled, whatever its shape, so a test can bound work that grows with the square of a batch or
 // with the whole table rather than with the batch.
+import type { Transaction } from 'kysely';
+import pg from 'pg';
+import { expect } from 'vitest';
+import type { DB } from '../../src/db/schema.js';
+import { recordingDb } from './database.js';
 
 /** A node of EXPLAIN (ANALYZE, FORMAT JSON)'s plan, with the fields the plan tests read. */
 export interface PlanNode {
@@ -67,4 +72,50 @@ export function rowsScanned(node: PlanNode): number {
       ? ((n['Actual Rows'] ?? 0) + (n['Rows Removed by Filter'] ?? 0)) * (n['Actual Loops'] ?? 1)
       : 0,
   );
+}
+
+/**
+ * The plan of a statement as the code sends it: `run` on a recording connection in a transaction that is
+ * rolled back, then its one statement matching `pattern` (`what`, in the failure's message) again under
+ * EXPLAIN ANALYZE, with its parameters, in a transaction rolled back too; `after` reads in that
+ * transaction what the statement did. Returns the plan, what `run` returned and what `after` read.
+ */
+export async function explainRecorded<T, A = undefined>(
+  databaseUrl: string | undefined,
+  what: string,
+  pattern: RegExp,
+  run: (db: Transaction<DB>) => Promise<T>,
+  after?: (client: pg.PoolClient) => Promise<A>,
+): Promise<{ plan: PlanNode; result: T; after: A | undefined }> {
+  const pool = new pg.Pool({ connectionString: databaseUrl, max: 1 });
+  try {
+    const recording = recordingDb(pool);
+    let result: T | undefined;
+    await recording.db
+      .transaction()
+      .execute(async (trx) => {
+        result = await run(trx);
+        throw new Error('rolled back');
+      })
+      .catch((err: unknown) => {
+        if (!(err instanceof Error) || err.message !== 'rolled back') throw err;
+      });
+    const sent = recording.queries.filter((q) => pattern.test(q.sql));
+    expect(sent, `one ${what} was sent`).toHaveLength(1);
+    const client = await pool.connect();
+    try {
+      await client.query('BEGIN');
+      const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
+        `EXPLAIN (ANALYZE, FORMAT JSON) ${sent[0]!.sql}`,
+        [...sent[0]!.parameters],
+      );
+      const read = after ? await after(client) : undefined;
+      await client.query('ROLLBACK');
+      return { plan: rows[0]!['QUERY PLAN'][0]!.Plan, result: result as T, after: read };
+    } finally {
+      client.release();
+    }
+  } finally {
+    await pool.end();
+  }
 }

@@ -252,7 +252,7 @@ export async function outboxSettled(db: Kysely<DB>): Promise<boolean> {
   return rows[0]?.n === 0;
 }
 
-// --- delivery leases (src/metering/delivery-sql.ts, table meter_delivery_keys) ----------------------
+// --- delivery leases (src/metering/lease-sql.ts, reaper-sql.ts, table meter_delivery_keys) ----------------------
 
 /** The lease owner id prefix of a worker process (WORKER_INSTANCE_ID is `<pid>-<hex>`, a batch adds `:<n>`). */
 export const leaseOwnerPrefix = (pid: number) => `${pid}-`;

@@ -1,4 +1,4 @@
-// What a claim decides per key (set-based in delivery-sql.ts): whether it takes the lease, and which
+// What a claim decides per key (set-based in claim-statement-sql.ts): whether it takes the lease, and which
 // rows form the key's next group and with what value.
 
 import type { MeterEventName } from '../../db/schema.js';

@@ -2,9 +2,9 @@
 // claim read, what Stripe answered and the time — no I/O, no clock of their own. batch.ts runs the
 // statements and calls around them (the shell); the seeded simulation (scripts/sim) drives these same
 // functions against models of pg-boss and Stripe and checks the invariants after every step. The
-// statements in delivery-sql.ts implement the rules marked "(SQL)" in claim.ts and corrections.ts
-// set-based; the simulation's store implements them from these functions, and
-// test/metering/store-agreement.test.ts holds the two equal. This file: what the rules see (a key, its
+// statements of the delivery steps (claim-statement-sql.ts, settle-sql.ts) implement the rules marked
+// "(SQL)" in claim.ts and corrections.ts set-based; the simulation's store implements them from these
+// functions, and test/metering/store-agreement.test.ts holds the two equal. This file: what the rules see (a key, its
 // claimed group, corrections' facts, an answer); decide-batch.ts: what a batch decides after its calls.
 //
 // A key is one customer and meter at one destination, within one organization: Stripe allows one call
