@@ -99,10 +99,7 @@ export async function claimStatement(
     -- its call bills the group twice. On Citus this also keeps it through a shard move, which catches
     -- up only to WAL already written (pg_current_wal_lsn): an asynchronous commit just before the
     -- move's switch was lost with the old placement.
-    -- pending: the status the writes below recheck on the rows they found by key, read from here rather
-    -- than written as a constant (see grouped).
-    c AS MATERIALIZED (SELECT clock_timestamp() AS at, set_config('synchronous_commit', 'on', true) AS durable,
-                              'pending'::text AS pending),
+    c AS MATERIALIZED (SELECT clock_timestamp() AS at, set_config('synchronous_commit', 'on', true) AS durable),
     -- Key rows another claim or settle has locked right now are passed over (the key is answered busy
     -- and looked at again in a second) instead of waited for. Only rows this claim could lease are
     -- locked at all: a key leased by another batch, paced or backing off is left alone, so that batch's
@@ -150,17 +147,11 @@ export async function claimStatement(
     -- When nothing else brings its key back, the claim says when its earliest such row is due
     -- (due_in_ms), and the batch queues the key's wake-up for then (rules/decide-batch.ts, whatIsLeft).
     ${lateralHeads(cutoff, options.maxRows, scope, sql`(SELECT at FROM c) + interval '${sql.raw(String(FUTURE_ALLOWANCE_SECONDS))} seconds'`)},
-    -- Each member's row by its primary key. The recheck of its status compares with c.pending, not the
-    -- constant: a constant implies the predicate of the partial index of every pending row
-    -- (meter_outbox_pending), and statistics from before a burst (the hourly report's 100,000 rows;
-    -- autovacuum analyzes a table only once a tenth of it changed) say that index is empty, so the
-    -- planner read every pending row of the platform for each claim, hashed or, worse, each against
-    -- every member (a claim of 1,000 keys took 4-10 s; docs/benchmarks.md, test/metering/claim-plan.test.ts).
     grouped AS (
       UPDATE meter_outbox o SET identifier = m.identifier, identified_at = now(), updated_at = now()
-        FROM members m, c
+        FROM members m
        WHERE ${scope('o')} o.organization_id = m.organization_id AND o.id = m.id
-         AND o.status = c.pending AND o.identifier IS NULL
+         AND o.status = 'pending' AND o.identifier IS NULL
       RETURNING o.identifier, o.organization_id, o.stripe_customer_id AS customer, o.event_name, o.destination,
                 o.id, o.value, o.occurred_at, o.created_at, o.attempts, o.identified_at
     ),
@@ -171,11 +162,9 @@ export async function claimStatement(
       UNION ALL
       SELECT o.identifier, o.organization_id, o.stripe_customer_id, o.event_name, o.destination, o.id, o.value,
              o.occurred_at, o.created_at, o.attempts, coalesce(o.identified_at, o.created_at)
-        -- By identifier (c.pending, not the constant: as in grouped, the partial index of every row in
-        -- flight would otherwise be read for each head).
-        FROM heads h CROSS JOIN c JOIN meter_outbox o
+        FROM heads h JOIN meter_outbox o
           ON ${scope('o')} o.organization_id = h.organization_id
-         AND o.identifier = h.inflight AND o.status = c.pending
+         AND o.identifier = h.inflight AND o.status = 'pending'
     ),
     events AS (
       -- A group's value (rules/claim.ts groupValue): temperature_readings (formula sum) the sum;

@@ -17,7 +17,6 @@ import {
   type PlanNode,
   removedByFilters,
   removedByJoinFilters,
-  rowsScanned,
 } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
@@ -129,58 +128,4 @@ describe('the claim statement', () => {
       `indexes read: ${[...new Set(indexesRead(plan))].join(', ')}`,
     ).toBeLessThan(KEYS * 50);
   });
-
-  // The same burst, seen by the claim's writes of its groups' identifiers (grouped) and its read of the
-  // groups in flight: with statistics that say no row is pending, the planner served them from the
-  // partial indexes over pending rows (estimated at a row or two) and read every pending row of the
-  // platform for one claim, hashed or each against every member of the batch's groups. In the ingest
-  // bench's hourly report at 100,000 organizations (2026-11-27, auto_explain), 13 claims of its first
-  // 15 s took the nested loop, 4-10 s each: 39 s of claim time for 5,516 keys (docs/benchmarks.md).
-  it(`finds the rows of ${KEYS} keys' groups by key when the statistics are from before a backlog`, async ({
-    ctx,
-  }) => {
-    const quiet = await createOrganization(ctx.db);
-    await sql`
-      INSERT INTO meter_outbox (organization_id, event_name, stripe_customer_id, value, occurred_at, identifier,
-                                identified_at, status, delivered_at)
-      SELECT ${quiet.organizationId}::uuid, 'temperature_readings', 'cus_quiet_' || n, 1, now() - interval '2 hours',
-             'evt_quiet_' || n, now(), 'delivered', now()
-        FROM generate_series(1, 2000) AS n`.execute(ctx.db);
-    await sql`
-      UPDATE meter_outbox SET status = 'delivered', identifier = coalesce(identifier, 'evt_done_' || id),
-             identified_at = coalesce(identified_at, now()), delivered_at = now()
-       WHERE status <> 'delivered'`.execute(ctx.db);
-    await sql`ANALYZE meter_outbox`.execute(ctx.db);
-    await sql`ANALYZE meter_delivery_keys`.execute(ctx.db);
-    await seedKeys(ctx, 4000, 'burst');
-    const keys = await seedKeys(ctx, KEYS, 'stale');
-    const plan = await explainClaim(ctx, keys, 'as they are');
-    const grouped = cte(plan, 'grouped');
-    // The groups in flight are read where the keys' answers are put together (answers).
-    const answers = cte(plan, 'answers');
-    expect(grouped, 'the plan has the grouped CTE').toBeDefined();
-    expect(answers, 'the plan has the answers CTE').toBeDefined();
-    // A row a member (150 new groups of one row), and a row or two a group in flight (150) and a key
-    // (the rows after each new group, 150); through the partial indexes, every pending row (8,600) or
-    // every row in flight (4,300), once or for each head.
-    for (const [name, node] of [
-      ['grouped', grouped],
-      ['answers', answers],
-    ] as const) {
-      expect(
-        rowsScanned(node!) + removedByJoinFilters(node!),
-        `${name} read ${[...new Set(indexesRead(node!))].join(', ')}`,
-      ).toBeLessThan(KEYS * 3);
-    }
-  });
 });
-
-/** The plan of the CTE `name` (EXPLAIN's "CTE name" subplan). */
-function cte(node: PlanNode, name: string): PlanNode | undefined {
-  if (node['Subplan Name'] === `CTE ${name}`) return node;
-  for (const child of node.Plans ?? []) {
-    const found = cte(child, name);
-    if (found) return found;
-  }
-  return undefined;
-}
