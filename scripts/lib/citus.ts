@@ -52,10 +52,14 @@ function nodeUrl(port: number, database = CITUS_DATABASE): string {
   return `postgres://postgres@127.0.0.1:${port}/${database}`;
 }
 
+/** util-linux's runuser, by its path: a root shell's PATH may lack the sbin folders (`su -` does not). */
+const RUNUSER =
+  ['/usr/sbin/runuser', '/sbin/runuser', '/usr/bin/runuser'].find((p) => existsSync(p)) ?? 'runuser';
+
 /** Runs a Postgres binary as the `postgres` user when this process is root (Postgres refuses root). */
 export async function asPostgres(command: string, args: string[]): Promise<void> {
   const root = userInfo().uid === 0;
-  const [file, argv] = root ? ['runuser', ['-u', 'postgres', '--', command, ...args]] : [command, args];
+  const [file, argv] = root ? [RUNUSER, ['-u', 'postgres', '--', command, ...args]] : [command, args];
   try {
     await run(file, argv, { env: { ...process.env, LC_ALL: 'C' } });
   } catch (err) {

@@ -3,37 +3,33 @@
 // Retry-After and the worker waits out: a private cluster with max_connections 3 (Postgres 15's own
 // binaries, started by the test as the postgres user). Needs root (to run them as that user); skipped,
 // loudly, otherwise.
-import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
+import { asPostgres, initCluster, PG_BIN } from '../../scripts/lib/citus.js';
 import { databaseResourceShortage, isDatabaseUnavailable } from '../../src/db/errors.js';
 import { databaseResourceExhausted } from '../../src/http/errors.js';
 import { freePort } from '../support/net.js';
+import { chownToPostgres } from '../support/standby.js';
 
-const BIN = '/usr/lib/postgresql/15/bin';
-const usable = process.getuid?.() === 0 && existsSync(join(BIN, 'initdb'));
-if (!usable) console.warn(`SKIPPED test/db/resource-errors.test.ts: needs root and PostgreSQL 15 in ${BIN}`);
-
-const asPostgres = (cmd: string, args: string[]) => {
-  const r = spawnSync('runuser', ['-u', 'postgres', '--', join(BIN, cmd), ...args], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} failed: ${r.stdout}${r.stderr}`);
-};
+const usable = process.getuid?.() === 0 && existsSync(join(PG_BIN, 'initdb'));
+if (!usable)
+  console.warn(`SKIPPED test/db/resource-errors.test.ts: needs root and PostgreSQL 15 in ${PG_BIN}`);
 
 describe.skipIf(!usable)('a cluster out of connection slots', () => {
   it('refuses the next connection with 53300, which is a shortage of connections answered 503', {
     timeout: 60_000,
   }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'meterbox-slots-'));
-    spawnSync('chown', ['postgres:postgres', dir]);
+    await chownToPostgres(dir);
     const data = join(dir, 'data');
     const port = await freePort();
     const clients: pg.Client[] = [];
     try {
-      asPostgres('initdb', ['-D', data, '-A', 'trust', '-U', 'postgres', '--no-sync']);
-      asPostgres('pg_ctl', [
+      await initCluster(data);
+      await asPostgres(join(PG_BIN, 'pg_ctl'), [
         '-D',
         data,
         '-w',
@@ -68,17 +64,9 @@ describe.skipIf(!usable)('a cluster out of connection slots', () => {
       expect(databaseResourceShortage(new Error((err as Error).message))).toBe('connections');
     } finally {
       for (const c of clients) await c.end().catch(() => undefined);
-      spawnSync('runuser', [
-        '-u',
-        'postgres',
-        '--',
-        join(BIN, 'pg_ctl'),
-        '-D',
-        data,
-        '-m',
-        'immediate',
-        'stop',
-      ]);
+      await asPostgres(join(PG_BIN, 'pg_ctl'), ['-D', data, '-m', 'immediate', 'stop']).catch(
+        () => undefined,
+      );
       rmSync(dir, { recursive: true, force: true });
     }
   });
