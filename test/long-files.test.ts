@@ -1,4 +1,4 @@
-// Files that read as small as their idea (issue 47): a source file under src/, scripts/ or
+// Files that read as small as their idea (issue 47): a source or test file under src/, scripts/, test/ or
 // packages/*/src longer than MAX_LINES says why in its first lines, in a comment that starts with
 // `Why this file is long:` and gives the reason; a long file with no reason is split or explained.
 import { readdirSync, readFileSync } from 'node:fs';
@@ -33,7 +33,7 @@ function unexplainedLongFiles(files: readonly { path: string; text: string }[]):
 
 function checkedFiles(): { path: string; text: string }[] {
   const packages = readdirSync(join(ROOT, 'packages')).map((name) => join(ROOT, 'packages', name, 'src'));
-  return [join(ROOT, 'src'), join(ROOT, 'scripts'), ...packages].flatMap((dir) =>
+  return [join(ROOT, 'src'), join(ROOT, 'scripts'), join(ROOT, 'test'), ...packages].flatMap((dir) =>
     sourceFiles(dir).map((path) => ({ path: relative(ROOT, path), text: readFileSync(path, 'utf8') })),
   );
 }

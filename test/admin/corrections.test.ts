@@ -1,6 +1,9 @@
 // Usage corrections end to end against real Postgres and the Stripe emulator (through the SDK):
 // ingest, deliver, correct, and Stripe's total falls by exactly the voided billed readings; the
 // cancel/compensate choice, repeat, race, crash, finalized period and bad input.
+//
+// Why this file is long: one feature end to end (ingest, deliver, correct) whose thirty cases share one emulator, database and
+// delivered history; split by case, each file would build that world again.
 
 import { randomUUID } from 'node:crypto';
 import { sql } from 'kysely';

@@ -1,6 +1,9 @@
 // Destinations from the operator's side: the admin routes (documented in /openapi.json), the CLI
 // commands, DEFAULT_DESTINATION, the hour boundaries changes take effect at, and ingestion writing one
 // outbox row per destination in force (readings naming one, the other mirroring it).
+//
+// Why this file is long: the operator's whole destination surface (routes, CLI, default, hour boundaries, ingestion's
+// rows) over one fixture of both destinations.
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { sql } from 'kysely';
 import { afterAll, describe, expect } from 'vitest';

@@ -1,4 +1,6 @@
 // Admin organizations API and the `meterbox org|key` commands.
+//
+// Why this file is long: the admin API and its CLI are one surface: each behaviour is checked through both, side by side.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { describe, expect, vi } from 'vitest';

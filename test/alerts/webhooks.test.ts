@@ -2,6 +2,8 @@
 // transactions fires once; a correction bringing usage under fires `resolved`; a receiver that refuses
 // connections for a while then gets every alert once each, same event ids, in order per organization;
 // a bad secret fails the documented verification; a silent organization alerts once, in time.
+//
+// Why this file is long: each case is a whole world (a receiver, concurrent writers, time passing) with its own checks.
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

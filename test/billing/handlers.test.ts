@@ -1,5 +1,8 @@
 // What each Stripe event does to meterbox's state, and that it does so whatever order Stripe
 // delivers the events in. Events are built with the Stripe emulator's builders and signed with the SDK.
+//
+// Why this file is long: every Stripe event's handler, each in every order Stripe may deliver them, over one builder of
+// signed events.
 
 import {
   buildEvent,

@@ -1,6 +1,8 @@
 // `meterbox stripe setup` and `meterbox stripe check` against the emulator: idempotent setup, a
 // mismatching meter refused before anything is written, the webhook endpoint's events taken from the
 // handlers' registry, and a check that names what fails and never writes.
+//
+// Why this file is long: setup and check against one emulator account, one case for each failure they name.
 import { spawn } from 'node:child_process';
 import { signPayload, startStripeEmulator } from '@meterbox/stripe-emulator';
 import { sdk } from '@meterbox/stripe-emulator/testing';

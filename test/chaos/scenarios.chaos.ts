@@ -3,6 +3,8 @@
 // Stripe emulator injecting faults. One test per scenario, each ending with the ledger check; a
 // violation fails it with the organization and the amount. Every process a scenario starts is killed
 // when that scenario ends, pass or fail. Short mode (CI) shortens the load phases.
+//
+// Why this file is long: one test a scenario, each a whole fault world (processes, faults, load) ending in its ledger check.
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { startMetronomeEmulator } from '@meterbox/metronome-emulator';

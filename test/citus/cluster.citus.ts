@@ -1,6 +1,8 @@
 // meterbox on a Citus cluster (coordinator + 2 workers, test/support/citus-setup.ts): the API, the
 // worker and the admin surface on the distributed database, ending with the ledger check under
 // Stripe faults: per organization, billed = stored − voided, exactly.
+//
+// Why this file is long: one Citus cluster (a minute to start) shared by every check of the distributed database.
 import { buildEvent, subscription } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import pg from 'pg';

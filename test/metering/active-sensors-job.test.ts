@@ -1,5 +1,8 @@
 // The hourly job as the worker runs it: the start-up run, the pg-boss schedule, and cron firings
 // driven by pg-boss's TestClock across two worker instances, against real Postgres.
+//
+// Why this file is long: the hourly job's three drivers (start-up run, schedule, cron firings across two workers) share
+// one TestClock fixture.
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import { PgBoss, TestClock } from 'pg-boss';

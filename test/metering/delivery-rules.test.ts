@@ -2,6 +2,8 @@
 // never outlives its key's lease, backoff lives in the key's row (a new job of the key cannot jump it),
 // `attempts` counts Stripe calls, corrections are paced and looked up only when there are some, a
 // failed 429 slow-down is logged, and the sweep queues any number of keys in two statements.
+//
+// Why this file is long: one case a rule, each with the world in which an earlier design let it slip.
 import { randomUUID } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { sql } from 'kysely';

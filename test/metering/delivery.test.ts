@@ -1,5 +1,7 @@
 // Outbox delivery against the Stripe emulator through the real SDK: coalescing, identifiers that
 // survive crashes and lost answers, error classification, dead letters, expiry, redrive, latency.
+//
+// Why this file is long: delivery through the real SDK, one case a fault or answer, over one emulator.
 
 import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';

@@ -3,6 +3,8 @@
 // and against the model (scripts/sim/model.ts), and after every operation compares what each
 // answered and every row's state. Identifiers are random in one and counted in the other: they are
 // matched by the rows they name.
+//
+// Why this file is long: the operations' generator, the two stores' drivers and their comparison are one piece.
 
 import type { Kysely } from 'kysely';
 import { sql } from 'kysely';

@@ -19,6 +19,8 @@
 // (a flat rate per unit of the SUM metric, FINALIZED a day after the window ends). Faults are drawn per
 // ingest call from a seeded stream: a 500 before anything is recorded, a 500 after the events were
 // recorded ("accepted, then 500"), a 429 with Retry-After, a connection reset before anything is recorded.
+//
+// Why this file is long: its first lines quote each published rule it implements; the code under them is short.
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { seededRandom } from './random.js';
