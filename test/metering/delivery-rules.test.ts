@@ -241,9 +241,17 @@ describe('a batch that fails after its claim', () => {
       const [pending] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
       expect(pending?.status).toBe('pending');
 
-      const [result] = await deliverBatch(depsOf(ctx), [job(org)]);
-      expect(result?.status).toBe('completed');
-      const [delivered] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+      // The next batch; on a loaded machine a batch may call nothing (its timer woke past its slot, and a
+      // late wake-up takes the next slot: budget.ts), so its key runs again: a few batches, each either
+      // delivering or calling nothing.
+      let delivered: Awaited<ReturnType<typeof outboxRowsOf>>[number] | undefined;
+      for (let batch = 0; batch < 5 && delivered?.status !== 'delivered'; batch++) {
+        const before = emulator.counters().calls;
+        const [result] = await deliverBatch(depsOf(ctx), [job(org)]);
+        expect(result?.status).toBe('completed');
+        [delivered] = await outboxRowsOf(ctx.db, { customerId: org.customerId });
+        if (delivered?.status !== 'delivered') expect(emulator.counters().calls).toBe(before);
+      }
       expect([delivered?.status, delivered?.identifier]).toEqual(['delivered', pending?.identifier]);
       const billed = emulator.events().filter((e) => e.customer === org.customerId);
       expect(billed.map((e) => e.value)).toEqual([7]);
