@@ -5,6 +5,7 @@
 import type Metronome from '@metronome/sdk';
 import { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
+import { noHiddenResends } from './billing/stripe-http.js';
 import { type Clock, systemClock } from './clock.js';
 import type { Config } from './config.js';
 import { directDatabaseUrl, requireDatabaseUrl } from './config.js';
@@ -60,6 +61,8 @@ export function createStripeClient(config: Config): Stripe | undefined {
   const options: Stripe.StripeConfig = {
     // meterbox owns retries (pg-boss backoff); the SDK's own would hide attempts from the outbox.
     maxNetworkRetries: 0,
+    // Nor the one resend of a closed connection the SDK makes whatever maxNetworkRetries says.
+    httpClient: noHiddenResends(),
     timeout: 15_000,
     // The SDK sends each call's latency to Stripe on a later call and buffers at most 100; with
     // hundreds of calls in flight the buffer overflows and every call prints a Node warning to

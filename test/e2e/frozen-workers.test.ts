@@ -47,6 +47,8 @@ interface SeenCall {
   sent: number;
   ended?: number;
   endedBy?: 'answer' | 'upstream closed';
+  /** The answer's status line, as the destination sent it. */
+  status?: string;
   late: boolean;
 }
 
@@ -56,9 +58,13 @@ function callTracker() {
   const inFlight = new Map<string, SeenCall[]>();
   const overlaps: { customer: string; late: boolean }[] = [];
   const history: SeenCall[] = [];
+  const notes: string[] = [];
   return {
     overlaps,
     began,
+    /** Freezes and wakes, for the report of a failure. */
+    note: (what: string) => notes.push(`${Date.now() - began} ${what}`),
+    notes,
     /** Every call to `customer`, in the order they were sent. */
     callsTo: (customer: string) => history.filter((c) => c.customer === customer),
     /** Calls seen per identifier. */
@@ -105,6 +111,8 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
     let request = '';
     let tracked = false;
     let firstByte = 0;
+    /** The call of the request being read or answered. */
+    let current: SeenCall | undefined;
     /** The client gave up on its call (a timeout): the destination may still be working on it. */
     let abandoned = false;
     let abandonTimer: NodeJS.Timeout | undefined;
@@ -126,6 +134,7 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
         firstByte = Date.now();
         request = '';
         tracked = false;
+        current = undefined;
       }
       if (tracked) return;
       // A request's customer may come in a later chunk than its first bytes (a worker frozen or busy
@@ -136,7 +145,7 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
       if (customer) {
         tracked = true;
         const now = Date.now();
-        end = tracker.start({
+        current = {
           proxy: index,
           customer,
           identifier: /[?&\n]identifier=([^&\s]+)/.exec(request)?.[1] ?? '?',
@@ -144,7 +153,8 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
           sent: now - tracker.began,
           // Late: sent right after its worker woke, or begun before a freeze and finished after it.
           late: now - wokeAt < LATE_MS || firstByte < wokeAt,
-        });
+        };
+        end = tracker.start(current);
       }
     });
     client.pipe(up);
@@ -154,6 +164,7 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
       client.destroy();
     });
     up.on('data', (chunk: Buffer) => {
+      if (waiting && current) current.status = /^HTTP\/1\.1 (\d+)/.exec(chunk.toString('latin1'))?.[1] ?? '?';
       answered('answer');
       if (abandoned) up.destroy();
       else toClient(() => client.write(chunk));
@@ -178,9 +189,11 @@ async function holdingProxy(upstream: string, tracker: ReturnType<typeof callTra
     awaiting: () => awaiting,
     woke: () => {
       wokeAt = Date.now();
+      tracker.note(`worker ${index} woke`);
     },
     hold: () => {
       holding = true;
+      tracker.note(`worker ${index} frozen`);
     },
     release: () => {
       holding = false;
@@ -282,8 +295,25 @@ describe('frozen workers', () => {
     expect(Object.keys(attempts).length).toBeGreaterThan(0);
     const tracked = tracker.identifiers();
     expect(Object.entries(attempts).filter(([identifier, n]) => (tracked[identifier] ?? 0) < n)).toEqual([]);
+    // What the proxies and the workers saw of the customers named, for a failure's report.
     const seen = (customers: readonly string[]) =>
-      JSON.stringify(customers.map((c) => ({ customer: c, calls: tracker.callsTo(c) })));
+      JSON.stringify({
+        freezes: tracker.notes,
+        customers: customers.map((c) => {
+          const calls = tracker.callsTo(c);
+          const named = [c, ...calls.map((k) => k.identifier)];
+          return {
+            customer: c,
+            calls,
+            logs: workers.map((w, i) =>
+              w.output
+                .split('\n')
+                .filter((line) => named.some((n) => line.includes(n)))
+                .map((line) => `worker ${i}: ${line}`),
+            ),
+          };
+        }),
+      });
     const notLate = tracker.overlaps.filter((o) => !o.late);
     expect(notLate, seen(notLate.map((o) => o.customer))).toEqual([]);
     expect(tracker.overlaps.length, seen(overlaps.map((o) => o.customer))).toBeGreaterThanOrEqual(
