@@ -204,8 +204,11 @@ export const configSchema = z.object({
    * `ignore_startup_parameters = options`); set the pooler's own timeouts then (docs/operations.md).
    */
   DB_SERVER_TIMEOUTS: z.enum(['on', 'off']).default('on'),
-  /** on: ingestion's group statement and pg-boss's job insert prepared per connection (src/db/prepared.ts). */
-  DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('off'),
+  /**
+   * on: ingestion's group statement and pg-boss's job insert prepared per connection (src/db/prepared.ts);
+   * unnamed through a pooler on their own. off: always unnamed.
+   */
+  DB_PREPARED_STATEMENTS: z.enum(['on', 'off']).default('on'),
   // --- destination outages (issue 44) ---
   /**
    * Consecutive failures that are a destination's (5xx, timeouts, connection errors), from at least
