@@ -279,30 +279,42 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
 }
 
 /**
- * The lease reaper's read of fetched jobs (reaper-sql.ts orphanedJobs; the same text before and after
- * the read went to pg-boss's index of grouped active jobs), for one role since the last reset.
+ * The lease reaper's read of fetched jobs (reaper-sql.ts orphanedJobs), for one role since the last
+ * reset, by shape: `all` (the code before groups: every active delivery job), `grouped` (pg-boss's index
+ * of active jobs with a group) and `ungrouped` (the scan for jobs sent without a group, one pass in 30).
  */
 async function reaperReadOf(pool: pg.Pool, role: string) {
   const { rows } = await pool.query<{
-    calls: string | null;
-    rows: string | null;
-    ms: number | null;
-    max: number | null;
+    shape: string;
+    calls: string;
+    rows: string;
+    ms: number;
+    max: number;
   }>(
-    `SELECT sum(s.calls)::text AS calls, sum(s.rows)::text AS rows,
+    `SELECT CASE WHEN s.query LIKE '%group_id IS NOT NULL%' THEN 'grouped'
+                 WHEN s.query LIKE '%group_id IS NULL%' THEN 'ungrouped' ELSE 'all' END AS shape,
+            sum(s.calls)::text AS calls, sum(s.rows)::text AS rows,
             sum(s.total_exec_time + s.total_plan_time)::float8 AS ms, max(s.max_exec_time)::float8 AS max
        FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
-      WHERE r.rolname = $1 AND s.query LIKE '%coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job%'`,
+      WHERE r.rolname = $1 AND s.query LIKE '%coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job%'
+      GROUP BY 1 ORDER BY 1`,
     [role],
   );
-  const calls = Number(rows[0]?.calls ?? 0);
-  const ms = Number(rows[0]?.ms ?? 0);
+  const shapes = rows.map((r) => ({
+    shape: r.shape,
+    calls: Number(r.calls),
+    rows: Number(r.rows),
+    totalMs: round(r.ms, 1),
+    meanMs: round(r.ms / Math.max(1, Number(r.calls)), 3),
+    maxMs: round(r.max, 1),
+  }));
   return {
-    calls,
-    rows: Number(rows[0]?.rows ?? 0),
-    totalMs: round(ms, 1),
-    meanMs: round(ms / Math.max(1, calls), 3),
-    maxMs: round(Number(rows[0]?.max ?? 0), 1),
+    calls: shapes.reduce((n, x) => n + x.calls, 0),
+    totalMs: round(
+      shapes.reduce((n, x) => n + x.totalMs, 0),
+      1,
+    ),
+    shapes,
   };
 }
 
@@ -604,7 +616,9 @@ async function runScenario(
     for (const st of workerStatements.top.slice(0, 6))
       log(`  worker ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
     log(
-      `  the reaper's read of fetched jobs: ${reaperRead.calls} calls, ${reaperRead.totalMs} ms (mean ${reaperRead.meanMs}, max ${reaperRead.maxMs}), ${reaperRead.rows} rows`,
+      `  the reaper's read of fetched jobs: ${reaperRead.calls} calls, ${reaperRead.totalMs} ms; ${reaperRead.shapes
+        .map((x) => `${x.shape} ${x.calls} x ${x.meanMs} ms (max ${x.maxMs}, ${x.rows} rows)`)
+        .join('; ')}`,
     );
     for (const w of waitEvents.slice(0, 8)) log(`  wait ${w.sessions} ${w.what}`);
     if (apiProfile) log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
