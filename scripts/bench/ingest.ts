@@ -1,5 +1,6 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
 //                           [--api-cpu-prof] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
+//                           [--baseline REF [--pairs N]]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
@@ -12,10 +13,15 @@
 // against the API, single readings and batches of 500, in alternating slices of one run
 // (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices;
 // `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run);
-// `validation` times a batch of 500's JSON and validation in this process.
+// `validation` times a batch of 500's JSON and validation in this process. `--baseline REF`: each
+// delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
+// with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
+// migrations must be this checkout's). Each run also gives the lease reaper's read of fetched jobs
+// (pg_stat_statements: calls, Postgres time, rows).
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
+import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import {
   copyFileSync,
@@ -150,6 +156,10 @@ const { values: args } = parseArgs({
     // A second API built from this commit's src/ (same database and settings), measured in the same
     // interleaved slices: a before/after of the code in one run. Its migrations must be this checkout's.
     'ratio-baseline': { type: 'string' },
+    // The delivery scenarios also run with the API and worker of this commit, alternated with this
+    // checkout's (baseline first), --pairs times.
+    baseline: { type: 'string' },
+    pairs: { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -269,6 +279,46 @@ async function statementsOf(pool: pg.Pool, role: string, per: number) {
 }
 
 /**
+ * The lease reaper's read of fetched jobs (reaper-sql.ts orphanedJobs), for one role since the last
+ * reset, by shape: `all` (the code before groups: every active delivery job), `grouped` (pg-boss's index
+ * of active jobs with a group) and `ungrouped` (the scan for jobs sent without a group, one pass in 30).
+ */
+async function reaperReadOf(pool: pg.Pool, role: string) {
+  const { rows } = await pool.query<{
+    shape: string;
+    calls: string;
+    rows: string;
+    ms: number;
+    max: number;
+  }>(
+    `SELECT CASE WHEN s.query LIKE '%group_id IS NOT NULL%' THEN 'grouped'
+                 WHEN s.query LIKE '%group_id IS NULL%' THEN 'ungrouped' ELSE 'all' END AS shape,
+            sum(s.calls)::text AS calls, sum(s.rows)::text AS rows,
+            sum(s.total_exec_time + s.total_plan_time)::float8 AS ms, max(s.max_exec_time)::float8 AS max
+       FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+      WHERE r.rolname = $1 AND s.query LIKE '%coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job%'
+      GROUP BY 1 ORDER BY 1`,
+    [role],
+  );
+  const shapes = rows.map((r) => ({
+    shape: r.shape,
+    calls: Number(r.calls),
+    rows: Number(r.rows),
+    totalMs: round(r.ms, 1),
+    meanMs: round(r.ms / Math.max(1, Number(r.calls)), 3),
+    maxMs: round(r.max, 1),
+  }));
+  return {
+    calls: shapes.reduce((n, x) => n + x.calls, 0),
+    totalMs: round(
+      shapes.reduce((n, x) => n + x.totalMs, 0),
+      1,
+    ),
+    shapes,
+  };
+}
+
+/**
  * What every busy client session waits on (waits.ts; the ratios' sides share one role, so the
  * statement's first words tell raw's insert from the API's).
  */
@@ -313,8 +363,15 @@ function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
 
 // ---------------------------------------------------------------- one delivery scenario
 
-async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string, string>) {
-  log(`--- ${s.id}: ${s.name}`);
+async function runScenario(
+  s: Scenario,
+  cluster: Cluster,
+  entries: Record<string, string>,
+  code = 'this checkout',
+) {
+  log(`--- ${s.id}: ${s.name} (${code}); load average ${loadAverage().join(' ')}`);
+  const loadAverageAtStart = loadAverage();
+  const startedAt = new Date().toISOString();
   const url = await freshDatabase(cluster, 'ingest');
   const h = openDatabase(url, 8);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
@@ -444,6 +501,7 @@ async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string
     await reportWatch;
     const apiStatements = await statementsOf(h.pool, API_ROLE, ok);
     const workerStatements = await statementsOf(h.pool, WORKER_ROLE, emulator.events().length);
+    const reaperRead = await reaperReadOf(h.pool, WORKER_ROLE);
 
     const firstReportRow = await h.pool.query<{ t: string | null }>(
       `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
@@ -473,6 +531,10 @@ async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string
     const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
     const result = {
       scenario: s,
+      code,
+      startedAt,
+      endedAt: new Date().toISOString(),
+      loadAverageAtStart,
       loadAverage: loadAverage(),
       load: {
         seconds: round(loadSeconds, 1),
@@ -500,6 +562,7 @@ async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string
       waitEvents,
       api: apiStatements,
       worker: workerStatements,
+      reaperRead,
       apiProfile,
       ledger: {
         readingsAccepted: ok,
@@ -552,6 +615,11 @@ async function runScenario(s: Scenario, cluster: Cluster, entries: Record<string
       log(`  api ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
     for (const st of workerStatements.top.slice(0, 6))
       log(`  worker ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
+    log(
+      `  the reaper's read of fetched jobs: ${reaperRead.calls} calls, ${reaperRead.totalMs} ms; ${reaperRead.shapes
+        .map((x) => `${x.shape} ${x.calls} x ${x.meanMs} ms (max ${x.maxMs}, ${x.rows} rows)`)
+        .join('; ')}`,
+    );
     for (const w of waitEvents.slice(0, 8)) log(`  wait ${w.sessions} ${w.what}`);
     if (apiProfile) log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
     for (const goal of goals) log(`  goal ${goal.goal}: ${goal.value} ${goal.met ? 'met' : 'NOT met'}`);
@@ -874,8 +942,25 @@ export async function runIngestBench(): Promise<number> {
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
+    const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
+    const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
+    const runs: { code: string; entries: Record<string, string> }[] = [];
+    if (args.baseline) {
+      const server = await buildBaseline(args.baseline, buildDir, 'src/bin/server.ts');
+      const worker = await buildBaseline(args.baseline, buildDir, 'src/bin/worker.ts');
+      const ours = new Set(readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql')));
+      if (ours.size !== server.migrations.size || [...ours].some((m) => !server.migrations.has(m)))
+        throw new Error(`--baseline ${server.commit}: its migrations differ from this checkout's`);
+      const baseline = { 'src/bin/server.ts': server.entry, 'src/bin/worker.ts': worker.entry };
+      for (let i = 0; i < Number(args.pairs ?? 1); i++) {
+        runs.push({ code: `baseline ${server.commit}`, entries: baseline });
+        runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
+      }
+    } else runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
     const results = [];
-    for (const s of SCENARIOS) if (want(s.id)) results.push(await runScenario(s, cluster, entries));
+    for (const s of SCENARIOS)
+      if (want(s.id))
+        for (const run of runs) results.push(await runScenario(s, cluster, run.entries, run.code));
     const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
     const out = {
       kind: 'ingest',

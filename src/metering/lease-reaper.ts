@@ -20,7 +20,8 @@ import { keyName } from './rules/keys.js';
  *   again, instead of waiting for pg-boss to expire them (minutes) or for the sweep.
  * So a killed worker's keys are resent within seconds of its leases' end. The leases' look reads every
  * key row (no index on the lease columns, so that the claim's and the settle's updates of a key row are
- * HOT: migrations/0077); pg-boss's index on active jobs makes the jobs' look free when no batch died.
+ * HOT: migrations/0077); the jobs' look reads pg-boss's index of active jobs that have a group (a
+ * delivery job's group is its key), so it costs the queue's active jobs, not every job kept.
  */
 export function startLeaseReaper(deps: {
   db: Kysely<DB>;
@@ -34,10 +35,14 @@ export function startLeaseReaper(deps: {
   leaseLength?: Pick<LeaseLength, 'seconds'>;
 }): { stop(): void } {
   let running = false;
+  let passes = 0;
   const timer = setInterval(() => {
     if (running) return;
     running = true;
-    reapOnce(deps)
+    // Jobs sent without a group (by a release before groups) are read by a scan of pg-boss's whole job
+    // table: on the first pass and every UNGROUPED_EVERY_PASSES-th after it, not on every pass.
+    const ungrouped = passes++ % UNGROUPED_EVERY_PASSES === 0;
+    reapOnce(deps, { ungrouped })
       .then((freed) => {
         if (freed.leases + freed.jobs > 0) deps.wake();
       })
@@ -57,12 +62,23 @@ export function startLeaseReaper(deps: {
 /** How often each worker looks for leases whose batch died. */
 export const LEASE_REAP_MS = 2_000;
 
-/** One pass of the reaper: what a dead batch left is freed and its keys queued; returns how much. */
+/**
+ * One pass in this many also looks for orphaned jobs sent without a group (reaper-sql.ts orphanedJobs):
+ * such a job, left by a batch that died, is found within a minute rather than two seconds. Only a
+ * release before delivery jobs had groups sends them; the read goes once no such release can run.
+ */
+export const UNGROUPED_EVERY_PASSES = 30;
+
+/**
+ * One pass of the reaper: what a dead batch left is freed and its keys queued; returns how much.
+ * `ungrouped`: orphaned jobs sent without a group are looked for too (a scan of pg-boss's job table).
+ */
 export async function reapOnce(
   deps: Pick<
     Parameters<typeof startLeaseReaper>[0],
     'db' | 'boss' | 'log' | 'config' | 'distributed' | 'leaseLength'
   >,
+  { ungrouped = true }: { ungrouped?: boolean } = {},
 ): Promise<{ leases: number; jobs: number }> {
   // Jobs first, leases freed after: a pass that stops or stalls between its statements (a slow
   // statement, a frozen or killed process) must not leave a key with neither a lease nor a job (it
@@ -79,7 +95,7 @@ export async function reapOnce(
   // while this process's claims are slow (its lease longer than configured), a job is orphaned only
   // once untouched for that longer lease (a key's own lease is read from its row in any case).
   const orphanSeconds = Math.max(deps.config.DELIVERY_LEASE_SECONDS, deps.leaseLength?.seconds() ?? 0);
-  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed(), slack);
+  const orphans = await orphanedJobs(deps.db, orphanSeconds, deps.distributed(), slack, { ungrouped });
   const first = [...expired, ...orphans.flatMap((o) => (o.key ? [o.key] : []))];
   if (first.length > 0) await queueDeliveries(deps.boss, first);
   if (orphans.length > 0) {

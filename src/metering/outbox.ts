@@ -62,16 +62,22 @@ export { deliveryKey } from './rules/keys.js';
  * Send options of a delivery job. The queue's `short` policy keeps at most one *queued* job per
  * singletonKey (a job drains every pending row of its key, so one waiting job covers any number of
  * commits). Readings go first: a worker fetches by priority, so the hourly active_sensors report of
- * thousands of organizations uses the budget readings leave and never stalls them.
+ * thousands of organizations uses the budget readings leave and never stalls them. The job's group is
+ * its key: pg-boss indexes the active jobs that have a group (its job_i7, on name and group_id WHERE
+ * state = 'active'), the one index of active jobs a `short` queue has, so the lease reaper finds the
+ * jobs a dead batch fetched by reading the queue's active jobs, not every job the table holds
+ * (reaper-sql.ts orphanedJobs). No worker sets groupConcurrency: a group limits nothing here.
  */
 export function deliveryJobOptions(
   customerId: string,
   eventName: MeterEventName,
   destination: Destination = 'stripe',
 ): SendOptions & { singletonKey: string } {
+  const key = deliveryKey(customerId, eventName, destination);
   return {
-    singletonKey: deliveryKey(customerId, eventName, destination),
+    singletonKey: key,
     priority: eventName === 'temperature_readings' ? 1 : 0,
+    group: { id: key },
   };
 }
 

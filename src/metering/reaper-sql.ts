@@ -127,10 +127,21 @@ export async function pendingOrganizations(
  */
 export const NEW_KEY_ORPHAN_SECONDS = 60;
 
+/** The orphaned jobs one pass takes at most (the next pass takes the rest). */
+const ORPHANS_A_PASS = 1000;
+
 /**
  * Delivery jobs active and untouched for more than `olderThanSeconds` whose key holds no live lease:
  * fetched by a batch that died (a live batch touches its jobs until it returns: touchWhileRunning). Two statements (pg-boss's jobs, then the keys' leases: on Citus
  * the two are not joinable in one).
+ *
+ * The jobs are read from pg-boss's index of active jobs that have a group (job_i7: every delivery job
+ * is sent with its key as its group, outbox.ts deliveryJobOptions), so the read costs the queue's active
+ * jobs, not the whole job table: without it, a sequential scan of every job kept (the hourly report's
+ * 100,000 completed ones among them) on every pass, 11-24 s of Postgres during one report of 100,000
+ * organizations (docs/benchmarks.md). `ungrouped` also reads the active jobs sent without a group (by a
+ * release before groups, during its upgrade), a scan of the table: the reaper does it on every
+ * UNGROUPED_EVERY_PASSES-th pass only.
  */
 export async function orphanedJobs(
   db: Kysely<DB>,
@@ -138,16 +149,24 @@ export async function orphanedJobs(
   distributed: boolean,
   /** A lease that ran out less than this long ago is still live (lease-length.ts, takeOverAfterSeconds). */
   takeOverAfterSeconds = 0,
+  { ungrouped = true }: { ungrouped?: boolean } = {},
 ): Promise<{ id: string; key: KeyRef | null }[]> {
   // A job's age runs from its last sign of life: its fetch, or the last touch of the batch running it
   // (touchWhileRunning).
-  const active = await sql<{ id: string; data: unknown; age: number }>`
+  // In the index's order: on statistics taken while thousands of jobs were active (the hourly report's
+  // peak), the planner took a scan of the table that stops at the LIMIT's 1,000th match for cheaper, and
+  // read every job when there were none (test/metering/orphan-read-plan.test.ts).
+  const read = (grouped: boolean, limit: number) => sql<{ id: string; data: unknown; age: number }>`
     SELECT id, data, extract(epoch FROM now() - coalesce(heartbeat_on, started_on))::float8 AS age FROM pgboss.job
-     WHERE name = 'meter-delivery' AND state = 'active'
+     WHERE name = 'meter-delivery' AND state = 'active' AND group_id IS ${grouped ? sql`NOT NULL` : sql`NULL`}
        AND coalesce(heartbeat_on, started_on) < now() - make_interval(secs => ${olderThanSeconds})
-     LIMIT 1000`.execute(db);
-  if (active.rows.length === 0) return [];
-  const jobs = active.rows.flatMap((r) => {
+     ${grouped ? sql`ORDER BY group_id ` : sql``}LIMIT ${sql.lit(limit)}`;
+  const active = (await read(true, ORPHANS_A_PASS).execute(db)).rows;
+  if (ungrouped && active.length < ORPHANS_A_PASS) {
+    active.push(...(await read(false, ORPHANS_A_PASS - active.length).execute(db)).rows);
+  }
+  if (active.length === 0) return [];
+  const jobs = active.flatMap((r) => {
     const parsed = deliveryPayload.safeParse(r.data);
     if (!parsed.success) return [];
     const { organizationId, ...key } = parsed.data;

@@ -1,4 +1,4 @@
-// Reading Postgres plans (EXPLAIN (ANALYZE, FORMAT JSON)) in the plan tests: how many rows a plan
+// Reading Postgres plans (EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)) in the plan tests: how many rows a plan
 // handled, whatever its shape, so a test can bound work that grows with the square of a batch or
 // with the whole table rather than with the batch.
 import type { Transaction } from 'kysely';
@@ -7,7 +7,7 @@ import { expect } from 'vitest';
 import type { DB } from '../../src/db/schema.js';
 import { recordingDb } from './database.js';
 
-/** A node of EXPLAIN (ANALYZE, FORMAT JSON)'s plan, with the fields the plan tests read. */
+/** A node of EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)'s plan, with the fields the plan tests read. */
 export interface PlanNode {
   'Node Type': string;
   'Relation Name'?: string;
@@ -16,6 +16,9 @@ export interface PlanNode {
   'Actual Loops'?: number;
   'Rows Removed by Join Filter'?: number;
   'Rows Removed by Filter'?: number;
+  /** Pages the node and its children read (explainRecorded asks for BUFFERS on every major). */
+  'Shared Hit Blocks'?: number;
+  'Shared Read Blocks'?: number;
   'Index Cond'?: string;
   /** A CTE's or sub-select's plan: "CTE name", "SubPlan 1". */
   'Subplan Name'?: string;
@@ -77,7 +80,7 @@ export function rowsScanned(node: PlanNode): number {
 /**
  * The plan of a statement as the code sends it: `run` on a recording connection in a transaction that is
  * rolled back, then its one statement matching `pattern` (`what`, in the failure's message) again under
- * EXPLAIN ANALYZE, with its parameters, in a transaction rolled back too; `after` reads in that
+ * EXPLAIN (ANALYZE, BUFFERS), with its parameters, in a transaction rolled back too; `after` reads in that
  * transaction what the statement did. Returns the plan, what `run` returned and what `after` read.
  */
 export async function explainRecorded<T, A = undefined>(
@@ -106,7 +109,7 @@ export async function explainRecorded<T, A = undefined>(
     try {
       await client.query('BEGIN');
       const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-        `EXPLAIN (ANALYZE, FORMAT JSON) ${sent[0]!.sql}`,
+        `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${sent[0]!.sql}`,
         [...sent[0]!.parameters],
       );
       const read = after ? await after(client) : undefined;
