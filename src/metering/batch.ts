@@ -78,14 +78,11 @@ export async function deliverBatch(deps: BatchDeps, jobs: readonly DeliveryJob[]
       : [{ destination, account: '', jobs: own }],
   );
   const results = await Promise.all(
-    shares.map(async (share) =>
-      deliverShare(
-        deps,
-        share.destination,
-        share.account !== '' && connected ? await connected(share.account) : ownDeps(deps, share.destination),
-        share.jobs,
-      ),
-    ),
+    shares.map(async (share) => {
+      const dest =
+        share.account !== '' && connected ? await connected(share.account) : ownDeps(deps, share.destination);
+      return deliverShare(deps, share.destination, dest, share.jobs);
+    }),
   );
   return results.flat();
 }
