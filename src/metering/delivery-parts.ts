@@ -21,7 +21,7 @@ import { replicationGuard } from '../db/replication.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
-import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch.js';
+import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import { openNodeConnections, routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';

@@ -1,81 +1,21 @@
-// Delivery runtime: pg-boss fetchers that take meter-delivery jobs in batches and hand each batch to
-// the pipeline (batch.ts) with the parts delivery-parts.ts builds once, the stranded-row sweep, the
+// Delivery runtime: pg-boss fetchers that take meter-delivery jobs in batches (sized and spaced by
+// fetch-policy.ts) and hand each batch to the pipeline (batch.ts) with the parts delivery-parts.ts builds once, the stranded-row sweep, the
 // lease reaper (lease-reaper.ts) and shutdown. pg-boss stays the engine of wake-ups, retries with
 // backoff, dead letters and the cron.
 import type { JobWithMetadata } from 'pg-boss';
-import { destinationBudget, eventsPerSecondAt } from '../billing/limits.js';
-import type { Config } from '../config.js';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
-import { deliverBatch, renewEveryMs } from './batch.js';
+import { deliverBatch } from './batch.js';
+import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
-import { deliveryWorkOptions, endDeliveryJobs } from './job-completion.js';
+import { deliveryBatchSize, deliveryWorkOptions, fetchGate, V2_LINGER_MS } from './fetch-policy.js';
+import { endDeliveryJobs } from './job-completion.js';
 import { touchWhileRunning } from './lease-keeper.js';
 import { startLeaseReaper } from './lease-reaper.js';
 import type { QueuePayload } from './queues.js';
 import { startOutboxSweep } from './sweep.js';
-import type { MeterTransport } from './transport.js';
-import { MAX_STREAM_EVENTS } from './transport-v2.js';
-
-/**
- * Jobs one fetch takes: DELIVERY_MAX_IN_FLIGHT calls shared by the fetchers, but no more calls than
- * the account's budget lets this fetcher start within about a second: jobs beyond that would only
- * wait for budget slots inside this process while another worker process idles (left in the queue,
- * they go to whichever process is free). With a transport that carries many events a call (v2), each
- * call's worth of keys. Bounded so one claim statement stays short.
- */
-export function deliveryBatchSize(
-  config: Config,
-  transports: readonly (Pick<MeterTransport, 'maxEventsPerCall'> & { kind?: MeterTransport['kind'] })[],
-): number {
-  const fetchers = Math.min(config.DELIVERY_CONCURRENCY, config.DELIVERY_MAX_IN_FLIGHT);
-  // One queue carries every destination's jobs: a batch is sized for the transport that takes the most
-  // events a call (a Stripe v1 share of it beyond its budget waits for slots or runs again).
-  const sizes = transports.map((transport) => {
-    // Full calls a second the budget allows (an events budget lowers it for calls of many events).
-    const budget = destinationBudget(config, transport.kind === 'metronome' ? 'metronome' : 'stripe');
-    const perCall = Math.max(1, transport.maxEventsPerCall);
-    const rate = Math.max(1, Math.floor(eventsPerSecondAt(budget, perCall) / perCall));
-    const calls = Math.min(
-      Math.ceil(config.DELIVERY_MAX_IN_FLIGHT / fetchers),
-      Math.max(MIN_BATCH_CALLS, Math.ceil(rate / fetchers)),
-    );
-    return Math.min(MAX_BATCH_JOBS, calls * Math.min(transport.maxEventsPerCall, MAX_STREAM_EVENTS));
-  });
-  return Math.max(0, ...sizes);
-}
-
-/**
- * Fewest calls a batch is sized for, however small the budget: at a sandbox's 20 calls/s a batch of
- * 3 keys cost its fixed statements for 3 events (and on Citus each is a multi-shard transaction);
- * 10 still leaves a 200-key backlog in 20 batches for two workers' fetchers to share.
- */
-const MIN_BATCH_CALLS = 10;
-
-/** Most jobs (keys) in one batch: one claim statement over 1,000 keys takes a few tens of ms. */
-const MAX_BATCH_JOBS = 1_000;
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
 const WAKE_SLACK_MS = 5;
-
-/**
- * v2 carries up to 100 events a call and costs the same few statements per batch however full: after
- * a batch less than half full, the process's next fetch waits until this long after its previous
- * one, so a light load (150 events/s over 10,000 customers) gathers batches of ~50 keys instead of
- * a handful (statements per event 0.6 -> under 0.1), for at most this much more latency. A full
- * batch never waits: under load the fetchers run back to back.
- */
-export const V2_LINGER_MS = 300;
-
-/** Spaces the process's fetches after small batches (see V2_LINGER_MS): one gate for all fetchers. */
-function fetchGate(lingerMs: number, fullAt: number) {
-  let lastFetchAt = 0;
-  return async (fetched: number) => {
-    if (lingerMs <= 0 || fetched >= fullAt) return;
-    const wait = lastFetchAt + lingerMs - performance.now();
-    lastFetchAt = Math.max(performance.now(), lastFetchAt + lingerMs);
-    if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
-  };
-}
 
 /** A batch that met a database short of a resource runs again after 0.5 s, 1 s, … at most 5 s apart. */
 const RESOURCE_RETRY_FIRST_MS = 500;

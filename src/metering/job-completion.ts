@@ -34,18 +34,6 @@ export interface JobAttempt {
   retryCount: number;
 }
 
-/** pg-boss's work() options of a delivery fetcher: its handler ends its jobs itself (endDeliveryJobs). */
-export function deliveryWorkOptions(batchSize: number, pollSeconds: number) {
-  return {
-    batchSize,
-    localConcurrency: 1,
-    includeMetadata: true,
-    pollingIntervalSeconds: pollSeconds,
-    // Retries come due without a NOTIFY, so the backstop poll stays short.
-    notifyPollingIntervalSeconds: pollSeconds,
-  } as const;
-}
-
 /** What ending a batch's jobs did: jobs completed, dead-lettered, failed for a retry (no outcome, asked). */
 export interface JobsEnded {
   completed: number;

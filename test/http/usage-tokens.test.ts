@@ -5,7 +5,8 @@
 import { randomUUID } from 'node:crypto';
 import { describe, expect, vi } from 'vitest';
 import { usageTokenCommands } from '../../src/admin/usage-tokens-cli.js';
-import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createCorrectionClient } from '../../src/metering/corrections.js';
 import { sqlStores } from '../../src/metering/store.js';

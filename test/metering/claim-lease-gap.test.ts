@@ -6,7 +6,8 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import { renewEveryMs } from '../../src/metering/batch-lease.js';
 import { touchWhileRunning } from '../../src/metering/lease-keeper.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';

@@ -7,7 +7,7 @@ import type { PgBoss } from 'pg-boss';
 import { expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
-import type { BatchDeps, DeliveryJob } from '../../src/metering/batch.js';
+import type { BatchDeps, DeliveryJob } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createLeaseKeeper, type LeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { writeOutbox } from '../../src/metering/outbox.js';

@@ -7,7 +7,8 @@
 // lease must outlast the wait of the renewal that extends it.
 import { sql } from 'kysely';
 import { describe, expect, it as unit } from 'vitest';
-import { deliverBatch, renewEveryMs } from '../../src/metering/batch.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import { renewEveryMs } from '../../src/metering/batch-lease.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { renewLeases } from '../../src/metering/lease-sql.js';

@@ -10,7 +10,8 @@ import {
   SimpleSpanProcessor,
 } from '@opentelemetry/sdk-trace-base';
 import { afterAll, describe, expect } from 'vitest';
-import { type BatchDeps, deliverBatch } from '../../src/metering/batch.js';
+import { deliverBatch } from '../../src/metering/batch.js';
+import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { sqlStores } from '../../src/metering/store.js';
 import { createV1Transport } from '../../src/metering/transport.js';

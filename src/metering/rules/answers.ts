@@ -1,8 +1,8 @@
 // What an answer means: for the group it answers (meaningOf) and for its destination's health
-// (destinationVerdict).
+// (destinationVerdict; a batch's calls together: afterCalls).
 
 import { ACCOUNT_ACCESS_REFUSED, PLATFORM_KEY_REFUSED, type SendOutcome } from '../stripe-meter.js';
-import type { HealthReport } from './health.js';
+import type { Gate, HealthPolicy, HealthReport } from './health.js';
 import { type Answer, keyName } from './keys.js';
 
 /**
@@ -167,4 +167,50 @@ export function healthReport(called: readonly Answer[], probed: boolean): Health
     else if (verdict === 'refused') refused += 1;
   }
   return { failures: failingCalls.size, failingKeys: [...failingKeys], answered, probed, refused };
+}
+
+/** What a batch's calls said of their destination, read once after them: what to record, and for how long
+ * its keys wait if the record leaves it down. */
+export interface AfterCalls {
+  report: HealthReport;
+  /** The longest Retry-After the answers asked for (0: none). */
+  retryAfterMs: number;
+  /** Whether to record the report: the steady state (nothing failed, nothing to end) writes nothing. */
+  record: boolean;
+  /** The message of an access refusal among the answers (a connected account's, or the platform key's). */
+  refusal?: string;
+  /** How long the batch's keys wait on an outage the record finds (a held account's: as long as its probes). */
+  outageWaitMs: number;
+}
+
+export function afterCalls(
+  called: readonly Answer[],
+  gate: Gate,
+  policy: Pick<HealthPolicy, 'outageWaitMs' | 'accessProbeMaxMs'>,
+): AfterCalls {
+  const report = healthReport(called, gate.kind === 'probe');
+  const retryAfterMs = Math.max(
+    0,
+    ...called.map((a) => (a.outcome?.kind === 'retryable' ? (a.outcome.retryAfterMs ?? 0) : 0)),
+  );
+  const record = !(
+    report.failures === 0 &&
+    (report.refused ?? 0) === 0 &&
+    gate.kind === 'open' &&
+    gate.failures === 0
+  );
+  const refused = called.find((a) => a.outcome && accountAccessRefused(a.outcome))?.outcome;
+  // A connected account refusing access (or Stripe the platform's key) is probed sparsely: its keys
+  // wait as long (its end wakes them).
+  const outageWaitMs =
+    (report.refused ?? 0) > 0 || (gate.kind !== 'open' && gate.held === true)
+      ? Math.max(policy.outageWaitMs, policy.accessProbeMaxMs)
+      : policy.outageWaitMs;
+  return {
+    report,
+    retryAfterMs,
+    record,
+    ...(refused?.kind === 'retryable' ? { refusal: refused.message } : {}),
+    outageWaitMs,
+  };
 }

@@ -1,4 +1,4 @@
-// A batch before its calls: what each leased key sends.
+// A batch before its calls: what each leased key sends, and whether its identifier may still be sent.
 
 import {
   type ClaimedGroup,
@@ -7,7 +7,7 @@ import {
   keyName,
   type LeasedKey,
 } from './keys.js';
-import { type DeliveryPolicy, withinIdentifierWindow } from './policy.js';
+import type { DeliveryPolicy } from './policy.js';
 
 export interface PlannedCall {
   key: LeasedKey;
@@ -44,4 +44,13 @@ export function planCalls(
     (withinIdentifierWindow(call.group, now, policy) ? calls : pastWindow).push(call);
   }
   return { calls, pastWindow };
+}
+
+/** Whether the group may still be sent: its identifier is within the window the destination dedupes it. */
+export function withinIdentifierWindow(
+  group: Pick<ClaimedGroup, 'identifiedAt'>,
+  now: Date,
+  policy: DeliveryPolicy,
+) {
+  return now.getTime() - group.identifiedAt.getTime() < policy.identifierWindowMs;
 }

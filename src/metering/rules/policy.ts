@@ -3,7 +3,6 @@
 
 import { BACKOFF_JITTER, type Config } from '../../config.js';
 import type { Destination } from '../../db/schema.js';
-import type { ClaimedGroup } from './keys.js';
 
 export interface DeliveryPolicy {
   /** DELIVERY_RETRY_LIMIT: a group is called at most retryLimit + 1 times (429s do not count). */
@@ -91,15 +90,6 @@ export function backoffMs(policy: DeliveryPolicy, attempts: number, identifier: 
     policy.retryDelayMaxMs,
     Math.round(base * (1 + BACKOFF_JITTER * fraction(`${identifier}#${attempts}`))),
   );
-}
-
-/** Whether the group may still be sent: its identifier is within the window the destination dedupes it. */
-export function withinIdentifierWindow(
-  group: Pick<ClaimedGroup, 'identifiedAt'>,
-  now: Date,
-  policy: DeliveryPolicy,
-) {
-  return now.getTime() - group.identifiedAt.getTime() < policy.identifierWindowMs;
 }
 
 export const PAST_WINDOW_REASON = 'identifier_window';
