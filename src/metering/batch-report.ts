@@ -29,10 +29,7 @@ export function reportBatch(deps: { log: Logger; observer?: DeliveryObserver }, 
 }
 
 /** What a batch's notes say, to the log and the metrics. */
-export function reportNotes(
-  deps: { log: Logger; observer?: DeliveryObserver },
-  notes: readonly Note[],
-): void {
+function reportNotes(deps: { log: Logger; observer?: DeliveryObserver }, notes: readonly Note[]): void {
   const observer = deps.observer ?? {};
   const held = new Set<MeterEventName>();
   const corrections = { neverBilled: 0, creditNote: 0 };

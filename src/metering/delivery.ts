@@ -1,7 +1,7 @@
 // Delivery runtime: pg-boss fetchers that take meter-delivery jobs in batches (sized and spaced by
-// fetch-policy.ts) and hand each batch to the pipeline (batch.ts) with the parts delivery-parts.ts builds once, the stranded-row sweep, the
-// lease reaper (lease-reaper.ts) and shutdown. pg-boss stays the engine of wake-ups, retries with
-// backoff, dead letters and the cron.
+// fetch-policy.ts) and hand each batch to the pipeline (batch.ts) with the parts delivery-parts.ts
+// builds once, the stranded-row sweep, the lease reaper (lease-reaper.ts) and shutdown. pg-boss stays the
+// engine of wake-ups, retries with backoff, dead letters and the cron.
 import type { JobWithMetadata } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
