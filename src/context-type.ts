@@ -11,6 +11,7 @@ import type { Database } from './db/database.js';
 import type { ConnectionWatch } from './db/dead-connections.js';
 import type { DeadlineProbe } from './db/deadline-probe.js';
 import type { MigrationFile } from './db/migrate.js';
+import type { OpenPool } from './db/pools.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './observability/metrics.js';
 
@@ -33,5 +34,7 @@ export interface Context extends Database {
   readonly connectionWatch: ConnectionWatch;
   /** Asked before a statement past its deadline gives its connection up (the worker only). */
   readonly deadlineProbe?: DeadlineProbe;
+  /** Opens another pool bounded as every pool of the process is (src/db/pools.ts): the worker's own. */
+  readonly openPool: OpenPool;
   close(): Promise<void>;
 }

@@ -13,7 +13,6 @@ import type { Context } from './context-type.js';
 import { ApiKeyCache } from './credentials/api-key-cache.js';
 import { recentApiKeys, recordApiKeysUsed } from './credentials/api-keys.js';
 import { createDatabaseClock, readDatabaseTime } from './db/clock.js';
-import { createDatabase } from './db/database.js';
 import {
   type ConnectionSafety,
   createConnectionWatch,
@@ -24,6 +23,7 @@ import { createDeadlineProbe } from './db/deadline-probe.js';
 import { isDatabaseUnavailable, sqlState } from './db/errors.js';
 import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
+import { poolOpener } from './db/pools.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetronomeClient } from './metering/metronome.js';
 import { jobMaintenanceTiming } from './metering/queues.js';
@@ -102,20 +102,27 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     overrides.probeDeadlines && deadlineMs > 0
       ? createDeadlineProbe({ connectionString: directUrl, applicationName })
       : undefined;
+  // Every pool of the process is opened by one rule (src/db/pools.ts): this one, and those the worker
+  // opens later (delivery's lease connection, the Citus nodes' pools).
+  const openPool = poolOpener({
+    bounds: { ...bounds, DB_LONG_STATEMENT_DEADLINE_MS: config.DB_LONG_STATEMENT_DEADLINE_MS },
+    log,
+    watch,
+    ...(deadlineProbe ? { probe: deadlineProbe } : {}),
+  });
+  const database = openPool({
+    url: requireDatabaseUrl(config),
+    pool: 'app',
+    max: config.DB_POOL_MAX,
+    applicationName,
+    preparedStatements: config.DB_PREPARED_STATEMENTS === 'on',
+  });
   const safety = (pool: string): ConnectionSafety => ({
     deadlineMs,
     longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
     watch,
     pool,
     ...(deadlineProbe ? { probe: deadlineProbe } : {}),
-  });
-  const database = createDatabase({
-    connectionString,
-    max: config.DB_POOL_MAX,
-    log,
-    applicationName,
-    safety: safety('app'),
-    preparedStatements: config.DB_PREPARED_STATEMENTS === 'on',
   });
   const supervise = overrides.bossSupervise ?? false;
   const bossConnection = {
@@ -177,7 +184,10 @@ export async function createContext(config: Config, overrides: ContextOverrides 
 
   let closed: Promise<void> | undefined;
   const context: Context = {
-    ...database,
+    db: database.db,
+    pool: database.pool,
+    distributed: database.distributed,
+    openPool,
     config,
     log,
     boss,

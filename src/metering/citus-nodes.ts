@@ -15,9 +15,8 @@
 // reached is not used for a while (its statements go to the coordinator, as with routing off).
 import { type Kysely, sql } from 'kysely';
 import type { Config } from '../config.js';
-import { createDatabase, gatedKysely } from '../db/database.js';
-import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
-import { createDeadlineProbe } from '../db/deadline-probe.js';
+import { gatedKysely } from '../db/database.js';
+import type { OpenPool } from '../db/pools.js';
 import { postgresUrl } from '../db/postgres-url.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
@@ -99,68 +98,41 @@ export function createNodeConnections(options: {
 // finds them from the database its statements run on, so the store and its callers stay as they are.
 const registry = new WeakMap<Kysely<DB>, NodeConnections>();
 
-/** Claims and settles on `db` go to the nodes through `nodes` (CITUS_NODE_ROUTING=on). */
-export function routeToNodes(db: Kysely<DB>, nodes: NodeConnections): void {
-  registry.set(db, nodes);
-}
-
 /** The node connections registered for `db`, if any. */
 export function nodeConnectionsOf(db: Kysely<DB>): NodeConnections | undefined {
   return registry.get(db);
 }
 
 /**
- * The worker process's node connections: each node's pool as the process's own (DB_POOL_MAX
- * connections at most, the same deadlines and server bounds; the deadline probe asks the node
- * itself), from the direct URL's user, password and database; at most `maxStatements` statements
- * at once per node when DELIVERY_MAX_STATEMENTS bounds the process's.
+ * Sends the claims and settles run on `db` to the nodes (CITUS_NODE_ROUTING=on) over the worker
+ * process's node connections, returned for closing: each node's pool opened as every pool of the
+ * process (src/db/pools.ts: DB_POOL_MAX connections at most, the same deadlines and server bounds; the
+ * deadline probe asks the node itself), from the direct URL's user, password and database; at most
+ * DELIVERY_MAX_STATEMENTS statements at once per node when that bounds the process's.
  */
-export function openNodeConnections(ctx: {
-  config: Pick<
-    Config,
-    | 'DATABASE_URL'
-    | 'DATABASE_DIRECT_URL'
-    | 'DB_POOL_MAX'
-    | 'DB_SERVER_TIMEOUTS'
-    | 'DB_STATEMENT_DEADLINE_MS'
-    | 'DB_LONG_STATEMENT_DEADLINE_MS'
-    | 'DELIVERY_MAX_STATEMENTS'
-  >;
-  log: Logger;
-  connectionWatch?: ConnectionWatch;
-}): NodeConnections {
+export function routeToNodes(
+  db: Kysely<DB>,
+  ctx: {
+    config: Pick<Config, 'DATABASE_URL' | 'DATABASE_DIRECT_URL' | 'DB_POOL_MAX' | 'DELIVERY_MAX_STATEMENTS'>;
+    openPool: OpenPool;
+    log: Logger;
+  },
+): NodeConnections {
   const { config, log } = ctx;
-  return createNodeConnections({
+  const nodes = createNodeConnections({
     coordinatorUrl: config.DATABASE_DIRECT_URL ?? config.DATABASE_URL ?? '',
     open(url, node) {
-      const connectionString = serverBoundedUrl(url, config);
-      const probe = ctx.connectionWatch
-        ? createDeadlineProbe({ connectionString, applicationName: 'meterbox-node-probe' })
-        : undefined;
-      const database = createDatabase({
-        connectionString,
+      const database = ctx.openPool({
+        url,
+        pool: `node ${node}`,
         max: config.DB_POOL_MAX,
-        log,
         applicationName: 'meterbox-worker-node',
-        ...(ctx.connectionWatch
-          ? {
-              safety: {
-                deadlineMs: config.DB_STATEMENT_DEADLINE_MS,
-                longDeadlineMs: config.DB_LONG_STATEMENT_DEADLINE_MS,
-                watch: ctx.connectionWatch,
-                pool: `node ${node}`,
-                ...(probe ? { probe } : {}),
-              },
-            }
-          : {}),
+        probe: 'own',
       });
       const max = config.DELIVERY_MAX_STATEMENTS;
       return {
         db: max > 0 ? gatedKysely(database.pool, max) : database.db,
-        close: async () => {
-          probe?.close();
-          await database.pool.end();
-        },
+        close: database.close,
       };
     },
     onUnreachable: (node, err) =>
@@ -169,4 +141,6 @@ export function openNodeConnections(ctx: {
         "could not connect to a Citus node: its shard groups' claims and settles go to the coordinator for a minute",
       ),
   });
+  registry.set(db, nodes);
+  return nodes;
 }

@@ -14,16 +14,15 @@ import { customerAccountCache } from '../billing/connect.js';
 import { connectedAccountBudget, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
-import { createDatabase, gatedKysely } from '../db/database.js';
-import { type ConnectionWatch, serverBoundedUrl } from '../db/dead-connections.js';
-import type { DeadlineProbe } from '../db/deadline-probe.js';
+import { gatedKysely } from '../db/database.js';
+import { type OpenPool, poolOpener } from '../db/pools.js';
 import { replicationGuard } from '../db/replication.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { openNodeConnections, routeToNodes } from './citus-nodes.js';
+import { routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import {
   type CorrectionClient,
@@ -56,10 +55,11 @@ export interface DeliveryContext {
   distributed?: (options?: { recheck?: boolean }) => Promise<boolean>;
   /** The process's pool: delivery's statements then run at most DELIVERY_MAX_STATEMENTS at once. */
   pool?: pg.Pool;
-  /** Bounds the lease connection against a silent death, as every pool of the process. */
-  connectionWatch?: ConnectionWatch;
-  /** Asked before a lease statement past its deadline gives the connection up (src/db/deadline-probe.ts). */
-  deadlineProbe?: DeadlineProbe;
+  /**
+   * Opens delivery's own pools (the lease connection, the Citus nodes') bounded as every pool of the
+   * process (src/db/pools.ts); without it (tests), with keepalive and the URL's server bounds only.
+   */
+  openPool?: OpenPool;
 }
 
 export interface DeliveryWorkerOptions {
@@ -118,6 +118,7 @@ export async function deliveryParts(
 ): Promise<DeliveryParts | undefined> {
   const { config } = ctx;
   const log = runtime.log;
+  const openPool = ctx.openPool ?? poolOpener({ bounds: config, log });
   // The destinations: each one's transport and correction client.
   const stripeTransport =
     options.transport ??
@@ -158,30 +159,18 @@ export async function deliveryParts(
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
   // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts); the
   // nodes' pools open on a distributed database's first batch only.
-  const nodes = config.CITUS_NODE_ROUTING === 'on' ? openNodeConnections(ctx) : undefined;
-  if (nodes) routeToNodes(db, nodes);
+  const nodes = config.CITUS_NODE_ROUTING === 'on' ? routeToNodes(db, { config, openPool, log }) : undefined;
   // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited behind
   // the claims of the other fetchers past the lease, and the reaper took running batches' keys. One
   // direct connection (a pooler's queue is the same wait), counted in docs/operations.md.
-  const leaseDatabase = createDatabase({
-    connectionString: serverBoundedUrl(directDatabaseUrl(ctx.config), ctx.config),
+  const leaseDatabase = openPool({
+    url: directDatabaseUrl(ctx.config),
+    pool: 'leases',
     max: 1,
     // Open from the start and for good: a renewal on a slow database should not wait for a connection
     // to be made, and the process's direct connections are a fixed count (docs/operations.md).
     idleTimeoutMillis: 0,
-    log,
     applicationName: 'meterbox-leases',
-    ...(ctx.connectionWatch
-      ? {
-          safety: {
-            deadlineMs: ctx.config.DB_STATEMENT_DEADLINE_MS,
-            longDeadlineMs: ctx.config.DB_LONG_STATEMENT_DEADLINE_MS,
-            watch: ctx.connectionWatch,
-            pool: 'leases',
-            ...(ctx.deadlineProbe ? { probe: ctx.deadlineProbe } : {}),
-          },
-        }
-      : {}),
   });
   const leases = createLeaseKeeper({
     db: leaseDatabase.db,
@@ -342,7 +331,7 @@ export async function deliveryParts(
     db,
     leases,
     closePools: async () => {
-      await Promise.all([leaseDatabase.pool.end(), nodes?.close()]);
+      await Promise.all([leaseDatabase.close(), nodes?.close()]);
     },
     leaseLength,
     depsFor,

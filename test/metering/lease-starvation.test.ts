@@ -86,7 +86,7 @@ describe('a batch whose worker pool is taken past its lease', () => {
         config: ctx.config,
         clock: ctx.clock,
         log: ctx.log,
-        connectionWatch: ctx.connectionWatch,
+        openPool: ctx.openPool,
       },
       { transport, observer: { onStaleLease: (keys) => stale.push(keys) } },
     );

@@ -77,7 +77,7 @@ describe("a batch that waits longer than the pool's connect timeout for a connec
           config: ctx.config,
           clock: ctx.clock,
           log: ctx.log,
-          connectionWatch: ctx.connectionWatch,
+          openPool: ctx.openPool,
         },
         { transport, observer: { onPoolExhausted: () => exhausted++ } },
       );
