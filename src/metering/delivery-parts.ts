@@ -118,7 +118,6 @@ export async function deliveryParts(
 ): Promise<DeliveryParts | undefined> {
   const { config } = ctx;
   const log = runtime.log;
-  const openPool = ctx.openPool ?? poolOpener({ bounds: config, log });
   // The destinations: each one's transport and correction client.
   const stripeTransport =
     options.transport ??
@@ -157,6 +156,8 @@ export async function deliveryParts(
   // it (a v2 run with 1,000-key claims of 20-40 s and a bound of 2 delivered nothing for minutes).
   const max = config.DELIVERY_MAX_STATEMENTS;
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
+  // Delivery's own pools, bounded as every pool of the process (src/db/pools.ts).
+  const openPool = ctx.openPool ?? poolOpener({ bounds: config, log });
   // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts); the
   // nodes' pools open on a distributed database's first batch only.
   const nodes = config.CITUS_NODE_ROUTING === 'on' ? routeToNodes(db, { config, openPool, log }) : undefined;
