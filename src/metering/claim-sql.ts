@@ -220,6 +220,7 @@ const ENSURE_KEYS_PER_STATEMENT = 10_000;
  * (claimBatch), one batch's worth: four arrays, not four parameters a key.
  */
 export async function insertMissingKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
+  if (keys.length === 0) return;
   const sorted = [...keys].sort(compareKeys);
   await sql`
     INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)

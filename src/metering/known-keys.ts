@@ -27,3 +27,9 @@ export function knownKeys(limit = KNOWN_KEYS_LIMIT): KnownKeys {
     },
   };
 }
+
+/**
+ * The process's keys seen with a row: every store of the process (sqlStores) shares them, so a batch
+ * never looks up a key another batch of the process has claimed.
+ */
+export const processKnownKeys: KnownKeys = knownKeys();

@@ -13,7 +13,7 @@ import { claimCorrectionGroup, switchCorrectionToCompensate } from './correction
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
 import { holdKeys } from './hold-sql.js';
-import { type KnownKeys, knownKeys } from './known-keys.js';
+import { type KnownKeys, processKnownKeys } from './known-keys.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import { releaseLeases, renewLeases } from './lease-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
@@ -100,9 +100,8 @@ export type StoreOf = (destination: Destination, account?: string) => DeliverySt
 /** Postgres and pg-boss's stores (sqlStore), made where delivery's parts are built (delivery-parts.ts). */
 export function sqlStores(deps: Omit<SqlStoreDeps, 'destination' | 'account' | 'knownKeys'>): StoreOf {
   // The process's keys seen with a row: a claim inserts no row for them first (claimBatch).
-  const known = knownKeys();
   return (destination, account) =>
-    sqlStore({ ...deps, destination, knownKeys: known, ...(account ? { account } : {}) });
+    sqlStore({ ...deps, destination, knownKeys: processKnownKeys, ...(account ? { account } : {}) });
 }
 
 interface SqlStoreDeps {
