@@ -149,9 +149,10 @@ async function lockHour(trx: Transaction<DB>, key: string): Promise<void> {
  * statement under ingestion load (pg_stat_statements, the bench's start-up run).
  *
  * The keys' delivery rows are inserted here too, free, where missing (an organization's first report):
- * otherwise each batch of a first report claims twice (its first claim finds no key row and answers
- * `missing`, the rows are inserted, the batch claims again: claim-sql.ts claimBatch), which was half
- * the claims of a 100,000-organization report (docs/benchmarks.md). The same insert as claimBatch's
+ * otherwise each batch of a first report inserts them before its claim (claim-sql.ts claimBatch), or
+ * on Citus claims twice (its first claim finds no key row and answers `missing`, the rows are inserted,
+ * the batch claims again), which was half the claims of a 100,000-organization report
+ * (docs/benchmarks.md). The same insert as claimBatch's
  * before its claim (insertMissingKeys: key order, only keys without a row), so a report never waits on
  * a claim, a settle or a renewal that is updating a key row it already has (ON CONFLICT alone waits for
  * that transaction's end). On Citus the multi-row VALUES insert (ensureKeys), which Citus routes by
