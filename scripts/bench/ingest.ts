@@ -1,6 +1,6 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
 //                           [--api-cpu-prof] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
-//                           [--baseline REF [--pairs N]]
+//                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
@@ -17,7 +17,9 @@
 // delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
 // with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
 // migrations must be this checkout's). Each run also gives the lease reaper's read of fetched jobs
-// (pg_stat_statements: calls, Postgres time, rows).
+// (pg_stat_statements: calls, Postgres time, rows). `--worker-compare NAME=VALUE,...`: each delivery
+// scenario runs N times with this checkout's worker as configured and with those settings, alternated
+// (as configured first): a setting's two values compared in one run.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
@@ -159,6 +161,9 @@ const { values: args } = parseArgs({
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
     baseline: { type: 'string' },
+    // The delivery scenarios also run with the worker given these settings (NAME=VALUE, comma-separated),
+    // alternated with the worker as configured, --pairs times.
+    'worker-compare': { type: 'string' },
     pairs: { type: 'string' },
   },
 });
@@ -368,6 +373,7 @@ async function runScenario(
   cluster: Cluster,
   entries: Record<string, string>,
   code = 'this checkout',
+  workerEnv: Record<string, string> = {},
 ) {
   log(`--- ${s.id}: ${s.name} (${code}); load average ${loadAverage().join(' ')}`);
   const loadAverageAtStart = loadAverage();
@@ -415,7 +421,7 @@ async function runScenario(
     // The worker starts, and with it its start-up report; the load starts at the same moment.
     const worker = startProcess(
       entries['src/bin/worker.ts']!,
-      { ...env, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
+      { ...env, ...workerEnv, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
       'worker',
     );
     cleanup.push(() => worker.stop());
@@ -944,8 +950,18 @@ export async function runIngestBench(): Promise<number> {
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
     const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
     const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
-    const runs: { code: string; entries: Record<string, string> }[] = [];
-    if (args.baseline) {
+    const runs: { code: string; entries: Record<string, string>; workerEnv?: Record<string, string> }[] = [];
+    const workerCompare = args['worker-compare'];
+    if (workerCompare && args.baseline) throw new Error('--worker-compare and --baseline: one at a time');
+    if (workerCompare) {
+      const workerEnv = Object.fromEntries(
+        workerCompare.split(',').map((kv) => kv.split('=', 2) as [string, string]),
+      );
+      for (let i = 0; i < Number(args.pairs ?? 1); i++) {
+        runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
+        runs.push({ code: `${head}${dirty ? '+' : ''}, worker ${workerCompare}`, entries, workerEnv });
+      }
+    } else if (args.baseline) {
       const server = await buildBaseline(args.baseline, buildDir, 'src/bin/server.ts');
       const worker = await buildBaseline(args.baseline, buildDir, 'src/bin/worker.ts');
       const ours = new Set(readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql')));
@@ -960,7 +976,8 @@ export async function runIngestBench(): Promise<number> {
     const results = [];
     for (const s of SCENARIOS)
       if (want(s.id))
-        for (const run of runs) results.push(await runScenario(s, cluster, run.entries, run.code));
+        for (const run of runs)
+          results.push(await runScenario(s, cluster, run.entries, run.code, run.workerEnv));
     const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
     const out = {
       kind: 'ingest',

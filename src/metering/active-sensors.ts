@@ -4,7 +4,7 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
-import { ensureKeys } from './claim-sql.js';
+import { ensureKeys, insertMissingKeys } from './claim-sql.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, inForceAt } from './destinations.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
@@ -149,15 +149,20 @@ async function lockHour(trx: Transaction<DB>, key: string): Promise<void> {
  * statement under ingestion load (pg_stat_statements, the bench's start-up run).
  *
  * The keys' delivery rows are inserted here too, free, where missing (an organization's first report):
- * otherwise each batch of a first report claims twice (its first claim finds no key row and answers
- * `missing`, the rows are inserted, the batch claims again: claim-sql.ts claimBatch), which was half
- * the claims of a 100,000-organization report (docs/benchmarks.md). The same insert as claimBatch's (key
- * order, ON CONFLICT DO NOTHING, no lock on a row that exists), so a report never waits on a claim.
+ * otherwise each batch of a first report inserts them before its claim (claim-sql.ts claimBatch), or
+ * on Citus claims twice (its first claim finds no key row and answers `missing`, the rows are inserted,
+ * the batch claims again), which was half the claims of a 100,000-organization report
+ * (docs/benchmarks.md). The same insert as claimBatch's
+ * before its claim (insertMissingKeys: key order, only keys without a row), so a report never waits on
+ * a claim, a settle or a renewal that is updating a key row it already has (ON CONFLICT alone waits for
+ * that transaction's end). On Citus the multi-row VALUES insert (ensureKeys), which Citus routes by
+ * shard; an INSERT ... SELECT would run on the coordinator.
  */
 async function handOff(
   trx: Transaction<DB>,
   boss: PgBoss,
   rows: readonly { organization_id: string; stripe_customer_id: string; destination: Destination }[],
+  distributed: boolean | undefined,
 ): Promise<void> {
   const keys = rows.map((row) =>
     keyRef({
@@ -167,7 +172,8 @@ async function handOff(
       destination: row.destination,
     }),
   );
-  await ensureKeys(trx, keys);
+  if (distributed) await ensureKeys(trx, keys);
+  else await insertMissingKeys(trx, keys);
   await enqueueDeliveries(trx, boss, keys, NONE_HELD);
 }
 const NONE_HELD: ReadonlySet<string> = new Set();
@@ -244,7 +250,7 @@ export async function reportActiveSensorsForHour(
   const count = activeCount(options.distributed, sql`true`);
   const inserted = await insertReports(hour, key, count, sql`true`).execute(trx);
   // One hand-off for every organization of the hour: a statement or two, not two per organization.
-  await handOff(trx, boss, inserted.rows);
+  await handOff(trx, boss, inserted.rows, options.distributed);
   await options.onCounts?.apply(trx, countsOf(inserted.rows));
   return { hour, reported: inserted.rows.length };
 }
@@ -297,7 +303,7 @@ export async function reportActiveSensorsChunk(
     count,
     sql`s.organization_id = ANY(${ids}::uuid[])`,
   ).execute(trx);
-  await handOff(trx, boss, inserted.rows);
+  await handOff(trx, boss, inserted.rows, options.distributed);
   await options.onCounts?.apply(trx, countsOf(inserted.rows));
   return { reported: inserted.rows.length, last: ids.at(-1) ?? null, done: ids.length < chunk.limit };
 }

@@ -58,7 +58,7 @@ export async function claimLease(
   const takeOverAfter = takeOverAfterSeconds(deps.leaseLength, config);
   const claimStarted = timers.now();
   let leaseDeadline = claimStarted + leaseSeconds * 1000;
-  // Renewals start with the claim: a batch with new keys claims twice (claimBatch), and the keys of its
+  // Renewals start with the claim: a batch with new keys may claim twice (claimBatch), and the keys of its
   // first claim, committed, must not lapse while the second runs. A renewal moves the deadline only
   // when it started after the claim had returned and held every key the batch leased.
   let claimed: ClaimedKey[] | undefined;

@@ -1,9 +1,10 @@
 // claimBatch: a batch's claim, one statement per shard group (claim-statement-sql.ts), with the keys
-// it names made first (ensureKeys) and its leases renewed while a slow claim runs.
-import type { Kysely } from 'kysely';
+// it names made first (insertMissingKeys, ensureKeys) and its leases renewed while a slow claim runs.
+import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { type ClaimOptions, type ClaimRow, claimStatement } from './claim-statement-sql.js';
 import { perShardGroup, routerOf, rowKey } from './delivery-sql-shapes.js';
+import type { KnownKeys } from './known-keys.js';
 import { renewLeases } from './lease-sql.js';
 import { type ClaimedKey, compareKeys, destinationOf, type KeyRef, keyName, keyRef } from './rules/keys.js';
 
@@ -15,6 +16,14 @@ interface ClaimProgress {
   committed: number;
   /** Shard groups claimed in (each its own transactions, run side by side). */
   groups: number;
+}
+
+export interface ClaimBatchOptions extends ClaimOptions {
+  /**
+   * The keys this process has seen with a key row (known-keys.ts): no insert of their rows is tried
+   * before their claim. Without it every key is looked up first (one node).
+   */
+  knownKeys?: KnownKeys;
 }
 
 /**
@@ -29,9 +38,14 @@ interface ClaimProgress {
  * load.
  *
  * The claim leases existing key rows only (an UPDATE). The rows of keys never claimed before are
- * inserted apart, free and committed on their own (ensureKeys: key order, ON CONFLICT DO NOTHING), and
- * those keys claimed again: two statements more, once in a key's life (key rows are never deleted). A
- * claim that inserted them itself held its other key rows locked while its insert waited on another
+ * inserted apart, free and committed on their own, before the claim (insertMissingKeys: key order, only
+ * keys without a row, ON CONFLICT DO NOTHING), so a batch with new keys claims once: the readings of
+ * organizations whose keys were never claimed made most batches of the hourly report's hour claim twice,
+ * half of its claims (docs/benchmarks.md). Keys this process has already seen with a row
+ * (options.knownKeys) are not looked up again: in the steady state a claim is one statement. A key
+ * whose row is still missing at the claim (on Citus, where no insert goes first: an INSERT ... SELECT
+ * runs on the coordinator; or a row inserted by a transaction not committed yet) is answered `missing`,
+ * its row inserted (ensureKeys) and the key claimed again. A claim that inserted them itself held its other key rows locked while its insert waited on another
  * claim's uncommitted insert of the same key, which could wait for a row the first held: "deadlock
  * detected" between claims in the backlog bench (test/metering/claim-deadlock.test.ts). On Citus the
  * insert must be apart anyway: Citus runs an INSERT ... SELECT on the coordinator, never as part of a
@@ -41,9 +55,10 @@ interface ClaimProgress {
 export async function claimBatch(
   db: Kysely<DB>,
   keys: readonly KeyRef[],
-  options: ClaimOptions,
+  options: ClaimBatchOptions,
 ): Promise<ClaimedKey[]> {
   if (keys.length === 0) return [];
+  const { knownKeys, ...claimOptions } = options;
   const unique = [...new Map(keys.map((k) => [keyName(k), keyRef(k)])).values()].sort(compareKeys);
   const router = routerOf(db, options);
   const progress: ClaimProgress = { started: performance.now(), committed: 0, groups: 0 };
@@ -55,18 +70,36 @@ export async function claimBatch(
       progress.groups += 1;
       // On the node that holds the group (CITUS_NODE_ROUTING), but never out of a caller's transaction.
       const on = db.isTransaction ? db : ((await node()) ?? db);
-      const first = await claimLeasing(on, group, orgs, options, progress);
+      const unknown = knownKeys ? group.filter((k) => !knownKeys.has(k)) : group;
+      if (!options.distributed && unknown.length > 0) await insertMissingKeys(db, unknown);
+      const first = await claimLeasing(on, group, orgs, claimOptions, progress);
       const missing = first.filter((r) => r.state === 'missing');
-      if (missing.length === 0) return first;
-      const missingKeys = missing.map(rowKey);
-      await ensureKeys(db, missingKeys);
-      const again = new Map(
-        (await claimLeasing(on, missingKeys, orgs, options, progress)).map((r) => [keyName(rowKey(r)), r]),
-      );
-      return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
+      const answered =
+        missing.length === 0
+          ? first
+          : await claimMissing(db, on, first, missing.map(rowKey), orgs, claimOptions, progress);
+      for (const r of answered) if (r.state !== 'missing') knownKeys?.add(rowKey(r));
+      return answered;
     },
   );
   return rows.map(toClaimedKey);
+}
+
+/** The rows of keys the first claim found missing inserted (ensureKeys), and those keys claimed again. */
+async function claimMissing(
+  db: Kysely<DB>,
+  on: Kysely<DB>,
+  first: readonly ClaimRow[],
+  missingKeys: readonly KeyRef[],
+  orgs: readonly string[],
+  options: ClaimOptions,
+  progress: ClaimProgress,
+): Promise<ClaimRow[]> {
+  await ensureKeys(db, missingKeys);
+  const again = new Map(
+    (await claimLeasing(on, missingKeys, orgs, options, progress)).map((r) => [keyName(rowKey(r)), r]),
+  );
+  return first.map((r) => (r.state === 'missing' ? (again.get(keyName(rowKey(r))) ?? r) : r));
 }
 
 function toClaimedKey(r: ClaimRow): ClaimedKey {
@@ -177,3 +210,28 @@ export async function ensureKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promi
       .execute();
 }
 const ENSURE_KEYS_PER_STATEMENT = 10_000;
+
+/**
+ * The key rows of `keys` that do not exist yet, inserted free before the batch's claim (one node), in
+ * one statement that holds no other lock. Only keys the statement does not see a row of are inserted:
+ * an `ON CONFLICT` check of an existing row waits for whatever transaction is updating it (a claim,
+ * a settle, a renewal), a look-up does not. Rows in the keys' order (as ensureKeys), so two inserts of
+ * the same new keys wait on each other in one order only. The keys come sorted and distinct
+ * (claimBatch), one batch's worth: four arrays, not four parameters a key.
+ */
+export async function insertMissingKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
+  if (keys.length === 0) return;
+  const sorted = [...keys].sort(compareKeys);
+  await sql`
+    INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)
+    SELECT i.organization_id, i.customer, i.event_name, i.destination
+      FROM unnest(${sorted.map((k) => k.organizationId)}::uuid[], ${sorted.map((k) => k.customerId)}::text[],
+                  ${sorted.map((k) => k.eventName)}::text[], ${sorted.map((k) => destinationOf(k))}::text[])
+           WITH ORDINALITY AS i(organization_id, customer, event_name, destination, n)
+     WHERE NOT EXISTS (
+       SELECT FROM meter_delivery_keys d
+        WHERE d.organization_id = i.organization_id AND d.stripe_customer_id = i.customer
+          AND d.event_name = i.event_name AND d.destination = i.destination)
+     ORDER BY i.n
+    ON CONFLICT DO NOTHING`.execute(db);
+}

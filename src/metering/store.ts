@@ -13,6 +13,7 @@ import { claimCorrectionGroup, switchCorrectionToCompensate } from './correction
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
 import { holdKeys } from './hold-sql.js';
+import { type KnownKeys, processKnownKeys } from './known-keys.js';
 import type { LeaseKeeper } from './lease-keeper.js';
 import { releaseLeases, renewLeases } from './lease-sql.js';
 import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
@@ -97,8 +98,10 @@ export function destinationCallsPerSecond(
 export type StoreOf = (destination: Destination, account?: string) => DeliveryStore;
 
 /** Postgres and pg-boss's stores (sqlStore), made where delivery's parts are built (delivery-parts.ts). */
-export function sqlStores(deps: Omit<SqlStoreDeps, 'destination' | 'account'>): StoreOf {
-  return (destination, account) => sqlStore({ ...deps, destination, ...(account ? { account } : {}) });
+export function sqlStores(deps: Omit<SqlStoreDeps, 'destination' | 'account' | 'knownKeys'>): StoreOf {
+  // The process's keys seen with a row: a claim inserts no row for them first (claimBatch).
+  return (destination, account) =>
+    sqlStore({ ...deps, destination, knownKeys: processKnownKeys, ...(account ? { account } : {}) });
 }
 
 interface SqlStoreDeps {
@@ -120,6 +123,8 @@ interface SqlStoreDeps {
   account?: string;
   /** Renewals on the process's lease connection (lease-keeper.ts); without it, on `db`. */
   leases?: Pick<LeaseKeeper, 'renew'>;
+  /** The process's keys seen with a key row (known-keys.ts); without it a claim looks every key up first. */
+  knownKeys?: KnownKeys;
 }
 
 /** The store over Postgres and pg-boss, for one destination's keys (default Stripe's). */
@@ -144,6 +149,7 @@ export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
         claimBatch(db, keys, {
           ...options,
           ...placement,
+          ...(deps.knownKeys ? { knownKeys: deps.knownKeys } : {}),
           ...(destination === 'metronome' ? { pastWindowMs: METRONOME_PAST_WINDOW_MS } : {}),
         }),
       );

@@ -1,5 +1,6 @@
 // The active_sensors data functions against real Postgres: the set-based hourly report and the
 // on-change report.
+import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import {
@@ -111,6 +112,40 @@ describe('hourly active-sensor report', () => {
     );
     expect(claimed.map((k) => k.state)).toEqual(['leased', 'leased']);
     expect(queries.filter((q) => /\bleased AS\b/.test(q.sql))).toHaveLength(1);
+  });
+
+  it("does not wait for a transaction updating a reported key's existing row (a claim, a settle)", async ({
+    ctx,
+  }) => {
+    await clear(ctx);
+    await ctx.db.deleteFrom('meter_delivery_keys').execute();
+    const [org] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_held', activeSensors: 1 },
+    ]);
+    if (!org) throw new Error('no organization');
+    // Last hour's report made the key's row; a claim of it is running (its row updated, not committed).
+    await report(ctx, new Date('2026-03-10T15:05:00Z'));
+    let release = () => {};
+    const open = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const claim = ctx.db.transaction().execute(async (trx) => {
+      await sql`UPDATE meter_delivery_keys SET lease_owner = 'a-claim' WHERE organization_id = ${org}`.execute(
+        trx,
+      );
+      await open;
+    });
+    try {
+      await new Promise((r) => setTimeout(r, 200));
+      const result = await ctx.db.transaction().execute(async (trx) => {
+        await sql`SET LOCAL lock_timeout = '2s'`.execute(trx);
+        return reportActiveSensorsForHour(trx, ctx.boss, new Date('2026-03-10T16:05:00Z'));
+      });
+      expect(result.reported).toBe(1);
+    } finally {
+      release();
+      await claim;
+    }
   });
 
   it('reports nothing for organizations that are not billable', async ({ ctx }) => {

@@ -1,5 +1,6 @@
-// A batch with new keys claims twice (claimBatch: the first claim leases the keys that have a row, the
-// new keys' rows are inserted, then they are claimed). The first claim's leases, committed, must not
+// A batch with new keys may claim twice (claimBatch: the first claim leases the keys that have a row, the
+// new keys' rows are inserted, then they are claimed): on Citus, or on one node when a new key's row is
+// still missing at the claim although its insert ran first (here: a trigger drops that first insert). The first claim's leases, committed, must not
 // lapse while the second claim runs: before, they did (no renewal ran until the whole claim returned),
 // the reaper freed them, and the second claim, slow, moved the batch's deadline for every key, so the
 // batch called for a key it no longer held while the reaper had queued that key again.
@@ -48,6 +49,29 @@ async function slowClaimOf(ctx: Context, customerId: string, seconds: number) {
        EXECUTE FUNCTION test_claim_gap_sleep()`.execute(ctx.db);
 }
 
+/**
+ * The first insert of `customerId`'s key row inserts nothing (as when another transaction's insert of it
+ * has not committed when the claim reads), so the batch's first claim answers it `missing`.
+ */
+async function dropFirstKeyInsertOf(ctx: Context, customerId: string) {
+  await sql`CREATE SEQUENCE test_claim_gap_key_gate`.execute(ctx.db);
+  await sql`
+    CREATE FUNCTION test_claim_gap_key_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF nextval('test_claim_gap_key_gate') = 1 THEN RETURN NULL; END IF;
+      RETURN NEW;
+    END $$`.execute(ctx.db);
+  await sql`
+    CREATE TRIGGER test_claim_gap_key_gate BEFORE INSERT ON meter_delivery_keys
+       FOR EACH ROW WHEN (NEW.stripe_customer_id = ${sql.lit(customerId)})
+       EXECUTE FUNCTION test_claim_gap_key_gate()`.execute(ctx.db);
+  return async () => {
+    await sql`DROP TRIGGER test_claim_gap_key_gate ON meter_delivery_keys`.execute(ctx.db);
+    await sql`DROP FUNCTION test_claim_gap_key_gate()`.execute(ctx.db);
+    await sql`DROP SEQUENCE test_claim_gap_key_gate`.execute(ctx.db);
+  };
+}
+
 describe('a batch whose claim of a new key outlives the lease', () => {
   it("keeps the first claim's leases: the reaper frees nothing, each key is called once", async ({
     ctx,
@@ -67,6 +91,7 @@ describe('a batch whose claim of a new key outlives the lease', () => {
     await writeRows(ctx.db, ctx.boss, fresh, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
     const jobs = [await takeQueuedJob(ctx, known), await takeQueuedJob(ctx, fresh)];
     await slowClaimOf(ctx, fresh.customerId, CLAIM_SLEEP_SECONDS);
+    const keyInsertsDropped = await dropFirstKeyInsertOf(ctx, fresh.customerId);
     const calls = emulator.counters().calls;
     const stale: number[] = [];
 
@@ -99,6 +124,13 @@ describe('a batch whose claim of a new key outlives the lease', () => {
     const results = await batch;
     await alive.stop();
     await slowClaimOf(ctx, fresh.customerId, 0);
+    // The fresh key's row was inserted twice: the insert before the claim (dropped), then after its
+    // `missing` answer: the batch claimed twice.
+    const { rows: gate } = await sql<{
+      n: string;
+    }>`SELECT last_value::text AS n FROM test_claim_gap_key_gate`.execute(ctx.db);
+    expect(gate).toEqual([{ n: '2' }]);
+    await keyInsertsDropped();
 
     expect(reaped.length).toBeGreaterThan(0);
     expect(reaped.filter((r) => r.leases + r.jobs > 0)).toEqual([]);
