@@ -198,8 +198,10 @@ export async function deliveryParts(
   if (!runtime.distributed()) await reportReplication(ctx.db, config.DELIVERY_REPLICA_WAIT_MS, log);
   const replication = replicationGuard(ctx.db, {
     maxWaitMs: config.DELIVERY_REPLICA_WAIT_MS,
-    // On Citus each worker node's standbys are asked too (a claim commits on the workers).
+    // On Citus each worker node's standbys are asked too (a claim commits on the workers), over the
+    // process's own node connections when claims are routed (no connection opened per look).
     distributed: runtime.distributed,
+    ...(nodes ? { nodes } : {}),
     timers: hostTimers,
     log,
     onOutcome: (outcome, ms) => options.observer?.onReplicationWait?.(outcome, ms),
