@@ -146,7 +146,16 @@ export function routeToNodes(
 }
 
 /** The single-shard tables whose one-row statements go to the node of their shard (their row per batch). */
-export type SingleShardTable = 'destination_health';
+export type SingleShardTable = 'destination_health' | 'meter_call_budget';
+
+// Databases whose single-shard statements (only those) go to the nodes: the process's ungated database,
+// which the budget's reservations use (delivery-parts.ts), without routing its other statements.
+const singleShardRegistry = new WeakMap<Kysely<DB>, NodeConnections>();
+
+/** The budget's and health's single-shard statements on `db` go to their shard's node through `nodes`. */
+export function routeSingleShardTables(db: Kysely<DB>, nodes: NodeConnections): void {
+  singleShardRegistry.set(db, nodes);
+}
 
 /** How long the node of a single-shard table's shard is remembered before it is read again. */
 export const SINGLE_SHARD_NODE_MS = 60_000;
@@ -158,7 +167,7 @@ const singleShardNodes = new WeakMap<
 
 /**
  * The database of the node that holds `table`'s one shard, for the statements on its rows that a batch
- * runs (the destination's health gate and record): sent there, the node plans them and the coordinator
+ * runs (the destination's health gate and record, the call budget's reservations): sent there, the node plans them and the coordinator
  * never sees them, as with claims. The placement is read from the coordinator's metadata at most once
  * per SINGLE_SHARD_NODE_MS per process; a move meanwhile is still right (the node plans the statement
  * from its own synced metadata and runs it where the shard now is). undefined: no node connections for
@@ -168,7 +177,7 @@ const singleShardNodes = new WeakMap<
 export async function singleShardNode(
   db: Kysely<DB>,
   table: SingleShardTable,
-  nodes = nodeConnectionsOf(db),
+  nodes = singleShardRegistry.get(db) ?? nodeConnectionsOf(db),
   now: () => number = () => performance.now(),
 ): Promise<Kysely<DB> | undefined> {
   if (!nodes) return undefined;

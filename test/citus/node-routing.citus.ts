@@ -8,9 +8,11 @@ import pg from 'pg';
 import type { PgBoss } from 'pg-boss';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
+import { BUDGET_MAX_WAIT_MS, BUDGET_ROW, reserveCalls } from '../../src/metering/budget.js';
 import {
   createNodeConnections,
   type NodeConnections,
+  routeSingleShardTables,
   routeToNodes,
   singleShardNode,
 } from '../../src/metering/citus-nodes.js';
@@ -264,6 +266,34 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     expect(onHealthNode.filter((q) => /destination_health/.test(q.sql))).toHaveLength(3);
     expect(recorded.filter((q) => /destination_health/.test(q.sql))).toEqual([]);
     expect(await singleShardNode(coordinator, 'destination_health')).toBeDefined();
+  });
+
+  it('sends the call budget’s reservations to the node that holds its row’s shard', async () => {
+    // The process's ungated database, whose only routed statements are the single-shard tables'.
+    const recorded: Recorded = [];
+    const ungated = recordingDb(pool, recorded);
+    routeSingleShardTables(ungated, nodes);
+    const [shard] = await citusQuery<{ nodeport: number }>(
+      cluster.coordinator.url,
+      `SELECT nodeport FROM citus_shards WHERE table_name = 'meter_call_budget'::regclass`,
+    );
+    const calls = async () =>
+      Number(
+        (
+          await sql<{
+            calls: string;
+          }>`SELECT calls::text FROM meter_call_budget WHERE id = ${BUDGET_ROW.stripe}`.execute(db)
+        ).rows[0]!.calls,
+      );
+    const before = await calls();
+    const sentBefore = (onNode.get(shard!.nodeport) ?? []).length;
+    const reserved = await reserveCalls(ungated, 100, 3, BUDGET_MAX_WAIT_MS, true, BUDGET_ROW.stripe);
+    // The same reservation: three slots of the shared row.
+    expect(reserved.granted).toBe(true);
+    expect(await calls()).toBe(before + 3);
+    const onBudgetNode = (onNode.get(shard!.nodeport) ?? []).slice(sentBefore);
+    expect(onBudgetNode.filter((q) => /meter_call_budget/.test(q.sql))).toHaveLength(1);
+    expect(recorded.filter((q) => /meter_call_budget/.test(q.sql))).toEqual([]);
   });
 
   it('sends the statements of a node it cannot reach to the coordinator', async () => {
