@@ -6,10 +6,12 @@
 // distributed query itself; a statement sent to the node that holds its shard group is planned there
 // and runs on the local shards, without the coordinator.
 //
-// Only statements on the co-located distributed tables (meter_outbox, meter_delivery_keys) of one
-// shard group are sent to a node: claims and settles (claim-sql.ts, settle-sql.ts). Everything else
-// (pg-boss, the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
-// coordinator. Where a statement runs never changes what it does: a node whose placement went stale
+// Sent to a node: statements on the co-located distributed tables (meter_outbox, meter_delivery_keys)
+// of one shard group, claims and settles (claim-sql.ts, settle-sql.ts); the per-batch statements on the
+// single-shard tables destination_health and meter_call_budget (singleShardNode: the health gate and
+// record, the budget's reservations); and the replication guard's look at each node's standbys
+// (src/db/replication.ts, over these connections). Everything else (pg-boss, the coordinator's local
+// tables, renewals, inserts of new key rows) stays on the coordinator. Where a statement runs never changes what it does: a node whose placement went stale
 // (a shard moved after the batch's router read it) plans the statement from its own synced metadata
 // and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
 // reached is not used for a while (its statements go to the coordinator, as with routing off).
