@@ -13,7 +13,6 @@ import {
   createNodeConnections,
   type NodeConnections,
   routeSingleShardTables,
-  routeToNodes,
   singleShardNode,
 } from '../../src/metering/citus-nodes.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
@@ -233,10 +232,10 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
   });
 
   it('sends the destination’s health gate and record to the node that holds its row’s shard', async () => {
-    // A batch's store on a database whose claims go to the nodes (as delivery-parts.ts registers it).
+    // A batch's store on a database whose single-shard statements go to the nodes (delivery-parts.ts).
     const recorded: Recorded = [];
     const coordinator = recordingDb(pool, recorded);
-    routeToNodes(coordinator, nodes);
+    routeSingleShardTables(coordinator, nodes);
     const [shard] = await citusQuery<{ nodeport: number }>(
       cluster.coordinator.url,
       `SELECT nodeport FROM citus_shards WHERE table_name = 'destination_health'::regclass`,
