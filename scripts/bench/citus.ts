@@ -1,4 +1,5 @@
-// npm run bench -- --citus [--quick] [--customers N] [--rounds N] [--latency MS] [--out bench-results/citus.json]
+// npm run bench -- --citus [--quick] [--customers N] [--rounds N] [--latency MS] [--in-flight N] [--statements]
+//                           [--baseline REF] [--out bench-results/citus.json]
 // Delivery events/s with one and with two worker processes (the production bundle), on a Citus cluster
 // (a coordinator and two workers, citus.shard_count 4: the cluster suite's set-up, scripts/lib/citus.ts)
 // and, in the same run, on one node (a plain PostgreSQL server from the same binaries with the same
@@ -10,10 +11,15 @@
 // flight, so one process alone is bound by Stripe's latency, as a worker on a machine of its own is).
 // Events/s: meter events Stripe received, first to last; with each run, the lock waits sampled on every
 // node and how busy the machine's cores were, which tell waiting on each other from waiting for CPU.
+// Each node's Postgres CPU leaves out the bench's own lock-wait sampling sessions (their backends' CPU,
+// from /proc, printed apart): the bench's reads are not delivery's cost.
+// --baseline REF: the cluster once more, with the worker of commit REF (its src/, bundled the same way;
+// routed, as `cluster`), in place of the run through the coordinator: a before/after of the code in one
+// run, the two alternating within each round.
 //
 // Why this file is long: one benchmark from setup to report (a Citus cluster, one and two workers, lock-wait
 // sampling); a developer tool read as a whole.
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -34,6 +40,7 @@ import {
 } from '../lib/citus.js';
 import { pollUntil } from '../lib/poll.js';
 import {
+  buildBaseline,
   buildEntries,
   cpuSeconds,
   loadAverage,
@@ -56,6 +63,8 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     // Each run's statements by time spent, per node (pg_stat_statements, planning tracked).
     statements: { type: 'boolean', default: false },
+    // The cluster with the worker of this commit too (routed), instead of the run through the coordinator.
+    baseline: { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -73,9 +82,11 @@ interface Target {
    * `cluster`: claims and settles sent to the node that holds their shard group (CITUS_NODE_ROUTING=on,
    * the default); `cluster, via coordinator`: every statement through the coordinator (off).
    */
-  name: 'one node' | 'cluster' | 'cluster, via coordinator';
+  name: TargetName;
   /** The worker processes' settings of this target. */
   env?: Record<string, string>;
+  /** The worker's bundle (default this checkout's; --baseline: REF's). */
+  entry?: string;
   /** Migrated and seeded already (the same database as a target before it). */
   prepared?: boolean;
   url: string;
@@ -84,6 +95,8 @@ interface Target {
   /** Each node's data directory, in the order of `nodes` (its server's CPU time is read from /proc). */
   dataDirs: string[];
 }
+
+type TargetName = 'one node' | 'cluster' | 'cluster, via coordinator' | `cluster, baseline ${string}`;
 
 interface RunResult {
   target: Target['name'];
@@ -109,6 +122,8 @@ interface RunResult {
    * from before the worker processes start to the drain, divided by the events Stripe received.
    */
   nodeCpuMsPerEvent: number[];
+  /** The bench's own lock-wait sampling sessions' CPU on each node, in ms per event (left out of the above). */
+  samplerCpuMsPerEvent: number[];
   /** Sessions (connections) each node's server opened over the run (pg_stat_database.sessions). */
   sessions: number[];
   loadAverageBefore: number[];
@@ -212,12 +227,14 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
   const procs: Proc[] = [];
   const loadAverageBefore = loadAverage();
   const sampler = startLockWaitSampler(target.nodes);
+  await sampler.ready;
   const cpuBefore = machineCpu();
   const sessionsBefore = await sessionCounts(target.nodes);
   if (args.statements) await onEveryNode(target.nodes, 'SELECT pg_stat_statements_reset()');
   let started = 0;
   // Each server's CPU from before the worker processes start (their start-up report is delivery's work too).
   const nodeCpuAtStart = target.dataDirs.map(serverCpuSeconds);
+  const samplerCpuAtStart = sampler.cpuSeconds();
   const launched = performance.now();
   try {
     const env = {
@@ -232,7 +249,9 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     };
     procs.push(
       ...(await Promise.all(
-        Array.from({ length: workers }, (_, i) => startWorkerProcess(env, `worker${i + 1}`, workerEntry)),
+        Array.from({ length: workers }, (_, i) =>
+          startWorkerProcess(env, `worker${i + 1}`, target.entry ?? workerEntry),
+        ),
       )),
     );
     started = performance.now();
@@ -253,9 +272,16 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     const ms = Math.max(1, Math.max(...times) - Math.min(...times));
     const wall = (performance.now() - started) / 1000;
     const workerCpu = procs.map((p, i) => round((cpuSeconds(p.pid) - (cpuAtStart[i] ?? 0)) / wall, 2));
-    const nodeCpuSeconds = target.dataDirs.map((d, i) => serverCpuSeconds(d) - (nodeCpuAtStart[i] ?? 0));
+    // The sampler's sessions are backends of these servers: their CPU is the bench's, not delivery's.
+    const samplerCpuSeconds = sampler.cpuSeconds().map((s, i) => s - (samplerCpuAtStart[i] ?? 0));
+    const nodeCpuSeconds = target.dataDirs.map(
+      (d, i) => serverCpuSeconds(d) - (nodeCpuAtStart[i] ?? 0) - (samplerCpuSeconds[i] ?? 0),
+    );
     const nodeCpu = nodeCpuSeconds.map((s) => round(s / ((performance.now() - launched) / 1000), 2));
     const nodeCpuMsPerEvent = nodeCpuSeconds.map((s) => round((s * 1000) / Math.max(1, times.length), 2));
+    const samplerCpuMsPerEvent = samplerCpuSeconds.map((s) =>
+      round((s * 1000) / Math.max(1, times.length), 2),
+    );
     const sessions = (await sessionCounts(target.nodes)).map((n, i) => n - (sessionsBefore[i] ?? 0));
     const cpuAfter = machineCpu();
     const lockWaits = await sampler.stop();
@@ -275,6 +301,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
       workerCpu,
       nodeCpu,
       nodeCpuMsPerEvent,
+      samplerCpuMsPerEvent,
       sessions,
       loadAverageBefore,
       loadAverageAfter: loadAverage(),
@@ -282,7 +309,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
     log(
       `${target.name}, ${workers} worker process(es), round ${r}: ${result.events} events in ${result.seconds} s = ${result.eventsPerSecond} events/s; lock waits in ${lockWaits.samplesWithWaits} of ${lockWaits.samples} samples (most at once ${lockWaits.most}${
         Object.keys(lockWaits.by).length > 0 ? `: ${JSON.stringify(lockWaits.by)}` : ''
-      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')} (${nodeCpuMsPerEvent.join(' + ')} ms per event), sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
+      }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')} (${nodeCpuMsPerEvent.join(' + ')} ms per event; the bench's sampling ${samplerCpuMsPerEvent.join(' + ')} ms per event apart), sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
     );
     if (args.statements) await printStatements(target);
     return result;
@@ -333,14 +360,23 @@ function machineCpu(): { total: number; idle: number } {
  * lock (a row, a table, an advisory lock): whether the workers wait on each other.
  */
 function startLockWaitSampler(nodes: readonly string[]) {
-  const pools = nodes.map((url) => new pg.Pool({ connectionString: url, max: 1 }));
+  // One connection per node for the whole run, whose backend's CPU is read (cpuSeconds) and left out.
+  const clients = nodes.map((url) => new pg.Client({ connectionString: url }));
+  const pids: number[] = nodes.map(() => 0);
   const counts = { samplesWithWaits: 0, samples: 0, most: 0, by: {} as Record<string, number> };
   let running = true;
+  const ready = Promise.all(
+    clients.map(async (c, i) => {
+      await c.connect();
+      pids[i] = (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+    }),
+  );
   const loop = (async () => {
+    await ready;
     while (running) {
       const waiting = await Promise.all(
-        pools.map((p) =>
-          p
+        clients.map((c) =>
+          c
             .query<{ what: string }>(
               `SELECT wait_event || ': ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS what
                  FROM pg_stat_activity
@@ -361,11 +397,15 @@ function startLockWaitSampler(nodes: readonly string[]) {
   })();
   let stopped: Promise<typeof counts> | undefined;
   return {
+    /** Each node's sampling backend's CPU seconds so far (0 before it connected). */
+    cpuSeconds: () => pids.map((pid) => (pid > 0 ? cpuSeconds(pid) : 0)),
+    /** Resolves once every node's sampling connection is open (its backend's CPU readable). */
+    ready,
     stop: () => {
       stopped ??= (async () => {
         running = false;
-        await loop;
-        await Promise.all(pools.map((p) => p.end()));
+        await loop.catch(() => undefined);
+        await Promise.all(clients.map((c) => c.end().catch(() => undefined)));
         return { ...counts, by: { ...counts.by } };
       })();
       return stopped;
@@ -382,6 +422,15 @@ export async function runCitusBench(): Promise<number> {
   rmSync(outdir, { recursive: true, force: true });
   const entries = await buildEntries(['src/bin/worker.ts'], outdir);
   const workerEntry = entries['src/bin/worker.ts']!;
+  // The baseline shares the cluster's database: REF must have the same migrations (checked here).
+  const baseline = args.baseline
+    ? await buildBaseline(args.baseline, outdir, 'src/bin/worker.ts')
+    : undefined;
+  if (baseline) {
+    const ours = readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql'));
+    if (ours.length !== baseline.migrations.size || ours.some((f) => !baseline.migrations.has(f)))
+      throw new Error(`--baseline ${args.baseline}: its migrations differ from this checkout's`);
+  }
   log(`${CUSTOMERS} customers, ${ROUNDS} round(s), Stripe latency 0-${LATENCY_MS} ms; starting the servers`);
   const clusters: CitusCluster[] = [];
   const results: RunResult[] = [];
@@ -405,14 +454,24 @@ export async function runCitusBench(): Promise<number> {
         dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
         env: { CITUS_NODE_ROUTING: 'on' },
       },
-      {
-        name: 'cluster, via coordinator',
-        url: cluster.coordinator.url,
-        nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
-        dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
-        env: { CITUS_NODE_ROUTING: 'off' },
-        prepared: true,
-      },
+      baseline
+        ? {
+            name: `cluster, baseline ${baseline.commit}`,
+            url: cluster.coordinator.url,
+            nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
+            dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
+            env: { CITUS_NODE_ROUTING: 'on' },
+            entry: baseline.entry,
+            prepared: true,
+          }
+        : {
+            name: 'cluster, via coordinator',
+            url: cluster.coordinator.url,
+            nodes: [cluster.coordinator.url, ...cluster.workers.map((w) => w.url)],
+            dataDirs: [cluster.coordinator.dataDir, ...cluster.workers.map((w) => w.dataDir)],
+            env: { CITUS_NODE_ROUTING: 'off' },
+            prepared: true,
+          },
     ];
     for (const target of targets) {
       if (target.prepared) continue;
@@ -431,7 +490,7 @@ export async function runCitusBench(): Promise<number> {
   } finally {
     await Promise.all(clusters.map((c) => c.stop().catch(() => undefined)));
   }
-  const summary = (['one node', 'cluster', 'cluster, via coordinator'] as const).map((target) => {
+  const summary = [...new Set(results.map((x) => x.target))].map((target) => {
     const mean = (workers: number) => {
       const own = results.filter((x) => x.target === target && x.workers === workers);
       return round(own.reduce((s, x) => s + x.eventsPerSecond, 0) / Math.max(1, own.length));
@@ -475,6 +534,7 @@ export async function runCitusBench(): Promise<number> {
         rounds: ROUNDS,
         stripeLatencyMs: `0-${LATENCY_MS}`,
         deliveryMaxInFlight: IN_FLIGHT ?? 'default',
+        ...(baseline ? { baseline: baseline.commit } : {}),
         summary,
         runs: results,
       },

@@ -173,6 +173,26 @@ export interface ReplicationGuardOptions {
   onOutcome?: (outcome: ReplicationOutcome, waitedMs: number) => void;
   /** The primary's timeline changed since the last look: a promotion happened. */
   onTimelineChange?: (from: number, to: number) => void;
+  /**
+   * On Citus, the process's own connections to the nodes (src/metering/citus-nodes.ts): each worker
+   * node is asked over them. Absent: through the coordinator's run_command_on_workers, which opens a
+   * new connection to every worker node on every look (a new backend per node, whose first statement
+   * is planned from a cold cache: the cluster's largest share of the coordinator's and the workers'
+   * CPU per event after claims and settles went to the nodes, docs/benchmarks.md "Citus delivery").
+   */
+  nodes?: NodeDatabases;
+}
+
+/** The process's database of each Citus node, by host and port (citus-nodes.ts's NodeConnections). */
+export interface NodeDatabases {
+  /** undefined: the node cannot be reached from this process now. */
+  of(host: string, port: number): Promise<Kysely<DB> | undefined>;
+}
+
+/** A worker node as citus_get_active_worker_nodes() names it (the nodes run_command_on_workers asks). */
+interface WorkerNode {
+  host: string;
+  port: number;
 }
 
 interface Look {
@@ -181,6 +201,8 @@ interface Look {
   standbys: number;
   unreadable: number;
   behind: number;
+  /** The cluster's worker nodes now, read in the same statement (Citus, with `nodes` only). */
+  workers?: WorkerNode[];
 }
 
 const POLL_MS = [1, 2, 5, 10, 20, 50, 100] as const;
@@ -194,10 +216,15 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
   /** Each worker node's WAL position at the first look of a wait, by its system identifier. */
   let workerTargets: Record<string, string> = {};
   const look = async (target: string | null): Promise<Look> => {
-    const own = await nodeLook(target);
-    if (options.distributed?.() !== true) return own;
+    const distributed = options.distributed?.() === true;
+    const own = await nodeLook(target, distributed && options.nodes !== undefined);
+    if (!distributed) return own;
     if (target === null) workerTargets = {};
-    const workers = await workerLook(db, workerTargets);
+    const workers = await workerLook(
+      db,
+      workerTargets,
+      own.workers && options.nodes ? { list: own.workers, via: options.nodes } : undefined,
+    );
     if (target === null) workerTargets = workers.lsns;
     return {
       ...own,
@@ -206,12 +233,18 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
       behind: own.behind + workers.behind,
     };
   };
-  const nodeLook = async (target: string | null): Promise<Look> => {
+  const nodeLook = async (target: string | null, listWorkers: boolean): Promise<Look> => {
     const lsn = target === null ? sql`pg_current_wal_lsn()` : sql`${target}::pg_lsn`;
+    // The worker nodes are read on every look (a node added meanwhile is asked too), in this statement.
+    const workers = listWorkers
+      ? sql`, (SELECT coalesce(json_agg(json_build_object('host', w.node_name, 'port', w.node_port)), '[]'::json)
+                 FROM citus_get_active_worker_nodes() w) AS workers`
+      : sql``;
     const { rows } = await sql<Look>`
       SELECT ${lsn}::text AS lsn, ${TIMELINE} AS timeline, count(s.*)::int AS standbys,
              (count(s.*) FILTER (WHERE s.state IS NULL))::int AS unreadable,
              (count(s.*) FILTER (WHERE s.state IS NOT NULL AND (s.flush_lsn IS NULL OR s.flush_lsn < ${lsn})))::int AS behind
+             ${workers}
         FROM (${STANDBYS}) s`.execute(db);
     const r = rows[0]!;
     if (timeline !== undefined && r.timeline !== timeline) {
@@ -273,15 +306,22 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
 const LSN = /^[0-9A-F]{1,8}\/[0-9A-F]{1,8}$/i;
 
 /**
- * The standbys of every Citus worker node (run_command_on_workers, one fan-out): how many, how many
- * unreadable, how many lack that node's WAL up to its position in `targets` (keyed by the node's
- * system identifier, the node's own name for itself), or up to now for a node not in it; and each
- * node's position now, the targets of the next looks of one wait. A node that cannot be asked counts
- * as an unreadable standby: nothing is called while a node's standbys cannot be vouched for.
+ * The standbys of every Citus worker node: how many, how many unreadable, how many lack that node's
+ * WAL up to its position in `targets` (keyed by the node's system identifier, the node's own name for
+ * itself), or up to now for a node not in it; and each node's position now, the targets of the next
+ * looks of one wait. A node that cannot be asked counts as an unreadable standby: nothing is called
+ * while a node's standbys cannot be vouched for.
+ *
+ * `over`: the worker nodes (read on the coordinator in the look's own statement) and the process's
+ * connections to them; each node is asked over its pool, the same command, in parallel. A node this
+ * process cannot reach is asked through the coordinator (master_run_on_worker, as without `over`).
+ * Without `over`: every node through the coordinator's run_command_on_workers, one fan-out that opens
+ * a connection to each node.
  */
 async function workerLook(
   db: Kysely<DB>,
   targets: Readonly<Record<string, string>>,
+  over?: { list: readonly WorkerNode[]; via: NodeDatabases },
 ): Promise<{ standbys: number; unreadable: number; behind: number; lsns: Record<string, string> }> {
   const known = Object.entries(targets).filter(([node, lsn]) => /^\d+$/.test(node) && LSN.test(lsn));
   const targetOf = `coalesce(('${JSON.stringify(Object.fromEntries(known))}'::jsonb ->> (SELECT system_identifier::text FROM pg_control_system()))::pg_lsn, pg_current_wal_lsn())`;
@@ -290,12 +330,40 @@ async function workerLook(
       'lsn', pg_current_wal_lsn()::text,
       'standbys', count(s.*),
       'unreadable', count(s.*) FILTER (WHERE s.state IS NULL),
-      'behind', count(s.*) FILTER (WHERE s.state IS NOT NULL AND (s.flush_lsn IS NULL OR s.flush_lsn < ${targetOf})))::text
+      'behind', count(s.*) FILTER (WHERE s.state IS NOT NULL AND (s.flush_lsn IS NULL OR s.flush_lsn < ${targetOf})))::text AS result
     FROM (${STANDBYS_TEXT}) s`;
-  const { rows } = await sql<{ success: boolean; result: string }>`
-    SELECT success, result FROM run_command_on_workers(${command})`.execute(db);
+  let answers: { success: boolean; result: string }[];
+  if (!over) {
+    ({ rows: answers } = await sql<{ success: boolean; result: string }>`
+      SELECT success, result FROM run_command_on_workers(${command})`.execute(db));
+  } else {
+    const unreachable: WorkerNode[] = [];
+    answers = [];
+    await Promise.all(
+      over.list.map(async (w) => {
+        const node = await over.via.of(w.host, Number(w.port)).catch(() => undefined);
+        if (!node) {
+          unreachable.push(w);
+          return;
+        }
+        try {
+          const { rows } = await sql<{ result: string }>`${sql.raw(command)}`.execute(node);
+          answers.push({ success: rows[0] !== undefined, result: rows[0]?.result ?? '' });
+        } catch {
+          answers.push({ success: false, result: '' });
+        }
+      }),
+    );
+    if (unreachable.length > 0) {
+      const { rows } = await sql<{ success: boolean; result: string }>`
+        SELECT success, result FROM master_run_on_worker(
+          ${unreachable.map((w) => w.host)}::text[], ${unreachable.map((w) => Number(w.port))}::int[],
+          ${unreachable.map(() => command)}::text[], true)`.execute(db);
+      answers.push(...rows);
+    }
+  }
   const out = { standbys: 0, unreadable: 0, behind: 0, lsns: {} as Record<string, string> };
-  for (const row of rows) {
+  for (const row of answers) {
     if (!row.success) {
       out.standbys++;
       out.unreadable++;

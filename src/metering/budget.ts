@@ -6,9 +6,11 @@
 //
 // Why this file is long: the account-wide call budget: its GCRA statements, the 429 slow-down and recovery
 // and the budgeted caller share one row's arithmetic.
+
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { stripeCallsPerSecond } from '../billing/limits.js';
 import type { DB, Destination } from '../db/schema.js';
+import { singleShardNode } from './citus-nodes.js';
 
 /** Each destination has its own budget row (0008, 0024): Stripe's limits and Metronome's are separate. */
 export const BUDGET_ROW: Readonly<Record<Destination, number>> = { stripe: 1, metronome: 2 };
@@ -78,6 +80,8 @@ export async function reserveCalls(
   // On Citus (a single-shard table) the statement's instant is read once, in a materialized CTE, so
   // that every expression of the UPDATE is over columns (see plusSeconds) and the whole statement is
   // one router query that Citus sends to the row's node, where the clock is read.
+  // On Citus with CITUS_NODE_ROUTING=on the statement goes to the node that holds the row's shard
+  // (citus-nodes.ts singleShardNode): planned there, not on the coordinator; the same router query.
   const result = distributed
     ? await sql<{ wait_ms: number; rate: number }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
@@ -89,7 +93,7 @@ export async function reserveCalls(
         FROM r
        WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(sql`r.now`, sql`${maxWaitMs / 1000}::float8`)}
       RETURNING ${wait(sql`r.now`)} AS wait_ms, r.rate::float8 AS rate)
-    SELECT * FROM u`.execute(db)
+    SELECT * FROM u`.execute((await singleShardNode(db, 'meter_call_budget')) ?? db)
     : await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
        SET tat = ${plusSeconds(sql`greatest(b.tat, ${budgetClock(false)})`, sql`${calls}::float8 / r.rate`)},

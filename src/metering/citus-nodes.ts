@@ -6,10 +6,12 @@
 // distributed query itself; a statement sent to the node that holds its shard group is planned there
 // and runs on the local shards, without the coordinator.
 //
-// Only statements on the co-located distributed tables (meter_outbox, meter_delivery_keys) of one
-// shard group are sent to a node: claims and settles (claim-sql.ts, settle-sql.ts). Everything else
-// (pg-boss, the coordinator's local tables, the budget, renewals, inserts of new key rows) stays on the
-// coordinator. Where a statement runs never changes what it does: a node whose placement went stale
+// Sent to a node: statements on the co-located distributed tables (meter_outbox, meter_delivery_keys)
+// of one shard group, claims and settles (claim-sql.ts, settle-sql.ts); the per-batch statements on the
+// single-shard tables destination_health and meter_call_budget (singleShardNode: the health gate and
+// record, the budget's reservations); and the replication guard's look at each node's standbys
+// (src/db/replication.ts, over these connections). Everything else (pg-boss, the coordinator's local
+// tables, renewals, inserts of new key rows) stays on the coordinator. Where a statement runs never changes what it does: a node whose placement went stale
 // (a shard moved after the batch's router read it) plans the statement from its own synced metadata
 // and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
 // reached is not used for a while (its statements go to the coordinator, as with routing off).
@@ -143,4 +145,63 @@ export function routeToNodes(
   });
   registry.set(db, nodes);
   return nodes;
+}
+
+/** The single-shard tables whose one-row statements go to the node of their shard (their row per batch). */
+export type SingleShardTable = 'destination_health' | 'meter_call_budget';
+
+// Databases whose single-shard statements (only those) go to the nodes: the process's ungated database,
+// which the budget's reservations use (delivery-parts.ts), without routing its other statements.
+const singleShardRegistry = new WeakMap<Kysely<DB>, NodeConnections>();
+
+/** The budget's and health's single-shard statements on `db` go to their shard's node through `nodes`. */
+export function routeSingleShardTables(db: Kysely<DB>, nodes: NodeConnections): void {
+  singleShardRegistry.set(db, nodes);
+}
+
+/** How long the node of a single-shard table's shard is remembered before it is read again. */
+export const SINGLE_SHARD_NODE_MS = 60_000;
+
+const singleShardNodes = new WeakMap<
+  NodeConnections,
+  Map<SingleShardTable, { until: number; node: Promise<{ host: string; port: number } | undefined> }>
+>();
+
+/**
+ * The database of the node that holds `table`'s one shard, for the statements on its rows that a batch
+ * runs (the destination's health gate and record, the call budget's reservations): sent there, the node plans them and the coordinator
+ * never sees them, as with claims. The placement is read from the coordinator's metadata at most once
+ * per SINGLE_SHARD_NODE_MS per process; a move meanwhile is still right (the node plans the statement
+ * from its own synced metadata and runs it where the shard now is). undefined: no node connections for
+ * `db` (CITUS_NODE_ROUTING=off), the shard on the coordinator, the placement unreadable, or the node not
+ * reachable: the caller's own database.
+ */
+export async function singleShardNode(
+  db: Kysely<DB>,
+  table: SingleShardTable,
+  nodes = singleShardRegistry.get(db) ?? nodeConnectionsOf(db),
+  now: () => number = () => performance.now(),
+): Promise<Kysely<DB> | undefined> {
+  if (!nodes) return undefined;
+  let tables = singleShardNodes.get(nodes);
+  if (!tables) {
+    tables = new Map();
+    singleShardNodes.set(nodes, tables);
+  }
+  let known = tables.get(table);
+  if (!known || known.until <= now()) {
+    const node = sql<{ host: string; port: number }>`
+      SELECT n.nodename AS host, n.nodeport AS port
+        FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+        JOIN pg_dist_node n ON n.groupid = p.groupid
+       WHERE s.logicalrelid = ${table}::regclass AND n.groupid <> 0 AND n.noderole = 'primary' AND n.isactive
+       LIMIT 1`
+      .execute(db)
+      .then(({ rows }) => rows[0])
+      .catch(() => undefined);
+    known = { until: now() + SINGLE_SHARD_NODE_MS, node };
+    tables.set(table, known);
+  }
+  const node = await known.node;
+  return node ? nodes.of(node.host, Number(node.port)) : undefined;
 }

@@ -22,7 +22,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { routeToNodes } from './citus-nodes.js';
+import { routeSingleShardTables, routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import {
   type CorrectionClient,
@@ -161,6 +161,8 @@ export async function deliveryParts(
   // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts); the
   // nodes' pools open on a distributed database's first batch only.
   const nodes = config.CITUS_NODE_ROUTING === 'on' ? routeToNodes(db, { config, openPool, log }) : undefined;
+  // The budget's reservations (on the ungated database) go to their row's node too.
+  if (nodes) routeSingleShardTables(ctx.db, nodes);
   // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited behind
   // the claims of the other fetchers past the lease, and the reaper took running batches' keys. One
   // direct connection (a pooler's queue is the same wait), counted in docs/operations.md.
@@ -198,8 +200,10 @@ export async function deliveryParts(
   if (!runtime.distributed()) await reportReplication(ctx.db, config.DELIVERY_REPLICA_WAIT_MS, log);
   const replication = replicationGuard(ctx.db, {
     maxWaitMs: config.DELIVERY_REPLICA_WAIT_MS,
-    // On Citus each worker node's standbys are asked too (a claim commits on the workers).
+    // On Citus each worker node's standbys are asked too (a claim commits on the workers), over the
+    // process's own node connections when claims are routed (no connection opened per look).
     distributed: runtime.distributed,
+    ...(nodes ? { nodes } : {}),
     timers: hostTimers,
     log,
     onOutcome: (outcome, ms) => options.observer?.onReplicationWait?.(outcome, ms),

@@ -7,6 +7,7 @@ import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
+import { singleShardNode } from './citus-nodes.js';
 import { claimBatch } from './claim-sql.js';
 import type { ClaimOptions } from './claim-statement-sql.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections-sql.js';
@@ -140,6 +141,7 @@ export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
   // and release name them, so each is a router query on Citus).
   const placement = { distributed, router: distributed ? citusRouter(db) : ONE_NODE };
   let organizationIds: string[] = [];
+  const healthDb = async () => (distributed ? ((await singleShardNode(db, 'destination_health')) ?? db) : db);
   return {
     claim: (keys, options) => {
       organizationIds = [...new Set([...organizationIds, ...keys.map((k) => k.organizationId)])];
@@ -185,12 +187,21 @@ export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
     },
     // Off when DESTINATION_DOWN_AFTER_FAILURES is 0. On Citus its row is one of a single-shard table
     // and each statement a router statement there; the wake-up of waiting keys runs per shard group.
+    // The gate and the record (one each per batch) go to the node that holds the row's shard when
+    // claims do (citus-nodes.ts singleShardNode), so the coordinator does not plan them.
     ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0
       ? {
           health: {
-            gate: () => gateCalls(db, destination, account),
-            record: (report: HealthReport, refusal?: string) =>
-              recordHealth(db, destination, report, healthPolicy(deps.config), account, refusal),
+            gate: async () => gateCalls(await healthDb(), destination, account),
+            record: async (report: HealthReport, refusal?: string) =>
+              recordHealth(
+                await healthDb(),
+                destination,
+                report,
+                healthPolicy(deps.config),
+                account,
+                refusal,
+              ),
             retryAfter: (ms: number) => recordRetryAfter(db, destination, ms, account),
             resumeWaiting: (keys?: readonly KeyRef[]) =>
               resumeWaiting(db, boss, destination, keys, account, placement),

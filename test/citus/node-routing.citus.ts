@@ -5,13 +5,22 @@
 // it would have done on the coordinator: the node it reaches runs it where the shard now is.
 import { sql } from 'kysely';
 import pg from 'pg';
+import type { PgBoss } from 'pg-boss';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import { createNodeConnections, type NodeConnections } from '../../src/metering/citus-nodes.js';
+import { loadConfig } from '../../src/config.js';
+import { BUDGET_MAX_WAIT_MS, BUDGET_ROW, reserveCalls } from '../../src/metering/budget.js';
+import {
+  createNodeConnections,
+  type NodeConnections,
+  routeSingleShardTables,
+  singleShardNode,
+} from '../../src/metering/citus-nodes.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
 import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
+import { sqlStore } from '../../src/metering/store.js';
 import {
   type CitusCluster,
   citusQuery,
@@ -220,6 +229,70 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
       ],
       leases: [null],
     });
+  });
+
+  it('sends the destination’s health gate and record to the node that holds its row’s shard', async () => {
+    // A batch's store on a database whose single-shard statements go to the nodes (delivery-parts.ts).
+    const recorded: Recorded = [];
+    const coordinator = recordingDb(pool, recorded);
+    routeSingleShardTables(coordinator, nodes);
+    const [shard] = await citusQuery<{ nodeport: number }>(
+      cluster.coordinator.url,
+      `SELECT nodeport FROM citus_shards WHERE table_name = 'destination_health'::regclass`,
+    );
+    const account = 'acct_node_routing';
+    // The account's destination is down and its probe is due.
+    await sql`INSERT INTO destination_health (destination, account, state, down_since, failures, next_probe_at)
+              VALUES ('stripe', ${account}, 'down', now(), 5, now() - interval '1 second')`.execute(db);
+    const store = sqlStore({
+      db: coordinator,
+      boss: {} as PgBoss,
+      config: loadConfig({ LOG_LEVEL: 'silent' }),
+      distributed: true,
+      account,
+    });
+    const health = store.health!;
+    const sentBefore = (onNode.get(shard!.nodeport) ?? []).length;
+    // What the statements do is the same: the first gate takes the probe slot, the next waits.
+    expect(await health.gate()).toEqual({ kind: 'probe' });
+    expect((await health.gate()).kind).toBe('wait');
+    await health.record({ failures: 0, failingKeys: [], answered: 1, probed: true });
+    const { rows } = await sql<{ state: string }>`
+      SELECT state FROM destination_health WHERE destination = 'stripe' AND account = ${account}`.execute(db);
+    expect(rows).toEqual([{ state: 'up' }]);
+    // Where: all three on the node; the coordinator ran none of them (only the placement's read).
+    const onHealthNode = (onNode.get(shard!.nodeport) ?? []).slice(sentBefore);
+    expect(onHealthNode.filter((q) => /destination_health/.test(q.sql))).toHaveLength(3);
+    expect(recorded.filter((q) => /destination_health/.test(q.sql))).toEqual([]);
+    expect(await singleShardNode(coordinator, 'destination_health')).toBeDefined();
+  });
+
+  it('sends the call budget’s reservations to the node that holds its row’s shard', async () => {
+    // The process's ungated database, whose only routed statements are the single-shard tables'.
+    const recorded: Recorded = [];
+    const ungated = recordingDb(pool, recorded);
+    routeSingleShardTables(ungated, nodes);
+    const [shard] = await citusQuery<{ nodeport: number }>(
+      cluster.coordinator.url,
+      `SELECT nodeport FROM citus_shards WHERE table_name = 'meter_call_budget'::regclass`,
+    );
+    const calls = async () =>
+      Number(
+        (
+          await sql<{
+            calls: string;
+          }>`SELECT calls::text FROM meter_call_budget WHERE id = ${BUDGET_ROW.stripe}`.execute(db)
+        ).rows[0]!.calls,
+      );
+    const before = await calls();
+    const sentBefore = (onNode.get(shard!.nodeport) ?? []).length;
+    const reserved = await reserveCalls(ungated, 100, 3, BUDGET_MAX_WAIT_MS, true, BUDGET_ROW.stripe);
+    // The same reservation: three slots of the shared row.
+    expect(reserved.granted).toBe(true);
+    expect(await calls()).toBe(before + 3);
+    const onBudgetNode = (onNode.get(shard!.nodeport) ?? []).slice(sentBefore);
+    expect(onBudgetNode.filter((q) => /meter_call_budget/.test(q.sql))).toHaveLength(1);
+    expect(recorded.filter((q) => /meter_call_budget/.test(q.sql))).toEqual([]);
   });
 
   it('sends the statements of a node it cannot reach to the coordinator', async () => {
