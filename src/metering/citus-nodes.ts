@@ -99,6 +99,9 @@ export function createNodeConnections(options: {
 // The node connections of a process's delivery database (delivery.ts registers them): citusRouter
 // finds them from the database its statements run on, so the store and its callers stay as they are.
 const registry = new WeakMap<Kysely<DB>, NodeConnections>();
+// Databases whose single-shard statements (only those) go to the nodes: the process's ungated database,
+// which the budget's reservations use (delivery-parts.ts), without routing its other statements.
+const singleShardRegistry = new WeakMap<Kysely<DB>, NodeConnections>();
 
 /** The node connections registered for `db`, if any. */
 export function nodeConnectionsOf(db: Kysely<DB>): NodeConnections | undefined {
@@ -118,6 +121,11 @@ export function routeToNodes(
     config: Pick<Config, 'DATABASE_URL' | 'DATABASE_DIRECT_URL' | 'DB_POOL_MAX' | 'DELIVERY_MAX_STATEMENTS'>;
     openPool: OpenPool;
     log: Logger;
+    /**
+     * The process's ungated database: only its single-shard statements (the budget's reservations) go to
+     * their shard's node too, its other statements stay on the coordinator.
+     */
+    ungated?: Kysely<DB>;
   },
 ): NodeConnections {
   const { config, log } = ctx;
@@ -144,15 +152,12 @@ export function routeToNodes(
       ),
   });
   registry.set(db, nodes);
+  if (ctx.ungated) routeSingleShardTables(ctx.ungated, nodes);
   return nodes;
 }
 
 /** The single-shard tables whose one-row statements go to the node of their shard (their row per batch). */
 export type SingleShardTable = 'destination_health' | 'meter_call_budget';
-
-// Databases whose single-shard statements (only those) go to the nodes: the process's ungated database,
-// which the budget's reservations use (delivery-parts.ts), without routing its other statements.
-const singleShardRegistry = new WeakMap<Kysely<DB>, NodeConnections>();
 
 /** The budget's and health's single-shard statements on `db` go to their shard's node through `nodes`. */
 export function routeSingleShardTables(db: Kysely<DB>, nodes: NodeConnections): void {

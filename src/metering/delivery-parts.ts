@@ -22,7 +22,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { routeSingleShardTables, routeToNodes } from './citus-nodes.js';
+import { routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import {
   type CorrectionClient,
@@ -158,11 +158,13 @@ export async function deliveryParts(
   const db = ctx.pool && max > 0 ? gatedKysely(ctx.pool, max) : ctx.db;
   // Delivery's own pools, bounded as every pool of the process (src/db/pools.ts).
   const openPool = ctx.openPool ?? poolOpener({ bounds: config, log });
-  // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts); the
-  // nodes' pools open on a distributed database's first batch only.
-  const nodes = config.CITUS_NODE_ROUTING === 'on' ? routeToNodes(db, { config, openPool, log }) : undefined;
-  // The budget's reservations (on the ungated database) go to their row's node too.
-  if (nodes) routeSingleShardTables(ctx.db, nodes);
+  // On Citus, claims and settles go to the node that holds their shard group (citus-nodes.ts), and the
+  // budget's reservations (on the ungated database) to their row's node; the nodes' pools open on a
+  // distributed database's first batch only.
+  const nodes =
+    config.CITUS_NODE_ROUTING === 'on'
+      ? routeToNodes(db, { config, openPool, log, ungated: ctx.db })
+      : undefined;
   // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited behind
   // the claims of the other fetchers past the lease, and the reaper took running batches' keys. One
   // direct connection (a pooler's queue is the same wait), counted in docs/operations.md.
