@@ -5,15 +5,16 @@
 // database's shape: one statement on one node (single-node.ts storeGroup), or a transaction of router
 // statements per shard group on Citus (routed.ts storeShardGroup); both keep ingestion's contract
 // (readings.ts; its cases: test/ingest/contract.ts).
-import type { Transaction } from 'kysely';
+import type { Kysely, Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
+import { REGROUP_STATE } from './queued-in-statement.js';
 import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
 import { storeShardGroup } from './routed.js';
-import { storeGroup } from './single-node.js';
+import { storeGroup, storeGroupAtOnce } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
 
@@ -35,6 +36,25 @@ export async function storeRequest(
 ): Promise<StoreReadingsOutcome> {
   const [outcome] = await (distributed ? storeShardGroup : storeGroup)(trx, boss, [request], now);
   return outcome!;
+}
+
+/**
+ * A group on one node: ONE statement in autocommit (storeGroupAtOnce, one round trip), or, when the group
+ * needs more than one statement (that statement refused to commit alone and stored nothing), storeGroup's
+ * transaction.
+ */
+async function storeGroupThenInTransaction(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  group: readonly GroupRequest[],
+  now: Date,
+): Promise<StoreReadingsOutcome[]> {
+  try {
+    return await storeGroupAtOnce(db, group, now);
+  } catch (err) {
+    if (sqlState(err) !== REGROUP_STATE) throw err;
+    return db.transaction().execute((trx) => storeGroup(trx, boss, group, now));
+  }
 }
 
 /** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
@@ -277,9 +297,7 @@ export class GroupCommitter {
     if (distributed) return this.writeRouted(group, now);
     const { db, boss } = this.ctx;
     try {
-      const outcomes = await retryRolledBack(() =>
-        db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
-      );
+      const outcomes = await retryRolledBack(() => storeGroupThenInTransaction(db, boss, group, now));
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running
