@@ -2,9 +2,10 @@
 // in ONE transaction, so a single-reading request no longer pays a whole transaction (round trips,
 // commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
 // problems (one request's unknown sensor never rejects another). The group goes to the writer of the
-// database's shape: one statement on one node (single-node.ts storeGroup), or a transaction of router
-// statements per shard group on Citus (routed.ts storeShardGroup); both keep ingestion's contract
-// (readings.ts; its cases: test/ingest/contract.ts).
+// database's shape: one statement on one node (single-node.ts storeGroupAtOnce, in autocommit; storeGroup
+// in a transaction when that one refused), or a transaction of router statements per shard group on
+// Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
+// test/ingest/contract.ts).
 import type { Kysely, Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';

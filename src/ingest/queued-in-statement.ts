@@ -12,7 +12,7 @@
 // an error (a division by zero, as pg-boss's own flow inserts guard theirs), Postgres rolls back all of it,
 // and the group is written again in a transaction (storeGroup): REGROUP_STATE says which error.
 import { type RawBuilder, sql } from 'kysely';
-import { notifyChannelSql, insertJobs as pgBossInsertJobs } from 'pg-boss/dist/plans.js';
+import { COMMON_JOB_TABLE, notifyChannelSql, insertJobs as pgBossInsertJobs } from 'pg-boss/dist/plans.js';
 import { deliveryJobOptions, deliveryKeySql } from '../metering/outbox.js';
 
 /** The SQLSTATE of a group statement that refused to commit alone (division_by_zero, see the header). */
@@ -24,12 +24,19 @@ const EVENT = 'temperature_readings';
 const JOBS_PARAMETER = 'json_to_recordset($1::text::json)';
 
 /**
- * pg-boss's insert of delivery jobs (no NOTIFY of its own: the statement sends it, below) into its job
- * table (pgboss.job, which routes a job to its queue's partition, as the project's other statements
- * read it), around its jobs' place.
+ * pg-boss's insert of delivery jobs (no NOTIFY of its own: the statement sends it, below) into the table
+ * pg-boss itself inserts them into: the queue has no partition of its own (queues.ts), so pg-boss's
+ * common one (through the partitioned parent, pgboss.job, each insert routes the row: measurably more
+ * of Postgres's time a group). A queue given its own partition would refuse these rows (the common
+ * partition's constraint) rather than misplace them.
  */
 const [insertHead, insertTail] = (() => {
-  const text = pgBossInsertJobs('pgboss', { table: 'job', name: QUEUE, returnId: true, notify: false });
+  const text = pgBossInsertJobs('pgboss', {
+    table: COMMON_JOB_TABLE,
+    name: QUEUE,
+    returnId: true,
+    notify: false,
+  });
   const parts = text.split(JOBS_PARAMETER);
   if (parts.length !== 2) throw new Error(`pg-boss's insert of jobs no longer takes ${JOBS_PARAMETER}`);
   return parts as [string, string];

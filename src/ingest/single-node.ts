@@ -1,9 +1,11 @@
-// Ingestion on one node: a group of requests (group-commit.ts) written in ONE statement. The contract
-// holds per transaction: one meter_outbox row per billable organization and destination in force
-// (organization_destinations, read in the same statement), its value the rows that organization
-// inserted, each of those readings naming the billing one (outbox_id; the others mirror it), and the
-// delivery hand-off once per transaction and delivery key (readings.ts; its cases:
-// test/ingest/contract.ts). A distributed database takes routed.ts's router statements instead.
+// Ingestion on one node: a group of requests (group-commit.ts) written in ONE statement, in autocommit
+// with the new keys' jobs queued by the statement itself (storeGroupAtOnce), or in a transaction with
+// the hand-off after it (storeGroup). The contract holds per transaction: one meter_outbox row per
+// billable organization and destination in force (organization_destinations, read in the same
+// statement), its value the rows that organization inserted, each of those readings naming the billing
+// one (outbox_id; the others mirror it), and the delivery hand-off once per transaction and delivery key
+// (readings.ts; its cases: test/ingest/contract.ts). A distributed database takes routed.ts's router
+// statements instead.
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import {
@@ -45,7 +47,8 @@ interface GroupRow {
  * Writes a group of validated requests in the caller's transaction with one statement, then hands
  * the new outbox rows to delivery (once per delivery key). The statement also share-locks the keys'
  * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
- * one, a group is BEGIN, one statement and COMMIT. Rows are inserted in (sensor, instant)
+ * one, a group is BEGIN, one statement and COMMIT. The group committer first tries storeGroupAtOnce
+ * (one statement, no transaction of its own) and comes here only when that one refused. Rows are inserted in (sensor, instant)
  * order whatever request they came from, so concurrent groups take row locks in one order and cannot
  * deadlock; within a group the earliest request wins a reading sent twice. One node: Citus routes no
  * INSERT ... SELECT, and a distributed database takes storeShardGroup's router statements (routed.ts)
