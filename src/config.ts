@@ -77,6 +77,12 @@ export const configSchema = z.object({
    */
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
   INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('window'),
+  /**
+   * Group commit on one node: `on` writes a group as ONE statement in autocommit that also queues the
+   * new keys' delivery jobs (one round trip instead of four), falling back to the transaction when it
+   * must; `off` (the default) writes every group in a transaction.
+   */
+  INGEST_GROUP_ONE_STATEMENT: z.enum(['on', 'off']).default('off'),
   /** Group commit: most requests, and most readings, written in one transaction. */
   INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),

@@ -2,8 +2,8 @@
 // in ONE transaction, so a single-reading request no longer pays a whole transaction (round trips,
 // commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
 // problems (one request's unknown sensor never rejects another). The group goes to the writer of the
-// database's shape: one statement on one node (single-node.ts storeGroupAtOnce, in autocommit; storeGroup
-// in a transaction when that one refused), or a transaction of router statements per shard group on
+// database's shape: one statement on one node (single-node.ts storeGroup in a transaction; with
+// INGEST_GROUP_ONE_STATEMENT=on first storeGroupAtOnce, in autocommit), or a transaction of router statements per shard group on
 // Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
 // test/ingest/contract.ts).
 import type { Kysely, Transaction } from 'kysely';
@@ -99,6 +99,11 @@ export interface GroupCommitOptions {
   windowMs: number;
   /** When a group goes (default `window`; see GroupFlush). */
   flush?: GroupFlush;
+  /**
+   * On one node, each group first as ONE statement in autocommit (storeGroupThenInTransaction;
+   * INGEST_GROUP_ONE_STATEMENT); otherwise every group in a transaction (storeGroup).
+   */
+  oneStatement?: boolean;
   /** Most requests in one group. */
   maxRequests: number;
   /** Most readings in one group (a large batch is written alone rather than delaying others). */
@@ -298,7 +303,11 @@ export class GroupCommitter {
     if (distributed) return this.writeRouted(group, now);
     const { db, boss } = this.ctx;
     try {
-      const outcomes = await retryRolledBack(() => storeGroupThenInTransaction(db, boss, group, now));
+      const outcomes = await retryRolledBack(() =>
+        this.options.oneStatement
+          ? storeGroupThenInTransaction(db, boss, group, now)
+          : db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+      );
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running

@@ -47,8 +47,8 @@ interface GroupRow {
  * Writes a group of validated requests in the caller's transaction with one statement, then hands
  * the new outbox rows to delivery (once per delivery key). The statement also share-locks the keys'
  * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
- * one, a group is BEGIN, one statement and COMMIT. The group committer first tries storeGroupAtOnce
- * (one statement, no transaction of its own) and comes here only when that one refused. Rows are inserted in (sensor, instant)
+ * one, a group is BEGIN, one statement and COMMIT. With INGEST_GROUP_ONE_STATEMENT=on the group committer first
+ * tries storeGroupAtOnce (one statement, no transaction of its own) and comes here when that one refused. Rows are inserted in (sensor, instant)
  * order whatever request they came from, so concurrent groups take row locks in one order and cannot
  * deadlock; within a group the earliest request wins a reading sent twice. One node: Citus routes no
  * INSERT ... SELECT, and a distributed database takes storeShardGroup's router statements (routed.ts)

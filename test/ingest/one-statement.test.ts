@@ -1,10 +1,11 @@
-// A group on one node is ONE statement in autocommit (single-node.ts storeGroupAtOnce): the readings,
-// their outbox rows, the lock of the keys' queued jobs and the new keys' delivery jobs commit together,
-// in one round trip. The jobs are pg-boss's own insert's (queued-in-statement.ts): a job queued this way
-// is the job pg-boss's insert() queues, and pg-boss fetches it. A group one statement cannot finish (a
-// new key's job refused by a concurrent transaction's) stores nothing that way and is written again in a
-// transaction, which locks the other job. (A threshold crossed takes the same way: the contract's case
-// "a crossing fires once", test/ingest/contract.ts.)
+// With INGEST_GROUP_ONE_STATEMENT=on, a group on one node is ONE statement in autocommit
+// (single-node.ts storeGroupAtOnce): the readings, their outbox rows, the lock of the keys' queued jobs
+// and the new keys' delivery jobs commit together, in one round trip. The jobs are pg-boss's own
+// insert's (queued-in-statement.ts): a job queued this way is the job pg-boss's insert() queues, and
+// pg-boss fetches it. A group one statement cannot finish (a new key's job refused by a concurrent
+// transaction's) stores nothing that way and is written again in a transaction, which locks the other
+// job. (A threshold crossed takes the same way: the contract's case "a crossing fires once", run with
+// the setting on in test/ingest/contract.test.ts.)
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import { notifyChannelSql } from 'pg-boss/dist/plans.js';
 import { expect } from 'vitest';
@@ -60,7 +61,7 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   try {
     const { db, sent } = recorder(ctx);
     const outcomes = await writeGroup(
-      { ctx, distributed: false, db },
+      { ctx, distributed: false, db, oneStatement: true },
       [
         { organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] },
         { organizationId: b.organizationId, readings: [reading(sb!, 30, 1, now)] },
@@ -137,7 +138,7 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
   const { db } = recorder(ctx);
   await writeGroup(
-    { ctx, distributed: false, db },
+    { ctx, distributed: false, db, oneStatement: true },
     [{ organizationId: a.organizationId, readings: [reading(sa!, 20, 1, now)] }],
     now,
   );
@@ -175,7 +176,7 @@ it("writes the group again in a transaction when a concurrent transaction queued
   );
   const { db, sent } = recorder(ctx);
   const group = writeGroup(
-    { ctx, distributed: false, db },
+    { ctx, distributed: false, db, oneStatement: true },
     [{ organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] }],
     now,
   );
