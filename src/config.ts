@@ -70,13 +70,12 @@ export const configSchema = z.object({
   HTTP_HEADERS_TIMEOUT_MS: int(100, 600_000).default(10_000),
   HTTP_REQUEST_TIMEOUT_MS: int(100, 3_600_000).default(30_000),
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
-  /**
-   * Group commit: how long the first request of a group waits for concurrent ones (ms); 0 = off.
-   * With `window` (the default) every group's first request waits; with `adaptive` a request a quiet
-   * process handles alone (none queued, none being written, none on its way) does not.
-   */
+  /** Group commit: how long a group's first request waits for others (ms; 0 = off; see the flush rule). */
+  // `window`: every group's first request waits; `adaptive`: not one a quiet process handles alone.
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
   INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('window'),
+  /** `on`: a group on one node is one statement in autocommit that also queues its keys' jobs. */
+  INGEST_GROUP_ONE_STATEMENT: z.enum(['on', 'off']).default('off'),
   /** Group commit: most requests, and most readings, written in one transaction. */
   INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),

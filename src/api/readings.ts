@@ -82,6 +82,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       ? new GroupCommitter(ctx, {
           windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
           flush: ctx.config.INGEST_GROUP_FLUSH,
+          oneStatement: ctx.config.INGEST_GROUP_ONE_STATEMENT === 'on',
           maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,

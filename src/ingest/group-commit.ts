@@ -2,18 +2,20 @@
 // in ONE transaction, so a single-reading request no longer pays a whole transaction (round trips,
 // commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
 // problems (one request's unknown sensor never rejects another). The group goes to the writer of the
-// database's shape: one statement on one node (single-node.ts storeGroup), or a transaction of router
-// statements per shard group on Citus (routed.ts storeShardGroup); both keep ingestion's contract
-// (readings.ts; its cases: test/ingest/contract.ts).
-import type { Transaction } from 'kysely';
+// database's shape: one statement on one node (single-node.ts storeGroup in a transaction; with
+// INGEST_GROUP_ONE_STATEMENT=on first storeGroupAtOnce, in autocommit), or a transaction of router statements per shard group on
+// Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
+// test/ingest/contract.ts).
+import type { Kysely, Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
+import { REGROUP_STATE } from './queued-in-statement.js';
 import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
 import { storeShardGroup } from './routed.js';
-import { storeGroup } from './single-node.js';
+import { storeGroup, storeGroupAtOnce } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
 
@@ -35,6 +37,25 @@ export async function storeRequest(
 ): Promise<StoreReadingsOutcome> {
   const [outcome] = await (distributed ? storeShardGroup : storeGroup)(trx, boss, [request], now);
   return outcome!;
+}
+
+/**
+ * A group on one node: ONE statement in autocommit (storeGroupAtOnce, one round trip), or, when the group
+ * needs more than one statement (that statement refused to commit alone and stored nothing), storeGroup's
+ * transaction.
+ */
+async function storeGroupThenInTransaction(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  group: readonly GroupRequest[],
+  now: Date,
+): Promise<StoreReadingsOutcome[]> {
+  try {
+    return await storeGroupAtOnce(db, group, now);
+  } catch (err) {
+    if (sqlState(err) !== REGROUP_STATE) throw err;
+    return db.transaction().execute((trx) => storeGroup(trx, boss, group, now));
+  }
 }
 
 /** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
@@ -78,6 +99,11 @@ export interface GroupCommitOptions {
   windowMs: number;
   /** When a group goes (default `window`; see GroupFlush). */
   flush?: GroupFlush;
+  /**
+   * On one node, each group first as ONE statement in autocommit (storeGroupThenInTransaction;
+   * INGEST_GROUP_ONE_STATEMENT); otherwise every group in a transaction (storeGroup).
+   */
+  oneStatement?: boolean;
   /** Most requests in one group. */
   maxRequests: number;
   /** Most readings in one group (a large batch is written alone rather than delaying others). */
@@ -278,7 +304,9 @@ export class GroupCommitter {
     const { db, boss } = this.ctx;
     try {
       const outcomes = await retryRolledBack(() =>
-        db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+        this.options.oneStatement
+          ? storeGroupThenInTransaction(db, boss, group, now)
+          : db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
       );
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {

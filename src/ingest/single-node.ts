@@ -1,10 +1,12 @@
-// Ingestion on one node: a group of requests (group-commit.ts) written in ONE statement. The contract
-// holds per transaction: one meter_outbox row per billable organization and destination in force
-// (organization_destinations, read in the same statement), its value the rows that organization
-// inserted, each of those readings naming the billing one (outbox_id; the others mirror it), and the
-// delivery hand-off once per transaction and delivery key (readings.ts; its cases:
-// test/ingest/contract.ts). A distributed database takes routed.ts's router statements instead.
-import { sql, type Transaction } from 'kysely';
+// Ingestion on one node: a group of requests (group-commit.ts) written in ONE statement, in autocommit
+// with the new keys' jobs queued by the statement itself (storeGroupAtOnce), or in a transaction with
+// the hand-off after it (storeGroup). The contract holds per transaction: one meter_outbox row per
+// billable organization and destination in force (organization_destinations, read in the same
+// statement), its value the rows that organization inserted, each of those readings naming the billing
+// one (outbox_id; the others mirror it), and the delivery hand-off once per transaction and delivery key
+// (readings.ts; its cases: test/ingest/contract.ts). A distributed database takes routed.ts's router
+// statements instead.
+import { type Kysely, sql, type Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import {
   type Crossing,
@@ -17,6 +19,7 @@ import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
+import { queueMissingJobsCtes, regroupGuard } from './queued-in-statement.js';
 import {
   billingInForce,
   type GroupRequest,
@@ -30,7 +33,7 @@ import {
 } from './readings.js';
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h' | 'x';
+  kind: 'r' | 'p' | 'c' | 'h' | 'x' | 'g';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -44,7 +47,8 @@ interface GroupRow {
  * Writes a group of validated requests in the caller's transaction with one statement, then hands
  * the new outbox rows to delivery (once per delivery key). The statement also share-locks the keys'
  * already queued delivery jobs (lockQueuedDeliveries), so in the steady state, where every key has
- * one, a group is BEGIN, one statement and COMMIT. Rows are inserted in (sensor, instant)
+ * one, a group is BEGIN, one statement and COMMIT. With INGEST_GROUP_ONE_STATEMENT=on the group committer first
+ * tries storeGroupAtOnce (one statement, no transaction of its own) and comes here when that one refused. Rows are inserted in (sensor, instant)
  * order whatever request they came from, so concurrent groups take row locks in one order and cannot
  * deadlock; within a group the earliest request wins a reading sent twice. One node: Citus routes no
  * INSERT ... SELECT, and a distributed database takes storeShardGroup's router statements (routed.ts)
@@ -56,6 +60,35 @@ export async function storeGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
+  const { statement, offsets } = groupStatement(requests, now, false);
+  const found = readRows((await statement.execute(trx)).rows);
+  await enqueueDeliveries(trx, boss, found.customers, found.held);
+  if (found.crossings.length > 0) await writeCrossings(trx, boss, found.crossings, now);
+  return groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted);
+}
+
+/**
+ * storeGroup as ONE statement in autocommit, its own transaction: the statement also inserts the new
+ * keys' delivery jobs (queued-in-statement.ts), so a group is one round trip where storeGroup's is four
+ * (BEGIN, the statement, pg-boss's insert, COMMIT). When the group needs more than one statement (a new
+ * key's job refused by a concurrent one, a threshold crossed) it fails with REGROUP_STATE and stores
+ * nothing: the caller writes it with storeGroup in a transaction.
+ */
+export async function storeGroupAtOnce(
+  db: Kysely<DB>,
+  requests: readonly GroupRequest[],
+  now: Date,
+): Promise<StoreReadingsOutcome[]> {
+  const { statement, offsets } = groupStatement(requests, now, true);
+  const found = readRows((await statement.execute(db)).rows);
+  return groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted);
+}
+
+/**
+ * The group's statement. `atOnce`: the form that commits alone (storeGroupAtOnce), with the new keys'
+ * jobs, their wake-up and the guard that refuses what one statement cannot do.
+ */
+function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
   const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
@@ -66,7 +99,8 @@ export async function storeGroup(
                 WHERE t.org = b.org)`
       : sql``;
   // A prepared statement (src/db/prepared.ts): its text is the same for every group (arrays, not lists).
-  const result = await sql<GroupRow>`${sql.raw(PREPARED)}
+  const crossedCall = thresholdCountCall(sql`${now}::timestamptz`);
+  const statement = sql<GroupRow>`${sql.raw(PREPARED)}
     WITH input AS MATERIALIZED (
       SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
       FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[],
@@ -116,7 +150,9 @@ export async function storeGroup(
       RETURNING organization_id, stripe_customer_id, destination
     ), held AS (
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
-    ), ${thresholdProbeCte(sql`per_org`)}
+    ), ${thresholdProbeCte(sql`per_org`)}${
+      atOnce ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes()}` : sql``
+    }
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -128,16 +164,24 @@ export async function storeGroup(
     SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
     UNION ALL
     -- What the organizations of the group that have thresholds stored, counted into them: their crossings.
-    SELECT 'x', NULL, NULL, NULL, NULL, c.j, NULL, NULL FROM ${thresholdCountCall(sql`${now}::timestamptz`)} AS c`.execute(
-    trx,
-  );
+    SELECT 'x', NULL, NULL, NULL, NULL, c.j, NULL, NULL FROM ${atOnce ? sql`crossed` : crossedCall} AS c${
+      atOnce
+        ? sql`
+    UNION ALL
+    ${regroupGuard(sql`crossed`)}`
+        : sql``
+    }`;
+  return { statement, offsets };
+}
 
+/** What a group statement's rows say, by kind (GroupRow). */
+function readRows(rows: readonly GroupRow[]) {
   const inserted = new Map<number, number>();
   const problemRows: ProblemRow[] = [];
   const customers: KeyRef[] = [];
   const held = new Set<string>();
   const crossings: Crossing[] = [];
-  for (const row of result.rows) {
+  for (const row of rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null)
       problemRows.push({ req: row.req, n: row.n, active: row.active });
@@ -146,7 +190,5 @@ export async function storeGroup(
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
     else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
   }
-  await enqueueDeliveries(trx, boss, customers, held);
-  if (crossings.length > 0) await writeCrossings(trx, boss, crossings, now);
-  return groupOutcomes(requests, problemsByRequest(problemRows, offsets), inserted);
+  return { inserted, problemRows, customers, held, crossings };
 }

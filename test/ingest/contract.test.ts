@@ -18,3 +18,17 @@ describe('one node', () => {
 
   ingestionContract(() => ({ ctx, distributed: false }));
 });
+
+describe('one node, a group as one statement (INGEST_GROUP_ONE_STATEMENT=on)', () => {
+  let ctx: Context;
+  let close: () => Promise<void>;
+  beforeAll(async () => {
+    ({ ctx, close } = await openTestContext());
+    await ctx.boss.start();
+  });
+  afterAll(async () => {
+    await close?.();
+  });
+
+  ingestionContract(() => ({ ctx, distributed: false, oneStatement: true }));
+});

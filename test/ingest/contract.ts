@@ -23,6 +23,8 @@ export interface IngestWriter {
   distributed: boolean;
   /** The database the committer writes through (default ctx.db): a recording one, to see its statements. */
   db?: Kysely<DB>;
+  /** One node: each group first as one statement in autocommit (INGEST_GROUP_ONE_STATEMENT=on). */
+  oneStatement?: boolean;
 }
 
 /** Writes `requests` as ONE group at `now` (a gate holds the group open until all have joined). */
@@ -41,6 +43,7 @@ export async function writeGroup(
     },
     {
       windowMs: 1,
+      ...(w.oneStatement ? { oneStatement: true } : {}),
       maxRequests: 1_000,
       maxReadings: 100_000,
       gate: { joined: () => void joined++, mayClose: () => joined >= requests.length },
