@@ -6,6 +6,7 @@ import type { PgBoss } from 'pg-boss';
 import { BILLABLE_STATUSES, type DB, type Destination } from '../db/schema.js';
 import { ensureKeys, insertMissingKeys } from './claim-sql.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, inForceAt } from './destinations.js';
+import { processKnownKeys } from './known-keys.js';
 import { enqueueDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
 
@@ -175,6 +176,9 @@ async function handOff(
   if (distributed) await ensureKeys(trx, keys);
   else await insertMissingKeys(trx, keys);
   await enqueueDeliveries(trx, boss, keys, NONE_HELD);
+  // This process's claims of these keys look none of them up again (known-keys.ts). Should the chunk
+  // roll back, a claim finds a key's row missing and inserts it then (claimBatch's fallback).
+  for (const key of keys) processKnownKeys.add(key);
 }
 const NONE_HELD: ReadonlySet<string> = new Set();
 
