@@ -6,7 +6,6 @@
 //
 // Why this file is long: the account-wide call budget: its GCRA statements, the 429 slow-down and recovery
 // and the budgeted caller share one row's arithmetic.
-
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { stripeCallsPerSecond } from '../billing/limits.js';
 import type { DB, Destination } from '../db/schema.js';

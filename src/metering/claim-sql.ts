@@ -216,8 +216,8 @@ const ENSURE_KEYS_PER_STATEMENT = 10_000;
  * one statement that holds no other lock. Only keys the statement does not see a row of are inserted:
  * an `ON CONFLICT` check of an existing row waits for whatever transaction is updating it (a claim,
  * a settle, a renewal), a look-up does not. Rows in the keys' order (as ensureKeys), so two inserts of
- * the same new keys wait on each other in one order only. The keys come sorted and distinct
- * (claimBatch), one batch's worth: four arrays, not four parameters a key.
+ * the same new keys wait on each other in one order only (sorted here: the report's chunk passes its
+ * keys in its own order). One batch's or chunk's worth: four arrays, not four parameters a key.
  */
 export async function insertMissingKeys(db: Kysely<DB>, keys: readonly KeyRef[]): Promise<void> {
   if (keys.length === 0) return;
