@@ -2,14 +2,8 @@
 // different customers (v2 meter event stream). The batch pipeline (batch.ts) claims groups, takes one
 // slot of the call budget per call, hands the events of one call to a transport and settles each group
 // from its own outcome.
-import type Stripe from 'stripe';
 import type { MeterEventName } from '../db/schema.js';
-import {
-  type CallOptions,
-  createStripeMeterClient,
-  type MeterEventInput,
-  type SendOutcome,
-} from './stripe-meter.js';
+import type { CallOptions, MeterEventInput, SendOutcome, StripeMeterClient } from './stripe-meter.js';
 
 export type TransportKind = 'v1' | 'v2' | 'metronome';
 
@@ -25,12 +19,11 @@ export interface MeterTransport {
 }
 
 /** v1: `POST /v1/billing/meter_events`, one event per call, answered synchronously. */
-export function createV1Transport(stripe: Stripe): MeterTransport {
-  const client = createStripeMeterClient(stripe);
+export function createV1Transport(meter: Pick<StripeMeterClient, 'send'>): MeterTransport {
   return {
     kind: 'v1',
     maxEventsPerCall: 1,
-    send: (events, options) => Promise.all(events.map((event) => client.send(event, options))),
+    send: (events, options) => Promise.all(events.map((event) => meter.send(event, options))),
   };
 }
 
