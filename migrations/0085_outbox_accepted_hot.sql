@@ -1,6 +1,6 @@
 -- v2's settle of an accepted group a heap-only (HOT) update (issue 43, docs/benchmarks.md "The hourly
 -- report's outbox updates"). The settle of a group Stripe's v2 stream accepted sets accepted_at (the row
--- stays pending until DELIVERY_V2_VALIDATION_SECONDS have passed: sweep.ts promoteValidated) and
+-- stays pending until DELIVERY_V2_VALIDATION_SECONDS have passed: validation-window.ts promoteValidated) and
 -- changes no other indexed column. meter_outbox_validating, (accepted_at) WHERE status = 'pending' AND
 -- accepted_at IS NOT NULL, named it, so the update wrote an entry into every index of the table (eight
 -- for a pending row with an identifier). Its one reader is promoteValidated's look for rows accepted

@@ -9,7 +9,7 @@ import {
 } from '../src/config.js';
 import { createStripeClient } from '../src/context.js';
 import { callsPerSecond } from '../src/metering/budget.js';
-import { chooseTransport } from '../src/metering/delivery-parts.js';
+import { stripeDestination } from '../src/metering/stripe-destination.js';
 import { runEntryPoint } from './support/processes.js';
 
 describe('loadConfig', () => {
@@ -42,9 +42,9 @@ describe('loadConfig', () => {
 
   it('chooses the transport from DELIVERY_TRANSPORT: v1 one event per call, v2 up to 100', () => {
     const stripe = createStripeClient(loadConfig({ STRIPE_SECRET_KEY: 'sk_test_x' }))!;
-    const v1 = chooseTransport(loadConfig({}), stripe);
+    const v1 = stripeDestination(loadConfig({}), stripe).transport;
     expect([v1.kind, v1.maxEventsPerCall]).toEqual(['v1', 1]);
-    const v2 = chooseTransport(loadConfig({ DELIVERY_TRANSPORT: 'v2' }), stripe);
+    const v2 = stripeDestination(loadConfig({ DELIVERY_TRANSPORT: 'v2' }), stripe).transport;
     expect([v2.kind, v2.maxEventsPerCall]).toEqual(['v2', 100]);
   });
 

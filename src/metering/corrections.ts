@@ -12,15 +12,9 @@
 //   below zero is invoiced as quantity 0);
 // - cancelling usage that is on a finalized invoice does not update that invoice, and Stripe does
 //   not adjust it: such corrections need a credit note.
-import type Stripe from 'stripe';
 import type { CorrectionAction, MeterEventName } from '../db/schema.js';
 import type { CorrectionGroup } from './rules/keys.js';
-import {
-  classifyStripeError,
-  createStripeMeterClient,
-  requestOptions,
-  type SendOutcome,
-} from './stripe-meter.js';
+import type { SendOutcome, StripeMeterClient } from './stripe-meter.js';
 import type { CorrectionClient } from './transport.js';
 
 export { CANCEL_WINDOW_MS } from './rules/corrections.js';
@@ -40,32 +34,27 @@ export function correctionsOnConnectedAccount(client: CorrectionClient, account:
 const CANNOT_CANCEL = /24 hours|too old|no (meter )?event|not found|cannot be cancel/i;
 const ALREADY_CANCELLED = /already (been )?cancel/i;
 
-export function createCorrectionClient(stripe: Stripe): CorrectionClient {
-  const meter = createStripeMeterClient(stripe);
+/**
+ * Stripe's correction calls, on the process's one meter client (stripe-meter.ts): what Stripe's
+ * refusal of a cancel means for the group is decided here.
+ */
+export function createCorrectionClient(meter: StripeMeterClient): CorrectionClient {
   return {
     send: (event, options) => meter.send(event, options),
     async cancel(eventName, identifier, idempotencyKey, options = {}) {
-      try {
-        await stripe.billing.meterEventAdjustments.create(
-          { event_name: eventName, type: 'cancel', cancel: { identifier } },
-          { idempotencyKey, ...requestOptions(options) },
-        );
-        return { kind: 'accepted' };
-      } catch (err) {
-        const outcome = classifyStripeError(err, options);
-        if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
-          return { kind: 'duplicate', message: outcome.message };
-        }
-        if (outcome.kind === 'permanent' && CANNOT_CANCEL.test(outcome.message)) {
-          return {
-            kind: 'permanent',
-            message: outcome.message,
-            reason: 'cannot_cancel',
-            ...(outcome.status ? { status: outcome.status } : {}),
-          };
-        }
-        return outcome;
+      const outcome = await meter.cancel(eventName, identifier, idempotencyKey, options);
+      if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
+        return { kind: 'duplicate', message: outcome.message };
       }
+      if (outcome.kind === 'permanent' && CANNOT_CANCEL.test(outcome.message)) {
+        return {
+          kind: 'permanent',
+          message: outcome.message,
+          reason: 'cannot_cancel',
+          ...(outcome.status ? { status: outcome.status } : {}),
+        };
+      }
+      return outcome;
     },
   };
 }

@@ -24,11 +24,7 @@ import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js'
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import { routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
-import {
-  type CorrectionClient,
-  correctionsOnConnectedAccount,
-  createCorrectionClient,
-} from './corrections.js';
+import { type CorrectionClient, correctionsOnConnectedAccount } from './corrections.js';
 import { probeKeyHoldNow } from './destination-health.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import { adaptiveLeaseLength, type LeaseLength } from './lease-length.js';
@@ -38,9 +34,9 @@ import type { MetronomeCatalog } from './metronome-catalog.js';
 import type { DeliveryObserver } from './observer.js';
 import { reportReplication } from './replication-report.js';
 import { sqlStores } from './store.js';
+import { stripeDestination } from './stripe-destination.js';
 import type { StripeMeterClient } from './stripe-meter.js';
 import { createV1Transport, type MeterTransport, onConnectedAccount } from './transport.js';
-import { createV2Transport } from './transport-v2.js';
 
 /** What delivery takes of the process's context (src/context.ts). */
 export interface DeliveryContext {
@@ -64,7 +60,7 @@ export interface DeliveryContext {
 
 export interface DeliveryWorkerOptions {
   observer?: DeliveryObserver;
-  /** Replaces the Stripe client (tests). */
+  /** Replaces the Stripe meter client of the transport (tests): v1 semantics, one event per call. */
   meter?: StripeMeterClient;
   /** Replaces the transport (tests); takes precedence over `meter`. */
   transport?: MeterTransport;
@@ -81,11 +77,6 @@ export interface DeliveryWorkerOptions {
   accountCatalogs?: Pick<AccountMeterCatalogs, 'of'>;
   /** Replaces Metronome's transport (tests). */
   metronomeTransport?: MeterTransport;
-}
-
-/** DELIVERY_TRANSPORT's transport: v1 meter events (default) or the v2 meter event stream. */
-export function chooseTransport(config: Config, stripe: Stripe): MeterTransport {
-  return config.DELIVERY_TRANSPORT === 'v2' ? createV2Transport(stripe) : createV1Transport(stripe);
 }
 
 /** Slots are waited for on the host's monotonic clock (a wall clock steps). */
@@ -118,15 +109,11 @@ export async function deliveryParts(
 ): Promise<DeliveryParts | undefined> {
   const { config } = ctx;
   const log = runtime.log;
-  // The destinations: each one's transport and correction client.
+  // The destinations: each one's transport and correction client (a test may replace either).
+  const stripe = ctx.stripe ? stripeDestination(config, ctx.stripe) : undefined;
   const stripeTransport =
-    options.transport ??
-    (options.meter
-      ? meterTransport(options.meter)
-      : ctx.stripe
-        ? chooseTransport(config, ctx.stripe)
-        : undefined);
-  const corrections = options.corrections ?? (ctx.stripe ? createCorrectionClient(ctx.stripe) : undefined);
+    options.transport ?? (options.meter ? createV1Transport(options.meter) : stripe?.transport);
+  const corrections = options.corrections ?? stripe?.corrections;
   const metronomeTransport =
     options.metronomeTransport ?? (ctx.metronome ? createMetronomeTransport(ctx.metronome) : undefined);
   const metronomeCorrections = ctx.metronome ? createMetronomeCorrectionClient(ctx.metronome) : undefined;
@@ -342,14 +329,5 @@ export async function deliveryParts(
     },
     leaseLength,
     depsFor,
-  };
-}
-
-/** A transport from a replacement meter client (tests): v1 semantics, one event per call. */
-function meterTransport(meter: StripeMeterClient): MeterTransport {
-  return {
-    kind: 'v1',
-    maxEventsPerCall: 1,
-    send: (events, options) => Promise.all(events.map((e) => meter.send(e, options))),
   };
 }

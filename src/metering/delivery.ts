@@ -7,7 +7,7 @@ import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
 import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
-import { deliveryBatchSize, deliveryWorkOptions, fetchGate, V2_LINGER_MS } from './fetch-policy.js';
+import { fetchPlan } from './fetch-policy.js';
 import { endDeliveryJobs } from './job-completion.js';
 import { touchWhileRunning } from './lease-keeper.js';
 import { startLeaseReaper } from './lease-reaper.js';
@@ -45,7 +45,6 @@ export async function startDelivery(
 ): Promise<DeliveryRuntime> {
   const log = ctx.log.child({ component: 'delivery' });
   let distributed = (await ctx.distributed?.()) ?? false;
-  const poll = ctx.config.DELIVERY_POLL_INTERVAL_SECONDS;
   const fetchers: { id: string; busy: boolean }[] = [];
   const timers = new Set<NodeJS.Timeout>();
   let stopped = false;
@@ -115,18 +114,16 @@ export async function startDelivery(
   const shortageLoggedAt = new Map<string, number>();
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   const { transport, metronomeTransport, db, leases } = parts;
-  const batchSize = deliveryBatchSize(
+  const { batchSize, workOptions, gate } = fetchPlan(
     ctx.config,
     metronomeTransport ? [transport, metronomeTransport] : [transport],
   );
-  const multi = Math.max(transport.maxEventsPerCall, metronomeTransport?.maxEventsPerCall ?? 0) > 1;
-  const gate = fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2));
   for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);
     fetcher.id = await ctx.boss.work(
       'meter-delivery',
-      deliveryWorkOptions(batchSize, poll),
+      workOptions,
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = touchWhileRunning(

@@ -5,6 +5,29 @@ import type { Config } from '../config.js';
 import type { MeterTransport } from './transport.js';
 import { MAX_STREAM_EVENTS } from './transport-v2.js';
 
+/** How this process's fetchers fetch: jobs a fetch takes, pg-boss's work options, one gate for all. */
+export interface FetchPlan {
+  batchSize: number;
+  workOptions: ReturnType<typeof deliveryWorkOptions>;
+  /** Awaited after each batch, before its fetcher fetches again (fetchGate). */
+  gate: (fetched: number) => Promise<void>;
+}
+
+/**
+ * The fetch plan of the process's transports: batches sized by deliveryBatchSize, polled every
+ * DELIVERY_POLL_INTERVAL_SECONDS, lingering after small batches when a transport carries many events a
+ * call (V2_LINGER_MS).
+ */
+export function fetchPlan(config: Config, transports: readonly MeterTransport[]): FetchPlan {
+  const batchSize = deliveryBatchSize(config, transports);
+  const multi = transports.some((t) => t.maxEventsPerCall > 1);
+  return {
+    batchSize,
+    workOptions: deliveryWorkOptions(batchSize, config.DELIVERY_POLL_INTERVAL_SECONDS),
+    gate: fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2)),
+  };
+}
+
 /**
  * Jobs one fetch takes: DELIVERY_MAX_IN_FLIGHT calls shared by the fetchers, but no more calls than
  * the account's budget lets this fetcher start within about a second: jobs beyond that would only

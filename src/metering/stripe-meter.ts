@@ -63,9 +63,23 @@ export function requestOptions(options: CallOptions): Stripe.RequestOptions | un
   };
 }
 
+/**
+ * Stripe's two v1 meter event calls, made with one Stripe client: the v1 transport sends with it
+ * (transport.ts), usage corrections send and cancel with it (corrections.ts).
+ */
 export interface StripeMeterClient {
   /** Sends one meter event. Never throws for an answer from Stripe or the network. */
   send(event: MeterEventInput, options?: CallOptions): Promise<SendOutcome>;
+  /**
+   * A meter event adjustment of type cancel (`POST /v1/billing/meter_event_adjustments`); the
+   * idempotency key makes a resend a replay. Never throws for an answer from Stripe or the network.
+   */
+  cancel(
+    eventName: MeterEventName,
+    identifier: string,
+    idempotencyKey: string,
+    options?: CallOptions,
+  ): Promise<SendOutcome>;
 }
 
 export const MAX_IDENTIFIER_LENGTH = 100;
@@ -204,5 +218,21 @@ export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
       return classifyStripeError(err, options);
     }
   };
-  return { send };
+  const cancel = async (
+    eventName: MeterEventName,
+    identifier: string,
+    idempotencyKey: string,
+    options: CallOptions = {},
+  ): Promise<SendOutcome> => {
+    try {
+      await stripe.billing.meterEventAdjustments.create(
+        { event_name: eventName, type: 'cancel', cancel: { identifier } },
+        { idempotencyKey, ...requestOptions(options) },
+      );
+      return { kind: 'accepted' };
+    } catch (err) {
+      return classifyStripeError(err, options);
+    }
+  };
+  return { send, cancel };
 }

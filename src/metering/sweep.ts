@@ -1,10 +1,10 @@
 // The stranded-row sweep: pending outbox rows older than SWEEP_STALE_SECONDS whose customer+meter
 // has no queued or retrying delivery job get one, so a lost or purged job only delays billing. Each
-// pass also marks delivered the v2 rows whose validation window passed without an error report.
+// pass also marks delivered the v2 rows whose validation window passed without an error report
+// (validation-window.ts).
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
-import { readDatabaseTime } from '../db/clock.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
@@ -12,6 +12,7 @@ import { FUTURE_ALLOWANCE_SECONDS } from './claim-statement-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
 import { type KeyRef, keyRef } from './rules/keys.js';
+import { promoteValidated } from './validation-window.js';
 
 export interface SweepResult {
   /** Customer+meter pairs with stale pending rows. */
@@ -61,11 +62,12 @@ export async function startOutboxSweep(deps: {
   // Its scans grow with the outbox's backlog: the long deadline.
   await deps.boss.work('outbox-sweep', { pollingIntervalSeconds: 1 }, ([job]) =>
     longStatements(async () => {
-      // v2 rows whose validation window passed with no error report naming them are delivered.
-      const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
       const result = await sweepStrandedRows(deps.db, deps.boss, {
         staleSeconds: deps.config.SWEEP_STALE_SECONDS,
       });
+      // v2 rows whose validation window passed with no error report naming them are delivered (rows
+      // Stripe accepted: never the pending rows the sweep above looks for).
+      const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
       if (result.enqueued > 0) {
         log.info({ jobId: job?.id, ...result }, 'sweep queued delivery of stranded outbox rows');
       }
@@ -176,29 +178,4 @@ export async function staleKeys(
     if (page.rows.length < pageSize) break;
   }
   return { stale, keys };
-}
-
-/**
- * v2 rows Stripe accepted more than `windowSeconds` ago with no error report naming them become
- * `delivered` (delivered_at: when Stripe received them): one statement. Returns how many.
- */
-export async function promoteValidated(db: Kysely<DB>, windowSeconds: number): Promise<number> {
-  // The instants are parameters, not now(): Citus refuses a function over time in an UPDATE of a
-  // distributed table. They are the database's clock, read first: a worker's clock 20 minutes ahead
-  // would promote rows before Stripe's error reports on them could arrive.
-  const now = await readDatabaseTime(db)();
-  const before = new Date(now.getTime() - windowSeconds * 1000);
-  // Found through meter_outbox_identified_pending (migrations/0085): a row is accepted after its
-  // identifier was committed, so every row due was identified before the window's start too. No index
-  // names accepted_at, so the settle that sets it can be a HOT update.
-  const due = sql`status = 'pending' AND identifier IS NOT NULL AND coalesce(identified_at, created_at) < ${before}
-       AND accepted_at IS NOT NULL AND accepted_at < ${before}`;
-  // A look first (no lock): the UPDATE, which on Citus is a write on every shard, runs only when some
-  // row is due (never with v1).
-  const any = await sql`SELECT 1 FROM meter_outbox WHERE ${due} LIMIT 1`.execute(db);
-  if (any.rows.length === 0) return 0;
-  const result = await sql`
-    UPDATE meter_outbox SET status = 'delivered', delivered_at = accepted_at, updated_at = ${now}
-     WHERE ${due}`.execute(db);
-  return Number(result.numAffectedRows ?? 0n);
 }

@@ -2,14 +2,7 @@
 // different customers (v2 meter event stream). The batch pipeline (batch.ts) claims groups, takes one
 // slot of the call budget per call, hands the events of one call to a transport and settles each group
 // from its own outcome.
-import type Stripe from 'stripe';
-import type { MeterEventName } from '../db/schema.js';
-import {
-  type CallOptions,
-  createStripeMeterClient,
-  type MeterEventInput,
-  type SendOutcome,
-} from './stripe-meter.js';
+import type { CallOptions, MeterEventInput, SendOutcome, StripeMeterClient } from './stripe-meter.js';
 
 export type TransportKind = 'v1' | 'v2' | 'metronome';
 
@@ -25,12 +18,11 @@ export interface MeterTransport {
 }
 
 /** v1: `POST /v1/billing/meter_events`, one event per call, answered synchronously. */
-export function createV1Transport(stripe: Stripe): MeterTransport {
-  const client = createStripeMeterClient(stripe);
+export function createV1Transport(meter: Pick<StripeMeterClient, 'send'>): MeterTransport {
   return {
     kind: 'v1',
     maxEventsPerCall: 1,
-    send: (events, options) => Promise.all(events.map((event) => client.send(event, options))),
+    send: (events, options) => Promise.all(events.map((event) => meter.send(event, options))),
   };
 }
 
@@ -44,26 +36,8 @@ export function onConnectedAccount(transport: MeterTransport, account: string): 
 }
 
 /**
- * The calls a correction group can become (corrections.ts decides which; Stripe's client there,
- * Metronome's in metronome.ts).
+ * The calls a correction group can become: a cancel by identifier, or a (negative) meter event — the
+ * shape of Stripe's meter client (stripe-meter.ts). corrections.ts decides which and reads Stripe's
+ * refusals; Metronome's client is metronome.ts's.
  */
-export interface CorrectionClient {
-  /** Meter event adjustment of type cancel; the idempotency key makes a resend a replay. */
-  cancel(
-    eventName: MeterEventName,
-    identifier: string,
-    idempotencyKey: string,
-    options?: CallOptions,
-  ): Promise<SendOutcome>;
-  /** A meter event (negative value for a compensation). */
-  send(
-    event: {
-      eventName: MeterEventName;
-      customerId: string;
-      value: string;
-      timestamp: Date;
-      identifier: string;
-    },
-    options?: CallOptions,
-  ): Promise<SendOutcome>;
-}
+export type CorrectionClient = StripeMeterClient;

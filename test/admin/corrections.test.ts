@@ -18,6 +18,7 @@ import { claimBatch } from '../../src/metering/claim-sql.js';
 import { createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { sqlStores } from '../../src/metering/store.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,
@@ -51,9 +52,9 @@ const it = stripeTest({
       db: ctx.db,
       boss: ctx.boss,
       store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
-      transport: createV1Transport(stripe),
+      transport: createV1Transport(createStripeMeterClient(stripe)),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
-      corrections: createCorrectionClient(stripe),
+      corrections: createCorrectionClient(createStripeMeterClient(stripe)),
       config: ctx.config,
       clock: ctx.clock,
       log: ctx.log,

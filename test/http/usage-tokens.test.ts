@@ -10,6 +10,7 @@ import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createCorrectionClient } from '../../src/metering/corrections.js';
 import { sqlStores } from '../../src/metering/store.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { compactOutbox } from '../../src/storage/maintenance.js';
 import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
@@ -64,9 +65,9 @@ const it = stripeTest({
       db: ctx.db,
       boss: ctx.boss,
       store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
-      transport: createV1Transport(stripe),
+      transport: createV1Transport(createStripeMeterClient(stripe)),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
-      corrections: createCorrectionClient(stripe),
+      corrections: createCorrectionClient(createStripeMeterClient(stripe)),
       config: ctx.config,
       clock: ctx.clock,
       log: ctx.log,

@@ -8,6 +8,7 @@ import { stripeTotals } from '../../src/admin/reconcile.js';
 import { CustomerAccountError, recordCustomerAccount } from '../../src/billing/connect.js';
 import { createStripeClient } from '../../src/context.js';
 import { correctionsOnConnectedAccount, createCorrectionClient } from '../../src/metering/corrections.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 import { statusCounts, waitFor, writeRows } from './delivery-helpers.js';
@@ -187,7 +188,10 @@ describe('Stripe Connect delivery (v1)', () => {
   it("cancels and summarizes a connected account's event on that account", async ({ ctx, emulator }) => {
     const stripe = createStripeClient(ctx.config)!;
     const customer = emulator.createCustomer({ account: ACCOUNT_A });
-    const client = correctionsOnConnectedAccount(createCorrectionClient(stripe), ACCOUNT_A);
+    const client = correctionsOnConnectedAccount(
+      createCorrectionClient(createStripeMeterClient(stripe)),
+      ACCOUNT_A,
+    );
     const hour = new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000);
     const at = new Date(Math.max(hour.getTime(), Date.now() - 60_000));
     const event = {
@@ -206,7 +210,7 @@ describe('Stripe Connect delivery (v1)', () => {
     // On the platform the customer has nothing (Stripe: no such customer there).
     await expect(stripeTotals(stripe, meters, customer.id, period)).resolves.toMatchObject({ readings: 0 });
     // The cancel goes to the account: the platform's client would find no such event.
-    const platformCancel = await createCorrectionClient(stripe).cancel(
+    const platformCancel = await createCorrectionClient(createStripeMeterClient(stripe)).cancel(
       'temperature_readings',
       'connect-c-1',
       'idem-p-1',

@@ -12,6 +12,7 @@ import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.j
 import { createLeaseKeeper, type LeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
 import { sqlStores } from '../../src/metering/store.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { waitFor } from '../support/wait.js';
 
@@ -139,7 +140,7 @@ export function v1BatchDeps(ctx: Context, overrides: Partial<BatchDeps> = {}): B
   return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
-    transport: createV1Transport(ctx.stripe!),
+    transport: createV1Transport(createStripeMeterClient(ctx.stripe!)),
     slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
     config: ctx.config,
     clock: ctx.clock,

@@ -4,9 +4,11 @@
 // failed 429 slow-down is logged, and the sweep queues any number of keys in two statements.
 //
 // Why this file is long: one case a rule, each with the world in which an earlier design let it slip.
+
 import { randomUUID } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { sql } from 'kysely';
+import type Stripe from 'stripe';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
@@ -16,7 +18,7 @@ import { type CallSlots, callsPerSecond, createSlotDispenser } from '../../src/m
 import { type CorrectionClient, createCorrectionClient } from '../../src/metering/corrections.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { type DeliveryStore, sqlStore } from '../../src/metering/store.js';
-import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
+import { createStripeMeterClient, type MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createV2Transport } from '../../src/metering/transport-v2.js';
@@ -50,9 +52,9 @@ function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
   return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
-    transport: createV1Transport(ctx.stripe!),
+    transport: createV1Transport(createStripeMeterClient(ctx.stripe!)),
     slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
-    corrections: createCorrectionClient(ctx.stripe!),
+    corrections: createCorrectionClient(createStripeMeterClient(ctx.stripe!)),
     config: ctx.config,
     clock: ctx.clock,
     log: ctx.log,
@@ -168,7 +170,7 @@ describe('a call never outlives its key lease', () => {
 
   it('bounds every call (v1 and v2) by the time its lease has left', async ({ ctx }) => {
     const org = await createOrganization(ctx.db);
-    for (const make of [createV1Transport, createV2Transport]) {
+    for (const make of [(s: Stripe) => createV1Transport(createStripeMeterClient(s)), createV2Transport]) {
       await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 1, occurredAt: new Date() }]);
       const inner = make(ctx.stripe!);
       const timeouts: number[] = [];
@@ -677,7 +679,7 @@ describe('corrections in a batch', () => {
 
     // Stripe takes 1.5 s to refuse the cancel (as for an event it no longer lets cancel).
     const timeouts: { call: string; ms: number }[] = [];
-    const inner = createCorrectionClient(ctx.stripe!);
+    const inner = createCorrectionClient(createStripeMeterClient(ctx.stripe!));
     const slow: CorrectionClient = {
       async cancel(_eventName, _identifier, _key, options) {
         timeouts.push({ call: 'cancel', ms: options?.timeoutMs ?? Number.POSITIVE_INFINITY });

@@ -8,7 +8,7 @@ import { describe, expect } from 'vitest';
 import { type Context, createStripeClient } from '../../src/context.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
 import { readPipelineSnapshot } from '../../src/metering/pipeline-snapshot.js';
-import type { MeterEventInput } from '../../src/metering/stripe-meter.js';
+import { createStripeMeterClient, type MeterEventInput } from '../../src/metering/stripe-meter.js';
 import { createV1Transport, type MeterTransport } from '../../src/metering/transport.js';
 import { createOrganization, type OrganizationFixture } from '../support/fixtures.js';
 import { manualGate } from '../support/gates.js';
@@ -110,7 +110,9 @@ const it = stripeTest({
   processes: 2,
   supervise: true,
   startWorkers: true,
-  worker: (ctx, i) => ({ transport: recording(createV1Transport(createStripeClient(ctx.config)!), i) }),
+  worker: (ctx, i) => ({
+    transport: recording(createV1Transport(createStripeMeterClient(createStripeClient(ctx.config)!)), i),
+  }),
 });
 
 describe('delivery at scale across two workers', () => {

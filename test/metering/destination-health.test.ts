@@ -14,6 +14,7 @@ import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.j
 import { destinationHealthStates, gateCalls } from '../../src/metering/destination-health.js';
 import { createMetronomeClient, createMetronomeTransport } from '../../src/metering/metronome.js';
 import { HEALTHY, nextHealth, probeSpacingMs } from '../../src/metering/rules/health.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createV2Transport } from '../../src/metering/transport-v2.js';
@@ -46,7 +47,7 @@ function depsOf(ctx: Context, overrides: Partial<BatchDeps> = {}): BatchDeps {
   return withSqlStores({
     db: ctx.db,
     boss: ctx.boss,
-    transport: createV1Transport(ctx.stripe!),
+    transport: createV1Transport(createStripeMeterClient(ctx.stripe!)),
     slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
     config: ctx.config,
     clock: ctx.clock,

@@ -12,6 +12,7 @@ import { renewEveryMs } from '../../src/metering/batch-lease.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { renewLeases } from '../../src/metering/lease-sql.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -68,7 +69,7 @@ describe('a batch whose process learns of slow claims while its call is out', ()
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
     const length = adaptiveLeaseLength(ctx.config);
     expect(length.seconds()).toBe(LEASE_SECONDS);
-    const real = createV1Transport(ctx.stripe!);
+    const real = createV1Transport(createStripeMeterClient(ctx.stripe!));
     let seen: { leaseLeftSeconds: number } | undefined;
     const transport: MeterTransport = {
       kind: 'v1',
@@ -116,7 +117,7 @@ describe('a batch whose lease has grown', () => {
         return keeper.renew(owner, organizationIds, seconds);
       },
     };
-    const real = createV1Transport(ctx.stripe!);
+    const real = createV1Transport(createStripeMeterClient(ctx.stripe!));
     const transport: MeterTransport = {
       kind: 'v1',
       maxEventsPerCall: 1,

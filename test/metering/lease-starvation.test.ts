@@ -20,6 +20,7 @@ import { startDelivery } from '../../src/metering/delivery.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { renewLeases } from '../../src/metering/lease-sql.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -59,7 +60,7 @@ describe('a batch whose worker pool is taken past its lease', () => {
     // pool-exhaustion.test.ts).
     const pg = new Pool({ connectionString: databaseUrl, max: 1, application_name: POOL_NAME });
     const pool = { pool: pg, db: new Kysely<DB>({ dialect: new PostgresDialect({ pool: pg }) }) };
-    const real = createV1Transport(ctx.stripe!);
+    const real = createV1Transport(createStripeMeterClient(ctx.stripe!));
     let held: Promise<unknown> | undefined;
     let calls = 0;
     const transport: MeterTransport = {

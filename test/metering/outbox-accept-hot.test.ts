@@ -15,7 +15,7 @@ import type { DB } from '../../src/db/schema.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import { type KeyRef, keyRef, type LeasedKey } from '../../src/metering/rules/keys.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
-import { promoteValidated } from '../../src/metering/sweep.js';
+import { promoteValidated } from '../../src/metering/validation-window.js';
 import { createOrganization } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 

@@ -10,6 +10,7 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { createDatabase } from '../../src/db/database.js';
 import { startDelivery } from '../../src/metering/delivery.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import type { MeterTransport } from '../../src/metering/transport.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -55,7 +56,7 @@ describe("a batch that waits longer than the pool's connect timeout for a connec
         heldAt = performance.now();
         held = client.query('SELECT pg_sleep($1)', [HOLD_SECONDS]).finally(() => client.release());
       };
-      const real = createV1Transport(ctx.stripe!);
+      const real = createV1Transport(createStripeMeterClient(ctx.stripe!));
       let calls = 0;
       const transport: MeterTransport = {
         kind: 'v1',

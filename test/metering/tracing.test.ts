@@ -14,6 +14,7 @@ import { deliverBatch } from '../../src/metering/batch.js';
 import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { sqlStores } from '../../src/metering/store.js';
+import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { authHeaders, createSensors } from '../support/fixtures.js';
 import { stripeTest, type TestApp } from '../support/test.js';
@@ -35,7 +36,7 @@ const it = stripeTest({ env: { DELIVERY_MIN_INTERVAL_MS: '0' } }).extend(
       db: ctx.db,
       boss: ctx.boss,
       store: sqlStores({ db: ctx.db, boss: ctx.boss, config: ctx.config }),
-      transport: createV1Transport(stripe),
+      transport: createV1Transport(createStripeMeterClient(stripe)),
       slots: createSlotDispenser(ctx.db, callsPerSecond(ctx.config)),
       config: ctx.config,
       clock: ctx.clock,
