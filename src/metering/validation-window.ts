@@ -15,10 +15,14 @@ export async function promoteValidated(db: Kysely<DB>, windowSeconds: number): P
   // distributed table. They are the database's clock, read first: a worker's clock 20 minutes ahead
   // would promote rows before Stripe's error reports on them could arrive.
   const now = await readDatabaseTime(db)();
-  const due = sql`status = 'pending' AND accepted_at IS NOT NULL
-       AND accepted_at < ${new Date(now.getTime() - windowSeconds * 1000)}`;
-  // A look first (the meter_outbox_validating index; no lock): the UPDATE, which on Citus is a
-  // write on every shard, runs only when some row is due (never with v1).
+  const before = new Date(now.getTime() - windowSeconds * 1000);
+  // Found through meter_outbox_identified_pending (migrations/0085): a row is accepted after its
+  // identifier was committed, so every row due was identified before the window's start too. No index
+  // names accepted_at, so the settle that sets it can be a HOT update.
+  const due = sql`status = 'pending' AND identifier IS NOT NULL AND coalesce(identified_at, created_at) < ${before}
+       AND accepted_at IS NOT NULL AND accepted_at < ${before}`;
+  // A look first (no lock): the UPDATE, which on Citus is a write on every shard, runs only when some
+  // row is due (never with v1).
   const any = await sql`SELECT 1 FROM meter_outbox WHERE ${due} LIMIT 1`.execute(db);
   if (any.rows.length === 0) return 0;
   const result = await sql`
