@@ -23,6 +23,7 @@
 // sent (markEnded, answerEndedCompletion): on Citus it was one statement a batch on the coordinator for nothing.
 import { CompiledQuery, type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { PREPARED } from '../db/prepared.js';
 import type { DB } from '../db/schema.js';
 import type { QueueName } from './queues.js';
 import type { JobOutcome } from './rules/jobs.js';
@@ -68,7 +69,9 @@ export async function endDeliveryJobs(
   if (completed.length > 0) {
     const ids = completed.map((o) => o.id);
     const outputs = Object.fromEntries(completed.map((o) => [o.id, o.output]));
-    const r = await sql<{ n: number }>`
+    // One fixed text (ids, attempts and outputs are parameters): prepared on a direct connection
+    // (src/db/prepared.ts), parsed and planned once per connection, not once per batch.
+    const r = await sql<{ n: number }>`${sql.raw(PREPARED)}
       WITH results AS (
         UPDATE pgboss.job
            SET completed_on = pgboss.job_now(), state = 'completed', output = ${JSON.stringify(outputs)}::jsonb -> id::text

@@ -275,3 +275,33 @@ describe("pg-boss's completion after a delivery handler", () => {
     }
   }, 60_000);
 });
+
+describe("a delivery batch's completion", () => {
+  it('is a prepared statement: parsed once per connection, whatever the batch', async ({ ctx }) => {
+    await ensureQueues(ctx.boss, ctx.config);
+    await ctx.boss.insert(
+      'meter-delivery',
+      Array.from({ length: 12 }, (_, n) => ({ data: { n }, singletonKey: `prepared-${n}` })),
+    );
+    const prepared = await ctx.db.connection().execute(async (conn) => {
+      for (const size of [2, 4, 6]) {
+        const jobs = await ctx.boss.fetch<{ n: number }>('meter-delivery', { batchSize: size });
+        expect(jobs).toHaveLength(size);
+        const ended = await endDeliveryJobs(
+          conn,
+          ctx.boss,
+          jobs,
+          jobs.map((j) => ({ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } })),
+        );
+        expect(ended.completed).toBe(size);
+      }
+      return (
+        await sql<{ runs: number }>`
+          SELECT (generic_plans + custom_plans)::int AS runs FROM pg_prepared_statements
+           WHERE name LIKE 'mb\\_%' AND statement LIKE '%SET completed_on%'`.execute(conn)
+      ).rows;
+    });
+    // One named statement on the connection, run by every batch.
+    expect(prepared).toEqual([{ runs: 3 }]);
+  });
+});
