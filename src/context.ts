@@ -25,6 +25,7 @@ import { SplitListenDb } from './db/job-queue-db.js';
 import { listMigrations } from './db/migrate.js';
 import { poolOpener } from './db/pools.js';
 import { createLogger, type Logger } from './log.js';
+import { answerEndedCompletion } from './metering/job-completion.js';
 import { createMetronomeClient } from './metering/metronome.js';
 import { jobMaintenanceTiming } from './metering/queues.js';
 import { createMetrics, instrumentStripe, type Metrics } from './observability/metrics.js';
@@ -136,7 +137,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   };
   const boss = new PgBoss({
     ...bossConnection,
-    db: new SplitListenDb(bossConnection, directUrl),
+    db: new SplitListenDb(bossConnection, directUrl, answerEndedCompletion),
     supervise,
     // Finished jobs are deleted after JOB_RETENTION_SECONDS only if maintenance runs that often.
     ...jobMaintenanceTiming(config),

@@ -1,5 +1,5 @@
 // npm run bench -- --citus [--quick] [--customers N] [--rounds N] [--latency MS] [--in-flight N] [--statements]
-//                           [--baseline REF] [--out bench-results/citus.json]
+//                           [--baseline REF] [--only TARGET,…] [--out bench-results/citus.json]
 // Delivery events/s with one and with two worker processes (the production bundle), on a Citus cluster
 // (a coordinator and two workers, citus.shard_count 4: the cluster suite's set-up, scripts/lib/citus.ts)
 // and, in the same run, on one node (a plain PostgreSQL server from the same binaries with the same
@@ -65,6 +65,8 @@ const { values: args } = parseArgs({
     statements: { type: 'boolean', default: false },
     // The cluster with the worker of this commit too (routed), instead of the run through the coordinator.
     baseline: { type: 'string' },
+    // Only these targets (comma-separated names: `one node`, `cluster`, `baseline`), for a profile.
+    only: { type: 'string' },
   },
 });
 const quick = args.quick ?? false;
@@ -311,7 +313,7 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
         Object.keys(lockWaits.by).length > 0 ? `: ${JSON.stringify(lockWaits.by)}` : ''
       }); machine ${Math.round(result.machineBusy * 100)}% busy, workers' CPU ${workerCpu.join(' + ')}, Postgres CPU by node ${nodeCpu.join(' + ')} (${nodeCpuMsPerEvent.join(' + ')} ms per event; the bench's sampling ${samplerCpuMsPerEvent.join(' + ')} ms per event apart), sessions opened ${sessions.join(' + ')} (load average ${loadAverageBefore.join(' ')} -> ${result.loadAverageAfter.join(' ')})`,
     );
-    if (args.statements) await printStatements(target);
+    if (args.statements) await printStatements(target, result.events);
     return result;
   } finally {
     await sampler.stop();
@@ -324,19 +326,50 @@ async function run(target: Target, workers: number, r: number, workerEntry: stri
 const onEveryNode = <R extends pg.QueryResultRow>(nodes: readonly string[], query: string) =>
   Promise.all(nodes.map((url) => citusQuery<R>(url, query)));
 
-/** The run's statements that took the most time (planning plus execution), on each node. */
-async function printStatements(target: Target): Promise<void> {
+/**
+ * The run's statements that took the most time (planning plus execution), on each node, with their calls
+ * per delivered event; and every statement's calls per event on the node.
+ */
+async function printStatements(target: Target, events: number): Promise<void> {
   const perNode = await onEveryNode<{ calls: string; plan_ms: string; exec_ms: string; query: string }>(
     target.nodes,
     `SELECT calls::text, round(total_plan_time::numeric, 1)::text AS plan_ms,
             round(total_exec_time::numeric, 1)::text AS exec_ms,
-            left(regexp_replace(query, '\\s+', ' ', 'g'), 90) AS query
+            left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
        FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-      ORDER BY total_plan_time + total_exec_time DESC LIMIT 8`,
+      ORDER BY total_plan_time + total_exec_time DESC LIMIT 14`,
   );
+  const totals = await onEveryNode<{ calls: string; ms: string }>(
+    target.nodes,
+    `SELECT coalesce(sum(calls), 0)::text AS calls, round(coalesce(sum(total_plan_time + total_exec_time), 0)::numeric, 1)::text AS ms
+       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+  );
+  const perEvent = (calls: string) => round(Number(calls) / Math.max(1, events), 3);
+  // Every statement of the coordinator (the first node), whole, for reading apart.
+  const all = await citusQuery<{ calls: string; plan_ms: string; exec_ms: string; query: string }>(
+    target.nodes[0]!,
+    `SELECT calls::text, round(total_plan_time::numeric, 1)::text AS plan_ms,
+            round(total_exec_time::numeric, 1)::text AS exec_ms, regexp_replace(query, '\\s+', ' ', 'g') AS query
+       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      ORDER BY calls DESC`,
+  );
+  const file = join(
+    ROOT,
+    'bench-results',
+    `citus-statements-${target.name.replace(/[^a-z0-9]+/gi, '-')}-${Date.now()}.txt`,
+  );
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  writeFileSync(
+    file,
+    all.map((r) => `${r.calls}\t${perEvent(r.calls)}\t${r.plan_ms}\t${r.exec_ms}\t${r.query}`).join('\n'),
+  );
+  log(`  the coordinator's every statement: ${file}`);
   perNode.forEach((rows, i) => {
-    log(`  ${i === 0 ? 'coordinator' : `worker ${i}`}: calls, planning ms, execution ms, statement`);
-    for (const r of rows) log(`    ${r.calls}  ${r.plan_ms}  ${r.exec_ms}  ${r.query}`);
+    const total = totals[i]?.[0];
+    log(
+      `  ${i === 0 ? 'coordinator' : `worker ${i}`}: ${total?.calls ?? 0} statements (${perEvent(total?.calls ?? '0')} an event), ${total?.ms ?? 0} ms; calls, an event, planning ms, execution ms, statement`,
+    );
+    for (const r of rows) log(`    ${r.calls}  ${perEvent(r.calls)}  ${r.plan_ms}  ${r.exec_ms}  ${r.query}`);
   });
 }
 
@@ -481,10 +514,16 @@ export async function runCitusBench(): Promise<number> {
         `${target.name}: migrated, ${CUSTOMERS} organizations in ${round((Date.now() - started) / 1000, 1)} s`,
       );
     }
+    const only = args.only?.split(',').map((n) => n.trim());
+    const chosen = only
+      ? targets.filter((t) =>
+          only.some((n) => t.name === n || (n === 'baseline' && t.name.startsWith('cluster, baseline'))),
+        )
+      : targets;
     for (let r = 1; r <= ROUNDS; r++) {
       // Alternate which goes first, so a drift of the shared machine's load favours none.
       const order = r % 2 === 1 ? [1, 2] : [2, 1];
-      for (const target of r % 2 === 1 ? targets : [...targets].reverse())
+      for (const target of r % 2 === 1 ? chosen : [...chosen].reverse())
         for (const workers of order) results.push(await run(target, workers, r, workerEntry));
     }
   } finally {

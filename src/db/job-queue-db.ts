@@ -12,6 +12,12 @@ import { attachPool } from './dead-connections.js';
 type ListenArgs = Parameters<Db['listen']>;
 
 /**
+ * A statement answered without sending it (its answer, as pg would give it), or undefined to send it:
+ * pg-boss's completion of delivery jobs the worker has already ended (src/metering/job-completion.ts).
+ */
+export type AnswerFirst = (text: string, values: readonly unknown[] | undefined) => object | undefined;
+
+/**
  * pg-boss passes its database options through to pg.Pool unchanged, so keepalive and statement
  * deadlines (src/db/dead-connections.ts) reach its pool too; its types only name the common ones.
  */
@@ -24,8 +30,9 @@ export class SplitListenDb extends Db {
   readonly #options: JobQueueDbOptions;
   /** What every new pooled connection runs before it is handed out (a TestClock's opt-in). */
   #sessionStatements: string[] = [];
+  readonly #answerFirst: AnswerFirst | undefined;
 
-  constructor(config: JobQueueDbOptions, listenConnectionString?: string) {
+  constructor(config: JobQueueDbOptions, listenConnectionString?: string, answerFirst?: AnswerFirst) {
     // A copy: pg-boss hands this object to pg.Pool as it is, and onConnect is added to it below.
     const poolConfig: JobQueueDbOptions & Pick<pg.PoolConfig, 'onConnect'> = { ...config };
     super(poolConfig);
@@ -37,6 +44,7 @@ export class SplitListenDb extends Db {
       for (const statement of this.#sessionStatements) await client.query(statement);
     };
     this.#options = config;
+    this.#answerFirst = answerFirst;
     if (listenConnectionString !== undefined && listenConnectionString !== config.connectionString) {
       this.#listener = new Db({ ...config, connectionString: listenConnectionString, max: 1 });
       this.#listener.on('error', (err: unknown) => this.emit('error', err));
@@ -66,6 +74,12 @@ export class SplitListenDb extends Db {
   override async close(): Promise<void> {
     await super.close();
     if (this.#listener?.opened) await this.#listener.close();
+  }
+
+  override async executeSql(text: string, values?: unknown[]): ReturnType<Db['executeSql']> {
+    const answer = this.#answerFirst?.(text, values);
+    if (answer !== undefined) return answer as Awaited<ReturnType<Db['executeSql']>>;
+    return super.executeSql(text, values);
   }
 
   override listen(...args: ListenArgs): ReturnType<Db['listen']> {

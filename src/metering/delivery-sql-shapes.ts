@@ -31,6 +31,7 @@ import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { nodeConnectionsOf } from './citus-nodes.js';
 import { groupDigest, identifierPrefix } from './identifiers.js';
 import { keyRef } from './rules/keys.js';
+import { type ShardRange, shardOfUuid } from './shard-hash.js';
 
 /**
  * `alias`.organization_id among the statement's organizations, as a predicate followed by AND; empty on
@@ -76,25 +77,90 @@ export const ONE_NODE: ShardRouter = {
   groups: async (organizationIds) => (organizationIds.length === 0 ? [] : [[...new Set(organizationIds)]]),
 };
 
+/** How long a process keeps meter_delivery_keys' shard ranges and their nodes before reading them again. */
+export const SHARD_MAP_MS = 60_000;
+
+/** meter_delivery_keys' shards: each one's hash range and the node that holds it (absent: the coordinator). */
+type ShardMap = (ShardRange & { node?: { host: string; port: number } })[];
+
+const shardMaps = new WeakMap<Kysely<DB>, { until: number; map: Promise<ShardMap | undefined> }>();
+
+/**
+ * meter_delivery_keys' shard ranges and nodes as `db`'s server has them, read at most once per
+ * SHARD_MAP_MS per database of the process (one statement on the coordinator's metadata); undefined when
+ * they cannot be read (then each batch asks as before).
+ */
+export function shardMapOf(
+  db: Kysely<DB>,
+  now: () => number = () => performance.now(),
+): Promise<ShardMap | undefined> {
+  const known = shardMaps.get(db);
+  if (known && known.until > now()) return known.map;
+  const map = sql<{ shard: string; min: string; max: string; host: string | null; port: number | null }>`
+    SELECT s.shardid::text AS shard, s.shardminvalue AS min, s.shardmaxvalue AS max, n.nodename AS host, n.nodeport AS port
+      FROM pg_dist_shard s
+      JOIN pg_dist_partition d ON d.logicalrelid = s.logicalrelid AND d.partmethod = 'h'
+      LEFT JOIN LATERAL (
+        SELECT x.nodename, x.nodeport FROM pg_dist_placement p JOIN pg_dist_node x ON x.groupid = p.groupid
+         WHERE p.shardid = s.shardid AND x.groupid <> 0 AND x.noderole = 'primary' AND x.isactive
+         LIMIT 1) n ON true
+     WHERE s.logicalrelid = 'meter_delivery_keys'::regclass`
+    .execute(db)
+    .then(({ rows }): ShardMap | undefined =>
+      rows.length === 0
+        ? undefined
+        : rows.map((r) => ({
+            shard: r.shard,
+            min: Number(r.min),
+            max: Number(r.max),
+            ...(r.host !== null && r.port !== null ? { node: { host: r.host, port: Number(r.port) } } : {}),
+          })),
+    )
+    .catch(() => undefined);
+  shardMaps.set(db, { until: now() + SHARD_MAP_MS, map });
+  return map;
+}
+
 /**
  * The router of a distributed database: the organizations' shard (meter_delivery_keys', whose
- * co-located shards share its hash ranges) read from Citus's metadata on the coordinator, one
- * round trip without a worker, remembered for the router's life (one batch: its claim, renewals,
- * settle and release). Shards only change ranges when split, which a batch outlives at worst with
- * one failed statement (its keys' leases then run out, as after any failed batch).
+ * co-located shards share its hash ranges), remembered for the router's life (one batch: its claim,
+ * renewals, settle and release). Each organization's shard is computed in the process from its hash
+ * (shard-hash.ts, the server's own uuid_hash) and the shards' ranges, which the process reads from
+ * Citus's metadata on the coordinator at most once per SHARD_MAP_MS (shardMapOf): no statement per
+ * batch. An organization the ranges do not place (none read) is asked of the metadata with the batch's
+ * one statement, as before. Shards only change ranges when split: a batch grouped by ranges read before
+ * a split fails at worst one statement (its keys' leases then run out, as after any failed batch), and
+ * the ranges are read again within SHARD_MAP_MS.
  *
  * With node connections (`nodes`, by default those registered for `db`: CITUS_NODE_ROUTING,
- * citus-nodes.ts) the same round trip reads the node that holds each shard, and nodeOf answers that
- * node's database (none for the coordinator's own shards). A shard moved since is still found: the
- * node the statement reaches runs it where its own metadata, synced by the move, says the shard is.
+ * citus-nodes.ts) the same read gives the node that holds each shard, and nodeOf answers that node's
+ * database (none for the coordinator's own shards). A shard moved since is still found: the node the
+ * statement reaches runs it where its own metadata, synced by the move, says the shard is.
  */
-export function citusRouter(db: Kysely<DB>, nodes = nodeConnectionsOf(db)): ShardRouter {
+export function citusRouter(
+  db: Kysely<DB>,
+  nodes = nodeConnectionsOf(db),
+  now: () => number = () => performance.now(),
+): ShardRouter {
   const shardOf = new Map<string, string>();
   /** A shard's node (host and port), absent where it is the coordinator's or unknown. */
   const nodeOfShard = new Map<string, { host: string; port: number }>();
   return {
     async groups(organizationIds) {
-      const unknown = [...new Set(organizationIds)].filter((o) => !shardOf.has(o));
+      let unknown = [...new Set(organizationIds)].filter((o) => !shardOf.has(o));
+      if (unknown.length > 0) {
+        const map = await shardMapOf(db, now);
+        if (map) {
+          unknown = unknown.filter((o) => {
+            const range = shardOfUuid(map, o);
+            if (!range) return true;
+            shardOf.set(o, range.shard);
+            const node = range.node;
+            if (node) nodeOfShard.set(range.shard, node);
+            return false;
+          });
+        }
+      }
       if (unknown.length > 0) {
         if (nodes) {
           const { rows } = await sql<{

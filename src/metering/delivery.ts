@@ -8,7 +8,7 @@ import { deliverBatch } from './batch.js';
 import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
 import { fetchPlan } from './fetch-policy.js';
-import { endDeliveryJobs } from './job-completion.js';
+import { endDeliveryJobs, markEnded } from './job-completion.js';
 import { touchWhileRunning } from './lease-keeper.js';
 import { startLeaseReaper } from './lease-reaper.js';
 import type { QueuePayload } from './queues.js';
@@ -137,6 +137,8 @@ export async function startDelivery(
           // Each job ends with its outcome, by primary key (job-completion.ts); a failure here fails
           // the jobs still active, as pg-boss's own settle failing did.
           await endDeliveryJobs(db, ctx.boss, jobs, results);
+          // pg-boss's completion after this handler changes nothing now: not sent (job-completion.ts).
+          markEnded(jobs);
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
         } catch (err) {

@@ -18,10 +18,12 @@
 //                failed with their output and sends their copy to the queue's dead letter queue
 //   (none)       a job the batch gave no outcome fails as pg-boss's settle failed it: retried with backoff
 //
-// pg-boss then completes the batch's jobs still active as after any handler (none are: its statement,
-// by `id = ANY` and fenced too, changes nothing).
+// pg-boss then completes the batch's jobs still active as after any handler. None are: its statement,
+// by `id = ANY` and fenced to the same attempts, changes nothing, so for a batch ended here it is not
+// sent (markEnded, answerEndedCompletion): on Citus it was one statement a batch on the coordinator for nothing.
 import { CompiledQuery, type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
+import { PREPARED } from '../db/prepared.js';
 import type { DB } from '../db/schema.js';
 import type { QueueName } from './queues.js';
 import type { JobOutcome } from './rules/jobs.js';
@@ -67,7 +69,9 @@ export async function endDeliveryJobs(
   if (completed.length > 0) {
     const ids = completed.map((o) => o.id);
     const outputs = Object.fromEntries(completed.map((o) => [o.id, o.output]));
-    const r = await sql<{ n: number }>`
+    // One fixed text (ids, attempts and outputs are parameters): prepared on a direct connection
+    // (src/db/prepared.ts), parsed and planned once per connection, not once per batch.
+    const r = await sql<{ n: number }>`${sql.raw(PREPARED)}
       WITH results AS (
         UPDATE pgboss.job
            SET completed_on = pgboss.job_now(), state = 'completed', output = ${JSON.stringify(outputs)}::jsonb -> id::text
@@ -122,4 +126,46 @@ async function deadLetter(
     }
     return Number(spent.numAffectedRows ?? 0n);
   });
+}
+
+/**
+ * Attempts ('id:retryCount') of delivery jobs endDeliveryJobs ended, until pg-boss's completion after
+ * their handler names them (answerEndedCompletion), with when they were marked: an entry whose
+ * completion never came (the handler failed after it, pg-boss stopped) is dropped after ENDED_FOR_MS.
+ */
+const endedAttempts = new Map<string, number>();
+const ENDED_FOR_MS = 10 * 60_000;
+
+/** Marks `jobs` (a batch whose endDeliveryJobs returned) as ended: pg-boss's completion of them is not sent. */
+export function markEnded(jobs: readonly JobAttempt[], now = performance.now()): void {
+  for (const [attempt, at] of endedAttempts) {
+    if (now - at < ENDED_FOR_MS) break;
+    endedAttempts.delete(attempt);
+  }
+  for (const job of jobs) endedAttempts.set(`${job.id.toLowerCase()}:${job.retryCount}`, now);
+}
+
+/** pg-boss's fenced completion of jobs by id (plans.completeJobs: queue $1, ids $2, output $3, attempts $4). */
+const PGBOSS_COMPLETION =
+  /^\s*WITH results AS \(\s*UPDATE \S+\s+SET completed_on = \S+,\s*state = 'completed',\s*output = \$3::jsonb,/;
+
+/**
+ * pg-boss's own database answers this for a statement before sending it (src/db/job-queue-db.ts). After
+ * a handler returns, pg-boss completes the batch's jobs still active. For a delivery batch whose every
+ * job endDeliveryJobs ended (markEnded), that statement would change nothing: each job was completed or
+ * dead-lettered or failed for a retry (none is active), or its attempt was no longer the batch's (pg-boss
+ * fences to the same attempt). It is answered here as Postgres would (no row changed) instead of sent:
+ * on Citus one statement a batch on the coordinator. Anything else: undefined (sent as always).
+ */
+export function answerEndedCompletion(
+  text: string,
+  values: readonly unknown[] | undefined,
+): { rows: { count: string; ids: string[] }[]; rowCount: number } | undefined {
+  if (values?.[0] !== DELIVERY_QUEUE || values.length !== 4 || !PGBOSS_COMPLETION.test(text))
+    return undefined;
+  const attempts = values[3];
+  if (!Array.isArray(attempts) || attempts.length === 0) return undefined;
+  if (!attempts.every((a) => typeof a === 'string' && endedAttempts.has(a))) return undefined;
+  for (const a of attempts as string[]) endedAttempts.delete(a);
+  return { rows: [{ count: '0', ids: [] }], rowCount: 1 };
 }

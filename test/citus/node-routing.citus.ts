@@ -3,6 +3,7 @@
 // runs none of them, each node runs only its own shard groups' statements, and a statement sent by a
 // placement that went stale (its shard moved after the batch's router read it) still does exactly what
 // it would have done on the coordinator: the node it reaches runs it where the shard now is.
+import { randomUUID } from 'node:crypto';
 import { sql } from 'kysely';
 import pg from 'pg';
 import type { PgBoss } from 'pg-boss';
@@ -17,7 +18,7 @@ import {
 } from '../../src/metering/citus-nodes.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
-import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
+import { citusRouter, SHARD_MAP_MS } from '../../src/metering/delivery-sql-shapes.js';
 import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
 import { sqlStore } from '../../src/metering/store.js';
@@ -179,6 +180,46 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     }
   });
 
+  it("finds each organization's shard group as Citus does, without a statement per batch", async () => {
+    const recorded: Recorded = [];
+    // A database of its own (the process's shard map is kept per database), on the same pool.
+    const coordinator = recordingDb(pool, recorded);
+    {
+      const expected = async (orgs: string[]) => {
+        const rows = await citusQuery<{ o: string; shard: string }>(
+          cluster.coordinator.url,
+          `SELECT o::text, get_shard_id_for_distribution_column('meter_delivery_keys', o)::text AS shard
+             FROM unnest($1::uuid[]) AS o`,
+          [orgs],
+        );
+        const groups = new Map<string, string[]>();
+        for (const r of rows) groups.set(r.shard, [...(groups.get(r.shard) ?? []), r.o]);
+        return [...groups.entries()].sort(([a], [b]) => Number(a) - Number(b)).map(([, g]) => g.sort());
+      };
+      const first = Array.from({ length: 300 }, () => randomUUID());
+      expect(await citusRouter(coordinator, nodes).groups(first)).toEqual(await expected(first));
+      // The process's first batch read the shards' ranges and nodes: one statement.
+      expect(recorded).toHaveLength(1);
+      // Later batches (new routers, other organizations) send none, and still group as Citus does.
+      for (let batch = 0; batch < 3; batch++) {
+        const orgs = Array.from({ length: 300 }, () => randomUUID());
+        const router = citusRouter(coordinator, nodes);
+        expect(await router.groups(orgs)).toEqual(await expected(orgs));
+        for (const group of await router.groups(orgs)) {
+          const port = (
+            await (
+              await router.nodeOf!(group)
+            )
+              ?.selectNoFrom(sql<number>`inet_server_port()`.as('p'))
+              .executeTakeFirst()
+          )?.p;
+          expect(port).toBe(await nodeOf(group[0]!));
+        }
+      }
+      expect(recorded).toHaveLength(1);
+    }
+  });
+
   it('does what it says when the shard moved after the router read its node, and the next router follows it', async () => {
     const key = await keyWith(1, 2);
     const router = citusRouter(db, nodes);
@@ -217,8 +258,8 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     expect(again.map((k) => k.state === 'leased' && k.group?.value)).toEqual(['2']);
     expect((await stateOf(key)).leases).toEqual(['node-stale-2']);
 
-    // A new batch's router reads the new placement.
-    const fresh = citusRouter(db, nodes);
+    // A new batch's router once the process's shard map is SHARD_MAP_MS old reads the new placement.
+    const fresh = citusRouter(db, nodes, () => performance.now() + SHARD_MAP_MS + 1);
     const sentTo = onOutbox(onNode.get(to) ?? []).length;
     expect(await settleAccepted(again, 'node-stale-2', fresh)).toBe(0);
     expect(onOutbox(onNode.get(to)!).length).toBe(sentTo + 1);

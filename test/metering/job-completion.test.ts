@@ -11,9 +11,10 @@ import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import { type JobWithMetadata, PgBoss } from 'pg-boss';
 import { describe, expect, vi } from 'vitest';
+import { SplitListenDb } from '../../src/db/job-queue-db.js';
 import type { DB } from '../../src/db/schema.js';
 import { deliveryWorkOptions } from '../../src/metering/fetch-policy.js';
-import { endDeliveryJobs } from '../../src/metering/job-completion.js';
+import { answerEndedCompletion, endDeliveryJobs, markEnded } from '../../src/metering/job-completion.js';
 import { ensureQueues } from '../../src/metering/queues.js';
 import type { JobOutcome } from '../../src/metering/rules/jobs.js';
 import { type PlanNode, rowsHandled } from '../support/plans.js';
@@ -167,4 +168,140 @@ describe("a delivery batch's jobs", () => {
       await pool.end();
     }
   }, 120_000);
+});
+
+describe("pg-boss's completion after a delivery handler", () => {
+  /** pg-boss on the process's own database class (src/context.ts), every statement it sends recorded. */
+  const recordedBoss = async (url: string) => {
+    const bossDb = new SplitListenDb({ connectionString: url, max: 2 }, undefined, answerEndedCompletion);
+    const boss = new PgBoss({
+      db: bossDb,
+      supervise: false,
+      schedule: false,
+      migrate: false,
+      createSchema: false,
+      useListenNotify: false,
+    });
+    boss.on('error', () => {});
+    await boss.start();
+    const sent: string[] = [];
+    const pool = (bossDb as unknown as { pool: pg.Pool }).pool;
+    const query = pool.query.bind(pool) as (...args: unknown[]) => unknown;
+    (pool as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+      if (typeof args[0] === 'string') sent.push(args[0]);
+      return query(...args);
+    };
+    return { boss, sent };
+  };
+  const isCompletion = (t: string) => /SET completed_on = \S+,\s*state = 'completed'/.test(t);
+  const isFetch = (t: string) => /SKIP LOCKED/.test(t) && /started_on/.test(t);
+
+  it('is not sent for a batch whose jobs endDeliveryJobs ended; each job keeps its own outcome', async ({
+    ctx,
+  }) => {
+    await ensureQueues(ctx.boss, ctx.config);
+    await ctx.boss.insert(
+      'meter-delivery',
+      Array.from({ length: 6 }, (_, n) => ({ data: { n }, singletonKey: `skip-${n}` })),
+    );
+    const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 2 });
+    const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+    const { boss, sent } = await recordedBoss(ctx.config.DATABASE_URL!);
+    try {
+      let batch: JobWithMetadata<{ n: number }>[] = [];
+      await boss.work(
+        'meter-delivery',
+        deliveryWorkOptions(6, 1),
+        async (jobs: JobWithMetadata<{ n: number }>[]) => {
+          if (batch.length > 0) return;
+          batch = jobs;
+          // The first job given no outcome (failed for a retry), every other one completed with its own.
+          const outcomes: JobOutcome[] = jobs
+            .slice(1)
+            .map((j) => ({ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } }));
+          await endDeliveryJobs(db, boss, jobs, outcomes);
+          markEnded(jobs);
+        },
+      );
+      // The fetcher fetched again after the batch: pg-boss has done what it does after a handler.
+      await vi.waitFor(
+        () => {
+          expect(batch).toHaveLength(6);
+          expect(sent.filter(isFetch).length).toBeGreaterThanOrEqual(2);
+        },
+        { timeout: 30_000, interval: 50 },
+      );
+      await boss.offWork('meter-delivery');
+      // endDeliveryJobs completed the jobs on its own database; pg-boss sent no completion of its own.
+      expect(sent.filter(isCompletion)).toEqual([]);
+      const { rows } = await sql<{ id: string; state: string; n: string | null }>`
+        SELECT id, state::text, output->>'n' AS n FROM pgboss.job
+         WHERE id = ANY(${batch.map((j) => j.id)}::uuid[])`.execute(ctx.db);
+      const byId = new Map(rows.map((r) => [r.id, r]));
+      expect(byId.get(batch[0]!.id)?.state).toBe('retry');
+      for (const j of batch.slice(1))
+        expect(byId.get(j.id)).toMatchObject({ state: 'completed', n: String(j.data.n) });
+    } finally {
+      await boss.stop({ graceful: false, close: true });
+      await db.destroy();
+    }
+  }, 60_000);
+
+  it('is sent as before for a batch not marked ended, and completes its jobs', async ({ ctx }) => {
+    await ensureQueues(ctx.boss, ctx.config);
+    await ctx.boss.insert('meter-delivery', [{ data: { n: 1 }, singletonKey: 'unmarked' }]);
+    const { boss, sent } = await recordedBoss(ctx.config.DATABASE_URL!);
+    try {
+      let id = '';
+      await boss.work(
+        'meter-delivery',
+        deliveryWorkOptions(1, 1),
+        async (jobs: JobWithMetadata<object>[]) => {
+          id ||= jobs[0]!.id;
+        },
+      );
+      await vi.waitFor(
+        async () => {
+          const { rows } = await sql<{ state: string }>`
+            SELECT state::text FROM pgboss.job WHERE id = ${id}::uuid`.execute(ctx.db);
+          expect(rows[0]?.state).toBe('completed');
+        },
+        { timeout: 30_000, interval: 100 },
+      );
+      await boss.offWork('meter-delivery');
+      expect(sent.filter(isCompletion)).toHaveLength(1);
+    } finally {
+      await boss.stop({ graceful: false, close: true });
+    }
+  }, 60_000);
+});
+
+describe("a delivery batch's completion", () => {
+  it('is a prepared statement: parsed once per connection, whatever the batch', async ({ ctx }) => {
+    await ensureQueues(ctx.boss, ctx.config);
+    await ctx.boss.insert(
+      'meter-delivery',
+      Array.from({ length: 12 }, (_, n) => ({ data: { n }, singletonKey: `prepared-${n}` })),
+    );
+    const prepared = await ctx.db.connection().execute(async (conn) => {
+      for (const size of [2, 4, 6]) {
+        const jobs = await ctx.boss.fetch<{ n: number }>('meter-delivery', { batchSize: size });
+        expect(jobs).toHaveLength(size);
+        const ended = await endDeliveryJobs(
+          conn,
+          ctx.boss,
+          jobs,
+          jobs.map((j) => ({ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } })),
+        );
+        expect(ended.completed).toBe(size);
+      }
+      return (
+        await sql<{ runs: number }>`
+          SELECT (generic_plans + custom_plans)::int AS runs FROM pg_prepared_statements
+           WHERE name LIKE 'mb\\_%' AND statement LIKE '%SET completed_on%'`.execute(conn)
+      ).rows;
+    });
+    // One named statement on the connection, run by every batch.
+    expect(prepared).toEqual([{ runs: 3 }]);
+  });
 });
