@@ -65,6 +65,53 @@ export function readingColumns(requests: readonly GroupRequest[]) {
   return columns;
 }
 
+/**
+ * An element of a Postgres array literal: as it is when it needs no quotes (ids, instants and numbers as
+ * validated readings have them), else quoted and escaped as node-postgres quotes array elements.
+ */
+function arrayElement(value: string): string {
+  return PLAIN_ELEMENT.test(value) && (value.length !== 4 || value.toUpperCase() !== 'NULL')
+    ? value
+    : `"${value.replace(/\\/g, '\\\\').replace(/"/g, '\\"')}"`;
+}
+const PLAIN_ELEMENT = /^[0-9A-Za-z:.+-]+$/;
+
+/**
+ * readingColumns as Postgres array literals (text parameters cast to arrays by the statement), the
+ * organization once per request rather than once per reading: what node-postgres would send for the
+ * arrays, built in one pass without its per-element quoting and escaping. For a batch of 500 readings
+ * that quoting and the 500 copies of the organization id were the API's largest cost after JSON
+ * (docs/benchmarks.md). `req` is the request's index (from 0) into `orgs`.
+ */
+export function readingArrays(requests: readonly GroupRequest[]) {
+  const req: string[] = [];
+  const sensor: string[] = [];
+  const recordedAt: string[] = [];
+  const temperature: string[] = [];
+  const orgs: string[] = [];
+  const offsets: number[] = [];
+  requests.forEach((r, i) => {
+    offsets.push(req.length);
+    orgs.push(arrayElement(r.organizationId));
+    const index = String(i);
+    for (const reading of r.readings) {
+      req.push(index);
+      sensor.push(arrayElement(reading.sensorId));
+      recordedAt.push(arrayElement(reading.recordedAt));
+      temperature.push(arrayElement(String(reading.temperatureC)));
+    }
+  });
+  const literal = (items: string[]) => `{${items.join(',')}}`;
+  return {
+    req: literal(req),
+    orgs: literal(orgs),
+    sensor: literal(sensor),
+    recordedAt: literal(recordedAt),
+    temperature: literal(temperature),
+    offsets,
+  };
+}
+
 /** Either the batch was stored (and billed), or it was refused because of its sensors. */
 export type StoreReadingsOutcome =
   | { stored: true; result: ReadingsResult }
