@@ -78,36 +78,41 @@ const PLAIN_ELEMENT = /^[0-9A-Za-z:.+-]+$/;
 
 /**
  * readingColumns as Postgres array literals (text parameters cast to arrays by the statement), the
- * organization once per request rather than once per reading: what node-postgres would send for the
- * arrays, built in one pass without its per-element quoting and escaping. For a batch of 500 readings
- * that quoting and the 500 copies of the organization id were the API's largest cost after JSON
- * (docs/benchmarks.md). `req` is the request's index (from 0) into `orgs`.
+ * organization once per request rather than once per reading and no request index per reading: what
+ * node-postgres would send for the arrays, built in one pass without its per-element quoting and
+ * escaping. For a batch of 500 readings that quoting and the 500 copies of the organization id were
+ * the API's largest cost after JSON (docs/benchmarks.md). `starts[i]` is the ordinal (from 1) of
+ * request i's first reading: a reading's request is `width_bucket(ordinal, starts) - 1`, its
+ * organization `orgs[request + 1]`.
  */
 export function readingArrays(requests: readonly GroupRequest[]) {
-  const req: string[] = [];
-  const sensor: string[] = [];
-  const recordedAt: string[] = [];
-  const temperature: string[] = [];
-  const orgs: string[] = [];
+  let sensor = '';
+  let recordedAt = '';
+  let temperature = '';
+  let orgs = '';
+  let starts = '';
   const offsets: number[] = [];
-  requests.forEach((r, i) => {
-    offsets.push(req.length);
-    orgs.push(arrayElement(r.organizationId));
-    const index = String(i);
-    for (const reading of r.readings) {
-      req.push(index);
-      sensor.push(arrayElement(reading.sensorId));
-      recordedAt.push(arrayElement(reading.recordedAt));
-      temperature.push(arrayElement(String(reading.temperatureC)));
+  let n = 0;
+  for (const r of requests) {
+    offsets.push(n);
+    const sep = n === 0 ? '' : ',';
+    orgs += (orgs === '' ? '' : ',') + arrayElement(r.organizationId);
+    starts += (starts === '' ? '' : ',') + String(n + 1);
+    for (let k = 0; k < r.readings.length; k++) {
+      const reading = r.readings[k]!;
+      const comma = k === 0 ? sep : ',';
+      sensor += comma + arrayElement(reading.sensorId);
+      recordedAt += comma + arrayElement(reading.recordedAt);
+      temperature += comma + arrayElement(String(reading.temperatureC));
     }
-  });
-  const literal = (items: string[]) => `{${items.join(',')}}`;
+    n += r.readings.length;
+  }
   return {
-    req: literal(req),
-    orgs: literal(orgs),
-    sensor: literal(sensor),
-    recordedAt: literal(recordedAt),
-    temperature: literal(temperature),
+    starts: `{${starts}}`,
+    orgs: `{${orgs}}`,
+    sensor: `{${sensor}}`,
+    recordedAt: `{${recordedAt}}`,
+    temperature: `{${temperature}}`,
     offsets,
   };
 }

@@ -89,7 +89,7 @@ export async function storeGroupAtOnce(
  * jobs, their wake-up and the guard that refuses what one statement cannot do.
  */
 function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
-  const { req, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
+  const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
   const traceColumn = traced.size > 0 ? sql`, traceparent` : sql``;
@@ -120,9 +120,10 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
   const crossedCall = thresholdCountCall(sql`${now}::timestamptz`);
   const statement = sql<GroupRow>`${sql.raw(PREPARED)}
     WITH input AS MATERIALIZED (
-      SELECT r.req, (${orgs}::uuid[])[r.req + 1] AS org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
-      FROM unnest(${req}::int[], ${sensor}::uuid[], ${recordedAt}::timestamptz[], ${temperature}::float8[])
-             WITH ORDINALITY AS r(req, sensor_id, recorded_at, temperature_c, n)
+      SELECT q.req, (${orgs}::uuid[])[q.req + 1] AS org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
+      FROM unnest(${sensor}::uuid[], ${recordedAt}::timestamptz[], ${temperature}::float8[])
+             WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n),
+           LATERAL (SELECT width_bucket(r.n, ${starts}::bigint[]) - 1 AS req) q
     ), known AS (
       -- The distinct sensors as one array: index look-ups, where IN (input) was planned for ~500
       -- sensors a batch and hashed the whole table (test/ingest/group-lookups.test.ts).

@@ -1,6 +1,6 @@
 // The group statement's arrays go to Postgres as array literals built by readingArrays (not by
 // node-postgres's per-element quoting): every value must reach Postgres as it was sent, whether it
-// needs quotes in a literal or not.
+// needs quotes in a literal or not, with the request it came from.
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -35,12 +35,21 @@ describe('readingArrays', () => {
         organizationId: 'org "2", NULL',
         readings: [{ sensorId: 'NuLl', recordedAt: '2026-11-21T10:00:00+05:30', temperatureC: 150 }],
       },
+      {
+        organizationId: 'org-3',
+        readings: [
+          { sensorId: 's1', recordedAt: 'a', temperatureC: 0 },
+          { sensorId: 's2', recordedAt: 'b', temperatureC: -100 },
+        ],
+      },
     ];
     const a = readingArrays(requests);
     const { rows } = await sql<{ req: number; org: string; sensor: string; at: string; t: number }>`
-      SELECT r.req, (${a.orgs}::text[])[r.req + 1] AS org, r.sensor, r.at, r.t
-        FROM unnest(${a.req}::int[], ${a.sensor}::text[], ${a.recordedAt}::text[], ${a.temperature}::float8[])
-             WITH ORDINALITY AS r(req, sensor, at, t, n) ORDER BY r.n`.execute(ctx.db);
+      SELECT q.req, (${a.orgs}::text[])[q.req + 1] AS org, r.sensor, r.at, r.t
+        FROM unnest(${a.sensor}::text[], ${a.recordedAt}::text[], ${a.temperature}::float8[])
+             WITH ORDINALITY AS r(sensor, at, t, n),
+             LATERAL (SELECT width_bucket(r.n, ${a.starts}::bigint[]) - 1 AS req) q
+       ORDER BY r.n`.execute(ctx.db);
     const expected = requests.flatMap((r, i) =>
       r.readings.map((x) => ({
         req: i,
@@ -51,6 +60,6 @@ describe('readingArrays', () => {
       })),
     );
     expect(rows).toEqual(expected);
-    expect(a.offsets).toEqual([0, odd.length + 1]);
+    expect(a.offsets).toEqual([0, odd.length + 1, odd.length + 2]);
   });
 });
