@@ -912,7 +912,7 @@ function runValidation() {
   const group = [{ organizationId: randomUUID(), readings: parseReadingsFast(body, options)!.readings }];
   const literals = () => {
     const a = readingArrays(group);
-    return [a.req, a.orgs, a.sensor, a.recordedAt, a.temperature].map((v) => pgUtils.prepareValue(v));
+    return [a.starts, a.orgs, a.sensor, a.recordedAt, a.temperature].map((v) => pgUtils.prepareValue(v));
   };
   const quoted = () => {
     const a = readingColumns(group);
