@@ -116,7 +116,7 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       FROM stored s JOIN winners w ON w.sensor_id = s.sensor_id AND w.recorded_at = s.recorded_at
       GROUP BY w.req
     )`;
-  // A prepared statement (src/db/prepared.ts): its text is the same for every group (arrays, not lists).
+  // A prepared statement (src/db/prepared.ts): one of a few fixed texts, whatever the group (arrays, not lists).
   const crossedCall = thresholdCountCall(sql`${now}::timestamptz`);
   const statement = sql<GroupRow>`${sql.raw(PREPARED)}
     WITH input AS MATERIALIZED (
