@@ -3,7 +3,7 @@
 // commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
 // problems (one request's unknown sensor never rejects another). The group goes to the writer of the
 // database's shape: one statement on one node (single-node.ts storeGroup in a transaction; with
-// INGEST_GROUP_ONE_STATEMENT=on, the default, first storeGroupAtOnce, in autocommit), or a transaction of router statements per shard group on
+// INGEST_GROUP_ONE_STATEMENT=on first storeGroupAtOnce, in autocommit), or a transaction of router statements per shard group on
 // Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
 // test/ingest/contract.ts).
 import type { Kysely, Transaction } from 'kysely';
