@@ -34,12 +34,14 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { z } from 'zod';
 import { isPgInstant } from '../../src/db/input-types.js';
+import { readingArrays, readingColumns } from '../../src/ingest/readings.js';
 import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
 import { pollUntil } from '../lib/poll.js';
 import { seededRandom } from '../lib/random.js';
@@ -367,7 +369,15 @@ function sessionWaits(pool: pg.Pool) {
 /** Every role's costliest statements since the last reset, with the mean plan and execution times. */
 async function topStatements(pool: pg.Pool) {
   const top = await pool.query<{ q: string; calls: string; rows: string; plan: number; exec: number }>(
-    `SELECT regexp_replace(left(s.query, 90), '\\s+', ' ', 'g') AS q, s.calls::text, s.rows::text,
+    // A group statement's text begins as every other's: what follows the first 90 characters says
+    // which (the one-statement form queues jobs with json_to_recordset; the `winners` match).
+    `SELECT regexp_replace(left(s.query, 90), '\\s+', ' ', 'g')
+            || CASE WHEN s.query NOT LIKE '%WITH input AS%' THEN ''
+                    WHEN s.query LIKE '%json_to_recordset%' THEN ' [one statement'
+                    ELSE ' [transaction' END
+            || CASE WHEN s.query NOT LIKE '%WITH input AS%' THEN ''
+                    WHEN s.query LIKE '%winners AS%' THEN ', winners]' ELSE ']' END AS q,
+            s.calls::text, s.rows::text,
             s.total_plan_time AS plan, s.total_exec_time AS exec
        FROM pg_stat_statements s
       ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 8`,
@@ -901,6 +911,11 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
  * kept here as the comparison), and the zod schema (the path of a batch the loop leaves to it).
  * Twelve rounds alternate the order; µs per batch, the median of the last ten.
  */
+/** node-postgres's conversion of a parameter to what it sends (its own, untyped module). */
+const pgUtils = createRequire(import.meta.url)('pg/lib/utils.js') as {
+  prepareValue(value: unknown): unknown;
+};
+
 function runValidation() {
   const options = { maxBatch: 1000, now: () => new Date(), retentionDays: 30 };
   const schema = readingsRequestSchema(options);
@@ -923,9 +938,23 @@ function runValidation() {
     }
     return true;
   };
+  // The group statement's parameters for this batch as node-postgres sends them (its prepareValue):
+  // the arrays as one-pass literals (readingArrays), and as they were (readingColumns' arrays quoted
+  // element by element by node-postgres, the organization once per reading).
+  const group = [{ organizationId: randomUUID(), readings: parseReadingsFast(body, options)!.readings }];
+  const literals = () => {
+    const a = readingArrays(group);
+    return [a.starts, a.orgs, a.sensor, a.recordedAt, a.temperature].map((v) => pgUtils.prepareValue(v));
+  };
+  const quoted = () => {
+    const a = readingColumns(group);
+    return [a.req, a.org, a.sensor, a.recordedAt, a.temperature].map((v) => pgUtils.prepareValue(v));
+  };
   const variants: [string, () => unknown, number][] = [
     ['JSON.parse', () => JSON.parse(text), 200],
     ['parseReadingsFast', () => parseReadingsFast(body, options), 200],
+    ['the statement parameters (readingArrays)', literals, 200],
+    ['the statement parameters before (pg-quoted arrays)', quoted, 200],
     ['the loop before (patterns)', patternsLoop, 200],
     ['zod schema', () => schema.safeParse(body), 20],
   ];

@@ -26,7 +26,7 @@ import {
   groupOutcomes,
   type ProblemRow,
   problemsByRequest,
-  readingColumns,
+  readingArrays,
   type StoreReadingsOutcome,
   traceparentsByOrganization,
   usageKey,
@@ -89,7 +89,7 @@ export async function storeGroupAtOnce(
  * jobs, their wake-up and the guard that refuses what one statement cannot do.
  */
 function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
-  const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
+  const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
   const traceColumn = traced.size > 0 ? sql`, traceparent` : sql``;
@@ -98,13 +98,32 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       ? sql`, (SELECT t.tp FROM unnest(${[...traced.keys()]}::uuid[], ${[...traced.values()]}::text[]) AS t(org, tp)
                 WHERE t.org = b.org)`
       : sql``;
-  // A prepared statement (src/db/prepared.ts): its text is the same for every group (arrays, not lists).
+  // What each request inserted. When no two requests of the group are one organization's (the common
+  // case: a batch alone, single readings of many organizations), a request's count is its
+  // organization's (per_org); else the rows stored are matched to the request that sent them first
+  // (winners), a sort and a join of every reading of the group.
+  const perRequest =
+    new Set(requests.map((r) => r.organizationId)).size === requests.length
+      ? sql`per_request AS (
+      SELECT (o.i - 1)::int AS req, p.inserted
+      FROM unnest(${orgs}::uuid[]) WITH ORDINALITY AS o(org, i) JOIN per_org p ON p.org = o.org
+    )`
+      : sql`winners AS (
+      SELECT DISTINCT ON (o.sensor_id, o.recorded_at) o.req, o.sensor_id, o.recorded_at
+      FROM ok o ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
+    ), per_request AS (
+      SELECT w.req, count(*)::int AS inserted
+      FROM stored s JOIN winners w ON w.sensor_id = s.sensor_id AND w.recorded_at = s.recorded_at
+      GROUP BY w.req
+    )`;
+  // A prepared statement (src/db/prepared.ts): one of a few fixed texts, whatever the group (arrays, not lists).
   const crossedCall = thresholdCountCall(sql`${now}::timestamptz`);
   const statement = sql<GroupRow>`${sql.raw(PREPARED)}
     WITH input AS MATERIALIZED (
-      SELECT r.req, r.org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
-      FROM unnest(${req}::int[], ${org}::uuid[], ${sensor}::uuid[], ${recordedAt}::timestamptz[],
-                  ${temperature}::float8[]) WITH ORDINALITY AS r(req, org, sensor_id, recorded_at, temperature_c, n)
+      SELECT q.req, (${orgs}::uuid[])[q.req + 1] AS org, r.sensor_id, r.recorded_at, r.temperature_c, r.n
+      FROM unnest(${sensor}::uuid[], ${recordedAt}::timestamptz[], ${temperature}::float8[])
+             WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n),
+           LATERAL (SELECT width_bucket(r.n, ${starts}::bigint[]) - 1 AS req) q
     ), known AS (
       -- The distinct sensors as one array: index look-ups, where IN (input) was planned for ~500
       -- sensors a batch and hashed the whole table (test/ingest/group-lookups.test.ts).
@@ -131,16 +150,9 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
       ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING
       RETURNING sensor_id, recorded_at, organization_id
-    ), winners AS (
-      SELECT DISTINCT ON (o.sensor_id, o.recorded_at) o.req, o.sensor_id, o.recorded_at
-      FROM ok o ORDER BY o.sensor_id, o.recorded_at, o.req, o.n
-    ), per_request AS (
-      SELECT w.req, count(*)::int AS inserted
-      FROM stored s JOIN winners w ON w.sensor_id = s.sensor_id AND w.recorded_at = s.recorded_at
-      GROUP BY w.req
     ), per_org AS (
       SELECT organization_id AS org, count(*)::int AS inserted FROM stored GROUP BY organization_id
-    ), outbox AS (
+    ), ${perRequest}, outbox AS (
       INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
                                 destination, mirrors_outbox_id${traceColumn})
       OVERRIDING SYSTEM VALUE
