@@ -201,7 +201,7 @@ CREATE TABLE meter_outbox (
 CREATE INDEX meter_outbox_correction ON meter_outbox USING btree (correction_id) WHERE (correction_id IS NOT NULL);
 CREATE INDEX meter_outbox_correction_pending ON meter_outbox USING btree (stripe_customer_id, event_name, occurred_at, id) WHERE ((status = 'pending'::text) AND (kind = 'correction'::text));
 CREATE INDEX meter_outbox_delivered_at ON meter_outbox USING btree (delivered_at) WHERE (status = 'delivered'::text);
-CREATE INDEX meter_outbox_identified_pending ON meter_outbox USING btree (COALESCE(identified_at, created_at)) WHERE ((status = 'pending'::text) AND (identifier IS NOT NULL));
+CREATE INDEX meter_outbox_identified_pending ON meter_outbox USING btree (COALESCE(identified_at, created_at)) WHERE ((status = 'pending'::text) AND (identifier IS NOT NULL) AND (COALESCE(identified_at, created_at) IS NOT NULL));
 CREATE INDEX meter_outbox_identifier ON meter_outbox USING btree (identifier) WHERE (identifier IS NOT NULL);
 CREATE INDEX meter_outbox_inflight ON meter_outbox USING btree (stripe_customer_id, event_name, occurred_at, id) WHERE ((status = 'pending'::text) AND (identifier IS NOT NULL));
 CREATE INDEX meter_outbox_mirrors ON meter_outbox USING btree (mirrors_outbox_id) WHERE (mirrors_outbox_id IS NOT NULL);

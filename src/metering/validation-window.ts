@@ -18,7 +18,8 @@ export async function promoteValidated(db: Kysely<DB>, windowSeconds: number): P
   const before = new Date(now.getTime() - windowSeconds * 1000);
   // Found through meter_outbox_identified_pending (migrations/0085): a row is accepted after its
   // identifier was committed, so every row due was identified before the window's start too. No index
-  // names accepted_at, so the settle that sets it can be a HOT update.
+  // names accepted_at, so the settle that sets it can be a HOT update. The comparison of the instant
+  // (a strict operator) is what lets the planner use that index, whose predicate names the instant.
   const due = sql`status = 'pending' AND identifier IS NOT NULL AND coalesce(identified_at, created_at) < ${before}
        AND accepted_at IS NOT NULL AND accepted_at < ${before}`;
   // A look first (no lock): the UPDATE, which on Citus is a write on every shard, runs only when some
