@@ -26,6 +26,7 @@ import { routeToNodes } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import { type CorrectionClient, correctionsOnConnectedAccount } from './corrections.js';
 import { probeKeyHoldNow } from './destination-health.js';
+import { type FetchPlan, fetchPlan } from './fetch-policy.js';
 import { createLeaseKeeper, type LeaseKeeper } from './lease-keeper.js';
 import { adaptiveLeaseLength, type LeaseLength } from './lease-length.js';
 import type { MeterCatalog } from './meter-catalog.js';
@@ -94,6 +95,8 @@ export interface DeliveryParts {
   /** Closes the pools delivery opened of its own: the lease connection's and the Citus nodes'. */
   closePools: () => Promise<void>;
   leaseLength: LeaseLength;
+  /** How the fetchers fetch (fetch-policy.ts). */
+  fetch: FetchPlan;
   /** A batch's dependencies, with the database distributed or not (it may become so under the worker). */
   depsFor(distributed: boolean): BatchDeps;
 }
@@ -215,6 +218,11 @@ export async function deliveryParts(
     metronome: metronomeBudget(config),
     connected: connectedAccountBudget(config),
   };
+  // How the fetchers fetch: batches sized by every configured destination's budget (fetch-policy.ts).
+  const fetch = fetchPlan(config, [
+    { transport, budget: rates.stripe },
+    ...(metronomeTransport ? [{ transport: metronomeTransport, budget: rates.metronome }] : []),
+  ]);
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
   // One share of the account-wide budget per process, taken a slot per call.
@@ -324,6 +332,7 @@ export async function deliveryParts(
     metronomeTransport,
     db,
     leases,
+    fetch,
     closePools: async () => {
       await Promise.all([leaseDatabase.close(), nodes?.close()]);
     },

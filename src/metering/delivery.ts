@@ -7,7 +7,6 @@ import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
 import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
-import { fetchPlan } from './fetch-policy.js';
 import { endDeliveryJobs, markEnded } from './job-completion.js';
 import { touchWhileRunning } from './lease-keeper.js';
 import { startLeaseReaper } from './lease-reaper.js';
@@ -114,10 +113,7 @@ export async function startDelivery(
   const shortageLoggedAt = new Map<string, number>();
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   const { transport, metronomeTransport, db, leases } = parts;
-  const { batchSize, workOptions, gate } = fetchPlan(
-    ctx.config,
-    metronomeTransport ? [transport, metronomeTransport] : [transport],
-  );
+  const { batchSize, workOptions, gate } = parts.fetch;
   for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);

@@ -1,6 +1,6 @@
 // How delivery's fetchers fetch (delivery.ts): how many jobs one fetch takes, pg-boss's work options
 // for it, and the linger that gathers v2's small batches into fuller ones.
-import { destinationBudget, eventsPerSecondAt } from '../billing/limits.js';
+import { type Budget, eventsPerSecondAt } from '../billing/limits.js';
 import type { Config } from '../config.js';
 import type { MeterTransport } from './transport.js';
 import { MAX_STREAM_EVENTS } from './transport-v2.js';
@@ -18,14 +18,20 @@ export interface FetchPlan {
  * DELIVERY_POLL_INTERVAL_SECONDS, lingering after small batches when a transport carries many events a
  * call (V2_LINGER_MS).
  */
-export function fetchPlan(config: Config, transports: readonly MeterTransport[]): FetchPlan {
-  const batchSize = deliveryBatchSize(config, transports);
-  const multi = transports.some((t) => t.maxEventsPerCall > 1);
+export function fetchPlan(config: Config, destinations: readonly FetchedDestination[]): FetchPlan {
+  const batchSize = deliveryBatchSize(config, destinations);
+  const multi = destinations.some((d) => d.transport.maxEventsPerCall > 1);
   return {
     batchSize,
     workOptions: deliveryWorkOptions(batchSize, config.DELIVERY_POLL_INTERVAL_SECONDS),
     gate: fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2)),
   };
+}
+
+/** A destination the process delivers to: its transport and its account-wide budget (billing/limits.ts). */
+export interface FetchedDestination {
+  transport: Pick<MeterTransport, 'maxEventsPerCall'>;
+  budget: Pick<Budget, 'callsPerSecond' | 'eventsPerSecond'>;
 }
 
 /**
@@ -36,15 +42,14 @@ export function fetchPlan(config: Config, transports: readonly MeterTransport[])
  * call's worth of keys. Bounded so one claim statement stays short.
  */
 export function deliveryBatchSize(
-  config: Config,
-  transports: readonly (Pick<MeterTransport, 'maxEventsPerCall'> & { kind?: MeterTransport['kind'] })[],
+  config: Pick<Config, 'DELIVERY_CONCURRENCY' | 'DELIVERY_MAX_IN_FLIGHT'>,
+  destinations: readonly FetchedDestination[],
 ): number {
   const fetchers = Math.min(config.DELIVERY_CONCURRENCY, config.DELIVERY_MAX_IN_FLIGHT);
   // One queue carries every destination's jobs: a batch is sized for the transport that takes the most
   // events a call (a Stripe v1 share of it beyond its budget waits for slots or runs again).
-  const sizes = transports.map((transport) => {
+  const sizes = destinations.map(({ transport, budget }) => {
     // Full calls a second the budget allows (an events budget lowers it for calls of many events).
-    const budget = destinationBudget(config, transport.kind === 'metronome' ? 'metronome' : 'stripe');
     const perCall = Math.max(1, transport.maxEventsPerCall);
     const rate = Math.max(1, Math.floor(eventsPerSecondAt(budget, perCall) / perCall));
     const calls = Math.min(
