@@ -9,7 +9,7 @@
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { stripeCallsPerSecond } from '../billing/limits.js';
 import type { DB, Destination } from '../db/schema.js';
-import { singleShardNode } from './citus-nodes.js';
+import type { NodeConnections } from './citus-nodes.js';
 
 /** Each destination has its own budget row (0008, 0024): Stripe's limits and Metronome's are separate. */
 export const BUDGET_ROW: Readonly<Record<Destination, number>> = { stripe: 1, metronome: 2 };
@@ -73,6 +73,8 @@ export async function reserveCalls(
   maxWaitMs = BUDGET_MAX_WAIT_MS,
   distributed = false,
   budgetRow = BUDGET_ROW.stripe,
+  /** The worker's node connections (CITUS_NODE_ROUTING=on): on Citus the statement goes to the row's node. */
+  nodes?: NodeConnections,
 ): Promise<Reservation> {
   const wait = (now: RawBuilder<unknown>) =>
     sql`greatest(0, ceil((extract(epoch FROM b.tat - ${now}) - ${calls}::float8 / r.rate) * 1000))::int`;
@@ -80,7 +82,7 @@ export async function reserveCalls(
   // that every expression of the UPDATE is over columns (see plusSeconds) and the whole statement is
   // one router query that Citus sends to the row's node, where the clock is read.
   // On Citus with CITUS_NODE_ROUTING=on the statement goes to the node that holds the row's shard
-  // (citus-nodes.ts singleShardNode): planned there, not on the coordinator; the same router query.
+  // (citus-nodes.ts, NodeConnections.singleShard): planned there, not on the coordinator; the same router query.
   const result = distributed
     ? await sql<{ wait_ms: number; rate: number }>`
     WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
@@ -92,7 +94,7 @@ export async function reserveCalls(
         FROM r
        WHERE b.id = ${budgetRow} AND b.tat <= ${plusSeconds(sql`r.now`, sql`${maxWaitMs / 1000}::float8`)}
       RETURNING ${wait(sql`r.now`)} AS wait_ms, r.rate::float8 AS rate)
-    SELECT * FROM u`.execute((await singleShardNode(db, 'meter_call_budget')) ?? db)
+    SELECT * FROM u`.execute((await nodes?.singleShard('meter_call_budget')) ?? db)
     : await sql<{ wait_ms: number; rate: number }>`
     UPDATE meter_call_budget b
        SET tat = ${plusSeconds(sql`greatest(b.tat, ${budgetClock(false)})`, sql`${calls}::float8 / r.rate`)},
@@ -201,12 +203,24 @@ export async function awaitSlot(
 export function createSlotDispenser(
   db: Kysely<DB>,
   rate: number,
-  now: () => number = Date.now,
-  distributed = false,
-  budgetRow = BUDGET_ROW.stripe,
-  eventsPerSecond: number | null = null,
-  sleep: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+  options: {
+    /** The host's clock (default Date.now). */
+    now?: () => number;
+    /** A distributed Citus database: the reservation in Citus's shape (reserveCalls). */
+    distributed?: boolean;
+    budgetRow?: number;
+    /** The row's events budget (limits.ts), or null: one slot a call. */
+    eventsPerSecond?: number | null;
+    sleep?: (ms: number) => Promise<void>;
+    /** The worker's node connections: on Citus the reservations go to the row's node. */
+    nodes?: NodeConnections;
+  } = {},
 ): CallSlots {
+  const now = options.now ?? Date.now;
+  const distributed = options.distributed ?? false;
+  const budgetRow = options.budgetRow ?? BUDGET_ROW.stripe;
+  const eventsPerSecond = options.eventsPerSecond ?? null;
+  const sleep = options.sleep ?? ((ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms)));
   // The reserved time not handed out yet, on the host's clock: [cursor, end), `spacing` ms a slot.
   let cursor = 0;
   let end = 0;
@@ -220,7 +234,7 @@ export function createSlotDispenser(
 
   const reserve = async (units: number) => {
     const n = Math.max(chunk, Math.ceil(units - EPSILON_MS));
-    const r = await reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow);
+    const r = await reserveCalls(db, rate, n, BUDGET_MAX_WAIT_MS, distributed, budgetRow, options.nodes);
     if (r.granted) {
       // What was left of the previous window is too little for the call that asked: dropped.
       cursor = now() + r.waitMs;

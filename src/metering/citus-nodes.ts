@@ -8,13 +8,16 @@
 //
 // Sent to a node: statements on the co-located distributed tables (meter_outbox, meter_delivery_keys)
 // of one shard group, claims and settles (claim-sql.ts, settle-sql.ts); the per-batch statements on the
-// single-shard tables destination_health and meter_call_budget (singleShardNode: the health gate and
-// record, the budget's reservations); and the replication guard's look at each node's standbys
+// single-shard tables destination_health and meter_call_budget (NodeConnections.singleShard: the health
+// gate and record, the budget's reservations); and the replication guard's look at each node's standbys
 // (src/db/replication.ts, over these connections). Everything else (pg-boss, the coordinator's local
 // tables, renewals, inserts of new key rows) stays on the coordinator. Where a statement runs never changes what it does: a node whose placement went stale
 // (a shard moved after the batch's router read it) plans the statement from its own synced metadata
 // and runs it where the shard now is (test/citus/node-routing.citus.ts), and a node that cannot be
 // reached is not used for a while (its statements go to the coordinator, as with routing off).
+// The worker's connections are handed to what sends statements to the nodes (delivery-parts.ts): a
+// batch's store and shard router, the budget's slot dispensers and the replication guard; nothing finds
+// them by the database it runs on.
 import { type Kysely, sql } from 'kysely';
 import type { Config } from '../config.js';
 import { gatedKysely } from '../db/database.js';
@@ -30,6 +33,11 @@ export interface NodeConnections {
    * now (asked again after UNREACHABLE_RETRY_MS).
    */
   of(host: string, port: number): Promise<Kysely<DB> | undefined>;
+  /**
+   * The database of the node that holds `table`'s one shard (singleShardNode); undefined: the caller's
+   * own database (no metadata to read it from, the shard on the coordinator, or the node unreachable).
+   */
+  singleShard(table: SingleShardTable): Promise<Kysely<DB> | undefined>;
   close(): Promise<void>;
 }
 
@@ -59,11 +67,16 @@ export function createNodeConnections(options: {
   open: (url: string, node: string) => { db: Kysely<DB>; close: () => Promise<void> };
   onUnreachable?: (node: string, err: unknown) => void;
   now?: () => number;
+  /** The database whose Citus metadata places the single-shard tables (the coordinator's). */
+  metadata?: Kysely<DB>;
 }): NodeConnections {
   const now = options.now ?? (() => performance.now());
   const nodes = new Map<string, Promise<{ db: Kysely<DB>; close: () => Promise<void> } | undefined>>();
   const unreachableUntil = new Map<string, number>();
-  return {
+  const placements: SingleShardPlacements = new Map();
+  const connections: NodeConnections = {
+    singleShard: async (table) =>
+      options.metadata ? singleShardNode(options.metadata, table, connections, placements, now) : undefined,
     async of(host, port) {
       const name = `${host}:${port}`;
       if ((unreachableUntil.get(name) ?? 0) > now()) return undefined;
@@ -94,43 +107,28 @@ export function createNodeConnections(options: {
       await Promise.all(open.map(async (n) => (await n)?.close()));
     },
   };
-}
-
-// The node connections of a process's delivery database (delivery.ts registers them): citusRouter
-// finds them from the database its statements run on, so the store and its callers stay as they are.
-const registry = new WeakMap<Kysely<DB>, NodeConnections>();
-// Databases whose single-shard statements (only those) go to the nodes: the process's ungated database,
-// which the budget's reservations use (delivery-parts.ts), without routing its other statements.
-const singleShardRegistry = new WeakMap<Kysely<DB>, NodeConnections>();
-
-/** The node connections registered for `db`, if any. */
-export function nodeConnectionsOf(db: Kysely<DB>): NodeConnections | undefined {
-  return registry.get(db);
+  return connections;
 }
 
 /**
- * Sends the claims and settles run on `db` to the nodes (CITUS_NODE_ROUTING=on) over the worker
- * process's node connections, returned for closing: each node's pool opened as every pool of the
- * process (src/db/pools.ts: DB_POOL_MAX connections at most, the same deadlines and server bounds; the
- * deadline probe asks the node itself), from the direct URL's user, password and database; at most
- * DELIVERY_MAX_STATEMENTS statements at once per node when that bounds the process's.
+ * The worker process's connections to the nodes (CITUS_NODE_ROUTING=on), for the statements sent to
+ * them: each node's pool opened as every pool of the process (src/db/pools.ts: DB_POOL_MAX connections
+ * at most, the same deadlines and server bounds; the deadline probe asks the node itself), from the
+ * direct URL's user, password and database; at most DELIVERY_MAX_STATEMENTS statements at once per node
+ * when that bounds the process's. Delivery hands them to what sends statements to nodes (the batches'
+ * stores and shard routers, the budget's slot dispensers, the replication guard); `metadata` (the
+ * coordinator's database) places the single-shard tables.
  */
-export function routeToNodes(
-  db: Kysely<DB>,
-  ctx: {
-    config: Pick<Config, 'DATABASE_URL' | 'DATABASE_DIRECT_URL' | 'DB_POOL_MAX' | 'DELIVERY_MAX_STATEMENTS'>;
-    openPool: OpenPool;
-    log: Logger;
-    /**
-     * The process's ungated database: only its single-shard statements (the budget's reservations) go to
-     * their shard's node too, its other statements stay on the coordinator.
-     */
-    ungated?: Kysely<DB>;
-  },
-): NodeConnections {
+export function openNodeConnections(ctx: {
+  config: Pick<Config, 'DATABASE_URL' | 'DATABASE_DIRECT_URL' | 'DB_POOL_MAX' | 'DELIVERY_MAX_STATEMENTS'>;
+  openPool: OpenPool;
+  log: Logger;
+  metadata: Kysely<DB>;
+}): NodeConnections {
   const { config, log } = ctx;
-  const nodes = createNodeConnections({
+  return createNodeConnections({
     coordinatorUrl: config.DATABASE_DIRECT_URL ?? config.DATABASE_URL ?? '',
+    metadata: ctx.metadata,
     open(url, node) {
       const database = ctx.openPool({
         url,
@@ -151,48 +149,36 @@ export function routeToNodes(
         "could not connect to a Citus node: its shard groups' claims and settles go to the coordinator for a minute",
       ),
   });
-  registry.set(db, nodes);
-  if (ctx.ungated) routeSingleShardTables(ctx.ungated, nodes);
-  return nodes;
 }
 
 /** The single-shard tables whose one-row statements go to the node of their shard (their row per batch). */
 export type SingleShardTable = 'destination_health' | 'meter_call_budget';
 
-/** The budget's and health's single-shard statements on `db` go to their shard's node through `nodes`. */
-export function routeSingleShardTables(db: Kysely<DB>, nodes: NodeConnections): void {
-  singleShardRegistry.set(db, nodes);
-}
-
 /** How long the node of a single-shard table's shard is remembered before it is read again. */
 export const SINGLE_SHARD_NODE_MS = 60_000;
 
-const singleShardNodes = new WeakMap<
-  NodeConnections,
-  Map<SingleShardTable, { until: number; node: Promise<{ host: string; port: number } | undefined> }>
->();
+/** Where each single-shard table's shard was read to be, and until when that is kept. */
+type SingleShardPlacements = Map<
+  SingleShardTable,
+  { until: number; node: Promise<{ host: string; port: number } | undefined> }
+>;
 
 /**
  * The database of the node that holds `table`'s one shard, for the statements on its rows that a batch
- * runs (the destination's health gate and record, the call budget's reservations): sent there, the node plans them and the coordinator
- * never sees them, as with claims. The placement is read from the coordinator's metadata at most once
- * per SINGLE_SHARD_NODE_MS per process; a move meanwhile is still right (the node plans the statement
- * from its own synced metadata and runs it where the shard now is). undefined: no node connections for
- * `db` (CITUS_NODE_ROUTING=off), the shard on the coordinator, the placement unreadable, or the node not
+ * runs (the destination's health gate and record, the call budget's reservations): sent there, the node
+ * plans them and the coordinator never sees them, as with claims. The placement is read from `db`'s
+ * metadata (the coordinator's) at most once per SINGLE_SHARD_NODE_MS per set of node connections; a move
+ * meanwhile is still right (the node plans the statement from its own synced metadata and runs it where
+ * the shard now is). undefined: the shard on the coordinator, the placement unreadable, or the node not
  * reachable: the caller's own database.
  */
-export async function singleShardNode(
+async function singleShardNode(
   db: Kysely<DB>,
   table: SingleShardTable,
-  nodes = singleShardRegistry.get(db) ?? nodeConnectionsOf(db),
-  now: () => number = () => performance.now(),
+  nodes: NodeConnections,
+  tables: SingleShardPlacements,
+  now: () => number,
 ): Promise<Kysely<DB> | undefined> {
-  if (!nodes) return undefined;
-  let tables = singleShardNodes.get(nodes);
-  if (!tables) {
-    tables = new Map();
-    singleShardNodes.set(nodes, tables);
-  }
   let known = tables.get(table);
   if (!known || known.until <= now()) {
     const node = sql<{ host: string; port: number }>`

@@ -1,8 +1,8 @@
 // Delivery's composition root: builds each part a batch is moved with once, from the process's context,
 // and hands each part only what it uses. In the order they are built: the destinations (each one's
-// transport and correction client), the database side (the gated pool, the lease connection and its
-// keeper, the lease length, the claim limit, the replication guard, the batches' stores) and each
-// destination's budget share;
+// transport and correction client), the database side (the gated pool, the Citus node connections,
+// the lease connection and its keeper, the lease length, the claim limit, the replication guard, the
+// batches' stores), each destination's budget share and the fetch plan sized by those budgets;
 // `depsFor` then puts them together as a batch's dependencies (batch.ts). The runtime that runs the
 // batches (fetchers, wake-ups, sweep, reaper, shutdown) is delivery.ts.
 import type Metronome from '@metronome/sdk';
@@ -22,7 +22,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { routeToNodes } from './citus-nodes.js';
+import { openNodeConnections } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import { type CorrectionClient, correctionsOnConnectedAccount } from './corrections.js';
 import { probeKeyHoldNow } from './destination-health.js';
@@ -153,7 +153,7 @@ export async function deliveryParts(
   // distributed database's first batch only.
   const nodes =
     config.CITUS_NODE_ROUTING === 'on'
-      ? routeToNodes(db, { config, openPool, log, ungated: ctx.db })
+      ? openNodeConnections({ config, openPool, log, metadata: ctx.db })
       : undefined;
   // Renewals and touches on a connection of their own (lease-keeper.ts): on the pool they waited behind
   // the claims of the other fetchers past the lease, and the reaper took running batches' keys. One
@@ -225,37 +225,30 @@ export async function deliveryParts(
   ]);
   // Each destination's Retry-After in this process, shared by every batch (calls.ts).
   const holds = { stripe: { until: 0 }, metronome: { until: 0 } };
+  // A budget row's reservations: on the host's monotonic clock; on Citus in its shape, sent to the row's
+  // node when claims are routed.
+  const onBudgetRow = (distributed: boolean, budgetRow: number) => ({
+    now: monotonicNow,
+    distributed,
+    budgetRow,
+    ...(distributed && nodes ? { nodes } : {}),
+  });
   // One share of the account-wide budget per process, taken a slot per call.
   const budgetShares = (distributed: boolean) => ({
-    stripe: createSlotDispenser(
-      ctx.db,
-      rates.stripe.callsPerSecond,
-      monotonicNow,
-      distributed,
-      BUDGET_ROW.stripe,
-      rates.stripe.eventsPerSecond,
-    ),
+    stripe: createSlotDispenser(ctx.db, rates.stripe.callsPerSecond, {
+      ...onBudgetRow(distributed, BUDGET_ROW.stripe),
+      eventsPerSecond: rates.stripe.eventsPerSecond,
+    }),
     // Metronome's own share of its own budget row.
-    metronome: createSlotDispenser(
-      ctx.db,
-      rates.metronome.callsPerSecond,
-      monotonicNow,
-      distributed,
-      BUDGET_ROW.metronome,
-      rates.metronome.eventsPerSecond,
-    ),
+    metronome: createSlotDispenser(ctx.db, rates.metronome.callsPerSecond, {
+      ...onBudgetRow(distributed, BUDGET_ROW.metronome),
+      eventsPerSecond: rates.metronome.eventsPerSecond,
+    }),
     // Each connected account its own budget row, shared by every worker like the platform's.
     connected: async (account: string) => {
       const row = await connectedBudgetRow(ctx.db, account);
       return {
-        slots: createSlotDispenser(
-          ctx.db,
-          rates.connected.callsPerSecond,
-          monotonicNow,
-          distributed,
-          row,
-          null,
-        ),
+        slots: createSlotDispenser(ctx.db, rates.connected.callsPerSecond, onBudgetRow(distributed, row)),
         rateLimited: () => recordRateLimited(ctx.db, rates.connected.callsPerSecond, distributed, row),
       };
     },
@@ -292,7 +285,7 @@ export async function deliveryParts(
     };
     return {
       db,
-      store: sqlStores({ db, boss: ctx.boss, config, distributed, leases }),
+      store: sqlStores({ db, boss: ctx.boss, config, distributed, leases, ...(nodes ? { nodes } : {}) }),
       leases,
       leaseLength,
       claimLimit,

@@ -28,7 +28,7 @@
 // organization is one group: each statement stays one statement for the whole batch.
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
-import { nodeConnectionsOf } from './citus-nodes.js';
+import type { NodeConnections } from './citus-nodes.js';
 import { groupDigest, identifierPrefix } from './identifiers.js';
 import { keyRef } from './rules/keys.js';
 import { type ShardRange, shardOfUuid } from './shard-hash.js';
@@ -132,14 +132,13 @@ export function shardMapOf(
  * a split fails at worst one statement (its keys' leases then run out, as after any failed batch), and
  * the ranges are read again within SHARD_MAP_MS.
  *
- * With node connections (`nodes`, by default those registered for `db`: CITUS_NODE_ROUTING,
- * citus-nodes.ts) the same read gives the node that holds each shard, and nodeOf answers that node's
+ * With node connections (`nodes`: the worker's, CITUS_NODE_ROUTING, citus-nodes.ts) the same read gives the node that holds each shard, and nodeOf answers that node's
  * database (none for the coordinator's own shards). A shard moved since is still found: the node the
  * statement reaches runs it where its own metadata, synced by the move, says the shard is.
  */
 export function citusRouter(
   db: Kysely<DB>,
-  nodes = nodeConnectionsOf(db),
+  nodes?: NodeConnections,
   now: () => number = () => performance.now(),
 ): ShardRouter {
   const shardOf = new Map<string, string>();
@@ -339,10 +338,12 @@ export interface Placement {
   distributed?: boolean;
   /** The batch's shard router (default: a new one on Citus, ONE_NODE on one node). */
   router?: ShardRouter;
+  /** The worker's node connections (CITUS_NODE_ROUTING=on): a new router sends statements to nodes. */
+  nodes?: NodeConnections;
 }
 
 export function routerOf(db: Kysely<DB>, placement: Placement): ShardRouter {
-  return placement.router ?? (placement.distributed ? citusRouter(db) : ONE_NODE);
+  return placement.router ?? (placement.distributed ? citusRouter(db, placement.nodes) : ONE_NODE);
 }
 
 export const orgArray = (orgs: readonly string[]) => sql`${[...orgs]}::uuid[]`;

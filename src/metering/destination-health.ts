@@ -19,8 +19,7 @@ import type { PgBoss } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import type { Metrics } from '../observability/metrics.js';
 import { plusSeconds } from './budget.js';
-import type { Placement } from './delivery-sql-shapes.js';
-import { citusRouter, perShardGroup } from './delivery-sql-shapes.js';
+import { type Placement, perShardGroup, routerOf } from './delivery-sql-shapes.js';
 import { queueDeliveries } from './outbox.js';
 import {
   type Gate,
@@ -279,7 +278,7 @@ export async function resumeWaiting(
   const rows = !placement.distributed
     ? (await statement(null).execute(db)).rows
     : await perShardGroup(
-        placement.router ?? citusRouter(db),
+        routerOf(db, { ...placement, distributed: true }),
         (
           await sql<{ organization_id: string }>`
             SELECT DISTINCT organization_id FROM meter_delivery_keys WHERE ${waiting}`.execute(db)

@@ -7,7 +7,7 @@ import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
-import { singleShardNode } from './citus-nodes.js';
+import type { NodeConnections } from './citus-nodes.js';
 import { claimBatch } from './claim-sql.js';
 import type { ClaimOptions } from './claim-statement-sql.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections-sql.js';
@@ -119,6 +119,11 @@ interface SqlStoreDeps {
     | 'CONNECT_ACCESS_PROBE_MAX_SECONDS'
   >;
   distributed?: boolean;
+  /**
+   * The worker's node connections (CITUS_NODE_ROUTING=on, citus-nodes.ts): on a distributed database
+   * the batch's claims and settles and the health row's gate and record go to the node of their shard.
+   */
+  nodes?: NodeConnections;
   destination?: Destination;
   /** Stripe Connect: the connected account whose keys this store's batch sends (its own health row). */
   account?: string;
@@ -139,9 +144,10 @@ export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
   // One store per batch: its shard router remembers the batch's organizations' shard groups from the
   // claim to the settle, and the store the organizations whose keys the batch claimed (its renewals
   // and release name them, so each is a router query on Citus).
-  const placement = { distributed, router: distributed ? citusRouter(db) : ONE_NODE };
+  const nodes = distributed ? deps.nodes : undefined;
+  const placement = { distributed, router: distributed ? citusRouter(db, nodes) : ONE_NODE };
   let organizationIds: string[] = [];
-  const healthDb = async () => (distributed ? ((await singleShardNode(db, 'destination_health')) ?? db) : db);
+  const healthDb = async () => (nodes ? ((await nodes.singleShard('destination_health')) ?? db) : db);
   return {
     claim: (keys, options) => {
       organizationIds = [...new Set([...organizationIds, ...keys.map((k) => k.organizationId)])];
@@ -188,7 +194,7 @@ export function sqlStore(deps: SqlStoreDeps): DeliveryStore {
     // Off when DESTINATION_DOWN_AFTER_FAILURES is 0. On Citus its row is one of a single-shard table
     // and each statement a router statement there; the wake-up of waiting keys runs per shard group.
     // The gate and the record (one each per batch) go to the node that holds the row's shard when
-    // claims do (citus-nodes.ts singleShardNode), so the coordinator does not plan them.
+    // claims do (citus-nodes.ts, NodeConnections.singleShard), so the coordinator does not plan them.
     ...(deps.config.DESTINATION_DOWN_AFTER_FAILURES > 0
       ? {
           health: {

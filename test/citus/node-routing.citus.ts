@@ -7,17 +7,16 @@ import { randomUUID } from 'node:crypto';
 import { sql } from 'kysely';
 import pg from 'pg';
 import type { PgBoss } from 'pg-boss';
+import Stripe from 'stripe';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { systemClock } from '../../src/clock.js';
 import { loadConfig } from '../../src/config.js';
+import { createLogger } from '../../src/log.js';
 import { BUDGET_MAX_WAIT_MS, BUDGET_ROW, reserveCalls } from '../../src/metering/budget.js';
-import {
-  createNodeConnections,
-  type NodeConnections,
-  routeSingleShardTables,
-  singleShardNode,
-} from '../../src/metering/citus-nodes.js';
+import { createNodeConnections, type NodeConnections } from '../../src/metering/citus-nodes.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
+import { deliveryParts } from '../../src/metering/delivery-parts.js';
 import { citusRouter, SHARD_MAP_MS } from '../../src/metering/delivery-sql-shapes.js';
 import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
@@ -59,6 +58,7 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     db = recordingDb(pool, onCoordinator);
     nodes = createNodeConnections({
       coordinatorUrl: cluster.coordinator.url,
+      metadata: db,
       open(url) {
         const port = Number(new URL(url).port);
         const recorded = onNode.get(port) ?? [];
@@ -288,10 +288,10 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
   });
 
   it('sends the destination’s health gate and record to the node that holds its row’s shard', async () => {
-    // A batch's store on a database whose single-shard statements go to the nodes (delivery-parts.ts).
+    // A batch's store given the worker's node connections (delivery-parts.ts): its single-shard
+    // statements go to the nodes.
     const recorded: Recorded = [];
     const coordinator = recordingDb(pool, recorded);
-    routeSingleShardTables(coordinator, nodes);
     const [shard] = await citusQuery<{ nodeport: number }>(
       cluster.coordinator.url,
       `SELECT nodeport FROM citus_shards WHERE table_name = 'destination_health'::regclass`,
@@ -305,6 +305,7 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
       boss: {} as PgBoss,
       config: loadConfig({ LOG_LEVEL: 'silent' }),
       distributed: true,
+      nodes,
       account,
     });
     const health = store.health!;
@@ -320,14 +321,13 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     const onHealthNode = (onNode.get(shard!.nodeport) ?? []).slice(sentBefore);
     expect(onHealthNode.filter((q) => /destination_health/.test(q.sql))).toHaveLength(3);
     expect(recorded.filter((q) => /destination_health/.test(q.sql))).toEqual([]);
-    expect(await singleShardNode(coordinator, 'destination_health')).toBeDefined();
+    expect(await nodes.singleShard('destination_health')).toBeDefined();
   });
 
   it('sends the call budget’s reservations to the node that holds its row’s shard', async () => {
-    // The process's ungated database, whose only routed statements are the single-shard tables'.
+    // The process's ungated database, given the node connections for the budget row's reservations only.
     const recorded: Recorded = [];
     const ungated = recordingDb(pool, recorded);
-    routeSingleShardTables(ungated, nodes);
     const [shard] = await citusQuery<{ nodeport: number }>(
       cluster.coordinator.url,
       `SELECT nodeport FROM citus_shards WHERE table_name = 'meter_call_budget'::regclass`,
@@ -342,13 +342,72 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
       );
     const before = await calls();
     const sentBefore = (onNode.get(shard!.nodeport) ?? []).length;
-    const reserved = await reserveCalls(ungated, 100, 3, BUDGET_MAX_WAIT_MS, true, BUDGET_ROW.stripe);
+    const reserved = await reserveCalls(ungated, 100, 3, BUDGET_MAX_WAIT_MS, true, BUDGET_ROW.stripe, nodes);
     // The same reservation: three slots of the shared row.
     expect(reserved.granted).toBe(true);
     expect(await calls()).toBe(before + 3);
     const onBudgetNode = (onNode.get(shard!.nodeport) ?? []).slice(sentBefore);
     expect(onBudgetNode.filter((q) => /meter_call_budget/.test(q.sql))).toHaveLength(1);
     expect(recorded.filter((q) => /meter_call_budget/.test(q.sql))).toEqual([]);
+  });
+
+  it("hands the worker's node connections to a batch's store and budget (delivery-parts.ts, CITUS_NODE_ROUTING=on)", async () => {
+    // Delivery built as the worker builds it, each pool it opens recorded by port: the coordinator's
+    // (the lease connection) and each node's.
+    const onParts: Recorded = [];
+    const byPort = new Map<number, Recorded>();
+    const config = loadConfig({
+      LOG_LEVEL: 'silent',
+      DATABASE_URL: cluster.coordinator.url,
+      CITUS_NODE_ROUTING: 'on',
+      STRIPE_SECRET_KEY: 'sk_test_node_routing',
+    });
+    const log = createLogger('silent');
+    const parts = await deliveryParts(
+      {
+        db: recordingDb(pool, onParts),
+        boss: {} as PgBoss,
+        stripe: new Stripe('sk_test_node_routing'),
+        config,
+        clock: systemClock,
+        log,
+        distributed: async () => true,
+        openPool: (request) => {
+          const port = Number(new URL(request.url).port);
+          const recorded = byPort.get(port) ?? [];
+          byPort.set(port, recorded);
+          const own = new pg.Pool({ connectionString: request.url, max: 2 });
+          return {
+            db: recordingDb(own, recorded),
+            pool: own,
+            distributed: async () => true,
+            close: () => own.end(),
+          };
+        },
+      },
+      { transport: { kind: 'v1', maxEventsPerCall: 1, send: () => Promise.reject(new Error('not called')) } },
+      { log, distributed: () => true, wakeAfter: () => {} },
+    );
+    try {
+      const deps = parts!.depsFor(true);
+      const key = await keyWith(3);
+      const claimed = await deps.store('stripe').claim([key], options('wired'));
+      expect(claimed.map((k) => k.state === 'leased' && k.group?.value)).toEqual(['3']);
+      // The claim ran on the node of the key's shard group, not on the coordinator.
+      expect(onOutbox(byPort.get(await nodeOf(key.organizationId)) ?? []).length).toBeGreaterThanOrEqual(1);
+      expect(onOutbox(onParts)).toEqual([]);
+      // The budget's reservation went to the node of its row's shard.
+      const [budget] = await citusQuery<{ nodeport: number }>(
+        cluster.coordinator.url,
+        `SELECT nodeport FROM citus_shards WHERE table_name = 'meter_call_budget'::regclass`,
+      );
+      expect((await deps.slots.take()).granted).toBe(true);
+      const onBudget = (byPort.get(budget!.nodeport) ?? []).filter((q) => /meter_call_budget/.test(q.sql));
+      expect(onBudget).toHaveLength(1);
+      expect(onParts.filter((q) => /UPDATE meter_call_budget/.test(q.sql))).toEqual([]);
+    } finally {
+      await parts?.closePools();
+    }
   });
 
   it('sends the statements of a node it cannot reach to the coordinator', async () => {

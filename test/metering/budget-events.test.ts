@@ -113,7 +113,10 @@ describe('the budget in calls and events', () => {
     // 100 calls/s, 4,000 events/s: 60 full calls (6,000 events) take 2.5 slots each of the row, which
     // spaces its slots 1/100 s apart by the database's clock: 150 slots, so at most 4,000 events a second.
     const before = await reserved(ctx.db, BUDGET_ROW.metronome);
-    const slots = createSlotDispenser(ctx.db, 100, Date.now, false, BUDGET_ROW.metronome, 4_000);
+    const slots = createSlotDispenser(ctx.db, 100, {
+      budgetRow: BUDGET_ROW.metronome,
+      eventsPerSecond: 4_000,
+    });
     const granted = await schedule(
       slots,
       Array.from({ length: 60 }, () => 100),
@@ -128,7 +131,7 @@ describe('the budget in calls and events', () => {
     ctx,
   }) => {
     const stripeBefore = await reserved(ctx.db, BUDGET_ROW.stripe);
-    const v1 = createSlotDispenser(ctx.db, 100, Date.now, false, BUDGET_ROW.stripe, null);
+    const v1 = createSlotDispenser(ctx.db, 100, { budgetRow: BUDGET_ROW.stripe, eventsPerSecond: null });
     await schedule(
       v1,
       Array.from({ length: 150 }, () => 1),
@@ -138,7 +141,10 @@ describe('the budget in calls and events', () => {
     // Calls of 10 events under a 4,000 events/s budget need less than a slot each: one slot, not 2.5
     // (the slots reserved stay far below 375; a few more than 150 are slots a loaded process let pass).
     const before = await reserved(ctx.db, BUDGET_ROW.metronome);
-    const metronome = createSlotDispenser(ctx.db, 100, Date.now, false, BUDGET_ROW.metronome, 4_000);
+    const metronome = createSlotDispenser(ctx.db, 100, {
+      budgetRow: BUDGET_ROW.metronome,
+      eventsPerSecond: 4_000,
+    });
     await schedule(
       metronome,
       Array.from({ length: 150 }, () => 10),

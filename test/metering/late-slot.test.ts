@@ -82,15 +82,11 @@ describe('a call made at its budget slot or not on it', () => {
       const start = performance.now();
       // Frozen from 300 ms to 800 ms after the first call's slot: ~200 slots pass meanwhile.
       const timers = frozenTimers(start + 300, start + 800);
-      const slots = createSlotDispenser(
-        ctx.db,
-        RATE,
-        () => performance.now(),
-        false,
-        BUDGET_ROW.stripe,
-        null,
-        timers.sleep,
-      );
+      const slots = createSlotDispenser(ctx.db, RATE, {
+        now: () => performance.now(),
+        budgetRow: BUDGET_ROW.stripe,
+        sleep: timers.sleep,
+      });
       let lateSlots = 0;
       const made = await callsMade(slots, timers, (s, t) =>
         late ? naiveWait(s, t) : awaitSlot(s, t, 1, () => (lateSlots += 1)),
@@ -114,15 +110,11 @@ describe('a call made at its budget slot or not on it', () => {
       now: () => performance.now(),
       sleep: (ms: number) => new Promise<void>((r) => setTimeout(r, ms + 4 * LATE_SLOT_MS)),
     };
-    const slots = createSlotDispenser(
-      ctx.db,
-      RATE,
-      starved.now,
-      false,
-      BUDGET_ROW.stripe,
-      null,
-      starved.sleep,
-    );
+    const slots = createSlotDispenser(ctx.db, RATE, {
+      now: starved.now,
+      budgetRow: BUDGET_ROW.stripe,
+      sleep: starved.sleep,
+    });
     let lateSlots = 0;
     const made = await Promise.all(
       Array.from({ length: 300 }, async () => {
