@@ -172,22 +172,6 @@ const STALE_SLOT_MS = 25;
  * 455 ms at p99; a 100 ms tolerance still let the emulator answer 429s).
  */
 export const LATE_SLOT_MS = STALE_SLOT_MS;
-/**
- * Waits for a call's turn: the dispenser's `acquire` (late slots dropped, never calls); a fake without
- * it (tests, the simulation's virtual time), `take` and a sleep. Not granted: nothing is held and the
- * key runs again after `waitMs`.
- */
-export async function awaitSlot(
-  slots: CallSlots,
-  timers: { sleep(ms: number): Promise<void> },
-  events = 1,
-  onLate?: () => void,
-): Promise<Pick<Reservation, 'granted' | 'waitMs'>> {
-  if (slots.acquire) return slots.acquire(events, onLate);
-  const slot = await slots.take(events);
-  if (slot.granted && slot.waitMs > 0) await timers.sleep(slot.waitMs);
-  return slot;
-}
 
 /**
  * Every call reserving its own slot made the budget row the hottest lock of the database: 1,602

@@ -2,7 +2,7 @@
 // budget and bounded by what its key's lease has left.
 import type { HostTimers } from '../clock.js';
 import { SpanStatusCode, startDeliverySpan } from '../observability/tracing.js';
-import { awaitSlot, type CallSlots } from './budget.js';
+import type { CallSlots, Reservation } from './budget.js';
 import { type CorrectionClient, sendCorrection } from './corrections.js';
 import type { DeliveryObserver } from './observer.js';
 import type { Answer, KeyRef } from './rules/keys.js';
@@ -186,4 +186,21 @@ export async function callStripe(
     }),
   );
   return answered.flat();
+}
+
+/**
+ * Waits for a call's turn: the dispenser's `acquire` (late slots dropped, never calls); a fake without
+ * it (tests, the simulation's virtual time), `take` and a sleep. Not granted: nothing is held and the
+ * key runs again after `waitMs`.
+ */
+export async function awaitSlot(
+  slots: CallSlots,
+  timers: { sleep(ms: number): Promise<void> },
+  events = 1,
+  onLate?: () => void,
+): Promise<Pick<Reservation, 'granted' | 'waitMs'>> {
+  if (slots.acquire) return slots.acquire(events, onLate);
+  const slot = await slots.take(events);
+  if (slot.granted && slot.waitMs > 0) await timers.sleep(slot.waitMs);
+  return slot;
 }

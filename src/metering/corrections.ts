@@ -1,6 +1,7 @@
 // Delivery of usage corrections (outbox rows of kind 'correction'): which rows form one correction
-// group, which Stripe call a group becomes, and that call: the client here, the statements in
-// corrections-sql.ts. The delivery pipeline calls claimCorrectionGroup when a key has no usage left to send, sends the group with sendCorrection and
+// group, which Stripe call a group becomes, and that call (sendCorrection); the statements are in
+// corrections-sql.ts, each destination's correction client with its transport (stripe-destination.ts,
+// metronome.ts). The delivery pipeline calls claimCorrectionGroup when a key has no usage left to send, sends the group with sendCorrection and
 // settles it by identifier like any other group (batch.ts; `attempts` counts the calls, added by the
 // settle statement).
 //
@@ -14,7 +15,7 @@
 //   not adjust it: such corrections need a credit note.
 import type { CorrectionAction, MeterEventName } from '../db/schema.js';
 import type { CorrectionGroup } from './rules/keys.js';
-import type { SendOutcome, StripeMeterClient } from './stripe-meter.js';
+import type { SendOutcome } from './stripe-meter.js';
 import type { CorrectionClient } from './transport.js';
 
 export { CANCEL_WINDOW_MS } from './rules/corrections.js';
@@ -27,35 +28,6 @@ export function correctionsOnConnectedAccount(client: CorrectionClient, account:
     cancel: (eventName, identifier, idempotencyKey, options) =>
       client.cancel(eventName, identifier, idempotencyKey, { ...options, stripeAccount: account }),
     send: (event, options) => client.send(event, { ...options, stripeAccount: account }),
-  };
-}
-
-/** Stripe refuses to cancel this event (too old, unknown): the usage must be compensated instead. */
-const CANNOT_CANCEL = /24 hours|too old|no (meter )?event|not found|cannot be cancel/i;
-const ALREADY_CANCELLED = /already (been )?cancel/i;
-
-/**
- * Stripe's correction calls, on the process's one meter client (stripe-meter.ts): what Stripe's
- * refusal of a cancel means for the group is decided here.
- */
-export function createCorrectionClient(meter: StripeMeterClient): CorrectionClient {
-  return {
-    send: (event, options) => meter.send(event, options),
-    async cancel(eventName, identifier, idempotencyKey, options = {}) {
-      const outcome = await meter.cancel(eventName, identifier, idempotencyKey, options);
-      if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
-        return { kind: 'duplicate', message: outcome.message };
-      }
-      if (outcome.kind === 'permanent' && CANNOT_CANCEL.test(outcome.message)) {
-        return {
-          kind: 'permanent',
-          message: outcome.message,
-          reason: 'cannot_cancel',
-          ...(outcome.status ? { status: outcome.status } : {}),
-        };
-      }
-      return outcome;
-    },
   };
 }
 

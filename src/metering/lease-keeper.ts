@@ -18,7 +18,6 @@ import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { renewLeasesOf } from './lease-sql.js';
 
 export interface LeaseKeeper {
@@ -87,7 +86,7 @@ export function createLeaseKeeper(deps: {
     // Every batch of a process has the same lease; grouped by length all the same.
     for (const seconds of new Set(requests.map((r) => r.leaseSeconds))) {
       const own = requests.filter((r) => r.leaseSeconds === seconds);
-      const distributed = deps.distributed();
+      // On Citus one statement per shard group, on the coordinator (lease-sql.ts).
       const counts = await renewLeasesOf(
         deps.db,
         own.map((r) => r.owner),
@@ -95,8 +94,7 @@ export function createLeaseKeeper(deps: {
           leaseSeconds: seconds,
           organizationIds: [...new Set(own.flatMap((r) => r.organizationIds))],
           skipLocked: true,
-          distributed,
-          router: distributed ? citusRouter(deps.db) : ONE_NODE,
+          distributed: deps.distributed(),
         },
       );
       for (const [owner, n] of counts) held.set(owner, n);

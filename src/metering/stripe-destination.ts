@@ -4,9 +4,8 @@
 // cancels). delivery-parts.ts builds it; Metronome's pair is metronome.ts's.
 import type Stripe from 'stripe';
 import type { Config } from '../config.js';
-import { type CorrectionClient, createCorrectionClient } from './corrections.js';
-import { createStripeMeterClient } from './stripe-meter.js';
-import { createV1Transport, type MeterTransport } from './transport.js';
+import { createCorrectionClient, createStripeMeterClient } from './stripe-meter.js';
+import { type CorrectionClient, createV1Transport, type MeterTransport } from './transport.js';
 import { createV2Transport } from './transport-v2.js';
 
 export interface StripeDestination {
@@ -20,8 +19,9 @@ export function stripeDestination(
   stripe: Stripe,
 ): StripeDestination {
   const meter = createStripeMeterClient(stripe);
+  const corrections = createCorrectionClient(meter);
   return {
     transport: config.DELIVERY_TRANSPORT === 'v2' ? createV2Transport(stripe) : createV1Transport(meter),
-    corrections: createCorrectionClient(meter),
+    corrections,
   };
 }

@@ -1,5 +1,6 @@
 // The Stripe meter client: sends one billing meter event (v1, synchronous) with a caller-chosen
-// identifier and turns every answer into one of five outcomes the delivery loop acts on.
+// identifier, or cancels one, and turns every answer into one of five outcomes the delivery loop acts
+// on; the corrections' client over it says what Stripe's refusal of a cancel means.
 import type Stripe from 'stripe';
 import type { MeterEventName } from '../db/schema.js';
 
@@ -235,4 +236,33 @@ export function createStripeMeterClient(stripe: Stripe): StripeMeterClient {
     }
   };
   return { send, cancel };
+}
+
+/** Stripe refuses to cancel this event (too old, unknown): the usage must be compensated instead. */
+const CANNOT_CANCEL = /24 hours|too old|no (meter )?event|not found|cannot be cancel/i;
+const ALREADY_CANCELLED = /already (been )?cancel/i;
+
+/**
+ * Stripe's correction calls (corrections.ts), on the process's one meter client: what Stripe's refusal
+ * of a cancel means for the group is decided here.
+ */
+export function createCorrectionClient(meter: StripeMeterClient): StripeMeterClient {
+  return {
+    send: (event, options) => meter.send(event, options),
+    async cancel(eventName, identifier, idempotencyKey, options = {}) {
+      const outcome = await meter.cancel(eventName, identifier, idempotencyKey, options);
+      if (outcome.kind === 'permanent' && ALREADY_CANCELLED.test(outcome.message)) {
+        return { kind: 'duplicate', message: outcome.message };
+      }
+      if (outcome.kind === 'permanent' && CANNOT_CANCEL.test(outcome.message)) {
+        return {
+          kind: 'permanent',
+          message: outcome.message,
+          reason: 'cannot_cancel',
+          ...(outcome.status ? { status: outcome.status } : {}),
+        };
+      }
+      return outcome;
+    },
+  };
 }

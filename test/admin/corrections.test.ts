@@ -15,10 +15,9 @@ import { deliverBatch } from '../../src/metering/batch.js';
 import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
-import { createCorrectionClient } from '../../src/metering/corrections.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from '../../src/metering/corrections-sql.js';
 import { sqlStores } from '../../src/metering/store.js';
-import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
+import { createCorrectionClient, createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import {
   authHeaders,

@@ -15,10 +15,14 @@ import { createLogger } from '../../src/log.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import type { BatchDeps, DeliveryJob } from '../../src/metering/batch-deps.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
-import { type CorrectionClient, createCorrectionClient } from '../../src/metering/corrections.js';
+import type { CorrectionClient } from '../../src/metering/corrections.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { type DeliveryStore, sqlStore } from '../../src/metering/store.js';
-import { createStripeMeterClient, type MeterEventInput } from '../../src/metering/stripe-meter.js';
+import {
+  createCorrectionClient,
+  createStripeMeterClient,
+  type MeterEventInput,
+} from '../../src/metering/stripe-meter.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createV1Transport } from '../../src/metering/transport.js';
 import { createV2Transport } from '../../src/metering/transport-v2.js';

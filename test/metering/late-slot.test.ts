@@ -7,13 +7,8 @@
 // calls it makes never pass the rate in any second, every call is made, and the same schedule taken
 // slot by slot and called on waking does pass the rate (so the check can fail).
 import { describe, expect } from 'vitest';
-import {
-  awaitSlot,
-  BUDGET_ROW,
-  type CallSlots,
-  createSlotDispenser,
-  LATE_SLOT_MS,
-} from '../../src/metering/budget.js';
+import { BUDGET_ROW, type CallSlots, createSlotDispenser, LATE_SLOT_MS } from '../../src/metering/budget.js';
+import { awaitSlot } from '../../src/metering/calls.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest();
