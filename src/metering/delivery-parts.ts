@@ -10,7 +10,7 @@ import type { Kysely } from 'kysely';
 import type pg from 'pg';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
-import { customerAccountCache } from '../billing/connect.js';
+import { customerAccountCache, customerAccountsNear } from '../billing/connect.js';
 import { connectedAccountBudget, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
@@ -22,7 +22,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { routeToNodes } from './citus-nodes.js';
+import { routeToNodes, singleShardNode } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import { type CorrectionClient, correctionsOnConnectedAccount } from './corrections.js';
 import { probeKeyHoldNow } from './destination-health.js';
@@ -252,8 +252,17 @@ export async function deliveryParts(
       };
     },
   });
-  // Stripe Connect: each customer's account, asked once (billing/connect.ts).
-  const accountsOf = stripeTransport ? customerAccountCache(ctx.db) : undefined;
+  // Stripe Connect: each customer's account, asked once (billing/connect.ts); on Citus with routing, on a
+  // worker node's placement of the reference table, off the coordinator.
+  const accountsOf = stripeTransport
+    ? customerAccountCache(ctx.db, (ids) =>
+        customerAccountsNear(ctx.db, ids, () =>
+          runtime.distributed()
+            ? singleShardNode(ctx.db, 'stripe_customer_accounts')
+            : Promise.resolve(undefined),
+        ),
+      )
+    : undefined;
 
   const depsFor = (distributed: boolean): BatchDeps => {
     const shares = budgetShares(distributed);

@@ -5,6 +5,7 @@ import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { readOnWorker } from './citus-nodes.js';
 import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
 import { expiredLeaseKeys, orphanedJobs, reapLeases } from './reaper-sql.js';
@@ -90,7 +91,10 @@ export async function reapOnce(
   // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
   // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
   const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
-  const expired = await expiredLeaseKeys(deps.db, slack);
+  // On Citus a read of every shard: on a worker node when claims are routed (citus-nodes.ts readOnWorker).
+  const expired = deps.distributed()
+    ? await readOnWorker(deps.db, (on) => expiredLeaseKeys(on, slack))
+    : await expiredLeaseKeys(deps.db, slack);
   // A job's age counts from its batch's last touch, and touches wait on a slow database as claims do:
   // while this process's claims are slow (its lease longer than configured), a job is orphaned only
   // once untouched for that longer lease (a key's own lease is read from its row in any case).
