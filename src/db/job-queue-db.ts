@@ -31,8 +31,6 @@ export class SplitListenDb extends Db {
   /** What every new pooled connection runs before it is handed out (a TestClock's opt-in). */
   #sessionStatements: string[] = [];
   readonly #answerFirst: AnswerFirst | undefined;
-  /** Queues whose NOTIFY wake-ups go to a handler of the process's own (routeWakeUps). */
-  readonly #wakeUps = new Map<string, () => void>();
 
   constructor(config: JobQueueDbOptions, listenConnectionString?: string, answerFirst?: AnswerFirst) {
     // A copy: pg-boss hands this object to pg.Pool as it is, and onConnect is added to it below.
@@ -84,25 +82,7 @@ export class SplitListenDb extends Db {
     return super.executeSql(text, values);
   }
 
-  /**
-   * The NOTIFY wake-ups of `queue` (a job made runnable there) go to `wake` in place of pg-boss's own,
-   * which wakes every worker of the queue in the process: with N fetchers on one queue, a job sent to it
-   * woke all N, and all but one fetched nothing (on Citus each such fetch is a statement the coordinator
-   * plans and runs). undefined: pg-boss's own again. A reconnect of the listener still wakes every worker.
-   */
-  routeWakeUps(queue: string, wake: (() => void) | undefined): void {
-    if (wake) this.#wakeUps.set(queue, wake);
-    else this.#wakeUps.delete(queue);
-  }
-
-  override listen(...[channel, onNotification, onReconnect]: ListenArgs): ReturnType<Db['listen']> {
-    const routed = (payload: string) => {
-      const wake = this.#wakeUps.get(payload);
-      if (wake) wake();
-      else onNotification(payload);
-    };
-    return this.#listener
-      ? this.#listener.listen(channel, routed, onReconnect)
-      : super.listen(channel, routed, onReconnect);
+  override listen(...args: ListenArgs): ReturnType<Db['listen']> {
+    return this.#listener ? this.#listener.listen(...args) : super.listen(...args);
   }
 }

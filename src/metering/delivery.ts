@@ -4,7 +4,6 @@
 // engine of wake-ups, retries with backoff, dead letters and the cron.
 import type { JobWithMetadata } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
-import { SplitListenDb } from '../db/job-queue-db.js';
 import { deliverBatch } from './batch.js';
 import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
@@ -127,9 +126,6 @@ export async function startDelivery(
       workOptions,
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
-        // A full fetch: more may be waiting, so another idle fetcher fetches too (a job's NOTIFY wakes
-        // one fetcher only, below), and under a backlog every fetcher is soon at work.
-        if (jobs.length >= batchSize) wakeIdle();
         const alive = touchWhileRunning(
           leases,
           jobs.map((j) => j.id),
@@ -159,10 +155,6 @@ export async function startDelivery(
       },
     );
   }
-  // A job sent to the queue wakes one idle fetcher of this process, not every one (pg-boss's own
-  // wake-up: SplitListenDb.routeWakeUps); one that is fetching already fetches again once done.
-  const bossDb = ctx.boss.getDb();
-  if (bossDb instanceof SplitListenDb) bossDb.routeWakeUps('meter-delivery', wakeIdle);
   const sweep = await startOutboxSweep({ db, boss: ctx.boss, config: ctx.config, log });
   const reaper = startLeaseReaper({
     ...ctx,
@@ -188,7 +180,6 @@ export async function startDelivery(
       timers.clear();
       sweep.stop();
       reaper.stop();
-      if (bossDb instanceof SplitListenDb) bossDb.routeWakeUps('meter-delivery', undefined);
     },
     close: parts.closePools,
   };
