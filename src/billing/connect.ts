@@ -2,7 +2,7 @@
 // Stripe (the platform's, or a connected account's), so the mapping is a fact about Stripe, recorded
 // when an organization is linked to the customer (admin link, or a Connect checkout) and never changed.
 // Every call about the customer (meter events, adjustments, summaries) is made on that account.
-import type { Kysely, Transaction } from 'kysely';
+import { type Kysely, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
@@ -35,12 +35,14 @@ export async function customerAccount(db: Db, customerId: string): Promise<strin
  */
 export function customerAccountCache(
   db: Db,
+  lookUp: (customerIds: readonly string[]) => Promise<Map<string, string>> = (ids) =>
+    customerAccounts(db, ids),
 ): (customerIds: readonly string[]) => Promise<Map<string, string>> {
   const accountOfCustomer = new Map<string, string | null>();
   return async (customerIds) => {
     const missing = [...new Set(customerIds.filter((id) => !accountOfCustomer.has(id)))];
     if (missing.length > 0) {
-      const found = await customerAccounts(db, missing);
+      const found = await lookUp(missing);
       if (accountOfCustomer.size > 100_000) accountOfCustomer.clear();
       for (const id of missing) accountOfCustomer.set(id, found.get(id) ?? null);
     }
@@ -62,6 +64,39 @@ export async function customerAccounts(db: Db, customerIds: readonly string[]): 
     .where('stripe_customer_id', 'in', [...new Set(customerIds)])
     .execute();
   return new Map(rows.map((r) => [r.stripe_customer_id, r.stripe_account]));
+}
+
+/**
+ * The connected accounts of these customers (customerAccounts), read on a Citus worker node from `nodeOf`
+ * when there is one (stripe_customer_accounts is a reference table: every node holds all of it, and the
+ * coordinator neither plans nor runs the read), else on `db`.
+ *
+ * A link writes the reference table on every node in one two-phase commit: prepared on the workers,
+ * committed on the coordinator, then on the workers. A customer's usage is queued only after its link
+ * committed, so when this read runs the link is either committed on the node or still prepared there
+ * (its commit there not sent yet, or failed and left to Citus's recovery). The node's prepared
+ * transactions are looked at first and the rows read after, each statement with its own snapshot: with
+ * none prepared, every earlier link is in the second statement's view; with any prepared, or the node
+ * failing, the rows are read on `db` (the coordinator's answer), as without a node.
+ */
+export async function customerAccountsNear(
+  db: Db,
+  customerIds: readonly string[],
+  nodeOf?: () => Promise<Kysely<DB> | undefined>,
+): Promise<Map<string, string>> {
+  if (customerIds.length === 0) return new Map();
+  const node = await nodeOf?.().catch(() => undefined);
+  if (node) {
+    const found = await (async () => {
+      const { rows } = await sql<{ prepared: number }>`
+        SELECT count(*)::int AS prepared FROM pg_prepared_xacts WHERE database = current_database()`.execute(
+        node,
+      );
+      return rows[0]?.prepared === 0 ? await customerAccounts(node, customerIds) : undefined;
+    })().catch(() => undefined);
+    if (found) return found;
+  }
+  return customerAccounts(db, customerIds);
 }
 
 /**

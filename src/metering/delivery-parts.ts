@@ -10,7 +10,7 @@ import type { Kysely } from 'kysely';
 import type pg from 'pg';
 import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
-import { customerAccountCache } from '../billing/connect.js';
+import { customerAccountCache, customerAccountsNear } from '../billing/connect.js';
 import { connectedAccountBudget, metronomeBudget, stripeBudget } from '../billing/limits.js';
 import { type Clock, hostTimers } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
@@ -22,7 +22,7 @@ import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
-import { openNodeConnections } from './citus-nodes.js';
+import { type NodeConnections, openNodeConnections } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
 import { type CorrectionClient, correctionsOnConnectedAccount } from './corrections.js';
 import { probeKeyHoldNow } from './destination-health.js';
@@ -95,6 +95,8 @@ export interface DeliveryParts {
   /** Closes the pools delivery opened of its own: the lease connection's and the Citus nodes'. */
   closePools: () => Promise<void>;
   leaseLength: LeaseLength;
+  /** The worker's node connections (CITUS_NODE_ROUTING=on): the reaper reads every shard on a worker. */
+  nodes: NodeConnections | undefined;
   /** How the fetchers fetch (fetch-policy.ts). */
   fetch: FetchPlan;
   /** A batch's dependencies, with the database distributed or not (it may become so under the worker). */
@@ -253,8 +255,15 @@ export async function deliveryParts(
       };
     },
   });
-  // Stripe Connect: each customer's account, asked once (billing/connect.ts).
-  const accountsOf = stripeTransport ? customerAccountCache(ctx.db) : undefined;
+  // Stripe Connect: each customer's account, asked once (billing/connect.ts); on Citus with routing, on a
+  // worker node's placement of the reference table, off the coordinator.
+  const accountsOf = stripeTransport
+    ? customerAccountCache(ctx.db, (ids) =>
+        customerAccountsNear(ctx.db, ids, async () =>
+          runtime.distributed() ? nodes?.singleShard('stripe_customer_accounts') : undefined,
+        ),
+      )
+    : undefined;
 
   const depsFor = (distributed: boolean): BatchDeps => {
     const shares = budgetShares(distributed);
@@ -326,6 +335,7 @@ export async function deliveryParts(
     db,
     leases,
     fetch,
+    nodes,
     closePools: async () => {
       await Promise.all([leaseDatabase.close(), nodes?.close()]);
     },

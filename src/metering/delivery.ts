@@ -159,6 +159,7 @@ export async function startDelivery(
     log,
     wake: wakeIdle,
     leaseLength: parts.leaseLength,
+    ...(parts.nodes ? { nodes: parts.nodes } : {}),
   });
   log.debug(
     {

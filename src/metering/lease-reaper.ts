@@ -5,6 +5,7 @@ import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import { type NodeConnections, readOnWorker } from './citus-nodes.js';
 import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
 import { expiredLeaseKeys, orphanedJobs, reapLeases } from './reaper-sql.js';
@@ -33,6 +34,8 @@ export function startLeaseReaper(deps: {
   wake: () => void;
   /** The process's lease length: a job's age to be orphaned is at least its current lease. */
   leaseLength?: Pick<LeaseLength, 'seconds'>;
+  /** The worker's node connections (CITUS_NODE_ROUTING=on): the reads of every shard go to a worker node. */
+  nodes?: NodeConnections;
 }): { stop(): void } {
   let running = false;
   let passes = 0;
@@ -76,7 +79,7 @@ export const UNGROUPED_EVERY_PASSES = 30;
 export async function reapOnce(
   deps: Pick<
     Parameters<typeof startLeaseReaper>[0],
-    'db' | 'boss' | 'log' | 'config' | 'distributed' | 'leaseLength'
+    'db' | 'boss' | 'log' | 'config' | 'distributed' | 'leaseLength' | 'nodes'
   >,
   { ungrouped = true }: { ungrouped?: boolean } = {},
 ): Promise<{ leases: number; jobs: number }> {
@@ -90,7 +93,10 @@ export async function reapOnce(
   // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
   // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
   const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
-  const expired = await expiredLeaseKeys(deps.db, slack);
+  // On Citus a read of every shard: on a worker node when claims are routed (citus-nodes.ts readOnWorker).
+  const expired = deps.distributed()
+    ? await readOnWorker(deps.nodes, deps.db, (on) => expiredLeaseKeys(on, slack))
+    : await expiredLeaseKeys(deps.db, slack);
   // A job's age counts from its batch's last touch, and touches wait on a slow database as claims do:
   // while this process's claims are slow (its lease longer than configured), a job is orphaned only
   // once untouched for that longer lease (a key's own lease is read from its row in any case).
@@ -105,7 +111,11 @@ export async function reapOnce(
       { kind: 'orphaned' },
     );
   }
-  const keys = await reapLeases(deps.db, { distributed: deps.distributed(), takeOverAfterSeconds: slack });
+  const keys = await reapLeases(deps.db, {
+    distributed: deps.distributed(),
+    takeOverAfterSeconds: slack,
+    ...(deps.nodes ? { nodes: deps.nodes } : {}),
+  });
   // A lease that ran out between the read and the reap: queued now (one queued job per key: a key
   // queued above gets no second one).
   const seen = new Set(first.map(keyName));

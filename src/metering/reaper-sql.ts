@@ -4,6 +4,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { plusSeconds } from './budget.js';
+import { readOnWorker } from './citus-nodes.js';
 import {
   keyMatch,
   orgArray,
@@ -70,9 +71,12 @@ export async function reapLeases(
     ? (await statement(null).execute(db)).rows
     : await perShardGroup(
         routerOf(db, options),
-        await organizationsWhere(
-          db,
-          sql`lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`statement_timestamp()`, slack)}`,
+        // A read of every shard: on a worker node when claims are routed (citus-nodes.ts readOnWorker).
+        await readOnWorker(options.nodes, db, (on) =>
+          organizationsWhere(
+            on,
+            sql`lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`statement_timestamp()`, slack)}`,
+          ),
         ),
         (o) => o,
         async (_, orgs) => (await statement(orgs).execute(db)).rows,

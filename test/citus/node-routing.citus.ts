@@ -9,15 +9,17 @@ import pg from 'pg';
 import type { PgBoss } from 'pg-boss';
 import Stripe from 'stripe';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { customerAccountsNear } from '../../src/billing/connect.js';
 import { systemClock } from '../../src/clock.js';
 import { loadConfig } from '../../src/config.js';
 import { createLogger } from '../../src/log.js';
 import { BUDGET_MAX_WAIT_MS, BUDGET_ROW, reserveCalls } from '../../src/metering/budget.js';
-import { createNodeConnections, type NodeConnections } from '../../src/metering/citus-nodes.js';
+import { createNodeConnections, type NodeConnections, readOnWorker } from '../../src/metering/citus-nodes.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import type { ClaimOptions } from '../../src/metering/claim-statement-sql.js';
 import { deliveryParts } from '../../src/metering/delivery-parts.js';
 import { citusRouter, SHARD_MAP_MS } from '../../src/metering/delivery-sql-shapes.js';
+import { expiredLeaseKeys, reapLeases } from '../../src/metering/reaper-sql.js';
 import { type ClaimedKey, type KeyRef, keyRef } from '../../src/metering/rules/keys.js';
 import { settleBatch } from '../../src/metering/settle-sql.js';
 import { sqlStore } from '../../src/metering/store.js';
@@ -408,6 +410,91 @@ describe.skipIf(!available)('claims and settles sent to the node of their shard 
     } finally {
       await parts?.closePools();
     }
+  });
+
+  it('reads the Connect accounts on a worker node, and on the coordinator while a two-phase commit is pending there', async () => {
+    const recorded: Recorded = [];
+    const ungated = recordingDb(pool, recorded);
+    const nodeOf = () => nodes.singleShard('stripe_customer_accounts');
+    const linked = `cus_${randomUUID().slice(0, 8)}`;
+    const platform = `cus_${randomUUID().slice(0, 8)}`;
+    await sql`INSERT INTO stripe_customer_accounts (stripe_customer_id, stripe_account)
+              VALUES (${linked}, 'acct_linked1')`.execute(db);
+    const node = await nodeOf();
+    expect(node).toBeDefined();
+    const [{ port }] = (await sql<{ port: number }>`SELECT inet_server_port() AS port`.execute(node!))
+      .rows as [{ port: number }];
+    const sentBefore = (onNode.get(port) ?? []).length;
+    expect(await customerAccountsNear(ungated, [linked, platform], nodeOf)).toEqual(
+      new Map([[linked, 'acct_linked1']]),
+    );
+    expect(recorded.filter((q) => /stripe_customer_accounts/.test(q.sql))).toEqual([]);
+    expect(
+      (onNode.get(port) ?? []).slice(sentBefore).filter((q) => /stripe_customer_accounts/.test(q.sql)),
+    ).toHaveLength(1);
+
+    // A link committed on the coordinator whose commit on this node is still to come: its row is on the
+    // coordinator's placement, and prepared (not committed) on the node's.
+    const [shard] = await citusQuery<{ shardid: string }>(
+      cluster.coordinator.url,
+      `SELECT shardid::text FROM pg_dist_shard WHERE logicalrelid = 'stripe_customer_accounts'::regclass`,
+    );
+    const late = `cus_${randomUUID().slice(0, 8)}`;
+    await citusQuery(
+      cluster.coordinator.url,
+      `INSERT INTO stripe_customer_accounts_${shard!.shardid} VALUES ($1, 'acct_late1')`,
+      [late],
+    );
+    const nodeUrl = new URL(cluster.coordinator.url);
+    nodeUrl.port = String(port);
+    const worker = new pg.Client({ connectionString: nodeUrl.toString() });
+    await worker.connect();
+    const gid = `citus_test_${randomUUID().slice(0, 8)}`;
+    try {
+      await worker.query('BEGIN');
+      await worker.query(`INSERT INTO stripe_customer_accounts_${shard!.shardid} VALUES ($1, 'acct_late1')`, [
+        late,
+      ]);
+      await worker.query(`PREPARE TRANSACTION '${gid}'`);
+      recorded.length = 0;
+      expect(await customerAccountsNear(ungated, [late, platform], nodeOf)).toEqual(
+        new Map([[late, 'acct_late1']]),
+      );
+      expect(recorded.filter((q) => /stripe_customer_accounts/.test(q.sql))).toHaveLength(1);
+    } finally {
+      await worker.query(`COMMIT PREPARED '${gid}'`).catch(() => undefined);
+      await worker.end();
+    }
+    // Committed on the node: read there again.
+    recorded.length = 0;
+    expect(await customerAccountsNear(ungated, [late], nodeOf)).toEqual(new Map([[late, 'acct_late1']]));
+    expect(recorded.filter((q) => /stripe_customer_accounts/.test(q.sql))).toEqual([]);
+  });
+
+  it('runs the lease reaper’s reads of every shard on a worker node, and reaps what the coordinator would', async () => {
+    const recorded: Recorded = [];
+    const routed = recordingDb(pool, recorded);
+    const key = await keyWith(3);
+    const router = citusRouter(routed, nodes);
+    const claimed = await claimBatch(routed, [key], { ...options('reaper-dies'), router });
+    expect(claimed.map((k) => k.state)).toEqual(['leased']);
+    // Its batch died: the lease ran out without a release.
+    await sql`UPDATE meter_delivery_keys SET lease_expires_at = now() - interval '1 minute'
+               WHERE organization_id = ${key.organizationId}`.execute(db);
+    recorded.length = 0;
+    const nodeRecorded = () =>
+      [...onNode.values()].flat().filter((q) => /meter_delivery_keys/.test(q.sql)).length;
+    const onNodesBefore = nodeRecorded();
+    const expired = await readOnWorker(nodes, routed, (on) => expiredLeaseKeys(on));
+    expect(expired.map((k) => k.organizationId)).toContain(key.organizationId);
+    const reaped = await reapLeases(routed, { distributed: true, router: citusRouter(routed, nodes), nodes });
+    expect(reaped.map((k) => k.organizationId)).toContain(key.organizationId);
+    expect((await stateOf(key)).leases).toEqual([null]);
+    // The reads of every shard (the expired keys, the organizations to reap): none on the coordinator
+    // (the reap's own statement, of one shard group, is another matter).
+    expect(recorded.filter((q) => /meter_delivery_keys/.test(q.sql) && /^\s*SELECT/.test(q.sql))).toEqual([]);
+    expect(recorded.filter((q) => /meter_delivery_keys/.test(q.sql))).toHaveLength(1);
+    expect(nodeRecorded() - onNodesBefore).toBe(2);
   });
 
   it('sends the statements of a node it cannot reach to the coordinator', async () => {
