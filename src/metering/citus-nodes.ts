@@ -11,7 +11,7 @@
 // single-shard tables destination_health and meter_call_budget (NodeConnections.singleShard: the health
 // gate and record, the budget's reservations); the Connect account look-up of customers not seen before
 // (a read of the reference table stripe_customer_accounts on a worker's placement: billing/connect.ts
-// customerAccountsNear); the lease reaper's reads of every shard (readOnWorker); and the replication
+// customerAccountsNear); the lease reaper's reads of every shard (reaper-sql.ts readOnWorker); and the replication
 // guard's look at each node's standbys
 // (src/db/replication.ts, over these connections). Everything else (pg-boss, the coordinator's local
 // tables, renewals, inserts of new key rows) stays on the coordinator. Where a statement runs never changes what it does: a node whose placement went stale
@@ -201,29 +201,4 @@ async function singleShardNode(
   }
   const node = await known.node;
   return node ? nodes.of(node.host, Number(node.port)) : undefined;
-}
-
-/**
- * Runs `read`, a read of distributed tables over every shard without locks (the lease reaper's looks),
- * on a worker node given the worker's node connections (CITUS_NODE_ROUTING=on): a node plans and runs a
- * multi-shard query from its own synced metadata as the coordinator does, over the same placements, so
- * the answer is the one the coordinator would give and the coordinator neither plans nor runs it. The
- * node: the one of the reference table stripe_customer_accounts' worker placements that
- * NodeConnections.singleShard finds (any worker node holds one). Without node connections, without a reachable node, or when the read
- * fails there: on `db`, as before.
- */
-export async function readOnWorker<T>(
-  nodes: NodeConnections | undefined,
-  db: Kysely<DB>,
-  read: (on: Kysely<DB>) => Promise<T>,
-): Promise<T> {
-  const node = await nodes?.singleShard('stripe_customer_accounts').catch(() => undefined);
-  if (node) {
-    try {
-      return await read(node);
-    } catch {
-      // The coordinator's answer, as without a node.
-    }
-  }
-  return read(db);
 }

@@ -5,10 +5,10 @@ import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
-import { type NodeConnections, readOnWorker } from './citus-nodes.js';
+import type { NodeConnections } from './citus-nodes.js';
 import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
-import { expiredLeaseKeys, orphanedJobs, reapLeases } from './reaper-sql.js';
+import { expiredLeaseKeys, orphanedJobs, readOnWorker, reapLeases } from './reaper-sql.js';
 import { keyName } from './rules/keys.js';
 
 /**
@@ -93,7 +93,7 @@ export async function reapOnce(
   // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
   // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
   const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
-  // On Citus a read of every shard: on a worker node when claims are routed (citus-nodes.ts readOnWorker).
+  // On Citus a read of every shard: on a worker node when claims are routed (reaper-sql.ts readOnWorker).
   const expired = deps.distributed()
     ? await readOnWorker(deps.nodes, deps.db, (on) => expiredLeaseKeys(on, slack))
     : await expiredLeaseKeys(deps.db, slack);

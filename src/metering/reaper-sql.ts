@@ -4,7 +4,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { plusSeconds } from './budget.js';
-import { readOnWorker } from './citus-nodes.js';
+import type { NodeConnections } from './citus-nodes.js';
 import {
   keyMatch,
   orgArray,
@@ -71,7 +71,7 @@ export async function reapLeases(
     ? (await statement(null).execute(db)).rows
     : await perShardGroup(
         routerOf(db, options),
-        // A read of every shard: on a worker node when claims are routed (citus-nodes.ts readOnWorker).
+        // A read of every shard: on a worker node when claims are routed (readOnWorker).
         await readOnWorker(options.nodes, db, (on) =>
           organizationsWhere(
             on,
@@ -217,4 +217,29 @@ export async function orphanedJobs(
       // No organization: nothing of the key is pending, so the job completes and nothing is queued.
       return { id: j.id, key: organizationId ? keyRef({ ...j.key, organizationId }) : null };
     });
+}
+
+/**
+ * Runs `read`, a read of distributed tables over every shard without locks (the lease reaper's looks),
+ * on a worker node given the worker's node connections (CITUS_NODE_ROUTING=on): a node plans and runs a
+ * multi-shard query from its own synced metadata as the coordinator does, over the same placements, so
+ * the answer is the one the coordinator would give and the coordinator neither plans nor runs it. The
+ * node: the one of the reference table stripe_customer_accounts' worker placements that
+ * NodeConnections.singleShard finds (any worker node holds one). Without node connections, without a
+ * reachable node, or when the read fails there: on `db`, as before.
+ */
+export async function readOnWorker<T>(
+  nodes: NodeConnections | undefined,
+  db: Kysely<DB>,
+  read: (on: Kysely<DB>) => Promise<T>,
+): Promise<T> {
+  const node = await nodes?.singleShard('stripe_customer_accounts').catch(() => undefined);
+  if (node) {
+    try {
+      return await read(node);
+    } catch {
+      // The coordinator's answer, as without a node.
+    }
+  }
+  return read(db);
 }
