@@ -261,7 +261,7 @@ function insertReports(
            n.destination, n.nonce,
            CASE WHEN n.alone THEN ${singleRowIdentifier('n')} END, CASE WHEN n.alone THEN now() END
       FROM (
-        SELECT r.*, nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS id, ${OUTBOX_NONCE} AS nonce,
+        SELECT r.*, nextval((SELECT pg_get_serial_sequence('meter_outbox', 'id')::regclass)) AS id, ${OUTBOX_NONCE} AS nonce,
                -- No other pending row of the key (meter_outbox_pending, by the key's customer and meter),
                -- and an hour well within every destination's window (a claim expires older rows
                -- ungrouped; a group in flight is sent whatever its age, as it may have been recorded).
