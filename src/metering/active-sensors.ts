@@ -261,16 +261,22 @@ function insertReports(
            n.destination, n.nonce,
            CASE WHEN n.alone THEN ${singleRowIdentifier('n')} END, CASE WHEN n.alone THEN now() END
       FROM (
-        SELECT r.*, nextval((SELECT pg_get_serial_sequence('meter_outbox', 'id')::regclass)) AS id, ${OUTBOX_NONCE} AS nonce,
-               -- No other pending row of the key (meter_outbox_pending, by the key's customer and meter),
-               -- and an hour well within every destination's window (a claim expires older rows
-               -- ungrouped; a group in flight is sent whatever its age, as it may have been recorded).
-               ${hour}::timestamptz > now() - interval '1 day' AND NOT EXISTS (
-                 SELECT FROM meter_outbox o
-                  WHERE o.stripe_customer_id = r.customer AND o.event_name = r.event_name
-                    AND o.status = 'pending' AND o.organization_id = r.organization_id
-                    AND o.destination = r.destination) AS alone
+        SELECT r.*, nextval((SELECT pg_get_serial_sequence('meter_outbox', 'id')::regclass)) AS id,
+               ${OUTBOX_NONCE} AS nonce,
+               -- An hour well within every destination's window (a claim expires older rows ungrouped; a
+               -- group in flight is sent whatever its age, as it may have been recorded), and no other
+               -- pending row of the key.
+               ${hour}::timestamptz > now() - interval '1 day' AND p.pending IS NULL AS alone
           FROM (${selected}) r
+          -- One look-up a row by the key (meter_outbox_pending), in a LATERAL with LIMIT: as NOT EXISTS
+          -- in the select list the planner may hash every pending row of the table instead, once a
+          -- chunk (a scan growing with the report's own backlog; a chunk's insert took twice as long).
+          LEFT JOIN LATERAL (
+            SELECT true AS pending FROM meter_outbox o
+             WHERE o.stripe_customer_id = r.customer AND o.event_name = r.event_name
+               AND o.status = 'pending' AND o.organization_id = r.organization_id
+               AND o.destination = r.destination
+             LIMIT 1) p ON true
          OFFSET 0) n
     ON CONFLICT (dedupe_key, organization_id) DO NOTHING
     ${returning}`;
