@@ -205,8 +205,8 @@ const countsOf = (
  * singleRowIdentifier), committed with the chunk, before any call. The key's first claim then finds
  * the group in flight and sends it as it is, instead of rewriting the row to write its identifier: an
  * update that could never be HOT (the identifier is indexed), one new version of the row and an entry
- * in each of the outbox's indexes for each of the report's rows, most of the claims' statement time
- * during a report of 100,000 organizations (docs/benchmarks.md). A key with a pending row already (a
+ * in each of the outbox's indexes for each of the report's rows (the claims' execution a row fell by
+ * 22-47% during a report of 100,000 organizations; docs/benchmarks.md). A key with a pending row already (a
  * change of its sensors not yet delivered, a group in flight) gets an ungrouped row as before, so the
  * key's rows are still sent oldest first. The chunk's share lock on the organizations waits for their
  * sensor changes in flight, so a change stamped before the hour is committed and seen by this
