@@ -549,10 +549,10 @@ async function runScenario(
     const firstReportRow = await h.pool.query<{ t: string | null }>(
       `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
     );
-    const lastReportEvent = Math.max(
-      0,
-      ...emulator.events({ event_name: 'active_sensors' }).map((e) => e.receivedAt),
-    );
+    // A loop, not Math.max(...events): a spread of 100,000+ arguments overflows the stack.
+    const lastReportEvent = emulator
+      .events({ event_name: 'active_sensors' })
+      .reduce((last, e) => Math.max(last, e.receivedAt), 0);
     const reportMs =
       reportDoneAt !== null && firstReportRow.rows[0]?.t
         ? Math.round(lastReportEvent - Number(firstReportRow.rows[0].t))

@@ -36,6 +36,19 @@ export const groupDigest = (m: string) =>
                   min(${m}.destination), string_agg(${m}.id::text || coalesce(':' || ${m}.nonce::text, ''), ',' ORDER BY ${m}.id), sum(${m}.value)::text,
                   coalesce(extract(epoch FROM max(${m}.identified_at))::text, ''))), 1, ${DIGEST_HEX})`);
 
+/**
+ * SQL: the identifier a claim gives a new usage group of exactly one row never grouped before
+ * (identifierPrefix, then groupDigest over that row), from the row's columns organization_id, customer,
+ * event_name, destination, id, nonce and value of alias `n`: the hourly report writes its rows with it
+ * (active-sensors.ts insertReports), so a claim that regroups the same row repeats it.
+ */
+export const singleRowIdentifier = (n: string) =>
+  sql.raw(`'mb_' || CASE ${n}.destination WHEN 'metronome' THEN 'm' ELSE '' END
+                 || CASE ${n}.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${n}.id
+                 || '_' || substr(md5(concat_ws('|', ${n}.organization_id::text, ${n}.customer, ${n}.event_name,
+                    ${n}.destination, ${n}.id::text || coalesce(':' || ${n}.nonce::text, ''),
+                    ${n}.value::numeric::text, '')), 1, ${DIGEST_HEX})`);
+
 /** The same digest in TypeScript, for the correction claim (corrections-sql.ts), which reads its rows first. */
 export function correctionIdentifier(
   key: { organizationId: string; customerId: string; eventName: string; destination: Destination },

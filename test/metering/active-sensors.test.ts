@@ -114,6 +114,84 @@ describe('hourly active-sensor report', () => {
     expect(queries.filter((q) => /\bleased AS\b/.test(q.sql))).toHaveLength(1);
   });
 
+  it("writes a lone key's row identified, so its first claim sends it without rewriting the row", async ({
+    ctx,
+  }) => {
+    await clear(ctx);
+    await ctx.db.deleteFrom('meter_delivery_keys').execute();
+    const [lone, changed] = await createOrganizations(ctx.db, [
+      { status: 'active', customer: 'cus_lone', activeSensors: 3 },
+      { status: 'active', customer: 'cus_changed', activeSensors: 2 },
+    ]);
+    if (!lone || !changed) throw new Error('no organizations');
+    // This hour's report (within the destination's window: a claim expires older ungrouped rows).
+    const hour = utcHourOf(new Date());
+    // A change of the second organization's sensors before the hour, not delivered yet.
+    await ctx.db
+      .transaction()
+      .execute((trx) =>
+        reportActiveSensorsWithTimestamp(trx, ctx.boss, changed, new Date(hour.getTime() - 30_000)),
+      );
+    await report(ctx, hour);
+    const reportRows = () =>
+      sql<{
+        id: string;
+        organization_id: string;
+        identifier: string | null;
+        identified_at: Date | null;
+        version: string;
+      }>`
+        SELECT id::text, organization_id, identifier, identified_at, xmin::text || ctid::text AS version
+          FROM meter_outbox WHERE dedupe_key IS NOT NULL ORDER BY stripe_customer_id DESC`
+        .execute(ctx.db)
+        .then((r) => r.rows);
+    const [loneRow, changedRow] = await reportRows();
+    if (!loneRow || !changedRow) throw new Error('no report rows');
+    expect(loneRow.organization_id).toBe(lone);
+    expect(loneRow.identifier).toMatch(new RegExp(`^mb_as_${loneRow.id}_[0-9a-f]{16}$`));
+    expect(loneRow.identified_at).not.toBeNull();
+    // The key's older row goes first: the report's row waits ungrouped behind it.
+    expect(changedRow.identifier).toBeNull();
+    expect(changedRow.identified_at).toBeNull();
+
+    const claimLone = () =>
+      claimBatch(
+        ctx.db,
+        [
+          keyRef({
+            organizationId: lone,
+            customerId: 'cus_lone',
+            eventName: 'active_sensors',
+            destination: 'stripe',
+          }),
+        ],
+        {
+          owner: 'identified-report',
+          leaseSeconds: 10,
+          now: new Date(),
+          maxRows: 100,
+          sendable: ['temperature_readings', 'active_sensors'],
+        },
+      );
+    const [claimed] = await claimLone();
+    expect(claimed?.state).toBe('leased');
+    if (claimed?.state !== 'leased') throw new Error('not leased');
+    expect(claimed.group).toMatchObject({ identifier: loneRow.identifier, value: '3', rows: 1, attempts: 0 });
+    expect(claimed.group?.renewable).toBe(true);
+    // The claim did not write the row: the same version as the report's insert.
+    expect((await reportRows())[0]?.version).toBe(loneRow.version);
+
+    // The identifier is the one the claim gives the same row ungrouped (a regroup repeats it).
+    await sql`UPDATE meter_outbox SET identifier = NULL, identified_at = NULL WHERE id = ${loneRow.id}`.execute(
+      ctx.db,
+    );
+    await sql`UPDATE meter_delivery_keys SET lease_owner = NULL, lease_expires_at = NULL
+               WHERE organization_id = ${lone}`.execute(ctx.db);
+    const [again] = await claimLone();
+    if (again?.state !== 'leased') throw new Error('not leased again');
+    expect(again.group?.identifier).toBe(loneRow.identifier);
+  });
+
   it("does not wait for a transaction updating a reported key's existing row (a claim, a settle)", async ({
     ctx,
   }) => {
