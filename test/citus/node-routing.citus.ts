@@ -3,6 +3,8 @@
 // runs none of them, each node runs only its own shard groups' statements, and a statement sent by a
 // placement that went stale (its shard moved after the batch's router read it) still does exactly what
 // it would have done on the coordinator: the node it reaches runs it where the shard now is.
+// Why this file is long: every statement sent to a node (claims, settles, the single-shard tables, the
+// Connect look-up, the reaper's reads, and delivery's own wiring of them) on one cluster started once.
 import { randomUUID } from 'node:crypto';
 import { sql } from 'kysely';
 import pg from 'pg';

@@ -1,5 +1,7 @@
 // The active_sensors data functions against real Postgres: the set-based hourly report and the
 // on-change report.
+// Why this file is long: both reports' rules over one fixture of organizations and sensors, including the
+// report's rows written identified and their first claim.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
