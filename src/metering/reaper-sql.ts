@@ -67,20 +67,21 @@ export async function reapLeases(
              WHERE ${keyMatch('d', 'l', orgs)}
             RETURNING d.organization_id, d.stripe_customer_id AS customer, d.event_name, d.destination)
       SELECT * FROM u`;
-  const rows = !options.distributed
-    ? (await statement(null).execute(db)).rows
-    : await perShardGroup(
-        routerOf(db, options),
-        // A read of every shard: on a worker node when claims are routed (readOnWorker).
-        await readOnWorker(options.nodes, db, (on) =>
-          organizationsWhere(
-            on,
-            sql`lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`statement_timestamp()`, slack)}`,
-          ),
-        ),
-        (o) => o,
-        async (_, orgs) => (await statement(orgs).execute(db)).rows,
-      );
+  if (!options.distributed) return (await statement(null).execute(db)).rows.map(rowKey);
+  // On Citus the organizations with expired leases first, a read of every shard (on a worker node when
+  // claims are routed: readOnWorker), then the release per shard group.
+  const organizations = await readOnWorker(options.nodes, db, (on) =>
+    organizationsWhere(
+      on,
+      sql`lease_owner IS NOT NULL AND lease_expires_at < ${plusSeconds(sql`statement_timestamp()`, slack)}`,
+    ),
+  );
+  const rows = await perShardGroup(
+    routerOf(db, options),
+    organizations,
+    (o) => o,
+    async (_, orgs) => (await statement(orgs).execute(db)).rows,
+  );
   return rows.map(rowKey);
 }
 
