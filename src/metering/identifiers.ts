@@ -17,10 +17,32 @@ const DIGEST_HEX = 16;
  * The digest is appended once the group's rows are known (groupDigest).
  */
 export const identifierPrefix = (inflight: string, id: string) =>
-  sql.raw(`CASE WHEN ${inflight} IS NULL AND ${id} IS NOT NULL
-                  THEN 'mb_' || CASE l.destination WHEN 'metronome' THEN 'm' ELSE '' END
-                       || CASE l.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}
-             END`);
+  sql.raw(`CASE WHEN ${inflight} IS NULL AND ${id} IS NOT NULL THEN ${prefixOf('l', id)} END`);
+
+/** The prefix's SQL text: `mb_`, the destination's and meter's letters (columns of alias `k`), the first row id. */
+const prefixOf = (k: string, id: string) =>
+  `'mb_' || CASE ${k}.destination WHEN 'metronome' THEN 'm' ELSE '' END
+                       || CASE ${k}.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${id}`;
+
+/**
+ * The digest's SQL text over what a group carries, each given as an expression: its key's columns, its
+ * rows (`id:nonce` joined in id order), its value, and its rows' former identified_at epoch ('' if none).
+ */
+const digestOf = (d: {
+  organization: string;
+  customer: string;
+  eventName: string;
+  destination: string;
+  rows: string;
+  value: string;
+  identifiedAt: string;
+}) =>
+  `substr(md5(concat_ws('|', ${d.organization}, ${d.customer}, ${d.eventName},
+                  ${d.destination}, ${d.rows}, ${d.value},
+                  ${d.identifiedAt})), 1, ${DIGEST_HEX})`;
+
+/** A row's part of the digest: its id and, when it has one, its nonce (migrations/0031). */
+const rowPart = (r: string) => `${r}.id::text || coalesce(':' || ${r}.nonce::text, '')`;
 
 /**
  * SQL aggregate over a group's member rows (columns organization_id, customer, event_name,
@@ -32,9 +54,17 @@ export const identifierPrefix = (inflight: string, id: string) =>
  * asynchronous failover; a row without one (written before 0031) is named by its id alone, as before.
  */
 export const groupDigest = (m: string) =>
-  sql.raw(`substr(md5(concat_ws('|', min(${m}.organization_id::text), min(${m}.customer), min(${m}.event_name),
-                  min(${m}.destination), string_agg(${m}.id::text || coalesce(':' || ${m}.nonce::text, ''), ',' ORDER BY ${m}.id), sum(${m}.value)::text,
-                  coalesce(extract(epoch FROM max(${m}.identified_at))::text, ''))), 1, ${DIGEST_HEX})`);
+  sql.raw(
+    digestOf({
+      organization: `min(${m}.organization_id::text)`,
+      customer: `min(${m}.customer)`,
+      eventName: `min(${m}.event_name)`,
+      destination: `min(${m}.destination)`,
+      rows: `string_agg(${rowPart(m)}, ',' ORDER BY ${m}.id)`,
+      value: `sum(${m}.value)::text`,
+      identifiedAt: `coalesce(extract(epoch FROM max(${m}.identified_at))::text, '')`,
+    }),
+  );
 
 /**
  * SQL: the identifier a claim gives a new usage group of exactly one row never grouped before
@@ -43,11 +73,17 @@ export const groupDigest = (m: string) =>
  * (active-sensors.ts insertReports), so a claim that regroups the same row repeats it.
  */
 export const singleRowIdentifier = (n: string) =>
-  sql.raw(`'mb_' || CASE ${n}.destination WHEN 'metronome' THEN 'm' ELSE '' END
-                 || CASE ${n}.event_name WHEN 'active_sensors' THEN 'as' ELSE 'tr' END || '_' || ${n}.id
-                 || '_' || substr(md5(concat_ws('|', ${n}.organization_id::text, ${n}.customer, ${n}.event_name,
-                    ${n}.destination, ${n}.id::text || coalesce(':' || ${n}.nonce::text, ''),
-                    ${n}.value::numeric::text, '')), 1, ${DIGEST_HEX})`);
+  sql.raw(
+    `${prefixOf(n, `${n}.id`)} || '_' || ${digestOf({
+      organization: `${n}.organization_id::text`,
+      customer: `${n}.customer`,
+      eventName: `${n}.event_name`,
+      destination: `${n}.destination`,
+      rows: rowPart(n),
+      value: `${n}.value::numeric::text`,
+      identifiedAt: `''`,
+    })}`,
+  );
 
 /** The same digest in TypeScript, for the correction claim (corrections-sql.ts), which reads its rows first. */
 export function correctionIdentifier(
