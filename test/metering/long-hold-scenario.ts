@@ -67,6 +67,16 @@ async function aDayAndAnHourLater(ctx: Context, customerId: string, emulatorCloc
   emulatorClock.ahead += DAY_AND_HOUR;
 }
 
+/** What the hold's waits saw last, for the message of one that times out. */
+async function holdState(ctx: Context, customerId: string): Promise<string> {
+  const { rows: jobs } = await sql<{ state: string; n: number }>`
+    SELECT state, count(*)::int AS n FROM pgboss.job
+     WHERE name LIKE 'meter-delivery%' AND data->>'customerId' = ${customerId} GROUP BY state`.execute(
+    ctx.db,
+  );
+  return `rows ${JSON.stringify(await rowsOf(ctx, customerId))}, key refused ${await keyRefused(ctx)}, delivery jobs ${JSON.stringify(jobs)}`;
+}
+
 const billed = (emulator: StripeEmulator, customer: string) =>
   emulator.events({ customer, event_name: 'temperature_readings' });
 
@@ -91,9 +101,10 @@ export async function neverRecordedGroup(
     'the group identified and held',
     async () => {
       const rows = await rowsOf(ctx, customer.id);
-      return rows.every((r) => r.identifier !== null && r.status === 'pending') && (await keyRefused(ctx))
-        ? rows
-        : undefined;
+      if (rows.every((r) => r.identifier !== null && r.status === 'pending') && (await keyRefused(ctx)))
+        return rows;
+      // vi.waitFor reports the last error: a timeout says what it saw.
+      throw new Error(`waiting for the group identified and held: ${await holdState(ctx, customer.id)}`);
     },
     20_000,
   );
@@ -135,7 +146,15 @@ export async function ambiguousGroup(
   // through, and the wait for its 500 and the refused key below time out.
   emulator.setFaults({ script: ['accepted_then_500'], customers: [customer.id] });
   await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: minutesAgo(2) }]);
-  await waitFor('the ambiguous answer', async () => billed(emulator, customer.id).length === 1, 20_000, 20);
+  await waitFor(
+    'the ambiguous answer',
+    async () => {
+      if (billed(emulator, customer.id).length === 1) return true;
+      throw new Error(`waiting for the ambiguous answer: ${await holdState(ctx, customer.id)}`);
+    },
+    20_000,
+    20,
+  );
   emulator.revokeApiKey(key);
   emulator.setFaults({});
   const [row] = await waitFor(
