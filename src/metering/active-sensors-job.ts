@@ -44,7 +44,10 @@ export function scheduledHourOf(createdOn: Date): Date {
 /** How the worker's runs go: organizations per chunk (one transaction each) and per second. */
 export interface ReportPacing {
   chunkSize: number;
-  /** Most organizations written per second; 0 = chunks back to back. */
+  /**
+   * Most organizations' rows written per second; 0 = chunks back to back. Organizations already
+   * reported for the hour (a restarted worker's start-up run) are passed over without waiting.
+   */
   organizationsPerSecond: number;
 }
 
@@ -72,10 +75,14 @@ export async function runHourlyReport(
   const started = Date.now();
   let reported = 0;
   let after: string | null = null;
-  let organizations = 0;
+  // When the next chunk may start: each chunk's written rows move it on by their share of the pace,
+  // counted from that chunk's start, so a stretch of organizations already reported neither waits nor
+  // earns a burst afterwards.
+  let due = started;
   try {
     for (;;) {
       const from: string | null = after;
+      const chunkStarted = Date.now();
       // A chunk counts the sensors of thousands of organizations: the worker's long deadline.
       const chunk = await longStatements(() =>
         db.transaction().execute(async (trx) => {
@@ -95,10 +102,10 @@ export async function runHourlyReport(
       await refreshStatistics(db, log);
       if (chunk.done || chunk.last === null) break;
       after = chunk.last;
-      organizations += pacing.chunkSize;
       if (pacing.organizationsPerSecond > 0) {
         // Host time on purpose: pacing spaces this process's own writes, nothing is judged by it.
-        const wait = started + (organizations * 1000) / pacing.organizationsPerSecond - Date.now();
+        due = Math.max(due, chunkStarted) + (chunk.reported * 1000) / pacing.organizationsPerSecond;
+        const wait = due - Date.now();
         if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
       }
     }

@@ -192,6 +192,24 @@ describe('chunked hourly run', () => {
     // 100 a second each); the run's end is after the third chunk started.
     expect(Date.now() - started).toBeGreaterThanOrEqual(400);
   });
+
+  it('passes over organizations already reported for the hour without waiting for the pace', async () => {
+    const ctx = await createTestContext({}, { bossSupervise: false });
+    await ctx.boss.start();
+    await createBulkOrganizations(ctx.db, 60);
+    const hour = new Date('2026-03-10T17:00:00Z');
+    const slow = { chunkSize: 20, organizationsPerSecond: 10 };
+    expect(
+      (await runHourlyReport(ctx.db, ctx.boss, hour, ctx.log, false, { ...slow, organizationsPerSecond: 0 }))
+        .reported,
+    ).toBe(60);
+    // A restarted worker's start-up run of the same hour writes nothing: at 10 organizations a second,
+    // pacing by organizations read would wait 2 s after each of the three full chunks.
+    const started = Date.now();
+    const again = await runHourlyReport(ctx.db, ctx.boss, hour, ctx.log, false, slow);
+    expect(again.reported).toBe(0);
+    expect(Date.now() - started).toBeLessThan(2_000);
+  });
 });
 
 describe("the report's pace", () => {
