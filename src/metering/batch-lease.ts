@@ -5,7 +5,7 @@ import type { Config } from '../config.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { ClaimLimit } from './claim-limit.js';
-import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
+import { fixedLeaseLength, type LeaseLength } from './lease-length.js';
 import type { ClaimedKey, KeyRef, LeasedKey } from './rules/keys.js';
 import type { DeliveryStore } from './store.js';
 
@@ -55,7 +55,7 @@ export async function claimLease(
   const giveTurnBack = (await deps.claimLimit?.acquire()) ?? (() => {});
   let leaseSeconds = length.seconds();
   // Another batch's lease that ran out within this process's lease growth is left to it.
-  const takeOverAfter = takeOverAfterSeconds(deps.leaseLength, config);
+  const takeOverAfter = length.takeOverAfterSeconds();
   const claimStarted = timers.now();
   let leaseDeadline = claimStarted + leaseSeconds * 1000;
   // Renewals start with the claim: a batch with new keys may claim twice (claimBatch), and the keys of its

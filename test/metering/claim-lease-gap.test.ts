@@ -168,7 +168,7 @@ describe("the reaper's orphan check", () => {
                                 heartbeat_on = now() - make_interval(secs => ${2 * LEASE_SECONDS})
            WHERE id = ${job.id}`.execute(ctx.db);
     // This process's claims were slow: its lease is 6 leases long.
-    const slow = { seconds: () => 6 * LEASE_SECONDS };
+    const slow = { seconds: () => 6 * LEASE_SECONDS, takeOverAfterSeconds: () => 5 * LEASE_SECONDS };
     expect(await reapOnce({ ...ctx, distributed: () => false, leaseLength: slow })).toEqual({
       leases: 0,
       jobs: 0,
