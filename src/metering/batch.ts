@@ -29,7 +29,7 @@ import { claimLease } from './batch-lease.js';
 import { type BatchReport, reportBatch } from './batch-report.js';
 import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
-import { afterCalls } from './rules/answers.js';
+import { afterCalls, readAnswers } from './rules/answers.js';
 import { decideBatch } from './rules/decide-batch.js';
 import { type Gate, healthPolicy, splitByGate } from './rules/health.js';
 import { type JobOutcome, jobKeys } from './rules/jobs.js';
@@ -230,7 +230,8 @@ async function deliverShare(
       lease.deadline,
     ).finally(() => batchSpan.end());
     callsOpen = false;
-    const answers = [...waiting, ...called];
+    // What every answer means for its group, read once for the rules (answers.ts).
+    const answers = readAnswers([...waiting, ...called], policy.validationMs);
 
     // 2b. what the calls said of the destination: a run of its failures makes it down (then they are
     // not the groups' failures: uncounted, the keys wait on it), a working answer ends an outage.
