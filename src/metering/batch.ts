@@ -24,7 +24,7 @@ import { randomBytes } from 'node:crypto';
 import { hostTimers } from '../clock.js';
 import type { Destination } from '../db/schema.js';
 import { startSpan } from '../observability/tracing.js';
-import type { BatchDeps, ConnectedDeps, DeliveryJob, DestinationDeps } from './batch-deps.js';
+import type { BatchDeps, ConnectedDeps, DeliveryJob, DeliveryStore, DestinationDeps } from './batch-deps.js';
 import { claimLease } from './batch-lease.js';
 import { type BatchReport, reportBatch } from './batch-report.js';
 import type { CallSlots } from './budget.js';
@@ -36,7 +36,6 @@ import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import { type CorrectionFacts, keyName } from './rules/keys.js';
 import { needsCorrectionClaim, planCalls } from './rules/plan.js';
 import { deliveryPolicy } from './rules/policy.js';
-import type { DeliveryStore } from './store.js';
 import type { MeterTransport } from './transport.js';
 
 /** The slots of a batch whose claim a standby may lack: none granted, the keys run again in a second. */
