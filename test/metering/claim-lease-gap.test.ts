@@ -8,8 +8,6 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { renewEveryMs } from '../../src/metering/batch-lease.js';
-import { touchWhileRunning } from '../../src/metering/lease-keeper.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -97,12 +95,7 @@ describe('a batch whose claim of a new key outlives the lease', () => {
 
     let done = false;
     const keeper = leaseKeeperOf(ctx);
-    const alive = touchWhileRunning(
-      keeper,
-      jobs.map((j) => j.id),
-      renewEveryMs(ctx.config),
-      ctx.log,
-    );
+    const alive = keeper.touchWhileRunning(jobs.map((j) => j.id));
     const batch = deliverBatch(
       v1BatchDeps(ctx, {
         leases: keeper,
