@@ -2,7 +2,8 @@
 // function below it.
 //
 // Why this file is long: the list and its rules read in one place, each rule a few lines beside the
-// helpers every rule writes through; split, a reader would follow one decision across files.
+// helpers every rule writes through (the retry rule beside its backoff's arithmetic); split, a reader
+// would follow one decision across files. The answers come in read (answers.ts readAnswers).
 
 import { BACKOFF_JITTER } from '../../config.js';
 import { ACCESS_REFUSED_WAIT_MS, DESTINATION_DOWN_REASON, type Meaning, type ReadAnswer } from './answers.js';
