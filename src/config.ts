@@ -325,14 +325,14 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   return Object.freeze(parsed.data);
 }
 
-/** Most a delivery backoff is stretched by its jitter (src/metering/rules/policy.ts backoffMs). */
+/** Most a delivery backoff is stretched by its jitter (src/metering/rules/decide-batch.ts backoffMs). */
 export const BACKOFF_JITTER = 0.5;
 /** Stripe deduplicates an identifier for at least 24 h; a group's retries must end well inside that. */
 const MAX_RETRY_SPAN_HOURS = 20;
 
 /**
  * The longest a delivery group can spend retrying (seconds): every backoff at its longest. The
- * backoff itself is in src/metering/rules/policy.ts (backoffMs); this bound is checked at start-up.
+ * backoff itself is in src/metering/rules/decide-batch.ts (backoffMs); this bound is checked at start-up.
  */
 export function longestRetrySpanSeconds(
   config: Pick<

@@ -3,9 +3,9 @@
 // the failover that promotes it, the delivery store (store.ts) over the model, and each destination's
 // shared call budget (budget.ts), which is a database row in the product.
 import type { Destination } from '../../src/db/schema.js';
+import type { DeliveryStore } from '../../src/metering/batch-deps.js';
 import type { CallSlots } from '../../src/metering/budget.js';
 import { type KeyRef, keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
-import type { DeliveryStore } from '../../src/metering/store.js';
 import type { ModelState, Row } from './model.js';
 import { ACCESS_REFUSED_MESSAGE } from './stripe-model.js';
 import {

@@ -8,7 +8,7 @@ import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { adaptiveLeaseLength, takeOverAfterSeconds } from '../../src/metering/lease-length.js';
+import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { keyName, leaseGrantedTo, singletonKeyOf } from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
@@ -261,7 +261,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
     // for the last four: between them every key has its job.)
     const reapOnce = () => {
       // The product's slack: a lease that ran out within this process's lease growth is left to its owner.
-      const slackMs = takeOverAfterSeconds(leaseLength, { DELIVERY_LEASE_SECONDS: spec.leaseSeconds }) * 1000;
+      const slackMs = leaseLength.takeOverAfterSeconds() * 1000;
       return statement(w, () => db.expiredLeaseKeys(slackMs)).then(async (expired) => {
         const orphans = await statement(w, () => {
           const found = db.orphans(Math.max(spec.leaseSeconds, leaseLength.seconds()) * 1000, slackMs);

@@ -4,10 +4,10 @@ import type { Clock, HostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import type { MeterEventName } from '../db/schema.js';
 import type { Logger } from '../log.js';
+import type { DeliveryStore } from './batch-deps.js';
 import type { ClaimLimit } from './claim-limit.js';
-import { fixedLeaseLength, type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
+import { fixedLeaseLength, type LeaseLength } from './lease-length.js';
 import type { ClaimedKey, KeyRef, LeasedKey } from './rules/keys.js';
-import type { DeliveryStore } from './store.js';
 
 /** A running batch renews its leases this often: a third of the lease, so one missed renewal is survived. */
 export function renewEveryMs(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>): number {
@@ -55,7 +55,7 @@ export async function claimLease(
   const giveTurnBack = (await deps.claimLimit?.acquire()) ?? (() => {});
   let leaseSeconds = length.seconds();
   // Another batch's lease that ran out within this process's lease growth is left to it.
-  const takeOverAfter = takeOverAfterSeconds(deps.leaseLength, config);
+  const takeOverAfter = length.takeOverAfterSeconds();
   const claimStarted = timers.now();
   let leaseDeadline = claimStarted + leaseSeconds * 1000;
   // Renewals start with the claim: a batch with new keys may claim twice (claimBatch), and the keys of its

@@ -24,19 +24,18 @@ import { randomBytes } from 'node:crypto';
 import { hostTimers } from '../clock.js';
 import type { Destination } from '../db/schema.js';
 import { startSpan } from '../observability/tracing.js';
-import type { BatchDeps, ConnectedDeps, DeliveryJob, DestinationDeps } from './batch-deps.js';
+import type { BatchDeps, ConnectedDeps, DeliveryJob, DeliveryStore, DestinationDeps } from './batch-deps.js';
 import { claimLease } from './batch-lease.js';
 import { type BatchReport, reportBatch } from './batch-report.js';
 import type { CallSlots } from './budget.js';
 import { callStripe } from './calls.js';
-import { afterCalls } from './rules/answers.js';
+import { afterCalls, readAnswers } from './rules/answers.js';
 import { decideBatch } from './rules/decide-batch.js';
 import { type Gate, healthPolicy, splitByGate } from './rules/health.js';
 import { type JobOutcome, jobKeys } from './rules/jobs.js';
 import { type CorrectionFacts, keyName } from './rules/keys.js';
 import { needsCorrectionClaim, planCalls } from './rules/plan.js';
 import { deliveryPolicy } from './rules/policy.js';
-import type { DeliveryStore } from './store.js';
 import type { MeterTransport } from './transport.js';
 
 /** The slots of a batch whose claim a standby may lack: none granted, the keys run again in a second. */
@@ -230,7 +229,8 @@ async function deliverShare(
       lease.deadline,
     ).finally(() => batchSpan.end());
     callsOpen = false;
-    const answers = [...waiting, ...called];
+    // What every answer means for its group, read once for the rules (answers.ts).
+    const answers = readAnswers([...waiting, ...called], policy.validationMs);
 
     // 2b. what the calls said of the destination: a run of its failures makes it down (then they are
     // not the groups' failures: uncounted, the keys wait on it), a working answer ends an outage.

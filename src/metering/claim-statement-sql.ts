@@ -58,7 +58,7 @@ export interface ClaimOptions extends Placement {
   sendable: readonly MeterEventName[];
   /** How far back the destination takes usage (default Stripe's 35 days). */
   pastWindowMs?: number;
-  /** A lease that ran out less than this long ago is still its owner's (lease-length.ts, takeOverAfterSeconds). */
+  /** A lease that ran out less than this long ago is still its owner's (lease-length.ts, LeaseLength.takeOverAfterSeconds). */
   takeOverAfterSeconds?: number;
   /**
    * Called just before a slow claim sets its leases again from the database's clock (claimLeasing),

@@ -21,6 +21,7 @@ import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { AccountMeterCatalogs } from './account-meter-catalogs.js';
 import type { BatchDeps, ConnectedDeps, DestinationDeps } from './batch-deps.js';
+import { renewEveryMs } from './batch-lease.js';
 import { BUDGET_ROW, connectedBudgetRow, createSlotDispenser, recordRateLimited } from './budget.js';
 import { type NodeConnections, openNodeConnections } from './citus-nodes.js';
 import { adaptiveClaimLimit } from './claim-limit.js';
@@ -174,6 +175,9 @@ export async function deliveryParts(
     boss: ctx.boss,
     executeSql: (text, values) => leaseDatabase.pool.query(text, values),
     distributed: runtime.distributed,
+    // The batch's jobs are touched on its renewals' cadence, for as long as it runs.
+    touchEveryMs: renewEveryMs(config),
+    log,
   });
   await leaseDatabase.pool
     .query('SELECT 1')

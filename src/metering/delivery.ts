@@ -5,10 +5,8 @@
 import type { JobWithMetadata } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
-import { renewEveryMs } from './batch-lease.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
 import { endDeliveryJobs, markEnded } from './job-completion.js';
-import { touchWhileRunning } from './lease-keeper.js';
 import { startLeaseReaper } from './lease-reaper.js';
 import type { QueuePayload } from './queues.js';
 import { startOutboxSweep } from './sweep.js';
@@ -122,12 +120,7 @@ export async function startDelivery(
       workOptions,
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
-        const alive = touchWhileRunning(
-          leases,
-          jobs.map((j) => j.id),
-          renewEveryMs(ctx.config),
-          log,
-        );
+        const alive = leases.touchWhileRunning(jobs.map((j) => j.id));
         try {
           const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
           // Each job ends with its outcome, by primary key (job-completion.ts); a failure here fails

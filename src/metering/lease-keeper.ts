@@ -1,7 +1,8 @@
 // The lease keeper: what keeps a running batch's claim on its work alive, on a connection of its own.
 //
-// A running batch renews its keys' leases and touches its pg-boss jobs every third of the lease
-// (batch.ts, touchWhileRunning below). On the process's pool those statements queued behind the
+// A running batch renews its keys' leases (batch-lease.ts) and touches its pg-boss jobs
+// (LeaseKeeper.touchWhileRunning, started by the fetcher: delivery.ts) every third of the lease. On the
+// process's pool those statements queued behind the
 // claims and settles of the other fetchers (8 fetchers, DB_POOL_MAX 10): on a slow database with a
 // backlog a claim holds its connection for tens of seconds, so a renewal waited for a connection past
 // the lease, the reaper freed the lease of a batch that was still running and its settle was refused
@@ -25,6 +26,18 @@ export interface LeaseKeeper {
   renew(owner: string, organizationIds: readonly string[], leaseSeconds: number): Promise<number>;
   /** Touches running meter-delivery jobs (pg-boss's `heartbeat_on`, on the database's clock). */
   touch(ids: readonly string[]): Promise<void>;
+  /**
+   * Touches a running batch's jobs (pg-boss's `heartbeat_on`, set on the database's clock) every
+   * `touchEveryMs` from the batch's start to its end: the reaper takes a fetched job as orphaned only
+   * once its last heartbeat (the fetch, or a touch) is a lease old. Without this a job's age counted
+   * from its fetch, so a batch still running past the lease on a slow database (a claim of 30 s, a
+   * settle that released the key before pg-boss completed the job) had its jobs completed as orphaned
+   * and its keys queued again under it: 1,638 jobs in a 30-second backlog run with the default lease,
+   * none with a 60 s lease (docs/benchmarks.md, "A slow database with a backlog"). A frozen process
+   * touches nothing, so its jobs are freed as before. The queue sets no `heartbeatSeconds`, so
+   * pg-boss's own monitor ignores these.
+   */
+  touchWhileRunning(ids: readonly string[]): { stop(): Promise<void> };
 }
 
 /**
@@ -71,13 +84,17 @@ function coalescing<R, A>(run: (requests: R[]) => Promise<A[]>): (request: R) =>
 
 /**
  * A keeper over `db` (a pool of its own, one connection: src/metering/delivery-parts.ts opens it) and
- * `executeSql` on the same connection for pg-boss's own touch statement.
+ * `executeSql` on the same connection for pg-boss's own touch statement. A running batch's jobs are
+ * touched every `touchEveryMs` (the renewals' cadence, batch-lease.ts renewEveryMs); a failed touch is
+ * said on `log`.
  */
 export function createLeaseKeeper(deps: {
   db: Kysely<DB>;
   boss: Pick<PgBoss, 'touch'>;
   executeSql: (text: string, values?: unknown[]) => Promise<{ rows: unknown[] }>;
   distributed: () => boolean;
+  touchEveryMs: number;
+  log: Logger;
 }): LeaseKeeper {
   type Renewal = { owner: string; organizationIds: readonly string[]; leaseSeconds: number };
   const serial = oneAtATime();
@@ -110,48 +127,33 @@ export function createLeaseKeeper(deps: {
       return requests.map(() => undefined);
     }),
   );
+  const touchNow = async (ids: readonly string[]) => {
+    if (ids.length > 0) await touch(ids);
+  };
   return {
     renew: (owner, organizationIds, leaseSeconds) => renew({ owner, organizationIds, leaseSeconds }),
-    touch: async (ids) => {
-      if (ids.length > 0) await touch(ids);
-    },
-  };
-}
-
-/**
- * Touches a running batch's jobs (pg-boss's `heartbeat_on`, set on the database's clock) every `everyMs`
- * from the batch's start to its end: the reaper takes a fetched job as orphaned only once its last
- * heartbeat (the fetch, or a touch) is a lease old. Without this a job's age counted from its fetch, so a
- * batch still running past the lease on a slow database (a claim of 30 s, a settle that released the key
- * before pg-boss completed the job) had its jobs completed as orphaned and its keys queued again under
- * it: 1,638 jobs in a 30-second backlog run with the default lease, none with a 60 s lease
- * (docs/benchmarks.md, "A slow database with a backlog"). A frozen process touches nothing, so its jobs
- * are freed as before. The queue sets no `heartbeatSeconds`, so pg-boss's own monitor ignores these.
- * The touches go through the process's lease connection (lease-keeper.ts), never behind claims.
- */
-export function touchWhileRunning(
-  leases: Pick<LeaseKeeper, 'touch'>,
-  ids: readonly string[],
-  everyMs: number,
-  log: Logger,
-): { stop(): Promise<void> } {
-  let pending: Promise<unknown> = Promise.resolve();
-  let busy = false;
-  const timer = setInterval(() => {
-    if (busy || ids.length === 0) return;
-    busy = true;
-    pending = leases
-      .touch(ids)
-      .catch((err: unknown) => log.warn({ err }, "could not touch the running batch's delivery jobs"))
-      .finally(() => {
-        busy = false;
-      });
-  }, everyMs);
-  timer.unref();
-  return {
-    async stop() {
-      clearInterval(timer);
-      await pending;
+    touch: touchNow,
+    touchWhileRunning: (ids) => {
+      let pending: Promise<unknown> = Promise.resolve();
+      let busy = false;
+      const timer = setInterval(() => {
+        if (busy || ids.length === 0) return;
+        busy = true;
+        pending = touchNow(ids)
+          .catch((err: unknown) =>
+            deps.log.warn({ err }, "could not touch the running batch's delivery jobs"),
+          )
+          .finally(() => {
+            busy = false;
+          });
+      }, deps.touchEveryMs);
+      timer.unref();
+      return {
+        async stop() {
+          clearInterval(timer);
+          await pending;
+        },
+      };
     },
   };
 }

@@ -25,6 +25,18 @@ export interface LeaseLength {
   record(elapsedMs: number): void;
   /** A renewal of a batch's leases took `elapsedMs`, its wait for the lease connection included. */
   recordRenewal(elapsedMs: number): void;
+  /**
+   * How long after another batch's lease ran out this process still leaves the key to it (a claim's
+   * take-over, the reaper, the orphan check): the lease's growth over the configured lease, so 0 on a
+   * healthy database. On a database slow enough to make leases grow, the owner's renewal can come late
+   * (one statement on the lease connection, waiting seconds for CPU behind claims of a minute): a lease
+   * it would have renewed was taken over or reaped under a live batch, its settle refused and its keys
+   * claimed and sent again (44 and 137 leases reaped in two 10 s bench runs, docs/benchmarks.md). Safe
+   * for exactness whatever its length: an owner calls only until its own deadline, never past the
+   * lease's end, so waiting longer to take a key over only delays; a renewal that comes in the slack
+   * finds its lease still its own.
+   */
+  takeOverAfterSeconds(): number;
 }
 
 /**
@@ -55,24 +67,8 @@ export function adaptiveLeaseLength(
     covering: (elapsedMs) => Math.max(seconds(), forWork(elapsedMs)),
     record: (elapsedMs) => keep(claims, elapsedMs),
     recordRenewal: (elapsedMs) => keep(renewals, elapsedMs),
+    takeOverAfterSeconds: () => seconds() - base,
   };
-}
-
-/**
- * How long after another batch's lease ran out this process still leaves the key to it (a claim's
- * take-over, the reaper, the orphan check): the process's lease growth, so 0 on a healthy database. On a
- * database slow enough to make leases grow, the owner's renewal can come late (one statement on the
- * lease connection, waiting seconds for CPU behind claims of a minute): a lease it would have renewed
- * was taken over or reaped under a live batch, its settle refused and its keys claimed and sent again
- * (44 and 137 leases reaped in two 10 s bench runs, docs/benchmarks.md). Safe for exactness whatever
- * its length: an owner calls only until its own deadline, never past the lease's end, so waiting longer
- * to take a key over only delays; a renewal that comes in the slack finds its lease still its own.
- */
-export function takeOverAfterSeconds(
-  length: Pick<LeaseLength, 'seconds'> | undefined,
-  config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>,
-): number {
-  return Math.max(0, (length?.seconds() ?? 0) - config.DELIVERY_LEASE_SECONDS);
 }
 
 /** The configured lease, whatever the claims take (the simulation's batches, tests without a process). */
@@ -82,5 +78,6 @@ export function fixedLeaseLength(config: Pick<Config, 'DELIVERY_LEASE_SECONDS'>)
     covering: () => config.DELIVERY_LEASE_SECONDS,
     record: () => undefined,
     recordRenewal: () => undefined,
+    takeOverAfterSeconds: () => 0,
   };
 }

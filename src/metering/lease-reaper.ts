@@ -6,7 +6,7 @@ import type { Config } from '../config.js';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 import type { NodeConnections } from './citus-nodes.js';
-import { type LeaseLength, takeOverAfterSeconds } from './lease-length.js';
+import type { LeaseLength } from './lease-length.js';
 import { queueDeliveries } from './outbox.js';
 import { expiredLeaseKeys, orphanedJobs, readOnWorker, reapLeases } from './reaper-sql.js';
 import { keyName } from './rules/keys.js';
@@ -33,7 +33,7 @@ export function startLeaseReaper(deps: {
   distributed: () => boolean;
   wake: () => void;
   /** The process's lease length: a job's age to be orphaned is at least its current lease. */
-  leaseLength?: Pick<LeaseLength, 'seconds'>;
+  leaseLength?: Pick<LeaseLength, 'seconds' | 'takeOverAfterSeconds'>;
   /** The worker's node connections (CITUS_NODE_ROUTING=on): the reads of every shard go to a worker node. */
   nodes?: NodeConnections;
 }): { stop(): void } {
@@ -91,8 +91,8 @@ export async function reapOnce(
   // not stop it), so that no instant between the two leaves their keys without a job either.
   // While this process's leases are longer than configured (its claims or renewals slow), a lease that
   // ran out is left to its owner for that much longer: the owner's renewal may be late, not its batch
-  // dead (lease-length.ts, takeOverAfterSeconds; 0 on a healthy database).
-  const slack = takeOverAfterSeconds(deps.leaseLength, deps.config);
+  // dead (lease-length.ts, LeaseLength.takeOverAfterSeconds; 0 on a healthy database).
+  const slack = deps.leaseLength?.takeOverAfterSeconds() ?? 0;
   // On Citus a read of every shard: on a worker node when claims are routed (reaper-sql.ts readOnWorker).
   const expired = deps.distributed()
     ? await readOnWorker(deps.nodes, deps.db, (on) => expiredLeaseKeys(on, slack))

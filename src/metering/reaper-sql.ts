@@ -152,7 +152,7 @@ export async function orphanedJobs(
   db: Kysely<DB>,
   olderThanSeconds: number,
   distributed: boolean,
-  /** A lease that ran out less than this long ago is still live (lease-length.ts, takeOverAfterSeconds). */
+  /** A lease that ran out less than this long ago is still live (lease-length.ts, LeaseLength.takeOverAfterSeconds). */
   takeOverAfterSeconds = 0,
   { ungrouped = true }: { ungrouped?: boolean } = {},
 ): Promise<{ id: string; key: KeyRef | null }[]> {

@@ -1,15 +1,15 @@
-// The delivery store: the statements a batch runs (claim-sql.ts, settle-sql.ts, lease-sql.ts,
-// hold-sql.ts, corrections-sql.ts, pg-boss's insert), behind one interface, so the batch (batch.ts) is the same code over Postgres and over the
-// simulation's model of it (scripts/sim/store.ts).
+// The delivery store over Postgres and pg-boss: the statements a batch runs (claim-sql.ts, settle-sql.ts,
+// lease-sql.ts, hold-sql.ts, corrections-sql.ts, pg-boss's insert) behind the interface a batch is given
+// (batch-deps.ts DeliveryStore), which the simulation's model implements too (scripts/sim/database.ts).
 import type { Kysely } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination } from '../db/schema.js';
+import type { DeliveryStore, StoreOf } from './batch-deps.js';
 import { BUDGET_ROW, callsPerSecond, recordRateLimited } from './budget.js';
 import type { NodeConnections } from './citus-nodes.js';
 import { claimBatch } from './claim-sql.js';
-import type { ClaimOptions } from './claim-statement-sql.js';
 import { claimCorrectionGroup, switchCorrectionToCompensate } from './corrections-sql.js';
 import { citusRouter, ONE_NODE } from './delivery-sql-shapes.js';
 import { callable, gateCalls, recordHealth, recordRetryAfter, resumeWaiting } from './destination-health.js';
@@ -21,65 +21,9 @@ import { METRONOME_PAST_WINDOW_MS } from './metronome.js';
 import { queueDeliveries } from './outbox.js';
 import { outboxTraceparents } from './outbox-traces-sql.js';
 import { pendingOrganizations } from './reaper-sql.js';
-import type { FollowUp, GroupSettlement, KeySettlement } from './rules/decision.js';
-import { type Gate, type HealthOutcome, type HealthReport, healthPolicy } from './rules/health.js';
-import type { ClaimedKey, CorrectionFacts, KeyRef } from './rules/keys.js';
+import { type HealthReport, healthPolicy } from './rules/health.js';
+import type { KeyRef } from './rules/keys.js';
 import { settleBatch } from './settle-sql.js';
-
-export interface DeliveryStore {
-  claim(
-    keys: readonly KeyRef[],
-    options: Omit<ClaimOptions, 'distributed' | 'router'>,
-  ): Promise<ClaimedKey[]>;
-  claimCorrections(key: KeyRef, options: { now: Date; validationSeconds: number }): Promise<CorrectionFacts>;
-  /** Commits a correction group's switch to compensate; throws if `owner` no longer holds the key's lease. */
-  switchToCompensate(key: KeyRef, identifier: string, owner: string): Promise<void>;
-  /**
-   * Every answer, pacing, backoff and lease release, of the keys this batch still holds (its lease,
-   * renewed or run out, that nobody reaped or took); returns how many of `keys` it no longer held
-   * (their answers are dropped).
-   */
-  settle(
-    groups: readonly GroupSettlement[],
-    keys: readonly KeySettlement[],
-    options: { owner: string; minIntervalMs: number },
-  ): Promise<number>;
-  release(owner: string, nextCallAt: Date): Promise<number>;
-  /** Extends the leases this batch still holds (lapsed ones nobody reaped or took too); returns how many. */
-  renew(owner: string, leaseSeconds: number): Promise<number>;
-  hold(keys: readonly KeyRef[]): Promise<void>;
-  /** Queues each key's job to start after its delay (a key with a queued job keeps that one). */
-  queue(keys: readonly { key: KeyRef; afterMs: number; why?: FollowUp['why'] }[]): Promise<void>;
-  /** A 429: the shared call budget slows down. */
-  rateLimited(): Promise<void>;
-  /**
-   * The destination's health (destination-health.ts), shared by every worker: the gate before a
-   * batch's calls, the record of what they found, a Retry-After, and the wake-up at an outage's end.
-   * Absent (the simulation's store): every call goes out and every failure is the group's.
-   */
-  health?: {
-    gate(): Promise<Gate>;
-    /** `refusal`: Stripe's message of a connected account's access refusal in the report. */
-    record(report: HealthReport, refusal?: string): Promise<HealthOutcome>;
-    retryAfter(ms: number): Promise<void>;
-    /** Every waiting key of the destination (its outage ended), or only `keys`. */
-    resumeWaiting(keys?: readonly KeyRef[]): Promise<KeyRef[]>;
-    /** Up, and no Retry-After in force. */
-    callable(): Promise<boolean>;
-  };
-  /**
-   * The request trace contexts of the usage rows each group carries, by the group's identifier, read
-   * while tracing records (outbox-traces-sql.ts). Absent (the simulation's store): calls traced apart.
-   */
-  traceparents?(
-    groups: readonly { organizationId: string; identifier: string }[],
-  ): Promise<Map<string, string[]>>;
-  /**
-   * The organization of each job queued before jobs named one: the one with the key's oldest pending
-   * row (by the key's job name, singletonKeyOf); a key with no pending row is absent.
-   */
-  organizationsOf(keys: readonly Omit<KeyRef, 'organizationId'>[]): Promise<Map<string, string>>;
-}
 
 /** A destination's account-wide call rate (its budget row's configured rate). */
 export function destinationCallsPerSecond(
@@ -91,12 +35,6 @@ export function destinationCallsPerSecond(
 ): number {
   return destination === 'metronome' ? config.METRONOME_MAX_CALLS_PER_SECOND : callsPerSecond(config);
 }
-
-/**
- * A batch's store for one destination's keys (and a connected account's, its own health row there):
- * a new one each batch (it remembers the batch's organizations and shard groups).
- */
-export type StoreOf = (destination: Destination, account?: string) => DeliveryStore;
 
 /** Postgres and pg-boss's stores (sqlStore), made where delivery's parts are built (delivery-parts.ts). */
 export function sqlStores(deps: Omit<SqlStoreDeps, 'destination' | 'account' | 'knownKeys'>): StoreOf {

@@ -8,8 +8,6 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { renewEveryMs } from '../../src/metering/batch-lease.js';
-import { touchWhileRunning } from '../../src/metering/lease-keeper.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
@@ -97,12 +95,7 @@ describe('a batch whose claim of a new key outlives the lease', () => {
 
     let done = false;
     const keeper = leaseKeeperOf(ctx);
-    const alive = touchWhileRunning(
-      keeper,
-      jobs.map((j) => j.id),
-      renewEveryMs(ctx.config),
-      ctx.log,
-    );
+    const alive = keeper.touchWhileRunning(jobs.map((j) => j.id));
     const batch = deliverBatch(
       v1BatchDeps(ctx, {
         leases: keeper,
@@ -168,7 +161,7 @@ describe("the reaper's orphan check", () => {
                                 heartbeat_on = now() - make_interval(secs => ${2 * LEASE_SECONDS})
            WHERE id = ${job.id}`.execute(ctx.db);
     // This process's claims were slow: its lease is 6 leases long.
-    const slow = { seconds: () => 6 * LEASE_SECONDS };
+    const slow = { seconds: () => 6 * LEASE_SECONDS, takeOverAfterSeconds: () => 5 * LEASE_SECONDS };
     expect(await reapOnce({ ...ctx, distributed: () => false, leaseLength: slow })).toEqual({
       leases: 0,
       jobs: 0,

@@ -8,6 +8,7 @@ import { expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB, MeterEventName } from '../../src/db/schema.js';
 import type { BatchDeps, DeliveryJob } from '../../src/metering/batch-deps.js';
+import { renewEveryMs } from '../../src/metering/batch-lease.js';
 import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import { createLeaseKeeper, type LeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { writeOutbox } from '../../src/metering/outbox.js';
@@ -168,13 +169,18 @@ export function withSqlStores(deps: Omit<BatchDeps, 'store'> & Partial<Pick<Batc
   };
 }
 
-/** A lease keeper on the context's own pool (the runtime opens a connection of its own for it). */
-export function leaseKeeperOf(ctx: Context): LeaseKeeper {
+/**
+ * A lease keeper on the context's own pool (the runtime opens a connection of its own for it); a running
+ * batch's jobs touched every third of the lease, as the runtime's, or every `touchEveryMs`.
+ */
+export function leaseKeeperOf(ctx: Context, touchEveryMs = renewEveryMs(ctx.config)): LeaseKeeper {
   return createLeaseKeeper({
     db: ctx.db,
     boss: ctx.boss,
     executeSql: (text, values) => ctx.pool.query(text, values),
     distributed: () => false,
+    touchEveryMs,
+    log: ctx.log,
   });
 }
 

@@ -13,11 +13,11 @@ import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { createLogger } from '../../src/log.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import type { BatchDeps, DeliveryJob } from '../../src/metering/batch-deps.js';
+import type { BatchDeps, DeliveryJob, DeliveryStore } from '../../src/metering/batch-deps.js';
 import { type CallSlots, callsPerSecond, createSlotDispenser } from '../../src/metering/budget.js';
 import type { CorrectionClient } from '../../src/metering/corrections.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
-import { type DeliveryStore, sqlStore } from '../../src/metering/store.js';
+import { sqlStore } from '../../src/metering/store.js';
 import {
   createCorrectionClient,
   createStripeMeterClient,

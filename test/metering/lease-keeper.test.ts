@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { describe, expect } from 'vitest';
 import { createDatabase } from '../../src/db/database.js';
+import { renewEveryMs } from '../../src/metering/batch-lease.js';
 import { createLeaseKeeper } from '../../src/metering/lease-keeper.js';
 import { contextTest } from '../support/test.js';
 
@@ -31,6 +32,8 @@ describe('the lease keeper', () => {
           return leases.pool.query(text, values);
         },
         distributed: () => false,
+        touchEveryMs: renewEveryMs(ctx.config),
+        log: ctx.log,
       });
       const touched = keeper.touch([randomUUID()]);
       await new Promise((resolve) => setTimeout(resolve, 200));

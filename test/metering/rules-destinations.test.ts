@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
 import { deliveryPayload } from '../../src/metering/queues.js';
-import { meaningOf } from '../../src/metering/rules/answers.js';
+import { meaningOf, readAnswers } from '../../src/metering/rules/answers.js';
 import { decideBatch } from '../../src/metering/rules/decide-batch.js';
 import { type ClaimedKey, deliveryKey, keyName } from '../../src/metering/rules/keys.js';
 import {
@@ -112,14 +112,17 @@ describe('destinations in the decision core', () => {
       ],
       claimed: [leased, held],
       corrections: new Map(),
-      answers: [
-        {
-          key: leased,
-          group,
-          correction: false,
-          outcome: { kind: 'retryable', reason: 'server_error', message: '500', scope: 'call' },
-        },
-      ],
+      answers: readAnswers(
+        [
+          {
+            key: leased,
+            group,
+            correction: false,
+            outcome: { kind: 'retryable', reason: 'server_error', message: '500', scope: 'call' },
+          },
+        ],
+        policy.validationMs,
+      ),
       pastWindow: [],
       now,
       policy,

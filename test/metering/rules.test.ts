@@ -3,10 +3,10 @@
 // through whole runs, and the integration tests drive them through Postgres.
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
-import { ACCESS_REFUSED_WAIT_MS, meaningOf } from '../../src/metering/rules/answers.js';
+import { ACCESS_REFUSED_WAIT_MS, meaningOf, readAnswers } from '../../src/metering/rules/answers.js';
 import { leaseDecision, nextGroupRows, renewableGroup } from '../../src/metering/rules/claim.js';
 import { correctionAction } from '../../src/metering/rules/corrections.js';
-import { decideBatch } from '../../src/metering/rules/decide-batch.js';
+import { backoffMs, decideBatch } from '../../src/metering/rules/decide-batch.js';
 import {
   type Answer,
   type ClaimedGroup,
@@ -15,7 +15,7 @@ import {
   keyName,
 } from '../../src/metering/rules/keys.js';
 import { planCalls } from '../../src/metering/rules/plan.js';
-import { backoffMs, deliveryPolicy } from '../../src/metering/rules/policy.js';
+import { deliveryPolicy } from '../../src/metering/rules/policy.js';
 import { reconcileWindow, redriveVerdict } from '../../src/metering/rules/reconcile.js';
 import {
   ACCOUNT_ACCESS_REFUSED,
@@ -75,7 +75,7 @@ function decide(
     jobs: [{ id: 'job-1', key }],
     claimed: [claimed],
     corrections: new Map(extra.corrections ? [[keyName(key), extra.corrections]] : []),
-    answers,
+    answers: readAnswers(answers, policy.validationMs),
     pastWindow: [],
     now: NOW,
     policy,
@@ -165,9 +165,10 @@ describe('backoff and the retry limit are the group’s', () => {
         jobs: [{ id: 'job-1', key }],
         claimed: [leased({ group: group({ attempts: 3 }) })],
         corrections: new Map(),
-        answers: [
-          { key, group: group({ attempts: 3 }), correction: false, outcome, ...(late ? { late } : {}) },
-        ],
+        answers: readAnswers(
+          [{ key, group: group({ attempts: 3 }), correction: false, outcome, ...(late ? { late } : {}) }],
+          policy.validationMs,
+        ),
         pastWindow: [],
         now: NOW,
         policy,

@@ -6,8 +6,6 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { deliverBatch } from '../../src/metering/batch.js';
-import { renewEveryMs } from '../../src/metering/batch-lease.js';
-import { touchWhileRunning } from '../../src/metering/lease-keeper.js';
 import { reapOnce } from '../../src/metering/lease-reaper.js';
 import { createOrganization, outboxRowsOf } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
@@ -70,7 +68,7 @@ describe('a claim slower than its lease', () => {
       let done = false;
       // As the worker's runtime runs a batch: its handler touches the batch's jobs until it returns
       // (a reaper pass may come between the settle, which releases the lease, and the batch's end).
-      const alive = touchWhileRunning(leaseKeeperOf(ctx), [job.id], renewEveryMs(ctx.config), ctx.log);
+      const alive = leaseKeeperOf(ctx).touchWhileRunning([job.id]);
       const batch = deliverBatch(v1BatchDeps(ctx), [job]).finally(() => {
         done = true;
       });
@@ -124,7 +122,7 @@ describe('a batch still running past its lease after its settle', () => {
            WHERE id = ${job.id}`.execute(ctx.db);
     await age();
     // The runtime's handler touches its jobs while it runs (every third of the lease).
-    const alive = touchWhileRunning(leaseKeeperOf(ctx), [job.id], 200, ctx.log);
+    const alive = leaseKeeperOf(ctx, 200).touchWhileRunning([job.id]);
     await waitFor(
       'the running batch to touch its job',
       async () =>

@@ -8,7 +8,7 @@ import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
-import { adaptiveLeaseLength, takeOverAfterSeconds } from '../../src/metering/lease-length.js';
+import { adaptiveLeaseLength, fixedLeaseLength } from '../../src/metering/lease-length.js';
 import { renewLeases } from '../../src/metering/lease-sql.js';
 import { expiredLeaseKeys, orphanedJobs, reapLeases } from '../../src/metering/reaper-sql.js';
 import type { ClaimedKey } from '../../src/metering/rules/keys.js';
@@ -98,11 +98,11 @@ describe('a lease that ran out, and the slack of a process whose leases grew', (
   it("is the process's lease growth: 0 at the configured lease, the growth once claims or renewals are slow", () => {
     const config = { DELIVERY_LEASE_SECONDS: 10, DELIVERY_LEASE_MAX_SECONDS: 120 };
     const length = adaptiveLeaseLength(config);
-    expect(takeOverAfterSeconds(length, config)).toBe(0);
-    expect(takeOverAfterSeconds(undefined, config)).toBe(0);
+    expect(length.takeOverAfterSeconds()).toBe(0);
+    expect(fixedLeaseLength(config).takeOverAfterSeconds()).toBe(0);
     length.recordRenewal(8_000);
-    expect(takeOverAfterSeconds(length, config)).toBe(14);
+    expect(length.takeOverAfterSeconds()).toBe(14);
     length.record(50_000);
-    expect(takeOverAfterSeconds(length, config)).toBe(110);
+    expect(length.takeOverAfterSeconds()).toBe(110);
   });
 });

@@ -1,5 +1,5 @@
-// What an answer means: for the group it answers (meaningOf) and for its destination's health
-// (destinationVerdict; a batch's calls together: afterCalls).
+// What an answer means: for the group it answers (meaningOf; a batch's answers read once: readAnswers) and
+// for its destination's health (destinationVerdict; a batch's calls together: afterCalls).
 
 import { ACCOUNT_ACCESS_REFUSED, PLATFORM_KEY_REFUSED, type SendOutcome } from '../stripe-meter.js';
 import type { Gate, HealthPolicy, HealthReport } from './health.js';
@@ -149,6 +149,22 @@ export function readAnswer(answer: Answer, outcome: SendOutcome, options: { vali
     late: lateAmbiguous(answer),
     meaning: meaningOf(outcome, options),
   };
+}
+
+/** An answer as the batch's rules take it (decide-batch.ts): with its reading, none without an outcome. */
+export type ReadAnswer = Answer & { reading: Reading | undefined };
+
+/**
+ * Every answer of a batch read once, before the rules decide (batch.ts): a usage group's 200 is final
+ * unless the transport validates after it (`validationMs`, v2); a correction's always is.
+ */
+export function readAnswers(answers: readonly Answer[], validationMs: number): ReadAnswer[] {
+  return answers.map((answer) => ({
+    ...answer,
+    reading: answer.outcome
+      ? readAnswer(answer, answer.outcome, { validating: validationMs > 0 && !answer.correction })
+      : undefined,
+  }));
 }
 
 /** What a batch's calls said of their destination: its failures by call, and its working answers. */

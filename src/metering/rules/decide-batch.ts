@@ -2,13 +2,15 @@
 // function below it.
 //
 // Why this file is long: the list and its rules read in one place, each rule a few lines beside the
-// helpers every rule writes through; split, a reader would follow one decision across files.
+// helpers every rule writes through (the retry rule beside its backoff's arithmetic); split, a reader
+// would follow one decision across files. The answers come in read (answers.ts readAnswers).
 
-import { ACCESS_REFUSED_WAIT_MS, DESTINATION_DOWN_REASON, type Meaning, readAnswer } from './answers.js';
+import { BACKOFF_JITTER } from '../../config.js';
+import { ACCESS_REFUSED_WAIT_MS, DESTINATION_DOWN_REASON, type Meaning, type ReadAnswer } from './answers.js';
 import type { BatchDecision, BatchInput, FollowUp, GroupSettlement, KeySettlement } from './decision.js';
 import { type Answer, type ClaimedKey, type KeyRef, keyName, keyRef, type LeasedKey } from './keys.js';
 import type { PlannedCall } from './plan.js';
-import { BUSY_RETRY_MS, backoffMs, PAST_WINDOW_REASON, RATE_LIMITED_RETRY_MS } from './policy.js';
+import { BUSY_RETRY_MS, type DeliveryPolicy, PAST_WINDOW_REASON, RATE_LIMITED_RETRY_MS } from './policy.js';
 
 /**
  * Everything a batch decides after its calls, per key, as a list of named rules applied in order:
@@ -46,18 +48,17 @@ export function decideBatch(input: BatchInput): BatchDecision {
 }
 
 /** One answer, by the first rule that takes it. */
-function settleAnswer(d: Draft, answer: Answer): void {
+function settleAnswer(d: Draft, answer: ReadAnswer): void {
   const settlement = d.leased.get(keyName(answer.key));
   if (!settlement) return; // not a key this batch leased: nothing of it is settled here
-  if (!answer.outcome) {
+  // Read once, with the calls' answers (answers.ts readAnswers): none without an outcome.
+  const { reading } = answer;
+  if (!reading) {
     notCalled(d, answer, settlement);
     return;
   }
   settlement.called = true;
-  const { outage, policy } = d.input;
-  const reading = readAnswer(answer, answer.outcome, {
-    validating: policy.validationMs > 0 && !answer.correction,
-  });
+  const { outage } = d.input;
   if (reading.possiblyRecorded) settlement.ambiguous = true;
   if (outage && reading.destinationFailure && !reading.late) {
     outageWait(d, answer, settlement, outage);
@@ -248,6 +249,36 @@ function retryOrGiveUp(
   settlement.backoffMs = wait;
   followUp(d, answer.key, wait, 'retry');
   d.unsent.add(keyName(answer.key));
+}
+
+/** A stable fraction in [0, 1) from a string (FNV-1a): the same group's n-th backoff is always the same. */
+function fraction(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  return h / 2 ** 32;
+}
+
+/**
+ * The wait before a group's next call after its `attempts`-th counted call failed (retryOrGiveUp):
+ * exponential from DELIVERY_RETRY_DELAY_SECONDS, capped, stretched by up to BACKOFF_JITTER (a stable
+ * function of the identifier, so keys that failed together spread out, and a replay waits as long).
+ */
+export function backoffMs(
+  policy: Pick<DeliveryPolicy, 'retryDelayMs' | 'retryDelayMaxMs'>,
+  attempts: number,
+  identifier: string,
+): number {
+  const base = Math.min(
+    policy.retryDelayMaxMs,
+    policy.retryDelayMs * 2 ** Math.min(16, Math.max(0, attempts - 1)),
+  );
+  return Math.min(
+    policy.retryDelayMaxMs,
+    Math.round(base * (1 + BACKOFF_JITTER * fraction(`${identifier}#${attempts}`))),
+  );
 }
 
 /** Refused for good: the group fails and the job that asked for it is dead-lettered. */

@@ -1,7 +1,8 @@
 // What a batch decides after its calls (decide-batch.ts), and what it decides from.
 
+import type { ReadAnswer } from './answers.js';
 import type { DeliveryJobRef, JobOutcome } from './jobs.js';
-import type { Answer, ClaimedGroup, ClaimedKey, CorrectionFacts, KeyRef } from './keys.js';
+import type { ClaimedGroup, ClaimedKey, CorrectionFacts, KeyRef } from './keys.js';
 import type { PlannedCall } from './plan.js';
 import type { DeliveryPolicy } from './policy.js';
 
@@ -86,7 +87,8 @@ export interface BatchInput {
   jobs: readonly DeliveryJobRef[];
   claimed: readonly ClaimedKey[];
   corrections: ReadonlyMap<string, CorrectionFacts>;
-  answers: readonly Answer[];
+  /** The calls' answers, each read once (answers.ts readAnswers). */
+  answers: readonly ReadAnswer[];
   /** Groups not sent because their identifier is past the window (planCalls). */
   pastWindow: readonly PlannedCall[];
   now: Date;

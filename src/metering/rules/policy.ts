@@ -1,7 +1,7 @@
-// The delivery policy a transport runs under, the constants the rules share, backoff and the identifier
-// window.
+// The delivery policy a transport runs under, the constants the rules share and the identifier window
+// (the backoff its delays give is computed beside the retry rule: decide-batch.ts, backoffMs).
 
-import { BACKOFF_JITTER, type Config } from '../../config.js';
+import type { Config } from '../../config.js';
 import type { Destination } from '../../db/schema.js';
 
 export interface DeliveryPolicy {
@@ -63,33 +63,5 @@ export const IDENTIFIER_WINDOW_MS: Readonly<Record<Destination, number>> = {
 export const BUSY_RETRY_MS = 1_000;
 /** After a 429, the key's group is resent this soon (the shared budget has slowed down meanwhile). */
 export const RATE_LIMITED_RETRY_MS = 2_000;
-
-// ─── backoff and the retry limit ────────────────────────────────────────────────────────────────
-
-/** A stable fraction in [0, 1) from a string (FNV-1a): the same group's n-th backoff is always the same. */
-function fraction(text: string): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < text.length; i++) {
-    h ^= text.charCodeAt(i);
-    h = Math.imul(h, 0x01000193) >>> 0;
-  }
-  return h / 2 ** 32;
-}
-
-/**
- * The wait before a group's next call after its `attempts`-th counted call failed: exponential from
- * DELIVERY_RETRY_DELAY_SECONDS, capped, stretched by up to BACKOFF_JITTER (a stable function of the
- * identifier, so keys that failed together spread out, and a replay waits as long).
- */
-export function backoffMs(policy: DeliveryPolicy, attempts: number, identifier: string): number {
-  const base = Math.min(
-    policy.retryDelayMaxMs,
-    policy.retryDelayMs * 2 ** Math.min(16, Math.max(0, attempts - 1)),
-  );
-  return Math.min(
-    policy.retryDelayMaxMs,
-    Math.round(base * (1 + BACKOFF_JITTER * fraction(`${identifier}#${attempts}`))),
-  );
-}
 
 export const PAST_WINDOW_REASON = 'identifier_window';
