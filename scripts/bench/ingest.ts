@@ -546,8 +546,13 @@ async function runScenario(
     const reaperRead = await reaperReadOf(h.pool, WORKER_ROLE);
     const tableWrites = await tableWritesOf(h.pool);
 
-    const firstReportRow = await h.pool.query<{ t: string | null }>(
-      `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t FROM meter_outbox WHERE event_name = 'active_sensors'`,
+    // created_at is its chunk transaction's start: the first row's is the first chunk's, the last row's the
+    // last chunk's. So the report splits into its writing (first chunk to last chunk) and what came after
+    // (the last chunk's own statements and commit, then delivery's tail).
+    const firstReportRow = await h.pool.query<{ t: string | null; last: string | null }>(
+      `SELECT (extract(epoch FROM min(created_at)) * 1000)::float8::text AS t,
+              (extract(epoch FROM max(created_at)) * 1000)::float8::text AS last
+         FROM meter_outbox WHERE event_name = 'active_sensors'`,
     );
     // A loop, not Math.max(...events): a spread of 100,000+ arguments overflows the stack.
     const lastReportEvent = emulator
@@ -558,6 +563,11 @@ async function runScenario(
         ? Math.round(lastReportEvent - Number(firstReportRow.rows[0].t))
         : null;
     const spawnToReportMs = reportDoneAt !== null ? lastReportEvent - loadStart : null;
+    const firstRowAt = Number(firstReportRow.rows[0]?.t ?? Number.NaN);
+    const lastChunkAt = Number(firstReportRow.rows[0]?.last ?? Number.NaN);
+    const chunksMs = Number.isFinite(lastChunkAt) ? Math.round(lastChunkAt - firstRowAt) : null;
+    const afterLastChunkMs =
+      reportMs !== null && Number.isFinite(lastChunkAt) ? Math.round(lastReportEvent - lastChunkAt) : null;
 
     // Exactly once: Stripe's per-customer sums equal the readings the API accepted.
     const events = emulator.events({ event_name: 'temperature_readings' });
@@ -596,6 +606,10 @@ async function runScenario(
         rows: reportRows,
         firstRowToLastEventMs: reportMs,
         spawnToLastEventMs: spawnToReportMs,
+        /** From the first chunk's start to the last chunk's (the chunks' pace, or their own time). */
+        firstToLastChunkMs: chunksMs,
+        /** From the last chunk's start to the last event at Stripe (that chunk, then delivery's tail). */
+        lastChunkToLastEventMs: afterLastChunkMs,
       },
       levelAfterLoadMs: drainMs,
       cpu: cpuSplit(cpu0, cpu1),
@@ -647,7 +661,7 @@ async function runScenario(
     ].filter((x) => x !== false);
     const c = result.cpu.cores;
     log(
-      `requests p50 ${lat.p50} p99 ${lat.p99} ms (during the report p99 ${result.load.latencyDuringReportMs.p99}, after ${result.load.latencyAfterReportMs.p99}); kept ${result.load.requestsPerSecondKept}/s; level ${drainMs === null ? 'not' : round(drainMs / 1000, 1)} s; report ${reportMs === null ? 'not done' : round(reportMs / 1000, 1)} s`,
+      `requests p50 ${lat.p50} p99 ${lat.p99} ms (during the report p99 ${result.load.latencyDuringReportMs.p99}, after ${result.load.latencyAfterReportMs.p99}); kept ${result.load.requestsPerSecondKept}/s; level ${drainMs === null ? 'not' : round(drainMs / 1000, 1)} s; report ${reportMs === null ? 'not done' : round(reportMs / 1000, 1)} s (chunks ${chunksMs === null ? '?' : round(chunksMs / 1000, 1)} s, then ${afterLastChunkMs === null ? '?' : round(afterLastChunkMs / 1000, 1)} s to the last event)`,
     );
     log(
       `cores: api ${c.api} worker ${c.worker} postgres ${c.postgres} loadgen+emulator ${c.loadGeneratorAndEmulator} others ${c.others} (machine ${c.machine}); load average ${result.loadAverage.join(' ')}`,

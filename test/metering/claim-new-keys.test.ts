@@ -11,6 +11,7 @@ import { claimBatch, insertMissingKeys } from '../../src/metering/claim-sql.js';
 import { knownKeys } from '../../src/metering/known-keys.js';
 import type { KeyRef } from '../../src/metering/rules/keys.js';
 import { createOrganization } from '../support/fixtures.js';
+import { explainRecorded, type PlanNode, rowsScanned } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 import { writeRows } from './delivery-helpers.js';
 
@@ -29,6 +30,12 @@ function recording(db: Kysely<DB>): { db: Kysely<DB>; statements: string[] } {
     transformResult: async (args) => args.result,
   };
   return { db: db.withPlugin(plugin), statements };
+}
+
+/** Rows the plan's scans of `relation` read, over all loops. */
+function relationRowsRead(node: PlanNode, relation: string): number {
+  const own = node['Relation Name'] === relation ? rowsScanned({ ...node, Plans: [] }) : 0;
+  return own + (node.Plans ?? []).reduce((sum, child) => sum + relationRowsRead(child, relation), 0);
 }
 
 const isClaim = (s: string) => /\bleased AS\b/.test(s);
@@ -134,6 +141,38 @@ describe('a claim of keys that have no key row yet', () => {
       release();
       await holder;
     }
+  });
+});
+
+describe("the insert of a report chunk's missing key rows", () => {
+  it('looks each of 1,000 new keys up by its primary key among 20,000 key rows, not reading them all', async ({
+    ctx,
+  }) => {
+    // The key rows of earlier organizations, analyzed: a platform's keys, or a report's earlier chunks.
+    await sql`INSERT INTO meter_delivery_keys (organization_id, stripe_customer_id, event_name, destination)
+              SELECT gen_random_uuid(), 'cus_existing' || n, 'active_sensors', 'stripe'
+                FROM generate_series(1, 20000) AS n`.execute(ctx.db);
+    await sql`ANALYZE meter_delivery_keys`.execute(ctx.db);
+    const fresh: KeyRef[] = Array.from({ length: 1_000 }, (_, n) => ({
+      organizationId: crypto.randomUUID(),
+      customerId: `cus_fresh${n}`,
+      eventName: 'active_sensors',
+    }));
+    const { plan, after } = await explainRecorded(
+      ctx.config.DATABASE_URL,
+      'key-row insert',
+      /INSERT INTO meter_delivery_keys/,
+      (trx) => insertMissingKeys(trx, fresh),
+      async (client) =>
+        (
+          await client.query<{ n: number }>(
+            "SELECT count(*)::int AS n FROM meter_delivery_keys WHERE stripe_customer_id LIKE 'cus_fresh%'",
+          )
+        ).rows[0]?.n,
+    );
+    expect(after).toBe(1_000);
+    // Each look-up finds nothing (0 rows); a hashed anti-join read all 20,000 (red before the LATERAL).
+    expect(relationRowsRead(plan, 'meter_delivery_keys')).toBeLessThan(1_000);
   });
 });
 

@@ -14,6 +14,7 @@ import { describe, expect } from 'vitest';
 import { seedOrgs } from '../../scripts/bench/harness.js';
 import { analyzeStale, STALE_STATISTICS } from '../../src/db/statistics.js';
 import { storeGroup } from '../../src/ingest/single-node.js';
+import { reportActiveSensorsChunk, utcHourOf } from '../../src/metering/active-sensors.js';
 import { runHourlyReport } from '../../src/metering/active-sensors-job.js';
 import { explainRecorded, type PlanNode, rowsScanned } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
@@ -21,6 +22,12 @@ import { waitFor } from '../support/wait.js';
 
 const it = contextTest({});
 const ORGS = 20_000;
+
+/** Rows the plan's scans of `relation` read, over all loops. */
+function relationRowsRead(node: PlanNode, relation: string): number {
+  const own = node['Relation Name'] === relation ? rowsScanned({ ...node, Plans: [] }) : 0;
+  return own + (node.Plans ?? []).reduce((sum, child) => sum + relationRowsRead(child, relation), 0);
+}
 
 /** Rows the plan's scans of pg-boss's job partitions read, over all loops. */
 function jobRowsRead(node: PlanNode): number {
@@ -106,6 +113,37 @@ describe(`the hourly report at ${ORGS} organizations`, () => {
         },
       );
       expect(report.reported).toBe(rows[0]!.n);
+    } finally {
+      await pool.end();
+    }
+  }, 120_000);
+
+  it(`picks the last chunk of ${ORGS} organizations without reading the organizations before it`, async ({
+    ctx,
+  }) => {
+    const pool = new pg.Pool({ connectionString: ctx.config.DATABASE_URL, max: 2 });
+    try {
+      await seedOrgs(pool, ORGS, 1, 'pick');
+      await pool.query('ANALYZE organizations, subscriptions');
+      const { rows } = await pool.query<{ id: string }>(
+        "SELECT organization_id AS id FROM subscriptions WHERE status IN ('active', 'trial') ORDER BY 1",
+      );
+      const after = rows.at(-1_001)!.id;
+      const { plan, result } = await explainRecorded(
+        ctx.config.DATABASE_URL,
+        "chunk's pick",
+        /FOR SHARE OF o/,
+        // An hour of its own: this file's other tests report the current hour and two hours on.
+        (trx) =>
+          reportActiveSensorsChunk(trx, ctx.boss, utcHourOf(new Date(Date.now() - 3 * 3_600_000)), {
+            after,
+            limit: 1_000,
+          }),
+      );
+      expect(result.reported).toBe(1_000);
+      // The chunk's 1,000 organizations (and the one the merge stops at), not the ones before them.
+      expect(relationRowsRead(plan, 'organizations')).toBeLessThan(1_100);
+      expect(relationRowsRead(plan, 'subscriptions')).toBeLessThan(1_100);
     } finally {
       await pool.end();
     }
