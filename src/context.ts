@@ -137,7 +137,9 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   };
   const boss = new PgBoss({
     ...bossConnection,
-    db: new SplitListenDb(bossConnection, directUrl, answerEndedCompletion),
+    db: new SplitListenDb(bossConnection, directUrl, answerEndedCompletion, {
+      preparedStatements: config.DB_PREPARED_STATEMENTS === 'on',
+    }),
     supervise,
     // Finished jobs are deleted after JOB_RETENTION_SECONDS only if maintenance runs that often.
     ...jobMaintenanceTiming(config),
