@@ -137,9 +137,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
   };
   const boss = new PgBoss({
     ...bossConnection,
-    db: new SplitListenDb(bossConnection, directUrl, answerEndedCompletion, {
-      preparedStatements: config.DB_PREPARED_STATEMENTS === 'on',
-    }),
+    db: new SplitListenDb(bossConnection, directUrl, answerEndedCompletion),
     supervise,
     // Finished jobs are deleted after JOB_RETENTION_SECONDS only if maintenance runs that often.
     ...jobMaintenanceTiming(config),

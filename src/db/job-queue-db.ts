@@ -8,7 +8,6 @@ import type { DatabaseOptions } from 'pg-boss';
 // transactions and lifecycle (opened and closed by pg-boss itself) and moves only listen().
 import Db from 'pg-boss/dist/db.js';
 import { attachPool } from './dead-connections.js';
-import { prepareIfOwnSession } from './prepared.js';
 
 type ListenArgs = Parameters<Db['listen']>;
 
@@ -33,16 +32,7 @@ export class SplitListenDb extends Db {
   #sessionStatements: string[] = [];
   readonly #answerFirst: AnswerFirst | undefined;
 
-  /**
-   * `preparedStatements`: pg-boss's fetch and insert of jobs go as named statements on a connection that
-   * is a session of its own (src/db/prepared.ts, DB_PREPARED_STATEMENTS); through a pooler, unnamed.
-   */
-  constructor(
-    config: JobQueueDbOptions,
-    listenConnectionString?: string,
-    answerFirst?: AnswerFirst,
-    options: { preparedStatements?: boolean } = {},
-  ) {
+  constructor(config: JobQueueDbOptions, listenConnectionString?: string, answerFirst?: AnswerFirst) {
     // A copy: pg-boss hands this object to pg.Pool as it is, and onConnect is added to it below.
     const poolConfig: JobQueueDbOptions & Pick<pg.PoolConfig, 'onConnect'> = { ...config };
     super(poolConfig);
@@ -52,7 +42,6 @@ export class SplitListenDb extends Db {
     // onConnect before it hands the client out, so the statements run there, one after the other.
     poolConfig.onConnect = async (client) => {
       for (const statement of this.#sessionStatements) await client.query(statement);
-      if (options.preparedStatements) await prepareIfOwnSession(client);
     };
     this.#options = config;
     this.#answerFirst = answerFirst;

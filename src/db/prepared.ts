@@ -1,5 +1,5 @@
-// Server-side prepared statements for the hot paths' fixed-text statements: a statement whose text
-// starts with PREPARED, pg-boss's insert of jobs or its fetch of jobs, is sent as a named statement (one name per text),
+// Server-side prepared statements for the request path's fixed-text statements: a statement whose text
+// starts with PREPARED, or pg-boss's insert of jobs, is sent as a named statement (one name per text),
 // so each connection parses it once and Postgres keeps its plan for the session, instead of parsing,
 // analysing and planning it afresh on every call (ingestion's group statement: docs/benchmarks.md).
 // Only for statements whose text does not grow with their input (arrays, not lists of placeholders):
@@ -17,21 +17,10 @@ export const PREPARED = '/* meterbox:prepared */';
  */
 const JOB_INSERT = /^\s*WITH ins AS \(\s*INSERT INTO \w+\.\w+ \(/;
 
-/**
- * pg-boss's fetch of a queue's next jobs (plans.fetchNextJob, every poll of every worker): its queue, batch
- * size and options are written into its text, which is therefore one fixed text per queue and fetcher
- * options, with no parameter in the plain form matched here. Planned afresh on every poll otherwise: on a
- * Citus coordinator, where pg-boss's tables are local, its planning was the coordinator's largest
- * per-batch cost (docs/benchmarks.md, "Citus delivery"). Another form (groups, strict FIFO) is left unnamed.
- */
-const JOB_FETCH = /^\s*WITH\s+next AS \(\s*SELECT j\.id\s+FROM \w+\.\w+ j\s+WHERE j\.name = '[^']*'/;
-
-/** Whether a statement goes as a named one: marked PREPARED, pg-boss's insert of jobs, or its fetch. */
+/** Whether a statement goes as a named one: marked PREPARED, or pg-boss's insert of jobs. */
 export function isPrepared(text: string): boolean {
   return (
-    text.startsWith(PREPARED) ||
-    (JOB_INSERT.test(text) && text.includes('json_to_recordset($1::text::json)')) ||
-    JOB_FETCH.test(text)
+    text.startsWith(PREPARED) || (JOB_INSERT.test(text) && text.includes('json_to_recordset($1::text::json)'))
   );
 }
 
@@ -53,31 +42,19 @@ export async function prepareIfOwnSession(client: pg.ClientBase): Promise<void> 
   if (announced !== null && rows[0]?.pid === announced) prepareMarkedStatements(client);
 }
 
-/**
- * Makes the client send marked statements as named ones (pg parses a name once per connection), in every
- * form they come in: `query(text, values)` (Kysely, a transaction's client), `query(text, values,
- * callback)` (pg-pool's `pool.query`, which pg-boss's own database uses) and `query({ text, … }, …)` (a
- * pool whose statements carry a deadline stamps the text into a config: src/db/dead-connections.ts).
- */
+/** Makes the client send marked statements as named ones (pg parses a name once per connection). */
 export function prepareMarkedStatements(client: pg.ClientBase): void {
   const query = client.query.bind(client) as (...args: unknown[]) => unknown;
   const names = new Map<string, string>();
   (client as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
-    const [first, ...rest] = args;
-    const text = typeof first === 'string' ? first : unnamedText(first);
-    if (text === undefined || !isPrepared(text)) return query(...args);
+    const [text, values, ...rest] = args;
+    if (typeof text !== 'string' || !isPrepared(text) || rest.length > 0 || typeof values === 'function')
+      return query(...args);
     let name = names.get(text);
     if (name === undefined) {
       name = preparedName(text);
       names.set(text, name);
     }
-    return query({ ...(typeof first === 'string' ? { text } : (first as object)), name }, ...rest);
+    return query({ name, text, values });
   };
-}
-
-/** The text of a query config that is neither named already nor a submittable (a cursor, a stream). */
-function unnamedText(config: unknown): string | undefined {
-  if (typeof config !== 'object' || config === null) return undefined;
-  const { text, name, submit } = config as { text?: unknown; name?: unknown; submit?: unknown };
-  return typeof text === 'string' && name === undefined && typeof submit !== 'function' ? text : undefined;
 }

@@ -5,7 +5,6 @@
 import pg from 'pg';
 import { describe, expect } from 'vitest';
 import { SplitListenDb } from '../../src/db/job-queue-db.js';
-import { openTestContext } from '../support/database.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({ startBoss: false });
@@ -80,69 +79,6 @@ describe("pg-boss's database", () => {
     } finally {
       seen.closing = true;
       await db.close();
-    }
-  });
-});
-
-/**
- * pg-boss of a context built as the worker's (src/context.ts: its pool's statements carry deadlines),
- * `prepared` as DB_PREPARED_STATEMENTS. `fetches()`: the delivery fetches prepared on each connection of
- * its pool (at most two: the test settings' DB_POOL_MAX), with how often each ran.
- */
-async function bossOf(prepared: 'on' | 'off') {
-  const { ctx, close } = await openTestContext({ DB_PREPARED_STATEMENTS: prepared, DB_POOL_MAX: '2' });
-  await ctx.boss.start();
-  const pool = (ctx.boss.getDb() as unknown as { pool: pg.Pool }).pool;
-  const fetches = async () => {
-    // Every connection of the pool at once: a prepared statement is its session's.
-    const clients = await Promise.all([pool.connect(), pool.connect()]);
-    try {
-      const per = await Promise.all(
-        clients.map((c) =>
-          c.query<{ runs: number }>(
-            `SELECT (generic_plans + custom_plans)::int AS runs FROM pg_prepared_statements
-              WHERE from_sql = false AND statement LIKE '%SKIP LOCKED%' AND statement LIKE '%meter-delivery%'`,
-          ),
-        ),
-      );
-      return per.flatMap((r) => r.rows.map((row) => row.runs));
-    } finally {
-      for (const c of clients) c.release();
-    }
-  };
-  return { boss: ctx.boss, fetches, close };
-}
-
-describe("pg-boss's fetch of jobs", () => {
-  it('is a prepared statement on a connection of its own: parsed once, its plan kept across polls', async () => {
-    const { boss, fetches, close } = await bossOf('on');
-    try {
-      const id = await boss.send('meter-delivery', { organizationId: 'probe' });
-      const fetched: string[] = [];
-      // A fetch that finds the job, then empty polls, as an idle fetcher's.
-      for (let i = 0; i < 6; i++) {
-        for (const job of await boss.fetch('meter-delivery', { batchSize: 5, includeMetadata: true }))
-          fetched.push(job.id);
-      }
-      expect(fetched).toEqual([id]);
-      // Named on each connection that ran it, parsed there once: the six fetches are its runs.
-      const runs = await fetches();
-      expect(runs.length).toBeGreaterThan(0);
-      expect(runs.reduce((a, b) => a + b, 0)).toBe(6);
-    } finally {
-      await close();
-    }
-  });
-
-  it('is sent unnamed with DB_PREPARED_STATEMENTS=off', async () => {
-    const { boss, fetches, close } = await bossOf('off');
-    try {
-      const id = await boss.send('meter-delivery', { organizationId: 'probe' });
-      const jobs = await boss.fetch('meter-delivery', { batchSize: 5 });
-      expect(jobs.map((j) => j.id)).toEqual([id]);
-      expect(await fetches()).toEqual([]);
-    } finally {
-      await close();
     }
   });
 });
