@@ -33,7 +33,13 @@ export const LONG_HOLD_ENV = {
   SWEEP_INTERVAL_SECONDS: '3600',
 } as const;
 
-const minutesAgo = (m: number) => new Date(Date.now() - m * 60_000);
+/**
+ * An instant `minute` minutes into the last whole UTC hour: a group never spans an hour (each event's
+ * usage lands in its own hour), so two rows a minute apart around minute 0 would be two groups. Rows
+ * written a minute or two ago were, when a run reached this file in an hour's first two minutes.
+ */
+const lastHourAt = (minute: number) =>
+  new Date(Math.floor(Date.now() / 3_600_000) * 3_600_000 - 3_600_000 + minute * 60_000);
 
 async function rowsOf(ctx: Context, customerId: string) {
   const { rows } = await sql<{
@@ -94,8 +100,8 @@ export async function neverRecordedGroup(
   const org = await createOrganization(ctx.db, { customerId: customer.id });
   emulator.revokeApiKey(key);
   await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [
-    { value: 3, occurredAt: minutesAgo(2) },
-    { value: 4, occurredAt: minutesAgo(1) },
+    { value: 3, occurredAt: lastHourAt(20) },
+    { value: 4, occurredAt: lastHourAt(21) },
   ]);
   const held = await waitFor(
     'the group identified and held',
@@ -145,7 +151,7 @@ export async function ambiguousGroup(
   // organization's call sent by this file's worker first would otherwise take it, this group's call go
   // through, and the wait for its 500 and the refused key below time out.
   emulator.setFaults({ script: ['accepted_then_500'], customers: [customer.id] });
-  await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: minutesAgo(2) }]);
+  await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 5, occurredAt: lastHourAt(20) }]);
   await waitFor(
     'the ambiguous answer',
     async () => {
