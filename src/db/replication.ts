@@ -5,7 +5,6 @@
 import { type Kysely, sql } from 'kysely';
 import type { HostTimers } from '../clock.js';
 import type { Logger } from '../log.js';
-import { PREPARED } from './prepared.js';
 import type { DB } from './schema.js';
 
 /**
@@ -241,10 +240,7 @@ export function replicationGuard(db: Kysely<DB>, options: ReplicationGuardOption
       ? sql`, (SELECT coalesce(json_agg(json_build_object('host', w.node_name, 'port', w.node_port)), '[]'::json)
                  FROM citus_get_active_worker_nodes() w) AS workers`
       : sql``;
-    // A prepared statement (src/db/prepared.ts): with standbys every batch looks, and its views and
-    // functions took a Citus coordinator 0.3-2.5 ms to plan a look (docs/benchmarks.md, "Citus
-    // delivery"); it reads no table whose statistics could change its plan, so a kept plan is as good.
-    const { rows } = await sql<Look>`${sql.raw(PREPARED)}
+    const { rows } = await sql<Look>`
       SELECT ${lsn}::text AS lsn, ${TIMELINE} AS timeline, count(s.*)::int AS standbys,
              (count(s.*) FILTER (WHERE s.state IS NULL))::int AS unreadable,
              (count(s.*) FILTER (WHERE s.state IS NOT NULL AND (s.flush_lsn IS NULL OR s.flush_lsn < ${lsn})))::int AS behind

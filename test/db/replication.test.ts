@@ -10,7 +10,6 @@ import {
 } from '../../src/db/replication.js';
 import { createLogger } from '../../src/log.js';
 import { replicationCheckCommand } from '../../src/metering/replication-report.js';
-import { openTestContext } from '../support/database.js';
 import { memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
@@ -39,31 +38,6 @@ describe('replication without standbys', () => {
     expect(await guard.confirm()).toBe(true);
     expect(await guard.confirm()).toBe(true);
     expect(outcomes).toEqual(['no_standbys']);
-  });
-
-  it("looks with a prepared statement: planned once on the connection, not on every batch's look", async () => {
-    // One connection, so every look and the read of its prepared statements are one session's.
-    const { ctx, close } = await openTestContext({ DB_POOL_MAX: '1', DB_PREPARED_STATEMENTS: 'on' });
-    try {
-      const outcomes: ReplicationOutcome[] = [];
-      const guard = replicationGuard(ctx.db, {
-        maxWaitMs: 2_000,
-        timers: hostTimers,
-        log: createLogger('silent'),
-        noStandbysCacheMs: 0,
-        onOutcome: (o) => outcomes.push(o),
-      });
-      for (let i = 0; i < 7; i++) expect(await guard.confirm()).toBe(true);
-      expect(outcomes).toEqual(Array(7).fill('no_standbys'));
-      const { rows } = await ctx.pool.query<{ generic: number; custom: number }>(
-        `SELECT generic_plans::int AS generic, custom_plans::int AS custom FROM pg_prepared_statements
-          WHERE from_sql = false AND statement LIKE '%pg_stat_replication%'`,
-      );
-      // One statement for the seven looks, run from its kept plan.
-      expect(rows).toEqual([{ generic: 7, custom: 0 }]);
-    } finally {
-      await close();
-    }
   });
 
   it('never looks when the wait is off', async ({ ctx }) => {
