@@ -571,6 +571,20 @@ BEGIN
 END
 $body$;
 
+CREATE FUNCTION meterbox_lock_queued_jobs(p_keys text[]) RETURNS SETOF text LANGUAGE plpgsql AS $body$
+BEGIN
+  RETURN QUERY
+    SELECT l.key
+      FROM (SELECT DISTINCT k.key FROM unnest(p_keys) AS k(key) ORDER BY 1) AS k
+     CROSS JOIN LATERAL (
+       SELECT j.singleton_key AS key FROM pgboss.job j
+        WHERE j.name = 'meter-delivery' AND COALESCE(j.singleton_key, '') = k.key
+          AND j.state = 'created' AND j.policy = 'short'
+        FOR KEY SHARE OF j) AS l
+     ORDER BY l.key;
+END
+$body$;
+
 CREATE FUNCTION meterbox_notify_api_key_change() RETURNS trigger LANGUAGE plpgsql AS $body$
 BEGIN
   PERFORM pg_notify('meterbox_api_keys', OLD.key_hash);

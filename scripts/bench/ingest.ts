@@ -158,7 +158,7 @@ const { values: args } = parseArgs({
     // --ratio-compare-flush is an A/A run, what the bench's own asymmetry between the two sides is.
     'ratio-flush': { type: 'string' },
     // A second API built from this commit's src/ (same database and settings), measured in the same
-    // interleaved slices: a before/after of the code in one run. Its migrations must be this checkout's.
+    // interleaved slices: a before/after of the code in one run. Its migrations must be among this checkout's (one database, migrated with these).
     'ratio-baseline': { type: 'string' },
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
@@ -705,6 +705,12 @@ const RAW_SINGLE_SQL = `
   INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
 
+/** `NAME=VALUE` as a pair, split at the first `=` (a value may hold more: `PGOPTIONS=-c a=b`). */
+function settingPair(kv: string): [string, string] {
+  const at = kv.indexOf('=');
+  return at < 0 ? [kv, ''] : [kv.slice(0, at), kv.slice(at + 1)];
+}
+
 async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   log('--- ratios: raw Postgres against the API, alternating slices');
   const url = await freshDatabase(cluster, 'ratio');
@@ -735,7 +741,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     // The second API's process id: its CPU is sampled in the snapshots' worker slot.
     let comparePid = -1;
     const compareEnv = args['ratio-compare']
-      ? Object.fromEntries(args['ratio-compare'].split(',').map((kv) => kv.split('=', 2) as [string, string]))
+      ? Object.fromEntries(args['ratio-compare'].split(',').map(settingPair))
       : args['ratio-compare-flush']
         ? { INGEST_GROUP_FLUSH: 'window' }
         : undefined;
@@ -744,8 +750,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     if (args['ratio-baseline']) {
       const base = await buildBaseline(args['ratio-baseline'], dirname(compareEntry!), 'src/bin/server.ts');
       const ours = new Set(readdirSync(join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql')));
-      if (base.migrations.size !== ours.size || [...base.migrations].some((m) => !ours.has(m)))
-        throw new Error(`--ratio-baseline ${base.commit}: its migrations differ from this checkout's`);
+      // One database for both APIs, migrated with this checkout's migrations: the baseline's must be
+      // among them (it then runs on a schema that may have more, as a deploy's old processes do).
+      if ([...base.migrations].some((m) => !ours.has(m)))
+        throw new Error(`--ratio-baseline ${base.commit}: it has migrations this checkout does not`);
+      if (base.migrations.size !== ours.size)
+        log(
+          `--ratio-baseline ${base.commit}: runs on this checkout's schema (${ours.size - base.migrations.size} migrations newer)`,
+        );
       compareLabel = `API (${base.commit})`;
       compareEntry = base.entry;
     }
@@ -1034,9 +1046,7 @@ export async function runIngestBench(): Promise<number> {
     const workerCompare = args['worker-compare'];
     if (workerCompare && args.baseline) throw new Error('--worker-compare and --baseline: one at a time');
     if (workerCompare) {
-      const workerEnv = Object.fromEntries(
-        workerCompare.split(',').map((kv) => kv.split('=', 2) as [string, string]),
-      );
+      const workerEnv = Object.fromEntries(workerCompare.split(',').map(settingPair));
       for (let i = 0; i < Number(args.pairs ?? 1); i++) {
         runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
         runs.push({ code: `${head}${dirty ? '+' : ''}, worker ${workerCompare}`, entries, workerEnv });

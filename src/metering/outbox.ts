@@ -220,19 +220,15 @@ const HANDOFF_SUFFIX = '#handoff:';
  */
 function lockQueuedJobs(keys: RawBuilder<unknown>) {
   // One look-up per key in pg-boss's index of queued singleton jobs (job_common_i1, on name and
-  // COALESCE(singleton_key, '')), keys in order: a LATERAL subquery with its own lock is run for each
-  // key and cannot be turned into a join. As `IN (keys)` (or `= ANY(ARRAY(keys))`) the planner, with
-  // statistics that did not yet count the queued jobs, read every queued delivery job's entry and
-  // compared it with each key: 9.7 ms of a group's 11 at ~600 queued jobs, growing with the queue
-  // (test/ingest/queued-jobs-lookup.test.ts; 20k queued: 5.6 ms against 0.07 a look-up per key).
+  // COALESCE(singleton_key, '')), keys in order, by migration 0086's function. As `IN (keys)` (or
+  // `= ANY(ARRAY(keys))`) the planner, with statistics that did not yet count the queued jobs, read
+  // every queued delivery job's entry and compared it with each key: 9.7 ms of a group's 11 at ~600
+  // queued jobs, growing with the queue (test/ingest/queued-jobs-lookup.test.ts; 20k queued: 5.6 ms
+  // against 0.07 a look-up per key). Written in the statement itself, the look-up was frozen into the
+  // prepared group statement's generic plan, made while the job table was a page: the same read of every
+  // queued job, until an analyze. The function's own plan takes the index whatever the statistics.
   return sql<{ key: string }>`
-    SELECT l.key FROM (SELECT DISTINCT k.key FROM (${keys}) AS k(key) ORDER BY 1) AS k
-    CROSS JOIN LATERAL (
-      SELECT j.singleton_key AS key FROM pgboss.job j
-       WHERE j.name = 'meter-delivery' AND COALESCE(j.singleton_key, '') = k.key
-         AND j.state = 'created' AND j.policy = 'short'
-       FOR KEY SHARE OF j) AS l
-    ORDER BY l.key`;
+    SELECT l.key FROM meterbox_lock_queued_jobs(ARRAY(${keys})) AS l(key)`;
 }
 
 /**

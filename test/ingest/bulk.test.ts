@@ -105,7 +105,7 @@ describe('bulk efficiency', () => {
     expect(statements[0]).toMatch(
       /FROM sensors[\s\S]*INSERT INTO temperature_readings[\s\S]*unnest|unnest[\s\S]*FROM sensors[\s\S]*INSERT INTO temperature_readings/,
     );
-    expect(statements[0]).toMatch(/INSERT INTO meter_outbox[\s\S]*FROM pgboss\.job[\s\S]*FOR KEY SHARE/);
+    expect(statements[0]).toMatch(/INSERT INTO meter_outbox[\s\S]*meterbox_lock_queued_jobs\(/);
     expect(statements[1]).toMatch(/pgboss/);
   });
 

@@ -5,9 +5,12 @@
 // scanned all of them and compared each to the group's keys cost 9.7 of a group's 11 ms at ~600
 // queued jobs (docs/benchmarks.md), and grew with the queue.
 import { randomUUID } from 'node:crypto';
-import { sql } from 'kysely';
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
+import { prepareMarkedStatements } from '../../src/db/prepared.js';
+import type { DB } from '../../src/db/schema.js';
 import { storeGroup } from '../../src/ingest/single-node.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
 import { keyRef } from '../../src/metering/rules/keys.js';
@@ -16,6 +19,48 @@ import { createOrganization, createSensors, reading } from '../support/fixtures.
 
 const QUEUED = 1500;
 
+/** `n` other customers' delivery keys (nobody delivers their jobs in these tests). */
+function otherKeys(n: number) {
+  return Array.from({ length: n }, () =>
+    keyRef({
+      organizationId: randomUUID(),
+      customerId: `cus_other${randomUUID().slice(0, 12)}`,
+      eventName: 'temperature_readings',
+      destination: 'stripe',
+    }),
+  );
+}
+
+// pg-boss's rows and index entries this transaction's statements read, counted by Postgres for the
+// transaction itself (its other sessions' reads are not in them).
+const pgbossReads = sql<{ n: string }>`
+  SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid) + pg_stat_get_xact_tuples_fetched(c.oid)), 0)::text AS n
+    FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'pgboss'`;
+
+/** A group of one reading per organization, stored in a transaction on `db`; pg-boss reads counted. */
+async function storeCounted(
+  db: Kysely<DB>,
+  boss: Context['boss'],
+  orgs: readonly { organizationId: string; sensor: string }[],
+  minute: number,
+) {
+  const now = new Date();
+  return db.transaction().execute(async (trx) => {
+    const before = Number((await pgbossReads.execute(trx)).rows[0]!.n);
+    const outcomes = await storeGroup(
+      trx,
+      boss,
+      orgs.map((o) => ({
+        organizationId: o.organizationId,
+        readings: [reading(o.sensor, minute, 4.2, now)],
+      })),
+      now,
+    );
+    const after = Number((await pgbossReads.execute(trx)).rows[0]!.n);
+    return { reads: after - before, outcomes };
+  });
+}
+
 describe('the group statement and the queued delivery jobs', () => {
   let ctx: Context;
   let close: () => Promise<void>;
@@ -23,15 +68,7 @@ describe('the group statement and the queued delivery jobs', () => {
     ({ ctx, close } = await openTestContext());
     await ctx.boss.start();
     // Other customers' queued delivery jobs (nobody delivers them in this test).
-    const others = Array.from({ length: QUEUED }, () =>
-      keyRef({
-        organizationId: randomUUID(),
-        customerId: `cus_other${randomUUID().slice(0, 12)}`,
-        eventName: 'temperature_readings',
-        destination: 'stripe',
-      }),
-    );
-    await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, others));
+    await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, otherKeys(QUEUED)));
   });
   afterAll(async () => {
     await close?.();
@@ -43,11 +80,6 @@ describe('the group statement and the queued delivery jobs', () => {
       const o = await createOrganization(ctx.db);
       orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
     }
-    // pg-boss's rows and index entries this transaction's statements read, counted by Postgres for the
-    // transaction itself (its other sessions' reads are not in them).
-    const pgbossReads = sql<{ n: string }>`
-      SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid) + pg_stat_get_xact_tuples_fetched(c.oid)), 0)::text AS n
-        FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'pgboss'`;
     // First group: none of its keys has a job (each is queued by it); second: each key's job is held.
     for (const [round, expectHeld] of [
       [1, 0],
@@ -80,5 +112,56 @@ describe('the group statement and the queued delivery jobs', () => {
       // A few reads a key (the look, pg-boss's insert of the new keys' jobs), not one per queued job.
       expect(reads, `round ${round}, keys held before: ${expectHeld}`).toBeLessThan(orgs.length * 10);
     }
+  });
+});
+
+// The request path prepares the group statement once a connection (src/db/prepared.ts), and after five
+// calls Postgres keeps one generic plan for it. Made while pg-boss's job table was a page, that plan read
+// the table for each key once thousands of jobs were queued (a sequential scan), until an analyze: on the
+// ingest bench, groups of single readings took ~16 ms instead of ~2 and requests fell to a third
+// (docs/benchmarks.md). The look-up has a plan of its own that takes pg-boss's index whatever the
+// statistics (migration 0086), so the plan made early reads only the group's keys' jobs later too.
+describe('the group statement prepared while few jobs were queued', () => {
+  let ctx: Context;
+  let close: () => Promise<void>;
+  let prepared: Kysely<DB>;
+  beforeAll(async () => {
+    ({ ctx, close } = await openTestContext());
+    await ctx.boss.start();
+    // One connection that prepares marked statements, as the API's do, and keeps the generic plan
+    // from the first call on (Postgres's own choice after five calls, made here without waiting).
+    const pool = new pg.Pool({
+      connectionString: ctx.config.DATABASE_URL,
+      max: 1,
+      onConnect: async (client) => {
+        prepareMarkedStatements(client);
+        await client.query('SET plan_cache_mode = force_generic_plan');
+      },
+    });
+    prepared = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  });
+  afterAll(async () => {
+    await prepared?.destroy();
+    await close?.();
+  });
+
+  it("reads only the group's keys' queued jobs after the queue grew from a page to thousands", async () => {
+    const orgs: { organizationId: string; sensor: string }[] = [];
+    for (let i = 0; i < 4; i++) {
+      const o = await createOrganization(ctx.db);
+      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
+    }
+    // A page of queued jobs, and statistics that say so: the state the plan is made in.
+    await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, otherKeys(20)));
+    await sql`ANALYZE pgboss.job_common`.execute(ctx.db);
+    const first = await storeCounted(prepared, ctx.boss, orgs, 1);
+    expect(first.outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
+    // The queue grows without an analyze (autovacuum a minute away, or off).
+    await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, otherKeys(QUEUED)));
+    const second = await storeCounted(prepared, ctx.boss, orgs, 2);
+    expect(second.outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
+    // A few reads a key, not one per queued job (with the look-up in the generic plan: every job, 1,520
+    // a key).
+    expect(second.reads).toBeLessThan(orgs.length * 10);
   });
 });

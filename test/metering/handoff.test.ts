@@ -136,7 +136,8 @@ describe('group commit hand-off (storeGroup)', () => {
     });
     // begin, the group's one statement, commit
     expect(statements.length).toBe(3);
-    expect(statements[1]).toContain('FOR KEY SHARE OF j');
+    // The share-lock of the key's queued job (migration 0086's function).
+    expect(statements[1]).toContain('meterbox_lock_queued_jobs(');
     expect(statements.length).toBeLessThan(first);
     expect(lockedMeanwhile).toBe(true);
     expect(await jobs()).toBe(1);
