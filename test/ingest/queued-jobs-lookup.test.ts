@@ -85,30 +85,16 @@ describe('the group statement and the queued delivery jobs', () => {
       [1, 0],
       [2, orgs.length],
     ] as const) {
-      const now = new Date();
-      const { reads, outcomes, held } = await ctx.db.transaction().execute(async (trx) => {
-        const before = Number((await pgbossReads.execute(trx)).rows[0]!.n);
-        const outcomes = await storeGroup(
-          trx,
-          ctx.boss,
-          orgs.map((o) => ({
-            organizationId: o.organizationId,
-            readings: [reading(o.sensor, round, 4.2, now)],
-          })),
-          now,
-        );
-        const after = Number((await pgbossReads.execute(trx)).rows[0]!.n);
-        const held = await sql<{ n: string }>`
-          SELECT count(*)::text AS n FROM pgboss.job
-           WHERE name = 'meter-delivery' AND state = 'created'
-             AND singleton_key = ANY(${orgs.map((o) => `temperature_readings:${o.customerId}`)}::text[])`.execute(
-          trx,
-        );
-        return { reads: after - before, outcomes, held: Number(held.rows[0]!.n) };
-      });
+      const { reads, outcomes } = await storeCounted(ctx.db, ctx.boss, orgs, round);
+      const held = await sql<{ n: number }>`
+        SELECT count(*)::int AS n FROM pgboss.job
+         WHERE name = 'meter-delivery' AND state = 'created'
+           AND singleton_key = ANY(${orgs.map((o) => `temperature_readings:${o.customerId}`)}::text[])`.execute(
+        ctx.db,
+      );
       expect(outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
       // Every key has exactly one queued job after either group (the second found and kept them).
-      expect(held).toBe(orgs.length);
+      expect(held.rows[0]!.n).toBe(orgs.length);
       // A few reads a key (the look, pg-boss's insert of the new keys' jobs), not one per queued job.
       expect(reads, `round ${round}, keys held before: ${expectHeld}`).toBeLessThan(orgs.length * 10);
     }
