@@ -27,6 +27,25 @@ export interface Staleness {
 }
 export const STALE_STATISTICS: Readonly<Staleness> = { pages: 128, rows: 5_000, growth: 2 };
 
+/**
+ * The tables the request path's group statement looks rows up in by key (src/ingest/single-node.ts):
+ * a group's sensors, its organizations' subscriptions, destinations and alert thresholds. The API's
+ * connections prepare that statement and Postgres keeps one generic plan for it after five calls; made
+ * while these tables held a handful of rows, the plan reads all of them for every group once they hold
+ * thousands (a group of 4 read 5,004 subscriptions, 15,014 sensors and 5,000 destinations), until an
+ * analyze replaces it, and the table grows by requests and sign-ups that neither wait for nor run one.
+ * The worker's sweep analyzes them (src/metering/sweep.ts), within SWEEP_INTERVAL_SECONDS of their
+ * growth, autovacuum or not.
+ */
+export const REQUEST_PATH_TABLES = [
+  'sensors',
+  'subscriptions',
+  'organization_destinations',
+  'alert_thresholds',
+] as const;
+/** Smaller tables than the report's: a plan frozen at a few rows is already wrong at a few hundred. */
+export const REQUEST_PATH_STALENESS: Readonly<Staleness> = { pages: 16, rows: 500, growth: 2 };
+
 /** The sample of the writer's analyze: default_statistics_target 10 (3,000 rows), autovacuum's is 100. */
 const STATISTICS_TARGET = 10;
 

@@ -1,12 +1,14 @@
 // The stranded-row sweep: pending outbox rows older than SWEEP_STALE_SECONDS whose customer+meter
 // has no queued or retrying delivery job get one, so a lost or purged job only delays billing. Each
 // pass also marks delivered the v2 rows whose validation window passed without an error report
-// (validation-window.ts).
+// (validation-window.ts), and analyzes the request path's tables once they outgrew their statistics
+// (statistics.ts).
 import { type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from '../config.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import { analyzeStale, REQUEST_PATH_STALENESS, REQUEST_PATH_TABLES } from '../db/statistics.js';
 import type { Logger } from '../log.js';
 import { FUTURE_ALLOWANCE_SECONDS } from './claim-statement-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
@@ -47,6 +49,34 @@ export interface SweepRuntime {
 }
 
 /**
+ * One pass of the `outbox-sweep` job: stranded rows queued again, v2 rows past their validation window
+ * delivered, and the statistics of the tables the request path reads by key refreshed where they have
+ * grown stale (REQUEST_PATH_TABLES: a plan the API's connections keep reads every row of them until then).
+ */
+export async function sweepPass(deps: {
+  db: Kysely<DB>;
+  boss: PgBoss;
+  config: Config;
+  log: Logger;
+}): Promise<SweepResult & { validated: number; analyzed: string[] }> {
+  const result = await sweepStrandedRows(deps.db, deps.boss, {
+    staleSeconds: deps.config.SWEEP_STALE_SECONDS,
+  });
+  // v2 rows whose validation window passed with no error report naming them are delivered (rows
+  // Stripe accepted: never the pending rows the sweep above looks for).
+  const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
+  const analyzed = await analyzeStale(deps.db, REQUEST_PATH_TABLES, REQUEST_PATH_STALENESS).catch(
+    (err: unknown) => {
+      // Statistics help plans; the pass does not fail for them.
+      deps.log.warn({ err }, 'statistics of the request path tables not refreshed');
+      return [];
+    },
+  );
+  if (analyzed.length > 0) deps.log.debug({ analyzed }, 'request path tables analyzed');
+  return { ...result, validated, analyzed };
+}
+
+/**
  * Runs the sweep as the `outbox-sweep` job: each worker process asks for one every
  * SWEEP_INTERVAL_SECONDS (and once at start, so a restart after a crash recovers at once); the
  * queue's short policy keeps one queued request of all the processes' requests; a pass may start
@@ -62,16 +92,14 @@ export async function startOutboxSweep(deps: {
   // Its scans grow with the outbox's backlog: the long deadline.
   await deps.boss.work('outbox-sweep', { pollingIntervalSeconds: 1 }, ([job]) =>
     longStatements(async () => {
-      const result = await sweepStrandedRows(deps.db, deps.boss, {
-        staleSeconds: deps.config.SWEEP_STALE_SECONDS,
-      });
-      // v2 rows whose validation window passed with no error report naming them are delivered (rows
-      // Stripe accepted: never the pending rows the sweep above looks for).
-      const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
+      const result = await sweepPass({ ...deps, log });
       if (result.enqueued > 0) {
-        log.info({ jobId: job?.id, ...result }, 'sweep queued delivery of stranded outbox rows');
+        log.info(
+          { jobId: job?.id, keys: result.keys, enqueued: result.enqueued },
+          'sweep queued delivery of stranded outbox rows',
+        );
       }
-      return { ...result, validated };
+      return result;
     }),
   );
   const request = () => {

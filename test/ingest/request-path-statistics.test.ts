@@ -1,0 +1,121 @@
+// The request path prepares its group statement once a connection (src/db/prepared.ts) and Postgres
+// keeps one generic plan for it after five calls. Made while the platform had a few organizations, that
+// plan reads every sensor, subscription and destination row for each group once there are thousands,
+// and nothing on the request path replaces it: sign-ups and sensors grow the tables without an analyze,
+// and autovacuum's comes a minute later, or never where it is off. The worker's sweep pass analyzes the
+// tables the statement looks rows up in once they outgrew their statistics (src/db/statistics.ts
+// REQUEST_PATH_TABLES), which replaces the plan on every connection that kept it.
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Context } from '../../src/context.js';
+import { prepareMarkedStatements } from '../../src/db/prepared.js';
+import type { DB } from '../../src/db/schema.js';
+import { REQUEST_PATH_TABLES } from '../../src/db/statistics.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
+import { sweepPass } from '../../src/metering/sweep.js';
+import { openTestContext } from '../support/database.js';
+import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+
+const GROWN = 5_000;
+
+// Rows and index entries of the request path's tables this transaction's statements read, counted by
+// Postgres for the transaction itself.
+const requestPathReads = sql<{ n: string }>`
+  SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid) + pg_stat_get_xact_tuples_fetched(c.oid)), 0)::text AS n
+    FROM pg_class c
+   WHERE c.oid IN (SELECT to_regclass(t) FROM unnest(${REQUEST_PATH_TABLES}::text[]) AS t)
+      OR c.oid IN (SELECT i.indexrelid FROM pg_index i
+                    WHERE i.indrelid IN (SELECT to_regclass(t) FROM unnest(${REQUEST_PATH_TABLES}::text[]) AS t))`;
+
+/** A group of one reading per organization, stored in a transaction on `db`; the tables' reads counted. */
+async function storeCounted(
+  db: Kysely<DB>,
+  boss: Context['boss'],
+  orgs: readonly { organizationId: string; sensor: string }[],
+  minute: number,
+) {
+  const now = new Date();
+  return db.transaction().execute(async (trx) => {
+    const before = Number((await requestPathReads.execute(trx)).rows[0]!.n);
+    const outcomes = await storeGroup(
+      trx,
+      boss,
+      orgs.map((o) => ({
+        organizationId: o.organizationId,
+        readings: [reading(o.sensor, minute, 4.2, now)],
+      })),
+      now,
+    );
+    const after = Number((await requestPathReads.execute(trx)).rows[0]!.n);
+    expect(outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
+    return after - before;
+  });
+}
+
+describe('the group statement prepared on a small platform that grows', () => {
+  let ctx: Context;
+  let close: () => Promise<void>;
+  let prepared: Kysely<DB>;
+  beforeAll(async () => {
+    ({ ctx, close } = await openTestContext());
+    await ctx.boss.start();
+    // One connection that prepares marked statements, as the API's do, and keeps the generic plan
+    // from the first call on (Postgres's own choice after five calls, made here without waiting).
+    const pool = new pg.Pool({
+      connectionString: ctx.config.DATABASE_URL,
+      max: 1,
+      onConnect: async (client) => {
+        prepareMarkedStatements(client);
+        await client.query('SET plan_cache_mode = force_generic_plan');
+      },
+    });
+    prepared = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  });
+  afterAll(async () => {
+    await prepared?.destroy();
+    await close?.();
+  });
+
+  it("reads only the group's rows again after the sweep's pass, once thousands of organizations signed up", async () => {
+    const orgs: { organizationId: string; sensor: string }[] = [];
+    for (let i = 0; i < 4; i++) {
+      const o = await createOrganization(ctx.db);
+      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
+    }
+    // A few organizations, and statistics that say so: the state the plan is made in.
+    await sql`ANALYZE sensors, subscriptions, organization_destinations, alert_thresholds`.execute(ctx.db);
+    const small = await storeCounted(prepared, ctx.boss, orgs, 1);
+    expect(small).toBeLessThan(100);
+    // The nothing-to-do pass leaves statistics that are not stale alone.
+    expect((await sweepPass(ctx)).analyzed).toEqual([]);
+
+    // Thousands of organizations sign up, each with a subscription, a destination and three sensors;
+    // no analyze follows (autovacuum a minute away, or off).
+    await sql`
+      WITH orgs AS (
+        INSERT INTO organizations (name) SELECT 'grown ' || n FROM generate_series(1, ${GROWN}::int) n
+        RETURNING id
+      ), subs AS (
+        INSERT INTO subscriptions (organization_id, status, stripe_customer_id)
+        SELECT id, 'active', 'cus_grown' || md5(id::text) FROM orgs
+      ), dests AS (
+        INSERT INTO organization_destinations (organization_id, destination, role, valid_from)
+        SELECT id, 'stripe', 'billing', '-infinity' FROM orgs
+      )
+      INSERT INTO sensors (organization_id, name, active)
+      SELECT id, 's' || k, true FROM orgs, generate_series(1, 3) k`.execute(ctx.db);
+    // The plan made on a few rows now reads the grown tables whole for a group of four: the fault
+    // this guards against, seen on this Postgres.
+    const frozen = await storeCounted(prepared, ctx.boss, orgs, 2);
+    expect(frozen).toBeGreaterThan(GROWN);
+
+    const pass = await sweepPass(ctx);
+    expect(pass.analyzed).toEqual(
+      expect.arrayContaining(['organization_destinations', 'sensors', 'subscriptions']),
+    );
+    // The same connection, its plan replaced: a few reads a reading, not one per organization.
+    const after = await storeCounted(prepared, ctx.boss, orgs, 3);
+    expect(after, `reads with the plan kept: ${frozen}`).toBeLessThan(100);
+  });
+});
