@@ -15,6 +15,8 @@
 //   n_tup_del, pg-boss's tables apart), Postgres CPU (the server's processes from /proc, exited
 //   backends included through the postmaster's reaped-children times; /proc is the CPU, and
 //   pg_stat_statements' total_exec_time is given beside it as the statements' own share);
+//   WAL by relation and by record type (pg_walinspect), rows updated heap-only; v2's later write that
+//   makes its accepted rows delivered (promoteValidated) run and measured apart after its delivery;
 // * the limit: pgbench with 2 clients running claim-settle2.sql (claim 100 rows with their identifiers,
 //   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
 //   the same snapshots.
@@ -32,11 +34,14 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type MetronomeEmulator, startMetronomeEmulator } from '@meterbox/metronome-emulator';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
+import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { PgBoss } from 'pg-boss';
+import type { DB } from '../../src/db/schema.js';
 import { hourlyReportKey } from '../../src/metering/active-sensors.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
+import { promoteValidated } from '../../src/metering/validation-window.js';
 import { pollUntil } from '../lib/poll.js';
 import {
   benchRole,
@@ -71,6 +76,9 @@ const { values: args } = parseArgs({
     // The backlog's statistics as Postgres last saw them: no pending rows (the state after a quiet
     // period, before a burst such as the hourly report). Default: ANALYZE after the backlog's insert.
     'stale-statistics': { type: 'boolean', default: false },
+    // v2's DELIVERY_V2_VALIDATION_SECONDS (default the worker's, 900: accepted rows turn delivered after
+    // the run). 0: the settle marks them delivered, the write Metronome's settle does.
+    'v2-validation-seconds': { type: 'string' },
     out: { type: 'string' },
     quick: { type: 'boolean', default: false },
   },
@@ -138,6 +146,8 @@ interface Snapshot {
   cpuSeconds: number;
   /** Rows inserted + updated + deleted so far, by table (schema.table), in the scenario's database. */
   rows: Map<string, number>;
+  /** Rows inserted, updated (of which heap-only), deleted so far, by table (schema.table). */
+  writes: Map<string, { ins: number; upd: number; hot: number; del: number }>;
 }
 
 async function snapshot(pool: pg.Pool, dataDir: string): Promise<Snapshot> {
@@ -145,15 +155,23 @@ async function snapshot(pool: pg.Pool, dataDir: string): Promise<Snapshot> {
   // second after their transaction); the caller waits for that before the closing snapshot.
   await pool.query('SELECT pg_stat_clear_snapshot()');
   const wal = await pool.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
-  const tables = await pool.query<{ name: string; n: string }>(
-    `SELECT schemaname || '.' || relname AS name, (n_tup_ins + n_tup_upd + n_tup_del)::text AS n
+  const tables = await pool.query<{ name: string; ins: string; upd: string; hot: string; del: string }>(
+    `SELECT schemaname || '.' || relname AS name, n_tup_ins::text AS ins, n_tup_upd::text AS upd,
+            n_tup_hot_upd::text AS hot, n_tup_del::text AS del
        FROM pg_stat_user_tables`,
+  );
+  const writes = new Map(
+    tables.rows.map((r) => [
+      r.name,
+      { ins: Number(r.ins), upd: Number(r.upd), hot: Number(r.hot), del: Number(r.del) },
+    ]),
   );
   return {
     at: performance.now(),
     walLsn: wal.rows[0]!.lsn,
     cpuSeconds: serverCpuSeconds(dataDir),
-    rows: new Map(tables.rows.map((r) => [r.name, Number(r.n)])),
+    rows: new Map([...writes].map(([name, w]) => [name, w.ins + w.upd + w.del])),
+    writes,
   };
 }
 
@@ -211,6 +229,10 @@ interface Cost {
   walBytesPerEvent: number;
   /** WAL bytes per event by table or index (block data and full-page images; the rest is headers and records' own data). */
   walByRelation?: Record<string, number>;
+  /** WAL bytes per event by record type (pg_walinspect: records and full-page images apart). */
+  walByRecord?: Record<string, { records: number; bytes: number; fpiBytes: number }>;
+  /** Rows inserted / updated (heap-only of them) / deleted per event by table, where any changed. */
+  writesPerEvent?: Record<string, string>;
   rowsPerEvent: { total: number; byTable: Record<string, number> };
   /** The statements that ran most, with their family. */
   top: { family: string; calls: number; ms: number; query: string }[];
@@ -302,6 +324,39 @@ async function walByRelation(pool: pg.Pool, from: Snapshot, to: Snapshot): Promi
   return Object.fromEntries(r.rows.map((x) => [x.rel ?? 'unknown', Number(x.bytes)]));
 }
 
+/** The WAL between two snapshots by record type (pg_walinspect), per event; types under 1 byte an event left out. */
+async function walByRecord(
+  pool: pg.Pool,
+  from: Snapshot,
+  to: Snapshot,
+  events: number,
+): Promise<Record<string, { records: number; bytes: number; fpiBytes: number }>> {
+  const r = await pool.query<{ t: string; n: string; rec: string; fpi: string }>(
+    `SELECT "resource_manager/record_type" AS t, count::text AS n, record_size::text AS rec, fpi_size::text AS fpi
+       FROM pg_get_wal_stats($1::pg_lsn, $2::pg_lsn, true) WHERE count > 0 ORDER BY combined_size DESC`,
+    [from.walLsn, to.walLsn],
+  );
+  const per = (x: string, d = 0) => round(Number(x) / Math.max(1, events), d);
+  return Object.fromEntries(
+    r.rows
+      .filter((x) => (Number(x.rec) + Number(x.fpi)) / Math.max(1, events) >= 1)
+      .map((x) => [x.t, { records: per(x.n, 3), bytes: per(x.rec), fpiBytes: per(x.fpi) }]),
+  );
+}
+
+/** Rows inserted / updated (heap-only) / deleted per event by table, where any changed. */
+function writesPerEvent(from: Snapshot, to: Snapshot, events: number): Record<string, string> {
+  const per = (x: number) => round(x / Math.max(1, events), 3);
+  const out: Record<string, string> = {};
+  for (const [name, w] of to.writes) {
+    const b = from.writes.get(name) ?? { ins: 0, upd: 0, hot: 0, del: 0 };
+    const d = { ins: w.ins - b.ins, upd: w.upd - b.upd, hot: w.hot - b.hot, del: w.del - b.del };
+    if (d.ins + d.upd + d.del === 0) continue;
+    out[name.replace(/^public\./, '')] = `${per(d.ins)} / ${per(d.upd)} (${per(d.hot)} HOT) / ${per(d.del)}`;
+  }
+  return out;
+}
+
 async function walDiff(pool: pg.Pool, from: Snapshot, to: Snapshot): Promise<number> {
   const r = await pool.query<{ n: string }>('SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::text AS n', [
     to.walLsn,
@@ -348,6 +403,12 @@ interface Run {
   handOff: Cost;
   delivery: Cost;
   ledger: { events: number; unique: boolean; pendingAfter: number };
+  /**
+   * v2 only: the write that makes its accepted rows delivered once the validation window has passed
+   * (promoteValidated, run by the sweep 15 minutes later by default, after the measured delivery), run
+   * here at once: the settle's write Metronome's rows get at once, which v2's pay later.
+   */
+  promotion?: Pick<Cost, 'events' | 'walBytesPerEvent' | 'cpuMsPerEvent' | 'walByRelation' | 'walByRecord'>;
   loadAverage: { before: number[]; after: number[] };
 }
 
@@ -439,6 +500,9 @@ async function runScenario(
         STRIPE_SECRET_KEY: 'sk_live_bench_cost',
         STRIPE_API_BASE: stripe.url,
         DELIVERY_TRANSPORT: scenario,
+        ...(args['v2-validation-seconds'] !== undefined
+          ? { DELIVERY_V2_VALIDATION_SECONDS: args['v2-validation-seconds'] }
+          : {}),
         STRIPE_MAX_CALLS_PER_SECOND: '100000',
       };
     }
@@ -547,7 +611,9 @@ async function runScenario(
     // rest only after PGSTAT_IDLE_INTERVAL (10 s): the rows are read again once that has passed (the
     // CPU and WAL stay as above, so the idle wait's polls are not counted in them; they write no rows).
     await sleep(IDLE_STATS_FLUSH_MS - STATS_FLUSH_MS);
-    s2.rows = (await snapshot(pool, cluster.dataDir)).rows;
+    const flushed = await snapshot(pool, cluster.dataDir);
+    s2.rows = flushed.rows;
+    s2.writes = flushed.writes;
     const received = receivedAt();
     const seconds = (Math.max(...received) - Math.min(...received)) / 1000;
     const delivery = cost(s1, s2, await walDiff(pool, s1, s2), deliveryStatements, received.length, seconds);
@@ -557,6 +623,8 @@ async function runScenario(
         .map(([rel, n]) => [rel, round(n / Math.max(1, received.length))] as const)
         .filter(([, n]) => n >= 1),
     );
+    delivery.walByRecord = await walByRecord(pool, s1, s2, received.length);
+    delivery.writesPerEvent = writesPerEvent(s1, s2, received.length);
     const ids = usage();
     const pendingAfter = Number(
       (
@@ -565,6 +633,8 @@ async function runScenario(
         )
       ).rows[0]?.n,
     );
+    const promotion =
+      scenario === 'v2' && args['v2-validation-seconds'] !== '0' ? await promote(pool, cluster) : undefined;
     const run: Run = {
       scenario,
       worker: workerName,
@@ -572,6 +642,7 @@ async function runScenario(
       handOff,
       delivery,
       ledger: { events: ids.length, unique: new Set(ids).size === ids.length, pendingAfter },
+      ...(promotion ? { promotion } : {}),
       loadAverage: { before: loadBefore, after: loadAverage() },
     };
     log(
@@ -582,11 +653,42 @@ async function runScenario(
     log(`  worker's busy sessions (family | wait): ${JSON.stringify(delivery.waits)}`);
     log(`  rows by table: ${JSON.stringify(delivery.rowsPerEvent.byTable)}`);
     log(`  WAL bytes by relation: ${JSON.stringify(delivery.walByRelation)}`);
+    log(`  WAL by record type (records, bytes, FPI bytes): ${JSON.stringify(delivery.walByRecord)}`);
+    log(`  rows inserted / updated (HOT) / deleted: ${JSON.stringify(delivery.writesPerEvent)}`);
+    if (promotion) {
+      log(
+        `  then v2's promotion of ${promotion.events} accepted rows to delivered: per row ${promotion.walBytesPerEvent} WAL bytes, ${promotion.cpuMsPerEvent} ms Postgres CPU`,
+      );
+      log(`    WAL bytes by relation: ${JSON.stringify(promotion.walByRelation)}`);
+      log(`    WAL by record type (records, bytes, FPI bytes): ${JSON.stringify(promotion.walByRecord)}`);
+    }
     for (const t of delivery.top.slice(0, 8)) log(`    ${t.calls} calls ${t.ms} ms [${t.family}] ${t.query}`);
     return run;
   } finally {
     for (const fn of cleanup.reverse()) await fn().catch(() => undefined);
   }
+}
+
+/** v2's promotion of every accepted row to delivered (promoteValidated with no window left), measured. */
+async function promote(pool: pg.Pool, cluster: Cluster): Promise<NonNullable<Run['promotion']>> {
+  await pool.query('CHECKPOINT');
+  const p0 = await snapshot(pool, cluster.dataDir);
+  // Not destroyed: that would end the scenario's pool.
+  const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+  const events = await promoteValidated(db, 0);
+  const p1 = await snapshot(pool, cluster.dataDir);
+  const per = (n: number) => round(n / Math.max(1, events));
+  return {
+    events,
+    walBytesPerEvent: per(await walDiff(pool, p0, p1)),
+    cpuMsPerEvent: round(((p1.cpuSeconds - p0.cpuSeconds) * 1000) / Math.max(1, events), 4),
+    walByRelation: Object.fromEntries(
+      Object.entries(await walByRelation(pool, p0, p1))
+        .map(([rel, n]) => [rel, per(n)] as const)
+        .filter(([, n]) => n >= 1),
+    ),
+    walByRecord: await walByRecord(pool, p0, p1, events),
+  };
 }
 
 // ---------------------------------------------------------------- the limit (pgbench)
@@ -704,6 +806,18 @@ function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undef
     lines.push(
       `| ${r.scenario}, ${r.worker} | ${h.statements.perEvent}, ${h.walBytesPerEvent}, ${h.rowsPerEvent.total} (${h.rowsPerEvent.byTable.meter_outbox ?? 0}, ${h.rowsPerEvent.byTable['pgboss.*'] ?? 0}) |`,
     );
+  }
+  const promoted = runs.filter((r) => r.promotion);
+  if (promoted.length > 0) {
+    lines.push(
+      '',
+      "| run | v2's promotion to delivered after the validation window, per row: WAL bytes, Postgres CPU ms |",
+      '|---|---|',
+    );
+    for (const r of promoted)
+      lines.push(
+        `| ${r.scenario}, ${r.worker} | ${r.promotion!.walBytesPerEvent}, ${r.promotion!.cpuMsPerEvent} |`,
+      );
   }
   return lines.join('\n');
 }
