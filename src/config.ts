@@ -75,10 +75,10 @@ export const configSchema = z.object({
   INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
   INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('window'),
   /** `on`: a group on one node is one statement in autocommit that also queues its keys' jobs. */
-  INGEST_GROUP_ONE_STATEMENT: z.enum(['on', 'off']).default('off'),
-  /** Group commit: most requests, and most readings, written in one transaction. */
+  INGEST_GROUP_ONE_STATEMENT: z.enum(['on', 'off']).default('on'),
+  /** Group commit: most requests, and readings, in one group (a request that has as many goes alone, at once). */
   INGEST_GROUP_MAX_REQUESTS: int(1, 10_000).default(100),
-  INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(5000),
+  INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(500),
   /** Group commit: most groups one API process writes at once; requests beyond wait for the next. */
   INGEST_GROUP_MAX_IN_FLIGHT: int(1, 200).default(4),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),

@@ -2,8 +2,8 @@
 // in ONE transaction, so a single-reading request no longer pays a whole transaction (round trips,
 // commit, WAL flush) of its own. Every request keeps its own answer: inserted/duplicates, or its own 422
 // problems (one request's unknown sensor never rejects another). The group goes to the writer of the
-// database's shape: one statement on one node (single-node.ts storeGroup in a transaction; with
-// INGEST_GROUP_ONE_STATEMENT=on first storeGroupAtOnce, in autocommit), or a transaction of router statements per shard group on
+// database's shape: one statement on one node (with INGEST_GROUP_ONE_STATEMENT=on, the default,
+// single-node.ts storeGroupAtOnce in autocommit, else or when it refuses storeGroup in a transaction), or a transaction of router statements per shard group on
 // Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
 // test/ingest/contract.ts).
 import type { Kysely, Transaction } from 'kysely';
@@ -106,7 +106,11 @@ export interface GroupCommitOptions {
   oneStatement?: boolean;
   /** Most requests in one group. */
   maxRequests: number;
-  /** Most readings in one group (a large batch is written alone rather than delaying others). */
+  /**
+   * Most readings in one group. A request that has this many by itself is full alone and goes at once,
+   * without the window, as a group of its own beside those in flight (a batch is not delayed by others,
+   * nor written by the same Postgres backend as another batch).
+   */
   maxReadings: number;
   /**
    * Most groups being written at once. While that many are in flight, new requests wait together

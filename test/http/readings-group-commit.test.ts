@@ -274,6 +274,33 @@ describe('group commit', () => {
     expect(await stored(ctx, org)).toMatchObject({ readings: 1, outbox: 1, transactions: 1 });
   });
 
+  it('with the configured limits, writes a batch of 500 at once as a group of its own, not after the window with another', async ({
+    ctx,
+  }) => {
+    const org = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    // The process's own limits (INGEST_GROUP_MAX_REQUESTS, _MAX_READINGS, _MAX_IN_FLIGHT) and a ten-minute
+    // window: a committer that let a batch wait for others answers nothing here.
+    const groups = committer(ctx, {
+      windowMs: 600_000,
+      maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
+      maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
+      maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,
+    });
+    const batch = () => Array.from({ length: 500 }, () => reading(sensor!));
+    // Two batches in the same turn of the event loop: each is a group, written beside the other.
+    const outcomes = [batch(), batch()].map((readings) =>
+      groups.submit({ organizationId: org.organizationId, readings }),
+    );
+    for (const outcome of outcomes)
+      expect(await settledWithin(outcome, 20_000)).toEqual({
+        stored: true,
+        result: { inserted: 500, duplicates: 0 },
+      });
+    // Two transactions (one ingested_at each), one outbox row each.
+    expect(await stored(ctx, org)).toMatchObject({ readings: 1000, outbox: 2, value: 1000, transactions: 2 });
+  });
+
   it('keeps a request waiting while another is on its way: they are written together', async ({ ctx }) => {
     const org = await createOrganization(ctx.db);
     const [sensor] = await createSensors(ctx.db, org.organizationId, 1);

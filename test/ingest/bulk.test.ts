@@ -43,14 +43,14 @@ function readings(sensors: string[], count: number, hoursAgo = 24) {
 }
 
 describe('bulk efficiency', () => {
-  // INGEST_GROUP_ONE_STATEMENT=on: a group is one statement in autocommit, its new keys' jobs queued by
-  // the statement itself. off (the default): begin, the statement, pg-boss's insert of the jobs of keys
+  // INGEST_GROUP_ONE_STATEMENT=on (the default): a group is one statement in autocommit, its new keys'
+  // jobs queued by the statement itself. off: begin, the statement, pg-boss's insert of the jobs of keys
   // without one (the first request only), commit.
   it('sends the same number of statements for 1 reading and for 1,000 over POST /v1/readings', async ({
     ctx,
     recorded: { db: counting, statements },
   }) => {
-    expect(ctx.config.INGEST_GROUP_ONE_STATEMENT).toBe('off');
+    expect(ctx.config.INGEST_GROUP_ONE_STATEMENT).toBe('on');
     const settings = [
       { setting: 'on', expected: [1, 1] },
       { setting: 'off', expected: [4, 3] },
