@@ -15,7 +15,8 @@
 //   n_tup_del, pg-boss's tables apart), Postgres CPU (the server's processes from /proc, exited
 //   backends included through the postmaster's reaped-children times; /proc is the CPU, and
 //   pg_stat_statements' total_exec_time is given beside it as the statements' own share);
-//   WAL by relation and by record type (pg_walinspect), rows updated heap-only; v2's later write that
+//   WAL by relation and by record type (pg_walinspect), Heap/LOCK records by table (row locks apart
+//   from updates' moves to another page), rows updated heap-only; v2's later write that
 //   makes its accepted rows delivered (promoteValidated) run and measured apart after its delivery;
 // * the limit: pgbench with 2 clients running claim-settle2.sql (claim 100 rows with their identifiers,
 //   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
@@ -231,6 +232,8 @@ interface Cost {
   walByRelation?: Record<string, number>;
   /** WAL bytes per event by record type (pg_walinspect: records and full-page images apart). */
   walByRecord?: Record<string, { records: number; bytes: number; fpiBytes: number }>;
+  /** Heap/LOCK records per event by table (lockRecords): all of them, and those before an update's move to another page. */
+  lockRecords?: Record<string, { records: number; beforeMove: number }>;
   /** Rows inserted / updated (heap-only of them) / deleted per event by table, where any changed. */
   writesPerEvent?: Record<string, string>;
   rowsPerEvent: { total: number; byTable: Record<string, number> };
@@ -342,6 +345,36 @@ async function walByRecord(
       .filter((x) => (Number(x.rec) + Number(x.fpi)) / Math.max(1, events) >= 1)
       .map((x) => [x.t, { records: per(x.n, 3), bytes: per(x.rec), fpiBytes: per(x.fpi) }]),
   );
+}
+
+/**
+ * Heap/LOCK records between two snapshots by table, per event (pg_walinspect's block view, PostgreSQL
+ * 16 and later). Two statements write one: a row lock (SELECT … FOR UPDATE / NO KEY UPDATE / SHARE /
+ * KEY SHARE, pg-boss's fetch included), and an UPDATE whose new version does not fit the row's page
+ * (PostgreSQL marks the old version locked while it looks for another page, then writes the update
+ * with both pages). `beforeMove` counts the updates that moved their row to another page by the same
+ * transaction, on the same table: about the second kind; the rest are row locks.
+ */
+async function lockRecords(
+  pool: pg.Pool,
+  from: Snapshot,
+  to: Snapshot,
+  events: number,
+): Promise<Record<string, { records: number; beforeMove: number }>> {
+  const r = await pool.query<{ rel: string; locks: string; moves: string }>(
+    `WITH b AS (
+       SELECT b.*, coalesce(c.relname, 'other') AS rel
+         FROM pg_get_wal_block_info($1::pg_lsn, $2::pg_lsn, false) b
+         LEFT JOIN pg_class c ON b.reldatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND c.oid = pg_filenode_relation(b.reltablespace, b.relfilenode)
+        WHERE b.resource_manager = 'Heap')
+     SELECT rel, count(*) FILTER (WHERE record_type = 'LOCK')::text AS locks,
+            count(*) FILTER (WHERE record_type IN ('UPDATE', 'UPDATE+INIT') AND block_id = 1)::text AS moves
+       FROM b GROUP BY rel HAVING count(*) FILTER (WHERE record_type = 'LOCK') > 0 ORDER BY 2 DESC`,
+    [from.walLsn, to.walLsn],
+  );
+  const per = (x: string) => round(Number(x) / Math.max(1, events), 3);
+  return Object.fromEntries(r.rows.map((x) => [x.rel, { records: per(x.locks), beforeMove: per(x.moves) }]));
 }
 
 /** Rows inserted / updated (heap-only) / deleted per event by table, where any changed. */
@@ -624,6 +657,7 @@ async function runScenario(
         .filter(([, n]) => n >= 1),
     );
     delivery.walByRecord = await walByRecord(pool, s1, s2, received.length);
+    delivery.lockRecords = await lockRecords(pool, s1, s2, received.length);
     delivery.writesPerEvent = writesPerEvent(s1, s2, received.length);
     const ids = usage();
     const pendingAfter = Number(
@@ -654,6 +688,9 @@ async function runScenario(
     log(`  rows by table: ${JSON.stringify(delivery.rowsPerEvent.byTable)}`);
     log(`  WAL bytes by relation: ${JSON.stringify(delivery.walByRelation)}`);
     log(`  WAL by record type (records, bytes, FPI bytes): ${JSON.stringify(delivery.walByRecord)}`);
+    log(
+      `  Heap/LOCK records by table (all, before a move to another page): ${JSON.stringify(delivery.lockRecords)}`,
+    );
     log(`  rows inserted / updated (HOT) / deleted: ${JSON.stringify(delivery.writesPerEvent)}`);
     if (promotion) {
       log(
