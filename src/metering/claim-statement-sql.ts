@@ -106,7 +106,8 @@ export async function claimStatement(
     -- settle never waits for this claim (it did, on Lock:transactionid, under load).
     -- Each input key's row is looked up by its primary key (a LATERAL subquery with a locking clause
     -- is never flattened into a join), in key order: a join let the planner hash every key row of the
-    -- platform (a sequential scan growing with the keys, not the batch; docs/benchmarks.md).
+    -- platform (a sequential scan growing with the keys, not the batch; docs/benchmarks.md). The lock is
+    -- one WAL record a key besides the lease's update, and stays: no UPDATE passes over a locked row.
     free AS (
       SELECT f.* FROM (SELECT * FROM input ORDER BY 1, 2, 3, 4) i
        CROSS JOIN LATERAL (

@@ -86,7 +86,9 @@ async function settleStatement(
     -- clause is never flattened into a join). As a join, the planner took the batch's leased rows
     -- (lease_owner, which no index holds and statistics put at one row) by a sequential scan and met
     -- each with every key of the batch: 999,000 rows thrown away in a 1,000-key settle, 665 of its 723 ms
-    -- (docs/benchmarks.md).
+    -- (docs/benchmarks.md). The lock is one WAL record a key besides the update below, and stays: an
+    -- UPDATE of these rows would take them in its plan's order, not key order (docs/benchmarks.md, "Which
+    -- statements write a delivered event's Heap/LOCK records").
     locked AS (
       SELECT l.* FROM (SELECT organization_id, customer, event_name, destination FROM k ORDER BY 1, 2, 3, 4) i
        CROSS JOIN LATERAL (
