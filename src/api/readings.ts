@@ -87,6 +87,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,
           gate,
+          onGroup: (written) => ctx.metrics.ingestGroups.inc({ written }),
         })
       : undefined;
   const routes = documentedRoutes(PATH);

@@ -40,6 +40,13 @@ export async function storeRequest(
 }
 
 /**
+ * How a group that stored was written (the `written` label of meterbox_ingest_groups_total): as one
+ * statement in autocommit; in a transaction after that statement refused (regrouped); in a transaction
+ * (INGEST_GROUP_ONE_STATEMENT=off); or on Citus, one transaction per shard group (routed, per part).
+ */
+export type GroupWritten = 'one_statement' | 'regrouped' | 'transaction' | 'routed';
+
+/**
  * A group on one node: ONE statement in autocommit (storeGroupAtOnce, one round trip), or, when the group
  * needs more than one statement (that statement refused to commit alone and stored nothing), storeGroup's
  * transaction.
@@ -49,12 +56,13 @@ async function storeGroupThenInTransaction(
   boss: PgBoss,
   group: readonly GroupRequest[],
   now: Date,
-): Promise<StoreReadingsOutcome[]> {
+): Promise<{ outcomes: StoreReadingsOutcome[]; written: GroupWritten }> {
   try {
-    return await storeGroupAtOnce(db, group, now);
+    return { outcomes: await storeGroupAtOnce(db, group, now), written: 'one_statement' };
   } catch (err) {
     if (sqlState(err) !== REGROUP_STATE) throw err;
-    return db.transaction().execute((trx) => storeGroup(trx, boss, group, now));
+    const outcomes = await db.transaction().execute((trx) => storeGroup(trx, boss, group, now));
+    return { outcomes, written: 'regrouped' };
   }
 }
 
@@ -122,6 +130,8 @@ export interface GroupCommitOptions {
   maxInFlight?: number;
   /** A test seam (see GroupGate); production runs without one. */
   gate?: GroupGate;
+  /** Told how each group (each part, on Citus) that stored was written: the API's metric. */
+  onGroup?: (written: GroupWritten) => void;
 }
 
 /**
@@ -307,11 +317,15 @@ export class GroupCommitter {
     if (distributed) return this.writeRouted(group, now);
     const { db, boss } = this.ctx;
     try {
-      const outcomes = await retryRolledBack(() =>
+      const { outcomes, written } = await retryRolledBack(async () =>
         this.options.oneStatement
           ? storeGroupThenInTransaction(db, boss, group, now)
-          : db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+          : {
+              outcomes: await db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+              written: 'transaction' as const,
+            },
       );
+      this.options.onGroup?.(written);
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running
@@ -352,6 +366,7 @@ export class GroupCommitter {
           const outcomes = await retryRolledBack(() =>
             db.transaction().execute((trx) => storeShardGroup(trx, boss, part, now)),
           );
+          this.options.onGroup?.('routed');
           for (const [i, p] of part.entries()) p.resolve(outcomes[i]!);
         } catch (err) {
           // The shard map is read again for the next group: a shard split since it was read puts a

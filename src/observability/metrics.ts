@@ -16,6 +16,8 @@ export interface Metrics {
   readonly registry: Registry;
   /** Readings stored by ingestion (duplicates excluded). */
   readonly readingsIngested: Counter;
+  /** Groups of POST /v1/readings requests written, by how (group-commit.ts GroupWritten). */
+  readonly ingestGroups: Counter<'written'>;
   /** Meter events Stripe accepted (or answered as an existing identifier), by meter. */
   readonly meterEventsDelivered: Counter<'meter'>;
   /** Outbox rows those events covered, by meter (coalescing makes this >= events). */
@@ -138,6 +140,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
     readingsIngested: new Counter({
       name: 'meterbox_readings_ingested_total',
       help: 'Temperature readings stored by ingestion (duplicates excluded)',
+      registers,
+    }),
+    ingestGroups: new Counter({
+      name: 'meterbox_ingest_groups_total',
+      help: 'Groups of POST /v1/readings requests written: one_statement, regrouped (that statement refused; written in a transaction), transaction, routed (Citus, per shard group)',
+      labelNames: ['written'],
       registers,
     }),
     meterEventsDelivered: new Counter({

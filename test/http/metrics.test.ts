@@ -228,6 +228,9 @@ describe('contract-level counters', () => {
 
     const text = await metrics.registry.metrics();
     expect(sample(text, 'meterbox_readings_ingested_total')).toBe(3);
+    // Each request a group of its own, written as one statement (INGEST_GROUP_ONE_STATEMENT's default).
+    expect(sample(text, 'meterbox_ingest_groups_total', { written: 'one_statement' })).toBe(2);
+    expect(sample(text, 'meterbox_ingest_groups_total', { written: 'regrouped' }) ?? 0).toBe(0);
     expect(
       sample(text, 'meterbox_webhook_events_total', { type: 'invoice.paid', outcome: 'processed' }),
     ).toBe(1);

@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
-import { GroupCommitter } from '../../src/ingest/group-commit.js';
+import { type GroupCommitOptions, GroupCommitter } from '../../src/ingest/group-commit.js';
 import type { GroupRequest, StoreReadingsOutcome } from '../../src/ingest/readings.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
@@ -25,6 +25,8 @@ export interface IngestWriter {
   db?: Kysely<DB>;
   /** One node: each group first as one statement in autocommit (INGEST_GROUP_ONE_STATEMENT=on). */
   oneStatement?: boolean;
+  /** Told how each group was written (GroupCommitOptions.onGroup). */
+  onGroup?: GroupCommitOptions['onGroup'];
 }
 
 /** Writes `requests` as ONE group at `now` (a gate holds the group open until all have joined). */
@@ -44,6 +46,7 @@ export async function writeGroup(
     {
       windowMs: 1,
       ...(w.oneStatement ? { oneStatement: true } : {}),
+      ...(w.onGroup ? { onGroup: w.onGroup } : {}),
       maxRequests: 1_000,
       maxReadings: 100_000,
       gate: { joined: () => void joined++, mayClose: () => joined >= requests.length },

@@ -60,8 +60,9 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   await listener.query(`LISTEN "${channel}"`);
   try {
     const { db, sent } = recorder(ctx);
+    const written: string[] = [];
     const outcomes = await writeGroup(
-      { ctx, distributed: false, db, oneStatement: true },
+      { ctx, distributed: false, db, oneStatement: true, onGroup: (w) => void written.push(w) },
       [
         { organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] },
         { organizationId: b.organizationId, readings: [reading(sb!, 30, 1, now)] },
@@ -74,6 +75,7 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
     ]);
     // One round trip: no BEGIN, no pg-boss statement of its own, no COMMIT.
     expect(sent.map((s) => s.failed)).toEqual([false]);
+    expect(written).toEqual(['one_statement']);
     expect(sent[0]!.sql).toContain('INSERT INTO pgboss.job');
     await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
   } finally {
@@ -175,8 +177,9 @@ it("writes the group again in a transaction when a concurrent transaction queued
       undefined,
   );
   const { db, sent } = recorder(ctx);
+  const written: string[] = [];
   const group = writeGroup(
-    { ctx, distributed: false, db, oneStatement: true },
+    { ctx, distributed: false, db, oneStatement: true, onGroup: (w) => void written.push(w) },
     [{ organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] }],
     now,
   );
@@ -196,6 +199,7 @@ it("writes the group again in a transaction when a concurrent transaction queued
   expect(await group).toEqual([{ stored: true, result: { inserted: 1, duplicates: 0 } }]);
   // The one statement refused to commit without the key's job; the transaction locked the other's job.
   expect(sent[0]!.failed).toBe(true);
+  expect(written, 'the metric says the group was written again').toEqual(['regrouped']);
   expect(sent.slice(1).map((s) => s.sql.toLowerCase().split(/\s/)[0])).toEqual(
     expect.arrayContaining(['begin', 'commit']),
   );
