@@ -126,9 +126,14 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
            LATERAL (SELECT width_bucket(r.n, ${starts}::bigint[]) - 1 AS req) q
     ), known AS (
       -- The distinct sensors as one array: index look-ups, where IN (input) was planned for ~500
-      -- sensors a batch and hashed the whole table (test/ingest/group-lookups.test.ts).
+      -- sensors a batch and hashed the whole table (test/ingest/group-lookups.test.ts). Key-share locked
+      -- here, before anything is written: the readings' foreign-key check takes the same lock at the
+      -- statement's end, after the group's new delivery jobs are queued, and a correction holding the
+      -- sensors FOR UPDATE then queuing the same key's job waited for the group's job while the group
+      -- waited for it (a deadlock; test/ingest/one-statement.test.ts). Now the group waits first.
       SELECT s.id, s.organization_id, s.active FROM sensors s
       WHERE s.id = ANY(ARRAY(SELECT DISTINCT sensor_id FROM input))
+      FOR KEY SHARE
     ), problems AS (
       -- A sensor of another organization reads "unknown": its existence is never revealed.
       SELECT i.req, i.n, k.active FROM input i

@@ -208,3 +208,56 @@ it("writes the group again in a transaction when a concurrent transaction queued
     WHERE organization_id = ${a.organizationId}`.execute(ctx.db);
   expect(rows[0]!.n).toBe(1);
 });
+
+// A correction (src/admin/corrections.ts) locks its sensors FOR UPDATE, voids their readings, then queues
+// the key's delivery job in the same transaction. A group statement that had queued that key's new job
+// before waiting for the sensors (a foreign-key check waits at the statement's end) held the job the
+// correction's insert then waited for: a deadlock, and one of the two rolled back (a slow-suite run of
+// the destinations ledger lost a correction that way). The group takes its sensors' key-share locks
+// first, so it waits for the correction before it writes anything.
+it("waits for a correction's lock of its sensors before it queues the key's job, so the correction's own job never waits for it", async ({
+  ctx,
+}) => {
+  const now = new Date();
+  const a = await createOrganization(ctx.db);
+  const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+  const key = `temperature_readings:${a.customerId}`;
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let locked!: () => void;
+  const sensorLocked = new Promise<void>((resolve) => (locked = resolve));
+  // The correction's shape: the sensor locked, then (once the group waits) the key's job queued, with a
+  // lock timeout far below the deadlock check's second, so a wait for the group's job shows as an error.
+  const correction = ctx.db.transaction().execute(async (trx) => {
+    await sql`SELECT id FROM sensors WHERE id = ${sa!} FOR UPDATE`.execute(trx);
+    locked();
+    await released;
+    await sql`SET LOCAL lock_timeout = '300ms'`.execute(trx);
+    await enqueueDeliveries(trx, ctx.boss, [
+      { organizationId: a.organizationId, customerId: a.customerId, eventName: 'temperature_readings' },
+    ]);
+  });
+  await sensorLocked;
+  const group = writeGroup(
+    { ctx, distributed: false, oneStatement: true },
+    [{ organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] }],
+    now,
+  );
+  try {
+    await waitFor(
+      'the group to wait for the sensor',
+      async () =>
+        (
+          await sql<{ n: number }>`SELECT count(*)::int AS n FROM pg_stat_activity
+            WHERE wait_event_type = 'Lock' AND query LIKE '/* meterbox:prepared */%'
+              AND datname = current_database()`.execute(ctx.db)
+        ).rows[0]!.n > 0 || undefined,
+      10_000,
+    );
+  } finally {
+    release();
+  }
+  await expect(correction, "the correction's job did not wait for the group").resolves.toBeUndefined();
+  expect(await group).toEqual([{ stored: true, result: { inserted: 1, duplicates: 0 } }]);
+  expect((await jobRows(ctx, [key])).map((j) => j.state)).toEqual(['created']);
+});
