@@ -39,11 +39,7 @@ export async function storeRequest(
   return outcome!;
 }
 
-/**
- * How a group that stored was written (the `written` label of meterbox_ingest_groups_total): as one
- * statement in autocommit; in a transaction after that statement refused (regrouped); in a transaction
- * (INGEST_GROUP_ONE_STATEMENT=off); or on Citus, one transaction per shard group (routed, per part).
- */
+/** How a group that stored was written: meterbox_ingest_groups_total's `written` (docs/operations.md). */
 export type GroupWritten = 'one_statement' | 'regrouped' | 'transaction' | 'routed';
 
 /**
@@ -114,11 +110,7 @@ export interface GroupCommitOptions {
   oneStatement?: boolean;
   /** Most requests in one group. */
   maxRequests: number;
-  /**
-   * Most readings in one group. A request that has this many by itself is full alone and goes at once,
-   * without the window, as a group of its own beside those in flight (a batch is not delayed by others,
-   * nor written by the same Postgres backend as another batch).
-   */
+  /** Most readings in one group (a request with that many is a group alone, written at once). */
   maxReadings: number;
   /**
    * Most groups being written at once. While that many are in flight, new requests wait together
