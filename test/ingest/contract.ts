@@ -7,13 +7,14 @@
 // inserted, at the ingestion time; each stored reading naming the billing row; one queued delivery job per
 // key; the first traceparent of each organization on its row; what was inserted counted into thresholds.
 import { randomUUID } from 'node:crypto';
-import { type Kysely, sql } from 'kysely';
+import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { type GroupCommitOptions, GroupCommitter } from '../../src/ingest/group-commit.js';
 import type { GroupRequest, StoreReadingsOutcome } from '../../src/ingest/readings.js';
+import { storeGroup } from '../../src/ingest/single-node.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
 
@@ -53,6 +54,35 @@ export async function writeGroup(
     },
   );
   return Promise.all(requests.map((r) => committer.submit(r)));
+}
+
+/**
+ * A group of one reading per organization at `minute`, stored with storeGroup in a transaction on `db`;
+ * `reads` (a count the transaction's own statistics give, e.g. pg_stat_get_xact_tuples_*) is read before
+ * and after, and its growth returned with the outcomes.
+ */
+export async function storeGroupCounting(
+  db: Kysely<DB>,
+  boss: Context['boss'],
+  orgs: readonly { organizationId: string; sensor: string }[],
+  minute: number,
+  reads: RawBuilder<{ n: string }>,
+): Promise<{ reads: number; outcomes: StoreReadingsOutcome[] }> {
+  const now = new Date();
+  return db.transaction().execute(async (trx) => {
+    const before = Number((await reads.execute(trx)).rows[0]!.n);
+    const outcomes = await storeGroup(
+      trx,
+      boss,
+      orgs.map((o) => ({
+        organizationId: o.organizationId,
+        readings: [reading(o.sensor, minute, 4.2, now)],
+      })),
+      now,
+    );
+    const after = Number((await reads.execute(trx)).rows[0]!.n);
+    return { reads: after - before, outcomes };
+  });
 }
 
 const stored = (inserted: number, duplicates: number): StoreReadingsOutcome => ({

@@ -5,17 +5,16 @@
 // scanned all of them and compared each to the group's keys cost 9.7 of a group's 11 ms at ~600
 // queued jobs (docs/benchmarks.md), and grew with the queue.
 import { randomUUID } from 'node:crypto';
-import { Kysely, PostgresDialect, sql } from 'kysely';
-import pg from 'pg';
+import { type Kysely, sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { prepareMarkedStatements } from '../../src/db/prepared.js';
 import type { DB } from '../../src/db/schema.js';
-import { storeGroup } from '../../src/ingest/single-node.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
 import { keyRef } from '../../src/metering/rules/keys.js';
 import { openTestContext } from '../support/database.js';
-import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { createOrganization, createSensors } from '../support/fixtures.js';
+import { genericPlanDb } from '../support/plans.js';
+import { storeGroupCounting } from './contract.js';
 
 const QUEUED = 1500;
 
@@ -38,28 +37,12 @@ const pgbossReads = sql<{ n: string }>`
     FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = 'pgboss'`;
 
 /** A group of one reading per organization, stored in a transaction on `db`; pg-boss reads counted. */
-async function storeCounted(
+const storeCounted = (
   db: Kysely<DB>,
   boss: Context['boss'],
   orgs: readonly { organizationId: string; sensor: string }[],
   minute: number,
-) {
-  const now = new Date();
-  return db.transaction().execute(async (trx) => {
-    const before = Number((await pgbossReads.execute(trx)).rows[0]!.n);
-    const outcomes = await storeGroup(
-      trx,
-      boss,
-      orgs.map((o) => ({
-        organizationId: o.organizationId,
-        readings: [reading(o.sensor, minute, 4.2, now)],
-      })),
-      now,
-    );
-    const after = Number((await pgbossReads.execute(trx)).rows[0]!.n);
-    return { reads: after - before, outcomes };
-  });
-}
+) => storeGroupCounting(db, boss, orgs, minute, pgbossReads);
 
 describe('the group statement and the queued delivery jobs', () => {
   let ctx: Context;
@@ -114,17 +97,7 @@ describe('the group statement prepared while few jobs were queued', () => {
   beforeAll(async () => {
     ({ ctx, close } = await openTestContext());
     await ctx.boss.start();
-    // One connection that prepares marked statements, as the API's do, and keeps the generic plan
-    // from the first call on (Postgres's own choice after five calls, made here without waiting).
-    const pool = new pg.Pool({
-      connectionString: ctx.config.DATABASE_URL,
-      max: 1,
-      onConnect: async (client) => {
-        prepareMarkedStatements(client);
-        await client.query('SET plan_cache_mode = force_generic_plan');
-      },
-    });
-    prepared = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+    prepared = genericPlanDb(ctx.config.DATABASE_URL);
   });
   afterAll(async () => {
     await prepared?.destroy();

@@ -5,17 +5,16 @@
 // and autovacuum's comes a minute later, or never where it is off. The worker's sweep pass analyzes the
 // tables the statement looks rows up in once they outgrew their statistics (src/db/statistics.ts
 // REQUEST_PATH_TABLES), which replaces the plan on every connection that kept it.
-import { Kysely, PostgresDialect, sql } from 'kysely';
-import pg from 'pg';
+import { type Kysely, sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
-import { prepareMarkedStatements } from '../../src/db/prepared.js';
 import type { DB } from '../../src/db/schema.js';
 import { REQUEST_PATH_TABLES } from '../../src/db/statistics.js';
-import { storeGroup } from '../../src/ingest/single-node.js';
 import { sweepPass } from '../../src/metering/sweep.js';
 import { openTestContext } from '../support/database.js';
-import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { createOrganization, createSensors } from '../support/fixtures.js';
+import { genericPlanDb } from '../support/plans.js';
+import { storeGroupCounting } from './contract.js';
 
 const GROWN = 5_000;
 
@@ -35,22 +34,9 @@ async function storeCounted(
   orgs: readonly { organizationId: string; sensor: string }[],
   minute: number,
 ) {
-  const now = new Date();
-  return db.transaction().execute(async (trx) => {
-    const before = Number((await requestPathReads.execute(trx)).rows[0]!.n);
-    const outcomes = await storeGroup(
-      trx,
-      boss,
-      orgs.map((o) => ({
-        organizationId: o.organizationId,
-        readings: [reading(o.sensor, minute, 4.2, now)],
-      })),
-      now,
-    );
-    const after = Number((await requestPathReads.execute(trx)).rows[0]!.n);
-    expect(outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
-    return after - before;
-  });
+  const { reads, outcomes } = await storeGroupCounting(db, boss, orgs, minute, requestPathReads);
+  expect(outcomes.every((o) => o.stored && o.result.inserted === 1)).toBe(true);
+  return reads;
 }
 
 describe('the group statement prepared on a small platform that grows', () => {
@@ -60,17 +46,7 @@ describe('the group statement prepared on a small platform that grows', () => {
   beforeAll(async () => {
     ({ ctx, close } = await openTestContext());
     await ctx.boss.start();
-    // One connection that prepares marked statements, as the API's do, and keeps the generic plan
-    // from the first call on (Postgres's own choice after five calls, made here without waiting).
-    const pool = new pg.Pool({
-      connectionString: ctx.config.DATABASE_URL,
-      max: 1,
-      onConnect: async (client) => {
-        prepareMarkedStatements(client);
-        await client.query('SET plan_cache_mode = force_generic_plan');
-      },
-    });
-    prepared = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+    prepared = genericPlanDb(ctx.config.DATABASE_URL);
   });
   afterAll(async () => {
     await prepared?.destroy();

@@ -1,11 +1,29 @@
 // Reading Postgres plans (EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)) in the plan tests: how many rows a plan
 // handled, whatever its shape, so a test can bound work that grows with the square of a batch or
 // with the whole table rather than with the batch.
-import type { Transaction } from 'kysely';
+import { Kysely, PostgresDialect, type Transaction } from 'kysely';
 import pg from 'pg';
 import { expect } from 'vitest';
+import { prepareMarkedStatements } from '../../src/db/prepared.js';
 import type { DB } from '../../src/db/schema.js';
 import { recordingDb } from './database.js';
+
+/**
+ * One connection to `url` that prepares marked statements, as the API's do (src/db/prepared.ts), and
+ * keeps the generic plan from the first call on (Postgres's own choice after five calls, made here
+ * without waiting): the request path's plans as a long-lived connection keeps them. Destroy it after.
+ */
+export function genericPlanDb(url: string | undefined): Kysely<DB> {
+  const pool = new pg.Pool({
+    connectionString: url,
+    max: 1,
+    onConnect: async (client) => {
+      prepareMarkedStatements(client);
+      await client.query('SET plan_cache_mode = force_generic_plan');
+    },
+  });
+  return new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+}
 
 /** A node of EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)'s plan, with the fields the plan tests read. */
 export interface PlanNode {
