@@ -144,7 +144,13 @@ export async function startDelivery(
       },
     );
   }
-  const sweep = await startOutboxSweep({ db, boss: ctx.boss, config: ctx.config, log });
+  const sweep = await startOutboxSweep({
+    db,
+    boss: ctx.boss,
+    config: ctx.config,
+    log,
+    distributed: async () => (await ctx.distributed?.()) ?? false,
+  });
   const reaper = startLeaseReaper({
     ...ctx,
     db,

@@ -58,6 +58,8 @@ export async function sweepPass(deps: {
   boss: PgBoss;
   config: Config;
   log: Logger;
+  /** Whether the database is distributed (Citus): its coordinator's tables are empty shells, never analyzed here. */
+  distributed?: () => Promise<boolean>;
 }): Promise<SweepResult & { validated: number; analyzed: string[] }> {
   const result = await sweepStrandedRows(deps.db, deps.boss, {
     staleSeconds: deps.config.SWEEP_STALE_SECONDS,
@@ -65,13 +67,14 @@ export async function sweepPass(deps: {
   // v2 rows whose validation window passed with no error report naming them are delivered (rows
   // Stripe accepted: never the pending rows the sweep above looks for).
   const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
-  const analyzed = await analyzeStale(deps.db, REQUEST_PATH_TABLES, REQUEST_PATH_STALENESS).catch(
-    (err: unknown) => {
-      // Statistics help plans; the pass does not fail for them.
-      deps.log.warn({ err }, 'statistics of the request path tables not refreshed');
-      return [];
-    },
-  );
+  const analyzed = await (async () =>
+    (await deps.distributed?.())
+      ? []
+      : analyzeStale(deps.db, REQUEST_PATH_TABLES, REQUEST_PATH_STALENESS))().catch((err: unknown) => {
+    // Statistics help plans; the pass does not fail for them.
+    deps.log.warn({ err }, 'statistics of the request path tables not refreshed');
+    return [];
+  });
   if (analyzed.length > 0) deps.log.debug({ analyzed }, 'request path tables analyzed');
   return { ...result, validated, analyzed };
 }
@@ -87,6 +90,7 @@ export async function startOutboxSweep(deps: {
   boss: PgBoss;
   config: Config;
   log: Logger;
+  distributed?: () => Promise<boolean>;
 }): Promise<SweepRuntime> {
   const log = deps.log.child({ queue: 'outbox-sweep' });
   // Its scans grow with the outbox's backlog: the long deadline.

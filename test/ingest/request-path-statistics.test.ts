@@ -86,6 +86,8 @@ describe('the group statement prepared on a small platform that grows', () => {
     const frozen = await storeCounted(prepared, ctx.boss, orgs, 2);
     expect(frozen).toBeGreaterThan(GROWN);
 
+    // On a distributed database (Citus) the coordinator's tables are empty shells: nothing is analyzed.
+    expect((await sweepPass({ ...ctx, distributed: async () => true })).analyzed).toEqual([]);
     const pass = await sweepPass(ctx);
     expect(pass.analyzed).toEqual(
       expect.arrayContaining(['organization_destinations', 'sensors', 'subscriptions']),
