@@ -67,16 +67,22 @@ export async function sweepPass(deps: {
   // v2 rows whose validation window passed with no error report naming them are delivered (rows
   // Stripe accepted: never the pending rows the sweep above looks for).
   const validated = await promoteValidated(deps.db, deps.config.DELIVERY_V2_VALIDATION_SECONDS);
-  const analyzed = await (async () =>
-    (await deps.distributed?.())
-      ? []
-      : analyzeStale(deps.db, REQUEST_PATH_TABLES, REQUEST_PATH_STALENESS))().catch((err: unknown) => {
+  const analyzed = await refreshRequestPathStatistics(deps).catch((err: unknown) => {
     // Statistics help plans; the pass does not fail for them.
     deps.log.warn({ err }, 'statistics of the request path tables not refreshed');
     return [];
   });
   if (analyzed.length > 0) deps.log.debug({ analyzed }, 'request path tables analyzed');
   return { ...result, validated, analyzed };
+}
+
+/** The request path's tables analyzed where stale; on one node only (a Citus coordinator's are empty shells). */
+async function refreshRequestPathStatistics(deps: {
+  db: Kysely<DB>;
+  distributed?: () => Promise<boolean>;
+}): Promise<string[]> {
+  if (await deps.distributed?.()) return [];
+  return analyzeStale(deps.db, REQUEST_PATH_TABLES, REQUEST_PATH_STALENESS);
 }
 
 /**
