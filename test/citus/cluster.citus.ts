@@ -8,6 +8,7 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { describe, expect, inject } from 'vitest';
 import { recordApiKeysUsed } from '../../src/credentials/api-keys.js';
+import { sqlState } from '../../src/db/errors.js';
 import { createLogger } from '../../src/log.js';
 import { reportActiveSensorsForHour } from '../../src/metering/active-sensors.js';
 import {
@@ -38,6 +39,18 @@ const ADMIN_TOKEN = 'admin-token-citus-0123456789abcdef';
 const warnings: string[] = [];
 const warningLog = createLogger('warn', {}, { write: (line: string) => void warnings.push(line) });
 const lastWarnings = () => `\nlogged warnings (last 10):\n${warnings.slice(-10).join('')}`;
+
+/** Runs `step` again (at most five times) when Citus cancels it in a distributed deadlock (40P01). */
+async function againOnDeadlock<T>(step: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await step();
+    } catch (err) {
+      if (sqlState(err) !== '40P01' || attempt === 5) throw err;
+      await new Promise((r) => setTimeout(r, 100 * attempt));
+    }
+  }
+}
 
 const it = stripeTest({
   emulator: { strictCustomers: true },
@@ -364,9 +377,14 @@ describe.skipIf(!url)('meterbox on a Citus cluster', () => {
     );
     const orgs: (OrganizationFixture & { sensors: string[] })[] = [];
     for (let i = 0; i < 6; i++) {
-      const org = await createOrganization(ctx.db);
+      // Set up while the two workers start: their start-up passes can meet this insert in a distributed
+      // deadlock, which Citus resolves by cancelling one side (40P01); set up again, as a client would.
+      const org = await againOnDeadlock(() => createOrganization(ctx.db));
       emulator.createCustomer({ id: org.customerId });
-      orgs.push({ ...org, sensors: await createSensors(ctx.db, org.organizationId, 3) });
+      orgs.push({
+        ...org,
+        sensors: await againOnDeadlock(() => createSensors(ctx.db, org.organizationId, 3)),
+      });
     }
     // Concurrent requests of every organization (they share group-commit transactions), in rounds,
     // resent after a 503 as a sensor does: the worker's start-up storage pass (partitions created on
