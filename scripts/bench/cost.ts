@@ -60,6 +60,7 @@ import {
   startCluster,
   startWorkerProcess,
 } from './harness.js';
+import { statementFamily } from './statement-family.js';
 import { sampleWaits } from './waits.js';
 
 const { values: args } = parseArgs({
@@ -95,37 +96,6 @@ const log = (msg: string) => console.error(`[bench:cost ${new Date().toISOString
 const round = (x: number, d = 0) => Math.round(x * 10 ** d) / 10 ** d;
 
 // ---------------------------------------------------------------- what is measured
-
-/** A statement's family, from its text (pg_stat_statements normalizes constants, not the SQL's shape). */
-export function statementFamily(query: string): string {
-  const q = query.replace(/\s+/g, ' ');
-  if (/\bleased AS\b/.test(q)) return 'claim';
-  if (/\bsettled AS\b/.test(q)) return 'settle';
-  if (/\bpgboss\./.test(q)) {
-    // pg-boss passes its states as parameters: its statements are told apart by their shape.
-    if (/INSERT INTO pgboss\./i.test(q)) return 'pg-boss insert';
-    if (/^WITH next AS \( SELECT j\.id FROM pgboss\./i.test(q)) return 'pg-boss fetch';
-    if (/SET completed_on/i.test(q)) return 'pg-boss complete';
-    if (/SET heartbeat_on = /i.test(q)) return 'pg-boss touch';
-    return 'pg-boss other';
-  }
-  if (/meter_call_budget/.test(q)) return 'budget';
-  if (/meter_delivery_keys/.test(q)) return 'leases (renew, reap, release)';
-  return 'other';
-}
-
-export const FAMILIES = [
-  'claim',
-  'settle',
-  'pg-boss insert',
-  'pg-boss fetch',
-  'pg-boss complete',
-  'pg-boss touch',
-  'pg-boss other',
-  'budget',
-  'leases (renew, reap, release)',
-  'other',
-] as const;
 
 /**
  * What the worker's busy sessions wait on while it delivers, by statement family (waits.ts). Tells a
@@ -234,6 +204,8 @@ interface Cost {
   walByRecord?: Record<string, { records: number; bytes: number; fpiBytes: number }>;
   /** Heap/LOCK records per event by table (lockRecords): all of them, and those before an update's move to another page. */
   lockRecords?: Record<string, { records: number; beforeMove: number }>;
+  /** Heap/LOCK records per event by table and the lock mode they record (lockModes). */
+  lockModes?: Record<string, number>;
   /** Rows inserted / updated (heap-only of them) / deleted per event by table, where any changed. */
   writesPerEvent?: Record<string, string>;
   rowsPerEvent: { total: number; byTable: Record<string, number> };
@@ -375,6 +347,39 @@ async function lockRecords(
   );
   const per = (x: string) => round(Number(x) / Math.max(1, events), 3);
   return Object.fromEntries(r.rows.map((x) => [x.rel, { records: per(x.locks), beforeMove: per(x.moves) }]));
+}
+
+/**
+ * Heap/LOCK records per event by table and the mode their infobits record: `FOR UPDATE` (EXCL_LOCK with
+ * KEYS_UPDATED: a FOR UPDATE clause, or an update's move of a row its own transaction locked so), `FOR NO
+ * KEY UPDATE` (EXCL_LOCK alone: a FOR NO KEY UPDATE clause, or a plain update's move to another page),
+ * `FOR SHARE` (EXCL_LOCK and KEYSHR_LOCK), `FOR KEY SHARE` (KEYSHR_LOCK). Tells a statement's lock clause from the updates' moves when the counts
+ * by table do not add up.
+ */
+async function lockModes(
+  pool: pg.Pool,
+  from: Snapshot,
+  to: Snapshot,
+  events: number,
+): Promise<Record<string, number>> {
+  const r = await pool.query<{ rel: string; mode: string; n: string }>(
+    `SELECT coalesce(c.relname, 'other') AS rel,
+            CASE WHEN b.description LIKE '%EXCL_LOCK%' AND b.description LIKE '%KEYSHR_LOCK%' THEN 'FOR SHARE'
+                 WHEN b.description LIKE '%EXCL_LOCK%' AND b.description LIKE '%KEYS_UPDATED%' THEN 'FOR UPDATE'
+                 WHEN b.description LIKE '%EXCL_LOCK%' THEN 'FOR NO KEY UPDATE'
+                 WHEN b.description LIKE '%KEYSHR_LOCK%' THEN 'FOR KEY SHARE'
+                 ELSE 'other' END AS mode,
+            count(*)::text AS n
+       FROM pg_get_wal_block_info($1::pg_lsn, $2::pg_lsn, false) b
+       LEFT JOIN pg_class c ON b.reldatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND c.oid = pg_filenode_relation(b.reltablespace, b.relfilenode)
+      WHERE b.resource_manager = 'Heap' AND b.record_type = 'LOCK' AND b.block_id = 0
+      GROUP BY 1, 2 ORDER BY 3 DESC`,
+    [from.walLsn, to.walLsn],
+  );
+  return Object.fromEntries(
+    r.rows.map((x) => [`${x.rel} ${x.mode}`, round(Number(x.n) / Math.max(1, events), 3)]),
+  );
 }
 
 /** Rows inserted / updated (heap-only) / deleted per event by table, where any changed. */
@@ -658,6 +663,7 @@ async function runScenario(
     );
     delivery.walByRecord = await walByRecord(pool, s1, s2, received.length);
     delivery.lockRecords = await lockRecords(pool, s1, s2, received.length);
+    delivery.lockModes = await lockModes(pool, s1, s2, received.length);
     delivery.writesPerEvent = writesPerEvent(s1, s2, received.length);
     const ids = usage();
     const pendingAfter = Number(
@@ -691,6 +697,7 @@ async function runScenario(
     log(
       `  Heap/LOCK records by table (all, before a move to another page): ${JSON.stringify(delivery.lockRecords)}`,
     );
+    log(`  Heap/LOCK records by table and mode: ${JSON.stringify(delivery.lockModes)}`);
     log(`  rows inserted / updated (HOT) / deleted: ${JSON.stringify(delivery.writesPerEvent)}`);
     if (promotion) {
       log(
