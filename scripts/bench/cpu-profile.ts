@@ -10,6 +10,7 @@ interface ProfileNode {
 }
 
 interface Profile {
+  startTime: number;
   nodes: ProfileNode[];
   samples: number[];
   timeDeltas: number[];
@@ -35,12 +36,24 @@ export interface ProfileSplit {
   byFunction: { fn: string; ms: number; share: number }[];
 }
 
-export function summarizeCpuProfile(file: string, top = 15): ProfileSplit {
+/**
+ * `window`: only the samples taken within [fromUs, toUs] of the monotonic clock (CLOCK_MONOTONIC in
+ * microseconds, which V8's profile timestamps are on: process.hrtime.bigint() / 1000n in the caller).
+ */
+export function summarizeCpuProfile(
+  file: string,
+  top = 15,
+  window?: { fromUs: number; toUs: number },
+): ProfileSplit {
   const profile = JSON.parse(readFileSync(file, 'utf8')) as Profile;
   const byId = new Map(profile.nodes.map((n) => [n.id, n]));
   const selfUs = new Map<number, number>();
+  let at = profile.startTime;
   for (const [i, id] of profile.samples.entries()) {
-    selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0));
+    const delta = profile.timeDeltas[i] ?? 0;
+    at += delta;
+    if (window && (at < window.fromUs || at > window.toUs)) continue;
+    selfUs.set(id, (selfUs.get(id) ?? 0) + delta);
   }
   const areas = new Map<string, number>();
   const fns = new Map<string, number>();

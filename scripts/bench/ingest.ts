@@ -1,5 +1,5 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
-//                           [--api-cpu-prof] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
+//                           [--api-cpu-prof] [--worker-cpu-prof] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 //                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
@@ -143,6 +143,12 @@ const { values: args } = parseArgs({
     'explain-ms': { type: 'string' },
     // The API under --cpu-prof; its profile summarized by area and function into the JSON.
     'api-cpu-prof': { type: 'boolean', default: false },
+    // The worker under --cpu-prof; its profile summarized from the worker's spawn to the report's end
+    // (the report scenario) or to the load's end, by area and function, into the JSON.
+    'worker-cpu-prof': { type: 'boolean', default: false },
+    // The per-second timeline (cores by party, Postgres by role; requests, report rows, events) in the log
+    // too; it is always in the JSON.
+    timeline: { type: 'boolean', default: false },
     // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
     'ratio-clients': { type: 'string', default: '64' },
     // Raw Postgres' connections (and clients) for single readings, when not --ratio-clients: a small
@@ -233,6 +239,97 @@ function cpuSplit(a: CpuSnapshot, b: CpuSnapshot) {
       others: cores(Math.max(0, ticks - api - worker - postgres - self)),
       machine: cores(ticks),
     },
+  };
+}
+
+/** Postgres backends by who runs them: the API's and the worker's roles, else the backend's type. */
+async function backendOwners(pool: pg.Pool): Promise<Map<number, string>> {
+  const { rows } = await pool.query<{ pid: number; who: string }>(
+    `SELECT pid, CASE usename WHEN '${API_ROLE}' THEN 'api' WHEN '${WORKER_ROLE}' THEN 'worker'
+                 ELSE CASE backend_type WHEN 'client backend' THEN 'bench' ELSE backend_type END END AS who
+       FROM pg_stat_activity`,
+  );
+  return new Map(rows.map((r) => [r.pid, r.who]));
+}
+
+/** One second of the timeline: cores each party kept busy, Postgres's split by the backends' owners. */
+interface TimelinePoint {
+  t: number;
+  api: number;
+  worker: number;
+  pgApi: number;
+  pgWorker: number;
+  pgOther: number;
+  self: number;
+  others: number;
+  machine: number;
+}
+
+/**
+ * Samples the CPU split every second from now on (t: seconds since `t0`, performance.now()): the
+ * when of a scenario's split (the report's chunks, delivery's tail, the load after it).
+ */
+function cpuTimeline(pool: pg.Pool, apiPid: number, workerPid: number, dataDir: string, t0: number) {
+  const points: TimelinePoint[] = [];
+  let owners = new Map<number, string>();
+  let prev = snapshot(apiPid, workerPid, dataDir);
+  const timer = setInterval(() => {
+    backendOwners(pool)
+      .then((o) => {
+        owners = o;
+      })
+      .catch(() => {});
+    const cur = snapshot(apiPid, workerPid, dataDir);
+    const seconds = (cur.at - prev.at) / 1000;
+    const pg = { api: 0, worker: 0, other: 0 };
+    for (const [pid, sec] of cur.postgres) {
+      const d = sec - (prev.postgres.get(pid) ?? sec);
+      const who = owners.get(pid);
+      if (who === 'api') pg.api += d;
+      else if (who === 'worker') pg.worker += d;
+      else pg.other += d;
+    }
+    const api = cur.api - prev.api;
+    const worker = cur.worker - prev.worker;
+    const self = (cur.self.user - prev.self.user + cur.self.system - prev.self.system) / 1e6;
+    const ticks = (cur.machine.busy - prev.machine.busy) / 100;
+    const c = (x: number) => round(x / seconds, 2);
+    points.push({
+      t: round((cur.at - t0) / 1000, 1),
+      api: c(api),
+      worker: c(worker),
+      pgApi: c(pg.api),
+      pgWorker: c(pg.worker),
+      pgOther: c(pg.other),
+      self: c(self),
+      others: c(Math.max(0, ticks - api - worker - pg.api - pg.worker - pg.other - self)),
+      machine: c(ticks),
+    });
+    prev = cur;
+  }, 1000);
+  return {
+    stop() {
+      clearInterval(timer);
+      return points;
+    },
+  };
+}
+
+/** Mean of each field of the timeline's points within [from, to) seconds. */
+function timelineMean(points: readonly TimelinePoint[], from: number, to: number) {
+  const within = points.filter((p) => p.t > from && p.t <= to + 0.5);
+  const mean = (f: (p: TimelinePoint) => number) =>
+    round(within.reduce((n, p) => n + f(p), 0) / Math.max(1, within.length), 2);
+  return {
+    seconds: within.length,
+    api: mean((p) => p.api),
+    worker: mean((p) => p.worker),
+    pgApi: mean((p) => p.pgApi),
+    pgWorker: mean((p) => p.pgWorker),
+    pgOther: mean((p) => p.pgOther),
+    self: mean((p) => p.self),
+    others: mean((p) => p.others),
+    machine: mean((p) => p.machine),
   };
 }
 
@@ -403,6 +500,16 @@ function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
 
 // ---------------------------------------------------------------- one delivery scenario
 
+/** A report's split when its last event is at Stripe: cores, statements and busy sessions until then. */
+interface AtReport {
+  cpu: ReturnType<typeof cpuSplit>;
+  monoUs: number;
+  api: Awaited<ReturnType<typeof statementsOf>>;
+  worker: Awaited<ReturnType<typeof statementsOf>>;
+  top: Awaited<ReturnType<typeof topStatements>>;
+  waits: ReturnType<ReturnType<typeof waitSampler>['peek']>;
+}
+
 async function runScenario(
   s: Scenario,
   cluster: Cluster,
@@ -449,6 +556,7 @@ async function runScenario(
       },
       entries['src/bin/server.ts'],
     );
+    const workerProfDir = join(profDir, `worker-${randomBytes(3).toString('hex')}`);
     cleanup.push(() => api.proc.stop());
     const http = new HttpClient(api.url, MAX_IN_FLIGHT);
     cleanup.push(() => http.close());
@@ -457,13 +565,24 @@ async function runScenario(
     // The worker starts, and with it its start-up report; the load starts at the same moment.
     const worker = startProcess(
       entries['src/bin/worker.ts']!,
-      { ...env, ...workerEnv, DATABASE_URL: workerUrl, LOG_LEVEL: 'info' },
+      {
+        ...env,
+        ...workerEnv,
+        DATABASE_URL: workerUrl,
+        LOG_LEVEL: 'info',
+        ...(args['worker-cpu-prof'] ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${workerProfDir}` } : {}),
+      },
       'worker',
     );
     cleanup.push(() => worker.stop());
     const cpu0 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
     const waits = waitSampler(h.pool);
     const loadStart = Date.now();
+    const loadStartPerf = performance.now();
+    const loadStartMonoUs = Number(process.hrtime.bigint() / 1000n);
+    const timeline = cpuTimeline(h.pool, api.proc.pid, worker.pid, cluster.dataDir, loadStartPerf);
+    // The report's own split, taken when its last event is at Stripe: cores, statements and waits until then.
+    let atReport = null as AtReport | null;
     // The worker logs "worker started" after its start-up report: at 100,000 organizations that can
     // be minutes on a loaded machine, so its absence is reported, not fatal.
     let workerStartedMs: number | null = null;
@@ -493,7 +612,20 @@ async function runScenario(
         // take its own share of the cores it measures.
         s.customers > 10_000 ? 1000 : 250,
       );
-      if (done) reportDoneAt = Date.now();
+      if (done) {
+        reportDoneAt = Date.now();
+        const cpu = cpuSplit(cpu0, snapshot(api.proc.pid, worker.pid, cluster.dataDir));
+        const monoUs = Number(process.hrtime.bigint() / 1000n);
+        const waitsNow = waits.peek();
+        atReport = {
+          cpu,
+          monoUs,
+          api: await statementsOf(h.pool, API_ROLE, 0),
+          worker: await statementsOf(h.pool, WORKER_ROLE, 0),
+          top: await topStatements(h.pool),
+          waits: waitsNow,
+        };
+      }
     })().catch((err: unknown) => log(`report watch failed: ${String(err)}`));
 
     const source = new ReadingSource();
@@ -533,6 +665,7 @@ async function runScenario(
     const loadEnd = Date.now();
     const cpu1 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
     const waitEvents = waits.stop();
+    const timelinePoints = timeline.stop();
     await workerReady;
     const loadSeconds = (askedEnd - loadStart) / 1000;
     log(`load: ${ok} of ${sent} requests stored in ${round(loadSeconds, 1)} s (${failed} failed)`);
@@ -569,6 +702,50 @@ async function runScenario(
     const afterLastChunkMs =
       reportMs !== null && Number.isFinite(lastChunkAt) ? Math.round(lastReportEvent - lastChunkAt) : null;
 
+    // The timeline's second by second counts: requests (and their p99), report rows written (by their
+    // chunk's start), events at Stripe by meter. Seconds since the load's start (the worker's spawn).
+    const sec = (ms: number) => Math.floor((ms - loadStart) / 1000);
+    const perSecond = new Map<number, { req: number[]; rows: number; active: number; readings: number }>();
+    const at = (t: number) => {
+      const p = perSecond.get(t) ?? { req: [], rows: 0, active: 0, readings: 0 };
+      perSecond.set(t, p);
+      return p;
+    };
+    for (const r of requests) at(sec(r.at)).req.push(r.ms);
+    for (const e of emulator.events()) {
+      if (e.event_name === 'active_sensors') at(sec(e.receivedAt)).active++;
+      else at(sec(e.receivedAt)).readings++;
+    }
+    const rowsBySecond = await h.pool.query<{ ms: string; n: string }>(
+      `SELECT (extract(epoch FROM created_at) * 1000)::float8::text AS ms, count(*)::text AS n
+         FROM meter_outbox WHERE event_name = 'active_sensors' GROUP BY created_at`,
+    );
+    for (const r of rowsBySecond.rows) at(sec(Number(r.ms))).rows += Number(r.n);
+    const timelineRows = timelinePoints.map((p) => {
+      const c = perSecond.get(Math.ceil(p.t) - 1);
+      return {
+        ...p,
+        requests: c?.req.length ?? 0,
+        p99Ms: c?.req.length ? latencySummary(c.req).p99 : null,
+        reportRows: c?.rows ?? 0,
+        activeSensorEvents: c?.active ?? 0,
+        readingEvents: c?.readings ?? 0,
+      };
+    });
+    // The report's phases on the timeline: its chunks (first to last chunk's start), then its tail.
+    const phase = (fromMs: number, toMs: number) =>
+      timelineMean(timelinePoints, (fromMs - loadStart) / 1000, (toMs - loadStart) / 1000);
+    const phases =
+      reportMs !== null && Number.isFinite(firstRowAt) && Number.isFinite(lastChunkAt)
+        ? {
+            beforeFirstChunk: phase(loadStart, firstRowAt),
+            chunks: phase(firstRowAt, lastChunkAt),
+            afterLastChunk: phase(lastChunkAt, lastReportEvent),
+            afterReport: phase(lastReportEvent, loadEnd),
+          }
+        : null;
+    const reportEvents = emulator.events({ event_name: 'active_sensors' }).length;
+
     // Exactly once: Stripe's per-customer sums equal the readings the API accepted.
     const events = emulator.events({ event_name: 'temperature_readings' });
     const stripeSum = new Map<string, number>();
@@ -582,6 +759,20 @@ async function runScenario(
     http.close();
     await api.proc.stop();
     const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
+    let workerProfile: ProfileSplit | null = null;
+    if (args['worker-cpu-prof']) {
+      await worker.stop();
+      const window = {
+        fromUs: loadStartMonoUs,
+        toUs: atReport?.monoUs ?? Number(process.hrtime.bigint() / 1000n),
+      };
+      try {
+        const file = readdirSync(workerProfDir).find((f) => f.endsWith('.cpuprofile'));
+        workerProfile = file ? summarizeCpuProfile(join(workerProfDir, file), 25, window) : null;
+      } catch {
+        workerProfile = null;
+      }
+    }
     const result = {
       scenario: s,
       code,
@@ -610,7 +801,15 @@ async function runScenario(
         firstToLastChunkMs: chunksMs,
         /** From the last chunk's start to the last event at Stripe (that chunk, then delivery's tail). */
         lastChunkToLastEventMs: afterLastChunkMs,
+        events: reportEvents,
+        eventsPerSecond: reportMs ? round((reportEvents * 1000) / reportMs) : null,
+        /** Cores, statements (since the worker's spawn) and busy sessions when the last event was at Stripe. */
+        atEnd: atReport,
+        /** Mean cores of each phase (the timeline's seconds within it). */
+        phases,
       },
+      timeline: timelineRows,
+      workerProfile,
       levelAfterLoadMs: drainMs,
       cpu: cpuSplit(cpu0, cpu1),
       cpuMsPerRequest: {
@@ -684,6 +883,34 @@ async function runScenario(
       );
     for (const w of waitEvents.slice(0, 8)) log(`  wait ${w.sessions} ${w.what}`);
     if (apiProfile) log(`  API profile: ${apiProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`);
+    const end = result.report.atEnd as AtReport | null;
+    if (end) {
+      const e = end.cpu.cores;
+      log(
+        `  until the report's end (${end.cpu.seconds} s): api ${e.api} worker ${e.worker} postgres ${e.postgres} loadgen+emulator ${e.loadGeneratorAndEmulator} others ${e.others} (machine ${e.machine}); ${result.report.events} report events, ${result.report.eventsPerSecond}/s`,
+      );
+      for (const st of end.top.slice(0, 8))
+        log(
+          `  at the report's end ${st.totalMs} ms = ${st.calls} x (${st.meanPlanMs} + ${st.meanExecMs}) ${st.query}`,
+        );
+      for (const w of end.waits.slice(0, 8)) log(`  at the report's end wait ${w.sessions} ${w.what}`);
+    }
+    if (phases)
+      for (const [name, p] of Object.entries(phases))
+        log(
+          `  phase ${name} (${p.seconds} s): api ${p.api} worker ${p.worker} pg(api ${p.pgApi} worker ${p.pgWorker} other ${p.pgOther}) loadgen+emulator ${p.self} others ${p.others} machine ${p.machine}`,
+        );
+    if (args.timeline)
+      for (const p of timelineRows)
+        log(
+          `  t ${p.t}: api ${p.api} worker ${p.worker} pg ${p.pgApi}/${p.pgWorker}/${p.pgOther} self ${p.self} others ${p.others} | req ${p.requests} p99 ${p.p99Ms} | rows ${p.reportRows} | events ${p.activeSensorEvents}+${p.readingEvents}`,
+        );
+    if (workerProfile) {
+      log(
+        `  worker profile (${workerProfile.totalMs} ms): ${workerProfile.byArea.map((a) => `${a.area} ${a.share}%`).join(', ')}`,
+      );
+      for (const f of workerProfile.byFunction.slice(0, 15)) log(`    ${f.share}% ${f.fn}`);
+    }
     for (const goal of goals) log(`  goal ${goal.goal}: ${goal.value} ${goal.met ? 'met' : 'NOT met'}`);
     return { ...result, goals };
   } finally {

@@ -14,7 +14,7 @@ export function sampleWaits<R extends pg.QueryResultRow>(
   query: string,
   keyOf: (row: R) => string,
   top: number,
-): { stop(): WaitShare[] } {
+): { stop(): WaitShare[]; peek(): WaitShare[] } {
   const counts = new Map<string, number>();
   let samples = 0;
   const timer = setInterval(() => {
@@ -29,13 +29,17 @@ export function sampleWaits<R extends pg.QueryResultRow>(
       })
       .catch(() => {});
   }, 50);
+  const shares = () =>
+    [...counts.entries()]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, top)
+      .map(([what, n]) => ({ sessions: Math.round((n / Math.max(1, samples)) * 1000) / 1000, what }));
   return {
     stop() {
       clearInterval(timer);
-      return [...counts.entries()]
-        .sort((a, b) => b[1] - a[1])
-        .slice(0, top)
-        .map(([what, n]) => ({ sessions: Math.round((n / Math.max(1, samples)) * 1000) / 1000, what }));
+      return shares();
     },
+    /** The shares so far, sampling on (a scenario's split at a moment inside its measurement). */
+    peek: shares,
   };
 }
