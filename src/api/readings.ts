@@ -93,7 +93,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
   const routes = documentedRoutes(PATH);
   // With the adaptive flush the committer counts the requests on their way from their first moment: a
   // request it handles alone is written at once, one with others on their way waits for them (the
-  // window). Only that rule reads the count, so the default window rule adds nothing to a request.
+  // window). Only that rule reads the count, so with INGEST_GROUP_FLUSH=window it adds nothing to a request.
   if (groups && ctx.config.INGEST_GROUP_FLUSH === 'adaptive') {
     routes.app.use('*', async (c, next) => {
       const ended = c.req.method === 'POST' ? groups.started() : undefined;

@@ -85,13 +85,13 @@ async function retryRolledBack<T>(write: () => Promise<T>): Promise<T> {
 }
 
 /**
- * When a group goes. `window` (the default): the first request of every group waits the window for
- * others, even alone. `adaptive`: a request that is the only one a quiet process is handling (none
- * queued, none being written, none on its way: see `started` and soleRequest) is written at once, so
- * a lone request waits for nothing; otherwise the window rule. Not the default: on the shared 2-core
- * bench machine it served 0.72-0.87 of the window rule's single readings at 16 clients
- * (docs/benchmarks.md). (Sending the requests that gathered as soon as a group ends, rather
- * than at their window, made groups smaller and cost a third of the throughput at 16 clients.)
+ * When a group goes. `window` (a committer's default): the first request of every group waits the
+ * window for others, even alone. `adaptive` (INGEST_GROUP_FLUSH's default): a request that is the only
+ * one a quiet process is handling (none queued, none being written, none on its way: see `started` and
+ * soleRequest) is written at once, so a lone request waits for nothing; otherwise the window rule. Level
+ * with the window under concurrent load once groups became one statement, and a lone client's requests
+ * twice as fast (docs/benchmarks.md). (Sending the requests that gathered as soon as a group ends,
+ * rather than at their window, made groups smaller and cost a third of the throughput at 16 clients.)
  */
 export type GroupFlush = 'adaptive' | 'window';
 
@@ -101,7 +101,7 @@ export interface GroupCommitOptions {
    * the process handles alone does not wait.
    */
   windowMs: number;
-  /** When a group goes (default `window`; see GroupFlush). */
+  /** When a group goes (default `window`; the process's setting defaults to `adaptive`; see GroupFlush). */
   flush?: GroupFlush;
   /**
    * On one node, each group first as ONE statement in autocommit (storeGroupThenInTransaction;
