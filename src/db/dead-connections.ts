@@ -246,8 +246,21 @@ export function deadlineClient(
       };
       /** Deadlines passed so far: the k-th falls k deadlines after the send, however long a probe took. */
       let deadlines = 1;
+      /** A long statement's questions before its deadline: one each short deadline (`earlyMs`). */
+      const earlyMs = probe !== undefined && ms > deadlineMs ? deadlineMs : undefined;
+      let early = 0;
       const expire = async () => {
         if (done) return;
+        if (earlyMs !== undefined && probe !== undefined && performance.now() - sentAt < ms) {
+          early++;
+          if (await this.neverArrived(probe))
+            finish(Object.assign(new Error(READ_TIMEOUT), { code: 'ETIMEDOUT' }));
+          else if (!done) {
+            const next = Math.min(sentAt + ms, sentAt + (early + 1) * earlyMs);
+            timer = setTimeout(() => void expire(), Math.max(0, next - performance.now()));
+          }
+          return;
+        }
         if (probe !== undefined && !this.gaveUp && deadlines < PROBE_MAX_DEADLINES) {
           const pid = (this as unknown as { processID?: number }).processID;
           const running =
@@ -263,7 +276,7 @@ export function deadlineClient(
         const err = Object.assign(new Error(READ_TIMEOUT), { code: 'ETIMEDOUT' });
         finish(err);
       };
-      timer = setTimeout(() => void expire(), ms);
+      timer = setTimeout(() => void expire(), earlyMs ?? ms);
       // Strings and objects alike: the scope's mark is not pg's to read.
       if (typeof args[0] === 'object' && args[0] !== null && SCOPED in args[0]) {
         const plain: { [SCOPED]?: unknown } = { ...args[0] };
@@ -272,6 +285,17 @@ export function deadlineClient(
       }
       query(...args, (err: unknown, res: unknown) => finish(err, res));
       return result;
+    }
+
+    /**
+     * Whether the server says this connection's statement never reached it: its backend idle, or gone on
+     * a connection made to the probe's own server (behind a pooler the id is the pooler's: no answer).
+     */
+    private async neverArrived(probe: DeadlineProbe): Promise<boolean> {
+      const pid = (this as unknown as { processID?: number }).processID;
+      if (this.gaveUp || typeof pid !== 'number') return false;
+      const state = await probe.state(pid, performance.now() - this.lastAnswerAt);
+      return state === 'idle' || (state === 'absent' && probe.asks(this.host, this.port));
     }
 
     /** Ends this connection for good (pg-pool drops a client that is ending), and the pool's suspects. */

@@ -12,7 +12,21 @@
 // a pooler (PgBouncer) that id is the pooler's own, which no server backend has, so there a missed
 // deadline gives up as it always did. The statement's age is read on the server's clock against the
 // time since the connection last answered on the client's, two durations: no two clocks are compared.
+//
+// A statement allowed the long deadline (a claim of a thousand keys, a report's chunk, an ANALYZE) is
+// asked after too, at every short deadline until its long one: a server that says its backend is idle
+// (the statement never arrived), or that has no such backend on a connection made to it directly (it
+// ended the backend of a dead client), gives the connection up then, not a long deadline later. A
+// question without an answer, or a backend id a pooler made, waits for the long deadline as before.
 import pg from 'pg';
+
+/**
+ * What the server says of a connection's backend: 'running' a statement begun since the connection last
+ * answered; 'idle' (the backend is there, running nothing of the connection's: the statement never
+ * arrived); 'absent' (no backend has that id: the server ended it, or the id is a pooler's);
+ * 'unanswered' (the question got no answer within the probe's bound).
+ */
+export type BackendState = 'running' | 'idle' | 'absent' | 'unanswered';
 
 export interface DeadlineProbe {
   /**
@@ -20,6 +34,13 @@ export interface DeadlineProbe {
    * connection last answered). False when the question itself is not answered within the probe's bound.
    */
   running(pid: number, withinMs: number): Promise<boolean>;
+  /** What the server says of backend `pid` (see BackendState); asked together with running()'s questions. */
+  state(pid: number, withinMs: number): Promise<BackendState>;
+  /**
+   * Whether a connection to `host`:`port` is to the server the probe asks, directly: then a backend id
+   * the server does not know is a backend it ended, never a pooler's.
+   */
+  asks(host: string | undefined, port: number | undefined): boolean;
   /** Ends the probe's connection (the process is closing). */
   close(): void;
 }
@@ -37,8 +58,9 @@ const STARTED_SLACK_MS = 1_000;
  */
 const PROBE_TIMEOUT_MS = 5_000;
 
-const RUNNING_SQL = `SELECT pid, (extract(epoch FROM clock_timestamp() - query_start) * 1000)::float8 AS running_ms
-  FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND state = 'active'`;
+const RUNNING_SQL = `SELECT pid, CASE WHEN state = 'active'
+    THEN (extract(epoch FROM clock_timestamp() - query_start) * 1000)::float8 END AS running_ms
+  FROM pg_stat_activity WHERE pid = ANY($1::int[])`;
 
 /**
  * A probe that asks `connectionString` (the server itself: the direct URL, not a pooler's) on a
@@ -52,7 +74,9 @@ export function createDeadlineProbe(options: {
   timeoutMs?: number;
 }): DeadlineProbe {
   const timeoutMs = options.timeoutMs ?? PROBE_TIMEOUT_MS;
-  let waiting: { pid: number; withinMs: number; answer: (yes: boolean) => void }[] = [];
+  let waiting: { pid: number; withinMs: number; answer: (state: BackendState) => void }[] = [];
+  // The server the probe asks, as pg reads the URL (host and port, defaults included).
+  const server = new pg.Client({ connectionString: options.connectionString });
   let asking = false;
 
   // One connection, kept between questions (a new backend's start is what a starved server is slowest
@@ -94,12 +118,13 @@ export function createDeadlineProbe(options: {
     return connecting;
   };
 
-  const ask = async (pids: number[]): Promise<Map<number, number>> => {
+  /** Each backend of `pids` the server has, with how long its running statement has run (null: none). */
+  const ask = async (pids: number[]): Promise<Map<number, number | null>> => {
     let bound: NodeJS.Timeout | undefined;
     try {
       const answer = (async () => {
         const c = await connected();
-        return c.query<{ pid: number; running_ms: number }>(RUNNING_SQL, [pids]);
+        return c.query<{ pid: number; running_ms: number | null }>(RUNNING_SQL, [pids]);
       })();
       const late = new Promise<never>((_, reject) => {
         bound = setTimeout(() => reject(new Error('deadline probe not answered in time')), timeoutMs);
@@ -119,21 +144,35 @@ export function createDeadlineProbe(options: {
     while (waiting.length > 0) {
       const batch = waiting;
       waiting = [];
-      const running = await ask([...new Set(batch.map((q) => q.pid))]).catch(() => undefined);
+      const backends = await ask([...new Set(batch.map((q) => q.pid))]).catch(() => undefined);
       for (const q of batch) {
-        const ms = running?.get(q.pid);
-        q.answer(ms !== undefined && ms <= q.withinMs + STARTED_SLACK_MS);
+        const ms = backends?.get(q.pid);
+        q.answer(
+          backends === undefined
+            ? 'unanswered'
+            : ms === undefined
+              ? 'absent'
+              : ms !== null && ms <= q.withinMs + STARTED_SLACK_MS
+                ? 'running'
+                : 'idle',
+        );
       }
     }
     asking = false;
   };
 
+  const state = (pid: number, withinMs: number) =>
+    new Promise<BackendState>((answer) => {
+      waiting.push({ pid, withinMs, answer });
+      if (!asking) void drain();
+    });
   return {
-    running(pid, withinMs) {
-      return new Promise<boolean>((answer) => {
-        waiting.push({ pid, withinMs, answer });
-        if (!asking) void drain();
-      });
+    state,
+    async running(pid, withinMs) {
+      return (await state(pid, withinMs)) === 'running';
+    },
+    asks(host, port) {
+      return host === server.host && port === server.port;
     },
     close: drop,
   };

@@ -6,8 +6,13 @@ import { sql } from 'kysely';
 import pg from 'pg';
 import { afterAll, describe, expect } from 'vitest';
 import { createDatabase } from '../../src/db/database.js';
-import { createConnectionWatch } from '../../src/db/dead-connections.js';
-import { createDeadlineProbe, type DeadlineProbe, PROBE_MAX_DEADLINES } from '../../src/db/deadline-probe.js';
+import { createConnectionWatch, longStatements } from '../../src/db/dead-connections.js';
+import {
+  type BackendState,
+  createDeadlineProbe,
+  type DeadlineProbe,
+  PROBE_MAX_DEADLINES,
+} from '../../src/db/deadline-probe.js';
 import { isDatabaseUnavailable } from '../../src/db/errors.js';
 import type { Logger } from '../../src/log.js';
 import { startBlackholeProxy } from '../support/blackhole.js';
@@ -36,7 +41,12 @@ const outcome = (p: Promise<unknown>) =>
   );
 
 /** A pool as the worker builds one, over `connectionString`, counting what its watch sees. */
-function workerPool(log: Logger, connectionString: string, probe: DeadlineProbe | undefined) {
+function workerPool(
+  log: Logger,
+  connectionString: string,
+  probe: DeadlineProbe | undefined,
+  longDeadlineMs?: number,
+) {
   const replaced: string[] = [];
   const kept: string[] = [];
   const database = createDatabase({
@@ -46,6 +56,7 @@ function workerPool(log: Logger, connectionString: string, probe: DeadlineProbe 
     applicationName: 'deadline-probe-test',
     safety: {
       deadlineMs: DEADLINE_MS,
+      ...(longDeadlineMs !== undefined ? { longDeadlineMs } : {}),
       watch: createConnectionWatch(
         log,
         ({ reason }) => replaced.push(reason),
@@ -157,6 +168,8 @@ describe('the deadline probe', () => {
         await new Promise((resolve) => setTimeout(resolve, 150));
         return answer;
       },
+      state: (pid, sinceMs) => inner.state(pid, sinceMs),
+      asks: (host, port) => inner.asks(host, port),
       close: () => inner.close(),
     };
     const { database, replaced, kept } = workerPool(ctx.log, url, slow);
@@ -242,6 +255,122 @@ describe('the deadline probe', () => {
       expect([recent, older, idleOne]).toEqual([true, false, false]);
       // A process id no backend has.
       expect(await probe.running(2 ** 31 - 7, 10_000)).toBe(false);
+    } finally {
+      await idle.end();
+      await busy.stop();
+    }
+  });
+});
+
+/** The long deadline of the tests below: several short ones, so an early give-up is told from it. */
+const LONG_DEADLINE_MS = 4_000;
+
+/** A probe that answers `state` for every backend, and says whether it asks the pool's own server. */
+const sayingProbe = (state: BackendState, asksOwnServer: boolean): DeadlineProbe => ({
+  running: () => Promise.resolve(state === 'running'),
+  state: () => Promise.resolve(state),
+  asks: () => asksOwnServer,
+  close: () => undefined,
+});
+
+describe('a long statement on a connection the server no longer serves', () => {
+  it('is given up at the short deadline when the server says its backend is idle (the statement never arrived)', async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const upstream = new URL(url);
+    const proxy = await startBlackholeProxy(Number(upstream.port || 5432), 'proxy');
+    // Through the proxy (not the probe's server): an idle backend is told from a pooler's id all the same.
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const { database, replaced, kept } = workerPool(ctx.log, proxy.through(url), probe, LONG_DEADLINE_MS);
+    try {
+      const client = await database.pool.connect();
+      client.release();
+      proxy.blackhole();
+      const started = performance.now();
+      expect(await outcome(longStatements(() => sql`SELECT 1`.execute(database.db)))).toBe('deadline');
+      const waited = performance.now() - started;
+      // The short deadline and one question, not the long deadline (before: 4 s and a question).
+      expect(waited).toBeGreaterThanOrEqual(DEADLINE_MS - 50);
+      expect(waited).toBeLessThan(DEADLINE_MS + 1_500);
+      expect(kept).toEqual([]);
+      expect(replaced).toEqual(['deadline']);
+    } finally {
+      await database.db.destroy().catch(() => undefined);
+      await proxy.close();
+    }
+  });
+
+  it('runs to its answer while the server runs it, uncounted as kept before its long deadline', async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const { database, replaced, kept } = workerPool(ctx.log, url, probe, LONG_DEADLINE_MS);
+    try {
+      expect(
+        await outcome(longStatements(() => sql`SELECT pg_sleep(${SLOW_SECONDS})`.execute(database.db))),
+      ).toBe('answered');
+      expect(replaced).toEqual([]);
+      expect(kept).toEqual([]);
+    } finally {
+      await database.db.destroy();
+    }
+  });
+
+  it("trusts a missing backend only on a connection to the probe's own server; else waits the long deadline", async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const direct = workerPool(ctx.log, url, sayingProbe('absent', true), LONG_DEADLINE_MS);
+    // Behind a pooler the id is the pooler's: no backend has it, and that says nothing.
+    const pooled = workerPool(ctx.log, url, sayingProbe('absent', false), LONG_DEADLINE_MS);
+    const unanswered = workerPool(ctx.log, url, sayingProbe('unanswered', true), LONG_DEADLINE_MS);
+    try {
+      const timed = async (db: typeof direct) => {
+        const started = performance.now();
+        const result = await outcome(
+          longStatements(() => sql`SELECT pg_sleep(${SLOW_SECONDS})`.execute(db.database.db)),
+        );
+        return { result, waited: performance.now() - started };
+      };
+      const [d, p, u] = await Promise.all([timed(direct), timed(pooled), timed(unanswered)]);
+      expect(d.result).toBe('deadline');
+      expect(d.waited).toBeLessThan(DEADLINE_MS + 1_000);
+      expect(direct.replaced).toEqual(['deadline']);
+      for (const other of [p, u]) expect(other.result).toBe('answered');
+      expect([pooled.replaced, unanswered.replaced]).toEqual([[], []]);
+    } finally {
+      await Promise.all([direct, pooled, unanswered].map((x) => x.database.db.destroy()));
+    }
+  });
+
+  it("tells running, idle, absent and unanswered apart, and knows its own server's address", async ({
+    ctx,
+  }) => {
+    const url = ctx.config.DATABASE_URL!;
+    const probe = probeOf({ connectionString: url, applicationName: 'deadline-probe-test' });
+    const busy = await sleeper(url, 30);
+    const idle = new pg.Client({ connectionString: url });
+    await idle.connect();
+    const nowhere = new URL(url);
+    nowhere.port = '1';
+    const deaf = probeOf({
+      connectionString: nowhere.toString(),
+      applicationName: 'deadline-probe-test',
+      timeoutMs: 300,
+    });
+    try {
+      const states = await Promise.all([
+        probe.state(busy.pid, 10_000),
+        probe.state((idle as unknown as { processID: number }).processID, 10_000),
+        probe.state(2 ** 31 - 7, 10_000),
+        deaf.state(busy.pid, 10_000),
+      ]);
+      expect(states).toEqual(['running', 'idle', 'absent', 'unanswered']);
+      expect(probe.asks(idle.host, idle.port)).toBe(true);
+      expect(probe.asks(idle.host, idle.port + 1)).toBe(false);
+      expect(deaf.asks(idle.host, idle.port)).toBe(false);
     } finally {
       await idle.end();
       await busy.stop();
