@@ -6,16 +6,16 @@
 // single-node.ts storeGroupAtOnce in autocommit, else or when it refuses storeGroup in a transaction), or a transaction of router statements per shard group on
 // Citus (routed.ts storeShardGroup); both keep ingestion's contract (readings.ts; its cases:
 // test/ingest/contract.ts).
-import type { Kysely, Transaction } from 'kysely';
+import type { Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
 import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
-import { REGROUP_STATE } from './queued-in-statement.js';
+import { type DeliveryWake, deliveryWake } from './delivery-wake.js';
 import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
 import { storeShardGroup } from './routed.js';
-import { storeGroup, storeGroupAtOnce } from './single-node.js';
+import { type GroupWritten, storeGroup, storeGroupOnOneNode } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
 
@@ -39,28 +39,7 @@ export async function storeRequest(
   return outcome!;
 }
 
-/** How a group that stored was written: meterbox_ingest_groups_total's `written` (docs/operations.md). */
-export type GroupWritten = 'one_statement' | 'regrouped' | 'transaction' | 'routed';
-
-/**
- * A group on one node: ONE statement in autocommit (storeGroupAtOnce, one round trip), or, when the group
- * needs more than one statement (that statement refused to commit alone and stored nothing), storeGroup's
- * transaction.
- */
-async function storeGroupThenInTransaction(
-  db: Kysely<DB>,
-  boss: PgBoss,
-  group: readonly GroupRequest[],
-  now: Date,
-): Promise<{ outcomes: StoreReadingsOutcome[]; written: GroupWritten }> {
-  try {
-    return { outcomes: await storeGroupAtOnce(db, group, now), written: 'one_statement' };
-  } catch (err) {
-    if (sqlState(err) !== REGROUP_STATE) throw err;
-    const outcomes = await db.transaction().execute((trx) => storeGroup(trx, boss, group, now));
-    return { outcomes, written: 'regrouped' };
-  }
-}
+export type { GroupWritten } from './single-node.js';
 
 /** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
 const ROLLED_BACK_ATTEMPTS = 3;
@@ -115,13 +94,13 @@ export interface GroupCommitOptions {
   /**
    * Most groups being written at once. While that many are in flight, new requests wait together
    * and go as the next group as soon as one finishes: under load, groups grow instead of commits
-   * multiplying. Every group's commit waits for the WAL flush, and the commits of transactions that
-   * queue a job also pass one at a time through Postgres's NOTIFY lock (pg-boss wakes the workers
-   * with a NOTIFY in the same transaction): more groups at once only queue there.
+   * multiplying. Every group's commit waits for the WAL flush: more groups at once only queue there.
    */
   maxInFlight?: number;
   /** A test seam (see GroupGate); production runs without one. */
   gate?: GroupGate;
+  /** Wakes the delivery workers after a group statement queued a job (default: deliveryWake of the database). */
+  wake?: DeliveryWake;
   /** Told how each group (each part, on Citus) that stored was written: the API's metric. */
   onGroup?: (written: GroupWritten) => void;
 }
@@ -162,10 +141,14 @@ export class GroupCommitter {
   /** On a distributed database: organizations by shard group (remembered until a part fails). */
   private router: ShardRouter | undefined;
 
+  private readonly wake: DeliveryWake;
+
   constructor(
     private readonly ctx: Pick<Database, 'db' | 'distributed'> & { boss: PgBoss; clock: { now(): Date } },
     private readonly options: GroupCommitOptions,
-  ) {}
+  ) {
+    this.wake = options.wake ?? deliveryWake(ctx.db);
+  }
 
   submit(request: GroupRequest): Promise<StoreReadingsOutcome> {
     return new Promise((resolve, reject) => {
@@ -309,15 +292,12 @@ export class GroupCommitter {
     if (distributed) return this.writeRouted(group, now);
     const { db, boss } = this.ctx;
     try {
-      const { outcomes, written } = await retryRolledBack(async () =>
-        this.options.oneStatement
-          ? storeGroupThenInTransaction(db, boss, group, now)
-          : {
-              outcomes: await db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
-              written: 'transaction' as const,
-            },
+      const { outcomes, written, queued } = await retryRolledBack(() =>
+        storeGroupOnOneNode(db, boss, group, now, this.options.oneStatement ?? false),
       );
       this.options.onGroup?.(written);
+      // Its jobs are committed: the workers are woken (delivery-wake.ts; a transaction's insert NOTIFYs itself).
+      if (queued) this.wake();
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running

@@ -12,7 +12,7 @@
 // an error (a division by zero, as pg-boss's own flow inserts guard theirs), Postgres rolls back all of it,
 // and the group is written again in a transaction (storeGroup): REGROUP_STATE says which error.
 import { type RawBuilder, sql } from 'kysely';
-import { COMMON_JOB_TABLE, notifyChannelSql, insertJobs as pgBossInsertJobs } from 'pg-boss/dist/plans.js';
+import { COMMON_JOB_TABLE, insertJobs as pgBossInsertJobs } from 'pg-boss/dist/plans.js';
 import { deliveryJobOptions, deliveryKeySql } from '../metering/outbox.js';
 
 /** The SQLSTATE of a group statement that refused to commit alone (division_by_zero, see the header). */
@@ -24,7 +24,8 @@ const EVENT = 'temperature_readings';
 const JOBS_PARAMETER = 'json_to_recordset($1::text::json)';
 
 /**
- * pg-boss's insert of delivery jobs (no NOTIFY of its own: the statement sends it, below) into the table
+ * pg-boss's insert of delivery jobs (no NOTIFY: the process wakes the workers after the commit,
+ * delivery-wake.ts, so the groups' commits do not pass one at a time through the NOTIFY lock) into the table
  * pg-boss itself inserts them into: the queue has no partition of its own (queues.ts), so pg-boss's
  * common one (through the partitioned parent, pgboss.job, each insert routes the row: measurably more
  * of Postgres's time a group). A queue given its own partition would refuse these rows (the common
@@ -50,7 +51,8 @@ const { priority } = deliveryJobOptions('', EVENT);
  * the keys whose queued job the statement share-locked): `missing`, the keys of new outbox rows without
  * one; `queued`, pg-boss's insert of their jobs in key order (as every statement that queues delivery
  * jobs inserts them, so concurrent inserts cannot deadlock), each job as outbox.ts enqueueDeliveries
- * sends it; `notified`, pg-boss's wake-up of the queue's workers when a job was queued.
+ * sends it. The workers' wake-up is the caller's, after the commit (delivery-wake.ts): the statement's
+ * guard row says whether a job was queued.
  */
 export function queueMissingJobsCtes(): RawBuilder<unknown> {
   const key = deliveryKeySql(EVENT, sql`o.stripe_customer_id`, sql`o.destination`);
@@ -69,18 +71,16 @@ export function queueMissingJobsCtes(): RawBuilder<unknown> {
         SELECT coalesce(json_agg(json_build_object('data', ${data}, 'priority', ${sql.lit(priority ?? 0)}::int,
                                                    'singletonKey', m.key, 'groupId', m.key) ORDER BY m.key), '[]')
           FROM missing m))${sql.raw(insertTail)}
-    ), notified AS (
-      SELECT pg_notify(${sql.raw(notifyChannelSql('pgboss'))}, ${sql.lit(QUEUE)}) FROM queued LIMIT 1
     )`;
 }
 
 /**
- * The statement's last row (kind 'g'): none of its own, or the error that refuses the commit (see the
- * header) when a new key's job was not inserted or `crossed` (the statement's threshold crossings) has
- * rows. It also makes Postgres send `notified`'s wake-up.
+ * The statement's last row (kind 'g'): the number of jobs it queued (its third column), or the error that
+ * refuses the commit (see the header) when a new key's job was not inserted or `crossed` (the
+ * statement's threshold crossings) has rows.
  */
 export function regroupGuard(crossed: RawBuilder<unknown>): RawBuilder<unknown> {
-  return sql`SELECT 'g', NULL, (SELECT count(*) FROM notified)::int,
+  return sql`SELECT 'g', NULL, (SELECT count(*) FROM queued)::int,
                     1 / CASE WHEN (SELECT count(*) FROM queued) = (SELECT count(*) FROM missing)
                               AND NOT EXISTS (SELECT 1 FROM ${crossed}) THEN 1 ELSE 0 END,
                     NULL, NULL, NULL, NULL`;

@@ -15,11 +15,12 @@ import {
   thresholdProbeCte,
   writeCrossings,
 } from '../alerts/thresholds.js';
+import { sqlState } from '../db/errors.js';
 import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
-import { queueMissingJobsCtes, regroupGuard } from './queued-in-statement.js';
+import { queueMissingJobsCtes, REGROUP_STATE, regroupGuard } from './queued-in-statement.js';
 import {
   billingInForce,
   type GroupRequest,
@@ -78,15 +79,49 @@ export async function storeGroupAtOnce(
   db: Kysely<DB>,
   requests: readonly GroupRequest[],
   now: Date,
-): Promise<StoreReadingsOutcome[]> {
+): Promise<{ outcomes: StoreReadingsOutcome[]; queued: number }> {
   const { statement, offsets } = groupStatement(requests, now, true);
   const found = readRows((await statement.execute(db)).rows);
-  return groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted);
+  return {
+    outcomes: groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted),
+    queued: found.queued,
+  };
+}
+
+/** How a group that stored was written: meterbox_ingest_groups_total's `written` (docs/operations.md). */
+export type GroupWritten = 'one_statement' | 'regrouped' | 'transaction' | 'routed';
+
+/**
+ * A group on one node: with `oneStatement`, ONE statement in autocommit (storeGroupAtOnce, one round
+ * trip), or, when the group needs more than one statement (that statement refused to commit alone and
+ * stored nothing), storeGroup's transaction; without, storeGroup's transaction. `queued`: the delivery
+ * jobs the one statement queued, whose workers the caller wakes (delivery-wake.ts); a transaction's
+ * insert wakes them itself.
+ */
+export async function storeGroupOnOneNode(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  group: readonly GroupRequest[],
+  now: Date,
+  oneStatement: boolean,
+): Promise<{ outcomes: StoreReadingsOutcome[]; written: GroupWritten; queued: number }> {
+  const inTransaction = async (written: GroupWritten) => ({
+    outcomes: await db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
+    written,
+    queued: 0,
+  });
+  if (!oneStatement) return inTransaction('transaction');
+  try {
+    return { ...(await storeGroupAtOnce(db, group, now)), written: 'one_statement' };
+  } catch (err) {
+    if (sqlState(err) !== REGROUP_STATE) throw err;
+    return inTransaction('regrouped');
+  }
 }
 
 /**
  * The group's statement. `atOnce`: the form that commits alone (storeGroupAtOnce), with the new keys'
- * jobs, their wake-up and the guard that refuses what one statement cannot do.
+ * jobs and the guard that refuses what one statement cannot do.
  */
 function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
   const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
@@ -198,6 +233,7 @@ function readRows(rows: readonly GroupRow[]) {
   const customers: KeyRef[] = [];
   const held = new Set<string>();
   const crossings: Crossing[] = [];
+  let queued = 0;
   for (const row of rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null)
@@ -206,6 +242,7 @@ function readRows(rows: readonly GroupRow[]) {
       customers.push(usageKey(row.org, row.customer, row.destination ?? 'stripe'));
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
     else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
+    else if (row.kind === 'g') queued = row.inserted ?? 0;
   }
-  return { inserted, problemRows, customers, held, crossings };
+  return { inserted, problemRows, customers, held, crossings, queued };
 }

@@ -16,7 +16,7 @@ export interface Metrics {
   readonly registry: Registry;
   /** Readings stored by ingestion (duplicates excluded). */
   readonly readingsIngested: Counter;
-  /** Groups of POST /v1/readings requests written, by how (group-commit.ts GroupWritten). */
+  /** Groups of POST /v1/readings requests written, by how (single-node.ts GroupWritten). */
   readonly ingestGroups: Counter<'written'>;
   /** Meter events Stripe accepted (or answered as an existing identifier), by meter. */
   readonly meterEventsDelivered: Counter<'meter'>;
