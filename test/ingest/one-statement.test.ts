@@ -73,11 +73,14 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
       { stored: true, result: { inserted: 1, duplicates: 0 } },
       { stored: true, result: { inserted: 1, duplicates: 0 } },
     ]);
-    // One round trip: no BEGIN, no pg-boss statement of its own, no COMMIT.
-    expect(sent.map((s) => s.failed)).toEqual([false]);
+    await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
+    // One round trip: no BEGIN, no pg-boss statement of its own, no COMMIT; the workers' wake-up is a
+    // statement of its own after the commit (delivery-wake.ts), which no request waits for.
+    expect(sent.map((s) => s.failed)).toEqual([false, false]);
     expect(written).toEqual(['one_statement']);
     expect(sent[0]!.sql).toContain('INSERT INTO pgboss.job');
-    await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
+    expect(sent[0]!.sql).not.toContain('pg_notify');
+    expect(sent[1]!.sql).toContain('pg_notify');
   } finally {
     await listener.query(`UNLISTEN "${channel}"`);
     listener.release();
