@@ -72,7 +72,7 @@ export const configSchema = z.object({
   READINGS_MAX_BATCH: int(1, 100_000).default(1000),
   /** Group commit: how long a group's first request waits for others (ms; 0 = off; see the flush rule). */
   // `window`: every group's first request waits; `adaptive`: not one a quiet process handles alone.
-  INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(2),
+  INGEST_GROUP_WINDOW_MS: z.coerce.number().min(0).max(1000).default(1),
   INGEST_GROUP_FLUSH: z.enum(['adaptive', 'window']).default('adaptive'),
   /** `on`: a group on one node is one statement in autocommit that also queues its keys' jobs. */
   INGEST_GROUP_ONE_STATEMENT: z.enum(['on', 'off']).default('on'),
