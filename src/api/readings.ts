@@ -8,6 +8,7 @@ import { AppError, type ErrorDetail } from '../http/errors.js';
 import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { readJson } from '../http/validate.js';
+import { deliveryWake } from '../ingest/delivery-wake.js';
 import { GroupCommitter, type GroupGate, storeRequest } from '../ingest/group-commit.js';
 import {
   findStoredResponse,
@@ -87,6 +88,10 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,
           gate,
+          // A wake-up refused only leaves the job to the workers' poll: a debug line, not a warning.
+          wake: deliveryWake(ctx.db, (err) =>
+            ctx.log.debug({ err }, 'delivery workers not woken after a commit'),
+          ),
           onGroup: (written) => ctx.metrics.ingestGroups.inc({ written }),
         })
       : undefined;

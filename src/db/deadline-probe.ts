@@ -63,6 +63,15 @@ const RUNNING_SQL = `SELECT pid, CASE WHEN state = 'active'
   FROM pg_stat_activity WHERE pid = ANY($1::int[])`;
 
 /**
+ * A backend's state from the probe's answer: how long its running statement has run (`null`: it runs
+ * none; `undefined`: the server has no such backend), against the time since its connection last answered.
+ */
+function stateOf(runningMs: number | null | undefined, withinMs: number): BackendState {
+  if (runningMs === undefined) return 'absent';
+  return runningMs !== null && runningMs <= withinMs + STARTED_SLACK_MS ? 'running' : 'idle';
+}
+
+/**
  * A probe that asks `connectionString` (the server itself: the direct URL, not a pooler's) on a
  * connection of its own, made at the first question and kept. Questions asked while one is on its way
  * are asked together in the next one, so a slow database whose statements all miss their deadline at
@@ -146,16 +155,7 @@ export function createDeadlineProbe(options: {
       waiting = [];
       const backends = await ask([...new Set(batch.map((q) => q.pid))]).catch(() => undefined);
       for (const q of batch) {
-        const ms = backends?.get(q.pid);
-        q.answer(
-          backends === undefined
-            ? 'unanswered'
-            : ms === undefined
-              ? 'absent'
-              : ms !== null && ms <= q.withinMs + STARTED_SLACK_MS
-                ? 'running'
-                : 'idle',
-        );
+        q.answer(backends === undefined ? 'unanswered' : stateOf(backends.get(q.pid), q.withinMs));
       }
     }
     asking = false;

@@ -23,7 +23,7 @@ const wakeStatement = sql`SELECT set_config('synchronous_commit', 'off', true),
 export interface DeliveryWake {
   /** A group that queued a delivery job committed: the workers are woken (now, or after the one on its way). */
   (): void;
-  /** Resolves once no wake-up is on its way (tests, shutdown). */
+  /** Resolves once no wake-up is on its way (tests). */
   settled(): Promise<void>;
 }
 
