@@ -17,6 +17,7 @@ import {
   type StoredResponse,
   storeResponse,
 } from '../ingest/idempotency.js';
+import { jobStatistics } from '../ingest/job-statistics.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { activeSpan, inSpan, SpanKind, traceparentOf } from '../observability/tracing.js';
 
@@ -91,6 +92,10 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
           // A wake-up refused only leaves the job to the workers' poll: a debug line, not a warning.
           wake: deliveryWake(ctx.db, (err) =>
             ctx.log.debug({ err }, 'delivery workers not woken after a commit'),
+          ),
+          // The sweep analyzes the table too: a look that failed is a debug line.
+          jobsQueued: jobStatistics(ctx.db, (err) =>
+            ctx.log.debug({ err }, 'job table statistics not refreshed'),
           ),
           onGroup: (written) => ctx.metrics.ingestGroups.inc({ written }),
         })

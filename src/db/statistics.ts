@@ -29,7 +29,8 @@ export const STALE_STATISTICS: Readonly<Staleness> = { pages: 128, rows: 5_000, 
 
 /**
  * The tables the request path's group statement looks rows up in by key (src/ingest/single-node.ts):
- * a group's sensors, its organizations' subscriptions, destinations and alert thresholds. The API's
+ * a group's sensors, its organizations' subscriptions, destinations and alert thresholds, and pg-boss's
+ * job table (its keys' queued delivery jobs, src/ingest/job-statistics.ts). The API's
  * connections prepare that statement and Postgres keeps one generic plan for it after five calls; made
  * while these tables held a handful of rows, the plan reads all of them for every group once they hold
  * thousands (a group of 4 read 5,004 subscriptions, 15,014 sensors and 5,000 destinations), until an
@@ -42,6 +43,7 @@ export const REQUEST_PATH_TABLES = [
   'subscriptions',
   'organization_destinations',
   'alert_thresholds',
+  'pgboss.job',
 ] as const;
 /** Smaller tables than the report's: a plan frozen at a few rows is already wrong at a few hundred. */
 export const REQUEST_PATH_STALENESS: Readonly<Staleness> = { pages: 16, rows: 500, growth: 2 };

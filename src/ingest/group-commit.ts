@@ -13,6 +13,7 @@ import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
 import { type DeliveryWake, deliveryWake } from './delivery-wake.js';
+import { type JobStatistics, jobStatistics } from './job-statistics.js';
 import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
 import { storeShardGroup } from './routed.js';
 import { type GroupWritten, storeGroup, storeGroupOnOneNode } from './single-node.js';
@@ -101,6 +102,8 @@ export interface GroupCommitOptions {
   gate?: GroupGate;
   /** Wakes the delivery workers after a group statement queued a job (default: deliveryWake of the database). */
   wake?: DeliveryWake;
+  /** Told how many jobs a committed group statement queued (default: jobStatistics of the database). */
+  jobsQueued?: JobStatistics;
   /** Told how each group (each part, on Citus) that stored was written: the API's metric. */
   onGroup?: (written: GroupWritten) => void;
 }
@@ -142,12 +145,14 @@ export class GroupCommitter {
   private router: ShardRouter | undefined;
 
   private readonly wake: DeliveryWake;
+  private readonly jobsQueued: JobStatistics;
 
   constructor(
     private readonly ctx: Pick<Database, 'db' | 'distributed'> & { boss: PgBoss; clock: { now(): Date } },
     private readonly options: GroupCommitOptions,
   ) {
     this.wake = options.wake ?? deliveryWake(ctx.db);
+    this.jobsQueued = options.jobsQueued ?? jobStatistics(ctx.db);
   }
 
   submit(request: GroupRequest): Promise<StoreReadingsOutcome> {
@@ -296,8 +301,12 @@ export class GroupCommitter {
         storeGroupOnOneNode(db, boss, group, now, this.options.oneStatement ?? false),
       );
       this.options.onGroup?.(written);
-      // Its jobs are committed: the workers are woken (delivery-wake.ts; a transaction's insert NOTIFYs itself).
-      if (queued) this.wake();
+      // Its jobs are committed: the workers are woken (delivery-wake.ts; a transaction's insert NOTIFYs
+      // itself), and the job table's statistics follow its growth (job-statistics.ts).
+      if (queued) {
+        this.wake();
+        this.jobsQueued(queued);
+      }
       for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running

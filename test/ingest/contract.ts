@@ -28,6 +28,8 @@ export interface IngestWriter {
   oneStatement?: boolean;
   /** Told how each group was written (GroupCommitOptions.onGroup). */
   onGroup?: GroupCommitOptions['onGroup'];
+  /** Told the delivery jobs each committed group statement queued (default: the job table's statistics). */
+  jobsQueued?: GroupCommitOptions['jobsQueued'];
 }
 
 /** Writes `requests` as ONE group at `now` (a gate holds the group open until all have joined). */
@@ -48,6 +50,7 @@ export async function writeGroup(
       windowMs: 1,
       ...(w.oneStatement ? { oneStatement: true } : {}),
       ...(w.onGroup ? { onGroup: w.onGroup } : {}),
+      ...(w.jobsQueued ? { jobsQueued: w.jobsQueued } : {}),
       maxRequests: 1_000,
       maxReadings: 100_000,
       gate: { joined: () => void joined++, mayClose: () => joined >= requests.length },
