@@ -129,3 +129,23 @@ it("drops a wake-up the database refuses, tells onError, and sends the next one 
   expect(errors).toHaveLength(2);
   expect(errors.every((e) => e instanceof Error)).toBe(true);
 });
+
+it('sends wake-ups at most one every spacing, however often groups ask', async ({ ctx }) => {
+  const sent: string[] = [];
+  const db = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool: ctx.pool }),
+    log: (event) => void sent.push(event.query.sql),
+  });
+  const spacing = 20;
+  const wake = deliveryWake(db, undefined, spacing);
+  // A group asking every millisecond or so for 100 ms (a busy API: most groups queue a new key's job).
+  const start = Date.now();
+  while (Date.now() - start < 100) {
+    wake();
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  await wake.settled();
+  // Without the spacing: one a round trip, dozens. With it, one per 20 ms and the last ask's.
+  expect(sent.length).toBeLessThanOrEqual(Math.ceil((Date.now() - start) / spacing) + 1);
+  expect(sent.length).toBeGreaterThanOrEqual(2);
+});
