@@ -14,7 +14,7 @@ import { enqueueDeliveries } from '../../src/metering/outbox.js';
 import { keyRef } from '../../src/metering/rules/keys.js';
 import { openTestContext } from '../support/database.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
-import { genericPlanDb } from '../support/plans.js';
+import { preparedContext } from '../support/plans.js';
 import { storeGroupCounting, writeGroup } from './contract.js';
 
 const QUEUED = 1500;
@@ -92,25 +92,11 @@ describe('the group statement and the queued delivery jobs', () => {
 // (docs/benchmarks.md). The look-up has a plan of its own that takes pg-boss's index whatever the
 // statistics (migration 0086), so the plan made early reads only the group's keys' jobs later too.
 describe('the group statement prepared while few jobs were queued', () => {
-  let ctx: Context;
-  let close: () => Promise<void>;
-  let prepared: Kysely<DB>;
-  beforeAll(async () => {
-    ({ ctx, close } = await openTestContext());
-    await ctx.boss.start();
-    prepared = genericPlanDb(ctx.config.DATABASE_URL);
-  });
-  afterAll(async () => {
-    await prepared?.destroy();
-    await close?.();
-  });
+  const t = preparedContext();
 
   it("reads only the group's keys' queued jobs after the queue grew from a page to thousands", async () => {
-    const orgs: { organizationId: string; sensor: string }[] = [];
-    for (let i = 0; i < 4; i++) {
-      const o = await createOrganization(ctx.db);
-      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
-    }
+    const { ctx, prepared } = t;
+    const orgs = await t.organizations(4);
     // A page of queued jobs, and statistics that say so: the state the plan is made in.
     await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, otherKeys(20)));
     await sql`ANALYZE pgboss.job_common`.execute(ctx.db);
@@ -133,25 +119,11 @@ describe('the group statement prepared while few jobs were queued', () => {
 // the connection's life (the ingest bench at 64 clients: one connection's groups at ~97 ms against ~18 for
 // the others). The API analyzes the job table as its group statements grow it (job-statistics.ts).
 describe('the look-up planned while the job table had never been analyzed', () => {
-  let ctx: Context;
-  let close: () => Promise<void>;
-  let prepared: Kysely<DB>;
-  beforeAll(async () => {
-    ({ ctx, close } = await openTestContext());
-    await ctx.boss.start();
-    prepared = genericPlanDb(ctx.config.DATABASE_URL);
-  });
-  afterAll(async () => {
-    await prepared?.destroy();
-    await close?.();
-  });
+  const t = preparedContext();
 
   it("reads the keys' jobs again once the API counted the jobs its groups queued", async () => {
-    const orgs: { organizationId: string; sensor: string }[] = [];
-    for (let i = 0; i < 4; i++) {
-      const o = await createOrganization(ctx.db);
-      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
-    }
+    const { ctx, prepared } = t;
+    const orgs = await t.organizations(4);
     // 135 queued jobs and no statistics: where the two indexes cost the same.
     await ctx.db.transaction().execute((trx) => enqueueDeliveries(trx, ctx.boss, otherKeys(135)));
     const analyzed = sql<{ never: boolean }>`
@@ -175,6 +147,7 @@ describe('the look-up planned while the job table had never been analyzed', () =
   });
 
   it('is told how many jobs each committed group statement queued', async () => {
+    const { ctx } = t;
     const now = new Date();
     const told: number[] = [];
     const requests = [];

@@ -6,14 +6,12 @@
 // tables the statement looks rows up in once they outgrew their statistics (src/db/statistics.ts
 // REQUEST_PATH_TABLES), which replaces the plan on every connection that kept it.
 import { type Kysely, sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { REQUEST_PATH_TABLES } from '../../src/db/statistics.js';
 import { sweepPass } from '../../src/metering/sweep.js';
-import { openTestContext } from '../support/database.js';
-import { createOrganization, createSensors } from '../support/fixtures.js';
-import { genericPlanDb } from '../support/plans.js';
+import { preparedContext } from '../support/plans.js';
 import { storeGroupCounting } from './contract.js';
 
 const GROWN = 5_000;
@@ -40,25 +38,11 @@ async function storeCounted(
 }
 
 describe('the group statement prepared on a small platform that grows', () => {
-  let ctx: Context;
-  let close: () => Promise<void>;
-  let prepared: Kysely<DB>;
-  beforeAll(async () => {
-    ({ ctx, close } = await openTestContext());
-    await ctx.boss.start();
-    prepared = genericPlanDb(ctx.config.DATABASE_URL);
-  });
-  afterAll(async () => {
-    await prepared?.destroy();
-    await close?.();
-  });
+  const t = preparedContext();
 
   it("reads only the group's rows again after the sweep's pass, once thousands of organizations signed up", async () => {
-    const orgs: { organizationId: string; sensor: string }[] = [];
-    for (let i = 0; i < 4; i++) {
-      const o = await createOrganization(ctx.db);
-      orgs.push({ ...o, sensor: (await createSensors(ctx.db, o.organizationId, 1))[0]! });
-    }
+    const { ctx, prepared } = t;
+    const orgs = await t.organizations(4);
     // A few organizations, and statistics that say so: the state the plan is made in.
     await sql`ANALYZE sensors, subscriptions, organization_destinations, alert_thresholds`.execute(ctx.db);
     const small = await storeCounted(prepared, ctx.boss, orgs, 1);

@@ -3,10 +3,12 @@
 // with the whole table rather than with the batch.
 import { Kysely, PostgresDialect, type Transaction } from 'kysely';
 import pg from 'pg';
-import { expect } from 'vitest';
+import { afterAll, beforeAll, expect } from 'vitest';
+import type { Context } from '../../src/context.js';
 import { prepareMarkedStatements } from '../../src/db/prepared.js';
 import type { DB } from '../../src/db/schema.js';
-import { recordingDb } from './database.js';
+import { openTestContext, recordingDb } from './database.js';
+import { createOrganization, createSensors } from './fixtures.js';
 
 /**
  * One connection to `url` that prepares marked statements, as the API's do (src/db/prepared.ts), and
@@ -23,6 +25,41 @@ export function genericPlanDb(url: string | undefined): Kysely<DB> {
     },
   });
   return new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
+}
+
+/**
+ * For a describe block: a test context of its own with pg-boss started, and `prepared`, a genericPlanDb
+ * connection to it, both opened before its tests and closed after them; `organizations(n)` makes n
+ * organizations with one sensor each.
+ */
+export function preparedContext() {
+  const state: { ctx?: Context; close?: () => Promise<void>; prepared?: Kysely<DB> } = {};
+  beforeAll(async () => {
+    const { ctx, close } = await openTestContext();
+    Object.assign(state, { ctx, close });
+    await ctx.boss.start();
+    state.prepared = genericPlanDb(ctx.config.DATABASE_URL);
+  });
+  afterAll(async () => {
+    await state.prepared?.destroy();
+    await state.close?.();
+  });
+  return {
+    get ctx(): Context {
+      return state.ctx!;
+    },
+    get prepared(): Kysely<DB> {
+      return state.prepared!;
+    },
+    async organizations(n: number) {
+      const orgs: { organizationId: string; customerId: string; sensor: string }[] = [];
+      for (let i = 0; i < n; i++) {
+        const o = await createOrganization(state.ctx!.db);
+        orgs.push({ ...o, sensor: (await createSensors(state.ctx!.db, o.organizationId, 1))[0]! });
+      }
+      return orgs;
+    },
+  };
 }
 
 /** A node of EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)'s plan, with the fields the plan tests read. */
