@@ -28,6 +28,12 @@ export interface Staleness {
 export const STALE_STATISTICS: Readonly<Staleness> = { pages: 128, rows: 5_000, growth: 2 };
 
 /**
+ * pg-boss's job table, as analyzeStale takes it (its partitioned parent stands for its partitions): the
+ * request path's (below), the API's own (src/ingest/job-statistics.ts) and the report's (active-sensors-job.ts).
+ */
+export const JOB_TABLE = 'pgboss.job';
+
+/**
  * The tables the request path's group statement looks rows up in by key (src/ingest/single-node.ts):
  * a group's sensors, its organizations' subscriptions, destinations and alert thresholds, and pg-boss's
  * job table (its keys' queued delivery jobs, src/ingest/job-statistics.ts). The API's
@@ -43,7 +49,7 @@ export const REQUEST_PATH_TABLES = [
   'subscriptions',
   'organization_destinations',
   'alert_thresholds',
-  'pgboss.job',
+  JOB_TABLE,
 ] as const;
 /** Smaller tables than the report's: a plan frozen at a few rows is already wrong at a few hundred. */
 export const REQUEST_PATH_STALENESS: Readonly<Staleness> = { pages: 16, rows: 500, growth: 2 };

@@ -16,10 +16,7 @@
 // same for the jobs others queue (src/db/statistics.ts REQUEST_PATH_TABLES), at its interval.
 import type { Kysely } from 'kysely';
 import type { DB } from '../db/schema.js';
-import { analyzeStale, type Staleness } from '../db/statistics.js';
-
-/** The table, as analyzeStale takes it: pg-boss's partitioned parent stands for its partitions. */
-const JOB_TABLE = 'pgboss.job';
+import { analyzeStale, JOB_TABLE, type Staleness } from '../db/statistics.js';
 
 /** Stale once it holds a hundred live rows, or 4 pages, and twice what the statistics say. */
 export const JOB_TABLE_STALENESS: Readonly<Staleness> = { pages: 4, rows: 100, growth: 2 };

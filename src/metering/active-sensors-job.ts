@@ -7,7 +7,7 @@ import { type Config, ConfigError } from '../config.js';
 import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
-import { analyzeStale } from '../db/statistics.js';
+import { analyzeStale, JOB_TABLE } from '../db/statistics.js';
 import type { Logger } from '../log.js';
 import {
   type HourlyReportResult,
@@ -128,7 +128,7 @@ export async function runHourlyReport(
  * (src/db/statistics.ts), so the requests and the delivery that run beside the report are planned on
  * what the tables hold now. On Citus the distributed tables' statistics are the nodes' own.
  */
-const REPORT_TABLES = ['pgboss.job', 'meter_delivery_keys', 'meter_outbox'] as const;
+const REPORT_TABLES = [JOB_TABLE, 'meter_delivery_keys', 'meter_outbox'] as const;
 
 async function refreshStatistics(db: Kysely<DB>, log: Logger): Promise<void> {
   const analyzed = await longStatements(() => analyzeStale(db, REPORT_TABLES)).catch((err: unknown) => {
