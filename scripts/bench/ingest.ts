@@ -12,7 +12,8 @@
 // ledger's level time after the load and the exactly-once check. `ratios` measures raw Postgres
 // against the API, single readings and batches of 500, in alternating slices of one run
 // (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices;
-// `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run);
+// `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run;
+// `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side);
 // `validation` times a batch of 500's JSON and validation in this process. `--baseline REF`: each
 // delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
 // with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
@@ -166,6 +167,9 @@ const { values: args } = parseArgs({
     // A second API built from this commit's src/ (same database and settings), measured in the same
     // interleaved slices: a before/after of the code in one run. Its migrations must be among this checkout's (one database, migrated with these).
     'ratio-baseline': { type: 'string' },
+    // One more side in the same slices: the first API with every request carrying a fresh Idempotency-Key
+    // (a keyed request is written alone, in a transaction of its own with its stored answer: not grouped).
+    'ratio-keyed': { type: 'boolean', default: false },
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
     baseline: { type: 'string' },
@@ -1016,13 +1020,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       return { ok: true, units: 1 };
     };
     const apiOp =
-      (size: number, client = http): Op =>
+      (size: number, client = http, keyed = false): Op =>
       async () => {
         const org = pick();
         const res = await client.postJson(
           '/v1/readings',
           JSON.stringify({ readings: source.batch(org, size) }),
           org.apiKey,
+          keyed ? { 'idempotency-key': randomUUID() } : {},
         );
         return { ok: res.status === 201, units: res.status === 201 ? size : 0 };
       };
@@ -1042,7 +1047,8 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     const slices = quick ? 4 : 6;
     // A B B A A B ... (with a third side, A B C C B A ...): load from elsewhere and table growth hit
     // every side alike. The first side is raw Postgres, the API sides' ratios are against it.
-    type Side = { label: string; op: Op; clients: number };
+    // `compared`: the side's requests go to the second API process (its CPU is sampled apart).
+    type Side = { label: string; op: Op; clients: number; compared?: boolean };
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
       await h.pool.query('SELECT pg_stat_statements_reset()');
@@ -1067,8 +1073,8 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
           t.units += r.units;
           t.seconds += r.seconds;
           t.errors += r.errors;
-          // The side's own API process: the second API's for the compared side (index 2).
-          t.api += (s === 2 ? split.cores.worker : split.cores.api) * split.seconds;
+          // The side's own API process: the second API's for the compared side.
+          t.api += (sides[s]!.compared ? split.cores.worker : split.cores.api) * split.seconds;
           t.pg += split.cores.postgres * split.seconds;
           t.loadgen += split.cores.loadGeneratorAndEmulator * split.seconds;
           for (const l of r.latencies) t.lat.push(l);
@@ -1117,7 +1123,8 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     };
     const apiSides = (size: number, clients: number): Side[] => [
       { label: 'API', op: apiOp(size), clients },
-      ...(windowHttp ? [{ label: compareLabel, op: apiOp(size, windowHttp), clients }] : []),
+      ...(windowHttp ? [{ label: compareLabel, op: apiOp(size, windowHttp), clients, compared: true }] : []),
+      ...(args['ratio-keyed'] ? [{ label: 'API, keyed', op: apiOp(size, http, true), clients }] : []),
     ];
     const single = await compare('single readings', [
       { label: 'raw', op: rawSingle, clients: rawClients },
