@@ -1125,6 +1125,9 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       { label: 'API', op: apiOp(size), clients },
       ...(windowHttp ? [{ label: compareLabel, op: apiOp(size, windowHttp), clients, compared: true }] : []),
       ...(args['ratio-keyed'] ? [{ label: 'API, keyed', op: apiOp(size, http, true), clients }] : []),
+      ...(args['ratio-keyed'] && windowHttp
+        ? [{ label: `${compareLabel}, keyed`, op: apiOp(size, windowHttp, true), clients, compared: true }]
+        : []),
     ];
     const single = await compare('single readings', [
       { label: 'raw', op: rawSingle, clients: rawClients },

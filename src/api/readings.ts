@@ -1,5 +1,6 @@
 // POST /v1/readings: validate the whole batch, then store it and its meter outbox row (and the
-// Idempotency-Key answer, when one is sent) in one transaction.
+// Idempotency-Key answer, when one is sent) in one transaction: a group's statement, a keyed request's
+// own statement, or a transaction.
 import type { Context as HonoContext } from 'hono';
 import type { z } from 'zod';
 import type { Context } from '../context-type.js';
@@ -19,6 +20,7 @@ import {
 } from '../ingest/idempotency.js';
 import { jobStatistics } from '../ingest/job-statistics.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
+import { storeKeyedAtOnce } from '../ingest/single-node.js';
 import { activeSpan, inSpan, SpanKind, traceparentOf } from '../observability/tracing.js';
 
 const PATH = '/v1/readings';
@@ -77,26 +79,30 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
   };
   const schema = readingsRequestSchema(schemaOptions);
   const retentionMs = ctx.config.IDEMPOTENCY_KEY_RETENTION_HOURS * 3600 * 1000;
-  // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request
-  // keeps its own transaction, where its stored answer commits with its readings.
+  // A wake-up refused only leaves the job to the workers' poll: a debug line, not a warning.
+  const wake = deliveryWake(ctx.db, (err) =>
+    ctx.log.debug({ err }, 'delivery workers not woken after a commit'),
+  );
+  // The sweep analyzes the table too: a look that failed is a debug line.
+  const jobsQueued = jobStatistics(ctx.db, (err) =>
+    ctx.log.debug({ err }, 'job table statistics not refreshed'),
+  );
+  const oneStatement = ctx.config.INGEST_GROUP_ONE_STATEMENT === 'on';
+  // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request is
+  // written alone, its stored answer committed with its readings: one statement on one node
+  // (storeKeyedAtOnce), else, or when that statement refused, a transaction of its own.
   const groups =
     ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
           windowMs: ctx.config.INGEST_GROUP_WINDOW_MS,
           flush: ctx.config.INGEST_GROUP_FLUSH,
-          oneStatement: ctx.config.INGEST_GROUP_ONE_STATEMENT === 'on',
+          oneStatement,
           maxRequests: ctx.config.INGEST_GROUP_MAX_REQUESTS,
           maxReadings: ctx.config.INGEST_GROUP_MAX_READINGS,
           maxInFlight: ctx.config.INGEST_GROUP_MAX_IN_FLIGHT,
           gate,
-          // A wake-up refused only leaves the job to the workers' poll: a debug line, not a warning.
-          wake: deliveryWake(ctx.db, (err) =>
-            ctx.log.debug({ err }, 'delivery workers not woken after a commit'),
-          ),
-          // The sweep analyzes the table too: a look that failed is a debug line.
-          jobsQueued: jobStatistics(ctx.db, (err) =>
-            ctx.log.debug({ err }, 'job table statistics not refreshed'),
-          ),
+          wake,
+          jobsQueued,
           onGroup: (written) => ctx.metrics.ingestGroups.inc({ written }),
         })
       : undefined;
@@ -172,6 +178,23 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       if (!outcome.stored) throw invalidBatch(outcome.problems);
       ctx.metrics.readingsIngested.inc(outcome.result.inserted);
       return c.json(outcome.result, 201);
+    }
+    if (key !== undefined && hash !== undefined && oneStatement && !(await ctx.distributed())) {
+      const alone = await storeKeyedAtOnce(ctx.db, { organizationId, readings, traceparent }, now, {
+        key,
+        requestHash: hash,
+        notBefore,
+      });
+      if (alone) {
+        // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
+        if (alone.queued) {
+          wake();
+          jobsQueued(alone.queued);
+        }
+        if (!alone.outcome.stored) throw invalidBatch(alone.outcome.problems);
+        ctx.metrics.readingsIngested.inc(alone.outcome.result.inserted);
+        return c.json(alone.outcome.result, 201);
+      }
     }
     try {
       // A group of one; on a distributed database, the router statements of its shard group (routed.ts).

@@ -1,7 +1,7 @@
 // Idempotency-Key support for POST /v1/readings: the first successful answer to a key is stored in
 // the same transaction as the write it reports, and replayed for the retention period.
 import { createHash } from 'node:crypto';
-import { type Kysely, sql, type Transaction } from 'kysely';
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
 import type { Logger } from '../log.js';
 
@@ -53,19 +53,31 @@ export async function storeResponse(
   now: Date,
   notBefore: Date,
 ): Promise<boolean> {
-  const result = await sql<{ stored: number }>`
-    INSERT INTO idempotency_keys
+  const result = await sql<{ stored: number }>`${answerInsert(
+    sql`VALUES (${organizationId}::uuid, ${key}::text, ${response.requestHash}::text, ${response.status}::int,
+                ${JSON.stringify(response.body)}::jsonb, ${now}::timestamptz)`,
+    notBefore,
+  )}`.execute(trx);
+  return result.rows.length > 0;
+}
+
+/**
+ * The insert of an answer, `rows` its (organization_id, key, request_hash, response_status,
+ * response_body, created_at): an expired answer for the key (stored before `notBefore`) is replaced, a
+ * live one kept; returns a row (`stored`) for each answer stored. storeResponse's, and the keyed
+ * request's own statement's (single-node.ts storeKeyedAtOnce).
+ */
+export function answerInsert(rows: RawBuilder<unknown>, notBefore: Date): RawBuilder<unknown> {
+  return sql`INSERT INTO idempotency_keys
       (organization_id, key, request_hash, response_status, response_body, created_at)
-    VALUES (${organizationId}, ${key}, ${response.requestHash}, ${response.status},
-            ${JSON.stringify(response.body)}::jsonb, ${now})
+    ${rows}
     ON CONFLICT (organization_id, key) DO UPDATE SET
       request_hash = excluded.request_hash,
       response_status = excluded.response_status,
       response_body = excluded.response_body,
       created_at = excluded.created_at
-    WHERE idempotency_keys.created_at < ${notBefore}
-    RETURNING 1 AS stored`.execute(trx);
-  return result.rows.length > 0;
+    WHERE idempotency_keys.created_at < ${notBefore}::timestamptz
+    RETURNING 1 AS stored`;
 }
 
 /** Deletes keys created before `before`; returns how many. */

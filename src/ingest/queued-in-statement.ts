@@ -76,12 +76,12 @@ export function queueMissingJobsCtes(): RawBuilder<unknown> {
 
 /**
  * The statement's last row (kind 'g'): the number of jobs it queued (its third column), or the error that
- * refuses the commit (see the header) when a new key's job was not inserted or `crossed` (the
- * statement's threshold crossings) has rows.
+ * refuses the commit (see the header) when a new key's job was not inserted, `crossed` (the
+ * statement's threshold crossings) has rows, or `holds` (a further condition of the statement's) is false.
  */
-export function regroupGuard(crossed: RawBuilder<unknown>): RawBuilder<unknown> {
+export function regroupGuard(crossed: RawBuilder<unknown>, holds?: RawBuilder<unknown>): RawBuilder<unknown> {
   return sql`SELECT 'g', NULL, (SELECT count(*) FROM queued)::int,
                     1 / CASE WHEN (SELECT count(*) FROM queued) = (SELECT count(*) FROM missing)
-                              AND NOT EXISTS (SELECT 1 FROM ${crossed}) THEN 1 ELSE 0 END,
+                              AND NOT EXISTS (SELECT 1 FROM ${crossed})${holds ? sql` AND ${holds}` : sql``} THEN 1 ELSE 0 END,
                     NULL, NULL, NULL, NULL`;
 }

@@ -20,6 +20,7 @@ import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
+import { answerInsert } from './idempotency.js';
 import { queueMissingJobsCtes, REGROUP_STATE, regroupGuard } from './queued-in-statement.js';
 import {
   billingInForce,
@@ -79,13 +80,45 @@ export async function storeGroupAtOnce(
   db: Kysely<DB>,
   requests: readonly GroupRequest[],
   now: Date,
+  answer?: KeyedAnswer,
 ): Promise<{ outcomes: StoreReadingsOutcome[]; queued: number }> {
-  const { statement, offsets } = groupStatement(requests, now, true);
+  const { statement, offsets } = groupStatement(requests, now, true, answer);
   const found = readRows((await statement.execute(db)).rows);
   return {
     outcomes: groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted),
     queued: found.queued,
   };
+}
+
+/** A keyed request's answer, stored by its own statement (idempotency.ts answerInsert). */
+export interface KeyedAnswer {
+  key: string;
+  requestHash: string;
+  /** A stored answer older than this is expired: replaced. */
+  notBefore: Date;
+}
+
+/**
+ * A request with an Idempotency-Key as ONE statement in autocommit: storeGroupAtOnce's statement for a
+ * group of one that also stores the request's answer (201 and its counts; nothing when the request is
+ * refused), so the answer commits with the readings as in the transaction path, in one round trip
+ * instead of four (BEGIN, the statement, the answer's insert, COMMIT). Null when the statement refused and
+ * stored nothing: a live answer for the key exists (a concurrent request with the key committed first),
+ * a new key's job was refused or a threshold crossed; the caller writes the request in a transaction.
+ */
+export async function storeKeyedAtOnce(
+  db: Kysely<DB>,
+  request: GroupRequest,
+  now: Date,
+  answer: KeyedAnswer,
+): Promise<{ outcome: StoreReadingsOutcome; queued: number } | null> {
+  try {
+    const { outcomes, queued } = await storeGroupAtOnce(db, [request], now, answer);
+    return { outcome: outcomes[0]!, queued };
+  } catch (err) {
+    if (sqlState(err) !== REGROUP_STATE) throw err;
+    return null;
+  }
 }
 
 /** How a group that stored was written: meterbox_ingest_groups_total's `written` (docs/operations.md). */
@@ -121,9 +154,10 @@ export async function storeGroupOnOneNode(
 
 /**
  * The group's statement. `atOnce`: the form that commits alone (storeGroupAtOnce), with the new keys'
- * jobs and the guard that refuses what one statement cannot do.
+ * jobs and the guard that refuses what one statement cannot do. `answer` (at once, a group of one keyed
+ * request): the request's answer stored too, and refused when the key holds a live one.
  */
-function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
+function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean, answer?: KeyedAnswer) {
   const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
@@ -204,7 +238,7 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
     ), ${thresholdProbeCte(sql`per_org`)}${
       atOnce ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes()}` : sql``
-    }
+    }${answer && atOnce ? sql`, ${answeredCte(requests, now, answer)}` : sql``}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -220,10 +254,25 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       atOnce
         ? sql`
     UNION ALL
-    ${regroupGuard(sql`crossed`)}`
+    ${regroupGuard(sql`crossed`, answer ? sql`(EXISTS (SELECT 1 FROM problems) OR EXISTS (SELECT 1 FROM answered))` : undefined)}`
         : sql``
     }`;
   return { statement, offsets };
+}
+
+/**
+ * `answered`: the keyed request's answer (idempotency.ts answerInsert: an expired answer for the key is
+ * replaced, a live one kept), unless the request was refused (a problem: nothing of it is stored).
+ * Its counts are the group's (one request, one organization): inserted, and the rest duplicates.
+ */
+function answeredCte(requests: readonly GroupRequest[], now: Date, answer: KeyedAnswer) {
+  const [request] = requests;
+  if (requests.length !== 1 || !request) throw new Error('a keyed answer is stored for a group of one');
+  const rows = sql`SELECT ${request.organizationId}::uuid, ${answer.key}::text, ${answer.requestHash}::text, 201,
+             jsonb_build_object('inserted', c.n, 'duplicates', ${request.readings.length}::int - c.n), ${now}::timestamptz
+        FROM (SELECT coalesce(sum(inserted), 0)::int AS n FROM per_org) c
+       WHERE NOT EXISTS (SELECT 1 FROM problems)`;
+  return sql`answered AS (${answerInsert(rows, answer.notBefore)})`;
 }
 
 /** What a group statement's rows say, by kind (GroupRow). */
