@@ -179,7 +179,9 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       ctx.metrics.readingsIngested.inc(outcome.result.inserted);
       return c.json(outcome.result, 201);
     }
-    if (key !== undefined && hash !== undefined && oneStatement && !(await ctx.distributed())) {
+    // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
+    const distributed = await ctx.distributed();
+    if (key !== undefined && hash !== undefined && oneStatement && !distributed) {
       const alone = await storeKeyedAtOnce(ctx.db, { organizationId, readings, traceparent }, now, {
         key,
         requestHash: hash,
@@ -197,8 +199,6 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       }
     }
     try {
-      // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
-      const distributed = await ctx.distributed();
       const result = await ctx.db.transaction().execute(async (trx) => {
         const outcome = await storeRequest(
           trx,
