@@ -1,6 +1,6 @@
 // POST /v1/readings: validate the whole batch, then store it and its meter outbox row (and the
 // Idempotency-Key answer, when one is sent) in one transaction: a group's statement, a keyed request's
-// own statement, or a transaction.
+// own statement, or a transaction of its own.
 import type { Context as HonoContext } from 'hono';
 import type { z } from 'zod';
 import type { Context } from '../context-type.js';
@@ -10,7 +10,7 @@ import { documentedRoutes } from '../http/openapi.js';
 import type { AppEnv, HttpModule } from '../http/types.js';
 import { readJson } from '../http/validate.js';
 import { deliveryWake } from '../ingest/delivery-wake.js';
-import { GroupCommitter, type GroupGate, storeRequest } from '../ingest/group-commit.js';
+import { GroupCommitter, type GroupGate, storeRequest, WriteAlone } from '../ingest/group-commit.js';
 import {
   findStoredResponse,
   isValidIdempotencyKey,
@@ -19,6 +19,7 @@ import {
   storeResponse,
 } from '../ingest/idempotency.js';
 import { jobStatistics } from '../ingest/job-statistics.js';
+import type { StoreReadingsOutcome } from '../ingest/readings.js';
 import { parseReadingsFast, readingsRequestSchema, readingsResponseSchema } from '../ingest/schemas.js';
 import { storeKeyedAtOnce } from '../ingest/single-node.js';
 import { activeSpan, inSpan, SpanKind, traceparentOf } from '../observability/tracing.js';
@@ -88,9 +89,9 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     ctx.log.debug({ err }, 'job table statistics not refreshed'),
   );
   const oneStatement = ctx.config.INGEST_GROUP_ONE_STATEMENT === 'on';
-  // Requests without an Idempotency-Key are written in groups (group-commit.ts); a keyed request is
-  // written alone, its stored answer committed with its readings: one statement on one node
-  // (storeKeyedAtOnce), else, or when that statement refused, a transaction of its own.
+  // Requests are written in groups (group-commit.ts). On one node a keyed request joins one too, its
+  // answer stored by the group's statement (without group commit: its own, storeKeyedAtOnce); on Citus,
+  // or when that statement refused, it is written in a transaction of its own.
   const groups =
     ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
@@ -150,6 +151,13 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       ),
   );
 
+  /** A written request's answer: 201 with its counts, or 422 with its problems (nothing of it stored). */
+  function answered(c: HonoContext<AppEnv>, outcome: StoreReadingsOutcome): Response {
+    if (!outcome.stored) throw invalidBatch(outcome.problems);
+    ctx.metrics.readingsIngested.inc(outcome.result.inserted);
+    return c.json(outcome.result, 201);
+  }
+
   async function ingest(c: HonoContext<AppEnv>, traceparent: string | null): Promise<Response> {
     const organizationId = c.get('organizationId');
     const key = c.req.header('idempotency-key');
@@ -173,40 +181,37 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
       readings = parsed.data.readings;
     }
-    if (groups && key === undefined) {
-      const outcome = await groups.submit({ organizationId, readings, traceparent });
-      if (!outcome.stored) throw invalidBatch(outcome.problems);
-      ctx.metrics.readingsIngested.inc(outcome.result.inserted);
-      return c.json(outcome.result, 201);
-    }
-    // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
+    const request = { organizationId, readings, traceparent };
+    const answer =
+      key !== undefined && hash !== undefined ? { key, requestHash: hash, notBefore } : undefined;
+    if (groups && !answer) return answered(c, await groups.submit(request));
+    // A keyed request (or no group commit): on one node its answer is stored by the statement that
+    // stores its readings, its group's or its own; else, or when that statement could not, by a
+    // transaction of its own, which replays a live answer for the key.
     const distributed = await ctx.distributed();
-    if (key !== undefined && hash !== undefined && oneStatement && !distributed) {
-      const alone = await storeKeyedAtOnce(ctx.db, { organizationId, readings, traceparent }, now, {
-        key,
-        requestHash: hash,
-        notBefore,
-      });
-      if (alone) {
-        // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
-        if (alone.queued) {
-          wake();
-          jobsQueued(alone.queued);
+    if (answer && oneStatement && !distributed) {
+      if (groups) {
+        try {
+          return answered(c, await groups.submit({ ...request, answer }));
+        } catch (err) {
+          if (!(err instanceof WriteAlone)) throw err;
         }
-        if (!alone.outcome.stored) throw invalidBatch(alone.outcome.problems);
-        ctx.metrics.readingsIngested.inc(alone.outcome.result.inserted);
-        return c.json(alone.outcome.result, 201);
+      } else {
+        const alone = await storeKeyedAtOnce(ctx.db, request, now, answer);
+        if (alone) {
+          // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
+          if (alone.queued) {
+            wake();
+            jobsQueued(alone.queued);
+          }
+          return answered(c, alone.outcome);
+        }
       }
     }
+    // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
     try {
       const result = await ctx.db.transaction().execute(async (trx) => {
-        const outcome = await storeRequest(
-          trx,
-          ctx.boss,
-          { organizationId, readings, traceparent },
-          now,
-          distributed,
-        );
+        const outcome = await storeRequest(trx, ctx.boss, request, now, distributed);
         if (!outcome.stored) throw invalidBatch(outcome.problems);
         const stored = outcome.result;
         if (key !== undefined && hash !== undefined) {

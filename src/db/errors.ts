@@ -105,3 +105,25 @@ export function isDatabaseUnavailable(err: unknown): boolean {
 export function isUniqueViolation(err: unknown, constraint?: string): boolean {
   return sqlState(err) === '23505' && (constraint === undefined || fieldOf(err, 'constraint') === constraint);
 }
+
+/** Attempts of a write whose transaction Postgres rolled back as a deadlock or serialization victim. */
+const ROLLED_BACK_ATTEMPTS = 3;
+
+/**
+ * Runs `write` (one transaction) again when Postgres rolled it back as the victim of a deadlock or a
+ * serialization failure: nothing of it was stored, and Postgres's own advice is to run it again.
+ * Ingestion's groups (group-commit.ts): on one node they take their locks in one order and never
+ * deadlock; on Citus a group can meet a delivery claim or a correction on the shards (the distributed
+ * deadlock detector cancels one). Without this its requests answered 503 and sensors resent them.
+ */
+export async function retryRolledBack<T>(write: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await write();
+    } catch (err) {
+      const state = sqlState(err);
+      if (attempt >= ROLLED_BACK_ATTEMPTS || (state !== '40P01' && state !== '40001')) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 10 + Math.floor(Math.random() * 40) * attempt));
+    }
+  }
+}

@@ -9,7 +9,7 @@
 import type { Transaction } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.js';
-import { isDatabaseUnavailable, sqlState } from '../db/errors.js';
+import { isDatabaseUnavailable, retryRolledBack } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.js';
 import { type DeliveryWake, deliveryWake } from './delivery-wake.js';
@@ -19,6 +19,12 @@ import { storeShardGroup } from './routed.js';
 import { type GroupWritten, storeGroup, storeGroupOnOneNode } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
+
+/**
+ * A keyed request (GroupRequest.answer) the committer did not write: its group went to a transaction or
+ * to Citus, which store no answer. Nothing of it is stored; the route writes it alone.
+ */
+export class WriteAlone extends Error {}
 
 interface Pending extends GroupRequest {
   resolve(outcome: StoreReadingsOutcome): void;
@@ -41,28 +47,6 @@ export async function storeRequest(
 }
 
 export type { GroupWritten } from './single-node.js';
-
-/** Attempts of a group whose transaction Postgres rolled back as a deadlock or serialization victim. */
-const ROLLED_BACK_ATTEMPTS = 3;
-
-/**
- * Runs `write` (one transaction) again when Postgres rolled it back as the victim of a deadlock or a
- * serialization failure: nothing of it was stored, and Postgres's own advice is to run it again. On
- * one node ingestion takes its locks in one order and never deadlocks; on Citus, a group can meet a
- * delivery claim or a correction on the shards (the distributed deadlock detector cancels one).
- * Without this the requests answered 503, and the sensor resent them seconds later.
- */
-async function retryRolledBack<T>(write: () => Promise<T>): Promise<T> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await write();
-    } catch (err) {
-      const state = sqlState(err);
-      if (attempt >= ROLLED_BACK_ATTEMPTS || (state !== '40P01' && state !== '40001')) throw err;
-      await new Promise((resolve) => setTimeout(resolve, 10 + Math.floor(Math.random() * 40) * attempt));
-    }
-  }
-}
 
 /**
  * When a group goes. `window` (a committer's default): the first request of every group waits the
@@ -253,14 +237,20 @@ export class GroupCommitter {
     // Every slot busy: the queue goes as the next group when one finishes.
     if (this.queue.length === 0 || this.inFlight >= this.maxInFlight) return;
     this.held = false;
-    // Oldest first, at most one group's worth.
+    // Oldest first, at most one group's worth, and one request per Idempotency-Key (the next group
+    // takes a second: it replays the first's answer).
     let take = 0;
     let readings = 0;
+    const keys = new Set<string>();
     while (
       take < this.queue.length &&
       take < this.options.maxRequests &&
       (take === 0 || readings + this.queue[take]!.readings.length <= this.options.maxReadings)
     ) {
+      const { answer, organizationId } = this.queue[take]!;
+      const key = answer && `${organizationId} ${answer.key}`;
+      if (key && keys.has(key)) break;
+      if (key) keys.add(key);
       readings += this.queue[take]!.readings.length;
       take++;
     }
@@ -300,14 +290,19 @@ export class GroupCommitter {
       const { outcomes, written, queued } = await retryRolledBack(() =>
         storeGroupOnOneNode(db, boss, group, now, this.options.oneStatement ?? false),
       );
-      this.options.onGroup?.(written);
+      // A group of keyed requests its statement refused stored nothing (the route writes them alone).
+      if (outcomes.some((o) => o)) this.options.onGroup?.(written);
       // Its jobs are committed: the workers are woken (delivery-wake.ts; a transaction's insert NOTIFYs
       // itself), and the job table's statistics follow its growth (job-statistics.ts).
       if (queued) {
         this.wake();
         this.jobsQueued(queued);
       }
-      for (const [i, p] of group.entries()) p.resolve(outcomes[i]!);
+      for (const [i, p] of group.entries()) {
+        const outcome = outcomes[i];
+        if (outcome) p.resolve(outcome);
+        else p.reject(new WriteAlone());
+      }
     } catch (err) {
       // `meterbox citus distribute` may have committed since this process last looked (a running
       // database moved onto a cluster): the single-node statement can fail there, as a corrupt
@@ -327,8 +322,11 @@ export class GroupCommitter {
    * parts never wait on each other and no commit spans two nodes; a request is one organization's, so
    * each keeps its all-or-nothing answer.
    */
-  private async writeRouted(group: Pending[], now: Date): Promise<void> {
+  private async writeRouted(all: Pending[], now: Date): Promise<void> {
     const { db, boss } = this.ctx;
+    for (const p of all) if (p.answer) p.reject(new WriteAlone());
+    const group = all.filter((p) => !p.answer);
+    if (group.length === 0) return;
     let parts: Pending[][];
     try {
       this.router ??= citusRouter(db);
@@ -370,11 +368,12 @@ export class GroupCommitter {
     store: (trx: Transaction<DB>, p: Pending) => Promise<StoreReadingsOutcome>,
   ): Promise<void> {
     if (group.length === 1 || isDatabaseUnavailable(err)) {
-      for (const p of group) p.reject(err);
+      for (const p of group) p.reject(p.answer && !isDatabaseUnavailable(err) ? new WriteAlone() : err);
       return;
     }
     await Promise.all(
       group.map(async (p) => {
+        if (p.answer) return p.reject(new WriteAlone());
         try {
           p.resolve(await this.ctx.db.transaction().execute((trx) => store(trx, p)));
         } catch (single) {

@@ -14,6 +14,17 @@ export interface StoredResponse {
   body: unknown;
 }
 
+/**
+ * What a keyed request's own write stores with its readings (single-node.ts): its answer under `key`,
+ * unless a live one is there already.
+ */
+export interface KeyedAnswer {
+  key: string;
+  requestHash: string;
+  /** A stored answer older than this is expired: replaced. */
+  notBefore: Date;
+}
+
 export function isValidIdempotencyKey(key: string): boolean {
   return KEY_PATTERN.test(key);
 }

@@ -12,6 +12,7 @@ import {
   ROLE,
 } from '../metering/destinations.js';
 import { type KeyRef, keyRef } from '../metering/rules/keys.js';
+import type { KeyedAnswer } from './idempotency.js';
 import type { Reading, ReadingsResult } from './schemas.js';
 
 export interface SensorProblem {
@@ -28,6 +29,11 @@ export interface GroupRequest {
    * organization's outbox row (the first request's of a group), so the delivery span joins its trace.
    */
   traceparent?: string | null;
+  /**
+   * A request with an Idempotency-Key: its answer, stored by the statement that stores its readings
+   * (one node, one statement: single-node.ts). A writer that cannot store it leaves the request unwritten.
+   */
+  answer?: KeyedAnswer;
 }
 
 /** The first traceparent of each organization's requests, in request order (group statements). */

@@ -20,7 +20,7 @@ import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination } from '../db/schema.js';
 import { enqueueDeliveries, lockQueuedDeliveriesAt } from '../metering/outbox.js';
 import type { KeyRef } from '../metering/rules/keys.js';
-import { answerInsert } from './idempotency.js';
+import { answerInsert, type KeyedAnswer } from './idempotency.js';
 import { queueMissingJobsCtes, REGROUP_STATE, regroupGuard } from './queued-in-statement.js';
 import {
   billingInForce,
@@ -62,6 +62,8 @@ export async function storeGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
+  // Its statement stores no answer: a keyed request here would be written and its key left free.
+  if (requests.some((r) => r.answer)) throw new Error('storeGroup writes no keyed request');
   const { statement, offsets } = groupStatement(requests, now, false);
   const found = readRows((await statement.execute(trx)).rows);
   await enqueueDeliveries(trx, boss, found.customers, found.held);
@@ -71,31 +73,23 @@ export async function storeGroup(
 
 /**
  * storeGroup as ONE statement in autocommit, its own transaction: the statement also inserts the new
- * keys' delivery jobs (queued-in-statement.ts), so a group is one round trip where storeGroup's is four
- * (BEGIN, the statement, pg-boss's insert, COMMIT). When the group needs more than one statement (a new
- * key's job refused by a concurrent one, a threshold crossed) it fails with REGROUP_STATE and stores
- * nothing: the caller writes it with storeGroup in a transaction.
+ * keys' delivery jobs (queued-in-statement.ts) and the answers of the group's keyed requests, so a group
+ * is one round trip where storeGroup's is four (BEGIN, the statement, pg-boss's insert, COMMIT). When the
+ * group needs more than one statement (a new key's job refused by a concurrent one, a threshold crossed, a
+ * live answer for one of its keys) it fails with REGROUP_STATE and stores nothing: the caller writes it
+ * with storeGroup in a transaction.
  */
 export async function storeGroupAtOnce(
   db: Kysely<DB>,
   requests: readonly GroupRequest[],
   now: Date,
-  answer?: KeyedAnswer,
 ): Promise<{ outcomes: StoreReadingsOutcome[]; queued: number }> {
-  const { statement, offsets } = groupStatement(requests, now, true, answer);
+  const { statement, offsets } = groupStatement(requests, now, true);
   const found = readRows((await statement.execute(db)).rows);
   return {
     outcomes: groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted),
     queued: found.queued,
   };
-}
-
-/** A keyed request's answer, stored by its own statement (idempotency.ts answerInsert). */
-export interface KeyedAnswer {
-  key: string;
-  requestHash: string;
-  /** A stored answer older than this is expired: replaced. */
-  notBefore: Date;
 }
 
 /**
@@ -105,6 +99,7 @@ export interface KeyedAnswer {
  * instead of four (BEGIN, the statement, the answer's insert, COMMIT). Null when the statement refused and
  * stored nothing: a live answer for the key exists (a concurrent request with the key committed first),
  * a new key's job was refused or a threshold crossed; the caller writes the request in a transaction.
+ * (With group commit, keyed requests are written in groups: storeGroupOnOneNode.)
  */
 export async function storeKeyedAtOnce(
   db: Kysely<DB>,
@@ -113,7 +108,7 @@ export async function storeKeyedAtOnce(
   answer: KeyedAnswer,
 ): Promise<{ outcome: StoreReadingsOutcome; queued: number } | null> {
   try {
-    const { outcomes, queued } = await storeGroupAtOnce(db, [request], now, answer);
+    const { outcomes, queued } = await storeGroupAtOnce(db, [{ ...request, answer }], now);
     return { outcome: outcomes[0]!, queued };
   } catch (err) {
     if (sqlState(err) !== REGROUP_STATE) throw err;
@@ -127,9 +122,11 @@ export type GroupWritten = 'one_statement' | 'regrouped' | 'transaction' | 'rout
 /**
  * A group on one node: with `oneStatement`, ONE statement in autocommit (storeGroupAtOnce, one round
  * trip), or, when the group needs more than one statement (that statement refused to commit alone and
- * stored nothing), storeGroup's transaction; without, storeGroup's transaction. `queued`: the delivery
- * jobs the one statement queued, whose workers the caller wakes (delivery-wake.ts); a transaction's
- * insert wakes them itself.
+ * stored nothing), storeGroup's transaction; without, storeGroup's transaction. A keyed request is written
+ * only by the one statement, which stores its answer: in the transaction its outcome is null, not
+ * written (the caller writes it alone, storing its answer or replaying the one stored). `queued`: the
+ * delivery jobs the one statement queued, whose workers the caller wakes (delivery-wake.ts); a
+ * transaction's insert wakes them itself.
  */
 export async function storeGroupOnOneNode(
   db: Kysely<DB>,
@@ -137,12 +134,14 @@ export async function storeGroupOnOneNode(
   group: readonly GroupRequest[],
   now: Date,
   oneStatement: boolean,
-): Promise<{ outcomes: StoreReadingsOutcome[]; written: GroupWritten; queued: number }> {
-  const inTransaction = async (written: GroupWritten) => ({
-    outcomes: await db.transaction().execute((trx) => storeGroup(trx, boss, group, now)),
-    written,
-    queued: 0,
-  });
+): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; written: GroupWritten; queued: number }> {
+  const inTransaction = async (written: GroupWritten) => {
+    const unkeyed = group.filter((r) => !r.answer);
+    const stored =
+      unkeyed.length > 0 ? await db.transaction().execute((trx) => storeGroup(trx, boss, unkeyed, now)) : [];
+    let next = 0;
+    return { outcomes: group.map((r) => (r.answer ? null : stored[next++]!)), written, queued: 0 };
+  };
   if (!oneStatement) return inTransaction('transaction');
   try {
     return { ...(await storeGroupAtOnce(db, group, now)), written: 'one_statement' };
@@ -154,10 +153,11 @@ export async function storeGroupOnOneNode(
 
 /**
  * The group's statement. `atOnce`: the form that commits alone (storeGroupAtOnce), with the new keys'
- * jobs and the guard that refuses what one statement cannot do. `answer` (at once, a group of one keyed
- * request): the request's answer stored too, and refused when the key holds a live one.
+ * jobs, the keyed requests' answers, and the guard that refuses what one statement cannot do (a live
+ * answer for one of the keys among it).
  */
-function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean, answer?: KeyedAnswer) {
+function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
+  const keyed = atOnce && requests.some((r) => r.answer);
   const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
@@ -238,7 +238,7 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
     ), ${thresholdProbeCte(sql`per_org`)}${
       atOnce ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes()}` : sql``
-    }${answer && atOnce ? sql`, ${answeredCte(requests, now, answer)}` : sql``}
+    }${keyed ? sql`, ${answeredCtes(requests, now)}` : sql``}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -254,25 +254,37 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       atOnce
         ? sql`
     UNION ALL
-    ${regroupGuard(sql`crossed`, answer ? sql`(EXISTS (SELECT 1 FROM problems) OR EXISTS (SELECT 1 FROM answered))` : undefined)}`
+    ${regroupGuard(sql`crossed`, keyed ? sql`(SELECT count(*) FROM answered) = (SELECT count(*) FROM answers)` : undefined)}`
         : sql``
     }`;
   return { statement, offsets };
 }
 
 /**
- * `answered`: the keyed request's answer (idempotency.ts answerInsert: an expired answer for the key is
- * replaced, a live one kept), unless the request was refused (a problem: nothing of it is stored).
- * Its counts are the group's (one request, one organization): inserted, and the rest duplicates.
+ * `answers`: the answer of each keyed request of the group that was not refused (a refused request
+ * stores nothing, its answer neither), its counts the request's own (per_request: inserted, the rest
+ * duplicates, as groupOutcomes answers); `answered`, their insert (idempotency.ts answerInsert: an
+ * expired answer for a key is replaced, a live one kept). The guard refuses the statement when any was
+ * kept. One request per key in a group (GroupCommitter): an upsert cannot touch one row twice.
  */
-function answeredCte(requests: readonly GroupRequest[], now: Date, answer: KeyedAnswer) {
-  const [request] = requests;
-  if (requests.length !== 1 || !request) throw new Error('a keyed answer is stored for a group of one');
-  const rows = sql`SELECT ${request.organizationId}::uuid, ${answer.key}::text, ${answer.requestHash}::text, 201,
-             jsonb_build_object('inserted', c.n, 'duplicates', ${request.readings.length}::int - c.n), ${now}::timestamptz
-        FROM (SELECT coalesce(sum(inserted), 0)::int AS n FROM per_org) c
-       WHERE NOT EXISTS (SELECT 1 FROM problems)`;
-  return sql`answered AS (${answerInsert(rows, answer.notBefore)})`;
+function answeredCtes(requests: readonly GroupRequest[], now: Date) {
+  const keyed = [...requests.entries()].flatMap(([req, r]) =>
+    r.answer ? [{ req, r, answer: r.answer }] : [],
+  );
+  const keys = new Set(keyed.map(({ r, answer }) => `${r.organizationId} ${answer.key}`));
+  if (keys.size !== keyed.length) throw new Error('two requests of one group with the same Idempotency-Key');
+  // The earliest request's expiry: a stored answer live for any of them stays.
+  const notBefore = new Date(Math.min(...keyed.map(({ answer }) => answer.notBefore.getTime())));
+  const rows = sql`SELECT org, key, hash, 201, body, ${now}::timestamptz FROM answers`;
+  return sql`answers AS (
+      SELECT a.org, a.key, a.hash,
+             jsonb_build_object('inserted', coalesce(p.inserted, 0), 'duplicates', a.readings - coalesce(p.inserted, 0)) AS body
+        FROM unnest(${keyed.map((k) => k.req)}::int[], ${keyed.map((k) => k.r.organizationId)}::uuid[],
+                    ${keyed.map((k) => k.answer.key)}::text[], ${keyed.map((k) => k.answer.requestHash)}::text[],
+                    ${keyed.map((k) => k.r.readings.length)}::int[]) AS a(req, org, key, hash, readings)
+        LEFT JOIN per_request p ON p.req = a.req
+       WHERE a.req NOT IN (SELECT q.req FROM problems q)
+    ), answered AS (${answerInsert(rows, notBefore)})`;
 }
 
 /** What a group statement's rows say, by kind (GroupRow). */

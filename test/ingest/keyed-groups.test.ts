@@ -1,0 +1,232 @@
+// Requests with an Idempotency-Key are written in groups on one node (group-commit.ts, single-node.ts
+// storeGroupAtOnce): the group's one statement stores every request's readings and each keyed request's
+// answer, with that request's own counts. What one statement cannot decide it refuses, storing nothing:
+// a live answer for one of its keys. Then the group's other requests are written in a transaction and
+// the keyed request is left to the route (WriteAlone), whose transaction replays the live answer
+// (test/http/readings-idempotency.test.ts runs the route). One request per key goes in a group.
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import { describe, expect } from 'vitest';
+import type { Context } from '../../src/context.js';
+import type { DB } from '../../src/db/schema.js';
+import { GroupCommitter, type GroupRequest, WriteAlone } from '../../src/ingest/group-commit.js';
+import type { GroupWritten } from '../../src/ingest/single-node.js';
+import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { contextTest } from '../support/test.js';
+
+const it = contextTest();
+
+/**
+ * Submits `requests` together to a committer on the context's pool that holds its first group open
+ * until all have joined, recording every statement it sends and how each group was written.
+ */
+async function submitTogether(
+  ctx: Context,
+  requests: readonly GroupRequest[],
+  now: Date,
+  oneStatement = true,
+) {
+  const sent: string[] = [];
+  const written: GroupWritten[] = [];
+  const db = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool: ctx.pool }),
+    log: (event) => void sent.push(event.query.sql.trim()),
+  });
+  let joined = 0;
+  const committer = new GroupCommitter(
+    { db, boss: ctx.boss, distributed: async () => false, clock: { now: () => now } },
+    {
+      windowMs: 1,
+      oneStatement,
+      maxRequests: 1_000,
+      maxReadings: 100_000,
+      gate: { joined: () => void joined++, mayClose: () => joined >= requests.length },
+      onGroup: (w) => void written.push(w),
+    },
+  );
+  const settled = await Promise.allSettled(requests.map((r) => committer.submit(r)));
+  const outcomes = settled.map((s) =>
+    s.status === 'fulfilled' ? s.value : s.reason instanceof WriteAlone ? 'written alone' : s.reason,
+  );
+  // The statements that wrote (not the workers' wake-up or the job statistics after a commit).
+  const writes = sent.filter((s) => !s.includes('pg_notify') && !s.includes('pg_stat'));
+  return { outcomes, writes, written };
+}
+
+async function answers(ctx: Context, organizationId: string) {
+  const { rows } = await sql<{ key: string; hash: string; body: unknown }>`
+    SELECT key, request_hash AS hash, response_body AS body FROM idempotency_keys
+     WHERE organization_id = ${organizationId} ORDER BY key`.execute(ctx.db);
+  return rows;
+}
+
+async function readingsOf(ctx: Context, organizationId: string): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    SELECT count(*)::int AS n FROM temperature_readings WHERE organization_id = ${organizationId}`.execute(
+    ctx.db,
+  );
+  return rows[0]!.n;
+}
+
+const live = (now: Date) => new Date(now.getTime() - 3_600_000);
+
+/** A request of one reading of `sensor`, `secondsAgo` before `now`, with the Idempotency-Key `key`. */
+function keyedRequest(
+  organizationId: string,
+  sensor: string,
+  now: Date,
+  key: string,
+  hash = 'h',
+  secondsAgo = 10,
+) {
+  return {
+    organizationId,
+    readings: [reading(sensor, secondsAgo, 1, now)],
+    answer: { key, requestHash: hash, notBefore: live(now) },
+  };
+}
+
+describe('keyed requests in groups', () => {
+  it("stores a group's readings and each keyed request's answer, with its own counts, in one statement", async ({
+    ctx,
+  }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const b = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    const [r1, r2, r3] = [reading(sa!, 10, 1, now), reading(sa!, 20, 2, now), reading(sa!, 30, 3, now)];
+    const answer = (key: string) => ({ key, requestHash: `hash-${key}`, notBefore: live(now) });
+    const { outcomes, writes, written } = await submitTogether(
+      ctx,
+      [
+        { organizationId: a.organizationId, readings: [r1, r2], answer: answer('k-1') },
+        // Unkeyed, one reading the first request sent too: the earlier request wins it.
+        { organizationId: a.organizationId, readings: [r2, r3] },
+        { organizationId: b.organizationId, readings: [reading(sb!, 10, 4, now)], answer: answer('k-1') },
+        // Keyed, every reading an earlier request's: its answer says so.
+        { organizationId: a.organizationId, readings: [r1], answer: answer('k-2') },
+      ],
+      now,
+    );
+    expect(outcomes).toEqual([
+      { stored: true, result: { inserted: 2, duplicates: 0 } },
+      { stored: true, result: { inserted: 1, duplicates: 1 } },
+      { stored: true, result: { inserted: 1, duplicates: 0 } },
+      { stored: true, result: { inserted: 0, duplicates: 1 } },
+    ]);
+    // One round trip: no BEGIN, no statement of the answers' own, no COMMIT.
+    expect(written).toEqual(['one_statement']);
+    expect(writes).toHaveLength(1);
+    expect(writes[0]).toContain('INSERT INTO idempotency_keys');
+    expect(await answers(ctx, a.organizationId)).toEqual([
+      { key: 'k-1', hash: 'hash-k-1', body: { inserted: 2, duplicates: 0 } },
+      { key: 'k-2', hash: 'hash-k-2', body: { inserted: 0, duplicates: 1 } },
+    ]);
+    expect(await answers(ctx, b.organizationId)).toEqual([
+      { key: 'k-1', hash: 'hash-k-1', body: { inserted: 1, duplicates: 0 } },
+    ]);
+    expect(await readingsOf(ctx, a.organizationId)).toBe(3);
+  });
+
+  it('refuses the statement when one of its keys holds a live answer: the others are written in a transaction, the keyed request is left alone, unwritten', async ({
+    ctx,
+  }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const b = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    // A concurrent request with the key committed after this one looked it up.
+    await sql`INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
+              VALUES (${a.organizationId}, 'taken', 'first', 201, '{"inserted":1,"duplicates":0}', ${now})`.execute(
+      ctx.db,
+    );
+    const { outcomes, written } = await submitTogether(
+      ctx,
+      [
+        keyedRequest(a.organizationId, sa!, now, 'taken', 'second'),
+        { organizationId: b.organizationId, readings: [reading(sb!, 10, 1, now)] },
+      ],
+      now,
+    );
+    expect(outcomes).toEqual(['written alone', { stored: true, result: { inserted: 1, duplicates: 0 } }]);
+    expect(written).toEqual(['regrouped']);
+    expect(await readingsOf(ctx, a.organizationId)).toBe(0);
+    expect(await readingsOf(ctx, b.organizationId)).toBe(1);
+    expect(await answers(ctx, a.organizationId)).toEqual([
+      { key: 'taken', hash: 'first', body: { inserted: 1, duplicates: 0 } },
+    ]);
+  });
+
+  it('puts two requests with one key in two groups: the first stores its answer, the second is refused by it', async ({
+    ctx,
+  }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const request = (hash: string, secondsAgo: number): GroupRequest => ({
+      organizationId: a.organizationId,
+      readings: [reading(sa!, secondsAgo, 1, now)],
+      answer: { key: 'twice', requestHash: hash, notBefore: live(now) },
+    });
+    const { outcomes, written } = await submitTogether(
+      ctx,
+      [request('first', 10), request('second', 20)],
+      now,
+    );
+    expect(outcomes).toEqual([{ stored: true, result: { inserted: 1, duplicates: 0 } }, 'written alone']);
+    expect(written).toEqual(['one_statement']);
+    expect(await readingsOf(ctx, a.organizationId)).toBe(1);
+    expect(await answers(ctx, a.organizationId)).toEqual([
+      { key: 'twice', hash: 'first', body: { inserted: 1, duplicates: 0 } },
+    ]);
+  });
+
+  it('stores no answer for a refused keyed request; its group is stored', async ({ ctx }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const other = await createOrganization(ctx.db);
+    const [foreign] = await createSensors(ctx.db, other.organizationId, 1);
+    const { outcomes, written } = await submitTogether(
+      ctx,
+      [
+        {
+          organizationId: a.organizationId,
+          readings: [reading(sa!, 10, 1, now), reading(foreign!, 10, 1, now)],
+          answer: { key: 'refused', requestHash: 'h', notBefore: live(now) },
+        },
+        { organizationId: a.organizationId, readings: [reading(sa!, 20, 1, now)] },
+      ],
+      now,
+    );
+    expect(outcomes).toEqual([
+      { stored: false, problems: [{ index: 1, message: 'unknown sensor' }] },
+      { stored: true, result: { inserted: 1, duplicates: 0 } },
+    ]);
+    expect(written).toEqual(['one_statement']);
+    expect(await answers(ctx, a.organizationId)).toEqual([]);
+    expect(await readingsOf(ctx, a.organizationId)).toBe(1);
+  });
+
+  it('without the one statement (INGEST_GROUP_ONE_STATEMENT=off) writes no keyed request in a group', async ({
+    ctx,
+  }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const { outcomes, written } = await submitTogether(
+      ctx,
+      [
+        keyedRequest(a.organizationId, sa!, now, 'k'),
+        { organizationId: a.organizationId, readings: [reading(sa!, 20, 1, now)] },
+      ],
+      now,
+      false,
+    );
+    expect(outcomes).toEqual(['written alone', { stored: true, result: { inserted: 1, duplicates: 0 } }]);
+    expect(written).toEqual(['transaction']);
+    expect(await answers(ctx, a.organizationId)).toEqual([]);
+    expect(await readingsOf(ctx, a.organizationId)).toBe(1);
+  });
+});
