@@ -9,8 +9,10 @@ import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
 import { GroupCommitter, type GroupRequest, WriteAlone } from '../../src/ingest/group-commit.js';
+import { findStoredResponse } from '../../src/ingest/idempotency.js';
 import type { GroupWritten } from '../../src/ingest/single-node.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
+import { indexesRead, type PlanNode, preparedContext, rowsScanned } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest();
@@ -228,5 +230,34 @@ describe('keyed requests in groups', () => {
     expect(written).toEqual(['transaction']);
     expect(await answers(ctx, a.organizationId)).toEqual([]);
     expect(await readingsOf(ctx, a.organizationId)).toBe(1);
+  });
+});
+
+describe("a keyed request's look-up of its key", () => {
+  const t = preparedContext();
+
+  it('is prepared, and its generic plan reads the key by its primary key', async () => {
+    const { ctx, prepared } = t;
+    const [org] = await t.organizations(1);
+    const now = new Date();
+    // Many answers, most expired: what an index on created_at would find in quantity.
+    await sql`INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
+              SELECT ${org!.organizationId}, 'k-' || i, 'h', 201, '{}', ${now}::timestamptz - i * interval '1 minute'
+                FROM generate_series(1, 3000) i`.execute(ctx.db);
+    await sql`ANALYZE idempotency_keys`.execute(ctx.db);
+    await prepared.connection().execute(async (conn) => {
+      const found = await findStoredResponse(conn, org!.organizationId, 'k-5', live(now));
+      expect(found).toEqual({ requestHash: 'h', status: 201, body: {} });
+      const { rows } = await sql<{ name: string }>`
+        SELECT name FROM pg_prepared_statements WHERE statement LIKE '%FROM idempotency_keys%'`.execute(conn);
+      expect(rows).toHaveLength(1);
+      const explained = await sql<{ 'QUERY PLAN': { Plan: PlanNode }[] }>`
+        EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE ${sql.raw(rows[0]!.name)}(${sql.lit(org!.organizationId)}, 'k-5', ${sql.lit(live(now).toISOString())})`.execute(
+        conn,
+      );
+      const plan = explained.rows[0]!['QUERY PLAN'][0]!.Plan;
+      expect(indexesRead(plan)).toEqual(['idempotency_keys_pkey']);
+      expect(rowsScanned(plan)).toBeLessThanOrEqual(1);
+    });
   });
 });
