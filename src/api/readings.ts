@@ -169,43 +169,54 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     const notBefore = new Date(now.getTime() - retentionMs);
     // Hono caches the body text readJson read, so hashing it costs no second read.
     const hash = key === undefined ? undefined : requestHash('POST', PATH, await c.req.text());
-    if (key !== undefined && hash !== undefined) {
-      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-      if (stored) return replay(c, stored, hash);
-    }
+    const answer =
+      key !== undefined && hash !== undefined ? { key, requestHash: hash, notBefore } : undefined;
+    // The key's live answer, replayed whatever the request's body says now (409 for another body).
+    const replayed = async (): Promise<Response | undefined> => {
+      const stored = answer && (await findStoredResponse(ctx.db, organizationId, answer.key, notBefore));
+      return stored ? replay(c, stored, answer.requestHash) : undefined;
+    };
 
     // A well-formed batch skips zod; anything else gets zod's verdict and its error details.
     let readings = parseReadingsFast(body, schemaOptions)?.readings;
     if (!readings) {
       const parsed = schema.safeParse(body);
-      if (!parsed.success) throw invalidBatch(readingIssueDetails(parsed.error.issues));
+      if (!parsed.success) {
+        const first = await replayed();
+        if (first) return first;
+        throw invalidBatch(readingIssueDetails(parsed.error.issues));
+      }
       readings = parsed.data.readings;
     }
     const request = { organizationId, readings, traceparent };
-    const answer =
-      key !== undefined && hash !== undefined ? { key, requestHash: hash, notBefore } : undefined;
     if (groups && !answer) return answered(c, await groups.submit(request));
-    // A keyed request (or no group commit): on one node its answer is stored by the statement that
-    // stores its readings, its group's or its own; else, or when that statement could not, by a
-    // transaction of its own, which replays a live answer for the key.
+    // A keyed request (or no group commit). On one node its answer is stored by the statement that
+    // stores its readings, its group's (which looks the key up itself: a live answer stores nothing of
+    // the request) or its own; else, or when that statement could not, by a transaction of its own,
+    // which replays a live answer for the key.
     const distributed = await ctx.distributed();
-    if (answer && oneStatement && !distributed) {
-      if (groups) {
-        try {
-          return answered(c, await groups.submit({ ...request, answer }));
-        } catch (err) {
-          if (!(err instanceof WriteAlone)) throw err;
+    const atOnce = oneStatement && !distributed;
+    if (answer && atOnce && groups) {
+      try {
+        const outcome = await groups.submit({ ...request, answer });
+        // Refused (a sensor unknown or inactive now): the key's answer, if it has one, else the refusal.
+        return outcome.stored ? answered(c, outcome) : ((await replayed()) ?? answered(c, outcome));
+      } catch (err) {
+        if (!(err instanceof WriteAlone)) throw err;
+      }
+      const first = await replayed();
+      if (first) return first;
+    } else if (answer) {
+      const first = await replayed();
+      if (first) return first;
+      const alone = atOnce ? await storeKeyedAtOnce(ctx.db, request, now, answer) : null;
+      if (alone) {
+        // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
+        if (alone.queued) {
+          wake();
+          jobsQueued(alone.queued);
         }
-      } else {
-        const alone = await storeKeyedAtOnce(ctx.db, request, now, answer);
-        if (alone) {
-          // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
-          if (alone.queued) {
-            wake();
-            jobsQueued(alone.queued);
-          }
-          return answered(c, alone.outcome);
-        }
+        return answered(c, alone.outcome);
       }
     }
     // A group of one; on a distributed database, the router statements of its shard group (routed.ts).
@@ -214,12 +225,12 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         const outcome = await storeRequest(trx, ctx.boss, request, now, distributed);
         if (!outcome.stored) throw invalidBatch(outcome.problems);
         const stored = outcome.result;
-        if (key !== undefined && hash !== undefined) {
+        if (answer) {
           const saved = await storeResponse(
             trx,
             organizationId,
-            key,
-            { requestHash: hash, status: 201, body: stored },
+            answer.key,
+            { requestHash: answer.requestHash, status: 201, body: stored },
             now,
             notBefore,
           );
@@ -231,11 +242,11 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       ctx.metrics.readingsIngested.inc(result.inserted);
       return c.json(result, 201);
     } catch (err) {
-      if (!(err instanceof IdempotencyKeyTaken) || key === undefined || hash === undefined) throw err;
+      if (!(err instanceof IdempotencyKeyTaken)) throw err;
       // Our transaction rolled back; the winner's answer is committed and is the answer to this key.
-      const stored = await findStoredResponse(ctx.db, organizationId, key, notBefore);
-      if (!stored) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
-      return replay(c, stored, hash);
+      const first = await replayed();
+      if (!first) throw new AppError(409, 'idempotency_conflict', 'this Idempotency-Key is in use; retry');
+      return first;
     }
   }
 

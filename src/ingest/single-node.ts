@@ -35,7 +35,7 @@ import {
 } from './readings.js';
 
 interface GroupRow {
-  kind: 'r' | 'p' | 'c' | 'h' | 'x' | 'g';
+  kind: 'r' | 'p' | 'c' | 'h' | 'x' | 'g' | 't';
   req: number | null;
   inserted: number | null;
   n: number | null;
@@ -74,22 +74,21 @@ export async function storeGroup(
 /**
  * storeGroup as ONE statement in autocommit, its own transaction: the statement also inserts the new
  * keys' delivery jobs (queued-in-statement.ts) and the answers of the group's keyed requests, so a group
- * is one round trip where storeGroup's is four (BEGIN, the statement, pg-boss's insert, COMMIT). When the
- * group needs more than one statement (a new key's job refused by a concurrent one, a threshold crossed, a
- * live answer for one of its keys) it fails with REGROUP_STATE and stores nothing: the caller writes it
- * with storeGroup in a transaction.
+ * is one round trip where storeGroup's is four (BEGIN, the statement, pg-boss's insert, COMMIT). A keyed
+ * request whose key holds a live answer stores nothing: its outcome is null (the caller replays that
+ * answer). When the group needs more than one statement (a new key's job refused by a concurrent one, a
+ * threshold crossed, an answer for one of its keys committed while it ran) it fails with REGROUP_STATE
+ * and stores nothing: the caller writes it with storeGroup in a transaction.
  */
 export async function storeGroupAtOnce(
   db: Kysely<DB>,
   requests: readonly GroupRequest[],
   now: Date,
-): Promise<{ outcomes: StoreReadingsOutcome[]; queued: number }> {
+): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; queued: number }> {
   const { statement, offsets } = groupStatement(requests, now, true);
   const found = readRows((await statement.execute(db)).rows);
-  return {
-    outcomes: groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted),
-    queued: found.queued,
-  };
+  const outcomes = groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted);
+  return { outcomes: outcomes.map((o, req) => (found.taken.has(req) ? null : o)), queued: found.queued };
 }
 
 /**
@@ -109,7 +108,7 @@ export async function storeKeyedAtOnce(
 ): Promise<{ outcome: StoreReadingsOutcome; queued: number } | null> {
   try {
     const { outcomes, queued } = await storeGroupAtOnce(db, [{ ...request, answer }], now);
-    return { outcome: outcomes[0]!, queued };
+    return outcomes[0] ? { outcome: outcomes[0], queued } : null;
   } catch (err) {
     if (sqlState(err) !== REGROUP_STATE) throw err;
     return null;
@@ -208,9 +207,11 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       SELECT i.req, i.n, k.active FROM input i
       LEFT JOIN known k ON k.id = i.sensor_id AND k.organization_id = i.org
       WHERE k.active IS NOT TRUE
-    ), ok AS (
+    ), ${keyed ? keyedCtes(requests) : sql``}ok AS (
       -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
-      SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)
+      SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)${
+        keyed ? sql` AND i.req NOT IN (SELECT t.req FROM taken t)` : sql``
+      }
     ), billing AS (
       ${billingInForce({ array: sql`ARRAY(SELECT DISTINCT org FROM ok)` }, now, sql`, nextval(pg_get_serial_sequence('meter_outbox', 'id')) AS outbox_id`)}
     ), named AS (
@@ -244,7 +245,13 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       FROM per_request
     UNION ALL
     SELECT 'p', req, NULL, n::int, active, NULL, NULL, NULL FROM problems
-    UNION ALL
+    UNION ALL${
+      keyed
+        ? sql`
+    SELECT 't', req, NULL, NULL, NULL, NULL, NULL, NULL FROM taken
+    UNION ALL`
+        : sql``
+    }
     SELECT 'c', NULL, NULL, NULL, NULL, stripe_customer_id, destination, organization_id FROM outbox
     UNION ALL
     SELECT 'h', NULL, NULL, NULL, NULL, key, NULL, NULL FROM held
@@ -260,30 +267,53 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
   return { statement, offsets };
 }
 
-/**
- * `answers`: the answer of each keyed request of the group that was not refused (a refused request
- * stores nothing, its answer neither), its counts the request's own (per_request: inserted, the rest
- * duplicates, as groupOutcomes answers); `answered`, their insert (idempotency.ts answerInsert: an
- * expired answer for a key is replaced, a live one kept). The guard refuses the statement when any was
- * kept. One request per key in a group (GroupCommitter): an upsert cannot touch one row twice.
- */
-function answeredCtes(requests: readonly GroupRequest[], now: Date) {
+/** The group's keyed requests, one per key (GroupCommitter), and the expiry their answers are read by. */
+function keyedRequests(requests: readonly GroupRequest[]) {
   const keyed = [...requests.entries()].flatMap(([req, r]) =>
     r.answer ? [{ req, r, answer: r.answer }] : [],
   );
   const keys = new Set(keyed.map(({ r, answer }) => `${r.organizationId} ${answer.key}`));
   if (keys.size !== keyed.length) throw new Error('two requests of one group with the same Idempotency-Key');
-  // The earliest request's expiry: a stored answer live for any of them stays.
+  // The earliest request's expiry: an answer live for any of them is live (a request for which it had
+  // expired is answered as taken, and its route's look-up, by its own expiry, finds it expired).
   const notBefore = new Date(Math.min(...keyed.map(({ answer }) => answer.notBefore.getTime())));
+  return { keyed, notBefore };
+}
+
+/**
+ * `keyed`: the group's keyed requests; `taken`, those whose key holds a live answer (a retry, or a
+ * concurrent request with the key that committed first): nothing of them is stored (`ok` leaves them
+ * out) and the caller replays that answer.
+ */
+function keyedCtes(requests: readonly GroupRequest[]) {
+  const { keyed, notBefore } = keyedRequests(requests);
+  return sql`keyed AS (
+      SELECT * FROM unnest(${keyed.map((k) => k.req)}::int[], ${keyed.map((k) => k.r.organizationId)}::uuid[],
+                           ${keyed.map((k) => k.answer.key)}::text[], ${keyed.map((k) => k.answer.requestHash)}::text[],
+                           ${keyed.map((k) => k.r.readings.length)}::int[]) AS a(req, org, key, hash, readings)
+    ), taken AS (
+      SELECT k.req FROM keyed k
+       WHERE EXISTS (SELECT 1 FROM idempotency_keys i
+                      WHERE i.organization_id = k.org AND i.key = k.key AND i.created_at >= ${notBefore}::timestamptz)
+    ), `;
+}
+
+/**
+ * `answers`: the answer of each keyed request of the group that is neither taken nor refused (a refused
+ * request stores nothing, its answer neither), its counts the request's own (per_request: inserted, the
+ * rest duplicates, as groupOutcomes answers); `answered`, their insert (idempotency.ts answerInsert: an
+ * expired answer for a key is replaced, a live one kept). The guard refuses the statement when any was
+ * kept: an answer committed after the statement's snapshot (`taken` did not see it). One request per key
+ * in a group: an upsert cannot touch one row twice.
+ */
+function answeredCtes(requests: readonly GroupRequest[], now: Date) {
+  const { notBefore } = keyedRequests(requests);
   const rows = sql`SELECT org, key, hash, 201, body, ${now}::timestamptz FROM answers`;
   return sql`answers AS (
       SELECT a.org, a.key, a.hash,
              jsonb_build_object('inserted', coalesce(p.inserted, 0), 'duplicates', a.readings - coalesce(p.inserted, 0)) AS body
-        FROM unnest(${keyed.map((k) => k.req)}::int[], ${keyed.map((k) => k.r.organizationId)}::uuid[],
-                    ${keyed.map((k) => k.answer.key)}::text[], ${keyed.map((k) => k.answer.requestHash)}::text[],
-                    ${keyed.map((k) => k.r.readings.length)}::int[]) AS a(req, org, key, hash, readings)
-        LEFT JOIN per_request p ON p.req = a.req
-       WHERE a.req NOT IN (SELECT q.req FROM problems q)
+        FROM keyed a LEFT JOIN per_request p ON p.req = a.req
+       WHERE a.req NOT IN (SELECT q.req FROM problems q) AND a.req NOT IN (SELECT t.req FROM taken t)
     ), answered AS (${answerInsert(rows, notBefore)})`;
 }
 
@@ -294,6 +324,7 @@ function readRows(rows: readonly GroupRow[]) {
   const customers: KeyRef[] = [];
   const held = new Set<string>();
   const crossings: Crossing[] = [];
+  const taken = new Set<number>();
   let queued = 0;
   for (const row of rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
@@ -304,6 +335,7 @@ function readRows(rows: readonly GroupRow[]) {
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
     else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
     else if (row.kind === 'g') queued = row.inserted ?? 0;
+    else if (row.kind === 't' && row.req !== null) taken.add(row.req);
   }
-  return { inserted, problemRows, customers, held, crossings, queued };
+  return { inserted, problemRows, customers, held, crossings, queued, taken };
 }

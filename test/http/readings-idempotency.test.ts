@@ -117,6 +117,23 @@ describe('Idempotency-Key', () => {
     expect(await outboxValue(ctx, org)).toBe(20);
   });
 
+  it('replays the first answer when the request would be refused now: its sensor deactivated since', async ({
+    ctx,
+    app,
+  }) => {
+    const { org, sensor } = await setup(ctx);
+    const first = await post(app, org.apiKey, body(sensor), 'before-deactivation');
+    expect(first.status).toBe(201);
+    await sql`UPDATE sensors SET active = false WHERE id = ${sensor}`.execute(ctx.db);
+    const retried = await post(app, org.apiKey, body(sensor), 'before-deactivation');
+    expect(retried.status).toBe(201);
+    expect(retried.headers.get('idempotent-replayed')).toBe('true');
+    expect(await retried.json()).toEqual({ inserted: 2, duplicates: 0 });
+    // Without the key, or with a new one, the request is refused.
+    expect((await post(app, org.apiKey, body(sensor), 'after-deactivation')).status).toBe(422);
+    expect(await outboxValue(ctx, org)).toBe(2);
+  });
+
   it('rejects a malformed key with 400', async ({ ctx, app }) => {
     const { org, sensor } = await setup(ctx);
     expect((await post(app, org.apiKey, body(sensor), 'has space')).status).toBe(400);

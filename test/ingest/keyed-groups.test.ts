@@ -1,10 +1,12 @@
 // Requests with an Idempotency-Key are written in groups on one node (group-commit.ts, single-node.ts
 // storeGroupAtOnce): the group's one statement stores every request's readings and each keyed request's
-// answer, with that request's own counts. What one statement cannot decide it refuses, storing nothing:
-// a live answer for one of its keys. Then the group's other requests are written in a transaction and
-// the keyed request is left to the route (WriteAlone), whose transaction replays the live answer
-// (test/http/readings-idempotency.test.ts runs the route). One request per key goes in a group.
+// answer, with that request's own counts, and looks each key up itself: a keyed request whose key holds
+// a live answer stores nothing and is left to the route (WriteAlone), which replays that answer
+// (test/http/readings-idempotency.test.ts runs the route). What one statement cannot decide it refuses,
+// storing nothing: an answer for one of its keys committed while it ran. Then the group's other
+// requests are written in a transaction. One request per key goes in a group.
 import { Kysely, PostgresDialect, sql } from 'kysely';
+import pg from 'pg';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
@@ -14,6 +16,7 @@ import type { GroupWritten } from '../../src/ingest/single-node.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
 import { indexesRead, type PlanNode, preparedContext, rowsScanned } from '../support/plans.js';
 import { contextTest } from '../support/test.js';
+import { waitFor } from '../support/wait.js';
 
 const it = contextTest();
 
@@ -70,6 +73,14 @@ async function readingsOf(ctx: Context, organizationId: string): Promise<number>
 }
 
 const live = (now: Date) => new Date(now.getTime() - 3_600_000);
+
+/** A first request's answer for `key`, stored at `now` (its hash 'first', one reading inserted). */
+async function storedAnswer(db: Kysely<DB>, organizationId: string, key: string, now: Date) {
+  await sql`INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
+            VALUES (${organizationId}, ${key}, 'first', 201, '{"inserted":1,"duplicates":0}', ${now})`.execute(
+    db,
+  );
+}
 
 /** A request of one reading of `sensor`, `secondsAgo` before `now`, with the Idempotency-Key `key`. */
 function keyedRequest(
@@ -130,7 +141,7 @@ describe('keyed requests in groups', () => {
     expect(await readingsOf(ctx, a.organizationId)).toBe(3);
   });
 
-  it('refuses the statement when one of its keys holds a live answer: the others are written in a transaction, the keyed request is left alone, unwritten', async ({
+  it('stores nothing of a keyed request whose key holds a live answer, its group written in one statement', async ({
     ctx,
   }) => {
     const now = new Date();
@@ -138,11 +149,8 @@ describe('keyed requests in groups', () => {
     const b = await createOrganization(ctx.db);
     const [sa] = await createSensors(ctx.db, a.organizationId, 1);
     const [sb] = await createSensors(ctx.db, b.organizationId, 1);
-    // A concurrent request with the key committed after this one looked it up.
-    await sql`INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
-              VALUES (${a.organizationId}, 'taken', 'first', 201, '{"inserted":1,"duplicates":0}', ${now})`.execute(
-      ctx.db,
-    );
+    // A retry: the key's first request committed its answer.
+    await storedAnswer(ctx.db, a.organizationId, 'taken', now);
     const { outcomes, written } = await submitTogether(
       ctx,
       [
@@ -152,7 +160,7 @@ describe('keyed requests in groups', () => {
       now,
     );
     expect(outcomes).toEqual(['written alone', { stored: true, result: { inserted: 1, duplicates: 0 } }]);
-    expect(written).toEqual(['regrouped']);
+    expect(written).toEqual(['one_statement']);
     expect(await readingsOf(ctx, a.organizationId)).toBe(0);
     expect(await readingsOf(ctx, b.organizationId)).toBe(1);
     expect(await answers(ctx, a.organizationId)).toEqual([
@@ -160,20 +168,71 @@ describe('keyed requests in groups', () => {
     ]);
   });
 
-  it('puts two requests with one key in two groups: the first stores its answer, the second is refused by it', async ({
+  it('refuses the statement when an answer for one of its keys commits while it runs: the others are written in a transaction, the keyed request is left alone, unwritten', async ({
+    ctx,
+  }) => {
+    const now = new Date();
+    const a = await createOrganization(ctx.db);
+    const b = await createOrganization(ctx.db);
+    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    // A concurrent request with the key, its answer inserted and not yet committed: the group's statement
+    // does not see it when it starts, and waits for it at its own answer's insert.
+    // Connections of their own: the group's statement may hold the context's pool.
+    const other = new pg.Client({ connectionString: ctx.config.DATABASE_URL });
+    const watcher = new pg.Client({ connectionString: ctx.config.DATABASE_URL });
+    await other.connect();
+    await watcher.connect();
+    try {
+      await other.query('BEGIN');
+      await other.query(
+        `INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
+         VALUES ($1, 'racing', 'first', 201, '{"inserted":1,"duplicates":0}', $2)`,
+        [a.organizationId, now],
+      );
+      const submitted = submitTogether(
+        ctx,
+        [
+          keyedRequest(a.organizationId, sa!, now, 'racing', 'second'),
+          { organizationId: b.organizationId, readings: [reading(sb!, 10, 1, now)] },
+        ],
+        now,
+      );
+      // (pg_stat_activity keeps the first 1 kB of a statement: the group statement's opening.)
+      await waitFor('the group statement waiting for the other answer', async () => {
+        const { rows } = await watcher.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity
+            WHERE wait_event = 'transactionid' AND query LIKE '/* meterbox:prepared */%WITH input%'`,
+        );
+        return rows[0]!.n > 0 || undefined;
+      });
+      await other.query('COMMIT');
+      const { outcomes, written } = await submitted;
+      expect(outcomes).toEqual(['written alone', { stored: true, result: { inserted: 1, duplicates: 0 } }]);
+      expect(written).toEqual(['regrouped']);
+    } finally {
+      await other.end();
+      await watcher.end();
+    }
+    expect(await readingsOf(ctx, a.organizationId)).toBe(0);
+    expect(await readingsOf(ctx, b.organizationId)).toBe(1);
+    expect(await answers(ctx, a.organizationId)).toEqual([
+      { key: 'racing', hash: 'first', body: { inserted: 1, duplicates: 0 } },
+    ]);
+  });
+
+  it('puts two requests with one key in two groups: the first stores its answer, the second stores nothing', async ({
     ctx,
   }) => {
     const now = new Date();
     const a = await createOrganization(ctx.db);
     const [sa] = await createSensors(ctx.db, a.organizationId, 1);
-    const request = (hash: string, secondsAgo: number): GroupRequest => ({
-      organizationId: a.organizationId,
-      readings: [reading(sa!, secondsAgo, 1, now)],
-      answer: { key: 'twice', requestHash: hash, notBefore: live(now) },
-    });
     const { outcomes, written } = await submitTogether(
       ctx,
-      [request('first', 10), request('second', 20)],
+      [
+        keyedRequest(a.organizationId, sa!, now, 'twice', 'first', 10),
+        keyedRequest(a.organizationId, sa!, now, 'twice', 'second', 20),
+      ],
       now,
     );
     expect(outcomes).toEqual([{ stored: true, result: { inserted: 1, duplicates: 0 } }, 'written alone']);
