@@ -15,7 +15,11 @@ import { contextTest, type TestApp } from '../support/test.js';
 let nowMs = Date.parse('2026-11-21T10:00:00.000Z');
 const clock = { now: () => new Date(nowMs) };
 
-const it = contextTest({ env: { IDEMPOTENCY_KEY_RETENTION_HOURS: '24' }, overrides: { clock } });
+// Readings kept one day: a request accepted can be refused an hour later (its readings aged out).
+const it = contextTest({
+  env: { IDEMPOTENCY_KEY_RETENTION_HOURS: '24', READINGS_RETENTION_DAYS: '1' },
+  overrides: { clock },
+});
 
 function post(app: TestApp, apiKey: string, body: string, key?: string) {
   return app.request('/v1/readings', {
@@ -132,6 +136,30 @@ describe('Idempotency-Key', () => {
     // Without the key, or with a new one, the request is refused.
     expect((await post(app, org.apiKey, body(sensor), 'after-deactivation')).status).toBe(422);
     expect(await outboxValue(ctx, org)).toBe(2);
+  });
+
+  it('replays the first answer when the same body is invalid now: its readings aged past the retention window', async ({
+    ctx,
+    app,
+  }) => {
+    const { org, sensor } = await setup(ctx);
+    const aging = JSON.stringify({
+      readings: [
+        { sensorId: sensor, recordedAt: new Date(nowMs - 23.5 * 3_600_000).toISOString(), temperatureC: 4 },
+      ],
+    });
+    expect((await post(app, org.apiKey, aging, 'aging')).status).toBe(201);
+    nowMs += 3_600_000;
+    try {
+      const retried = await post(app, org.apiKey, aging, 'aging');
+      expect(retried.status).toBe(201);
+      expect(retried.headers.get('idempotent-replayed')).toBe('true');
+      expect(await retried.json()).toEqual({ inserted: 1, duplicates: 0 });
+      // Without the key the body is refused now.
+      expect((await post(app, org.apiKey, aging)).status).toBe(422);
+    } finally {
+      nowMs -= 3_600_000;
+    }
   });
 
   it('rejects a malformed key with 400', async ({ ctx, app }) => {
