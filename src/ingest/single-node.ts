@@ -152,8 +152,8 @@ export async function storeGroupOnOneNode(
 
 /**
  * The group's statement. `atOnce`: the form that commits alone (storeGroupAtOnce), with the new keys'
- * jobs, the keyed requests' answers, and the guard that refuses what one statement cannot do (a live
- * answer for one of the keys among it).
+ * jobs, the keyed requests' answers, and the guard that refuses what one statement cannot do (among
+ * them an answer for one of its keys committed while it ran).
  */
 function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
   const keyed = atOnce && requests.some((r) => r.answer);
@@ -308,7 +308,9 @@ function keyedCtes(requests: readonly GroupRequest[]) {
  */
 function answeredCtes(requests: readonly GroupRequest[], now: Date) {
   const { notBefore } = keyedRequests(requests);
-  const rows = sql`SELECT org, key, hash, 201, body, ${now}::timestamptz FROM answers`;
+  // In key order, as concurrent groups then take the keys' index entries: two groups with the same two
+  // keys (two clients' retries) wait on each other in one order, not in a cycle.
+  const rows = sql`SELECT org, key, hash, 201, body, ${now}::timestamptz FROM answers ORDER BY org, key`;
   return sql`answers AS (
       SELECT a.org, a.key, a.hash,
              jsonb_build_object('inserted', coalesce(p.inserted, 0), 'duplicates', a.readings - coalesce(p.inserted, 0)) AS body
