@@ -2,7 +2,6 @@
 // expire rows too old for the destination, group each key's next event and commit its identifier
 // (before any call), say what is left. The cutoffs it is built on are named here too.
 import { type Kysely, sql } from 'kysely';
-import { PREPARED } from '../db/prepared.js';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
 import { plusSeconds } from './budget.js';
 import { lateralHeads, orgScope, type Placement, ungrouped } from './delivery-sql-shapes.js';
@@ -87,12 +86,7 @@ export async function claimStatement(
   const leaseUntil = plusSeconds(sql`c.at`, sql`${options.leaseSeconds}::float8`);
   // A lease is taken over once it ran out this long before the statement's clock (rules/claim.ts).
   const takeOverAt = plusSeconds(sql`c.at`, sql`${-(options.takeOverAfterSeconds ?? 0)}::float8`);
-  // On one node a prepared statement (src/db/prepared.ts): planning it afresh was a fifth of its time
-  // (9.5-21 ms a claim during the hourly report; docs/benchmarks.md); its plan is kept per connection,
-  // and its generic plan is held to the same plan tests (test/metering/claim-plan.test.ts). On Citus it
-  // stays unnamed: the coordinator plans it (a named claim was tried there and dropped).
-  const prepared = options.distributed ? sql`` : sql.raw(PREPARED);
-  const result = await sql<ClaimRow>`${prepared}
+  const result = await sql<ClaimRow>`
     WITH input AS (
       SELECT DISTINCT organization_id, customer, event_name, destination
         FROM unnest(${keys.map((k) => k.organizationId)}::uuid[], ${keys.map((k) => k.customerId)}::text[],

@@ -57,7 +57,6 @@ async function seedKeys(ctx: Context, count: number, prefix: string): Promise<Ke
 async function explainClaim(
   ctx: Context,
   keys: readonly KeyRef[],
-  plan: Plan,
   statistics: 'fresh' | 'as they are' = 'fresh',
 ): Promise<PlanNode> {
   if (statistics === 'fresh') {
@@ -72,7 +71,7 @@ async function explainClaim(
     maxRows: 1,
     sendable: ['temperature_readings', 'active_sensors'] as const,
   };
-  const explained = await explainRecorded(
+  const { plan } = await explainRecorded(
     ctx.config.DATABASE_URL,
     'claim statement',
     /\bleased AS\b/,
@@ -80,26 +79,16 @@ async function explainClaim(
       const claimed = await claimBatch(trx, keys, { ...options, sendable: [...options.sendable] });
       expect(claimed.filter((k) => k.state === 'leased')).toHaveLength(keys.length);
     },
-    undefined,
-    plan,
   );
-  return explained.plan;
+  return plan;
 }
 
-/**
- * Which plan: `custom`, planned for the claim's own parameters (a statement sent unnamed: on Citus, or
- * through a pooler), or `generic`, the plan a worker's connection keeps for the prepared claim on one
- * node after its first calls (src/db/prepared.ts), made without the parameters' values: the batch's size
- * unknown to it.
- */
-type Plan = 'custom' | 'generic';
-
-describe.each<Plan>(['custom', 'generic'])('the claim statement, its %s plan', (planned) => {
+describe('the claim statement', () => {
   it(`joins the per-key facts of ${KEYS} keys without comparing every key with every other`, async ({
     ctx,
   }) => {
     const keys = await seedKeys(ctx, KEYS, 'plan');
-    const plan = await explainClaim(ctx, keys, planned);
+    const plan = await explainClaim(ctx, keys);
     // Every key against every other would be ~KEYS² (90,000); a join by key throws away none.
     expect(removedByJoinFilters(plan)).toBeLessThan(KEYS * 10);
   });
@@ -131,7 +120,7 @@ describe.each<Plan>(['custom', 'generic'])('the claim statement, its %s plan', (
     // Then the burst: other keys' pending rows, and the claim's own keys.
     await seedKeys(ctx, 4000, 'burst');
     const keys = await seedKeys(ctx, KEYS, 'stale');
-    const plan = await explainClaim(ctx, keys, planned, 'as they are');
+    const plan = await explainClaim(ctx, keys, 'as they are');
     // By key, a look-up throws away a few rows of its own key at most; through an index of every
     // pending row, each of the claim's look-ups reads the other 8,000 (KEYS × 8,000 × several).
     expect(

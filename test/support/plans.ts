@@ -1,10 +1,8 @@
 // Reading Postgres plans (EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)) in the plan tests: how many rows a plan
 // handled, whatever its shape, so a test can bound work that grows with the square of a batch or
 // with the whole table rather than with the batch.
-
-import { createRequire } from 'node:module';
 import { Kysely, PostgresDialect, type Transaction } from 'kysely';
-import pg, { escapeLiteral } from 'pg';
+import pg from 'pg';
 import { afterAll, beforeAll, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import { prepareMarkedStatements } from '../../src/db/prepared.js';
@@ -146,7 +144,6 @@ export async function explainRecorded<T, A = undefined>(
   pattern: RegExp,
   run: (db: Transaction<DB>) => Promise<T>,
   after?: (client: pg.PoolClient) => Promise<A>,
-  plan: 'custom' | 'generic' = 'custom',
 ): Promise<{ plan: PlanNode; result: T; after: A | undefined }> {
   const pool = new pg.Pool({ connectionString: databaseUrl, max: 1 });
   try {
@@ -166,13 +163,10 @@ export async function explainRecorded<T, A = undefined>(
     const client = await pool.connect();
     try {
       await client.query('BEGIN');
-      const { rows } =
-        plan === 'custom'
-          ? await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-              `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${sent[0]!.sql}`,
-              [...sent[0]!.parameters],
-            )
-          : await explainGeneric(client, sent[0]!.sql, sent[0]!.parameters);
+      const { rows } = await client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
+        `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${sent[0]!.sql}`,
+        [...sent[0]!.parameters],
+      );
       const read = after ? await after(client) : undefined;
       await client.query('ROLLBACK');
       return { plan: rows[0]!['QUERY PLAN'][0]!.Plan, result: result as T, after: read };
@@ -182,27 +176,4 @@ export async function explainRecorded<T, A = undefined>(
   } finally {
     await pool.end();
   }
-}
-
-// pg's own conversion of a parameter to its text (arrays, dates), which its driver sends.
-const { prepareValue } = createRequire(import.meta.url)('pg/lib/utils.js') as {
-  prepareValue(value: unknown): unknown;
-};
-
-/**
- * EXPLAIN ANALYZE of `text` under its generic plan, as a prepared statement kept on a long-lived
- * connection runs it (src/db/prepared.ts; Postgres's own choice after five calls, forced here): the
- * statement prepared, then executed with `parameters` as literals (EXECUTE takes no bound ones).
- */
-async function explainGeneric(client: pg.PoolClient, text: string, parameters: readonly unknown[]) {
-  await client.query(`PREPARE explained_generic AS ${text}`);
-  await client.query('SET LOCAL plan_cache_mode = force_generic_plan');
-  const literals = parameters.map((p) => {
-    const value = prepareValue(p);
-    return value === null ? 'NULL' : escapeLiteral(String(value));
-  });
-  // (The prepared statement lives as long as the connection, which explainRecorded closes.)
-  return client.query<{ 'QUERY PLAN': { Plan: PlanNode }[] }>(
-    `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE explained_generic(${literals.join(', ')})`,
-  );
 }
