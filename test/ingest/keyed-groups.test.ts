@@ -74,6 +74,28 @@ async function readingsOf(ctx: Context, organizationId: string): Promise<number>
 
 const live = (now: Date) => new Date(now.getTime() - 3_600_000);
 
+/** Two organizations with a sensor each: a keyed request of `a`'s and an unkeyed one of `b`'s in a group. */
+async function keyedBesideUnkeyed(ctx: Context, key: string) {
+  const now = new Date();
+  const a = await createOrganization(ctx.db);
+  const b = await createOrganization(ctx.db);
+  const [sa] = await createSensors(ctx.db, a.organizationId, 1);
+  const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+  const group: GroupRequest[] = [
+    keyedRequest(a.organizationId, sa!, now, key, 'second'),
+    { organizationId: b.organizationId, readings: [reading(sb!, 10, 1, now)] },
+  ];
+  // After the group: nothing of the keyed request stored, the first answer kept, b's reading stored.
+  const leftAlone = async () => {
+    expect(await readingsOf(ctx, a.organizationId)).toBe(0);
+    expect(await readingsOf(ctx, b.organizationId)).toBe(1);
+    expect(await answers(ctx, a.organizationId)).toEqual([
+      { key, hash: 'first', body: { inserted: 1, duplicates: 0 } },
+    ]);
+  };
+  return { now, a, group, leftAlone };
+}
+
 /** A first request's answer for `key`, stored at `now` (its hash 'first', one reading inserted). */
 async function storedAnswer(db: Kysely<DB>, organizationId: string, key: string, now: Date) {
   await sql`INSERT INTO idempotency_keys (organization_id, key, request_hash, response_status, response_body, created_at)
@@ -144,38 +166,19 @@ describe('keyed requests in groups', () => {
   it('stores nothing of a keyed request whose key holds a live answer, its group written in one statement', async ({
     ctx,
   }) => {
-    const now = new Date();
-    const a = await createOrganization(ctx.db);
-    const b = await createOrganization(ctx.db);
-    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
-    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    const { now, a, group, leftAlone } = await keyedBesideUnkeyed(ctx, 'taken');
     // A retry: the key's first request committed its answer.
     await storedAnswer(ctx.db, a.organizationId, 'taken', now);
-    const { outcomes, written } = await submitTogether(
-      ctx,
-      [
-        keyedRequest(a.organizationId, sa!, now, 'taken', 'second'),
-        { organizationId: b.organizationId, readings: [reading(sb!, 10, 1, now)] },
-      ],
-      now,
-    );
+    const { outcomes, written } = await submitTogether(ctx, group, now);
     expect(outcomes).toEqual(['written alone', { stored: true, result: { inserted: 1, duplicates: 0 } }]);
     expect(written).toEqual(['one_statement']);
-    expect(await readingsOf(ctx, a.organizationId)).toBe(0);
-    expect(await readingsOf(ctx, b.organizationId)).toBe(1);
-    expect(await answers(ctx, a.organizationId)).toEqual([
-      { key: 'taken', hash: 'first', body: { inserted: 1, duplicates: 0 } },
-    ]);
+    await leftAlone();
   });
 
   it('refuses the statement when an answer for one of its keys commits while it runs: the others are written in a transaction, the keyed request is left alone, unwritten', async ({
     ctx,
   }) => {
-    const now = new Date();
-    const a = await createOrganization(ctx.db);
-    const b = await createOrganization(ctx.db);
-    const [sa] = await createSensors(ctx.db, a.organizationId, 1);
-    const [sb] = await createSensors(ctx.db, b.organizationId, 1);
+    const { now, a, group, leftAlone } = await keyedBesideUnkeyed(ctx, 'racing');
     // A concurrent request with the key, its answer inserted and not yet committed: the group's statement
     // does not see it when it starts, and waits for it at its own answer's insert.
     // Connections of their own: the group's statement may hold the context's pool.
@@ -190,14 +193,7 @@ describe('keyed requests in groups', () => {
          VALUES ($1, 'racing', 'first', 201, '{"inserted":1,"duplicates":0}', $2)`,
         [a.organizationId, now],
       );
-      const submitted = submitTogether(
-        ctx,
-        [
-          keyedRequest(a.organizationId, sa!, now, 'racing', 'second'),
-          { organizationId: b.organizationId, readings: [reading(sb!, 10, 1, now)] },
-        ],
-        now,
-      );
+      const submitted = submitTogether(ctx, group, now);
       // (pg_stat_activity keeps the first 1 kB of a statement: the group statement's opening.)
       await waitFor('the group statement waiting for the other answer', async () => {
         const { rows } = await watcher.query<{ n: number }>(
@@ -214,11 +210,7 @@ describe('keyed requests in groups', () => {
       await other.end();
       await watcher.end();
     }
-    expect(await readingsOf(ctx, a.organizationId)).toBe(0);
-    expect(await readingsOf(ctx, b.organizationId)).toBe(1);
-    expect(await answers(ctx, a.organizationId)).toEqual([
-      { key: 'racing', hash: 'first', body: { inserted: 1, duplicates: 0 } },
-    ]);
+    await leftAlone();
   });
 
   it('puts two requests with one key in two groups: the first stores its answer, the second stores nothing', async ({
