@@ -21,8 +21,9 @@ import { type GroupWritten, storeGroup, storeGroupOnOneNode } from './single-nod
 export type { GroupRequest } from './readings.js';
 
 /**
- * A keyed request (GroupRequest.answer) the committer did not write: its group went to a transaction or
- * to Citus, which store no answer. Nothing of it is stored; the route writes it alone.
+ * A keyed request (GroupRequest.answer) the committer did not write: its key holds a live answer (the
+ * route replays it), or its group went to a transaction or to Citus, which store no answer (the route
+ * writes it alone). Nothing of it is stored.
  */
 export class WriteAlone extends Error {}
 
