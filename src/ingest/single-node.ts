@@ -156,7 +156,8 @@ export async function storeGroupOnOneNode(
  * them an answer for one of its keys committed while it ran).
  */
 function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: boolean) {
-  const keyed = atOnce && requests.some((r) => r.answer);
+  // The group's keyed requests, read once for the statement's keyed CTEs and its answers.
+  const keyed = atOnce && requests.some((r) => r.answer) ? keyedRequests(requests) : undefined;
   const { starts, orgs, sensor, recordedAt, temperature, offsets } = readingArrays(requests);
   // Trace contexts only while tracing records: without them the statement is the one it always was.
   const traced = traceparentsByOrganization(requests);
@@ -207,7 +208,7 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       SELECT i.req, i.n, k.active FROM input i
       LEFT JOIN known k ON k.id = i.sensor_id AND k.organization_id = i.org
       WHERE k.active IS NOT TRUE
-    ), ${keyed ? keyedCtes(requests) : sql``}ok AS (
+    ), ${keyed ? keyedCtes(keyed) : sql``}ok AS (
       -- Uncorrelated (NOT IN over a non-null column), which Citus also plans.
       SELECT i.* FROM input i WHERE i.req NOT IN (SELECT p.req FROM problems p)${
         keyed ? sql` AND i.req NOT IN (SELECT t.req FROM taken t)` : sql``
@@ -239,7 +240,7 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
     ), ${thresholdProbeCte(sql`per_org`)}${
       atOnce ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes()}` : sql``
-    }${keyed ? sql`, ${answeredCtes(requests, now)}` : sql``}
+    }${keyed ? sql`, ${answeredCtes(keyed, now)}` : sql``}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
       FROM per_request
@@ -267,6 +268,8 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
   return { statement, offsets };
 }
 
+type KeyedRequests = ReturnType<typeof keyedRequests>;
+
 /** The group's keyed requests, one per key (GroupCommitter), and the expiry their answers are read by. */
 function keyedRequests(requests: readonly GroupRequest[]) {
   const keyed = [...requests.entries()].flatMap(([req, r]) =>
@@ -285,8 +288,7 @@ function keyedRequests(requests: readonly GroupRequest[]) {
  * concurrent request with the key that committed first): nothing of them is stored (`ok` leaves them
  * out) and the caller replays that answer.
  */
-function keyedCtes(requests: readonly GroupRequest[]) {
-  const { keyed, notBefore } = keyedRequests(requests);
+function keyedCtes({ keyed, notBefore }: KeyedRequests) {
   return sql`keyed AS (
       SELECT * FROM unnest(${keyed.map((k) => k.req)}::int[], ${keyed.map((k) => k.r.organizationId)}::uuid[],
                            ${keyed.map((k) => k.answer.key)}::text[], ${keyed.map((k) => k.answer.requestHash)}::text[],
@@ -306,8 +308,7 @@ function keyedCtes(requests: readonly GroupRequest[]) {
  * kept: an answer committed after the statement's snapshot (`taken` did not see it). One request per key
  * in a group: an upsert cannot touch one row twice.
  */
-function answeredCtes(requests: readonly GroupRequest[], now: Date) {
-  const { notBefore } = keyedRequests(requests);
+function answeredCtes({ notBefore }: KeyedRequests, now: Date) {
   // In key order, as concurrent groups then take the keys' index entries: two groups with the same two
   // keys (two clients' retries) wait on each other in one order, not in a cycle.
   const rows = sql`SELECT org, key, hash, 201, body, ${now}::timestamptz FROM answers ORDER BY org, key`;
