@@ -89,9 +89,10 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     ctx.log.debug({ err }, 'job table statistics not refreshed'),
   );
   const oneStatement = ctx.config.INGEST_GROUP_ONE_STATEMENT === 'on';
-  // Requests are written in groups (group-commit.ts). On one node a keyed request joins one too, its
-  // answer stored by the group's statement (without group commit: its own, storeKeyedAtOnce); on Citus,
-  // or when that statement refused, it is written in a transaction of its own.
+  // Requests are written in groups (group-commit.ts). A keyed request joins one too, its answer stored
+  // with the group's readings: on one node by the group's statement (without group commit: its own,
+  // storeKeyedAtOnce), on Citus in its shard group's transaction; when they could not (a refused
+  // statement, a transaction), it is written in a transaction of its own.
   const groups =
     ctx.config.INGEST_GROUP_WINDOW_MS > 0
       ? new GroupCommitter(ctx, {
@@ -190,13 +191,14 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     }
     const request = { organizationId, readings, traceparent };
     if (groups && !answer) return answered(c, await groups.submit(request));
-    // A keyed request (or no group commit). On one node its answer is stored by the statement that
-    // stores its readings, its group's (which looks the key up itself: a live answer stores nothing of
-    // the request) or its own; else, or when that statement could not, by a transaction of its own,
-    // which replays a live answer for the key.
+    // A keyed request (or no group commit). Its answer is stored with its readings by its group (which
+    // looks the key up itself: a live answer stores nothing of the request): on one node the group's
+    // statement, on Citus its shard group's transaction; without group commit on one node, by a statement
+    // of its own; else, or when those could not, by a transaction of its own, which replays a live
+    // answer for the key.
     const distributed = await ctx.distributed();
     const atOnce = oneStatement && !distributed;
-    if (answer && atOnce && groups) {
+    if (answer && groups && (atOnce || distributed)) {
       try {
         const outcome = await groups.submit({ ...request, answer });
         // Refused (a sensor unknown or inactive now): the key's answer, if it has one, else the refusal.

@@ -15,14 +15,14 @@ import { citusRouter, type ShardRouter } from '../metering/delivery-sql-shapes.j
 import { type DeliveryWake, deliveryWake } from './delivery-wake.js';
 import { type JobStatistics, jobStatistics } from './job-statistics.js';
 import type { GroupRequest, StoreReadingsOutcome } from './readings.js';
-import { storeShardGroup } from './routed.js';
+import { AnswerCommittedMeanwhile, storeKeyedShardGroup, storeShardGroup } from './routed.js';
 import { type GroupWritten, storeGroup, storeGroupOnOneNode } from './single-node.js';
 
 export type { GroupRequest } from './readings.js';
 
 /**
  * A keyed request (GroupRequest.answer) the committer did not write: its key holds a live answer (the
- * route replays it), or its group went to a transaction or to Citus, which store no answer (the route
+ * route replays it), or its group went to a transaction, which stores no answer, or failed (the route
  * writes it alone). Nothing of it is stored.
  */
 export class WriteAlone extends Error {}
@@ -319,15 +319,12 @@ export class GroupCommitter {
 
   /**
    * A distributed database: the group split by shard group, each part written in a transaction of its
-   * own with router statements (storeShardGroup), the parts concurrently. A part touches one node, so
-   * parts never wait on each other and no commit spans two nodes; a request is one organization's, so
-   * each keeps its all-or-nothing answer.
+   * own with router statements (storeKeyedShardGroup, which also stores the part's keyed requests'
+   * answers), the parts concurrently. A part touches one node, so parts never wait on each other and no
+   * commit spans two nodes; a request is one organization's, so each keeps its all-or-nothing answer.
    */
-  private async writeRouted(all: Pending[], now: Date): Promise<void> {
+  private async writeRouted(group: Pending[], now: Date): Promise<void> {
     const { db, boss } = this.ctx;
-    for (const p of all) if (p.answer) p.reject(new WriteAlone());
-    const group = all.filter((p) => !p.answer);
-    if (group.length === 0) return;
     let parts: Pending[][];
     try {
       this.router ??= citusRouter(db);
@@ -343,15 +340,27 @@ export class GroupCommitter {
     await Promise.all(
       parts.map(async (part) => {
         try {
-          const outcomes = await retryRolledBack(() =>
-            db.transaction().execute((trx) => storeShardGroup(trx, boss, part, now)),
-          );
-          this.options.onGroup?.('routed');
-          for (const [i, p] of part.entries()) p.resolve(outcomes[i]!);
+          const write = () =>
+            retryRolledBack(() =>
+              db.transaction().execute((trx) => storeKeyedShardGroup(trx, boss, part, now)),
+            );
+          // An answer committed meanwhile for one of the part's keys: the part is written again, and its
+          // look-up now finds that key taken.
+          const outcomes = await write().catch((err: unknown) => {
+            if (err instanceof AnswerCommittedMeanwhile) return write();
+            throw err;
+          });
+          if (outcomes.some((o) => o)) this.options.onGroup?.('routed');
+          for (const [i, p] of part.entries()) {
+            const outcome = outcomes[i];
+            if (outcome) p.resolve(outcome);
+            else p.reject(new WriteAlone());
+          }
         } catch (err) {
           // The shard map is read again for the next group: a shard split since it was read puts a
           // part over two shard groups, which Citus may refuse (its requests written alone still pass).
-          this.router = undefined;
+          // (An answer committed meanwhile for one of the part's keys changed no shard.)
+          if (!(err instanceof AnswerCommittedMeanwhile)) this.router = undefined;
           await this.alone(part, err, (trx, p) => storeRequest(trx, boss, p, now, true));
         }
       }),

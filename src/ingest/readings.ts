@@ -31,7 +31,8 @@ export interface GroupRequest {
   traceparent?: string | null;
   /**
    * A request with an Idempotency-Key: its answer, stored by the statement that stores its readings
-   * (one node, one statement: single-node.ts). A writer that cannot store it leaves the request unwritten.
+   * (one node, one statement: single-node.ts; Citus, its part's transaction: routed.ts storeKeyedShardGroup).
+   * A writer that cannot store it leaves the request unwritten.
    */
   answer?: KeyedAnswer;
 }

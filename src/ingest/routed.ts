@@ -25,6 +25,7 @@ import { countShardGroupThresholds } from '../alerts/thresholds.js';
 import type { DB, Destination } from '../db/schema.js';
 import { DESTINATION, ROLE } from '../metering/destinations.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
+import { answerInsert } from './idempotency.js';
 import {
   billingInForce,
   type GroupRequest,
@@ -65,6 +66,8 @@ export async function storeShardGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<StoreReadingsOutcome[]> {
+  // It stores no answer: a keyed request here would be written and its key left free.
+  if (requests.some((r) => r.answer)) throw new Error('storeShardGroup writes no keyed request');
   const { req, org, sensor, recordedAt, temperature, offsets } = readingColumns(requests);
   const orgs = [...new Set(org)].sort();
   // 1. Every reading with its sensor's state (null: not a sensor of the request's organization, which
@@ -186,6 +189,69 @@ export async function storeShardGroup(
     billed.map((b) => usageKey(b.org, b.stripe_customer_id, b.destination)),
   );
   return groupOutcomes(requests, problems, inserted);
+}
+
+/**
+ * An answer for one of a part's keys committed after the part looked its keys up (a concurrent request
+ * with the key, in another group or alone): the part's transaction is rolled back and the part written
+ * again (GroupCommitter), its look-up then finding that key taken (the route replays that answer).
+ */
+export class AnswerCommittedMeanwhile extends Error {}
+
+/**
+ * storeShardGroup for a part that may hold requests with an Idempotency-Key (one per key: the committer
+ * never groups two), in the caller's transaction: a keyed request whose key holds a live answer (a
+ * retry, or a concurrent request that committed first) stores nothing, its outcome null (the caller
+ * replays that answer); the others are written with the part, and each stored one's answer (201 and
+ * its own counts) is inserted in the same transaction, in key order as on one node. Throws
+ * AnswerCommittedMeanwhile when one of those answers met a live one. Both statements are router
+ * statements of the part's shard group (idempotency_keys is distributed with the organizations).
+ */
+export async function storeKeyedShardGroup(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  requests: readonly GroupRequest[],
+  now: Date,
+): Promise<(StoreReadingsOutcome | null)[]> {
+  const keyed = requests.flatMap((r, i) => (r.answer ? [{ i, org: r.organizationId, ...r.answer }] : []));
+  // An answer live for any of the part's keyed requests is live: one for which it had expired is
+  // answered as taken, and its route's look-up, by its own expiry, finds it expired.
+  const notBefore = new Date(Math.min(...keyed.map((k) => k.notBefore.getTime())));
+  const live =
+    keyed.length === 0
+      ? []
+      : (
+          await sql<{ org: string; key: string }>`
+            SELECT organization_id::text AS org, key FROM idempotency_keys
+             WHERE organization_id = ANY(${[...new Set(keyed.map((k) => k.org))]}::uuid[])
+               AND key = ANY(${[...new Set(keyed.map((k) => k.key))]}::text[])
+               AND created_at >= ${notBefore}::timestamptz`.execute(trx)
+        ).rows;
+  const answered = new Set(live.map((row) => `${row.org} ${row.key}`));
+  const taken = new Set(keyed.filter((k) => answered.has(`${k.org} ${k.key}`)).map((k) => k.i));
+  const written = requests.flatMap((r, i) => (taken.has(i) ? [] : [{ i, r }]));
+  const outcomes = await storeShardGroup(
+    trx,
+    boss,
+    written.map(({ r }) => ({ ...r, answer: undefined })),
+    now,
+  );
+  const byRequest = new Map(written.map(({ i }, n) => [i, outcomes[n]!]));
+  const answers = keyed
+    .flatMap((k) => {
+      const outcome = byRequest.get(k.i);
+      return outcome?.stored ? [{ ...k, body: outcome.result }] : [];
+    })
+    .sort((a, b) => compare(a.org, b.org) || compare(a.key, b.key));
+  if (answers.length > 0) {
+    const rows = answers.map(
+      (a) =>
+        sql`(${a.org}::uuid, ${a.key}::text, ${a.requestHash}::text, 201, ${JSON.stringify(a.body)}::jsonb, ${now}::timestamptz)`,
+    );
+    const stored = await sql`${answerInsert(sql`VALUES ${sql.join(rows)}`, notBefore)}`.execute(trx);
+    if (stored.rows.length !== answers.length) throw new AnswerCommittedMeanwhile();
+  }
+  return requests.map((_, i) => byRequest.get(i) ?? null);
 }
 
 /**
