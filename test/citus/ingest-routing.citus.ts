@@ -4,48 +4,27 @@
 // contract's cases (test/ingest/contract.ts) run here against the cluster; and every statement it runs
 // on a distributed table plans as one task without a distributed subplan (EXPLAIN, with the parameters
 // it ran with).
-import type { Kysely } from 'kysely';
-import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import type { Context } from '../../src/context.js';
-import type { DB } from '../../src/db/schema.js';
+import { describe, expect, inject, it } from 'vitest';
 import type { GroupRequest } from '../../src/ingest/readings.js';
 import { citusRouter } from '../../src/metering/delivery-sql-shapes.js';
 import { ingestionContract, writeGroup } from '../ingest/contract.js';
-import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
-import { openTestContext } from '../support/database.js';
+import { citusPlan, clusterContext } from '../support/citus.js';
 import { createOrganization, createSensors, type OrganizationFixture, reading } from '../support/fixtures.js';
 
 const url = inject('citusUrl');
 
 describe.skipIf(!url)('ingestion routed by shard group on the cluster', () => {
-  let ctx: Context;
-  let close: () => Promise<void>;
-  let pool: pg.Pool;
-  let db: Kysely<DB>;
-  let recorded: Recorded;
+  const cluster = clusterContext(url);
 
-  beforeAll(async () => {
-    ({ ctx, close } = await openTestContext({ DATABASE_URL: url }));
-    await ctx.boss.start();
-    pool = new pg.Pool({ connectionString: url, max: 8 });
-    recorded = [];
-    db = recordingDb(pool, recorded);
-  });
-  afterAll(async () => {
-    await db?.destroy();
-    await close?.();
-  });
-
-  ingestionContract(() => ({ ctx, distributed: true }));
+  ingestionContract(() => ({ ctx: cluster.ctx, distributed: true }));
 
   it('writes a group of eight organizations as one transaction of router statements per shard group', async () => {
     const orgs: (OrganizationFixture & { sensors: string[] })[] = [];
     for (let i = 0; i < 8; i++) {
-      const org = await createOrganization(ctx.db, { billable: i !== 7 });
-      orgs.push({ ...org, sensors: await createSensors(ctx.db, org.organizationId, 2) });
+      const org = await createOrganization(cluster.ctx.db, { billable: i !== 7 });
+      orgs.push({ ...org, sensors: await createSensors(cluster.ctx.db, org.organizationId, 2) });
     }
-    const groups = await citusRouter(ctx.db).groups(orgs.map((o) => o.organizationId));
+    const groups = await citusRouter(cluster.ctx.db).groups(orgs.map((o) => o.organizationId));
     // Eight organizations on four shards: two groups or more, but for a chance of 4 in 65,536.
     expect(groups.length).toBeGreaterThan(1);
 
@@ -59,13 +38,13 @@ describe.skipIf(!url)('ingestion routed by shard group on the cluster', () => {
       organizationId: orgs[1]!.organizationId,
       readings: [reading(orgs[2]!.sensors[0]!, 10, 1, now)],
     });
-    recorded.length = 0;
-    const outcomes = await writeGroup({ ctx, distributed: true, db }, requests, now);
+    cluster.recorded.length = 0;
+    const outcomes = await writeGroup({ ctx: cluster.ctx, distributed: true, db: cluster.db }, requests, now);
     expect(outcomes.map((o) => o.stored)).toEqual([...Array(8).fill(true), false]);
 
     // Every statement on a distributed table was a router query.
     // (The outbox ids come from the sequence on the coordinator: no table, not a distributed statement.)
-    const distributed = recorded.filter(
+    const distributed = cluster.recorded.filter(
       (q) =>
         /\b(sensors|temperature_readings|meter_outbox)\b/.test(q.sql) && !/^\s*SELECT nextval/.test(q.sql),
     );
@@ -74,7 +53,7 @@ describe.skipIf(!url)('ingestion routed by shard group on the cluster', () => {
     const billableGroups = groups.filter((g) => g.some((o) => o !== orgs[7]!.organizationId)).length;
     expect(distributed).toHaveLength(2 * groups.length + billableGroups);
     for (const q of distributed) {
-      const p = await citusPlan(pool, q);
+      const p = await citusPlan(cluster.pool, q);
       expect({ statement: q.sql.slice(0, 80), ...p }).toEqual({
         statement: q.sql.slice(0, 80),
         tasks: [1],

@@ -5,46 +5,27 @@
 // the route (WriteAlone), which replays that answer. An answer for one of the part's keys committed after
 // its look-up is met at the insert: the part rolls back and is written again, that key now taken.
 // (The route through both paths: test/http/readings-idempotency.test.ts on one node; here the writer.)
-import type { Kysely } from 'kysely';
 import { sql } from 'kysely';
 import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { describe, expect, inject, it } from 'vitest';
 import { createApp } from '../../src/api/app.js';
-import type { Context } from '../../src/context.js';
-import type { DB } from '../../src/db/schema.js';
 import { GroupCommitter, type GroupRequest, WriteAlone } from '../../src/ingest/group-commit.js';
-import { citusPlan, type Recorded, recordingDb } from '../support/citus.js';
-import { openTestContext } from '../support/database.js';
+import { citusPlan, clusterContext } from '../support/citus.js';
 import { authHeaders, createOrganization, createSensors, reading } from '../support/fixtures.js';
 import { waitFor } from '../support/wait.js';
 
 const url = inject('citusUrl');
 
 describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
-  let ctx: Context;
-  let close: () => Promise<void>;
-  let pool: pg.Pool;
-  let db: Kysely<DB>;
-  let recorded: Recorded;
-
-  beforeAll(async () => {
-    ({ ctx, close } = await openTestContext({ DATABASE_URL: url }));
-    await ctx.boss.start();
-    pool = new pg.Pool({ connectionString: url, max: 8 });
-    recorded = [];
-    db = recordingDb(pool, recorded);
-  });
-  afterAll(async () => {
-    await db?.destroy();
-    await close?.();
-  });
+  const cluster = clusterContext(url);
+  const { recorded } = cluster;
 
   /** `requests` submitted together to a committer on the recording pool, its first group held until all joined. */
   async function submitTogether(requests: readonly GroupRequest[], now: Date) {
     recorded.length = 0;
     let joined = 0;
     const committer = new GroupCommitter(
-      { db, boss: ctx.boss, distributed: async () => true, clock: { now: () => now } },
+      { db: cluster.db, boss: cluster.ctx.boss, distributed: async () => true, clock: { now: () => now } },
       {
         windowMs: 1,
         maxRequests: 1_000,
@@ -70,13 +51,15 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
   async function answers(organizationId: string) {
     const { rows } = await sql<{ key: string; hash: string; status: number; body: unknown }>`
       SELECT key, request_hash AS hash, response_status AS status, response_body AS body FROM idempotency_keys
-       WHERE organization_id = ${organizationId} ORDER BY key`.execute(ctx.db);
+       WHERE organization_id = ${organizationId} ORDER BY key`.execute(cluster.ctx.db);
     return rows;
   }
 
   async function readingsOf(sensor: string): Promise<number> {
     const { rows } = await sql<{ n: number }>`
-      SELECT count(*)::int AS n FROM temperature_readings WHERE sensor_id = ${sensor}`.execute(ctx.db);
+      SELECT count(*)::int AS n FROM temperature_readings WHERE sensor_id = ${sensor}`.execute(
+      cluster.ctx.db,
+    );
     return rows[0]!.n;
   }
 
@@ -92,8 +75,8 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
     const now = new Date();
     const orgs: { organizationId: string; sensors: string[] }[] = [];
     for (let i = 0; i < 4; i++) {
-      const org = await createOrganization(ctx.db);
-      orgs.push({ ...org, sensors: await createSensors(ctx.db, org.organizationId, 2) });
+      const org = await createOrganization(cluster.ctx.db);
+      orgs.push({ ...org, sensors: await createSensors(cluster.ctx.db, org.organizationId, 2) });
     }
     const [a, b, c, d] = orgs as [(typeof orgs)[number], ...(typeof orgs)[number][]];
     const [r1, r2, r3] = [
@@ -154,7 +137,7 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
     expect(answerInserts().length).toBeGreaterThan(0);
     expect(answerInserts().length).toBeLessThanOrEqual(parts);
     for (const q of [...keyLookUps(), ...answerInserts()]) {
-      const plan = await citusPlan(pool, q);
+      const plan = await citusPlan(cluster.pool, q);
       expect({ statement: q.sql.slice(0, 60), ...plan }).toEqual({
         statement: q.sql.slice(0, 60),
         tasks: [1],
@@ -166,10 +149,10 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
 
   it('stores nothing of a keyed request whose key holds a live answer; its part is written without it', async () => {
     const now = new Date();
-    const org = await createOrganization(ctx.db);
-    const [keyedSensor, otherSensor] = await createSensors(ctx.db, org.organizationId, 2);
+    const org = await createOrganization(cluster.ctx.db);
+    const [keyedSensor, otherSensor] = await createSensors(cluster.ctx.db, org.organizationId, 2);
     // A retry: the key's first request committed its answer.
-    await storedAnswer(pool, org.organizationId, 'taken', now);
+    await storedAnswer(cluster.pool, org.organizationId, 'taken', now);
     const outcomes = await submitTogether(
       [
         {
@@ -192,8 +175,8 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
 
   it('writes the part again when an answer for one of its keys commits after its look-up: that request unwritten, the others once', async () => {
     const now = new Date();
-    const org = await createOrganization(ctx.db);
-    const [keyedSensor, otherSensor] = await createSensors(ctx.db, org.organizationId, 2);
+    const org = await createOrganization(cluster.ctx.db);
+    const [keyedSensor, otherSensor] = await createSensors(cluster.ctx.db, org.organizationId, 2);
     // A concurrent request with the key, its answer inserted and not yet committed: the part's look-up
     // does not see it, and its answers' insert waits for it on the worker that holds the shard.
     const other = new pg.Client({ connectionString: url });
@@ -241,9 +224,9 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
   }, 60_000);
 
   it('answers a keyed request through the route with group commit, and replays it', async () => {
-    const app = createApp(ctx);
-    const org = await createOrganization(ctx.db);
-    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const app = createApp(cluster.ctx);
+    const org = await createOrganization(cluster.ctx.db);
+    const [sensor] = await createSensors(cluster.ctx.db, org.organizationId, 1);
     const body = JSON.stringify({ readings: [reading(sensor!, 10), reading(sensor!, 20)] });
     const post = () =>
       app.request('/v1/readings', {
@@ -253,7 +236,8 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
       });
     // Groups written on the cluster (meterbox_ingest_groups_total{written="routed"}).
     const routed = async () =>
-      (await ctx.metrics.ingestGroups.get()).values.find((v) => v.labels.written === 'routed')?.value ?? 0;
+      (await cluster.ctx.metrics.ingestGroups.get()).values.find((v) => v.labels.written === 'routed')
+        ?.value ?? 0;
     const before = await routed();
     const first = await post();
     expect(first.status).toBe(201);

@@ -3,13 +3,49 @@ export * from '../../scripts/lib/citus.js';
 
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
+import { afterAll, beforeAll } from 'vitest';
 import { citusQuery } from '../../scripts/lib/citus.js';
 import { loadConfig } from '../../src/config.js';
+import type { Context } from '../../src/context.js';
 import { distributeTables } from '../../src/db/citus.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { migrate } from '../../src/migrations.js';
+import { openTestContext } from './database.js';
 import { waitFor } from './wait.js';
+
+/**
+ * For a describe block on the cluster at `url`: `ctx`, a context on it (pg-boss started); `pool`, eight
+ * connections of the test's own; `db`, a Kysely over that pool that appends every statement it runs to
+ * `recorded`. Opened before the block's tests, closed after them.
+ */
+export function clusterContext(url: string) {
+  const state: { ctx?: Context; close?: () => Promise<void>; pool?: pg.Pool; db?: Kysely<DB> } = {};
+  const recorded: Recorded = [];
+  beforeAll(async () => {
+    const { ctx, close } = await openTestContext({ DATABASE_URL: url });
+    Object.assign(state, { ctx, close });
+    await ctx.boss.start();
+    state.pool = new pg.Pool({ connectionString: url, max: 8 });
+    state.db = recordingDb(state.pool, recorded);
+  });
+  afterAll(async () => {
+    await state.db?.destroy();
+    await state.close?.();
+  });
+  return {
+    get ctx(): Context {
+      return state.ctx!;
+    },
+    get pool(): pg.Pool {
+      return state.pool!;
+    },
+    get db(): Kysely<DB> {
+      return state.db!;
+    },
+    recorded,
+  };
+}
 
 /** meterbox's migrations on the coordinator at `url`, then `meterbox citus distribute`'s function. */
 export async function migrateAndDistribute(url: string): Promise<void> {
