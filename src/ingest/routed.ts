@@ -230,12 +230,16 @@ export async function storeKeyedShardGroup(
   const answered = new Set(live.map((row) => `${row.org} ${row.key}`));
   const taken = new Set(keyed.filter((k) => answered.has(`${k.org} ${k.key}`)).map((k) => k.i));
   const written = requests.flatMap((r, i) => (taken.has(i) ? [] : [{ i, r }]));
-  const outcomes = await storeShardGroup(
-    trx,
-    boss,
-    written.map(({ r }) => ({ ...r, answer: undefined })),
-    now,
-  );
+  // (A part of retries only has nothing to write.)
+  const outcomes =
+    written.length === 0
+      ? []
+      : await storeShardGroup(
+          trx,
+          boss,
+          written.map(({ r }) => ({ ...r, answer: undefined })),
+          now,
+        );
   const byRequest = new Map(written.map(({ i }, n) => [i, outcomes[n]!]));
   const answers = keyed
     .flatMap((k) => {

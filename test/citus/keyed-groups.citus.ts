@@ -173,6 +173,27 @@ describe.skipIf(!url)('keyed requests in groups on the cluster', () => {
     expect(answerInserts()).toHaveLength(0);
   }, 60_000);
 
+  it('writes nothing for a part of retries only: one look-up of its keys', async () => {
+    const now = new Date();
+    const org = await createOrganization(cluster.ctx.db);
+    const [sensor] = await createSensors(cluster.ctx.db, org.organizationId, 1);
+    await storedAnswer(cluster.pool, org.organizationId, 'retried', now);
+    const outcomes = await submitTogether(
+      [
+        {
+          organizationId: org.organizationId,
+          readings: [reading(sensor!, 10, 1, now)],
+          answer: answer('retried', now),
+        },
+      ],
+      now,
+    );
+    expect(outcomes).toEqual(['written alone']);
+    expect(keyLookUps()).toHaveLength(1);
+    expect(recorded.filter((q) => /\b(sensors|temperature_readings|meter_outbox)\b/.test(q.sql))).toEqual([]);
+    expect(await readingsOf(sensor!)).toBe(0);
+  }, 60_000);
+
   it('writes the part again when an answer for one of its keys commits after its look-up: that request unwritten, the others once', async () => {
     const now = new Date();
     const org = await createOrganization(cluster.ctx.db);
