@@ -37,6 +37,24 @@ export interface GroupRequest {
   answer?: KeyedAnswer;
 }
 
+export type KeyedRequests = ReturnType<typeof keyedRequests>;
+
+/**
+ * A group's keyed requests, one per key (GroupCommitter), and the expiry their answers are read by: both
+ * writers look their keys up and store their answers by it (single-node.ts, routed.ts).
+ */
+export function keyedRequests(requests: readonly GroupRequest[]) {
+  const keyed = [...requests.entries()].flatMap(([req, r]) =>
+    r.answer ? [{ req, r, answer: r.answer }] : [],
+  );
+  const keys = new Set(keyed.map(({ r, answer }) => `${r.organizationId} ${answer.key}`));
+  if (keys.size !== keyed.length) throw new Error('two requests of one group with the same Idempotency-Key');
+  // The earliest request's expiry: an answer live for any of them is live (a request for which it had
+  // expired is answered as taken, and its route's look-up, by its own expiry, finds it expired).
+  const notBefore = new Date(Math.min(...keyed.map(({ answer }) => answer.notBefore.getTime())));
+  return { keyed, notBefore };
+}
+
 /** The first traceparent of each organization's requests, in request order (group statements). */
 export function traceparentsByOrganization(requests: readonly GroupRequest[]): Map<string, string> {
   const traced = new Map<string, string>();

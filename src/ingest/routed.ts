@@ -30,6 +30,7 @@ import {
   billingInForce,
   type GroupRequest,
   groupOutcomes,
+  keyedRequests,
   problemsByRequest,
   readingColumns,
   type StoreReadingsOutcome,
@@ -213,22 +214,21 @@ export async function storeKeyedShardGroup(
   requests: readonly GroupRequest[],
   now: Date,
 ): Promise<(StoreReadingsOutcome | null)[]> {
-  const keyed = requests.flatMap((r, i) => (r.answer ? [{ i, org: r.organizationId, ...r.answer }] : []));
-  // An answer live for any of the part's keyed requests is live: one for which it had expired is
-  // answered as taken, and its route's look-up, by its own expiry, finds it expired.
-  const notBefore = new Date(Math.min(...keyed.map((k) => k.notBefore.getTime())));
+  const { keyed, notBefore } = keyedRequests(requests);
   const live =
     keyed.length === 0
       ? []
       : (
           await sql<{ org: string; key: string }>`
             SELECT organization_id::text AS org, key FROM idempotency_keys
-             WHERE organization_id = ANY(${[...new Set(keyed.map((k) => k.org))]}::uuid[])
-               AND key = ANY(${[...new Set(keyed.map((k) => k.key))]}::text[])
+             WHERE organization_id = ANY(${[...new Set(keyed.map((k) => k.r.organizationId))]}::uuid[])
+               AND key = ANY(${[...new Set(keyed.map((k) => k.answer.key))]}::text[])
                AND created_at >= ${notBefore}::timestamptz`.execute(trx)
         ).rows;
   const answered = new Set(live.map((row) => `${row.org} ${row.key}`));
-  const taken = new Set(keyed.filter((k) => answered.has(`${k.org} ${k.key}`)).map((k) => k.i));
+  const taken = new Set(
+    keyed.filter((k) => answered.has(`${k.r.organizationId} ${k.answer.key}`)).map((k) => k.req),
+  );
   const written = requests.flatMap((r, i) => (taken.has(i) ? [] : [{ i, r }]));
   // (A part of retries only has nothing to write.)
   const outcomes =
@@ -243,14 +243,16 @@ export async function storeKeyedShardGroup(
   const byRequest = new Map(written.map(({ i }, n) => [i, outcomes[n]!]));
   const answers = keyed
     .flatMap((k) => {
-      const outcome = byRequest.get(k.i);
-      return outcome?.stored ? [{ ...k, body: outcome.result }] : [];
+      const outcome = byRequest.get(k.req);
+      return outcome?.stored
+        ? [{ org: k.r.organizationId, key: k.answer.key, hash: k.answer.requestHash, body: outcome.result }]
+        : [];
     })
     .sort((a, b) => compare(a.org, b.org) || compare(a.key, b.key));
   if (answers.length > 0) {
     const rows = answers.map(
       (a) =>
-        sql`(${a.org}::uuid, ${a.key}::text, ${a.requestHash}::text, 201, ${JSON.stringify(a.body)}::jsonb, ${now}::timestamptz)`,
+        sql`(${a.org}::uuid, ${a.key}::text, ${a.hash}::text, 201, ${JSON.stringify(a.body)}::jsonb, ${now}::timestamptz)`,
     );
     const stored = await sql`${answerInsert(sql`VALUES ${sql.join(rows)}`, notBefore)}`.execute(trx);
     if (stored.rows.length !== answers.length) throw new AnswerCommittedMeanwhile();

@@ -26,6 +26,8 @@ import {
   billingInForce,
   type GroupRequest,
   groupOutcomes,
+  type KeyedRequests,
+  keyedRequests,
   type ProblemRow,
   problemsByRequest,
   readingArrays,
@@ -266,21 +268,6 @@ function groupStatement(requests: readonly GroupRequest[], now: Date, atOnce: bo
         : sql``
     }`;
   return { statement, offsets };
-}
-
-type KeyedRequests = ReturnType<typeof keyedRequests>;
-
-/** The group's keyed requests, one per key (GroupCommitter), and the expiry their answers are read by. */
-function keyedRequests(requests: readonly GroupRequest[]) {
-  const keyed = [...requests.entries()].flatMap(([req, r]) =>
-    r.answer ? [{ req, r, answer: r.answer }] : [],
-  );
-  const keys = new Set(keyed.map(({ r, answer }) => `${r.organizationId} ${answer.key}`));
-  if (keys.size !== keyed.length) throw new Error('two requests of one group with the same Idempotency-Key');
-  // The earliest request's expiry: an answer live for any of them is live (a request for which it had
-  // expired is answered as taken, and its route's look-up, by its own expiry, finds it expired).
-  const notBefore = new Date(Math.min(...keyed.map(({ answer }) => answer.notBefore.getTime())));
-  return { keyed, notBefore };
 }
 
 /**
