@@ -1,6 +1,7 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
 //                           [--api-cpu-prof] [--worker-cpu-prof] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 //                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
+//                           [--wal deployment|fresh] [--wal-compare [--pairs N]]
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
@@ -20,7 +21,10 @@
 // migrations must be this checkout's). Each run also gives the lease reaper's read of fetched jobs
 // (pg_stat_statements: calls, Postgres time, rows). `--worker-compare NAME=VALUE,...`: each delivery
 // scenario runs N times with this checkout's worker as configured and with those settings, alternated
-// (as configured first): a setting's two values compared in one run.
+// (as configured first): a setting's two values compared in one run. Every delivery scenario first
+// gives the cluster its WAL settings and readies their segments (wal.ts: `--wal`, default the
+// deployment's); `--wal-compare`: each scenario N times on a fresh cluster of its own and with the
+// deployment's WAL, alternated.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
@@ -72,6 +76,7 @@ import {
   startProcess,
 } from './harness.js';
 import { sampleWaits } from './waits.js';
+import { readyWal, type WalSettings, walBytesSince, walPosition, walSettingsOf } from './wal.js';
 
 interface Scenario {
   id: string;
@@ -150,6 +155,13 @@ const { values: args } = parseArgs({
     // The per-second timeline (cores by party, Postgres by role; requests, report rows, events) in the log
     // too; it is always in the JSON.
     timeline: { type: 'boolean', default: false },
+    // The cluster's WAL in the delivery scenarios (wal.ts): `deployment` (compose.yaml's settings,
+    // src/db/wal-sizing.ts, and min_wal_size's worth of segments ready after a checkpoint, as a running
+    // cluster with them has at minute 0) or `fresh` (a cluster just created, Postgres's defaults).
+    wal: { type: 'string', default: 'deployment' },
+    // Each delivery scenario N times (--pairs) on a fresh cluster and with the deployment's WAL,
+    // alternated (fresh first): what a running cluster's WAL changes, in one run.
+    'wal-compare': { type: 'boolean', default: false },
     // Clients on each side of the single-reading ratio (batch 500: 4 on each side, as npm run bench).
     'ratio-clients': { type: 'string', default: '64' },
     // Raw Postgres' connections (and clients) for single readings, when not --ratio-clients: a small
@@ -508,6 +520,8 @@ function latestProfile(dir: string, before: Set<string>): ProfileSplit | null {
 interface AtReport {
   cpu: ReturnType<typeof cpuSplit>;
   monoUs: number;
+  /** WAL written from the worker's spawn to the report's end (the requests' too). */
+  walBytes: number;
   api: Awaited<ReturnType<typeof statementsOf>>;
   worker: Awaited<ReturnType<typeof statementsOf>>;
   top: Awaited<ReturnType<typeof topStatements>>;
@@ -517,12 +531,13 @@ interface AtReport {
 async function runScenario(
   s: Scenario,
   cluster: Cluster,
+  wal: WalSettings,
   entries: Record<string, string>,
   code = 'this checkout',
   workerEnv: Record<string, string> = {},
   migrations?: ReadonlySet<string>,
 ) {
-  log(`--- ${s.id}: ${s.name} (${code}); load average ${loadAverage().join(' ')}`);
+  log(`--- ${s.id}: ${s.name} (${code}, WAL ${wal}); load average ${loadAverage().join(' ')}`);
   const loadAverageAtStart = loadAverage();
   const startedAt = new Date().toISOString();
   const url = await freshDatabase(cluster, 'ingest', migrations);
@@ -536,6 +551,10 @@ async function runScenario(
     const t0 = Date.now();
     const orgs = await seedOrgs(h.pool, s.customers, 1, `i${randomBytes(2).toString('hex')}`);
     log(`${orgs.length} billable customers seeded in ${round((Date.now() - t0) / 1000, 1)} s`);
+    const walReady = await readyWal(h.pool, wal);
+    log(
+      `WAL: min_wal_size ${walReady.minWalSize}, max_wal_size ${walReady.maxWalSize}; ${walReady.segmentsReady} segments ready${wal === 'fresh' ? ' (a cluster just created)' : ` after a checkpoint (${walReady.seconds} s)`}`,
+    );
     emulator = await startStripeEmulator({
       port: 0,
       faults: { latencyMs: 0, jitterMs: 500 },
@@ -581,6 +600,7 @@ async function runScenario(
     cleanup.push(() => worker.stop());
     const cpu0 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
     const waits = waitSampler(h.pool);
+    const walAtStart = await walPosition(h.pool);
     const loadStart = Date.now();
     const loadStartPerf = performance.now();
     const loadStartMonoUs = Number(process.hrtime.bigint() / 1000n);
@@ -636,6 +656,7 @@ async function runScenario(
         atReport = {
           cpu,
           monoUs,
+          walBytes: await walBytesSince(h.pool, walAtStart),
           api: await statementsOf(h.pool, API_ROLE, 0),
           worker: await statementsOf(h.pool, WORKER_ROLE, 0),
           top: await topStatements(h.pool),
@@ -792,6 +813,7 @@ async function runScenario(
     const result = {
       scenario: s,
       code,
+      wal: walReady,
       startedAt,
       endedAt: new Date().toISOString(),
       loadAverageAtStart,
@@ -904,6 +926,9 @@ async function runScenario(
       const e = end.cpu.cores;
       log(
         `  until the report's end (${end.cpu.seconds} s): api ${e.api} worker ${e.worker} postgres ${e.postgres} loadgen+emulator ${e.loadGeneratorAndEmulator} others ${e.others} (machine ${e.machine}); ${result.report.events} report events, ${result.report.eventsPerSecond}/s`,
+      );
+      log(
+        `  WAL until the report's end: ${round(end.walBytes / 1048576, 1)} MiB, ${result.report.events ? Math.round(end.walBytes / result.report.events) : '?'} bytes a report event (the requests' WAL included)`,
       );
       for (const st of end.top.slice(0, 8))
         log(
@@ -1254,6 +1279,38 @@ function runValidation() {
   return { readings: 500, rounds: 10, result, loadAverage: loadAverage() };
 }
 
+/** The bench's cluster: pg_stat_statements (with planning) and, with --explain-ms, auto_explain. */
+async function benchCluster(dataDir: string): Promise<Cluster> {
+  const cluster = await startCluster(dataDir);
+  try {
+    await configure(cluster);
+  } catch (err) {
+    await cluster.stop();
+    throw err;
+  }
+  return cluster;
+}
+
+async function configure(cluster: Cluster): Promise<void> {
+  const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
+  await admin.connect();
+  await admin.query(
+    `ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'${explainMs !== null ? `, 'auto_explain'` : ''}`,
+  );
+  await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
+  if (explainMs !== null) {
+    // --explain-ms N: every statement slower than N ms logged with its real plan (analyzed, with
+    // buffers), and every autovacuum/analyze, in the server's log, copied to bench-results at the end.
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${explainMs}`);
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
+    await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
+    await admin.query(`ALTER SYSTEM SET log_autovacuum_min_duration = 0`);
+  }
+  await admin.end();
+  await cluster.restart();
+}
+
 export async function runIngestBench(): Promise<number> {
   if (only?.length === 1 && only[0] === 'validation') {
     const validation = runValidation();
@@ -1264,25 +1321,8 @@ export async function runIngestBench(): Promise<number> {
   const dir = join('/tmp', `meterbox-bench-ingest-${process.pid}`);
   const buildDir = join(ROOT, 'bench-results', `.build-ingest-${process.pid}`);
   mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
-  const cluster = await startCluster(join(dir, 'pg'));
+  const cluster = await benchCluster(join(dir, 'pg'));
   try {
-    const admin = new pg.Client({ connectionString: cluster.embedded.adminUrl });
-    await admin.connect();
-    await admin.query(
-      `ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'${explainMs !== null ? `, 'auto_explain'` : ''}`,
-    );
-    await admin.query(`ALTER SYSTEM SET pg_stat_statements.track_planning = on`);
-    if (explainMs !== null) {
-      // --explain-ms N: every statement slower than N ms logged with its real plan (analyzed, with
-      // buffers), and every autovacuum/analyze, in the server's log, copied to bench-results at the end.
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_min_duration = ${explainMs}`);
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_analyze = on`);
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_buffers = on`);
-      await admin.query(`ALTER SYSTEM SET auto_explain.log_nested_statements = on`);
-      await admin.query(`ALTER SYSTEM SET log_autovacuum_min_duration = 0`);
-    }
-    await admin.end();
-    await cluster.restart();
     const entries = await buildEntries(['src/bin/server.ts', 'src/bin/worker.ts'], buildDir);
     const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
     const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
@@ -1291,10 +1331,17 @@ export async function runIngestBench(): Promise<number> {
       entries: Record<string, string>;
       workerEnv?: Record<string, string>;
       migrations?: ReadonlySet<string>;
+      wal?: WalSettings;
     }[] = [];
     const workerCompare = args['worker-compare'];
     if (workerCompare && args.baseline) throw new Error('--worker-compare and --baseline: one at a time');
-    if (workerCompare) {
+    if (args['wal-compare'] && (workerCompare || args.baseline))
+      throw new Error('--wal-compare: without --worker-compare or --baseline');
+    if (args['wal-compare']) {
+      for (let i = 0; i < Number(args.pairs ?? 1); i++)
+        for (const wal of ['fresh', 'deployment'] as const)
+          runs.push({ code: `${head}${dirty ? '+' : ''}`, entries, wal });
+    } else if (workerCompare) {
       const workerEnv = Object.fromEntries(workerCompare.split(',').map(settingPair));
       for (let i = 0; i < Number(args.pairs ?? 1); i++) {
         runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
@@ -1315,10 +1362,21 @@ export async function runIngestBench(): Promise<number> {
       }
     } else runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
     const results = [];
+    let fresh = 0;
     for (const s of SCENARIOS)
       if (want(s.id))
-        for (const run of runs)
-          results.push(await runScenario(s, cluster, run.entries, run.code, run.workerEnv, run.migrations));
+        for (const run of runs) {
+          // A fresh cluster is one just created: its own, since a cluster that ran a report keeps segments.
+          const wal = run.wal ?? walSettingsOf(args.wal ?? 'deployment');
+          const own = wal === 'fresh' ? await benchCluster(join(dir, `pg-fresh-${++fresh}`)) : null;
+          try {
+            results.push(
+              await runScenario(s, own ?? cluster, wal, run.entries, run.code, run.workerEnv, run.migrations),
+            );
+          } finally {
+            await own?.stop();
+          }
+        }
     const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
     const out = {
       kind: 'ingest',

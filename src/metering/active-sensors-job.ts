@@ -8,6 +8,7 @@ import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
 import { analyzeStale, JOB_TABLE } from '../db/statistics.js';
+import { reportWalSizing } from '../db/wal-sizing.js';
 import type { Logger } from '../log.js';
 import {
   type HourlyReportResult,
@@ -183,6 +184,8 @@ export async function startActiveSensorReporting(ctx: Context, onCounts?: Report
     organizationsPerSecond: reportPace(ctx.config),
   };
   await registerSchedule(ctx.boss, ctx.config.METER_CRON, log);
+  // On one node the report's WAL is this database's (on Citus the worker nodes write it).
+  if (!(await ctx.distributed())) await reportWalSizing(ctx.db, log);
 
   await ctx.boss.work(
     ACTIVE_SENSORS_QUEUE,
