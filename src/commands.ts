@@ -12,6 +12,7 @@ import { usageTokenCommands } from './admin/usage-tokens-cli.js';
 import { stripeCommands } from './billing/stripe-cli.js';
 import type { CliCommand } from './cli/command.js';
 import { replicationCommands } from './metering/replication-report.js';
+import { walCommands } from './metering/wal-report.js';
 
 export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...organizationCommands,
@@ -21,6 +22,7 @@ export const COMMANDS: Readonly<Record<string, CliCommand>> = {
   ...destinationCommands,
   ...citusCommands,
   ...replicationCommands,
+  ...walCommands,
   ...usageTokenCommands,
   ...alertCommands,
 };

@@ -23,8 +23,8 @@
 // scenario runs N times with this checkout's worker as configured and with those settings, alternated
 // (as configured first): a setting's two values compared in one run. Every delivery scenario first
 // gives the cluster its WAL settings and readies their segments (wal.ts: `--wal`, default the
-// deployment's); `--wal-compare`: each scenario N times on a fresh cluster of its own and with the
-// deployment's WAL, alternated.
+// deployment's; the ratios' raw and API sides too); `--wal-compare`: each scenario N times on a fresh
+// cluster of its own and with the deployment's WAL, alternated.
 //
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
 // profiles); a developer tool read as a whole.
@@ -987,6 +987,11 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    // Both sides write on the deployment's WAL (`--wal fresh`: the cluster as it is).
+    const wal = await readyWal(h.pool, walSettingsOf(args.wal ?? 'deployment'));
+    log(
+      `WAL: min_wal_size ${wal.minWalSize}, max_wal_size ${wal.maxWalSize}; ${wal.segmentsReady} segments ready`,
+    );
     const profDir = join(ROOT, 'bench-results', 'cpu-prof');
     mkdirSync(profDir, { recursive: true });
     const profilesBefore = new Set(readdirSync(profDir));

@@ -6,10 +6,10 @@
 // min_wal_size's worth (and its recent checkpoints' distance): below the report's WAL, the report creates
 // the rest while requests wait on them. And WAL past max_wal_size / (1 + checkpoint_completion_target)
 // since the last checkpoint requests another in the middle of the report, after which each page's first
-// change writes a full-page image. The worker says so at start-up (docs/operations.md, "Postgres's WAL
-// settings"); compose.yaml's Postgres runs with RECOMMENDED_WAL_SETTINGS.
+// change writes a full-page image. The worker says so at start-up and `meterbox wal check` on demand
+// (src/metering/wal-report.ts; docs/operations.md, "Postgres's WAL settings"); compose.yaml's Postgres runs
+// with RECOMMENDED_WAL_SETTINGS.
 import { type Kysely, sql } from 'kysely';
-import type { Logger } from '../log.js';
 import { BILLABLE_STATUSES, type DB } from './schema.js';
 
 /**
@@ -87,21 +87,4 @@ export function describeWalSizing(
       `max_wal_size ${mb(settings.maxWalBytes)} requests a checkpoint after about ${mb(checkpointAfter)} of WAL, less than the hourly report's (about ${mb(reportWalBytes)}): a checkpoint in the middle of the report, then full-page images; set max_wal_size to at least ${mb(reportWalBytes * (1 + settings.checkpointCompletionTarget))}`,
     );
   return { ok: lines.length === 0, reportWalBytes, lines };
-}
-
-/** Says once (the worker's start-up) whether the WAL settings fit the hourly report; a warning when not. */
-export async function reportWalSizing(db: Kysely<DB>, log: Logger): Promise<void> {
-  try {
-    const { settings, organizations } = await readWalSizing(db);
-    const described = describeWalSizing(settings, organizations);
-    const entry = { organizations, reportWalBytes: described.reportWalBytes, details: described.lines };
-    if (described.ok) log.info(entry, 'WAL settings fit the hourly report');
-    else
-      log.warn(
-        entry,
-        `WAL settings too small for the hourly report; see docs/operations.md, Postgres's WAL settings`,
-      );
-  } catch (err) {
-    log.warn({ err }, 'could not read the WAL settings');
-  }
 }

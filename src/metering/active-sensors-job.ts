@@ -8,7 +8,6 @@ import type { Context } from '../context-type.js';
 import { longStatements } from '../db/dead-connections.js';
 import type { DB } from '../db/schema.js';
 import { analyzeStale, JOB_TABLE } from '../db/statistics.js';
-import { reportWalSizing } from '../db/wal-sizing.js';
 import type { Logger } from '../log.js';
 import {
   type HourlyReportResult,
@@ -20,6 +19,7 @@ import { METRONOME_MAX_EVENTS } from './metronome.js';
 import { queues, sendJob } from './queues.js';
 import { recordTaskFailure, recordTaskSuccess } from './task-runs.js';
 import { MAX_STREAM_EVENTS } from './transport-v2.js';
+import { reportWalSizing } from './wal-report.js';
 
 export const ACTIVE_SENSORS_QUEUE = 'active-sensors-report';
 

@@ -9,12 +9,12 @@ import {
   RECOMMENDED_WAL_SETTINGS,
   REPORT_WAL_BYTES_PER_ORGANIZATION,
   readWalSizing,
-  reportWalSizing,
   type WalSettings,
 } from '../../src/db/wal-sizing.js';
 import { createLogger } from '../../src/log.js';
 import { ACTIVE_SENSORS_QUEUE, startActiveSensorReporting } from '../../src/metering/active-sensors-job.js';
-import { createOrganization } from '../support/fixtures.js';
+import { reportWalSizing, walCheckCommand } from '../../src/metering/wal-report.js';
+import { createOrganization, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
 const it = contextTest({ startBoss: false });
@@ -99,7 +99,7 @@ describe('WAL settings for the hourly report', () => {
     expect(describeWalSizing(recommended, 100_000)).toMatchObject({ ok: true, lines: [] });
   });
 
-  it('logs at info while the report fits, and warns once the billable organizations outgrow min_wal_size', async ({
+  it('logs at info and `wal check` exits 0 while the report fits; both say what to raise once the billable organizations outgrow min_wal_size', async ({
     ctx,
   }) => {
     const { settings, organizations } = await readWalSizing(ctx.db);
@@ -110,6 +110,11 @@ describe('WAL settings for the hourly report', () => {
     expect(fits.lines).toEqual([
       expect.objectContaining({ level: 30, msg: 'WAL settings fit the hourly report', organizations }),
     ]);
+    const fitting = memoryIo();
+    expect(await walCheckCommand(ctx, fitting)).toBe(0);
+    expect(fitting.stdout).toMatch(
+      new RegExp(`^ok {4}WAL settings for the hourly report of ${organizations} organizations`),
+    );
 
     // Enough billable organizations for a report past the server's min_wal_size (rows as a sign-up writes them).
     const needed = Math.ceil(settings.minWalBytes / REPORT_WAL_BYTES_PER_ORGANIZATION) + 1 - organizations;
@@ -131,6 +136,9 @@ describe('WAL settings for the hourly report', () => {
         details: expected.lines,
       }),
     ]);
+    const grownCheck = memoryIo();
+    expect(await walCheckCommand(ctx, grownCheck)).toBe(expected.ok ? 0 : 1);
+    for (const line of expected.lines) expect(grownCheck.stdout).toContain(`      ${line}\n`);
     if (settings.initZero && settings.recycle)
       expect(grown.lines[0]!.details).toContainEqual(
         expect.stringMatching(new RegExp(`^min_wal_size .* for ${organizations + needed} organizations`)),
