@@ -14,6 +14,7 @@ import {
 import { createLogger } from '../../src/log.js';
 import { ACTIVE_SENSORS_QUEUE, startActiveSensorReporting } from '../../src/metering/active-sensors-job.js';
 import { reportWalSizing, walCheckCommand } from '../../src/metering/wal-report.js';
+import { unreachableDb } from '../support/database.js';
 import { createOrganization, memoryIo } from '../support/fixtures.js';
 import { contextTest } from '../support/test.js';
 
@@ -153,5 +154,12 @@ describe('WAL settings for the hourly report', () => {
     expect(said).toEqual([
       expect.objectContaining({ msg: 'WAL settings fit the hourly report', component: 'active-sensors' }),
     ]);
+  });
+
+  it('warns, and the worker starts on, when the settings cannot be read', async () => {
+    const unreachable = unreachableDb();
+    const { log, lines } = logLines();
+    await expect(reportWalSizing(unreachable, log)).resolves.toBeUndefined();
+    expect(lines).toEqual([expect.objectContaining({ level: 40, msg: 'could not read the WAL settings' })]);
   });
 });

@@ -3,15 +3,13 @@
 //
 // Why this file is long: the hourly job's three drivers (start-up run, schedule, cron firings across two workers) share
 // one TestClock fixture.
-import { Kysely, PostgresDialect, sql } from 'kysely';
-import pg from 'pg';
+import { sql } from 'kysely';
 import { PgBoss, TestClock } from 'pg-boss';
-import { describe, expect, it, onTestFinished } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import { ConfigError } from '../../src/config.js';
 import type { Context } from '../../src/context.js';
 import { SplitListenDb } from '../../src/db/job-queue-db.js';
-import type { DB } from '../../src/db/schema.js';
 import {
   ACTIVE_SENSORS_QUEUE,
   REPORT_PACE_BOUNDS,
@@ -23,7 +21,13 @@ import {
 } from '../../src/metering/active-sensors-job.js';
 import { sendJob } from '../../src/metering/queues.js';
 import { startWorker } from '../../src/worker/start.js';
-import { cleanUp, createTestContext, createTestDatabase, recordingDb } from '../support/database.js';
+import {
+  cleanUp,
+  createTestContext,
+  createTestDatabase,
+  recordingDb,
+  unreachableDb,
+} from '../support/database.js';
 import { waitFor } from '../support/wait.js';
 import {
   activeSensorRows,
@@ -283,15 +287,7 @@ describe('start-up run failure', () => {
     const ctx = await createTestContext({}, { bossSupervise: false });
     await ctx.boss.start();
     // A database handle that cannot connect: the report fails, pg-boss (its own pool) still works.
-    const unreachable = new Kysely<DB>({
-      dialect: new PostgresDialect({
-        pool: new pg.Pool({
-          connectionString: 'postgres://postgres@127.0.0.1:1/none',
-          connectionTimeoutMillis: 2_000,
-        }),
-      }),
-    });
-    onTestFinished(() => unreachable.destroy());
+    const unreachable = unreachableDb();
     await expect(startActiveSensorReporting({ ...ctx, db: unreachable })).resolves.toBeUndefined();
     const { rows } = await ctx.pool.query<{ n: number }>(
       `SELECT count(*)::int AS n FROM pgboss.job WHERE name = $1`,

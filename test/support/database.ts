@@ -140,3 +140,17 @@ export function recordingDb(pool: pg.Pool): {
   });
   return { db, statements, queries };
 }
+
+/** A Kysely on a port nothing listens on: every statement fails to connect (destroyed after the test). */
+export function unreachableDb(): Kysely<DB> {
+  const db = new Kysely<DB>({
+    dialect: new PostgresDialect({
+      pool: new pg.Pool({
+        connectionString: 'postgres://postgres@127.0.0.1:1/none',
+        connectionTimeoutMillis: 2_000,
+      }),
+    }),
+  });
+  onTestFinished(() => db.destroy());
+  return db;
+}
