@@ -62,6 +62,7 @@ import {
 } from './harness.js';
 import { statementFamily } from './statement-family.js';
 import { sampleWaits } from './waits.js';
+import { walBytesBetween, walPosition } from './wal.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -125,7 +126,7 @@ async function snapshot(pool: pg.Pool, dataDir: string): Promise<Snapshot> {
   // Pending table statistics of other sessions reach pg_stat_user_tables when they flush (at most a
   // second after their transaction); the caller waits for that before the closing snapshot.
   await pool.query('SELECT pg_stat_clear_snapshot()');
-  const wal = await pool.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
+  const walLsn = await walPosition(pool);
   const tables = await pool.query<{ name: string; ins: string; upd: string; hot: string; del: string }>(
     `SELECT schemaname || '.' || relname AS name, n_tup_ins::text AS ins, n_tup_upd::text AS upd,
             n_tup_hot_upd::text AS hot, n_tup_del::text AS del
@@ -139,7 +140,7 @@ async function snapshot(pool: pg.Pool, dataDir: string): Promise<Snapshot> {
   );
   return {
     at: performance.now(),
-    walLsn: wal.rows[0]!.lsn,
+    walLsn,
     cpuSeconds: serverCpuSeconds(dataDir),
     rows: new Map([...writes].map(([name, w]) => [name, w.ins + w.upd + w.del])),
     writes,
@@ -395,13 +396,8 @@ function writesPerEvent(from: Snapshot, to: Snapshot, events: number): Record<st
   return out;
 }
 
-async function walDiff(pool: pg.Pool, from: Snapshot, to: Snapshot): Promise<number> {
-  const r = await pool.query<{ n: string }>('SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::text AS n', [
-    to.walLsn,
-    from.walLsn,
-  ]);
-  return Number(r.rows[0]?.n ?? 0);
-}
+const walDiff = (pool: pg.Pool, from: Snapshot, to: Snapshot) =>
+  walBytesBetween(pool, from.walLsn, to.walLsn);
 
 /** A foreign key's check, which Postgres runs inside the statement that writes the row. */
 const FOREIGN_KEY_CHECK = /^SELECT \$?\d* FROM ONLY "\w+"\."\w+" x WHERE/;

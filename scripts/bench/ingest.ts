@@ -76,7 +76,7 @@ import {
   startProcess,
 } from './harness.js';
 import { sampleWaits } from './waits.js';
-import { readyWal, type WalSettings, walBytesSince, walPosition, walSettingsOf } from './wal.js';
+import { readyWal, type WalSettings, walBytesBetween, walPosition, walSettingsOf } from './wal.js';
 
 interface Scenario {
   id: string;
@@ -656,7 +656,7 @@ async function runScenario(
         atReport = {
           cpu,
           monoUs,
-          walBytes: await walBytesSince(h.pool, walAtStart),
+          walBytes: await walBytesBetween(h.pool, walAtStart),
           api: await statementsOf(h.pool, API_ROLE, 0),
           worker: await statementsOf(h.pool, WORKER_ROLE, 0),
           top: await topStatements(h.pool),

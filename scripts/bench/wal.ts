@@ -67,16 +67,17 @@ async function current(pool: pg.Pool): Promise<Omit<WalReady, 'seconds'>> {
   return { minWalSize: r.min, maxWalSize: r.max, segmentsReady: Number(r.ready) };
 }
 
-/** The WAL position now, for the bytes written between two reads (pg_wal_lsn_diff). */
+/** The WAL position now, for the bytes written between two positions (walBytesBetween). */
 export async function walPosition(pool: pg.Pool): Promise<string> {
   const { rows } = await pool.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
   return rows[0]!.lsn;
 }
 
-export async function walBytesSince(pool: pg.Pool, from: string): Promise<number> {
+/** WAL bytes written from position `from` to `to` (default: now). */
+export async function walBytesBetween(pool: pg.Pool, from: string, to?: string): Promise<number> {
   const { rows } = await pool.query<{ n: string }>(
-    'SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::text AS n',
-    [from],
+    'SELECT pg_wal_lsn_diff(coalesce($2::pg_lsn, pg_current_wal_lsn()), $1::pg_lsn)::text AS n',
+    [from, to ?? null],
   );
   return Number(rows[0]?.n ?? 0);
 }

@@ -49,7 +49,8 @@ export async function readWalSizing(
            current_setting('checkpoint_completion_target') AS target,
            current_setting('wal_init_zero') AS init_zero,
            current_setting('wal_recycle') AS recycle,
-           (SELECT count(DISTINCT organization_id) FROM subscriptions
+           -- One subscription an organization (its primary key).
+           (SELECT count(*) FROM subscriptions
              WHERE status = ANY(${[...BILLABLE_STATUSES]}::text[]))::text AS organizations`.execute(db);
   const r = rows[0]!;
   return {
