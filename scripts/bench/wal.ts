@@ -8,7 +8,7 @@
 // (src/db/wal-sizing.ts, compose.yaml), writes min_wal_size's worth of segments and checkpoints: the
 // segments such a cluster holds at minute 0, and the checkpoint every running cluster had within
 // checkpoint_timeout (the report's first change of each page then carries its full-page image).
-// `fresh` leaves a cluster just created as it is, as every run of this bench was until 2026-11-29.
+// `fresh` leaves a cluster just created as it is (how the runs published before 2026-11-29 were measured).
 import type pg from 'pg';
 import { RECOMMENDED_WAL_SETTINGS } from '../../src/db/wal-sizing.js';
 
