@@ -8,7 +8,7 @@ import { ensureKeys, insertMissingKeys } from './claim-sql.js';
 import { billableAt, DESTINATION, destinationCustomer, destinationsJoin, inForceAt } from './destinations.js';
 import { singleRowIdentifier } from './identifiers.js';
 import { processKnownKeys } from './known-keys.js';
-import { enqueueDeliveries, writeOutbox } from './outbox.js';
+import { enqueueBatchDeliveries, writeOutbox } from './outbox.js';
 import { keyRef } from './rules/keys.js';
 
 /** A count of active sensors as a report wrote it: one per organization and report time. */
@@ -145,10 +145,10 @@ async function lockHour(trx: Transaction<DB>, key: string): Promise<void> {
 }
 
 /**
- * The hand-off of the report's rows: an active_sensors key almost never has a queued job (the last
- * hour's was delivered long ago), so jobs are inserted first and only keys whose insert was refused
- * are looked up and share-locked. Looking up every key first took 7.3 s for 10,000 keys in one
- * statement under ingestion load (pg_stat_statements, the bench's start-up run).
+ * The hand-off of the report's rows: their keys' delivery as meter-delivery-batch jobs, one per
+ * delivery batch's worth of keys (outbox.ts enqueueBatchDeliveries), not one meter-delivery job per
+ * key: pg-boss's insert, fetch and completion of a job row a key were a third of the report's
+ * statement time and a fifth of its WAL (docs/benchmarks.md).
  *
  * The keys' delivery rows are inserted here too, free, where missing (an organization's first report):
  * otherwise each batch of a first report inserts them before its claim (claim-sql.ts claimBatch), or
@@ -176,12 +176,12 @@ async function handOff(
   );
   if (distributed) await ensureKeys(trx, keys);
   else await insertMissingKeys(trx, keys);
-  await enqueueDeliveries(trx, boss, keys, NONE_HELD);
+  // One meter-delivery-batch job a delivery batch's worth of keys, not one job a key (queues.ts).
+  await enqueueBatchDeliveries(trx, boss, keys);
   // This process's claims of these keys look none of them up again (known-keys.ts). Should the chunk
   // roll back, a claim finds a key's row missing and inserts it then (claimBatch's fallback).
   for (const key of keys) processKnownKeys.add(key);
 }
-const NONE_HELD: ReadonlySet<string> = new Set();
 
 /** The counts of a report's rows: one per organization (its destinations' rows carry the same count). */
 const countsOf = (

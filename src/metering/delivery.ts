@@ -6,9 +6,10 @@ import type { JobWithMetadata } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
-import { endDeliveryJobs, markEnded } from './job-completion.js';
+import { deadLetterKeys, endDeliveryJobs, markEnded } from './job-completion.js';
 import { startLeaseReaper } from './lease-reaper.js';
 import type { QueuePayload } from './queues.js';
+import { batchJobSlices } from './rules/jobs.js';
 import { startOutboxSweep } from './sweep.js';
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
@@ -19,6 +20,31 @@ const RESOURCE_RETRY_FIRST_MS = 500;
 const RESOURCE_RETRY_MAX_MS = 5_000;
 /** How long one batch waits for the resource before its jobs fail as usual (they expire after 5 minutes). */
 const RESOURCE_HOLD_MS = 120_000;
+
+/** At most `n` holders at once; a taker waits, first come first served, for a release. */
+function batchSlots(n: number): { take(): Promise<{ release(): void }> } {
+  let free = n;
+  const waiting: (() => void)[] = [];
+  const release = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else free++;
+  };
+  return {
+    async take() {
+      if (free > 0) free--;
+      else await new Promise<void>((resolve) => waiting.push(resolve));
+      let released = false;
+      return {
+        release() {
+          if (released) return;
+          released = true;
+          release();
+        },
+      };
+    },
+  };
+}
 
 export interface DeliveryRuntime {
   /** Stops the sweep and wake-up timers; running batches finish. Call before boss.stop(). */
@@ -112,6 +138,8 @@ export async function startDelivery(
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   const { transport, metronomeTransport, db, leases } = parts;
   const { batchSize, workOptions, gate } = parts.fetch;
+  // DELIVERY_CONCURRENCY batches at once in this process, whichever queue fetched them.
+  const running = batchSlots(fetcherCount);
   for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '', busy: false };
     fetchers.push(fetcher);
@@ -121,6 +149,7 @@ export async function startDelivery(
       async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = leases.touchWhileRunning(jobs.map((j) => j.id));
+        const slot = await running.take();
         try {
           const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
           // Each job ends with its outcome, by primary key (job-completion.ts); a failure here fails
@@ -136,9 +165,51 @@ export async function startDelivery(
           if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
           throw err;
         } finally {
+          slot.release();
           await alive.stop();
           fetcher.busy = false;
           // Fetch again without the poll delay; only an empty fetch puts this fetcher to sleep.
+          ctx.boss.notifyWorker(fetcher.id);
+        }
+      },
+    );
+  }
+  // meter-delivery-batch: one job at a time a fetcher, its keys delivered as batches of per-key jobs
+  // (rules/jobs.ts batchJobSlices), slice after slice. The job completes when its handler returns (pg-boss's
+  // own completion: one row); a key that is dead-lettered gets its own dead letter (deadLetterKeys); a
+  // failed slice fails the job, which pg-boss retries with backoff (the slices before it find their keys
+  // delivered: nothing pending).
+  for (let i = 0; i < fetcherCount; i++) {
+    const fetcher = { id: '' };
+    fetcher.id = await ctx.boss.work(
+      'meter-delivery-batch',
+      { ...workOptions, batchSize: 1 },
+      async ([job]: JobWithMetadata<QueuePayload<'meter-delivery-batch'>>[]) => {
+        if (!job) return;
+        const slot = await running.take();
+        try {
+          for (const slice of batchJobSlices(job, batchSize)) {
+            const jobs = slice.map((key) => ({
+              ...key,
+              retryCount: job.retryCount,
+              retryLimit: job.retryLimit,
+            }));
+            const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
+            const data = new Map(jobs.map((j) => [j.id, j.data]));
+            await deadLetterKeys(
+              db,
+              ctx.boss,
+              results.flatMap((r) =>
+                r.status === 'deadletter' ? [{ data: data.get(r.id)!, output: r.output }] : [],
+              ),
+            );
+          }
+        } catch (err) {
+          log.warn({ err, keys: job.data.keys.length }, 'delivery batch failed; its batch job is retried');
+          if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
+          throw err;
+        } finally {
+          slot.release();
           ctx.boss.notifyWorker(fetcher.id);
         }
       },

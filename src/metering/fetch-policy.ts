@@ -2,6 +2,7 @@
 // for it, and the linger that gathers v2's small batches into fuller ones.
 import { type Budget, eventsPerSecondAt } from '../billing/limits.js';
 import type { Config } from '../config.js';
+import { MAX_BATCH_KEYS } from './queues.js';
 import type { MeterTransport } from './transport.js';
 import { MAX_STREAM_EVENTS } from './transport-v2.js';
 
@@ -68,8 +69,11 @@ export function deliveryBatchSize(
  */
 const MIN_BATCH_CALLS = 10;
 
-/** Most jobs (keys) in one batch: one claim statement over 1,000 keys takes a few tens of ms. */
-const MAX_BATCH_JOBS = 1_000;
+/**
+ * Most jobs (keys) in one batch: one claim statement over 1,000 keys takes a few tens of ms. A
+ * meter-delivery-batch job names at most as many keys (queues.ts).
+ */
+const MAX_BATCH_JOBS = MAX_BATCH_KEYS;
 
 /**
  * v2 carries up to 100 events a call and costs the same few statements per batch however full: after

@@ -21,11 +21,13 @@
 // pg-boss then completes the batch's jobs still active as after any handler. None are: its statement,
 // by `id = ANY` and fenced to the same attempts, changes nothing, so for a batch ended here it is not
 // sent (markEnded, answerEndedCompletion): on Citus it was one statement a batch on the coordinator for nothing.
+import { randomUUID } from 'node:crypto';
 import { CompiledQuery, type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { PREPARED } from '../db/prepared.js';
 import type { DB } from '../db/schema.js';
-import type { QueueName } from './queues.js';
+import { deliveryJobOptions } from './outbox.js';
+import { insertJobs, type QueueName, type QueuePayload } from './queues.js';
 import type { JobOutcome } from './rules/jobs.js';
 
 const DELIVERY_QUEUE: QueueName = 'meter-delivery';
@@ -127,6 +129,50 @@ async function deadLetter(
     return Number(spent.numAffectedRows ?? 0n);
   });
 }
+
+/**
+ * Dead letters for keys that a meter-delivery-batch job delivered (delivery.ts): such a key has no
+ * meter-delivery job of its own to fail, so one is queued for it, under a name of its own
+ * (`<key>#dead:<id>`, which no queued job of the key has) and with no retry, and failed at once
+ * through pg-boss's fail(), in one transaction: the same failed job and the same copy in
+ * meter-delivery-dead (the key's payload, the outcome as its source output, meter-delivery as its
+ * source) as a key's own job gets, so the dead letters' count, preview and redrive see it as any other.
+ */
+export async function deadLetterKeys(
+  db: Kysely<DB>,
+  boss: PgBoss,
+  dead: readonly { data: QueuePayload<'meter-delivery'>; output: object }[],
+): Promise<number> {
+  if (dead.length === 0) return 0;
+  return db.transaction().execute(async (trx) => {
+    const executeSql = async (text: string, values: unknown[] = []) =>
+      trx.executeQuery(CompiledQuery.raw(text, values));
+    const byOutput = new Map<string, { output: object; ids: string[] }>();
+    const jobs = dead.map(({ data, output }) => {
+      const id = randomUUID();
+      const k = JSON.stringify(output);
+      const group = byOutput.get(k) ?? { output, ids: [] };
+      group.ids.push(id);
+      byOutput.set(k, group);
+      const options = deliveryJobOptions(data.customerId, data.eventName, data.destination);
+      return {
+        id,
+        data,
+        ...options,
+        singletonKey: `${options.singletonKey}${DEAD_SUFFIX}${id}`,
+        retryLimit: 0,
+      };
+    });
+    await insertJobs(boss, DELIVERY_QUEUE, jobs, { executeSql });
+    for (const { output, ids } of byOutput.values()) {
+      await boss.fail(DELIVERY_QUEUE, ids, output, { db: { executeSql } });
+    }
+    return jobs.length;
+  });
+}
+
+/** deadLetterKeys's singleton key suffix, followed by the job's id. */
+const DEAD_SUFFIX = '#dead:';
 
 /**
  * Attempts ('id:retryCount') of delivery jobs endDeliveryJobs ended, until pg-boss's completion after

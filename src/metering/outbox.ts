@@ -6,7 +6,7 @@ import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
-import { insertJobs, sendJob } from './queues.js';
+import { insertJobs, MAX_BATCH_KEYS, sendJob } from './queues.js';
 import { deliveryKey, destinationOf, type KeyRef } from './rules/keys.js';
 
 export interface OutboxEntry {
@@ -191,6 +191,29 @@ export async function enqueueDeliveries(
   }
   // Only left over if workers keep claiming these keys' jobs between two statements; the
   // stranded-row sweep still covers their rows.
+}
+
+/**
+ * Queues the delivery of many keys inside the given transaction as meter-delivery-batch jobs, each
+ * naming up to MAX_BATCH_KEYS of them (in key order), in one statement: a job row for a batch of keys
+ * instead of one for each (queues.ts). The jobs start only after the transaction commits, so their
+ * drain sees its rows. A key may have a meter-delivery job queued besides (a change of its sensors):
+ * either drains its rows, and the key's lease keeps them to one batch at a time. The jobs have no
+ * singleton key, so their insert waits on no other transaction's (handOffName's deadlock cannot arise).
+ */
+export async function enqueueBatchDeliveries(
+  trx: Transaction<DB>,
+  boss: PgBoss,
+  keys: readonly KeyRef[],
+): Promise<number> {
+  const unique = [...new Map(keys.map((k) => [deliveryKey(k.customerId, k.eventName, destinationOf(k)), k]))]
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+    .map(([, k]) => jobPayload(k));
+  const jobs: { id: string; data: { keys: ReturnType<typeof jobPayload>[] } }[] = [];
+  for (let i = 0; i < unique.length; i += MAX_BATCH_KEYS) {
+    jobs.push({ id: randomUUID(), data: { keys: unique.slice(i, i + MAX_BATCH_KEYS) } });
+  }
+  return (await insertJobs(boss, 'meter-delivery-batch', jobs, fromKysely(trx))).size;
 }
 
 /**

@@ -19,6 +19,12 @@ export const deliveryPayload = z.object({
   destination: z.enum(DESTINATIONS).optional(),
 });
 
+/** Most keys one meter-delivery-batch job names: one delivery batch's worth (fetch-policy.ts MAX_BATCH_JOBS). */
+export const MAX_BATCH_KEYS = 1_000;
+
+/** Attempts of a meter-delivery-batch job after its first (queues.ts). */
+const BATCH_JOB_RETRY_LIMIT = 10;
+
 /** One webhook endpoint's deliveries of one order key (an organization's id, or an event id). */
 export const alertDeliveryPayload = z.object({
   endpointId: z.string().min(1),
@@ -44,6 +50,32 @@ export const queues = {
       retryDelayMax: config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
       expireInSeconds: 5 * 60,
       deadLetter: 'meter-delivery-dead',
+      deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
+    }),
+  },
+  /**
+   * The delivery of many keys at once: the keys of one chunk of the hourly report (active-sensors.ts),
+   * each an organization's own, at most a delivery batch's worth (MAX_BATCH_KEYS). One job row a chunk
+   * instead of one a key: pg-boss writes a job row three times (insert, fetch, completion) with an
+   * entry in two or three of its indexes each time, about 1,000 WAL bytes and 0.4 ms of statements a
+   * key that the report no longer pays (docs/benchmarks.md). A fetcher takes one at a time and delivers
+   * its keys as a batch of per-key jobs would (delivery.ts); whatever a key needs after that (a retry,
+   * a look again later, a wake-up) is its own meter-delivery job, as for any key. A job that fails
+   * (its batch failed: a database error) is retried with backoff; its keys' rows that wait meanwhile
+   * are also the stranded-row sweep's (sweep.ts), as any pending row without a queued job is.
+   */
+  'meter-delivery-batch': {
+    payload: z.object({ keys: z.array(deliveryPayload).min(1).max(MAX_BATCH_KEYS) }),
+    options: (config: Config): Omit<Queue, 'name'> => ({
+      notify: true,
+      // A batch job fails only when its batch does (a database error), never for a key's answer (a key's
+      // retries are its group's, on its own jobs): retried with the delivery backoff, whatever
+      // DELIVERY_RETRY_LIMIT says of a group's calls; no dead letter (its keys' rows are the sweep's).
+      retryLimit: BATCH_JOB_RETRY_LIMIT,
+      retryDelay: config.DELIVERY_RETRY_DELAY_SECONDS,
+      retryBackoff: true,
+      retryDelayMax: config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
+      expireInSeconds: 5 * 60,
       deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },

@@ -145,7 +145,8 @@ interface StaleRow {
  * ones are reached): a key on a named hold (its meter is missing), a key leased, paced or backing off
  * (its batch or its follow-up job brings it back; a follow-up lost in a crash is seen once the wait
  * ends), correction rows waiting on a failed original (held until it is redriven), v2 rows Stripe
- * validates; then, in a second statement, keys with a queued or retrying job (an `active` job may
+ * validates; then, in a second statement, keys with a queued or retrying job, of their own or a
+ * meter-delivery-batch job that names them (an `active` job may
  * belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements a
  * page, one over the outbox and one over pg-boss's jobs (on Citus the outbox is distributed and
  * pg-boss local to the coordinator, which one statement cannot join). Pages of `limit` × 5 keys follow
@@ -195,11 +196,21 @@ export async function staleKeys(
     stale += page.rows.length;
     after = page.rows[page.rows.length - 1];
     const names = page.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
-    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
+    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key. A key named by
+    // a queued or retrying meter-delivery-batch job (the hourly report's) is covered too: its keys,
+    // named as deliveryKey names them, read from the queue's jobs (a report's hundred or so).
     const covered = await sql<{ key: string }>`
       SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
        WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
-         AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])`.execute(db);
+         AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])
+      UNION
+      SELECT b.key FROM pgboss.job j
+       CROSS JOIN LATERAL jsonb_array_elements(j.data->'keys') e
+       CROSS JOIN LATERAL (
+         SELECT CASE WHEN COALESCE(e->>'destination', 'stripe') = 'stripe' THEN ''
+                     ELSE (e->>'destination') || ':' END || (e->>'eventName') || ':' || (e->>'customerId') AS key) b
+       WHERE j.name = 'meter-delivery-batch' AND j.state IN ('created', 'retry')
+         AND b.key = ANY(${names}::text[])`.execute(db);
     const coveredKeys = new Set(covered.rows.map((r) => r.key));
     for (const r of page.rows) {
       if (keys.length >= options.limit) break;

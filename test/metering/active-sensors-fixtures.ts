@@ -69,11 +69,25 @@ export async function activeSensorRows(db: Kysely<DB>) {
     .execute();
 }
 
-/** Delivery jobs queued for the active_sensors meter, per customer id. */
+/**
+ * Deliveries queued for the active_sensors meter, per customer id: a key's own meter-delivery jobs and
+ * each meter-delivery-batch job that names the key.
+ */
 export async function deliveryJobsByCustomer(db: Kysely<DB>): Promise<Map<string, number>> {
   const { rows } = await sql<{ customer: string; jobs: string }>`
-    SELECT data->>'customerId' AS customer, count(*) AS jobs FROM pgboss.job
-     WHERE name = 'meter-delivery' AND data->>'eventName' = 'active_sensors'
+    SELECT k->>'customerId' AS customer, count(*) AS jobs
+      FROM (SELECT data AS k FROM pgboss.job WHERE name = 'meter-delivery'
+            UNION ALL
+            SELECT jsonb_array_elements(data->'keys') FROM pgboss.job WHERE name = 'meter-delivery-batch') q
+     WHERE k->>'eventName' = 'active_sensors'
      GROUP BY 1`.execute(db);
   return new Map(rows.map((r) => [r.customer, Number(r.jobs)]));
+}
+
+/** Jobs of the report's queue (meter-delivery-batch), each with the number of keys it names. */
+export async function batchJobKeyCounts(db: Kysely<DB>): Promise<number[]> {
+  const { rows } = await sql<{ n: number }>`
+    SELECT jsonb_array_length(data->'keys') AS n FROM pgboss.job
+     WHERE name = 'meter-delivery-batch' ORDER BY created_on, n DESC`.execute(db);
+  return rows.map((r) => r.n);
 }

@@ -30,7 +30,7 @@ async function clear(ctx: Context) {
   await ctx.db.deleteFrom('sensors').execute();
   await ctx.db.deleteFrom('subscriptions').execute();
   await ctx.db.deleteFrom('organizations').execute();
-  await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
+  await ctx.pool.query(`DELETE FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-batch')`);
 }
 
 const report = (ctx: Context, at: Date) =>
@@ -290,7 +290,7 @@ describe('hourly active-sensor report', () => {
           hourlyReportKey(reported as string, hour),
         ),
       );
-    await ctx.pool.query(`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`);
+    await ctx.pool.query(`DELETE FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-batch')`);
 
     expect((await report(ctx, hour)).reported).toBe(1);
     const rows = await activeSensorRows(ctx.db);

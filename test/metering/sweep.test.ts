@@ -3,10 +3,12 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
+import { reportActiveSensorsForHour, utcHourOf } from '../../src/metering/active-sensors.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
+import { createOrganizations } from './active-sensors-fixtures.js';
 import { compareWithEmulator, statusCounts, waitFor, writeRows } from './delivery-helpers.js';
 
 // No worker: the sweep is called directly.
@@ -54,6 +56,44 @@ describe('sweepStrandedRows', () => {
         keys: 2,
         enqueued: 0,
       });
+    },
+  );
+
+  sweepIt(
+    'counts a key named by a queued report batch job as covered, and not once that job has failed',
+    async ({ ctx }) => {
+      await sql`DELETE FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-batch')`.execute(
+        ctx.db,
+      );
+      await sql`DELETE FROM meter_outbox`.execute(ctx.db);
+      const orgs = await createOrganizations(ctx.db, [
+        { status: 'active', customer: 'cus_sweep_batch_a', activeSensors: 1 },
+        { status: 'trial', customer: 'cus_sweep_batch_b', activeSensors: 2 },
+      ]);
+      const hour = utcHourOf(new Date(Date.now() - 3_600_000));
+      await ctx.db.transaction().execute((trx) => reportActiveSensorsForHour(trx, ctx.boss, hour));
+      // Every billable organization of the file's database is reported (these two among them): a key each.
+      const reported = await sql<{ customer: string }>`
+        SELECT stripe_customer_id AS customer FROM meter_outbox WHERE event_name = 'active_sensors'`.execute(
+        ctx.db,
+      );
+      const keys = reported.rows.map((r) => `active_sensors:${r.customer}`).sort();
+      expect(keys).toEqual(
+        expect.arrayContaining(['active_sensors:cus_sweep_batch_a', 'active_sensors:cus_sweep_batch_b']),
+      );
+      expect(orgs).toHaveLength(2);
+      // Every key's rows are stale, and the report's batch job, queued, names each.
+      expect(await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 0 })).toEqual({
+        keys: keys.length,
+        enqueued: 0,
+      });
+      // Its retries spent (failed): nothing covers the keys now but the sweep.
+      await sql`UPDATE pgboss.job SET state = 'failed' WHERE name = 'meter-delivery-batch'`.execute(ctx.db);
+      expect(await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 0 })).toEqual({
+        keys: keys.length,
+        enqueued: keys.length,
+      });
+      expect((await deliveryJobs(ctx)).map((j) => j.key).sort()).toEqual(keys);
     },
   );
 

@@ -40,3 +40,20 @@ export function jobKeys(
 export type JobOutcome =
   | { id: string; status: 'completed'; output: { kind: string } & Record<string, unknown> }
   | { id: string; status: 'deadletter'; output: { kind: 'failed'; reason: string; message: string } };
+
+/**
+ * A meter-delivery-batch job's keys as the meter-delivery jobs a batch takes, in slices of at most
+ * `size` (the process's batch size): each key a job of its own, `<batch job id>/<n>`, which exists only
+ * in the batch (its outcome ends no job row: the batch job ends when every slice is through).
+ */
+export function batchJobSlices<T extends { id: string; data: { keys: readonly DeliveryJobData[] } }>(
+  job: T,
+  size: number,
+): { id: string; data: DeliveryJobData }[][] {
+  const slices: { id: string; data: DeliveryJobData }[][] = [];
+  const step = Math.max(1, size);
+  for (let i = 0; i < job.data.keys.length; i += step) {
+    slices.push(job.data.keys.slice(i, i + step).map((data, n) => ({ id: `${job.id}/${i + n}`, data })));
+  }
+  return slices;
+}
