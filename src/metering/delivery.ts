@@ -178,8 +178,9 @@ export async function startDelivery(
   // (rules/jobs.ts batchJobSlices), slice after slice. The job completes when its handler returns (pg-boss's
   // own completion: one row); a key that is dead-lettered gets its own dead letter (deadLetterKeys); a
   // failed slice fails the job, which pg-boss retries with backoff (the slices before it find their keys
-  // delivered: nothing pending).
-  for (let i = 0; i < fetcherCount; i++) {
+  // delivered: nothing pending). Half as many fetchers as meter-delivery's: a batch job is a full batch,
+  // and a report queues a few a second; each idle fetcher polls its queue.
+  for (let i = 0; i < Math.ceil(fetcherCount / 2); i++) {
     const fetcher = { id: '' };
     fetcher.id = await ctx.boss.work(
       'meter-delivery-batch',

@@ -75,7 +75,10 @@ export const queues = {
       retryDelay: config.DELIVERY_RETRY_DELAY_SECONDS,
       retryBackoff: true,
       retryDelayMax: config.DELIVERY_RETRY_DELAY_MAX_SECONDS,
-      expireInSeconds: 5 * 60,
+      // Its slices run one after another (v1's batches are smaller than a job): room for ten slow
+      // claims. A dead worker's job waits this long to be retried, but not its keys' rows: an active job
+      // covers nothing for the sweep, which queues them once they are SWEEP_STALE_SECONDS old.
+      expireInSeconds: 15 * 60,
       deleteAfterSeconds: config.JOB_RETENTION_SECONDS,
     }),
   },
