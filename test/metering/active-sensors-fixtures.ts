@@ -1,5 +1,6 @@
 // Small local fixtures for the active-sensor tests: organizations with a subscription and sensors,
 // written straight with SQL so thousands of them cost one statement.
+import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { type Kysely, sql } from 'kysely';
 import type { DB, SubscriptionStatus } from '../../src/db/schema.js';
 
@@ -90,4 +91,14 @@ export async function batchJobKeyCounts(db: Kysely<DB>): Promise<number[]> {
     SELECT jsonb_array_length(data->'keys') AS n FROM pgboss.job
      WHERE name = 'meter-delivery-batch' ORDER BY created_on, n DESC`.execute(db);
   return rows.map((r) => r.n);
+}
+
+/** Each customer's active_sensors event values at the emulator, in order; of `hour` only when given. */
+export function activeSensorEventsByCustomer(emulator: StripeEmulator, hour?: Date): Map<string, number[]> {
+  const byCustomer = new Map<string, number[]>();
+  for (const e of emulator.events({ event_name: 'active_sensors' })) {
+    if (hour && e.timestamp !== hour.getTime() / 1000) continue;
+    byCustomer.set(e.customer, [...(byCustomer.get(e.customer) ?? []), e.value]);
+  }
+  return byCustomer;
 }

@@ -2,14 +2,18 @@
 // `active` (pg-boss expires it only after 15 minutes), and covers nothing for the stranded-row sweep,
 // which queues each of its keys once their rows are SWEEP_STALE_SECONDS old: every organization is
 // billed once, none waits for the expiry.
-import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { reportActiveSensorsForHour, utcHourOf } from '../../src/metering/active-sensors.js';
 import { startWorker } from '../../src/worker/start.js';
 import { stripeTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
-import { activeSensorRows, bulkActiveSensors, createBulkOrganizations } from './active-sensors-fixtures.js';
+import {
+  activeSensorEventsByCustomer,
+  activeSensorRows,
+  bulkActiveSensors,
+  createBulkOrganizations,
+} from './active-sensors-fixtures.js';
 
 const it = stripeTest({
   env: {
@@ -22,16 +26,6 @@ const it = stripeTest({
   // The worker is started by the test, after the dead one's fetch.
   startBoss: true,
 });
-
-/** Each customer's active_sensors events of `hour` at the emulator. */
-function eventsByCustomer(emulator: StripeEmulator, hour: Date) {
-  const byCustomer = new Map<string, number[]>();
-  for (const e of emulator.events({ event_name: 'active_sensors' })) {
-    if (e.timestamp !== hour.getTime() / 1000) continue;
-    byCustomer.set(e.customer, [...(byCustomer.get(e.customer) ?? []), e.value]);
-  }
-  return byCustomer;
-}
 
 describe('a worker that dies holding a report batch job', () => {
   it("leaves its keys to the sweep, which bills each once long before pg-boss's expiry", {
@@ -64,7 +58,7 @@ describe('a worker that dies holding a report batch job', () => {
     } finally {
       await worker.stop();
     }
-    const events = eventsByCustomer(emulator, hour);
+    const events = activeSensorEventsByCustomer(emulator, hour);
     expect(events.size).toBe(n);
     for (let i = 1; i <= n; i++)
       expect(events.get(`cus_bulk_${i}`), `cus_bulk_${i}`).toEqual([bulkActiveSensors(i)]);

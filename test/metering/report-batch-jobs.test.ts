@@ -1,7 +1,6 @@
 // The hourly report hands its keys to delivery as meter-delivery-batch jobs, one per delivery batch's
 // worth of keys, not one meter-delivery job per key: each organization's row reaches Stripe once,
 // including when the batch that carries it fails after its calls and its job is retried.
-import type { StripeEmulator } from '@meterbox/stripe-emulator';
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
@@ -11,6 +10,7 @@ import { batchJobSlices } from '../../src/metering/rules/jobs.js';
 import { stripeTest } from '../support/test.js';
 import { waitFor } from '../support/wait.js';
 import {
+  activeSensorEventsByCustomer,
   activeSensorRows,
   batchJobKeyCounts,
   bulkActiveSensors,
@@ -74,15 +74,6 @@ const allAccepted = async (ctx: Context, n: number) => {
   return rows.length === n && rows.every((r) => r.accepted_at !== null || r.status === 'delivered');
 };
 
-/** Each customer's active_sensors events at the emulator: value and timestamp, by customer. */
-function eventsByCustomer(emulator: StripeEmulator) {
-  const byCustomer = new Map<string, number[]>();
-  for (const e of emulator.events({ event_name: 'active_sensors' })) {
-    byCustomer.set(e.customer, [...(byCustomer.get(e.customer) ?? []), e.value]);
-  }
-  return byCustomer;
-}
-
 describe('the report through meter-delivery-batch jobs', () => {
   it('queues one batch job per 1,000 keys and no job per key; every organization is billed once', {
     timeout: 90_000,
@@ -98,7 +89,7 @@ describe('the report through meter-delivery-batch jobs', () => {
     expect(await perKeyReportJobs(ctx)).toBe(0);
 
     await waitFor('every report row to be accepted by Stripe', () => allAccepted(ctx, n), 60_000);
-    const events = eventsByCustomer(emulator);
+    const events = activeSensorEventsByCustomer(emulator);
     expect(events.size).toBe(n);
     for (let i = 1; i <= n; i++)
       expect(events.get(`cus_bulk_${i}`), `cus_bulk_${i}`).toEqual([bulkActiveSensors(i)]);
@@ -152,7 +143,7 @@ describe('the report through meter-delivery-batch jobs', () => {
     const identifiers = (await activeSensorRows(ctx.db)).map((r) => r.identifier);
     expect(new Set(identifiers).size).toBe(n);
     expect(emulator.counters().streamEventsDuplicate).toBeGreaterThan(0);
-    const events = eventsByCustomer(emulator);
+    const events = activeSensorEventsByCustomer(emulator);
     expect(events.size).toBe(n);
     for (let i = 1; i <= n; i++)
       expect(events.get(`cus_bulk_${i}`), `cus_bulk_${i}`).toEqual([bulkActiveSensors(i)]);
