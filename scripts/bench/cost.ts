@@ -1,5 +1,5 @@
 // npm run bench -- --cost [--customers 10000] [--only v1,v2,metronome,limit] [--latency MS]
-//                         [--baseline <git ref>] [--limit-seconds 10] [--out bench-results/cost.json]
+//                         [--baseline <git ref>] [--batch-jobs] [--limit-seconds 10] [--out bench-results/cost.json]
 // What one delivered event costs Postgres (issue 43), beside what Postgres alone does for the same
 // work (pgbench, scripts/bench/pgbench-limit/claim-settle2.sql), in one run on one private cluster:
 //
@@ -30,6 +30,7 @@
 // Why this file is long: one benchmark from setup to report (statements and WAL per delivered event, per
 // transport, against a baseline build); a developer tool read as a whole.
 import { execFileSync, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -42,6 +43,7 @@ import type { DB } from '../../src/db/schema.js';
 import { hourlyReportKey } from '../../src/metering/active-sensors.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { queueDeliveries } from '../../src/metering/outbox.js';
+import { insertJobs } from '../../src/metering/queues.js';
 import { promoteValidated } from '../../src/metering/validation-window.js';
 import { pollUntil } from '../lib/poll.js';
 import {
@@ -82,6 +84,9 @@ const { values: args } = parseArgs({
     // v2's DELIVERY_V2_VALIDATION_SECONDS (default the worker's, 900: accepted rows turn delivered after
     // the run). 0: the settle marks them delivered, the write Metronome's settle does.
     'v2-validation-seconds': { type: 'string' },
+    // Each scenario also with its backlog handed off as meter-delivery-batch jobs of 1,000 keys (the hourly
+    // report's hand-off) instead of a meter-delivery job a key; this checkout's worker only.
+    'batch-jobs': { type: 'boolean', default: false },
     out: { type: 'string' },
     quick: { type: 'boolean', default: false },
   },
@@ -428,10 +433,16 @@ async function dropDatabase(cluster: Cluster, url: string): Promise<void> {
 
 // ---------------------------------------------------------------- one scenario
 
+/** A run's name: its scenario, and how its backlog was handed off when not a job a key. */
+const label = (scenario: Destination, batchJobs: boolean) =>
+  batchJobs ? `${scenario} (batch jobs)` : scenario;
+
 type Destination = 'v1' | 'v2' | 'metronome';
 
 interface Run {
   scenario: Destination;
+  /** The backlog was handed off as meter-delivery-batch jobs (--batch-jobs), not a job a key. */
+  batchJobs: boolean;
   worker: string;
   customers: number;
   handOff: Cost;
@@ -452,8 +463,9 @@ async function runScenario(
   workerName: string,
   workerEntry: string,
   migrations?: ReadonlySet<string>,
+  batchJobs = false,
 ): Promise<Run> {
-  log(`--- ${scenario}, worker ${workerName}, ${CUSTOMERS} organizations`);
+  log(`--- ${label(scenario, batchJobs)}, worker ${workerName}, ${CUSTOMERS} organizations`);
   const url = await freshDatabase(cluster, `cost_${scenario}`, migrations);
   const pool = new pg.Pool({ connectionString: url, max: 4 });
   // An idle connection ended under the pool (the database dropped with FORCE after the run, an
@@ -585,16 +597,23 @@ async function runScenario(
     // seconds, and jobs that came due during it were delivered inside the hand-off's measurement.
     const handOffStarted = performance.now();
     for (let i = 0; i < orgs.length; i += 1_000) {
-      await queueDeliveries(
-        boss,
-        orgs.slice(i, i + 1_000).map((o) => ({
-          organizationId: o.organizationId,
-          customerId: metronome ? metronomeAlias(o.organizationId) : o.customerId,
-          eventName: 'temperature_readings' as const,
-          ...(metronome ? { destination: 'metronome' as const } : {}),
-          afterMs: DEFER_MS,
-        })),
-      );
+      const keys = orgs.slice(i, i + 1_000).map((o) => ({
+        organizationId: o.organizationId,
+        customerId: metronome ? metronomeAlias(o.organizationId) : o.customerId,
+        eventName: 'temperature_readings' as const,
+        ...(metronome ? { destination: 'metronome' as const } : {}),
+      }));
+      if (batchJobs) {
+        // As the hourly report hands off (outbox.ts enqueueBatchDeliveries), deferred as below.
+        await insertJobs(boss, 'meter-delivery-batch', [
+          { id: randomUUID(), data: { keys }, startAfter: DEFER_MS / 1000 },
+        ]);
+      } else {
+        await queueDeliveries(
+          boss,
+          keys.map((k) => ({ ...k, afterMs: DEFER_MS })),
+        );
+      }
     }
     const handOffSeconds = (performance.now() - handOffStarted) / 1000;
     await boss.stop({ graceful: false, close: true });
@@ -607,7 +626,7 @@ async function runScenario(
     // Delivery is measured from just before the first job comes due (the database's clock).
     const due = await pool.query<{ ms: number }>(
       `SELECT (extract(epoch FROM min(start_after) - now()) * 1000)::float8 AS ms
-         FROM pgboss.job WHERE name = 'meter-delivery' AND state = 'created'`,
+         FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-batch') AND state = 'created'`,
     );
     const untilDue = Number(due.rows[0]?.ms ?? 0);
     if (untilDue < DUE_MARGIN_MS)
@@ -630,7 +649,8 @@ async function runScenario(
           (
             await pool.query<{ n: string }>(
               `SELECT (SELECT count(*) FROM meter_outbox WHERE status = 'pending' AND accepted_at IS NULL)
-                    + (SELECT count(*) FROM pgboss.job WHERE name = 'meter-delivery' AND state < 'completed') AS n`,
+                    + (SELECT count(*) FROM pgboss.job
+                        WHERE name IN ('meter-delivery', 'meter-delivery-batch') AND state < 'completed') AS n`,
             )
           ).rows[0]?.n,
         ) === 0,
@@ -673,6 +693,7 @@ async function runScenario(
       scenario === 'v2' && args['v2-validation-seconds'] !== '0' ? await promote(pool, cluster) : undefined;
     const run: Run = {
       scenario,
+      batchJobs,
       worker: workerName,
       customers: CUSTOMERS,
       handOff,
@@ -682,7 +703,7 @@ async function runScenario(
       loadAverage: { before: loadBefore, after: loadAverage() },
     };
     log(
-      `${scenario} (${workerName}): ${delivery.events} events in ${delivery.seconds} s (${delivery.eventsPerSecond}/s); per event ${delivery.statements.perEvent} statements, ${delivery.walBytesPerEvent} WAL bytes, ${delivery.rowsPerEvent.total} rows, ${delivery.cpuMsPerEvent} ms Postgres CPU (${delivery.statementMsPerEvent} ms in statements)`,
+      `${label(scenario, batchJobs)} (${workerName}): ${delivery.events} events in ${delivery.seconds} s (${delivery.eventsPerSecond}/s); per event ${delivery.statements.perEvent} statements, ${delivery.walBytesPerEvent} WAL bytes, ${delivery.rowsPerEvent.total} rows, ${delivery.cpuMsPerEvent} ms Postgres CPU (${delivery.statementMsPerEvent} ms in statements)`,
     );
     log(`  statements by family: ${JSON.stringify(delivery.statements.byFamily)}`);
     log(`  ms by family: ${JSON.stringify(delivery.statements.msByFamily)}`);
@@ -832,7 +853,7 @@ function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undef
     );
     const t = d.rowsPerEvent.byTable;
     lines.push(
-      `| ${r.scenario}, ${r.worker} | ${d.events} | ${d.statements.perEvent} (${f(d, 'claim')}, ${f(d, 'settle')}, ${f(d, 'pg-boss insert')} / ${f(d, 'pg-boss fetch')} / ${f(d, 'pg-boss complete')}, ${other}) | ${d.walBytesPerEvent} | ${d.rowsPerEvent.total} (${t.meter_outbox ?? 0}, ${t.meter_delivery_keys ?? 0}, ${t['pgboss.*'] ?? 0}) | ${d.cpuMsPerEvent} | ${d.statementMsPerEvent} | ${d.eventsPerSecond} |`,
+      `| ${label(r.scenario, r.batchJobs)}, ${r.worker} | ${d.events} | ${d.statements.perEvent} (${f(d, 'claim')}, ${f(d, 'settle')}, ${f(d, 'pg-boss insert')} / ${f(d, 'pg-boss fetch')} / ${f(d, 'pg-boss complete')}, ${other}) | ${d.walBytesPerEvent} | ${d.rowsPerEvent.total} (${t.meter_outbox ?? 0}, ${t.meter_delivery_keys ?? 0}, ${t['pgboss.*'] ?? 0}) | ${d.cpuMsPerEvent} | ${d.statementMsPerEvent} | ${d.eventsPerSecond} |`,
     );
   }
   if (limit) {
@@ -844,7 +865,7 @@ function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undef
   for (const r of runs) {
     const h = r.handOff;
     lines.push(
-      `| ${r.scenario}, ${r.worker} | ${h.statements.perEvent}, ${h.walBytesPerEvent}, ${h.rowsPerEvent.total} (${h.rowsPerEvent.byTable.meter_outbox ?? 0}, ${h.rowsPerEvent.byTable['pgboss.*'] ?? 0}) |`,
+      `| ${label(r.scenario, r.batchJobs)}, ${r.worker} | ${h.statements.perEvent}, ${h.walBytesPerEvent}, ${h.rowsPerEvent.total} (${h.rowsPerEvent.byTable.meter_outbox ?? 0}, ${h.rowsPerEvent.byTable['pgboss.*'] ?? 0}) |`,
     );
   }
   const promoted = runs.filter((r) => r.promotion);
@@ -856,7 +877,7 @@ function table(runs: readonly Run[], limit: (Cost & { clients: number }) | undef
     );
     for (const r of promoted)
       lines.push(
-        `| ${r.scenario}, ${r.worker} | ${r.promotion!.walBytesPerEvent}, ${r.promotion!.cpuMsPerEvent} |`,
+        `| ${label(r.scenario, r.batchJobs)}, ${r.worker} | ${r.promotion!.walBytesPerEvent}, ${r.promotion!.cpuMsPerEvent} |`,
       );
   }
   return lines.join('\n');
@@ -948,6 +969,10 @@ export async function runCostBench(): Promise<number> {
       for (const w of order) {
         runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.migrations));
         save(false);
+        if (args['batch-jobs'] && w === workers[0]) {
+          runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.migrations, true));
+          save(false);
+        }
       }
     }
     save(true);
