@@ -108,13 +108,9 @@ async function deadLetter(
   dead: readonly JobOutcome[],
   attempt: ReadonlyMap<string, number>,
 ): Promise<number> {
-  const byOutput = new Map<string, { output: object; jobs: JobAttempt[] }>();
-  for (const o of dead) {
-    const k = JSON.stringify(o.output);
-    const group = byOutput.get(k) ?? { output: o.output, jobs: [] };
-    group.jobs.push({ id: o.id, retryCount: attempt.get(o.id)! });
-    byOutput.set(k, group);
-  }
+  const byOutput = groupByOutput(
+    dead.map((o) => ({ item: { id: o.id, retryCount: attempt.get(o.id)! }, output: o.output })),
+  );
   const ids = dead.map((o) => o.id);
   return db.transaction().execute(async (trx) => {
     const spent = await sql`
@@ -123,8 +119,8 @@ async function deadLetter(
          AND (id::text || ':' || retry_count::text) = ANY(${fence(ids, attempt)}::text[])`.execute(trx);
     const executeSql = async (text: string, values: unknown[] = []) =>
       trx.executeQuery(CompiledQuery.raw(text, values));
-    for (const { output, jobs } of byOutput.values()) {
-      await boss.fail(DELIVERY_QUEUE, jobs, output, { db: { executeSql } });
+    for (const { output, items } of byOutput) {
+      await boss.fail(DELIVERY_QUEUE, items, output, { db: { executeSql } });
     }
     return Number(spent.numAffectedRows ?? 0n);
   });
@@ -147,13 +143,8 @@ export async function deadLetterKeys(
   return db.transaction().execute(async (trx) => {
     const executeSql = async (text: string, values: unknown[] = []) =>
       trx.executeQuery(CompiledQuery.raw(text, values));
-    const byOutput = new Map<string, { output: object; ids: string[] }>();
-    const jobs = dead.map(({ data, output }) => {
+    const jobs = dead.map(({ data }) => {
       const id = randomUUID();
-      const k = JSON.stringify(output);
-      const group = byOutput.get(k) ?? { output, ids: [] };
-      group.ids.push(id);
-      byOutput.set(k, group);
       const options = deliveryJobOptions(data.customerId, data.eventName, data.destination);
       return {
         id,
@@ -164,11 +155,24 @@ export async function deadLetterKeys(
       };
     });
     await insertJobs(boss, DELIVERY_QUEUE, jobs, { executeSql });
-    for (const { output, ids } of byOutput.values()) {
-      await boss.fail(DELIVERY_QUEUE, ids, output, { db: { executeSql } });
+    const byOutput = groupByOutput(jobs.map((j, i) => ({ item: j.id, output: dead[i]!.output })));
+    for (const { output, items } of byOutput) {
+      await boss.fail(DELIVERY_QUEUE, items, output, { db: { executeSql } });
     }
     return jobs.length;
   });
+}
+
+/** Items grouped by their output (equal JSON): one pg-boss fail() a group, each job keeping its own output. */
+function groupByOutput<T>(entries: readonly { item: T; output: object }[]): { output: object; items: T[] }[] {
+  const groups = new Map<string, { output: object; items: T[] }>();
+  for (const { item, output } of entries) {
+    const k = JSON.stringify(output);
+    const group = groups.get(k) ?? { output, items: [] };
+    group.items.push(item);
+    groups.set(k, group);
+  }
+  return [...groups.values()];
 }
 
 /** deadLetterKeys's singleton key suffix, followed by the job's id. */
