@@ -12,7 +12,7 @@ import { analyzeStale, REQUEST_PATH_STALENESS, REQUEST_PATH_TABLES } from '../db
 import type { Logger } from '../log.js';
 import { FUTURE_ALLOWANCE_SECONDS } from './claim-statement-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
-import { type QueuePayload, sendJob } from './queues.js';
+import { sendJob } from './queues.js';
 import { type KeyRef, keyRef } from './rules/keys.js';
 import { promoteValidated } from './validation-window.js';
 
@@ -196,19 +196,21 @@ export async function staleKeys(
     stale += page.rows.length;
     after = page.rows[page.rows.length - 1];
     const names = page.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
-    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key.
+    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key. A key named by
+    // a queued or retrying meter-delivery-batch job (the hourly report's) is covered too: its keys,
+    // named as deliveryKey names them, read from the queue's jobs (a report's hundred or so).
     const covered = await sql<{ key: string }>`
       SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
        WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
-         AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])`.execute(db);
-    // A key named by a queued or retrying meter-delivery-batch job (the hourly report's) is covered too:
-    // the page's customers' entries in those jobs (a report's hundred or so), named by deliveryKey.
-    const batched = await sql<{ data: QueuePayload<'meter-delivery'> }>`
-      SELECT e AS data FROM pgboss.job j CROSS JOIN LATERAL jsonb_array_elements(j.data->'keys') e
+         AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])
+      UNION
+      SELECT b.key FROM pgboss.job j
+       CROSS JOIN LATERAL jsonb_array_elements(j.data->'keys') e
+       CROSS JOIN LATERAL (
+         SELECT CASE WHEN COALESCE(e->>'destination', 'stripe') = 'stripe' THEN ''
+                     ELSE (e->>'destination') || ':' END || (e->>'eventName') || ':' || (e->>'customerId') AS key) b
        WHERE j.name = 'meter-delivery-batch' AND j.state IN ('created', 'retry')
-         AND e->>'customerId' = ANY(${page.rows.map((r) => r.customer)}::text[])`.execute(db);
-    for (const { data } of batched.rows)
-      covered.rows.push({ key: deliveryKey(data.customerId, data.eventName, data.destination) });
+         AND b.key = ANY(${names}::text[])`.execute(db);
     const coveredKeys = new Set(covered.rows.map((r) => r.key));
     for (const r of page.rows) {
       if (keys.length >= options.limit) break;
