@@ -13,7 +13,7 @@ import type { Logger } from '../log.js';
 import { FUTURE_ALLOWANCE_SECONDS } from './claim-statement-sql.js';
 import { deliveryKey, queueDeliveries } from './outbox.js';
 import { sendJob } from './queues.js';
-import { type KeyRef, keyRef } from './rules/keys.js';
+import { destinationOf, type KeyRef, keyRef } from './rules/keys.js';
 import { promoteValidated } from './validation-window.js';
 
 export interface SweepResult {
@@ -130,6 +130,11 @@ export async function startOutboxSweep(deps: {
 /** Stale keys read per page before the ones a queued job covers are dropped. */
 const SWEEP_SCAN_FACTOR = 5;
 
+/** A job that covers a key: a per-key job by its name, or a batch job's entry as its payload lists it. */
+type CoveringJob =
+  | { key: string; customer: null; event_name: null; destination: null }
+  | { key: null; customer: string; event_name: MeterEventName; destination: Destination | null };
+
 interface StaleRow {
   organization_id: string;
   customer: string;
@@ -146,8 +151,7 @@ interface StaleRow {
  * (its batch or its follow-up job brings it back; a follow-up lost in a crash is seen once the wait
  * ends), correction rows waiting on a failed original (held until it is redriven), v2 rows Stripe
  * validates; then, in a second statement, keys with a queued or retrying job, of their own or a
- * meter-delivery-batch job that names them (an `active` job may
- * belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements a
+ * meter-delivery-batch job that lists them (an `active` job may belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements a
  * page, one over the outbox and one over pg-boss's jobs (on Citus the outbox is distributed and
  * pg-boss local to the coordinator, which one statement cannot join). Pages of `limit` × 5 keys follow
  * a cursor (oldest row, then the key) until `limit` uncovered keys are found or no stale key is left:
@@ -196,22 +200,29 @@ export async function staleKeys(
     stale += page.rows.length;
     after = page.rows[page.rows.length - 1];
     const names = page.rows.map((r) => deliveryKey(r.customer, r.event_name, r.destination));
-    // COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key. A key named by
-    // a queued or retrying meter-delivery-batch job (the hourly report's) is covered too: its keys,
-    // named as deliveryKey names them, read from the queue's jobs (a report's hundred or so).
-    const covered = await sql<{ key: string }>`
-      SELECT DISTINCT j.singleton_key AS key FROM pgboss.job j
+    const customers = [...new Set(page.rows.map((r) => r.customer))];
+    // One statement for both kinds of job that cover a key: a queued or retrying meter-delivery job
+    // of its own (COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key),
+    // or a queued or retrying meter-delivery-batch job (the hourly report's, a hundred or so) that
+    // lists it. The batch jobs' entries come back as their payload has them, narrowed to the page's
+    // customers, and are named here by deliveryKey: the key's name has one definition, in TypeScript.
+    const covered = await sql<CoveringJob>`
+      SELECT j.singleton_key AS key, NULL AS customer, NULL AS event_name, NULL AS destination
+        FROM pgboss.job j
        WHERE j.name = 'meter-delivery' AND j.state IN ('created', 'retry')
          AND COALESCE(j.singleton_key, '') = ANY(${names}::text[])
-      UNION
-      SELECT b.key FROM pgboss.job j
-       CROSS JOIN LATERAL jsonb_array_elements(j.data->'keys') e
-       CROSS JOIN LATERAL (
-         SELECT CASE WHEN COALESCE(e->>'destination', 'stripe') = 'stripe' THEN ''
-                     ELSE (e->>'destination') || ':' END || (e->>'eventName') || ':' || (e->>'customerId') AS key) b
+      UNION ALL
+      SELECT NULL, e->>'customerId', e->>'eventName', e->>'destination'
+        FROM pgboss.job j CROSS JOIN LATERAL jsonb_array_elements(j.data->'keys') e
        WHERE j.name = 'meter-delivery-batch' AND j.state IN ('created', 'retry')
-         AND b.key = ANY(${names}::text[])`.execute(db);
-    const coveredKeys = new Set(covered.rows.map((r) => r.key));
+         AND e->>'customerId' = ANY(${customers}::text[])`.execute(db);
+    const coveredKeys = new Set(
+      covered.rows.map((r) =>
+        r.key !== null
+          ? r.key
+          : deliveryKey(r.customer, r.event_name, destinationOf({ destination: r.destination ?? undefined })),
+      ),
+    );
     for (const r of page.rows) {
       if (keys.length >= options.limit) break;
       if (coveredKeys.has(deliveryKey(r.customer, r.event_name, r.destination))) continue;

@@ -3,8 +3,9 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import type { Context } from '../../src/context.js';
+import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import { reportActiveSensorsForHour, utcHourOf } from '../../src/metering/active-sensors.js';
-import { queueDeliveries } from '../../src/metering/outbox.js';
+import { enqueueBatchDeliveries, queueDeliveries, writeOutbox } from '../../src/metering/outbox.js';
 import { sweepStrandedRows } from '../../src/metering/sweep.js';
 import { createOrganization } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
@@ -94,6 +95,48 @@ describe('sweepStrandedRows', () => {
         enqueued: keys.length,
       });
       expect((await deliveryJobs(ctx)).map((j) => j.key).sort()).toEqual(keys);
+    },
+  );
+
+  sweepIt(
+    "names a batch job's keys as their own jobs are named: by customer, meter and destination",
+    async ({ ctx }) => {
+      await sql`DELETE FROM pgboss.job WHERE name IN ('meter-delivery', 'meter-delivery-batch')`.execute(
+        ctx.db,
+      );
+      await sql`DELETE FROM meter_outbox`.execute(ctx.db);
+      const org = await createOrganization(ctx.db);
+      const alias = `metronome_alias_${org.organizationId}`;
+      const key = (eventName: MeterEventName, destination: Destination) => ({
+        organizationId: org.organizationId,
+        customerId: alias,
+        eventName,
+        destination,
+      });
+      // Two Metronome keys of one customer with stale rows, their own jobs gone.
+      await ctx.db.transaction().execute(async (trx) => {
+        for (const eventName of ['temperature_readings', 'active_sensors'] as const)
+          await writeOutbox(trx, ctx.boss, {
+            ...key(eventName, 'metronome'),
+            value: 1,
+            occurredAt: new Date(Date.now() - 60_000),
+          });
+      });
+      await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+      // A queued batch job lists the first at Metronome, and the second at Stripe only (another key).
+      await ctx.db
+        .transaction()
+        .execute((trx) =>
+          enqueueBatchDeliveries(trx, ctx.boss, [
+            key('temperature_readings', 'metronome'),
+            key('active_sensors', 'stripe'),
+          ]),
+        );
+      expect(await sweepStrandedRows(ctx.db, ctx.boss, { staleSeconds: 0 })).toEqual({
+        keys: 2,
+        enqueued: 1,
+      });
+      expect((await deliveryJobs(ctx)).map((j) => j.key)).toEqual([`metronome:active_sensors:${alias}`]);
     },
   );
 
