@@ -135,6 +135,13 @@ export async function startDelivery(
     }
   };
   const shortageLoggedAt = new Map<string, number>();
+  /** A batch that failed: logged, and the error handed back for pg-boss to fail (and retry) its job. */
+  const failed = async (err: unknown, fields: Record<string, number>, message: string) => {
+    log.warn({ err, ...fields }, message);
+    // A single-node statement on a database distributed since the last look fails: look again now.
+    if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
+    return err;
+  };
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   const { transport, metronomeTransport, db, leases } = parts;
   const { batchSize, workOptions, gate } = parts.fetch;
@@ -160,10 +167,7 @@ export async function startDelivery(
           // Before this fetcher fetches again (pg-boss fetches when the handler returns).
           await gate(jobs.length);
         } catch (err) {
-          log.warn({ err, jobs: jobs.length }, 'delivery batch failed; its jobs are retried');
-          // A single-node statement on a database distributed since the last look fails: look again now.
-          if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
-          throw err;
+          throw await failed(err, { jobs: jobs.length }, 'delivery batch failed; its jobs are retried');
         } finally {
           slot.release();
           await alive.stop();
@@ -206,9 +210,11 @@ export async function startDelivery(
             );
           }
         } catch (err) {
-          log.warn({ err, keys: job.data.keys.length }, 'delivery batch failed; its batch job is retried');
-          if (!distributed) await ctx.distributed?.({ recheck: true }).catch(() => false);
-          throw err;
+          throw await failed(
+            err,
+            { keys: job.data.keys.length },
+            'delivery batch failed; its batch job is retried',
+          );
         } finally {
           slot.release();
           ctx.boss.notifyWorker(fetcher.id);
