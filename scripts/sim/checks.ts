@@ -105,7 +105,7 @@ export function coverageCheck(world: World): () => void {
         covered.add(name);
     }
     const seen = new Set<string>();
-    for (const r of db.rows) {
+    for (const r of db.pendingRows()) {
       if (r.status !== 'pending' || r.acceptedAt !== null) continue;
       if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
         continue;

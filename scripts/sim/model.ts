@@ -383,8 +383,20 @@ export class ModelDb {
     this.keyRefs.set(keyName(key), keyRef(key));
   }
 
+  /**
+   * The rows from the first one that may be pending (the scans of pending rows start there: rows settle
+   * mostly in the order they were written, and a long world keeps thousands settled). Every change that
+   * makes a row pending again (a redrive, a reissue, a promoted standby's rows) moves the start back.
+   */
+  pendingRows(): Row[] {
+    while (this.pendingFrom < this.rows.length && this.rows[this.pendingFrom]!.status !== 'pending')
+      this.pendingFrom++;
+    return this.pendingFrom === 0 ? this.rows : this.rows.slice(this.pendingFrom);
+  }
+  private pendingFrom = 0;
+
   pendingOf(key: KeyRef): Row[] {
-    return this.rows
+    return this.pendingRows()
       .filter(
         (r) =>
           r.status === 'pending' &&
@@ -564,8 +576,9 @@ export class ModelDb {
     // out but is still the batch's own (nobody reaped or took it) is still held.
     const held = (name: string) => this.keys.get(name)?.leaseOwner === options.owner;
     const refuse = (name: string) => !held(name) && !this.mutations.has('settleStaleLease');
+    const pending = this.pendingRows();
     for (const g of groups) {
-      for (const r of this.rows) {
+      for (const r of pending) {
         if (r.identifier !== g.identifier || r.status !== 'pending' || refuse(keyName(r))) continue;
         if (g.status === 'renew') {
           r.identifier = null;
@@ -846,7 +859,7 @@ export class ModelDb {
   promote(validationMs: number): number {
     const t = this.now();
     let n = 0;
-    for (const r of this.rows) {
+    for (const r of this.pendingRows()) {
       if (r.status === 'pending' && r.acceptedAt !== null && r.acceptedAt < t - validationMs) {
         r.status = 'delivered';
         r.deliveredAt = r.acceptedAt;
@@ -860,7 +873,7 @@ export class ModelDb {
   staleKeys(staleMs: number, limit: number): KeyRef[] {
     const t = this.now();
     const oldest = new Map<string, { key: KeyRef; at: number }>();
-    for (const r of this.rows) {
+    for (const r of this.pendingRows()) {
       if (r.status !== 'pending' || r.acceptedAt !== null || r.createdAt >= t - staleMs) continue;
       // Usage stamped ahead and not yet due is not stranded (its wake-up job brings it).
       if (r.kind === 'usage' && r.identifier === null && r.occurredAt > t + FUTURE_ALLOWANCE_SECONDS * 1000)
@@ -955,6 +968,7 @@ export class ModelDb {
       }
       for (const r of members) {
         r.status = 'pending';
+        this.pendingFrom = 0;
         r.acceptedAt = null;
         r.attempts = 0;
         if (this.mutations.has('wrongIdentifierWindow')) r.identifiedAt = this.now();
@@ -1022,6 +1036,7 @@ export class ModelDb {
         r.deliveredAt = this.now();
       } else {
         r.status = 'pending';
+        this.pendingFrom = 0;
         r.identifier = null;
         r.identifiedAt = null;
         r.reissues++;
@@ -1225,6 +1240,7 @@ export class ModelDb {
   /** The standby promoted: the database is what it had; what it lacked is gone. */
   promoteStandby(state: ModelState): void {
     this.rows = state.rows.map((r) => ({ ...r }));
+    this.pendingFrom = 0;
     this.keys = new Map(state.keys);
     this.keyRefs = new Map(state.keyRefs);
     this.jobs = new Map([...state.jobs].map(([id, j]) => [id, { ...j }]));
