@@ -53,6 +53,34 @@ export function coverageCheck(world: World): () => void {
         deferred.set(name, Math.min(deferred.get(name) ?? j.startAfter, j.startAfter));
       if (j.state === 'active' && j.worker !== null && alive.has(j.worker)) covered.add(name);
     }
+    // A meter-delivery-batch job covers its keys as a key's own job would: queued (due) or retrying,
+    // or fetched by a live process for the keys its slices have not yet taken through (a key behind it
+    // has its own jobs now). A dead worker's active batch job covers nothing: its keys wait for the
+    // sweep (it counts only queued and retrying batch jobs) or, leased, for the reaper.
+    /**
+     * Keys a dead worker's batch job had not taken through: no lease or job of theirs is left for the
+     * reaper, so they wait for the sweep (which counts only queued and retrying batch jobs, sweep.ts),
+     * the design's bound for them (COVERAGE_BOUND_MS), not a crash's two leases and a reaper pass.
+     */
+    const leftToSweep = new Set<string>();
+    for (const b of db.batchJobs.values()) {
+      if (b.state === 'active' && (b.worker === null || !alive.has(b.worker)))
+        for (const k of b.keys.slice(b.through)) leftToSweep.add(keyName(k));
+      const at = Math.max(
+        b.startedAt ?? Number.NEGATIVE_INFINITY,
+        b.startAfter <= b.queuedAt + COVERAGE_GRACE_MS ? b.queuedAt : Number.NEGATIVE_INFINITY,
+      );
+      const live = b.state === 'active' && b.worker !== null && alive.has(b.worker);
+      const covers =
+        b.state === 'retry' || (b.state === 'created' && b.startAfter <= dbNow() + COVERAGE_GRACE_MS);
+      for (const [i, k] of b.keys.entries()) {
+        const name = keyName(k);
+        if (at > (lastCovered.get(name) ?? Number.NEGATIVE_INFINITY)) lastCovered.set(name, at);
+        if (covers || (live && i >= b.through)) covered.add(name);
+        else if (b.state === 'created')
+          deferred.set(name, Math.min(deferred.get(name) ?? b.startAfter, b.startAfter));
+      }
+    }
     /** A deferred job covers a row that must wait anyway: a correction, a group in flight, a key leased, paced or in backoff. */
     const waitsForDeferred = (r: Row, name: string) => {
       const at = deferred.get(name);
@@ -77,7 +105,7 @@ export function coverageCheck(world: World): () => void {
         covered.add(name);
     }
     const seen = new Set<string>();
-    for (const r of db.rows) {
+    for (const r of db.pendingRows()) {
       if (r.status !== 'pending' || r.acceptedAt !== null) continue;
       if (r.kind === 'correction' && db.rows.find((u) => u.id === r.correctsId)?.status === 'failed')
         continue;
@@ -97,7 +125,7 @@ export function coverageCheck(world: World): () => void {
       // A crashed worker's leases are as long as its claims made them (lease-length.ts): the longest taken.
       const afterCrash = 2 * Math.max(spec.leaseSeconds * 1000, db.longestLeaseMs) + 15_000;
       const bound =
-        dbNow() - dueAt < COVERAGE_BOUND_MS
+        dbNow() - dueAt < COVERAGE_BOUND_MS || leftToSweep.has(name)
           ? COVERAGE_BOUND_MS
           : now() - world.lastCrash < afterCrash
             ? afterCrash
@@ -126,7 +154,7 @@ export function coverageCheck(world: World): () => void {
 export function checkLedger(
   world: World,
   destinations: Destinations,
-  settled: { leftAmbiguous: ReadonlySet<string>; ambiguous: number },
+  settled: { leftAmbiguous: ReadonlySet<string>; ambiguous: number; reconciledPresent: ReadonlySet<string> },
 ): void {
   const { db, stripe, metronome, violate } = world;
   const { leftAmbiguous, ambiguous } = settled;
@@ -140,22 +168,42 @@ export function checkLedger(
     );
   }
   for (const id of [...stripe.doubled(), ...metronome.doubled()]) violate(`identifier ${id} billed twice`);
+  // Every row of an hourly report is billed once: delivered under an identifier the destination holds
+  // (a count of 0 too, which no sum below would miss), or left in a group a reconciliation found ambiguous.
+  for (const r of db.rows) {
+    if (r.eventName !== 'active_sensors' || r.kind !== 'usage' || r.status === 'expired') continue;
+    // (A group of count 0 a reconciled redrive found present: a `last` meter's total for its window is
+    // its value, and 0 is also the total without it: rules/reconcile.ts takes it as present.)
+    const billed =
+      r.identifier !== null &&
+      (liveAt(r.destination, r.identifier) ||
+        (r.value === 0n && settled.reconciledPresent.has(r.identifier)));
+    if (r.status === 'delivered' ? !billed : r.identifier === null || !leftAmbiguous.has(r.identifier))
+      violate(
+        `report row ${r.id} of ${r.customerId} at ${r.destination} for ${iso(r.occurredAt)} not billed once: ${describe(r)}`,
+      );
+  }
   // Per customer and destination: what the destination bills is what meterbox delivered there, and is
   // stored − voided for that destination's rows.
   for (const c of world.customers) {
-    for (const d of [
+    for (const d of (['temperature_readings', 'active_sensors'] as const).flatMap((eventName) => [
       {
         destination: 'stripe' as const,
         customerId: c.customerId,
-        billed: stripe.billed(c.customerId, 'temperature_readings'),
+        eventName,
+        billed: stripe.billed(c.customerId, eventName),
       },
       {
         destination: 'metronome' as const,
         customerId: c.alias,
-        billed: metronome.billed(c.alias, 'temperature_readings'),
+        eventName,
+        billed: metronome.billed(c.alias, eventName),
       },
-    ]) {
-      const own = db.rows.filter((r) => r.customerId === d.customerId && r.destination === d.destination);
+    ])) {
+      const own = db.rows.filter(
+        (r) =>
+          r.customerId === d.customerId && r.destination === d.destination && r.eventName === d.eventName,
+      );
       // A group left failed as ambiguous may be at the destination (that is why it is ambiguous: e.g.
       // two groups of 3 in one minute and the destination counts 3). It is billed once there, and the
       // person who settles it marks it delivered: what the destination holds of those groups (its
@@ -172,7 +220,7 @@ export function checkLedger(
         .reduce((s, r) => s + (r.kind === 'usage' ? r.value : -r.value), 0n);
       if (d.billed !== expected) {
         violate(
-          `ledger of ${d.customerId} at ${d.destination}: it bills ${d.billed}, delivered rows say ${expected}`,
+          `ledger of ${d.customerId} ${d.eventName} at ${d.destination}: it bills ${d.billed}, delivered rows say ${expected}`,
         );
       }
       const stored = own
@@ -183,7 +231,7 @@ export function checkLedger(
         .reduce((s, r) => s + r.value, 0n);
       if (stuck.length === 0 && d.billed !== stored - voidedTotal) {
         violate(
-          `ledger of ${d.customerId} at ${d.destination}: billed ${d.billed} != stored ${stored} − voided ${voidedTotal}`,
+          `ledger of ${d.customerId} ${d.eventName} at ${d.destination}: billed ${d.billed} != stored ${stored} − voided ${voidedTotal}`,
         );
       }
     }

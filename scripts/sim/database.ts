@@ -14,6 +14,7 @@ import {
   type InFlight,
   METRONOME_RATE,
   notifyAll,
+  notifyBatch,
   START,
   STEP_CRASH_RATE,
   type Worker,
@@ -298,7 +299,9 @@ export function openDatabase(world: World, restart: () => void): Database {
         world.dbDown = false;
         world.lastDisruption = now();
         for (const r of lost) {
-          if (r.kind !== 'usage') continue;
+          // A report's rows the standby lacks: a synchronous standby's were never acknowledged (the report's
+          // job failed and is retried, workers.ts); an asynchronous one's are lost with the hour's report.
+          if (r.kind !== 'usage' || r.eventName !== 'temperature_readings') continue;
           const reading = world.mirrors.get(r.id);
           if (f.kind === 'async') {
             world.counts.readingsLost++;
@@ -313,6 +316,7 @@ export function openDatabase(world: World, restart: () => void): Database {
             world.voided.set(c.correctsId, (world.voided.get(c.correctsId) ?? 0n) + c.value);
         log(`standby promoted: ${lost.length} rows it lacked (${f.kind === 'sync' ? 'sent again' : 'lost'})`);
         notifyAll(world);
+        notifyBatch(world);
       });
     });
   };

@@ -204,6 +204,8 @@ export function scheduleFaults(world: World, database: Database, workers: Worker
       const candidates = db.rows.filter(
         (r) =>
           r.kind === 'usage' &&
+          // Corrections void readings (admin/corrections.ts): never an hourly report's count.
+          r.eventName === 'temperature_readings' &&
           r.status !== 'expired' &&
           (world.voided.get(r.id) ?? 0n) < r.value &&
           // Not yet: a correction of a reading stamped ahead spins its key in the model (its claim

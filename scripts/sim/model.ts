@@ -84,6 +84,37 @@ export interface Job {
   queuedAt: number;
 }
 
+/**
+ * A meter-delivery-batch job (queues.ts): the keys of one chunk of the hourly report, at most
+ * MAX_BATCH_KEYS, in key order (outbox.ts enqueueBatchDeliveries). No `short` policy and no dead letter:
+ * a job that fails is retried with the delivery backoff up to its own retry limit, then ends failed
+ * (its keys' rows are the sweep's).
+ */
+export interface BatchJob {
+  id: string;
+  keys: KeyRef[];
+  state: 'created' | 'retry' | 'active' | 'completed' | 'failed';
+  startAfter: number;
+  retryCount: number;
+  seq: number;
+  worker: string | null;
+  startedAt: number | null;
+  queuedAt: number;
+  /**
+   * Keys of the job a worker has taken through deliverBatch in this attempt (its slices so far): what
+   * each of them needs next is its own meter-delivery job. Not a column: what the checks know.
+   */
+  through: number;
+}
+
+/** A copy in meter-delivery-dead: the key's payload and the outcome, under the job's name. */
+export interface DeadLetter {
+  name: string;
+  key: KeyRef;
+  output: unknown;
+  at: number;
+}
+
 /** pg-boss's options of meter-delivery that the model uses. */
 export interface BossOptions {
   retryLimit: number;
@@ -119,6 +150,9 @@ export interface ModelState {
   nextRowId: number;
   nextJobId: number;
   jobSeq: number;
+  batchJobs: Map<string, BatchJob>;
+  deadLetters: DeadLetter[];
+  reported: Set<string>;
 }
 
 export class ModelDb {
@@ -134,6 +168,12 @@ export class ModelDb {
   /** Keys each batch (owner) has leased, for the mutation renewCountsLostKeys only. */
   private everLeased = new Map<string, number>();
   jobs = new Map<string, Job>();
+  /** The queue meter-delivery-batch (the hourly report's hand-off). */
+  batchJobs = new Map<string, BatchJob>();
+  /** The hourly reports' dedupe keys (meter_outbox.dedupe_key): organization, destination and hour. */
+  private reported = new Set<string>();
+  /** The queue meter-delivery-dead: one copy a dead-lettered key, whichever queue delivered it. */
+  deadLetters: DeadLetter[] = [];
   private nextRowId = 1;
   private nextJobId = 1;
   private jobSeq = 0;
@@ -144,6 +184,8 @@ export class ModelDb {
 
   /** Called with a job's start time when one is queued or retried: pg-boss's NOTIFY, or the wake-up when it comes due. */
   onJob: (startAfter: number) => void = () => {};
+  /** The same for a meter-delivery-batch job. */
+  onBatchJob: (startAfter: number) => void = () => {};
 
   constructor(
     private readonly now: () => number,
@@ -151,6 +193,8 @@ export class ModelDb {
     readonly boss: BossOptions,
     /** Rules of the design broken on purpose (mutations.ts); none in a normal run. */
     readonly mutations: ReadonlySet<Mutation> = new Set(),
+    /** meter-delivery-batch's options (queues.ts); the model's meter-delivery ones when not given. */
+    readonly batchBoss: BossOptions = boss,
   ) {}
 
   // ─── what ingestion and the operator write ───────────────────────────────────────────────────
@@ -193,6 +237,75 @@ export class ModelDb {
     });
     this.insertJob(original, this.now(), 'write');
     return row;
+  }
+
+  /**
+   * One chunk of the hourly active_sensors report in one transaction (active-sensors.ts
+   * reportActiveSensorsChunk): a row for each of `targets` (an organization's customer at each
+   * destination in force at `hour`) not yet reported for the hour (the dedupe key: organization,
+   * destination, hour), its key's delivery row where missing (insertMissingKeys), and the written rows'
+   * keys handed to delivery as meter-delivery-batch jobs of at most `maxKeys` keys in key order
+   * (outbox.ts enqueueBatchDeliveries). On one node a row whose key has no other pending row is written
+   * already identified, as the claim would name a group of that one row (singleRowIdentifier).
+   */
+  report(
+    hour: number,
+    targets: readonly (KeyRef & { organizationId: string; value: bigint })[],
+    maxKeys: number,
+  ): { rows: Row[]; jobs: BatchJob[] } {
+    const rows: Row[] = [];
+    for (const t of targets) {
+      const destination = destinationOf(t);
+      const dedupeKey = `${t.organizationId}|${destination}|${hour}`;
+      if (this.reported.has(dedupeKey)) continue;
+      this.reported.add(dedupeKey);
+      const alone = this.pendingOf(t).length === 0 && hour > this.now() - 86_400_000;
+      const row = this.insertRow({
+        organizationId: t.organizationId,
+        customerId: t.customerId,
+        eventName: 'active_sensors',
+        destination,
+        kind: 'usage',
+        value: t.value,
+        occurredAt: hour,
+        correctsId: null,
+      });
+      if (alone) {
+        row.identifier = `mb_${destination === 'metronome' ? 'm' : ''}as_${row.id}_${this.identifierOf([row])}`;
+        row.identifiedAt = this.now();
+      }
+      if (!this.keys.has(keyName(t)))
+        this.setKey(t, {
+          leaseOwner: null,
+          leaseExpiresAt: null,
+          nextCallAt: new Date(-8.64e15),
+          retryAt: null,
+          hold: null,
+        });
+      rows.push(row);
+    }
+    const keys = [...new Map(rows.map((r) => [singletonKeyOf(r), keyRef(r)]))]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([, k]) => k);
+    const jobs: BatchJob[] = [];
+    for (let i = 0; i < keys.length; i += maxKeys) {
+      const job: BatchJob = {
+        id: `b${this.nextJobId++}`,
+        keys: keys.slice(i, i + maxKeys),
+        state: 'created',
+        startAfter: this.now(),
+        retryCount: 0,
+        seq: this.jobSeq++,
+        worker: null,
+        startedAt: null,
+        queuedAt: this.now(),
+        through: 0,
+      };
+      this.batchJobs.set(job.id, job);
+      jobs.push(job);
+    }
+    if (jobs.length > 0) this.onBatchJob(this.now());
+    return { rows, jobs };
   }
 
   private insertRow(
@@ -270,8 +383,20 @@ export class ModelDb {
     this.keyRefs.set(keyName(key), keyRef(key));
   }
 
+  /**
+   * The rows from the first one that may be pending (the scans of pending rows start there: rows settle
+   * mostly in the order they were written, and a long world keeps thousands settled). Every change that
+   * makes a row pending again (a redrive, a reissue, a promoted standby's rows) moves the start back.
+   */
+  pendingRows(): Row[] {
+    while (this.pendingFrom < this.rows.length && this.rows[this.pendingFrom]!.status !== 'pending')
+      this.pendingFrom++;
+    return this.pendingFrom === 0 ? this.rows : this.rows.slice(this.pendingFrom);
+  }
+  private pendingFrom = 0;
+
   pendingOf(key: KeyRef): Row[] {
-    return this.rows
+    return this.pendingRows()
       .filter(
         (r) =>
           r.status === 'pending' &&
@@ -373,8 +498,9 @@ export class ModelDb {
         );
         const ids = new Set(rows.map((r) => r.id));
         const m = destinationOf(key) === 'metronome' ? 'm' : '';
+        const meter = key.eventName === 'active_sensors' ? 'as' : 'tr';
         members = ungrouped.filter((r) => ids.has(r.id));
-        identifier = `mb_${m}tr_${first.id}_${this.identifierOf(members)}`;
+        identifier = `mb_${m}${meter}_${first.id}_${this.identifierOf(members)}`;
         for (const r of members) {
           r.identifier = identifier;
           r.identifiedAt = this.now();
@@ -450,8 +576,9 @@ export class ModelDb {
     // out but is still the batch's own (nobody reaped or took it) is still held.
     const held = (name: string) => this.keys.get(name)?.leaseOwner === options.owner;
     const refuse = (name: string) => !held(name) && !this.mutations.has('settleStaleLease');
+    const pending = this.pendingRows();
     for (const g of groups) {
-      for (const r of this.rows) {
+      for (const r of pending) {
         if (r.identifier !== g.identifier || r.status !== 'pending' || refuse(keyName(r))) continue;
         if (g.status === 'renew') {
           r.identifier = null;
@@ -732,7 +859,7 @@ export class ModelDb {
   promote(validationMs: number): number {
     const t = this.now();
     let n = 0;
-    for (const r of this.rows) {
+    for (const r of this.pendingRows()) {
       if (r.status === 'pending' && r.acceptedAt !== null && r.acceptedAt < t - validationMs) {
         r.status = 'delivered';
         r.deliveredAt = r.acceptedAt;
@@ -746,7 +873,7 @@ export class ModelDb {
   staleKeys(staleMs: number, limit: number): KeyRef[] {
     const t = this.now();
     const oldest = new Map<string, { key: KeyRef; at: number }>();
-    for (const r of this.rows) {
+    for (const r of this.pendingRows()) {
       if (r.status !== 'pending' || r.acceptedAt !== null || r.createdAt >= t - staleMs) continue;
       // Usage stamped ahead and not yet due is not stranded (its wake-up job brings it).
       if (r.kind === 'usage' && r.identifier === null && r.occurredAt > t + FUTURE_ALLOWANCE_SECONDS * 1000)
@@ -778,6 +905,15 @@ export class ModelDb {
         )
         .map((j) => j.name),
     );
+    // A queued or retrying meter-delivery-batch job covers the keys it names (sweep.ts), an active one
+    // none: it may be a dead or frozen worker's (mutation sweepCountsActiveBatchJob: it covers them too).
+    for (const b of this.batchJobs.values())
+      if (
+        b.state === 'created' ||
+        b.state === 'retry' ||
+        (b.state === 'active' && this.mutations.has('sweepCountsActiveBatchJob'))
+      )
+        for (const k of b.keys) covered.add(singletonKeyOf(k));
     return [...oldest.values()]
       .sort((a, b) => a.at - b.at)
       .slice(0, limit * 5)
@@ -832,6 +968,7 @@ export class ModelDb {
       }
       for (const r of members) {
         r.status = 'pending';
+        this.pendingFrom = 0;
         r.acceptedAt = null;
         r.attempts = 0;
         if (this.mutations.has('wrongIdentifierWindow')) r.identifiedAt = this.now();
@@ -899,6 +1036,7 @@ export class ModelDb {
         r.deliveredAt = this.now();
       } else {
         r.status = 'pending';
+        this.pendingFrom = 0;
         r.identifier = null;
         r.identifiedAt = null;
         r.reissues++;
@@ -973,7 +1111,72 @@ export class ModelDb {
     if (j?.state !== 'active') return;
     j.state = status;
     j.output = output;
+    if (status === 'deadletter') this.deadLetters.push({ name: j.name, key: j.key, output, at: this.now() });
     this.retire(j);
+  }
+
+  /**
+   * deadLetterKeys (job-completion.ts): a key dead-lettered inside a batch job gets a meter-delivery job of
+   * its own, `<key>#dead:<id>`, inserted and failed with no retry in one transaction, so that
+   * meter-delivery-dead holds the same copy a key's own job leaves.
+   */
+  deadLetterKeys(dead: readonly { key: KeyRef; output: unknown }[]): number {
+    for (const d of dead) {
+      const id = `j${this.nextJobId++}`;
+      this.jobSeq++;
+      this.deadLetters.push({
+        name: `${singletonKeyOf(d.key)}#dead:${id}`,
+        key: keyRef(d.key),
+        output: d.output,
+        at: this.now(),
+      });
+    }
+    return dead.length;
+  }
+
+  // ─── pg-boss's meter-delivery-batch queue ────────────────────────────────────────────────────
+
+  /** One due batch job (batchSize 1), made active for this process: the oldest first. */
+  fetchBatchJob(worker: string): BatchJob | null {
+    const t = this.now();
+    let next: BatchJob | null = null;
+    for (const b of this.batchJobs.values()) {
+      if ((b.state !== 'created' && b.state !== 'retry') || b.startAfter > t) continue;
+      if (!next || b.startAfter < next.startAfter || (b.startAfter === next.startAfter && b.seq < next.seq))
+        next = b;
+    }
+    if (!next) return null;
+    next.state = 'active';
+    next.worker = worker;
+    next.startedAt = t;
+    next.through = 0;
+    return next;
+  }
+
+  /**
+   * A batch job's handler returned (completed) or threw (failed: retried with backoff and jitter, or
+   * failed for good past its retry limit); fenced to the attempt `retryCount` fetched, as pg-boss is.
+   */
+  endBatchJob(id: string, retryCount: number, outcome: 'completed' | 'failed'): void {
+    const b = this.batchJobs.get(id);
+    if (b?.state !== 'active' || b.retryCount !== retryCount) return;
+    if (outcome === 'completed') {
+      b.state = 'completed';
+      this.batchJobs.delete(id);
+      return;
+    }
+    if (b.retryCount >= this.batchBoss.retryLimit) {
+      b.state = 'failed';
+      this.batchJobs.delete(id);
+      return;
+    }
+    b.retryCount++;
+    const base = this.batchBoss.retryDelaySeconds * 2 ** Math.min(16, b.retryCount);
+    const delay = Math.min(this.batchBoss.retryDelayMaxSeconds, base / 2 + (base / 2) * this.random());
+    b.state = 'retry';
+    b.worker = null;
+    b.startAfter = this.now() + delay * 1000;
+    this.onBatchJob(b.startAfter);
   }
 
   /** A handler that threw (or a job that expired): pg-boss's retry with backoff and jitter, or its dead letter. */
@@ -1001,6 +1204,14 @@ export class ModelDb {
       if (j.state === 'active' && j.startedAt !== null && j.startedAt + this.boss.expireInSeconds * 1000 < t)
         this.fail(j.id);
     }
+    for (const b of [...this.batchJobs.values()]) {
+      if (
+        b.state === 'active' &&
+        b.startedAt !== null &&
+        b.startedAt + this.batchBoss.expireInSeconds * 1000 < t
+      )
+        this.endBatchJob(b.id, b.retryCount, 'failed');
+    }
   }
 
   /** Finished jobs are deleted (JOB_RETENTION_SECONDS): the model keeps only what a check reads. */
@@ -1020,18 +1231,25 @@ export class ModelDb {
       nextRowId: this.nextRowId,
       nextJobId: this.nextJobId,
       jobSeq: this.jobSeq,
+      batchJobs: new Map([...this.batchJobs].map(([id, b]) => [id, { ...b }])),
+      deadLetters: [...this.deadLetters],
+      reported: new Set(this.reported),
     };
   }
 
   /** The standby promoted: the database is what it had; what it lacked is gone. */
   promoteStandby(state: ModelState): void {
     this.rows = state.rows.map((r) => ({ ...r }));
+    this.pendingFrom = 0;
     this.keys = new Map(state.keys);
     this.keyRefs = new Map(state.keyRefs);
     this.jobs = new Map([...state.jobs].map(([id, j]) => [id, { ...j }]));
     this.nextRowId = state.nextRowId;
     this.nextJobId = state.nextJobId;
     this.jobSeq = state.jobSeq;
+    this.batchJobs = new Map([...state.batchJobs].map(([id, b]) => [id, { ...b }]));
+    this.deadLetters = [...state.deadLetters];
+    this.reported = new Set(state.reported);
     // The old primary's sessions are gone, and the locks of its running claims with them.
     this.claiming.clear();
   }

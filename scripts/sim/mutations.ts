@@ -38,6 +38,8 @@ export const MUTATIONS = {
     'a period-boundary migration cuts over at the end of the period under way when the parallel run starts, not of the first period it shadows whole',
   accessRefusalCounted:
     "a connected account's refusal of the platform's access is read as a server error: counted toward the group's retry limit, then failed",
+  sweepCountsActiveBatchJob:
+    "the sweep counts an active meter-delivery-batch job as covering its keys, a dead worker's too: the keys it had not reached wait for pg-boss to expire the job (15 minutes)",
 } as const;
 
 export type Mutation = keyof typeof MUTATIONS;

@@ -13,6 +13,7 @@
 import { nextHourBoundary } from '../../src/admin/destinations.js';
 import { billableSchedule, planPeriodCutOver, type StripeBillingPeriod } from '../../src/billing/periods.js';
 import { type Config, loadConfig } from '../../src/config.js';
+import { queues } from '../../src/metering/queues.js';
 import { type KeyRef, keyName } from '../../src/metering/rules/keys.js';
 import { deliveryPolicy } from '../../src/metering/rules/policy.js';
 import { seededRandom } from '../lib/random.js';
@@ -22,7 +23,7 @@ import { destinationsOf } from './destinations.js';
 import { describeProfile, drawProfile, type FaultProfile, wallClocks } from './hostile.js';
 import { scheduleFaults, scheduleReadings, scheduleUpkeep } from './load.js';
 import { MetronomeModel } from './metronome-model.js';
-import { ModelDb } from './model.js';
+import { type BossOptions, ModelDb } from './model.js';
 import type { Mutation } from './mutations.js';
 import { quietDown } from './quiet.js';
 import { Scheduler } from './scheduler.js';
@@ -156,6 +157,7 @@ function createWorld(
       expireInSeconds: JOB_EXPIRE_SECONDS,
     },
     mutations,
+    batchBossOptions(config),
   );
   const stripe = new StripeModel(now, () => rng.next(), spec.accountRate);
   stripe.faults = { ...spec.faults };
@@ -300,6 +302,17 @@ function drawMigrationsAndAccounts(
       stripe.accountOf.set(c.customerId, SIM_ACCOUNT);
     }
   }
+}
+
+/** meter-delivery-batch's pg-boss options as the registry gives them for `config` (queues.ts). */
+function batchBossOptions(config: Config): BossOptions {
+  const o = queues['meter-delivery-batch'].options(config);
+  return {
+    retryLimit: o.retryLimit ?? 0,
+    retryDelaySeconds: o.retryDelay ?? 0,
+    retryDelayMaxSeconds: o.retryDelayMax ?? 0,
+    expireInSeconds: o.expireInSeconds ?? 0,
+  };
 }
 
 /** Configurations parsed so far, by their variables (a seed's world is one of a few hundred). */

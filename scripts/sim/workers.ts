@@ -9,16 +9,26 @@ import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
-import { keyName, leaseGrantedTo, singletonKeyOf } from '../../src/metering/rules/keys.js';
+import { MAX_BATCH_KEYS, queues } from '../../src/metering/queues.js';
+import { batchJobSlices } from '../../src/metering/rules/jobs.js';
+import {
+  type KeyRef,
+  keyName,
+  keyRef,
+  leaseGrantedTo,
+  singletonKeyOf,
+} from '../../src/metering/rules/keys.js';
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
 import { HOSTS } from './hostile.js';
+import { destinationsAt } from './load.js';
 import type { Job } from './model.js';
 import {
   CATALOG_HELD_REFRESH_SECONDS,
   CATALOG_REFRESH_SECONDS,
   IDLE_POLL_MS,
   notifyAll,
+  notifyBatch,
   REAP_MS,
   START,
   type Worker,
@@ -83,10 +93,33 @@ export function workersOf(world: World, database: Database, destinations: Destin
     else sched.after(startAfter - dbNow() + 5, () => notifyAll(world));
   };
 
+  db.onBatchJob = (startAfter) => {
+    if (startAfter <= dbNow()) notifyBatch(world);
+    else sched.after(startAfter - dbNow() + 5, () => notifyBatch(world));
+  };
+
   // ── the hourly active-sensor report (active-sensors-job.ts): at a worker's start-up and on the
-  // hourly schedule, whose job the database's clock creates; the hour it reports is the database's ──
-  const reportHour = (w: Worker, trigger: string) => {
-    if (!w.alive) return;
+  // hourly schedule, whose job the database's clock creates; the hour it reports is the database's.
+  // Its chunk (one here: a world has a few organizations) writes a row for every billable organization
+  // at each destination in force at the hour and hands their keys to delivery as meter-delivery-batch
+  // jobs in the same transaction (active-sensors.ts handOff); a run that fails is retried as pg-boss
+  // retries the report's job ──
+  const reportJob = queues['active-sensors-report'].options(world.config);
+  const targetsAt = (hour: number) =>
+    world.customers.flatMap((c, i) =>
+      destinationsAt(c, hour).map((d) => ({
+        organizationId: c.organizationId,
+        customerId: d.customerId,
+        eventName: 'active_sensors' as const,
+        ...(d.destination === 'stripe' ? {} : { destination: d.destination }),
+        // The organization's count of active sensors (no sensors are modelled): drawn from nothing, so
+        // no stream of the seed moves; 0 now and then, as an organization with every sensor inactive.
+        value: BigInt((i * 7 + Math.floor(hour / 3_600_000)) % 6),
+      })),
+    );
+  const reportHour = (w: Worker, trigger: string, attempt = 0) => {
+    // Once the world quiets nothing new is written (as no reading arrives): the ledger is read at rest.
+    if (!w.alive || world.quiet) return;
     const at = mutations.has('reportHourFromHostClock') ? world.wallClockOf(w.host)() : dbNow();
     const hour = utcHourOf(new Date(at)).getTime();
     const dbHour = utcHourOf(new Date(dbNow())).getTime();
@@ -96,6 +129,23 @@ export function workersOf(world: World, database: Database, destinations: Destin
       violate(
         `${w.id}'s ${trigger} report is stamped ${new Date(hour).toISOString()} while the database is in ${new Date(dbHour).toISOString()}`,
       );
+    statement(w, () => db.report(hour, targetsAt(hour), MAX_BATCH_KEYS), { mayFail: true }).then(
+      ({ rows, jobs }) => {
+        if (rows.length > 0)
+          log(
+            `${w.id} reported ${rows.length} rows, batch jobs ${jobs.map((j) => `${j.id}[${j.keys.length}]`).join(' ')}`,
+          );
+      },
+      (err: unknown) => {
+        log(`${w.id} report failed: ${err instanceof Error ? err.message : String(err)}`);
+        if (attempt >= (reportJob.retryLimit ?? 0)) return;
+        // pg-boss's retry of the report's job, on whichever process fetches it.
+        sched.after((reportJob.retryDelay ?? 30) * 1000 * 2 ** attempt, () => {
+          const x = world.workers.find((y) => y.alive);
+          if (x) x.gate(() => reportHour(x, 'retried', attempt + 1));
+        });
+      },
+    );
   };
   const hourly = () => {
     const w = world.workers.find((x) => x.alive);
@@ -114,6 +164,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
       reap: () => {},
       inFlight: new Set(),
       wake: [],
+      wakeBatch: [],
       host: workerCount % HOSTS,
       frozenUntil: Number.NEGATIVE_INFINITY,
       gate: (run) => {
@@ -165,7 +216,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
       wakeAfter: (ms: number) => sched.after(ms + 5, () => notifyAll(world)),
     };
     const batchSize = spec.batchSize;
-    const idle = () =>
+    const idle = (list: (() => void)[]) =>
       new Promise<void>((resolve) => {
         let woken = false;
         let cancelPoll = () => {};
@@ -173,13 +224,15 @@ export function workersOf(world: World, database: Database, destinations: Destin
           if (woken || !w.alive) return;
           woken = true;
           cancelPoll();
-          const at = w.wake.indexOf(wake);
-          if (at >= 0) w.wake.splice(at, 1);
+          const at = list.indexOf(wake);
+          if (at >= 0) list.splice(at, 1);
           resolve();
         };
-        w.wake.push(wake);
-        cancelPoll = sched.after(IDLE_POLL_MS, wake);
+        list.push(wake);
+        cancelPoll = sched.after(list === w.wake ? IDLE_POLL_MS : 600_000, wake);
       });
+    // DELIVERY_CONCURRENCY batches at once in the process, whichever queue fetched them (delivery.ts).
+    const running = batchSlots(spec.fetchers);
     /** pg-boss's fetch: a batch of due jobs, made active for this process. */
     const fetchJobs = () =>
       statement(w, () => {
@@ -218,8 +271,15 @@ export function workersOf(world: World, database: Database, destinations: Destin
       while (w.alive) {
         try {
           const jobs = await fetchJobs();
-          if (jobs.length === 0) await idle();
-          else await runBatch(jobs);
+          if (jobs.length === 0) await idle(w.wake);
+          else {
+            const slot = await running.take();
+            try {
+              await runBatch(jobs);
+            } finally {
+              slot.release();
+            }
+          }
         } catch (err) {
           // A statement of pg-boss's own failed (a lost or silent connection): it tries again soon.
           world.lastDisruption = now();
@@ -228,7 +288,83 @@ export function workersOf(world: World, database: Database, destinations: Destin
         }
       }
     };
+    /**
+     * A meter-delivery-batch job (delivery.ts): its keys through the real batch in slices of the batch
+     * size (rules/jobs.ts batchJobSlices), one after another; a key dead-lettered gets its own dead letter
+     * (job-completion.ts deadLetterKeys); the job completes when every slice is through, and fails (for
+     * pg-boss to retry) when one throws.
+     */
+    const runBatchJob = async (job: { id: string; keys: readonly KeyRef[]; retryCount: number }) => {
+      const retryLimit = db.batchBoss.retryLimit;
+      const slices = batchJobSlices(
+        { id: job.id, data: { keys: job.keys.map((k) => ({ ...k })) } },
+        batchSize,
+      );
+      try {
+        let through = 0;
+        for (const slice of slices) {
+          const keyOf = new Map(
+            slice.map((s) => [s.id, keyRef({ ...s.data, organizationId: s.data.organizationId ?? '' })]),
+          );
+          const ran = slice.map((s) => ({
+            id: s.id,
+            key: keyOf.get(s.id)!,
+            name: singletonKeyOf(keyOf.get(s.id)!),
+            origin: 'write' as const,
+            retryCount: job.retryCount,
+          }));
+          const before = new Map(ran.map((j) => [j.name, world.callsPerKey.get(j.name) ?? 0]));
+          const results = await deliverBatch(
+            deps,
+            slice.map((s) => ({ id: s.id, data: s.data, retryCount: job.retryCount, retryLimit })),
+          );
+          const dead = results.flatMap((r) =>
+            r.status === 'deadletter' ? [{ key: keyOf.get(r.id)!, output: r.output }] : [],
+          );
+          if (dead.length > 0) await statement(w, () => db.deadLetterKeys(dead));
+          through += slice.length;
+          const held = db.batchJobs.get(job.id);
+          if (held?.state === 'active' && held.worker === w.id && held.retryCount === job.retryCount)
+            held.through = through;
+          watchRuns(ran, results, before);
+        }
+      } catch (err) {
+        world.counts.batchFailures++;
+        world.lastDisruption = now();
+        log(`${w.id} batch job ${job.id} failed: ${err instanceof Error ? err.message : String(err)}`);
+        await statement(w, () => db.endBatchJob(job.id, job.retryCount, 'failed'));
+        return;
+      }
+      await statement(w, () => db.endBatchJob(job.id, job.retryCount, 'completed'));
+    };
+    const batchFetcher = async () => {
+      while (w.alive) {
+        try {
+          const job = await statement(w, () => {
+            const b = db.fetchBatchJob(w.id);
+            return b ? { id: b.id, keys: [...b.keys], retryCount: b.retryCount } : null;
+          });
+          if (!job) {
+            await idle(w.wakeBatch);
+            continue;
+          }
+          log(`${w.id} fetched batch job ${job.id} (${job.keys.length} keys, retry ${job.retryCount})`);
+          const slot = await running.take();
+          try {
+            await runBatchJob(job);
+          } finally {
+            slot.release();
+          }
+        } catch (err) {
+          world.lastDisruption = now();
+          log(`${w.id} batch fetcher: ${err instanceof Error ? err.message : String(err)}`);
+          await timers.sleep(1_000);
+        }
+      }
+    };
     for (let i = 0; i < spec.fetchers; i++) void fetcher();
+    // Half as many as meter-delivery's, rounded up (delivery.ts).
+    for (let i = 0; i < Math.ceil(spec.fetchers / 2); i++) void batchFetcher();
     // The lease reaper (lease-reaper.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
     // only while a lease exists anywhere (they would find nothing else), to keep long runs fast.
     w.reap = () => {
@@ -302,7 +438,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
 
   /** Spin and churn: a key's jobs that neither call nor wait for a reason (busy, paced, backoff) are work for nothing. */
   const watchRuns = (
-    jobs: readonly Job[],
+    jobs: readonly Pick<Job, 'id' | 'key' | 'name' | 'origin' | 'retryCount'>[],
     results: readonly { id: string; output?: unknown }[],
     before: Map<string, number>,
   ) => {
@@ -328,4 +464,29 @@ export function workersOf(world: World, database: Database, destinations: Destin
   };
 
   return { start, refreshCatalog };
+}
+
+/** At most `n` holders at once, first come first served (delivery.ts batchSlots, which it does not export). */
+function batchSlots(n: number): { take(): Promise<{ release(): void }> } {
+  let free = n;
+  const waiting: (() => void)[] = [];
+  const release = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else free++;
+  };
+  return {
+    async take() {
+      if (free > 0) free--;
+      else await new Promise<void>((resolve) => waiting.push(resolve));
+      let released = false;
+      return {
+        release() {
+          if (released) return;
+          released = true;
+          release();
+        },
+      };
+    },
+  };
 }

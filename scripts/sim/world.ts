@@ -58,6 +58,8 @@ export interface Worker {
   /** Statements sent and not yet answered: at a crash, each may or may not have committed. */
   inFlight: Set<InFlight>;
   wake: (() => void)[];
+  /** The idle meter-delivery-batch fetchers' wake-ups. */
+  wakeBatch: (() => void)[];
   /** The machine it runs on (its wall clock). */
   host: number;
   /** A frozen process runs nothing until then (true time). */
@@ -190,6 +192,14 @@ export type Random = ReturnType<typeof seededRandom>;
 export function notifyAll(world: World): void {
   for (const w of world.workers) {
     const wake = w.wake.shift();
+    if (wake) world.sched.after(1, wake);
+  }
+}
+
+/** A meter-delivery-batch job queued (its queue's NOTIFY): one idle batch fetcher of each worker process wakes. */
+export function notifyBatch(world: World): void {
+  for (const w of world.workers) {
+    const wake = w.wakeBatch.shift();
     if (wake) world.sched.after(1, wake);
   }
 }

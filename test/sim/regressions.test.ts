@@ -95,6 +95,18 @@ const FOUND = [
     hostile: true,
     what: 'two renewals of one batch in flight together: one sent during a claim the slow-statement fault made last 24 s (a 5 s lease), then, after the claim, one for the lease grown to 73 s, which moved the deadline; the slow one landed last and cut the lease back to 5 s, and the batch called 9 s after its lease had run out. A renewal now only ever extends a lease (renewLeasesOf: greatest)',
   },
+  {
+    seed: 364,
+    size: 'small',
+    hostile: true,
+    what: "the hourly report's meter-delivery-batch job: a worker fetched it and was killed in its second slice (batch size 1); the third key was neither leased nor queued, so the reaper had nothing of it, and its row waited for the sweep (its active batch job covers nothing there, sweep.ts). The coverage check held it to a crash's two leases and a reaper pass; a key a dead worker's batch job had not taken through is now held to the sweep's bound, the design's for it",
+  },
+  {
+    seed: 339,
+    size: 'small',
+    hostile: true,
+    what: "an hourly report's row of count 0 never reached Stripe (an outage: every call 500) and was dead-lettered; a day later the reconciled redrive found Stripe's total for its minute 0, its value, and marked it delivered (rules/reconcile.ts: a `last` group is present when the total is its value). The new per-row ledger check found the row delivered and not at Stripe; it now accepts a count of 0 the reconciliation took as present (the product's rule, reported: a total of 0 cannot tell a count of 0 from no event)",
+  },
 ] as const;
 
 describe('seeds the simulation once failed on', () => {
