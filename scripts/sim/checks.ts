@@ -154,7 +154,7 @@ export function coverageCheck(world: World): () => void {
 export function checkLedger(
   world: World,
   destinations: Destinations,
-  settled: { leftAmbiguous: ReadonlySet<string>; ambiguous: number; reconciledPresent: ReadonlySet<string> },
+  settled: { leftAmbiguous: ReadonlySet<string>; ambiguous: number },
 ): void {
   const { db, stripe, metronome, violate } = world;
   const { leftAmbiguous, ambiguous } = settled;
@@ -169,15 +169,11 @@ export function checkLedger(
   }
   for (const id of [...stripe.doubled(), ...metronome.doubled()]) violate(`identifier ${id} billed twice`);
   // Every row of an hourly report is billed once: delivered under an identifier the destination holds
-  // (a count of 0 too, which no sum below would miss), or left in a group a reconciliation found ambiguous.
+  // (a count of 0 too, which no sum below would miss: a reconciled redrive never takes a 0 as present,
+  // rules/reconcile.ts), or left in a group a reconciliation found ambiguous.
   for (const r of db.rows) {
     if (r.eventName !== 'active_sensors' || r.kind !== 'usage' || r.status === 'expired') continue;
-    // (A group of count 0 a reconciled redrive found present: a `last` meter's total for its window is
-    // its value, and 0 is also the total without it: rules/reconcile.ts takes it as present.)
-    const billed =
-      r.identifier !== null &&
-      (liveAt(r.destination, r.identifier) ||
-        (r.value === 0n && settled.reconciledPresent.has(r.identifier)));
+    const billed = r.identifier !== null && liveAt(r.destination, r.identifier);
     if (r.status === 'delivered' ? !billed : r.identifier === null || !leftAmbiguous.has(r.identifier))
       violate(
         `report row ${r.id} of ${r.customerId} at ${r.destination} for ${iso(r.occurredAt)} not billed once: ${describe(r)}`,

@@ -15,8 +15,6 @@ export interface Settled {
    */
   leftAmbiguous: ReadonlySet<string>;
   ambiguous: number;
-  /** Failed groups a reconciled redrive marked delivered: the destination's total for their window said present. */
-  reconciledPresent: ReadonlySet<string>;
 }
 
 /** Quiets the world and runs it (checked after every step) in rounds of two hours, redriving after each. */
@@ -29,7 +27,6 @@ export async function quietDown(world: World, workers: Workers, check: () => voi
   if (world.workers.every((w) => !w.alive)) workers.start();
   log('the world quiets');
   const leftAmbiguous = new Set<string>();
-  const reconciledPresent = new Set<string>();
   let ambiguous = 0;
   for (let round = 0; round < 6; round++) {
     await sched.runUntil(sched.now + 2 * 3_600_000, check, () => violations.length >= 5);
@@ -42,13 +39,13 @@ export async function quietDown(world: World, workers: Workers, check: () => voi
     for (const id of r.resent) world.calls.delete(id);
     // Each batch whose lease the redrive took may call once more, unrecorded (its settle is refused).
     world.counts.takeovers += r.revoked;
-    ambiguous = reconcilePastWindow(world, r.refused, leftAmbiguous, reconciledPresent);
+    ambiguous = reconcilePastWindow(world, r.refused, leftAmbiguous);
     log(
       `quiet round ${round}: ${pending.length} pending, ${failed.length} failed; redrove ${r.rows}, ${r.refused.length} past the window`,
     );
     notifyAll(world);
   }
-  return { leftAmbiguous, ambiguous, reconciledPresent };
+  return { leftAmbiguous, ambiguous };
 }
 
 /**
@@ -57,12 +54,7 @@ export async function quietDown(world: World, workers: Workers, check: () => voi
  * destination's own total, by rules/reconcile.ts reconcileWindowGroups. Returns how many stay failed,
  * and adds the ambiguous ones to `leftAmbiguous`.
  */
-function reconcilePastWindow(
-  world: World,
-  refused: readonly string[],
-  leftAmbiguous: Set<string>,
-  reconciledPresent: Set<string>,
-): number {
+function reconcilePastWindow(world: World, refused: readonly string[], leftAmbiguous: Set<string>): number {
   const { db, stripe, metronome, log, dbNow } = world;
   const windowMsOf = (d: Destination) => (d === 'metronome' ? 3_600_000 : 60_000);
   const windows = new Map<
@@ -127,10 +119,7 @@ function reconcilePastWindow(
       for (const g of failed) leftAmbiguous.add(g.identifier);
       continue;
     }
-    for (const id of verdict.present) {
-      db.reissue(id, true);
-      reconciledPresent.add(id);
-    }
+    for (const id of verdict.present) db.reissue(id, true);
     for (const id of verdict.missing) db.reissue(id, false);
   }
   notifyAll(world);

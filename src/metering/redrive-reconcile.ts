@@ -9,7 +9,8 @@
 //   ambiguous (no subset, several, a group still in flight, a delivery too recent to be counted,
 //   the window changed while it was read) → the group stays failed, reported with the reason.
 // A `last` meter (active_sensors) cannot be billed twice by a resend of the same value at the same
-// time, so its groups are present when the destination's value is theirs and resent otherwise.
+// time, so its groups are present when the destination's value is theirs, and resent otherwise; a count
+// of 0 always (the value of a window without the event too).
 //
 // Why this file is long: one operation read in order: the failed groups of a window, each destination's
 // totals, the verdict and its settlement.

@@ -98,7 +98,7 @@ export function reconcileWindowBlocked(
  * destination's total for it (reconcileWindowBlocked first). reconcileWindow over every failed group,
  * with what meterbox billed there (delivered, and v2-accepted) as known. A `last` meter
  * (active_sensors) cannot be billed twice by a resend of its value: its groups are present when the
- * total is theirs.
+ * total is theirs and not 0 (which a window without the event has too), and sent again otherwise.
  */
 export function reconcileWindowGroups(input: {
   groups: readonly WindowGroup[];
@@ -111,9 +111,13 @@ export function reconcileWindowGroups(input: {
   if (blocked) return { ambiguous: blocked };
   const failed = input.groups.filter((g) => g.status === 'failed');
   if (input.eventName === 'active_sensors') {
+    // A count of 0 is never taken as present: 0 is also the value of a window without the event, and a
+    // 0 missed leaves the count before it as the meter's last value (an organization billed for sensors
+    // it no longer has). Sent again, a 0 the destination did hold changes nothing.
+    const present = (g: WindowGroup) => g.value !== 0n && g.value === input.destinationTotal;
     return {
-      present: failed.filter((g) => g.value === input.destinationTotal).map((g) => g.identifier),
-      missing: failed.filter((g) => g.value !== input.destinationTotal).map((g) => g.identifier),
+      present: failed.filter(present).map((g) => g.identifier),
+      missing: failed.filter((g) => !present(g)).map((g) => g.identifier),
     };
   }
   const billed = input.groups
