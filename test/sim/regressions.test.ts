@@ -96,7 +96,10 @@ const FOUND = [
     what: 'two renewals of one batch in flight together: one sent during a claim the slow-statement fault made last 24 s (a 5 s lease), then, after the claim, one for the lease grown to 73 s, which moved the deadline; the slow one landed last and cut the lease back to 5 s, and the batch called 9 s after its lease had run out. A renewal now only ever extends a lease (renewLeasesOf: greatest)',
   },
   {
-    seed: 364,
+    // Found as seed 364; since batch fetchers are as many as per-key fetchers 364's world runs otherwise
+    // (its kills leave no key of a batch job to the sweep), and 217 shows the same: held to the old bound,
+    // its third key fails the coverage check (76 s without a job or hold) as 364's did.
+    seed: 217,
     size: 'small',
     hostile: true,
     what: "the hourly report's meter-delivery-batch job: a worker fetched it and was killed in its second slice (batch size 1); the third key was neither leased nor queued, so the reaper had nothing of it, and its row waited for the sweep (its active batch job covers nothing there, sweep.ts). The coverage check held it to a crash's two leases and a reaper pass; a key a dead worker's batch job had not taken through is now held to the sweep's bound, the design's for it",
