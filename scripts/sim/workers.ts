@@ -363,8 +363,8 @@ export function workersOf(world: World, database: Database, destinations: Destin
       }
     };
     for (let i = 0; i < spec.fetchers; i++) void fetcher();
-    // Half as many as meter-delivery's, rounded up (delivery.ts).
-    for (let i = 0; i < Math.ceil(spec.fetchers / 2); i++) void batchFetcher();
+    // As many as meter-delivery's, sharing the process's slots (delivery.ts).
+    for (let i = 0; i < spec.fetchers; i++) void batchFetcher();
     // The lease reaper (lease-reaper.ts startLeaseReaper), every REAP_MS; the simulation runs its ticks
     // only while a lease exists anywhere (they would find nothing else), to keep long runs fast.
     w.reap = () => {

@@ -105,8 +105,11 @@ describe("the simulation's hourly report hands its keys to meter-delivery-batch 
     expect(keyName(db.deadLetters[0]!.key)).toBe(keyName(key));
   });
 
-  it('hostile seed 364: a worker killed in a batch job leaves a key to the sweep, and every invariant holds', async () => {
-    const result = await simulate(364, {}, 'small', { hostile: true });
+  // Found as seed 364; since batch fetchers are as many as per-key fetchers 364's world runs otherwise, and
+  // 217 is one that shows it (batch size 1: its worker killed in the second slice, the third key left to the
+  // sweep, the job retried when pg-boss expires it).
+  it('hostile seed 217: a worker killed in a batch job leaves a key to the sweep, and every invariant holds', async () => {
+    const result = await simulate(217, {}, 'small', { hostile: true });
     expect(result.trace.some((l) => /fetched batch job b\d+ \(3 keys, retry 1\)/.test(l))).toBe(true);
     expect(result.trace.some((l) => l.includes('sweep queued'))).toBe(true);
     expect(result.violations).toEqual([]);

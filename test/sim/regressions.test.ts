@@ -96,7 +96,10 @@ const FOUND = [
     what: 'two renewals of one batch in flight together: one sent during a claim the slow-statement fault made last 24 s (a 5 s lease), then, after the claim, one for the lease grown to 73 s, which moved the deadline; the slow one landed last and cut the lease back to 5 s, and the batch called 9 s after its lease had run out. A renewal now only ever extends a lease (renewLeasesOf: greatest)',
   },
   {
-    seed: 364,
+    // Found as seed 364; since batch fetchers are as many as per-key fetchers 364's world runs otherwise
+    // (its kills leave no key of a batch job to the sweep), and 217 shows the same: held to the old bound,
+    // its third key fails the coverage check (76 s without a job or hold) as 364's did.
+    seed: 217,
     size: 'small',
     hostile: true,
     what: "the hourly report's meter-delivery-batch job: a worker fetched it and was killed in its second slice (batch size 1); the third key was neither leased nor queued, so the reaper had nothing of it, and its row waited for the sweep (its active batch job covers nothing there, sweep.ts). The coverage check held it to a crash's two leases and a reaper pass; a key a dead worker's batch job had not taken through is now held to the sweep's bound, the design's for it",
@@ -105,7 +108,7 @@ const FOUND = [
     seed: 339,
     size: 'small',
     hostile: true,
-    what: "an hourly report's row of count 0 never reached Stripe (an outage: every call 500) and was dead-lettered; a day later the reconciled redrive found Stripe's total for its minute 0, its value, and marked it delivered (rules/reconcile.ts: a `last` group is present when the total is its value). The new per-row ledger check found the row delivered and not at Stripe; it now accepts a count of 0 the reconciliation took as present (the product's rule, reported: a total of 0 cannot tell a count of 0 from no event)",
+    what: "an hourly report's row of count 0 never reached Stripe (an outage: every call 500) and was dead-lettered; a day later the reconciled redrive found Stripe's total for its minute 0, its value, and marked it delivered (rules/reconcile.ts took a `last` group as present when the total is its value), and Stripe kept the count before it as the meter's last value. A reconciled redrive now never takes a 0 as present: it is sent again (a second 0 at its time changes no `last` value), and the per-row ledger check takes no 0 as billed unless the destination holds it",
   },
 ] as const;
 
