@@ -64,6 +64,7 @@ const ALONE = [
   'test/e2e/failover.test.ts',
   // SIGSTOPs workers past their lease and checks the level within 15 s.
   'test/e2e/frozen-workers.test.ts',
+  'test/e2e/frozen-report.test.ts',
   'test/e2e/alerts-worker-kill.test.ts',
 ];
 

@@ -2,12 +2,16 @@
 // fetchers, its lease reaper, the active-sensor report at start-up and on the hourly schedule, and
 // reads the meter catalog, all through the modelled database and destinations. Also the spin check:
 // a key's jobs that neither call nor wait for a reason are work for nothing.
+//
+// Why this file is long: one worker process read in order, as delivery.ts's runtime is: its per-key and
+// batch fetchers, reaper, hourly report and catalog share the process's state (alive, slots, host clock).
 
 import { pino } from 'pino';
 import type { Destination, MeterEventName } from '../../src/db/schema.js';
 import type { Logger } from '../../src/log.js';
 import { utcHourOf } from '../../src/metering/active-sensors.js';
 import { deliverBatch } from '../../src/metering/batch.js';
+import { batchSlots } from '../../src/metering/batch-slots.js';
 import { adaptiveLeaseLength } from '../../src/metering/lease-length.js';
 import { MAX_BATCH_KEYS, queues } from '../../src/metering/queues.js';
 import { batchJobSlices } from '../../src/metering/rules/jobs.js';
@@ -464,29 +468,4 @@ export function workersOf(world: World, database: Database, destinations: Destin
   };
 
   return { start, refreshCatalog };
-}
-
-/** At most `n` holders at once, first come first served (delivery.ts batchSlots, which it does not export). */
-function batchSlots(n: number): { take(): Promise<{ release(): void }> } {
-  let free = n;
-  const waiting: (() => void)[] = [];
-  const release = () => {
-    const next = waiting.shift();
-    if (next) next();
-    else free++;
-  };
-  return {
-    async take() {
-      if (free > 0) free--;
-      else await new Promise<void>((resolve) => waiting.push(resolve));
-      let released = false;
-      return {
-        release() {
-          if (released) return;
-          released = true;
-          release();
-        },
-      };
-    },
-  };
 }

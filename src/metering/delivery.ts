@@ -5,6 +5,7 @@
 import type { JobWithMetadata } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
+import { batchSlots } from './batch-slots.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
 import { deadLetterKeys, endDeliveryJobs, markEnded } from './job-completion.js';
 import { startLeaseReaper } from './lease-reaper.js';
@@ -20,31 +21,6 @@ const RESOURCE_RETRY_FIRST_MS = 500;
 const RESOURCE_RETRY_MAX_MS = 5_000;
 /** How long one batch waits for the resource before its jobs fail as usual (they expire after 5 minutes). */
 const RESOURCE_HOLD_MS = 120_000;
-
-/** At most `n` holders at once; a taker waits, first come first served, for a release. */
-function batchSlots(n: number): { take(): Promise<{ release(): void }> } {
-  let free = n;
-  const waiting: (() => void)[] = [];
-  const release = () => {
-    const next = waiting.shift();
-    if (next) next();
-    else free++;
-  };
-  return {
-    async take() {
-      if (free > 0) free--;
-      else await new Promise<void>((resolve) => waiting.push(resolve));
-      let released = false;
-      return {
-        release() {
-          if (released) return;
-          released = true;
-          release();
-        },
-      };
-    },
-  };
-}
 
 export interface DeliveryRuntime {
   /** Stops the sweep and wake-up timers; running batches finish. Call before boss.stop(). */
