@@ -2,7 +2,6 @@
 // host whose clock is ahead, routed to the destinations of a cut-over), the sweep and Stripe's error
 // reports the worker processes handle, and the faults in time: worker kills and restarts, freezes, a
 // failover, a Stripe outage, a meter archived for a while, operator corrections and redrives.
-import type { Destination } from '../../src/db/schema.js';
 import { FUTURE_ALLOWANCE_SECONDS } from '../../src/metering/claim-statement-sql.js';
 import type { Database } from './database.js';
 import { NO_FAULTS, STRIPE_FUTURE_MS } from './stripe-model.js';
@@ -10,6 +9,7 @@ import type { Workers } from './workers.js';
 import {
   type Customer,
   crash,
+  destinationsAt,
   freeze,
   notifyAll,
   SWEEP_INTERVAL_SECONDS,
@@ -19,30 +19,6 @@ import {
 
 /** Usage stamped further than this past the database's clock waits until it is due (claim-statement-sql.ts). */
 export const FUTURE_ALLOWANCE_MS = FUTURE_ALLOWANCE_SECONDS * 1000;
-
-/** The destinations of a customer's usage at `at`, each with its customer there. */
-export function destinationsAt(c: Customer, at: number): { destination: Destination; customerId: string }[] {
-  const stripeKey = { destination: 'stripe' as const, customerId: c.customerId };
-  const metronomeKey = { destination: 'metronome' as const, customerId: c.alias };
-  switch (c.mode) {
-    case 'stripe':
-      return [stripeKey];
-    case 'metronome':
-      return [metronomeKey];
-    case 'parallel':
-      return [stripeKey, metronomeKey];
-    case 'cutover':
-      return at < c.cutoverAt ? [stripeKey] : [metronomeKey];
-    case 'parallel-cutover':
-      return at < c.cutoverAt ? [stripeKey, metronomeKey] : [metronomeKey];
-    case 'period':
-      return at < (c.period?.shadowFrom ?? c.cutoverAt)
-        ? [stripeKey]
-        : at < c.cutoverAt
-          ? [stripeKey, metronomeKey]
-          : [metronomeKey];
-  }
-}
 
 /** Each customer's readings, from a random instant of the first second until the activity ends. */
 export function scheduleReadings(world: World): void {

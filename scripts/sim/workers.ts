@@ -25,11 +25,11 @@ import {
 import type { Database } from './database.js';
 import type { Destinations } from './destinations.js';
 import { HOSTS } from './hostile.js';
-import { destinationsAt } from './load.js';
 import type { Job } from './model.js';
 import {
   CATALOG_HELD_REFRESH_SECONDS,
   CATALOG_REFRESH_SECONDS,
+  destinationsAt,
   IDLE_POLL_MS,
   notifyAll,
   notifyBatch,

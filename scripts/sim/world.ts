@@ -235,3 +235,27 @@ export function crash(world: World, w: Worker): void {
   }
   world.log(`${w.id} killed`);
 }
+
+/** The destinations of a customer's usage at `at`, each with its customer there. */
+export function destinationsAt(c: Customer, at: number): { destination: Destination; customerId: string }[] {
+  const stripeKey = { destination: 'stripe' as const, customerId: c.customerId };
+  const metronomeKey = { destination: 'metronome' as const, customerId: c.alias };
+  switch (c.mode) {
+    case 'stripe':
+      return [stripeKey];
+    case 'metronome':
+      return [metronomeKey];
+    case 'parallel':
+      return [stripeKey, metronomeKey];
+    case 'cutover':
+      return at < c.cutoverAt ? [stripeKey] : [metronomeKey];
+    case 'parallel-cutover':
+      return at < c.cutoverAt ? [stripeKey, metronomeKey] : [metronomeKey];
+    case 'period':
+      return at < (c.period?.shadowFrom ?? c.cutoverAt)
+        ? [stripeKey]
+        : at < c.cutoverAt
+          ? [stripeKey, metronomeKey]
+          : [metronomeKey];
+  }
+}
