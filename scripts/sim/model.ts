@@ -271,7 +271,7 @@ export class ModelDb {
         correctsId: null,
       });
       if (alone) {
-        row.identifier = `mb_${destination === 'metronome' ? 'm' : ''}as_${row.id}_${this.identifierOf([row])}`;
+        row.identifier = this.groupIdentifier(t, row.id, [row]);
         row.identifiedAt = this.now();
       }
       if (!this.keys.has(keyName(t)))
@@ -486,7 +486,7 @@ export class ModelDb {
       if (inflight) {
         members = usage.filter((r) => r.identifier === inflight);
       } else if (ungrouped.length > 0) {
-        const first = ungrouped[0]!;
+        const firstId = ungrouped[0]!.id;
         const rows = nextGroupRows(
           ungrouped.map((r) => ({
             ...r,
@@ -497,10 +497,8 @@ export class ModelDb {
           options.maxRows,
         );
         const ids = new Set(rows.map((r) => r.id));
-        const m = destinationOf(key) === 'metronome' ? 'm' : '';
-        const meter = key.eventName === 'active_sensors' ? 'as' : 'tr';
         members = ungrouped.filter((r) => ids.has(r.id));
-        identifier = `mb_${m}${meter}_${first.id}_${this.identifierOf(members)}`;
+        identifier = this.groupIdentifier(key, firstId, members);
         for (const r of members) {
           r.identifier = identifier;
           r.identifiedAt = this.now();
@@ -527,6 +525,13 @@ export class ModelDb {
       });
     }
     return out;
+  }
+
+  /** The identifier of a usage group of `key` (the claim's naming): the key's first ungrouped row and the rows' digest. */
+  private groupIdentifier(key: KeyRef, firstId: Row['id'], members: readonly Row[]): string {
+    const m = destinationOf(key) === 'metronome' ? 'm' : '';
+    const meter = key.eventName === 'active_sensors' ? 'as' : 'tr';
+    return `mb_${m}${meter}_${firstId}_${this.identifierOf(members)}`;
   }
 
   /**

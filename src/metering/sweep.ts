@@ -151,9 +151,10 @@ interface StaleRow {
  * (its batch or its follow-up job brings it back; a follow-up lost in a crash is seen once the wait
  * ends), correction rows waiting on a failed original (held until it is redriven), v2 rows Stripe
  * validates; then, in a second statement, keys with a queued or retrying job, of their own or a
- * meter-delivery-batch job that lists them (an `active` job may belong to a dead process, which the lease reaper or pg-boss's expiry notices). Two statements a
- * page, one over the outbox and one over pg-boss's jobs (on Citus the outbox is distributed and
- * pg-boss local to the coordinator, which one statement cannot join). Pages of `limit` × 5 keys follow
+ * meter-delivery-batch job that lists them (an `active` job may belong to a dead process, which the
+ * lease reaper or pg-boss's expiry notices). Two statements a page, one over the outbox and one over
+ * pg-boss's jobs (on Citus the outbox is distributed and pg-boss local to the coordinator, which one
+ * statement cannot join). Pages of `limit` × 5 keys follow
  * a cursor (oldest row, then the key) until `limit` uncovered keys are found or no stale key is left:
  * a backlog of any number of covered keys older than a stranded one never hides it.
  */

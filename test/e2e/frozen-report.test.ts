@@ -6,7 +6,6 @@
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
 import { reportActiveSensorsForHour, utcHourOf } from '../../src/metering/active-sensors.js';
-import { ensureQueues } from '../../src/metering/queues.js';
 import {
   activeSensorEventsByCustomer,
   activeSensorRows,
@@ -14,27 +13,11 @@ import {
   bulkActiveSensors,
   createBulkOrganizations,
 } from '../metering/active-sensors-fixtures.js';
-import { callTracker, holdingProxy } from '../support/holding-proxy.js';
-import { stripeTest } from '../support/test.js';
-import { FAST_DELIVERY_ENV, startWorkerProcess } from '../support/topology.js';
+import { callTracker, FREEZE_MS, frozenWorkersTest, holdingProxy } from '../support/holding-proxy.js';
+import { startWorkerProcess } from '../support/topology.js';
 import { waitFor } from '../support/wait.js';
 
-/** The default lease. */
-const LEASE_SECONDS = 10;
-/** The freeze: past the lease, and past SWEEP_STALE_SECONDS (2 s in FAST_DELIVERY_ENV). */
-const FREEZE_MS = 12_000;
-
-const it = stripeTest({
-  // Calls take 100-400 ms, so a freeze finds calls (and their leases) in flight.
-  emulator: { faults: { latencyMs: 100, jitterMs: 300 } },
-  env: {
-    ...FAST_DELIVERY_ENV,
-    STRIPE_SECRET_KEY: 'sk_test_frozen_workers',
-    DELIVERY_LEASE_SECONDS: String(LEASE_SECONDS),
-    // Nothing in this world fails a call but a freeze: one counted timeout would fail its rows.
-    DELIVERY_RETRY_LIMIT: '0',
-  },
-}).extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
+const it = frozenWorkersTest;
 
 describe("a worker frozen holding the hourly report's batch job", () => {
   it('SIGSTOP past the lease mid-job: the sweep hands its keys to the other worker, each organization billed once, one call in flight per key', {

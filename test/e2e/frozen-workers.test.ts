@@ -10,13 +10,16 @@
 // once, never two calls in flight for one customer and meter, and the ledger level within seconds of
 // the load's end.
 import { describe, expect } from 'vitest';
-import { ensureQueues } from '../../src/metering/queues.js';
-import { callTracker, holdingProxy } from '../support/holding-proxy.js';
+import {
+  callTracker,
+  FREEZE_MS,
+  frozenWorkersTest,
+  holdingProxy,
+  LEASE_SECONDS,
+} from '../support/holding-proxy.js';
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
-import { stripeTest } from '../support/test.js';
 import {
   driveLoad,
-  FAST_DELIVERY_ENV,
   loadFailures,
   loadOrganizations,
   outboxSettled,
@@ -26,24 +29,10 @@ import {
 } from '../support/topology.js';
 import { waitFor } from '../support/wait.js';
 
-/** The default lease. */
-const LEASE_SECONDS = 10;
-/** Each freeze: past the lease. */
-const FREEZE_MS = 12_000;
 /** The ledger must be level this soon after the load ends. */
 const LEVEL_BOUND_MS = 15_000;
 
-const it = stripeTest({
-  // Calls take 100-400 ms, so a freeze finds calls (and their leases) in flight.
-  emulator: { faults: { latencyMs: 100, jitterMs: 300 } },
-  env: {
-    ...FAST_DELIVERY_ENV,
-    STRIPE_SECRET_KEY: 'sk_test_frozen_workers',
-    DELIVERY_LEASE_SECONDS: String(LEASE_SECONDS),
-    // Nothing in this world fails a call but a freeze: one counted timeout would fail its rows.
-    DELIVERY_RETRY_LIMIT: '0',
-  },
-}).extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
+const it = frozenWorkersTest;
 
 describe('frozen workers', () => {
   it('SIGSTOP past the lease, in turn, under load: exact, one call in flight per key, level within seconds', {

@@ -4,6 +4,27 @@
 // worker woke, or begun before a freeze and finished after it) and holds a frozen worker's answers until it
 // has woken, as when a freeze lands between the request and the read of its answer.
 import { connect, createServer, type Server } from 'node:net';
+import { ensureQueues } from '../../src/metering/queues.js';
+import { stripeTest } from './test.js';
+import { FAST_DELIVERY_ENV } from './topology.js';
+
+/** The default lease. */
+export const LEASE_SECONDS = 10;
+/** Each freeze: past the lease (and past SWEEP_STALE_SECONDS, 2 s in FAST_DELIVERY_ENV). */
+export const FREEZE_MS = 12_000;
+
+/** The frozen-worker tests' world: calls of 100-400 ms and a retry limit of 0, queues created. */
+export const frozenWorkersTest = stripeTest({
+  // Calls take 100-400 ms, so a freeze finds calls (and their leases) in flight.
+  emulator: { faults: { latencyMs: 100, jitterMs: 300 } },
+  env: {
+    ...FAST_DELIVERY_ENV,
+    STRIPE_SECRET_KEY: 'sk_test_frozen_workers',
+    DELIVERY_LEASE_SECONDS: String(LEASE_SECONDS),
+    // Nothing in this world fails a call but a freeze: one counted timeout would fail its rows.
+    DELIVERY_RETRY_LIMIT: '0',
+  },
+}).extend('queues', { scope: 'file', auto: true }, async ({ ctx }) => ensureQueues(ctx.boss, ctx.config));
 
 /** A call sent within this long of its worker's SIGCONT is late: frozen between its lease check and the send. */
 const LATE_MS = 100;
