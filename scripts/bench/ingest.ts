@@ -14,7 +14,9 @@
 // against the API, single readings and batches of 500, in alternating slices of one run
 // (`--ratio-compare NAME=VALUE,…`: a second API with those settings in the same slices;
 // `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run;
-// `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side);
+// `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side;
+// `--ratio-keys-queued`: one more side, the API on 10,000 more organizations whose every delivery key
+// had its job queued before the slices: the statement's path that queues none);
 // `validation` times a batch of 500's JSON and validation in this process. `--baseline REF`: each
 // delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
 // with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
@@ -182,6 +184,9 @@ const { values: args } = parseArgs({
     // One more side in the same slices: the first API with every request carrying a fresh Idempotency-Key
     // (a keyed request is written alone, in a transaction of its own with its stored answer: not grouped).
     'ratio-keyed': { type: 'boolean', default: false },
+    // One more side: the API on 10,000 more organizations, each sent one reading before the slices so
+    // its delivery key has a job queued (no worker drains them here): that side's statements queue none.
+    'ratio-keys-queued': { type: 'boolean', default: false },
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
     baseline: { type: 'string' },
@@ -986,6 +991,10 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   try {
     const orgs = await seedOrgs(h.pool, 10_000, 1, `r${randomBytes(2).toString('hex')}`);
+    // --ratio-keys-queued: as many organizations again, each key's delivery job queued before the slices.
+    const queuedOrgs = args['ratio-keys-queued']
+      ? await seedOrgs(h.pool, 10_000, 1, `q${randomBytes(2).toString('hex')}`)
+      : [];
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
     // Both sides write on the deployment's WAL (`--wal fresh`: the cluster as it is).
     const wal = await readyWal(h.pool, walSettingsOf(args.wal ?? 'deployment'));
@@ -1062,9 +1071,9 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       return { ok: true, units: 1 };
     };
     const apiOp =
-      (size: number, client = http, keyed = false): Op =>
+      (size: number, client = http, keyed = false, from = orgs): Op =>
       async () => {
-        const org = pick();
+        const org = from[random.int(from.length)]!;
         const res = await client.postJson(
           '/v1/readings',
           JSON.stringify({ readings: source.batch(org, size) }),
@@ -1091,12 +1100,23 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     // every side alike. The first side is raw Postgres, the API sides' ratios are against it.
     // `compared`: the side's requests go to the second API process (its CPU is sampled apart).
     type Side = { label: string; op: Op; clients: number; compared?: boolean };
+    // Delivery jobs ever queued (pg-boss keeps them: no worker runs here), read between slices.
+    const deliveryJobs = async () =>
+      Number(
+        (
+          await h.pool.query<{ n: string }>(
+            `SELECT count(*) AS n FROM pgboss.job WHERE name = 'meter-delivery'`,
+          )
+        ).rows[0]!.n,
+      );
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
       await h.pool.query('SELECT pg_stat_statements_reset()');
       const waitsOfSlices = sessionWaits(h.pool);
       const tally = sides.map(() => ({
         units: 0,
+        requests: 0,
+        jobs: 0,
         seconds: 0,
         lat: [] as number[],
         errors: 0,
@@ -1107,11 +1127,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       const order = sides.map((_, i) => i);
       for (let i = 0; i < slices; i++) {
         for (const s of i % 2 === 0 ? order : [...order].reverse()) {
+          const jobs0 = await deliveryJobs();
           const c0 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const r = await closedLoop(sides[s]!.clients, sliceMs, sides[s]!.op);
           const c1 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const split = cpuSplit(c0, c1);
           const t = tally[s]!;
+          t.jobs += (await deliveryJobs()) - jobs0;
+          t.requests += r.ops + r.errors;
           t.units += r.units;
           t.seconds += r.seconds;
           t.errors += r.errors;
@@ -1126,6 +1149,10 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         label: sides[i]!.label,
         clients: sides[i]!.clients,
         unitsPerSecond: round(t.units / t.seconds),
+        // The share of the side's requests whose statement queued a delivery job (a key without one
+        // queued): the group statement's dearer path. It falls as a run's requests reach every key (no
+        // worker drains them here), so it says which path a ratio measured.
+        jobsQueuedPerRequest: round(t.jobs / Math.max(1, t.requests), 3),
         errors: t.errors,
         latencyMs: latencySummary(t.lat),
         // The API process's CPU is the side's own API's (raw's: none).
@@ -1142,7 +1169,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         .map((m) => ({ ...m, ratio: round(m.unitsPerSecond / rawSide.unitsPerSecond, 3) }));
       for (const m of apiSides)
         log(
-          `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
+          `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}, a job queued by ${m.jobsQueuedPerRequest} of its requests): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
         );
       // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
       const waits = waitsOfSlices.stop();
@@ -1170,7 +1197,27 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ...(args['ratio-keyed'] && windowHttp
         ? [{ label: `${compareLabel}, keyed`, op: apiOp(size, windowHttp, true), clients, compared: true }]
         : []),
+      ...(queuedOrgs.length
+        ? [{ label: 'API, every key queued', op: apiOp(size, http, false, queuedOrgs), clients }]
+        : []),
     ];
+    if (queuedOrgs.length) {
+      let next = 0;
+      await Promise.all(
+        Array.from({ length: 16 }, async () => {
+          while (next < queuedOrgs.length) {
+            const org = queuedOrgs[next++]!;
+            const res = await http.postJson(
+              '/v1/readings',
+              JSON.stringify({ readings: source.batch(org, 1) }),
+              org.apiKey,
+            );
+            if (res.status !== 201) throw new Error(`--ratio-keys-queued: ${res.status} for an organization`);
+          }
+        }),
+      );
+      log(`the second population's delivery keys queued: ${await deliveryJobs()} delivery jobs`);
+    }
     const single = await compare('single readings', [
       { label: 'raw', op: rawSingle, clients: rawClients },
       ...apiSides(1, singleClients),
@@ -1179,6 +1226,16 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       { label: 'raw', op: rawBatch, clients: 4 },
       ...apiSides(500, 4),
     ]);
+    // How the API's groups were written over both comparisons (meterbox_ingest_groups_total): a group
+    // that needed more than its one statement (`regrouped`) was written twice.
+    const groupsWritten = Object.fromEntries(
+      [
+        ...(await http.send('GET', '/metrics', undefined, {})).body.matchAll(
+          /^meterbox_ingest_groups_total\{written="(\w+)"\} (\d+)/gm,
+        ),
+      ].map((m) => [m[1]!, Number(m[2])]),
+    );
+    log(`  groups written: ${JSON.stringify(groupsWritten)}`);
     // The API's profile over both comparisons (single readings, then batches), with --api-cpu-prof.
     http.close();
     await api.proc.stop();
@@ -1192,6 +1249,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     return {
       single,
       batch,
+      groupsWritten,
       apiProfile,
       goals: [
         {
