@@ -2,6 +2,9 @@
 //                           [--api-cpu-prof] [--worker-cpu-prof] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 //                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
 //                           [--wal deployment|fresh] [--wal-compare [--pairs N]]
+// Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
+// profiles); a developer tool read as a whole.
+//
 // Ingestion under delivery load (issue 33), one command per scenario: N billable customers (one key
 // and one sensor each), single-reading requests open loop at a fixed rate with at most 64 in flight,
 // the load starting the moment the worker is spawned, so it runs through the worker's start-up
@@ -27,9 +30,7 @@
 // gives the cluster its WAL settings and readies their segments (wal.ts: `--wal`, default the
 // deployment's; the ratios' raw and API sides too); `--wal-compare`: each scenario N times on a fresh
 // cluster of its own and with the deployment's WAL, alternated.
-//
-// Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
-// profiles); a developer tool read as a whole.
+
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import {
