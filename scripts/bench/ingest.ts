@@ -1118,7 +1118,6 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     const compare = async (name: string, sides: Side[]) => {
       for (const side of sides) await closedLoop(side.clients, 1_500, side.op);
       await h.pool.query('SELECT pg_stat_statements_reset()');
-      const waitsOfSlices = sessionWaits(h.pool);
       const tally = sides.map(() => ({
         units: 0,
         requests: 0,
@@ -1130,12 +1129,13 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         pg: 0,
         loadgen: 0,
       }));
-      // Each side's own waits: the sessions in each state over its slices (a slice's average, averaged).
+      // Each side's own waits: the sessions in each state summed over its slices (each slice's average).
       const sideWaits = sides.map(() => new Map<string, number>());
       const order = sides.map((_, i) => i);
+      // The job count read after a slice is the next slice's start (nothing queues between slices).
+      let jobsBefore = await deliveryJobs();
       for (let i = 0; i < slices; i++) {
         for (const s of i % 2 === 0 ? order : [...order].reverse()) {
-          const jobs0 = await deliveryJobs();
           const sliceWaits = sessionWaits(h.pool);
           const c0 = snapshot(api.proc.pid, comparePid, cluster.dataDir);
           const r = await closedLoop(sides[s]!.clients, sliceMs, sides[s]!.op);
@@ -1144,7 +1144,9 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
             sideWaits[s]!.set(w.what, (sideWaits[s]!.get(w.what) ?? 0) + w.sessions);
           const split = cpuSplit(c0, c1);
           const t = tally[s]!;
-          t.jobs += (await deliveryJobs()) - jobs0;
+          const jobsAfter = await deliveryJobs();
+          t.jobs += jobsAfter - jobsBefore;
+          jobsBefore = jobsAfter;
           t.requests += r.ops + r.errors;
           t.units += r.units;
           t.seconds += r.seconds;
@@ -1186,8 +1188,15 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         log(
           `${name}: raw ${rawSide.unitsPerSecond}/s from ${rawSide.clients} (p50 ${rawSide.latencyMs.p50}), ${m.label} ${m.unitsPerSecond}/s from ${m.clients} (p50 ${m.latencyMs.p50}, p99 ${m.latencyMs.p99}, errors ${m.errors}, a job queued by ${m.jobsQueuedPerRequest} of its requests): ${m.ratio}x; load average ${loadAverage().join(' ')}`,
         );
-      // Where Postgres' time went over the slices of every side (one database, so raw's statement too).
-      const waits = waitsOfSlices.stop();
+      // Where Postgres' time went over the slices of every side (one database, so raw's statement too):
+      // the sides' own waits together, each slice's average averaged over all slices.
+      const allWaits = new Map<string, number>();
+      for (const side of sideWaits)
+        for (const [what, sum] of side) allWaits.set(what, (allWaits.get(what) ?? 0) + sum);
+      const waits = [...allWaits.entries()]
+        .map(([what, sum]) => ({ sessions: round(sum / (slices * sides.length), 3), what }))
+        .sort((a, b) => b.sessions - a.sessions)
+        .slice(0, 10);
       const statements = await topStatements(h.pool);
       for (const w of waits.slice(0, 6)) log(`  waits: ${w.sessions} sessions ${w.what}`);
       for (const m of measured)
