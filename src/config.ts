@@ -81,6 +81,12 @@ export const configSchema = z.object({
   INGEST_GROUP_MAX_READINGS: int(1, 1_000_000).default(500),
   /** Group commit: most groups one API process writes at once; requests beyond wait for the next. */
   INGEST_GROUP_MAX_IN_FLIGHT: int(1, 200).default(4),
+  /**
+   * Verified API keys an API process keeps (its key cache, src/credentials/api-key-cache.ts), least
+   * recently used first out; about 300 bytes of heap a key. A request whose key is not kept reads it
+   * from the database (one indexed read); 0 keeps none.
+   */
+  API_KEY_CACHE_MAX_KEYS: int(0, 10_000_000).default(100_000),
   IDEMPOTENCY_KEY_RETENTION_HOURS: int(1, 24 * 30).default(24),
   DB_POOL_MAX: int(1, 200).default(10),
   DELIVERY_CONCURRENCY: int(1, 100).default(8),

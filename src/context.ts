@@ -166,6 +166,7 @@ export async function createContext(config: Config, overrides: ContextOverrides 
     log: log.child({ component: 'api-keys' }),
     heartbeatMs: config.DB_LISTENER_HEARTBEAT_MS,
     watch,
+    maxKeys: config.API_KEY_CACHE_MAX_KEYS,
     warm: (limit) => recentApiKeys(database.db, limit),
     recordUsed: (used) => recordApiKeysUsed(database.db, used),
   });

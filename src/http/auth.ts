@@ -25,7 +25,7 @@ export function bearerToken(header: string | undefined): string | undefined {
  * by the cache with other keys' in one statement, off the request's path.
  */
 export function apiKeyAuth(
-  ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log'>,
+  ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log' | 'metrics'>,
 ): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
     const token = bearerToken(c.req.header('authorization'));
@@ -34,6 +34,7 @@ export function apiKeyAuth(
     const hash = hashApiKey(token);
     const now = ctx.clock.now();
     const cached = ctx.apiKeys.get(hash);
+    ctx.metrics.apiKeyLookups.inc({ source: cached ? 'cache' : 'database' });
     if (cached) {
       if (now.getTime() - cached.touchedAt > LAST_USED_RESOLUTION_SECONDS * 1000) {
         cached.touchedAt = now.getTime();
@@ -65,7 +66,9 @@ export function apiKeyAuth(
  * revocation holds at the next request). A usage token is accepted here only: every other /v1 route
  * takes apiKeyAuth, which refuses anything that is not an API key.
  */
-export function usageAuth(ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log'>): MiddlewareHandler<AppEnv> {
+export function usageAuth(
+  ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log' | 'metrics'>,
+): MiddlewareHandler<AppEnv> {
   const byApiKey = apiKeyAuth(ctx);
   return async (c, next) => {
     const token = bearerToken(c.req.header('authorization'));

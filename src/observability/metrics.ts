@@ -18,6 +18,8 @@ export interface Metrics {
   readonly readingsIngested: Counter;
   /** Groups of POST /v1/readings requests written, by how (single-node.ts GroupWritten). */
   readonly ingestGroups: Counter<'written'>;
+  /** API-key checks by where the key was found: `cache` (the process's) or `database` (a read). */
+  readonly apiKeyLookups: Counter<'source'>;
   /** Meter events Stripe accepted (or answered as an existing identifier), by meter. */
   readonly meterEventsDelivered: Counter<'meter'>;
   /** Outbox rows those events covered, by meter (coalescing makes this >= events). */
@@ -146,6 +148,12 @@ export function createMetrics(options: MetricsOptions = {}): Metrics {
       name: 'meterbox_ingest_groups_total',
       help: 'Groups of POST /v1/readings requests written: one_statement, regrouped (that statement refused; written in a transaction), transaction, routed (Citus, per shard group)',
       labelNames: ['written'],
+      registers,
+    }),
+    apiKeyLookups: new Counter({
+      name: 'meterbox_api_key_lookups_total',
+      help: 'API keys checked by requests, by source: cache (this process) or database (not kept: one read; unknown and revoked keys included)',
+      labelNames: ['source'],
       registers,
     }),
     meterEventsDelivered: new Counter({

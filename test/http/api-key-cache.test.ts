@@ -105,6 +105,103 @@ describe('the API key cache', () => {
     }
   });
 
+  it('keeps at most maxKeys keys: warms the most recently used, evicts the least recently used, 0 keeps none', async ({
+    ctx,
+    databaseUrl,
+  }) => {
+    const [oldest, middle, newest] = [
+      await createOrganization(ctx.db),
+      await createOrganization(ctx.db),
+      await createOrganization(ctx.db),
+    ];
+    // Later than any other key of the database, so the two newest are the warm read's two.
+    const used = [
+      [oldest, '2099-01-01T00:00:00Z'],
+      [middle, '2099-01-02T00:00:00Z'],
+      [newest, '2099-01-03T00:00:00Z'],
+    ] as const;
+    for (const [org, at] of used) {
+      await ctx.db
+        .updateTable('api_keys')
+        .set({ last_used_at: new Date(at) })
+        .where('id', '=', org.apiKeyId)
+        .execute();
+    }
+    const limits: number[] = [];
+    const open = (maxKeys: number) =>
+      new ApiKeyCache({
+        connectionString: databaseUrl,
+        log: createLogger('silent'),
+        maxKeys,
+        warm: (limit) => {
+          limits.push(limit);
+          return recentApiKeys(ctx.db, limit);
+        },
+      });
+    const entry = (org: { organizationId: string; apiKeyId: string }) => ({
+      organizationId: org.organizationId,
+      keyId: org.apiKeyId,
+      touchedAt: 0,
+    });
+
+    const two = open(2);
+    try {
+      two.start();
+      await vi.waitFor(() => expect(two.size).toBe(2), { timeout: 5_000 });
+      expect(limits).toEqual([2]);
+      expect(two.get(hashApiKey(oldest.apiKey))).toBeUndefined();
+      // The middle key used again: the newest is now the least recently used, and a third key evicts it.
+      expect(two.get(hashApiKey(middle.apiKey))).toMatchObject({ keyId: middle.apiKeyId });
+      two.set(hashApiKey(oldest.apiKey), entry(oldest), two.ticket());
+      expect(two.size).toBe(2);
+      expect(two.get(hashApiKey(newest.apiKey))).toBeUndefined();
+      expect(two.get(hashApiKey(oldest.apiKey))).toMatchObject({ keyId: oldest.apiKeyId });
+      expect(two.get(hashApiKey(middle.apiKey))).toMatchObject({ keyId: middle.apiKeyId });
+    } finally {
+      await two.close();
+    }
+
+    limits.length = 0;
+    const none = open(0);
+    try {
+      none.start();
+      await vi.waitFor(() => expect(none.active).toBe(true), { timeout: 5_000 });
+      none.set(hashApiKey(newest.apiKey), entry(newest), none.ticket());
+      expect(none.get(hashApiKey(newest.apiKey))).toBeUndefined();
+      expect(none.size).toBe(0);
+      // Nothing to warm: the read is not even sent.
+      expect(limits).toEqual([]);
+    } finally {
+      await none.close();
+    }
+  });
+
+  it("counts each request's key check by where the key was found", async ({ ctx }) => {
+    const app = createApp(ctx);
+    ctx.apiKeys.start();
+    await vi.waitFor(() => expect(ctx.apiKeys.active).toBe(true), { timeout: 5_000 });
+    const lookups = async () => {
+      const values = (await ctx.metrics.apiKeyLookups.get()).values;
+      const of = (source: string) => values.find((v) => v.labels.source === source)?.value ?? 0;
+      return { cache: of('cache'), database: of('database') };
+    };
+    // A key created after the cache was warmed: its first request reads it, the next ones find it kept.
+    const fresh = await createOrganization(ctx.db);
+    const before = await lookups();
+    for (let i = 0; i < 3; i++) {
+      expect((await app.request('/v1/sensors', { headers: authHeaders(fresh.apiKey) })).status).toBe(200);
+    }
+    // A well-formed key nobody has is read too (and refused); a malformed one is refused unread.
+    const unknown = `mbx_${'A'.repeat(43)}`;
+    expect((await app.request('/v1/sensors', { headers: authHeaders(unknown) })).status).toBe(401);
+    expect((await app.request('/v1/sensors', { headers: authHeaders('not-a-key') })).status).toBe(401);
+    const after = await lookups();
+    expect({ cache: after.cache - before.cache, database: after.database - before.database }).toEqual({
+      cache: 2,
+      database: 2,
+    });
+  });
+
   it('records the uses of many keys in one statement, each at most once a minute', async ({ ctx, org }) => {
     const other = await createOrganization(ctx.db);
     const at = new Date('2026-11-21T10:00:00.000Z');
