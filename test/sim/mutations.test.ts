@@ -91,7 +91,14 @@ interface Case {
 const CASES: Case[] = [
   { mutation: 'deferredBlocksWrites', caughtBy: 'covered by no job or hold', seed: 4, within: 30 },
   { mutation: 'wrongDestination', caughtBy: 'billed by metronome, not stripe', seed: 8, within: 30 },
-  { mutation: 'leaseFromHostClock', caughtBy: 'under a lease it does not hold', seed: 8, within: 30 },
+  {
+    mutation: 'leaseFromHostClock',
+    caughtBy: 'under a lease it does not hold',
+    // 8 was kept from an earlier world; 5 has been the first since batch fetchers are as many as per-key
+    // fetchers (8 still fails with the mutation and passes without it).
+    seed: 5,
+    within: 30,
+  },
   {
     mutation: 'deadlineOnWallClock',
     caughtBy: 'under a lease it does not hold',
@@ -156,7 +163,9 @@ const CASES: Case[] = [
     mutation: 'reaperRequeuesRunningClaim',
     caughtBy: 'while a claim of its key was still running',
     profile: SLOW,
-    seed: 4,
+    // 4 was kept from an earlier world; 2 has been the first since batch fetchers are as many as per-key
+    // fetchers (4 still fails with the mutation and passes without it).
+    seed: 2,
     within: 30,
   },
   {
