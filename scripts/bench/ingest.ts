@@ -1,4 +1,4 @@
-// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation]
+// npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation|group-cost]
 //                           [--api-cpu-prof] [--worker-cpu-prof] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 //                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
 //                           [--wal deployment|fresh] [--wal-compare [--pairs N]]
@@ -20,8 +20,9 @@
 // `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side;
 // `--ratio-keys-queued`: one more side, the organizations split in two halves, the API on the second
 // whose every delivery key had its job queued before the slices: the statement's path that queues none);
-// `validation` times a batch of 500's JSON and validation in this process. `--baseline REF`: each
-// delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
+// `validation` times a batch of 500's JSON and validation in this process; `group-cost` (only when named,
+// group-cost.ts) the database's CPU per group statement by shape, against raw single rows.
+// `--baseline REF`: each delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
 // with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
 // migrations must be this checkout's). Each run also gives the lease reaper's read of fetched jobs
 // (pg_stat_statements: calls, Postgres time, rows). `--worker-compare NAME=VALUE,...`: each delivery
@@ -54,6 +55,7 @@ import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schem
 import { pollUntil } from '../lib/poll.js';
 import { seededRandom } from '../lib/random.js';
 import { type ProfileSplit, summarizeCpuProfile } from './cpu-profile.js';
+import { runGroupCost } from './group-cost.js';
 import {
   benchRole,
   buildBaseline,
@@ -1473,6 +1475,7 @@ export async function runIngestBench(): Promise<number> {
           }
         }
     const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
+    const groupCost = only?.includes('group-cost') ? await runGroupCost(cluster, log) : null;
     const out = {
       kind: 'ingest',
       quick,
@@ -1487,6 +1490,7 @@ export async function runIngestBench(): Promise<number> {
       },
       results,
       ratios,
+      groupCost,
     };
     const file = resolve(ROOT, args.out ?? join('bench-results', `ingest-${Date.now()}.json`));
     writeFileSync(file, `${JSON.stringify(out, null, 2)}\n`);
