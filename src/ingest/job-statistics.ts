@@ -14,6 +14,11 @@
 // statistics are stale by JOB_TABLE_STALENESS: first at about a hundred jobs, before the window where the
 // two cost the same, then at each doubling (a few in a platform's life). The worker's sweep does the
 // same for the jobs others queue (src/db/statistics.ts REQUEST_PATH_TABLES), at its interval.
+// A look that finds nothing stale doubles the jobs before the next (up to MAX_CHECK_EVERY): a look is a
+// catalog query of ~1.7 ms of Postgres, and every 50 jobs it added ~0.035 ms to each job, half of what the
+// job's insert itself costs the group statement (docs/benchmarks.md, "What a group statement costs
+// Postgres"); the doublings the looks are for come further apart as the table grows. A look that analyzed
+// starts again at CHECK_EVERY.
 import type { Kysely } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { analyzeStale, JOB_TABLE, type Staleness } from '../db/statistics.js';
@@ -23,6 +28,8 @@ export const JOB_TABLE_STALENESS: Readonly<Staleness> = { pages: 4, rows: 100, g
 
 /** Jobs queued between two looks at the statistics (each look is one catalog query). */
 const CHECK_EVERY = 50;
+/** The most jobs between two looks once looks keep finding nothing stale (CHECK_EVERY doubled 8 times). */
+const MAX_BACKOFF = 256;
 
 export interface JobStatistics {
   /** A group statement queued `count` delivery jobs and committed. */
@@ -33,24 +40,29 @@ export interface JobStatistics {
 
 /**
  * The process's refresh of the job table's statistics, one look at a time, off the request path. A look
- * that fails is dropped (`onError` told): the next CHECK_EVERY jobs bring another, and the worker's
- * sweep analyzes the table too. A role that may not analyze pg-boss's tables is skipped by Postgres with
+ * that fails is dropped (`onError` told): as many jobs again bring another, and the worker's sweep
+ * analyzes the table too. A role that may not analyze pg-boss's tables is skipped by Postgres with
  * a warning (the sweep's role then does it).
  */
 export function jobStatistics(
   db: Kysely<DB>,
   onError: (err: unknown) => void = () => undefined,
   checkEvery = CHECK_EVERY,
+  /** The look: analyzes the job table if stale, and says which tables it analyzed (tests replace it). */
+  look: () => Promise<readonly string[]> = () => analyzeStale(db, [JOB_TABLE], JOB_TABLE_STALENESS),
 ): JobStatistics {
   let counted = 0;
+  let every = checkEvery;
   let looking: Promise<void> | undefined;
   const queued = ((count: number) => {
     counted += count;
-    if (looking || counted < checkEvery) return;
+    if (looking || counted < every) return;
     counted = 0;
-    looking = analyzeStale(db, [JOB_TABLE], JOB_TABLE_STALENESS)
+    looking = look()
       .then(
-        () => undefined,
+        (analyzed) => {
+          every = analyzed.length > 0 ? checkEvery : Math.min(every * 2, checkEvery * MAX_BACKOFF);
+        },
         (err: unknown) => onError(err),
       )
       .finally(() => {

@@ -146,6 +146,36 @@ describe('the look-up planned while the job table had never been analyzed', () =
     expect(after.reads, `reads with the plan kept: ${frozen.reads}`).toBeLessThan(orgs.length * 10);
   });
 
+  it('looks at the statistics less often while they stay fresh, and every 50 jobs again once a look analyzed', async () => {
+    const { ctx } = t;
+    let total = 0;
+    const looks: number[] = [];
+    let stale = false;
+    const statistics = jobStatistics(ctx.db, undefined, 50, async () => {
+      looks.push(total);
+      const analyzed = stale ? ['pgboss.job_common'] : [];
+      stale = false;
+      return analyzed;
+    });
+    const queue = async (jobs: number) => {
+      for (let i = 0; i < jobs; i += 10) {
+        total += 10;
+        statistics(10);
+        await statistics.settled();
+      }
+    };
+    // Nothing stale: 50 jobs, then 100 more, 200, ... (each look a catalog query of its own).
+    await queue(10_000);
+    expect(looks).toEqual([50, 150, 350, 750, 1_550, 3_150, 6_350]);
+    // The interval stops at 12,800 jobs (6,400 doubled once).
+    await queue(30_000);
+    expect(looks.slice(7)).toEqual([12_750, 25_550, 38_350]);
+    // A look that analyzed starts again at 50, and doubles from there.
+    stale = true;
+    await queue(12_800);
+    expect(looks.slice(10)).toEqual([51_150, 51_200, 51_300, 51_500, 51_900, 52_700]);
+  });
+
   it('is told how many jobs each committed group statement queued', async () => {
     const { ctx } = t;
     const now = new Date();
