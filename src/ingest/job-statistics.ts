@@ -14,7 +14,7 @@
 // statistics are stale by JOB_TABLE_STALENESS: first at about a hundred jobs, before the window where the
 // two cost the same, then at each doubling (a few in a platform's life). The worker's sweep does the
 // same for the jobs others queue (src/db/statistics.ts REQUEST_PATH_TABLES), at its interval.
-// A look that finds nothing stale doubles the jobs before the next (up to MAX_CHECK_EVERY): a look is a
+// A look that finds nothing stale doubles the jobs before the next (up to 12,800, MAX_BACKOFF): a look is a
 // catalog query of ~1.7 ms of Postgres, and every 50 jobs it added ~0.035 ms to each job, half of what the
 // job's insert itself costs the group statement (docs/benchmarks.md, "What a group statement costs
 // Postgres"); the doublings the looks are for come further apart as the table grows. A look that analyzed
