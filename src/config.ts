@@ -1,5 +1,7 @@
 // Settings: read once from the environment, validated with zod, frozen. The only module that knows
 // variable names; entry points in src/bin call loadConfig(process.env) and nothing else reads env.
+// Why this file is long: every setting's schema and default in one object, each with what it means,
+// because this is the one place that knows them (test/env-example.test.ts holds .env.example to it).
 import { z } from 'zod';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
