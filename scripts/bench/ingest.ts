@@ -19,7 +19,8 @@
 // `--ratio-baseline REF`: a second API built from commit REF, a before/after in one run;
 // `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side;
 // `--ratio-keys-queued`: one more side, the organizations split in two halves, the API on the second
-// whose every delivery key had its job queued before the slices: the statement's path that queues none);
+// whose every delivery key had its job queued before the slices: the statement's path that queues none;
+// `--ratio-orgs N`: the organizations the sides send as, 10,000 by default);
 // `validation` times a batch of 500's JSON and validation in this process; `group-cost` (only when named,
 // group-cost.ts) the database's CPU per group statement by shape, against raw single rows.
 // `--baseline REF`: each delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
@@ -191,6 +192,9 @@ const { values: args } = parseArgs({
     // reading before the slices so its delivery key has a job queued (no worker drains them here): that
     // side's statements queue none.
     'ratio-keys-queued': { type: 'boolean', default: false },
+    // Organizations the ratio sides send as (default 10,000; with --ratio-keys-queued, the two halves
+    // share them): one API key each, used at random, so past API_KEY_CACHE_MAX_KEYS the API reads keys.
+    'ratio-orgs': { type: 'string', default: '10000' },
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
     baseline: { type: 'string' },
@@ -994,12 +998,13 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
   const h = openDatabase(url, 4);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   try {
-    // --ratio-keys-queued: the 10,000 organizations split in two populations of 5,000, the second's keys
+    // --ratio-keys-queued: the organizations (--ratio-orgs) split in two halves, the second's keys
     // each given its delivery job before the slices. Two of 10,000 would be 20,000 API keys in use at
     // random, past the API's key cache as it then was (10,000; API_KEY_CACHE_MAX_KEYS, 100,000 since):
     // about half the requests of both sides then read their key from the database (0.06 sessions on that
     // read). The halves stay, so the runs compare with those measured so.
-    const population = args['ratio-keys-queued'] ? 5_000 : 10_000;
+    const organizations = Number(args['ratio-orgs']);
+    const population = args['ratio-keys-queued'] ? Math.floor(organizations / 2) : organizations;
     const orgs = await seedOrgs(h.pool, population, 1, `r${randomBytes(2).toString('hex')}`);
     const queuedOrgs = args['ratio-keys-queued']
       ? await seedOrgs(h.pool, population, 1, `q${randomBytes(2).toString('hex')}`)
@@ -1261,15 +1266,21 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ...apiSides(500, 4),
     ]);
     // How the API's groups were written over both comparisons (meterbox_ingest_groups_total): a group
-    // that needed more than its one statement (`regrouped`) was written twice.
-    const groupsWritten = Object.fromEntries(
-      [
-        ...(await http.send('GET', '/metrics', undefined, {})).body.matchAll(
-          /^meterbox_ingest_groups_total\{written="(\w+)"\} (\d+)/gm,
-        ),
-      ].map((m) => [m[1]!, Number(m[2])]),
-    );
+    // that needed more than its one statement (`regrouped`) was written twice. And where its requests
+    // found their API keys (meterbox_api_key_lookups_total): `database` past the first use of each key
+    // means more keys in use than the process keeps (API_KEY_CACHE_MAX_KEYS).
+    const metricsText = (await http.send('GET', '/metrics', undefined, {})).body;
+    const counted = (name: string, label: string) =>
+      Object.fromEntries(
+        [...metricsText.matchAll(new RegExp(`^${name}\\{${label}="(\\w+)"\\} (\\d+)`, 'gm'))].map((m) => [
+          m[1]!,
+          Number(m[2]),
+        ]),
+      );
+    const groupsWritten = counted('meterbox_ingest_groups_total', 'written');
+    const apiKeyLookups = counted('meterbox_api_key_lookups_total', 'source');
     log(`  groups written: ${JSON.stringify(groupsWritten)}`);
+    log(`  API keys found: ${JSON.stringify(apiKeyLookups)} (${organizations} organizations' keys in use)`);
     // The API's profile over both comparisons (single readings, then batches), with --api-cpu-prof.
     http.close();
     await api.proc.stop();
@@ -1284,6 +1295,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       single,
       batch,
       groupsWritten,
+      apiKeyLookups,
       apiProfile,
       goals: [
         {
