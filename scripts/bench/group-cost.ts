@@ -11,7 +11,15 @@ import { randomBytes } from 'node:crypto';
 import { createDatabase } from '../../src/db/database.js';
 import { storeGroupAtOnce } from '../../src/ingest/single-node.js';
 import { createLogger } from '../../src/log.js';
-import { type Cluster, freshDatabase, type Org, seedOrgs, serverCpuSeconds } from './harness.js';
+import type { seededRandom } from '../lib/random.js';
+import {
+  type Cluster,
+  freshDatabase,
+  type Org,
+  RAW_SINGLE_SQL,
+  seedOrgs,
+  serverCpuSeconds,
+} from './harness.js';
 import { readyWal, walSettingsOf } from './wal.js';
 
 /** Statements at once: the API's INGEST_GROUP_MAX_IN_FLIGHT default (and raw's connections in the ratios). */
@@ -22,10 +30,6 @@ const ROUNDS = 4;
 const STATEMENTS = 600;
 /** Organizations whose keys are queued before the segments: picked at random, as requests arrive. */
 const QUEUED_ORGS = 10_000;
-
-const RAW_SINGLE_SQL = `
-  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
-  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
 
 type Shape = { kind: 'raw' } | { kind: 'group'; size: number; keys: 'queued' | 'new' };
 
@@ -62,7 +66,12 @@ export interface GroupCost {
 const label = (s: Shape) =>
   s.kind === 'raw' ? 'raw single-row transactions' : `groups of ${s.size}, keys ${s.keys}`;
 
-export async function runGroupCost(cluster: Cluster, log: (msg: string) => void): Promise<GroupCost> {
+export async function runGroupCost(
+  cluster: Cluster,
+  log: (msg: string) => void,
+  /** The bench's seeded draws (its printed seed replays the picks). */
+  random: ReturnType<typeof seededRandom>,
+): Promise<GroupCost> {
   log('--- group cost: Postgres CPU per ingestion group statement, by shape, against raw single rows');
   const url = await freshDatabase(cluster, 'group_cost');
   const database = createDatabase({
@@ -99,12 +108,12 @@ export async function runGroupCost(cluster: Cluster, log: (msg: string) => void)
     };
     const pickQueued = (size: number) => {
       const picked = new Set<Org>();
-      while (picked.size < size) picked.add(queued[Math.floor(Math.random() * queued.length)]!);
+      while (picked.size < size) picked.add(queued[random.int(queued.length)]!);
       return [...picked];
     };
     const statement = async (shape: Shape): Promise<{ readings: number; jobs: number }> => {
       if (shape.kind === 'raw') {
-        const o = queued[Math.floor(Math.random() * queued.length)]!;
+        const o = queued[random.int(queued.length)]!;
         const r = reading(o);
         await database.pool.query({
           name: 'group-cost-raw',

@@ -105,6 +105,19 @@ export function openDatabase(url: string, max = 4): Database {
   });
 }
 
+// The insert of the ingestion statement (src/ingest/single-node.ts) without the sensor check, the
+// outbox row and the hand-off: what raw Postgres does for the same readings (the ratios, ingest.ts, and
+// the group cost, group-cost.ts).
+export const RAW_BATCH_SQL = `
+  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+  SELECT r.sensor_id, r.recorded_at, $1, r.temperature_c, $2
+  FROM unnest($3::uuid[], $4::timestamptz[], $5::float8[]) WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
+  ORDER BY r.sensor_id, r.recorded_at, r.n
+  ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
+export const RAW_SINGLE_SQL = `
+  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
+
 // ---------------------------------------------------------------- fixtures
 
 export interface Org {

@@ -23,8 +23,8 @@
 // `--ratio-orgs N`: the organizations the sides send as, 10,000 by default);
 // `validation` times a batch of 500's JSON and validation in this process; `group-cost` (only when named,
 // group-cost.ts) the database's CPU per group statement by shape, against raw single rows.
-// `--baseline REF`: each delivery scenario runs N times (--pairs, default 1) with the API and worker built from commit REF and
-// with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
+// `--baseline REF`: each delivery scenario runs N times (--pairs, default 1) with the API and worker
+// built from commit REF and with this checkout's, alternated, baseline first: a before/after of the code in one run (REF's
 // migrations must be this checkout's). Each run also gives the lease reaper's read of fetched jobs
 // (pg_stat_statements: calls, Postgres time, rows). `--worker-compare NAME=VALUE,...`: each delivery
 // scenario runs N times with this checkout's worker as configured and with those settings, alternated
@@ -73,6 +73,8 @@ import {
   type Org,
   openDatabase,
   pendingOutbox,
+  RAW_BATCH_SQL,
+  RAW_SINGLE_SQL,
   ReadingSource,
   ROOT,
   seedOrgs,
@@ -974,18 +976,6 @@ async function runScenario(
 
 // ---------------------------------------------------------------- ratios against raw Postgres
 
-// The insert of the ingestion statement (src/ingest/single-node.ts) without the sensor check, the
-// outbox row and the hand-off: what raw Postgres does for the same readings.
-const RAW_BATCH_SQL = `
-  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
-  SELECT r.sensor_id, r.recorded_at, $1, r.temperature_c, $2
-  FROM unnest($3::uuid[], $4::timestamptz[], $5::float8[]) WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
-  ORDER BY r.sensor_id, r.recorded_at, r.n
-  ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
-const RAW_SINGLE_SQL = `
-  INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
-  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
-
 /** `NAME=VALUE` as a pair, split at the first `=` (a value may hold more: `PGOPTIONS=-c a=b`). */
 function settingPair(kv: string): [string, string] {
   const at = kv.indexOf('=');
@@ -1487,7 +1477,7 @@ export async function runIngestBench(): Promise<number> {
           }
         }
     const ratios = want('ratios') ? await runRatios(cluster, entries) : null;
-    const groupCost = only?.includes('group-cost') ? await runGroupCost(cluster, log) : null;
+    const groupCost = only?.includes('group-cost') ? await runGroupCost(cluster, log, random) : null;
     const out = {
       kind: 'ingest',
       quick,

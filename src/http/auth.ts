@@ -27,6 +27,9 @@ export function bearerToken(header: string | undefined): string | undefined {
 export function apiKeyAuth(
   ctx: Pick<Context, 'db' | 'clock' | 'apiKeys' | 'log' | 'metrics'>,
 ): MiddlewareHandler<AppEnv> {
+  // Bound once: a request's count is an increment, not a look-up of its labels.
+  const fromCache = ctx.metrics.apiKeyLookups.labels('cache');
+  const fromDatabase = ctx.metrics.apiKeyLookups.labels('database');
   return async (c, next) => {
     const token = bearerToken(c.req.header('authorization'));
     if (!token) throw unauthorized('missing API key: send Authorization: Bearer <api key>');
@@ -34,7 +37,7 @@ export function apiKeyAuth(
     const hash = hashApiKey(token);
     const now = ctx.clock.now();
     const cached = ctx.apiKeys.get(hash);
-    ctx.metrics.apiKeyLookups.inc({ source: cached ? 'cache' : 'database' });
+    (cached ? fromCache : fromDatabase).inc();
     if (cached) {
       if (now.getTime() - cached.touchedAt > LAST_USED_RESOLUTION_SECONDS * 1000) {
         cached.touchedAt = now.getTime();
