@@ -20,7 +20,8 @@
 // `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side;
 // `--ratio-keys-queued`: one more side, the organizations split in two halves, the API on the second
 // whose every delivery key had its job queued before the slices: the statement's path that queues none;
-// `--ratio-orgs N`: the organizations the sides send as, 10,000 by default);
+// `--ratio-orgs N`: the organizations the sides send as, 10,000 by default; `--ratio-raw-binary`: one
+// more batch side, raw with binary arrays as the API sends them);
 // `validation` times a batch of 500's JSON and validation in this process; `group-cost` (only when named,
 // group-cost.ts) the database's CPU per group statement by shape, against raw single rows.
 // `--baseline REF`: each delivery scenario runs N times (--pairs, default 1) with the API and worker
@@ -50,6 +51,7 @@ import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { z } from 'zod';
+import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
 import { isPgInstant } from '../../src/db/input-types.js';
 import { readingArrays, readingColumns } from '../../src/ingest/readings.js';
 import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
@@ -197,6 +199,10 @@ const { values: args } = parseArgs({
     // Organizations the ratio sides send as (default 10,000; with --ratio-keys-queued, the two halves
     // share them): one API key each, used at random, so past API_KEY_CACHE_MAX_KEYS the API reads keys.
     'ratio-orgs': { type: 'string', default: '10000' },
+    // One more side for batches: raw Postgres sending its arrays in binary (src/db/binary-arrays.ts, as
+    // the API's statement does) rather than as node-postgres's text literals: the API against a raw
+    // client that uses the same technique.
+    'ratio-raw-binary': { type: 'boolean', default: false },
     // The delivery scenarios also run with the API and worker of this commit, alternated with this
     // checkout's (baseline first), --pairs times.
     baseline: { type: 'string' },
@@ -1098,6 +1104,18 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ]);
       return { ok: true, units: 500 };
     };
+    const rawBinaryBatch: Op = async () => {
+      const org: Org = pick();
+      const rows = source.batch(org, 500);
+      await raw.query(RAW_BATCH_SQL, [
+        org.organizationId,
+        new Date(),
+        uuidArray(rows.map((x) => x.sensorId)),
+        timestamptzArray(rows.map((x) => Date.parse(x.recordedAt))),
+        float8Array(rows.map((x) => x.temperatureC)),
+      ]);
+      return { ok: true, units: 500 };
+    };
     const sliceMs = quick ? 2_000 : 2_500;
     const slices = quick ? 4 : 6;
     // A B B A A B ... (with a third side, A B C C B A ...): load from elsewhere and table growth hit
@@ -1254,7 +1272,13 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     const batch = await compare('batches of 500', [
       { label: 'raw', op: rawBatch, clients: 4 },
       ...apiSides(500, 4),
+      ...(args['ratio-raw-binary'] ? [{ label: 'raw, binary arrays', op: rawBinaryBatch, clients: 4 }] : []),
     ]);
+    const rawBinary = batch.others?.find((o) => o.label === 'raw, binary arrays');
+    if (rawBinary)
+      log(
+        `  batches of 500: the API against raw with binary arrays: ${round(batch.ratio / rawBinary.ratio, 3)}x`,
+      );
     // How the API's groups were written over both comparisons (meterbox_ingest_groups_total): a group
     // that needed more than its one statement (`regrouped`) was written twice. And where its requests
     // found their API keys (meterbox_api_key_lookups_total): `database` past the first use of each key

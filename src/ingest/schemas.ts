@@ -104,7 +104,7 @@ function digits2(s: string, i: number): number {
  * common case) in ms, for a year from 1000 and a valid calendar date and time, as INSTANT_PATTERN,
  * isPgInstant and Date.parse take it; NaN for any other text (the caller asks those then).
  */
-function commonInstantMs(s: string): number {
+export function commonInstantMs(s: string): number {
   if (s.length !== 20 && s.length !== 24) return Number.NaN;
   if (s.charCodeAt(s.length - 1) !== 90 /* Z */) return Number.NaN;
   const yh = digits2(s, 0);
