@@ -194,11 +194,14 @@ describe('keyed requests in groups', () => {
         [a.organizationId, now],
       );
       const submitted = submitTogether(ctx, group, now);
-      // (pg_stat_activity keeps the first 1 kB of a statement: the group statement's opening.)
+      // (pg_stat_activity keeps the first 1 kB of a statement: the group statement's opening. It shows
+      // the whole cluster: another test file's group statement waiting in its own database once let
+      // this one commit before its statement began.)
       await waitFor('the group statement waiting for the other answer', async () => {
         const { rows } = await watcher.query<{ n: number }>(
           `SELECT count(*)::int AS n FROM pg_stat_activity
-            WHERE wait_event = 'transactionid' AND query LIKE '/* meterbox:prepared */%WITH input%'`,
+            WHERE datname = current_database() AND wait_event = 'transactionid'
+              AND query LIKE '/* meterbox:prepared */%WITH input%'`,
         );
         return rows[0]!.n > 0 || undefined;
       });
