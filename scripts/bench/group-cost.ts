@@ -6,8 +6,13 @@
 // process through the API's own writer (storeGroupAtOnce) on prepared statements, at most as many at
 // once as the API writes (INGEST_GROUP_MAX_IN_FLIGHT's default), so the figures are the database's side
 // alone. Derived: the statement's fixed cost (a group of one), what each further request adds, and what
-// each queued job adds; that is what decides how large groups must be for the API to match raw.
+// each queued job adds; that is what decides how large groups must be for the API to match raw. And a
+// batch of 500 readings: the API's statement against raw's one insert with its arrays as node-postgres
+// sends them (text literals) and in binary (src/db/binary-arrays.ts, as the API sends them): the
+// statement cost the batch ratio hinges on, and what binary arrays save Postgres (the arrays' parse, the
+// same for both statements).
 import { randomBytes } from 'node:crypto';
+import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
 import { createDatabase } from '../../src/db/database.js';
 import { storeGroupAtOnce } from '../../src/ingest/single-node.js';
 import { createLogger } from '../../src/log.js';
@@ -16,6 +21,7 @@ import {
   type Cluster,
   freshDatabase,
   type Org,
+  RAW_BATCH_SQL,
   RAW_SINGLE_SQL,
   seedOrgs,
   serverCpuSeconds,
@@ -28,10 +34,17 @@ const SIZES = [1, 8, 16] as const;
 const ROUNDS = 4;
 /** Statements a segment runs (new keys need fresh organizations, so segments count statements, not time). */
 const STATEMENTS = 600;
+/** Batch statements a segment runs (a batch costs about what 5-10 group statements do). */
+const BATCH_STATEMENTS = 120;
+const BATCH = 500;
 /** Organizations whose keys are queued before the segments: picked at random, as requests arrive. */
 const QUEUED_ORGS = 10_000;
 
-type Shape = { kind: 'raw' } | { kind: 'group'; size: number; keys: 'queued' | 'new' };
+type BatchSide = 'API statement' | 'raw, text arrays' | 'raw, binary arrays';
+type Shape =
+  | { kind: 'raw' }
+  | { kind: 'group'; size: number; keys: 'queued' | 'new' }
+  | { kind: 'batch'; side: BatchSide };
 
 interface Totals {
   statements: number;
@@ -61,10 +74,16 @@ export interface GroupCost {
   perJobCpuMs: Record<string, number>;
   /** Raw's single-row transaction. */
   rawCpuMsPerRow: number;
+  /** A batch of 500 (queued key): the API's statement, raw's insert with text and with binary arrays. */
+  batchCpuMs: Record<BatchSide, number>;
 }
 
 const label = (s: Shape) =>
-  s.kind === 'raw' ? 'raw single-row transactions' : `groups of ${s.size}, keys ${s.keys}`;
+  s.kind === 'raw'
+    ? 'raw single-row transactions'
+    : s.kind === 'batch'
+      ? `batches of ${BATCH}, ${s.side}`
+      : `groups of ${s.size}, keys ${s.keys}`;
 
 export async function runGroupCost(
   cluster: Cluster,
@@ -95,6 +114,7 @@ export async function runGroupCost(
     });
     const group = (orgs: readonly Org[]) =>
       orgs.map((o) => ({ organizationId: o.organizationId, readings: [reading(o)] }));
+    const batch = (o: Org) => Array.from({ length: BATCH }, () => reading(o));
     // Every queued organization's key gets its job, as a first request of each would.
     for (let i = 0; i < queued.length; i += 16)
       await storeGroupAtOnce(database.db, group(queued.slice(i, i + 16)), new Date());
@@ -122,6 +142,33 @@ export async function runGroupCost(
         });
         return { readings: 1, jobs: 0 };
       }
+      if (shape.kind === 'batch') {
+        const o = queued[random.int(queued.length)]!;
+        const rows = batch(o);
+        if (shape.side === 'API statement') {
+          const { queued: jobs } = await storeGroupAtOnce(
+            database.db,
+            [{ organizationId: o.organizationId, readings: rows }],
+            new Date(),
+          );
+          return { readings: BATCH, jobs };
+        }
+        const binary = shape.side === 'raw, binary arrays';
+        await database.pool.query({
+          name: 'group-cost-raw-batch',
+          text: RAW_BATCH_SQL,
+          values: [
+            o.organizationId,
+            new Date(),
+            binary ? uuidArray(rows.map((r) => r.sensorId)) : rows.map((r) => r.sensorId),
+            binary
+              ? timestamptzArray(rows.map((r) => Date.parse(r.recordedAt)))
+              : rows.map((r) => r.recordedAt),
+            binary ? float8Array(rows.map((r) => r.temperatureC)) : rows.map((r) => r.temperatureC),
+          ],
+        });
+        return { readings: BATCH, jobs: 0 };
+      }
       const orgs = shape.keys === 'queued' ? pickQueued(shape.size) : takeFresh(shape.size);
       const { queued: jobs } = await storeGroupAtOnce(database.db, group(orgs), new Date());
       return { readings: orgs.length, jobs };
@@ -133,6 +180,9 @@ export async function runGroupCost(
         { kind: 'group', size, keys: 'queued' } as const,
         { kind: 'group', size, keys: 'new' } as const,
       ]),
+      ...(['API statement', 'raw, text arrays', 'raw, binary arrays'] as const).map(
+        (side) => ({ kind: 'batch', side }) as const,
+      ),
     ];
     const totals = new Map<string, Totals>(
       shapes.map((s) => [label(s), { statements: 0, readings: 0, jobs: 0, cpuSeconds: 0, wallSeconds: 0 }]),
@@ -141,7 +191,8 @@ export async function runGroupCost(
       for (const shape of shapes) {
         const t = totals.get(label(shape))!;
         // Raw's rows are cheap: as many as its statements take the same order of time as a group segment.
-        const count = shape.kind === 'raw' ? STATEMENTS * 4 : STATEMENTS;
+        const count =
+          shape.kind === 'raw' ? STATEMENTS * 4 : shape.kind === 'batch' ? BATCH_STATEMENTS : STATEMENTS;
         let left = count;
         const cpu0 = serverCpuSeconds(cluster.dataDir);
         const wall0 = performance.now();
@@ -181,7 +232,7 @@ export async function runGroupCost(
     const queuedOf = (size: number) => row(`groups of ${size}, keys queued`);
     const newOf = (size: number) => row(`groups of ${size}, keys new`);
     const result: GroupCost = {
-      conditions: `${IN_FLIGHT} statements at once, prepared; ${ROUNDS} rounds of alternated segments of ${STATEMENTS} statements (raw ${STATEMENTS * 4} rows); ${QUEUED_ORGS} organizations with queued keys picked at random`,
+      conditions: `${IN_FLIGHT} statements at once, prepared; ${ROUNDS} rounds of alternated segments of ${STATEMENTS} statements (raw ${STATEMENTS * 4} rows, batches ${BATCH_STATEMENTS}); ${QUEUED_ORGS} organizations with queued keys picked at random`,
       rows,
       fixedCpuMs: queuedOf(1).cpuMsPerStatement,
       perRequestCpuMs: {
@@ -196,9 +247,18 @@ export async function runGroupCost(
         }),
       ),
       rawCpuMsPerRow: row('raw single-row transactions').cpuMsPerStatement,
+      batchCpuMs: {
+        'API statement': row(`batches of ${BATCH}, API statement`).cpuMsPerStatement,
+        'raw, text arrays': row(`batches of ${BATCH}, raw, text arrays`).cpuMsPerStatement,
+        'raw, binary arrays': row(`batches of ${BATCH}, raw, binary arrays`).cpuMsPerStatement,
+      },
     };
     log(
       `  a statement's fixed cost ${result.fixedCpuMs} ms; each further request ${result.perRequestCpuMs.from1to8} ms (1 to 8), ${result.perRequestCpuMs.from8to16} ms (8 to 16); each queued job ${Object.values(result.perJobCpuMs).join(' / ')} ms (groups of ${SIZES.join(' / ')}); raw's row ${result.rawCpuMsPerRow} ms`,
+    );
+    const b = result.batchCpuMs;
+    log(
+      `  a batch of ${BATCH}: the API's statement ${b['API statement']} ms, raw's insert ${b['raw, text arrays']} ms with text arrays, ${b['raw, binary arrays']} ms with binary (the API's statement ${round4(b['API statement'] / b['raw, text arrays'])}x raw's with text)`,
     );
     return result;
   } finally {
