@@ -12,7 +12,6 @@
 // statement cost the batch ratio hinges on, and what binary arrays save Postgres (the arrays' parse, the
 // same for both statements).
 import { randomBytes } from 'node:crypto';
-import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
 import { createDatabase } from '../../src/db/database.js';
 import { storeGroupAtOnce } from '../../src/ingest/single-node.js';
 import { createLogger } from '../../src/log.js';
@@ -23,6 +22,7 @@ import {
   type Org,
   RAW_BATCH_SQL,
   RAW_SINGLE_SQL,
+  rawBatchParams,
   seedOrgs,
   serverCpuSeconds,
 } from './harness.js';
@@ -153,19 +153,10 @@ export async function runGroupCost(
           );
           return { readings: BATCH, jobs };
         }
-        const binary = shape.side === 'raw, binary arrays';
         await database.pool.query({
           name: 'group-cost-raw-batch',
           text: RAW_BATCH_SQL,
-          values: [
-            o.organizationId,
-            new Date(),
-            binary ? uuidArray(rows.map((r) => r.sensorId)) : rows.map((r) => r.sensorId),
-            binary
-              ? timestamptzArray(rows.map((r) => Date.parse(r.recordedAt)))
-              : rows.map((r) => r.recordedAt),
-            binary ? float8Array(rows.map((r) => r.temperatureC)) : rows.map((r) => r.temperatureC),
-          ],
+          values: rawBatchParams(o.organizationId, rows, shape.side === 'raw, binary arrays'),
         });
         return { readings: BATCH, jobs: 0 };
       }

@@ -14,6 +14,7 @@ import type { Kysely } from 'kysely';
 import pg from 'pg';
 import { loadConfig } from '../../src/config.js';
 import { generateApiKey } from '../../src/credentials/api-keys.js';
+import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
 import { createDatabase, type Database } from '../../src/db/database.js';
 import { type EmbeddedDatabase, freePort, startEmbeddedPostgres } from '../../src/db/embedded.js';
 import { applySqlMigrations, listMigrations } from '../../src/db/migrate.js';
@@ -114,6 +115,28 @@ export const RAW_BATCH_SQL = `
   FROM unnest($3::uuid[], $4::timestamptz[], $5::float8[]) WITH ORDINALITY AS r(sensor_id, recorded_at, temperature_c, n)
   ORDER BY r.sensor_id, r.recorded_at, r.n
   ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;
+/**
+ * RAW_BATCH_SQL's parameters for one organization's readings: the arrays as node-postgres sends them
+ * (text literals it quotes element by element), or with `binary` in Postgres's binary array format, as
+ * the API's group statement sends them (src/db/binary-arrays.ts).
+ */
+export function rawBatchParams(
+  organizationId: string,
+  rows: readonly { sensorId: string; recordedAt: string; temperatureC: number }[],
+  binary: boolean,
+): unknown[] {
+  const sensors = rows.map((r) => r.sensorId);
+  const temperatures = rows.map((r) => r.temperatureC);
+  return binary
+    ? [
+        organizationId,
+        new Date(),
+        uuidArray(sensors),
+        timestamptzArray(rows.map((r) => Date.parse(r.recordedAt))),
+        float8Array(temperatures),
+      ]
+    : [organizationId, new Date(), sensors, rows.map((r) => r.recordedAt), temperatures];
+}
 export const RAW_SINGLE_SQL = `
   INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sensor_id, recorded_at, organization_id) DO NOTHING`;

@@ -51,7 +51,6 @@ import { parseArgs } from 'node:util';
 import { type StripeEmulator, startStripeEmulator } from '@meterbox/stripe-emulator';
 import pg from 'pg';
 import { z } from 'zod';
-import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
 import { isPgInstant } from '../../src/db/input-types.js';
 import { readingArrays, readingColumns } from '../../src/ingest/readings.js';
 import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
@@ -79,6 +78,7 @@ import {
   RAW_SINGLE_SQL,
   ReadingSource,
   ROOT,
+  rawBatchParams,
   seedOrgs,
   sleep,
   startApi,
@@ -1092,30 +1092,13 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         );
         return { ok: res.status === 201, units: res.status === 201 ? size : 0 };
       };
-    const rawBatch: Op = async () => {
-      const org: Org = pick();
-      const rows = source.batch(org, 500);
-      await raw.query(RAW_BATCH_SQL, [
-        org.organizationId,
-        new Date(),
-        rows.map((x) => x.sensorId),
-        rows.map((x) => x.recordedAt),
-        rows.map((x) => x.temperatureC),
-      ]);
-      return { ok: true, units: 500 };
-    };
-    const rawBinaryBatch: Op = async () => {
-      const org: Org = pick();
-      const rows = source.batch(org, 500);
-      await raw.query(RAW_BATCH_SQL, [
-        org.organizationId,
-        new Date(),
-        uuidArray(rows.map((x) => x.sensorId)),
-        timestamptzArray(rows.map((x) => Date.parse(x.recordedAt))),
-        float8Array(rows.map((x) => x.temperatureC)),
-      ]);
-      return { ok: true, units: 500 };
-    };
+    const rawBatchOf =
+      (binary: boolean): Op =>
+      async () => {
+        const org: Org = pick();
+        await raw.query(RAW_BATCH_SQL, rawBatchParams(org.organizationId, source.batch(org, 500), binary));
+        return { ok: true, units: 500 };
+      };
     const sliceMs = quick ? 2_000 : 2_500;
     const slices = quick ? 4 : 6;
     // A B B A A B ... (with a third side, A B C C B A ...): load from elsewhere and table growth hit
@@ -1270,9 +1253,11 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ...apiSides(1, singleClients),
     ]);
     const batch = await compare('batches of 500', [
-      { label: 'raw', op: rawBatch, clients: 4 },
+      { label: 'raw', op: rawBatchOf(false), clients: 4 },
       ...apiSides(500, 4),
-      ...(args['ratio-raw-binary'] ? [{ label: 'raw, binary arrays', op: rawBinaryBatch, clients: 4 }] : []),
+      ...(args['ratio-raw-binary']
+        ? [{ label: 'raw, binary arrays', op: rawBatchOf(true), clients: 4 }]
+        : []),
     ]);
     const rawBinary = batch.others?.find((o) => o.label === 'raw, binary arrays');
     if (rawBinary)

@@ -51,25 +51,39 @@ export function uuidArray(ids: readonly string[]): Buffer | undefined {
 }
 
 /**
+ * An array of 8-byte elements, each written by `write` at its offset (false: the value has no exact
+ * form, and the array is refused).
+ */
+function eightByteArray(
+  elementOid: number,
+  values: readonly number[],
+  write: (b: Buffer, offset: number, value: number) => boolean,
+): Buffer | undefined {
+  const b = arrayBuffer(elementOid, values.length, 8);
+  let o = 20;
+  for (const v of values) {
+    b.writeInt32BE(8, o);
+    if (!write(b, o + 4, v)) return undefined;
+    o += 12;
+  }
+  return b;
+}
+
+/**
  * timestamptz[] of instants given in whole milliseconds since 1970 (what Date.parse gives);
  * undefined when one is not a whole number of milliseconds or lies more than ~285 years from 2000
  * (beyond that its microseconds are not exact in a double).
  */
 export function timestamptzArray(instantsMs: readonly number[]): Buffer | undefined {
-  const b = arrayBuffer(TIMESTAMPTZ_OID, instantsMs.length, 8);
-  let o = 20;
-  for (const ms of instantsMs) {
-    if (!Number.isSafeInteger(ms)) return undefined;
+  return eightByteArray(TIMESTAMPTZ_OID, instantsMs, (b, o, ms) => {
     const us = (ms - POSTGRES_EPOCH_MS) * 1000;
-    if (!Number.isSafeInteger(us)) return undefined;
+    if (!Number.isSafeInteger(ms) || !Number.isSafeInteger(us)) return false;
     // The int64 in two halves (the high one signed, floor division keeps instants before 2000 exact).
     const high = Math.floor(us / TWO_TO_32);
-    b.writeInt32BE(8, o);
-    b.writeInt32BE(high, o + 4);
-    b.writeUInt32BE(us - high * TWO_TO_32, o + 8);
-    o += 12;
-  }
-  return b;
+    b.writeInt32BE(high, o);
+    b.writeUInt32BE(us - high * TWO_TO_32, o + 4);
+    return true;
+  });
 }
 
 /**
@@ -77,13 +91,9 @@ export function timestamptzArray(instantsMs: readonly number[]): Buffer | undefi
  * not finite.
  */
 export function float8Array(values: readonly number[]): Buffer | undefined {
-  const b = arrayBuffer(FLOAT8_OID, values.length, 8);
-  let o = 20;
-  for (const v of values) {
-    if (!Number.isFinite(v)) return undefined;
-    b.writeInt32BE(8, o);
-    b.writeDoubleBE(v === 0 ? 0 : v, o + 4);
-    o += 12;
-  }
-  return b;
+  return eightByteArray(FLOAT8_OID, values, (b, o, v) => {
+    if (!Number.isFinite(v)) return false;
+    b.writeDoubleBE(v === 0 ? 0 : v, o);
+    return true;
+  });
 }
