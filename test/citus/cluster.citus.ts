@@ -47,6 +47,7 @@ async function againOnDeadlock<T>(step: () => Promise<T>): Promise<T> {
       return await step();
     } catch (err) {
       if (sqlState(err) !== '40P01' || attempt === 5) throw err;
+      console.warn(`[citus] set-up cancelled in a distributed deadlock (attempt ${attempt}): set up again`);
       await new Promise((r) => setTimeout(r, 100 * attempt));
     }
   }
@@ -69,7 +70,16 @@ const it = stripeTest({
   },
   processes: 2,
   supervise: true,
-});
+})
+  // Each test's organization is set up again when Citus cancels its insert in a distributed deadlock,
+  // as the last test's set-up is: a rehearsal once saw the organization's insert (its API key, a
+  // reference table) cancelled so before "serves reconciliation and the dashboard" (2026-11-30; not
+  // reproduced in reruns, its other side not identified). Set-up, not the behaviour under test.
+  .extend('org', async ({ ctx, emulator }) => {
+    const org = await againOnDeadlock(() => createOrganization(ctx.db));
+    emulator.createCustomer({ id: org.customerId });
+    return org;
+  });
 
 interface Requester {
   request(path: string, init?: RequestInit): Response | Promise<Response>;
