@@ -13,6 +13,7 @@
 // same for both statements).
 import { randomBytes } from 'node:crypto';
 import { createDatabase } from '../../src/db/database.js';
+import type { StatementShape } from '../../src/ingest/group-statement.js';
 import { storeGroupAtOnce } from '../../src/ingest/single-node.js';
 import { createLogger } from '../../src/log.js';
 import type { seededRandom } from '../lib/random.js';
@@ -40,10 +41,12 @@ const BATCH = 500;
 /** Organizations whose keys are queued before the segments: picked at random, as requests arrive. */
 const QUEUED_ORGS = 10_000;
 
-type BatchSide = 'API statement' | 'raw, text arrays' | 'raw, binary arrays';
+// 'API group statement': the API's writer with the group's statement, as before a request alone had its own
+// (single-node.ts loneHead): the two side by side in one run.
+type BatchSide = 'API statement' | 'API group statement' | 'raw, text arrays' | 'raw, binary arrays';
 type Shape =
   | { kind: 'raw' }
-  | { kind: 'group'; size: number; keys: 'queued' | 'new' }
+  | { kind: 'group'; size: number; keys: 'queued' | 'new'; statement?: StatementShape }
   | { kind: 'batch'; side: BatchSide };
 
 interface Totals {
@@ -83,7 +86,7 @@ const label = (s: Shape) =>
     ? 'raw single-row transactions'
     : s.kind === 'batch'
       ? `batches of ${BATCH}, ${s.side}`
-      : `groups of ${s.size}, keys ${s.keys}`;
+      : `groups of ${s.size}, keys ${s.keys}${s.statement === 'group' ? ', the group statement' : ''}`;
 
 export async function runGroupCost(
   cluster: Cluster,
@@ -103,7 +106,8 @@ export async function runGroupCost(
   try {
     await readyWal(database.pool, walSettingsOf('deployment'));
     const tag = randomBytes(2).toString('hex');
-    const freshNeeded = ROUNDS * STATEMENTS * SIZES.reduce((s, n) => s + n, 0);
+    // Groups of 1 with new keys run twice a round: with their own statement and with the group's.
+    const freshNeeded = ROUNDS * STATEMENTS * (SIZES.reduce((s, n) => s + n, 0) + 1);
     const queued = await seedOrgs(database.pool, QUEUED_ORGS, 1, `gq${tag}`);
     const fresh = await seedOrgs(database.pool, freshNeeded, 1, `gn${tag}`);
     let instant = Date.now() - 86_400_000;
@@ -145,11 +149,12 @@ export async function runGroupCost(
       if (shape.kind === 'batch') {
         const o = queued[random.int(queued.length)]!;
         const rows = batch(o);
-        if (shape.side === 'API statement') {
+        if (shape.side === 'API statement' || shape.side === 'API group statement') {
           const { queued: jobs } = await storeGroupAtOnce(
             database.db,
             [{ organizationId: o.organizationId, readings: rows }],
             new Date(),
+            shape.side === 'API group statement' ? 'group' : 'auto',
           );
           return { readings: BATCH, jobs };
         }
@@ -161,7 +166,7 @@ export async function runGroupCost(
         return { readings: BATCH, jobs: 0 };
       }
       const orgs = shape.keys === 'queued' ? pickQueued(shape.size) : takeFresh(shape.size);
-      const { queued: jobs } = await storeGroupAtOnce(database.db, group(orgs), new Date());
+      const { queued: jobs } = await storeGroupAtOnce(database.db, group(orgs), new Date(), shape.statement);
       return { readings: orgs.length, jobs };
     };
 
@@ -170,8 +175,14 @@ export async function runGroupCost(
       ...SIZES.flatMap((size) => [
         { kind: 'group', size, keys: 'queued' } as const,
         { kind: 'group', size, keys: 'new' } as const,
+        ...(size === 1
+          ? ([
+              { kind: 'group', size, keys: 'queued', statement: 'group' },
+              { kind: 'group', size, keys: 'new', statement: 'group' },
+            ] as const)
+          : []),
       ]),
-      ...(['API statement', 'raw, text arrays', 'raw, binary arrays'] as const).map(
+      ...(['API statement', 'API group statement', 'raw, text arrays', 'raw, binary arrays'] as const).map(
         (side) => ({ kind: 'batch', side }) as const,
       ),
     ];
@@ -240,6 +251,7 @@ export async function runGroupCost(
       rawCpuMsPerRow: row('raw single-row transactions').cpuMsPerStatement,
       batchCpuMs: {
         'API statement': row(`batches of ${BATCH}, API statement`).cpuMsPerStatement,
+        'API group statement': row(`batches of ${BATCH}, API group statement`).cpuMsPerStatement,
         'raw, text arrays': row(`batches of ${BATCH}, raw, text arrays`).cpuMsPerStatement,
         'raw, binary arrays': row(`batches of ${BATCH}, raw, binary arrays`).cpuMsPerStatement,
       },
@@ -249,7 +261,7 @@ export async function runGroupCost(
     );
     const b = result.batchCpuMs;
     log(
-      `  a batch of ${BATCH}: the API's statement ${b['API statement']} ms, raw's insert ${b['raw, text arrays']} ms with text arrays, ${b['raw, binary arrays']} ms with binary (the API's statement ${round4(b['API statement'] / b['raw, text arrays'])}x raw's with text)`,
+      `  a batch of ${BATCH}: the API's statement ${b['API statement']} ms, raw's insert ${b['raw, text arrays']} ms with text arrays, ${b['raw, binary arrays']} ms with binary (the API's statement ${round4(b['API statement'] / b['raw, text arrays'])}x raw's with text); the group's statement for the same batch ${b['API group statement']} ms`,
     );
     return result;
   } finally {

@@ -34,7 +34,7 @@ export const STALE_STATISTICS: Readonly<Staleness> = { pages: 128, rows: 5_000, 
 export const JOB_TABLE = 'pgboss.job';
 
 /**
- * The tables the request path's group statement looks rows up in by key (src/ingest/single-node.ts):
+ * The tables the request path's group statement looks rows up in by key (src/ingest/group-statement.ts):
  * a group's sensors, its organizations' subscriptions, destinations and alert thresholds, and pg-boss's
  * job table (its keys' queued delivery jobs, src/ingest/job-statistics.ts). The API's
  * connections prepare that statement and Postgres keeps one generic plan for it after five calls; made

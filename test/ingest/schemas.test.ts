@@ -1,7 +1,8 @@
 // The readings body's plain-loop parser against its zod schema: whatever the loop accepts, the schema
 // accepts with the same output; whatever it leaves to the schema, the schema decides.
 import { describe, expect, it } from 'vitest';
-import { parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
+import { commonInstantMs, parseReadingsFast, readingsRequestSchema } from '../../src/ingest/schemas.js';
+import { seededRandom } from '../support/random.js';
 
 const now = new Date('2026-11-21T10:00:00Z');
 const options = { maxBatch: 3, now: () => now, retentionDays: 400 };
@@ -111,5 +112,29 @@ describe('parseReadingsFast on ids and instants in their usual form', () => {
       sensorId.replaceAll('-', ''),
     ])
       agree({ sensorId: id });
+  });
+});
+
+describe('commonInstantMs', () => {
+  it("reads an instant as Date.parse does, whatever day the one before fell on (it keeps the last day's)", () => {
+    const rng = seededRandom();
+    const start = Date.parse('2000-01-01T00:00:00Z');
+    const span = Date.parse('2101-01-01T00:00:00Z') - start;
+    for (let i = 0; i < 20_000; i++) {
+      // Runs on one day, jumps to another, back to a day seen before: the kept day hit and missed.
+      const at =
+        i % 7 === 0
+          ? start + Math.floor(rng.next() * span)
+          : start + (i % 3) * 86_400_000 + rng.int(86_400_000);
+      const text = new Date(at).toISOString();
+      const whole = text.replace(/\.\d{3}Z$/, 'Z');
+      expect([text, commonInstantMs(text)]).toEqual([text, at]);
+      expect([whole, commonInstantMs(whole)]).toEqual([whole, Date.parse(whole)]);
+    }
+    // An impossible day after a valid one of the same month is still refused.
+    expect(commonInstantMs('2024-02-29T10:00:00Z')).toBe(Date.parse('2024-02-29T10:00:00Z'));
+    expect(commonInstantMs('2023-02-29T10:00:00Z')).toBeNaN();
+    expect(commonInstantMs('2023-02-28T10:00:00Z')).toBe(Date.parse('2023-02-28T10:00:00Z'));
+    expect(commonInstantMs('2023-02-29T10:00:00Z')).toBeNaN();
   });
 });
