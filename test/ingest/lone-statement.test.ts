@@ -1,5 +1,5 @@
-// A request alone in its group is written by its own statement (single-node.ts loneHead), leaner than the
-// group's. The rule: for any one request, the two statements answer alike and leave the same rows (the
+// A request alone in its group, of LONE_MIN_READINGS readings or more (a batch), is written by its own
+// statement (group-statement.ts loneHead), leaner than the group's. The rule: for any one request, the two statements answer alike and leave the same rows (the
 // readings and their temperatures, the outbox rows and what names them, the queued jobs, the threshold
 // counters and crossings), or refuse alike. Drawn requests mix every case a request can be: own active,
 // inactive, foreign and unknown sensors; readings sent twice in the request or already stored; billable,
@@ -13,11 +13,11 @@ import { createThreshold } from '../../src/alerts/threshold-admin.js';
 import type { Context } from '../../src/context.js';
 import { sqlState } from '../../src/db/errors.js';
 import type { DB } from '../../src/db/schema.js';
-import type { StatementShape } from '../../src/ingest/group-statement.js';
+import { LONE_MIN_READINGS, type StatementShape } from '../../src/ingest/group-statement.js';
 import { REGROUP_STATE } from '../../src/ingest/queued-in-statement.js';
 import type { GroupRequest } from '../../src/ingest/readings.js';
 import { storeGroup, storeGroupAtOnce } from '../../src/ingest/single-node.js';
-import { openTestContext } from '../support/database.js';
+import { openTestContext, recordingDb } from '../support/database.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
 import { seededRandom } from '../support/random.js';
 
@@ -166,7 +166,7 @@ describe("a request alone: its own statement against the group's", () => {
       const kinds = new Set<string>();
       for (let i = 0; i < 60; i++) {
         const request = drawRequest(rng);
-        const lone = await rolledBack((trx) => written(trx, request, 'auto', form));
+        const lone = await rolledBack((trx) => written(trx, request, 'lone', form));
         const group = await rolledBack((trx) => written(trx, request, 'group', form));
         expect(lone, `seed ${rng.seed}, request ${i}: ${JSON.stringify(request)}`).toEqual(group);
         kinds.add(
@@ -183,4 +183,46 @@ describe("a request alone: its own statement against the group's", () => {
       );
     });
   }
+});
+
+describe('which statement a group gets', () => {
+  /** Whether the statement that wrote `requests` (in a rolled-back transaction) was the lone one. */
+  const lone = async (requests: GroupRequest[]) => {
+    const recording = recordingDb(ctx.pool);
+    const rollback = new Error('rolled back');
+    await recording.db
+      .transaction()
+      .execute(async (trx) => {
+        await storeGroupAtOnce(trx, requests, now);
+        throw rollback;
+      })
+      .catch((err: unknown) => {
+        if (err !== rollback) throw err;
+      });
+    const statement = recording.statements.find((text) => text.includes('INSERT INTO temperature_readings'));
+    expect(statement).toBeDefined();
+    return statement!.includes('WITH p AS');
+  };
+  const readings = (o: Org, n: number) =>
+    Array.from({ length: n }, (_, i) => reading(o.active[i % 3]!, i + 1, 1, now));
+
+  it("writes a request alone of LONE_MIN_READINGS or more with the lone statement, anything else with the group's", async () => {
+    // Organizations without thresholds: nothing here crosses one (which would refuse the statement).
+    const [, a, b] = orgs as [Org, Org, Org];
+    expect(await lone([{ organizationId: a.organizationId, readings: readings(a, 500) }])).toBe(true);
+    expect(await lone([{ organizationId: a.organizationId, readings: readings(a, LONE_MIN_READINGS) }])).toBe(
+      true,
+    );
+    expect(
+      await lone([{ organizationId: a.organizationId, readings: readings(a, LONE_MIN_READINGS - 1) }]),
+    ).toBe(false);
+    expect(await lone([{ organizationId: a.organizationId, readings: readings(a, 1) }])).toBe(false);
+    // Two requests, however many readings: the group's.
+    expect(
+      await lone([
+        { organizationId: a.organizationId, readings: readings(a, 300) },
+        { organizationId: b.organizationId, readings: readings(b, 200) },
+      ]),
+    ).toBe(false);
+  });
 });

@@ -23,11 +23,8 @@ async function orgsWithSensor(ctx: Context, n: number): Promise<Org[]> {
 }
 
 interface Prepared {
-  /**
-   * group: ingestion's group statement; lone: its statement for a request alone (single-node.ts
-   * loneHead); jobs: pg-boss's insert of the delivery jobs.
-   */
-  what: 'group' | 'lone' | 'jobs' | 'other';
+  /** group: ingestion's group statement; jobs: pg-boss's insert of the delivery jobs. */
+  what: 'group' | 'jobs' | 'other';
   generic: number;
   custom: number;
 }
@@ -55,8 +52,7 @@ async function writeGroups(ctx: Context, sizes: readonly number[]): Promise<Prep
     }
     return (
       await sql<Prepared>`
-        SELECT CASE WHEN statement LIKE '%meterbox:prepared%WITH p AS%' THEN 'lone'
-                    WHEN statement LIKE '%meterbox:prepared%' THEN 'group'
+        SELECT CASE WHEN statement LIKE '%meterbox:prepared%' THEN 'group'
                     WHEN statement LIKE '%json_to_recordset%' THEN 'jobs' ELSE 'other' END AS what,
                generic_plans::int AS generic, custom_plans::int AS custom
           FROM pg_prepared_statements WHERE name LIKE 'mb\\_%' AND from_sql = false
@@ -77,17 +73,14 @@ describe('the group statement as a prepared statement', () => {
   });
 
   it('is parsed once per connection and run from its kept plan for groups of any size', async () => {
-    const sizes = [1, 3, 7, 2, 5, 1, 4, 6, 2, 8, 1, 1, 1, 1, 1, 1];
+    const sizes = [1, 3, 7, 2, 5, 1, 4, 6, 2, 8];
     const prepared = await writeGroups(ctx, sizes);
-    // One statement for every group size, run once a group, and one for a request alone; and pg-boss's
-    // insert of the new keys' jobs.
-    expect(prepared.map((p) => p.what)).toEqual(['group', 'jobs', 'lone']);
-    const [group, jobs, lone] = prepared as [Prepared, Prepared, Prepared];
-    expect(group.generic + group.custom).toBe(sizes.filter((n) => n > 1).length);
-    expect(lone.generic + lone.custom).toBe(sizes.filter((n) => n === 1).length);
+    // One statement for every group size, run once a group; and pg-boss's insert of the new keys' jobs.
+    expect(prepared.map((p) => p.what)).toEqual(['group', 'jobs']);
+    const [group, jobs] = prepared as [Prepared, Prepared];
+    expect(group.generic + group.custom).toBe(sizes.length);
     // After Postgres' first custom plans it keeps the generic one: no planning per group.
     expect(group.generic).toBeGreaterThan(0);
-    expect(lone.generic).toBeGreaterThan(0);
     expect(jobs.generic + jobs.custom).toBeGreaterThan(1);
   });
 });
