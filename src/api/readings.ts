@@ -145,7 +145,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
         'meterbox.readings.ingest',
         {
           kind: activeSpan() ? SpanKind.INTERNAL : SpanKind.SERVER,
-          headers: c.req.header(),
+          headers: { get: (name) => c.req.header(name), names: () => Object.keys(c.req.header()) },
           attributes: { 'meterbox.organization_id': c.get('organizationId') },
         },
         (span) => ingest(c, traceparentOf(span)),

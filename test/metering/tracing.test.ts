@@ -3,7 +3,13 @@
 // it are one trace, carried through the outbox row's traceparent (migrations/0051); a call that
 // coalesces several requests links them all. Without a provider nothing is stored.
 import { randomUUID } from 'node:crypto';
-import { trace } from '@opentelemetry/api';
+import {
+  type Context,
+  propagation,
+  type TextMapGetter,
+  type TextMapPropagator,
+  trace,
+} from '@opentelemetry/api';
 import {
   BasicTracerProvider,
   InMemorySpanExporter,
@@ -16,6 +22,7 @@ import { callsPerSecond, createSlotDispenser } from '../../src/metering/budget.j
 import { sqlStores } from '../../src/metering/store.js';
 import { createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createV1Transport } from '../../src/metering/transport.js';
+import { spanContextOf } from '../../src/observability/tracing.js';
 import { authHeaders, createSensors } from '../support/fixtures.js';
 import { stripeTest, type TestApp } from '../support/test.js';
 
@@ -24,7 +31,22 @@ const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProces
 
 afterAll(() => {
   trace.disable();
+  propagation.disable();
 });
+
+/**
+ * An operator's propagator, reduced to W3C trace context's read: the incoming traceparent, asked for by
+ * name through the getter inSpan hands it (the request's headers are read lazily, one by name).
+ */
+const traceparentReader: TextMapPropagator = {
+  inject: () => undefined,
+  extract: (ctx: Context, carrier: unknown, getter: TextMapGetter) => {
+    const value = getter.get(carrier, 'traceparent');
+    const sc = spanContextOf(Array.isArray(value) ? value[0] : value);
+    return sc ? trace.setSpanContext(ctx, sc) : ctx;
+  },
+  fields: () => ['traceparent'],
+};
 
 const it = stripeTest({ env: { DELIVERY_MIN_INTERVAL_MS: '0' } }).extend(
   'deliver',
@@ -107,6 +129,25 @@ describe('tracing a reading from the request to the destination call', () => {
     expect(call.links.map((l) => l.context.spanId)).toEqual([first!.spanId, second!.spanId]);
     expect(call.attributes).toMatchObject({ 'meterbox.events': 1, 'meterbox.value': 2 });
     expect(spansNamed('meterbox.delivery.batch')).toHaveLength(1);
+  });
+
+  it("continues an incoming request's trace: the request span is a child of the traceparent it was sent", async ({
+    ctx,
+    app,
+    org,
+  }) => {
+    trace.disable();
+    expect(trace.setGlobalTracerProvider(provider)).toBe(true);
+    expect(propagation.setGlobalPropagator(traceparentReader)).toBe(true);
+    exporter.reset();
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const traceId = randomUUID().replaceAll('-', '');
+    const parentId = traceId.slice(0, 16);
+    await ingest(app, org.apiKey, sensor!, { traceparent: `00-${traceId}-${parentId}-01` });
+    const [span] = spansNamed('meterbox.readings.ingest');
+    expect(span?.spanContext().traceId).toBe(traceId);
+    expect(span?.parentSpanContext?.spanId).toBe(parentId);
+    propagation.disable();
   });
 
   it('stores no trace context and records nothing without a tracer provider', async ({
