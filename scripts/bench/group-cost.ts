@@ -42,7 +42,7 @@ const BATCH = 500;
 const QUEUED_ORGS = 10_000;
 
 // 'API group statement': the API's writer with the group's statement, as before a request alone had its own
-// (single-node.ts loneHead): the two side by side in one run.
+// (group-statement.ts loneHead): the two side by side in one run.
 type BatchSide = 'API statement' | 'API group statement' | 'raw, text arrays' | 'raw, binary arrays';
 type Shape =
   | { kind: 'raw' }
