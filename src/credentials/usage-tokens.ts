@@ -2,7 +2,7 @@
 // to hand to their customer's app (migrations/0050). They expire (a default and a configured maximum
 // lifetime) and can be revoked; only a SHA-256 of the whole token and a display prefix are stored.
 // Checked with one indexed read per request and no cache: a revocation or an expiry holds at once.
-import { createHash, randomBytes } from 'node:crypto';
+import { hash, randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { DB } from '../db/schema.js';
 
@@ -23,7 +23,7 @@ export interface UsageTokenView {
 }
 
 export function hashUsageToken(token: string): string {
-  return createHash('sha256').update(token).digest('hex');
+  return hash('sha256', token, 'hex');
 }
 
 /** Cheap syntactic check so garbage never costs a database round trip. */
