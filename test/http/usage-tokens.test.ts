@@ -2,7 +2,7 @@
 // lists and revokes them (admin API and CLI); a token reads GET /v1/usage of its own organization only,
 // nothing else, until it expires or is revoked; the route's rate limit per credential; and the
 // windowed numbers after a delivery and a correction.
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { describe, expect, vi } from 'vitest';
 import { usageTokenCommands } from '../../src/admin/usage-tokens-cli.js';
 import { deliverBatch } from '../../src/metering/batch.js';
@@ -147,6 +147,8 @@ describe('usage tokens', () => {
       .execute();
     expect(stored).toHaveLength(1);
     expect(JSON.stringify(stored)).not.toContain(token);
+    // As SHA-256 in hex, the form of every token already stored (computed here independently).
+    expect(stored[0]!.token_hash).toBe(createHash('sha256').update(token).digest('hex'));
 
     const own = await get(app, token, '?window=day');
     expect(own.status).toBe(200);
