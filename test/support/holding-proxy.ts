@@ -115,12 +115,25 @@ export async function holdingProxy(upstream: string, tracker: ReturnType<typeof 
       end(by);
       end = () => {};
     };
+    /** This connection's acts among the held ones (its order is kept: a close after its answers). */
+    let queued = 0;
     const toClient = (act: () => void) => {
       if (abandoned) return;
-      if (holding) held.push(act);
-      else act();
+      if (holding) {
+        queued++;
+        held.push(() => {
+          queued--;
+          act();
+        });
+      } else act();
     };
     client.on('data', (chunk: Buffer) => {
+      // A request written after the destination closed this connection (the worker had not read the
+      // close yet) never reaches it: the peer's reset, as a closed socket answers a write. Not a call.
+      if (up.destroyed) {
+        client.resetAndDestroy();
+        return;
+      }
       if (!waiting) {
         awaiting++;
         waiting = true;
@@ -154,6 +167,8 @@ export async function holdingProxy(upstream: string, tracker: ReturnType<typeof 
     up.on('close', () => {
       clearTimeout(abandonTimer);
       answered('upstream closed');
+      // The pipe stopped with it (and paused the client): keep reading, to see a later write.
+      client.resume();
     });
     up.on('data', (chunk: Buffer) => {
       if (waiting && current) current.status = /^HTTP\/1\.1 (\d+)/.exec(chunk.toString('latin1'))?.[1] ?? '?';
@@ -161,7 +176,17 @@ export async function holdingProxy(upstream: string, tracker: ReturnType<typeof 
       if (abandoned) up.destroy();
       else toClient(() => client.write(chunk));
     });
-    up.on('end', () => toClient(() => client.end()));
+    // The destination's close of a connection that owes no answer (idle, as a keep-alive connection
+    // the emulator let go while the worker was frozen) reaches the worker at once, as it would reach a
+    // frozen process's kernel: held, it would leave the worker a dead connection that looks alive for a
+    // second after it wakes, on which its next call waits until the release, losing the time its one
+    // resend of a closed connection needs (src/billing/stripe-http.ts). A close that ends a call in
+    // flight, or follows held answers, is held in order with them.
+    up.on('end', () => {
+      if (!waiting && queued === 0) {
+        if (!abandoned) client.end();
+      } else toClient(() => client.end());
+    });
     up.on('error', () => client.destroy());
     client.on('error', () => undefined);
     // A client that gives up on a call (its timeout) does not stop the destination working on it: the
