@@ -85,6 +85,7 @@ import {
   startCluster,
   startProcess,
 } from './harness.js';
+import { LeanHttpClient } from './lean-http.js';
 import { sampleWaits } from './waits.js';
 import { readyWal, type WalSettings, walBytesBetween, walPosition, walSettingsOf } from './wal.js';
 
@@ -192,6 +193,9 @@ const { values: args } = parseArgs({
     // One more side in the same slices: the first API with every request carrying a fresh Idempotency-Key
     // (a keyed request is written alone, in a transaction of its own with its stored answer: not grouped).
     'ratio-keyed': { type: 'boolean', default: false },
+    // One more side: the first API driven through node:http's client instead of the lean one
+    // (lean-http.ts), in the same slices: what the load generator's own CPU does to the ratio.
+    'ratio-node-http': { type: 'boolean', default: false },
     // One more side: the API on a second population of organizations (half of the 10,000), each sent one
     // reading before the slices so its delivery key has a job queued (no worker drains them here): that
     // side's statements queue none.
@@ -1026,10 +1030,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     cleanup.push(() => api.proc.stop());
     const singleClients = Number(args['ratio-clients']);
     const rawClients = Number(args['ratio-raw-connections'] ?? singleClients);
-    const http = new HttpClient(api.url, Math.max(singleClients, 8));
+    // The measured sides send through a lean client (lean-http.ts), as wrk does; node:http's client
+    // reads /metrics, queues the second population's keys and, with --ratio-node-http, is measured too.
+    const nodeHttp = new HttpClient(api.url, Math.max(singleClients, 8));
+    cleanup.push(() => nodeHttp.close());
+    const http = new LeanHttpClient(api.url, Math.max(singleClients, 8));
     cleanup.push(() => http.close());
     // The committer's other flush rule, same settings otherwise (--ratio-compare-flush).
-    let windowHttp: HttpClient | undefined;
+    let windowHttp: LeanHttpClient | undefined;
     // The second API's process id: its CPU is sampled in the snapshots' worker slot.
     let comparePid = -1;
     const compareEnv = args['ratio-compare']
@@ -1060,7 +1068,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       );
       cleanup.push(() => windowApi.proc.stop());
       comparePid = windowApi.proc.pid;
-      windowHttp = new HttpClient(windowApi.url, Math.max(singleClients, 8));
+      windowHttp = new LeanHttpClient(windowApi.url, Math.max(singleClients, 8));
       cleanup.push(() => windowHttp?.close());
     }
     const raw = new pg.Pool({ connectionString: url, max: Math.max(rawClients, 4) });
@@ -1081,7 +1089,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       return { ok: true, units: 1 };
     };
     const apiOp =
-      (size: number, client = http, keyed = false, from = orgs): Op =>
+      (size: number, client: Pick<HttpClient, 'postJson'> = http, keyed = false, from = orgs): Op =>
       async () => {
         const org = from[random.int(from.length)]!;
         const res = await client.postJson(
@@ -1230,6 +1238,9 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ...(queuedOrgs.length
         ? [{ label: 'API, every key queued', op: apiOp(size, http, false, queuedOrgs), clients }]
         : []),
+      ...(args['ratio-node-http']
+        ? [{ label: 'API, node:http client', op: apiOp(size, nodeHttp), clients }]
+        : []),
     ];
     if (queuedOrgs.length) {
       let next = 0;
@@ -1237,7 +1248,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
         Array.from({ length: 16 }, async () => {
           while (next < queuedOrgs.length) {
             const org = queuedOrgs[next++]!;
-            const res = await http.postJson(
+            const res = await nodeHttp.postJson(
               '/v1/readings',
               JSON.stringify({ readings: source.batch(org, 1) }),
               org.apiKey,
@@ -1268,7 +1279,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     // that needed more than its one statement (`regrouped`) was written twice. And where its requests
     // found their API keys (meterbox_api_key_lookups_total): `database` past the first use of each key
     // means more keys in use than the process keeps (API_KEY_CACHE_MAX_KEYS).
-    const metricsText = (await http.send('GET', '/metrics', undefined, {})).body;
+    const metricsText = (await nodeHttp.send('GET', '/metrics', undefined, {})).body;
     const counted = (name: string, label: string) =>
       Object.fromEntries(
         [...metricsText.matchAll(new RegExp(`^${name}\\{${label}="(\\w+)"\\} (\\d+)`, 'gm'))].map((m) => [
@@ -1282,6 +1293,7 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     log(`  API keys found: ${JSON.stringify(apiKeyLookups)} (${organizations} organizations' keys in use)`);
     // The API's profile over both comparisons (single readings, then batches), with --api-cpu-prof.
     http.close();
+    nodeHttp.close();
     await api.proc.stop();
     const apiProfile = args['api-cpu-prof'] ? latestProfile(profDir, profilesBefore) : null;
     if (apiProfile) {
