@@ -42,11 +42,8 @@ function readHead(buf: Buffer, end: number): Head {
   return { status, bodyStart: end + 4, contentLength, chunked, close };
 }
 
-/**
- * The body of a chunked answer when `buf` holds all of it (from `start`), and where the answer ends;
- * undefined while more is to come.
- */
-function readChunked(buf: Buffer, start: number): { body: Buffer; end: number } | undefined {
+/** The body of a chunked answer when `buf` holds all of it (from `start`); undefined while more is to come. */
+function readChunked(buf: Buffer, start: number): Buffer | undefined {
   const parts: Buffer[] = [];
   let at = start;
   for (;;) {
@@ -58,7 +55,7 @@ function readChunked(buf: Buffer, start: number): { body: Buffer; end: number } 
       // Trailers (none expected) end with an empty line.
       const trailerEnd = buf.indexOf(CRLF, lineEnd + 2);
       if (trailerEnd < 0) return undefined;
-      return { body: Buffer.concat(parts), end: trailerEnd + 2 };
+      return Buffer.concat(parts);
     }
     if (buf.length < lineEnd + 2 + size + 2) return undefined;
     parts.push(buf.subarray(lineEnd + 2, lineEnd + 2 + size));
@@ -110,7 +107,7 @@ class Connection {
       if (head.chunked) {
         const read = readChunked(this.buf, head.bodyStart);
         if (!read) return;
-        body = read.body;
+        body = read;
       } else {
         const length = head.contentLength ?? 0;
         if (this.buf.length < head.bodyStart + length) return;
