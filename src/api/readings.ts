@@ -179,7 +179,8 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
     };
 
     // A well-formed batch skips zod; anything else gets zod's verdict and its error details.
-    let readings = parseReadingsFast(body, schemaOptions)?.readings;
+    const fast = parseReadingsFast(body, schemaOptions);
+    let readings = fast?.readings;
     if (!readings) {
       const parsed = schema.safeParse(body);
       if (!parsed.success) {
@@ -189,7 +190,7 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       }
       readings = parsed.data.readings;
     }
-    const request = { organizationId, readings, traceparent };
+    const request = { organizationId, readings, traceparent, wire: fast?.wire };
     if (groups && !answer) return answered(c, await groups.submit(request));
     // A keyed request (or no group commit). Its answer is stored with its readings by its group (which
     // looks the key up itself: a live answer stores nothing of the request): on one node the group's

@@ -2,7 +2,7 @@
 // storeShardGroup on Citus): what a group of requests is, and how what their statements found becomes each
 // request's answer. The contract itself, as cases both writers pass: test/ingest/contract.ts.
 import { type RawBuilder, sql } from 'kysely';
-import { float8Array, timestamptzArray, uuidArray } from '../db/binary-arrays.js';
+import { concatArrays, ELEMENT, float8Array, timestamptzArray, uuidArray } from '../db/binary-arrays.js';
 import { BILLABLE_STATUSES, type Destination } from '../db/schema.js';
 import {
   billableAt,
@@ -14,7 +14,7 @@ import {
 } from '../metering/destinations.js';
 import { type KeyRef, keyRef } from '../metering/rules/keys.js';
 import type { KeyedAnswer } from './idempotency.js';
-import { commonInstantMs, type Reading, type ReadingsResult } from './schemas.js';
+import { commonInstantMs, type Reading, type ReadingsResult, type ReadingsWire } from './schemas.js';
 
 export interface SensorProblem {
   index: number;
@@ -36,6 +36,11 @@ export interface GroupRequest {
    * A writer that cannot store it leaves the request unwritten.
    */
   answer?: KeyedAnswer;
+  /**
+   * The readings' columns as the group statement sends them, encoded while they were validated
+   * (parseReadingsFast); absent when the body took the schema's way, and readingArrays encodes them then.
+   */
+  wire?: ReadingsWire;
 }
 
 export type KeyedRequests = ReturnType<typeof keyedRequests>;
@@ -108,45 +113,80 @@ const PLAIN_ELEMENT = /^[0-9A-Za-z:.+-]+$/;
  * array format (db/binary-arrays.ts) when every value of the column has an exact one (canonical ids,
  * instants in toISOString's form, finite numbers: what the fast parse accepts), else as array literals
  * (text parameters cast to arrays by the statement) built in one pass without node-postgres's
- * per-element quoting and escaping. For a batch of 500 readings the literals' parsing was most of what
- * the statement paid beyond a plain insert, and the quoting and 500 copies of the organization id the
- * API's largest cost after JSON (docs/benchmarks.md). `starts[i]` is the ordinal (from 1) of request
- * i's first reading: a reading's request is `width_bucket(ordinal, starts) - 1`, its organization
- * `orgs[request + 1]`.
+ * per-element quoting and escaping. A request whose readings the fast parse read brings its columns
+ * encoded (`wire`): the group's arrays are then their elements joined. For a batch of 500 readings the
+ * literals' parsing was most of what the statement paid beyond a plain insert, and the quoting and 500
+ * copies of the organization id the API's largest cost after JSON (docs/benchmarks.md). `starts[i]` is
+ * the ordinal (from 1) of request i's first reading: a reading's request is
+ * `width_bucket(ordinal, starts) - 1`, its organization `orgs[request + 1]`.
  */
 export function readingArrays(requests: readonly GroupRequest[]) {
-  const sensors: string[] = [];
-  const instants: number[] = [];
-  const temperatures: number[] = [];
   let orgs = '';
   let starts = '';
   const offsets: number[] = [];
+  let n = 0;
   for (const r of requests) {
-    offsets.push(sensors.length);
+    offsets.push(n);
     orgs += (orgs === '' ? '' : ',') + arrayElement(r.organizationId);
-    starts += (starts === '' ? '' : ',') + String(sensors.length + 1);
-    for (const reading of r.readings) {
-      sensors.push(reading.sensorId);
-      instants.push(commonInstantMs(reading.recordedAt));
-      temperatures.push(reading.temperatureC);
-    }
+    starts += (starts === '' ? '' : ',') + String(n + 1);
+    n += r.readings.length;
   }
-  const literal = (values: readonly (string | number)[]) => {
-    let text = '';
-    for (let k = 0; k < values.length; k++) text += (k === 0 ? '' : ',') + arrayElement(String(values[k]));
-    return `{${text}}`;
-  };
   return {
     starts: `{${starts}}`,
     orgs: `{${orgs}}`,
-    sensor: uuidArray(sensors) ?? literal(sensors),
-    recordedAt:
-      timestamptzArray(instants) ??
-      literal(requests.flatMap((r) => r.readings.map((reading) => reading.recordedAt))),
-    temperature: float8Array(temperatures) ?? literal(temperatures),
+    sensor: column(
+      requests,
+      'sensor',
+      (rs) => uuidArray(rs.map((x) => x.sensorId)),
+      (x) => x.sensorId,
+    ),
+    recordedAt: column(
+      requests,
+      'recordedAt',
+      (rs) => timestamptzArray(rs.map((x) => commonInstantMs(x.recordedAt))),
+      (x) => x.recordedAt,
+    ),
+    temperature: column(
+      requests,
+      'temperature',
+      (rs) => float8Array(rs.map((x) => x.temperatureC)),
+      (x) => String(x.temperatureC),
+    ),
     offsets,
   };
 }
+
+/**
+ * One column of the group's readings: each request's part (its `wire`, else encoded here) joined, or
+ * the whole column as an array literal when one part has no exact binary form.
+ */
+function column(
+  requests: readonly GroupRequest[],
+  name: keyof ReadingsWire,
+  encode: (readings: readonly Reading[]) => Buffer | undefined,
+  text: (reading: Reading) => string,
+): Buffer | string {
+  const parts: Buffer[] = [];
+  for (const r of requests) {
+    const part = r.wire?.[name] ?? encode(r.readings);
+    if (part === undefined) {
+      let literal = '';
+      for (const q of requests) {
+        for (const reading of q.readings)
+          literal += (literal === '' ? '' : ',') + arrayElement(text(reading));
+      }
+      return `{${literal}}`;
+    }
+    parts.push(part);
+  }
+  return concatArrays(COLUMN_ELEMENT[name], parts);
+}
+
+const COLUMN_ELEMENT = {
+  sensor: ELEMENT.uuid,
+  recordedAt: ELEMENT.timestamptz,
+  temperature: ELEMENT.float8,
+} as const;
 
 /** Either the batch was stored (and billed), or it was refused because of its sensors. */
 export type StoreReadingsOutcome =

@@ -4,7 +4,13 @@
 // (undefined), and the caller sends text.
 import { sql } from 'kysely';
 import { describe, expect } from 'vitest';
-import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
+import {
+  concatArrays,
+  ELEMENT,
+  float8Array,
+  timestamptzArray,
+  uuidArray,
+} from '../../src/db/binary-arrays.js';
 import { seededRandom } from '../support/random.js';
 import { contextTest } from '../support/test.js';
 
@@ -55,6 +61,27 @@ describe('binary arrays', () => {
              (${float8Array([-0])}::float8[])[1]::text AS zero`.execute(ctx.db);
     // float8 equality takes -0 for 0: the text says which was stored.
     expect(rows[0]).toEqual({ ids: true, instants: true, numbers: true, zero: '0' });
+  });
+
+  it('join as one array that reads back as the literal of their elements, in order', async ({ ctx }) => {
+    const parts = [[1.5], [-0.25, 150, 3], [7]];
+    const instants = ['2026-11-30T00:00:00.000Z', '1999-12-31T23:59:59.999Z', '2026-11-30T12:34:56.789Z'];
+    const joined = concatArrays(
+      ELEMENT.float8,
+      parts.map((p) => float8Array(p)!),
+    );
+    const times = concatArrays(
+      ELEMENT.timestamptz,
+      instants.map((s) => timestamptzArray([Date.parse(s)])!),
+    );
+    const { rows } = await sql<{ numbers: boolean; times: boolean; n: number }>`
+      SELECT ${joined}::float8[] = ${literal(parts.flat())}::float8[] AS numbers,
+             ${times}::timestamptz[] = ${literal(instants)}::timestamptz[] AS times,
+             cardinality(${joined}::float8[]) AS n`.execute(ctx.db);
+    expect(rows[0]).toEqual({ numbers: true, times: true, n: 5 });
+    // One array is sent as it is.
+    const one = float8Array([2])!;
+    expect(concatArrays(ELEMENT.float8, [one])).toBe(one);
   });
 
   it('refuses what it cannot write exactly', () => {

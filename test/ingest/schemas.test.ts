@@ -60,7 +60,7 @@ describe('parseReadingsFast', () => {
     const fast = parseReadingsFast(body, options);
     const slow = schema.safeParse(body);
     expect(slow.success).toBe(true);
-    expect(fast).toEqual(slow.data);
+    expect({ readings: fast?.readings }).toEqual(slow.data);
   });
 
   it.each(refused)('leaves %s to the schema, which refuses it', (_, body) => {
@@ -79,7 +79,8 @@ describe('parseReadingsFast on ids and instants in their usual form', () => {
     const body = { readings: [reading(over)] };
     const fast = parseReadingsFast(body, farOptions);
     const slow = farSchema.safeParse(body);
-    if (fast !== undefined) expect({ over, slow: slow.data }).toEqual({ over, slow: fast });
+    if (fast !== undefined)
+      expect({ over, slow: slow.data }).toEqual({ over, slow: { readings: fast.readings } });
     else expect({ over, accepted: slow.success }).toEqual({ over, accepted: false });
   };
 
