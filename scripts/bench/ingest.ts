@@ -1326,9 +1326,11 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
 
 /**
  * What the API spends on a batch of 500 readings before the database (`--only validation`, in this
- * process, no Postgres): JSON.parse of the body, parseReadingsFast (the loop requests take), the same
- * loop as it was before it checked ids and instants itself (zod's patterns, isPgInstant, Date.parse:
- * kept here as the comparison), and the zod schema (the path of a batch the loop leaves to it).
+ * process, no Postgres): JSON.parse of the body, parseReadingsFast (the loop requests take, which also
+ * encodes the readings' columns), the statement's parameters from those columns and, as the comparison,
+ * encoded by readingArrays from the readings (what a body the schema read takes), the same loop as it was
+ * before it checked ids and instants itself (zod's patterns, isPgInstant, Date.parse), and the zod schema
+ * (the path of a batch the loop leaves to it).
  * Twelve rounds alternate the order; µs per batch, the median of the last ten.
  */
 /** node-postgres's conversion of a parameter to what it sends (its own, untyped module). */
@@ -1359,11 +1361,13 @@ function runValidation() {
     return true;
   };
   // The group statement's parameters for this batch as node-postgres sends them (its prepareValue):
-  // the arrays as one-pass literals (readingArrays), and as they were (readingColumns' arrays quoted
-  // element by element by node-postgres, the organization once per reading).
-  const group = [{ organizationId: randomUUID(), readings: parseReadingsFast(body, options)!.readings }];
-  const literals = () => {
-    const a = readingArrays(group);
+  // from the columns the parse encoded, encoded by readingArrays itself, and as they were (readingColumns'
+  // arrays quoted element by element by node-postgres, the organization once per reading).
+  const parsed = parseReadingsFast(body, options)!;
+  const group = [{ organizationId: randomUUID(), readings: parsed.readings }];
+  const encodedGroup = [{ ...group[0]!, wire: parsed.wire }];
+  const parameters = (requests: typeof group) => () => {
+    const a = readingArrays(requests);
     return [a.starts, a.orgs, a.sensor, a.recordedAt, a.temperature].map((v) => pgUtils.prepareValue(v));
   };
   const quoted = () => {
@@ -1372,8 +1376,9 @@ function runValidation() {
   };
   const variants: [string, () => unknown, number][] = [
     ['JSON.parse', () => JSON.parse(text), 200],
-    ['parseReadingsFast', () => parseReadingsFast(body, options), 200],
-    ['the statement parameters (readingArrays)', literals, 200],
+    ['parseReadingsFast (validates and encodes the columns)', () => parseReadingsFast(body, options), 200],
+    ['the statement parameters from the encoded columns', parameters(encodedGroup), 200],
+    ['the statement parameters, columns encoded by readingArrays', parameters(group), 200],
     ['the statement parameters before (pg-quoted arrays)', quoted, 200],
     ['the loop before (patterns)', patternsLoop, 200],
     ['zod schema', () => schema.safeParse(body), 20],
