@@ -134,6 +134,40 @@ export function readingArrays(requests: readonly GroupRequest[]) {
   return {
     starts: `{${starts}}`,
     orgs: `{${orgs}}`,
+    ...(requests.some((r) => r.wire) ? joinedColumns(requests) : encodedColumns(requests)),
+    offsets,
+  };
+}
+
+/** The readings' columns of requests none of which brought them encoded: binary when exact, else literals. */
+function encodedColumns(requests: readonly GroupRequest[]) {
+  const sensors: string[] = [];
+  const instants: number[] = [];
+  const temperatures: number[] = [];
+  for (const r of requests) {
+    for (const reading of r.readings) {
+      sensors.push(reading.sensorId);
+      instants.push(commonInstantMs(reading.recordedAt));
+      temperatures.push(reading.temperatureC);
+    }
+  }
+  const literal = (values: readonly (string | number)[]) => {
+    let text = '';
+    for (let k = 0; k < values.length; k++) text += (k === 0 ? '' : ',') + arrayElement(String(values[k]));
+    return `{${text}}`;
+  };
+  return {
+    sensor: uuidArray(sensors) ?? literal(sensors),
+    recordedAt:
+      timestamptzArray(instants) ??
+      literal(requests.flatMap((r) => r.readings.map((reading) => reading.recordedAt))),
+    temperature: float8Array(temperatures) ?? literal(temperatures),
+  };
+}
+
+/** The columns of a group where some requests brought theirs encoded: each request's part, joined. */
+function joinedColumns(requests: readonly GroupRequest[]) {
+  return {
     sensor: column(
       requests,
       'sensor',
@@ -152,7 +186,6 @@ export function readingArrays(requests: readonly GroupRequest[]) {
       (rs) => float8Array(rs.map((x) => x.temperatureC)),
       (x) => String(x.temperatureC),
     ),
-    offsets,
   };
 }
 

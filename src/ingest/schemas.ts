@@ -74,6 +74,22 @@ export function readingsRequestSchema(options: {
 const UUID_PATTERN = z.regexes.uuid();
 const INSTANT_PATTERN = z.regexes.datetime({ offset: true });
 
+/** A hex digit's char code (0-9, a-f, A-F). */
+function isHex(c: number): boolean {
+  return (c >= 48 && c <= 57) || (c >= 97 && c <= 102) || (c >= 65 && c <= 70);
+}
+
+/** 8-4-4-4-12 hex digits (a 36-character id), as writeUuidElement reads them, without writing them. */
+function isHexUuid(s: string): boolean {
+  for (let i = 0; i < 36; i++) {
+    const c = s.charCodeAt(i);
+    if (i === 8 || i === 13 || i === 18 || i === 23) {
+      if (c !== 45) return false;
+    } else if (!isHex(c)) return false;
+  }
+  return true;
+}
+
 /**
  * UUID_PATTERN's common case once the id is known to be 8-4-4-4-12 hex digits (writeUuidElement read it):
  * a version 1-8 and a variant 8, 9, a or b. False is not a refusal: the caller asks the pattern then.
@@ -154,6 +170,10 @@ export function commonInstantMs(s: string): number {
  */
 const lastDay = { key: -1, ms: 0 };
 
+/** The fewest readings a request's fast parse encodes (its `wire`); fewer are encoded with their group's. */
+export const WIRE_MIN_READINGS = 16;
+const NO_COLUMN = Buffer.alloc(0);
+
 /**
  * A request's readings as the group statement sends them (db/binary-arrays.ts), encoded while they were
  * validated (parseReadingsFast), so that their ids and instants are read once.
@@ -165,16 +185,14 @@ export interface ReadingsWire {
 }
 
 /**
- * readingsRequestSchema's common case in a plain loop: a well-formed batch, returned as zod would
- * return it (the three fields of each reading, nothing else), with its columns encoded as the group
- * statement sends them (`wire`; absent when an instant is not in toISOString's form, whose binary form
- * readingArrays then decides). zod took 1.9 ms of the API's CPU per batch of 500 (3.9 us a reading,
- * against 0.6 us for JSON.parse). Anything this does not accept is left to the schema (undefined), which
- * then gives the answer and every error detail: this accepts only what the schema accepts
- * (test/ingest/schemas.test.ts and readings-wire.test.ts compare the two). Ids and instants in their
- * usual form (toISOString's) are checked by plain code, as they are encoded, rather than by zod's
- * patterns, Date.parse and isPgInstant, which cost most of the loop; any other form goes through those
- * as before.
+ * readingsRequestSchema's common case in a plain loop: a well-formed batch, returned as zod would return
+ * it (each reading's three fields, nothing else), its columns encoded as the group statement sends them
+ * (`wire`; absent for fewer than WIRE_MIN_READINGS readings or an instant not in toISOString's form:
+ * readingArrays encodes those). zod took 1.9 ms of the API's CPU per batch of 500 (3.9 us a reading).
+ * Anything this does not accept is left to the schema (undefined), which then gives the answer and every
+ * error detail: this accepts only what the schema accepts (test/ingest/schemas.test.ts and
+ * readings-wire.test.ts compare the two). Ids and instants in toISOString's form are checked by plain
+ * code as they are encoded, not by zod's patterns, Date.parse and isPgInstant; any other form by those.
  */
 export function parseReadingsFast(
   body: unknown,
@@ -190,17 +208,21 @@ export function parseReadingsFast(
       ? Number.NEGATIVE_INFINITY
       : nowMs - options.retentionDays * 86_400_000;
   const n = list.length;
-  const sensor = Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 20);
-  const recordedAtColumn = Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 12);
-  const temperature = Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 12);
-  let exact = true;
+  // A few readings are encoded with their group's (readingArrays): three buffers a request would cost
+  // more than the second read of their ids and instants saves.
+  let exact = n >= WIRE_MIN_READINGS;
+  const sensor = exact ? Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 20) : NO_COLUMN;
+  const recordedAtColumn = exact ? Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 12) : NO_COLUMN;
+  const temperature = exact ? Buffer.allocUnsafe(ARRAY_HEADER_BYTES + n * 12) : NO_COLUMN;
   const readings: Reading[] = new Array(n);
   for (let i = 0; i < n; i++) {
     const item: unknown = list[i];
     if (typeof item !== 'object' || item === null || Array.isArray(item)) return undefined;
     const { sensorId, recordedAt, temperatureC } = item as Record<string, unknown>;
     if (typeof sensorId !== 'string') return undefined;
-    const hex = sensorId.length === 36 && writeUuidElement(sensor, ARRAY_HEADER_BYTES + i * 20, sensorId, 0);
+    const hex =
+      sensorId.length === 36 &&
+      (exact ? writeUuidElement(sensor, ARRAY_HEADER_BYTES + i * 20, sensorId, 0) : isHexUuid(sensorId));
     if (!(hex && isVersioned(sensorId)) && !UUID_PATTERN.test(sensorId)) return undefined;
     // The pattern's other ids (nil, max) are in the hex form too; anything else is sent as text.
     exact &&= hex;
@@ -220,7 +242,7 @@ export function parseReadingsFast(
       temperatureC > TEMPERATURE_MAX_C
     )
       return undefined;
-    writeFloat8Element(temperature, ARRAY_HEADER_BYTES + i * 12, temperatureC);
+    if (exact) writeFloat8Element(temperature, ARRAY_HEADER_BYTES + i * 12, temperatureC);
     readings[i] = { sensorId, recordedAt, temperatureC };
   }
   if (!exact) return { readings, wire: undefined };

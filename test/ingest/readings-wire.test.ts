@@ -6,11 +6,16 @@
 // the common form is always read that way.
 import { describe, expect, it } from 'vitest';
 import { type GroupRequest, readingArrays } from '../../src/ingest/readings.js';
-import { parseReadingsFast, type Reading, readingsRequestSchema } from '../../src/ingest/schemas.js';
+import {
+  parseReadingsFast,
+  type Reading,
+  readingsRequestSchema,
+  WIRE_MIN_READINGS,
+} from '../../src/ingest/schemas.js';
 import { seededRandom } from '../support/random.js';
 
 const now = new Date('2026-11-21T10:00:00Z');
-const options = { maxBatch: 3, now: () => now, retentionDays: 400 };
+const options = { maxBatch: 20, now: () => now, retentionDays: 400 };
 const schema = readingsRequestSchema(options);
 const random = seededRandom();
 const pick = <T>(items: readonly T[]): T => items[random.int(items.length)] as T;
@@ -50,12 +55,14 @@ const hex = (n: number, digits = '0123456789abcdef') =>
 const space = () => pick(['', '', '', ' ', '\n', '\t', '\r\n  ', '  ']);
 /** Whitespace JSON does not allow (JSON.parse refuses it), now and then. */
 const anySpace = (clean: boolean) =>
-  !clean && random.int(40) === 0 ? pick(['\u00a0', '\v', '\f']) : space();
+  offForm(clean) && random.int(4) === 0 ? pick(['\u00a0', '\v', '\f']) : space();
 /**
- * Whether a drawn body's part is drawn off the common form: a part in ten, so that about a third of
- * the bodies are in the common form whole and the rest off it in one or two places.
+ * Whether a drawn body's part is drawn off the common form: about one part in as many as the body has,
+ * so that about a third of the bodies are in the common form whole and the rest off it in a place or two.
  */
-const offForm = (clean: boolean) => !clean && random.int(10) === 0;
+const offForm = (clean: boolean) => !clean && random.int(offFormOneIn) === 0;
+/** One part in how many of the body being drawn is off form (bodyText sets it by the body's length). */
+let offFormOneIn = 10;
 
 function sensorText(clean: boolean): string {
   const digits = pick(['0123456789abcdef', '0123456789ABCDEF', '0123456789abcdefABCDEF']);
@@ -139,8 +146,15 @@ function readingText(clean: boolean): string {
   return `{${body}}`;
 }
 
-function bodyText(clean: boolean): string {
-  const count = offForm(clean) ? pick([0, 4]) : 1 + random.int(3);
+function bodyText(clean: boolean, size: 'long' | 'short' | 'either' = 'either'): string {
+  // A few readings (encoded with their group's) or a batch (encoded by the parse: WIRE_MIN_READINGS).
+  const long = size === 'either' ? random.int(2) === 0 : size === 'long';
+  offFormOneIn = long ? 6 * WIRE_MIN_READINGS : 16;
+  const count = offForm(clean)
+    ? pick([0, options.maxBatch + 1])
+    : long
+      ? WIRE_MIN_READINGS + random.int(options.maxBatch - WIRE_MIN_READINGS + 1)
+      : 1 + random.int(3);
   const readings = Array.from(
     { length: count },
     () => `${anySpace(clean)}${readingText(clean)}${anySpace(clean)}`,
@@ -185,10 +199,14 @@ describe('parseReadingsFast over drawn bodies', () => {
       expect({ kind, count: count > 200 }).toEqual({ kind, count: true });
   });
 
-  it('reads and encodes every body in the common form', () => {
+  it('reads every body in the common form, and encodes a batch', () => {
     for (let k = 0; k < 2_000; k++) {
       const text = bodyText(true);
-      expect({ text, verdict: verdict(text) }).toEqual({ text, verdict: 'fast, encoded' });
+      const batch = (JSON.parse(text) as { readings: unknown[] }).readings.length >= WIRE_MIN_READINGS;
+      expect({ text, verdict: verdict(text) }).toEqual({
+        text,
+        verdict: batch ? 'fast, encoded' : 'fast, as text',
+      });
     }
   });
 
@@ -210,12 +228,14 @@ describe('parseReadingsFast over drawn bodies', () => {
 describe('readingArrays with requests the fast parse encoded', () => {
   it("joins each request's encoded columns into the parameters it would have encoded itself", () => {
     const requests: GroupRequest[] = Array.from({ length: 6 }, (_, k) => {
-      const fast = parseReadingsFast(JSON.parse(bodyText(true)), options)!;
+      const fast = parseReadingsFast(JSON.parse(bodyText(true, k === 5 ? 'short' : 'long')), options)!;
       return {
         organizationId: k % 2 === 0 ? organizationId : '1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f',
         ...fast,
       };
     });
+    // Five batches brought their columns encoded; the few readings did not.
+    expect(requests.map((r) => r.wire !== undefined)).toEqual([true, true, true, true, true, false]);
     const plain = requests.map(({ wire: _, ...r }) => r);
     expect(readingArrays(requests)).toEqual(readingArrays(plain));
     // Some requests encoded, some not (the schema's way), in one group.
