@@ -23,8 +23,8 @@
 //   the same snapshots.
 // --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
 // too, interleaved with this checkout's, on the same cluster: before and after in one run; its
-// scenarios' databases are migrated with that commit's migrations only (its schema: an index a later
-// migration drops is there).
+// scenarios' databases get that commit's migrations only (an index a later one drops is there) and
+// its job table's fillfactor (src/metering/queues.ts JOB_TABLE_FILLFACTOR).
 // Counts (statements, WAL bytes, rows per event) do not depend on the machine's load; CPU does.
 //
 // Why this file is long: one benchmark from setup to report (statements and WAL per delivered event, per
@@ -462,11 +462,11 @@ async function runScenario(
   scenario: Destination,
   workerName: string,
   workerEntry: string,
-  migrations?: ReadonlySet<string>,
+  baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean },
   batchJobs = false,
 ): Promise<Run> {
   log(`--- ${label(scenario, batchJobs)}, worker ${workerName}, ${CUSTOMERS} organizations`);
-  const url = await freshDatabase(cluster, `cost_${scenario}`, migrations);
+  const url = await freshDatabase(cluster, `cost_${scenario}`, baseline?.migrations, baseline);
   const pool = new pg.Pool({ connectionString: url, max: 4 });
   // An idle connection ended under the pool (the database dropped with FORCE after the run, an
   // autovacuum launcher's termination) is an 'error' event: unhandled, it ended the whole bench.
@@ -913,10 +913,15 @@ export async function runCostBench(): Promise<number> {
     await admin.end();
     await cluster.restart();
     const entries = await buildEntries(['src/bin/worker.ts'], buildDir);
-    const workers: { name: string; entry: string; migrations?: ReadonlySet<string> }[] = [];
+    const workers: {
+      name: string;
+      entry: string;
+      // A baseline's schema: its migrations, and whether its install sets the job table's fillfactor.
+      baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean };
+    }[] = [];
     if (args.baseline) {
       const base = await buildBaseline(args.baseline, buildDir, 'src/bin/worker.ts');
-      workers.push({ name: `before (${base.commit})`, entry: base.entry, migrations: base.migrations });
+      workers.push({ name: `before (${base.commit})`, entry: base.entry, baseline: base });
     }
     const head = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim();
     const dirty = execFileSync('git', ['-C', ROOT, 'status', '--porcelain', 'src']).toString().trim() !== '';
@@ -967,10 +972,10 @@ export async function runCostBench(): Promise<number> {
       // Alternate which worker goes first, so the machine's drift favours neither.
       const order = runs.length % 2 === 0 ? workers : [...workers].reverse();
       for (const w of order) {
-        runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.migrations));
+        runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.baseline));
         save(false);
         if (args['batch-jobs'] && w === workers[0]) {
-          runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.migrations, true));
+          runs.push(await runScenario(cluster, scenario, w.name, w.entry, w.baseline, true));
           save(false);
         }
       }

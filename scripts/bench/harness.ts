@@ -12,6 +12,7 @@ import { cpus, freemem, loadavg, totalmem } from 'node:os';
 import { basename, join } from 'node:path';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
+import { COMMON_JOB_TABLE } from 'pg-boss/dist/plans.js';
 import { loadConfig } from '../../src/config.js';
 import { generateApiKey } from '../../src/credentials/api-keys.js';
 import { float8Array, timestamptzArray, uuidArray } from '../../src/db/binary-arrays.js';
@@ -76,6 +77,7 @@ export async function freshDatabase(
   cluster: Cluster,
   prefix: string,
   migrations?: ReadonlySet<string>,
+  baseline: { jobTableFillfactor: boolean } = { jobTableFillfactor: true },
 ): Promise<string> {
   const name = `${prefix}_${randomBytes(4).toString('hex')}`;
   const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
@@ -91,10 +93,23 @@ export async function freshDatabase(
     const files = (await listMigrations()).filter((f) => migrations.has(basename(f.path)));
     await applySqlMigrations(url, createLogger('silent'), files);
     await installJobQueue(url, config, createLogger('silent'));
+    // This checkout's install sets the job table's fillfactor; a baseline from before it did not.
+    if (!baseline.jobTableFillfactor) await resetJobTableFillfactor(url);
   } else {
     await migrate(url, config, createLogger('silent'));
   }
   return url;
+}
+
+/** pg-boss's job table as installs before JOB_TABLE_FILLFACTOR (src/metering/queues.ts) left it. */
+async function resetJobTableFillfactor(url: string): Promise<void> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    await client.query(`ALTER TABLE pgboss.${COMMON_JOB_TABLE} RESET (fillfactor)`);
+  } finally {
+    await client.end();
+  }
 }
 
 export function openDatabase(url: string, max = 4): Database {
@@ -224,7 +239,7 @@ export async function buildBaseline(
   ref: string,
   outdir: string,
   entry: string,
-): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string> }> {
+): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string>; jobTableFillfactor: boolean }> {
   const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
   const migrations = new Set(
     execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'migrations/'])
@@ -233,12 +248,16 @@ export async function buildBaseline(
       .filter((f) => f.endsWith('.sql'))
       .map((f) => f.slice('migrations/'.length)),
   );
+  // Whether that commit's install sets pg-boss's job table's fillfactor (freshDatabase).
+  const jobTableFillfactor = execFileSync('git', ['-C', ROOT, 'show', `${commit}:src/metering/queues.ts`])
+    .toString()
+    .includes('JOB_TABLE_FILLFACTOR');
   const tree = mkdtempSync(join('/tmp', 'meterbox-baseline-'));
   execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
   const out = `baseline-${basename(entry, '.ts')}`;
   await bundle([{ in: entry, out }], outdir, { absWorkingDir: tree });
   rmSync(tree, { recursive: true, force: true });
-  return { entry: join(outdir, `${out}.js`), commit, migrations };
+  return { entry: join(outdir, `${out}.js`), commit, migrations, jobTableFillfactor };
 }
 
 /**

@@ -560,12 +560,12 @@ async function runScenario(
   entries: Record<string, string>,
   code = 'this checkout',
   workerEnv: Record<string, string> = {},
-  migrations?: ReadonlySet<string>,
+  baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean },
 ) {
   log(`--- ${s.id}: ${s.name} (${code}, WAL ${wal}); load average ${loadAverage().join(' ')}`);
   const loadAverageAtStart = loadAverage();
   const startedAt = new Date().toISOString();
-  const url = await freshDatabase(cluster, 'ingest', migrations);
+  const url = await freshDatabase(cluster, 'ingest', baseline?.migrations, baseline);
   const h = openDatabase(url, 8);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   let emulator: StripeEmulator | undefined;
@@ -1455,7 +1455,8 @@ export async function runIngestBench(): Promise<number> {
       code: string;
       entries: Record<string, string>;
       workerEnv?: Record<string, string>;
-      migrations?: ReadonlySet<string>;
+      // A baseline's schema: its migrations, and whether its install sets the job table's fillfactor.
+      baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean };
       wal?: WalSettings;
     }[] = [];
     const workerCompare = args['worker-compare'];
@@ -1482,7 +1483,7 @@ export async function runIngestBench(): Promise<number> {
         throw new Error(`--baseline ${server.commit}: it has migrations this checkout does not`);
       const baseline = { 'src/bin/server.ts': server.entry, 'src/bin/worker.ts': worker.entry };
       for (let i = 0; i < Number(args.pairs ?? 1); i++) {
-        runs.push({ code: `baseline ${server.commit}`, entries: baseline, migrations: server.migrations });
+        runs.push({ code: `baseline ${server.commit}`, entries: baseline, baseline: server });
         runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
       }
     } else runs.push({ code: `${head}${dirty ? '+' : ''}`, entries });
@@ -1496,7 +1497,7 @@ export async function runIngestBench(): Promise<number> {
           const own = wal === 'fresh' ? await benchCluster(join(dir, `pg-fresh-${++fresh}`)) : null;
           try {
             results.push(
-              await runScenario(s, own ?? cluster, wal, run.entries, run.code, run.workerEnv, run.migrations),
+              await runScenario(s, own ?? cluster, wal, run.entries, run.code, run.workerEnv, run.baseline),
             );
           } finally {
             await own?.stop();

@@ -2,7 +2,7 @@
 // destination's or a connected account's, is sent with, and the store whose statements it runs
 // (DeliveryStore: over Postgres and pg-boss in store.ts, over the simulation's model in scripts/sim).
 import type { Kysely } from 'kysely';
-import type { JobWithMetadata, PgBoss } from 'pg-boss';
+import type { Job, PgBoss } from 'pg-boss';
 import type { Clock, HostTimers } from '../clock.js';
 import type { Config } from '../config.js';
 import type { ReplicationGuard } from '../db/replication.js';
@@ -99,10 +99,7 @@ export interface DestinationDeps {
   catalog?: Pick<MeterCatalog, 'sendable' | 'releaseHeld'>;
 }
 
-export type DeliveryJob = Pick<
-  JobWithMetadata<QueuePayload<'meter-delivery'>>,
-  'id' | 'data' | 'retryCount' | 'retryLimit'
->;
+export type DeliveryJob = Pick<Job<QueuePayload<'meter-delivery'>>, 'id' | 'data' | 'retryCount'>;
 
 /**
  * A batch's store for one destination's keys (and a connected account's, its own health row there):

@@ -2,7 +2,7 @@
 // fetch-policy.ts) and hand each batch to the pipeline (batch.ts) with the parts delivery-parts.ts
 // builds once, the stranded-row sweep, the lease reaper (lease-reaper.ts) and shutdown. pg-boss stays the
 // engine of wake-ups, retries with backoff, dead letters and the cron.
-import type { JobWithMetadata } from 'pg-boss';
+import type { Job } from 'pg-boss';
 import { databaseResourceShortage, isPoolExhausted } from '../db/errors.js';
 import { deliverBatch } from './batch.js';
 import { batchSlots } from './batch-slots.js';
@@ -129,7 +129,7 @@ export async function startDelivery(
     fetcher.id = await ctx.boss.work(
       'meter-delivery',
       workOptions,
-      async (jobs: JobWithMetadata<QueuePayload<'meter-delivery'>>[]) => {
+      async (jobs: Job<QueuePayload<'meter-delivery'>>[]) => {
         fetcher.busy = true;
         const alive = leases.touchWhileRunning(jobs.map((j) => j.id));
         const slot = await running.take();
@@ -168,16 +168,12 @@ export async function startDelivery(
     fetcher.id = await ctx.boss.work(
       'meter-delivery-batch',
       { ...workOptions, batchSize: 1 },
-      async ([job]: JobWithMetadata<QueuePayload<'meter-delivery-batch'>>[]) => {
+      async ([job]: Job<QueuePayload<'meter-delivery-batch'>>[]) => {
         if (!job) return;
         const slot = await running.take();
         try {
           for (const slice of batchJobSlices(job, batchSize)) {
-            const jobs = slice.map((key) => ({
-              ...key,
-              retryCount: job.retryCount,
-              retryLimit: job.retryLimit,
-            }));
+            const jobs = slice.map((key) => ({ ...key, retryCount: job.retryCount }));
             const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
             const data = new Map(jobs.map((j) => [j.id, j.data]));
             await deadLetterKeys(

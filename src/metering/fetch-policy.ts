@@ -100,7 +100,11 @@ export function deliveryWorkOptions(batchSize: number, pollSeconds: number) {
   return {
     batchSize,
     localConcurrency: 1,
-    includeMetadata: true,
+    // A batch reads a job's id, payload and attempt (retryCount) only: pg-boss's minimal columns. Its
+    // metadata (priority, retry settings, eight instants, the singleton key, dead-letter provenance) cost
+    // the fetch a fifth of its Postgres CPU, all of it formatting what nobody read (docs/benchmarks.md,
+    // "Delivery jobs updated on their own page").
+    includeMetadata: false,
     pollingIntervalSeconds: pollSeconds,
     // Retries come due without a NOTIFY, so the backstop poll stays short.
     notifyPollingIntervalSeconds: pollSeconds,

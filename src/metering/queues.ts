@@ -1,6 +1,7 @@
 // The one typed registry of pg-boss queues: each name maps to its payload schema and options.
 // Senders (ingestion, cron, sweep) and workers (boss.work) both go through it.
 import { type ConnectionOptions, type JobInsert, PgBoss, type Queue, type SendOptions } from 'pg-boss';
+import { COMMON_JOB_TABLE } from 'pg-boss/dist/plans.js';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { DESTINATIONS, METER_EVENT_NAMES } from '../db/schema.js';
@@ -255,7 +256,35 @@ export async function sendJob<N extends QueueName>(
   return boss.send(name, parsed as object, options);
 }
 
-/** Installs or upgrades pg-boss's own schema and creates meterbox's queues. */
+/**
+ * Free space kept on each page of pg-boss's job table that holds meter-delivery's jobs (its common table:
+ * the queue has no partition of its own, src/ingest/queued-in-statement.ts). A delivery job's row is
+ * updated twice after its insert, by pg-boss's fetch (active) and by its completion (job-completion.ts),
+ * and neither update can be heap-only (`state` is in the predicates of pg-boss's indexes). On a full page
+ * the new version goes to another page: Postgres then first writes a Heap/LOCK record for the old one,
+ * looks for a page with room (or extends the table) and logs both pages. With half of each page free, the
+ * fetch's versions fit beside the rows they replace and the completion's take the room the fetch's dead
+ * versions leave once pruned (docs/benchmarks.md, "Delivery jobs updated on their own page"). Pages
+ * written from now on: pg-boss deletes finished jobs after JOB_RETENTION_SECONDS, so the table turns over.
+ */
+export const JOB_TABLE_FILLFACTOR = 50;
+
+/**
+ * Sets JOB_TABLE_FILLFACTOR on pg-boss's common job table when it is not set already (one statement; the
+ * ALTER's lock, SHARE UPDATE EXCLUSIVE, lets reads and writes of jobs go on, and is only taken when the
+ * setting changes, so a migration run again does not invalidate every plan of the table).
+ */
+export function jobTableFillfactorSql(): string {
+  const table = `pgboss.${COMMON_JOB_TABLE}`;
+  const setting = `fillfactor=${JOB_TABLE_FILLFACTOR}`;
+  return `DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class WHERE oid = '${table}'::regclass AND '${setting}' = ANY (reloptions)) THEN
+      ALTER TABLE ${table} SET (fillfactor = ${JOB_TABLE_FILLFACTOR});
+    END IF;
+  END $$`;
+}
+
+/** Installs or upgrades pg-boss's own schema, creates meterbox's queues and sets its job table's fillfactor. */
 export async function installJobQueue(connectionString: string, config: Config, log: Logger): Promise<void> {
   const boss = new PgBoss({
     connectionString,
@@ -270,6 +299,7 @@ export async function installJobQueue(connectionString: string, config: Config, 
   await boss.start();
   try {
     await ensureQueues(boss, config);
+    await boss.getDb().executeSql(jobTableFillfactorSql());
   } finally {
     await boss.stop({ graceful: false, close: true });
   }

@@ -86,7 +86,7 @@ const it = stripeTest({
   .extend('deliver', { scope: 'file' }, async ({ deps }) => async (customerId: string): Promise<void> => {
     const data = { customerId, eventName: 'temperature_readings' as const };
     for (let i = 0; i < 50; i++) {
-      const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+      const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0 }]);
       if (r?.status !== 'completed') throw new Error(`delivery ${r?.status}: ${JSON.stringify(r?.output)}`);
       const { rows } = await sql<{ n: number }>`
         SELECT count(*)::int AS n FROM meter_outbox c
@@ -339,7 +339,7 @@ describe('a correction of a reading stamped ahead (an API host clock ahead)', ()
     for (const r of stamped) expect(r.occurred_at.getTime()).toBeLessThan(dbNow.getTime() + 30_000);
 
     const data = { customerId: org.customerId, eventName: 'temperature_readings' as const };
-    const batch = () => deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+    const batch = () => deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0 }]);
     await batch();
     expect(stripeSum(org.customerId)).toBe(2);
 

@@ -75,7 +75,7 @@ const it = stripeTest({
     return async (customerId: string) => {
       const data = { customerId, eventName: 'temperature_readings' as const };
       for (let i = 0; i < 20; i++) {
-        const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+        const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0 }]);
         expect(r?.status).toBe('completed');
         const pending = await ctx.db
           .selectFrom('meter_outbox')

@@ -203,6 +203,5 @@ export async function takeQueuedJob(
       eventName: 'temperature_readings',
     },
     retryCount: 0,
-    retryLimit: 5,
   };
 }

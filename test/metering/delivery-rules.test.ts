@@ -79,7 +79,6 @@ function job(
       eventName: 'temperature_readings',
     },
     retryCount,
-    retryLimit: 5,
   };
 }
 
@@ -393,7 +392,6 @@ describe('jobs queued before jobs named their organization', () => {
       // As queued by a version before 0025: no organizationId.
       data: { customerId: org.customerId, eventName: 'temperature_readings' },
       retryCount: 0,
-      retryLimit: 5,
     });
     const results = await deliverBatch(depsOf(ctx, { db: recording.db, slots }), [old(billed), old(idle)]);
     expect(results.map((r) => [r.status, r.output.kind]).sort()).toEqual([

@@ -60,7 +60,6 @@ const job = (org: { organizationId: string; customerId: string }): DeliveryJob =
   id: randomUUID(),
   data: { organizationId: org.organizationId, customerId: org.customerId, eventName: 'temperature_readings' },
   retryCount: 0,
-  retryLimit: 5,
 });
 
 async function orgsWithRows(ctx: Context, n: number) {

@@ -37,6 +37,8 @@ describe('fetchPlan', () => {
     expect(plan.workOptions).toMatchObject({
       batchSize: 25,
       pollingIntervalSeconds: config.DELIVERY_POLL_INTERVAL_SECONDS,
+      // A batch reads a job's id, payload and attempt: the fetch returns pg-boss's minimal columns.
+      includeMetadata: false,
     });
     const started = performance.now();
     await plan.gate(1);

@@ -9,7 +9,7 @@
 
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
-import { type JobWithMetadata, PgBoss } from 'pg-boss';
+import { type Job, PgBoss } from 'pg-boss';
 import { describe, expect, vi } from 'vitest';
 import { SplitListenDb } from '../../src/db/job-queue-db.js';
 import type { DB } from '../../src/db/schema.js';
@@ -98,34 +98,30 @@ describe("a delivery batch's jobs", () => {
 
       // The fetcher's batch: the first job dead-lettered, the second given no outcome, the third's
       // attempt taken over (expired and fetched again), every other one completed with its own output.
-      let batch: JobWithMetadata<{ n: number }>[] = [];
+      let batch: Job<{ n: number }>[] = [];
       let handled = false;
-      await boss.work(
-        'meter-delivery',
-        deliveryWorkOptions(BATCH, 1),
-        async (jobs: JobWithMetadata<{ n: number }>[]) => {
-          batch = jobs;
-          await sql`UPDATE pgboss.job SET retry_count = retry_count + 1 WHERE id = ${jobs[2]!.id}::uuid`.execute(
-            ctx.db,
-          );
-          const outcomes: JobOutcome[] = jobs.flatMap((j, i): JobOutcome[] =>
-            i === 0
-              ? [
-                  {
-                    id: j.id,
-                    status: 'deadletter',
-                    output: { kind: 'failed', reason: 'not_found', message: 'No such customer' },
-                  },
-                ]
-              : i === 1
-                ? []
-                : [{ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } }],
-          );
-          const ended = await endDeliveryJobs(db, boss, jobs, outcomes);
-          handled = true;
-          return ended;
-        },
-      );
+      await boss.work('meter-delivery', deliveryWorkOptions(BATCH, 1), async (jobs: Job<{ n: number }>[]) => {
+        batch = jobs;
+        await sql`UPDATE pgboss.job SET retry_count = retry_count + 1 WHERE id = ${jobs[2]!.id}::uuid`.execute(
+          ctx.db,
+        );
+        const outcomes: JobOutcome[] = jobs.flatMap((j, i): JobOutcome[] =>
+          i === 0
+            ? [
+                {
+                  id: j.id,
+                  status: 'deadletter',
+                  output: { kind: 'failed', reason: 'not_found', message: 'No such customer' },
+                },
+              ]
+            : i === 1
+              ? []
+              : [{ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } }],
+        );
+        const ended = await endDeliveryJobs(db, boss, jobs, outcomes);
+        handled = true;
+        return ended;
+      });
       // pg-boss's own completion after the handler returns is among the statements explained.
       await vi.waitFor(
         () => {
@@ -208,21 +204,17 @@ describe("pg-boss's completion after a delivery handler", () => {
     const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
     const { boss, sent } = await recordedBoss(ctx.config.DATABASE_URL!);
     try {
-      let batch: JobWithMetadata<{ n: number }>[] = [];
-      await boss.work(
-        'meter-delivery',
-        deliveryWorkOptions(6, 1),
-        async (jobs: JobWithMetadata<{ n: number }>[]) => {
-          if (batch.length > 0) return;
-          batch = jobs;
-          // The first job given no outcome (failed for a retry), every other one completed with its own.
-          const outcomes: JobOutcome[] = jobs
-            .slice(1)
-            .map((j) => ({ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } }));
-          await endDeliveryJobs(db, boss, jobs, outcomes);
-          markEnded(jobs);
-        },
-      );
+      let batch: Job<{ n: number }>[] = [];
+      await boss.work('meter-delivery', deliveryWorkOptions(6, 1), async (jobs: Job<{ n: number }>[]) => {
+        if (batch.length > 0) return;
+        batch = jobs;
+        // The first job given no outcome (failed for a retry), every other one completed with its own.
+        const outcomes: JobOutcome[] = jobs
+          .slice(1)
+          .map((j) => ({ id: j.id, status: 'completed', output: { kind: 'leased', n: j.data.n } }));
+        await endDeliveryJobs(db, boss, jobs, outcomes);
+        markEnded(jobs);
+      });
       // The fetcher fetched again after the batch: pg-boss has done what it does after a handler.
       await vi.waitFor(
         () => {
@@ -253,13 +245,9 @@ describe("pg-boss's completion after a delivery handler", () => {
     const { boss, sent } = await recordedBoss(ctx.config.DATABASE_URL!);
     try {
       let id = '';
-      await boss.work(
-        'meter-delivery',
-        deliveryWorkOptions(1, 1),
-        async (jobs: JobWithMetadata<object>[]) => {
-          id ||= jobs[0]!.id;
-        },
-      );
+      await boss.work('meter-delivery', deliveryWorkOptions(1, 1), async (jobs: Job<object>[]) => {
+        id ||= jobs[0]!.id;
+      });
       await vi.waitFor(
         async () => {
           const { rows } = await sql<{ state: string }>`

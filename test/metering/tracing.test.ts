@@ -66,7 +66,7 @@ const it = stripeTest({ env: { DELIVERY_MIN_INTERVAL_MS: '0' } }).extend(
     };
     return async (customerId: string) => {
       const data = { customerId, eventName: 'temperature_readings' as const };
-      const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0, retryLimit: 3 }]);
+      const [r] = await deliverBatch(deps, [{ id: randomUUID(), data, retryCount: 0 }]);
       expect(r?.status).toBe('completed');
     };
   },
