@@ -38,7 +38,7 @@ export interface GroupRequest {
   answer?: KeyedAnswer;
   /**
    * The readings' columns as the group statement sends them, encoded while they were validated
-   * (parseReadingsFast); absent when the body took the schema's way, and readingArrays encodes them then.
+   * (parseReadingsFast); absent for a few readings or a body the schema read: readingArrays encodes those.
    */
   wire?: ReadingsWire;
 }
