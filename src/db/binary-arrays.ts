@@ -35,6 +35,17 @@ function arrayBuffer(elementOid: ElementOid, n: number, elementSize: number): Bu
   return b;
 }
 
+/** Whether the 36 characters at `start` of `text` are an id in the 8-4-4-4-12 hex form (either case). */
+export function isHexUuidAt(text: string, start: number): boolean {
+  for (let j = 0; j < 36; j++) {
+    const c = text.charCodeAt(start + j);
+    if (j === 8 || j === 13 || j === 18 || j === 23) {
+      if (c !== 45 /* - */) return false;
+    } else if ((HEX[c] ?? -1) < 0) return false;
+  }
+  return true;
+}
+
 /**
  * A uuid element (its length and 16 bytes) at `o` from the id in the 8-4-4-4-12 hex form (either case)
  * at `start` of `text`; false when the 36 characters there are not in that form.

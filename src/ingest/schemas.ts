@@ -4,6 +4,7 @@ import { z } from 'zod';
 import {
   ARRAY_HEADER_BYTES,
   ELEMENT,
+  isHexUuidAt,
   writeArrayHeader,
   writeFloat8Element,
   writeTimestamptzElement,
@@ -73,22 +74,6 @@ export function readingsRequestSchema(options: {
 // accepts exactly the ids and date-times readingSchema does.
 const UUID_PATTERN = z.regexes.uuid();
 const INSTANT_PATTERN = z.regexes.datetime({ offset: true });
-
-/** A hex digit's char code (0-9, a-f, A-F). */
-function isHex(c: number): boolean {
-  return (c >= 48 && c <= 57) || (c >= 97 && c <= 102) || (c >= 65 && c <= 70);
-}
-
-/** 8-4-4-4-12 hex digits (a 36-character id), as writeUuidElement reads them, without writing them. */
-function isHexUuid(s: string): boolean {
-  for (let i = 0; i < 36; i++) {
-    const c = s.charCodeAt(i);
-    if (i === 8 || i === 13 || i === 18 || i === 23) {
-      if (c !== 45) return false;
-    } else if (!isHex(c)) return false;
-  }
-  return true;
-}
 
 /**
  * UUID_PATTERN's common case once the id is known to be 8-4-4-4-12 hex digits (writeUuidElement read it):
@@ -222,7 +207,7 @@ export function parseReadingsFast(
     if (typeof sensorId !== 'string') return undefined;
     const hex =
       sensorId.length === 36 &&
-      (exact ? writeUuidElement(sensor, ARRAY_HEADER_BYTES + i * 20, sensorId, 0) : isHexUuid(sensorId));
+      (exact ? writeUuidElement(sensor, ARRAY_HEADER_BYTES + i * 20, sensorId, 0) : isHexUuidAt(sensorId, 0));
     if (!(hex && isVersioned(sensorId)) && !UUID_PATTERN.test(sensorId)) return undefined;
     // The pattern's other ids (nil, max) are in the hex form too; anything else is sent as text.
     exact &&= hex;
