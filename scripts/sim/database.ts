@@ -5,6 +5,7 @@
 import type { Destination } from '../../src/db/schema.js';
 import type { DeliveryStore } from '../../src/metering/batch-deps.js';
 import type { CallSlots } from '../../src/metering/budget.js';
+import { LEASE_WORK_FACTOR } from '../../src/metering/lease-length.js';
 import { type KeyRef, keyName, leaseGrantedTo } from '../../src/metering/rules/keys.js';
 import type { ModelState, Row } from './model.js';
 import { ACCESS_REFUSED_MESSAGE } from './stripe-model.js';
@@ -78,6 +79,10 @@ export function openDatabase(world: World, restart: () => void): Database {
     options: { mayFail?: boolean; durable?: boolean; claims?: readonly KeyRef[] } = {},
   ): Promise<T> => {
     const latency = statementLatency();
+    world.longestStatementMs = Math.max(
+      world.longestStatementMs,
+      latency + standbyWait(options.durable === true),
+    );
     const generation = world.dbGeneration;
     // A statement sent while no server is up reaches none: it locks nothing (it fails on connect).
     let locked = !world.dbDown;
@@ -165,9 +170,28 @@ export function openDatabase(world: World, restart: () => void): Database {
     return out;
   };
 
+  /**
+   * A lease grows only for the database's slowness (lease-length.ts): to LEASE_WORK_FACTOR times the
+   * longest statement so far (a claim and a renewal are one statement here), within the configured
+   * bounds. A longer one grew for something else: the process's own freeze, timed as the database's.
+   */
+  const checkLeaseLength = (owner: string, seconds: number, what: string) => {
+    const base = world.config.DELIVERY_LEASE_SECONDS;
+    const cap = Math.max(base, world.config.DELIVERY_LEASE_MAX_SECONDS);
+    const allowed = Math.min(
+      cap,
+      Math.max(base, Math.ceil((LEASE_WORK_FACTOR * world.longestStatementMs) / 1000)),
+    );
+    if (seconds > allowed)
+      violate(
+        `a ${what} of ${owner} asked for a lease of ${seconds} s; the database's statements took at most ${world.longestStatementMs} ms, which grow a lease to ${allowed} s`,
+      );
+  };
+
   const storeOf = (w: Worker, destination: Destination): DeliveryStore => ({
-    claim: (keys, options) =>
-      statement(
+    claim: (keys, options) => {
+      checkLeaseLength(options.owner, options.leaseSeconds, 'claim');
+      return statement(
         w,
         () => {
           for (const k of keys) {
@@ -192,7 +216,8 @@ export function openDatabase(world: World, restart: () => void): Database {
         },
         // No call before the standby has the claim's identifiers (else a failover regroups them).
         { mayFail: true, durable: true, claims: keys },
-      ),
+      );
+    },
     claimCorrections: (key, options) =>
       statement(w, () => db.claimCorrections(key, options), { mayFail: true, durable: true }),
     switchToCompensate: (key, identifier, owner) =>
@@ -231,7 +256,10 @@ export function openDatabase(world: World, restart: () => void): Database {
         { mayFail: true },
       ),
     release: (owner, nextCallAt) => statement(w, () => db.release(owner, nextCallAt)),
-    renew: (owner, seconds) => statement(w, () => db.renew(owner, seconds)),
+    renew: (owner, seconds) => {
+      checkLeaseLength(owner, seconds, 'renewal');
+      return statement(w, () => db.renew(owner, seconds));
+    },
     hold: (keys) => statement(w, () => db.hold(keys)),
     queue: (keys) =>
       statement(w, () => {

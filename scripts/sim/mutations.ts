@@ -9,6 +9,8 @@ export const MUTATIONS = {
     'ingestion routes a reading of the last minutes before a cut-over by the API host clock, not by the reading time',
   leaseFromHostClock:
     "a claim's lease (and its windows) start at the worker's wall clock, not the database's",
+  leaseLearnsStalls:
+    'a worker times its claims and renewals on the monotonic clock, its own freezes included: a freeze during a claim grows its leases (and its take-over slack) as a slow database would',
   deadlineOnWallClock:
     'a worker measures its lease deadline on its wall clock (which steps), not a monotonic one',
   noStandbyWait: 'a claim is answered at its commit, before the standbys have flushed it',

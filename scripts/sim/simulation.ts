@@ -222,6 +222,7 @@ function createWorld(
     stepCrashesLeft: spec.stepCrashes,
     lastDisruption: Number.NEGATIVE_INFINITY,
     lastCrash: Number.NEGATIVE_INFINITY,
+    longestStatementMs: 0,
     calls: new Map(),
     callsPerKey: new Map(),
     mirrors: new Map(),

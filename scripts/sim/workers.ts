@@ -27,6 +27,7 @@ import type { Destinations } from './destinations.js';
 import { HOSTS } from './hostile.js';
 import type { Job } from './model.js';
 import {
+  awakeNow,
   CATALOG_HELD_REFRESH_SECONDS,
   CATALOG_REFRESH_SECONDS,
   destinationsAt,
@@ -171,6 +172,8 @@ export function workersOf(world: World, database: Database, destinations: Destin
       wakeBatch: [],
       host: workerCount % HOSTS,
       frozenUntil: Number.NEGATIVE_INFINITY,
+      frozenFrom: 0,
+      frozenBeforeMs: 0,
       gate: (run) => {
         const thawed = () => {
           if (w.frozenUntil > sched.now) sched.after(w.frozenUntil - sched.now, thawed);
@@ -184,14 +187,14 @@ export function workersOf(world: World, database: Database, destinations: Destin
     const wall = world.wallClockOf(w.host);
     // Elapsed time on the host's monotonic clock (true time here); the mutation measures it on the
     // wall clock, which is skewed and steps.
-    const timers = sched.timers(
-      () => w.alive,
-      w.gate,
-      mutations.has('deadlineOnWallClock') ? wall : undefined,
-    );
+    const timers = {
+      ...sched.timers(() => w.alive, w.gate, mutations.has('deadlineOnWallClock') ? wall : undefined),
+      // What its claims and renewals took is timed on its awake clock: its freezes left out.
+      ...(mutations.has('leaseLearnsStalls') ? {} : { awake: () => awakeNow(world, w) }),
+    };
     // As a worker's runtime: its batches' lease length follows its recent claims (on its timers), and
     // its reaper's orphan check waits for that lease.
-    const leaseLength = adaptiveLeaseLength(world.config);
+    const leaseLength = adaptiveLeaseLength(world.config, { now: () => sched.now });
     const deps = {
       db: undefined as never,
       boss: undefined as never,

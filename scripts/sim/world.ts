@@ -64,6 +64,9 @@ export interface Worker {
   host: number;
   /** A frozen process runs nothing until then (true time). */
   frozenUntil: number;
+  /** When its latest freeze began (true time), and how long its freezes before that one lasted in all. */
+  frozenFrom: number;
+  frozenBeforeMs: number;
   /** Runs what the process would see now, or when it thaws. */
   gate: Gate;
 }
@@ -166,6 +169,13 @@ export interface World {
   /** Bumped by a failover: a statement sent to the old primary gets no answer from the new one. */
   dbGeneration: number;
   stepCrashesLeft: number;
+  /**
+   * The longest a statement has kept a process waiting for the database (its latency and its standby's
+   * wait; a silent connection fails, teaching nothing): what a lease may grow for. A claim or a renewal
+   * is one statement here, so a lease longer than LEASE_WORK_FACTOR times this grew for something else
+   * (a process's own freeze: clock.ts, watchStalls).
+   */
+  longestStatementMs: number;
   /** The last crash or failed batch: until the sweep's bound has passed since, a key may wait for it. */
   lastDisruption: number;
   /**
@@ -206,7 +216,13 @@ export function notifyBatch(world: World): void {
 
 /** `w` stops running anything for `ms` (its timers, answers and calls wait), then goes on. */
 export function freeze(world: World, w: Worker, ms: number, where: string): void {
-  w.frozenUntil = Math.max(w.frozenUntil, world.now() + ms);
+  const t = world.now();
+  if (t >= w.frozenUntil) {
+    // A new freeze: the last one (if any) is over and counted.
+    w.frozenBeforeMs += Math.max(0, w.frozenUntil - w.frozenFrom);
+    w.frozenFrom = t;
+  }
+  w.frozenUntil = Math.max(w.frozenUntil, t + ms);
   world.counts.freezes++;
   world.lastDisruption = world.now();
   world.log(`${w.id} frozen for ${(ms / 1000).toFixed(1)} s ${where}`);
@@ -258,4 +274,14 @@ export function destinationsAt(c: Customer, at: number): { destination: Destinat
           ? [stripeKey, metronomeKey]
           : [metronomeKey];
   }
+}
+
+/**
+ * `w`'s awake clock (clock.ts, HostTimers.awake): true time less every freeze of `w` so far, the one
+ * under way up to now. (The product's watch sees a stall only past its tolerance; the model's freezes are
+ * exact, and at least a second.)
+ */
+export function awakeNow(world: World, w: Worker): number {
+  const t = world.now();
+  return t - w.frozenBeforeMs - Math.max(0, Math.min(t, w.frozenUntil) - w.frozenFrom);
 }

@@ -57,6 +57,11 @@ export async function claimLease(
   // Another batch's lease that ran out within this process's lease growth is left to it.
   const takeOverAfter = length.takeOverAfterSeconds();
   const claimStarted = timers.now();
+  // What a claim or a renewal took, for the lease length and the claim limit to learn from, is timed on the
+  // process's awake clock: a stall of the process (SIGSTOP, a paused VM) is not the database's slowness
+  // (clock.ts, watchStalls). Deadlines stay on the monotonic clock: a lease runs out during a stall.
+  const awake = () => timers.awake?.() ?? timers.now();
+  const claimStartedAwake = awake();
   let leaseDeadline = claimStarted + leaseSeconds * 1000;
   // Renewals start with the claim: a batch with new keys may claim twice (claimBatch), and the keys of its
   // first claim, committed, must not lapse while the second runs. A renewal moves the deadline only
@@ -75,6 +80,7 @@ export async function claimLease(
   let lastRenewalAt = claimStarted;
   const renewOnce = async (whenDue = false) => {
     const at = timers.now();
+    const atAwake = awake();
     if (whenDue && at - lastRenewalAt < (leaseSeconds * 1000) / 3 - renewEveryMs(config) / 2) return;
     lastRenewalAt = at;
     const counted = claimed !== undefined;
@@ -84,7 +90,7 @@ export async function claimLease(
       deps.log.warn({ err }, 'could not renew delivery leases; calls stay bounded by the old deadline');
       return -1;
     });
-    if (held >= 0) length.recordRenewal(timers.now() - at);
+    if (held >= 0) length.recordRenewal(awake() - atAwake);
     if (counted && held === leasedCount) leaseDeadline = Math.max(leaseDeadline, at + seconds * 1000);
   };
   let stopRenewing = timers.every(renewEveryMs(config), () => renewOnce(true));
@@ -92,9 +98,11 @@ export async function claimLease(
     .claim(keys, {
       owner: options.owner,
       leaseSeconds,
-      restartLease: (elapsedMs) => {
+      // The claim decides on its elapsed time whether to restart the lease (its lease runs out on the
+      // monotonic clock); how long the restarted lease is follows the time the process ran.
+      restartLease: () => {
         const at = timers.now();
-        const seconds = length.covering(elapsedMs);
+        const seconds = length.covering(awake() - claimStartedAwake);
         return {
           seconds,
           restarted: () => {
@@ -113,7 +121,7 @@ export async function claimLease(
       await stopRenewing();
       throw err;
     });
-  const claimMs = timers.now() - claimStarted;
+  const claimMs = awake() - claimStartedAwake;
   giveTurnBack();
   length.record(claimMs);
   deps.claimLimit?.record(claimStarted, claimMs);

@@ -12,7 +12,7 @@ import type { PgBoss } from 'pg-boss';
 import type Stripe from 'stripe';
 import { customerAccountCache, customerAccountsNear } from '../billing/connect.js';
 import { connectedAccountBudget, metronomeBudget, stripeBudget } from '../billing/limits.js';
-import { type Clock, hostTimers } from '../clock.js';
+import { type Clock, type HostTimers, hostTimers, watchStalls } from '../clock.js';
 import { type Config, directDatabaseUrl } from '../config.js';
 import { gatedKysely } from '../db/database.js';
 import { type OpenPool, poolOpener } from '../db/pools.js';
@@ -93,7 +93,7 @@ export interface DeliveryParts {
   db: Kysely<DB>;
   /** The process's lease connection (lease-keeper.ts). */
   leases: LeaseKeeper;
-  /** Closes the pools delivery opened of its own: the lease connection's and the Citus nodes'. */
+  /** Closes the pools delivery opened of its own (the lease connection's and the Citus nodes') and stops its stall watch. */
   closePools: () => Promise<void>;
   leaseLength: LeaseLength;
   /** The worker's node connections (CITUS_NODE_ROUTING=on): the reaper reads every shard on a worker. */
@@ -182,8 +182,23 @@ export async function deliveryParts(
   await leaseDatabase.pool
     .query('SELECT 1')
     .catch((err: unknown) => log.warn({ err }, 'could not open the lease connection yet; renewals open it'));
-  // One lease length per process: its batches learn from each other's claims.
-  const leaseLength = adaptiveLeaseLength(config);
+  // One lease length per process: its batches learn from each other's claims, timed on the process's
+  // awake clock (a stall of the process is not the database's slowness: clock.ts, watchStalls).
+  const stalls = watchStalls({
+    onStall: (ms) =>
+      log.warn(
+        { stalledMs: Math.round(ms) },
+        'this process stood still (a SIGSTOP, a paused VM or a blocked event loop): leases may have run out under it',
+      ),
+  });
+  const timers: HostTimers = { ...hostTimers, awake: stalls.awake };
+  const leaseLength = adaptiveLeaseLength(config, {
+    onGrown: (seconds, ms, what) =>
+      log.info(
+        { leaseSeconds: seconds, [`${what}Ms`]: Math.round(ms) },
+        `a slow ${what}: delivery leases grow`,
+      ),
+  });
   // Fewer claims at once while claims are slow (claim-limit.ts): at most one per fetcher.
   const claimLimit = adaptiveClaimLimit({
     max: Math.min(config.DELIVERY_CONCURRENCY, config.DELIVERY_MAX_IN_FLIGHT),
@@ -302,6 +317,7 @@ export async function deliveryParts(
       leases,
       leaseLength,
       claimLimit,
+      timers,
       boss: ctx.boss,
       transport,
       hold: holds.stripe,
@@ -341,6 +357,7 @@ export async function deliveryParts(
     fetch,
     nodes,
     closePools: async () => {
+      stalls.stop();
       await Promise.all([leaseDatabase.close(), nodes?.close()]);
     },
     leaseLength,

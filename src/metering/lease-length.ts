@@ -15,6 +15,18 @@ export const LEASE_WORK_FACTOR = 3;
 
 /** How many recent claims (and, apart, renewals) the lease length looks back on. */
 const RECENT_CLAIMS = 16;
+/**
+ * How long a claim's or a renewal's time counts (ms): on a database slow enough to grow leases, claims
+ * finish every minute or two (the slowest seen took 110 s) and bring new samples; a sample this old is
+ * from a slowness that has passed.
+ */
+export const RECENT_MS = 5 * 60_000;
+
+interface Sample {
+  /** When it was recorded (ms, the lease length's clock). */
+  at: number;
+  ms: number;
+}
 
 export interface LeaseLength {
   /** The lease, in whole seconds, a batch starting now takes. */
@@ -41,27 +53,48 @@ export interface LeaseLength {
 
 /**
  * The lease length of one process: max(DELIVERY_LEASE_SECONDS, LEASE_WORK_FACTOR × the slowest of the
- * last RECENT_CLAIMS claims and of the last RECENT_CLAIMS renewals: a lease must outlast the wait of the
- * renewal that extends it), capped at DELIVERY_LEASE_MAX_SECONDS (at or below the configured lease: no growth). Fast claims bring it back down to the
- * configured lease within RECENT_CLAIMS batches, so a worker killed on a healthy database frees its keys
- * as soon as before.
+ * last RECENT_CLAIMS claims and of the last RECENT_CLAIMS renewals of the last RECENT_MS: a lease must
+ * outlast the wait of the renewal that extends it), capped at DELIVERY_LEASE_MAX_SECONDS (at or below the
+ * configured lease: no growth). Fast claims bring it back down to the configured lease within
+ * RECENT_CLAIMS batches, and a slow renewal is forgotten after RECENT_MS (on a healthy database batches
+ * are short and renew rarely: one slow renewal otherwise kept leases long, and other workers' keys
+ * waiting, for as long as sixteen more renewals took), so a worker killed on a healthy database frees its
+ * keys as soon as before. What claims and renewals took is timed by the caller on the process's awake
+ * clock (batch-lease.ts; clock.ts, watchStalls): a process's own stall never lengthens its leases.
  */
 export function adaptiveLeaseLength(
   config: Pick<Config, 'DELIVERY_LEASE_SECONDS' | 'DELIVERY_LEASE_MAX_SECONDS'>,
+  options: {
+    /** The monotonic clock (ms) the samples age on. */
+    now?: () => number;
+    /** A claim or a renewal that took `ms` grew the lease to `seconds` (for the worker's log). */
+    onGrown?: (seconds: number, ms: number, what: 'claim' | 'renewal') => void;
+  } = {},
 ): LeaseLength {
+  const now = options.now ?? (() => performance.now());
   const base = config.DELIVERY_LEASE_SECONDS;
   // At or below the configured lease: no growth.
   const cap = Math.max(base, config.DELIVERY_LEASE_MAX_SECONDS);
   // Claims and renewals apart: renewals come every few seconds from every batch, and in one window
   // they would push a slow claim out of it within seconds.
-  const claims: number[] = [];
-  const renewals: number[] = [];
-  const keep = (recent: number[], ms: number) => {
-    recent.push(ms);
-    if (recent.length > RECENT_CLAIMS) recent.shift();
+  const claims: Sample[] = [];
+  const renewals: Sample[] = [];
+  const slowest = (recent: Sample[], since: number) => {
+    while (recent.length > 0 && (recent[0]?.at ?? since) < since) recent.shift();
+    return recent.reduce((most, s) => Math.max(most, s.ms), 0);
   };
   const forWork = (ms: number) => Math.min(cap, Math.max(base, Math.ceil((LEASE_WORK_FACTOR * ms) / 1000)));
-  const seconds = () => forWork(Math.max(0, ...claims, ...renewals));
+  const seconds = () => {
+    const since = now() - RECENT_MS;
+    return forWork(Math.max(slowest(claims, since), slowest(renewals, since)));
+  };
+  const keep = (recent: Sample[], ms: number) => {
+    const before = seconds();
+    recent.push({ at: now(), ms });
+    if (recent.length > RECENT_CLAIMS) recent.shift();
+    const after = seconds();
+    if (after > before) options.onGrown?.(after, ms, recent === claims ? 'claim' : 'renewal');
+  };
   return {
     seconds,
     covering: (elapsedMs) => Math.max(seconds(), forWork(elapsedMs)),

@@ -20,6 +20,7 @@ import {
 import { checkLedger, formatReport, loadLedger } from '../support/ledger.js';
 import {
   driveLoad,
+  keyHistory,
   loadFailures,
   loadOrganizations,
   outboxSettled,
@@ -95,9 +96,12 @@ describe('frozen workers', () => {
     // A call caught by a freeze ends in a timeout, or in a closed connection.
     const timeouts = workers.map((w) => (w.output.match(/"reason":"timeout"/g) ?? []).length);
     const resets = workers.map((w) => (w.output.match(/"reason":"network"/g) ?? []).length);
+    // A freeze is not a slow database: no lease grows for it (clock.ts, watchStalls). Said, not asserted:
+    // a claim slow for the loaded machine's own reasons may grow one.
+    const grown = workers.map((w) => (w.output.match(/delivery leases grow/g) ?? []).length);
     console.log(
       `[frozen workers] ${load.requests} requests, ${load.readingsSent} readings; three ${FREEZE_MS} ms freezes ` +
-        `(lease ${LEASE_SECONDS} s); overlapping calls ${tracker.overlaps.length}, late ${tracker.overlaps.filter((o) => o.late).length} (emulator peaks > 1: ${overlaps.length}); stale settles refused per worker ${JSON.stringify(stale)}, timed-out calls ${JSON.stringify(timeouts)}, reset ${JSON.stringify(resets)}; level ${level ?? 'never'} ms after the load`,
+        `(lease ${LEASE_SECONDS} s); overlapping calls ${tracker.overlaps.length}, late ${tracker.overlaps.filter((o) => o.late).length} (emulator peaks > 1: ${overlaps.length}); stale settles refused per worker ${JSON.stringify(stale)}, timed-out calls ${JSON.stringify(timeouts)}, reset ${JSON.stringify(resets)}, leases grown ${JSON.stringify(grown)}; level ${level ?? 'never'} ms after the load`,
     );
     // What the proxies and the workers saw of the customers named, for a failure's report: each one's
     // calls that were not answered 200 or were late, and its last ten (a customer is called every few
@@ -125,16 +129,26 @@ describe('frozen workers', () => {
     const told = workers.flatMap((w, i) =>
       w.output
         .split('\n')
-        .filter((line) => /will be retried|dead-lettered|stale lease|could not/.test(line))
+        .filter((line) =>
+          /will be retried|dead-lettered|stale lease|could not|leases grow|stood still/.test(line),
+        )
         .slice(0, 20)
         .map((line) => `worker ${i}: ${line}`),
     );
-    const broken = orgs
-      .filter((o) => ledger.violations.some((v) => v.organizationId === o.organizationId))
-      .map((o) => o.customerId);
+    const brokenOrgs = orgs.filter((o) =>
+      ledger.violations.some((v) => v.organizationId === o.organizationId),
+    );
+    const broken = brokenOrgs.map((o) => o.customerId);
+    // And what the database holds of those keys: their rows, leases and every job that named them.
+    const history = ledger.ok
+      ? ''
+      : await keyHistory(
+          ctx.db,
+          brokenOrgs.map((o) => o.organizationId),
+        );
     expect(
       ledger.ok,
-      `${formatReport('frozen workers', ledger)}\n${told.join('\n')}\n${ledger.ok ? '' : seen(broken)}`,
+      `${formatReport('frozen workers', ledger)}\n${told.join('\n')}\n${ledger.ok ? '' : seen(broken)}\n${history}`,
     ).toBe(true);
     expect(ledger.readingsStored).toBe(load.readingsSent);
     expect(load.networkErrors, loadFailures(load, [api])).toBe(0);

@@ -274,3 +274,30 @@ export async function leaseCheck(
       FROM meter_delivery_keys`.execute(db);
   return { live: rows[0]?.live ?? 0, beyondLifetime: rows[0]?.beyond ?? 0 };
 }
+
+/**
+ * What the database holds of the keys of `organizationIds`, for a failure's report: each key row (its
+ * lease, pacing, backoff and hold), its outbox rows by status, and every pg-boss job that names it (its
+ * own meter-delivery jobs by singleton key, and batch jobs listing its customer), oldest first.
+ */
+export async function keyHistory(db: Kysely<DB>, organizationIds: readonly string[]): Promise<string> {
+  if (organizationIds.length === 0) return '[]';
+  const { rows: keys } = await sql<Record<string, unknown>>`
+    SELECT k.*, clock_timestamp() AS now,
+           (SELECT jsonb_object_agg(s.status || coalesce('/' || s.accepted, ''), s.n) FROM (
+              SELECT o.status::text, (o.accepted_at IS NOT NULL)::text AS accepted, count(*) AS n FROM meter_outbox o
+               WHERE o.organization_id = k.organization_id AND o.stripe_customer_id = k.stripe_customer_id
+                 AND o.event_name = k.event_name AND o.destination = k.destination GROUP BY 1, 2) s) AS outbox
+      FROM meter_delivery_keys k WHERE k.organization_id = ANY(${[...organizationIds]}::uuid[])`.execute(db);
+  const customers = [...new Set(keys.map((k) => String(k.stripe_customer_id)))];
+  const { rows: jobs } = await sql<Record<string, unknown>>`
+    SELECT j.name, j.id, j.state, j.singleton_key, j.group_id, j.retry_count, j.created_on, j.start_after,
+           j.started_on, j.completed_on, j.output
+      FROM pgboss.job j
+     WHERE (j.name = 'meter-delivery' AND EXISTS (SELECT 1 FROM unnest(${customers}::text[]) c
+                                                  WHERE j.singleton_key LIKE '%' || c))
+        OR (j.name = 'meter-delivery-batch' AND EXISTS (
+              SELECT 1 FROM jsonb_array_elements(j.data->'keys') e WHERE e->>'customerId' = ANY(${customers}::text[])))
+     ORDER BY j.created_on`.execute(db);
+  return JSON.stringify({ keys, jobs }, null, 1);
+}
