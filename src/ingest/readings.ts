@@ -107,6 +107,22 @@ function arrayElement(value: string): string {
 }
 const PLAIN_ELEMENT = /^[0-9A-Za-z:.+-]+$/;
 
+/** A Postgres array literal of `values`, each element as arrayElement writes it, in one pass. */
+function arrayLiteral(values: Iterable<string | number>): string {
+  let text = '';
+  let first = true;
+  for (const value of values) {
+    text += (first ? '' : ',') + arrayElement(String(value));
+    first = false;
+  }
+  return `{${text}}`;
+}
+
+/** `text` of every reading of `requests`, in order: a column's values as text. */
+function* readingTexts(requests: readonly GroupRequest[], text: (reading: Reading) => string) {
+  for (const r of requests) for (const reading of r.readings) yield text(reading);
+}
+
 /**
  * readingColumns as the group statement's parameters, the organization once per request rather than
  * once per reading and no request index per reading. The readings' columns go in Postgres's binary
@@ -151,17 +167,10 @@ function encodedColumns(requests: readonly GroupRequest[]) {
       temperatures.push(reading.temperatureC);
     }
   }
-  const literal = (values: readonly (string | number)[]) => {
-    let text = '';
-    for (let k = 0; k < values.length; k++) text += (k === 0 ? '' : ',') + arrayElement(String(values[k]));
-    return `{${text}}`;
-  };
   return {
-    sensor: uuidArray(sensors) ?? literal(sensors),
-    recordedAt:
-      timestamptzArray(instants) ??
-      literal(requests.flatMap((r) => r.readings.map((reading) => reading.recordedAt))),
-    temperature: float8Array(temperatures) ?? literal(temperatures),
+    sensor: uuidArray(sensors) ?? arrayLiteral(sensors),
+    recordedAt: timestamptzArray(instants) ?? arrayLiteral(readingTexts(requests, (x) => x.recordedAt)),
+    temperature: float8Array(temperatures) ?? arrayLiteral(temperatures),
   };
 }
 
@@ -202,14 +211,7 @@ function column(
   const parts: Buffer[] = [];
   for (const r of requests) {
     const part = r.wire?.[name] ?? encode(r.readings);
-    if (part === undefined) {
-      let literal = '';
-      for (const q of requests) {
-        for (const reading of q.readings)
-          literal += (literal === '' ? '' : ',') + arrayElement(text(reading));
-      }
-      return `{${literal}}`;
-    }
+    if (part === undefined) return arrayLiteral(readingTexts(requests, text));
     parts.push(part);
   }
   return concatArrays(COLUMN_ELEMENT[name], parts);
