@@ -98,8 +98,9 @@ export async function claimLease(
     .claim(keys, {
       owner: options.owner,
       leaseSeconds,
-      // The claim decides on its elapsed time whether to restart the lease (its lease runs out on the
-      // monotonic clock); how long the restarted lease is follows the time the process ran.
+      // The claim decides on its elapsed time whether to restart the lease (the lease it took ran on in
+      // the database meanwhile, stall or not); how long the restarted lease is follows the time the
+      // process ran.
       restartLease: () => {
         const at = timers.now();
         const seconds = length.covering(awake() - claimStartedAwake);
