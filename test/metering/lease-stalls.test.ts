@@ -40,9 +40,14 @@ describe('the stall watch', () => {
       // At most the tolerance and a tick of it counts.
       expect(during.awake - before.awake).toBeLessThan(300 + 50 + 100);
       await sleep(120);
-      expect(stalls.length).toBe(1);
-      expect(stalls[0]).toBeGreaterThan(1_500 - 300 - 50 - 100);
-      expect(watch.stalledMs()).toBeCloseTo(stalls[0]!, 0);
+      // The stand-still, said once (a loaded machine may add a short one of its own: not this one).
+      const long = stalls.filter((ms) => ms > 1_000);
+      expect(long.length).toBe(1);
+      expect(long[0]).toBeGreaterThan(1_500 - 300 - 50 - 100);
+      expect(watch.stalledMs()).toBeCloseTo(
+        stalls.reduce((a, b) => a + b, 0),
+        0,
+      );
       // The awake clock never runs back: after the tick it goes on from where the stall left it.
       expect(watch.awake()).toBeGreaterThanOrEqual(during.awake);
     } finally {
@@ -51,7 +56,8 @@ describe('the stall watch', () => {
   });
 
   unit('counts a wait while the process runs (a slow database): the event loop free', async () => {
-    const watch = watchStalls({ tickMs: 50, toleranceMs: 300 });
+    // The product's tolerance: a loaded machine's late ticks are not stalls.
+    const watch = watchStalls({ tickMs: 50, toleranceMs: 1_000 });
     try {
       const before = { awake: watch.awake(), now: performance.now() };
       await sleep(1_500);
@@ -110,7 +116,8 @@ describe("a batch's claim, against Postgres", () => {
   const run = async (ctx: Context, during: (claim: Promise<unknown>) => Promise<void>) => {
     const org = await createOrganization(ctx.db);
     await writeRows(ctx.db, ctx.boss, org, 'temperature_readings', [{ value: 3, occurredAt: new Date() }]);
-    const watch = watchStalls({ tickMs: 50, toleranceMs: 300 });
+    // The product's tolerance (a second): the stand-still below is four.
+    const watch = watchStalls({ tickMs: 100 });
     const length = adaptiveLeaseLength(ctx.config);
     const deps = v1BatchDeps(ctx, {
       leaseLength: length,
