@@ -251,6 +251,11 @@ export function deadlineClient(
       let early = 0;
       const expire = async () => {
         if (done) return;
+        // What has arrived is read first. After the process stood still past the deadline (SIGSTOP, a
+        // paused VM, an event loop held), Node runs expired timers before it reads the sockets: the
+        // answer may be there, unread, and the connection alive. setImmediate runs after that read.
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        if (done) return;
         if (earlyMs !== undefined && probe !== undefined && performance.now() - sentAt < ms) {
           early++;
           if (await this.neverArrived(probe))

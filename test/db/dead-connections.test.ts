@@ -57,4 +57,26 @@ describe('the statement deadline', () => {
     expect((await sql<{ one: number }>`SELECT 1 AS one`.execute(ctx.db)).rows).toEqual([{ one: 1 }]);
     expect(await replacedCount(ctx.metrics.dbConnectionsReplaced)).toBe(1);
   });
+
+  it('reads an answer that came while the process stood still past the deadline: not a dead connection', async ({
+    ctx,
+  }) => {
+    const replacedBefore = await replacedCount(ctx.metrics.dbConnectionsReplaced);
+    const client = await ctx.pool.connect();
+    try {
+      // The statement is written to the socket before query() returns (the client is idle); the process
+      // then stands still (SIGSTOP, a paused VM) past the deadline while the server answers. On waking,
+      // Node runs the expired deadline's timer before it reads the socket: the answer is there, unread.
+      const answer = client.query<{ one: number }>('SELECT 1 AS one');
+      const until = performance.now() + 3 * DEADLINE_MS;
+      while (performance.now() < until) {
+        // standing still: no timer, no I/O callback runs
+      }
+      const { rows } = await answer;
+      expect(rows).toEqual([{ one: 1 }]);
+    } finally {
+      client.release();
+    }
+    expect(await replacedCount(ctx.metrics.dbConnectionsReplaced)).toBe(replacedBefore);
+  });
 });
