@@ -45,6 +45,7 @@ export const SETTINGS_REFERENCE = { file: 'docs/configuration.md', heading: 'Con
 export const OTHER_VARIABLES: Readonly<Record<string, string>> = {
   TEST_DATABASE_URL: 'test/support/global-setup.ts', // the tests' own Postgres
   MB_TEST_SEED: 'scripts/lib/random.ts', // replays a test run's random draws
+  MB_TEST_SERVER_ONLY: 'vitest.config.ts', // only the test files that reach the database (CI's second run)
   CHAOS_SHORT: 'test/chaos/scenarios.chaos.ts', // npm run chaos -- --short
   CHAOS_SEED: 'test/chaos/scenarios.chaos.ts', // npm run chaos -- --seed N
   METERBOX_API_KEY: 'scripts/simulate.ts', // npm run simulate's default key

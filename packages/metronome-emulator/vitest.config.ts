@@ -13,7 +13,8 @@ export default defineConfig({
     // import, about a second each): every file starts and stops its own emulators and changes no
     // environment, mock or global, so nothing a file leaves is seen by the next.
     isolate: false,
-    // As many as the root config's (vitest runs projects of one group only with the same number).
-    maxWorkers: Math.max(2, availableParallelism()),
+    // As many as the root config's FILES_AT_ONCE (vitest runs projects of one group only with the same
+    // number; it refuses to start otherwise).
+    maxWorkers: Math.max(4, availableParallelism()),
   },
 });

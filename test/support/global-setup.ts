@@ -53,7 +53,11 @@ export default async function setup(project: TestProject): Promise<() => Promise
     provider = `TEST_DATABASE_URL (${new URL(adminUrl).host})`;
   } else if (await dockerReachable()) {
     const { PostgreSqlContainer } = await import('@testcontainers/postgresql');
-    const container = await new PostgreSqlContainer('postgres:18-alpine').start();
+    // As many connections as the embedded Postgres takes (src/db/embedded.ts): the files that run at
+    // once on either each start processes with pools of their own (vitest.config.ts, FILES_AT_ONCE).
+    const container = await new PostgreSqlContainer('postgres:18-alpine')
+      .withCommand(['postgres', '-c', 'max_connections=300'])
+      .start();
     adminUrl = withDatabase(container.getConnectionUri(), 'postgres');
     provider = 'testcontainers (postgres:18-alpine)';
     cleanups.push(async () => {
