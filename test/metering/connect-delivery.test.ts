@@ -152,10 +152,14 @@ describe('Stripe Connect delivery (v1)', () => {
     expect(after.rateLimited - before.rateLimited).toBe(0);
     for (const account of [ACCOUNT_A, ACCOUNT_B]) {
       const mine = new Set(orgs.filter((o) => o.account === account).map((o) => o.org.customerId));
-      const events = emulator.events({ account }).filter((e) => mine.has(e.customer));
-      expect(events).toHaveLength(120);
+      const calls = emulator.events({ account }).filter((e) => mine.has(e.customer));
+      // The readings' 120. Near the top of an hour the hourly active_sensors report (its cron fires on
+      // this file's database too) also bills each organization once (a count of 0): those are calls on
+      // the account as well, so the window below counts them.
+      expect(calls.filter((e) => e.event_name === 'temperature_readings')).toHaveLength(120);
+      expect(calls.filter((e) => e.event_name !== 'temperature_readings').length).toBeLessThanOrEqual(30);
       // No one-second window holds more of the account's calls than its limit.
-      const times = events.map((e) => e.receivedAt).sort((a, b) => a - b);
+      const times = calls.map((e) => e.receivedAt).sort((a, b) => a - b);
       let most = 0;
       for (let i = 0, j = 0; i < times.length; i++) {
         while (times[i]! - times[j]! >= 1000) j++;
