@@ -7,6 +7,7 @@ import { describe, expect } from 'vitest';
 import { stripeTotals } from '../../src/admin/reconcile.js';
 import { CustomerAccountError, recordCustomerAccount } from '../../src/billing/connect.js';
 import { createStripeClient } from '../../src/context.js';
+import { ACTIVE_SENSORS_QUEUE } from '../../src/metering/active-sensors-job.js';
 import { correctionsOnConnectedAccount } from '../../src/metering/corrections.js';
 import { createCorrectionClient, createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { createOrganization } from '../support/fixtures.js';
@@ -169,6 +170,18 @@ describe('Stripe Connect delivery (v1)', () => {
     }
     // 120 calls per account at 20/s take about 6 s; both accounts ran side by side.
     expect(Date.now() - started).toBeGreaterThan(5_000);
+  });
+
+  it("schedules the hourly report once a year, the test kit's quiet default (this file names none)", async ({
+    ctx,
+  }) => {
+    // The worker registered it at its start; at the default every hour it billed this file's organizations
+    // once more at the top of an hour (the test above counts their calls).
+    const { rows } = await ctx.pool.query<{ cron: string }>(
+      `SELECT cron FROM pgboss.schedule WHERE name = $1`,
+      [ACTIVE_SENSORS_QUEUE],
+    );
+    expect(rows.map((r) => r.cron)).toEqual(['0 0 1 1 *']);
   });
 
   it('refuses to move a customer to another account, or one billed on the platform to a connected account', async ({
