@@ -71,8 +71,8 @@ const ALONE = [
 
 /**
  * Files at once. Most files wait on Postgres, child processes and timers rather than compute: four at once
- * on 2 cores (as many as the cores on a larger machine) keep them busy (on 2 cores `npm test` 415 → 285 s,
- * the slow project 402 → 265 s: docs/getting-started.md). The slow project's files each start several
+ * on 2 cores (as many as the cores on a larger machine) keep them busy (the times:
+ * docs/getting-started.md). The slow project's files each start several
  * processes with pools of their own: four of them at once took more than PostgreSQL's default 100
  * connections ("too many clients" on the PostgreSQL service here). The run's own Postgres (embedded, or a
  * container) is started with 300; on a server of the user's (TEST_DATABASE_URL) they run two at a time.

@@ -126,9 +126,8 @@ export function contextTest(options: ContextOptions = {}) {
  * The hourly report's schedule in a stripeTest file unless the file names its own: once a year (midnight,
  * January 1st, UTC). At the default ('0 * * * *') the cron fired at the top of every hour on each
  * supervising file's database and billed each organization's active sensors once more, in the middle of
- * tests that count the calls of their customers (connect-delivery.test.ts failed so in CI at 21:00). The
- * report has files of its own (active-sensors-job, cron-active-sensors); the worker's start-up report
- * still runs in every file.
+ * tests that count the calls of their customers. The report has files of its own (active-sensors-job,
+ * cron-active-sensors); the worker's start-up report still runs in every file.
  */
 const QUIET_METER_CRON = '0 0 1 1 *';
 
