@@ -81,6 +81,9 @@ const ALONE = [
 const FILES_AT_ONCE = Math.max(4, availableParallelism());
 const SLOW_FILES_AT_ONCE = process.env.TEST_DATABASE_URL ? 2 : FILES_AT_ONCE;
 
+/** How long `expect.poll` keeps asking, and how often (see `expect` below). */
+const POLL = { timeout: 15_000, interval: 50 };
+
 /**
  * MB_TEST_SERVER_ONLY=1 runs only the files that reach the run's database server: CI's second run, against
  * another Postgres major (.ci/run), leaves out the files that would run exactly as they did the first time
@@ -100,6 +103,10 @@ export default defineConfig({
     setupFiles: ['test/support/per-file.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
+    // `expect.poll` waits for something that happens soon (a page's answer, a counter's next value), but on
+    // 2 cores with four files at once "soon" can take more than vitest's 1 s default: the dashboard's
+    // sign-in alert took longer in a CI run. The assertions are unchanged; only how long they may wait.
+    expect: { poll: POLL },
     pool: 'forks',
     // Each file has its own database, so files run in parallel (FILES_AT_ONCE).
     fileParallelism: true,
@@ -155,6 +162,7 @@ export default defineConfig({
           setupFiles: ['test/support/per-file.ts', 'test/support/citus-per-file.ts'],
           testTimeout: 60_000,
           hookTimeout: 120_000,
+          expect: { poll: POLL },
           pool: 'forks',
           fileParallelism: false,
           sequence: { groupOrder: 3 },
