@@ -149,9 +149,11 @@ export async function previewCorrection(
  * 2. void the selected readings, one statement, RETURNING the outbox row that billed each: the
  *    counts and the credit come from the same rows, so the credit is exactly the billed voided ones;
  * 3. for each billing outbox row: if it is still unsent (pending, no identifier: no Stripe call can
- *    carry it yet) its value is lowered in place; otherwise (claimed, sent, failed) a correction row
- *    takes the readings back. An original that expired was never billed: its correction row is
- *    recorded as expired (no credit, nothing sent);
+ *    carry it yet) and no other transaction holds it, its value is lowered in place; otherwise
+ *    (claimed, sent, failed, or held by a claim in progress) a correction row takes the readings back.
+ *    The correction never waits for an outbox row: a claim locks its rows in an order of its own, and a
+ *    correction waiting on one of them while holding another deadlocked with it. An original that
+ *    expired was never billed: its correction row is recorded as expired (no credit, nothing sent);
  * 4. a delivery job for each customer that got correction rows (the ingestion hand-off).
  */
 export async function createCorrection(
@@ -188,6 +190,25 @@ export async function createCorrection(
     .returning('id')
     .executeTakeFirstOrThrow();
 
+  // The unsent rows the correction may lower in place: those no call can carry yet (pending, no
+  // identifier) that no other transaction holds right now, locked here (SKIP LOCKED). A claim in progress
+  // locks its keys' rows in an order of its own; a correction that lowered one of them and then waited for
+  // another, held by the claim that wanted the first, deadlocked with it (the destinations ledger, a
+  // parallel run, on PostgreSQL 15). A row held is taken back by a correction row instead, as if its claim
+  // had committed: exact either way (test/admin/correction-locks.test.ts). The readings it reads cannot
+  // change meanwhile: their sensors are locked above. A statement of its own: as a locking CTE of the
+  // correction's statement, Citus failed it (test/citus/destinations.citus.ts).
+  const { rows: lockedRows } = await sql<{ id: string }>`
+    SELECT o.id FROM meter_outbox o
+     WHERE o.organization_id = ${organizationId}
+       AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
+       AND (o.id IN (SELECT r.outbox_id FROM temperature_readings r WHERE ${selection(organizationId, input.sensorId, range)})
+            OR o.mirrors_outbox_id IN (SELECT r.outbox_id FROM temperature_readings r
+                                        WHERE ${selection(organizationId, input.sensorId, range)}))
+     ORDER BY o.id
+       FOR NO KEY UPDATE OF o SKIP LOCKED`.execute(trx);
+  const unsent = lockedRows.map((r) => r.id);
+
   const result = await sql<{
     voided: number;
     billed: number;
@@ -212,7 +233,8 @@ export async function createCorrection(
     ), lowered AS (
       UPDATE meter_outbox o SET value = o.value - p.n, updated_at = now()
         FROM targets p
-       WHERE o.id = p.outbox_id AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
+       WHERE o.id = p.outbox_id AND o.id = ANY(${unsent}::bigint[])
+         AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
       RETURNING o.id, p.n
     ), corrections AS (
       -- An original that expired was never billed: its correction row is recorded as expired too
