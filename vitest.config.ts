@@ -104,8 +104,8 @@ export default defineConfig({
     testTimeout: 30_000,
     hookTimeout: 120_000,
     // `expect.poll` waits for something that happens soon (a page's answer, a counter's next value), but on
-    // 2 cores with four files at once "soon" can take more than vitest's 1 s default: the dashboard's
-    // sign-in alert took longer in a CI run. The assertions are unchanged; only how long they may wait.
+    // 2 cores with four files at once "soon" can take more than vitest's 1 s default (a browser page's
+    // answer to a sign-in, in the dashboard's test).
     expect: { poll: POLL },
     pool: 'forks',
     // Each file has its own database, so files run in parallel (FILES_AT_ONCE).

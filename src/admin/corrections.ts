@@ -193,18 +193,18 @@ export async function createCorrection(
   // The unsent rows the correction may lower in place: those no call can carry yet (pending, no
   // identifier) that no other transaction holds right now, locked here (SKIP LOCKED). A claim in progress
   // locks its keys' rows in an order of its own; a correction that lowered one of them and then waited for
-  // another, held by the claim that wanted the first, deadlocked with it (the destinations ledger, a
-  // parallel run, on PostgreSQL 15). A row held is taken back by a correction row instead, as if its claim
-  // had committed: exact either way (test/admin/correction-locks.test.ts). The readings it reads cannot
-  // change meanwhile: their sensors are locked above. A statement of its own: as a locking CTE of the
-  // correction's statement, Citus failed it (test/citus/destinations.citus.ts).
+  // another, held by the claim that wanted the first, would deadlock with it (a parallel run's billing row
+  // and mirror). A row held is taken back by a correction row instead, as if its claim had committed:
+  // exact either way (test/admin/correction-locks.test.ts). The readings it reads cannot change meanwhile:
+  // their sensors are locked above. A statement of its own: Citus does not run this lock as a CTE of the
+  // correction's statement (test/citus/destinations.citus.ts).
   const { rows: lockedRows } = await sql<{ id: string }>`
     SELECT o.id FROM meter_outbox o
      WHERE o.organization_id = ${organizationId}
        AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
-       AND (o.id IN (SELECT r.outbox_id FROM temperature_readings r WHERE ${selection(organizationId, input.sensorId, range)})
-            OR o.mirrors_outbox_id IN (SELECT r.outbox_id FROM temperature_readings r
-                                        WHERE ${selection(organizationId, input.sensorId, range)}))
+       -- The row the readings name (its mirrors_outbox_id is null) and its rows at other destinations.
+       AND coalesce(o.mirrors_outbox_id, o.id) IN (
+             SELECT r.outbox_id FROM temperature_readings r WHERE ${selection(organizationId, input.sensorId, range)})
      ORDER BY o.id
        FOR NO KEY UPDATE OF o SKIP LOCKED`.execute(trx);
   const unsent = lockedRows.map((r) => r.id);
@@ -233,8 +233,8 @@ export async function createCorrection(
     ), lowered AS (
       UPDATE meter_outbox o SET value = o.value - p.n, updated_at = now()
         FROM targets p
+       -- Unsent and held by this transaction since the statement above: nothing else can have changed them.
        WHERE o.id = p.outbox_id AND o.id = ANY(${unsent}::bigint[])
-         AND o.kind = 'usage' AND o.status = 'pending' AND o.identifier IS NULL
       RETURNING o.id, p.n
     ), corrections AS (
       -- An original that expired was never billed: its correction row is recorded as expired too
