@@ -75,11 +75,33 @@ const ALONE = [
  * docs/getting-started.md). The slow project's files each start several
  * processes with pools of their own: four of them at once took more than PostgreSQL's default 100
  * connections ("too many clients" on the PostgreSQL service here). The run's own Postgres (embedded, or a
- * container) is started with 300; on a server of the user's (TEST_DATABASE_URL) they run two at a time.
+ * container) is started with 300; on a server of the user's (TEST_DATABASE_URL) they run four at once
+ * when it takes 300 connections too (CI's PostgreSQL 15 cluster, .ci/run), else two at a time.
  * `--maxWorkers` overrides both.
  */
 const FILES_AT_ONCE = Math.max(4, availableParallelism());
-const SLOW_FILES_AT_ONCE = process.env.TEST_DATABASE_URL ? 2 : FILES_AT_ONCE;
+const ENOUGH_CONNECTIONS = 300;
+const SLOW_FILES_AT_ONCE =
+  !process.env.TEST_DATABASE_URL ||
+  (await serverMaxConnections(process.env.TEST_DATABASE_URL)) >= ENOUGH_CONNECTIONS
+    ? FILES_AT_ONCE
+    : 2;
+
+/** The server's max_connections, or 0 when it cannot be asked (the run then fails in its global set-up). */
+async function serverMaxConnections(url: string): Promise<number> {
+  const { default: pg } = await import('pg');
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000 });
+  client.on('error', () => {});
+  try {
+    await client.connect();
+    const { rows } = await client.query<{ max_connections: string }>('SHOW max_connections');
+    return Number(rows[0]?.max_connections ?? 0);
+  } catch {
+    return 0;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
 
 /** How long `expect.poll` keeps asking, and how often (see `expect` below). */
 const POLL = { timeout: 15_000, interval: 50 };
