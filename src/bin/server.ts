@@ -14,12 +14,17 @@ Runs the HTTP API (PORT, HOST) against DATABASE_URL until SIGTERM or SIGINT, the
 Settings come from the environment: see .env.example.`,
 );
 const config = configOrExit({ needDatabase: true });
+/** The longest the API waits for its key cache's warm read before it listens anyway (keys looked up meanwhile). */
+const WARM_WAIT_MS = 10_000;
 try {
   // It sends jobs and works none: no LISTEN for job wake-ups (one direct connection: the key cache's).
   const ctx = await createContext(config, { applicationName: 'meterbox-api', jobWakeUps: false });
   await ctx.boss.start();
-  // The key cache's listener and its warming read start now, not with the first request.
+  // The key cache's listener and its warming read start now, not with the first request, and the
+  // process listens once that read is done (at most WARM_WAIT_MS): parsing up to API_KEY_CACHE_MAX_KEYS
+  // keys took its one thread from the first requests (ApiKeyCache.warmed).
   ctx.apiKeys.start();
+  await ctx.apiKeys.warmed(WARM_WAIT_MS);
   let draining = false;
   const server = await startHttpServer(createApp(ctx, [], { draining: () => draining }), {
     port: config.PORT,

@@ -92,10 +92,33 @@ export class ApiKeyCache {
   private used = new Map<string, Date>();
   private usedTimer: NodeJS.Timeout | undefined;
   private recording: Promise<void> | undefined;
+  /** Settles when the first listener attempt has: its warm read done or failed, or its connection refused. */
+  private readonly firstAttempt: Promise<void>;
+  private firstAttemptSettled: () => void = () => {};
 
   constructor(private readonly options: ApiKeyCacheOptions) {
     this.retryMs = options.reconnectMs ?? RECONNECT_MS;
     this.maxKeys = options.maxKeys ?? DEFAULT_MAX_KEYS;
+    this.firstAttempt = new Promise((resolve) => {
+      this.firstAttemptSettled = resolve;
+    });
+  }
+
+  /**
+   * Resolves once the listener's first attempt has settled (its warm read done or failed, or its
+   * connection refused: keys are then looked up) or after `boundMs`, whichever is first; never rejects.
+   * The API listens after it (src/bin/server.ts): a process that took requests while it parsed up to
+   * API_KEY_CACHE_MAX_KEYS keys shared its one thread between them (at 100,000 keys, half a second of a
+   * core: the first second of the load's p99 380-560 ms in the report bench, docs/benchmarks.md).
+   */
+  async warmed(boundMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const bound = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, boundMs);
+      timer.unref();
+    });
+    await Promise.race([this.firstAttempt, bound]);
+    clearTimeout(timer);
   }
 
   /**
@@ -175,6 +198,14 @@ export class ApiKeyCache {
 
   /** Fills the cache with the most recently used keys, unless an invalidation raced the read. */
   private async warm(): Promise<void> {
+    try {
+      await this.warmOnce();
+    } finally {
+      this.firstAttemptSettled();
+    }
+  }
+
+  private async warmOnce(): Promise<void> {
     const read = this.options.warm;
     if (!read || this.maxKeys === 0) return;
     const ticket = this.generation;
@@ -211,6 +242,7 @@ export class ApiKeyCache {
       .catch((err: unknown) => {
         this.outage(err, 'API key cache: listener connection failed; keys are looked up until it is up');
         this.scheduleReconnect();
+        this.firstAttemptSettled();
       })
       .finally(() => {
         this.starting = undefined;
@@ -299,6 +331,7 @@ export class ApiKeyCache {
   }
 
   async close(): Promise<void> {
+    this.firstAttemptSettled();
     if (this.usedTimer) clearTimeout(this.usedTimer);
     this.usedTimer = undefined;
     await this.recordUsed();

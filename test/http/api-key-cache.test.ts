@@ -105,6 +105,111 @@ describe('the API key cache', () => {
     }
   });
 
+  it('says it is warmed once its warm read is done, or its listener refused, or its bound passed', async ({
+    ctx,
+    databaseUrl,
+    org,
+  }) => {
+    // The warm read held until the test lets it go.
+    let release = () => {};
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const cache = new ApiKeyCache({
+      connectionString: databaseUrl,
+      log: createLogger('silent'),
+      warm: async (limit) => {
+        await held;
+        return recentApiKeys(ctx.db, limit);
+      },
+    });
+    const settledAfter = async (promise: Promise<void>) => {
+      const started = performance.now();
+      await promise;
+      return performance.now() - started;
+    };
+    try {
+      cache.start();
+      let warmed = false;
+      const waiting = cache.warmed(60_000).then(() => {
+        warmed = true;
+      });
+      await vi.waitFor(() => expect(cache.active).toBe(true), { timeout: 5_000 });
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      expect(warmed).toBe(false);
+      release();
+      await waiting;
+      // Warmed means the keys are in: the first request after it finds its key without a lookup.
+      expect(cache.get(hashApiKey(org.apiKey))).toMatchObject({ organizationId: org.organizationId });
+      // Once settled, it stays settled.
+      expect(await settledAfter(cache.warmed(60_000))).toBeLessThan(100);
+    } finally {
+      release();
+      await cache.close();
+    }
+
+    // A listener that cannot connect: keys are looked up, nothing to wait for.
+    const port = await freePort();
+    const refused = new ApiKeyCache({
+      connectionString: `postgres://meterbox@127.0.0.1:${port}/meterbox`,
+      log: createLogger('silent'),
+      warm: (limit) => recentApiKeys(ctx.db, limit),
+    });
+    try {
+      refused.start();
+      expect(await settledAfter(refused.warmed(60_000))).toBeLessThan(5_000);
+      expect(refused.active).toBe(false);
+    } finally {
+      await refused.close();
+    }
+
+    // A warm read that never ends: the bound.
+    const hung = new ApiKeyCache({
+      connectionString: databaseUrl,
+      log: createLogger('silent'),
+      warm: () => new Promise<never>(() => {}),
+    });
+    try {
+      hung.start();
+      const took = await settledAfter(hung.warmed(400));
+      expect(took).toBeGreaterThanOrEqual(350);
+      expect(took).toBeLessThan(5_000);
+    } finally {
+      await hung.close();
+    }
+  });
+
+  it('the API process listens only after its warm read (held here by a lock on api_keys)', {
+    timeout: 90_000,
+  }, async ({ ctx, startProcess }) => {
+    const port = await freePort();
+    let server: ReturnType<typeof startProcess> | undefined;
+    await ctx.db.transaction().execute(async (trx) => {
+      await sql`LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE`.execute(trx);
+      const { rows: locked } = await sql<{ at: Date }>`SELECT now() AS at`.execute(trx);
+      server = startProcess('server', { PORT: String(port) });
+      // Its warm read waits for the lock: the process has started everything else, and does not listen.
+      // (Asked on another connection: pg_stat_activity stays as first read for the rest of a transaction.
+      // Only this process's sessions began after the lock: the file's other API process warms too.)
+      await vi.waitFor(
+        async () => {
+          const { rows } = await sql<{ n: number }>`
+            SELECT count(*)::int AS n FROM pg_stat_activity
+             WHERE datname = current_database() AND backend_start > ${locked[0]!.at}
+               AND wait_event_type = 'Lock' AND query LIKE '%last_used_at DESC NULLS LAST%'`.execute(ctx.db);
+          expect(rows[0]!.n, server?.output.slice(-2000)).toBeGreaterThan(0);
+        },
+        { timeout: 60_000, interval: 100 },
+      );
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
+      expect(server.output).not.toContain('meterbox API listening');
+      await expect(fetch(`http://127.0.0.1:${port}/healthz`)).rejects.toThrow();
+    });
+    // The lock gone, the read completes and the process listens.
+    await server!.waitForOutput('meterbox API listening', 30_000);
+    expect((await fetch(`http://127.0.0.1:${port}/healthz`)).status).toBe(200);
+  });
+
   it('keeps at most maxKeys keys: warms the most recently used, evicts the least recently used, 0 keeps none', async ({
     ctx,
     databaseUrl,
