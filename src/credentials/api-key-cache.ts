@@ -198,14 +198,6 @@ export class ApiKeyCache {
 
   /** Fills the cache with the most recently used keys, unless an invalidation raced the read. */
   private async warm(): Promise<void> {
-    try {
-      await this.warmOnce();
-    } finally {
-      this.firstAttemptSettled();
-    }
-  }
-
-  private async warmOnce(): Promise<void> {
     const read = this.options.warm;
     if (!read || this.maxKeys === 0) return;
     const ticket = this.generation;
@@ -317,7 +309,7 @@ export class ApiKeyCache {
     }
     // After LISTEN: a key revoked after this read is invalidated by its NOTIFY, one revoked before
     // is not read (set() drops the whole read if a NOTIFY arrived meanwhile).
-    void this.warm();
+    void this.warm().finally(() => this.firstAttemptSettled());
   }
 
   private scheduleReconnect(): void {

@@ -15,7 +15,7 @@ import type { BatchDeps } from '../../src/metering/batch-deps.js';
 import { claimBatch } from '../../src/metering/claim-sql.js';
 import { createCorrectionClient, createStripeMeterClient } from '../../src/metering/stripe-meter.js';
 import { v1BatchDeps } from '../metering/delivery-helpers.js';
-import { authHeaders, createOrganization, createSensors } from '../support/fixtures.js';
+import { createOrganization, createSensors, postReadingsAt } from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 
 const HOUR = 3600_000;
@@ -39,22 +39,8 @@ const it = stripeTest({
     const org = await createOrganization(ctx.db, { customerId: customer.id });
     const [sensorId] = await createSensors(ctx.db, org.organizationId, 1);
     const base = new Date(Date.now() - 2 * HOUR);
-    for (const [start, count] of [
-      [0, 3],
-      [10, 2],
-    ] as const) {
-      const readings = Array.from({ length: count }, (_, i) => ({
-        sensorId,
-        recordedAt: new Date(base.getTime() + (start + i) * 1000).toISOString(),
-        temperatureC: 5,
-      }));
-      const res = await app.request('/v1/readings', {
-        method: 'POST',
-        headers: authHeaders(org.apiKey),
-        body: JSON.stringify({ readings }),
-      });
-      expect(res.status).toBe(201);
-    }
+    await postReadingsAt(app, org.apiKey, sensorId!, 3, base);
+    await postReadingsAt(app, org.apiKey, sensorId!, 2, base, 10);
     const rows = await ctx.db
       .selectFrom('meter_outbox')
       .select(['id', 'value'])

@@ -25,6 +25,7 @@ import {
   createSensors,
   memoryIo,
   type OrganizationFixture,
+  postReadingsAt,
 } from '../support/fixtures.js';
 import { checkLedger, loadLedger } from '../support/ledger.js';
 import { stripeTest, type TestApp } from '../support/test.js';
@@ -67,20 +68,8 @@ const it = stripeTest({
   })
   // One POST /v1/readings: readings of `sensorId` recorded at base + i seconds.
   .extend('ingest', { scope: 'file' }, async ({ app }) => {
-    return async (org: OrganizationFixture, sensorId: string, count: number, base: Date, startAt = 0) => {
-      const readings = Array.from({ length: count }, (_, i) => ({
-        sensorId,
-        recordedAt: new Date(base.getTime() + (startAt + i) * 1000).toISOString(),
-        temperatureC: 5,
-      }));
-      const res = await app.request('/v1/readings', {
-        method: 'POST',
-        headers: authHeaders(org.apiKey),
-        body: JSON.stringify({ readings }),
-      });
-      expect(res.status).toBe(201);
-      return (await res.json()) as { inserted: number; duplicates: number };
-    };
+    return (org: OrganizationFixture, sensorId: string, count: number, base: Date, startAt = 0) =>
+      postReadingsAt(app, org.apiKey, sensorId, count, base, startAt);
   })
   // Drains a customer's temperature_readings key to Stripe, as its delivery job would.
   .extend('deliver', { scope: 'file' }, async ({ deps }) => async (customerId: string): Promise<void> => {

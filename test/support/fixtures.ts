@@ -1,6 +1,7 @@
 // The kit's fixtures for tests and chaos: organizations with an API key and sensors (shared with the
 // benchmarks: scripts/lib/fixtures.ts), outbox rows, plus small request helpers.
 import type { Kysely } from 'kysely';
+import { expect } from 'vitest';
 import type { CliIo } from '../../src/cli/io.js';
 import type { DB } from '../../src/db/schema.js';
 
@@ -33,6 +34,32 @@ export function reading(
 /** Anything with Hono's `request` (an app built by createApp). */
 interface Requester {
   request(path: string, init?: RequestInit): Response | Promise<Response>;
+}
+
+/**
+ * One POST /v1/readings of `count` readings of `sensorId` at 5 °C, recorded at `base` + (`startAt` + i)
+ * seconds; expects 201 and returns its answer.
+ */
+export async function postReadingsAt(
+  app: Requester,
+  apiKey: string,
+  sensorId: string,
+  count: number,
+  base: Date,
+  startAt = 0,
+): Promise<{ inserted: number; duplicates: number }> {
+  const readings = Array.from({ length: count }, (_, i) => ({
+    sensorId,
+    recordedAt: new Date(base.getTime() + (startAt + i) * 1000).toISOString(),
+    temperatureC: 5,
+  }));
+  const res = await app.request('/v1/readings', {
+    method: 'POST',
+    headers: authHeaders(apiKey),
+    body: JSON.stringify({ readings }),
+  });
+  expect(res.status).toBe(201);
+  return (await res.json()) as { inserted: number; duplicates: number };
 }
 
 /**
