@@ -90,7 +90,12 @@ const SLOW_FILES_AT_ONCE =
 /** The server's max_connections, or 0 when it cannot be asked (the run then fails in its global set-up). */
 async function serverMaxConnections(url: string): Promise<number> {
   const { default: pg } = await import('pg');
-  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000 });
+  // Bounded both ways: a server that stops answering (a dropped connection) costs 5 s, not the run.
+  const client = new pg.Client({
+    connectionString: url,
+    connectionTimeoutMillis: 5_000,
+    query_timeout: 5_000,
+  });
   client.on('error', () => {});
   try {
     await client.connect();
@@ -99,7 +104,8 @@ async function serverMaxConnections(url: string): Promise<number> {
   } catch {
     return 0;
   } finally {
-    await client.end().catch(() => {});
+    // Not awaited: on a connection that died silently, end() would wait for the kernel to give up.
+    void client.end().catch(() => {});
   }
 }
 
