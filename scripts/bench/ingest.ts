@@ -20,6 +20,8 @@
 // `--ratio-keyed`: the API's requests with an Idempotency-Key each as one more side;
 // `--ratio-keys-queued`: one more side, the organizations split in two halves, the API on the second
 // whose every delivery key had its job queued before the slices: the statement's path that queues none;
+// `--ratio-keys-touched`: one more side on a third population, one reading each before the slices and
+// their delivery jobs then deleted: first requests that queue jobs on organizations touched before;
 // `--ratio-orgs N`: the organizations the sides send as, 10,000 by default; `--ratio-raw-binary`: one
 // more batch side, raw with binary arrays as the API sends them);
 // `validation` times a batch of 500's JSON and validation in this process; `group-cost` (only when named,
@@ -200,6 +202,12 @@ const { values: args } = parseArgs({
     // reading before the slices so its delivery key has a job queued (no worker drains them here): that
     // side's statements queue none.
     'ratio-keys-queued': { type: 'boolean', default: false },
+    // One more side: the API on a third population of organizations (as many as a half), each sent one
+    // reading before the slices as --ratio-keys-queued's are, then its delivery jobs deleted: its
+    // organizations' rows read, locked and written before, and its keys' jobs queued afresh by the
+    // slices' requests. Against the first side (no request before) and --ratio-keys-queued's: what of a
+    // first request's cost is its job and what is its organization's first touch.
+    'ratio-keys-touched': { type: 'boolean', default: false },
     // Organizations the ratio sides send as (default 10,000; with --ratio-keys-queued, the two halves
     // share them): one API key each, used at random, so past API_KEY_CACHE_MAX_KEYS the API reads keys.
     'ratio-orgs': { type: 'string', default: '10000' },
@@ -1004,10 +1012,14 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
     // about half the requests of both sides then read their key from the database (0.06 sessions on that
     // read). The halves stay, so the runs compare with those measured so.
     const organizations = Number(args['ratio-orgs']);
-    const population = args['ratio-keys-queued'] ? Math.floor(organizations / 2) : organizations;
+    const population =
+      args['ratio-keys-queued'] || args['ratio-keys-touched'] ? Math.floor(organizations / 2) : organizations;
     const orgs = await seedOrgs(h.pool, population, 1, `r${randomBytes(2).toString('hex')}`);
     const queuedOrgs = args['ratio-keys-queued']
       ? await seedOrgs(h.pool, population, 1, `q${randomBytes(2).toString('hex')}`)
+      : [];
+    const touchedOrgs = args['ratio-keys-touched']
+      ? await seedOrgs(h.pool, population, 1, `t${randomBytes(2).toString('hex')}`)
       : [];
     await h.pool.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
     // Both sides write on the deployment's WAL (`--wal fresh`: the cluster as it is).
@@ -1238,25 +1250,40 @@ async function runRatios(cluster: Cluster, entries: Record<string, string>) {
       ...(queuedOrgs.length
         ? [{ label: 'API, every key queued', op: apiOp(size, http, false, queuedOrgs), clients }]
         : []),
+      ...(touchedOrgs.length
+        ? [{ label: 'API, keys touched, none queued', op: apiOp(size, http, false, touchedOrgs), clients }]
+        : []),
       ...(args['ratio-node-http']
         ? [{ label: 'API, node:http client', op: apiOp(size, nodeHttp), clients }]
         : []),
     ];
-    if (queuedOrgs.length) {
+    // One reading for each organization of a population: its delivery key's job queued.
+    const sendOneEach = async (population: readonly Org[], flag: string) => {
       let next = 0;
       await Promise.all(
         Array.from({ length: 16 }, async () => {
-          while (next < queuedOrgs.length) {
-            const org = queuedOrgs[next++]!;
+          while (next < population.length) {
+            const org = population[next++]!;
             const res = await nodeHttp.postJson(
               '/v1/readings',
               JSON.stringify({ readings: source.batch(org, 1) }),
               org.apiKey,
             );
-            if (res.status !== 201) throw new Error(`--ratio-keys-queued: ${res.status} for an organization`);
+            if (res.status !== 201) throw new Error(`${flag}: ${res.status} for an organization`);
           }
         }),
       );
+    };
+    if (touchedOrgs.length) {
+      await sendOneEach(touchedOrgs, '--ratio-keys-touched');
+      const { rowCount } = await h.pool.query(
+        `DELETE FROM pgboss.job WHERE name = 'meter-delivery' AND (data->>'organizationId')::uuid = ANY($1::uuid[])`,
+        [touchedOrgs.map((o) => o.organizationId)],
+      );
+      log(`the touched population: one reading each, then its ${rowCount} delivery jobs deleted`);
+    }
+    if (queuedOrgs.length) {
+      await sendOneEach(queuedOrgs, '--ratio-keys-queued');
       log(`the second population's delivery keys queued: ${await deliveryJobs()} delivery jobs`);
     }
     const single = await compare('single readings', [
