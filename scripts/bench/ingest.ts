@@ -824,6 +824,17 @@ async function runScenario(
     for (const [customer, n] of readingsPerOrg) if ((stripeSum.get(customer) ?? 0) !== n) mismatched++;
     for (const [customer, sum] of stripeSum) if (!readingsPerOrg.has(customer) && sum !== 0) mismatched++;
 
+    // The readings' delivery jobs queued during the load (pg-boss keeps a finished job for
+    // JOB_RETENTION_SECONDS, longer than the load): against the requests accepted, how many of a
+    // deployment's requests queue their key's job (the hourly report's keys go in batch jobs).
+    const jobsQueued = Number(
+      (
+        await h.pool.query<{ n: string }>(
+          `SELECT count(*) AS n FROM pgboss.job WHERE name = 'meter-delivery' AND created_on >= $1`,
+          [new Date(loadStart)],
+        )
+      ).rows[0]!.n,
+    );
     const during = requests.filter((r) => reportDoneAt === null || r.at < reportDoneAt).map((r) => r.ms);
     const after = requests.filter((r) => reportDoneAt !== null && r.at >= reportDoneAt).map((r) => r.ms);
     http.close();
@@ -859,6 +870,7 @@ async function runScenario(
         keptShare: round(ok / (s.rate * loadSeconds), 3),
         sentLate: delayed,
         errors: failed,
+        deliveryJobsPerRequest: round(jobsQueued / Math.max(1, ok), 3),
         latencyMs: latencySummary(requests.map((r) => r.ms)),
         latencyDuringReportMs: latencySummary(during),
         latencyAfterReportMs: latencySummary(after),
@@ -937,7 +949,7 @@ async function runScenario(
       `cores: api ${c.api} worker ${c.worker} postgres ${c.postgres} loadgen+emulator ${c.loadGeneratorAndEmulator} others ${c.others} (machine ${c.machine}); load average ${result.loadAverage.join(' ')}`,
     );
     log(
-      `API: ${apiStatements.perUnit} statements and ${apiStatements.msPerUnit} ms of Postgres per request; worker: ${workerStatements.perUnit} statements per event`,
+      `API: ${apiStatements.perUnit} statements and ${apiStatements.msPerUnit} ms of Postgres per request, a delivery job queued by ${result.load.deliveryJobsPerRequest} of its requests; worker: ${workerStatements.perUnit} statements per event`,
     );
     for (const st of apiStatements.top.slice(0, 6))
       log(`  api ${st.meanMs} ms x${st.calls} (${st.rows} rows) ${st.query}`);
