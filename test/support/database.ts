@@ -41,7 +41,7 @@ async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
 }
 
 /** How long a drop waits for the database's sessions to leave before it terminates them. */
-const LEAVE_WAIT_MS = 2_000;
+export const LEAVE_WAIT_MS = 2_000;
 
 /**
  * Drops a file's database once its sessions have left, or WITH (FORCE) after LEAVE_WAIT_MS. A pool's end()
