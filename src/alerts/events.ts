@@ -2,10 +2,10 @@
 // it (a reading that crosses a threshold, a correction that brings usage back under, a silence pass),
 // fanned out to every endpoint subscribed to its type in the same statement, and handed to the
 // `alert-delivery` queue through the same transaction. Its id (evt_…) and body never change after.
-import { randomUUID } from 'node:crypto';
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import { fromKysely, type PgBoss } from 'pg-boss';
 import type { DB } from '../db/schema.js';
+import { timeOrderedId } from '../metering/job-ids.js';
 import { insertJobs } from '../metering/queues.js';
 
 export const ALERT_EVENT_TYPES = [
@@ -110,7 +110,7 @@ export async function enqueueAlertDeliveries(
       const inserted = await insertJobs(
         boss,
         'alert-delivery',
-        [{ id: randomUUID(), data: key, singletonKey }],
+        [{ id: timeOrderedId(), data: key, singletonKey }],
         fromKysely(trx),
       );
       if (inserted.size > 0) break;

@@ -13,6 +13,7 @@
 // and the group is written again in a transaction (storeGroup): REGROUP_STATE says which error.
 import { type RawBuilder, sql } from 'kysely';
 import { COMMON_JOB_TABLE, insertJobs as pgBossInsertJobs } from 'pg-boss/dist/plans.js';
+import { TIME_ORDERED_ID_SQL } from '../metering/job-ids.js';
 import { deliveryJobOptions, deliveryKeySql } from '../metering/outbox.js';
 
 /** The SQLSTATE of a group statement that refused to commit alone (division_by_zero, see the header). */
@@ -51,8 +52,8 @@ const { priority } = deliveryJobOptions('', EVENT);
  * the keys whose queued job the statement share-locked): `missing`, the keys of new outbox rows without
  * one; `queued`, pg-boss's insert of their jobs in key order (as every statement that queues delivery
  * jobs inserts them, so concurrent inserts cannot deadlock), each job as outbox.ts enqueueDeliveries
- * sends it. The workers' wake-up is the caller's, after the commit (delivery-wake.ts): the statement's
- * guard row says whether a job was queued.
+ * sends it, its id time-ordered (job-ids.ts). The workers' wake-up is the caller's, after the commit
+ * (delivery-wake.ts): the statement's guard row says whether a job was queued.
  */
 export function queueMissingJobsCtes(): RawBuilder<unknown> {
   const key = deliveryKeySql(EVENT, sql`o.stripe_customer_id`, sql`o.destination`);
@@ -68,7 +69,8 @@ export function queueMissingJobsCtes(): RawBuilder<unknown> {
        ORDER BY k.key, k.org
     ), queued AS (
       ${sql.raw(insertHead)}json_to_recordset((
-        SELECT coalesce(json_agg(json_build_object('data', ${data}, 'priority', ${sql.lit(priority ?? 0)}::int,
+        SELECT coalesce(json_agg(json_build_object('id', ${TIME_ORDERED_ID_SQL}, 'data', ${data},
+                                                   'priority', ${sql.lit(priority ?? 0)}::int,
                                                    'singletonKey', m.key, 'groupId', m.key) ORDER BY m.key), '[]')
           FROM missing m))${sql.raw(insertTail)}
     )`;

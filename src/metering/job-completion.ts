@@ -21,11 +21,11 @@
 // pg-boss then completes the batch's jobs still active as after any handler. None are: its statement,
 // by `id = ANY` and fenced to the same attempts, changes nothing, so for a batch ended here it is not
 // sent (markEnded, answerEndedCompletion): on Citus it was one statement a batch on the coordinator for nothing.
-import { randomUUID } from 'node:crypto';
 import { CompiledQuery, type Kysely, sql } from 'kysely';
 import type { PgBoss } from 'pg-boss';
 import { PREPARED } from '../db/prepared.js';
 import type { DB } from '../db/schema.js';
+import { timeOrderedId } from './job-ids.js';
 import { deliveryJobOptions } from './outbox.js';
 import { insertJobs, type QueueName, type QueuePayload } from './queues.js';
 import type { JobOutcome } from './rules/jobs.js';
@@ -144,7 +144,7 @@ export async function deadLetterKeys(
     const executeSql = async (text: string, values: unknown[] = []) =>
       trx.executeQuery(CompiledQuery.raw(text, values));
     const jobs = dead.map(({ data }) => {
-      const id = randomUUID();
+      const id = timeOrderedId();
       const options = deliveryJobOptions(data.customerId, data.eventName, data.destination);
       return {
         id,

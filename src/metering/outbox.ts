@@ -1,11 +1,11 @@
 // Writing to the meter outbox. Always called inside the caller's transaction, together with the
 // business change being billed: the row and its delivery job commit or roll back with it.
 
-import { randomUUID } from 'node:crypto';
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import type { PgBoss, SendOptions } from 'pg-boss';
 import { fromKysely } from 'pg-boss';
 import type { DB, Destination, MeterEventName } from '../db/schema.js';
+import { timeOrderedId } from './job-ids.js';
 import { insertJobs, MAX_BATCH_KEYS, sendJob } from './queues.js';
 import { deliveryKey, destinationOf, type KeyRef } from './rules/keys.js';
 
@@ -168,7 +168,7 @@ export async function enqueueDeliveries(
       .filter((name) => !locked.has(name))
       .map((name) => {
         const k = unique.get(name)!;
-        const id = randomUUID();
+        const id = timeOrderedId();
         return {
           key: name,
           job: {
@@ -211,7 +211,7 @@ export async function enqueueBatchDeliveries(
     .map(([, k]) => jobPayload(k));
   const jobs: { id: string; data: { keys: ReturnType<typeof jobPayload>[] } }[] = [];
   for (let i = 0; i < unique.length; i += MAX_BATCH_KEYS) {
-    jobs.push({ id: randomUUID(), data: { keys: unique.slice(i, i + MAX_BATCH_KEYS) } });
+    jobs.push({ id: timeOrderedId(), data: { keys: unique.slice(i, i + MAX_BATCH_KEYS) } });
   }
   return (await insertJobs(boss, 'meter-delivery-batch', jobs, fromKysely(trx))).size;
 }
@@ -332,7 +332,7 @@ export async function queueDeliveries(
   const jobs = [...unique.entries()]
     .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
     .map(([name, k]) => ({
-      id: randomUUID(),
+      id: timeOrderedId(),
       data: jobPayload(k),
       ...deliveryJobOptions(k.customerId, k.eventName, destinationOf(k)),
       singletonKey: name,

@@ -138,6 +138,14 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   };
   expect(ours.map(columns)).toEqual(theirs.map(columns));
   expect(Object.keys(columns(ours[0]!)).length).toBeGreaterThan(15);
+  // Both give the jobs time-ordered ids (src/metering/job-ids.ts), not pg-boss's random ones: version 7,
+  // carrying the time of the insert (the statement's, by the database's clock; the process's).
+  for (const j of [...ours, ...theirs]) {
+    const id = String(j.id);
+    expect(id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    const carried = Number.parseInt(id.replace('-', '').slice(0, 12), 16);
+    expect(Math.abs(carried - (j.created_on as Date).getTime())).toBeLessThan(60_000);
+  }
 
   // pg-boss fetches a job queued by the statement as its own.
   await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
