@@ -21,9 +21,10 @@ export function timeOrderedId(nowMs: number = Date.now()): string {
 
 /**
  * timeOrderedId in SQL, for jobs a statement inserts itself (queued-in-statement.ts): the statement's
- * start as the time (the database's clock, as pg-boss stamps created_on), gen_random_uuid()'s other bits.
+ * start as the time (the database's clock, as pg-boss stamps created_on), in whole milliseconds (floor:
+ * a cast to bigint would round half a millisecond up), gen_random_uuid()'s other bits.
  */
 export const TIME_ORDERED_ID_SQL = sql`(
-  substr(lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0'), 1, 8) || '-' ||
-  substr(lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0'), 9, 4) || '-7' ||
+  substr(lpad(to_hex(floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0'), 1, 8) || '-' ||
+  substr(lpad(to_hex(floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0'), 9, 4) || '-7' ||
   substr(gen_random_uuid()::text, 16))::uuid`;
