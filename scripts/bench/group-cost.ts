@@ -156,7 +156,7 @@ export async function runGroupCost(
             new Date(),
             shape.side === 'API group statement' ? 'group' : 'auto',
           );
-          return { readings: BATCH, jobs };
+          return { readings: BATCH, jobs: jobs.jobs + jobs.batchJobs };
         }
         await database.pool.query({
           name: 'group-cost-raw-batch',
@@ -167,7 +167,7 @@ export async function runGroupCost(
       }
       const orgs = shape.keys === 'queued' ? pickQueued(shape.size) : takeFresh(shape.size);
       const { queued: jobs } = await storeGroupAtOnce(database.db, group(orgs), new Date(), shape.statement);
-      return { readings: orgs.length, jobs };
+      return { readings: orgs.length, jobs: jobs.jobs + jobs.batchJobs };
     };
 
     const shapes: Shape[] = [

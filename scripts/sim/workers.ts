@@ -304,7 +304,7 @@ export function workersOf(world: World, database: Database, destinations: Destin
     const runBatchJob = async (job: { id: string; keys: readonly KeyRef[]; retryCount: number }) => {
       const retryLimit = db.batchBoss.retryLimit;
       const slices = batchJobSlices(
-        { id: job.id, data: { keys: job.keys.map((k) => ({ ...k })) } },
+        [{ id: job.id, retryCount: job.retryCount, data: { keys: job.keys.map((k) => ({ ...k })) } }],
         batchSize,
       );
       try {

@@ -215,9 +215,9 @@ export function readingsRoutes(ctx: Context, gate?: GroupGate): HttpModule {
       const alone = atOnce ? await storeKeyedAtOnce(ctx.db, request, now, answer) : null;
       if (alone) {
         // Its jobs are committed: the workers are woken, as after a group's statement (delivery-wake.ts).
-        if (alone.queued) {
-          wake();
-          jobsQueued(alone.queued);
+        if (alone.queued.jobs + alone.queued.batchJobs > 0) {
+          wake(alone.queued);
+          jobsQueued(alone.queued.jobs + alone.queued.batchJobs);
         }
         return answered(c, alone.outcome);
       }

@@ -13,19 +13,29 @@
 // with one sent per group, the API's writes to its connections were a fifth of its CPU on the ingest
 // bench (a new key's job queued by most groups). The job is committed before its wake-up is sent, so a
 // woken worker finds it; 10 ms later at most than the group's commit, against the workers' 1 s poll.
+// A wake-up names the queues that got jobs since the last one (meter-delivery, and meter-delivery-batch
+// for a group's idle keys: queued-in-statement.ts): a queue's NOTIFY wakes each of its idle fetchers,
+// each of which fetches, so a queue without a new job is not woken.
 import { type Kysely, sql } from 'kysely';
 import { notifyChannelSql } from 'pg-boss/dist/plans.js';
 import type { DB } from '../db/schema.js';
 
-const QUEUE = 'meter-delivery';
+/** The queues a group statement queues delivery jobs in, and how many it queued in each. */
+export interface QueuedJobs {
+  /** meter-delivery jobs (a key's own). */
+  jobs: number;
+  /** meter-delivery-batch jobs (a group's idle keys). */
+  batchJobs: number;
+}
 
-/** The wake-up: pg-boss's own NOTIFY of the queue, committed without waiting for its flush. */
-const wakeStatement = sql`SELECT set_config('synchronous_commit', 'off', true),
-  pg_notify(${sql.raw(notifyChannelSql('pgboss'))}, ${sql.lit(QUEUE)})`;
+/** The wake-up: pg-boss's own NOTIFY of each queue named, committed without waiting for its flush. */
+const wakeStatement = (queues: readonly string[]) =>
+  sql`SELECT set_config('synchronous_commit', 'off', true),
+    (SELECT count(pg_notify(${sql.raw(notifyChannelSql('pgboss'))}, q)) FROM unnest(${queues}::text[]) AS q)`;
 
 export interface DeliveryWake {
-  /** A group that queued a delivery job committed: the workers are woken (now, or after the one on its way). */
-  (): void;
+  /** A group that queued delivery jobs committed: their queues' workers are woken (now, or after the one on its way). */
+  (queued: QueuedJobs): void;
   /** Resolves once no wake-up is on its way (tests). */
   settled(): Promise<void>;
 }
@@ -49,16 +59,22 @@ export function deliveryWake(
   let sending: Promise<void> | undefined;
   let again = false;
   let lastSent = Number.NEGATIVE_INFINITY;
+  /** The queues the next wake-up names. */
+  const due = new Set<string>();
   const send = (): Promise<void> => {
     lastSent = Date.now();
-    return wakeStatement
+    // Every group that asked before this point committed before it: this wake-up covers them.
+    const queues = [...due].sort();
+    due.clear();
+    return wakeStatement(queues)
       .execute(db)
       .then(
         () => undefined,
         (err: unknown) => onError(err),
       )
       .then(() => {
-        if (!again) {
+        if (!again || due.size === 0) {
+          again = false;
           sending = undefined;
           return;
         }
@@ -66,7 +82,10 @@ export function deliveryWake(
         return pause(lastSent + spacingMs - Date.now()).then(send);
       });
   };
-  const wake = (() => {
+  const wake = ((queued: QueuedJobs) => {
+    if (queued.jobs > 0) due.add('meter-delivery');
+    if (queued.batchJobs > 0) due.add('meter-delivery-batch');
+    if (due.size === 0) return;
     if (sending) again = true;
     else sending = pause(lastSent + spacingMs - Date.now()).then(send);
   }) as DeliveryWake;

@@ -295,9 +295,9 @@ export class GroupCommitter {
       if (outcomes.some((o) => o)) this.options.onGroup?.(written);
       // Its jobs are committed: the workers are woken (delivery-wake.ts; a transaction's insert NOTIFYs
       // itself), and the job table's statistics follow its growth (job-statistics.ts).
-      if (queued) {
-        this.wake();
-        this.jobsQueued(queued);
+      if (queued.jobs + queued.batchJobs > 0) {
+        this.wake(queued);
+        this.jobsQueued(queued.jobs + queued.batchJobs);
       }
       for (const [i, p] of group.entries()) {
         const outcome = outcomes[i];

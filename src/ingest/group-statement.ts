@@ -308,7 +308,7 @@ export function readRows(rows: readonly GroupRow[]) {
   const held = new Set<string>();
   const crossings: Crossing[] = [];
   const taken = new Set<number>();
-  let queued = 0;
+  const queued = { jobs: 0, batchJobs: 0 };
   for (const row of rows) {
     if (row.kind === 'r' && row.req !== null) inserted.set(row.req, row.inserted ?? 0);
     else if (row.kind === 'p' && row.req !== null && row.n !== null)
@@ -317,8 +317,10 @@ export function readRows(rows: readonly GroupRow[]) {
       customers.push(usageKey(row.org, row.customer, row.destination ?? 'stripe'));
     else if (row.kind === 'h' && row.customer) held.add(row.customer);
     else if (row.kind === 'x' && row.customer) crossings.push(crossingOf(row.customer));
-    else if (row.kind === 'g') queued = row.inserted ?? 0;
-    else if (row.kind === 't' && row.req !== null) taken.add(row.req);
+    else if (row.kind === 'g') {
+      queued.jobs = row.inserted ?? 0;
+      queued.batchJobs = row.n ?? 0;
+    } else if (row.kind === 't' && row.req !== null) taken.add(row.req);
   }
   return { inserted, problemRows, customers, held, crossings, queued, taken };
 }

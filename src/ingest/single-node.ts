@@ -12,6 +12,7 @@ import { writeCrossings } from '../alerts/thresholds.js';
 import { sqlState } from '../db/errors.js';
 import type { DB } from '../db/schema.js';
 import { enqueueDeliveries } from '../metering/outbox.js';
+import type { QueuedJobs } from './delivery-wake.js';
 import { groupStatement, readRows, type StatementShape } from './group-statement.js';
 import type { KeyedAnswer } from './idempotency.js';
 import { REGROUP_STATE } from './queued-in-statement.js';
@@ -63,7 +64,7 @@ export async function storeGroupAtOnce(
   requests: readonly GroupRequest[],
   now: Date,
   shape: StatementShape = 'auto',
-): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; queued: number }> {
+): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; queued: QueuedJobs }> {
   const { statement, offsets } = groupStatement(requests, now, true, shape);
   const found = readRows((await statement.execute(db)).rows);
   const outcomes = groupOutcomes(requests, problemsByRequest(found.problemRows, offsets), found.inserted);
@@ -84,7 +85,7 @@ export async function storeKeyedAtOnce(
   request: GroupRequest,
   now: Date,
   answer: KeyedAnswer,
-): Promise<{ outcome: StoreReadingsOutcome; queued: number } | null> {
+): Promise<{ outcome: StoreReadingsOutcome; queued: QueuedJobs } | null> {
   try {
     const { outcomes, queued } = await storeGroupAtOnce(db, [{ ...request, answer }], now);
     return outcomes[0] ? { outcome: outcomes[0], queued } : null;
@@ -112,13 +113,17 @@ export async function storeGroupOnOneNode(
   group: readonly GroupRequest[],
   now: Date,
   oneStatement: boolean,
-): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; written: GroupWritten; queued: number }> {
+): Promise<{ outcomes: (StoreReadingsOutcome | null)[]; written: GroupWritten; queued: QueuedJobs }> {
   const inTransaction = async (written: GroupWritten) => {
     const unkeyed = group.filter((r) => !r.answer);
     const stored =
       unkeyed.length > 0 ? await db.transaction().execute((trx) => storeGroup(trx, boss, unkeyed, now)) : [];
     let next = 0;
-    return { outcomes: group.map((r) => (r.answer ? null : stored[next++]!)), written, queued: 0 };
+    return {
+      outcomes: group.map((r) => (r.answer ? null : stored[next++]!)),
+      written,
+      queued: { jobs: 0, batchJobs: 0 },
+    };
   };
   if (!oneStatement) return inTransaction('transaction');
   try {

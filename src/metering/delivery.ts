@@ -9,9 +9,13 @@ import { batchSlots } from './batch-slots.js';
 import { type DeliveryContext, type DeliveryWorkerOptions, deliveryParts } from './delivery-parts.js';
 import { deadLetterKeys, endDeliveryJobs, markEnded } from './job-completion.js';
 import { startLeaseReaper } from './lease-reaper.js';
+import { deliveryJobOptions } from './outbox.js';
 import type { QueuePayload } from './queues.js';
 import { batchJobSlices } from './rules/jobs.js';
 import { startOutboxSweep } from './sweep.js';
+
+/** The readings' priority: their groups' batch jobs have it, a report's chunk's have less (outbox.ts). */
+const READINGS_PRIORITY = deliveryJobOptions('', 'temperature_readings').priority ?? 1;
 
 /** How long after a deferred job's start time its wake-up fires (start_after is compared in SQL). */
 const WAKE_SLACK_MS = 5;
@@ -163,6 +167,20 @@ export async function startDelivery(
   // (ACTIVE_SENSORS_PER_SECOND) says. With half as many, delivery fell 12-14 s behind the chunks of a
   // report of 100,000 and was a second, hidden pace (docs/benchmarks.md, "The report's delivery keeps
   // pace with its chunks").
+  //
+  // A job of less than half a batch of keys (a group's idle keys, src/ingest/queued-in-statement.ts, a
+  // handful each) takes the readings' batch jobs queued beside it along, up to about a batch's worth of
+  // keys (fetchBesides): a fetch per group's job would cost a claim and a settle per handful of keys,
+  // where a key's own jobs are fetched a batch at a time. Only the readings' jobs (minPriority): a
+  // report's chunk stays one fetcher's, so the report's chunks are delivered side by side.
+  const fetchBesides = async (keys: number): Promise<Job<QueuePayload<'meter-delivery-batch'>>[]> => {
+    if (keys * 2 >= batchSize) return [];
+    return ctx.boss.fetch<QueuePayload<'meter-delivery-batch'>>('meter-delivery-batch', {
+      batchSize: Math.max(1, Math.floor((batchSize - keys) / keys)),
+      minPriority: READINGS_PRIORITY,
+      includeMetadata: false,
+    });
+  };
   for (let i = 0; i < fetcherCount; i++) {
     const fetcher = { id: '' };
     fetcher.id = await ctx.boss.work(
@@ -171,11 +189,12 @@ export async function startDelivery(
       async ([job]: Job<QueuePayload<'meter-delivery-batch'>>[]) => {
         if (!job) return;
         const slot = await running.take();
+        let besides: Job<QueuePayload<'meter-delivery-batch'>>[] = [];
         try {
-          for (const slice of batchJobSlices(job, batchSize)) {
-            const jobs = slice.map((key) => ({ ...key, retryCount: job.retryCount }));
-            const results = await whileShort(() => current().then((deps) => deliverBatch(deps, jobs)));
-            const data = new Map(jobs.map((j) => [j.id, j.data]));
+          besides = await fetchBesides(job.data.keys.length);
+          for (const slice of batchJobSlices([job, ...besides], batchSize)) {
+            const results = await whileShort(() => current().then((deps) => deliverBatch(deps, slice)));
+            const data = new Map(slice.map((j) => [j.id, j.data]));
             await deadLetterKeys(
               db,
               ctx.boss,
@@ -184,11 +203,28 @@ export async function startDelivery(
               ),
             );
           }
+          // The job the handler was given completes when it returns (pg-boss); those fetched beside it here.
+          if (besides.length > 0) {
+            await ctx.boss.complete(
+              'meter-delivery-batch',
+              besides.map((j) => j.id),
+            );
+          }
         } catch (err) {
+          // Each job fetched beside it fails too, for pg-boss to retry with backoff (or expires, should
+          // this fail as well: a batch job's expiry).
+          if (besides.length > 0) {
+            await ctx.boss
+              .fail(
+                'meter-delivery-batch',
+                besides.map((j) => j.id),
+              )
+              .catch(() => undefined);
+          }
           throw await failed(
             err,
-            { keys: job.data.keys.length },
-            'delivery batch failed; its batch job is retried',
+            { keys: job.data.keys.length + besides.reduce((n, j) => n + j.data.keys.length, 0) },
+            'delivery batch failed; its batch jobs are retried',
           );
         } finally {
           slot.release();

@@ -19,7 +19,14 @@ import {
 } from '../../src/admin/destinations-cli.js';
 import type { ParityReport } from '../../src/admin/parity.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
-import { authHeaders, createOrganization, createSensors, memoryIo, reading } from '../support/fixtures.js';
+import {
+  authHeaders,
+  createOrganization,
+  createSensors,
+  memoryIo,
+  queuedDeliveries,
+  reading,
+} from '../support/fixtures.js';
 import { stripeTest } from '../support/test.js';
 
 const ADMIN_TOKEN = 'destinations-admin-token-0123456789';
@@ -272,12 +279,9 @@ describe('destinations', () => {
       ctx.db,
     );
     expect(named.rows.map((r) => r.outbox_id)).toEqual([rows[0]!.id]);
-    // One delivery job per destination's key.
-    const jobs = await sql<{ key: string; data: unknown }>`
-      SELECT singleton_key AS key, data FROM pgboss.job WHERE name = 'meter-delivery'
-         AND singleton_key LIKE ${`%${org.organizationId}%`} OR singleton_key = ${`temperature_readings:${org.customerId}`}
-       ORDER BY 1`.execute(ctx.db);
-    expect(jobs.rows).toEqual([
+    // One queued delivery job per destination's key (its own, or one batch job naming both: idle keys).
+    const jobs = await queuedDeliveries(ctx.db, org.organizationId);
+    expect(jobs).toEqual([
       {
         key: `metronome:temperature_readings:${metronomeAlias(org.organizationId)}`,
         data: {

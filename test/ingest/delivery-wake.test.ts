@@ -16,6 +16,9 @@ import { waitFor } from '../support/wait.js';
 
 const it = contextTest();
 
+/** A group that queued one key's job. */
+const ONE_JOB = { jobs: 1, batchJobs: 0 };
+
 /**
  * A session LISTENing on pg-boss's channel: each wake-up of the delivery queue is recorded with whether
  * the job `visible` names (if any) could already be read when it arrived.
@@ -66,14 +69,14 @@ it("queues a new key's job without a NOTIFY; the wake-up after the commit finds 
       now,
     );
     expect(outcomes).toEqual([{ stored: true, result: { inserted: 1, duplicates: 0 } }]);
-    expect(queued).toBe(1);
+    expect(queued).toEqual({ jobs: 1, batchJobs: 0 });
     expect(await jobQueued()).toBe(true);
     // The statement itself woke nobody (before: its own pg_notify, sent with its commit).
     await listener.quiet(500);
     expect(listener.wakeUps).toEqual([]);
 
     const wake = deliveryWake(ctx.db);
-    wake();
+    wake(queued);
     await wake.settled();
     await waitFor('the wake-up', () => listener.wakeUps.length > 0 || undefined);
     expect(listener.wakeUps).toEqual([{ jobVisible: true }]);
@@ -84,7 +87,7 @@ it("queues a new key's job without a NOTIFY; the wake-up after the commit finds 
       [{ organizationId: org.organizationId, readings: [reading(sensor!, 22, 2, now)] }],
       now,
     );
-    expect(again.queued).toBe(0);
+    expect(again.queued).toEqual({ jobs: 0, batchJobs: 0 });
   } finally {
     await listener.close();
   }
@@ -99,16 +102,23 @@ it('sends at most one wake-up at a time: those asked for meanwhile go as one mor
   });
   try {
     const wake = deliveryWake(db);
-    for (let i = 0; i < 50; i++) wake();
+    // Asked before the first is sent: they go with it (their groups committed before it).
+    for (let i = 0; i < 50; i++) wake(ONE_JOB);
     await wake.settled();
-    // The first on its way, the other 49 as one after it.
-    expect(sent).toHaveLength(2);
-    await waitFor('two wake-ups', () => listener.wakeUps.length === 2 || undefined);
-    wake();
+    expect(sent).toHaveLength(1);
+    await waitFor('one wake-up', () => listener.wakeUps.length === 1 || undefined);
+    // Asked while one is on its way: the first on its way, the other 49 as one after it.
+    wake(ONE_JOB);
+    await new Promise((r) => setImmediate(r));
+    for (let i = 0; i < 49; i++) wake(ONE_JOB);
     await wake.settled();
     expect(sent).toHaveLength(3);
+    await waitFor('three wake-ups', () => listener.wakeUps.length === 3 || undefined);
+    wake(ONE_JOB);
+    await wake.settled();
+    expect(sent).toHaveLength(4);
     await listener.quiet(300);
-    expect(listener.wakeUps).toHaveLength(3);
+    expect(listener.wakeUps).toHaveLength(4);
   } finally {
     await listener.close();
   }
@@ -123,8 +133,10 @@ it("drops a wake-up the database refuses, tells onError, and sends the next one 
   const wake = deliveryWake(new Kysely<DB>({ dialect: new PostgresDialect({ pool: broken }) }), (err) =>
     errors.push(err),
   );
-  wake();
-  wake();
+  wake(ONE_JOB);
+  // The next asked while the first is on its way (one asked before it went would go with it).
+  await new Promise((r) => setImmediate(r));
+  wake(ONE_JOB);
   await wake.settled();
   expect(errors).toHaveLength(2);
   expect(errors.every((e) => e instanceof Error)).toBe(true);
@@ -141,11 +153,50 @@ it('sends wake-ups at most one every spacing, however often groups ask', async (
   // A group asking every millisecond or so for 100 ms (a busy API: most groups queue a new key's job).
   const start = Date.now();
   while (Date.now() - start < 100) {
-    wake();
+    wake(ONE_JOB);
     await new Promise((r) => setTimeout(r, 1));
   }
   await wake.settled();
   // Without the spacing: one a round trip, dozens. With it, one per 20 ms and the last ask's.
   expect(sent.length).toBeLessThanOrEqual(Math.ceil((Date.now() - start) / spacing) + 1);
   expect(sent.length).toBeGreaterThanOrEqual(2);
+});
+
+it('wakes only the queues that got jobs: a batch job wakes the batch fetchers, a job a key the others', async ({
+  ctx,
+}) => {
+  const client = new pg.Client({ connectionString: ctx.config.DATABASE_URL! });
+  await client.connect();
+  const woken: string[] = [];
+  client.on('notification', (n) => void woken.push(n.payload ?? ''));
+  const channel = (await client.query<{ c: string }>(`SELECT ${notifyChannelSql('pgboss')} AS c`)).rows[0]!.c;
+  await client.query(`LISTEN "${channel}"`);
+  const sent: string[] = [];
+  const db = new Kysely<DB>({
+    dialect: new PostgresDialect({ pool: ctx.pool }),
+    log: (event) => void sent.push(event.query.sql),
+  });
+  try {
+    const wake = deliveryWake(db, undefined, 0);
+    const quiet = () => new Promise((r) => setTimeout(r, 200));
+    wake({ jobs: 0, batchJobs: 0 });
+    await wake.settled();
+    expect(sent).toEqual([]);
+    wake({ jobs: 0, batchJobs: 1 });
+    await wake.settled();
+    await quiet();
+    expect(woken).toEqual(['meter-delivery-batch']);
+    wake({ jobs: 2, batchJobs: 0 });
+    await wake.settled();
+    await quiet();
+    expect(woken).toEqual(['meter-delivery-batch', 'meter-delivery']);
+    // Both in one wake-up (one statement).
+    wake({ jobs: 1, batchJobs: 1 });
+    await wake.settled();
+    await quiet();
+    expect(woken.slice(2).sort()).toEqual(['meter-delivery', 'meter-delivery-batch']);
+    expect(sent).toHaveLength(3);
+  } finally {
+    await client.end();
+  }
 });

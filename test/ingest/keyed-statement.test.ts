@@ -49,7 +49,7 @@ describe('a keyed request as one statement', () => {
     const { db, sent } = recorder(ctx);
     const first = await storeKeyedAtOnce(db, request, now, answer);
     expect(first?.outcome).toEqual({ stored: true, result: { inserted: 2, duplicates: 0 } });
-    expect(first?.queued).toBe(1);
+    expect(first?.queued).toEqual({ jobs: 1, batchJobs: 0 });
     // One round trip: no BEGIN, no statement of the answer's own, no COMMIT.
     expect(sent).toHaveLength(1);
     expect(sent[0]).toContain('INSERT INTO idempotency_keys');
@@ -104,7 +104,7 @@ describe('a keyed request as one statement', () => {
       notBefore: new Date(now.getTime() - 3_600_000),
     });
     expect(refused?.outcome).toEqual({ stored: false, problems: [{ index: 1, message: 'unknown sensor' }] });
-    expect(refused?.queued).toBe(0);
+    expect(refused?.queued).toEqual({ jobs: 0, batchJobs: 0 });
     expect(await stored(ctx, org.organizationId)).toEqual({ readings: 0, outbox: 0, answers: [] });
   });
 });

@@ -37,6 +37,34 @@ async function jobRows(ctx: Context, keys: readonly string[]) {
   return rows;
 }
 
+/** The meter-delivery-batch jobs naming any of the organizations' keys, their keys by name. */
+async function batchJobRows(ctx: Context, organizations: readonly string[]) {
+  const { rows } = await sql<Record<string, unknown> & { data: { keys: Record<string, string>[] } }>`
+    SELECT * FROM pgboss.job j
+     WHERE j.name = 'meter-delivery-batch'
+       AND EXISTS (SELECT 1 FROM jsonb_array_elements(j.data->'keys') e
+                    WHERE e->>'organizationId' = ANY(${[...organizations]}::text[]))
+     ORDER BY j.id`.execute(ctx.db);
+  return rows;
+}
+
+/** A session LISTENing on pg-boss's channel: the queues woken, in order. */
+async function wakeUps(ctx: Context) {
+  const listener = await ctx.pool.connect();
+  const queues: string[] = [];
+  listener.on('notification', (n) => queues.push(n.payload ?? ''));
+  const channel = (await listener.query<{ c: string }>(`SELECT ${notifyChannelSql('pgboss')} AS c`)).rows[0]!
+    .c;
+  await listener.query(`LISTEN "${channel}"`);
+  return {
+    queues,
+    async close() {
+      await listener.query(`UNLISTEN "${channel}"`);
+      listener.release();
+    },
+  };
+}
+
 it("writes a group as one statement, its new keys' jobs queued as pg-boss queues them", async ({ ctx }) => {
   const now = new Date();
   const a = await createOrganization(ctx.db);
@@ -51,21 +79,29 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   const keyA = `temperature_readings:${a.customerId}`;
   const keyB = `temperature_readings:${b.customerId}`;
   const keyM = `metronome:temperature_readings:${metronomeAlias(b.organizationId)}`;
-
-  const listener = await ctx.pool.connect();
-  const wakeUps: string[] = [];
-  listener.on('notification', (n) => wakeUps.push(n.payload ?? ''));
-  const channel = (await listener.query<{ c: string }>(`SELECT ${notifyChannelSql('pgboss')} AS c`)).rows[0]!
-    .c;
-  await listener.query(`LISTEN "${channel}"`);
-  try {
+  const payloadA = {
+    organizationId: a.organizationId,
+    customerId: a.customerId,
+    eventName: 'temperature_readings',
+  };
+  const payloadB = {
+    organizationId: b.organizationId,
+    customerId: b.customerId,
+    eventName: 'temperature_readings',
+  };
+  const payloadM = {
+    organizationId: b.organizationId,
+    customerId: metronomeAlias(b.organizationId),
+    eventName: 'temperature_readings',
+    destination: 'metronome',
+  };
+  const group = async (minute: number, written: string[]) => {
     const { db, sent } = recorder(ctx);
-    const written: string[] = [];
     const outcomes = await writeGroup(
       { ctx, distributed: false, db, oneStatement: true, onGroup: (w) => void written.push(w) },
       [
-        { organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] },
-        { organizationId: b.organizationId, readings: [reading(sb!, 30, 1, now)] },
+        { organizationId: a.organizationId, readings: [reading(sa!, minute, 1, now)] },
+        { organizationId: b.organizationId, readings: [reading(sb!, minute, 1, now)] },
       ],
       now,
     );
@@ -73,7 +109,19 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
       { stored: true, result: { inserted: 1, duplicates: 0 } },
       { stored: true, result: { inserted: 1, duplicates: 0 } },
     ]);
-    await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
+    return sent;
+  };
+
+  // 1. Three keys with nothing pending (idle: their first readings): ONE meter-delivery-batch job names
+  // them all, at the readings' priority, and only that queue is woken.
+  const first = await wakeUps(ctx);
+  try {
+    const written: string[] = [];
+    const sent = await group(30, written);
+    await waitFor(
+      "the batch queue's wake-up",
+      () => first.queues.includes('meter-delivery-batch') || undefined,
+    );
     // One round trip: no BEGIN, no pg-boss statement of its own, no COMMIT; the workers' wake-up is a
     // statement of its own after the commit (delivery-wake.ts), which no request waits for.
     expect(sent.map((s) => s.failed)).toEqual([false, false]);
@@ -81,38 +129,41 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
     expect(sent[0]!.sql).toContain('INSERT INTO pgboss.job');
     expect(sent[0]!.sql).not.toContain('pg_notify');
     expect(sent[1]!.sql).toContain('pg_notify');
+    await new Promise((r) => setTimeout(r, 100));
+    expect(first.queues).toEqual(['meter-delivery-batch']);
   } finally {
-    await listener.query(`UNLISTEN "${channel}"`);
-    listener.release();
+    await first.close();
   }
+  expect(await jobRows(ctx, [keyA, keyB, keyM])).toEqual([]);
+  const [batchJob, ...more] = await batchJobRows(ctx, [a.organizationId, b.organizationId]);
+  expect(more).toEqual([]);
+  expect(batchJob!.priority).toBe(1);
+  expect(batchJob!.state).toBe('created');
+  expect(batchJob!.singleton_key).toBeNull();
+  expect(batchJob!.data.keys).toEqual(expect.arrayContaining([payloadA, payloadB, payloadM]));
+  expect(batchJob!.data.keys).toHaveLength(3);
+  // pg-boss fetches it as its own (a readings' batch job: a worker's minPriority fetch takes it).
+  const fetchedBatch = await ctx.boss.fetch('meter-delivery-batch', { batchSize: 10, minPriority: 1 });
+  expect(fetchedBatch.map((j) => j.id)).toEqual([batchJob!.id]);
 
-  // The same keys' jobs as pg-boss's insert() queues them (enqueueDeliveries), for comparison.
+  // 2. The same keys again while their first rows are pending (the batch job fetched, not yet through):
+  // each key gets a job of its own, one queued at most, as pg-boss's insert() queues it.
+  const second = await wakeUps(ctx);
+  try {
+    await group(31, []);
+    await waitFor("the queue's wake-up", () => second.queues.includes('meter-delivery') || undefined);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(second.queues).toEqual(['meter-delivery']);
+  } finally {
+    await second.close();
+  }
+  expect(await batchJobRows(ctx, [a.organizationId, b.organizationId])).toHaveLength(1);
   const ours = await jobRows(ctx, [keyA, keyB, keyM]);
   expect(ours.map((j) => [j.singleton_key, j.group_id, j.data, j.state])).toEqual(
     [
-      [
-        keyM,
-        keyM,
-        {
-          organizationId: b.organizationId,
-          customerId: metronomeAlias(b.organizationId),
-          eventName: 'temperature_readings',
-          destination: 'metronome',
-        },
-        'created',
-      ],
-      [
-        keyA,
-        keyA,
-        { organizationId: a.organizationId, customerId: a.customerId, eventName: 'temperature_readings' },
-        'created',
-      ],
-      [
-        keyB,
-        keyB,
-        { organizationId: b.organizationId, customerId: b.customerId, eventName: 'temperature_readings' },
-        'created',
-      ],
+      [keyM, keyM, payloadM, 'created'],
+      [keyA, keyA, payloadA, 'created'],
+      [keyB, keyB, payloadB, 'created'],
     ].sort(([x], [y]) => ((x as string) < (y as string) ? -1 : 1)),
   );
   await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ANY(${[keyA, keyB, keyM]}::text[])`.execute(
@@ -140,24 +191,99 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   expect(Object.keys(columns(ours[0]!)).length).toBeGreaterThan(15);
   // Both give the jobs time-ordered ids (src/metering/job-ids.ts), not pg-boss's random ones: version 7,
   // carrying the time of the insert (the statement's, by the database's clock; the process's).
-  for (const j of [...ours, ...theirs]) {
+  for (const j of [...ours, ...theirs, batchJob!]) {
     const id = String(j.id);
     expect(id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     const carried = Number.parseInt(id.replace('-', '').slice(0, 12), 16);
     expect(Math.abs(carried - (j.created_on as Date).getTime())).toBeLessThan(60_000);
   }
 
-  // pg-boss fetches a job queued by the statement as its own.
-  await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery'`.execute(ctx.db);
+  // pg-boss fetches a job queued by the statement as its own (a group of one: the key's own job).
+  const c = await createOrganization(ctx.db);
+  const [sc] = await createSensors(ctx.db, c.organizationId, 1);
   const { db } = recorder(ctx);
   await writeGroup(
     { ctx, distributed: false, db, oneStatement: true },
-    [{ organizationId: a.organizationId, readings: [reading(sa!, 20, 1, now)] }],
+    [{ organizationId: c.organizationId, readings: [reading(sc!, 20, 1, now)] }],
     now,
   );
   const fetched = await ctx.boss.fetch('meter-delivery', { batchSize: 10 });
-  expect(fetched.map((j) => j.data)).toEqual([
-    { organizationId: a.organizationId, customerId: a.customerId, eventName: 'temperature_readings' },
+  expect(fetched.map((j) => j.data)).toEqual(
+    expect.arrayContaining([
+      { organizationId: c.organizationId, customerId: c.customerId, eventName: 'temperature_readings' },
+    ]),
+  );
+});
+
+type Org = { organizationId: string; customerId: string; sensor: string; key: string };
+
+it("names only the idle keys in a group's batch job; a key with rows pending or a queued job keeps its own", async ({
+  ctx,
+}) => {
+  const now = new Date();
+  const orgs: Org[] = [];
+  for (let i = 0; i < 4; i++) {
+    const o = await createOrganization(ctx.db);
+    const [sensor] = await createSensors(ctx.db, o.organizationId, 1);
+    orgs.push({ ...o, sensor: sensor!, key: `temperature_readings:${o.customerId}` });
+  }
+  const [busy, queued, idle1, idle2] = orgs as [
+    (typeof orgs)[0],
+    (typeof orgs)[0],
+    (typeof orgs)[0],
+    (typeof orgs)[0],
+  ];
+  const write = (members: typeof orgs, minute: number) =>
+    writeGroup(
+      { ctx, distributed: false, oneStatement: true },
+      members.map((o) => ({
+        organizationId: o.organizationId,
+        readings: [reading(o.sensor, minute, 1, now)],
+      })),
+      now,
+    );
+  // busy: a row pending and no queued job (its job is running); queued: a row pending and its job queued.
+  await write([busy], 10);
+  await write([queued], 10);
+  await sql`DELETE FROM pgboss.job WHERE name = 'meter-delivery' AND singleton_key = ${busy.key}`.execute(
+    ctx.db,
+  );
+  expect((await jobRows(ctx, [busy.key, queued.key])).map((j) => j.singleton_key)).toEqual([queued.key]);
+
+  await write(orgs, 20);
+  // The idle two in one batch job; busy its own job; queued's job locked, none added.
+  const batch = await batchJobRows(
+    ctx,
+    orgs.map((o) => o.organizationId),
+  );
+  expect(batch.map((j) => j.data.keys.map((k) => k.customerId).sort())).toEqual([
+    [idle1.customerId, idle2.customerId].sort(),
+  ]);
+  expect(
+    (
+      await jobRows(
+        ctx,
+        orgs.map((o) => o.key),
+      )
+    )
+      .map((j) => j.singleton_key)
+      .sort(),
+  ).toEqual([busy.key, queued.key].sort());
+
+  // A group with one idle key: that key gets its own job (a batch job of one costs as much, fetched alone).
+  const lone = await createOrganization(ctx.db);
+  const [loneSensor] = await createSensors(ctx.db, lone.organizationId, 1);
+  await writeGroup(
+    { ctx, distributed: false, oneStatement: true },
+    [
+      { organizationId: lone.organizationId, readings: [reading(loneSensor!, 30, 1, now)] },
+      { organizationId: queued.organizationId, readings: [reading(queued.sensor, 30, 1, now)] },
+    ],
+    now,
+  );
+  expect(await batchJobRows(ctx, [lone.organizationId])).toEqual([]);
+  expect((await jobRows(ctx, [`temperature_readings:${lone.customerId}`])).map((j) => j.state)).toEqual([
+    'created',
   ]);
 });
 

@@ -189,9 +189,17 @@ describe('the look-up planned while the job table had never been analyzed', () =
     const recorded = Object.assign((n: number) => void told.push(n), { settled: async () => undefined });
     const writer = { ctx, distributed: false, oneStatement: true, jobsQueued: recorded };
     await writeGroup(writer, requests, now);
-    // Three new keys: three jobs, told once after the commit. The same readings again queue nothing.
-    expect(told).toEqual([3]);
-    await writeGroup(writer, requests, now);
-    expect(told).toEqual([3]);
+    // Three new keys, nothing of them pending: one batch job (queued-in-statement.ts), told once after the commit.
+    expect(told).toEqual([1]);
+    // Their next readings while the first are pending: a job each.
+    const next = requests.map((r) => ({
+      ...r,
+      readings: r.readings.map((x) => ({ ...x, recordedAt: new Date(now.getTime() - 60_000).toISOString() })),
+    }));
+    await writeGroup(writer, next, now);
+    expect(told).toEqual([1, 3]);
+    // The same readings again queue nothing.
+    await writeGroup(writer, next, now);
+    expect(told).toEqual([1, 3]);
   });
 });

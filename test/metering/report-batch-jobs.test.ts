@@ -160,7 +160,7 @@ describe('batchJobSlices', () => {
       customerId: `cus_${i}`,
       eventName: 'active_sensors' as const,
     }));
-    const slices = batchJobSlices({ id: 'job', data: { keys } }, 3);
+    const slices = batchJobSlices([{ id: 'job', retryCount: 2, data: { keys } }], 3);
     expect(slices.map((s) => s.map((j) => [j.id, j.data.customerId]))).toEqual([
       [
         ['job/0', 'cus_0'],
@@ -174,6 +174,31 @@ describe('batchJobSlices', () => {
       ],
       [['job/6', 'cus_6']],
     ]);
-    expect(batchJobSlices({ id: 'job', data: { keys } }, 0).flat()).toHaveLength(7);
+    expect(slices.flat().every((j) => j.retryCount === 2)).toBe(true);
+    expect(batchJobSlices([{ id: 'job', retryCount: 0, data: { keys } }], 0).flat()).toHaveLength(7);
+  });
+
+  it("cuts several jobs' keys into shared batches, each key with its own job's id and attempt", () => {
+    const key = (i: number) => ({
+      organizationId: '00000000-0000-4000-8000-000000000000',
+      customerId: `cus_${i}`,
+      eventName: 'temperature_readings' as const,
+    });
+    const slices = batchJobSlices(
+      [
+        { id: 'a', retryCount: 0, data: { keys: [key(0), key(1)] } },
+        { id: 'b', retryCount: 3, data: { keys: [key(2), key(3), key(4)] } },
+      ],
+      4,
+    );
+    expect(slices.map((s) => s.map((j) => [j.id, j.data.customerId, j.retryCount]))).toEqual([
+      [
+        ['a/0', 'cus_0', 0],
+        ['a/1', 'cus_1', 0],
+        ['b/0', 'cus_2', 3],
+        ['b/1', 'cus_3', 3],
+      ],
+      [['b/2', 'cus_4', 3]],
+    ]);
   });
 });

@@ -1,6 +1,6 @@
 // The kit's fixtures for tests and chaos: organizations with an API key and sensors (shared with the
 // benchmarks: scripts/lib/fixtures.ts), outbox rows, plus small request helpers.
-import type { Kysely } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import { expect } from 'vitest';
 import type { CliIo } from '../../src/cli/io.js';
 import type { DB } from '../../src/db/schema.js';
@@ -14,6 +14,29 @@ export function outboxRowsOf(db: Kysely<DB>, of: { organizationId: string } | { 
       ? (['organization_id', of.organizationId] as const)
       : (['stripe_customer_id', of.customerId] as const);
   return db.selectFrom('meter_outbox').selectAll().where(column, '=', value).orderBy('id').execute();
+}
+
+/**
+ * The queued delivery jobs naming an organization's keys of `eventName`, one entry a job a key, in key
+ * order: its own meter-delivery jobs and the meter-delivery-batch jobs that list it (a one-statement
+ * group's idle keys, src/ingest/queued-in-statement.ts). `data` is the key's payload as the job holds it.
+ */
+export async function queuedDeliveries(
+  db: Kysely<DB>,
+  organizationId: string,
+  eventName = 'temperature_readings',
+): Promise<{ key: string; data: Record<string, string> }[]> {
+  const { rows } = await sql<{ key: string; data: Record<string, string> }>`
+    SELECT concat_ws(':', k->>'destination', k->>'eventName', k->>'customerId') AS key, k AS data
+      FROM pgboss.job j
+     CROSS JOIN LATERAL (SELECT j.data WHERE j.name = 'meter-delivery'
+                         UNION ALL
+                         SELECT e FROM jsonb_array_elements(CASE WHEN j.name = 'meter-delivery-batch'
+                                                                 THEN j.data->'keys' END) e) AS x(k)
+     WHERE j.name IN ('meter-delivery', 'meter-delivery-batch') AND j.state IN ('created', 'retry')
+       AND k->>'organizationId' = ${organizationId} AND k->>'eventName' = ${eventName}
+     ORDER BY 1`.execute(db);
+  return rows;
 }
 
 /** Headers for a JSON request with an API key (or admin token). */

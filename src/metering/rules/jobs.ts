@@ -42,18 +42,20 @@ export type JobOutcome =
   | { id: string; status: 'deadletter'; output: { kind: 'failed'; reason: string; message: string } };
 
 /**
- * A meter-delivery-batch job's keys as the meter-delivery jobs a batch takes, in slices of at most
- * `size` (the process's batch size): each key a job of its own, `<batch job id>/<n>`, which exists only
- * in the batch (its outcome ends no job row: the batch job ends when every slice is through).
+ * meter-delivery-batch jobs' keys as the meter-delivery jobs a batch takes, in slices of at most `size`
+ * (the process's batch size), the jobs' keys one after another: each key a job of its own,
+ * `<batch job id>/<n>`, with its batch job's attempt, which exists only in the batch (its outcome ends no
+ * job row: a batch job ends when every slice is through). Several small jobs (a group's idle keys,
+ * src/ingest/queued-in-statement.ts) so share one batch.
  */
-export function batchJobSlices<T extends { id: string; data: { keys: readonly DeliveryJobData[] } }>(
-  job: T,
-  size: number,
-): { id: string; data: DeliveryJobData }[][] {
-  const slices: { id: string; data: DeliveryJobData }[][] = [];
+export function batchJobSlices<
+  T extends { id: string; retryCount: number; data: { keys: readonly DeliveryJobData[] } },
+>(jobs: readonly T[], size: number): { id: string; data: DeliveryJobData; retryCount: number }[][] {
+  const keys = jobs.flatMap((job) =>
+    job.data.keys.map((data, n) => ({ id: `${job.id}/${n}`, data, retryCount: job.retryCount })),
+  );
+  const slices: { id: string; data: DeliveryJobData; retryCount: number }[][] = [];
   const step = Math.max(1, size);
-  for (let i = 0; i < job.data.keys.length; i += step) {
-    slices.push(job.data.keys.slice(i, i + step).map((data, n) => ({ id: `${job.id}/${i + n}`, data })));
-  }
+  for (let i = 0; i < keys.length; i += step) slices.push(keys.slice(i, i + step));
   return slices;
 }
