@@ -224,6 +224,9 @@ function groupTail(
                 WHERE t.org = b.org)`
       : sql``;
   const crossedCall = thresholdCountCall(sql`${now}::timestamptz`);
+  // A group of two requests or more may name its idle keys in one batch job (queued-in-statement.ts); a
+  // request alone keeps the statement without that part (its keys, one or two, get jobs of their own).
+  const batchIdle = requests.length >= 2;
   return sql`, outbox AS (
       INSERT INTO meter_outbox (id, organization_id, event_name, stripe_customer_id, value, occurred_at,
                                 destination, mirrors_outbox_id${traceColumn})
@@ -235,7 +238,9 @@ function groupTail(
     ), held AS (
       ${lockQueuedDeliveriesAt('temperature_readings', sql`SELECT stripe_customer_id, destination FROM billing`)}
     ), ${thresholdProbeCte(sql`per_org`)}${
-      atOnce ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes()}` : sql``
+      atOnce
+        ? sql`, crossed AS (SELECT c.j FROM ${crossedCall} AS c), ${queueMissingJobsCtes(batchIdle)}`
+        : sql``
     }${keyed ? sql`, ${answeredCtes(keyed, now)}` : sql``}
     SELECT 'r' AS kind, req, inserted, NULL::int AS n, NULL::boolean AS active, NULL::text AS customer,
            NULL::text AS destination, NULL::uuid AS org
@@ -258,7 +263,7 @@ function groupTail(
       atOnce
         ? sql`
     UNION ALL
-    ${regroupGuard(sql`crossed`, keyed ? sql`(SELECT count(*) FROM answered) = (SELECT count(*) FROM answers)` : undefined)}`
+    ${regroupGuard(sql`crossed`, batchIdle, keyed ? sql`(SELECT count(*) FROM answered) = (SELECT count(*) FROM answers)` : undefined)}`
         : sql``
     }`;
 }

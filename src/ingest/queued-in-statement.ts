@@ -71,35 +71,42 @@ const { priority } = deliveryJobOptions('', EVENT);
  * The workers' wake-up is the caller's, after the commit (delivery-wake.ts): the statement's guard row
  * says how many jobs of each queue it queued.
  */
-export function queueMissingJobsCtes(): RawBuilder<unknown> {
+export function queueMissingJobsCtes(batchIdle: boolean): RawBuilder<unknown> {
   const key = deliveryKeySql(EVENT, sql`o.stripe_customer_id`, sql`o.destination`);
   // outbox.ts jobPayload: a Stripe key's payload names no destination.
   const data = sql`jsonb_build_object('organizationId', m.org, 'customerId', m.customer, 'eventName', ${sql.lit(EVENT)})
                    || CASE WHEN m.destination = 'stripe' THEN '{}'::jsonb
                            ELSE jsonb_build_object('destination', m.destination) END`;
   const readings = sql`${sql.lit(priority ?? 0)}::int`;
-  return sql`missing AS (
+  const missing = sql`missing AS (
       SELECT DISTINCT ON (k.key) k.key, k.org, k.customer, k.destination
         FROM (SELECT ${key} AS key, o.organization_id AS org, o.stripe_customer_id AS customer, o.destination
                 FROM outbox o) k
        WHERE k.key NOT IN (SELECT h.key FROM held h)
        ORDER BY k.key, k.org
-    ), idle AS (
-      -- meter_outbox_pending (customer, meter) finds a key's pending rows; the statement's own are not seen.
-      SELECT m.key, (row_number() OVER (ORDER BY m.key) - 1) / ${sql.lit(MAX_BATCH_KEYS)} AS job
-        FROM missing m
-       WHERE NOT EXISTS (SELECT 1 FROM meter_outbox p
-                          WHERE p.stripe_customer_id = m.customer AND p.event_name = ${sql.lit(EVENT)}
-                            AND p.status = 'pending' AND p.destination = m.destination)
-    ), batch AS (
-      SELECT i.key, i.job FROM idle i WHERE (SELECT count(*) FROM idle) >= 2
-    ), queued AS (
+    )`;
+  const perKey = (keys: RawBuilder<unknown>) => sql`queued AS (
       ${sql.raw(insertHead)}json_to_recordset((
         SELECT coalesce(json_agg(json_build_object('id', ${TIME_ORDERED_ID_SQL}, 'data', ${data},
                                                    'priority', ${readings},
                                                    'singletonKey', m.key, 'groupId', m.key) ORDER BY m.key), '[]')
-          FROM missing m WHERE m.key NOT IN (SELECT b.key FROM batch b)))${sql.raw(insertTail)}
-    ), batched AS (
+          FROM ${keys}))${sql.raw(insertTail)}
+    )`;
+  if (!batchIdle)
+    return sql`${missing}, batch AS (SELECT NULL::text AS key, 0::bigint AS job WHERE false), ${perKey(sql`missing m`)}`;
+  return sql`${missing}, idle AS (
+      -- A look-up a key in meter_outbox_pending (customer, meter), LIMIT 1 so it stays one (as an anti-join
+      -- the planner may read every pending row); the statement's own rows are not in its snapshot.
+      SELECT m.key, (row_number() OVER (ORDER BY m.key) - 1) / ${sql.lit(MAX_BATCH_KEYS)} AS job
+        FROM missing m
+        LEFT JOIN LATERAL (SELECT 1 AS pending FROM meter_outbox p
+                            WHERE p.stripe_customer_id = m.customer AND p.event_name = ${sql.lit(EVENT)}
+                              AND p.status = 'pending' AND p.destination = m.destination
+                            LIMIT 1) p ON true
+       WHERE p.pending IS NULL
+    ), batch AS (
+      SELECT i.key, i.job FROM idle i WHERE (SELECT count(*) FROM idle) >= 2
+    ), ${perKey(sql`missing m WHERE m.key NOT IN (SELECT b.key FROM batch b)`)}, batched AS (
       ${sql.raw(batchInsertHead)}json_to_recordset((
         SELECT coalesce(json_agg(json_build_object('id', ${TIME_ORDERED_ID_SQL}, 'data', jsonb_build_object('keys', j.keys),
                                                    'priority', ${readings}) ORDER BY j.job), '[]')
@@ -114,10 +121,17 @@ export function queueMissingJobsCtes(): RawBuilder<unknown> {
  * new key's job was not inserted, `crossed` (the statement's threshold crossings) has rows, or `holds` (a
  * further condition of the statement's) is false.
  */
-export function regroupGuard(crossed: RawBuilder<unknown>, holds?: RawBuilder<unknown>): RawBuilder<unknown> {
-  return sql`SELECT 'g', NULL, (SELECT count(*) FROM queued)::int, (SELECT count(*) FROM batched)::int, NULL,
-                    (1 / CASE WHEN (SELECT count(*) FROM queued) + (SELECT count(*) FROM batch) = (SELECT count(*) FROM missing)
-                               AND (SELECT count(*) FROM batched) = (SELECT count(DISTINCT b.job) FROM batch b)
+export function regroupGuard(
+  crossed: RawBuilder<unknown>,
+  batchIdle: boolean,
+  holds?: RawBuilder<unknown>,
+): RawBuilder<unknown> {
+  const batchJobs = batchIdle ? sql`(SELECT count(*) FROM batched)::int` : sql`0`;
+  const batchesHold = batchIdle
+    ? sql` AND (SELECT count(*) FROM batched) = (SELECT count(DISTINCT b.job) FROM batch b)`
+    : sql``;
+  return sql`SELECT 'g', NULL, (SELECT count(*) FROM queued)::int, ${batchJobs}, NULL,
+                    (1 / CASE WHEN (SELECT count(*) FROM queued) + (SELECT count(*) FROM batch) = (SELECT count(*) FROM missing)${batchesHold}
                                AND NOT EXISTS (SELECT 1 FROM ${crossed})${holds ? sql` AND ${holds}` : sql``} THEN 1 ELSE 0 END)::text,
                     NULL, NULL`;
 }

@@ -124,7 +124,7 @@ export async function startDelivery(
   };
   const fetcherCount = Math.min(ctx.config.DELIVERY_CONCURRENCY, ctx.config.DELIVERY_MAX_IN_FLIGHT);
   const { transport, metronomeTransport, db, leases } = parts;
-  const { batchSize, workOptions, gate } = parts.fetch;
+  const { batchSize, workOptions, gate, batchGate } = parts.fetch;
   // DELIVERY_CONCURRENCY batches at once in this process, whichever queue fetched them.
   const running = batchSlots(fetcherCount);
   for (let i = 0; i < fetcherCount; i++) {
@@ -210,6 +210,8 @@ export async function startDelivery(
               besides.map((j) => j.id),
             );
           }
+          // Before this fetcher fetches again (pg-boss fetches when the handler returns).
+          await batchGate(job.data.keys.length + besides.reduce((n, j) => n + j.data.keys.length, 0));
         } catch (err) {
           // Each job fetched beside it fails too, for pg-boss to retry with backoff (or expires, should
           // this fail as well: a batch job's expiry).

@@ -12,6 +12,8 @@ export interface FetchPlan {
   workOptions: ReturnType<typeof deliveryWorkOptions>;
   /** Awaited after each batch, before its fetcher fetches again (fetchGate). */
   gate: (fetched: number) => Promise<void>;
+  /** The same for the meter-delivery-batch fetchers (a gate of their own), given the keys a batch had. */
+  batchGate: (keys: number) => Promise<void>;
 }
 
 /**
@@ -26,6 +28,9 @@ export function fetchPlan(config: Config, destinations: readonly FetchedDestinat
     batchSize,
     workOptions: deliveryWorkOptions(batchSize, config.DELIVERY_POLL_INTERVAL_SECONDS),
     gate: fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2)),
+    // A group's idle keys come as batch jobs of a handful of keys (src/ingest/queued-in-statement.ts): the
+    // batch fetchers linger after a small batch as the others do, so those jobs gather (fetchBesides).
+    batchGate: fetchGate(multi ? V2_LINGER_MS : 0, Math.ceil(batchSize / 2)),
   };
 }
 

@@ -56,7 +56,9 @@ export const queues = {
   },
   /**
    * The delivery of many keys at once: the keys of one chunk of the hourly report (active-sensors.ts),
-   * each an organization's own, at most a delivery batch's worth (MAX_BATCH_KEYS). One job row a chunk
+   * each an organization's own, at most a delivery batch's worth (MAX_BATCH_KEYS); or a one-statement
+   * group's idle keys, a handful, at the readings' priority (src/ingest/queued-in-statement.ts), which a
+   * fetcher takes along with the job it fetched (delivery.ts fetchBesides). One job row a chunk
    * instead of one a key: pg-boss writes a job row three times (insert, fetch, completion) with an
    * entry in two or three of its indexes each time, about 1,000 WAL bytes and 0.4 ms of statements a
    * key that the report no longer pays (docs/benchmarks.md). A fetcher takes one at a time and delivers

@@ -204,7 +204,8 @@ export async function staleKeys(
     const customers = [...new Set(page.rows.map((r) => r.customer))];
     // One statement for both kinds of job that cover a key: a queued or retrying meter-delivery job
     // of its own (COALESCE as pg-boss's index of queued singleton jobs has it: one lookup per key),
-    // or a queued or retrying meter-delivery-batch job (the hourly report's, a hundred or so) that
+    // or a queued or retrying meter-delivery-batch job (the hourly report's, a hundred or so, and the
+    // groups' idle keys', fetched within a poll while a worker runs) that
     // lists it. The batch jobs' entries come back as their payload has them, narrowed to the page's
     // customers, and are named here by deliveryKey: the key's name has one definition, in TypeScript.
     const covered = await sql<CoveringJob>`
