@@ -210,7 +210,8 @@ export async function startDelivery(
               besides.map((j) => j.id),
             );
           }
-          // Before this fetcher fetches again (pg-boss fetches when the handler returns).
+          // Before this fetcher fetches again (pg-boss fetches when the handler returns), its slot free.
+          slot.release();
           await batchGate(job.data.keys.length + besides.reduce((n, j) => n + j.data.keys.length, 0));
         } catch (err) {
           // Each job fetched beside it fails too, for pg-boss to retry with backoff (or expires, should
