@@ -185,6 +185,9 @@ describe('the API key cache', () => {
     const port = await freePort();
     let server: ReturnType<typeof startProcess> | undefined;
     await ctx.db.transaction().execute(async (trx) => {
+      // This transaction waits, idle, for a whole process to start (over 10 s on a loaded two-core
+      // machine): the connection's idle_in_transaction_session_timeout (DB_STATEMENT_DEADLINE_MS) must not end it.
+      await sql`SET LOCAL idle_in_transaction_session_timeout = 0`.execute(trx);
       await sql`LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE`.execute(trx);
       const { rows: locked } = await sql<{ at: Date }>`SELECT now() AS at`.execute(trx);
       server = startProcess('server', { PORT: String(port) });
