@@ -30,6 +30,8 @@ export interface IngestWriter {
   onGroup?: GroupCommitOptions['onGroup'];
   /** Told the delivery jobs each committed group statement queued (default: the job table's statistics). */
   jobsQueued?: GroupCommitOptions['jobsQueued'];
+  /** The workers' wake-up after a committed group that queued jobs (default: one sent through `db`). */
+  wake?: GroupCommitOptions['wake'];
 }
 
 /** Writes `requests` as ONE group at `now` (a gate holds the group open until all have joined). */
@@ -51,6 +53,7 @@ export async function writeGroup(
       ...(w.oneStatement ? { oneStatement: true } : {}),
       ...(w.onGroup ? { onGroup: w.onGroup } : {}),
       ...(w.jobsQueued ? { jobsQueued: w.jobsQueued } : {}),
+      ...(w.wake ? { wake: w.wake } : {}),
       maxRequests: 1_000,
       maxReadings: 100_000,
       gate: { joined: () => void joined++, mayClose: () => joined >= requests.length },

@@ -11,6 +11,7 @@ import { notifyChannelSql } from 'pg-boss/dist/plans.js';
 import { expect } from 'vitest';
 import type { Context } from '../../src/context.js';
 import type { DB } from '../../src/db/schema.js';
+import { deliveryWake } from '../../src/ingest/delivery-wake.js';
 import { metronomeAlias } from '../../src/metering/metronome.js';
 import { enqueueDeliveries } from '../../src/metering/outbox.js';
 import { createOrganization, createSensors, reading } from '../support/fixtures.js';
@@ -60,9 +61,10 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
   await listener.query(`LISTEN "${channel}"`);
   try {
     const { db, sent } = recorder(ctx);
+    const wake = deliveryWake(db);
     const written: string[] = [];
     const outcomes = await writeGroup(
-      { ctx, distributed: false, db, oneStatement: true, onGroup: (w) => void written.push(w) },
+      { ctx, distributed: false, db, oneStatement: true, onGroup: (w) => void written.push(w), wake },
       [
         { organizationId: a.organizationId, readings: [reading(sa!, 30, 1, now)] },
         { organizationId: b.organizationId, readings: [reading(sb!, 30, 1, now)] },
@@ -73,9 +75,14 @@ it("writes a group as one statement, its new keys' jobs queued as pg-boss queues
       { stored: true, result: { inserted: 1, duplicates: 0 } },
       { stored: true, result: { inserted: 1, duplicates: 0 } },
     ]);
-    await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
     // One round trip: no BEGIN, no pg-boss statement of its own, no COMMIT; the workers' wake-up is a
-    // statement of its own after the commit (delivery-wake.ts), which no request waits for.
+    // statement of its own after the commit (delivery-wake.ts), which no request waits for. Its NOTIFY
+    // reaches the listener at its commit, which can be before its own result reaches this process (they
+    // come on different connections): waiting for the NOTIFY alone, a wake-up whose result came 300 ms
+    // late left the recorder with the group's statement only (the likely cause of a loaded rehearsal's
+    // one failure). So the wake-up is awaited first, then its NOTIFY.
+    await wake.settled();
+    await waitFor("the queue's wake-up", () => wakeUps.includes('meter-delivery') || undefined);
     expect(sent.map((s) => s.failed)).toEqual([false, false]);
     expect(written).toEqual(['one_statement']);
     expect(sent[0]!.sql).toContain('INSERT INTO pgboss.job');
