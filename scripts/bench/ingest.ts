@@ -320,19 +320,19 @@ interface TimelinePoint {
  */
 function cpuTimeline(pool: pg.Pool, apiPid: number, workerPid: number, dataDir: string, t0: number) {
   const points: TimelinePoint[] = [];
-  let owners = new Map<number, string>();
   let prev = snapshot(apiPid, workerPid, dataDir);
-  const timer = setInterval(() => {
-    backendOwners(pool)
-      .then((o) => {
-        owners = o;
-      })
-      .catch(() => {});
+  let stopped = false;
+  let timer: NodeJS.Timeout | undefined;
+  const tick = async () => {
     const cur = snapshot(apiPid, workerPid, dataDir);
+    // The owners are read after the snapshot, so a backend that started within this second is
+    // attributed to its role (a backend gone by then counts as pgOther), and its CPU since its start
+    // is counted in this second: a pool's new connections were the rest of the machine before.
+    const owners = await backendOwners(pool).catch(() => new Map<number, string>());
     const seconds = (cur.at - prev.at) / 1000;
     const pg = { api: 0, worker: 0, other: 0 };
     for (const [pid, sec] of cur.postgres) {
-      const d = sec - (prev.postgres.get(pid) ?? sec);
+      const d = sec - (prev.postgres.get(pid) ?? 0);
       const who = owners.get(pid);
       if (who === 'api') pg.api += d;
       else if (who === 'worker') pg.worker += d;
@@ -355,10 +355,19 @@ function cpuTimeline(pool: pg.Pool, apiPid: number, workerPid: number, dataDir: 
       machine: c(ticks),
     });
     prev = cur;
-  }, 1000);
+  };
+  const next = () => {
+    timer = setTimeout(() => {
+      void tick().then(() => {
+        if (!stopped) next();
+      });
+    }, 1000);
+  };
+  next();
   return {
     stop() {
-      clearInterval(timer);
+      stopped = true;
+      clearTimeout(timer);
       return points;
     },
   };
