@@ -4,6 +4,7 @@
 import { createApp } from '../api/app.js';
 import { createContext } from '../context.js';
 import { startHttpServer } from '../http/server.js';
+import { warmApiConnections } from '../ingest/warm-up.js';
 import { configOrExit, exitOnFatal, noArgumentsOrHelp, onShutdownSignal } from './process.js';
 
 noArgumentsOrHelp(
@@ -14,7 +15,10 @@ Runs the HTTP API (PORT, HOST) against DATABASE_URL until SIGTERM or SIGINT, the
 Settings come from the environment: see .env.example.`,
 );
 const config = configOrExit({ needDatabase: true });
-/** The longest the API waits for its key cache's warm read before it listens anyway (keys looked up meanwhile). */
+/**
+ * The longest the API waits for its key cache's warm read, and for its connections' warm-up, before it
+ * listens anyway (keys looked up meanwhile; connections warmed by the first requests).
+ */
 const WARM_WAIT_MS = 10_000;
 try {
   // It sends jobs and works none: no LISTEN for job wake-ups (one direct connection: the key cache's).
@@ -23,8 +27,9 @@ try {
   // The key cache's listener and its warming read start now, not with the first request, and the
   // process listens once that read is done (at most WARM_WAIT_MS): parsing up to API_KEY_CACHE_MAX_KEYS
   // keys took its one thread from the first requests (ApiKeyCache.warmed).
+  // Its connections are opened and their group statement prepared meanwhile (src/ingest/warm-up.ts).
   ctx.apiKeys.start();
-  await ctx.apiKeys.warmed(WARM_WAIT_MS);
+  await Promise.all([ctx.apiKeys.warmed(WARM_WAIT_MS), warmApiConnections(ctx, WARM_WAIT_MS)]);
   let draining = false;
   const server = await startHttpServer(createApp(ctx, [], { draining: () => draining }), {
     port: config.PORT,
