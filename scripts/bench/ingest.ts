@@ -88,7 +88,7 @@ import {
   startProcess,
 } from './harness.js';
 import { LeanHttpClient } from './lean-http.js';
-import { sampleWaits } from './waits.js';
+import { sampleWaits, sampleWaitTimeline, type WaitSecond } from './waits.js';
 import { readyWal, type WalSettings, walBytesBetween, walPosition, walSettingsOf } from './wal.js';
 
 interface Scenario {
@@ -373,6 +373,14 @@ function cpuTimeline(pool: pg.Pool, apiPid: number, workerPid: number, dataDir: 
   };
 }
 
+/** A timeline point's second of the API's sessions (the second ending at `t`), its first three states. */
+function waitsAt(seconds: readonly WaitSecond[], t: number): string {
+  const s = seconds.find((x) => x.t === Math.ceil(t));
+  if (!s) return '-';
+  const shown = s.shares.slice(0, 3).map((w) => `${w.sessions} ${w.what}`);
+  return shown.length ? shown.join(', ') : 'none busy';
+}
+
 /** Mean of each field of the timeline's points within [from, to) seconds. */
 function timelineMean(points: readonly TimelinePoint[], from: number, to: number) {
   const within = points.filter((p) => p.t > from && p.t <= to + 0.5);
@@ -405,6 +413,27 @@ function waitSampler(pool: pg.Pool) {
         AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
     (row) => `${row.who} | ${row.w} | ${row.q}`,
     20,
+  );
+}
+
+/**
+ * The API's busy sessions second by second (10 Hz, `--timeline`): each one's wait (CPU when none), or
+ * its state when not active, and for a lock wait the role and statement of the sessions it waits on.
+ */
+function apiWaitTimeline(pool: pg.Pool, t0: number) {
+  return sampleWaitTimeline<{ w: string; by: string | null }>(
+    pool,
+    `SELECT CASE WHEN a.state = 'active' THEN coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU')
+                 ELSE a.state END AS w,
+            CASE WHEN a.wait_event_type = 'Lock' THEN
+              (SELECT string_agg(DISTINCT CASE b.usename WHEN '${API_ROLE}' THEN 'api' WHEN '${WORKER_ROLE}'
+                                          THEN 'worker' ELSE 'other' END || ' ' ||
+                                 regexp_replace(left(b.query, 40), '\\s+', ' ', 'g'), '; ')
+                 FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid))) END AS by
+       FROM pg_stat_activity a
+      WHERE a.usename = '${API_ROLE}' AND a.state <> 'idle' AND a.backend_type = 'client backend'`,
+    (row) => (row.by ? `${row.w} (by ${row.by})` : row.w),
+    t0,
   );
 }
 
@@ -647,6 +676,7 @@ async function runScenario(
     const loadStartPerf = performance.now();
     const loadStartMonoUs = Number(process.hrtime.bigint() / 1000n);
     const timeline = cpuTimeline(h.pool, api.proc.pid, worker.pid, cluster.dataDir, loadStartPerf);
+    const apiWaits = args.timeline ? apiWaitTimeline(h.pool, loadStartPerf) : null;
     // The report's own split, taken when its last event is at Stripe: cores, statements and waits until then.
     let atReport = null as AtReport | null;
     // The worker logs "worker started" after its start-up report: at 100,000 organizations that can
@@ -745,6 +775,7 @@ async function runScenario(
     const cpu1 = snapshot(api.proc.pid, worker.pid, cluster.dataDir);
     const waitEvents = waits.stop();
     const timelinePoints = timeline.stop();
+    const apiWaitSeconds = apiWaits?.stop() ?? [];
     await workerReady;
     const loadSeconds = (askedEnd - loadStart) / 1000;
     log(`load: ${ok} of ${sent} requests stored in ${round(loadSeconds, 1)} s (${failed} failed)`);
@@ -998,7 +1029,7 @@ async function runScenario(
     if (args.timeline)
       for (const p of timelineRows)
         log(
-          `  t ${p.t}: api ${p.api} worker ${p.worker} pg ${p.pgApi}/${p.pgWorker}/${p.pgOther} self ${p.self} others ${p.others} | req ${p.requests} p99 ${p.p99Ms} | rows ${p.reportRows} | events ${p.activeSensorEvents}+${p.readingEvents}`,
+          `  t ${p.t}: api ${p.api} worker ${p.worker} pg ${p.pgApi}/${p.pgWorker}/${p.pgOther} self ${p.self} others ${p.others} | req ${p.requests} p99 ${p.p99Ms} | rows ${p.reportRows} | events ${p.activeSensorEvents}+${p.readingEvents} | api sessions ${waitsAt(apiWaitSeconds, p.t)}`,
         );
     if (workerProfile) {
       log(

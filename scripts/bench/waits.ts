@@ -43,3 +43,61 @@ export function sampleWaits<R extends pg.QueryResultRow>(
     peek: shares,
   };
 }
+
+/** One second of a wait timeline: each state's mean sessions in that second's samples. */
+export interface WaitSecond {
+  /** Whole seconds since the timeline's start (the second [t - 1, t)). */
+  t: number;
+  samples: number;
+  shares: WaitShare[];
+}
+
+/**
+ * Samples `query` every `everyMs` (10 Hz by default) and keeps each second's shares apart: what a
+ * stall of one second waited on, which the run's whole average hides. `t0` is performance.now()'s.
+ */
+export function sampleWaitTimeline<R extends pg.QueryResultRow>(
+  pool: pg.Pool,
+  query: string,
+  keyOf: (row: R) => string,
+  t0: number,
+  everyMs = 100,
+): { stop(): WaitSecond[] } {
+  const seconds = new Map<number, { samples: number; counts: Map<string, number> }>();
+  let busy = false;
+  const timer = setInterval(() => {
+    // One sample at a time: a sample that takes longer than the period (a stalled server) is one.
+    if (busy) return;
+    busy = true;
+    const t = Math.floor((performance.now() - t0) / 1000) + 1;
+    pool
+      .query<R>(query)
+      .then((r) => {
+        const s = seconds.get(t) ?? { samples: 0, counts: new Map<string, number>() };
+        seconds.set(t, s);
+        s.samples++;
+        for (const row of r.rows) {
+          const key = keyOf(row);
+          s.counts.set(key, (s.counts.get(key) ?? 0) + 1);
+        }
+      })
+      .catch(() => {})
+      .finally(() => {
+        busy = false;
+      });
+  }, everyMs);
+  return {
+    stop() {
+      clearInterval(timer);
+      return [...seconds.entries()]
+        .sort((a, b) => a[0] - b[0])
+        .map(([t, s]) => ({
+          t,
+          samples: s.samples,
+          shares: [...s.counts.entries()]
+            .sort((a, b) => b[1] - a[1])
+            .map(([what, n]) => ({ sessions: Math.round((n / s.samples) * 100) / 100, what })),
+        }));
+    },
+  };
+}
