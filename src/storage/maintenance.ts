@@ -17,9 +17,9 @@ export const PARTITION_WEEKS_AHEAD = 4;
 /** A maintenance step waits at most this long for a table lock, so it never queues ingestion behind it. */
 const LOCK_TIMEOUT = '5s';
 /**
- * The locks DDL takes on the parent (create: SHARE, drop: ACCESS EXCLUSIVE) are asked for at most
- * this long per attempt, below Postgres's deadlock_timeout (1 s by default), then given up and asked
- * again after a pause; see lockForDdl.
+ * The locks DDL takes on the parent (create: SHARE for a week that can receive readings, drop: ACCESS
+ * EXCLUSIVE) are asked for at most this long per attempt, below Postgres's deadlock_timeout (1 s by
+ * default), then given up and asked again after a pause; see lockForDdl.
  */
 export const DDL_LOCK_TIMEOUT_MS = 300;
 const DDL_LOCK_ATTEMPTS = 40;
@@ -97,21 +97,55 @@ async function lockForDdl(trx: Transaction<DB>, locks: readonly RawBuilder<unkno
   }
 }
 
+/**
+ * Whether no reading can be routed into [start, end) while its partition is made: it starts more than
+ * QUIET_WEEK_AHEAD_MS after the later of `now` and the database's clock, and DEFAULT holds none of it
+ * (a row there means some API's clock ran that far ahead).
+ */
+async function weekIsQuiet(trx: Transaction<DB>, start: Date, end: Date, now: Date): Promise<boolean> {
+  const { rows } = await sql<{ db_now: Date; stray: boolean }>`
+    SELECT now() AS db_now,
+           EXISTS (SELECT 1 FROM temperature_readings_default
+                    WHERE recorded_at >= ${start} AND recorded_at < ${end}) AS stray`.execute(trx);
+  const row = rows[0];
+  if (!row || row.stray) return false;
+  return start.getTime() > Math.max(now.getTime(), row.db_now.getTime()) + QUIET_WEEK_AHEAD_MS;
+}
+
 const overlaps = (p: ReadingsPartition, from: Date, to: Date): boolean =>
   !p.isDefault && (p.from === null || p.from < to) && (p.to === null || p.to > from);
 
 /**
+ * A week that starts more than this after now (the later of the caller's clock and the database's)
+ * receives no reading while its partition is made: readings may be at most MAX_FUTURE_SKEW_MS (5
+ * minutes) ahead of the API's clock, and the rest is room for an API clock that runs ahead of both.
+ */
+export const QUIET_WEEK_AHEAD_MS = DAY_MS;
+
+/**
  * Creates the week partition starting at `start` unless a partition already covers any of it.
- * Rows the DEFAULT partition holds for that week are moved into it in the same transaction. The
- * parent is locked SHARE first: ingestion waits for the few milliseconds this takes (an INSERT that
- * already held the parent could route a row with the old partition bounds to DEFAULT and fail its
- * partition check after the attach), usage queries do not; then DEFAULT exclusively, then the new
- * table is filled and attached. Parent before DEFAULT, as inserts lock them, so no deadlock.
+ * Rows the DEFAULT partition holds for that week are moved into it in the same transaction.
+ *
+ * A week that can receive readings now (it starts before now + QUIET_WEEK_AHEAD_MS, or DEFAULT holds
+ * some of its rows): the parent is locked SHARE first, so ingestion waits for the few milliseconds
+ * this takes (an INSERT that already held the parent could route a row with the old partition bounds
+ * to DEFAULT and fail its partition check after the attach); usage queries do not wait. Then DEFAULT
+ * exclusively, then the new table is filled and attached. Parent before DEFAULT, as inserts lock them,
+ * so no deadlock.
+ *
+ * A week ahead (the daily pass's usual one, and four of a new deployment's five): no insert can route
+ * a row into it, so the parent is locked only as ATTACH itself locks it (SHARE UPDATE EXCLUSIVE, which
+ * inserts do not conflict with), then DEFAULT, which no insert of a current reading touches. Ingestion
+ * goes on throughout: with SHARE on the parent, every group that arrived while the lock was asked for
+ * or held queued behind it (the bench's timeline: API sessions waiting on `Lock:relation` behind
+ * `LOCK TABLE temperature_readings IN SHARE` and the ATTACH as the worker started).
+ * Without `now`, every week is treated as one that can receive readings.
  * Returns whether it created the partition and how many rows it moved.
  */
 export async function createWeekPartition(
   db: Kysely<DB>,
   start: Date,
+  options: { now?: Date } = {},
 ): Promise<{ created: boolean; moved: number }> {
   const end = new Date(start.getTime() + WEEK_MS);
   return db.transaction().execute(async (trx) => {
@@ -119,11 +153,14 @@ export async function createWeekPartition(
     const existing = await listReadingsPartitions(trx);
     if (existing.some((p) => overlaps(p, start, end))) return { created: false, moved: 0 };
     const name = sql.id(partitionName(start));
+    const ahead = options.now !== undefined && (await weekIsQuiet(trx, start, end, options.now));
     // ATTACH adds the partition's foreign key to sensors (SHARE ROW EXCLUSIVE on sensors). Sensors
     // first, as ingestion (which reads sensors before it writes readings) and corrections lock them.
     await lockForDdl(trx, [
       sql`LOCK TABLE sensors IN SHARE ROW EXCLUSIVE MODE`,
-      sql`LOCK TABLE temperature_readings IN SHARE MODE`,
+      ahead
+        ? sql`LOCK TABLE temperature_readings IN SHARE UPDATE EXCLUSIVE MODE`
+        : sql`LOCK TABLE temperature_readings IN SHARE MODE`,
       sql`LOCK TABLE temperature_readings_default IN ACCESS EXCLUSIVE MODE`,
     ]);
     await sql`CREATE TABLE ${name} (LIKE temperature_readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)`.execute(
@@ -167,7 +204,7 @@ export async function ensureReadingsPartitions(
   const created: string[] = [];
   let moved = 0;
   for (const start of [...starts.values()].sort((a, b) => a.getTime() - b.getTime())) {
-    const result = await createWeekPartition(db, start);
+    const result = await createWeekPartition(db, start, { now: options.now });
     if (result.created) created.push(partitionName(start));
     moved += result.moved;
   }

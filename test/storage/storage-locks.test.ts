@@ -14,6 +14,7 @@ import {
   DDL_LOCK_TIMEOUT_MS,
   dropExpiredPartitions,
   ensureReadingsPartitions,
+  PARTITION_WEEKS_AHEAD,
   partitionName,
   weekStart,
 } from '../../src/storage/maintenance.js';
@@ -157,5 +158,115 @@ describe('partition drop under concurrent writes', () => {
     });
     await ingestion.query('COMMIT');
     expect((await drop).dropped).toContain(partitionName(weekStart(old)));
+  });
+});
+
+// A partition made while requests write (the bench's timeline, 2026-12-02): the week ahead that the
+// daily pass makes cannot receive a reading, so nothing it does asks for a lock an insert holds; a week
+// that can receive readings (a stray one in DEFAULT, or a new deployment's current week) is made under
+// the parent's SHARE lock, after the inserts that hold the parent.
+describe('partition create under concurrent writes', () => {
+  const insert = `INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c, ingested_at)
+                  VALUES ($1, $2, $3, 4.5, now())`;
+  const lockWaits = async (ctx: { pool: pg.Pool }, pattern: string) =>
+    (
+      await ctx.pool.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ~ $1`,
+        [pattern],
+      )
+    ).rows[0]?.n;
+
+  it('makes a week ahead while an insert holds the parent, asking for no lock the insert holds', async ({
+    ctx,
+    databaseUrl,
+    org,
+    onTestFinished,
+  }) => {
+    const now = new Date();
+    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    const [sensor] = await createSensors(ctx.db, org.organizationId, 1);
+    const ingestion = new pg.Client({ connectionString: databaseUrl });
+    await ingestion.connect();
+    onTestFinished(() => ingestion.end());
+    await ingestion.query('BEGIN');
+    await ingestion.query(insert, [sensor, now, org.organizationId]);
+
+    // SHARE on the parent would wait for this open insert (and queue every later insert behind it);
+    // retried 40 times, it gave up after ~45 s. The week ahead is made while the insert stays open.
+    const made = ensureReadingsPartitions(ctx.db, {
+      now,
+      retentionDays: 400,
+      weeksAhead: PARTITION_WEEKS_AHEAD + 1,
+    });
+    const outcome = await Promise.race([
+      made.then((r) => r.created),
+      new Promise<'still waiting'>((resolve) => setTimeout(() => resolve('still waiting'), 10_000)),
+    ]);
+    const ahead = new Date(weekStart(now).getTime() + (PARTITION_WEEKS_AHEAD + 1) * 7 * DAY);
+    expect(outcome).toEqual([partitionName(ahead)]);
+    expect(await lockWaits(ctx, '^INSERT INTO temperature_readings')).toBe(0);
+    await ingestion.query('COMMIT');
+    const stored = await ctx.pool.query<{ part: string }>(
+      'SELECT tableoid::regclass::text AS part FROM temperature_readings WHERE sensor_id = $1',
+      [sensor],
+    );
+    expect(stored.rows).toEqual([{ part: partitionName(weekStart(now)) }]);
+  });
+
+  it('makes a week that can receive readings after the inserts that hold the parent, moving its rows', async ({
+    ctx,
+    databaseUrl,
+    org,
+    onTestFinished,
+  }) => {
+    const now = new Date();
+    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    const [sensor, other] = await createSensors(ctx.db, org.organizationId, 2);
+    // A stray reading in DEFAULT: a past week within retention that has no partition.
+    const past = new Date(weekStart(now).getTime() - 20 * 7 * DAY + DAY);
+    await ctx.pool.query(insert, [sensor, past, org.organizationId]);
+    const ingestion = new pg.Client({ connectionString: databaseUrl });
+    await ingestion.connect();
+    onTestFinished(() => ingestion.end());
+    await ingestion.query('BEGIN');
+    await ingestion.query(insert, [other, now, org.organizationId]);
+
+    const made = ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    await waitFor('the create to wait for the parent', () =>
+      lockWaits(ctx, '^LOCK TABLE temperature_readings IN SHARE MODE'),
+    );
+    await ingestion.query('COMMIT');
+    const result = await made;
+    expect(result.created).toEqual([partitionName(weekStart(past))]);
+    expect(result.moved).toBe(1);
+  });
+  it('makes a week ahead that DEFAULT already holds rows of as one that can receive readings', async ({
+    ctx,
+    databaseUrl,
+    org,
+    onTestFinished,
+  }) => {
+    const now = new Date();
+    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    const [sensor, other] = await createSensors(ctx.db, org.organizationId, 2);
+    // A reading from an API whose clock ran weeks ahead (written here directly): its week has no
+    // partition, so it sits in DEFAULT, and such an API could be writing more of that week now.
+    const ahead = new Date(weekStart(now).getTime() + 6 * 7 * DAY + DAY);
+    await ctx.pool.query(insert, [sensor, ahead, org.organizationId]);
+    const ingestion = new pg.Client({ connectionString: databaseUrl });
+    await ingestion.connect();
+    onTestFinished(() => ingestion.end());
+    await ingestion.query('BEGIN');
+    await ingestion.query(insert, [other, now, org.organizationId]);
+
+    const made = ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+    await waitFor('the create to wait for the parent', () =>
+      lockWaits(ctx, '^LOCK TABLE temperature_readings IN SHARE MODE'),
+    );
+    await ingestion.query('COMMIT');
+    const result = await made;
+    expect(result.created).toEqual([partitionName(weekStart(ahead))]);
+    expect(result.moved).toBe(1);
   });
 });
