@@ -22,7 +22,7 @@ import { applySqlMigrations, listMigrations } from '../../src/db/migrate.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { installJobQueue } from '../../src/metering/queues.js';
-import { migrate } from '../../src/migrations.js';
+import { createPartitionsAhead, migrate, prepareDeployment } from '../../src/migrations.js';
 import { bundle } from '../bundle.mjs';
 import { ChildProc, type ChildProc as Proc, ROOT, startProcess as startKitProcess } from '../lib/child.js';
 import { createOrganization, createSensors } from '../lib/fixtures.js';
@@ -78,6 +78,11 @@ export async function freshDatabase(
   prefix: string,
   migrations?: ReadonlySet<string>,
   baseline: { jobTableFillfactor: boolean } = { jobTableFillfactor: true },
+  /**
+   * As `node dist/migrate.js` leaves it (prepareDeployment): also this week's readings partitions and
+   * the weeks ahead. A baseline from before that step gets none (its migrate made none).
+   */
+  deployed = false,
 ): Promise<string> {
   const name = `${prefix}_${randomBytes(4).toString('hex')}`;
   const client = new pg.Client({ connectionString: cluster.embedded.adminUrl });
@@ -95,6 +100,9 @@ export async function freshDatabase(
     await installJobQueue(url, config, createLogger('silent'));
     // This checkout's install sets the job table's fillfactor; a baseline from before it did not.
     if (!baseline.jobTableFillfactor) await resetJobTableFillfactor(url);
+    if (deployed) await createPartitionsAhead(url, config, createLogger('silent'));
+  } else if (deployed) {
+    await prepareDeployment(url, config, createLogger('silent'));
   } else {
     await migrate(url, config, createLogger('silent'));
   }
@@ -239,7 +247,13 @@ export async function buildBaseline(
   ref: string,
   outdir: string,
   entry: string,
-): Promise<{ entry: string; commit: string; migrations: ReadonlySet<string>; jobTableFillfactor: boolean }> {
+): Promise<{
+  entry: string;
+  commit: string;
+  migrations: ReadonlySet<string>;
+  jobTableFillfactor: boolean;
+  partitionsAtMigrate: boolean;
+}> {
   const commit = execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', ref]).toString().trim();
   const migrations = new Set(
     execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'migrations/'])
@@ -252,12 +266,16 @@ export async function buildBaseline(
   const jobTableFillfactor = execFileSync('git', ['-C', ROOT, 'show', `${commit}:src/metering/queues.ts`])
     .toString()
     .includes('JOB_TABLE_FILLFACTOR');
+  // Whether that commit's `node dist/migrate.js` made the readings partitions (freshDatabase).
+  const partitionsAtMigrate = execFileSync('git', ['-C', ROOT, 'show', `${commit}:src/migrations.ts`])
+    .toString()
+    .includes('prepareDeployment');
   const tree = mkdtempSync(join('/tmp', 'meterbox-baseline-'));
   execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
   const out = `baseline-${basename(entry, '.ts')}`;
   await bundle([{ in: entry, out }], outdir, { absWorkingDir: tree });
   rmSync(tree, { recursive: true, force: true });
-  return { entry: join(outdir, `${out}.js`), commit, migrations, jobTableFillfactor };
+  return { entry: join(outdir, `${out}.js`), commit, migrations, jobTableFillfactor, partitionsAtMigrate };
 }
 
 /**

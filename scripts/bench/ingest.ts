@@ -606,12 +606,19 @@ async function runScenario(
   entries: Record<string, string>,
   code = 'this checkout',
   workerEnv: Record<string, string> = {},
-  baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean },
+  baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean; partitionsAtMigrate: boolean },
 ) {
   log(`--- ${s.id}: ${s.name} (${code}, WAL ${wal}); load average ${loadAverage().join(' ')}`);
   const loadAverageAtStart = loadAverage();
   const startedAt = new Date().toISOString();
-  const url = await freshDatabase(cluster, 'ingest', baseline?.migrations, baseline);
+  // A deployment's database: migrated as `node dist/migrate.js` leaves it (the baseline's own).
+  const url = await freshDatabase(
+    cluster,
+    'ingest',
+    baseline?.migrations,
+    baseline,
+    baseline ? baseline.partitionsAtMigrate : true,
+  );
   const h = openDatabase(url, 8);
   const cleanup: (() => Promise<unknown> | unknown)[] = [() => h.db.destroy()];
   let emulator: StripeEmulator | undefined;
@@ -1535,7 +1542,11 @@ export async function runIngestBench(): Promise<number> {
       entries: Record<string, string>;
       workerEnv?: Record<string, string>;
       // A baseline's schema: its migrations, and whether its install sets the job table's fillfactor.
-      baseline?: { migrations: ReadonlySet<string>; jobTableFillfactor: boolean };
+      baseline?: {
+        migrations: ReadonlySet<string>;
+        jobTableFillfactor: boolean;
+        partitionsAtMigrate: boolean;
+      };
       wal?: WalSettings;
     }[] = [];
     const workerCompare = args['worker-compare'];

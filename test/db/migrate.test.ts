@@ -2,7 +2,8 @@ import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import { applySqlMigrations, listMigrations, migrationStatus } from '../../src/db/migrate.js';
 import { createLogger } from '../../src/log.js';
-import { migrate } from '../../src/migrations.js';
+import { migrate, prepareDeployment } from '../../src/migrations.js';
+import { PARTITION_WEEKS_AHEAD, partitionName, weekStart } from '../../src/storage/maintenance.js';
 import { createTestDatabase, testConfig } from '../support/database.js';
 
 const log = createLogger('silent');
@@ -50,6 +51,34 @@ describe('migrations', () => {
     const again = await migrate(url, testConfig(), log);
     expect(again.applied).toEqual([]);
     expect(await query(url, 'SELECT * FROM schema_migrations')).toEqual(before);
+  });
+
+  it("creates this week's readings partition and the weeks ahead, so no reading waits in DEFAULT for the worker", async () => {
+    const url = await createTestDatabase({ migrated: false });
+    const now = new Date('2027-03-10T12:00:00.000Z'); // a Wednesday
+    const result = await prepareDeployment(url, testConfig(), log, now);
+    expect(result.applied.map((m) => m.version)).toEqual((await listMigrations()).map((m) => m.version));
+    const weeks = Array.from({ length: PARTITION_WEEKS_AHEAD + 1 }, (_, i) =>
+      partitionName(new Date(weekStart(now).getTime() + i * 7 * 86_400_000)),
+    );
+    expect(result.partitions).toEqual(weeks);
+    // A reading of this week lands in its week's partition, not DEFAULT.
+    const [{ id: org } = { id: '' }] = await query<{ id: string }>(
+      url,
+      `INSERT INTO organizations (name) VALUES ('a') RETURNING id`,
+    );
+    const [{ id: sensor } = { id: '' }] = await query<{ id: string }>(
+      url,
+      `INSERT INTO sensors (organization_id, name) VALUES ('${org}', 's') RETURNING id`,
+    );
+    const [stored] = await query<{ part: string }>(
+      url,
+      `INSERT INTO temperature_readings (sensor_id, recorded_at, organization_id, temperature_c)
+       VALUES ('${sensor}', '${now.toISOString()}', '${org}', 4) RETURNING tableoid::regclass::text AS part`,
+    );
+    expect(stored?.part).toBe(weeks[0]);
+    // Run again (every deploy runs it): nothing more.
+    expect((await prepareDeployment(url, testConfig(), log, now)).partitions).toEqual([]);
   });
 
   it('is safe when several processes migrate at once', async () => {

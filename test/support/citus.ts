@@ -10,7 +10,7 @@ import type { Context } from '../../src/context.js';
 import { distributeTables } from '../../src/db/citus.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
-import { migrate } from '../../src/migrations.js';
+import { prepareDeployment } from '../../src/migrations.js';
 import { openTestContext } from './database.js';
 import { waitFor } from './wait.js';
 
@@ -49,7 +49,9 @@ export function clusterContext(url: string) {
 
 /** meterbox's migrations on the coordinator at `url`, then `meterbox citus distribute`'s function. */
 export async function migrateAndDistribute(url: string): Promise<void> {
-  await migrate(url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
+  // As docs/scaling.md has an operator do it: `node dist/migrate.js` (which also makes this week's
+  // readings partitions and the weeks ahead), then `meterbox citus distribute`.
+  await prepareDeployment(url, loadConfig({ LOG_LEVEL: 'silent' }), createLogger('silent'));
   const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {
