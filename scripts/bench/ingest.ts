@@ -1,5 +1,5 @@
 // npm run bench -- --ingest [--quick] [--only v1-150,v2sandbox-150,v2live-600,report-100k,ratios|validation|group-cost]
-//                           [--api-cpu-prof] [--worker-cpu-prof] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
+//                           [--api-cpu-prof] [--worker-cpu-prof [--worker-prof-seconds N]] [--timeline] [--load-seconds N] [--explain-ms N] [--out bench-results/x.json]
 //                           [--baseline REF [--pairs N]] [--worker-compare NAME=VALUE,... [--pairs N]]
 //                           [--wal deployment|fresh] [--wal-compare [--pairs N]]
 // Why this file is long: one benchmark from setup to report (ingestion's scenarios, CPU split, statements,
@@ -165,6 +165,9 @@ const { values: args } = parseArgs({
     // The worker under --cpu-prof; its profile summarized from the worker's spawn to the report's end
     // (the report scenario) or to the load's end, by area and function, into the JSON.
     'worker-cpu-prof': { type: 'boolean', default: false },
+    // With --worker-cpu-prof: only the first N seconds from the worker's spawn (its start, beside the
+    // first requests) rather than through the report.
+    'worker-prof-seconds': { type: 'string' },
     // The per-second timeline (cores by party, Postgres by role; requests, report rows, events) in the log
     // too; it is always in the JSON.
     timeline: { type: 'boolean', default: false },
@@ -890,9 +893,13 @@ async function runScenario(
     let workerProfile: ProfileSplit | null = null;
     if (args['worker-cpu-prof']) {
       await worker.stop();
+      const firstSeconds = args['worker-prof-seconds'];
       const window = {
         fromUs: loadStartMonoUs,
-        toUs: atReport?.monoUs ?? Number(process.hrtime.bigint() / 1000n),
+        toUs:
+          firstSeconds !== undefined
+            ? loadStartMonoUs + Number(firstSeconds) * 1e6
+            : (atReport?.monoUs ?? Number(process.hrtime.bigint() / 1000n)),
       };
       try {
         const file = readdirSync(workerProfDir).find((f) => f.endsWith('.cpuprofile'));
