@@ -214,59 +214,42 @@ describe('partition create under concurrent writes', () => {
     expect(stored.rows).toEqual([{ part: partitionName(weekStart(now)) }]);
   });
 
-  it('makes a week that can receive readings after the inserts that hold the parent, moving its rows', async ({
-    ctx,
-    databaseUrl,
-    org,
-    onTestFinished,
-  }) => {
-    const now = new Date();
-    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
-    const [sensor, other] = await createSensors(ctx.db, org.organizationId, 2);
-    // A stray reading in DEFAULT: a past week within retention that has no partition.
-    const past = new Date(weekStart(now).getTime() - 20 * 7 * DAY + DAY);
-    await ctx.pool.query(insert, [sensor, past, org.organizationId]);
-    const ingestion = new pg.Client({ connectionString: databaseUrl });
-    await ingestion.connect();
-    onTestFinished(() => ingestion.end());
-    await ingestion.query('BEGIN');
-    await ingestion.query(insert, [other, now, org.organizationId]);
+  // A week that can receive readings, made while an insert holds the parent: it waits for the insert
+  // under SHARE, then moves the week's stray reading out of DEFAULT.
+  it.for([
+    {
+      // A past week within retention that has no partition.
+      week: 'a stray past week',
+      strayAt: (now: Date) => new Date(weekStart(now).getTime() - 20 * 7 * DAY + DAY),
+    },
+    {
+      // A reading from an API whose clock ran weeks ahead (written here directly): its week has no
+      // partition, so it sits in DEFAULT, and such an API could be writing more of that week now.
+      week: 'a week ahead with rows in DEFAULT',
+      strayAt: (now: Date) => new Date(weekStart(now).getTime() + 6 * 7 * DAY + DAY),
+    },
+  ])(
+    'makes $week after the inserts that hold the parent, moving its rows',
+    async ({ strayAt }, { ctx, databaseUrl, org, onTestFinished }) => {
+      const now = new Date();
+      await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+      const [sensor, other] = await createSensors(ctx.db, org.organizationId, 2);
+      const stray = strayAt(now);
+      await ctx.pool.query(insert, [sensor, stray, org.organizationId]);
+      const ingestion = new pg.Client({ connectionString: databaseUrl });
+      await ingestion.connect();
+      onTestFinished(() => ingestion.end());
+      await ingestion.query('BEGIN');
+      await ingestion.query(insert, [other, now, org.organizationId]);
 
-    const made = ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
-    await waitFor('the create to wait for the parent', () =>
-      lockWaits(ctx, '^LOCK TABLE temperature_readings IN SHARE MODE'),
-    );
-    await ingestion.query('COMMIT');
-    const result = await made;
-    expect(result.created).toEqual([partitionName(weekStart(past))]);
-    expect(result.moved).toBe(1);
-  });
-  it('makes a week ahead that DEFAULT already holds rows of as one that can receive readings', async ({
-    ctx,
-    databaseUrl,
-    org,
-    onTestFinished,
-  }) => {
-    const now = new Date();
-    await ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
-    const [sensor, other] = await createSensors(ctx.db, org.organizationId, 2);
-    // A reading from an API whose clock ran weeks ahead (written here directly): its week has no
-    // partition, so it sits in DEFAULT, and such an API could be writing more of that week now.
-    const ahead = new Date(weekStart(now).getTime() + 6 * 7 * DAY + DAY);
-    await ctx.pool.query(insert, [sensor, ahead, org.organizationId]);
-    const ingestion = new pg.Client({ connectionString: databaseUrl });
-    await ingestion.connect();
-    onTestFinished(() => ingestion.end());
-    await ingestion.query('BEGIN');
-    await ingestion.query(insert, [other, now, org.organizationId]);
-
-    const made = ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
-    await waitFor('the create to wait for the parent', () =>
-      lockWaits(ctx, '^LOCK TABLE temperature_readings IN SHARE MODE'),
-    );
-    await ingestion.query('COMMIT');
-    const result = await made;
-    expect(result.created).toEqual([partitionName(weekStart(ahead))]);
-    expect(result.moved).toBe(1);
-  });
+      const made = ensureReadingsPartitions(ctx.db, { now, retentionDays: 400 });
+      await waitFor('the create to wait for the parent', () =>
+        lockWaits(ctx, '^LOCK TABLE temperature_readings IN SHARE MODE'),
+      );
+      await ingestion.query('COMMIT');
+      const result = await made;
+      expect(result.created).toEqual([partitionName(weekStart(stray))]);
+      expect(result.moved).toBe(1);
+    },
+  );
 });
