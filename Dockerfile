@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build on Node 24: compile in `build`, ship only production dependencies and the
-# production entry points (server, worker, migrate, cli). Development tooling (npm start's dev mode,
-# the embedded Postgres, the Stripe emulator) is neither bundled nor installed: packages/ (the
-# emulator's workspace package) is not copied, and its workspace link, a development dependency of
-# the root, goes with `npm prune --omit=dev`.
+# Multi-stage build on Node 24: compile in `build`, ship only the production entry points (server,
+# worker, migrate, cli) and the migrations. The bundles carry their dependencies (scripts/bundle.mjs), so
+# the image has no node_modules: no development dependency can reach it, and a process starts without
+# resolving a package (test/bin/production-build.test.ts runs such a build from a directory without
+# one). Development tooling (npm start's dev mode, the embedded Postgres, the Stripe emulator) is
+# not bundled: packages/ (the emulator's workspace package) is not copied.
 FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
@@ -12,7 +13,7 @@ COPY tsconfig.json ./
 COPY scripts ./scripts
 COPY src ./src
 COPY migrations ./migrations
-RUN node scripts/build.mjs --production && npm prune --omit=dev
+RUN node scripts/build.mjs --production
 
 FROM node:24-bookworm-slim AS runtime
 # The V8 heap: without flags V8 sizes it from the host's memory (~4 GB old space, 64 MB semi-spaces on a
@@ -24,7 +25,6 @@ ENV NODE_ENV=production HOST=0.0.0.0 PORT=3000 \
     NODE_OPTIONS="--max-old-space-size=384 --max-semi-space-size=8"
 WORKDIR /app
 COPY --from=build /app/package.json ./
-COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
 COPY --from=build /app/migrations ./migrations
 USER node

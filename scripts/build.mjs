@@ -1,4 +1,4 @@
-// Bundles each entry point in src/bin to dist/<name>.js (dependencies stay external), so the
+// Bundles each entry point in src/bin to dist/<name>.js (dependencies included), so the
 // production commands are `node dist/server.js`, `node dist/worker.js`, `node dist/migrate.js`.
 // `--production` bundles only what production runs (no dev mode, no Stripe emulator: the Docker
 // image's build); `--outdir DIR` writes elsewhere than dist/.

@@ -6,10 +6,11 @@
 // organizations, readings); a split by concern is still open.
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { cpus, freemem, loadavg, totalmem } from 'node:os';
 import { basename, join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import type { Kysely } from 'kysely';
 import pg from 'pg';
 import { COMMON_JOB_TABLE } from 'pg-boss/dist/plans.js';
@@ -224,7 +225,7 @@ export { ChildProc as Proc };
 
 /**
  * Bundles the given entry points (paths relative to the repository) exactly as scripts/build.mjs
- * bundles production's dist/ (esbuild, ESM, dependencies external), into a directory under
+ * bundles production's dist/ (scripts/bundle.mjs), into a directory under
  * bench-results/ so node_modules resolves and the shared dist/ is left alone. Returns the path of
  * each bundle by entry, to pass to startProcess: measurements then cover the code production runs
  * (`node dist/server.js`), not tsx's in-memory compiler, which roughly doubles a process's RSS.
@@ -270,10 +271,24 @@ export async function buildBaseline(
   const partitionsAtMigrate = execFileSync('git', ['-C', ROOT, 'show', `${commit}:src/migrations.ts`])
     .toString()
     .includes('prepareDeployment');
-  const tree = mkdtempSync(join('/tmp', 'meterbox-baseline-'));
-  execFileSync('bash', ['-c', `git -C '${ROOT}' archive '${commit}' src | tar -x -C '${tree}'`]);
+  // The commit's tree under bench-results/, so that its imports resolve to this checkout's node_modules,
+  // bundled with the commit's own esbuild configuration when it has one (whether its dependencies were
+  // bundled is part of the code compared: scripts/bundle.mjs).
+  const hasBundle = execFileSync('git', ['-C', ROOT, 'ls-tree', '--name-only', commit, 'scripts/bundle.mjs'])
+    .toString()
+    .trim();
+  mkdirSync(join(ROOT, 'bench-results'), { recursive: true });
+  const tree = mkdtempSync(join(ROOT, 'bench-results', 'baseline-tree-'));
+  execFileSync('bash', [
+    '-c',
+    `git -C '${ROOT}' archive '${commit}' src ${hasBundle ? 'scripts/bundle.mjs' : ''} | tar -x -C '${tree}'`,
+  ]);
+  const bundleOf: typeof bundle = hasBundle
+    ? ((await import(pathToFileURL(join(tree, 'scripts', 'bundle.mjs')).href)) as { bundle: typeof bundle })
+        .bundle
+    : bundle;
   const out = `baseline-${basename(entry, '.ts')}`;
-  await bundle([{ in: entry, out }], outdir, { absWorkingDir: tree });
+  await bundleOf([{ in: entry, out }], outdir, { absWorkingDir: tree });
   rmSync(tree, { recursive: true, force: true });
   return { entry: join(outdir, `${out}.js`), commit, migrations, jobTableFillfactor, partitionsAtMigrate };
 }
