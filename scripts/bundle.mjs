@@ -3,8 +3,8 @@
 // benchmark measures exactly the code production runs.
 //
 // Dependencies are bundled, not left to node_modules: a process that resolves and compiles each
-// package's files at start spent 0.42-0.50 s of CPU on `node dist/worker.js --help` (every static
-// import, then exit), a bundled one 0.18-0.25 (docs/benchmarks.md, "Process start"). Every API and
+// package's files at start spent 0.376 s of CPU on `node dist/worker.js --help` (every static import,
+// then exit), a bundled one 0.173 (medians; docs/benchmarks.md, "Process start"). Every API and
 // worker start, and every `meterbox` command, pays it; at a deployment's start it is paid while the
 // first requests arrive.
 import { build } from 'esbuild';
