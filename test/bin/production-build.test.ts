@@ -7,6 +7,7 @@ import { cpSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import pg from 'pg';
 import { describe, expect } from 'vitest';
 import { listMigrations } from '../../src/db/migrate.js';
 import { compareWithEmulator, statusCounts } from '../metering/delivery-helpers.js';
@@ -49,8 +50,14 @@ describe('the production build', () => {
     const fresh = await createTestDatabase({ migrated: false });
     const migrated = await startProcess(join(app, 'dist', 'migrate.js'), { DATABASE_URL: fresh }).exited;
     expect(migrated.code, migrated.stdout + migrated.stderr).toBe(0);
-    const applied = await run('psql', [fresh, '-Atc', 'SELECT count(*) FROM schema_migrations']);
-    expect(Number(applied.stdout.trim())).toBe((await listMigrations()).length);
+    const client = new pg.Client({ connectionString: fresh });
+    await client.connect();
+    try {
+      const applied = await client.query<{ n: number }>('SELECT count(*)::int AS n FROM schema_migrations');
+      expect(applied.rows).toEqual([{ n: (await listMigrations()).length }]);
+    } finally {
+      await client.end();
+    }
 
     const port = await freePort();
     const server = startProcess(join(app, 'dist', 'server.js'), { PORT: String(port) });
