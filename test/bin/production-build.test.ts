@@ -44,7 +44,10 @@ describe('the production build', () => {
   }, async ({ build: app, ctx, emulator, startProcess }) => {
     // Nothing to fall back on: no node_modules in the directory or any above it.
     for (let dir = app; dir !== '/'; dir = join(dir, '..'))
-      expect(existsSync(join(dir, 'node_modules'))).toBe(false);
+      expect(
+        existsSync(join(dir, 'node_modules')),
+        `${join(dir, 'node_modules')} would lend the build its packages: remove it, or point TMPDIR elsewhere`,
+      ).toBe(false);
     expect(existsSync(join(app, 'dist', 'dev.js'))).toBe(false);
 
     const fresh = await createTestDatabase({ migrated: false });
