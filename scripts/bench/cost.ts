@@ -1,4 +1,4 @@
-// npm run bench -- --cost [--customers 10000] [--only v1,v2,metronome,limit] [--latency MS]
+// npm run bench -- --cost [--customers 10000] [--only v1,v2,metronome,limit,claim-update] [--latency MS]
 //                         [--baseline <git ref>] [--batch-jobs] [--limit-seconds 10] [--out bench-results/cost.json]
 // What one delivered event costs Postgres (issue 43), beside what Postgres alone does for the same
 // work (pgbench, scripts/bench/pgbench-limit/claim-settle2.sql), in one run on one private cluster:
@@ -21,6 +21,8 @@
 // * the limit: pgbench with 2 clients running claim-settle2.sql (claim 100 rows with their identifiers,
 //   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
 //   the same snapshots.
+// * claim-update (only when named, claim-update.ts): the claim's write of a group's identifier alone, as
+//   migrated, without the indexes that name the identifier (heap-only), and into a narrow table beside.
 // --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
 // too, interleaved with this checkout's, on the same cluster: before and after in one run; its
 // scenarios' databases get that commit's migrations only (an index a later one drops is there) and
@@ -46,6 +48,7 @@ import { queueDeliveries } from '../../src/metering/outbox.js';
 import { insertJobs } from '../../src/metering/queues.js';
 import { promoteValidated } from '../../src/metering/validation-window.js';
 import { pollUntil } from '../lib/poll.js';
+import { type ClaimUpdateRow, runClaimUpdate } from './claim-update.js';
 import {
   benchRole,
   buildBaseline,
@@ -891,6 +894,7 @@ export async function runCostBench(): Promise<number> {
   const cluster = await startCluster(dataDir);
   const runs: Run[] = [];
   let limit: (Cost & { clients: number }) | undefined;
+  let claimUpdate: ClaimUpdateRow[] | undefined;
   const started = new Date();
   const loadBefore = loadAverage();
   try {
@@ -957,6 +961,7 @@ export async function runCostBench(): Promise<number> {
               limitSeconds: LIMIT_SECONDS,
             },
             limit,
+            claimUpdate,
             runs,
             table: md,
           },
@@ -966,6 +971,7 @@ export async function runCostBench(): Promise<number> {
       );
     };
     if (ONLY.has('limit')) limit = await runLimit(cluster);
+    if (ONLY.has('claim-update')) claimUpdate = await runClaimUpdate(cluster, log);
     save(false);
     for (const scenario of ['v1', 'v2', 'metronome'] as const) {
       if (!ONLY.has(scenario)) continue;
