@@ -21,8 +21,6 @@
 // * the limit: pgbench with 2 clients running claim-settle2.sql (claim 100 rows with their identifiers,
 //   settle them) for --limit-seconds on limit-setup.sql's 600,000-row outbox, in the same cluster, with
 //   the same snapshots.
-// * claim-update (only when named, claim-update.ts): the claim's write of a group's identifier alone, as
-//   migrated, without the indexes that name the identifier (heap-only), and into a narrow table beside.
 // --baseline <ref>: the worker of that commit (its src/, bundled the same way) runs each scenario
 // too, interleaved with this checkout's, on the same cluster: before and after in one run; its
 // scenarios' databases get that commit's migrations only (an index a later one drops is there) and
@@ -971,6 +969,7 @@ export async function runCostBench(): Promise<number> {
       );
     };
     if (ONLY.has('limit')) limit = await runLimit(cluster);
+    // Only when named (claim-update.ts): the claim's write of a group's identifier alone, three ways.
     if (ONLY.has('claim-update')) claimUpdate = await runClaimUpdate(cluster, log);
     save(false);
     for (const scenario of ['v1', 'v2', 'metronome'] as const) {
