@@ -100,6 +100,8 @@ export async function callStripe(
       // The lease deadline this call starts under: its timeout ends LEASE_MARGIN_MS before it, so an
       // answer after it means this process was frozen or stalled meanwhile (Answer.late).
       const deadlineAtStart = leaseDeadline();
+      const awake = timers.awake;
+      const awakeAtStart = awake?.();
       observer.onInFlight?.(1);
       let outcomes: (SendOutcome | null)[];
       try {
@@ -165,7 +167,15 @@ export async function callStripe(
         observer.onInFlight?.(-1);
       }
       const ms = timers.now() - started;
-      const late = timers.now() > deadlineAtStart;
+      // Also late: an answer this process stood still while it waited for (clock.ts, watchStalls), even
+      // inside a lease that had grown long enough to outlast the freeze. Woken, the process may run the
+      // call's timeout before the reply that came during the freeze, so that timeout is the process's,
+      // not the destination's. (test/e2e/frozen-workers.test.ts failed a rehearsal without this: a lease
+      // grown to 13 s, a 12 s freeze, the first attempt's timeout counted past its retry limit of 0 and
+      // four groups Stripe had billed marked failed.)
+      // (The two clocks are read at slightly different instants: a stall is counted from a millisecond.)
+      const stood = awake && awakeAtStart !== undefined ? ms - (awake() - awakeAtStart) : 0;
+      const late = timers.now() > deadlineAtStart || stood >= 1;
       if (hold) {
         for (const o of outcomes) {
           if (o?.kind === 'retryable' && o.retryAfterMs !== undefined)

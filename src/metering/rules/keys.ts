@@ -176,7 +176,9 @@ export interface Answer {
   call?: number;
   /**
    * The answer came after the lease deadline its call started under, which the call's own timeout ends
-   * well before (calls.ts): the process was frozen or stalled while it waited. A timeout or a connection
+   * well before (calls.ts), or the process stood still while it waited (its awake clock, clock.ts
+   * watchStalls; a lease grown by slow claims may outlast the freeze): the process was frozen or
+   * stalled while it waited. A timeout or a connection
    * error then is this process's, not the destination's: uncounted toward the group's retry limit and
    * toward an outage (a call that timed out after a freeze is billed once, never failed).
    */
