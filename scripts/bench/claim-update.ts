@@ -19,11 +19,11 @@
 // Measured per statement: its time from this process, the cluster's CPU (/proc; nothing else runs), the WAL
 // it wrote (full-page images included: the first write of a page after the seed's checkpoint carries one,
 // as a claim's after any checkpoint), and how many of its updates were heap-only
-// (pg_stat_get_xact_tuples_hot_updated before and after the statement). Only the write: a design that moves the identifier must also find in-flight groups without
-// those indexes, which this does not price.
+// (pg_stat_get_xact_tuples_hot_updated before and after the statement). Only the write: a design that
+// moves the identifier must also find in-flight groups without those indexes, which this does not price.
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { type Cluster, freshDatabase, serverCpuSeconds } from './harness.js';
+import { type Cluster, freshDatabase, percentile, serverCpuSeconds } from './harness.js';
 import { walBytesBetween, walPosition } from './wal.js';
 
 const ORGANIZATIONS = 20_000;
@@ -57,6 +57,7 @@ interface Target {
 }
 
 async function seed(url: string, dropIdentifierIndexes: boolean): Promise<Target> {
+  // Two connections: the statement's, and the WAL position read around it.
   const pool = new pg.Pool({ connectionString: url, max: 2 });
   await pool.query(
     `INSERT INTO organizations (id, name) SELECT gen_random_uuid(), 'org ' || g FROM generate_series(1, $1) g`,
@@ -151,8 +152,6 @@ async function write(
   }
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? 0;
-
 export async function runClaimUpdate(
   cluster: Cluster,
   log: (msg: string) => void,
@@ -183,7 +182,13 @@ export async function runClaimUpdate(
     return {
       variant,
       statements: s.length,
-      medianMs: Math.round(median(s.map((x) => x.ms)) * 100) / 100,
+      medianMs:
+        Math.round(
+          percentile(
+            s.map((x) => x.ms).sort((a, b) => a - b),
+            50,
+          ) * 100,
+        ) / 100,
       cpuMsPerRow: Math.round((s.reduce((n, x) => n + x.cpu, 0) / rows) * 1e6) / 1e3,
       walBytesPerRow: Math.round(s.reduce((n, x) => n + x.wal, 0) / rows),
       hotShare: Math.round((s.reduce((n, x) => n + x.hot, 0) / rows) * 1000) / 1000,

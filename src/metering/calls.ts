@@ -168,12 +168,10 @@ export async function callStripe(
       }
       const ms = timers.now() - started;
       // Also late: an answer this process stood still while it waited for (clock.ts, watchStalls), even
-      // inside a lease that had grown long enough to outlast the freeze. Woken, the process may run the
-      // call's timeout before the reply that came during the freeze, so that timeout is the process's,
-      // not the destination's. (test/e2e/frozen-workers.test.ts failed a rehearsal without this: a lease
-      // grown to 13 s, a 12 s freeze, the first attempt's timeout counted past its retry limit of 0 and
-      // four groups Stripe had billed marked failed.)
-      // (The two clocks are read at slightly different instants: a stall is counted from a millisecond.)
+      // inside its lease: a lease grown by slow claims (lease-length.ts) can outlast a freeze, and the
+      // woken process may run the call's timeout before the reply that came meanwhile. Counted, that
+      // timeout would fail at a low retry limit a group the destination billed. The two clocks are read
+      // at slightly different instants, so a stall counts from a millisecond.
       const stood = awake && awakeAtStart !== undefined ? ms - (awake() - awakeAtStart) : 0;
       const late = timers.now() > deadlineAtStart || stood >= 1;
       if (hold) {

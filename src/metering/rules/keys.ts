@@ -175,12 +175,12 @@ export interface Answer {
   /** Which call of the batch carried it (several events share one v2 or Metronome call). */
   call?: number;
   /**
-   * The answer came after the lease deadline its call started under, which the call's own timeout ends
-   * well before (calls.ts), or the process stood still while it waited (its awake clock, clock.ts
-   * watchStalls; a lease grown by slow claims may outlast the freeze): the process was frozen or
-   * stalled while it waited. A timeout or a connection
-   * error then is this process's, not the destination's: uncounted toward the group's retry limit and
-   * toward an outage (a call that timed out after a freeze is billed once, never failed).
+   * The process was frozen or stalled while the call waited: the answer came after the lease deadline
+   * the call started under, which the call's own timeout ends well before, or the process's awake clock
+   * (clock.ts, watchStalls) shows it stood still meanwhile (a lease grown by slow claims can outlast a
+   * freeze; calls.ts). A timeout or a connection error then is this process's, not the destination's:
+   * uncounted toward the group's retry limit and toward an outage (a call that timed out after a freeze
+   * is billed once, never failed).
    */
   late?: boolean;
 }
